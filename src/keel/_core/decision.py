@@ -1,0 +1,45 @@
+"""Decision: what the Guard did with one optimizer step, and why."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from keel._core.finding import Finding
+
+Action = Literal["ok", "skip", "rollback", "abort"]
+ACTIONS: tuple[Action, ...] = ("ok", "skip", "rollback", "abort")
+Actor = Literal["keel", "scaler"]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Decision:
+    """The outcome of `Guard.step` for one step.
+
+    Attributes:
+        step: The step decided on.
+        action: ``"ok"`` (optimizer stepped), ``"skip"`` (no update applied), ``"rollback"`` or ``"abort"``.
+        reason: Why, in words; empty for ``"ok"``.
+        by: ``"keel"`` when keel took the action, ``"scaler"`` when a ``torch.amp.GradScaler`` skipped an
+            overflowing step on its own (keel records it but does not count it as its own skip).
+        findings: The findings seen at this step.
+    """
+
+    step: int
+    action: Action = "ok"
+    reason: str = ""
+    by: Actor = "keel"
+    findings: tuple[Finding, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if self.action not in ACTIONS:
+            raise ValueError(f"Decision.action={self.action!r}; allowed: {', '.join(ACTIONS)}")
+
+    @property
+    def stepped(self) -> bool:
+        """True when the optimizer's update was applied at this step."""
+        return self.action == "ok"
+
+    @property
+    def skipped(self) -> bool:
+        return self.action == "skip"

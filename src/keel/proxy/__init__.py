@@ -1,0 +1,6 @@
+"""Proxy training: the stdlib corpus, a small GPT family, and a trainer that uses `Guard` like any user."""
+
+from keel.proxy.corpus import ProxyBatches, load_corpus
+from keel.proxy.model import ProxyConfig, ProxyGPT, create_proxy_model, list_proxy_sizes
+
+__all__ = ["ProxyBatches", "ProxyConfig", "ProxyGPT", "create_proxy_model", "list_proxy_sizes", "load_corpus"]
