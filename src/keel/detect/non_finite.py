@@ -1,0 +1,96 @@
+"""Non-finite detector: NaN or ±Inf in the loss, the gradients or the parameters, with the culprits named.
+
+Always on, from the first step: it needs no baseline. The gradient check reads the global norm (non-finite
+iff some gradient element is), then names the parameters whose own norm is non-finite. Under a
+``torch.amp.GradScaler`` a non-finite gradient is the scaler's normal overflow signal; the scaler skips
+that step itself, so it is reported as ``info`` (not double-counted) until it repeats ``max_overflows``
+times in a row (DeepSpeed's min-scale guard exists for exactly that endless-skip loop).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+from keel._core import keys
+from keel._core.finding import Finding
+from keel._core.observation import Observation
+from keel.detect.detector import DETECTORS
+
+MAX_NAMED = 20  # parameters named in a finding; the count covers the rest
+
+
+@dataclass(kw_only=True)
+class NonFiniteConfig:
+    """Settings of the non-finite detector.
+
+    Attributes:
+        max_overflows: Consecutive GradScaler overflows after which it is ``critical`` rather than ``info``.
+    """
+
+    max_overflows: int = 20
+
+    def __post_init__(self) -> None:
+        if self.max_overflows < 1:
+            raise ValueError(f"NonFiniteConfig.max_overflows={self.max_overflows!r}; allowed: an int >= 1")
+
+
+@DETECTORS.register("non_finite")
+class NonFiniteDetector:
+    name = "non_finite"
+
+    def __init__(self, config: NonFiniteConfig | None = None) -> None:
+        self.config = config or NonFiniteConfig()
+        self._overflows = 0
+
+    def update(self, obs: Observation) -> list[Finding]:
+        bad = [key for key in (keys.LOSS, keys.GRAD_NORM, keys.PARAM_NORM)
+               if key in obs.values and not math.isfinite(obs.values[key])]
+        if not bad:
+            self._overflows = 0
+            return []
+        evidence: dict[str, Any] = {"non_finite": bad}
+        culprits = _non_finite_names(obs, keys.PARAM_NORM_PER_PARAM if keys.PARAM_NORM in bad
+                                     else keys.GRAD_NORM_PER_PARAM)
+        if culprits:
+            evidence["parameters"] = culprits[:MAX_NAMED]
+            evidence["count"] = len(culprits)
+        signal, value = bad[0], obs.values[bad[0]]
+        scaler_overflow = keys.AMP_SCALE in obs.values and keys.PARAM_NORM not in bad
+        if scaler_overflow:
+            self._overflows += 1
+            evidence.update(scale=obs.values[keys.AMP_SCALE], consecutive=self._overflows)
+            if self._overflows < self.config.max_overflows:
+                return [Finding(step=obs.step, kind="loss_scale_overflow", severity="info", signal=signal,
+                                value=value, evidence=evidence,
+                                cause="The GradScaler's scaled gradients overflowed; it skips this step and "
+                                      "halves the loss scale, as designed.",
+                                remedy="Nothing: mixed-precision loss scaling handles occasional overflows "
+                                       "(Micikevicius et al. 2018).")]
+        where = ", ".join(culprits[:5]) + (" …" if len(culprits) > 5 else "") if culprits else "unknown"
+        if keys.PARAM_NORM in bad:
+            cause = f"Parameters hold NaN/Inf ({where}): an earlier update was applied with non-finite values."
+            remedy = "Roll back to the last finite snapshot (policy='recover') and lower the learning rate."
+        elif scaler_overflow:
+            cause = (f"The GradScaler has overflowed {self._overflows} steps in a row: the loss or gradients are "
+                     f"non-finite at any scale (first non-finite gradients: {where}).")
+            remedy = ("Find the producing module (a NaN in the forward pass, log of zero, division by zero); "
+                      "use bf16 instead of fp16, or lower the learning rate.")
+        else:
+            cause = f"Non-finite {' and '.join(bad)} (non-finite gradients in: {where})."
+            remedy = ("Skip this update (policy='skip'). If it repeats, lower the learning rate, check the data "
+                      "for bad values, prefer bf16 over fp16, and add QK-norm / z-loss where logits overflow.")
+        return [Finding(step=obs.step, kind="non_finite", severity="critical", signal=signal, value=value,
+                        evidence=evidence, cause=cause, remedy=remedy)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"overflows": self._overflows}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self._overflows = int(state["overflows"])
+
+
+def _non_finite_names(obs: Observation, family: str) -> list[str]:
+    names, values = obs.per_param.get(family, ((), []))
+    return [name for name, value in zip(names, values) if not math.isfinite(value)]

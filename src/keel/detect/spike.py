@@ -1,0 +1,198 @@
+"""Spike detector: a robust online z-score for one signal (loss or gradient norm).
+
+The baseline is the median and MAD of the last ``window`` accepted values; flagged steps are kept out of it
+(metaseq's ``skip_spike`` keeps its EWM clean the same way; OLMo-core's does not, so one spike inflates its
+std for 128 steps). Severity follows magnitude and persistence:
+
+- one step far above baseline → ``info`` (a one-batch data outlier: worth knowing, no alarm),
+- ``patience`` consecutive spike steps → ``warning`` (the model changed, not one batch),
+- an extreme jump (``critical_z`` and ``critical_excess`` both passed) → ``critical`` (a policy may skip the
+  update: OLMo-core ``SkipStepOptimizer``, llm.c PR #637).
+
+A level shift that lasts ``rebase_after`` steps becomes the new baseline, so a lasting change yields one
+episode rather than an alarm on every step (rlwatch's and arc-vigil's "alarm forever" failure,
+reference/peers.md). Sustained rises are the divergence detector's job.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from keel._core import keys
+from keel._core.finding import Finding, Severity
+from keel._core.observation import Observation
+from keel.detect.detector import DETECTORS
+from keel.detect.robust import robust_location_scale, robust_z
+
+
+@dataclass(kw_only=True)
+class SpikeConfig:
+    """Settings of one spike detector.
+
+    Attributes:
+        signal: The signal key watched.
+        kind: The finding kind emitted (default: ``loss_spike`` for ``loss``, ``grad_spike`` for gradients).
+        log_scale: Compare log-values (right for norms, which move by factors); else values relative to
+            the median's magnitude (right for losses, which may be near zero or negative).
+        window: Accepted values kept for the baseline.
+        min_history: Accepted values needed before anything is flagged (warm-up).
+        threshold: Robust z-score at or above which a step is a spike.
+        min_excess: Relative excess over the median a spike must also have (0.1 = 10 % above); keeps a very
+            smooth series from flagging tiny wiggles.
+        scale_floor: Lower bound of the robust scale, relative to the median (linear) or in log units.
+        patience: Consecutive spike steps that make a ``warning``.
+        critical_z: Robust z-score needed for ``critical``.
+        critical_excess: Relative excess needed for ``critical`` (0.5 = 1.5× the median).
+        rebase_after: Consecutive spike steps after which the new level becomes the baseline.
+    """
+
+    signal: str = keys.LOSS
+    kind: str = ""
+    log_scale: bool = False
+    window: int = 64
+    min_history: int = 20
+    threshold: float = 6.0
+    min_excess: float = 0.1
+    scale_floor: float = 0.01
+    patience: int = 3
+    critical_z: float = 12.0
+    critical_excess: float = 0.5
+    rebase_after: int = 50
+
+    def __post_init__(self) -> None:
+        if not self.kind:
+            self.kind = "loss_spike" if self.signal == keys.LOSS else "grad_spike" if "grad" in self.signal \
+                else self.signal.replace("/", "_") + "_spike"
+        for name in ("window", "min_history", "patience", "rebase_after"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"SpikeConfig.{name}={getattr(self, name)!r}; allowed: an int >= 1")
+        if self.min_history > self.window:
+            raise ValueError(f"SpikeConfig.min_history={self.min_history} > window={self.window}; allowed: <= window")
+        for name in ("threshold", "critical_z", "min_excess", "critical_excess", "scale_floor"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+                raise ValueError(f"SpikeConfig.{name}={value!r}; allowed: a finite number > 0")
+
+
+# Gradient norms move by factors and are noisier than losses: compare in log space and ask for more.
+GRAD_NORM_DEFAULTS = dict(log_scale=True, min_excess=1.0, scale_floor=0.05, critical_excess=9.0)
+
+
+@DETECTORS.register("spike")
+class SpikeDetector:
+    """Flags steps where ``config.signal`` jumps above its robust recent baseline.
+
+    Example:
+        >>> from keel._core import Observation
+        >>> det = SpikeDetector(signal="loss")
+        >>> for step in range(30):
+        ...     _ = det.update(Observation(step=step, values={"loss": 2.0 + 0.01 * (step % 3)}))
+        >>> [f.severity for f in det.update(Observation(step=30, values={"loss": 8.0}))]
+        ['critical']
+    """
+
+    name = "spike"
+
+    def __init__(self, config: SpikeConfig | None = None, *, signal: str | None = None) -> None:
+        if config is None:
+            signal = signal or keys.LOSS
+            config = SpikeConfig(signal=signal, **(GRAD_NORM_DEFAULTS if "grad" in signal else {}))
+        elif signal is not None and signal != config.signal:
+            raise ValueError(f"signal={signal!r} disagrees with config.signal={config.signal!r}")
+        self.config = config
+        self._accepted: deque[float] = deque(maxlen=config.window)
+        self._episode: list[float] = []  # transformed values of the current run of spike steps
+        self._onset = -1
+        self._warned = False
+
+    def update(self, obs: Observation) -> list[Finding]:
+        cfg = self.config
+        x = obs.values.get(cfg.signal)
+        if x is None or not math.isfinite(x) or (cfg.log_scale and x <= 0):
+            return []  # non-finite values are the non-finite detector's; they never enter the baseline
+        y = math.log(x) if cfg.log_scale else x
+        if len(self._accepted) < cfg.min_history:
+            self._accepted.append(y)
+            return []
+        median, scale = robust_location_scale(self._accepted)
+        floor = cfg.scale_floor if cfg.log_scale else cfg.scale_floor * abs(median) + 1e-12
+        z = robust_z(y, median, scale, floor)
+        excess = math.expm1(y - median) if cfg.log_scale else (y - median) / (abs(median) + 1e-12)
+        if z < cfg.threshold or excess < cfg.min_excess:
+            self._end_episode()
+            self._accepted.append(y)
+            return []
+        return self._spike(obs.step, x, median, z, excess)
+
+    def _spike(self, step: int, x: float, median: float, z: float, excess: float) -> list[Finding]:
+        cfg = self.config
+        if not self._episode:
+            self._onset, self._warned = step, False
+        self._episode.append(math.log(x) if cfg.log_scale else x)
+        run = len(self._episode)
+        baseline = math.exp(median) if cfg.log_scale else median
+        evidence = {"z": round(z, 2), "ratio": round(x / baseline, 4) if baseline else None,
+                    "onset_step": self._onset, "consecutive": run}
+        if run >= cfg.rebase_after:
+            # The new level has lasted: accept it as the baseline and close the episode.
+            self._accepted.clear()
+            self._accepted.extend(self._episode[-cfg.min_history :])
+            self._end_episode()
+            evidence["rebased"] = True
+            return [self._finding(step, "info", x, baseline, evidence,
+                                  f"{cfg.signal} has stayed at a new level for {run} steps; it is the new baseline.",
+                                  "None: this is a lasting change, not a spike. Check the divergence findings.")]
+        if z >= cfg.critical_z and excess >= cfg.critical_excess:
+            severity: Severity = "critical"
+        elif run >= cfg.patience and not self._warned:
+            severity, self._warned = "warning", True
+        elif run == 1:
+            severity = "info"
+        else:
+            return []
+        return [self._finding(step, severity, x, baseline, evidence, *_explain(cfg, severity, x / baseline, run))]
+
+    def _finding(self, step: int, severity: Severity, x: float, baseline: float,
+                 evidence: dict[str, Any], cause: str, remedy: str) -> Finding:
+        return Finding(step=step, kind=self.config.kind, severity=severity, signal=self.config.signal,
+                       value=x, baseline=baseline, evidence=evidence, cause=cause, remedy=remedy)
+
+    def _end_episode(self) -> None:
+        self._episode = []
+        self._onset = -1
+        self._warned = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "accepted": list(self._accepted), "episode": list(self._episode),
+                "onset": self._onset, "warned": self._warned}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.config = SpikeConfig(**state["config"])
+        self._accepted = deque(state["accepted"], maxlen=self.config.window)
+        self._episode = list(state["episode"])
+        self._onset, self._warned = int(state["onset"]), bool(state["warned"])
+
+
+def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int) -> tuple[str, str]:
+    """Cause and remedy for a spike finding."""
+    what = "loss" if cfg.signal == keys.LOSS else cfg.signal
+    if severity == "critical":
+        cause = (f"The {what} jumped to {ratio:.3g}× its recent median in one step: the update computed from "
+                 "this batch is likely harmful (a corrupt or extreme batch, or the optimizer overshooting).")
+        remedy = ("Skip this update (policy='skip'; OLMo-core SkipStepOptimizer, metaseq skip_spike). If such "
+                  "spikes recur, clip gradients or use spike-aware clipping (Stable-SPAM AdaClip, Huang et al. "
+                  "2025) and lower the learning rate.")
+    elif severity == "warning":
+        cause = (f"The {what} has stayed {ratio:.3g}× above its recent median for {run} steps: the model, not "
+                 "one batch, changed.")
+        remedy = ("Lower the learning rate or lengthen warm-up; check attention and output logits (QK-norm, "
+                  "Dehghani et al. 2023; z-loss, Chowdhery et al. 2022). policy='recover' rolls back past the "
+                  "window (PaLM restarted ~100 steps earlier and skipped 200–500 batches).")
+    else:
+        cause = f"One step's {what} was {ratio:.3g}× its recent median: most likely an outlier batch."
+        remedy = ("Nothing for an isolated outlier. If they recur, inspect the batches at these steps "
+                  "(Chowdhery et al. 2022 found spikes tied to specific batches).")
+    return cause, remedy
