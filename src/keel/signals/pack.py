@@ -1,4 +1,4 @@
-"""Packing: many on-device measurements → one tensor → one device→host copy → host values."""
+"""Packing: groups of on-device measurements → one tensor → one device→host copy → host values."""
 
 from __future__ import annotations
 
@@ -9,41 +9,50 @@ from torch import Tensor
 
 from keel.signals.probe import Measurements, PerParam
 
+HostValues = tuple[dict[str, float], dict[str, tuple[tuple[str, ...], list[float]]]]
+
 
 @dataclass
 class Packed:
-    """The layout of one packed tensor: scalar keys first, then per-parameter families."""
+    """One packed tensor and, per group, its scalar keys and per-parameter families in order."""
 
     tensor: Tensor
-    scalar_keys: list[str]
-    families: list[tuple[str, tuple[str, ...]]]
+    layout: list[tuple[list[str], list[tuple[str, tuple[str, ...]]]]]
 
 
-def pack(measurements: Measurements) -> Packed:
-    """Concatenate all measurements into one float64 vector on their device (no sync)."""
-    scalar_keys, scalars, families, vectors = [], [], [], []
-    for key, value in measurements.items():
-        if isinstance(value, PerParam):
-            families.append((key, value.names))
-            vectors.append(value.values.reshape(-1).to(torch.float64))
-        else:
-            scalar_keys.append(key)
-            scalars.append(value.reshape(()).to(torch.float64))
-    parts = ([torch.stack(scalars)] if scalars else []) + vectors
-    tensor = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-    return Packed(tensor, scalar_keys, families)
+def pack(*groups: Measurements) -> Packed:
+    """Concatenate the measurements of all groups into one float64 vector on their device (no sync).
 
-
-def unpack(packed: Packed) -> tuple[dict[str, float], dict[str, tuple[tuple[str, ...], list[float]]]]:
-    """Copy to host once and split back into scalars and families.
-
-    float64 on the wire keeps float32 signals exact and extreme values (1e38 logits, fp16 scales) intact.
+    float64 on the wire keeps float32 signals exact and extreme values (1e38 logits) intact.
     """
+    parts: list[Tensor] = []
+    layout = []
+    for group in groups:
+        scalar_keys, families, scalars = [], [], []
+        for key, value in group.items():
+            if isinstance(value, PerParam):
+                families.append((key, value.names))
+            else:
+                scalar_keys.append(key)
+                scalars.append(value.reshape(()).to(torch.float64))
+        if scalars:
+            parts.append(torch.stack(scalars))
+        parts.extend(v.values.reshape(-1).to(torch.float64) for v in group.values() if isinstance(v, PerParam))
+        layout.append((scalar_keys, families))
+    tensor = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
+    return Packed(tensor, layout)
+
+
+def unpack(packed: Packed) -> list[HostValues]:
+    """Copy to host once; per group, (scalars by key, families as (names, values))."""
     flat = packed.tensor.tolist()  # the one device→host sync of the step
-    n = len(packed.scalar_keys)
-    scalars = dict(zip(packed.scalar_keys, flat[:n]))
-    families, offset = {}, n
-    for key, names in packed.families:
-        families[key] = (names, flat[offset : offset + len(names)])
-        offset += len(names)
-    return scalars, families
+    out, offset = [], 0
+    for scalar_keys, families in packed.layout:
+        scalars = dict(zip(scalar_keys, flat[offset : offset + len(scalar_keys)]))
+        offset += len(scalar_keys)
+        per_param = {}
+        for key, names in families:
+            per_param[key] = (names, flat[offset : offset + len(names)])
+            offset += len(names)
+        out.append((scalars, per_param))
+    return out

@@ -54,6 +54,10 @@ class StepContext:
 class Probe(Protocol):
     """A signal source. Implement `measure`; `after_step` may return ``{}``.
 
+    A probe that reads activations may also define ``attach(model)`` (register its forward hooks; called
+    once by `Guard`) and ``detach()`` (remove them; called by `Guard.close`). Hooks reduce on device inside
+    the hook and keep no activation tensors; `measure` returns the reductions and resets them.
+
     Attributes:
         name: The registry name (equals the defining file's stem for built-in probes).
     """

@@ -1,0 +1,166 @@
+"""A minimal proxy trainer that uses `Guard` exactly as a user's loop would.
+
+Warm-up then cosine decay, AdamW, next-byte cross-entropy on the stdlib corpus. With ``policy=None`` it is the
+bare loop with no keel at all, the baseline keel is measured against.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn.functional as F
+
+from keel._core.decision import Decision
+from keel._core.errors import TrainingAborted
+from keel._core.finding import Finding
+from keel.guard import Guard
+from keel.proxy.corpus import ProxyBatches
+from keel.proxy.model import ProxyGPT, create_proxy_model
+
+
+@dataclass(kw_only=True)
+class TrainConfig:
+    """A proxy training recipe.
+
+    Attributes:
+        size: Proxy model size (`keel.proxy.list_proxy_sizes`).
+        steps: Optimizer steps.
+        batch_size: Sequences per step.
+        seq_len: Bytes per sequence.
+        lr: Peak learning rate.
+        warmup: Linear warm-up steps.
+        min_lr_ratio: Cosine decay floor as a fraction of ``lr``.
+        weight_decay: AdamW (decoupled) weight decay.
+        beta2: AdamW β₂ (β₁ is 0.9).
+        qk_norm: LayerNorm on queries and keys.
+        max_grad_norm: Global gradient-norm clipping; ``None`` does not clip.
+        eval_batches: Validation batches for the final loss.
+        seed: Seeds the model init and the data order.
+    """
+
+    size: str = "small"
+    steps: int = 300
+    batch_size: int = 16
+    seq_len: int = 64
+    lr: float = 1e-3
+    warmup: int = 20
+    min_lr_ratio: float = 0.1
+    weight_decay: float = 0.0
+    beta2: float = 0.95
+    qk_norm: bool = False
+    max_grad_norm: float | None = None
+    eval_batches: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "eval_batches"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; allowed: an int >= 1")
+        if not (self.lr > 0 and math.isfinite(self.lr)):
+            raise ValueError(f"TrainConfig.lr={self.lr!r}; allowed: a finite number > 0")
+
+
+@dataclass
+class ProxyRun:
+    """The outcome of one proxy run."""
+
+    config: TrainConfig
+    policy: str | None
+    losses: list[float] = field(default_factory=list)
+    val_loss: float = math.nan
+    wall_s: float = 0.0
+    findings: list[Finding] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    aborted: str | None = None
+    run_dir: str | None = None
+
+
+def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``steps``."""
+
+    def factor(step: int) -> float:
+        if step < config.warmup:
+            return (step + 1) / config.warmup
+        progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
+        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return factor
+
+
+def evaluate(model: ProxyGPT, config: TrainConfig) -> float:
+    """Mean next-byte cross-entropy over ``eval_batches`` held-out batches (same batches for every run)."""
+    batches = ProxyBatches(batch_size=config.batch_size, seq_len=config.seq_len, seed=1234, split="val")
+    model.eval()
+    with torch.no_grad():
+        total = sum(_loss(model, *batches.next()).item() for _ in range(config.eval_batches))
+    model.train()
+    return total / config.eval_batches
+
+
+def train_proxy(
+    config: TrainConfig,
+    *,
+    policy: str | None = None,
+    run_dir: str | None = None,
+    progress: Callable[[int, float], None] | None = None,
+    **guard_options: object,
+) -> ProxyRun:
+    """Train one proxy model; under `Guard` with ``policy``, or bare when ``policy`` is None.
+
+    Args:
+        config: The recipe.
+        policy: A `Guard` policy, or None for the bare loop without keel.
+        run_dir: Where the Guard writes its run store.
+        progress: Called as ``progress(step, loss)`` after every step.
+        **guard_options: Passed to `Guard` (``probes``, ``log_every``, ...).
+
+    Example:
+        >>> run = train_proxy(TrainConfig(size="tiny", steps=3, eval_batches=1), policy="observe")
+        >>> len(run.losses)
+        3
+    """
+    torch.manual_seed(config.seed)
+    model = create_proxy_model(config.size, seq_len=config.seq_len, qk_norm=config.qk_norm)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.beta2),
+                                  weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
+    batches = ProxyBatches(batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
+    guard = None
+    if policy is not None:
+        guard = Guard(model, optimizer, scheduler, run_dir=run_dir, policy=policy,  # type: ignore[arg-type]
+                      max_grad_norm=config.max_grad_norm, config=asdict(config), seed=config.seed,
+                      **guard_options)  # type: ignore[arg-type]
+    run = ProxyRun(config=config, policy=policy, run_dir=run_dir)
+    start = time.perf_counter()
+    try:
+        for step in range(config.steps):
+            loss = _loss(model, *batches.next())
+            loss.backward()
+            if guard is not None:
+                guard.step(loss)
+            else:
+                if config.max_grad_norm is not None:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), config.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            run.losses.append(loss.item())
+            if progress is not None:
+                progress(step, run.losses[-1])
+    except TrainingAborted as exc:
+        run.aborted = str(exc)
+    finally:
+        if guard is not None:
+            guard.close()
+            run.findings, run.decisions = guard.findings, guard.decisions
+    run.wall_s = time.perf_counter() - start
+    run.val_loss = evaluate(model, config)
+    return run
+
+
+def _loss(model: ProxyGPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())

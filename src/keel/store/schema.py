@@ -1,0 +1,46 @@
+"""The run store's SQLite schema (one file per run: ``run_dir/run.sqlite``).
+
+SQLite stores a NaN REAL as NULL; readers turn NULL values back into NaN.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+SCHEMA_VERSION = 1
+STORE_NAME = "run.sqlite"
+
+DDL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS signals (step INTEGER NOT NULL, key TEXT NOT NULL, value REAL);
+CREATE INDEX IF NOT EXISTS signals_key_step ON signals (key, step);
+CREATE TABLE IF NOT EXISTS findings (
+    step INTEGER NOT NULL, kind TEXT NOT NULL, severity TEXT NOT NULL, signal TEXT NOT NULL,
+    value REAL, baseline REAL, evidence TEXT NOT NULL, cause TEXT NOT NULL, remedy TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS decisions (
+    step INTEGER NOT NULL, action TEXT NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    step INTEGER NOT NULL, path TEXT NOT NULL, checksum TEXT NOT NULL, created REAL NOT NULL
+);
+"""
+
+
+def store_path(run_dir: str | Path) -> Path:
+    """``run_dir/run.sqlite``, or the path itself when it already names a ``.sqlite`` file."""
+    path = Path(run_dir)
+    return path if path.suffix == ".sqlite" else path / STORE_NAME
+
+
+def connect_for_writing(path: Path) -> sqlite3.Connection:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    conn.execute("PRAGMA journal_mode=WAL")
+    # NORMAL in WAL mode: a committed transaction survives a process kill (only an OS crash or power loss
+    # can lose the last transactions), at a fraction of FULL's fsync cost.
+    conn.execute("PRAGMA synchronous=NORMAL")
+    conn.executescript(DDL)
+    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    return conn

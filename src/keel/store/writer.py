@@ -1,0 +1,140 @@
+"""RunWriter: appends a run's rows to its SQLite store from a background thread, in batches.
+
+The training loop only appends tuples to a queue (no I/O on the step path). The thread commits a batch every
+``flush_interval`` seconds or ``max_batch`` rows, one transaction each, so a process killed at any moment
+keeps every committed batch (WAL mode). A failing disk never stops training: the error is warned about
+once, rows are dropped, and `errors` counts them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import sqlite3
+import threading
+import time
+import warnings
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+from keel._core.decision import Decision
+from keel._core.errors import KeelWarning
+from keel._core.finding import Finding
+from keel.store.schema import connect_for_writing, store_path
+
+_STOP = object()
+
+
+def _real(value: float) -> float | None:
+    return None if value is None or math.isnan(value) else float(value)
+
+
+class RunWriter:
+    """The write side of a run store.
+
+    Example:
+        >>> import tempfile
+        >>> with RunWriter(tempfile.mkdtemp()) as w:
+        ...     w.set_meta({"seed": 0})
+        ...     w.add_signals(0, {"loss": 2.5})
+    """
+
+    def __init__(self, run_dir: str | Path, *, flush_interval: float = 0.5, max_batch: int = 5000) -> None:
+        self.path = store_path(run_dir)
+        self.flush_interval = flush_interval
+        self.max_batch = max_batch
+        self.errors = 0
+        self._conn = connect_for_writing(self.path)
+        self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._closed = False
+        self._warned = False
+        self._thread = threading.Thread(target=self._run, name="keel-run-writer", daemon=True)
+        self._thread.start()
+
+    # --- called from the training loop: enqueue only -------------------------------------------------
+    def set_meta(self, items: Mapping[str, Any]) -> None:
+        rows = [(k, json.dumps(v, default=str)) for k, v in items.items()]
+        self._queue.put(("INSERT OR REPLACE INTO meta VALUES (?, ?)", rows))
+
+    def add_signals(self, step: int, values: Mapping[str, float]) -> None:
+        self._queue.put(("INSERT INTO signals VALUES (?, ?, ?)", [(step, k, _real(v)) for k, v in values.items()]))
+
+    def add_findings(self, findings: Iterable[Finding]) -> None:
+        rows = [(f.step, f.kind, f.severity, f.signal, _real(f.value), _real(f.baseline),
+                 json.dumps(f.evidence, default=str), f.cause, f.remedy) for f in findings]
+        if rows:
+            self._queue.put(("INSERT INTO findings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows))
+
+    def add_decision(self, decision: Decision) -> None:
+        row = (decision.step, decision.action, decision.reason, decision.by)
+        self._queue.put(("INSERT INTO decisions VALUES (?, ?, ?, ?)", [row]))
+
+    def add_snapshot(self, step: int, path: str, checksum: str) -> None:
+        self._queue.put(("INSERT INTO snapshots VALUES (?, ?, ?, ?)", [(step, path, checksum, time.time())]))
+
+    def flush(self, timeout: float = 30.0) -> None:
+        """Block until everything enqueued so far is committed."""
+        done = threading.Event()
+        self._queue.put(done)
+        done.wait(timeout)
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        self._queue.put(_STOP)
+        self._thread.join(timeout=60)
+        self._conn.close()
+
+    def __enter__(self) -> RunWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # --- the writer thread ---------------------------------------------------------------------------
+    def _run(self) -> None:
+        pending: list[tuple[str, list[tuple]]] = []
+        waiters: list[threading.Event] = []
+        deadline = time.monotonic() + self.flush_interval
+        while True:
+            try:
+                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                item = None
+            stop = item is _STOP
+            if isinstance(item, threading.Event):
+                waiters.append(item)
+            elif item is not None and not stop:
+                pending.append(item)
+            n_rows = sum(len(rows) for _, rows in pending)
+            if stop or waiters or n_rows >= self.max_batch or time.monotonic() >= deadline:
+                self._commit(pending)
+                pending = []
+                for waiter in waiters:
+                    waiter.set()
+                waiters = []
+                deadline = time.monotonic() + self.flush_interval
+            if stop:
+                return
+
+    def _commit(self, batch: list[tuple[str, list[tuple]]]) -> None:
+        if not batch:
+            return
+        try:
+            self._conn.execute("BEGIN")
+            for sql, rows in batch:
+                self._conn.executemany(sql, rows)
+            self._conn.execute("COMMIT")
+        except sqlite3.Error as exc:
+            try:
+                self._conn.execute("ROLLBACK")
+            except sqlite3.Error:
+                pass
+            self.errors += sum(len(rows) for _, rows in batch)
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"keel run store {self.path} could not be written ({exc}); training goes on, "
+                              "rows are dropped", KeelWarning, stacklevel=1)
