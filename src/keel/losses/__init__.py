@@ -1,0 +1,22 @@
+"""Stabilizing losses: z-loss, StableMax cross-entropy and the pseudo-Huber distance. One loss per file."""
+
+from keel.losses.pseudo_huber import pseudo_huber, pseudo_huber_c
+from keel.losses.stablemax_cross_entropy import (
+    log_stablemax,
+    stablemax,
+    stablemax_cross_entropy,
+    stablemax_s,
+)
+from keel.losses.z_loss import log_partition, z_loss, z_loss_from_log_z
+
+__all__ = [
+    "log_partition",
+    "log_stablemax",
+    "pseudo_huber",
+    "pseudo_huber_c",
+    "stablemax",
+    "stablemax_cross_entropy",
+    "stablemax_s",
+    "z_loss",
+    "z_loss_from_log_z",
+]

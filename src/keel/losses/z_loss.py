@@ -1,0 +1,91 @@
+"""z-loss: a small penalty on log Z of the output softmax that keeps output logits from drifting.
+
+From PaLM (Chowdhery et al. 2022, §5) and "Small-scale proxies for large-scale Transformer training
+instabilities" (Wortsman et al. 2023, arXiv 2309.14322), where it removes output-logit divergence.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+DEFAULT_COEFFICIENT = 1e-4
+
+
+def log_partition(logits: Tensor) -> Tensor:
+    """log Z = logsumexp over the last (vocabulary) axis, computed in float32 or wider.
+
+    Half-precision logits are upcast first: log Z of a large vocabulary loses several bits in bf16.
+
+    Args:
+        logits: ``(..., vocab)`` scores of any floating dtype.
+
+    Returns:
+        ``(...)`` log Z, float32 (float64 stays float64).
+    """
+    if logits.dtype in (torch.float16, torch.bfloat16):
+        logits = logits.float()
+    return torch.logsumexp(logits, dim=-1)
+
+
+def z_loss_from_log_z(
+    log_z: Tensor, *, coefficient: float = DEFAULT_COEFFICIENT, mask: Tensor | None = None
+) -> Tensor:
+    """``coefficient · mean(log Z²)`` over the tokens selected by ``mask`` (all tokens when None).
+
+    Use it when log Z is already at hand, e.g. recorded by `keel.nn.ZLossHook`.
+
+    Args:
+        log_z: ``(...)`` log partition values.
+        coefficient: Weight of the penalty (PaLM and Wortsman et al.: 1e-4).
+        mask: Optional boolean ``(...)`` tensor, True for tokens that count (e.g. not padding).
+
+    Returns:
+        A 0-d tensor. An empty batch or an all-False mask gives 0 (not NaN), so padding-only batches are safe.
+
+    Raises:
+        ValueError: ``coefficient`` is negative or not finite, or ``mask`` has the wrong shape.
+    """
+    _check_coefficient(coefficient)
+    squared = log_z.square()
+    if mask is None:
+        # sum / max(n, 1) rather than mean(): an empty batch gives 0, not NaN.
+        return coefficient * squared.sum() / max(squared.numel(), 1)
+    if mask.shape != log_z.shape:
+        raise ValueError(f"mask.shape={tuple(mask.shape)}; allowed: the logits' leading shape {tuple(log_z.shape)}")
+    mask = mask.to(squared.dtype)
+    # clamp_min keeps an all-padding batch at 0 instead of 0/0.
+    return coefficient * (squared * mask).sum() / mask.sum().clamp_min(1.0)
+
+
+def z_loss(logits: Tensor, *, coefficient: float = DEFAULT_COEFFICIENT, mask: Tensor | None = None) -> Tensor:
+    """The z-loss of a batch of output logits: ``coefficient · mean over tokens of (logsumexp(logits))²``.
+
+    Add it to the task loss. It pulls log Z towards 0, so the softmax stays normalised without the logits
+    having to drift; its gradient is ``2·coefficient·log Z·softmax(logits) / n_tokens``.
+
+    Args:
+        logits: ``(..., vocab)`` output scores.
+        coefficient: Weight of the penalty; 1e-4 as in PaLM and Wortsman et al.
+        mask: Optional boolean ``(...)`` tensor, True for tokens that count.
+
+    Returns:
+        A 0-d float32 tensor (float64 for float64 logits).
+
+    Example:
+        >>> logits = torch.zeros(2, 3, 5)
+        >>> round(z_loss(logits).item() / 1e-4, 4)  # log Z = log 5 for uniform logits
+        2.5903
+
+    References:
+        Chowdhery et al. (2022), "PaLM: Scaling Language Modeling with Pathways", arXiv 2204.02311, §5.
+        Wortsman et al. (2023), "Small-scale proxies for large-scale Transformer training instabilities",
+        arXiv 2309.14322. No official code; OLMo-core ``nn/functional/cross_entropy_loss.py`` implements
+        the same mean of logsumexp².
+    """
+    return z_loss_from_log_z(log_partition(logits), coefficient=coefficient, mask=mask)
+
+
+def _check_coefficient(coefficient: float) -> None:
+    if not (coefficient >= 0.0 and coefficient < float("inf")):
+        raise ValueError(f"coefficient={coefficient!r}; allowed: a finite number >= 0")

@@ -1,0 +1,105 @@
+"""StableMax and its cross-entropy against float64 re-derivations, the paper's example and softmax collapse."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from keel.losses import log_stablemax, stablemax, stablemax_cross_entropy, stablemax_s
+
+
+def _s64(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    out = np.empty_like(x)
+    out[x >= 0] = x[x >= 0] + 1.0
+    out[x < 0] = 1.0 / (1.0 - x[x < 0])
+    return out
+
+
+def _ce64(logits: np.ndarray, target: np.ndarray) -> np.ndarray:
+    s = _s64(logits)
+    return -np.log(s[np.arange(len(target)), target] / s.sum(-1))
+
+
+def test_paper_example_probabilities() -> None:
+    # arXiv 2501.04697: logits (100, 0, -100) give about (0.990, 0.0098, 0.0001).
+    probs = stablemax(torch.tensor([100.0, 0.0, -100.0]))
+    expected = _s64(np.array([100.0, 0.0, -100.0]))
+    np.testing.assert_allclose(probs.numpy(), expected / expected.sum(), rtol=1e-6)
+    np.testing.assert_allclose(probs.numpy(), [0.990, 0.0098, 0.0001], atol=1e-4)
+
+
+def test_s_is_continuous_with_unit_slope_at_zero_and_finite_gradients() -> None:
+    x = torch.tensor([-3.0, -1e-7, 0.0, 1e-7, 1.0, 4.0], requires_grad=True)
+    stablemax_s(x).sum().backward()
+    x64 = x.detach().numpy().astype(np.float64)
+    slope64 = np.where(x64 >= 0, 1.0, 1.0 / (1.0 - np.minimum(x64, 0.0)) ** 2)
+    np.testing.assert_allclose(x.grad.numpy(), slope64, rtol=1e-6)
+    assert stablemax_s(torch.tensor(0.0)).item() == 1.0
+
+
+def test_cross_entropy_and_gradient_match_float64() -> None:
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(64, 10, generator=gen) * 30
+    target = torch.randint(0, 10, (64,), generator=gen)
+    per_sample = stablemax_cross_entropy(logits, target, reduction="none")
+    np.testing.assert_allclose(per_sample.numpy(), _ce64(logits.numpy(), target.numpy()), rtol=2e-6, atol=1e-7)
+    # Gradient against autograd through a naive float64 formula (an independent code path).
+    x32 = logits.clone().requires_grad_()
+    stablemax_cross_entropy(x32, target).backward()
+    x64 = logits.double().requires_grad_()
+    s = torch.where(x64 >= 0, x64 + 1, 1 / (1 - x64))
+    (-(s.gather(1, target[:, None]).squeeze(1) / s.sum(1)).log().mean()).backward()
+    np.testing.assert_allclose(x32.grad.numpy(), x64.grad.numpy(), rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(
+        log_stablemax(logits).exp().sum(-1).numpy(), np.ones(64), rtol=1e-5
+    )
+
+
+def test_tiny_losses_keep_relative_precision_in_float32() -> None:
+    # The target leads by 1e4: loss = log1p(2 / 10001) ≈ 2e-4. log(Σs) − log(s_y) in float32 is off by ~0.5%.
+    logits = torch.tensor([[1e4, 0.0, 0.0], [3e5, -2.0, 7.0]])
+    target = torch.tensor([0, 0])
+    got = stablemax_cross_entropy(logits, target, reduction="none")
+    np.testing.assert_allclose(got.numpy(), _ce64(logits.numpy(), target.numpy()), rtol=1e-6)
+
+
+def test_no_softmax_collapse_where_float32_softmax_collapses() -> None:
+    logits = torch.tensor([[120.0, 0.0, 0.0]], requires_grad=True)  # exp(-120) underflows float32
+    target = torch.tensor([0])
+    softmax_loss = F.cross_entropy(logits, target)
+    softmax_loss.backward()
+    assert softmax_loss.item() == 0.0 and torch.count_nonzero(logits.grad) == 0  # collapsed: no signal left
+    logits.grad = None
+    stable_loss = stablemax_cross_entropy(logits, target)
+    stable_loss.backward()
+    assert stable_loss.item() == pytest.approx(float(_ce64(logits.detach().numpy(), target.numpy())[0]), rel=1e-6)
+    assert stable_loss.item() > 0 and torch.count_nonzero(logits.grad) == 3
+
+
+def test_reductions_dtypes_and_edge_values() -> None:
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 4, generator=gen)
+    target = torch.randint(0, 4, (5,), generator=gen)
+    each = stablemax_cross_entropy(logits, target, reduction="none")
+    assert stablemax_cross_entropy(logits, target, reduction="sum").item() == pytest.approx(each.sum().item())
+    assert stablemax_cross_entropy(logits, target).item() == pytest.approx(each.mean().item())
+    bf16 = stablemax_cross_entropy(logits.bfloat16(), target, reduction="none")
+    assert bf16.dtype == torch.float32
+    np.testing.assert_allclose(bf16.numpy(), _ce64(logits.bfloat16().float().numpy(), target.numpy()), rtol=1e-5)
+    # (B, T, C) logits with (B, T) targets.
+    assert stablemax_cross_entropy(logits.view(1, 5, 4), target.view(1, 5)).item() == pytest.approx(each.mean().item())
+    edge = torch.tensor([[0.0, float("-inf")], [float("nan"), 0.0], [0.0, 0.0]])
+    out = stablemax_cross_entropy(edge, torch.tensor([0, 1, 0]), reduction="none")
+    assert out[0].item() == 0.0  # s(-inf) = 0: the other class has no mass
+    assert torch.isnan(out[1])
+    assert out[2].item() == pytest.approx(np.log(2))
+
+
+def test_rejects_bad_arguments() -> None:
+    with pytest.raises(ValueError, match="reduction"):
+        stablemax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), reduction="avg")
+    with pytest.raises(ValueError, match="target.shape"):
+        stablemax_cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
