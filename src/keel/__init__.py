@@ -1,3 +1,37 @@
-"""keel keeps neural-network training stable: watch, detect, recover, prevent, measure, report."""
+"""keel keeps neural-network training stable: watch, detect, recover, prevent, measure, report.
+
+    guard = keel.Guard(model, optimizer, scheduler=scheduler, run_dir="runs/exp1", policy="skip")
+    for x, y in loader:
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        optimizer.zero_grad(set_to_none=True)
+    guard.close()
+
+Names that need torch load on first use, so ``import keel`` (and the run-store readers, the report and
+``keel doctor``) work without importing torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from keel._core import Decision, Finding, KeelError, KeelWarning, Observation, TrainingAborted
 
 __version__ = "0.1.0"
+
+# public name → module that defines it, imported on first access
+_LAZY = {
+    "Guard": "keel.guard",
+    "RunReader": "keel.store",
+    "RunWriter": "keel.store",
+}
+
+__all__ = ["Decision", "Finding", "KeelError", "KeelWarning", "Observation", "TrainingAborted", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'keel' has no attribute {name!r}")

@@ -1,7 +1,7 @@
 """The `keel` command: a thin shell where each verb calls one public library function.
 
-Each verb lives in its own module with ``add_arguments(parser)`` and ``main(args) -> int``; it is imported
-only when invoked, so ``keel --help`` stays fast and optional extras stay optional.
+Each verb lives in its own module with ``add_arguments(parser)`` and ``main(args) -> int``; only the invoked
+verb's module is imported, so ``keel --help`` stays fast and optional extras stay optional.
 """
 
 from __future__ import annotations
@@ -17,18 +17,22 @@ VERBS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
+    """The argument parser; only ``verb``'s module is imported to add its arguments."""
     parser = argparse.ArgumentParser(prog="keel", description="Keep neural-network training stable.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
-    for verb, (module_name, help_text) in VERBS.items():
-        verb_parser = sub.add_parser(verb, help=help_text, description=help_text)
+    for name, (module_name, help_text) in VERBS.items():
+        verb_parser = sub.add_parser(name, help=help_text, description=help_text)
         verb_parser.set_defaults(_module=module_name)
-        importlib.import_module(module_name).add_arguments(verb_parser)
+        if name == verb:
+            importlib.import_module(module_name).add_arguments(verb_parser)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    verb = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(verb)
     args = parser.parse_args(argv)
     if args.verb is None:
         parser.print_help()

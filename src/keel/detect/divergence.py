@@ -14,12 +14,11 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
-import numpy as np
-
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
 from keel.detect.detector import DETECTORS
+from keel.detect.robust import median as _median
 
 
 @dataclass(kw_only=True)
@@ -86,7 +85,7 @@ class DivergenceDetector:
         self._seen += 1
         if len(self._recent) < cfg.short:
             return []
-        median = float(np.median(self._recent))
+        median = _median(self._recent)
         if median < self._best:
             self._best, self._best_step = median, obs.step
         excess = (median - self._best) / (abs(self._best) + 1e-12)

@@ -60,8 +60,10 @@ class ProxyBatches:
         if split not in ("train", "val"):
             raise ValueError(f"split={split!r}; allowed: train, val")
         data = load_corpus(max_bytes)
-        cut = int(len(data) * 0.9)  # last 10% held out for validation
-        self.data = torch.from_numpy((data[:cut] if split == "train" else data[cut:]).astype(np.int64))
+        # Every 10th block of 64 KiB is held out, so both splits sample the whole library alike.
+        blocks = np.arange(len(data)) // 65536
+        keep = (blocks % 10 == 9) if split == "val" else (blocks % 10 != 9)
+        self.data = torch.from_numpy(data[keep].astype(np.int64))
         self.batch_size, self.seq_len = batch_size, seq_len
         self.generator = torch.Generator().manual_seed(seed)
         self.position = 0  # batches drawn so far: the data position a snapshot records

@@ -1,0 +1,37 @@
+# One command each, on a fresh clone: `make demo`, `make test`. Both create .venv and install what they need.
+PYTHON ?= python3
+VENV ?= .venv
+# The torch release installed when the environment has none. An existing torch (your own CUDA build) is kept.
+TORCH_VERSION ?= 2.13.0
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.keel-installed
+
+.PHONY: setup demo demo-quick test test-all lint clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $@
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/keel demo
+
+demo-quick: setup
+	$(BIN)/keel demo --quick
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-all: setup
+	$(BIN)/python -m pytest -m "not gpu"
+
+lint: setup
+	$(BIN)/python -m pip install -q ruff mypy
+	$(BIN)/ruff check src tests
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) runs build *.egg-info src/*.egg-info

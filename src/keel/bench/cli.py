@@ -1,0 +1,22 @@
+"""`keel bench <what>`: dispatches to one benchmark module, each with ``add_arguments`` and ``main``."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHMARKS: dict[str, tuple[str, str]] = {
+    "overhead": ("keel.bench.overhead", "Guard's step-time cost against the bare loop"),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    sub = parser.add_subparsers(dest="bench", metavar="WHAT", required=True)
+    for name, (module_name, help_text) in BENCHMARKS.items():
+        bench_parser = sub.add_parser(name, help=help_text, description=help_text)
+        bench_parser.set_defaults(_bench_module=module_name)
+        importlib.import_module(module_name).add_arguments(bench_parser)
+
+
+def main(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(args._bench_module).main(args) or 0)

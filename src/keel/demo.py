@@ -1,0 +1,136 @@
+"""`keel demo`: an unstable proxy recipe trained bare and under `Guard`, side by side.
+
+The recipe (small proxy, AdamW at lr 0.1) is unstable on purpose: attention logits run away and the loss
+stalls far above a healthy run's. The "bare" run is watched under ``policy="observe"`` — bit-identical to
+the loop without keel, so its store shows what happened without changing it; the "guarded" run may act.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from collections import Counter
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from keel.proxy.trainer import ProxyRun, TrainConfig, train_proxy
+
+UNSTABLE = TrainConfig(size="small", lr=0.1, steps=600, warmup=20)
+QUICK_STEPS = 200
+
+
+@dataclass(kw_only=True)
+class DemoRun:
+    """One arm of the demo: a name, the Guard policy, and the recipe it trains."""
+
+    name: str
+    policy: str
+    config: TrainConfig
+    note: str
+
+
+def demo_runs(quick: bool = False) -> list[DemoRun]:
+    config = replace(UNSTABLE, steps=QUICK_STEPS) if quick else UNSTABLE
+    return [
+        DemoRun(name="bare", policy="observe", config=config, note="keel watches, never touches"),
+        DemoRun(name="guarded", policy="skip", config=config, note="keel may skip harmful updates"),
+    ]
+
+
+def run_demo(out: str | Path = "runs/demo", quick: bool = False, stream=sys.stdout) -> dict[str, ProxyRun]:
+    """Train every demo arm, print progress and a side-by-side summary; return the runs by name."""
+    out = Path(out)
+    results: dict[str, ProxyRun] = {}
+    arms = demo_runs(quick)
+    print(f"keel demo: proxy '{arms[0].config.size}', AdamW lr {arms[0].config.lr}, {arms[0].config.steps} steps "
+          "— a recipe that is unstable on purpose", file=stream)
+    for arm in arms:
+        _clear(out / arm.name)
+        progress = _Progress(arm.name, arm.config.steps, stream)
+        results[arm.name] = train_proxy(arm.config, policy=arm.policy, run_dir=str(out / arm.name),
+                                        progress=progress)
+        progress.done(results[arm.name])
+    print_summary(results, arms, stream)
+    print(f"\nrun stores: {', '.join(str(out / a.name / 'run.sqlite') for a in arms)}", file=stream)
+    return results
+
+
+def print_summary(results: dict[str, ProxyRun], arms: list[DemoRun], stream=sys.stdout) -> None:
+    print("\n                      " + "".join(f"{a.name:>14}" for a in arms), file=stream)
+    rows = [
+        ("policy", lambda r: r.policy),
+        ("val loss (end)", lambda r: f"{r.val_loss:.3f}"),
+        ("train loss (last 20)", lambda r: f"{_tail_mean(r.losses):.3f}"),
+        ("worst train loss", lambda r: f"{max(r.losses, default=math.nan):.3f}"),
+        ("skipped steps", lambda r: sum(d.action == "skip" for d in r.decisions)),
+        ("findings w/c/i", lambda r: "{warning}/{critical}/{info}".format_map(
+            Counter({"warning": 0, "critical": 0, "info": 0}) + Counter(f.severity for f in r.findings))),
+        ("wall time", lambda r: f"{r.wall_s:.1f}s"),
+    ]
+    for label, cell in rows:
+        print(f"{label:<22}" + "".join(f"{cell(results[a.name])!s:>14}" for a in arms), file=stream)
+    for arm in arms:
+        serious = [f for f in results[arm.name].findings if f.severity != "info"]
+        if not serious:
+            continue
+        print(f"\nfindings of '{arm.name}' ({arm.note}):", file=stream)
+        for f in serious[:8]:
+            print(f"  step {f.step:>5}  {f.severity:<8} {f.kind}: {f.cause}", file=stream)
+            print(f"              remedy: {f.remedy}", file=stream)
+        if len(serious) > 8:
+            print(f"  … and {len(serious) - 8} more (see the run store)", file=stream)
+
+
+def _tail_mean(values: list[float], n: int = 20) -> float:
+    tail = values[-n:]
+    return sum(tail) / len(tail) if tail else math.nan
+
+
+def _clear(run_dir: Path) -> None:
+    for suffix in ("", "-wal", "-shm"):
+        (run_dir / f"run.sqlite{suffix}").unlink(missing_ok=True)
+
+
+class _Progress:
+    """A one-line progress display: rewritten in place on a terminal, a line every 25 % otherwise."""
+
+    def __init__(self, name: str, total: int, stream) -> None:
+        self.name, self.total, self.stream = name, total, stream
+        self.tty = getattr(stream, "isatty", lambda: False)()
+        self.start = time.perf_counter()
+        self.next_mark = 0.25
+
+    def __call__(self, step: int, loss: float) -> None:
+        done = (step + 1) / self.total
+        if self.tty and (step % 5 == 0 or step + 1 == self.total):
+            bar = "#" * int(30 * done)
+            print(f"\r  {self.name:<10} [{bar:<30}] {step + 1}/{self.total}  loss {loss:7.3f}",
+                  end="", file=self.stream, flush=True)
+        elif not self.tty and done >= self.next_mark:
+            print(f"  {self.name:<10} {step + 1}/{self.total} steps  loss {loss:.3f}  "
+                  f"({time.perf_counter() - self.start:.0f}s)", file=self.stream, flush=True)
+            self.next_mark += 0.25
+
+    def done(self, run: ProxyRun) -> None:
+        end = "\n" if self.tty else ""
+        print(f"{end}  {self.name:<10} done in {run.wall_s:.1f}s, val loss {run.val_loss:.3f}"
+              + (f" — aborted: {run.aborted}" if run.aborted else ""), file=self.stream, flush=True)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run (under a minute)")
+    parser.add_argument("--out", default="runs/demo", help="where the run stores go (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON after the run")
+
+
+def main(args: argparse.Namespace) -> int:
+    results = run_demo(args.out, quick=args.quick, stream=sys.stderr if args.json else sys.stdout)
+    if args.json:
+        print(json.dumps({name: {"policy": r.policy, "val_loss": r.val_loss, "wall_s": r.wall_s,
+                                 "findings": [f.to_dict() for f in r.findings],
+                                 "skips": sum(d.action == "skip" for d in r.decisions), "aborted": r.aborted}
+                          for name, r in results.items()}, indent=2, default=str))
+    return 0

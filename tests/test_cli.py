@@ -1,0 +1,37 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from keel.cli import main
+from keel.store import RunReader
+
+
+def test_help_lists_the_verbs(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "demo" in out and "bench" in out
+
+
+def test_no_verb_prints_help_and_fails(capsys):
+    assert main([]) == 2
+
+
+def test_help_imports_no_torch():
+    code = "import sys; from keel.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip().endswith("False"), out.stderr
+
+
+def test_demo_quick_writes_both_stores(tmp_path, capsys, monkeypatch):
+    import keel.demo
+    monkeypatch.setattr(keel.demo, "QUICK_STEPS", 30)
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert set(result) >= {"bare", "guarded"}
+    for name in result:
+        with RunReader(tmp_path / name) as r:
+            assert r.meta()["status"] == "finished"
+            assert len(r.signal("loss")[0]) == 30

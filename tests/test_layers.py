@@ -1,0 +1,78 @@
+"""The import direction of DESIGN.md's layers, enforced by walking every import in src/keel."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import keel
+
+SRC = Path(keel.__file__).parent
+
+# layer → the layers it may import. The package root (keel/__init__.py) re-exports _core and is open to all.
+ALLOWED: dict[str, set[str]] = {
+    "_core": set(),
+    "signals": {"_core"},
+    "detect": {"_core"},
+    "store": {"_core"},
+    "nn": {"_core"},
+    "losses": {"_core"},
+    "optim": {"_core"},
+    "recover": {"_core", "signals", "detect"},
+    "environment": {"_core"},
+    "guard": {"_core", "signals", "detect", "recover", "store", "environment"},
+    "proxy": {"_core", "signals", "detect", "recover", "store", "guard", "nn", "losses", "optim", "environment"},
+    "doctor": {"_core", "detect", "store"},
+    "report": {"_core", "store"},
+    "integrations": {"_core", "signals", "detect", "recover", "store", "guard", "environment"},
+}
+TOP = {"bench", "demo", "cli"}  # shells over the whole library: they may import any layer but each other
+
+
+def _layer(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "keel" and len(parts) > 1 else None
+
+
+def _imports(path: Path) -> list[str]:
+    tree = ast.parse(path.read_text(), filename=str(path))
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.append(node.module)
+            found += [f"{node.module}.{alias.name}" for alias in node.names if node.module == "keel"]
+    return found
+
+
+def test_every_module_belongs_to_a_known_layer():
+    for path in SRC.rglob("*.py"):
+        rel = path.relative_to(SRC).with_suffix("")
+        layer = rel.parts[0]
+        assert layer == "__init__" or layer in ALLOWED or layer in TOP, f"{rel} is in no layer"
+
+
+def test_imports_point_one_way():
+    violations = []
+    for path in SRC.rglob("*.py"):
+        own = path.relative_to(SRC).with_suffix("").parts[0]
+        if own == "__init__":
+            continue
+        for module in _imports(path):
+            target = _layer(module)
+            if target is None or target == own or target == "__version__":
+                continue
+            if own in TOP:
+                ok = target not in TOP or (own, target) == ("cli", "bench") or own == "cli"
+            else:
+                ok = target in ALLOWED[own]
+            if not ok:
+                violations.append(f"{path.relative_to(SRC)} imports {module} ({own} → {target})")
+    assert violations == []
+
+
+def test_the_walker_sees_a_violation(tmp_path):
+    bad = tmp_path / "x.py"
+    bad.write_text("from keel.guard import Guard\nimport keel.proxy.model\n")
+    assert _imports(bad) == ["keel.guard", "keel.proxy.model"]
