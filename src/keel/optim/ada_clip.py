@@ -1,0 +1,160 @@
+"""AdaClip: per-tensor spike clipping against an adaptive threshold, as a gradient transform for any optimizer.
+
+The clipping stage of Stable-SPAM (Huang et al. 2025, arXiv 2502.17055), usable on its own.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+from keel.optim._helpers import check_range, max_abs
+
+
+def ada_clip_thresholds(maxima: Tensor, ema: Tensor, steps: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
+    """One AdaClip statistics update for N tensors at once.
+
+    Args:
+        maxima: ``(N,)`` max |g| of each tensor this step.
+        ema: ``(N,)`` running M_{t−1}.
+        steps: ``(N,)`` 1-based counts t used for the bias correction.
+        gamma: Decay θ of the running maximum (Stable-SPAM's ``gamma3``, 0.999).
+
+    Returns:
+        ``(new_ema, threshold)``: M_t = θ·M_{t−1} + (1−θ)·max|g| and M̂_t = M_t / (1 − θ^t).
+    """
+    new_ema = gamma * ema + (1.0 - gamma) * maxima
+    return new_ema, new_ema / (1.0 - torch.pow(gamma, steps))
+
+
+def ada_clip_(grad: Tensor, maximum: Tensor, threshold: Tensor, *, out: Tensor) -> Tensor:
+    """Rescale the entries of one tensor with |g| > M̂ by M̂ / max|g| into ``out``; the rest pass unchanged.
+
+    Spiked entries keep their sign and relative order and the largest lands exactly on M̂. ``out`` may
+    be ``grad`` itself (in place). ``maximum`` and ``threshold`` are 0-d tensors (no host sync).
+    """
+    scale = (threshold / maximum.clamp_min(torch.finfo(torch.float32).tiny)).to(grad.dtype)
+    spiked = torch.abs(grad).gt_(threshold)  # 1.0 where |g| > M̂, else 0.0
+    spiked.mul_(scale - 1.0).add_(1.0)  # per-entry multiplier: M̂/max|g| on spikes, 1 elsewhere
+    return torch.mul(grad, spiked, out=out)
+
+
+def clip_needed(maxima: Tensor, thresholds: Tensor) -> list[bool]:
+    """Per tensor: does any entry exceed its threshold (max|g| > M̂)?
+
+    Read on the host only for CPU tensors, where it costs nothing and spares the clipping passes on the
+    (usual) steps without a spike; on accelerators the answer is all True, to stay free of syncs.
+    """
+    if maxima.device.type != "cpu":
+        return [True] * maxima.numel()
+    return (maxima > thresholds).tolist()
+
+
+class AdaClip:
+    """Spike-aware gradient clipping with a per-tensor adaptive threshold, for any optimizer.
+
+    Use it where ``clip_grad_norm_`` would sit, between ``backward()`` and ``optimizer.step()``, when
+    occasional gradient spikes hit a few entries: a global norm clip then shrinks every entry of every
+    tensor, while AdaClip only rescales the entries above a running bias-corrected mean of each
+    tensor's max |g| (threshold M̂). Gradients are changed in place.
+
+    Per tensor and call t: M_t = θ·M_{t−1} + (1−θ)·max|g|, M̂ = M_t/(1−θ^t); entries with |g| > M̂ become
+    g·M̂/max|g|. The statistics are 0-d tensors on the gradients' device; no host sync.
+
+    Args:
+        params: The parameters whose gradients are clipped.
+        gamma: θ, the decay of the running max (Stable-SPAM's ``gamma3``, default 0.999).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> clipper = AdaClip(model.parameters())
+        >>> handle = clipper.attach(opt)   # or call clipper.clip_() before opt.step()
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+
+    References:
+        Huang et al. (2025), "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam",
+        arXiv 2502.17055. Official code: TianjinYellow/StableSPAM ``galore_torch/stablespam.py``.
+    """
+
+    def __init__(self, params: Iterable[Tensor], *, gamma: float = 0.999) -> None:
+        check_range("AdaClip", "gamma", gamma, 0.0, 1.0, high_open=True)
+        self.params = list(params)
+        if not self.params:
+            raise ValueError("AdaClip got an empty parameter list; allowed: at least one parameter")
+        self.gamma = gamma
+        # Per parameter: [t (python int), M_{t-1} (0-d float32 tensor on the parameter's device)].
+        self._steps: list[int] = [0] * len(self.params)
+        self._ema: list[Tensor | None] = [None] * len(self.params)
+
+    @torch.no_grad()
+    def clip_(self) -> Tensor:
+        """Clip every gradient in place; returns max over tensors of max|g| / M̂ (> 1 means something was clipped).
+
+        Tensors without a gradient are skipped and their statistics do not advance.
+        """
+        active = [i for i, p in enumerate(self.params) if p.grad is not None]
+        if not active:
+            return torch.zeros(())
+        grads = [self.params[i].grad for i in active]
+        for i in active:
+            self._steps[i] += 1
+            if self._ema[i] is None:
+                self._ema[i] = torch.zeros((), dtype=torch.float32, device=self.params[i].device)
+        ratios = []
+        for device_indices in _by_device(grads).values():
+            idx = [active[j] for j in device_indices]
+            dev_grads = [grads[j] for j in device_indices]
+            maxima = torch.stack(max_abs(dev_grads)).float()
+            ema = torch.stack([self._ema[i] for i in idx])
+            steps = torch.tensor([float(self._steps[i]) for i in idx], device=maxima.device)
+            new_ema, thresholds = ada_clip_thresholds(maxima, ema, steps, self.gamma)
+            for k, i in enumerate(idx):
+                self._ema[i] = new_ema[k]
+            for g, m, thr, needed in zip(dev_grads, maxima, thresholds, clip_needed(maxima, thresholds)):
+                if needed:
+                    ada_clip_(g, m, thr, out=g)
+            ratios.append((maxima / thresholds.clamp_min(torch.finfo(torch.float32).tiny)).max().cpu())
+        return torch.stack(ratios).max()
+
+    def attach(self, optimizer: Optimizer) -> RemovableHandle:
+        """Run `clip_` before every ``optimizer.step()`` (a step pre-hook); returns the hook's handle."""
+
+        def hook(opt: Optimizer, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            self.clip_()
+
+        return optimizer.register_step_pre_hook(hook)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "gamma": self.gamma,
+            "steps": list(self._steps),
+            "ema": [None if e is None else e.detach().clone() for e in self._ema],
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if len(state["steps"]) != len(self.params):
+            raise ValueError(
+                f"state has {len(state['steps'])} parameters; allowed: {len(self.params)} (this AdaClip's)"
+            )
+        self.gamma = float(state["gamma"])
+        self._steps = [int(s) for s in state["steps"]]
+        self._ema = [
+            None if e is None else e.detach().to(device=p.device, dtype=torch.float32).clone()
+            for e, p in zip(state["ema"], self.params)
+        ]
+
+
+def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
+    buckets: dict[torch.device, list[int]] = {}
+    for i, t in enumerate(tensors):
+        buckets.setdefault(t.device, []).append(i)
+    return buckets
+
+

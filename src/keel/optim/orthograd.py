@@ -1,0 +1,136 @@
+"""⊥Grad (OrthoGrad): step any optimizer on the part of each gradient orthogonal to its weights.
+
+From Prieto et al. (2025), "Grokking at the edge of numerical stability" (arXiv 2501.04697).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from keel.optim._helpers import check_range, group_by_device_dtype
+from keel.optim._registry import optimizers
+
+_TINY = 1e-30  # the reference's guard; representable in fp32 and bf16
+
+
+def orthogonalize_(params: Sequence[Tensor], grads: Sequence[Tensor], *, eps: float = _TINY) -> None:
+    """Replace each gradient g by its component orthogonal to its weights w, rescaled to ‖g‖, in place.
+
+    g⊥ = g − (w·g)/(w·w + eps)·w, then g⊥ ← g⊥·‖g‖/(‖g⊥‖ + eps). For an all-zero w the projection is
+    the identity; for an all-zero g the result is 0. The scalars are computed in float32.
+    """
+    if not params:
+        return
+    dots = torch.stack([torch.dot(w.reshape(-1).float(), g.reshape(-1).float()) for w, g in zip(params, grads)])
+    w_sq = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).square()
+    g_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    coeffs = (dots / (w_sq + eps)).neg().unbind()
+    for w, g, c in zip(params, grads, coeffs):
+        g.add_(w * c.to(g.dtype))  # g ← g − c·w
+    perp_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    factors = (g_norm / (perp_norm + eps)).unbind()
+    torch._foreach_mul_(list(grads), [f.to(g.dtype) for f, g in zip(factors, grads)])
+
+
+class OrthoGrad(Optimizer):
+    """⊥Grad: projects every gradient orthogonal to its parameter, then steps the wrapped optimizer.
+
+    Use it to stop "naive loss minimisation" — growth of the weights along themselves that only scales
+    the logits up — which drives softmax collapse and delays generalisation (grokking) when training
+    without weight decay. ``OrthoGrad(torch.optim.AdamW(...))`` is the paper's ⊥AdamW.
+
+    The wrapper shares the base optimizer's ``param_groups``, ``state`` and ``defaults`` (the same
+    objects), so its hyper-parameters are the base's, an LR scheduler attached to the wrapper drives the
+    base, and ``state_dict``/``load_state_dict`` round-trip the base's own format. The reference builds
+    the base from the wrapper's groups and loads state into the wrapper, so loaded betas/eps never reach
+    the base and a scheduler on the wrapper never changes the base's LR; keel avoids both.
+
+    Gradients are projected in place: after ``step()`` ``p.grad`` holds g⊥.
+
+    Args:
+        optimizer: The base optimizer (any ``torch.optim.Optimizer``).
+        eps: Guard added to ‖w‖² and ‖g⊥‖ (1e-30 as in the reference).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2, bias=False)
+        >>> opt = OrthoGrad(torch.optim.SGD(model.parameters(), lr=0.1))
+        >>> sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step(); sched.step()
+        >>> opt.optimizer.param_groups[0]["lr"]
+        0.05
+
+    References:
+        Prieto, Barsbey, Mediano, Birdal (2025), "Grokking at the edge of numerical stability",
+        arXiv 2501.04697. Official code: LucasPrietoAl/grokking-at-the-edge-of-numerical-stability,
+        ``orthograd.py``.
+    """
+
+    def __init__(self, optimizer: Optimizer, *, eps: float = _TINY) -> None:
+        if not isinstance(optimizer, Optimizer):
+            raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer instance")
+        check_range("OrthoGrad", "eps", eps, 0.0, 1.0)
+        self.optimizer = optimizer
+        self.eps = eps
+        # Optimizer.__init__ sets up the hook dictionaries and step profiling; it re-adds the base's group
+        # dicts (the same objects), then the wrapper adopts the base's containers outright.
+        self._initializing = True
+        super().__init__(optimizer.param_groups, optimizer.defaults)
+        self._initializing = False
+        self._share()
+
+    def _share(self) -> None:
+        self.param_groups = self.optimizer.param_groups
+        self.state = self.optimizer.state
+        self.defaults = self.optimizer.defaults
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Project every gradient, then call the base optimizer's ``step``.
+
+        With a closure, it is evaluated first (with grad enabled) and the base is stepped without it,
+        so the projected gradients are the ones used.
+        """
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        for indices in group_by_device_dtype(params).values():
+            chosen = [params[i] for i in indices]
+            orthogonalize_(chosen, [p.grad for p in chosen], eps=self.eps)
+        self.optimizer.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optimizer.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.optimizer.load_state_dict(state_dict)
+        self._share()
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer (with its defaults and checks); the wrapper sees it too."""
+        if self._initializing:  # Optimizer.__init__ re-adding the base's existing groups
+            super().add_param_group(param_group)
+            return
+        self.optimizer.add_param_group(param_group)
+        self._share()
+
+    def __repr__(self) -> str:
+        return f"OrthoGrad({self.optimizer!r})"
+
+
+@optimizers.register("orthograd")
+def _create_orthograd(params: Iterable[Tensor] | Iterable[dict[str, Any]], *, base: type[Optimizer] | None = None,
+                      **kwargs: Any) -> OrthoGrad:
+    """⊥AdamW by default: ``OrthoGrad(base(params, **kwargs))`` with ``base`` = ``torch.optim.AdamW``."""
+    return OrthoGrad((base or torch.optim.AdamW)(params, **kwargs))

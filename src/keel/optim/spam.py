@@ -1,0 +1,258 @@
+"""SPAM: Adam with spike-aware clipping, periodic momentum reset and a cosine warm-up after each reset.
+
+From Huang et al. (2025), "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM Training"
+(arXiv 2501.06842, ICLR 2025).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from keel.optim._adam import apply_update_, update_moments_
+from keel.optim._helpers import (
+    Scratch,
+    check_betas,
+    check_int,
+    check_lr,
+    check_range,
+    group_by_device_dtype,
+    params_with_grad,
+)
+from keel.optim._registry import optimizers
+
+_WARMUP_START = 0.99  # the reference's cosine starts at 0.99, so the first step after a reset is 1% of lr
+
+
+def spam_warmup_scale(step: int, *, reset_interval: int, warmup_steps: int) -> float:
+    """The LR multiplier of SPAM's cosine warm-up after each momentum reset, at 1-based update ``step``.
+
+    ``1 − 0.99·(1 + cos(π·j/(warmup_steps + 1)))/2`` for the j-th step since the last reset (j = 0 on the
+    reset step), 1 once ``j ≥ warmup_steps`` and before the first reset (the global LR schedule handles
+    the very start of training).
+    """
+    if reset_interval <= 0 or warmup_steps <= 0 or step < reset_interval:
+        return 1.0
+    j = step % reset_interval
+    if j >= warmup_steps:
+        return 1.0
+    return 1.0 - _WARMUP_START * 0.5 * (1.0 + math.cos(math.pi * j / (warmup_steps + 1)))
+
+
+def spam_clips_at(step: int, *, threshold: float, reset_interval: int, grace_steps: int) -> bool:
+    """Whether spike clipping is active at 1-based update ``step``: not in the first ``grace_steps``
+    steps of training nor of each reset period, when v is still too close to zero to compare against."""
+    if threshold == 0:
+        return False
+    if step < grace_steps:
+        return False
+    return reset_interval <= 0 or step % reset_interval >= grace_steps
+
+
+def spike_clip(
+    grad: Tensor, exp_avg_sq: Tensor, threshold: float, *, out: Tensor, bound: Tensor, spare_unseen: bool
+) -> Tensor:
+    """SPAM's spike clipping of one tensor, written to ``out`` (``bound`` is scratch).
+
+    Entries with g² > θ·v become sign(g)·sqrt(θ·v); that is, g is clamped to ±sqrt(θ·v).
+
+    With ``spare_unseen``, entries whose v is exactly 0 — no gradient since the last reset — pass
+    unchanged: there is no history to call them a spike against. The reference replaces them by
+    sign(g)·0 = 0, so an entry that first gets a gradient after the grace period (a rare token's
+    embedding row) cannot move until the next reset.
+    """
+    torch.mul(exp_avg_sq, threshold, out=bound).sqrt_()
+    if spare_unseen:
+        bound.masked_fill_(exp_avg_sq == 0, math.inf)
+    torch.neg(bound, out=out)
+    return torch.clamp(grad, min=out, max=bound, out=out)
+
+
+def _may_spike(grads: list[Tensor], exp_avg_sqs: list[Tensor], threshold: float, scratch: list[Tensor]) -> list[bool]:
+    """Per tensor: might any entry satisfy g² > θ·v? Exact up to rounding at the threshold itself.
+
+    On CPU a host read is free, and in healthy training no entry is a spike, so testing first
+    (v − g²/θ < 0 anywhere: one fused write and one read) and clamping only the tensors that need it
+    saves two of the four passes of the clamp. On accelerators the answer is always True: branching
+    on it would cost a device sync per step.
+    """
+    if grads[0].device.type != "cpu":
+        return [True] * len(grads)
+    lowest = [torch.addcmul(v, g, g, value=-1.0 / threshold, out=tmp).amin() for g, v, tmp in
+              zip(grads, exp_avg_sqs, scratch)]
+    return [low < 0 for low in torch.stack(lowest).tolist()]
+
+
+def _has_unseen(exp_avg_sqs: list[Tensor]) -> list[bool]:
+    """Per tensor: does v contain an exact 0? One batched reduction and one host read."""
+    flags = torch.stack([(v == 0).any() for v in exp_avg_sqs])
+    return [bool(f) for f in flags.tolist()]
+
+
+@optimizers.register("spam")
+class SPAM(Optimizer):
+    """Adam with spike-aware clipping, periodic momentum reset and a cosine LR warm-up after each reset.
+
+    Use it for LLM pre-training where occasional gradient spikes (up to 1000× the typical gradient)
+    contaminate Adam's moments for thousands of steps. Per parameter tensor and update ``k`` (1-based):
+
+    1. every ``reset_interval`` updates, m and v are zeroed; k is *not* reset, so the bias correction does
+       not re-inflate the first steps after a reset;
+    2. after ``grace_steps`` (and not in the first ``grace_steps`` of each period) entries with
+       g² > threshold·v are clamped to sign(g)·sqrt(threshold·v), v being the second moment before this step;
+    3. Adam: m ← β1·m + (1−β1)·g, v ← β2·v + (1−β2)·g², p ← p − lr·s·sqrt(1−β2^k)/(1−β1^k) · m/(sqrt(v)+ε),
+       with s the warm-up multiplier from `spam_warmup_scale`;
+    4. decoupled weight decay after the update: p ← p·(1 − lr·weight_decay).
+
+    ``p.grad`` is left untouched (the reference clips it in place). On CPU two scratch buffers per
+    parameter are kept between steps (8 bytes/parameter in fp32) so that no step allocates. Feed it finite
+    gradients only (`keel.Guard` skips non-finite steps): a NaN entry is not a "spike" and passes through.
+
+    Differences from the reference, on purpose:
+        * Entries whose second moment is exactly 0 are not clipped (``clip_unseen=False``, see
+          `spike_clip`); ``clip_unseen=True`` restores the reference. Which tensors hold such entries is
+          checked once per reset period (one batched reduction, one host read), so the extra masking
+          pass is only spent on those tensors (typically the input embedding).
+        * The reset/grace/warm-up schedule is counted per parameter by its own update count k. The
+          reference counts ``step()`` calls; the two agree whenever every parameter gets a gradient at
+          every step.
+        * ``reset_interval=0`` disables resets (the reference divides by it).
+
+    Args:
+        params: Parameters or parameter groups.
+        lr: Learning rate (README: 8e-4 for LLaMA-130M, 4e-4 for 350M).
+        betas: Adam's (β1, β2).
+        eps: Added to sqrt(v); the reference default is 1e-6.
+        weight_decay: Decoupled weight decay, applied after the update.
+        threshold: θ of the spike test g² > θ·v; 0 disables clipping.
+        reset_interval: ΔT, updates between momentum resets; 0 disables resets.
+        warmup_steps: Length of the cosine LR warm-up after each reset; 0 disables it.
+        grace_steps: Updates after the start and after each reset during which nothing is clipped
+            (the reference calls it ``grad_accu_steps``).
+        clip_unseen: Clip entries whose second moment is exactly 0 to 0, as the reference does.
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = SPAM(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+
+    References:
+        Huang, Zhu, Jin, Liu, Wang, Liu (2025), "SPAM: Spike-Aware Adam with Momentum Reset for Stable LLM
+        Training", arXiv 2501.06842. Official code: TianjinYellow/SPAM-Optimizer ``galore_torch/SPAM.py``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.0,
+        *,
+        threshold: float = 5000.0,
+        reset_interval: int = 500,
+        warmup_steps: int = 150,
+        grace_steps: int = 20,
+        clip_unseen: bool = False,
+    ) -> None:
+        check_lr("SPAM", lr)
+        check_betas("SPAM", betas)
+        check_range("SPAM", "eps", eps, 0.0, math.inf, high_open=True)
+        check_range("SPAM", "weight_decay", weight_decay, 0.0, math.inf, high_open=True)
+        check_range("SPAM", "threshold", threshold, 0.0, math.inf, high_open=True)
+        check_int("SPAM", "reset_interval", reset_interval)
+        check_int("SPAM", "warmup_steps", warmup_steps)
+        check_int("SPAM", "grace_steps", grace_steps)
+        if not isinstance(clip_unseen, bool):
+            raise ValueError(f"SPAM.clip_unseen={clip_unseen!r}; allowed: True or False")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, threshold=threshold,
+            reset_interval=reset_interval, warmup_steps=warmup_steps, grace_steps=grace_steps,
+            clip_unseen=clip_unseen,
+        )
+        super().__init__(params, defaults)
+        self._scratch = Scratch()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Apply one update to every parameter that has a gradient; returns the closure's loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = params_with_grad(group)
+            for indices in group_by_device_dtype(params).values():
+                self._update([params[i] for i in indices], group)
+        return loss
+
+    def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, threshold = group["lr"], group["threshold"]
+        interval, grace = group["reset_interval"], group["grace_steps"]
+        states = [self.state[p] for p in params]
+        for p, state in zip(params, states):
+            if not state:
+                state["step"] = torch.tensor(0.0)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        torch._foreach_add_([s["step"] for s in states], 1.0)
+        grads = [p.grad for p in params]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        steps = [int(s["step"].item()) for s in states]  # CPU tensors: no device sync
+
+        resets = [i for i, k in enumerate(steps) if interval > 0 and k % interval == 0]
+        if resets:
+            torch._foreach_zero_([exp_avgs[i] for i in resets])
+            torch._foreach_zero_([exp_avg_sqs[i] for i in resets])
+
+        clipped = [i for i, k in enumerate(steps) if params[i].numel() > 0
+                   and spam_clips_at(k, threshold=threshold, reset_interval=interval, grace_steps=grace)]
+        inputs = list(grads)
+        if clipped:
+            if not group["clip_unseen"]:
+                self._refresh_unseen([i for i in clipped if _first_clip_step(steps[i], interval, grace)
+                                      or "unseen" not in states[i]], states, exp_avg_sqs)
+            spare = {i for i in clipped if not group["clip_unseen"] and states[i]["unseen"]}
+            tested = [i for i in clipped if i not in spare]
+            if tested:
+                flags = _may_spike([grads[i] for i in tested], [exp_avg_sqs[i] for i in tested], threshold,
+                                   self._scratch.like([params[i] for i in tested], 0))
+                clipped = sorted(spare | {i for i, flag in zip(tested, flags) if flag})
+            owners = [params[i] for i in clipped]
+            outs, bounds = self._scratch.like(owners, 1), self._scratch.like(owners, 0)
+            for i, out, bound in zip(clipped, outs, bounds):
+                inputs[i] = spike_clip(grads[i], exp_avg_sqs[i], threshold, out=out, bound=bound,
+                                       spare_unseen=i in spare)
+
+        update_moments_(exp_avgs, exp_avg_sqs, inputs, beta1, beta2)
+        step_sizes = [
+            -lr
+            * spam_warmup_scale(k, reset_interval=interval, warmup_steps=group["warmup_steps"])
+            * math.sqrt(1.0 - beta2**k)
+            / (1.0 - beta1**k)
+            for k in steps
+        ]
+        apply_update_(params, exp_avgs, exp_avg_sqs, step_sizes=step_sizes, eps=[group["eps"]] * len(params),
+                      scratch=self._scratch)
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+
+    @staticmethod
+    def _refresh_unseen(indices: list[int], states: list[dict[str, Any]], exp_avg_sqs: list[Tensor]) -> None:
+        if indices:
+            for i, flag in zip(indices, _has_unseen([exp_avg_sqs[i] for i in indices])):
+                states[i]["unseen"] = flag
+
+
+def _first_clip_step(step: int, interval: int, grace: int) -> bool:
+    """Is ``step`` the first update of its reset period at which clipping is active?"""
+    start = (step // interval) * interval if interval > 0 else 0
+    return step == max(start + grace, 1)

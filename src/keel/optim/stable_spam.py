@@ -1,0 +1,244 @@
+"""Stable-SPAM: Adam fed with AdaClip-clipped, AdaGN-normalised gradients, with periodic momentum reset.
+
+From Huang et al. (2025), "Stable-SPAM: How to Train in 4-Bit More Stably than 16-Bit Adam"
+(arXiv 2502.17055).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from keel.optim._adam import apply_update_, update_moments_
+from keel.optim._helpers import (
+    Scratch,
+    check_betas,
+    check_int,
+    check_lr,
+    check_range,
+    group_by_device_dtype,
+    max_abs,
+    params_with_grad,
+)
+from keel.optim.ada_clip import ada_clip_, ada_clip_thresholds, clip_needed
+from keel.optim._registry import optimizers
+
+_STATS = ("clip_ema", "norm_ema", "norm_sq_ema")
+
+
+def momentum_decay_scale(step: int, *, decay_steps: int | None, decay_min: float) -> float:
+    """Stable-SPAM's s_t: cosine from 1 at t = 0 to ``decay_min`` at t = decay_steps + 1, then held there.
+
+    It multiplies β1 and γ1. The reference's cosine keeps going past the end and climbs back towards 1;
+    keel holds the final value.
+    """
+    if decay_steps is None:
+        return 1.0
+    period = decay_steps + 1
+    if step >= period:
+        return decay_min
+    return decay_min + (1.0 - decay_min) * 0.5 * (1.0 + math.cos(math.pi * step / period))
+
+
+@optimizers.register("stable_spam")
+class StableSPAM(Optimizer):
+    """Adam fed with AdaClip-clipped and AdaGN-normalised gradients, with periodic momentum reset (MoRet).
+
+    Use it where Adam's loss spikes or diverges at a learning rate you need, notably in low-precision
+    (4-bit, bf16) training. Per parameter tensor and update t (1-based):
+
+    1. decoupled weight decay first: p ← p·(1 − lr·weight_decay);
+    2. AdaClip: M ← γ3·M + (1−γ3)·max|g|, M̂ = M/(1−γ3^t); entries with |g| > M̂ become g·M̂/max|g|;
+    3. AdaGN: n = ‖g‖; m_n ← γ1'·m_n + (1−γ1')·n, v_n ← γ2·v_n + (1−γ2)·n²; after bias correction
+       g ← g/n · m̂_n/(sqrt(v̂_n)+ε), so the gradient norm entering Adam is ≈ 1 and < 1 right after a spike;
+    4. MoRet: every ``reset_interval`` updates Adam's m and v restart from zero (bias-correction count k ← 1);
+    5. Adam with β1' = β1·s_t: p ← p − lr/(1−β1'^k) · m/(sqrt(v)/sqrt(1−β2^k) + ε).
+
+    γ1' = γ1·s_t, where s_t is the optional cosine `momentum_decay_scale` (1 when ``decay_steps`` is None).
+    The AdaClip/AdaGN statistics are 0-d float32 tensors per parameter, updated on device without a host
+    sync (on CPU the clip is skipped for tensors whose max|g| ≤ M̂, which a host read shows for free).
+    ``p.grad`` is left untouched. Feed it finite gradients only (`keel.Guard` skips non-finite steps):
+    a NaN would poison the running statistics.
+
+    The reference's reset step, and keel's choice (``reset_like_reference=False``):
+        In the official code the reset replaces m and v by zeros *after* taking references to the old
+        tensors, so the reset step still updates with the old moments, but under k = 1 bias correction
+        (≈ 0.3× a normal step for β = (0.9, 0.999)); the zeros take effect one step later. The same
+        counter k also drives the bias corrections of AdaClip and AdaGN, whose statistics are *not*
+        reset, so after every reset M̂ is re-inflated by 1/(1−γ3^k) (≈ 500× at k = 2) and clipping is off
+        for hundreds of steps. keel follows the paper instead: the reset step is the first step of fresh
+        moments (k = 1 on zeroed m, v) and AdaClip/AdaGN use their own never-reset count t.
+        ``reset_like_reference=True`` reproduces the official code exactly.
+
+    Args:
+        params: Parameters or parameter groups.
+        lr: Learning rate (4-bit LLaMA-350M scripts: 4e-4; BF16 130M: 8e-4).
+        betas: Adam's (β1, β2).
+        eps: ε of both Adam and AdaGN.
+        weight_decay: Decoupled weight decay, applied before the update.
+        gamma1: Decay of the running gradient-norm mean (README and 4-bit scripts: 0.7; BF16: 0.85).
+        gamma2: Decay of the running squared-norm mean (0.9; BF16 script 0.99999).
+        gamma3: Decay of AdaClip's running max (0.999).
+        reset_interval: Updates between momentum resets (constructor default 1000; 4-bit scripts 500);
+            0 disables resets.
+        decay_steps: Length of the cosine that decays β1 and γ1 (the reference's ``total_T``; README
+            uses the run's total steps); None keeps s_t = 1.
+        decay_min: Final value of that cosine (the reference's ``eta_min``, 0.5).
+        reset_like_reference: Replay the official code's reset step (see above).
+
+    Example:
+        >>> model = torch.nn.Linear(4, 2)
+        >>> opt = StableSPAM(model.parameters(), lr=1e-3)
+        >>> model(torch.randn(8, 4)).square().mean().backward()
+        >>> opt.step()
+
+    References:
+        Huang, Hu, Zhang, Jin, Li, Shen, Chen, Liu, Wen, Wang, Liu (2025), "Stable-SPAM: How to Train in
+        4-Bit More Stably than 16-Bit Adam", arXiv 2502.17055. Official code: TianjinYellow/StableSPAM
+        ``galore_torch/stablespam.py``.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        *,
+        gamma1: float = 0.7,
+        gamma2: float = 0.9,
+        gamma3: float = 0.999,
+        reset_interval: int = 1000,
+        decay_steps: int | None = None,
+        decay_min: float = 0.5,
+        reset_like_reference: bool = False,
+    ) -> None:
+        name = "StableSPAM"
+        check_lr(name, lr)
+        check_betas(name, betas)
+        check_range(name, "eps", eps, 0.0, math.inf, high_open=True)
+        check_range(name, "weight_decay", weight_decay, 0.0, math.inf, high_open=True)
+        for field, value in (("gamma1", gamma1), ("gamma2", gamma2), ("gamma3", gamma3)):
+            check_range(name, field, value, 0.0, 1.0, high_open=True)
+        check_int(name, "reset_interval", reset_interval)
+        if decay_steps is not None:
+            check_int(name, "decay_steps", decay_steps, low=1)
+        check_range(name, "decay_min", decay_min, 0.0, 1.0)
+        if not isinstance(reset_like_reference, bool):
+            raise ValueError(f"{name}.reset_like_reference={reset_like_reference!r}; allowed: True or False")
+        defaults = dict(
+            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
+            gamma3=gamma3, reset_interval=reset_interval, decay_steps=decay_steps, decay_min=decay_min,
+            reset_like_reference=reset_like_reference,
+        )
+        super().__init__(params, defaults)
+        self._scratch = Scratch()
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Apply one update to every parameter that has a gradient; returns the closure's loss if given."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            params = params_with_grad(group)
+            for indices in group_by_device_dtype(params).values():
+                self._update([params[i] for i in indices], group)
+        return loss
+
+    def _init_state(self, p: Tensor) -> dict[str, Any]:
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.tensor(0.0)  # Adam's bias-correction count k (reset by MoRet)
+            state["norm_step"] = torch.tensor(0.0)  # t, never reset
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            for key in _STATS:
+                state[key] = torch.zeros((), dtype=torch.float32, device=p.device)
+        return state
+
+    def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        beta1, beta2 = group["betas"]
+        lr, eps, interval = group["lr"], group["eps"], group["reset_interval"]
+        gamma1, gamma2, like_reference = group["gamma1"], group["gamma2"], group["reset_like_reference"]
+        states = [self._init_state(p) for p in params]
+        device = params[0].device
+        grads = [p.grad for p in params]
+        steps = [int(s["step"].item()) + 1 for s in states]  # CPU tensors: no device sync
+        norm_steps = [int(s["norm_step"].item()) + 1 for s in states]
+        scales = [momentum_decay_scale(t, decay_steps=group["decay_steps"], decay_min=group["decay_min"])
+                  for t in norm_steps]
+        # The reference drives the AdaClip/AdaGN bias corrections with Adam's (resettable) count.
+        stat_counts = steps if like_reference else norm_steps
+
+        if group["weight_decay"] != 0:
+            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
+
+        # AdaClip.
+        maxima = torch.stack(max_abs(grads)).float()
+        counts = torch.tensor(stat_counts, dtype=torch.float32, device=device)
+        clip_ema, thresholds = ada_clip_thresholds(
+            maxima, torch.stack([s["clip_ema"] for s in states]), counts, group["gamma3"]
+        )
+        outs = self._scratch.like(params, 1)
+        inputs = list(grads)
+        for i, needed in enumerate(clip_needed(maxima, thresholds)):
+            if needed:
+                inputs[i] = ada_clip_(grads[i], maxima[i], thresholds[i], out=outs[i])
+
+        # AdaGN: rescale each tensor to norm m̂_n/(sqrt(v̂_n)+ε).
+        norms = torch.stack(torch._foreach_norm(inputs, 2, dtype=torch.float32))
+        g1 = torch.tensor([gamma1 * s for s in scales], dtype=torch.float32, device=device)
+        norm_ema = g1 * torch.stack([s["norm_ema"] for s in states]) + (1.0 - g1) * norms
+        norm_sq_ema = gamma2 * torch.stack([s["norm_sq_ema"] for s in states]) + (1.0 - gamma2) * norms.square()
+        m_hat = norm_ema / (1.0 - torch.pow(g1, counts))
+        v_hat = norm_sq_ema / (1.0 - torch.pow(gamma2, counts))
+        target = m_hat / (torch.sqrt(v_hat) + eps)
+        factors = torch.where(norms > 0, target / norms.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
+        for i, factor in enumerate(factors.unbind()):
+            inputs[i] = torch.mul(inputs[i], factor.to(inputs[i].dtype), out=outs[i])
+
+        for i, state in enumerate(states):
+            state["clip_ema"], state["norm_ema"], state["norm_sq_ema"] = clip_ema[i], norm_ema[i], norm_sq_ema[i]
+            state["norm_step"].fill_(norm_steps[i])
+
+        # MoRet, then Adam with β1' = β1·s_t.
+        resets = [i for i, t in enumerate(norm_steps) if interval > 0 and t % interval == 0]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        for i in resets:
+            steps[i] = 1
+        if resets and not like_reference:
+            torch._foreach_zero_([exp_avgs[i] for i in resets])
+            torch._foreach_zero_([exp_avg_sqs[i] for i in resets])
+        for beta1_t, members in _bucket([beta1 * s for s in scales]).items():
+            update_moments_([exp_avgs[i] for i in members], [exp_avg_sqs[i] for i in members],
+                            [inputs[i] for i in members], beta1_t, beta2)
+        bc1 = [1.0 - (beta1 * s) ** k for s, k in zip(scales, steps)]
+        bc2_sqrt = [math.sqrt(1.0 - beta2**k) for k in steps]
+        # m/(sqrt(v)/sqrt(bc2) + ε) = sqrt(bc2)·m/(sqrt(v) + ε·sqrt(bc2)): one division saved per element.
+        apply_update_(
+            params, exp_avgs, exp_avg_sqs,
+            step_sizes=[-lr * r / b for r, b in zip(bc2_sqrt, bc1)],
+            eps=[eps * r for r in bc2_sqrt],
+            scratch=self._scratch,
+        )
+        if resets and like_reference:
+            torch._foreach_zero_([exp_avgs[i] for i in resets])
+            torch._foreach_zero_([exp_avg_sqs[i] for i in resets])
+        for state, k in zip(states, steps):
+            state["step"].fill_(k)
+
+
+def _bucket(values: list[float]) -> dict[float, list[int]]:
+    out: dict[float, list[int]] = {}
+    for i, v in enumerate(values):
+        out.setdefault(v, []).append(i)
+    return out

@@ -1,0 +1,81 @@
+"""AdaClip as a standalone gradient transform, against a float64 re-derivation."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from keel.optim import AdaClip
+
+
+class AdaClipReference:
+    def __init__(self, gamma: float) -> None:
+        self.gamma, self.t, self.ema = gamma, 0, 0.0
+
+    def clip(self, g: np.ndarray) -> np.ndarray:
+        g = g.astype(np.float64).copy()
+        self.t += 1
+        peak = np.abs(g).max()
+        self.ema = self.gamma * self.ema + (1 - self.gamma) * peak
+        threshold = self.ema / (1 - self.gamma**self.t)
+        spiked = np.abs(g) > threshold
+        g[spiked] = g[spiked] / peak * threshold
+        return g
+
+
+def test_matches_float64_and_puts_a_spike_exactly_on_the_threshold() -> None:
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.zeros(8, 8))
+    clipper = AdaClip([p], gamma=0.99)
+    ref = AdaClipReference(0.99)
+    for t in range(1, 41):
+        g = torch.randn(8, 8, generator=gen)
+        if t == 40:
+            g[3, 4] = 500.0
+        p.grad = g.clone()
+        ratio = clipper.clip_()
+        expected = ref.clip(g.numpy())
+        np.testing.assert_allclose(p.grad.numpy(), expected, rtol=1e-5, atol=1e-7, err_msg=f"step {t}")
+    threshold = ref.ema / (1 - 0.99**40)
+    assert p.grad[3, 4].item() == pytest.approx(threshold, rel=1e-5)  # the largest entry lands on M̂
+    assert ratio.item() == pytest.approx(500.0 / threshold, rel=1e-4)
+
+
+def test_attach_runs_before_every_step_and_state_round_trips() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    clipper = AdaClip(model.parameters(), gamma=0.5)
+    handle = clipper.attach(opt)
+    for _ in range(3):
+        model(torch.randn(5, 4)).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    state = clipper.state_dict()
+    assert state["steps"] == [3, 3]
+    other = AdaClip(model.parameters())
+    other.load_state_dict(state)
+    assert other.gamma == 0.5 and torch.equal(other._ema[0], clipper._ema[0])
+    handle.remove()
+    model(torch.randn(5, 4)).sum().backward()
+    opt.step()
+    assert clipper.state_dict()["steps"] == [3, 3]  # detached: no more clipping
+
+
+def test_params_without_grad_are_skipped_and_bad_arguments_raise() -> None:
+    a, b = torch.nn.Parameter(torch.zeros(3)), torch.nn.Parameter(torch.zeros(3))
+    clipper = AdaClip([a, b])
+    a.grad = torch.ones(3)
+    clipper.clip_()
+    assert clipper.state_dict()["steps"] == [1, 0]
+    zero = AdaClip([b])
+    b.grad = torch.zeros(3)
+    zero.clip_()
+    assert torch.equal(b.grad, torch.zeros(3))
+    with pytest.raises(ValueError, match="AdaClip.gamma="):
+        AdaClip([a], gamma=1.0)
+    with pytest.raises(ValueError, match="empty"):
+        AdaClip([])
+    with pytest.raises(ValueError, match="parameters"):
+        clipper.load_state_dict({"gamma": 0.9, "steps": [1], "ema": [None]})

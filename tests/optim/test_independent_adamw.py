@@ -1,0 +1,75 @@
+"""AdamW with independent weight decay: decay follows the schedule multiplier, not the LR."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from keel.optim import IndependentAdamW
+
+
+@pytest.mark.parametrize("lr", [1e-4, 1.0, 30.0])
+def test_decay_does_not_scale_with_peak_lr(lr: float) -> None:
+    p = torch.nn.Parameter(torch.ones(4))
+    opt = IndependentAdamW([p], lr=lr, weight_decay=0.01)
+    for _ in range(3):
+        p.grad = torch.zeros(4)
+        opt.step()
+    np.testing.assert_allclose(p.detach().numpy(), np.full(4, 0.99**3), rtol=1e-6)
+
+
+def test_decay_follows_the_schedule_multiplier() -> None:
+    p = torch.nn.Parameter(torch.ones(2))
+    opt = IndependentAdamW([p], lr=0.3, weight_decay=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: [1.0, 0.5, 0.25][min(step, 2)])
+    expected = 1.0
+    for factor in (1.0, 0.5, 0.25):
+        p.grad = torch.zeros(2)
+        opt.step()
+        sched.step()
+        expected *= 1 - factor * 0.1
+        assert p[0].item() == pytest.approx(expected, rel=1e-6)
+
+
+def test_matches_float64_adam_with_independent_decay() -> None:
+    gen = torch.Generator().manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(5, generator=gen))
+    ref = p.detach().double().numpy()
+    m, v = np.zeros(5), np.zeros(5)
+    lr, b1, b2, eps, lam = 0.05, 0.9, 0.95, 1e-8, 0.02
+    opt = IndependentAdamW([p], lr=lr, betas=(b1, b2), eps=eps, weight_decay=lam)
+    for k in range(1, 6):
+        g = torch.randn(5, generator=gen)
+        p.grad = g
+        opt.step()
+        g64 = g.double().numpy()
+        ref = ref * (1 - lam)  # s_t = 1: no scheduler
+        m = b1 * m + (1 - b1) * g64
+        v = b2 * v + (1 - b2) * g64**2
+        ref = ref - lr * (m / (1 - b1**k)) / (np.sqrt(v / (1 - b2**k)) + eps)
+        np.testing.assert_allclose(p.detach().numpy(), ref, rtol=1e-5)
+
+
+def test_groups_state_dict_and_validation() -> None:
+    a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
+    opt = IndependentAdamW([{"params": [a]}, {"params": [b], "independent_weight_decay": 0.5}], lr=2.0,
+                           weight_decay=0.1)
+    extra = torch.nn.Parameter(torch.ones(1))
+    opt.add_param_group({"params": [extra], "lr": 7.0})
+    for q in (a, b, extra):
+        q.grad = torch.zeros_like(q)
+    opt.step()
+    assert a[0].item() == pytest.approx(0.9) and b[0].item() == pytest.approx(0.5)
+    assert extra[0].item() == pytest.approx(0.9)
+    saved = copy.deepcopy(opt.state_dict())
+    fresh = IndependentAdamW([{"params": [torch.nn.Parameter(torch.ones(3))]},
+                              {"params": [torch.nn.Parameter(torch.ones(3))]}], lr=1.0)
+    fresh.add_param_group({"params": [torch.nn.Parameter(torch.ones(1))]})
+    fresh.load_state_dict(saved)
+    assert fresh.param_groups[1]["independent_weight_decay"] == 0.5
+    assert fresh.param_groups[2]["initial_lr"] == 7.0
+    with pytest.raises(ValueError, match="IndependentAdamW.weight_decay="):
+        IndependentAdamW([a], weight_decay=-1.0)

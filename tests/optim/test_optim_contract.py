@@ -1,0 +1,98 @@
+"""Contract tests over the optimizer registry: every registered optimizer must pass them."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from keel.optim import create_optimizer, list_optimizers
+
+# Per-optimizer keyword arguments for the contract (a new optimizer without an entry fails here).
+SETTINGS: dict[str, dict] = {
+    "spam": dict(lr=3e-2, grace_steps=5, reset_interval=50, warmup_steps=10),
+    "stable_spam": dict(lr=3e-2, reset_interval=50),
+    "orthograd": dict(lr=3e-2),
+    "independent_adamw": dict(lr=3e-2, weight_decay=1e-4),
+}
+
+
+def test_every_registered_optimizer_has_settings() -> None:
+    assert sorted(SETTINGS) == list_optimizers()
+
+
+def _problem(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(64, 5, generator=gen)
+    y = x @ torch.randn(5, 2, generator=gen) + 0.01 * torch.randn(64, 2, generator=gen)
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(5, 16), torch.nn.Tanh(), torch.nn.Linear(16, 2)), x, y
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_lowers_the_loss_of_a_small_regression(name: str) -> None:
+    model, x, y = _problem()
+    opt = create_optimizer(name, model.parameters(), **SETTINGS[name])
+    first = None
+    for _ in range(200):
+        loss = (model(x) - y).square().mean()
+        first = loss.item() if first is None else first
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.2 * first
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_state_dict_round_trip_with_scheduler_and_two_groups(name: str) -> None:
+    def build(seed):
+        model, x, y = _problem(seed)
+        params = list(model.parameters())
+        groups = [{"params": params[:2]}, {"params": params[2:], "lr": SETTINGS[name]["lr"] / 3}]
+        opt = create_optimizer(name, groups, **SETTINGS[name])
+        return model, x, y, opt, torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.9)
+
+    def train(model, x, y, opt, sched, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            (model(x) - y).square().mean().backward()
+            opt.step()
+            sched.step()
+
+    a, x, y, oa, sa = build(0)
+    train(a, x, y, oa, sa, 7)
+    b, _, _, ob, sb = build(1)
+    b.load_state_dict(a.state_dict())
+    ob.load_state_dict(copy.deepcopy(oa.state_dict()))
+    sb.load_state_dict(sa.state_dict())
+    train(a, x, y, oa, sa, 6)
+    train(b, x, y, ob, sb, 6)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        assert torch.equal(pa, pb)
+    assert oa.param_groups[1]["lr"] == pytest.approx(SETTINGS[name]["lr"] / 3 * 0.9**13)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_zero_lr_group_does_not_move(name: str) -> None:
+    model, x, y = _problem()
+    params = list(model.parameters())
+    frozen = [p.detach().clone() for p in params[:2]]
+    opt = create_optimizer(name, [{"params": params[:2], "lr": 0.0}, {"params": params[2:]}], **SETTINGS[name])
+    for _ in range(3):
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        opt.step()
+    for before, p in zip(frozen, params[:2]):
+        assert torch.equal(before, p)
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_rejects_negative_lr(name: str) -> None:
+    with pytest.raises(ValueError, match="lr|learning rate"):  # orthograd: the base optimizer's message
+        create_optimizer(name, [torch.nn.Parameter(torch.zeros(1))], **{**SETTINGS[name], "lr": -1.0})
+
+
+def test_unknown_name_lists_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="stable_spam"):
+        create_optimizer("adam2", [torch.nn.Parameter(torch.zeros(1))])
