@@ -142,18 +142,21 @@ def test_grad_scaler_observe_matches_bare():
     _assert_same(bare[0], obs[0])
 
 
-def test_param_groups_and_frozen_parameters():
+def test_param_groups_and_frozen_parameters(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()
     model.fc2.bias.requires_grad_(False)
     opt = torch.optim.SGD([{"params": [model.fc1.weight, model.fc1.bias], "lr": 0.1},
                            {"params": [model.fc2.weight], "lr": 0.01}])
-    guard = Guard(model, opt, policy="skip")
-    x, y = make_batches(1)[0]
-    F.mse_loss(model(x), y).backward()
-    guard.step(F.mse_loss(model(x), y))
-    assert guard.named and "fc2.bias" not in [n for n, _ in guard.named]
-    assert guard._last_values["lr"] == 0.1 and guard._last_values["lr/1"] == 0.01
+    with Guard(model, opt, policy="skip", run_dir=tmp_path) as guard:
+        x, y = make_batches(1)[0]
+        F.mse_loss(model(x), y).backward()
+        guard.step(F.mse_loss(model(x), y))
+    assert "fc2.bias" not in [n for n, _ in guard.named]
+    with RunReader(tmp_path) as r:
+        assert r.signal("lr")[1].tolist() == [0.1] and r.signal("lr/1")[1].tolist() == [0.01]
+        keys = r.signal_keys()
+        assert "grad/norm/fc2.weight" in keys and "grad/norm/fc2.bias" not in keys
 
 
 def test_max_grad_norm_clips_like_clip_grad_norm():

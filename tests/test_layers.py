@@ -19,12 +19,11 @@ ALLOWED: dict[str, set[str]] = {
     "losses": {"_core"},
     "optim": {"_core"},
     "recover": {"_core", "signals", "detect"},
-    "environment": {"_core"},
-    "guard": {"_core", "signals", "detect", "recover", "store", "environment"},
-    "proxy": {"_core", "signals", "detect", "recover", "store", "guard", "nn", "losses", "optim", "environment"},
+    "guard": {"_core", "signals", "detect", "recover", "store"},
+    "proxy": {"_core", "signals", "detect", "recover", "store", "guard", "nn", "losses", "optim"},
     "doctor": {"_core", "detect", "store"},
     "report": {"_core", "store"},
-    "integrations": {"_core", "signals", "detect", "recover", "store", "guard", "environment"},
+    "integrations": {"_core", "signals", "detect", "recover", "store", "guard"},
 }
 TOP = {"bench", "demo", "cli"}  # shells over the whole library: they may import any layer but each other
 

@@ -24,6 +24,7 @@ __version__ = "0.1.0"
 # public name → module that defines it, imported on first access
 _LAZY = {
     "Guard": "keel.guard",
+    "RecoveryConfig": "keel.recover",
     "RunReader": "keel.store",
     "RunWriter": "keel.store",
 }

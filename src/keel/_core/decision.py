@@ -23,6 +23,8 @@ class Decision:
         by: ``"keel"`` when keel took the action, ``"scaler"`` when a ``torch.amp.GradScaler`` skipped an
             overflowing step on its own (keel records it but does not count it as its own skip).
         findings: The findings seen at this step.
+        onset: For a rollback, the step the trouble began (the snapshot restored is from before it).
+        restored_step: For a rollback, the step of the snapshot restored.
     """
 
     step: int
@@ -30,6 +32,8 @@ class Decision:
     reason: str = ""
     by: Actor = "keel"
     findings: tuple[Finding, ...] = field(default=())
+    onset: int | None = None
+    restored_step: int | None = None
 
     def __post_init__(self) -> None:
         if self.action not in ACTIONS:

@@ -1,5 +1,19 @@
-"""Act: the escalation ladder (and, with snapshots, rollback). The only code that changes training state."""
+"""Act: the escalation ladder, snapshots (memory ring and disk), rollback and remedies.
 
-from keel.recover.escalation import POLICIES, SKIPPABLE_KINDS, Escalation, EscalationConfig, Policy
+The only code that changes training state.
+"""
 
-__all__ = ["POLICIES", "SKIPPABLE_KINDS", "Escalation", "EscalationConfig", "Policy"]
+from keel.recover.actuator import Actuator
+from keel.recover.disk import DiskSnapshots, SnapshotCorrupt
+from keel.recover.escalation import POLICIES, SKIPPABLE_KINDS, Escalation, EscalationConfig, Policy, skippable
+from keel.recover.recovery import Recovery, RecoveryConfig, RollbackResult
+from keel.recover.remedies import RemedyState, apply_remedies, choose_remedies
+from keel.recover.snapshot import Snapshot, SnapshotRing
+from keel.recover.state import TrainingState, capture_plain, restore, tensor_sources
+
+__all__ = [
+    "Actuator", "DiskSnapshots", "Escalation", "EscalationConfig", "POLICIES", "Policy", "Recovery",
+    "RecoveryConfig", "RemedyState", "RollbackResult", "SKIPPABLE_KINDS", "Snapshot", "SnapshotCorrupt",
+    "SnapshotRing", "TrainingState", "apply_remedies", "capture_plain", "choose_remedies", "restore", "skippable",
+    "tensor_sources",
+]

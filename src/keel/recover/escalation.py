@@ -1,9 +1,16 @@
 """The escalation ladder: findings of one step → the action taken on it.
 
-Rungs, each recorded with its reason: **skip** the update (non-finite gradients, a critical single-step
-spike) → **abort** when skips repeat ``max_consecutive_skips`` times in a row (DeepSpeed added the same
-cap to its loss scaler after endless skip loops, PR #1958). ``observe`` never acts. A GradScaler overflow is
-the scaler's own skip: recorded with ``by="scaler"`` and not counted against the cap.
+Rungs, each recorded with its reason:
+
+1. **skip** the update when a critical finding is confined to this step's gradients (non-finite gradients, a
+   critical loss or gradient spike);
+2. **rollback** (``policy="recover"``) when a critical finding is not — divergence, non-finite parameters,
+   any other critical kind — or when skips repeat ``max_consecutive_skips`` times in a row;
+3. **abort** when skips repeat under ``policy="skip"``, or rollbacks repeat ``max_rollbacks`` times within
+   ``rollback_window`` steps (DeepSpeed added such a cap to its loss scaler after endless skip loops, PR #1958).
+
+``observe`` never acts. A GradScaler overflow is the scaler's own skip: recorded with ``by="scaler"`` and
+not counted.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from keel._core import keys
 from keel._core.decision import Decision
 from keel._core.finding import Finding
 
@@ -22,52 +30,99 @@ POLICIES: tuple[Policy, ...] = ("observe", "skip", "recover")
 SKIPPABLE_KINDS = frozenset({"non_finite", "loss_spike", "grad_spike"})
 
 
+def skippable(finding: Finding) -> bool:
+    """Whether skipping this step's update is enough (not when the parameters themselves are non-finite)."""
+    return finding.kind in SKIPPABLE_KINDS and finding.signal != keys.PARAM_NORM
+
+
 @dataclass(kw_only=True)
 class EscalationConfig:
     """Settings of the ladder.
 
     Attributes:
         policy: ``"observe"`` never acts; ``"skip"`` may skip updates; ``"recover"`` may also roll back.
-        max_consecutive_skips: Skips in a row after which the run aborts instead.
+        max_consecutive_skips: Skips in a row after which the run rolls back (recover) or aborts (skip).
+        max_rollbacks: Rollbacks within ``rollback_window`` steps after which the run aborts.
+        rollback_window: The window, in steps, of that cap.
     """
 
     policy: Policy = "observe"
-    max_consecutive_skips: int = 5
+    max_consecutive_skips: int = 10
+    max_rollbacks: int = 3
+    rollback_window: int = 500
 
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy={self.policy!r}; allowed: {', '.join(POLICIES)}")
-        if not isinstance(self.max_consecutive_skips, int) or self.max_consecutive_skips < 1:
-            raise ValueError(f"max_consecutive_skips={self.max_consecutive_skips!r}; allowed: an int >= 1")
+        for name in ("max_consecutive_skips", "max_rollbacks", "rollback_window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}={value!r}; allowed: an int >= 1")
 
 
 class Escalation:
-    """Turns each step's findings into a `Decision`, keeping count of consecutive skips."""
+    """Turns each step's findings into a `Decision`, keeping count of skips and rollbacks."""
 
     def __init__(self, config: EscalationConfig) -> None:
         self.config = config
         self.consecutive_skips = 0
+        self.skip_run_start = -1
+        self.rollback_steps: list[int] = []
 
     def decide(self, step: int, findings: Sequence[Finding]) -> Decision:
         found = tuple(findings)
         if any(f.kind == "loss_scale_overflow" for f in found):
             return Decision(step=step, action="skip", by="scaler", findings=found,
                             reason="GradScaler found non-finite gradients and skipped the update itself")
-        critical = [f for f in found if f.severity == "critical" and f.kind in SKIPPABLE_KINDS]
+        critical = [f for f in found if f.severity == "critical"]
         if self.config.policy == "observe" or not critical:
             self.consecutive_skips = 0
             return Decision(step=step, action="ok", findings=found)
+        recover = self.config.policy == "recover"
+        needs_rollback = [f for f in critical if not skippable(f)]
+        if needs_rollback and recover:
+            return self._rollback(step, found, _describe(needs_rollback), _onset(needs_rollback, step))
+        if not [f for f in critical if skippable(f)]:
+            return Decision(step=step, action="ok", findings=found)  # nothing a skip can fix
+        if self.consecutive_skips == 0:
+            self.skip_run_start = step
         self.consecutive_skips += 1
-        why = "; ".join(f"{f.kind} on {f.signal} (value {f.value:.4g}, baseline {f.baseline:.4g})" for f in critical)
+        why = _describe([f for f in critical if skippable(f)])
         if self.consecutive_skips > self.config.max_consecutive_skips:
-            return Decision(step=step, action="abort", findings=found,
-                            reason=f"{self.consecutive_skips} consecutive steps needed a skip "
-                                   f"(cap {self.config.max_consecutive_skips}): skipping cannot fix this; "
-                                   f"last: {why}")
+            reason = (f"{self.consecutive_skips} consecutive steps needed a skip (cap "
+                      f"{self.config.max_consecutive_skips}): skipping cannot fix this; last: {why}")
+            if recover:
+                return self._rollback(step, found, reason, self.skip_run_start)
+            return Decision(step=step, action="abort", findings=found, reason=reason)
         return Decision(step=step, action="skip", findings=found, reason=f"skipped update: {why}")
 
+    def rollbacks_in_window(self, step: int) -> int:
+        return sum(1 for s in self.rollback_steps if step - s < self.config.rollback_window)
+
+    def _rollback(self, step: int, found: tuple[Finding, ...], why: str, onset: int) -> Decision:
+        self.consecutive_skips = 0
+        if self.rollbacks_in_window(step) >= self.config.max_rollbacks:
+            return Decision(step=step, action="abort", findings=found,
+                            reason=f"{self.config.max_rollbacks} rollbacks within {self.config.rollback_window} "
+                                   f"steps did not fix it; last trouble: {why}")
+        self.rollback_steps.append(step)
+        return Decision(step=step, action="rollback", findings=found, onset=onset, reason=why)
+
     def state_dict(self) -> dict[str, Any]:
-        return {"consecutive_skips": self.consecutive_skips}
+        return {"consecutive_skips": self.consecutive_skips, "skip_run_start": self.skip_run_start,
+                "rollback_steps": list(self.rollback_steps)}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consecutive_skips = int(state["consecutive_skips"])
+        self.skip_run_start = int(state["skip_run_start"])
+        self.rollback_steps = list(state["rollback_steps"])
+
+
+def _describe(findings: list[Finding]) -> str:
+    return "; ".join(f"{f.kind} on {f.signal} (value {f.value:.4g}, baseline {f.baseline:.4g})" for f in findings)
+
+
+def _onset(findings: list[Finding], step: int) -> int:
+    """When the trouble began: the earliest ``onset_step`` the detectors give, else this step."""
+    onsets = [int(f.evidence["onset_step"]) for f in findings if "onset_step" in f.evidence]
+    return min(onsets, default=step)

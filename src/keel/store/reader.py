@@ -71,8 +71,9 @@ class RunReader:
         return [f for f in found if severity_rank(f.severity) >= floor]
 
     def decisions(self) -> list[Decision]:
-        rows = self._conn.execute("SELECT step, action, reason, actor FROM decisions ORDER BY step, rowid")
-        return [Decision(step=s, action=a, reason=r, by=b) for s, a, r, b in rows]
+        rows = self._conn.execute("SELECT step, action, reason, actor, onset, restored_step FROM decisions "
+                                  "ORDER BY step, rowid")
+        return [Decision(step=s, action=a, reason=r, by=b, onset=o, restored_step=rs) for s, a, r, b, o, rs in rows]
 
     def snapshots(self) -> list[dict[str, Any]]:
         rows = self._conn.execute("SELECT step, path, checksum, created FROM snapshots ORDER BY step, rowid")

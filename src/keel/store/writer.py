@@ -68,8 +68,8 @@ class RunWriter:
             self._queue.put(("INSERT INTO findings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows))
 
     def add_decision(self, decision: Decision) -> None:
-        row = (decision.step, decision.action, decision.reason, decision.by)
-        self._queue.put(("INSERT INTO decisions VALUES (?, ?, ?, ?)", [row]))
+        row = (decision.step, decision.action, decision.reason, decision.by, decision.onset, decision.restored_step)
+        self._queue.put(("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?)", [row]))
 
     def add_snapshot(self, step: int, path: str, checksum: str) -> None:
         self._queue.put(("INSERT INTO snapshots VALUES (?, ?, ?, ?)", [(step, path, checksum, time.time())]))

@@ -1,22 +1,22 @@
 """Guard: the one object a training loop talks to. Orders signals → detect → recover each step.
 
-    guard = keel.Guard(model, optimizer, scheduler=scheduler, run_dir="runs/exp1", policy="skip")
+    guard = keel.Guard(model, optimizer, scheduler=scheduler, run_dir="runs/exp1", policy="recover")
     for x, y in loader:
         loss = loss_fn(model(x), y)
         loss.backward()
-        decision = guard.step(loss)   # measure → decide → optimizer.step()/scheduler.step() or skip
+        decision = guard.step(loss)   # measure → decide → optimizer.step()/scheduler.step(), skip or roll back
         optimizer.zero_grad(set_to_none=True)
     guard.close()
 
 The declared order inside `Guard.step`: unscale (GradScaler) → measure (probes, one host copy) → detect →
-decide → clip → optimizer.step / scheduler.step (or skip) → after-step probes → store.
+decide → act (fence snapshot → clip → step, or skip, or roll back) → after-step probes → snapshot → record.
 """
 
 from __future__ import annotations
 
+import copy
 import math
 import time
-import traceback
 from collections.abc import Sequence
 from typing import Any
 
@@ -29,19 +29,20 @@ from keel._core.errors import TrainingAborted
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect import Detector, default_detectors
-from keel.environment import describe_environment
-from keel.recover.escalation import Escalation, EscalationConfig, Policy
+from keel.guard.environment import describe_environment
+from keel.guard.recorder import Recorder
+from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
+from keel.recover.state import Stateful
 from keel.signals import DEFAULT_PROBES, FULL_PROBES, Measurements, Probe, StepContext, create_probe, pack, unpack
-from keel.store import RunWriter
 
 PROBE_SETS = {"default": DEFAULT_PROBES, "full": FULL_PROBES}
 
 
 class Guard:
-    """Watches a training loop and applies (or skips) each optimizer step.
+    """Watches a training loop and applies, skips or rolls back each optimizer step.
 
     `Guard.step` calls ``optimizer.step()`` (through the GradScaler when one is given) and
-    ``scheduler.step()`` itself unless it decides to skip. With ``policy="observe"`` training is
+    ``scheduler.step()`` itself unless it decides otherwise. With ``policy="observe"`` training is
     bit-identical to the bare loop. An error inside keel is recorded as a ``keel_error`` finding and never
     stops training; a decision that changes training is always recorded with its reason.
 
@@ -50,18 +51,24 @@ class Guard:
         optimizer: The optimizer to step.
         scheduler: An LR scheduler stepped after each applied update (not after skipped ones, except under
             ``observe``, which steps exactly like the bare loop).
-        run_dir: Directory of the run store (``run_dir/run.sqlite``); ``None`` keeps findings in memory only.
-        policy: ``"observe"`` never changes training; ``"skip"`` skips harmful updates; ``"recover"`` may
-            also roll back (needs snapshots).
-        scaler: A ``torch.amp.GradScaler`` the loop uses; pass ``scaler.scale(loss).backward()`` in the loop
-            and the unscaled ``loss`` to `step`.
+        run_dir: Directory of the run store (``run_dir/run.sqlite``) and disk snapshots; ``None`` keeps
+            everything in memory.
+        policy: ``"observe"`` never changes training; ``"skip"`` skips harmful updates; ``"recover"`` also
+            rolls back to in-memory snapshots and applies remedies.
+        scaler: A ``torch.amp.GradScaler`` the loop uses; the loop calls ``scaler.scale(loss).backward()``
+            and passes the unscaled ``loss`` to `step`.
         log_every: Cadence of the per-parameter signals (parameter norms, update ratios, per-tensor norms).
         probes: ``"default"`` (loss, gradient norm, parameter norm), ``"full"`` (adds update/parameter
             ratios) or a list of probe names or `Probe` objects.
         detectors: Detector objects; default: loss and gradient spikes, divergence, non-finite.
         max_grad_norm: Clip the global gradient norm to this value before the step (as
             ``clip_grad_norm_``), reusing the norm already measured; ``None`` does not clip.
-        max_consecutive_skips: Skips in a row before the run aborts.
+        max_consecutive_skips: Skips in a row before the run rolls back (recover) or aborts (skip).
+        recovery: Snapshot and rollback settings (`RecoveryConfig`); used by ``policy="recover"`` and
+            ``resume``. Set ``disk_every`` to also write snapshots to ``run_dir/snapshots``.
+        resume: Continue from the newest good disk snapshot in ``run_dir`` (model, optimizer, scheduler,
+            scaler, detectors and RNG now, the data position at `track`); `global_step` says where to carry
+            on. Create the guard where the interrupted run created it, so later random draws line up.
         config: The run's own configuration, stored with the run (JSON-able).
         seed: The run's seed, stored with the run.
 
@@ -91,7 +98,9 @@ class Guard:
         probes: str | Sequence[str | Probe] = "default",
         detectors: Sequence[Detector] | None = None,
         max_grad_norm: float | None = None,
-        max_consecutive_skips: int = 5,
+        max_consecutive_skips: int = 10,
+        recovery: RecoveryConfig | None = None,
+        resume: bool = False,
         config: dict[str, Any] | None = None,
         seed: int | None = None,
     ) -> None:
@@ -109,37 +118,72 @@ class Guard:
             raise ValueError(f"log_every={log_every!r}; allowed: an int >= 1")
         if max_grad_norm is not None and not max_grad_norm > 0:
             raise ValueError(f"max_grad_norm={max_grad_norm!r}; allowed: a number > 0 or None")
-        self.model, self.optimizer, self.scheduler, self.scaler = model, optimizer, scheduler, scaler
-        self.policy = policy
-        self.log_every = log_every
-        self.max_grad_norm = max_grad_norm
+        if resume and run_dir is None:
+            raise ValueError("resume=True needs run_dir; allowed: the run_dir of the run to continue")
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.policy, self.log_every = policy, log_every
         self.probes = _build_probes(probes)
         self.detectors = list(detectors) if detectors is not None else default_detectors()
-        for probe in self.probes:
-            attach = getattr(probe, "attach", None)
-            if attach is not None:
-                attach(model)
+        self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        self.state.components["escalation"] = self.escalation
+        self.state.components.update({f"detector/{i}/{d.name}": d for i, d in enumerate(self.detectors)})
+        wants_recovery = policy == "recover" or resume or recovery is not None
+        if resume and recovery is None:
+            recovery = RecoveryConfig(disk_every=1)
+        self.recovery = Recovery(self.state, recovery or RecoveryConfig(), run_dir) if wants_recovery else None
+        self.actuator = Actuator(self.state, observe=policy == "observe", max_grad_norm=max_grad_norm,
+                                 recovery=self.recovery)
         self.global_step = 0
-        self.findings: list[Finding] = []  # every finding of the run, also in the store
-        self.decisions: list[Decision] = []  # every decision that was not a plain "ok"
         self._late: Measurements = {}  # after-step measurements of the previous step, sent with this one
         self._late_step = -1
         self._disabled: set[str] = set()
         self._last_call: float | None = None
-        self._last_values: dict[str, float] = {}  # host values of the latest step (clipping reads the norm)
         self._closed = False
-        self.writer = RunWriter(run_dir) if run_dir is not None else None
-        if self.writer is not None:
-            meta = describe_environment()
-            meta.update(policy=policy, seed=seed, config=config or {}, status="running",
-                        model={"class": type(model).__name__, "parameters": sum(p.numel() for _, p in self.named)},
-                        optimizer={"class": type(optimizer).__name__, "groups": len(optimizer.param_groups)},
-                        probes=[p.name for p in self.probes], detectors=[d.name for d in self.detectors])
-            self.writer.set_meta(meta)
+        self._snapshots_recorded = 0
+        for probe in self.probes:
+            attach = getattr(probe, "attach", None)
+            if attach is not None:
+                attach(model)
+        self.recorder = Recorder(run_dir, log_every)
+        meta = describe_environment() if run_dir is not None else {}
+        meta.update(policy=policy, seed=seed, config=config or {}, status="running",
+                    model={"class": type(model).__name__, "parameters": sum(p.numel() for _, p in self.named)},
+                    optimizer={"class": type(optimizer).__name__, "groups": len(optimizer.param_groups)},
+                    probes=[p.name for p in self.probes], detectors=[d.name for d in self.detectors])
+        self.recorder.meta(meta)
+        self._resumed = self.recovery.resume() if resume and self.recovery is not None else None
+        if self._resumed is not None:
+            self.global_step = self._resumed.step
+            self.recorder.meta({"resumed_from": self._resumed.step})
+
+    @property
+    def findings(self) -> list[Finding]:
+        """Every finding of the run so far."""
+        return self.recorder.findings
+
+    @property
+    def decisions(self) -> list[Decision]:
+        """Every decision so far that was not a plain ``"ok"``."""
+        return self.recorder.decisions
+
+    def track(self, obj: Stateful, name: str = "data") -> Guard:
+        """Register the data position (an object with ``state_dict``/``load_state_dict``, e.g. a sampler).
+
+        Snapshots record it and ``resume=True`` restores it. A rollback does not: training goes on with fresh
+        data, so the window that went wrong is not replayed. Call before the first step; when the guard
+        resumed, the stored position is loaded into ``obj`` right here. Returns the guard.
+        """
+        if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
+            raise ValueError(f"track({type(obj).__name__}): allowed: an object with state_dict() and "
+                             "load_state_dict()")
+        self.state.tracked[name] = obj
+        if self._resumed is not None and name in self._resumed.plain["tracked"]:
+            obj.load_state_dict(copy.deepcopy(self._resumed.plain["tracked"][name]))
+        return self
 
     # ------------------------------------------------------------------------------------------------
     def step(self, loss: Tensor | float) -> Decision:
-        """Measure this step, decide, then apply the update (or skip it). Call after ``backward()``.
+        """Measure this step, decide, then apply the update, skip it or roll back. Call after ``backward()``.
 
         Args:
             loss: The step's loss (a scalar tensor or float); with gradient accumulation, the loss of the
@@ -157,26 +201,36 @@ class Guard:
         now = time.perf_counter()
         step_time, self._last_call = (now - self._last_call if self._last_call is not None else math.nan), now
         ctx: StepContext | None = None
+        grad_norm = math.nan
         try:
             self._unscale()
             ctx = self._context(step, loss_t)
             obs = self._observe(ctx, step_time)
+            grad_norm = obs.values.get(keys.GRAD_NORM, math.nan)
             decision = self.escalation.decide(step, self._detect(obs))
-            self._record(obs, decision)
         except Exception as exc:  # keel must never stop training: record, then step as the bare loop would
-            decision = Decision(step=step, action="ok")
+            obs, decision = Observation(step=step), Decision(step=step, action="ok")
             self._error("guard", step, exc)
-        self._apply(decision)
+        decision = self.actuator.apply(decision, grad_norm, self.escalation.rollbacks_in_window(step))
         if decision.stepped and ctx is not None:
             self._after_step(ctx)
         self.global_step += 1
+        try:
+            self.recorder.step(obs, decision)
+            if self.recovery is not None:
+                self.recovery.note(step, decision.findings, skipped=not decision.stepped)
+                if decision.stepped:
+                    self.actuator.after_step(self.global_step)
+                self._record_disk_snapshots()
+        except Exception as exc:
+            self._error("recorder", step, exc)
         if decision.action == "abort":
             self._finish("aborted")
             raise TrainingAborted(f"keel aborted the run at step {step}: {decision.reason}", decision)
         return decision
 
     def close(self) -> None:
-        """Send the last measurements and flush the run store. Safe to call twice."""
+        """Send the last measurements, finish snapshots and flush the run store. Safe to call twice."""
         self._finish("finished")
 
     def __enter__(self) -> Guard:
@@ -212,11 +266,12 @@ class Guard:
                     self._error(probe.name, ctx.step, exc)
         if self.scaler is not None and self.scaler.is_enabled() and self.scaler._scale is not None:
             measured[keys.AMP_SCALE] = self.scaler._scale  # a tensor: read in the same copy, no extra sync
-        (values, per_param), (late_values, late_per_param) = unpack(pack(measured, self._late))
+        (values, per_param), late = unpack(pack(measured, self._late))
         if self._late:
-            self._record_late(late_values, late_per_param)
+            self.recorder.late(Observation(step=self._late_step, values=late[0], per_param=late[1]))
             self._late = {}
-        lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+        scale = self.actuator.lr_scale(ctx.step)
+        lrs = [float(g["lr"]) * scale for g in self.optimizer.param_groups]
         values[keys.LR] = lrs[0]
         values.update({f"{keys.LR}/{i}": lr for i, lr in enumerate(lrs[1:], 1) if lr != lrs[0]})
         if math.isfinite(step_time):
@@ -234,29 +289,6 @@ class Guard:
                     self._error(label, obs.step, exc)
         return found
 
-    # --- act -----------------------------------------------------------------------------------------
-    def _apply(self, decision: Decision) -> None:
-        """Step, or skip. The user's optimizer and scheduler errors propagate: they are not keel's."""
-        scaled = self.scaler is not None and self.scaler.is_enabled()
-        if decision.stepped or decision.by == "scaler":  # on overflow the scaler skips the update itself
-            if decision.stepped and self.max_grad_norm is not None:
-                self._clip()
-            if scaled:
-                self.scaler.step(self.optimizer)  # type: ignore[union-attr]  (skips by itself on overflow)
-                self.scaler.update()  # type: ignore[union-attr]
-            else:
-                self.optimizer.step()
-            if self.scheduler is not None and (decision.stepped or self.policy == "observe"):
-                self.scheduler.step()
-        elif scaled:
-            self.scaler.update()  # type: ignore[union-attr]  (required before the next unscale_)
-
-    def _clip(self) -> None:
-        norm = self._last_values.get(keys.GRAD_NORM, math.nan)
-        if math.isfinite(norm) and norm > self.max_grad_norm:  # type: ignore[operator]
-            grads = [p.grad for _, p in self.named if p.grad is not None]
-            torch._foreach_mul_(grads, self.max_grad_norm / (norm + 1e-6))  # type: ignore[operator]
-
     def _after_step(self, ctx: StepContext) -> None:
         for probe in self.probes:
             if probe.name not in self._disabled:
@@ -267,41 +299,10 @@ class Guard:
         self._late_step = ctx.step
 
     # --- record --------------------------------------------------------------------------------------
-    def _record(self, obs: Observation, decision: Decision) -> None:
-        self._last_values = obs.values
-        self.findings.extend(decision.findings)
-        if decision.action != "ok":
-            self.decisions.append(decision)
-        if self.writer is None:
-            return
-        values = dict(obs.values)
-        if obs.step % self.log_every == 0 or any(f.kind == "non_finite" for f in decision.findings):
-            for family in obs.per_param:
-                values.update(obs.expand(family))
-        self.writer.add_signals(obs.step, values)
-        self.writer.add_findings(decision.findings)
-        if decision.action != "ok":
-            self.writer.add_decision(decision)
-
-    def _record_late(self, values: dict[str, float], per_param: dict[str, tuple[tuple[str, ...], list[float]]]) -> None:
-        if self.writer is None:
-            return
-        late = Observation(step=self._late_step, values=values, per_param=per_param)
-        for family in per_param:
-            values.update(late.expand(family))
-        self.writer.add_signals(self._late_step, values)
-
     def _error(self, component: str, step: int, exc: Exception) -> None:
         """Record an error inside keel as a finding and stop using the component that raised it."""
         self._disabled.add(component)
-        finding = Finding(
-            step=step, kind="keel_error", severity="warning", signal=component,
-            evidence={"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)},
-            cause=f"keel's {component} raised {type(exc).__name__}: {exc}. It is disabled for the rest of the run.",
-            remedy="Training continues without it. Please report this as a keel bug with the traceback.")
-        self.findings.append(finding)
-        if self.writer is not None:
-            self.writer.add_findings([finding])
+        self.recorder.error(component, step, exc)
 
     def _finish(self, status: str) -> None:
         if self._closed:
@@ -316,14 +317,21 @@ class Guard:
                     self._error(probe.name, self.global_step, exc)
         if self._late:
             try:
-                self._record_late(*unpack(pack(self._late))[0])
+                values, per_param = unpack(pack(self._late))[0]
+                self.recorder.late(Observation(step=self._late_step, values=values, per_param=per_param))
             except Exception as exc:
                 self._error("after_step", self._late_step, exc)
             self._late = {}
-        if self.writer is not None:
-            self.writer.set_meta({"status": status, "steps": self.global_step,
-                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
-            self.writer.close()
+        if self.recovery is not None:
+            self.recovery.close()
+            self._record_disk_snapshots()
+        self.recorder.close(status, self.global_step)
+
+    def _record_disk_snapshots(self) -> None:
+        written = self.recovery.disk.written if self.recovery is not None and self.recovery.disk is not None else []
+        for step, path, checksum in written[self._snapshots_recorded:]:
+            self.recorder.snapshot(step, path, checksum)
+        self._snapshots_recorded = len(written)
 
 
 def _as_scalar(loss: Tensor | float) -> Tensor:

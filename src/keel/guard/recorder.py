@@ -1,0 +1,79 @@
+"""Recorder: keeps a run's findings and decisions in memory and writes them, with its signals, to the run store."""
+
+from __future__ import annotations
+
+import time
+import traceback
+from typing import Any
+
+from keel._core.decision import Decision
+from keel._core.finding import Finding
+from keel._core.observation import Observation
+from keel.store import RunWriter
+
+
+class Recorder:
+    """The write side of a `Guard`: in-memory lists plus the run store when there is a ``run_dir``.
+
+    Attributes:
+        findings: Every finding of the run.
+        decisions: Every decision that was not a plain ``"ok"``.
+    """
+
+    def __init__(self, run_dir: str | None, log_every: int) -> None:
+        self.writer = RunWriter(run_dir) if run_dir is not None else None
+        self.log_every = log_every
+        self.findings: list[Finding] = []
+        self.decisions: list[Decision] = []
+
+    def meta(self, items: dict[str, Any]) -> None:
+        if self.writer is not None:
+            self.writer.set_meta(items)
+
+    def step(self, obs: Observation, decision: Decision) -> None:
+        """Record one step: its signals (per-parameter ones on ``log_every`` and non-finite steps), findings
+        and, unless it is a plain ``"ok"``, its decision."""
+        self.findings.extend(decision.findings)
+        if decision.action != "ok":
+            self.decisions.append(decision)
+        if self.writer is None:
+            return
+        values = dict(obs.values)
+        if obs.step % self.log_every == 0 or any(f.kind == "non_finite" for f in decision.findings):
+            for family in obs.per_param:
+                values.update(obs.expand(family))
+        self.writer.add_signals(obs.step, values)
+        self.writer.add_findings(decision.findings)
+        if decision.action != "ok":
+            self.writer.add_decision(decision)
+
+    def late(self, obs: Observation) -> None:
+        """Record signals measured after a step's update (they reach the host with the next step)."""
+        if self.writer is None:
+            return
+        values = dict(obs.values)
+        for family in obs.per_param:
+            values.update(obs.expand(family))
+        self.writer.add_signals(obs.step, values)
+
+    def error(self, component: str, step: int, exc: BaseException) -> Finding:
+        """Record an error inside keel as a ``keel_error`` finding."""
+        finding = Finding(
+            step=step, kind="keel_error", severity="warning", signal=component,
+            evidence={"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)},
+            cause=f"keel's {component} raised {type(exc).__name__}: {exc}. It is disabled for the rest of the run.",
+            remedy="Training continues without it. Please report this as a keel bug with the traceback.")
+        self.findings.append(finding)
+        if self.writer is not None:
+            self.writer.add_findings([finding])
+        return finding
+
+    def snapshot(self, step: int, path: str, checksum: str) -> None:
+        if self.writer is not None:
+            self.writer.add_snapshot(step, path, checksum)
+
+    def close(self, status: str, steps: int) -> None:
+        if self.writer is not None:
+            self.writer.set_meta({"status": status, "steps": steps,
+                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            self.writer.close()

@@ -1,0 +1,107 @@
+"""Actuator: carries out a `Decision` on the live training objects — step, skip or roll back.
+
+The declared order at the optimizer: fence the snapshot in flight → clip → scale the LR (remedy) →
+``optimizer.step()`` (through the GradScaler when one is used) → restore the LR → ``scheduler.step()``.
+A skipped step advances neither the optimizer nor the scheduler (Megatron and the HF Trainer do the same);
+under ``observe`` the scheduler steps exactly as in the bare loop.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import replace
+
+import torch
+
+from keel._core.decision import Decision
+from keel.recover.recovery import Recovery
+from keel.recover.state import TrainingState
+
+
+class Actuator:
+    """Applies decisions. The user's optimizer and scheduler errors propagate: they are not keel's.
+
+    Args:
+        state: The run's model, optimizer, scheduler and scaler.
+        observe: True under ``policy="observe"`` (the scheduler then steps as in the bare loop).
+        max_grad_norm: Clip the global gradient norm to this before stepping; ``None`` does not clip.
+        recovery: Snapshots and remedies, under ``policy="recover"`` or when resuming.
+    """
+
+    def __init__(self, state: TrainingState, *, observe: bool, max_grad_norm: float | None,
+                 recovery: Recovery | None) -> None:
+        self.state, self.observe, self.max_grad_norm, self.recovery = state, observe, max_grad_norm, recovery
+
+    @property
+    def scaled(self) -> bool:
+        return self.state.scaler is not None and self.state.scaler.is_enabled()
+
+    def apply(self, decision: Decision, grad_norm: float, rollbacks_in_window: int = 1) -> Decision:
+        """Carry out ``decision``; returns it, completed with what a rollback restored (or turned into an abort).
+
+        Args:
+            decision: What to do.
+            grad_norm: This step's global gradient norm (for clipping without measuring it again).
+            rollbacks_in_window: Rollbacks in the escalation window, this one included (remedies escalate).
+        """
+        if decision.action == "rollback":
+            return self._rollback(decision, rollbacks_in_window)
+        if decision.stepped or decision.by == "scaler":  # on overflow the scaler skips the update itself
+            self._step(decision.step, decision.stepped, grad_norm)
+            if self.state.scheduler is not None and (decision.stepped or self.observe):
+                self.state.scheduler.step()
+        elif self.scaled:
+            self.state.scaler.update()  # required before the next unscale_()
+        return decision
+
+    def lr_scale(self, step: int) -> float:
+        return self.recovery.lr_scale(step) if self.recovery is not None else 1.0
+
+    def after_step(self, steps_done: int) -> None:
+        """Take a snapshot if one is due (the state now is the start of step ``steps_done``)."""
+        if self.recovery is not None:
+            self.recovery.after_step(steps_done)
+
+    def _step(self, step: int, clip: bool, grad_norm: float) -> None:
+        if self.recovery is not None:
+            self.recovery.fence()  # the snapshot copy must finish before the tensors change
+        limit = self._clip_limit()
+        if clip and limit is not None and math.isfinite(grad_norm) and grad_norm > limit:
+            grads = [p.grad for p in self.state.model.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, limit / (grad_norm + 1e-6))  # clip_grad_norm_'s coefficient
+        scale = self.lr_scale(step)
+        groups = self.state.optimizer.param_groups
+        saved = [g["lr"] for g in groups]
+        if scale != 1.0:
+            for g in groups:
+                g["lr"] = g["lr"] * scale
+        try:
+            if self.scaled:
+                self.state.scaler.step(self.state.optimizer)
+                self.state.scaler.update()
+            else:
+                self.state.optimizer.step()
+        finally:
+            if scale != 1.0:
+                for g, lr in zip(groups, saved):
+                    g["lr"] = lr
+
+    def _clip_limit(self) -> float | None:
+        remedy = self.recovery.remedy.max_grad_norm if self.recovery is not None else None
+        limits = [x for x in (self.max_grad_norm, remedy) if x is not None]
+        return min(limits) if limits else None
+
+    def _rollback(self, decision: Decision, rollbacks_in_window: int) -> Decision:
+        if self.scaled:
+            self.state.scaler.update()  # close the scaler's step; its state is restored below
+        onset = decision.onset if decision.onset is not None else decision.step
+        result = self.recovery.rollback(decision.step, onset, decision.findings, rollbacks_in_window) \
+            if self.recovery is not None else None
+        if result is None:
+            return replace(decision, action="abort",
+                           reason=f"{decision.reason}; no snapshot from before step {decision.onset} to roll back to")
+        remedies = ", ".join(result.remedies) or "none needed"
+        return replace(decision, restored_step=result.snapshot.step,
+                       reason=f"rolled back to the snapshot of step {result.snapshot.step} (trouble began at step "
+                              f"{decision.onset}); steps {result.snapshot.step}–{decision.step} are not replayed; "
+                              f"remedies: {remedies}. Trigger: {decision.reason}")

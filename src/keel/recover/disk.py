@@ -1,0 +1,180 @@
+"""The disk tier: snapshots flushed to safetensors plus a JSON metadata file, verified on load.
+
+Each snapshot is a folder ``snapshots/step-<N>/`` with ``tensors.safetensors`` and ``meta.json``. It is
+written under a temporary name and renamed into place, so a process killed mid-write leaves the previous
+snapshot intact. ``meta.json`` holds the SHA-256 of the tensor file; a snapshot that fails the check is
+skipped with a warning. Loading reads only safetensors and JSON: nothing is unpickled. A failed write
+(full disk, permissions) never stops training: it warns once and keeps the memory ring working.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import threading
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from keel._core.errors import KeelWarning
+from keel.recover.snapshot import Snapshot
+
+TENSORS, META = "tensors.safetensors", "meta.json"
+
+
+class SnapshotCorrupt(KeelWarning):
+    """A disk snapshot failed its checksum or could not be parsed; an older one is used."""
+
+
+def _encode(value: Any, tensors: dict[str, Tensor], path: str) -> Any:
+    """Plain data → JSON, moving tensors into ``tensors`` (stored in the safetensors file)."""
+    if isinstance(value, Tensor):
+        key = f"plain{path}"
+        tensors[key] = value.detach().cpu().contiguous()
+        return {"__tensor__": key}
+    if isinstance(value, np.ndarray):
+        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, tuple):
+        return {"__tuple__": [_encode(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]}
+    if isinstance(value, list):
+        return [_encode(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]
+    if isinstance(value, dict):
+        if not all(isinstance(k, (str, int)) for k in value):
+            raise TypeError(f"cannot store a dict with keys {list(value)[:3]} at {path or '/'}")
+        return {"__dict__": [[k, _encode(v, tensors, f"{path}/{k}")] for k, v in value.items()]}
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise TypeError(f"cannot store {type(value).__name__} at {path or '/'} without pickling")
+
+
+def _decode(value: Any, tensors: dict[str, Tensor]) -> Any:
+    if isinstance(value, list):
+        return [_decode(v, tensors) for v in value]
+    if isinstance(value, dict):
+        if "__tensor__" in value:
+            return tensors[value["__tensor__"]]
+        if "__ndarray__" in value:
+            return np.array(value["__ndarray__"], dtype=value["dtype"])
+        if "__tuple__" in value:
+            return tuple(_decode(v, tensors) for v in value["__tuple__"])
+        if "__dict__" in value:
+            return {k: _decode(v, tensors) for k, v in value["__dict__"]}
+    return value
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+class DiskSnapshots:
+    """Writes snapshots to ``directory`` in a background thread and loads the newest good one.
+
+    Args:
+        directory: Where the ``step-<N>`` folders go.
+        keep: Complete snapshots kept on disk; older ones are deleted after a newer one is in place.
+    """
+
+    def __init__(self, directory: str | Path, keep: int = 2) -> None:
+        if not isinstance(keep, int) or keep < 1:
+            raise ValueError(f"keep={keep!r}; allowed: an int >= 1")
+        self.directory = Path(directory)
+        self.keep = keep
+        self.failures = 0
+        self.written: list[tuple[int, str, str]] = []  # (step, path, checksum) of completed writes
+        self._thread: threading.Thread | None = None
+        self._warned = False
+
+    def save_async(self, snap: Snapshot) -> bool:
+        """Start writing ``snap`` unless a write is still running; returns whether it started."""
+        if self._thread is not None and self._thread.is_alive():
+            return False
+        self._thread = threading.Thread(target=self._save_guarded, args=(snap,), name="keel-snapshot-disk",
+                                        daemon=True)
+        self._thread.start()
+        return True
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+
+    def _save_guarded(self, snap: Snapshot) -> None:
+        if not snap.in_use.acquire(blocking=False):
+            return  # already evicted from the ring: its buffers belong to a newer snapshot
+        try:
+            snap.ready.wait()
+            self.save(snap)
+        except Exception as exc:  # a disk problem must never reach the training loop
+            self.failures += 1
+            if not self._warned:
+                self._warned = True
+                warnings.warn(f"keel could not write a snapshot to {self.directory} ({type(exc).__name__}: "
+                              f"{exc}); training goes on with in-memory snapshots only", KeelWarning, stacklevel=1)
+        finally:
+            snap.in_use.release()
+
+    def save(self, snap: Snapshot) -> Path:
+        """Write ``snap`` now (the caller's thread); returns its folder."""
+        final = self.directory / f"step-{snap.step:09d}"
+        tmp = self.directory / f".tmp-step-{snap.step:09d}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            tensors = {k: t.contiguous() for k, t in snap.tensors.items()}
+            meta = {"step": snap.step, "created": snap.created, "skeleton": _encode(snap.skeleton, tensors, "/s"),
+                    "plain": _encode(snap.plain, tensors, "/p")}
+            save_file(tensors, str(tmp / TENSORS))
+            meta["sha256"] = _sha256(tmp / TENSORS)
+            with open(tmp / META, "w") as f:
+                json.dump(meta, f)
+                f.flush()
+                os.fsync(f.fileno())
+            shutil.rmtree(final, ignore_errors=True)
+            os.rename(tmp, final)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        self.written.append((snap.step, str(final), meta["sha256"]))
+        for old in self.complete()[: -self.keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        return final
+
+    def complete(self) -> list[Path]:
+        """Finished snapshot folders, oldest first (temporary folders of killed writes are ignored)."""
+        if not self.directory.is_dir():
+            return []
+        return sorted(p for p in self.directory.glob("step-*") if (p / META).is_file())
+
+    def load_newest(self) -> Snapshot | None:
+        """The newest snapshot whose checksum verifies; corrupt ones are skipped with a `SnapshotCorrupt`."""
+        for folder in reversed(self.complete()):
+            try:
+                return self.load(folder)
+            except Exception as exc:
+                warnings.warn(f"skipping snapshot {folder}: {exc}", SnapshotCorrupt, stacklevel=2)
+        return None
+
+    @staticmethod
+    def load(folder: str | Path) -> Snapshot:
+        folder = Path(folder)
+        meta = json.loads((folder / META).read_text())
+        digest = _sha256(folder / TENSORS)
+        if digest != meta["sha256"]:
+            raise ValueError(f"checksum mismatch ({digest[:12]}… != {meta['sha256'][:12]}…)")
+        tensors = load_file(str(folder / TENSORS))
+        snap = Snapshot(step=meta["step"], tensors=tensors, skeleton=_decode(meta["skeleton"], tensors),
+                        plain=_decode(meta["plain"], tensors), created=meta["created"])
+        snap.ready.set()
+        return snap
+

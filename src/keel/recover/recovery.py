@@ -1,0 +1,139 @@
+"""Recovery: when to snapshot, how to roll back, and the remedies that follow — for `Guard`'s recover policy.
+
+Snapshots are taken every ``snapshot_every`` steps, and every ``snapshot_every_on_warning`` steps while an
+early warning is open (so a rollback lands close to where the trouble began), but never within
+``quiet_steps`` of a skip or a critical finding, so the ring does not fill with damaged states. A rollback
+restores the newest snapshot from before the trouble's onset (the findings' ``onset_step`` evidence, less
+``rollback_margin``), reseeds the RNGs so the window is not replayed, and applies the remedies.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from keel._core.finding import Finding
+from keel.recover.disk import DiskSnapshots
+from keel.recover.remedies import RemedyState, apply_remedies, choose_remedies, current_lr_scale
+from keel.recover.snapshot import Snapshot, SnapshotRing
+from keel.recover.state import TrainingState, reseed, restore
+
+
+@dataclass(kw_only=True)
+class RecoveryConfig:
+    """Settings of snapshots and rollback.
+
+    Attributes:
+        snapshot_every: Steps between in-memory snapshots.
+        snapshot_every_on_warning: Steps between snapshots while a warning is open.
+        keep_in_memory: Snapshots in the memory ring.
+        disk_every: Write every n-th memory snapshot to disk (``run_dir/snapshots``); ``None`` for memory only.
+        keep_on_disk: Disk snapshots kept.
+        quiet_steps: No snapshot within this many steps of a skip or a critical finding.
+        rollback_margin: Roll back to a snapshot at least this many steps before the onset.
+        lr_backoff: LR factor of the ``lr_backoff`` remedy (compounds over repeated rollbacks).
+        cooldown_steps: Steps over which the LR scale ramps back to 1; ``None`` keeps it.
+    """
+
+    snapshot_every: int = 25
+    snapshot_every_on_warning: int = 5
+    keep_in_memory: int = 4
+    disk_every: int | None = None
+    keep_on_disk: int = 2
+    quiet_steps: int = 5
+    rollback_margin: int = 1
+    lr_backoff: float = 0.1
+    cooldown_steps: int | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("snapshot_every", "snapshot_every_on_warning", "keep_in_memory", "keep_on_disk"):
+            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
+                raise ValueError(f"RecoveryConfig.{name}={getattr(self, name)!r}; allowed: an int >= 1")
+        if self.disk_every is not None and (not isinstance(self.disk_every, int) or self.disk_every < 1):
+            raise ValueError(f"RecoveryConfig.disk_every={self.disk_every!r}; allowed: None or an int >= 1")
+        if not 0 < self.lr_backoff <= 1:
+            raise ValueError(f"RecoveryConfig.lr_backoff={self.lr_backoff!r}; allowed: 0 < lr_backoff <= 1")
+
+
+@dataclass
+class RollbackResult:
+    snapshot: Snapshot
+    remedies: list[str]
+
+
+class Recovery:
+    """Owns the snapshot ring, the disk tier and the remedies of one run."""
+
+    def __init__(self, state: TrainingState, config: RecoveryConfig, run_dir: str | Path | None) -> None:
+        self.state, self.config = state, config
+        self.remedy = RemedyState()
+        state.components["remedy"] = self.remedy
+        self.ring = SnapshotRing(config.keep_in_memory)
+        self.disk = DiskSnapshots(Path(run_dir) / "snapshots", config.keep_on_disk) \
+            if run_dir is not None and config.disk_every is not None else None
+        self.rollbacks = 0
+        self._last_snapshot = -math.inf
+        self._last_trouble = -math.inf
+        self._last_warning = -math.inf
+        self._taken = 0
+
+    # --- snapshots ----------------------------------------------------------------------------------
+    def note(self, step: int, findings: tuple[Finding, ...], skipped: bool) -> None:
+        """Keep track of trouble and warnings (they steer the snapshot schedule)."""
+        if skipped or any(f.severity == "critical" for f in findings):
+            self._last_trouble = step
+        if any(f.severity == "warning" for f in findings):
+            self._last_warning = step
+
+    def after_step(self, steps_done: int) -> Snapshot | None:
+        """Take a snapshot of the state at the start of step ``steps_done`` if one is due."""
+        interval = self.config.snapshot_every_on_warning \
+            if steps_done - self._last_warning <= self.config.snapshot_every else self.config.snapshot_every
+        if steps_done - self._last_snapshot < interval or steps_done - self._last_trouble <= self.config.quiet_steps:
+            return None
+        snap = self.ring.take(steps_done, self.state)
+        self._last_snapshot = steps_done
+        self._taken += 1
+        if self.disk is not None and self._taken % self.config.disk_every == 0:  # type: ignore[operator]
+            self.disk.save_async(snap)
+        return snap
+
+    def fence(self) -> None:
+        """Finish the snapshot in flight; called right before ``optimizer.step()`` mutates the tensors."""
+        self.ring.fence()
+
+    # --- rollback -----------------------------------------------------------------------------------
+    def rollback(self, step: int, onset: int, findings: tuple[Finding, ...], rollbacks_in_window: int) \
+            -> RollbackResult | None:
+        """Restore the newest snapshot from before ``onset`` and apply remedies; None when there is none."""
+        snap = self.ring.newest_before(onset - self.config.rollback_margin)
+        if snap is None:
+            return None
+        restore(self.state, snap.tensors, snap.skeleton, snap.plain, data=False)
+        self.ring.drop_after(snap.step)
+        self.rollbacks += 1
+        reseed(1_000_003 * snap.step + 7_919 * step + self.rollbacks)
+        remedies = choose_remedies(findings, rollbacks_in_window)
+        done = apply_remedies(remedies, self.remedy, self.state.optimizer, step=step, lr_backoff=self.config.lr_backoff,
+                              cooldown_steps=self.config.cooldown_steps, findings=findings)
+        self._last_trouble = step
+        return RollbackResult(snapshot=snap, remedies=done)
+
+    def resume(self) -> Snapshot | None:
+        """Restore everything, data position included, from the newest good disk snapshot."""
+        if self.disk is None:
+            return None
+        snap = self.disk.load_newest()
+        if snap is not None:
+            restore(self.state, snap.tensors, snap.skeleton, snap.plain, data=True)
+        return snap
+
+    # --- remedies in force --------------------------------------------------------------------------
+    def lr_scale(self, step: int) -> float:
+        return current_lr_scale(self.remedy, step, self.config.cooldown_steps)
+
+    def close(self) -> None:
+        self.ring.close()
+        if self.disk is not None:
+            self.disk.wait()

@@ -1,0 +1,88 @@
+"""Remedies applied after a rollback, chosen by what the diagnosis says went wrong.
+
+| remedy             | what it does                                             | when                                   | source |
+|--------------------|----------------------------------------------------------|----------------------------------------|--------|
+| `lr_backoff`       | scales every group's LR by `lr_backoff` (compounding)     | model-caused trouble, repeated rollbacks | OPT-175B logbook: lowered the LR after loss explosions |
+| `reset_moments`    | clears the optimizer state (Adam moments restart at 0)    | non-finite parameters                  | SPAM (Huang et al. 2025): momentum reset after spikes |
+| `tighten_clipping` | clips the gradient norm at 2× its healthy baseline        | gradient-norm spikes                   | OPT-175B: clipping 2.5 → 1.0; Stable-SPAM AdaClip |
+
+The LR scale is applied around ``optimizer.step()`` only, so a scheduler (chainable or not) never sees it.
+With ``cooldown_steps`` it ramps linearly back to 1 over that many steps; by default it stays, as OPT-175B's
+lowered LR did, because a recipe that diverged once at an LR tends to diverge again there.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from keel._core.finding import Finding
+
+MODEL_CAUSED_KINDS = frozenset({"divergence", "non_finite"})
+
+
+@dataclass
+class RemedyState:
+    """What the remedies have changed so far; part of every snapshot's components."""
+
+    lr_scale: float = 1.0
+    lr_scale_since: int = 0  # step the current scale was set (for the cool-down ramp)
+    max_grad_norm: float | None = None
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"lr_scale": self.lr_scale, "lr_scale_since": self.lr_scale_since,
+                "max_grad_norm": self.max_grad_norm}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.lr_scale, self.lr_scale_since = state["lr_scale"], state["lr_scale_since"]
+        self.max_grad_norm = state["max_grad_norm"]
+
+
+def choose_remedies(findings: tuple[Finding, ...], rollbacks_in_window: int) -> list[str]:
+    """The remedies a rollback applies, from the findings that triggered it.
+
+    Data-caused trouble (a run of spikes that skipping could not end) gets only the rollback itself — the
+    PaLM recipe: restart earlier and skip the offending batches — unless it is already a repeat.
+    """
+    kinds = {f.kind for f in findings if f.severity == "critical"}
+    params_broken = any(f.kind == "non_finite" and f.signal == "param/norm" for f in findings)
+    remedies = []
+    if kinds & MODEL_CAUSED_KINDS or rollbacks_in_window > 1 or not kinds <= {"loss_spike", "grad_spike", "non_finite"}:
+        remedies.append("lr_backoff")
+    if params_broken:
+        remedies.append("reset_moments")
+    if any(f.kind == "grad_spike" and f.baseline == f.baseline for f in findings):
+        remedies.append("tighten_clipping")
+    return remedies
+
+
+def apply_remedies(remedies: list[str], state: RemedyState, optimizer: torch.optim.Optimizer, *, step: int,
+                   lr_backoff: float, cooldown_steps: int | None, findings: tuple[Finding, ...]) -> list[str]:
+    """Apply ``remedies``; returns one sentence per remedy for the decision's reason."""
+    done = []
+    for remedy in remedies:
+        if remedy == "lr_backoff":
+            state.lr_scale = current_lr_scale(state, step, cooldown_steps) * lr_backoff
+            state.lr_scale_since = step
+            done.append(f"LR × {state.lr_scale:.3g} from now on")
+        elif remedy == "reset_moments":
+            optimizer.state.clear()
+            done.append("optimizer moments reset")
+        elif remedy == "tighten_clipping":
+            baselines = [f.baseline for f in findings if f.kind == "grad_spike" and f.baseline == f.baseline]
+            limit = 2.0 * min(baselines)
+            state.max_grad_norm = min(limit, state.max_grad_norm or limit)
+            done.append(f"gradient norm clipped at {state.max_grad_norm:.3g}")
+        else:
+            raise ValueError(f"unknown remedy {remedy!r}; allowed: lr_backoff, reset_moments, tighten_clipping")
+    return done
+
+
+def current_lr_scale(state: RemedyState, step: int, cooldown_steps: int | None) -> float:
+    """The LR scale at ``step``: constant, or ramping back to 1 over ``cooldown_steps``."""
+    if cooldown_steps is None or state.lr_scale == 1.0:
+        return state.lr_scale
+    progress = min(1.0, max(0.0, (step - state.lr_scale_since) / cooldown_steps))
+    return state.lr_scale + (1.0 - state.lr_scale) * progress

@@ -1,0 +1,170 @@
+"""In-memory snapshots: a ring of the last K training states, copied in the background.
+
+Parameters and optimizer tensors only change inside ``optimizer.step()``, so a snapshot taken right after
+one step can be copied while the next forward and backward run, and only has to be finished (fenced) before
+the next ``optimizer.step()`` — the idea of DataStates-LLM (Maurya et al. 2024) and of PyTorch DCP's
+asynchronous stager. On CUDA the copy goes to pinned host memory on a side stream; on CPU a worker thread
+does it (torch kernels release the GIL). Host buffers are reused from the oldest slot, so a steady run
+allocates nothing after the ring fills.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from keel.recover.state import TrainingState, capture_plain, tensor_sources
+
+
+@dataclass
+class Snapshot:
+    """One captured training state.
+
+    Attributes:
+        step: The step this state is the start of (the number of steps done when it was taken).
+        tensors: Host copies of parameters, buffers and optimizer tensors, by key.
+        skeleton: The optimizer's ``state_dict`` with tensors replaced by their keys in ``tensors``.
+        plain: Scheduler, scaler, component and data states, and the RNG states.
+        created: Wall-clock time of capture.
+    """
+
+    step: int
+    tensors: dict[str, Tensor]
+    skeleton: dict[str, Any]
+    plain: dict[str, Any]
+    created: float = field(default_factory=time.time)
+    ready: threading.Event = field(default_factory=threading.Event, repr=False)
+    # held while the disk tier writes it, and for good once its buffers are handed to a newer snapshot
+    in_use: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors.values())
+
+
+class _CopyWorker:
+    """One background thread that runs bulk CPU copies in order."""
+
+    def __init__(self) -> None:
+        self._tasks: queue.SimpleQueue[tuple[list[Tensor], list[Tensor], threading.Event] | None] = \
+            queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="keel-snapshot-copy", daemon=True)
+        self._thread.start()
+
+    def submit(self, dsts: list[Tensor], srcs: list[Tensor], done: threading.Event) -> None:
+        self._tasks.put((dsts, srcs, done))
+
+    def _run(self) -> None:
+        while (task := self._tasks.get()) is not None:
+            dsts, srcs, done = task
+            try:
+                with torch.no_grad():
+                    for d, s in zip(dsts, srcs):
+                        d.copy_(s)
+            finally:
+                done.set()
+
+    def close(self) -> None:
+        self._tasks.put(None)
+
+
+class SnapshotRing:
+    """The last ``capacity`` snapshots in host memory.
+
+    Example:
+        >>> from torch import nn
+        >>> model = nn.Linear(2, 2)
+        >>> ring = SnapshotRing(capacity=2)
+        >>> snap = ring.take(0, TrainingState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1)))
+        >>> _ = ring.fence()
+        >>> torch.equal(snap.tensors["model/weight"], model.weight)
+        True
+    """
+
+    def __init__(self, capacity: int = 3) -> None:
+        if not isinstance(capacity, int) or capacity < 1:
+            raise ValueError(f"capacity={capacity!r}; allowed: an int >= 1")
+        self.capacity = capacity
+        self.snapshots: list[Snapshot] = []  # oldest first
+        self._pending: Snapshot | None = None
+        self._cuda_event: Any = None
+        self._worker: _CopyWorker | None = None
+        self.blocked_s = 0.0  # training time spent in take() and fence(), summed
+
+    def take(self, step: int, state: TrainingState) -> Snapshot:
+        """Start capturing ``state``; returns at once. Call `fence` before the next ``optimizer.step()``."""
+        start = time.perf_counter()
+        self.fence()
+        bulk, buffers, skeleton = tensor_sources(state)
+        tensors = self._buffers_for({**bulk, **buffers})
+        with torch.no_grad():
+            for key, src in buffers.items():  # buffers may change in the next forward: copy now
+                tensors[key].copy_(src)
+        snap = Snapshot(step=step, tensors=tensors, skeleton=skeleton, plain=capture_plain(state))
+        dsts, srcs = [tensors[k] for k in bulk], list(bulk.values())
+        if any(s.is_cuda for s in srcs):
+            stream = torch.cuda.Stream()
+            stream.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(stream), torch.no_grad():
+                for d, s in zip(dsts, srcs):
+                    d.copy_(s, non_blocking=True)
+            self._cuda_event = torch.cuda.Event()
+            self._cuda_event.record(stream)
+        else:
+            if self._worker is None:
+                self._worker = _CopyWorker()
+            self._worker.submit(dsts, srcs, snap.ready)
+        self._pending = snap
+        self.snapshots.append(snap)
+        if len(self.snapshots) > self.capacity:
+            self.snapshots.pop(0)
+        self.blocked_s += time.perf_counter() - start
+        return snap
+
+    def fence(self) -> float:
+        """Wait until the snapshot in flight is complete; returns the seconds spent waiting."""
+        if self._pending is None:
+            return 0.0
+        start = time.perf_counter()
+        if self._cuda_event is not None:
+            self._cuda_event.synchronize()
+            self._cuda_event = None
+            self._pending.ready.set()
+        self._pending.ready.wait()
+        self._pending = None
+        waited = time.perf_counter() - start
+        self.blocked_s += waited
+        return waited
+
+    def newest_before(self, step: int) -> Snapshot | None:
+        """The newest snapshot of a state from before ``step`` (``snapshot.step <= step``)."""
+        self.fence()
+        candidates = [s for s in self.snapshots if s.step <= step]
+        return candidates[-1] if candidates else None
+
+    def drop_after(self, step: int) -> None:
+        """Forget snapshots newer than ``step`` (after rolling back to it they describe a discarded past)."""
+        self.snapshots = [s for s in self.snapshots if s.step <= step]
+
+    def close(self) -> None:
+        self.fence()
+        if self._worker is not None:
+            self._worker.close()
+
+    def _buffers_for(self, sources: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Host tensors shaped like ``sources``: the oldest slot's when it is about to be evicted and matches."""
+        if len(self.snapshots) >= self.capacity:
+            oldest = self.snapshots[0]
+            # Not being written to disk right now; kept locked for good, as it is about to be evicted.
+            if oldest.in_use.acquire(blocking=False):
+                old = oldest.tensors
+                if old.keys() == sources.keys() and all(
+                        old[k].shape == s.shape and old[k].dtype == s.dtype for k, s in sources.items()):
+                    return dict(old)
+        pin = torch.cuda.is_available() and any(s.is_cuda for s in sources.values())
+        return {k: torch.empty(s.shape, dtype=s.dtype, device="cpu", pin_memory=pin) for k, s in sources.items()}

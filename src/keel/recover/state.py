@@ -1,0 +1,130 @@
+"""What a snapshot holds, split into tensors (copied in bulk) and small plain data (copied at once).
+
+`TrainingState` names the objects of one training run; `capture_plain` and `restore` read and write the
+parts of their state that are small (scheduler, GradScaler, detector baselines, RNG, data position), and
+`tensor_sources` lists the large tensors (parameters, buffers, optimizer moments) for the bulk copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import random
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+
+@dataclass
+class TrainingState:
+    """The objects whose state a snapshot captures.
+
+    Attributes:
+        model: Parameters and buffers.
+        optimizer: Its ``state_dict`` (moments and step counts as tensors, hyper-parameters as plain data).
+        scheduler: Optional LR scheduler.
+        scaler: Optional ``torch.amp.GradScaler``.
+        components: Other stateful parts by name (detectors, the escalation ladder).
+        tracked: The data position: objects with ``state_dict``/``load_state_dict`` registered by the user
+            (a sampler, a stateful loader). Restored on resume, not on rollback, which moves on to fresh data.
+    """
+
+    model: nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: Any | None = None
+    scaler: Any | None = None
+    components: dict[str, Stateful] = field(default_factory=dict)
+    tracked: dict[str, Stateful] = field(default_factory=dict)
+
+
+def tensor_sources(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+    """(parameters, buffers, optimizer skeleton) where the skeleton is the optimizer's ``state_dict`` with
+    each tensor replaced by the key (``optim/<param index>/<name>``) of its entry in the parameter dict.
+
+    Parameters and optimizer tensors change only in ``optimizer.step()``: they can be copied in the
+    background during the next forward/backward. Buffers (BatchNorm statistics) change in the forward pass,
+    so they are copied at once.
+    """
+    params, buffers = {}, {}
+    param_ids = {id(p) for p in state.model.parameters()}
+    for name, t in state.model.state_dict(keep_vars=True).items():
+        (params if id(t) in param_ids else buffers)["model/" + name] = t.detach()
+    optim = state.optimizer.state_dict()
+    skeleton: dict[str, Any] = {"param_groups": copy.deepcopy(optim["param_groups"]), "state": {}}
+    for index, entry in optim["state"].items():
+        skeleton["state"][index] = {}
+        for key, value in entry.items():
+            if isinstance(value, Tensor):
+                name = f"optim/{index}/{key}"
+                params[name] = value
+                skeleton["state"][index][key] = name
+            else:
+                skeleton["state"][index][key] = copy.deepcopy(value)
+    return params, buffers, skeleton
+
+
+def capture_plain(state: TrainingState) -> dict[str, Any]:
+    """Deep copies of the small states, and every RNG the training loop may draw from."""
+    plain: dict[str, Any] = {
+        "scheduler": copy.deepcopy(state.scheduler.state_dict()) if state.scheduler is not None else None,
+        "scaler": copy.deepcopy(state.scaler.state_dict()) if state.scaler is not None else None,
+        "components": {k: copy.deepcopy(c.state_dict()) for k, c in state.components.items()},
+        "tracked": {k: copy.deepcopy(t.state_dict()) for k, t in state.tracked.items()},
+        "rng": {
+            "python": random.getstate(),
+            "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        },
+    }
+    return plain
+
+
+def restore(state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str, Any], plain: dict[str, Any],
+            *, data: bool) -> None:
+    """Write a snapshot back into the live objects, keeping every Parameter object (optimizers and hooks
+    that hold references stay valid). ``data=False`` leaves the tracked data position where it is."""
+    with torch.no_grad():
+        for name, t in state.model.state_dict(keep_vars=True).items():
+            t.copy_(tensors["model/" + name])
+    optim_state = {
+        "param_groups": copy.deepcopy(skeleton["param_groups"]),
+        "state": {index: {k: tensors[v].clone() if isinstance(v, str) and v.startswith("optim/") else
+                          copy.deepcopy(v) for k, v in entry.items()}
+                  for index, entry in skeleton["state"].items()},
+    }
+    state.optimizer.load_state_dict(optim_state)
+    if state.scheduler is not None and plain["scheduler"] is not None:
+        state.scheduler.load_state_dict(copy.deepcopy(plain["scheduler"]))
+    if state.scaler is not None and plain["scaler"] is not None:
+        state.scaler.load_state_dict(copy.deepcopy(plain["scaler"]))
+    for key, component in state.components.items():
+        if key in plain["components"]:
+            component.load_state_dict(copy.deepcopy(plain["components"][key]))
+    if data:
+        for key, tracked in state.tracked.items():
+            if key in plain["tracked"]:
+                tracked.load_state_dict(copy.deepcopy(plain["tracked"][key]))
+    rng = plain["rng"]
+    random.setstate(rng["python"])
+    np.random.set_state(rng["numpy"])
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def reseed(base: int) -> None:
+    """Move every RNG to a fresh, reproducible stream (after a rollback, so dropout masks and data drawn
+    from the global RNG do not replay the window that went wrong)."""
+    random.seed(base)
+    np.random.seed(base % 2**32)
+    torch.manual_seed(base)
+
