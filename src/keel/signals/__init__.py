@@ -4,7 +4,6 @@ Nothing here mutates training state.
 """
 
 from keel.signals import grad_norm, loss, param_norm, update_ratio  # noqa: F401  (register built-ins)
-from keel.signals import activation_rms, adam_eps, attn_entropy, attn_logits, grad_weight_cos, output_logits  # noqa: F401,E501
 from keel.signals.norms import global_norm, per_tensor_norms, update_ratios
 from keel.signals.pack import Packed, pack, unpack
 from keel.signals.probe import Measurements, PerParam, Probe, StepContext
