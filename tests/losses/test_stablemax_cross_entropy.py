@@ -64,6 +64,8 @@ def test_tiny_losses_keep_relative_precision_in_float32() -> None:
     target = torch.tensor([0, 0])
     got = stablemax_cross_entropy(logits, target, reduction="none")
     np.testing.assert_allclose(got.numpy(), _ce64(logits.numpy(), target.numpy()), rtol=1e-6)
+    # log StableMax keeps the same precision for the dominant class.
+    np.testing.assert_allclose(-log_stablemax(logits)[:, 0].numpy(), _ce64(logits.numpy(), target.numpy()), rtol=1e-6)
 
 
 def test_no_softmax_collapse_where_float32_softmax_collapses() -> None:

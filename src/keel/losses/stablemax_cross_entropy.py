@@ -36,10 +36,18 @@ def stablemax(logits: Tensor, dim: int = -1) -> Tensor:
 
 
 def log_stablemax(logits: Tensor, dim: int = -1) -> Tensor:
-    """log StableMax along ``dim``, as log s(x_i) − log Σ_j s(x_j) with log s from log1p (no 1 + x rounding)."""
+    """log StableMax along ``dim``, to full relative precision in float32.
+
+    log s(x_i) − log Σ_j s(x_j), with log s from log1p; for the largest term, whose probability may be
+    close to 1 where that difference cancels, −log1p(Σ_{j≠max} s_j / s_max) with the rest summed directly.
+    """
     x = _upcast(logits)
+    s = stablemax_s(x)
     log_s = torch.log1p(x.clamp(min=0.0)) - torch.log1p(-x.clamp(max=0.0))
-    return log_s - torch.log(stablemax_s(x).sum(dim=dim, keepdim=True))
+    out = log_s - torch.log(s.sum(dim=dim, keepdim=True))
+    top = s.argmax(dim=dim, keepdim=True)
+    rest = s.scatter(dim, top, 0.0).sum(dim=dim, keepdim=True)
+    return out.scatter(dim, top, -torch.log1p(rest / s.gather(dim, top)))
 
 
 def stablemax_cross_entropy(logits: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:

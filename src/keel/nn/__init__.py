@@ -1,0 +1,29 @@
+"""Stabilizing modules and the surgery that applies them to an existing model (`stabilize`)."""
+
+from keel.nn.power_norm import PowerNorm
+from keel.nn.qk_norm import QKNorm
+from keel.nn.qk_norm_attention import QKNormMultiheadAttention
+from keel.nn.remedies import RemedyNoEffectWarning
+from keel.nn.scale_long import LongSkipCalibration, LongSkipScaling, scale_long_factors
+from keel.nn.sigma_reparam import SigmaReparam, SigmaReparamLinear
+from keel.nn.stabilize import StabilizeResult, create_remedy, list_remedies, stabilize
+from keel.nn.stablemax import StableMax
+from keel.nn.z_loss_hook import ZLossHook
+
+__all__ = [
+    "LongSkipCalibration",
+    "LongSkipScaling",
+    "PowerNorm",
+    "QKNorm",
+    "QKNormMultiheadAttention",
+    "RemedyNoEffectWarning",
+    "SigmaReparam",
+    "SigmaReparamLinear",
+    "StabilizeResult",
+    "StableMax",
+    "ZLossHook",
+    "create_remedy",
+    "list_remedies",
+    "scale_long_factors",
+    "stabilize",
+]

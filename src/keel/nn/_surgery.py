@@ -1,0 +1,68 @@
+"""Private helpers for model surgery: structural facts about modules, and replacing submodules."""
+
+from __future__ import annotations
+
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+# Attribute names under which attention modules of common codebases keep their head count / head size.
+HEAD_COUNT_ATTRS = ("num_heads", "n_heads", "n_head", "num_attention_heads", "nhead", "heads")
+HEAD_DIM_ATTRS = ("head_dim", "head_size", "d_head", "attention_head_size", "dim_head")
+
+
+def raw_tensor(module: nn.Module, name: str) -> Tensor | None:
+    """``module.<name>`` as stored: the original Parameter when it is parametrized (reading the attribute
+    would run the parametrization, e.g. a σReparam power-iteration step)."""
+    if parametrize.is_parametrized(module, name):
+        return module.parametrizations[name].original
+    value = getattr(module, name, None)
+    return value if isinstance(value, Tensor) else None
+
+
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) of a module that applies a dense projection by ``.weight``: ``nn.Linear`` (weight out×in)
+    or a Hugging Face-style ``Conv1D`` (attribute ``nf``, weight in×out). None for anything else."""
+    if isinstance(module, nn.Linear):
+        return module.in_features, module.out_features
+    weight = raw_tensor(module, "weight")
+    nf = getattr(module, "nf", None)
+    if isinstance(nf, int) and weight is not None and weight.dim() == 2 and weight.shape[1] == nf:
+        return int(weight.shape[0]), nf
+    return None
+
+
+def int_attr(module: nn.Module, names: tuple[str, ...]) -> int | None:
+    for name in names:
+        value = getattr(module, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            return value
+    return None
+
+
+def head_dim_of(module: nn.Module, width: int | None = None) -> int | None:
+    """The attention head size: an explicit attribute, else ``width / head count``."""
+    explicit = int_attr(module, HEAD_DIM_ATTRS)
+    if explicit is not None:
+        return explicit
+    heads = int_attr(module, HEAD_COUNT_ATTRS)
+    if heads is not None and width is not None and width % heads == 0:
+        return width // heads
+    return None
+
+
+def set_submodule(model: nn.Module, name: str, new: nn.Module) -> None:
+    parent_name, _, child = name.rpartition(".")
+    parent = model.get_submodule(parent_name) if parent_name else model
+    setattr(parent, child, new)
+
+
+def first_parameter(module: nn.Module) -> nn.Parameter | None:
+    return next(module.parameters(), None)
+
+
+def shared_parameter_ids(model: nn.Module) -> set[int]:
+    """ids of Parameters reachable under more than one name (tied weights, e.g. lm_head ↔ embedding)."""
+    seen: dict[int, int] = {}
+    for _, p in model.named_parameters(remove_duplicate=False):
+        seen[id(p)] = seen.get(id(p), 0) + 1
+    return {pid for pid, count in seen.items() if count > 1}

@@ -1,0 +1,82 @@
+"""Remedy ``sigma_reparam``: σReparam on every dense weight, as a parametrization of the weight.
+
+From Zhai et al. (2023), "Stabilizing Transformer Training by Preventing Attention Entropy Collapse"
+(arXiv 2303.06296).
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+from torch import nn
+from torch.nn.utils import parametrize
+
+from keel.nn._surgery import linear_features, shared_parameter_ids
+from keel.nn.remedies._base import Change, remedies
+from keel.nn.sigma_reparam import SigmaReparam
+
+
+@remedies.register("sigma_reparam")
+@dataclass(kw_only=True)
+class SigmaReparamRemedy:
+    """Reparametrise W as (γ/σ(W))·W in every ``nn.Linear``, HF ``Conv1D`` and ``nn.MultiheadAttention``.
+
+    Applied with ``torch.nn.utils.parametrize`` on the weight itself, so the module, its hooks and its
+    Parameter objects stay (optimizer state survives) and every reader of ``.weight`` sees Ŵ —
+    including ``nn.MultiheadAttention``, which reads ``in_proj_weight`` and ``out_proj.weight`` directly.
+    The official ``convert_to_sn`` swaps ``nn.Linear`` modules instead, which in torchvision's ViT leaves
+    both attention projections un-reparametrised. γ starts at σ(W), so outputs are unchanged at conversion.
+    State-dict keys move to ``<module>.parametrizations.weight.original`` (+ ``.0.u``, ``.0.sigma``,
+    ``.0.gamma``).
+
+    Weights shared with another module (a tied LM head) are left alone: reparametrising one use of a
+    tied matrix would silently change the other.
+
+    Attributes:
+        stats_only: Track σ without reparametrising (a spectral-norm monitor).
+        exclude: fnmatch patterns of qualified module names to leave alone, e.g. ``("lm_head",)``.
+    """
+
+    name: ClassVar[str] = "sigma_reparam"
+    description: ClassVar[str] = "W -> (gamma/sigma(W))·W on every dense weight; prevents attention-entropy collapse"
+    reference: ClassVar[str] = "Zhai et al. 2023 (arXiv 2303.06296); code apple/ml-sigma-reparam"
+    order: ClassVar[int] = 20
+
+    stats_only: bool = False
+    exclude: tuple[str, ...] = field(default=())
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.stats_only, bool):
+            raise ValueError(f"SigmaReparamRemedy.stats_only={self.stats_only!r}; allowed: True or False")
+        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
+            raise ValueError(f"SigmaReparamRemedy.exclude={self.exclude!r}; allowed: a tuple of fnmatch patterns")
+
+    def apply(self, model: nn.Module) -> list[Change]:
+        shared = shared_parameter_ids(model)
+        changes = []
+        for name, module in list(model.named_modules()):
+            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+                continue
+            for tensor_name in self._targets(module):
+                if parametrize.is_parametrized(module, tensor_name):
+                    continue
+                weight = getattr(module, tensor_name, None)
+                if not isinstance(weight, nn.Parameter) or id(weight) in shared or weight.dim() < 2:
+                    continue
+                reparam = SigmaReparam(weight, stats_only=self.stats_only)
+                reparam.train(module.training)
+                parametrize.register_parametrization(module, tensor_name, reparam)
+                changes.append(Change(remedy=self.name, name=name, old=module, new=module, anchor=weight,
+                                      how=f"{tensor_name} parametrized by SigmaReparam",
+                                      new_parameters=tuple(reparam.parameters())))
+        return changes
+
+    @staticmethod
+    def _targets(module: nn.Module) -> tuple[str, ...]:
+        if isinstance(module, nn.MultiheadAttention):
+            if module._qkv_same_embed_dim:
+                return ("in_proj_weight",)
+            return ("q_proj_weight", "k_proj_weight", "v_proj_weight")
+        return ("weight",) if linear_features(module) is not None else ()

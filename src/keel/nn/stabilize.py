@@ -1,0 +1,163 @@
+"""`stabilize`: apply stabilizers from the literature to an existing model in one call.
+
+Surgery in the manner of Composer's ``replace_module_classes``: match structurally, keep Parameters,
+update the optimizer's groups, warn when nothing matched.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from keel.nn.remedies import Change, Remedy, RemedyNoEffectWarning
+from keel.nn.remedies import remedies as _registry
+from keel.nn.z_loss_hook import ZLossHook
+
+DEFAULT_REMEDIES = ("qk_norm", "z_loss")
+
+
+def list_remedies() -> list[tuple[str, str, str]]:
+    """(name, one-line description, reference) of every remedy `stabilize` knows, sorted by name."""
+    return [(name, _registry.get(name).description, _registry.get(name).reference) for name in _registry.names()]
+
+
+def create_remedy(name: str, **options: Any) -> Remedy:
+    """A remedy by name with non-default options, e.g. ``create_remedy("qk_norm", norm="rms")``.
+
+    Raises:
+        ValueError: unknown name (the message lists the known ones) or a bad option value.
+    """
+    return _registry.create(name, **options)
+
+
+@dataclass
+class StabilizeResult:
+    """What `stabilize` changed.
+
+    Attributes:
+        changes: Every change, in the order made.
+        unmatched: Names of requested remedies that matched nothing.
+    """
+
+    changes: list[Change] = field(default_factory=list)
+    unmatched: list[str] = field(default_factory=list)
+
+    @property
+    def replaced(self) -> dict[str, nn.Module]:
+        """Qualified module name → the module now there, for every module a remedy touched."""
+        return {c.name: c.new for c in self.changes}
+
+    @property
+    def new_parameters(self) -> list[nn.Parameter]:
+        return [p for c in self.changes for p in c.new_parameters]
+
+    @property
+    def z_loss_hooks(self) -> list[ZLossHook]:
+        return [c.extra for c in self.changes if isinstance(c.extra, ZLossHook)]
+
+    def by_remedy(self) -> dict[str, list[str]]:
+        """Remedy name → names of the modules it changed."""
+        out: dict[str, list[str]] = {}
+        for c in self.changes:
+            out.setdefault(c.remedy, []).append(c.name)
+        return out
+
+    def z_loss(self, mask: Tensor | None = None) -> Tensor:
+        """The z-loss of the latest forward, to add to the task loss (0 when the remedy was not applied)."""
+        hooks = self.z_loss_hooks
+        if not hooks:
+            return torch.zeros(())
+        total = hooks[0].loss(mask)
+        for hook in hooks[1:]:
+            total = total + hook.loss(mask)
+        return total
+
+
+def stabilize(
+    model: nn.Module,
+    remedies: Sequence[str | Remedy] = DEFAULT_REMEDIES,
+    optimizer: Optimizer | None = None,
+) -> StabilizeResult:
+    """Apply stabilizing remedies to ``model`` in place; returns what changed.
+
+    Use it on a model that already exists (your own, nanoGPT, Hugging Face GPT-2/Llama,
+    ``nn.MultiheadAttention`` stacks, keel's proxy) instead of editing its code. Remedies match
+    structurally (see each remedy's docstring, or `list_remedies`), run in a fixed order (qk_norm,
+    sigma_reparam, z_loss, scale_long) whatever the order given, keep existing Parameters (optimizer
+    state survives) and are idempotent: applying one twice changes nothing the second time.
+
+    With ``optimizer``, every new parameter (norm gains, σReparam's γ, calibration MLPs) is appended to
+    the parameter group of the parameter it sits next to — no new groups, so LR schedulers built
+    before the call keep working; that group's weight decay then applies to it too. Without one, add
+    ``result.new_parameters`` yourself. The z-loss acts through the loss: add ``result.z_loss()`` to your
+    loss after each forward.
+
+    Args:
+        model: The model, changed in place.
+        remedies: Remedy names (default ``("qk_norm", "z_loss")``, Wortsman et al.'s pair) or configured
+            remedies from `create_remedy`.
+        optimizer: An optimizer over ``model``'s parameters to update.
+
+    Returns:
+        A `StabilizeResult`; ``result.replaced`` maps module names to the modules now there.
+
+    Warns:
+        RemedyNoEffectWarning: once per call, naming the remedies that matched nothing.
+
+    Raises:
+        ValueError: unknown remedy name or the same remedy twice.
+
+    Example:
+        >>> block = nn.TransformerEncoderLayer(16, 4, batch_first=True)
+        >>> opt = torch.optim.AdamW(block.parameters())
+        >>> result = stabilize(block, ["qk_norm", "sigma_reparam"], optimizer=opt)
+        >>> sorted(result.by_remedy())
+        ['qk_norm', 'sigma_reparam']
+
+    References:
+        Composer ``utils/module_surgery.py`` (``replace_module_classes``) for the surgery pattern; each
+        remedy cites its paper.
+    """
+    if isinstance(remedies, str):
+        raise ValueError(f"remedies={remedies!r}; allowed: a list of names, e.g. [{remedies!r}]")
+    resolved = [_registry.create(r) if isinstance(r, str) else r for r in remedies]
+    names = [r.name for r in resolved]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ValueError(f"remedies={names!r} repeat {duplicates}; allowed: each remedy once")
+    result = StabilizeResult()
+    for remedy in sorted(resolved, key=lambda r: r.order):
+        changes = remedy.apply(model)
+        if not changes:
+            result.unmatched.append(remedy.name)
+        result.changes.extend(changes)
+    if optimizer is not None:
+        _add_to_optimizer(optimizer, result.changes)
+    if result.unmatched:
+        warnings.warn(
+            RemedyNoEffectWarning(
+                f"stabilize: {', '.join(result.unmatched)} matched nothing in {type(model).__name__} (or was "
+                "already applied); see keel.nn.list_remedies() and each remedy's docstring for what it recognises"
+            ),
+            stacklevel=2,
+        )
+    return result
+
+
+def _add_to_optimizer(optimizer: Optimizer, changes: list[Change]) -> None:
+    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    for change in changes:
+        fresh = [p for p in change.new_parameters if p.requires_grad and id(p) not in known]
+        if not fresh:
+            continue
+        group = next((g for g in optimizer.param_groups
+                      if change.anchor is not None and any(p is change.anchor for p in g["params"])),
+                     optimizer.param_groups[0])
+        group["params"].extend(fresh)
+        known.update(id(p) for p in fresh)
