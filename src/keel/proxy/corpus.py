@@ -68,6 +68,14 @@ class ProxyBatches:
         self.generator = torch.Generator().manual_seed(seed)
         self.position = 0  # batches drawn so far: the data position a snapshot records
 
+    def state_dict(self) -> dict[str, object]:
+        """The data position: batches drawn and the sampler's RNG state (for `Guard.track`)."""
+        return {"position": self.position, "generator": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        self.position = int(state["position"])  # type: ignore[arg-type]
+        self.generator.set_state(state["generator"])  # type: ignore[arg-type]
+
     def next(self) -> tuple[Tensor, Tensor]:
         starts = torch.randint(len(self.data) - self.seq_len - 1, (self.batch_size,), generator=self.generator)
         window = torch.stack([self.data[s : s + self.seq_len + 1] for s in starts.tolist()])

@@ -107,6 +107,7 @@ def train_proxy(
     policy: str | None = None,
     run_dir: str | None = None,
     progress: Callable[[int, float], None] | None = None,
+    batch_hook: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     **guard_options: object,
 ) -> ProxyRun:
     """Train one proxy model; under `Guard` with ``policy``, or bare when ``policy`` is None.
@@ -116,6 +117,8 @@ def train_proxy(
         policy: A `Guard` policy, or None for the bare loop without keel.
         run_dir: Where the Guard writes its run store.
         progress: Called as ``progress(step, loss)`` after every step.
+        batch_hook: Called as ``batch_hook(step, x, y)`` and returns the batch to train on (fault injection:
+            a poisoned data stream).
         **guard_options: Passed to `Guard` (``probes``, ``log_every``, ...).
 
     Example:
@@ -134,11 +137,15 @@ def train_proxy(
         guard = Guard(model, optimizer, scheduler, run_dir=run_dir, policy=policy,  # type: ignore[arg-type]
                       max_grad_norm=config.max_grad_norm, config=asdict(config), seed=config.seed,
                       **guard_options)  # type: ignore[arg-type]
+        guard.track(batches)
     run = ProxyRun(config=config, policy=policy, run_dir=run_dir)
     start = time.perf_counter()
     try:
         for step in range(config.steps):
-            loss = _loss(model, *batches.next())
+            x, y = batches.next()
+            if batch_hook is not None:
+                x, y = batch_hook(step, x, y)
+            loss = _loss(model, x, y)
             loss.backward()
             if guard is not None:
                 guard.step(loss)

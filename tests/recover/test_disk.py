@@ -1,0 +1,123 @@
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from keel.recover import DiskSnapshots, SnapshotCorrupt, SnapshotRing, TrainingState, restore
+from tests.conftest import TinyNet, make_batches
+
+
+def _state():
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    scaler = torch.amp.GradScaler("cpu", init_scale=128.0)
+    for x, y in make_batches(2):
+        torch.nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        sched.step()
+        opt.zero_grad()
+    return TrainingState(model=model, optimizer=opt, scheduler=sched, scaler=scaler)
+
+
+def _snap(state, step):
+    ring = SnapshotRing()
+    snap = ring.take(step, state)
+    ring.fence()
+    return snap
+
+
+def test_disk_round_trip_restores_everything(tmp_path):
+    state = _state()
+    snap = _snap(state, 2)
+    disk = DiskSnapshots(tmp_path)
+    disk.save(snap)
+    loaded = disk.load_newest()
+    assert loaded.step == 2
+    fresh = _state()
+    with torch.no_grad():
+        for p in fresh.model.parameters():
+            p.add_(1.0)
+    restore(fresh, loaded.tensors, loaded.skeleton, loaded.plain, data=True)
+    for (k, a), b in zip(state.model.state_dict().items(), fresh.model.state_dict().values()):
+        assert torch.equal(a, b), k
+    assert fresh.optimizer.state_dict()["state"][0]["exp_avg"].equal(state.optimizer.state_dict()["state"][0]["exp_avg"])
+    assert fresh.scheduler.state_dict() == state.scheduler.state_dict()
+    assert fresh.scaler.get_scale() == 128.0
+
+
+def test_retention_keeps_the_newest(tmp_path):
+    state = _state()
+    disk = DiskSnapshots(tmp_path, keep=2)
+    for step in (10, 20, 30):
+        disk.save(_snap(state, step))
+    assert [p.name for p in disk.complete()] == ["step-000000020", "step-000000030"]
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_corrupt_snapshot_is_skipped_with_a_warning(tmp_path, damage):
+    state = _state()
+    disk = DiskSnapshots(tmp_path, keep=3)
+    disk.save(_snap(state, 10))
+    newest = disk.save(_snap(state, 20)) / "tensors.safetensors"
+    data = bytearray(newest.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0xFF
+    else:
+        data = data[: len(data) // 2]
+    newest.write_bytes(bytes(data))
+    with pytest.warns(SnapshotCorrupt, match="checksum mismatch"):
+        assert disk.load_newest().step == 10
+
+
+def test_failing_disk_warns_once_and_never_raises(tmp_path, monkeypatch):
+    import keel.recover.disk as disk_module
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(disk_module, "save_file", full)
+    state = _state()
+    disk = DiskSnapshots(tmp_path)
+    with pytest.warns(Warning, match="No space left on device.*in-memory snapshots only"):
+        for step in (1, 2):
+            disk.save_async(_snap(state, step))
+            disk.wait()
+    assert disk.failures == 2 and disk.complete() == []
+    assert list(tmp_path.iterdir()) == []  # no partial folder left behind
+
+
+WRITER = """
+import sys, torch
+from keel.recover import DiskSnapshots, SnapshotRing, TrainingState
+model = torch.nn.Sequential(*[torch.nn.Linear(1024, 1024) for _ in range(int(sys.argv[2]))])
+opt = torch.optim.SGD(model.parameters(), lr=0.1)
+ring = SnapshotRing(capacity=1)
+disk = DiskSnapshots(sys.argv[1], keep=5)
+for step in range(1000):
+    snap = ring.take(step, TrainingState(model=model, optimizer=opt))
+    ring.fence()
+    disk.save(snap)
+    print(step, flush=True)
+"""
+
+
+def test_kill_9_during_a_flush_leaves_the_previous_snapshot_good(tmp_path):
+    proc = subprocess.Popen([sys.executable, "-c", WRITER, str(tmp_path), "48"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "0"  # one complete snapshot exists
+        deadline = time.time() + 60
+        while not list(tmp_path.glob(".tmp-step-*")) and time.time() < deadline:
+            time.sleep(0.005)
+        os.kill(proc.pid, signal.SIGKILL)  # mid-write of a later snapshot
+    finally:
+        proc.wait()
+    assert list(tmp_path.glob(".tmp-step-*"))  # the interrupted write is visible as a temporary folder
+    snap = DiskSnapshots(tmp_path).load_newest()
+    assert snap is not None and snap.step >= 0
+    assert snap.tensors["model/0.weight"].shape == (1024, 1024)
