@@ -7,6 +7,7 @@ import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "overhead": ("keel.bench.overhead", "Guard's step-time cost against the bare loop"),
+    "snapshot": ("keel.bench.snapshot", "training time blocked per in-memory snapshot vs torch.save"),
 }
 
 

@@ -71,6 +71,7 @@ class _CopyWorker:
 
     def close(self) -> None:
         self._tasks.put(None)
+        self._thread.join()
 
 
 class SnapshotRing:
@@ -155,6 +156,7 @@ class SnapshotRing:
         self.fence()
         if self._worker is not None:
             self._worker.close()
+            self._worker = None
 
     def _buffers_for(self, sources: dict[str, Tensor]) -> dict[str, Tensor]:
         """Host tensors shaped like ``sources``: the oldest slot's when it is about to be evicted and matches."""

@@ -1,0 +1,150 @@
+"""`keel bench snapshot`: training time blocked per in-memory snapshot, against a synchronous ``torch.save``.
+
+For each model size (an MLP stack with AdamW state, so a snapshot holds parameters and both moments), in one
+process: (1) keel's `SnapshotRing.take`, then one forward/backward of the model — the work a snapshot
+overlaps in a real loop — then the fence; the blocked time is what ``take`` and the fence cost the loop.
+(2) ``torch.save`` of the same model and optimizer state to a file, which blocks for all of it. The ratio is
+torch_save_s / blocked_s, medians over repeats; the first (cold, allocating) take is reported apart. The
+copy's bandwidth is measured separately, fencing right after ``take`` with no work to hide behind, and so
+is the cost the background copy does impose: the overlapped forward/backward against the same work alone
+(on a 2-core CPU the copy competes with the model for cores; on a GPU it uses the copy engine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from keel.recover import SnapshotRing, TrainingState
+
+SIZES = {"50M": (2048, 12), "200M": (4096, 12)}
+
+
+@dataclass(kw_only=True)
+class SnapshotBenchConfig:
+    """Settings of the snapshot benchmark.
+
+    Attributes:
+        sizes: Model sizes from ``SIZES`` (``50M``: 12 × 2048², ``200M``: 12 × 4096² parameters).
+        repeats: Timed repeats per size.
+        batch: Rows of the forward/backward that the background copy overlaps.
+        device: ``cpu`` or ``cuda``.
+    """
+
+    sizes: tuple[str, ...] = ("50M", "200M")
+    repeats: int = 3
+    batch: int = 16
+    device: str = "cpu"
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.sizes if s not in SIZES]
+        if unknown:
+            raise ValueError(f"sizes={unknown}; allowed: {', '.join(SIZES)}")
+        if self.repeats < 1:
+            raise ValueError(f"repeats={self.repeats}; allowed: an int >= 1")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' but no CUDA device is available; allowed: cpu")
+
+
+def _model(width: int, depth: int, device: str) -> tuple[nn.Module, torch.optim.Optimizer]:
+    torch.manual_seed(0)
+    model = nn.Sequential(*[nn.Linear(width, width) for _ in range(depth)]).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    model(torch.randn(2, width, device=device)).sum().backward()
+    opt.step()  # creates the moments: the snapshot holds 3 tensors per parameter
+    opt.zero_grad(set_to_none=True)
+    return model, opt
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_snapshot(config: SnapshotBenchConfig | None = None, progress=None) -> dict:
+    """Measure blocked time per snapshot and torch.save time for each size; returns the figures."""
+    config = config or SnapshotBenchConfig()
+    results = []
+    for size in config.sizes:
+        width, depth = SIZES[size]
+        model, opt = _model(width, depth, config.device)
+        state = TrainingState(model=model, optimizer=opt)
+        ring = SnapshotRing(capacity=1)
+        x = torch.randn(config.batch, width, device=config.device)
+        start = time.perf_counter()
+        snap = ring.take(0, state)
+        ring.fence()
+        cold_s = time.perf_counter() - start
+        nbytes = snap.nbytes()
+        blocked, saved, copy, work_alone, work_overlapped = [], [], [], [], []
+        with tempfile.TemporaryDirectory() as tmp:
+            for r in range(config.repeats):
+                _sync(config.device)
+                t0 = time.perf_counter()
+                ring.take(r + 1, state)
+                t1 = time.perf_counter()
+                model(x).sum().backward()  # the work the copy overlaps
+                _sync(config.device)
+                t2 = time.perf_counter()
+                ring.fence()
+                t3 = time.perf_counter()
+                blocked.append((t1 - t0) + (t3 - t2))
+                work_overlapped.append(t2 - t1)
+                model.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
+                model(x).sum().backward()  # the same work with no copy running
+                _sync(config.device)
+                work_alone.append(time.perf_counter() - t0)
+                model.zero_grad(set_to_none=True)
+                t0 = time.perf_counter()
+                ring.take(r + 100, state)
+                ring.fence()
+                copy.append(time.perf_counter() - t0)
+                path = os.path.join(tmp, "state.pt")
+                _sync(config.device)
+                t0 = time.perf_counter()
+                torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, path)
+                saved.append(time.perf_counter() - t0)
+                os.unlink(path)
+                if progress is not None:
+                    progress(f"{size}: repeat {r + 1}/{config.repeats}")
+        ring.close()
+        params = sum(p.numel() for p in model.parameters())
+        blocked_s, save_s, copy_s = statistics.median(blocked), statistics.median(saved), statistics.median(copy)
+        results.append({"size": size, "params": params, "bytes": nbytes, "blocked_s": blocked_s,
+                        "torch_save_s": save_s, "ratio": save_s / blocked_s, "cold_take_s": cold_s,
+                        "copy_s": copy_s, "copy_gb_per_s": nbytes / copy_s / 1e9,
+                        "work_s": statistics.median(work_alone), "work_with_copy_s": statistics.median(work_overlapped)})
+        del model, opt, state, ring, snap
+    return {"device": config.device, "threads": torch.get_num_threads(), "repeats": config.repeats,
+            "results": results}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--sizes", default="50M,200M", help="comma-separated, from: " + ", ".join(SIZES))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    config = SnapshotBenchConfig(sizes=tuple(args.sizes.split(",")), repeats=args.repeats, device=args.device)
+    result = bench_snapshot(config, None if args.json else (lambda m: print(f"  {m}", flush=True)))
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(f"{'size':>6} {'params':>12} {'state GB':>9} {'blocked s':>10} {'torch.save s':>13} {'ratio':>8} "
+          f"{'cold take s':>12} {'copy GB/s':>10} {'fwd/bwd s alone→overlapped':>27}")
+    for r in result["results"]:
+        print(f"{r['size']:>6} {r['params']:>12,} {r['bytes'] / 1e9:>9.2f} {r['blocked_s']:>10.4f} "
+              f"{r['torch_save_s']:>13.3f} {r['ratio']:>8.1f} {r['cold_take_s']:>12.3f} {r['copy_gb_per_s']:>10.2f} "
+              f"{r['work_s']:>15.3f} → {r['work_with_copy_s']:.3f}")
+    return 0
