@@ -63,13 +63,14 @@ class SpamReference:
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, wd=0.1, threshold=3.0, interval=6, warmup=3, grace=2)
 
 
-def _run_pair(steps: int, *, seed: int = 0, clip_unseen: bool = False, spike_at: int | None = None):
+def _run_pair(steps: int, *, seed: int = 0, clip_unseen: bool = False, spike_at: int | None = None,
+              foreach: bool | None = None):
     gen = torch.Generator().manual_seed(seed)
     p = torch.nn.Parameter(torch.randn(5, 7, generator=gen))
     ref = SpamReference(p.detach().numpy(), clip_unseen=clip_unseen, **HYPER)
     opt = SPAM([p], lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"], weight_decay=HYPER["wd"],
                threshold=HYPER["threshold"], reset_interval=HYPER["interval"], warmup_steps=HYPER["warmup"],
-               grace_steps=HYPER["grace"], clip_unseen=clip_unseen)
+               grace_steps=HYPER["grace"], clip_unseen=clip_unseen, foreach=foreach)
     clipped_any = False
     for t in range(1, steps + 1):
         g = torch.randn(5, 7, generator=gen)
@@ -84,16 +85,18 @@ def _run_pair(steps: int, *, seed: int = 0, clip_unseen: bool = False, spike_at:
     return p, opt, ref, clipped_any
 
 
-def test_matches_float64_through_resets_grace_and_warmup() -> None:
+@pytest.mark.parametrize("foreach", [None, True], ids=["tensor-major", "foreach"])
+def test_matches_float64_through_resets_grace_and_warmup(foreach: bool | None) -> None:
     # 20 steps with ΔT = 6 cover three resets (6, 12, 18), the grace steps after each (no clipping at
     # k % 6 < 2), the cosine warm-up after each reset, and bias correction that is never reset.
-    _, opt, ref, clipped_any = _run_pair(20)
+    _, opt, ref, clipped_any = _run_pair(20, foreach=foreach)
     assert clipped_any, "threshold 3 must clip some entries, or the clipping path is untested"
     assert int(opt.state[next(iter(opt.state))]["step"].item()) == ref.k == 20
 
 
-def test_injected_spike_is_clamped_to_sqrt_threshold_v() -> None:
-    p, opt, ref, _ = _run_pair(9, spike_at=9)  # k = 9: 9 % 6 = 3 ≥ grace, clipping active
+@pytest.mark.parametrize("foreach", [None, True], ids=["tensor-major", "foreach"])
+def test_injected_spike_is_clamped_to_sqrt_threshold_v(foreach: bool | None) -> None:
+    p, opt, ref, _ = _run_pair(9, spike_at=9, foreach=foreach)  # k = 9: 9 % 6 = 3 ≥ grace, clipping active
     assert ref.clipped_last[2, 3]
     state = opt.state[p]
     # m after the step = β1·m_prev + (1−β1)·sqrt(θ·v_prev): the 1000 never reached the moments.
@@ -111,10 +114,12 @@ def test_reset_step_zeroes_moments_and_keeps_bias_count() -> None:
     assert state["step"].item() == 6.0
 
 
-def test_unseen_entries_are_spared_by_default_and_zeroed_like_the_reference_on_request() -> None:
+@pytest.mark.parametrize("foreach", [None, True], ids=["tensor-major", "foreach"])
+def test_unseen_entries_are_spared_by_default_and_zeroed_like_the_reference_on_request(foreach) -> None:
     for clip_unseen, expected_moves in ((False, True), (True, False)):
         p = torch.nn.Parameter(torch.ones(4))
-        opt = SPAM([p], lr=0.1, threshold=5000.0, reset_interval=0, grace_steps=2, clip_unseen=clip_unseen)
+        opt = SPAM([p], lr=0.1, threshold=5000.0, reset_interval=0, grace_steps=2, clip_unseen=clip_unseen,
+                   foreach=foreach)
         for _ in range(3):  # entry 0 never gets a gradient during the grace period
             p.grad = torch.tensor([0.0, 1.0, 1.0, 1.0])
             opt.step()

@@ -82,7 +82,7 @@ class StableSpamReference:
 
 def _hyper(**over):
     h = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, wd=0.05, gamma1=0.7, gamma2=0.9, gamma3=0.9, interval=7,
-             decay_steps=None, decay_min=0.5, like_reference=False)
+             decay_steps=None, decay_min=0.5, like_reference=False, foreach=None)
     h.update(over)
     return h
 
@@ -90,13 +90,14 @@ def _hyper(**over):
 def _optimizer(params, h):
     return StableSPAM(params, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["wd"], gamma1=h["gamma1"],
                       gamma2=h["gamma2"], gamma3=h["gamma3"], reset_interval=h["interval"],
-                      decay_steps=h["decay_steps"], decay_min=h["decay_min"], reset_like_reference=h["like_reference"])
+                      decay_steps=h["decay_steps"], decay_min=h["decay_min"], reset_like_reference=h["like_reference"],
+                      foreach=h["foreach"])
 
 
 def _compare(steps: int, h: dict, *, seed: int = 0, spikes: dict[int, float] | None = None):
     gen = torch.Generator().manual_seed(seed)
     p = torch.nn.Parameter(torch.randn(6, 5, generator=gen))
-    ref = StableSpamReference(p.detach().numpy(), **h)
+    ref = StableSpamReference(p.detach().numpy(), **{k: v for k, v in h.items() if k != "foreach"})
     opt = _optimizer([p], h)
     clipped = 0
     for t in range(1, steps + 1):
@@ -112,18 +113,20 @@ def _compare(steps: int, h: dict, *, seed: int = 0, spikes: dict[int, float] | N
     return p, opt, ref, clipped
 
 
+@pytest.mark.parametrize("foreach", [None, True], ids=["tensor-major", "foreach"])
 @pytest.mark.parametrize("like_reference", [False, True])
-def test_matches_float64_through_resets(like_reference: bool) -> None:
+def test_matches_float64_through_resets(like_reference: bool, foreach: bool | None) -> None:
     # 22 steps with ΔT = 7: resets at 7, 14, 21, AdaClip active (γ3 = 0.9 reacts fast), weight decay.
-    _, opt, ref, clipped = _compare(22, _hyper(like_reference=like_reference))
+    _, opt, ref, clipped = _compare(22, _hyper(like_reference=like_reference, foreach=foreach))
     # The reference's shared counter re-inflates the clip threshold after each reset, so it clips less.
     assert clipped >= (1 if like_reference else 3), "AdaClip must have clipped, or its path is untested"
     state = next(iter(opt.state.values()))
     assert int(state["step"].item()) == ref.k and int(state["norm_step"].item()) == ref.t == 22
 
 
-def test_matches_float64_with_cosine_momentum_decay() -> None:
-    _compare(18, _hyper(decay_steps=10, decay_min=0.5, gamma3=0.999, interval=0))
+@pytest.mark.parametrize("foreach", [None, True], ids=["tensor-major", "foreach"])
+def test_matches_float64_with_cosine_momentum_decay(foreach: bool | None) -> None:
+    _compare(18, _hyper(decay_steps=10, decay_min=0.5, gamma3=0.999, interval=0, foreach=foreach))
 
 
 def test_reset_step_quirk_differs_only_where_documented() -> None:
@@ -136,8 +139,9 @@ def test_reset_step_quirk_differs_only_where_documented() -> None:
     assert not torch.allclose(p_keel, p_ref)  # and different on it: fresh moments vs the old ones at k = 1
 
 
-def test_injected_spike_is_clipped_and_gradient_norm_stays_bounded() -> None:
-    _, _, ref, _ = _compare(30, _hyper(gamma3=0.999, interval=0), spikes={30: 1e4})
+@pytest.mark.parametrize("foreach", [None, True], ids=["tensor-major", "foreach"])
+def test_injected_spike_is_clipped_and_gradient_norm_stays_bounded(foreach: bool | None) -> None:
+    _, _, ref, _ = _compare(30, _hyper(gamma3=0.999, interval=0, foreach=foreach), spikes={30: 1e4})
     assert ref.last_clipped
     # AdaGN hands Adam a gradient of norm m̂_n/(sqrt(v̂_n)+ε) ≤ 1 (Jensen), however large the spike.
     assert ref.last_input_norm <= 1.0
@@ -183,13 +187,18 @@ def test_edge_cases_zero_grad_bf16_empty() -> None:
     p = torch.nn.Parameter(torch.ones(3))
     empty = torch.nn.Parameter(torch.zeros(0))
     opt = StableSPAM([p, empty], lr=0.1)
+    opt_foreach = StableSPAM([torch.nn.Parameter(torch.ones(3))], lr=0.1, foreach=True)
     for _ in range(3):
+        q = opt_foreach.param_groups[0]["params"][0]
+        q.grad = torch.zeros(3)
+        opt_foreach.step()
+        assert torch.equal(q.detach(), torch.ones(3))
         p.grad, empty.grad = torch.zeros(3), torch.zeros(0)
         opt.step()
     assert torch.equal(p.detach(), torch.ones(3))  # zero gradient: no update, no NaN
     half = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.bfloat16))
     h = _hyper(wd=0.0, interval=0)
-    ref = StableSpamReference(half.detach().float().numpy(), **h)
+    ref = StableSpamReference(half.detach().float().numpy(), **{k: v for k, v in h.items() if k != "foreach"})
     opt_half = _optimizer([half], h)
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):

@@ -53,14 +53,12 @@ def max_abs(tensors: Sequence[Tensor]) -> list[Tensor]:
         return []
     if tensors[0].device.type != "cpu":
         return list(torch._foreach_norm(tensors, math.inf))
-    out = []
+    lows, highs = [], []
     for t in tensors:
-        if t.numel() == 0:
-            out.append(t.new_zeros(()))
-            continue
-        low, high = torch.aminmax(t)
-        out.append(torch.maximum(-low, high))
-    return out
+        low, high = torch.aminmax(t) if t.numel() else (t.new_zeros(()), t.new_zeros(()))
+        lows.append(low)
+        highs.append(high)
+    return list(torch.maximum(torch.stack(lows).neg_(), torch.stack(highs)).unbind())
 
 
 class Scratch:

@@ -29,9 +29,9 @@ def orthogonalize_(params: Sequence[Tensor], grads: Sequence[Tensor], *, eps: fl
     dots = torch.stack([torch.dot(w.reshape(-1).float(), g.reshape(-1).float()) for w, g in zip(params, grads)])
     w_sq = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).square()
     g_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
-    coeffs = (dots / (w_sq + eps)).neg().unbind()
-    for w, g, c in zip(params, grads, coeffs):
-        g.add_(w * c.to(g.dtype))  # g ← g − c·w
+    coeffs = (dots / (w_sq + eps)).neg()
+    # g ← g − c·w in one pass per tensor (0-d c broadcasts), no temporary.
+    torch._foreach_addcmul_(list(grads), list(params), [c.to(g.dtype) for c, g in zip(coeffs.unbind(), grads)])
     perp_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
     factors = (g_norm / (perp_norm + eps)).unbind()
     torch._foreach_mul_(list(grads), [f.to(g.dtype) for f, g in zip(factors, grads)])

@@ -14,7 +14,6 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from keel.optim._adam import apply_update_, update_moments_
 from keel.optim._helpers import (
     Scratch,
     check_betas,
@@ -22,11 +21,10 @@ from keel.optim._helpers import (
     check_lr,
     check_range,
     group_by_device_dtype,
-    max_abs,
     params_with_grad,
 )
-from keel.optim.ada_clip import ada_clip_, ada_clip_thresholds, clip_needed
 from keel.optim._registry import optimizers
+from keel.optim._stable_spam_kernels import StableSpamPlan, foreach_update, tensor_major_update
 
 _STATS = ("clip_ema", "norm_ema", "norm_sq_ema")
 
@@ -60,9 +58,12 @@ class StableSPAM(Optimizer):
     5. Adam with β1' = β1·s_t: p ← p − lr/(1−β1'^k) · m/(sqrt(v)/sqrt(1−β2^k) + ε).
 
     γ1' = γ1·s_t, where s_t is the optional cosine `momentum_decay_scale` (1 when ``decay_steps`` is None).
-    The AdaClip/AdaGN statistics are 0-d float32 tensors per parameter, updated on device without a host
-    sync (on CPU the clip is skipped for tensors whose max|g| ≤ M̂, which a host read shows for free).
-    ``p.grad`` is left untouched. Feed it finite gradients only (`keel.Guard` skips non-finite steps):
+    The AdaClip/AdaGN statistics are 0-d float32 tensors per parameter. ``p.grad`` is left untouched.
+
+    Speed: on accelerators the update runs as foreach kernels with the statistics as device vectors (no
+    host sync). On CPU it runs tensor by tensor with all ops of one tensor back to back (its moments stay
+    in cache), the statistics as host floats (free to read there), and skips the clip of every tensor
+    whose max|g| ≤ M̂; one scratch buffer per parameter is kept between steps (4 bytes/parameter). Feed it finite gradients only (`keel.Guard` skips non-finite steps):
     a NaN would poison the running statistics.
 
     The reference's reset step, and keel's choice (``reset_like_reference=False``):
@@ -90,6 +91,7 @@ class StableSPAM(Optimizer):
             uses the run's total steps); None keeps s_t = 1.
         decay_min: Final value of that cosine (the reference's ``eta_min``, 0.5).
         reset_like_reference: Replay the official code's reset step (see above).
+        foreach: None picks per device (tensor-major on CPU, foreach elsewhere); True or False forces it.
 
     Example:
         >>> model = torch.nn.Linear(4, 2)
@@ -118,6 +120,7 @@ class StableSPAM(Optimizer):
         decay_steps: int | None = None,
         decay_min: float = 0.5,
         reset_like_reference: bool = False,
+        foreach: bool | None = None,
     ) -> None:
         name = "StableSPAM"
         check_lr(name, lr)
@@ -132,10 +135,12 @@ class StableSPAM(Optimizer):
         check_range(name, "decay_min", decay_min, 0.0, 1.0)
         if not isinstance(reset_like_reference, bool):
             raise ValueError(f"{name}.reset_like_reference={reset_like_reference!r}; allowed: True or False")
+        if foreach not in (None, True, False):
+            raise ValueError(f"{name}.foreach={foreach!r}; allowed: None, True or False")
         defaults = dict(
             lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
             gamma3=gamma3, reset_interval=reset_interval, decay_steps=decay_steps, decay_min=decay_min,
-            reset_like_reference=reset_like_reference,
+            reset_like_reference=reset_like_reference, foreach=foreach,
         )
         super().__init__(params, defaults)
         self._scratch = Scratch()
@@ -165,80 +170,25 @@ class StableSPAM(Optimizer):
         return state
 
     def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        beta1, beta2 = group["betas"]
-        lr, eps, interval = group["lr"], group["eps"], group["reset_interval"]
-        gamma1, gamma2, like_reference = group["gamma1"], group["gamma2"], group["reset_like_reference"]
+        interval, like_reference = group["reset_interval"], group["reset_like_reference"]
         states = [self._init_state(p) for p in params]
-        device = params[0].device
-        grads = [p.grad for p in params]
-        steps = [int(s["step"].item()) + 1 for s in states]  # CPU tensors: no device sync
-        norm_steps = [int(s["norm_step"].item()) + 1 for s in states]
-        scales = [momentum_decay_scale(t, decay_steps=group["decay_steps"], decay_min=group["decay_min"])
-                  for t in norm_steps]
-        # The reference drives the AdaClip/AdaGN bias corrections with Adam's (resettable) count.
-        stat_counts = steps if like_reference else norm_steps
-
-        if group["weight_decay"] != 0:
-            torch._foreach_mul_(params, 1.0 - lr * group["weight_decay"])
-
-        # AdaClip.
-        maxima = torch.stack(max_abs(grads)).float()
-        counts = torch.tensor(stat_counts, dtype=torch.float32, device=device)
-        clip_ema, thresholds = ada_clip_thresholds(
-            maxima, torch.stack([s["clip_ema"] for s in states]), counts, group["gamma3"]
-        )
-        outs = self._scratch.like(params, 1)
-        inputs = list(grads)
-        for i, needed in enumerate(clip_needed(maxima, thresholds)):
-            if needed:
-                inputs[i] = ada_clip_(grads[i], maxima[i], thresholds[i], out=outs[i])
-
-        # AdaGN: rescale each tensor to norm m̂_n/(sqrt(v̂_n)+ε).
-        norms = torch.stack(torch._foreach_norm(inputs, 2, dtype=torch.float32))
-        g1 = torch.tensor([gamma1 * s for s in scales], dtype=torch.float32, device=device)
-        norm_ema = g1 * torch.stack([s["norm_ema"] for s in states]) + (1.0 - g1) * norms
-        norm_sq_ema = gamma2 * torch.stack([s["norm_sq_ema"] for s in states]) + (1.0 - gamma2) * norms.square()
-        m_hat = norm_ema / (1.0 - torch.pow(g1, counts))
-        v_hat = norm_sq_ema / (1.0 - torch.pow(gamma2, counts))
-        target = m_hat / (torch.sqrt(v_hat) + eps)
-        factors = torch.where(norms > 0, target / norms.clamp_min(torch.finfo(torch.float32).tiny), 0.0)
-        for i, factor in enumerate(factors.unbind()):
-            inputs[i] = torch.mul(inputs[i], factor.to(inputs[i].dtype), out=outs[i])
-
-        for i, state in enumerate(states):
-            state["clip_ema"], state["norm_ema"], state["norm_sq_ema"] = clip_ema[i], norm_ema[i], norm_sq_ema[i]
-            state["norm_step"].fill_(norm_steps[i])
-
-        # MoRet, then Adam with β1' = β1·s_t.
+        # CPU tensors, read in one go: no device sync.
+        steps = [int(k) + 1 for k in torch.stack([s["step"] for s in states]).tolist()]
+        norm_steps = [int(t) + 1 for t in torch.stack([s["norm_step"] for s in states]).tolist()]
         resets = [i for i, t in enumerate(norm_steps) if interval > 0 and t % interval == 0]
-        exp_avgs = [s["exp_avg"] for s in states]
-        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-        for i in resets:
-            steps[i] = 1
-        if resets and not like_reference:
-            torch._foreach_zero_([exp_avgs[i] for i in resets])
-            torch._foreach_zero_([exp_avg_sqs[i] for i in resets])
-        for beta1_t, members in _bucket([beta1 * s for s in scales]).items():
-            update_moments_([exp_avgs[i] for i in members], [exp_avg_sqs[i] for i in members],
-                            [inputs[i] for i in members], beta1_t, beta2)
-        bc1 = [1.0 - (beta1 * s) ** k for s, k in zip(scales, steps)]
-        bc2_sqrt = [math.sqrt(1.0 - beta2**k) for k in steps]
-        # m/(sqrt(v)/sqrt(bc2) + ε) = sqrt(bc2)·m/(sqrt(v) + ε·sqrt(bc2)): one division saved per element.
-        apply_update_(
-            params, exp_avgs, exp_avg_sqs,
-            step_sizes=[-lr * r / b for r, b in zip(bc2_sqrt, bc1)],
-            eps=[eps * r for r in bc2_sqrt],
-            scratch=self._scratch,
+        plan = StableSpamPlan(
+            # The reference drives the AdaClip/AdaGN bias corrections with Adam's (resettable) count,
+            # read before this step's reset.
+            counts=list(steps) if like_reference else norm_steps,
+            steps=[1 if i in set(resets) else k for i, k in enumerate(steps)],
+            scales=[momentum_decay_scale(t, decay_steps=group["decay_steps"], decay_min=group["decay_min"])
+                    for t in norm_steps],
+            resets=resets, reset_after=like_reference, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+            gammas=(group["gamma1"], group["gamma2"], group["gamma3"]),
+            decay=1.0 - group["lr"] * group["weight_decay"],
         )
-        if resets and like_reference:
-            torch._foreach_zero_([exp_avgs[i] for i in resets])
-            torch._foreach_zero_([exp_avg_sqs[i] for i in resets])
-        for state, k in zip(states, steps):
+        foreach = group["foreach"] if group["foreach"] is not None else params[0].device.type != "cpu"
+        (foreach_update if foreach else tensor_major_update)(params, states, plan, self._scratch)
+        for state, k, t in zip(states, plan.steps, norm_steps):
             state["step"].fill_(k)
-
-
-def _bucket(values: list[float]) -> dict[float, list[int]]:
-    out: dict[float, list[int]] = {}
-    for i, v in enumerate(values):
-        out.setdefault(v, []).append(i)
-    return out
+            state["norm_step"].fill_(t)

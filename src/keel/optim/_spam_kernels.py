@@ -1,0 +1,107 @@
+"""SPAM's update kernels: foreach over all tensors (accelerators) and tensor-major (CPU).
+
+Both apply the same plan (which tensors reset, which are clip-tested, the step sizes) decided by `SPAM`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from keel.optim._adam import apply_update_, update_moments_
+from keel.optim._helpers import Scratch
+
+
+@dataclass(frozen=True, kw_only=True)
+class SpamPlan:
+    """One bucket's step: per-tensor indices to reset, to clip-test (and of those, to test with unseen
+    entries spared), and each tensor's signed step size."""
+
+    resets: list[int]
+    clip: list[int]
+    spare: set[int]
+    step_sizes: list[float]
+
+
+def spike_clip(
+    grad: Tensor, exp_avg_sq: Tensor, threshold: float, *, out: Tensor, bound: Tensor, spare_unseen: bool
+) -> Tensor:
+    """SPAM's spike clipping of one tensor, written to ``out`` (``bound`` is scratch).
+
+    Entries with g² > θ·v become sign(g)·sqrt(θ·v); that is, g is clamped to ±sqrt(θ·v).
+
+    With ``spare_unseen``, entries whose v is exactly 0 — no gradient since the last reset — pass
+    unchanged: there is no history to call them a spike against. The reference replaces them by
+    sign(g)·0 = 0, so an entry that first gets a gradient after the grace period (a rare token's
+    embedding row) cannot move until the next reset.
+    """
+    torch.mul(exp_avg_sq, threshold, out=bound).sqrt_()
+    if spare_unseen:
+        bound.masked_fill_(exp_avg_sq == 0, math.inf)
+    torch.neg(bound, out=out)
+    return torch.clamp(grad, min=out, max=bound, out=out)
+
+
+def may_spike(grad: Tensor, exp_avg_sq: Tensor, threshold: float, tmp: Tensor) -> bool:
+    """Does any entry satisfy g² > θ·v (v − g²/θ < 0)? Exact up to rounding at the threshold itself.
+
+    A host read: used on CPU only, where it is free and lets the usual spike-free tensor skip the
+    four passes of the clamp.
+    """
+    return bool(torch.addcmul(exp_avg_sq, grad, grad, value=-1.0 / threshold, out=tmp).amin() < 0)
+
+
+def has_unseen(exp_avg_sqs: list[Tensor]) -> list[bool]:
+    """Per tensor: does v contain an exact 0? One batched reduction and one host read."""
+    if not exp_avg_sqs:
+        return []
+    return [bool(f) for f in torch.stack([(v == 0).any() for v in exp_avg_sqs]).tolist()]
+
+
+def foreach_update(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], plan: SpamPlan, *,
+                   beta1: float, beta2: float, eps: float, decay: float, threshold: float, scratch: Scratch) -> None:
+    """All tensors op by op with foreach kernels: few launches, the fast path on accelerators."""
+    grads = [p.grad for p in params]
+    if plan.resets:
+        torch._foreach_zero_([exp_avgs[i] for i in plan.resets])
+        torch._foreach_zero_([exp_avg_sqs[i] for i in plan.resets])
+    inputs = list(grads)
+    clip = plan.clip
+    if clip and params[0].device.type == "cpu":  # forced foreach on CPU: the host test is still free
+        tmps = scratch.like([params[i] for i in clip], 0)
+        clip = [i for i, tmp in zip(clip, tmps)
+                if i in plan.spare or may_spike(grads[i], exp_avg_sqs[i], threshold, tmp)]
+    owners = [params[i] for i in clip]
+    for i, out, bound in zip(clip, scratch.like(owners, 1), scratch.like(owners, 0)):
+        inputs[i] = spike_clip(grads[i], exp_avg_sqs[i], threshold, out=out, bound=bound,
+                               spare_unseen=i in plan.spare)
+    update_moments_(exp_avgs, exp_avg_sqs, inputs, beta1, beta2)
+    apply_update_(params, exp_avgs, exp_avg_sqs, step_sizes=plan.step_sizes, eps=[eps] * len(params),
+                  scratch=scratch)
+    if decay != 1.0:
+        torch._foreach_mul_(params, decay)
+
+
+def tensor_major_update(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], plan: SpamPlan, *,
+                        beta1: float, beta2: float, eps: float, decay: float, threshold: float,
+                        scratch: Scratch) -> None:
+    """Every op of one tensor back to back, then the next tensor: on CPU its moments stay in cache
+    between ops, which measured ~20% faster than op-by-op foreach on a 10M-parameter model."""
+    resets, clip = set(plan.resets), set(plan.clip)
+    denoms, outs = scratch.like(params, 0), scratch.like(params, 1)
+    for i, (p, m, v, denom, out) in enumerate(zip(params, exp_avgs, exp_avg_sqs, denoms, outs)):
+        g = p.grad
+        if i in resets:
+            m.zero_()
+            v.zero_()
+        if i in clip and (i in plan.spare or may_spike(g, v, threshold, denom)):
+            g = spike_clip(g, v, threshold, out=out, bound=denom, spare_unseen=i in plan.spare)
+        m.lerp_(g, 1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        torch.sqrt(v, out=denom).add_(eps)
+        p.addcdiv_(m, denom, value=plan.step_sizes[i])
+        if decay != 1.0:
+            p.mul_(decay)

@@ -1,0 +1,143 @@
+"""Stable-SPAM's update kernels: foreach over all tensors (accelerators) and tensor-major (CPU).
+
+Both apply the plan `StableSPAM` decided (counts, schedule, resets) and leave the new AdaClip/AdaGN
+statistics in the state as 0-d float32 tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from keel.optim._adam import apply_update_, update_moments_
+from keel.optim._helpers import Scratch, max_abs
+from keel.optim.ada_clip import ada_clip_, ada_clip_thresholds
+
+_TINY = torch.finfo(torch.float32).tiny
+
+
+@dataclass(frozen=True, kw_only=True)
+class StableSpamPlan:
+    """One bucket's step. ``steps``: Adam's count k per tensor (1 on a reset step); ``counts``: the count
+    driving the AdaClip/AdaGN bias corrections; ``scales``: s_t; ``resets``: tensors that reset now;
+    ``reset_after``: zero the moments after the update (the official code) instead of before."""
+
+    steps: list[int]
+    counts: list[int]
+    scales: list[float]
+    resets: list[int]
+    reset_after: bool
+    lr: float
+    betas: tuple[float, float]
+    eps: float
+    gammas: tuple[float, float, float]
+    decay: float
+
+
+def _adam_scalars(plan: StableSpamPlan, i: int) -> tuple[float, float, float]:
+    """(β1', signed step size, ε') for tensor i: m/(sqrt(v)/sqrt(bc2) + ε) = sqrt(bc2)·m/(sqrt(v) + ε·sqrt(bc2))."""
+    beta1, beta2 = plan.betas
+    beta1_t = beta1 * plan.scales[i]
+    k = plan.steps[i]
+    bc2_sqrt = math.sqrt(1.0 - beta2**k)
+    return beta1_t, -plan.lr * bc2_sqrt / (1.0 - beta1_t**k), plan.eps * bc2_sqrt
+
+
+def tensor_major_update(params: list[Tensor], states: list[dict[str, Any]], plan: StableSpamPlan,
+                        scratch: Scratch) -> None:
+    """Every op of one tensor back to back (its moments stay in cache); statistics as host floats, which
+    on CPU cost nothing to read, so a tensor with max|g| ≤ M̂ skips the clip entirely."""
+    gamma1, gamma2, gamma3 = plan.gammas
+    beta2 = plan.betas[1]
+    grads = [p.grad for p in params]
+    maxima = torch.stack(max_abs(grads)).tolist()
+    previous = {key: torch.stack([s[key] for s in states]).tolist() for key in ("clip_ema", "norm_ema", "norm_sq_ema")}
+    updated: dict[str, list[float]] = {key: [] for key in previous}
+    resets = set(plan.resets)
+    outs, denoms = scratch.like(params, 1), scratch.like(params, 0)
+    for i, (p, g, state, out, denom) in enumerate(zip(params, grads, states, outs, denoms)):
+        t = plan.counts[i]
+        if plan.decay != 1.0:
+            p.mul_(plan.decay)
+        # AdaClip
+        ema = gamma3 * previous["clip_ema"][i] + (1.0 - gamma3) * maxima[i]
+        threshold = ema / (1.0 - gamma3**t)
+        src = g
+        if maxima[i] > threshold:
+            spiked = torch.abs(g, out=out).gt_(threshold)  # 1.0 where |g| > M̂
+            src = torch.addcmul(g, g, spiked, value=threshold / maxima[i] - 1.0, out=out)
+        # AdaGN
+        norm = torch.linalg.vector_norm(src, dtype=torch.float32).item()
+        g1 = gamma1 * plan.scales[i]
+        norm_ema = g1 * previous["norm_ema"][i] + (1.0 - g1) * norm
+        norm_sq_ema = gamma2 * previous["norm_sq_ema"][i] + (1.0 - gamma2) * norm * norm
+        target = (norm_ema / (1.0 - g1**t)) / (math.sqrt(norm_sq_ema / (1.0 - gamma2**t)) + plan.eps)
+        factor = target / norm if norm > 0 else 0.0
+        for key, value in (("clip_ema", ema), ("norm_ema", norm_ema), ("norm_sq_ema", norm_sq_ema)):
+            updated[key].append(value)
+        # MoRet + Adam. The AdaGN factor f rides on the moment updates' scalars instead of a pass of its
+        # own: m ← β1'·m + (1−β1')·f·src, v ← β2·v + (1−β2)·f²·src².
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        if i in resets and not plan.reset_after:
+            m.zero_()
+            v.zero_()
+        beta1_t, step_size, eps = _adam_scalars(plan, i)
+        m.mul_(beta1_t).add_(src, alpha=(1.0 - beta1_t) * factor)
+        v.mul_(beta2).addcmul_(src, src, value=(1.0 - beta2) * factor * factor)
+        torch.sqrt(v, out=denom).add_(eps)
+        p.addcdiv_(m, denom, value=step_size)
+        if i in resets and plan.reset_after:
+            m.zero_()
+            v.zero_()
+    for key, values in updated.items():
+        for state, value in zip(states, torch.tensor(values, dtype=torch.float32).unbind()):
+            state[key] = value
+
+
+def foreach_update(params: list[Tensor], states: list[dict[str, Any]], plan: StableSpamPlan,
+                   scratch: Scratch) -> None:
+    """All tensors op by op with foreach kernels and the statistics as device vectors: no host sync."""
+    gamma1, gamma2, gamma3 = plan.gammas
+    device = params[0].device
+    grads = [p.grad for p in params]
+    if plan.decay != 1.0:
+        torch._foreach_mul_(params, plan.decay)
+    # AdaClip, every tensor (deciding which need it would take a host read).
+    maxima = torch.stack(max_abs(grads)).float()
+    counts = torch.tensor(plan.counts, dtype=torch.float32, device=device)
+    clip_ema, thresholds = ada_clip_thresholds(maxima, torch.stack([s["clip_ema"] for s in states]), counts, gamma3)
+    outs = scratch.like(params, 1)
+    inputs = [ada_clip_(g, m, thr, out=out) for g, m, thr, out in zip(grads, maxima.unbind(), thresholds.unbind(), outs)]
+    # AdaGN: rescale each tensor to norm m̂_n/(sqrt(v̂_n)+ε).
+    norms = torch.stack(torch._foreach_norm(inputs, 2, dtype=torch.float32))
+    g1 = torch.tensor([gamma1 * s for s in plan.scales], dtype=torch.float32, device=device)
+    norm_ema = g1 * torch.stack([s["norm_ema"] for s in states]) + (1.0 - g1) * norms
+    norm_sq_ema = gamma2 * torch.stack([s["norm_sq_ema"] for s in states]) + (1.0 - gamma2) * norms.square()
+    target = (norm_ema / (1.0 - torch.pow(g1, counts))) / (
+        torch.sqrt(norm_sq_ema / (1.0 - torch.pow(gamma2, counts))) + plan.eps)
+    factors = torch.where(norms > 0, target / norms.clamp_min(_TINY), 0.0)
+    torch._foreach_mul_(inputs, [f.to(x.dtype) for f, x in zip(factors.unbind(), inputs)])
+    for state, m, n, v in zip(states, clip_ema.unbind(), norm_ema.unbind(), norm_sq_ema.unbind()):
+        state["clip_ema"], state["norm_ema"], state["norm_sq_ema"] = m, n, v
+    # MoRet + Adam with β1' = β1·s_t (tensors grouped by β1', normally one group).
+    exp_avgs = [s["exp_avg"] for s in states]
+    exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+    if plan.resets and not plan.reset_after:
+        torch._foreach_zero_([exp_avgs[i] for i in plan.resets])
+        torch._foreach_zero_([exp_avg_sqs[i] for i in plan.resets])
+    scalars = [_adam_scalars(plan, i) for i in range(len(params))]
+    by_beta1: dict[float, list[int]] = {}
+    for i, (beta1_t, _, _) in enumerate(scalars):
+        by_beta1.setdefault(beta1_t, []).append(i)
+    for beta1_t, members in by_beta1.items():
+        update_moments_([exp_avgs[i] for i in members], [exp_avg_sqs[i] for i in members],
+                        [inputs[i] for i in members], beta1_t, plan.betas[1])
+    apply_update_(params, exp_avgs, exp_avg_sqs, step_sizes=[s for _, s, _ in scalars],
+                  eps=[e for _, _, e in scalars], scratch=scratch)
+    if plan.resets and plan.reset_after:
+        torch._foreach_zero_([exp_avgs[i] for i in plan.resets])
+        torch._foreach_zero_([exp_avg_sqs[i] for i in plan.resets])
