@@ -248,3 +248,11 @@ def main(args: argparse.Namespace) -> int:
         print(f"  {row['optimizer']:<18}{row['step_ms']:>10.2f}{row['ratio_vs_adamw']:>10.3f}"
               f"{row['gb_per_s']:>8.1f}  ({row['bytes_per_param']})")
     return 0
+
+
+if __name__ == "__main__":  # `python -m keel.bench.optim`, the same as `keel bench optim`
+    import sys
+
+    _parser = argparse.ArgumentParser(prog="keel bench optim", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))
