@@ -24,12 +24,29 @@ def test_bench_optim_reports_every_optimizer_against_adamw() -> None:
 def test_main_prints_json_with_results(capsys: pytest.CaptureFixture[str]) -> None:
     parser = argparse.ArgumentParser()
     bench.add_arguments(parser)
-    args = parser.parse_args(["--d-model", "32", "--layers", "1", "--steps", "1", "--repeats", "1",
-                              "--optimizers", "spam", "stable_spam", "--json"])
+    args = parser.parse_args(
+        [
+            "--d-model",
+            "32",
+            "--layers",
+            "1",
+            "--steps",
+            "1",
+            "--repeats",
+            "1",
+            "--optimizers",
+            "spam",
+            "stable_spam",
+            "--json",
+        ]
+    )
     assert bench.main(args) == 0
     payload = json.loads(capsys.readouterr().out)
     assert [(r["optimizer"], type(r["ratio_vs_adamw"])) for r in payload["results"]] == [
-        ("adamw", float), ("spam", float), ("stable_spam", float)]
+        ("adamw", float),
+        ("spam", float),
+        ("stable_spam", float),
+    ]
 
 
 def test_config_rejects_bad_values() -> None:

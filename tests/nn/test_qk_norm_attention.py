@@ -28,8 +28,9 @@ def test_matches_multihead_attention_with_masks(batch_first: bool, need_weights:
     attn_mask = torch.rand(5, 5, generator=gen) > 0.7
     attn_mask.fill_diagonal_(False)
     padding = torch.tensor([[False] * 4 + [True], [False] * 5])
-    kwargs = dict(key_padding_mask=padding, need_weights=need_weights, attn_mask=attn_mask,
-                  average_attn_weights=average)
+    kwargs = dict(
+        key_padding_mask=padding, need_weights=need_weights, attn_mask=attn_mask, average_attn_weights=average
+    )
     expected_out, expected_w = mha(q, kv, kv, **kwargs)
     out, w = ours(q, kv, kv, **kwargs)
     torch.testing.assert_close(out, expected_out, rtol=1e-5, atol=1e-6)

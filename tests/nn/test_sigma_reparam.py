@@ -37,7 +37,9 @@ def test_eval_does_not_advance_u_and_stats_only_passes_the_weight() -> None:
     assert monitor.gamma is None and list(monitor.parameters()) == []
     assert torch.equal(monitor(weight), weight)
     monitor(weight * 3)
-    assert monitor.sigma.item() == pytest.approx(3 * np.linalg.svd(weight.numpy(), compute_uv=False)[0], rel=1e-4)
+    assert monitor.sigma.item() == pytest.approx(
+        3 * np.linalg.svd(weight.numpy(), compute_uv=False)[0], rel=1e-4
+    )
 
 
 def test_from_linear_is_identity_at_conversion_and_shares_parameters() -> None:
@@ -50,8 +52,9 @@ def test_from_linear_is_identity_at_conversion_and_shares_parameters() -> None:
     torch.testing.assert_close(sn(x), expected, rtol=1e-5, atol=1e-6)
     sn.eval()
     torch.testing.assert_close(sn(x), expected, rtol=1e-5, atol=1e-6)
-    assert sn.spectral_norm.item() == pytest.approx(np.linalg.svd(layer.weight.detach().double().numpy(),
-                                                                  compute_uv=False)[0], rel=1e-5)
+    assert sn.spectral_norm.item() == pytest.approx(
+        np.linalg.svd(layer.weight.detach().double().numpy(), compute_uv=False)[0], rel=1e-5
+    )
 
 
 def test_gradient_reaches_weight_through_sigma_and_gamma() -> None:
@@ -82,8 +85,9 @@ def test_as_parametrization_on_conv_and_bf16_and_zero_weights() -> None:
     half = nn.Linear(8, 8).bfloat16()
     sn = SigmaReparamLinear.from_linear(half)
     assert sn.reparam.gamma.dtype == torch.bfloat16 and sn.reparam.sigma.dtype == torch.float32
-    torch.testing.assert_close(sn(torch.ones(1, 8).bfloat16()), half(torch.ones(1, 8).bfloat16()), rtol=2e-2,
-                               atol=2e-2)
+    torch.testing.assert_close(
+        sn(torch.ones(1, 8).bfloat16()), half(torch.ones(1, 8).bfloat16()), rtol=2e-2, atol=2e-2
+    )
     zero = nn.Linear(3, 2)
     with torch.no_grad():
         zero.weight.zero_()

@@ -53,7 +53,7 @@ class NanoGPT(nn.Module):
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         x = self.wte(idx)
-        for ln, attn in zip(self.ln, self.attn):
+        for ln, attn in zip(self.ln, self.attn, strict=True):
             x = x + attn(ln(x))
         return self.lm_head(x)
 
@@ -75,8 +75,10 @@ def _train(model: nn.Module, opt: torch.optim.Optimizer, batches, result=None, s
 
 def _batches(vocab: int, n: int = 3, T: int = 16):
     gen = torch.Generator().manual_seed(0)
-    return [(torch.randint(0, vocab, (4, T), generator=gen), torch.randint(0, vocab, (4, T), generator=gen))
-            for _ in range(n)]
+    return [
+        (torch.randint(0, vocab, (4, T), generator=gen), torch.randint(0, vocab, (4, T), generator=gen))
+        for _ in range(n)
+    ]
 
 
 def test_proxy_qk_norm_sigma_reparam_z_loss_and_optimizer_groups() -> None:
@@ -84,8 +86,9 @@ def test_proxy_qk_norm_sigma_reparam_z_loss_and_optimizer_groups() -> None:
     model = create_proxy_model("tiny")
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}],
-                            lr=1e-3)
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.1}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-3
+    )
     x = torch.randint(0, 256, (2, 16))
     before = model(x)
     result = stabilize(model, ["z_loss", "sigma_reparam", "qk_norm"], optimizer=opt)
@@ -96,8 +99,11 @@ def test_proxy_qk_norm_sigma_reparam_z_loss_and_optimizer_groups() -> None:
     # Every new parameter sits in the group of the parameter it belongs next to; no group was added.
     assert len(opt.param_groups) == 2
     for change in result.changes:
-        group = next(g for g in opt.param_groups if any(p is change.anchor for p in g["params"])) \
-            if change.anchor is not None else None
+        group = (
+            next(g for g in opt.param_groups if any(p is change.anchor for p in g["params"]))
+            if change.anchor is not None
+            else None
+        )
         for p in change.new_parameters:
             assert group is not None and any(q is p for q in group["params"])
     after = model(x)
@@ -208,10 +214,12 @@ def test_nothing_matched_warns_once_naming_every_remedy() -> None:
 
 
 def test_registry_names_are_file_stems_and_bad_requests_raise() -> None:
-    stems = sorted(p.stem for p in Path(remedies_pkg.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+    stems = sorted(
+        p.stem for p in Path(remedies_pkg.__file__).parent.glob("*.py") if not p.stem.startswith("_")
+    )
     listed = list_remedies()
     assert [name for name, _, _ in listed] == stems
-    for name, description, reference in listed:
+    for _, description, reference in listed:
         assert description and "\n" not in description and "arXiv" in reference
     with pytest.raises(ValueError, match="qk_norm"):
         stabilize(nn.Linear(2, 2), ["qk-norm"])

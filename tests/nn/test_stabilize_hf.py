@@ -15,15 +15,24 @@ transformers = pytest.importorskip("transformers")
 
 
 def _gpt2():
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32,
-                                     bos_token_id=0, eos_token_id=0)
+    config = transformers.GPT2Config(
+        n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32, bos_token_id=0, eos_token_id=0
+    )
     return transformers.GPT2LMHeadModel(config)
 
 
 def _llama():
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                      max_position_embeddings=32, bos_token_id=0, eos_token_id=0)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=32,
+        bos_token_id=0,
+        eos_token_id=0,
+    )
     return transformers.LlamaForCausalLM(config)
 
 
@@ -88,8 +97,12 @@ def test_llama_q_and_k_projections_are_normalised_before_rope_with_gqa() -> None
     logits = model(ids).logits
     assert q_out[0].shape[-1] == 32 and k_out[0].shape[-1] == 16  # 4 query heads, 2 key/value heads of 8
     for out in (q_out[0], k_out[0]):
-        torch.testing.assert_close(out.unflatten(-1, (-1, 8)).mean(-1), torch.zeros(out.shape[:-1] + (out.shape[-1] // 8,)),
-                                   atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            out.unflatten(-1, (-1, 8)).mean(-1),
+            torch.zeros(out.shape[:-1] + (out.shape[-1] // 8,)),
+            atol=1e-5,
+            rtol=0,
+        )
     torch.testing.assert_close(result.z_loss(), z_loss(logits))
     model.train()
     loss = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten())

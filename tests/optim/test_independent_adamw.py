@@ -55,8 +55,9 @@ def test_matches_float64_adam_with_independent_decay() -> None:
 
 def test_groups_state_dict_and_validation() -> None:
     a, b = torch.nn.Parameter(torch.ones(3)), torch.nn.Parameter(torch.ones(3))
-    opt = IndependentAdamW([{"params": [a]}, {"params": [b], "independent_weight_decay": 0.5}], lr=2.0,
-                           weight_decay=0.1)
+    opt = IndependentAdamW(
+        [{"params": [a]}, {"params": [b], "independent_weight_decay": 0.5}], lr=2.0, weight_decay=0.1
+    )
     extra = torch.nn.Parameter(torch.ones(1))
     opt.add_param_group({"params": [extra], "lr": 7.0})
     for q in (a, b, extra):
@@ -65,8 +66,10 @@ def test_groups_state_dict_and_validation() -> None:
     assert a[0].item() == pytest.approx(0.9) and b[0].item() == pytest.approx(0.5)
     assert extra[0].item() == pytest.approx(0.9)
     saved = copy.deepcopy(opt.state_dict())
-    fresh = IndependentAdamW([{"params": [torch.nn.Parameter(torch.ones(3))]},
-                              {"params": [torch.nn.Parameter(torch.ones(3))]}], lr=1.0)
+    fresh = IndependentAdamW(
+        [{"params": [torch.nn.Parameter(torch.ones(3))]}, {"params": [torch.nn.Parameter(torch.ones(3))]}],
+        lr=1.0,
+    )
     fresh.add_param_group({"params": [torch.nn.Parameter(torch.ones(1))]})
     fresh.load_state_dict(saved)
     assert fresh.param_groups[1]["independent_weight_decay"] == 0.5

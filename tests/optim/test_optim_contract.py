@@ -68,7 +68,7 @@ def test_state_dict_round_trip_with_scheduler_and_two_groups(name: str) -> None:
     sb.load_state_dict(sa.state_dict())
     train(a, x, y, oa, sa, 6)
     train(b, x, y, ob, sb, 6)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert oa.param_groups[1]["lr"] == pytest.approx(SETTINGS[name]["lr"] / 3 * 0.9**13)
 
@@ -78,12 +78,14 @@ def test_zero_lr_group_does_not_move(name: str) -> None:
     model, x, y = _problem()
     params = list(model.parameters())
     frozen = [p.detach().clone() for p in params[:2]]
-    opt = create_optimizer(name, [{"params": params[:2], "lr": 0.0}, {"params": params[2:]}], **SETTINGS[name])
+    opt = create_optimizer(
+        name, [{"params": params[:2], "lr": 0.0}, {"params": params[2:]}], **SETTINGS[name]
+    )
     for _ in range(3):
         opt.zero_grad()
         (model(x) - y).square().mean().backward()
         opt.step()
-    for before, p in zip(frozen, params[:2]):
+    for before, p in zip(frozen, params[:2], strict=True):
         assert torch.equal(before, p)
 
 

@@ -21,10 +21,10 @@ def test_projection_matches_float64_and_keeps_the_norm() -> None:
     gen = torch.Generator().manual_seed(0)
     ws = [torch.randn(7, 5, generator=gen), torch.randn(11, generator=gen)]
     gs = [torch.randn(7, 5, generator=gen) + 0.5 * ws[0], torch.randn(11, generator=gen)]
-    expected = [_project64(w.numpy(), g.numpy()) for w, g in zip(ws, gs)]
+    expected = [_project64(w.numpy(), g.numpy()) for w, g in zip(ws, gs, strict=True)]
     norms = [g.norm().item() for g in gs]
     orthogonalize_(ws, gs)
-    for w, g, e, n in zip(ws, gs, expected, norms):
+    for w, g, e, n in zip(ws, gs, expected, norms, strict=True):
         np.testing.assert_allclose(g.numpy().ravel(), e, rtol=1e-5, atol=1e-6)
         assert g.norm().item() == pytest.approx(n, rel=1e-5)
         assert abs(torch.dot(w.ravel(), g.ravel()).item()) <= 1e-5 * w.norm().item() * g.norm().item()
@@ -39,7 +39,7 @@ def test_sgd_update_is_orthogonal_to_the_weights() -> None:
         model(torch.randn(16, 6)).square().mean().backward()
         opt.step()
         opt.zero_grad()
-        for w, p in zip(before, model.parameters()):
+        for w, p in zip(before, model.parameters(), strict=True):
             update = (p.detach() - w).ravel()
             cos = torch.dot(update.double(), w.ravel().double()) / (update.norm() * w.norm() + 1e-30)
             assert abs(cos.item()) < 1e-5
@@ -77,7 +77,9 @@ def test_wrapper_shares_groups_hyperparameters_and_scheduler_with_the_base() -> 
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
     sched.step()
-    assert base.param_groups[0]["lr"] == pytest.approx(1e-3)  # the reference's scheduler never reaches the base
+    assert base.param_groups[0]["lr"] == pytest.approx(
+        1e-3
+    )  # the reference's scheduler never reaches the base
     assert base.param_groups[0]["betas"] == (0.8, 0.95) and base.param_groups[0]["eps"] == 1e-25
     extra = torch.nn.Parameter(torch.zeros(2))
     opt.add_param_group({"params": [extra], "lr": 0.5})
@@ -106,7 +108,7 @@ def test_state_dict_round_trip_reaches_the_base() -> None:
     assert ob.param_groups is ob.optimizer.param_groups
     train(a, oa, 4, 2)
     train(b, ob, 4, 2)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
 
 

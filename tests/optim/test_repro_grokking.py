@@ -26,8 +26,10 @@ def _train(orthogonal: bool, epochs: int = 200) -> tuple[float, float]:
     x_train, y_train, x_test, y_test = _modular_addition()
     torch.manual_seed(0)
     model = torch.nn.Sequential(  # the paper's MLP: hidden [200, 200], no bias
-        torch.nn.Linear(2 * P, 200, bias=False), torch.nn.ReLU(),
-        torch.nn.Linear(200, 200, bias=False), torch.nn.ReLU(),
+        torch.nn.Linear(2 * P, 200, bias=False),
+        torch.nn.ReLU(),
+        torch.nn.Linear(200, 200, bias=False),
+        torch.nn.ReLU(),
         torch.nn.Linear(200, P, bias=False),
     )
     opt = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=1e-25, weight_decay=0.0)

@@ -35,7 +35,7 @@ def _losses(make_optimizer, spikes: tuple[int, ...], steps: int = 90) -> list[fl
 
 def _damage(make_optimizer) -> tuple[float, float]:
     clean, spiked = _losses(make_optimizer, ()), _losses(make_optimizer, SPIKES)
-    after = [s - c for s, c in zip(spiked[53:83], clean[53:83])]
+    after = [s - c for s, c in zip(spiked[53:83], clean[53:83], strict=True)]
     return sum(after) / len(after), max(after)
 
 

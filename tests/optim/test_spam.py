@@ -45,7 +45,9 @@ class SpamReference:
         if self.interval and k % self.interval == 0:
             self.m[:] = 0.0
             self.v[:] = 0.0
-        active = self.threshold != 0 and k >= self.grace and (not self.interval or k % self.interval >= self.grace)
+        active = (
+            self.threshold != 0 and k >= self.grace and (not self.interval or k % self.interval >= self.grace)
+        )
         self.clipped_last[:] = False
         if active:
             spike = g**2 > self.threshold * self.v
@@ -63,14 +65,30 @@ class SpamReference:
 HYPER = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-6, wd=0.1, threshold=3.0, interval=6, warmup=3, grace=2)
 
 
-def _run_pair(steps: int, *, seed: int = 0, clip_unseen: bool = False, spike_at: int | None = None,
-              foreach: bool | None = None):
+def _run_pair(
+    steps: int,
+    *,
+    seed: int = 0,
+    clip_unseen: bool = False,
+    spike_at: int | None = None,
+    foreach: bool | None = None,
+):
     gen = torch.Generator().manual_seed(seed)
     p = torch.nn.Parameter(torch.randn(5, 7, generator=gen))
     ref = SpamReference(p.detach().numpy(), clip_unseen=clip_unseen, **HYPER)
-    opt = SPAM([p], lr=HYPER["lr"], betas=HYPER["betas"], eps=HYPER["eps"], weight_decay=HYPER["wd"],
-               threshold=HYPER["threshold"], reset_interval=HYPER["interval"], warmup_steps=HYPER["warmup"],
-               grace_steps=HYPER["grace"], clip_unseen=clip_unseen, foreach=foreach)
+    opt = SPAM(
+        [p],
+        lr=HYPER["lr"],
+        betas=HYPER["betas"],
+        eps=HYPER["eps"],
+        weight_decay=HYPER["wd"],
+        threshold=HYPER["threshold"],
+        reset_interval=HYPER["interval"],
+        warmup_steps=HYPER["warmup"],
+        grace_steps=HYPER["grace"],
+        clip_unseen=clip_unseen,
+        foreach=foreach,
+    )
     clipped_any = False
     for t in range(1, steps + 1):
         g = torch.randn(5, 7, generator=gen)
@@ -118,8 +136,15 @@ def test_reset_step_zeroes_moments_and_keeps_bias_count() -> None:
 def test_unseen_entries_are_spared_by_default_and_zeroed_like_the_reference_on_request(foreach) -> None:
     for clip_unseen, expected_moves in ((False, True), (True, False)):
         p = torch.nn.Parameter(torch.ones(4))
-        opt = SPAM([p], lr=0.1, threshold=5000.0, reset_interval=0, grace_steps=2, clip_unseen=clip_unseen,
-                   foreach=foreach)
+        opt = SPAM(
+            [p],
+            lr=0.1,
+            threshold=5000.0,
+            reset_interval=0,
+            grace_steps=2,
+            clip_unseen=clip_unseen,
+            foreach=foreach,
+        )
         for _ in range(3):  # entry 0 never gets a gradient during the grace period
             p.grad = torch.tensor([0.0, 1.0, 1.0, 1.0])
             opt.step()
@@ -159,24 +184,39 @@ def test_state_dict_round_trip_continues_identically() -> None:
     opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
     train(a, opt_a, 6, seed=2)
     train(b, opt_b, 6, seed=2)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
 
 
 def test_groups_and_scheduler_use_each_groups_lr() -> None:
     gen = torch.Generator().manual_seed(3)
-    p1, p2 = torch.nn.Parameter(torch.randn(3, generator=gen)), torch.nn.Parameter(torch.randn(2, generator=gen))
+    p1, p2 = (
+        torch.nn.Parameter(torch.randn(3, generator=gen)),
+        torch.nn.Parameter(torch.randn(2, generator=gen)),
+    )
     opt = SPAM([{"params": [p1], "lr": 0.1}, {"params": [p2], "weight_decay": 0.5}], lr=0.01, threshold=0.0)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
-    refs = [SpamReference(p.detach().numpy(), lr=lr, betas=(0.9, 0.999), eps=1e-6, wd=wd, threshold=0.0,
-                          interval=500, warmup=150, grace=20, clip_unseen=False)
-            for p, lr, wd in ((p1, 0.1, 0.0), (p2, 0.01, 0.5))]
+    refs = [
+        SpamReference(
+            p.detach().numpy(),
+            lr=lr,
+            betas=(0.9, 0.999),
+            eps=1e-6,
+            wd=wd,
+            threshold=0.0,
+            interval=500,
+            warmup=150,
+            grace=20,
+            clip_unseen=False,
+        )
+        for p, lr, wd in ((p1, 0.1, 0.0), (p2, 0.01, 0.5))
+    ]
     for _ in range(3):
-        for p, ref in zip((p1, p2), refs):
+        for p, ref in zip((p1, p2), refs, strict=True):
             p.grad = torch.randn(p.shape, generator=gen)
             ref.lr = opt.param_groups[0 if p is p1 else 1]["lr"]
         opt.step()
-        for p, ref in zip((p1, p2), refs):
+        for p, ref in zip((p1, p2), refs, strict=True):
             ref.step(p.grad.numpy())
             np.testing.assert_allclose(p.detach().numpy(), ref.p, rtol=1e-5)
         sched.step()
@@ -192,8 +232,18 @@ def test_edge_cases_zero_grad_empty_bf16_nan() -> None:
         opt.step()
     assert torch.allclose(p.detach(), torch.full((3,), 0.99**3))  # only the decay acts
     half = torch.nn.Parameter(torch.randn(4, 4, dtype=torch.bfloat16))
-    ref = SpamReference(half.detach().float().numpy(), lr=1e-2, betas=(0.9, 0.999), eps=1e-6, wd=0.0,
-                        threshold=5000.0, interval=500, warmup=150, grace=20, clip_unseen=False)
+    ref = SpamReference(
+        half.detach().float().numpy(),
+        lr=1e-2,
+        betas=(0.9, 0.999),
+        eps=1e-6,
+        wd=0.0,
+        threshold=5000.0,
+        interval=500,
+        warmup=150,
+        grace=20,
+        clip_unseen=False,
+    )
     opt_half = SPAM([half], lr=1e-2)
     gen = torch.Generator().manual_seed(0)
     for _ in range(5):
@@ -210,9 +260,15 @@ def test_edge_cases_zero_grad_empty_bf16_nan() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"lr": -1.0}, "lr"), ({"betas": (0.9, 1.0)}, "betas[1]"), ({"eps": -1e-8}, "eps"),
-     ({"threshold": -1.0}, "threshold"), ({"reset_interval": 2.5}, "reset_interval"),
-     ({"grace_steps": -1}, "grace_steps"), ({"weight_decay": math.nan}, "weight_decay")],
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"betas": (0.9, 1.0)}, "betas[1]"),
+        ({"eps": -1e-8}, "eps"),
+        ({"threshold": -1.0}, "threshold"),
+        ({"reset_interval": 2.5}, "reset_interval"),
+        ({"grace_steps": -1}, "grace_steps"),
+        ({"weight_decay": math.nan}, "weight_decay"),
+    ],
 )
 def test_rejects_bad_hyperparameters(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"SPAM.{field}=")):

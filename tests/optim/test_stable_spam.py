@@ -30,8 +30,22 @@ class StableSpamReference:
     the old m, v with k = 1 and zeroes them afterwards; one counter k drives every bias correction.
     """
 
-    def __init__(self, p, *, lr, betas, eps, wd, gamma1, gamma2, gamma3, interval, decay_steps, decay_min,
-                 like_reference):
+    def __init__(
+        self,
+        p,
+        *,
+        lr,
+        betas,
+        eps,
+        wd,
+        gamma1,
+        gamma2,
+        gamma3,
+        interval,
+        decay_steps,
+        decay_min,
+        like_reference,
+    ):
         self.p = p.astype(np.float64)
         self.m, self.v = np.zeros_like(self.p), np.zeros_like(self.p)
         self.k = self.t = 0
@@ -81,17 +95,40 @@ class StableSpamReference:
 
 
 def _hyper(**over):
-    h = dict(lr=1e-2, betas=(0.9, 0.99), eps=1e-8, wd=0.05, gamma1=0.7, gamma2=0.9, gamma3=0.9, interval=7,
-             decay_steps=None, decay_min=0.5, like_reference=False, foreach=None)
+    h = dict(
+        lr=1e-2,
+        betas=(0.9, 0.99),
+        eps=1e-8,
+        wd=0.05,
+        gamma1=0.7,
+        gamma2=0.9,
+        gamma3=0.9,
+        interval=7,
+        decay_steps=None,
+        decay_min=0.5,
+        like_reference=False,
+        foreach=None,
+    )
     h.update(over)
     return h
 
 
 def _optimizer(params, h):
-    return StableSPAM(params, lr=h["lr"], betas=h["betas"], eps=h["eps"], weight_decay=h["wd"], gamma1=h["gamma1"],
-                      gamma2=h["gamma2"], gamma3=h["gamma3"], reset_interval=h["interval"],
-                      decay_steps=h["decay_steps"], decay_min=h["decay_min"], reset_like_reference=h["like_reference"],
-                      foreach=h["foreach"])
+    return StableSPAM(
+        params,
+        lr=h["lr"],
+        betas=h["betas"],
+        eps=h["eps"],
+        weight_decay=h["wd"],
+        gamma1=h["gamma1"],
+        gamma2=h["gamma2"],
+        gamma3=h["gamma3"],
+        reset_interval=h["interval"],
+        decay_steps=h["decay_steps"],
+        decay_min=h["decay_min"],
+        reset_like_reference=h["like_reference"],
+        foreach=h["foreach"],
+    )
 
 
 def _compare(steps: int, h: dict, *, seed: int = 0, spikes: dict[int, float] | None = None):
@@ -159,7 +196,9 @@ def test_state_dict_round_trip_and_groups_with_scheduler() -> None:
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
         params = list(model.parameters())
-        opt = StableSPAM([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}], lr=1e-2, reset_interval=4)
+        opt = StableSPAM(
+            [{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}], lr=1e-2, reset_interval=4
+        )
         return model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 
     def train(model, opt, sched, steps, seed):
@@ -178,7 +217,7 @@ def test_state_dict_round_trip_and_groups_with_scheduler() -> None:
     sb.load_state_dict(sa.state_dict())
     train(a, oa, sa, 5, 2)
     train(b, ob, sb, 5, 2)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         assert torch.equal(pa, pb)
     assert oa.param_groups[1]["lr"] == pytest.approx(3e-3 * 0.5**5)
 
@@ -212,9 +251,15 @@ def test_edge_cases_zero_grad_bf16_empty() -> None:
 
 @pytest.mark.parametrize(
     ("kwargs", "field"),
-    [({"lr": -1.0}, "lr"), ({"gamma1": 1.0}, "gamma1"), ({"gamma3": -0.1}, "gamma3"),
-     ({"reset_interval": -1}, "reset_interval"), ({"decay_steps": 0}, "decay_steps"),
-     ({"decay_min": 2.0}, "decay_min"), ({"reset_like_reference": 1}, "reset_like_reference")],
+    [
+        ({"lr": -1.0}, "lr"),
+        ({"gamma1": 1.0}, "gamma1"),
+        ({"gamma3": -0.1}, "gamma3"),
+        ({"reset_interval": -1}, "reset_interval"),
+        ({"decay_steps": 0}, "decay_steps"),
+        ({"decay_min": 2.0}, "decay_min"),
+        ({"reset_like_reference": 1}, "reset_like_reference"),
+    ],
 )
 def test_rejects_bad_hyperparameters(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"StableSPAM.{field}=")):

@@ -106,7 +106,9 @@ class OptimBenchConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"OptimBenchConfig.device={self.device!r}; allowed: auto, cpu, cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("OptimBenchConfig.device='cuda' but no CUDA device is available; allowed: cpu, auto")
+            raise ValueError(
+                "OptimBenchConfig.device='cuda' but no CUDA device is available; allowed: cpu, auto"
+            )
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -116,8 +118,9 @@ class OptimBenchConfig:
 
 def _gradient_sets(config: OptimBenchConfig, device: str) -> tuple[list[list[torch.Tensor]], int]:
     torch.manual_seed(0)
-    model = create_proxy_model("large", d_model=config.d_model, n_layers=config.n_layers,
-                               n_heads=max(1, config.d_model // 64)).to(device)
+    model = create_proxy_model(
+        "large", d_model=config.d_model, n_layers=config.n_layers, n_heads=max(1, config.d_model // 64)
+    ).to(device)
     batches = ProxyBatches(batch_size=8, seq_len=64, seed=0)
     sets = []
     for _ in range(config.grad_sets):
@@ -142,7 +145,9 @@ def _settle(opt: Optimizer, grad_sets: list[list[torch.Tensor]]) -> None:
             state["exp_avg_sq"].copy_(torch.stack([g[i].square() for g in grad_sets]).mean(0))
 
 
-def bench_optim(config: OptimBenchConfig | None = None, progress: Callable[[str], None] | None = None) -> dict:
+def bench_optim(
+    config: OptimBenchConfig | None = None, progress: Callable[[str], None] | None = None
+) -> dict:
     """Time each optimizer's ``step()`` against AdamW(foreach) in the same process; returns the figures.
 
     Returns:
@@ -170,7 +175,7 @@ def bench_optim(config: OptimBenchConfig | None = None, progress: Callable[[str]
         elapsed = 0.0
         for _ in range(steps):
             grads = grad_sets[cursor["k"] % len(grad_sets)]
-            for p, g in zip(params, grads):
+            for p, g in zip(params, grads, strict=True):
                 if p.grad is None:
                     p.grad = g.clone()
                 else:
@@ -200,13 +205,17 @@ def bench_optim(config: OptimBenchConfig | None = None, progress: Callable[[str]
     results = []
     for name in names:
         step_s = statistics.median(times[name])
-        results.append({
-            "optimizer": name,
-            "ratio_vs_adamw": statistics.median(t / b for t, b in zip(times[name], times[BASELINE])),
-            "step_ms": 1e3 * step_s,
-            "bytes_per_param": BYTES_PER_PARAM[name],
-            "gb_per_s": BYTES_PER_PARAM[name] * n_params / step_s / 1e9,
-        })
+        results.append(
+            {
+                "optimizer": name,
+                "ratio_vs_adamw": statistics.median(
+                    t / b for t, b in zip(times[name], times[BASELINE], strict=True)
+                ),
+                "step_ms": 1e3 * step_s,
+                "bytes_per_param": BYTES_PER_PARAM[name],
+                "gb_per_s": BYTES_PER_PARAM[name] * n_params / step_s / 1e9,
+            }
+        )
     return {
         "results": results,
         "params": n_params,
@@ -218,35 +227,60 @@ def bench_optim(config: OptimBenchConfig | None = None, progress: Callable[[str]
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = OptimBenchConfig()
-    parser.add_argument("--d-model", type=int, default=defaults.d_model, help="proxy width (default: %(default)s)")
-    parser.add_argument("--layers", type=int, default=defaults.n_layers, help="proxy depth (default: %(default)s)")
+    parser.add_argument(
+        "--d-model", type=int, default=defaults.d_model, help="proxy width (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--layers", type=int, default=defaults.n_layers, help="proxy depth (default: %(default)s)"
+    )
     parser.add_argument("--steps", type=int, default=defaults.steps, help="steps per timed block")
     parser.add_argument("--repeats", type=int, default=defaults.repeats)
-    parser.add_argument("--optimizers", nargs="+", default=list(defaults.optimizers), choices=OPTIMIZERS,
-                        metavar="NAME", help=f"subset of: {', '.join(OPTIMIZERS)}")
+    parser.add_argument(
+        "--optimizers",
+        nargs="+",
+        default=list(defaults.optimizers),
+        choices=OPTIMIZERS,
+        metavar="NAME",
+        help=f"subset of: {', '.join(OPTIMIZERS)}",
+    )
     parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"))
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
-    parser.add_argument("--early", action="store_true",
-                        help="time the first steps of a run instead of a long-run steady state")
+    parser.add_argument(
+        "--early",
+        action="store_true",
+        help="time the first steps of a run instead of a long-run steady state",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
 def main(args: argparse.Namespace) -> int:
-    config = OptimBenchConfig(d_model=args.d_model, n_layers=args.layers, steps=args.steps, repeats=args.repeats,
-                              optimizers=tuple(args.optimizers), device=args.device, threads=args.threads,
-                              steady_state=not args.early)
+    config = OptimBenchConfig(
+        d_model=args.d_model,
+        n_layers=args.layers,
+        steps=args.steps,
+        repeats=args.repeats,
+        optimizers=tuple(args.optimizers),
+        device=args.device,
+        threads=args.threads,
+        steady_state=not args.early,
+    )
     progress = None if args.json else (lambda msg: print(f"  {msg}", flush=True))
     result = bench_optim(config, progress)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     phase = "long-run steady state" if config.steady_state else "first steps of a run"
-    print(f"{result['params'] / 1e6:.1f}M-parameter proxy, {result['device']}, {result['threads']} thread(s), "
-          f"{config.repeats} repeats x {config.steps} steps, interleaved, {phase}; only optimizer.step() is timed")
+    print(
+        f"{result['params'] / 1e6:.1f}M-parameter proxy, {result['device']}, {result['threads']} thread(s), "
+        f"{config.repeats} repeats x {config.steps} steps, interleaved, {phase}; "
+        "only optimizer.step() is timed"
+    )
     print(f"  {'optimizer':<18}{'ms/step':>10}{'vs AdamW':>10}{'GB/s':>8}  (bytes/param)")
     for row in result["results"]:
-        print(f"  {row['optimizer']:<18}{row['step_ms']:>10.2f}{row['ratio_vs_adamw']:>10.3f}"
-              f"{row['gb_per_s']:>8.1f}  ({row['bytes_per_param']})")
+        print(
+            f"  {row['optimizer']:<18}{row['step_ms']:>10.2f}{row['ratio_vs_adamw']:>10.3f}"
+            f"{row['gb_per_s']:>8.1f}  ({row['bytes_per_param']})"
+        )
     return 0
 
 

@@ -15,7 +15,7 @@ ICT_C_PER_SQRT_DIM = 0.00054
 
 
 def pseudo_huber_c(dim: int) -> float:
-    """iCT's default ``c = 0.00054 · sqrt(dim)`` for samples of ``dim`` elements (CIFAR-10: dim 3072 → 0.03)."""
+    """iCT's default ``c = 0.00054 · sqrt(dim)`` for samples of ``dim`` elements (CIFAR-10: 3072 → 0.03)."""
     if dim < 1:
         raise ValueError(f"dim={dim!r}; allowed: a positive int")
     return ICT_C_PER_SQRT_DIM * math.sqrt(dim)

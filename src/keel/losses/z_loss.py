@@ -52,7 +52,9 @@ def z_loss_from_log_z(
         # sum / max(n, 1) rather than mean(): an empty batch gives 0, not NaN.
         return coefficient * squared.sum() / max(squared.numel(), 1)
     if mask.shape != log_z.shape:
-        raise ValueError(f"mask.shape={tuple(mask.shape)}; allowed: the logits' leading shape {tuple(log_z.shape)}")
+        raise ValueError(
+            f"mask.shape={tuple(mask.shape)}; allowed: the logits' leading shape {tuple(log_z.shape)}"
+        )
     mask = mask.to(squared.dtype)
     # clamp_min keeps an all-padding batch at 0 instead of 0/0.
     return coefficient * (squared * mask).sum() / mask.sum().clamp_min(1.0)

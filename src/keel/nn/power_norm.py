@@ -31,8 +31,18 @@ class _PowerFunction(torch.autograd.Function):
     """Forward: y = γ·x/sqrt(stat + eps). Backward: the approximate rule with the running Γ (``ema_gz``)."""
 
     @staticmethod
-    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor, valid: Tensor, used: Tensor, ema_gz: Tensor,
-                alpha_bkw: float, divisor_stat: Tensor, eps: float) -> Tensor:
+    def forward(
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        valid: Tensor,
+        used: Tensor,
+        ema_gz: Tensor,
+        alpha_bkw: float,
+        divisor_stat: Tensor,
+        eps: float,
+    ) -> Tensor:
         z = x / torch.sqrt(used + eps)
         ctx.save_for_backward(z, weight, valid, ema_gz, divisor_stat)
         ctx.alpha_bkw, ctx.eps = alpha_bkw, eps
@@ -118,7 +128,9 @@ class PowerNorm(nn.Module):
         if not isinstance(warmup_iters, int) or warmup_iters < 0:
             raise ValueError(f"PowerNorm.warmup_iters={warmup_iters!r}; allowed: an int >= 0")
         if groups is not None and (not isinstance(groups, int) or groups < 1 or num_features % groups):
-            raise ValueError(f"PowerNorm.groups={groups!r}; allowed: None or a positive divisor of {num_features}")
+            raise ValueError(
+                f"PowerNorm.groups={groups!r}; allowed: None or a positive divisor of {num_features}"
+            )
         self.num_features, self.eps = num_features, float(eps)
         self.alpha_fwd, self.alpha_bkw = float(alpha_fwd), float(alpha_bkw)
         self.warmup_iters, self.groups, self.reference_backward = warmup_iters, groups, reference_backward
@@ -143,7 +155,11 @@ class PowerNorm(nn.Module):
             x = group_scaling(x, self.groups)
         if not self.training:
             return x / torch.sqrt(self.running_phi + self.eps) * self.weight + self.bias
-        valid = torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device) if pad_mask is None else (~pad_mask).to(x.dtype)
+        valid = (
+            torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
+            if pad_mask is None
+            else (~pad_mask).to(x.dtype)
+        )
         valid = valid.unsqueeze(-1)  # (..., 1)
         with torch.no_grad():
             count = valid.sum().clamp_min(1.0)
@@ -159,8 +175,12 @@ class PowerNorm(nn.Module):
             if step < self.warmup_iters:
                 self.running_phi.mul_((step - 1) / step).add_(batch_sq / step)
             self.running_phi.mul_(self.alpha_fwd).add_((1.0 - self.alpha_fwd) * batch_sq)
-        return _PowerFunction.apply(x, self.weight, self.bias, valid, used, self.ema_gz, self.alpha_bkw, divisor, self.eps)
+        return _PowerFunction.apply(
+            x, self.weight, self.bias, valid, used, self.ema_gz, self.alpha_bkw, divisor, self.eps
+        )
 
     def extra_repr(self) -> str:
-        return (f"{self.num_features}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
-                f"warmup_iters={self.warmup_iters}, groups={self.groups}")
+        return (
+            f"{self.num_features}, eps={self.eps}, alpha_fwd={self.alpha_fwd}, alpha_bkw={self.alpha_bkw}, "
+            f"warmup_iters={self.warmup_iters}, groups={self.groups}"
+        )

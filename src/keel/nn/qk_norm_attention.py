@@ -64,20 +64,40 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
         norm: str = "layer",
         eps: float = 1e-5,
     ) -> None:
-        super().__init__(embed_dim, num_heads, dropout=dropout, bias=bias, kdim=kdim, vdim=vdim,
-                         batch_first=batch_first, device=device, dtype=dtype)
+        super().__init__(
+            embed_dim,
+            num_heads,
+            dropout=dropout,
+            bias=bias,
+            kdim=kdim,
+            vdim=vdim,
+            batch_first=batch_first,
+            device=device,
+            dtype=dtype,
+        )
         self.q_norm = QKNorm(self.head_dim, kind=norm, eps=eps, device=device, dtype=dtype)
         self.k_norm = QKNorm(self.head_dim, kind=norm, eps=eps, device=device, dtype=dtype)
         self.register_forward_pre_hook(_keep_out_of_fused_path)
 
     @classmethod
-    def from_module(cls, mha: nn.MultiheadAttention, *, norm: str = "layer", eps: float = 1e-5
-                    ) -> QKNormMultiheadAttention:
+    def from_module(
+        cls, mha: nn.MultiheadAttention, *, norm: str = "layer", eps: float = 1e-5
+    ) -> QKNormMultiheadAttention:
         """Convert ``mha``: the new module shares its Parameters and ``out_proj``; only the norms are new."""
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("nn.MultiheadAttention with add_bias_kv or add_zero_attn; allowed: neither")
-        new = cls(mha.embed_dim, mha.num_heads, dropout=mha.dropout, bias=mha.in_proj_bias is not None,
-                  kdim=mha.kdim, vdim=mha.vdim, batch_first=mha.batch_first, device="meta", norm=norm, eps=eps)
+        new = cls(
+            mha.embed_dim,
+            mha.num_heads,
+            dropout=mha.dropout,
+            bias=mha.in_proj_bias is not None,
+            kdim=mha.kdim,
+            vdim=mha.vdim,
+            batch_first=mha.batch_first,
+            device="meta",
+            norm=norm,
+            eps=eps,
+        )
         for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
             if parametrize.is_parametrized(mha, name):  # e.g. σReparam applied first: carry it over
                 chain = mha.parametrizations[name]
@@ -124,7 +144,9 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
         B, L, _ = query.shape
         S = key.shape[1]
         heads, head_dim = self.num_heads, self.head_dim
-        q = self.q_norm(F.linear(query, w_q, b_q).view(B, L, heads, head_dim)).transpose(1, 2)  # (B, H, L, hd)
+        q = self.q_norm(F.linear(query, w_q, b_q).view(B, L, heads, head_dim)).transpose(
+            1, 2
+        )  # (B, H, L, hd)
         k = self.k_norm(F.linear(key, w_k, b_k).view(B, S, heads, head_dim)).transpose(1, 2)  # (B, H, S, hd)
         v = F.linear(value, w_v, b_v).view(B, S, heads, head_dim).transpose(1, 2)  # (B, H, S, hd)
         bias = _additive_mask(attn_mask, key_padding_mask, B, heads, L, S, q.dtype)
@@ -141,7 +163,9 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
                 weights = weights.squeeze(0)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        out = F.linear(out.transpose(1, 2).reshape(B, L, self.embed_dim), self.out_proj.weight, self.out_proj.bias)
+        out = F.linear(
+            out.transpose(1, 2).reshape(B, L, self.embed_dim), self.out_proj.weight, self.out_proj.bias
+        )
         if not self.batch_first or unbatched:
             out = out.transpose(0, 1)
         if unbatched:
@@ -149,8 +173,15 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
         return out, weights
 
 
-def _additive_mask(attn_mask: Tensor | None, key_padding_mask: Tensor | None, B: int, H: int, L: int, S: int,
-                   dtype: torch.dtype) -> Tensor | None:
+def _additive_mask(
+    attn_mask: Tensor | None,
+    key_padding_mask: Tensor | None,
+    B: int,
+    H: int,
+    L: int,
+    S: int,
+    dtype: torch.dtype,
+) -> Tensor | None:
     """nn.MultiheadAttention's masks (bool True = blocked, or additive floats) as one additive bias."""
     bias = None
     if attn_mask is not None:

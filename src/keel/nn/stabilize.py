@@ -24,7 +24,9 @@ DEFAULT_REMEDIES = ("qk_norm", "z_loss")
 
 def list_remedies() -> list[tuple[str, str, str]]:
     """(name, one-line description, reference) of every remedy `stabilize` knows, sorted by name."""
-    return [(name, _registry.get(name).description, _registry.get(name).reference) for name in _registry.names()]
+    return [
+        (name, _registry.get(name).description, _registry.get(name).reference) for name in _registry.names()
+    ]
 
 
 def create_remedy(name: str, **options: Any) -> Remedy:
@@ -143,7 +145,8 @@ def stabilize(
         warnings.warn(
             RemedyNoEffectWarning(
                 f"stabilize: {', '.join(result.unmatched)} matched nothing in {type(model).__name__} (or was "
-                "already applied); see keel.nn.list_remedies() and each remedy's docstring for what it recognises"
+                "already applied); see keel.nn.list_remedies() and each remedy's docstring for what it "
+                "recognises"
             ),
             stacklevel=2,
         )
@@ -156,8 +159,13 @@ def _add_to_optimizer(optimizer: Optimizer, changes: list[Change]) -> None:
         fresh = [p for p in change.new_parameters if p.requires_grad and id(p) not in known]
         if not fresh:
             continue
-        group = next((g for g in optimizer.param_groups
-                      if change.anchor is not None and any(p is change.anchor for p in g["params"])),
-                     optimizer.param_groups[0])
+        group = next(
+            (
+                g
+                for g in optimizer.param_groups
+                if change.anchor is not None and any(p is change.anchor for p in g["params"])
+            ),
+            optimizer.param_groups[0],
+        )
         group["params"].extend(fresh)
         known.update(id(p) for p in fresh)

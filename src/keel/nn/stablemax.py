@@ -46,7 +46,8 @@ class StableMax(nn.Module):
             return s / total
         log_s = torch.log1p(x.clamp(min=0.0)) - torch.log1p(-x.clamp(max=0.0))
         out = log_s - torch.log(total)
-        # The largest term's log-probability may be near 0, where log s − log S cancels: sum the rest directly.
+        # The largest term's log-probability may be near 0, where log s − log S cancels: sum the rest
+        # directly.
         top = s.argmax(dim=self.dim, keepdim=True)
         rest = s.scatter(self.dim, top, 0.0).sum(dim=self.dim, keepdim=True)
         return out.scatter(self.dim, top, -torch.log1p(rest / s.gather(self.dim, top)))

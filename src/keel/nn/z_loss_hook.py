@@ -53,7 +53,8 @@ class ZLossHook:
         logits = output if isinstance(output, Tensor) else getattr(output, "logits", None)
         if logits is None:
             raise TypeError(
-                f"{type(module).__name__} returned {type(output).__name__}; allowed: a Tensor of logits or an "
+                f"{type(module).__name__} returned {type(output).__name__}; "
+                "allowed: a Tensor of logits or an "
                 "object with a .logits attribute"
             )
         if logits.dtype in (torch.float16, torch.bfloat16):

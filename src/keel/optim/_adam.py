@@ -11,7 +11,11 @@ from keel.optim._helpers import Scratch, sqrt_into
 
 
 def update_moments_(
-    exp_avgs: Sequence[Tensor], exp_avg_sqs: Sequence[Tensor], inputs: Sequence[Tensor], beta1: float, beta2: float
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    inputs: Sequence[Tensor],
+    beta1: float,
+    beta2: float,
 ) -> None:
     """m ← β1·m + (1−β1)·g and v ← β2·v + (1−β2)·g², in place (three foreach kernels)."""
     torch._foreach_lerp_(exp_avgs, inputs, 1.0 - beta1)

@@ -9,8 +9,10 @@ import torch
 from torch import Tensor
 
 
-def check_range(owner: str, name: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
-    """Raise ValueError naming ``owner.name``, the value and the allowed interval unless low ≤ value ≤ high."""
+def check_range(
+    owner: str, name: str, value: float, low: float, high: float, *, high_open: bool = False
+) -> None:
+    """Raise ValueError naming ``owner.name``, the value and the allowed interval unless in range."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and low <= value and (value < high if high_open else value <= high)
     if not ok:
@@ -92,14 +94,16 @@ class Scratch:
         self._buffers.clear()
 
 
-def sqrt_into(sources: Sequence[Tensor], scratch: Scratch, owners: Sequence[Tensor], slot: int = 0) -> list[Tensor]:
-    """``sqrt`` of each source, written into ``scratch`` buffers on CPU, one fused foreach kernel elsewhere."""
+def sqrt_into(
+    sources: Sequence[Tensor], scratch: Scratch, owners: Sequence[Tensor], slot: int = 0
+) -> list[Tensor]:
+    """``sqrt`` of each source: into ``scratch`` buffers on CPU, one fused foreach kernel elsewhere."""
     if not sources:
         return []
     if sources[0].device.type != "cpu":
         return list(torch._foreach_sqrt(sources))
     out = scratch.like(owners, slot)
-    for src, dst in zip(sources, out):
+    for src, dst in zip(sources, out, strict=True):
         torch.sqrt(src, out=dst)
     return out
 

@@ -61,8 +61,19 @@ def has_unseen(exp_avg_sqs: list[Tensor]) -> list[bool]:
     return [bool(f) for f in torch.stack([(v == 0).any() for v in exp_avg_sqs]).tolist()]
 
 
-def foreach_update(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], plan: SpamPlan, *,
-                   beta1: float, beta2: float, eps: float, decay: float, threshold: float, scratch: Scratch) -> None:
+def foreach_update(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    plan: SpamPlan,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    decay: float,
+    threshold: float,
+    scratch: Scratch,
+) -> None:
     """All tensors op by op with foreach kernels: few launches, the fast path on accelerators."""
     grads = [p.grad for p in params]
     if plan.resets:
@@ -72,27 +83,42 @@ def foreach_update(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: li
     clip = plan.clip
     if clip and params[0].device.type == "cpu":  # forced foreach on CPU: the host test is still free
         tmps = scratch.like([params[i] for i in clip], 0)
-        clip = [i for i, tmp in zip(clip, tmps)
-                if i in plan.spare or may_spike(grads[i], exp_avg_sqs[i], threshold, tmp)]
+        clip = [
+            i
+            for i, tmp in zip(clip, tmps, strict=True)
+            if i in plan.spare or may_spike(grads[i], exp_avg_sqs[i], threshold, tmp)
+        ]
     owners = [params[i] for i in clip]
-    for i, out, bound in zip(clip, scratch.like(owners, 1), scratch.like(owners, 0)):
-        inputs[i] = spike_clip(grads[i], exp_avg_sqs[i], threshold, out=out, bound=bound,
-                               spare_unseen=i in plan.spare)
+    for i, out, bound in zip(clip, scratch.like(owners, 1), scratch.like(owners, 0), strict=True):
+        inputs[i] = spike_clip(
+            grads[i], exp_avg_sqs[i], threshold, out=out, bound=bound, spare_unseen=i in plan.spare
+        )
     update_moments_(exp_avgs, exp_avg_sqs, inputs, beta1, beta2)
-    apply_update_(params, exp_avgs, exp_avg_sqs, step_sizes=plan.step_sizes, eps=[eps] * len(params),
-                  scratch=scratch)
+    apply_update_(
+        params, exp_avgs, exp_avg_sqs, step_sizes=plan.step_sizes, eps=[eps] * len(params), scratch=scratch
+    )
     if decay != 1.0:
         torch._foreach_mul_(params, decay)
 
 
-def tensor_major_update(params: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], plan: SpamPlan, *,
-                        beta1: float, beta2: float, eps: float, decay: float, threshold: float,
-                        scratch: Scratch) -> None:
+def tensor_major_update(
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    plan: SpamPlan,
+    *,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    decay: float,
+    threshold: float,
+    scratch: Scratch,
+) -> None:
     """Every op of one tensor back to back, then the next tensor: on CPU its moments stay in cache
     between ops, which measured ~20% faster than op-by-op foreach on a 10M-parameter model."""
     resets, clip = set(plan.resets), set(plan.clip)
     denoms, outs = scratch.like(params, 0), scratch.like(params, 1)
-    for i, (p, m, v, denom, out) in enumerate(zip(params, exp_avgs, exp_avg_sqs, denoms, outs)):
+    for i, (p, m, v, denom, out) in enumerate(zip(params, exp_avgs, exp_avg_sqs, denoms, outs, strict=True)):
         g = p.grad
         if i in resets:
             m.zero_()

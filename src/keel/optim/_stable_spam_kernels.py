@@ -39,7 +39,10 @@ class StableSpamPlan:
 
 
 def _adam_scalars(plan: StableSpamPlan, i: int) -> tuple[float, float, float]:
-    """(β1', signed step size, ε') for tensor i: m/(sqrt(v)/sqrt(bc2) + ε) = sqrt(bc2)·m/(sqrt(v) + ε·sqrt(bc2))."""
+    """(β1', signed step size, ε') for tensor i.
+
+    m/(sqrt(v)/sqrt(bc2) + ε) = sqrt(bc2)·m/(sqrt(v) + ε·sqrt(bc2)): one division per element saved.
+    """
     beta1, beta2 = plan.betas
     beta1_t = beta1 * plan.scales[i]
     k = plan.steps[i]
@@ -47,19 +50,22 @@ def _adam_scalars(plan: StableSpamPlan, i: int) -> tuple[float, float, float]:
     return beta1_t, -plan.lr * bc2_sqrt / (1.0 - beta1_t**k), plan.eps * bc2_sqrt
 
 
-def tensor_major_update(params: list[Tensor], states: list[dict[str, Any]], plan: StableSpamPlan,
-                        scratch: Scratch) -> None:
+def tensor_major_update(
+    params: list[Tensor], states: list[dict[str, Any]], plan: StableSpamPlan, scratch: Scratch
+) -> None:
     """Every op of one tensor back to back (its moments stay in cache); statistics as host floats, which
     on CPU cost nothing to read, so a tensor with max|g| ≤ M̂ skips the clip entirely."""
     gamma1, gamma2, gamma3 = plan.gammas
     beta2 = plan.betas[1]
     grads = [p.grad for p in params]
     maxima = torch.stack(max_abs(grads)).tolist()
-    previous = {key: torch.stack([s[key] for s in states]).tolist() for key in ("clip_ema", "norm_ema", "norm_sq_ema")}
+    previous = {
+        key: torch.stack([s[key] for s in states]).tolist() for key in ("clip_ema", "norm_ema", "norm_sq_ema")
+    }
     updated: dict[str, list[float]] = {key: [] for key in previous}
     resets = set(plan.resets)
     outs, denoms = scratch.like(params, 1), scratch.like(params, 0)
-    for i, (p, g, state, out, denom) in enumerate(zip(params, grads, states, outs, denoms)):
+    for i, (p, g, state, out, denom) in enumerate(zip(params, grads, states, outs, denoms, strict=True)):
         t = plan.counts[i]
         if plan.decay != 1.0:
             p.mul_(plan.decay)
@@ -94,12 +100,13 @@ def tensor_major_update(params: list[Tensor], states: list[dict[str, Any]], plan
             m.zero_()
             v.zero_()
     for key, values in updated.items():
-        for state, value in zip(states, torch.tensor(values, dtype=torch.float32).unbind()):
+        for state, value in zip(states, torch.tensor(values, dtype=torch.float32).unbind(), strict=True):
             state[key] = value
 
 
-def foreach_update(params: list[Tensor], states: list[dict[str, Any]], plan: StableSpamPlan,
-                   scratch: Scratch) -> None:
+def foreach_update(
+    params: list[Tensor], states: list[dict[str, Any]], plan: StableSpamPlan, scratch: Scratch
+) -> None:
     """All tensors op by op with foreach kernels and the statistics as device vectors: no host sync."""
     gamma1, gamma2, gamma3 = plan.gammas
     device = params[0].device
@@ -109,19 +116,27 @@ def foreach_update(params: list[Tensor], states: list[dict[str, Any]], plan: Sta
     # AdaClip, every tensor (deciding which need it would take a host read).
     maxima = torch.stack(max_abs(grads)).float()
     counts = torch.tensor(plan.counts, dtype=torch.float32, device=device)
-    clip_ema, thresholds = ada_clip_thresholds(maxima, torch.stack([s["clip_ema"] for s in states]), counts, gamma3)
+    clip_ema, thresholds = ada_clip_thresholds(
+        maxima, torch.stack([s["clip_ema"] for s in states]), counts, gamma3
+    )
     outs = scratch.like(params, 1)
-    inputs = [ada_clip_(g, m, thr, out=out) for g, m, thr, out in zip(grads, maxima.unbind(), thresholds.unbind(), outs)]
+    inputs = [
+        ada_clip_(g, m, thr, out=out)
+        for g, m, thr, out in zip(grads, maxima.unbind(), thresholds.unbind(), outs, strict=True)
+    ]
     # AdaGN: rescale each tensor to norm m̂_n/(sqrt(v̂_n)+ε).
     norms = torch.stack(torch._foreach_norm(inputs, 2, dtype=torch.float32))
     g1 = torch.tensor([gamma1 * s for s in plan.scales], dtype=torch.float32, device=device)
     norm_ema = g1 * torch.stack([s["norm_ema"] for s in states]) + (1.0 - g1) * norms
     norm_sq_ema = gamma2 * torch.stack([s["norm_sq_ema"] for s in states]) + (1.0 - gamma2) * norms.square()
     target = (norm_ema / (1.0 - torch.pow(g1, counts))) / (
-        torch.sqrt(norm_sq_ema / (1.0 - torch.pow(gamma2, counts))) + plan.eps)
+        torch.sqrt(norm_sq_ema / (1.0 - torch.pow(gamma2, counts))) + plan.eps
+    )
     factors = torch.where(norms > 0, target / norms.clamp_min(_TINY), 0.0)
-    torch._foreach_mul_(inputs, [f.to(x.dtype) for f, x in zip(factors.unbind(), inputs)])
-    for state, m, n, v in zip(states, clip_ema.unbind(), norm_ema.unbind(), norm_sq_ema.unbind()):
+    torch._foreach_mul_(inputs, [f.to(x.dtype) for f, x in zip(factors.unbind(), inputs, strict=True)])
+    for state, m, n, v in zip(
+        states, clip_ema.unbind(), norm_ema.unbind(), norm_sq_ema.unbind(), strict=True
+    ):
         state["clip_ema"], state["norm_ema"], state["norm_sq_ema"] = m, n, v
     # MoRet + Adam with β1' = β1·s_t (tensors grouped by β1', normally one group).
     exp_avgs = [s["exp_avg"] for s in states]
@@ -134,10 +149,21 @@ def foreach_update(params: list[Tensor], states: list[dict[str, Any]], plan: Sta
     for i, (beta1_t, _, _) in enumerate(scalars):
         by_beta1.setdefault(beta1_t, []).append(i)
     for beta1_t, members in by_beta1.items():
-        update_moments_([exp_avgs[i] for i in members], [exp_avg_sqs[i] for i in members],
-                        [inputs[i] for i in members], beta1_t, plan.betas[1])
-    apply_update_(params, exp_avgs, exp_avg_sqs, step_sizes=[s for _, s, _ in scalars],
-                  eps=[e for _, _, e in scalars], scratch=scratch)
+        update_moments_(
+            [exp_avgs[i] for i in members],
+            [exp_avg_sqs[i] for i in members],
+            [inputs[i] for i in members],
+            beta1_t,
+            plan.betas[1],
+        )
+    apply_update_(
+        params,
+        exp_avgs,
+        exp_avg_sqs,
+        step_sizes=[s for _, s, _ in scalars],
+        eps=[e for _, _, e in scalars],
+        scratch=scratch,
+    )
     if plan.resets and plan.reset_after:
         torch._foreach_zero_([exp_avgs[i] for i in plan.resets])
         torch._foreach_zero_([exp_avg_sqs[i] for i in plan.resets])

@@ -1,4 +1,4 @@
-"""AdaClip: per-tensor spike clipping against an adaptive threshold, as a gradient transform for any optimizer.
+"""AdaClip: per-tensor spike clipping against an adaptive threshold, a gradient transform for any optimizer.
 
 The clipping stage of Stable-SPAM (Huang et al. 2025, arXiv 2502.17055), usable on its own.
 """
@@ -95,7 +95,7 @@ class AdaClip:
 
     @torch.no_grad()
     def clip_(self) -> Tensor:
-        """Clip every gradient in place; returns max over tensors of max|g| / M̂ (> 1 means something was clipped).
+        """Clip every gradient in place; returns the largest max|g| / M̂ (> 1: something was clipped).
 
         Tensors without a gradient are skipped and their statistics do not advance.
         """
@@ -117,7 +117,9 @@ class AdaClip:
             new_ema, thresholds = ada_clip_thresholds(maxima, ema, steps, self.gamma)
             for k, i in enumerate(idx):
                 self._ema[i] = new_ema[k]
-            for g, m, thr, needed in zip(dev_grads, maxima, thresholds, clip_needed(maxima, thresholds)):
+            for g, m, thr, needed in zip(
+                dev_grads, maxima, thresholds, clip_needed(maxima, thresholds), strict=True
+            ):
                 if needed:
                     ada_clip_(g, m, thr, out=g)
             ratios.append((maxima / thresholds.clamp_min(torch.finfo(torch.float32).tiny)).max().cpu())
@@ -147,7 +149,7 @@ class AdaClip:
         self._steps = [int(s) for s in state["steps"]]
         self._ema = [
             None if e is None else e.detach().to(device=p.device, dtype=torch.float32).clone()
-            for e, p in zip(state["ema"], self.params)
+            for e, p in zip(state["ema"], self.params, strict=True)
         ]
 
 
@@ -156,5 +158,3 @@ def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
     for i, t in enumerate(tensors):
         buckets.setdefault(t.device, []).append(i)
     return buckets
-
-

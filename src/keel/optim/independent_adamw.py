@@ -82,8 +82,14 @@ class IndependentAdamW(torch.optim.AdamW):
 
     def _prepare_group(self, group: dict[str, Any]) -> None:
         group.setdefault("independent_weight_decay", self.defaults["independent_weight_decay"])
-        check_range("IndependentAdamW", "independent_weight_decay", group["independent_weight_decay"], 0.0,
-                    math.inf, high_open=True)
+        check_range(
+            "IndependentAdamW",
+            "independent_weight_decay",
+            group["independent_weight_decay"],
+            0.0,
+            math.inf,
+            high_open=True,
+        )
         group.setdefault("initial_lr", group["lr"])
 
     @torch.no_grad()

@@ -26,15 +26,19 @@ def orthogonalize_(params: Sequence[Tensor], grads: Sequence[Tensor], *, eps: fl
     """
     if not params:
         return
-    dots = torch.stack([torch.dot(w.reshape(-1).float(), g.reshape(-1).float()) for w, g in zip(params, grads)])
+    dots = torch.stack(
+        [torch.dot(w.reshape(-1).float(), g.reshape(-1).float()) for w, g in zip(params, grads, strict=True)]
+    )
     w_sq = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).square()
     g_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
     coeffs = (dots / (w_sq + eps)).neg()
     # g ← g − c·w in one pass per tensor (0-d c broadcasts), no temporary.
-    torch._foreach_addcmul_(list(grads), list(params), [c.to(g.dtype) for c, g in zip(coeffs.unbind(), grads)])
+    torch._foreach_addcmul_(
+        list(grads), list(params), [c.to(g.dtype) for c, g in zip(coeffs.unbind(), grads, strict=True)]
+    )
     perp_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
     factors = (g_norm / (perp_norm + eps)).unbind()
-    torch._foreach_mul_(list(grads), [f.to(g.dtype) for f, g in zip(factors, grads)])
+    torch._foreach_mul_(list(grads), [f.to(g.dtype) for f, g in zip(factors, grads, strict=True)])
 
 
 class OrthoGrad(Optimizer):
@@ -73,7 +77,9 @@ class OrthoGrad(Optimizer):
 
     def __init__(self, optimizer: Optimizer, *, eps: float = _TINY) -> None:
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer instance")
+            raise TypeError(
+                f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer instance"
+            )
         check_range("OrthoGrad", "eps", eps, 0.0, 1.0)
         self.optimizer = optimizer
         self.eps = eps
@@ -130,7 +136,8 @@ class OrthoGrad(Optimizer):
 
 
 @optimizers.register("orthograd")
-def _create_orthograd(params: Iterable[Tensor] | Iterable[dict[str, Any]], *, base: type[Optimizer] | None = None,
-                      **kwargs: Any) -> OrthoGrad:
+def _create_orthograd(
+    params: Iterable[Tensor] | Iterable[dict[str, Any]], *, base: type[Optimizer] | None = None, **kwargs: Any
+) -> OrthoGrad:
     """⊥AdamW by default: ``OrthoGrad(base(params, **kwargs))`` with ``base`` = ``torch.optim.AdamW``."""
     return OrthoGrad((base or torch.optim.AdamW)(params, **kwargs))

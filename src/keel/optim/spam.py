@@ -23,8 +23,8 @@ from keel.optim._helpers import (
     group_by_device_dtype,
     params_with_grad,
 )
-from keel.optim._spam_kernels import SpamPlan, foreach_update, has_unseen, spike_clip, tensor_major_update
 from keel.optim._registry import optimizers
+from keel.optim._spam_kernels import SpamPlan, foreach_update, has_unseen, tensor_major_update
 
 _WARMUP_START = 0.99  # the reference's cosine starts at 0.99, so the first step after a reset is 1% of lr
 
@@ -140,9 +140,16 @@ class SPAM(Optimizer):
         if foreach not in (None, True, False):
             raise ValueError(f"SPAM.foreach={foreach!r}; allowed: None, True or False")
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, threshold=threshold,
-            reset_interval=reset_interval, warmup_steps=warmup_steps, grace_steps=grace_steps,
-            clip_unseen=clip_unseen, foreach=foreach,
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            threshold=threshold,
+            reset_interval=reset_interval,
+            warmup_steps=warmup_steps,
+            grace_steps=grace_steps,
+            clip_unseen=clip_unseen,
+            foreach=foreach,
         )
         super().__init__(params, defaults)
         self._scratch = Scratch()
@@ -165,7 +172,7 @@ class SPAM(Optimizer):
         lr, threshold = group["lr"], group["threshold"]
         interval, grace = group["reset_interval"], group["grace_steps"]
         states = [self.state[p] for p in params]
-        for p, state in zip(params, states):
+        for p, state in zip(params, states, strict=True):
             if not state:
                 state["step"] = torch.tensor(0.0)
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
@@ -176,22 +183,47 @@ class SPAM(Optimizer):
         exp_avgs = [s["exp_avg"] for s in states]
         exp_avg_sqs = [s["exp_avg_sq"] for s in states]
 
-        clip = [i for i, k in enumerate(steps) if params[i].numel() > 0
-                and spam_clips_at(k, threshold=threshold, reset_interval=interval, grace_steps=grace)]
+        clip = [
+            i
+            for i, k in enumerate(steps)
+            if params[i].numel() > 0
+            and spam_clips_at(k, threshold=threshold, reset_interval=interval, grace_steps=grace)
+        ]
         spare: set[int] = set()
         if clip and not group["clip_unseen"]:
-            stale = [i for i in clip if "unseen" not in states[i] or _first_clip_step(steps[i], interval, grace)]
-            for i, flag in zip(stale, has_unseen([exp_avg_sqs[i] for i in stale])):
+            stale = [
+                i for i in clip if "unseen" not in states[i] or _first_clip_step(steps[i], interval, grace)
+            ]
+            for i, flag in zip(stale, has_unseen([exp_avg_sqs[i] for i in stale]), strict=True):
                 states[i]["unseen"] = flag
             spare = {i for i in clip if states[i]["unseen"]}
-        sizes = {k: -lr * spam_warmup_scale(k, reset_interval=interval, warmup_steps=group["warmup_steps"])
-                 * math.sqrt(1.0 - beta2**k) / (1.0 - beta1**k) for k in set(steps)}
-        plan = SpamPlan(resets=[i for i, k in enumerate(steps) if interval > 0 and k % interval == 0],
-                        clip=clip, spare=spare, step_sizes=[sizes[k] for k in steps])
+        sizes = {
+            k: -lr
+            * spam_warmup_scale(k, reset_interval=interval, warmup_steps=group["warmup_steps"])
+            * math.sqrt(1.0 - beta2**k)
+            / (1.0 - beta1**k)
+            for k in set(steps)
+        }
+        plan = SpamPlan(
+            resets=[i for i, k in enumerate(steps) if interval > 0 and k % interval == 0],
+            clip=clip,
+            spare=spare,
+            step_sizes=[sizes[k] for k in steps],
+        )
         foreach = group["foreach"] if group["foreach"] is not None else params[0].device.type != "cpu"
         kernel = foreach_update if foreach else tensor_major_update
-        kernel(params, exp_avgs, exp_avg_sqs, plan, beta1=beta1, beta2=beta2, eps=group["eps"],
-               decay=1.0 - lr * group["weight_decay"], threshold=threshold, scratch=self._scratch)
+        kernel(
+            params,
+            exp_avgs,
+            exp_avg_sqs,
+            plan,
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            decay=1.0 - lr * group["weight_decay"],
+            threshold=threshold,
+            scratch=self._scratch,
+        )
 
 
 def _first_clip_step(step: int, interval: int, grace: int) -> bool:

@@ -63,8 +63,10 @@ class StableSPAM(Optimizer):
     Speed: on accelerators the update runs as foreach kernels with the statistics as device vectors (no
     host sync). On CPU it runs tensor by tensor with all ops of one tensor back to back (its moments stay
     in cache), the statistics as host floats (free to read there), and skips the clip of every tensor
-    whose max|g| ≤ M̂; one scratch buffer per parameter is kept between steps (4 bytes/parameter). Feed it finite gradients only (`keel.Guard` skips non-finite steps):
-    a NaN would poison the running statistics.
+    whose max|g| ≤ M̂; one scratch buffer per parameter is kept between steps (4 bytes/parameter).
+
+    Feed it finite gradients only (`keel.Guard` skips non-finite steps): a NaN would poison the running
+    statistics.
 
     The reference's reset step, and keel's choice (``reset_like_reference=False``):
         In the official code the reset replaces m and v by zeros *after* taking references to the old
@@ -138,9 +140,18 @@ class StableSPAM(Optimizer):
         if foreach not in (None, True, False):
             raise ValueError(f"{name}.foreach={foreach!r}; allowed: None, True or False")
         defaults = dict(
-            lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay, gamma1=gamma1, gamma2=gamma2,
-            gamma3=gamma3, reset_interval=reset_interval, decay_steps=decay_steps, decay_min=decay_min,
-            reset_like_reference=reset_like_reference, foreach=foreach,
+            lr=lr,
+            betas=tuple(betas),
+            eps=eps,
+            weight_decay=weight_decay,
+            gamma1=gamma1,
+            gamma2=gamma2,
+            gamma3=gamma3,
+            reset_interval=reset_interval,
+            decay_steps=decay_steps,
+            decay_min=decay_min,
+            reset_like_reference=reset_like_reference,
+            foreach=foreach,
         )
         super().__init__(params, defaults)
         self._scratch = Scratch()
@@ -181,14 +192,20 @@ class StableSPAM(Optimizer):
             # read before this step's reset.
             counts=list(steps) if like_reference else norm_steps,
             steps=[1 if i in set(resets) else k for i, k in enumerate(steps)],
-            scales=[momentum_decay_scale(t, decay_steps=group["decay_steps"], decay_min=group["decay_min"])
-                    for t in norm_steps],
-            resets=resets, reset_after=like_reference, lr=group["lr"], betas=group["betas"], eps=group["eps"],
+            scales=[
+                momentum_decay_scale(t, decay_steps=group["decay_steps"], decay_min=group["decay_min"])
+                for t in norm_steps
+            ],
+            resets=resets,
+            reset_after=like_reference,
+            lr=group["lr"],
+            betas=group["betas"],
+            eps=group["eps"],
             gammas=(group["gamma1"], group["gamma2"], group["gamma3"]),
             decay=1.0 - group["lr"] * group["weight_decay"],
         )
         foreach = group["foreach"] if group["foreach"] is not None else params[0].device.type != "cpu"
         (foreach_update if foreach else tensor_major_update)(params, states, plan, self._scratch)
-        for state, k, t in zip(states, plan.steps, norm_steps):
+        for state, k, t in zip(states, plan.steps, norm_steps, strict=True):
             state["step"].fill_(k)
             state["norm_step"].fill_(t)

@@ -57,7 +57,8 @@ class QKNormRemedy:
     1. ``q_norm``/``k_norm`` attributes that are ``nn.Identity`` (keel's proxy, timm): filled with `QKNorm`
        (already real norms: left alone);
     2. ``nn.MultiheadAttention``: replaced by `QKNormMultiheadAttention` sharing its Parameters;
-    3. separate projections (``q_proj``/``k_proj``, ``query``/``key``, ``to_q``/``to_k``, ``wq``/``wk``) with a
+    3. separate projections (``q_proj``/``k_proj``, ``query``/``key``, ``to_q``/``to_k``, ``wq``/``wk``)
+       with a
        known head size (Hugging Face Llama, BERT ...): a forward hook normalises each projection's output per
        head, before RoPE, where OLMo-2 and Qwen3 put their QK-norm;
     4. a fused [q|k|v] projection (``c_attn``, ``qkv``, ``Wqkv``) three times as wide as its input (nanoGPT,
@@ -73,7 +74,9 @@ class QKNormRemedy:
 
     name: ClassVar[str] = "qk_norm"
     description: ClassVar[str] = "LayerNorm/RMSNorm on each head's queries and keys; bounds attention logits"
-    reference: ClassVar[str] = "Dehghani et al. 2023 (arXiv 2302.05442); Wortsman et al. 2023 (arXiv 2309.14322)"
+    reference: ClassVar[str] = (
+        "Dehghani et al. 2023 (arXiv 2302.05442); Wortsman et al. 2023 (arXiv 2309.14322)"
+    )
     order: ClassVar[int] = 10
 
     norm: str = "layer"
@@ -105,14 +108,24 @@ class QKNormRemedy:
                 return None  # already normalised
             return self._fill_slots(name, module)
         if isinstance(module, nn.MultiheadAttention):
-            if isinstance(module, QKNormMultiheadAttention) or module.bias_k is not None or module.add_zero_attn:
+            if (
+                isinstance(module, QKNormMultiheadAttention)
+                or module.bias_k is not None
+                or module.add_zero_attn
+            ):
                 return None
             new = QKNormMultiheadAttention.from_module(module, norm=self.norm, eps=self.eps)
             set_submodule(model, name, new)
             anchor = raw_tensor(module, "in_proj_weight" if module._qkv_same_embed_dim else "q_proj_weight")
-            return Change(remedy=self.name, name=name, old=module, new=new, anchor=anchor,
-                          how="replaced by QKNormMultiheadAttention (Parameters shared)",
-                          new_parameters=(*new.q_norm.parameters(), *new.k_norm.parameters()))
+            return Change(
+                remedy=self.name,
+                name=name,
+                old=module,
+                new=new,
+                anchor=anchor,
+                how="replaced by QKNormMultiheadAttention (Parameters shared)",
+                new_parameters=(*new.q_norm.parameters(), *new.k_norm.parameters()),
+            )
         if any(hasattr(module, slot) for slot in ("q_norm", "k_norm")):
             return None  # the names are taken by something that is not a module: leave it
         for q_name, k_name in SEPARATE_PROJECTIONS:
@@ -131,9 +144,15 @@ class QKNormRemedy:
             return None
         anchor = first_parameter(module)
         module.q_norm, module.k_norm = self._norm(head_dim, anchor), self._norm(head_dim, anchor)
-        return Change(remedy=self.name, name=name, old=module, new=module, anchor=anchor,
-                      how="q_norm/k_norm Identity slots filled with QKNorm",
-                      new_parameters=(*module.q_norm.parameters(), *module.k_norm.parameters()))
+        return Change(
+            remedy=self.name,
+            name=name,
+            old=module,
+            new=module,
+            anchor=anchor,
+            how="q_norm/k_norm Identity slots filled with QKNorm",
+            new_parameters=(*module.q_norm.parameters(), *module.k_norm.parameters()),
+        )
 
     def _hook_separate(self, name: str, module: nn.Module, q_name: str, k_name: str) -> Change | None:
         q_proj, k_proj = getattr(module, q_name, None), getattr(module, k_name, None)
@@ -147,11 +166,20 @@ class QKNormRemedy:
             return None
         anchor = raw_tensor(q_proj, "weight")
         module.q_norm, module.k_norm = self._norm(head_dim, anchor), self._norm(head_dim, anchor)
-        handles = (q_proj.register_forward_hook(HeadNormHook(module.q_norm, head_dim)),
-                   k_proj.register_forward_hook(HeadNormHook(module.k_norm, head_dim)))
-        return Change(remedy=self.name, name=name, old=module, new=module, anchor=anchor, handles=handles,
-                      how=f"outputs of {q_name}/{k_name} normalised per head (forward hooks)",
-                      new_parameters=(*module.q_norm.parameters(), *module.k_norm.parameters()))
+        handles = (
+            q_proj.register_forward_hook(HeadNormHook(module.q_norm, head_dim)),
+            k_proj.register_forward_hook(HeadNormHook(module.k_norm, head_dim)),
+        )
+        return Change(
+            remedy=self.name,
+            name=name,
+            old=module,
+            new=module,
+            anchor=anchor,
+            handles=handles,
+            how=f"outputs of {q_name}/{k_name} normalised per head (forward hooks)",
+            new_parameters=(*module.q_norm.parameters(), *module.k_norm.parameters()),
+        )
 
     def _hook_fused(self, name: str, module: nn.Module, fused_name: str) -> Change | None:
         proj = getattr(module, fused_name, None)
@@ -165,6 +193,13 @@ class QKNormRemedy:
         anchor = raw_tensor(proj, "weight")
         module.q_norm, module.k_norm = self._norm(head_dim, anchor), self._norm(head_dim, anchor)
         handle = proj.register_forward_hook(FusedHeadNormHook(module.q_norm, module.k_norm, head_dim, width))
-        return Change(remedy=self.name, name=name, old=module, new=module, anchor=anchor, handles=(handle,),
-                      how=f"q and k thirds of {fused_name} normalised per head (forward hook)",
-                      new_parameters=(*module.q_norm.parameters(), *module.k_norm.parameters()))
+        return Change(
+            remedy=self.name,
+            name=name,
+            old=module,
+            new=module,
+            anchor=anchor,
+            handles=(handle,),
+            how=f"q and k thirds of {fused_name} normalised per head (forward hook)",
+            new_parameters=(*module.q_norm.parameters(), *module.k_norm.parameters()),
+        )

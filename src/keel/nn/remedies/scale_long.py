@@ -29,7 +29,7 @@ class SkipScaleHook:
         if "skip" in kwargs:
             kwargs = {**kwargs, "skip": self._scale(kwargs["skip"])}
         elif len(args) > self.position:
-            args = (*args[: self.position], self._scale(args[self.position]), *args[self.position + 1:])
+            args = (*args[: self.position], self._scale(args[self.position]), *args[self.position + 1 :])
         return args, kwargs
 
     def _scale(self, skip: Any) -> Any:
@@ -54,9 +54,10 @@ class ScaleLongRemedy:
 
     Matched structurally: an ``nn.ModuleList`` whose blocks take a ``skip`` argument and own a layer with
     "skip" in its name that fuses it (U-ViT's ``out_blocks`` with ``skip_linear``), or the list named by
-    ``blocks``; block i of N gets a forward pre-hook that scales its skip. At κ = 1 outputs are unchanged; otherwise the function
-    changes, so apply it before training (the paper), not mid-run. ``"calibrated"`` adds one shared
-    `LongSkipCalibration` (the paper's LS) as ``long_skip_calibration`` on the list's parent.
+    ``blocks``; block i of N gets a forward pre-hook that scales its skip. At κ = 1 outputs are unchanged;
+    otherwise the function changes, so apply it before training (the paper), not mid-run.
+    ``"calibrated"`` adds one shared `LongSkipCalibration` (the paper's LS) as ``long_skip_calibration`` on
+    the list's parent.
 
     Attributes:
         kappa: κ in (0, 1]; the README suggests [0.5, 0.95].
@@ -67,7 +68,9 @@ class ScaleLongRemedy:
     """
 
     name: ClassVar[str] = "scale_long"
-    description: ClassVar[str] = "scales U-Net long skips by kappa^(N-1-i) (or a learned gate); steadier diffusion"
+    description: ClassVar[str] = (
+        "scales U-Net long skips by kappa^(N-1-i) (or a learned gate); steadier diffusion"
+    )
     reference: ClassVar[str] = "Huang et al. 2023 (ScaleLong, arXiv 2310.13545); code sail-sg/ScaleLong"
     order: ClassVar[int] = 40
 
@@ -83,7 +86,9 @@ class ScaleLongRemedy:
         if self.mode not in SCALE_LONG_MODES:
             raise ValueError(f"ScaleLongRemedy.mode={self.mode!r}; allowed: {', '.join(SCALE_LONG_MODES)}")
         if self.mode == "calibrated" and (not isinstance(self.tokens, int) or self.tokens < 1):
-            raise ValueError(f"ScaleLongRemedy.tokens={self.tokens!r}; allowed: a positive int for mode 'calibrated'")
+            raise ValueError(
+                f"ScaleLongRemedy.tokens={self.tokens!r}; allowed: a positive int for mode 'calibrated'"
+            )
 
     def _is_decoder(self, name: str, module: nn.Module) -> bool:
         """The list of decoder blocks: named by ``blocks``, else a ModuleList whose every block takes a
@@ -94,8 +99,10 @@ class ScaleLongRemedy:
             return False
         if self.blocks is not None:
             return name == self.blocks
-        return all(any("skip" in child for child, sub in block.named_children() if sub is not None)
-                   for block in module)
+        return all(
+            any("skip" in child for child, sub in block.named_children() if sub is not None)
+            for block in module
+        )
 
     def apply(self, model: nn.Module) -> list[Change]:
         changes = []
@@ -103,7 +110,9 @@ class ScaleLongRemedy:
             if not self._is_decoder(name, module):
                 continue
             positions = [_skip_position(block) for block in module]
-            if any(isinstance(h, SkipScaleHook) for block in module for h in block._forward_pre_hooks.values()):
+            if any(
+                isinstance(h, SkipScaleHook) for block in module for h in block._forward_pre_hooks.values()
+            ):
                 continue
             calibration = None
             if self.mode == "calibrated":
@@ -120,11 +129,23 @@ class ScaleLongRemedy:
             factors = scale_long_factors(len(module), self.kappa)
             handles = tuple(
                 block.register_forward_pre_hook(SkipScaleHook(pos, factor, calibration), with_kwargs=True)
-                for block, pos, factor in zip(module, positions, factors)
+                for block, pos, factor in zip(module, positions, factors, strict=True)
             )
-            how = (f"skip of block i of {len(module)} scaled by {self.kappa}^({len(module) - 1}-i)"
-                   if calibration is None else "skips gated by a shared LongSkipCalibration")
-            changes.append(Change(remedy=self.name, name=name, old=module, new=module, handles=handles, how=how,
-                                  anchor=first_parameter(module),
-                                  new_parameters=() if calibration is None else tuple(calibration.parameters())))
+            how = (
+                f"skip of block i of {len(module)} scaled by {self.kappa}^({len(module) - 1}-i)"
+                if calibration is None
+                else "skips gated by a shared LongSkipCalibration"
+            )
+            changes.append(
+                Change(
+                    remedy=self.name,
+                    name=name,
+                    old=module,
+                    new=module,
+                    handles=handles,
+                    how=how,
+                    anchor=first_parameter(module),
+                    new_parameters=() if calibration is None else tuple(calibration.parameters()),
+                )
+            )
         return changes

@@ -40,7 +40,9 @@ class SigmaReparamRemedy:
     """
 
     name: ClassVar[str] = "sigma_reparam"
-    description: ClassVar[str] = "W -> (gamma/sigma(W))·W on every dense weight; prevents attention-entropy collapse"
+    description: ClassVar[str] = (
+        "W -> (gamma/sigma(W))·W on every dense weight; prevents attention-entropy collapse"
+    )
     reference: ClassVar[str] = "Zhai et al. 2023 (arXiv 2303.06296); code apple/ml-sigma-reparam"
     order: ClassVar[int] = 20
 
@@ -51,7 +53,9 @@ class SigmaReparamRemedy:
         if not isinstance(self.stats_only, bool):
             raise ValueError(f"SigmaReparamRemedy.stats_only={self.stats_only!r}; allowed: True or False")
         if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
-            raise ValueError(f"SigmaReparamRemedy.exclude={self.exclude!r}; allowed: a tuple of fnmatch patterns")
+            raise ValueError(
+                f"SigmaReparamRemedy.exclude={self.exclude!r}; allowed: a tuple of fnmatch patterns"
+            )
 
     def apply(self, model: nn.Module) -> list[Change]:
         shared = shared_parameter_ids(model)
@@ -68,9 +72,17 @@ class SigmaReparamRemedy:
                 reparam = SigmaReparam(weight, stats_only=self.stats_only)
                 reparam.train(module.training)
                 parametrize.register_parametrization(module, tensor_name, reparam)
-                changes.append(Change(remedy=self.name, name=name, old=module, new=module, anchor=weight,
-                                      how=f"{tensor_name} parametrized by SigmaReparam",
-                                      new_parameters=tuple(reparam.parameters())))
+                changes.append(
+                    Change(
+                        remedy=self.name,
+                        name=name,
+                        old=module,
+                        new=module,
+                        anchor=weight,
+                        how=f"{tensor_name} parametrized by SigmaReparam",
+                        new_parameters=tuple(reparam.parameters()),
+                    )
+                )
         return changes
 
     @staticmethod

@@ -34,16 +34,23 @@ class ZLossRemedy:
     """
 
     name: ClassVar[str] = "z_loss"
-    description: ClassVar[str] = "records log Z at the output head; adding 1e-4·mean(log Z^2) stops logit drift"
-    reference: ClassVar[str] = "Chowdhery et al. 2022 (PaLM, arXiv 2204.02311); Wortsman et al. 2023 (arXiv 2309.14322)"
+    description: ClassVar[str] = (
+        "records log Z at the output head; adding 1e-4·mean(log Z^2) stops logit drift"
+    )
+    reference: ClassVar[str] = (
+        "Chowdhery et al. 2022 (PaLM, arXiv 2204.02311); Wortsman et al. 2023 (arXiv 2309.14322)"
+    )
     order: ClassVar[int] = 30
 
     coefficient: float = DEFAULT_COEFFICIENT
     head: str | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.coefficient, (int, float)) and math.isfinite(self.coefficient)
-                and self.coefficient >= 0):
+        if not (
+            isinstance(self.coefficient, (int, float))
+            and math.isfinite(self.coefficient)
+            and self.coefficient >= 0
+        ):
             raise ValueError(f"ZLossRemedy.coefficient={self.coefficient!r}; allowed: a finite number >= 0")
 
     def apply(self, model: nn.Module) -> list[Change]:
@@ -53,21 +60,43 @@ class ZLossRemedy:
         name, module = found
         for hook in module._forward_hooks.values():
             if isinstance(hook, ZLossHook):
-                return [Change(remedy=self.name, name=name, old=module, new=module, extra=hook,
-                               how="ZLossHook already attached")]
+                return [
+                    Change(
+                        remedy=self.name,
+                        name=name,
+                        old=module,
+                        new=module,
+                        extra=hook,
+                        how="ZLossHook already attached",
+                    )
+                ]
         hook = ZLossHook(self.coefficient)
         handle = hook.attach(module)
-        return [Change(remedy=self.name, name=name, old=module, new=module, handles=(handle,), extra=hook,
-                       how="forward hook records log Z of the logits")]
+        return [
+            Change(
+                remedy=self.name,
+                name=name,
+                old=module,
+                new=module,
+                handles=(handle,),
+                extra=hook,
+                how="forward hook records log Z of the logits",
+            )
+        ]
 
     def _find_head(self, model: nn.Module) -> tuple[str, nn.Module] | None:
         if self.head is not None:
             try:
                 return self.head, model.get_submodule(self.head)
             except AttributeError:
-                raise ValueError(f"ZLossRemedy.head={self.head!r}; allowed: a submodule name of the model") from None
-        candidates = [(name.count("."), name, module) for name, module in model.named_modules()
-                      if name.rpartition(".")[2] in HEAD_NAMES and linear_features(module) is not None]
+                raise ValueError(
+                    f"ZLossRemedy.head={self.head!r}; allowed: a submodule name of the model"
+                ) from None
+        candidates = [
+            (name.count("."), name, module)
+            for name, module in model.named_modules()
+            if name.rpartition(".")[2] in HEAD_NAMES and linear_features(module) is not None
+        ]
         if not candidates:
             return None
         _, name, module = min(candidates, key=lambda c: c[0])
