@@ -1,29 +1,70 @@
 """Decide: signal history → findings (kind, step, severity, evidence, cause, remedy). Never acts."""
 
+from keel.detect.attention_entropy_collapse import AttentionEntropyCollapseDetector, EntropyCollapseConfig
+from keel.detect.attention_logit_growth import AttentionLogitGrowthDetector
+from keel.detect.causes import CAUSES, Cause, Remedy, cause_for
 from keel.detect.detector import DETECTORS, Detector, create_detector, list_detectors
+from keel.detect.diagnosis import Diagnosis, diagnose, format_diagnoses
 from keel.detect.divergence import DivergenceConfig, DivergenceDetector
+from keel.detect.edge_of_stability import EdgeOfStabilityConfig, EdgeOfStabilityDetector
+from keel.detect.growth import GrowthConfig, GrowthDetector
+from keel.detect.lead_time import degradation_step, lead_steps
 from keel.detect.non_finite import NonFiniteConfig, NonFiniteDetector
+from keel.detect.non_finite_origin import NonFiniteOriginDetector
+from keel.detect.output_logit_drift import OutputLogitDriftConfig, OutputLogitDriftDetector
 from keel.detect.robust import robust_location_scale, robust_z
+from keel.detect.softmax_collapse import SoftmaxCollapseConfig, SoftmaxCollapseDetector
 from keel.detect.spike import SpikeConfig, SpikeDetector
+from keel.detect.trend import TrendWindow, theil_sen_slope
 
 __all__ = [
+    "AttentionEntropyCollapseDetector",
+    "AttentionLogitGrowthDetector",
+    "CAUSES",
+    "Cause",
     "DETECTORS",
     "Detector",
+    "Diagnosis",
     "DivergenceConfig",
     "DivergenceDetector",
+    "EdgeOfStabilityConfig",
+    "EdgeOfStabilityDetector",
+    "EntropyCollapseConfig",
+    "GrowthConfig",
+    "GrowthDetector",
     "NonFiniteConfig",
     "NonFiniteDetector",
+    "NonFiniteOriginDetector",
+    "OutputLogitDriftConfig",
+    "OutputLogitDriftDetector",
+    "Remedy",
+    "SoftmaxCollapseConfig",
+    "SoftmaxCollapseDetector",
     "SpikeConfig",
     "SpikeDetector",
+    "TrendWindow",
+    "cause_for",
     "create_detector",
     "default_detectors",
+    "degradation_step",
+    "diagnose",
+    "format_diagnoses",
+    "lead_steps",
     "list_detectors",
     "robust_location_scale",
     "robust_z",
+    "theil_sen_slope",
 ]
 
 
 def default_detectors() -> list[Detector]:
-    """The detectors a `Guard` runs unless told otherwise: loss and gradient spikes, divergence, non-finite."""
+    """The detectors a `Guard` runs unless told otherwise.
+
+    Loss and gradient spikes, divergence, non-finite values and where they were born; and the predictive
+    ones: attention-logit growth, attention-entropy collapse, output-logit drift, softmax collapse and the
+    edge of stability. Each stays silent while its signal is absent (e.g. no sharpness probe, no attention).
+    """
     return [SpikeDetector(signal="loss"), SpikeDetector(signal="grad/norm"), DivergenceDetector(),
-            NonFiniteDetector()]
+            NonFiniteDetector(), NonFiniteOriginDetector(), AttentionLogitGrowthDetector(),
+            AttentionEntropyCollapseDetector(), OutputLogitDriftDetector(), SoftmaxCollapseDetector(),
+            EdgeOfStabilityDetector()]

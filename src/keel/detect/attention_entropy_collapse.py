@@ -1,0 +1,137 @@
+"""Attention-entropy-collapse detector: the mean attention entropy falling to a small share of its start.
+
+Reads ``attn/entropy`` (the `attn_entropy` probe, sampled). The baseline is the largest of the first
+``baseline_points`` measurements — near the uniform-attention entropy at initialisation — so the rule is
+relative and needs no knowledge of sequence length. A warning when the entropy is below
+``warn_fraction`` of the baseline and still falling (Theil–Sen slope < 0 over ``window`` measurements);
+critical below ``critical_fraction``. Healthy language models keep roughly half of their initial
+entropy (keel's small proxy at lr 3e-3 keeps 50–55 %); Zhai et al. report collapse to near zero in the
+runs that diverge.
+
+References:
+    Zhai et al. 2023, "Stabilizing Transformer Training by Preventing Attention Entropy Collapse", ICML,
+    arXiv 2303.06296; code github.com/apple/ml-sigma-reparam.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from keel._core.finding import Finding, Severity
+from keel._core.observation import Observation
+from keel.detect.causes import cause_for
+from keel.detect.detector import DETECTORS
+from keel.detect.trend import TrendWindow
+
+KIND = "attention_entropy_collapse"
+
+
+@dataclass(kw_only=True)
+class EntropyCollapseConfig:
+    """Settings of the entropy-collapse detector.
+
+    Attributes:
+        signal: The entropy signal.
+        baseline_points: Measurements whose maximum is the baseline.
+        window: Measurements in the slope.
+        warn_fraction: Entropy/baseline at or below which a falling entropy is a warning.
+        critical_fraction: Entropy/baseline at or below which it is critical.
+    """
+
+    signal: str = "attn/entropy"
+    baseline_points: int = 3
+    window: int = 8
+    warn_fraction: float = 0.2
+    critical_fraction: float = 0.05
+
+    def __post_init__(self) -> None:
+        for name in ("baseline_points", "window"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 2:
+                raise ValueError(f"EntropyCollapseConfig.{name}={value!r}; allowed: an int >= 2")
+        if not 0 < self.critical_fraction <= self.warn_fraction < 1:
+            raise ValueError(f"EntropyCollapseConfig.warn_fraction={self.warn_fraction!r}, critical_fraction="
+                             f"{self.critical_fraction!r}; allowed: 0 < critical_fraction <= warn_fraction < 1")
+
+
+@DETECTORS.register("attention_entropy_collapse")
+class AttentionEntropyCollapseDetector:
+    """Flags attention entropy collapsing towards zero.
+
+    Example:
+        >>> from keel._core import Observation
+        >>> det = AttentionEntropyCollapseDetector()
+        >>> entropy = [3.2, 3.2, 3.1, 2.6, 1.9, 1.3, 0.7, 0.6, 0.4, 0.25, 0.12]
+        >>> [(f.step, f.severity) for s, v in enumerate(entropy)
+        ...  for f in det.update(Observation(step=10 * s, values={"attn/entropy": v}))]
+        [(70, 'warning'), (100, 'critical')]
+    """
+
+    name = "attention_entropy_collapse"
+
+    def __init__(self, config: EntropyCollapseConfig | None = None, **fields: object) -> None:
+        self.config = config or EntropyCollapseConfig(**fields)  # type: ignore[arg-type]
+        self._early: list[float] = []
+        self._trend = TrendWindow(self.config.window)
+        self._reported: Severity | None = None
+        self._onset = -1
+
+    @property
+    def baseline(self) -> float:
+        return max(self._early) if len(self._early) >= self.config.baseline_points else math.nan
+
+    def update(self, obs: Observation) -> list[Finding]:
+        cfg = self.config
+        x = obs.values.get(cfg.signal)
+        if x is None or not self._trend.add(obs.step, x):
+            return []
+        if len(self._early) < cfg.baseline_points:
+            self._early.append(x)
+            return []
+        base = self.baseline
+        if not base > 0:
+            return []
+        ratio = x / base
+        slope = self._trend.slope()
+        if ratio > cfg.warn_fraction:
+            if ratio > 2 * cfg.warn_fraction:  # recovered: a later collapse is a new episode
+                self._reported, self._onset = None, -1
+            return []
+        if self._onset < 0:
+            self._onset = obs.step
+        falling = math.isfinite(slope) and slope < 0
+        severity: Severity | None = None
+        if ratio <= cfg.critical_fraction and self._reported != "critical":
+            severity = "critical"
+        elif falling and self._reported is None:
+            severity = "warning"
+        if severity is None:
+            return []
+        self._reported = severity
+        cause = cause_for(KIND)
+        evidence: dict[str, Any] = {"entropy": round(x, 5), "baseline": round(base, 5), "fraction": round(ratio, 4),
+                                    "slope_per_step": round(slope, 6) if math.isfinite(slope) else None,
+                                    "onset_step": self._onset}
+        if falling and ratio > cfg.critical_fraction:
+            ahead = (ratio - cfg.critical_fraction) * base / -slope
+            evidence["steps_to_critical"] = round(ahead, 1)
+            evidence["projected_critical_step"] = obs.step + math.ceil(ahead)
+        if cause is not None:
+            evidence["remedies"] = cause.remedy_dicts()
+        text = (f"attention entropy fell to {ratio:.1%} of its initial {base:.3g} nats "
+                f"({'still falling' if falling else 'at the floor'}).")
+        return [Finding(step=obs.step, kind=KIND, severity=severity, signal=cfg.signal, value=x, baseline=base,
+                        evidence=evidence, cause=f"{text} {cause.mechanism if cause else ''}".strip(),
+                        remedy=cause.remedy_text() if cause else "")]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "early": list(self._early), "trend": self._trend.state_dict(),
+                "reported": self._reported, "onset": self._onset}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.config = EntropyCollapseConfig(**state["config"])
+        self._early = [float(v) for v in state["early"]]
+        self._trend.load_state_dict(state["trend"])
+        self._reported, self._onset = state["reported"], int(state["onset"])

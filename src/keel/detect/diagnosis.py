@@ -1,0 +1,164 @@
+"""Diagnosis: a run's findings → named causes, ranked, each with its evidence, first sighting and remedies.
+
+Rules, in order:
+
+1. Only warnings and criticals name a cause (an ``info`` finding is context, not an alarm).
+2. Findings of one kind form one candidate cause; its first step is when it was first seen.
+3. Mechanisms rank above symptoms: a growth of attention or output logits, a softmax or entropy
+   collapse, a learning rate beyond the edge of stability, ε-dominance or activation growth *explain*
+   loss spikes, divergence and non-finite values; when a mechanism was seen before a symptom, the
+   symptom is listed as its consequence rather than as a cause of its own.
+4. Among mechanisms, the earliest first sighting ranks first (the one that started it); ties go to the
+   more severe.
+5. Attention-entropy collapse seen after attention-logit growth is the same event (large logits make
+   attention one-hot): it is folded into the logit-growth diagnosis as evidence.
+
+Each diagnosis carries the remedies of `keel.detect.causes` with their sources. With the loss curve (and
+optionally a reference run with the remedy applied) it also says how many steps before the loss
+degraded the cause was first seen (`keel.detect.lead_time`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from keel._core.finding import Finding, Severity, severity_rank
+from keel.detect.causes import CAUSES, cause_for
+from keel.detect.lead_time import degradation_step, lead_steps
+
+MECHANISMS = ("attention_logit_growth", "output_logit_drift", "softmax_collapse", "edge_of_stability",
+              "attention_entropy_collapse", "activation_growth", "eps_dominance", "non_finite_origin")
+SYMPTOMS = ("non_finite", "divergence", "loss_spike", "grad_spike")
+FOLDED = {"attention_entropy_collapse": "attention_logit_growth"}
+
+
+@dataclass(frozen=True, kw_only=True)
+class Diagnosis:
+    """One named cause of a run's trouble.
+
+    Attributes:
+        kind: The cause's kind (a key of `keel.detect.causes.CAUSES` when known).
+        title: Its name in words.
+        severity: The worst severity among its findings.
+        first_step: The step it was first seen (its first warning or critical finding).
+        critical_step: The step it first became critical, if it did.
+        mechanism: How it hurts training.
+        evidence: The first finding's evidence (without the remedy list), plus what was folded in.
+        remedies: Ranked remedies with their sources.
+        consequences: Symptom kinds seen after it (loss spike, divergence, non-finite), with their first step.
+        degraded_step: When the loss degraded (when losses were given).
+        lead_steps: ``degraded_step − first_step``: how early it was seen.
+    """
+
+    kind: str
+    title: str
+    severity: Severity
+    first_step: int
+    critical_step: int | None
+    mechanism: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    remedies: list[dict[str, Any]] = field(default_factory=list)
+    consequences: dict[str, int] = field(default_factory=dict)
+    degraded_step: int | None = None
+    lead_steps: int | None = None
+
+    def summary(self) -> str:
+        """One paragraph: the cause, when it was seen, how early, and the top remedies."""
+        when = f"first seen at step {self.first_step}"
+        if self.critical_step is not None and self.critical_step != self.first_step:
+            when += f", critical at step {self.critical_step}"
+        if self.lead_steps is not None and self.degraded_step is not None:
+            when += (f"; the loss degraded at step {self.degraded_step}, "
+                     + (f"{self.lead_steps} steps later" if self.lead_steps >= 0
+                        else f"{-self.lead_steps} steps earlier"))
+        then = ""
+        if self.consequences:
+            then = " Then: " + ", ".join(f"{k.replace('_', ' ')} at step {s}" for k, s in self.consequences.items()) + "."
+        fixes = " ".join(f"{r['rank']}. {r['action']} ({r['source']})." for r in self.remedies[:3])
+        return f"{self.title.capitalize()} ({when}). {self.mechanism}{then} Remedies: {fixes}"
+
+    def to_finding(self) -> Finding:
+        """The diagnosis as a ``diagnosis`` finding, for the run store."""
+        evidence = {"cause": self.kind, "first_step": self.first_step, "critical_step": self.critical_step,
+                    "consequences": self.consequences, "degraded_step": self.degraded_step,
+                    "lead_steps": self.lead_steps, "remedies": self.remedies, **self.evidence}
+        top = "; ".join(f"{r['action']} ({r['source']})" for r in self.remedies[:3])
+        return Finding(step=self.first_step, kind="diagnosis", severity=self.severity, signal=self.kind,
+                       evidence=evidence, cause=f"{self.title}: {self.mechanism}", remedy=top)
+
+
+def diagnose(
+    findings: Sequence[Finding],
+    *,
+    losses: Sequence[float] | None = None,
+    reference_losses: Sequence[float] | None = None,
+) -> list[Diagnosis]:
+    """Named causes of the findings, most likely first (see the module doc for the rules).
+
+    Args:
+        findings: A run's findings (from `Guard.findings` or a run store).
+        losses: The run's loss per step, to compute when the loss degraded and the lead time.
+        reference_losses: A reference run with the remedy applied, for `degradation_step`.
+
+    Example:
+        >>> from keel._core import Finding
+        >>> found = [Finding(step=8, kind="attention_logit_growth", severity="warning", signal="attn/max_logit"),
+        ...          Finding(step=30, kind="loss_spike", severity="critical", signal="loss")]
+        >>> [(d.kind, d.first_step, d.consequences) for d in diagnose(found)]
+        [('attention_logit_growth', 8, {'loss_spike': 30})]
+    """
+    alarms = sorted((f for f in findings if severity_rank(f.severity) >= 1 and f.kind != "diagnosis"),
+                    key=lambda f: f.step)
+    if not alarms:
+        return []
+    by_kind: dict[str, list[Finding]] = {}
+    for f in alarms:
+        by_kind.setdefault(f.kind, []).append(f)
+    first = {kind: fs[0].step for kind, fs in by_kind.items()}
+    mechanisms = [k for k in by_kind if k not in SYMPTOMS]
+    folded: dict[str, list[str]] = {}
+    for kind, into in FOLDED.items():
+        if kind in first and into in first and first[into] <= first[kind]:
+            mechanisms.remove(kind)
+            folded.setdefault(into, []).append(kind)
+    mechanisms.sort(key=lambda k: (first[k], -max(severity_rank(f.severity) for f in by_kind[k])))
+    explained: dict[str, dict[str, int]] = {}
+    causes = list(mechanisms)
+    for symptom in (k for k in by_kind if k in SYMPTOMS):
+        owner = next((m for m in mechanisms if first[m] <= first[symptom]), None)
+        if owner is None:
+            causes.append(symptom)
+        else:
+            explained.setdefault(owner, {})[symptom] = first[symptom]
+    degraded = degradation_step(losses, reference_losses) if losses is not None else None
+    out = []
+    for kind in causes:
+        fs = by_kind[kind]
+        cause = cause_for(kind)
+        crit = next((f.step for f in fs if f.severity == "critical"), None)
+        evidence = {k: v for k, v in fs[0].evidence.items() if k != "remedies"}
+        for other in folded.get(kind, []):
+            evidence[other] = {"first_step": first[other], "value": by_kind[other][0].value}
+        out.append(Diagnosis(
+            kind=kind, title=cause.title if cause else kind.replace("_", " "),
+            severity=max((f.severity for f in fs), key=severity_rank), first_step=fs[0].step, critical_step=crit,
+            mechanism=cause.mechanism if cause else fs[0].cause, evidence=evidence,
+            remedies=cause.remedy_dicts() if cause else [{"rank": 1, "action": fs[0].remedy, "how": "",
+                                                           "source": ""}],
+            consequences=explained.get(kind, {}), degraded_step=degraded,
+            lead_steps=lead_steps(fs[0].step, degraded)))
+    return out
+
+
+def format_diagnoses(diagnoses: Sequence[Diagnosis]) -> str:
+    """Numbered summaries for a terminal; "no instability found" when empty."""
+    if not diagnoses:
+        return "No instability found: no warning or critical finding."
+    return "\n".join(f"{i}. {d.summary()}" for i, d in enumerate(diagnoses, 1))
+
+
+def known_causes() -> list[str]:
+    """Kinds the catalogue can name, with remedies."""
+    return sorted(CAUSES)

@@ -1,0 +1,146 @@
+"""Output-logit-drift detector: log Z moving steadily away from where it started.
+
+Reads ``logits/log_z`` (the `output_logits` probe: the mean log-partition of the output softmax). At
+initialisation log Z ≈ log V; training moves it by a few nats and then it settles. Output-logit divergence
+(Wortsman et al. 2023) is a log Z that keeps drifting — the logits grow in scale or shift as a whole —
+until the loss suffers; a z-loss of 1e-4·(log Z)² anchors it. A warning when log Z is ``warn_dev`` nats
+from its baseline (the median of the first ``baseline_points`` measurements) and still moving away at
+``min_rate`` nats per step or more (Theil–Sen over ``window`` measurements) for ``patience``
+measurements; critical at ``critical_dev``. The finding projects when the critical deviation is reached.
+
+References:
+    Wortsman et al. 2023, arXiv 2309.14322 (no official code); Chowdhery et al. 2022 (PaLM z-loss);
+    Stollenwerk et al. 2026, "Output Embedding Centering for Stable LLM Pretraining", arXiv 2601.02031.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from keel._core.finding import Finding, Severity
+from keel._core.observation import Observation
+from keel.detect.causes import cause_for
+from keel.detect.detector import DETECTORS
+from keel.detect.trend import TrendWindow
+
+KIND = "output_logit_drift"
+EXTRA_EVIDENCE = ("logits/mean", "logits/rms", "logits/log_z_max", "logits/log_z_min")
+
+
+@dataclass(kw_only=True)
+class OutputLogitDriftConfig:
+    """Settings of the output-logit-drift detector.
+
+    Attributes:
+        signal: The log-partition signal.
+        baseline_points: Measurements whose median is the baseline.
+        window: Measurements in the drift's slope.
+        warn_dev: Deviation from the baseline (nats) that counts.
+        critical_dev: Deviation that is critical.
+        min_rate: Drift away from the baseline (nats per step) that counts.
+        patience: Consecutive qualifying measurements before a warning.
+    """
+
+    signal: str = "logits/log_z"
+    baseline_points: int = 5
+    window: int = 30
+    warn_dev: float = 5.0
+    critical_dev: float = 20.0
+    min_rate: float = 0.01
+    patience: int = 5
+
+    def __post_init__(self) -> None:
+        for name in ("baseline_points", "window", "patience"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (2 if name == "window" else 1):
+                raise ValueError(f"OutputLogitDriftConfig.{name}={value!r}; allowed: an int >= "
+                                 f"{2 if name == 'window' else 1}")
+        if not (0 < self.warn_dev <= self.critical_dev and math.isfinite(self.critical_dev)):
+            raise ValueError(f"OutputLogitDriftConfig.warn_dev={self.warn_dev!r}, critical_dev={self.critical_dev!r}; "
+                             "allowed: 0 < warn_dev <= critical_dev < inf")
+        if not (self.min_rate > 0 and math.isfinite(self.min_rate)):
+            raise ValueError(f"OutputLogitDriftConfig.min_rate={self.min_rate!r}; allowed: a finite number > 0")
+
+
+@DETECTORS.register("output_logit_drift")
+class OutputLogitDriftDetector:
+    """Flags log Z drifting steadily away from its starting level.
+
+    Example:
+        >>> from keel._core import Observation
+        >>> det = OutputLogitDriftDetector()
+        >>> log_z = [5.5] * 20 + [5.5 + 0.2 * k for k in range(1, 120)]
+        >>> [(f.step, f.severity) for s, v in enumerate(log_z)
+        ...  for f in det.update(Observation(step=s, values={"logits/log_z": v}))]
+        [(48, 'warning'), (119, 'critical')]
+    """
+
+    name = "output_logit_drift"
+
+    def __init__(self, config: OutputLogitDriftConfig | None = None, **fields: object) -> None:
+        self.config = config or OutputLogitDriftConfig(**fields)  # type: ignore[arg-type]
+        self._early: list[float] = []
+        self._trend = TrendWindow(self.config.window)
+        self._run = 0
+        self._onset = -1
+        self._reported: Severity | None = None
+
+    def update(self, obs: Observation) -> list[Finding]:
+        cfg = self.config
+        x = obs.values.get(cfg.signal)
+        if x is None or not self._trend.add(obs.step, x):
+            return []
+        if len(self._early) < cfg.baseline_points:
+            self._early.append(x)
+            return []
+        base = statistics.median(self._early)
+        dev = x - base
+        slope = self._trend.slope() if len(self._trend.points) >= 5 else math.nan
+        away = math.copysign(1.0, dev) * slope if math.isfinite(slope) else math.nan
+        if abs(dev) < cfg.warn_dev:
+            self._run, self._onset = 0, -1
+            if abs(dev) < cfg.warn_dev / 2:
+                self._reported = None
+            return []
+        qualifies = away >= cfg.min_rate
+        if qualifies:
+            if self._run == 0:
+                self._onset = self._trend.first_step()
+            self._run += 1
+        severity: Severity | None = None
+        if abs(dev) >= cfg.critical_dev and self._reported != "critical":
+            severity = "critical"
+        elif self._run >= cfg.patience and self._reported is None:
+            severity = "warning"
+        if severity is None:
+            return []
+        self._reported = severity
+        cause = cause_for(KIND)
+        evidence: dict[str, Any] = {"log_z": round(x, 4), "baseline": round(base, 4), "deviation": round(dev, 4),
+                                    "drift_per_step": round(slope, 5) if math.isfinite(slope) else None,
+                                    "onset_step": self._onset if self._onset >= 0 else obs.step}
+        if qualifies and abs(dev) < cfg.critical_dev:
+            ahead = (cfg.critical_dev - abs(dev)) / away
+            evidence["steps_to_critical"] = round(ahead, 1)
+            evidence["projected_critical_step"] = obs.step + math.ceil(ahead)
+        evidence.update({key: round(obs.values[key], 5) for key in EXTRA_EVIDENCE if key in obs.values})
+        if cause is not None:
+            evidence["remedies"] = cause.remedy_dicts()
+        text = (f"log Z is {x:.3g}, {abs(dev):.3g} nats {'above' if dev > 0 else 'below'} its starting "
+                f"{base:.3g}" + (f" and drifting {abs(slope):.3g} nats/step further." if qualifies else "."))
+        return [Finding(step=obs.step, kind=KIND, severity=severity, signal=cfg.signal, value=x, baseline=base,
+                        evidence=evidence, cause=f"{text} {cause.mechanism if cause else ''}".strip(),
+                        remedy=cause.remedy_text() if cause else "")]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "early": list(self._early), "trend": self._trend.state_dict(),
+                "run": self._run, "onset": self._onset, "reported": self._reported}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.config = OutputLogitDriftConfig(**state["config"])
+        self._early = [float(v) for v in state["early"]]
+        self._trend.load_state_dict(state["trend"])
+        self._run, self._onset, self._reported = int(state["run"]), int(state["onset"]), state["reported"]

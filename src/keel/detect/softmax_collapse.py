@@ -1,0 +1,111 @@
+"""Softmax-collapse detector: rows of the output softmax exactly one-hot in the working precision.
+
+Reads ``logits/softmax_collapse`` (the `output_logits` probe), the share of rows with
+Σⱼ exp(zⱼ − max z) == 1. Such rows have a loss of exactly 0 and no gradient; what remains of the update
+only scales the weights (naïve loss minimisation), which Prieto et al. (2025) show ends in numerical
+instability — and, with Adam's tiny ε, in loss spikes. In language-model pre-training the fraction is 0;
+any sustained collapse is worth a warning, half the rows collapsed is critical. The finding carries the
+zero-loss fraction and the gradient–weight cosine when those probes run.
+
+References:
+    Prieto et al. 2025, "Grokking at the Edge of Numerical Stability", arXiv 2501.04697; code
+    github.com/LucasPrietoAl/grokking-at-the-edge-of-numerical-stability (``logger.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+from keel._core.finding import Finding, Severity
+from keel._core.observation import Observation
+from keel.detect.causes import cause_for
+from keel.detect.detector import DETECTORS
+
+KIND = "softmax_collapse"
+EXTRA_EVIDENCE = ("logits/zero_loss", "grad/weight_cos", "logits/log_z_max")
+
+
+@dataclass(kw_only=True)
+class SoftmaxCollapseConfig:
+    """Settings of the softmax-collapse detector.
+
+    Attributes:
+        signal: The collapse fraction's key.
+        warn_fraction: Share of collapsed rows that counts.
+        critical_fraction: Share that is critical.
+        patience: Consecutive measurements at or above ``warn_fraction`` before a warning.
+    """
+
+    signal: str = "logits/softmax_collapse"
+    warn_fraction: float = 0.01
+    critical_fraction: float = 0.5
+    patience: int = 2
+
+    def __post_init__(self) -> None:
+        if not 0 < self.warn_fraction <= self.critical_fraction <= 1:
+            raise ValueError(f"SoftmaxCollapseConfig.warn_fraction={self.warn_fraction!r}, critical_fraction="
+                             f"{self.critical_fraction!r}; allowed: 0 < warn_fraction <= critical_fraction <= 1")
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise ValueError(f"SoftmaxCollapseConfig.patience={self.patience!r}; allowed: an int >= 1")
+
+
+@DETECTORS.register("softmax_collapse")
+class SoftmaxCollapseDetector:
+    """Flags a growing share of softmax rows collapsed to exactly one-hot.
+
+    Example:
+        >>> from keel._core import Observation
+        >>> det = SoftmaxCollapseDetector()
+        >>> fractions = [0.0] * 5 + [0.004, 0.02, 0.08, 0.3, 0.7]
+        >>> [(f.step, f.severity) for s, v in enumerate(fractions)
+        ...  for f in det.update(Observation(step=s, values={"logits/softmax_collapse": v}))]
+        [(7, 'warning'), (9, 'critical')]
+    """
+
+    name = "softmax_collapse"
+
+    def __init__(self, config: SoftmaxCollapseConfig | None = None, **fields: object) -> None:
+        self.config = config or SoftmaxCollapseConfig(**fields)  # type: ignore[arg-type]
+        self._run = 0
+        self._onset = -1
+        self._reported: Severity | None = None
+
+    def update(self, obs: Observation) -> list[Finding]:
+        cfg = self.config
+        x = obs.values.get(cfg.signal)
+        if x is None or not x == x:  # absent or NaN (no rows)
+            return []
+        if x < cfg.warn_fraction:
+            self._run, self._onset = 0, -1
+            if x == 0:
+                self._reported = None
+            return []
+        if self._run == 0:
+            self._onset = obs.step
+        self._run += 1
+        severity: Severity | None = None
+        if x >= cfg.critical_fraction and self._reported != "critical":
+            severity = "critical"
+        elif self._run >= cfg.patience and self._reported is None:
+            severity = "warning"
+        if severity is None:
+            return []
+        self._reported = severity
+        cause = cause_for(KIND)
+        evidence: dict[str, Any] = {"fraction": round(x, 5), "onset_step": self._onset}
+        evidence.update({key: round(obs.values[key], 6) for key in EXTRA_EVIDENCE if key in obs.values})
+        if cause is not None:
+            evidence["remedies"] = cause.remedy_dicts()
+        text = f"{x:.1%} of the output softmax rows are exactly one-hot in the working precision."
+        return [Finding(step=obs.step, kind=KIND, severity=severity, signal=cfg.signal, value=x,
+                        baseline=cfg.warn_fraction, evidence=evidence,
+                        cause=f"{text} {cause.mechanism if cause else ''}".strip(),
+                        remedy=cause.remedy_text() if cause else "")]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "run": self._run, "onset": self._onset, "reported": self._reported}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.config = SoftmaxCollapseConfig(**state["config"])
+        self._run, self._onset, self._reported = int(state["run"]), int(state["onset"]), state["reported"]

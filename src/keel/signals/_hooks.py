@@ -1,0 +1,117 @@
+"""Helpers shared by the activation probes: finding the modules to hook, and pausing every hook at once.
+
+Activation probes reduce inside forward hooks and keep no tensors. Forwards that are not training steps
+(evaluation in ``model.eval()``, the extra forward of the sharpness probe) must not leak into a step's
+values: hooks skip modules in eval mode, and `quiet` pauses all keel hooks for a block of code.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import re
+import threading
+from collections.abc import Iterator, Sequence
+
+from torch import nn
+
+_state = threading.local()
+
+# Class names of attention modules in the wild: GPT2Attention, LlamaAttention, CausalSelfAttention (nanoGPT,
+# keel's proxy), MultiheadAttention, timm's Attention, ...Attn.
+_ATTENTION_CLASS = re.compile(r"(Attention|Attn)$")
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Pause every keel activation hook in this thread for the block (nestable).
+
+    Example:
+        >>> with quiet():
+        ...     hooks_active()
+        False
+    """
+    _state.depth = getattr(_state, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _state.depth -= 1
+
+
+def hooks_active() -> bool:
+    """False inside `quiet`."""
+    return getattr(_state, "depth", 0) == 0
+
+
+def named_modules_by_name(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module]]:
+    """The named submodules, in the order given; raises ValueError naming any that do not exist."""
+    table = dict(model.named_modules())
+    missing = [n for n in names if n not in table]
+    if missing:
+        sample = ", ".join(list(table)[1:8])
+        raise ValueError(f"modules={missing!r} not found in {type(model).__name__}; allowed: submodule names "
+                         f"such as {sample}")
+    return [(n, table[n]) for n in names]
+
+
+def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The outermost modules whose class name ends in ``Attention``/``Attn``, in registration order.
+
+    Outermost, so that BERT's ``BertAttention`` (which holds ``BertSelfAttention``) counts once.
+    """
+    if _ATTENTION_CLASS.search(type(model).__name__):
+        return [("", model)]  # the model itself is one attention module
+    found: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if _ATTENTION_CLASS.search(type(module).__name__) and not any(
+            name.startswith(outer + ".") for outer, _ in found
+        ):
+            found.append((name, module))
+    return found
+
+
+def looks_like_sequence_model(model: nn.Module) -> bool:
+    """True when the model has token embeddings or something named like attention.
+
+    Attention probes warn about finding nothing only then; on a CNN or an MLP an absent attention module
+    is expected, and the default probe set must not nag about it.
+    """
+    return any(isinstance(m, nn.Embedding) or re.search(r"(?i)attn|attention", name or "")
+               for name, m in model.named_modules())
+
+
+def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The residual blocks: children of the longest ``nn.ModuleList`` whose children share one class.
+
+    That is ``blocks`` in keel's proxy and nanoGPT (``transformer.h``), ``transformer.h`` in GPT-2,
+    ``model.layers`` in Llama and ``layers`` in ``nn.TransformerEncoder``.
+    """
+    best: list[tuple[str, nn.Module]] = []
+    for name, module in model.named_modules():
+        if not isinstance(module, nn.ModuleList) or len(module) <= len(best):
+            continue
+        children = list(module.named_children())
+        if children and len({type(m) for _, m in children}) == 1 and any(True for _ in module.parameters()):
+            prefix = f"{name}." if name else ""
+            best = [(prefix + child, m) for child, m in children]
+    return best
+
+
+def find_output_head(model: nn.Module) -> tuple[str, nn.Module] | None:
+    """The module that produces the output logits.
+
+    In order: Hugging Face's ``get_output_embeddings()``; a module named ``lm_head``, ``head`` or ``output``;
+    the last ``nn.Linear`` registered in the model.
+    """
+    get = getattr(model, "get_output_embeddings", None)
+    if callable(get):
+        head = get()
+        if isinstance(head, nn.Module):
+            for name, module in model.named_modules():
+                if module is head:
+                    return name, module
+    table = dict(model.named_modules())
+    for candidate in ("lm_head", "head", "output"):
+        if isinstance(table.get(candidate), nn.Module) and any(True for _ in table[candidate].parameters()):
+            return candidate, table[candidate]
+    linears = [(n, m) for n, m in table.items() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None

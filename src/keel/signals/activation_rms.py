@@ -1,0 +1,143 @@
+"""Activation probe: RMS and largest magnitude of each residual block's output.
+
+| key                   | cadence             | cost                                                               |
+|-----------------------|---------------------|--------------------------------------------------------------------|
+| `act/rms`             | every `every` steps | one square-sum and one abs-max pass per block output, in the hook  |
+| `act/rms/<block>`     | as above; stored on `log_every` steps | one float per block                              |
+| `act/max_abs`         | as above            | free (same passes)                                                 |
+| `act/max_abs/<block>` | as above; stored on `log_every` steps | one float per block                              |
+
+Growing activations are the backdrop of output-logit and attention-logit growth, and in fp16 they end in
+overflow (largest finite value 65504): `act/max_abs` against the dtype's range says how much headroom is
+left. A non-finite block output shows as a non-finite value for that block and every block after it, so
+the first non-finite block in forward order is where NaN/Inf was born — without the metaseq
+``NanDetector``'s re-run (reference/anchors.md §2.3). Blocks are found by `find_blocks` (``blocks``,
+``transformer.h``, ``model.layers``, ``layers``) or named with ``modules``.
+
+References:
+    Zhang et al. 2022, "OPT: Open Pre-trained Transformer Language Models", arXiv 2205.01068 (final-layer
+    activation norms rising before divergence); Micikevicius et al. 2018, "Mixed Precision Training".
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from keel._core.errors import KeelWarning
+from keel.signals._hooks import find_blocks, hooks_active, looks_like_sequence_model, named_modules_by_name
+from keel.signals.attn_logits import due
+from keel.signals.probe import Measurements, PerParam, StepContext
+from keel.signals.registry import PROBES
+
+RMS = "act/rms"
+RMS_PER_BLOCK = "act/rms/"
+MAX_ABS = "act/max_abs"
+MAX_ABS_PER_BLOCK = "act/max_abs/"
+
+
+@dataclass(kw_only=True)
+class ActivationRmsConfig:
+    """Settings of the activation probe.
+
+    Attributes:
+        every: Cadence in steps.
+        modules: Names of the modules whose outputs are measured, in forward order; ``None``: the blocks.
+    """
+
+    every: int = 1
+    modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"ActivationRmsConfig.every={self.every!r}; allowed: an int >= 1")
+
+
+def activation_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(Σ x², number of elements, max |x|) of one activation, float32, on its device.
+
+    Example:
+        >>> activation_stats(torch.tensor([3.0, -4.0]))
+        (tensor(25.), tensor(2.), tensor(4.))
+    """
+    x = x.detach()
+    n = torch.tensor(float(x.numel()), device=x.device)
+    if x.numel() == 0:
+        return torch.zeros((), device=x.device), n, torch.zeros((), device=x.device)
+    return x.float().square().sum(), n, x.abs().amax().float()
+
+
+@PROBES.register("activation_rms")
+class ActivationRmsProbe:
+    """RMS and max |x| of block outputs, reduced inside forward hooks.
+
+    Example:
+        >>> from keel.proxy import create_proxy_model
+        >>> model = create_proxy_model("tiny")
+        >>> probe = ActivationRmsProbe()
+        >>> probe.attach(model)
+        >>> _ = model(torch.zeros(1, 8, dtype=torch.long))
+        >>> probe.read()["act/rms/"].names
+        ('blocks.0', 'blocks.1')
+        >>> probe.detach()
+    """
+
+    name = "activation_rms"
+
+    def __init__(self, config: ActivationRmsConfig | None = None, **fields: object) -> None:
+        self.config = config or ActivationRmsConfig(**fields)  # type: ignore[arg-type]
+        self.names: tuple[str, ...] = ()
+        self._handles: list[Any] = []
+        self._armed = False
+        self._stats: dict[int, list[Tensor]] = {}
+
+    def attach(self, model: nn.Module) -> None:
+        found = named_modules_by_name(model, self.config.modules) if self.config.modules else find_blocks(model)
+        if not found and looks_like_sequence_model(model):
+            warnings.warn(f"{self.name}: no blocks found in {type(model).__name__}; pass modules=[...]",
+                          KeelWarning, stacklevel=2)
+        self.names = tuple(name for name, _ in found)
+        self._handles = [m.register_forward_hook(lambda mod, a, out, i=i: self._hook(i, mod, out))
+                         for i, (_, m) in enumerate(found)]
+        self._armed = due(0, self.config.every)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _hook(self, index: int, module: nn.Module, output: Any) -> None:
+        if not (self._armed and module.training and hooks_active()):
+            return
+        x = output if isinstance(output, Tensor) else next(
+            (o for o in (output if isinstance(output, (tuple, list)) else ()) if isinstance(o, Tensor)), None)
+        if x is None:
+            return
+        with torch.no_grad():
+            sq, n, top = activation_stats(x)
+        old = self._stats.get(index)
+        self._stats[index] = [sq, n, top] if old is None else [old[0] + sq, old[1] + n, torch.maximum(old[2], top)]
+
+    def read(self) -> Measurements:
+        """This step's values (what `measure` returns), then starts a new step."""
+        stats, self._stats = self._stats, {}
+        if not stats:
+            return {}
+        order = sorted(stats)
+        names = tuple(self.names[i] for i in order)
+        rms = torch.stack([(stats[i][0] / stats[i][1]).sqrt() for i in order])
+        top = torch.stack([stats[i][2] for i in order])
+        return {RMS: rms.amax(), RMS_PER_BLOCK: PerParam(names, rms),
+                MAX_ABS: top.amax(), MAX_ABS_PER_BLOCK: PerParam(names, top)}
+
+    def measure(self, ctx: StepContext) -> Measurements:
+        out = self.read()
+        self._armed = due(ctx.step + 1, self.config.every)
+        return out
+
+    def after_step(self, ctx: StepContext) -> Measurements:
+        return {}

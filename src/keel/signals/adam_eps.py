@@ -1,0 +1,105 @@
+"""Adam ε probe: the size of Adam's normalised update, and how much of it ε decides (ε-dominance).
+
+| key                          | cadence             | cost                                                          |
+|------------------------------|---------------------|---------------------------------------------------------------|
+| `adam/update_rms`            | every `every` steps | three passes over the optimizer's moments (m, v)              |
+| `adam/eps_dominated`         | as above            | free (same passes)                                            |
+| `adam/eps_dominated/<param>` | as above; stored on `log_every` steps | one float per parameter tensor              |
+
+Adam's update per element is m̂ / (√v̂ + ε). When the gradient's RMS shrinks towards ε — as models grow —
+ε, not the gradient, sets the denominator and the update silently shrinks. Wortsman et al. (2023, §3.4)
+track the RMS of this unscaled update (≈ 0.2–1 when healthy) and fix the collapse with a smaller ε
+(1e-15). `adam/eps_dominated` is the share of elements with √v̂ < ε. Reads ``exp_avg``/``exp_avg_sq`` of
+``torch.optim.Adam``/``AdamW`` (and optimizers with the same state names); others give no values. The
+moments read before ``optimizer.step()`` are those of the previous update.
+
+References:
+    Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training instabilities",
+    arXiv 2309.14322 (no official code). Kingma & Ba 2015, "Adam", arXiv 1412.6980.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from keel.signals.attn_logits import due
+from keel.signals.probe import Measurements, PerParam, StepContext
+from keel.signals.registry import PROBES
+
+UPDATE_RMS = "adam/update_rms"
+EPS_DOMINATED = "adam/eps_dominated"
+EPS_DOMINATED_PER_PARAM = "adam/eps_dominated/"
+
+
+@dataclass(kw_only=True)
+class AdamEpsConfig:
+    """Settings of the Adam ε probe.
+
+    Attributes:
+        every: Cadence in steps.
+    """
+
+    every: int = 50
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"AdamEpsConfig.every={self.every!r}; allowed: an int >= 1")
+
+
+def adam_update_stats(exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float, beta1: float, beta2: float,
+                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+    """(Σ u², number of elements, count of √v̂ < ε) for u = m̂ / (√v̂ + ε), in float32.
+
+    Example:
+        >>> m, v = torch.tensor([0.1, 1e-3]), torch.tensor([0.01, 1e-20])
+        >>> adam_update_stats(m, v, 1.0, 0.0, 0.0, 1e-8)[2]
+        tensor(1.)
+    """
+    step_t = torch.as_tensor(step, dtype=torch.float32, device=exp_avg.device)
+    m_hat = exp_avg.float() / (1 - beta1**step_t)
+    root_v = (exp_avg_sq.float() / (1 - beta2**step_t)).sqrt()
+    update = m_hat / (root_v + eps)
+    n = torch.tensor(float(update.numel()), device=update.device)
+    return update.square().sum(), n, (root_v < eps).sum().float()
+
+
+@PROBES.register("adam_eps")
+class AdamEpsProbe:
+    name = "adam_eps"
+
+    def __init__(self, config: AdamEpsConfig | None = None, **fields: object) -> None:
+        self.config = config or AdamEpsConfig(**fields)  # type: ignore[arg-type]
+
+    def measure(self, ctx: StepContext) -> Measurements:
+        if not due(ctx.step, self.config.every):
+            return {}
+        hyper = {}
+        for group in ctx.optimizer.param_groups:
+            betas = group.get("betas")
+            if betas is not None and "eps" in group:
+                for p in group["params"]:
+                    hyper[id(p)] = (float(betas[0]), float(betas[1]), float(group["eps"]))
+        names, squares, counts, dominated = [], [], [], []
+        with torch.no_grad():
+            for name, p in zip(ctx.names, ctx.params):
+                state = ctx.optimizer.state.get(p, {})
+                if id(p) not in hyper or "exp_avg" not in state or "exp_avg_sq" not in state:
+                    continue
+                sq, n, dom = adam_update_stats(state["exp_avg"], state["exp_avg_sq"], state.get("step", 1.0),
+                                               *hyper[id(p)])
+                names.append(name)
+                squares.append(sq)
+                counts.append(n)
+                dominated.append(dom)
+        if not names:
+            return {}
+        n_all = torch.stack(counts)
+        return {UPDATE_RMS: (torch.stack(squares).sum() / n_all.sum()).sqrt(),
+                EPS_DOMINATED: torch.stack(dominated).sum() / n_all.sum(),
+                EPS_DOMINATED_PER_PARAM: PerParam(tuple(names), torch.stack(dominated) / n_all)}
+
+    def after_step(self, ctx: StepContext) -> Measurements:
+        return {}

@@ -1,0 +1,123 @@
+"""Attention-entropy probe: the mean entropy of the attention rows, per layer and per head.
+
+| key                               | cadence                     | cost                                                  |
+|-----------------------------------|-----------------------------|-------------------------------------------------------|
+| `attn/entropy`                    | every `every` steps         | explicit softmax: one `xlogy` pass over the probabilities the model has; fused attention: an extra `q @ kᵀ` and softmax per layer |
+| `attn/entropy/<layer>`            | every `every` steps         | one float per attention module                        |
+| `attn/head_entropy/<layer>/h<i>`  | every `every` steps         | one float per head                                    |
+
+Entropy of row i is −Σⱼ pᵢⱼ log pᵢⱼ (nats), averaged over batch and queries, leaving fully masked rows
+out; `attn/entropy` is the mean over layers. A sharp fall ("entropy collapse") accompanies unstable
+Transformer training; σReparam prevents it (Zhai et al. 2023). The reference logs the per-layer mean of
+−Σ p·log(p + 1e-6) under stop-gradient (``speech/speech_transformer.py`` in apple/ml-sigma-reparam);
+keel uses the exact ``xlogy`` form, which is 0 for p = 0 and has no 1e-6 bias. It shares the attention tap
+with `attn_logits`, so both together cost one interception.
+
+References:
+    Zhai et al. 2023, "Stabilizing Transformer Training by Preventing Attention Entropy Collapse", ICML,
+    arXiv 2303.06296; code github.com/apple/ml-sigma-reparam.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from keel.signals import _attention_tap
+from keel.signals._hooks import looks_like_sequence_model
+from keel.signals.attn_logits import NoAttentionFoundWarning, due
+from keel.signals.probe import Measurements, PerParam, StepContext
+from keel.signals.registry import PROBES
+
+ENTROPY = "attn/entropy"
+ENTROPY_PER_LAYER = "attn/entropy/"
+ENTROPY_PER_HEAD = "attn/head_entropy/"
+
+
+@dataclass(kw_only=True)
+class AttnEntropyConfig:
+    """Settings of the attention-entropy probe.
+
+    Attributes:
+        every: Cadence in steps (the same for explicit and fused attention).
+        per_head: Also emit one value per head.
+        modules: Names of the attention modules; ``None`` finds them by class name.
+    """
+
+    every: int = 10
+    per_head: bool = True
+    modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"AttnEntropyConfig.every={self.every!r}; allowed: an int >= 1")
+
+
+@PROBES.register("attn_entropy")
+class AttnEntropyProbe:
+    """Emits attention entropy per layer and head on a schedule, reduced inside the forward pass.
+
+    Example:
+        >>> from keel.proxy import create_proxy_model
+        >>> model = create_proxy_model("tiny")
+        >>> probe = AttnEntropyProbe()
+        >>> probe.attach(model)
+        >>> _ = model(torch.zeros(1, 8, dtype=torch.long))
+        >>> sorted(probe.read())
+        ['attn/entropy', 'attn/entropy/', 'attn/head_entropy/']
+        >>> probe.detach()
+    """
+
+    name = "attn_entropy"
+
+    def __init__(self, config: AttnEntropyConfig | None = None, **fields: object) -> None:
+        self.config = config or AttnEntropyConfig(**fields)  # type: ignore[arg-type]
+        self._model: nn.Module | None = None
+        self._tap: _attention_tap.AttentionTap | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        self._model = model
+        self._tap = _attention_tap.tap_for(model, self.config.modules)
+        if not self._tap.sites and looks_like_sequence_model(model):
+            warnings.warn(f"{self.name}: no attention module found in {type(model).__name__}; pass "
+                          "modules=[...] to name them", NoAttentionFoundWarning, stacklevel=2)
+        self._arm(0)
+
+    def detach(self) -> None:
+        if self._model is not None:
+            _attention_tap.release(self._model, self)
+        self._model = self._tap = None
+
+    def _arm(self, step: int) -> None:
+        if self._tap is not None:
+            request = self._tap.subscribe(self)
+            request.entropy = request.fused = due(step, self.config.every)
+
+    def read(self) -> Measurements:
+        """This step's values (what `measure` returns), without re-arming."""
+        if self._tap is None:
+            return {}
+        if self._tap.error is not None:
+            raise RuntimeError(f"attention tap failed: {self._tap.error!r}") from self._tap.error
+        sites = [s for s in self._tap.read() if s.entropy_sum is not None]
+        if not sites:
+            return {}
+        per_layer = torch.stack([s.entropy_sum.sum() / s.entropy_count.sum() for s in sites])  # type: ignore[union-attr]
+        out: Measurements = {ENTROPY: per_layer.mean(), ENTROPY_PER_LAYER: PerParam(tuple(s.name for s in sites),
+                                                                                  per_layer)}
+        if self.config.per_head:
+            names = tuple(f"{s.name}/h{i}" for s in sites for i in range(s.entropy_sum.numel()))  # type: ignore[union-attr]
+            heads = torch.cat([s.entropy_sum / s.entropy_count for s in sites])  # type: ignore[operator]
+            out[ENTROPY_PER_HEAD] = PerParam(names, heads)
+        return out
+
+    def measure(self, ctx: StepContext) -> Measurements:
+        out = self.read()
+        self._arm(ctx.step + 1)
+        return out
+
+    def after_step(self, ctx: StepContext) -> Measurements:
+        return {}

@@ -1,0 +1,131 @@
+"""Attention max-logit probe: the largest pre-softmax attention logit of each layer.
+
+| key                       | cadence                                   | cost                                            |
+|---------------------------|-------------------------------------------|-------------------------------------------------|
+| `attn/max_logit`          | every `every` steps (explicit softmax); every `fused_every` steps (SDPA, `nn.MultiheadAttention`) | explicit: one max over the logits the model already has; fused: one extra `q @ kᵀ` per layer |
+| `attn/max_logit/<layer>`  | as above; stored on `log_every` steps     | one float per attention module                  |
+
+Unbounded growth of the attention logits is the first large-scale Transformer instability named by
+Dehghani et al. (2023, ViT-22B) and reproduced at small scale by Wortsman et al. (2023): the logits grow
+by orders of magnitude, attention turns one-hot, and the loss stalls or diverges; QK-norm keeps them
+bounded. The value is the signed maximum (as Megatron-LM logs ``max_attention_logit``), so masked
+entries never count. Works on explicit ``q @ kᵀ`` + softmax attention (keel's proxy, nanoGPT without
+flash, Hugging Face "eager"), ``F.scaled_dot_product_attention`` (nanoGPT, Hugging Face "sdpa", GPT-2 and
+Llama) and ``nn.MultiheadAttention``; see `keel.signals._attention_tap` for how.
+
+References:
+    Dehghani et al. 2023, "Scaling Vision Transformers to 22 Billion Parameters", arXiv 2302.05442.
+    Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training instabilities",
+    arXiv 2309.14322 (no official code). Megatron-LM ``megatron/core/optimizer/qk_clip.py``.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from keel._core.errors import KeelWarning
+from keel.signals import _attention_tap
+from keel.signals._hooks import looks_like_sequence_model
+from keel.signals.probe import Measurements, PerParam, StepContext
+from keel.signals.registry import PROBES
+
+MAX_LOGIT = "attn/max_logit"
+MAX_LOGIT_PER_LAYER = "attn/max_logit/"
+
+
+class NoAttentionFoundWarning(KeelWarning):
+    """An attention probe found no attention module to watch; it measures nothing."""
+
+
+@dataclass(kw_only=True)
+class AttnLogitsConfig:
+    """Settings of the attention max-logit probe.
+
+    Attributes:
+        every: Cadence (steps) for models whose attention calls an explicit softmax (cheap).
+        fused_every: Cadence for fused attention (SDPA, ``nn.MultiheadAttention``), where the logits must
+            be rebuilt with an extra ``q @ kᵀ``.
+        modules: Names of the attention modules to watch; ``None`` finds modules whose class name ends in
+            ``Attention``/``Attn``.
+    """
+
+    every: int = 1
+    fused_every: int = 10
+    modules: list[str] | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("every", "fused_every"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"AttnLogitsConfig.{name}={value!r}; allowed: an int >= 1")
+
+
+def due(step: int, every: int) -> bool:
+    return step % every == 0
+
+
+@PROBES.register("attn_logits")
+class AttnLogitsProbe:
+    """Emits the largest attention logit per layer, measured inside the forward pass.
+
+    Example:
+        >>> from keel.proxy import create_proxy_model
+        >>> model = create_proxy_model("tiny")
+        >>> probe = AttnLogitsProbe()
+        >>> probe.attach(model)
+        >>> _ = model(torch.zeros(1, 8, dtype=torch.long))
+        >>> sorted(probe.read())
+        ['attn/max_logit', 'attn/max_logit/']
+        >>> probe.detach()
+    """
+
+    name = "attn_logits"
+
+    def __init__(self, config: AttnLogitsConfig | None = None, **fields: object) -> None:
+        self.config = config or AttnLogitsConfig(**fields)  # type: ignore[arg-type]
+        self._model: nn.Module | None = None
+        self._tap: _attention_tap.AttentionTap | None = None
+
+    def attach(self, model: nn.Module) -> None:
+        self._model = model
+        self._tap = _attention_tap.tap_for(model, self.config.modules)
+        if not self._tap.sites and looks_like_sequence_model(model):
+            warnings.warn(f"{self.name}: no attention module found in {type(model).__name__}; pass "
+                          "modules=[...] to name them", NoAttentionFoundWarning, stacklevel=2)
+        self._arm(0)
+
+    def detach(self) -> None:
+        if self._model is not None:
+            _attention_tap.release(self._model, self)
+        self._model = self._tap = None
+
+    def _arm(self, step: int) -> None:
+        if self._tap is not None:
+            request = self._tap.subscribe(self)
+            request.max_logit = due(step, self.config.every) or due(step, self.config.fused_every)
+            request.fused = due(step, self.config.fused_every)
+
+    def read(self) -> Measurements:
+        """This step's values (what `measure` returns), without re-arming."""
+        if self._tap is None:
+            return {}
+        if self._tap.error is not None:
+            raise RuntimeError(f"attention tap failed: {self._tap.error!r}") from self._tap.error
+        sites = self._tap.read()
+        if not sites:
+            return {}
+        values = torch.stack([s.max_logit for s in sites])  # type: ignore[misc]
+        return {MAX_LOGIT: values.amax(),  # NaN-propagating, like every max here
+                MAX_LOGIT_PER_LAYER: PerParam(tuple(s.name for s in sites), values)}
+
+    def measure(self, ctx: StepContext) -> Measurements:
+        out = self.read()
+        self._arm(ctx.step + 1)
+        return out
+
+    def after_step(self, ctx: StepContext) -> Measurements:
+        return {}

@@ -1,0 +1,212 @@
+"""Output-logit probe: log-partition log Z, logit scale, softmax-collapse and zero-loss fractions.
+
+| key                       | cadence             | cost                                                           |
+|---------------------------|---------------------|----------------------------------------------------------------|
+| `logits/log_z`            | every `every` steps | one exp pass over the output logits, inside the head's forward hook |
+| `logits/log_z_max`, `logits/log_z_min` | as above | free (same pass)                                        |
+| `logits/rms`, `logits/mean` | as above          | one square-sum and one sum pass                                |
+| `logits/softmax_collapse` | as above            | free for float32 logits; one more exp pass in `precision` otherwise |
+| `logits/zero_loss`        | as above, when targets are known | one gather                                        |
+
+log Z drifting far from 0 is Wortsman et al.'s (2023) "output-logit divergence", which a z-loss of 1e-4
+prevents (PaLM); the mean logit tracks the drift of the mean output embedding that Stollenwerk et al.
+(2026, arXiv 2601.02031) identify as its cause. The softmax-collapse fraction (S = Σ exp(z − max z) == 1 in the working precision) and
+the zero-loss fraction come from Prieto et al. (2025): once rows collapse, their gradients vanish and the
+weights only grow along the naïve-loss-minimisation direction. The zero-loss fraction needs the targets:
+Hugging Face models pass ``labels=`` to ``forward`` and are read automatically (shifted by one, as their
+causal-LM loss does; -100 is ignored); other loops call `OutputLogitsProbe.set_targets` before the
+forward pass, or go without that key.
+
+References:
+    Wortsman et al. 2023, arXiv 2309.14322 (no official code); OLMo-core ``Z loss`` metrics.
+    Prieto et al. 2025, "Grokking at the Edge of Numerical Stability", arXiv 2501.04697; code
+    github.com/LucasPrietoAl/grokking-at-the-edge-of-numerical-stability (``logger.py``).
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from keel._core.errors import KeelWarning
+from keel.signals._hooks import find_output_head, hooks_active, named_modules_by_name
+from keel.signals.attn_logits import due
+from keel.signals.probe import Measurements, StepContext
+from keel.signals.registry import PROBES
+
+LOG_Z = "logits/log_z"
+LOG_Z_MAX = "logits/log_z_max"
+LOG_Z_MIN = "logits/log_z_min"
+RMS = "logits/rms"
+MEAN = "logits/mean"
+SOFTMAX_COLLAPSE = "logits/softmax_collapse"
+ZERO_LOSS = "logits/zero_loss"
+IGNORE_INDEX = -100
+
+_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
+               "float64": torch.float64}
+
+
+@dataclass(kw_only=True)
+class OutputLogitsConfig:
+    """Settings of the output-logit probe.
+
+    Attributes:
+        every: Cadence in steps.
+        module: Name of the module whose output is the logits; ``None`` finds it (`find_output_head`).
+        precision: The softmax's working precision for the collapse fractions (``"float32"``, ...);
+            ``None``: the logits' own dtype.
+    """
+
+    every: int = 1
+    module: str | None = None
+    precision: str | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"OutputLogitsConfig.every={self.every!r}; allowed: an int >= 1")
+        if self.precision is not None and self.precision not in _PRECISIONS:
+            raise ValueError(f"OutputLogitsConfig.precision={self.precision!r}; allowed: None, "
+                             f"{', '.join(_PRECISIONS)}")
+
+
+class _Sums:
+    def __init__(self) -> None:
+        self.rows: Tensor | None = None
+        self.values: dict[str, Tensor] = {}
+
+    def add(self, name: str, value: Tensor, reduce: str = "sum") -> None:
+        old = self.values.get(name)
+        if old is None:
+            self.values[name] = value
+        elif reduce == "max":
+            self.values[name] = torch.maximum(old, value)
+        elif reduce == "min":
+            self.values[name] = torch.minimum(old, value)
+        else:
+            self.values[name] = old + value
+
+
+@PROBES.register("output_logits")
+class OutputLogitsProbe:
+    """Reduces the output logits inside the head's forward hook; keeps no activation.
+
+    Example:
+        >>> from keel.proxy import create_proxy_model
+        >>> model = create_proxy_model("tiny")
+        >>> probe = OutputLogitsProbe()
+        >>> probe.attach(model)
+        >>> _ = model(torch.zeros(1, 8, dtype=torch.long))
+        >>> sorted(probe.read())
+        ['logits/log_z', 'logits/log_z_max', 'logits/log_z_min', 'logits/mean', 'logits/rms', 'logits/softmax_collapse']
+        >>> probe.detach()
+    """
+
+    name = "output_logits"
+
+    def __init__(self, config: OutputLogitsConfig | None = None, **fields: object) -> None:
+        self.config = config or OutputLogitsConfig(**fields)  # type: ignore[arg-type]
+        self._handles: list[Any] = []
+        self._armed = False
+        self._sums = _Sums()
+        self._targets: Tensor | None = None
+        self._shift = False
+        self.head: str | None = None
+
+    # --- lifecycle ---------------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        found = (named_modules_by_name(model, [self.config.module])[0] if self.config.module
+                 else find_output_head(model))
+        if found is None:
+            warnings.warn(f"{self.name}: no output head found in {type(model).__name__}; pass module=...",
+                          KeelWarning, stacklevel=2)
+            return
+        self.head, head = found
+        self._handles = [head.register_forward_hook(self._hook),
+                         model.register_forward_pre_hook(self._labels_hook, with_kwargs=True)]
+        self._armed = due(0, self.config.every)
+
+    def detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def set_targets(self, targets: Tensor) -> None:
+        """Targets of the next forward pass (class indices, the logits' shape without the class dimension)."""
+        self._targets, self._shift = targets, False
+
+    # --- hooks -------------------------------------------------------------------------------------------
+    def _labels_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
+        labels = kwargs.get("labels")
+        if isinstance(labels, Tensor):
+            self._targets, self._shift = labels, True  # Hugging Face causal LM: predict token t+1
+
+    def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        targets, self._targets = self._targets, None
+        if not (self._armed and module.training and hooks_active()):
+            return
+        logits = output if isinstance(output, Tensor) else next((o for o in output if isinstance(o, Tensor)), None)
+        if logits is None or logits.dim() < 1 or logits.numel() == 0:
+            return
+        with torch.no_grad():
+            self._reduce(logits.detach(), targets)
+
+    def _reduce(self, z: Tensor, targets: Tensor | None) -> None:
+        precision = _PRECISIONS[self.config.precision] if self.config.precision else z.dtype
+        zp = z.to(precision)
+        top = zp.amax(dim=-1, keepdim=True)
+        s = torch.exp(zp - top).sum(dim=-1)  # in the working precision
+        collapsed = s == 1
+        if precision in (torch.float32, torch.float64) and z.dtype == precision:
+            log_z = top.squeeze(-1).float() + torch.log(s.float())  # the same pass gives log Z
+        else:
+            log_z = torch.logsumexp(z.float(), dim=-1)
+        sums = self._sums
+        sums.add("log_z", log_z.sum())
+        sums.add("rows", torch.tensor(float(log_z.numel()), device=z.device))
+        sums.add("log_z_max", log_z.amax(), "max")
+        sums.add("log_z_min", log_z.amin(), "min")
+        sums.add("square", z.float().square().sum())
+        sums.add("sum", z.float().sum())
+        sums.add("elements", torch.tensor(float(z.numel()), device=z.device))
+        sums.add("collapsed", collapsed.sum().float())
+        if targets is not None:
+            y, keep_top, keep_s = targets, top.squeeze(-1), s
+            if self._shift:
+                y, zp, keep_top, keep_s = y[..., 1:], zp[..., :-1, :], keep_top[..., :-1], keep_s[..., :-1]
+            if y.shape == zp.shape[:-1]:
+                valid = y != IGNORE_INDEX
+                at_target = zp.gather(-1, y.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
+                zero = (keep_s == 1) & (at_target == keep_top) & valid
+                sums.add("zero", zero.sum().float())
+                sums.add("target_rows", valid.sum().float())
+
+    # --- measure -----------------------------------------------------------------------------------------
+    def read(self) -> Measurements:
+        """This step's values (what `measure` returns), then starts a new step."""
+        v, self._sums = self._sums.values, _Sums()
+        if "rows" not in v:
+            return {}
+        out: Measurements = {
+            LOG_Z: v["log_z"] / v["rows"],
+            LOG_Z_MAX: v["log_z_max"],
+            LOG_Z_MIN: v["log_z_min"],
+            RMS: (v["square"] / v["elements"]).sqrt(),
+            MEAN: v["sum"] / v["elements"],
+            SOFTMAX_COLLAPSE: v["collapsed"] / v["rows"],
+        }
+        if "zero" in v:
+            out[ZERO_LOSS] = v["zero"] / v["target_rows"]
+        return out
+
+    def measure(self, ctx: StepContext) -> Measurements:
+        out = self.read()
+        self._armed = due(ctx.step + 1, self.config.every)
+        return out
+
+    def after_step(self, ctx: StepContext) -> Measurements:
+        return {}

@@ -1,0 +1,233 @@
+"""Sharpness probe: top Hessian eigenvalue and trace, and the stability margin they imply for the current LR.
+
+| key                                   | cadence                                         | cost |
+|---------------------------------------|-------------------------------------------------|------|
+| `curvature/sharpness`                 | every `every` steps, and whenever the LR has grown `lr_jump`× since the last measurement | one forward + backward with graph, `iters` Hessian-vector products (≈ 2–3 backward passes each) |
+| `curvature/trace`                     | as above                                        | `trace_probes` more Hessian-vector products |
+| `curvature/preconditioned_sharpness`  | as above, for Adam-family optimizers            | `iters` more Hessian-vector products |
+| `curvature/margin`                    | as above                                        | free |
+
+λ_max comes from power iteration on Hessian-vector products (double backward, Pearlmutter 1994), tr(H)
+from Hutchinson's estimator with Rademacher vectors. The margin compares the learning rate with the
+stability limit of the quadratic model: η·λ_max/2 for gradient descent (Cohen et al. 2021, "edge of
+stability"); η·λ_max/(2 + 2β) with heavy-ball momentum β; and for Adam the preconditioned sharpness
+λ_max(P⁻¹H), P = (1 − β₁ᵗ)·diag(√v̂ + ε), against Adam's threshold (2 + 2β₁)/((1 − β₁)η) (Cohen et al.
+2022). A margin ≥ 1 means the top curvature direction is amplified at every step; training at the edge
+of stability sits near 1 and is benign; a learning-rate jump sends it far above.
+
+The curvature needs a loss with its graph, which a probe does not get: give the probe a ``closure`` that
+computes the loss of a fixed batch (``lambda: loss_fn(model(xb), yb)``). The probe runs it under
+`keel.signals.quiet` (other hooks see nothing), with the RNG state forked and the module buffers restored,
+and uses ``torch.autograd.grad`` only, so parameters, their ``.grad`` and the optimizer state are
+untouched. Without a closure it measures nothing and warns once.
+
+References:
+    Cohen et al. 2021, "Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability",
+    arXiv 2103.00065 (code github.com/locuslab/edge-of-stability). Cohen et al. 2022, "Adaptive Gradient
+    Methods at the Edge of Stability", arXiv 2207.14484. Wu & Su 2023, "The Implicit Regularization of
+    Dynamical Stability in SGD", ICML. Hutchinson 1989, "A stochastic estimator of the trace of the
+    influence matrix".
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from keel._core.errors import KeelWarning
+from keel.signals._hooks import quiet
+from keel.signals.probe import Measurements, StepContext
+from keel.signals.registry import PROBES
+
+SHARPNESS = "curvature/sharpness"
+TRACE = "curvature/trace"
+PRECONDITIONED = "curvature/preconditioned_sharpness"
+MARGIN = "curvature/margin"
+
+
+@dataclass(kw_only=True)
+class SharpnessConfig:
+    """Settings of the sharpness probe.
+
+    Attributes:
+        every: Cadence in steps.
+        lr_jump: Also measure when the LR exceeds ``lr_jump`` × the LR of the last measurement.
+        iters: Power-iteration steps.
+        trace_probes: Rademacher vectors for the trace (0: no trace).
+        preconditioned: Also measure λ_max(P⁻¹H) for Adam-family optimizers; ``None``: when the optimizer
+            has ``exp_avg_sq`` state.
+        seed: Seeds the random start vectors.
+    """
+
+    every: int = 100
+    lr_jump: float = 2.0
+    iters: int = 20
+    trace_probes: int = 10
+    preconditioned: bool | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("every", "iters"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"SharpnessConfig.{name}={value!r}; allowed: an int >= 1")
+        if not isinstance(self.trace_probes, int) or self.trace_probes < 0:
+            raise ValueError(f"SharpnessConfig.trace_probes={self.trace_probes!r}; allowed: an int >= 0")
+        if not (self.lr_jump > 1 and math.isfinite(self.lr_jump)):
+            raise ValueError(f"SharpnessConfig.lr_jump={self.lr_jump!r}; allowed: a finite number > 1")
+
+
+def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
+    return sum((x.double() * y.double()).sum() for x, y in zip(a, b))  # type: ignore[return-value]
+
+
+def top_eigenvalue(hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence[Tensor], *, iters: int,
+                   generator: torch.Generator) -> Tensor:
+    """λ_max of a symmetric operator by power iteration (the Rayleigh quotient of the last iterate).
+
+    Power iteration converges to the eigenvalue of largest magnitude; for a Hessian at a point of
+    instability that is the positive top one. Returns a 0-d float64 tensor.
+
+    Example:
+        >>> A = torch.diag(torch.tensor([3.0, 1.0, -0.5]))
+        >>> round(float(top_eigenvalue(lambda v: [A @ v[0]], [torch.zeros(3)], iters=50,
+        ...                                      generator=torch.Generator().manual_seed(0))), 4)
+        3.0
+    """
+    v = [torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t) for t in like]
+    norm = _dot(v, v).sqrt()
+    v = [t / norm for t in v]
+    eig = torch.zeros((), dtype=torch.float64)
+    for _ in range(iters):
+        hv = hvp(v)
+        eig = _dot(v, hv)
+        norm = _dot(hv, hv).sqrt()
+        if not bool(norm > 0):  # the operator is 0 along everything tried
+            return torch.zeros((), dtype=torch.float64)
+        v = [t / norm.to(t.dtype) for t in hv]
+    return eig
+
+
+def hutchinson_trace(hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence[Tensor], *, probes: int,
+                     generator: torch.Generator) -> Tensor:
+    """tr(H) ≈ mean of zᵀHz over Rademacher vectors z (0-d float64).
+
+    Example:
+        >>> A = torch.diag(torch.tensor([3.0, 1.0, -0.5]))
+        >>> float(hutchinson_trace(lambda v: [A @ v[0]], [torch.zeros(3)], probes=4,
+        ...                        generator=torch.Generator().manual_seed(0)))
+        3.5
+    """
+    total = torch.zeros((), dtype=torch.float64)
+    for _ in range(probes):
+        z = [(torch.randint(0, 2, t.shape, generator=generator) * 2 - 1).to(t) for t in like]
+        total = total + _dot(z, hvp(z))
+    return total / max(probes, 1)
+
+
+@PROBES.register("sharpness")
+class SharpnessProbe:
+    """Measures curvature on a fixed batch every ``every`` steps, and when the LR jumps.
+
+    Args:
+        closure: Returns the loss of a fixed batch, with its graph (``lambda: loss_fn(model(xb), yb)``).
+        config: Settings; or pass `SharpnessConfig` fields as keywords.
+    """
+
+    name = "sharpness"
+
+    def __init__(self, closure: Callable[[], Tensor] | None = None, config: SharpnessConfig | None = None,
+                 **fields: object) -> None:
+        self.closure = closure
+        self.config = config or SharpnessConfig(**fields)  # type: ignore[arg-type]
+        self._last_lr: float | None = None
+        self._warned = False
+
+    def _due(self, step: int, lr: float) -> bool:
+        if step % self.config.every == 0 or self._last_lr is None:
+            return True
+        return lr > self.config.lr_jump * self._last_lr
+
+    def measure(self, ctx: StepContext) -> Measurements:
+        group = ctx.optimizer.param_groups[0]
+        lr = float(group["lr"])
+        if not self._due(ctx.step, lr):
+            return {}
+        if self.closure is None:
+            if not self._warned:
+                self._warned = True
+                warnings.warn("sharpness: no closure given, nothing measured; pass SharpnessProbe(closure=lambda: "
+                              "loss_fn(model(xb), yb))", KeelWarning, stacklevel=2)
+            return {}
+        self._last_lr = lr
+        params = [p for p in ctx.model.parameters() if p.requires_grad]
+        generator = torch.Generator().manual_seed(self.config.seed + ctx.step)
+        buffers = {name: b.detach().clone() for name, b in ctx.model.named_buffers()}
+        with quiet(), torch.random.fork_rng(devices=[]), torch.enable_grad():
+            loss = self.closure()
+            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+            pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+            params, grads = [p for p, _ in pairs], [g for _, g in pairs]
+
+            def hvp(v: list[Tensor]) -> list[Tensor]:
+                out = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True, allow_unused=True)
+                return [o.detach() if o is not None else torch.zeros_like(p) for o, p in zip(out, params)]
+
+            out: Measurements = {SHARPNESS: top_eigenvalue(hvp, params, iters=self.config.iters,
+                                                            generator=generator).float()}
+            if self.config.trace_probes:
+                out[TRACE] = hutchinson_trace(hvp, params, probes=self.config.trace_probes,
+                                              generator=generator).float()
+            scale = _adam_preconditioner(ctx.optimizer, params) if self.config.preconditioned is not False else None
+            if scale is not None:
+                def pre_hvp(v: list[Tensor]) -> list[Tensor]:  # D^-1/2 H D^-1/2, similar to P^-1 H
+                    hv = hvp([t * s for t, s in zip(v, scale)])
+                    return [t * s for t, s in zip(hv, scale)]
+
+                out[PRECONDITIONED] = top_eigenvalue(pre_hvp, params, iters=self.config.iters,
+                                                     generator=generator).float()
+        with torch.no_grad():
+            for name, b in ctx.model.named_buffers():
+                b.copy_(buffers[name])
+        out[MARGIN] = _margin(ctx.optimizer, lr, out)
+        return out
+
+    def after_step(self, ctx: StepContext) -> Measurements:
+        return {}
+
+
+def _adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor] | None:
+    """Per parameter 1/sqrt(P) with P = (1 − β₁ᵗ)(√v̂ + ε), or None when the optimizer keeps no ``exp_avg_sq``."""
+    hyper = {id(p): g for g in optimizer.param_groups for p in g["params"]}
+    scales = []
+    for p in params:
+        state, group = optimizer.state.get(p, {}), hyper.get(id(p))
+        if group is None or "exp_avg_sq" not in state or "betas" not in group:
+            return None
+        beta1, beta2 = group["betas"]
+        step = float(state.get("step", 1))
+        denom = (state["exp_avg_sq"].float() / (1 - beta2**step)).sqrt() + group["eps"]
+        scales.append((1.0 / ((1 - beta1 ** (step + 1)) * denom)).sqrt().to(p.dtype))
+    return scales
+
+
+def _margin(optimizer: torch.optim.Optimizer, lr: float, out: Measurements) -> Tensor:
+    """η·λ over the optimizer's stability threshold (GD: 2; heavy ball: 2 + 2β; Adam: (2 + 2β₁)/(1 − β₁))."""
+    group = optimizer.param_groups[0]
+    if PRECONDITIONED in out and "betas" in group:
+        beta1 = float(group["betas"][0])
+        return out[PRECONDITIONED] * lr * (1 - beta1) / (2 + 2 * beta1)  # type: ignore[operator]
+    momentum = float(group.get("momentum", 0.0) or 0.0)
+    return out[SHARPNESS] * lr / (2 + 2 * momentum)  # type: ignore[operator]
+
+
+def sharpness_probe_for(model: nn.Module, loss_fn: Callable[..., Tensor], batch: tuple[Tensor, ...],
+                        **fields: object) -> SharpnessProbe:
+    """A `SharpnessProbe` on a fixed batch: ``loss_fn(model(*inputs), target)`` with ``batch = (*inputs, target)``."""
+    *inputs, target = batch
+    return SharpnessProbe(lambda: loss_fn(model(*inputs), target), **fields)

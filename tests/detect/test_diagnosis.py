@@ -1,0 +1,44 @@
+"""Diagnosis rules: mechanisms before symptoms, folding, lead time, the store form."""
+
+from __future__ import annotations
+
+from keel._core import Finding
+from keel.detect.causes import CAUSES
+from keel.detect.diagnosis import diagnose, format_diagnoses
+
+
+def f(step, kind, severity="warning", **evidence):
+    return Finding(step=step, kind=kind, severity=severity, signal="x", evidence=evidence)
+
+
+def test_mechanism_explains_later_symptoms_and_folds_entropy_collapse():
+    found = [f(3, "loss_spike", "info"), f(8, "attention_logit_growth", level=15.5), f(20, "attention_entropy_collapse"),
+             f(33, "attention_logit_growth", "critical"), f(40, "loss_spike", "critical"), f(60, "divergence")]
+    (d,) = diagnose(found)
+    assert (d.kind, d.first_step, d.critical_step, d.severity) == ("attention_logit_growth", 8, 33, "critical")
+    assert d.consequences == {"loss_spike": 40, "divergence": 60}
+    assert d.evidence["level"] == 15.5 and d.evidence["attention_entropy_collapse"]["first_step"] == 20
+    assert d.remedies[0]["action"].startswith("add QK-norm") and "Dehghani" in d.remedies[0]["source"]
+
+
+def test_symptom_before_any_mechanism_is_its_own_cause_and_order_is_by_first_sighting():
+    found = [f(5, "loss_spike", "critical"), f(50, "softmax_collapse"), f(30, "edge_of_stability")]
+    assert [d.kind for d in diagnose(found)] == ["edge_of_stability", "softmax_collapse", "loss_spike"]
+    assert diagnose([f(5, "loss_spike", "info")]) == []
+    assert format_diagnoses([]).startswith("No instability")
+
+
+def test_lead_time_and_store_form():
+    losses = [3.0] * 90 + [4.0] * 60
+    (d,) = diagnose([f(8, "attention_logit_growth")], losses=losses)
+    assert (d.degraded_step, d.lead_steps) == (90, 82)
+    assert "first seen at step 8" in d.summary() and "82 steps later" in d.summary()
+    stored = d.to_finding()
+    assert stored.kind == "diagnosis" and stored.signal == "attention_logit_growth"
+    assert stored.evidence["lead_steps"] == 82 and "QK-norm" in stored.remedy
+
+
+def test_every_cause_has_sourced_remedies():
+    for kind, cause in CAUSES.items():
+        assert cause.kind == kind and cause.remedies, kind
+        assert all(r.source and r.action for r in cause.remedies), kind

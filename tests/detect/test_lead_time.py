@@ -1,0 +1,39 @@
+"""Degradation step and lead time against hand-made loss curves."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+
+from keel.detect.lead_time import degradation_step, lead_steps, running_median
+
+
+def test_running_median_matches_numpy_and_skips_nonfinite():
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=50)
+    got = running_median(x, 7)
+    expected = [np.median(x[max(0, i - 3): i + 4]) for i in range(50)]
+    np.testing.assert_allclose(got, expected)
+    assert running_median([1.0, math.nan, 3.0], 3).tolist() == [1.0, 2.0, 3.0]
+
+
+def test_noisy_healthy_curve_never_degrades():
+    rng = np.random.default_rng(1)
+    t = np.arange(400)
+    losses = 2.4 + 3.0 * np.exp(-t / 30) + rng.normal(0, 0.15, t.size)  # ±6 % batch noise
+    assert degradation_step(list(losses)) is None
+
+
+def test_reference_gap_rise_and_non_finite():
+    rng = np.random.default_rng(2)
+    noise = rng.normal(0, 0.05, 300)
+    reference = 3.0 - 0.002 * np.arange(300) + noise
+    stalled = np.where(np.arange(300) < 100, reference, 2.8 + noise)  # stops improving at step 100
+    step = degradation_step(list(stalled), list(reference))
+    # the reference keeps falling 0.002/step from 2.8: the gap reaches 3 % after ≈ 41 steps
+    assert 130 <= step <= 150
+    spike = [2.0] * 100 + [4.0] * 30 + [2.0] * 20
+    assert degradation_step(spike) == 100
+    assert degradation_step([2.0] * 10 + [math.nan] + [2.0] * 10) == 10
+    assert lead_steps(8, 90) == 82 and lead_steps(None, 90) is None
