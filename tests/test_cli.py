@@ -30,7 +30,7 @@ def test_demo_quick_writes_both_stores(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr(keel.demo, "QUICK_STEPS", 30)
     assert main(["demo", "--quick", "--out", str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) >= {"bare", "guarded"}
+    assert set(result) >= {"reference", "bare", "guarded", "recovering"}
     for name in result:
         with RunReader(tmp_path / name) as r:
             assert r.meta()["status"] == "finished"

@@ -1,8 +1,13 @@
 """`keel demo`: an unstable proxy recipe trained bare and under `Guard`, side by side.
 
 The recipe (small proxy, AdamW at lr 0.1) is unstable on purpose: attention logits run away and the loss
-stalls far above a healthy run's. The "bare" run is watched under ``policy="observe"`` — bit-identical to
-the loop without keel, so its store shows what happened without changing it; the "guarded" run may act.
+stalls far above a healthy run's. The arms:
+
+- ``reference``: the same model at a safe LR (3e-3), to show what a healthy loss is;
+- ``bare``: the unstable recipe under ``policy="observe"`` — bit-identical to the loop without keel, so its
+  store shows what happened without changing anything;
+- ``guarded``: ``policy="skip"``, which may skip harmful updates;
+- ``recovering``: ``policy="recover"``, which may also roll back to a snapshot and apply a remedy.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from pathlib import Path
 from keel.proxy.trainer import ProxyRun, TrainConfig, train_proxy
 
 UNSTABLE = TrainConfig(size="small", lr=0.1, steps=600, warmup=20)
+SAFE_LR = 3e-3
 QUICK_STEPS = 200
 
 
@@ -35,8 +41,12 @@ class DemoRun:
 def demo_runs(quick: bool = False) -> list[DemoRun]:
     config = replace(UNSTABLE, steps=QUICK_STEPS) if quick else UNSTABLE
     return [
+        DemoRun(name="reference", policy="observe", config=replace(config, lr=SAFE_LR),
+                note=f"the same model at a safe lr {SAFE_LR}"),
         DemoRun(name="bare", policy="observe", config=config, note="keel watches, never touches"),
         DemoRun(name="guarded", policy="skip", config=config, note="keel may skip harmful updates"),
+        DemoRun(name="recovering", policy="recover", config=config,
+                note="keel may also roll back and apply a remedy"),
     ]
 
 
@@ -45,7 +55,8 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, stream=sys.stdo
     out = Path(out)
     results: dict[str, ProxyRun] = {}
     arms = demo_runs(quick)
-    print(f"keel demo: proxy '{arms[0].config.size}', AdamW lr {arms[0].config.lr}, {arms[0].config.steps} steps "
+    unstable = arms[-1].config
+    print(f"keel demo: proxy '{unstable.size}', AdamW lr {unstable.lr}, {unstable.steps} steps "
           "— a recipe that is unstable on purpose", file=stream)
     for arm in arms:
         _clear(out / arm.name)
@@ -66,6 +77,7 @@ def print_summary(results: dict[str, ProxyRun], arms: list[DemoRun], stream=sys.
         ("train loss (last 20)", lambda r: f"{_tail_mean(r.losses):.3f}"),
         ("worst train loss", lambda r: f"{max(r.losses, default=math.nan):.3f}"),
         ("skipped steps", lambda r: sum(d.action == "skip" for d in r.decisions)),
+        ("rollbacks", lambda r: sum(d.action == "rollback" for d in r.decisions)),
         ("findings w/c/i", lambda r: "{warning}/{critical}/{info}".format_map(
             Counter({"warning": 0, "critical": 0, "info": 0}) + Counter(f.severity for f in r.findings))),
         ("wall time", lambda r: f"{r.wall_s:.1f}s"),
@@ -73,15 +85,19 @@ def print_summary(results: dict[str, ProxyRun], arms: list[DemoRun], stream=sys.
     for label, cell in rows:
         print(f"{label:<22}" + "".join(f"{cell(results[a.name])!s:>14}" for a in arms), file=stream)
     for arm in arms:
-        serious = [f for f in results[arm.name].findings if f.severity != "info"]
-        if not serious:
+        run = results[arm.name]
+        serious = [f for f in run.findings if f.severity != "info"]
+        acted = [d for d in run.decisions if d.action in ("rollback", "abort")]
+        if not serious and not acted:
             continue
-        print(f"\nfindings of '{arm.name}' ({arm.note}):", file=stream)
-        for f in serious[:8]:
+        print(f"\n{arm.name} ({arm.note}):", file=stream)
+        for f in serious[:6]:
             print(f"  step {f.step:>5}  {f.severity:<8} {f.kind}: {f.cause}", file=stream)
             print(f"              remedy: {f.remedy}", file=stream)
-        if len(serious) > 8:
-            print(f"  … and {len(serious) - 8} more (see the run store)", file=stream)
+        if len(serious) > 6:
+            print(f"  … and {len(serious) - 6} more findings (see the run store)", file=stream)
+        for d in acted[:4]:
+            print(f"  step {d.step:>5}  {d.action.upper()}: {d.reason}", file=stream)
 
 
 def _tail_mean(values: list[float], n: int = 20) -> float:

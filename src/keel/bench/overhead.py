@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from keel._core.validate import require_ints
 from keel.guard import Guard
 from keel.proxy import ProxyBatches, create_proxy_model
 
@@ -48,9 +49,7 @@ class OverheadConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
-        for name in ("batch_size", "seq_len", "steps", "repeats", "full_log_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"OverheadConfig.{name}={getattr(self, name)!r}; allowed: an int >= 1")
+        require_ints(self, "batch_size", "seq_len", "steps", "repeats", "full_log_every")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"OverheadConfig.device={self.device!r}; allowed: cpu, cuda")
         if self.device == "cuda" and not torch.cuda.is_available():

@@ -17,6 +17,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
+from keel._core.validate import require_ints
 from keel.detect.detector import DETECTORS
 from keel.detect.robust import median as _median
 
@@ -42,9 +43,7 @@ class DivergenceConfig:
     patience: int = 10
 
     def __post_init__(self) -> None:
-        for name in ("short", "min_history", "patience"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"DivergenceConfig.{name}={getattr(self, name)!r}; allowed: an int >= 1")
+        require_ints(self, "short", "min_history", "patience")
         if not 0 < self.warn_excess <= self.critical_excess:
             raise ValueError(
                 f"DivergenceConfig.warn_excess={self.warn_excess!r}, critical_excess={self.critical_excess!r}; "

@@ -16,6 +16,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
+from keel._core.validate import require_ints
 from keel.detect.detector import DETECTORS
 
 MAX_NAMED = 20  # parameters named in a finding; the count covers the rest
@@ -32,8 +33,7 @@ class NonFiniteConfig:
     max_overflows: int = 20
 
     def __post_init__(self) -> None:
-        if self.max_overflows < 1:
-            raise ValueError(f"NonFiniteConfig.max_overflows={self.max_overflows!r}; allowed: an int >= 1")
+        require_ints(self, "max_overflows")
 
 
 @DETECTORS.register("non_finite")

@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from keel._core.validate import require_ints
+
 
 @dataclass(kw_only=True)
 class ProxyConfig:
@@ -40,10 +42,7 @@ class ProxyConfig:
     qk_norm: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"ProxyConfig.{name}={value!r}; allowed: a positive int")
+        require_ints(self, "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"ProxyConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from keel._core.decision import Decision
 from keel._core.errors import TrainingAborted
 from keel._core.finding import Finding
+from keel._core.validate import require_ints, require_positive
 from keel.guard import Guard
 from keel.proxy.corpus import ProxyBatches
 from keel.proxy.model import ProxyGPT, create_proxy_model
@@ -57,11 +58,8 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "eval_batches"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r}; allowed: an int >= 1")
-        if not (self.lr > 0 and math.isfinite(self.lr)):
-            raise ValueError(f"TrainConfig.lr={self.lr!r}; allowed: a finite number > 0")
+        require_ints(self, "steps", "batch_size", "seq_len", "eval_batches")
+        require_positive(self, "lr")
 
 
 @dataclass

@@ -22,6 +22,7 @@ from typing import Any, Literal
 from keel._core import keys
 from keel._core.decision import Decision
 from keel._core.finding import Finding
+from keel._core.validate import require_ints
 
 Policy = Literal["observe", "skip", "recover"]
 POLICIES: tuple[Policy, ...] = ("observe", "skip", "recover")
@@ -54,10 +55,7 @@ class EscalationConfig:
     def __post_init__(self) -> None:
         if self.policy not in POLICIES:
             raise ValueError(f"policy={self.policy!r}; allowed: {', '.join(POLICIES)}")
-        for name in ("max_consecutive_skips", "max_rollbacks", "rollback_window"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}={value!r}; allowed: an int >= 1")
+        require_ints(self, "max_consecutive_skips", "max_rollbacks", "rollback_window")
 
 
 class Escalation:

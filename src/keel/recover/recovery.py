@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keel._core.finding import Finding
+from keel._core.validate import require_ints
 from keel.recover.disk import DiskSnapshots
 from keel.recover.remedies import RemedyState, apply_remedies, choose_remedies, current_lr_scale
 from keel.recover.snapshot import Snapshot, SnapshotRing
@@ -47,9 +48,7 @@ class RecoveryConfig:
     cooldown_steps: int | None = None
 
     def __post_init__(self) -> None:
-        for name in ("snapshot_every", "snapshot_every_on_warning", "keep_in_memory", "keep_on_disk"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ValueError(f"RecoveryConfig.{name}={getattr(self, name)!r}; allowed: an int >= 1")
+        require_ints(self, "snapshot_every", "snapshot_every_on_warning", "keep_in_memory", "keep_on_disk")
         if self.disk_every is not None and (not isinstance(self.disk_every, int) or self.disk_every < 1):
             raise ValueError(f"RecoveryConfig.disk_every={self.disk_every!r}; allowed: None or an int >= 1")
         if not 0 < self.lr_backoff <= 1:
