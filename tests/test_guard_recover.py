@@ -130,3 +130,28 @@ def test_resume_after_kill_9_continues_bit_for_bit(tmp_path):
     assert 45 <= start <= 55 and min(after) == start and max(after) == 99  # snapshots every 10 steps
     assert all(after[s] == reference[s] for s in range(start, 100))  # exact, not approximate
     assert not any(math.isnan(v) for v in after.values())
+
+
+def test_a_failing_rollback_never_kills_training(monkeypatch):
+    import keel.recover.recovery as recovery_module
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("restore bug")
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, policy="recover", max_consecutive_skips=2,
+                  recovery=RecoveryConfig(snapshot_every=2, quiet_steps=1))
+    monkeypatch.setattr(recovery_module, "restore", broken)
+    decisions = []
+    for step, (x, y) in enumerate(make_batches(12)):
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        if 6 <= step < 9:
+            model.fc2.weight.grad.fill_(float("inf"))
+        decisions.append(guard.step(loss))
+        opt.zero_grad()
+    assert [d.action for d in decisions[6:9]] == ["skip", "skip", "skip"]
+    assert "rollback failed (RuntimeError: restore bug)" in decisions[8].reason
+    assert all(d.action == "ok" for d in decisions[9:])

@@ -95,8 +95,13 @@ class Actuator:
         if self.scaled:
             self.state.scaler.update()  # close the scaler's step; its state is restored below
         onset = decision.onset if decision.onset is not None else decision.step
-        result = self.recovery.rollback(decision.step, onset, decision.findings, rollbacks_in_window) \
-            if self.recovery is not None else None
+        try:
+            result = self.recovery.rollback(decision.step, onset, decision.findings, rollbacks_in_window) \
+                if self.recovery is not None else None
+        except Exception as exc:  # keel's own failure: never kill the run; leave this update out and go on
+            return replace(decision, action="skip",
+                           reason=f"rollback failed ({type(exc).__name__}: {exc}); skipped the update instead. "
+                                  f"Trigger: {decision.reason}")
         if result is None:
             return replace(decision, action="abort",
                            reason=f"{decision.reason}; no snapshot from before step {decision.onset} to roll back to")
