@@ -155,3 +155,33 @@ def test_a_failing_rollback_never_kills_training(monkeypatch):
     assert [d.action for d in decisions[6:9]] == ["skip", "skip", "skip"]
     assert "rollback failed (RuntimeError: restore bug)" in decisions[8].reason
     assert all(d.action == "ok" for d in decisions[9:])
+
+
+def test_full_disk_degrades_to_memory_snapshots_with_a_warning(tmp_path, monkeypatch):
+    import pytest
+
+    import keel.recover.disk as disk_module
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(disk_module, "save_file", full)
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, policy="recover", run_dir=str(tmp_path), max_consecutive_skips=2,
+                  recovery=RecoveryConfig(snapshot_every=3, quiet_steps=1, disk_every=1))
+    actions = []
+    with pytest.warns(Warning, match="No space left on device"):
+        for step, (x, y) in enumerate(make_batches(30)):
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            if 20 <= step < 23:
+                model.fc1.bias.grad.fill_(float("nan"))
+            actions.append(guard.step(loss).action)
+            opt.zero_grad()
+            guard.recovery.disk.wait()
+    guard.close()
+    assert actions[20:23] == ["skip", "skip", "rollback"]  # the memory ring still serves the rollback
+    assert guard.recovery.disk.failures > 0 and guard.recovery.disk.complete() == []
+    assert all(a == "ok" for a in actions[23:])
