@@ -1,0 +1,180 @@
+"""`keel bench doctor`: `keel doctor` on the real training logs of shared/data/realruns, scored against labels.json.
+
+For every series: the run as logged (``keel doctor --json`` on the file), with warning/critical counts. For
+the healthy runs every warning or critical is a false alarm. For a labelled spike or divergence it is
+*detected* when a warning or critical falls between two logging strides before the first labelled step and
+the end of the series; one earlier is a false alarm. Most labelled windows are 3–30 points long — shorter
+than the 20 values the spike detector needs for a baseline — so, as perf-anchors.md B4 suggests, each is
+also scored **with a healthy prefix**: 64 real steps of the healthy llm.c GPT-2 run (steps 10000–10063: loss
+and grad norm, each divided by its median there and multiplied by the labelled series' own pre-event
+median), spaced at the series' logging stride, put before its first row. The prefix is real healthy noise
+(larger than a 100B-parameter run's, so it makes detection harder, not easier); alarms inside it count as
+false alarms. No threshold is set per file: every series runs through `keel.detect.default_detectors()`.
+
+Example:
+    keel bench doctor --data ../shared/data/realruns
+    keel bench doctor --json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keel._core.finding import severity_rank
+from keel.doctor import RawLog, diagnose, logging_stride, read_log
+from keel.doctor.timeline import build_timeline
+
+DEFAULT_DATA = Path("..") / "shared" / "data" / "realruns"
+PREFIX_SOURCE = "llmc_gpt2_124m_fineweb10b.csv"
+PREFIX_STEPS = (10000, 10064)  # [start, end): a flat, healthy stretch of the llm.c run (no finding there)
+HEALTHY_LABELS = ("healthy", "healthy_loss_throughput_anomaly", "healthy_with_labelled_events")
+
+
+@dataclass(kw_only=True)
+class SeriesScore:
+    """One series' result (the ``--json`` record)."""
+
+    file: str
+    label: str
+    points: int
+    stride: int
+    warnings: int
+    criticals: int
+    infos: int
+    event_step: int | None = None
+    context: int | None = None  # logged points before the first labelled step
+    detected: bool | None = None
+    detected_by: str | None = None  # "step kind severity" of the first alarm in the event window
+    delay: int | None = None  # steps from the first labelled step to that alarm
+    early_alarms: int = 0
+    prefixed: dict[str, Any] = field(default_factory=dict)  # the same with a healthy prefix
+    alarms: list[str] = field(default_factory=list)
+
+
+def event_steps(label: dict[str, Any]) -> list[int]:
+    """All labelled event steps of a series (spike steps, divergence start/step, peak)."""
+    steps = list(label.get("spike_steps", []))
+    steps += [label[k] for k in ("divergence_start", "divergence_step", "peak_step") if k in label]
+    return sorted(set(steps))
+
+
+def score_series(path: Path, label: dict[str, Any], prefix: list[tuple[float, float]] | None) -> SeriesScore:
+    """Run `keel doctor` on one labelled series (and on it with a healthy prefix)."""
+    log = read_log(path)
+    result = diagnose(log)
+    timeline = build_timeline(log)
+    stride = logging_stride(timeline.observations)
+    alarms = result.at_least("warning")
+    score = SeriesScore(file=path.name, label=label.get("label", "?"), points=len(timeline.observations),
+                        stride=stride, warnings=result.count("warning"), criticals=result.count("critical"),
+                        infos=result.count("info"),
+                        alarms=[f"{f.step} {f.kind} {f.severity}" for f in alarms])
+    events = event_steps(label)
+    if not events or score.label in HEALTHY_LABELS:
+        return score
+    first = events[0]
+    score.event_step = first
+    score.context = sum(o.step < first for o in timeline.observations)
+    _score_window(score.__dict__, alarms, first - 2 * stride, prefix_end=None)
+    if prefix is not None:
+        prefixed_log = with_prefix(log, prefix, first, stride)
+        prefixed = diagnose(prefixed_log).at_least("warning")
+        out: dict[str, Any] = {}
+        _score_window(out, prefixed, first - 2 * stride, prefix_end=log.records[0][0])
+        score.prefixed = out
+    return score
+
+
+def _score_window(out: dict[str, Any], alarms: list, window_start: int, prefix_end: int | None) -> None:
+    hits = [f for f in alarms if f.step >= window_start]
+    out["detected"] = bool(hits)
+    out["detected_by"] = f"{hits[0].step} {hits[0].kind} {hits[0].severity}" if hits else None
+    out["early_alarms"] = sum(f.step < window_start for f in alarms)
+    if prefix_end is not None:
+        out["prefix_alarms"] = sum(f.step < prefix_end for f in alarms)
+
+
+def load_prefix(data: Path) -> list[tuple[float, float]] | None:
+    """(loss, grad norm) of the healthy stretch, each divided by its median; None without the source file."""
+    path = data / PREFIX_SOURCE
+    if not path.is_file():
+        return None
+    rows = [(step, values) for step, values in read_log(path).records if PREFIX_STEPS[0] <= step < PREFIX_STEPS[1]]
+    loss = [v["loss"] for _, v in rows]
+    grad = [v["grad_norm"] for _, v in rows]
+    ml, mg = statistics.median(loss), statistics.median(grad)
+    return [(a / ml, b / mg) for a, b in zip(loss, grad)]
+
+
+def with_prefix(log: RawLog, prefix: list[tuple[float, float]], first_event: int, stride: int) -> RawLog:
+    """``log`` with the healthy prefix before its first row, scaled to the series' own pre-event level."""
+    before = [v for s, v in log.records if s < first_event] or [log.records[0][1]]
+    levels = {}
+    for column, index in (("loss", 0), ("grad_norm", 1)):
+        seen = [v[column] for v in before if column in v and math.isfinite(v[column])]
+        if seen:
+            levels[column] = (statistics.median(seen), index)
+    start = log.records[0][0] - stride * len(prefix)
+    records = [(start + i * stride, {c: level * point[idx] for c, (level, idx) in levels.items()})
+               for i, point in enumerate(prefix)]
+    return RawLog(source=log.source, format=log.format, records=records + log.records, step_column=log.step_column)
+
+
+def run(data: Path) -> list[SeriesScore]:
+    labels = json.loads((data / "labels.json").read_text())["series"]
+    prefix = load_prefix(data)
+    return [score_series(data / entry["file"], entry, prefix) for entry in labels if (data / entry["file"]).is_file()]
+
+
+def format_markdown(scores: list[SeriesScore]) -> str:
+    healthy = [s for s in scores if s.label in HEALTHY_LABELS]
+    events = [s for s in scores if s.label not in HEALTHY_LABELS]
+    lines = ["Healthy runs (every warning or critical is a false alarm):", "",
+             "| file | label | points | stride | warnings | criticals | info (one-batch outliers) |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    lines += [f"| `{s.file}` | {s.label} | {s.points} | {s.stride} | {s.warnings} | {s.criticals} | {s.infos} |"
+              for s in healthy]
+    lines += ["", "Labelled spikes and divergences (context = logged points before the first labelled step; "
+              "the spike detector needs 20):", "",
+              "| file | label | points | context | as logged: first alarm in window | early alarms | "
+              "with healthy prefix: first alarm | delay (steps) | prefix/early alarms |",
+              "|---|---|---:|---:|---|---:|---|---:|---:|"]
+    for s in events:
+        p = s.prefixed
+        delay = int(p["detected_by"].split()[0]) - s.event_step if p.get("detected_by") else None
+        lines.append(f"| `{s.file}` | {s.label} | {s.points} | {s.context} | {s.detected_by or 'none'} | "
+                     f"{s.early_alarms} | {p.get('detected_by') or 'none'} | "
+                     f"{'' if delay is None else delay} | {p.get('prefix_alarms', '')}/{p.get('early_alarms', '')} |")
+    return "\n".join(lines)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
+                        help="the folder with labels.json and the CSVs (default: %(default)s)")
+    parser.add_argument("--json", action="store_true", help="print the scores as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    if not (args.data / "labels.json").is_file():
+        print(f"keel bench doctor: error: no labels.json in {args.data}", file=sys.stderr)
+        return 2
+    scores = run(args.data)
+    if args.json:
+        print(json.dumps([asdict(s) for s in scores], indent=2))
+    else:
+        print(f"keel bench doctor: {len(scores)} series from {args.data}\n")
+        print(format_markdown(scores))
+    return 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(prog="python -m keel.bench.doctor", description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    sys.exit(main(parser.parse_args()))

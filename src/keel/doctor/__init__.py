@@ -1,0 +1,35 @@
+"""Diagnose a training log you already have: CSV, JSONL, TensorBoard, Hugging Face ``trainer_state.json`` or a
+keel run store, read into `Observation`s and run through the same detectors a `Guard` uses live.
+
+    from keel.doctor import diagnose_log
+    result = diagnose_log("runs/exp1/trainer_state.json")
+    for f in result.at_least("warning"):
+        print(f.step, f.kind, f.cause, f.remedy)
+"""
+
+from keel.doctor.columns import ALIASES, STEP_COLUMNS, map_columns
+from keel.doctor.diagnose import diagnose, diagnose_log, logging_stride, scale_for_stride
+from keel.doctor.formats import FORMATS, detect_format, read_log
+from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.result import DoctorResult
+from keel.doctor.text import format_result
+from keel.doctor.timeline import Timeline, build_timeline
+
+__all__ = [
+    "ALIASES",
+    "DoctorResult",
+    "FORMATS",
+    "LogReadError",
+    "RawLog",
+    "STEP_COLUMNS",
+    "Timeline",
+    "build_timeline",
+    "detect_format",
+    "diagnose",
+    "diagnose_log",
+    "format_result",
+    "logging_stride",
+    "map_columns",
+    "read_log",
+    "scale_for_stride",
+]

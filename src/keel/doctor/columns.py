@@ -1,0 +1,87 @@
+"""Column names of common training logs → keel signal keys, so the Guard's detectors read any log.
+
+``grad_norm``, ``gradient_norm``, ``grad-norm`` and ``grad norm`` all mean ``grad/norm``; ``loss``,
+``train_loss`` and Megatron's ``lm loss`` mean ``loss``; ``learning_rate`` means ``lr``. Names are compared
+after lower-casing and turning every run of non-alphanumerics into ``_`` (TensorBoard's ``train/loss``
+becomes ``train_loss``). A column already named by its keel key (``grad/norm``, from keel's own exports)
+keeps it. Every other column keeps its own name, so nothing is dropped.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+
+from keel._core import keys
+
+VAL_LOSS = "val/loss"
+
+# keel key → accepted column names (normalized), in order of preference when several are present.
+ALIASES: dict[str, tuple[str, ...]] = {
+    keys.LOSS: ("loss", "train_loss", "training_loss", "lm_loss", "train_lm_loss", "loss_train", "train_loss_step",
+                "train_loss_iter", "batch_loss", "train_batch_loss", "epoch_loss", "train_epoch_loss"),
+    keys.GRAD_NORM: ("grad_norm", "gradient_norm", "grad_norm_total", "global_grad_norm", "total_grad_norm",
+                     "train_grad_norm", "grad_l2_norm", "gnorm", "grad_norm_global"),
+    keys.LR: ("lr", "learning_rate", "train_learning_rate", "train_lr", "lr_0", "lr_group_0"),
+    keys.AMP_SCALE: ("loss_scale", "amp_scale", "grad_scale", "loss_scaler", "scaler_scale"),
+    keys.STEP_TIME: ("step_time", "step_time_s", "time_per_step", "time_per_step_s", "iteration_time_s",
+                     "iter_time_s"),
+    VAL_LOSS: ("val_loss", "eval_loss", "validation_loss", "valid_loss", "test_loss", "eval_lm_loss",
+               "validation_epoch_loss", "val_epoch_loss"),
+}
+
+# Columns that hold the optimizer step, in order of preference.
+STEP_COLUMNS: tuple[str, ...] = ("step", "global_step", "train_global_step", "trainer_global_step", "iteration",
+                                 "iter", "it", "steps", "num_steps", "train_step")
+
+
+def normalize(name: str) -> str:
+    """Lower-case, every run of non-alphanumerics → ``_``, no leading/trailing ``_``.
+
+    Example:
+        >>> normalize("Grad-Norm"), normalize("lm loss"), normalize("train/loss"), normalize("_step")
+        ('grad_norm', 'lm_loss', 'train_loss', 'step')
+    """
+    return re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_")
+
+
+def find_step_column(names: Iterable[str]) -> str | None:
+    """The name among ``names`` that holds steps (by `STEP_COLUMNS` preference), or None."""
+    by_norm: dict[str, str] = {}
+    for name in names:
+        by_norm.setdefault(normalize(name), name)
+    return next((by_norm[c] for c in STEP_COLUMNS if c in by_norm), None)
+
+
+def map_columns(names: Iterable[str]) -> dict[str, str]:
+    """Column name → signal key for every column: aliases mapped, everything else kept as it is.
+
+    A keel key can be claimed once: the column already named by the key wins, then the first alias in
+    `ALIASES` order; a losing column keeps its own name.
+
+    Example:
+        >>> map_columns(["step", "train_loss", "grad-norm", "learning_rate", "tflops"])["grad-norm"]
+        'grad/norm'
+        >>> map_columns(["loss", "train_loss"])
+        {'loss': 'loss', 'train_loss': 'train_loss'}
+    """
+    names = list(dict.fromkeys(names))
+    mapping = {name: name for name in names}
+    claimed = {name for name in names if name in ALIASES}  # already named by their keel key
+    by_norm: dict[str, str] = {}
+    for name in names:
+        if name not in claimed:
+            by_norm.setdefault(normalize(name), name)
+    for key, aliases in ALIASES.items():
+        if key in claimed:
+            continue
+        winner = next((by_norm[a] for a in aliases if a in by_norm), None)
+        if winner is not None:
+            mapping[winner] = key
+            claimed.add(key)
+    # A kept name must not collide with a key another column took (e.g. a raw column called "loss/x" is fine).
+    taken = {key for name, key in mapping.items() if key != name}
+    for name in names:
+        if mapping[name] == name and name in taken:
+            mapping[name] = f"{name} (column)"
+    return mapping

@@ -1,0 +1,205 @@
+"""Run the Guard's own detectors over a log: the offline half of keel's detect layer.
+
+The detectors are `keel.detect.default_detectors()` — the very objects a `Guard` runs live — fed one
+`Observation` per logged step.
+
+**Sparse logs.** A log written every k steps gives the detectors one observation per k steps, and their
+windows count observations, not steps. keel keeps it that way for every setting that is a *sample count*:
+a spike's robust baseline (``window``, ``min_history``) needs that many values whatever their spacing, and
+``patience``/``rebase_after`` count consecutive elevated values — k steps apart they are stronger evidence
+of persistence, not weaker, so scaling them down would turn single outliers into warnings. The one setting
+that means *training steps* is the divergence detector's ``min_history`` ("the loss falls fast early on"):
+it is divided by the logging stride k (at least its ``short`` median window), so a Trainer log with
+``logging_steps=50`` is not blind to divergence for its first 2,500 steps.
+
+**Restarts.** When a step repeats (a run resumed from a checkpoint logs those steps again), the detectors
+are rewound to their state just before that step, as the Guard's are on a rollback, and the new segment is
+read from there; findings of the abandoned stretch are kept, marked with their ``segment``.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from pathlib import Path
+from statistics import median
+from typing import Any
+
+from keel._core import keys
+from keel._core.finding import SEVERITIES, Finding
+from keel._core.observation import Observation
+from keel.detect import Detector, DivergenceDetector, SpikeDetector, default_detectors
+from keel.doctor.formats import read_log
+from keel.doctor.log import RawLog
+from keel.doctor.result import DoctorResult
+from keel.doctor.timeline import Timeline, build_timeline
+
+CHECKPOINT_EVERY = 256  # observations between detector-state checkpoints (a rewind replays at most this many)
+MAX_LISTED = 20  # gaps and restarts listed in the summary; the count covers the rest
+GAP_FACTOR = 4  # a step difference over GAP_FACTOR × the logging stride is a gap
+
+
+def diagnose_log(path: str | Path, *, format: str | None = None,
+                 detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
+    """Read a training log and run keel's detectors over it.
+
+    Args:
+        path: A CSV/TSV, JSONL, ``trainer_state.json``, TensorBoard event file or folder, or keel run store.
+        format: Force a reader (see `keel.doctor.FORMATS`).
+        detectors: Builds a fresh detector list; default `keel.detect.default_detectors`.
+
+    Returns:
+        The `DoctorResult`.
+
+    Raises:
+        LogReadError: The path is missing or not a usable log.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "log.csv"
+        >>> rows = [f"{s},{2.0 + 0.01 * (s % 3)}" for s in range(40)] + ["40,nan"]
+        >>> _ = p.write_text("step,loss\\n" + "\\n".join(rows) + "\\n")
+        >>> [(f.step, f.kind, f.severity) for f in diagnose_log(p).findings]
+        [(40, 'non_finite', 'critical')]
+    """
+    return diagnose(read_log(path, format), detectors=detectors)
+
+
+def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
+    """Run detectors over an already read `RawLog` (see `diagnose_log`)."""
+    timeline = build_timeline(log)
+    stride = logging_stride(timeline.observations)
+    make = detectors or default_detectors
+
+    def fresh() -> list[Detector]:
+        return scale_for_stride(list(make()), stride)
+
+    dets = fresh()
+    kept: list[Observation] = []  # the current segment's history, steps strictly increasing
+    checkpoints: list[tuple[int, list[dict[str, Any]]]] = [(0, [d.state_dict() for d in dets])]
+    findings: list[Finding] = []
+    restarts: list[dict[str, int]] = []
+    for obs in timeline.observations:
+        if kept and obs.step <= kept[-1].step:
+            restarts.append({"step": obs.step, "after_step": kept[-1].step})
+            keep = bisect.bisect_left([o.step for o in kept], obs.step)
+            while checkpoints[-1][0] > keep:
+                checkpoints.pop()
+            start, states = checkpoints[-1]
+            dets = fresh()
+            for det, state in zip(dets, states):
+                det.load_state_dict(state)
+            del kept[keep:]
+            for old in kept[start:]:
+                for det in dets:
+                    det.update(old)  # replay quietly: these findings were reported the first time
+        found = [f for det in dets for f in det.update(obs)]
+        if restarts:
+            found = [replace(f, evidence={**f.evidence, "segment": len(restarts)}) for f in found]
+        findings += found
+        kept.append(obs)
+        if len(kept) - checkpoints[-1][0] >= CHECKPOINT_EVERY:
+            checkpoints.append((len(kept), [d.state_dict() for d in dets]))
+    summary = _summary(log, timeline, stride, restarts, findings, fresh())
+    return DoctorResult(source=log.source, format=log.format, findings=findings, summary=summary)
+
+
+def logging_stride(observations: Sequence[Observation]) -> int:
+    """The typical step spacing of the log: the median positive difference between consecutive steps (≥ 1).
+
+    Example:
+        >>> logging_stride([Observation(step=s) for s in (0, 10, 20, 30, 500, 510)])
+        10
+    """
+    diffs = [b.step - a.step for a, b in zip(observations, observations[1:]) if b.step > a.step]
+    return max(1, round(median(diffs))) if diffs else 1
+
+
+def scale_for_stride(detectors: list[Detector], stride: int) -> list[Detector]:
+    """Convert the step-denominated settings to observations for a log written every ``stride`` steps.
+
+    Only `DivergenceDetector`'s ``min_history`` is in training steps; every other window is a sample count
+    and stays as it is (see the module docstring).
+    """
+    if stride > 1:
+        for det in detectors:
+            if isinstance(det, DivergenceDetector):
+                cfg = det.config
+                det.config = replace(cfg, min_history=max(cfg.short, math.ceil(cfg.min_history / stride)))
+    return detectors
+
+
+def _summary(log: RawLog, timeline: Timeline, stride: int, restarts: list[dict[str, int]],
+             findings: list[Finding], detectors: list[Detector]) -> dict[str, Any]:
+    obs = timeline.observations
+    steps = [o.step for o in obs]
+    gaps = [{"after_step": a, "next_step": b} for a, b in zip(steps, steps[1:]) if b - a > GAP_FACTOR * stride]
+    signals: dict[str, dict[str, Any]] = {}
+    for o in obs:
+        for key, value in o.values.items():
+            entry = signals.setdefault(key, {"column": timeline.columns.get(key, key), "observations": 0,
+                                             "non_finite": 0})
+            entry["observations"] += 1
+            entry["non_finite"] += not math.isfinite(value)
+    counts = Counter(f.severity for f in findings)
+    by_kind: dict[str, dict[str, int]] = {}
+    for f in findings:
+        by_kind.setdefault(f.kind, dict.fromkeys(SEVERITIES, 0))[f.severity] += 1
+    summary: dict[str, Any] = {
+        "format": log.format,
+        "records": len(log.records),
+        "observations": len(obs),
+        "first_step": min(steps) if steps else None,
+        "last_step": max(steps) if steps else None,
+        "stride": stride,
+        "gaps": {"count": len(gaps), "listed": gaps[:MAX_LISTED]},
+        "restarts": {"count": len(restarts), "listed": restarts[:MAX_LISTED]},
+        "signals": dict(sorted(signals.items(), key=lambda kv: (_rank(kv[0]), kv[0]))),
+        "families": timeline.families,
+        "text_columns": log.text_columns,
+        "detectors": [_readiness(det, obs) for det in detectors],
+        "counts": {s: counts.get(s, 0) for s in SEVERITIES},
+        "by_kind": by_kind,
+        "notes": list(log.notes) + ([f"{timeline.merged} same-step record(s) merged"] if timeline.merged else []),
+    }
+    if log.meta:
+        summary["meta"] = log.meta
+    if log.format == "keel_store":
+        stored = Counter(f.severity for f in log.stored_findings)
+        summary["stored_findings"] = {s: stored.get(s, 0) for s in SEVERITIES}
+    return summary
+
+
+_PRIMARY = (keys.LOSS, keys.GRAD_NORM, keys.LR)
+
+
+def _rank(key: str) -> int:
+    return _PRIMARY.index(key) if key in _PRIMARY else len(_PRIMARY)
+
+
+def _readiness(det: Detector, observations: Sequence[Observation]) -> dict[str, Any]:
+    """When ``det`` first had enough history to flag anything in this log (None: never)."""
+    info: dict[str, Any] = {"name": det.name}
+    cfg = getattr(det, "config", None)
+    signal = getattr(cfg, "signal", None)
+    if signal is None:
+        return info
+    info.update(kind=getattr(cfg, "kind", det.name), signal=signal)
+    if not isinstance(det, (SpikeDetector, DivergenceDetector)):
+        return info  # other detectors' warm-up rules are their own; they say nothing until they can
+    needed = cfg.min_history
+    if isinstance(det, DivergenceDetector):
+        needed = max(needed, det.config.short)
+        usable = [o.step for o in observations if math.isfinite(o.values.get(signal, math.nan))]
+        armed_index = needed - 1  # it may flag from the observation that completes its history
+    else:
+        positive = isinstance(det, SpikeDetector) and det.config.log_scale
+        usable = [o.step for o in observations if math.isfinite(x := o.values.get(signal, math.nan))
+                  and (x > 0 or not positive)]
+        armed_index = needed  # the spike detector compares the value after min_history accepted ones
+    info.update(needs=needed, observations=len(usable),
+                armed_at_step=usable[armed_index] if len(usable) > armed_index else None)
+    return info

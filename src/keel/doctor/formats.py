@@ -1,0 +1,96 @@
+"""Which reader a path needs: by what the folder holds, the file's name and suffix, then its first bytes."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from keel.doctor._text import read_text
+from keel.doctor.csv_log import read_csv_log
+from keel.doctor.hf_log import STATE_NAME, find_trainer_state, read_trainer_state
+from keel.doctor.jsonl_log import read_jsonl_log
+from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.store_log import SQLITE_MAGIC, is_sqlite, read_store_log
+from keel.doctor.tensorboard_log import EVENT_GLOB, is_event_file, read_tensorboard_log
+from keel.store import STORE_NAME
+
+READERS: dict[str, Callable[[Path], RawLog]] = {
+    "csv": read_csv_log,
+    "jsonl": read_jsonl_log,
+    "tensorboard": read_tensorboard_log,
+    "hf_trainer_state": read_trainer_state,
+    "keel_store": read_store_log,
+}
+FORMATS: tuple[str, ...] = tuple(READERS)
+
+
+def read_log(path: str | Path, format: str | None = None) -> RawLog:
+    """Read any supported training log.
+
+    Args:
+        path: A CSV/TSV, JSONL or JSON file, a Trainer ``trainer_state.json`` (or its checkpoint folder), a
+            TensorBoard event file or folder, or a keel run store (its folder or ``run.sqlite``).
+        format: Force a reader (one of `FORMATS`) instead of detecting it.
+
+    Returns:
+        The `RawLog`.
+
+    Raises:
+        LogReadError: The path is missing, the format is unknown or the content is not a usable log.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "log.csv"
+        >>> _ = p.write_text("step,loss\\n0,2.5\\n1,2.4\\n")
+        >>> read_log(p).records
+        [(0, {'loss': 2.5}), (1, {'loss': 2.4})]
+    """
+    path = Path(path)
+    if format is not None and format not in READERS:
+        raise LogReadError(f"format={format!r}; allowed: {', '.join(FORMATS)}")
+    if not path.exists():
+        raise LogReadError(f"{path}: no such file or folder")
+    try:
+        return READERS[format or detect_format(path)](path)
+    except OSError as exc:
+        raise LogReadError(f"{path}: cannot be read ({exc.strerror or exc})") from None
+
+
+def detect_format(path: Path) -> str:
+    """The name of the reader for ``path`` (a key of `READERS`); `LogReadError` when none fits."""
+    if path.is_dir():
+        if (path / STORE_NAME).is_file():
+            return "keel_store"
+        if find_trainer_state(path) is not None:
+            return "hf_trainer_state"
+        if next(path.rglob(EVENT_GLOB), None) is not None:
+            return "tensorboard"
+        raise LogReadError(f"{path}: a folder with no training log in it; looked for {STORE_NAME}, {STATE_NAME} "
+                           f"(also in checkpoint-*/) and {EVENT_GLOB}")
+    if is_sqlite(path):
+        return "keel_store"
+    if is_event_file(path):
+        return "tensorboard"
+    suffix = path.suffix.lower()
+    if suffix in (".csv", ".tsv"):
+        return "csv"
+    if suffix in (".jsonl", ".ndjson"):
+        return "jsonl"
+    head = path.read_bytes()[:4096]
+    if not head.strip():
+        raise LogReadError(f"{path}: the file is empty")
+    if head.startswith(SQLITE_MAGIC[:6]):
+        return "keel_store"
+    text = read_text(path)  # raises for binary data
+    stripped = text.lstrip()
+    if stripped.startswith("{"):
+        if path.name == STATE_NAME or '"log_history"' in text:
+            return "hf_trainer_state"
+        return "jsonl"
+    if stripped.startswith("["):
+        return "jsonl"
+    first = stripped.partition("\n")[0]
+    if any(sep in first for sep in (",", "\t", ";")):
+        return "csv"
+    raise LogReadError(f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, "
+                       f"{STATE_NAME}, TensorBoard event files, keel run stores")

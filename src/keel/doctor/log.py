@@ -1,0 +1,88 @@
+"""RawLog: what a log reader returns — (step, {column: value}) records in file order, plus what was left out.
+
+Every reader (CSV, JSONL, TensorBoard, Hugging Face ``trainer_state.json``, keel run store) produces one, so
+the detection driver is the same for all of them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from keel._core.errors import KeelError
+from keel._core.finding import Finding
+
+
+class LogReadError(KeelError):
+    """A log could not be read: missing, unknown format, no step column, empty, or not a log at all.
+
+    The message is one line that names the path and what was wrong; ``keel doctor`` prints it and exits 2.
+    """
+
+
+@dataclass(kw_only=True)
+class RawLog:
+    """A training log as read from disk, before column names are mapped to signal keys.
+
+    Attributes:
+        source: The path read.
+        format: One of `keel.doctor.FORMATS`.
+        records: ``(step, {column: value})`` in file order. A value is a float (NaN and ±inf kept as
+            written); a column absent from a record was not logged at that step.
+        step_column: The column the steps came from.
+        text_columns: Columns left out because their values are text, not numbers.
+        notes: Other things left out or repaired (rows without a step, unparsable cells, a summary entry).
+        keyed: True when column names are already keel signal keys (a keel run store): no renaming.
+        stored_findings: Findings the run itself recorded (keel run stores only).
+        meta: Format-specific facts worth reporting (e.g. ``logging_steps`` of a Trainer state).
+    """
+
+    source: str
+    format: str
+    records: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    step_column: str = "step"
+    text_columns: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    keyed: bool = False
+    stored_findings: list[Finding] = field(default_factory=list)
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def parse_step(value: object) -> int | None:
+    """An integral step from a cell or JSON value (``12``, ``"12"``, ``12.0``); None for anything else.
+
+    Example:
+        >>> parse_step("120"), parse_step(3.0), parse_step("2.5"), parse_step(""), parse_step(True)
+        (120, 3, None, None, None)
+    """
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, int):
+        return value
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() else None
+
+
+def parse_number(value: object) -> float | None:
+    """A float from a cell or JSON value; ``"nan"``/``"inf"`` as written; None for text, bools and blanks.
+
+    Example:
+        >>> parse_number("2.5"), parse_number("nan"), parse_number(""), parse_number("ok"), parse_number(None)
+        (2.5, nan, None, None, None)
+    """
+    if isinstance(value, bool) or value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    if isinstance(value, str):
+        text = value.strip()
+        if not text:
+            return None
+        try:
+            return float(text)
+        except ValueError:
+            return None
+    return None

@@ -1,0 +1,66 @@
+"""DoctorResult: the findings on one log and a summary of what was read, as a program or a person needs it."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from keel._core.finding import SEVERITIES, Finding, severity_rank
+
+
+@dataclass(kw_only=True)
+class DoctorResult:
+    """What `keel.doctor.diagnose_log` found.
+
+    Attributes:
+        source: The path read.
+        format: The reader used (one of `keel.doctor.FORMATS`).
+        findings: Every finding, info included, in the order the log was read.
+        summary: What was read and how: steps, logging stride, gaps, restarts, the columns each signal came
+            from, columns left out, when each detector had enough history to flag anything, counts.
+    """
+
+    source: str
+    format: str
+    findings: list[Finding] = field(default_factory=list)
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def count(self, severity: str) -> int:
+        return sum(f.severity == severity for f in self.findings)
+
+    def at_least(self, severity: str) -> list[Finding]:
+        """The findings of ``severity`` or worse."""
+        floor = severity_rank(severity)
+        return [f for f in self.findings if severity_rank(f.severity) >= floor]
+
+    def worst(self) -> str | None:
+        """The most severe finding's severity, or None without findings."""
+        ranks = [severity_rank(f.severity) for f in self.findings]
+        return SEVERITIES[max(ranks)] if ranks else None
+
+    def to_dict(self) -> dict[str, Any]:
+        """``{"source", "findings": [{step, kind, severity, signal, value, baseline, cause, remedy, evidence}],
+        "summary"}``, JSON-ready: non-finite numbers become ``null``."""
+        return {"source": self.source, "format": self.format,
+                "findings": [_finding_dict(f) for f in self.findings], "summary": _clean(self.summary)}
+
+
+def _finding_dict(f: Finding) -> dict[str, Any]:
+    return {"step": f.step, "kind": f.kind, "severity": f.severity, "signal": f.signal,
+            "value": _number(f.value), "baseline": _number(f.baseline), "cause": f.cause, "remedy": f.remedy,
+            "evidence": _clean(f.evidence)}
+
+
+def _number(x: float) -> float | None:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else None
+
+
+def _clean(obj: Any) -> Any:
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj

@@ -1,0 +1,157 @@
+"""TensorBoard event files (``events.out.tfevents.*``), read without TensorFlow, TensorBoard or protobuf.
+
+Reads the scalars of both summary styles: ``simple_value`` (``torch.utils.tensorboard``'s ``add_scalar``,
+TF1) and one-element tensors (TF2 ``tf.summary.scalar``, the ``scalars`` plugin). Images, histograms,
+text and audio are skipped. A folder is searched recursively; the event files of one folder are one run
+read in file-name order (the names carry their creation time), and tags from a subfolder are prefixed
+with it (``validation/epoch_loss``), since Keras and ``add_scalars`` write one subfolder per series. All
+scalars are put in write order by their wall time, so a restarted run shows its repeated steps.
+
+Proto layouts read (tensorflow/core/util/event.proto, framework/summary.proto, framework/tensor.proto):
+``Event{1 wall_time: double, 2 step: int64, 5 summary: Summary}``, ``Summary{1 value: repeated Value}``,
+``Value{1 tag, 2 simple_value: float, 8 tensor: TensorProto, 9 metadata: SummaryMetadata}``.
+"""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+from keel.doctor._protobuf import FIXED32, FIXED64, LENGTH, VARINT, WireError, fields, packed, packed_varints, signed64
+from keel.doctor._tfrecord import RecordError, iter_records
+from keel.doctor.log import LogReadError, RawLog
+
+EVENT_GLOB = "events.out.tfevents.*"
+# TensorProto dtypes holding one number, and how to read their raw ``tensor_content``.
+_DTYPES = {1: "<f", 2: "<d", 3: "<i", 9: "<q", 19: "<e", 14: "bf16"}
+_SKIP_PLUGINS = {"images", "histograms", "text", "audio", "pr_curves", "graph", "hparams", "custom_scalars"}
+
+
+def is_event_file(path: Path) -> bool:
+    return path.is_file() and "tfevents" in path.name
+
+
+def read_tensorboard_log(path: str | Path) -> RawLog:
+    """Read an event file, or every event file under a folder.
+
+    Raises:
+        LogReadError: No event file, a file that is not TFRecord-framed, or no scalar in any of them.
+    """
+    path = Path(path)
+    files = sorted(path.rglob(EVENT_GLOB)) if path.is_dir() else [path]
+    files = [f for f in files if f.is_file()]
+    if not files:
+        raise LogReadError(f"{path}: no TensorBoard event file ({EVENT_GLOB}) in this folder")
+    root = path if path.is_dir() else path.parent
+    scalars: list[tuple[float, int, int, int, str, float]] = []  # wall, file rank, order, step, tag, value
+    skipped = 0
+    for rank, file in enumerate(files):
+        prefix = "/".join(file.parent.relative_to(root).parts)
+        data = file.read_bytes()
+        if not data:
+            continue
+        try:
+            for order, payload in enumerate(iter_records(data)):
+                event = _scalars(payload)
+                if event is None:
+                    continue
+                wall, step, values, other = event
+                skipped += other
+                for tag, value in values:
+                    scalars.append((wall, rank, order, step, f"{prefix}/{tag}" if prefix else tag, value))
+        except (RecordError, WireError, struct.error) as exc:
+            raise LogReadError(f"{file}: not a TensorBoard event file ({exc})") from None
+    if not scalars:
+        raise LogReadError(f"{path}: the event file(s) hold no scalar values")
+    scalars.sort(key=lambda s: (s[0], s[1], s[2]))
+    log = RawLog(source=str(path), format="tensorboard", step_column="event step")
+    for _, _, _, step, tag, value in scalars:
+        if log.records and log.records[-1][0] == step and tag not in log.records[-1][1]:
+            log.records[-1][1][tag] = value
+        else:
+            log.records.append((step, {tag: value}))
+    if skipped:
+        log.notes.append(f"{skipped} non-scalar summaries (images, histograms, text …) were skipped")
+    if len(files) > 1:
+        log.notes.append(f"read {len(files)} event files")
+    return log
+
+
+def _scalars(payload: bytes) -> tuple[float, int, list[tuple[str, float]], int] | None:
+    """(wall time, step, [(tag, value)], non-scalar count) of one Event; None when it has no summary."""
+    wall, step, summary = 0.0, 0, None
+    for number, wire, value in fields(payload):
+        if number == 1 and wire == FIXED64:
+            (wall,) = struct.unpack("<d", value)  # type: ignore[arg-type]
+        elif number == 2 and wire == VARINT:
+            step = signed64(value)  # type: ignore[arg-type]
+        elif number == 5 and wire == LENGTH:
+            summary = value
+    if summary is None:
+        return None
+    found, other = [], 0
+    for number, wire, value in fields(summary):  # type: ignore[arg-type]
+        if number == 1 and wire == LENGTH:
+            scalar = _value(value)  # type: ignore[arg-type]
+            if scalar is None:
+                other += 1
+            else:
+                found.append(scalar)
+    return wall, step, found, other
+
+
+def _value(buf: bytes) -> tuple[str, float] | None:
+    tag, simple, tensor, plugin = "", None, None, ""
+    for number, wire, value in fields(buf):
+        if number == 1 and wire == LENGTH:
+            tag = value.decode("utf-8", "replace")  # type: ignore[union-attr]
+        elif number == 2 and wire == FIXED32:
+            (simple,) = struct.unpack("<f", value)  # type: ignore[arg-type]
+        elif number == 8 and wire == LENGTH:
+            tensor = value
+        elif number == 9 and wire == LENGTH:
+            plugin = _plugin_name(value)  # type: ignore[arg-type]
+    if simple is not None:
+        return tag, float(simple)
+    if tensor is None or plugin in _SKIP_PLUGINS:
+        return None
+    number_value = _tensor_scalar(tensor)  # type: ignore[arg-type]
+    return None if number_value is None else (tag, number_value)
+
+
+def _plugin_name(metadata: bytes) -> str:
+    for number, wire, value in fields(metadata):
+        if number == 1 and wire == LENGTH:  # plugin_data
+            for n2, w2, v2 in fields(value):  # type: ignore[arg-type]
+                if n2 == 1 and w2 == LENGTH:
+                    return v2.decode("utf-8", "replace")  # type: ignore[union-attr]
+    return ""
+
+
+def _tensor_scalar(buf: bytes) -> float | None:
+    """The value of a one-element numeric TensorProto; None for anything else."""
+    dtype, dims, content = 0, [], b""
+    values: list[float] = []
+    for number, wire, value in fields(buf):
+        if number == 1 and wire == VARINT:
+            dtype = value  # type: ignore[assignment]
+        elif number == 2 and wire == LENGTH:
+            for n2, w2, v2 in fields(value):  # type: ignore[arg-type]
+                if n2 == 2 and w2 == LENGTH:  # dim
+                    dims.append(next((signed64(v3) for n3, w3, v3 in fields(v2) if n3 == 1 and w3 == VARINT), 0))  # type: ignore[arg-type]
+        elif number == 4 and wire == LENGTH:
+            content = value  # type: ignore[assignment]
+        elif number == 5:  # float_val: packed or not
+            values += packed(value, "<f") if wire == LENGTH else [struct.unpack("<f", value)[0]]  # type: ignore[arg-type]
+        elif number == 6:  # double_val
+            values += packed(value, "<d") if wire == LENGTH else [struct.unpack("<d", value)[0]]  # type: ignore[arg-type]
+        elif number in (7, 10):  # int_val, int64_val
+            values += packed_varints(value) if wire == LENGTH else [signed64(value)]  # type: ignore[arg-type]
+    if dtype not in _DTYPES or any(d != 1 for d in dims):
+        return None
+    if content:
+        fmt = _DTYPES[dtype]
+        if fmt == "bf16":
+            return struct.unpack("<f", b"\x00\x00" + content[:2])[0] if len(content) == 2 else None
+        return struct.unpack(fmt, content)[0] if len(content) == struct.calcsize(fmt) else None
+    return float(values[0]) if len(values) == 1 else None

@@ -1,0 +1,116 @@
+"""The human-readable form of a `DoctorResult`: a findings table, then what was read and what was not."""
+
+from __future__ import annotations
+
+import math
+import shutil
+import textwrap
+from typing import Any
+
+from keel._core.finding import SEVERITIES, Finding
+from keel.doctor.result import DoctorResult
+
+MAX_ROWS = 50  # findings printed in full; the rest are counted
+
+
+def format_result(result: DoctorResult, *, min_severity: str = "warning") -> str:
+    """The findings at or above ``min_severity`` as a table with cause and remedy, then the summary.
+
+    Findings below it are counted by kind, with their first steps, so a healthy run's one-batch outliers
+    are visible without burying an alarm.
+    """
+    width = max(80, min(shutil.get_terminal_size((110, 24)).columns, 140))
+    s = result.summary
+    lines = [f"keel doctor: {result.source} ({result.format}, {s.get('observations', 0)} steps "
+             f"{s.get('first_step')}–{s.get('last_step')}, logged every {s.get('stride', 1)})"]
+    shown = result.at_least(min_severity)
+    lines.append("")
+    if shown:
+        lines += _table(shown[:MAX_ROWS], width)
+        if len(shown) > MAX_ROWS:
+            lines.append(f"… and {len(shown) - MAX_ROWS} more (use --json for all)")
+    else:
+        lines.append(f"no findings at {min_severity} or above.")
+    quiet = [f for f in result.findings if f not in shown]
+    if quiet:
+        lines.append("")
+        lines.append("below the table (use --all to list):")
+        for kind, group in _by_kind(quiet).items():
+            steps = ", ".join(str(f.step) for f in group[:8]) + (" …" if len(group) > 8 else "")
+            severities = "/".join(sorted({f.severity for f in group}, key=SEVERITIES.index))
+            lines.append(f"  {len(group):>4} {kind} ({severities}) at steps {steps}")
+    lines.append("")
+    lines += _summary_lines(s)
+    counts = s.get("counts", {})
+    lines.append(f"findings: {counts.get('critical', 0)} critical, {counts.get('warning', 0)} warning, "
+                 f"{counts.get('info', 0)} info")
+    return "\n".join(lines)
+
+
+def _table(findings: list[Finding], width: int) -> list[str]:
+    lines = [f"{'step':>8}  {'severity':<8}  {'kind':<22}  {'signal':<10}  {'value':>10}  {'baseline':>10}  evidence",
+             "-" * min(width, 110)]
+    wrap = textwrap.TextWrapper(width=width - 10, initial_indent=" " * 10, subsequent_indent=" " * 18)
+    for f in findings:
+        lines.append(f"{f.step:>8}  {f.severity:<8}  {f.kind:<22}  {f.signal:<10}  {_num(f.value):>10}  "
+                     f"{_num(f.baseline):>10}  {_evidence(f.evidence)}")
+        if f.cause:
+            lines += wrap.wrap("cause:  " + f.cause)
+        if f.remedy:
+            lines += wrap.wrap("remedy: " + f.remedy)
+    return lines
+
+
+def _summary_lines(s: dict[str, Any]) -> list[str]:
+    lines = []
+    signals = s.get("signals", {})
+    if signals:
+        parts = []
+        for key, info in list(signals.items())[:10]:
+            column = f" ← {info['column']}" if info["column"] != key else ""
+            bad = f", {info['non_finite']} non-finite" if info["non_finite"] else ""
+            parts.append(f"{key}{column} ({info['observations']}{bad})")
+        more = f" and {len(signals) - 10} more" if len(signals) > 10 else ""
+        lines.append("signals: " + "; ".join(parts) + more)
+    if s.get("text_columns"):
+        lines.append("left out (text): " + ", ".join(s["text_columns"]))
+    for what in ("gaps", "restarts"):
+        block = s.get(what, {})
+        if block.get("count"):
+            first = block["listed"][0]
+            lines.append(f"{what}: {block['count']} (first: {', '.join(f'{k} {v}' for k, v in first.items())})")
+    for det in s.get("detectors", []):
+        if "needs" in det and det["observations"] == 0:
+            lines.append(f"{det['signal']} is not in this log: no {det.get('kind', det['name'])} detection")
+        elif "needs" in det and det.get("armed_at_step") is None:
+            lines.append(f"not enough history for {det.get('kind', det['name'])} on {det['signal']}: "
+                         f"{det['observations']} value(s), it needs {det['needs']} before it can flag anything")
+    for note in s.get("notes", []):
+        lines.append(f"note: {note}")
+    if "stored_findings" in s:
+        st = s["stored_findings"]
+        lines.append(f"recorded live by the Guard: {st['critical']} critical, {st['warning']} warning, "
+                     f"{st['info']} info")
+    return lines
+
+
+def _by_kind(findings: list[Finding]) -> dict[str, list[Finding]]:
+    grouped: dict[str, list[Finding]] = {}
+    for f in findings:
+        grouped.setdefault(f.kind, []).append(f)
+    return grouped
+
+
+def _num(x: float) -> str:
+    if isinstance(x, float) and math.isnan(x):
+        return "-"
+    return f"{x:.4g}"
+
+
+def _evidence(evidence: dict[str, Any]) -> str:
+    parts = []
+    for key, value in evidence.items():
+        if key in ("remedies", "traceback") or isinstance(value, (dict, list)) and len(str(value)) > 60:
+            continue
+        parts.append(f"{key}={_num(value) if isinstance(value, float) else value}")
+    return " ".join(parts)

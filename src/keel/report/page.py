@@ -1,0 +1,201 @@
+"""The report page: run stores → one self-contained HTML file (plotly.js inlined, no network, works offline).
+
+`write_report` is what `keel report` and `keel demo` call. The page holds the runs' metadata, diagnosis
+cards, timelines with findings, skips, rollbacks and snapshots marked on them, and the decisions and
+snapshots tables; several runs are overlaid on the same charts for comparison.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import json
+import time
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keel._core.errors import KeelError
+from keel.report import charts as _charts
+from keel.report import sections
+from keel.report.run_data import RunData, load_run
+from keel.report.sources import classify, expand
+
+PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
+# The head script runs before anything else, so errors of plotly.js and of the page script are counted
+# (the browser test reads them back from the page).
+ERROR_HOOK = """window.__keel = {errors: [], rendered: 0, done: false};
+window.addEventListener("error", function (e) {
+  window.__keel.errors.push(String(e.message || (e.target && (e.target.src || e.target.href)) || "error"));
+}, true);
+window.addEventListener("unhandledrejection", function (e) { window.__keel.errors.push("rejection: " + e.reason); });
+(function () { var ce = console.error; console.error = function () {
+  window.__keel.errors.push(Array.prototype.map.call(arguments, String).join(" ")); ce.apply(console, arguments);
+}; })();"""
+
+
+class ReportError(KeelError):
+    """No run store among the paths given to the report."""
+
+
+def plotly_js() -> tuple[str, str]:
+    """(plotly.min.js source, its version), from the ``plotly`` package (``pip install keel[report]``)."""
+    try:
+        from plotly.offline import get_plotlyjs
+    except ImportError:
+        raise ReportError("the HTML report needs plotly: pip install 'keel[report]'") from None
+    source = get_plotlyjs()
+    head = source[:200]
+    version = head.split("plotly.js v", 1)[1].split()[0] if "plotly.js v" in head else "?"
+    return source, version
+
+
+def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) -> Path:
+    """Write one self-contained HTML report of the given runs.
+
+    Args:
+        run_dirs: Run folders (or their ``run.sqlite``); a folder without a store stands for the stores in
+            its sub-folders (``runs/demo``). Paths that are not run stores are skipped with a note.
+        out_path: The HTML file to write (its folder is created).
+
+    Returns:
+        The path written.
+
+    Raises:
+        ReportError: None of the paths is a run store, or plotly is not installed.
+
+    Example:
+        >>> write_report(["runs/demo/bare", "runs/demo/guarded"], "runs/demo/report.html")  # doctest: +SKIP
+        PosixPath('runs/demo/report.html')
+    """
+    paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    notes: list[str] = []
+    runs: list[RunData] = []
+    for path in expand(paths):
+        source = classify(path)
+        if source.kind != "run":
+            notes.append(source.note)
+            continue
+        runs.append(load_run(path, keep=_keep_for(path)))
+    if not runs:
+        raise ReportError("no keel run store among " + ", ".join(str(p) for p in paths)
+                          + (f" ({'; '.join(notes)})" if notes else ""))
+    _unique_names(runs)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(build_page(runs, notes), encoding="utf-8")
+    return out
+
+
+def build_page(runs: list[RunData], notes: list[str] | None = None) -> str:
+    """The report's HTML for already loaded runs."""
+    notes = list(notes or [])
+    colors = [PALETTE[i % len(PALETTE)] for i in range(len(runs))]
+    charts, left_out = _charts.plan_charts(runs)
+    if left_out:
+        notes.append(f"{len(left_out)} more signals have no chart (the page keeps {_charts.MAX_CHARTS}): "
+                     + ", ".join(left_out))
+    payload = {
+        "runs": [{"name": r.name, "color": c} for r, c in zip(runs, colors)],
+        "charts": [{"id": c.id, "title": c.title, "keys": c.keys, "layers": c.layers, "log_y": c.log_y}
+                   for c in charts],
+        "series": _series(runs, charts),
+        "marks": _charts.marks(runs, charts),
+    }
+    js, version = plotly_js()
+    script = resources.files("keel.report").joinpath("report.js").read_text(encoding="utf-8")
+    css = resources.files("keel.report").joinpath("report.css").read_text(encoding="utf-8")
+    names = ", ".join(r.name for r in runs)
+    body = [
+        "<main>",
+        "<h1>keel stability report</h1>",
+        f"<div class='sub'>{len(runs)} run(s): {html.escape(names)} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
+        f" · keel {html.escape(_keel_version())}</div>",
+        "<div class='notes'>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes) + "</div>",
+        "<h2>Runs</h2>", sections.runs_table(runs, colors),
+        *[sections.metadata(r) for r in runs],
+        "<h2>Diagnosis</h2>", "<div class='diag'>",
+        *[f"<div><h3><span class='swatch' style='background:{c}'></span>{html.escape(r.name)}</h3>"
+          f"{sections.diagnosis_cards(r)}</div>" for r, c in zip(runs, colors)],
+        "</div>",
+        "<h2>Timelines</h2>",
+        "<p class='muted'>Drag to zoom (all charts follow), double-click to reset. Lines show each bucket's "
+        "minimum and maximum, so one-step spikes stay visible at any zoom. Marks: grey ○ info, orange ▲ "
+        "warning, red × critical, | skipped step, dashed line and band: rollback (band = the steps undone), "
+        "▽ snapshot.</p>",
+        *[f"<div class='chart' id='{c.id}'></div>" for c in charts],
+        "" if charts else "<p class='muted'>these runs have no signals yet.</p>",
+        "<h2>Decisions and snapshots</h2>",
+        *[f"<h3>{html.escape(r.name)}</h3>{sections.decisions_table(r)}{sections.snapshots_table(r)}" for r in runs],
+        f"<footer>Self-contained: plotly.js {html.escape(version)} is inlined; the page needs no network.</footer>",
+        "</main>",
+        "<pre id='keel-status'></pre>",
+    ]
+    return (
+        "<!DOCTYPE html>\n<html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
+        f"<title>keel report: {html.escape(names)}</title>"
+        f"<script>{ERROR_HOOK}</script><style>{css}</style></head><body>"
+        + "\n".join(body)
+        + f"\n<script type='application/json' id='keel-data'>{_json_for_script(payload)}</script>"
+        + f"\n<script>{_script_safe(js)}</script>\n<script>{_script_safe(script)}</script>\n</body></html>\n"
+    )
+
+
+def _series(runs: list[RunData], charts: list[_charts.Chart]) -> list[dict[str, Any]]:
+    wanted = {k for c in charts for k in c.keys + c.layers}
+    out = []
+    for i, run in enumerate(runs):
+        for key, (steps, values) in run.series.items():
+            if key in wanted:
+                out.append({"run": i, "key": key, "n": int(len(steps)),
+                            "steps": _b64(np.asarray(steps, dtype="<i4")),
+                            "values": _b64(np.asarray(values, dtype="<f4"))})
+    return out
+
+
+def _keep_for(path: Path):
+    """Signals the report reads: every scalar and the attention/logits per-layer series, not per-parameter ones."""
+    from keel.store import RunReader
+
+    with RunReader(path) as reader:
+        all_keys = set(reader.signal_keys())
+    fams = _charts.families(all_keys)
+
+    def keep(key: str) -> bool:
+        family = next((f for f in fams if key.startswith(f + "/")), None)
+        return family is None or family.startswith(_charts.LAYERED)
+
+    return keep
+
+
+def _unique_names(runs: list[RunData]) -> None:
+    seen: dict[str, int] = {}
+    for run in runs:
+        if run.name in seen or sum(r.name == run.name for r in runs) > 1:
+            run.name = f"{run.path.parent.name}/{run.path.name}"
+        seen[run.name] = seen.get(run.name, 0) + 1
+    for run in runs:
+        if seen[run.name] > 1:
+            run.name = str(run.path)
+
+
+def _b64(array: np.ndarray) -> str:
+    return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
+
+
+def _json_for_script(obj: Any) -> str:
+    # "</" would end the <script> element early; "<\/" is the same string to the JSON parser.
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+
+
+def _script_safe(source: str) -> str:
+    return source.replace("</script", "<\\/script")
+
+
+def _keel_version() -> str:
+    import keel
+
+    return keel.__version__

@@ -1,0 +1,177 @@
+/* keel report: draws the timeline specs embedded in #keel-data with plotly.js (inlined above this script).
+ * Series travel as base64 int32 steps / float32 values; each chart shows a min/max-downsampled view of the
+ * visible range (extremes kept) and is re-sampled from the full series on every zoom, so a 100k-step run
+ * stays responsive and a one-step spike is never lost. Zoom is shared by all charts. */
+(function () {
+  "use strict";
+  var state = window.__keel;
+  var data = JSON.parse(document.getElementById("keel-data").textContent);
+  var BUCKETS = 1200;
+  var SEVERITY = {info: {color: "#9e9e9e", symbol: "circle-open", size: 7},
+                  warning: {color: "#f0a500", symbol: "triangle-up", size: 11},
+                  critical: {color: "#c00000", symbol: "x", size: 11}};
+
+  function decode(b64, Kind) {
+    var bin = atob(b64), bytes = new Uint8Array(bin.length);
+    for (var i = 0; i < bin.length; i++) bytes[i] = bin.charCodeAt(i);
+    return new Kind(bytes.buffer);
+  }
+  var series = {};
+  data.series.forEach(function (s) {
+    series[s.run + "\u0000" + s.key] = {x: decode(s.steps, Int32Array), y: decode(s.values, Float32Array)};
+  });
+  function get(run, key) { return series[run + "\u0000" + key]; }
+
+  function lowerBound(a, v) {
+    var lo = 0, hi = a.length;
+    while (lo < hi) { var mid = (lo + hi) >> 1; if (a[mid] < v) lo = mid + 1; else hi = mid; }
+    return lo;
+  }
+  // The min and max of each bucket of [lo, hi], in step order; a bucket with no finite value is a gap.
+  function view(s, lo, hi) {
+    var i0 = lo === null ? 0 : Math.max(0, lowerBound(s.x, lo) - 1);
+    var i1 = hi === null ? s.x.length : Math.min(s.x.length, lowerBound(s.x, hi) + 1);
+    var n = i1 - i0, xs = [], ys = [], i;
+    if (n <= 2 * BUCKETS) {
+      for (i = i0; i < i1; i++) { xs.push(s.x[i]); ys.push(isFinite(s.y[i]) ? s.y[i] : null); }
+      return {x: xs, y: ys};
+    }
+    for (var b = 0; b < BUCKETS; b++) {
+      var a = i0 + Math.floor(n * b / BUCKETS), e = i0 + Math.floor(n * (b + 1) / BUCKETS);
+      var mi = -1, ma = -1;
+      for (i = a; i < e; i++) {
+        var v = s.y[i];
+        if (!isFinite(v)) continue;
+        if (mi < 0 || v < s.y[mi]) mi = i;
+        if (ma < 0 || v > s.y[ma]) ma = i;
+      }
+      if (mi < 0) { xs.push(s.x[a]); ys.push(null); continue; }
+      var first = Math.min(mi, ma), second = Math.max(mi, ma);
+      xs.push(s.x[first]); ys.push(s.y[first]);
+      if (second !== first) { xs.push(s.x[second]); ys.push(s.y[second]); }
+    }
+    return {x: xs, y: ys};
+  }
+  // The last finite value at or before a step: where a mark sits on a line.
+  function valueAt(s, step) {
+    if (!s) return null;
+    for (var i = Math.min(s.x.length - 1, lowerBound(s.x, step + 1) - 1); i >= 0; i--) {
+      if (isFinite(s.y[i])) return s.y[i];
+    }
+    return null;
+  }
+
+  function lineTraces(chart) {
+    var traces = [];
+    data.runs.forEach(function (run, r) {
+      chart.keys.forEach(function (key, k) {
+        var s = get(r, key);
+        if (!s) return;
+        var v = view(s, null, null);
+        traces.push({type: "scatter", mode: "lines", x: v.x, y: v.y, name: run.name + " · " + key,
+                     legendgroup: run.name, line: {color: run.color, width: k === 0 ? 1.6 : 1.2,
+                     dash: k === 0 ? "solid" : "dot"}, connectgaps: false, meta: {run: r, key: key},
+                     hovertemplate: "step %{x}<br>" + key + " %{y:.4g}<extra>" + run.name + "</extra>"});
+      });
+      chart.layers.forEach(function (key) {
+        var s = get(r, key);
+        if (!s) return;
+        var v = view(s, null, null);
+        traces.push({type: "scatter", mode: "lines", x: v.x, y: v.y, name: run.name + " · " + key,
+                     legendgroup: run.name, showlegend: false, opacity: 0.45,
+                     line: {color: run.color, width: 0.8}, meta: {run: r, key: key},
+                     hovertemplate: "step %{x}<br>" + key + " %{y:.4g}<extra>" + run.name + "</extra>"});
+      });
+    });
+    return traces;
+  }
+
+  function markTraces(chart) {
+    var groups = {}, shapes = [];
+    (data.marks[chart.id] || []).forEach(function (m) {
+      var run = data.runs[m.run];
+      if (m.type === "rollback" || m.type === "abort") {
+        if (m.type === "rollback" && m.from !== null && m.from !== undefined) {
+          shapes.push({type: "rect", xref: "x", yref: "paper", x0: m.from, x1: m.step, y0: 0, y1: 1,
+                       fillcolor: run.color, opacity: 0.10, line: {width: 0}, layer: "below"});
+        }
+        shapes.push({type: "line", xref: "x", yref: "paper", x0: m.step, x1: m.step, y0: 0, y1: 1,
+                     line: {color: m.type === "abort" ? "#c00000" : run.color, width: 1.2, dash: "dash"}});
+        var g0 = groups[m.run + m.type] = groups[m.run + m.type] || {run: m.run, type: m.type, x: [], y: [], text: []};
+        g0.x.push(m.step); g0.y.push(valueAt(get(m.run, chart.keys[0]), m.step)); g0.text.push(m.text);
+        return;
+      }
+      var g = groups[m.run + m.type] = groups[m.run + m.type] || {run: m.run, type: m.type, x: [], y: [], text: []};
+      var y = (m.value !== null && m.value !== undefined) ? m.value : valueAt(get(m.run, m.key), m.step);
+      g.x.push(m.step); g.y.push(y); g.text.push(m.text);
+    });
+    var traces = Object.keys(groups).map(function (id) {
+      var g = groups[id], run = data.runs[g.run], style = SEVERITY[g.type];
+      var marker = style ? {color: style.color, symbol: style.symbol, size: style.size,
+                            line: {color: style.color, width: 1.5}}
+        : g.type === "skip" ? {color: run.color, symbol: "line-ns-open", size: 14, line: {width: 2}}
+        : g.type === "snapshot" ? {color: run.color, symbol: "triangle-down-open", size: 8}
+        : {color: run.color, symbol: "diamond-open", size: 10};
+      return {type: "scatter", mode: "markers", x: g.x, y: g.y, text: g.text, name: run.name + " · " + g.type,
+              legendgroup: run.name, showlegend: false, marker: marker, hovertemplate: "%{text}<extra>" + run.name + "</extra>",
+              cliponaxis: false};
+    });
+    return {traces: traces, shapes: shapes};
+  }
+
+  var divs = [], syncing = false;
+  function resample(div, lo, hi) {
+    var xs = [], ys = [], idx = [];
+    div.data.forEach(function (t, i) {
+      if (!t.meta || t.meta.key === undefined) return;
+      var v = view(get(t.meta.run, t.meta.key), lo, hi);
+      xs.push(v.x); ys.push(v.y); idx.push(i);
+    });
+    return idx.length ? Plotly.restyle(div, {x: xs, y: ys}, idx) : Promise.resolve();
+  }
+  function onRelayout(source, ev) {
+    if (syncing) return;
+    var lo, hi, auto = ev["xaxis.autorange"] === true;
+    if (ev["xaxis.range[0]"] !== undefined) { lo = ev["xaxis.range[0]"]; hi = ev["xaxis.range[1]"]; }
+    else if (ev["xaxis.range"]) { lo = ev["xaxis.range"][0]; hi = ev["xaxis.range"][1]; }
+    else if (!auto) return;
+    syncing = true;
+    var work = divs.map(function (div) {
+      var p = auto ? resample(div, null, null) : resample(div, lo, hi);
+      return p.then(function () {
+        if (div === source) return null;
+        return Plotly.relayout(div, auto ? {"xaxis.autorange": true} : {"xaxis.range": [lo, hi]});
+      });
+    });
+    Promise.all(work).then(function () { syncing = false; }, function (e) { syncing = false; console.error(e); });
+  }
+
+  var pending = data.charts.map(function (chart) {
+    var div = document.getElementById(chart.id);
+    var marks = markTraces(chart);
+    var layout = {title: {text: chart.title, x: 0.01, font: {size: 14}}, height: 300,
+                  margin: {l: 64, r: 20, t: 40, b: 40}, hovermode: "closest", shapes: marks.shapes,
+                  xaxis: {zeroline: false, title: {text: "step", standoff: 4, font: {size: 11}}},
+                  yaxis: {type: chart.log_y ? "log" : "linear", exponentformat: "power", zeroline: false},
+                  legend: {orientation: "h", x: 1, xanchor: "right", y: 1.02, yanchor: "bottom",
+                           font: {size: 10}, bgcolor: "rgba(0,0,0,0)"}, paper_bgcolor: "#fff",
+                  plot_bgcolor: "#fafafa"};
+    return Plotly.newPlot(div, lineTraces(chart).concat(marks.traces), layout,
+                          {displaylogo: false, responsive: true}).then(function () {
+      divs.push(div);
+      div.setAttribute("data-rendered", "1");
+      state.rendered += 1;
+      div.on("plotly_relayout", function (ev) { onRelayout(div, ev); });
+    });
+  });
+  Promise.all(pending).then(function () { state.done = true; publish(); },
+                            function (e) { state.errors.push("render: " + e); publish(); });
+  function publish() {
+    document.body.setAttribute("data-keel-charts", String(data.charts.length));
+    document.body.setAttribute("data-keel-rendered", String(state.rendered));
+    document.body.setAttribute("data-keel-errors", String(state.errors.length));
+    var out = document.getElementById("keel-status");
+    if (out) out.textContent = JSON.stringify({charts: data.charts.length, rendered: state.rendered,
+                                               errors: state.errors});
+  }
+})();

@@ -1,0 +1,85 @@
+"""RunData: everything the report shows about one run, read from its store through `keel.store.RunReader`.
+
+A part that cannot be read (a store from an older schema, a table a live run has not created yet) is left
+empty and named in ``problems``: the page still renders with the rest.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from keel._core.decision import Decision
+from keel._core.finding import Finding
+from keel.report.downsample import downsample_minmax
+from keel.store import RunReader
+
+MAX_POINTS = 100_000  # points embedded per series; longer series are min/max-downsampled to this
+
+
+@dataclass(kw_only=True)
+class RunData:
+    """One run as the report sees it.
+
+    Attributes:
+        name: Display name (the run folder's name, made unique by the caller).
+        path: The store's folder.
+        meta: The run's metadata table.
+        series: Signal key → (steps, values), at most `MAX_POINTS` each.
+        lengths: Signal key → the number of points stored (before downsampling).
+        findings: Every finding.
+        decisions: Every decision that was not a plain ``ok``.
+        snapshots: Disk snapshots (step, path, checksum, created).
+        problems: Parts that could not be read, in words.
+    """
+
+    name: str
+    path: Path
+    meta: dict[str, Any] = field(default_factory=dict)
+    series: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    lengths: dict[str, int] = field(default_factory=dict)
+    findings: list[Finding] = field(default_factory=list)
+    decisions: list[Decision] = field(default_factory=list)
+    snapshots: list[dict[str, Any]] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+
+
+def load_run(path: str | Path, *, name: str | None = None, keep=None) -> RunData:
+    """Read a run store for the report.
+
+    Args:
+        path: The run folder or its ``run.sqlite``.
+        name: Display name; default the folder's name.
+        keep: ``keep(key) -> bool`` chooses the signals read (default: all). Per-parameter families are
+            usually left out: they are hundreds of series nobody reads on a timeline.
+
+    Raises:
+        FileNotFoundError: No store at ``path``.
+    """
+    path = Path(path)
+    folder = path.parent if path.suffix == ".sqlite" else path
+    run = RunData(name=name or folder.name, path=folder)
+    with RunReader(path) as reader:
+        run.meta = _read(run, "metadata", reader.meta, {})
+        for key in _read(run, "signal keys", reader.signal_keys, []):
+            if keep is not None and not keep(key):
+                continue
+            steps, values = reader.signal(key)
+            run.lengths[key] = len(steps)
+            run.series[key] = downsample_minmax(steps, values, MAX_POINTS)
+        run.findings = _read(run, "findings", reader.findings, [])
+        run.decisions = _read(run, "decisions", reader.decisions, [])
+        run.snapshots = _read(run, "snapshots", reader.snapshots, [])
+    return run
+
+
+def _read(run: RunData, what: str, read, default):
+    try:
+        return read()
+    except (sqlite3.Error, ValueError, KeyError, TypeError) as exc:
+        run.problems.append(f"{what} could not be read ({type(exc).__name__}: {exc})")
+        return default

@@ -1,0 +1,145 @@
+"""The page's HTML sections other than the charts: runs table, diagnosis cards, decisions, snapshots, notes.
+
+Every string that comes from a store is escaped: a run's config or a finding's cause is data, not markup.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+from collections import Counter
+from typing import Any
+
+import numpy as np
+
+from keel._core import keys
+from keel._core.finding import SEVERITIES, Finding, severity_rank
+from keel.report.run_data import RunData
+
+MAX_ROWS = 200  # decisions and snapshots listed per run; the rest are counted
+META_FIELDS = ("status", "policy", "steps", "seed", "model", "optimizer", "started_at", "finished_at", "git_sha")
+
+
+def esc(value: Any) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def runs_table(runs: list[RunData], colors: list[str]) -> str:
+    """One row per run: identity, status, outcome (last and best loss), counts of findings and actions."""
+    head = ("<tr><th>run</th><th>status</th><th>policy</th><th>steps</th><th>loss (last 20)</th>"
+            "<th>best loss</th><th>critical / warning / info</th><th>skips</th><th>rollbacks</th><th>seed</th></tr>")
+    rows = []
+    for run, color in zip(runs, colors):
+        counts = Counter(f.severity for f in run.findings)
+        actions = Counter(d.action for d in run.decisions)
+        last, best = _loss_summary(run)
+        rows.append(
+            f"<tr><td><span class='swatch' style='background:{color}'></span>{esc(run.name)}"
+            f"<div class='path'>{esc(run.path)}</div></td>"
+            f"<td>{esc(run.meta.get('status', '?'))}</td><td>{esc(run.meta.get('policy', '?'))}</td>"
+            f"<td>{esc(run.meta.get('steps', run.lengths.get(keys.LOSS, '?')))}</td>"
+            f"<td>{last}</td><td>{best}</td>"
+            f"<td>{counts['critical']} / {counts['warning']} / {counts['info']}</td>"
+            f"<td>{actions['skip']}</td><td>{actions['rollback']}</td><td>{esc(run.meta.get('seed', ''))}</td></tr>")
+    return f"<table class='runs'>{head}{''.join(rows)}</table>"
+
+
+def metadata(run: RunData) -> str:
+    """The run's metadata as a definition list (config and hardware folded into <details>)."""
+    items = []
+    for key in META_FIELDS:
+        if key in run.meta:
+            items.append(f"<dt>{esc(key)}</dt><dd>{_short(run.meta[key])}</dd>")
+    for key in sorted(set(run.meta) - set(META_FIELDS)):
+        items.append(f"<dt>{esc(key)}</dt><dd>{_short(run.meta[key])}</dd>")
+    problems = "".join(f"<p class='problem'>{esc(p)}</p>" for p in run.problems)
+    return f"<details class='meta'><summary>metadata of {esc(run.name)}</summary><dl>{''.join(items)}</dl></details>" \
+           + problems
+
+
+def diagnosis_cards(run: RunData) -> str:
+    """A card per kind of warning/critical finding: first step, count, evidence, cause, remedies."""
+    serious = [f for f in run.findings if severity_rank(f.severity) >= 1]
+    infos = [f for f in run.findings if f.severity == "info"]
+    cards = []
+    by_kind: dict[str, list[Finding]] = {}
+    for f in serious:
+        by_kind.setdefault(f.kind, []).append(f)
+    for kind, group in sorted(by_kind.items(), key=lambda kv: (-max(severity_rank(f.severity) for f in kv[1]),
+                                                                 kv[1][0].step)):
+        worst = max(group, key=lambda f: severity_rank(f.severity))
+        first = group[0]
+        steps = ", ".join(str(f.step) for f in group[:12]) + (" …" if len(group) > 12 else "")
+        evidence = "".join(f"<tr><th>{esc(k)}</th><td>{_short(v)}</td></tr>"
+                           for k, v in first.evidence.items() if k not in ("remedies", "traceback"))
+        remedies = first.evidence.get("remedies")
+        remedy_html = f"<p><b>remedy</b> {esc(first.remedy)}</p>" if first.remedy else ""
+        if isinstance(remedies, list) and remedies:
+            remedy_html += "<ol class='remedies'>" + "".join(
+                f"<li>{esc(r.get('action', r))}" + (f" <span class='how'>{esc(r['how'])}</span>" if r.get("how") else "")
+                + (f" <span class='src'>({esc(r['source'])})</span>" if r.get("source") else "") + "</li>"
+                for r in remedies if isinstance(r, dict)) + "</ol>"
+        cards.append(
+            f"<div class='card {worst.severity}'><div class='card-head'><span class='badge {worst.severity}'>"
+            f"{worst.severity}</span> <b>{esc(kind.replace('_', ' '))}</b> on <code>{esc(first.signal)}</code> — "
+            f"first at step {first.step}, {len(group)}× (steps {steps})</div>"
+            f"<p><b>cause</b> {esc(first.cause)}</p>{remedy_html}"
+            f"<p class='values'>value {_num(first.value)} · baseline {_num(first.baseline)}</p>"
+            f"<table class='evidence'>{evidence}</table></div>")
+    if not cards:
+        cards.append("<div class='card ok'><span class='badge ok'>ok</span> no warnings or criticals.</div>")
+    if infos:
+        kinds = Counter(f.kind for f in infos)
+        listed = ", ".join(f"{n}× {esc(k.replace('_', ' '))}" for k, n in kinds.most_common())
+        cards.append(f"<p class='infos'>info findings (no alarm, e.g. one-batch outliers): {listed}; "
+                     "grey circles on the charts.</p>")
+    return "".join(cards)
+
+
+def decisions_table(run: RunData) -> str:
+    if not run.decisions:
+        return "<p class='muted'>no step was skipped or rolled back.</p>"
+    counts = Counter(d.action for d in run.decisions)
+    head = "<tr><th>step</th><th>action</th><th>by</th><th>onset</th><th>restored step</th><th>reason</th></tr>"
+    rows = "".join(
+        f"<tr><td>{d.step}</td><td>{esc(d.action)}</td><td>{esc(d.by)}</td><td>{_opt(d.onset)}</td>"
+        f"<td>{_opt(d.restored_step)}</td><td>{esc(d.reason)}</td></tr>" for d in run.decisions[:MAX_ROWS])
+    more = f"<p class='muted'>… and {len(run.decisions) - MAX_ROWS} more.</p>" if len(run.decisions) > MAX_ROWS else ""
+    summary = ", ".join(f"{n} {esc(a)}" for a, n in counts.items())
+    return f"<details><summary>{summary}</summary><table class='decisions'>{head}{rows}</table>{more}</details>"
+
+
+def snapshots_table(run: RunData) -> str:
+    if not run.snapshots:
+        return "<p class='muted'>no disk snapshots recorded.</p>"
+    head = "<tr><th>step</th><th>path</th><th>checksum</th></tr>"
+    rows = "".join(f"<tr><td>{s['step']}</td><td><code>{esc(s['path'])}</code></td>"
+                   f"<td><code>{esc(str(s['checksum'])[:16])}</code></td></tr>" for s in run.snapshots[:MAX_ROWS])
+    return f"<details><summary>{len(run.snapshots)} snapshot(s)</summary><table>{head}{rows}</table></details>"
+
+
+def _loss_summary(run: RunData) -> tuple[str, str]:
+    if keys.LOSS not in run.series:
+        return "–", "–"
+    values = run.series[keys.LOSS][1]
+    finite = values[np.isfinite(values)]
+    if finite.size == 0:
+        return "non-finite", "–"
+    return f"{float(np.median(finite[-20:])):.4g}", f"{float(finite.min()):.4g}"
+
+
+def _short(value: Any, limit: int = 300) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return esc(text if len(text) <= limit else text[:limit] + " …")
+
+
+def _num(x: float) -> str:
+    return "–" if not isinstance(x, (int, float)) or math.isnan(x) else f"{x:.4g}"
+
+
+def _opt(x: int | None) -> str:
+    return "" if x is None else str(x)
+
+
+__all__ = ["SEVERITIES", "decisions_table", "diagnosis_cards", "metadata", "runs_table", "snapshots_table"]
