@@ -122,7 +122,8 @@ class AdaClip:
             ):
                 if needed:
                     ada_clip_(g, m, thr, out=g)
-            ratios.append((maxima / thresholds.clamp_min(torch.finfo(torch.float32).tiny)).max().cpu())
+            ratio = (maxima / thresholds.clamp_min(torch.finfo(torch.float32).tiny)).max()
+            ratios.append(ratio.to(grads[0].device, non_blocking=True))  # no host sync
         return torch.stack(ratios).max()
 
     def attach(self, optimizer: Optimizer) -> RemovableHandle:
