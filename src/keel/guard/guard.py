@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import copy
 import math
+import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -29,7 +30,9 @@ from keel._core.errors import TrainingAborted
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect import Detector, default_detectors
+from keel.guard.distributed import DistributedConfig, RankSync
 from keel.guard.environment import describe_environment
+from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
 from keel.recover.state import Stateful
@@ -71,6 +74,10 @@ class Guard:
             on. Create the guard where the interrupted run created it, so later random draws line up.
         config: The run's own configuration, stored with the run (JSON-able).
         seed: The run's seed, stored with the run.
+        distributed: Under ``torch.distributed`` with several ranks (``None``: detected), signals are
+            all-reduced before each decision so every rank skips or rolls back together; rank 0 writes the
+            run store, each rank keeps its snapshots under ``run_dir/rank-<r>``, and a `RankOutlierDetector`
+            names a faulty rank. ``False`` keeps each rank on its own; a `DistributedConfig` tunes it.
 
     Raises:
         ValueError: An unknown policy or probe, a model without trainable parameters, a bad cadence.
@@ -103,6 +110,7 @@ class Guard:
         resume: bool = False,
         config: dict[str, Any] | None = None,
         seed: int | None = None,
+        distributed: DistributedConfig | bool | None = None,
     ) -> None:
         self.escalation = Escalation(EscalationConfig(policy=policy, max_consecutive_skips=max_consecutive_skips))
         if not isinstance(model, nn.Module):
@@ -123,14 +131,21 @@ class Guard:
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.policy, self.log_every = policy, log_every
         self.probes = _build_probes(probes)
+        self.dist = RankSync.create(model, distributed)  # None in a single process: nothing changes there
         self.detectors = list(detectors) if detectors is not None else default_detectors()
+        if self.dist is not None and detectors is None:
+            self.detectors.append(RankOutlierDetector(RankOutlierConfig(replicated=not self.dist.sharded)))
+        store_dir, snapshot_dir = run_dir, run_dir
+        if self.dist is not None and run_dir is not None:  # rank 0 writes the store; snapshots are per rank
+            store_dir = run_dir if self.dist.rank == 0 else None
+            snapshot_dir = os.path.join(run_dir, f"rank-{self.dist.rank}")
         self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         self.state.components["escalation"] = self.escalation
         self.state.components.update({f"detector/{i}/{d.name}": d for i, d in enumerate(self.detectors)})
         wants_recovery = policy == "recover" or resume or recovery is not None
         if resume and recovery is None:
             recovery = RecoveryConfig(disk_every=1)
-        self.recovery = Recovery(self.state, recovery or RecoveryConfig(), run_dir) if wants_recovery else None
+        self.recovery = Recovery(self.state, recovery or RecoveryConfig(), snapshot_dir) if wants_recovery else None
         self.actuator = Actuator(self.state, observe=policy == "observe", max_grad_norm=max_grad_norm,
                                  recovery=self.recovery)
         self.global_step = 0
@@ -144,14 +159,22 @@ class Guard:
             attach = getattr(probe, "attach", None)
             if attach is not None:
                 attach(model)
-        self.recorder = Recorder(run_dir, log_every)
-        meta = describe_environment() if run_dir is not None else {}
+        self.recorder = Recorder(store_dir, log_every)
+        meta = describe_environment() if store_dir is not None else {}
         meta.update(policy=policy, seed=seed, config=config or {}, status="running",
                     model={"class": type(model).__name__, "parameters": sum(p.numel() for _, p in self.named)},
                     optimizer={"class": type(optimizer).__name__, "groups": len(optimizer.param_groups)},
                     probes=[p.name for p in self.probes], detectors=[d.name for d in self.detectors])
+        if self.dist is not None:
+            meta["distributed"] = self.dist.describe()
         self.recorder.meta(meta)
         self._resumed = self.recovery.resume() if resume and self.recovery is not None else None
+        if resume and self.dist is not None:
+            resumed = self._resumed.step if self._resumed is not None else -1
+            if not self.dist.all_equal(resumed):
+                raise ValueError(f"resume: rank {self.dist.rank} found the snapshot of step {resumed}, another rank "
+                                 "a different one; allowed: every rank's run_dir/rank-<r>/snapshots holding the "
+                                 "same newest good step")
         if self._resumed is not None:
             self.global_step = self._resumed.step
             self.recorder.meta({"resumed_from": self._resumed.step})
@@ -252,9 +275,12 @@ class Guard:
 
     def _context(self, step: int, loss: Tensor) -> StepContext:
         with_grad = [(n, p) for n, p in self.named if p.grad is not None]
+        params, grads = [p for _, p in with_grad], [p.grad for _, p in with_grad]
+        if self.dist is not None and self.dist.sharded:  # probes read this rank's shard; RankSync combines them
+            params, grads = [_local(p) for p in params], [_local(g) for g in grads]
         return StepContext(step=step, loss=loss, model=self.model, optimizer=self.optimizer,
-                           names=tuple(n for n, _ in with_grad), params=[p for _, p in with_grad],
-                           grads=[p.grad for _, p in with_grad], log_step=step % self.log_every == 0)
+                           names=tuple(n for n, _ in with_grad), params=params, grads=grads,
+                           log_step=step % self.log_every == 0)
 
     def _observe(self, ctx: StepContext, step_time: float) -> Observation:
         measured: Measurements = {}
@@ -266,7 +292,10 @@ class Guard:
                     self._error(probe.name, ctx.step, exc)
         if self.scaler is not None and self.scaler.is_enabled() and self.scaler._scale is not None:
             measured[keys.AMP_SCALE] = self.scaler._scale  # a tensor: read in the same copy, no extra sync
-        (values, per_param), late = unpack(pack(measured, self._late))
+        packed = pack(measured, self._late)
+        if self.dist is not None:
+            packed = self.dist.reduce(packed)  # every rank now decides on the same values
+        (values, per_param), late = unpack(packed)
         if self._late:
             self.recorder.late(Observation(step=self._late_step, values=late[0], per_param=late[1]))
             self._late = {}
@@ -332,6 +361,12 @@ class Guard:
         for step, path, checksum in written[self._snapshots_recorded:]:
             self.recorder.snapshot(step, path, checksum)
         self._snapshots_recorded = len(written)
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a ``DTensor`` (FSDP2); a plain tensor as it is."""
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
 
 
 def _as_scalar(loss: Tensor | float) -> Tensor:

@@ -1,0 +1,305 @@
+"""Distributed Guard: one collective per step so that every rank decides on the same all-reduced values.
+
+Under ``torchrun`` each rank runs its own `Guard`. Left alone, each would decide on its own gradients, and one
+rank skipping while another steps desynchronises the replicas (mmf PR #1073 hung; ecmwf/WeatherGenerator PR
+#2726 let a rank-0-only decision pass poisoned gradients through). Here the packed per-step vector every
+`Guard` builds anyway goes through one ``all_reduce`` before the host copy, so each rank's detectors read
+identical values and take identical decisions:
+
+| signal                                        | DDP (replicated)      | FSDP (sharded)                 |
+|-----------------------------------------------|-----------------------|--------------------------------|
+| ``loss``, unknown keys                        | mean over ranks       | mean over ranks                |
+| norms (``grad/norm``, ``param/norm`` …)        | mean (equal on ranks) | √Σ over ranks of local norm²   |
+| a ``max``/``min`` segment (``attn/max_logit``) | max / min             | max / min                      |
+
+NaN and ±Inf propagate through every rule, so one rank's fault reaches every rank's decision. The same
+collective carries a few numbers per rank (its loss, gradient norm, and — through a DDP communication hook —
+the norm of its own gradient before averaging and that gradient's dot product with the average). They come
+back as per-rank families (``rank/loss/<r>``, ``rank/grad/norm/<r>``, ``rank/grad/local_norm/<r>``,
+``rank/grad/cos/<r>``) for `RankOutlierDetector`, which names a faulty rank or a bad data shard.
+
+Max and min cannot be summed, so those entries, and the per-rank numbers, travel in rank-owned slots of a
+zero-filled vector: one ``all_reduce(SUM)`` then acts as an all-gather (on gloo it is about 2.5× faster than
+``all_gather_into_tensor``, measured on CPU), and adding zeros keeps every value exact.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from keel._core import keys
+from keel.signals import Packed
+
+Rule = Literal["mean", "norm", "max", "min"]
+
+# Per-rank families added to the step's measurements.
+RANK_LOSS = "rank/loss/"
+RANK_GRAD_NORM = "rank/grad/norm/"
+RANK_LOCAL_NORM = "rank/grad/local_norm/"
+RANK_COS = "rank/grad/cos/"
+
+_NORMS = (keys.GRAD_NORM, keys.PARAM_NORM, keys.UPDATE_NORM)
+
+
+@dataclass(kw_only=True)
+class DistributedConfig:
+    """How a `Guard` reduces its signals across ranks.
+
+    Attributes:
+        sharded: Whether parameters and gradients are sharded across ranks (FSDP): norms then combine as
+            √Σ norm². ``None`` detects it (parameters that are ``DTensor``\\ s are sharded).
+        rank_stats: Register a DDP communication hook that measures each rank's gradient before averaging
+            (its norm and its cosine to the other ranks' mean), for `RankOutlierDetector`. Costs one copy
+            of each gradient bucket per step; only for a ``DistributedDataParallel`` model.
+        process_group: The group to reduce over; ``None`` is the default (world) group.
+    """
+
+    sharded: bool | None = None
+    rank_stats: bool = True
+    process_group: Any = None
+
+    def __post_init__(self) -> None:
+        if self.sharded not in (None, True, False):
+            raise ValueError(f"DistributedConfig.sharded={self.sharded!r}; allowed: None, True, False")
+        if self.rank_stats not in (True, False):
+            raise ValueError(f"DistributedConfig.rank_stats={self.rank_stats!r}; allowed: True, False")
+
+
+def reduction_rule(key: str, sharded: bool) -> Rule:
+    """How one signal key combines across ranks (see the module's table)."""
+    segments = key.rstrip("/").split("/")
+    if key.rstrip("/") in _NORMS or key.rstrip("/").startswith(tuple(n + "/" for n in _NORMS)):
+        return "norm" if sharded else "mean"
+    if any(s == "max" or s.startswith("max_") or s.endswith("_max") for s in segments):
+        return "max"
+    if any(s == "min" or s.startswith("min_") or s.endswith("_min") for s in segments):
+        return "min"
+    return "mean"
+
+
+def leave_one_out_cosine(local_sq: Tensor, dot: Tensor, mean_sq: Tensor, world: int) -> Tensor:
+    """cos(g_r, mean of the other ranks' gradients) for each rank r, from per-rank sums.
+
+    Args:
+        local_sq: ‖g_r‖² per rank.
+        dot: ⟨g_r, ḡ⟩ per rank, where ḡ is the mean of all ranks' gradients.
+        mean_sq: ‖ḡ‖² (equal on all ranks; a vector, one per rank).
+        world: Number of ranks (≥ 2).
+
+    Returns:
+        One cosine per rank; NaN where a gradient is zero or non-finite.
+
+    Example:
+        >>> g = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+        >>> m = g.mean(0)
+        >>> leave_one_out_cosine(g.pow(2).sum(1), g @ m, m.dot(m).expand(2), 2)
+        tensor([0., 0.])
+    """
+    w = float(world)
+    others_dot = (w * dot - local_sq) / (w - 1)  # ⟨g_r, Σ_{s≠r} g_s⟩ / (W−1)
+    others_sq = (w * w * mean_sq - 2 * w * dot + local_sq) / (w - 1) ** 2
+    denom = torch.sqrt(local_sq.clamp_min(0) * others_sq.clamp_min(0))
+    return torch.where(denom > 0, others_dot / denom, torch.full_like(denom, math.nan))
+
+
+class _RankGradStats:
+    """DDP communication hook state: per bucket, (‖g_r‖², ⟨g_r, ḡ⟩, ‖ḡ‖²) of this rank's gradient."""
+
+    def __init__(self, group: Any) -> None:
+        self.group = group
+        self.buckets: dict[int, Tensor] = {}
+
+    def record(self, index: int, local: Tensor, mean: Tensor) -> None:
+        a, b = local.reshape(-1).float(), mean.reshape(-1).float()
+        self.buckets[index] = torch.stack([a.dot(a), a.dot(b), b.dot(b)])
+
+    def take(self) -> Tensor | None:
+        """The sums over buckets since the last call, or None when no gradient was synchronised."""
+        if not self.buckets:
+            return None
+        total = torch.stack(list(self.buckets.values())).sum(0)
+        self.buckets = {}
+        return total
+
+
+def _comm_hook(stats, bucket):  # no annotations: DDP rejects any but its own classes, and they import lazily
+    """DDP communication hook: DDP's own allreduce (so gradients stay bit-identical to no hook), plus the
+    rank's gradient statistics for `RankOutlierDetector`."""
+    from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+
+    local = bucket.buffer().detach().clone()  # the rank's own gradient; the all-reduce overwrites the buffer
+    index = bucket.index()
+
+    def record(fut: torch.futures.Future[Tensor]) -> Tensor:
+        mean = fut.value()
+        stats.record(index, local, mean)
+        return mean
+
+    return default_hooks.allreduce_hook(stats.group, bucket).then(record)
+
+
+def _is_sharded(model: nn.Module) -> bool:
+    return any(hasattr(p, "to_local") for p in model.parameters())
+
+
+class RankSync:
+    """Reduces a `Guard`'s packed per-step measurements across ranks with one ``all_reduce``.
+
+    Build it with `RankSync.create`, which returns None outside ``torch.distributed`` (or with one rank), so the
+    single-process path keeps exactly its cost.
+
+    Attributes:
+        rank: This process's rank in the group.
+        world: Number of ranks.
+        sharded: Whether norms combine as √Σ norm² (FSDP) rather than as a mean (DDP).
+    """
+
+    def __init__(self, model: nn.Module, config: DistributedConfig) -> None:
+        self.config = config
+        self.group = config.process_group
+        self.rank = dist.get_rank(self.group)
+        self.world = dist.get_world_size(self.group)
+        self.sharded = _is_sharded(model) if config.sharded is None else config.sharded
+        self._plans: dict[Any, _Plan] = {}
+        self.stats: _RankGradStats | None = None
+        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+        if config.rank_stats and ddp:
+            stats = _RankGradStats(self.group)
+            try:
+                model.register_comm_hook(stats, _comm_hook)
+                self.stats = stats
+            except RuntimeError:  # the user registered their own hook (DDP allows one): do without
+                self.stats = None
+
+    @classmethod
+    def create(cls, model: nn.Module, config: DistributedConfig | bool | None) -> RankSync | None:
+        """A `RankSync` when running under ``torch.distributed`` with more than one rank, else None.
+
+        Args:
+            model: The (DDP- or FSDP-wrapped) model.
+            config: ``None`` decides from the environment, ``False`` never reduces, ``True`` uses the defaults.
+
+        Raises:
+            ValueError: ``config`` is ``True`` or a config but no process group is initialised.
+        """
+        if config is False:
+            return None
+        if config is None or config is True:
+            asked, config = config is True, DistributedConfig()
+        else:
+            asked = True
+            if not isinstance(config, DistributedConfig):
+                raise ValueError(f"distributed={config!r}; allowed: None, True, False or a DistributedConfig")
+        if not (dist.is_available() and dist.is_initialized()):
+            if asked:
+                raise ValueError("distributed was requested but torch.distributed is not initialised; allowed: "
+                                 "call torch.distributed.init_process_group first (torchrun does not do it)")
+            return None
+        if dist.get_world_size(config.process_group) < 2:
+            return None
+        return cls(model, config)
+
+    def describe(self) -> dict[str, Any]:
+        return {"world_size": self.world, "backend": str(dist.get_backend(self.group)), "sharded": self.sharded,
+                "rank_stats": self.stats is not None}
+
+    def reduce(self, packed: Packed) -> Packed:
+        """All-reduce one step's packed measurements; adds the per-rank families to the first group.
+
+        One collective, no host sync: the result stays on device until `unpack` copies it.
+        """
+        local = packed.tensor
+        grad_stats = self.stats.take() if self.stats is not None else None
+        device = local.device
+        plan = self._plan(packed.layout, grad_stats is not None, device)
+        rank_values = [local[i] if i >= 0 else torch.full((), math.nan, dtype=torch.float64, device=device)
+                       for i in (plan.loss_index, plan.grad_norm_index)]
+        if grad_stats is not None:
+            rank_values.extend(grad_stats.to(device=device, dtype=torch.float64).unbind())
+        own = torch.cat([local[plan.gathered], torch.stack(rank_values)])
+        n_sum, n_own = len(plan.summed), own.numel()
+        buffer = torch.zeros(n_sum + self.world * n_own, dtype=torch.float64, device=device)
+        summed = local[plan.summed]
+        buffer[:n_sum] = torch.where(plan.squared, summed * summed, summed)
+        buffer[n_sum + self.rank * n_own: n_sum + (self.rank + 1) * n_own] = own
+        dist.all_reduce(buffer, group=self.group)
+        total = buffer[:n_sum]
+        by_rank = buffer[n_sum:].view(self.world, n_own)  # [rank, gathered entries then per-rank values]
+        out = local.clone()
+        out[plan.summed] = torch.where(plan.squared, total.sqrt(), total / self.world)
+        k = len(plan.gathered)
+        if k:
+            gathered = by_rank[:, :k]
+            out[plan.gathered] = torch.where(plan.is_max, gathered.amax(0), gathered.amin(0))
+        per_rank = [by_rank[:, k], by_rank[:, k + 1]]
+        if grad_stats is not None:
+            local_sq, dot, mean_sq = by_rank[:, k + 2], by_rank[:, k + 3], by_rank[:, k + 4]
+            per_rank += [local_sq.sqrt(), leave_one_out_cosine(local_sq, dot, mean_sq, self.world)]
+        head = out[: plan.first_group_end]
+        tensor = torch.cat([head, *per_rank, out[plan.first_group_end:]])
+        return Packed(tensor, plan.layout)
+
+    def all_equal(self, value: int) -> bool:
+        """Whether every rank passes the same integer (a collective: every rank must call it)."""
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+            else torch.device("cpu")
+        t = torch.tensor([value, -value], dtype=torch.float64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        return t[0].item() == -t[1].item()
+
+    # ------------------------------------------------------------------------------------------------
+    def _plan(self, layout: list, with_grad_stats: bool, device: torch.device) -> _Plan:
+        signature = (tuple((tuple(s), tuple((k, len(n)) for k, n in f)) for s, f in layout), with_grad_stats,
+                     device)
+        plan = self._plans.get(signature)
+        if plan is None:
+            if len(self._plans) > 64:  # layouts alternate between a few shapes; never grow without bound
+                self._plans.clear()
+            plan = self._plans[signature] = _Plan(layout, self.sharded, self.world, with_grad_stats, device)
+        return plan
+
+
+class _Plan:
+    """Index tensors for one packed layout: which entries are summed, squared, gathered; the output layout."""
+
+    def __init__(self, layout: list, sharded: bool, world: int, with_grad_stats: bool,
+                 device: torch.device) -> None:
+        summed, squared, gathered, is_max = [], [], [], []
+        self.loss_index = self.grad_norm_index = -1
+        offset = 0
+        self.first_group_end = 0
+        for g, (scalar_keys, families) in enumerate(layout):
+            entries = [(k, 1) for k in scalar_keys] + [(k, len(names)) for k, names in families]
+            for key, n in entries:
+                rule = reduction_rule(key, sharded)
+                if g == 0 and key == keys.LOSS:
+                    self.loss_index = offset
+                if g == 0 and key == keys.GRAD_NORM:
+                    self.grad_norm_index = offset
+                for i in range(offset, offset + n):
+                    if rule in ("max", "min"):
+                        gathered.append(i)
+                        is_max.append(rule == "max")
+                    else:
+                        summed.append(i)
+                        squared.append(rule == "norm")
+                offset += n
+            if g == 0:
+                self.first_group_end = offset
+        # Built once per layout, on the measurements' device, so indexing never copies from the host.
+        self.summed = torch.tensor(summed, dtype=torch.long, device=device)
+        self.squared = torch.tensor(squared, dtype=torch.bool, device=device)
+        self.gathered = torch.tensor(gathered, dtype=torch.long, device=device)
+        self.is_max = torch.tensor(is_max, dtype=torch.bool, device=device)
+        names = tuple(str(r) for r in range(world))
+        rank_families = [(RANK_LOSS, names), (RANK_GRAD_NORM, names)]
+        if with_grad_stats:
+            rank_families += [(RANK_LOCAL_NORM, names), (RANK_COS, names)]
+        first_keys, first_families = layout[0] if layout else ([], [])
+        self.layout = [(list(first_keys), [*first_families, *rank_families]), *layout[1:]]

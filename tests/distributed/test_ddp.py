@@ -1,0 +1,109 @@
+"""DDP under real torchrun processes (gloo, CPU): every rank decides on all-reduced values and acts together.
+
+Each test starts ``torchrun`` on tests/distributed/ddp_worker.py, which injects one fault on one rank and
+writes each rank's actions, parameters and findings as JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keel.store import RunReader
+
+pytestmark = pytest.mark.distributed
+
+ROOT = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).with_name("ddp_worker.py")
+
+
+def torchrun(script: Path, *args: str, nproc: int = 2, timeout: float = 300) -> None:
+    """Run ``script`` under ``torchrun --nproc_per_node=nproc`` with keel importable; fail with its output."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--standalone",
+           str(script), *args]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-4000:]
+
+
+def run_scenario(tmp_path: Path, scenario: str, nproc: int = 2) -> list[dict]:
+    torchrun(WORKER, scenario, str(tmp_path), nproc=nproc)
+    return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(nproc)]
+
+
+def _named(result: dict, rule: str | None = None) -> list[tuple[int, int, str]]:
+    return [(f["step"], f["evidence"]["rank"], f["evidence"].get("feature", "")) for f in result["findings"]
+            if f["kind"] == "rank_outlier" and (rule is None or f["evidence"]["rule"] == rule)]
+
+
+def test_nan_gradient_on_one_rank_makes_every_rank_skip(tmp_path):
+    ranks = run_scenario(tmp_path, "nan_grad")
+    assert ranks[0]["actions"] == ranks[1]["actions"]
+    assert [i for i, a in enumerate(ranks[0]["actions"]) if a != "ok"] == [12]
+    assert ranks[0]["actions"][12] == "skip"
+    assert ranks[0]["params"] == ranks[1]["params"]  # bit-identical replicas after the fault
+    assert all(math.isfinite(v) for p in ranks[1]["params"] for v in p)
+    assert ranks[0]["opt_steps"] == ranks[1]["opt_steps"] == [39] * 4  # the skipped update left no trace
+    assert ranks[0]["last_lr"] == ranks[1]["last_lr"]
+    for r in ranks:  # the detector names the rank the NaN came from, on every rank
+        assert _named(r, "non_finite") == [(12, 1, "")]
+    with RunReader(tmp_path / "run") as store:  # rank 0 wrote the one store
+        assert [(d.step, d.action) for d in store.decisions()] == [(12, "skip")]
+        assert store.meta()["distributed"]["world_size"] == 2
+        assert [f.evidence["rank"] for f in store.findings() if f.kind == "rank_outlier"] == [1]
+        steps, values = store.signal("rank/grad/norm/1")  # per-rank values are stored on non-finite steps
+        assert 12 in steps.tolist() and math.isnan(values[steps.tolist().index(12)])
+    assert [p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("*.sqlite")] == ["run/run.sqlite"]
+
+
+def test_rollback_restores_every_rank_to_the_same_snapshot(tmp_path):
+    ranks = run_scenario(tmp_path, "nan_param")
+    assert ranks[0]["actions"] == ranks[1]["actions"]
+    assert ranks[0]["actions"][23:27] == ["skip", "skip", "skip", "rollback"]
+    assert all(a == "ok" for a in ranks[0]["actions"][27:])
+    assert ranks[0]["restored"] == ranks[1]["restored"] and len(ranks[0]["restored"]) == 1
+    assert ranks[0]["restored"][0] < 23
+    assert ranks[0]["params"] == ranks[1]["params"]
+    assert all(math.isfinite(v) for p in ranks[1]["params"] for v in p)
+    assert ranks[0]["last_lr"] == ranks[1]["last_lr"]
+    for rank in (0, 1):  # each rank keeps its own disk snapshots; rank 0's are in the store
+        assert any((tmp_path / "run" / f"rank-{rank}" / "snapshots").glob("step-*"))
+    with RunReader(tmp_path / "run") as store:
+        [rollback] = [d for d in store.decisions() if d.action == "rollback"]
+        assert rollback.restored_step == ranks[0]["restored"][0]
+        assert all("rank-0" in s["path"] for s in store.snapshots())
+
+
+def test_observe_under_ddp_is_bit_identical_to_bare_ddp_and_silent_when_healthy(tmp_path):
+    ranks = run_scenario(tmp_path, "observe")
+    for r in ranks:
+        assert r["params"] == r["bare_params"]  # the communication hook leaves gradients as DDP's own
+        assert r["findings"] == []  # 200 healthy steps: no false alarm of any kind
+    with RunReader(tmp_path / "run") as store:
+        local = [store.signal(f"rank/grad/local_norm/{r}")[1] for r in (0, 1)]
+        assert len(local[0]) > 0 and (local[0] != local[1]).any()  # each rank's own gradient, before averaging
+        _, cos = store.signal("rank/grad/cos/0")
+        assert ((cos > -1) & (cos < 1)).all()
+
+
+def test_a_shard_that_goes_bad_is_named_at_once(tmp_path):
+    ranks = run_scenario(tmp_path, "bad_shard")
+    for r in ranks:
+        named = _named(r)
+        assert named[0] == (40, 1, "loss")  # the first step of bad data, and nothing before it
+        assert {rank for _, rank, _ in named} == {1}
+    assert ranks[0]["params"] == ranks[1]["params"]
+
+
+def test_a_shard_bad_from_the_start_is_named_among_three_ranks(tmp_path):
+    ranks = run_scenario(tmp_path, "bad_shard_from_start", nproc=3)
+    for r in ranks:
+        named = _named(r, "persistent")
+        assert {rank for _, rank, _ in _named(r)} == {2}
+        assert (20, 2, "loss") in named and (20, 2, "disagreement") in named  # as soon as the warm-up ends
