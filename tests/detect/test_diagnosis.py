@@ -42,3 +42,13 @@ def test_every_cause_has_sourced_remedies():
     for kind, cause in CAUSES.items():
         assert cause.kind == kind and cause.remedies, kind
         assert all(r.source and r.action for r in cause.remedies), kind
+
+
+def test_where_nan_was_born_is_evidence_for_the_explaining_cause():
+    found = [f(8, "attention_logit_growth"), f(15, "non_finite", "critical"),
+             f(15, "non_finite_origin", "critical", module="blocks.1.attn.qkv", **{"pass": "backward"})]
+    (d,) = diagnose(found)
+    assert d.evidence["born_in"] == {"module": "blocks.1.attn.qkv", "pass": "backward", "step": 15}
+    assert "born in blocks.1.attn.qkv (backward pass" in d.summary()
+    (alone,) = diagnose(found[1:])
+    assert alone.kind == "non_finite" and alone.evidence["born_in"]["module"] == "blocks.1.attn.qkv"

@@ -25,17 +25,22 @@ def test_benign_oscillation_at_the_edge_is_silent():
 
 def test_lr_jump_is_flagged_in_the_step_it_is_measured():
     det = EdgeOfStabilityDetector()
-    found = [f for o in [obs(0, 0.9), obs(1), obs(2), obs(3, 2.5, lr=0.03), obs(4), obs(5, 12.0, lr=0.1)]
+    found = [f for o in [obs(0, 0.8), obs(1), obs(2), obs(3, 2.5, lr=0.03), obs(4), obs(5, 12.0, lr=0.1)]
              for f in det.update(o)]
     assert [(f.step, f.severity) for f in found] == [(3, "warning"), (5, "critical")]
+    assert found[0].evidence["typical_margin"] == 0.8
     assert found[0].evidence["stable_lr"] == pytest.approx(0.012)
     assert "lower the learning rate" in found[0].remedy
 
 
-def test_new_episode_only_after_the_margin_falls_below_one_and_round_trip():
+def test_adam_start_and_creeping_margins_are_silent_and_episodes_restart():
     det = EdgeOfStabilityDetector()
-    steps = [obs(0, 3.0), obs(1, 2.5), obs(2, 0.8), obs(3, 3.0)]
-    assert [f.step for o in steps for f in det.update(o)] == [0, 3]
+    start = [obs(0, 40.0, lr=1e-4), obs(1, 25.0, lr=2e-4), obs(3, 9.0, lr=4e-4), obs(7, 3.0, lr=8e-4)]
+    creep = [obs(25 * k, 0.5 + 0.25 * k) for k in range(1, 10)]  # progressive sharpening up to 2.75
+    assert [f for o in start + creep for f in det.update(o)] == []
+    det = EdgeOfStabilityDetector()
+    steps = [obs(0, 0.5), obs(1, 3.0), obs(2, 2.5), obs(3, 0.8), obs(4, 0.5), obs(5, 3.0)]
+    assert [f.step for o in steps for f in det.update(o)] == [1, 5]
     other = EdgeOfStabilityDetector()
     other.load_state_dict(json.loads(json.dumps(det.state_dict())))
     assert other.state_dict() == det.state_dict()

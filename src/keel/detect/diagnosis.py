@@ -12,6 +12,8 @@ Rules, in order:
    more severe.
 5. Attention-entropy collapse seen after attention-logit growth is the same event (large logits make
    attention one-hot): it is folded into the logit-growth diagnosis as evidence.
+6. Where a non-finite value was born (``non_finite_origin``) is evidence, attached to the diagnosis that
+   explains the non-finite values (``born_in``), or to the ``non_finite`` diagnosis itself.
 
 Each diagnosis carries the remedies of `keel.detect.causes` with their sources. With the loss curve (and
 optionally a reference run with the remedy applied) it also says how many steps before the loss
@@ -29,8 +31,9 @@ from keel.detect.causes import CAUSES, cause_for
 from keel.detect.lead_time import degradation_step, lead_steps
 
 MECHANISMS = ("attention_logit_growth", "output_logit_drift", "softmax_collapse", "edge_of_stability",
-              "attention_entropy_collapse", "activation_growth", "eps_dominance", "non_finite_origin")
+              "attention_entropy_collapse", "activation_growth", "eps_dominance")
 SYMPTOMS = ("non_finite", "divergence", "loss_spike", "grad_spike")
+LOCATION = "non_finite_origin"  # where a non-finite value was born: evidence for whoever explains it
 FOLDED = {"attention_entropy_collapse": "attention_logit_growth"}
 
 
@@ -76,6 +79,9 @@ class Diagnosis:
         then = ""
         if self.consequences:
             then = " Then: " + ", ".join(f"{k.replace('_', ' ')} at step {s}" for k, s in self.consequences.items()) + "."
+        born = self.evidence.get("born_in")
+        if born:
+            then += f" NaN/Inf was born in {born['module']} ({born['pass']} pass, step {born['step']})."
         fixes = " ".join(f"{r['rank']}. {r['action']} ({r['source']})." for r in self.remedies[:3])
         return f"{self.title.capitalize()} ({when}). {self.mechanism}{then} Remedies: {fixes}"
 
@@ -116,6 +122,9 @@ def diagnose(
     by_kind: dict[str, list[Finding]] = {}
     for f in alarms:
         by_kind.setdefault(f.kind, []).append(f)
+    origin = by_kind.pop(LOCATION, [None])[0]
+    if origin is not None and "non_finite" not in by_kind:
+        by_kind["non_finite"] = [origin]
     first = {kind: fs[0].step for kind, fs in by_kind.items()}
     mechanisms = [k for k in by_kind if k not in SYMPTOMS]
     folded: dict[str, list[str]] = {}
@@ -141,6 +150,9 @@ def diagnose(
         evidence = {k: v for k, v in fs[0].evidence.items() if k != "remedies"}
         for other in folded.get(kind, []):
             evidence[other] = {"first_step": first[other], "value": by_kind[other][0].value}
+        if origin is not None and (kind == "non_finite" or "non_finite" in explained.get(kind, {})):
+            evidence["born_in"] = {"module": origin.evidence.get("module"), "pass": origin.evidence.get("pass"),
+                                   "step": origin.step}
         out.append(Diagnosis(
             kind=kind, title=cause.title if cause else kind.replace("_", " "),
             severity=max((f.severity for f in fs), key=severity_rank), first_step=fs[0].step, critical_step=crit,

@@ -4,7 +4,11 @@ Reads ``curvature/margin`` (the `sharpness` probe: η·λ_max/2 for gradient des
 analogue for Adam; the probe re-measures whenever the LR has doubled). A margin near 1 is the benign edge
 of stability where full-batch training self-stabilises (Cohen et al. 2021; Lu et al., "benign
 oscillation"); the alarm is a margin well above it — ``warn_margin`` (default 2: the top direction grows
-by |1 − ηλ| ≥ 3× per step in the quadratic model). Only measured margins are judged: the probe measures on
+by |1 − ηλ| ≥ 3× per step in the quadratic model) — that is also a sudden rise, ``jump``× the smallest of
+the last ``history`` measured margins. The second condition keeps the first steps of Adam silent: with
+v̂ averaged over a handful of gradients the preconditioned sharpness is huge, and falls as v̂ fills in, which
+is no instability; and it keeps a margin that creeps up to the edge (progressive sharpening, which
+self-stabilises there) from alarming. Only measured margins are judged: the probe measures on
 its schedule and again in the very step the LR has doubled since its last measurement, so an LR jump is
 judged before its first update is applied. (Carrying a margin forward in proportion to the LR would
 false-alarm during warm-up, where sharpness adapts to the growing LR.)
@@ -16,6 +20,7 @@ References:
 from __future__ import annotations
 
 import math
+from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -36,12 +41,20 @@ class EdgeOfStabilityConfig:
     Attributes:
         warn_margin: Margin at or above which the LR is beyond the edge (a warning).
         critical_margin: Margin that is critical.
+        jump: The margin must also be this many times the smallest recent measured margin.
+        history: Measured margins remembered for that.
     """
 
     warn_margin: float = 2.0
     critical_margin: float = 8.0
+    jump: float = 3.0
+    history: int = 5
 
     def __post_init__(self) -> None:
+        if not (self.jump >= 1 and math.isfinite(self.jump)):
+            raise ValueError(f"EdgeOfStabilityConfig.jump={self.jump!r}; allowed: a finite number >= 1")
+        if not isinstance(self.history, int) or self.history < 1:
+            raise ValueError(f"EdgeOfStabilityConfig.history={self.history!r}; allowed: an int >= 1")
         if not (1 <= self.warn_margin <= self.critical_margin and math.isfinite(self.critical_margin)):
             raise ValueError(f"EdgeOfStabilityConfig.warn_margin={self.warn_margin!r}, critical_margin="
                              f"{self.critical_margin!r}; allowed: 1 <= warn_margin <= critical_margin < inf")
@@ -54,7 +67,7 @@ class EdgeOfStabilityDetector:
     Example:
         >>> from keel._core import Observation
         >>> det = EdgeOfStabilityDetector()
-        >>> obs = [Observation(step=0, values={"curvature/margin": 0.9, "lr": 0.01}),
+        >>> obs = [Observation(step=0, values={"curvature/margin": 30.0, "lr": 1e-4}),  # Adam's first steps
         ...        Observation(step=5, values={"curvature/margin": 1.1, "lr": 0.01}),
         ...        Observation(step=6, values={"curvature/margin": 11.0, "lr": 0.1})]
         >>> [(f.step, f.severity) for o in obs for f in det.update(o)]
@@ -66,6 +79,7 @@ class EdgeOfStabilityDetector:
     def __init__(self, config: EdgeOfStabilityConfig | None = None, **fields: object) -> None:
         self.config = config or EdgeOfStabilityConfig(**fields)  # type: ignore[arg-type]
         self._measured_step = -1
+        self._recent: deque[float] = deque(maxlen=self.config.history)
         self._reported: Severity | None = None
 
     def update(self, obs: Observation) -> list[Finding]:
@@ -75,7 +89,10 @@ class EdgeOfStabilityDetector:
             return []
         self._measured_step = obs.step
         lr = obs.values.get(keys.LR, math.nan)
-        if margin < cfg.warn_margin:
+        typical = min(self._recent) if self._recent else math.nan
+        self._recent.append(margin)
+        sudden = math.isfinite(typical) and margin >= cfg.jump * typical
+        if margin < cfg.warn_margin or not (sudden or self._reported is not None):
             if margin < 1:
                 self._reported = None
             return []
@@ -88,7 +105,8 @@ class EdgeOfStabilityDetector:
             return []
         self._reported = severity
         cause = cause_for(KIND)
-        evidence: dict[str, Any] = {"margin": round(margin, 4), "lr": lr, "stable_lr": lr / margin}
+        evidence: dict[str, Any] = {"margin": round(margin, 4), "lr": lr, "stable_lr": lr / margin,
+                                    "typical_margin": round(typical, 4) if math.isfinite(typical) else None}
         for key in ("curvature/sharpness", "curvature/preconditioned_sharpness", "curvature/trace"):
             if key in obs.values:
                 evidence[key.split("/")[-1]] = round(obs.values[key], 6)
@@ -100,8 +118,10 @@ class EdgeOfStabilityDetector:
                         remedy=cause.remedy_text() if cause else "")]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "measured_step": self._measured_step, "reported": self._reported}
+        return {"config": asdict(self.config), "measured_step": self._measured_step, "recent": list(self._recent),
+                "reported": self._reported}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = EdgeOfStabilityConfig(**state["config"])
         self._measured_step, self._reported = int(state["measured_step"]), state["reported"]
+        self._recent = deque((float(v) for v in state["recent"]), maxlen=self.config.history)

@@ -3,6 +3,8 @@
 "Degraded" is judged after the fact, on the whole loss curve:
 
 - the first non-finite loss; or
+- the first single-step spike: a loss ``spike`` above the median of the ``window // 2`` steps before it
+  (a poisoned batch, an LR jump: the damage is one step, which smoothing would hide); or
 - with a reference run (the same recipe with the remedy applied, same data order), the first step from
   which the run's smoothed loss stays ``rel`` above the reference's for ``sustain`` steps: the loss is
   worse than it would have been; or
@@ -47,6 +49,7 @@ def degradation_step(
     window: int = 21,
     rel: float = 0.03,
     rise: float = 0.15,
+    spike: float = 0.5,
     sustain: int = 20,
     start: int = 0,
 ) -> int | None:
@@ -58,6 +61,7 @@ def degradation_step(
         window: Running-median width.
         rel: Gap to the reference that counts (0.03 = 3 % worse).
         rise: Rise above the run's own best that counts, without a reference.
+        spike: Rise of one step above the median of the steps before it that counts (0.5 = 1.5×).
         sustain: Steps the condition must hold (fewer only at the end of the run).
         start: Ignore steps before this one (e.g. a known event).
 
@@ -71,6 +75,9 @@ def degradation_step(
     x = np.asarray(losses, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(x[start:]))
     first_bad = start + int(bad[0]) if bad.size else None
+    back = max(1, window // 2)
+    first_spike = next((t for t in range(max(start, back), n)
+                        if x[t] >= (1 + spike) * np.median(x[t - back : t])), None)
     run = running_median(losses, window)
     if reference is not None:
         ref = running_median(reference[:n], window)
@@ -84,7 +91,7 @@ def degradation_step(
         if worse[t] and worse[t:end].all():
             found = t
             break
-    candidates = [s for s in (first_bad, found) if s is not None]
+    candidates = [s for s in (first_bad, first_spike, found) if s is not None]
     return min(candidates) if candidates else None
 
 

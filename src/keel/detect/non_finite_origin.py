@@ -1,10 +1,18 @@
-"""Non-finite-origin detector: names the first block whose output held NaN or Inf.
+"""Non-finite-origin detector: names the module where NaN or Inf was born, in the forward or the backward pass.
 
-Reads the per-block ``act/max_abs/`` family of the `activation_rms` probe, in forward order. NaN and Inf
-propagate forward, so every block after the one where they were born is non-finite too; the first one is
-the origin. metaseq's ``NanDetector`` finds the same by re-running the failed step with hooks on every
-module (reference/anchors.md §2.3); here it costs nothing extra, at block resolution (name finer modules in
-the probe's ``modules`` for more). Reported once per episode; the episode ends at the next finite step.
+- **Forward**: the per-block ``act/max_abs/`` family of the `activation_rms` probe, in forward order. NaN and
+  Inf propagate forward, so every block after the one where they were born is non-finite too; the first
+  non-finite block is the origin.
+- **Backward**: the loss and every activation are finite but some gradients are not (an overflow in a
+  backward formula, e.g. ``exp`` near its limit). The gradient flows backwards, so every parameter *before*
+  the birthplace in forward order gets a non-finite gradient and the ones after it do not: the origin is
+  the module of the last parameter, in registration order, whose gradient norm (``grad/norm/``) is
+  non-finite.
+
+Only the first step of an episode is judged: once a non-finite update has been applied, everything is
+non-finite and "the first block" would say nothing. metaseq's ``NanDetector`` finds the same by
+re-running the failed step with hooks on every module (reference/anchors.md §2.3); here it costs nothing
+extra, at block resolution for the forward (name finer modules in the probe's ``modules`` for more).
 
 References:
     metaseq ``metaseq/nan_detector.py``; HF ``transformers/debug_utils.py`` (``DebugUnderflowOverflow``).
@@ -15,24 +23,33 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect.causes import cause_for
 from keel.detect.detector import DETECTORS
 
-FAMILY = "act/max_abs/"
+ACTIVATIONS = "act/max_abs/"
+_SUFFIXES = (".weight", ".bias")
+
+
+def _module_of(param: str) -> str:
+    for suffix in _SUFFIXES:
+        if param.endswith(suffix):
+            return param[: -len(suffix)]
+    return param.rsplit(".", 1)[0] if "." in param else param
 
 
 @DETECTORS.register("non_finite_origin")
 class NonFiniteOriginDetector:
-    """Flags the first module in forward order whose output is not finite.
+    """Names where the first NaN/Inf of an episode was born.
 
     Example:
         >>> from keel._core import Observation
         >>> obs = Observation(step=7, per_param={"act/max_abs/": (("blocks.0", "blocks.1", "blocks.2"),
         ...                                                        [3.0, float("inf"), float("nan")])})
-        >>> [(f.step, f.evidence["module"]) for f in NonFiniteOriginDetector().update(obs)]
-        [(7, 'blocks.1')]
+        >>> [(f.step, f.evidence["module"], f.evidence["pass"]) for f in NonFiniteOriginDetector().update(obs)]
+        [(7, 'blocks.1', 'forward')]
     """
 
     name = "non_finite_origin"
@@ -41,25 +58,40 @@ class NonFiniteOriginDetector:
         self._active = False
 
     def update(self, obs: Observation) -> list[Finding]:
-        names, values = obs.per_param.get(FAMILY, ((), []))
-        bad = [name for name, value in zip(names, values) if not math.isfinite(value)]
-        if not bad:
-            if names:
-                self._active = False
+        act_names, act_values = obs.per_param.get(ACTIVATIONS, ((), []))
+        bad_act = [n for n, v in zip(act_names, act_values) if not math.isfinite(v)]
+        grad_names, grad_values = obs.per_param.get(keys.GRAD_NORM_PER_PARAM, ((), []))
+        bad_grad = [n for n, v in zip(grad_names, grad_values) if not math.isfinite(v)]
+        loss = obs.values.get(keys.LOSS, 0.0)
+        if not bad_act and not bad_grad and math.isfinite(loss):
+            self._active = False
             return []
         if self._active:
             return []
         self._active = True
-        origin = bad[0]
-        finite_before = [n for n in names[: names.index(origin)]]
+        if bad_act:
+            origin, where = bad_act[0], "forward"
+            before = list(act_names[: act_names.index(origin)])
+            value = act_values[act_names.index(origin)]
+            text = (f"NaN/Inf was born in the forward pass of {origin}: its output is the first non-finite one "
+                    f"({len(before)} block(s) before it were finite).")
+        elif bad_grad and math.isfinite(loss):
+            last = bad_grad[-1]
+            origin, where = _module_of(last), "backward"
+            after = [n for n in grad_names[grad_names.index(last) + 1 :]]
+            before, value = after, grad_values[grad_names.index(last)]
+            text = (f"NaN/Inf was born in the backward pass of {origin}: the loss and the activations are finite, "
+                    f"{last} is the last parameter in forward order with a non-finite gradient "
+                    f"({len(after)} later parameter(s) have finite ones).")
+        else:
+            return []  # a non-finite loss with nothing else measured: the non_finite detector covers it
         cause = cause_for("non_finite")
-        evidence: dict[str, Any] = {"module": origin, "non_finite": bad, "finite_before": finite_before}
+        evidence: dict[str, Any] = {"module": origin, "pass": where, "finite_after" if where == "backward"
+                                    else "finite_before": before[:20], "non_finite": (bad_act or bad_grad)[:20]}
         if cause is not None:
             evidence["remedies"] = cause.remedy_dicts()
-        return [Finding(step=obs.step, kind="non_finite_origin", severity="critical", signal=FAMILY + origin,
-                        value=values[names.index(origin)], evidence=evidence,
-                        cause=f"NaN/Inf was born in {origin}: its output is the first non-finite one in forward "
-                              f"order ({len(finite_before)} module(s) before it were finite).",
+        return [Finding(step=obs.step, kind="non_finite_origin", severity="critical", signal=origin, value=value,
+                        evidence=evidence, cause=text,
                         remedy=f"Look inside {origin} for an overflow (exp, x², division, log of 0) in the working "
                                "precision; " + (cause.remedy_text() if cause else ""))]
 

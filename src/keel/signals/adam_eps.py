@@ -9,7 +9,8 @@
 Adam's update per element is m̂ / (√v̂ + ε). When the gradient's RMS shrinks towards ε — as models grow —
 ε, not the gradient, sets the denominator and the update silently shrinks. Wortsman et al. (2023, §3.4)
 track the RMS of this unscaled update (≈ 0.2–1 when healthy) and fix the collapse with a smaller ε
-(1e-15). `adam/eps_dominated` is the share of elements with √v̂ < ε. Reads ``exp_avg``/``exp_avg_sq`` of
+(1e-15). `adam/eps_dominated` is the share of elements with 0 < √v̂ < ε (elements whose v is exactly 0 never
+had a gradient — unused embedding rows — and are left out: they are dead, not ε-dominated). Reads ``exp_avg``/``exp_avg_sq`` of
 ``torch.optim.Adam``/``AdamW`` (and optimizers with the same state names); others give no values. The
 moments read before ``optimizer.step()`` are those of the previous update.
 
@@ -51,7 +52,7 @@ class AdamEpsConfig:
 
 def adam_update_stats(exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float, beta1: float, beta2: float,
                       eps: float) -> tuple[Tensor, Tensor, Tensor]:
-    """(Σ u², number of elements, count of √v̂ < ε) for u = m̂ / (√v̂ + ε), in float32.
+    """(Σ u², elements with v > 0, count of 0 < √v̂ < ε) for u = m̂ / (√v̂ + ε), in float32.
 
     Example:
         >>> m, v = torch.tensor([0.1, 1e-3]), torch.tensor([0.01, 1e-20])
@@ -62,8 +63,8 @@ def adam_update_stats(exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float,
     m_hat = exp_avg.float() / (1 - beta1**step_t)
     root_v = (exp_avg_sq.float() / (1 - beta2**step_t)).sqrt()
     update = m_hat / (root_v + eps)
-    n = torch.tensor(float(update.numel()), device=update.device)
-    return update.square().sum(), n, (root_v < eps).sum().float()
+    live = exp_avg_sq > 0
+    return update.square().sum(), live.sum().float(), (live & (root_v < eps)).sum().float()
 
 
 @PROBES.register("adam_eps")
@@ -82,7 +83,7 @@ class AdamEpsProbe:
             if betas is not None and "eps" in group:
                 for p in group["params"]:
                     hyper[id(p)] = (float(betas[0]), float(betas[1]), float(group["eps"]))
-        names, squares, counts, dominated = [], [], [], []
+        names, squares, counts, sizes, dominated = [], [], [], [], []
         with torch.no_grad():
             for name, p in zip(ctx.names, ctx.params):
                 state = ctx.optimizer.state.get(p, {})
@@ -93,13 +94,14 @@ class AdamEpsProbe:
                 names.append(name)
                 squares.append(sq)
                 counts.append(n)
+                sizes.append(state["exp_avg_sq"].numel())
                 dominated.append(dom)
         if not names:
             return {}
-        n_all = torch.stack(counts)
-        return {UPDATE_RMS: (torch.stack(squares).sum() / n_all.sum()).sqrt(),
-                EPS_DOMINATED: torch.stack(dominated).sum() / n_all.sum(),
-                EPS_DOMINATED_PER_PARAM: PerParam(tuple(names), torch.stack(dominated) / n_all)}
+        live = torch.stack(counts)
+        return {UPDATE_RMS: (torch.stack(squares).sum() / sum(sizes)).sqrt(),
+                EPS_DOMINATED: torch.stack(dominated).sum() / live.sum().clamp_min(1),
+                EPS_DOMINATED_PER_PARAM: PerParam(tuple(names), torch.stack(dominated) / live.clamp_min(1))}
 
     def after_step(self, ctx: StepContext) -> Measurements:
         return {}

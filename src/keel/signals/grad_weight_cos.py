@@ -2,7 +2,7 @@
 
 | key                      | cadence             | cost                                                  |
 |--------------------------|---------------------|-------------------------------------------------------|
-| `grad/weight_cos`        | every `every` steps | one fused multiply of gradients and weights, one sum per tensor |
+| `grad/weight_cos`        | every `every` steps | three fused multiplies over gradients and weights (in float32), one sum per tensor |
 | `grad/weight_cos/<param>`| as above; stored on `log_every` steps | one float per parameter tensor      |
 
 cos(g, w) = ⟨g, w⟩ / (‖g‖ ‖w‖), over all parameters and per tensor. Near −1, the descent direction −g
@@ -24,7 +24,6 @@ import torch
 from torch import Tensor
 
 from keel.signals.attn_logits import due
-from keel.signals.norms import per_tensor_norms
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
 
@@ -59,13 +58,15 @@ def grad_weight_cosines(grads: Sequence[Tensor], params: Sequence[Tensor], eps: 
     """
     if not grads:
         return torch.zeros(()), torch.zeros(0)
-    g = [t.detach() for t in grads]
-    w = [t.detach() for t in params]
-    dots = torch.stack([d.float().sum() for d in torch._foreach_mul(g, w)])
-    g_norms, w_norms = per_tensor_norms(g), per_tensor_norms(w)
-    per = dots / (g_norms * w_norms + eps)
-    total = dots.sum() / (torch.linalg.vector_norm(g_norms) * torch.linalg.vector_norm(w_norms) + eps)
-    return total, per
+    # float32 accumulation (float64 stays float64): an fp16 dot product of a large tensor would overflow
+    g = [t.detach().double() if t.dtype == torch.float64 else t.detach().float() for t in grads]
+    w = [t.detach().to(a.dtype) for t, a in zip(params, g)]
+    dots = torch.stack([d.sum() for d in torch._foreach_mul(g, w)])
+    g_sq = torch.stack([d.sum() for d in torch._foreach_mul(g, g)])
+    w_sq = torch.stack([d.sum() for d in torch._foreach_mul(w, w)])
+    per = dots / ((g_sq * w_sq).sqrt() + eps)
+    total = dots.sum() / ((g_sq.sum() * w_sq.sum()).sqrt() + eps)
+    return total.float(), per.float()
 
 
 @PROBES.register("grad_weight_cos")

@@ -1,0 +1,62 @@
+"""Adam update RMS and ε-dominance against the optimizer's own step and a float64 formula."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from keel.signals import StepContext
+from keel.signals.adam_eps import AdamEpsProbe, adam_update_stats
+
+
+def ctx(model, opt, step=0):
+    named = list(model.named_parameters())
+    return StepContext(step=step, loss=torch.zeros(()), model=model, optimizer=opt, names=tuple(n for n, _ in named),
+                       params=[p for _, p in named], grads=[p.grad for _, p in named], log_step=True)
+
+
+def test_update_matches_what_adam_applies_next():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 3, bias=False)
+    opt = torch.optim.Adam(model.parameters(), lr=0.1, betas=(0.9, 0.99), eps=1e-8)
+    for _ in range(3):
+        model(torch.randn(5, 4)).square().mean().backward()
+        opt.step()
+        opt.zero_grad()
+    # with the gradient zeroed, the next step applies exactly the stored moments' update (times β's)
+    state = opt.state[model.weight]
+    step = float(state["step"])
+    m = state["exp_avg"].double() * 0.9
+    v = state["exp_avg_sq"].double() * 0.99
+    expected = (m / (1 - 0.9 ** (step + 1))) / ((v / (1 - 0.99 ** (step + 1))).sqrt() + 1e-8)
+    sq, n, _ = adam_update_stats(m.float(), v.float(), step + 1, 0.9, 0.99, 1e-8)
+    assert float((sq / n).sqrt()) == pytest.approx(float(expected.square().mean().sqrt()), rel=1e-5)
+    before = model.weight.detach().clone()
+    model.weight.grad = torch.zeros_like(model.weight)
+    opt.step()
+    applied = (before - model.weight.detach()).double() / 0.1
+    torch.testing.assert_close(applied, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_eps_dominated_counts_live_elements_below_eps():
+    m = torch.tensor([1e-9, 1e-3, 0.0, 1e-10])
+    v = torch.tensor([1e-20, 1e-6, 0.0, 1e-18])  # √v: 1e-10 (< ε), 1e-3, dead, 1e-9 (< ε)
+    _, live, dominated = adam_update_stats(m, v, 1.0, 0.0, 0.0, 1e-8)
+    assert float(live) == 3.0 and float(dominated) == 2.0
+
+
+def test_probe_cadence_and_non_adam_optimizers():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    model(torch.randn(3, 4)).sum().backward()
+    probe = AdamEpsProbe(every=2)
+    assert probe.measure(ctx(model, opt, 0)) == {}  # no state before the first step
+    opt.step()
+    out = probe.measure(ctx(model, opt, 2))
+    assert set(out) == {"adam/update_rms", "adam/eps_dominated", "adam/eps_dominated/"}
+    assert probe.measure(ctx(model, opt, 3)) == {}
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    sgd.step()
+    assert probe.measure(ctx(model, sgd, 0)) == {}

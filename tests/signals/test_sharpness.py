@@ -1,0 +1,128 @@
+"""Sharpness probe: λ_max, trace and margins against an explicit float64 Hessian; no side effects."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from keel.signals import StepContext
+from keel.signals.sharpness import SharpnessConfig, SharpnessProbe, hutchinson_trace, top_eigenvalue
+
+
+def tiny_problem(seed=0):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 1))
+    x, y = torch.randn(16, 3), torch.randn(16, 1)
+    return model, x, y
+
+
+def explicit_hessian(model, x, y) -> np.ndarray:
+    params = [p.detach().double().clone() for p in model.parameters()]
+    shapes = [p.shape for p in params]
+    flat = torch.cat([p.reshape(-1) for p in params])
+
+    def loss_of(vec):
+        chunks, i = [], 0
+        for s in shapes:
+            n = int(np.prod(s))
+            chunks.append(vec[i : i + n].reshape(s))
+            i += n
+        h = torch.tanh(x.double() @ chunks[0].T + chunks[1])
+        return F.mse_loss(h @ chunks[2].T + chunks[3], y.double())
+
+    return torch.autograd.functional.hessian(loss_of, flat).numpy()
+
+
+def ctx(model, opt, step=0):
+    named = list(model.named_parameters())
+    return StepContext(step=step, loss=torch.zeros(()), model=model, optimizer=opt, names=tuple(n for n, _ in named),
+                       params=[p for _, p in named], grads=[p.grad for _, p in named], log_step=False)
+
+
+def test_operators_on_explicit_matrices():
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(6, 6))
+    a = torch.tensor(a + a.T)
+    g = torch.Generator().manual_seed(0)
+    eig = np.linalg.eigvalsh(a.numpy())
+    top = eig[np.argmax(np.abs(eig))]
+    assert float(top_eigenvalue(lambda v: [a.float() @ v[0]], [torch.zeros(6)], iters=300, generator=g)) == \
+        pytest.approx(top, rel=1e-3)
+    estimate = float(hutchinson_trace(lambda v: [a.float() @ v[0]], [torch.zeros(6)], probes=4000, generator=g))
+    assert estimate == pytest.approx(float(np.trace(a.numpy())), abs=0.15 * np.abs(a.numpy()).sum() ** 0.5)
+
+
+@pytest.mark.parametrize("momentum", [0.0, 0.9])
+def test_probe_matches_explicit_hessian_and_sgd_margin(momentum):
+    model, x, y = tiny_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum)
+    probe = SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=200, trace_probes=2000)
+    out = probe.measure(ctx(model, opt))
+    hessian = explicit_hessian(model, x, y)
+    eig = np.linalg.eigvalsh(hessian)
+    assert float(out["curvature/sharpness"]) == pytest.approx(eig.max(), rel=1e-3)
+    assert float(out["curvature/trace"]) == pytest.approx(np.trace(hessian), rel=0.1)
+    assert float(out["curvature/margin"]) == pytest.approx(0.05 * eig.max() / (2 + 2 * momentum), rel=1e-3)
+    assert "curvature/preconditioned_sharpness" not in out
+
+
+def test_adam_margin_uses_the_preconditioned_sharpness():
+    model, x, y = tiny_problem()
+    opt = torch.optim.Adam(model.parameters(), lr=0.01, betas=(0.9, 0.999))
+    for _ in range(3):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    probe = SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=300, trace_probes=0)
+    out = probe.measure(ctx(model, opt))
+    d = []
+    for p in model.parameters():
+        st = opt.state[p]
+        t = float(st["step"])
+        d.append(((1 - 0.9 ** (t + 1)) * ((st["exp_avg_sq"].double() / (1 - 0.999**t)).sqrt() + 1e-8)).reshape(-1))
+    scale = torch.cat(d).rsqrt().numpy()
+    pre = scale[:, None] * explicit_hessian(model, x, y) * scale[None, :]
+    top = np.linalg.eigvalsh(pre).max()
+    assert float(out["curvature/preconditioned_sharpness"]) == pytest.approx(top, rel=1e-2)
+    assert float(out["curvature/margin"]) == pytest.approx(0.01 * top * 0.1 / 3.8, rel=1e-2)
+
+
+def test_no_side_effects_on_params_grads_optimizer_buffers_and_rng():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Dropout(0.5), nn.Linear(4, 1))
+    x, y = torch.randn(8, 3), torch.randn(8, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    F.mse_loss(model(x), y).backward()
+    opt.step()
+    F.mse_loss(model(x), y).backward()
+    state = copy.deepcopy((model.state_dict(), [p.grad.clone() for p in model.parameters()], opt.state_dict()))
+    rng = torch.get_rng_state()
+    SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=3, trace_probes=2).measure(ctx(model, opt))
+    assert torch.equal(rng, torch.get_rng_state())
+    for k, v in state[0].items():
+        assert torch.equal(v, model.state_dict()[k]), k  # includes the BatchNorm running statistics
+    assert all(torch.equal(a, p.grad) for a, p in zip(state[1], model.parameters()))
+    after = opt.state_dict()
+    for k, st in state[2]["state"].items():
+        assert all(torch.equal(v, after["state"][k][f]) for f, v in st.items())
+
+
+def test_schedule_lr_jump_and_missing_closure():
+    model, x, y = tiny_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = SharpnessProbe(lambda: F.mse_loss(model(x), y), every=10, iters=2, trace_probes=0)
+    seen = []
+    for step in range(6):
+        if step == 4:
+            opt.param_groups[0]["lr"] = 0.05  # a 5× jump: measured at once
+        seen.append(bool(probe.measure(ctx(model, opt, step))))
+    assert seen == [True, False, False, False, True, False]
+    with pytest.warns(UserWarning, match="no closure"):
+        assert SharpnessProbe().measure(ctx(model, opt)) == {}
+    with pytest.raises(ValueError, match=r"SharpnessConfig.lr_jump=1; allowed: a finite number > 1"):
+        SharpnessConfig(lr_jump=1)
