@@ -102,6 +102,7 @@ def build_page(runs: list[RunData], notes: list[str] | None = None) -> str:
         "charts": [{"id": c.id, "title": c.title, "keys": c.keys, "layers": c.layers, "log_y": c.log_y}
                    for c in charts],
         "series": _series(runs, charts),
+        "xrange": _step_range(runs),
         "marks": _charts.marks(runs, charts),
     }
     js, version = plotly_js()
@@ -154,6 +155,15 @@ def _series(runs: list[RunData], charts: list[_charts.Chart]) -> list[dict[str, 
                             "steps": _b64(np.asarray(steps, dtype="<i4")),
                             "values": _b64(np.asarray(values, dtype="<f4"))})
     return out
+
+
+def _step_range(runs: list[RunData]) -> list[int]:
+    """[first, last] step over every run's series: the x range all charts share."""
+    firsts = [int(s[0]) for r in runs for s, _ in r.series.values() if len(s)]
+    lasts = [int(s[-1]) for r in runs for s, _ in r.series.values() if len(s)]
+    if not firsts:
+        return [0, 1]
+    return [min(firsts), max(max(lasts), min(firsts) + 1)]
 
 
 def _keep_for(path: Path):

@@ -129,32 +129,48 @@
     });
     return idx.length ? Plotly.restyle(div, {x: xs, y: ys}, idx) : Promise.resolve();
   }
-  function onRelayout(source, ev) {
-    if (syncing) return;
-    var lo, hi, auto = ev["xaxis.autorange"] === true;
-    if (ev["xaxis.range[0]"] !== undefined) { lo = ev["xaxis.range[0]"]; hi = ev["xaxis.range[1]"]; }
-    else if (ev["xaxis.range"]) { lo = ev["xaxis.range"][0]; hi = ev["xaxis.range"][1]; }
-    else if (!auto) return;
+  // Resample every chart for [lo, hi] (null: the full range) and give them all that x range.
+  function applyRange(lo, hi, source) {
     syncing = true;
+    var auto = lo === null;
     var work = divs.map(function (div) {
-      var p = auto ? resample(div, null, null) : resample(div, lo, hi);
-      return p.then(function () {
-        if (div === source) return null;
-        return Plotly.relayout(div, auto ? {"xaxis.autorange": true} : {"xaxis.range": [lo, hi]});
+      return resample(div, lo, hi).then(function () {
+        if (div === source && !auto) return null;
+        // A reset goes back to the runs' common step range on every chart, marks' padding aside.
+        return Plotly.relayout(div, {"xaxis.range": auto ? data.xrange.slice() : [lo, hi]});
       });
     });
-    Promise.all(work).then(function () { syncing = false; }, function (e) { syncing = false; console.error(e); });
+    return Promise.all(work).then(function () { syncing = false; },
+                                  function (e) { syncing = false; console.error(e); });
+  }
+  function onRelayout(source, ev) {
+    if (syncing) return;
+    if (ev["xaxis.range[0]"] !== undefined) applyRange(ev["xaxis.range[0]"], ev["xaxis.range[1]"], source);
+    else if (ev["xaxis.range"]) applyRange(ev["xaxis.range"][0], ev["xaxis.range"][1], source);
+    else if (ev["xaxis.autorange"] === true) applyRange(null, null, source);
+  }
+  // A link can open the page zoomed on a stretch of steps: report.html#steps=1200-1400.
+  function requestedRange() {
+    var m = /steps=(-?\d+(?:\.\d+)?)-(-?\d+(?:\.\d+)?)/.exec(window.location.hash || "");
+    return m ? [parseFloat(m[1]), parseFloat(m[2])] : null;
+  }
+  // What the first line of the first chart shows now (the browser test checks zoom and resampling with it).
+  function firstView() {
+    var div = divs.filter(function (d) { return d.id === "chart-0"; })[0];
+    if (!div || !div.data.length) return null;
+    var t = div.data[0], ys = Array.prototype.filter.call(t.y, function (v) { return v !== null; });
+    return {points: t.x.length, first: t.x[0], last: t.x[t.x.length - 1], max: Math.max.apply(null, ys)};
   }
 
   var pending = data.charts.map(function (chart) {
     var div = document.getElementById(chart.id);
     var marks = markTraces(chart);
-    var layout = {title: {text: chart.title, x: 0.01, font: {size: 14}}, height: 300,
-                  margin: {l: 64, r: 20, t: 40, b: 40}, hovermode: "closest", shapes: marks.shapes,
-                  xaxis: {zeroline: false, title: {text: "step", standoff: 4, font: {size: 11}}},
+    var layout = {title: {text: chart.title, x: 0.01, font: {size: 14}}, height: 320,
+                  margin: {l: 64, r: 20, t: 36, b: 64}, hovermode: "closest", shapes: marks.shapes,
+                  xaxis: {zeroline: false, range: data.xrange.slice(),
+                          title: {text: "step", standoff: 4, font: {size: 11}}},
                   yaxis: {type: chart.log_y ? "log" : "linear", exponentformat: "power", zeroline: false},
-                  legend: {orientation: "h", x: 1, xanchor: "right", y: 1.02, yanchor: "bottom",
-                           font: {size: 10}, bgcolor: "rgba(0,0,0,0)"}, paper_bgcolor: "#fff",
+                  legend: {orientation: "h", x: 0, y: -0.2, yanchor: "top", font: {size: 10}}, paper_bgcolor: "#fff",
                   plot_bgcolor: "#fafafa"};
     return Plotly.newPlot(div, lineTraces(chart).concat(marks.traces), layout,
                           {displaylogo: false, responsive: true}).then(function () {
@@ -164,14 +180,17 @@
       div.on("plotly_relayout", function (ev) { onRelayout(div, ev); });
     });
   });
-  Promise.all(pending).then(function () { state.done = true; publish(); },
-                            function (e) { state.errors.push("render: " + e); publish(); });
+  Promise.all(pending).then(function () {
+    var range = requestedRange();
+    return range ? applyRange(range[0], range[1], null) : null;
+  }).then(function () { state.done = true; publish(); },
+          function (e) { state.errors.push("render: " + e); publish(); });
   function publish() {
     document.body.setAttribute("data-keel-charts", String(data.charts.length));
     document.body.setAttribute("data-keel-rendered", String(state.rendered));
     document.body.setAttribute("data-keel-errors", String(state.errors.length));
     var out = document.getElementById("keel-status");
     if (out) out.textContent = JSON.stringify({charts: data.charts.length, rendered: state.rendered,
-                                               errors: state.errors});
+                                               errors: state.errors, range: requestedRange(), view: firstView()});
   }
 })();

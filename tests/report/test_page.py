@@ -1,0 +1,93 @@
+"""write_report: one self-contained file, escaped data, tolerant of stores it cannot show, no torch."""
+
+import json
+import re
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from keel.cli import main
+from keel.report import ReportError, write_report
+from tests.report.stores import make_run_store
+
+
+def _payload(page: str) -> dict:
+    blob = re.search(r"<script type='application/json' id='keel-data'>(.*?)</script>", page, re.S).group(1)
+    return json.loads(blob.replace("<\\/", "</"))
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    make_run_store(root / "bare", policy="observe", skip_at=None)
+    make_run_store(root / "guarded", seed=1, rollback=(100, 160), nan_at=200)
+    return root
+
+
+def test_report_is_self_contained_and_holds_every_run(runs, tmp_path):
+    out = write_report([runs / "bare", runs / "guarded"], tmp_path / "r" / "report.html")
+    page = out.read_text()
+    assert out.parent.is_dir() and page.startswith("<!DOCTYPE html>")
+    assert not re.search(r"""<(script|link|img)[^>]+(src|href)=["']?https?:""", page)  # no CDN, works offline
+    assert "plotly.js v" in page and page.count("<script") == 4  # hook, data, plotly, report
+    data = _payload(page)
+    assert [r["name"] for r in data["runs"]] == ["bare", "guarded"]
+    assert len(data["charts"]) == 6 and all(f"id='{c['id']}'" in page for c in data["charts"])
+    assert {(s["run"], s["key"]) for s in data["series"]} >= {(0, "loss"), (1, "loss"), (1, "grad/norm")}
+    assert "1 skip, 1 rollback" in page and "3 snapshot(s)" in page
+
+
+def test_store_text_is_escaped(runs, tmp_path):
+    page = write_report([runs], tmp_path / "report.html").read_text()
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page and "&lt;b&gt;not markup&lt;/b&gt;" in page
+
+
+def test_a_folder_of_runs_expands_and_unknown_stores_are_skipped_with_a_note(runs, tmp_path):
+    other = tmp_path / "sweep.sqlite"
+    conn = sqlite3.connect(other)
+    conn.execute("CREATE TABLE sweep_runs (recipe TEXT, lr REAL, final_loss REAL)")
+    conn.commit()
+    conn.close()
+    page = write_report([runs, other, tmp_path / "missing"], tmp_path / "report.html").read_text()
+    assert [r["name"] for r in _payload(page)["runs"]] == ["bare", "guarded"]
+    assert "does not show yet (tables: sweep_runs); skipped" in page and "no store here" in page
+
+
+def test_no_run_store_at_all_is_an_error(tmp_path):
+    with pytest.raises(ReportError, match="no keel run store"):
+        write_report([tmp_path], tmp_path / "report.html")
+
+
+def test_an_old_store_schema_still_renders_with_a_problem_note(runs, tmp_path):
+    old = tmp_path / "old"
+    make_run_store(old, steps=50, spike_at=None, skip_at=None)
+    conn = sqlite3.connect(old / "run.sqlite")
+    conn.execute("DROP TABLE decisions")
+    conn.execute("CREATE TABLE decisions (step INTEGER, action TEXT, reason TEXT, actor TEXT)")  # before onset
+    conn.commit()
+    conn.close()
+    page = write_report([old], tmp_path / "report.html").read_text()
+    assert "decisions could not be read (OperationalError" in page
+    assert len(_payload(page)["charts"]) == 6
+
+
+def test_cli_writes_and_prints_the_path_and_fails_cleanly(runs, tmp_path, capsys):
+    out = tmp_path / "x.html"
+    assert main(["report", str(runs / "bare"), "-o", str(out)]) == 0
+    assert capsys.readouterr().out.strip() == str(out) and out.is_file()
+    assert main(["report", str(tmp_path / "nothing"), "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("keel report: error: ") and err.count("\n") == 1
+
+
+def test_the_report_imports_no_torch(runs, tmp_path):
+    code = (f"import sys; from keel.report import write_report; write_report([{str(runs)!r}], {str(tmp_path / 'r.html')!r});"
+            "print('torch' in sys.modules)")
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    assert proc.stdout.strip() == "False", proc.stderr
