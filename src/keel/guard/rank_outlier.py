@@ -16,7 +16,8 @@ history (a slowly forgetting mean) and a short one (a fast moving average), afte
 clients). Both rules are one-sided — a higher loss, a larger gradient, a lower cosine is worse — and measured
 against the deviations' own step-to-step noise:
 
-- **onset**: the short history has risen ``z`` standard errors above the long one;
+- **onset**: the short history has risen ``z`` standard errors above the long one (a median, so a one-batch
+  outlier — healthy data has them — never counts; a lasting change is named after about half the window);
 - **persistent**: the long history sits ``z`` standard errors and ``min_effect`` per-step noise units above 0.
 
 With two ranks the cosine is the same for both (each is the other's only reference), so it names no rank;
@@ -32,7 +33,7 @@ rank's decision (a NaN on one rank makes every rank skip), so this detector only
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from keel._core.finding import Finding
@@ -46,14 +47,19 @@ FEATURES: tuple[tuple[str, str], ...] = (
     ("rank/grad/cos/", "disagreement"),
 )
 FAULT_FAMILIES = ("rank/loss/", "rank/grad/norm/", "rank/grad/local_norm/")
+CLIP = 3.0  # the farthest from the recent median a step may pull the long history, in noise units
+NOISE_WINDOW = 32  # step-to-step changes kept per rank for the noise scale
+MEDIAN_ABS_DIFF = 0.6745 * math.sqrt(2)  # median |X − Y| / σ for independent normal X, Y
+MEDIAN_SE = 1.2533  # standard error of a median of n normal values: 1.2533 σ / √n
 
 
-def _deviations(feature: str, values: list[float]) -> list[float]:
+def _deviations(feature: str, values: list[float], flagged: set[int] = frozenset()) -> list[float]:  # type: ignore[assignment]
     """Each rank's deviation from the median of the other ranks at this step, "higher is worse".
 
     Comparing ranks at the same step removes what training does to every rank alike (the loss falling, the
     gradient norm shrinking), so the deviations stay comparable over the whole run: relative for the loss,
-    in log space for gradient norms, as 1 − cosine for the cosine.
+    in log space for gradient norms, as 1 − cosine for the cosine. Ranks already ``flagged`` are left out of
+    the others' reference while any other rank remains, so one bad rank does not shift its peers.
     """
     if feature == "grad_norm":
         x = [math.log(v) if v > 0 else math.nan for v in values]
@@ -63,7 +69,8 @@ def _deviations(feature: str, values: list[float]) -> list[float]:
         x = list(values)
     out = []
     for r, v in enumerate(x):
-        centre = _median([u for i, u in enumerate(x) if i != r])
+        others = [u for i, u in enumerate(x) if i != r and i not in flagged]
+        centre = _median(others or [u for i, u in enumerate(x) if i != r])
         out.append((v - centre) / (abs(centre) + 1e-12) if feature == "loss" else v - centre)
     return out
 
@@ -73,10 +80,9 @@ class RankOutlierConfig:
     """Settings of the rank-outlier detector.
 
     Attributes:
-        warmup: Steps of history before anything is flagged.
-        short_alpha: Weight of the newest step in the short history (0.1 ≈ the last ten steps).
+        warmup: Steps of history before anything is flagged (more than ``short_window``).
+        short_window: Steps in the short history (their median: a one-batch outlier does not move it).
         long_alpha: Forgetting rate of the long history (0.01 ≈ the last hundred steps; a plain mean before).
-        noise_alpha: Weight of the newest step in the running noise estimate.
         z: How many standard errors a history must be off to count (both rules).
         min_effect: How far, in per-step noise units, a long history must be off for ``persistent``.
         replica_rtol: Relative difference above which averaged gradient norms of replicas count as different.
@@ -84,24 +90,21 @@ class RankOutlierConfig:
     """
 
     warmup: int = 20
-    short_alpha: float = 0.1
+    short_window: int = 9
     long_alpha: float = 0.01
-    noise_alpha: float = 0.05
-    z: float = 5.0
+    z: float = 6.0
     min_effect: float = 1.5
     replica_rtol: float = 1e-5
     replicated: bool = True
 
     def __post_init__(self) -> None:
-        require_ints(self, "warmup")
+        require_ints(self, "warmup", "short_window")
+        if self.warmup <= self.short_window:
+            raise ValueError(f"RankOutlierConfig.warmup={self.warmup!r}; allowed: > short_window ({self.short_window})")
         require_positive(self, "z", "min_effect", "replica_rtol")
-        for name in ("short_alpha", "long_alpha", "noise_alpha"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value <= 1:
-                raise ValueError(f"RankOutlierConfig.{name}={value!r}; allowed: 0 < {name} <= 1")
-        if self.long_alpha >= self.short_alpha:
-            raise ValueError(f"RankOutlierConfig.long_alpha={self.long_alpha!r}; allowed: < short_alpha "
-                             f"({self.short_alpha!r})")
+        if isinstance(self.long_alpha, bool) or not isinstance(self.long_alpha, (int, float)) \
+                or not 0 < self.long_alpha < 1:
+            raise ValueError(f"RankOutlierConfig.long_alpha={self.long_alpha!r}; allowed: 0 < long_alpha < 1")
 
 
 @dataclass
@@ -109,11 +112,15 @@ class _History:
     """The long and short histories of one rank's deviation in one feature, and the deviation's noise."""
 
     n: int = 0
-    short: float = 0.0
+    recent: list[float] = field(default_factory=list)  # the last `short_window` deviations
     long_sum: float = 0.0  # exponentially weighted sum and weight: a bias-free mean from the first step
     long_weight: float = 0.0
-    abs_diff: float = 0.0  # running mean of |d_t − d_{t−1}|, a noise scale that ignores offsets and drift
+    diffs: list[float] = field(default_factory=list)  # the last NOISE_WINDOW |d_t − d_{t−1}|
     prev: float = math.nan
+
+    @property
+    def short(self) -> float:
+        return _median(self.recent)
 
     @property
     def long(self) -> float:
@@ -124,13 +131,13 @@ class RankOutlierDetector:
     """Names a faulty rank or a bad data shard from the per-rank features `RankSync` adds to each step.
 
     Example:
-        >>> det = RankOutlierDetector(RankOutlierConfig(warmup=5))
+        >>> det = RankOutlierDetector(RankOutlierConfig(warmup=10))
         >>> for step in range(40):
         ...     loss = [2.0 + 0.01 * (step % 3), 2.0 + 0.01 * (step % 2) + (3.0 if step >= 20 else 0.0)]
         ...     found = det.update(Observation(step=step, per_param={"rank/loss/": (("0", "1"), loss)}))
         ...     if found:
         ...         print(step, found[0].evidence["rank"], found[0].evidence["rule"])
-        20 1 onset
+        24 1 onset
     """
 
     name = "rank_outlier"
@@ -146,7 +153,8 @@ class RankOutlierDetector:
             names, values = obs.per_param.get(family, ((), []))
             if len(values) < 2 or not all(math.isfinite(v) for v in values):
                 continue  # a non-finite rank is reported by _faults; keep it out of every history
-            d = _deviations(feature, values)
+            flagged = {int(k.rsplit("/", 1)[1]) for k in self._flagged if k.rsplit("/", 1)[0] == feature}
+            d = _deviations(feature, values, flagged)
             if not all(math.isfinite(v) for v in d):
                 continue
             hist = self._hist.get(feature)
@@ -161,23 +169,30 @@ class RankOutlierDetector:
                d: list[float], hist: list[_History]) -> list[Finding]:
         c = self.config
         for h, v in zip(hist, d):
-            h.short = v if h.n == 0 else h.short + c.short_alpha * (v - h.short)
-        # One noise scale for all ranks (the median of theirs): a bad rank's own noise must not excuse it.
-        sigma = max(_median([h.abs_diff * math.sqrt(math.pi) / 2 for h in hist]), 1e-3)
-        short_se = sigma * math.sqrt(c.short_alpha / (2 - c.short_alpha))  # sd of a moving average of noise
+            h.recent = [*h.recent[-(c.short_window - 1):], v]
+        # One noise scale for all ranks (the median of theirs, each the median of its recent step-to-step
+        # changes): neither a bad rank's own noise nor a one-batch outlier can excuse or name a rank.
+        sigma = max(_median([_median(h.diffs) for h in hist if h.diffs]) / MEDIAN_ABS_DIFF, 1e-3) \
+            if hist[0].diffs else math.inf
+        short_se = sigma * MEDIAN_SE / math.sqrt(c.short_window)  # standard error of the recent median
         found: list[Finding] = []
+        changed = False
         for r, h in enumerate(hist):
             key = f"{feature}/{r}"
             if key in self._flagged:
-                back = h.short - h.long < c.z / 2 * short_se if self._flagged[key] == "onset" \
-                    else h.short < c.min_effect / 2 * sigma
-                if back:  # in line again: its long history starts over from here
+                # Hysteresis: flagged at z standard errors, cleared only within one, so a marginal fault
+                # makes one finding rather than a flicker.
+                back = h.short - h.long < short_se if self._flagged[key] == "onset" \
+                    else h.short < c.min_effect / 3 * sigma
+                if back:
                     del self._flagged[key]
-                    h.long_sum, h.long_weight = h.short, 1.0
+                    changed = True
                 continue
             if h.n < c.warmup:
                 continue
-            long_se = sigma * max(math.sqrt(c.long_alpha / (2 - c.long_alpha)), 1 / math.sqrt(h.n))
+            if h.long_weight == 0:
+                continue
+            long_se = sigma * max(math.sqrt(c.long_alpha / (2 - c.long_alpha)), 1 / math.sqrt(h.long_weight))
             rule, score = "", 0.0  # h.long does not hold this step yet: "persistent" means off before it
             if h.long > max(c.z * long_se, c.min_effect * sigma):
                 rule, score = "persistent", h.long / sigma
@@ -185,14 +200,25 @@ class RankOutlierDetector:
                 rule, score = "onset", (h.short - h.long) / short_se
             if rule:
                 self._flagged[key] = rule
+                changed = True
                 found.append(self._finding(step, family, feature, names, raw, r, rule, score, h))
         for r, (h, v) in enumerate(zip(hist, d)):
             if f"{feature}/{r}" in self._flagged:
                 continue  # a flagged rank's long history is frozen, so it stays visible until it recovers
-            if h.n > 0:
-                h.abs_diff += c.noise_alpha * (abs(v - h.prev) - h.abs_diff) if h.n > 1 else abs(v - h.prev)
-            h.long_sum = (1 - c.long_alpha) * h.long_sum + v
-            h.long_weight = (1 - c.long_alpha) * h.long_weight + 1
+            if changed:
+                # The others' reference now leaves out (or takes back) a rank: the deviations of the ranks in
+                # line are measured against a new reference, so their histories start over.
+                h.recent, h.long_sum, h.long_weight, h.prev = [], 0.0, 0.0, math.nan
+                continue
+            if h.n > 0 and math.isfinite(h.prev):
+                h.diffs = [*h.diffs[-(NOISE_WINDOW - 1):], abs(v - h.prev)]
+            # The long history starts once the recent median is robust, and takes each step at most CLIP noise
+            # units from that median (Huber-style): a one-batch outlier barely moves it, a lasting change does.
+            if len(h.recent) == c.short_window:
+                centre = h.short
+                kept = centre + max(-CLIP * sigma, min(CLIP * sigma, v - centre))
+                h.long_sum = (1 - c.long_alpha) * h.long_sum + kept
+                h.long_weight = (1 - c.long_alpha) * h.long_weight + 1
             h.prev = v
             h.n += 1
         return found
@@ -261,6 +287,10 @@ class RankOutlierDetector:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._hist = {k: [_History(**h) for h in v] for k, v in state["hist"].items()}
         self._flagged = dict(state["flagged"])
+
+
+def _clamp(x: float, limit: float) -> float:
+    return max(-limit, min(limit, x))
 
 
 def _median(values: list[float]) -> float:

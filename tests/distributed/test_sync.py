@@ -1,0 +1,79 @@
+"""RankSync's reduction rules and the per-rank cosine, against float64 references; one torchrun for the collective."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from keel.guard.distributed import DistributedConfig, RankSync, leave_one_out_cosine, reduction_rule
+from tests.distributed.launch import torchrun
+
+
+@pytest.mark.parametrize("key,replicated,sharded", [
+    ("loss", "mean", "mean"),
+    ("grad/norm", "mean", "norm"),
+    ("grad/norm/", "mean", "norm"),
+    ("param/norm/", "mean", "norm"),
+    ("update/norm", "mean", "norm"),
+    ("update/ratio/", "mean", "mean"),
+    ("attn/max_logit/", "max", "max"),
+    ("act/max_abs", "max", "max"),
+    ("logits/log_z_max", "max", "max"),
+    ("logits/log_z_min", "min", "min"),
+    ("attn/entropy/", "mean", "mean"),
+    ("grad/weight_cos", "mean", "mean"),
+])
+def test_reduction_rules(key, replicated, sharded):
+    assert reduction_rule(key, sharded=False) == replicated
+    assert reduction_rule(key, sharded=True) == sharded
+
+
+@pytest.mark.parametrize("world", [2, 3, 5])
+def test_leave_one_out_cosine_matches_a_float64_reference(world):
+    g = torch.randn(world, 50, generator=torch.Generator().manual_seed(world), dtype=torch.float64)
+    mean = g.mean(0)
+    got = leave_one_out_cosine(g.pow(2).sum(1), g @ mean, mean.dot(mean).expand(world), world)
+    for r in range(world):
+        others = torch.cat([g[:r], g[r + 1:]]).mean(0)
+        want = torch.nn.functional.cosine_similarity(g[r], others, dim=0)
+        assert got[r].item() == pytest.approx(want.item(), abs=1e-12)
+
+
+def test_leave_one_out_cosine_of_a_zero_gradient_is_nan():
+    g = torch.tensor([[0.0, 0.0], [1.0, 2.0]], dtype=torch.float64)
+    mean = g.mean(0)
+    got = leave_one_out_cosine(g.pow(2).sum(1), g @ mean, mean.dot(mean).expand(2), 2)
+    assert math.isnan(got[0].item()) and math.isnan(got[1].item())
+
+
+def test_a_single_process_gets_no_sync_and_asking_for_one_without_a_group_fails():
+    model = torch.nn.Linear(2, 2)
+    assert RankSync.create(model, None) is None and RankSync.create(model, False) is None
+    with pytest.raises(ValueError, match="torch.distributed is not initialised"):
+        RankSync.create(model, True)
+    with pytest.raises(ValueError, match="distributed='yes'; allowed"):
+        RankSync.create(model, "yes")
+    with pytest.raises(ValueError, match=r"DistributedConfig.sharded='auto'; allowed"):
+        DistributedConfig(sharded="auto")
+
+
+@pytest.mark.distributed
+def test_two_ranks_reduce_by_the_documented_rules(tmp_path):
+    out = tmp_path / "reduced.json"
+    torchrun(Path(__file__).with_name("reduce_worker.py"), str(out))
+    result = json.loads(out.read_text())
+    for sharded, norm, family, late in (("False", 3.5, [1.5, 3.0], 2.0), ("True", 5.0, [5 ** 0.5, 20 ** 0.5], 8 ** 0.5)):
+        values, per_param = result[sharded]["values"], result[sharded]["per_param"]
+        assert values["loss"] == 1.5
+        assert values["grad/norm"] == pytest.approx(norm, rel=1e-12)
+        assert per_param["grad/norm/"][0] == ["a", "b"]
+        assert per_param["grad/norm/"][1] == pytest.approx(family, rel=1e-12)
+        assert values["attn/max_logit"] == 20.0 and values["logits/log_z_min"] == -2.0
+        assert values["act/rms"] is None or math.isnan(values["act/rms"])  # JSON writes NaN as NaN
+        assert per_param["rank/loss/"] == [["0", "1"], [1.0, 2.0]]
+        assert per_param["rank/grad/norm/"] == [["0", "1"], [3.0, 4.0]]
+        assert result[sharded]["late"]["update/norm"] == pytest.approx(late, rel=1e-12)
