@@ -1,0 +1,81 @@
+"""Handoff: a trainer keeps calling its own ``optimizer.step()`` and ``scheduler.step()``; keel's `Guard` decides.
+
+The Hugging Face ``Trainer`` and Lightning call the optimizer and the LR scheduler themselves, so an adapter
+cannot simply call ``Guard.step`` in their place. Instead it replaces, on the trainer's own objects, the calls
+that change training state with small gates:
+
+- the trainer's *update call* (its optimizer's ``step``, or the GradScaler's ``step`` when the trainer drives
+  one) goes to ``Guard.step(loss)``, which measures, decides, and then steps, skips or rolls back itself,
+  calling the original methods;
+- the trainer's ``scheduler.step()`` does nothing when keel handled the update (``Guard`` stepped the
+  scheduler, or rightly did not on a skip) and goes through when it did not;
+- a call made while ``Guard`` is acting goes straight to the original (`Handoff.acting`).
+
+So all the logic stays in `Guard`; the adapters only say where the loss comes from. stabilityguard's HF
+callback wrapped the optimizer but never handed it back to the trainer, which left it inert
+(reference/peers.md §5 item 8); here the trainer's own objects are patched in place, and `restore` undoes it.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+
+class Handoff:
+    """The gates on one trainer's objects, and whether keel handled the current update.
+
+    Attributes:
+        acting: True while `Guard` is acting: gated calls then go straight to the originals.
+        handled: True when keel handled the last update (the trainer's scheduler call is then a no-op).
+    """
+
+    def __init__(self) -> None:
+        self.acting = False
+        self.handled = False
+        self._patches: list[tuple[Any, str, Any, Any, bool]] = []
+
+    def gate(self, obj: Any, name: str, outside: Callable[..., Any]) -> None:
+        """Replace ``obj.<name>`` so that a call from outside keel runs ``outside(original, *args, **kwargs)``.
+
+        Attributes of the original (e.g. ``torch.optim.lr_scheduler``'s ``_wrapped_by_lr_sched`` mark) are kept.
+        """
+        original = getattr(obj, name)
+
+        @functools.wraps(original)
+        def gated(*args: Any, **kwargs: Any) -> Any:
+            if self.acting:
+                return original(*args, **kwargs)
+            return outside(original, *args, **kwargs)
+
+        had_own = name in vars(obj)
+        setattr(obj, name, gated)
+        self._patches.append((obj, name, original, gated, had_own))
+
+    def gate_scheduler(self, scheduler: Any) -> None:
+        """The trainer's ``scheduler.step()`` is a no-op when keel handled the update (Guard owns it then)."""
+        def outside(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+            return None if self.handled else original(*args, **kwargs)
+
+        self.gate(scheduler, "step", outside)
+
+    @contextmanager
+    def acting_for_keel(self) -> Iterator[None]:
+        """While inside, gated calls reach the originals (Guard calls them to step, skip or roll back)."""
+        self.acting = True
+        try:
+            yield
+        finally:
+            self.acting = False
+
+    def restore(self) -> None:
+        """Put the original methods back (only where nobody patched on top of keel since)."""
+        for obj, name, original, gated, had_own in reversed(self._patches):
+            if getattr(obj, name, None) is gated:
+                if had_own:
+                    setattr(obj, name, original)
+                else:
+                    delattr(obj, name)
+        self._patches = []

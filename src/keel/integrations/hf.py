@@ -1,0 +1,193 @@
+"""Hugging Face ``Trainer`` adapter: `KeelCallback` puts a keel `Guard` in charge of the Trainer's updates.
+
+    trainer = Trainer(model=model, args=args, train_dataset=ds,
+                      callbacks=[KeelCallback(run_dir="runs/hf", policy="skip")])
+    trainer.train()
+
+How it fits the Trainer's loop (transformers ≥ 4.40):
+
+- **loss**: taken from the model's output (``outputs.loss``) by a forward hook, micro-batch by micro-batch,
+  before the Trainer's ``logging_nan_inf_filter`` (on by default) replaces a NaN or Inf loss in its logs by
+  the running average — keel still sees it. With a custom ``compute_loss``, pass the loss to `record_loss`.
+- **update**: the Trainer's ``optimizer.step()`` goes to ``Guard.step``, which steps the wrapped torch
+  optimizer (through accelerate's GradScaler under fp16), skips or rolls back, and steps the LR scheduler
+  only after an applied update; the Trainer's own ``lr_scheduler.step()`` then does nothing
+  (`keel.integrations._handoff`).
+- **clipping**: keel measures gradients before clipping, so a gradient spike is still visible. Under
+  ``"skip"`` and ``"recover"`` it takes over ``max_grad_norm`` for the run (the formula of
+  ``clip_grad_norm_``, equal up to rounding of the coefficient) and sets the Trainer's to 0 meanwhile; under
+  ``"observe"`` the Trainer clips as usual, training stays bit-identical, and keel sees clipped gradients.
+  The Trainer computes the gradient norm itself even at ``max_grad_norm=0`` and its ``clip_grad_norm_(…, inf)``
+  turns every gradient into NaN when one is: keel then names all parameters, and still skips the step.
+- **gradient accumulation, bf16/fp16 autocast, schedulers**: as the Trainer does them.
+
+DeepSpeed is not supported (its engine owns the step).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from keel._core.errors import KeelWarning
+from keel.guard import Guard
+from keel.integrations._handoff import Handoff
+from keel.integrations._loss import StepLoss
+
+try:
+    from transformers import TrainerCallback
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("keel.integrations.hf needs transformers: pip install 'keel[hf]'") from exc
+
+
+class KeelCallback(TrainerCallback):
+    """A ``TrainerCallback`` that runs a keel `Guard` inside ``Trainer.train()``.
+
+    Args:
+        run_dir: Directory of the run store (rank 0 writes it under torchrun); ``None`` keeps it in memory.
+        policy: ``"observe"``, ``"skip"`` or ``"recover"`` (see `Guard`).
+        take_over_clipping: Measure gradients before clipping and clip in keel with the Trainer's
+            ``max_grad_norm`` (restored at the end of training). ``None``: yes, except under ``"observe"``,
+            which leaves the Trainer's own clipping so that training stays bit-identical.
+        **guard_kwargs: Any other `Guard` argument (``probes``, ``detectors``, ``recovery``, ``log_every`` …).
+
+    Attributes:
+        guard: The `Guard`, built at the first optimizer step (``None`` before).
+
+    Raises:
+        ValueError: A `Guard` argument the callback sets itself, or DeepSpeed.
+
+    Example:
+        >>> cb = KeelCallback(policy="skip")  # then Trainer(..., callbacks=[cb])
+        >>> cb.guard is None
+        True
+    """
+
+    def __init__(self, *, run_dir: str | None = None, policy: str = "observe", take_over_clipping: bool | None = None,
+                 **guard_kwargs: Any) -> None:
+        own = {"model", "optimizer", "scheduler", "scaler", "max_grad_norm"} & set(guard_kwargs)
+        if own:
+            raise ValueError(f"KeelCallback({', '.join(sorted(own))}=...): set by the Trainer; allowed: other Guard "
+                             "arguments (probes, detectors, recovery, log_every, max_consecutive_skips, config, seed)")
+        self.run_dir, self.policy = run_dir, policy
+        self.take_over_clipping = policy != "observe" if take_over_clipping is None else take_over_clipping
+        self.guard_kwargs = guard_kwargs
+        self.guard: Guard | None = None
+        self._handoff = Handoff()
+        self._loss = StepLoss()
+        self._last_loss: Tensor | None = None
+        self._hook: Any = None
+        self._objects: dict[str, Any] = {}
+        self._accelerated: Any = None
+        self._clip: float | None = None
+        self._args: Any = None
+        self._warned = False
+
+    # --- the Trainer's events -----------------------------------------------------------------------
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                       optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
+        if getattr(args, "deepspeed", None):
+            raise ValueError("KeelCallback with deepspeed: not supported (the DeepSpeed engine owns the step); "
+                             "allowed: DDP, FSDP or a single process")
+        assert model is not None and optimizer is not None
+        inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
+        self._objects = {"model": model, "optimizer": inner, "scheduler": lr_scheduler,
+                         "scaler": getattr(optimizer, "scaler", None)}
+        self._args, self.guard = args, None
+        if self.take_over_clipping and args.max_grad_norm and args.max_grad_norm > 0:
+            self._clip, args.max_grad_norm = float(args.max_grad_norm), 0.0
+        self._hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)
+        self._handoff.gate(optimizer, "step", self._optimizer_step)
+        self._accelerated = optimizer
+        if lr_scheduler is not None:
+            self._handoff.gate_scheduler(lr_scheduler)
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._finish()
+
+    # --- the loss -----------------------------------------------------------------------------------
+    def record_loss(self, loss: Tensor) -> None:
+        """Give keel one micro-batch's loss yourself (when ``compute_loss`` computes it outside the model)."""
+        self._loss.add(loss)
+
+    def _capture_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if not module.training or not torch.is_grad_enabled():
+            return  # evaluation inside training
+        loss = _output_loss(output, kwargs)
+        if isinstance(loss, Tensor):
+            self._loss.add(loss, share=kwargs.get("num_items_in_batch") is not None)
+
+    # --- the update ---------------------------------------------------------------------------------
+    def _optimizer_step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        loss = self._loss.take()
+        if self.guard is None:
+            self.guard = self._build_guard(with_loss=loss is not None)
+        if loss is None:
+            loss = self._missing_loss()
+        self._last_loss = loss
+        self._handoff.handled = True
+        # What torch's LR-scheduler wrapper of this step would have marked (it checks the order of calls).
+        self._accelerated._opt_called = True
+        try:
+            with self._handoff.acting_for_keel():
+                self.guard.step(loss)
+        except BaseException as exc:  # TrainingAborted (or the user's own optimizer error) ends Trainer.train()
+            self._finish(exc)
+            raise
+        return None
+
+    def _build_guard(self, *, with_loss: bool) -> Guard:
+        kwargs = dict(self.guard_kwargs)
+        if not with_loss and "probes" not in kwargs:
+            from keel.signals import DEFAULT_PROBES
+
+            kwargs["probes"] = [p for p in DEFAULT_PROBES if p != "loss"]
+            self._warn("KeelCallback saw no loss in the model's output (a custom compute_loss?): keel watches the "
+                       "gradients only. Call callback.record_loss(loss) in compute_loss to let it see the loss.")
+        o = self._objects
+        config = kwargs.pop("config", None) or {"trainer": "transformers.Trainer", "args": _json_args(self._args)}
+        return Guard(o["model"], o["optimizer"], o["scheduler"], scaler=o["scaler"], run_dir=self.run_dir,
+                     policy=self.policy, max_grad_norm=self._clip, config=config,
+                     seed=kwargs.pop("seed", getattr(self._args, "seed", None)), **kwargs)
+
+    def _missing_loss(self) -> Tensor:
+        self._warn("KeelCallback: no loss for this step; keel reuses the last one (gradients are still checked).")
+        return self._last_loss if self._last_loss is not None else torch.zeros(())
+
+    def _warn(self, message: str) -> None:
+        if not self._warned:
+            self._warned = True
+            warnings.warn(message, KeelWarning, stacklevel=3)
+
+    def _finish(self, exc: BaseException | None = None) -> None:
+        self._handoff.restore()
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._clip is not None and self._args is not None:
+            self._args.max_grad_norm, self._clip = self._clip, None
+        if self.guard is not None:  # records "finished", "aborted" or the failure; a second call does nothing
+            self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
+
+
+def _output_loss(output: Any, kwargs: dict) -> Tensor | None:
+    """The loss in a model's output: ``output.loss`` / ``output["loss"]``, or the first element of a tuple when
+    labels were passed (``return_dict=False``)."""
+    if isinstance(output, dict) or hasattr(output, "keys"):
+        return output.get("loss") if hasattr(output, "get") else None
+    loss = getattr(output, "loss", None)
+    if loss is None and isinstance(output, (tuple, list)) and output and kwargs.get("labels") is not None:
+        loss = output[0]
+    return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
+
+
+def _json_args(args: Any) -> dict[str, Any]:
+    try:
+        return {k: v for k, v in args.to_dict().items() if isinstance(v, (str, int, float, bool, type(None)))
+                and not (isinstance(v, float) and not math.isfinite(v))}
+    except Exception:  # keel's bookkeeping never stops training
+        return {}

@@ -1,0 +1,158 @@
+"""Lightning adapter: `KeelCallback` puts a keel `Guard` in charge of a Lightning ``Trainer``'s updates.
+
+    trainer = L.Trainer(max_steps=1000, callbacks=[KeelCallback(run_dir="runs/pl", policy="skip")])
+    trainer.fit(module, datamodule)
+
+How it fits Lightning's automatic optimization (Lightning ≥ 2.0):
+
+- **loss**: each micro-batch's loss from ``on_before_backward`` (already divided by
+  ``accumulate_grad_batches``, so their sum is the step's mean loss; under ``16-mixed`` divided back by the
+  GradScaler's scale, on device).
+- **update**: the optimizer's ``step(closure)`` that Lightning's precision plugin calls first runs the closure
+  (forward, backward, ``on_before_optimizer_step``), then goes to ``Guard.step``; under ``16-mixed`` the
+  plugin's ``scaler.step`` goes to ``Guard.step`` and its ``scaler.update`` does nothing (`Guard` updated the
+  scaler). The one step-interval LR scheduler is stepped by `Guard`, after applied updates only; Lightning's
+  own call does nothing (`keel.integrations._handoff`). Epoch-interval schedulers stay Lightning's.
+- **clipping**: with ``gradient_clip_val`` (norm algorithm) keel measures gradients before clipping and clips
+  itself with the same value; under ``"observe"`` Lightning clips as usual (bit-identical training).
+- **DDP**: the strategy's DDP module goes to `Guard`, so signals are all-reduced and each rank's own
+  gradient is measured (`keel.guard.distributed`).
+
+A ``training_step`` that returns ``None`` is Lightning's own skip: keel leaves that step to Lightning. Manual
+optimization is not supported (the module calls its optimizers itself).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+from torch import Tensor
+
+from keel._core.errors import KeelWarning
+from keel.guard import Guard
+from keel.integrations._handoff import Handoff
+from keel.integrations._loss import StepLoss
+
+try:
+    from lightning.pytorch import Callback
+except ImportError:  # the standalone `pytorch_lightning` package has the same API
+    try:
+        from pytorch_lightning import Callback  # type: ignore[no-redef]
+    except ImportError as exc:  # pragma: no cover - exercised only without the extra
+        raise ImportError("keel.integrations.lightning needs Lightning: pip install 'keel[lightning]'") from exc
+
+
+class KeelCallback(Callback):
+    """A Lightning ``Callback`` that runs a keel `Guard` inside ``Trainer.fit``.
+
+    Args:
+        run_dir: Directory of the run store (rank 0 writes it under DDP); ``None`` keeps it in memory.
+        policy: ``"observe"``, ``"skip"`` or ``"recover"`` (see `Guard`).
+        take_over_clipping: Measure before clipping and clip in keel with ``gradient_clip_val`` (norm
+            algorithm). ``None``: yes, except under ``"observe"``.
+        **guard_kwargs: Any other `Guard` argument (``probes``, ``detectors``, ``recovery``, ``log_every`` …).
+
+    Attributes:
+        guard: The `Guard` (built when training starts).
+
+    Raises:
+        ValueError: A `Guard` argument the callback sets itself, manual optimization, or several optimizers.
+    """
+
+    def __init__(self, *, run_dir: str | None = None, policy: str = "observe", take_over_clipping: bool | None = None,
+                 **guard_kwargs: Any) -> None:
+        own = {"model", "optimizer", "scheduler", "scaler", "max_grad_norm"} & set(guard_kwargs)
+        if own:
+            raise ValueError(f"KeelCallback({', '.join(sorted(own))}=...): set by the Trainer; allowed: other Guard "
+                             "arguments (probes, detectors, recovery, log_every, max_consecutive_skips, config, seed)")
+        self.run_dir, self.policy, self.guard_kwargs = run_dir, policy, guard_kwargs
+        self.take_over_clipping = policy != "observe" if take_over_clipping is None else take_over_clipping
+        self.guard: Guard | None = None
+        self._handoff = Handoff()
+        self._loss = StepLoss()
+        self._scaler: Any = None
+        self._clip: float | None = None
+        self._trainer: Any = None
+
+    # --- Lightning's events -------------------------------------------------------------------------
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if not pl_module.automatic_optimization:
+            raise ValueError("KeelCallback with automatic_optimization=False: not supported (the module steps its "
+                             "optimizers itself); allowed: automatic optimization")
+        if len(trainer.optimizers) != 1:
+            raise ValueError(f"KeelCallback with {len(trainer.optimizers)} optimizers; allowed: exactly one")
+        optimizer = trainer.optimizers[0]
+        scheduler = self._own_scheduler(trainer)
+        self._scaler = getattr(trainer.precision_plugin, "scaler", None)
+        self._trainer = trainer
+        if self.take_over_clipping and trainer.gradient_clip_val and str(trainer.gradient_clip_algorithm) in (
+                "norm", "GradClipAlgorithmType.NORM"):
+            self._clip, trainer.gradient_clip_val = float(trainer.gradient_clip_val), None
+        kwargs = dict(self.guard_kwargs)
+        config = kwargs.pop("config", None) or {"trainer": "lightning.Trainer",
+                                                "accumulate_grad_batches": trainer.accumulate_grad_batches,
+                                                "precision": str(trainer.precision), "max_steps": trainer.max_steps}
+        self.guard = Guard(trainer.strategy.model, optimizer, scheduler, scaler=self._scaler, run_dir=self.run_dir,
+                           policy=self.policy, max_grad_norm=self._clip, config=config, **kwargs)
+        if self._scaler is not None:  # the plugin runs the closure, then scaler.step(optimizer), scaler.update()
+            self._handoff.gate(self._scaler, "step", self._scaler_step)
+            self._handoff.gate(self._scaler, "update", self._scaler_update)
+        else:  # the plugin calls optimizer.step(closure=...)
+            self._handoff.gate(optimizer, "step", self._optimizer_step)
+        if scheduler is not None:
+            self._handoff.gate_scheduler(scheduler)
+
+    def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
+        scale = getattr(self._scaler, "_scale", None) if self._scaler is not None else None
+        self._loss.add(loss / scale if scale is not None else loss, share=True)  # shares: normalized per micro-batch
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        self._finish(None)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._finish(exception)
+
+    # --- the update ---------------------------------------------------------------------------------
+    def _optimizer_step(self, original: Any, closure: Any = None, **kwargs: Any) -> Any:
+        result = closure() if closure is not None else None  # forward, backward, on_before_optimizer_step
+        if len(self._loss) == 0:  # training_step returned None: Lightning's own skip, as without keel
+            self._handoff.handled = False
+            return original(closure=lambda: result, **kwargs)
+        self._guard_step()
+        return result
+
+    def _scaler_step(self, original: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        if len(self._loss) == 0:
+            self._handoff.handled = False
+            return original(optimizer, *args, **kwargs)
+        self._guard_step()
+        return None
+
+    def _scaler_update(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        return None if self._handoff.handled else original(*args, **kwargs)
+
+    def _guard_step(self) -> None:
+        loss = self._loss.take()
+        assert self.guard is not None and loss is not None
+        self._handoff.handled = True
+        with self._handoff.acting_for_keel():
+            self.guard.step(loss)
+
+    # --- helpers ------------------------------------------------------------------------------------
+    def _own_scheduler(self, trainer: Any) -> Any:
+        """The step-interval scheduler Guard steps (after applied updates only); others stay Lightning's."""
+        configs = trainer.lr_scheduler_configs
+        owned = [c for c in configs if c.interval == "step" and c.frequency == 1 and not c.reduce_on_plateau]
+        if len(configs) > len(owned[:1]):
+            warnings.warn(f"KeelCallback: {len(configs) - len(owned[:1])} LR scheduler(s) (epoch interval, frequency "
+                          "> 1, plateau, or more than one) stay Lightning's: they advance on skipped steps and a "
+                          "rollback does not restore them", KeelWarning, stacklevel=2)
+        return owned[0].scheduler if owned else None
+
+    def _finish(self, exc: BaseException | None) -> None:
+        self._handoff.restore()
+        if self._clip is not None and self._trainer is not None:
+            self._trainer.gradient_clip_val, self._clip = self._clip, None
+        if self.guard is not None:  # records "finished", "aborted" or the failure; a second call does nothing
+            self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
