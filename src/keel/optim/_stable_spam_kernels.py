@@ -15,6 +15,7 @@ from torch import Tensor
 
 from keel.optim._adam import apply_update_, update_moments_
 from keel.optim._helpers import Scratch, max_abs
+from keel.optim._rows import as_rows, hot_rows, row_abs_max, scale_spikes
 from keel.optim.ada_clip import ada_clip_, ada_clip_thresholds
 
 _TINY = torch.finfo(torch.float32).tiny
@@ -53,31 +54,59 @@ def _adam_scalars(plan: StableSpamPlan, i: int) -> tuple[float, float, float]:
 def tensor_major_update(
     params: list[Tensor], states: list[dict[str, Any]], plan: StableSpamPlan, scratch: Scratch
 ) -> None:
-    """Every op of one tensor back to back (its moments stay in cache); statistics as host floats, which
-    on CPU cost nothing to read, so a tensor with max|g| ≤ M̂ skips the clip entirely."""
+    """Every op of one tensor back to back (its moments stay in cache), with the statistics as host floats,
+    which on CPU cost nothing to read.
+
+    AdaClip touches only the rows that hold a spike: their clipped values enter the norm, and their moment
+    rows are recomputed from the clipped values after the dense update of the rest (saved beforehand, so
+    the result equals a dense clip's). When more than an eighth of the rows are hot, the dense clip runs.
+    """
     gamma1, gamma2, gamma3 = plan.gammas
     beta2 = plan.betas[1]
     grads = [p.grad for p in params]
-    maxima = torch.stack(max_abs(grads)).tolist()
+    # Row views where the row-wise path can write through them (non-empty, contiguous g, m and v).
+    rows = [
+        as_rows(g)
+        if g.numel() and all(x.is_contiguous() for x in (g, s["exp_avg"], s["exp_avg_sq"]))
+        else None
+        for g, s in zip(grads, states, strict=True)
+    ]
+    row_max = [row_abs_max(r) if r is not None else None for r in rows]
+    maxima = torch.stack(
+        [
+            rm.max() if rm is not None else m
+            for rm, m in zip(row_max, _maxima_without_rows(grads, rows), strict=True)
+        ]
+    ).tolist()
     previous = {
         key: torch.stack([s[key] for s in states]).tolist() for key in ("clip_ema", "norm_ema", "norm_sq_ema")
     }
     updated: dict[str, list[float]] = {key: [] for key in previous}
     resets = set(plan.resets)
     outs, denoms = scratch.like(params, 1), scratch.like(params, 0)
+    if plan.decay != 1.0:  # one foreach call; p is evicted from cache before its update anyway
+        torch._foreach_mul_(params, plan.decay)
     for i, (p, g, state, out, denom) in enumerate(zip(params, grads, states, outs, denoms, strict=True)):
         t = plan.counts[i]
-        if plan.decay != 1.0:
-            p.mul_(plan.decay)
-        # AdaClip
+        # AdaClip: dense, sparse (hot rows only) or not at all.
         ema = gamma3 * previous["clip_ema"][i] + (1.0 - gamma3) * maxima[i]
         threshold = ema / (1.0 - gamma3**t)
-        src = g
+        src, hot, hot_clipped = g, None, None
         if maxima[i] > threshold:
-            spiked = torch.abs(g, out=out).gt_(threshold)  # 1.0 where |g| > M̂
-            src = torch.addcmul(g, g, spiked, value=threshold / maxima[i] - 1.0, out=out)
-        # AdaGN
-        norm = torch.linalg.vector_norm(src, dtype=torch.float32).item()
+            hot = hot_rows(row_max[i], threshold) if rows[i] is not None else None
+            if hot is None:
+                spiked = torch.abs(g, out=out).gt_(threshold)  # 1.0 where |g| > M̂
+                src = torch.addcmul(g, g, spiked, value=threshold / maxima[i] - 1.0, out=out)
+            else:
+                hot_clipped = scale_spikes(rows[i].index_select(0, hot), threshold, maxima[i])
+        # AdaGN (the norm of the clipped gradient; with hot rows, the other rows' sum plus theirs).
+        if hot is None:
+            norm = torch.linalg.vector_norm(src, dtype=torch.float32).item()
+        else:
+            row_sq = torch.linalg.vector_norm(rows[i], dim=1, dtype=torch.float32).square_()
+            norm = math.sqrt(
+                row_sq.index_fill_(0, hot, 0.0).sum().item() + hot_clipped.float().square().sum().item()
+            )
         g1 = gamma1 * plan.scales[i]
         norm_ema = g1 * previous["norm_ema"][i] + (1.0 - g1) * norm
         norm_sq_ema = gamma2 * previous["norm_sq_ema"][i] + (1.0 - gamma2) * norm * norm
@@ -92,8 +121,16 @@ def tensor_major_update(
             m.zero_()
             v.zero_()
         beta1_t, step_size, eps = _adam_scalars(plan, i)
-        m.mul_(beta1_t).add_(src, alpha=(1.0 - beta1_t) * factor)
-        v.mul_(beta2).addcmul_(src, src, value=(1.0 - beta2) * factor * factor)
+        m_alpha, v_alpha = (1.0 - beta1_t) * factor, (1.0 - beta2) * factor * factor
+        if hot is not None:
+            m_rows, v_rows = as_rows(m), as_rows(v)
+            m_hot = m_rows.index_select(0, hot).mul_(beta1_t).add_(hot_clipped, alpha=m_alpha)
+            v_hot = v_rows.index_select(0, hot).mul_(beta2).addcmul_(hot_clipped, hot_clipped, value=v_alpha)
+        m.mul_(beta1_t).add_(src, alpha=m_alpha)
+        v.mul_(beta2).addcmul_(src, src, value=v_alpha)
+        if hot is not None:
+            m_rows.index_copy_(0, hot, m_hot)
+            v_rows.index_copy_(0, hot, v_hot)
         torch.sqrt(v, out=denom).add_(eps)
         p.addcdiv_(m, denom, value=step_size)
         if i in resets and plan.reset_after:
@@ -102,6 +139,15 @@ def tensor_major_update(
     for key, values in updated.items():
         for state, value in zip(states, torch.tensor(values, dtype=torch.float32).unbind(), strict=True):
             state[key] = value
+
+
+def _maxima_without_rows(grads: list[Tensor], rows: list[Tensor | None]) -> list[Tensor | None]:
+    """max |g| of the tensors that have no row view (None where one exists)."""
+    missing = [i for i, r in enumerate(rows) if r is None]
+    out: list[Tensor | None] = [None] * len(grads)
+    for i, value in zip(missing, max_abs([grads[i] for i in missing]), strict=True):
+        out[i] = value
+    return out
 
 
 def foreach_update(

@@ -14,6 +14,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from keel.optim._helpers import check_range, max_abs
+from keel.optim._rows import as_rows, hot_rows, row_abs_max, scale_spikes
 
 
 def ada_clip_thresholds(maxima: Tensor, ema: Tensor, steps: Tensor, gamma: float) -> tuple[Tensor, Tensor]:
@@ -44,17 +45,6 @@ def ada_clip_(grad: Tensor, maximum: Tensor, threshold: Tensor, *, out: Tensor) 
     return torch.mul(grad, spiked, out=out)
 
 
-def clip_needed(maxima: Tensor, thresholds: Tensor) -> list[bool]:
-    """Per tensor: does any entry exceed its threshold (max|g| > M̂)?
-
-    Read on the host only for CPU tensors, where it costs nothing and spares the clipping passes on the
-    (usual) steps without a spike; on accelerators the answer is all True, to stay free of syncs.
-    """
-    if maxima.device.type != "cpu":
-        return [True] * maxima.numel()
-    return (maxima > thresholds).tolist()
-
-
 class AdaClip:
     """Spike-aware gradient clipping with a per-tensor adaptive threshold, for any optimizer.
 
@@ -64,7 +54,9 @@ class AdaClip:
     tensor's max |g| (threshold M̂). Gradients are changed in place.
 
     Per tensor and call t: M_t = θ·M_{t−1} + (1−θ)·max|g|, M̂ = M_t/(1−θ^t); entries with |g| > M̂ become
-    g·M̂/max|g|. The statistics are 0-d tensors on the gradients' device; no host sync.
+    g·M̂/max|g|. The statistics are 0-d tensors on the gradients' device. On accelerators every tensor
+    takes the dense clip, with no host sync; on CPU (where host reads are free) only tensors with
+    max|g| > M̂ are clipped, and only in the rows that hold the spike.
 
     Args:
         params: The parameters whose gradients are clipped.
@@ -111,16 +103,25 @@ class AdaClip:
         for device_indices in _by_device(grads).values():
             idx = [active[j] for j in device_indices]
             dev_grads = [grads[j] for j in device_indices]
-            maxima = torch.stack(max_abs(dev_grads)).float()
+            on_cpu = dev_grads[0].device.type == "cpu"
+            row_max = [row_abs_max(as_rows(g)) if g.numel() else None for g in dev_grads] if on_cpu else []
+            if on_cpu:
+                maxima = torch.stack([r.max() if r is not None else torch.zeros(()) for r in row_max]).float()
+            else:
+                maxima = torch.stack(max_abs(dev_grads)).float()
             ema = torch.stack([self._ema[i] for i in idx])
             steps = torch.tensor([float(self._steps[i]) for i in idx], device=maxima.device)
             new_ema, thresholds = ada_clip_thresholds(maxima, ema, steps, self.gamma)
             for k, i in enumerate(idx):
                 self._ema[i] = new_ema[k]
-            for g, m, thr, needed in zip(
-                dev_grads, maxima, thresholds, clip_needed(maxima, thresholds), strict=True
-            ):
-                if needed:
+            if on_cpu:  # host values are free: clip only the rows that hold a spike
+                for g, rows_max, peak, thr in zip(
+                    dev_grads, row_max, maxima.tolist(), thresholds.tolist(), strict=True
+                ):
+                    if peak > thr:
+                        _clip_rows_(g, rows_max, thr, peak)
+            else:
+                for g, m, thr in zip(dev_grads, maxima, thresholds, strict=True):
                     ada_clip_(g, m, thr, out=g)
             ratio = (maxima / thresholds.clamp_min(torch.finfo(torch.float32).tiny)).max()
             ratios.append(ratio.to(grads[0].device, non_blocking=True))  # no host sync
@@ -152,6 +153,17 @@ class AdaClip:
             None if e is None else e.detach().to(device=p.device, dtype=torch.float32).clone()
             for e, p in zip(state["ema"], self.params, strict=True)
         ]
+
+
+def _clip_rows_(grad: Tensor, row_max: Tensor, threshold: float, maximum: float) -> None:
+    """AdaClip in place on the rows of ``grad`` that hold a spike (all of it when that is cheaper)."""
+    hot = hot_rows(row_max, threshold) if grad.is_contiguous() else None
+    if hot is None:
+        full = torch.tensor(threshold, dtype=torch.float32)
+        ada_clip_(grad, torch.tensor(maximum, dtype=torch.float32), full, out=grad)
+        return
+    rows = as_rows(grad)
+    rows.index_copy_(0, hot, scale_spikes(rows.index_select(0, hot), threshold, maximum))
 
 
 def _by_device(tensors: Sequence[Tensor]) -> dict[torch.device, list[int]]:
