@@ -23,7 +23,9 @@ def test_mechanism_explains_later_symptoms_and_folds_entropy_collapse():
 
 def test_symptom_before_any_mechanism_is_its_own_cause_and_order_is_by_first_sighting():
     found = [f(5, "loss_spike", "critical"), f(50, "softmax_collapse"), f(30, "edge_of_stability")]
-    assert [d.kind for d in diagnose(found)] == ["edge_of_stability", "softmax_collapse", "loss_spike"]
+    assert [d.kind for d in diagnose(found)] == ["loss_spike", "edge_of_stability", "softmax_collapse"]
+    late = [f(448, "divergence"), f(456, "output_logit_drift")]  # a mechanism seen after the symptom
+    assert [(d.kind, d.consequences) for d in diagnose(late)] == [("divergence", {}), ("output_logit_drift", {})]
     assert diagnose([f(5, "loss_spike", "info")]) == []
     assert format_diagnoses([]).startswith("No instability")
 

@@ -126,3 +126,10 @@ def test_schedule_lr_jump_and_missing_closure():
         assert SharpnessProbe().measure(ctx(model, opt)) == {}
     with pytest.raises(ValueError, match=r"SharpnessConfig.lr_jump=1; allowed: a finite number > 1"):
         SharpnessConfig(lr_jump=1)
+
+
+def test_adam_without_state_gives_sharpness_but_no_margin():
+    model, x, y = tiny_problem()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.01)
+    out = SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=5, trace_probes=0).measure(ctx(model, opt))
+    assert "curvature/sharpness" in out and "curvature/margin" not in out  # no v̂ yet: no preconditioner

@@ -4,12 +4,12 @@ Rules, in order:
 
 1. Only warnings and criticals name a cause (an ``info`` finding is context, not an alarm).
 2. Findings of one kind form one candidate cause; its first step is when it was first seen.
-3. Mechanisms rank above symptoms: a growth of attention or output logits, a softmax or entropy
-   collapse, a learning rate beyond the edge of stability, ε-dominance or activation growth *explain*
-   loss spikes, divergence and non-finite values; when a mechanism was seen before a symptom, the
-   symptom is listed as its consequence rather than as a cause of its own.
-4. Among mechanisms, the earliest first sighting ranks first (the one that started it); ties go to the
-   more severe.
+3. Mechanisms explain symptoms: a growth of attention or output logits, a softmax or entropy collapse, a
+   learning rate beyond the edge of stability, ε-dominance or activation growth *explain* loss spikes,
+   divergence and non-finite values; when a mechanism was seen before a symptom, the symptom is listed as
+   its consequence rather than as a cause of its own.
+4. Causes rank by first sighting (the one that started it first); at the same step a mechanism ranks
+   before a symptom, then the more severe first.
 5. Attention-entropy collapse seen after attention-logit growth is the same event (large logits make
    attention one-hot): it is folded into the logit-growth diagnosis as evidence.
 6. Where a non-finite value was born (``non_finite_origin``) is evidence, attached to the diagnosis that
@@ -141,6 +141,8 @@ def diagnose(
             causes.append(symptom)
         else:
             explained.setdefault(owner, {})[symptom] = first[symptom]
+    # the earliest first; at the same step a mechanism before a symptom, then the more severe
+    causes.sort(key=lambda k: (first[k], k in SYMPTOMS, -max(severity_rank(f.severity) for f in by_kind[k])))
     degraded = degradation_step(losses, reference_losses) if losses is not None else None
     out = []
     for kind in causes:

@@ -11,7 +11,8 @@
 - without one, the first step from which the smoothed loss stays ``rise`` above its best level so far for
   ``sustain`` steps (a spike or divergence that lasts).
 
-Smoothing is a centred running median of ``window`` steps, robust to single-batch noise. The comparison
+Smoothing is a centred running median of ``window`` steps, robust to single-batch noise; the step found
+must itself be worse, so the centred window does not date the change before it happened. The comparison
 with a reference is the honest one for instabilities that stall a run rather than blow it up (attention-
 logit growth at a high LR often leaves the loss on a plateau): there is no rise to see, only a gap to
 what the fixed recipe reaches.
@@ -82,13 +83,18 @@ def degradation_step(
     if reference is not None:
         ref = running_median(reference[:n], window)
         worse = run >= (1 + rel) * ref
+        raw_worse = x >= (1 + rel) * ref
     else:
         best = np.fmin.accumulate(np.where(np.isfinite(run), run, np.inf))
-        worse = run >= (1 + rise) * np.concatenate([[np.inf], best[:-1]])
+        floor = (1 + rise) * np.concatenate([[np.inf], best[:-1]])
+        worse = run >= floor
+        raw_worse = x >= floor
     found = None
     for t in range(start, n):
         end = min(n, t + sustain)
-        if worse[t] and worse[t:end].all():
+        # the step itself must be worse too: a centred median would otherwise date a change up to
+        # window/2 steps before it happened
+        if raw_worse[t] and worse[t:end].all():
             found = t
             break
     candidates = [s for s in (first_bad, first_spike, found) if s is not None]

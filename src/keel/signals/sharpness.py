@@ -194,7 +194,9 @@ class SharpnessProbe:
         with torch.no_grad():
             for name, b in ctx.model.named_buffers():
                 b.copy_(buffers[name])
-        out[MARGIN] = _margin(ctx.optimizer, lr, out)
+        adam_like = any("betas" in g for g in ctx.optimizer.param_groups)
+        if PRECONDITIONED in out or not adam_like or self.config.preconditioned is False:
+            out[MARGIN] = _margin(ctx.optimizer, lr, out)  # an Adam without state yet has no margin to give
         return out
 
     def after_step(self, ctx: StepContext) -> Measurements:

@@ -1,0 +1,260 @@
+"""`keel bench detect`: run the scenario zoo and score keel's detection.
+
+For every scenario (`keel.proxy.scenarios`): was the right kind detected (a warning or critical finding of
+the expected kind), at which step, how many steps before the loss degraded (`keel.detect.lead_time`, against
+the scenario's reference run with the remedy applied when it has one), and — for healthy runs — how many
+warning/critical findings there were (false alarms). For an instability with a known event step (poisoned
+batch, LR spike, ...), any warning or critical finding before the event is a false alarm too.
+
+Example:
+    keel bench detect                     # all scenarios, a table
+    keel bench detect --json              # the figures as JSON
+    keel bench detect --only lr_spike --only data_outliers
+    keel bench detect --probe-costs       # CPU cost per step of each transformer probe
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from keel._core.finding import severity_rank
+from keel.detect.diagnosis import diagnose
+from keel.detect.lead_time import degradation_step, lead_steps
+from keel.proxy.scenarios import create_scenario, list_scenarios
+
+
+@dataclass(kw_only=True)
+class ScenarioScore:
+    """How keel did on one scenario (the ``--json`` record)."""
+
+    name: str
+    healthy: bool
+    expected_kind: str | None
+    detected: bool
+    kind: str | None
+    step: int | None
+    lead_steps: int | None
+    false_alarms: int
+    degraded_step: int | None = None
+    event_step: int | None = None
+    lead_required: bool = False
+    passed: bool = False
+    alarms: list[list[Any]] = field(default_factory=list)
+    diagnosis: list[str] = field(default_factory=list)
+    wall_s: float = 0.0
+
+
+def score_scenario(name: str, *, seed: int = 0, steps: int | None = None, reference: bool = True) -> ScenarioScore:
+    """Run one scenario (and its reference run) and score the findings."""
+    scenario = create_scenario(name)
+    spec = scenario.spec
+    start = time.perf_counter()
+    result = scenario.run(seed=seed, steps=steps)
+    ref = scenario.reference(seed=seed, steps=steps) if reference and not spec.healthy else None
+    wall = time.perf_counter() - start
+    alarms = result.alarms()
+    event = result.event_step
+    if spec.healthy:
+        false_alarms = len(alarms)
+    else:  # before a known event nothing is wrong yet: any alarm there is a false one
+        false_alarms = sum(1 for f in alarms if event is not None and f.step < event)
+    expected = [f for f in alarms if f.kind == spec.expected_kind and (event is None or f.step >= event)]
+    first = expected[0] if expected else (alarms[0] if alarms else None)
+    degraded = None if spec.healthy else degradation_step(result.losses, ref, start=result.event_step or 0)
+    step = first.step if first is not None else None
+    detected = bool(expected)
+    lead = lead_steps(step, degraded) if detected else None
+    if spec.healthy:
+        passed = false_alarms == 0
+    else:
+        passed = detected and false_alarms == 0 and (not spec.lead_required or (lead is not None and lead > 0))
+    return ScenarioScore(
+        name=name, healthy=spec.healthy, expected_kind=spec.expected_kind, detected=detected,
+        kind=first.kind if first is not None else None, step=step, lead_steps=lead, false_alarms=false_alarms,
+        degraded_step=degraded, event_step=result.event_step, lead_required=spec.lead_required, passed=passed,
+        alarms=[[f.step, f.kind, f.severity] for f in alarms][:20],
+        diagnosis=[d.summary() for d in diagnose(result.findings, losses=result.losses, reference_losses=ref)][:3],
+        wall_s=round(wall, 2))
+
+
+def bench_detect(names: Sequence[str] | None = None, *, seed: int = 0, steps: int | None = None,
+                 reference: bool = True, progress: Callable[[ScenarioScore], None] | None = None) -> dict[str, Any]:
+    """Score every scenario (or ``names``). Returns ``{"scenarios": [...], "summary": {...}}``."""
+    names = list(names) if names else list_scenarios()
+    unknown = [n for n in names if n not in list_scenarios()]
+    if unknown:
+        raise ValueError(f"unknown scenario(s) {unknown}; allowed: {', '.join(list_scenarios())}")
+    scores = []
+    for name in names:
+        score = score_scenario(name, seed=seed, steps=steps, reference=reference)
+        scores.append(score)
+        if progress is not None:
+            progress(score)
+    unstable = [s for s in scores if not s.healthy]
+    healthy = [s for s in scores if s.healthy]
+    summary = {
+        "instabilities": len(unstable),
+        "detected": sum(s.detected for s in unstable),
+        "lead_positive": sum(1 for s in unstable if s.lead_steps is not None and s.lead_steps > 0),
+        "healthy": len(healthy),
+        "false_alarms": sum(s.false_alarms for s in healthy),
+        "passed": sum(s.passed for s in scores),
+        "total": len(scores),
+        "wall_s": round(sum(s.wall_s for s in scores), 1),
+    }
+    return {"scenarios": [asdict(s) for s in scores], "summary": summary, "seed": seed}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--only", action="append", metavar="SCENARIO",
+                        help=f"run only this scenario (repeatable); one of: {', '.join(list_scenarios())}")
+    parser.add_argument("--seed", type=int, default=0, help="seed of every run (default: %(default)s)")
+    parser.add_argument("--no-reference", action="store_true",
+                        help="skip the reference runs (lead time then uses the run's own loss curve)")
+    parser.add_argument("--probe-costs", action="store_true",
+                        help="instead: measure the CPU cost per step of each transformer probe on the small proxy")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def _row(s: ScenarioScore) -> str:
+    def show(v: object) -> str:
+        return "-" if v is None else str(v)
+
+    what = "healthy" if s.healthy else s.expected_kind or ""
+    return (f"  {s.name:28s} {what:28s} {'PASS' if s.passed else 'FAIL'}  detected={show(s.detected if not s.healthy else None):5s}"
+            f" step={show(s.step):5s} degraded={show(s.degraded_step):5s} lead={show(s.lead_steps):5s}"
+            f" false_alarms={s.false_alarms}  ({s.wall_s:.1f}s)")
+
+
+def main(args: argparse.Namespace) -> int:
+    if args.probe_costs:
+        costs = probe_costs(progress=None if args.json else (lambda m: print(f"  {m}", flush=True)))
+        if args.json:
+            print(json.dumps(costs, indent=2))
+        else:
+            for name, ms in costs["cpu_ms_per_step"].items():
+                print(f"  {name:30s} {ms:8.2f} ms/step  ratio {costs['ratio_to_bare'][name]:.4f}  "
+                      f"{costs['extra_ms_vs_foundation'][name]:+.2f} ms vs foundation probes")
+            print(f"  sharpness: {costs['sharpness_s_per_measurement']:.2f} s per measurement "
+                  f"({costs['sharpness_setting']})")
+        return 0
+    progress = None if args.json else (lambda s: print(_row(s), flush=True))
+    if not args.json:
+        print("keel bench detect: scenario zoo under Guard(policy='observe'), default probes and detectors")
+    result = bench_detect(args.only, seed=args.seed, reference=not args.no_reference, progress=progress)
+    if args.json:
+        json.dump(result, sys.stdout, indent=2)
+        print()
+    else:
+        s = result["summary"]
+        print(f"instabilities detected {s['detected']}/{s['instabilities']}, lead > 0 on {s['lead_positive']}; "
+              f"false alarms on healthy runs: {s['false_alarms']} ({s['healthy']} runs); "
+              f"passed {s['passed']}/{s['total']} in {s['wall_s']}s")
+    return 0 if result["summary"]["passed"] == result["summary"]["total"] else 1
+
+
+# --- the cost of the probes ------------------------------------------------------------------------------
+def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threads: int | None = None,
+                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """CPU time per step of each of keel's transformer probes on a proxy model, against the same loop without it.
+
+    Every variant trains its own copy of the proxy under `Guard(policy="observe")` with the foundation's
+    probes (loss, gradient and parameter norms) plus the probe measured, at that probe's every-step cadence
+    (so sampled probes show their cost per measurement); variants run interleaved, one block each per
+    repeat, in rotating order, and each repeat's figure is the process CPU time of the block (not wall time:
+    this machine is shared). Sharpness, which runs its own forward and Hessian-vector products, is timed
+    per measurement.
+    """
+    import statistics
+
+    import torch
+    import torch.nn.functional as F
+
+    from keel.guard import Guard
+    from keel.proxy import ProxyBatches, create_proxy_model
+    from keel.signals import create_probe
+    from keel.signals.sharpness import SharpnessProbe
+
+    if threads is not None:
+        torch.set_num_threads(threads)
+    base = ["loss", "grad_norm", "param_norm"]
+    variants: dict[str, list[Any] | None] = {
+        "bare": None, "foundation": base,
+        "attn_logits": base + [create_probe("attn_logits")],
+        "attn_entropy (every step)": base + [create_probe("attn_entropy", every=1)],
+        "output_logits": base + [create_probe("output_logits")],
+        "activation_rms": base + [create_probe("activation_rms")],
+        "grad_weight_cos (every step)": base + [create_probe("grad_weight_cos", every=1)],
+        "adam_eps (every step)": base + [create_probe("adam_eps", every=1)],
+        "defaults (keel 0.1)": "default",  # type: ignore[dict-item]
+    }
+    loops = {}
+    for name, probes in variants.items():
+        torch.manual_seed(0)
+        model = create_proxy_model(size)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        data = [ProxyBatches(batch_size=16, seq_len=64, seed=0).next() for _ in range(4)]
+        guard = Guard(model, opt, policy="observe", probes=probes) if probes is not None else None
+        loops[name] = (model, opt, data, guard)
+
+    def block(name: str, n: int) -> float:
+        model, opt, data, guard = loops[name]
+        start = time.process_time()
+        for i in range(n):
+            x, y = data[i % len(data)]
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+            loss.backward()
+            if guard is not None:
+                guard.step(loss)
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+        return (time.process_time() - start) / n
+
+    names = list(loops)
+    for name in names:
+        block(name, 3)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            times[name].append(block(name, steps))
+        if progress is not None:
+            progress(f"repeat {r + 1}/{repeats}")
+    for _, _, _, guard in loops.values():
+        if guard is not None:
+            guard.close()
+    bare = times["bare"]
+    ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
+    ratio = {n: statistics.median(a / b for a, b in zip(times[n], bare)) for n in names}
+    extra = {n: statistics.median(1e3 * (a - b) for a, b in zip(times[n], times["foundation"])) for n in names}
+    model, opt, data, _ = loops["bare"]
+    x, y = data[0]
+    sharp = SharpnessProbe(lambda: F.cross_entropy(model(x[:8]).flatten(0, 1), y[:8].flatten()), iters=20,
+                           trace_probes=10)
+    from keel.signals import StepContext
+
+    named = list(model.named_parameters())
+    ctx = StepContext(step=0, loss=torch.zeros(()), model=model, optimizer=opt, names=tuple(n for n, _ in named),
+                      params=[p for _, p in named], grads=[p.grad for _, p in named], log_step=False)
+    sharp_s = []
+    for _ in range(3):
+        start = time.process_time()
+        sharp.measure(ctx)
+        sharp_s.append(time.process_time() - start)
+        sharp._last_lr = None
+    return {"size": size, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
+            "cpu_ms_per_step": ms, "ratio_to_bare": ratio, "extra_ms_vs_foundation": extra,
+            "sharpness_s_per_measurement": statistics.median(sharp_s),
+            "sharpness_setting": "iters=20, trace_probes=10, probe batch 8x64"}
+
+
+if __name__ == "__main__":  # `python -m keel.bench.detect` until `keel bench detect` is registered
+    _parser = argparse.ArgumentParser(prog="keel bench detect", description=__doc__.splitlines()[0])
+    add_arguments(_parser)
+    sys.exit(main(_parser.parse_args()))

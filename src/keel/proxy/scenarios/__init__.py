@@ -1,0 +1,62 @@
+"""The scenario zoo: reproducible instabilities and healthy runs with nuisances, each a real CPU training run.
+
+Every scenario trains a small model under an observing `Guard` with keel's default probes and detectors
+and knows what keel should say: the finding kind that names its instability, or — for a healthy run —
+that no warning or critical finding may appear. `keel bench detect` runs them all
+(`keel.bench.detect`). Scenarios with a ``reference`` also train the same recipe with the remedy applied,
+which is how "the loss degraded" is judged for instabilities that stall rather than explode.
+
+Example:
+    >>> sorted(list_scenarios())[:2]
+    ['attention_entropy_collapse', 'attention_logit_growth']
+"""
+
+from __future__ import annotations
+
+from typing import Protocol, runtime_checkable
+
+from keel._core.registry import Registry
+from keel.proxy.scenarios._common import ScenarioResult, ScenarioSpec
+
+
+@runtime_checkable
+class Scenario(Protocol):
+    """A reproducible run: ``spec`` says what keel should find; ``run`` trains under `Guard`."""
+
+    spec: ScenarioSpec
+
+    def run(self, *, seed: int = 0, steps: int | None = None) -> ScenarioResult: ...
+
+    def reference(self, *, seed: int = 0, steps: int | None = None) -> list[float] | None:
+        """Losses of the same run with the remedy applied (no Guard), or None."""
+        ...
+
+
+SCENARIOS: Registry[Scenario] = Registry("scenario")
+
+
+def create_scenario(name: str) -> Scenario:
+    """Build a registered scenario by name."""
+    return SCENARIOS.create(name)
+
+
+def list_scenarios() -> list[str]:
+    return SCENARIOS.names()
+
+
+from keel.proxy.scenarios import (  # noqa: E402,F401  (register built-ins)
+    attention_entropy_collapse,
+    attention_logit_growth,
+    curriculum_switch,
+    data_outliers,
+    lr_spike,
+    non_finite_origin,
+    poisoned_batch,
+    slow_divergence,
+    softmax_collapse,
+    warmup_bump,
+    benign_oscillation,
+    output_logit_divergence,
+)
+
+__all__ = ["SCENARIOS", "Scenario", "ScenarioResult", "ScenarioSpec", "create_scenario", "list_scenarios"]

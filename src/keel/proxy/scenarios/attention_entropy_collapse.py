@@ -1,0 +1,25 @@
+"""Attention-entropy collapse at a moderately high learning rate (Zhai et al. 2023).
+
+keel's tiny proxy at peak LR 0.03 (AdamW, no weight decay): the mean attention entropy falls from its
+uniform 3.2 nats to below 10 % of it while the logits grow to several hundred — below the critical level
+of the logit-growth detector, so the collapse of the attention itself is what names it. The reference
+adds QK-norm (σReparam, the paper's remedy, bounds the same logits through the spectral norm).
+"""
+
+from __future__ import annotations
+
+from keel.proxy.scenarios import SCENARIOS
+from keel.proxy.scenarios._common import LMRun, LMScenario, ScenarioSpec
+
+
+@SCENARIOS.register("attention_entropy_collapse")
+class AttentionEntropyCollapse(LMScenario):
+    spec = ScenarioSpec(name="attention_entropy_collapse", healthy=False, expected_kind="attention_entropy_collapse",
+                        summary="tiny proxy at LR 0.03: mean attention entropy collapses below 10 % of uniform",
+                        remedy="QK-norm")
+
+    def recipe(self, seed: int) -> LMRun:
+        return LMRun(size="tiny", steps=300, lr=0.03, seed=seed)
+
+    def fixed(self, seed: int) -> LMRun:
+        return LMRun(size="tiny", steps=300, lr=0.03, qk_norm=True, seed=seed)

@@ -1,0 +1,20 @@
+"""Healthy run with a warm-up bump: a short warm-up to a high (but QK-normed) learning rate.
+
+keel's tiny proxy with QK-norm at peak LR 0.02 reached in 5 steps: the loss falls, bumps back up for a
+few steps while Adam's second moments settle, then trains normally. Warm-up bumps are routine; no warning
+or critical finding may appear.
+"""
+
+from __future__ import annotations
+
+from keel.proxy.scenarios import SCENARIOS
+from keel.proxy.scenarios._common import LMRun, LMScenario, ScenarioSpec
+
+
+@SCENARIOS.register("warmup_bump")
+class WarmupBump(LMScenario):
+    spec = ScenarioSpec(name="warmup_bump", healthy=True, expected_kind=None,
+                        summary="tiny proxy with QK-norm, 5-step warm-up to LR 0.02: the loss bumps early")
+
+    def recipe(self, seed: int) -> LMRun:
+        return LMRun(size="tiny", steps=250, lr=0.02, warmup=5, qk_norm=True, seed=seed)
