@@ -28,16 +28,19 @@ CASES = {
     "empty_file": (lambda d: _write(d / "log.csv", ""), "empty"),
     "blank_file": (lambda d: _write(d / "log.jsonl", "\n  \n"), "empty"),
     "header_only": (lambda d: _write(d / "log.csv", "step,loss\n"), "no data rows"),
-    "no_integer_steps": (lambda d: _write(d / "log.csv", "step,loss\nabc,1\n1.5,2\n"), "no row has an integer"),
+    "no_integer_steps": (lambda d: _write(d / "log.csv", "step,loss\nabc,1\n1.5,2\n"),
+                         "no row has an integer"),
     "binary_garbage": (lambda d: _write_bytes(d / "blob.bin", RNG_BYTES), "binary data"),
     "binary_named_csv": (lambda d: _write_bytes(d / "log.csv", RNG_BYTES), "binary data"),
     "not_utf8": (lambda d: _write_bytes(d / "log.csv", b"step,loss\n1,\xff\xfe\n"), "not UTF-8"),
-    "garbage_event_file": (lambda d: _write_bytes(d / "events.out.tfevents.1", RNG_BYTES), "not a TensorBoard"),
-    "garbage_with_sqlite_magic": (lambda d: _write_bytes(d / "run.sqlite", b"SQLite format 3\x00" + RNG_BYTES),
-                                  "not a keel run store"),
+    "garbage_event_file": (lambda d: _write_bytes(d / "events.out.tfevents.1", RNG_BYTES),
+                           "not a TensorBoard"),
+    "garbage_with_sqlite_magic": (
+        lambda d: _write_bytes(d / "run.sqlite", b"SQLite format 3\x00" + RNG_BYTES), "not a keel run store"),
     "other_sqlite": (lambda d: (_sqlite_other(d / "x.sqlite"), d / "x.sqlite")[1], "not a keel run store"),
     "empty_folder": (lambda d: d, "no training log"),
-    "json_object_not_a_log": (lambda d: _write(d / "config.json", json.dumps({"lr": 1}, indent=2)), "not a log"),
+    "json_object_not_a_log": (lambda d: _write(d / "config.json", json.dumps({"lr": 1}, indent=2)),
+                              "not a log"),
     "state_without_history": (lambda d: _write(d / "trainer_state.json", json.dumps({"global_step": 3})),
                               "no 'log_history'"),
     "state_empty_history": (lambda d: _write(d / "trainer_state.json", json.dumps({"log_history": []})),
@@ -86,7 +89,7 @@ def test_unknown_format_name_is_rejected_by_the_parser(tmp_path, capsys):
 def test_the_process_prints_no_traceback(tmp_path):
     garbage = _write_bytes(tmp_path / "blob.dat", RNG_BYTES)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    proc = subprocess.run([sys.executable, "-m", "keel.cli", "doctor", str(garbage)], capture_output=True, text=True,
-                          env=env, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "keel.cli", "doctor", str(garbage)], capture_output=True,
+                          text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("keel doctor: error: ") and proc.stderr.count("\n") == 1

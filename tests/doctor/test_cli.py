@@ -59,8 +59,8 @@ def test_json_shape(spiky_csv, capsys):
     assert {"counts", "stride", "signals", "detectors", "restarts", "gaps"} <= set(doc["summary"])
     first = doc["findings"][0]
     assert set(first) >= {"step", "kind", "severity", "signal", "value", "baseline", "cause", "remedy"}
-    assert [(f["step"], f["severity"]) for f in doc["findings"]] == [(60, "info"), (120, "info"), (122, "warning"),
-                                                                    (180, "critical")]
+    assert [(f["step"], f["severity"]) for f in doc["findings"]] == [
+        (60, "info"), (120, "info"), (122, "warning"), (180, "critical")]
     assert doc["summary"]["signals"]["loss"] == {"column": "loss", "observations": 200, "non_finite": 0}
 
 

@@ -17,7 +17,7 @@ def _noisy(n, level=2.0, rel=0.02, seed=0):
 
 def _log(steps, losses, **extra_columns):
     records = []
-    for i, (s, v) in enumerate(zip(steps, losses)):
+    for i, (s, v) in enumerate(zip(steps, losses, strict=True)):
         values = {"loss": v}
         for name, column in extra_columns.items():
             values[name] = column[i]
@@ -39,13 +39,14 @@ def test_a_spike_is_found_at_its_step_exactly_as_the_detector_finds_it(tmp_path)
     direct = [f for s, v in enumerate(losses) for f in det.update(Observation(step=s, values={"loss": v}))]
     assert _key(result.findings) == _key(direct) == [(120, "loss_spike", "critical")]
     assert result.findings[0].baseline == pytest.approx(2.0, rel=0.02)
-    assert result.summary["stride"] == 1 and result.summary["counts"] == {"info": 0, "warning": 0, "critical": 1}
+    assert result.summary["stride"] == 1
+    assert result.summary["counts"] == {"info": 0, "warning": 0, "critical": 1}
 
 
 def test_a_clean_log_has_no_findings_above_info():
     steps = list(range(0, 3000))
     losses = [(2.0 + 3.0 * math.exp(-s / 300)) * (1 + 0.02 * e) for s, e in
-              zip(steps, np.random.default_rng(1).standard_normal(len(steps)))]
+              zip(steps, np.random.default_rng(1).standard_normal(len(steps)), strict=True)]
     result = diagnose(_log(steps, losses))
     assert result.at_least("warning") == []
 
@@ -63,7 +64,8 @@ def test_sparse_log_scales_only_the_divergence_warm_up():
     divergence = [f for f in result.findings if f.kind == "divergence"]
     assert [f.severity for f in divergence] == ["warning", "critical"]
     unscaled = DivergenceDetector()
-    assert [f for s, v in zip(steps, losses) for f in unscaled.update(Observation(step=s, values={"loss": v}))] == []
+    assert [f for s, v in zip(steps, losses, strict=True)
+            for f in unscaled.update(Observation(step=s, values={"loss": v}))] == []
 
 
 def test_sparse_log_keeps_patience_in_observations():
@@ -120,7 +122,8 @@ def test_non_finite_loss_and_grad_norm_are_critical():
     losses[10] = math.nan
     grads[20] = math.inf
     result = diagnose(_log(list(range(30)), losses, grad_norm=grads))
-    assert _key(result.at_least("warning")) == [(10, "non_finite", "critical"), (20, "non_finite", "critical")]
+    assert _key(result.at_least("warning")) == [(10, "non_finite", "critical"),
+                                                (20, "non_finite", "critical")]
 
 
 def test_detector_factory_is_used_and_called_fresh_on_restart():

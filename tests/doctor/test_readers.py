@@ -61,7 +61,8 @@ def test_json_array_of_log_objects(tmp_path):
 
 
 def _trainer_state(entries, **extra):
-    return json.dumps({"global_step": entries[-1]["step"], "logging_steps": 10, "log_history": entries, **extra})
+    return json.dumps({"global_step": entries[-1]["step"], "logging_steps": 10, "log_history": entries,
+                       **extra})
 
 
 def test_hf_trainer_state_merges_eval_and_drops_the_summary_entry(tmp_path):
@@ -79,7 +80,8 @@ def test_hf_trainer_state_merges_eval_and_drops_the_summary_entry(tmp_path):
     assert log.format == "hf_trainer_state" and log.meta["logging_steps"] == 10
     obs = build_timeline(log).observations
     assert [(o.step, o.values["loss"]) for o in obs] == [(10, 2.0), (20, 1.9)]  # no fake 1.95 at the end
-    assert obs[0].values["val/loss"] == 2.2 and obs[0].values["lr"] == 5e-5 and obs[0].values["grad/norm"] == 1.5
+    assert obs[0].values["val/loss"] == 2.2 and obs[0].values["lr"] == 5e-5
+    assert obs[0].values["grad/norm"] == 1.5
     assert any("summary" in n for n in log.notes)
 
 
@@ -89,7 +91,8 @@ def test_tensorboard_simple_value_file_and_folder():
     for path in (folder, file):
         obs = _obs(path)
         assert [o.step for o in obs] == list(range(60))
-        assert obs[1].values["loss"] == pytest.approx(3.01) and obs[1].values["grad/norm"] == pytest.approx(1.05)
+        assert obs[1].values["loss"] == pytest.approx(3.01)
+        assert obs[1].values["grad/norm"] == pytest.approx(1.05)
         assert obs[0].values["lr"] == pytest.approx(1e-3)
         assert math.isnan(obs[50].values["loss"])
     assert any("non-scalar" in n for n in read_log(folder).notes)  # the histogram was skipped

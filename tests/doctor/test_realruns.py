@@ -11,7 +11,8 @@ from keel.doctor import diagnose_log
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "realruns"
 pytestmark = pytest.mark.skipif(not (DATA / "labels.json").is_file(),
-                                reason=f"real-run logs not found at {DATA} (shared/ sits beside the clone in CI)")
+                                reason=f"real-run logs not found at {DATA} "
+                                       "(shared/ sits beside the clone in CI)")
 
 
 def _labels():
@@ -34,7 +35,8 @@ EXPECTED_WITH_PREFIX = {
     "issue_litgpt_628_codellama_spike.csv": "1152 loss_spike critical",
     "issue_mlx_examples_620_lora_blowup.csv": "75 loss_spike critical",
     "issue_deeplab_lfov_5_divergence.csv": "12981 loss_spike warning",
-    "bigscience_tr8_104b_exp1_divergence_7000.csv": None,  # 3 points; its 1.77× jump is within healthy outliers
+    # 3 points; its 1.77× one-step jump is within what healthy runs' one-batch outliers reach (1.89×)
+    "bigscience_tr8_104b_exp1_divergence_7000.csv": None,
 }
 
 

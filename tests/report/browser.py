@@ -16,7 +16,8 @@ import time
 from pathlib import Path
 
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-         "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars"]
+         "--disable-background-networking", "--disable-component-update", "--disable-sync",
+         "--hide-scrollbars"]
 ARTIFACTS = Path(__file__).resolve().parents[2] / "test-artifacts"
 
 
@@ -28,22 +29,24 @@ def chromium_binary() -> str | None:
                  if (p := shutil.which(name))), None)
 
 
-def load(page: Path, profile: Path, *, fragment: str = "", budget_ms: int = 30_000, timeout: float = 180) -> dict:
+def load(page: Path, profile: Path, *, fragment: str = "", budget_ms: int = 30_000,
+         timeout: float = 180) -> dict:
     """Open ``page`` (with ``#fragment``); return its status ({charts, rendered, errors, view}), the console
     lines, the DOM and the wall time."""
     start = time.perf_counter()
     proc = subprocess.run(
         [chromium_binary(), *FLAGS, f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0",
-         f"--virtual-time-budget={budget_ms}", "--window-size=1400,1000", "--dump-dom", page.resolve().as_uri() + (f"#{fragment}" if fragment else "")],
+         f"--virtual-time-budget={budget_ms}", "--window-size=1400,1000", "--dump-dom",
+         page.resolve().as_uri() + (f"#{fragment}" if fragment else "")],
         capture_output=True, text=True, timeout=timeout)
     seconds = time.perf_counter() - start
     dom = proc.stdout
     match = re.search(r'<pre id="keel-status">([^<]*)</pre>', dom)
-    status = json.loads(match.group(1).replace("&quot;", '"').replace("&amp;", "&")) if match and match.group(1) \
-        else {}
+    text = match.group(1).replace("&quot;", '"').replace("&amp;", "&") if match else ""
+    status = json.loads(text) if text else {}
     console = [line for line in proc.stderr.splitlines() if ":CONSOLE" in line]
-    return {"status": status, "console": console, "dom": dom, "seconds": seconds, "returncode": proc.returncode,
-            "stderr_tail": proc.stderr[-2000:]}
+    return {"status": status, "console": console, "dom": dom, "seconds": seconds,
+            "returncode": proc.returncode, "stderr_tail": proc.stderr[-2000:]}
 
 
 def screenshot(page: Path, png: Path, profile: Path, *, height: int = 3600, timeout: float = 180) -> Path:

@@ -1,4 +1,4 @@
-"""Synthetic run stores for the report tests, written with the store's own RunWriter (no torch, no training)."""
+"""Synthetic run stores for the report tests, written with the store's RunWriter (no torch, no training)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,9 @@ from keel._core import Decision, Finding
 from keel.store import RunWriter
 
 
-def make_run_store(run_dir: Path, *, steps: int = 300, seed: int = 0, layers: int = 2, spike_at: int | None = 150,
-                   skip_at: int | None = 150, rollback: tuple[int, int] | None = None, nan_at: int | None = None,
+def make_run_store(run_dir: Path, *, steps: int = 300, seed: int = 0, layers: int = 2,
+                   spike_at: int | None = 150, skip_at: int | None = 150,
+                   rollback: tuple[int, int] | None = None, nan_at: int | None = None,
                    snapshot_every: int = 100, policy: str = "skip", per_param: bool = True) -> Path:
     """A run store with loss, grad/norm, lr, per-layer attention and logits signals, findings and decisions.
 
@@ -54,7 +55,8 @@ def make_run_store(run_dir: Path, *, steps: int = 300, seed: int = 0, layers: in
                                     value=2.5, baseline=2.0, cause="One outlier batch."))
         if nan_at is not None:
             findings.append(Finding(step=nan_at, kind="non_finite", severity="critical", signal="loss",
-                                    evidence={"non_finite": ["loss"]}, cause="Non-finite loss.", remedy="Skip."))
+                                    evidence={"non_finite": ["loss"]}, cause="Non-finite loss.",
+                                    remedy="Skip."))
         findings.append(Finding(step=steps // 2, kind="attention_logit_growth", severity="warning",
                                 signal="attn/max_logit", value=10.0, baseline=5.0,
                                 evidence={"rate_per_step": 0.01, "remedies": [

@@ -1,5 +1,7 @@
-"""The report in a real headless Chromium: every chart drawn, no console message, no error; a screenshot is kept
-under test-artifacts/ for a person to look at."""
+"""The report in a real headless Chromium: every chart drawn, no console message, no error.
+
+A screenshot is kept under test-artifacts/ for a person to look at.
+"""
 
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ from tests.report.stores import make_run_store
 
 pytestmark = [pytest.mark.browser,
               pytest.mark.skipif(chromium_binary() is None,
-                                 reason="chromium is not installed (apt-get install chromium; CI installs it)")]
+                                 reason="chromium is not installed "
+                                        "(apt-get install chromium; CI installs it)")]
 
 
 class _Charts(HTMLParser):

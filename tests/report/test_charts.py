@@ -26,7 +26,8 @@ def test_marks_go_to_the_chart_of_their_signal(tmp_path):
     runs = _runs(tmp_path)
     charts, _ = plan_charts(runs)
     by_id = {c.id: c.title for c in charts}
-    placed = {(by_id[cid], m["run"], m["type"], m["step"]) for cid, ms in marks(runs, charts).items() for m in ms}
+    placed = {(by_id[cid], m["run"], m["type"], m["step"])
+              for cid, ms in marks(runs, charts).items() for m in ms}
     assert ("loss", 1, "critical", 150) in placed and ("loss", 1, "critical", 200) in placed
     assert ("attn/max_logit", 0, "warning", 150) in placed
     assert ("loss", 1, "skip", 150) in placed and ("gradient norm", 1, "skip", 150) in placed

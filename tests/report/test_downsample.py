@@ -9,7 +9,7 @@ def _reference(steps, values, max_points):
     n, buckets = len(steps), max_points // 2
     edges = [int(x) for x in np.linspace(0, n, buckets + 1)]
     keep = []
-    for a, b in zip(edges, edges[1:]):
+    for a, b in zip(edges, edges[1:], strict=False):
         idx = [i for i in range(a, b) if np.isfinite(values[i])]
         if not idx:
             keep.append((a, True))

@@ -67,7 +67,8 @@ def test_an_old_store_schema_still_renders_with_a_problem_note(runs, tmp_path):
     make_run_store(old, steps=50, spike_at=None, skip_at=None)
     conn = sqlite3.connect(old / "run.sqlite")
     conn.execute("DROP TABLE decisions")
-    conn.execute("CREATE TABLE decisions (step INTEGER, action TEXT, reason TEXT, actor TEXT)")  # before onset
+    # the table as it was before decisions had an onset column
+    conn.execute("CREATE TABLE decisions (step INTEGER, action TEXT, reason TEXT, actor TEXT)")
     conn.commit()
     conn.close()
     page = write_report([old], tmp_path / "report.html").read_text()
@@ -85,9 +86,30 @@ def test_cli_writes_and_prints_the_path_and_fails_cleanly(runs, tmp_path, capsys
 
 
 def test_the_report_imports_no_torch(runs, tmp_path):
-    code = (f"import sys; from keel.report import write_report; write_report([{str(runs)!r}], {str(tmp_path / 'r.html')!r});"
-            "print('torch' in sys.modules)")
+    code = ("import sys; from keel.report import write_report; "
+            f"write_report([{str(runs)!r}], {str(tmp_path / 'r.html')!r}); print('torch' in sys.modules)")
     src = str(Path(__file__).resolve().parents[2] / "src")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
                           env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
     assert proc.stdout.strip() == "False", proc.stderr
+
+
+def test_series_encoding_compacts_even_steps_and_round_trips_irregular_ones(tmp_path):
+    import base64
+
+    import numpy as np
+
+    from keel.report.charts import plan_charts
+    from keel.report.page import _series
+    from keel.report.run_data import RunData
+
+    even = RunData(name="a", path=tmp_path, series={"loss": (np.arange(0, 50, 5), np.linspace(3, 2, 10))})
+    odd_steps = np.array([0, 1, 2, 10, 11, 500])
+    odd_values = np.array([3, 2.9, np.nan, 2.5, np.inf, 2.0])
+    odd = RunData(name="b", path=tmp_path, series={"loss": (odd_steps, odd_values)})
+    encoded = _series([even, odd], plan_charts([even, odd])[0])
+    assert {k: encoded[0][k] for k in ("start", "stride", "n")} == {"start": 0, "stride": 5, "n": 10}
+    assert "steps" not in encoded[0]
+    np.testing.assert_array_equal(np.frombuffer(base64.b64decode(encoded[1]["steps"]), "<i4"), odd_steps)
+    values = np.frombuffer(base64.b64decode(encoded[1]["values"]), "<f4")
+    np.testing.assert_array_equal(values, odd_values.astype("<f4"))

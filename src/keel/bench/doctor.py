@@ -1,4 +1,4 @@
-"""`keel bench doctor`: `keel doctor` on the real training logs of shared/data/realruns, scored against labels.json.
+"""`keel bench doctor`: `keel doctor` on the real training logs in shared/data/realruns, against labels.json.
 
 For every series: the run as logged (``keel doctor --json`` on the file), with warning/critical counts. For
 the healthy runs every warning or critical is a false alarm. For a labelled spike or divergence it is
@@ -27,7 +27,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keel._core.finding import severity_rank
 from keel.doctor import RawLog, diagnose, logging_stride, read_log
 from keel.doctor.timeline import build_timeline
 
@@ -106,11 +105,12 @@ def load_prefix(data: Path) -> list[tuple[float, float]] | None:
     path = data / PREFIX_SOURCE
     if not path.is_file():
         return None
-    rows = [(step, values) for step, values in read_log(path).records if PREFIX_STEPS[0] <= step < PREFIX_STEPS[1]]
+    first, end = PREFIX_STEPS
+    rows = [(step, values) for step, values in read_log(path).records if first <= step < end]
     loss = [v["loss"] for _, v in rows]
     grad = [v["grad_norm"] for _, v in rows]
     ml, mg = statistics.median(loss), statistics.median(grad)
-    return [(a / ml, b / mg) for a, b in zip(loss, grad)]
+    return [(a / ml, b / mg) for a, b in zip(loss, grad, strict=True)]
 
 
 def with_prefix(log: RawLog, prefix: list[tuple[float, float]], first_event: int, stride: int) -> RawLog:
@@ -124,13 +124,15 @@ def with_prefix(log: RawLog, prefix: list[tuple[float, float]], first_event: int
     start = log.records[0][0] - stride * len(prefix)
     records = [(start + i * stride, {c: level * point[idx] for c, (level, idx) in levels.items()})
                for i, point in enumerate(prefix)]
-    return RawLog(source=log.source, format=log.format, records=records + log.records, step_column=log.step_column)
+    return RawLog(source=log.source, format=log.format, records=records + log.records,
+                  step_column=log.step_column)
 
 
 def run(data: Path) -> list[SeriesScore]:
     labels = json.loads((data / "labels.json").read_text())["series"]
     prefix = load_prefix(data)
-    return [score_series(data / entry["file"], entry, prefix) for entry in labels if (data / entry["file"]).is_file()]
+    return [score_series(data / entry["file"], entry, prefix) for entry in labels
+            if (data / entry["file"]).is_file()]
 
 
 def format_markdown(scores: list[SeriesScore]) -> str:
@@ -139,8 +141,8 @@ def format_markdown(scores: list[SeriesScore]) -> str:
     lines = ["Healthy runs (every warning or critical is a false alarm):", "",
              "| file | label | points | stride | warnings | criticals | info (one-batch outliers) |",
              "|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| `{s.file}` | {s.label} | {s.points} | {s.stride} | {s.warnings} | {s.criticals} | {s.infos} |"
-              for s in healthy]
+    lines += [f"| `{s.file}` | {s.label} | {s.points} | {s.stride} | {s.warnings} | {s.criticals} | "
+              f"{s.infos} |" for s in healthy]
     lines += ["", "Labelled spikes and divergences (context = logged points before the first labelled step; "
               "the spike detector needs 20):", "",
               "| file | label | points | context | as logged: first alarm in window | early alarms | "
@@ -151,7 +153,8 @@ def format_markdown(scores: list[SeriesScore]) -> str:
         delay = int(p["detected_by"].split()[0]) - s.event_step if p.get("detected_by") else None
         lines.append(f"| `{s.file}` | {s.label} | {s.points} | {s.context} | {s.detected_by or 'none'} | "
                      f"{s.early_alarms} | {p.get('detected_by') or 'none'} | "
-                     f"{'' if delay is None else delay} | {p.get('prefix_alarms', '')}/{p.get('early_alarms', '')} |")
+                     f"{'' if delay is None else delay} | "
+                     f"{p.get('prefix_alarms', '')}/{p.get('early_alarms', '')} |")
     return "\n".join(lines)
 
 

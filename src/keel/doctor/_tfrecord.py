@@ -1,4 +1,4 @@
-"""TFRecord framing, as TensorBoard event files use it: length, CRC of the length, payload, CRC of the payload.
+"""TFRecord framing as TensorBoard event files use it: length, CRC of the length, payload, CRC of the payload.
 
 Each record is ``uint64 length | uint32 masked_crc32c(length) | payload | uint32 masked_crc32c(payload)``,
 little-endian. The length's CRC is checked (8 bytes, cheap even in Python): it tells an event file from

@@ -18,11 +18,13 @@ from keel.doctor.text import format_result
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="PATH",
-                        help="CSV/TSV, JSONL, trainer_state.json, TensorBoard event file or folder, keel run store")
+                        help="CSV/TSV, JSONL, trainer_state.json, TensorBoard event file or folder, "
+                             "keel run store")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--fail-on", choices=("warning", "critical"), default=None,
                         help="exit 1 when a finding of this severity or worse is found (for CI)")
-    parser.add_argument("--format", choices=FORMATS, default=None, help="force a reader instead of detecting it")
+    parser.add_argument("--format", choices=FORMATS, default=None,
+                        help="force a reader instead of detecting it")
     parser.add_argument("--all", action="store_true", help="list info findings in the table too")
 
 

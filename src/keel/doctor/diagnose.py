@@ -90,7 +90,7 @@ def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None 
                 checkpoints.pop()
             start, states = checkpoints[-1]
             dets = fresh()
-            for det, state in zip(dets, states):
+            for det, state in zip(dets, states, strict=True):
                 det.load_state_dict(state)
             del kept[keep:]
             for old in kept[start:]:
@@ -114,7 +114,7 @@ def logging_stride(observations: Sequence[Observation]) -> int:
         >>> logging_stride([Observation(step=s) for s in (0, 10, 20, 30, 500, 510)])
         10
     """
-    diffs = [b.step - a.step for a, b in zip(observations, observations[1:]) if b.step > a.step]
+    diffs = [b.step - a.step for a, b in zip(observations, observations[1:], strict=False) if b.step > a.step]
     return max(1, round(median(diffs))) if diffs else 1
 
 
@@ -136,7 +136,8 @@ def _summary(log: RawLog, timeline: Timeline, stride: int, restarts: list[dict[s
              findings: list[Finding], detectors: list[Detector]) -> dict[str, Any]:
     obs = timeline.observations
     steps = [o.step for o in obs]
-    gaps = [{"after_step": a, "next_step": b} for a, b in zip(steps, steps[1:]) if b - a > GAP_FACTOR * stride]
+    gaps = [{"after_step": a, "next_step": b} for a, b in zip(steps, steps[1:], strict=False)
+            if b - a > GAP_FACTOR * stride]
     signals: dict[str, dict[str, Any]] = {}
     for o in obs:
         for key, value in o.values.items():
@@ -163,7 +164,8 @@ def _summary(log: RawLog, timeline: Timeline, stride: int, restarts: list[dict[s
         "detectors": [_readiness(det, obs) for det in detectors],
         "counts": {s: counts.get(s, 0) for s in SEVERITIES},
         "by_kind": by_kind,
-        "notes": list(log.notes) + ([f"{timeline.merged} same-step record(s) merged"] if timeline.merged else []),
+        "notes": list(log.notes) + ([f"{timeline.merged} same-step record(s) merged"]
+                                    if timeline.merged else []),
     }
     if log.meta:
         summary["meta"] = log.meta
@@ -190,7 +192,7 @@ def _readiness(det: Detector, observations: Sequence[Observation]) -> dict[str, 
     info.update(kind=getattr(cfg, "kind", det.name), signal=signal)
     if not isinstance(det, (SpikeDetector, DivergenceDetector)):
         return info  # other detectors' warm-up rules are their own; they say nothing until they can
-    needed = cfg.min_history
+    needed = det.config.min_history
     if isinstance(det, DivergenceDetector):
         needed = max(needed, det.config.short)
         usable = [o.step for o in observations if math.isfinite(o.values.get(signal, math.nan))]

@@ -65,8 +65,8 @@ def detect_format(path: Path) -> str:
             return "hf_trainer_state"
         if next(path.rglob(EVENT_GLOB), None) is not None:
             return "tensorboard"
-        raise LogReadError(f"{path}: a folder with no training log in it; looked for {STORE_NAME}, {STATE_NAME} "
-                           f"(also in checkpoint-*/) and {EVENT_GLOB}")
+        raise LogReadError(f"{path}: a folder with no training log in it; looked for {STORE_NAME}, "
+                           f"{STATE_NAME} (also in checkpoint-*/) and {EVENT_GLOB}")
     if is_sqlite(path):
         return "keel_store"
     if is_event_file(path):

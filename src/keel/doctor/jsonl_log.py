@@ -50,7 +50,8 @@ def read_jsonl_log(path: str | Path) -> RawLog:
             whole = None
         if isinstance(whole, dict):
             raise LogReadError(f"{path}: one JSON object, not a log (not JSON lines, no 'log_history')")
-        raise LogReadError(f"{path}: not JSON lines ({bad} of {bad + len(objects)} non-empty lines are not JSON)")
+        raise LogReadError(f"{path}: not JSON lines "
+                           f"({bad} of {bad + len(objects)} non-empty lines are not JSON)")
     log = records_from_objects(path, objects, fmt="jsonl")
     if bad:
         log.notes.append(f"{bad} line(s) that are not JSON were skipped")
@@ -87,7 +88,8 @@ def records_from_objects(path: Path, objects: Iterable[Any], *, fmt: str) -> Raw
                 values[name] = value
         log.records.append((step, values))
     if not log.records:
-        raise LogReadError(f"{path}: no log object has a step field; allowed names: {', '.join(STEP_COLUMNS)}")
+        raise LogReadError(f"{path}: no log object has a step field; "
+                           f"allowed names: {', '.join(STEP_COLUMNS)}")
     log.step_column = ", ".join(sorted(step_columns))
     log.text_columns = sorted(text_fields - number_fields)
     if not_objects:

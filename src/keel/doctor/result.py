@@ -40,8 +40,11 @@ class DoctorResult:
         return SEVERITIES[max(ranks)] if ranks else None
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"source", "findings": [{step, kind, severity, signal, value, baseline, cause, remedy, evidence}],
-        "summary"}``, JSON-ready: non-finite numbers become ``null``."""
+        """``{"source", "format", "findings": [...], "summary": {...}}``, JSON-ready.
+
+        Each finding has step, kind, severity, signal, value, baseline, cause, remedy and evidence;
+        non-finite numbers become ``null``.
+        """
         return {"source": self.source, "format": self.format,
                 "findings": [_finding_dict(f) for f in self.findings], "summary": _clean(self.summary)}
 

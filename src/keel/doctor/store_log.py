@@ -39,7 +39,7 @@ def read_store_log(path: str | Path) -> RawLog:
             by_step: dict[int, dict[str, float]] = {}
             for key in run.signal_keys():
                 steps, values = run.signal(key)
-                for step, value in zip(steps.tolist(), values.tolist()):
+                for step, value in zip(steps.tolist(), values.tolist(), strict=True):
                     by_step.setdefault(step, {})[key] = value
             log.records = sorted(by_step.items())
             meta = run.meta()

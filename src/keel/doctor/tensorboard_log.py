@@ -17,7 +17,17 @@ from __future__ import annotations
 import struct
 from pathlib import Path
 
-from keel.doctor._protobuf import FIXED32, FIXED64, LENGTH, VARINT, WireError, fields, packed, packed_varints, signed64
+from keel.doctor._protobuf import (
+    FIXED32,
+    FIXED64,
+    LENGTH,
+    VARINT,
+    WireError,
+    fields,
+    packed,
+    packed_varints,
+    signed64,
+)
 from keel.doctor._tfrecord import RecordError, iter_records
 from keel.doctor.log import LogReadError, RawLog
 
@@ -138,7 +148,8 @@ def _tensor_scalar(buf: bytes) -> float | None:
         elif number == 2 and wire == LENGTH:
             for n2, w2, v2 in fields(value):  # type: ignore[arg-type]
                 if n2 == 2 and w2 == LENGTH:  # dim
-                    dims.append(next((signed64(v3) for n3, w3, v3 in fields(v2) if n3 == 1 and w3 == VARINT), 0))  # type: ignore[arg-type]
+                    sizes = (signed64(v3) for n3, w3, v3 in fields(v2) if n3 == 1 and w3 == VARINT)  # type: ignore[arg-type]
+                    dims.append(next(sizes, 0))
         elif number == 4 and wire == LENGTH:
             content = value  # type: ignore[assignment]
         elif number == 5:  # float_val: packed or not

@@ -48,8 +48,8 @@ def format_result(result: DoctorResult, *, min_severity: str = "warning") -> str
 
 
 def _table(findings: list[Finding], width: int) -> list[str]:
-    lines = [f"{'step':>8}  {'severity':<8}  {'kind':<22}  {'signal':<10}  {'value':>10}  {'baseline':>10}  evidence",
-             "-" * min(width, 110)]
+    header = f"{'step':>8}  {'severity':<8}  {'kind':<22}  {'signal':<10}  {'value':>10}  {'baseline':>10}"
+    lines = [header + "  evidence", "-" * min(width, 110)]
     wrap = textwrap.TextWrapper(width=width - 10, initial_indent=" " * 10, subsequent_indent=" " * 18)
     for f in findings:
         lines.append(f"{f.step:>8}  {f.severity:<8}  {f.kind:<22}  {f.signal:<10}  {_num(f.value):>10}  "
@@ -78,13 +78,15 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
         block = s.get(what, {})
         if block.get("count"):
             first = block["listed"][0]
-            lines.append(f"{what}: {block['count']} (first: {', '.join(f'{k} {v}' for k, v in first.items())})")
+            where = ", ".join(f"{k} {v}" for k, v in first.items())
+            lines.append(f"{what}: {block['count']} (first: {where})")
     for det in s.get("detectors", []):
         if "needs" in det and det["observations"] == 0:
             lines.append(f"{det['signal']} is not in this log: no {det.get('kind', det['name'])} detection")
         elif "needs" in det and det.get("armed_at_step") is None:
             lines.append(f"not enough history for {det.get('kind', det['name'])} on {det['signal']}: "
-                         f"{det['observations']} value(s), it needs {det['needs']} before it can flag anything")
+                         f"{det['observations']} value(s), it needs {det['needs']} "
+                         "before it can flag anything")
     for note in s.get("notes", []):
         lines.append(f"note: {note}")
     if "stored_findings" in s:

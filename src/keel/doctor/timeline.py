@@ -1,10 +1,12 @@
 """Records → `Observation`s: column names mapped to signal keys, same-step records merged, families split.
 
-- **Merging.** Consecutive records of the same step with different columns are one step (a Trainer logs
-  its train and eval values as separate entries of one step; TensorBoard writes one event per tag).
-- **Restarts.** A step that is not larger than the one before, or a same-step record that repeats a column,
-  starts a new segment: a run resumed from a checkpoint logs those steps again. The observations keep file
-  order; `keel.doctor.diagnose` rewinds its detectors when it meets one, as the Guard does on a rollback.
+- **Merging.** Consecutive records of the same step are one step when the columns they share hold the same
+  values (a Trainer logs train and eval values as separate entries of one step, both with its ``epoch``;
+  TensorBoard writes one event per tag).
+- **Restarts.** A step that is not larger than the one before, or a same-step record that contradicts a
+  value already logged for that step, starts a new segment: a run resumed from a checkpoint logs those
+  steps again. The observations keep file order; `keel.doctor.diagnose` rewinds its detectors when it
+  meets one, as the Guard does on a rollback.
 - **Families.** A key ``X/name`` whose ``X`` is also a key (``grad/norm`` and ``grad/norm/fc1.weight``)
   belongs to the per-parameter family ``X/``, which detectors read from ``Observation.per_param``.
 """
@@ -45,8 +47,8 @@ def build_timeline(log: RawLog) -> Timeline:
 
     Example:
         >>> from keel.doctor.log import RawLog
-        >>> log = RawLog(source="x", format="jsonl", records=[(10, {"train_loss": 2.0}), (10, {"eval_loss": 2.2}),
-        ...                                                  (20, {"train_loss": 1.9})])
+        >>> records = [(10, {"train_loss": 2.0}), (10, {"eval_loss": 2.2}), (20, {"train_loss": 1.9})]
+        >>> log = RawLog(source="x", format="jsonl", records=records)
         >>> [(o.step, o.values) for o in build_timeline(log).observations]
         [(10, {'loss': 2.0, 'val/loss': 2.2}), (20, {'loss': 1.9})]
     """
@@ -59,13 +61,18 @@ def build_timeline(log: RawLog) -> Timeline:
     merged: list[tuple[int, dict[str, float]]] = []
     for step, values in log.records:
         values = {mapping[name]: value for name, value in values.items()}
-        if merged and merged[-1][0] == step and merged[-1][1].keys().isdisjoint(values):
+        if merged and merged[-1][0] == step and _compatible(merged[-1][1], values):
             merged[-1][1].update(values)
             timeline.merged += 1
         else:
             merged.append((step, values))
     timeline.observations = [_observation(step, values, family_of) for step, values in merged]
     return timeline
+
+
+def _compatible(a: dict[str, float], b: dict[str, float]) -> bool:
+    # Same step, and every column both records hold has the same value (a Trainer repeats "epoch").
+    return all(a[k] == b[k] or (a[k] != a[k] and b[k] != b[k]) for k in a.keys() & b.keys())
 
 
 def _families(names: Iterable[str]) -> set[str]:

@@ -115,7 +115,8 @@ def marks(runs: list[RunData], charts: list[Chart]) -> dict[str, list[dict[str, 
         if loss_chart is not None:
             for snap in run.snapshots:
                 out[loss_chart.id].append({"run": i, "type": "snapshot", "step": snap["step"],
-                                           "key": loss_chart.keys[0], "text": f"snapshot at step {snap['step']}"})
+                                           "key": loss_chart.keys[0],
+                                           "text": f"snapshot at step {snap['step']}"})
     return out
 
 

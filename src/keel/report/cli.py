@@ -10,8 +10,10 @@ from keel.report.page import ReportError, write_report
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("runs", nargs="+", metavar="RUN",
-                        help="run folders or run.sqlite files; a folder of runs (runs/demo) stands for all of them")
-    parser.add_argument("-o", "--out", default="report.html", help="the HTML file to write (default: %(default)s)")
+                        help="run folders or run.sqlite files; a folder of runs (runs/demo) stands for "
+                             "all of them")
+    parser.add_argument("-o", "--out", default="report.html",
+                        help="the HTML file to write (default: %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:

@@ -1,4 +1,4 @@
-"""Min/max downsampling for display: at most two points per bucket, the bucket's lowest and highest, in step order.
+"""Min/max downsampling for display: at most two points per bucket, its lowest and highest, in step order.
 
 A spike one step wide survives any zoom level, which a stride or an average would hide (the same idea as
 TensorBoard's and plotly-resampler's min-max aggregation). Non-finite values are left out of the extremes;
@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 
 
-def downsample_minmax(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
+def downsample_minmax(steps: np.ndarray, values: np.ndarray,
+                      max_points: int) -> tuple[np.ndarray, np.ndarray]:
     """At most ``max_points`` (step, value) pairs keeping each bucket's min and max.
 
     Args:

@@ -22,6 +22,7 @@ from keel.report import charts as _charts
 from keel.report import sections
 from keel.report.run_data import RunData, load_run
 from keel.report.sources import classify, expand
+from keel.store import RunReader
 
 PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 # The head script runs before anything else, so errors of plotly.js and of the page script are counted
@@ -30,9 +31,12 @@ ERROR_HOOK = """window.__keel = {errors: [], rendered: 0, done: false};
 window.addEventListener("error", function (e) {
   window.__keel.errors.push(String(e.message || (e.target && (e.target.src || e.target.href)) || "error"));
 }, true);
-window.addEventListener("unhandledrejection", function (e) { window.__keel.errors.push("rejection: " + e.reason); });
+window.addEventListener("unhandledrejection", function (e) {
+  window.__keel.errors.push("rejection: " + e.reason);
+});
 (function () { var ce = console.error; console.error = function () {
-  window.__keel.errors.push(Array.prototype.map.call(arguments, String).join(" ")); ce.apply(console, arguments);
+  window.__keel.errors.push(Array.prototype.map.call(arguments, String).join(" "));
+  ce.apply(console, arguments);
 }; })();"""
 
 
@@ -98,7 +102,7 @@ def build_page(runs: list[RunData], notes: list[str] | None = None) -> str:
         notes.append(f"{len(left_out)} more signals have no chart (the page keeps {_charts.MAX_CHARTS}): "
                      + ", ".join(left_out))
     payload = {
-        "runs": [{"name": r.name, "color": c} for r, c in zip(runs, colors)],
+        "runs": [{"name": r.name, "color": c} for r, c in zip(runs, colors, strict=True)],
         "charts": [{"id": c.id, "title": c.title, "keys": c.keys, "layers": c.layers, "log_y": c.log_y}
                    for c in charts],
         "series": _series(runs, charts),
@@ -112,14 +116,14 @@ def build_page(runs: list[RunData], notes: list[str] | None = None) -> str:
     body = [
         "<main>",
         "<h1>keel stability report</h1>",
-        f"<div class='sub'>{len(runs)} run(s): {html.escape(names)} · generated {time.strftime('%Y-%m-%d %H:%M:%S')}"
-        f" · keel {html.escape(_keel_version())}</div>",
+        f"<div class='sub'>{len(runs)} run(s): {html.escape(names)} · generated "
+        f"{time.strftime('%Y-%m-%d %H:%M:%S')} · keel {html.escape(_keel_version())}</div>",
         "<div class='notes'>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes) + "</div>",
         "<h2>Runs</h2>", sections.runs_table(runs, colors),
         *[sections.metadata(r) for r in runs],
         "<h2>Diagnosis</h2>", "<div class='diag'>",
         *[f"<div><h3><span class='swatch' style='background:{c}'></span>{html.escape(r.name)}</h3>"
-          f"{sections.diagnosis_cards(r)}</div>" for r, c in zip(runs, colors)],
+          f"{sections.diagnosis_cards(r)}</div>" for r, c in zip(runs, colors, strict=True)],
         "</div>",
         "<h2>Timelines</h2>",
         "<p class='muted'>Drag to zoom (all charts follow), double-click to reset. Lines show each bucket's "
@@ -129,8 +133,10 @@ def build_page(runs: list[RunData], notes: list[str] | None = None) -> str:
         *[f"<div class='chart' id='{c.id}'></div>" for c in charts],
         "" if charts else "<p class='muted'>these runs have no signals yet.</p>",
         "<h2>Decisions and snapshots</h2>",
-        *[f"<h3>{html.escape(r.name)}</h3>{sections.decisions_table(r)}{sections.snapshots_table(r)}" for r in runs],
-        f"<footer>Self-contained: plotly.js {html.escape(version)} is inlined; the page needs no network.</footer>",
+        *[f"<h3>{html.escape(r.name)}</h3>{sections.decisions_table(r)}{sections.snapshots_table(r)}"
+          for r in runs],
+        f"<footer>Self-contained: plotly.js {html.escape(version)} is inlined; the page needs no network."
+        "</footer>",
         "</main>",
         "<pre id='keel-status'></pre>",
     ]
@@ -146,14 +152,24 @@ def build_page(runs: list[RunData], notes: list[str] | None = None) -> str:
 
 
 def _series(runs: list[RunData], charts: list[_charts.Chart]) -> list[dict[str, Any]]:
+    """The charted series, compactly: values as base64 float32; steps as ``start``/``stride`` when they are
+    evenly spaced (every step logged: half the bytes of a long run), else base64 int32 (float64 beyond)."""
     wanted = {k for c in charts for k in c.keys + c.layers}
     out = []
     for i, run in enumerate(runs):
         for key, (steps, values) in run.series.items():
-            if key in wanted:
-                out.append({"run": i, "key": key, "n": int(len(steps)),
-                            "steps": _b64(np.asarray(steps, dtype="<i4")),
-                            "values": _b64(np.asarray(values, dtype="<f4"))})
+            if key not in wanted:
+                continue
+            entry: dict[str, Any] = {"run": i, "key": key, "n": int(len(steps)),
+                                     "values": _b64(np.asarray(values, dtype="<f4"))}
+            diffs = np.diff(steps)
+            if len(steps) and (len(diffs) == 0 or (diffs[0] > 0 and np.all(diffs == diffs[0]))):
+                entry.update(start=int(steps[0]), stride=int(diffs[0]) if len(diffs) else 1)
+            elif len(steps) and int(np.max(np.abs(steps))) < 2**31:
+                entry.update(steps=_b64(np.asarray(steps, dtype="<i4")), steps_dtype="i4")
+            else:
+                entry.update(steps=_b64(np.asarray(steps, dtype="<f8")), steps_dtype="f8")
+            out.append(entry)
     return out
 
 
@@ -167,9 +183,7 @@ def _step_range(runs: list[RunData]) -> list[int]:
 
 
 def _keep_for(path: Path):
-    """Signals the report reads: every scalar and the attention/logits per-layer series, not per-parameter ones."""
-    from keel.store import RunReader
-
+    """The signals the report reads: scalars and per-layer attention/logits series, not per-parameter ones."""
     with RunReader(path) as reader:
         all_keys = set(reader.signal_keys())
     fams = _charts.families(all_keys)

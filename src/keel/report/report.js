@@ -1,5 +1,6 @@
 /* keel report: draws the timeline specs embedded in #keel-data with plotly.js (inlined above this script).
- * Series travel as base64 int32 steps / float32 values; each chart shows a min/max-downsampled view of the
+ * Series travel as base64 float32 values with start/stride (or base64) steps; each chart shows a
+ * min/max-downsampled view of the
  * visible range (extremes kept) and is re-sampled from the full series on every zoom, so a 100k-step run
  * stays responsive and a one-step spike is never lost. Zoom is shared by all charts. */
 (function () {
@@ -17,8 +18,14 @@
     return new Kind(bytes.buffer);
   }
   var series = {};
+  function steps(s) {
+    if (s.steps !== undefined) return decode(s.steps, s.steps_dtype === "f8" ? Float64Array : Int32Array);
+    var x = new Float64Array(s.n);
+    for (var i = 0; i < s.n; i++) x[i] = s.start + i * s.stride;  // evenly spaced: sent as start/stride
+    return x;
+  }
   data.series.forEach(function (s) {
-    series[s.run + "\u0000" + s.key] = {x: decode(s.steps, Int32Array), y: decode(s.values, Float32Array)};
+    series[s.run + "\u0000" + s.key] = {x: steps(s), y: decode(s.values, Float32Array)};
   });
   function get(run, key) { return series[run + "\u0000" + key]; }
 

@@ -14,11 +14,12 @@ from typing import Any
 import numpy as np
 
 from keel._core import keys
-from keel._core.finding import SEVERITIES, Finding, severity_rank
+from keel._core.finding import Finding, severity_rank
 from keel.report.run_data import RunData
 
 MAX_ROWS = 200  # decisions and snapshots listed per run; the rest are counted
-META_FIELDS = ("status", "policy", "steps", "seed", "model", "optimizer", "started_at", "finished_at", "git_sha")
+META_FIELDS = ("status", "policy", "steps", "seed", "model", "optimizer", "started_at", "finished_at",
+               "git_sha")
 
 
 def esc(value: Any) -> str:
@@ -28,9 +29,10 @@ def esc(value: Any) -> str:
 def runs_table(runs: list[RunData], colors: list[str]) -> str:
     """One row per run: identity, status, outcome (last and best loss), counts of findings and actions."""
     head = ("<tr><th>run</th><th>status</th><th>policy</th><th>steps</th><th>loss (last 20)</th>"
-            "<th>best loss</th><th>critical / warning / info</th><th>skips</th><th>rollbacks</th><th>seed</th></tr>")
+            "<th>best loss</th><th>critical / warning / info</th><th>skips</th><th>rollbacks</th>"
+            "<th>seed</th></tr>")
     rows = []
-    for run, color in zip(runs, colors):
+    for run, color in zip(runs, colors, strict=True):
         counts = Counter(f.severity for f in run.findings)
         actions = Counter(d.action for d in run.decisions)
         last, best = _loss_summary(run)
@@ -41,7 +43,8 @@ def runs_table(runs: list[RunData], colors: list[str]) -> str:
             f"<td>{esc(run.meta.get('steps', run.lengths.get(keys.LOSS, '?')))}</td>"
             f"<td>{last}</td><td>{best}</td>"
             f"<td>{counts['critical']} / {counts['warning']} / {counts['info']}</td>"
-            f"<td>{actions['skip']}</td><td>{actions['rollback']}</td><td>{esc(run.meta.get('seed', ''))}</td></tr>")
+            f"<td>{actions['skip']}</td><td>{actions['rollback']}</td>"
+            f"<td>{esc(run.meta.get('seed', ''))}</td></tr>")
     return f"<table class='runs'>{head}{''.join(rows)}</table>"
 
 
@@ -54,8 +57,8 @@ def metadata(run: RunData) -> str:
     for key in sorted(set(run.meta) - set(META_FIELDS)):
         items.append(f"<dt>{esc(key)}</dt><dd>{_short(run.meta[key])}</dd>")
     problems = "".join(f"<p class='problem'>{esc(p)}</p>" for p in run.problems)
-    return f"<details class='meta'><summary>metadata of {esc(run.name)}</summary><dl>{''.join(items)}</dl></details>" \
-           + problems
+    return (f"<details class='meta'><summary>metadata of {esc(run.name)}</summary>"
+            f"<dl>{''.join(items)}</dl></details>{problems}")
 
 
 def diagnosis_cards(run: RunData) -> str:
@@ -77,12 +80,11 @@ def diagnosis_cards(run: RunData) -> str:
         remedy_html = f"<p><b>remedy</b> {esc(first.remedy)}</p>" if first.remedy else ""
         if isinstance(remedies, list) and remedies:
             remedy_html += "<ol class='remedies'>" + "".join(
-                f"<li>{esc(r.get('action', r))}" + (f" <span class='how'>{esc(r['how'])}</span>" if r.get("how") else "")
-                + (f" <span class='src'>({esc(r['source'])})</span>" if r.get("source") else "") + "</li>"
-                for r in remedies if isinstance(r, dict)) + "</ol>"
+                _remedy_item(r) for r in remedies if isinstance(r, dict)) + "</ol>"
         cards.append(
             f"<div class='card {worst.severity}'><div class='card-head'><span class='badge {worst.severity}'>"
-            f"{worst.severity}</span> <b>{esc(kind.replace('_', ' '))}</b> on <code>{esc(first.signal)}</code> — "
+            f"{worst.severity}</span> <b>{esc(kind.replace('_', ' '))}</b> "
+            f"on <code>{esc(first.signal)}</code> — "
             f"first at step {first.step}, {len(group)}× (steps {steps})</div>"
             f"<p><b>cause</b> {esc(first.cause)}</p>{remedy_html}"
             f"<p class='values'>value {_num(first.value)} · baseline {_num(first.baseline)}</p>"
@@ -101,13 +103,16 @@ def decisions_table(run: RunData) -> str:
     if not run.decisions:
         return "<p class='muted'>no step was skipped or rolled back.</p>"
     counts = Counter(d.action for d in run.decisions)
-    head = "<tr><th>step</th><th>action</th><th>by</th><th>onset</th><th>restored step</th><th>reason</th></tr>"
+    head = ("<tr><th>step</th><th>action</th><th>by</th><th>onset</th><th>restored step</th>"
+            "<th>reason</th></tr>")
     rows = "".join(
         f"<tr><td>{d.step}</td><td>{esc(d.action)}</td><td>{esc(d.by)}</td><td>{_opt(d.onset)}</td>"
         f"<td>{_opt(d.restored_step)}</td><td>{esc(d.reason)}</td></tr>" for d in run.decisions[:MAX_ROWS])
-    more = f"<p class='muted'>… and {len(run.decisions) - MAX_ROWS} more.</p>" if len(run.decisions) > MAX_ROWS else ""
+    extra = len(run.decisions) - MAX_ROWS
+    more = f"<p class='muted'>… and {extra} more.</p>" if extra > 0 else ""
     summary = ", ".join(f"{n} {esc(a)}" for a, n in counts.items())
-    return f"<details><summary>{summary}</summary><table class='decisions'>{head}{rows}</table>{more}</details>"
+    return (f"<details><summary>{summary}</summary><table class='decisions'>{head}{rows}</table>{more}"
+            "</details>")
 
 
 def snapshots_table(run: RunData) -> str:
@@ -115,8 +120,16 @@ def snapshots_table(run: RunData) -> str:
         return "<p class='muted'>no disk snapshots recorded.</p>"
     head = "<tr><th>step</th><th>path</th><th>checksum</th></tr>"
     rows = "".join(f"<tr><td>{s['step']}</td><td><code>{esc(s['path'])}</code></td>"
-                   f"<td><code>{esc(str(s['checksum'])[:16])}</code></td></tr>" for s in run.snapshots[:MAX_ROWS])
-    return f"<details><summary>{len(run.snapshots)} snapshot(s)</summary><table>{head}{rows}</table></details>"
+                   f"<td><code>{esc(str(s['checksum'])[:16])}</code></td></tr>"
+                   for s in run.snapshots[:MAX_ROWS])
+    return (f"<details><summary>{len(run.snapshots)} snapshot(s)</summary><table>{head}{rows}</table>"
+            "</details>")
+
+
+def _remedy_item(remedy: dict[str, Any]) -> str:
+    how = f" <span class='how'>{esc(remedy['how'])}</span>" if remedy.get("how") else ""
+    source = f" <span class='src'>({esc(remedy['source'])})</span>" if remedy.get("source") else ""
+    return f"<li>{esc(remedy.get('action', ''))}{how}{source}</li>"
 
 
 def _loss_summary(run: RunData) -> tuple[str, str]:
@@ -142,4 +155,4 @@ def _opt(x: int | None) -> str:
     return "" if x is None else str(x)
 
 
-__all__ = ["SEVERITIES", "decisions_table", "diagnosis_cards", "metadata", "runs_table", "snapshots_table"]
+__all__ = ["decisions_table", "diagnosis_cards", "metadata", "runs_table", "snapshots_table"]

@@ -1,4 +1,4 @@
-"""Writes the TensorBoard fixtures in this folder with the `tensorboard` package's own writer (not keel's code).
+"""Writes the TensorBoard fixtures in this folder with the `tensorboard` package's own writer, not keel's.
 
 Run once, with tensorboard installed (``pip install tensorboard``): ``python make_tensorboard_fixtures.py``.
 The tests read the committed files, so they need neither tensorboard nor protobuf.
@@ -46,7 +46,8 @@ def tensor() -> None:
         for step in range(30):
             t = TensorProto(dtype=1, tensor_shape=TensorShapeProto(), float_val=[loss_at(step) + offset])
             w.add_event(Event(wall_time=2000.0 + step + (0.5 if offset else 0.0), step=step,
-                              summary=Summary(value=[Summary.Value(tag="epoch_loss", tensor=t, metadata=meta)])))
+                              summary=Summary(value=[Summary.Value(tag="epoch_loss", tensor=t,
+                                                                   metadata=meta)])))
         w.close()
 
 
