@@ -8,13 +8,20 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from tests.signals.attention_models import CausalSelfAttention, FlashSelfAttention, TwoLayer, block_inputs, explicit_logits, ref_stats
 from torch import nn
 
 from keel.proxy import create_proxy_model
 from keel.signals import quiet
 from keel.signals.attention_stats import attention_max_logit, sdpa_logits
 from keel.signals.attn_logits import AttnLogitsConfig, AttnLogitsProbe, NoAttentionFoundWarning
+from tests.signals.attention_models import (
+    CausalSelfAttention,
+    FlashSelfAttention,
+    TwoLayer,
+    block_inputs,
+    explicit_logits,
+    ref_stats,
+)
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 

@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from keel.proxy import create_proxy_model
-from keel.signals.logit_stats import log_partition, softmax_collapse_fraction, softmax_collapse_mask, zero_loss_fraction
+from keel.signals.logit_stats import (
+    log_partition,
+    softmax_collapse_fraction,
+    softmax_collapse_mask,
+    zero_loss_fraction,
+)
 from keel.signals.output_logits import OutputLogitsConfig, OutputLogitsProbe
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]

@@ -23,7 +23,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from keel._core.finding import severity_rank
 from keel.detect.diagnosis import diagnose
 from keel.detect.lead_time import degradation_step, lead_steps
 from keel.proxy.scenarios import create_scenario, list_scenarios

@@ -9,6 +9,8 @@
   the module of the last parameter, in registration order, whose gradient norm (``grad/norm/``) is
   non-finite.
 
+The finding is a ``warning``: it explains the ``non_finite`` critical finding of the same step, which is the
+one a policy acts on (a skip confined to this step's gradients), rather than adding an alarm of its own.
 Only the first step of an episode is judged: once a non-finite update has been applied, everything is
 non-finite and "the first block" would say nothing. metaseq's ``NanDetector`` finds the same by
 re-running the failed step with hooks on every module (reference/anchors.md §2.3); here it costs nothing
@@ -90,7 +92,7 @@ class NonFiniteOriginDetector:
                                     else "finite_before": before[:20], "non_finite": (bad_act or bad_grad)[:20]}
         if cause is not None:
             evidence["remedies"] = cause.remedy_dicts()
-        return [Finding(step=obs.step, kind="non_finite_origin", severity="critical", signal=origin, value=value,
+        return [Finding(step=obs.step, kind="non_finite_origin", severity="warning", signal=origin, value=value,
                         evidence=evidence, cause=text,
                         remedy=f"Look inside {origin} for an overflow (exp, x², division, log of 0) in the working "
                                "precision; " + (cause.remedy_text() if cause else ""))]

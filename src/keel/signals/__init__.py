@@ -3,31 +3,75 @@
 Nothing here mutates training state.
 """
 
-from keel.signals import grad_norm, loss, param_norm, update_ratio  # noqa: F401  (register built-ins)
 from keel.signals import (  # noqa: F401  (register built-ins)
-    activation_rms, adam_eps, attn_entropy, attn_logits, grad_weight_cos, output_logits, sharpness,
+    activation_rms,
+    adam_eps,
+    attn_entropy,
+    attn_logits,
+    grad_norm,
+    grad_weight_cos,
+    loss,
+    output_logits,
+    param_norm,
+    sharpness,
+    update_ratio,
 )
 from keel.signals._hooks import quiet
+from keel.signals.activation_rms import ActivationRmsConfig, ActivationRmsProbe, activation_stats
+from keel.signals.adam_eps import AdamEpsConfig, AdamEpsProbe, adam_update_stats
+from keel.signals.attention_stats import attention_entropy, attention_max_logit, sdpa_logits
+from keel.signals.attn_entropy import AttnEntropyConfig, AttnEntropyProbe
+from keel.signals.attn_logits import AttnLogitsConfig, AttnLogitsProbe, NoAttentionFoundWarning
+from keel.signals.grad_weight_cos import GradWeightCosConfig, GradWeightCosProbe, grad_weight_cosines
+from keel.signals.logit_stats import log_partition, softmax_collapse_fraction, zero_loss_fraction
 from keel.signals.norms import global_norm, per_tensor_norms, update_ratios
+from keel.signals.output_logits import OutputLogitsConfig, OutputLogitsProbe
 from keel.signals.pack import Packed, pack, unpack
 from keel.signals.probe import Measurements, PerParam, Probe, StepContext
 from keel.signals.registry import DEFAULT_PROBES, FULL_PROBES, PROBES, create_probe, list_probes
+from keel.signals.sharpness import SharpnessConfig, SharpnessProbe, hutchinson_trace, top_eigenvalue
 
 __all__ = [
+    "ActivationRmsConfig",
+    "ActivationRmsProbe",
+    "AdamEpsConfig",
+    "AdamEpsProbe",
+    "AttnEntropyConfig",
+    "AttnEntropyProbe",
+    "AttnLogitsConfig",
+    "AttnLogitsProbe",
     "DEFAULT_PROBES",
     "FULL_PROBES",
+    "GradWeightCosConfig",
+    "GradWeightCosProbe",
     "Measurements",
+    "NoAttentionFoundWarning",
+    "OutputLogitsConfig",
+    "OutputLogitsProbe",
     "PROBES",
     "Packed",
     "PerParam",
     "Probe",
+    "SharpnessConfig",
+    "SharpnessProbe",
     "StepContext",
+    "activation_stats",
+    "adam_update_stats",
+    "attention_entropy",
+    "attention_max_logit",
     "create_probe",
     "global_norm",
+    "grad_weight_cosines",
+    "hutchinson_trace",
     "list_probes",
+    "log_partition",
     "pack",
     "per_tensor_norms",
     "quiet",
+    "sdpa_logits",
+    "softmax_collapse_fraction",
+    "top_eigenvalue",
     "unpack",
     "update_ratios",
+    "zero_loss_fraction",
 ]

@@ -13,8 +13,8 @@ hold the logits and reduces them on device to a few numbers per layer. No activa
   run on their own, sparser schedule.
 
 The mode is pushed only on steps a probe asked for, and only while an attention module in training mode
-runs, so the steps in between cost one Python check per module. ``torch.compile`` is not supported (the
-mode would break the graph); compiled attention is simply not seen.
+runs, so the steps in between cost one Python check per module. Under ``torch.compile`` the tap stays out
+(a mode pushed while tracing would break the graph): compiled attention is simply not seen.
 """
 
 from __future__ import annotations
@@ -112,7 +112,7 @@ class AttentionTap:
 
     # --- hooks --------------------------------------------------------------------------------------------
     def _enter(self, site: SiteStats, module: nn.Module) -> None:
-        if not module.training or not hooks_active() or self.error is not None:
+        if not module.training or not hooks_active() or self.error is not None or _compiling():
             return
         if self._stale:
             self._reset()
@@ -241,6 +241,12 @@ def _mha_logits(a: dict[str, Any]) -> Tensor | None:
         pad = pad.detach().reshape(B, 1, 1, S)
         logits = logits.masked_fill(pad, -math.inf) if pad.dtype == torch.bool else logits + pad.float()
     return logits
+
+
+def _compiling() -> bool:
+    """True while torch.compile traces: a mode pushed there would break the graph, so the tap stays out."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
 
 
 _TAPS: weakref.WeakKeyDictionary[nn.Module, AttentionTap] = weakref.WeakKeyDictionary()

@@ -114,7 +114,7 @@ class ActivationRmsProbe:
         if not (self._armed and module.training and hooks_active()):
             return
         x = output if isinstance(output, Tensor) else next(
-            (o for o in (output if isinstance(output, (tuple, list)) else ()) if isinstance(o, Tensor)), None)
+            (o for o in (output if isinstance(output, tuple | list) else ()) if isinstance(o, Tensor)), None)
         if x is None:
             return
         with torch.no_grad():

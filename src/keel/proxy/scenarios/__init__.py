@@ -47,16 +47,16 @@ def list_scenarios() -> list[str]:
 from keel.proxy.scenarios import (  # noqa: E402,F401  (register built-ins)
     attention_entropy_collapse,
     attention_logit_growth,
+    benign_oscillation,
     curriculum_switch,
     data_outliers,
     lr_spike,
     non_finite_origin,
+    output_logit_divergence,
     poisoned_batch,
     slow_divergence,
     softmax_collapse,
     warmup_bump,
-    benign_oscillation,
-    output_logit_divergence,
 )
 
 __all__ = ["SCENARIOS", "Scenario", "ScenarioResult", "ScenarioSpec", "create_scenario", "list_scenarios"]
