@@ -86,8 +86,8 @@ class KeelCallback(Callback):
         scheduler = self._own_scheduler(trainer)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._trainer = trainer
-        if self.take_over_clipping and trainer.gradient_clip_val and str(trainer.gradient_clip_algorithm) in (
-                "norm", "GradClipAlgorithmType.NORM"):
+        algorithm = trainer.gradient_clip_algorithm  # None means Lightning's default, the norm
+        if self.take_over_clipping and trainer.gradient_clip_val and (algorithm is None or algorithm == "norm"):
             self._clip, trainer.gradient_clip_val = float(trainer.gradient_clip_val), None
         kwargs = dict(self.guard_kwargs)
         config = kwargs.pop("config", None) or {"trainer": "lightning.Trainer",
