@@ -22,7 +22,6 @@ from keel.report import charts as _charts
 from keel.report import sections
 from keel.report.run_data import RunData, load_run
 from keel.report.sources import classify, expand
-from keel.store import RunReader
 
 PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 # The head script runs before anything else, so errors of plotly.js and of the page script are counted
@@ -82,7 +81,7 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
         if source.kind != "run":
             notes.append(source.note)
             continue
-        runs.append(load_run(path, keep=_keep_for(path)))
+        runs.append(load_run(path, keep=_keep))
     if not runs:
         raise ReportError("no keel run store among " + ", ".join(str(p) for p in paths)
                           + (f" ({'; '.join(notes)})" if notes else ""))
@@ -103,7 +102,8 @@ def build_page(runs: list[RunData], notes: list[str] | None = None) -> str:
                      + ", ".join(left_out))
     payload = {
         "runs": [{"name": r.name, "color": c} for r, c in zip(runs, colors, strict=True)],
-        "charts": [{"id": c.id, "title": c.title, "keys": c.keys, "layers": c.layers, "log_y": c.log_y}
+        "charts": [{"id": c.id, "title": c.title, "keys": c.keys, "layers": c.layers, "log_y": c.log_y,
+                    "main": c.main}
                    for c in charts],
         "series": _series(runs, charts),
         "xrange": _step_range(runs),
@@ -182,17 +182,9 @@ def _step_range(runs: list[RunData]) -> list[int]:
     return [min(firsts), max(max(lasts), min(firsts) + 1)]
 
 
-def _keep_for(path: Path):
-    """The signals the report reads: scalars and per-layer attention/logits series, not per-parameter ones."""
-    with RunReader(path) as reader:
-        all_keys = set(reader.signal_keys())
-    fams = _charts.families(all_keys)
-
-    def keep(key: str) -> bool:
-        family = next((f for f in fams if key.startswith(f + "/")), None)
-        return family is None or family.startswith(_charts.LAYERED)
-
-    return keep
+def _keep(key: str) -> bool:
+    """The signals the report reads: all but per-parameter families (hundreds of series, never charted)."""
+    return _charts.base_of(key) not in _charts.PER_PARAM
 
 
 def _unique_names(runs: list[RunData]) -> None:

@@ -80,14 +80,18 @@
                      dash: k === 0 ? "solid" : "dot"}, connectgaps: false, meta: {run: r, key: key},
                      hovertemplate: "step %{x}<br>" + key + " %{y:.4g}<extra>" + run.name + "</extra>"});
       });
+      var named = chart.keys.length > 0, listed = named;  // members only: name each run once in the legend
       chart.layers.forEach(function (key) {
         var s = get(r, key);
         if (!s) return;
         var v = view(s, null, null);
-        traces.push({type: "scatter", mode: "lines", x: v.x, y: v.y, name: run.name + " · " + key,
-                     legendgroup: run.name, showlegend: false, opacity: 0.45,
+        traces.push({type: "scatter", mode: "lines", x: v.x, y: v.y,
+                     name: named ? run.name + " · " + key : run.name + " · " + chart.title + "/*",
+                     legendgroup: run.name, showlegend: !listed, opacity: 0.45,
                      line: {color: run.color, width: 0.8}, meta: {run: r, key: key},
+                     legendrank: 1000,
                      hovertemplate: "step %{x}<br>" + key + " %{y:.4g}<extra>" + run.name + "</extra>"});
+        listed = true;
       });
     });
     return traces;
@@ -105,7 +109,7 @@
         shapes.push({type: "line", xref: "x", yref: "paper", x0: m.step, x1: m.step, y0: 0, y1: 1,
                      line: {color: m.type === "abort" ? "#c00000" : run.color, width: 1.2, dash: "dash"}});
         var g0 = groups[m.run + m.type] = groups[m.run + m.type] || {run: m.run, type: m.type, x: [], y: [], text: []};
-        g0.x.push(m.step); g0.y.push(valueAt(get(m.run, chart.keys[0]), m.step)); g0.text.push(m.text);
+        g0.x.push(m.step); g0.y.push(valueAt(get(m.run, chart.main), m.step)); g0.text.push(m.text);
         return;
       }
       var g = groups[m.run + m.type] = groups[m.run + m.type] || {run: m.run, type: m.type, x: [], y: [], text: []};

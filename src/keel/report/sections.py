@@ -78,8 +78,8 @@ def diagnosis_cards(run: RunData) -> str:
                            for k, v in first.evidence.items() if k not in ("remedies", "traceback"))
         remedies = first.evidence.get("remedies")
         remedy_html = f"<p><b>remedy</b> {esc(first.remedy)}</p>" if first.remedy else ""
-        if isinstance(remedies, list) and remedies:
-            remedy_html += "<ol class='remedies'>" + "".join(
+        if isinstance(remedies, list) and remedies:  # the ranked list says it all, with its sources
+            remedy_html = "<p><b>remedies</b></p><ol class='remedies'>" + "".join(
                 _remedy_item(r) for r in remedies if isinstance(r, dict)) + "</ol>"
         cards.append(
             f"<div class='card {worst.severity}'><div class='card-head'><span class='badge {worst.severity}'>"
