@@ -14,6 +14,8 @@ import sys
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("keel.demo", "train an unstable proxy recipe bare and under Guard, side by side"),
     "bench": ("keel.bench.cli", "measure keel's own cost against a baseline in the same process"),
+    "doctor": ("keel.doctor.cli", "diagnose an existing training log: CSV, JSONL, TensorBoard, HF, run store"),
+    "report": ("keel.report.cli", "write one self-contained HTML stability report from run stores"),
 }
 
 
