@@ -19,6 +19,8 @@ from keel._core.errors import TrainingAborted
 from keel._core.finding import Finding
 from keel._core.validate import require_ints, require_positive
 from keel.guard import Guard
+from keel.losses import z_loss
+from keel.optim import create_optimizer, list_optimizers
 from keel.proxy.corpus import ProxyBatches
 from keel.proxy.model import ProxyGPT, create_proxy_model
 
@@ -35,9 +37,13 @@ class TrainConfig:
         lr: Peak learning rate.
         warmup: Linear warm-up steps.
         min_lr_ratio: Cosine decay floor as a fraction of ``lr``.
-        weight_decay: AdamW (decoupled) weight decay.
+        weight_decay: AdamW (decoupled) weight decay; for ``independent_adamw`` the independent λ.
         beta2: AdamW β₂ (β₁ is 0.9).
         qk_norm: LayerNorm on queries and keys.
+        optimizer: ``"adamw"`` (``torch.optim.AdamW``) or a `keel.optim.list_optimizers` name, built with
+            the same ``lr``, ``betas`` and ``weight_decay``.
+        z_loss: z-loss coefficient added to the training loss (`keel.losses.z_loss`; 1e-4 in PaLM and
+            Wortsman et al.); 0 adds nothing. The validation loss is the plain cross-entropy either way.
         max_grad_norm: Global gradient-norm clipping; ``None`` does not clip.
         eval_batches: Validation batches for the final loss.
         seed: Seeds the model init and the data order.
@@ -53,6 +59,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     beta2: float = 0.95
     qk_norm: bool = False
+    optimizer: str = "adamw"
+    z_loss: float = 0.0
     max_grad_norm: float | None = None
     eval_batches: int = 8
     seed: int = 0
@@ -60,6 +68,11 @@ class TrainConfig:
     def __post_init__(self) -> None:
         require_ints(self, "steps", "batch_size", "seq_len", "eval_batches")
         require_positive(self, "lr")
+        if self.optimizer != "adamw" and self.optimizer not in list_optimizers():
+            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r}; allowed: adamw, "
+                             f"{', '.join(list_optimizers())}")
+        if not (0.0 <= self.z_loss < math.inf):
+            raise ValueError(f"TrainConfig.z_loss={self.z_loss!r}; allowed: a finite number >= 0")
 
 
 @dataclass
@@ -126,8 +139,7 @@ def train_proxy(
     """
     torch.manual_seed(config.seed)
     model = create_proxy_model(config.size, seq_len=config.seq_len, qk_norm=config.qk_norm)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, betas=(0.9, config.beta2),
-                                  weight_decay=config.weight_decay)
+    optimizer = _create_optimizer(model, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     batches = ProxyBatches(batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
     guard = None
@@ -143,7 +155,7 @@ def train_proxy(
             x, y = batches.next()
             if batch_hook is not None:
                 x, y = batch_hook(step, x, y)
-            loss = _loss(model, x, y)
+            loss = _loss(model, x, y, config.z_loss)
             loss.backward()
             if guard is not None:
                 guard.step(loss)
@@ -167,5 +179,14 @@ def train_proxy(
     return run
 
 
-def _loss(model: ProxyGPT, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+def _create_optimizer(model: ProxyGPT, config: TrainConfig) -> torch.optim.Optimizer:
+    kwargs = dict(lr=config.lr, betas=(0.9, config.beta2), weight_decay=config.weight_decay)
+    if config.optimizer == "adamw":
+        return torch.optim.AdamW(model.parameters(), **kwargs)  # type: ignore[arg-type]
+    return create_optimizer(config.optimizer, model.parameters(), **kwargs)
+
+
+def _loss(model: ProxyGPT, x: torch.Tensor, y: torch.Tensor, z_loss_coefficient: float = 0.0) -> torch.Tensor:
+    logits = model(x)
+    loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
+    return loss + z_loss(logits, coefficient=z_loss_coefficient) if z_loss_coefficient > 0 else loss

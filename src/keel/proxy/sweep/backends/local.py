@@ -1,0 +1,80 @@
+"""The local backend: a pool of worker processes on this machine, one torch thread each.
+
+One thread per run, always: a run's numbers then do not depend on how many workers ran beside it (a
+different thread count changes the order of floating-point reductions), so a sweep gives bit-identical
+results whatever ``workers`` is, and the same as the Ray backend.
+
+Workers are started with ``spawn`` (a fresh interpreter: forking a process that already runs torch's
+thread pools can deadlock). ``workers=1`` runs in this process, which skips the few seconds each spawned
+worker spends importing torch and reading the corpus.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+
+from keel.proxy.sweep.backends.base import Task, crashed
+from keel.proxy.sweep.grid import RunSpec
+from keel.proxy.sweep.worker import RunResult, run_one
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its CPU affinity, not the machine's total)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
+class LocalBackend:
+    """Runs sweep tasks in a local process pool.
+
+    Args:
+        workers: Worker processes; ``None`` uses every available core.
+        threads_per_run: ``torch.set_num_threads`` in each run (1 keeps results independent of ``workers``).
+
+    Raises:
+        ValueError: ``workers`` < 1.
+    """
+
+    name = "local"
+
+    def __init__(self, workers: int | None = None, threads_per_run: int = 1) -> None:
+        if workers is not None and (not isinstance(workers, int) or workers < 1):
+            raise ValueError(f"workers={workers!r}; allowed: an int >= 1 or None (every core)")
+        if not isinstance(threads_per_run, int) or threads_per_run < 1:
+            raise ValueError(f"threads_per_run={threads_per_run!r}; allowed: an int >= 1")
+        self.workers = workers or available_cores()
+        self.threads = threads_per_run
+
+    def run(self, tasks: list[Task], on_start: Callable[[RunSpec], None]) -> Iterator[RunResult]:
+        if self.workers == 1 or len(tasks) <= 1:
+            for spec, run_dir in tasks:
+                on_start(spec)
+                yield run_one(spec, run_dir, threads=self.threads)
+            return
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=min(self.workers, len(tasks)), mp_context=context) as pool:
+            pending: dict[Future[RunResult], RunSpec] = {}
+            queue = list(tasks)
+            try:
+                # At most one task queued per worker beyond the running ones, so "running" in the store means
+                # dispatched now, not waiting behind the whole grid.
+                while queue or pending:
+                    while queue and len(pending) < 2 * self.workers:
+                        spec, run_dir = queue.pop(0)
+                        on_start(spec)
+                        pending[pool.submit(run_one, spec, run_dir, threads=self.threads)] = spec
+                    done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        spec = pending.pop(future)
+                        try:
+                            yield future.result()
+                        except Exception as exc:  # a worker process died (killed, out of memory)
+                            yield crashed(spec, exc)
+            finally:
+                for future in pending:
+                    future.cancel()

@@ -1,0 +1,171 @@
+"""`keel sweep`: learning-rate-sensitivity sweeps of recipes on proxy models, locally or on Ray.
+
+    keel sweep --quick                                   # reduced grid, minutes on a laptop CPU
+    keel sweep --recipes baseline qk_norm_z_loss my_recipes.py:warmup_500 --sizes tiny small medium
+    keel sweep --backend ray --address auto --out runs/sweep-big
+    keel sweep --out runs/sweep --summarize --json       # summarise an existing (or live) sweep
+
+Re-running the same command on the same ``--out`` resumes a killed sweep.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import sys
+from pathlib import Path
+
+from keel.proxy.model import list_proxy_sizes
+from keel.proxy.sweep.backends import BACKENDS
+from keel.proxy.sweep.grid import SweepConfig, quick_config
+from keel.proxy.sweep.recipes import list_recipes
+from keel.proxy.sweep.runner import RunEvent, SweepResult, load_sweep, run_sweep
+from keel.proxy.sweep.summary import format_tables, to_json
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--out",
+        default=None,
+        help="sweep directory (default runs/sweep, runs/sweep-quick with "
+        "--quick); an existing sweep there is resumed",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="reduced grid: baseline vs qk_norm_z_loss, "
+        "tiny and small, 4 LRs, 150 steps (minutes on a 2-core CPU)",
+    )
+    parser.add_argument(
+        "--recipes",
+        nargs="+",
+        metavar="RECIPE",
+        help=f"built-in ({', '.join(list_recipes())}), package.module:function or "
+        "file.py:function returning a TrainConfig",
+    )
+    parser.add_argument("--lrs", nargs="+", type=float, metavar="LR", help="peak LRs (default 3e-4 … 3e-1)")
+    parser.add_argument(
+        "--sizes",
+        nargs="+",
+        choices=list_proxy_sizes(),
+        metavar="SIZE",
+        help=f"proxy sizes ({', '.join(list_proxy_sizes())}; default tiny small medium)",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default 0)")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 300)")
+    parser.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
+    parser.add_argument("--seq-len", type=int, help="bytes per sequence (default 64)")
+    parser.add_argument("--warmup", type=int, help="linear warm-up steps (default 20)")
+    parser.add_argument("--eval-batches", type=int, help="validation batches per run (default 8)")
+    parser.add_argument("--max-grad-norm", type=float, help="gradient clipping norm; 0 disables (default 1)")
+    parser.add_argument("--backend", choices=BACKENDS, default="local", help="where runs execute")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        help="local worker processes, or CPUs of a local Ray instance (default: every available core)",
+    )
+    parser.add_argument("--address", help="Ray cluster address (e.g. auto); default: start Ray locally")
+    parser.add_argument(
+        "--scaling-lr", type=float, help="fixed LR of the scaling view (default: nearest 1e-2)"
+    )
+    parser.add_argument(
+        "--divergence-logit",
+        type=float,
+        help="max attention logit counted as divergence "
+        "in the scaling view (default: calibrated on the baseline's degraded runs)",
+    )
+    parser.add_argument("--plots", default=None, help="directory for the PNG figures (default OUT/plots)")
+    parser.add_argument("--no-plots", action="store_true", help="write no figures")
+    parser.add_argument("--summarize", action="store_true", help="run nothing; summarise the sweep in --out")
+    parser.add_argument(
+        "--json", action="store_true", help="print the summary as JSON (progress goes to stderr)"
+    )
+
+
+def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:
+    """The `SweepConfig` of the command line: ``--quick`` or the defaults, with each given option applied."""
+    base = quick_config() if args.quick else SweepConfig()
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "recipes",
+            "lrs",
+            "sizes",
+            "seeds",
+            "steps",
+            "batch_size",
+            "seq_len",
+            "warmup",
+            "eval_batches",
+        )
+        if getattr(args, name) is not None
+    }
+    if args.max_grad_norm is not None:
+        overrides["max_grad_norm"] = args.max_grad_norm or None
+    return dataclasses.replace(base, **overrides)
+
+
+def main(args: argparse.Namespace) -> int:
+    out = Path(args.out or ("runs/sweep-quick" if args.quick else "runs/sweep"))
+    stream = sys.stderr if args.json else sys.stdout
+    options = dict(scaling_lr=args.scaling_lr, divergence_logit=args.divergence_logit)
+    if args.summarize:
+        result = load_sweep(out, **options)
+    else:
+        config = sweep_config_from_args(args)
+        print(
+            f"keel sweep: {len(config.recipes)} recipes × {len(config.lrs)} LRs × {len(config.sizes)} sizes "
+            f"× {len(config.seeds)} seeds, {config.steps} steps each, backend {args.backend} → {out}",
+            file=stream,
+            flush=True,
+        )
+        result = run_sweep(
+            config,
+            out,
+            backend=args.backend,
+            workers=args.workers,
+            address=args.address,
+            progress=_printer(stream),
+            **options,
+        )
+        if result.skipped:
+            print(
+                f"resumed: {len(result.skipped)} runs were already finished, {len(result.ran)} ran now",
+                file=stream,
+            )
+    if not args.no_plots and result.curves:
+        _write_plots(result, Path(args.plots) if args.plots else out / "plots", stream)
+    if args.json:
+        print(json.dumps(to_json(result.curves, result.scaling, result.rows), indent=2))
+    else:
+        print("\n" + format_tables(result.curves, result.scaling))
+        print(f"\nsweep store: {out / 'sweep.sqlite'}")
+    return 0
+
+
+def _printer(stream):  # type: ignore[no-untyped-def]
+    def show(event: RunEvent) -> None:
+        r = event.result
+        logit = "" if math.isnan(r.max_attn_logit) else f"  max logit {r.max_attn_logit:.3g}"
+        detail = f"val {r.val_loss:.3f}{logit}" if r.status != "error" else (r.error or "").splitlines()[0]
+        print(
+            f"[{event.done:>{len(str(event.total))}}/{event.total}] {event.spec.run_id:<40} {r.status:<8} "
+            f"{detail}  ({r.wall_s:.0f}s)",
+            file=stream,
+            flush=True,
+        )
+
+    return show
+
+
+def _write_plots(result: SweepResult, where: Path, stream) -> None:  # type: ignore[no-untyped-def]
+    try:
+        from keel.proxy.sweep.plots import write_plots
+
+        paths = write_plots(result.curves, result.scaling, where)
+    except ImportError as exc:
+        print(f"plots skipped: {exc}", file=stream)
+        return
+    print(f"plots: {', '.join(str(p) for p in paths)}", file=stream)

@@ -1,0 +1,200 @@
+"""Sweep figures: final loss vs LR (the shape of Wortsman et al.'s figure 1), max attention logit vs LR, and
+the scaling view, as PNG files or as a self-contained HTML fragment for the report.
+
+Needs matplotlib (``pip install keel[plot]``), imported only when a figure is drawn.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from keel.proxy.sweep.scaling import ScalingView
+from keel.proxy.sweep.summary import CurveSummary, format_tables
+
+FIGURES = ("loss_vs_lr", "max_logit_vs_lr", "scaling")
+
+
+def _pyplot() -> Any:
+    try:
+        import matplotlib
+    except ImportError as exc:
+        raise ImportError("sweep plots need matplotlib: pip install 'keel[plot]'") from exc
+    matplotlib.use("Agg")  # files only; never needs a display
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _panels(plt: Any, n: int, height: float = 3.4) -> tuple[Any, list[Any]]:
+    fig, axes = plt.subplots(1, n, figsize=(3.6 * n + 0.6, height), squeeze=False, sharey=True)
+    return fig, list(axes[0])
+
+
+def _size_colors(curves: Sequence[CurveSummary]) -> dict[str, Any]:
+    import matplotlib
+
+    sizes = list(dict.fromkeys(c.size for c in curves))
+    cmap = matplotlib.colormaps["viridis"]
+    return {s: cmap(0.15 + 0.7 * i / max(1, len(sizes) - 1)) for i, s in enumerate(sizes)}
+
+
+def plot_loss_vs_lr(curves: Sequence[CurveSummary]) -> Any:
+    """Final validation loss vs peak LR, one panel per recipe, one line per model size (LRS in the legend).
+
+    Diverged runs are drawn at the loss at initialisation ℓ₀ (dotted line), as LR sensitivity counts them.
+    """
+    plt = _pyplot()
+    recipes = list(dict.fromkeys(c.recipe for c in curves))
+    fig, axes = _panels(plt, len(recipes))
+    colors = _size_colors(curves)
+    for ax, recipe in zip(axes, recipes, strict=True):
+        for c in (c for c in curves if c.recipe == recipe):
+            s = c.sensitivity
+            ax.plot(
+                s.lrs, s.losses, "o-", color=colors[c.size], label=f"{c.size}  LRS {s.lr_sensitivity:.3f}"
+            )
+            ax.axhline(s.init_loss, color=colors[c.size], ls=":", lw=0.8)
+        ax.set_xscale("log")
+        ax.set_title(recipe)
+        ax.set_xlabel("learning rate")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("final validation loss (nats)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_max_logit_vs_lr(curves: Sequence[CurveSummary]) -> Any:
+    """End-of-run max attention logit vs peak LR (log-log), one panel per recipe, one line per size."""
+    plt = _pyplot()
+    recipes = list(dict.fromkeys(c.recipe for c in curves))
+    fig, axes = _panels(plt, len(recipes))
+    colors = _size_colors(curves)
+    for ax, recipe in zip(axes, recipes, strict=True):
+        for c in (c for c in curves if c.recipe == recipe):
+            ax.plot(
+                c.sensitivity.lrs,
+                [v if v > 0 else math.nan for v in c.max_attn_logit],
+                "o-",
+                color=colors[c.size],
+                label=c.size,
+            )
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_title(recipe)
+        ax.set_xlabel("learning rate")
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3, which="both")
+    axes[0].set_ylabel("max attention logit (end of run)")
+    fig.tight_layout()
+    return fig
+
+
+def plot_scaling(views: Sequence[ScalingView]) -> Any:
+    """Max attention logit and gradient norm vs non-embedding parameters at the fixed LR, with the fitted
+    power laws extrapolated to the predicted divergence size (dashed) and the threshold (dotted)."""
+    plt = _pyplot()
+    fig, (ax_logit, ax_grad) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    cmap = plt.get_cmap("tab10")
+    far = [v.predicted_divergence_params for v in views if math.isfinite(v.predicted_divergence_params)]
+    for i, v in enumerate(views):
+        if not v.sizes:
+            continue
+        color = cmap(i % 10)
+        ax_logit.plot(v.n_params, v.max_attn_logit, "o", color=color, label=v.recipe)
+        ax_grad.plot(v.n_params, v.grad_norm, "o", color=color, label=v.recipe)
+        lo = min(v.n_params)
+        hi = max([max(v.n_params) * 4, *[p for p in far if p < max(v.n_params) * 1e4]])
+        xs = [lo * (hi / lo) ** (k / 40) for k in range(41)]
+        for ax, fit in ((ax_logit, v.logit_fit), (ax_grad, v.grad_norm_fit)):
+            if fit is not None:
+                ax.plot(
+                    xs,
+                    [fit.predict(x) for x in xs],
+                    "--",
+                    color=color,
+                    lw=0.9,
+                    label=f"{v.recipe} ∝ N^{fit.exponent:.2f}",
+                )
+    thresholds = {v.divergence_logit for v in views if math.isfinite(v.divergence_logit)}
+    for t in thresholds:
+        ax_logit.axhline(t, color="k", ls=":", lw=0.8, label=f"divergence logit {t:.3g}")
+    lr = views[0].lr if views else math.nan
+    for ax, label in ((ax_logit, "max attention logit"), (ax_grad, "gradient norm")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("non-embedding parameters")
+        ax.set_ylabel(f"{label} at lr {lr:g}")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
+def write_plots(
+    curves: Sequence[CurveSummary],
+    views: Sequence[ScalingView],
+    out_dir: str | Path,
+) -> list[Path]:
+    """Write ``loss_vs_lr.png``, ``max_logit_vs_lr.png`` and ``scaling.png`` (when the view has two sizes)
+    into ``out_dir``; return the paths."""
+    plt = _pyplot()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for name, fig in _figures(curves, views):
+        path = out / f"{name}.png"
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+def sweep_html(
+    curves: Sequence[CurveSummary],
+    views: Sequence[ScalingView],
+    *,
+    title: str = "LR sensitivity sweep",
+) -> str:
+    """A self-contained HTML fragment (``<section>``: the tables and the figures as inline PNG) for a report.
+
+    The report layer cannot import training code, so the CLI (or the user) builds the fragment from a
+    sweep store and hands it to the report as an extra section::
+
+        result = load_sweep("runs/sweep")
+        fragment = sweep_html(result.curves, result.scaling)
+    """
+    plt = _pyplot()
+    parts = [
+        f'<section class="keel-sweep"><h2>{html.escape(title)}</h2>',
+        f"<pre>{html.escape(format_tables(curves, views))}</pre>",
+    ]
+    for name, fig in _figures(curves, views):
+        buffer = io.BytesIO()
+        fig.savefig(buffer, format="png", dpi=110)
+        plt.close(fig)
+        data = base64.b64encode(buffer.getvalue()).decode("ascii")
+        parts.append(
+            f'<figure><img alt="{name}" src="data:image/png;base64,{data}"/>'
+            f"<figcaption>{html.escape(name.replace('_', ' '))}</figcaption></figure>"
+        )
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _figures(curves: Sequence[CurveSummary], views: Sequence[ScalingView]) -> list[tuple[str, Any]]:
+    figures = []
+    if curves:
+        figures += [
+            ("loss_vs_lr", plot_loss_vs_lr(curves)),
+            ("max_logit_vs_lr", plot_max_logit_vs_lr(curves)),
+        ]
+    if any(len(v.sizes) >= 2 for v in views):
+        figures.append(("scaling", plot_scaling(views)))
+    return figures

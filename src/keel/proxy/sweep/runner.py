@@ -1,0 +1,152 @@
+"""`run_sweep`: run a recipe × LR × size × seed grid of proxy runs into one sweep store, resumably.
+
+Each run trains under ``Guard(policy="observe")`` (training bit-identical to the bare loop) into its own run
+store under ``sweep_dir/runs/``; the sweep store ``sweep_dir/sweep.sqlite`` keeps a row per run. Calling
+`run_sweep` again on the same directory resumes: finished runs (done, diverged, error) are kept and only the
+pending ones, and those that were running when the sweep was killed, run again.
+
+References:
+    Wortsman et al. (2023), "Small-scale proxies for large-scale Transformer training instabilities",
+    arXiv 2309.14322 (no official code).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from keel.guard.environment import describe_environment
+from keel.proxy.sweep.backends import Backend, create_backend
+from keel.proxy.sweep.grid import RunSpec, SweepConfig, expand_grid
+from keel.proxy.sweep.scaling import ScalingView
+from keel.proxy.sweep.store import SweepStore
+from keel.proxy.sweep.summary import CurveSummary, scaling_views, summarize
+from keel.proxy.sweep.worker import RunResult
+
+
+@dataclass(frozen=True)
+class RunEvent:
+    """One finished run, as the progress callback sees it.
+
+    Attributes:
+        done: Runs finished in this call so far, this one included.
+        total: Runs this call has to run.
+        spec: The run.
+        result: Its result.
+    """
+
+    done: int
+    total: int
+    spec: RunSpec
+    result: RunResult
+
+
+@dataclass
+class SweepResult:
+    """The outcome of `run_sweep`.
+
+    Attributes:
+        sweep_dir: The sweep's directory (its store is ``sweep_dir/sweep.sqlite``).
+        ran: Run ids executed by this call.
+        skipped: Run ids already finished before this call (a resumed sweep).
+        curves: One `CurveSummary` per (recipe, size) over the whole store.
+        scaling: One `ScalingView` per recipe.
+        rows: Every sweep-store row.
+    """
+
+    sweep_dir: Path
+    ran: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    curves: list[CurveSummary] = field(default_factory=list)
+    scaling: list[ScalingView] = field(default_factory=list)
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+
+def run_sweep(
+    config: SweepConfig,
+    sweep_dir: str | Path,
+    *,
+    backend: str | Backend = "local",
+    workers: int | None = None,
+    address: str | None = None,
+    progress: Callable[[RunEvent], None] | None = None,
+    scaling_lr: float | None = None,
+    divergence_logit: float | None = None,
+) -> SweepResult:
+    """Run (or resume) a sweep and summarise it.
+
+    Args:
+        config: The grid and the shared training settings.
+        sweep_dir: The sweep's directory; an existing sweep there is resumed.
+        backend: ``"local"`` (process pool), ``"ray"`` or a `Backend` object.
+        workers: Local worker processes (default: every available core), or the CPUs of a Ray instance
+            started on this machine.
+        address: Ray cluster address (``--backend ray`` only).
+        progress: Called with a `RunEvent` after each run finishes.
+        scaling_lr: The fixed LR of the scaling view (default: the grid LR nearest 1e-2).
+        divergence_logit: The max attention logit taken as divergence in the scaling view (default:
+            calibrated on the sweep's baseline runs).
+
+    Returns:
+        `SweepResult`.
+
+    Raises:
+        ValueError: A bad backend or recipe name, or a resumed sweep asked to run the same grid point with
+            other settings.
+
+    Example:
+        >>> cfg = SweepConfig(recipes=["baseline"], lrs=[1e-2], sizes=["tiny"], steps=2, eval_batches=1)
+        >>> import tempfile
+        >>> run_sweep(cfg, tempfile.mkdtemp(), workers=1).rows[0]["status"]
+        'done'
+    """
+    sweep_dir = Path(sweep_dir)
+    engine = (
+        create_backend(backend, workers=workers, address=address) if isinstance(backend, str) else backend
+    )
+    specs = expand_grid(config)
+    result = SweepResult(sweep_dir=sweep_dir)
+    with SweepStore(sweep_dir) as store:
+        if not store.meta():
+            store.set_meta({"sweep": config.describe(), "created": time.time(), **describe_environment()})
+        # Stored relative to the sweep directory, so a sweep can be moved or copied off a cluster whole.
+        store.add_runs(specs, lambda run_id: run_dir_for(Path(), run_id))
+        todo = set(store.unfinished([s.run_id for s in specs]))
+        result.skipped = [s.run_id for s in specs if s.run_id not in todo]
+        tasks = [(s, str(run_dir_for(sweep_dir.resolve(), s.run_id))) for s in specs if s.run_id in todo]
+        for n, outcome in enumerate(engine.run(tasks, lambda s: store.mark_running(s.run_id)), start=1):
+            store.record(outcome)
+            result.ran.append(outcome.run_id)
+            if progress is not None:
+                spec = next(s for s, _ in tasks if s.run_id == outcome.run_id)
+                progress(RunEvent(done=n, total=len(tasks), spec=spec, result=outcome))
+        result.rows = store.rows()
+    result.curves = summarize(result.rows)
+    result.scaling = scaling_views(
+        result.rows, result.curves, lr=scaling_lr, divergence_logit=divergence_logit
+    )
+    return result
+
+
+def load_sweep(
+    sweep_dir: str | Path, *, scaling_lr: float | None = None, divergence_logit: float | None = None
+) -> SweepResult:
+    """Summarise an existing sweep store without running anything (a live sweep included)."""
+    with SweepStore(sweep_dir, readonly=True) as store:
+        rows = store.rows()
+    curves = summarize(rows)
+    return SweepResult(
+        sweep_dir=Path(sweep_dir),
+        curves=curves,
+        rows=rows,
+        scaling=scaling_views(rows, curves, lr=scaling_lr, divergence_logit=divergence_logit),
+    )
+
+
+def run_dir_for(sweep_dir: Path, run_id: str) -> Path:
+    """``sweep_dir/runs/<recipe>/<size>/lr=<lr>/seed=<seed>``, characters outside [A-Za-z0-9._=-] as ``_``."""
+    return sweep_dir / "runs" / Path(*(re.sub(r"[^A-Za-z0-9._=+-]", "_", part) for part in run_id.split("/")))

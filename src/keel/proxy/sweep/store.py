@@ -1,0 +1,197 @@
+"""The sweep store: one SQLite file per sweep (``sweep_dir/sweep.sqlite``) with one row per run.
+
+Each row holds the run's recipe, size, LR, seed, status, losses, end signals and the path of the run's
+own run store, so a sweep can be summarised, plotted or resumed from this file alone. Only the process
+that drives the sweep writes it (workers return results); WAL mode lets a reader follow a live sweep.
+
+Schema (``runs``): ``run_id`` (primary key), ``recipe``, ``size``, ``lr``, ``seed``, ``status`` (pending,
+running, done, diverged, error), ``config`` (JSON of the run's `TrainConfig`), ``init_loss``,
+``final_loss``, ``val_loss``, ``max_attn_logit``, ``log_z``, ``grad_norm``, ``n_params``, ``steps_done``,
+``wall_s``, ``error``, ``run_dir`` (relative to the sweep directory), ``attempts``, ``started``,
+``finished``. ``meta`` holds the sweep's
+config and environment as JSON. NaN is stored as NULL and read back as NaN. Reading needs only the
+standard library.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import sqlite3
+import time
+from pathlib import Path
+from typing import Any
+
+SWEEP_STORE_NAME = "sweep.sqlite"
+
+_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, recipe TEXT NOT NULL, size TEXT NOT NULL, lr REAL NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL, config TEXT, init_loss REAL, final_loss REAL, val_loss REAL, max_attn_logit REAL,
+    log_z REAL, grad_norm REAL, n_params INTEGER, steps_done INTEGER, wall_s REAL, error TEXT,
+    run_dir TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, started REAL, finished REAL
+);
+"""
+_RESULT_FIELDS = (
+    "status",
+    "init_loss",
+    "final_loss",
+    "val_loss",
+    "max_attn_logit",
+    "log_z",
+    "grad_norm",
+    "n_params",
+    "steps_done",
+    "wall_s",
+    "error",
+)
+
+
+def sweep_store_path(sweep: str | Path) -> Path:
+    """``sweep_dir/sweep.sqlite``, or the path itself when it already names a ``.sqlite`` file."""
+    path = Path(sweep)
+    return path if path.suffix == ".sqlite" else path / SWEEP_STORE_NAME
+
+
+class SweepStore:
+    """Read and write one sweep's store.
+
+    Args:
+        sweep: The sweep directory (or its ``sweep.sqlite``).
+        readonly: Open an existing store without writing (for reports and a live sweep).
+
+    Raises:
+        FileNotFoundError: ``readonly`` and there is no store.
+
+    Example:
+        >>> import tempfile
+        >>> with SweepStore(tempfile.mkdtemp()) as store:
+        ...     store.rows()
+        []
+    """
+
+    def __init__(self, sweep: str | Path, *, readonly: bool = False) -> None:
+        self.path = sweep_store_path(sweep)
+        self.root = self.path.parent
+        if readonly:
+            if not self.path.is_file():
+                raise FileNotFoundError(f"no keel sweep store at {self.path}")
+            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        else:
+            self.root.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(self.path, isolation_level=None)
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.executescript(_DDL)
+        self._conn.row_factory = sqlite3.Row
+
+    def close(self) -> None:
+        self._conn.close()
+
+    def __enter__(self) -> SweepStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---- meta
+    def set_meta(self, items: dict[str, Any]) -> None:
+        self._conn.executemany(
+            "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+            [(k, json.dumps(v, default=str)) for k, v in items.items()],
+        )
+
+    def meta(self) -> dict[str, Any]:
+        return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+
+    # ---- runs
+    def add_runs(self, specs: list[Any], run_dir_of: Any) -> int:
+        """Insert a pending row for each `RunSpec` not yet in the store; return how many were new.
+
+        Raises:
+            ValueError: A run already in the store was recorded with a different config (same grid point,
+                other settings): resuming would mix two sweeps in one table.
+        """
+        existing = {r["run_id"]: r["config"] for r in self._conn.execute("SELECT run_id, config FROM runs")}
+        new = []
+        for spec in specs:
+            config = _config_json(spec.config)
+            if spec.run_id in existing:
+                if existing[spec.run_id] != config:
+                    raise ValueError(
+                        f"run {spec.run_id} is in {self.path} with config {existing[spec.run_id]}, and this "
+                        f"sweep asks for {config}; allowed: the same settings to resume, or a new sweep dir"
+                    )
+                continue
+            new.append(
+                (
+                    spec.run_id,
+                    spec.recipe,
+                    spec.size,
+                    spec.lr,
+                    spec.seed,
+                    "pending",
+                    config,
+                    str(run_dir_of(spec.run_id)),
+                )
+            )
+        with self._conn:
+            self._conn.execute("BEGIN")
+            self._conn.executemany(
+                "INSERT INTO runs (run_id, recipe, size, lr, seed, status, config, run_dir) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                new,
+            )
+        return len(new)
+
+    def unfinished(self, run_ids: list[str]) -> list[str]:
+        """The ids among ``run_ids`` not yet done, diverged or errored (pending, or running when killed)."""
+        status = dict(self._conn.execute("SELECT run_id, status FROM runs").fetchall())
+        return [r for r in run_ids if status.get(r) in ("pending", "running")]
+
+    def mark_running(self, run_id: str) -> None:
+        self._conn.execute(
+            "UPDATE runs SET status = 'running', attempts = attempts + 1, started = ? WHERE run_id = ?",
+            (time.time(), run_id),
+        )
+
+    def record(self, result: Any) -> None:
+        """Write a `RunResult`'s fields into its row and mark it finished."""
+        values = [_sql(getattr(result, name)) for name in _RESULT_FIELDS]
+        assignments = ", ".join(f"{name} = ?" for name in _RESULT_FIELDS)
+        self._conn.execute(
+            f"UPDATE runs SET {assignments}, finished = ? WHERE run_id = ?",
+            (*values, time.time(), result.run_id),
+        )
+
+    def rows(self) -> list[dict[str, Any]]:
+        """Every run as a dict (NULL reals read back as NaN, ``run_dir`` joined to the sweep directory), in
+        insertion order."""
+        out = []
+        for row in self._conn.execute("SELECT * FROM runs ORDER BY rowid"):
+            item = dict(row)
+            for key in (
+                "init_loss",
+                "final_loss",
+                "val_loss",
+                "max_attn_logit",
+                "log_z",
+                "grad_norm",
+                "wall_s",
+            ):
+                item[key] = math.nan if item[key] is None else float(item[key])
+            item["config"] = json.loads(item["config"]) if item["config"] else None
+            item["run_dir"] = str(self.root / item["run_dir"])  # stored relative to the sweep directory
+            out.append(item)
+        return out
+
+
+def _config_json(config: object) -> str | None:
+    return None if config is None else json.dumps(dataclasses.asdict(config), sort_keys=True)  # type: ignore[call-overload]
+
+
+def _sql(value: Any) -> Any:
+    # SQLite has no NaN; NULL stands for it and reads back as NaN.
+    return None if isinstance(value, float) and math.isnan(value) else value

@@ -1,0 +1,20 @@
+"""Tiny sweep settings shared by the sweep tests: a few steps of the tiny proxy, one validation batch."""
+
+from __future__ import annotations
+
+import pytest
+
+from keel.proxy.sweep import SweepConfig
+
+TINY = dict(sizes=("tiny",), steps=4, batch_size=4, seq_len=16, warmup=2, eval_batches=1)
+# Adam moves every weight by ~lr per step: at lr 1e3 the tiny proxy's loss leaves the finite range or ends
+# far above its loss at initialisation within a few steps, i.e. it diverges.
+DIVERGING_LR = 1e3
+
+
+@pytest.fixture
+def tiny_sweep():
+    def make(**overrides) -> SweepConfig:
+        return SweepConfig(**{**TINY, **overrides})
+
+    return make

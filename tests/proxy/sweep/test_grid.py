@@ -1,0 +1,113 @@
+import dataclasses
+import json
+
+import pytest
+
+from keel.proxy.sweep import SweepConfig, default_lrs, expand_grid, list_recipes, quick_config, resolve_recipe
+from keel.proxy.trainer import TrainConfig
+
+
+def test_default_lr_grid_is_the_papers_range():
+    assert default_lrs() == [3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]
+    assert default_lrs(1e-3, 1e-1, per_decade=1) == [1e-3, 1e-2, 1e-1]
+    with pytest.raises(ValueError, match="0 < low < high"):
+        default_lrs(1e-1, 1e-3)
+
+
+def test_grid_expands_every_combination_with_stable_ids():
+    config = SweepConfig(
+        recipes=["baseline", "qk_norm"], lrs=[1e-3, 1e-2], sizes=["tiny", "small"], seeds=[0, 1]
+    )
+    specs = expand_grid(config)
+    assert len(specs) == 2 * 2 * 2 * 2 and len({s.run_id for s in specs}) == 16
+    assert specs[0].run_id == "baseline/tiny/lr=0.001/seed=0" and specs[-1].size == "small"
+    by_id = {s.run_id: s for s in specs}
+    qk = by_id["qk_norm/small/lr=0.01/seed=1"].config
+    assert qk.qk_norm and qk.lr == 1e-2 and qk.seed == 1 and qk.size == "small" and qk.max_grad_norm == 1.0
+    assert not by_id["baseline/small/lr=0.01/seed=1"].config.qk_norm
+
+
+def test_builtin_recipes_change_what_they_name():
+    base = TrainConfig(size="tiny", steps=200)
+    changed = {name: resolve_recipe(name)[1](base) for name in list_recipes()}
+    assert changed["baseline"] == base
+    assert changed["qk_norm"].qk_norm and changed["qk_norm"].z_loss == 0
+    assert changed["z_loss"].z_loss == 1e-4 and not changed["z_loss"].qk_norm
+    assert changed["qk_norm_z_loss"].qk_norm and changed["qk_norm_z_loss"].z_loss == 1e-4
+    wd = changed["independent_wd"]
+    assert wd.optimizer == "independent_adamw" and wd.weight_decay == 1e-4 and not wd.qk_norm
+    assert changed["decoupled_wd"].optimizer == "adamw" and changed["decoupled_wd"].weight_decay == 0.1
+
+
+def test_user_recipe_from_a_file_and_a_raising_recipe(tmp_path):
+    path = tmp_path / "my_recipes.py"
+    path.write_text(
+        "import dataclasses\n"
+        "def long_warmup(base):\n    return dataclasses.replace(base, warmup=base.steps // 2)\n"
+    )
+    name, fn = resolve_recipe(f"{path}:long_warmup")
+    assert name == "long_warmup" and fn(TrainConfig(steps=100)).warmup == 50
+
+    def broken(base):
+        raise RuntimeError("no such optimizer here")
+
+    specs = expand_grid(SweepConfig(recipes=["baseline", broken], lrs=[1e-3], sizes=["tiny"]))
+    assert specs[0].config is not None and specs[0].error is None
+    assert (
+        specs[1].config is None
+        and "recipe 'broken' raised RuntimeError: no such optimizer here" in specs[1].error
+    )
+
+    def not_a_config(base):
+        return {"lr": 1}
+
+    assert (
+        "allowed: a keel.proxy.trainer.TrainConfig"
+        in expand_grid(SweepConfig(recipes=[not_a_config], lrs=[1e-3], sizes=["tiny"]))[0].error
+    )
+
+
+@pytest.mark.parametrize(
+    "recipe, match",
+    [
+        ("nope", "unknown recipe 'nope'; allowed: baseline"),
+        ("no_such_module_xyz:f", "cannot be imported"),
+        ("keel.proxy.sweep.recipes:missing", "has no function 'missing'"),
+        ("/no/such/file.py:f", "not found"),
+    ],
+)
+def test_bad_recipe_names_raise_before_anything_runs(recipe, match):
+    with pytest.raises(ValueError, match=match):
+        expand_grid(SweepConfig(recipes=[recipe], lrs=[1e-3], sizes=["tiny"]))
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("steps", 0, "SweepConfig.steps=0; allowed: an int >= 1"),
+        ("warmup", -1, "SweepConfig.warmup=-1; allowed: an int >= 0"),
+        ("lrs", [], r"SweepConfig.lrs=\[\]; allowed: at least one value"),
+        ("lrs", [1e-3, -1.0], r"SweepConfig.lrs contains \[-1.0\]"),
+        ("sizes", ["huge"], r"SweepConfig.sizes contains \['huge'\]; allowed: tiny"),
+        ("max_grad_norm", 0.0, "SweepConfig.max_grad_norm=0.0"),
+    ],
+)
+def test_bad_config_values(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        SweepConfig(**{field: value})
+
+
+def test_duplicate_recipe_names_raise():
+    with pytest.raises(ValueError, match="each name once"):
+        expand_grid(SweepConfig(recipes=["baseline", "baseline"], lrs=[1e-3], sizes=["tiny"]))
+
+
+def test_describe_is_json_and_quick_grid_is_small():
+    def mine(base):
+        return base
+
+    text = json.dumps(SweepConfig(recipes=["baseline", mine]).describe())
+    assert '"recipes": ["baseline", "mine"]' in text
+    quick = quick_config()
+    runs = len(expand_grid(quick))
+    assert runs <= 16 and quick.steps <= 150 and dataclasses.replace(quick, steps=10).steps == 10

@@ -1,0 +1,147 @@
+import dataclasses
+import math
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from keel.proxy.sweep import SweepConfig, SweepStore, expand_grid, load_sweep, run_sweep
+from keel.proxy.sweep.runner import run_dir_for
+from keel.store import RunReader
+from tests.proxy.sweep.conftest import DIVERGING_LR, TINY
+
+
+def broken(base):
+    raise RuntimeError("this recipe is broken")
+
+
+def unknown_size(base):
+    return dataclasses.replace(base, size="huge")  # accepted here, rejected when the model is built
+
+
+def test_raising_and_diverging_runs_are_recorded_and_the_sweep_goes_on(tmp_path, tiny_sweep):
+    config = tiny_sweep(recipes=["baseline", broken, unknown_size], lrs=[1e-2, DIVERGING_LR])
+    events = []
+    result = run_sweep(config, tmp_path, workers=1, progress=events.append)
+    status = {r["run_id"]: r for r in result.rows}
+    assert len(events) == 6 and [e.done for e in events] == [1, 2, 3, 4, 5, 6] and events[0].total == 6
+    ok, blown = status["baseline/tiny/lr=0.01/seed=0"], status["baseline/tiny/lr=1000/seed=0"]
+    assert ok["status"] == "done" and ok["val_loss"] < ok["init_loss"] and ok["steps_done"] == TINY["steps"]
+    assert blown["status"] == "diverged" and (
+        "loss at initialisation" in blown["error"] or "non-finite" in blown["error"]
+    )
+    for lr in ("0.01", "1000"):
+        assert status[f"broken/tiny/lr={lr}/seed=0"]["status"] == "error"
+        assert "RuntimeError: this recipe is broken" in status[f"broken/tiny/lr={lr}/seed=0"]["error"]
+        assert status[f"unknown_size/tiny/lr={lr}/seed=0"]["status"] == "error"
+        assert "unknown proxy size 'huge'" in status[f"unknown_size/tiny/lr={lr}/seed=0"]["error"]
+    # Only the baseline has a curve; its diverged run counts as the loss at initialisation.
+    (curve,) = result.curves
+    assert curve.recipe == "baseline" and curve.runs == 2 and curve.diverged == 1
+    assert curve.sensitivity.lr_sensitivity == pytest.approx((ok["init_loss"] - ok["val_loss"]) / 2)
+    assert curve.sensitivity.best_lr == 1e-2 and curve.sensitivity.best_loss == pytest.approx(ok["val_loss"])
+
+
+def test_each_run_keeps_its_own_run_store_with_the_end_signals(tmp_path, tiny_sweep):
+    result = run_sweep(tiny_sweep(recipes=["qk_norm_z_loss"], lrs=[3e-2]), tmp_path, workers=1)
+    (row,) = result.rows
+    assert row["run_dir"] == str(run_dir_for(tmp_path, row["run_id"]))
+    assert (Path(row["run_dir"]) / "run.sqlite").is_file()
+    with RunReader(row["run_dir"]) as reader:
+        meta = reader.meta()
+        _, logits = reader.signal("attn/max_logit")
+        _, log_z = reader.signal("logits/log_z")
+    assert meta["policy"] == "observe" and meta["config"]["qk_norm"] and meta["config"]["z_loss"] == 1e-4
+    assert len(logits) == TINY["steps"] and row["max_attn_logit"] == pytest.approx(float(np.median(logits)))
+    assert math.isfinite(row["log_z"]) and min(log_z) <= row["log_z"] <= max(log_z)
+    with SweepStore(tmp_path, readonly=True) as store:
+        assert store.meta()["sweep"]["recipes"] == ["qk_norm_z_loss"] and "versions" in store.meta()
+
+
+def test_resume_runs_only_what_is_unfinished(tmp_path, tiny_sweep):
+    first = run_sweep(tiny_sweep(recipes=["baseline"], lrs=[1e-2]), tmp_path, workers=1)
+    (done_row,) = first.rows
+    # A sweep killed while a run was in flight leaves it "running": it must run again.
+    grown = tiny_sweep(recipes=["baseline"], lrs=[1e-2, 2e-2, 3e-2])
+    with SweepStore(tmp_path) as store:
+        store.add_runs(expand_grid(grown), lambda rid: run_dir_for(tmp_path, rid))
+        store.mark_running("baseline/tiny/lr=0.03/seed=0")
+    second = run_sweep(grown, tmp_path, workers=1)
+    assert second.skipped == ["baseline/tiny/lr=0.01/seed=0"]
+    assert sorted(second.ran) == ["baseline/tiny/lr=0.02/seed=0", "baseline/tiny/lr=0.03/seed=0"]
+    rows = {r["run_id"]: r for r in second.rows}
+    assert rows["baseline/tiny/lr=0.01/seed=0"]["finished"] == done_row["finished"]
+    assert rows["baseline/tiny/lr=0.01/seed=0"]["attempts"] == 1
+    assert (
+        rows["baseline/tiny/lr=0.03/seed=0"]["attempts"] == 2
+        and rows["baseline/tiny/lr=0.02/seed=0"]["attempts"] == 1
+    )
+    assert all(r["status"] == "done" for r in rows.values()) and len(second.curves[0].sensitivity.lrs) == 3
+    assert run_sweep(grown, tmp_path, workers=1).ran == []
+
+
+# Six runs of ~12 steps on the default backend, the local process pool (two workers): long enough that the
+# sweep can be killed, workers and all, between the first run and the last.
+KILLED = dict(
+    recipes=["baseline", "qk_norm"],
+    lrs=[1e-3, 1e-2, 3e-2],
+    sizes=["tiny"],
+    steps=12,
+    batch_size=4,
+    seq_len=16,
+    warmup=2,
+    eval_batches=1,
+)
+_KILLED_SWEEP = f"""
+import sys
+from keel.proxy.sweep import SweepConfig, run_sweep
+run_sweep(SweepConfig(**{KILLED!r}), sys.argv[1], workers=2)
+"""
+
+
+def test_a_killed_sweep_resumes_with_only_the_unfinished_runs(tmp_path):
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(__file__).parents[3] / "src"), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _KILLED_SWEEP, str(tmp_path)], env=env, start_new_session=True
+    )
+    finished_before: dict[str, float] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and proc.poll() is None and not finished_before:
+            try:
+                with SweepStore(tmp_path, readonly=True) as store:
+                    finished_before = {
+                        r["run_id"]: r["finished"] for r in store.rows() if r["status"] == "done"
+                    }
+            except (FileNotFoundError, sqlite3.OperationalError):
+                pass  # the store, or its tables, not created yet
+            time.sleep(0.02)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the whole sweep (driver and pool workers), mid-way
+        proc.wait()
+    assert 1 <= len(finished_before) < 6, "the sweep must be killed mid-way for this test to mean anything"
+    with SweepStore(tmp_path, readonly=True) as store:
+        killed = {r["run_id"]: r for r in store.rows()}
+    unfinished = {rid for rid, r in killed.items() if r["status"] in ("pending", "running")}
+    assert (
+        unfinished and {rid for rid, r in killed.items() if r["status"] == "done"} == set(killed) - unfinished
+    )
+    resumed = run_sweep(SweepConfig(**KILLED), tmp_path, workers=1)
+    assert set(resumed.ran) == unfinished and set(resumed.skipped) == set(killed) - unfinished
+    after = {r["run_id"]: r for r in resumed.rows}
+    assert all(r["status"] == "done" for r in after.values())
+    for rid, row in killed.items():
+        if rid not in unfinished:  # untouched by the resume
+            assert after[rid]["finished"] == row["finished"] and after[rid]["attempts"] == 1
+    assert len(resumed.curves) == 2 and load_sweep(tmp_path).curves == resumed.curves

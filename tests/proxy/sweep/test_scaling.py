@@ -1,0 +1,82 @@
+import math
+
+import pytest
+
+from keel.proxy.sweep import fit_power_law
+from keel.proxy.sweep.metrics import lr_sensitivity
+from keel.proxy.sweep.scaling import calibrate_divergence_logit, scaling_view
+
+
+def test_power_law_fit_recovers_exponent_and_solves_for_a_threshold():
+    n = [1e4, 1e5, 1e6]
+    fit = fit_power_law(n, [3.0 * x**0.5 for x in n])
+    assert fit.exponent == pytest.approx(0.5) and fit.predict(1e8) == pytest.approx(3e4)
+    assert fit.solve(3e4) == pytest.approx(1e8) and fit.n_points == 3
+
+
+def test_no_growth_never_reaches_the_threshold():
+    fit = fit_power_law([1e4, 1e5], [20.0, 10.0])
+    assert fit.exponent < 0 and fit.solve(1e4) == math.inf
+
+
+def test_unusable_points_are_dropped_and_too_few_raise():
+    fit = fit_power_law([1e3, 1e4, 1e5, 1e6], [10.0, 100.0, float("nan"), -1.0])
+    assert fit.n_points == 2 and fit.exponent == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="1 usable sizes"):
+        fit_power_law([1e3, 1e3], [1.0, 2.0])
+
+
+def _row(size, lr, val, logit, n, grad=1.0, status="done", recipe="baseline"):
+    return dict(
+        recipe=recipe,
+        size=size,
+        lr=lr,
+        val_loss=val,
+        max_attn_logit=logit,
+        grad_norm=grad,
+        n_params=n,
+        status=status,
+        init_loss=5.5,
+    )
+
+
+class _Curve:
+    def __init__(self, size, lrs, losses):
+        self.size, self.sensitivity = size, lr_sensitivity(lrs, losses, 5.5)
+
+
+def test_calibrated_threshold_is_the_smallest_logit_of_a_degraded_high_lr_run():
+    rows = [
+        _row("tiny", 1e-3, 2.6, 10, 100),
+        _row("tiny", 1e-2, 2.3, 40, 100),  # best
+        _row("tiny", 3e-2, 2.35, 90, 100),  # within 0.1: not degraded
+        _row("tiny", 1e-1, 2.9, 300, 100),
+        _row("tiny", 3e-1, float("nan"), 5000, 100, status="diverged"),
+    ]
+    curve = _Curve("tiny", [r["lr"] for r in rows], [r["val_loss"] for r in rows])
+    assert calibrate_divergence_logit(rows, [curve]) == 300
+    assert (
+        calibrate_divergence_logit(rows[:3], [_Curve("tiny", [1e-3, 1e-2, 3e-2], [2.6, 2.3, 2.35])]) is None
+    )
+
+
+def test_scaling_view_fits_across_sizes_at_the_fixed_lr():
+    rows = [
+        _row("tiny", 1e-2, 2.5, 10.0, 1_000, grad=0.5),
+        _row("small", 1e-2, 2.4, 100.0, 10_000, grad=1.0),
+        _row("tiny", 1e-1, 2.9, 1e4, 1_000),
+        _row("small", 1e-2, 2.4, 0, 10_000, status="error"),
+    ]
+    view = scaling_view(
+        rows,
+        recipe="baseline",
+        lr=1e-2,
+        size_order=["tiny", "small", "medium"],
+        divergence_logit=1e4,
+        threshold_source="given",
+    )
+    assert view.sizes == ("tiny", "small") and view.max_attn_logit == (10.0, 100.0)
+    assert view.logit_fit.exponent == pytest.approx(1.0) and view.grad_norm_fit.exponent == pytest.approx(
+        math.log10(2)
+    )
+    assert view.predicted_divergence_params == pytest.approx(1e6)
