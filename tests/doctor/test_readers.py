@@ -134,3 +134,13 @@ def test_keel_run_store_with_families_and_stored_findings(tmp_path):
     result = diagnose_log(tmp_path / "run")
     assert [(f.step, f.kind) for f in result.at_least("warning")] == [(30, "non_finite")]
     assert result.summary["stored_findings"]["critical"] == 1
+
+
+def test_tensorboard_run_in_a_subfolder_keeps_plain_tags(tmp_path):
+    # The Hugging Face Trainer writes output_dir/runs/<date_host>/events…: one folder, no prefix.
+    run = tmp_path / "runs" / "Nov29_10-00-00_host"
+    run.mkdir(parents=True)
+    src = next((DATA / "tb_simple").glob("events.*"))
+    (run / src.name).write_bytes(src.read_bytes())
+    obs = _obs(tmp_path / "runs")
+    assert obs[1].values["loss"] == pytest.approx(3.01) and "lr" in obs[1].values

@@ -3,8 +3,9 @@
 Reads the scalars of both summary styles: ``simple_value`` (``torch.utils.tensorboard``'s ``add_scalar``,
 TF1) and one-element tensors (TF2 ``tf.summary.scalar``, the ``scalars`` plugin). Images, histograms,
 text and audio are skipped. A folder is searched recursively; the event files of one folder are one run
-read in file-name order (the names carry their creation time), and tags from a subfolder are prefixed
-with it (``validation/epoch_loss``), since Keras and ``add_scalars`` write one subfolder per series. All
+read in file-name order (the names carry their creation time); when the files sit in several folders,
+tags are prefixed with the folder (``validation/epoch_loss``), since Keras and ``add_scalars`` write one
+subfolder per series. Point it at one run's folder: two runs' folders are read as two sets of series. All
 scalars are put in write order by their wall time, so a restarted run shows its repeated steps.
 
 Proto layouts read (tensorflow/core/util/event.proto, framework/summary.proto, framework/tensor.proto):
@@ -14,6 +15,7 @@ Proto layouts read (tensorflow/core/util/event.proto, framework/summary.proto, f
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 
@@ -52,7 +54,9 @@ def read_tensorboard_log(path: str | Path) -> RawLog:
     files = [f for f in files if f.is_file()]
     if not files:
         raise LogReadError(f"{path}: no TensorBoard event file ({EVENT_GLOB}) in this folder")
-    root = path if path.is_dir() else path.parent
+    # Tags are prefixed with the folder below the files' common folder: nothing for one folder, "train/"
+    # and "validation/" for Keras' two.
+    root = Path(os.path.commonpath([str(f.parent) for f in files]))
     scalars: list[tuple[float, int, int, int, str, float]] = []  # wall, file rank, order, step, tag, value
     skipped = 0
     for rank, file in enumerate(files):
