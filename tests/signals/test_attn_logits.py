@@ -266,3 +266,13 @@ def test_reference_helper_is_itself_right():
     # uniform attention over n keys has entropy log n; the helper must agree with that closed form
     _, heads = ref_stats(np.zeros((1, 2, 3, 4)))
     np.testing.assert_allclose(heads, [math.log(4)] * 2)
+
+
+def test_a_logits_tap_is_hooked_instead_of_intercepting():
+    model = create_proxy_model("tiny", seq_len=8)
+    probe = AttnLogitsProbe()
+    probe.attach(model)
+    attn = model.blocks[0].attn
+    assert attn.logits_tap._forward_hooks and not attn._forward_pre_hooks  # no TorchFunctionMode for this site
+    probe.detach()
+    assert not attn.logits_tap._forward_hooks

@@ -59,6 +59,8 @@ class CausalSelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
         self.q_norm = nn.LayerNorm(self.head_dim) if config.qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim) if config.qk_norm else nn.Identity()
+        # keel's attention probes hook the masked logits here instead of intercepting the forward pass
+        self.logits_tap = nn.Identity()
         mask = torch.ones(config.seq_len, config.seq_len, dtype=torch.bool).tril()
         self.register_buffer("causal_mask", mask, persistent=False)
 
@@ -70,7 +72,7 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         q, k = self.q_norm(q), self.k_norm(k)
         logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, T)
-        logits = logits.masked_fill(~self.causal_mask[:T, :T], float("-inf"))
+        logits = self.logits_tap(logits.masked_fill(~self.causal_mask[:T, :T], float("-inf")))
         y = logits.softmax(dim=-1) @ v  # (B, nh, T, hd)
         return self.proj(y.transpose(1, 2).reshape(B, T, C))
 

@@ -12,6 +12,10 @@ hold the logits and reduces them on device to a few numbers per layer. No activa
   logits, so they are rebuilt from q and k, one extra ``q @ kᵀ`` per layer. Such "fused" sites therefore
   run on their own, sparser schedule.
 
+An attention module can spare the interception: a child module named ``logits_tap`` (an ``nn.Identity``)
+applied to the masked pre-softmax logits is hooked directly — keel's proxy model does this, and so can any
+model (a forward hook on a module costs one Python call, against one per torch call under the mode).
+
 The mode is pushed only on steps a probe asked for, and only while an attention module in training mode
 runs, so the steps in between cost one Python check per module. Under ``torch.compile`` the tap stays out
 (a mode pushed while tracing would break the graph): compiled attention is simply not seen.
@@ -33,6 +37,7 @@ from torch.overrides import TorchFunctionMode
 from keel.signals._hooks import find_attention_modules, hooks_active, named_modules_by_name
 from keel.signals.attention_stats import attention_entropy_sums, attention_max_logit, sdpa_logits
 
+TAP_NAME = "logits_tap"  # an attention module may expose its masked logits through a child of this name
 _SOFTMAX = (torch.softmax, torch.Tensor.softmax, F.softmax, torch.special.softmax)
 _SDPA = F.scaled_dot_product_attention
 _MHA = F.multi_head_attention_forward
@@ -83,6 +88,10 @@ class AttentionTap:
         self._stale = False  # read by the probes: the next forward starts a new step
         self.error: Exception | None = None
         for site in self.sites:
+            tap = getattr(site.module, TAP_NAME, None)
+            if isinstance(tap, nn.Module):  # the model hands over its logits: no interception needed
+                self._handles.append(tap.register_forward_hook(lambda m, a, o, s=site: self._tapped(s, o)))
+                continue
             pre = site.module.register_forward_pre_hook(lambda m, a, s=site: self._enter(s, m))
             post = site.module.register_forward_hook(lambda m, a, o, s=site: self._exit(s), always_call=True)
             self._handles += [pre, post]
@@ -122,6 +131,20 @@ class AttentionTap:
         mode = _TapMode(self, site, want)
         mode.__enter__()
         self._stack.append((site, mode))
+
+    def _tapped(self, site: SiteStats, logits: Any) -> None:
+        if not site.module.training or not hooks_active() or self.error is not None:
+            return
+        if self._stale:
+            self._reset()
+        want = self._wanted()
+        if not (want.max_logit or want.entropy) or not isinstance(logits, Tensor):
+            return
+        try:
+            with torch.no_grad():
+                self._reduce(site, want, logits, None, 1 if logits.dim() == 4 else None, fused=False)
+        except Exception as exc:  # never break the user's forward; the probe reports it at measure()
+            self.error = exc
 
     def _exit(self, site: SiteStats) -> None:
         if self._stack and self._stack[-1][0] is site:

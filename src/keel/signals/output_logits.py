@@ -170,8 +170,9 @@ class OutputLogitsProbe:
         sums.add("rows", torch.tensor(float(log_z.numel()), device=z.device))
         sums.add("log_z_max", log_z.amax(), "max")
         sums.add("log_z_min", log_z.amin(), "min")
-        sums.add("square", z.float().square().sum())
-        sums.add("sum", z.float().sum())
+        zf = z.float()
+        sums.add("square", torch.linalg.vector_norm(zf).square())  # one fused pass
+        sums.add("sum", zf.sum())
         sums.add("elements", torch.tensor(float(z.numel()), device=z.device))
         sums.add("collapsed", collapsed.sum().float())
         if targets is not None:

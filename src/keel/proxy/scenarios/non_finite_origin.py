@@ -28,7 +28,7 @@ class NaiveSoftmaxAttention(CausalSelfAttention):
         q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, nh, T, hd)
         k = k.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         v = v.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
-        logits = (q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim)  # (B, nh, T, T)
+        logits = self.logits_tap((q @ k.transpose(-2, -1)) / math.sqrt(self.head_dim))  # (B, nh, T, T)
         weights = logits.exp().masked_fill(~self.causal_mask[:T, :T], 0.0)
         weights = weights / weights.sum(dim=-1, keepdim=True)
         return self.proj((weights @ v).transpose(1, 2).reshape(B, T, C))
