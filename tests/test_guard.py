@@ -132,7 +132,8 @@ def test_grad_scaler_overflow_is_the_scalers_skip_not_keels():
     d = decisions[6]
     assert (d.action, d.by) == ("skip", "scaler")
     assert guard.escalation.consecutive_skips == 0
-    assert [f.kind for f in d.findings] == ["loss_scale_overflow"]
+    assert [(f.kind, f.severity) for f in d.findings] == [("loss_scale_overflow", "info"),
+                                                         ("non_finite_origin", "info")]
     assert scaler.get_scale() == 2.0**9  # halved once by the scaler, not touched by keel
 
 

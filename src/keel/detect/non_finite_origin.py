@@ -92,7 +92,9 @@ class NonFiniteOriginDetector:
                                     else "finite_before": before[:20], "non_finite": (bad_act or bad_grad)[:20]}
         if cause is not None:
             evidence["remedies"] = cause.remedy_dicts()
-        return [Finding(step=obs.step, kind="non_finite_origin", severity="warning", signal=origin, value=value,
+        # Under a GradScaler, non-finite gradients are the scaler's routine overflow signal: worth knowing, no alarm.
+        severity = "info" if keys.AMP_SCALE in obs.values else "warning"
+        return [Finding(step=obs.step, kind="non_finite_origin", severity=severity, signal=origin, value=value,
                         evidence=evidence, cause=text,
                         remedy=f"Look inside {origin} for an overflow (exp, x², division, log of 0) in the working "
                                "precision; " + (cause.remedy_text() if cause else ""))]
