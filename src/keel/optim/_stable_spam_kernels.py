@@ -64,20 +64,7 @@ def tensor_major_update(
     gamma1, gamma2, gamma3 = plan.gammas
     beta2 = plan.betas[1]
     grads = [p.grad for p in params]
-    # Row views where the row-wise path can write through them (non-empty, contiguous g, m and v).
-    rows = [
-        as_rows(g)
-        if g.numel() and all(x.is_contiguous() for x in (g, s["exp_avg"], s["exp_avg_sq"]))
-        else None
-        for g, s in zip(grads, states, strict=True)
-    ]
-    row_max = [row_abs_max(r) if r is not None else None for r in rows]
-    maxima = torch.stack(
-        [
-            rm.max() if rm is not None else m
-            for rm, m in zip(row_max, _maxima_without_rows(grads, rows), strict=True)
-        ]
-    ).tolist()
+    maxima = torch.stack(max_abs(grads)).tolist()
     previous = {
         key: torch.stack([s[key] for s in states]).tolist() for key in ("clip_ema", "norm_ema", "norm_sq_ema")
     }
@@ -91,19 +78,20 @@ def tensor_major_update(
         # AdaClip: dense, sparse (hot rows only) or not at all.
         ema = gamma3 * previous["clip_ema"][i] + (1.0 - gamma3) * maxima[i]
         threshold = ema / (1.0 - gamma3**t)
-        src, hot, hot_clipped = g, None, None
+        src, hot, hot_clipped, rows = g, None, None, None
         if maxima[i] > threshold:
-            hot = hot_rows(row_max[i], threshold) if rows[i] is not None else None
+            rows = _rows_if_writable(g, state)
+            hot = hot_rows(row_abs_max(rows), threshold) if rows is not None else None
             if hot is None:
                 spiked = torch.abs(g, out=out).gt_(threshold)  # 1.0 where |g| > M̂
                 src = torch.addcmul(g, g, spiked, value=threshold / maxima[i] - 1.0, out=out)
             else:
-                hot_clipped = scale_spikes(rows[i].index_select(0, hot), threshold, maxima[i])
+                hot_clipped = scale_spikes(rows.index_select(0, hot), threshold, maxima[i])
         # AdaGN (the norm of the clipped gradient; with hot rows, the other rows' sum plus theirs).
         if hot is None:
             norm = torch.linalg.vector_norm(src, dtype=torch.float32).item()
         else:
-            row_sq = torch.linalg.vector_norm(rows[i], dim=1, dtype=torch.float32).square_()
+            row_sq = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square_()
             norm = math.sqrt(
                 row_sq.index_fill_(0, hot, 0.0).sum().item() + hot_clipped.float().square().sum().item()
             )
@@ -141,13 +129,14 @@ def tensor_major_update(
             state[key] = value
 
 
-def _maxima_without_rows(grads: list[Tensor], rows: list[Tensor | None]) -> list[Tensor | None]:
-    """max |g| of the tensors that have no row view (None where one exists)."""
-    missing = [i for i, r in enumerate(rows) if r is None]
-    out: list[Tensor | None] = [None] * len(grads)
-    for i, value in zip(missing, max_abs([grads[i] for i in missing]), strict=True):
-        out[i] = value
-    return out
+def _rows_if_writable(grad: Tensor, state: dict[str, Any]) -> Tensor | None:
+    """``grad`` as rows when the row-wise clip can write through views of it and of its moments: at
+    least 8 rows (fewer gain nothing) and contiguous gradient, m and v."""
+    if grad.dim() < 2 or grad.shape[0] < 8:
+        return None
+    if not all(x.is_contiguous() for x in (grad, state["exp_avg"], state["exp_avg_sq"])):
+        return None
+    return as_rows(grad)
 
 
 def foreach_update(

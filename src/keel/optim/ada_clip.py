@@ -104,22 +104,16 @@ class AdaClip:
             idx = [active[j] for j in device_indices]
             dev_grads = [grads[j] for j in device_indices]
             on_cpu = dev_grads[0].device.type == "cpu"
-            row_max = [row_abs_max(as_rows(g)) if g.numel() else None for g in dev_grads] if on_cpu else []
-            if on_cpu:
-                maxima = torch.stack([r.max() if r is not None else torch.zeros(()) for r in row_max]).float()
-            else:
-                maxima = torch.stack(max_abs(dev_grads)).float()
+            maxima = torch.stack(max_abs(dev_grads)).float()
             ema = torch.stack([self._ema[i] for i in idx])
             steps = torch.tensor([float(self._steps[i]) for i in idx], device=maxima.device)
             new_ema, thresholds = ada_clip_thresholds(maxima, ema, steps, self.gamma)
             for k, i in enumerate(idx):
                 self._ema[i] = new_ema[k]
             if on_cpu:  # host values are free: clip only the rows that hold a spike
-                for g, rows_max, peak, thr in zip(
-                    dev_grads, row_max, maxima.tolist(), thresholds.tolist(), strict=True
-                ):
+                for g, peak, thr in zip(dev_grads, maxima.tolist(), thresholds.tolist(), strict=True):
                     if peak > thr:
-                        _clip_rows_(g, rows_max, thr, peak)
+                        _clip_rows_(g, thr, peak)
             else:
                 for g, m, thr in zip(dev_grads, maxima, thresholds, strict=True):
                     ada_clip_(g, m, thr, out=g)
@@ -155,9 +149,10 @@ class AdaClip:
         ]
 
 
-def _clip_rows_(grad: Tensor, row_max: Tensor, threshold: float, maximum: float) -> None:
+def _clip_rows_(grad: Tensor, threshold: float, maximum: float) -> None:
     """AdaClip in place on the rows of ``grad`` that hold a spike (all of it when that is cheaper)."""
-    hot = hot_rows(row_max, threshold) if grad.is_contiguous() else None
+    many_rows = grad.dim() >= 2 and grad.shape[0] >= 8 and grad.is_contiguous()
+    hot = hot_rows(row_abs_max(as_rows(grad)), threshold) if many_rows else None
     if hot is None:
         full = torch.tensor(threshold, dtype=torch.float32)
         ada_clip_(grad, torch.tensor(maximum, dtype=torch.float32), full, out=grad)
