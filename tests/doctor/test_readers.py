@@ -144,3 +144,17 @@ def test_tensorboard_run_in_a_subfolder_keeps_plain_tags(tmp_path):
     (run / src.name).write_bytes(src.read_bytes())
     obs = _obs(tmp_path / "runs")
     assert obs[1].values["loss"] == pytest.approx(3.01) and "lr" in obs[1].values
+
+
+def test_a_real_trainer_state_written_by_transformers():
+    # tests/doctor/data/hf_out: a 40-step tiny GPT-2 Trainer run (logging_steps=5, eval every 20 steps).
+    log = read_log(DATA / "hf_out")
+    assert log.format == "hf_trainer_state" and log.meta["logging_steps"] == 5
+    obs = build_timeline(log).observations
+    assert [o.step for o in obs] == [5, 10, 15, 20, 25, 30, 35, 40]
+    assert {"loss", "grad/norm", "lr", "epoch"} <= set(obs[0].values)
+    assert "val/loss" in obs[3].values and "val/loss" in obs[7].values and "val/loss" not in obs[0].values
+    result = diagnose_log(DATA / "hf_out")
+    assert result.summary["stride"] == 5 and result.findings == []
+    divergence = next(d for d in result.summary["detectors"] if d.get("kind") == "divergence")
+    assert divergence["needs"] == 10  # ceil(50 steps / 5 per log), at least its 9-value median
