@@ -1,0 +1,52 @@
+"""TensorBoard export: every signal as a scalar (its key is the tag), findings and decisions as text at their
+step, the run's metadata as text at step 0. Needs ``tensorboard`` (``pip install 'keel[tensorboard]'``), not
+TensorFlow and not torch: events are written with TensorBoard's own protobufs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from keel.store.exporters._table import RunTable
+
+FINDINGS_TAG, DECISIONS_TAG, META_TAG = "keel/findings", "keel/decisions", "keel/meta"
+
+
+def export(table: RunTable, out: Path) -> list[Path]:
+    """Write one event file into ``out`` (created); returns its path."""
+    try:
+        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.summary_pb2 import Summary
+        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+    except ImportError as exc:
+        raise ImportError("keel export --format tensorboard needs tensorboard: pip install 'keel[tensorboard]'") \
+            from exc
+    out.mkdir(parents=True, exist_ok=True)
+    before = set(out.glob("events.out.tfevents.*"))
+    writer = EventFileWriter(str(out))
+    wall = time.time()
+    writer.add_event(Event(wall_time=wall, step=0, summary=Summary(value=[_text(META_TAG, json.dumps(
+        table.meta, indent=1, default=str))])))
+    for step, values in table.rows:
+        writer.add_event(Event(wall_time=wall, step=step, summary=Summary(
+            value=[Summary.Value(tag=key, simple_value=value) for key, value in values.items()])))
+    for tag, records in ((FINDINGS_TAG, table.finding_records()), (DECISIONS_TAG, table.decision_records())):
+        for step in sorted({r["step"] for r in records}):
+            text = json.dumps([r for r in records if r["step"] == step], indent=1)
+            writer.add_event(Event(wall_time=wall, step=step, summary=Summary(value=[_text(tag, text)])))
+    writer.close()
+    return sorted(set(out.glob("events.out.tfevents.*")) - before)
+
+
+def _text(tag: str, text: str):  # type: ignore[no-untyped-def]
+    """A text summary value (TensorBoard's text plugin: a string tensor with plugin metadata)."""
+    from tensorboard.compat.proto.summary_pb2 import Summary, SummaryMetadata
+    from tensorboard.compat.proto.tensor_pb2 import TensorProto
+    from tensorboard.compat.proto.tensor_shape_pb2 import TensorShapeProto
+    from tensorboard.compat.proto.types_pb2 import DT_STRING
+
+    metadata = SummaryMetadata(plugin_data=SummaryMetadata.PluginData(plugin_name="text"))
+    tensor = TensorProto(dtype=DT_STRING, string_val=[text.encode()], tensor_shape=TensorShapeProto(dim=[]))
+    return Summary.Value(tag=tag, metadata=metadata, tensor=tensor)
