@@ -108,3 +108,29 @@ def test_doctor_on_a_guard_store_finds_what_the_guard_found_live(tmp_path):
     assert [(f.step, f.kind, f.severity) for f in result.findings] == live
     assert result.summary["stored_findings"]["critical"] == sum(s == "critical" for *_, s in live)
     assert math.isfinite(result.findings[0].value)
+
+
+def test_doctor_replays_a_guard_rollback_and_still_matches_the_live_findings(tmp_path):
+    from keel import RecoveryConfig
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, policy="recover", max_consecutive_skips=3, run_dir=str(tmp_path / "run"),
+                  recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1))
+    for step, (x, y) in enumerate(make_batches(60)):
+        if step == 23:
+            with torch.no_grad():
+                model.fc1.weight[0, 0] = float("nan")  # a bit flip: skips, then a rollback
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    with RunReader(tmp_path / "run") as run:
+        live = [(f.step, f.kind, f.severity) for f in run.findings()]
+        [rollback] = [d for d in run.decisions() if d.action == "rollback"]
+    assert rollback.restored_step <= 22 < 23 <= rollback.step
+    result = diagnose_log(tmp_path / "run")
+    assert [(f.step, f.kind, f.severity) for f in result.findings] == live
+    assert any(kind == "non_finite" for _, kind, _ in live)

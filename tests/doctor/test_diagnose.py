@@ -135,3 +135,16 @@ def test_detector_factory_is_used_and_called_fresh_on_restart():
 
     diagnose(_log([0, 1, 2, 1, 2], [2.0] * 5), detectors=factory)
     assert len(made) == 3  # the run, the restart, the readiness summary
+
+
+def test_a_recorded_rollback_rewinds_the_detectors_like_the_guard():
+    # Elevated from step 60 (a warning episode); the Guard rolled back at 69 to the state at the start of 55
+    # and went on at 70, still elevated: a new episode, so a new info and warning. Without the rewind the
+    # detector would still be inside the first episode and say nothing more.
+    losses = _noisy(60, rel=0.01) + [2.6] * 40
+    log = _log(list(range(100)), losses)
+    plain = [(f.step, f.severity) for f in diagnose(log).findings if f.kind == "loss_spike"]
+    assert plain == [(60, "info"), (62, "warning")]
+    log.rollbacks = {69: 55}
+    rewound = [(f.step, f.severity) for f in diagnose(log).findings if f.kind == "loss_spike"]
+    assert rewound == [(60, "info"), (62, "warning"), (70, "info"), (72, "warning")]

@@ -70,4 +70,6 @@ def make_run_store(run_dir: Path, *, steps: int = 300, seed: int = 0, layers: in
             restored, at = rollback
             w.add_decision(Decision(step=at, action="rollback", reason="divergence; data window not replayed",
                                     onset=restored + 5, restored_step=restored))
+        # RunWriter.close() waits 60 s for its thread; a 100k-step store on a loaded machine needs longer.
+        w.flush(timeout=1800)
     return run_dir

@@ -14,7 +14,9 @@ it is divided by the logging stride k (at least its ``short`` median window), so
 
 **Restarts.** When a step repeats (a run resumed from a checkpoint logs those steps again), the detectors
 are rewound to their state just before that step, as the Guard's are on a rollback, and the new segment is
-read from there; findings of the abandoned stretch are kept, marked with their ``segment``.
+read from there; findings of the abandoned stretch are kept, marked with their ``segment``. A keel run
+store's recorded rollbacks are replayed the same way (the Guard restored its detectors with the snapshot),
+so `keel doctor` on a store finds what the Guard found live.
 """
 
 from __future__ import annotations
@@ -82,20 +84,26 @@ def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None 
     checkpoints: list[tuple[int, list[dict[str, Any]]]] = [(0, [d.state_dict() for d in dets])]
     findings: list[Finding] = []
     restarts: list[dict[str, int]] = []
+
+    def rewind(to_step: int) -> list[Detector]:
+        """Detectors as they were at the start of ``to_step``; the history from there on is dropped."""
+        keep = bisect.bisect_left([o.step for o in kept], to_step)
+        while checkpoints[-1][0] > keep:
+            checkpoints.pop()
+        start, states = checkpoints[-1]
+        rewound = fresh()
+        for det, state in zip(rewound, states, strict=True):
+            det.load_state_dict(state)
+        del kept[keep:]
+        for old in kept[start:]:
+            for det in rewound:
+                det.update(old)  # replay quietly: these findings were reported the first time
+        return rewound
+
     for obs in timeline.observations:
         if kept and obs.step <= kept[-1].step:
             restarts.append({"step": obs.step, "after_step": kept[-1].step})
-            keep = bisect.bisect_left([o.step for o in kept], obs.step)
-            while checkpoints[-1][0] > keep:
-                checkpoints.pop()
-            start, states = checkpoints[-1]
-            dets = fresh()
-            for det, state in zip(dets, states, strict=True):
-                det.load_state_dict(state)
-            del kept[keep:]
-            for old in kept[start:]:
-                for det in dets:
-                    det.update(old)  # replay quietly: these findings were reported the first time
+            dets = rewind(obs.step)
         found = [f for det in dets for f in det.update(obs)]
         if restarts:
             found = [replace(f, evidence={**f.evidence, "segment": len(restarts)}) for f in found]
@@ -103,6 +111,10 @@ def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None 
         kept.append(obs)
         if len(kept) - checkpoints[-1][0] >= CHECKPOINT_EVERY:
             checkpoints.append((len(kept), [d.state_dict() for d in dets]))
+        if obs.step in log.rollbacks:
+            # The Guard rolled back here: its detectors went back to their state at the start of the
+            # restored step, and the run went on with the next step number.
+            dets = rewind(log.rollbacks[obs.step])
     summary = _summary(log, timeline, stride, restarts, findings, fresh())
     return DoctorResult(source=log.source, format=log.format, findings=findings, summary=summary)
 

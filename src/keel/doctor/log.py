@@ -35,6 +35,7 @@ class RawLog:
         keyed: True when column names are already keel signal keys (a keel run store): no renaming.
         stored_findings: Findings the run itself recorded (keel run stores only).
         meta: Format-specific facts worth reporting (e.g. ``logging_steps`` of a Trainer state).
+        rollbacks: Step → the step whose starting state a Guard restored after it (keel run stores).
     """
 
     source: str
@@ -46,6 +47,7 @@ class RawLog:
     keyed: bool = False
     stored_findings: list[Finding] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
+    rollbacks: dict[int, int] = field(default_factory=dict)
 
 
 def parse_step(value: object) -> int | None:
