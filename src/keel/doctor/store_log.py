@@ -51,7 +51,8 @@ def read_store_log(path: str | Path) -> RawLog:
                 log.rollbacks = {d.step: d.restored_step for d in run.decisions()
                                  if d.action == "rollback" and d.restored_step is not None}
             except sqlite3.Error as exc:
-                log.notes.append(f"the stored decisions could not be read ({exc}); rollbacks are not replayed")
+                log.notes.append(f"the stored decisions could not be read ({exc}); "
+                                 "rollbacks are not replayed")
     except sqlite3.Error as exc:
         raise LogReadError(f"{file}: not a keel run store ({exc})") from None
     if not log.records:
