@@ -21,6 +21,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -57,18 +58,19 @@ class ActivationRmsConfig:
             raise ValueError(f"ActivationRmsConfig.every={self.every!r}; allowed: an int >= 1")
 
 
-def activation_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-    """(Σ x², number of elements, max |x|) of one activation, float32, on its device.
+def activation_stats(x: Tensor) -> tuple[Tensor, int, Tensor]:
+    """(Σ x², number of elements, max |x|) of one activation, float32, on its device; two fused passes.
 
     Example:
         >>> activation_stats(torch.tensor([3.0, -4.0]))
-        (tensor(25.), tensor(2.), tensor(4.))
+        (tensor(25.), 2, tensor(4.))
     """
     x = x.detach()
-    n = torch.tensor(float(x.numel()), device=x.device)
     if x.numel() == 0:
-        return torch.zeros((), device=x.device), n, torch.zeros((), device=x.device)
-    return x.float().square().sum(), n, x.abs().amax().float()
+        return torch.zeros((), device=x.device), 0, torch.zeros((), device=x.device)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # vector_norm will not narrow float64
+    square = torch.linalg.vector_norm(x, dtype=acc).square().float()
+    return square, x.numel(), torch.linalg.vector_norm(x, ord=math.inf, dtype=acc).float()
 
 
 @PROBES.register("activation_rms")
@@ -93,7 +95,7 @@ class ActivationRmsProbe:
         self.names: tuple[str, ...] = ()
         self._handles: list[Any] = []
         self._armed = False
-        self._stats: dict[int, list[Tensor]] = {}
+        self._stats: dict[int, list[Any]] = {}
 
     def attach(self, model: nn.Module) -> None:
         found = named_modules_by_name(model, self.config.modules) if self.config.modules else find_blocks(model)

@@ -76,8 +76,11 @@ class OutputLogitsConfig:
 
 class _Sums:
     def __init__(self) -> None:
-        self.rows: Tensor | None = None
         self.values: dict[str, Tensor] = {}
+        self.counts: dict[str, int] = {}
+
+    def count(self, name: str, n: int) -> None:
+        self.counts[name] = self.counts.get(name, 0) + n
 
     def add(self, name: str, value: Tensor, reduce: str = "sum") -> None:
         old = self.values.get(name)
@@ -159,7 +162,7 @@ class OutputLogitsProbe:
         precision = _PRECISIONS[self.config.precision] if self.config.precision else z.dtype
         zp = z.to(precision)
         top = zp.amax(dim=-1, keepdim=True)
-        s = torch.exp(zp - top).sum(dim=-1)  # in the working precision
+        s = (zp - top).exp_().sum(dim=-1)  # in the working precision
         collapsed = s == 1
         if precision in (torch.float32, torch.float64) and z.dtype == precision:
             log_z = top.squeeze(-1).float() + torch.log(s.float())  # the same pass gives log Z
@@ -167,14 +170,14 @@ class OutputLogitsProbe:
             log_z = torch.logsumexp(z.float(), dim=-1)
         sums = self._sums
         sums.add("log_z", log_z.sum())
-        sums.add("rows", torch.tensor(float(log_z.numel()), device=z.device))
         sums.add("log_z_max", log_z.amax(), "max")
         sums.add("log_z_min", log_z.amin(), "min")
-        zf = z.float()
-        sums.add("square", torch.linalg.vector_norm(zf).square())  # one fused pass
-        sums.add("sum", zf.sum())
-        sums.add("elements", torch.tensor(float(z.numel()), device=z.device))
-        sums.add("collapsed", collapsed.sum().float())
+        acc = torch.float64 if z.dtype == torch.float64 else torch.float32  # vector_norm will not narrow
+        sums.add("square", torch.linalg.vector_norm(z, dtype=acc).square().float())  # one fused pass
+        sums.add("sum", z.sum(dtype=torch.float32))
+        sums.add("collapsed", collapsed.sum(dtype=torch.float32))
+        sums.count("rows", log_z.numel())  # host-side counts: no tensor to create
+        sums.count("elements", z.numel())
         if targets is not None:
             y, keep_top, keep_s = targets, top.squeeze(-1), s
             if self._shift:
@@ -183,22 +186,22 @@ class OutputLogitsProbe:
                 valid = y != IGNORE_INDEX
                 at_target = zp.gather(-1, y.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
                 zero = (keep_s == 1) & (at_target == keep_top) & valid
-                sums.add("zero", zero.sum().float())
-                sums.add("target_rows", valid.sum().float())
+                sums.add("zero", zero.sum(dtype=torch.float32))
+                sums.add("target_rows", valid.sum(dtype=torch.float32))
 
     # --- measure -----------------------------------------------------------------------------------------
     def read(self) -> Measurements:
         """This step's values (what `measure` returns), then starts a new step."""
-        v, self._sums = self._sums.values, _Sums()
-        if "rows" not in v:
+        v, n, self._sums = self._sums.values, self._sums.counts, _Sums()
+        if not n.get("rows"):
             return {}
         out: Measurements = {
-            LOG_Z: v["log_z"] / v["rows"],
+            LOG_Z: v["log_z"] / n["rows"],
             LOG_Z_MAX: v["log_z_max"],
             LOG_Z_MIN: v["log_z_min"],
-            RMS: (v["square"] / v["elements"]).sqrt(),
-            MEAN: v["sum"] / v["elements"],
-            SOFTMAX_COLLAPSE: v["collapsed"] / v["rows"],
+            RMS: (v["square"] / n["elements"]).sqrt(),
+            MEAN: v["sum"] / n["elements"],
+            SOFTMAX_COLLAPSE: v["collapsed"] / n["rows"],
         }
         if "zero" in v:
             out[ZERO_LOSS] = v["zero"] / v["target_rows"]
