@@ -8,7 +8,8 @@ from keel.proxy.sweep.summary import CurveSummary
 
 pytest.importorskip("matplotlib")
 
-from keel.proxy.sweep.plots import sweep_html, write_plots  # noqa: E402
+from keel.proxy.sweep import RunResult, SweepConfig, SweepStore, expand_grid  # noqa: E402
+from keel.proxy.sweep.plots import sweep_section, write_plots  # noqa: E402
 
 LRS = [1e-3, 1e-2, 1e-1]
 
@@ -58,7 +59,27 @@ def test_png_files_and_html_fragment(tmp_path):
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     assert math.isclose(views[0].predicted_divergence_params, 1000 * (1e4 / 30))
-    # The report's fragment: the tables and the figures inline (no scaling figure from a single size).
-    fragment = sweep_html(curves[2:], [], title="a <sweep>")
+
+
+def test_report_section_from_a_sweep_store(tmp_path):
+    # A store filled by hand (no training): the fragment is built from the store alone, as the report does.
+    specs = expand_grid(SweepConfig(recipes=["baseline", "qk_norm"], lrs=LRS, sizes=["tiny"]))
+    with SweepStore(tmp_path) as store:
+        store.add_runs(specs, lambda rid: tmp_path / rid)
+        for spec, loss in zip(specs, [2.6, 2.4, 3.1, 2.6, 2.4, 2.45], strict=True):
+            store.record(
+                RunResult(
+                    run_id=spec.run_id,
+                    status="done",
+                    init_loss=5.5,
+                    val_loss=loss,
+                    max_attn_logit=10 * loss,
+                    log_z=1.0,
+                    grad_norm=0.5,
+                    n_params=1000,
+                )
+            )
+    fragment = sweep_section(tmp_path, title="a <sweep>")
     assert fragment.startswith('<section class="keel-sweep"><h2>a &lt;sweep&gt;</h2>')
-    assert fragment.count("data:image/png;base64,") == 2 and "qk_norm\n  size" in fragment
+    assert fragment.count("data:image/png;base64,") == 2  # one size: no scaling figure
+    assert "qk_norm\n  size" in fragment and "3.6x" in fragment  # LRS 0.3 vs 0.25/3: 3.6 times less sensitive

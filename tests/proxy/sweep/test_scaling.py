@@ -5,6 +5,7 @@ import pytest
 from keel.proxy.sweep import fit_power_law
 from keel.proxy.sweep.metrics import lr_sensitivity
 from keel.proxy.sweep.scaling import calibrate_divergence_logit, scaling_view
+from keel.proxy.sweep.summary import scaling_views, summarize
 
 
 def test_power_law_fit_recovers_exponent_and_solves_for_a_threshold():
@@ -37,6 +38,7 @@ def _row(size, lr, val, logit, n, grad=1.0, status="done", recipe="baseline"):
         n_params=n,
         status=status,
         init_loss=5.5,
+        log_z=0.0,
     )
 
 
@@ -80,3 +82,32 @@ def test_scaling_view_fits_across_sizes_at_the_fixed_lr():
         math.log10(2)
     )
     assert view.predicted_divergence_params == pytest.approx(1e6)
+
+
+def test_default_view_is_at_the_baselines_best_small_lr_with_a_threshold_calibrated_on_it():
+    table = {  # size: (non-embedding parameters, val loss per LR, max logit per LR) at LRs 1e-3, 1e-2, 1e-1
+        "tiny": (1_000, [2.5, 2.3, 3.0], [5.0, 20.0, 500.0]),
+        "small": (8_000, [2.4, 2.55, 3.2], [8.0, 60.0, 5000.0]),
+    }
+    rows = [
+        _row(size, lr, loss, logit, n)
+        for size, (n, losses, logits) in table.items()
+        for lr, loss, logit in zip([1e-3, 1e-2, 1e-1], losses, logits, strict=True)
+    ]
+    rows += [{**r, "recipe": "qk_norm", "max_attn_logit": 4.0} for r in rows]
+    curves = summarize(rows)
+    views = scaling_views(rows, curves)
+    assert [v.recipe for v in views] == ["baseline", "qk_norm"]
+    base, qk = views
+    # best LR of the baseline at the smallest size (tiny: 2.3 at 1e-2); the threshold is the smallest logit
+    # of a run > 0.1 nats worse than its curve's best above that curve's best LR (small, 1e-2: 60).
+    assert (
+        base.lr == 1e-2
+        and base.divergence_logit == 60.0
+        and base.threshold_source == "calibrated on baseline"
+    )
+    assert base.logit_fit.exponent == pytest.approx(math.log(3) / math.log(8))
+    assert base.predicted_divergence_params == pytest.approx(8_000)
+    assert qk.divergence_logit == 60.0 and qk.predicted_divergence_params == math.inf  # flat logits
+    given = scaling_views(rows, curves, lr=0.09, divergence_logit=1e4)[0]
+    assert given.lr == 1e-1 and given.divergence_logit == 1e4 and given.threshold_source == "given"

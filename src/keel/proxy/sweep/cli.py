@@ -68,7 +68,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--address", help="Ray cluster address (e.g. auto); default: start Ray locally")
     parser.add_argument(
-        "--scaling-lr", type=float, help="fixed LR of the scaling view (default: nearest 1e-2)"
+        "--scaling-lr",
+        type=float,
+        help="fixed LR of the scaling view (default: the baseline's best LR at the smallest size)",
     )
     parser.add_argument(
         "--divergence-logit",

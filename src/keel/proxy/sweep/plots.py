@@ -14,6 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from keel.proxy.sweep.runner import load_sweep
 from keel.proxy.sweep.scaling import ScalingView
 from keel.proxy.sweep.summary import CurveSummary, format_tables
 
@@ -186,6 +187,16 @@ def sweep_html(
         )
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def sweep_section(sweep_dir: str | Path, *, title: str = "LR sensitivity sweep") -> str:
+    """`sweep_html` of the sweep store in ``sweep_dir`` (finished or live): the one call a report needs.
+
+    Example:
+        ``html_fragment = sweep_section("runs/sweep-quick")``
+    """
+    result = load_sweep(sweep_dir)
+    return sweep_html(result.curves, result.scaling, title=title)
 
 
 def _figures(curves: Sequence[CurveSummary], views: Sequence[ScalingView]) -> list[tuple[str, Any]]:

@@ -87,7 +87,7 @@ def run_sweep(
             started on this machine.
         address: Ray cluster address (``--backend ray`` only).
         progress: Called with a `RunEvent` after each run finishes.
-        scaling_lr: The fixed LR of the scaling view (default: the grid LR nearest 1e-2).
+        scaling_lr: The fixed LR of the scaling view (default: the baseline's best LR at the smallest size).
         divergence_logit: The max attention logit taken as divergence in the scaling view (default:
             calibrated on the sweep's baseline runs).
 

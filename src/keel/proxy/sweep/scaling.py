@@ -50,7 +50,8 @@ class PowerLawFit:
         """The size at which the fit reaches ``value``; ``inf`` when the signal does not grow with size."""
         if not self.exponent > 0:
             return math.inf
-        return 10 ** ((math.log10(value) - self.log10_prefactor) / self.exponent)
+        log_n = (math.log10(value) - self.log10_prefactor) / self.exponent
+        return 10**log_n if log_n < 300 else math.inf  # a flat fit (exponent ~1e-17) never gets there
 
 
 def fit_power_law(n_params: Sequence[float], values: Sequence[float]) -> PowerLawFit:

@@ -15,8 +15,7 @@ from keel.proxy.sweep.scaling import ScalingView, calibrate_divergence_logit, sc
 
 # ℓ₀ when no run of a curve measured its initial loss: a uniform prediction over the 256 byte values.
 UNIFORM_BYTE_LOSS = math.log(256)
-# The fixed LR of the scaling view when none is given: the paper's attention-logit growth shows at
-# moderately high LRs, and 1e-2 is where the small proxy's baseline starts to lose loss to it.
+# The fixed LR of the scaling view when the sweep has no baseline to take it from.
 DEFAULT_SCALING_LR = 1e-2
 
 
@@ -88,19 +87,24 @@ def scaling_views(
     lr: float | None = None,
     divergence_logit: float | None = None,
 ) -> list[ScalingView]:
-    """The scaling view of every recipe at ``lr`` (default: the grid LR nearest 1e-2 in log space).
+    """The scaling view of every recipe at one fixed LR: the grid LR nearest ``lr`` in log space.
 
-    The divergence threshold is ``divergence_logit`` when given, else calibrated on the *baseline*
-    recipe's runs (or, without a baseline, on each recipe's own), see `calibrate_divergence_logit`.
+    By default the fixed LR is the baseline's best LR at the smallest size: an LR at which the small model
+    trains well, so the view asks at which size the baseline stops doing so there. Without a baseline
+    curve it is the grid LR nearest 1e-2. The divergence threshold is ``divergence_logit`` when given,
+    else calibrated on the baseline's runs (or, without a baseline, on each recipe's own), see
+    `calibrate_divergence_logit`.
     """
     lrs = sorted({r["lr"] for r in rows})
     if not lrs:
         return []
-    target = DEFAULT_SCALING_LR if lr is None else lr
-    fixed = min(lrs, key=lambda x: abs(math.log(x / target)))
     sizes = _sizes(rows)
     recipes = _ordered(r["recipe"] for r in rows)
     reference = "baseline" if "baseline" in recipes else None
+    if lr is None:
+        smallest = [c for c in curves if c.recipe == reference and c.size == sizes[0]]
+        lr = smallest[0].sensitivity.best_lr if smallest else DEFAULT_SCALING_LR
+    fixed = min(lrs, key=lambda x: abs(math.log(x / lr)))
     views = []
     for recipe in recipes:
         threshold, source = divergence_logit, "given"

@@ -28,8 +28,6 @@ MAX_ATTN_LOGIT = "attn/max_logit"
 LOG_Z = "logits/log_z"
 # End signals are the median of the last END_WINDOW recorded steps: one step's gradient norm is noisy.
 END_WINDOW = 10
-STATUSES = ("pending", "running", "done", "diverged", "error")
-FINISHED = ("done", "diverged", "error")
 
 
 @dataclass(kw_only=True)
