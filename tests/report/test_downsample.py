@@ -5,10 +5,11 @@ from keel.report.downsample import downsample_minmax
 
 
 def _reference(steps, values, max_points):
-    """Bucket by bucket in plain Python: first index of the min and of the max of the finite values."""
-    n, buckets = len(steps), max_points // 2
+    """Bucket by bucket in plain Python: first index of the min and of the max of the finite values, and
+    both ends."""
+    n, buckets = len(steps), (max_points - 2) // 2
     edges = [int(x) for x in np.linspace(0, n, buckets + 1)]
-    keep = []
+    keep = [(0, False), (n - 1, False)]
     for a, b in zip(edges, edges[1:], strict=False):
         idx = [i for i in range(a, b) if np.isfinite(values[i])]
         if not idx:
@@ -43,9 +44,10 @@ def test_short_input_is_returned_as_is_and_all_nan_bucket_is_a_gap():
     steps, values = np.arange(5), np.array([1.0, 2.0, np.nan, 4.0, 5.0])
     s, v = downsample_minmax(steps, values, 10)
     assert s is steps and v is values
-    s, v = downsample_minmax(np.arange(6), np.array([1.0, 2.0, 3.0, np.nan, np.nan, np.nan]), 4)  # 2 buckets
-    assert list(s) == [0, 2, 3]
-    np.testing.assert_array_equal(v, [1.0, 3.0, np.nan])  # the all-NaN bucket is one NaN: a gap in the line
+    values = np.array([1.0, 2.0, 3.0, np.nan, np.nan, np.nan, 4.0, 5.0, 6.0])
+    s, v = downsample_minmax(np.arange(9), values, 8)  # 3 buckets of 3, plus the ends
+    assert list(s) == [0, 2, 3, 6, 8]
+    np.testing.assert_array_equal(v, [1.0, 3.0, np.nan, 4.0, 6.0])  # the all-NaN bucket is a gap
 
 
 def test_bad_max_points():

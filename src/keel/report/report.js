@@ -43,6 +43,7 @@
       for (i = i0; i < i1; i++) { xs.push(s.x[i]); ys.push(isFinite(s.y[i]) ? s.y[i] : null); }
       return {x: xs, y: ys};
     }
+    xs.push(s.x[i0]); ys.push(isFinite(s.y[i0]) ? s.y[i0] : null);  // the range's ends are always drawn
     for (var b = 0; b < BUCKETS; b++) {
       var a = i0 + Math.floor(n * b / BUCKETS), e = i0 + Math.floor(n * (b + 1) / BUCKETS);
       var mi = -1, ma = -1;
@@ -54,9 +55,10 @@
       }
       if (mi < 0) { xs.push(s.x[a]); ys.push(null); continue; }
       var first = Math.min(mi, ma), second = Math.max(mi, ma);
-      xs.push(s.x[first]); ys.push(s.y[first]);
-      if (second !== first) { xs.push(s.x[second]); ys.push(s.y[second]); }
+      if (first !== i0) { xs.push(s.x[first]); ys.push(s.y[first]); }
+      if (second !== first && second !== i1 - 1) { xs.push(s.x[second]); ys.push(s.y[second]); }
     }
+    xs.push(s.x[i1 - 1]); ys.push(isFinite(s.y[i1 - 1]) ? s.y[i1 - 1] : null);
     return {x: xs, y: ys};
   }
   // The last finite value at or before a step: where a mark sits on a line.
