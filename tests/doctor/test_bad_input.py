@@ -93,3 +93,13 @@ def test_the_process_prints_no_traceback(tmp_path):
                           text=True, env=env, timeout=120)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("keel doctor: error: ") and proc.stderr.count("\n") == 1
+
+
+def test_doctor_imports_no_torch():
+    # CI machines that only lint logs should not need torch loaded (or installed at all, one day).
+    code = ("import sys; from keel.cli import main; "
+            f"main(['doctor', {str(Path(__file__).parent / 'data' / 'tb_simple')!r}, '--json']); "
+            "print('torch' in sys.modules)")
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.stdout.strip().splitlines()[-1] == "False", proc.stderr
