@@ -178,6 +178,10 @@ class Guard:
         if self._resumed is not None:
             self.global_step = self._resumed.step
             self.recorder.meta({"resumed_from": self._resumed.step})
+        if self.recovery is not None:
+            # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR
+            # far too high from the start) can only be undone by starting over with the remedy.
+            self.actuator.after_step(self.global_step)
 
     @property
     def findings(self) -> list[Finding]:

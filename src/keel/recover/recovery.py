@@ -106,7 +106,9 @@ class Recovery:
     def rollback(self, step: int, onset: int, findings: tuple[Finding, ...], rollbacks_in_window: int) \
             -> RollbackResult | None:
         """Restore the newest snapshot from before ``onset`` and apply remedies; None when there is none."""
-        snap = self.ring.newest_before(onset - self.config.rollback_margin)
+        # The value at step k comes from the state at the start of step k, made by update k - 1: the margin
+        # steps back past that update. Nothing precedes the starting state, which no update has touched.
+        snap = self.ring.newest_before(max(0, onset - self.config.rollback_margin))
         if snap is None:
             return None
         restore(self.state, snap.tensors, snap.skeleton, snap.plain, data=False)
