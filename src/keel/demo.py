@@ -22,6 +22,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from keel.proxy.trainer import ProxyRun, TrainConfig, train_proxy
+from keel.report import write_report
 
 UNSTABLE = TrainConfig(size="small", lr=0.1, steps=600, warmup=20)
 SAFE_LR = 3e-3
@@ -66,6 +67,11 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, stream=sys.stdo
         progress.done(results[arm.name])
     print_summary(results, arms, stream)
     print(f"\nrun stores: {', '.join(str(out / a.name / 'run.sqlite') for a in arms)}", file=stream)
+    try:
+        report = write_report([out / a.name for a in arms], out / "report.html")
+        print(f"report: {report}  (open it in a browser; it works offline)", file=stream)
+    except Exception as exc:  # the runs and their stores stand on their own
+        print(f"report: could not be written ({type(exc).__name__}: {exc})", file=stream)
     return results
 
 
