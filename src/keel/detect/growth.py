@@ -103,7 +103,9 @@ class GrowthDetector:
             return []
         if len(self._short.points) < 3:
             return []
-        fast, slow = self._short.slope(), self._long.slope() if len(self._long.points) >= 10 else math.nan
+        fast = self._short.slope()
+        # the long window's slope only matters above high_level: spare the O(window²) median below it
+        slow = self._long.slope() if x >= cfg.high_level and len(self._long.points) >= 10 else math.nan
         qualifies = (fast >= cfg.fast_rate) or (x >= cfg.high_level and slow >= cfg.slow_rate)
         if qualifies:
             if self._run == 0:

@@ -98,13 +98,13 @@ class OutputLogitDriftDetector:
             return []
         base = statistics.median(self._early)
         dev = x - base
-        slope = self._trend.slope() if len(self._trend.points) >= 5 else math.nan
-        away = math.copysign(1.0, dev) * slope if math.isfinite(slope) else math.nan
         if abs(dev) < cfg.warn_dev:
             self._run, self._onset = 0, -1
             if abs(dev) < cfg.warn_dev / 2:
                 self._reported = None
             return []
+        slope = self._trend.slope() if len(self._trend.points) >= 5 else math.nan  # only needed out here
+        away = math.copysign(1.0, dev) * slope if math.isfinite(slope) else math.nan
         qualifies = away >= cfg.min_rate
         if qualifies:
             if self._run == 0:

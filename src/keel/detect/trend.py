@@ -7,6 +7,7 @@ double). Sen 1968, "Estimates of the regression coefficient based on Kendall's t
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import deque
 from collections.abc import Sequence
@@ -26,12 +27,17 @@ def theil_sen_slope(steps: Sequence[float], values: Sequence[float]) -> float:
     y = np.asarray(values, dtype=np.float64)
     if x.size < 2:
         return math.nan
-    i, j = np.triu_indices(x.size, k=1)
+    i, j = _pairs(x.size)
     dx = x[j] - x[i]
     keep = dx != 0
     if not keep.any():
         return math.nan
     return float(np.median((y[j] - y[i])[keep] / dx[keep]))
+
+
+@functools.lru_cache(maxsize=64)
+def _pairs(n: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.triu_indices(n, k=1)
 
 
 class TrendWindow:

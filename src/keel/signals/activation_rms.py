@@ -21,7 +21,6 @@ References:
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -70,7 +69,8 @@ def activation_stats(x: Tensor) -> tuple[Tensor, int, Tensor]:
         return torch.zeros((), device=x.device), 0, torch.zeros((), device=x.device)
     acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # vector_norm will not narrow float64
     square = torch.linalg.vector_norm(x, dtype=acc).square().float()
-    return square, x.numel(), torch.linalg.vector_norm(x, ord=math.inf, dtype=acc).float()
+    lo, hi = torch.aminmax(x)  # one pass; vector_norm(ord=inf) is ten times slower on CPU
+    return square, x.numel(), torch.maximum(hi.abs(), lo.abs()).float()
 
 
 @PROBES.register("activation_rms")
