@@ -11,6 +11,7 @@ import base64
 import html
 import json
 import time
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 
 from keel._core.errors import KeelError
 from keel.report import charts as _charts
-from keel.report import sections
+from keel.report import sections as _sections
 from keel.report.run_data import RunData, load_run
 from keel.report.sources import classify, expand
 
@@ -55,13 +56,17 @@ def plotly_js() -> tuple[str, str]:
     return source, version
 
 
-def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) -> Path:
+def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path, *,
+                 sections: Sequence[str] = ()) -> Path:
     """Write one self-contained HTML report of the given runs.
 
     Args:
         run_dirs: Run folders (or their ``run.sqlite``); a folder without a store stands for the stores in
             its sub-folders (``runs/demo``). Paths that are not run stores are skipped with a note.
         out_path: The HTML file to write (its folder is created).
+        sections: Extra HTML fragments built by keel itself, shown after the timelines — e.g.
+            ``keel.proxy.sweep.sweep_section(sweep_dir)`` for a sweep's loss-vs-LR plots. They are inserted
+            as they are (trusted markup); they must not reference the network.
 
     Returns:
         The path written.
@@ -79,7 +84,7 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     for path in expand(paths):
         source = classify(path)
         if source.kind != "run":
-            notes.append(source.note)
+            notes.append(source.note)  # the extension point: see keel.report.sources
             continue
         runs.append(load_run(path, keep=_keep))
     if not runs:
@@ -88,12 +93,12 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     _unique_names(runs)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(build_page(runs, notes), encoding="utf-8")
+    out.write_text(build_page(runs, notes, sections=sections), encoding="utf-8")
     return out
 
 
-def build_page(runs: list[RunData], notes: list[str] | None = None) -> str:
-    """The report's HTML for already loaded runs."""
+def build_page(runs: list[RunData], notes: list[str] | None = None, *, sections: Sequence[str] = ()) -> str:
+    """The report's HTML for already loaded runs (and extra trusted HTML sections, see `write_report`)."""
     notes = list(notes or [])
     colors = [PALETTE[i % len(PALETTE)] for i in range(len(runs))]
     charts, left_out = _charts.plan_charts(runs)
@@ -119,11 +124,11 @@ def build_page(runs: list[RunData], notes: list[str] | None = None) -> str:
         f"<div class='sub'>{len(runs)} run(s): {html.escape(names)} · generated "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')} · keel {html.escape(_keel_version())}</div>",
         "<div class='notes'>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes) + "</div>",
-        "<h2>Runs</h2>", sections.runs_table(runs, colors),
-        *[sections.metadata(r) for r in runs],
+        "<h2>Runs</h2>", _sections.runs_table(runs, colors),
+        *[_sections.metadata(r) for r in runs],
         "<h2>Diagnosis</h2>", "<div class='diag'>",
         *[f"<div><h3><span class='swatch' style='background:{c}'></span>{html.escape(r.name)}</h3>"
-          f"{sections.diagnosis_cards(r)}</div>" for r, c in zip(runs, colors, strict=True)],
+          f"{_sections.diagnosis_cards(r)}</div>" for r, c in zip(runs, colors, strict=True)],
         "</div>",
         "<h2>Timelines</h2>",
         "<p class='muted'>Drag to zoom (all charts follow), double-click to reset. Lines show each bucket's "
@@ -132,8 +137,9 @@ def build_page(runs: list[RunData], notes: list[str] | None = None) -> str:
         "▽ snapshot.</p>",
         *[f"<div class='chart' id='{c.id}'></div>" for c in charts],
         "" if charts else "<p class='muted'>these runs have no signals yet.</p>",
+        *(["<div class='extra'>" + "\n".join(sections) + "</div>"] if sections else []),
         "<h2>Decisions and snapshots</h2>",
-        *[f"<h3>{html.escape(r.name)}</h3>{sections.decisions_table(r)}{sections.snapshots_table(r)}"
+        *[f"<h3>{html.escape(r.name)}</h3>{_sections.decisions_table(r)}{_sections.snapshots_table(r)}"
           for r in runs],
         f"<footer>Self-contained: plotly.js {html.escape(version)} is inlined; the page needs no network."
         "</footer>",

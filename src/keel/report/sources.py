@@ -1,15 +1,14 @@
-"""What the report can read, and the extension point for what it cannot yet: one `StoreKind` per store schema.
+"""What the report can read, and the extension point for what it cannot: one `StoreKind` per store schema.
 
-A path given to `keel report` is classified by the tables of its SQLite file. Today there is one kind, the
-run store (``meta``, ``signals``, ``findings``, ``decisions``, ``snapshots``). Anything else — a sweep store,
-whose schema does not exist yet, or an unrelated SQLite file — is skipped with a note on the page, never an
-error. To add the sweep plots once the sweep store lands:
-
-1. write ``report/sweep.py`` with a loader ``load_sweep(path) -> SweepData`` (through the store layer's
-   reader, like `keel.report.run_data.load_run`) and a section builder returning HTML and chart specs
-   (final loss against learning rate per recipe, one line per recipe, log-x);
-2. register it here: ``STORE_KINDS.append(StoreKind(name="sweep", tables=frozenset({...})))``;
-3. in `keel.report.page.build_page`, render the sources of kind ``"sweep"`` with it.
+A path given to `keel report` is classified by the tables of its SQLite file. The report reads run stores
+(``meta``, ``signals``, ``findings``, ``decisions``, ``snapshots``) itself. A sweep store
+(``sweep_dir/sweep.sqlite``: ``meta``, ``runs``) belongs to `keel.proxy.sweep`, which the report layer may not
+import (it is training code); its section is built there — ``keel.proxy.sweep.sweep_section(sweep_dir)``,
+an HTML fragment with inline PNGs — and handed to ``write_report(..., sections=[fragment])`` by a caller
+allowed to import both (``keel demo``, a ``keel`` verb module at the top layer, or the user). Given directly,
+a sweep store is skipped with a note that says so; anything else unknown is skipped with a note too, never
+an error. A new store kind: add a `StoreKind` here, then either read it in the report (through the store
+layer) or have its owner render a section.
 """
 
 from __future__ import annotations
@@ -31,7 +30,13 @@ class StoreKind:
 
 STORE_KINDS: list[StoreKind] = [
     StoreKind(name="run", tables=frozenset({"meta", "signals", "findings", "decisions", "snapshots"})),
+    StoreKind(name="sweep", tables=frozenset({"meta", "runs"})),
 ]
+SWEEP_STORE_NAME = "sweep.sqlite"  # keel.proxy.sweep's store file (its schema is that package's)
+NOTES = {
+    "sweep": "a sweep store: its plots come from keel.proxy.sweep.sweep_section(dir), passed to "
+             "write_report(..., sections=[...]); skipped here",
+}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -49,7 +54,7 @@ def expand(paths: list[str | Path]) -> list[Path]:
     out: list[Path] = []
     for raw in paths:
         path = Path(raw)
-        if path.is_dir() and not (path / STORE_NAME).is_file():
+        if path.is_dir() and not (path / STORE_NAME).is_file() and not (path / SWEEP_STORE_NAME).is_file():
             children = sorted(p for p in path.iterdir() if (p / STORE_NAME).is_file())
             out += children or [path]
         else:
@@ -60,6 +65,8 @@ def expand(paths: list[str | Path]) -> list[Path]:
 def classify(path: Path) -> Source:
     """The kind of store at ``path`` (a folder holding ``run.sqlite``, or an SQLite file)."""
     file = path / STORE_NAME if path.is_dir() else path
+    if path.is_dir() and not file.is_file() and (path / SWEEP_STORE_NAME).is_file():
+        file = path / SWEEP_STORE_NAME
     if not file.is_file():
         return Source(path=path, kind=None, note=f"{path}: no store here (no {STORE_NAME})")
     try:
@@ -72,7 +79,8 @@ def classify(path: Path) -> Source:
         return Source(path=path, kind=None, note=f"{file}: not an SQLite store ({exc})")
     for kind in STORE_KINDS:
         if kind.tables <= tables:
-            return Source(path=path, kind=kind.name)
+            note = f"{file}: {NOTES[kind.name]}" if kind.name in NOTES else ""
+            return Source(path=path, kind=kind.name, note=note)
     listed = ", ".join(sorted(tables)) or "none"
     return Source(path=path, kind=None,
                   note=f"{file}: a store of a kind this report does not show yet (tables: {listed}); skipped")
