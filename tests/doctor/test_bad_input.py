@@ -39,6 +39,7 @@ CASES = {
         lambda d: _write_bytes(d / "run.sqlite", b"SQLite format 3\x00" + RNG_BYTES), "not a keel run store"),
     "other_sqlite": (lambda d: (_sqlite_other(d / "x.sqlite"), d / "x.sqlite")[1], "not a keel run store"),
     "empty_folder": (lambda d: d, "no training log"),
+    "folder_of_runs": (lambda d: (_store(d / "runs" / "bare"), d / "runs")[1], "a folder of 1 runs (bare)"),
     "json_object_not_a_log": (lambda d: _write(d / "config.json", json.dumps({"lr": 1}, indent=2)),
                               "not a log"),
     "state_without_history": (lambda d: _write(d / "trainer_state.json", json.dumps({"global_step": 3})),
@@ -48,6 +49,13 @@ CASES = {
     "jsonl_without_steps": (lambda d: _write(d / "log.jsonl", '{"loss": 1}\n{"loss": 2}\n'), "no log object"),
     "truncated_json_array": (lambda d: _write(d / "log.json", '[{"step": 1, "loss": '), "not valid JSON"),
 }
+
+
+def _store(run_dir: Path) -> None:
+    from keel.store import RunWriter
+
+    with RunWriter(run_dir) as w:
+        w.add_signals(0, {"loss": 1.0})
 
 
 def _write(path: Path, text: str) -> Path:

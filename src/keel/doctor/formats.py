@@ -65,6 +65,10 @@ def detect_format(path: Path) -> str:
             return "hf_trainer_state"
         if next(path.rglob(EVENT_GLOB), None) is not None:
             return "tensorboard"
+        runs = sorted(p.name for p in path.iterdir() if (p / STORE_NAME).is_file())
+        if runs:
+            raise LogReadError(f"{path}: a folder of {len(runs)} runs ({', '.join(runs[:6])}); "
+                               "give one of them, e.g. " + str(path / runs[0]))
         raise LogReadError(f"{path}: a folder with no training log in it; looked for {STORE_NAME}, "
                            f"{STATE_NAME} (also in checkpoint-*/) and {EVENT_GLOB}")
     if is_sqlite(path):
