@@ -223,7 +223,7 @@ def test_detector_exception_never_kills_training():
 @pytest.mark.parametrize("kwargs,match", [
     (dict(policy="yolo"), r"policy='yolo'; allowed: observe, skip, recover"),
     (dict(log_every=0), r"log_every=0; allowed"),
-    (dict(probes="most"), r"probes='most'; allowed: default, full"),
+    (dict(probes="most"), r"probes=.most.; allowed: default, transformer, full"),
     (dict(probes=["nope"]), r"unknown probe 'nope'; allowed"),
     (dict(max_grad_norm=-1.0), r"max_grad_norm=-1.0"),
     (dict(max_consecutive_skips=0), r"max_consecutive_skips=0"),

@@ -36,9 +36,9 @@ from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
 from keel.recover.state import Stateful
-from keel.signals import DEFAULT_PROBES, FULL_PROBES, Measurements, Probe, StepContext, create_probe, pack, unpack
+from keel.signals import DEFAULT_PROBES, FULL_PROBES, TRANSFORMER_PROBES, Measurements, Probe, StepContext, create_probe, pack, unpack
 
-PROBE_SETS = {"default": DEFAULT_PROBES, "full": FULL_PROBES}
+PROBE_SETS = {"default": DEFAULT_PROBES, "transformer": TRANSFORMER_PROBES, "full": FULL_PROBES}
 
 
 class Guard:
@@ -61,8 +61,9 @@ class Guard:
         scaler: A ``torch.amp.GradScaler`` the loop uses; the loop calls ``scaler.scale(loss).backward()``
             and passes the unscaled ``loss`` to `step`.
         log_every: Cadence of the per-parameter signals (parameter norms, update ratios, per-tensor norms).
-        probes: ``"default"`` (loss, gradient norm, parameter norm), ``"full"`` (adds update/parameter
-            ratios) or a list of probe names or `Probe` objects.
+        probes: ``"default"`` (loss, gradient norm, parameter norm), ``"transformer"`` (adds attention
+            logits and entropy, output logits, block RMS), ``"full"`` (adds update/parameter ratios, gradient-
+            weight cosine, Adam ε-dominance) or a list of probe names or `Probe` objects.
         detectors: Detector objects; default: loss and gradient spikes, divergence, non-finite.
         max_grad_norm: Clip the global gradient norm to this value before the step (as
             ``clip_grad_norm_``), reusing the norm already measured; ``None`` does not clip.

@@ -144,6 +144,7 @@ def train_proxy(
     batches = ProxyBatches(batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
     guard = None
     if policy is not None:
+        guard_options.setdefault("probes", "transformer")  # the proxy is a transformer: watch its attention
         guard = Guard(model, optimizer, scheduler, run_dir=run_dir, policy=policy,  # type: ignore[arg-type]
                       max_grad_norm=config.max_grad_norm, config=asdict(config), seed=config.seed,
                       **guard_options)  # type: ignore[arg-type]

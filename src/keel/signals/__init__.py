@@ -28,7 +28,14 @@ from keel.signals.norms import global_norm, per_tensor_norms, update_ratios
 from keel.signals.output_logits import OutputLogitsConfig, OutputLogitsProbe
 from keel.signals.pack import Packed, pack, unpack
 from keel.signals.probe import Measurements, PerParam, Probe, StepContext
-from keel.signals.registry import DEFAULT_PROBES, FULL_PROBES, PROBES, create_probe, list_probes
+from keel.signals.registry import (
+    DEFAULT_PROBES,
+    FULL_PROBES,
+    PROBES,
+    TRANSFORMER_PROBES,
+    create_probe,
+    list_probes,
+)
 from keel.signals.sharpness import SharpnessConfig, SharpnessProbe, hutchinson_trace, top_eigenvalue
 
 __all__ = [
@@ -42,6 +49,7 @@ __all__ = [
     "AttnLogitsProbe",
     "DEFAULT_PROBES",
     "FULL_PROBES",
+    "TRANSFORMER_PROBES",
     "GradWeightCosConfig",
     "GradWeightCosProbe",
     "Measurements",

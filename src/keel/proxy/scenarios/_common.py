@@ -22,7 +22,7 @@ from keel.detect import default_detectors
 from keel.guard import Guard
 from keel.proxy.corpus import ProxyBatches
 from keel.proxy.model import create_proxy_model
-from keel.signals import DEFAULT_PROBES, Probe
+from keel.signals import TRANSFORMER_PROBES, Probe
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -148,7 +148,7 @@ def run_lm(name: str, run: LMRun, *, guarded: bool = True, run_dir: str | None =
     def probe_loss() -> Tensor:  # the sharpness probe's fixed batch
         return lm_loss(model(probe_batch[0]), probe_batch[1], run.z_loss)
 
-    probes: list[str | Probe] = list(DEFAULT_PROBES)
+    probes: list[str | Probe] = list(TRANSFORMER_PROBES)
     if run.extra_probes is not None:
         probes += list(run.extra_probes(model, probe_loss))
     guard = Guard(model, optimizer, scheduler, policy="observe", probes=probes, run_dir=run_dir,
