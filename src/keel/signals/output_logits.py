@@ -56,13 +56,14 @@ class OutputLogitsConfig:
     """Settings of the output-logit probe.
 
     Attributes:
-        every: Cadence in steps.
+        every: Cadence in steps (2 by default: log Z and collapse move over tens of steps, and the exp pass
+            over the vocabulary is the probe's main cost).
         module: Name of the module whose output is the logits; ``None`` finds it (`find_output_head`).
         precision: The softmax's working precision for the collapse fractions (``"float32"``, ...);
             ``None``: the logits' own dtype.
     """
 
-    every: int = 1
+    every: int = 2
     module: str | None = None
     precision: str | None = None
 
