@@ -28,6 +28,8 @@
     series[s.run + "\u0000" + s.key] = {x: steps(s), y: decode(s.values, Float32Array)};
   });
   function get(run, key) { return series[run + "\u0000" + key]; }
+  // Sparse series (a probe logged every k steps, a short run, a deep zoom) show their points too.
+  function mode(v) { return v.x.length < 60 ? "lines+markers" : "lines"; }
 
   function lowerBound(a, v) {
     var lo = 0, hi = a.length;
@@ -77,9 +79,9 @@
         var s = get(r, key);
         if (!s) return;
         var v = view(s, null, null);
-        traces.push({type: "scatter", mode: "lines", x: v.x, y: v.y, name: run.name + " · " + key,
-                     legendgroup: run.name, line: {color: run.color, width: k === 0 ? 1.6 : 1.2,
-                     dash: k === 0 ? "solid" : "dot"}, connectgaps: false, meta: {run: r, key: key},
+        traces.push({type: "scatter", mode: mode(v), x: v.x, y: v.y, name: run.name + " · " + key,
+                     marker: {size: 4}, legendgroup: run.name, connectgaps: false, meta: {run: r, key: key},
+                     line: {color: run.color, width: k === 0 ? 1.6 : 1.2, dash: k === 0 ? "solid" : "dot"},
                      hovertemplate: "step %{x}<br>" + key + " %{y:.4g}<extra>" + run.name + "</extra>"});
       });
       var named = chart.keys.length > 0, listed = named;  // members only: name each run once in the legend
@@ -87,7 +89,7 @@
         var s = get(r, key);
         if (!s) return;
         var v = view(s, null, null);
-        traces.push({type: "scatter", mode: "lines", x: v.x, y: v.y,
+        traces.push({type: "scatter", mode: mode(v), x: v.x, y: v.y, marker: {size: 3},
                      name: named ? run.name + " · " + key : run.name + " · " + chart.title + "/*",
                      legendgroup: run.name, showlegend: !listed, opacity: 0.45,
                      line: {color: run.color, width: 0.8}, meta: {run: r, key: key},
@@ -101,6 +103,10 @@
 
   function markTraces(chart) {
     var groups = {}, shapes = [];
+    function group(m) {  // one marker trace per run and mark type
+      var id = m.run + "\u0000" + m.type;
+      return groups[id] = groups[id] || {run: m.run, type: m.type, x: [], y: [], text: []};
+    }
     (data.marks[chart.id] || []).forEach(function (m) {
       var run = data.runs[m.run];
       if (m.type === "rollback" || m.type === "abort") {
@@ -110,11 +116,11 @@
         }
         shapes.push({type: "line", xref: "x", yref: "paper", x0: m.step, x1: m.step, y0: 0, y1: 1,
                      line: {color: m.type === "abort" ? "#c00000" : run.color, width: 1.2, dash: "dash"}});
-        var g0 = groups[m.run + m.type] = groups[m.run + m.type] || {run: m.run, type: m.type, x: [], y: [], text: []};
+        var g0 = group(m);
         g0.x.push(m.step); g0.y.push(valueAt(get(m.run, chart.main), m.step)); g0.text.push(m.text);
         return;
       }
-      var g = groups[m.run + m.type] = groups[m.run + m.type] || {run: m.run, type: m.type, x: [], y: [], text: []};
+      var g = group(m);
       var y = (m.value !== null && m.value !== undefined) ? m.value : valueAt(get(m.run, m.key), m.step);
       g.x.push(m.step); g.y.push(y); g.text.push(m.text);
     });
@@ -126,7 +132,8 @@
         : g.type === "snapshot" ? {color: run.color, symbol: "triangle-down-open", size: 8}
         : {color: run.color, symbol: "diamond-open", size: 10};
       return {type: "scatter", mode: "markers", x: g.x, y: g.y, text: g.text, name: run.name + " · " + g.type,
-              legendgroup: run.name, showlegend: false, marker: marker, hovertemplate: "%{text}<extra>" + run.name + "</extra>",
+              legendgroup: run.name, showlegend: false, marker: marker,
+              hovertemplate: "%{text}<extra>" + run.name + "</extra>",
               cliponaxis: false};
     });
     return {traces: traces, shapes: shapes};
@@ -134,13 +141,13 @@
 
   var divs = [], syncing = false;
   function resample(div, lo, hi) {
-    var xs = [], ys = [], idx = [];
+    var xs = [], ys = [], modes = [], idx = [];
     div.data.forEach(function (t, i) {
       if (!t.meta || t.meta.key === undefined) return;
       var v = view(get(t.meta.run, t.meta.key), lo, hi);
-      xs.push(v.x); ys.push(v.y); idx.push(i);
+      xs.push(v.x); ys.push(v.y); modes.push(mode(v)); idx.push(i);
     });
-    return idx.length ? Plotly.restyle(div, {x: xs, y: ys}, idx) : Promise.resolve();
+    return idx.length ? Plotly.restyle(div, {x: xs, y: ys, mode: modes}, idx) : Promise.resolve();
   }
   // Resample every chart for [lo, hi] (null: the full range) and give them all that x range.
   function applyRange(lo, hi, source) {
@@ -183,7 +190,8 @@
                   xaxis: {zeroline: false, range: data.xrange.slice(),
                           title: {text: "step", standoff: 4, font: {size: 11}}},
                   yaxis: {type: chart.log_y ? "log" : "linear", exponentformat: "power", zeroline: false},
-                  legend: {orientation: "h", x: 0, y: -0.2, yanchor: "top", font: {size: 10}}, paper_bgcolor: "#fff",
+                  legend: {orientation: "h", x: 0, y: -0.2, yanchor: "top", font: {size: 10}},
+                  paper_bgcolor: "#fff",
                   plot_bgcolor: "#fafafa"};
     return Plotly.newPlot(div, lineTraces(chart).concat(marks.traces), layout,
                           {displaylogo: false, responsive: true}).then(function () {
@@ -203,7 +211,9 @@
     document.body.setAttribute("data-keel-rendered", String(state.rendered));
     document.body.setAttribute("data-keel-errors", String(state.errors.length));
     var out = document.getElementById("keel-status");
-    if (out) out.textContent = JSON.stringify({charts: data.charts.length, rendered: state.rendered,
-                                               errors: state.errors, range: requestedRange(), view: firstView()});
+    if (out) {
+      out.textContent = JSON.stringify({charts: data.charts.length, rendered: state.rendered,
+                                        errors: state.errors, range: requestedRange(), view: firstView()});
+    }
   }
 })();
