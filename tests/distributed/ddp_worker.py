@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node=2 tests/distributed/ddp_worker.py SCENARIO OUT_DIR
 
-Scenarios: ``observe`` (200 healthy steps; also trains a bare DDP copy to compare), ``nan_grad`` (a NaN in rank 1's
+Scenarios (``fsdp_<name>`` runs the same under FSDP2 ``fully_shard``): ``observe`` (200 healthy steps; also trains a bare DDP copy to compare), ``nan_grad`` (a NaN in rank 1's
 gradient at step 12, policy skip), ``nan_param`` (a NaN written into rank 1's weights at step 23, policy
 recover), ``bad_shard`` (rank 1's targets corrupted from step 40), ``bad_shard_from_start`` (the last rank's
 targets corrupted from the first step; run with three ranks).
@@ -48,9 +48,22 @@ def batches(rank: int, steps: int, corrupt_from: int | None) -> list[tuple[torch
     return out
 
 
+def wrap(net: nn.Module, fsdp: bool) -> nn.Module:
+    if not fsdp:
+        return DDP(net)
+    from torch.distributed.fsdp import fully_shard
+
+    fully_shard(net.fc1)
+    fully_shard(net.fc2)
+    return fully_shard(net)
+
+
 def train(scenario: str, rank: int, world: int, run_dir: str | None, *, keel_on: bool = True) -> dict:
+    fsdp = scenario.startswith("fsdp_")
+    scenario = scenario.removeprefix("fsdp_")
     torch.manual_seed(0)
-    model = DDP(Net())
+    model = wrap(Net(), fsdp)
+    net = model if fsdp else model.module
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.7)
     policy = {"observe": "observe", "nan_grad": "skip", "nan_param": "recover"}.get(scenario, "observe")
@@ -63,11 +76,11 @@ def train(scenario: str, rank: int, world: int, run_dir: str | None, *, keel_on:
     for step, (x, y) in enumerate(batches(rank, steps, corrupt_from)):
         if scenario == "nan_param" and step == 23 and rank == 1:
             with torch.no_grad():
-                model.module.fc1.weight[0, 0] = float("nan")  # a bit flip in one worker's memory
+                local(net.fc1.weight)[0, 0] = float("nan")  # a bit flip in one worker's memory
         loss = F.mse_loss(model(x), y)
         loss.backward()
         if scenario == "nan_grad" and step == 12 and rank == 1:
-            model.module.fc1.weight.grad[0, 0] = float("nan")  # after the all-reduce: only rank 1 sees it
+            local(net.fc1.weight.grad)[0, 0] = float("nan")  # after the all-reduce: only rank 1 sees it
         if guard is not None:
             actions.append(guard.step(loss).action)
         else:
@@ -75,7 +88,7 @@ def train(scenario: str, rank: int, world: int, run_dir: str | None, *, keel_on:
             sched.step()
         opt.zero_grad(set_to_none=True)
     result = {"rank": rank, "actions": actions,
-              "params": [p.detach().flatten().tolist() for p in model.parameters()],
+              "params": [full(p).flatten().tolist() for p in model.parameters()],
               "opt_steps": [int(s["step"]) for s in opt.state_dict()["state"].values()],
               "last_lr": sched.get_last_lr()}
     if guard is not None:
@@ -86,6 +99,15 @@ def train(scenario: str, rank: int, world: int, run_dir: str | None, *, keel_on:
                               for f in guard.findings]
         result["restored"] = [d.restored_step for d in guard.decisions if d.action == "rollback"]
     return result
+
+
+def local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of an FSDP2 (DTensor) parameter or gradient; a DDP one as it is."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().full_tensor() if hasattr(t, "full_tensor") else t.detach()
 
 
 def main() -> None:

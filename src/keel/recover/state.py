@@ -56,7 +56,7 @@ def tensor_sources(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, T
     params, buffers = {}, {}
     param_ids = {id(p) for p in state.model.parameters()}
     for name, t in state.model.state_dict(keep_vars=True).items():
-        (params if id(t) in param_ids else buffers)["model/" + name] = t.detach()
+        (params if id(t) in param_ids else buffers)["model/" + name] = _local(t.detach())
     optim = state.optimizer.state_dict()
     skeleton: dict[str, Any] = {"param_groups": copy.deepcopy(optim["param_groups"]), "state": {}}
     for index, entry in optim["state"].items():
@@ -64,7 +64,7 @@ def tensor_sources(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, T
         for key, value in entry.items():
             if isinstance(value, Tensor):
                 name = f"optim/{index}/{key}"
-                params[name] = value
+                params[name] = _local(value)
                 skeleton["state"][index][key] = name
             else:
                 skeleton["state"][index][key] = copy.deepcopy(value)
@@ -94,7 +94,7 @@ def restore(state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str
     that hold references stay valid). ``data=False`` leaves the tracked data position where it is."""
     with torch.no_grad():
         for name, t in state.model.state_dict(keep_vars=True).items():
-            t.copy_(tensors["model/" + name])
+            _local(t).copy_(tensors["model/" + name])
     optim_state = {
         "param_groups": copy.deepcopy(skeleton["param_groups"]),
         "state": {index: {k: tensors[v].clone() if isinstance(v, str) and v.startswith("optim/") else
@@ -102,6 +102,7 @@ def restore(state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str
                   for index, entry in skeleton["state"].items()},
     }
     state.optimizer.load_state_dict(optim_state)
+    _reshard_optimizer_state(state.optimizer)
     if state.scheduler is not None and plain["scheduler"] is not None:
         state.scheduler.load_state_dict(copy.deepcopy(plain["scheduler"]))
     if state.scaler is not None and plain["scaler"] is not None:
@@ -119,6 +120,33 @@ def restore(state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str
     torch.set_rng_state(rng["torch"])
     if rng["cuda"] and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(rng["cuda"])
+
+
+def _local(t: Tensor) -> Tensor:
+    """This rank's shard of a ``DTensor`` (FSDP2 parameters and their optimizer state); other tensors as they are.
+
+    Snapshots hold each rank's own shard, so a sharded run snapshots and restores without communication.
+    """
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
+def _reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
+    """After ``load_state_dict`` from local shards, make each state tensor of a sharded (``DTensor``) parameter a
+    ``DTensor`` again, sharded like its parameter (the optimizer's next step mixes them)."""
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            if not hasattr(p, "device_mesh"):
+                continue
+            from torch.distributed.tensor import DTensor
+
+            local_shape = p.to_local().shape
+            entry = optimizer.state.get(p, {})
+            for key, value in entry.items():
+                if isinstance(value, Tensor) and not isinstance(value, DTensor) and value.dim() > 0 \
+                        and value.shape == local_shape:
+                    entry[key] = DTensor.from_local(value, p.device_mesh, p.placements, run_check=False,
+                                                    shape=p.shape, stride=p.stride())
 
 
 def reseed(base: int) -> None:
