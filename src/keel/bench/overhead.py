@@ -128,9 +128,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-log-every", type=int, default=defaults.full_log_every)
     parser.add_argument("--device", default=defaults.device, choices=("cpu", "cuda"))
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--ddp", type=int, default=0, metavar="N",
+                        help="measure under DDP with N torchrun ranks instead (keel.bench.ddp)")
 
 
 def main(args: argparse.Namespace) -> int:
+    if args.ddp:
+        from keel.bench.ddp import main as ddp_main
+
+        return ddp_main(args)
     config = OverheadConfig(size=args.size, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
                             repeats=args.repeats, full_log_every=args.full_log_every, device=args.device)
     progress = None if args.json else (lambda msg: print(f"  {msg}", flush=True))
