@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from keel import Guard, RecoveryConfig
+from tests.distributed.test_sync import HostReads
 
 
 class Net(nn.Module):
@@ -72,7 +73,8 @@ def train(scenario: str, rank: int, world: int, run_dir: str | None, *, keel_on:
     steps = {"bad_shard": 90, "bad_shard_from_start": 90, "observe": 200}.get(scenario, 40)
     corrupt_from = {"bad_shard": 40 if rank == 1 else None,
                     "bad_shard_from_start": 0 if rank == world - 1 else None}.get(scenario)
-    actions = []
+    actions: list[str] = []
+    host_reads: list[int] = []
     for step, (x, y) in enumerate(batches(rank, steps, corrupt_from)):
         if scenario == "nan_param" and step == 23 and rank == 1:
             with torch.no_grad():
@@ -82,15 +84,19 @@ def train(scenario: str, rank: int, world: int, run_dir: str | None, *, keel_on:
         if scenario == "nan_grad" and step == 12 and rank == 1:
             local(net.fc1.weight.grad)[0, 0] = float("nan")  # after the all-reduce: only rank 1 sees it
         if guard is not None:
-            actions.append(guard.step(loss).action)
+            with HostReads() as counter:
+                actions.append(guard.step(loss).action)
+            host_reads.append(counter.count)
         else:
-            opt.step()
-            sched.step()
+            with HostReads() as counter:
+                opt.step()
+                sched.step()
+            host_reads.append(counter.count)
         opt.zero_grad(set_to_none=True)
     result = {"rank": rank, "actions": actions,
               "params": [full(p).flatten().tolist() for p in model.parameters()],
               "opt_steps": [int(s["step"]) for s in opt.state_dict()["state"].values()],
-              "last_lr": sched.get_last_lr()}
+              "last_lr": sched.get_last_lr(), "host_reads": host_reads}
     if guard is not None:
         guard.close()
         result["findings"] = [{"step": f.step, "kind": f.kind, "severity": f.severity, "signal": f.signal,
@@ -116,7 +122,8 @@ def main() -> None:
     rank, world = dist.get_rank(), dist.get_world_size()
     result = train(scenario, rank, world, str(out_dir / "run"))
     if scenario == "observe":
-        result["bare_params"] = train(scenario, rank, world, None, keel_on=False)["params"]
+        bare = train(scenario, rank, world, None, keel_on=False)
+        result["bare_params"], result["bare_host_reads"] = bare["params"], bare["host_reads"]
     (out_dir / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()

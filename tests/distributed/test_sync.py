@@ -77,3 +77,51 @@ def test_two_ranks_reduce_by_the_documented_rules(tmp_path):
         assert per_param["rank/loss/"] == [["0", "1"], [1.0, 2.0]]
         assert per_param["rank/grad/norm/"] == [["0", "1"], [3.0, 4.0]]
         assert result[sharded]["late"]["update/norm"] == pytest.approx(late, rel=1e-12)
+
+
+HOST_READS = ("item", "tolist", "__float__", "__int__", "__bool__", "numpy")
+
+
+class HostReads:
+    """Counts the Python-level calls that copy a tensor's value to the host (a sync on an accelerator)."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self._saved: dict[str, object] = {}
+
+    def __enter__(self) -> HostReads:
+        for name in HOST_READS:
+            original = getattr(torch.Tensor, name)
+            self._saved[name] = original
+
+            def counting(t, *args, _original=original, **kwargs):
+                self.count += 1
+                return _original(t, *args, **kwargs)
+
+            setattr(torch.Tensor, name, counting)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for name, original in self._saved.items():
+            setattr(torch.Tensor, name, original)
+
+
+def test_a_single_process_guard_step_reads_the_host_once_per_step():
+    from keel import Guard
+    from tests.conftest import TinyNet, make_batches
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)  # reads nothing itself (AdamW on CPU does)
+    guard = Guard(model, opt, policy="skip", log_every=5)
+    assert guard.dist is None  # no process group: the distributed path is not even built
+    reads = []
+    for x, y in make_batches(12):
+        loss = torch.nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        with HostReads() as counter:
+            guard.step(loss)
+        reads.append(counter.count)
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    assert reads == [1] * 12  # the one packed copy, on log steps and in between
