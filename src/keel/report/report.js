@@ -81,6 +81,7 @@
         var v = view(s, null, null);
         traces.push({type: "scatter", mode: mode(v), x: v.x, y: v.y, name: run.name + " · " + key,
                      marker: {size: 4}, legendgroup: run.name, connectgaps: false, meta: {run: r, key: key},
+                     cliponaxis: false,
                      line: {color: run.color, width: k === 0 ? 1.6 : 1.2, dash: k === 0 ? "solid" : "dot"},
                      hovertemplate: "step %{x}<br>" + key + " %{y:.4g}<extra>" + run.name + "</extra>"});
       });
@@ -89,7 +90,7 @@
         var s = get(r, key);
         if (!s) return;
         var v = view(s, null, null);
-        traces.push({type: "scatter", mode: mode(v), x: v.x, y: v.y, marker: {size: 3},
+        traces.push({type: "scatter", mode: mode(v), x: v.x, y: v.y, marker: {size: 3}, cliponaxis: false,
                      name: named ? run.name + " · " + key : run.name + " · " + chart.title + "/*",
                      legendgroup: run.name, showlegend: !listed, opacity: 0.45,
                      line: {color: run.color, width: 0.8}, meta: {run: r, key: key},
