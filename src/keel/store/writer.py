@@ -85,7 +85,7 @@ class RunWriter:
             return
         self._closed = True
         self._queue.put(_STOP)
-        self._thread.join(timeout=60)
+        self._thread.join()  # every queued row is committed before close returns: a bounded wait dropped rows
         self._conn.close()
 
     def __enter__(self) -> RunWriter:
