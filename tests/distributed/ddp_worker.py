@@ -2,10 +2,11 @@
 
     torchrun --nproc_per_node=2 tests/distributed/ddp_worker.py SCENARIO OUT_DIR
 
-Scenarios (``fsdp_<name>`` runs the same under FSDP2 ``fully_shard``): ``observe`` (200 healthy steps; also trains a bare DDP copy to compare), ``nan_grad`` (a NaN in rank 1's
-gradient at step 12, policy skip), ``nan_param`` (a NaN written into rank 1's weights at step 23, policy
-recover), ``bad_shard`` (rank 1's targets corrupted from step 40), ``bad_shard_from_start`` (the last rank's
-targets corrupted from the first step; run with three ranks).
+Scenarios: ``observe`` (200 healthy steps; also trains a bare DDP copy to compare), ``nan_grad`` (a NaN in
+rank 1's gradient at step 12, policy skip), ``nan_param`` (a NaN written into rank 1's weights at step 23,
+policy recover), ``bad_shard`` (rank 1's targets corrupted from step 40), ``bad_shard_from_start`` (the last
+rank's targets corrupted from the first step; run with three ranks). ``fsdp_<name>`` runs the same under
+FSDP2 ``fully_shard``.
 """
 
 from __future__ import annotations

@@ -73,7 +73,7 @@ def test_observe_under_ddp_is_bit_identical_to_bare_ddp_and_silent_when_healthy(
     for r in ranks:
         assert r["params"] == r["bare_params"]  # the communication hook leaves gradients as DDP's own
         # One device→host copy per step, the collective included (AdamW reads its own step counts either way).
-        assert [k - b for k, b in zip(r["host_reads"], r["bare_host_reads"])] == [1] * 200
+        assert [k - b for k, b in zip(r["host_reads"], r["bare_host_reads"], strict=True)] == [1] * 200
         assert r["findings"] == []  # 200 healthy steps: no false alarm of any kind
     with RunReader(tmp_path / "run") as store:
         local = [store.signal(f"rank/grad/local_norm/{r}")[1] for r in (0, 1)]
@@ -108,7 +108,7 @@ def test_fsdp_ranks_skip_and_roll_back_together_and_train_like_ddp(tmp_path):
         fsdp = run_scenario(tmp_path / f"fsdp_{scenario}", f"fsdp_{scenario}")
         assert fsdp[0]["actions"] == fsdp[1]["actions"] == ddp[0]["actions"]
         assert fsdp[0]["restored"] == ddp[0]["restored"]
-        for a, b in zip(fsdp[0]["params"], ddp[0]["params"]):
+        for a, b in zip(fsdp[0]["params"], ddp[0]["params"], strict=True):
             assert a == pytest.approx(b, rel=1e-4, abs=1e-6)
         stores = [RunReader(tmp_path / name / "run") for name in (scenario, f"fsdp_{scenario}")]
         (steps_d, norms_d), (steps_f, norms_f) = (s.signal("grad/norm") for s in stores)

@@ -102,7 +102,7 @@ def test_observe_is_bit_identical_to_the_bare_trainer(tmp_path):
     bare = _params(train(tmp_path / "bare", []))
     keel = KeelCallback(policy="observe")
     observed = train(tmp_path / "observed", [keel])
-    assert all(torch.equal(a, b) for a, b in zip(bare, _params(observed)))
+    assert all(torch.equal(a, b) for a, b in zip(bare, _params(observed), strict=True))
     assert len(keel.guard.findings) == 0 and keel.guard.global_step == STEPS
 
 

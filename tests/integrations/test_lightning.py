@@ -91,7 +91,7 @@ def test_observe_is_bit_identical_to_bare_lightning():
     _, bare = fit([], gradient_clip_val=0.5)
     keel = KeelCallback(policy="observe")
     _, observed = fit([keel], gradient_clip_val=0.5)
-    assert all(torch.equal(a, b) for a, b in zip(bare.parameters(), observed.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(bare.parameters(), observed.parameters(), strict=True))
     assert keel.guard.global_step == STEPS and keel.guard.findings == []
 
 
@@ -122,7 +122,7 @@ def test_fp16_grad_scaler_overflow_is_the_scalers_skip_and_observe_matches_bare(
     _, bare = fit([], {4: "loss"}, plugins=[amp()], accumulate=1)
     keel = KeelCallback(policy="observe")
     _, observed = fit([keel], {4: "loss"}, plugins=[amp()], accumulate=1)
-    assert all(torch.equal(a, b) for a, b in zip(bare.parameters(), observed.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(bare.parameters(), observed.parameters(), strict=True))
     plugin = amp()
     keel = KeelCallback(policy="skip")
     trainer, module = fit([keel], {4: "loss"}, plugins=[plugin], accumulate=1)

@@ -49,7 +49,7 @@ def store_contents(run: Path, keys: list[str] | None = None):
         for key in r.signal_keys():
             if keys is None or key in keys:
                 steps, values = r.signal(key)
-                signals[key] = dict(zip(steps.tolist(), values.tolist()))
+                signals[key] = dict(zip(steps.tolist(), values.tolist(), strict=True))
         return signals, r.findings(), r.decisions(), r.meta()
 
 

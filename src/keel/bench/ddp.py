@@ -132,7 +132,7 @@ def _worker(config: DDPOverheadConfig, out: str) -> None:
                 loop.guard.close()  # type: ignore[attr-defined]
     if rank == 0:
         def ratio(name: str) -> float:
-            return statistics.median(t / b for t, b in zip(times[name], times["bare"]))
+            return statistics.median(t / b for t, b in zip(times[name], times["bare"], strict=True))
 
         Path(out).write_text(json.dumps({
             "ratio_default": ratio("default"), "ratio_no_rank_stats": ratio("no_rank_stats"),
@@ -160,7 +160,8 @@ def main(args: argparse.Namespace) -> int:
           f"per rank, {config.repeats} repeats x {config.steps} steps, interleaved")
     print(f"  bare DDP                    {ms['bare']:8.2f} ms/step")
     print(f"  Guard default               {ms['default']:8.2f} ms/step   ratio {result['ratio_default']:.4f}")
-    print(f"  Guard, no per-rank hook     {ms['no_rank_stats']:8.2f} ms/step   ratio {result['ratio_no_rank_stats']:.4f}")
+    print(f"  Guard, no per-rank hook     {ms['no_rank_stats']:8.2f} ms/step   "
+          f"ratio {result['ratio_no_rank_stats']:.4f}")
     return 0
 
 

@@ -1,5 +1,7 @@
 """The loop object: `Guard` orders signals → detect → recover each step and records the run."""
 
+from keel.guard.distributed import DistributedConfig, RankSync
 from keel.guard.guard import Guard
+from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 
-__all__ = ["Guard"]
+__all__ = ["DistributedConfig", "Guard", "RankOutlierConfig", "RankOutlierDetector", "RankSync"]

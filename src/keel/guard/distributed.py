@@ -168,8 +168,7 @@ class RankSync:
         self.sharded = _is_sharded(model) if config.sharded is None else config.sharded
         self._plans: dict[Any, _Plan] = {}
         self.stats: _RankGradStats | None = None
-        ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-        if config.rank_stats and ddp:
+        if config.rank_stats and isinstance(model, nn.parallel.DistributedDataParallel):
             stats = _RankGradStats(self.group)
             try:
                 model.register_comm_hook(stats, _comm_hook)

@@ -168,7 +168,7 @@ class RankOutlierDetector:
     def _judge(self, step: int, family: str, feature: str, names: tuple[str, ...], raw: list[float],
                d: list[float], hist: list[_History]) -> list[Finding]:
         c = self.config
-        for h, v in zip(hist, d):
+        for h, v in zip(hist, d, strict=True):
             h.recent = [*h.recent[-(c.short_window - 1):], v]
         # One noise scale for all ranks (the median of theirs, each the median of its recent step-to-step
         # changes): neither a bad rank's own noise nor a one-batch outlier can excuse or name a rank.
@@ -202,7 +202,7 @@ class RankOutlierDetector:
                 self._flagged[key] = rule
                 changed = True
                 found.append(self._finding(step, family, feature, names, raw, r, rule, score, h))
-        for r, (h, v) in enumerate(zip(hist, d)):
+        for r, (h, v) in enumerate(zip(hist, d, strict=True)):
             if f"{feature}/{r}" in self._flagged:
                 continue  # a flagged rank's long history is frozen, so it stays visible until it recovers
             if changed:
@@ -264,7 +264,8 @@ class RankOutlierDetector:
         names, values = obs.per_param.get("rank/grad/norm/", ((), []))
         if self.config.replicated and len(values) >= 2 and all(math.isfinite(v) for v in values):
             centre = _median(values)
-            odd = [r for r, v in enumerate(values) if abs(v - centre) > self.config.replica_rtol * max(abs(centre), 1e-30)]
+            tolerance = self.config.replica_rtol * max(abs(centre), 1e-30)
+            odd = [r for r, v in enumerate(values) if abs(v - centre) > tolerance]
             if odd:
                 named = odd if len(values) >= 3 and len(odd) < len(values) / 2 else []
                 found.append(Finding(

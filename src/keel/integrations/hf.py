@@ -35,6 +35,7 @@ from torch import Tensor, nn
 
 from keel._core.errors import KeelWarning
 from keel.guard import Guard
+from keel.recover import Policy
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
 
@@ -67,8 +68,8 @@ class KeelCallback(TrainerCallback):
         True
     """
 
-    def __init__(self, *, run_dir: str | None = None, policy: str = "observe", take_over_clipping: bool | None = None,
-                 **guard_kwargs: Any) -> None:
+    def __init__(self, *, run_dir: str | None = None, policy: Policy = "observe",
+                 take_over_clipping: bool | None = None, **guard_kwargs: Any) -> None:
         own = {"model", "optimizer", "scheduler", "scaler", "max_grad_norm"} & set(guard_kwargs)
         if own:
             raise ValueError(f"KeelCallback({', '.join(sorted(own))}=...): set by the Trainer; allowed: other Guard "

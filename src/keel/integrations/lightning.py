@@ -31,6 +31,7 @@ from torch import Tensor
 
 from keel._core.errors import KeelWarning
 from keel.guard import Guard
+from keel.recover import Policy
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
 
@@ -38,7 +39,7 @@ try:
     from lightning.pytorch import Callback
 except ImportError:  # the standalone `pytorch_lightning` package has the same API
     try:
-        from pytorch_lightning import Callback  # type: ignore[no-redef]
+        from pytorch_lightning import Callback  # type: ignore[no-redef,assignment]
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ImportError("keel.integrations.lightning needs Lightning: pip install 'keel[lightning]'") from exc
 
@@ -60,8 +61,8 @@ class KeelCallback(Callback):
         ValueError: A `Guard` argument the callback sets itself, manual optimization, or several optimizers.
     """
 
-    def __init__(self, *, run_dir: str | None = None, policy: str = "observe", take_over_clipping: bool | None = None,
-                 **guard_kwargs: Any) -> None:
+    def __init__(self, *, run_dir: str | None = None, policy: Policy = "observe",
+                 take_over_clipping: bool | None = None, **guard_kwargs: Any) -> None:
         own = {"model", "optimizer", "scheduler", "scaler", "max_grad_norm"} & set(guard_kwargs)
         if own:
             raise ValueError(f"KeelCallback({', '.join(sorted(own))}=...): set by the Trainer; allowed: other Guard "

@@ -46,7 +46,7 @@ class RunTable:
             by_step: dict[int, dict[str, float]] = {}
             for key in names:
                 steps, values = reader.signal(key)
-                for step, value in zip(steps.tolist(), values.tolist()):
+                for step, value in zip(steps.tolist(), values.tolist(), strict=True):
                     by_step.setdefault(step, {})[key] = value
             path = reader.path
             return cls(name=path.parent.name, keys=names, rows=sorted(by_step.items()), findings=reader.findings(),

@@ -51,8 +51,10 @@ def export(table: RunTable, out: Path, *, experiment: str = "keel", tracking_uri
         names = metric_names(table.keys)
         metrics = [Metric(names[key], value, now, step) for step, values in table.rows for key, value in values.items()]
         params = [Param(k[:250], str(v)[:6000]) for k, v in _flatten(table.meta.get("config") or {}).items()]
-        tags = [RunTag("keel.status", str(table.meta.get("status"))), RunTag("keel.policy", str(table.meta.get("policy"))),
-                RunTag("keel.findings", str(len(table.findings))), RunTag("keel.decisions", str(len(table.decisions)))]
+        tags = [RunTag("keel.status", str(table.meta.get("status"))),
+                RunTag("keel.policy", str(table.meta.get("policy"))),
+                RunTag("keel.findings", str(len(table.findings))),
+                RunTag("keel.decisions", str(len(table.decisions)))]
         client.log_batch(run_id, params=params[:100], tags=tags)
         for i in range(100, len(params), 100):
             client.log_batch(run_id, params=params[i:i + 100])

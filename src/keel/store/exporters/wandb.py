@@ -10,7 +10,7 @@ import struct
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from keel.store.exporters._table import RunTable
 
@@ -18,7 +18,8 @@ FINDINGS_KEY, DECISIONS_KEY = "keel/findings", "keel/decisions"
 BLOCK = 32768
 
 
-def export(table: RunTable, out: Path, *, project: str = "keel", mode: str = "offline") -> list[Path]:
+def export(table: RunTable, out: Path, *, project: str = "keel",
+           mode: Literal["online", "offline"] = "offline") -> list[Path]:
     """Log the run into a W&B run under ``out`` (``mode="online"`` uploads); returns the run's directory."""
     try:
         import wandb
@@ -69,7 +70,7 @@ def records(path: str | Path) -> Iterator[Any]:
         pending += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
-            record = wandb_internal_pb2.Record()
+            record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
             record.ParseFromString(pending)
             pending = b""
             yield record
@@ -87,5 +88,5 @@ def _wait_until_written(directory: Path, timeout: float = 60.0) -> None:
     raise TimeoutError(f"W&B did not finish writing {directory} within {timeout:.0f} s")
 
 
-def _table(records: list[dict[str, Any]], columns: tuple[str, ...]) -> tuple[list[str], list[list[Any]]]:
+def _table(records: list[dict[str, Any]], columns: tuple[str, ...]) -> tuple[list[str | int], list[list[Any]]]:
     return list(columns), [[r[c] for c in columns] for r in records]
