@@ -8,6 +8,10 @@
         optimizer.zero_grad(set_to_none=True)
     guard.close()
 
+Prevention is one call on the model you already have, before training (add ``result.z_loss()`` to the loss):
+
+    result = keel.stabilize(model, ["qk_norm", "z_loss"], optimizer=optimizer)
+
 Names that need torch load on first use, so ``import keel`` (and the run-store readers, the report and
 ``keel doctor``) work without importing torch.
 """
@@ -27,6 +31,8 @@ _LAZY = {
     "RecoveryConfig": "keel.recover",
     "RunReader": "keel.store",
     "RunWriter": "keel.store",
+    "stabilize": "keel.nn",
+    "list_remedies": "keel.nn",
 }
 
 __all__ = ["Decision", "Finding", "KeelError", "KeelWarning", "Observation", "TrainingAborted", *_LAZY]

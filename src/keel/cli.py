@@ -17,6 +17,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "doctor": ("keel.doctor.cli", "diagnose an existing training log: CSV, JSONL, TensorBoard, HF, run store"),
     "report": ("keel.report.cli", "write one self-contained HTML stability report from run stores"),
     "export": ("keel.store.exporters.cli", "write a run store as CSV, JSON lines, TensorBoard, W&B or MLflow"),
+    "list": ("keel.nn.cli", "list the remedies keel.stabilize can apply, each with its reference"),
     "sweep": ("keel.proxy.sweep.cli", "LR-sensitivity sweeps of recipes on proxy models, locally or on Ray"),
 }
 

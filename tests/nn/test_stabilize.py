@@ -229,3 +229,29 @@ def test_registry_names_are_file_stems_and_bad_requests_raise() -> None:
         stabilize(nn.Linear(2, 2), "qk_norm")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="QKNormRemedy.norm="):
         create_remedy("qk_norm", norm="batch")
+
+
+def test_keel_stabilize_is_the_lazy_top_level_name_and_trains_the_proxy() -> None:
+    import subprocess
+    import sys
+
+    import keel
+    import keel.nn
+
+    assert keel.stabilize is keel.nn.stabilize and keel.list_remedies is keel.nn.list_remedies
+    assert {"stabilize", "list_remedies"} <= set(keel.__all__)
+    # `import keel` alone must still not import torch: the name loads keel.nn on first use.
+    code = "import sys, keel; print('torch' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stderr
+
+    torch.manual_seed(0)
+    model = create_proxy_model("tiny")
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    result = keel.stabilize(model, ["qk_norm", "z_loss"], optimizer=opt)
+    assert sorted(result.by_remedy()) == ["qk_norm", "z_loss"]
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert {id(p) for p in model.parameters()} == in_opt  # the new q/k norm gains are trained too
+    losses = _train(model, opt, _batches(model.head.out_features), result, steps=6)
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert result.z_loss().item() > 0
