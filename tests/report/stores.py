@@ -24,7 +24,7 @@ def make_run_store(run_dir: Path, *, steps: int = 300, seed: int = 0, layers: in
         nan_at: Step with a NaN loss and a ``non_finite`` finding.
     """
     rng = np.random.default_rng(seed)
-    with RunWriter(run_dir, flush_interval=0.2, max_batch=50_000) as w:
+    with RunWriter(run_dir, flush_interval=0.2) as w:
         w.set_meta({"status": "finished", "policy": policy, "steps": steps, "seed": seed,
                     "config": {"lr": 3e-3, "size": "tiny", "note": "<b>not markup</b>"},
                     "versions": {"torch": "x", "python": "3"}, "git_sha": "abc123"})

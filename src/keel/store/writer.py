@@ -1,8 +1,9 @@
 """RunWriter: appends a run's rows to its SQLite store from a background thread, in batches.
 
-The training loop only appends tuples to a queue (no I/O on the step path). The thread commits a batch every
-``flush_interval`` seconds or ``max_batch`` rows, one transaction each, so a process killed at any moment
-keeps every committed batch (WAL mode). A failing disk never stops training: the error is warned about
+The training loop only appends tuples to a queue (no I/O on the step path, and no thread wake-up: the writer
+sleeps between flushes, so it never competes with the step for the GIL). Every ``flush_interval`` seconds —
+or at once on `flush`/`close` — the thread drains the queue and commits it in one transaction, so a process
+killed at any moment keeps every committed batch (WAL mode). A failing disk never stops training: the error is warned about
 once, rows are dropped, and `errors` counts them.
 """
 
@@ -41,13 +42,13 @@ class RunWriter:
         ...     w.add_signals(0, {"loss": 2.5})
     """
 
-    def __init__(self, run_dir: str | Path, *, flush_interval: float = 0.5, max_batch: int = 5000) -> None:
+    def __init__(self, run_dir: str | Path, *, flush_interval: float = 0.5) -> None:
         self.path = store_path(run_dir)
         self.flush_interval = flush_interval
-        self.max_batch = max_batch
         self.errors = 0
         self._conn = connect_for_writing(self.path)
         self._queue: queue.SimpleQueue[Any] = queue.SimpleQueue()
+        self._wake = threading.Event()
         self._closed = False
         self._warned = False
         self._thread = threading.Thread(target=self._run, name="keel-run-writer", daemon=True)
@@ -78,6 +79,7 @@ class RunWriter:
         """Block until everything enqueued so far is committed."""
         done = threading.Event()
         self._queue.put(done)
+        self._wake.set()
         done.wait(timeout)
 
     def close(self) -> None:
@@ -85,6 +87,7 @@ class RunWriter:
             return
         self._closed = True
         self._queue.put(_STOP)
+        self._wake.set()
         self._thread.join()  # every queued row is committed before close returns: a bounded wait dropped rows
         self._conn.close()
 
@@ -96,27 +99,26 @@ class RunWriter:
 
     # --- the writer thread ---------------------------------------------------------------------------
     def _run(self) -> None:
-        pending: list[tuple[str, list[tuple]]] = []
-        waiters: list[threading.Event] = []
-        deadline = time.monotonic() + self.flush_interval
         while True:
-            try:
-                item = self._queue.get(timeout=max(0.0, deadline - time.monotonic()))
-            except queue.Empty:
-                item = None
-            stop = item is _STOP
-            if isinstance(item, threading.Event):
-                waiters.append(item)
-            elif item is not None and not stop:
-                pending.append(item)
-            n_rows = sum(len(rows) for _, rows in pending)
-            if stop or waiters or n_rows >= self.max_batch or time.monotonic() >= deadline:
-                self._commit(pending)
-                pending = []
-                for waiter in waiters:
-                    waiter.set()
-                waiters = []
-                deadline = time.monotonic() + self.flush_interval
+            self._wake.wait(self.flush_interval)
+            self._wake.clear()
+            batch: list[tuple[str, list[tuple]]] = []
+            waiters: list[threading.Event] = []
+            stop = False
+            while True:  # drain what is queued now; later puts wait for the next round
+                try:
+                    item = self._queue.get_nowait()
+                except queue.Empty:
+                    break
+                if item is _STOP:
+                    stop = True
+                elif isinstance(item, threading.Event):
+                    waiters.append(item)
+                else:
+                    batch.append(item)
+            self._commit(batch)
+            for waiter in waiters:
+                waiter.set()
             if stop:
                 return
 
