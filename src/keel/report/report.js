@@ -214,7 +214,8 @@
     var out = document.getElementById("keel-status");
     if (out) {
       out.textContent = JSON.stringify({charts: data.charts.length, rendered: state.rendered,
-                                        errors: state.errors, range: requestedRange(), view: firstView()});
+                                        errors: state.errors, range: requestedRange(), view: firstView(),
+                                        drawn_ms: Math.round(performance.now())});
     }
   }
 })();
