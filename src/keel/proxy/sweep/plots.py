@@ -66,7 +66,11 @@ def plot_loss_vs_lr(curves: Sequence[CurveSummary]) -> Any:
         ax.set_xlabel("learning rate")
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
-    axes[0].set_ylabel("final validation loss (nats)")
+    # The panels share y; keep it on the curves (the ℓ₀ lines show only when a run reached the cap).
+    low = min(min(c.sensitivity.losses) for c in curves)
+    high = max(max(c.sensitivity.losses) for c in curves)
+    axes[0].set_ylim(low - 0.05 * (high - low) - 0.02, high + 0.08 * (high - low) + 0.02)
+    axes[0].set_ylabel("final validation loss (nats)\n(diverged runs at ℓ₀, dotted)")
     fig.tight_layout()
     return fig
 
