@@ -75,9 +75,9 @@ def bench_ddp_overhead(config: DDPOverheadConfig | None = None, timeout: float =
 def _worker(config: DDPOverheadConfig, out: str) -> None:
     import torch
     import torch.distributed as dist
-    import torch.nn.functional as F
     from torch.nn.parallel import DistributedDataParallel as DDP
 
+    from keel.bench.loop import train_steps
     from keel.guard import Guard
     from keel.guard.distributed import DistributedConfig
     from keel.proxy import ProxyBatches, create_proxy_model
@@ -100,17 +100,7 @@ def _worker(config: DDPOverheadConfig, out: str) -> None:
                           distributed=DistributedConfig(rank_stats=variant == "default"))
 
         def run(n: int) -> None:
-            for i in range(n):
-                x, y = data[i % len(data)]
-                loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-                loss.backward()
-                if guard is not None:
-                    guard.step(loss)
-                else:
-                    opt.step()
-                opt.zero_grad(set_to_none=True)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
+            train_steps(model, opt, data, guard, n)
 
         run.guard = guard  # type: ignore[attr-defined]
         return run

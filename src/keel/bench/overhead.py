@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from keel._core.validate import require_ints
+from keel.bench.loop import train_steps
 from keel.guard import Guard
 from keel.proxy import ProxyBatches, create_proxy_model
 
@@ -65,17 +65,7 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
     guard = Guard(model, opt, run_dir=run_dir, **guard_kwargs) if guard_kwargs is not None else None
 
     def run(n: int) -> None:
-        for i in range(n):
-            x, y = data[i % len(data)]
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-            loss.backward()
-            if guard is not None:
-                guard.step(loss)
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
-        if config.device == "cuda":
-            torch.cuda.synchronize()
+        train_steps(model, opt, data, guard, n)
 
     run.guard = guard  # type: ignore[attr-defined]
     return run
