@@ -27,11 +27,12 @@ def test_help_imports_no_torch():
 
 def test_demo_quick_writes_both_stores(tmp_path, capsys, monkeypatch):
     import keel.demo
-    monkeypatch.setattr(keel.demo, "QUICK_STEPS", 30)
+    monkeypatch.setattr(keel.demo, "QUICK_STEPS", 20)
     assert main(["demo", "--quick", "--out", str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) >= {"reference", "bare", "guarded", "recovering"}
+    assert set(result) == {"reference", "bare", "guarded", "recovering", "stabilized"}
+    assert result["stabilized"]["stabilize"] == ["qk_norm", "z_loss"]
     for name in result:
         with RunReader(tmp_path / name) as r:
             assert r.meta()["status"] == "finished"
-            assert len(r.signal("loss")[0]) == 30
+            assert len(r.signal("loss")[0]) == 20

@@ -7,7 +7,10 @@ stalls far above a healthy run's. The arms:
 - ``bare``: the unstable recipe under ``policy="observe"`` — bit-identical to the loop without keel, so its
   store shows what happened without changing anything;
 - ``guarded``: ``policy="skip"``, which may skip harmful updates;
-- ``recovering``: ``policy="recover"``, which may also roll back to a snapshot and apply a remedy.
+- ``recovering``: ``policy="recover"``, which may also roll back to a snapshot and apply a remedy;
+- ``stabilized``: the same recipe after ``keel.stabilize(model, ["qk_norm", "z_loss"], optimizer=opt)``
+  (QK-norm and z-loss, Wortsman et al. 2023), under ``policy="observe"``: prevention alone, nothing for keel
+  to skip or undo — it trains without findings.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from keel.report import write_report
 
 UNSTABLE = TrainConfig(size="small", lr=0.1, steps=600, warmup=20)
 SAFE_LR = 3e-3
+REMEDIES = ("qk_norm", "z_loss")
 QUICK_STEPS = 200
 
 
@@ -48,6 +52,8 @@ def demo_runs(quick: bool = False) -> list[DemoRun]:
         DemoRun(name="guarded", policy="skip", config=config, note="keel may skip harmful updates"),
         DemoRun(name="recovering", policy="recover", config=config,
                 note="keel may also roll back and apply a remedy"),
+        DemoRun(name="stabilized", policy="observe", config=replace(config, stabilize=REMEDIES),
+                note=f"the same recipe after keel.stabilize(model, {list(REMEDIES)})"),
     ]
 
 
@@ -56,7 +62,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, stream=sys.stdo
     out = Path(out)
     results: dict[str, ProxyRun] = {}
     arms = demo_runs(quick)
-    unstable = arms[-1].config
+    unstable = next(a.config for a in arms if a.name == "bare")
     print(f"keel demo: proxy '{unstable.size}', AdamW lr {unstable.lr}, {unstable.steps} steps "
           "— a recipe that is unstable on purpose", file=stream)
     for arm in arms:
@@ -76,9 +82,10 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, stream=sys.stdo
 
 
 def print_summary(results: dict[str, ProxyRun], arms: list[DemoRun], stream=sys.stdout) -> None:
-    print("\n                      " + "".join(f"{a.name:>14}" for a in arms), file=stream)
+    print("\n                      " + "".join(f"{a.name:>15}" for a in arms), file=stream)
     rows = [
         ("policy", lambda r: r.policy),
+        ("stabilize", lambda r: "+".join(r.config.stabilize) or "-"),
         ("val loss (end)", lambda r: f"{r.val_loss:.3f}"),
         ("train loss (last 20)", lambda r: f"{_tail_mean(r.losses):.3f}"),
         ("worst train loss", lambda r: f"{max(r.losses, default=math.nan):.3f}"),
@@ -89,7 +96,7 @@ def print_summary(results: dict[str, ProxyRun], arms: list[DemoRun], stream=sys.
         ("wall time", lambda r: f"{r.wall_s:.1f}s"),
     ]
     for label, cell in rows:
-        print(f"{label:<22}" + "".join(f"{cell(results[a.name])!s:>14}" for a in arms), file=stream)
+        print(f"{label:<22}" + "".join(f"{cell(results[a.name])!s:>15}" for a in arms), file=stream)
     for arm in arms:
         run = results[arm.name]
         serious = [f for f in run.findings if f.severity != "info"]
@@ -151,7 +158,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def main(args: argparse.Namespace) -> int:
     results = run_demo(args.out, quick=args.quick, stream=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps({name: {"policy": r.policy, "val_loss": r.val_loss, "wall_s": r.wall_s,
+        print(json.dumps({name: {"policy": r.policy, "stabilize": list(r.config.stabilize),
+                                 "val_loss": r.val_loss, "wall_s": r.wall_s,
                                  "findings": [f.to_dict() for f in r.findings],
                                  "skips": sum(d.action == "skip" for d in r.decisions), "aborted": r.aborted}
                           for name, r in results.items()}, indent=2, default=str))

@@ -20,6 +20,8 @@ from keel._core.finding import Finding
 from keel._core.validate import require_ints, require_positive
 from keel.guard import Guard
 from keel.losses import z_loss
+from keel.nn import stabilize
+from keel.nn.remedies import remedies
 from keel.optim import create_optimizer, list_optimizers
 from keel.proxy.corpus import ProxyBatches
 from keel.proxy.model import ProxyGPT, create_proxy_model
@@ -44,6 +46,9 @@ class TrainConfig:
             the same ``lr``, ``betas`` and ``weight_decay``.
         z_loss: z-loss coefficient added to the training loss (`keel.losses.z_loss`; 1e-4 in PaLM and
             Wortsman et al.); 0 adds nothing. The validation loss is the plain cross-entropy either way.
+        stabilize: `keel.nn.stabilize` remedies applied to the built model and its optimizer before training,
+            the z_loss remedy's term added to the training loss: the surgery path a user's model takes.
+            ``("qk_norm", "z_loss")`` computes what ``qk_norm=True, z_loss=1e-4`` does; give one or the other.
         max_grad_norm: Global gradient-norm clipping; ``None`` does not clip.
         eval_batches: Validation batches for the final loss.
         seed: Seeds the model init and the data order.
@@ -61,6 +66,7 @@ class TrainConfig:
     qk_norm: bool = False
     optimizer: str = "adamw"
     z_loss: float = 0.0
+    stabilize: tuple[str, ...] = ()
     max_grad_norm: float | None = None
     eval_batches: int = 8
     seed: int = 0
@@ -73,6 +79,14 @@ class TrainConfig:
                              f"{', '.join(list_optimizers())}")
         if not (0.0 <= self.z_loss < math.inf):
             raise ValueError(f"TrainConfig.z_loss={self.z_loss!r}; allowed: a finite number >= 0")
+        self.stabilize = tuple(self.stabilize)
+        if any(r not in remedies for r in self.stabilize):
+            raise ValueError(f"TrainConfig.stabilize={self.stabilize!r}; allowed: names from "
+                             f"{', '.join(remedies.names())}")
+        for name, field_set in (("qk_norm", self.qk_norm), ("z_loss", self.z_loss > 0)):
+            if field_set and name in self.stabilize:  # it would act twice, or warn that it matched nothing
+                raise ValueError(f"TrainConfig.stabilize={self.stabilize!r} with "
+                                 f"{name}={getattr(self, name)!r}; allowed: {name!r} in one of the two")
 
 
 @dataclass
@@ -140,6 +154,7 @@ def train_proxy(
     torch.manual_seed(config.seed)
     model = create_proxy_model(config.size, seq_len=config.seq_len, qk_norm=config.qk_norm)
     optimizer = _create_optimizer(model, config)
+    stabilized = stabilize(model, config.stabilize, optimizer=optimizer) if config.stabilize else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     batches = ProxyBatches(batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
     guard = None
@@ -157,6 +172,8 @@ def train_proxy(
             if batch_hook is not None:
                 x, y = batch_hook(step, x, y)
             loss = _loss(model, x, y, config.z_loss)
+            if stabilized is not None and stabilized.z_loss_hooks:
+                loss = loss + stabilized.z_loss()
             loss.backward()
             if guard is not None:
                 guard.step(loss)

@@ -1,0 +1,58 @@
+"""keel demo's stabilized arm: the unstable recipe after keel.stabilize trains without findings."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import replace
+
+import pytest
+
+from keel.cli import main
+from keel.demo import REMEDIES, UNSTABLE, demo_runs
+from keel.proxy.trainer import train_proxy
+
+SERIOUS = ("warning", "critical")
+
+
+def test_stabilized_arm_is_the_unstable_recipe_after_stabilize() -> None:
+    for quick in (False, True):
+        arms = {a.name: a for a in demo_runs(quick)}
+        assert list(arms) == ["reference", "bare", "guarded", "recovering", "stabilized"]
+        assert arms["bare"].config.lr == UNSTABLE.lr
+        # Only the remedies differ: same size, LR, schedule, optimizer, seed and steps as the bare arm.
+        assert arms["stabilized"].config == replace(arms["bare"].config, stabilize=REMEDIES)
+        assert arms["stabilized"].policy == "observe"  # prevention alone: keel never acts on this arm
+    assert REMEDIES == ("qk_norm", "z_loss")
+
+
+def test_stabilized_arm_has_no_findings_where_the_bare_arm_has_critical_ones(tmp_path) -> None:
+    # 40 steps are enough: the bare recipe's attention logits run away from step 5 (critical by step 20).
+    arms = {a.name: a for a in demo_runs(quick=True)}
+    runs = {
+        name: train_proxy(replace(arms[name].config, steps=40), policy="observe",
+                          run_dir=str(tmp_path / name))
+        for name in ("bare", "stabilized")
+    }
+    bare_serious = [f for f in runs["bare"].findings if f.severity in SERIOUS]
+    assert any(f.severity == "critical" and f.kind.startswith("attention") for f in bare_serious), \
+        bare_serious
+    assert [f for f in runs["stabilized"].findings if f.severity in SERIOUS] == []
+    losses = runs["stabilized"].losses
+    assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
+    assert sum(losses[-10:]) / 10 < math.log(256) - 2  # learning: well below the uniform-byte loss 5.55
+
+
+@pytest.mark.slow
+def test_quick_demo_stabilized_arm_trains_as_well_as_the_safe_lr_reference(tmp_path, capsys) -> None:
+    assert main(["demo", "--quick", "--out", str(tmp_path), "--json"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    stabilized, bare, reference = result["stabilized"], result["bare"], result["reference"]
+    assert stabilized["stabilize"] == list(REMEDIES) and bare["stabilize"] == []
+    assert [f for f in stabilized["findings"] if f["severity"] in SERIOUS] == []
+    assert any(f["severity"] == "critical" for f in bare["findings"])
+    # At 33x the safe LR, the stabilized run ends as healthy as the reference and clearly below the bare one.
+    assert stabilized["val_loss"] < reference["val_loss"] + 0.1
+    assert stabilized["val_loss"] < bare["val_loss"] - 0.2
+    html = (tmp_path / "report.html").read_text()
+    assert all(name in html for name in result)
