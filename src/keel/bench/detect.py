@@ -118,6 +118,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="skip the reference runs (lead time then uses the run's own loss curve)")
     parser.add_argument("--probe-costs", action="store_true",
                         help="instead: measure the CPU cost per step of each transformer probe on the small proxy")
+    parser.add_argument("--repeats", type=int, default=7, help="--probe-costs: interleaved repeats (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=10, help="--probe-costs: steps per block (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None, help="--probe-costs: torch threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
@@ -133,15 +136,23 @@ def _row(s: ScenarioScore) -> str:
 
 def main(args: argparse.Namespace) -> int:
     if args.probe_costs:
-        costs = probe_costs(progress=None if args.json else (lambda m: print(f"  {m}", flush=True)))
+        costs = probe_costs(steps=args.steps, repeats=args.repeats, threads=args.threads,
+                            progress=None if args.json else (lambda m: print(f"  {m}", flush=True)))
         if args.json:
             print(json.dumps(costs, indent=2))
         else:
+            print(f"  {'variant':32s} {'every':>5s} {'ms/step':>8s} {'ratio':>7s} {'+ms/meas.':>9s} "
+                  f"{'+% of bare step at its cadence':>31s}")
             for name, ms in costs["cpu_ms_per_step"].items():
-                print(f"  {name:30s} {ms:8.2f} ms/step  ratio {costs['ratio_to_bare'][name]:.4f}  "
-                      f"{costs['extra_ms_vs_foundation'][name]:+.2f} ms vs foundation probes")
-            print(f"  sharpness: {costs['sharpness_s_per_measurement']:.2f} s per measurement "
-                  f"({costs['sharpness_setting']})")
+                every = costs["default_every"].get(name)
+                amortized = costs["amortized_fraction_of_bare"].get(name)
+                print(f"  {name:32s} {every if every else '':>5} {ms:8.2f} {costs['ratio_to_bare'][name]:7.3f} "
+                      f"{costs['extra_ms_vs_foundation'][name]:+9.2f} "
+                      + (f"{100 * amortized:+30.2f}%" if amortized is not None else ""))
+            for setting, s in costs["sharpness"].items():
+                print(f"  sharpness ({setting}): {s['s_per_measurement']:.2f} s per measurement = "
+                      f"{s['bare_steps']:.0f} bare steps; every {s['every']} steps: "
+                      f"{100 * s['amortized_fraction_of_bare']:+.1f}% of the bare step")
         return 0
     progress = None if args.json else (lambda s: print(_row(s), flush=True))
     if not args.json:
@@ -159,16 +170,21 @@ def main(args: argparse.Namespace) -> int:
 
 
 # --- the cost of the probes ------------------------------------------------------------------------------
+SHARPNESS_SETTINGS = {"zoo: iters=8, no trace, every 50": (8, 0, 50),
+                      "default: iters=20, trace_probes=10, every 100": (20, 10, 100)}
+
+
 def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threads: int | None = None,
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
     """CPU time per step of each of keel's transformer probes on a proxy model, against the same loop without it.
 
     Every variant trains its own copy of the proxy under `Guard(policy="observe")` with the foundation's
-    probes (loss, gradient and parameter norms) plus the probe measured, at that probe's every-step cadence
-    (so sampled probes show their cost per measurement); variants run interleaved, one block each per
-    repeat, in rotating order, and each repeat's figure is the process CPU time of the block (not wall time:
-    this machine is shared). Sharpness, which runs its own forward and Hessian-vector products, is timed
-    per measurement.
+    probes (loss, gradient and parameter norms) plus the probe measured, forced to measure on every step (so
+    a sampled probe shows its cost per measurement; ``amortized_fraction_of_bare`` spreads that over the
+    probe's default cadence). ``transformer`` is ``probes="transformer"`` at the default cadences: what the
+    proxy trainer, the demo and the zoo run. Variants run interleaved, one block each per repeat, in rotating
+    order, and each repeat's figure is the process CPU time of the block (not wall time: this machine is
+    shared). Sharpness, which runs its own forward and Hessian-vector products, is timed per measurement.
     """
     import statistics
 
@@ -177,22 +193,20 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
 
     from keel.guard import Guard
     from keel.proxy import ProxyBatches, create_proxy_model
-    from keel.signals import create_probe
+    from keel.signals import StepContext, create_probe
     from keel.signals.sharpness import SharpnessProbe
 
     if threads is not None:
         torch.set_num_threads(threads)
     base = ["loss", "grad_norm", "param_norm"]
-    variants: dict[str, list[Any] | None] = {
-        "bare": None, "foundation": base,
-        "attn_logits": base + [create_probe("attn_logits")],
-        "attn_entropy (every step)": base + [create_probe("attn_entropy", every=1)],
-        "output_logits": base + [create_probe("output_logits")],
-        "activation_rms": base + [create_probe("activation_rms")],
-        "grad_weight_cos (every step)": base + [create_probe("grad_weight_cos", every=1)],
-        "adam_eps (every step)": base + [create_probe("adam_eps", every=1)],
-        "defaults (keel 0.1)": "default",  # type: ignore[dict-item]
-    }
+    variants: dict[str, Any] = {"bare": None, "foundation": base}
+    default_every: dict[str, int] = {}
+    for probe in ("attn_logits", "attn_entropy", "output_logits", "activation_rms", "grad_weight_cos",
+                  "adam_eps"):
+        every = create_probe(probe).config.every
+        default_every[probe] = every
+        variants[probe] = base + [create_probe(probe, every=1)]
+    variants["transformer"] = "transformer"
     loops = {}
     for name, probes in variants.items():
         torch.manual_seed(0)
@@ -230,27 +244,32 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
             guard.close()
     bare = times["bare"]
     ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
-    ratio = {n: statistics.median(a / b for a, b in zip(times[n], bare)) for n in names}
-    extra = {n: statistics.median(1e3 * (a - b) for a, b in zip(times[n], times["foundation"])) for n in names}
+    ratio = {n: statistics.median(a / b for a, b in zip(times[n], bare, strict=True)) for n in names}
+    extra = {n: statistics.median(1e3 * (a - b) for a, b in zip(times[n], times["foundation"], strict=True))
+             for n in names}
+    amortized = {n: extra[n] / every / ms["bare"] for n, every in default_every.items()}
     model, opt, data, _ = loops["bare"]
     x, y = data[0]
-    sharp = SharpnessProbe(lambda: F.cross_entropy(model(x[:8]).flatten(0, 1), y[:8].flatten()), iters=20,
-                           trace_probes=10)
-    from keel.signals import StepContext
-
     named = list(model.named_parameters())
     ctx = StepContext(step=0, loss=torch.zeros(()), model=model, optimizer=opt, names=tuple(n for n, _ in named),
                       params=[p for _, p in named], grads=[p.grad for _, p in named], log_step=False)
-    sharp_s = []
-    for _ in range(3):
-        start = time.process_time()
-        sharp.measure(ctx)
-        sharp_s.append(time.process_time() - start)
-        sharp._last_lr = None
+    sharpness = {}
+    for setting, (iters, trace, every) in SHARPNESS_SETTINGS.items():
+        probe = SharpnessProbe(lambda: F.cross_entropy(model(x[:8]).flatten(0, 1), y[:8].flatten()), iters=iters,
+                               trace_probes=trace)
+        seconds = []
+        for _ in range(3):
+            start = time.process_time()
+            probe.measure(ctx)
+            seconds.append(time.process_time() - start)
+            probe._last_lr = None
+        s = statistics.median(seconds)
+        sharpness[setting] = {"s_per_measurement": s, "every": every, "bare_steps": 1e3 * s / ms["bare"],
+                              "amortized_fraction_of_bare": 1e3 * s / every / ms["bare"]}
     return {"size": size, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
             "cpu_ms_per_step": ms, "ratio_to_bare": ratio, "extra_ms_vs_foundation": extra,
-            "sharpness_s_per_measurement": statistics.median(sharp_s),
-            "sharpness_setting": "iters=20, trace_probes=10, probe batch 8x64"}
+            "default_every": default_every, "amortized_fraction_of_bare": amortized,
+            "sharpness": sharpness, "sharpness_batch": "8x64 (a fixed probe batch)"}
 
 
 if __name__ == "__main__":  # `python -m keel.bench.detect` until `keel bench detect` is registered

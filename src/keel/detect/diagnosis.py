@@ -2,7 +2,8 @@
 
 Rules, in order:
 
-1. Only warnings and criticals name a cause (an ``info`` finding is context, not an alarm).
+1. Only warnings and criticals name a cause (an ``info`` finding is context, not an alarm); keel's own
+   errors (``keel_error``) and earlier diagnoses are not causes of a training instability.
 2. Findings of one kind form one candidate cause; its first step is when it was first seen.
 3. Mechanisms explain symptoms: a growth of attention or output logits, a softmax or entropy collapse, a
    learning rate beyond the edge of stability, ε-dominance or activation growth *explain* loss spikes,
@@ -35,6 +36,7 @@ MECHANISMS = ("attention_logit_growth", "output_logit_drift", "softmax_collapse"
 SYMPTOMS = ("non_finite", "divergence", "loss_spike", "grad_spike")
 LOCATION = "non_finite_origin"  # where a non-finite value was born: evidence for whoever explains it
 FOLDED = {"attention_entropy_collapse": "attention_logit_growth"}
+NOT_CAUSES = ("diagnosis", "keel_error")  # a diagnosis itself; a bug in keel, not in the training run
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -85,6 +87,13 @@ class Diagnosis:
         fixes = " ".join(f"{r['rank']}. {r['action']} ({r['source']})." for r in self.remedies[:3])
         return f"{self.title.capitalize()} ({when}). {self.mechanism}{then} Remedies: {fixes}"
 
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: every field, plus ``summary`` (the run store's ``diagnosis`` meta holds a list of these)."""
+        return {"kind": self.kind, "title": self.title, "severity": self.severity, "first_step": self.first_step,
+                "critical_step": self.critical_step, "degraded_step": self.degraded_step,
+                "lead_steps": self.lead_steps, "consequences": dict(self.consequences), "mechanism": self.mechanism,
+                "evidence": dict(self.evidence), "remedies": list(self.remedies), "summary": self.summary()}
+
     def to_finding(self) -> Finding:
         """The diagnosis as a ``diagnosis`` finding, for the run store."""
         evidence = {"cause": self.kind, "first_step": self.first_step, "critical_step": self.critical_step,
@@ -115,7 +124,7 @@ def diagnose(
         >>> [(d.kind, d.first_step, d.consequences) for d in diagnose(found)]
         [('attention_logit_growth', 8, {'loss_spike': 30})]
     """
-    alarms = sorted((f for f in findings if severity_rank(f.severity) >= 1 and f.kind != "diagnosis"),
+    alarms = sorted((f for f in findings if severity_rank(f.severity) >= 1 and f.kind not in NOT_CAUSES),
                     key=lambda f: f.step)
     if not alarms:
         return []

@@ -34,6 +34,7 @@ from keel._core import keys
 from keel._core.finding import SEVERITIES, Finding
 from keel._core.observation import Observation
 from keel.detect import Detector, DivergenceDetector, SpikeDetector, default_detectors
+from keel.detect.diagnosis import diagnose as name_causes
 from keel.doctor.formats import read_log
 from keel.doctor.log import RawLog
 from keel.doctor.result import DoctorResult
@@ -179,6 +180,8 @@ def _summary(log: RawLog, timeline: Timeline, stride: int, restarts: list[dict[s
         "notes": list(log.notes) + ([f"{timeline.merged} same-step record(s) merged"]
                                     if timeline.merged else []),
     }
+    # the named causes (`keel.detect.diagnose`): cause, first sighting, evidence, remedies with sources
+    summary["diagnosis"] = [d.to_dict() for d in name_causes(findings)]
     if log.meta:
         summary["meta"] = log.meta
     if log.format == "keel_store":

@@ -57,5 +57,5 @@ def read_store_log(path: str | Path) -> RawLog:
         raise LogReadError(f"{file}: not a keel run store ({exc})") from None
     if not log.records:
         raise LogReadError(f"{file}: the run store holds no signals yet")
-    log.meta = {k: meta[k] for k in ("status", "policy", "steps", "seed") if k in meta}
+    log.meta = {k: meta[k] for k in ("status", "policy", "steps", "seed", "diagnosis") if k in meta}
     return log

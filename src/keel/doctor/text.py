@@ -39,6 +39,7 @@ def format_result(result: DoctorResult, *, min_severity: str = "warning") -> str
             steps = ", ".join(str(f.step) for f in group[:8]) + (" …" if len(group) > 8 else "")
             severities = "/".join(sorted({f.severity for f in group}, key=SEVERITIES.index))
             lines.append(f"  {len(group):>4} {kind} ({severities}) at steps {steps}")
+    lines += _diagnosis_lines(s, width)
     lines.append("")
     lines += _summary_lines(s)
     counts = s.get("counts", {})
@@ -58,6 +59,20 @@ def _table(findings: list[Finding], width: int) -> list[str]:
             lines += wrap.wrap("cause:  " + f.cause)
         if f.remedy:
             lines += wrap.wrap("remedy: " + f.remedy)
+    return lines
+
+
+def _diagnosis_lines(s: dict[str, Any], width: int) -> list[str]:
+    """The named causes, most likely first: the Guard's own (with lead times) for a run store, else the
+    diagnosis of the findings above."""
+    recorded = s.get("meta", {}).get("diagnosis")
+    diagnoses = recorded if recorded else s.get("diagnosis", [])
+    if not diagnoses:
+        return []
+    wrap = textwrap.TextWrapper(width=width - 2, initial_indent="  ", subsequent_indent="     ")
+    lines = ["", "diagnosis" + (" (recorded by the Guard at the end of the run):" if recorded else ":")]
+    for i, d in enumerate(diagnoses, 1):
+        lines += wrap.wrap(f"{i}. {d['summary']}")
     return lines
 
 

@@ -1,4 +1,8 @@
-"""Recorder: keeps a run's findings and decisions in memory and writes them, with its signals, to the run store."""
+"""Recorder: keeps a run's findings and decisions in memory and writes them, with its signals, to the run store.
+
+At close it also names the run's causes (`keel.detect.diagnose` on the findings and the loss curve) and stores
+them as the ``diagnosis`` meta entry, so a store says what went wrong, when it was first seen and how early.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +12,9 @@ from typing import Any
 
 from keel._core.decision import Decision
 from keel._core.finding import Finding
+from keel._core.keys import LOSS
 from keel._core.observation import Observation
+from keel.detect.diagnosis import Diagnosis, diagnose
 from keel.store import RunWriter
 
 
@@ -18,6 +24,7 @@ class Recorder:
     Attributes:
         findings: Every finding of the run.
         decisions: Every decision that was not a plain ``"ok"``.
+        diagnoses: The named causes of the findings, set at `close` (empty for a clean run).
     """
 
     def __init__(self, run_dir: str | None, log_every: int) -> None:
@@ -25,6 +32,8 @@ class Recorder:
         self.log_every = log_every
         self.findings: list[Finding] = []
         self.decisions: list[Decision] = []
+        self.diagnoses: list[Diagnosis] = []
+        self._losses: dict[int, float] = {}  # the loss per step: when the loss degraded, for the lead time
 
     def meta(self, items: dict[str, Any]) -> None:
         if self.writer is not None:
@@ -34,6 +43,8 @@ class Recorder:
         """Record one step: its signals (per-parameter ones on ``log_every`` and non-finite steps), findings
         and, unless it is a plain ``"ok"``, its decision."""
         self.findings.extend(decision.findings)
+        if LOSS in obs.values:
+            self._losses[obs.step] = obs.values[LOSS]
         if decision.action != "ok":
             self.decisions.append(decision)
         if self.writer is None:
@@ -72,8 +83,19 @@ class Recorder:
         if self.writer is not None:
             self.writer.add_snapshot(step, path, checksum)
 
+    def diagnose(self) -> list[Diagnosis]:
+        """Named causes of the findings so far; with lead times when the losses cover steps 0…n-1."""
+        steps = sorted(self._losses)
+        whole = steps == list(range(len(steps)))  # not after a resume, where step 0 is missing
+        return diagnose(self.findings, losses=[self._losses[s] for s in steps] if whole and steps else None)
+
     def close(self, status: str, steps: int) -> None:
+        try:
+            self.diagnoses = self.diagnose()
+        except Exception as exc:  # a diagnosis bug must not lose the run's store
+            self.error("diagnosis", steps, exc)
         if self.writer is not None:
+            self.writer.set_meta({"diagnosis": [d.to_dict() for d in self.diagnoses]})
             self.writer.set_meta({"status": status, "steps": steps,
                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             self.writer.close()
