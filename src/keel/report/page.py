@@ -22,7 +22,7 @@ from keel._core.errors import KeelError
 from keel.report import charts as _charts
 from keel.report import sections as _sections
 from keel.report.run_data import RunData, load_run
-from keel.report.sources import classify, expand
+from keel.report.sources import classify, expand, sweep_fragment
 
 PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 # The head script runs before anything else, so errors of plotly.js and of the page script are counted
@@ -62,7 +62,8 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path, 
 
     Args:
         run_dirs: Run folders (or their ``run.sqlite``); a folder without a store stands for the stores in
-            its sub-folders (``runs/demo``). Paths that are not run stores are skipped with a note.
+            its sub-folders (``runs/demo``). A sweep folder adds the section ``keel sweep`` rendered there.
+            Other paths are skipped with a note.
         out_path: The HTML file to write (its folder is created).
         sections: Extra HTML fragments built by keel itself, shown after the timelines — e.g.
             ``keel.proxy.sweep.sweep_section(sweep_dir)`` for a sweep's loss-vs-LR plots. They are inserted
@@ -72,7 +73,7 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path, 
         The path written.
 
     Raises:
-        ReportError: None of the paths is a run store, or plotly is not installed.
+        ReportError: None of the paths is a run store or a rendered sweep, or plotly is not installed.
 
     Example:
         >>> write_report(["runs/demo/bare", "runs/demo/guarded"], "runs/demo/report.html")  # doctest: +SKIP
@@ -81,13 +82,19 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path, 
     paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     notes: list[str] = []
     runs: list[RunData] = []
+    sections = list(sections)
     for path in expand(paths):
         source = classify(path)
+        if source.kind == "sweep":  # the section keel sweep rendered next to its store, when there is one
+            fragment, note = sweep_fragment(path)
+            sections += [fragment] if fragment is not None else []
+            notes += [note] if note else []
+            continue
         if source.kind != "run":
             notes.append(source.note)  # the extension point: see keel.report.sources
             continue
         runs.append(load_run(path, keep=_keep))
-    if not runs:
+    if not runs and not sections:
         raise ReportError("no keel run store among " + ", ".join(str(p) for p in paths)
                           + (f" ({'; '.join(notes)})" if notes else ""))
     _unique_names(runs)
@@ -117,30 +124,16 @@ def build_page(runs: list[RunData], notes: list[str] | None = None, *, sections:
     js, version = plotly_js()
     script = resources.files("keel.report").joinpath("report.js").read_text(encoding="utf-8")
     css = resources.files("keel.report").joinpath("report.css").read_text(encoding="utf-8")
-    names = ", ".join(r.name for r in runs)
+    names = ", ".join(r.name for r in runs) or "sweep"
+    extra = ["<div class='extra'>" + "\n".join(sections) + "</div>"] if sections else []
     body = [
         "<main>",
         "<h1>keel stability report</h1>",
-        f"<div class='sub'>{len(runs)} run(s): {html.escape(names)} · generated "
+        f"<div class='sub'>{f'{len(runs)} run(s): {html.escape(names)}' if runs else 'sweep'} · generated "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')} · keel {html.escape(_keel_version())}</div>",
         "<div class='notes'>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes) + "</div>",
-        "<h2>Runs</h2>", _sections.runs_table(runs, colors),
-        *[_sections.metadata(r) for r in runs],
-        "<h2>Diagnosis</h2>", "<div class='diag'>",
-        *[f"<div><h3><span class='swatch' style='background:{c}'></span>{html.escape(r.name)}</h3>"
-          f"{_sections.diagnosis_cards(r)}</div>" for r, c in zip(runs, colors, strict=True)],
-        "</div>",
-        "<h2>Timelines</h2>",
-        "<p class='muted'>Drag to zoom (all charts follow), double-click to reset. Lines show each bucket's "
-        "minimum and maximum, so one-step spikes stay visible at any zoom. Marks: grey ○ info, orange ▲ "
-        "warning, red × critical, | skipped step, dashed line and band: rollback (band = the steps undone), "
-        "▽ snapshot.</p>",
-        *[f"<div class='chart' id='{c.id}'></div>" for c in charts],
-        "" if charts else "<p class='muted'>these runs have no signals yet.</p>",
-        *(["<div class='extra'>" + "\n".join(sections) + "</div>"] if sections else []),
-        "<h2>Decisions and snapshots</h2>",
-        *[f"<h3>{html.escape(r.name)}</h3>{_sections.decisions_table(r)}{_sections.snapshots_table(r)}"
-          for r in runs],
+        # A sweep given alone: its section is the page.
+        *(_run_parts(runs, colors, charts, extra) if runs else extra),
         f"<footer>Self-contained: plotly.js {html.escape(version)} is inlined; the page needs no network."
         "</footer>",
         "</main>",
@@ -155,6 +148,29 @@ def build_page(runs: list[RunData], notes: list[str] | None = None, *, sections:
         + f"\n<script type='application/json' id='keel-data'>{_json_for_script(payload)}</script>"
         + f"\n<script>{_script_safe(js)}</script>\n<script>{_script_safe(script)}</script>\n</body></html>\n"
     )
+
+
+def _run_parts(runs: list[RunData], colors: list[str], charts: list[_charts.Chart],
+               extra: list[str]) -> list[str]:
+    return [
+        "<h2>Runs</h2>", _sections.runs_table(runs, colors),
+        *[_sections.metadata(r) for r in runs],
+        "<h2>Diagnosis</h2>", "<div class='diag'>",
+        *[f"<div><h3><span class='swatch' style='background:{c}'></span>{html.escape(r.name)}</h3>"
+          f"{_sections.diagnosis_cards(r)}</div>" for r, c in zip(runs, colors, strict=True)],
+        "</div>",
+        "<h2>Timelines</h2>",
+        "<p class='muted'>Drag to zoom (all charts follow), double-click to reset. Lines show each bucket's "
+        "minimum and maximum, so one-step spikes stay visible at any zoom. Marks: grey ○ info, orange ▲ "
+        "warning, red × critical, | skipped step, dashed line and band: rollback (band = the steps undone), "
+        "▽ snapshot.</p>",
+        *[f"<div class='chart' id='{c.id}'></div>" for c in charts],
+        "" if charts else "<p class='muted'>these runs have no signals yet.</p>",
+        *extra,
+        "<h2>Decisions and snapshots</h2>",
+        *[f"<h3>{html.escape(r.name)}</h3>{_sections.decisions_table(r)}{_sections.snapshots_table(r)}"
+          for r in runs],
+    ]
 
 
 def _series(runs: list[RunData], charts: list[_charts.Chart]) -> list[dict[str, Any]]:

@@ -10,6 +10,19 @@ TINY = dict(sizes=("tiny",), steps=4, batch_size=4, seq_len=16, warmup=2, eval_b
 # Adam moves every weight by ~lr per step: at lr 1e3 the tiny proxy's loss leaves the finite range or ends
 # far above its loss at initialisation within a few steps, i.e. it diverges.
 DIVERGING_LR = 1e3
+# The sweep-store fields two backends must agree on, bit for bit, for the same grid and seeds.
+RESULT_KEYS = (
+    "run_id",
+    "status",
+    "init_loss",
+    "final_loss",
+    "val_loss",
+    "max_attn_logit",
+    "log_z",
+    "grad_norm",
+    "n_params",
+    "steps_done",
+)
 
 
 @pytest.fixture

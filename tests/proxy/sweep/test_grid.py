@@ -111,3 +111,18 @@ def test_describe_is_json_and_quick_grid_is_small():
     quick = quick_config()
     runs = len(expand_grid(quick))
     assert runs <= 16 and quick.steps <= 150 and dataclasses.replace(quick, steps=10).steps == 10
+
+
+def test_every_run_decays_to_the_same_final_lr_whatever_its_peak():
+    from keel.proxy.trainer import lr_lambda
+
+    specs = expand_grid(SweepConfig(recipes=["baseline"], lrs=[1e-5, 1e-3, 3e-1], sizes=["tiny"], steps=50))
+    for spec in specs:  # the paper's schedule: warm-up, then cosine decay to 1e-5 (a peak at 1e-5 stays flat)
+        factor = lr_lambda(spec.config)
+        assert spec.lr * factor(spec.config.warmup) == pytest.approx(spec.lr)  # the peak, after warm-up
+        assert spec.lr * factor(spec.config.steps) == pytest.approx(1e-5)
+    assert specs[0].config.min_lr_ratio == 1.0
+    keeps_a_tenth = expand_grid(SweepConfig(recipes=["baseline"], lrs=[1e-2], sizes=["tiny"], final_lr=1e-3))
+    assert keeps_a_tenth[0].config.min_lr_ratio == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="SweepConfig.final_lr=-1.0; allowed: a finite number >= 0"):
+        SweepConfig(final_lr=-1.0)

@@ -9,7 +9,8 @@ from keel.proxy.sweep.summary import CurveSummary
 pytest.importorskip("matplotlib")
 
 from keel.proxy.sweep import RunResult, SweepConfig, SweepStore, expand_grid  # noqa: E402
-from keel.proxy.sweep.plots import sweep_section, write_plots  # noqa: E402
+from keel.proxy.sweep.plots import sweep_section, write_plots, write_section  # noqa: E402
+from keel.proxy.sweep.runner import load_sweep  # noqa: E402
 
 LRS = [1e-3, 1e-2, 1e-1]
 
@@ -61,7 +62,7 @@ def test_png_files_and_html_fragment(tmp_path):
     assert math.isclose(views[0].predicted_divergence_params, 1000 * (1e4 / 30))
 
 
-def test_report_section_from_a_sweep_store(tmp_path):
+def _hand_filled_store(tmp_path):
     # A store filled by hand (no training): the fragment is built from the store alone, as the report does.
     specs = expand_grid(SweepConfig(recipes=["baseline", "qk_norm"], lrs=LRS, sizes=["tiny"]))
     with SweepStore(tmp_path) as store:
@@ -79,7 +80,42 @@ def test_report_section_from_a_sweep_store(tmp_path):
                     n_params=1000,
                 )
             )
+    return tmp_path
+
+
+def test_report_section_from_a_sweep_store(tmp_path):
+    _hand_filled_store(tmp_path)
     fragment = sweep_section(tmp_path, title="a <sweep>")
     assert fragment.startswith('<section class="keel-sweep"><h2>a &lt;sweep&gt;</h2>')
     assert fragment.count("data:image/png;base64,") == 2  # one size: no scaling figure
     assert "qk_norm\n  size" in fragment and "3.6x" in fragment  # LRS 0.3 vs 0.25/3: 3.6 times less sensitive
+
+
+def test_keel_report_of_a_sweep_directory_shows_the_section_keel_sweep_rendered(tmp_path, capsys):
+    pytest.importorskip("plotly")
+    import os
+
+    from keel.cli import main
+
+    sweep = _hand_filled_store(tmp_path / "sweep")
+    assert main(["report", str(sweep), "-o", str(tmp_path / "none.html")]) == 2  # nothing rendered yet
+    assert "keel sweep --out DIR --summarize` writes it" in capsys.readouterr().err
+
+    assert main(["sweep", "--out", str(sweep), "--summarize"]) == 0  # renders sweep_section.html
+    assert f"keel report {sweep}" in capsys.readouterr().out
+    assert main(["report", str(sweep), "-o", str(tmp_path / "report.html")]) == 0
+    page = (tmp_path / "report.html").read_text()
+    fragment = (sweep / "sweep_section.html").read_text()
+    assert fragment in page and fragment.count("data:image/png;base64,") == 2
+    assert "qk_norm\n  size" in page and "<h2>Runs</h2>" not in page  # a sweep alone: its section is the page
+    assert "changed after its section was rendered" not in page
+
+    store = sweep / "sweep.sqlite"
+    later = (sweep / "sweep_section.html").stat().st_mtime + 10
+    os.utime(store, (later, later))  # the sweep went on after the section was rendered
+    assert main(["report", str(sweep), "-o", str(tmp_path / "stale.html")]) == 0
+    assert "the sweep changed after its section was rendered" in (tmp_path / "stale.html").read_text()
+    write_section(load_sweep(sweep), sweep)
+    os.utime(sweep / "sweep_section.html", (later + 1, later + 1))
+    assert main(["report", str(sweep), "-o", str(tmp_path / "fresh.html")]) == 0
+    assert "changed after its section was rendered" not in (tmp_path / "fresh.html").read_text()

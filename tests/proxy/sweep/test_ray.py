@@ -5,21 +5,9 @@ on a loaded 2-core machine."""
 import pytest
 
 from keel.proxy.sweep import RayBackend, run_sweep
+from tests.proxy.sweep.conftest import RESULT_KEYS as KEYS
 
 ray = pytest.importorskip("ray")
-
-KEYS = (
-    "run_id",
-    "status",
-    "init_loss",
-    "final_loss",
-    "val_loss",
-    "max_attn_logit",
-    "log_z",
-    "grad_norm",
-    "n_params",
-    "steps_done",
-)
 
 
 @pytest.mark.slow

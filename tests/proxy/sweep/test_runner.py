@@ -86,8 +86,9 @@ def test_resume_runs_only_what_is_unfinished(tmp_path, tiny_sweep):
     assert run_sweep(grown, tmp_path, workers=1).ran == []
 
 
-# Six runs of ~12 steps on the default backend, the local process pool (two workers): long enough that the
-# sweep can be killed, workers and all, between the first run and the last.
+# Six runs of ~12 steps: long enough that the sweep can be killed between its first finished run and its
+# last. In process (workers=1) the kill lands in the driver while it trains; with the default backend, the
+# process pool (workers=2, slow: each spawned worker imports torch), it takes the workers down with it.
 KILLED = dict(
     recipes=["baseline", "qk_norm"],
     lrs=[1e-3, 1e-2, 3e-2],
@@ -101,11 +102,12 @@ KILLED = dict(
 _KILLED_SWEEP = f"""
 import sys
 from keel.proxy.sweep import SweepConfig, run_sweep
-run_sweep(SweepConfig(**{KILLED!r}), sys.argv[1], workers=2)
+run_sweep(SweepConfig(**{KILLED!r}), sys.argv[1], workers=int(sys.argv[2]))
 """
 
 
-def test_a_killed_sweep_resumes_with_only_the_unfinished_runs(tmp_path):
+@pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
+def test_a_killed_sweep_resumes_with_only_the_unfinished_runs(tmp_path, workers):
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join(
@@ -113,7 +115,7 @@ def test_a_killed_sweep_resumes_with_only_the_unfinished_runs(tmp_path):
         ),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-c", _KILLED_SWEEP, str(tmp_path)], env=env, start_new_session=True
+        [sys.executable, "-c", _KILLED_SWEEP, str(tmp_path), str(workers)], env=env, start_new_session=True
     )
     finished_before: dict[str, float] = {}
     try:
@@ -128,8 +130,9 @@ def test_a_killed_sweep_resumes_with_only_the_unfinished_runs(tmp_path):
                 pass  # the store, or its tables, not created yet
             time.sleep(0.02)
     finally:
-        os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the whole sweep (driver and pool workers), mid-way
+        os.killpg(proc.pid, signal.SIGKILL)  # kill -9 the whole sweep (driver and any pool workers), mid-way
         proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the sweep must die by the kill, not finish or fail by itself"
     assert 1 <= len(finished_before) < 6, "the sweep must be killed mid-way for this test to mean anything"
     with SweepStore(tmp_path, readonly=True) as store:
         killed = {r["run_id"]: r for r in store.rows()}
@@ -137,6 +140,9 @@ def test_a_killed_sweep_resumes_with_only_the_unfinished_runs(tmp_path):
     assert (
         unfinished and {rid for rid, r in killed.items() if r["status"] == "done"} == set(killed) - unfinished
     )
+    in_flight = {rid for rid, r in killed.items() if r["status"] == "running"}
+    # Killed while a run was in flight: whatever it had written must not leak into its re-run.
+    assert in_flight
     resumed = run_sweep(SweepConfig(**KILLED), tmp_path, workers=1)
     assert set(resumed.ran) == unfinished and set(resumed.skipped) == set(killed) - unfinished
     after = {r["run_id"]: r for r in resumed.rows}
@@ -144,4 +150,32 @@ def test_a_killed_sweep_resumes_with_only_the_unfinished_runs(tmp_path):
     for rid, row in killed.items():
         if rid not in unfinished:  # untouched by the resume
             assert after[rid]["finished"] == row["finished"] and after[rid]["attempts"] == 1
+    for rid in in_flight:  # the killed attempt's store was cleared: one loss per step, not the sum of both
+        assert after[rid]["attempts"] == 2 and after[rid]["steps_done"] == KILLED["steps"]
+        with RunReader(after[rid]["run_dir"]) as reader:
+            steps, _ = reader.signal("loss")
+        assert list(steps) == list(range(KILLED["steps"]))
+    # The resumed sweep's numbers are those of a sweep that was never killed.
+    clean = run_sweep(SweepConfig(**KILLED), tmp_path / "clean", workers=1)
+    assert [c.sensitivity for c in clean.curves] == [c.sensitivity for c in resumed.curves]
     assert len(resumed.curves) == 2 and load_sweep(tmp_path).curves == resumed.curves
+
+
+@pytest.mark.slow
+def test_a_worker_killed_by_its_run_is_an_error_and_the_pool_goes_on(tmp_path, tiny_sweep):
+    # Slow: three spawned pools (the broken one, then each run that was in flight, alone), each worker
+    # importing torch.
+    from tests.proxy.sweep._dies import kills_its_worker
+
+    config = tiny_sweep(recipes=["baseline", kills_its_worker], lrs=[1e-2])
+    result = run_sweep(config, tmp_path / "pool", workers=2)
+    rows = {r["run_id"]: r for r in result.rows}
+    assert sorted(result.ran) == sorted(rows)  # the sweep finished every run, none left pending
+    dead = rows["kills_its_worker/tiny/lr=0.01/seed=0"]
+    assert dead["status"] == "error" and "worker failed: BrokenProcessPool" in dead["error"]
+    # The run in flight beside the killer ran again, alone, and matches a run that never shared a pool.
+    alone = run_sweep(tiny_sweep(recipes=["baseline"], lrs=[1e-2]), tmp_path / "alone", workers=1)
+    for row in alone.rows:
+        again = rows[row["run_id"]]
+        assert again["status"] == "done" and again["val_loss"] == row["val_loss"]
+        assert again["max_attn_logit"] == row["max_attn_logit"]

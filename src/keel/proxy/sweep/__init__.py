@@ -12,7 +12,7 @@ growth of those signals with model size.
 from keel.proxy.sweep.backends import Backend, LocalBackend, RayBackend, create_backend
 from keel.proxy.sweep.grid import RunSpec, SweepConfig, default_lrs, expand_grid, quick_config
 from keel.proxy.sweep.metrics import LRSensitivity, cap_losses, lr_sensitivity
-from keel.proxy.sweep.plots import sweep_html, sweep_section, write_plots
+from keel.proxy.sweep.plots import sweep_html, sweep_section, write_plots, write_section
 from keel.proxy.sweep.recipes import DEFAULT_RECIPES, RECIPES, Recipe, list_recipes, resolve_recipe
 from keel.proxy.sweep.runner import RunEvent, SweepResult, load_sweep, run_sweep
 from keel.proxy.sweep.scaling import PowerLawFit, ScalingView, fit_power_law
@@ -55,4 +55,5 @@ __all__ = [
     "sweep_section",
     "to_json",
     "write_plots",
+    "write_section",
 ]

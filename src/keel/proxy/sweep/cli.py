@@ -4,6 +4,7 @@
     keel sweep --recipes baseline qk_norm_z_loss my_recipes.py:warmup_500 --sizes tiny small medium
     keel sweep --backend ray --address auto --out runs/sweep-big
     keel sweep --out runs/sweep --summarize --json       # summarise an existing (or live) sweep
+    keel report runs/sweep                               # the sweep's tables and figures as an HTML page
 
 Re-running the same command on the same ``--out`` resumes a killed sweep.
 """
@@ -58,6 +59,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
     parser.add_argument("--seq-len", type=int, help="bytes per sequence (default 64)")
     parser.add_argument("--warmup", type=int, help="linear warm-up steps (default 20)")
+    parser.add_argument(
+        "--final-lr", type=float, help="LR at the end of the cosine decay, any peak LR (default 1e-5)"
+    )
     parser.add_argument("--eval-batches", type=int, help="validation batches per run (default 8)")
     parser.add_argument("--max-grad-norm", type=float, help="gradient clipping norm; 0 disables (default 1)")
     parser.add_argument("--backend", choices=BACKENDS, default="local", help="where runs execute")
@@ -79,7 +83,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "in the scaling view (default: calibrated on the baseline's degraded runs)",
     )
     parser.add_argument("--plots", default=None, help="directory for the PNG figures (default OUT/plots)")
-    parser.add_argument("--no-plots", action="store_true", help="write no figures")
+    parser.add_argument(
+        "--no-plots",
+        action="store_true",
+        help="write no figures (nor OUT/sweep_section.html for keel report)",
+    )
     parser.add_argument("--summarize", action="store_true", help="run nothing; summarise the sweep in --out")
     parser.add_argument(
         "--json", action="store_true", help="print the summary as JSON (progress goes to stderr)"
@@ -100,6 +108,7 @@ def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:
             "batch_size",
             "seq_len",
             "warmup",
+            "final_lr",
             "eval_batches",
         )
         if getattr(args, name) is not None
@@ -138,7 +147,7 @@ def main(args: argparse.Namespace) -> int:
                 file=stream,
             )
     if not args.no_plots and result.curves:
-        _write_plots(result, Path(args.plots) if args.plots else out / "plots", stream)
+        _write_plots(result, Path(args.plots) if args.plots else out / "plots", out, stream)
     if args.json:
         print(json.dumps(to_json(result.curves, result.scaling, result.rows), indent=2))
     else:
@@ -162,12 +171,14 @@ def _printer(stream):  # type: ignore[no-untyped-def]
     return show
 
 
-def _write_plots(result: SweepResult, where: Path, stream) -> None:  # type: ignore[no-untyped-def]
+def _write_plots(result: SweepResult, where: Path, out: Path, stream) -> None:  # type: ignore[no-untyped-def]
     try:
-        from keel.proxy.sweep.plots import write_plots
+        from keel.proxy.sweep.plots import write_plots, write_section
 
         paths = write_plots(result.curves, result.scaling, where)
+        section = write_section(result, out)
     except ImportError as exc:
         print(f"plots skipped: {exc}", file=stream)
         return
     print(f"plots: {', '.join(str(p) for p in paths)}", file=stream)
+    print(f"report section: {section} (keel report {out})", file=stream)

@@ -1,7 +1,8 @@
 """The sweep grid: recipes × learning rates × proxy sizes × seeds, expanded into one `RunSpec` per run.
 
 The defaults follow Wortsman et al. (2023): a log-spaced LR grid over [3e-4, 3e-1], AdamW β = (0.9, 0.95),
-gradient clipping at global norm 1, linear warm-up then cosine decay, on three proxy sizes.
+gradient clipping at global norm 1, linear warm-up then cosine decay to an LR of 1e-5 whatever the peak LR,
+on three proxy sizes.
 """
 
 from __future__ import annotations
@@ -61,6 +62,9 @@ class SweepConfig:
         batch_size: Sequences per step.
         seq_len: Bytes per sequence.
         warmup: Linear warm-up steps.
+        final_lr: The LR the cosine decay ends at, the same for every peak LR (the paper decays to 1e-5). A
+            floor proportional to the peak LR instead would leave the high-LR runs ending at a high LR, so
+            their final loss would measure where they are left, not whether they stayed trainable.
         max_grad_norm: Global gradient-norm clipping (the paper clips at 1); ``None`` does not clip.
         eval_batches: Validation batches behind each run's final (validation) loss.
     """
@@ -73,6 +77,7 @@ class SweepConfig:
     batch_size: int = 16
     seq_len: int = 64
     warmup: int = 20
+    final_lr: float = 1e-5
     max_grad_norm: float | None = 1.0
     eval_batches: int = 8
 
@@ -90,6 +95,8 @@ class SweepConfig:
             raise ValueError(
                 f"SweepConfig.sizes contains {unknown}; allowed: {', '.join(list_proxy_sizes())}"
             )
+        if not (isinstance(self.final_lr, (int, float)) and 0 <= self.final_lr < math.inf):
+            raise ValueError(f"SweepConfig.final_lr={self.final_lr!r}; allowed: a finite number >= 0")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(
                 f"SweepConfig.max_grad_norm={self.max_grad_norm!r}; allowed: a number > 0 or None"
@@ -105,6 +112,7 @@ class SweepConfig:
             batch_size=self.batch_size,
             seq_len=self.seq_len,
             warmup=self.warmup,
+            min_lr_ratio=min(1.0, self.final_lr / lr),  # a peak LR at or below final_lr stays flat
             max_grad_norm=self.max_grad_norm,
             eval_batches=self.eval_batches,
         )

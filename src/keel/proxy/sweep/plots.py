@@ -14,11 +14,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from keel.proxy.sweep.runner import load_sweep
+from keel.proxy.sweep.runner import SweepResult, load_sweep
 from keel.proxy.sweep.scaling import ScalingView
 from keel.proxy.sweep.summary import CurveSummary, format_tables
 
 FIGURES = ("loss_vs_lr", "max_logit_vs_lr", "scaling")
+# The report section `keel sweep` leaves next to the sweep store; `keel report SWEEP_DIR` shows it (the report
+# layer cannot import this package, so it reads the rendered file: keel.report.sources.SWEEP_SECTION_NAME).
+SECTION_NAME = "sweep_section.html"
 
 
 def _pyplot() -> Any:
@@ -201,6 +204,16 @@ def sweep_section(sweep_dir: str | Path, *, title: str = "LR sensitivity sweep")
     """
     result = load_sweep(sweep_dir)
     return sweep_html(result.curves, result.scaling, title=title)
+
+
+def write_section(result: SweepResult, sweep_dir: str | Path) -> Path:
+    """Write `sweep_html` of ``result`` to ``sweep_dir/sweep_section.html``, where ``keel report sweep_dir``
+    finds it; return the path. Written whole, then renamed, so a report never reads half a file."""
+    path = Path(sweep_dir) / SECTION_NAME
+    partial = path.with_suffix(".html.partial")
+    partial.write_text(sweep_html(result.curves, result.scaling), encoding="utf-8")
+    partial.replace(path)
+    return path
 
 
 def _figures(curves: Sequence[CurveSummary], views: Sequence[ScalingView]) -> list[tuple[str, Any]]:

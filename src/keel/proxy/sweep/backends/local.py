@@ -7,14 +7,20 @@ results whatever ``workers`` is, and the same as the Ray backend.
 Workers are started with ``spawn`` (a fresh interpreter: forking a process that already runs torch's
 thread pools can deadlock). ``workers=1`` runs in this process, which skips the few seconds each spawned
 worker spends importing torch and reading the corpus.
+
+A worker that dies (killed, out of memory, a segfault in a kernel) breaks a ``ProcessPoolExecutor``: every
+run in flight fails with it and no new run can be submitted. The backend then starts a fresh pool for the
+rest of the grid and re-runs each run that was in flight alone, in a pool of its own, so only the run that
+kills its worker again is recorded as an error and the sweep goes on.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 
 from keel.proxy.sweep.backends.base import Task, crashed
 from keel.proxy.sweep.grid import RunSpec
@@ -56,25 +62,46 @@ class LocalBackend:
                 on_start(spec)
                 yield run_one(spec, run_dir, threads=self.threads)
             return
+        queue = list(tasks)
+        while queue:
+            suspects = yield from self._pool(queue, on_start, self.workers)
+            for task in suspects:  # alone in a fresh pool: a second death is this run's own
+                if (yield from self._pool([task], on_start, 1)):
+                    yield crashed(task[0], BrokenProcessPool("the worker died running this run, twice"))
+
+    def _pool(
+        self, queue: list[Task], on_start: Callable[[RunSpec], None], workers: int
+    ) -> Generator[RunResult, None, list[Task]]:
+        """Run ``queue`` (consumed) in one spawned pool; yield results; return the runs that were in flight
+        when a worker died (the pool is then unusable, and the rest of ``queue`` is left for the next)."""
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(self.workers, len(tasks)), mp_context=context) as pool:
-            pending: dict[Future[RunResult], RunSpec] = {}
-            queue = list(tasks)
+        with ProcessPoolExecutor(max_workers=min(workers, len(queue)), mp_context=context) as pool:
+            pending: dict[Future[RunResult], Task] = {}
             try:
                 # At most one task queued per worker beyond the running ones, so "running" in the store means
                 # dispatched now, not waiting behind the whole grid.
                 while queue or pending:
-                    while queue and len(pending) < 2 * self.workers:
-                        spec, run_dir = queue.pop(0)
-                        on_start(spec)
-                        pending[pool.submit(run_one, spec, run_dir, threads=self.threads)] = spec
+                    while queue and len(pending) < 2 * workers:
+                        task = queue.pop(0)
+                        on_start(task[0])
+                        pending[pool.submit(run_one, *task, threads=self.threads)] = task
                     done, _ = wait(pending, return_when=FIRST_COMPLETED)
+                    broken = []
                     for future in done:
-                        spec = pending.pop(future)
+                        task = pending.pop(future)
                         try:
-                            yield future.result()
-                        except Exception as exc:  # a worker process died (killed, out of memory)
-                            yield crashed(spec, exc)
+                            result = future.result()
+                        except BrokenProcessPool:
+                            broken.append(task)
+                            continue
+                        except Exception as exc:  # the task could not be shipped (e.g. not picklable)
+                            result = crashed(task[0], exc)
+                        yield result
+                    if broken:
+                        # Every run in flight fails with the one that killed its worker; which one did is
+                        # unknown, so each of them runs again alone.
+                        return [*broken, *pending.values()]
             finally:
                 for future in pending:
                     future.cancel()
+        return []
