@@ -36,7 +36,17 @@ from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
 from keel.recover.state import Stateful
-from keel.signals import DEFAULT_PROBES, FULL_PROBES, TRANSFORMER_PROBES, Measurements, Probe, StepContext, create_probe, pack, unpack
+from keel.signals import (
+    DEFAULT_PROBES,
+    FULL_PROBES,
+    TRANSFORMER_PROBES,
+    Measurements,
+    Probe,
+    StepContext,
+    create_probe,
+    pack,
+    unpack,
+)
 
 PROBE_SETS = {"default": DEFAULT_PROBES, "transformer": TRANSFORMER_PROBES, "full": FULL_PROBES}
 

@@ -35,9 +35,9 @@ from torch import Tensor, nn
 
 from keel._core.errors import KeelWarning
 from keel.guard import Guard
-from keel.recover import Policy
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
+from keel.recover import Policy
 
 try:
     from transformers import TrainerCallback

@@ -31,9 +31,9 @@ from torch import Tensor
 
 from keel._core.errors import KeelWarning
 from keel.guard import Guard
-from keel.recover import Policy
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
+from keel.recover import Policy
 
 try:
     from lightning.pytorch import Callback

@@ -3,8 +3,8 @@
 The training loop only appends tuples to a queue (no I/O on the step path, and no thread wake-up: the writer
 sleeps between flushes, so it never competes with the step for the GIL). Every ``flush_interval`` seconds —
 or at once on `flush`/`close` — the thread drains the queue and commits it in one transaction, so a process
-killed at any moment keeps every committed batch (WAL mode). A failing disk never stops training: the error is warned about
-once, rows are dropped, and `errors` counts them.
+killed at any moment keeps every committed batch (WAL mode). A failing disk never stops training: the error
+is warned about once, rows are dropped, and `errors` counts them.
 """
 
 from __future__ import annotations
