@@ -57,9 +57,7 @@ def test_calibrated_threshold_is_the_smallest_logit_of_a_degraded_high_lr_run():
     ]
     curve = _Curve("tiny", [r["lr"] for r in rows], [r["val_loss"] for r in rows])
     assert calibrate_divergence_logit(rows, [curve]) == 300
-    assert (
-        calibrate_divergence_logit(rows[:3], [_Curve("tiny", [1e-3, 1e-2, 3e-2], [2.6, 2.3, 2.35])]) is None
-    )
+    assert calibrate_divergence_logit(rows[:3], [_Curve("tiny", [1e-3, 1e-2, 3e-2], [2.6, 2.3, 2.35])]) is None
 
 
 def test_scaling_view_fits_across_sizes_at_the_fixed_lr():
@@ -78,9 +76,7 @@ def test_scaling_view_fits_across_sizes_at_the_fixed_lr():
         threshold_source="given",
     )
     assert view.sizes == ("tiny", "small") and view.max_attn_logit == (10.0, 100.0)
-    assert view.logit_fit.exponent == pytest.approx(1.0) and view.grad_norm_fit.exponent == pytest.approx(
-        math.log10(2)
-    )
+    assert view.logit_fit.exponent == pytest.approx(1.0) and view.grad_norm_fit.exponent == pytest.approx(math.log10(2))
     assert view.predicted_divergence_params == pytest.approx(1e6)
 
 
@@ -101,13 +97,25 @@ def test_default_view_is_at_the_baselines_best_small_lr_with_a_threshold_calibra
     base, qk = views
     # best LR of the baseline at the smallest size (tiny: 2.3 at 1e-2); the threshold is the smallest logit
     # of a run > 0.1 nats worse than its curve's best above that curve's best LR (small, 1e-2: 60).
-    assert (
-        base.lr == 1e-2
-        and base.divergence_logit == 60.0
-        and base.threshold_source == "calibrated on baseline"
-    )
+    assert base.lr == 1e-2 and base.divergence_logit == 60.0 and base.threshold_source == "calibrated on baseline"
     assert base.logit_fit.exponent == pytest.approx(math.log(3) / math.log(8))
     assert base.predicted_divergence_params == pytest.approx(8_000)
     assert qk.divergence_logit == 60.0 and qk.predicted_divergence_params == math.inf  # flat logits
     given = scaling_views(rows, curves, lr=0.09, divergence_logit=1e4)[0]
     assert given.lr == 1e-1 and given.divergence_logit == 1e4 and given.threshold_source == "given"
+
+
+def test_the_scaling_lines_of_the_table_say_where_the_logit_would_reach_the_threshold():
+    from keel.proxy.sweep.summary import format_tables
+
+    rows = [
+        _row(size, 1e-2, 2.4, logit, n, recipe=recipe)
+        for recipe, logits in (("baseline", (10.0, 100.0)), ("flat", (5.0, 5.0)), ("creeps", (5.0, 6.3)))
+        for size, n, logit in zip(("tiny", "small"), (1_000, 10_000), logits, strict=True)
+    ]
+    text = format_tables(summarize(rows), scaling_views(rows, summarize(rows), lr=1e-2, divergence_logit=1e4))
+    lines = {line.split()[0]: line for line in text.splitlines()[-3:]}
+    assert lines["baseline"].endswith("logit ∝ N^1.00; reaches 1e+04 (given) at ≈1e+06 params")
+    assert lines["flat"].endswith("; no growth: never reaches 1e+04 (given)")
+    # 5 → 6.3 over a decade: ∝ N^0.1, reaching 1e4 only near 1e36 parameters, far beyond any real model
+    assert "practically flat: reaches 1e+04 (given) only at ≈" in lines["creeps"]

@@ -17,6 +17,8 @@ from keel.proxy.sweep.scaling import ScalingView, calibrate_divergence_logit, sc
 UNIFORM_BYTE_LOSS = math.log(256)
 # The fixed LR of the scaling view when the sweep has no baseline to take it from.
 DEFAULT_SCALING_LR = 1e-2
+# Beyond this a power law fitted through a few proxy sizes says "flat", not where it would diverge.
+FAR_PARAMS = 1e13
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,7 @@ def scaling_views(
     return views
 
 
-def sensitivity_ratios(
-    curves: Sequence[CurveSummary], reference: str = "baseline"
-) -> dict[tuple[str, str], float]:
+def sensitivity_ratios(curves: Sequence[CurveSummary], reference: str = "baseline") -> dict[tuple[str, str], float]:
     """LRS(reference) / LRS(recipe) per (recipe, size): how many times less LR-sensitive each recipe is."""
     ref = {c.size: c.sensitivity.lr_sensitivity for c in curves if c.recipe == reference}
     out = {}
@@ -214,27 +214,23 @@ def format_tables(curves: Sequence[CurveSummary], views: Sequence[ScalingView]) 
                 f"{c.diverged:>10}{c.errors:>8}"
             )
     if views:
-        lines.append(
-            f"\nscaling at lr {views[0].lr:g}: end-of-run max attention logit and gradient norm by size"
-        )
+        lines.append(f"\nscaling at lr {views[0].lr:g}: end-of-run max attention logit and gradient norm by size")
         for v in views:
             cells = "  ".join(
-                f"{s}: {_g(a)} / {_g(g)}"
-                for s, a, g in zip(v.sizes, v.max_attn_logit, v.grad_norm, strict=True)
+                f"{s}: {_g(a)} / {_g(g)}" for s, a, g in zip(v.sizes, v.max_attn_logit, v.grad_norm, strict=True)
             )
             growth = f"logit ∝ N^{v.logit_fit.exponent:.2f}" if v.logit_fit else "logit: < 2 sizes"
             predicted = v.predicted_divergence_params
-            where = (
-                "no growth"
-                if predicted == math.inf
-                else "—"
-                if math.isnan(predicted)
-                else f"≈{predicted:.2g} params"
-            )
-            lines.append(
-                f"  {v.recipe:<16}{cells}   {growth}; reaches {_g(v.divergence_logit)} "
-                f"({v.threshold_source}) at {where}"
-            )
+            target = f"{_g(v.divergence_logit)} ({v.threshold_source})"
+            if predicted == math.inf:
+                reach = f"no growth: never reaches {target}"
+            elif math.isnan(predicted):
+                reach = f"reaches {target} at —"
+            elif predicted < FAR_PARAMS:
+                reach = f"reaches {target} at ≈{predicted:.2g} params"
+            else:
+                reach = f"practically flat: reaches {target} only at ≈{predicted:.1g} params"
+            lines.append(f"  {v.recipe:<16}{cells}   {growth}; {reach}")
     return "\n".join(lines).lstrip("\n")
 
 
