@@ -60,3 +60,33 @@ def test_probe_cadence_and_non_adam_optimizers():
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     sgd.step()
     assert probe.measure(ctx(model, sgd, 0)) == {}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_probe_matches_float64_formula_over_every_tensor_in_low_precision(dtype):
+    """The whole probe (all tensors, dead elements, ε-dominated ones) against a float64 re-derivation, with
+    Adam's moments held in the parameters' own precision."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 5), nn.Linear(5, 3, bias=False)).to(dtype)
+    eps = 1e-3  # large enough that some elements are ε-dominated in every precision
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2, betas=(0.8, 0.95), eps=eps)
+    for _ in range(2):
+        (1e-2 * model(torch.randn(4, 6, dtype=dtype)).float().square().mean()).backward()
+        opt.step()
+        opt.zero_grad()
+    opt.state[model[0].weight]["exp_avg_sq"][0, :3] = 0  # three elements that never saw a gradient
+    opt.state[model[0].weight]["exp_avg"][0, :3] = 0
+    out = AdamEpsProbe(every=1).measure(ctx(model, opt))
+    squares, size, live, dominated = 0.0, 0, 0, 0
+    for p in model.parameters():
+        s = opt.state[p]
+        t = float(s["step"])
+        m, v = s["exp_avg"].double(), s["exp_avg_sq"].double()
+        root_v = (v / (1 - 0.95**t)).sqrt()
+        squares += float(((m / (1 - 0.8**t)) / (root_v + eps)).square().sum())
+        size += v.numel()
+        live += int((v > 0).sum())
+        dominated += int(((v > 0) & (root_v < eps)).sum())
+    assert 0 < dominated < live < size
+    assert float(out["adam/update_rms"]) == pytest.approx((squares / size) ** 0.5, rel=1e-5)
+    assert float(out["adam/eps_dominated"]) == pytest.approx(dominated / live, rel=1e-6)

@@ -110,7 +110,7 @@ def _measure(model, idx, mask, dtype=torch.float32):
     heads, layers = ent.read()["attn/head_entropy/"], top.read()["attn/max_logit/"]
     ent.detach()
     top.detach()
-    return out, dict(zip(heads.names, heads.values.tolist())), layers.values.tolist()
+    return out, dict(zip(heads.names, heads.values.tolist(), strict=True)), layers.values.tolist()
 
 
 @pytest.mark.parametrize("impl", ["eager", "sdpa"])

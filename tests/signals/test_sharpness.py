@@ -133,3 +133,16 @@ def test_adam_without_state_gives_sharpness_but_no_margin():
     opt = torch.optim.AdamW(model.parameters(), lr=0.01)
     out = SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=5, trace_probes=0).measure(ctx(model, opt))
     assert "curvature/sharpness" in out and "curvature/margin" not in out  # no v̂ yet: no preconditioner
+
+
+@pytest.mark.parametrize("dtype,rel", [(torch.bfloat16, 0.1), (torch.float16, 0.02)])
+def test_low_precision_model_matches_the_float64_hessian_of_its_rounded_weights(dtype, rel):
+    """A bf16/fp16 model: Hessian-vector products in its own precision still find λ_max of the float64
+    Hessian of the same (rounded) weights, to that precision's accuracy."""
+    model, x, y = tiny_problem()
+    model = model.to(dtype)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    probe = SharpnessProbe(lambda: F.mse_loss(model(x.to(dtype)).float(), y), iters=100, trace_probes=0)
+    got = float(probe.measure(ctx(model, opt))["curvature/sharpness"])
+    eig = np.linalg.eigvalsh(explicit_hessian(model, x.to(dtype).float(), y))
+    assert np.isfinite(got) and got == pytest.approx(eig.max(), rel=rel)

@@ -49,7 +49,8 @@ class ScenarioScore:
     wall_s: float = 0.0
 
 
-def score_scenario(name: str, *, seed: int = 0, steps: int | None = None, reference: bool = True) -> ScenarioScore:
+def score_scenario(name: str, *, seed: int = 0, steps: int | None = None,
+                   reference: bool = True) -> ScenarioScore:
     """Run one scenario (and its reference run) and score the findings."""
     scenario = create_scenario(name)
     spec = scenario.spec
@@ -72,18 +73,21 @@ def score_scenario(name: str, *, seed: int = 0, steps: int | None = None, refere
     if spec.healthy:
         passed = false_alarms == 0
     else:
-        passed = detected and false_alarms == 0 and (not spec.lead_required or (lead is not None and lead > 0))
+        early_enough = not spec.lead_required or (lead is not None and lead > 0)
+        passed = detected and false_alarms == 0 and early_enough
     return ScenarioScore(
         name=name, healthy=spec.healthy, expected_kind=spec.expected_kind, detected=detected,
         kind=first.kind if first is not None else None, step=step, lead_steps=lead, false_alarms=false_alarms,
         degraded_step=degraded, event_step=result.event_step, lead_required=spec.lead_required, passed=passed,
         alarms=[[f.step, f.kind, f.severity] for f in alarms][:20],
-        diagnosis=[d.summary() for d in diagnose(result.findings, losses=result.losses, reference_losses=ref)][:3],
+        diagnosis=[d.summary() for d in diagnose(result.findings, losses=result.losses,
+                                                 reference_losses=ref)][:3],
         wall_s=round(wall, 2))
 
 
 def bench_detect(names: Sequence[str] | None = None, *, seed: int = 0, steps: int | None = None,
-                 reference: bool = True, progress: Callable[[ScenarioScore], None] | None = None) -> dict[str, Any]:
+                 reference: bool = True,
+                 progress: Callable[[ScenarioScore], None] | None = None) -> dict[str, Any]:
     """Score every scenario (or ``names``). Returns ``{"scenarios": [...], "summary": {...}}``."""
     names = list(names) if names else list_scenarios()
     unknown = [n for n in names if n not in list_scenarios()]
@@ -117,10 +121,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-reference", action="store_true",
                         help="skip the reference runs (lead time then uses the run's own loss curve)")
     parser.add_argument("--probe-costs", action="store_true",
-                        help="instead: measure the CPU cost per step of each transformer probe on the small proxy")
-    parser.add_argument("--repeats", type=int, default=7, help="--probe-costs: interleaved repeats (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=10, help="--probe-costs: steps per block (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None, help="--probe-costs: torch threads (default: torch's)")
+                        help="instead: measure the CPU cost per step of each transformer probe on the small "
+                             "proxy")
+    parser.add_argument("--repeats", type=int, default=7,
+                        help="--probe-costs: interleaved repeats (default: %(default)s)")
+    parser.add_argument("--steps", type=int, default=10,
+                        help="--probe-costs: steps per block (default: %(default)s)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="--probe-costs: torch threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
@@ -129,7 +137,8 @@ def _row(s: ScenarioScore) -> str:
         return "-" if v is None else str(v)
 
     what = "healthy" if s.healthy else s.expected_kind or ""
-    return (f"  {s.name:28s} {what:28s} {'PASS' if s.passed else 'FAIL'}  detected={show(s.detected if not s.healthy else None):5s}"
+    detected = show(s.detected if not s.healthy else None)
+    return (f"  {s.name:28s} {what:28s} {'PASS' if s.passed else 'FAIL'}  detected={detected:5s}"
             f" step={show(s.step):5s} degraded={show(s.degraded_step):5s} lead={show(s.lead_steps):5s}"
             f" false_alarms={s.false_alarms}  ({s.wall_s:.1f}s)")
 
@@ -146,7 +155,8 @@ def main(args: argparse.Namespace) -> int:
             for name, ms in costs["cpu_ms_per_step"].items():
                 every = costs["default_every"].get(name)
                 amortized = costs["amortized_fraction_of_bare"].get(name)
-                print(f"  {name:32s} {every if every else '':>5} {ms:8.2f} {costs['ratio_to_bare'][name]:7.3f} "
+                ratio = costs["ratio_to_bare"][name]
+                print(f"  {name:32s} {every if every else '':>5} {ms:8.2f} {ratio:7.3f} "
                       f"{costs['extra_ms_vs_foundation'][name]:+9.2f} "
                       + (f"{100 * amortized:+30.2f}%" if amortized is not None else ""))
             for setting, s in costs["sharpness"].items():
@@ -163,7 +173,8 @@ def main(args: argparse.Namespace) -> int:
         print()
     else:
         s = result["summary"]
-        print(f"instabilities detected {s['detected']}/{s['instabilities']}, lead > 0 on {s['lead_positive']}; "
+        print(f"instabilities detected {s['detected']}/{s['instabilities']}, "
+              f"lead > 0 on {s['lead_positive']}; "
               f"false alarms on healthy runs: {s['false_alarms']} ({s['healthy']} runs); "
               f"passed {s['passed']}/{s['total']} in {s['wall_s']}s")
     return 0 if result["summary"]["passed"] == result["summary"]["total"] else 1
@@ -176,7 +187,7 @@ SHARPNESS_SETTINGS = {"zoo: iters=8, no trace, every 50": (8, 0, 50),
 
 def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threads: int | None = None,
                 progress: Callable[[str], None] | None = None) -> dict[str, Any]:
-    """CPU time per step of each of keel's transformer probes on a proxy model, against the same loop without it.
+    """CPU time per step of each of keel's transformer probes on a proxy model, against the loop without it.
 
     Every variant trains its own copy of the proxy under `Guard(policy="observe")` with the foundation's
     probes (loss, gradient and parameter norms) plus the probe measured, forced to measure on every step (so
@@ -203,7 +214,7 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
     default_every: dict[str, int] = {}
     for probe in ("attn_logits", "attn_entropy", "output_logits", "activation_rms", "grad_weight_cos",
                   "adam_eps"):
-        every = create_probe(probe).config.every
+        every = int(create_probe(probe).config.every)  # type: ignore[attr-defined]
         default_every[probe] = every
         variants[probe] = base + [create_probe(probe, every=1)]
     variants["transformer"] = "transformer"
@@ -251,18 +262,19 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
     model, opt, data, _ = loops["bare"]
     x, y = data[0]
     named = list(model.named_parameters())
-    ctx = StepContext(step=0, loss=torch.zeros(()), model=model, optimizer=opt, names=tuple(n for n, _ in named),
-                      params=[p for _, p in named], grads=[p.grad for _, p in named], log_step=False)
+    ctx = StepContext(step=0, loss=torch.zeros(()), model=model, optimizer=opt,
+                      names=tuple(n for n, _ in named), params=[p for _, p in named],
+                      grads=[p.grad for _, p in named if p.grad is not None], log_step=False)
     sharpness = {}
     for setting, (iters, trace, every) in SHARPNESS_SETTINGS.items():
-        probe = SharpnessProbe(lambda: F.cross_entropy(model(x[:8]).flatten(0, 1), y[:8].flatten()), iters=iters,
-                               trace_probes=trace)
+        sharp = SharpnessProbe(lambda: F.cross_entropy(model(x[:8]).flatten(0, 1), y[:8].flatten()),
+                               iters=iters, trace_probes=trace)
         seconds = []
         for _ in range(3):
             start = time.process_time()
-            probe.measure(ctx)
+            sharp.measure(ctx)
             seconds.append(time.process_time() - start)
-            probe._last_lr = None
+            sharp._last_lr = None
         s = statistics.median(seconds)
         sharpness[setting] = {"s_per_measurement": s, "every": every, "bare_steps": 1e3 * s / ms["bare"],
                               "amortized_fraction_of_bare": 1e3 * s / every / ms["bare"]}

@@ -80,7 +80,8 @@ class Diagnosis:
                         else f"{-self.lead_steps} steps earlier"))
         then = ""
         if self.consequences:
-            then = " Then: " + ", ".join(f"{k.replace('_', ' ')} at step {s}" for k, s in self.consequences.items()) + "."
+            seen = ", ".join(f"{k.replace('_', ' ')} at step {s}" for k, s in self.consequences.items())
+            then = f" Then: {seen}."
         born = self.evidence.get("born_in")
         if born:
             then += f" NaN/Inf was born in {born['module']} ({born['pass']} pass, step {born['step']})."
