@@ -37,3 +37,10 @@ def test_reference_gap_rise_and_non_finite():
     assert degradation_step(spike) == 100
     assert degradation_step([2.0] * 10 + [math.nan] + [2.0] * 10) == 10
     assert lead_steps(8, 90) == 82 and lead_steps(None, 90) is None
+
+
+def test_a_spike_the_reference_run_shares_is_the_data_not_a_degradation():
+    reference = [2.0] * 40 + [3.5] + [2.0] * 39 + [1.8] * 40  # one hard batch at step 40, in both runs
+    run = reference[:80] + [4.0] + [2.1] * 39  # the run's own spike comes at step 80
+    assert degradation_step(run) == 40  # alone, the shared hard batch looks like damage
+    assert degradation_step(run, reference) == 80

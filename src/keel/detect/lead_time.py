@@ -4,7 +4,9 @@
 
 - the first non-finite loss; or
 - the first single-step spike: a loss ``spike`` above the median of the ``window // 2`` steps before it
-  (a poisoned batch, an LR jump: the damage is one step, which smoothing would hide); or
+  (a poisoned batch, an LR jump: the damage is one step, which smoothing would hide) — with a reference
+  run, only where the loss is also ``rel`` above the reference's at that step (a hard batch both runs see
+  is the data, not a degradation); or
 - with a reference run (the same recipe with the remedy applied, same data order), the first step from
   which the run's smoothed loss stays ``rel`` above the reference's for ``sustain`` steps: the loss is
   worse than it would have been; or
@@ -77,8 +79,10 @@ def degradation_step(
     bad = np.flatnonzero(~np.isfinite(x[start:]))
     first_bad = start + int(bad[0]) if bad.size else None
     back = max(1, window // 2)
+    raw_ref = np.asarray(reference[:n], dtype=np.float64) if reference is not None else None
     first_spike = next((t for t in range(max(start, back), n)
-                        if x[t] >= (1 + spike) * np.median(x[t - back : t])), None)
+                        if x[t] >= (1 + spike) * np.median(x[t - back : t])
+                        and (raw_ref is None or t >= len(raw_ref) or not x[t] < (1 + rel) * raw_ref[t])), None)
     run = running_median(losses, window)
     if reference is not None:
         ref = running_median(reference[:n], window)

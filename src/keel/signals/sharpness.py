@@ -15,6 +15,12 @@ stability"); η·λ_max/(2 + 2β) with heavy-ball momentum β; and for Adam the 
 2022). A margin ≥ 1 means the top curvature direction is amplified at every step; training at the edge
 of stability sits near 1 and is benign; a learning-rate jump sends it far above.
 
+It is the costliest probe by far, and opt-in (in no probe set): on keel's small proxy on a CPU one
+measurement took 1.1 s with ``iters=8`` and no trace (≈ 19 training steps) and 3.9 s with the defaults
+below and AdamW (≈ 65 steps), i.e. +65 % of the training time at ``every=100``
+(``keel bench detect --probe-costs``, BENCHMARKS.md). Keep it sparse; the ``lr_jump`` trigger is what
+catches an LR spike in time.
+
 The curvature needs a loss with its graph, which a probe does not get: give the probe a ``closure`` that
 computes the loss of a fixed batch (``lambda: loss_fn(model(xb), yb)``). The probe runs it under
 `keel.signals.quiet` (other hooks see nothing), with the RNG state forked and the module buffers restored,
