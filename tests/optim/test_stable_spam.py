@@ -178,10 +178,15 @@ def test_reset_step_quirk_differs_only_where_documented() -> None:
 
 @pytest.mark.parametrize("foreach", [None, True], ids=["tensor-major", "foreach"])
 def test_injected_spike_is_clipped_and_gradient_norm_stays_bounded(foreach: bool | None) -> None:
-    _, _, ref, _ = _compare(30, _hyper(gamma3=0.999, interval=0, foreach=foreach), spikes={30: 1e4})
+    p, opt, ref, _ = _compare(30, _hyper(gamma3=0.999, interval=0, foreach=foreach), spikes={30: 1e4})
     assert ref.last_clipped
     # AdaGN hands Adam a gradient of norm m̂_n/(sqrt(v̂_n)+ε) ≤ 1 (Jensen), however large the spike.
     assert ref.last_input_norm <= 1.0
+    # keel's own moments saw what the reference's did: the 1e4 never reached Adam.
+    state = opt.state[p]
+    np.testing.assert_allclose(state["exp_avg"].numpy(), ref.m, rtol=1e-4, atol=1e-7)
+    np.testing.assert_allclose(state["exp_avg_sq"].numpy(), ref.v, rtol=1e-4, atol=1e-9)
+    assert state["exp_avg"].abs().max().item() < 1.0
 
 
 @pytest.mark.parametrize("like_reference", [False, True])

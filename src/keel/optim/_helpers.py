@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -35,6 +36,18 @@ def check_int(owner: str, name: str, value: int, low: int = 0) -> None:
 def check_lr(owner: str, lr: float) -> None:
     """A learning rate is a Python number here: keel's update rules fold it into per-tensor scalars."""
     check_range(owner, "lr", lr, 0.0, math.inf, high_open=True)
+
+
+def check_adam(
+    owner: str, *, lr: float, betas: Sequence[float], eps: float, weight_decay: float, foreach: bool | None
+) -> None:
+    """The checks every Adam-family optimizer of keel makes on its shared hyper-parameters."""
+    check_lr(owner, lr)
+    check_betas(owner, betas)
+    check_range(owner, "eps", eps, 0.0, math.inf, high_open=True)
+    check_range(owner, "weight_decay", weight_decay, 0.0, math.inf, high_open=True)
+    if foreach not in (None, True, False):
+        raise ValueError(f"{owner}.foreach={foreach!r}; allowed: None, True or False")
 
 
 def group_by_device_dtype(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
@@ -118,6 +131,25 @@ def params_with_grad(group: dict) -> list[Tensor]:
             raise RuntimeError("keel optimizers do not support sparse gradients; use torch.optim.SparseAdam")
         out.append(p)
     return out
+
+
+def step_buckets(
+    optimizer: torch.optim.Optimizer,
+    closure: Callable[[], float] | None,
+    update: Callable[[list[Tensor], dict[str, Any]], None],
+) -> float | None:
+    """The body of an optimizer's ``step``: evaluate ``closure`` with grad enabled, then call
+    ``update(params, group)`` once per parameter group and (device, dtype) bucket of parameters with a
+    gradient — the unit one foreach or fused kernel takes. Returns the closure's loss, if any."""
+    loss = None
+    if closure is not None:
+        with torch.enable_grad():
+            loss = closure()
+    for group in optimizer.param_groups:
+        params = params_with_grad(group)
+        for indices in group_by_device_dtype(params).values():
+            update([params[i] for i in indices], group)
+    return loss
 
 
 def as_list(values: Iterable[float]) -> list[float]:

@@ -11,18 +11,21 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from keel.optim._adam import apply_update_, update_moments_
+from keel.optim._adam import apply_update_, fused_adamw_, update_moments_
 from keel.optim._helpers import Scratch
 
 
 @dataclass(frozen=True, kw_only=True)
 class SpamPlan:
     """One bucket's step: per-tensor indices to reset, to clip-test (and of those, to test with unseen
-    entries spared), and each tensor's signed step size."""
+    entries spared); per tensor its warmed-up LR lr·s, sqrt(1 − β2^k) and signed step size
+    −lr·s·sqrt(1 − β2^k)/(1 − β1^k)."""
 
     resets: list[int]
     clip: list[int]
     spare: set[int]
+    lrs: list[float]
+    bias2_sqrts: list[float]
     step_sizes: list[float]
 
 
@@ -107,6 +110,7 @@ def tensor_major_update(
     exp_avg_sqs: list[Tensor],
     plan: SpamPlan,
     *,
+    steps: list[Tensor],
     beta1: float,
     beta2: float,
     eps: float,
@@ -114,20 +118,25 @@ def tensor_major_update(
     threshold: float,
     scratch: Scratch,
 ) -> None:
-    """Every op of one tensor back to back, then the next tensor: on CPU its moments stay in cache
-    between ops, which measured ~20% faster than op-by-op foreach on a 10M-parameter model."""
+    """Tensor by tensor: the spike test (and, rarely, the clamp), then one fused AdamW pass.
+
+    SPAM's step is (p − lr·s·sqrt(1−β2^k)/(1−β1^k) · m/(sqrt(v) + ε))·d with the decay d after the update;
+    the fused kernel computes p·(1 − lr'·λ') − lr'/(1−β1^k) · m/(sqrt(v)/sqrt(1−β2^k) + ε'), which is the
+    same with lr' = lr·s·d, ε' = ε/sqrt(1−β2^k) and lr'·λ' = 1 − d.
+    """
     resets, clip = set(plan.resets), set(plan.clip)
-    denoms, outs = scratch.like(params, 0), scratch.like(params, 1)
-    for i, (p, m, v, denom, out) in enumerate(zip(params, exp_avgs, exp_avg_sqs, denoms, outs, strict=True)):
+    tmps, outs = scratch.like(params, 0), scratch.like(params, 1)
+    for i, (p, m, v, step, tmp, out) in enumerate(
+        zip(params, exp_avgs, exp_avg_sqs, steps, tmps, outs, strict=True)
+    ):
         g = p.grad
         if i in resets:
             m.zero_()
             v.zero_()
-        if i in clip and (i in plan.spare or may_spike(g, v, threshold, denom)):
-            g = spike_clip(g, v, threshold, out=out, bound=denom, spare_unseen=i in plan.spare)
-        m.lerp_(g, 1.0 - beta1)
-        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-        torch.sqrt(v, out=denom).add_(eps)
-        p.addcdiv_(m, denom, value=plan.step_sizes[i])
-        if decay != 1.0:
+        if i in clip and (i in plan.spare or may_spike(g, v, threshold, tmp)):
+            g = spike_clip(g, v, threshold, out=out, bound=tmp, spare_unseen=i in plan.spare)
+        lr = plan.lrs[i] * decay
+        fused_adamw_(p, g, m, v, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps / plan.bias2_sqrts[i],
+                     weight_decay=(1.0 - decay) / lr if lr != 0 else 0.0)
+        if lr == 0 and decay != 1.0:  # lr·s·d = 0 with d ≠ 1: d = 0, which the kernel cannot express
             p.mul_(decay)

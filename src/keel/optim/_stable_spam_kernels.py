@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from keel.optim._adam import apply_update_, update_moments_
+from keel.optim._adam import apply_update_, fused_adamw_, update_moments_
 from keel.optim._helpers import Scratch, max_abs
 from keel.optim._rows import as_rows, hot_rows, row_abs_max, scale_spikes
 from keel.optim.ada_clip import ada_clip_, ada_clip_thresholds
@@ -36,7 +36,7 @@ class StableSpamPlan:
     betas: tuple[float, float]
     eps: float
     gammas: tuple[float, float, float]
-    decay: float
+    weight_decay: float
 
 
 def _adam_scalars(plan: StableSpamPlan, i: int) -> tuple[float, float, float]:
@@ -54,15 +54,15 @@ def _adam_scalars(plan: StableSpamPlan, i: int) -> tuple[float, float, float]:
 def tensor_major_update(
     params: list[Tensor], states: list[dict[str, Any]], plan: StableSpamPlan, scratch: Scratch
 ) -> None:
-    """Every op of one tensor back to back (its moments stay in cache), with the statistics as host floats,
-    which on CPU cost nothing to read.
+    """Tensor by tensor, with the statistics as host floats, which on CPU cost nothing to read: two read
+    passes over g (max|g|, then ‖g‖) and one fused AdamW pass (decay, moments, step) per tensor.
 
-    AdaClip touches only the rows that hold a spike: their clipped values enter the norm, and their moment
-    rows are recomputed from the clipped values after the dense update of the rest (saved beforehand, so
-    the result equals a dense clip's). When more than an eighth of the rows are hot, the dense clip runs.
+    AdaClip touches only the rows that hold a spike: their clipped values enter the norm, and those rows of
+    p, m and v are updated again from their saved values with the clipped gradient after the dense update
+    of the rest, so the result equals a dense clip's. When more than an eighth of the rows are hot, the
+    dense clip runs.
     """
     gamma1, gamma2, gamma3 = plan.gammas
-    beta2 = plan.betas[1]
     grads = [p.grad for p in params]
     maxima = torch.stack(max_abs(grads)).tolist()
     previous = {
@@ -70,17 +70,15 @@ def tensor_major_update(
     }
     updated: dict[str, list[float]] = {key: [] for key in previous}
     resets = set(plan.resets)
-    outs, denoms = scratch.like(params, 1), scratch.like(params, 0)
-    if plan.decay != 1.0:  # one foreach call; p is evicted from cache before its update anyway
-        torch._foreach_mul_(params, plan.decay)
-    for i, (p, g, state, out, denom) in enumerate(zip(params, grads, states, outs, denoms, strict=True)):
+    outs = scratch.like(params, 1)
+    for i, (p, g, state, out) in enumerate(zip(params, grads, states, outs, strict=True)):
         t = plan.counts[i]
         # AdaClip: dense, sparse (hot rows only) or not at all.
         ema = gamma3 * previous["clip_ema"][i] + (1.0 - gamma3) * maxima[i]
         threshold = ema / (1.0 - gamma3**t)
         src, hot, hot_clipped, rows = g, None, None, None
         if maxima[i] > threshold:
-            rows = _rows_if_writable(g, state)
+            rows = _rows_if_writable(p, g, state)
             hot = hot_rows(row_abs_max(rows), threshold) if rows is not None else None
             if hot is None:
                 spiked = torch.abs(g, out=out).gt_(threshold)  # 1.0 where |g| > M̂
@@ -102,25 +100,23 @@ def tensor_major_update(
         factor = target / norm if norm > 0 else 0.0
         for key, value in (("clip_ema", ema), ("norm_ema", norm_ema), ("norm_sq_ema", norm_sq_ema)):
             updated[key].append(value)
-        # MoRet + Adam. The AdaGN factor f rides on the moment updates' scalars instead of a pass of its
-        # own: m ← β1'·m + (1−β1')·f·src, v ← β2·v + (1−β2)·f²·src².
+        # AdaGN's rescale into scratch (p.grad stays untouched), then MoRet + Adam in one fused pass. Hot rows
+        # were updated densely from the unclipped gradient: they are saved first and updated again from the
+        # saved values with the clipped rows.
         m, v = state["exp_avg"], state["exp_avg_sq"]
         if i in resets and not plan.reset_after:
             m.zero_()
             v.zero_()
-        beta1_t, step_size, eps = _adam_scalars(plan, i)
-        m_alpha, v_alpha = (1.0 - beta1_t) * factor, (1.0 - beta2) * factor * factor
+        step = state["step"].fill_(plan.steps[i])
+        adam = dict(lr=plan.lr, beta1=plan.betas[0] * plan.scales[i], beta2=plan.betas[1], eps=plan.eps,
+                    weight_decay=plan.weight_decay)
         if hot is not None:
-            m_rows, v_rows = as_rows(m), as_rows(v)
-            m_hot = m_rows.index_select(0, hot).mul_(beta1_t).add_(hot_clipped, alpha=m_alpha)
-            v_hot = v_rows.index_select(0, hot).mul_(beta2).addcmul_(hot_clipped, hot_clipped, value=v_alpha)
-        m.mul_(beta1_t).add_(src, alpha=m_alpha)
-        v.mul_(beta2).addcmul_(src, src, value=v_alpha)
+            saved = [as_rows(x).index_select(0, hot) for x in (p, m, v)]
+        fused_adamw_(p, torch.mul(src, factor, out=out), m, v, step, **adam)
         if hot is not None:
-            m_rows.index_copy_(0, hot, m_hot)
-            v_rows.index_copy_(0, hot, v_hot)
-        torch.sqrt(v, out=denom).add_(eps)
-        p.addcdiv_(m, denom, value=step_size)
+            fused_adamw_(saved[0], hot_clipped.mul_(factor), saved[1], saved[2], step, **adam)
+            for x, rows_new in zip((p, m, v), saved, strict=True):
+                as_rows(x).index_copy_(0, hot, rows_new)
         if i in resets and plan.reset_after:
             m.zero_()
             v.zero_()
@@ -129,12 +125,12 @@ def tensor_major_update(
             state[key] = value
 
 
-def _rows_if_writable(grad: Tensor, state: dict[str, Any]) -> Tensor | None:
-    """``grad`` as rows when the row-wise clip can write through views of it and of its moments: at
-    least 8 rows (fewer gain nothing) and contiguous gradient, m and v."""
+def _rows_if_writable(param: Tensor, grad: Tensor, state: dict[str, Any]) -> Tensor | None:
+    """``grad`` as rows when the row-wise clip can write through views of it, of p and of its moments:
+    at least 8 rows (fewer gain nothing) and contiguous p, gradient, m and v."""
     if grad.dim() < 2 or grad.shape[0] < 8:
         return None
-    if not all(x.is_contiguous() for x in (grad, state["exp_avg"], state["exp_avg_sq"])):
+    if not all(x.is_contiguous() for x in (param, grad, state["exp_avg"], state["exp_avg_sq"])):
         return None
     return as_rows(grad)
 
@@ -146,8 +142,8 @@ def foreach_update(
     gamma1, gamma2, gamma3 = plan.gammas
     device = params[0].device
     grads = [p.grad for p in params]
-    if plan.decay != 1.0:
-        torch._foreach_mul_(params, plan.decay)
+    if plan.weight_decay != 0.0:
+        torch._foreach_mul_(params, 1.0 - plan.lr * plan.weight_decay)
     # AdaClip, every tensor (deciding which need it would take a host read).
     maxima = torch.stack(max_abs(grads)).float()
     counts = torch.tensor(plan.counts, dtype=torch.float32, device=device)

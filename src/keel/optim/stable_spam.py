@@ -16,12 +16,10 @@ from torch.optim import Optimizer
 
 from keel.optim._helpers import (
     Scratch,
-    check_betas,
+    check_adam,
     check_int,
-    check_lr,
     check_range,
-    group_by_device_dtype,
-    params_with_grad,
+    step_buckets,
 )
 from keel.optim._registry import optimizers
 from keel.optim._stable_spam_kernels import StableSpamPlan, foreach_update, tensor_major_update
@@ -61,9 +59,10 @@ class StableSPAM(Optimizer):
     The AdaClip/AdaGN statistics are 0-d float32 tensors per parameter. ``p.grad`` is left untouched.
 
     Speed: on accelerators the update runs as foreach kernels with the statistics as device vectors (no
-    host sync). On CPU it runs tensor by tensor with all ops of one tensor back to back (its moments stay
-    in cache), the statistics as host floats (free to read there), and skips the clip of every tensor
-    whose max|g| ≤ M̂; one scratch buffer per parameter is kept between steps (4 bytes/parameter).
+    host sync). On CPU it runs tensor by tensor with the statistics as host floats (free to read there):
+    max|g| and ‖g‖ (two read passes), the clip only where max|g| > M̂ (and then only on the rows that hold
+    a spike), AdaGN's rescale into a scratch buffer, and PyTorch's fused AdamW kernel for decay, moments
+    and step in one pass. One scratch buffer per parameter is kept between steps (4 bytes/parameter).
 
     Feed it finite gradients only (`keel.Guard` skips non-finite steps): a NaN would poison the running
     statistics.
@@ -125,10 +124,7 @@ class StableSPAM(Optimizer):
         foreach: bool | None = None,
     ) -> None:
         name = "StableSPAM"
-        check_lr(name, lr)
-        check_betas(name, betas)
-        check_range(name, "eps", eps, 0.0, math.inf, high_open=True)
-        check_range(name, "weight_decay", weight_decay, 0.0, math.inf, high_open=True)
+        check_adam(name, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, foreach=foreach)
         for field, value in (("gamma1", gamma1), ("gamma2", gamma2), ("gamma3", gamma3)):
             check_range(name, field, value, 0.0, 1.0, high_open=True)
         check_int(name, "reset_interval", reset_interval)
@@ -137,8 +133,6 @@ class StableSPAM(Optimizer):
         check_range(name, "decay_min", decay_min, 0.0, 1.0)
         if not isinstance(reset_like_reference, bool):
             raise ValueError(f"{name}.reset_like_reference={reset_like_reference!r}; allowed: True or False")
-        if foreach not in (None, True, False):
-            raise ValueError(f"{name}.foreach={foreach!r}; allowed: None, True or False")
         defaults = dict(
             lr=lr,
             betas=tuple(betas),
@@ -159,15 +153,7 @@ class StableSPAM(Optimizer):
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Apply one update to every parameter that has a gradient; returns the closure's loss if given."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            params = params_with_grad(group)
-            for indices in group_by_device_dtype(params).values():
-                self._update([params[i] for i in indices], group)
-        return loss
+        return step_buckets(self, closure, self._update)
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
@@ -202,7 +188,7 @@ class StableSPAM(Optimizer):
             betas=group["betas"],
             eps=group["eps"],
             gammas=(group["gamma1"], group["gamma2"], group["gamma3"]),
-            decay=1.0 - group["lr"] * group["weight_decay"],
+            weight_decay=group["weight_decay"],
         )
         foreach = group["foreach"] if group["foreach"] is not None else params[0].device.type != "cpu"
         (foreach_update if foreach else tensor_major_update)(params, states, plan, self._scratch)
