@@ -150,7 +150,8 @@ class _Progress:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true", help=f"{QUICK_STEPS} steps per run (under a minute)")
+    parser.add_argument("--quick", action="store_true",
+                        help=f"{QUICK_STEPS} steps per run (about 2 minutes for the five runs)")
     parser.add_argument("--out", default="runs/demo", help="where the run stores go (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON after the run")
 
