@@ -255,3 +255,58 @@ def test_keel_stabilize_is_the_lazy_top_level_name_and_trains_the_proxy() -> Non
     losses = _train(model, opt, _batches(model.head.out_features), result, steps=6)
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert result.z_loss().item() > 0
+
+
+def _proxy() -> tuple[nn.Module, torch.Tensor]:
+    return create_proxy_model("tiny"), torch.randint(0, 256, (2, 16))
+
+
+def _nanogpt() -> tuple[nn.Module, torch.Tensor]:
+    return NanoGPT(), torch.randint(0, 50, (2, 16))
+
+
+def _mha_stack() -> tuple[nn.Module, torch.Tensor]:
+    layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.0, batch_first=True)
+    return nn.TransformerEncoder(layer, num_layers=2, enable_nested_tensor=False), torch.randn(3, 5, 16)
+
+
+def _objective(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    out = model(x)
+    if x.is_floating_point():  # the encoder stack: regress onto a fixed function of the input
+        return F.mse_loss(out, x.flip(-1))
+    return F.cross_entropy(out[:, :-1].flatten(0, 1), x[:, 1:].flatten())
+
+
+@pytest.mark.parametrize("build", [_proxy, _nanogpt, _mha_stack], ids=["proxy", "nanogpt", "mha"])
+def test_round_trip_identity_where_promised_and_training_continues(build) -> None:
+    # σReparam keeps the function at conversion; QK-norm changes it (the point of it); either way the
+    # converted model keeps its optimizer state and goes on learning.
+    torch.manual_seed(0)
+    model, x = build()
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(2):  # optimizer state exists before the surgery and must survive it
+        opt.zero_grad()
+        _objective(model, x).backward()
+        opt.step()
+    model.eval()
+    with torch.no_grad():
+        before = model(x)
+        stabilize(model, ["sigma_reparam"], optimizer=opt)
+        torch.testing.assert_close(model(x), before, rtol=1e-5, atol=1e-5)
+        result = stabilize(model, ["qk_norm"], optimizer=opt)
+        assert result.changes and not torch.allclose(model(x), before, atol=1e-4)
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert {id(p) for p in model.parameters() if p.requires_grad} <= in_opt
+    assert all("exp_avg" in opt.state[p] for p in opt.state)
+    model.train()
+    losses = []
+    for _ in range(8):
+        opt.zero_grad()
+        loss = _objective(model, x)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    gains = [p for c in result.changes for p in c.new_parameters]
+    assert gains and any(not torch.equal(p, torch.ones_like(p)) and not torch.equal(p, torch.zeros_like(p))
+                         for p in gains)  # the new norm parameters are trained too

@@ -108,3 +108,26 @@ def test_llama_q_and_k_projections_are_normalised_before_rope_with_gqa() -> None
     loss = F.cross_entropy(model(ids).logits.flatten(0, 1), ids.flatten())
     loss.backward()
     assert attn.q_norm.weight.grad is not None and attn.k_norm.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("build", [_gpt2, _llama], ids=["gpt2", "llama"])
+def test_qk_norm_and_z_loss_with_the_optimizer_and_training_continues(build) -> None:
+    torch.manual_seed(0)
+    model = build()
+    ids = torch.randint(0, 64, (4, 12))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    result = stabilize(model, ["qk_norm", "z_loss"], optimizer=opt)
+    norms = [p for c in result.changes if c.remedy == "qk_norm" for p in c.new_parameters]
+    in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
+    assert norms and all(id(p) in in_opt for p in norms)
+    before = [p.detach().clone() for p in norms]
+    losses = []
+    for _ in range(8):
+        logits = model(ids).logits
+        loss = F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()) + result.z_loss()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0] - 0.1
+    assert all(not torch.equal(p, b) for p, b in zip(norms, before, strict=True))  # the norms learn too
