@@ -8,8 +8,8 @@
   run, only where the loss is also ``rel`` above the reference's at that step (a hard batch both runs see
   is the data, not a degradation); or
 - with a reference run (the same recipe with the remedy applied, same data order), the first step from
-  which the run's smoothed loss stays ``rel`` above the reference's for ``sustain`` steps: the loss is
-  worse than it would have been; or
+  which the run's smoothed loss stays ``rel`` above the reference's for ``sustain`` steps, and whose own
+  loss is ``rel`` above the reference's on the same batch: the loss is worse than it would have been; or
 - without one, the first step from which the smoothed loss stays ``rise`` above its best level so far for
   ``sustain`` steps (a spike or divergence that lasts).
 
@@ -84,10 +84,13 @@ def degradation_step(
                         if x[t] >= (1 + spike) * np.median(x[t - back : t])
                         and (raw_ref is None or t >= len(raw_ref) or not x[t] < (1 + rel) * raw_ref[t])), None)
     run = running_median(losses, window)
-    if reference is not None:
-        ref = running_median(reference[:n], window)
+    if raw_ref is not None:
+        ref = running_median(reference[:n], window)  # type: ignore[index]
         worse = run >= (1 + rel) * ref
-        raw_worse = x >= (1 + rel) * ref
+        # same data order: the step itself is judged on its own batch, against the reference's loss there
+        # (against the smoothed reference, a hard batch both runs see would count as degraded)
+        raw_worse = np.zeros(n, dtype=bool)
+        raw_worse[: len(raw_ref)] = x[: len(raw_ref)] >= (1 + rel) * raw_ref
     else:
         best = np.fmin.accumulate(np.where(np.isfinite(run), run, np.inf))
         floor = (1 + rise) * np.concatenate([[np.inf], best[:-1]])
