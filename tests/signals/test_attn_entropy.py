@@ -160,3 +160,29 @@ def test_hugging_face_eager_and_sdpa_match_the_models_attention_maps(kind):
         top.detach()
     torch.testing.assert_close(results["eager"][0], results["sdpa"][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results["eager"][1], results["sdpa"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_multihead_attention_with_a_fully_masked_query_row_leaves_it_out():
+    """A query row with every key masked (MHA outputs NaN there): max logit and entropy come from the other
+    rows, as the float64 reference computes them."""
+    from keel.signals.attn_logits import AttnLogitsProbe
+
+    torch.manual_seed(0)
+    mha = nn.MultiheadAttention(8, 2, batch_first=True)
+    x = torch.randn(2, 4, 8)
+    mask = torch.zeros(4, 4, dtype=torch.bool)
+    mask[2, :] = True  # query 2 may see nothing
+    ent, top = AttnEntropyProbe(every=1), AttnLogitsProbe(fused_every=1)
+    ent.attach(mha)
+    top.attach(mha)
+    mha(x, x, x, attn_mask=mask, need_weights=False)
+    w_q, w_k, _ = mha.in_proj_weight.double().chunk(3)
+    b_q, b_k, _ = mha.in_proj_bias.double().chunk(3)
+    q = (x.double() @ w_q.T + b_q).view(2, 4, 2, 4).transpose(1, 2)
+    k = (x.double() @ w_k.T + b_k).view(2, 4, 2, 4).transpose(1, 2)
+    z = (q @ k.transpose(-2, -1) / 2.0).masked_fill(mask, -math.inf).detach()
+    expected_top, expected_heads = ref_stats(z.numpy())
+    got = per_head(ent)
+    assert all(math.isfinite(v) for v in got.values())
+    assert [got[f"MultiheadAttention/h{h}"] for h in range(2)] == pytest.approx(expected_heads.tolist(), rel=1e-5)
+    assert float(top.read()["attn/max_logit"]) == pytest.approx(expected_top, rel=1e-5)
