@@ -110,7 +110,9 @@ def test_describe_is_json_and_quick_grid_is_small():
     assert '"recipes": ["baseline", "mine"]' in text
     quick = quick_config()
     runs = len(expand_grid(quick))
-    assert runs <= 16 and quick.steps <= 150 and dataclasses.replace(quick, steps=10).steps == 10
+    assert runs <= 16 and quick.steps <= 300 and dataclasses.replace(quick, steps=10).steps == 10
+    full = {s.run_id: s.config for s in expand_grid(SweepConfig(recipes=quick.recipes, sizes=quick.sizes))}
+    assert all(full[s.run_id] == s.config for s in expand_grid(quick))  # the same runs as the full grid's
 
 
 def test_every_run_decays_to_the_same_final_lr_whatever_its_peak():
