@@ -55,3 +55,15 @@ def test_with_a_reference_the_step_found_is_worse_on_its_own_batch():
         reference = list(2.5 + rng.normal(0, 0.1, 120))
         run = reference[:60] + [r * 1.4 for r in reference[60:90]] + reference[90:]
         assert degradation_step(run, reference) == 60, seed
+
+
+def test_long_runs_and_a_reference_shorter_than_the_run():
+    rng = np.random.default_rng(4)
+    losses = 2.0 + rng.normal(0, 0.05, 200_000)
+    losses[150_000:] += 1.0  # a lasting rise deep into a long run (vectorised: no per-step Python loop)
+    assert degradation_step(list(losses)) == 150_000
+    reference = [2.0] * 50
+    run = [2.0] * 50 + [9.0] + [2.0] * 49  # past the reference's end only a spike or a NaN can date it
+    assert degradation_step(run, reference) == 50
+    assert degradation_step([2.0] * 50 + [2.5] * 50, reference) is None
+    assert degradation_step([]) is None and degradation_step([math.nan]) == 0

@@ -23,13 +23,18 @@ what the fixed recipe reaches.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+import warnings
+from collections.abc import Callable, Sequence
 
 import numpy as np
+from numpy.lib.stride_tricks import sliding_window_view
+
+CHUNK = 65536  # rows of a sliding-window view reduced at once: bounded memory for million-step runs
 
 
-def running_median(values: Sequence[float], window: int) -> np.ndarray:
-    """Centred running median (shorter windows at the ends); non-finite values are left out.
+def running_median(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
+    """Centred running median over ``2·(window // 2) + 1`` steps (shorter windows at the ends); non-finite
+    values are left out. Vectorised: a million steps take about a second, so a `Guard` can afford it at close.
 
     Example:
         >>> running_median([1.0, 9.0, 1.0, 1.0, 1.0], 3).tolist()
@@ -37,11 +42,18 @@ def running_median(values: Sequence[float], window: int) -> np.ndarray:
     """
     x = np.asarray(values, dtype=np.float64)
     half = window // 2
-    out = np.empty(len(x))
-    for i in range(len(x)):
-        part = x[max(0, i - half) : i + half + 1]
-        part = part[np.isfinite(part)]
-        out[i] = np.median(part) if part.size else math.nan
+    padded = np.concatenate([np.full(half, np.nan), np.where(np.isfinite(x), x, np.nan), np.full(half, np.nan)])
+    return _windowed(padded, 2 * half + 1, len(x), np.nanmedian)
+
+
+def _windowed(x: np.ndarray, width: int, rows: int, reduce: Callable[..., np.ndarray]) -> np.ndarray:
+    """``reduce`` over ``x[i : i + width]`` for i < rows, in chunks (all-NaN windows give NaN, quietly)."""
+    out = np.full(rows, math.nan)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # nanmedian of an all-NaN window
+        for lo in range(0, rows, CHUNK):
+            hi = min(rows, lo + CHUNK)
+            out[lo:hi] = reduce(sliding_window_view(x[lo : hi + width - 1], width), axis=1)
     return out
 
 
@@ -60,7 +72,8 @@ def degradation_step(
 
     Args:
         losses: The run's loss per step.
-        reference: The reference run's loss per step (same steps), or None.
+        reference: The reference run's loss per step (same steps and batches), or None; steps past its end
+            are never "worse than the reference" (only a spike or a non-finite loss can date them).
         window: Running-median width.
         rel: Gap to the reference that counts (0.03 = 3 % worse).
         rise: Rise above the run's own best that counts, without a reference.
@@ -78,32 +91,44 @@ def degradation_step(
     x = np.asarray(losses, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(x[start:]))
     first_bad = start + int(bad[0]) if bad.size else None
+    raw_ref = None
+    if reference is not None:
+        raw_ref = np.full(n, np.nan)
+        given = np.asarray(reference[:n], dtype=np.float64)
+        raw_ref[: len(given)] = given
+    # one-step spikes: x[t] against the median of the `back` steps before it (NaN there: no spike)
     back = max(1, window // 2)
-    raw_ref = np.asarray(reference[:n], dtype=np.float64) if reference is not None else None
-    first_spike = next((t for t in range(max(start, back), n)
-                        if x[t] >= (1 + spike) * np.median(x[t - back : t])
-                        and (raw_ref is None or t >= len(raw_ref) or not x[t] < (1 + rel) * raw_ref[t])), None)
+    spikes = np.zeros(n, dtype=bool)
+    if n > back:
+        before = _windowed(x, back, n - back, np.median)  # before[i] = median(x[i : i + back]), for t = i + back
+        spikes[back:] = x[back:] >= (1 + spike) * before
+        if raw_ref is not None:  # a hard batch the reference run also found hard is the data
+            spikes &= ~(x < (1 + rel) * raw_ref)
+    spikes[:start] = False
+    hits = np.flatnonzero(spikes)
+    first_spike = int(hits[0]) if hits.size else None
     run = running_median(losses, window)
     if raw_ref is not None:
-        ref = running_median(reference[:n], window)  # type: ignore[index]
+        ref = running_median(raw_ref, window)
         worse = run >= (1 + rel) * ref
         # same data order: the step itself is judged on its own batch, against the reference's loss there
         # (against the smoothed reference, a hard batch both runs see would count as degraded)
-        raw_worse = np.zeros(n, dtype=bool)
-        raw_worse[: len(raw_ref)] = x[: len(raw_ref)] >= (1 + rel) * raw_ref
+        raw_worse = x >= (1 + rel) * raw_ref
     else:
         best = np.fmin.accumulate(np.where(np.isfinite(run), run, np.inf))
         floor = (1 + rise) * np.concatenate([[np.inf], best[:-1]])
         worse = run >= floor
         raw_worse = x >= floor
-    found = None
-    for t in range(start, n):
-        end = min(n, t + sustain)
-        # the step itself must be worse too: a centred median would otherwise date a change up to
-        # window/2 steps before it happened
-        if raw_worse[t] and worse[t:end].all():
-            found = t
-            break
+    # worse on all of [t, min(n, t + sustain)): no "not worse" step in that range (prefix counts)
+    not_worse = np.concatenate([[0], np.cumsum(~worse)])
+    ends = np.minimum(n, np.arange(n) + sustain)
+    held = not_worse[ends] - not_worse[np.arange(n)] == 0
+    # the step itself must be worse too: a centred median would otherwise date a change up to
+    # window/2 steps before it happened
+    ok = raw_worse & held
+    ok[:start] = False
+    found_at = np.flatnonzero(ok)
+    found = int(found_at[0]) if found_at.size else None
     candidates = [s for s in (first_bad, first_spike, found) if s is not None]
     return min(candidates) if candidates else None
 

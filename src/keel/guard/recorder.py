@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 import traceback
+from array import array
 from typing import Any
 
 from keel._core.decision import Decision
@@ -33,7 +34,10 @@ class Recorder:
         self.findings: list[Finding] = []
         self.decisions: list[Decision] = []
         self.diagnoses: list[Diagnosis] = []
-        self._losses: dict[int, float] = {}  # the loss per step: when the loss degraded, for the lead time
+        # the loss of steps 0, 1, 2, … (8 bytes a step): when the loss degraded, for the lead time; a gap or a
+        # resumed run (first step not 0) ends it, and the diagnosis then goes without lead times
+        self._losses = array("d")
+        self._losses_whole = True
 
     def meta(self, items: dict[str, Any]) -> None:
         if self.writer is not None:
@@ -43,8 +47,11 @@ class Recorder:
         """Record one step: its signals (per-parameter ones on ``log_every`` and non-finite steps), findings
         and, unless it is a plain ``"ok"``, its decision."""
         self.findings.extend(decision.findings)
-        if LOSS in obs.values:
-            self._losses[obs.step] = obs.values[LOSS]
+        if self._losses_whole:
+            if LOSS in obs.values and obs.step == len(self._losses):
+                self._losses.append(float(obs.values[LOSS]))
+            else:
+                self._losses_whole = False
         if decision.action != "ok":
             self.decisions.append(decision)
         if self.writer is None:
@@ -85,9 +92,8 @@ class Recorder:
 
     def diagnose(self) -> list[Diagnosis]:
         """Named causes of the findings so far; with lead times when the losses cover steps 0…n-1."""
-        steps = sorted(self._losses)
-        whole = steps == list(range(len(steps)))  # not after a resume, where step 0 is missing
-        return diagnose(self.findings, losses=[self._losses[s] for s in steps] if whole and steps else None)
+        whole = self._losses_whole and len(self._losses) > 0
+        return diagnose(self.findings, losses=self._losses.tolist() if whole else None)
 
     def close(self, status: str, steps: int) -> None:
         try:
