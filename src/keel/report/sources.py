@@ -99,9 +99,10 @@ def sweep_fragment(path: Path) -> tuple[str | None, str]:
     fragment = folder / SWEEP_SECTION_NAME
     if not fragment.is_file():
         return None, f"{folder}: {NOTES['sweep']}"
-    # A live sweep appends to the WAL file; its main file changes at each checkpoint.
+    # A live sweep appends to the WAL file, its main file changes at each checkpoint. An empty WAL file is
+    # one a reader created (this report's own classify() does), not a change.
     store = [folder / SWEEP_STORE_NAME, folder / f"{SWEEP_STORE_NAME}-wal"]
-    changed = max((p.stat().st_mtime for p in store if p.is_file()), default=0.0)
+    changed = max((p.stat().st_mtime for p in store if p.is_file() and p.stat().st_size > 0), default=0.0)
     note = ""
     if changed > fragment.stat().st_mtime:
         note = (f"{folder}: the sweep changed after its section was rendered; "

@@ -103,6 +103,8 @@ def test_keel_report_of_a_sweep_directory_shows_the_section_keel_sweep_rendered(
 
     assert main(["sweep", "--out", str(sweep), "--summarize"]) == 0  # renders sweep_section.html
     assert f"keel report {sweep}" in capsys.readouterr().out
+    for leftover in ("sweep.sqlite-wal", "sweep.sqlite-shm"):  # as a closed sweep leaves it: no WAL file
+        (sweep / leftover).unlink(missing_ok=True)
     assert main(["report", str(sweep), "-o", str(tmp_path / "report.html")]) == 0
     page = (tmp_path / "report.html").read_text()
     fragment = (sweep / "sweep_section.html").read_text()
