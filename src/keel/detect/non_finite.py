@@ -93,4 +93,4 @@ class NonFiniteDetector:
 
 def _non_finite_names(obs: Observation, family: str) -> list[str]:
     names, values = obs.per_param.get(family, ((), []))
-    return [name for name, value in zip(names, values) if not math.isfinite(value)]
+    return [name for name, value in zip(names, values, strict=True) if not math.isfinite(value)]

@@ -61,9 +61,9 @@ class NonFiniteOriginDetector:
 
     def update(self, obs: Observation) -> list[Finding]:
         act_names, act_values = obs.per_param.get(ACTIVATIONS, ((), []))
-        bad_act = [n for n, v in zip(act_names, act_values) if not math.isfinite(v)]
+        bad_act = [n for n, v in zip(act_names, act_values, strict=True) if not math.isfinite(v)]
         grad_names, grad_values = obs.per_param.get(keys.GRAD_NORM_PER_PARAM, ((), []))
-        bad_grad = [n for n, v in zip(grad_names, grad_values) if not math.isfinite(v)]
+        bad_grad = [n for n, v in zip(grad_names, grad_values, strict=True) if not math.isfinite(v)]
         loss = obs.values.get(keys.LOSS, 0.0)
         if not bad_act and not bad_grad and math.isfinite(loss):
             self._active = False

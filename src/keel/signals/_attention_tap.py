@@ -227,7 +227,7 @@ _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "
 
 
 def _sdpa_arguments(args: tuple, kwargs: dict) -> dict[str, Any]:
-    bound = dict(zip(_SDPA_NAMES, args))
+    bound = dict(zip(_SDPA_NAMES, args, strict=False))
     bound.update(kwargs)
     return bound
 

@@ -85,7 +85,7 @@ class AdamEpsProbe:
                     hyper[id(p)] = (float(betas[0]), float(betas[1]), float(group["eps"]))
         names, squares, counts, sizes, dominated = [], [], [], [], []
         with torch.no_grad():
-            for name, p in zip(ctx.names, ctx.params):
+            for name, p in zip(ctx.names, ctx.params, strict=True):
                 state = ctx.optimizer.state.get(p, {})
                 if id(p) not in hyper or "exp_avg" not in state or "exp_avg_sq" not in state:
                     continue

@@ -60,7 +60,7 @@ def grad_weight_cosines(grads: Sequence[Tensor], params: Sequence[Tensor], eps: 
         return torch.zeros(()), torch.zeros(0)
     # float32 accumulation (float64 stays float64): an fp16 dot product of a large tensor would overflow
     g = [t.detach().double() if t.dtype == torch.float64 else t.detach().float() for t in grads]
-    w = [t.detach().to(a.dtype) for t, a in zip(params, g)]
+    w = [t.detach().to(a.dtype) for t, a in zip(params, g, strict=True)]
     dots = torch.stack([d.sum() for d in torch._foreach_mul(g, w)])
     g_sq = torch.stack([d.sum() for d in torch._foreach_mul(g, g)])
     w_sq = torch.stack([d.sum() for d in torch._foreach_mul(w, w)])

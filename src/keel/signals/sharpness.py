@@ -89,7 +89,7 @@ class SharpnessConfig:
 
 
 def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
-    return sum((x.double() * y.double()).sum() for x, y in zip(a, b))  # type: ignore[return-value]
+    return sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
 def top_eigenvalue(hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence[Tensor], *, iters: int,
@@ -177,12 +177,12 @@ class SharpnessProbe:
         with quiet(), torch.random.fork_rng(devices=[]), torch.enable_grad():
             loss = self.closure()
             grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            pairs = [(p, g) for p, g in zip(params, grads) if g is not None]
+            pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
             params, grads = [p for p, _ in pairs], [g for _, g in pairs]
 
             def hvp(v: list[Tensor]) -> list[Tensor]:
                 out = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True, allow_unused=True)
-                return [o.detach() if o is not None else torch.zeros_like(p) for o, p in zip(out, params)]
+                return [o.detach() if o is not None else torch.zeros_like(p) for o, p in zip(out, params, strict=True)]
 
             out: Measurements = {SHARPNESS: top_eigenvalue(hvp, params, iters=self.config.iters,
                                                             generator=generator).float()}
@@ -192,8 +192,8 @@ class SharpnessProbe:
             scale = _adam_preconditioner(ctx.optimizer, params) if self.config.preconditioned is not False else None
             if scale is not None:
                 def pre_hvp(v: list[Tensor]) -> list[Tensor]:  # D^-1/2 H D^-1/2, similar to P^-1 H
-                    hv = hvp([t * s for t, s in zip(v, scale)])
-                    return [t * s for t, s in zip(hv, scale)]
+                    hv = hvp([t * s for t, s in zip(v, scale, strict=True)])
+                    return [t * s for t, s in zip(hv, scale, strict=True)]
 
                 out[PRECONDITIONED] = top_eigenvalue(pre_hvp, params, iters=self.config.iters,
                                                      generator=generator).float()
