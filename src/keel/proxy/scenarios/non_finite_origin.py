@@ -2,9 +2,10 @@
 
 keel's tiny proxy at LR 0.1, where the second block's attention computes ``exp(z) / Σ exp(z)`` directly —
 the classic hand-rolled softmax. Once a logit passes ~88.7, ``exp`` overflows float32 to Inf and
-Inf/Inf gives NaN in that module; the loss and every gradient follow. keel must flag the non-finite step
-and the activation probe names ``blocks.1`` as the first block whose output is not finite; the logit
-growth that leads there is visible steps earlier. (The same overflow is what fp16 without care does, at
+Inf/Inf gives NaN in that module; the loss and every gradient follow. keel must flag the non-finite step,
+and ``non_finite_origin`` names where it was born: at seed 0 the first NaN is a gradient (step 15, one step
+before the loss), born in the backward pass of ``blocks.1.attn.qkv``. The logit growth that leads there is
+flagged 7 steps earlier (step 8). (The same overflow is what fp16 without care does, at
 exp(11) instead of exp(88).)
 """
 
