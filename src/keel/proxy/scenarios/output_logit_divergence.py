@@ -2,8 +2,9 @@
 
 (a · b) mod 59 on the grokking setup of `keel.proxy.scenarios._modular` with an ordinary AdamW (ε = 1e-8)
 and a float16 softmax. Once the training set is fit, the optimizer lowers the loss by scaling the logits:
-log Z climbs from log 59 ≈ 4 by tens of nats within a few dozen steps — the drift keel must flag — the
-float16 softmax then collapses and the loss turns back up and finally spikes. A z-loss of 1e-4 (PaLM;
+log Z climbs from log 59 ≈ 4 by tens of nats within a few dozen steps — the drift keel must flag — while
+the float16 softmax collapses, and the loss turns back up and finally spikes. (At seed 0 keel flags the
+softmax collapse at step 28 and the drift at step 40; the loss degrades from step 138.) A z-loss of 1e-4 (PaLM;
 Wortsman et al. 2023) anchors log Z and the same run keeps improving (`reference`). The loss degrades
 against its own best: the z-loss run reports its penalty in its loss, so the two curves do not compare.
 
