@@ -129,6 +129,7 @@ class Guard:
         if not hasattr(optimizer, "step") or not hasattr(optimizer, "param_groups"):
             raise ValueError(f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
         self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self._names, self._params = tuple(n for n, _ in self.named), [p for _, p in self.named]
         if not self.named:
             n_all = sum(1 for _ in model.parameters())
             raise ValueError(f"model {type(model).__name__} has {n_all} parameters, none trainable; "
@@ -289,12 +290,17 @@ class Guard:
                 raise
 
     def _context(self, step: int, loss: Tensor) -> StepContext:
-        with_grad = [(n, p) for n, p in self.named if p.grad is not None]
-        params, grads = [p for _, p in with_grad], [p.grad for _, p in with_grad]
+        grads = [p.grad for _, p in self.named]
+        if any(g is None for g in grads):  # parameters without a gradient this step are left out
+            with_grad = [(n, p) for n, p in self.named if p.grad is not None]
+            names, params = tuple(n for n, _ in with_grad), [p for _, p in with_grad]
+            grads = [p.grad for p in params]
+        else:
+            names, params = self._names, self._params
         if self.dist is not None and self.dist.sharded:  # probes read this rank's shard; RankSync combines them
             params, grads = [_local(p) for p in params], [_local(g) for g in grads]
         return StepContext(step=step, loss=loss, model=self.model, optimizer=self.optimizer,
-                           names=tuple(n for n, _ in with_grad), params=params, grads=grads,
+                           names=names, params=params, grads=grads,
                            log_step=step % self.log_every == 0)
 
     def _observe(self, ctx: StepContext, step_time: float) -> Observation:

@@ -2,7 +2,9 @@
 
 Snapshots are taken every ``snapshot_every`` steps, and every ``snapshot_every_on_warning`` steps while an
 early warning is open (so a rollback lands close to where the trouble began), but never within
-``quiet_steps`` of a skip or a critical finding, so the ring does not fill with damaged states. A rollback
+``quiet_steps`` of a skip or a critical finding, so the ring does not fill with damaged states. When a
+warning opens, the newest snapshot from before its onset is pinned (``keep_pinned``): the dense snapshots
+that follow, or hundreds of quiet steps before the warning turns critical, do not push it out. A rollback
 restores the newest snapshot from before the trouble's onset (the findings' ``onset_step`` evidence, less
 ``rollback_margin``), reseeds the RNGs so the window is not replayed, and applies the remedies.
 """
@@ -29,6 +31,7 @@ class RecoveryConfig:
         snapshot_every: Steps between in-memory snapshots.
         snapshot_every_on_warning: Steps between snapshots while a warning is open.
         keep_in_memory: Snapshots in the memory ring.
+        keep_pinned: Snapshots from before a warning's onset kept beyond the ring (the newest pins win).
         disk_every: Write every n-th memory snapshot to disk (``run_dir/snapshots``); ``None`` for memory only.
         keep_on_disk: Disk snapshots kept.
         quiet_steps: No snapshot within this many steps of a skip or a critical finding.
@@ -40,6 +43,7 @@ class RecoveryConfig:
     snapshot_every: int = 25
     snapshot_every_on_warning: int = 5
     keep_in_memory: int = 4
+    keep_pinned: int = 2
     disk_every: int | None = None
     keep_on_disk: int = 2
     quiet_steps: int = 5
@@ -49,6 +53,8 @@ class RecoveryConfig:
 
     def __post_init__(self) -> None:
         require_ints(self, "snapshot_every", "snapshot_every_on_warning", "keep_in_memory", "keep_on_disk")
+        if not isinstance(self.keep_pinned, int) or self.keep_pinned < 0:
+            raise ValueError(f"RecoveryConfig.keep_pinned={self.keep_pinned!r}; allowed: an int >= 0")
         if self.disk_every is not None and (not isinstance(self.disk_every, int) or self.disk_every < 1):
             raise ValueError(f"RecoveryConfig.disk_every={self.disk_every!r}; allowed: None or an int >= 1")
         if not 0 < self.lr_backoff <= 1:
@@ -68,7 +74,7 @@ class Recovery:
         self.state, self.config = state, config
         self.remedy = RemedyState()
         state.components["remedy"] = self.remedy
-        self.ring = SnapshotRing(config.keep_in_memory)
+        self.ring = SnapshotRing(config.keep_in_memory, config.keep_pinned)
         self.disk = DiskSnapshots(Path(run_dir) / "snapshots", config.keep_on_disk) \
             if run_dir is not None and config.disk_every is not None else None
         self.rollbacks = 0
@@ -79,11 +85,16 @@ class Recovery:
 
     # --- snapshots ----------------------------------------------------------------------------------
     def note(self, step: int, findings: tuple[Finding, ...], skipped: bool) -> None:
-        """Keep track of trouble and warnings (they steer the snapshot schedule)."""
+        """Keep track of trouble and warnings (they steer the snapshot schedule); pin the state before a
+        warning's onset."""
         if skipped or any(f.severity == "critical" for f in findings):
             self._last_trouble = step
-        if any(f.severity == "warning" for f in findings):
-            self._last_warning = step
+        for finding in findings:
+            if finding.severity == "warning":
+                self._last_warning = step
+                snap = self.ring.newest_before(self._rollback_point(int(finding.evidence.get("onset_step", step))))
+                if snap is not None:
+                    self.ring.pin(snap)
 
     def after_step(self, steps_done: int) -> Snapshot | None:
         """Take a snapshot of the state at the start of step ``steps_done`` if one is due."""
@@ -108,7 +119,7 @@ class Recovery:
         """Restore the newest snapshot from before ``onset`` and apply remedies; None when there is none."""
         # The value at step k comes from the state at the start of step k, made by update k - 1: the margin
         # steps back past that update. Nothing precedes the starting state, which no update has touched.
-        snap = self.ring.newest_before(max(0, onset - self.config.rollback_margin))
+        snap = self.ring.newest_before(self._rollback_point(onset))
         if snap is None:
             return None
         restore(self.state, snap.tensors, snap.skeleton, snap.plain, data=False)
@@ -120,6 +131,9 @@ class Recovery:
                               cooldown_steps=self.config.cooldown_steps, findings=findings)
         self._last_trouble = step
         return RollbackResult(snapshot=snap, remedies=done)
+
+    def _rollback_point(self, onset: int) -> int:
+        return max(0, onset - self.config.rollback_margin)
 
     def resume(self) -> Snapshot | None:
         """Restore everything, data position included, from the newest good disk snapshot."""

@@ -75,7 +75,11 @@ class _CopyWorker:
 
 
 class SnapshotRing:
-    """The last ``capacity`` snapshots in host memory.
+    """The last ``capacity`` snapshots in host memory, plus up to ``max_pinned`` pinned ones.
+
+    A pinned snapshot stays when the ring moves on: `Recovery` pins the last state from before a warning's
+    onset, so that a rollback is still possible when the warning turns critical long after the ring has
+    turned over (an entropy collapse can take hundreds of steps).
 
     Example:
         >>> from torch import nn
@@ -87,11 +91,14 @@ class SnapshotRing:
         True
     """
 
-    def __init__(self, capacity: int = 3) -> None:
+    def __init__(self, capacity: int = 3, max_pinned: int = 2) -> None:
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity={capacity!r}; allowed: an int >= 1")
-        self.capacity = capacity
+        if not isinstance(max_pinned, int) or max_pinned < 0:
+            raise ValueError(f"max_pinned={max_pinned!r}; allowed: an int >= 0")
+        self.capacity, self.max_pinned = capacity, max_pinned
         self.snapshots: list[Snapshot] = []  # oldest first
+        self.pinned: list[Snapshot] = []  # oldest pin first; may also still be in `snapshots`
         self._pending: Snapshot | None = None
         self._cuda_event: Any = None
         self._worker: _CopyWorker | None = None
@@ -143,14 +150,23 @@ class SnapshotRing:
         return waited
 
     def newest_before(self, step: int) -> Snapshot | None:
-        """The newest snapshot of a state from before ``step`` (``snapshot.step <= step``)."""
+        """The newest snapshot, ring or pinned, of a state from before ``step`` (``snapshot.step <= step``)."""
         self.fence()
-        candidates = [s for s in self.snapshots if s.step <= step]
-        return candidates[-1] if candidates else None
+        candidates = [s for s in (*self.snapshots, *self.pinned) if s.step <= step]
+        return max(candidates, key=lambda s: s.step) if candidates else None
+
+    def pin(self, snapshot: Snapshot) -> None:
+        """Keep ``snapshot`` when the ring moves on; beyond ``max_pinned`` pins the oldest pin is released."""
+        if self.max_pinned == 0 or any(p is snapshot for p in self.pinned):
+            return
+        self.pinned.append(snapshot)
+        if len(self.pinned) > self.max_pinned:
+            self.pinned.pop(0)
 
     def drop_after(self, step: int) -> None:
         """Forget snapshots newer than ``step`` (after rolling back to it they describe a discarded past)."""
         self.snapshots = [s for s in self.snapshots if s.step <= step]
+        self.pinned = [s for s in self.pinned if s.step <= step]
 
     def close(self) -> None:
         self.fence()
@@ -160,7 +176,7 @@ class SnapshotRing:
 
     def _buffers_for(self, sources: dict[str, Tensor]) -> dict[str, Tensor]:
         """Host tensors shaped like ``sources``: the oldest slot's when it is about to be evicted and matches."""
-        if len(self.snapshots) >= self.capacity:
+        if len(self.snapshots) >= self.capacity and not any(p is self.snapshots[0] for p in self.pinned):
             oldest = self.snapshots[0]
             # Not being written to disk right now; kept locked for good, as it is about to be evicted.
             if oldest.in_use.acquire(blocking=False):
