@@ -12,7 +12,7 @@ import sys
 
 # verb → (module, one-line help). A verb with sub-verbs (bench) dispatches inside its module.
 VERBS: dict[str, tuple[str, str]] = {
-    "demo": ("keel.demo", "train an unstable proxy recipe bare and under Guard, side by side"),
+    "demo": ("keel.demo", "train an unstable proxy recipe bare, guarded, recovering and stabilized, side by side"),
     "bench": ("keel.bench.cli", "measure keel's own cost against a baseline in the same process"),
     "doctor": ("keel.doctor.cli", "diagnose an existing training log: CSV, JSONL, TensorBoard, HF, run store"),
     "report": ("keel.report.cli", "write one self-contained HTML stability report from run stores"),
