@@ -29,4 +29,4 @@ class Observation:
     def expand(self, family: str) -> dict[str, float]:
         """The family's values by stored key (``grad/norm/<name>``)."""
         names, values = self.per_param.get(family, ((), []))
-        return {family + name: value for name, value in zip(names, values)}
+        return {family + name: value for name, value in zip(names, values, strict=True)}

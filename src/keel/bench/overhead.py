@@ -97,7 +97,7 @@ def bench_overhead(config: OverheadConfig | None = None, progress: Callable[[str
                 loop.guard.close()  # type: ignore[attr-defined]
 
     def ratio(name: str) -> float:
-        return statistics.median(t / b for t, b in zip(times[name], times["bare"]))
+        return statistics.median(t / b for t, b in zip(times[name], times["bare"], strict=True))
 
     return {
         "ratio_default": ratio("default"),

@@ -83,7 +83,7 @@ class Actuator:
                 self.state.optimizer.step()
         finally:
             if scale != 1.0:
-                for g, lr in zip(groups, saved):
+                for g, lr in zip(groups, saved, strict=True):
                     g["lr"] = lr
 
     def _clip_limit(self) -> float | None:

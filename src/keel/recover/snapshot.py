@@ -64,7 +64,7 @@ class _CopyWorker:
             dsts, srcs, done = task
             try:
                 with torch.no_grad():
-                    for d, s in zip(dsts, srcs):
+                    for d, s in zip(dsts, srcs, strict=True):
                         d.copy_(s)
             finally:
                 done.set()
@@ -119,7 +119,7 @@ class SnapshotRing:
             stream = torch.cuda.Stream()
             stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream), torch.no_grad():
-                for d, s in zip(dsts, srcs):
+                for d, s in zip(dsts, srcs, strict=True):
                     d.copy_(s, non_blocking=True)
             self._cuda_event = torch.cuda.Event()
             self._cuda_event.record(stream)

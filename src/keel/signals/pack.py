@@ -48,7 +48,7 @@ def unpack(packed: Packed) -> list[HostValues]:
     flat = packed.tensor.tolist()  # the one device→host sync of the step
     out, offset = [], 0
     for scalar_keys, families in packed.layout:
-        scalars = dict(zip(scalar_keys, flat[offset : offset + len(scalar_keys)]))
+        scalars = dict(zip(scalar_keys, flat[offset : offset + len(scalar_keys)], strict=True))
         offset += len(scalar_keys)
         per_param = {}
         for key, names in families:
