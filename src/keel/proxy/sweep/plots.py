@@ -108,6 +108,8 @@ def plot_scaling(views: Sequence[ScalingView]) -> Any:
     """Max attention logit and gradient norm vs non-embedding parameters at the fixed LR, with the fitted
     power laws extrapolated to the predicted divergence size (dashed) and the threshold (dotted)."""
     plt = _pyplot()
+    from matplotlib import ticker
+
     fig, (ax_logit, ax_grad) = plt.subplots(1, 2, figsize=(9.5, 3.6))
     cmap = plt.get_cmap("tab10")
     far = [v.predicted_divergence_params for v in views if math.isfinite(v.predicted_divergence_params)]
@@ -141,6 +143,8 @@ def plot_scaling(views: Sequence[ScalingView]) -> Any:
         ax.set_ylabel(f"{label} at lr {lr:g}")
         ax.grid(alpha=0.3, which="both")
         ax.legend(fontsize=7)
+        # Under one decade matplotlib labels the minor ticks too (2×10⁵, 3×10⁵ …), and they overlap.
+        ax.xaxis.set_minor_formatter(ticker.NullFormatter())
     fig.tight_layout()
     return fig
 
