@@ -166,7 +166,7 @@ def main(args: argparse.Namespace) -> int:
         return 0
     progress = None if args.json else (lambda s: print(_row(s), flush=True))
     if not args.json:
-        print("keel bench detect: scenario zoo under Guard(policy='observe'), default probes and detectors")
+        print("keel bench detect: scenario zoo under Guard(policy='observe'), probes='transformer', default detectors")
     result = bench_detect(args.only, seed=args.seed, reference=not args.no_reference, progress=progress)
     if args.json:
         json.dump(result, sys.stdout, indent=2)

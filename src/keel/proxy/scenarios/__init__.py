@@ -1,8 +1,8 @@
 """The scenario zoo: reproducible instabilities and healthy runs with nuisances, each a real CPU training run.
 
-Every scenario trains a small model under an observing `Guard` with keel's default probes and detectors
-and knows what keel should say: the finding kind that names its instability, or — for a healthy run —
-that no warning or critical finding may appear. `keel bench detect` runs them all
+Every scenario trains a small model under an observing `Guard` with keel's transformer probe set
+(``probes="transformer"``) and default detectors, and knows what keel should say: the finding kind that
+names its instability, or — for a healthy run — that no warning or critical finding may appear. `keel bench detect` runs them all
 (`keel.bench.detect`). Scenarios with a ``reference`` also train the same recipe with the remedy applied,
 which is how "the loss degraded" is judged for instabilities that stall rather than explode.
 

@@ -1,7 +1,7 @@
 """What every scenario shares: its description, its result, and a guarded proxy-LM training loop.
 
-Each scenario is a real training run of a small model under `Guard(policy="observe")` with keel's default
-probes and detectors (plus the probes a scenario needs, such as sharpness): detection must come from
+Each scenario is a real training run of a small model under `Guard(policy="observe")` with keel's transformer
+probe set and default detectors (plus the probes a scenario needs, such as sharpness): detection must come from
 what a user would get, not from a detector tuned for one trace.
 """
 
