@@ -2,9 +2,10 @@
 
 Every scenario trains a small model under an observing `Guard` with keel's transformer probe set
 (``probes="transformer"``) and default detectors, and knows what keel should say: the finding kind that
-names its instability, or — for a healthy run — that no warning or critical finding may appear. `keel bench detect` runs them all
-(`keel.bench.detect`). Scenarios with a ``reference`` also train the same recipe with the remedy applied,
-which is how "the loss degraded" is judged for instabilities that stall rather than explode.
+names its instability, or — for a healthy run — that no warning or critical finding may appear.
+`keel bench detect` runs them all (`keel.bench.detect`). Scenarios with a ``reference`` also train the same
+recipe with the remedy applied, which is how "the loss degraded" is judged for instabilities that stall
+rather than explode.
 
 Example:
     >>> sorted(list_scenarios())[:2]
