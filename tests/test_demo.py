@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 from dataclasses import replace
@@ -9,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from keel.cli import main
-from keel.demo import REMEDIES, UNSTABLE, demo_runs
+from keel.demo import REMEDIES, UNSTABLE, demo_runs, print_diagnosis
 from keel.proxy.trainer import train_proxy
 
 SERIOUS = ("warning", "critical")
@@ -41,12 +42,21 @@ def test_stabilized_arm_has_no_findings_where_the_bare_arm_has_critical_ones(tmp
     losses = runs["stabilized"].losses
     assert len(losses) == 40 and all(math.isfinite(v) for v in losses)
     assert sum(losses[-10:]) / 10 < math.log(256) - 2  # learning: well below the uniform-byte loss 5.55
+    out = io.StringIO()
+    print_diagnosis(runs["bare"], runs["stabilized"], out)
+    text = out.getvalue()
+    assert "1. Attention-logit growth (first seen at step 5, critical at step 20" in text, text
+    assert "QK-norm" in text and "arXiv" in text  # the remedy, with its source
 
 
 @pytest.mark.slow
 def test_quick_demo_stabilized_arm_trains_as_well_as_the_safe_lr_reference(tmp_path, capsys) -> None:
     assert main(["demo", "--quick", "--out", str(tmp_path), "--json"]) == 0
-    result = json.loads(capsys.readouterr().out)
+    captured = capsys.readouterr()
+    result = json.loads(captured.out)
+    # The bare run's diagnosis says when keel first saw it and how many steps later the loss degraded.
+    assert "1. Attention-logit growth (first seen at step 5" in captured.err
+    assert "steps later" in captured.err
     stabilized, bare, reference = result["stabilized"], result["bare"], result["reference"]
     assert stabilized["stabilize"] == list(REMEDIES) and bare["stabilize"] == []
     assert [f for f in stabilized["findings"] if f["severity"] in SERIOUS] == []

@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from keel.detect import diagnose, format_diagnoses
 from keel.proxy.trainer import ProxyRun, TrainConfig, train_proxy
 from keel.report import write_report
 
@@ -72,6 +73,7 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, stream=sys.stdo
                                         progress=progress)
         progress.done(results[arm.name])
     print_summary(results, arms, stream)
+    print_diagnosis(results["bare"], results["stabilized"], stream)
     print(f"\nrun stores: {', '.join(str(out / a.name / 'run.sqlite') for a in arms)}", file=stream)
     try:
         report = write_report([out / a.name for a in arms], out / "report.html")
@@ -111,6 +113,18 @@ def print_summary(results: dict[str, ProxyRun], arms: list[DemoRun], stream=sys.
             print(f"  … and {len(serious) - 6} more findings (see the run store)", file=stream)
         for d in acted[:4]:
             print(f"  step {d.step:>5}  {d.action.upper()}: {d.reason}", file=stream)
+
+
+def print_diagnosis(bare: ProxyRun, stabilized: ProxyRun, stream=sys.stdout) -> None:
+    """The bare run's named causes, with when the loss degraded judged against the stabilized run.
+
+    On its own the bare run cannot say when its loss degraded (it levels off high rather than rising); the
+    stabilized run saw the same batches, so where the bare loss is worse than it is the degradation, and the
+    steps between the first sighting and that point are how early keel saw it coming.
+    """
+    diagnoses = diagnose(bare.findings, losses=bare.losses, reference_losses=stabilized.losses)
+    print("\ndiagnosis of the bare run (its loss judged against the stabilized run, same batches):", file=stream)
+    print(format_diagnoses(diagnoses), file=stream)
 
 
 def _tail_mean(values: list[float], n: int = 20) -> float:
