@@ -128,3 +128,19 @@ def test_a_sweep_store_is_named_and_sweep_sections_are_placed_after_the_timeline
     assert "a sweep store: its plots come from keel.proxy.sweep.sweep_section(dir)" in page
     where = page.index(fragment)
     assert page.index("<h2>Timelines</h2>") < where < page.index("<h2>Decisions and snapshots</h2>")
+
+
+def test_the_guard_s_named_cause_leads_the_run_s_diagnosis(tmp_path):
+    from keel.store import RunWriter
+
+    run = make_run_store(tmp_path / "bare", policy="observe")
+    summary = ("first seen at step 5, critical at step 20; the loss degraded at step 56, 51 steps later. "
+               "Remedies: 1. add QK-norm <cite>")
+    with RunWriter(run) as w:
+        w.set_meta({"diagnosis": [{"kind": "attention_logit_growth", "title": "Attention-logit growth",
+                                   "summary": summary}]})
+    page = write_report([run], tmp_path / "report.html").read_text()
+    card = re.search(r"<div class='card named'>(.*?)</div>", page, re.S).group(1)
+    assert "<b>Attention-logit growth</b>" in card and "51 steps later" in card
+    assert "&lt;cite&gt;" in card  # escaped like every other store text
+    assert page.index("card named") < page.index("loss spike")  # the cause first, then the findings' cards

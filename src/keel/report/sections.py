@@ -62,10 +62,11 @@ def metadata(run: RunData) -> str:
 
 
 def diagnosis_cards(run: RunData) -> str:
-    """A card per kind of warning/critical finding: first step, count, evidence, cause, remedies."""
+    """The run's named causes (the store's ``diagnosis`` entry: when first seen, how early), then a card per
+    kind of warning/critical finding: first step, count, evidence, cause, remedies."""
     serious = [f for f in run.findings if severity_rank(f.severity) >= 1]
     infos = [f for f in run.findings if f.severity == "info"]
-    cards = []
+    cards = [named_causes(run.meta.get("diagnosis"))]
     by_kind: dict[str, list[Finding]] = {}
     for f in serious:
         by_kind.setdefault(f.kind, []).append(f)
@@ -97,6 +98,15 @@ def diagnosis_cards(run: RunData) -> str:
         cards.append(f"<p class='infos'>info findings (no alarm, e.g. one-batch outliers): {listed}; "
                      "grey circles on the charts.</p>")
     return "".join(cards)
+
+
+def named_causes(diagnoses: Any) -> str:
+    """The Guard's diagnosis, most likely cause first: its title, then its one-paragraph summary."""
+    if not isinstance(diagnoses, list) or not diagnoses:
+        return ""
+    items = "".join(f"<li><b>{esc(d.get('title', d.get('kind', '?')))}</b> — {esc(d.get('summary', ''))}</li>"
+                    for d in diagnoses if isinstance(d, dict))
+    return f"<div class='card named'><p><b>named cause</b></p><ol class='causes'>{items}</ol></div>"
 
 
 def decisions_table(run: RunData) -> str:
@@ -155,4 +165,4 @@ def _opt(x: int | None) -> str:
     return "" if x is None else str(x)
 
 
-__all__ = ["decisions_table", "diagnosis_cards", "metadata", "runs_table", "snapshots_table"]
+__all__ = ["decisions_table", "diagnosis_cards", "metadata", "named_causes", "runs_table", "snapshots_table"]
