@@ -134,13 +134,14 @@ def test_the_guard_s_named_cause_leads_the_run_s_diagnosis(tmp_path):
     from keel.store import RunWriter
 
     run = make_run_store(tmp_path / "bare", policy="observe")
-    summary = ("first seen at step 5, critical at step 20; the loss degraded at step 56, 51 steps later. "
-               "Remedies: 1. add QK-norm <cite>")
     with RunWriter(run) as w:
-        w.set_meta({"diagnosis": [{"kind": "attention_logit_growth", "title": "Attention-logit growth",
-                                   "summary": summary}]})
+        w.set_meta({"diagnosis": [{"kind": "attention_logit_growth", "title": "Attention-logit growth <q>",
+                                   "first_step": 5, "critical_step": 20, "degraded_step": 56, "lead_steps": 51},
+                                  {"kind": "softmax_collapse", "title": "Softmax collapse", "first_step": 9,
+                                   "critical_step": None, "degraded_step": None, "lead_steps": None}]})
     page = write_report([run], tmp_path / "report.html").read_text()
     card = re.search(r"<div class='card named'>(.*?)</div>", page, re.S).group(1)
-    assert "<b>Attention-logit growth</b>" in card and "51 steps later" in card
-    assert "&lt;cite&gt;" in card  # escaped like every other store text
+    assert ("<li><b>Attention-logit growth &lt;q&gt;</b> — first seen at step 5, critical at step 20; "
+            "the loss degraded at step 56, 51 steps later</li>") in card  # store text escaped, as everywhere
+    assert "<li><b>Softmax collapse</b> — first seen at step 9</li>" in card
     assert page.index("card named") < page.index("loss spike")  # the cause first, then the findings' cards
