@@ -121,3 +121,21 @@ def test_keel_report_of_a_sweep_directory_shows_the_section_keel_sweep_rendered(
     os.utime(sweep / "sweep_section.html", (later + 1, later + 1))
     assert main(["report", str(sweep), "-o", str(tmp_path / "fresh.html")]) == 0
     assert "changed after its section was rendered" not in (tmp_path / "fresh.html").read_text()
+
+
+@pytest.mark.browser
+def test_a_sweep_only_report_opens_in_chromium_without_errors(tmp_path):
+    pytest.importorskip("plotly")
+    from tests.report.browser import chromium_binary, load
+
+    if chromium_binary() is None:
+        pytest.skip("chromium is not installed (apt-get install chromium; CI installs it)")
+    from keel.report import write_report
+
+    sweep = _hand_filled_store(tmp_path / "sweep")
+    write_section(load_sweep(sweep), sweep)
+    page = write_report([sweep], tmp_path / "report.html")
+    result = load(page, tmp_path / "profile")
+    assert result["status"] is not None, result["stderr_tail"]
+    assert result["status"]["errors"] == [] and result["console"] == []
+    assert result["dom"].count('<img alt="') == 2 and "LR sensitivity sweep" in result["dom"]
