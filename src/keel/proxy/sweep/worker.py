@@ -114,9 +114,7 @@ def run_one(spec: RunSpec, run_dir: str | Path, *, threads: int = 1) -> RunResul
         result.final_loss = float(np.mean(losses[-END_WINDOW:]))
     if result.status == "done" and not (result.val_loss < result.init_loss):
         result.status = "diverged"
-        result.error = (
-            f"final validation loss {result.val_loss:.4g} >= loss at initialisation {result.init_loss:.4g}"
-        )
+        result.error = f"final validation loss {result.val_loss:.4g} >= loss at initialisation {result.init_loss:.4g}"
     if (run_dir / "run.sqlite").is_file():
         result.max_attn_logit, result.log_z, result.grad_norm = _end_signals(run_dir)
     result.wall_s = time.perf_counter() - start
@@ -133,7 +131,8 @@ def _init_loss(config: TrainConfig) -> tuple[float, int]:
 
 def _end_signals(run_dir: Path) -> tuple[float, float, float]:
     with RunReader(run_dir) as reader:
-        return tuple(_tail_median(reader.signal(key)[1]) for key in (MAX_ATTN_LOGIT, LOG_Z, keys.GRAD_NORM))
+        logit, log_z, grad_norm = (_tail_median(reader.signal(k)[1]) for k in (MAX_ATTN_LOGIT, LOG_Z, keys.GRAD_NORM))
+    return logit, log_z, grad_norm
 
 
 def _tail_median(values: np.ndarray) -> float:
