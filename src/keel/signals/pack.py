@@ -23,24 +23,26 @@ class Packed:
 def pack(*groups: Measurements) -> Packed:
     """Concatenate the measurements of all groups into one float64 vector on their device (no sync).
 
-    float64 on the wire keeps float32 signals exact and extreme values (1e38 logits) intact.
+    float64 on the wire keeps float32 signals exact and extreme values (1e38 logits) intact. One ``cat``
+    and one conversion, whatever the number of measurements: on small models each extra op is a visible
+    part of keel's cost per step.
     """
     parts: list[Tensor] = []
     layout = []
     for group in groups:
-        scalar_keys, families, scalars = [], [], []
+        scalar_keys, families = [], []
         for key, value in group.items():
             if isinstance(value, PerParam):
                 families.append((key, value.names))
             else:
                 scalar_keys.append(key)
-                scalars.append(value.reshape(()).to(torch.float64))
-        if scalars:
-            parts.append(torch.stack(scalars))
-        parts.extend(v.values.reshape(-1).to(torch.float64) for v in group.values() if isinstance(v, PerParam))
+                parts.append(value.reshape(1))
+        parts.extend(v.values.reshape(-1) for v in group.values() if isinstance(v, PerParam))
         layout.append((scalar_keys, families))
-    tensor = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.float64)
-    return Packed(tensor, layout)
+    if not parts:
+        return Packed(torch.zeros(0, dtype=torch.float64), layout)
+    return Packed(torch.cat([p.to(torch.float64) if p.dtype != torch.float32 else p for p in parts])
+                  .to(torch.float64), layout)
 
 
 def unpack(packed: Packed) -> list[HostValues]:
