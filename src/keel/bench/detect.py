@@ -202,6 +202,7 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
     import torch
     import torch.nn.functional as F
 
+    from keel.bench.loop import train_steps
     from keel.guard import Guard
     from keel.proxy import ProxyBatches, create_proxy_model
     from keel.signals import StepContext, create_probe
@@ -230,15 +231,7 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
     def block(name: str, n: int) -> float:
         model, opt, data, guard = loops[name]
         start = time.process_time()
-        for i in range(n):
-            x, y = data[i % len(data)]
-            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
-            loss.backward()
-            if guard is not None:
-                guard.step(loss)
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+        train_steps(model, opt, data, guard, n)
         return (time.process_time() - start) / n
 
     names = list(loops)
