@@ -28,3 +28,25 @@ def tiny_net() -> TinyNet:
 def make_batches(n: int, seed: int = 0, batch: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 8, generator=g), torch.randn(batch, 4, generator=g)) for _ in range(n)]
+
+
+def observe_poisoned_run(run_dir, steps: int = 80, poisoned_at: int = 60):
+    """A TinyNet run under an observing Guard whose batch ``poisoned_at`` has targets ×30 (the loss jumps
+    ~900×); returns the closed guard."""
+    import torch.nn.functional as F
+
+    from keel import Guard
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, policy="observe", run_dir=str(run_dir))
+    for step, (x, y) in enumerate(make_batches(steps)):
+        if step == poisoned_at:
+            y = y * 30.0
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    return guard

@@ -11,22 +11,11 @@ from keel import Guard
 from keel.cli import main
 from keel.proxy.scenarios._common import LMRun, run_lm
 from keel.store import RunReader
-from tests.conftest import TinyNet, make_batches
+from tests.conftest import TinyNet, make_batches, observe_poisoned_run
 
 
 def test_guard_stores_named_causes_with_first_sighting_lead_time_and_sourced_remedies(tmp_path):
-    torch.manual_seed(0)
-    model = TinyNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, policy="observe", run_dir=str(tmp_path / "run"))
-    for step, (x, y) in enumerate(make_batches(80)):
-        if step == 60:
-            y = y * 30.0  # a poisoned batch: the loss jumps ~900×
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        guard.step(loss)
-        opt.zero_grad(set_to_none=True)
-    guard.close()
+    guard = observe_poisoned_run(tmp_path / "run")  # batch 60's loss jumps ~900×
     with RunReader(tmp_path / "run") as run:
         stored = run.meta()["diagnosis"]
     assert stored == [d.to_dict() for d in guard.recorder.diagnoses] and stored

@@ -12,7 +12,7 @@ from keel import Guard
 from keel.cli import main
 from keel.doctor import diagnose_log
 from keel.store import RunReader
-from tests.conftest import TinyNet, make_batches
+from tests.conftest import TinyNet, make_batches, observe_poisoned_run
 
 
 @pytest.fixture
@@ -89,18 +89,7 @@ def test_fail_on_critical_passes_a_log_with_only_warnings(tmp_path, capsys):
 
 
 def test_doctor_on_a_guard_store_finds_what_the_guard_found_live(tmp_path):
-    torch.manual_seed(0)
-    model = TinyNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, policy="observe", run_dir=str(tmp_path / "run"))
-    for step, (x, y) in enumerate(make_batches(80)):
-        if step == 60:
-            y = y * 30.0  # a poisoned batch: the loss jumps ~900×
-        loss = F.mse_loss(model(x), y)
-        loss.backward()
-        guard.step(loss)
-        opt.zero_grad(set_to_none=True)
-    guard.close()
+    observe_poisoned_run(tmp_path / "run")  # batch 60's loss jumps ~900×
     with RunReader(tmp_path / "run") as run:
         live = [(f.step, f.kind, f.severity) for f in run.findings()]
     result = diagnose_log(tmp_path / "run")
