@@ -33,6 +33,7 @@ from keel._core.errors import KeelWarning
 from keel.guard import Guard
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
+from keel.integrations._options import takes_over_clipping
 from keel.recover import Policy
 
 try:
@@ -63,12 +64,8 @@ class KeelCallback(Callback):
 
     def __init__(self, *, run_dir: str | None = None, policy: Policy = "observe",
                  take_over_clipping: bool | None = None, **guard_kwargs: Any) -> None:
-        own = {"model", "optimizer", "scheduler", "scaler", "max_grad_norm"} & set(guard_kwargs)
-        if own:
-            raise ValueError(f"KeelCallback({', '.join(sorted(own))}=...): set by the Trainer; allowed: other Guard "
-                             "arguments (probes, detectors, recovery, log_every, max_consecutive_skips, config, seed)")
+        self.take_over_clipping = takes_over_clipping(policy, take_over_clipping, guard_kwargs)
         self.run_dir, self.policy, self.guard_kwargs = run_dir, policy, guard_kwargs
-        self.take_over_clipping = policy != "observe" if take_over_clipping is None else take_over_clipping
         self.guard: Guard | None = None
         self._handoff = Handoff()
         self._loss = StepLoss()
