@@ -187,7 +187,8 @@ class LMScenario:
     event_step: int | None = None
 
     def recipe(self, seed: int) -> LMRun:
-        raise NotImplementedError
+        """The unstable (or healthy) run this scenario trains; every scenario module defines its own."""
+        raise NotImplementedError(f"{type(self).__name__} defines no recipe")
 
     def fixed(self, seed: int) -> LMRun | None:
         """The recipe with the remedy applied (the reference run), or None."""
