@@ -35,6 +35,8 @@ def test_lead_time_and_store_form():
     (d,) = diagnose([f(8, "attention_logit_growth")], losses=losses)
     assert (d.degraded_step, d.lead_steps) == (90, 82)
     assert "first seen at step 8" in d.summary() and "82 steps later" in d.summary()
+    assert d.when() == "first seen at step 8; the loss degraded at step 90, 82 steps later"
+    assert d.to_dict()["when"] == d.when() and d.when() in d.summary()
     stored = d.to_finding()
     assert stored.kind == "diagnosis" and stored.signal == "attention_logit_growth"
     assert stored.evidence["lead_steps"] == 82 and "QK-norm" in stored.remedy

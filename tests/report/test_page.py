@@ -135,10 +135,10 @@ def test_the_guard_s_named_cause_leads_the_run_s_diagnosis(tmp_path):
 
     run = make_run_store(tmp_path / "bare", policy="observe")
     with RunWriter(run) as w:
-        w.set_meta({"diagnosis": [{"kind": "attention_logit_growth", "title": "Attention-logit growth <q>",
-                                   "first_step": 5, "critical_step": 20, "degraded_step": 56, "lead_steps": 51},
-                                  {"kind": "softmax_collapse", "title": "Softmax collapse", "first_step": 9,
-                                   "critical_step": None, "degraded_step": None, "lead_steps": None}]})
+        w.set_meta({"diagnosis": [
+            {"kind": "attention_logit_growth", "title": "Attention-logit growth <q>",
+             "when": "first seen at step 5, critical at step 20; the loss degraded at step 56, 51 steps later"},
+            {"kind": "softmax_collapse", "title": "Softmax collapse", "when": "first seen at step 9"}]})
     page = write_report([run], tmp_path / "report.html").read_text()
     card = re.search(r"<div class='card named'>(.*?)</div>", page, re.S).group(1)
     assert ("<li><b>Attention-logit growth &lt;q&gt;</b> — first seen at step 5, critical at step 20; "

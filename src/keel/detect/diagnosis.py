@@ -69,8 +69,8 @@ class Diagnosis:
     degraded_step: int | None = None
     lead_steps: int | None = None
 
-    def summary(self) -> str:
-        """One paragraph: the cause, when it was seen, how early, and the top remedies."""
+    def when(self) -> str:
+        """When it was first seen, when it turned critical, and how many steps before the loss degraded."""
         when = f"first seen at step {self.first_step}"
         if self.critical_step is not None and self.critical_step != self.first_step:
             when += f", critical at step {self.critical_step}"
@@ -78,6 +78,11 @@ class Diagnosis:
             when += (f"; the loss degraded at step {self.degraded_step}, "
                      + (f"{self.lead_steps} steps later" if self.lead_steps >= 0
                         else f"{-self.lead_steps} steps earlier"))
+        return when
+
+    def summary(self) -> str:
+        """One paragraph: the cause, when it was seen, how early, and the top remedies."""
+        when = self.when()
         then = ""
         if self.consequences:
             seen = ", ".join(f"{k.replace('_', ' ')} at step {s}" for k, s in self.consequences.items())
@@ -89,11 +94,13 @@ class Diagnosis:
         return f"{self.title.capitalize()} ({when}). {self.mechanism}{then} Remedies: {fixes}"
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: every field, plus ``summary`` (the run store's ``diagnosis`` meta holds a list of these)."""
+        """JSON-ready: every field, plus ``when`` and ``summary`` (the run store's ``diagnosis`` meta holds a list
+        of these)."""
         return {"kind": self.kind, "title": self.title, "severity": self.severity, "first_step": self.first_step,
                 "critical_step": self.critical_step, "degraded_step": self.degraded_step,
                 "lead_steps": self.lead_steps, "consequences": dict(self.consequences), "mechanism": self.mechanism,
-                "evidence": dict(self.evidence), "remedies": list(self.remedies), "summary": self.summary()}
+                "evidence": dict(self.evidence), "remedies": list(self.remedies), "when": self.when(),
+                "summary": self.summary()}
 
     def to_finding(self) -> Finding:
         """The diagnosis as a ``diagnosis`` finding, for the run store."""

@@ -101,25 +101,13 @@ def diagnosis_cards(run: RunData) -> str:
 
 
 def named_causes(diagnoses: Any) -> str:
-    """The Guard's diagnosis, most likely cause first: what it is, when it was first seen, how early.
-    (Mechanism and remedies are on the finding cards below.)"""
+    """The Guard's diagnosis, most likely cause first: what it is and when (its ``when``: first seen, critical,
+    how early). Mechanism and remedies are on the finding cards below."""
     if not isinstance(diagnoses, list) or not diagnoses:
         return ""
-    items = "".join(f"<li><b>{esc(d.get('title', d.get('kind', '?')))}</b> — {esc(_when(d))}</li>"
+    items = "".join(f"<li><b>{esc(d.get('title', d.get('kind', '?')))}</b> — {esc(d.get('when', ''))}</li>"
                     for d in diagnoses if isinstance(d, dict))
     return f"<div class='card named'><p><b>named cause</b></p><ol class='causes'>{items}</ol></div>"
-
-
-def _when(diagnosis: dict[str, Any]) -> str:
-    first, critical = diagnosis.get("first_step"), diagnosis.get("critical_step")
-    degraded, lead = diagnosis.get("degraded_step"), diagnosis.get("lead_steps")
-    text = f"first seen at step {first}"
-    if critical is not None and critical != first:
-        text += f", critical at step {critical}"
-    if degraded is not None and isinstance(lead, int):
-        text += f"; the loss degraded at step {degraded}, " + (
-            f"{lead} steps later" if lead >= 0 else f"{-lead} steps earlier")
-    return text
 
 
 def decisions_table(run: RunData) -> str:
