@@ -43,7 +43,7 @@ def test_disk_round_trip_restores_everything(tmp_path):
     with torch.no_grad():
         for p in fresh.model.parameters():
             p.add_(1.0)
-    restore(fresh, loaded.tensors, loaded.skeleton, loaded.plain, data=True)
+    restore(fresh, loaded.tensors, loaded.skeleton, loaded.plain, resume=True)
     for (k, a), b in zip(state.model.state_dict().items(), fresh.model.state_dict().values()):
         assert torch.equal(a, b), k
     assert fresh.optimizer.state_dict()["state"][0]["exp_avg"].equal(state.optimizer.state_dict()["state"][0]["exp_avg"])

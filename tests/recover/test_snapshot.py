@@ -46,7 +46,7 @@ def test_rollback_is_bit_identical_including_rng():
         opt.zero_grad()
     model.counter += 7
     _draws()
-    restore(state, snap.tensors, snap.skeleton, snap.plain, data=False)
+    restore(state, snap.tensors, snap.skeleton, snap.plain, resume=False)
     for k, v in model.state_dict().items():
         assert torch.equal(v, params[k]), k
     for k, v in opt.state_dict()["state"].items():
@@ -76,7 +76,7 @@ def test_restored_training_continues_identically():
 
     ring.fence()  # in the Guard this happens before the next optimizer.step()
     first = run()
-    restore(state, snap.tensors, snap.skeleton, snap.plain, data=False)
+    restore(state, snap.tensors, snap.skeleton, snap.plain, resume=False)
     assert run() == first
 
 

@@ -152,7 +152,7 @@ class Guard:
             store_dir = run_dir if self.dist.rank == 0 else None
             snapshot_dir = os.path.join(run_dir, f"rank-{self.dist.rank}")
         self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        self.state.components["escalation"] = self.escalation
+        self.state.history["escalation"] = self.escalation  # survives rollbacks: it counts them
         self.state.components.update({f"detector/{i}/{d.name}": d for i, d in enumerate(self.detectors)})
         wants_recovery = policy == "recover" or resume or recovery is not None
         if resume and recovery is None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from keel._core.finding import Finding
 from keel._core.validate import require_ints
@@ -53,12 +54,15 @@ class RecoveryConfig:
 
     def __post_init__(self) -> None:
         require_ints(self, "snapshot_every", "snapshot_every_on_warning", "keep_in_memory", "keep_on_disk")
-        if not isinstance(self.keep_pinned, int) or self.keep_pinned < 0:
-            raise ValueError(f"RecoveryConfig.keep_pinned={self.keep_pinned!r}; allowed: an int >= 0")
-        if self.disk_every is not None and (not isinstance(self.disk_every, int) or self.disk_every < 1):
-            raise ValueError(f"RecoveryConfig.disk_every={self.disk_every!r}; allowed: None or an int >= 1")
-        if not 0 < self.lr_backoff <= 1:
-            raise ValueError(f"RecoveryConfig.lr_backoff={self.lr_backoff!r}; allowed: 0 < lr_backoff <= 1")
+        require_ints(self, "keep_pinned", "quiet_steps", "rollback_margin", minimum=0)
+        if self.disk_every is not None:
+            require_ints(self, "disk_every")
+        if self.cooldown_steps is not None:
+            require_ints(self, "cooldown_steps")
+        if isinstance(self.lr_backoff, bool) or not isinstance(self.lr_backoff, (int, float)) \
+                or not 0 < self.lr_backoff <= 1:
+            raise ValueError(f"RecoveryConfig.lr_backoff={self.lr_backoff!r}; allowed: a number with "
+                             "0 < lr_backoff <= 1")
 
 
 @dataclass
@@ -68,12 +72,18 @@ class RollbackResult:
 
 
 class Recovery:
-    """Owns the snapshot ring, the disk tier and the remedies of one run."""
+    """Owns the snapshot ring, the disk tier and the remedies of one run.
+
+    Its own counters (rollbacks so far, the snapshot schedule) and the remedies in force are part of the run's
+    history (`TrainingState.history`): a rollback keeps them, a resume restores them, so remedies compound
+    over repeated rollbacks and a resumed run takes its snapshots and reseeds exactly as the uninterrupted one.
+    """
 
     def __init__(self, state: TrainingState, config: RecoveryConfig, run_dir: str | Path | None) -> None:
         self.state, self.config = state, config
         self.remedy = RemedyState()
-        state.components["remedy"] = self.remedy
+        state.history["remedy"] = self.remedy
+        state.history["recovery"] = self
         self.ring = SnapshotRing(config.keep_in_memory, config.keep_pinned)
         self.disk = DiskSnapshots(Path(run_dir) / "snapshots", config.keep_on_disk) \
             if run_dir is not None and config.disk_every is not None else None
@@ -122,7 +132,7 @@ class Recovery:
         snap = self.ring.newest_before(self._rollback_point(onset))
         if snap is None:
             return None
-        restore(self.state, snap.tensors, snap.skeleton, snap.plain, data=False)
+        restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=False)
         self.ring.drop_after(snap.step)
         self.rollbacks += 1
         reseed(1_000_003 * snap.step + 7_919 * step + self.rollbacks)
@@ -141,12 +151,21 @@ class Recovery:
             return None
         snap = self.disk.load_newest()
         if snap is not None:
-            restore(self.state, snap.tensors, snap.skeleton, snap.plain, data=True)
+            restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=True)
         return snap
 
     # --- remedies in force --------------------------------------------------------------------------
     def lr_scale(self, step: int) -> float:
         return current_lr_scale(self.remedy, step, self.config.cooldown_steps)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rollbacks": self.rollbacks, "taken": self._taken, "last_snapshot": self._last_snapshot,
+                "last_trouble": self._last_trouble, "last_warning": self._last_warning}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.rollbacks, self._taken = int(state["rollbacks"]), int(state["taken"])
+        self._last_snapshot, self._last_trouble, self._last_warning = (
+            float(state[k]) for k in ("last_snapshot", "last_trouble", "last_warning"))
 
     def close(self) -> None:
         self.ring.close()

@@ -1,8 +1,13 @@
 """What a snapshot holds, split into tensors (copied in bulk) and small plain data (copied at once).
 
 `TrainingState` names the objects of one training run; `capture_plain` and `restore` read and write the
-parts of their state that are small (scheduler, GradScaler, detector baselines, RNG, data position), and
-`tensor_sources` lists the large tensors (parameters, buffers, optimizer moments) for the bulk copy.
+parts of their state that are small (scheduler, GradScaler, detector baselines, the run's recovery history,
+RNG, data position), and `tensor_sources` lists the large tensors (parameters, buffers, optimizer moments) for
+the bulk copy.
+
+Each part has a role that says when it is restored. A rollback goes back to the training state of an earlier
+step but keeps the run's own history (how often it rolled back, the remedies in force) and its data position;
+a resume after the process died restores everything.
 """
 
 from __future__ import annotations
@@ -32,7 +37,12 @@ class TrainingState:
         optimizer: Its ``state_dict`` (moments and step counts as tensors, hyper-parameters as plain data).
         scheduler: Optional LR scheduler.
         scaler: Optional ``torch.amp.GradScaler``.
-        components: Other stateful parts by name (detectors, the escalation ladder).
+        components: Other stateful parts of the training state by name (detector baselines): restored on
+            rollback and on resume.
+        history: The run's record of its own recovery by name (the escalation ladder's counts of skips and
+            rollbacks, the remedies in force, the snapshot schedule). Restored on resume, not on rollback:
+            the counters that stop the ladder from looping, and the LR back-off that compounds over repeated
+            rollbacks, must outlive the rollbacks they count.
         tracked: The data position: objects with ``state_dict``/``load_state_dict`` registered by the user
             (a sampler, a stateful loader). Restored on resume, not on rollback, which moves on to fresh data.
     """
@@ -42,6 +52,7 @@ class TrainingState:
     scheduler: Any | None = None
     scaler: Any | None = None
     components: dict[str, Stateful] = field(default_factory=dict)
+    history: dict[str, Stateful] = field(default_factory=dict)
     tracked: dict[str, Stateful] = field(default_factory=dict)
 
 
@@ -77,6 +88,7 @@ def capture_plain(state: TrainingState) -> dict[str, Any]:
         "scheduler": copy.deepcopy(state.scheduler.state_dict()) if state.scheduler is not None else None,
         "scaler": copy.deepcopy(state.scaler.state_dict()) if state.scaler is not None else None,
         "components": {k: copy.deepcopy(c.state_dict()) for k, c in state.components.items()},
+        "history": {k: copy.deepcopy(h.state_dict()) for k, h in state.history.items()},
         "tracked": {k: copy.deepcopy(t.state_dict()) for k, t in state.tracked.items()},
         "rng": {
             "python": random.getstate(),
@@ -89,9 +101,15 @@ def capture_plain(state: TrainingState) -> dict[str, Any]:
 
 
 def restore(state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str, Any], plain: dict[str, Any],
-            *, data: bool) -> None:
+            *, resume: bool) -> None:
     """Write a snapshot back into the live objects, keeping every Parameter object (optimizers and hooks
-    that hold references stay valid). ``data=False`` leaves the tracked data position where it is."""
+    that hold references stay valid).
+
+    Args:
+        resume: True when continuing a run whose process ended: the run's history and the tracked data
+            position are restored too. False for a rollback: both stay where they are (the ladder keeps
+            counting, and training moves on to fresh data).
+    """
     with torch.no_grad():
         for name, t in state.model.state_dict(keep_vars=True).items():
             _local(t).copy_(tensors["model/" + name])
@@ -110,7 +128,10 @@ def restore(state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str
     for key, component in state.components.items():
         if key in plain["components"]:
             component.load_state_dict(copy.deepcopy(plain["components"][key]))
-    if data:
+    if resume:
+        for key, part in state.history.items():
+            if key in plain["history"]:
+                part.load_state_dict(copy.deepcopy(plain["history"][key]))
         for key, tracked in state.tracked.items():
             if key in plain["tracked"]:
                 tracked.load_state_dict(copy.deepcopy(plain["tracked"][key]))

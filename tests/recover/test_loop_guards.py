@@ -1,0 +1,122 @@
+"""The counters that keep the escalation ladder from looping survive a rollback, and come back on a disk resume.
+
+A rollback restores the snapshot's model, optimizer and detector baselines, but not the run's record of its own
+recovery (rollbacks so far, skips in a row, the remedies in force): restoring that record would erase the
+evidence that the ladder is looping.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from keel import Guard, RecoveryConfig, TrainingAborted
+from keel._core import Finding
+from keel.recover import DiskSnapshots, Escalation, EscalationConfig, SnapshotRing, TrainingState, restore
+from keel.recover.remedies import RemedyState
+from tests.conftest import TinyNet, make_batches
+
+
+class AlwaysDiverging:
+    """A custom detector that reports critical divergence on every step."""
+
+    name = "always_diverging"
+
+    def __init__(self) -> None:
+        self.seen = 0
+
+    def update(self, obs):
+        self.seen += 1
+        return [Finding(step=obs.step, kind="divergence", severity="critical", signal="loss", value=9.0,
+                        baseline=1.0, evidence={"onset_step": obs.step})]
+
+    def state_dict(self):
+        return {"seen": self.seen}
+
+    def load_state_dict(self, state):
+        self.seen = int(state["seen"])
+
+
+class AlwaysSpiking(AlwaysDiverging):
+    """A critical loss spike on every step: skippable, so it loops through skips and rollbacks."""
+
+    name = "always_spiking"
+
+    def update(self, obs):
+        return [Finding(step=obs.step, kind="loss_spike", severity="critical", signal="loss", value=9.0,
+                        baseline=1.0)]
+
+
+def _run(detector, steps=40, **guard_kwargs):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, policy="recover", detectors=[detector],
+                  recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1), **guard_kwargs)
+    decisions = []
+    with pytest.raises(TrainingAborted) as aborted:
+        for x, y in make_batches(steps):
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            decisions.append(guard.step(loss))
+            opt.zero_grad()
+    guard.close()
+    return guard, decisions, aborted.value
+
+
+def test_rollbacks_repeating_within_a_window_end_in_abort():
+    guard, decisions, aborted = _run(AlwaysDiverging())
+    cap = guard.escalation.config.max_rollbacks
+    assert [d.action for d in decisions] == ["rollback"] * cap
+    assert aborted.decision.action == "abort" and aborted.decision.step == cap
+    assert f"{cap} rollbacks within" in aborted.decision.reason
+    assert guard.recovery.rollbacks == cap
+
+
+def test_lr_backoff_compounds_over_rollbacks_to_the_same_snapshot():
+    guard, decisions, _ = _run(AlwaysDiverging())
+    assert all(d.restored_step == 0 for d in decisions)  # every rollback lands on the starting state
+    assert guard.recovery.remedy.lr_scale == pytest.approx(0.1 ** len(decisions))
+    assert "LR × 0.001" in decisions[-1].reason
+
+
+def test_skips_that_repeat_after_every_rollback_end_in_abort():
+    guard, decisions, aborted = _run(AlwaysSpiking(), steps=200, max_consecutive_skips=3)
+    actions = [d.action for d in decisions]
+    assert actions.count("rollback") == guard.escalation.config.max_rollbacks
+    assert actions == (["skip"] * 3 + ["rollback"]) * 3 + ["skip"] * 3
+    assert aborted.decision.action == "abort"
+
+
+def _state():
+    torch.manual_seed(0)
+    model = TinyNet()
+    state = TrainingState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    state.history["escalation"] = Escalation(EscalationConfig(policy="recover"))
+    state.history["remedy"] = RemedyState()
+    return state
+
+
+def _take(state, step):
+    ring = SnapshotRing()
+    snap = ring.take(step, state)
+    ring.fence()
+    return snap
+
+
+def test_history_survives_a_rollback_and_is_restored_on_resume(tmp_path):
+    state = _state()
+    snap = _take(state, 0)
+    state.history["escalation"].rollback_steps = [3, 4]
+    state.history["remedy"].lr_scale = 0.01
+    restore(state, snap.tensors, snap.skeleton, snap.plain, resume=False)
+    assert state.history["escalation"].rollback_steps == [3, 4] and state.history["remedy"].lr_scale == 0.01
+
+    state.history["escalation"].rollback_steps = [7]
+    disk = DiskSnapshots(tmp_path)
+    disk.save(_take(state, 8))
+    fresh = _state()
+    loaded = disk.load_newest()
+    restore(fresh, loaded.tensors, loaded.skeleton, loaded.plain, resume=True)
+    assert fresh.history["escalation"].rollback_steps == [7] and fresh.history["remedy"].lr_scale == 0.01
