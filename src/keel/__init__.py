@@ -21,7 +21,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from keel._core import Decision, Finding, KeelError, KeelWarning, Observation, TrainingAborted
+from keel._core import Decision, Finding, GuardClosed, KeelError, KeelWarning, Observation, TrainingAborted
 
 __version__ = "0.1.0"
 
@@ -35,7 +35,7 @@ _LAZY = {
     "list_remedies": "keel.nn",
 }
 
-__all__ = ["Decision", "Finding", "KeelError", "KeelWarning", "Observation", "TrainingAborted", *_LAZY]
+__all__ = ["Decision", "Finding", "GuardClosed", "KeelError", "KeelWarning", "Observation", "TrainingAborted", *_LAZY]
 
 
 def __getattr__(name: str) -> Any:

@@ -5,7 +5,7 @@ Imports nothing of keel and nothing heavy, so log readers and the report can use
 
 from keel._core import keys
 from keel._core.decision import ACTIONS, Action, Decision
-from keel._core.errors import KeelError, KeelWarning, TrainingAborted
+from keel._core.errors import GuardClosed, KeelError, KeelWarning, TrainingAborted
 from keel._core.finding import SEVERITIES, Finding, Severity, severity_rank
 from keel._core.observation import Observation
 from keel._core.registry import Registry
@@ -15,6 +15,7 @@ __all__ = [
     "Action",
     "Decision",
     "Finding",
+    "GuardClosed",
     "KeelError",
     "KeelWarning",
     "Observation",

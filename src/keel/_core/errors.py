@@ -18,5 +18,9 @@ class TrainingAborted(KeelError):
         self.decision = decision
 
 
+class GuardClosed(KeelError, RuntimeError):
+    """Raised by `Guard.step` after `Guard.close`: the run store is closed, so the step is not taken at all."""
+
+
 class KeelWarning(UserWarning):
     """A keel component degraded (a probe failed, the store could not write) but training goes on."""

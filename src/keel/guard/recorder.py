@@ -74,13 +74,17 @@ class Recorder:
             values.update(obs.expand(family))
         self.writer.add_signals(obs.step, values)
 
-    def error(self, component: str, step: int, exc: BaseException) -> Finding:
-        """Record an error inside keel as a ``keel_error`` finding."""
+    def error(self, component: str, step: int, exc: BaseException, *, disabled: bool = True) -> Finding:
+        """Record an error inside keel as a ``keel_error`` finding (``disabled``: the component was switched off)."""
+        what = ("It is disabled for the rest of the run; the rest of keel goes on." if disabled else
+                "That step went on as the bare loop would; each later step tries again (reported once).")
         finding = Finding(
             step=step, kind="keel_error", severity="warning", signal=component,
-            evidence={"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc(limit=8)},
-            cause=f"keel's {component} raised {type(exc).__name__}: {exc}. It is disabled for the rest of the run.",
-            remedy="Training continues without it. Please report this as a keel bug with the traceback.")
+            evidence={"error": f"{type(exc).__name__}: {exc}",
+                      "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8))},
+            cause=f"keel's {component} raised {type(exc).__name__}: {exc}. {what}",
+            remedy="Training continues. If the component is keel's own, please report this as a keel bug with the "
+                   "traceback; if it is yours, fix it and restart.")
         self.findings.append(finding)
         if self.writer is not None:
             self.writer.add_findings([finding])

@@ -1,0 +1,197 @@
+"""The probes and detectors a `Guard` runs, each behind its own fence: the first error disables that one alone.
+
+keel must never make a run worse. A probe or detector that raises — or returns something outside its contract
+(a probe a float or a string instead of a tensor, a detector something other than Findings) — is recorded once
+as a ``keel_error`` finding against its own name and switched off for the rest of the run; every other probe and
+detector keeps protecting the run. The same holds for a detector whose state cannot be copied into a snapshot
+or loaded back: snapshots go on without it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from keel._core.finding import Finding
+from keel._core.observation import Observation
+from keel.detect import Detector
+from keel.signals import Measurements, PerParam, Probe, StepContext
+
+OnError = Callable[[str, int, BaseException, bool], None]
+
+
+class Components:
+    """Runs probes and detectors for one `Guard`; ``fail`` disables exactly the component that went wrong.
+
+    Args:
+        probes: The probes, each with a unique ``name``.
+        detectors: The detectors.
+        on_error: Called once per failing component with (component, step, exception, disabled): the Guard
+            records it.
+
+    Attributes:
+        disabled: The components switched off so far, in order (probe names, ``detector:<name>``, or the
+            Guard's own parts such as ``recorder`` and ``snapshots``).
+    """
+
+    def __init__(self, probes: Sequence[Probe], detectors: Sequence[Detector], on_error: OnError) -> None:
+        self.probes, self.detectors = list(probes), list(detectors)
+        self.disabled: list[str] = []
+        self.step = 0  # the step being worked on: errors raised from inside a snapshot are dated with it
+        self._on_error = on_error
+        self._reported: set[str] = set()
+
+    def fail(self, component: str, step: int, exc: BaseException, *, disable: bool = True) -> None:
+        """Report ``component``'s error once and (unless ``disable=False``) switch it off.
+
+        ``disable=False`` is for failures no single component can be blamed for: they are reported once and
+        the work is tried again on the next step.
+        """
+        if component in self._reported:
+            return
+        self._reported.add(component)
+        if disable:
+            self.disabled.append(component)
+        self._on_error(component, step, exc, disable)
+
+    def enabled(self, component: str) -> bool:
+        return component not in self.disabled
+
+    # --- probes --------------------------------------------------------------------------------------
+    def attach(self, model: nn.Module) -> None:
+        for probe in self.probes:
+            attach = getattr(probe, "attach", None)
+            if attach is not None:
+                self.call(probe.name, attach, model)
+
+    def measure(self, ctx: StepContext) -> Measurements:
+        """Every enabled probe's measurements before the update, each checked against the probe contract."""
+        return self._gather(ctx, "measure")
+
+    def after_step(self, ctx: StepContext) -> Measurements:
+        """Every enabled probe's measurements after the update (only called when the update was applied)."""
+        return self._gather(ctx, "after_step")
+
+    def detach(self, step: int) -> None:
+        for probe in self.probes:
+            detach = getattr(probe, "detach", None)
+            if detach is not None:
+                try:
+                    detach()
+                except Exception as exc:
+                    self.fail(probe.name, step, exc)
+
+    def _gather(self, ctx: StepContext, method: str) -> Measurements:
+        out: Measurements = {}
+        for probe in self.probes:
+            out.update(self.call(probe.name, _measured, getattr(probe, method), ctx) or {})
+        return out
+
+    # --- detectors -----------------------------------------------------------------------------------
+    def detect(self, obs: Observation) -> list[Finding]:
+        found: list[Finding] = []
+        for detector in self.detectors:
+            found.extend(self.call(detector_label(detector), _detected, detector, obs) or [])
+        return found
+
+    def stateful(self, detector: Detector) -> FencedState:
+        """``detector``'s state for snapshots, fenced: a failure disables the detector instead of the snapshot."""
+        return FencedState(detector, detector_label(detector), self)
+
+    def call(self, component: str, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` behind ``component``'s fence: None, and the component switched off, if it raises."""
+        if not self.enabled(component):
+            return None
+        try:
+            return fn(*args)
+        except Exception as exc:
+            self.fail(component, self.step, exc)
+            return None
+
+
+class FencedState:
+    """A detector's ``state_dict``/``load_state_dict`` as a snapshot sees them, behind its fence."""
+
+    def __init__(self, detector: Detector, label: str, components: Components) -> None:
+        self.detector, self.label, self.components = detector, label, components
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.components.call(self.label, _state_of, self.detector) or {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state:  # {}: the detector was switched off when this snapshot was taken
+            self.components.call(self.label, self.detector.load_state_dict, state)
+
+
+def detector_label(detector: Detector) -> str:
+    return f"detector:{detector.name}"
+
+
+def checked_measurements(measured: object, device: torch.device) -> Measurements:
+    """A probe's result, checked against the probe contract; raises TypeError naming what is wrong.
+
+    Allowed: a dict of signal key (str) → a real-valued one-element tensor, or `PerParam` (names and a tensor
+    with one value per name). A tensor on another device than the loss is moved there (a probe measuring on
+    the CPU in a CUDA run): the packed copy needs one device.
+    """
+    if not isinstance(measured, dict):
+        raise TypeError(f"returned {type(measured).__name__}; allowed: a dict of signal key → tensor")
+    out: Measurements = {}
+    for key, value in measured.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"signal key {key!r}; allowed: a non-empty str")
+        if isinstance(value, PerParam):
+            names, values = value
+            if not isinstance(values, Tensor) or values.numel() != len(names) \
+                    or not all(isinstance(n, str) for n in names):
+                raise TypeError(f"{key}: PerParam with {len(names)} names and values of type "
+                                f"{type(values).__name__}; allowed: str names and a tensor with one value per name")
+            _check_tensor(key, values)
+            out[key] = PerParam(tuple(names), values if values.device == device else values.to(device))
+        elif isinstance(value, Tensor):
+            if value.numel() != 1:
+                raise TypeError(f"{key}: a tensor of shape {tuple(value.shape)}; allowed: one value (0-d tensor)")
+            _check_tensor(key, value)
+            out[key] = value if value.device == device else value.to(device)
+        else:
+            raise TypeError(f"{key}: {type(value).__name__} {_short(value)}; allowed: a 0-d torch.Tensor or PerParam "
+                            "(kept on device, so the step's one host copy carries it)")
+    return out
+
+
+def checked_findings(found: object) -> list[Finding]:
+    """A detector's result, checked: a list (or tuple) of `Finding`; raises TypeError otherwise."""
+    if not isinstance(found, (list, tuple)):
+        raise TypeError(f"update() returned {type(found).__name__}; allowed: a list of keel Finding")
+    for item in found:
+        if not isinstance(item, Finding):
+            raise TypeError(f"update() returned a {type(item).__name__} {_short(item)}; allowed: keel Finding")
+    return list(found)
+
+
+def _measured(measure: Callable[[StepContext], object], ctx: StepContext) -> Measurements:
+    return checked_measurements(measure(ctx), ctx.loss.device)
+
+
+def _detected(detector: Detector, obs: Observation) -> list[Finding]:
+    return checked_findings(detector.update(obs))
+
+
+def _state_of(detector: Detector) -> dict[str, Any]:
+    state = detector.state_dict()
+    if not isinstance(state, dict):
+        raise TypeError(f"state_dict() returned {type(state).__name__}; allowed: a dict")
+    return state
+
+
+def _check_tensor(key: str, value: Tensor) -> None:
+    if value.is_complex() or value.device.type == "meta":
+        raise TypeError(f"{key}: a {value.dtype} tensor on {value.device}; allowed: real values on a real device")
+
+
+def _short(value: object) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."

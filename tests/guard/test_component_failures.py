@@ -1,0 +1,174 @@
+"""A failing keel component disables exactly itself; the rest of the Guard keeps protecting the run.
+
+Issue 12 item 4: a custom probe returning a float or a str made every step's measurement fail, was recorded
+against "guard" on every step and never disabled, so a later NaN loss went through and the weights became NaN.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from keel import Guard
+from keel.store import RunReader
+from tests.conftest import TinyNet, make_batches
+
+
+class _ReturnsValue:
+    """A custom probe whose measurement is not a tensor."""
+
+    def __init__(self, value: object, name: str = "custom") -> None:
+        self.value, self.name = value, name
+
+    def measure(self, ctx):
+        return {"custom/value": self.value}
+
+    def after_step(self, ctx):
+        return {}
+
+
+class _BadAfterStep:
+    name = "bad_after"
+
+    def measure(self, ctx):
+        return {}
+
+    def after_step(self, ctx):
+        return {"bad/after": "not a tensor"}
+
+
+class _AttachFails:
+    name = "attach_fails"
+
+    def attach(self, model):
+        raise RuntimeError("cannot hook this model")
+
+    def measure(self, ctx):
+        raise AssertionError("a probe whose attach failed must never be measured")
+
+    def after_step(self, ctx):
+        return {}
+
+
+class _StateDictFails:
+    """A detector that works but whose state cannot be captured (snapshots call state_dict)."""
+
+    name = "stateless"
+
+    def __init__(self) -> None:
+        self.updates = 0
+
+    def update(self, obs):
+        self.updates += 1
+        return []
+
+    def state_dict(self):
+        raise TypeError("cannot copy my state")
+
+    def load_state_dict(self, state):
+        raise TypeError("cannot load my state")
+
+
+class _ReturnsJunk:
+    """A detector whose update returns something that is not a list of Findings."""
+
+    name = "junk"
+
+    def update(self, obs):
+        return ["not a finding"]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def _run(probes="default", detectors=None, nan_at=12, steps=16, policy="skip", **kwargs):
+    """TinyNet under ``policy``; the loss (and so every gradient) at step ``nan_at`` is NaN."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    if isinstance(probes, list):
+        from keel.signals import DEFAULT_PROBES, create_probe
+        probes = [create_probe(p) for p in DEFAULT_PROBES] + probes
+    if detectors is not None:
+        from keel.detect import default_detectors
+        detectors = default_detectors() + detectors
+    guard = Guard(model, opt, policy=policy, probes=probes, detectors=detectors, **kwargs)
+    for step, (x, y) in enumerate(make_batches(steps)):
+        loss = F.mse_loss(model(x), y)
+        if step == nan_at:
+            loss = loss * math.nan
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    return model, guard
+
+
+def _errors(guard):
+    return [f for f in guard.findings if f.kind == "keel_error"]
+
+
+def _finite(model):
+    return all(torch.isfinite(p).all() for p in model.parameters())
+
+
+@pytest.mark.parametrize("value", [1.0, "text", None, [1.0, 2.0], torch.ones(3), torch.tensor([1 + 2j])],
+                         ids=["float", "str", "None", "list", "vector", "complex"])
+def test_a_probe_returning_junk_is_disabled_and_the_nan_step_is_still_skipped(value):
+    model, guard = _run(probes=[_ReturnsValue(value)])
+    assert _finite(model), "the NaN step went through: the bad probe switched the whole Guard off"
+    assert [d.action for d in guard.decisions] == ["skip"]
+    errors = _errors(guard)
+    assert len(errors) == 1, "one keel_error for the probe, not one per step"
+    assert errors[0].signal == "custom" and "disabled" in errors[0].cause
+
+
+def test_a_probe_whose_after_step_returns_junk_is_disabled_alone():
+    model, guard = _run(probes=[_BadAfterStep()])
+    assert _finite(model) and [d.action for d in guard.decisions] == ["skip"]
+    assert [e.signal for e in _errors(guard)] == ["bad_after"]
+
+
+def test_a_probe_whose_attach_fails_is_disabled_and_guard_is_built():
+    model, guard = _run(probes=[_AttachFails()])
+    assert _finite(model) and [d.action for d in guard.decisions] == ["skip"]
+    errors = _errors(guard)
+    assert [e.signal for e in errors] == ["attach_fails"] and "cannot hook" in errors[0].cause
+
+
+def test_a_detector_returning_junk_is_disabled_alone():
+    model, guard = _run(detectors=[_ReturnsJunk()])
+    assert _finite(model) and [d.action for d in guard.decisions] == ["skip"]
+    assert [e.signal for e in _errors(guard)] == ["detector:junk"]
+
+
+def test_a_detector_whose_state_cannot_be_copied_is_disabled_once_and_snapshots_go_on():
+    bad = _StateDictFails()
+    model, guard = _run(detectors=[bad], policy="recover", steps=60, nan_at=40)
+    assert _finite(model) and [d.action for d in guard.decisions] == ["skip"]
+    errors = _errors(guard)
+    assert [e.signal for e in errors] == ["detector:stateless"], "recorded once, not on every snapshot"
+    assert "cannot copy my state" in errors[0].cause
+    assert bad.updates == 0, "disabled at the starting snapshot, before the first step: never updated"
+    assert guard.recovery is not None and len(guard.recovery.ring.snapshots) >= 2, "snapshots went on without it"
+
+
+def test_a_detector_whose_state_is_never_copied_keeps_working_under_skip():
+    bad = _StateDictFails()
+    _, guard = _run(detectors=[bad], policy="skip", steps=20)
+    assert bad.updates == 20 and _errors(guard) == []
+
+
+def test_disabled_components_are_recorded_in_the_store(tmp_path):
+    _, guard = _run(probes=[_ReturnsValue("text")], run_dir=str(tmp_path))
+    with RunReader(tmp_path) as run:
+        assert [f.signal for f in run.findings() if f.kind == "keel_error"] == ["custom"]
+        assert run.meta()["disabled"] == ["custom"]
+        steps, loss = run.signal("loss")
+        assert len(steps) == 16
