@@ -18,6 +18,7 @@ import copy
 import math
 import os
 import time
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,12 +27,14 @@ from torch import Tensor, nn
 
 from keel._core import keys
 from keel._core.decision import Decision
-from keel._core.errors import TrainingAborted
+from keel._core.errors import GuardClosed, KeelWarning, TrainingAborted
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect import Detector, default_detectors
 from keel.guard.distributed import DistributedConfig, RankSync
+from keel.guard.components import Components
 from keel.guard.environment import describe_environment
+from keel.guard.options import check_arguments, check_loss, check_probes, check_run_dir
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
@@ -57,7 +60,9 @@ class Guard:
     `Guard.step` calls ``optimizer.step()`` (through the GradScaler when one is given) and
     ``scheduler.step()`` itself unless it decides otherwise. With ``policy="observe"`` training is
     bit-identical to the bare loop. An error inside keel is recorded as a ``keel_error`` finding and never
-    stops training; a decision that changes training is always recorded with its reason.
+    stops training: a probe or detector that raises, or returns something outside its contract, is switched off
+    alone (``components.disabled``, also stored as the run's ``disabled`` meta) and the rest goes on protecting
+    the run. A decision that changes training is always recorded with its reason.
 
     Args:
         model: The model being trained; its trainable parameters are the ones watched.
@@ -134,15 +139,15 @@ class Guard:
             n_all = sum(1 for _ in model.parameters())
             raise ValueError(f"model {type(model).__name__} has {n_all} parameters, none trainable; "
                              "allowed: a model with at least one parameter with requires_grad=True")
-        if not isinstance(log_every, int) or log_every < 1:
-            raise ValueError(f"log_every={log_every!r}; allowed: an int >= 1")
-        if max_grad_norm is not None and not max_grad_norm > 0:
-            raise ValueError(f"max_grad_norm={max_grad_norm!r}; allowed: a number > 0 or None")
+        check_arguments(scheduler=scheduler, scaler=scaler, log_every=log_every, max_grad_norm=max_grad_norm,
+                        detectors=detectors, recovery=recovery, resume=resume, config=config, seed=seed,
+                        distributed=distributed, needs_state=policy == "recover" or resume or recovery is not None)
         if resume and run_dir is None:
             raise ValueError("resume=True needs run_dir; allowed: the run_dir of the run to continue")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.policy, self.log_every = policy, log_every
         self.probes = _build_probes(probes)
+        run_dir = check_run_dir(run_dir)  # last: it creates the folder
         self.dist = RankSync.create(model, distributed)  # None in a single process: nothing changes there
         self.detectors = list(detectors) if detectors is not None else default_detectors()
         if self.dist is not None and detectors is None:
@@ -153,7 +158,9 @@ class Guard:
             snapshot_dir = os.path.join(run_dir, f"rank-{self.dist.rank}")
         self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         self.state.history["escalation"] = self.escalation  # survives rollbacks: it counts them
-        self.state.components.update({f"detector/{i}/{d.name}": d for i, d in enumerate(self.detectors)})
+        self.components = Components(self.probes, self.detectors, self._record_error)
+        self.state.components.update({f"detector/{i}/{d.name}": self.components.stateful(d)
+                                      for i, d in enumerate(self.detectors)})
         wants_recovery = policy == "recover" or resume or recovery is not None
         if resume and recovery is None:
             recovery = RecoveryConfig(disk_every=1)
@@ -163,15 +170,11 @@ class Guard:
         self.global_step = 0
         self._late: Measurements = {}  # after-step measurements of the previous step, sent with this one
         self._late_step = -1
-        self._disabled: set[str] = set()
         self._last_call: float | None = None
         self._closed = False
         self._snapshots_recorded = 0
-        for probe in self.probes:
-            attach = getattr(probe, "attach", None)
-            if attach is not None:
-                attach(model)
         self.recorder = Recorder(store_dir, log_every)
+        self.components.attach(model)
         meta = describe_environment() if store_dir is not None else {}
         meta.update(policy=policy, seed=seed, config=config or {}, status="running",
                     model={"class": type(model).__name__, "parameters": sum(p.numel() for _, p in self.named)},
@@ -232,9 +235,14 @@ class Guard:
             The `Decision` taken.
 
         Raises:
-            ValueError: ``loss`` is not a scalar.
+            ValueError: ``loss`` is not a real scalar.
+            GuardClosed: `close` was called already (nothing is stepped).
             TrainingAborted: The escalation ladder ended in ``abort`` (the store is flushed first).
         """
+        if self._closed:
+            raise GuardClosed(f"Guard.step() after close(): the run was closed after {self.global_step} steps and "
+                              "nothing was stepped; allowed: step() before close() (to train on, create a new Guard; "
+                              "resume=True continues the run from its disk snapshots)")
         loss_t = _as_scalar(loss)
         step = self.global_step
         now = time.perf_counter()
@@ -246,23 +254,18 @@ class Guard:
             ctx = self._context(step, loss_t)
             obs = self._observe(ctx, step_time)
             grad_norm = obs.values.get(keys.GRAD_NORM, math.nan)
-            decision = self.escalation.decide(step, self._detect(obs))
+            decision = self.escalation.decide(step, self.components.detect(obs))
         except Exception as exc:  # keel must never stop training: record, then step as the bare loop would
             obs, decision = Observation(step=step), Decision(step=step, action="ok")
-            self._error("guard", step, exc)
+            self.components.fail("guard", step, exc, disable=False)  # each probe and detector is fenced on its own
         decision = self.actuator.apply(decision, grad_norm, self.escalation.rollbacks_in_window(step))
         if decision.stepped and ctx is not None:
             self._after_step(ctx)
         self.global_step += 1
-        try:
-            self.recorder.step(obs, decision)
-            if self.recovery is not None:
-                self.recovery.note(step, decision.findings, skipped=not decision.stepped)
-                if decision.stepped:
-                    self.actuator.after_step(self.global_step)
-                self._record_disk_snapshots()
-        except Exception as exc:
-            self._error("recorder", step, exc)
+        self.components.step = self.global_step
+        self.components.call("recorder", self.recorder.step, obs, decision)
+        if self.recovery is not None:
+            self.components.call("snapshots", self._snapshot, step, decision)
         if decision.action == "abort":
             self._finish("aborted")
             raise TrainingAborted(f"keel aborted the run at step {step}: {decision.reason}", decision)
@@ -304,13 +307,7 @@ class Guard:
                            log_step=step % self.log_every == 0)
 
     def _observe(self, ctx: StepContext, step_time: float) -> Observation:
-        measured: Measurements = {}
-        for probe in self.probes:
-            if probe.name not in self._disabled:
-                try:
-                    measured.update(probe.measure(ctx))
-                except Exception as exc:
-                    self._error(probe.name, ctx.step, exc)
+        measured = self.components.measure(ctx)
         if self.scaler is not None and self.scaler.is_enabled() and self.scaler._scale is not None:
             measured[keys.AMP_SCALE] = self.scaler._scale  # a tensor: read in the same copy, no extra sync
         packed = pack(measured, self._late)
@@ -328,54 +325,45 @@ class Guard:
             values[keys.STEP_TIME] = step_time
         return Observation(step=ctx.step, values=values, per_param=per_param)
 
-    def _detect(self, obs: Observation) -> list[Finding]:
-        found: list[Finding] = []
-        for detector in self.detectors:
-            label = f"detector:{detector.name}"
-            if label not in self._disabled:
-                try:
-                    found.extend(detector.update(obs))
-                except Exception as exc:
-                    self._error(label, obs.step, exc)
-        return found
-
     def _after_step(self, ctx: StepContext) -> None:
-        for probe in self.probes:
-            if probe.name not in self._disabled:
-                try:
-                    self._late.update(probe.after_step(ctx))
-                except Exception as exc:
-                    self._error(probe.name, ctx.step, exc)
+        self._late.update(self.components.after_step(ctx))
         self._late_step = ctx.step
 
     # --- record --------------------------------------------------------------------------------------
-    def _error(self, component: str, step: int, exc: Exception) -> None:
-        """Record an error inside keel as a finding and stop using the component that raised it."""
-        self._disabled.add(component)
-        self.recorder.error(component, step, exc)
+    def _snapshot(self, step: int, decision: Decision) -> None:
+        """Steer the snapshot schedule with this step's outcome; take a snapshot if one is due."""
+        assert self.recovery is not None
+        self.recovery.note(step, decision.findings, skipped=not decision.stepped)
+        if decision.stepped:
+            self.actuator.after_step(self.global_step)
+        self._record_disk_snapshots()
+
+    def _record_error(self, component: str, step: int, exc: BaseException, disabled: bool) -> None:
+        """Record an error inside keel (once per component) as a ``keel_error`` finding; never raises."""
+        try:
+            self.recorder.error(component, step, exc, disabled=disabled)
+            if disabled:
+                self.recorder.meta({"disabled": list(self.components.disabled)})
+        except Exception as record_exc:  # the recorder itself is broken: say it on the console at least
+            warnings.warn(f"keel: {component} raised {type(exc).__name__}: {exc} at step {step}, and recording "
+                          f"it failed too ({type(record_exc).__name__}: {record_exc})", KeelWarning, stacklevel=3)
 
     def _finish(self, status: str) -> None:
         if self._closed:
             return
         self._closed = True
-        for probe in self.probes:
-            detach = getattr(probe, "detach", None)
-            if detach is not None:
-                try:
-                    detach()
-                except Exception as exc:
-                    self._error(probe.name, self.global_step, exc)
+        self.components.detach(self.global_step)
         if self._late:
-            try:
-                values, per_param = unpack(pack(self._late))[0]
-                self.recorder.late(Observation(step=self._late_step, values=values, per_param=per_param))
-            except Exception as exc:
-                self._error("after_step", self._late_step, exc)
-            self._late = {}
+            self.components.call("recorder", self._record_late)
         if self.recovery is not None:
             self.recovery.close()
-            self._record_disk_snapshots()
+            self.components.call("snapshots", self._record_disk_snapshots)
         self.recorder.close(status, self.global_step)
+
+    def _record_late(self) -> None:
+        values, per_param = unpack(pack(self._late))[0]
+        self._late = {}
+        self.recorder.late(Observation(step=self._late_step, values=values, per_param=per_param))
 
     def _record_disk_snapshots(self) -> None:
         written = self.recovery.disk.written if self.recovery is not None and self.recovery.disk is not None else []
@@ -391,14 +379,8 @@ def _local(t: Tensor) -> Tensor:
 
 
 def _as_scalar(loss: Tensor | float) -> Tensor:
-    if isinstance(loss, (int, float)) and not isinstance(loss, bool):
-        return torch.tensor(float(loss))
-    if not isinstance(loss, Tensor):
-        raise ValueError(f"loss={type(loss).__name__}; allowed: a scalar torch.Tensor or a float")
-    if loss.numel() != 1:
-        raise ValueError(f"loss has shape {tuple(loss.shape)}; allowed: a scalar (0-d or one-element) tensor "
-                         "— reduce it first, e.g. loss.mean()")
-    return loss.detach().reshape(())
+    check_loss(loss)
+    return loss.detach().reshape(()) if isinstance(loss, Tensor) else torch.tensor(float(loss))
 
 
 def _build_probes(probes: str | Sequence[str | Probe]) -> list[Probe]:
@@ -406,8 +388,12 @@ def _build_probes(probes: str | Sequence[str | Probe]) -> list[Probe]:
         if probes not in PROBE_SETS:
             raise ValueError(f"probes={probes!r}; allowed: {', '.join(PROBE_SETS)} or a list of probes")
         probes = PROBE_SETS[probes]
-    built = [create_probe(p) if isinstance(p, str) else p for p in probes]
-    for probe in built:
-        if not isinstance(probe, Probe):
-            raise ValueError(f"probe {probe!r} lacks name/measure/after_step; allowed: a keel Probe")
-    return built
+    if not isinstance(probes, Sequence):
+        raise ValueError(f"probes={probes!r}; allowed: {', '.join(PROBE_SETS)} or a list of probes")
+    built = []
+    for probe in probes:
+        try:
+            built.append(create_probe(probe) if isinstance(probe, str) else probe)
+        except ValueError as exc:
+            raise ValueError(f"probes: {exc}") from None
+    return check_probes(built)

@@ -1,0 +1,137 @@
+"""The checks of `Guard`'s arguments: each bad value is one ValueError naming the argument, the value and what is
+allowed, raised before anything is created, opened or hooked.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from torch import Tensor
+
+from keel.detect import Detector
+from keel.guard.distributed import DistributedConfig
+from keel.recover import RecoveryConfig
+from keel.signals import Probe
+
+
+def check_run_dir(run_dir: object) -> str | None:
+    """``run_dir`` as a str, created if needed; ValueError when it is no folder keel can write in."""
+    if run_dir is None:
+        return None
+    if not isinstance(run_dir, (str, os.PathLike)) or not isinstance(os.fspath(run_dir), str):
+        raise ValueError(f"run_dir={run_dir!r}; allowed: None, a str or an os.PathLike naming a folder")
+    path = os.fspath(run_dir)
+    if not path or "\x00" in path:
+        raise ValueError(f"run_dir={path!r}; allowed: None or a folder path (not empty, no NUL character)")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ValueError(f"run_dir={path!r} is a file; allowed: a folder (keel writes run.sqlite and snapshots in it)")
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"run_dir={path!r} cannot be created ({exc.strerror or exc}); allowed: a folder keel can "
+                         "create and write in") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise ValueError(f"run_dir={path!r} is not writable; allowed: a folder keel can write in")
+    return str(Path(path))
+
+
+def check_arguments(*, scheduler: object, scaler: object, log_every: object, max_grad_norm: object,
+                    detectors: object, recovery: object, resume: object, config: object, seed: object,
+                    distributed: object, needs_state: bool) -> None:
+    """Raise ValueError for the first argument of `Guard` that is not allowed (``needs_state``: snapshots will
+    copy the scheduler's state, so it needs ``state_dict``/``load_state_dict``)."""
+    methods = ("step", "state_dict", "load_state_dict") if needs_state else ("step",)
+    if scheduler is not None and not _has_methods(scheduler, methods):
+        raise ValueError(f"scheduler={_short(scheduler)}; allowed: None or an LR scheduler (an object with "
+                         f"{', '.join(m + '()' for m in methods)}, e.g. torch.optim.lr_scheduler.LambdaLR)")
+    if scaler is not None and not _has_methods(scaler, ("unscale_", "step", "update", "is_enabled", "state_dict")):
+        raise ValueError(f"scaler={_short(scaler)}; allowed: None or a torch.amp.GradScaler")
+    if not _is_int(log_every) or log_every < 1:  # type: ignore[operator]
+        raise ValueError(f"log_every={log_every!r}; allowed: an int >= 1")
+    if max_grad_norm is not None and not _positive_number(max_grad_norm):
+        raise ValueError(f"max_grad_norm={max_grad_norm!r}; allowed: None or a finite number > 0")
+    if detectors is not None:
+        check_detectors(detectors)
+    if recovery is not None and not isinstance(recovery, RecoveryConfig):
+        raise ValueError(f"recovery={_short(recovery)}; allowed: None or a keel.RecoveryConfig")
+    if not isinstance(resume, bool):
+        raise ValueError(f"resume={resume!r}; allowed: True or False")
+    if config is not None:
+        check_config(config)
+    if seed is not None and not _is_int(seed):
+        raise ValueError(f"seed={seed!r}; allowed: None or an int")
+    if distributed is not None and not isinstance(distributed, (bool, DistributedConfig)):
+        raise ValueError(f"distributed={_short(distributed)}; allowed: None, True, False or a "
+                         "keel.DistributedConfig")
+
+
+def check_detectors(detectors: object) -> None:
+    if isinstance(detectors, (str, bytes, Mapping)) or not isinstance(detectors, Sequence):
+        raise ValueError(f"detectors={_short(detectors)}; allowed: None or a list of detectors")
+    for i, det in enumerate(detectors):
+        if not isinstance(getattr(det, "name", None), str) or \
+                not _has_methods(det, ("update", "state_dict", "load_state_dict")):
+            raise ValueError(f"detectors[{i}]={_short(det)}; allowed: a detector with a str name and update(), "
+                             "state_dict(), load_state_dict() (keel.detect.Detector)")
+
+
+def check_probes(probes: Sequence[object]) -> list[Probe]:
+    """The built probes, checked: at least one, each a `Probe`, names unique (a failing probe is switched off
+    by its name)."""
+    if not probes:
+        raise ValueError(f"probes={list(probes)!r}; allowed: at least one probe")
+    names: set[str] = set()
+    for probe in probes:
+        if not isinstance(probe, Probe) or not isinstance(probe.name, str):
+            raise ValueError(f"probes: {_short(probe)} lacks name/measure/after_step; allowed: a keel Probe or the "
+                             "name of a built-in probe")
+        if probe.name in names:
+            raise ValueError(f"probes: two probes named {probe.name!r}; allowed: unique names")
+        names.add(probe.name)
+    return list(probes)  # type: ignore[arg-type]
+
+
+def check_config(config: object) -> None:
+    """``config`` must be a dict that can be stored as JSON (values that are not JSON are stored as text)."""
+    if not isinstance(config, Mapping):
+        raise ValueError(f"config={_short(config)}; allowed: None or a dict")
+    try:
+        json.dumps(config, default=str)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config={_short(config)}; allowed: None or a dict that can be stored as JSON "
+                         f"(str keys; {exc})") from None
+
+
+def check_loss(loss: object) -> None:
+    """Raise ValueError unless ``loss`` is a real number or a real one-element tensor."""
+    if isinstance(loss, Tensor):
+        if loss.numel() != 1:
+            raise ValueError(f"loss has shape {tuple(loss.shape)}; allowed: a scalar (0-d or one-element) tensor "
+                             "— reduce it first, e.g. loss.mean()")
+        if loss.is_complex():
+            raise ValueError("loss is a complex tensor; allowed: a real scalar tensor or float")
+    elif isinstance(loss, bool) or not isinstance(loss, numbers.Real):
+        raise ValueError(f"loss={type(loss).__name__}; allowed: a scalar torch.Tensor or a float")
+
+
+def _has_methods(obj: object, names: Sequence[str]) -> bool:
+    return all(callable(getattr(obj, name, None)) for name in names)
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _positive_number(value: object) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
