@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
+import types
+import typing
+from typing import Any
 
 
 def require_ints(config: object, *fields: str, minimum: int = 1) -> None:
@@ -27,3 +32,75 @@ def require_positive(config: object, *fields: str) -> None:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not (value > 0 and math.isfinite(value)):
             raise ValueError(f"{type(config).__name__}.{name}={value!r}; allowed: a finite number > 0")
+
+
+def check_types(config: object) -> None:
+    """Raise ValueError for the first field of a dataclass config whose value does not fit its annotation.
+
+    Understood annotations: ``int`` (not bool), ``float`` (an int or float, not bool, not NaN), ``str``, ``bool``,
+    ``Literal[...]``, ``X | None`` and ``tuple[X, ...]`` of those; richer ones (``Any``, callables, classes) are
+    left to the config's own checks. Call it first in ``__post_init__``; range checks follow.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(kw_only=True)
+        ... class WindowConfig:
+        ...     window: int = 20
+        ...     def __post_init__(self) -> None:
+        ...         check_types(self)
+        >>> WindowConfig(window="20")
+        Traceback (most recent call last):
+        ...
+        ValueError: WindowConfig.window='20'; allowed: an int
+    """
+    hints = _type_hints(type(config))
+    for field in dataclasses.fields(config):  # type: ignore[arg-type]
+        value = getattr(config, field.name)
+        if field.name in hints and _fits(hints[field.name], value) is False:
+            raise ValueError(f"{type(config).__name__}.{field.name}={value!r}; "
+                             f"allowed: {_describe(hints[field.name])}")
+
+
+@functools.cache
+def _type_hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def _fits(annotation: Any, value: object) -> bool | None:
+    """True/False when ``annotation`` is understood, None when it is not."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is type(None):
+        return value is None
+    if origin in (typing.Union, types.UnionType):
+        verdicts = [_fits(a, value) for a in args]
+        return True if True in verdicts else None if None in verdicts else False
+    if origin is typing.Literal:
+        return any(value == a and type(value) is type(a) for a in args)
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        if not isinstance(value, tuple):
+            return False
+        verdicts = [_fits(args[0], v) for v in value]
+        return False if False in verdicts else None if None in verdicts else True
+    if annotation is bool:
+        return isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if annotation is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and not math.isnan(value)
+    if annotation is str:
+        return isinstance(value, str)
+    return None
+
+
+def _describe(annotation: Any) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        rest = [a for a in args if a is not type(None)]
+        described = " or ".join(_describe(a) for a in rest)
+        return f"None or {described}" if len(rest) < len(args) else described
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in args)
+    if origin is tuple:
+        return f"a tuple of {_describe(args[0])}"
+    return {bool: "True or False", int: "an int", float: "a number (not NaN)", str: "a str"}.get(
+        annotation, getattr(annotation, "__name__", str(annotation)))

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from keel._core import keys
+from keel._core.validate import check_types
 from keel.signals import Packed
 
 Rule = Literal["mean", "norm", "max", "min"]
@@ -65,10 +66,7 @@ class DistributedConfig:
     process_group: Any = None
 
     def __post_init__(self) -> None:
-        if self.sharded not in (None, True, False):
-            raise ValueError(f"DistributedConfig.sharded={self.sharded!r}; allowed: None, True, False")
-        if self.rank_stats not in (True, False):
-            raise ValueError(f"DistributedConfig.rank_stats={self.rank_stats!r}; allowed: True, False")
+        check_types(self)
 
 
 def reduction_rule(key: str, sharded: bool) -> Rule:
@@ -246,11 +244,17 @@ class RankSync:
 
     def all_equal(self, value: int) -> bool:
         """Whether every rank passes the same integer (a collective: every rank must call it)."""
+        high, neg_low = self.all_max([value, -value])
+        return high == -neg_low
+
+    def all_max(self, values: list[float]) -> list[float]:
+        """The element-wise maximum over ranks of ``values`` (a collective: every rank must call it, with a list
+        of the same length). Exact for integers below 2**53."""
         device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
             else torch.device("cpu")
-        t = torch.tensor([value, -value], dtype=torch.float64, device=device)
+        t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
-        return t[0].item() == -t[1].item()
+        return t.tolist()
 
     # ------------------------------------------------------------------------------------------------
     def _plan(self, layout: list, with_grad_stats: bool, device: torch.device) -> _Plan:

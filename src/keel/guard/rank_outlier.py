@@ -38,7 +38,7 @@ from typing import Any
 
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import require_ints, require_positive
+from keel._core.validate import check_types, require_ints, require_positive
 
 # (per-rank family, feature name); `_deviations` turns each into a "higher is worse" deviation
 FEATURES: tuple[tuple[str, str], ...] = (
@@ -98,6 +98,7 @@ class RankOutlierConfig:
     replicated: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self)
         require_ints(self, "warmup", "short_window")
         if self.warmup <= self.short_window:
             raise ValueError(f"RankOutlierConfig.warmup={self.warmup!r}; allowed: > short_window ({self.short_window})")
