@@ -62,17 +62,19 @@ def test_no_run_store_at_all_is_an_error(tmp_path):
         write_report([tmp_path], tmp_path / "report.html")
 
 
-def test_an_old_store_schema_still_renders_with_a_problem_note(runs, tmp_path):
+def test_an_old_store_schema_still_renders(runs, tmp_path):
     old = tmp_path / "old"
     make_run_store(old, steps=50, spike_at=None, skip_at=None)
     conn = sqlite3.connect(old / "run.sqlite")
     conn.execute("DROP TABLE decisions")
-    # the table as it was before decisions had an onset column
+    # the table as it was before decisions had onset and restored_step columns: they read as empty
     conn.execute("CREATE TABLE decisions (step INTEGER, action TEXT, reason TEXT, actor TEXT)")
+    conn.execute("INSERT INTO decisions VALUES (7, 'skip', 'critical loss_spike', 'keel')")
     conn.commit()
     conn.close()
     page = write_report([old], tmp_path / "report.html").read_text()
-    assert "decisions could not be read (OperationalError" in page
+    assert "could not be read" not in page and "<summary>1 skip</summary>" in page
+    assert "<tr><td>7</td><td>skip</td><td>keel</td><td></td><td></td><td>critical loss_spike</td></tr>" in page
     assert len(_payload(page)["charts"]) == 6
 
 

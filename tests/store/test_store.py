@@ -101,4 +101,4 @@ def test_kill_9_keeps_every_committed_row(tmp_path):
         assert values.tolist() == [float(s) for s in steps]
         assert len(r.signal("grad/norm")[0]) == len(steps)  # both keys of a step land together
         assert r.meta()["status"] == "running"
-        assert r._conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert r._file.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"

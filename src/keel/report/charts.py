@@ -12,13 +12,13 @@ bands and lines on every chart.
 
 from __future__ import annotations
 
-import html
 import math
 from dataclasses import dataclass, field
 from typing import Any
 
 from keel._core import keys
 from keel.report.run_data import RunData
+from keel.report.sections import esc
 
 MAX_CHARTS = 24
 MAX_LAYERS = 16  # per-layer lines drawn per run on an attention/logits chart
@@ -135,28 +135,34 @@ def marks(runs: list[RunData], charts: list[Chart]) -> dict[str, list[dict[str, 
             if d.action == "skip":
                 for chart in {c.id: c for c in (loss_chart, grad_chart) if c is not None}.values():
                     out[chart.id].append({"run": i, "type": "skip", "step": d.step, "key": chart.main,
-                                          "text": f"step {d.step} · skipped by {d.by}<br>{_wrap(d.reason)}"})
+                                          "text": f"step {esc(d.step)} · skipped by {esc(d.by)}<br>"
+                                                  f"{_wrap(d.reason)}"})
             elif d.action in ("rollback", "abort"):
                 for chart in charts:
                     out[chart.id].append({"run": i, "type": d.action, "step": d.step,
                                           "from": d.restored_step if d.action == "rollback" else None,
-                                          "text": f"step {d.step} · {d.action}<br>{_wrap(d.reason)}"})
+                                          "text": f"step {esc(d.step)} · {esc(d.action)}<br>"
+                                                  f"{_wrap(d.reason)}"})
         if loss_chart is not None:
             for snap in run.snapshots:
                 out[loss_chart.id].append({"run": i, "type": "snapshot", "step": snap["step"],
                                            "key": loss_chart.main,
-                                           "text": f"snapshot at step {snap['step']}"})
+                                           "text": f"snapshot at step {esc(snap['step'])}"})
     return out
 
 
 def _finding_text(f) -> str:
-    head = f"step {f.step} · {f.severity} · {f.kind}"
+    head = f"step {esc(f.step)} · {esc(f.severity)} · {esc(f.kind)}"
     return f"{head}<br>{_wrap(f.cause)}" if f.cause else head
 
 
 def _wrap(text: str, width: int = 80) -> str:
-    """Escaped text broken into ``<br>``-separated lines (plotly hover labels do not wrap by themselves)."""
-    words, lines, line = html.escape(text).split(), [], ""
+    """Escaped text broken into ``<br>``-separated lines (plotly hover labels do not wrap by themselves).
+
+    Hover texts are plotly's pseudo-HTML (it draws ``<br>``, ``<b>``, ``<a href>`` …), so every store value in
+    them goes through `esc`.
+    """
+    words, lines, line = esc(text).split(), [], ""
     for word in words:
         if line and len(line) + len(word) + 1 > width:
             lines.append(line)

@@ -23,6 +23,7 @@ from keel.report import charts as _charts
 from keel.report import sections as _sections
 from keel.report.run_data import RunData, load_run
 from keel.report.sources import classify, expand, sweep_fragment
+from keel.store import StoreError
 
 PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 # The head script runs before anything else, so errors of plotly.js and of the page script are counted
@@ -93,7 +94,10 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path, 
         if source.kind != "run":
             notes.append(source.note)  # the extension point: see keel.report.sources
             continue
-        runs.append(load_run(path, keep=_keep))
+        try:
+            runs.append(load_run(path, keep=_keep))
+        except (StoreError, FileNotFoundError) as exc:  # classified a moment ago, unreadable now: a note
+            notes.append(str(exc))
     if not runs and not sections:
         raise ReportError("no keel run store among " + ", ".join(str(p) for p in paths)
                           + (f" ({'; '.join(notes)})" if notes else ""))
@@ -182,8 +186,7 @@ def _series(runs: list[RunData], charts: list[_charts.Chart]) -> list[dict[str, 
         for key, (steps, values) in run.series.items():
             if key not in wanted:
                 continue
-            entry: dict[str, Any] = {"run": i, "key": key, "n": int(len(steps)),
-                                     "values": _b64(np.asarray(values, dtype="<f4"))}
+            entry: dict[str, Any] = {"run": i, "key": key, "n": int(len(steps)), "values": _b64(_float32(values))}
             diffs = np.diff(steps)
             if len(steps) and (len(diffs) == 0 or (diffs[0] > 0 and np.all(diffs == diffs[0]))):
                 entry.update(start=int(steps[0]), stride=int(diffs[0]) if len(diffs) else 1)
@@ -193,6 +196,14 @@ def _series(runs: list[RunData], charts: list[_charts.Chart]) -> list[dict[str, 
                 entry.update(steps=_b64(np.asarray(steps, dtype="<f8")), steps_dtype="f8")
             out.append(entry)
     return out
+
+
+def _float32(values: np.ndarray) -> np.ndarray:
+    """``values`` as float32, finite values beyond its range held at its largest: a 1e300 spike stays a spike
+    on the chart instead of becoming an infinity (drawn as a gap)."""
+    big = float(np.finfo(np.float32).max)
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(values), np.clip(values, -big, big), values).astype("<f4")
 
 
 def _step_range(runs: list[RunData]) -> list[int]:
@@ -224,9 +235,15 @@ def _b64(array: np.ndarray) -> str:
     return base64.b64encode(np.ascontiguousarray(array).tobytes()).decode("ascii")
 
 
+# Inside <script> the HTML parser, not JSON, decides where the element ends: "</script" ends it early and
+# "<!--<script" makes it swallow the next "</script>". With every <, > and & written as a \u escape no markup
+# can appear in the data; JSON.parse reads the same strings. (json.dumps already escapes non-ASCII, U+2028 and
+# U+2029 included.)
+_SCRIPT_SAFE = str.maketrans({"<": "\\u003c", ">": "\\u003e", "&": "\\u0026"})
+
+
 def _json_for_script(obj: Any) -> str:
-    # "</" would end the <script> element early; "<\/" is the same string to the JSON parser.
-    return json.dumps(obj, separators=(",", ":"), allow_nan=False).replace("</", "<\\/")
+    return json.dumps(obj, separators=(",", ":"), allow_nan=False).translate(_SCRIPT_SAFE)
 
 
 def _script_safe(source: str) -> str:

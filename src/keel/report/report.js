@@ -28,6 +28,12 @@
     series[s.run + "\u0000" + s.key] = {x: steps(s), y: decode(s.values, Float32Array)};
   });
   function get(run, key) { return series[run + "\u0000" + key]; }
+  // Run names, signal keys and titles come from the stores, and plotly draws its texts as pseudo-HTML (<br>,
+  // <b>, <a href> …): they go in as character references, which plotly shows as text. "%" too, or a key
+  // holding "%{x}" would be filled in by a hovertemplate.
+  function esc(s) {
+    return String(s).replace(/[&<>"'%]/g, function (c) { return "&#" + c.charCodeAt(0) + ";"; });
+  }
   // Sparse series (a probe logged every k steps, a short run, a deep zoom) show their points too.
   function mode(v) { return v.x.length < 60 ? "lines+markers" : "lines"; }
 
@@ -79,11 +85,11 @@
         var s = get(r, key);
         if (!s) return;
         var v = view(s, null, null);
-        traces.push({type: "scatter", mode: mode(v), x: v.x, y: v.y, name: run.name + " · " + key,
+        traces.push({type: "scatter", mode: mode(v), x: v.x, y: v.y, name: esc(run.name) + " · " + esc(key),
                      marker: {size: 4}, legendgroup: run.name, connectgaps: false, meta: {run: r, key: key},
                      cliponaxis: false,
                      line: {color: run.color, width: k === 0 ? 1.6 : 1.2, dash: k === 0 ? "solid" : "dot"},
-                     hovertemplate: "step %{x}<br>" + key + " %{y:.4g}<extra>" + run.name + "</extra>"});
+                     hovertemplate: "step %{x}<br>" + esc(key) + " %{y:.4g}<extra>" + esc(run.name) + "</extra>"});
       });
       var named = chart.keys.length > 0, listed = named;  // members only: name each run once in the legend
       chart.layers.forEach(function (key) {
@@ -91,11 +97,11 @@
         if (!s) return;
         var v = view(s, null, null);
         traces.push({type: "scatter", mode: mode(v), x: v.x, y: v.y, marker: {size: 3}, cliponaxis: false,
-                     name: named ? run.name + " · " + key : run.name + " · " + chart.title + "/*",
+                     name: esc(run.name) + " · " + (named ? esc(key) : esc(chart.title) + "/*"),
                      legendgroup: run.name, showlegend: !listed, opacity: 0.45,
                      line: {color: run.color, width: 0.8}, meta: {run: r, key: key},
                      legendrank: 1000,
-                     hovertemplate: "step %{x}<br>" + key + " %{y:.4g}<extra>" + run.name + "</extra>"});
+                     hovertemplate: "step %{x}<br>" + esc(key) + " %{y:.4g}<extra>" + esc(run.name) + "</extra>"});
         listed = true;
       });
     });
@@ -132,9 +138,11 @@
         : g.type === "skip" ? {color: run.color, symbol: "line-ns-open", size: 14, line: {width: 2}}
         : g.type === "snapshot" ? {color: run.color, symbol: "triangle-down-open", size: 8}
         : {color: run.color, symbol: "diamond-open", size: 10};
-      return {type: "scatter", mode: "markers", x: g.x, y: g.y, text: g.text, name: run.name + " · " + g.type,
+      // g.text is built (and escaped) by the page's Python side: it may hold <br>.
+      return {type: "scatter", mode: "markers", x: g.x, y: g.y, text: g.text,
+              name: esc(run.name) + " · " + esc(g.type),
               legendgroup: run.name, showlegend: false, marker: marker,
-              hovertemplate: "%{text}<extra>" + run.name + "</extra>",
+              hovertemplate: "%{text}<extra>" + esc(run.name) + "</extra>",
               cliponaxis: false};
     });
     return {traces: traces, shapes: shapes};
@@ -186,7 +194,7 @@
   var pending = data.charts.map(function (chart) {
     var div = document.getElementById(chart.id);
     var marks = markTraces(chart);
-    var layout = {title: {text: chart.title, x: 0.01, font: {size: 14}}, height: 320,
+    var layout = {title: {text: esc(chart.title), x: 0.01, font: {size: 14}}, height: 320,
                   margin: {l: 64, r: 20, t: 36, b: 64}, hovermode: "closest", shapes: marks.shapes,
                   xaxis: {zeroline: false, range: data.xrange.slice(),
                           title: {text: "step", standoff: 4, font: {size: 11}}},

@@ -1,7 +1,8 @@
 """RunData: everything the report shows about one run, read from its store through `keel.store.RunReader`.
 
 A part that cannot be read (a store from an older schema, a table a live run has not created yet) is left
-empty and named in ``problems``: the page still renders with the rest.
+empty and named in ``problems``: the page still renders with the rest. So are rows the reader left out
+because a value had the wrong type (a store is untrusted input: see `keel.store.RunReader`).
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ def load_run(path: str | Path, *, name: str | None = None, keep=None) -> RunData
 
     Raises:
         FileNotFoundError: No store at ``path``.
+        StoreError: The file is not an SQLite store.
     """
     path = Path(path)
     folder = path.parent if path.suffix == ".sqlite" else path
@@ -74,6 +76,7 @@ def load_run(path: str | Path, *, name: str | None = None, keep=None) -> RunData
         run.findings = _read(run, "findings", reader.findings, [])
         run.decisions = _read(run, "decisions", reader.decisions, [])
         run.snapshots = _read(run, "snapshots", reader.snapshots, [])
+        run.problems += reader.problems
     return run
 
 

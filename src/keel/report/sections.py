@@ -1,6 +1,7 @@
 """The page's HTML sections other than the charts: runs table, diagnosis cards, decisions, snapshots, notes.
 
-Every string that comes from a store is escaped: a run's config or a finding's cause is data, not markup.
+Every value that comes from a store goes through `esc`, numbers too: a store is untrusted input (a run's config
+or a finding's cause is data, not markup, and a crafted store can hold text where keel writes integers).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ META_FIELDS = ("status", "policy", "steps", "seed", "model", "optimizer", "start
 
 
 def esc(value: Any) -> str:
+    """``value`` as HTML text (quotes escaped too, so it is safe inside an attribute)."""
     return html.escape(str(value), quote=True)
 
 
@@ -41,7 +43,7 @@ def runs_table(runs: list[RunData], colors: list[str]) -> str:
             f"<div class='path'>{esc(run.path)}</div></td>"
             f"<td>{esc(run.meta.get('status', '?'))}</td><td>{esc(run.meta.get('policy', '?'))}</td>"
             f"<td>{esc(run.meta.get('steps', run.lengths.get(keys.LOSS, '?')))}</td>"
-            f"<td>{last}</td><td>{best}</td>"
+            f"<td>{esc(last)}</td><td>{esc(best)}</td>"
             f"<td>{counts['critical']} / {counts['warning']} / {counts['info']}</td>"
             f"<td>{actions['skip']}</td><td>{actions['rollback']}</td>"
             f"<td>{esc(run.meta.get('seed', ''))}</td></tr>")
@@ -74,7 +76,7 @@ def diagnosis_cards(run: RunData) -> str:
                                                                  kv[1][0].step)):
         worst = max(group, key=lambda f: severity_rank(f.severity))
         first = group[0]
-        steps = ", ".join(str(f.step) for f in group[:12]) + (" …" if len(group) > 12 else "")
+        steps = ", ".join(esc(f.step) for f in group[:12]) + (" …" if len(group) > 12 else "")
         evidence = "".join(f"<tr><th>{esc(k)}</th><td>{_short(v)}</td></tr>"
                            for k, v in first.evidence.items() if k not in ("remedies", "traceback"))
         remedies = first.evidence.get("remedies")
@@ -83,10 +85,10 @@ def diagnosis_cards(run: RunData) -> str:
             remedy_html = "<p><b>remedies</b></p><ol class='remedies'>" + "".join(
                 _remedy_item(r) for r in remedies if isinstance(r, dict)) + "</ol>"
         cards.append(
-            f"<div class='card {worst.severity}'><div class='card-head'><span class='badge {worst.severity}'>"
-            f"{worst.severity}</span> <b>{esc(kind.replace('_', ' '))}</b> "
-            f"on <code>{esc(first.signal)}</code> — "
-            f"first at step {first.step}, {len(group)}× (steps {steps})</div>"
+            f"<div class='card {esc(worst.severity)}'><div class='card-head'>"
+            f"<span class='badge {esc(worst.severity)}'>{esc(worst.severity)}</span> "
+            f"<b>{esc(kind.replace('_', ' '))}</b> on <code>{esc(first.signal)}</code> — "
+            f"first at step {esc(first.step)}, {len(group)}× (steps {steps})</div>"
             f"<p><b>cause</b> {esc(first.cause)}</p>{remedy_html}"
             f"<p class='values'>value {_num(first.value)} · baseline {_num(first.baseline)}</p>"
             f"<table class='evidence'>{evidence}</table></div>")
@@ -117,7 +119,7 @@ def decisions_table(run: RunData) -> str:
     head = ("<tr><th>step</th><th>action</th><th>by</th><th>onset</th><th>restored step</th>"
             "<th>reason</th></tr>")
     rows = "".join(
-        f"<tr><td>{d.step}</td><td>{esc(d.action)}</td><td>{esc(d.by)}</td><td>{_opt(d.onset)}</td>"
+        f"<tr><td>{esc(d.step)}</td><td>{esc(d.action)}</td><td>{esc(d.by)}</td><td>{_opt(d.onset)}</td>"
         f"<td>{_opt(d.restored_step)}</td><td>{esc(d.reason)}</td></tr>" for d in run.decisions[:MAX_ROWS])
     extra = len(run.decisions) - MAX_ROWS
     more = f"<p class='muted'>… and {extra} more.</p>" if extra > 0 else ""
@@ -130,7 +132,7 @@ def snapshots_table(run: RunData) -> str:
     if not run.snapshots:
         return "<p class='muted'>no disk snapshots recorded.</p>"
     head = "<tr><th>step</th><th>path</th><th>checksum</th></tr>"
-    rows = "".join(f"<tr><td>{s['step']}</td><td><code>{esc(s['path'])}</code></td>"
+    rows = "".join(f"<tr><td>{esc(s['step'])}</td><td><code>{esc(s['path'])}</code></td>"
                    f"<td><code>{esc(str(s['checksum'])[:16])}</code></td></tr>"
                    for s in run.snapshots[:MAX_ROWS])
     return (f"<details><summary>{len(run.snapshots)} snapshot(s)</summary><table>{head}{rows}</table>"
@@ -163,7 +165,7 @@ def _num(x: float) -> str:
 
 
 def _opt(x: int | None) -> str:
-    return "" if x is None else str(x)
+    return "" if x is None else esc(x)
 
 
 __all__ = ["decisions_table", "diagnosis_cards", "metadata", "named_causes", "runs_table", "snapshots_table"]

@@ -29,7 +29,8 @@ class StoreKind:
 
 
 STORE_KINDS: list[StoreKind] = [
-    StoreKind(name="run", tables=frozenset({"meta", "signals", "findings", "decisions", "snapshots"})),
+    # A run store is known by its signals; a missing findings, decisions or snapshots table is a note on the page.
+    StoreKind(name="run", tables=frozenset({"meta", "signals"})),
     StoreKind(name="sweep", tables=frozenset({"meta", "runs"})),
 ]
 SWEEP_STORE_NAME = "sweep.sqlite"  # keel.proxy.sweep's store file (its schema is that package's)

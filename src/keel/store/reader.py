@@ -1,25 +1,45 @@
 """RunReader: reads a run store with the standard library and NumPy only (no torch).
 
-Opens the file read-only, so it can read a store that a live run is still writing.
+Opens the file read-only, so it can read a store that a live run is still writing. A store is untrusted
+input (it may come from anywhere, and SQLite columns take any type): every value's type is checked on read,
+a row of the wrong type is left out and counted in `RunReader.problems`, and a file that is not a run store
+raises one `StoreError`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import sqlite3
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from keel._core.decision import Decision
-from keel._core.finding import Finding, severity_rank
+from keel._core.decision import ACTIONS, Decision
+from keel._core.finding import SEVERITIES, Finding, severity_rank
+from keel.store._columns import Column, StoreFile, describe
 from keel.store.schema import store_path
+
+META = (Column("key", "text"), Column("value", "text"))
+SIGNALS = (Column("step", "int"), Column("value", "real", nullable=True))
+FINDINGS = (Column("step", "int"), Column("kind", "text"), Column("severity", "text"), Column("signal", "text"),
+            Column("value", "real", nullable=True), Column("baseline", "real", nullable=True),
+            Column("evidence", "text"), Column("cause", "text"), Column("remedy", "text"))
+DECISIONS = (Column("step", "int"), Column("action", "text"), Column("reason", "text"), Column("actor", "text"),
+             Column("onset", "int", nullable=True), Column("restored_step", "int", nullable=True))
+SNAPSHOTS = (Column("step", "int"), Column("path", "text"), Column("checksum", "text"), Column("created", "real"))
 
 
 def _float(value: float | None) -> float:
     return math.nan if value is None else float(value)
+
+
+def _json(text: str) -> Any:
+    """The JSON value of ``text``; ValueError when it is not JSON (RecursionError too: nesting 100k deep)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
 
 
 class RunReader:
@@ -28,18 +48,25 @@ class RunReader:
     Args:
         run: A run directory or the path of its ``run.sqlite``.
 
+    Attributes:
+        problems: Rows left out because a value had the wrong type (a table, a count, the first reason), one
+            line per table; empty for a store keel wrote.
+
     Raises:
         FileNotFoundError: No store at that path.
+        StoreError: The file is not SQLite; a method raises it when its table or a required column is missing.
     """
 
     def __init__(self, run: str | Path) -> None:
         self.path = store_path(run)
-        if not self.path.is_file():
-            raise FileNotFoundError(f"no keel run store at {self.path}")
-        self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+        self._file = StoreFile(self.path, "run store")
+
+    @property
+    def problems(self) -> list[str]:
+        return self._file.problems
 
     def close(self) -> None:
-        self._conn.close()
+        self._file.close()
 
     def __enter__(self) -> RunReader:
         return self
@@ -48,33 +75,67 @@ class RunReader:
         self.close()
 
     def meta(self) -> dict[str, Any]:
-        return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+        """The metadata table; an entry whose value is not JSON is left out and counted."""
+        out = {}
+        for key, value in self._file.rows("meta", META):
+            try:
+                out[key] = _json(value)
+            except ValueError as exc:
+                self._file.drop("meta", f"the value of {describe(key)} is not JSON ({exc})")
+        return out
 
     def signal_keys(self) -> list[str]:
-        return [k for (k,) in self._conn.execute("SELECT DISTINCT key FROM signals ORDER BY key")]
+        keys = []
+        for key in self._file.distinct("signals", "key"):
+            if isinstance(key, str):
+                keys.append(key)
+            else:  # a key that is not text: its rows are left out
+                count = self._file.conn.execute("SELECT count(*) FROM signals WHERE key IS ?", (key,)).fetchone()[0]
+                self._file.drop("signals", f"key is {describe(key)}; allowed: text", count)
+        return keys
 
     def signal(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of one signal in step order; NaN where a value was NaN."""
-        rows = self._conn.execute("SELECT step, value FROM signals WHERE key = ? ORDER BY step, rowid", (key,))
-        data = rows.fetchall()
+        data = list(self._file.rows("signals", SIGNALS, where="WHERE key = ?", params=(key,), order="step, rowid"))
         steps = np.array([s for s, _ in data], dtype=np.int64)
         values = np.array([_float(v) for _, v in data], dtype=np.float64)
         return steps, values
 
     def findings(self, min_severity: str | None = None) -> list[Finding]:
-        rows = self._conn.execute("SELECT * FROM findings ORDER BY step, rowid").fetchall()
-        found = [Finding(step=r[0], kind=r[1], severity=r[2], signal=r[3], value=_float(r[4]),
-                         baseline=_float(r[5]), evidence=json.loads(r[6]), cause=r[7], remedy=r[8]) for r in rows]
+        found = []
+        for step, kind, severity, signal, value, baseline, evidence, cause, remedy in self._file.rows(
+                "findings", FINDINGS, order="step, rowid"):
+            try:
+                facts = _json(evidence)
+            except ValueError as exc:
+                self._file.drop("findings", f"evidence is not JSON ({exc})")
+                continue
+            if not isinstance(facts, dict) or severity not in SEVERITIES:
+                reason = (f"evidence is {describe(facts)}, not a JSON object" if not isinstance(facts, dict)
+                          else f"severity is {describe(severity)}; allowed: {', '.join(SEVERITIES)}")
+                self._file.drop("findings", reason)
+                continue
+            found.append(Finding(step=step, kind=kind, severity=severity, signal=signal, value=_float(value),
+                                 baseline=_float(baseline), evidence=facts, cause=cause, remedy=remedy))
         if min_severity is None:
             return found
         floor = severity_rank(min_severity)
         return [f for f in found if severity_rank(f.severity) >= floor]
 
     def decisions(self) -> list[Decision]:
-        rows = self._conn.execute("SELECT step, action, reason, actor, onset, restored_step FROM decisions "
-                                  "ORDER BY step, rowid")
-        return [Decision(step=s, action=a, reason=r, by=b, onset=o, restored_step=rs) for s, a, r, b, o, rs in rows]
+        out = []
+        for step, action, reason, actor, onset, restored in self._file.rows("decisions", DECISIONS,
+                                                                             order="step, rowid"):
+            if action not in ACTIONS:
+                self._file.drop("decisions", f"action is {describe(action)}; allowed: {', '.join(ACTIONS)}")
+                continue
+            out.append(Decision(step=step, action=action, reason=reason, by=actor, onset=onset,
+                                restored_step=restored))
+        return out
 
     def snapshots(self) -> list[dict[str, Any]]:
-        rows = self._conn.execute("SELECT step, path, checksum, created FROM snapshots ORDER BY step, rowid")
-        return [dict(step=s, path=p, checksum=c, created=t) for s, p, c, t in rows]
+        return [dict(step=s, path=p, checksum=c, created=float(t))
+                for s, p, c, t in self._file.rows("snapshots", SNAPSHOTS, order="step, rowid")]
+
+
+__all__ = ["RunReader"]

@@ -1,0 +1,127 @@
+"""Crafted stores for the report's security tests: script payloads and values of the wrong type in every field.
+
+Every payload, if it ever ran, would set ``data-pwned`` on the page's <html> element (the browser test looks for
+it); the page must show them all as text.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+_ACT = "document.documentElement.setAttribute(`data-pwned`,`{}`)"
+
+
+def payloads(tag: str) -> list[str]:
+    """The payloads of one field, each marked with ``tag`` (to tell which field got through)."""
+    act = _ACT.format(tag)
+    return [
+        f"<script>{act}</script>",
+        f"\"><img src=x onerror={act}>",
+        f"'><svg onload={act}>",
+        f"</script><script>{act}</script>",
+        f"<!--<script>{act}</script>-->",
+        f"javascript:{act}",
+        f"<a href=\"javascript:{act}\">link</a> <a href='https://example.com'>out</a>",
+        f"<iframe srcdoc=\"<script>parent.{act}</script>\"></iframe>",
+        "\u2028\u2029 %{x} %{y <b>&amp;</b> ]]> \\u003c",
+    ]
+
+
+def hostile(tag: str) -> str:
+    return " ".join(payloads(tag))
+
+
+# A run folder name may hold HTML too (everything but "/").
+RUN_NAME = f"\"><img src=x onerror={_ACT.format('dir')}>"
+HUGE = "A" * 200_000
+COLUMNS = {
+    "meta": ("key", "value"),
+    "signals": ("step", "key", "value"),
+    "findings": ("step", "kind", "severity", "signal", "value", "baseline", "evidence", "cause", "remedy"),
+    "decisions": ("step", "action", "reason", "actor", "onset", "restored_step"),
+    "snapshots": ("step", "path", "checksum", "created"),
+}
+INT64 = (-(2**63), 2**63 - 1)
+
+
+def _crafted(path: Path, columns: dict[str, tuple[str, ...]], rows: dict[str, list[tuple]]) -> Path:
+    """An SQLite file with these tables and no column types, so every value keeps the type it was given."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    for table, names in columns.items():
+        conn.execute(f"CREATE TABLE {table} ({', '.join(names)})")
+        conn.executemany(f"INSERT INTO {table} VALUES ({', '.join('?' * len(names))})", rows.get(table, []))
+    conn.commit()
+    conn.close()
+    return path
+
+
+def hostile_run_store(root: Path, *, steps: int = 60) -> Path:
+    """A run store (in a folder named with HTML) with payloads in every text field and values of the wrong
+    type in every column; returns the run folder."""
+    run = root / RUN_NAME
+    meta = {key: hostile(f"meta.{key}") for key in
+            ("status", "policy", "model", "optimizer", "started_at", "finished_at", "git_sha")}
+    meta.update(
+        steps=hostile("meta.steps"), seed=hostile("meta.seed"),
+        config={hostile("config.key"): hostile("config.value"), "lr": float("inf"), "big": HUGE},
+        environment={"hardware": hostile("env.hardware"), "versions": {hostile("env.k"): hostile("env.v")}},
+        diagnosis=[{"kind": hostile("diag.kind"), "title": hostile("diag.title"), "when": hostile("diag.when")},
+                   hostile("diag.item"), 5, None],
+        **{hostile("meta.key"): hostile("meta.value")},
+    )
+    meta_rows = [(k, json.dumps(v)) for k, v in meta.items()]
+    meta_rows += [("bad json", "{<script>"), ("blob", b"<script>"), (7, '"int key"'),
+                  ("deep", "[" * 50_000 + "]" * 50_000)]
+    family = f"attn/max_logit/{hostile('signal.layer')}"
+    signal_rows = []
+    for step in range(steps):
+        signal_rows += [(step, "loss", 3.0 - step / steps), (step, "grad/norm", 1.0 + (step == 30) * 1e308),
+                        (step, hostile("signal.key"), float(step)), (step, family, 2.0),
+                        (step, "attn/max_logit", 4.0), (step, "lr", None)]
+    signal_rows += [(5, "loss", float("inf")), (6, "loss", float("-inf")),
+                    (hostile("signal.step"), "loss", 1.0), (b"\x00<", "loss", 1.0), (1.5, "loss", 1.0),
+                    (7, "loss", hostile("signal.value")), (8, "loss", b"blob"), (9, b"<blob key>", 1.0)]
+    evidence = {hostile("ev.key"): hostile("ev.value"), "nested": {"x": [hostile("ev.list")]},
+                "remedies": [{"action": hostile("rem.action"), "how": hostile("rem.how"),
+                              "source": hostile("rem.source")}, hostile("rem.item")],
+                "traceback": hostile("ev.traceback")}
+    findings = [
+        (20, hostile("f.kind"), "critical", hostile("f.signal"), float("inf"), None, json.dumps(evidence),
+         hostile("f.cause") + HUGE, hostile("f.remedy")),
+        (25, "loss_spike", "warning", "loss", -1e308, 1e308, json.dumps({"z": hostile("f2.z")}),
+         hostile("f2.cause"), ""),
+        (INT64[1], "far", "info", "loss", 1.0, 1.0, "{}", hostile("f3.cause"), ""),
+        (-5, "before", "warning", family, 1.0, 1.0, "{}", hostile("f4.cause"), ""),
+        # The attack of issue 12, item 8: markup in an integer column.
+        (f"30<img src=x onerror={_ACT.format('f.step')}>", "loss_spike", "critical", "loss", 1.0, 1.0, "{}", "c",
+         "r"),
+        (31, "k", "critical", "loss", hostile("f.value"), 1.0, "{}", "c", "r"),
+        (32, "k", hostile("f.severity"), "loss", 1.0, 1.0, "{}", "c", "r"),
+        (33, "k", "critical", "loss", 1.0, 1.0, hostile("f.evidence"), "c", "r"),
+        (34, "k", "critical", "loss", 1.0, 1.0, "[1]", "c", "r"),
+        (35, b"<blob>", "critical", "loss", 1.0, 1.0, "{}", "c", "r"),
+    ]
+    decisions = [
+        (20, "skip", hostile("d.reason"), hostile("d.actor"), None, None),
+        (40, "rollback", hostile("d2.reason"), "keel", 30, 10),
+        (INT64[0], "abort", hostile("d3.reason"), "keel", INT64[0], INT64[1]),
+        (hostile("d.step"), "skip", "r", "keel", None, None),
+        (41, "rollback", "r", "keel", hostile("d.onset"), 10),
+        (42, "rollback", "r", "keel", 30, hostile("d.restored_step")),
+        (43, hostile("d.action"), "r", "keel", None, None),
+        (44, "skip", b"<blob>", "keel", None, None),
+        (45, "skip", "r", "keel", 1.5, None),
+    ]
+    snapshots = [
+        (0, hostile("s.path"), hostile("s.checksum"), 1.0),
+        (INT64[1], "p", "c", 2.0),
+        (hostile("s.step"), "p", "c", 1.0),
+        (10, "p", "c", hostile("s.created")),
+        (11, b"<blob>", "c", 1.0),
+    ]
+    _crafted(run / "run.sqlite", COLUMNS, {"meta": meta_rows, "signals": signal_rows, "findings": findings,
+                                           "decisions": decisions, "snapshots": snapshots})
+    return run
