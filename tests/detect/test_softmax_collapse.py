@@ -38,3 +38,26 @@ def test_state_round_trip_and_validation():
     assert [f.step for f in b.update(Observation(step=2, values={KEY: 0.03}))] == [2]
     with pytest.raises(ValueError, match=r"SoftmaxCollapseConfig.patience=0; allowed: an int >= 1"):
         SoftmaxCollapseConfig(patience=0)
+
+
+def test_collapsed_from_the_first_measurement_is_not_judged():
+    # a one-output model's "softmax" is one-hot at every step (the 30 rollbacks in 60 steps); a fraction
+    # that was never below warn_fraction is the model's shape or a state from before keel watched: a rollback
+    # cannot reach a healthy state, so no warning or critical — one info says why
+    found = run(SoftmaxCollapseDetector(), [1.0] * 60)
+    assert [(f.step, f.severity) for f in found] == [(0, "info")]
+    assert "first measurement" in found[0].cause
+
+
+def test_collapse_after_a_healthy_measurement_is_still_judged():
+    found = run(SoftmaxCollapseDetector(), [1.0, 1.0, 0.0, 0.02, 0.03, 0.6])
+    assert [(f.step, f.severity) for f in found] == [(0, "info"), (4, "warning"), (5, "critical")]
+
+
+def test_state_without_the_new_field_loads():
+    det = SoftmaxCollapseDetector()
+    state = det.state_dict()
+    for key in ("seen_healthy", "told"):
+        state.pop(key, None)
+    det.load_state_dict(state)
+    assert [f.severity for f in run(det, [0.0, 0.6])] == ["critical"]

@@ -7,6 +7,12 @@ instability — and, with Adam's tiny ε, in loss spikes. In language-model pre-
 any sustained collapse is worth a warning, half the rows collapsed is critical. The finding carries the
 zero-loss fraction and the gradient–weight cosine when those probes run.
 
+Only a collapse that *develops* is judged: until one measurement has been below ``warn_fraction`` the
+detector stays silent but for one ``info``. A fraction that is high from the first measurement is the
+model's shape (a "softmax" over one output is always one-hot: the probe no longer emits it there, but a
+custom probe or an old store may) or a state from before keel watched; no snapshot is healthier, so a
+rollback could only repeat itself.
+
 References:
     Prieto et al. 2025, "Grokking at the Edge of Numerical Stability", arXiv 2501.04697; code
     github.com/LucasPrietoAl/grokking-at-the-edge-of-numerical-stability (``logger.py``).
@@ -70,6 +76,8 @@ class SoftmaxCollapseDetector:
         self._run = 0
         self._onset = -1
         self._reported: Severity | None = None
+        self._seen_healthy = False
+        self._told = False
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
@@ -77,10 +85,12 @@ class SoftmaxCollapseDetector:
         if x is None or not x == x:  # absent or NaN (no rows)
             return []
         if x < cfg.warn_fraction:
-            self._run, self._onset = 0, -1
+            self._run, self._onset, self._seen_healthy = 0, -1, True
             if x == 0:
                 self._reported = None
             return []
+        if not self._seen_healthy:
+            return self._not_judged(obs.step, x)
         if self._run == 0:
             self._onset = obs.step
         self._run += 1
@@ -103,9 +113,24 @@ class SoftmaxCollapseDetector:
                         cause=f"{text} {cause.mechanism if cause else ''}".strip(),
                         remedy=cause.remedy_text() if cause else "")]
 
+    def _not_judged(self, step: int, x: float) -> list[Finding]:
+        if self._told:
+            return []
+        self._told = True
+        return [Finding(step=step, kind=KIND, severity="info", signal=self.config.signal, value=x,
+                        baseline=self.config.warn_fraction, evidence={"fraction": round(x, 5)},
+                        cause=f"{x:.1%} of the output softmax rows are one-hot from the first measurement: not judged "
+                              "(a model with one output, or one collapsed before keel watched; no earlier state is "
+                              "healthier).",
+                        remedy="")]
+
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "run": self._run, "onset": self._onset, "reported": self._reported}
+        return {"config": asdict(self.config), "run": self._run, "onset": self._onset, "reported": self._reported,
+                "seen_healthy": self._seen_healthy, "told": self._told}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = SoftmaxCollapseConfig(**state["config"])
         self._run, self._onset, self._reported = int(state["run"]), int(state["onset"]), state["reported"]
+        # states from before these fields judged every measurement
+        self._seen_healthy = bool(state.get("seen_healthy", True))
+        self._told = bool(state.get("told", False))

@@ -1,21 +1,32 @@
 """Output-logit probe: log-partition log Z, logit scale, softmax-collapse and zero-loss fractions.
 
-| key                       | cadence             | cost                                                           |
-|---------------------------|---------------------|----------------------------------------------------------------|
-| `logits/log_z`            | every `every` steps | one exp pass over the output logits, inside the head's forward hook |
-| `logits/log_z_max`, `logits/log_z_min` | as above | free (same pass)                                        |
-| `logits/rms`, `logits/mean` | as above          | one square-sum and one sum pass                                |
-| `logits/softmax_collapse` | as above            | free for float32 logits; one more exp pass in `precision` otherwise |
-| `logits/zero_loss`        | as above, when targets are known | one gather                                        |
+| key                       | cadence             | cost                                                     |
+|---------------------------|---------------------|----------------------------------------------------------|
+| `logits/log_z`            | every `every` steps | one exp pass over the output logits, in the head's hook  |
+| `logits/log_z_max`, `logits/log_z_min` | as above | free (same pass)                                     |
+| `logits/rms`, `logits/mean` | as above          | one square-sum and one sum pass                          |
+| `logits/softmax_collapse` | as above            | free for float32 logits; else one exp pass in `precision` |
+| `logits/zero_loss`        | as above, when targets are known | one gather                                  |
+| (none of them)            | never, where the output is no softmax over ≥ 2 classes | the first step's check |
 
 log Z drifting far from 0 is Wortsman et al.'s (2023) "output-logit divergence", which a z-loss of 1e-4
 prevents (PaLM); the mean logit tracks the drift of the mean output embedding that Stollenwerk et al.
-(2026, arXiv 2601.02031) identify as its cause. The softmax-collapse fraction (S = Σ exp(z − max z) == 1 in the working precision) and
-the zero-loss fraction come from Prieto et al. (2025): once rows collapse, their gradients vanish and the
-weights only grow along the naïve-loss-minimisation direction. The zero-loss fraction needs the targets:
-Hugging Face models pass ``labels=`` to ``forward`` and are read automatically (shifted by one, as their
-causal-LM loss does; -100 is ignored); other loops call `OutputLogitsProbe.set_targets` before the
-forward pass, or go without that key.
+(2026, arXiv 2601.02031) identify as its cause. The softmax-collapse fraction (S = Σ exp(z − max z) == 1 in
+the working precision) and the zero-loss fraction come from Prieto et al. (2025): once rows collapse, their
+gradients vanish and the weights only grow along the naïve-loss-minimisation direction. The zero-loss fraction
+needs the targets: Hugging Face models pass ``labels=`` to ``forward`` and are read automatically (shifted by
+one for causal language models, as their loss does; -100 is ignored); other loops call
+`OutputLogitsProbe.set_targets` before the forward pass, or go without that key.
+
+Which models it measures (`keel.signals._softmax_head` has the details): only a softmax classifier's output
+layer, with more than one class. A regressor, a one-logit sigmoid classifier, a multi-label sigmoid head or
+an inner layer gives no keys at all — over one value a softmax is always "collapsed", and a regression
+output drifting towards its targets is no log Z drift. A head named with ``module=``, Hugging Face's output
+embeddings and a module named ``lm_head`` are taken as softmax heads; any other head found (``head``,
+``output``, the last ``nn.Linear``) is measured once its output is seen to be the model's output and the
+loss to see it through a softmax (integer class targets, or a gradient whose rows sum to 0 — checked on the
+first step, one extra pass and one host read). ``OutputLogitsProbe.status`` says which, and why not.
+Only floating-point logits are measured; targets outside ``[0, classes)`` count as ignored.
 
 References:
     Wortsman et al. 2023, arXiv 2309.14322 (no official code); OLMo-core ``Z loss`` metrics.
@@ -34,6 +45,7 @@ from torch import Tensor, nn
 
 from keel._core.errors import KeelWarning
 from keel.signals._hooks import find_output_head, hooks_active, named_modules_by_name
+from keel.signals._softmax_head import SoftmaxHeadCheck, shifts_labels, trusted_head
 from keel.signals.attn_logits import due
 from keel.signals.probe import Measurements, StepContext
 from keel.signals.registry import PROBES
@@ -45,7 +57,6 @@ RMS = "logits/rms"
 MEAN = "logits/mean"
 SOFTMAX_COLLAPSE = "logits/softmax_collapse"
 ZERO_LOSS = "logits/zero_loss"
-IGNORE_INDEX = -100
 
 _PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                "float64": torch.float64}
@@ -104,8 +115,9 @@ class OutputLogitsProbe:
         >>> model = create_proxy_model("tiny")
         >>> probe = OutputLogitsProbe()
         >>> probe.attach(model)
-        >>> _ = model(torch.zeros(1, 8, dtype=torch.long))
-        >>> sorted(probe.read())
+        >>> idx = torch.zeros(1, 8, dtype=torch.long)
+        >>> torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten()).backward()
+        >>> sorted(probe.read())  # the loss saw the head through a softmax: a classifier head
         ['logits/log_z', 'logits/log_z_max', 'logits/log_z_min', 'logits/mean', 'logits/rms', 'logits/softmax_collapse']
         >>> probe.detach()
     """
@@ -119,7 +131,15 @@ class OutputLogitsProbe:
         self._sums = _Sums()
         self._targets: Tensor | None = None
         self._shift = False
+        self._causal_lm = False
+        self._check: SoftmaxHeadCheck | None = None
+        self._error: Exception | None = None
         self.head: str | None = None
+
+    @property
+    def status(self) -> str:
+        """Whether the head is measured (``"a softmax classifier head"``), still being checked, or why not."""
+        return self._check.status if self._check is not None else "no output head found"
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -130,8 +150,13 @@ class OutputLogitsProbe:
                           KeelWarning, stacklevel=2)
             return
         self.head, head = found
+        self._check = SoftmaxHeadCheck(trusted=trusted_head(model, self.head, head, bool(self.config.module)),
+                                       head_is_model=head is model)
+        self._causal_lm = shifts_labels(model)
         self._handles = [head.register_forward_hook(self._hook),
                          model.register_forward_pre_hook(self._labels_hook, with_kwargs=True)]
+        if head is not model:
+            self._handles.append(model.register_forward_hook(self._model_hook))
         self._armed = due(0, self.config.every)
 
     def detach(self) -> None:
@@ -147,17 +172,34 @@ class OutputLogitsProbe:
     def _labels_hook(self, module: nn.Module, args: tuple, kwargs: dict) -> None:
         labels = kwargs.get("labels")
         if isinstance(labels, Tensor):
-            self._targets, self._shift = labels, True  # Hugging Face causal LM: predict token t+1
+            self._targets, self._shift = labels, self._causal_lm  # a causal LM predicts token t+1
 
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         targets, self._targets = self._targets, None
-        if not (self._armed and module.training and hooks_active()):
+        check = self._check
+        if check is None or check.rejected or not (self._armed and module.training and hooks_active()):
             return
-        logits = output if isinstance(output, Tensor) else next((o for o in output if isinstance(o, Tensor)), None)
-        if logits is None or logits.dim() < 1 or logits.numel() == 0:
-            return
-        with torch.no_grad():
-            self._reduce(logits.detach(), targets)
+        try:  # a hook runs inside the user's forward: never break it; `read` reports the error
+            logits = _first_tensor(output)
+            if logits is None or not logits.is_floating_point() or logits.dim() < 1 or logits.numel() == 0:
+                return
+            if logits.shape[-1] == 1:
+                check.reject("it has one output per row (a regressor or a one-logit classifier): a softmax over "
+                             "one value is always exactly one-hot")
+                return
+            class_targets = targets is not None and not targets.is_floating_point() and not targets.is_complex()
+            check.saw_head_output(logits, class_targets)
+            with torch.no_grad():
+                self._reduce(logits.detach(), targets if class_targets else None)
+        except Exception as exc:
+            self._error = exc
+
+    def _model_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
+        if self._check is not None and module.training and hooks_active():
+            try:
+                self._check.saw_model_output(output)
+            except Exception as exc:
+                self._error = exc
 
     def _reduce(self, z: Tensor, targets: Tensor | None) -> None:
         precision = _PRECISIONS[self.config.precision] if self.config.precision else z.dtype
@@ -184,8 +226,9 @@ class OutputLogitsProbe:
             if self._shift:
                 y, zp, keep_top, keep_s = y[..., 1:], zp[..., :-1, :], keep_top[..., :-1], keep_s[..., :-1]
             if y.shape == zp.shape[:-1]:
-                valid = y != IGNORE_INDEX
-                at_target = zp.gather(-1, y.clamp_min(0).long().unsqueeze(-1)).squeeze(-1)
+                # -100 and any other index outside [0, classes) (segmentation's 255) is an ignored row
+                valid = (y >= 0) & (y < zp.shape[-1])
+                at_target = zp.gather(-1, y.long().clamp(0, zp.shape[-1] - 1).unsqueeze(-1)).squeeze(-1)
                 zero = (keep_s == 1) & (at_target == keep_top) & valid
                 sums.add("zero", zero.sum(dtype=torch.float32))
                 sums.add("target_rows", valid.sum(dtype=torch.float32))
@@ -194,7 +237,10 @@ class OutputLogitsProbe:
     def read(self) -> Measurements:
         """This step's values (what `measure` returns), then starts a new step."""
         v, n, self._sums = self._sums.values, self._sums.counts, _Sums()
-        if not n.get("rows"):
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"output-logit hook failed: {error!r}") from error
+        if not n.get("rows") or self._check is None or not self._check.decide():
             return {}
         out: Measurements = {
             LOG_Z: v["log_z"] / n["rows"],
@@ -215,3 +261,10 @@ class OutputLogitsProbe:
 
     def after_step(self, ctx: StepContext) -> Measurements:
         return {}
+
+
+def _first_tensor(output: Any) -> Tensor | None:
+    """The head's output tensor: itself, or the first tensor of a tuple/list it returned."""
+    if isinstance(output, Tensor):
+        return output
+    return next((o for o in output if isinstance(o, Tensor)), None) if isinstance(output, tuple | list) else None
