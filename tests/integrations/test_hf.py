@@ -139,3 +139,16 @@ def test_abort_stops_trainer_train_with_the_store_flushed(tmp_path):
 def test_arguments_the_trainer_owns_are_refused():
     with pytest.raises(ValueError, match=r"KeelCallback\(max_grad_norm, optimizer=...\): set by the Trainer"):
         KeelCallback(optimizer=None, max_grad_norm=1.0)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(probs="full"), r"KeelCallback: probs=...: not an argument of keel.Guard; allowed: .*probes"),
+    (dict(policy="yolo"), r"KeelCallback: policy='yolo'; allowed: observe, skip, recover"),
+    (dict(log_every=0), r"KeelCallback: log_every=0; allowed: an int >= 1"),
+    (dict(run_dir=5), r"KeelCallback: run_dir=5; allowed"),
+    (dict(take_over_clipping="yes"), r"KeelCallback\(take_over_clipping='yes'\); allowed: None, True or False"),
+])
+def test_bad_guard_arguments_fail_when_the_callback_is_built_not_at_the_first_step(kwargs, match):
+    # the Guard itself is built at the Trainer's first optimizer step, deep inside trainer.train()
+    with pytest.raises(ValueError, match=match):
+        KeelCallback(**kwargs)

@@ -132,3 +132,10 @@ def test_fp16_grad_scaler_overflow_is_the_scalers_skip_and_observe_matches_bare(
     assert trainer.optimizers[0].state_dict()["state"][0]["step"].item() == STEPS - 1
     assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == STEPS - 1
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_bad_guard_arguments_fail_when_the_callback_is_built():
+    with pytest.raises(ValueError, match=r"KeelCallback: probs=...: not an argument of keel.Guard"):
+        KeelCallback(probs="full")
+    with pytest.raises(ValueError, match=r"KeelCallback: recovery='x'; allowed: None or a keel.RecoveryConfig"):
+        KeelCallback(policy="recover", recovery="x")

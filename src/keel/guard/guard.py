@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import math
-import os
 import time
 import warnings
 from collections.abc import Sequence
@@ -37,7 +36,9 @@ from keel.guard.environment import describe_environment
 from keel.guard.options import check_arguments, check_loss, check_probes, check_run_dir
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
+from keel.guard.run_dir import RunDir
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
+from keel.recover.snapshot import Snapshot
 from keel.recover.state import Stateful
 from keel.signals import (
     DEFAULT_PROBES,
@@ -70,7 +71,8 @@ class Guard:
         scheduler: An LR scheduler stepped after each applied update (not after skipped ones, except under
             ``observe``, which steps exactly like the bare loop).
         run_dir: Directory of the run store (``run_dir/run.sqlite``) and disk snapshots; ``None`` keeps
-            everything in memory.
+            everything in memory. It holds one run: a folder that holds an earlier run is refused unless
+            ``resume`` or ``overwrite`` says what to do with it, and it is locked while the Guard is open.
         policy: ``"observe"`` never changes training; ``"skip"`` skips harmful updates; ``"recover"`` also
             rolls back to in-memory snapshots and applies remedies.
         scaler: A ``torch.amp.GradScaler`` the loop uses; the loop calls ``scaler.scale(loss).backward()``
@@ -87,7 +89,12 @@ class Guard:
             ``resume``. Set ``disk_every`` to also write snapshots to ``run_dir/snapshots``.
         resume: Continue from the newest good disk snapshot in ``run_dir`` (model, optimizer, scheduler,
             scaler, detectors and RNG now, the data position at `track`); `global_step` says where to carry
-            on. Create the guard where the interrupted run created it, so later random draws line up.
+            on. Create the guard where the interrupted run created it, so later random draws line up. Only
+            that run's own snapshots are loaded, and only into the same setup (model parameters, optimizer
+            class and groups, scheduler): a different one is refused, saying what differs. A ``run_dir``
+            that holds no run yet starts a new one.
+        overwrite: Start a new run in a ``run_dir`` that holds an earlier one, deleting keel's files there
+            first (``run.sqlite``, ``snapshots/``, ``rank-<r>/snapshots/``, ``export/``).
         config: The run's own configuration, stored with the run (JSON-able).
         seed: The run's seed, stored with the run.
         distributed: Under ``torch.distributed`` with several ranks (``None``: detected), signals are
@@ -96,7 +103,9 @@ class Guard:
             names a faulty rank. ``False`` keeps each rank on its own; a `DistributedConfig` tunes it.
 
     Raises:
-        ValueError: An unknown policy or probe, a model without trainable parameters, a bad cadence.
+        ValueError: An unknown policy or probe, a model without trainable parameters, a bad cadence; a
+            ``run_dir`` that holds another run (without ``resume`` or ``overwrite``) or that another open Guard
+            holds; a ``resume`` into a setup that differs from the snapshot's.
 
     Example:
         >>> model = nn.Linear(4, 1)
@@ -124,6 +133,7 @@ class Guard:
         max_consecutive_skips: int = 10,
         recovery: RecoveryConfig | None = None,
         resume: bool = False,
+        overwrite: bool = False,
         config: dict[str, Any] | None = None,
         seed: int | None = None,
         distributed: DistributedConfig | bool | None = None,
@@ -139,9 +149,10 @@ class Guard:
             n_all = sum(1 for _ in model.parameters())
             raise ValueError(f"model {type(model).__name__} has {n_all} parameters, none trainable; "
                              "allowed: a model with at least one parameter with requires_grad=True")
-        check_arguments(scheduler=scheduler, scaler=scaler, log_every=log_every, max_grad_norm=max_grad_norm,
-                        detectors=detectors, recovery=recovery, resume=resume, config=config, seed=seed,
-                        distributed=distributed, needs_state=policy == "recover" or resume or recovery is not None)
+        check_arguments(dict(policy=policy, scheduler=scheduler, scaler=scaler, run_dir=run_dir, log_every=log_every,
+                             probes=probes, max_grad_norm=max_grad_norm, max_consecutive_skips=max_consecutive_skips,
+                             detectors=detectors, recovery=recovery, resume=resume, config=config, seed=seed,
+                             distributed=distributed))
         if resume and run_dir is None:
             raise ValueError("resume=True needs run_dir; allowed: the run_dir of the run to continue")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
@@ -152,10 +163,9 @@ class Guard:
         self.detectors = list(detectors) if detectors is not None else default_detectors()
         if self.dist is not None and detectors is None:
             self.detectors.append(RankOutlierDetector(RankOutlierConfig(replicated=not self.dist.sharded)))
-        store_dir, snapshot_dir = run_dir, run_dir
-        if self.dist is not None and run_dir is not None:  # rank 0 writes the store; snapshots are per rank
-            store_dir = run_dir if self.dist.rank == 0 else None
-            snapshot_dir = os.path.join(run_dir, f"rank-{self.dist.rank}")
+        # Locked until close. Rank 0 writes the store; snapshots are per rank (run_dir/rank-<r>).
+        self.run_dir = RunDir.claim(run_dir, resume=resume, overwrite=overwrite, sync=self.dist)
+        store_dir, snapshot_dir = self.run_dir.store_dir, self.run_dir.snapshot_dir
         self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         self.state.history["escalation"] = self.escalation  # survives rollbacks: it counts them
         self.components = Components(self.probes, self.detectors, self._record_error)
@@ -164,7 +174,8 @@ class Guard:
         wants_recovery = policy == "recover" or resume or recovery is not None
         if resume and recovery is None:
             recovery = RecoveryConfig(disk_every=1)
-        self.recovery = Recovery(self.state, recovery or RecoveryConfig(), snapshot_dir) if wants_recovery else None
+        self.recovery = Recovery(self.state, recovery or RecoveryConfig(), snapshot_dir,
+                                 run_id=self.run_dir.run_id) if wants_recovery else None
         self.actuator = Actuator(self.state, observe=policy == "observe", max_grad_norm=max_grad_norm,
                                  recovery=self.recovery)
         self.global_step = 0
@@ -175,6 +186,7 @@ class Guard:
         self._snapshots_recorded = 0
         self.recorder = Recorder(store_dir, log_every)
         self.components.attach(model)
+        self._resumed = self._resume() if resume else None  # before the store's meta changes: it may refuse
         meta = describe_environment() if store_dir is not None else {}
         meta.update(policy=policy, seed=seed, config=config or {}, status="running",
                     model={"class": type(model).__name__, "parameters": sum(p.numel() for _, p in self.named)},
@@ -183,13 +195,7 @@ class Guard:
         if self.dist is not None:
             meta["distributed"] = self.dist.describe()
         self.recorder.meta(meta)
-        self._resumed = self.recovery.resume() if resume and self.recovery is not None else None
-        if resume and self.dist is not None:
-            resumed = self._resumed.step if self._resumed is not None else -1
-            if not self.dist.all_equal(resumed):
-                raise ValueError(f"resume: rank {self.dist.rank} found the snapshot of step {resumed}, another rank "
-                                 "a different one; allowed: every rank's run_dir/rank-<r>/snapshots holding the "
-                                 "same newest good step")
+        self.recorder.meta({"run_id": self.run_dir.run_id})
         if self._resumed is not None:
             self.global_step = self._resumed.step
             self.recorder.meta({"resumed_from": self._resumed.step})
@@ -348,6 +354,32 @@ class Guard:
             warnings.warn(f"keel: {component} raised {type(exc).__name__}: {exc} at step {step}, and recording "
                           f"it failed too ({type(record_exc).__name__}: {record_exc})", KeelWarning, stacklevel=3)
 
+    def _resume(self) -> Snapshot | None:
+        """Restore the newest good snapshot of the run being continued (None: it has none; a new run starts),
+        and drop the store's rows of the steps that will be done again. When it refuses — the setup differs from
+        the snapshot's, the ranks found different snapshots — the Guard is closed, writing nothing, and the
+        run_dir released before the error is raised."""
+        try:
+            resumed = self.recovery.resume(self.run_dir.resumes) if self.recovery is not None else None
+            if self.dist is not None:
+                step = resumed.step if resumed is not None else -1
+                if not self.dist.all_equal(step):
+                    raise ValueError(f"resume: rank {self.dist.rank} found the snapshot of step {step}, another "
+                                     "rank a different one; allowed: every rank's run_dir/rank-<r>/snapshots "
+                                     "holding the same newest good step")
+        except BaseException:
+            self._closed = True
+            self.components.detach(0)
+            if self.recovery is not None:
+                self.recovery.close()
+            if self.recorder.writer is not None:
+                self.recorder.writer.close()
+            self.run_dir.release()
+            raise
+        if resumed is not None and self.recorder.writer is not None:
+            self.recorder.writer.drop_from(resumed.step)
+        return resumed
+
     def _finish(self, status: str) -> None:
         if self._closed:
             return
@@ -359,6 +391,7 @@ class Guard:
             self.recovery.close()
             self.components.call("snapshots", self._record_disk_snapshots)
         self.recorder.close(status, self.global_step)
+        self.run_dir.release()
 
     def _record_late(self) -> None:
         values, per_param = unpack(pack(self._late))[0]

@@ -16,17 +16,16 @@ from torch import Tensor
 
 from keel.detect import Detector
 from keel.guard.distributed import DistributedConfig
-from keel.recover import RecoveryConfig
+from keel.recover import POLICIES, RecoveryConfig
 from keel.signals import Probe
 
 
 def check_run_dir(run_dir: object) -> str | None:
     """``run_dir`` as a str, created if needed; ValueError when it is no folder keel can write in."""
+    _check_run_dir(run_dir, {})
     if run_dir is None:
         return None
-    if not isinstance(run_dir, (str, os.PathLike)) or not isinstance(os.fspath(run_dir), str):
-        raise ValueError(f"run_dir={run_dir!r}; allowed: None, a str or an os.PathLike naming a folder")
-    path = os.fspath(run_dir)
+    path = os.fspath(run_dir)  # type: ignore[call-overload]
     if not path or "\x00" in path:
         raise ValueError(f"run_dir={path!r}; allowed: None or a folder path (not empty, no NUL character)")
     if os.path.exists(path) and not os.path.isdir(path):
@@ -41,34 +40,100 @@ def check_run_dir(run_dir: object) -> str | None:
     return str(Path(path))
 
 
-def check_arguments(*, scheduler: object, scaler: object, log_every: object, max_grad_norm: object,
-                    detectors: object, recovery: object, resume: object, config: object, seed: object,
-                    distributed: object, needs_state: bool) -> None:
-    """Raise ValueError for the first argument of `Guard` that is not allowed (``needs_state``: snapshots will
-    copy the scheduler's state, so it needs ``state_dict``/``load_state_dict``)."""
+def check_arguments(args: Mapping[str, Any]) -> None:
+    """Raise ValueError for the first of `Guard`'s keyword arguments in ``args`` that is not allowed.
+
+    ``args`` may hold any subset (the trainer callbacks check theirs when they are built, long before the
+    first step builds the Guard); a name `Guard` does not take is an error too.
+    """
+    unknown = sorted(set(args) - set(_CHECKS))
+    if unknown:
+        raise ValueError(f"{unknown[0]}=...: not an argument of keel.Guard; allowed: {', '.join(sorted(_CHECKS))}")
+    for name, value in args.items():
+        _CHECKS[name](value, args)
+
+
+def _check_policy(policy: object, args: Mapping[str, Any]) -> None:
+    if not isinstance(policy, str) or policy not in POLICIES:
+        raise ValueError(f"policy={_short(policy)}; allowed: {', '.join(POLICIES)}")
+
+
+def _check_scheduler(scheduler: object, args: Mapping[str, Any]) -> None:
+    # snapshots copy the scheduler's state: under recovery it needs state_dict/load_state_dict too
+    needs_state = args.get("policy") == "recover" or args.get("resume") is True or args.get("recovery") is not None
     methods = ("step", "state_dict", "load_state_dict") if needs_state else ("step",)
     if scheduler is not None and not _has_methods(scheduler, methods):
         raise ValueError(f"scheduler={_short(scheduler)}; allowed: None or an LR scheduler (an object with "
                          f"{', '.join(m + '()' for m in methods)}, e.g. torch.optim.lr_scheduler.LambdaLR)")
+
+
+def _check_scaler(scaler: object, args: Mapping[str, Any]) -> None:
     if scaler is not None and not _has_methods(scaler, ("unscale_", "step", "update", "is_enabled", "state_dict")):
         raise ValueError(f"scaler={_short(scaler)}; allowed: None or a torch.amp.GradScaler")
+
+
+def _check_run_dir(run_dir: object, args: Mapping[str, Any]) -> None:
+    if run_dir is not None and (not isinstance(run_dir, (str, os.PathLike))
+                                or not isinstance(os.fspath(run_dir), str)):
+        raise ValueError(f"run_dir={_short(run_dir)}; allowed: None, a str or an os.PathLike naming a folder")
+
+
+def _check_log_every(log_every: object, args: Mapping[str, Any]) -> None:
     if not _is_int(log_every) or log_every < 1:  # type: ignore[operator]
         raise ValueError(f"log_every={log_every!r}; allowed: an int >= 1")
+
+
+def _check_max_grad_norm(max_grad_norm: object, args: Mapping[str, Any]) -> None:
     if max_grad_norm is not None and not _positive_number(max_grad_norm):
         raise ValueError(f"max_grad_norm={max_grad_norm!r}; allowed: None or a finite number > 0")
-    if detectors is not None:
-        check_detectors(detectors)
+
+
+def _check_max_consecutive_skips(value: object, args: Mapping[str, Any]) -> None:
+    if not _is_int(value) or value < 1:  # type: ignore[operator]
+        raise ValueError(f"max_consecutive_skips={value!r}; allowed: an int >= 1")
+
+
+def _check_probes(probes: object, args: Mapping[str, Any]) -> None:
+    if not isinstance(probes, (str, Sequence)):
+        raise ValueError(f"probes={_short(probes)}; allowed: default, transformer, full or a list of probes")
+
+
+def _check_recovery(recovery: object, args: Mapping[str, Any]) -> None:
     if recovery is not None and not isinstance(recovery, RecoveryConfig):
         raise ValueError(f"recovery={_short(recovery)}; allowed: None or a keel.RecoveryConfig")
+
+
+def _check_resume(resume: object, args: Mapping[str, Any]) -> None:
     if not isinstance(resume, bool):
         raise ValueError(f"resume={resume!r}; allowed: True or False")
-    if config is not None:
-        check_config(config)
+
+
+def _check_seed(seed: object, args: Mapping[str, Any]) -> None:
     if seed is not None and not _is_int(seed):
         raise ValueError(f"seed={seed!r}; allowed: None or an int")
+
+
+def _check_distributed(distributed: object, args: Mapping[str, Any]) -> None:
     if distributed is not None and not isinstance(distributed, (bool, DistributedConfig)):
         raise ValueError(f"distributed={_short(distributed)}; allowed: None, True, False or a "
                          "keel.DistributedConfig")
+
+
+def _check_detectors(detectors: object, args: Mapping[str, Any]) -> None:
+    if detectors is not None:
+        check_detectors(detectors)
+
+
+def _check_config(config: object, args: Mapping[str, Any]) -> None:
+    if config is not None:
+        check_config(config)
+
+
+_CHECKS = {"policy": _check_policy, "scheduler": _check_scheduler, "scaler": _check_scaler,
+           "run_dir": _check_run_dir, "log_every": _check_log_every, "max_grad_norm": _check_max_grad_norm,
+           "max_consecutive_skips": _check_max_consecutive_skips, "probes": _check_probes,
+           "detectors": _check_detectors, "recovery": _check_recovery, "resume": _check_resume,
+           "config": _check_config, "seed": _check_seed, "distributed": _check_distributed}
 
 
 def check_detectors(detectors: object) -> None:

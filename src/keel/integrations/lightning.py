@@ -64,7 +64,7 @@ class KeelCallback(Callback):
 
     def __init__(self, *, run_dir: str | None = None, policy: Policy = "observe",
                  take_over_clipping: bool | None = None, **guard_kwargs: Any) -> None:
-        self.take_over_clipping = takes_over_clipping(policy, take_over_clipping, guard_kwargs)
+        self.take_over_clipping = takes_over_clipping(policy, take_over_clipping, guard_kwargs, run_dir)
         self.run_dir, self.policy, self.guard_kwargs = run_dir, policy, guard_kwargs
         self.guard: Guard | None = None
         self._handoff = Handoff()
