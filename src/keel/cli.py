@@ -2,12 +2,37 @@
 
 Each verb lives in its own module with ``add_arguments(parser)`` and ``main(args) -> int``; only the invoked
 verb's module is imported, so ``keel --help`` stays fast and optional extras stay optional.
+
+Errors: every verb answers with at most one line on stderr, never a traceback (``KEEL_DEBUG=1`` shows it).
+
+- **Bad input, exit status 2**, ``keel VERB: error: MESSAGE``. First, the arguments: each verb checks its
+  values with argparse types (`keel._core.argtypes`: ranges, paths that must exist, output paths that must be
+  writable, devices that must be present, importable recipes), so a bad value is refused before any work
+  starts. Then what the work finds wrong with what the user gave it:
+
+  - `KeelError` (keel's own errors are raised for conditions it checked: a log or store it cannot read, a
+    report with no run), except `TrainingAborted`, which is an outcome, not an input;
+  - `ValueError`: keel's configs and readers raise it naming the bad value and what is allowed (STYLE.md),
+    and the verbs pass it the user's values;
+  - `OSError` and `sqlite3.DatabaseError`: a path the user named could not be read or written (missing, a
+    folder, no permission, disk full), or a file named as a store is not one;
+  - `ImportError` of a module outside keel: an optional extra the chosen option needs is not installed (the
+    message names the ``pip install keel[extra]``).
+
+- **A keel bug, exit status 1**, ``keel VERB: internal error: TYPE: MESSAGE (…KEEL_DEBUG=1…)``: any other
+  exception (``TypeError``, ``KeyError``, ``RuntimeError`` …) means keel itself went wrong, not the input.
+  Exit status 1 is also a verb's own "found something" answer (``keel doctor --fail-on``, a failing
+  ``keel bench detect`` scenario).
+- **Interrupted, exit status 130** (Ctrl-C), ``keel VERB: interrupted``.
+- ``keel`` with no verb prints the help and exits 2; ``--help`` exits 0.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import sqlite3
 import sys
 
 # verb → (module, one-line help). A verb with sub-verbs (bench) dispatches inside its module.
@@ -20,11 +45,26 @@ VERBS: dict[str, tuple[str, str]] = {
     "list": ("keel.nn.cli", "list the remedies keel.stabilize can apply, each with its reference"),
     "sweep": ("keel.proxy.sweep.cli", "LR-sensitivity sweeps of recipes on proxy models, locally or on Ray"),
 }
+MAX_MESSAGE = 1000  # characters of one error line; a message quoting a huge value is cut, not wrapped
+
+
+class UsageError(Exception):
+    """A command line argparse refused; the message is the whole ``keel VERB: error: …`` line."""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse's parser with its error as one line (no usage block) raised to `main`, not ``sys.exit``.
+
+    Sub-parsers (verbs, ``keel bench WHAT``) are made with the parent's class, so they answer the same way.
+    """
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        raise UsageError(f"{self.prog}: error: {message}")
 
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; only ``verb``'s module is imported to add its arguments."""
-    parser = argparse.ArgumentParser(prog="keel", description="Keep neural-network training stable.")
+    parser = _Parser(prog="keel", description="Keep neural-network training stable.")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     for name, (module_name, help_text) in VERBS.items():
         verb_parser = sub.add_parser(name, help=help_text, description=help_text)
@@ -35,14 +75,91 @@ def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    argv = sys.argv[1:] if argv is None else argv
+    """Run one verb; return its exit status (see the module docstring for what 1, 2 and 130 mean)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
-    parser = build_parser(verb)
-    args = parser.parse_args(argv)
-    if args.verb is None:
-        parser.print_help()
+    prog = f"keel {verb}" if verb in VERBS else "keel"
+    try:
+        parser = build_parser(verb)
+        args, unknown = parser.parse_known_args(argv)
+        if args.verb is not None:
+            prog = " ".join(["keel", args.verb, *([args.bench] if getattr(args, "bench", None) else [])])
+        if unknown:  # argparse would name the top-level parser ("keel: error:"); the verb's is more helpful
+            raise UsageError(f"{prog}: error: unrecognized arguments: {' '.join(unknown)}")
+        if args.verb is None:
+            parser.print_help()
+            return 2
+        return int(importlib.import_module(args._module).main(args) or 0)
+    except UsageError as exc:
+        _say(str(exc))
         return 2
-    return int(importlib.import_module(args._module).main(args) or 0)
+    except KeyboardInterrupt:
+        _say(f"{prog}: interrupted")
+        return 130
+    except BrokenPipeError:  # `keel list | head`: the reader left; nothing to say, and nowhere to say it
+        _silence_stdout()
+        return 141
+    except Exception as exc:
+        if _debug():
+            raise
+        if is_bad_input(exc):
+            _say(f"{prog}: error: {describe(exc)}")
+            return 2
+        _say(f"{prog}: internal error: {type(exc).__name__}: {exc} (a keel bug; KEEL_DEBUG=1 shows the "
+             "traceback)")
+        return 1
+
+
+def is_bad_input(exc: BaseException) -> bool:
+    """Whether ``exc`` is the input's fault (exit status 2) rather than keel's (exit status 1)."""
+    from keel._core.errors import KeelError, TrainingAborted
+
+    if isinstance(exc, TrainingAborted):
+        return False
+    if isinstance(exc, ImportError):  # keel's extras re-raise the library's own ImportError with the pip line
+        missing = exc.name or getattr(exc.__cause__, "name", None)
+        return missing is not None and missing.split(".")[0] != "keel"
+    return isinstance(exc, (KeelError, ValueError, OSError, sqlite3.DatabaseError))
+
+
+def describe(exc: BaseException) -> str:
+    """The message of a bad-input error; an `OSError` as ``PATH: reason`` (Python's own is ``[Errno 2] …``)."""
+    if isinstance(exc, OSError) and exc.strerror and exc.filename is not None:
+        where = f"{exc.filename} → {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
+        return f"{where}: {exc.strerror}"
+    return str(exc) or type(exc).__name__
+
+
+def one_line(text: str) -> str:
+    """``text`` as one printable line: line breaks become spaces, other control characters (terminal escape
+    codes, NUL) are shown escaped, and a very long message is cut."""
+    out = []
+    for char in text:
+        if char in "\n\r\t\v\f":
+            out.append(" ")
+        elif not char.isprintable():
+            out.append(repr(char)[1:-1])
+        else:
+            out.append(char)
+    line = "".join(out).strip()
+    return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 1] + "…"
+
+
+def _say(message: str) -> None:
+    print(one_line(message), file=sys.stderr, flush=True)
+
+
+def _debug() -> bool:
+    return os.environ.get("KEEL_DEBUG", "") not in ("", "0")
+
+
+def _silence_stdout() -> None:
+    # Python flushes stdout at exit and would hit the broken pipe again; point it at /dev/null first.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
 
 
 if __name__ == "__main__":
