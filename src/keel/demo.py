@@ -24,6 +24,7 @@ from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from keel._core.argtypes import output_dir
 from keel.detect import diagnose, format_diagnoses
 from keel.proxy.trainer import ProxyRun, TrainConfig, train_proxy
 from keel.report import write_report
@@ -67,10 +68,9 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, stream=sys.stdo
     print(f"keel demo: proxy '{unstable.size}', AdamW lr {unstable.lr}, {unstable.steps} steps "
           "— a recipe that is unstable on purpose", file=stream)
     for arm in arms:
-        _clear(out / arm.name)
         progress = _Progress(arm.name, arm.config.steps, stream)
         results[arm.name] = train_proxy(arm.config, policy=arm.policy, run_dir=str(out / arm.name),
-                                        progress=progress)
+                                        progress=progress, overwrite=True)  # each demo is a new run
         progress.done(results[arm.name])
     print_summary(results, arms, stream)
     print_diagnosis(results["bare"], results["stabilized"], stream)
@@ -131,11 +131,6 @@ def _tail_mean(values: list[float], n: int = 20) -> float:
     return sum(tail) / len(tail) if tail else math.nan
 
 
-def _clear(run_dir: Path) -> None:
-    for suffix in ("", "-wal", "-shm"):
-        (run_dir / f"run.sqlite{suffix}").unlink(missing_ok=True)
-
-
 class _Progress:
     """A one-line progress display: rewritten in place on a terminal, a line every 25 % otherwise."""
 
@@ -165,7 +160,8 @@ class _Progress:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quick", action="store_true",
                         help=f"{QUICK_STEPS} steps per run (about 2 minutes for the five runs)")
-    parser.add_argument("--out", default="runs/demo", help="where the run stores go (default: %(default)s)")
+    parser.add_argument("--out", default="runs/demo", type=output_dir,
+                        help="where the run stores go (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the summary as JSON after the run")
 
 

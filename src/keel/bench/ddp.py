@@ -136,6 +136,12 @@ def _worker(config: DDPOverheadConfig, out: str) -> None:
 
 def main(args: argparse.Namespace) -> int:
     """Entry from `keel bench overhead --ddp N` (see `keel.bench.overhead`)."""
+    if args.device == "cuda":
+        import torch
+
+        if torch.cuda.device_count() < args.ddp:
+            raise ValueError(f"--ddp {args.ddp} --device cuda needs a GPU per rank, and {torch.cuda.device_count()} "
+                             "are visible; allowed: --ddp up to that, or --device cpu")
     config = DDPOverheadConfig(nproc=args.ddp, backend="nccl" if args.device == "cuda" else "gloo", size=args.size,
                                batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
                                repeats=args.repeats)

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from keel._core.argtypes import cpu_threads, nonnegative_int, positive_int
 from keel.detect.diagnosis import diagnose
 from keel.detect.lead_time import degradation_step, lead_steps
 from keel.proxy.scenarios import create_scenario, list_scenarios
@@ -114,22 +115,33 @@ def bench_detect(names: Sequence[str] | None = None, *, seed: int = 0, steps: in
     return {"scenarios": [asdict(s) for s in scores], "summary": summary, "seed": seed}
 
 
+PROBE_COST_DEFAULTS = {"repeats": 7, "steps": 10}
+ZOO_FLAGS = ("only", "seed", "no_reference")
+PROBE_COST_FLAGS = ("repeats", "steps", "threads")
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", action="append", metavar="SCENARIO",
+    parser.add_argument("--only", action="append", metavar="SCENARIO", choices=list_scenarios(),
                         help=f"run only this scenario (repeatable); one of: {', '.join(list_scenarios())}")
-    parser.add_argument("--seed", type=int, default=0, help="seed of every run (default: %(default)s)")
-    parser.add_argument("--no-reference", action="store_true",
+    parser.add_argument("--seed", type=nonnegative_int, default=None, help="seed of every run (default: 0)")
+    parser.add_argument("--no-reference", action="store_true", default=None,
                         help="skip the reference runs (lead time then uses the run's own loss curve)")
     parser.add_argument("--probe-costs", action="store_true",
                         help="instead: measure the CPU cost per step of each transformer probe on the small "
                              "proxy")
-    parser.add_argument("--repeats", type=int, default=7,
-                        help="--probe-costs: interleaved repeats (default: %(default)s)")
-    parser.add_argument("--steps", type=int, default=10,
-                        help="--probe-costs: steps per block (default: %(default)s)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--repeats", type=positive_int, default=None,
+                        help=f"--probe-costs: interleaved repeats (default: {PROBE_COST_DEFAULTS['repeats']})")
+    parser.add_argument("--steps", type=positive_int, default=None,
+                        help=f"--probe-costs: steps per block (default: {PROBE_COST_DEFAULTS['steps']})")
+    parser.add_argument("--threads", type=cpu_threads, default=None,
                         help="--probe-costs: torch threads (default: torch's)")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def _reject_unused(args: argparse.Namespace, flags: tuple[str, ...], why: str) -> None:
+    given = [f"--{name.replace('_', '-')}" for name in flags if getattr(args, name) is not None]
+    if given:
+        raise ValueError(f"{', '.join(given)} has no effect {why}; allowed: one or the other")
 
 
 def _row(s: ScenarioScore) -> str:
@@ -145,7 +157,9 @@ def _row(s: ScenarioScore) -> str:
 
 def main(args: argparse.Namespace) -> int:
     if args.probe_costs:
-        costs = probe_costs(steps=args.steps, repeats=args.repeats, threads=args.threads,
+        _reject_unused(args, ZOO_FLAGS, "with --probe-costs")
+        costs = probe_costs(steps=args.steps or PROBE_COST_DEFAULTS["steps"],
+                            repeats=args.repeats or PROBE_COST_DEFAULTS["repeats"], threads=args.threads,
                             progress=None if args.json else (lambda m: print(f"  {m}", flush=True)))
         if args.json:
             print(json.dumps(costs, indent=2))
@@ -164,10 +178,11 @@ def main(args: argparse.Namespace) -> int:
                       f"{s['bare_steps']:.0f} bare steps; every {s['every']} steps: "
                       f"{100 * s['amortized_fraction_of_bare']:+.1f}% of the bare step")
         return 0
+    _reject_unused(args, PROBE_COST_FLAGS, "without --probe-costs")
     progress = None if args.json else (lambda s: print(_row(s), flush=True))
     if not args.json:
         print("keel bench detect: scenario zoo under Guard(policy='observe'), probes='transformer', default detectors")
-    result = bench_detect(args.only, seed=args.seed, reference=not args.no_reference, progress=progress)
+    result = bench_detect(args.only, seed=args.seed or 0, reference=not args.no_reference, progress=progress)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()

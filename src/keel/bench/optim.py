@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch.optim import Optimizer
 
+from keel._core.argtypes import cpu_threads, device, positive_int
 from keel.optim import SPAM, AdaClip, IndependentAdamW, OrthoGrad, StableSPAM
 from keel.proxy import ProxyBatches, create_proxy_model
 
@@ -242,13 +243,13 @@ def bench_optim(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = OptimBenchConfig()
     parser.add_argument(
-        "--d-model", type=int, default=defaults.d_model, help="proxy width (default: %(default)s)"
+        "--d-model", type=positive_int, default=defaults.d_model, help="proxy width (default: %(default)s)"
     )
     parser.add_argument(
-        "--layers", type=int, default=defaults.n_layers, help="proxy depth (default: %(default)s)"
+        "--layers", type=positive_int, default=defaults.n_layers, help="proxy depth (default: %(default)s)"
     )
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=defaults.repeats)
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps, help="steps per timed block")
+    parser.add_argument("--repeats", type=positive_int, default=defaults.repeats)
     parser.add_argument(
         "--optimizers",
         nargs="+",
@@ -257,8 +258,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="NAME",
         help=f"subset of: {', '.join(OPTIMIZERS)}",
     )
-    parser.add_argument("--device", default=defaults.device, choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
+    parser.add_argument(
+        "--device", default=defaults.device, type=device("auto", "cpu", "cuda"), metavar="{auto,cpu,cuda}"
+    )
+    parser.add_argument("--threads", type=cpu_threads, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument(
         "--early",
         action="store_true",

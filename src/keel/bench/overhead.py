@@ -18,10 +18,11 @@ from dataclasses import dataclass
 
 import torch
 
+from keel._core.argtypes import device, int_range, positive_int
 from keel._core.validate import require_ints
 from keel.bench.loop import train_steps
 from keel.guard import Guard
-from keel.proxy import ProxyBatches, create_proxy_model
+from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
 
 
 @dataclass(kw_only=True)
@@ -110,25 +111,32 @@ def bench_overhead(config: OverheadConfig | None = None, progress: Callable[[str
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = OverheadConfig()
-    parser.add_argument("--size", default=defaults.size, help="proxy model size (default: %(default)s)")
-    parser.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    parser.add_argument("--seq-len", type=int, default=defaults.seq_len)
-    parser.add_argument("--steps", type=int, default=defaults.steps, help="steps per timed block")
-    parser.add_argument("--repeats", type=int, default=defaults.repeats)
-    parser.add_argument("--full-log-every", type=int, default=defaults.full_log_every)
-    parser.add_argument("--device", default=defaults.device, choices=("cpu", "cuda"))
+    parser.add_argument("--size", default=defaults.size, choices=list_proxy_sizes(),
+                        help="proxy model size (default: %(default)s)")
+    parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
+    parser.add_argument("--seq-len", type=positive_int, default=defaults.seq_len)
+    parser.add_argument("--steps", type=positive_int, default=defaults.steps, help="steps per timed block")
+    parser.add_argument("--repeats", type=positive_int, default=defaults.repeats)
+    parser.add_argument("--full-log-every", type=positive_int, default=None,
+                        help=f"log_every of the full-probe variant (default: {defaults.full_log_every}; "
+                             "not with --ddp)")
+    parser.add_argument("--device", default=defaults.device, type=device("cpu", "cuda"), metavar="{cpu,cuda}")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--ddp", type=int, default=0, metavar="N",
-                        help="measure under DDP with N torchrun ranks instead (keel.bench.ddp)")
+    parser.add_argument("--ddp", type=int_range(2), default=None, metavar="N",
+                        help="measure under DDP with N >= 2 torchrun ranks instead (keel.bench.ddp)")
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.ddp:
+    if args.ddp is not None:
+        if args.full_log_every is not None:
+            raise ValueError("--full-log-every has no effect with --ddp (the DDP benchmark has no full-probe "
+                             "variant); allowed: one of them")
         from keel.bench.ddp import main as ddp_main
 
         return ddp_main(args)
+    full_log_every = OverheadConfig.full_log_every if args.full_log_every is None else args.full_log_every
     config = OverheadConfig(size=args.size, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-                            repeats=args.repeats, full_log_every=args.full_log_every, device=args.device)
+                            repeats=args.repeats, full_log_every=full_log_every, device=args.device)
     progress = None if args.json else (lambda msg: print(f"  {msg}", flush=True))
     result = bench_overhead(config, progress)
     if args.json:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from keel._core.argtypes import ArgumentValueError, device, positive_int, show
 from keel.recover import SnapshotRing, TrainingState
 
 SIZES = {"50M": (2048, 12), "200M": (4096, 12)}
@@ -128,15 +129,25 @@ def bench_snapshot(config: SnapshotBenchConfig | None = None, progress=None) -> 
             "results": results}
 
 
+def _sizes(text: str) -> tuple[str, ...]:
+    sizes = tuple(text.split(","))
+    unknown = [s for s in sizes if s not in SIZES]
+    if unknown:
+        raise ArgumentValueError(f"{show(text)}: unknown {', '.join(map(repr, unknown))}; allowed: a "
+                                 f"comma-separated subset of {', '.join(SIZES)}")
+    return sizes
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", default="50M,200M", help="comma-separated, from: " + ", ".join(SIZES))
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--sizes", default="50M,200M", type=_sizes,
+                        help="comma-separated, from: " + ", ".join(SIZES))
+    parser.add_argument("--repeats", type=positive_int, default=3)
+    parser.add_argument("--device", default="cpu", type=device("cpu", "cuda"), metavar="{cpu,cuda}")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
 def main(args: argparse.Namespace) -> int:
-    config = SnapshotBenchConfig(sizes=tuple(args.sizes.split(",")), repeats=args.repeats, device=args.device)
+    config = SnapshotBenchConfig(sizes=args.sizes, repeats=args.repeats, device=args.device)
     result = bench_snapshot(config, None if args.json else (lambda m: print(f"  {m}", flush=True)))
     if args.json:
         print(json.dumps(result, indent=2))

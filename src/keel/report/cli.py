@@ -3,24 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import sys
 
-from keel.report.page import ReportError, write_report
+from keel._core.argtypes import any_path, output_file
+from keel.report.page import write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN",
+    parser.add_argument("runs", nargs="+", metavar="RUN", type=any_path,
                         help="run folders or run.sqlite files; a folder of runs (runs/demo) stands for "
                              "all of them")
-    parser.add_argument("-o", "--out", default="report.html",
+    parser.add_argument("-o", "--out", default="report.html", type=output_file,
                         help="the HTML file to write (default: %(default)s)")
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        path = write_report(args.runs, args.out)
-    except (ReportError, FileNotFoundError) as exc:
-        print(f"keel report: error: {exc}", file=sys.stderr)
-        return 2
-    print(path)
+    # A ReportError (no run store among RUN...) is answered by keel.cli: one line, exit status 2.
+    print(write_report(args.runs, args.out))
     return 0

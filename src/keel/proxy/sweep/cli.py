@@ -15,13 +15,25 @@ import argparse
 import dataclasses
 import json
 import math
+import sqlite3
 import sys
 from pathlib import Path
+from typing import TextIO
 
+from keel._core.argtypes import (
+    ArgumentValueError,
+    any_path,
+    nonnegative_float,
+    nonnegative_int,
+    output_dir,
+    positive_float,
+    positive_int,
+    show,
+)
 from keel.proxy.model import list_proxy_sizes
 from keel.proxy.sweep.backends import BACKENDS
 from keel.proxy.sweep.grid import SweepConfig, quick_config
-from keel.proxy.sweep.recipes import list_recipes
+from keel.proxy.sweep.recipes import list_recipes, resolve_recipe
 from keel.proxy.sweep.runner import RunEvent, SweepResult, load_sweep, run_sweep
 from keel.proxy.sweep.summary import format_tables, to_json
 
@@ -30,6 +42,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         default=None,
+        type=any_path,
         help="sweep directory (default runs/sweep, runs/sweep-quick with "
         "--quick); an existing sweep there is resumed",
     )
@@ -42,11 +55,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--recipes",
         nargs="+",
+        type=_recipe,
         metavar="RECIPE",
         help=f"built-in ({', '.join(list_recipes())}), package.module:function or "
         "file.py:function returning a TrainConfig",
     )
-    parser.add_argument("--lrs", nargs="+", type=float, metavar="LR", help="peak LRs (default 3e-4 … 3e-1)")
+    parser.add_argument(
+        "--lrs", nargs="+", type=positive_float, metavar="LR", help="peak LRs (default 3e-4 … 3e-1)"
+    )
     parser.add_argument(
         "--sizes",
         nargs="+",
@@ -54,44 +70,86 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="SIZE",
         help=f"proxy sizes ({', '.join(list_proxy_sizes())}; default tiny small medium)",
     )
-    parser.add_argument("--seeds", nargs="+", type=int, metavar="SEED", help="seeds (default 0)")
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (default 300)")
-    parser.add_argument("--batch-size", type=int, help="sequences per step (default 16)")
-    parser.add_argument("--seq-len", type=int, help="bytes per sequence (default 64)")
-    parser.add_argument("--warmup", type=int, help="linear warm-up steps (default 20)")
+    parser.add_argument("--seeds", nargs="+", type=nonnegative_int, metavar="SEED", help="seeds (default 0)")
+    parser.add_argument("--steps", type=positive_int, help="optimizer steps per run (default 300)")
+    parser.add_argument("--batch-size", type=positive_int, help="sequences per step (default 16)")
+    parser.add_argument("--seq-len", type=positive_int, help="bytes per sequence (default 64)")
+    parser.add_argument("--warmup", type=nonnegative_int, help="linear warm-up steps (default 20)")
     parser.add_argument(
-        "--final-lr", type=float, help="LR at the end of the cosine decay, any peak LR (default 1e-5)"
+        "--final-lr",
+        type=nonnegative_float,
+        help="LR at the end of the cosine decay, any peak LR (default 1e-5)",
     )
-    parser.add_argument("--eval-batches", type=int, help="validation batches per run (default 8)")
-    parser.add_argument("--max-grad-norm", type=float, help="gradient clipping norm; 0 disables (default 1)")
-    parser.add_argument("--backend", choices=BACKENDS, default="local", help="where runs execute")
+    parser.add_argument("--eval-batches", type=positive_int, help="validation batches per run (default 8)")
+    parser.add_argument(
+        "--max-grad-norm", type=nonnegative_float, help="gradient clipping norm; 0 disables (default 1)"
+    )
+    parser.add_argument("--backend", choices=BACKENDS, default=None, help="where runs execute (default: local)")
     parser.add_argument(
         "--workers",
-        type=int,
+        type=positive_int,
         help="local worker processes, or CPUs of a local Ray instance (default: every available core)",
     )
     parser.add_argument("--address", help="Ray cluster address (e.g. auto); default: start Ray locally")
     parser.add_argument(
         "--scaling-lr",
-        type=float,
+        type=positive_float,
         help="fixed LR of the scaling view (default: the baseline's best LR at the smallest size)",
     )
     parser.add_argument(
         "--divergence-logit",
-        type=float,
+        type=positive_float,
         help="max attention logit counted as divergence "
         "in the scaling view (default: calibrated on the baseline's degraded runs)",
     )
-    parser.add_argument("--plots", default=None, help="directory for the PNG figures (default OUT/plots)")
+    parser.add_argument(
+        "--plots", default=None, type=output_dir, help="directory for the PNG figures (default OUT/plots)"
+    )
     parser.add_argument(
         "--no-plots",
         action="store_true",
-        help="write no figures (nor OUT/sweep_section.html for keel report)",
+        help="write no PNG figures (keel report OUT draws them from the sweep store)",
     )
     parser.add_argument("--summarize", action="store_true", help="run nothing; summarise the sweep in --out")
     parser.add_argument(
         "--json", action="store_true", help="print the summary as JSON (progress goes to stderr)"
     )
+
+
+# What only a run uses: with --summarize (which runs nothing) these would be silently ignored.
+RUN_OPTIONS = ("recipes", "lrs", "sizes", "seeds", "steps", "batch_size", "seq_len", "warmup", "final_lr",
+               "eval_batches", "max_grad_norm", "backend", "workers", "address")
+
+
+def _recipe(text: str) -> str:
+    """argparse check: a recipe that resolves; a user's module is imported now, before anything runs."""
+    try:
+        resolve_recipe(text)
+    except ValueError as exc:
+        raise ArgumentValueError(str(exc)) from exc
+    except (Exception, SystemExit) as exc:  # the user's module raised (or exited) while being imported
+        raise ArgumentValueError(f"recipe {show(text)}: importing it raised {type(exc).__name__}: {exc}") from exc
+    return text
+
+
+def _recipe_name(recipe: str) -> str:
+    return recipe.rpartition(":")[2]  # the name resolve_recipe gives a module:function or file.py:function
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Refuse options that contradict each other, rather than silently ignoring one (ValueError)."""
+    if args.summarize:
+        given = [f"--{name.replace('_', '-')}" for name in RUN_OPTIONS if getattr(args, name) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} has no effect with --summarize (it runs nothing); "
+                             "allowed: one or the other")
+    elif args.recipes is not None and len(set(map(_recipe_name, args.recipes))) < len(args.recipes):
+        names = [_recipe_name(r) for r in args.recipes]
+        raise ValueError(f"--recipes {' '.join(args.recipes)} names {names}; allowed: each name once")
+    elif args.address is not None and args.backend != "ray":
+        raise ValueError(f"--address {args.address!r} needs --backend ray; allowed: --backend ray --address ADDR")
+    if args.no_plots and args.plots is not None:
+        raise ValueError("--plots and --no-plots contradict each other; allowed: one of them")
 
 
 def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:
@@ -119,23 +177,47 @@ def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:
 
 
 def main(args: argparse.Namespace) -> int:
+    check_args(args)
     out = Path(args.out or ("runs/sweep-quick" if args.quick else "runs/sweep"))
+    if not args.summarize:
+        try:
+            output_dir(str(out))  # the store goes there: refused now, not after the first run
+        except ArgumentValueError as exc:
+            raise ArgumentValueError(f"argument --out: {exc}") from exc
     stream = sys.stderr if args.json else sys.stdout
     options = dict(scaling_lr=args.scaling_lr, divergence_logit=args.divergence_logit)
+    backend = args.backend or "local"
+    try:
+        result = _summarize_or_run(args, out, backend, stream, options)
+    except sqlite3.DatabaseError as exc:  # SQLite's message does not say which file
+        raise ValueError(f"{out / 'sweep.sqlite'}: not a readable sweep store ({exc})") from exc
+    if not args.no_plots and result.curves:
+        _write_plots(result, Path(args.plots) if args.plots else out / "plots", out, stream)
+    if args.json:
+        print(json.dumps(to_json(result.curves, result.scaling, result.rows), indent=2))
+    else:
+        print("\n" + format_tables(result.curves, result.scaling))
+        print(f"\nsweep store: {out / 'sweep.sqlite'}")
+    return 0
+
+
+def _summarize_or_run(
+    args: argparse.Namespace, out: Path, backend: str, stream: TextIO, options: dict[str, float | None]
+) -> SweepResult:
     if args.summarize:
         result = load_sweep(out, **options)
     else:
         config = sweep_config_from_args(args)
         print(
             f"keel sweep: {len(config.recipes)} recipes × {len(config.lrs)} LRs × {len(config.sizes)} sizes "
-            f"× {len(config.seeds)} seeds, {config.steps} steps each, backend {args.backend} → {out}",
+            f"× {len(config.seeds)} seeds, {config.steps} steps each, backend {backend} → {out}",
             file=stream,
             flush=True,
         )
         result = run_sweep(
             config,
             out,
-            backend=args.backend,
+            backend=backend,
             workers=args.workers,
             address=args.address,
             progress=_printer(stream),
@@ -146,14 +228,7 @@ def main(args: argparse.Namespace) -> int:
                 f"resumed: {len(result.skipped)} runs were already finished, {len(result.ran)} ran now",
                 file=stream,
             )
-    if not args.no_plots and result.curves:
-        _write_plots(result, Path(args.plots) if args.plots else out / "plots", out, stream)
-    if args.json:
-        print(json.dumps(to_json(result.curves, result.scaling, result.rows), indent=2))
-    else:
-        print("\n" + format_tables(result.curves, result.scaling))
-        print(f"\nsweep store: {out / 'sweep.sqlite'}")
-    return 0
+    return result
 
 
 def _printer(stream):  # type: ignore[no-untyped-def]
@@ -173,12 +248,10 @@ def _printer(stream):  # type: ignore[no-untyped-def]
 
 def _write_plots(result: SweepResult, where: Path, out: Path, stream) -> None:  # type: ignore[no-untyped-def]
     try:
-        from keel.proxy.sweep.plots import write_plots, write_section
+        from keel.proxy.sweep.plots import write_plots
 
         paths = write_plots(result.curves, result.scaling, where)
-        section = write_section(result, out)
     except ImportError as exc:
         print(f"plots skipped: {exc}", file=stream)
         return
-    print(f"plots: {', '.join(str(p) for p in paths)}", file=stream)
-    print(f"report section: {section} (keel report {out})", file=stream)
+    print(f"plots: {', '.join(str(p) for p in paths)} (keel report {out} draws them from the store)", file=stream)

@@ -5,31 +5,43 @@ from __future__ import annotations
 import argparse
 import json
 
+from keel._core.argtypes import existing_path, output_dir
 from keel.store.exporters import EXPORTERS, export_run, list_exporters
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run directory (or its run.sqlite)")
+    parser.add_argument("run", type=existing_path, metavar="RUN", help="run directory (or its run.sqlite)")
     parser.add_argument("--format", "-f", dest="fmt", required=True, choices=list_exporters(),
                         help="; ".join(f"{k}: {v}" for k, v in EXPORTERS.items()))
-    parser.add_argument("--out", "-o", default=None, help="output directory (default: RUN/export/FORMAT)")
+    parser.add_argument("--out", "-o", default=None, type=output_dir,
+                        help="output directory (default: RUN/export/FORMAT)")
     parser.add_argument("--keys", default=None,
                         help="comma-separated glob patterns of the signals to export, e.g. 'loss,grad/norm*' "
                              "(default: all)")
-    parser.add_argument("--project", default="keel", help="W&B project (wandb)")
-    parser.add_argument("--online", action="store_true", help="upload to W&B instead of writing an offline run")
-    parser.add_argument("--experiment", default="keel", help="MLflow experiment (mlflow)")
+    parser.add_argument("--project", default=None, help="W&B project (wandb; default: keel)")
+    parser.add_argument("--online", action="store_true", default=None,
+                        help="upload to W&B instead of writing an offline run")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (mlflow; default: keel)")
     parser.add_argument("--tracking-uri", default=None,
                         help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db; 'file:DIR' for a file store)")
     parser.add_argument("--json", action="store_true", help="print the written paths as JSON")
 
 
+# The options only one format reads: given with another format they would be silently ignored.
+FORMAT_OPTIONS = {"wandb": ("project", "online"), "mlflow": ("experiment", "tracking_uri")}
+
+
 def main(args: argparse.Namespace) -> int:
+    for fmt, names in FORMAT_OPTIONS.items():
+        given = [f"--{name.replace('_', '-')}" for name in names if getattr(args, name) is not None]
+        if given and args.fmt != fmt:
+            raise ValueError(f"{', '.join(given)} has no effect with --format {args.fmt}; allowed: with "
+                             f"--format {fmt}")
     options: dict = {}
     if args.fmt == "wandb":
-        options = {"project": args.project, "mode": "online" if args.online else "offline"}
+        options = {"project": args.project or "keel", "mode": "online" if args.online else "offline"}
     elif args.fmt == "mlflow":
-        options = {"experiment": args.experiment, "tracking_uri": args.tracking_uri}
+        options = {"experiment": args.experiment or "keel", "tracking_uri": args.tracking_uri}
     keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
     paths = export_run(args.run, args.fmt, args.out, keys=keys, **options)
     if args.json:
