@@ -121,3 +121,30 @@ def test_kill_9_during_a_flush_leaves_the_previous_snapshot_good(tmp_path):
     snap = DiskSnapshots(tmp_path).load_newest()
     assert snap is not None and snap.step >= 0
     assert snap.tensors["model/0.weight"].shape == (1024, 1024)
+
+
+def test_retention_deletes_only_this_runs_own_snapshots_oldest_write_first(tmp_path):
+    state = _state()
+    other = DiskSnapshots(tmp_path, keep=5, run_id="a" * 32)
+    for step in (900, 1000):  # an older run's higher steps sort last by name
+        other.save(_snap(state, step))
+    mine = DiskSnapshots(tmp_path, keep=2, run_id="b" * 32)
+    for step in (10, 20, 30):
+        mine.save(_snap(state, step))
+    assert [p.name for p in mine.complete()] == ["step-000000020", "step-000000030", "step-000000900",
+                                                  "step-000001000"]
+
+
+def test_a_resume_loads_only_its_own_runs_snapshots_and_adopts_them_for_retention(tmp_path):
+    state = _state()
+    other = DiskSnapshots(tmp_path, keep=5, run_id="a" * 32)
+    other.save(_snap(state, 900))
+    first = DiskSnapshots(tmp_path, keep=2, run_id="b" * 32)
+    for step in (10, 20):
+        first.save(_snap(state, step))
+    resumed = DiskSnapshots(tmp_path, keep=2, run_id="b" * 32)
+    with pytest.warns(Warning, match="1 snapshot.* written by another run"):
+        assert resumed.load_newest(of_run="b" * 32).step == 20
+    resumed.save(_snap(state, 30))  # its own oldest (10) goes; the other run's 900 stays
+    assert [p.name for p in resumed.complete()] == ["step-000000020", "step-000000030", "step-000000900"]
+    assert DiskSnapshots(tmp_path).load_newest().step == 900  # of_run=None: any run (stores without run ids)

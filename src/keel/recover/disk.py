@@ -5,6 +5,10 @@ written under a temporary name and renamed into place, so a process killed mid-w
 snapshot intact. ``meta.json`` holds the SHA-256 of the tensor file; a snapshot that fails the check is
 skipped with a warning. Loading reads only safetensors and JSON: nothing is unpickled. A failed write
 (full disk, permissions) never stops training: it warns once and keeps the memory ring working.
+
+Each snapshot names the run that wrote it (``run_id`` in ``meta.json``). Retention deletes only what this run
+wrote, oldest write first — never another run's snapshots, whatever their step numbers — and a resume loads
+only the snapshots of the run it continues.
 """
 
 from __future__ import annotations
@@ -26,6 +30,13 @@ from keel._core.errors import KeelWarning
 from keel.recover.snapshot import Snapshot
 
 TENSORS, META = "tensors.safetensors", "meta.json"
+SNAPSHOT_DIR = "snapshots"  # the disk tier's folder inside a run_dir (or a rank's folder of it)
+
+
+def is_snapshot_folder(path: Path) -> bool:
+    """Whether ``path`` is a finished snapshot folder (``step-<N>`` holding ``meta.json``); temporary folders of
+    killed writes are not."""
+    return path.name.startswith("step-") and path.name[5:].isdigit() and (path / META).is_file()
 
 
 class SnapshotCorrupt(KeelWarning):
@@ -83,16 +94,19 @@ class DiskSnapshots:
 
     Args:
         directory: Where the ``step-<N>`` folders go.
-        keep: Complete snapshots kept on disk; older ones are deleted after a newer one is in place.
+        keep: Complete snapshots of this run kept on disk; its older ones are deleted after a newer one is in place.
+        run_id: The run's id, written into each snapshot.
     """
 
-    def __init__(self, directory: str | Path, keep: int = 2) -> None:
+    def __init__(self, directory: str | Path, keep: int = 2, *, run_id: str | None = None) -> None:
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep={keep!r}; allowed: an int >= 1")
         self.directory = Path(directory)
         self.keep = keep
+        self.run_id = run_id
         self.failures = 0
         self.written: list[tuple[int, str, str]] = []  # (step, path, checksum) of completed writes
+        self._own: list[Path] = []  # this run's snapshot folders, oldest write first: the only ones retention deletes
         self._thread: threading.Thread | None = None
         self._warned = False
 
@@ -132,8 +146,8 @@ class DiskSnapshots:
         tmp.mkdir(parents=True)
         try:
             tensors = {k: t.contiguous() for k, t in snap.tensors.items()}
-            meta = {"step": snap.step, "created": snap.created, "skeleton": _encode(snap.skeleton, tensors, "/s"),
-                    "plain": _encode(snap.plain, tensors, "/p")}
+            meta = {"step": snap.step, "created": snap.created, "run_id": self.run_id,
+                    "skeleton": _encode(snap.skeleton, tensors, "/s"), "plain": _encode(snap.plain, tensors, "/p")}
             save_file(tensors, str(tmp / TENSORS))
             meta["sha256"] = _sha256(tmp / TENSORS)
             with open(tmp / META, "w") as f:
@@ -146,19 +160,36 @@ class DiskSnapshots:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
         self.written.append((snap.step, str(final), meta["sha256"]))
-        for old in self.complete()[: -self.keep]:
+        self._own = [p for p in self._own if p != final] + [final]
+        for old in self._own[: -self.keep]:
             shutil.rmtree(old, ignore_errors=True)
+        del self._own[: -self.keep]
         return final
 
     def complete(self) -> list[Path]:
-        """Finished snapshot folders, oldest first (temporary folders of killed writes are ignored)."""
+        """Finished snapshot folders of every run, in step order (temporary folders of killed writes are ignored)."""
         if not self.directory.is_dir():
             return []
-        return sorted(p for p in self.directory.glob("step-*") if (p / META).is_file())
+        return sorted((p for p in self.directory.iterdir() if is_snapshot_folder(p)), key=_step_of)
 
-    def load_newest(self) -> Snapshot | None:
-        """The newest snapshot whose checksum verifies; corrupt ones are skipped with a `SnapshotCorrupt`."""
-        for folder in reversed(self.complete()):
+    def load_newest(self, of_run: str | None = None) -> Snapshot | None:
+        """The newest snapshot whose checksum verifies; corrupt ones are skipped with a `SnapshotCorrupt`.
+
+        Args:
+            of_run: Load only snapshots written by the run with this id (those of other runs are left alone, with
+                one warning); None accepts any. The chosen run's snapshots become this run's own, for retention.
+        """
+        foreign: list[Path] = []
+        mine = []
+        for folder in self.complete():
+            owner = _run_of(folder)
+            (foreign if of_run is not None and owner is not _UNREADABLE and owner != of_run else mine).append(folder)
+        if foreign:
+            warnings.warn(f"{self.directory} holds {len(foreign)} snapshot(s) written by another run (newest: "
+                          f"{foreign[-1].name}); only this run's own snapshots are loaded, and those are left alone",
+                          KeelWarning, stacklevel=2)
+        self._own = [p for p in mine if p not in self._own] + self._own
+        for folder in reversed(mine):
             try:
                 return self.load(folder)
             except Exception as exc:
@@ -167,6 +198,7 @@ class DiskSnapshots:
 
     @staticmethod
     def load(folder: str | Path) -> Snapshot:
+        """Load the snapshot in ``folder``; raises when it is corrupt."""
         folder = Path(folder)
         meta = json.loads((folder / META).read_text())
         digest = _sha256(folder / TENSORS)
@@ -178,3 +210,21 @@ class DiskSnapshots:
         snap.ready.set()
         return snap
 
+
+
+def _step_of(folder: Path) -> int:
+    return int(folder.name[5:])
+
+
+_UNREADABLE = object()
+
+
+def _run_of(folder: Path) -> object:
+    """The run id in ``folder``'s ``meta.json``: a str, None when it names none (written before runs had ids), or
+    ``_UNREADABLE`` (then the load that follows says what is wrong with it)."""
+    try:
+        meta = json.loads((folder / META).read_text())
+    except Exception:
+        return _UNREADABLE
+    owner = meta.get("run_id") if isinstance(meta, dict) else _UNREADABLE
+    return owner if owner is None or isinstance(owner, str) else _UNREADABLE

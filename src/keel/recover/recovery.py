@@ -18,7 +18,7 @@ from typing import Any
 
 from keel._core.finding import Finding
 from keel._core.validate import require_ints
-from keel.recover.disk import DiskSnapshots
+from keel.recover.disk import SNAPSHOT_DIR, DiskSnapshots
 from keel.recover.remedies import RemedyState, apply_remedies, choose_remedies, current_lr_scale
 from keel.recover.snapshot import Snapshot, SnapshotRing
 from keel.recover.state import TrainingState, reseed, restore
@@ -79,13 +79,14 @@ class Recovery:
     over repeated rollbacks and a resumed run takes its snapshots and reseeds exactly as the uninterrupted one.
     """
 
-    def __init__(self, state: TrainingState, config: RecoveryConfig, run_dir: str | Path | None) -> None:
+    def __init__(self, state: TrainingState, config: RecoveryConfig, run_dir: str | Path | None, *,
+                 run_id: str | None = None) -> None:
         self.state, self.config = state, config
         self.remedy = RemedyState()
         state.history["remedy"] = self.remedy
         state.history["recovery"] = self
         self.ring = SnapshotRing(config.keep_in_memory, config.keep_pinned)
-        self.disk = DiskSnapshots(Path(run_dir) / "snapshots", config.keep_on_disk) \
+        self.disk = DiskSnapshots(Path(run_dir) / SNAPSHOT_DIR, config.keep_on_disk, run_id=run_id) \
             if run_dir is not None and config.disk_every is not None else None
         self.rollbacks = 0
         self._last_snapshot = -math.inf
@@ -145,11 +146,12 @@ class Recovery:
     def _rollback_point(self, onset: int) -> int:
         return max(0, onset - self.config.rollback_margin)
 
-    def resume(self) -> Snapshot | None:
-        """Restore everything, data position included, from the newest good disk snapshot."""
+    def resume(self, of_run: str | None = None) -> Snapshot | None:
+        """Restore everything, data position included, from the newest good disk snapshot of the run ``of_run``
+        (None: of any run)."""
         if self.disk is None:
             return None
-        snap = self.disk.load_newest()
+        snap = self.disk.load_newest(of_run)
         if snap is not None:
             restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=True)
         return snap

@@ -75,6 +75,12 @@ class RunWriter:
     def add_snapshot(self, step: int, path: str, checksum: str) -> None:
         self._queue.put(("INSERT INTO snapshots VALUES (?, ?, ?, ?)", [(step, path, checksum, time.time())]))
 
+    def drop_from(self, step: int) -> None:
+        """Delete the rows of steps ``>= step`` (snapshots: ``> step``): a run resumed from the snapshot of ``step``
+        does those steps again, and its store should read as one uninterrupted run, not hold them twice."""
+        for table, op in (("signals", ">="), ("findings", ">="), ("decisions", ">="), ("snapshots", ">")):
+            self._queue.put((f"DELETE FROM {table} WHERE step {op} ?", [(step,)]))
+
     def flush(self, timeout: float = 30.0) -> None:
         """Block until everything enqueued so far is committed."""
         done = threading.Event()

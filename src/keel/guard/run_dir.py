@@ -1,0 +1,283 @@
+"""Claiming a run_dir for one `Guard`: a lock while it is open, one run per folder, and the run's identity.
+
+A run_dir holds one run: its store (``run.sqlite``, written by rank 0) and its disk snapshots (``snapshots/``, or
+``rank-<r>/snapshots`` under torchrun). A folder that already holds a run is opened by an explicit choice:
+continue that run (``resume=True``), start a new one in its place (``overwrite=True``: keel's files there are
+deleted first), or use another folder. Mixing two runs in one folder is what once let a resumed run load the
+weights of an older run whose snapshots had higher step numbers.
+
+While a Guard is open, its process holds an exclusive ``flock`` on ``.keel.lock`` (rank 0 in the run_dir, every
+other rank in its ``rank-<r>`` folder), so a second Guard on the same folder — in this process or in another —
+gets a clear error instead of both writing into one store. The operating system drops the lock with the process,
+so a run killed with ``kill -9`` leaves no stale lock behind. (Where ``fcntl`` does not exist, on Windows, the
+folder is not locked.)
+
+Every run has an id, `RunDir.run_id`, stored in the run store's meta and in each disk snapshot: a resume keeps
+the id of the run it continues and loads only that run's snapshots.
+
+Under ``torch.distributed`` the claim is a collective: every rank inspects and locks its own part, and when any
+rank cannot go on, every rank raises (a rank that went on alone would wait forever in the first all-reduce).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sqlite3
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, Any
+
+from keel.guard.distributed import RankSync
+from keel.recover.disk import SNAPSHOT_DIR, is_snapshot_folder
+from keel.store.schema import STORE_NAME
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - Windows
+    fcntl = None  # type: ignore[assignment]
+
+LOCK_NAME = ".keel.lock"
+STORE_FILES = (STORE_NAME, f"{STORE_NAME}-wal", f"{STORE_NAME}-shm")
+EXPORT_DIR = "export"  # where `keel export` writes by default: derived from the run, so it goes with it
+_ID_BYTES = 16
+
+
+@dataclass
+class Held:
+    """What this rank's part of a run_dir holds from an earlier run.
+
+    Attributes:
+        store: The run store's ``status``, ``steps`` and ``run_id`` (None where there is no store).
+        unreadable: Why the store could not be read, when it could not.
+        snapshots: The number of disk snapshot folders.
+        snapshot_dir: Where they are.
+    """
+
+    store: dict[str, Any] | None = None
+    unreadable: str | None = None
+    snapshots: int = 0
+    snapshot_dir: str = ""
+
+    @property
+    def a_run(self) -> bool:
+        """Whether there is anything to lose: a store with steps, an unreadable store, or snapshots.
+
+        A store that recorded no step (a run that failed while starting) holds nothing worth keeping.
+        """
+        return self.unreadable is not None or self.snapshots > 0 or (self.store is not None and self.store["steps"] > 0)
+
+    def describe(self) -> str:
+        parts = []
+        if self.unreadable is not None:
+            parts.append(f"a run store keel cannot read ({self.unreadable})")
+        elif self.store is not None:
+            parts.append(f"a run store (status {self.store['status']}, {self.store['steps']} steps)")
+        if self.snapshots:
+            parts.append(f"{self.snapshots} disk snapshot{'s' * (self.snapshots != 1)} in {self.snapshot_dir}")
+        return " and ".join(parts)
+
+
+class RunDir:
+    """A run_dir claimed by one `Guard`; `release` (at ``Guard.close``) gives it up.
+
+    Build it with `RunDir.claim`.
+
+    Attributes:
+        path: The run_dir; None when the run keeps everything in memory.
+        store_dir: Where this process writes the run store (None on ranks other than 0, and without a run_dir).
+        snapshot_dir: This rank's folder for disk snapshots (``<snapshot_dir>/snapshots``).
+        run_id: The run's id: a new one, or the id of the run a resume continues.
+        resumes: The id of the run whose snapshots a resume may load; None when any may be (a store written
+            before keel gave runs an id, or no store at all).
+    """
+
+    def __init__(self, path: Path | None, *, store_dir: str | None, snapshot_dir: str | None, run_id: str,
+                 resumes: str | None, locks: list[IO[str]]) -> None:
+        self.path, self.store_dir, self.snapshot_dir = path, store_dir, snapshot_dir
+        self.run_id, self.resumes = run_id, resumes
+        self._locks = locks
+
+    @classmethod
+    def claim(cls, run_dir: str | None, *, resume: bool, overwrite: bool, sync: RankSync | None = None) -> RunDir:
+        """Lock ``run_dir`` for this run and decide whose run it holds.
+
+        Args:
+            run_dir: The folder (it exists: `Guard` created it), or None to keep everything in memory.
+            resume: Continue the run the folder holds (a folder that holds none starts a new run).
+            overwrite: Delete keel's files in the folder (run store, snapshots, exports), then start a new run.
+            sync: The ranks of a distributed run (None in a single process).
+
+        Raises:
+            ValueError: The folder holds a run and neither ``resume`` nor ``overwrite`` was given; another Guard
+                has it open; both ``resume`` and ``overwrite`` were given.
+        """
+        if not isinstance(overwrite, bool):
+            raise ValueError(f"overwrite={overwrite!r}; allowed: True or False")
+        if overwrite and resume:
+            raise ValueError("resume=True and overwrite=True; allowed: one of them (resume continues the run in "
+                             "run_dir, overwrite deletes it and starts a new one)")
+        if run_dir is None:
+            if overwrite:
+                raise ValueError("overwrite=True needs run_dir; allowed: the run_dir to start over in")
+            return cls(None, store_dir=None, snapshot_dir=None, run_id=new_run_id(), resumes=None, locks=[])
+        path = Path(run_dir)
+        rank, world = (sync.rank, sync.world) if sync is not None else (0, 1)
+        own = path / f"rank-{rank}" if sync is not None else path
+        locks: list[IO[str]] = []
+        problem = _lock(path if rank == 0 else own, locks)
+        held = Held()
+        if problem is None:
+            held = _inspect(path if rank == 0 else None, own)
+            if held.a_run and not (resume or overwrite):
+                problem = (f"run_dir {str(path)!r} holds a previous run: {held.describe()}; allowed: resume=True to "
+                           "continue it, another run_dir, or overwrite=True to delete keel's files there "
+                           f"({STORE_NAME}, {SNAPSHOT_DIR}/, {EXPORT_DIR}/) and start a new run")
+            elif resume and held.unreadable is not None:
+                problem = (f"resume=True: run_dir {str(path)!r} holds {held.describe()}, so the run to continue is "
+                           "unknown; allowed: overwrite=True to start a new run there, or another run_dir")
+        resumes = held.store.get("run_id") if resume and held.store is not None else None
+        run_id = resumes or new_run_id()
+        if sync is not None:
+            problem, run_id, resumes = _agree(sync, problem, run_id, resumes, path)
+        if problem is not None:
+            _unlock(locks)
+            raise ValueError(problem)
+        if overwrite or (held.store is not None and not held.a_run):
+            _clear(path if rank == 0 else None, own, world=world if sync is not None else None)
+        else:
+            _clear_partial_writes(own)
+        return cls(path, store_dir=str(path) if rank == 0 else None, snapshot_dir=str(own), run_id=run_id,
+                   resumes=resumes, locks=locks)
+
+    def release(self) -> None:
+        """Give up the lock (safe to call twice)."""
+        _unlock(self._locks)
+
+
+def new_run_id() -> str:
+    return uuid.uuid4().hex
+
+
+def valid_run_id(value: object) -> str | None:
+    """``value`` when it is a run id (32 hex digits), else None."""
+    if isinstance(value, str) and len(value) == 2 * _ID_BYTES and all(c in "0123456789abcdef" for c in value):
+        return value
+    return None
+
+
+# --- the lock -------------------------------------------------------------------------------------------------
+def _lock(folder: Path, locks: list[IO[str]]) -> str | None:
+    """Take ``folder/.keel.lock``; returns None, or why it could not be taken."""
+    if fcntl is None:  # pragma: no cover - Windows
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_NAME, "a+")  # noqa: SIM115 - held until release
+    try:
+        fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        handle.seek(0)
+        holder = handle.read().strip()
+        handle.close()
+        who = "this process" if holder == str(os.getpid()) else f"process {holder}" if holder else "another process"
+        return (f"run_dir {str(folder)!r} is in use by another open Guard ({who} holds {folder / LOCK_NAME}); "
+                "allowed: close() that Guard first (its lock also goes when its process ends), or another run_dir")
+    handle.seek(0)
+    handle.truncate()
+    handle.write(str(os.getpid()))
+    handle.flush()
+    locks.append(handle)
+    return None
+
+
+def _unlock(locks: list[IO[str]]) -> None:
+    while locks:
+        locks.pop().close()  # closing the file drops the flock
+
+
+# --- what a folder holds ----------------------------------------------------------------------------------------
+def _inspect(store_dir: Path | None, own: Path) -> Held:
+    held = Held(snapshot_dir=str(own / SNAPSHOT_DIR))
+    snapshots = own / SNAPSHOT_DIR
+    if snapshots.is_dir():
+        held.snapshots = sum(1 for p in snapshots.iterdir() if is_snapshot_folder(p))
+    if store_dir is not None and (store_dir / STORE_NAME).exists():
+        try:
+            held.store = _read_store(store_dir / STORE_NAME)
+        except (sqlite3.Error, OSError, ValueError, TypeError) as exc:
+            held.unreadable = f"{type(exc).__name__}: {exc}"
+    return held
+
+
+def _read_store(path: Path) -> dict[str, Any]:
+    """The status, steps and run id of the run store at ``path`` (read-only; a killed run has no ``steps`` in
+    its meta yet, so they are counted from its signals)."""
+    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    try:
+        meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta WHERE key IN "
+                                                          "('status', 'steps', 'run_id')")}
+        (last,) = conn.execute("SELECT MAX(step) FROM signals").fetchone()
+    finally:
+        conn.close()
+    steps = meta.get("steps")
+    if not isinstance(steps, int) or isinstance(steps, bool):
+        steps = last + 1 if isinstance(last, int) else 0
+    return {"status": str(meta.get("status", "unknown"))[:80], "steps": steps, "run_id": valid_run_id(meta.get("run_id"))}
+
+
+# --- clearing ---------------------------------------------------------------------------------------------------
+def _clear(store_dir: Path | None, own: Path, *, world: int | None) -> None:
+    """Delete keel's files of an earlier run: the store and exports (rank 0) and this rank's snapshots.
+
+    Rank 0 also deletes the snapshots of ranks that do not exist in this run (an earlier run had more ranks) and,
+    in a single process, those of any earlier distributed run; every live rank deletes only its own.
+    """
+    if store_dir is not None:
+        for name in STORE_FILES:
+            (store_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(store_dir / EXPORT_DIR, ignore_errors=True)
+        shutil.rmtree(store_dir / SNAPSHOT_DIR, ignore_errors=True)
+        for folder in store_dir.glob("rank-*"):
+            index = folder.name.removeprefix("rank-")
+            if index.isdigit() and (world is None or int(index) >= world):
+                shutil.rmtree(folder / SNAPSHOT_DIR, ignore_errors=True)
+    shutil.rmtree(own / SNAPSHOT_DIR, ignore_errors=True)
+
+
+def _clear_partial_writes(own: Path) -> None:
+    """Delete the temporary folders of snapshot writes a killed process left behind (each can be as large as a
+    whole snapshot). Safe: this rank holds the lock, so no live writer owns them."""
+    snapshots = own / SNAPSHOT_DIR
+    if snapshots.is_dir():
+        for tmp in snapshots.glob(".tmp-step-*"):
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+# --- ranks agree ------------------------------------------------------------------------------------------------
+def _agree(sync: RankSync, problem: str | None, run_id: str, resumes: str | None,
+           path: Path) -> tuple[str | None, str, str | None]:
+    """One collective: whether any rank has a problem (each rank raises, naming the first rank that has one), and
+    rank 0's run ids for every rank."""
+    mine = [float(sync.rank) if problem is not None else -1.0]
+    ids = [*_id_values(run_id), *_id_values(resumes)] if sync.rank == 0 else [-1.0] * (2 * (_ID_BYTES + 1))
+    agreed = sync.all_max(mine + ids)
+    failing = int(agreed[0])
+    if failing >= 0 and problem is None:
+        problem = (f"run_dir {str(path)!r}: rank {failing} of this run could not claim its part of it (see that "
+                   "rank's error); every rank stops here")
+    run_id = _id_from(agreed[1: 2 + _ID_BYTES]) or run_id
+    resumes = _id_from(agreed[2 + _ID_BYTES:])
+    return problem, run_id, resumes
+
+
+def _id_values(run_id: str | None) -> list[float]:
+    """[1, bytes...] for a run id; [0, 0...] for None."""
+    if valid_run_id(run_id) is None:
+        return [0.0] * (_ID_BYTES + 1)
+    return [1.0, *map(float, bytes.fromhex(run_id))]  # type: ignore[arg-type]
+
+
+def _id_from(values: list[float]) -> str | None:
+    return bytes(int(v) for v in values[1:]).hex() if values[0] == 1.0 else None
