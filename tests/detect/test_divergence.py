@@ -2,6 +2,8 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keel._core import Observation
 from keel.detect.divergence import DivergenceConfig, DivergenceDetector
@@ -55,3 +57,86 @@ def test_state_round_trip():
     tail = list(enumerate(values))[70:]
     assert [f for s, v in tail for f in a.update(Observation(step=s, values={"loss": v}))] == \
            [f for s, v in tail for f in b.update(Observation(step=s, values={"loss": v}))]
+
+
+# --- noisy but healthy runs: the run's own noise and epoch structure, not a fixed ratio ----------------------
+def _noise(rng, n, scale, df):
+    """Per-step noise in log units: Gaussian, or Student-t with ``df`` degrees of freedom (heavy tails)."""
+    eps = rng.standard_normal(n) if df is None else rng.standard_t(df, n) / math.sqrt(df / (df - 2))
+    return scale * eps
+
+
+def _epochs(seed, *, epochs=6, per_epoch=60, start=2.0, end=0.1, scale=0.3, df=None):
+    """A multi-epoch fine-tune: the level drops at each epoch boundary (log-linearly from ``start`` to ``end``)
+    and each step's loss is the level times exp(noise): small batches of easy and hard examples."""
+    rng = np.random.default_rng(seed)
+    levels = np.repeat(start * (end / start) ** (np.arange(epochs) / (epochs - 1)), per_epoch)
+    return (levels * np.exp(_noise(rng, len(levels), scale, df))).tolist()
+
+
+@pytest.mark.parametrize("df", [None, 3])
+@pytest.mark.parametrize("scale", [0.3, 0.5])
+def test_small_batch_fine_tune_with_epoch_drops_is_silent(scale, df):
+    # ±30-50 % per-step swings, heavy tails, five drops to 0.1: the run of the issue raised dozens of warnings
+    for seed in range(8):
+        found = _run(DivergenceDetector(), _epochs(seed, scale=scale, df=df))
+        assert found == [], (seed, [(f.step, f.severity, f.evidence) for f in found])
+
+
+def test_noisy_flat_run_is_silent_however_long():
+    # the best median of a long noisy run is a lucky stretch; the level above it is ordinary noise
+    for seed in range(4):
+        rng = np.random.default_rng(seed)
+        values = (0.5 * np.exp(_noise(rng, 5000, 0.3, 4))).tolist()
+        assert _run(DivergenceDetector(), values) == []
+
+
+def test_noisy_run_still_reports_a_real_rise():
+    rng = np.random.default_rng(0)
+    values = (1.0 * np.exp(_noise(rng, 600, 0.3, None))).tolist()
+    values += (1.6 * np.exp(_noise(rng, 400, 0.3, None))).tolist()  # +60 % from step 600, in ±30 % noise
+    found = _run(DivergenceDetector(), values)
+    assert [f.severity for f in found] == ["warning"]
+    assert 600 < found[0].step <= 600 + 150
+    assert found[0].evidence["window"] > DivergenceConfig().short  # it needed more samples than a quiet run
+
+
+_NOISE = st.sampled_from([None, 3, 5])  # Gaussian, or Student-t tails in log space
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.005, 0.5), df=_NOISE,
+       shape=st.sampled_from(["flat", "falling", "epochs"]), n=st.integers(100, 1500))
+def test_property_healthy_noise_processes_raise_nothing(seed, scale, df, shape, n):
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    level = {"flat": np.full(n, 1.0), "falling": 0.1 + 2.0 * np.exp(-t / (n / 4)),
+             "epochs": 2.0 * 0.05 ** (np.minimum(t // max(1, n // 5), 4) / 4)}[shape]
+    values = (level * np.exp(_noise(rng, n, scale, df))).tolist()
+    assert _run(DivergenceDetector(), values) == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.005, 0.5), df=st.sampled_from([None, 5]),
+       k=st.floats(3.0, 10.0))
+def test_property_a_level_shift_of_k_noise_units_is_found(seed, scale, df, k):
+    # a lasting rise of max(60 %, k noise units) after 400 healthy steps: found, later the noisier the run
+    rng = np.random.default_rng(seed)
+    shift = max(math.log(1.6), k * scale)
+    values = np.exp(_noise(rng, 800, scale, df))
+    values[400:] *= math.exp(shift)
+    found = _run(DivergenceDetector(), values.tolist())
+    assert found and found[0].step >= 400, [(f.step, f.severity) for f in found]
+    assert found[0].step - 400 <= (25 if scale <= 0.05 else 200)
+    if shift >= math.log(2.0) + 0.2:  # well past twice the best: critical within the same bound
+        assert any(f.severity == "critical" and f.step - 400 <= 200 for f in found)
+
+
+def test_a_blow_up_in_a_noisy_run_does_not_wait_for_the_wide_median():
+    rng = np.random.default_rng(1)
+    values = np.exp(_noise(rng, 700, 0.3, None))
+    values[500:] *= 3.0  # the loss triples: the last `short` steps show it long before a 200-step median moves
+    found = _run(DivergenceDetector(), values.tolist())
+    assert found and all(f.step >= 500 for f in found)
+    assert found[0].evidence["window"] == DivergenceConfig().short and found[0].step - 500 <= 20
+    assert found[0].severity == "critical"

@@ -7,9 +7,12 @@ std for the next 128 steps; see reference/anchors.md §2.1).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 
 MAD_TO_STD = 1.4826  # MAD of a normal distribution × 1.4826 = its standard deviation
+# Standard error of the median of n values with scale σ is sqrt(π/2)·σ/√n (for normal data; 1.2533 = sqrt(π/2)).
+MEDIAN_SE = math.sqrt(math.pi / 2)
 
 
 def robust_location_scale(values: Sequence[float]) -> tuple[float, float]:
@@ -50,3 +53,29 @@ def robust_z(value: float, location: float, scale: float, floor: float) -> float
         3.0
     """
     return (value - location) / max(scale, floor)
+
+
+def step_noise(differences: Sequence[float]) -> float:
+    """The scale of a series' step-to-step noise from its first differences: MAD × 1.4826 / √2.
+
+    The difference of two independent values has √2 times their scale, and a trend or a one-off level change
+    (an epoch boundary, a curriculum switch) moves few differences, so the median ignores it where a window's
+    own spread would count it as noise. NaN for an empty window.
+
+    Example:
+        >>> round(step_noise([0.1, -0.1, 0.1, -0.1, 5.0]), 4)
+        0.1048
+    """
+    if len(differences) == 0:
+        return float("nan")
+    return median(map(abs, differences)) * MAD_TO_STD / math.sqrt(2)
+
+
+def median_standard_error(scale: float, n: int) -> float:
+    """How far the median of ``n`` values with noise ``scale`` strays from the level: sqrt(π/2)·scale/√n.
+
+    Example:
+        >>> round(median_standard_error(0.3, 9), 4)
+        0.1253
+    """
+    return MEDIAN_SE * scale / math.sqrt(n)
