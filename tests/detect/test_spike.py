@@ -2,9 +2,11 @@ import math
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keel._core import Observation
-from keel.detect.spike import SpikeConfig, SpikeDetector
+from keel.detect.spike import TAIL_SPAN, SpikeConfig, SpikeDetector
 
 
 def _run(det, values, key="loss"):
@@ -72,7 +74,8 @@ def test_grad_norm_uses_log_scale_and_needs_a_large_factor():
     values[150] = 3.0   # 3x: info (one step)
     values[250] = 40.0  # 40x: critical
     found = _run(SpikeDetector(signal="grad/norm"), values, key="grad/norm")
-    assert [(f.step, f.severity, f.kind) for f in found] == [(150, "info", "grad_spike"), (250, "critical", "grad_spike")]
+    assert [(f.step, f.severity, f.kind) for f in found] == [(150, "info", "grad_spike"),
+                                                             (250, "critical", "grad_spike")]
 
 
 def test_lasting_level_shift_becomes_the_baseline():
@@ -117,3 +120,95 @@ def test_negative_losses_work_in_linear_mode():
     values[80] = 5.0
     found = _run(SpikeDetector(signal="loss"), values)
     assert [(f.step, f.severity) for f in found] == [(80, "critical")]
+
+
+# --- the run's own noise: multiplicative swings at a low loss, heavy-tailed batches ---------------------------
+def _log_noise(rng, n, scale, df=None):
+    eps = rng.standard_normal(n) if df is None else rng.standard_t(df, n) / math.sqrt(df / (df - 2))
+    return np.exp(scale * eps)
+
+
+def test_multiplicative_noise_is_judged_in_log_space_at_any_level():
+    # ±50 % per step around 0.1: in linear units a 3x batch is 12 MADs above a small median and was critical
+    for seed in range(20):
+        values = (0.1 * _log_noise(np.random.default_rng(seed), 2000, 0.5)).tolist()
+        found = _run(SpikeDetector(signal="loss"), values)
+        assert [f for f in found if f.severity != "info"] == [], (seed, [(f.step, f.severity) for f in found])
+
+
+def test_epoch_drops_in_a_noisy_fine_tune_raise_nothing_above_info():
+    for seed in range(10):
+        rng = np.random.default_rng(seed)
+        levels = np.repeat(2.0 * 0.05 ** (np.arange(6) / 5), 60)  # drops at each epoch boundary to 0.1
+        found = _run(SpikeDetector(signal="loss"), (levels * _log_noise(rng, 360, 0.3)).tolist())
+        assert [f for f in found if f.severity != "info"] == []
+
+
+def test_a_run_whose_own_outliers_are_large_needs_more_for_critical():
+    values = _noisy(400, rel=0.01)
+    values[100] = 2 * 1.8   # an isolated batch at 1.8x: info (under the 2x critical)
+    values[200] = 2 * 2.2   # 2.2x: critical in a quiet run, but log(2.2) < 1.5 log(1.8): this run's own tail
+    values[300] = 2 * 6.0   # far beyond anything the run has shrugged off: critical
+    found = _run(SpikeDetector(signal="loss"), values)
+    assert [(f.step, f.severity) for f in found] == [(100, "info"), (200, "info"), (300, "critical")]
+    assert found[1].evidence["largest_recent_outlier_ratio"] == pytest.approx(1.8, rel=0.02)
+
+
+def test_an_old_outlier_stops_counting_after_tail_span():
+    values = _noisy(1400, rel=0.01)
+    values[100] = 2 * 1.8
+    values[100 + TAIL_SPAN + 50] = 2 * 2.2  # the 1.8x batch is too long ago to vouch for this one
+    found = _run(SpikeDetector(signal="loss"), values)
+    assert [(f.step, f.severity) for f in found] == [(100, "info"), (100 + TAIL_SPAN + 50, "critical")]
+
+
+def test_a_loss_that_turns_negative_leaves_log_space_and_keeps_working():
+    values = [0.5 + 0.005 * (i % 3) for i in range(60)] + [-0.5 + 0.005 * (i % 3) for i in range(100)]
+    values[130] = 3.0
+    det = SpikeDetector(signal="loss")
+    found = _run(det, values)
+    assert (130, "critical") in [(f.step, f.severity) for f in found]
+    assert det.state_dict()["log"] is False
+    with pytest.raises(ValueError, match="log_scale"):
+        SpikeConfig(log_scale="yes")
+
+
+def test_state_round_trip_keeps_the_runs_own_tail():
+    values = _noisy(400, rel=0.01)
+    values[100], values[200] = 2 * 1.8, 2 * 2.2
+    a = SpikeDetector(signal="loss")
+    _run(a, values[:150])
+    b = SpikeDetector(signal="loss")
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict()
+    rest = list(enumerate(values))[150:]
+    fa = [f for s, v in rest for f in a.update(Observation(step=s, values={"loss": v}))]
+    fb = [f for s, v in rest for f in b.update(Observation(step=s, values={"loss": v}))]
+    assert fa == fb and [f.severity for f in fa] == ["info"]
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.005, 0.6), level=st.floats(1e-3, 1e3),
+       shape=st.sampled_from(["flat", "falling", "epochs"]))
+def test_property_light_tailed_noise_at_any_scale_and_level_raises_nothing_above_info(seed, scale, level, shape):
+    n = 800
+    t = np.arange(n)
+    trend = {"flat": np.ones(n), "falling": 0.05 + np.exp(-t / 200), "epochs": 0.5 ** (t // 160)}[shape]
+    values = (level * trend * _log_noise(np.random.default_rng(seed), n, scale)).tolist()
+    found = _run(SpikeDetector(signal="loss"), values)
+    assert [f for f in found if f.severity != "info"] == []
+
+
+@settings(max_examples=40, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.005, 0.3), df=st.sampled_from([None, 3, 5]),
+       k=st.floats(3.0, 6.0))
+def test_property_heavy_tails_give_no_warning_and_a_real_jump_is_found_at_its_step(seed, scale, df, k):
+    # heavy-tailed healthy batches never make three spike steps in a row; a lasting jump of k times the
+    # critical margin does, from the step it happens
+    rng = np.random.default_rng(seed)
+    values = _log_noise(rng, 600, scale, df)
+    assert [f for f in _run(SpikeDetector(signal="loss"), values.tolist()) if f.severity == "warning"] == []
+    values[500:505] *= math.exp(max(math.log(2.0), 12 * scale) * k)
+    found = [f for f in _run(SpikeDetector(signal="loss"), values.tolist()) if f.step >= 500]
+    assert found and found[0].step == 500 and found[0].evidence["onset_step"] == 500
+    assert any(f.severity in ("warning", "critical") for f in found if f.step <= 502)

@@ -12,6 +12,13 @@ std for 128 steps). Severity follows magnitude and persistence:
 A level shift that lasts ``rebase_after`` steps becomes the new baseline, so a lasting change yields one
 episode rather than an alarm on every step (rlwatch's and arc-vigil's "alarm forever" failure,
 reference/peers.md). Sustained rises are the divergence detector's job.
+
+Both judgements are made against the run's own noise. A positive loss is compared in log space, where a
+fine-tune's ±30 % swings between easy and hard batches are symmetric and keep their size as the loss falls to
+0.1; in linear units the long right tail of such multiplicative noise reaches 12 MADs (at ±50 % per step,
+about one healthy step in 6,000 was ``critical``). And a run whose own one-step outliers are large —
+heavy-tailed batches — needs a step ``tail_factor`` times further out (in log units) than the largest of its
+recent ones before it is ``critical``: a batch like those the run has shrugged off is no reason to skip.
 """
 
 from __future__ import annotations
@@ -36,8 +43,9 @@ class SpikeConfig:
     Attributes:
         signal: The signal key watched.
         kind: The finding kind emitted (default: ``loss_spike`` for ``loss``, ``grad_spike`` for gradients).
-        log_scale: Compare log-values (right for norms, which move by factors); else values relative to
-            the median's magnitude (right for losses, which may be near zero or negative).
+        log_scale: Compare log-values (right for norms and positive losses, which move by factors); False:
+            values relative to the median's magnitude; None: log-values while every value has been positive,
+            relative values from the first that is not (a loss that may be zero or negative).
         window: Accepted values kept for the baseline.
         min_history: Accepted values needed before anything is flagged (warm-up).
         threshold: Robust z-score at or above which a step is a spike.
@@ -51,11 +59,14 @@ class SpikeConfig:
             (modded-nanogpt 1.5B, 20k steps), so a ``critical`` — which lets a policy skip the update —
             needs more than any of them; `keel bench doctor` measures this on shared/data/realruns.
         rebase_after: Consecutive spike steps after which the new level becomes the baseline.
+        tail_factor: A ``critical`` step must also lie this many times as far above the median (in log
+            units: ``log(ratio)``) as the largest of the run's isolated one-step outliers of the last
+            ``TAIL_SPAN`` steps (a heavy-tailed run's own noise).
     """
 
     signal: str = keys.LOSS
     kind: str = ""
-    log_scale: bool = False
+    log_scale: bool | None = None
     window: int = 64
     min_history: int = 20
     threshold: float = 6.0
@@ -65,6 +76,7 @@ class SpikeConfig:
     critical_z: float = 12.0
     critical_excess: float = 1.0
     rebase_after: int = 50
+    tail_factor: float = 1.5
 
     def __post_init__(self) -> None:
         if not self.kind:
@@ -73,13 +85,18 @@ class SpikeConfig:
         require_ints(self, "window", "min_history", "patience", "rebase_after")
         if self.min_history > self.window:
             raise ValueError(f"SpikeConfig.min_history={self.min_history} > window={self.window}; allowed: <= window")
-        require_positive(self, "threshold", "critical_z", "min_excess", "critical_excess", "scale_floor")
+        require_positive(self, "threshold", "critical_z", "min_excess", "critical_excess", "scale_floor",
+                         "tail_factor")
+        if self.log_scale not in (None, True, False):
+            raise ValueError(f"SpikeConfig.log_scale={self.log_scale!r}; allowed: True, False or None")
 
 
 # Gradient norms move by factors and are noisier than losses: compare in log space and ask for more.
 # Critical at 20× the median: a healthy llm.c GPT-2 run has a one-step 15× grad-norm bump with no loss
 # excursion (shared/data/realruns), while the labelled BigScience/BLOOM spikes reach 20×–4000×.
 GRAD_NORM_DEFAULTS = dict(log_scale=True, min_excess=1.0, scale_floor=0.05, critical_excess=19.0)
+TAIL_SPAN = 1000  # steps an isolated outlier counts towards the run's own tail
+TAIL_KEPT = 16  # isolated outliers remembered (the largest recent one is what counts)
 
 
 @DETECTORS.register("spike")
@@ -104,50 +121,69 @@ class SpikeDetector:
         elif signal is not None and signal != config.signal:
             raise ValueError(f"signal={signal!r} disagrees with config.signal={config.signal!r}")
         self.config = config
+        self._log = config.log_scale is not False  # None starts in log space and leaves it at a value <= 0
         self._accepted: deque[float] = deque(maxlen=config.window)
         self._episode: list[float] = []  # transformed values of the current run of spike steps
         self._onset = -1
+        self._onset_excess = 0.0
         self._warned = False
+        self._critical = False  # the current episode had a critical step
+        self._outliers: deque[tuple[int, float]] = deque(maxlen=TAIL_KEPT)  # (step, excess) of isolated outliers
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
         x = obs.values.get(cfg.signal)
-        if x is None or not math.isfinite(x) or (cfg.log_scale and x <= 0):
+        if x is None or not math.isfinite(x):
             return []  # non-finite values are the non-finite detector's; they never enter the baseline
-        y = math.log(x) if cfg.log_scale else x
+        if x <= 0 and self._log:
+            if cfg.log_scale:
+                return []
+            self._leave_log_space()
+        y = math.log(x) if self._log else x
         if len(self._accepted) < cfg.min_history:
             self._accepted.append(y)
             return []
         median, scale = robust_location_scale(self._accepted)
-        floor = cfg.scale_floor if cfg.log_scale else cfg.scale_floor * abs(median) + 1e-12
+        floor = cfg.scale_floor if self._log else cfg.scale_floor * abs(median) + 1e-12
         z = robust_z(y, median, scale, floor)
-        excess = math.expm1(y - median) if cfg.log_scale else (y - median) / (abs(median) + 1e-12)
+        excess = math.expm1(y - median) if self._log else (y - median) / (abs(median) + 1e-12)
         if z < cfg.threshold or excess < cfg.min_excess:
-            self._end_episode()
+            self._end_episode(obs.step)
             self._accepted.append(y)
             return []
         return self._spike(obs.step, x, median, z, excess)
 
+    def _leave_log_space(self) -> None:
+        """A value <= 0 arrived under ``log_scale=None``: keep the history, in linear units, from now on."""
+        self._log = False
+        self._accepted = deque((math.exp(v) for v in self._accepted), maxlen=self.config.window)
+        self._episode = [math.exp(v) for v in self._episode]
+
     def _spike(self, step: int, x: float, median: float, z: float, excess: float) -> list[Finding]:
         cfg = self.config
         if not self._episode:
-            self._onset, self._warned = step, False
-        self._episode.append(math.log(x) if cfg.log_scale else x)
+            self._onset, self._onset_excess, self._warned, self._critical = step, excess, False, False
+        self._episode.append(math.log(x) if self._log else x)
         run = len(self._episode)
-        baseline = math.exp(median) if cfg.log_scale else median
+        baseline = math.exp(median) if self._log else median
         evidence = {"z": round(z, 2), "ratio": round(x / baseline, 4) if baseline else None,
                     "onset_step": self._onset, "consecutive": run}
         if run >= cfg.rebase_after:
             # The new level has lasted: accept it as the baseline and close the episode.
             self._accepted.clear()
             self._accepted.extend(self._episode[-cfg.min_history :])
-            self._end_episode()
+            self._end_episode(step)
             evidence["rebased"] = True
             return [self._finding(step, "info", x, baseline, evidence,
                                   f"{cfg.signal} has stayed at a new level for {run} steps; it is the new baseline.",
                                   "None: this is a lasting change, not a spike. Check the divergence findings.")]
-        if z >= cfg.critical_z and excess >= cfg.critical_excess:
+        tail = max((e for at, e in self._outliers if step - at <= TAIL_SPAN), default=0.0)
+        if tail:
+            evidence["largest_recent_outlier_ratio"] = round(1 + tail, 4)
+        beyond_tail = math.log1p(excess) >= cfg.tail_factor * math.log1p(tail)
+        if z >= cfg.critical_z and excess >= cfg.critical_excess and beyond_tail:
             severity: Severity = "critical"
+            self._critical = True
         elif run >= cfg.patience and not self._warned:
             severity, self._warned = "warning", True
         elif run == 1:
@@ -161,20 +197,29 @@ class SpikeDetector:
         return Finding(step=step, kind=self.config.kind, severity=severity, signal=self.config.signal,
                        value=x, baseline=baseline, evidence=evidence, cause=cause, remedy=remedy)
 
-    def _end_episode(self) -> None:
+    def _end_episode(self, step: int) -> None:
+        if len(self._episode) == 1 and not self._critical:  # an outlier the run shrugged off: its own tail
+            self._outliers.append((self._onset, self._onset_excess))
+        while self._outliers and step - self._outliers[0][0] > TAIL_SPAN:
+            self._outliers.popleft()
         self._episode = []
         self._onset = -1
-        self._warned = False
+        self._warned = self._critical = False
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "accepted": list(self._accepted), "episode": list(self._episode),
-                "onset": self._onset, "warned": self._warned}
+                "onset": self._onset, "warned": self._warned, "log": self._log, "onset_excess": self._onset_excess,
+                "critical": self._critical, "outliers": [list(o) for o in self._outliers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = SpikeConfig(**state["config"])
         self._accepted = deque(state["accepted"], maxlen=self.config.window)
         self._episode = list(state["episode"])
         self._onset, self._warned = int(state["onset"]), bool(state["warned"])
+        self._log = bool(state.get("log", self.config.log_scale is not False))
+        self._onset_excess = float(state.get("onset_excess", 0.0))
+        self._critical = bool(state.get("critical", False))
+        self._outliers = deque(((int(a), float(e)) for a, e in state.get("outliers", ())), maxlen=TAIL_KEPT)
 
 
 def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int) -> tuple[str, str]:
