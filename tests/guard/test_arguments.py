@@ -4,6 +4,7 @@ is allowed; nothing else escapes (issue 12 item 12).
 
 from __future__ import annotations
 
+import inspect
 import math
 
 import pytest
@@ -52,6 +53,7 @@ class _NoStep:
     (dict(probes=["loss", "loss"]), r"probes: two probes named 'loss'; allowed: unique names"),
     (dict(max_consecutive_skips=-1), r"max_consecutive_skips=-1; allowed: an int >= 1"),
     (dict(policy=None), r"policy=None; allowed: observe, skip, recover"),
+    (dict(overwrite="no"), r"overwrite='no'; allowed: True or False"),
 ])
 def test_bad_arguments_name_the_argument_and_the_allowed(kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -139,8 +141,7 @@ _junk = st.one_of(
     st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), st.just(object()),
     st.tuples(st.integers()), st.just(torch.tensor(1.0)),
 )
-_ARGS = ["scheduler", "run_dir", "policy", "scaler", "log_every", "probes", "detectors", "max_grad_norm",
-         "max_consecutive_skips", "recovery", "resume", "config", "seed", "distributed"]
+_ARGS = [name for name in inspect.signature(Guard).parameters if name not in ("model", "optimizer")]
 
 
 @settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -151,8 +151,8 @@ class Guard:
                              "allowed: a model with at least one parameter with requires_grad=True")
         check_arguments(dict(policy=policy, scheduler=scheduler, scaler=scaler, run_dir=run_dir, log_every=log_every,
                              probes=probes, max_grad_norm=max_grad_norm, max_consecutive_skips=max_consecutive_skips,
-                             detectors=detectors, recovery=recovery, resume=resume, config=config, seed=seed,
-                             distributed=distributed))
+                             detectors=detectors, recovery=recovery, resume=resume, overwrite=overwrite,
+                             config=config, seed=seed, distributed=distributed))
         if resume and run_dir is None:
             raise ValueError("resume=True needs run_dir; allowed: the run_dir of the run to continue")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler

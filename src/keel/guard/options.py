@@ -108,6 +108,11 @@ def _check_resume(resume: object, args: Mapping[str, Any]) -> None:
         raise ValueError(f"resume={resume!r}; allowed: True or False")
 
 
+def _check_overwrite(overwrite: object, args: Mapping[str, Any]) -> None:
+    if not isinstance(overwrite, bool):
+        raise ValueError(f"overwrite={overwrite!r}; allowed: True or False")
+
+
 def _check_seed(seed: object, args: Mapping[str, Any]) -> None:
     if seed is not None and not _is_int(seed):
         raise ValueError(f"seed={seed!r}; allowed: None or an int")
@@ -132,7 +137,7 @@ def _check_config(config: object, args: Mapping[str, Any]) -> None:
 _CHECKS = {"policy": _check_policy, "scheduler": _check_scheduler, "scaler": _check_scaler,
            "run_dir": _check_run_dir, "log_every": _check_log_every, "max_grad_norm": _check_max_grad_norm,
            "max_consecutive_skips": _check_max_consecutive_skips, "probes": _check_probes,
-           "detectors": _check_detectors, "recovery": _check_recovery, "resume": _check_resume,
+           "detectors": _check_detectors, "recovery": _check_recovery, "resume": _check_resume, "overwrite": _check_overwrite,
            "config": _check_config, "seed": _check_seed, "distributed": _check_distributed}
 
 
