@@ -90,6 +90,8 @@ def world(tmp_path, monkeypatch, no_work):
     (tmp_path / "afile").write_text("hello\n")
     (tmp_path / "emptydir").mkdir()
     os.mkfifo(tmp_path / "fifo")
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "dangling").symlink_to("nowhere/at/all")
     (tmp_path / "raises_recipe.py").write_text("raise RuntimeError('boom at import')\n")
     (tmp_path / "exits_recipe.py").write_text("import sys\nsys.exit(3)\n")
     (tmp_path / "syntax_recipe.py").write_text("def r(c) return c\n")
@@ -110,7 +112,9 @@ def _tree(root: Path) -> dict[str, object]:
     out: dict[str, object] = {}
     for path in sorted(root.rglob("*")):
         rel = str(path.relative_to(root))
-        if path.is_fifo():
+        if path.is_symlink():
+            out[rel] = f"-> {os.readlink(path)}"
+        elif path.is_fifo():
             out[rel] = "fifo"
         elif path.is_dir():
             out[rel] = "dir"
@@ -132,6 +136,7 @@ CASES = [
     # demo: its only input is where the stores go
     c("demo", "--out", "afile"), c("demo", "--out", "afile/sub"), c("demo", "--out", ""),
     c("demo", "--out", "a\x00b"), c("demo", "--out", "fifo"), c("demo", "--out", f"{UNWRITABLE}/demo"),
+    c("demo", "--out", "loop"), c("demo", "--out", "dangling"), c("demo", "--out", "x" * 300),
     c("demo", "--quick", "--json", "--out", "afile"), c("demo", "--steps", "5"), c("demo", "extra"),
     # bench
     c("bench"), c("bench", "nope"),
@@ -173,7 +178,9 @@ CASES = [
     c("export", "nope", "--format", "csv"), c("export", "corrupt", "--format", "csv"),
     c("export", "afile", "--format", "csv"), c("export", "emptydir", "--format", "csv"),
     c("export", "fifo", "--format", "csv"), c("export", "", "--format", "csv"),
-    c("export", "a\x00", "--format", "csv"), c("export", "run", "--format", "xml"), c("export", "run"),
+    c("export", "a\x00", "--format", "csv"), c("export", "\udcff", "--format", "csv"),
+    c("export", "x" * 300, "--format", "csv"), c("export", "loop", "--format", "csv"),
+    c("export", "run", "--format", "xml"), c("export", "run"),
     c("export", "run", "--format", "csv", "--out", "afile"),
     c("export", "run", "--format", "csv", "--out", f"{UNWRITABLE}/export"),
     c("export", "run", "--format", "csv", "--project", "p"),
@@ -191,6 +198,9 @@ CASES = [
     c("sweep", "--recipes", "exits_recipe:r"), c("sweep", "--recipes", "syntax_recipe.py:r"),
     c("sweep", "--recipes", "missing.py:r"), c("sweep", "--recipes", "good_recipe:nofn"),
     c("sweep", "--recipes", "baseline", "baseline", "--out", "sw"),
+    c("sweep", "--recipes", "good_recipe:r", "good_recipe.py:r"),  # two recipes named r: one run id
+    c("sweep", "--lrs", "1e-3", "0.0010000001"), c("sweep", "--seeds", "0", "00"),
+    c("sweep", "--sizes", "tiny", "tiny"),
     c("sweep", "--summarize", "--out", "nope"), c("sweep", "--summarize", "--out", "afile"),
     c("sweep", "--summarize", "--out", "corrupt"), c("sweep", "--summarize", "--steps", "5", "--out", "run"),
     c("sweep", "--out", "afile"), c("sweep", "--out", "afile/sub"), c("sweep", "--out", ""),
@@ -389,3 +399,11 @@ def test_help_of_every_verb_exits_0(argv, capsys):
         main([*argv, "--help"])
     assert exc.value.code == 0
     assert capsys.readouterr().out.startswith("usage: keel")
+
+
+def test_a_reader_that_leaves_early_ends_it_quietly():
+    """`keel list | head -1`: stdout closed under the verb ends it with 141 (SIGPIPE's status), no traceback."""
+    proc = subprocess.Popen([sys.executable, "-m", "keel.cli", "list"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert (proc.wait(timeout=120), err) == (141, "")

@@ -102,7 +102,8 @@ def existing_path(text: str) -> Path:
     except OSError as exc:  # a name too long, a symlink loop: the file system's own reason
         raise ArgumentValueError(f"{show(text)}: {exc.strerror}") from exc
     if not exists:
-        raise ArgumentValueError(f"{show(text)} does not exist")
+        dangling = path.is_symlink()
+        raise ArgumentValueError(f"{show(text)} {'is a symlink to nothing' if dangling else 'does not exist'}")
     return path
 
 
@@ -127,6 +128,8 @@ def output_dir(text: str) -> Path:
     try:
         if path.exists() and not path.is_dir():
             raise ArgumentValueError(f"{show(text)} exists and is not a folder; allowed: a folder")
+        if path.is_symlink() and not path.exists():  # mkdir would fail on it after the work began
+            raise ArgumentValueError(f"{show(text)} is a symlink to nothing; allowed: a folder")
     except OSError as exc:
         raise ArgumentValueError(f"{show(text)}: {exc.strerror}") from exc
     _check_writable(text, path)

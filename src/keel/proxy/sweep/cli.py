@@ -17,8 +17,9 @@ import json
 import math
 import sqlite3
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from keel._core.argtypes import (
     ArgumentValueError,
@@ -32,7 +33,7 @@ from keel._core.argtypes import (
 )
 from keel.proxy.model import list_proxy_sizes
 from keel.proxy.sweep.backends import BACKENDS
-from keel.proxy.sweep.grid import SweepConfig, quick_config
+from keel.proxy.sweep.grid import SweepConfig, quick_config, run_id
 from keel.proxy.sweep.recipes import list_recipes, resolve_recipe
 from keel.proxy.sweep.runner import RunEvent, SweepResult, load_sweep, run_sweep
 from keel.proxy.sweep.summary import format_tables, to_json
@@ -136,6 +137,22 @@ def _recipe_name(recipe: str) -> str:
     return recipe.rpartition(":")[2]  # the name resolve_recipe gives a module:function or file.py:function
 
 
+def _reject_repeats(args: argparse.Namespace) -> None:
+    # Each grid point is one run id in the sweep store; a value given twice (or two LRs equal in the id's
+    # %g form, 1e-3 and 0.0010000001) would name the same run twice.
+    keys: dict[str, Callable[[Any], str]] = {
+        "recipes": _recipe_name,
+        "lrs": lambda lr: run_id("", "", lr, 0),
+        "sizes": str,
+        "seeds": str,
+    }
+    for name, key in keys.items():
+        values = getattr(args, name)
+        if values is not None and len({key(v) for v in values}) < len(values):
+            shown = " ".join(map(str, values))
+            raise ValueError(f"--{name} {shown} names the same run twice; allowed: each value once")
+
+
 def check_args(args: argparse.Namespace) -> None:
     """Refuse options that contradict each other, rather than silently ignoring one (ValueError)."""
     if args.summarize:
@@ -143,11 +160,10 @@ def check_args(args: argparse.Namespace) -> None:
         if given:
             raise ValueError(f"{', '.join(given)} has no effect with --summarize (it runs nothing); "
                              "allowed: one or the other")
-    elif args.recipes is not None and len(set(map(_recipe_name, args.recipes))) < len(args.recipes):
-        names = [_recipe_name(r) for r in args.recipes]
-        raise ValueError(f"--recipes {' '.join(args.recipes)} names {names}; allowed: each name once")
-    elif args.address is not None and args.backend != "ray":
-        raise ValueError(f"--address {args.address!r} needs --backend ray; allowed: --backend ray --address ADDR")
+    else:
+        _reject_repeats(args)
+        if args.address is not None and args.backend != "ray":
+            raise ValueError(f"--address {args.address!r} needs --backend ray; allowed: --backend ray --address ADDR")
     if args.no_plots and args.plots is not None:
         raise ValueError("--plots and --no-plots contradict each other; allowed: one of them")
 
@@ -190,7 +206,7 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = _summarize_or_run(args, out, backend, stream, options)
     except sqlite3.DatabaseError as exc:  # SQLite's message does not say which file
-        raise ValueError(f"{out / 'sweep.sqlite'}: not a readable sweep store ({exc})") from exc
+        raise ValueError(f"{out / 'sweep.sqlite'}: {exc}") from exc
     if not args.no_plots and result.curves:
         _write_plots(result, Path(args.plots) if args.plots else out / "plots", out, stream)
     if args.json:
