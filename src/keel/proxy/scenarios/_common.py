@@ -137,8 +137,9 @@ def run_lm(name: str, run: LMRun, *, guarded: bool = True, run_dir: str | None =
     if run.model_fn is not None:
         model = run.model_fn(model)
     head = set(id(p) for p in model.head.parameters()) if hasattr(model, "head") else set()
-    groups = [{"params": [p for p in model.parameters() if id(p) not in head]},
-              {"params": [p for p in model.parameters() if id(p) in head], "lr": run.lr * run.head_lr_mult}]
+    trainable = [p for p in model.parameters() if p.requires_grad]  # a LoRA model_fn freezes its base
+    groups = [{"params": [p for p in trainable if id(p) not in head]},
+              {"params": [p for p in trainable if id(p) in head], "lr": run.lr * run.head_lr_mult}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=run.lr, betas=(0.9, run.beta2),
                                   eps=run.eps, weight_decay=run.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_multiplier(run, s))
