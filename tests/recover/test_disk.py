@@ -44,9 +44,10 @@ def test_disk_round_trip_restores_everything(tmp_path):
         for p in fresh.model.parameters():
             p.add_(1.0)
     restore(fresh, loaded.tensors, loaded.skeleton, loaded.plain, resume=True)
-    for (k, a), b in zip(state.model.state_dict().items(), fresh.model.state_dict().values()):
+    for (k, a), b in zip(state.model.state_dict().items(), fresh.model.state_dict().values(), strict=True):
         assert torch.equal(a, b), k
-    assert fresh.optimizer.state_dict()["state"][0]["exp_avg"].equal(state.optimizer.state_dict()["state"][0]["exp_avg"])
+    exp_avg = state.optimizer.state_dict()["state"][0]["exp_avg"]
+    assert fresh.optimizer.state_dict()["state"][0]["exp_avg"].equal(exp_avg)
     assert fresh.scheduler.state_dict() == state.scheduler.state_dict()
     assert fresh.scaler.get_scale() == 128.0
 

@@ -224,7 +224,8 @@ def _read_store(path: Path) -> dict[str, Any]:
     steps = meta.get("steps")
     if not isinstance(steps, int) or isinstance(steps, bool):
         steps = last + 1 if isinstance(last, int) else 0
-    return {"status": str(meta.get("status", "unknown"))[:80], "steps": steps, "run_id": valid_run_id(meta.get("run_id"))}
+    return {"status": str(meta.get("status", "unknown"))[:80], "steps": steps,
+            "run_id": valid_run_id(meta.get("run_id"))}
 
 
 # --- clearing ---------------------------------------------------------------------------------------------------

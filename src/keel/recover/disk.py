@@ -13,80 +13,40 @@ only the snapshots of the run it continues.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
 
-import numpy as np
-from safetensors.torch import load_file, save_file
-from torch import Tensor
+from safetensors.torch import save_file
 
 from keel._core.errors import KeelWarning
+from keel.recover.disk_format import (
+    META,
+    TENSORS,
+    SnapshotInvalid,
+    encode,
+    file_sha256,
+    meta_checksum,
+    read_meta,
+    read_snapshot,
+    snapshot_step,
+)
 from keel.recover.snapshot import Snapshot
 
-TENSORS, META = "tensors.safetensors", "meta.json"
 SNAPSHOT_DIR = "snapshots"  # the disk tier's folder inside a run_dir (or a rank's folder of it)
 
 
-def is_snapshot_folder(path: Path) -> bool:
-    """Whether ``path`` is a finished snapshot folder (``step-<N>`` holding ``meta.json``); temporary folders of
-    killed writes are not."""
-    return path.name.startswith("step-") and path.name[5:].isdigit() and (path / META).is_file()
-
-
 class SnapshotCorrupt(KeelWarning):
-    """A disk snapshot failed its checksum or could not be parsed; an older one is used."""
+    """A disk snapshot is damaged or not keel's (the message names the file and the reason); an older one is used."""
 
 
-def _encode(value: Any, tensors: dict[str, Tensor], path: str) -> Any:
-    """Plain data → JSON, moving tensors into ``tensors`` (stored in the safetensors file)."""
-    if isinstance(value, Tensor):
-        key = f"plain{path}"
-        tensors[key] = value.detach().cpu().contiguous()
-        return {"__tensor__": key}
-    if isinstance(value, np.ndarray):
-        return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, tuple):
-        return {"__tuple__": [_encode(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]}
-    if isinstance(value, list):
-        return [_encode(v, tensors, f"{path}/{i}") for i, v in enumerate(value)]
-    if isinstance(value, dict):
-        if not all(isinstance(k, (str, int)) for k in value):
-            raise TypeError(f"cannot store a dict with keys {list(value)[:3]} at {path or '/'}")
-        return {"__dict__": [[k, _encode(v, tensors, f"{path}/{k}")] for k, v in value.items()]}
-    if value is None or isinstance(value, (bool, int, float, str)):
-        return value
-    raise TypeError(f"cannot store {type(value).__name__} at {path or '/'} without pickling")
-
-
-def _decode(value: Any, tensors: dict[str, Tensor]) -> Any:
-    if isinstance(value, list):
-        return [_decode(v, tensors) for v in value]
-    if isinstance(value, dict):
-        if "__tensor__" in value:
-            return tensors[value["__tensor__"]]
-        if "__ndarray__" in value:
-            return np.array(value["__ndarray__"], dtype=value["dtype"])
-        if "__tuple__" in value:
-            return tuple(_decode(v, tensors) for v in value["__tuple__"])
-        if "__dict__" in value:
-            return {k: _decode(v, tensors) for k, v in value["__dict__"]}
-    return value
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
+def is_snapshot_folder(path: Path) -> bool:
+    """Whether ``path`` is a snapshot folder (``step-<N>``); temporary folders of killed writes are not. Whether it
+    is a good one is for `read_snapshot` to say."""
+    return snapshot_step(path) is not None and path.is_dir()
 
 
 class DiskSnapshots:
@@ -147,9 +107,10 @@ class DiskSnapshots:
         try:
             tensors = {k: t.contiguous() for k, t in snap.tensors.items()}
             meta = {"step": snap.step, "created": snap.created, "run_id": self.run_id,
-                    "skeleton": _encode(snap.skeleton, tensors, "/s"), "plain": _encode(snap.plain, tensors, "/p")}
+                    "skeleton": encode(snap.skeleton, tensors, "/s"), "plain": encode(snap.plain, tensors, "/p")}
             save_file(tensors, str(tmp / TENSORS))
-            meta["sha256"] = _sha256(tmp / TENSORS)
+            meta["sha256"] = file_sha256(tmp / TENSORS)
+            meta["meta_sha256"] = meta_checksum(meta)
             with open(tmp / META, "w") as f:
                 json.dump(meta, f)
                 f.flush()
@@ -170,10 +131,11 @@ class DiskSnapshots:
         """Finished snapshot folders of every run, in step order (temporary folders of killed writes are ignored)."""
         if not self.directory.is_dir():
             return []
-        return sorted((p for p in self.directory.iterdir() if is_snapshot_folder(p)), key=_step_of)
+        return sorted((p for p in self.directory.iterdir() if is_snapshot_folder(p)), key=snapshot_step)
 
     def load_newest(self, of_run: str | None = None) -> Snapshot | None:
-        """The newest snapshot whose checksum verifies; corrupt ones are skipped with a `SnapshotCorrupt`.
+        """The newest good snapshot. Each bad one is skipped with a `SnapshotCorrupt` naming its file and what is
+        wrong; when there were snapshots but none is good, one more says that a resume starts from step 0.
 
         Args:
             of_run: Load only snapshots written by the run with this id (those of other runs are left alone, with
@@ -192,28 +154,21 @@ class DiskSnapshots:
         for folder in reversed(mine):
             try:
                 return self.load(folder)
-            except Exception as exc:
+            except SnapshotInvalid as exc:
                 warnings.warn(f"skipping snapshot {folder}: {exc}", SnapshotCorrupt, stacklevel=2)
+        if mine or foreign:
+            warnings.warn(f"none of the {len(mine) + len(foreign)} snapshots in {self.directory} is usable (see the "
+                          "warnings above): a resume starts from step 0", SnapshotCorrupt, stacklevel=2)
         return None
 
     @staticmethod
     def load(folder: str | Path) -> Snapshot:
-        """Load the snapshot in ``folder``; raises when it is corrupt."""
-        folder = Path(folder)
-        meta = json.loads((folder / META).read_text())
-        digest = _sha256(folder / TENSORS)
-        if digest != meta["sha256"]:
-            raise ValueError(f"checksum mismatch ({digest[:12]}… != {meta['sha256'][:12]}…)")
-        tensors = load_file(str(folder / TENSORS))
-        snap = Snapshot(step=meta["step"], tensors=tensors, skeleton=_decode(meta["skeleton"], tensors),
-                        plain=_decode(meta["plain"], tensors), created=meta["created"])
-        snap.ready.set()
-        return snap
+        """Load the snapshot in ``folder``.
 
-
-
-def _step_of(folder: Path) -> int:
-    return int(folder.name[5:])
+        Raises:
+            SnapshotInvalid: It is damaged or not keel's; the message names the file and the reason.
+        """
+        return read_snapshot(folder)
 
 
 _UNREADABLE = object()
@@ -223,8 +178,6 @@ def _run_of(folder: Path) -> object:
     """The run id in ``folder``'s ``meta.json``: a str, None when it names none (written before runs had ids), or
     ``_UNREADABLE`` (then the load that follows says what is wrong with it)."""
     try:
-        meta = json.loads((folder / META).read_text())
-    except Exception:
+        return read_meta(folder).get("run_id")
+    except SnapshotInvalid:
         return _UNREADABLE
-    owner = meta.get("run_id") if isinstance(meta, dict) else _UNREADABLE
-    return owner if owner is None or isinstance(owner, str) else _UNREADABLE
