@@ -125,3 +125,51 @@ def hostile_run_store(root: Path, *, steps: int = 60) -> Path:
     _crafted(run / "run.sqlite", COLUMNS, {"meta": meta_rows, "signals": signal_rows, "findings": findings,
                                            "decisions": decisions, "snapshots": snapshots})
     return run
+
+
+SWEEP_NAME = f"'><svg onload={_ACT.format('sweep.dir')}>"
+
+
+def hostile_sweep_store(root: Path) -> Path:
+    """A sweep store (in a folder named with HTML) with payloads in every text field of its rows, meta and
+    stored summary, and values of the wrong type in every column and summary field; returns the sweep folder."""
+    from keel.store.sweep_schema import SUMMARY_KEY
+
+    sweep = root / SWEEP_NAME
+    names = ("run_id", "recipe", "size", "lr", "seed", "status", "config", "init_loss", "final_loss", "val_loss",
+             "max_attn_logit", "log_z", "grad_norm", "n_params", "steps_done", "wall_s", "error", "run_dir",
+             "attempts", "started", "finished")
+
+    def row(i: int, **change) -> tuple:
+        values = dict(run_id=hostile(f"row{i}.run_id"), recipe=hostile("row.recipe"), size=hostile("row.size"),
+                      lr=10.0 ** -(i % 4 + 1), seed=i, status=hostile("row.status"),
+                      config=json.dumps({hostile("row.config.key"): hostile("row.config.value")}),
+                      init_loss=5.5, final_loss=float("inf"), val_loss=None, max_attn_logit=1e308, log_z=-1e308,
+                      grad_norm=float("-inf"), n_params=INT64[1], steps_done=INT64[0], wall_s=1.0,
+                      error=f"Traceback\n{hostile('row.error')}", run_dir=hostile("row.run_dir"), attempts=1,
+                      started=None, finished=None)
+        values.update(change)
+        return tuple(values[n] for n in names)
+
+    rows = [row(0), row(1, status="done", error=None), row(2, status="diverged"),
+            row(3, lr=hostile("row.lr")), row(4, seed=hostile("row.seed")), row(5, n_params=b"<blob>"),
+            row(6, config="{<script>"), row(7, status=None), row(8, attempts=1.5), row(9, val_loss=hostile("v"))]
+    text = hostile("sum.text")
+    curve = {"name": hostile("sum.recipe"), "size": hostile("sum.size"), "n_params": 123, "lr_sensitivity": 0.5,
+             "best_lr": 1e-3, "best_loss": 2.0, "init_loss": 5.5, "lr_range": [1e-3, 1e-2],
+             "sensitivity_vs_baseline": None, "lrs": [1e-3, 1e-2, 1e-1], "losses": [2.0, 2.5, 1e308],
+             "max_attn_logit": [None, -5.0, 1e308], "diverged": 1, "errors": 0}
+    view = {"recipe": hostile("sum.view"), "lr": 1e-3, "sizes": [hostile("sum.vsize"), "b"], "n_params": [10, 100],
+            "max_attn_logit": [1.0, None], "grad_norm": [1.0, 2.0], "logit_exponent": 400.0,
+            "logit_log10_prefactor": -1e308, "grad_norm_exponent": 1.0, "grad_norm_log10_prefactor": 0.0,
+            "divergence_logit": 10.0, "threshold_source": text, "predicted_divergence_params": 50.0,
+            "reach": hostile("sum.reach")}
+    summary = {"recipes": [curve, curve | {"lrs": text}, curve | {"n_params": text}, curve | {"size": 5}, text,
+                           curve | {"losses": [float("nan")] * 3}],
+               "scaling": [view, view | {"sizes": [text]}, view | {"reach": ["x"]}, None],
+               "runs": {hostile("sum.status"): 1}}
+    meta = {SUMMARY_KEY: summary, "sweep": {hostile("meta.sweep.key"): [hostile("meta.sweep.value")]},
+            hostile("meta.key"): hostile("meta.value")}
+    meta_rows = [(k, json.dumps(v)) for k, v in meta.items()] + [("bad", "{<script>"), (b"<blob>", "1")]
+    _crafted(sweep / "sweep.sqlite", {"meta": ("key", "value"), "runs": names}, {"meta": meta_rows, "runs": rows})
+    return sweep

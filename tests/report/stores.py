@@ -73,3 +73,66 @@ def make_run_store(run_dir: Path, *, steps: int = 300, seed: int = 0, layers: in
         # RunWriter.close() waits 60 s for its thread; a 100k-step store on a loaded machine needs longer.
         w.flush(timeout=1800)
     return run_dir
+
+
+SWEEP_RUNS = [  # recipe, size, lr, status, val_loss, max_attn_logit
+    ("baseline", "tiny", 1e-3, "done", 2.47, 4.9), ("baseline", "tiny", 1e-1, "done", 2.93, 6.7e4),
+    ("baseline", "small", 1e-3, "done", 2.28, 7.2), ("baseline", "small", 1e-1, "diverged", None, 2.1e5),
+    ("qk_norm", "tiny", 1e-3, "done", 2.46, 5.2), ("qk_norm", "tiny", 1e-1, "done", 2.57, 21.0),
+    ("qk_norm", "small", 1e-3, "done", 2.27, 5.5), ("qk_norm", "small", 1e-1, "error", None, None),
+]
+SIZES = {"tiny": 115_328, "small": 427_264}
+
+
+def sweep_summary() -> dict:
+    """The summary `keel sweep` stores for `SWEEP_RUNS` (the ``keel sweep --json`` document, numbers by hand)."""
+    def curve(recipe, size, losses, logits, lrs_range, sensitivity, ratio, diverged=0, errors=0):
+        return {"name": recipe, "size": size, "n_params": SIZES[size], "lr_sensitivity": sensitivity,
+                "best_lr": 1e-3, "best_loss": losses[0], "init_loss": 5.6, "lr_range": lrs_range,
+                "sensitivity_vs_baseline": ratio, "lrs": [1e-3, 1e-1], "losses": losses, "max_attn_logit": logits,
+                "log_z": [5.7, 5.1], "grad_norm": [0.98, 0.14], "runs": 2, "diverged": diverged, "errors": errors}
+
+    def view(recipe, logits, exponent, prefactor, reach):
+        return {"recipe": recipe, "lr": 1e-3, "sizes": ["tiny", "small"], "n_params": list(SIZES.values()),
+                "max_attn_logit": logits, "grad_norm": [0.98, 0.99], "logit_exponent": exponent,
+                "grad_norm_exponent": 0.0, "logit_log10_prefactor": prefactor, "grad_norm_log10_prefactor": 0.0,
+                "divergence_logit": 124.0, "threshold_source": "calibrated on baseline",
+                "predicted_divergence_params": 7.6e9, "reach": reach}
+
+    return {
+        "recipes": [curve("baseline", "tiny", [2.47, 2.93], [4.9, 6.7e4], [1e-3, 1e-3], 0.23, 1.0),
+                    curve("baseline", "small", [2.28, 5.6], [7.2, 2.1e5], [1e-3, 1e-3], 1.66, 1.0, diverged=1),
+                    curve("qk_norm", "tiny", [2.46, 2.57], [5.2, 21.0], [1e-3, 1e-1], 0.055, 4.2),
+                    curve("qk_norm", "small", [2.27], [5.5], [1e-3, 1e-3], 0.0, None, errors=1)
+                    | {"lrs": [1e-3], "log_z": [6.2], "grad_norm": [1.1], "runs": 1}],
+        "scaling": [view("baseline", [4.9, 7.2], 0.29, -0.78,
+                         "reaches 124 (calibrated on baseline) at ≈7.6e+09 params"),
+                    view("qk_norm", [5.2, 5.5], 0.04, 0.5,
+                         "practically flat: reaches 124 (calibrated on baseline) only at ≈1e+38 params")],
+        "runs": {"done": 6, "diverged": 1, "error": 1},
+    }
+
+
+def make_sweep_store(sweep_dir: Path, *, runs=SWEEP_RUNS, summary: dict | None = None) -> Path:
+    """A sweep store as `keel sweep` leaves it (rows and summary), written with SQL only (no torch, no proxy)."""
+    import json
+    import sqlite3
+
+    from keel.store.sweep_schema import SUMMARY_KEY, SWEEP_DDL
+
+    sweep_dir.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(sweep_dir / "sweep.sqlite")
+    conn.executescript(SWEEP_DDL)
+    conn.executemany(
+        "INSERT INTO runs (run_id, recipe, size, lr, seed, status, config, val_loss, max_attn_logit, n_params, "
+        "steps_done, wall_s, error, run_dir, attempts) VALUES (?, ?, ?, ?, 0, ?, '{}', ?, ?, ?, 300, 40.0, ?, ?, 1)",
+        [(f"{r}/{s}/lr={lr}/seed=0", r, s, lr, status, loss, logit, SIZES[s],
+          "Traceback ...\nRuntimeError: boom" if status == "error" else None, f"runs/{r}/{s}/lr={lr}/seed=0")
+         for r, s, lr, status, loss, logit in runs])
+    meta = {"sweep": {"recipes": ["baseline", "qk_norm"], "steps": 300}, "git_sha": "abc"}
+    if summary is not None:
+        meta[SUMMARY_KEY] = summary
+    conn.executemany("INSERT INTO meta VALUES (?, ?)", [(k, json.dumps(v)) for k, v in meta.items()])
+    conn.commit()
+    conn.close()
+    return sweep_dir

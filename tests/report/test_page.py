@@ -117,21 +117,6 @@ def test_series_encoding_compacts_even_steps_and_round_trips_irregular_ones(tmp_
     np.testing.assert_array_equal(values, odd_values.astype("<f4"))
 
 
-def test_a_sweep_store_is_named_and_sweep_sections_are_placed_after_the_timelines(runs, tmp_path):
-    sweep = tmp_path / "sweep"
-    sweep.mkdir()
-    conn = sqlite3.connect(sweep / "sweep.sqlite")
-    conn.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
-    conn.execute("CREATE TABLE runs (run_id TEXT, recipe TEXT, lr REAL, final_loss REAL)")
-    conn.commit()
-    conn.close()
-    fragment = "<section class='keel-sweep'><h2>LR sensitivity sweep</h2><pre>recipe lr loss</pre></section>"
-    page = write_report([runs / "bare", sweep], tmp_path / "report.html", sections=[fragment]).read_text()
-    assert "a sweep store: its plots come from keel.proxy.sweep.sweep_section(dir)" in page
-    where = page.index(fragment)
-    assert page.index("<h2>Timelines</h2>") < where < page.index("<h2>Decisions and snapshots</h2>")
-
-
 def test_the_guard_s_named_cause_leads_the_run_s_diagnosis(tmp_path):
     from keel.store import RunWriter
 

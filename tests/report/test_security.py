@@ -19,14 +19,15 @@ from keel._core import Decision, Finding
 from keel.cli import main
 from keel.report import ReportError, build_page, write_report
 from keel.report.run_data import RunData
+from keel.report.sweep_data import Curve, Scaling, SweepData
 from tests.report.browser import chromium_binary, load
-from tests.report.hostile import RUN_NAME, hostile_run_store
+from tests.report.hostile import RUN_NAME, hostile_run_store, hostile_sweep_store
 from tests.report.stores import make_run_store
 
 # Every element keel's page is made of; anything else in a page came from a store.
 KEEL_TAGS = {"html", "head", "meta", "title", "script", "style", "body", "main", "h1", "h2", "h3", "div", "p",
              "span", "table", "tr", "th", "td", "details", "summary", "dl", "dt", "dd", "code", "b", "ol", "li",
-             "pre", "footer", "section", "figure", "figcaption"}
+             "pre", "footer", "section", "br"}
 
 
 class _Elements(HTMLParser):
@@ -57,13 +58,14 @@ def _stub_plotly():
 
 
 def test_a_crafted_store_s_markup_reaches_the_page_only_as_text(tmp_path):
-    run = hostile_run_store(tmp_path / "runs")
-    page = write_report([run], tmp_path / "report.html").read_text()
+    run, sweep = hostile_run_store(tmp_path / "runs"), hostile_sweep_store(tmp_path / "sweeps")
+    page = write_report([run, sweep], tmp_path / "report.html").read_text()
     parsed = _Elements(page)
     assert parsed.tags() <= KEEL_TAGS and parsed.handlers() == [] and parsed.script_urls() == []
     assert page.count("<script") == 4  # the error hook, the data, plotly, the page's script
     assert "data-pwned" not in re.sub(r"setAttribute\(`data-pwned`", "", page.replace("&#x60;", "`"))
-    for where in ("f.cause", "d.reason", "s.path", "meta.status", "config.key", "diag.title", "rem.how"):
+    for where in ("f.cause", "d.reason", "s.path", "meta.status", "config.key", "diag.title", "rem.how",
+                  "row1.run_id", "row.status", "sum.recipe", "sum.size", "sum.reach", "sum.view", "meta.sweep.key"):
         assert f"&lt;script&gt;document.documentElement.setAttribute(`data-pwned`,`{where}`)" in page, where
 
 
@@ -72,6 +74,11 @@ def test_rows_of_the_wrong_type_are_left_out_and_named_in_a_note(tmp_path):
     page = write_report([run], tmp_path / "report.html").read_text()
     for table, n in (("decisions", 6), ("findings", 6), ("meta", 4), ("signals", 6), ("snapshots", 3)):
         assert f"<p class='problem'>{table}: {n} row(s) of the wrong type left out (first: " in page, table
+    sweep = write_report([hostile_sweep_store(tmp_path / "sweeps")], tmp_path / "sweep.html").read_text()
+    for table, n in (("meta", 2), ("runs", 7)):
+        assert f"<p class='problem'>{table}: {n} row(s) of the wrong type left out (first: " in sweep, table
+    for part, n in (("recipes", 5), ("scaling", 3)):
+        assert f"&#x27;{part}&#x27;: {n} entr(ies) of the wrong type left out (first: " in sweep, part
     assert "(first: onset is &#x27;&lt;script&gt;document.documentElement" in page  # the value, as text
 
 
@@ -118,11 +125,12 @@ def test_markup_in_integer_columns_runs_no_script_in_chromium(tmp_path):
 @pytest.mark.browser
 @needs_chromium
 def test_hostile_values_in_every_field_run_no_script_and_leave_no_element_in_chromium(tmp_path):
-    run = hostile_run_store(tmp_path / "runs")
-    page = write_report([run], tmp_path / "report.html")
+    run, sweep = hostile_run_store(tmp_path / "runs"), hostile_sweep_store(tmp_path / "sweeps")
+    page = write_report([run, sweep], tmp_path / "report.html")
     result = load(page, tmp_path / "profile")
     _assert_inert(result)
-    for where in ("f.cause", "d.reason", "meta.status", "signal.key"):  # the payloads are on the page, as text
+    assert result["status"]["charts"] == 5 + 4  # the run's timelines; the sweep's figures: one curve, one view
+    for where in ("f.cause", "d.reason", "meta.status", "signal.key", "row.status", "sum.reach"):  # shown as text
         assert f"&lt;script&gt;document.documentElement.setAttribute(`data-pwned`,`{where}`)" in result["dom"], where
 
 
@@ -162,8 +170,19 @@ def test_no_field_puts_an_unescaped_lt_into_the_page(texts, ints, reals):
         snapshots=[{"step": ints[6], "path": text(), "checksum": text(), "created": reals[3]}],
         problems=[text()],
     )
+    curve = Curve(recipe=text(), size=text(), n_params=ints[7], lr_sensitivity=reals[0], vs_baseline=reals[1],
+                  best_lr=reals[2], best_loss=reals[3], init_loss=reals[0], lr_range=(reals[1], reals[2]),
+                  lrs=(1e-3, 1e-2), losses=(reals[0], reals[1]), max_attn_logit=(None, reals[2]), diverged=ints[0],
+                  errors=ints[1])
+    view = Scaling(recipe=text(), lr=reals[0], sizes=(text(), text()), n_params=(1, max(2, ints[7])),
+                   max_attn_logit=(reals[1], None), grad_norm=(reals[2], reals[3]), logit_fit=(reals[0], reals[1]),
+                   grad_norm_fit=None, divergence_logit=reals[2], predicted_divergence_params=reals[3], reach=text())
+    row = {"run_id": text(), "status": text(), "lr": reals[0], "seed": ints[2], "val_loss": reals[1],
+           "max_attn_logit": reals[2], "steps_done": ints[3], "wall_s": reals[3], "error": text()}
+    sweep = SweepData(name=text(), path=Path(text()), meta={text(): text()}, rows=[row], curves=[curve],
+                      scaling=[view], problems=[text()])
     with _stub_plotly():
-        page = build_page([run], [text()])
+        page = build_page([run], [text()], sweeps=[sweep])
     assert "<x-" not in page
     parsed = _Elements(page)
     assert parsed.tags() <= KEEL_TAGS and parsed.handlers() == [] and parsed.script_urls() == []

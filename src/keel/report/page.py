@@ -2,7 +2,9 @@
 
 `write_report` is what `keel report` and `keel demo` call. The page holds the runs' metadata, diagnosis
 cards, timelines with findings, skips, rollbacks and snapshots marked on them, and the decisions and
-snapshots tables; several runs are overlaid on the same charts for comparison.
+snapshots tables; several runs are overlaid on the same charts for comparison. A sweep store adds its
+section (`keel.report.sweep_section`): LR-sensitivity tables, the scaling view and their figures. Everything
+on the page is built here from the stores' data, escaped; nothing from a store is inserted as markup.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from keel._core.errors import KeelError
 from keel.report import charts as _charts
 from keel.report import sections as _sections
 from keel.report.run_data import RunData, load_run
-from keel.report.sources import classify, expand, sweep_fragment
+from keel.report.sources import classify, expand
+from keel.report.sweep_data import SweepData, load_sweep_data
+from keel.report.sweep_section import sweep_section
 from keel.store import StoreError
 
 PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
@@ -57,24 +61,20 @@ def plotly_js() -> tuple[str, str]:
     return source, version
 
 
-def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path, *,
-                 sections: Sequence[str] = ()) -> Path:
-    """Write one self-contained HTML report of the given runs.
+def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) -> Path:
+    """Write one self-contained HTML report of the given runs and sweeps.
 
     Args:
         run_dirs: Run folders (or their ``run.sqlite``); a folder without a store stands for the stores in
-            its sub-folders (``runs/demo``). A sweep folder adds the section ``keel sweep`` rendered there.
-            Other paths are skipped with a note.
+            its sub-folders (``runs/demo``). A sweep folder (or its ``sweep.sqlite``) adds the sweep's section,
+            drawn from its store. Other paths are skipped with a note.
         out_path: The HTML file to write (its folder is created).
-        sections: Extra HTML fragments built by keel itself, shown after the timelines — e.g.
-            ``keel.proxy.sweep.sweep_section(sweep_dir)`` for a sweep's loss-vs-LR plots. They are inserted
-            as they are (trusted markup); they must not reference the network.
 
     Returns:
         The path written.
 
     Raises:
-        ReportError: None of the paths is a run store or a rendered sweep, or plotly is not installed.
+        ReportError: None of the paths is a readable run or sweep store, or plotly is not installed.
 
     Example:
         >>> write_report(["runs/demo/bare", "runs/demo/guarded"], "runs/demo/report.html")  # doctest: +SKIP
@@ -83,34 +83,33 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path, 
     paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     notes: list[str] = []
     runs: list[RunData] = []
-    sections = list(sections)
+    sweeps: list[SweepData] = []
     for path in expand(paths):
         source = classify(path)
-        if source.kind == "sweep":  # the section keel sweep rendered next to its store, when there is one
-            fragment, note = sweep_fragment(path)
-            sections += [fragment] if fragment is not None else []
-            notes += [note] if note else []
-            continue
-        if source.kind != "run":
+        if source.kind not in ("run", "sweep"):
             notes.append(source.note)  # the extension point: see keel.report.sources
             continue
         try:
-            runs.append(load_run(path, keep=_keep))
+            if source.kind == "run":
+                runs.append(load_run(path, keep=_keep))
+            else:
+                sweeps.append(load_sweep_data(path))
         except (StoreError, FileNotFoundError) as exc:  # classified a moment ago, unreadable now: a note
             notes.append(str(exc))
-    if not runs and not sections:
+    if not runs and not sweeps:
         raise ReportError("no keel run store among " + ", ".join(str(p) for p in paths)
                           + (f" ({'; '.join(notes)})" if notes else ""))
     _unique_names(runs)
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(build_page(runs, notes, sections=sections), encoding="utf-8")
+    out.write_text(build_page(runs, notes, sweeps=sweeps), encoding="utf-8")
     return out
 
 
-def build_page(runs: list[RunData], notes: list[str] | None = None, *, sections: Sequence[str] = ()) -> str:
-    """The report's HTML for already loaded runs (and extra trusted HTML sections, see `write_report`)."""
+def build_page(runs: list[RunData], notes: list[str] | None = None, *, sweeps: Sequence[SweepData] = ()) -> str:
+    """The report's HTML for already loaded runs and sweeps."""
     notes = list(notes or [])
+    sections = [sweep_section(sweep, i) for i, sweep in enumerate(sweeps)]
     colors = [PALETTE[i % len(PALETTE)] for i in range(len(runs))]
     charts, left_out = _charts.plan_charts(runs)
     if left_out:
@@ -124,16 +123,18 @@ def build_page(runs: list[RunData], notes: list[str] | None = None, *, sections:
         "series": _series(runs, charts),
         "xrange": _step_range(runs),
         "marks": _charts.marks(runs, charts),
+        "figures": [figure for _, figures in sections for figure in figures],
     }
     js, version = plotly_js()
     script = resources.files("keel.report").joinpath("report.js").read_text(encoding="utf-8")
     css = resources.files("keel.report").joinpath("report.css").read_text(encoding="utf-8")
-    names = ", ".join(r.name for r in runs) or "sweep"
-    extra = ["<div class='extra'>" + "\n".join(sections) + "</div>"] if sections else []
+    names = ", ".join([r.name for r in runs] + [s.name for s in sweeps])
+    counts = [f"{len(runs)} run(s)"] * bool(runs) + [f"{len(sweeps)} sweep(s)"] * bool(sweeps)
+    extra = ["<div class='extra'>" + "\n".join(markup for markup, _ in sections) + "</div>"] if sections else []
     body = [
         "<main>",
         "<h1>keel stability report</h1>",
-        f"<div class='sub'>{f'{len(runs)} run(s): {html.escape(names)}' if runs else 'sweep'} · generated "
+        f"<div class='sub'>{' and '.join(counts)}: {html.escape(names)} · generated "
         f"{time.strftime('%Y-%m-%d %H:%M:%S')} · keel {html.escape(_keel_version())}</div>",
         "<div class='notes'>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes) + "</div>",
         # A sweep given alone: its section is the page.

@@ -210,18 +210,43 @@
       div.on("plotly_relayout", function (ev) { onRelayout(div, ev); });
     });
   });
-  Promise.all(pending).then(function () {
+  // Sweep figures (keel.report.sweep_section): x/y traces drawn as specified, names escaped like the rest.
+  var figures = (data.figures || []).map(function (fig) {
+    var div = document.getElementById(fig.id);
+    var traces = fig.traces.map(function (t) {
+      return {type: "scatter", mode: t.mode, x: t.x, y: t.y, name: esc(t.name), showlegend: t.legend,
+              connectgaps: false, line: {color: t.color, dash: t.dash, width: 1.6},
+              marker: {color: t.color, size: 7}, cliponaxis: false,
+              hovertemplate: esc(t.name) + "<br>" + esc(fig.x_title) + " %{x:.3g}<br>" + esc(fig.y_title)
+                + " %{y:.4g}<extra></extra>"};
+    });
+    var axis = function (log, title) {
+      return {type: log ? "log" : "linear", exponentformat: "power", zeroline: false,
+              title: {text: esc(title), standoff: 4, font: {size: 11}}};
+    };
+    var layout = {title: {text: esc(fig.title), x: 0.01, font: {size: 14}}, height: 340,
+                  margin: {l: 64, r: 20, t: 36, b: 64}, hovermode: "closest",
+                  xaxis: axis(fig.log_x, fig.x_title), yaxis: axis(fig.log_y, fig.y_title),
+                  legend: {font: {size: 10}}, paper_bgcolor: "#fff", plot_bgcolor: "#fafafa"};
+    if (fig.y_range) layout.yaxis.range = fig.y_range;
+    return Plotly.newPlot(div, traces, layout, {displaylogo: false, responsive: true}).then(function () {
+      div.setAttribute("data-rendered", "1");
+      state.rendered += 1;
+    });
+  });
+  Promise.all(pending.concat(figures)).then(function () {
     var range = requestedRange();
     return range ? applyRange(range[0], range[1], null) : null;
   }).then(function () { state.done = true; publish(); },
           function (e) { state.errors.push("render: " + e); publish(); });
   function publish() {
-    document.body.setAttribute("data-keel-charts", String(data.charts.length));
+    var charts = data.charts.length + (data.figures || []).length;
+    document.body.setAttribute("data-keel-charts", String(charts));
     document.body.setAttribute("data-keel-rendered", String(state.rendered));
     document.body.setAttribute("data-keel-errors", String(state.errors.length));
     var out = document.getElementById("keel-status");
     if (out) {
-      out.textContent = JSON.stringify({charts: data.charts.length, rendered: state.rendered,
+      out.textContent = JSON.stringify({charts: charts, rendered: state.rendered,
                                         errors: state.errors, range: requestedRange(), view: firstView(),
                                         drawn_ms: Math.round(performance.now())});
     }

@@ -66,23 +66,28 @@ def load_run(path: str | Path, *, name: str | None = None, keep=None) -> RunData
     folder = path.parent if path.suffix == ".sqlite" else path
     run = RunData(name=name or folder.name, path=folder)
     with RunReader(path) as reader:
-        run.meta = _read(run, "metadata", reader.meta, {})
-        for key in _read(run, "signal keys", reader.signal_keys, []):
-            if keep is not None and not keep(key):
-                continue
-            steps, values = reader.signal(key)
-            run.lengths[key] = len(steps)
-            run.series[key] = downsample_minmax(steps, values, MAX_POINTS)
-        run.findings = _read(run, "findings", reader.findings, [])
-        run.decisions = _read(run, "decisions", reader.decisions, [])
-        run.snapshots = _read(run, "snapshots", reader.snapshots, [])
+        run.meta = read_part(run.problems, "metadata", reader.meta, {})
+
+        def read_signals() -> None:
+            for key in reader.signal_keys():
+                if keep is not None and not keep(key):
+                    continue
+                steps, values = reader.signal(key)
+                run.lengths[key] = len(steps)
+                run.series[key] = downsample_minmax(steps, values, MAX_POINTS)
+
+        read_part(run.problems, "signals", read_signals, None)
+        run.findings = read_part(run.problems, "findings", reader.findings, [])
+        run.decisions = read_part(run.problems, "decisions", reader.decisions, [])
+        run.snapshots = read_part(run.problems, "snapshots", reader.snapshots, [])
         run.problems += reader.problems
     return run
 
 
-def _read(run: RunData, what: str, read, default):
+def read_part(problems: list[str], what: str, read, default):  # type: ignore[no-untyped-def]
+    """``read()``, or ``default`` with a line in ``problems`` when that part of a store cannot be read."""
     try:
         return read()
     except (sqlite3.Error, ValueError, KeyError, TypeError) as exc:
-        run.problems.append(f"{what} could not be read ({type(exc).__name__}: {exc})")
+        problems.append(f"{what} could not be read ({type(exc).__name__}: {exc})")
         return default

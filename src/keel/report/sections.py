@@ -51,16 +51,21 @@ def runs_table(runs: list[RunData], colors: list[str]) -> str:
 
 
 def metadata(run: RunData) -> str:
-    """The run's metadata as a definition list (config and hardware folded into <details>)."""
-    items = []
-    for key in META_FIELDS:
-        if key in run.meta:
-            items.append(f"<dt>{esc(key)}</dt><dd>{_short(run.meta[key])}</dd>")
-    for key in sorted(set(run.meta) - set(META_FIELDS)):
-        items.append(f"<dt>{esc(key)}</dt><dd>{_short(run.meta[key])}</dd>")
-    problems = "".join(f"<p class='problem'>{esc(p)}</p>" for p in run.problems)
-    return (f"<details class='meta'><summary>metadata of {esc(run.name)}</summary>"
-            f"<dl>{''.join(items)}</dl></details>{problems}")
+    """The run's metadata folded into <details>, then what could not be read."""
+    return meta_details(run.name, run.meta) + problems(run.problems)
+
+
+def meta_details(name: str, meta: dict[str, Any]) -> str:
+    """A store's metadata as a definition list folded into <details> (`META_FIELDS` first, each value cut at
+    300 characters)."""
+    order = [k for k in META_FIELDS if k in meta] + sorted(set(meta) - set(META_FIELDS))
+    items = "".join(f"<dt>{esc(key)}</dt><dd>{_short(meta[key])}</dd>" for key in order)
+    return f"<details class='meta'><summary>metadata of {esc(name)}</summary><dl>{items}</dl></details>"
+
+
+def problems(lines: list[str]) -> str:
+    """What could not be read from a store, one paragraph each."""
+    return "".join(f"<p class='problem'>{esc(p)}</p>" for p in lines)
 
 
 def diagnosis_cards(run: RunData) -> str:
@@ -168,4 +173,5 @@ def _opt(x: int | None) -> str:
     return "" if x is None else esc(x)
 
 
-__all__ = ["decisions_table", "diagnosis_cards", "metadata", "named_causes", "runs_table", "snapshots_table"]
+__all__ = ["decisions_table", "diagnosis_cards", "meta_details", "metadata", "named_causes", "problems", "runs_table",
+           "snapshots_table"]

@@ -1,14 +1,10 @@
 """What the report can read, and the extension point for what it cannot: one `StoreKind` per store schema.
 
 A path given to `keel report` is classified by the tables of its SQLite file. The report reads run stores
-(``meta``, ``signals``, ``findings``, ``decisions``, ``snapshots``) itself. A sweep store
-(``sweep_dir/sweep.sqlite``: ``meta``, ``runs``) belongs to `keel.proxy.sweep`, which the report layer may not
-import (it is training code); its section is built there — ``keel.proxy.sweep.sweep_section(sweep_dir)``,
-an HTML fragment with inline PNGs — and either handed to ``write_report(..., sections=[fragment])`` by a
-caller allowed to import both, or written by ``keel sweep`` next to the store (``sweep_section.html``),
-where the report picks it up when given the sweep directory (`sweep_fragment`). Anything else unknown is
-skipped with a note, never an error. A new store kind: add a `StoreKind` here, then either read it in the
-report (through the store layer) or have its owner render a section.
+(``meta``, ``signals``, and ``findings``, ``decisions``, ``snapshots``) and sweep stores
+(``sweep_dir/sweep.sqlite``: ``meta``, ``runs``) itself, through the store layer's readers, which check every
+value they read: a store is untrusted input, never markup. Anything else unknown is skipped with a note,
+never an error. A new store kind: add a `StoreKind` here, a reader in `keel.store`, and its section.
 """
 
 from __future__ import annotations
@@ -17,7 +13,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from keel.store import STORE_NAME
+from keel.store import STORE_NAME, SWEEP_STORE_NAME
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,13 +29,6 @@ STORE_KINDS: list[StoreKind] = [
     StoreKind(name="run", tables=frozenset({"meta", "signals"})),
     StoreKind(name="sweep", tables=frozenset({"meta", "runs"})),
 ]
-SWEEP_STORE_NAME = "sweep.sqlite"  # keel.proxy.sweep's store file (its schema is that package's)
-SWEEP_SECTION_NAME = "sweep_section.html"  # the section `keel sweep` renders next to its store
-NOTES = {
-    "sweep": "a sweep store: its plots come from keel.proxy.sweep.sweep_section(dir), passed to "
-             "write_report(..., sections=[...]), or from the sweep_section.html that `keel sweep` writes "
-             "next to the store (none here: `keel sweep --out DIR --summarize` writes it)",
-}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -82,30 +71,7 @@ def classify(path: Path) -> Source:
         return Source(path=path, kind=None, note=f"{file}: not an SQLite store ({exc})")
     for kind in STORE_KINDS:
         if kind.tables <= tables:
-            note = f"{file}: {NOTES[kind.name]}" if kind.name in NOTES else ""
-            return Source(path=path, kind=kind.name, note=note)
+            return Source(path=path, kind=kind.name)
     listed = ", ".join(sorted(tables)) or "none"
     return Source(path=path, kind=None,
                   note=f"{file}: a store of a kind this report does not show yet (tables: {listed}); skipped")
-
-
-def sweep_fragment(path: Path) -> tuple[str | None, str]:
-    """The section ``keel sweep`` rendered next to the sweep store at ``path``, and a note for the page.
-
-    Returns:
-        ``(fragment, "")`` when the fragment is at least as new as the store; ``(fragment, note)`` when the
-        sweep changed after it was rendered (a live or resumed sweep); ``(None, note)`` when there is none.
-    """
-    folder = path if path.is_dir() else path.parent
-    fragment = folder / SWEEP_SECTION_NAME
-    if not fragment.is_file():
-        return None, f"{folder}: {NOTES['sweep']}"
-    # A live sweep appends to the WAL file, its main file changes at each checkpoint. An empty WAL file is
-    # one a reader created (this report's own classify() does), not a change.
-    store = [folder / SWEEP_STORE_NAME, folder / f"{SWEEP_STORE_NAME}-wal"]
-    changed = max((p.stat().st_mtime for p in store if p.is_file() and p.stat().st_size > 0), default=0.0)
-    note = ""
-    if changed > fragment.stat().st_mtime:
-        note = (f"{folder}: the sweep changed after its section was rendered; "
-                f"`keel sweep --out {folder} --summarize` renders it again")
-    return fragment.read_text(encoding="utf-8"), note

@@ -1,8 +1,12 @@
-"""Persist: the run store (one SQLite file per run). Readers need neither torch nor a running job."""
+"""Persist: the run store (one SQLite file per run) and the sweep store (one per sweep). Readers need neither torch
+nor a running job."""
 
 from keel.store._columns import StoreError
 from keel.store.reader import RunReader
 from keel.store.schema import STORE_NAME, store_path
+from keel.store.sweep_reader import SweepReader
+from keel.store.sweep_schema import SWEEP_STORE_NAME, sweep_store_path
 from keel.store.writer import RunWriter
 
-__all__ = ["RunReader", "RunWriter", "STORE_NAME", "StoreError", "store_path"]
+__all__ = ["RunReader", "RunWriter", "STORE_NAME", "SWEEP_STORE_NAME", "StoreError", "SweepReader", "store_path",
+           "sweep_store_path"]

@@ -10,9 +10,11 @@ run or the page that shows it. A file that is not SQLite, or lacks a table or a 
 
 from __future__ import annotations
 
+import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
@@ -20,6 +22,7 @@ from keel._core.errors import KeelError
 
 Kind = Literal["int", "real", "text"]
 _ALLOWED = {"int": "an integer", "real": "a number", "text": "text"}
+_TYPES = {"int": frozenset({int}), "real": frozenset({int, float}), "text": frozenset({str})}
 
 
 class StoreError(KeelError, sqlite3.OperationalError):
@@ -46,13 +49,17 @@ class Column:
     kind: Kind
     nullable: bool = False
 
+    @property
+    def types(self) -> frozenset[type]:
+        """The Python types SQLite hands back for a value that fits (NoneType for NULL when nullable)."""
+        return _TYPES[self.kind] | ({type(None)} if self.nullable else set())
+
     def problem(self, value: Any) -> str | None:
         """Why ``value`` does not fit this column, or None when it does."""
-        if value is None:
-            return None if self.nullable else f"{self.name} is NULL; allowed: {_ALLOWED[self.kind]}"
-        kind = type(value)
-        fits = (kind is int if self.kind == "int" else kind in (int, float) if self.kind == "real" else kind is str)
-        return None if fits else f"{self.name} is {describe(value)}; allowed: {_ALLOWED[self.kind]}"
+        if type(value) in self.types:
+            return None
+        shown = "NULL" if value is None else describe(value)
+        return f"{self.name} is {shown}; allowed: {_ALLOWED[self.kind]}"
 
 
 def describe(value: Any, limit: int = 40) -> str:
@@ -60,6 +67,26 @@ def describe(value: Any, limit: int = 40) -> str:
     sqlite_type = {int: "integer", float: "real", str: "text", bytes: "blob"}.get(type(value), type(value).__name__)
     text = repr(value)
     return f"{text[:limit]}{'…' if len(text) > limit else ''} ({sqlite_type})"
+
+
+def parse_json(text: str) -> Any:
+    """The JSON value of ``text``; ValueError when it is not JSON (RecursionError too: nesting 100k deep)."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+def read_meta(file: StoreFile) -> dict[str, Any]:
+    """A store's ``meta`` table (text keys, JSON values); an entry whose value is not JSON is left out and
+    counted."""
+    out = {}
+    for key, value in file.rows("meta", (Column("key", "text"), Column("value", "text"))):
+        try:
+            out[key] = parse_json(value)
+        except ValueError as exc:
+            file.drop("meta", f"the value of {describe(key)} is not JSON ({exc})")
+    return out
 
 
 @dataclass
@@ -109,9 +136,10 @@ class StoreFile:
         self._require(table, [column])
         return [v for (v,) in self.conn.execute(f'SELECT DISTINCT "{column}" FROM "{table}" ORDER BY 1')]
 
-    def rows(self, table: str, columns: Sequence[Column], *, where: str = "", params: Sequence[Any] = (),
-             order: str = "rowid") -> Iterator[tuple[Any, ...]]:
-        """The rows of ``table`` whose every value fits its `Column`, in ``order``; the others are counted.
+    def rows(self, table: str, columns: Sequence[Column], *, where: str = "1", params: Sequence[Any] = (),
+             order: str = "rowid") -> list[tuple[Any, ...]]:
+        """The rows of ``table`` (those meeting the SQL condition ``where``) whose every value fits its
+        `Column`, in ``order``; the others are counted.
 
         ``table``, ``where`` and ``order`` are the reader's own SQL, never text from the store.
 
@@ -120,13 +148,20 @@ class StoreFile:
         """
         present = self._require(table, [c.name for c in columns if not c.nullable])
         select = ", ".join(f'"{c.name}"' if c.name in present else "NULL" for c in columns)
-        query = f'SELECT {select} FROM "{table}" {where} ORDER BY {order}'
-        for row in self.conn.execute(query, tuple(params)):
+        query = f'SELECT {select} FROM "{table}" WHERE ({where}) ORDER BY {order}'
+        data = self.conn.execute(query, tuple(params)).fetchall()
+        # A column at a time, the set of types it holds (C loops; a long signal costs no Python per value);
+        # row by row only when some value does not fit.
+        if all(set(map(type, map(itemgetter(i), data))) <= c.types for i, c in enumerate(columns)):
+            return data
+        good = []
+        for row in data:
             problem = next((p for c, v in zip(columns, row, strict=True) if (p := c.problem(v))), None)
             if problem is None:
-                yield row
+                good.append(row)
             else:
                 self.drop(table, problem)
+        return good
 
     def _require(self, table: str, names: Sequence[str]) -> set[str]:
         present = self.columns(table)

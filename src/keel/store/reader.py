@@ -8,8 +8,8 @@ raises one `StoreError`.
 
 from __future__ import annotations
 
-import json
 import math
+from operator import itemgetter
 from pathlib import Path
 from typing import Any
 
@@ -17,10 +17,9 @@ import numpy as np
 
 from keel._core.decision import ACTIONS, Decision
 from keel._core.finding import SEVERITIES, Finding, severity_rank
-from keel.store._columns import Column, StoreFile, describe
+from keel.store._columns import Column, StoreFile, describe, parse_json, read_meta
 from keel.store.schema import store_path
 
-META = (Column("key", "text"), Column("value", "text"))
 SIGNALS = (Column("step", "int"), Column("value", "real", nullable=True))
 FINDINGS = (Column("step", "int"), Column("kind", "text"), Column("severity", "text"), Column("signal", "text"),
             Column("value", "real", nullable=True), Column("baseline", "real", nullable=True),
@@ -32,14 +31,6 @@ SNAPSHOTS = (Column("step", "int"), Column("path", "text"), Column("checksum", "
 
 def _float(value: float | None) -> float:
     return math.nan if value is None else float(value)
-
-
-def _json(text: str) -> Any:
-    """The JSON value of ``text``; ValueError when it is not JSON (RecursionError too: nesting 100k deep)."""
-    try:
-        return json.loads(text)
-    except RecursionError:
-        raise ValueError("nested too deeply") from None
 
 
 class RunReader:
@@ -76,13 +67,7 @@ class RunReader:
 
     def meta(self) -> dict[str, Any]:
         """The metadata table; an entry whose value is not JSON is left out and counted."""
-        out = {}
-        for key, value in self._file.rows("meta", META):
-            try:
-                out[key] = _json(value)
-            except ValueError as exc:
-                self._file.drop("meta", f"the value of {describe(key)} is not JSON ({exc})")
-        return out
+        return read_meta(self._file)
 
     def signal_keys(self) -> list[str]:
         keys = []
@@ -96,9 +81,9 @@ class RunReader:
 
     def signal(self, key: str) -> tuple[np.ndarray, np.ndarray]:
         """(steps, values) of one signal in step order; NaN where a value was NaN."""
-        data = list(self._file.rows("signals", SIGNALS, where="WHERE key = ?", params=(key,), order="step, rowid"))
-        steps = np.array([s for s, _ in data], dtype=np.int64)
-        values = np.array([_float(v) for _, v in data], dtype=np.float64)
+        data = self._file.rows("signals", SIGNALS, where="key = ?", params=(key,), order="step, rowid")
+        steps = np.fromiter(map(itemgetter(0), data), dtype=np.int64, count=len(data))
+        values = np.array(list(map(itemgetter(1), data)), dtype=np.float64).reshape(-1)  # NULL (a NaN) → nan
         return steps, values
 
     def findings(self, min_severity: str | None = None) -> list[Finding]:
@@ -106,7 +91,7 @@ class RunReader:
         for step, kind, severity, signal, value, baseline, evidence, cause, remedy in self._file.rows(
                 "findings", FINDINGS, order="step, rowid"):
             try:
-                facts = _json(evidence)
+                facts = parse_json(evidence)
             except ValueError as exc:
                 self._file.drop("findings", f"evidence is not JSON ({exc})")
                 continue

@@ -9,8 +9,8 @@ from keel.proxy.sweep.summary import CurveSummary
 pytest.importorskip("matplotlib")
 
 from keel.proxy.sweep import RunResult, SweepConfig, SweepStore, expand_grid  # noqa: E402
-from keel.proxy.sweep.plots import sweep_section, write_plots, write_section  # noqa: E402
-from keel.proxy.sweep.runner import load_sweep  # noqa: E402
+from keel.proxy.sweep.plots import write_plots  # noqa: E402
+from keel.proxy.sweep.runner import load_sweep, run_sweep, store_summary  # noqa: E402
 
 LRS = [1e-3, 1e-2, 1e-1]
 
@@ -47,7 +47,7 @@ def _views():
     ]
 
 
-def test_png_files_and_html_fragment(tmp_path):
+def test_png_files(tmp_path):
     curves = [
         _curve("baseline", "tiny", [2.6, 2.4, 3.1], [20, 30, 1e4]),
         _curve("baseline", "small", [2.5, 2.3, 3.4], [25, 240, 1e5]),
@@ -63,7 +63,7 @@ def test_png_files_and_html_fragment(tmp_path):
 
 
 def _hand_filled_store(tmp_path):
-    # A store filled by hand (no training): the fragment is built from the store alone, as the report does.
+    # A store filled by hand (no training): the summary is computed from the store alone.
     specs = expand_grid(SweepConfig(recipes=["baseline", "qk_norm"], lrs=LRS, sizes=["tiny"]))
     with SweepStore(tmp_path) as store:
         store.add_runs(specs, lambda rid: tmp_path / rid)
@@ -83,59 +83,42 @@ def _hand_filled_store(tmp_path):
     return tmp_path
 
 
-def test_report_section_from_a_sweep_store(tmp_path):
-    _hand_filled_store(tmp_path)
-    fragment = sweep_section(tmp_path, title="a <sweep>")
-    assert fragment.startswith('<section class="keel-sweep"><h2>a &lt;sweep&gt;</h2>')
-    assert fragment.count("data:image/png;base64,") == 2  # one size: no scaling figure
-    assert "qk_norm\n  size" in fragment and "3.6x" in fragment  # LRS 0.3 vs 0.25/3: 3.6 times less sensitive
-
-
-def test_keel_report_of_a_sweep_directory_shows_the_section_keel_sweep_rendered(tmp_path, capsys):
+def test_keel_report_draws_the_summary_the_sweep_stored_without_dropping_any_of_it(tmp_path):
+    # The report may not import this package: it reads the summary store_summary keeps in the sweep store.
+    # This is the contract between summary.to_json and keel.report.sweep_data.
     pytest.importorskip("plotly")
-    import os
+    import json
+    import re
 
-    from keel.cli import main
-
-    sweep = _hand_filled_store(tmp_path / "sweep")
-    assert main(["report", str(sweep), "-o", str(tmp_path / "none.html")]) == 2  # nothing rendered yet
-    assert "keel sweep --out DIR --summarize` writes it" in capsys.readouterr().err
-
-    assert main(["sweep", "--out", str(sweep), "--summarize"]) == 0  # renders sweep_section.html
-    assert f"keel report {sweep}" in capsys.readouterr().out
-    for leftover in ("sweep.sqlite-wal", "sweep.sqlite-shm"):  # as a closed sweep leaves it: no WAL file
-        (sweep / leftover).unlink(missing_ok=True)
-    assert main(["report", str(sweep), "-o", str(tmp_path / "report.html")]) == 0
-    page = (tmp_path / "report.html").read_text()
-    fragment = (sweep / "sweep_section.html").read_text()
-    assert fragment in page and fragment.count("data:image/png;base64,") == 2
-    assert "qk_norm\n  size" in page and "<h2>Runs</h2>" not in page  # a sweep alone: its section is the page
-    assert "changed after its section was rendered" not in page
-
-    store = sweep / "sweep.sqlite"
-    later = (sweep / "sweep_section.html").stat().st_mtime + 10
-    os.utime(store, (later, later))  # the sweep went on after the section was rendered
-    assert main(["report", str(sweep), "-o", str(tmp_path / "stale.html")]) == 0
-    assert "the sweep changed after its section was rendered" in (tmp_path / "stale.html").read_text()
-    write_section(load_sweep(sweep), sweep)
-    os.utime(sweep / "sweep_section.html", (later + 1, later + 1))
-    assert main(["report", str(sweep), "-o", str(tmp_path / "fresh.html")]) == 0
-    assert "changed after its section was rendered" not in (tmp_path / "fresh.html").read_text()
-
-
-@pytest.mark.browser
-def test_a_sweep_only_report_opens_in_chromium_without_errors(tmp_path):
-    pytest.importorskip("plotly")
-    from tests.report.browser import chromium_binary, load
-
-    if chromium_binary() is None:
-        pytest.skip("chromium is not installed (apt-get install chromium; CI installs it)")
     from keel.report import write_report
 
     sweep = _hand_filled_store(tmp_path / "sweep")
-    write_section(load_sweep(sweep), sweep)
-    page = write_report([sweep], tmp_path / "report.html")
-    result = load(page, tmp_path / "profile")
-    assert result["status"] is not None, result["stderr_tail"]
-    assert result["status"]["errors"] == [] and result["console"] == []
-    assert result["dom"].count('<img alt="') == 2 and "LR sensitivity sweep" in result["dom"]
+    result = load_sweep(sweep)
+    with SweepStore(sweep) as store:
+        store_summary(store, result)
+    page = write_report([sweep], tmp_path / "report.html").read_text()
+    assert "<p class='problem'>" not in page  # every curve and view of the stored summary was read back
+    assert "<td>tiny</td><td>1000</td><td>0.083</td><td>3.6x</td>" in page  # LRS 0.3 vs 0.25/3: 3.6x less
+    data = json.loads(re.search(r"id='keel-data'>(.*?)</script>", page, re.S).group(1))
+    loss = next(f for f in data["figures"] if f["title"] == "final loss vs LR: qk_norm")
+    assert loss["traces"][0]["y"] == list(result.curves[1].sensitivity.losses)
+    assert not list(sweep.glob("*.html"))
+
+
+def test_run_sweep_stores_its_summary_for_the_report(tmp_path, tiny_sweep):
+    from keel.store import SweepReader
+
+    result = run_sweep(tiny_sweep(recipes=["baseline"], lrs=[1e-2, 3e-2]), tmp_path, workers=1)
+    with SweepReader(tmp_path) as reader:
+        summary = reader.summary()
+    assert summary["recipes"][0]["lr_sensitivity"] == result.curves[0].sensitivity.lr_sensitivity
+    assert summary["runs"] == {"done": 2} and not list(tmp_path.glob("*.html"))
+
+
+def test_keel_sweep_summarize_writes_no_report_section(tmp_path, capsys):
+    from keel.cli import main
+
+    sweep = _hand_filled_store(tmp_path / "sweep")
+    assert main(["sweep", "--out", str(sweep), "--summarize", "--plots", str(tmp_path / "plots")]) == 0
+    assert f"keel report {sweep} draws them from the store" in capsys.readouterr().out
+    assert not list(sweep.glob("*.html")) and len(list((tmp_path / "plots").glob("*.png"))) == 2

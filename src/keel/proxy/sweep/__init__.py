@@ -12,9 +12,9 @@ growth of those signals with model size.
 from keel.proxy.sweep.backends import Backend, LocalBackend, RayBackend, create_backend
 from keel.proxy.sweep.grid import RunSpec, SweepConfig, default_lrs, expand_grid, quick_config
 from keel.proxy.sweep.metrics import LRSensitivity, cap_losses, lr_sensitivity
-from keel.proxy.sweep.plots import sweep_html, sweep_section, write_plots, write_section
+from keel.proxy.sweep.plots import write_plots
 from keel.proxy.sweep.recipes import DEFAULT_RECIPES, RECIPES, Recipe, list_recipes, resolve_recipe
-from keel.proxy.sweep.runner import RunEvent, SweepResult, load_sweep, run_sweep
+from keel.proxy.sweep.runner import RunEvent, SweepResult, load_sweep, run_sweep, store_summary
 from keel.proxy.sweep.scaling import PowerLawFit, ScalingView, fit_power_law
 from keel.proxy.sweep.store import SweepStore
 from keel.proxy.sweep.summary import CurveSummary, format_tables, summarize, to_json
@@ -50,10 +50,8 @@ __all__ = [
     "resolve_recipe",
     "run_one",
     "run_sweep",
+    "store_summary",
     "summarize",
-    "sweep_html",
-    "sweep_section",
     "to_json",
     "write_plots",
-    "write_section",
 ]

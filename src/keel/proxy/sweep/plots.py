@@ -1,27 +1,20 @@
-"""Sweep figures: final loss vs LR (the shape of Wortsman et al.'s figure 1), max attention logit vs LR, and
-the scaling view, as PNG files or as a self-contained HTML fragment for the report.
+"""Sweep figures as PNG files: final loss vs LR (the shape of Wortsman et al.'s figure 1), max attention logit vs
+LR, and the scaling view. (`keel report SWEEP_DIR` draws the same figures itself, from the sweep store.)
 
 Needs matplotlib (``pip install keel[plot]``), imported only when a figure is drawn.
 """
 
 from __future__ import annotations
 
-import base64
-import html
-import io
 import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from keel.proxy.sweep.runner import SweepResult, load_sweep
 from keel.proxy.sweep.scaling import ScalingView
-from keel.proxy.sweep.summary import CurveSummary, format_tables
+from keel.proxy.sweep.summary import CurveSummary
 
 FIGURES = ("loss_vs_lr", "max_logit_vs_lr", "scaling")
-# The report section `keel sweep` leaves next to the sweep store; `keel report SWEEP_DIR` shows it (the report
-# layer cannot import this package, so it reads the rendered file: keel.report.sources.SWEEP_SECTION_NAME).
-SECTION_NAME = "sweep_section.html"
 
 
 def _pyplot() -> Any:
@@ -166,58 +159,6 @@ def write_plots(
         plt.close(fig)
         paths.append(path)
     return paths
-
-
-def sweep_html(
-    curves: Sequence[CurveSummary],
-    views: Sequence[ScalingView],
-    *,
-    title: str = "LR sensitivity sweep",
-) -> str:
-    """A self-contained HTML fragment (``<section>``: the tables and the figures as inline PNG) for a report.
-
-    The report layer cannot import training code, so the CLI (or the user) builds the fragment from a
-    sweep store and hands it to the report as an extra section::
-
-        result = load_sweep("runs/sweep")
-        fragment = sweep_html(result.curves, result.scaling)
-    """
-    plt = _pyplot()
-    parts = [
-        f'<section class="keel-sweep"><h2>{html.escape(title)}</h2>',
-        f"<pre>{html.escape(format_tables(curves, views))}</pre>",
-    ]
-    for name, fig in _figures(curves, views):
-        buffer = io.BytesIO()
-        fig.savefig(buffer, format="png", dpi=110)
-        plt.close(fig)
-        data = base64.b64encode(buffer.getvalue()).decode("ascii")
-        parts.append(
-            f'<figure><img alt="{name}" src="data:image/png;base64,{data}"/>'
-            f"<figcaption>{html.escape(name.replace('_', ' '))}</figcaption></figure>"
-        )
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
-def sweep_section(sweep_dir: str | Path, *, title: str = "LR sensitivity sweep") -> str:
-    """`sweep_html` of the sweep store in ``sweep_dir`` (finished or live): the one call a report needs.
-
-    Example:
-        ``html_fragment = sweep_section("runs/sweep-quick")``
-    """
-    result = load_sweep(sweep_dir)
-    return sweep_html(result.curves, result.scaling, title=title)
-
-
-def write_section(result: SweepResult, sweep_dir: str | Path) -> Path:
-    """Write `sweep_html` of ``result`` to ``sweep_dir/sweep_section.html``, where ``keel report sweep_dir``
-    finds it; return the path. Written whole, then renamed, so a report never reads half a file."""
-    path = Path(sweep_dir) / SECTION_NAME
-    partial = path.with_suffix(".html.partial")
-    partial.write_text(sweep_html(result.curves, result.scaling), encoding="utf-8")
-    partial.replace(path)
-    return path
 
 
 def _figures(curves: Sequence[CurveSummary], views: Sequence[ScalingView]) -> list[tuple[str, Any]]:

@@ -24,8 +24,9 @@ from keel.proxy.sweep.backends import Backend, create_backend
 from keel.proxy.sweep.grid import RunSpec, SweepConfig, expand_grid
 from keel.proxy.sweep.scaling import ScalingView
 from keel.proxy.sweep.store import SweepStore
-from keel.proxy.sweep.summary import CurveSummary, scaling_views, summarize
+from keel.proxy.sweep.summary import CurveSummary, scaling_views, summarize, to_json
 from keel.proxy.sweep.worker import RunResult
+from keel.store.sweep_schema import SUMMARY_KEY
 
 
 @dataclass(frozen=True)
@@ -125,11 +126,18 @@ def run_sweep(
                 spec = next(s for s, _ in tasks if s.run_id == outcome.run_id)
                 progress(RunEvent(done=n, total=len(tasks), spec=spec, result=outcome))
         result.rows = store.rows()
-    result.curves = summarize(result.rows)
-    result.scaling = scaling_views(
-        result.rows, result.curves, lr=scaling_lr, divergence_logit=divergence_logit
-    )
+        result.curves = summarize(result.rows)
+        result.scaling = scaling_views(
+            result.rows, result.curves, lr=scaling_lr, divergence_logit=divergence_logit
+        )
+        store_summary(store, result)
     return result
+
+
+def store_summary(store: SweepStore, result: SweepResult) -> None:
+    """Keep ``result``'s summary (the ``keel sweep --json`` document) in the sweep store, where `keel report`
+    reads it: the report may not import this package, so it shows what the sweep computed."""
+    store.set_meta({SUMMARY_KEY: to_json(result.curves, result.scaling, result.rows)})
 
 
 def load_sweep(

@@ -3,14 +3,8 @@
 Each row holds the run's recipe, size, LR, seed, status, losses, end signals and the path of the run's
 own run store, so a sweep can be summarised, plotted or resumed from this file alone. Only the process
 that drives the sweep writes it (workers return results); WAL mode lets a reader follow a live sweep.
-
-Schema (``runs``): ``run_id`` (primary key), ``recipe``, ``size``, ``lr``, ``seed``, ``status`` (pending,
-running, done, diverged, error), ``config`` (JSON of the run's `TrainConfig`), ``init_loss``,
-``final_loss``, ``val_loss``, ``max_attn_logit``, ``log_z``, ``grad_norm``, ``n_params``, ``steps_done``,
-``wall_s``, ``error``, ``run_dir`` (relative to the sweep directory), ``attempts``, ``started``,
-``finished``. ``meta`` holds the sweep's
-config and environment as JSON. NaN is stored as NULL and read back as NaN. Reading needs only the
-standard library.
+The schema has its home in the store layer (`keel.store.sweep_schema`), which reads it back
+(`keel.store.SweepReader`) for this package and for the report alike.
 """
 
 from __future__ import annotations
@@ -23,18 +17,11 @@ import time
 from pathlib import Path
 from typing import Any
 
-SWEEP_STORE_NAME = "sweep.sqlite"
+from keel.store import SweepReader
+from keel.store.sweep_schema import SWEEP_DDL, SWEEP_STORE_NAME, sweep_store_path
 
-_DDL = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS runs (
-    run_id TEXT PRIMARY KEY, recipe TEXT NOT NULL, size TEXT NOT NULL, lr REAL NOT NULL,
-    seed INTEGER NOT NULL,
-    status TEXT NOT NULL, config TEXT, init_loss REAL, final_loss REAL, val_loss REAL, max_attn_logit REAL,
-    log_z REAL, grad_norm REAL, n_params INTEGER, steps_done INTEGER, wall_s REAL, error TEXT,
-    run_dir TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, started REAL, finished REAL
-);
-"""
+__all__ = ["SWEEP_STORE_NAME", "SweepStore", "sweep_store_path"]
+
 _RESULT_FIELDS = (
     "status",
     "init_loss",
@@ -48,12 +35,6 @@ _RESULT_FIELDS = (
     "wall_s",
     "error",
 )
-
-
-def sweep_store_path(sweep: str | Path) -> Path:
-    """``sweep_dir/sweep.sqlite``, or the path itself when it already names a ``.sqlite`` file."""
-    path = Path(sweep)
-    return path if path.suffix == ".sqlite" else path / SWEEP_STORE_NAME
 
 
 class SweepStore:
@@ -84,7 +65,7 @@ class SweepStore:
             self.root.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, isolation_level=None)
             self._conn.execute("PRAGMA journal_mode=WAL")
-            self._conn.executescript(_DDL)
+            self._conn.executescript(SWEEP_DDL)
         self._conn.row_factory = sqlite3.Row
 
     def close(self) -> None:
@@ -168,24 +149,9 @@ class SweepStore:
 
     def rows(self) -> list[dict[str, Any]]:
         """Every run as a dict (NULL reals read back as NaN, ``run_dir`` joined to the sweep directory), in
-        insertion order."""
-        out = []
-        for row in self._conn.execute("SELECT * FROM runs ORDER BY rowid"):
-            item = dict(row)
-            for key in (
-                "init_loss",
-                "final_loss",
-                "val_loss",
-                "max_attn_logit",
-                "log_z",
-                "grad_norm",
-                "wall_s",
-            ):
-                item[key] = math.nan if item[key] is None else float(item[key])
-            item["config"] = json.loads(item["config"]) if item["config"] else None
-            item["run_dir"] = str(self.root / item["run_dir"])  # stored relative to the sweep directory
-            out.append(item)
-        return out
+        insertion order; read through `keel.store.SweepReader`, which checks every value's type."""
+        with SweepReader(self.path) as reader:
+            return reader.rows()
 
 
 def _config_json(config: object) -> str | None:

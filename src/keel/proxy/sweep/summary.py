@@ -181,9 +181,12 @@ def to_json(
             "grad_norm": [_num(x) for x in v.grad_norm],
             "logit_exponent": _num(v.logit_fit.exponent if v.logit_fit else None),
             "grad_norm_exponent": _num(v.grad_norm_fit.exponent if v.grad_norm_fit else None),
+            "logit_log10_prefactor": _num(v.logit_fit.log10_prefactor if v.logit_fit else None),
+            "grad_norm_log10_prefactor": _num(v.grad_norm_fit.log10_prefactor if v.grad_norm_fit else None),
             "divergence_logit": _num(v.divergence_logit),
             "threshold_source": v.threshold_source,
             "predicted_divergence_params": _num(v.predicted_divergence_params),
+            "reach": reach(v),
         }
         for v in views
     ]
@@ -220,18 +223,21 @@ def format_tables(curves: Sequence[CurveSummary], views: Sequence[ScalingView]) 
                 f"{s}: {_g(a)} / {_g(g)}" for s, a, g in zip(v.sizes, v.max_attn_logit, v.grad_norm, strict=True)
             )
             growth = f"logit ∝ N^{v.logit_fit.exponent:.2f}" if v.logit_fit else "logit: < 2 sizes"
-            predicted = v.predicted_divergence_params
-            target = f"{_g(v.divergence_logit)} ({v.threshold_source})"
-            if predicted == math.inf:
-                reach = f"no growth: never reaches {target}"
-            elif math.isnan(predicted):
-                reach = f"reaches {target} at —"
-            elif predicted < FAR_PARAMS:
-                reach = f"reaches {target} at ≈{predicted:.2g} params"
-            else:
-                reach = f"practically flat: reaches {target} only at ≈{predicted:.1g} params"
-            lines.append(f"  {v.recipe:<16}{cells}   {growth}; {reach}")
+            lines.append(f"  {v.recipe:<16}{cells}   {growth}; {reach(v)}")
     return "\n".join(lines).lstrip("\n")
+
+
+def reach(view: ScalingView) -> str:
+    """Where the view's logit fit reaches its divergence threshold, in words (the table's and the report's)."""
+    predicted = view.predicted_divergence_params
+    target = f"{_g(view.divergence_logit)} ({view.threshold_source})"
+    if predicted == math.inf:
+        return f"no growth: never reaches {target}"
+    if math.isnan(predicted):
+        return f"reaches {target} at —"
+    if predicted < FAR_PARAMS:
+        return f"reaches {target} at ≈{predicted:.2g} params"
+    return f"practically flat: reaches {target} only at ≈{predicted:.1g} params"
 
 
 def _sizes(rows: Sequence[dict[str, Any]]) -> list[str]:

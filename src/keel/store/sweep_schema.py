@@ -1,0 +1,39 @@
+"""The sweep store's SQLite schema: one file per sweep (``sweep_dir/sweep.sqlite``), one row per run.
+
+`keel.proxy.sweep` writes it (only the process that drives the sweep: workers return results; WAL mode lets a
+reader follow a live sweep) and reads it back through `keel.store.SweepReader`, as the report does; both need
+neither torch nor the proxy package for that.
+
+Schema (``runs``): ``run_id`` (primary key), ``recipe``, ``size``, ``lr``, ``seed``, ``status`` (pending,
+running, done, diverged, error), ``config`` (JSON of the run's `TrainConfig`), ``init_loss``,
+``final_loss``, ``val_loss``, ``max_attn_logit``, ``log_z``, ``grad_norm``, ``n_params``, ``steps_done``,
+``wall_s``, ``error``, ``run_dir`` (relative to the sweep directory), ``attempts``, ``started``,
+``finished``. ``meta`` holds the sweep's config and environment as JSON, and under `SUMMARY_KEY` the summary
+the sweep computed when it last finished (the ``keel sweep --json`` document: LR sensitivity per recipe and
+size, the scaling view), which the report shows as it is rather than computing it again. NaN is stored as NULL
+and read back as NaN.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+SWEEP_STORE_NAME = "sweep.sqlite"
+SUMMARY_KEY = "summary"
+
+SWEEP_DDL = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, recipe TEXT NOT NULL, size TEXT NOT NULL, lr REAL NOT NULL,
+    seed INTEGER NOT NULL,
+    status TEXT NOT NULL, config TEXT, init_loss REAL, final_loss REAL, val_loss REAL, max_attn_logit REAL,
+    log_z REAL, grad_norm REAL, n_params INTEGER, steps_done INTEGER, wall_s REAL, error TEXT,
+    run_dir TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, started REAL, finished REAL
+);
+"""
+
+
+def sweep_store_path(sweep: str | Path) -> Path:
+    """``sweep_dir/sweep.sqlite``, or the path itself when it already names a ``.sqlite`` file."""
+    path = Path(sweep)
+    return path if path.suffix == ".sqlite" else path / SWEEP_STORE_NAME

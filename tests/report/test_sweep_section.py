@@ -1,0 +1,138 @@
+"""A sweep's section is built by the report from the sweep store (its rows and stored summary), never from a file
+found next to it (issue 12, item 9); a store it cannot fully read gives a note, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import sqlite3
+
+import pytest
+
+from keel.cli import main
+from keel.report import write_report
+from tests.report.browser import chromium_binary, load
+from tests.report.stores import SWEEP_RUNS, make_run_store, make_sweep_store, sweep_summary
+
+
+def _payload(page: str) -> dict:
+    blob = re.search(r"<script type='application/json' id='keel-data'>(.*?)</script>", page, re.S).group(1)
+    return json.loads(blob)
+
+
+def _section(page: str) -> str:
+    return page[page.index("<section class='sweep'>"):page.index("</section>")]
+
+
+def test_a_sweep_folder_is_drawn_from_its_store_and_an_html_file_there_is_ignored(tmp_path):
+    sweep = make_sweep_store(tmp_path / "sweep", summary=sweep_summary())
+    # What keel sweep used to leave there and keel report pasted into the page as it was.
+    (sweep / "sweep_section.html").write_text("<section><script>document.title='pwned'</script><img src=x>")
+    page = write_report([sweep], tmp_path / "report.html").read_text()
+    assert "pwned" not in page and "<img" not in page and "<h2>Runs</h2>" not in page
+    section = _section(page)
+    assert "<h2>LR sensitivity sweep: sweep</h2>" in section
+    assert ("<tr><td>tiny</td><td>115328</td><td>0.230</td><td>1.0x</td><td>1e-03</td><td>2.470</td>"
+            "<td>1e-03 … 1e-03</td><td>4.9 → 6.7e+04</td><td>0</td><td>0</td></tr>") in section
+    assert "<td>small</td><td>427264</td><td>0.000</td><td>—</td>" in section  # no baseline ratio: a dash
+    assert "<td>logit ∝ N^0.29</td><td>reaches 124 (calibrated on baseline) at ≈7.6e+09 params</td>" in section
+    assert "<summary>8 run(s): 6 done, 1 diverged, 1 error</summary>" in section
+    assert "<td>RuntimeError: boom</td>" in section  # a traceback's last line
+
+    figures = _payload(page)["figures"]
+    assert [f["title"] for f in figures] == [
+        "final loss vs LR: baseline", "final loss vs LR: qk_norm", "max attention logit vs LR: baseline",
+        "max attention logit vs LR: qk_norm", "max attention logit vs size at lr 0.001",
+        "gradient norm vs size at lr 0.001"]
+    assert all(f"<div class='chart fig' id='{f['id']}'></div>" in section for f in figures)
+    loss = figures[0]["traces"]
+    assert [(t["name"], t["x"], t["y"]) for t in loss if t["legend"]] == [
+        ("tiny  LRS 0.230", [1e-3, 1e-1], [2.47, 2.93]), ("small  LRS 1.660", [1e-3, 1e-1], [2.28, 5.6])]
+    assert figures[0]["y_range"] == figures[1]["y_range"]  # the recipes' panels share the loss axis
+    fit = next(t for t in figures[4]["traces"] if t["name"] == "baseline ∝ N^0.29")
+    assert fit["y"][0] == pytest.approx(10 ** (-0.78 + 0.29 * math.log10(115_328)))
+    assert fit["x"][-1] == pytest.approx(4 * 427_264)  # 7.6e9 is past 10⁴× the largest size: not drawn out to
+    assert any(t["name"] == "divergence logit 124" for t in figures[4]["traces"])
+
+
+def test_a_sweep_and_runs_share_one_page_sweep_after_the_timelines(tmp_path):
+    run = make_run_store(tmp_path / "run", steps=30, spike_at=None, skip_at=None)
+    sweep = make_sweep_store(tmp_path / "sweep", summary=sweep_summary())
+    page = write_report([run, sweep / "sweep.sqlite"], tmp_path / "report.html").read_text()
+    assert "1 run(s) and 1 sweep(s): run, sweep" in page
+    where = page.index("<section class='sweep'>")
+    assert page.index("<h2>Timelines</h2>") < where < page.index("<h2>Decisions and snapshots</h2>")
+    assert len(_payload(page)["charts"]) == 6 and len(_payload(page)["figures"]) == 6
+
+
+def test_a_sweep_without_a_stored_summary_lists_its_runs_with_a_note(tmp_path):
+    sweep = make_sweep_store(tmp_path / "sweep")
+    page = write_report([sweep], tmp_path / "report.html").read_text()
+    assert "no summary stored: `keel sweep` stores one when it finishes" in page
+    assert "<summary>8 run(s): 6 done, 1 diverged, 1 error</summary>" in page and _payload(page)["figures"] == []
+
+
+def test_a_sweep_that_changed_after_its_summary_was_stored_says_so(tmp_path):
+    sweep = make_sweep_store(tmp_path / "sweep", runs=[*SWEEP_RUNS, ("qk_norm", "small", 0.3, "running", None, None)],
+                             summary=sweep_summary())
+    page = write_report([sweep], tmp_path / "report.html").read_text()
+    assert ("the sweep changed after its summary was stored (its runs now: 1 diverged, 6 done, 1 error, 1 running)"
+            in page)
+    assert len(_payload(page)["figures"]) == 6  # the stored summary is still shown
+
+
+@pytest.mark.parametrize(("change", "note"), [
+    ("DELETE FROM runs", "this sweep has no runs yet"),
+    ("ALTER TABLE runs DROP COLUMN status", "runs could not be read (StoreError: "),
+    ("UPDATE runs SET lr = 'fast' WHERE rowid = 1", "runs: 1 row(s) of the wrong type left out (first: lr is "),
+    ("UPDATE runs SET config = '{oops' WHERE rowid = 2", "runs: 1 row(s) of the wrong type left out (first: config"),
+    ("UPDATE meta SET value = '[1, 2]' WHERE key = 'summary'", "the stored summary is list, not an object"),
+    ("UPDATE meta SET value = '{\"recipes\": 5}' WHERE key = 'summary'", "the stored summary&#x27;s &#x27;recipes"),
+])
+def test_a_sweep_store_it_cannot_fully_read_gives_a_note(tmp_path, change, note):
+    sweep = make_sweep_store(tmp_path / "sweep", summary=sweep_summary())
+    conn = sqlite3.connect(sweep / "sweep.sqlite")
+    conn.execute(change)
+    conn.commit()
+    conn.close()
+    page = write_report([sweep], tmp_path / "report.html").read_text()
+    assert f"<p class='problem'>{note}" in page
+
+
+@pytest.mark.parametrize(("entry", "field"), [
+    ({"lrs": [1e-3, "x"]}, "lrs is &#x27;x&#x27;"),
+    ({"losses": [2.5]}, "mismatched lengths"),
+    ({"lrs": [], "losses": [], "max_attn_logit": []}, "empty"),
+    ({"n_params": 1.5}, "n_params is float"),
+    ({"name": ["<b>"]}, "name is list"),
+    ({"best_loss": float("nan")}, "best_loss is nan"),
+])
+def test_summary_entries_of_the_wrong_type_are_left_out_with_a_note(tmp_path, entry, field):
+    summary = sweep_summary()
+    summary["recipes"][0] |= entry
+    sweep = make_sweep_store(tmp_path / "sweep", summary=summary)
+    page = write_report([sweep], tmp_path / "report.html").read_text()
+    assert "the stored summary&#x27;s &#x27;recipes&#x27;: 1 entr(ies) of the wrong type left out (first: " in page
+    assert field in page and page.count("<h3>baseline</h3>") == 1  # the other entries are shown
+
+
+def test_keel_report_of_a_sweep_that_is_not_sqlite_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "sweep.sqlite").write_text("not sqlite")
+    assert main(["report", str(tmp_path / "sweep"), "-o", str(tmp_path / "r.html")]) == 2
+    err = capsys.readouterr().err
+    assert "sweep.sqlite: not an SQLite store" in err and err.count("\n") == 1
+
+
+@pytest.mark.browser
+@pytest.mark.skipif(chromium_binary() is None, reason="chromium is not installed (apt-get install chromium)")
+def test_a_sweep_report_draws_every_figure_in_chromium_without_errors(tmp_path):
+    sweep = make_sweep_store(tmp_path / "sweep", summary=sweep_summary())
+    page = write_report([sweep], tmp_path / "report.html")
+    result = load(page, tmp_path / "profile")
+    status = result["status"]
+    assert status, result["stderr_tail"]
+    assert status["errors"] == [] and result["console"] == [], (status["errors"], result["console"])
+    assert status["charts"] == 6 and status["rendered"] == 6
+    assert result["dom"].count("data-rendered=\"1\"") == 6
