@@ -11,7 +11,7 @@ Errors: every verb answers with at most one line on stderr, never a traceback (`
   starts. Then what the work finds wrong with what the user gave it:
 
   - `KeelError` (keel's own errors are raised for conditions it checked: a log or store it cannot read, a
-    report with no run), except `TrainingAborted`, which is an outcome, not an input;
+    report with no run), except `TrainingAborted`: an outcome, answered ``keel VERB: aborted: …``, exit 1;
   - `ValueError`: keel's configs and readers raise it naming the bad value and what is allowed (STYLE.md),
     and the verbs pass it the user's values;
   - `OSError` and `sqlite3.DatabaseError`: a path the user named could not be read or written (missing, a
@@ -34,6 +34,8 @@ import importlib
 import os
 import sqlite3
 import sys
+
+from keel._core.errors import KeelError, TrainingAborted
 
 # verb → (module, one-line help). A verb with sub-verbs (bench) dispatches inside its module.
 VERBS: dict[str, tuple[str, str]] = {
@@ -105,6 +107,9 @@ def main(argv: list[str] | None = None) -> int:
         if is_bad_input(exc):
             _say(f"{prog}: error: {describe(exc)}")
             return 2
+        if isinstance(exc, TrainingAborted):  # an outcome keel reached on purpose, not a bug
+            _say(f"{prog}: aborted: {exc}")
+            return 1
         _say(f"{prog}: internal error: {type(exc).__name__}: {exc} (a keel bug; KEEL_DEBUG=1 shows the "
              "traceback)")
         return 1
@@ -112,8 +117,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def is_bad_input(exc: BaseException) -> bool:
     """Whether ``exc`` is the input's fault (exit status 2) rather than keel's (exit status 1)."""
-    from keel._core.errors import KeelError, TrainingAborted
-
     if isinstance(exc, TrainingAborted):
         return False
     if isinstance(exc, ImportError):  # keel's extras re-raise the library's own ImportError with the pip line

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import json
+from pathlib import Path
 
 from keel._core.argtypes import existing_path, output_dir
+from keel.store import RunReader
 from keel.store.exporters import EXPORTERS, export_run, list_exporters
 
 
@@ -42,7 +45,7 @@ def main(args: argparse.Namespace) -> int:
         options = {"project": args.project or "keel", "mode": "online" if args.online else "offline"}
     elif args.fmt == "mlflow":
         options = {"experiment": args.experiment or "keel", "tracking_uri": args.tracking_uri}
-    keys = [k.strip() for k in args.keys.split(",") if k.strip()] if args.keys else None
+    keys = _patterns(args.run, args.keys) if args.keys is not None else None
     paths = export_run(args.run, args.fmt, args.out, keys=keys, **options)
     if args.json:
         print(json.dumps([str(p) for p in paths]))
@@ -50,3 +53,18 @@ def main(args: argparse.Namespace) -> int:
         for path in paths:
             print(path)
     return 0
+
+
+def _patterns(run: Path, text: str) -> list[str]:
+    """The ``--keys`` patterns; one that selects no signal is refused rather than exporting an empty table."""
+    patterns = [k.strip() for k in text.split(",") if k.strip()]
+    if not patterns:
+        raise ValueError(f"--keys {text!r} has no pattern; allowed: comma-separated globs such as 'loss,grad/norm*'")
+    with RunReader(run) as reader:
+        available = reader.signal_keys()
+    unmatched = [p for p in patterns if not any(fnmatch.fnmatchcase(k, p) for k in available)]  # RunTable's rule
+    if unmatched:
+        shown = ", ".join(available[:8]) + (" …" if len(available) > 8 else "")
+        raise ValueError(f"--keys {', '.join(map(repr, unmatched))} matches no signal of {run}; allowed: globs over "
+                         f"its signals ({shown or 'none'})")
+    return patterns
