@@ -46,7 +46,7 @@ COLUMNS = {
 INT64 = (-(2**63), 2**63 - 1)
 
 
-def _crafted(path: Path, columns: dict[str, tuple[str, ...]], rows: dict[str, list[tuple]]) -> Path:
+def crafted(path: Path, columns: dict[str, tuple[str, ...]], rows: dict[str, list[tuple]]) -> Path:
     """An SQLite file with these tables and no column types, so every value keeps the type it was given."""
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path)
@@ -122,7 +122,7 @@ def hostile_run_store(root: Path, *, steps: int = 60) -> Path:
         (10, "p", "c", hostile("s.created")),
         (11, b"<blob>", "c", 1.0),
     ]
-    _crafted(run / "run.sqlite", COLUMNS, {"meta": meta_rows, "signals": signal_rows, "findings": findings,
+    crafted(run / "run.sqlite", COLUMNS, {"meta": meta_rows, "signals": signal_rows, "findings": findings,
                                            "decisions": decisions, "snapshots": snapshots})
     return run
 
@@ -171,5 +171,5 @@ def hostile_sweep_store(root: Path) -> Path:
     meta = {SUMMARY_KEY: summary, "sweep": {hostile("meta.sweep.key"): [hostile("meta.sweep.value")]},
             hostile("meta.key"): hostile("meta.value")}
     meta_rows = [(k, json.dumps(v)) for k, v in meta.items()] + [("bad", "{<script>"), (b"<blob>", "1")]
-    _crafted(sweep / "sweep.sqlite", {"meta": ("key", "value"), "runs": names}, {"meta": meta_rows, "runs": rows})
+    crafted(sweep / "sweep.sqlite", {"meta": ("key", "value"), "runs": names}, {"meta": meta_rows, "runs": rows})
     return sweep

@@ -4,6 +4,7 @@ runs no script of its own and renders without an error (issue 12, items 8 and 9)
 from __future__ import annotations
 
 import itertools
+import json
 import re
 import sqlite3
 from html.parser import HTMLParser
@@ -12,7 +13,7 @@ from unittest import mock
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keel._core import Decision, Finding
@@ -21,8 +22,8 @@ from keel.report import ReportError, build_page, write_report
 from keel.report.run_data import RunData
 from keel.report.sweep_data import Curve, Scaling, SweepData
 from tests.report.browser import chromium_binary, load
-from tests.report.hostile import RUN_NAME, hostile_run_store, hostile_sweep_store
-from tests.report.stores import make_run_store
+from tests.report.hostile import COLUMNS, RUN_NAME, crafted, hostile_run_store, hostile_sweep_store
+from tests.report.stores import make_run_store, make_sweep_store, sweep_summary
 
 # Every element keel's page is made of; anything else in a page came from a store.
 KEEL_TAGS = {"html", "head", "meta", "title", "script", "style", "body", "main", "h1", "h2", "h3", "div", "p",
@@ -249,3 +250,36 @@ def test_no_readable_path_at_all_is_one_report_error(tmp_path):
     (tmp_path / "x" / "run.sqlite").write_bytes(b"\x00" * 4096)
     with pytest.raises(ReportError, match="not an SQLite store"):
         write_report([tmp_path / "x"], tmp_path / "report.html")
+
+
+# ---- whole stores, whatever they hold: the report writes a page (never raises) with nothing but keel's markup ----
+
+JSON = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
+                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+                    max_leaves=8)
+SQL = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=12),
+                st.binary(max_size=6), JSON.map(json.dumps))
+RUN_TABLES = {"meta": 2, "signals": 3, "findings": 9, "decisions": 6, "snapshots": 4}
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.fixed_dictionaries({t: st.lists(st.tuples(*[SQL] * n), max_size=5) for t, n in RUN_TABLES.items()}),
+       changes=st.lists(st.tuples(st.sampled_from(["recipes", "scaling"]), st.integers(0, 3),
+                                  st.sampled_from(["name", "recipe", "size", "lrs", "losses", "max_attn_logit",
+                                                   "n_params", "lr_range", "best_lr", "init_loss", "sizes",
+                                                   "grad_norm", "logit_exponent", "logit_log10_prefactor",
+                                                   "predicted_divergence_params", "divergence_logit", "reach"]),
+                                  JSON | st.lists(st.floats() | st.integers(), max_size=3)), max_size=6))
+def test_any_crafted_run_and_sweep_store_gives_a_page_of_keel_markup_only(tmp_path_factory, rows, changes):
+    root = tmp_path_factory.mktemp("stores")
+    rows["signals"].append((0, "loss", 1.0))
+    run = crafted(root / "run" / "run.sqlite", COLUMNS, rows).parent
+    summary = sweep_summary()
+    for part, i, name, value in changes:
+        entries = summary[part]
+        entries[i % len(entries)][name] = value
+    sweep = make_sweep_store(root / "sweep", summary=summary)
+    with _stub_plotly():
+        page = write_report([run, sweep], root / "report.html").read_text()
+    parsed = _Elements(page)
+    assert parsed.tags() <= KEEL_TAGS and parsed.handlers() == [] and parsed.script_urls() == []

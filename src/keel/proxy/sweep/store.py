@@ -85,7 +85,8 @@ class SweepStore:
         )
 
     def meta(self) -> dict[str, Any]:
-        return {k: json.loads(v) for k, v in self._conn.execute("SELECT key, value FROM meta")}
+        with SweepReader(self.path) as reader:  # every value checked, as rows() is
+            return reader.meta()
 
     # ---- runs
     def add_runs(self, specs: list[Any], run_dir_of: Any) -> int:
