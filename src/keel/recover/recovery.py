@@ -18,6 +18,7 @@ from typing import Any
 
 from keel._core.finding import Finding
 from keel._core.validate import require_ints
+from keel.recover.compat import describe_differences, setup_differences
 from keel.recover.disk import SNAPSHOT_DIR, DiskSnapshots
 from keel.recover.remedies import RemedyState, apply_remedies, choose_remedies, current_lr_scale
 from keel.recover.snapshot import Snapshot, SnapshotRing
@@ -148,12 +149,24 @@ class Recovery:
 
     def resume(self, of_run: str | None = None) -> Snapshot | None:
         """Restore everything, data position included, from the newest good disk snapshot of the run ``of_run``
-        (None: of any run)."""
+        (None: of any run).
+
+        Raises:
+            ValueError: The snapshot was taken with another setup (model parameters, optimizer class or groups,
+                scheduler class); nothing has been restored.
+        """
         if self.disk is None:
             return None
         snap = self.disk.load_newest(of_run)
-        if snap is not None:
-            restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=True)
+        if snap is None:
+            return None
+        differences = setup_differences(snap, self.state)
+        if differences:
+            raise ValueError(f"resume: the snapshot of step {snap.step} in {self.disk.directory} was taken with "
+                             f"another setup: {describe_differences(differences)}; allowed: resume with the model, "
+                             "optimizer and scheduler the run was started with, or start a new run there "
+                             "(overwrite=True) or in another run_dir")
+        restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=True)
         return snap
 
     # --- remedies in force --------------------------------------------------------------------------

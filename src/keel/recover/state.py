@@ -67,7 +67,7 @@ def tensor_sources(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, T
     params, buffers = {}, {}
     param_ids = {id(p) for p in state.model.parameters()}
     for name, t in state.model.state_dict(keep_vars=True).items():
-        (params if id(t) in param_ids else buffers)["model/" + name] = _local(t.detach())
+        (params if id(t) in param_ids else buffers)["model/" + name] = local_tensor(t.detach())
     optim = state.optimizer.state_dict()
     skeleton: dict[str, Any] = {"param_groups": copy.deepcopy(optim["param_groups"]), "state": {}}
     for index, entry in optim["state"].items():
@@ -75,7 +75,7 @@ def tensor_sources(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, T
         for key, value in entry.items():
             if isinstance(value, Tensor):
                 name = f"optim/{index}/{key}"
-                params[name] = _local(value)
+                params[name] = local_tensor(value)
                 skeleton["state"][index][key] = name
             else:
                 skeleton["state"][index][key] = copy.deepcopy(value)
@@ -90,6 +90,7 @@ def capture_plain(state: TrainingState) -> dict[str, Any]:
         "components": {k: copy.deepcopy(c.state_dict()) for k, c in state.components.items()},
         "history": {k: copy.deepcopy(h.state_dict()) for k, h in state.history.items()},
         "tracked": {k: copy.deepcopy(t.state_dict()) for k, t in state.tracked.items()},
+        "classes": classes_of(state),
         "rng": {
             "python": random.getstate(),
             "numpy": np.random.get_state(),
@@ -112,7 +113,7 @@ def restore(state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str
     """
     with torch.no_grad():
         for name, t in state.model.state_dict(keep_vars=True).items():
-            _local(t).copy_(tensors["model/" + name])
+            local_tensor(t).copy_(tensors["model/" + name])
     optim_state = {
         "param_groups": copy.deepcopy(skeleton["param_groups"]),
         "state": {index: {k: tensors[v].clone() if isinstance(v, str) and v.startswith("optim/") else
@@ -143,7 +144,15 @@ def restore(state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str
         torch.cuda.set_rng_state_all(rng["cuda"])
 
 
-def _local(t: Tensor) -> Tensor:
+def classes_of(state: TrainingState) -> dict[str, str | None]:
+    """The optimizer, scheduler and scaler classes as ``module.QualName`` (None where there is none): stored with
+    each snapshot, so a resume can tell another setup from the one the run was started with."""
+    return {role: None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"
+            for role, obj in (("optimizer", state.optimizer), ("scheduler", state.scheduler),
+                              ("scaler", state.scaler))}
+
+
+def local_tensor(t: Tensor) -> Tensor:
     """This rank's shard of a ``DTensor`` (FSDP2 parameters and their optimizer state); other tensors as they are.
 
     Snapshots hold each rank's own shard, so a sharded run snapshots and restores without communication.
