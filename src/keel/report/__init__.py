@@ -1,6 +1,7 @@
-"""Show: run stores → one self-contained HTML report (plotly.js inlined, works offline).
+"""Show: run and sweep stores → one self-contained HTML report (plotly.js inlined, works offline).
 
-Reads the store only, through `keel.store`; imports no training code and no torch.
+Reads the stores only, through `keel.store`, as untrusted input (every value checked on read, escaped on
+write); imports no training code and no torch.
 
     from keel.report import write_report
     write_report(["runs/demo/bare", "runs/demo/guarded"], "runs/demo/report.html")
@@ -11,6 +12,7 @@ from keel.report.downsample import downsample_minmax
 from keel.report.page import ReportError, build_page, write_report
 from keel.report.run_data import RunData, load_run
 from keel.report.sources import STORE_KINDS, Source, StoreKind, classify
+from keel.report.sweep_data import SweepData, load_sweep_data
 
 __all__ = [
     "Chart",
@@ -19,10 +21,12 @@ __all__ = [
     "STORE_KINDS",
     "Source",
     "StoreKind",
+    "SweepData",
     "build_page",
     "classify",
     "downsample_minmax",
     "load_run",
+    "load_sweep_data",
     "plan_charts",
     "write_report",
 ]
