@@ -136,3 +136,18 @@ def test_a_sweep_report_draws_every_figure_in_chromium_without_errors(tmp_path):
     assert status["errors"] == [] and result["console"] == [], (status["errors"], result["console"])
     assert status["charts"] == 6 and status["rendered"] == 6
     assert result["dom"].count("data-rendered=\"1\"") == 6
+
+
+def test_the_report_of_a_sweep_imports_no_torch_and_no_proxy_code(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    sweep = make_sweep_store(tmp_path / "sweep", summary=sweep_summary())
+    code = ("import sys; from keel.report import write_report; "
+            f"write_report([{str(sweep)!r}], {str(tmp_path / 'r.html')!r}); "
+            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('keel.proxy')))")
+    src = str(Path(__file__).resolve().parents[2] / "src")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    assert proc.stdout.strip() == "[]", proc.stderr
