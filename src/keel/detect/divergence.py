@@ -107,6 +107,8 @@ class DivergenceDetector:
         self._best_se = 0.0  # the best median's standard error when it was measured
         self._run = 0
         self._reported: Severity | None = None
+        self._margin_key: tuple[Any, ...] = ()
+        self._margin = (0.0, 0.0, 0.0)
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
@@ -124,18 +126,18 @@ class DivergenceDetector:
         if n < cfg.short or math.isnan(self._noise):
             return []  # no best before the noise is known: an early median of a noisy run is a lucky one
         median = self._level.median()
-        se = median_standard_error(self._noise, n)
+        se, required, fast_required = self._margins(n)
         # The best is a median over the full window the noise asks for, and a more precise one wins a near tie
         # (lower by one standard error): the lowest of many imprecise medians is luck, not a level reached.
         if n == self._level.size and median + se < self._best + self._best_se:
             self._best, self._best_step, self._best_se = median, obs.step, se
+            se, required, fast_required = self._margins(n)
         # Two views of the current level: the noise's window, and the last ``short`` steps, whose larger margin
         # a steep rise clears long before the wide median moves (a blow-up is not made to wait for it).
-        rise, required = _rise(median, self._best), self._required(se)
+        rise = _rise(median, self._best)
         if n > cfg.short:
             fast = _median(itertools.islice(reversed(self._level.values), cfg.short))
-            fast_rise, fast_required = _rise(fast, self._best), self._required(median_standard_error(self._noise,
-                                                                                                      cfg.short))
+            fast_rise = _rise(fast, self._best)
             if fast_rise - fast_required > rise - required:  # judge by the view furthest past its threshold
                 median, rise, required, n = fast, fast_rise, fast_required, cfg.short
         if self._seen < cfg.min_history or rise < required:
@@ -178,9 +180,22 @@ class DivergenceDetector:
         if math.isfinite(self._best) and after > before:
             self._best += after - before if self._best <= 0 or before <= 0 else self._best * (after / before - 1)
 
-    def _required(self, se: float) -> float:
-        """The rise a median with standard error ``se`` must show over the best: the warn level or its noise."""
-        return max(math.log1p(self.config.warn_excess), self.config.noise_margin * math.hypot(se, self._best_se))
+    def _margins(self, n: int) -> tuple[float, float, float]:
+        """(standard error of a median of ``n``, the rise it must show over the best, the same for the short view).
+
+        A rise must clear the warn level and ``noise_margin`` standard errors of the difference between the two
+        medians. Cached: the inputs change only when the noise is re-estimated or the best is replaced.
+        """
+        key = (self._noise, n, self._best_se, self.config)
+        if key != self._margin_key:
+            cfg = self.config
+            se = median_standard_error(self._noise, n)
+            warn = math.log1p(cfg.warn_excess)
+            required = max(warn, cfg.noise_margin * math.hypot(se, self._best_se))
+            fast = max(warn, cfg.noise_margin * math.hypot(median_standard_error(self._noise, cfg.short),
+                                                           self._best_se))
+            self._margin_key, self._margin = key, (se, required, fast)
+        return self._margin
 
     def _window_for(self, noise: float) -> int:
         """The smallest window on the ladder (within [short, window]) whose median's margin fits ``warn_excess``."""
