@@ -140,3 +140,19 @@ def test_a_blow_up_in_a_noisy_run_does_not_wait_for_the_wide_median():
     assert found and all(f.step >= 500 for f in found)
     assert found[0].evidence["window"] == DivergenceConfig().short and found[0].step - 500 <= 20
     assert found[0].severity == "critical"
+
+
+def test_state_round_trip_in_a_noisy_run_continues_identically():
+    rng = np.random.default_rng(3)
+    values = (np.exp(_noise(rng, 1200, 0.3, 3)) * np.where(np.arange(1200) < 700, 1.0, 2.5)).tolist()
+    a = DivergenceDetector()
+    _run(a, values[:650])
+    assert a.state_dict()["size"] > DivergenceConfig().short  # mid-run, with a noise-sized window
+    b = DivergenceDetector()
+    b.load_state_dict(a.state_dict())
+    assert b.state_dict() == a.state_dict()
+    rest = list(enumerate(values))[650:]
+    fa = [f for s, v in rest for f in a.update(Observation(step=s, values={"loss": v}))]
+    fb = [f for s, v in rest for f in b.update(Observation(step=s, values={"loss": v}))]
+    assert fa == fb and [f.severity for f in fa] == ["critical"]
+    assert a.state_dict() == b.state_dict()
