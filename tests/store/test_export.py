@@ -215,3 +215,24 @@ def test_exporting_imports_no_torch(run_dir, tmp_path):
             f"export_run({str(run_dir)!r}, 'tensorboard', {str(tmp_path / 't')!r}); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
+
+
+def test_csv_export_defuses_spreadsheet_formulas_from_store_text(tmp_path):
+    from keel._core.finding import Finding
+    from keel.store import RunWriter
+
+    run = tmp_path / "crafted"
+    writer = RunWriter(run)
+    writer.add_signals(0, {"=HYPERLINK(\"http://x\")": 1.0, "loss": -2.5})
+    writer.add_findings([Finding(step=0, kind="loss_spike", severity="warning", signal="loss", value=-1.5,
+                                 cause="=cmd|' /C calc'!A0", remedy="@SUM(A1)", evidence={"x": 1})])
+    writer.set_meta({"status": "finished"})
+    writer.close()
+    export_run(run, "csv", tmp_path / "out")
+    with (tmp_path / "out" / "signals.csv").open() as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["step", "'=HYPERLINK(\"http://x\")", "loss"] and rows[1] == ["0", "1.0", "-2.5"]
+    with (tmp_path / "out" / "findings.csv").open() as f:
+        [found] = list(csv.DictReader(f))
+    assert found["cause"] == "'=cmd|' /C calc'!A0" and found["remedy"] == "'@SUM(A1)"
+    assert found["value"] == "-1.5", "numbers stay numbers"

@@ -24,14 +24,15 @@ def export(table: RunTable, out: Path) -> list[Path]:
                                           out / "meta.json")
     with signals.open("w", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["step", *table.keys])
+        writer.writerow(["step", *(_cell(k) for k in table.keys)])
         for step, values in table.rows:
             writer.writerow([step, *(repr(values[k]) if k in values else "" for k in table.keys)])
     with findings.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(FINDING_COLUMNS)
         for record in table.finding_records():
-            writer.writerow([json.dumps(record[c]) if c == "evidence" else _cell(record[c]) for c in FINDING_COLUMNS])
+            writer.writerow([_cell(json.dumps(record[c])) if c == "evidence" else _cell(record[c])
+                             for c in FINDING_COLUMNS])
     with decisions.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(DECISION_COLUMNS)
@@ -41,5 +42,15 @@ def export(table: RunTable, out: Path) -> list[Path]:
     return [signals, findings, decisions, meta]
 
 
+# A text cell starting with one of these is a formula to Excel, LibreOffice and Google Sheets; store text is
+# untrusted (a crafted run, a finding quoting a column name), so such cells get a leading apostrophe (OWASP
+# "CSV injection"). Numbers are written as numbers.
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
 def _cell(value: object) -> object:
-    return "" if value is None else value
+    if value is None:
+        return ""
+    if isinstance(value, str) and value.startswith(_FORMULA_START):
+        return "'" + value
+    return value
