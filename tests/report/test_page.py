@@ -52,9 +52,17 @@ def test_a_folder_of_runs_expands_and_unknown_stores_are_skipped_with_a_note(run
     conn.execute("CREATE TABLE sweep_runs (recipe TEXT, lr REAL, final_loss REAL)")
     conn.commit()
     conn.close()
-    page = write_report([runs, other, tmp_path / "missing"], tmp_path / "report.html").read_text()
+    (tmp_path / "empty").mkdir()
+    page = write_report([runs, other, tmp_path / "empty"], tmp_path / "report.html").read_text()
     assert [r["name"] for r in _payload(page)["runs"]] == ["bare", "guarded"]
     assert "does not show yet (tables: sweep_runs); skipped" in page and "no store here" in page
+
+
+def test_a_missing_path_is_an_error_not_a_report_without_that_run(runs, tmp_path):
+    with pytest.raises(ReportError, match=r"runs-typo: no such file or folder; allowed: run folders"):
+        write_report([runs / "bare", tmp_path / "runs-typo"], tmp_path / "report.html")
+    assert not (tmp_path / "report.html").exists()
+    assert main(["report", str(runs / "bare"), str(tmp_path / "runs-typo"), "-o", str(tmp_path / "r.html")]) == 2
 
 
 def test_no_run_store_at_all_is_an_error(tmp_path):

@@ -67,20 +67,24 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     Args:
         run_dirs: Run folders (or their ``run.sqlite``); a folder without a store stands for the stores in
             its sub-folders (``runs/demo``). A sweep folder (or its ``sweep.sqlite``) adds the sweep's section,
-            drawn from its store. Other paths are skipped with a note.
+            drawn from its store. Other existing paths are skipped with a note; a missing one is an error.
         out_path: The HTML file to write (its folder is created).
 
     Returns:
         The path written.
 
     Raises:
-        ReportError: None of the paths is a readable run or sweep store, or plotly is not installed.
+        ReportError: A path does not exist, none is a readable run or sweep store, or plotly is not installed.
 
     Example:
         >>> write_report(["runs/demo/bare", "runs/demo/guarded"], "runs/demo/report.html")  # doctest: +SKIP
         PosixPath('runs/demo/report.html')
     """
     paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
+    missing = [str(p) for p in paths if not Path(p).exists()]
+    if missing:  # a typo must not quietly give a report with a run left out
+        raise ReportError(f"{', '.join(missing)}: no such file or folder; allowed: run folders, run.sqlite files, "
+                          "sweep folders, or folders that hold them")
     notes: list[str] = []
     runs: list[RunData] = []
     sweeps: list[SweepData] = []
