@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import sys
 
 import pytest
 
@@ -128,3 +129,14 @@ def test_every_run_decays_to_the_same_final_lr_whatever_its_peak():
     assert keeps_a_tenth[0].config.min_lr_ratio == pytest.approx(0.1)
     with pytest.raises(ValueError, match="SweepConfig.final_lr=-1.0; allowed: a finite number >= 0"):
         SweepConfig(final_lr=-1.0)
+
+
+def test_a_module_recipe_in_the_working_folder_is_found_without_it_on_sys_path(tmp_path, monkeypatch):
+    # what the `keel` console script sees: neither '' nor the working folder on sys.path
+    (tmp_path / "my_recipes_wf.py").write_text("def longer(c):\n    return c\n")
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(sys, "path", [p for p in sys.path if p not in ("", str(tmp_path))])
+    name, fn = resolve_recipe("my_recipes_wf:longer")
+    assert name == "longer" and callable(fn)
+    with pytest.raises(ValueError, match="recipe module 'no_such_module_wf' cannot be imported"):
+        resolve_recipe("no_such_module_wf:fn")

@@ -14,6 +14,8 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import importlib.util
+import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -119,5 +121,16 @@ def _load_module(where: str) -> object:
         return module
     try:
         return importlib.import_module(where)
+    except ModuleNotFoundError as exc:
+        # `python -m keel` puts the working folder on sys.path, the `keel` script does not: look there too,
+        # so `keel sweep --recipes mymodule:fn` finds ./mymodule.py either way
+        cwd = os.getcwd()
+        if exc.name != where.split(".")[0] or cwd in sys.path or "" in sys.path:
+            raise ValueError(f"recipe module {where!r} cannot be imported: {exc}") from exc
+        sys.path.append(cwd)
+        try:
+            return importlib.import_module(where)
+        except ImportError as retry:
+            raise ValueError(f"recipe module {where!r} cannot be imported: {retry}") from retry
     except ImportError as exc:
         raise ValueError(f"recipe module {where!r} cannot be imported: {exc}") from exc
