@@ -2,6 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -106,3 +112,128 @@ def test_a_refused_resume_changes_nothing_and_releases_the_run_dir(tmp_path):
     guard, model, _ = _resume(tmp_path)  # the same setup resumes, in the folder the refused Guard released
     assert guard.global_step == 6
     guard.close()
+
+
+# --- resume paths that used to fall back silently or load another timeline -----------------------------------
+def test_resume_reads_the_disk_snapshots_even_when_this_guard_writes_none(tmp_path):
+    _run(tmp_path)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, run_dir=str(tmp_path), policy="recover", resume=True,
+                  recovery=RecoveryConfig(snapshot_every=2))  # no disk_every: it writes none, but it can read
+    assert guard.global_step == 6
+    guard.close()
+
+
+def test_a_resume_that_finds_no_snapshot_starts_over_saying_so_and_replaces_the_stores_rows(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with Guard(model, opt, run_dir=str(tmp_path)) as guard:  # observe: no snapshots at all
+        for x, y in make_batches(6):
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    with pytest.warns(Warning, match=r"holds 6 steps but no disk snapshot.*starts again from step 0"):
+        guard = Guard(model, opt, run_dir=str(tmp_path), resume=True)
+    for x, y in make_batches(3):
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    with RunReader(tmp_path) as store:
+        assert list(store.signal("loss")[0]) == [0, 1, 2] and store.meta()["resumed_from"] == 0
+
+
+class _Position:
+    def __init__(self):
+        self.i = 0
+
+    def state_dict(self):
+        return {"i": self.i}
+
+    def load_state_dict(self, state):
+        self.i = state["i"]
+
+
+def test_a_data_position_the_resumed_loop_does_not_track_again_is_warned_about(tmp_path):
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, run_dir=str(tmp_path), policy="recover",
+                  recovery=RecoveryConfig(snapshot_every=2, disk_every=1)).track(_Position())
+    for x, y in make_batches(4):
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        guard.recovery.disk.wait()
+    guard.close()
+    resumed = Guard(model, opt, run_dir=str(tmp_path), policy="recover", resume=True).track(_Position(), "loader")
+    x, y = make_batches(1)[0]
+    F.mse_loss(model(x), y).backward()
+    with pytest.warns(Warning) as caught:
+        resumed.step(F.mse_loss(model(x), y).detach())
+    messages = " ".join(str(w.message) for w in caught)
+    assert "data position 'data'" in messages and "not registered" in messages
+    assert "'loader'" in messages and "not in the snapshot" in messages
+    resumed.close()
+
+
+ROLLBACK_SCRIPT = textwrap.dedent("""
+    import os, signal, sys, torch, torch.nn.functional as F
+    from keel import Finding, Guard, RecoveryConfig
+    run_dir, kill_at, resume = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+
+    class DivergesAt23:  # critical divergence at step 23 that began at step 12: a rollback to the snapshot of 10
+        name = "diverges_at_23"
+        def update(self, obs):
+            return [Finding(step=23, kind="divergence", severity="critical", signal="loss", value=9.0,
+                            baseline=1.0, evidence={"onset_step": 12})] if obs.step == 23 else []
+        def state_dict(self):
+            return {}
+        def load_state_dict(self, state):
+            pass
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    data = [(torch.randn(16, 8, generator=g), torch.randn(16, 4, generator=g)) for _ in range(40)]
+    guard = Guard(model, opt, run_dir=run_dir, policy="recover", resume=resume, detectors=[DivergesAt23()],
+                  recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1, disk_every=1))
+    for step in range(guard.global_step, 40):
+        x, y = data[step]
+        loss = F.mse_loss(model(x) + 0.01 * torch.randn(16, 4), y)  # draws from the global RNG every step
+        loss.backward()
+        action = guard.step(loss).action
+        opt.zero_grad(set_to_none=True)
+        print(step, repr(loss.item()), action, flush=True)
+        if step == kill_at:
+            guard.recovery.disk.wait()
+            os.kill(os.getpid(), signal.SIGKILL)
+    guard.close()
+""")
+
+
+def test_a_run_killed_after_a_rollback_resumes_on_the_rolled_back_timeline_bit_for_bit(tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(ROLLBACK_SCRIPT)
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+
+    def run(run_dir, kill_at, resume):
+        return subprocess.run([sys.executable, str(script), str(tmp_path / run_dir), str(kill_at), resume],
+                              capture_output=True, text=True, env=env)
+
+    full = run("a", -1, "0")
+    assert full.returncode == 0, full.stderr
+    reference = {int(s): (float(v), a) for s, v, a in (line.split() for line in full.stdout.splitlines())}
+    assert reference[23][1] == "rollback"
+    assert run("b", 25, "0").returncode == -signal.SIGKILL
+    resumed = run("b", -1, "1")
+    assert resumed.returncode == 0, resumed.stderr
+    after = {int(s): (float(v), a) for s, v, a in (line.split() for line in resumed.stdout.splitlines())}
+    assert min(after) == 24 and max(after) == 39  # the restored state, taken right after the rollback
+    assert all(after[s] == reference[s] for s in after)  # bit for bit, and no second rollback at step 23

@@ -198,7 +198,6 @@ class Guard:
         self.recorder.meta({"run_id": self.run_dir.run_id})
         if self._resumed is not None:
             self.global_step = self._resumed.step
-            self.recorder.meta({"resumed_from": self._resumed.step})
         if self.recovery is not None:
             # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR
             # far too high from the start) can only be undone by starting over with the remedy.
@@ -360,7 +359,8 @@ class Guard:
         the snapshot's, the ranks found different snapshots — the Guard is closed, writing nothing, and the
         run_dir released before the error is raised."""
         try:
-            resumed = self.recovery.resume(self.run_dir.resumes) if self.recovery is not None else None
+            resumed = self.recovery.resume(self.run_dir.resumes, run_steps=self.run_dir.resumes_steps) \
+                if self.recovery is not None else None
             if self.dist is not None:
                 step = resumed.step if resumed is not None else -1
                 if not self.dist.all_equal(step):
@@ -376,8 +376,10 @@ class Guard:
                 self.recorder.writer.close()
             self.run_dir.release()
             raise
-        if resumed is not None and self.recorder.writer is not None:
-            self.recorder.writer.drop_from(resumed.step)
+        if self.recorder.writer is not None and (resumed is not None or self.run_dir.resumes_steps > 0):
+            start = resumed.step if resumed is not None else 0  # no snapshot: the run starts over
+            self.recorder.writer.drop_from(start)
+            self.recorder.meta({"resumed_from": start})
         return resumed
 
     def _finish(self, status: str) -> None:

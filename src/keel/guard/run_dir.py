@@ -92,12 +92,13 @@ class RunDir:
         run_id: The run's id: a new one, or the id of the run a resume continues.
         resumes: The id of the run whose snapshots a resume may load; None when any may be (a store written
             before keel gave runs an id, or no store at all).
+        resumes_steps: The steps recorded in the store of the run a resume continues (0 when there is none).
     """
 
     def __init__(self, path: Path | None, *, store_dir: str | None, snapshot_dir: str | None, run_id: str,
-                 resumes: str | None, locks: list[IO[str]]) -> None:
+                 resumes: str | None, locks: list[IO[str]], resumes_steps: int = 0) -> None:
         self.path, self.store_dir, self.snapshot_dir = path, store_dir, snapshot_dir
-        self.run_id, self.resumes = run_id, resumes
+        self.run_id, self.resumes, self.resumes_steps = run_id, resumes, resumes_steps
         self._locks = locks
 
     @classmethod
@@ -149,8 +150,9 @@ class RunDir:
             _clear(path if rank == 0 else None, own, world=world if sync is not None else None)
         else:
             _clear_partial_writes(own)
+        steps = held.store["steps"] if resume and held.store is not None else 0
         return cls(path, store_dir=str(path) if rank == 0 else None, snapshot_dir=str(own), run_id=run_id,
-                   resumes=resumes, locks=locks)
+                   resumes=resumes, locks=locks, resumes_steps=steps)
 
     def release(self) -> None:
         """Give up the lock (safe to call twice)."""

@@ -67,6 +67,7 @@ class DiskSnapshots:
         self.failures = 0
         self.written: list[tuple[int, str, str]] = []  # (step, path, checksum) of completed writes
         self._own: list[Path] = []  # this run's snapshot folders, oldest write first: the only ones retention deletes
+        self.found = 0  # snapshot folders the last load_newest considered (its own run's and others')
         self._thread: threading.Thread | None = None
         self._warned = False
 
@@ -127,6 +128,14 @@ class DiskSnapshots:
         del self._own[: -self.keep]
         return final
 
+    def drop_after(self, step: int) -> None:
+        """Delete this run's snapshots newer than ``step`` (after a rollback to ``step`` they describe a timeline
+        that was abandoned; a resume must not land there). Waits for a write in flight first."""
+        self.wait()
+        for folder in [p for p in self._own if (snapshot_step(p) or 0) > step]:
+            shutil.rmtree(folder, ignore_errors=True)
+            self._own.remove(folder)
+
     def complete(self) -> list[Path]:
         """Finished snapshot folders of every run, in step order (temporary folders of killed writes are ignored)."""
         if not self.directory.is_dir():
@@ -143,7 +152,9 @@ class DiskSnapshots:
         """
         foreign: list[Path] = []
         mine = []
-        for folder in self.complete():
+        folders = self.complete()
+        self.found = len(folders)
+        for folder in folders:
             owner = _run_of(folder)
             (foreign if of_run is not None and owner is not _UNREADABLE and owner != of_run else mine).append(folder)
         if foreign:

@@ -12,10 +12,12 @@ restores the newest snapshot from before the trouble's onset (the findings' ``on
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from keel._core.errors import KeelWarning
 from keel._core.finding import Finding
 from keel._core.validate import require_ints
 from keel.recover.compat import describe_differences, setup_differences
@@ -87,18 +89,23 @@ class Recovery:
         state.history["remedy"] = self.remedy
         state.history["recovery"] = self
         self.ring = SnapshotRing(config.keep_in_memory, config.keep_pinned)
+        # with a run_dir the disk tier always exists, so a resume reads the snapshots there even when this run
+        # writes none (``disk_every=None``)
         self.disk = DiskSnapshots(Path(run_dir) / SNAPSHOT_DIR, config.keep_on_disk, run_id=run_id) \
-            if run_dir is not None and config.disk_every is not None else None
+            if run_dir is not None else None
         self.rollbacks = 0
         self._last_snapshot = -math.inf
         self._last_trouble = -math.inf
         self._last_warning = -math.inf
         self._taken = 0
+        self._resumed_tracked: list[str] | None = None  # data positions of the resumed snapshot, checked once
 
     # --- snapshots ----------------------------------------------------------------------------------
     def note(self, step: int, findings: tuple[Finding, ...], skipped: bool) -> None:
         """Keep track of trouble and warnings (they steer the snapshot schedule); pin the state before a
         warning's onset."""
+        if self._resumed_tracked is not None:
+            self._check_tracked()
         if skipped or any(f.severity == "critical" for f in findings):
             self._last_trouble = step
         for finding in findings:
@@ -114,11 +121,21 @@ class Recovery:
             if steps_done - self._last_warning <= self.config.snapshot_every else self.config.snapshot_every
         if steps_done - self._last_snapshot < interval or steps_done - self._last_trouble <= self.config.quiet_steps:
             return None
-        snap = self.ring.take(steps_done, self.state)
+        to_disk = self.writes_disk and (self._taken + 1) % self.config.disk_every == 0  # type: ignore[operator]
+        return self._take(steps_done, to_disk=to_disk)
+
+    @property
+    def writes_disk(self) -> bool:
+        return self.disk is not None and self.config.disk_every is not None
+
+    def _take(self, steps_done: int, *, to_disk: bool) -> Snapshot:
+        # The schedule is updated before the capture, so each snapshot records the schedule as it stands after
+        # it was taken: a run resumed from it snapshots exactly as the uninterrupted run did.
         self._last_snapshot = steps_done
         self._taken += 1
-        if self.disk is not None and self._taken % self.config.disk_every == 0:  # type: ignore[operator]
-            self.disk.save_async(snap)
+        snap = self.ring.take(steps_done, self.state)
+        if to_disk:
+            self.disk.save_async(snap)  # type: ignore[union-attr]
         return snap
 
     def fence(self) -> None:
@@ -142,14 +159,24 @@ class Recovery:
         done = apply_remedies(remedies, self.remedy, self.state.optimizer, step=step, lr_backoff=self.config.lr_backoff,
                               cooldown_steps=self.config.cooldown_steps, findings=findings)
         self._last_trouble = step
+        if self.writes_disk:
+            # The disk snapshots newer than the restored one belong to the timeline just abandoned: a run killed
+            # now must not resume into it. The restored state, remedies applied, is the new timeline's start.
+            self.disk.drop_after(snap.step)  # type: ignore[union-attr]
+            self._take(step + 1, to_disk=True)
         return RollbackResult(snapshot=snap, remedies=done)
 
     def _rollback_point(self, onset: int) -> int:
         return max(0, onset - self.config.rollback_margin)
 
-    def resume(self, of_run: str | None = None) -> Snapshot | None:
+    def resume(self, of_run: str | None = None, *, run_steps: int = 0) -> Snapshot | None:
         """Restore everything, data position included, from the newest good disk snapshot of the run ``of_run``
-        (None: of any run).
+        (None: of any run), and put it in the memory ring.
+
+        Args:
+            of_run: The id of the run being continued.
+            run_steps: The steps that run recorded: when it left no snapshot at all, a warning says that it starts
+                again from step 0.
 
         Raises:
             ValueError: The snapshot was taken with another setup (model parameters, optimizer class or groups,
@@ -159,6 +186,11 @@ class Recovery:
             return None
         snap = self.disk.load_newest(of_run)
         if snap is None:
+            if run_steps > 0 and not self.disk.found:
+                warnings.warn(f"resume=True: the run in {self.disk.directory.parent} holds {run_steps} steps but no "
+                              "disk snapshot to continue from (RecoveryConfig.disk_every writes them): it starts "
+                              "again from step 0, and its store's rows of those steps are replaced",
+                              KeelWarning, stacklevel=3)
             return None
         differences = setup_differences(snap, self.state)
         if differences:
@@ -167,7 +199,22 @@ class Recovery:
                              "optimizer and scheduler the run was started with, or start a new run there "
                              "(overwrite=True) or in another run_dir")
         restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=True)
+        self.ring.take(snap.step, self.state)  # the resumed state is the first to roll back to
+        self._resumed_tracked = sorted(snap.plain["tracked"])
         return snap
+
+    def _check_tracked(self) -> None:
+        """At the first step after a resume: warn about data positions the snapshot holds that nothing was
+        registered for with ``Guard.track`` (the data starts over), and registered ones it does not hold."""
+        saved, registered = set(self._resumed_tracked or ()), set(self.state.tracked)
+        self._resumed_tracked = None
+        for name in sorted(saved - registered):
+            warnings.warn(f"resume: the snapshot holds the data position {name!r}, but it was not registered with "
+                          f"guard.track(..., name={name!r}) before the first step: that data starts from its "
+                          "beginning instead of where the run stopped", KeelWarning, stacklevel=4)
+        for name in sorted(registered - saved):
+            warnings.warn(f"resume: guard.track(..., name={name!r}) registered a data position that is not in the "
+                          "snapshot: it starts from its beginning", KeelWarning, stacklevel=4)
 
     # --- remedies in force --------------------------------------------------------------------------
     def lr_scale(self, step: int) -> float:
