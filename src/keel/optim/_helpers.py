@@ -50,6 +50,59 @@ def check_adam(
         raise ValueError(f"{owner}.foreach={foreach!r}; allowed: None, True or False")
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a norm or dot product of ``dtype`` tensors accumulates in: float64 stays float64 (``vector_norm``
+    refuses to narrow it), everything else is summed in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def moment_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of Adam's moments for a parameter of ``dtype``: float32 for float16, the parameter's own otherwise.
+
+    In float16, (1 − β2)·g² = 1e-3·g² underflows to 0 for |g| < 7.7e-3 while m does not, so m/(√v + ε) explodes
+    (and ε = 1e-8 itself rounds to 0: 0/0). bfloat16 has float32's range and keeps its own dtype.
+    """
+    return torch.float32 if dtype == torch.float16 else dtype
+
+
+def upcast_moments(param: Tensor, state: dict[str, Any]) -> None:
+    """float16 moments of a float16 parameter (a state saved by an older keel) become float32 (`moment_dtype`)."""
+    dtype = moment_dtype(param.dtype)
+    for key in ("exp_avg", "exp_avg_sq"):
+        value = state.get(key)
+        if dtype != param.dtype and isinstance(value, Tensor) and value.dtype == param.dtype:
+            state[key] = value.to(dtype)
+
+
+def restore_state_dtypes(optimizer: torch.optim.Optimizer, state_dict: dict[str, Any]) -> None:
+    """Undo ``Optimizer.load_state_dict``'s cast of floating state to each parameter's dtype.
+
+    That cast rounds the float32 moments of a float16 parameter and the float32 running statistics of a bf16 or
+    float16 one (Stable-SPAM's AdaClip/AdaGN): a rollback would no longer continue bit for bit. Every state
+    tensor saved in another dtype than the parameter's is put back exactly as saved (a copy, on the parameter's
+    device).
+    """
+    saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, p in zip(saved_ids, params, strict=True):
+        for key, value in state_dict["state"].get(index, {}).items():
+            if isinstance(value, Tensor) and value.is_floating_point() and value.dtype != p.dtype and key != "step":
+                optimizer.state[p][key] = value.to(device=p.device, copy=True)  # never alias the caller's
+
+
+def refuse_float16(owner: str, groups: Sequence[dict[str, Any]]) -> None:
+    """Raise ValueError when parameter groups hold float16 parameters, for optimizers built on
+    ``torch.optim.AdamW``'s kernels, which keep the moments in the parameters' dtype (`moment_dtype` says why
+    that fails in float16)."""
+    if any(p.dtype == torch.float16 for group in groups for p in group["params"]):
+        raise ValueError(
+            f"{owner}: float16 parameters; torch's AdamW keeps Adam's moments in float16, where 1e-3·g² "
+            "underflows and ε rounds to 0, so the first step makes NaN. allowed: float32, bfloat16 or float64 "
+            "parameters (train float16 with torch.autocast and a GradScaler), or keel.optim.SPAM / StableSPAM, "
+            "which keep float32 moments for float16 parameters"
+        )
+
+
 def group_by_device_dtype(params: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
     """Indices of ``params`` bucketed by (device, dtype), the unit a foreach kernel can take at once."""
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = {}
@@ -88,18 +141,22 @@ class Scratch:
     def __init__(self) -> None:
         self._buffers: dict[int, list[Tensor]] = {}
 
-    def like(self, tensors: Sequence[Tensor], slot: int = 0) -> list[Tensor]:
-        """Scratch tensors shaped like ``tensors``; ``slot`` selects an independent set of buffers."""
+    def like(
+        self, tensors: Sequence[Tensor], slot: int = 0, dtypes: Sequence[torch.dtype] | None = None
+    ) -> list[Tensor]:
+        """Scratch tensors shaped like ``tensors`` (in ``dtypes``, default theirs); ``slot`` selects an independent
+        set of buffers."""
         out = []
-        for t in tensors:
+        for i, t in enumerate(tensors):
+            dtype = t.dtype if dtypes is None else dtypes[i]
             if t.device.type != "cpu":
-                out.append(torch.empty_like(t, memory_format=torch.contiguous_format))
+                out.append(torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format))
                 continue
             kept = self._buffers.setdefault(id(t), [])
             while len(kept) <= slot:
-                kept.append(torch.empty(0, dtype=t.dtype))
-            if kept[slot].shape != t.shape or kept[slot].dtype != t.dtype:
-                kept[slot] = torch.empty_like(t, memory_format=torch.contiguous_format)
+                kept.append(torch.empty(0, dtype=dtype))
+            if kept[slot].shape != t.shape or kept[slot].dtype != dtype:
+                kept[slot] = torch.empty_like(t, dtype=dtype, memory_format=torch.contiguous_format)
             out.append(kept[slot])
         return out
 
@@ -110,12 +167,13 @@ class Scratch:
 def sqrt_into(
     sources: Sequence[Tensor], scratch: Scratch, owners: Sequence[Tensor], slot: int = 0
 ) -> list[Tensor]:
-    """``sqrt`` of each source: into ``scratch`` buffers on CPU, one fused foreach kernel elsewhere."""
+    """``sqrt`` of each source, in the source's dtype: into ``scratch`` buffers on CPU, one fused foreach kernel
+    elsewhere."""
     if not sources:
         return []
     if sources[0].device.type != "cpu":
         return list(torch._foreach_sqrt(sources))
-    out = scratch.like(owners, slot)
+    out = scratch.like(owners, slot, [src.dtype for src in sources])
     for src, dst in zip(sources, out, strict=True):
         torch.sqrt(src, out=dst)
     return out

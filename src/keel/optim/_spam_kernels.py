@@ -44,6 +44,8 @@ def spike_clip(
     torch.mul(exp_avg_sq, threshold, out=bound).sqrt_()
     if spare_unseen:
         bound.masked_fill_(exp_avg_sq == 0, math.inf)
+    if bound.dtype != grad.dtype:  # float32 moments of a float16 parameter: clamp takes one dtype
+        bound = bound.to(grad.dtype)
     torch.neg(bound, out=out)
     return torch.clamp(grad, min=out, max=bound, out=out)
 
@@ -85,14 +87,15 @@ def foreach_update(
     inputs = list(grads)
     clip = plan.clip
     if clip and params[0].device.type == "cpu":  # forced foreach on CPU: the host test is still free
-        tmps = scratch.like([params[i] for i in clip], 0)
+        tmps = scratch.like([params[i] for i in clip], 0, [exp_avg_sqs[i].dtype for i in clip])
         clip = [
             i
             for i, tmp in zip(clip, tmps, strict=True)
             if i in plan.spare or may_spike(grads[i], exp_avg_sqs[i], threshold, tmp)
         ]
     owners = [params[i] for i in clip]
-    for i, out, bound in zip(clip, scratch.like(owners, 1), scratch.like(owners, 0), strict=True):
+    bounds = scratch.like(owners, 0, [exp_avg_sqs[i].dtype for i in clip])  # in v's dtype, like the test on it
+    for i, out, bound in zip(clip, scratch.like(owners, 1), bounds, strict=True):
         inputs[i] = spike_clip(
             grads[i], exp_avg_sqs[i], threshold, out=out, bound=bound, spare_unseen=i in plan.spare
         )
@@ -125,7 +128,8 @@ def tensor_major_update(
     same with lr' = lr·s·d, ε' = ε/sqrt(1−β2^k) and lr'·λ' = 1 − d.
     """
     resets, clip = set(plan.resets), set(plan.clip)
-    tmps, outs = scratch.like(params, 0), scratch.like(params, 1)
+    tmps = scratch.like(params, 0, [v.dtype for v in exp_avg_sqs])  # the spike test's v − g²/θ, in v's dtype
+    outs = scratch.like(params, 1)
     for i, (p, m, v, step, tmp, out) in enumerate(
         zip(params, exp_avgs, exp_avg_sqs, steps, tmps, outs, strict=True)
     ):

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from keel.optim._adam import apply_update_, fused_adamw_, update_moments_
-from keel.optim._helpers import Scratch, max_abs
+from keel.optim._helpers import Scratch, accumulation_dtype, max_abs
 from keel.optim._rows import as_rows, hot_rows, row_abs_max, scale_spikes
 from keel.optim.ada_clip import ada_clip_, ada_clip_thresholds
 
@@ -86,10 +86,11 @@ def tensor_major_update(
             else:
                 hot_clipped = scale_spikes(rows.index_select(0, hot), threshold, maxima[i])
         # AdaGN (the norm of the clipped gradient; with hot rows, the other rows' sum plus theirs).
+        acc = accumulation_dtype(g.dtype)
         if hot is None:
-            norm = torch.linalg.vector_norm(src, dtype=torch.float32).item()
+            norm = torch.linalg.vector_norm(src, dtype=acc).item()
         else:
-            row_sq = torch.linalg.vector_norm(rows, dim=1, dtype=torch.float32).square_()
+            row_sq = torch.linalg.vector_norm(rows, dim=1, dtype=acc).square_()
             norm = math.sqrt(
                 row_sq.index_fill_(0, hot, 0.0).sum().item() + hot_clipped.float().square().sum().item()
             )
@@ -156,7 +157,7 @@ def foreach_update(
         for g, m, thr, out in zip(grads, maxima.unbind(), thresholds.unbind(), outs, strict=True)
     ]
     # AdaGN: rescale each tensor to norm m̂_n/(sqrt(v̂_n)+ε).
-    norms = torch.stack(torch._foreach_norm(inputs, 2, dtype=torch.float32))
+    norms = torch.stack(torch._foreach_norm(inputs, 2, dtype=accumulation_dtype(inputs[0].dtype))).float()
     g1 = torch.tensor([gamma1 * s for s in plan.scales], dtype=torch.float32, device=device)
     norm_ema = g1 * torch.stack([s["norm_ema"] for s in states]) + (1.0 - g1) * norms
     norm_sq_ema = gamma2 * torch.stack([s["norm_sq_ema"] for s in states]) + (1.0 - gamma2) * norms.square()

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from keel.optim._helpers import check_betas, check_lr, check_range
+from keel.optim._helpers import check_betas, check_lr, check_range, refuse_float16
 from keel.optim._registry import optimizers
 
 
@@ -32,6 +32,9 @@ class IndependentAdamW(torch.optim.AdamW):
 
     Each group holds λ as ``independent_weight_decay``; its ``weight_decay`` entry is derived from it and
     overwritten at every step.
+
+    float16 parameters are refused (ValueError): torch's AdamW keeps its moments in float16, where they
+    underflow and the first step makes NaN. bfloat16, float32 and float64 work.
 
     Args:
         params: Parameters or parameter groups.
@@ -77,6 +80,11 @@ class IndependentAdamW(torch.optim.AdamW):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # torch's AdamW fills missing keys from self.defaults, which already holds λ once __init__ is done.
         super().add_param_group(param_group)
+        try:
+            refuse_float16("IndependentAdamW", self.param_groups[-1:])
+        except ValueError:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
         if "independent_weight_decay" in self.defaults:
             self._prepare_group(self.param_groups[-1])
 

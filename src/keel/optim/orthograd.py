@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from keel.optim._helpers import check_range, group_by_device_dtype
+from keel.optim._helpers import accumulation_dtype, check_range, group_by_device_dtype, refuse_float16
 from keel.optim._registry import optimizers
 
 _TINY = 1e-30  # the reference's guard; representable in fp32 and bf16
@@ -22,21 +22,23 @@ def orthogonalize_(params: Sequence[Tensor], grads: Sequence[Tensor], *, eps: fl
     """Replace each gradient g by its component orthogonal to its weights w, rescaled to ‖g‖, in place.
 
     g⊥ = g − (w·g)/(w·w + eps)·w, then g⊥ ← g⊥·‖g‖/(‖g⊥‖ + eps). For an all-zero w the projection is
-    the identity; for an all-zero g the result is 0. The scalars are computed in float32.
+    the identity; for an all-zero g the result is 0. The scalars are computed in float32 (float64 for float64
+    tensors). All tensors share one dtype (`OrthoGrad` buckets them so).
     """
     if not params:
         return
+    acc = accumulation_dtype(params[0].dtype)
     dots = torch.stack(
-        [torch.dot(w.reshape(-1).float(), g.reshape(-1).float()) for w, g in zip(params, grads, strict=True)]
+        [torch.dot(w.reshape(-1).to(acc), g.reshape(-1).to(acc)) for w, g in zip(params, grads, strict=True)]
     )
-    w_sq = torch.stack(torch._foreach_norm(params, 2, dtype=torch.float32)).square()
-    g_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    w_sq = torch.stack(torch._foreach_norm(params, 2, dtype=acc)).square()
+    g_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=acc))
     coeffs = (dots / (w_sq + eps)).neg()
     # g ← g − c·w in one pass per tensor (0-d c broadcasts), no temporary.
     torch._foreach_addcmul_(
         list(grads), list(params), [c.to(g.dtype) for c, g in zip(coeffs.unbind(), grads, strict=True)]
     )
-    perp_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=torch.float32))
+    perp_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=acc))
     factors = (g_norm / (perp_norm + eps)).unbind()
     torch._foreach_mul_(list(grads), [f.to(g.dtype) for f, g in zip(factors, grads, strict=True)])
 
@@ -139,5 +141,13 @@ class OrthoGrad(Optimizer):
 def _create_orthograd(
     params: Iterable[Tensor] | Iterable[dict[str, Any]], *, base: type[Optimizer] | None = None, **kwargs: Any
 ) -> OrthoGrad:
-    """⊥AdamW by default: ``OrthoGrad(base(params, **kwargs))`` with ``base`` = ``torch.optim.AdamW``."""
-    return OrthoGrad((base or torch.optim.AdamW)(params, **kwargs))
+    """⊥AdamW by default: ``OrthoGrad(base(params, **kwargs))`` with ``base`` = ``torch.optim.AdamW``.
+
+    Raises:
+        ValueError: float16 parameters with the default base (`refuse_float16`): name a ``base`` that handles
+            them (``keel.optim.SPAM``, ``torch.optim.SGD``).
+    """
+    optimizer = (base or torch.optim.AdamW)(params, **kwargs)
+    if base is None:
+        refuse_float16("orthograd (torch.optim.AdamW base)", optimizer.param_groups)
+    return OrthoGrad(optimizer)

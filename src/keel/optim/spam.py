@@ -19,7 +19,10 @@ from keel.optim._helpers import (
     check_adam,
     check_int,
     check_range,
+    moment_dtype,
+    restore_state_dtypes,
     step_buckets,
+    upcast_moments,
 )
 from keel.optim._registry import optimizers
 from keel.optim._spam_kernels import SpamPlan, foreach_update, has_unseen, tensor_major_update
@@ -68,7 +71,8 @@ class SPAM(Optimizer):
     4. decoupled weight decay after the update: p ← p·(1 − lr·weight_decay).
 
     ``p.grad`` is left untouched (the reference clips it in place). Feed it finite gradients only
-    (`keel.Guard` skips non-finite steps): a NaN entry is not a "spike" and passes through.
+    (`keel.Guard` skips non-finite steps): a NaN entry is not a "spike" and passes through. Parameters of any
+    floating dtype work; float16 parameters keep float32 moments (`moment_dtype`).
 
     Speed: on accelerators the update runs as foreach kernels. On CPU it runs tensor by tensor: a spike
     test on the host (most tensors have none, and the clamp's four passes are skipped), then PyTorch's
@@ -153,6 +157,10 @@ class SPAM(Optimizer):
         """Apply one update to every parameter that has a gradient; returns the closure's loss if given."""
         return step_buckets(self, closure, self._update)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict)  # float32 moments/statistics, exactly as saved
+
     def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]
         lr, threshold = group["lr"], group["threshold"]
@@ -160,9 +168,12 @@ class SPAM(Optimizer):
         states = [self.state[p] for p in params]
         for p, state in zip(params, states, strict=True):
             if not state:
+                dtype = moment_dtype(p.dtype)
                 state["step"] = torch.tensor(0.0)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            else:
+                upcast_moments(p, state)
         step_tensors = [s["step"] for s in states]
         torch._foreach_add_(step_tensors, 1.0)
         steps = [int(k) for k in torch.stack(step_tensors).tolist()]  # CPU tensors: no device sync

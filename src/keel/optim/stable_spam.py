@@ -19,7 +19,10 @@ from keel.optim._helpers import (
     check_adam,
     check_int,
     check_range,
+    moment_dtype,
+    restore_state_dtypes,
     step_buckets,
+    upcast_moments,
 )
 from keel.optim._registry import optimizers
 from keel.optim._stable_spam_kernels import StableSpamPlan, foreach_update, tensor_major_update
@@ -66,6 +69,9 @@ class StableSPAM(Optimizer):
 
     Feed it finite gradients only (`keel.Guard` skips non-finite steps): a NaN would poison the running
     statistics.
+
+    Parameters of any floating dtype work; float16 parameters keep float32 moments (`moment_dtype`: in float16
+    Adam's second moment underflows), so their state takes 8 bytes per parameter.
 
     The reference's reset step, and keel's choice (``reset_like_reference=False``):
         In the official code the reset replaces m and v by zeros *after* taking references to the old
@@ -155,15 +161,22 @@ class StableSPAM(Optimizer):
         """Apply one update to every parameter that has a gradient; returns the closure's loss if given."""
         return step_buckets(self, closure, self._update)
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict)  # float32 moments/statistics, exactly as saved
+
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]
         if not state:
             state["step"] = torch.tensor(0.0)  # Adam's bias-correction count k (reset by MoRet)
             state["norm_step"] = torch.tensor(0.0)  # t, never reset
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            dtype = moment_dtype(p.dtype)
+            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             for key in _STATS:
                 state[key] = torch.zeros((), dtype=torch.float32, device=p.device)
+        else:
+            upcast_moments(p, state)
         return state
 
     def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
