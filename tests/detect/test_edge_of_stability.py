@@ -46,3 +46,12 @@ def test_adam_start_and_creeping_margins_are_silent_and_episodes_restart():
     assert other.state_dict() == det.state_dict()
     with pytest.raises(ValueError, match=r"warn_margin=0.5"):
         EdgeOfStabilityConfig(warn_margin=0.5)
+
+
+def test_evidence_names_the_fastest_groups_lr():
+    # with parameter groups at different LRs the probe's margin is the fastest group's: so is the evidence's LR
+    det = EdgeOfStabilityDetector()
+    det.update(Observation(step=0, values={"curvature/margin": 1.0, "lr": 0.0, "lr/1": 0.01}))
+    found = det.update(Observation(step=5, values={"curvature/margin": 10.0, "lr": 0.0, "lr/1": 0.1}))
+    assert [f.severity for f in found] == ["critical"]
+    assert found[0].evidence["lr"] == 0.1 and found[0].evidence["stable_lr"] == pytest.approx(0.01)

@@ -61,6 +61,23 @@ class TinyTransformer(nn.Module):
         return self.lm_head(self.enc(self.emb(idx), mask=mask, is_causal=True))
 
 
+class OddParameters(nn.Module):
+    """An empty parameter, a frozen one, a complex one and an integer buffer, around a small classifier."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 4)
+        self.empty = nn.Parameter(torch.zeros(0))
+        self.frozen = nn.Parameter(torch.ones(4), requires_grad=False)
+        self.spectral = nn.Parameter(torch.randn(8, dtype=torch.complex64) * 0.1)
+        self.register_buffer("calls", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: Tensor) -> Tensor:
+        self.calls += 1
+        mixed = torch.fft.ifft(torch.fft.fft(x) * (1 + self.spectral)).real
+        return self.fc(mixed) * self.frozen + self.empty.sum()
+
+
 def _next_token(model: nn.Module, data: Tensor) -> Callable[[Tensor], Tensor]:
     return lambda i: F.cross_entropy(model(data[i, :-1]).flatten(0, 1), data[i, 1:].flatten())
 
@@ -84,6 +101,9 @@ def build(name: str) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
         # targets of very different scales: the old probe called 12 % of this regressor's rows "collapsed"
         y = torch.stack([30 * x[:, 0], x[:, 1], 40 - 10 * x[:, 2]], 1)
         return m, lambda i: F.mse_loss(m(x[i]), y[i])
+    if name == "odd_parameters":
+        m = OddParameters()
+        return m, lambda i: F.cross_entropy(m(x[i]), (x[i, 0] > 0).long() + 2 * (x[i, 1] > 0).long())
     if name == "cnn":  # BatchNorm brings an integer buffer (num_batches_tracked)
         m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
                           nn.Flatten(), nn.Linear(16, 10))
@@ -109,8 +129,8 @@ def build(name: str) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
     raise ValueError(name)
 
 
-ZOO = ["regressor", "binary_one_logit", "two_class", "multi_output_regressor", "cnn", "lstm", "pooled_encoder",
-       "tiny_transformer", "gpt2"]
+ZOO = ["regressor", "binary_one_logit", "two_class", "multi_output_regressor", "odd_parameters", "cnn", "lstm",
+       "pooled_encoder", "tiny_transformer", "gpt2"]
 
 
 def train(name: str, *, guarded: bool, steps: int = STEPS, lr: float = 1e-2, probes: str = "full"

@@ -76,3 +76,83 @@ def test_hugging_face_block_tuples_and_validation():
     probe.detach()
     with pytest.raises(ValueError, match=r"ActivationRmsConfig.every=0; allowed: an int >= 1"):
         ActivationRmsConfig(every=0)
+
+
+class _Stack(nn.Module):
+    """Blocks in a ModuleList whose outputs the model does not use the usual way."""
+
+    def __init__(self, block: type[nn.Module]) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList([block(), block()])
+
+    def forward(self, x):
+        for b in self.blocks:
+            b(x)
+        return x
+
+
+class _IntBlock(nn.Module):  # e.g. a router returning expert indices
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.lin(x).argmax(-1)
+
+
+class _ComplexBlock(nn.Module):  # e.g. a spectral (FFT) layer
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return torch.fft.fft(self.lin(x))
+
+
+def test_integer_block_outputs_are_skipped_and_never_break_the_forward():
+    # the old hook ran vector_norm on a Long tensor inside the user's forward: training crashed
+    probe = ActivationRmsProbe()
+    model = _Stack(_IntBlock)
+    probe.attach(model)
+    model(torch.randn(2, 4))
+    assert probe.read() == {}
+    probe.detach()
+
+
+def test_complex_block_outputs_are_measured_over_their_real_and_imaginary_parts():
+    probe = ActivationRmsProbe()
+    model = _Stack(_ComplexBlock)
+    probe.attach(model)
+    x = torch.randn(2, 4)
+    out = torch.view_as_real(model.blocks[0](x)).double()
+    model(x)
+    got = probe.read()
+    assert float(got["act/rms"]) == pytest.approx(float(out.square().mean().sqrt()), rel=1e-5)
+    assert float(got["act/max_abs"]) == pytest.approx(float(out.abs().max()), rel=1e-6)
+    probe.detach()
+
+
+def test_a_failing_hook_is_reported_at_read_not_in_the_forward(monkeypatch):
+    import keel.signals.activation_rms as module
+
+    probe = ActivationRmsProbe()
+    model = create_proxy_model("tiny", seq_len=8)
+    probe.attach(model)
+    monkeypatch.setattr(module, "activation_stats", lambda x: 1 / 0)
+    model(torch.randint(0, 256, (1, 8)))  # the user's forward still runs
+    with pytest.raises(RuntimeError, match="activation hook failed"):
+        probe.read()
+    probe.detach()
+
+
+def test_recurrent_models_are_not_expected_to_have_blocks_or_attention(recwarn):
+    class LSTMModel(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb, self.lstm, self.out = nn.Embedding(10, 8), nn.LSTM(8, 8), nn.Linear(8, 10)
+
+    from keel.signals.attn_logits import AttnLogitsProbe
+
+    ActivationRmsProbe().attach(LSTMModel())
+    AttnLogitsProbe().attach(LSTMModel())
+    assert [str(w.message) for w in recwarn] == []

@@ -90,3 +90,46 @@ def test_probe_matches_float64_formula_over_every_tensor_in_low_precision(dtype)
     assert 0 < dominated < live < size
     assert float(out["adam/update_rms"]) == pytest.approx((squares / size) ** 0.5, rel=1e-5)
     assert float(out["adam/eps_dominated"]) == pytest.approx(dominated / live, rel=1e-6)
+
+
+def _measure(model, opt):
+    from keel.signals import StepContext
+
+    named = list(model.named_parameters())
+    ctx = StepContext(step=0, loss=torch.zeros(()), model=model, optimizer=opt, names=tuple(n for n, _ in named),
+                      params=[p for _, p in named], grads=[p.grad for _, p in named], log_step=True)
+    return AdamEpsProbe(every=1).measure(ctx)
+
+
+def test_complex_parameters_are_measured_over_real_and_imaginary_parts():
+    # torch's Adam keeps complex moments for complex parameters; the old probe failed on "exp_avg_sq > 0"
+    torch.manual_seed(0)
+    w = torch.nn.Parameter(torch.randn(4, 3, dtype=torch.complex64))
+    model = torch.nn.Module()
+    model.w = w
+    opt = torch.optim.Adam([w], lr=1e-2)
+    for _ in range(2):
+        (w.abs() ** 2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    (w.abs() ** 2).sum().backward()
+    st = opt.state[w]
+    m, v = torch.view_as_real(st["exp_avg"]).double(), torch.view_as_real(st["exp_avg_sq"]).double()
+    t = float(st["step"])
+    update = (m / (1 - 0.9**t)) / ((v / (1 - 0.999**t)).sqrt() + 1e-8)
+    got = _measure(model, opt)
+    assert float(got["adam/update_rms"]) == pytest.approx(float(update.square().mean().sqrt()), rel=1e-4)
+
+
+def test_groups_with_a_non_numeric_eps_are_skipped_and_a_zero_step_count_is_no_division_by_zero():
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model(torch.randn(4, 3)).sum().backward()
+    opt.step()
+    model(torch.randn(4, 3)).sum().backward()
+    for st in opt.state.values():
+        st["step"] = torch.tensor(0.0)  # a momentum reset that restarted the count
+    got = _measure(model, opt)
+    assert all(torch.isfinite(v).all() for v in (got["adam/update_rms"], got["adam/eps_dominated"]))
+    opt.param_groups[0]["eps"] = (1e-30, 1e-3)  # Adafactor-style (eps1, eps2)
+    assert _measure(model, opt) == {}

@@ -30,3 +30,12 @@ def test_naive_loss_minimisation_direction_zeros_and_nan():
     assert float(grad_weight_cosines([-3 * w[0]], w)[0]) == pytest.approx(-1.0)  # −g ∥ w: pure rescaling
     assert float(grad_weight_cosines([torch.tensor([1.0, 2.0])], [torch.zeros(2)])[1][0]) == 0.0
     assert math.isnan(float(grad_weight_cosines([torch.tensor([math.nan, 1.0])], w)[0]))
+
+
+def test_complex_tensors_use_the_real_inner_product():
+    # cos = Re⟨g, w⟩ / (‖g‖‖w‖); the old float() cast dropped the imaginary parts
+    g = [torch.tensor([1 + 1j, 0j], dtype=torch.complex64)]
+    w = [torch.tensor([0 + 1j, 0j], dtype=torch.complex64)]
+    total, per = grad_weight_cosines(g, w)
+    assert float(total) == pytest.approx(1 / math.sqrt(2), rel=1e-6)
+    assert float(per[0]) == pytest.approx(1 / math.sqrt(2), rel=1e-6)

@@ -146,3 +146,63 @@ def test_low_precision_model_matches_the_float64_hessian_of_its_rounded_weights(
     got = float(probe.measure(ctx(model, opt))["curvature/sharpness"])
     eig = np.linalg.eigvalsh(explicit_hessian(model, x.to(dtype).float(), y))
     assert np.isfinite(got) and got == pytest.approx(eig.max(), rel=rel)
+
+
+@pytest.mark.parametrize("lrs", [(0.0, 0.05), (0.01, 0.05), (0.05, 0.0)])
+def test_margin_with_per_group_learning_rates_weights_the_hessian_by_each_groups_lr(lrs):
+    # the margin used group 0's LR only: with group 0 at LR 0 it said 0 however fast the other group went
+    model, x, y = tiny_problem()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": lrs[0]},
+                           {"params": model[2].parameters(), "lr": lrs[1]}])
+    out = SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=300, trace_probes=0).measure(ctx(model, opt))
+    sizes = [p.numel() for p in model.parameters()]
+    d = np.concatenate([np.full(n, lr) for n, lr in zip(sizes, [lrs[0]] * 2 + [lrs[1]] * 2, strict=True)])
+    weighted = np.sqrt(d)[:, None] * explicit_hessian(model, x, y) * np.sqrt(d)[None, :]  # D^½ H D^½
+    assert float(out["curvature/margin"]) == pytest.approx(np.linalg.eigvalsh(weighted).max() / 2, rel=1e-3)
+    assert float(out["curvature/sharpness"]) == pytest.approx(np.linalg.eigvalsh(explicit_hessian(model, x, y)).max(),
+                                                             rel=1e-3)
+
+
+def test_lr_jump_of_any_group_triggers_a_measurement():
+    model, x, y = tiny_problem()
+    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.01},
+                           {"params": model[2].parameters(), "lr": 0.01}])
+    probe = SharpnessProbe(lambda: F.mse_loss(model(x), y), every=10, iters=2, trace_probes=0)
+    seen = []
+    for step in range(4):
+        if step == 2:
+            opt.param_groups[1]["lr"] = 0.05  # only the second group jumps
+        seen.append(bool(probe.measure(ctx(model, opt, step))))
+    assert seen == [True, False, True, False]
+
+
+def test_loss_not_twice_differentiable_is_one_clear_error_and_no_parameters_is_nothing():
+    from torch.autograd.function import once_differentiable
+
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        @once_differentiable
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * g
+
+    model, x, y = tiny_problem()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    probe = SharpnessProbe(lambda: Square.apply(model(x) - y).mean(), iters=2, trace_probes=0)
+    with pytest.raises(RuntimeError, match="cannot be differentiated twice"):
+        probe.measure(ctx(model, opt))
+    constant = SharpnessProbe(lambda: torch.ones((), requires_grad=True) * 2, iters=2, trace_probes=0)
+    assert constant.measure(ctx(model, opt)) == {}  # nothing to measure: no crash, no made-up value
+
+
+def test_an_overflowing_operator_gives_nan_not_zero():
+    # a float16 model's double backward can overflow to NaN; the old power iteration reported "sharpness 0"
+    g = torch.Generator().manual_seed(0)
+    nan = top_eigenvalue(lambda v: [v[0] * float("nan")], [torch.zeros(3)], iters=3, generator=g)
+    assert torch.isnan(nan)
+    assert float(top_eigenvalue(lambda v: [v[0] * 0], [torch.zeros(3)], iters=3, generator=g)) == 0.0

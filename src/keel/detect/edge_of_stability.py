@@ -88,7 +88,9 @@ class EdgeOfStabilityDetector:
         if margin is None or not math.isfinite(margin):
             return []
         self._measured_step = obs.step
-        lr = obs.values.get(keys.LR, math.nan)
+        # the probe's margin is that of the fastest parameter group; "lr/<i>" holds the groups that differ from 0
+        lrs = [v for k, v in obs.values.items() if k == keys.LR or k.startswith(f"{keys.LR}/")]
+        lr = max(lrs) if lrs else math.nan
         typical = min(self._recent) if self._recent else math.nan
         self._recent.append(margin)
         sudden = math.isfinite(typical) and margin >= cfg.jump * typical

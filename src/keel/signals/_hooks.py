@@ -70,13 +70,16 @@ def find_attention_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
 
 
 def looks_like_sequence_model(model: nn.Module) -> bool:
-    """True when the model has token embeddings or something named like attention.
+    """True when the model has something named like attention, or token embeddings and no recurrent layer.
 
-    Attention probes warn about finding nothing only then; on a CNN or an MLP an absent attention module
-    is expected, and the default probe set must not nag about it.
+    Attention and block probes warn about finding nothing only then; on a CNN, an MLP or an RNN/LSTM/GRU an
+    absent attention module (and residual block list) is expected, and the probe sets must not nag about it.
     """
-    return any(isinstance(m, nn.Embedding) or re.search(r"(?i)attn|attention", name or "")
-               for name, m in model.named_modules())
+    modules = list(model.named_modules())
+    if any(re.search(r"(?i)attn|attention", name or "") for name, _ in modules):
+        return True
+    recurrent = any(isinstance(m, nn.RNNBase | nn.RNNCellBase) for _, m in modules)
+    return not recurrent and any(isinstance(m, nn.Embedding) for _, m in modules)
 
 
 def find_blocks(model: nn.Module) -> list[tuple[str, nn.Module]]:

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from keel._core.errors import KeelWarning
 from keel.signals._hooks import find_blocks, hooks_active, looks_like_sequence_model, named_modules_by_name
 from keel.signals.attn_logits import due
+from keel.signals.norms import accumulation_dtype
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
 
@@ -60,15 +61,18 @@ class ActivationRmsConfig:
 def activation_stats(x: Tensor) -> tuple[Tensor, int, Tensor]:
     """(Σ x², number of elements, max |x|) of one activation, float32, on its device; two fused passes.
 
+    A complex activation counts as its real and imaginary parts. Only floating or complex tensors are measured.
+
     Example:
         >>> activation_stats(torch.tensor([3.0, -4.0]))
         (tensor(25.), 2, tensor(4.))
     """
     x = x.detach()
+    if x.is_complex():  # a spectral layer's output: its real and imaginary parts are the numbers that overflow
+        x = torch.view_as_real(x)
     if x.numel() == 0:
         return torch.zeros((), device=x.device), 0, torch.zeros((), device=x.device)
-    acc = torch.float64 if x.dtype == torch.float64 else torch.float32  # vector_norm will not narrow float64
-    square = torch.linalg.vector_norm(x, dtype=acc).square().float()
+    square = torch.linalg.vector_norm(x, dtype=accumulation_dtype(x.dtype)).square().float()
     lo, hi = torch.aminmax(x)  # one pass; vector_norm(ord=inf) is ten times slower on CPU
     return square, x.numel(), torch.maximum(hi.abs(), lo.abs()).float()
 
@@ -96,6 +100,7 @@ class ActivationRmsProbe:
         self._handles: list[Any] = []
         self._armed = False
         self._stats: dict[int, list[Any]] = {}
+        self._error: Exception | None = None
 
     def attach(self, model: nn.Module) -> None:
         found = named_modules_by_name(model, self.config.modules) if self.config.modules else find_blocks(model)
@@ -117,16 +122,23 @@ class ActivationRmsProbe:
             return
         x = output if isinstance(output, Tensor) else next(
             (o for o in (output if isinstance(output, tuple | list) else ()) if isinstance(o, Tensor)), None)
-        if x is None:
+        if x is None or not (x.is_floating_point() or x.is_complex()):  # a router's indices, a mask: no activation
             return
-        with torch.no_grad():
-            sq, n, top = activation_stats(x)
-        old = self._stats.get(index)
-        self._stats[index] = [sq, n, top] if old is None else [old[0] + sq, old[1] + n, torch.maximum(old[2], top)]
+        try:  # a hook runs inside the user's forward: never break it; `read` reports the error
+            with torch.no_grad():
+                sq, n, top = activation_stats(x)
+            old = self._stats.get(index)
+            self._stats[index] = [sq, n, top] if old is None else [old[0] + sq, old[1] + n,
+                                                                    torch.maximum(old[2], top)]
+        except Exception as exc:
+            self._error = exc
 
     def read(self) -> Measurements:
         """This step's values (what `measure` returns), then starts a new step."""
         stats, self._stats = self._stats, {}
+        if self._error is not None:
+            error, self._error = self._error, None
+            raise RuntimeError(f"activation hook failed: {error!r}") from error
         if not stats:
             return {}
         order = sorted(stats)

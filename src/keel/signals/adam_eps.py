@@ -11,8 +11,10 @@ Adam's update per element is m̂ / (√v̂ + ε). When the gradient's RMS shrink
 track the RMS of this unscaled update (≈ 0.2–1 when healthy) and fix the collapse with a smaller ε
 (1e-15). `adam/eps_dominated` is the share of elements with 0 < √v̂ < ε (elements whose v is exactly 0 never
 had a gradient — unused embedding rows — and are left out: they are dead, not ε-dominated). Reads ``exp_avg``/``exp_avg_sq`` of
-``torch.optim.Adam``/``AdamW`` (and optimizers with the same state names); others give no values. The
-moments read before ``optimizer.step()`` are those of the previous update.
+``torch.optim.Adam``/``AdamW`` (and optimizers with the same state names and a numeric ``eps``: NAdam,
+RAdam, keel's SPAM and Stable-SPAM, ⊥Grad around any of them); others (SGD, Adagrad, Adafactor) give no
+values. Complex parameters count per real component. The moments read before ``optimizer.step()`` are those
+of the previous update.
 
 References:
     Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training instabilities",
@@ -59,7 +61,10 @@ def adam_update_stats(exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float,
         >>> adam_update_stats(m, v, 1.0, 0.0, 0.0, 1e-8)[2]
         tensor(1.)
     """
-    step_t = torch.as_tensor(step, dtype=torch.float32, device=exp_avg.device)
+    if exp_avg.is_complex():  # torch's Adam keeps complex moments for a complex parameter: per real component
+        exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
+    # a count of 0 (a momentum reset that restarted it) would divide by 1 − β⁰ = 0
+    step_t = torch.as_tensor(step, dtype=torch.float32, device=exp_avg.device).clamp_min(1)
     m_hat = exp_avg.float() / (1 - beta1**step_t)
     root_v = (exp_avg_sq.float() / (1 - beta2**step_t)).sqrt()
     update = m_hat / (root_v + eps)
@@ -80,7 +85,7 @@ class AdamEpsProbe:
         hyper = {}
         for group in ctx.optimizer.param_groups:
             betas = group.get("betas")
-            if betas is not None and "eps" in group:
+            if betas is not None and isinstance(group.get("eps"), int | float):  # not Adafactor's (eps1, eps2)
                 for p in group["params"]:
                     hyper[id(p)] = (float(betas[0]), float(betas[1]), float(group["eps"]))
         names, squares, counts, sizes, dominated = [], [], [], [], []
@@ -94,7 +99,8 @@ class AdamEpsProbe:
                 names.append(name)
                 squares.append(sq)
                 counts.append(n)
-                sizes.append(state["exp_avg_sq"].numel())
+                v = state["exp_avg_sq"]
+                sizes.append(v.numel() * (2 if v.is_complex() else 1))  # real components, as adam_update_stats
                 dominated.append(dom)
         if not names:
             return {}

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor
 
 from keel.signals.attn_logits import due
+from keel.signals.norms import accumulation_dtype
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
 
@@ -58,15 +59,21 @@ def grad_weight_cosines(grads: Sequence[Tensor], params: Sequence[Tensor], eps: 
     """
     if not grads:
         return torch.zeros(()), torch.zeros(0)
-    # float32 accumulation (float64 stays float64): an fp16 dot product of a large tensor would overflow
-    g = [t.detach().double() if t.dtype == torch.float64 else t.detach().float() for t in grads]
-    w = [t.detach().to(a.dtype) for t, a in zip(params, g, strict=True)]
+    # float32 accumulation (float64 stays float64): an fp16 dot product of a large tensor would overflow; a complex
+    # tensor as its real and imaginary parts, whose dot product is Re⟨g, w⟩
+    g = [_real(t).to(accumulation_dtype(_real(t).dtype)) for t in grads]
+    w = [_real(t).to(a.dtype) for t, a in zip(params, g, strict=True)]
     dots = torch.stack([d.sum() for d in torch._foreach_mul(g, w)])
     g_sq = torch.stack([d.sum() for d in torch._foreach_mul(g, g)])
     w_sq = torch.stack([d.sum() for d in torch._foreach_mul(w, w)])
     per = dots / ((g_sq * w_sq).sqrt() + eps)
     total = dots.sum() / ((g_sq.sum() * w_sq.sum()).sqrt() + eps)
     return total.float(), per.float()
+
+
+def _real(t: Tensor) -> Tensor:
+    t = t.detach()
+    return torch.view_as_real(t) if t.is_complex() else t
 
 
 @PROBES.register("grad_weight_cos")

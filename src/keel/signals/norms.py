@@ -14,11 +14,31 @@ import torch
 from torch import Tensor
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a norm or sum of ``dtype`` tensors accumulates in: float64 stays float64 (``vector_norm`` refuses
+    to narrow it), every other floating dtype is summed in float32.
+
+    Example:
+        >>> accumulation_dtype(torch.bfloat16)
+        torch.float32
+    """
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _norms(tensors: list[Tensor]) -> Tensor:
+    """``_foreach_norm`` of one (device, dtype) group, as float32."""
+    dtype = tensors[0].dtype
+    if dtype.is_complex:  # the norm of a complex tensor is real; vector_norm takes no real accumulation dtype
+        return torch.stack(torch._foreach_norm(tensors, 2)).float()
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=accumulation_dtype(dtype))).float()
+
+
 def per_tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
     """L2 norm of each tensor, as one float32 vector on the first tensor's device.
 
-    A tensor holding NaN gives NaN; one holding ±Inf (and no NaN) gives Inf. An empty input gives an
-    empty vector.
+    Accumulated in float32 (float64 tensors in float64, then rounded to float32; complex tensors: the norm of
+    their magnitudes). A tensor holding NaN gives NaN; one holding ±Inf (and no NaN) gives Inf. An empty input
+    gives an empty vector; an empty tensor a norm of 0.
 
     Example:
         >>> per_tensor_norms([torch.tensor([3.0, 4.0]), torch.zeros(2)])
@@ -31,11 +51,10 @@ def per_tensor_norms(tensors: Sequence[Tensor]) -> Tensor:
     for i, t in enumerate(tensors):
         groups[(t.device, t.dtype)].append(i)
     if len(groups) == 1:
-        return torch.stack(torch._foreach_norm(list(tensors), 2, dtype=torch.float32))
+        return _norms(list(tensors))
     out = torch.empty(len(tensors), dtype=torch.float32, device=device)
     for indices in groups.values():
-        norms = torch._foreach_norm([tensors[i] for i in indices], 2, dtype=torch.float32)
-        out[torch.tensor(indices, device=device)] = torch.stack(norms).to(device)
+        out[torch.tensor(indices, device=device)] = _norms([tensors[i] for i in indices]).to(device)
     return out
 
 

@@ -47,6 +47,7 @@ from keel._core.errors import KeelWarning
 from keel.signals._hooks import find_output_head, hooks_active, named_modules_by_name
 from keel.signals._softmax_head import SoftmaxHeadCheck, shifts_labels, trusted_head
 from keel.signals.attn_logits import due
+from keel.signals.norms import accumulation_dtype
 from keel.signals.probe import Measurements, StepContext
 from keel.signals.registry import PROBES
 
@@ -215,8 +216,7 @@ class OutputLogitsProbe:
         sums.add("log_z", log_z.sum())
         sums.add("log_z_max", log_z.amax(), "max")
         sums.add("log_z_min", log_z.amin(), "min")
-        acc = torch.float64 if z.dtype == torch.float64 else torch.float32  # vector_norm will not narrow
-        sums.add("square", torch.linalg.vector_norm(z, dtype=acc).square().float())  # one fused pass
+        sums.add("square", torch.linalg.vector_norm(z, dtype=accumulation_dtype(z.dtype)).square().float())
         sums.add("sum", z.sum(dtype=torch.float32))
         sums.add("collapsed", collapsed.sum(dtype=torch.float32))
         sums.count("rows", log_z.numel())  # host-side counts: no tensor to create

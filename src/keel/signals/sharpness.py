@@ -13,7 +13,10 @@ stability limit of the quadratic model: η·λ_max/2 for gradient descent (Cohen
 stability"); η·λ_max/(2 + 2β) with heavy-ball momentum β; and for Adam the preconditioned sharpness
 λ_max(P⁻¹H), P = (1 − β₁ᵗ)·diag(√v̂ + ε), against Adam's threshold (2 + 2β₁)/((1 − β₁)η) (Cohen et al.
 2022). A margin ≥ 1 means the top curvature direction is amplified at every step; training at the edge
-of stability sits near 1 and is benign; a learning-rate jump sends it far above.
+of stability sits near 1 and is benign; a learning-rate jump sends it far above. With parameter groups at
+different LRs the margin is that of the fastest group's LR on the LR-weighted Hessian D^½HD^½, D = η_i/η_max
+(a group at LR 0 drops out), which costs ``iters`` more Hessian-vector products for SGD-type optimizers; the
+LR-jump trigger watches the largest LR.
 
 It is the costliest probe by far, and opt-in (in no probe set): on keel's small proxy on a CPU one
 measurement took 1.1 s with ``iters=8`` and no trace (≈ 19 training steps) and 3.9 s with the defaults
@@ -25,7 +28,9 @@ The curvature needs a loss with its graph, which a probe does not get: give the 
 computes the loss of a fixed batch (``lambda: loss_fn(model(xb), yb)``). The probe runs it under
 `keel.signals.quiet` (other hooks see nothing), with the RNG state forked and the module buffers restored,
 and uses ``torch.autograd.grad`` only, so parameters, their ``.grad`` and the optimizer state are
-untouched. Without a closure it measures nothing and warns once.
+untouched. Without a closure it measures nothing and warns once; a closure whose loss does not depend on the
+parameters gives nothing; one that is not twice differentiable raises (the `Guard` records it and switches
+the probe off). A Hessian-vector product that overflows (a float16 model's double backward) gives NaN, not 0.
 
 References:
     Cohen et al. 2021, "Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability",
@@ -106,16 +111,18 @@ def top_eigenvalue(hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence[T
         3.0
     """
     v = [torch.randn(t.shape, generator=generator, dtype=torch.float32).to(t) for t in like]
-    norm = _dot(v, v).sqrt()
+    norm = _dot(v, v).sqrt().float()  # a 0-d float32 divisor: the result keeps each tensor's dtype, no overflow
     v = [t / norm for t in v]
     eig = torch.zeros((), dtype=torch.float64)
     for _ in range(iters):
         hv = hvp(v)
         eig = _dot(v, hv)
         norm = _dot(hv, hv).sqrt()
+        if not bool(torch.isfinite(norm)):  # the product overflowed (float16 double backward): unknown, not 0
+            return torch.full((), math.nan, dtype=torch.float64)
         if not bool(norm > 0):  # the operator is 0 along everything tried
             return torch.zeros((), dtype=torch.float64)
-        v = [t / norm.to(t.dtype) for t in hv]
+        v = [t / norm.float() for t in hv]
     return eig
 
 
@@ -160,8 +167,7 @@ class SharpnessProbe:
         return lr > self.config.lr_jump * self._last_lr
 
     def measure(self, ctx: StepContext) -> Measurements:
-        group = ctx.optimizer.param_groups[0]
-        lr = float(group["lr"])
+        lr = max(float(g["lr"]) for g in ctx.optimizer.param_groups)  # the fastest group sets the margin
         if not self._due(ctx.step, lr):
             return {}
         if self.closure is None:
@@ -174,39 +180,71 @@ class SharpnessProbe:
         params = [p for p in ctx.model.parameters() if p.requires_grad]
         generator = torch.Generator().manual_seed(self.config.seed + ctx.step)
         buffers = {name: b.detach().clone() for name, b in ctx.model.named_buffers()}
-        with quiet(), torch.random.fork_rng(devices=[]), torch.enable_grad():
-            loss = self.closure()
-            grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-            pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
-            params, grads = [p for p, _ in pairs], [g for _, g in pairs]
+        try:
+            with quiet(), torch.random.fork_rng(devices=[]), torch.enable_grad():
+                out = self._curvature(ctx.optimizer, params, generator, lr)
+        except RuntimeError as exc:
+            raise RuntimeError(f"sharpness: the closure's loss cannot be differentiated twice with respect to the "
+                               f"parameters ({exc}); the probe needs a twice-differentiable loss") from exc
+        finally:
+            with torch.no_grad():
+                for name, b in ctx.model.named_buffers():
+                    b.copy_(buffers[name])
+        return out
 
-            def hvp(v: list[Tensor]) -> list[Tensor]:
-                out = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True, allow_unused=True)
-                return [o.detach() if o is not None else torch.zeros_like(p) for o, p in zip(out, params, strict=True)]
+    def _curvature(self, optimizer: torch.optim.Optimizer, params: list[Tensor], generator: torch.Generator,
+                   lr: float) -> Measurements:
+        assert self.closure is not None
+        loss = self.closure()
+        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+        if not pairs:  # the loss does not depend on the parameters: no curvature to measure
+            return {}
+        if not all(g.requires_grad for _, g in pairs):  # a gradient without a graph: @once_differentiable somewhere
+            raise RuntimeError("a gradient has no graph to differentiate (an autograd.Function marked "
+                               "@once_differentiable, or a gradient constant in the parameters)")
+        params, grads = [p for p, _ in pairs], [g for _, g in pairs]
 
-            out: Measurements = {SHARPNESS: top_eigenvalue(hvp, params, iters=self.config.iters,
-                                                            generator=generator).float()}
-            if self.config.trace_probes:
-                out[TRACE] = hutchinson_trace(hvp, params, probes=self.config.trace_probes,
-                                              generator=generator).float()
-            scale = _adam_preconditioner(ctx.optimizer, params) if self.config.preconditioned is not False else None
-            if scale is not None:
-                def pre_hvp(v: list[Tensor]) -> list[Tensor]:  # D^-1/2 H D^-1/2, similar to P^-1 H
-                    hv = hvp([t * s for t, s in zip(v, scale, strict=True)])
-                    return [t * s for t, s in zip(hv, scale, strict=True)]
+        def hvp(v: list[Tensor]) -> list[Tensor]:
+            out = torch.autograd.grad(grads, params, grad_outputs=v, retain_graph=True, allow_unused=True)
+            return [o.detach() if o is not None else torch.zeros_like(p) for o, p in zip(out, params, strict=True)]
 
-                out[PRECONDITIONED] = top_eigenvalue(pre_hvp, params, iters=self.config.iters,
-                                                     generator=generator).float()
-        with torch.no_grad():
-            for name, b in ctx.model.named_buffers():
-                b.copy_(buffers[name])
-        adam_like = any("betas" in g for g in ctx.optimizer.param_groups)
+        def scaled(hvp: Callable[[list[Tensor]], list[Tensor]], scale: list[Tensor]) -> Callable:
+            def apply(v: list[Tensor]) -> list[Tensor]:  # S H S: similar to S² H
+                hv = hvp([t * s for t, s in zip(v, scale, strict=True)])
+                return [t * s for t, s in zip(hv, scale, strict=True)]
+            return apply
+
+        iters = self.config.iters
+        out: Measurements = {SHARPNESS: top_eigenvalue(hvp, params, iters=iters, generator=generator).float()}
+        if self.config.trace_probes:
+            out[TRACE] = hutchinson_trace(hvp, params, probes=self.config.trace_probes, generator=generator).float()
+        # Parameter groups with different LRs: the update is θ − D·η_max·∇ with D = diag(η_i / η_max), so the margin
+        # needs λ_max(D^½ H D^½) (groups with LR 0 drop out); with one LR for all, D = 1 and that is λ_max(H).
+        relative = _relative_lrs(optimizer, params, lr)
+        adam = _adam_preconditioner(optimizer, params) if self.config.preconditioned is not False else None
+        if adam is not None:
+            scale = adam if relative is None else [a * r for a, r in zip(adam, relative, strict=True)]
+            out[PRECONDITIONED] = top_eigenvalue(scaled(hvp, scale), params, iters=iters, generator=generator).float()
+        adam_like = any("betas" in g for g in optimizer.param_groups)
         if PRECONDITIONED in out or not adam_like or self.config.preconditioned is False:
-            out[MARGIN] = _margin(ctx.optimizer, lr, out)  # an Adam without state yet has no margin to give
+            lam = out[SHARPNESS] if relative is None else top_eigenvalue(
+                scaled(hvp, relative), params, iters=iters, generator=generator).float()
+            out[MARGIN] = _margin(optimizer, lr, out, lam)  # an Adam without state yet has no margin to give
         return out
 
     def after_step(self, ctx: StepContext) -> Measurements:
         return {}
+
+
+def _relative_lrs(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], lr_max: float) -> list[Tensor] | None:
+    """Per parameter sqrt(η_group / η_max) as 0-d tensors, or None when every group has the same LR."""
+    lrs = {id(p): float(g["lr"]) for g in optimizer.param_groups for p in g["params"]}
+    mine = [lrs.get(id(p), lr_max) for p in params]
+    if lr_max <= 0 or all(x == lr_max for x in mine):
+        return None
+    return [torch.tensor(math.sqrt(x / lr_max), dtype=p.dtype, device=p.device) for x, p in zip(mine, params,
+                                                                                             strict=True)]
 
 
 def _adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor] | None:
@@ -215,23 +253,28 @@ def _adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tens
     scales = []
     for p in params:
         state, group = optimizer.state.get(p, {}), hyper.get(id(p))
-        if group is None or "exp_avg_sq" not in state or "betas" not in group:
+        if group is None or "exp_avg_sq" not in state or "betas" not in group or not isinstance(group.get("eps"),
+                                                                                                  int | float):
             return None
         beta1, beta2 = group["betas"]
-        step = float(state.get("step", 1))
+        step = max(float(state.get("step", 1)), 1.0)  # a step count of 0 would divide by 1 − β2⁰ = 0
         denom = (state["exp_avg_sq"].float() / (1 - beta2**step)).sqrt() + group["eps"]
         scales.append((1.0 / ((1 - beta1 ** (step + 1)) * denom)).sqrt().to(p.dtype))
     return scales
 
 
-def _margin(optimizer: torch.optim.Optimizer, lr: float, out: Measurements) -> Tensor:
-    """η·λ over the optimizer's stability threshold (GD: 2; heavy ball: 2 + 2β; Adam: (2 + 2β₁)/(1 − β₁))."""
-    group = optimizer.param_groups[0]
+def _margin(optimizer: torch.optim.Optimizer, lr: float, out: Measurements, lam: Tensor) -> Tensor:
+    """η_max·λ over the optimizer's stability threshold (GD: 2; heavy ball: 2 + 2β; Adam: (2 + 2β₁)/(1 − β₁)).
+
+    ``lam`` is λ_max of the LR-scaled Hessian (`SharpnessProbe._curvature`); the momentum or β₁ is that of the
+    group with the largest LR.
+    """
+    group = max(optimizer.param_groups, key=lambda g: float(g["lr"]))
     if PRECONDITIONED in out and "betas" in group:
         beta1 = float(group["betas"][0])
         return out[PRECONDITIONED] * lr * (1 - beta1) / (2 + 2 * beta1)  # type: ignore[operator]
     momentum = float(group.get("momentum", 0.0) or 0.0)
-    return out[SHARPNESS] * lr / (2 + 2 * momentum)  # type: ignore[operator]
+    return lam * lr / (2 + 2 * momentum)
 
 
 def sharpness_probe_for(model: nn.Module, loss_fn: Callable[..., Tensor], batch: tuple[Tensor, ...],
