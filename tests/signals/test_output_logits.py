@@ -314,3 +314,14 @@ def test_integer_output_head_is_not_measured():
     model(torch.randn(2, 4))
     assert probe.read() == {}
     probe.detach()
+
+
+def test_a_multi_label_mask_given_as_targets_is_no_evidence_of_a_softmax():
+    model, probe = _mlp(3), OutputLogitsProbe()
+    probe.attach(model)
+    x, y = torch.randn(16, 4), torch.rand(16, 3) > 0.7
+    for _ in range(4):
+        probe.set_targets(y)  # a bool mask of the logits' own shape: labels of a sigmoid head, not classes
+        _step(model, x, lambda out: F.binary_cross_entropy_with_logits(out, y.float()))
+        assert probe.read() == {}
+    probe.detach()

@@ -188,7 +188,9 @@ class OutputLogitsProbe:
                 check.reject("it has one output per row (a regressor or a one-logit classifier): a softmax over "
                              "one value is always exactly one-hot")
                 return
-            class_targets = targets is not None and not targets.is_floating_point() and not targets.is_complex()
+            # class indices, one per row: integer (not bool: a multi-label mask) and the logits' shape without classes
+            class_targets = (targets is not None and targets.shape == logits.shape[:-1] and targets.dtype != torch.bool
+                             and not targets.is_floating_point() and not targets.is_complex())
             check.saw_head_output(logits, class_targets)
             with torch.no_grad():
                 self._reduce(logits.detach(), targets if class_targets else None)
