@@ -1,0 +1,75 @@
+"""One rank of a 2-rank DDP job (gloo, CPU) that claims one run_dir several times; writes what happened as JSON.
+
+    torchrun --nproc_per_node=2 tests/distributed/run_dir_worker.py OUT_DIR
+
+1. a run with disk snapshots per rank, closed; 2. rank 0's part of the folder emptied, so only rank 1 holds an
+earlier run: a new Guard must be refused on every rank (not on rank 1 alone, which would leave rank 0 waiting in
+the first all-reduce); 3. ``overwrite=True`` starts a new run; 4. ``resume=True`` continues it on both ranks, with
+the run id rank 0 read from the store.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from keel import Guard, RecoveryConfig
+
+
+def train(run_dir: Path, steps: int, **kwargs) -> Guard:
+    torch.manual_seed(0)
+    model = DDP(nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = Guard(model, opt, run_dir=str(run_dir), policy="recover",
+                  recovery=RecoveryConfig(snapshot_every=2, disk_every=1), **kwargs)
+    g = torch.Generator().manual_seed(dist.get_rank())
+    for _ in range(guard.global_step, steps):
+        loss = F.mse_loss(model(torch.randn(8, 4, generator=g)), torch.randn(8, 2, generator=g))
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        guard.recovery.disk.wait()
+    guard.close()
+    return guard
+
+
+def main() -> None:
+    out = Path(sys.argv[1])
+    run_dir = out / "run"
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    result: dict = {"rank": rank}
+    train(run_dir, 6)
+    dist.barrier()
+    if rank == 0:
+        for name in ("run.sqlite", "run.sqlite-wal", "run.sqlite-shm"):
+            (run_dir / name).unlink(missing_ok=True)
+        shutil.rmtree(run_dir / "rank-0" / "snapshots")
+    dist.barrier()
+    try:
+        train(run_dir, 6)
+        result["refused"] = None
+    except ValueError as exc:
+        result["refused"] = str(exc)
+    dist.barrier()
+    result["new_run_id"] = train(run_dir, 4, overwrite=True).run_dir.run_id
+    dist.barrier()
+    resumed = train(run_dir, 8, resume=True)
+    result["resumed_run_id"] = resumed.run_dir.run_id
+    result["resumed_steps"] = resumed.global_step
+    result["snapshots"] = sorted(p.name for p in (run_dir / f"rank-{rank}" / "snapshots").iterdir())
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
