@@ -48,7 +48,7 @@ def main() -> None:
         gradient_accumulation_steps=2, learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=5,
         logging_steps=5, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=0,
         disable_tqdm=True)
-    keel_callback = KeelCallback(run_dir=args.out, policy="skip")
+    keel_callback = KeelCallback(run_dir=args.out, policy="skip", overwrite=True)  # a new run each time
     trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
                       callbacks=[InjectNaN(args.inject_nan), keel_callback])
     trainer.train()

@@ -43,7 +43,8 @@ def main() -> None:
     data = torch.Generator(device=device).manual_seed(1000 + rank)  # each rank its own shard
 
     # Memory snapshots every 25 steps; every 2nd also goes to disk, per rank, under --out/rank-<r>/snapshots.
-    guard = keel.Guard(model, optimizer, run_dir=args.out, policy="recover",
+    # overwrite=True: each run of this example is a new run in --out (a real job would pass resume=True).
+    guard = keel.Guard(model, optimizer, run_dir=args.out, policy="recover", overwrite=True,
                        recovery=keel.RecoveryConfig(snapshot_every=25, disk_every=2))
     try:
         for step in range(args.steps):

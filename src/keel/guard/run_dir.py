@@ -113,10 +113,8 @@ class RunDir:
 
         Raises:
             ValueError: The folder holds a run and neither ``resume`` nor ``overwrite`` was given; another Guard
-                has it open; both ``resume`` and ``overwrite`` were given.
+                has it open; both ``resume`` and ``overwrite`` were given. (`Guard` checks their types first.)
         """
-        if not isinstance(overwrite, bool):
-            raise ValueError(f"overwrite={overwrite!r}; allowed: True or False")
         if overwrite and resume:
             raise ValueError("resume=True and overwrite=True; allowed: one of them (resume continues the run in "
                              "run_dir, overwrite deletes it and starts a new one)")
