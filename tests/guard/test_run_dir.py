@@ -199,3 +199,22 @@ def test_a_new_run_in_a_used_run_dir_resumes_its_own_snapshot_bit_for_bit(tmp_pa
     assert list(steps) == list(range(40))  # one row per step: the re-done steps replaced, not duplicated
     assert sorted(p.name for p in (run_dir / "snapshots").iterdir()) == \
         ["step-000000030", "step-000000040", *old_snapshots]  # retention deleted only this run's own
+
+
+def test_partial_snapshot_writes_of_a_killed_run_are_cleared_when_the_run_dir_is_claimed(tmp_path):
+    _train(tmp_path, steps=3, policy="recover", recovery=RecoveryConfig(snapshot_every=1, disk_every=1))
+    leftover = tmp_path / "snapshots" / ".tmp-step-000000004-99999"  # a write killed with its process
+    leftover.mkdir()
+    (leftover / "tensors.safetensors").write_bytes(b"\0" * 1000)
+    _train(tmp_path, steps=4, resume=True, policy="recover", recovery=RecoveryConfig(snapshot_every=1, disk_every=1))
+    assert not leftover.exists()
+    assert any(p.name.startswith("step-") for p in (tmp_path / "snapshots").iterdir())
+
+
+def test_overwrite_clears_a_store_path_that_is_a_folder(tmp_path):
+    (tmp_path / "run.sqlite").mkdir()  # not a store keel can read: refused, and overwrite clears it
+    with pytest.raises(ValueError, match="a run store keel cannot read"):
+        _open(tmp_path)
+    _train(tmp_path, steps=2, overwrite=True)
+    with RunReader(tmp_path) as store:
+        assert list(store.signal("loss")[0]) == [0, 1]

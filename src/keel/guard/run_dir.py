@@ -237,7 +237,7 @@ def _clear(store_dir: Path | None, own: Path, *, world: int | None) -> None:
     """
     if store_dir is not None:
         for name in STORE_FILES:
-            (store_dir / name).unlink(missing_ok=True)
+            _remove(store_dir / name)
         shutil.rmtree(store_dir / EXPORT_DIR, ignore_errors=True)
         shutil.rmtree(store_dir / SNAPSHOT_DIR, ignore_errors=True)
         for folder in store_dir.glob("rank-*"):
@@ -245,6 +245,14 @@ def _clear(store_dir: Path | None, own: Path, *, world: int | None) -> None:
             if index.isdigit() and (world is None or int(index) >= world):
                 shutil.rmtree(folder / SNAPSHOT_DIR, ignore_errors=True)
     shutil.rmtree(own / SNAPSHOT_DIR, ignore_errors=True)
+
+
+def _remove(path: Path) -> None:
+    """Delete a file, or a folder in its place (a store path that is a folder is refused as unreadable first)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path)
+    else:
+        path.unlink(missing_ok=True)
 
 
 def _clear_partial_writes(own: Path) -> None:
