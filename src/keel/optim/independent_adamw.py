@@ -12,7 +12,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from keel.optim._helpers import check_betas, check_lr, check_range, refuse_float16
+from keel.optim._adam import fused_adamw_
+from keel.optim._helpers import check_betas, check_lr, check_range, moment_dtype, restore_state_dtypes
 from keel.optim._registry import optimizers
 
 
@@ -33,8 +34,10 @@ class IndependentAdamW(torch.optim.AdamW):
     Each group holds λ as ``independent_weight_decay``; its ``weight_decay`` entry is derived from it and
     overwritten at every step.
 
-    float16 parameters are refused (ValueError): torch's AdamW keeps its moments in float16, where they
-    underflow and the first step makes NaN. bfloat16, float32 and float64 work.
+    float16 parameters keep float32 moments and are updated through a float32 copy (torch's AdamW would keep
+    float16 moments, where 1e-3·g² underflows and ε rounds to 0, so its first step makes NaN); their state then
+    differs from torch's AdamW only in that dtype. ``amsgrad`` and ``maximize`` are refused with float16
+    parameters. bfloat16, float32 and float64 parameters go through torch's own kernels unchanged.
 
     Args:
         params: Parameters or parameter groups.
@@ -80,11 +83,12 @@ class IndependentAdamW(torch.optim.AdamW):
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         # torch's AdamW fills missing keys from self.defaults, which already holds λ once __init__ is done.
         super().add_param_group(param_group)
-        try:
-            refuse_float16("IndependentAdamW", self.param_groups[-1:])
-        except ValueError:
+        group = self.param_groups[-1]
+        flags = [k for k in ("amsgrad", "maximize") if group.get(k)]
+        if flags and any(p.dtype == torch.float16 for p in group["params"]):
             self.param_groups.pop()  # leave the optimizer as it was
-            raise
+            raise ValueError(f"IndependentAdamW: float16 parameters with {'=True, '.join(flags)}=True; allowed: "
+                             "float16 parameters with amsgrad=False and maximize=False, or float32/bfloat16 ones")
         if "independent_weight_decay" in self.defaults:
             self._prepare_group(self.param_groups[-1])
 
@@ -102,7 +106,39 @@ class IndependentAdamW(torch.optim.AdamW):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
         for group in self.param_groups:
             peak = float(group["initial_lr"])
             group["weight_decay"] = group["independent_weight_decay"] / peak if peak > 0 else 0.0
-        return super().step(closure)
+        half = [(group, p) for group in self.param_groups for p in group["params"]
+                if p.dtype == torch.float16 and p.grad is not None]
+        grads = [p.grad for _, p in half]
+        for _, p in half:
+            p.grad = None  # hidden from torch's AdamW, which would give them float16 moments
+        try:
+            super().step()
+        finally:
+            for (_, p), grad in zip(half, grads, strict=True):
+                p.grad = grad
+        for group, p in half:
+            self._step_float16(group, p)
+        return loss
+
+    def _step_float16(self, group: dict[str, Any], p: Tensor) -> None:
+        """AdamW's update of one float16 parameter with float32 moments (`moment_dtype`)."""
+        state = self.state[p]
+        if not state:
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+            state["exp_avg"] = torch.zeros_like(p, dtype=moment_dtype(p.dtype), memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
+        state["step"] += 1
+        beta1, beta2 = group["betas"]
+        fused_adamw_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=float(group["lr"]),
+                     beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict)  # float16 parameters' float32 moments, exactly as saved
