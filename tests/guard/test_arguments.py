@@ -167,3 +167,44 @@ def test_any_loss_is_stepped_or_one_value_error(loss):
         assert "loss" in str(exc) and "allowed" in str(exc)
     finally:
         guard.close()
+
+
+def test_track_after_the_first_step_is_refused(tmp_path):
+    class Position:
+        def __init__(self):
+            self.i = 0
+
+        def state_dict(self):
+            return {"i": self.i}
+
+        def load_state_dict(self, state):
+            self.i = state["i"]
+
+    guard = _guard()
+    guard.track(Position())
+    with pytest.raises(ValueError, match=r"track\(name=3\); allowed: a non-empty str"):
+        guard.track(Position(), name=3)
+    guard.step(0.5)
+    with pytest.raises(ValueError, match=r"track\('late'\) after 1 step\(s\) of this Guard: .*allowed: track\(\) before"):
+        guard.track(Position(), name="late")
+
+
+def test_a_resumed_run_starts_with_no_disabled_components(tmp_path):
+    from keel.store import RunReader
+    from tests.guard.test_component_failures import _ReturnsValue
+
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = Guard(model, opt, run_dir=str(tmp_path), policy="recover", probes=["loss", _ReturnsValue("x")],
+                  recovery=RecoveryConfig(disk_every=1, snapshot_every=1))
+    for _ in range(3):
+        F.mse_loss(model(torch.ones(2, 8)), torch.zeros(2, 4)).backward()
+        guard.step(0.5)
+        opt.zero_grad()
+    guard.close()
+    with RunReader(tmp_path) as run:
+        assert run.meta()["disabled"] == ["custom"]
+    guard = Guard(model, opt, run_dir=str(tmp_path), policy="recover", resume=True)
+    guard.close()
+    with RunReader(tmp_path) as run:
+        assert run.meta()["disabled"] == []

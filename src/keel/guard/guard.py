@@ -30,8 +30,8 @@ from keel._core.errors import GuardClosed, KeelWarning, TrainingAborted
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect import Detector, default_detectors
-from keel.guard.distributed import DistributedConfig, RankSync
 from keel.guard.components import Components
+from keel.guard.distributed import DistributedConfig, RankSync
 from keel.guard.environment import describe_environment
 from keel.guard.options import check_arguments, check_loss, check_probes, check_run_dir
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
@@ -191,13 +191,15 @@ class Guard:
         meta.update(policy=policy, seed=seed, config=config or {}, status="running",
                     model={"class": type(model).__name__, "parameters": sum(p.numel() for _, p in self.named)},
                     optimizer={"class": type(optimizer).__name__, "groups": len(optimizer.param_groups)},
-                    probes=[p.name for p in self.probes], detectors=[d.name for d in self.detectors])
+                    probes=[p.name for p in self.probes], detectors=[d.name for d in self.detectors],
+                    disabled=[])  # this process's components; a resumed run's earlier list no longer holds
         if self.dist is not None:
             meta["distributed"] = self.dist.describe()
         self.recorder.meta(meta)
         self.recorder.meta({"run_id": self.run_dir.run_id})
         if self._resumed is not None:
             self.global_step = self._resumed.step
+        self._start_step = self.global_step
         if self.recovery is not None:
             # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR
             # far too high from the start) can only be undone by starting over with the remedy.
@@ -223,6 +225,12 @@ class Guard:
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
             raise ValueError(f"track({type(obj).__name__}): allowed: an object with state_dict() and "
                              "load_state_dict()")
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"track(name={name!r}); allowed: a non-empty str")
+        if self.global_step != self._start_step:
+            raise ValueError(f"track({name!r}) after {self.global_step - self._start_step} step(s) of this Guard: "
+                             "earlier snapshots lack the data position, and a resumed run's stored position "
+                             "would rewind the data; allowed: track() before the first step()")
         self.state.tracked[name] = obj
         if self._resumed is not None and name in self._resumed.plain["tracked"]:
             obj.load_state_dict(copy.deepcopy(self._resumed.plain["tracked"][name]))

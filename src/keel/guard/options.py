@@ -14,7 +14,6 @@ from typing import Any
 
 from torch import Tensor
 
-from keel.detect import Detector
 from keel.guard.distributed import DistributedConfig
 from keel.recover import POLICIES, RecoveryConfig
 from keel.signals import Probe
@@ -137,8 +136,8 @@ def _check_config(config: object, args: Mapping[str, Any]) -> None:
 _CHECKS = {"policy": _check_policy, "scheduler": _check_scheduler, "scaler": _check_scaler,
            "run_dir": _check_run_dir, "log_every": _check_log_every, "max_grad_norm": _check_max_grad_norm,
            "max_consecutive_skips": _check_max_consecutive_skips, "probes": _check_probes,
-           "detectors": _check_detectors, "recovery": _check_recovery, "resume": _check_resume, "overwrite": _check_overwrite,
-           "config": _check_config, "seed": _check_seed, "distributed": _check_distributed}
+           "detectors": _check_detectors, "recovery": _check_recovery, "resume": _check_resume,
+           "overwrite": _check_overwrite, "config": _check_config, "seed": _check_seed, "distributed": _check_distributed}
 
 
 def check_detectors(detectors: object) -> None:
