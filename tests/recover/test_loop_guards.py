@@ -120,3 +120,50 @@ def test_history_survives_a_rollback_and_is_restored_on_resume(tmp_path):
     loaded = disk.load_newest()
     restore(fresh, loaded.tensors, loaded.skeleton, loaded.plain, resume=True)
     assert fresh.history["escalation"].rollback_steps == [7] and fresh.history["remedy"].lr_scale == 0.01
+
+
+class DivergingEvery(AlwaysDiverging):
+    """Critical divergence every ``period`` steps of its own count (it keeps counting across rollbacks)."""
+
+    name = "diverging_every"
+
+    def __init__(self, period: int) -> None:
+        super().__init__()
+        self.period, self.calls = period, 0
+
+    def update(self, obs):
+        self.calls += 1
+        return super().update(obs) if self.calls % self.period == 0 else []
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_lr_backoffs_spaced_wider_than_the_window_stop_at_min_lr_scale():
+    # rollbacks further apart than the escalation window never reach max_rollbacks; without a floor the
+    # LR back-off compounded without end (×1e-10 after ten)
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(model, opt, policy="recover", detectors=[DivergingEvery(15)],
+                  recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1, min_lr_scale=1e-3))
+    guard.escalation.config.rollback_window = 10
+    decisions = []
+    with pytest.raises(TrainingAborted, match=r"another back-off would take it below min_lr_scale=0.001"):
+        for x, y in make_batches(200):
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            decisions.append(guard.step(loss))
+            opt.zero_grad()
+    guard.close()
+    assert [d.action for d in decisions if d.action != "ok"] == ["rollback"] * 3
+    assert guard.recovery.remedy.lr_scale == pytest.approx(1e-3)
+    assert guard.decisions[-1].action == "abort" and "LR is already scaled by 0.001" in guard.decisions[-1].reason
+
+
+def test_min_lr_scale_is_checked():
+    with pytest.raises(ValueError, match=r"RecoveryConfig.min_lr_scale=0; allowed"):
+        RecoveryConfig(min_lr_scale=0)

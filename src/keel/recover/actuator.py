@@ -14,7 +14,7 @@ from dataclasses import replace
 import torch
 
 from keel._core.decision import Decision
-from keel.recover.recovery import Recovery
+from keel.recover.recovery import Recovery, RecoveryExhausted
 from keel.recover.state import TrainingState
 
 
@@ -98,6 +98,8 @@ class Actuator:
         try:
             result = self.recovery.rollback(decision.step, onset, decision.findings, rollbacks_in_window) \
                 if self.recovery is not None else None
+        except RecoveryExhausted as exc:
+            return replace(decision, action="abort", reason=f"{decision.reason}; no rollback: {exc}")
         except Exception as exc:  # keel's own failure: never kill the run; leave this update out and go on
             return replace(decision, action="skip",
                            reason=f"rollback failed ({type(exc).__name__}: {exc}); skipped the update instead. "

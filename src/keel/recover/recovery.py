@@ -41,6 +41,9 @@ class RecoveryConfig:
         quiet_steps: No snapshot within this many steps of a skip or a critical finding.
         rollback_margin: Roll back to a snapshot at least this many steps before the onset.
         lr_backoff: LR factor of the ``lr_backoff`` remedy (compounds over repeated rollbacks).
+        min_lr_scale: The smallest LR scale back-offs may reach: a rollback that would go below it aborts the
+            run instead (rollbacks spaced wider than the escalation window otherwise compound without end, and a
+            run creeping on at 1e-10 of its LR is stopped in all but name).
         cooldown_steps: Steps over which the LR scale ramps back to 1; ``None`` keeps it.
     """
 
@@ -53,6 +56,7 @@ class RecoveryConfig:
     quiet_steps: int = 5
     rollback_margin: int = 1
     lr_backoff: float = 0.1
+    min_lr_scale: float = 1e-3
     cooldown_steps: int | None = None
 
     def __post_init__(self) -> None:
@@ -66,6 +70,14 @@ class RecoveryConfig:
                 or not 0 < self.lr_backoff <= 1:
             raise ValueError(f"RecoveryConfig.lr_backoff={self.lr_backoff!r}; allowed: a number with "
                              "0 < lr_backoff <= 1")
+        if isinstance(self.min_lr_scale, bool) or not isinstance(self.min_lr_scale, (int, float)) \
+                or not 0 < self.min_lr_scale <= 1:
+            raise ValueError(f"RecoveryConfig.min_lr_scale={self.min_lr_scale!r}; allowed: a number with "
+                             "0 < min_lr_scale <= 1")
+
+
+class RecoveryExhausted(Exception):
+    """A rollback would need a remedy beyond its limit (`RecoveryConfig.min_lr_scale`): the run aborts instead."""
 
 
 @dataclass
@@ -151,11 +163,15 @@ class Recovery:
         snap = self.ring.newest_before(self._rollback_point(onset))
         if snap is None:
             return None
+        remedies = choose_remedies(findings, rollbacks_in_window)
+        scale = self.lr_scale(step)
+        if "lr_backoff" in remedies and scale * self.config.lr_backoff < self.config.min_lr_scale:
+            raise RecoveryExhausted(f"the LR is already scaled by {scale:.3g} after {self.rollbacks} rollback(s); "
+                                    f"another back-off would take it below min_lr_scale={self.config.min_lr_scale:g}")
         restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=False)
         self.ring.drop_after(snap.step)
         self.rollbacks += 1
         reseed(1_000_003 * snap.step + 7_919 * step + self.rollbacks)
-        remedies = choose_remedies(findings, rollbacks_in_window)
         done = apply_remedies(remedies, self.remedy, self.state.optimizer, step=step, lr_backoff=self.config.lr_backoff,
                               cooldown_steps=self.config.cooldown_steps, findings=findings)
         self._last_trouble = step
