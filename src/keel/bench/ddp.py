@@ -49,7 +49,9 @@ class DDPOverheadConfig:
     warmup: int = 3
 
     def __post_init__(self) -> None:
-        from keel._core.validate import require_ints
+        from keel._core.validate import check_types, require_ints
+
+        check_types(self)
 
         require_ints(self, "steps", "repeats", "batch_size", "seq_len")
         require_ints(self, "nproc", minimum=2)

@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch.optim import Optimizer
 
 from keel._core.argtypes import cpu_threads, device, positive_int
+from keel._core.validate import check_types
 from keel.optim import SPAM, AdaClip, IndependentAdamW, OrthoGrad, StableSPAM
 from keel.proxy import ProxyBatches, create_proxy_model
 
@@ -104,6 +105,7 @@ class OptimBenchConfig:
     steady_state: bool = True
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("d_model", "n_layers", "steps", "repeats", "grad_sets"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 raise ValueError(f"OptimBenchConfig.{name}={getattr(self, name)!r}; allowed: an int >= 1")

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from keel._core.argtypes import device, int_range, positive_int
-from keel._core.validate import require_ints
+from keel._core.validate import check_types, require_ints
 from keel.bench.loop import train_steps
 from keel.guard import Guard
 from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
@@ -50,6 +50,7 @@ class OverheadConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_types(self)
         require_ints(self, "batch_size", "seq_len", "steps", "repeats", "full_log_every")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"OverheadConfig.device={self.device!r}; allowed: cpu, cuda")

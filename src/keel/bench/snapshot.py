@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from keel._core.argtypes import ArgumentValueError, device, positive_int, show
+from keel._core.validate import check_types
 from keel.recover import SnapshotRing, TrainingState
 
 SIZES = {"50M": (2048, 12), "200M": (4096, 12)}
@@ -46,11 +47,12 @@ class SnapshotBenchConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        check_types(self)
         unknown = [s for s in self.sizes if s not in SIZES]
         if unknown:
-            raise ValueError(f"sizes={unknown}; allowed: {', '.join(SIZES)}")
+            raise ValueError(f"SnapshotBenchConfig.sizes={unknown}; allowed: {', '.join(SIZES)}")
         if self.repeats < 1:
-            raise ValueError(f"repeats={self.repeats}; allowed: an int >= 1")
+            raise ValueError(f"SnapshotBenchConfig.repeats={self.repeats}; allowed: an int >= 1")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("device='cuda' but no CUDA device is available; allowed: cpu")
 

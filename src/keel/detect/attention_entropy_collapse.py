@@ -21,6 +21,7 @@ from typing import Any
 
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
+from keel._core.validate import check_types
 from keel.detect.causes import cause_for
 from keel.detect.detector import DETECTORS
 from keel.detect.trend import TrendWindow
@@ -47,6 +48,7 @@ class EntropyCollapseConfig:
     critical_fraction: float = 0.05
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("baseline_points", "window"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 2:

@@ -27,6 +27,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
+from keel._core.validate import check_types
 from keel.detect.causes import cause_for
 from keel.detect.detector import DETECTORS
 
@@ -51,6 +52,7 @@ class EdgeOfStabilityConfig:
     history: int = 5
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not (self.jump >= 1 and math.isfinite(self.jump)):
             raise ValueError(f"EdgeOfStabilityConfig.jump={self.jump!r}; allowed: a finite number >= 1")
         if not isinstance(self.history, int) or self.history < 1:

@@ -23,6 +23,7 @@ from typing import Any
 
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
+from keel._core.validate import check_types
 from keel.detect.causes import cause_for
 from keel.detect.trend import TrendWindow
 
@@ -56,6 +57,7 @@ class GrowthConfig:
     patience: int = 2
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("short_window", "long_window", "patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (2 if "window" in name else 1):

@@ -16,7 +16,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import require_ints
+from keel._core.validate import check_types, require_ints
 from keel.detect.detector import DETECTORS
 
 MAX_NAMED = 20  # parameters named in a finding; the count covers the rest
@@ -33,6 +33,7 @@ class NonFiniteConfig:
     max_overflows: int = 20
 
     def __post_init__(self) -> None:
+        check_types(self)
         require_ints(self, "max_overflows")
 
 

@@ -22,6 +22,7 @@ from typing import Any
 
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
+from keel._core.validate import check_types
 from keel.detect.causes import cause_for
 from keel.detect.detector import DETECTORS
 from keel.detect.trend import TrendWindow
@@ -53,6 +54,7 @@ class OutputLogitDriftConfig:
     patience: int = 5
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("baseline_points", "window", "patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (2 if name == "window" else 1):

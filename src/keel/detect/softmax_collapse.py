@@ -25,6 +25,7 @@ from typing import Any
 
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
+from keel._core.validate import check_types
 from keel.detect.causes import cause_for
 from keel.detect.detector import DETECTORS
 
@@ -49,6 +50,7 @@ class SoftmaxCollapseConfig:
     patience: int = 2
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not 0 < self.warn_fraction <= self.critical_fraction <= 1:
             raise ValueError(f"SoftmaxCollapseConfig.warn_fraction={self.warn_fraction!r}, critical_fraction="
                              f"{self.critical_fraction!r}; allowed: 0 < warn_fraction <= critical_fraction <= 1")

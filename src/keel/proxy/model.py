@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from keel._core.validate import require_ints
+from keel._core.validate import check_types, require_ints
 
 
 @dataclass(kw_only=True)
@@ -42,6 +42,7 @@ class ProxyConfig:
     qk_norm: bool = False
 
     def __post_init__(self) -> None:
+        check_types(self)
         require_ints(self, "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio")
         if self.d_model % self.n_heads:
             raise ValueError(

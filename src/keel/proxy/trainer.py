@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from keel._core.decision import Decision
 from keel._core.errors import TrainingAborted
 from keel._core.finding import Finding
-from keel._core.validate import require_ints, require_positive
+from keel._core.validate import check_types, require_ints, require_positive
 from keel.guard import Guard
 from keel.losses import z_loss
 from keel.nn import stabilize
@@ -72,6 +72,7 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self)
         require_ints(self, "steps", "batch_size", "seq_len", "eval_batches")
         require_positive(self, "lr")
         if self.optimizer != "adamw" and self.optimizer not in list_optimizers():

@@ -22,7 +22,7 @@ from typing import Any, Literal
 from keel._core import keys
 from keel._core.decision import Decision
 from keel._core.finding import Finding
-from keel._core.validate import require_ints
+from keel._core.validate import check_types, require_ints
 
 Policy = Literal["observe", "skip", "recover"]
 POLICIES: tuple[Policy, ...] = ("observe", "skip", "recover")
@@ -53,6 +53,7 @@ class EscalationConfig:
     rollback_window: int = 500
 
     def __post_init__(self) -> None:
+        check_types(self)
         if self.policy not in POLICIES:
             raise ValueError(f"policy={self.policy!r}; allowed: {', '.join(POLICIES)}")
         require_ints(self, "max_consecutive_skips", "max_rollbacks", "rollback_window")

@@ -19,7 +19,7 @@ from typing import Any
 
 from keel._core.errors import KeelWarning
 from keel._core.finding import Finding
-from keel._core.validate import require_ints
+from keel._core.validate import check_types, require_ints
 from keel.recover.compat import describe_differences, setup_differences
 from keel.recover.disk import SNAPSHOT_DIR, DiskSnapshots
 from keel.recover.remedies import RemedyState, apply_remedies, choose_remedies, current_lr_scale
@@ -60,6 +60,7 @@ class RecoveryConfig:
     cooldown_steps: int | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         require_ints(self, "snapshot_every", "snapshot_every_on_warning", "keep_in_memory", "keep_on_disk")
         require_ints(self, "keep_pinned", "quiet_steps", "rollback_margin", minimum=0)
         if self.disk_every is not None:

@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from keel._core.errors import KeelWarning
+from keel._core.validate import check_types
 from keel.signals._hooks import find_blocks, hooks_active, looks_like_sequence_model, named_modules_by_name
 from keel.signals.attn_logits import due
 from keel.signals.norms import accumulation_dtype
@@ -54,6 +55,7 @@ class ActivationRmsConfig:
     modules: list[str] | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"ActivationRmsConfig.every={self.every!r}; allowed: an int >= 1")
 

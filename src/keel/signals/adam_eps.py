@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from keel._core.validate import check_types
 from keel.signals.attn_logits import due
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
@@ -48,6 +49,7 @@ class AdamEpsConfig:
     every: int = 50
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"AdamEpsConfig.every={self.every!r}; allowed: an int >= 1")
 

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from keel._core.validate import check_types
 from keel.signals import _attention_tap
 from keel.signals._hooks import looks_like_sequence_model
 from keel.signals.attn_logits import NoAttentionFoundWarning, due
@@ -52,6 +53,7 @@ class AttnEntropyConfig:
     modules: list[str] | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"AttnEntropyConfig.every={self.every!r}; allowed: an int >= 1")
 

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from keel._core.errors import KeelWarning
+from keel._core.validate import check_types
 from keel.signals import _attention_tap
 from keel.signals._hooks import looks_like_sequence_model
 from keel.signals.probe import Measurements, PerParam, StepContext
@@ -58,6 +59,7 @@ class AttnLogitsConfig:
     modules: list[str] | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("every", "fused_every"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

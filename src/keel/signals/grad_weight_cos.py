@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from keel._core.validate import check_types
 from keel.signals.attn_logits import due
 from keel.signals.norms import accumulation_dtype
 from keel.signals.probe import Measurements, PerParam, StepContext
@@ -43,6 +44,7 @@ class GradWeightCosConfig:
     every: int = 10
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"GradWeightCosConfig.every={self.every!r}; allowed: an int >= 1")
 

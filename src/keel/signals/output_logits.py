@@ -44,6 +44,7 @@ import torch
 from torch import Tensor, nn
 
 from keel._core.errors import KeelWarning
+from keel._core.validate import check_types
 from keel.signals._hooks import find_output_head, hooks_active, named_modules_by_name
 from keel.signals._softmax_head import SoftmaxHeadCheck, shifts_labels, trusted_head
 from keel.signals.attn_logits import due
@@ -80,6 +81,7 @@ class OutputLogitsConfig:
     precision: str | None = None
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"OutputLogitsConfig.every={self.every!r}; allowed: an int >= 1")
         if self.precision is not None and self.precision not in _PRECISIONS:

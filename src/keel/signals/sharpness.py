@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 
 from keel._core.errors import KeelWarning
+from keel._core.validate import check_types
 from keel.signals._hooks import quiet
 from keel.signals.probe import Measurements, StepContext
 from keel.signals.registry import PROBES
@@ -83,6 +84,7 @@ class SharpnessConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
+        check_types(self)
         for name in ("every", "iters"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:

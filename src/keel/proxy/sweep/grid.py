@@ -12,7 +12,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from keel._core.validate import require_ints
+from keel._core.validate import check_types, require_ints
 from keel.proxy.model import list_proxy_sizes
 from keel.proxy.sweep.recipes import DEFAULT_RECIPES, Recipe, resolve_recipe
 from keel.proxy.trainer import TrainConfig
@@ -82,6 +82,7 @@ class SweepConfig:
     eval_batches: int = 8
 
     def __post_init__(self) -> None:
+        check_types(self)
         require_ints(self, "steps", "batch_size", "seq_len", "eval_batches")
         require_ints(self, "warmup", minimum=0)
         for name in ("recipes", "lrs", "sizes", "seeds"):
