@@ -11,9 +11,16 @@ median), spaced at the series' logging stride, put before its first row. The pre
 (larger than a 100B-parameter run's, so it makes detection harder, not easier); alarms inside it count as
 false alarms. No threshold is set per file: every series runs through `keel.detect.default_detectors()`.
 
+**Big logs** (``--sizes``): `keel doctor` on generated CSVs of the given numbers of rows — step, loss,
+grad_norm, lr and a text column, with what long runs have (a resume that logs 1,000 steps again at 70 %, a
+NaN loss every 100k rows, an empty grad-norm cell every 10th row) — each measured in a child process of its
+own: wall time (reading, then the rest), the same without detectors (what the doctor itself costs), and peak
+RSS. The record-based reader it replaced (`keel.bench._doctor_legacy`) runs on the same files for the ratio.
+
 Example:
     keel bench doctor --data ../shared/data/realruns
     keel bench doctor --json
+    keel bench doctor --sizes 10000 100000 1000000
 """
 
 from __future__ import annotations
@@ -21,13 +28,21 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import resource
 import statistics
+import subprocess
 import sys
+import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from keel.doctor import RawLog, diagnose, logging_stride, read_log
+import numpy as np
+
+from keel.bench import _doctor_legacy as legacy
+from keel.doctor import RawLog, diagnose, read_log
 from keel.doctor.timeline import build_timeline
 
 DEFAULT_DATA = Path("..") / "shared" / "data" / "realruns"
@@ -69,9 +84,9 @@ def score_series(path: Path, label: dict[str, Any], prefix: list[tuple[float, fl
     log = read_log(path)
     result = diagnose(log)
     timeline = build_timeline(log)
-    stride = logging_stride(timeline.observations)
+    stride = result.summary["stride"]
     alarms = result.at_least("warning")
-    score = SeriesScore(file=path.name, label=label.get("label", "?"), points=len(timeline.observations),
+    score = SeriesScore(file=path.name, label=label.get("label", "?"), points=len(timeline),
                         stride=stride, warnings=result.count("warning"), criticals=result.count("critical"),
                         infos=result.count("info"),
                         alarms=[f"{f.step} {f.kind} {f.severity}" for f in alarms])
@@ -80,13 +95,13 @@ def score_series(path: Path, label: dict[str, Any], prefix: list[tuple[float, fl
         return score
     first = events[0]
     score.event_step = first
-    score.context = sum(o.step < first for o in timeline.observations)
+    score.context = int((timeline.steps < first).sum())
     _score_window(score.__dict__, alarms, first - 2 * stride, prefix_end=None)
     if prefix is not None:
         prefixed_log = with_prefix(log, prefix, first, stride)
         prefixed = diagnose(prefixed_log).at_least("warning")
         out: dict[str, Any] = {}
-        _score_window(out, prefixed, first - 2 * stride, prefix_end=log.records[0][0])
+        _score_window(out, prefixed, first - 2 * stride, prefix_end=int(log.records.steps[0]))
         score.prefixed = out
     return score
 
@@ -124,7 +139,7 @@ def with_prefix(log: RawLog, prefix: list[tuple[float, float]], first_event: int
     start = log.records[0][0] - stride * len(prefix)
     records = [(start + i * stride, {c: level * point[idx] for c, (level, idx) in levels.items()})
                for i, point in enumerate(prefix)]
-    return RawLog(source=log.source, format=log.format, records=records + log.records,
+    return RawLog(source=log.source, format=log.format, records=records + list(log.records),
                   step_column=log.step_column)
 
 
@@ -158,13 +173,127 @@ def format_markdown(scores: list[SeriesScore]) -> str:
     return "\n".join(lines)
 
 
+def write_sweep_log(path: Path, rows: int, seed: int = 0) -> None:
+    """A CSV training log of ``rows`` rows (see the module docstring for what it holds)."""
+    rng = np.random.default_rng(seed)
+    i = np.arange(rows)
+    steps = i.copy()
+    resume = int(rows * 0.7)
+    steps[resume:] -= min(1000, resume)  # resumed from a checkpoint 1,000 steps back
+    loss = (2.0 + 3.0 * np.exp(-i / max(1, rows / 10))) * (1 + 0.02 * rng.standard_normal(rows))
+    loss[i % 100_000 == 99_999] = np.nan
+    grad = np.exp(0.1 * rng.standard_normal(rows))
+    lr = 1e-3 * np.minimum(1.0, (i + 1) / 1000)
+    with path.open("w") as fh:
+        fh.write("step,loss,grad_norm,lr,phase\n")
+        for lo in range(0, rows, 65536):
+            hi = min(lo + 65536, rows)
+            fh.write("".join(_row(*cells) for cells in zip(steps[lo:hi].tolist(), loss[lo:hi].tolist(),
+                                                            grad[lo:hi].tolist(), lr[lo:hi].tolist(), strict=True)))
+
+
+def _row(step: int, loss: float, grad: float, lr: float) -> str:
+    grad_cell = "" if step % 10 == 9 else f"{grad:.6g}"
+    return f"{step},{loss:.6g},{grad_cell},{lr:.6g},{'warmup' if step < 1000 else 'main'}\n"
+
+
+def measure(path: str, reader: str) -> dict[str, Any]:
+    """`keel doctor` on ``path`` in this process, with today's reader (``"columnar"``) or the old one
+    (``"records"``): seconds to read, to diagnose, to diagnose without detectors, and the peak RSS."""
+    start_rss = peak_rss_mb()
+    read, diagnose_ = (read_log, diagnose) if reader == "columnar" else (legacy.read_csv_log, legacy.diagnose)
+    t0 = time.perf_counter()
+    log = read(path)
+    t1 = time.perf_counter()
+    result = diagnose_(log)
+    t2 = time.perf_counter()
+    peak = peak_rss_mb()
+    diagnose_(log, detectors=lambda: [])
+    t3 = time.perf_counter()
+    return {"read_s": t1 - t0, "diagnose_s": t2 - t1, "total_s": t2 - t0, "without_detectors_s": t1 - t0 + t3 - t2,
+            "peak_rss_mb": peak, "rss_after_imports_mb": start_rss, "findings": len(result.findings)}
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory, MB: Linux's VmHWM, which starts afresh at exec; ``ru_maxrss``
+    elsewhere (on Linux it keeps the forking parent's peak, so a small child would report the parent's)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 * 1024 if sys.platform == "darwin" else 1024)
+
+
+def _child(path: Path, reader: str, timeout: float) -> dict[str, Any]:
+    src = str(Path(__file__).resolve().parents[2])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    code = f"import json; from keel.bench.doctor import measure; print(json.dumps(measure({str(path)!r}, {reader!r})))"
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
+    if proc.returncode:
+        raise RuntimeError(f"the {reader} child failed: {proc.stderr.strip().splitlines()[-1:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def sweep(sizes: list[int], *, baseline: bool = True, repeats: int = 1, timeout: float = 3600) -> list[dict[str, Any]]:
+    """One row per size: the columnar reader's figures (median of ``repeats`` children) and the old one's."""
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="keel-bench-doctor-") as tmp:
+        for size in sizes:
+            path = Path(tmp) / f"log_{size}.csv"
+            write_sweep_log(path, size)
+            row: dict[str, Any] = {"rows": size, "mb": path.stat().st_size / 1e6}
+            for reader in ("columnar", "records") if baseline else ("columnar",):
+                runs = [_child(path, reader, timeout) for _ in range(repeats)]
+                row[reader] = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
+            path.unlink()
+            rows.append(row)
+    return rows
+
+
+def format_sweep(rows: list[dict[str, Any]]) -> str:
+    lines = ["| rows | file MB | total s | read s | without detectors s | peak RSS MB | old total s | old peak RSS MB "
+             "| speed-up | memory ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        new, old = r["columnar"], r.get("records")
+        tail = (f"{old['total_s']:.1f} | {old['peak_rss_mb']:.0f} | {old['total_s'] / new['total_s']:.1f}× | "
+                f"{old['peak_rss_mb'] / new['peak_rss_mb']:.1f}×" if old else "– | – | – | –")
+        lines.append(f"| {r['rows']:,} | {r['mb']:.0f} | {new['total_s']:.2f} | {new['read_s']:.2f} | "
+                     f"{new['without_detectors_s']:.2f} | {new['peak_rss_mb']:.0f} | {tail} |")
+    return "\n".join(lines)
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
                         help="the folder with labels.json and the CSVs (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
+    parser.add_argument("--sizes", type=_positive, nargs="+", default=None, metavar="ROWS",
+                        help="instead: time keel doctor on generated CSVs of these many rows (a size sweep)")
+    parser.add_argument("--no-baseline", action="store_true",
+                        help="with --sizes: skip the old record-based reader (slow on big logs)")
+    parser.add_argument("--repeats", type=_positive, default=1, help="with --sizes: children per size (median)")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value}; allowed: 1 or more")
+    return value
 
 
 def main(args: argparse.Namespace) -> int:
+    if getattr(args, "sizes", None):
+        rows = sweep(args.sizes, baseline=not args.no_baseline, repeats=args.repeats)
+        if args.json:
+            print(json.dumps(rows, indent=2))
+        else:
+            print(f"keel bench doctor --sizes: {os.cpu_count()} CPU(s), Python {sys.version.split()[0]}\n")
+            print(format_sweep(rows))
+        return 0
     if not (args.data / "labels.json").is_file():
         print(f"keel bench doctor: error: no labels.json in {args.data}", file=sys.stderr)
         return 2

@@ -12,14 +12,17 @@ from keel.doctor.diagnose import diagnose, diagnose_log, logging_stride, scale_f
 from keel.doctor.formats import FORMATS, detect_format, read_log
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.result import DoctorResult
+from keel.doctor.table import Column, LogTable
 from keel.doctor.text import format_result
 from keel.doctor.timeline import Timeline, build_timeline
 
 __all__ = [
     "ALIASES",
+    "Column",
     "DoctorResult",
     "FORMATS",
     "LogReadError",
+    "LogTable",
     "RawLog",
     "STEP_COLUMNS",
     "Timeline",

@@ -1,4 +1,4 @@
-"""Reading a file as text, with one clear error for binary data or a wrong encoding."""
+"""Reading a file as text, with one clear error for an empty file, binary data or a wrong encoding."""
 
 from __future__ import annotations
 
@@ -6,13 +6,29 @@ from pathlib import Path
 
 from keel.doctor.log import LogReadError
 
+HEAD_BYTES = 65536  # looked at for NUL bytes: a binary file shows one early
+
+
+def check_text_head(path: Path) -> None:
+    """`LogReadError` when the file is empty or its first 64 KiB hold a NUL byte (binary data, not a log).
+
+    For readers that stream the file; an undecodable byte further on is theirs to report.
+    """
+    with path.open("rb") as fh:
+        head = fh.read(HEAD_BYTES)
+        if not head.strip() and not fh.read(1):
+            raise LogReadError(f"{path}: the file is empty")
+    nul = head.find(b"\x00")
+    if nul >= 0:
+        raise LogReadError(f"{path}: binary data (a NUL byte at offset {nul}), not a text log")
+
 
 def read_text(path: Path) -> str:
     """The file's text (UTF-8, a BOM ignored); `LogReadError` when it is empty or not text."""
     data = path.read_bytes()
     if not data.strip():
         raise LogReadError(f"{path}: the file is empty")
-    nul = data.find(b"\x00", 0, 65536)
+    nul = data.find(b"\x00", 0, HEAD_BYTES)
     if nul >= 0:
         raise LogReadError(f"{path}: binary data (a NUL byte at offset {nul}), not a text log")
     try:

@@ -3,17 +3,36 @@
 Numeric columns become signals; a column whose non-empty cells are mostly text (a date, a run name) is
 left out and listed. In a numeric column an empty cell means "not logged at this step", ``nan``/``inf``
 are kept as written (a NaN loss is a finding), and a stray text cell is treated as empty and counted.
+
+The file is streamed: the `csv` module parses a block of rows at a time, each block is turned into columns
+(``zip``) and each column into floats with one ``map(float, …)`` (cell by cell only when a block holds an
+empty or text cell), and only the numbers are kept, in arrays. Memory is the numbers, not the text: a
+million-row log with four numeric columns and a text column holds about 70 MB. A row the `csv` module cannot
+read — a cell over its 128 KiB limit — is skipped and named in the notes; a header it cannot read is an error.
+Two columns with one name keep both: the first under that name, the next as ``name (column N)``, with a note.
 """
 
 from __future__ import annotations
 
 import csv
-import io
+import itertools
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TextIO
 
-from keel.doctor._text import read_text
+import numpy as np
+
+from keel.doctor._text import check_text_head
 from keel.doctor.columns import STEP_COLUMNS, find_step_column
-from keel.doctor.log import LogReadError, RawLog, parse_number, parse_step
+from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.table import MAX_STEP, Column, LogTable
+
+MAX_COLUMNS = 100_000  # more columns than any training log has; a header with more is not one
+_CHUNK_CELLS = 1 << 19  # cells parsed before a block is turned into columns (~30 MB of str objects at most)
+_BLOCK_CHARS = 1 << 20  # characters read from the file at a time
+_SNIFF_CHARS = 8192
 
 
 def read_csv_log(path: str | Path) -> RawLog:
@@ -29,57 +48,216 @@ def read_csv_log(path: str | Path) -> RawLog:
         LogReadError: Empty, not text, no header, no step column, or no data row with a step.
     """
     path = Path(path)
-    text = read_text(path)
-    rows = list(csv.reader(io.StringIO(text), dialect=_dialect(text)))
-    rows = [row for row in rows if any(cell.strip() for cell in row)]
-    if not rows:
-        raise LogReadError(f"{path}: the file is empty")
-    header = [cell.strip() for cell in rows[0]]
+    check_text_head(path)
+    with path.open(encoding="utf-8-sig", newline="") as fh:
+        try:
+            return _read(path, fh)
+        except UnicodeDecodeError:
+            raise LogReadError(f"{path}: not UTF-8 text (an undecodable byte after the first "
+                               f"{fh.buffer.tell()} bytes)") from None
+
+
+@dataclass
+class _Numbers:
+    """What one column held so far: its numbers (in rows with a step) and how many cells were text.
+
+    The numbers grow in `array`s rather than as a list of per-block arrays: a file with thousands of columns
+    has blocks of a few rows, and an array object per column per block would cost more than the numbers.
+    """
+
+    name: str
+    rows: array = field(default_factory=lambda: array("q"))
+    values: array = field(default_factory=lambda: array("d"))
+    cells: int = 0  # non-empty cells, in every row (text or not is decided over all of them)
+    parsed: int = 0  # non-empty cells that are numbers
+    text_with_step: int = 0  # text cells in rows that have a step (counted if the column stays numeric)
+
+
+class _Blocks:
+    """The file's lines, read ``_BLOCK_CHARS`` at a time; ``count`` says how many blocks have been read."""
+
+    def __init__(self, fh: TextIO) -> None:
+        self.fh = fh
+        self.count = 0
+
+    def lines(self) -> Iterator[str]:
+        return itertools.chain.from_iterable(self._blocks())
+
+    def _blocks(self) -> Iterator[list[str]]:
+        while block := self.fh.readlines(_BLOCK_CHARS):
+            self.count += 1
+            yield block
+
+
+def _read(path: Path, fh: TextIO) -> RawLog:
+    dialect = _dialect(fh)
+    blocks = _Blocks(fh)
+    reader = csv.reader(blocks.lines(), dialect)
+    skipped: list[str] = []  # rows the csv module could not read
+    header = _header(path, reader)
     step_column = find_step_column(header)
     if step_column is None:
         raise LogReadError(f"{path}: no step column among {', '.join(header[:12]) or '(none)'}; "
                            f"allowed names: {', '.join(STEP_COLUMNS)}")
-    body = rows[1:]
-    if not body:
-        raise LogReadError(f"{path}: a header but no data rows")
     step_index = header.index(step_column)
-    log = RawLog(source=str(path), format="csv", step_column=step_column)
-    numeric = []
+    names, renamed = _unique_names(header)
+    numbers = {i: _Numbers(name) for i, name in enumerate(names) if i != step_index and name}
+    state = _State(width=len(header), step_index=step_index, numbers=numbers)
+    chunk_rows = max(1, _CHUNK_CELLS // len(header))
+    pending: list[list[str]] = []
+    seen_blocks = blocks.count
+    while True:
+        try:
+            for row in reader:
+                pending.append(row)
+                if len(pending) >= chunk_rows or blocks.count != seen_blocks:
+                    state.add(pending)
+                    pending, seen_blocks = [], blocks.count
+            break
+        except csv.Error as exc:  # a cell over the csv module's limit: that row is lost, the rest is read
+            skipped.append(f"line {reader.line_num} ({exc})")
+    state.add(pending)
+    return _finish(path, state, step_column, renamed, skipped)
+
+
+def _header(path: Path, reader: Iterator[list[str]]) -> list[str]:
+    """The first row with a non-blank cell, stripped."""
+    while True:
+        try:
+            row = next(reader, None)
+        except csv.Error as exc:
+            raise LogReadError(f"{path}: the header line cannot be read ({exc})") from None
+        if row is None:
+            raise LogReadError(f"{path}: the file is empty")
+        if any(cell.strip() for cell in row):
+            if len(row) > MAX_COLUMNS:
+                raise LogReadError(f"{path}: the header has {len(row)} columns; at most {MAX_COLUMNS} are read")
+            return [cell.strip() for cell in row]
+
+
+def _unique_names(header: list[str]) -> tuple[list[str], list[str]]:
+    """The column names with each repeated one made distinct (``loss (column 3)``), and notes saying so."""
+    names: list[str] = []
+    first: dict[str, int] = {}
+    notes = []
+    taken = set(header)
     for i, name in enumerate(header):
-        if i == step_index or not name:
-            continue
-        cells = [row[i].strip() for row in body if i < len(row) and row[i].strip()]
-        parsed = sum(parse_number(c) is not None for c in cells)
-        if cells and parsed * 2 < len(cells):
-            log.text_columns.append(name)
+        if name and name in first:
+            new = f"{name} (column {i + 1})"
+            while new in taken:
+                new += "'"
+            taken.add(new)
+            notes.append(f"column {i + 1} is also named {name!r}: {name!r} is column {first[name] + 1}, "
+                         f"column {i + 1} is read as {new!r}")
+            names.append(new)
         else:
-            numeric.append((i, name))
-    no_step = text_cells = 0
-    for row in body:
-        step = parse_step(row[step_index]) if step_index < len(row) else None
-        if step is None:
-            no_step += 1
-            continue
-        values: dict[str, float] = {}
-        for i, name in numeric:
-            cell = row[i] if i < len(row) else ""
-            value = parse_number(cell)
-            if value is not None:
-                values[name] = value
-            elif cell.strip():
-                text_cells += 1
-        log.records.append((step, values))
-    if not log.records:
-        raise LogReadError(f"{path}: no row has an integer in the step column {step_column!r}")
-    if no_step:
-        log.notes.append(f"{no_step} row(s) without an integer step were skipped")
+            first.setdefault(name, i)
+            names.append(name)
+    return names, notes
+
+
+@dataclass
+class _State:
+    """Blocks of parsed rows → step and number columns, and what was counted on the way."""
+
+    width: int
+    step_index: int
+    numbers: dict[int, _Numbers]
+    steps: array = field(default_factory=lambda: array("q"))
+    records: int = 0  # rows with a step so far
+    body: int = 0  # non-blank rows after the header
+    no_step: int = 0
+
+    def add(self, rows: list[list[str]]) -> None:
+        if not rows:
+            return
+        width = self.width
+        if set(map(len, rows)) != {width}:  # ragged rows: missing cells are empty, extra ones ignored
+            rows = [row[:width] if len(row) > width else row + [""] * (width - len(row)) for row in rows]
+        columns = list(zip(*rows, strict=True))
+        steps = _floats(columns[self.step_index])[0]
+        valid = np.isfinite(steps) & (steps == np.floor(steps)) & (np.abs(steps) < MAX_STEP)
+        blank = 0
+        if not valid.all():
+            blank = sum(not any(cell.strip() for cell in rows[i]) for i in np.flatnonzero(~valid).tolist())
+            self.no_step += int((~valid).sum()) - blank
+        self.body += len(rows) - blank
+        row_ids = np.cumsum(valid) - 1 + self.records  # the table row of each valid row
+        self.steps.frombytes(steps[valid].astype(np.int64).tobytes())
+        self.records += int(valid.sum())
+        for i, col in self.numbers.items():
+            values, parsed, text = _floats(columns[i])
+            col.cells += int(parsed.sum() + text.sum())
+            col.parsed += int(parsed.sum())
+            col.text_with_step += int((text & valid).sum())
+            keep = parsed & valid
+            col.rows.frombytes(row_ids[keep].astype(np.int64).tobytes())
+            col.values.frombytes(values[keep].tobytes())
+
+
+def _floats(cells: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(values, which cells are numbers, which are text) of a column's cells; NaN where not a number.
+
+    ``float(cell)`` is `parse_number` for a cell: it ignores surrounding whitespace and reads ``nan``/``inf``.
+    """
+    try:
+        values = np.fromiter(map(float, cells), dtype=np.float64, count=len(cells))
+        everything = np.ones(len(cells), dtype=bool)
+        return values, everything, ~everything
+    except ValueError:  # an empty or a text cell in this block: cell by cell
+        pass
+    nan = float("nan")
+    numbers, parsed, text = [], [], []
+    for cell in cells:
+        try:
+            numbers.append(float(cell))
+            parsed.append(True)
+            text.append(False)
+        except ValueError:
+            numbers.append(nan)
+            parsed.append(False)
+            text.append(bool(cell.strip()))
+    return np.array(numbers, dtype=np.float64), np.array(parsed, dtype=bool), np.array(text, dtype=bool)
+
+
+def _finish(path: Path, state: _State, step_column: str, renamed: list[str], skipped: list[str]) -> RawLog:
+    lost = f" ({len(skipped)} unreadable row(s), first at {skipped[0]})" if skipped else ""
+    if not state.body:
+        raise LogReadError(f"{path}: a header but no data rows{lost}")
+    if not state.records:
+        raise LogReadError(f"{path}: no row has an integer in the step column {step_column!r}{lost}")
+    log = RawLog(source=str(path), format="csv", step_column=step_column)
+    columns = {}
+    text_cells = 0
+    for col in state.numbers.values():
+        if col.cells and col.parsed * 2 < col.cells:
+            log.text_columns.append(col.name)
+        else:
+            columns[col.name] = Column(rows=np.frombuffer(col.rows, dtype=np.int64),
+                                       values=np.frombuffer(col.values, dtype=np.float64))
+            text_cells += col.text_with_step
+    log.records = LogTable(np.frombuffer(state.steps, dtype=np.int64), columns)
+    if state.no_step:
+        log.notes.append(f"{state.no_step} row(s) without an integer step were skipped")
     if text_cells:
         log.notes.append(f"{text_cells} text cell(s) in numeric columns were read as not logged")
+    log.notes += renamed
+    if skipped:
+        log.notes.append(f"{len(skipped)} row(s) the csv module could not read were skipped: "
+                         + "; ".join(skipped[:5]) + (" …" if len(skipped) > 5 else ""))
     return log
 
 
-def _dialect(text: str) -> type[csv.Dialect] | csv.Dialect:
+def _dialect(fh: TextIO) -> type[csv.Dialect] | csv.Dialect:
+    """The sniffed dialect of the file's first 8 KiB (then the file is rewound)."""
+    head = fh.read(_SNIFF_CHARS)
     try:
-        return csv.Sniffer().sniff(text[:8192], delimiters=",\t;")
+        return csv.Sniffer().sniff(head, delimiters=",\t;")
     except csv.Error:
-        return csv.excel_tab if "\t" in text.partition("\n")[0] else csv.excel
+        first = head.partition("\n")[0]
+        while "\n" not in head and (more := fh.read(_BLOCK_CHARS)):  # a first line longer than the head
+            head = more
+            first += more.partition("\n")[0]
+        return csv.excel_tab if "\t" in first else csv.excel
+    finally:
+        fh.seek(0)

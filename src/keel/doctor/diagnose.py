@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import bisect
 import math
+import traceback
+from array import array
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from statistics import median
 from typing import Any
+
+import numpy as np
 
 from keel._core import keys
 from keel._core.finding import SEVERITIES, Finding
@@ -74,50 +77,114 @@ def diagnose_log(path: str | Path, *, format: str | None = None,
 def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
     """Run detectors over an already read `RawLog` (see `diagnose_log`)."""
     timeline = build_timeline(log)
-    stride = logging_stride(timeline.observations)
+    stride = _stride(timeline.steps)
     make = detectors or default_detectors
 
     def fresh() -> list[Detector]:
         return scale_for_stride(list(make()), stride)
 
     dets = fresh()
-    kept: list[Observation] = []  # the current segment's history, steps strictly increasing
-    checkpoints: list[tuple[int, list[dict[str, Any]]]] = [(0, [d.state_dict() for d in dets])]
+    # The current segment's history, steps strictly increasing: observation numbers and their steps (the
+    # observations themselves are made again when a rewind replays them).
+    kept, kept_steps = array("q"), array("q")
+    broken: dict[int, str] = {}  # detectors that raised (by position): switched off for the rest of the log
+    checkpoints: list[tuple[int, list[dict[str, Any] | None]]] = [(0, _states(dets, broken))]
     findings: list[Finding] = []
     restarts: list[dict[str, int]] = []
 
     def rewind(to_step: int) -> list[Detector]:
         """Detectors as they were at the start of ``to_step``; the history from there on is dropped."""
-        keep = bisect.bisect_left([o.step for o in kept], to_step)
+        keep = bisect.bisect_left(kept_steps, to_step)
         while checkpoints[-1][0] > keep:
             checkpoints.pop()
         start, states = checkpoints[-1]
         rewound = fresh()
         for det, state in zip(rewound, states, strict=True):
-            det.load_state_dict(state)
-        del kept[keep:]
-        for old in kept[start:]:
-            for det in rewound:
-                det.update(old)  # replay quietly: these findings were reported the first time
+            if state is not None:
+                det.load_state_dict(state)
+        del kept[keep:], kept_steps[keep:]
+        for first, stop in _runs(kept[start:]):
+            for old in timeline.iter_observations(first, stop):
+                _update(rewound, old, broken)  # replay quietly: these findings were reported the first time
         return rewound
 
-    for obs in timeline.observations:
-        if kept and obs.step <= kept[-1].step:
-            restarts.append({"step": obs.step, "after_step": kept[-1].step})
+    for index, obs in enumerate(timeline.iter_observations()):
+        if kept and obs.step <= kept_steps[-1]:
+            restarts.append({"step": obs.step, "after_step": kept_steps[-1]})
             dets = rewind(obs.step)
-        found = [f for det in dets for f in det.update(obs)]
+        found = _update(dets, obs, broken)
         if restarts:
             found = [replace(f, evidence={**f.evidence, "segment": len(restarts)}) for f in found]
         findings += found
-        kept.append(obs)
+        kept.append(index)
+        kept_steps.append(obs.step)
         if len(kept) - checkpoints[-1][0] >= CHECKPOINT_EVERY:
-            checkpoints.append((len(kept), [d.state_dict() for d in dets]))
+            checkpoints.append((len(kept), _states(dets, broken)))
         if obs.step in log.rollbacks:
             # The Guard rolled back here: its detectors went back to their state at the start of the
             # restored step, and the run went on with the next step number.
             dets = rewind(log.rollbacks[obs.step])
     summary = _summary(log, timeline, stride, restarts, findings, fresh())
+    summary["notes"] += broken.values()
     return DoctorResult(source=log.source, format=log.format, findings=findings, summary=summary)
+
+
+def _update(detectors: list[Detector], obs: Observation, broken: dict[int, str]) -> list[Finding]:
+    """Every detector's findings on ``obs``; one that raises is switched off, with a ``keel_error`` finding.
+
+    A bug in one detector must not cost the diagnosis of the whole log (the Guard's rule: a component's
+    failure disables that component only).
+    """
+    found: list[Finding] = []
+    for i, det in enumerate(detectors):
+        if i in broken:
+            continue
+        try:
+            found += det.update(obs)
+        except Exception as exc:  # noqa: BLE001 - any bug in a detector, reported as one
+            found.append(_keel_error(det, obs.step, exc))
+            broken[i] = (f"the {_label(det)} detector raised {type(exc).__name__} at step {obs.step} and was "
+                         "switched off for the rest of the log")
+    return found
+
+
+def _runs(indices: array) -> Iterator[tuple[int, int]]:
+    """[first, stop) of each run of consecutive numbers in ``indices`` (increasing)."""
+    if not len(indices):
+        return
+    ids = np.frombuffer(indices, dtype=np.int64)
+    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
+    starts = [0, *breaks.tolist()]
+    ends = [*breaks.tolist(), len(ids)]
+    for a, b in zip(starts, ends, strict=True):
+        yield int(ids[a]), int(ids[b - 1]) + 1
+
+
+def _states(detectors: list[Detector], broken: dict[int, str]) -> list[dict[str, Any] | None]:
+    """Each working detector's state (None for one switched off, or whose ``state_dict`` raises)."""
+    states: list[dict[str, Any] | None] = []
+    for i, det in enumerate(detectors):
+        try:
+            states.append(None if i in broken else det.state_dict())
+        except Exception as exc:  # noqa: BLE001 - as in _update
+            broken[i] = f"the {_label(det)} detector's state_dict raised {type(exc).__name__}; it was switched off"
+            states.append(None)
+    return states
+
+
+def _label(det: Detector) -> str:
+    signal = getattr(getattr(det, "config", None), "signal", None)
+    return f"{det.name!r}" + (f" ({signal})" if signal else "")
+
+
+def _keel_error(det: Detector, step: int, exc: BaseException) -> Finding:
+    return Finding(step=step, kind="keel_error", severity="warning", signal=det.name,
+                   evidence={"error": f"{type(exc).__name__}: {exc}",
+                             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__,
+                                                                             limit=8))},
+                   cause=f"keel's {_label(det)} detector raised {type(exc).__name__}: {exc}. It is switched off "
+                         "for the rest of this log; the other detectors went on.",
+                   remedy="Please report this as a keel bug with the traceback (keel doctor --json shows it).")
 
 
 def logging_stride(observations: Sequence[Observation]) -> int:
@@ -127,8 +194,18 @@ def logging_stride(observations: Sequence[Observation]) -> int:
         >>> logging_stride([Observation(step=s) for s in (0, 10, 20, 30, 500, 510)])
         10
     """
-    diffs = [b.step - a.step for a, b in zip(observations, observations[1:], strict=False) if b.step > a.step]
-    return max(1, round(median(diffs))) if diffs else 1
+    return _stride(np.array([o.step for o in observations], dtype=np.int64))
+
+
+def _stride(steps: np.ndarray) -> int:
+    diffs = np.diff(steps)
+    diffs = diffs[diffs > 0]
+    n = len(diffs)
+    if not n:
+        return 1
+    low, high = (int(v) for v in np.partition(diffs, ((n - 1) // 2, n // 2))[[(n - 1) // 2, n // 2]])
+    middle = high if n % 2 else (low + high) / 2  # statistics.median's value, exactly
+    return max(1, round(middle))
 
 
 def scale_for_stride(detectors: list[Detector], stride: int) -> list[Detector]:
@@ -147,17 +224,13 @@ def scale_for_stride(detectors: list[Detector], stride: int) -> list[Detector]:
 
 def _summary(log: RawLog, timeline: Timeline, stride: int, restarts: list[dict[str, int]],
              findings: list[Finding], detectors: list[Detector]) -> dict[str, Any]:
-    obs = timeline.observations
-    steps = [o.step for o in obs]
-    gaps = [{"after_step": a, "next_step": b} for a, b in zip(steps, steps[1:], strict=False)
-            if b - a > GAP_FACTOR * stride]
-    signals: dict[str, dict[str, Any]] = {}
-    for o in obs:
-        for key, value in o.values.items():
-            entry = signals.setdefault(key, {"column": timeline.columns.get(key, key), "observations": 0,
-                                             "non_finite": 0})
-            entry["observations"] += 1
-            entry["non_finite"] += not math.isfinite(value)
+    steps = timeline.steps
+    after = np.flatnonzero(np.diff(steps) > GAP_FACTOR * stride)
+    gaps = [{"after_step": a, "next_step": b}
+            for a, b in zip(steps[after[:MAX_LISTED]].tolist(), steps[after[:MAX_LISTED] + 1].tolist(), strict=True)]
+    signals = {key: {"column": timeline.columns.get(key, key), "observations": len(col.rows),
+                     "non_finite": int(np.count_nonzero(~np.isfinite(col.values)))}
+               for key, col in timeline.signals.items()}
     counts = Counter(f.severity for f in findings)
     by_kind: dict[str, dict[str, int]] = {}
     for f in findings:
@@ -165,16 +238,16 @@ def _summary(log: RawLog, timeline: Timeline, stride: int, restarts: list[dict[s
     summary: dict[str, Any] = {
         "format": log.format,
         "records": len(log.records),
-        "observations": len(obs),
-        "first_step": min(steps) if steps else None,
-        "last_step": max(steps) if steps else None,
+        "observations": len(timeline),
+        "first_step": int(steps.min()) if len(steps) else None,
+        "last_step": int(steps.max()) if len(steps) else None,
         "stride": stride,
-        "gaps": {"count": len(gaps), "listed": gaps[:MAX_LISTED]},
+        "gaps": {"count": len(after), "listed": gaps},
         "restarts": {"count": len(restarts), "listed": restarts[:MAX_LISTED]},
         "signals": dict(sorted(signals.items(), key=lambda kv: (_rank(kv[0]), kv[0]))),
         "families": timeline.families,
         "text_columns": log.text_columns,
-        "detectors": [_readiness(det, obs) for det in detectors],
+        "detectors": [_readiness(det, timeline) for det in detectors],
         "counts": {s: counts.get(s, 0) for s in SEVERITIES},
         "by_kind": by_kind,
         "notes": list(log.notes) + ([f"{timeline.merged} same-step record(s) merged"]
@@ -197,7 +270,7 @@ def _rank(key: str) -> int:
     return _PRIMARY.index(key) if key in _PRIMARY else len(_PRIMARY)
 
 
-def _readiness(det: Detector, observations: Sequence[Observation]) -> dict[str, Any]:
+def _readiness(det: Detector, timeline: Timeline) -> dict[str, Any]:
     """When ``det`` first had enough history to flag anything in this log (None: never)."""
     info: dict[str, Any] = {"name": det.name}
     cfg = getattr(det, "config", None)
@@ -208,15 +281,17 @@ def _readiness(det: Detector, observations: Sequence[Observation]) -> dict[str, 
     if not isinstance(det, (SpikeDetector, DivergenceDetector)):
         return info  # other detectors' warm-up rules are their own; they say nothing until they can
     needed = det.config.min_history
+    col = timeline.signals.get(signal)
+    values = col.values if col is not None else np.zeros(0)
+    usable_at = np.isfinite(values)
     if isinstance(det, DivergenceDetector):
         needed = max(needed, det.config.short)
-        usable = [o.step for o in observations if math.isfinite(o.values.get(signal, math.nan))]
         armed_index = needed - 1  # it may flag from the observation that completes its history
     else:
-        positive = isinstance(det, SpikeDetector) and det.config.log_scale
-        usable = [o.step for o in observations if math.isfinite(x := o.values.get(signal, math.nan))
-                  and (x > 0 or not positive)]
+        if det.config.log_scale:
+            usable_at &= values > 0
         armed_index = needed  # the spike detector compares the value after min_history accepted ones
+    usable = timeline.steps[col.rows[usable_at]] if col is not None else np.zeros(0, dtype=np.int64)
     info.update(needs=needed, observations=len(usable),
-                armed_at_step=usable[armed_index] if len(usable) > armed_index else None)
+                armed_at_step=int(usable[armed_index]) if len(usable) > armed_index else None)
     return info

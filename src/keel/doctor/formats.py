@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import stat
 from collections.abc import Callable
 from pathlib import Path
 
@@ -42,14 +43,20 @@ def read_log(path: str | Path, format: str | None = None) -> RawLog:
         >>> import tempfile, pathlib
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "log.csv"
         >>> _ = p.write_text("step,loss\\n0,2.5\\n1,2.4\\n")
-        >>> read_log(p).records
+        >>> list(read_log(p).records)
         [(0, {'loss': 2.5}), (1, {'loss': 2.4})]
     """
+    if isinstance(path, str) and not path.strip():
+        # Path("") is the current folder: reading it would diagnose whatever happens to be there.
+        raise LogReadError(f"path={path!r}: an empty path; give a log file or a folder")
     path = Path(path)
     if format is not None and format not in READERS:
         raise LogReadError(f"format={format!r}; allowed: {', '.join(FORMATS)}")
     if not path.exists():
         raise LogReadError(f"{path}: no such file or folder")
+    if not (path.is_file() or path.is_dir()):
+        # A FIFO would block the read forever, a device would never end: only files and folders are logs.
+        raise LogReadError(f"{path}: not a regular file or folder ({_kind(path)}); give a log file or a folder")
     try:
         return READERS[format or detect_format(path)](path)
     except OSError as exc:
@@ -80,7 +87,8 @@ def detect_format(path: Path) -> str:
         return "csv"
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
-    head = path.read_bytes()[:4096]
+    with path.open("rb") as fh:
+        head = fh.read(4096)
     if not head.strip():
         raise LogReadError(f"{path}: the file is empty")
     if head.startswith(SQLITE_MAGIC[:6]):
@@ -98,3 +106,12 @@ def detect_format(path: Path) -> str:
         return "csv"
     raise LogReadError(f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, "
                        f"{STATE_NAME}, TensorBoard event files, keel run stores")
+
+
+def _kind(path: Path) -> str:
+    mode = path.stat().st_mode
+    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return name
+    return "neither a file nor a folder"

@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 
 from keel.doctor._text import read_text
-from keel.doctor.jsonl_log import records_from_objects
+from keel.doctor.jsonl_log import RepeatedKeys, load_json, records_from_objects
 from keel.doctor.log import LogReadError, RawLog
 
 STATE_NAME = "trainer_state.json"
@@ -40,21 +40,23 @@ def read_trainer_state(path: str | Path) -> RawLog:
         if found is None:
             raise LogReadError(f"{path}: no {STATE_NAME} in this folder or its checkpoint-* folders")
         path = found
+    repeats = RepeatedKeys()
     try:
-        state = json.loads(read_text(path))
-    except json.JSONDecodeError as exc:
-        raise LogReadError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+        state = load_json(read_text(path), repeats)
+    except ValueError as exc:
+        msg = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise LogReadError(f"{path}: not valid JSON ({msg})") from None
     history = state.get("log_history") if isinstance(state, dict) else None
     if not isinstance(history, list):
         raise LogReadError(f"{path}: no 'log_history' list, so not a Hugging Face trainer_state.json")
     if not history:
         raise LogReadError(f"{path}: 'log_history' is empty (nothing was logged yet)")
     entries = [e for e in history if not (isinstance(e, dict) and any(k in e for k in SUMMARY_KEYS))]
-    log = records_from_objects(path, entries, fmt="hf_trainer_state")
+    log = records_from_objects(path, entries, fmt="hf_trainer_state", repeats=repeats)
     if len(entries) < len(history):
         log.notes.append(f"{len(history) - len(entries)} end-of-training summary entr(ies) left out "
                          "(their train_loss is the mean of the whole run)")
     for key in ("global_step", "max_steps", "logging_steps", "eval_steps", "num_train_epochs"):
-        if isinstance(state.get(key), (int, float)):
+        if isinstance(state.get(key), (int, float)) and not isinstance(state[key], bool):
             log.meta[key] = state[key]
     return log

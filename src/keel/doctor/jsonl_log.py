@@ -1,20 +1,26 @@
 """JSON-lines logs: one JSON object per line, each with a step field (``step``, ``global_step``, ``_step`` …).
 
 Nested objects are flattened with ``/`` (``{"train": {"loss": 2}}`` → ``train/loss``). Numbers and numeric
-strings become signals (``NaN``/``Infinity`` as written); ``null`` means not logged; other values are text
-and left out. A JSON array of such objects (a ``.json`` file) is read the same way.
+strings become signals (``NaN``/``Infinity`` as written; an integer too large for a float as ±inf); ``null``
+means not logged; other values are text and left out. A key repeated in one object keeps its last value, as
+every JSON reader does, and the notes say which keys were repeated. A JSON array of such objects (a ``.json``
+file) is read the same way. The lines are streamed; a line nested too deeply to parse is counted as not JSON.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
-from keel.doctor._text import read_text
+from keel.doctor._text import check_text_head, read_text
 from keel.doctor.columns import STEP_COLUMNS, find_step_column
 from keel.doctor.log import LogReadError, RawLog, parse_number, parse_step
+from keel.doctor.table import TableBuilder
+
+MAX_LISTED = 5  # repeated keys named in a note
 
 
 def read_jsonl_log(path: str | Path) -> RawLog:
@@ -24,43 +30,127 @@ def read_jsonl_log(path: str | Path) -> RawLog:
         LogReadError: Empty, not text, not JSON lines, or no object with a step field.
     """
     path = Path(path)
-    text = read_text(path)
-    stripped = text.lstrip()
-    if stripped.startswith("["):
+    check_text_head(path)
+    repeats = RepeatedKeys()
+    with path.open(encoding="utf-8-sig") as fh:
         try:
-            items = json.loads(stripped)
-        except json.JSONDecodeError as exc:
-            raise LogReadError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
-        if not isinstance(items, list):
-            raise LogReadError(f"{path}: a JSON value that is not a list of log objects")
-        return records_from_objects(path, items, fmt="jsonl")
-    objects: list[Any] = []
-    bad = 0
-    for line in text.splitlines():
-        if not line.strip():
-            continue
-        try:
-            objects.append(json.loads(line))
-        except json.JSONDecodeError:
-            bad += 1
-    if not objects or bad > len(objects):
-        try:
-            whole = json.loads(text)
-        except json.JSONDecodeError:
-            whole = None
-        if isinstance(whole, dict):
-            raise LogReadError(f"{path}: one JSON object, not a log (not JSON lines, no 'log_history')")
-        raise LogReadError(f"{path}: not JSON lines "
-                           f"({bad} of {bad + len(objects)} non-empty lines are not JSON)")
-    log = records_from_objects(path, objects, fmt="jsonl")
-    if bad:
-        log.notes.append(f"{bad} line(s) that are not JSON were skipped")
+            if _first_char(fh) == "[":
+                return _read_array(path, repeats)
+            lines = _Lines(fh, repeats)
+            try:
+                log = records_from_objects(path, lines, fmt="jsonl", repeats=repeats)
+            except LogReadError as exc:
+                no_steps: LogReadError | None = exc  # reported only if the lines are JSON at all
+            else:
+                no_steps = None
+        except UnicodeDecodeError:
+            raise LogReadError(f"{path}: not UTF-8 text (an undecodable byte after the first "
+                               f"{fh.buffer.tell()} bytes)") from None
+    if not lines.objects or lines.bad > lines.objects:
+        raise _not_json_lines(path, lines)
+    if no_steps is not None:
+        raise no_steps
+    if lines.bad:
+        log.notes.append(f"{lines.bad} line(s) that are not JSON were skipped")
     return log
 
 
-def records_from_objects(path: Path, objects: Iterable[Any], *, fmt: str) -> RawLog:
+def _first_char(fh: TextIO) -> str:
+    """The first character that is not white space (then the file is rewound)."""
+    head = ""
+    while not head and (block := fh.read(1 << 16)):
+        head = block.lstrip()
+    fh.seek(0)
+    return head[:1]
+
+
+def _read_array(path: Path, repeats: RepeatedKeys) -> RawLog:
+    try:
+        items = load_json(read_text(path).lstrip(), repeats)
+    except ValueError as exc:
+        msg = f"{exc.msg} at line {exc.lineno}" if isinstance(exc, json.JSONDecodeError) else str(exc)
+        raise LogReadError(f"{path}: not valid JSON ({msg})") from None
+    if not isinstance(items, list):
+        raise LogReadError(f"{path}: a JSON value that is not a list of log objects")
+    return records_from_objects(path, items, fmt="jsonl", repeats=repeats)
+
+
+def _not_json_lines(path: Path, lines: _Lines) -> LogReadError:
+    try:
+        whole = load_json(read_text(path), RepeatedKeys())
+    except ValueError:
+        whole = None
+    if isinstance(whole, dict):
+        return LogReadError(f"{path}: one JSON object, not a log (not JSON lines, no 'log_history')")
+    return LogReadError(f"{path}: not JSON lines "
+                        f"({lines.bad} of {lines.bad + lines.objects} non-empty lines are not JSON)")
+
+
+class _Lines:
+    """The JSON values of a file's non-empty lines; lines that are not JSON are counted and skipped."""
+
+    def __init__(self, fh: Iterable[str], repeats: RepeatedKeys) -> None:
+        self.fh = fh
+        self.repeats = repeats
+        self.objects = self.bad = 0
+
+    def __iter__(self) -> Iterator[Any]:
+        for line in self.fh:
+            if not line.strip():
+                continue
+            try:
+                value = load_json(line, self.repeats)
+            except ValueError:
+                self.bad += 1
+                continue
+            self.objects += 1
+            yield value
+
+
+def load_json(text: str, repeats: RepeatedKeys) -> Any:
+    """``json.loads`` with repeated keys counted; ValueError for anything that is not JSON (nested too
+    deeply, an integer of more than 4300 digits)."""
+    try:
+        return json.loads(text, object_pairs_hook=repeats)
+    except RecursionError:
+        raise ValueError("nested too deeply") from None
+
+
+@dataclass
+class RepeatedKeys:
+    """A ``json.loads`` object hook that builds each object as ``dict`` does (the last value of a repeated
+    key wins) and remembers the repeated keys."""
+
+    objects: int = 0
+    names: dict[str, None] = field(default_factory=dict)
+
+    def __call__(self, pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) < len(pairs):
+            self.repeated([name for name, _ in pairs])
+        return obj
+
+    def repeated(self, names: list[str]) -> None:
+        self.objects += 1
+        seen: set[str] = set()
+        for name in names:
+            if name in seen and len(self.names) < MAX_LISTED:
+                self.names.setdefault(name)
+            seen.add(name)
+
+    def note(self) -> str | None:
+        if not self.objects:
+            return None
+        return (f"{self.objects} object(s) with a repeated key ({', '.join(map(repr, self.names))}): the last "
+                "value of each was used, as JSON readers do")
+
+
+def records_from_objects(path: Path, objects: Iterable[Any], *, fmt: str,
+                         repeats: RepeatedKeys | None = None) -> RawLog:
     """A `RawLog` from log objects (JSON lines, a JSON list, a Trainer's ``log_history``)."""
     log = RawLog(source=str(path), format=fmt)
+    table = TableBuilder()
+    repeats = repeats or RepeatedKeys()
     not_objects = no_step = 0
     text_fields: set[str] = set()
     number_fields: set[str] = set()
@@ -69,7 +159,10 @@ def records_from_objects(path: Path, objects: Iterable[Any], *, fmt: str) -> Raw
         if not isinstance(item, dict):
             not_objects += 1
             continue
-        flat = dict(_flatten(item))
+        pairs = list(_flatten(item))
+        flat = dict(pairs)
+        if len(flat) < len(pairs):  # {"train/loss": 1, "train": {"loss": 2}}
+            repeats.repeated([name for name, _ in pairs])
         step_column = find_step_column(flat)
         step = parse_step(flat[step_column]) if step_column is not None else None
         if step is None:
@@ -86,23 +179,36 @@ def records_from_objects(path: Path, objects: Iterable[Any], *, fmt: str) -> Raw
             else:
                 number_fields.add(name)
                 values[name] = value
-        log.records.append((step, values))
-    if not log.records:
+        table.add(step, values)
+    if not len(table):
         raise LogReadError(f"{path}: no log object has a step field; "
                            f"allowed names: {', '.join(STEP_COLUMNS)}")
+    log.records = table.build()
     log.step_column = ", ".join(sorted(step_columns))
     log.text_columns = sorted(text_fields - number_fields)
     if not_objects:
         log.notes.append(f"{not_objects} entr(ies) that are not JSON objects were skipped")
     if no_step:
         log.notes.append(f"{no_step} object(s) without an integer step were skipped")
+    if note := repeats.note():
+        log.notes.append(note)
     return log
 
 
-def _flatten(item: dict[str, Any], prefix: str = "") -> Iterable[tuple[str, Any]]:
-    for key, value in item.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, dict):
-            yield from _flatten(value, name + "/")
-        elif not isinstance(value, list):
-            yield name, value
+def _flatten(item: dict[str, Any]) -> Iterator[tuple[str, Any]]:
+    """(``outer/inner`` name, value) of every non-object, non-list value, depth first in the object's order.
+
+    With a stack rather than recursion: JSON nested nearly as deep as the parser allows must not overflow it.
+    """
+    stack = [("", iter(item.items()))]
+    while stack:
+        prefix, items = stack[-1]
+        for key, value in items:
+            name = f"{prefix}{key}"
+            if isinstance(value, dict):
+                stack.append((name + "/", iter(value.items())))
+                break
+            if not isinstance(value, list):
+                yield name, value
+        else:
+            stack.pop()

@@ -1,16 +1,19 @@
 """RawLog: what a log reader returns — (step, {column: value}) records in file order, plus what was left out.
 
 Every reader (CSV, JSONL, TensorBoard, Hugging Face ``trainer_state.json``, keel run store) produces one, so
-the detection driver is the same for all of them.
+the detection driver is the same for all of them. The records are kept column by column (`LogTable`).
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from keel._core.errors import KeelError
 from keel._core.finding import Finding
+from keel.doctor.table import MAX_STEP, LogTable
 
 
 class LogReadError(KeelError):
@@ -27,8 +30,9 @@ class RawLog:
     Attributes:
         source: The path read.
         format: One of `keel.doctor.FORMATS`.
-        records: ``(step, {column: value})`` in file order. A value is a float (NaN and ±inf kept as
-            written); a column absent from a record was not logged at that step.
+        records: ``(step, {column: value})`` in file order, stored column by column (a `LogTable`; a list of
+            such records is accepted and converted). A value is a float (NaN and ±inf kept as written); a
+            column absent from a record was not logged at that step.
         step_column: The column the steps came from.
         text_columns: Columns left out because their values are text, not numbers.
         notes: Other things left out or repaired (rows without a step, unparsable cells, a summary entry).
@@ -40,7 +44,7 @@ class RawLog:
 
     source: str
     format: str
-    records: list[tuple[int, dict[str, float]]] = field(default_factory=list)
+    records: LogTable = field(default_factory=LogTable)
     step_column: str = "step"
     text_columns: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -49,9 +53,16 @@ class RawLog:
     meta: dict[str, Any] = field(default_factory=dict)
     rollbacks: dict[int, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.records, LogTable):
+            records: Iterable[tuple[int, Mapping[str, float]]] = self.records
+            self.records = LogTable.from_records(records)
+
 
 def parse_step(value: object) -> int | None:
     """An integral step from a cell or JSON value (``12``, ``"12"``, ``12.0``); None for anything else.
+
+    A step beyond ±2**61 is None too: no run takes that many steps, and steps are kept as int64.
 
     Example:
         >>> parse_step("120"), parse_step(3.0), parse_step("2.5"), parse_step(""), parse_step(True)
@@ -60,12 +71,12 @@ def parse_step(value: object) -> int | None:
     if isinstance(value, bool) or value is None:
         return None
     if isinstance(value, int):
-        return value
+        return value if -MAX_STEP < value < MAX_STEP else None
     try:
         number = float(value)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         return None
-    return int(number) if number.is_integer() else None
+    return int(number) if number.is_integer() and -MAX_STEP < number < MAX_STEP else None
 
 
 def parse_number(value: object) -> float | None:
@@ -77,8 +88,13 @@ def parse_number(value: object) -> float | None:
     """
     if isinstance(value, bool) or value is None:
         return None
-    if isinstance(value, (int, float)):
+    if isinstance(value, float):
         return float(value)
+    if isinstance(value, int):  # a JSON integer may be too large for a float: it is as far off as +-inf
+        try:
+            return float(value)
+        except OverflowError:
+            return math.inf if value > 0 else -math.inf
     if isinstance(value, str):
         text = value.strip()
         if not text:

@@ -17,7 +17,11 @@ from __future__ import annotations
 
 import os
 import struct
+from array import array
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 from keel.doctor._protobuf import (
     FIXED32,
@@ -32,6 +36,7 @@ from keel.doctor._protobuf import (
 )
 from keel.doctor._tfrecord import RecordError, iter_records
 from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.table import MAX_STEP, LogTable, TableBuilder
 
 EVENT_GLOB = "events.out.tfevents.*"
 # TensorProto dtypes holding one number, and how to read their raw ``tensor_content``.
@@ -51,14 +56,13 @@ def read_tensorboard_log(path: str | Path) -> RawLog:
     """
     path = Path(path)
     files = sorted(path.rglob(EVENT_GLOB)) if path.is_dir() else [path]
-    files = [f for f in files if f.is_file()]
+    files = [f for f in files if f.is_file()]  # not a FIFO or a device someone named like an event file
     if not files:
         raise LogReadError(f"{path}: no TensorBoard event file ({EVENT_GLOB}) in this folder")
     # Tags are prefixed with the folder below the files' common folder: nothing for one folder, "train/"
     # and "validation/" for Keras' two.
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
-    scalars: list[tuple[float, int, int, int, str, float]] = []  # wall, file rank, order, step, tag, value
-    skipped = 0
+    scalars = _Scalars()
     for rank, file in enumerate(files):
         prefix = "/".join(file.parent.relative_to(root).parts)
         data = file.read_bytes()
@@ -66,29 +70,74 @@ def read_tensorboard_log(path: str | Path) -> RawLog:
             continue
         try:
             for order, payload in enumerate(iter_records(data)):
-                event = _scalars(payload)
+                try:
+                    event = _scalars(payload)
+                except (WireError, struct.error):
+                    scalars.malformed += 1  # framed correctly, but not an Event: one event lost, not the file
+                    continue
                 if event is None:
                     continue
                 wall, step, values, other = event
-                skipped += other
+                scalars.skipped += other
+                if not -MAX_STEP < step < MAX_STEP:
+                    scalars.malformed += 1
+                    continue
                 for tag, value in values:
-                    scalars.append((wall, rank, order, step, f"{prefix}/{tag}" if prefix else tag, value))
-        except (RecordError, WireError, struct.error) as exc:
+                    scalars.add(wall, rank, order, step, f"{prefix}/{tag}" if prefix else tag, value)
+        except RecordError as exc:
             raise LogReadError(f"{file}: not a TensorBoard event file ({exc})") from None
-    if not scalars:
+    if not len(scalars.steps):
         raise LogReadError(f"{path}: the event file(s) hold no scalar values")
-    scalars.sort(key=lambda s: (s[0], s[1], s[2]))
     log = RawLog(source=str(path), format="tensorboard", step_column="event step")
-    for _, _, _, step, tag, value in scalars:
-        if log.records and log.records[-1][0] == step and tag not in log.records[-1][1]:
-            log.records[-1][1][tag] = value
-        else:
-            log.records.append((step, {tag: value}))
-    if skipped:
-        log.notes.append(f"{skipped} non-scalar summaries (images, histograms, text …) were skipped")
+    log.records = scalars.records()
+    if scalars.skipped:
+        log.notes.append(f"{scalars.skipped} non-scalar summaries (images, histograms, text …) were skipped")
+    if scalars.malformed:
+        log.notes.append(f"{scalars.malformed} malformed event(s) were skipped")
     if len(files) > 1:
         log.notes.append(f"read {len(files)} event files")
     return log
+
+
+class _Scalars:
+    """Every scalar of the event files, in arrays (a long run writes millions), then as records."""
+
+    def __init__(self) -> None:
+        self.wall, self.value = array("d"), array("d")
+        self.rank, self.order, self.steps, self.tag = array("q"), array("q"), array("q"), array("q")
+        self.tags: dict[str, int] = {}
+        self.skipped = self.malformed = 0
+
+    def add(self, wall: float, rank: int, order: int, step: int, tag: str, value: float) -> None:
+        self.wall.append(wall)
+        self.rank.append(rank)
+        self.order.append(order)
+        self.steps.append(step)
+        self.tag.append(self.tags.setdefault(tag, len(self.tags)))
+        self.value.append(value)
+
+    def records(self) -> LogTable:
+        """One record per run of same-step scalars in write order (wall time; an event without a usable wall
+        time, NaN, sorts last), a tag met again in the run starting a new record."""
+        order = np.lexsort((np.frombuffer(self.order, np.int64), np.frombuffer(self.rank, np.int64),
+                            np.frombuffer(self.wall, np.float64)))
+        names = list(self.tags)
+        builder = TableBuilder()
+        last_step, current = None, {}
+        for start in range(0, len(order), 1 << 16):
+            block = order[start:start + (1 << 16)]
+            for step, tag, value in zip(np.frombuffer(self.steps, np.int64)[block].tolist(),
+                                        np.frombuffer(self.tag, np.int64)[block].tolist(),
+                                        np.frombuffer(self.value, np.float64)[block].tolist(), strict=True):
+                name = names[tag]
+                if step == last_step and name not in current:
+                    current[name] = value
+                else:
+                    if last_step is not None:
+                        builder.add(last_step, current)
+                    last_step, current = step, {name: value}
+        builder.add(last_step, current)  # type: ignore[arg-type]
+        return builder.build()
 
 
 def _scalars(payload: bytes) -> tuple[float, int, list[tuple[str, float]], int] | None:
@@ -157,11 +206,11 @@ def _tensor_scalar(buf: bytes) -> float | None:
         elif number == 4 and wire == LENGTH:
             content = value  # type: ignore[assignment]
         elif number == 5:  # float_val: packed or not
-            values += packed(value, "<f") if wire == LENGTH else [struct.unpack("<f", value)[0]]  # type: ignore[arg-type]
+            values += packed(value, "<f") if wire == LENGTH else [struct.unpack("<f", _wire(value, wire, FIXED32))[0]]
         elif number == 6:  # double_val
-            values += packed(value, "<d") if wire == LENGTH else [struct.unpack("<d", value)[0]]  # type: ignore[arg-type]
+            values += packed(value, "<d") if wire == LENGTH else [struct.unpack("<d", _wire(value, wire, FIXED64))[0]]
         elif number in (7, 10):  # int_val, int64_val
-            values += packed_varints(value) if wire == LENGTH else [signed64(value)]  # type: ignore[arg-type]
+            values += packed_varints(value) if wire == LENGTH else [signed64(_wire(value, wire, VARINT))]
     if dtype not in _DTYPES or any(d != 1 for d in dims):
         return None
     if content:
@@ -170,3 +219,11 @@ def _tensor_scalar(buf: bytes) -> float | None:
             return struct.unpack("<f", b"\x00\x00" + content[:2])[0] if len(content) == 2 else None
         return struct.unpack(fmt, content)[0] if len(content) == struct.calcsize(fmt) else None
     return float(values[0]) if len(values) == 1 else None
+
+
+def _wire(value: int | bytes, wire: int, expected: int) -> Any:
+    """``value`` when its wire type is the one its field must have; `WireError` otherwise (a hand-made or
+    corrupt event: a float sent as a varint)."""
+    if wire != expected:
+        raise WireError(f"a tensor value of wire type {wire} where {expected} belongs")
+    return value

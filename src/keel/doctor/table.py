@@ -1,0 +1,157 @@
+"""LogTable: a log's records kept column by column, so a million-row log costs a few arrays, not a million dicts.
+
+Row ``i`` is the ``i``-th record in file order and ``steps[i]`` its step. Each column keeps only the rows that
+logged it (`Column.rows`, increasing) and their values, so a sparse log — an eval loss every 500 steps, one
+TensorBoard tag per parameter — costs what it holds, not rows × columns. A `LogTable` is also a read-only
+sequence of ``(step, {column: value})`` records, the shape every reader produced before, for code that wants
+records (small logs, tests).
+"""
+
+from __future__ import annotations
+
+import operator
+from array import array
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from typing import overload
+
+import numpy as np
+
+# Steps are kept as int64 and subtracted from each other (strides, gaps): within ±2**61 neither overflows.
+MAX_STEP = 2**61
+_BLOCK = 8192  # records materialised at a time when a table is iterated
+
+
+@dataclass(frozen=True, eq=False)
+class Column:
+    """The records that logged one column, and the values they hold.
+
+    Attributes:
+        rows: Row numbers, increasing (int64).
+        values: The value logged in each of those rows (float64; NaN and ±inf as written).
+    """
+
+    rows: np.ndarray
+    values: np.ndarray
+
+
+class LogTable(Sequence[tuple[int, dict[str, float]]]):
+    """A log's records, column by column.
+
+    Args:
+        steps: One step per record, in file order.
+        columns: Column name → `Column`, in the order the names first appear in the file.
+
+    Example:
+        >>> table = LogTable.from_records([(0, {"loss": 2.5}), (10, {"loss": 2.4, "eval_loss": 2.6})])
+        >>> len(table), table.steps.tolist(), table[1]
+        (2, [0, 10], (10, {'loss': 2.4, 'eval_loss': 2.6}))
+    """
+
+    def __init__(self, steps: np.ndarray | None = None, columns: Mapping[str, Column] | None = None) -> None:
+        self.steps = np.zeros(0, dtype=np.int64) if steps is None else np.asarray(steps, dtype=np.int64)
+        self.columns: dict[str, Column] = dict(columns or {})
+
+    @classmethod
+    def from_records(cls, records: Iterable[tuple[int, Mapping[str, float]]]) -> LogTable:
+        """A table from ``(step, {column: value})`` records.
+
+        Raises:
+            ValueError: A step that is not an integer within ±2**61, or a value that is not a number.
+        """
+        builder = TableBuilder()
+        for i, (step, values) in enumerate(records):
+            try:
+                step = operator.index(step)
+                if not -MAX_STEP < step < MAX_STEP:
+                    raise ValueError
+                builder.add(step, {name: float(v) for name, v in values.items()})
+            except (TypeError, ValueError, OverflowError):
+                raise ValueError(f"record {i}: step {step!r} with values {values!r}; allowed: an integer step "
+                                 f"within ±2**61 and numeric values") from None
+        return builder.build()
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    @overload
+    def __getitem__(self, index: int) -> tuple[int, dict[str, float]]: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> list[tuple[int, dict[str, float]]]: ...
+
+    def __getitem__(self, index: int | slice) -> tuple[int, dict[str, float]] | list[tuple[int, dict[str, float]]]:
+        if isinstance(index, slice):
+            return [self[i] for i in range(*index.indices(len(self)))]
+        i = operator.index(index)
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {index} of {len(self)}")
+        values = {}
+        for name, col in self.columns.items():
+            at = int(np.searchsorted(col.rows, i))
+            if at < len(col.rows) and col.rows[at] == i:
+                values[name] = float(col.values[at])
+        return int(self.steps[i]), values
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, float]]]:
+        cursors = dict.fromkeys(self.columns, 0)
+        for start in range(0, len(self), _BLOCK):
+            stop = min(start + _BLOCK, len(self))
+            rows: list[dict[str, float]] = [{} for _ in range(stop - start)]
+            for name, col in self.columns.items():
+                lo = cursors[name]
+                hi = int(np.searchsorted(col.rows, stop))
+                for row, value in zip(col.rows[lo:hi].tolist(), col.values[lo:hi].tolist(), strict=True):
+                    rows[row - start][name] = value
+                cursors[name] = hi
+            yield from zip(self.steps[start:stop].tolist(), rows, strict=True)
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, (LogTable, list, tuple)):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other, strict=True))
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"LogTable({len(self)} records, columns {list(self.columns)})"
+
+
+class TableBuilder:
+    """Builds a `LogTable` one record at a time (readers whose records arrive one by one: JSON, TensorBoard).
+
+    Example:
+        >>> b = TableBuilder()
+        >>> b.add(0, {"loss": 2.0}); b.add(1, {"loss": 1.9, "lr": 0.1})
+        >>> b.build()[1]
+        (1, {'loss': 1.9, 'lr': 0.1})
+    """
+
+    def __init__(self) -> None:
+        self._steps = array("q")
+        self._rows: dict[str, array] = {}
+        self._values: dict[str, array] = {}
+
+    def __len__(self) -> int:
+        return len(self._steps)
+
+    def add(self, step: int, values: Mapping[str, float]) -> None:
+        """Append one record; ``step`` must be within ±2**61 (`parse_step` makes sure of it)."""
+        row = len(self._steps)
+        self._steps.append(step)
+        for name, value in values.items():
+            rows = self._rows.get(name)
+            if rows is None:
+                rows = self._rows[name] = array("q")
+                self._values[name] = array("d")
+            rows.append(row)
+            self._values[name].append(value)
+
+    def build(self) -> LogTable:
+        columns = {name: Column(rows=np.frombuffer(self._rows[name], dtype=np.int64),
+                                values=np.frombuffer(self._values[name], dtype=np.float64))
+                   for name in self._rows}
+        return LogTable(np.frombuffer(self._steps, dtype=np.int64), columns)
+
