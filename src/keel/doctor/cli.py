@@ -10,6 +10,7 @@ import argparse
 import json
 import sys
 
+from keel.doctor._printable import printable
 from keel.doctor.diagnose import diagnose_log
 from keel.doctor.formats import FORMATS
 from keel.doctor.log import LogReadError
@@ -32,12 +33,12 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = diagnose_log(args.path, format=args.format)
     except LogReadError as exc:
-        print(f"keel doctor: error: {exc}", file=sys.stderr)
+        print(f"keel doctor: error: {printable(str(exc))}", file=sys.stderr)
         return 2
     except (ValueError, OverflowError, RecursionError, MemoryError, UnicodeError) as exc:
         # Garbage that slipped past a reader's checks: still one line, still exit 2.
-        print(f"keel doctor: error: {args.path}: could not be read as a training log "
-              f"({type(exc).__name__}: {exc})", file=sys.stderr)
+        print(printable(f"keel doctor: error: {args.path}: could not be read as a training log "
+                        f"({type(exc).__name__}: {exc})"), file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
@@ -46,6 +47,3 @@ def main(args: argparse.Namespace) -> int:
     if args.fail_on is not None and result.at_least(args.fail_on):
         return 1
     return 0
-
-
-

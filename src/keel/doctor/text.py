@@ -5,9 +5,11 @@ from __future__ import annotations
 import math
 import shutil
 import textwrap
+from dataclasses import replace
 from typing import Any
 
 from keel._core.finding import SEVERITIES, Finding
+from keel.doctor._printable import printable, printable_tree
 from keel.doctor.result import DoctorResult
 
 MAX_ROWS = 50  # findings printed in full; the rest are counted
@@ -17,8 +19,10 @@ def format_result(result: DoctorResult, *, min_severity: str = "warning") -> str
     """The findings at or above ``min_severity`` as a table with cause and remedy, then the summary.
 
     Findings below it are counted by kind, with their first steps, so a healthy run's one-batch outliers
-    are visible without burying an alarm.
+    are visible without burying an alarm. Every string that came from the log (column names, tags, a
+    store's recorded causes) is shown with its control characters escaped (`printable`).
     """
+    result = _printable(result)
     width = max(80, min(shutil.get_terminal_size((110, 24)).columns, 140))
     s = result.summary
     lines = [f"keel doctor: {result.source} ({result.format}, {s.get('observations', 0)} steps "
@@ -46,6 +50,13 @@ def format_result(result: DoctorResult, *, min_severity: str = "warning") -> str
     lines.append(f"findings: {counts.get('critical', 0)} critical, {counts.get('warning', 0)} warning, "
                  f"{counts.get('info', 0)} info")
     return "\n".join(lines)
+
+
+def _printable(result: DoctorResult) -> DoctorResult:
+    findings = [replace(f, kind=printable(f.kind), signal=printable(f.signal), cause=printable(f.cause),
+                        remedy=printable(f.remedy), evidence=printable_tree(f.evidence)) for f in result.findings]
+    return DoctorResult(source=printable(result.source), format=result.format, findings=findings,
+                        summary=printable_tree(result.summary))
 
 
 def _table(findings: list[Finding], width: int) -> list[str]:
