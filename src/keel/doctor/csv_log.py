@@ -53,8 +53,8 @@ def read_csv_log(path: str | Path) -> RawLog:
         try:
             return _read(path, fh)
         except UnicodeDecodeError:
-            raise LogReadError(f"{path}: not UTF-8 text (an undecodable byte after the first "
-                               f"{fh.buffer.tell()} bytes)") from None
+            raise LogReadError(f"{path}: not UTF-8 text (an undecodable byte before byte "
+                               f"{fh.buffer.tell()})") from None
 
 
 @dataclass

@@ -44,8 +44,8 @@ def read_jsonl_log(path: str | Path) -> RawLog:
             else:
                 no_steps = None
         except UnicodeDecodeError:
-            raise LogReadError(f"{path}: not UTF-8 text (an undecodable byte after the first "
-                               f"{fh.buffer.tell()} bytes)") from None
+            raise LogReadError(f"{path}: not UTF-8 text (an undecodable byte before byte "
+                               f"{fh.buffer.tell()})") from None
     if not lines.objects or lines.bad > lines.objects:
         raise _not_json_lines(path, lines)
     if no_steps is not None:
