@@ -411,3 +411,22 @@ def test_reading_a_long_csv_holds_numbers_not_text(tmp_path):
     assert len(log.records) == 100_000 and log.text_columns == ["phase"]
     assert held <= 100_000 * (8 + 3 * 16) * 1.3 + 4 * 2**20, f"{held / 2**20:.1f} MiB held"
 
+
+
+CELLS = st.one_of(st.sampled_from(["", " ", "main", "warmup", "1.5", "nan", "-inf", " 2 ", "1_0", "\x00", "x"]),
+                  st.floats().map(repr), st.text(max_size=4))
+
+
+@FUZZ
+@given(cells=st.lists(CELLS, max_size=60) | st.lists(st.sampled_from(["a", "b", "", "3"]), max_size=60))
+def test_the_csv_column_parser_reads_each_cell_as_float_would(cells):
+    # csv_log._floats takes one of three ways (all numbers, numbers and blanks, text); each must give what
+    # parsing every cell on its own gives.
+    import numpy as np
+
+    from keel.doctor.csv_log import _cell, _floats
+
+    values, numeric, text = _floats(tuple(cells))
+    expected = [_cell(c) for c in cells]
+    assert numeric.tolist() == [e[1] for e in expected] and text.tolist() == [e[2] for e in expected]
+    assert np.array_equal(values, np.array([e[0] for e in expected], dtype=np.float64), equal_nan=True)

@@ -21,6 +21,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from itertools import repeat
+from typing import Any
 
 import numpy as np
 
@@ -74,13 +75,36 @@ class Timeline:
         """The observations ``start`` to ``stop`` (default: to the end), in order."""
         stop = len(self) if stop is None else min(stop, len(self))
         for lo in range(start, stop, _BLOCK):
-            yield from self._block(lo, min(lo + _BLOCK, stop))
+            hi = min(lo + _BLOCK, stop)
+            keys, columns, gapped, extra, grouped = self._block(lo, hi)
+            rows = zip(*columns, strict=True) if columns else repeat(())
+            # The hot loop of `keel doctor` on a long log: one pass per logged step, nothing it can skip.
+            for i, step, row in zip(range(lo, hi), self.steps[lo:hi].tolist(), rows, strict=False):
+                values = dict(zip(keys, row, strict=False))
+                for key in gapped:
+                    if values[key] is None:
+                        del values[key]
+                if extra and i in extra:
+                    values.update(extra[i])
+                if grouped and i in grouped:
+                    families = grouped[i]
+                    if i in self.orders:
+                        _reorder(families, self.orders[i])
+                    per_param = {f: (tuple(names), vals) for f, (names, vals) in families.items()}
+                    yield Observation(step=step, values=values, per_param=per_param)
+                else:
+                    yield Observation(step=step, values=values)
 
-    def _block(self, lo: int, hi: int) -> Iterator[Observation]:
+    def _block(self, lo: int, hi: int) -> tuple[list[str], list[list[Any]], list[str], dict[int, dict[str, float]],
+                                                  dict[int, dict[str, tuple[list[str], list[float]]]]]:
+        """What observations [lo, hi) hold: the scalars logged at most of them as lists (None where not
+        logged; ``gapped`` names those with a None), the scalars logged at few of them by observation, and
+        the per-parameter families by observation."""
         size = hi - lo
-        keys, columns = [], []  # scalars logged at most of these steps: a list with None where not logged
-        gaps = False
-        extra: dict[int, dict[str, float]] = {}  # scalars logged at few of them
+        keys: list[str] = []
+        columns: list[list[Any]] = []
+        gapped: list[str] = []
+        extra: dict[int, dict[str, float]] = {}
         for key, col in self.signals.items():
             a, b = np.searchsorted(col.rows, (lo, hi)).tolist()
             if b - a == size:
@@ -89,7 +113,7 @@ class Timeline:
             elif (b - a) * 8 >= size:
                 keys.append(key)
                 columns.append(_spread(col, a, b, lo, size))
-                gaps = True
+                gapped.append(key)
             else:
                 for i, value in zip(col.rows[a:b].tolist(), col.values[a:b].tolist(), strict=True):
                     extra.setdefault(i, {})[key] = value
@@ -101,21 +125,7 @@ class Timeline:
                     names, values = grouped.setdefault(i, {}).setdefault(family, ([], []))
                     names.append(name)
                     values.append(value)
-        rows = zip(*columns, strict=True) if columns else repeat(())
-        for i, step, row in zip(range(lo, hi), self.steps[lo:hi].tolist(), rows, strict=False):
-            if gaps:
-                values = {key: value for key, value in zip(keys, row, strict=True) if value is not None}
-            else:
-                values = dict(zip(keys, row, strict=True))
-            if i in extra:
-                values.update(extra[i])
-            if i in grouped:
-                if i in self.orders:
-                    _reorder(grouped[i], self.orders[i])
-                per_param = {f: (tuple(names), vals) for f, (names, vals) in grouped[i].items()}
-                yield Observation(step=step, values=values, per_param=per_param)
-            else:
-                yield Observation(step=step, values=values)
+        return keys, columns, gapped, extra, grouped
 
 
 def _reorder(families: dict[str, tuple[list[str], list[float]]], order: list[str]) -> None:
