@@ -108,22 +108,28 @@ def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None 
                 _update(rewound, old, broken)  # replay quietly: these findings were reported the first time
         return rewound
 
+    rollbacks = log.rollbacks
+    last = None  # the step of the newest kept observation
     for index, obs in enumerate(timeline.iter_observations()):
-        if kept and obs.step <= kept_steps[-1]:
-            restarts.append({"step": obs.step, "after_step": kept_steps[-1]})
-            dets = rewind(obs.step)
+        step = obs.step
+        if last is not None and step <= last:
+            restarts.append({"step": step, "after_step": last})
+            dets = rewind(step)
         found = _update(dets, obs, broken)
-        if restarts:
-            found = [replace(f, evidence={**f.evidence, "segment": len(restarts)}) for f in found]
-        findings += found
+        if found:
+            if restarts:
+                found = [replace(f, evidence={**f.evidence, "segment": len(restarts)}) for f in found]
+            findings += found
         kept.append(index)
-        kept_steps.append(obs.step)
+        kept_steps.append(step)
+        last = step
         if len(kept) - checkpoints[-1][0] >= CHECKPOINT_EVERY:
             checkpoints.append((len(kept), _states(dets, broken)))
-        if obs.step in log.rollbacks:
+        if step in rollbacks:
             # The Guard rolled back here: its detectors went back to their state at the start of the
             # restored step, and the run went on with the next step number.
-            dets = rewind(log.rollbacks[obs.step])
+            dets = rewind(rollbacks[step])
+            last = kept_steps[-1] if kept else None
     summary = _summary(log, timeline, stride, restarts, findings, fresh())
     summary["notes"] += broken.values()
     return DoctorResult(source=log.source, format=log.format, findings=findings, summary=summary)
