@@ -6,7 +6,18 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keel.detect._running_median import RunningMedian
-from keel.detect.robust import MAD_TO_STD, median, median_standard_error, robust_location_scale, robust_z, step_noise
+from keel.detect.robust import (
+    MAD_TO_STD,
+    median,
+    median_standard_error,
+    relative_excess,
+    robust_location_scale,
+    robust_z,
+    rolling_median,
+    rolling_step_noise,
+    sorted_location_scale,
+    step_noise,
+)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 64, 65])
@@ -71,3 +82,63 @@ def test_running_median_refuses_a_size_outside_its_capacity():
         RunningMedian(size=0, capacity=4)
     with pytest.raises(ValueError, match="size=5"):
         RunningMedian(size=2, capacity=4).resize(5)
+
+
+# --- the sorted forms and the vectorised forms give the same numbers as a sort of each window ----------------
+def _sorted_reference(values):
+    """(median, MAD × 1.4826) by sorting the values and then their deviations (the pre-selection algorithm)."""
+    location = _reference_median(values)
+    return location, _reference_median([abs(v - location) for v in values]) * MAD_TO_STD
+
+
+def _reference_median(values):
+    ordered = sorted(values)
+    mid = len(ordered) // 2
+    return ordered[mid] if len(ordered) % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+# finite values, as detectors keep; ±1e308 make deviations (and a mean of the middle two) overflow to ±inf
+_VALUES = st.one_of(st.floats(allow_nan=False, allow_infinity=False),
+                    st.sampled_from([0.0, -0.0, 1.0, 1.0, 2.0, 1e308, -1e308]))
+
+
+@settings(max_examples=300, deadline=None)
+@given(values=st.lists(_VALUES, min_size=1, max_size=70))
+def test_property_selected_mad_is_bit_identical_to_sorting_the_deviations(values):
+    # ties, ±0 and overflowing differences included; repr tells 0.0 from -0.0 and NaN from NaN
+    assert repr(sorted_location_scale(sorted(values))) == repr(_sorted_reference(values))
+    assert repr(robust_location_scale(values)) == repr(_sorted_reference(values))
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.floats(-1e6, 1e6) | st.sampled_from([1.0, 2.0, math.inf, -math.inf]), max_size=120),
+       size=st.integers(1, 40), every=st.integers(1, 17))
+def test_property_rolling_median_and_noise_equal_the_scalar_forms(values, size, every):
+    arr = np.array(values, dtype=np.float64)
+    starts = range(0, len(values) - size + 1, every)
+    assert rolling_median(arr, size, every=every).tolist() == [median(values[i:i + size]) for i in starts]
+    noise = rolling_step_noise(arr, size, every=every).tolist()
+    assert repr(noise) == repr([step_noise(values[i:i + size]) for i in starts])
+
+
+@settings(max_examples=100, deadline=None)
+@given(ops=st.lists(st.one_of(st.floats(-1e6, 1e6), st.lists(st.floats(-10, 10), max_size=30)), max_size=60))
+def test_running_median_scale_and_extend_match_the_window(ops):
+    # a float is pushed, a list extended; the window's (median, MAD) is the reference's at every point
+    rm, pushed = RunningMedian(size=7, capacity=7), []
+    for op in ops:
+        if isinstance(op, list):
+            rm.extend(op)
+            pushed += op
+        else:
+            rm.push(op)
+            pushed.append(op)
+        window = pushed[-7:]
+        assert list(rm.values) == window
+        if window:
+            assert rm.location_scale() == _sorted_reference(window)
+
+
+def test_relative_excess_is_infinite_where_exp_overflows():
+    assert relative_excess(0.0) == 0.0 and relative_excess(1e4) == math.inf
+    assert relative_excess(-math.inf) == -1.0

@@ -1,7 +1,8 @@
-"""The median of the last n values of a series, updated in O(n) memory moves per value instead of a sort.
+"""The median (and MAD) of the last n values of a series, kept sorted: O(log n) search per value, no sort.
 
 A detector whose window grows with the run's noise (hundreds of values) would otherwise sort that window on
-every step; `keel doctor` runs the detectors over logs of a million steps.
+every step, and the spike detector would sort its window twice per step (median, then MAD); the Guard runs
+them on every training step and `keel doctor` over logs of a million steps.
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import bisect
 from collections import deque
 from collections.abc import Iterable
+
+from keel.detect.robust import median_of_sorted, sorted_location_scale
 
 
 class RunningMedian:
@@ -43,6 +46,16 @@ class RunningMedian:
         self.values.append(x)
         bisect.insort(self._sorted, x)
 
+    def extend(self, xs: Iterable[float]) -> None:
+        """`push` each of ``xs`` (a long run is one rebuild instead of a search per value)."""
+        xs = list(xs)
+        if len(xs) < self.size:
+            for x in xs:
+                self.push(x)
+            return
+        self.values.extend(xs)
+        self._sorted = sorted(list(self.values)[-self.size:])
+
     def resize(self, size: int) -> None:
         if not 1 <= size <= self.capacity:
             raise ValueError(f"size={size}; allowed: 1 <= size <= capacity={self.capacity}")
@@ -52,8 +65,8 @@ class RunningMedian:
 
     def median(self) -> float:
         """The median of the window (mean of the middle two for an even count); NaN when empty."""
-        n = len(self._sorted)
-        if n == 0:
-            return float("nan")
-        mid = n // 2
-        return self._sorted[mid] if n % 2 else 0.5 * (self._sorted[mid - 1] + self._sorted[mid])
+        return median_of_sorted(self._sorted)
+
+    def location_scale(self) -> tuple[float, float]:
+        """(median, MAD × 1.4826) of the window (`keel.detect.robust.robust_location_scale`); NaN, NaN when empty."""
+        return sorted_location_scale(self._sorted)
