@@ -156,3 +156,12 @@ def test_state_round_trip_in_a_noisy_run_continues_identically():
     fb = [f for s, v in rest for f in b.update(Observation(step=s, values={"loss": v}))]
     assert fa == fb and [f.severity for f in fa] == ["critical"]
     assert a.state_dict() == b.state_dict()
+
+
+@pytest.mark.timeout(60)  # a hang guard: the ladder 3 -> int(3 * 1.25) | 1 = 3 looped forever
+@pytest.mark.parametrize("short", [1, 2, 3])
+def test_a_short_window_under_four_still_grows_with_the_noise(short):
+    rng = np.random.default_rng(0)
+    det = DivergenceDetector(DivergenceConfig(short=short, window=31, min_history=short))
+    _run(det, np.exp(_noise(rng, 300, 0.3, None)).tolist())
+    assert det.state_dict()["size"] == 31  # ±30 % noise asks for the widest window allowed

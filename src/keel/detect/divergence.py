@@ -24,7 +24,6 @@ noise estimate is frozen while a rise is pending, so a divergence does not widen
 
 from __future__ import annotations
 
-import itertools
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -36,11 +35,10 @@ from keel._core.observation import Observation
 from keel._core.validate import require_ints, require_positive
 from keel.detect._running_median import RunningMedian
 from keel.detect.detector import DETECTORS
-from keel.detect.robust import median as _median
-from keel.detect.robust import median_standard_error, step_noise
+from keel.detect.robust import median_standard_error, relative_excess, step_noise_of
 
 NOISE_SPAN = 256  # step-to-step differences behind the noise estimate
-NOISE_EVERY = 16  # steps between noise re-estimates (a sort of NOISE_SPAN values; the window follows)
+NOISE_EVERY = 16  # steps between noise re-estimates (the window follows, and a window resize sorts it)
 WINDOW_GROWTH = 1.25  # window sizes form a ladder short, ×1.25, ×1.25², …: re-sorting a window is rare
 
 
@@ -99,7 +97,9 @@ class DivergenceDetector:
     def __init__(self, config: DivergenceConfig | None = None) -> None:
         self.config = config or DivergenceConfig()
         self._level = RunningMedian(size=self.config.short, capacity=self.config.window)
+        self._recent = RunningMedian(size=self.config.short, capacity=self.config.short)  # the fast view's values
         self._diffs: deque[float] = deque(maxlen=NOISE_SPAN)
+        self._spread = RunningMedian(size=NOISE_SPAN, capacity=NOISE_SPAN)  # abs(diffs), kept sorted for the noise
         self._noise = math.nan  # step-to-step noise, log units (relative units for a non-positive loss)
         self._seen = 0
         self._best = math.inf
@@ -108,6 +108,7 @@ class DivergenceDetector:
         self._run = 0
         self._reported: Severity | None = None
         self._margin_key: tuple[Any, ...] = ()
+        self._margin_config: DivergenceConfig | None = None
         self._margin = (0.0, 0.0, 0.0)
 
     def update(self, obs: Observation) -> list[Finding]:
@@ -116,11 +117,14 @@ class DivergenceDetector:
         if x is None or not math.isfinite(x):
             return []
         if self._level.values and self._run == 0:  # a pending rise must not widen its own margin
-            self._diffs.append(_relative_change(self._level.values[-1], x))
+            diff = _relative_change(self._level.values[-1], x)
+            self._diffs.append(diff)
+            self._spread.push(abs(diff))
         self._level.push(x)
+        self._recent.push(x)
         self._seen += 1
         if len(self._diffs) >= cfg.short and (self._seen % NOISE_EVERY == 0 or math.isnan(self._noise)):
-            self._noise = step_noise(self._diffs)
+            self._noise = step_noise_of(self._spread.median())  # robust.step_noise(self._diffs), without a sort
             self._resize(self._window_for(self._noise))
         n = len(self._level)
         if n < cfg.short or math.isnan(self._noise):
@@ -136,7 +140,7 @@ class DivergenceDetector:
         # a steep rise clears long before the wide median moves (a blow-up is not made to wait for it).
         rise = _rise(median, self._best)
         if n > cfg.short:
-            fast = _median(itertools.islice(reversed(self._level.values), cfg.short))
+            fast = self._recent.median()
             fast_rise = _rise(fast, self._best)
             if fast_rise - fast_required > rise - required:  # judge by the view furthest past its threshold
                 median, rise, required, n = fast, fast_rise, fast_required, cfg.short
@@ -155,8 +159,8 @@ class DivergenceDetector:
         evidence = {"median": round(median, 6), "best": round(self._best, 6), "best_step": self._best_step,
                     "excess": round(excess, 4), "onset_step": obs.step - self._run + 1,
                     "window": n, "noise": round(self._noise, 4),
-                    "required_excess": round(math.expm1(required), 4)}
-        noisy = (f" (the loss swings ±{math.expm1(self._noise):.0%} per step; the median of {n} steps is judged "
+                    "required_excess": round(relative_excess(required), 4)}
+        noisy = (f" (the loss swings ±{relative_excess(self._noise):.0%} per step; the median of {n} steps is judged "
                  f"against that)" if len(self._level) > cfg.short else "")
         cause = (f"The loss's running median has stayed {1 + excess:.3g}× its best level (step "
                  f"{self._best_step}) for {self._run} steps{noisy}: training is diverging, not spiking.")
@@ -186,25 +190,29 @@ class DivergenceDetector:
         A rise must clear the warn level and ``noise_margin`` standard errors of the difference between the two
         medians. Cached: the inputs change only when the noise is re-estimated or the best is replaced.
         """
-        key = (self._noise, n, self._best_se, self.config)
-        if key != self._margin_key:
+        key = (self._noise, n, self._best_se)
+        if key != self._margin_key or self._margin_config is not self.config:
             cfg = self.config
             se = median_standard_error(self._noise, n)
             warn = math.log1p(cfg.warn_excess)
             required = max(warn, cfg.noise_margin * math.hypot(se, self._best_se))
             fast = max(warn, cfg.noise_margin * math.hypot(median_standard_error(self._noise, cfg.short),
                                                            self._best_se))
-            self._margin_key, self._margin = key, (se, required, fast)
+            self._margin_key, self._margin_config, self._margin = key, self.config, (se, required, fast)
         return self._margin
 
     def _window_for(self, noise: float) -> int:
         """The smallest window on the ladder (within [short, window]) whose median's margin fits ``warn_excess``."""
         cfg = self.config
         target = math.log1p(cfg.warn_excess) / (cfg.noise_margin * math.sqrt(2))  # the standard error wanted
-        needed = (median_standard_error(noise, 1) / target) ** 2
+        try:
+            needed = (median_standard_error(noise, 1) / target) ** 2
+        except OverflowError:  # noise of 1e300 (a loss crossing 0 at 1e300): the widest window
+            needed = math.inf
         n = cfg.short
         while n < needed and n < cfg.window:
-            n = min(int(n * WINDOW_GROWTH) | 1, cfg.window)  # odd: the median is a value, so log and ratio agree
+            # odd: the median is a value, so log and ratio agree; n + 1: a rung under 4 would not grow
+            n = min(max(int(n * WINDOW_GROWTH), n + 1) | 1, cfg.window)
         return n
 
     def state_dict(self) -> dict[str, Any]:
@@ -217,7 +225,9 @@ class DivergenceDetector:
         self.config = DivergenceConfig(**state["config"])
         size = min(int(state.get("size", self.config.short)), self.config.window)
         self._level = RunningMedian(size=size, capacity=self.config.window, values=state["recent"])
+        self._recent = RunningMedian(size=self.config.short, capacity=self.config.short, values=state["recent"])
         self._diffs = deque(state.get("diffs", ()), maxlen=NOISE_SPAN)
+        self._spread = RunningMedian(size=NOISE_SPAN, capacity=NOISE_SPAN, values=map(abs, self._diffs))
         self._noise = float(state.get("noise", math.nan))
         self._seen, self._best, self._best_step = state["seen"], state["best"], state["best_step"]
         self._best_se = float(state.get("best_se", 0.0))
@@ -227,12 +237,19 @@ class DivergenceDetector:
 def _relative_change(before: float, after: float) -> float:
     """log(after / before) for positive values; else the change relative to ``before``'s magnitude."""
     if before > 0 and after > 0:
-        return math.log(after / before)
+        return _log_ratio(after, before)
     return (after - before) / max(abs(before), 1e-12)
 
 
 def _rise(median: float, best: float) -> float:
     """How far ``median`` is above ``best``, in the units of `_relative_change`."""
     if median > 0 and 0 < best < math.inf:
-        return math.log(median / best)  # (the common case, inlined: this runs on every step)
+        ratio = median / best  # (the common case, inlined: this runs on every step)
+        return math.log(ratio) if ratio > 0 else _log_ratio(median, best)
     return _relative_change(best, median) if math.isfinite(best) else -math.inf
+
+
+def _log_ratio(a: float, b: float) -> float:
+    """log(a / b) of positive finite values, also where a / b underflows to 0 (log would raise)."""
+    ratio = a / b
+    return math.log(ratio) if ratio > 0 else math.log(a) - math.log(b)

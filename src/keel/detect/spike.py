@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -32,8 +33,9 @@ from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
 from keel._core.validate import require_ints, require_positive
+from keel.detect._running_median import RunningMedian
 from keel.detect.detector import DETECTORS
-from keel.detect.robust import robust_location_scale, robust_z
+from keel.detect.robust import relative_excess, robust_z
 
 
 @dataclass(kw_only=True)
@@ -122,7 +124,8 @@ class SpikeDetector:
             raise ValueError(f"signal={signal!r} disagrees with config.signal={config.signal!r}")
         self.config = config
         self._log = config.log_scale is not False  # None starts in log space and leaves it at a value <= 0
-        self._accepted: deque[float] = deque(maxlen=config.window)
+        # The accepted values, kept sorted as well: the baseline costs a binary search per step, not two sorts.
+        self._accepted = RunningMedian(size=config.window, capacity=config.window)
         self._episode: list[float] = []  # transformed values of the current run of spike steps
         self._onset = -1
         self._onset_excess = 0.0
@@ -141,22 +144,22 @@ class SpikeDetector:
             self._leave_log_space()
         y = math.log(x) if self._log else x
         if len(self._accepted) < cfg.min_history:
-            self._accepted.append(y)
+            self._accepted.push(y)
             return []
-        median, scale = robust_location_scale(self._accepted)
+        median, scale = self._accepted.location_scale()
         floor = cfg.scale_floor if self._log else cfg.scale_floor * abs(median) + 1e-12
         z = robust_z(y, median, scale, floor)
-        excess = math.expm1(y - median) if self._log else (y - median) / (abs(median) + 1e-12)
+        excess = relative_excess(y - median) if self._log else (y - median) / (abs(median) + 1e-12)
         if z < cfg.threshold or excess < cfg.min_excess:
             self._end_episode(obs.step)
-            self._accepted.append(y)
+            self._accepted.push(y)
             return []
         return self._spike(obs.step, x, median, z, excess)
 
     def _leave_log_space(self) -> None:
         """A value <= 0 arrived under ``log_scale=None``: keep the history, in linear units, from now on."""
         self._log = False
-        self._accepted = deque((math.exp(v) for v in self._accepted), maxlen=self.config.window)
+        self._accepted = self._window(math.exp(v) for v in self._accepted.values)
         self._episode = [math.exp(v) for v in self._episode]
 
     def _spike(self, step: int, x: float, median: float, z: float, excess: float) -> list[Finding]:
@@ -166,12 +169,12 @@ class SpikeDetector:
         self._episode.append(math.log(x) if self._log else x)
         run = len(self._episode)
         baseline = math.exp(median) if self._log else median
-        evidence = {"z": round(z, 2), "ratio": round(x / baseline, 4) if baseline else None,
+        ratio = x / baseline if baseline else math.inf  # a baseline of exactly 0 (a linear loss sitting at 0)
+        evidence = {"z": round(z, 2), "ratio": round(ratio, 4) if baseline else None,
                     "onset_step": self._onset, "consecutive": run}
         if run >= cfg.rebase_after:
             # The new level has lasted: accept it as the baseline and close the episode.
-            self._accepted.clear()
-            self._accepted.extend(self._episode[-cfg.min_history :])
+            self._accepted = self._window(self._episode[-cfg.min_history :])
             self._end_episode(step)
             evidence["rebased"] = True
             return [self._finding(step, "info", x, baseline, evidence,
@@ -190,7 +193,10 @@ class SpikeDetector:
             severity = "info"
         else:
             return []
-        return [self._finding(step, severity, x, baseline, evidence, *_explain(cfg, severity, x / baseline, run))]
+        return [self._finding(step, severity, x, baseline, evidence, *_explain(cfg, severity, ratio, run))]
+
+    def _window(self, values: Iterable[float]) -> RunningMedian:
+        return RunningMedian(size=self.config.window, capacity=self.config.window, values=values)
 
     def _finding(self, step: int, severity: Severity, x: float, baseline: float,
                  evidence: dict[str, Any], cause: str, remedy: str) -> Finding:
@@ -207,13 +213,13 @@ class SpikeDetector:
         self._warned = self._critical = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "accepted": list(self._accepted), "episode": list(self._episode),
+        return {"config": asdict(self.config), "accepted": list(self._accepted.values), "episode": list(self._episode),
                 "onset": self._onset, "warned": self._warned, "log": self._log, "onset_excess": self._onset_excess,
                 "critical": self._critical, "outliers": [list(o) for o in self._outliers]}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = SpikeConfig(**state["config"])
-        self._accepted = deque(state["accepted"], maxlen=self.config.window)
+        self._accepted = self._window(state["accepted"])
         self._episode = list(state["episode"])
         self._onset, self._warned = int(state["onset"]), bool(state["warned"])
         self._log = bool(state.get("log", self.config.log_scale is not False))

@@ -1,0 +1,275 @@
+"""The spike and divergence detectors as they were before their fast paths: the oracle of the equivalence tests.
+
+Frozen copies of `SpikeDetector` and `DivergenceDetector` (commit 862248f), with every statistic computed the
+straightforward way — the window sorted on every step, the MAD by sorting the deviations, the noise by sorting
+its 256 differences — so the fast online ``update`` and the batch ``scan`` are checked against an algorithm
+that shares none of their data structures. Five changes, all fixes made together with the fast paths (a
+hostile log or setting made the originals raise or hang): ``exp(x) − 1`` that overflows is ∞, a log-ratio
+whose quotient underflows is a difference of logs, a spike over a baseline of exactly 0 has the ratio ∞ in its
+text (it divided by zero), a noise so large that the window it needs overflows asks for the widest window, and
+the divergence window ladder grows from a ``short`` under 4 (it looped forever). Cause and remedy texts are the
+detectors' own (only the numbers in them are checked here).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from dataclasses import asdict
+from typing import Any
+
+from keel._core.finding import Finding
+from keel._core.observation import Observation
+from keel.detect.divergence import NOISE_EVERY, NOISE_SPAN, WINDOW_GROWTH, DivergenceConfig
+from keel.detect.spike import GRAD_NORM_DEFAULTS, TAIL_KEPT, TAIL_SPAN, SpikeConfig, _explain
+
+MAD_TO_STD = 1.4826
+MEDIAN_SE = math.sqrt(math.pi / 2)
+
+
+def median(values):
+    ordered = sorted(values)
+    n = len(ordered)
+    if n == 0:
+        return float("nan")
+    mid = n // 2
+    return ordered[mid] if n % 2 else 0.5 * (ordered[mid - 1] + ordered[mid])
+
+
+def robust_location_scale(values):
+    if len(values) == 0:
+        return float("nan"), float("nan")
+    location = median(values)
+    return location, median([abs(v - location) for v in values]) * MAD_TO_STD
+
+
+def step_noise(differences):
+    return median(map(abs, differences)) * MAD_TO_STD / math.sqrt(2)
+
+
+def median_standard_error(scale, n):
+    return MEDIAN_SE * scale / math.sqrt(n)
+
+
+def expm1(x):
+    try:
+        return math.expm1(x)
+    except OverflowError:
+        return math.inf
+
+
+class ReferenceSpike:
+    name = "spike"
+
+    def __init__(self, config=None, *, signal=None):
+        if config is None:
+            signal = signal or "loss"
+            config = SpikeConfig(signal=signal, **(GRAD_NORM_DEFAULTS if "grad" in signal else {}))
+        self.config = config
+        self._log = config.log_scale is not False
+        self._accepted = deque(maxlen=config.window)
+        self._episode = []
+        self._onset = -1
+        self._onset_excess = 0.0
+        self._warned = False
+        self._critical = False
+        self._outliers = deque(maxlen=TAIL_KEPT)
+
+    def update(self, obs: Observation) -> list[Finding]:
+        cfg = self.config
+        x = obs.values.get(cfg.signal)
+        if x is None or not math.isfinite(x):
+            return []
+        if x <= 0 and self._log:
+            if cfg.log_scale:
+                return []
+            self._log = False
+            self._accepted = deque((math.exp(v) for v in self._accepted), maxlen=cfg.window)
+            self._episode = [math.exp(v) for v in self._episode]
+        y = math.log(x) if self._log else x
+        if len(self._accepted) < cfg.min_history:
+            self._accepted.append(y)
+            return []
+        med, scale = robust_location_scale(self._accepted)
+        floor = cfg.scale_floor if self._log else cfg.scale_floor * abs(med) + 1e-12
+        z = (y - med) / max(scale, floor)
+        excess = expm1(y - med) if self._log else (y - med) / (abs(med) + 1e-12)
+        if z < cfg.threshold or excess < cfg.min_excess:
+            self._end_episode(obs.step)
+            self._accepted.append(y)
+            return []
+        return self._spike(obs.step, x, med, z, excess)
+
+    def _spike(self, step, x, med, z, excess):
+        cfg = self.config
+        if not self._episode:
+            self._onset, self._onset_excess, self._warned, self._critical = step, excess, False, False
+        self._episode.append(math.log(x) if self._log else x)
+        run = len(self._episode)
+        baseline = math.exp(med) if self._log else med
+        ratio = x / baseline if baseline else math.inf  # a baseline of exactly 0 (a linear loss sitting at 0)
+        evidence = {"z": round(z, 2), "ratio": round(ratio, 4) if baseline else None,
+                    "onset_step": self._onset, "consecutive": run}
+        if run >= cfg.rebase_after:
+            self._accepted.clear()
+            self._accepted.extend(self._episode[-cfg.min_history:])
+            self._end_episode(step)
+            evidence["rebased"] = True
+            return [self._finding(step, "info", x, baseline, evidence,
+                                  f"{cfg.signal} has stayed at a new level for {run} steps; it is the new baseline.",
+                                  "None: this is a lasting change, not a spike. Check the divergence findings.")]
+        tail = max((e for at, e in self._outliers if step - at <= TAIL_SPAN), default=0.0)
+        if tail:
+            evidence["largest_recent_outlier_ratio"] = round(1 + tail, 4)
+        beyond_tail = math.log1p(excess) >= cfg.tail_factor * math.log1p(tail)
+        if z >= cfg.critical_z and excess >= cfg.critical_excess and beyond_tail:
+            severity = "critical"
+            self._critical = True
+        elif run >= cfg.patience and not self._warned:
+            severity, self._warned = "warning", True
+        elif run == 1:
+            severity = "info"
+        else:
+            return []
+        return [self._finding(step, severity, x, baseline, evidence, *_explain(cfg, severity, ratio, run))]
+
+    def _finding(self, step, severity, x, baseline, evidence, cause, remedy):
+        return Finding(step=step, kind=self.config.kind, severity=severity, signal=self.config.signal,
+                       value=x, baseline=baseline, evidence=evidence, cause=cause, remedy=remedy)
+
+    def _end_episode(self, step):
+        if len(self._episode) == 1 and not self._critical:
+            self._outliers.append((self._onset, self._onset_excess))
+        while self._outliers and step - self._outliers[0][0] > TAIL_SPAN:
+            self._outliers.popleft()
+        self._episode = []
+        self._onset = -1
+        self._warned = self._critical = False
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "accepted": list(self._accepted), "episode": list(self._episode),
+                "onset": self._onset, "warned": self._warned, "log": self._log, "onset_excess": self._onset_excess,
+                "critical": self._critical, "outliers": [list(o) for o in self._outliers]}
+
+
+class ReferenceDivergence:
+    name = "divergence"
+
+    def __init__(self, config=None):
+        self.config = config or DivergenceConfig()
+        self._values = deque(maxlen=self.config.window)
+        self._size = self.config.short
+        self._diffs = deque(maxlen=NOISE_SPAN)
+        self._noise = math.nan
+        self._seen = 0
+        self._best = math.inf
+        self._best_step = -1
+        self._best_se = 0.0
+        self._run = 0
+        self._reported = None
+
+    def _median(self, size):
+        return median(list(self._values)[-size:])
+
+    def update(self, obs: Observation) -> list[Finding]:
+        cfg = self.config
+        x = obs.values.get(cfg.signal)
+        if x is None or not math.isfinite(x):
+            return []
+        if self._values and self._run == 0:
+            self._diffs.append(_relative_change(self._values[-1], x))
+        self._values.append(x)
+        self._seen += 1
+        if len(self._diffs) >= cfg.short and (self._seen % NOISE_EVERY == 0 or math.isnan(self._noise)):
+            self._noise = step_noise(self._diffs)
+            self._resize(self._window_for(self._noise))
+        n = min(len(self._values), self._size)
+        if n < cfg.short or math.isnan(self._noise):
+            return []
+        med = self._median(self._size)
+        se, required, fast_required = self._margins(n)
+        if n == self._size and med + se < self._best + self._best_se:
+            self._best, self._best_step, self._best_se = med, obs.step, se
+            se, required, fast_required = self._margins(n)
+        rise = _rise(med, self._best)
+        if n > cfg.short:
+            fast = self._median(cfg.short)
+            fast_rise = _rise(fast, self._best)
+            if fast_rise - fast_required > rise - required:
+                med, rise, required, n = fast, fast_rise, fast_required, cfg.short
+        if self._seen < cfg.min_history or rise < required:
+            if rise < required / 2:
+                self._run, self._reported = 0, None
+            return []
+        self._run += 1
+        if self._run < cfg.patience:
+            return []
+        severity = "critical" if rise >= math.log1p(cfg.critical_excess) else "warning"
+        if self._reported == severity or self._reported == "critical":
+            return []
+        self._reported = severity
+        excess = (med - self._best) / (abs(self._best) + 1e-12)
+        evidence = {"median": round(med, 6), "best": round(self._best, 6), "best_step": self._best_step,
+                    "excess": round(excess, 4), "onset_step": obs.step - self._run + 1,
+                    "window": n, "noise": round(self._noise, 4), "required_excess": round(expm1(required), 4)}
+        noisy = (f" (the loss swings ±{expm1(self._noise):.0%} per step; the median of {n} steps is judged "
+                 f"against that)" if min(len(self._values), self._size) > cfg.short else "")
+        cause = (f"The loss's running median has stayed {1 + excess:.3g}× its best level (step "
+                 f"{self._best_step}) for {self._run} steps{noisy}: training is diverging, not spiking.")
+        remedy = ("Roll back to a snapshot before the onset and continue with a lower learning rate "
+                  "(policy='recover'; PaLM and OPT-175B restarted earlier with a lower LR); check attention "
+                  "logits and consider QK-norm and z-loss (Wortsman et al. 2023).")
+        return [Finding(step=obs.step, kind="divergence", severity=severity, signal=cfg.signal, value=med,
+                        baseline=self._best, evidence=evidence, cause=cause, remedy=remedy)]
+
+    def _resize(self, size):
+        if size == self._size:
+            return
+        before = self._median(self._size)
+        self._size = size
+        after = self._median(size)
+        if math.isfinite(self._best) and after > before:
+            self._best += after - before if self._best <= 0 or before <= 0 else self._best * (after / before - 1)
+
+    def _margins(self, n):
+        cfg = self.config
+        se = median_standard_error(self._noise, n)
+        warn = math.log1p(cfg.warn_excess)
+        required = max(warn, cfg.noise_margin * math.hypot(se, self._best_se))
+        fast = max(warn, cfg.noise_margin * math.hypot(median_standard_error(self._noise, cfg.short), self._best_se))
+        return se, required, fast
+
+    def _window_for(self, noise):
+        cfg = self.config
+        target = math.log1p(cfg.warn_excess) / (cfg.noise_margin * math.sqrt(2))
+        try:
+            needed = (median_standard_error(noise, 1) / target) ** 2
+        except OverflowError:
+            needed = math.inf
+        n = cfg.short
+        while n < needed and n < cfg.window:
+            n = min(max(int(n * WINDOW_GROWTH), n + 1) | 1, cfg.window)
+        return n
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"config": asdict(self.config), "recent": list(self._values), "size": self._size,
+                "diffs": list(self._diffs), "noise": self._noise, "seen": self._seen, "best": self._best,
+                "best_step": self._best_step, "best_se": self._best_se, "run": self._run,
+                "reported": self._reported}
+
+
+def _relative_change(before, after):
+    if before > 0 and after > 0:
+        return _log_ratio(after, before)
+    return (after - before) / max(abs(before), 1e-12)
+
+
+def _rise(med, best):
+    if med > 0 and 0 < best < math.inf:
+        return _log_ratio(med, best)
+    return _relative_change(best, med) if math.isfinite(best) else -math.inf
+
+
+def _log_ratio(a, b):
+    ratio = a / b
+    return math.log(ratio) if ratio > 0 else math.log(a) - math.log(b)
