@@ -11,6 +11,7 @@ import copy
 import math
 from dataclasses import asdict
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -127,3 +128,63 @@ def test_hostile_magnitudes_and_a_zero_baseline_do_not_raise():
     assert run(DivergenceDetector(DivergenceConfig(short=3, window=9, min_history=3)), [1.0, -1e300] * 10) == []
     linear = SpikeDetector(SpikeConfig(signal="grad/norm", log_scale=False))
     assert run(linear, [0.0] * 40 + [1e-3], key="grad/norm") == [(40, "critical")]
+
+
+# --- the batch scan: the same findings and state as update, step by step -----------------------------------
+def scan_in_pieces(det, series, cuts, *, steps=None):
+    """``det.scan`` over ``series`` cut at ``cuts``; between pieces the state goes through ``load_state_dict``."""
+    values = np.array([math.nan if v is None else v for v in series], dtype=np.float64)
+    steps = np.arange(len(values)) if steps is None else np.asarray(steps)
+    found, start = [], 0
+    for stop in [*sorted(set(cuts)), len(values)]:
+        found += det.scan(steps[start:stop], values[start:stop])
+        start = stop
+        fresh = type(det)()
+        fresh.load_state_dict(det.state_dict())
+        det = fresh
+    return found, det.state_dict()
+
+
+_CUTS = st.lists(st.integers(0, 2000), max_size=3)
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted(SPIKES)), data=st.data())
+def test_property_spike_scan_equals_the_reference_update(name, data):
+    series = data.draw(st.one_of(shaped_series(), raw_series()))
+    cuts = [c for c in data.draw(_CUTS) if c <= len(series)]
+    key = SPIKES[name](SpikeDetector).config.signal
+    assert canonical(scan_in_pieces(SPIKES[name](SpikeDetector), series, cuts)) == \
+        canonical(drive(SPIKES[name](ReferenceSpike), series, [], key=key, fast=False))
+
+
+def _long_run(n, seed, scale):
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    values = (0.8 + 3.0 * np.exp(-t / (n / 10))) * np.exp(scale * rng.standard_normal(n))
+    values[rng.integers(0, n, 12)] *= rng.choice([1.5, 3.0, 40.0, 1e3], 12)  # outliers and spikes
+    values[n // 2:n // 2 + 300] *= 2.2  # a level shift the baseline adopts
+    values[rng.integers(0, n, 20)] = np.nan
+    return values
+
+
+@pytest.mark.parametrize("scale", [0.02, 0.3])
+@pytest.mark.parametrize("name", ["loss", "grad", "linear"])
+def test_spike_scan_of_a_long_log_equals_update(name, scale):
+    # longer than the scan's chunks: the screen's chunking and its hand-overs to update, against update itself
+    values = _long_run(30_000, 1, scale)
+    det = SPIKES[name](SpikeDetector)
+    key = det.config.signal
+    online = SPIKES[name](SpikeDetector)
+    expected = [f for i, v in enumerate(values.tolist())
+                for f in online.update(Observation(step=3 * i, values={key: v}))]
+    assert len(expected) >= 3
+    assert canonical(det.scan(3 * np.arange(len(values)), values)) == canonical(expected)
+    assert canonical(det.state_dict()) == canonical(online.state_dict())
+
+
+def test_scan_refuses_mismatched_arrays_with_one_clear_error():
+    with pytest.raises(ValueError, match="shapes"):
+        SpikeDetector().scan(np.arange(3), np.zeros(4))
+    with pytest.raises(ValueError, match="integers"):
+        SpikeDetector().scan(np.array([0.5, 1.5]), np.zeros(2))

@@ -29,11 +29,14 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
 from keel._core.validate import require_ints, require_positive
 from keel.detect._running_median import RunningMedian
+from keel.detect._spike_screen import possible_spikes
 from keel.detect.detector import DETECTORS
 from keel.detect.robust import relative_excess, robust_z
 
@@ -99,6 +102,8 @@ class SpikeConfig:
 GRAD_NORM_DEFAULTS = dict(log_scale=True, min_excess=1.0, scale_floor=0.05, critical_excess=19.0)
 TAIL_SPAN = 1000  # steps an isolated outlier counts towards the run's own tail
 TAIL_KEPT = 16  # isolated outliers remembered (the largest recent one is what counts)
+SCAN_CHUNK, SCAN_CHUNK_MAX = 4096, 1 << 16  # values screened at once by `SpikeDetector.scan` (doubling while quiet)
+LOG_ERROR = 1e-12  # NumPy's log against math.log, relative: a few ulp in fact; the screen widens its bounds by it
 
 
 @DETECTORS.register("spike")
@@ -155,6 +160,77 @@ class SpikeDetector:
             self._accepted.push(y)
             return []
         return self._spike(obs.step, x, median, z, excess)
+
+    def scan(self, steps: np.ndarray, values: np.ndarray) -> list[Finding]:
+        """Judge a whole series at once: exactly what `update` gives, step by step, and the same state after.
+
+        The findings of ``update(Observation(step=steps[i], values={signal: values[i]}))`` for i = 0, 1, …;
+        a NaN value (not logged, or logged as NaN) changes nothing, as in ``update``, so a log's missing steps
+        can be passed as NaN or left out. A quiet stretch is screened in bulk (`_spike_screen`): only the
+        steps that might be spikes, and the episodes that follow them, go through ``update``.
+
+        Args:
+            steps: The observations' steps (integers), one per value.
+            values: The signal's values (float64).
+
+        Example:
+            >>> det = SpikeDetector(signal="loss")
+            >>> values = 2.0 + 0.01 * (np.arange(500) % 3)
+            >>> values[300] = 8.0
+            >>> [(f.step, f.severity) for f in det.scan(np.arange(500), values)]
+            [(300, 'critical')]
+        """
+        steps, values = _series(steps, values)
+        cfg, found, i, n = self.config, [], 0, len(values)
+        chunk = SCAN_CHUNK
+        while i < n:
+            if self._episode or len(self._accepted) < cfg.window:  # warm-up or an episode: step by step
+                found += self._update_at(steps, values, i)
+                i += 1
+                continue
+            stop = min(n, i + chunk)
+            x = values[i:stop]
+            usable = np.isfinite(x)
+            halt = stop  # a value <= 0 ends log space (log_scale=None): ``update`` converts the window there
+            if self._log:
+                nonpositive = usable & (x <= 0)
+                if cfg.log_scale is None and nonpositive.any():
+                    halt = i + int(np.argmax(nonpositive))
+                    usable[halt - i:] = False
+                usable &= ~nonpositive
+            at = np.flatnonzero(usable) + i
+            ys = np.log(values[at]) if self._log else values[at]  # for the screen; the window takes math.log's
+            maybe = possible_spikes(np.array(self._accepted.values), ys, log=self._log, error=LOG_ERROR,
+                                    threshold=cfg.threshold, min_excess=cfg.min_excess, scale_floor=cfg.scale_floor)
+            done = 0
+            for k in np.flatnonzero(maybe).tolist():
+                self._accept_quiet(values[at[done:k]], steps[at[done:k]])
+                judged = self._update_at(steps, values, int(at[k]))
+                found += judged
+                done = k + 1
+                if judged or self._episode:  # a spike: the window no longer grows as the screen assumed
+                    halt = stop = int(at[k]) + 1
+                    chunk = SCAN_CHUNK
+                    break
+            else:
+                self._accept_quiet(values[at[done:]], steps[at[done:]])
+                chunk = min(2 * chunk, SCAN_CHUNK_MAX)
+            i = stop
+            if halt < stop:
+                found += self._update_at(steps, values, halt)
+                i = halt + 1
+        return found
+
+    def _update_at(self, steps: np.ndarray, values: np.ndarray, i: int) -> list[Finding]:
+        x = float(values[i])
+        return self.update(Observation(step=int(steps[i]), values={self.config.signal: x})) if x == x else []
+
+    def _accept_quiet(self, xs: np.ndarray, steps: np.ndarray) -> None:
+        """What ``update`` does on a run of quiet steps with values ``xs`` (finite, and positive in log space)."""
+        if len(xs):
+            self._end_episode(int(steps.max()))  # the trims of each step, at once: they only depend on the latest
+            kept = xs[-self.config.window:].tolist()  # the window keeps no more than that
+            self._accepted.extend(map(math.log, kept) if self._log else kept)
 
     def _leave_log_space(self) -> None:
         """A value <= 0 arrived under ``log_scale=None``: keep the history, in linear units, from now on."""
@@ -226,6 +302,17 @@ class SpikeDetector:
         self._onset_excess = float(state.get("onset_excess", 0.0))
         self._critical = bool(state.get("critical", False))
         self._outliers = deque(((int(a), float(e)) for a, e in state.get("outliers", ())), maxlen=TAIL_KEPT)
+
+
+def _series(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``steps`` and ``values`` as int64 and float64 arrays of one length, or one clear error."""
+    steps, values = np.asarray(steps), np.asarray(values, dtype=np.float64)
+    if steps.ndim != 1 or values.shape != steps.shape:
+        raise ValueError(f"scan(steps, values): shapes {steps.shape} and {values.shape}; allowed: two 1-d arrays "
+                         "of one length")
+    if len(steps) and not np.issubdtype(steps.dtype, np.integer):
+        raise ValueError(f"scan(steps, values): steps of dtype {steps.dtype}; allowed: integers")
+    return steps.astype(np.int64, copy=False), values
 
 
 def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int) -> tuple[str, str]:
