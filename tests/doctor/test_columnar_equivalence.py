@@ -78,10 +78,12 @@ def _small_detectors():
 
 @pytest.fixture
 def often_checkpointed(monkeypatch):
-    """Detector checkpoints every 4 observations in both drivers, so short logs exercise rewinds from them."""
+    """Detector checkpoints every 4 observations in both drivers, and only the newest 2 kept dense in the new
+    one, so short logs exercise rewinds from thinned-out checkpoints."""
     import sys
 
     monkeypatch.setattr(sys.modules["keel.doctor.diagnose"], "CHECKPOINT_EVERY", 4)
+    monkeypatch.setattr(sys.modules["keel.doctor.diagnose"], "RECENT_CHECKPOINTS", 2)
     monkeypatch.setattr(legacy, "CHECKPOINT_EVERY", 4)
 
 
@@ -208,3 +210,20 @@ def test_json_output_is_the_same(tmp_path):
     p.write_text("step,loss,grad_norm\n" + "".join(f"{s},{2.0 + 0.01 * (s % 3)},{1.0}\n" for s in range(50))
                  + "50,nan,inf\n")
     assert json.dumps(diagnose_log(p).to_dict()) == json.dumps(legacy.diagnose_csv(p).to_dict())
+
+
+def test_restarts_far_back_in_a_long_log_rewind_through_thinned_checkpoints(tmp_path):
+    # 6,000 steps, then the run resumed from step 100 and, later, from step 3,000: the rewinds start from
+    # checkpoints that have been thinned out (the default spacing), and must land where the old driver did.
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    steps = list(range(6000)) + list(range(100, 4000)) + list(range(3000, 3500))
+    loss = 2.0 * (1 + 0.02 * rng.standard_normal(len(steps)))
+    loss[[700, 6500, 9950]] = 9.0  # spikes in each segment
+    path = tmp_path / "log.csv"
+    path.write_text("step,loss\n" + "".join(f"{s},{v!r}\n" for s, v in zip(steps, loss.tolist(), strict=True)))
+    new = diagnose_log(path)
+    assert new.summary["restarts"]["count"] == 2
+    assert {700, 600, 3050} <= {f.step for f in new.findings}  # the spike of each segment (rows 700, 6500, 9950)
+    _same(new, legacy.diagnose_csv(path))

@@ -43,7 +43,8 @@ from keel.doctor.log import RawLog
 from keel.doctor.result import DoctorResult
 from keel.doctor.timeline import Timeline, build_timeline
 
-CHECKPOINT_EVERY = 256  # observations between detector-state checkpoints (a rewind replays at most this many)
+CHECKPOINT_EVERY = 256  # observations between detector-state checkpoints
+RECENT_CHECKPOINTS = 16  # the newest checkpoints kept every CHECKPOINT_EVERY; older ones thin out (see _thin)
 MAX_LISTED = 20  # gaps and restarts listed in the summary; the count covers the rest
 GAP_FACTOR = 4  # a step difference over GAP_FACTOR × the logging stride is a gap
 
@@ -103,9 +104,13 @@ def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None 
             if state is not None:
                 det.load_state_dict(state)
         del kept[keep:], kept_steps[keep:]
+        position = start
         for first, stop in _runs(kept[start:]):
             for old in timeline.iter_observations(first, stop):
                 _update(rewound, old, broken)  # replay quietly: these findings were reported the first time
+                position += 1
+                if position - checkpoints[-1][0] >= CHECKPOINT_EVERY:  # the next rewind here replays less
+                    checkpoints.append((position, _states(rewound, broken)))
         return rewound
 
     rollbacks = log.rollbacks
@@ -125,6 +130,7 @@ def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None 
         last = step
         if len(kept) - checkpoints[-1][0] >= CHECKPOINT_EVERY:
             checkpoints.append((len(kept), _states(dets, broken)))
+            _thin(checkpoints)
         if step in rollbacks:
             # The Guard rolled back here: its detectors went back to their state at the start of the
             # restored step, and the run went on with the next step number.
@@ -164,6 +170,26 @@ def _runs(indices: array) -> Iterator[tuple[int, int]]:
     ends = [*breaks.tolist(), len(ids)]
     for a, b in zip(starts, ends, strict=True):
         yield int(ids[a]), int(ids[b - 1]) + 1
+
+
+def _thin(checkpoints: list[tuple[int, list[dict[str, Any] | None]]]) -> None:
+    """Drop old checkpoints so that their number grows with the log's logarithm, not its length.
+
+    A checkpoint is the state of every detector (a window of values each): one per 256 observations held
+    over 100 MB on a million-step log. The newest `RECENT_CHECKPOINTS` stay; older ones are kept every
+    2, 4, 8 … × `CHECKPOINT_EVERY` observations as they age, so a rewind replays at most about an eighth of
+    the way back it goes (a restart goes back a little, usually: those rewinds stay cheap). The first
+    checkpoint, the detectors' fresh state, always stays.
+    """
+    newest = checkpoints[-1][0]
+    keep = []
+    for checkpoint in checkpoints:
+        position = checkpoint[0]
+        age = (newest - position) // CHECKPOINT_EVERY
+        spacing = CHECKPOINT_EVERY << (age // RECENT_CHECKPOINTS).bit_length()
+        if position == 0 or age < RECENT_CHECKPOINTS or position % spacing == 0:
+            keep.append(checkpoint)
+    checkpoints[:] = keep
 
 
 def _states(detectors: list[Detector], broken: dict[int, str]) -> list[dict[str, Any] | None]:
