@@ -188,3 +188,31 @@ def test_scan_refuses_mismatched_arrays_with_one_clear_error():
         SpikeDetector().scan(np.arange(3), np.zeros(4))
     with pytest.raises(ValueError, match="integers"):
         SpikeDetector().scan(np.array([0.5, 1.5]), np.zeros(2))
+
+
+@settings(max_examples=60, deadline=None)
+@given(name=st.sampled_from(sorted(DIVERGENCES)), data=st.data())
+def test_property_divergence_scan_equals_the_reference_update(name, data):
+    series = data.draw(st.one_of(shaped_series(), raw_series()))
+    cuts = [c for c in data.draw(_CUTS) if c <= len(series)]
+    assert canonical(scan_in_pieces(DIVERGENCES[name](DivergenceDetector), series, cuts)) == \
+        canonical(drive(DIVERGENCES[name](ReferenceDivergence), series, [], key="loss", fast=False))
+
+
+@pytest.mark.parametrize("shape", ["healthy", "diverges", "plateau"])
+@pytest.mark.parametrize("scale", [0.02, 0.3])
+def test_divergence_scan_of_a_long_log_equals_update(shape, scale):
+    # long quiet stretches, noise re-estimates and window resizes, a divergence that recovers, and one that
+    # never does (an episode for the rest of the log)
+    values = _long_run(30_000, 2, scale)
+    if shape == "diverges":
+        values[20_000:] *= np.exp(np.linspace(0, 3, 10_000))
+    elif shape == "plateau":
+        values[12_000:] *= 2.5
+    online = DivergenceDetector()
+    expected = [f for i, v in enumerate(values.tolist())
+                for f in online.update(Observation(step=2 * i, values={"loss": v}))]
+    det = DivergenceDetector()
+    assert canonical(det.scan(2 * np.arange(len(values)), values)) == canonical(expected)
+    assert canonical(det.state_dict()) == canonical(online.state_dict())
+    assert expected or shape == "healthy"

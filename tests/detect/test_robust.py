@@ -116,7 +116,7 @@ def test_property_selected_mad_is_bit_identical_to_sorting_the_deviations(values
 def test_property_rolling_median_and_noise_equal_the_scalar_forms(values, size, every):
     arr = np.array(values, dtype=np.float64)
     starts = range(0, len(values) - size + 1, every)
-    assert rolling_median(arr, size, every=every).tolist() == [median(values[i:i + size]) for i in starts]
+    assert repr(rolling_median(arr, size, every=every).tolist()) == repr([median(values[i:i + size]) for i in starts])
     noise = rolling_step_noise(arr, size, every=every).tolist()
     assert repr(noise) == repr([step_noise(values[i:i + size]) for i in starts])
 

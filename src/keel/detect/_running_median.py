@@ -47,9 +47,9 @@ class RunningMedian:
         bisect.insort(self._sorted, x)
 
     def extend(self, xs: Iterable[float]) -> None:
-        """`push` each of ``xs`` (a long run is one rebuild instead of a search per value)."""
+        """`push` each of ``xs`` (more than a few are one sort of the window instead of a search per value)."""
         xs = list(xs)
-        if len(xs) < self.size:
+        if len(xs) * 8 < self.size:
             for x in xs:
                 self.push(x)
             return

@@ -29,17 +29,23 @@ from collections import deque
 from dataclasses import asdict, dataclass
 from typing import Any
 
+import numpy as np
+
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
 from keel._core.validate import require_ints, require_positive
+from keel.detect._change import moved_best, relative_change, rise
+from keel.detect._divergence_scan import Chunk, Stretch, certain_length, prepare
 from keel.detect._running_median import RunningMedian
 from keel.detect.detector import DETECTORS
 from keel.detect.robust import median_standard_error, relative_excess, step_noise_of
+from keel.detect.scan import SCAN_CHUNK, SCAN_CHUNK_MAX, as_series
 
 NOISE_SPAN = 256  # step-to-step differences behind the noise estimate
 NOISE_EVERY = 16  # steps between noise re-estimates (the window follows, and a window resize sorts it)
 WINDOW_GROWTH = 1.25  # window sizes form a ladder short, ×1.25, ×1.25², …: re-sorting a window is rare
+GALLOP = 64  # steps `scan` looks ahead after one that `update` took (doubling while every step is certain)
 
 
 @dataclass(kw_only=True)
@@ -117,7 +123,7 @@ class DivergenceDetector:
         if x is None or not math.isfinite(x):
             return []
         if self._level.values and self._run == 0:  # a pending rise must not widen its own margin
-            diff = _relative_change(self._level.values[-1], x)
+            diff = relative_change(self._level.values[-1], x)
             self._diffs.append(diff)
             self._spread.push(abs(diff))
         self._level.push(x)
@@ -138,20 +144,20 @@ class DivergenceDetector:
             se, required, fast_required = self._margins(n)
         # Two views of the current level: the noise's window, and the last ``short`` steps, whose larger margin
         # a steep rise clears long before the wide median moves (a blow-up is not made to wait for it).
-        rise = _rise(median, self._best)
+        up = rise(median, self._best)
         if n > cfg.short:
             fast = self._recent.median()
-            fast_rise = _rise(fast, self._best)
-            if fast_rise - fast_required > rise - required:  # judge by the view furthest past its threshold
-                median, rise, required, n = fast, fast_rise, fast_required, cfg.short
-        if self._seen < cfg.min_history or rise < required:
-            if rise < required / 2:  # hysteresis: the episode ends once the loss is back down
+            fast_up = rise(fast, self._best)
+            if fast_up - fast_required > up - required:  # judge by the view furthest past its threshold
+                median, up, required, n = fast, fast_up, fast_required, cfg.short
+        if self._seen < cfg.min_history or up < required:
+            if up < required / 2:  # hysteresis: the episode ends once the loss is back down
                 self._run, self._reported = 0, None
             return []
         self._run += 1
         if self._run < cfg.patience:
             return []
-        severity: Severity = "critical" if rise >= math.log1p(cfg.critical_excess) else "warning"
+        severity: Severity = "critical" if up >= math.log1p(cfg.critical_excess) else "warning"
         if self._reported == severity or self._reported == "critical":
             return []
         self._reported = severity
@@ -170,19 +176,90 @@ class DivergenceDetector:
         return [Finding(step=obs.step, kind="divergence", severity=severity, signal=cfg.signal, value=median,
                         baseline=self._best, evidence=evidence, cause=cause, remedy=remedy)]
 
-    def _resize(self, size: int) -> None:
-        """Change the window; a wider one reaches further back, so on a falling loss its median is higher.
+    def scan(self, steps: np.ndarray, values: np.ndarray) -> list[Finding]:
+        """Judge a whole series at once: exactly what `update` gives, step by step, and the same state after.
 
-        That is a change in how the level is measured, not in the level: the best moves with it, so the
-        widening itself never reads as a rise.
+        See `keel.detect.scan` for the contract. The stretches whose outcome is certain are computed in bulk
+        (`_divergence_scan`); the rest — warm-up, window resizes, steps near a threshold, findings — goes
+        through ``update``.
+
+        Example:
+            >>> det = DivergenceDetector()
+            >>> losses = np.array([2.0] * 300 + [6.0] * 20)
+            >>> [(f.step, f.severity) for f in det.scan(np.arange(320), losses)]
+            [(313, 'critical')]
         """
+        steps, values = as_series(steps, values)
+        finite = np.isfinite(values)  # update ignores the other values entirely
+        steps, values = steps[finite], values[finite]
+        found: list[Finding] = []
+        i, n, size = 0, len(values), SCAN_CHUNK
+        while i < n:
+            if not self._in_bulk():
+                found += self._update_at(steps, values, i)
+                i += 1
+                continue
+            stop = min(n, i + size)
+            chunk = self._prepare(values[i:stop])
+            j, m = 0, stop - i
+            gallop = m  # the whole chunk first; after a step update took, a little, then further while all is certain
+            while j < m:
+                ahead = min(m, j + gallop)
+                stretch = certain_length(chunk, j, ahead, config=self.config, seen=self._seen, best=self._best,
+                                         best_se=self._best_se, run=self._run, reported=self._reported)
+                self._apply(chunk, j, stretch, steps[i:stop], values[i:stop])
+                j += stretch.length
+                if j == ahead:
+                    gallop *= 2
+                    continue
+                found += self._update_at(steps, values, i + j)
+                j, gallop = j + 1, GALLOP
+                if (self._run == 0) != chunk.quiet or not self._in_bulk():  # an episode began or ended
+                    break
+            size = min(2 * size, SCAN_CHUNK_MAX) if j == m else SCAN_CHUNK
+            i += j
+        return found
+
+    def _update_at(self, steps: np.ndarray, values: np.ndarray, i: int) -> list[Finding]:
+        return self.update(Observation(step=int(steps[i]), values={self.config.signal: float(values[i])}))
+
+    def _in_bulk(self) -> bool:
+        """Whether the state lets `_divergence_scan` take the next steps (past warm-up, not at an odd moment)."""
+        return (len(self._diffs) == NOISE_SPAN and self.config.short <= NOISE_SPAN and not math.isnan(self._noise)
+                and len(self._level.values) == self.config.window and (self._run > 0 or self._reported is None))
+
+    def _prepare(self, values: np.ndarray) -> Chunk:
+        return prepare(values, config=self.config, level=self._level.values, diffs=self._diffs,
+                       size=self._level.size, seen=self._seen, quiet=self._run == 0, window_for=self._window_for,
+                       noise_every=NOISE_EVERY, noise=self._noise)
+
+    def _apply(self, chunk: Chunk, start: int, stretch: Stretch, steps: np.ndarray, values: np.ndarray) -> None:
+        """What ``update`` does over the stretch's steps of the chunk (``steps``, ``values``: the chunk's)."""
+        if not stretch.length:
+            return
+        stop = start + stretch.length
+        if chunk.quiet:
+            diffs = chunk.diffs[max(start, stop - NOISE_SPAN):stop]
+            self._diffs.extend(diffs.tolist())
+            self._spread.extend(np.abs(diffs).tolist())
+        self._level.extend(values[max(start, stop - self.config.window):stop].tolist())
+        self._recent.extend(values[max(start, stop - self.config.short):stop].tolist())
+        self._noise = float(chunk.noise[stop - 1])
+        if chunk.size[stop - 1] != self._level.size:  # the stretch's resizes (the best moved with them already)
+            self._level.resize(int(chunk.size[stop - 1]))
+        self._seen += stretch.length
+        self._run += stretch.over
+        self._best, self._best_se = stretch.best, stretch.best_se
+        if stretch.best_at >= 0:
+            self._best_step = int(steps[stretch.best_at])
+
+    def _resize(self, size: int) -> None:
+        """Change the window, and move the best with the change in how the level is measured (`moved_best`)."""
         if size == self._level.size:
             return
         before = self._level.median()
         self._level.resize(size)
-        after = self._level.median()
-        if math.isfinite(self._best) and after > before:
-            self._best += after - before if self._best <= 0 or before <= 0 else self._best * (after / before - 1)
+        self._best = moved_best(self._best, before, self._level.median())
 
     def _margins(self, n: int) -> tuple[float, float, float]:
         """(standard error of a median of ``n``, the rise it must show over the best, the same for the short view).
@@ -232,24 +309,3 @@ class DivergenceDetector:
         self._seen, self._best, self._best_step = state["seen"], state["best"], state["best_step"]
         self._best_se = float(state.get("best_se", 0.0))
         self._run, self._reported = state["run"], state["reported"]
-
-
-def _relative_change(before: float, after: float) -> float:
-    """log(after / before) for positive values; else the change relative to ``before``'s magnitude."""
-    if before > 0 and after > 0:
-        return _log_ratio(after, before)
-    return (after - before) / max(abs(before), 1e-12)
-
-
-def _rise(median: float, best: float) -> float:
-    """How far ``median`` is above ``best``, in the units of `_relative_change`."""
-    if median > 0 and 0 < best < math.inf:
-        ratio = median / best  # (the common case, inlined: this runs on every step)
-        return math.log(ratio) if ratio > 0 else _log_ratio(median, best)
-    return _relative_change(best, median) if math.isfinite(best) else -math.inf
-
-
-def _log_ratio(a: float, b: float) -> float:
-    """log(a / b) of positive finite values, also where a / b underflows to 0 (log would raise)."""
-    ratio = a / b
-    return math.log(ratio) if ratio > 0 else math.log(a) - math.log(b)

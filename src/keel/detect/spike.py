@@ -39,6 +39,7 @@ from keel.detect._running_median import RunningMedian
 from keel.detect._spike_screen import possible_spikes
 from keel.detect.detector import DETECTORS
 from keel.detect.robust import relative_excess, robust_z
+from keel.detect.scan import SCAN_CHUNK, SCAN_CHUNK_MAX, as_series
 
 
 @dataclass(kw_only=True)
@@ -102,7 +103,6 @@ class SpikeConfig:
 GRAD_NORM_DEFAULTS = dict(log_scale=True, min_excess=1.0, scale_floor=0.05, critical_excess=19.0)
 TAIL_SPAN = 1000  # steps an isolated outlier counts towards the run's own tail
 TAIL_KEPT = 16  # isolated outliers remembered (the largest recent one is what counts)
-SCAN_CHUNK, SCAN_CHUNK_MAX = 4096, 1 << 16  # values screened at once by `SpikeDetector.scan` (doubling while quiet)
 LOG_ERROR = 1e-12  # NumPy's log against math.log, relative: a few ulp in fact; the screen widens its bounds by it
 
 
@@ -164,10 +164,8 @@ class SpikeDetector:
     def scan(self, steps: np.ndarray, values: np.ndarray) -> list[Finding]:
         """Judge a whole series at once: exactly what `update` gives, step by step, and the same state after.
 
-        The findings of ``update(Observation(step=steps[i], values={signal: values[i]}))`` for i = 0, 1, …;
-        a NaN value (not logged, or logged as NaN) changes nothing, as in ``update``, so a log's missing steps
-        can be passed as NaN or left out. A quiet stretch is screened in bulk (`_spike_screen`): only the
-        steps that might be spikes, and the episodes that follow them, go through ``update``.
+        See `keel.detect.scan` for the contract. A quiet stretch is screened in bulk (`_spike_screen`): only
+        the steps that might be spikes, and the episodes that follow them, go through ``update``.
 
         Args:
             steps: The observations' steps (integers), one per value.
@@ -180,7 +178,7 @@ class SpikeDetector:
             >>> [(f.step, f.severity) for f in det.scan(np.arange(500), values)]
             [(300, 'critical')]
         """
-        steps, values = _series(steps, values)
+        steps, values = as_series(steps, values)
         cfg, found, i, n = self.config, [], 0, len(values)
         chunk = SCAN_CHUNK
         while i < n:
@@ -302,17 +300,6 @@ class SpikeDetector:
         self._onset_excess = float(state.get("onset_excess", 0.0))
         self._critical = bool(state.get("critical", False))
         self._outliers = deque(((int(a), float(e)) for a, e in state.get("outliers", ())), maxlen=TAIL_KEPT)
-
-
-def _series(steps: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """``steps`` and ``values`` as int64 and float64 arrays of one length, or one clear error."""
-    steps, values = np.asarray(steps), np.asarray(values, dtype=np.float64)
-    if steps.ndim != 1 or values.shape != steps.shape:
-        raise ValueError(f"scan(steps, values): shapes {steps.shape} and {values.shape}; allowed: two 1-d arrays "
-                         "of one length")
-    if len(steps) and not np.issubdtype(steps.dtype, np.integer):
-        raise ValueError(f"scan(steps, values): steps of dtype {steps.dtype}; allowed: integers")
-    return steps.astype(np.int64, copy=False), values
 
 
 def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int) -> tuple[str, str]:
