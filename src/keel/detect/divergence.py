@@ -24,6 +24,7 @@ noise estimate is frozen while a rise is pending, so a divergence does not widen
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from dataclasses import asdict, dataclass
@@ -39,6 +40,7 @@ from keel.detect._change import moved_best, relative_change, rise
 from keel.detect._divergence_scan import Chunk, Stretch, certain_length, prepare
 from keel.detect._running_median import RunningMedian
 from keel.detect.detector import DETECTORS
+from keel.detect.robust import median as _median
 from keel.detect.robust import median_standard_error, relative_excess, step_noise_of
 from keel.detect.scan import SCAN_CHUNK, SCAN_CHUNK_MAX, as_series
 
@@ -103,7 +105,6 @@ class DivergenceDetector:
     def __init__(self, config: DivergenceConfig | None = None) -> None:
         self.config = config or DivergenceConfig()
         self._level = RunningMedian(size=self.config.short, capacity=self.config.window)
-        self._recent = RunningMedian(size=self.config.short, capacity=self.config.short)  # the fast view's values
         self._diffs: deque[float] = deque(maxlen=NOISE_SPAN)
         self._spread = RunningMedian(size=NOISE_SPAN, capacity=NOISE_SPAN)  # abs(diffs), kept sorted for the noise
         self._noise = math.nan  # step-to-step noise, log units (relative units for a non-positive loss)
@@ -127,7 +128,6 @@ class DivergenceDetector:
             self._diffs.append(diff)
             self._spread.push(abs(diff))
         self._level.push(x)
-        self._recent.push(x)
         self._seen += 1
         if len(self._diffs) >= cfg.short and (self._seen % NOISE_EVERY == 0 or math.isnan(self._noise)):
             self._noise = step_noise_of(self._spread.median())  # robust.step_noise(self._diffs), without a sort
@@ -146,7 +146,7 @@ class DivergenceDetector:
         # a steep rise clears long before the wide median moves (a blow-up is not made to wait for it).
         up = rise(median, self._best)
         if n > cfg.short:
-            fast = self._recent.median()
+            fast = _median(itertools.islice(reversed(self._level.values), cfg.short))  # 9 values: a sort is cheap
             fast_up = rise(fast, self._best)
             if fast_up - fast_required > up - required:  # judge by the view furthest past its threshold
                 median, up, required, n = fast, fast_up, fast_required, cfg.short
@@ -243,7 +243,6 @@ class DivergenceDetector:
             self._diffs.extend(diffs.tolist())
             self._spread.extend(np.abs(diffs).tolist())
         self._level.extend(values[max(start, stop - self.config.window):stop].tolist())
-        self._recent.extend(values[max(start, stop - self.config.short):stop].tolist())
         self._noise = float(chunk.noise[stop - 1])
         if chunk.size[stop - 1] != self._level.size:  # the stretch's resizes (the best moved with them already)
             self._level.resize(int(chunk.size[stop - 1]))
@@ -302,7 +301,6 @@ class DivergenceDetector:
         self.config = DivergenceConfig(**state["config"])
         size = min(int(state.get("size", self.config.short)), self.config.window)
         self._level = RunningMedian(size=size, capacity=self.config.window, values=state["recent"])
-        self._recent = RunningMedian(size=self.config.short, capacity=self.config.short, values=state["recent"])
         self._diffs = deque(state.get("diffs", ()), maxlen=NOISE_SPAN)
         self._spread = RunningMedian(size=NOISE_SPAN, capacity=NOISE_SPAN, values=map(abs, self._diffs))
         self._noise = float(state.get("noise", math.nan))
