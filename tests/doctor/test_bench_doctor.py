@@ -40,3 +40,40 @@ def test_markdown_and_missing_labels(tmp_path, capsys):
     assert "| `spike.csv` | spike | 43 | 40 | 40 loss_spike critical | 0 | none |" in out
     assert bench.main(argparse.Namespace(data=tmp_path / "nowhere", json=False)) == 2
     assert "no labels.json" in capsys.readouterr().err
+
+
+def test_size_sweep_measures_both_readers_in_child_processes(capsys):
+    assert bench.main(argparse.Namespace(data=None, json=True, sizes=[300, 1200], no_baseline=False, repeats=1)) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["rows"] for r in rows] == [300, 1200]
+    for r in rows:
+        new, old = r["columnar"], r["records"]
+        assert new["findings"] == old["findings"]  # the same log, the same findings
+        assert 0 < new["read_s"] <= new["total_s"] and 0 < new["without_detectors_s"]
+        assert new["peak_rss_mb"] >= new["rss_after_imports_mb"] > 0
+    table = bench.format_sweep(rows)
+    assert table.count("\n") == 3 and "| 1,200 |" in table
+
+
+def test_the_sweep_log_holds_a_resume_a_nan_and_gaps(tmp_path):
+    from keel.doctor import diagnose_log
+
+    path = tmp_path / "log.csv"
+    bench.write_sweep_log(path, 100_000)
+    result = diagnose_log(path)
+    s = result.summary
+    assert s["records"] == 100_000 and s["restarts"]["count"] == 1 and s["text_columns"] == ["phase"]
+    assert s["signals"]["loss"]["non_finite"] == 1 and s["signals"]["grad/norm"]["observations"] == 90_000
+
+
+def test_sweep_arguments_are_checked(capsys):
+    from keel.cli import main
+
+    for bad in (["--sizes", "0"], ["--sizes", "x"], ["--sizes", "10", "--repeats", "-1"]):
+        try:
+            code = main(["bench", "doctor", *bad])
+        except SystemExit as exc:
+            code = exc.code
+        err = capsys.readouterr().err
+        assert code == 2, bad
+        assert "allowed: 1 or more" in err or "is not an integer" in err, err

@@ -253,14 +253,20 @@ def sweep(sizes: list[int], *, baseline: bool = True, repeats: int = 1, timeout:
 
 
 def format_sweep(rows: list[dict[str, Any]]) -> str:
-    lines = ["| rows | file MB | total s | read s | without detectors s | peak RSS MB | old total s | old peak RSS MB "
-             "| speed-up | memory ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    """The sweep as a Markdown table: today's figures, the old reader's, and the ratios (old / today)."""
+    lines = ["| rows | file MB | total s | read s | without detectors s | peak RSS MB | findings | old total s "
+             "| old without detectors s | old peak RSS MB | old findings | speed-up (total / without detectors) "
+             "| memory ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
     for r in rows:
         new, old = r["columnar"], r.get("records")
-        tail = (f"{old['total_s']:.1f} | {old['peak_rss_mb']:.0f} | {old['total_s'] / new['total_s']:.1f}× | "
-                f"{old['peak_rss_mb'] / new['peak_rss_mb']:.1f}×" if old else "– | – | – | –")
-        lines.append(f"| {r['rows']:,} | {r['mb']:.0f} | {new['total_s']:.2f} | {new['read_s']:.2f} | "
-                     f"{new['without_detectors_s']:.2f} | {new['peak_rss_mb']:.0f} | {tail} |")
+        tail = "– | – | – | – | – | –"
+        if old:
+            tail = (f"{old['total_s']:.1f} | {old['without_detectors_s']:.1f} | {old['peak_rss_mb']:.0f} | "
+                    f"{old['findings']:.0f} | {old['total_s'] / new['total_s']:.1f}× / "
+                    f"{old['without_detectors_s'] / new['without_detectors_s']:.1f}× | "
+                    f"{old['peak_rss_mb'] / new['peak_rss_mb']:.1f}×")
+        lines.append(f"| {r['rows']:,} | {r['mb']:.1f} | {new['total_s']:.2f} | {new['read_s']:.2f} | "
+                     f"{new['without_detectors_s']:.2f} | {new['peak_rss_mb']:.0f} | {new['findings']:.0f} | {tail} |")
     return "\n".join(lines)
 
 
