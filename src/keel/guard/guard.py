@@ -138,7 +138,6 @@ class Guard:
         seed: int | None = None,
         distributed: DistributedConfig | bool | None = None,
     ) -> None:
-        self.escalation = Escalation(EscalationConfig(policy=policy, max_consecutive_skips=max_consecutive_skips))
         if not isinstance(model, nn.Module):
             raise ValueError(f"model={type(model).__name__}; allowed: a torch.nn.Module")
         if not hasattr(optimizer, "step") or not hasattr(optimizer, "param_groups"):
@@ -153,6 +152,7 @@ class Guard:
                              probes=probes, max_grad_norm=max_grad_norm, max_consecutive_skips=max_consecutive_skips,
                              detectors=detectors, recovery=recovery, resume=resume, overwrite=overwrite,
                              config=config, seed=seed, distributed=distributed))
+        self.escalation = Escalation(EscalationConfig(policy=policy, max_consecutive_skips=max_consecutive_skips))
         if resume and run_dir is None:
             raise ValueError("resume=True needs run_dir; allowed: the run_dir of the run to continue")
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
