@@ -165,7 +165,8 @@ class ReferenceDivergence:
         self._best = math.inf
         self._best_step = -1
         self._best_se = 0.0
-        self._run = 0
+        self._run = 0  # consecutive steps past the threshold
+        self._pending = False  # a rise is open: past the threshold, not yet back below its half
         self._reported = None
 
     def _median(self, size):
@@ -176,7 +177,7 @@ class ReferenceDivergence:
         x = obs.values.get(cfg.signal)
         if x is None or not math.isfinite(x):
             return []
-        if self._values and self._run == 0:
+        if self._values and not self._pending:
             self._diffs.append(_relative_change(self._values[-1], x))
         self._values.append(x)
         self._seen += 1
@@ -198,9 +199,11 @@ class ReferenceDivergence:
             if fast_rise - fast_required > rise - required:
                 med, rise, required, n = fast, fast_rise, fast_required, cfg.short
         if self._seen < cfg.min_history or rise < required:
+            self._run = 0
             if rise < required / 2:
-                self._run, self._reported = 0, None
+                self._pending, self._reported = False, None
             return []
+        self._pending = True
         self._run += 1
         if self._run < cfg.patience:
             return []
@@ -254,7 +257,7 @@ class ReferenceDivergence:
     def state_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "recent": list(self._values), "size": self._size,
                 "diffs": list(self._diffs), "noise": self._noise, "seen": self._seen, "best": self._best,
-                "best_step": self._best_step, "best_se": self._best_se, "run": self._run,
+                "best_step": self._best_step, "best_se": self._best_se, "run": self._run, "pending": self._pending,
                 "reported": self._reported}
 
 

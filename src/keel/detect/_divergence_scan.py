@@ -197,12 +197,11 @@ def _judgements(cfg: DivergenceConfig, chunk: Chunk, start: int, stop: int, best
         over = np.where(chosen, fast_over, over)
     if chunk.quiet:  # nothing happens below the threshold (or before min_history)
         return (seen_at >= cfg.min_history) & ~(over < -tol), np.zeros(len(best), dtype=bool)
-    # an episode: a step clearly past the threshold extends the run, one clearly between the threshold and its
-    # half changes nothing; the rest (an episode's end, an uncertain side, a possible finding) goes to update
+    # an episode: a step clearly past the threshold extends the run; the rest (a step below it, which ends the run
+    # of consecutive steps or the episode, an uncertain side, a possible finding) goes to update
     past = over > tol
-    between = (over < -tol) & (rise - required / 2 > tol)
     critical = rise - math.log1p(cfg.critical_excess)
-    uncertain = (seen_at < cfg.min_history) | ~(past | between) | torn | (past & ~(np.abs(critical) > tol))
+    uncertain = (seen_at < cfg.min_history) | ~past | torn | (past & ~(np.abs(critical) > tol))
     if reported != "critical":
         reportable = (critical > tol) if reported == "warning" else np.ones(len(best), dtype=bool)
         uncertain |= past & (run + np.cumsum(past) >= cfg.patience) & reportable

@@ -112,7 +112,8 @@ class DivergenceDetector:
         self._best = math.inf
         self._best_step = -1
         self._best_se = 0.0  # the best median's standard error when it was measured
-        self._run = 0
+        self._run = 0  # consecutive steps past the threshold
+        self._pending = False  # a rise is open: past the threshold, not yet back below its half
         self._reported: Severity | None = None
         self._margin_key: tuple[Any, ...] = ()
         self._margin_config: DivergenceConfig | None = None
@@ -123,7 +124,7 @@ class DivergenceDetector:
         x = obs.values.get(cfg.signal)
         if x is None or not math.isfinite(x):
             return []
-        if self._level.values and self._run == 0:  # a pending rise must not widen its own margin
+        if self._level.values and not self._pending:  # a pending rise must not widen its own margin
             diff = relative_change(self._level.values[-1], x)
             self._diffs.append(diff)
             self._spread.push(abs(diff))
@@ -151,9 +152,11 @@ class DivergenceDetector:
             if fast_up - fast_required > up - required:  # judge by the view furthest past its threshold
                 median, up, required, n = fast, fast_up, fast_required, cfg.short
         if self._seen < cfg.min_history or up < required:
+            self._run = 0  # patience counts consecutive steps past the threshold
             if up < required / 2:  # hysteresis: the episode ends once the loss is back down
-                self._run, self._reported = 0, None
+                self._pending, self._reported = False, None
             return []
+        self._pending = True
         self._run += 1
         if self._run < cfg.patience:
             return []
@@ -214,7 +217,7 @@ class DivergenceDetector:
                     continue
                 found += self._update_at(steps, values, i + j)
                 j, gallop = j + 1, GALLOP
-                if (self._run == 0) != chunk.quiet or not self._in_bulk():  # an episode began or ended
+                if self._pending == chunk.quiet or not self._in_bulk():  # an episode began or ended
                     break
             size = min(2 * size, SCAN_CHUNK_MAX) if j == m else SCAN_CHUNK
             i += j
@@ -226,11 +229,11 @@ class DivergenceDetector:
     def _in_bulk(self) -> bool:
         """Whether the state lets `_divergence_scan` take the next steps (past warm-up, not at an odd moment)."""
         return (len(self._diffs) == NOISE_SPAN and self.config.short <= NOISE_SPAN and not math.isnan(self._noise)
-                and len(self._level.values) == self.config.window and (self._run > 0 or self._reported is None))
+                and len(self._level.values) == self.config.window and (self._pending or self._reported is None))
 
     def _prepare(self, values: np.ndarray) -> Chunk:
         return prepare(values, config=self.config, level=self._level.values, diffs=self._diffs,
-                       size=self._level.size, seen=self._seen, quiet=self._run == 0, window_for=self._window_for,
+                       size=self._level.size, seen=self._seen, quiet=not self._pending, window_for=self._window_for,
                        noise_every=NOISE_EVERY, noise=self._noise)
 
     def _apply(self, chunk: Chunk, start: int, stretch: Stretch, steps: np.ndarray, values: np.ndarray) -> None:
@@ -294,7 +297,7 @@ class DivergenceDetector:
     def state_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "recent": list(self._level.values), "size": self._level.size,
                 "diffs": list(self._diffs), "noise": self._noise, "seen": self._seen, "best": self._best,
-                "best_step": self._best_step, "best_se": self._best_se, "run": self._run,
+                "best_step": self._best_step, "best_se": self._best_se, "run": self._run, "pending": self._pending,
                 "reported": self._reported}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -307,3 +310,4 @@ class DivergenceDetector:
         self._seen, self._best, self._best_step = state["seen"], state["best"], state["best_step"]
         self._best_se = float(state.get("best_se", 0.0))
         self._run, self._reported = state["run"], state["reported"]
+        self._pending = bool(state.get("pending", self._run > 0))
