@@ -36,6 +36,7 @@ import sqlite3
 import sys
 
 from keel._core.errors import KeelError, TrainingAborted
+from keel._core.printable import one_line
 
 # verb → (module, one-line help). A verb with sub-verbs (bench) dispatches inside its module.
 VERBS: dict[str, tuple[str, str]] = {
@@ -133,23 +134,8 @@ def describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def one_line(text: str) -> str:
-    """``text`` as one printable line: line breaks become spaces, other control characters (terminal escape
-    codes, NUL) are shown escaped, and a very long message is cut."""
-    out = []
-    for char in text:
-        if char in "\n\r\t\v\f":
-            out.append(" ")
-        elif not char.isprintable():
-            out.append(repr(char)[1:-1])
-        else:
-            out.append(char)
-    line = "".join(out).strip()
-    return line if len(line) <= MAX_MESSAGE else line[: MAX_MESSAGE - 1] + "…"
-
-
 def _say(message: str) -> None:
-    print(one_line(message), file=sys.stderr, flush=True)
+    print(one_line(message, MAX_MESSAGE), file=sys.stderr, flush=True)
 
 
 def _debug() -> bool:

@@ -10,7 +10,7 @@ import argparse
 import json
 import sys
 
-from keel.doctor._printable import printable
+from keel._core.printable import printable
 from keel.doctor.diagnose import diagnose_log
 from keel.doctor.formats import FORMATS
 from keel.doctor.log import LogReadError

@@ -9,7 +9,7 @@ from dataclasses import replace
 from typing import Any
 
 from keel._core.finding import SEVERITIES, Finding
-from keel.doctor._printable import printable, printable_tree
+from keel._core.printable import printable, printable_tree
 from keel.doctor.result import DoctorResult
 
 MAX_ROWS = 50  # findings printed in full; the rest are counted

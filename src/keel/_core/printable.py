@@ -1,4 +1,4 @@
-"""Text from a log, made safe to print: a column name is data, not terminal control.
+"""Text from outside (a log, a store, a user's argument), made safe to print: it is data, not terminal control.
 
 A log can hold anything in a column name, a tag, a stored cause: ANSI escape sequences that clear the screen
 or rewrite the window title, a carriage return that overwrites the line, a bidirectional override that shows
@@ -23,6 +23,21 @@ def printable(text: str) -> str:
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def one_line(text: str, limit: int | None = None) -> str:
+    """``text`` as one printable line: line breaks and tabs become spaces, other control characters are escaped
+    (`printable`), and with ``limit`` a longer line is cut, ending in "…".
+
+    Example:
+        >>> one_line("no such file:\\n  x\\x1b[2J"), one_line("abcdef", limit=4)
+        ('no such file:   x\\\\x1b[2J', 'abc…')
+    """
+    line = printable(text.translate(_BREAKS)).strip()
+    return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+
+
+_BREAKS = str.maketrans(dict.fromkeys("\n\r\t\v\f", " "))
 
 
 def printable_tree(obj: Any, depth: int = 0) -> Any:
