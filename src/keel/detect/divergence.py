@@ -35,7 +35,7 @@ import numpy as np
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
-from keel._core.validate import require_ints, require_positive
+from keel._core.validate import check_types, require_ints, require_positive
 from keel.detect._change import moved_best, relative_change, rise
 from keel.detect._divergence_scan import Chunk, Stretch, certain_length, prepare
 from keel.detect._running_median import RunningMedian
@@ -76,6 +76,7 @@ class DivergenceConfig:
     noise_margin: float = 5.5
 
     def __post_init__(self) -> None:
+        check_types(self)
         require_ints(self, "short", "window", "min_history", "patience")
         require_positive(self, "warn_excess", "critical_excess", "noise_margin")
         if self.window < self.short:

@@ -34,7 +34,7 @@ import numpy as np
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
-from keel._core.validate import require_ints, require_positive
+from keel._core.validate import check_types, require_ints, require_positive
 from keel.detect._running_median import RunningMedian
 from keel.detect._spike_screen import possible_spikes
 from keel.detect.detector import DETECTORS
@@ -85,6 +85,7 @@ class SpikeConfig:
     tail_factor: float = 1.5
 
     def __post_init__(self) -> None:
+        check_types(self)
         if not self.kind:
             self.kind = "loss_spike" if self.signal == keys.LOSS else "grad_spike" if "grad" in self.signal \
                 else self.signal.replace("/", "_") + "_spike"
