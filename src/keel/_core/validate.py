@@ -39,7 +39,7 @@ def check_types(config: object) -> None:
     """Raise ValueError for the first field of a dataclass config whose value does not fit its annotation.
 
     Understood annotations: ``int`` (not bool), ``float`` (an int or float, not bool, not NaN), ``str``, ``bool``,
-    ``Literal[...]``, ``X | None``, and ``tuple[X, ...]``, ``list[X]``, ``Sequence[X]`` (a list or tuple) of those; richer ones (``Any``, callables, classes) are
+    ``Literal[...]``, ``X | None``, and ``tuple[X, ...]``, ``list[X]``, ``Sequence[X]`` (each a list or tuple) of those; richer ones (``Any``, callables, classes) are
     left to the config's own checks. Call it first in ``__post_init__``; range checks follow.
 
     Example:
@@ -78,7 +78,7 @@ def _fits(annotation: Any, value: object) -> bool | None:
     if origin is typing.Literal:
         return any(value == a and type(value) is type(a) for a in args)
     if (origin is tuple and len(args) == 2 and args[1] is Ellipsis) or origin in (list, collections.abc.Sequence):
-        if not isinstance(value, tuple if origin is tuple else (list, tuple)):
+        if not isinstance(value, (list, tuple)):  # a list where a tuple is annotated is what users type
             return False
         verdicts = [_fits(args[0], v) for v in value]
         return False if False in verdicts else None if None in verdicts else True
@@ -101,9 +101,7 @@ def _describe(annotation: Any) -> str:
         return f"None or {described}" if len(rest) < len(args) else described
     if origin is typing.Literal:
         return "one of " + ", ".join(repr(a) for a in args)
-    if origin is tuple:
-        return f"a tuple of {_describe(args[0])}"
-    if origin in (list, collections.abc.Sequence):
+    if origin in (tuple, list, collections.abc.Sequence):
         return f"a list of {_describe(args[0])}"
     return {bool: "True or False", int: "an int", float: "a number (not NaN)", str: "a str"}.get(
         annotation, getattr(annotation, "__name__", str(annotation)))
