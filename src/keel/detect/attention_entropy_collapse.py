@@ -73,6 +73,12 @@ class AttentionEntropyCollapseDetector:
 
     name = "attention_entropy_collapse"
 
+    rests_when_finite = False  # `keel.detect.scan.ReadsKeys`: nothing but its signal wakes it
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return (self.config.signal,)
+
     def __init__(self, config: EntropyCollapseConfig | None = None, **fields: object) -> None:
         self.config = config or EntropyCollapseConfig(**fields)  # type: ignore[arg-type]
         self._early: list[float] = []

@@ -78,6 +78,9 @@ class EdgeOfStabilityDetector:
 
     name = "edge_of_stability"
 
+    reads = (MARGIN,)  # `keel.detect.scan.ReadsKeys`: the learning rates are read once a margin is logged
+    rests_when_finite = False
+
     def __init__(self, config: EdgeOfStabilityConfig | None = None, **fields: object) -> None:
         self.config = config or EdgeOfStabilityConfig(**fields)  # type: ignore[arg-type]
         self._measured_step = -1

@@ -85,6 +85,12 @@ class GrowthDetector:
 
     name = "growth"
 
+    rests_when_finite = False  # `keel.detect.scan.ReadsKeys`: nothing but its signal wakes it
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return (self.config.signal,)
+
     def __init__(self, config: GrowthConfig) -> None:
         self.name = config.kind
         self.config = config

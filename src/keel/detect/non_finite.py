@@ -40,6 +40,10 @@ class NonFiniteConfig:
 @DETECTORS.register("non_finite")
 class NonFiniteDetector:
     name = "non_finite"
+    # `keel.detect.scan.ReadsKeys`: finite values only reset the overflow count; the per-parameter families and
+    # the loss scale are read for a finding's evidence
+    reads = (keys.LOSS, keys.GRAD_NORM, keys.PARAM_NORM)
+    rests_when_finite = True
 
     def __init__(self, config: NonFiniteConfig | None = None) -> None:
         self.config = config or NonFiniteConfig()

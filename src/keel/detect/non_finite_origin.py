@@ -55,6 +55,8 @@ class NonFiniteOriginDetector:
     """
 
     name = "non_finite_origin"
+    reads = (ACTIVATIONS, keys.GRAD_NORM_PER_PARAM, keys.LOSS)  # `keel.detect.scan.ReadsKeys`: finite ends an episode
+    rests_when_finite = True
 
     def __init__(self) -> None:
         self._active = False

@@ -82,6 +82,12 @@ class OutputLogitDriftDetector:
 
     name = "output_logit_drift"
 
+    rests_when_finite = False  # `keel.detect.scan.ReadsKeys`: nothing but its signal wakes it
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return (self.config.signal,)
+
     def __init__(self, config: OutputLogitDriftConfig | None = None, **fields: object) -> None:
         self.config = config or OutputLogitDriftConfig(**fields)  # type: ignore[arg-type]
         self._early: list[float] = []

@@ -1,5 +1,13 @@
 """Batch scans: a detector of one signal judges a whole series at once, exactly as step by step.
 
+Two contracts let a driver of long logs (`keel doctor`) skip work without changing a finding:
+
+- `SignalScan` — ``scan(steps, values)`` over one signal's series (below).
+- `ReadsKeys` — the detector names the keys it reads, and promises that an observation holding none of them
+  changes nothing; with ``rests_when_finite`` also that one whose read values are all finite leaves it at rest
+  (no findings, and a state that no longer depends on what came before), so of a quiet stretch only one
+  observation needs reading.
+
 `keel doctor` reads logs of millions of steps; calling ``update`` once per step costs microseconds of Python
 each. A detector that reads one scalar signal may also offer ``scan(steps, values)``: the findings ``update``
 would return for ``Observation(step=steps[i], values={signal: values[i]})``, i = 0, 1, …, in order, leaving
@@ -37,6 +45,20 @@ class SignalScan(Protocol):
     config: Any
 
     def scan(self, steps: np.ndarray, values: np.ndarray) -> list[Finding]: ...
+
+
+@runtime_checkable
+class ReadsKeys(Protocol):
+    """A detector that reads only ``reads``: value keys (``"loss"``) and per-parameter families (``"grad/norm/"``).
+
+    ``update`` on an observation that holds none of them returns ``[]`` and leaves the state as it was, unless
+    ``rests_when_finite``: then an observation whose read values are all finite (or absent) returns ``[]`` and
+    leaves the detector at rest, in the state any such observation leaves it in. Other keys may be read for
+    a finding's evidence, once one of ``reads`` woke it.
+    """
+
+    reads: tuple[str, ...]
+    rests_when_finite: bool
 
 
 def as_series(steps: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:

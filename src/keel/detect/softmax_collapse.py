@@ -73,6 +73,12 @@ class SoftmaxCollapseDetector:
 
     name = "softmax_collapse"
 
+    rests_when_finite = False  # `keel.detect.scan.ReadsKeys`: nothing but its signal wakes it
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return (self.config.signal,)
+
     def __init__(self, config: SoftmaxCollapseConfig | None = None, **fields: object) -> None:
         self.config = config or SoftmaxCollapseConfig(**fields)  # type: ignore[arg-type]
         self._run = 0

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import traceback
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -38,12 +37,13 @@ from keel._core.finding import SEVERITIES, Finding
 from keel._core.observation import Observation
 from keel.detect import Detector, DivergenceDetector, SpikeDetector, default_detectors
 from keel.detect.diagnosis import diagnose as name_causes
+from keel.doctor.blocks import Broken, Plan, advance, label
 from keel.doctor.formats import read_log
 from keel.doctor.log import RawLog
 from keel.doctor.result import DoctorResult
 from keel.doctor.timeline import Timeline, build_timeline
 
-CHECKPOINT_EVERY = 256  # observations between detector-state checkpoints
+CHECKPOINT_EVERY = 4096  # observations between detector-state checkpoints; a stretch advances at most this many
 RECENT_CHECKPOINTS = 16  # the newest checkpoints kept every CHECKPOINT_EVERY; older ones thin out (see _thin)
 MAX_LISTED = 20  # gaps and restarts listed in the summary; the count covers the rest
 GAP_FACTOR = 4  # a step difference over GAP_FACTOR × the logging stride is a gap
@@ -85,10 +85,13 @@ def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None 
         return scale_for_stride(list(make()), stride)
 
     dets = fresh()
+    plan = Plan(dets, timeline)
+    steps = timeline.steps
+    n = len(steps)
     # The current segment's history, steps strictly increasing: observation numbers and their steps (the
     # observations themselves are made again when a rewind replays them).
     kept, kept_steps = array("q"), array("q")
-    broken: dict[int, str] = {}  # detectors that raised (by position): switched off for the rest of the log
+    broken = Broken()  # detectors that raised (by position): switched off for the rest of the log
     checkpoints: list[tuple[int, list[dict[str, Any] | None]]] = [(0, _states(dets, broken))]
     findings: list[Finding] = []
     restarts: list[dict[str, int]] = []
@@ -106,58 +109,50 @@ def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None 
         del kept[keep:], kept_steps[keep:]
         position = start
         for first, stop in _runs(kept[start:]):
-            for old in timeline.iter_observations(first, stop):
-                _update(rewound, old, broken)  # replay quietly: these findings were reported the first time
-                position += 1
+            while first < stop:  # replay quietly: these findings were reported the first time
+                end = min(stop, first + checkpoints[-1][0] + CHECKPOINT_EVERY - position)
+                advance(rewound, plan, first, end, broken)
+                position += end - first
+                first = end
                 if position - checkpoints[-1][0] >= CHECKPOINT_EVERY:  # the next rewind here replays less
                     checkpoints.append((position, _states(rewound, broken)))
         return rewound
 
+    # Where a stretch must end: before a step not above the one before it (perhaps a restart), and after a
+    # step the Guard rolled back at.
     rollbacks = log.rollbacks
+    rolled_back = np.fromiter(rollbacks, dtype=np.int64, count=len(rollbacks))
+    cuts = np.union1d(np.flatnonzero(steps[1:] <= steps[:-1]) + 1, np.flatnonzero(np.isin(steps, rolled_back)) + 1)
+    cuts = np.append(cuts[cuts < n], n)
     last = None  # the step of the newest kept observation
-    for index, obs in enumerate(timeline.iter_observations()):
-        step = obs.step
+    index = 0
+    while index < n:
+        step = int(steps[index])
         if last is not None and step <= last:
             restarts.append({"step": step, "after_step": last})
             dets = rewind(step)
-        found = _update(dets, obs, broken)
+        stop = min(int(cuts[np.searchsorted(cuts, index, side="right")]),
+                   index + checkpoints[-1][0] + CHECKPOINT_EVERY - len(kept))
+        found = advance(dets, plan, index, stop, broken)
         if found:
             if restarts:
                 found = [replace(f, evidence={**f.evidence, "segment": len(restarts)}) for f in found]
             findings += found
-        kept.append(index)
-        kept_steps.append(step)
-        last = step
+        kept.extend(range(index, stop))
+        kept_steps.extend(steps[index:stop].tolist())
+        last = int(steps[stop - 1])
+        index = stop
         if len(kept) - checkpoints[-1][0] >= CHECKPOINT_EVERY:
             checkpoints.append((len(kept), _states(dets, broken)))
             _thin(checkpoints)
-        if step in rollbacks:
+        if last in rollbacks:
             # The Guard rolled back here: its detectors went back to their state at the start of the
             # restored step, and the run went on with the next step number.
-            dets = rewind(rollbacks[step])
+            dets = rewind(rollbacks[last])
             last = kept_steps[-1] if kept else None
     summary = _summary(log, timeline, stride, restarts, findings, fresh())
-    summary["notes"] += broken.values()
+    summary["notes"] += broken.in_order()
     return DoctorResult(source=log.source, format=log.format, findings=findings, summary=summary)
-
-
-def _update(detectors: list[Detector], obs: Observation, broken: dict[int, str]) -> list[Finding]:
-    """Every detector's findings on ``obs``; one that raises is switched off, with a ``keel_error`` finding.
-
-    A bug in one detector must not cost the diagnosis of the whole log (the Guard's rule: a component's
-    failure disables that component only).
-    """
-    found: list[Finding] = []
-    for i, det in enumerate(detectors):
-        if i in broken:
-            continue
-        try:
-            found += det.update(obs)
-        except Exception as exc:  # noqa: BLE001 - any bug in a detector, reported as one
-            found.append(_keel_error(det, obs.step, exc))
-            broken[i] = (f"the {_label(det)} detector raised {type(exc).__name__} at step {obs.step} and was "
-                         "switched off for the rest of the log")
-    return found
 
 
 def _runs(indices: array) -> Iterator[tuple[int, int]]:
@@ -192,31 +187,17 @@ def _thin(checkpoints: list[tuple[int, list[dict[str, Any] | None]]]) -> None:
     checkpoints[:] = keep
 
 
-def _states(detectors: list[Detector], broken: dict[int, str]) -> list[dict[str, Any] | None]:
+def _states(detectors: list[Detector], broken: Broken) -> list[dict[str, Any] | None]:
     """Each working detector's state (None for one switched off, or whose ``state_dict`` raises)."""
     states: list[dict[str, Any] | None] = []
     for i, det in enumerate(detectors):
         try:
             states.append(None if i in broken else det.state_dict())
-        except Exception as exc:  # noqa: BLE001 - as in _update
-            broken[i] = f"the {_label(det)} detector's state_dict raised {type(exc).__name__}; it was switched off"
+        except Exception as exc:  # noqa: BLE001 - a bug in a detector, as in keel.doctor.blocks
+            broken.add(i, -1, f"the {label(det)} detector's state_dict raised {type(exc).__name__}; "
+                              "it was switched off")
             states.append(None)
     return states
-
-
-def _label(det: Detector) -> str:
-    signal = getattr(getattr(det, "config", None), "signal", None)
-    return f"{det.name!r}" + (f" ({signal})" if signal else "")
-
-
-def _keel_error(det: Detector, step: int, exc: BaseException) -> Finding:
-    return Finding(step=step, kind="keel_error", severity="warning", signal=det.name,
-                   evidence={"error": f"{type(exc).__name__}: {exc}",
-                             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__,
-                                                                             limit=8))},
-                   cause=f"keel's {_label(det)} detector raised {type(exc).__name__}: {exc}. It is switched off "
-                         "for the rest of this log; the other detectors went on.",
-                   remedy="Please report this as a keel bug with the traceback (keel doctor --json shows it).")
 
 
 def logging_stride(observations: Sequence[Observation]) -> int:
