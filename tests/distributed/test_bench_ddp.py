@@ -12,6 +12,7 @@ from keel.cli import main as keel_main
 from tests.distributed.launch import ROOT
 
 
+@pytest.mark.slow  # a benchmark run end to end
 @pytest.mark.distributed
 def test_bench_overhead_ddp_reports_ratios_from_torchrun(capsys, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))

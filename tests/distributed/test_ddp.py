@@ -91,6 +91,7 @@ def test_a_shard_that_goes_bad_is_named_within_five_steps(tmp_path):
     assert ranks[0]["params"] == ranks[1]["params"]
 
 
+@pytest.mark.slow  # three ranks on two cores; two-rank shard naming stays in the default suite
 def test_a_shard_bad_from_the_start_is_named_among_three_ranks(tmp_path):
     ranks = run_scenario(tmp_path, "bad_shard_from_start", nproc=3)
     for r in ranks:
@@ -100,6 +101,7 @@ def test_a_shard_bad_from_the_start_is_named_among_three_ranks(tmp_path):
         assert {feature for _, _, feature in named} == {"loss", "grad_norm", "disagreement"}
 
 
+@pytest.mark.slow  # FSDP2 against DDP: `make test-all`
 def test_fsdp_ranks_skip_and_roll_back_together_and_train_like_ddp(tmp_path):
     """FSDP2 (fully_shard on gloo): norms are combined from shards as √Σ norm², so every decision, every
     gradient norm and the trained weights match the same run under DDP."""

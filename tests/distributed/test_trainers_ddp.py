@@ -19,6 +19,7 @@ def _ranks(tmp_path: Path) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
+@pytest.mark.slow  # the Lightning DDP test below covers a trainer under torchrun in the default suite
 def test_hf_trainer_ranks_skip_together(tmp_path):
     pytest.importorskip("transformers")
     torchrun(HERE / "hf_worker.py", str(tmp_path))

@@ -127,7 +127,7 @@ def small_stretches(monkeypatch):
     monkeypatch.setattr(sys.modules["keel.doctor.diagnose"], "RECENT_CHECKPOINTS", 2)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(records=logs(), rollbacks=st.dictionaries(st.integers(0, 60), st.integers(-2, 60), max_size=3),
        bad_step=st.integers(0, 60))
 def test_stretches_find_what_update_step_by_step_finds(records, rollbacks, bad_step, small_stretches):

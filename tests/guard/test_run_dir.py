@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 import signal
 import subprocess
@@ -176,9 +175,9 @@ def test_a_new_run_in_a_used_run_dir_resumes_its_own_snapshot_bit_for_bit(tmp_pa
     assert old_snapshots == ["step-000000070", "step-000000080"]
     shutil.copytree(run_dir / "snapshots", tmp_path / "old-snapshots")
 
-    refused = _script(tmp_path, run_dir, seed=2, steps=40, kill_at=-1, mode="new")
-    assert refused.returncode == 3 and re.search(r"holds a previous run: a run store \(status finished, 80 steps\) "
-                                                 r"and 2 disk snapshots", refused.stdout)
+    with pytest.raises(ValueError, match=r"holds a previous run: a run store \(status finished, 80 steps\) "
+                                         r"and 2 disk snapshots"):
+        _open(run_dir, policy="recover")
 
     reference = _script(tmp_path, tmp_path / "ref", seed=2, steps=40, kill_at=-1, mode="new")
     assert reference.returncode == 0, reference.stderr

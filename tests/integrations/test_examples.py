@@ -41,6 +41,7 @@ def test_hf_trainer_example_sees_the_nan_the_trainer_hides(tmp_path):
         assert steps.tolist() == list(range(8)) and losses[5] != losses[5]  # NaN
 
 
+@pytest.mark.slow  # the same code paths run in tests/distributed; this checks the example file
 @pytest.mark.distributed
 def test_torchrun_example_every_rank_skips_and_the_bad_shard_is_named(tmp_path):
     out = torchrun(EXAMPLES / "torchrun_ddp.py", "--steps", "60", "--inject-nan", "20", "--bad-shard-from", "40",
