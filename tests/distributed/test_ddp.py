@@ -68,6 +68,7 @@ def test_rollback_restores_every_rank_to_the_same_snapshot(tmp_path):
         assert all("rank-0" in s["path"] for s in store.snapshots())
 
 
+@pytest.mark.slow  # `make test-all`; the skip and rollback tests above keep DDP in the default suite
 def test_observe_under_ddp_is_bit_identical_to_bare_ddp_and_silent_when_healthy(tmp_path):
     ranks = run_scenario(tmp_path, "observe")
     for r in ranks:
@@ -82,6 +83,7 @@ def test_observe_under_ddp_is_bit_identical_to_bare_ddp_and_silent_when_healthy(
         assert ((cos > -1) & (cos < 1)).all()
 
 
+@pytest.mark.slow  # `make test-all`; tests/distributed/test_rank_outlier.py covers the naming in-process
 def test_a_shard_that_goes_bad_is_named_within_five_steps(tmp_path):
     ranks = run_scenario(tmp_path, "bad_shard")  # rank 1's targets go bad at step 40
     for r in ranks:
@@ -91,7 +93,7 @@ def test_a_shard_that_goes_bad_is_named_within_five_steps(tmp_path):
     assert ranks[0]["params"] == ranks[1]["params"]
 
 
-@pytest.mark.slow  # three ranks on two cores; two-rank shard naming stays in the default suite
+@pytest.mark.slow  # three ranks on two cores: `make test-all`
 def test_a_shard_bad_from_the_start_is_named_among_three_ranks(tmp_path):
     ranks = run_scenario(tmp_path, "bad_shard_from_start", nproc=3)
     for r in ranks:

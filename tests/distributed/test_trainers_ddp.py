@@ -19,7 +19,7 @@ def _ranks(tmp_path: Path) -> list[dict]:
     return [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
 
 
-@pytest.mark.slow  # the Lightning DDP test below covers a trainer under torchrun in the default suite
+@pytest.mark.slow  # `make test-all`
 def test_hf_trainer_ranks_skip_together(tmp_path):
     pytest.importorskip("transformers")
     torchrun(HERE / "hf_worker.py", str(tmp_path))
@@ -32,6 +32,7 @@ def test_hf_trainer_ranks_skip_together(tmp_path):
         assert [(d.step, d.action) for d in store.decisions()] == [(3, "skip")]
 
 
+@pytest.mark.slow  # `make test-all`
 def test_lightning_ddp_ranks_skip_together_with_per_rank_gradients(tmp_path):
     pytest.importorskip("lightning")
     torchrun(HERE / "lightning_worker.py", str(tmp_path))
