@@ -4,12 +4,21 @@ Parameters and optimizer tensors only change inside ``optimizer.step()``, so a s
 one step can be copied while the next forward and backward run, and only has to be finished (fenced) before
 the next ``optimizer.step()`` — the idea of DataStates-LLM (Maurya et al. 2024) and of PyTorch DCP's
 asynchronous stager. On CUDA the copy goes to pinned host memory on a side stream; on CPU a worker thread
-does it (torch kernels release the GIL). Host buffers are reused from the oldest slot, so a steady run
-allocates nothing after the ring fills.
+does it with plain ``memmove`` calls (see `_copy_quietly`). Host buffers are reused from the oldest slot, so a
+steady run allocates nothing after the ring fills.
+
+**Why not ``Tensor.copy_`` in the worker.** A large ``copy_`` is an OpenMP parallel region, and a region entered
+from a second thread makes libgomp build that thread a team of its own, which lives as long as the thread.
+With more OpenMP threads than cores, libgomp stops letting idle workers spin and puts them to sleep after
+every region ("throttled" spinning), so from then on each of the *training* thread's parallel ops — hundreds
+per step of a small model — waits for a worker to wake: measured, a 200k-element ``add`` went from 17 µs to
+29–35 µs for the rest of the run, and ``policy="recover"`` cost 1.36–1.9× a bare step on 2 cores. A
+``memmove`` is single-threaded, enters no parallel region and releases the GIL.
 """
 
 from __future__ import annotations
 
+import ctypes
 import queue
 import threading
 import time
@@ -20,6 +29,8 @@ import torch
 from torch import Tensor
 
 from keel.recover.state import TrainingState, capture_plain, tensor_sources
+
+SERIAL_ELEMENTS = 16_384  # below at::internal::GRAIN_SIZE (32,768): ATen's parallel_for runs such a copy serially
 
 
 @dataclass
@@ -63,15 +74,34 @@ class _CopyWorker:
         while (task := self._tasks.get()) is not None:
             dsts, srcs, done = task
             try:
-                with torch.no_grad():
-                    for d, s in zip(dsts, srcs, strict=True):
-                        d.copy_(s)
+                _copy_quietly(dsts, srcs)
             finally:
                 done.set()
 
     def close(self) -> None:
         self._tasks.put(None)
         self._thread.join()
+
+
+def _copy_quietly(dsts: list[Tensor], srcs: list[Tensor]) -> None:
+    """``d.copy_(s)`` for each pair without entering an OpenMP parallel region (see the module docstring).
+
+    Contiguous CPU tensors of one dtype and shape — what `SnapshotRing` allocates for its sources — are copied
+    with one ``ctypes.memmove`` each (the GIL released); any other pair in slices along its first dimension
+    small enough for ATen to copy serially.
+    """
+    with torch.no_grad():
+        for d, s in zip(dsts, srcs, strict=True):
+            if (d.device.type == s.device.type == "cpu" and d.dtype == s.dtype and d.shape == s.shape
+                    and d.is_contiguous() and s.is_contiguous()):
+                if s.numel():
+                    ctypes.memmove(d.data_ptr(), s.data_ptr(), s.numel() * s.element_size())
+            elif s.dim() == 0:
+                d.copy_(s)
+            else:
+                rows = max(1, SERIAL_ELEMENTS // max(1, s[0].numel()))
+                for i in range(0, s.shape[0], rows):
+                    d[i:i + rows].copy_(s[i:i + rows])
 
 
 class SnapshotRing:

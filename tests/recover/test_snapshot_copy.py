@@ -1,0 +1,84 @@
+"""The background snapshot copy on CPU: exact, and it builds no second OpenMP team (issue 13, item 0).
+
+A ``Tensor.copy_`` of a large tensor from the copy thread made libgomp give that thread a team of its own; with
+more OpenMP threads than cores every parallel op of the training thread then waited for a sleeping worker, and
+``policy="recover"`` cost up to 1.9x a bare step. The copy thread must add itself and nothing else.
+"""
+
+import os
+import sys
+import threading
+
+import pytest
+import torch
+from torch import nn
+
+from keel.recover.snapshot import SERIAL_ELEMENTS, SnapshotRing, _copy_quietly
+from keel.recover.state import TrainingState
+
+
+def _threads() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
+                                   torch.bool, torch.complex64])
+def test_the_quiet_copy_is_bit_exact_for_every_dtype(dtype):
+    g = torch.Generator().manual_seed(0)
+    src = (torch.randn(1000, 70, generator=g) * 100).to(dtype)
+    dst = torch.empty_like(src)
+    _copy_quietly([dst], [src])
+    assert torch.equal(dst.view(torch.uint8) if dtype != torch.bool else dst, src.view(torch.uint8)
+                       if dtype != torch.bool else src)
+
+
+def test_non_contiguous_scalar_and_empty_sources_are_copied_exactly():
+    base = torch.randn(300, 200)
+    cases = [base.t(), base[:, ::2], torch.tensor(3.5), torch.zeros(0, 4), torch.randn(5 * SERIAL_ELEMENTS)]
+    dsts = [torch.empty(s.shape, dtype=s.dtype) for s in cases]
+    _copy_quietly(dsts, cases)
+    for d, s in zip(dsts, cases, strict=True):
+        assert torch.equal(d, s)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task")
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: no parallel region to avoid")
+def test_a_background_snapshot_adds_one_thread_and_no_openmp_team():
+    torch.zeros(1 << 20).add_(1)  # the training thread's own team exists before we count
+    model = nn.Linear(1024, 1024)  # 1M-element weight: its copy_ would be a parallel region
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(4, 1024)).sum().backward()
+    opt.step()
+    before = _threads()
+    ring = SnapshotRing(capacity=2)
+    snap = ring.take(1, TrainingState(model=model, optimizer=opt))
+    ring.fence()
+    assert torch.equal(snap.tensors["model/weight"], model.weight)
+    assert _threads() == before + 1  # keel-snapshot-copy alone
+    assert any(t.name == "keel-snapshot-copy" for t in threading.enumerate())
+    ring.close()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task")
+@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: no parallel region to avoid")
+def test_the_mechanism_a_copy_from_another_thread_builds_a_team():
+    # The control for the test above: a plain copy_ from a second thread does add an OpenMP worker, so a count
+    # of +1 there means the quiet copy avoided it, not that this machine never builds one.
+    torch.zeros(1 << 20).add_(1)
+    src, dst = torch.randn(1 << 21), torch.empty(1 << 21)
+    copied, release = threading.Event(), threading.Event()
+
+    def copy_then_wait():
+        dst.copy_(src)
+        copied.set()
+        release.wait()
+
+    before = _threads()
+    worker = threading.Thread(target=copy_then_wait)
+    worker.start()
+    copied.wait()
+    try:
+        assert _threads() >= before + 2  # the thread and its team's worker
+    finally:
+        release.set()
+        worker.join()
