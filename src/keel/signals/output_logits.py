@@ -26,7 +26,9 @@ embeddings and a module named ``lm_head`` are taken as softmax heads; any other 
 ``output``, the last ``nn.Linear``) is measured once its output is seen to be the model's output and the
 loss to see it through a softmax (integer class targets, or a gradient whose rows sum to 0 — checked on the
 first step, one extra pass and one host read). ``OutputLogitsProbe.status`` says which, and why not.
-Only floating-point logits are measured; targets outside ``[0, classes)`` count as ignored.
+Only floating-point logits are measured; targets outside ``[0, classes)`` count as ignored. Under autocast the
+collapse fractions are judged in float32 (``precision``) and the hook's reductions run with autocast off, so CPU
+and CUDA agree.
 
 References:
     Wortsman et al. 2023, arXiv 2309.14322 (no official code); OLMo-core ``Z loss`` metrics.
@@ -37,6 +39,7 @@ References:
 from __future__ import annotations
 
 import warnings
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -73,7 +76,8 @@ class OutputLogitsConfig:
             over the vocabulary is the probe's main cost).
         module: Name of the module whose output is the logits; ``None`` finds it (`find_output_head`).
         precision: The softmax's working precision for the collapse fractions (``"float32"``, ...);
-            ``None``: the logits' own dtype.
+            ``None``: the logits' own dtype, or float32 under autocast (which computes cross-entropy and
+            log-softmax in float32 whatever the logits' dtype).
     """
 
     every: int = 2
@@ -194,8 +198,11 @@ class OutputLogitsProbe:
             class_targets = (targets is not None and targets.shape == logits.shape[:-1] and targets.dtype != torch.bool
                              and not targets.is_floating_point() and not targets.is_complex())
             check.saw_head_output(logits, class_targets)
-            with torch.no_grad():
-                self._reduce(logits.detach(), targets if class_targets else None)
+            # Under autocast the reductions run with it off: CUDA's autocast would sum the exp pass in float32
+            # and blur the working precision (CPU's would not), so the two devices would disagree
+            autocast = _autocast_on(logits.device.type)
+            with torch.no_grad(), torch.autocast(logits.device.type, enabled=False) if autocast else nullcontext():
+                self._reduce(logits.detach(), targets if class_targets else None, autocast)
         except Exception as exc:
             self._error = exc
 
@@ -206,8 +213,11 @@ class OutputLogitsProbe:
             except Exception as exc:
                 self._error = exc
 
-    def _reduce(self, z: Tensor, targets: Tensor | None) -> None:
-        precision = _PRECISIONS[self.config.precision] if self.config.precision else z.dtype
+    def _reduce(self, z: Tensor, targets: Tensor | None, autocast: bool = False) -> None:
+        if self.config.precision:
+            precision = _PRECISIONS[self.config.precision]
+        else:  # autocast computes cross-entropy and log-softmax in float32 on every device: that softmax collapses
+            precision = torch.promote_types(z.dtype, torch.float32) if autocast else z.dtype
         zp = z.to(precision)
         top = zp.amax(dim=-1, keepdim=True)
         s = (zp - top).exp_().sum(dim=-1)  # in the working precision
@@ -265,6 +275,11 @@ class OutputLogitsProbe:
 
     def after_step(self, ctx: StepContext) -> Measurements:
         return {}
+
+
+def _autocast_on(device_type: str) -> bool:
+    """Is autocast enabled for this device type here (inside the forward pass the hook runs in)?"""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
 def _first_tensor(output: Any) -> Tensor | None:
