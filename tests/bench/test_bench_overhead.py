@@ -1,12 +1,26 @@
 import json
 
+import pytest
+
+from keel.bench.overhead import OverheadConfig
 from keel.cli import main
 
 
-def test_bench_overhead_json_has_the_ratios(capsys):
+def test_bench_overhead_json_has_the_ratios_of_every_variant_each_timed_in_its_own_process(capsys):
     assert main(["bench", "overhead", "--json", "--size", "tiny", "--steps", "3", "--repeats", "2",
-                 "--batch-size", "4", "--seq-len", "16"]) == 0
+                 "--batch-size", "4", "--seq-len", "16", "--policy", "skip", "recover"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert set(result) >= {"ratio_default", "ratio_full", "step_ms"}
-    assert result["ratio_default"] > 0 and result["ratio_full"] > 0
-    assert set(result["step_ms"]) == {"bare", "default", "full"}
+    variants = {"default", "full", "policy=skip", "policy=recover"}
+    assert set(result["ratio"]) == set(result["ratio_steady"]) == variants
+    assert set(result["step_ms"]) == variants | {"bare"}
+    assert all(r > 0 for r in result["ratio"].values())
+    assert result["ratio_default"] == result["ratio"]["default"]
+    # recover took its snapshots (the first at step 0), in the process that timed it
+    assert set(result["snapshots"]) == {"policy=recover"} and result["snapshots"]["policy=recover"]["snapshots"] >= 1
+    assert result["isolated"] == "one process per variant"
+
+
+@pytest.mark.parametrize("policies", [("yolo",), "recover", (1,)])
+def test_an_unknown_policy_is_one_clear_error(policies):
+    with pytest.raises(ValueError, match="OverheadConfig.policies"):
+        OverheadConfig(policies=policies)

@@ -1,20 +1,28 @@
 """`keel bench overhead`: the step-time cost of `Guard` on a proxy model, against the bare loop.
 
-Three loops train identical copies of the model: bare (no keel), under `Guard` with the default probes,
-and under ``policy="observe"`` with the full per-parameter probes every ``full_log_every`` steps. They run
-interleaved — one block of steps each, in rotating order, per repeat — so machine noise hits all three
-alike; each repeat gives a ratio to the bare loop's time in the same repeat, and the figure is the median.
+Identical copies of the model train in variants: bare (no keel), under `Guard` with the default probes, under
+``policy="observe"`` with the full per-parameter probes every ``full_log_every`` steps, and under each policy
+asked for (``--policy skip recover``: default probes, `RecoveryConfig`'s default snapshots). Each variant runs in
+a process of its own — a variant can change its whole process (the copy thread of ``recover`` once slowed every
+parallel op of the process it ran in, the bare loop's too, where an in-process comparison could not see it) —
+and they take turns: one block of steps each, in rotating order, per repeat, so machine noise hits all alike.
+Each repeat gives a ratio to the bare loop's time in the same repeat; the figure is the median. Two ratios per
+variant: over the block's total time (snapshot steps included) and of the block's median step (the steady
+state between snapshots).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import statistics
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
+from multiprocessing.connection import Connection
+from typing import Any, Literal
 
 import torch
 
@@ -23,6 +31,8 @@ from keel._core.validate import check_types, require_ints
 from keel.bench.loop import train_steps
 from keel.guard import Guard
 from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
+
+Policy = Literal["observe", "skip", "recover"]
 
 
 @dataclass(kw_only=True)
@@ -33,29 +43,40 @@ class OverheadConfig:
         size: Proxy model size.
         batch_size: Sequences per step.
         seq_len: Bytes per sequence.
-        steps: Steps per timed block.
+        steps: Steps per timed block (25: one default ``recover`` snapshot per block).
         repeats: Timed blocks per variant (the figure is the median of per-repeat ratios).
         warmup: Untimed steps per variant first.
         full_log_every: ``log_every`` of the full-probe variant.
+        policies: Also time `Guard(policy=p)` with the default probes for each of these.
         device: ``cpu`` or ``cuda``.
     """
 
     size: str = "small"
     batch_size: int = 16
     seq_len: int = 64
-    steps: int = 20
+    steps: int = 25
     repeats: int = 7
     warmup: int = 5
     full_log_every: int = 1
+    policies: tuple[Policy, ...] = ()
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_types(self)
         require_ints(self, "batch_size", "seq_len", "steps", "repeats", "full_log_every")
+        self.policies = tuple(dict.fromkeys(self.policies))
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"OverheadConfig.device={self.device!r}; allowed: cpu, cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("OverheadConfig.device='cuda' but no CUDA device is available; allowed: cpu")
+
+    def variants(self) -> dict[str, dict[str, Any] | None]:
+        """Variant name → `Guard` arguments (None: the bare loop)."""
+        variants: dict[str, dict[str, Any] | None] = {
+            "bare": None, "default": {},
+            "full": {"policy": "observe", "probes": "full", "log_every": self.full_log_every}}
+        variants.update({f"policy={p}": {"policy": p} for p in self.policies})
+        return variants
 
 
 def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str | None) -> Callable[[int], None]:
@@ -73,41 +94,90 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
     return run
 
 
+def _variant_process(conn: Connection, config: dict[str, Any], guard_kwargs: dict | None, run_dir: str) -> None:
+    """One variant in its own process: times a block of single steps per request; None ends it."""
+    cfg = OverheadConfig(**config)
+    loop = _make_loop(cfg, guard_kwargs, run_dir if guard_kwargs is not None else None)
+    loop(cfg.warmup)
+    conn.send("ready")
+    while (n := conn.recv()) is not None:
+        times = []
+        for _ in range(n):
+            start = time.perf_counter()
+            loop(1)
+            times.append(time.perf_counter() - start)
+        conn.send(times)
+    guard = loop.guard  # type: ignore[attr-defined]
+    stats: dict[str, Any] = {}
+    if guard is not None:
+        ring = guard.recovery.ring if guard.recovery is not None else None
+        guard.close()
+        if ring is not None:
+            stats = {"snapshots": len(ring.snapshots), "blocked_ms_total": 1e3 * ring.blocked_s}
+    conn.send(stats)
+
+
 def bench_overhead(config: OverheadConfig | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Measure Guard's step-time ratios against the bare loop. Returns the figures as a dict."""
     config = config or OverheadConfig()
+    variants = config.variants()
+    context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
-        loops = {
-            "bare": _make_loop(config, None, None),
-            "default": _make_loop(config, {}, f"{tmp}/default"),
-            "full": _make_loop(config, {"policy": "observe", "probes": "full",
-                                        "log_every": config.full_log_every}, f"{tmp}/full"),
-        }
-        for loop in loops.values():
-            loop(config.warmup)
-        times: dict[str, list[float]] = {name: [] for name in loops}
-        names = list(loops)
-        for r in range(config.repeats):
-            for name in names[r % 3:] + names[: r % 3]:  # rotate the order each repeat
-                start = time.perf_counter()
-                loops[name](config.steps)
-                times[name].append((time.perf_counter() - start) / config.steps)
-            if progress is not None:
-                progress(f"repeat {r + 1}/{config.repeats}")
-        for loop in loops.values():
-            if loop.guard is not None:  # type: ignore[attr-defined]
-                loop.guard.close()  # type: ignore[attr-defined]
+        pipes, procs = {}, []
+        for i, (name, kwargs) in enumerate(variants.items()):
+            ours, theirs = context.Pipe()
+            proc = context.Process(target=_variant_process, args=(theirs, asdict(config), kwargs, f"{tmp}/{i}"),
+                                   name=f"keel-bench-{name}", daemon=True)
+            proc.start()
+            pipes[name] = ours
+            procs.append(proc)
+        try:
+            for conn in pipes.values():
+                _receive(conn, procs)
+            times: dict[str, list[list[float]]] = {name: [] for name in variants}
+            names = list(variants)
+            for r in range(config.repeats):
+                shift = r % len(names)
+                for name in names[shift:] + names[:shift]:  # rotate the order each repeat
+                    pipes[name].send(config.steps)
+                    times[name].append(_receive(pipes[name], procs))
+                if progress is not None:
+                    progress(f"repeat {r + 1}/{config.repeats}")
+            stats = {}
+            for name, conn in pipes.items():
+                conn.send(None)
+                stats[name] = _receive(conn, procs)
+        finally:
+            for proc in procs:
+                proc.join(timeout=30)
+                if proc.is_alive():
+                    proc.kill()
 
-    def ratio(name: str) -> float:
-        return statistics.median(t / b for t, b in zip(times[name], times["bare"], strict=True))
+    def ratios(name: str, of: Callable[[list[float]], float]) -> float:
+        return statistics.median(of(t) / of(b) for t, b in zip(times[name], times["bare"], strict=True))
 
-    return {
-        "ratio_default": ratio("default"),
-        "ratio_full": ratio("full"),
-        "step_ms": {name: 1e3 * statistics.median(ts) for name, ts in times.items()},
-        "config": vars(config),
+    result: dict[str, Any] = {
+        "ratio": {name: ratios(name, sum) for name in variants if name != "bare"},
+        "ratio_steady": {name: ratios(name, statistics.median) for name in variants if name != "bare"},
+        "step_ms": {name: 1e3 * statistics.median(sum(block) / len(block) for block in ts)
+                    for name, ts in times.items()},
+        "snapshots": {name: s for name, s in stats.items() if s.get("snapshots")},
+        "config": asdict(config),
         "threads": torch.get_num_threads(),
+        "isolated": "one process per variant",
     }
+    result["ratio_default"], result["ratio_full"] = result["ratio"]["default"], result["ratio"]["full"]
+    return result
+
+
+def _receive(conn: Connection, procs: list[multiprocessing.process.BaseProcess]) -> Any:
+    """The next message from a variant's process, or a clear error if one died."""
+    while not conn.poll(1.0):
+        dead = [p for p in procs if not p.is_alive()]
+        if dead:
+            raise RuntimeError(f"bench overhead: the variant process {dead[0].name} exited with code "
+                               f"{dead[0].exitcode} (see its traceback above)")
+    return conn.recv()
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -121,6 +191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--full-log-every", type=positive_int, default=None,
                         help=f"log_every of the full-probe variant (default: {defaults.full_log_every}; "
                              "not with --ddp)")
+    parser.add_argument("--policy", nargs="+", default=[], choices=["observe", "skip", "recover"], metavar="POLICY",
+                        help="also time Guard(policy=...) with the default probes for each (observe, skip, recover)")
     parser.add_argument("--device", default=defaults.device, type=device("cpu", "cuda"), metavar="{cpu,cuda}")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--ddp", type=int_range(2), default=None, metavar="N",
@@ -137,17 +209,21 @@ def main(args: argparse.Namespace) -> int:
         return ddp_main(args)
     full_log_every = OverheadConfig.full_log_every if args.full_log_every is None else args.full_log_every
     config = OverheadConfig(size=args.size, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-                            repeats=args.repeats, full_log_every=full_log_every, device=args.device)
+                            repeats=args.repeats, full_log_every=full_log_every, policies=tuple(args.policy),
+                            device=args.device)
     progress = None if args.json else (lambda msg: print(f"  {msg}", flush=True))
     result = bench_overhead(config, progress)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    ms = result["step_ms"]
+    ms, ratio, steady = result["step_ms"], result["ratio"], result["ratio_steady"]
     print(f"proxy {config.size}, batch {config.batch_size}x{config.seq_len}, {config.device}, "
-          f"{config.repeats} repeats x {config.steps} steps, interleaved")
-    print(f"  bare loop           {ms['bare']:8.2f} ms/step")
-    print(f"  Guard default       {ms['default']:8.2f} ms/step   ratio {result['ratio_default']:.4f}")
-    print(f"  observe, full probes{ms['full']:8.2f} ms/step   ratio {result['ratio_full']:.4f}"
-          f"  (per-parameter signals every {config.full_log_every} step(s))")
+          f"{config.repeats} repeats x {config.steps} steps, one process per variant, interleaved")
+    print(f"  {'variant':22s}{'ms/step':>9s}{'ratio':>9s}{'steady':>9s}")
+    print(f"  {'bare loop':22s}{ms['bare']:9.2f}")
+    labels = {"default": "Guard default", "full": f"observe, full probes/{config.full_log_every}"}
+    for name in ratio:
+        print(f"  {labels.get(name, 'Guard ' + name):22s}{ms[name]:9.2f}{ratio[name]:9.4f}{steady[name]:9.4f}")
+    for name, snap in result["snapshots"].items():
+        print(f"  {name}: {snap['snapshots']} snapshots in the ring, {snap['blocked_ms_total']:.1f} ms blocked in all")
     return 0
