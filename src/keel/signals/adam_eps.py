@@ -65,10 +65,15 @@ def adam_update_stats(exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float,
     """
     if exp_avg.is_complex():  # torch's Adam keeps complex moments for a complex parameter: per real component
         exp_avg, exp_avg_sq = torch.view_as_real(exp_avg), torch.view_as_real(exp_avg_sq)
-    # a count of 0 (a momentum reset that restarted it) would divide by 1 − β⁰ = 0
-    step_t = torch.as_tensor(step, dtype=torch.float32, device=exp_avg.device).clamp_min(1)
-    m_hat = exp_avg.float() / (1 - beta1**step_t)
-    root_v = (exp_avg_sq.float() / (1 - beta2**step_t)).sqrt()
+    # a count of 0 (a momentum reset that restarted it) would divide by 1 − β⁰ = 0. A count kept on another device
+    # than the moments (the CPU count of torch's AdamW without capturable/fused, and of keel's SPAM, on CUDA) is
+    # read where it is: copying it over would be a host→device copy, a sync per tensor
+    if isinstance(step, Tensor) and step.device == exp_avg.device:
+        k: Tensor | float = step.float().clamp_min(1)
+    else:
+        k = max(float(step), 1.0)
+    m_hat = exp_avg.float() / (1 - beta1**k)
+    root_v = (exp_avg_sq.float() / (1 - beta2**k)).sqrt()
     update = m_hat / (root_v + eps)
     live = exp_avg_sq > 0
     return update.square().sum(), live.sum().float(), (live & (root_v < eps)).sum().float()
