@@ -61,8 +61,9 @@ def check_signals_agree_with_float32(probes: str, dtype: torch.dtype, device: st
     wanted = [f for name in SETS[:SETS.index(probes) + 1] for f in FAMILIES[name]]
     for step in range(4):
         assert got.non_finite(step) == {}
+        # (Adam's moments, which adam/ reads, exist from the first update on)
         missing = [f for f in wanted if f"{f}@{step}" not in got.values and not (f.startswith("adam/") and step == 0)]
-        assert missing == []  # (Adam's moments exist from the first update on)
+        assert missing == []
     if probes == "default":
         assert not any(k.startswith(("attn/", "logits/", "act/")) for k in got.values)
     values = {k: v for k, v in got.values.items() if not k.startswith("time/")}
@@ -81,8 +82,10 @@ def test_every_signal_under_autocast_is_finite_and_agrees_with_float32(probes: s
     check_signals_agree_with_float32(probes, dtype, "cpu")
 
 
-def check_observe_is_bit_identical(probes: str, dtype: torch.dtype, device: str,
+def check_observe_is_bit_identical(probes: str | None, dtype: torch.dtype, device: str,
                                    init_scale: float | None = None) -> None:
+    """Eight steps bare and under an observing guard (``probes=None``: bare twice): the same losses, parameters,
+    optimizer state and loss scales, bit for bit."""
     bare = train(Setup(device=device, dtype=dtype, probes=None, steps=8, init_scale=init_scale))
     observed = train(Setup(device=device, dtype=dtype, probes=probes, policy="observe", steps=8,
                            init_scale=init_scale))
