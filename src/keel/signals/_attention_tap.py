@@ -17,8 +17,10 @@ applied to the masked pre-softmax logits is hooked directly — keel's proxy mod
 model (a forward hook on a module costs one Python call, against one per torch call under the mode).
 
 The mode is pushed only on steps a probe asked for, and only while an attention module in training mode
-runs, so the steps in between cost one Python check per module. Under ``torch.compile`` the tap stays out
-(a mode pushed while tracing would break the graph): compiled attention is simply not seen.
+runs, so the steps in between cost one Python check per module. Under ``torch.compile`` the mode stays out
+(pushing one while tracing would break the graph): compiled attention that only the mode would see (SDPA,
+``nn.MultiheadAttention``, an explicit softmax) is not measured. A ``logits_tap`` child's hook is traced into
+the graph like the model's own code, so that attention is measured, compiled or not (docs/compile.md).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from keel.signals._hooks import find_attention_modules, hooks_active, named_modules_by_name
+from keel.signals._hooks import compiling, find_attention_modules, hooks_active, named_modules_by_name
 from keel.signals.attention_stats import attention_entropy_sums, attention_max_logit, sdpa_logits
 
 TAP_NAME = "logits_tap"  # an attention module may expose its masked logits through a child of this name
@@ -54,7 +56,6 @@ class SiteStats:
     max_logit: Tensor | None = None
     entropy_sum: Tensor | None = None
     entropy_count: Tensor | None = None
-    calls: int = 0
 
 
 @dataclass
@@ -121,7 +122,7 @@ class AttentionTap:
 
     # --- hooks --------------------------------------------------------------------------------------------
     def _enter(self, site: SiteStats, module: nn.Module) -> None:
-        if not module.training or not hooks_active() or self.error is not None or _compiling():
+        if not module.training or not hooks_active() or self.error is not None or compiling():
             return
         if self._stale:
             self._reset()
@@ -155,7 +156,6 @@ class AttentionTap:
     def _reduce(self, site: SiteStats, want: Request, logits: Tensor, probs: Tensor | None,
                 head_dim: int | None, fused: bool) -> None:
         site.fused = site.fused or fused
-        site.calls += 1
         if want.entropy:
             sums, counts, top = attention_entropy_sums(logits, probs, head_dim=head_dim)
             if site.entropy_sum is None or site.entropy_sum.shape != sums.shape:
@@ -198,7 +198,6 @@ class AttentionTap:
     def _reset(self) -> None:
         for site in self.sites:
             site.max_logit = site.entropy_sum = site.entropy_count = None
-            site.calls = 0
         self._stale = False
 
     @property
@@ -264,12 +263,6 @@ def _mha_logits(a: dict[str, Any]) -> Tensor | None:
         pad = pad.detach().reshape(B, 1, 1, S)
         logits = logits.masked_fill(pad, -math.inf) if pad.dtype == torch.bool else logits + pad.float()
     return logits
-
-
-def _compiling() -> bool:
-    """True while torch.compile traces: a mode pushed there would break the graph, so the tap stays out."""
-    compiler = getattr(torch, "compiler", None)
-    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
 
 
 _TAPS: weakref.WeakKeyDictionary[nn.Module, AttentionTap] = weakref.WeakKeyDictionary()

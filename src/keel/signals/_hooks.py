@@ -3,6 +3,12 @@
 Activation probes reduce inside forward hooks and keep no tensors. Forwards that are not training steps
 (evaluation in ``model.eval()``, the extra forward of the sharpness probe) must not leak into a step's
 values: hooks skip modules in eval mode, and `quiet` pauses all keel hooks for a block of code.
+
+Under ``torch.compile`` the hooks of a compiled model are traced into its graph. What a hook does there must
+be traceable (no host reads, no storage addresses, no tensor hooks that change Python state: each would break
+the user's graph, and raise under ``fullgraph=True``), and any Python number it keeps across calls must not
+grow with each call: dynamo specialises on the ints it reads, so it would recompile the forward for every
+micro-batch of a step (`add_count`).
 """
 
 from __future__ import annotations
@@ -12,7 +18,8 @@ import re
 import threading
 from collections.abc import Iterator, Sequence
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
 _state = threading.local()
 
@@ -40,6 +47,29 @@ def quiet() -> Iterator[None]:
 def hooks_active() -> bool:
     """False inside `quiet`."""
     return getattr(_state, "depth", 0) == 0
+
+
+def compiling() -> bool:
+    """True while ``torch.compile`` traces (a constant in the traced code: testing it breaks no graph)."""
+    compiler = getattr(torch, "compiler", None)
+    return bool(compiler is not None and getattr(compiler, "is_compiling", lambda: False)())
+
+
+def add_count(total: int | Tensor | None, n: int, like: Tensor) -> int | Tensor:
+    """``total + n`` for a count a hook keeps across the calls of one step (elements, rows).
+
+    A Python int in eager mode (free); while ``torch.compile`` traces, a 0-d float32 tensor on ``like``'s device
+    (a fill, no host copy), so that the count of the 2nd, 3rd, … micro-batch is one graph input rather than a
+    constant dynamo guards on and recompiles for.
+
+    Example:
+        >>> add_count(add_count(None, 3, torch.zeros(1)), 4, torch.zeros(1))
+        7
+    """
+    if compiling():
+        n_t = torch.full((), n, dtype=torch.float32, device=like.device)
+        return n_t if total is None else total + n_t
+    return n if total is None else total + n
 
 
 def named_modules_by_name(model: nn.Module, names: Sequence[str]) -> list[tuple[str, nn.Module]]:

@@ -116,6 +116,11 @@ class SoftmaxHeadCheck:
     def rejected(self) -> bool:
         return self._rejected is not None
 
+    @property
+    def settled(self) -> bool:
+        """The head is known to be a softmax classifier's: measuring it needs no more evidence."""
+        return self._rejected is None and bool(self.reaches_output and self.softmax)
+
     def reject(self, reason: str) -> None:
         self._rejected = reason
 

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
-from keel.signals._hooks import find_blocks, hooks_active, looks_like_sequence_model, named_modules_by_name
+from keel.signals._hooks import add_count, find_blocks, hooks_active, looks_like_sequence_model, named_modules_by_name
 from keel.signals.attn_logits import due
 from keel.signals.norms import accumulation_dtype
 from keel.signals.probe import Measurements, PerParam, StepContext
@@ -130,8 +130,8 @@ class ActivationRmsProbe:
             with torch.no_grad():
                 sq, n, top = activation_stats(x)
             old = self._stats.get(index)
-            self._stats[index] = [sq, n, top] if old is None else [old[0] + sq, old[1] + n,
-                                                                    torch.maximum(old[2], top)]
+            count = add_count(None if old is None else old[1], n, sq)  # a tensor under torch.compile
+            self._stats[index] = [sq, count, top] if old is None else [old[0] + sq, count, torch.maximum(old[2], top)]
         except Exception as exc:
             self._error = exc
 

@@ -30,6 +30,12 @@ Only floating-point logits are measured; targets outside ``[0, classes)`` count 
 collapse fractions are judged in float32 (``precision``) and the hook's reductions run with autocast off, so CPU
 and CUDA agree.
 
+Under ``torch.compile`` the hook is traced into the model's graph. The check above needs a gradient hook that
+keeps Python state and the output's storage address, which dynamo cannot trace (the graph would break on every
+forward, and ``fullgraph=True`` would raise), so a compiled head that still needs checking is not measured
+(`COMPILED_UNCHECKED`); a head trusted by name — ``module=``, ``lm_head``, Hugging Face's output embeddings —
+is measured inside the graph.
+
 References:
     Wortsman et al. 2023, arXiv 2309.14322 (no official code); OLMo-core ``Z loss`` metrics.
     Prieto et al. 2025, "Grokking at the Edge of Numerical Stability", arXiv 2501.04697; code
@@ -48,8 +54,8 @@ from torch import Tensor, nn
 
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
-from keel.signals._hooks import find_output_head, hooks_active, named_modules_by_name
-from keel.signals._softmax_head import SoftmaxHeadCheck, shifts_labels, trusted_head
+from keel.signals._hooks import add_count, compiling, find_output_head, hooks_active, named_modules_by_name
+from keel.signals._softmax_head import CHECKING, SoftmaxHeadCheck, shifts_labels, trusted_head
 from keel.signals.attn_logits import due
 from keel.signals.norms import accumulation_dtype
 from keel.signals.probe import Measurements, StepContext
@@ -62,6 +68,9 @@ RMS = "logits/rms"
 MEAN = "logits/mean"
 SOFTMAX_COLLAPSE = "logits/softmax_collapse"
 ZERO_LOSS = "logits/zero_loss"
+
+COMPILED_UNCHECKED = ("not measured under torch.compile: checking that a head found by position feeds a softmax "
+                      "would break the graph; name it with OutputLogitsConfig(module=...) to measure it")
 
 _PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
                "float64": torch.float64}
@@ -96,10 +105,10 @@ class OutputLogitsConfig:
 class _Sums:
     def __init__(self) -> None:
         self.values: dict[str, Tensor] = {}
-        self.counts: dict[str, int] = {}
+        self.counts: dict[str, int | Tensor] = {}
 
-    def count(self, name: str, n: int) -> None:
-        self.counts[name] = self.counts.get(name, 0) + n
+    def count(self, name: str, n: int, like: Tensor) -> None:
+        self.counts[name] = add_count(self.counts.get(name), n, like)  # a tensor under torch.compile
 
     def add(self, name: str, value: Tensor, reduce: str = "sum") -> None:
         old = self.values.get(name)
@@ -141,12 +150,17 @@ class OutputLogitsProbe:
         self._causal_lm = False
         self._check: SoftmaxHeadCheck | None = None
         self._error: Exception | None = None
+        self._compiled_unchecked = False  # a traced forward found the head still to be checked
         self.head: str | None = None
 
     @property
     def status(self) -> str:
         """Whether the head is measured (``"a softmax classifier head"``), still being checked, or why not."""
-        return self._check.status if self._check is not None else "no output head found"
+        if self._check is None:
+            return "no output head found"
+        if self._compiled_unchecked and self._check.status == CHECKING:
+            return COMPILED_UNCHECKED
+        return self._check.status
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
@@ -185,6 +199,9 @@ class OutputLogitsProbe:
         targets, self._targets = self._targets, None
         check = self._check
         if check is None or check.rejected or not (self._armed and module.training and hooks_active()):
+            return
+        if compiling() and not check.settled:  # the check cannot be traced: see the module docstring
+            self._compiled_unchecked = True
             return
         try:  # a hook runs inside the user's forward: never break it; `read` reports the error
             logits = _first_tensor(output)
@@ -233,8 +250,8 @@ class OutputLogitsProbe:
         sums.add("square", torch.linalg.vector_norm(z, dtype=accumulation_dtype(z.dtype)).square().float())
         sums.add("sum", z.sum(dtype=torch.float32))
         sums.add("collapsed", collapsed.sum(dtype=torch.float32))
-        sums.count("rows", log_z.numel())  # host-side counts: no tensor to create
-        sums.count("elements", z.numel())
+        sums.count("rows", log_z.numel(), log_z)  # host-side counts in eager: no tensor to create
+        sums.count("elements", z.numel(), log_z)
         if targets is not None:
             y, keep_top, keep_s = targets, top.squeeze(-1), s
             if self._shift:
@@ -254,7 +271,7 @@ class OutputLogitsProbe:
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"output-logit hook failed: {error!r}") from error
-        if not n.get("rows") or self._check is None or not self._check.decide():
+        if "rows" not in n or self._check is None or not self._check.decide():
             return {}
         out: Measurements = {
             LOG_Z: v["log_z"] / n["rows"],
