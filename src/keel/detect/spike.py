@@ -220,6 +220,37 @@ class SpikeDetector:
                 i = halt + 1
         return found
 
+    def critical_above(self, step: int) -> float:
+        """The smallest value `update` would judge ``critical`` at ``step``, given the state now (inf: none).
+
+        A device can compare the next value with it and skip a critical spike without reading the value first
+        (`keel.recover.gate`): every condition of a critical step — robust z, excess, beyond the run's own tail
+        of outliers — rises with the value, so their thresholds combine into one. Equal to `update`'s verdict up
+        to rounding at the threshold itself.
+
+        Example:
+            >>> det = SpikeDetector(signal="loss")
+            >>> for s in range(30):
+            ...     _ = det.update(Observation(step=s, values={"loss": 2.0 + 0.01 * (s % 3)}))
+            >>> limit = det.critical_above(30)
+            >>> [f.severity for f in det.scan(np.array([30]), np.array([limit * 1.001]))]
+            ['critical']
+        """
+        cfg = self.config
+        if len(self._accepted) < cfg.min_history or len(self._episode) + 1 >= cfg.rebase_after:
+            return math.inf  # warming up, or the next spike step rebases (info)
+        median, scale = self._accepted.location_scale()
+        tail = max((e for at, e in self._outliers if step - at <= TAIL_SPAN), default=0.0)
+        z_needed, excess_needed = max(cfg.threshold, cfg.critical_z), max(cfg.min_excess, cfg.critical_excess)
+        if self._log:
+            rise = max(z_needed * max(scale, cfg.scale_floor), math.log1p(excess_needed),
+                       cfg.tail_factor * math.log1p(tail))
+            return math.exp(median + rise) if median + rise < 709.0 else math.inf
+        unit = abs(median) + 1e-12
+        rise = max(z_needed * max(scale, cfg.scale_floor * abs(median) + 1e-12), excess_needed * unit,
+                   math.expm1(cfg.tail_factor * math.log1p(tail)) * unit)
+        return median + rise
+
     def _update_at(self, steps: np.ndarray, values: np.ndarray, i: int) -> list[Finding]:
         x = float(values[i])
         return self.update(Observation(step=int(steps[i]), values={self.config.signal: x})) if x == x else []

@@ -19,7 +19,7 @@ import math
 import time
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
@@ -31,6 +31,7 @@ from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect import Detector, default_detectors
 from keel.guard.components import Components
+from keel.guard.deferred import DeferredSteps
 from keel.guard.distributed import DistributedConfig, RankSync
 from keel.guard.environment import describe_environment
 from keel.guard.options import check_arguments, check_loss, check_probes, check_run_dir
@@ -55,7 +56,7 @@ from keel.signals import (
 PROBE_SETS = {"default": DEFAULT_PROBES, "transformer": TRANSFORMER_PROBES, "full": FULL_PROBES}
 
 
-class Guard:
+class Guard(DeferredSteps):
     """Watches a training loop and applies, skips or rolls back each optimizer step.
 
     `Guard.step` calls ``optimizer.step()`` (through the GradScaler when one is given) and
@@ -101,6 +102,11 @@ class Guard:
             all-reduced before each decision so every rank skips or rolls back together; rank 0 writes the
             run store, each rank keeps its snapshots under ``run_dir/rank-<r>``, and a `RankOutlierDetector`
             names a faulty rank. ``False`` keeps each rank on its own; a `DistributedConfig` tunes it.
+        sync: ``"step"`` reads each step's signals to the host and decides before its update (one host sync per
+            step); ``"deferred"`` reads nothing before the update — the skip verdict is computed on the device
+            and applied through the optimizer's ``found_inf``, everything else is decided one step later. For
+            GPUs, where a sync per step stalls the launch queue; see `keel.guard.deferred` for what lags and
+            why that is safe. Needs ``fused=True`` Adam/AdamW/SGD unless ``policy="observe"``.
 
     Raises:
         ValueError: An unknown policy or probe, a model without trainable parameters, a bad cadence; a
@@ -137,6 +143,7 @@ class Guard:
         config: dict[str, Any] | None = None,
         seed: int | None = None,
         distributed: DistributedConfig | bool | None = None,
+        sync: Literal["step", "deferred"] = "step",
     ) -> None:
         if not isinstance(model, nn.Module):
             raise ValueError(f"model={type(model).__name__}; allowed: a torch.nn.Module")
@@ -151,7 +158,7 @@ class Guard:
         check_arguments(dict(policy=policy, scheduler=scheduler, scaler=scaler, run_dir=run_dir, log_every=log_every,
                              probes=probes, max_grad_norm=max_grad_norm, max_consecutive_skips=max_consecutive_skips,
                              detectors=detectors, recovery=recovery, resume=resume, overwrite=overwrite,
-                             config=config, seed=seed, distributed=distributed))
+                             config=config, seed=seed, distributed=distributed, sync=sync))
         self.escalation = Escalation(EscalationConfig(policy=policy, max_consecutive_skips=max_consecutive_skips))
         if resume and run_dir is None:
             raise ValueError("resume=True needs run_dir; allowed: the run_dir of the run to continue")
@@ -178,6 +185,13 @@ class Guard:
                                  run_id=self.run_dir.run_id) if wants_recovery else None
         self.actuator = Actuator(self.state, observe=policy == "observe", max_grad_norm=max_grad_norm,
                                  recovery=self.recovery)
+        self.sync = sync
+        if sync == "deferred":
+            try:
+                self._init_deferred()
+            except ValueError:
+                self.run_dir.release()
+                raise
         self.global_step = 0
         self._late: Measurements = {}  # after-step measurements of the previous step, sent with this one
         self._late_step = -1
@@ -260,6 +274,8 @@ class Guard:
         step = self.global_step
         now = time.perf_counter()
         step_time, self._last_call = (now - self._last_call if self._last_call is not None else math.nan), now
+        if self.sync == "deferred":
+            return self._step_deferred(step, loss_t, step_time)
         ctx: StepContext | None = None
         grad_norm = math.nan
         try:
@@ -393,6 +409,8 @@ class Guard:
     def _finish(self, status: str) -> None:
         if self._closed:
             return
+        if self.sync == "deferred":
+            self.components.call("guard", self._close_deferred)
         self._closed = True
         self.components.detach(self.global_step)
         if self._late:

@@ -133,11 +133,26 @@ def _check_config(config: object, args: Mapping[str, Any]) -> None:
         check_config(config)
 
 
+def _check_sync(sync: object, args: Mapping[str, Any]) -> None:
+    if sync not in ("step", "deferred") or not isinstance(sync, str):
+        raise ValueError(f"sync={_short(sync)}; allowed: 'step' (read each step's signals before deciding) or "
+                         "'deferred' (no host sync on the hot path; keel.recover.gate)")
+    if sync == "deferred":
+        scaler, dist = args.get("scaler"), args.get("distributed")
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
+            raise ValueError("sync='deferred' with a GradScaler: not supported yet (the scaler's own skip reads "
+                             "found_inf on the host); allowed: sync='step' with a scaler, or bf16 without one")
+        if dist not in (None, False):
+            raise ValueError(f"sync='deferred' with distributed={_short(dist)}: not supported yet (ranks agree "
+                             "through the step's reduced values); allowed: sync='step' under torch.distributed")
+
+
 _CHECKS = {"policy": _check_policy, "scheduler": _check_scheduler, "scaler": _check_scaler,
            "run_dir": _check_run_dir, "log_every": _check_log_every, "max_grad_norm": _check_max_grad_norm,
            "max_consecutive_skips": _check_max_consecutive_skips, "probes": _check_probes,
            "detectors": _check_detectors, "recovery": _check_recovery, "resume": _check_resume,
-           "overwrite": _check_overwrite, "config": _check_config, "seed": _check_seed, "distributed": _check_distributed}
+           "overwrite": _check_overwrite, "config": _check_config, "seed": _check_seed,
+           "distributed": _check_distributed, "sync": _check_sync}
 
 
 def check_detectors(detectors: object) -> None:

@@ -8,12 +8,16 @@ under ``observe`` the scheduler steps exactly as in the bare loop.
 
 from __future__ import annotations
 
+import contextlib
 import math
+from collections.abc import Iterator
 from dataclasses import replace
 
 import torch
+from torch import Tensor
 
 from keel._core.decision import Decision
+from keel.recover.gate import step_gated
 from keel.recover.recovery import Recovery, RecoveryExhausted
 from keel.recover.state import TrainingState
 
@@ -69,6 +73,34 @@ class Actuator:
         if clip and limit is not None and math.isfinite(grad_norm) and grad_norm > limit:
             grads = [p.grad for p in self.state.model.parameters() if p.grad is not None]
             torch._foreach_mul_(grads, limit / (grad_norm + 1e-6))  # clip_grad_norm_'s coefficient
+        with self._lr_scaled(step):
+            if self.scaled:
+                self.state.scaler.step(self.state.optimizer)
+                self.state.scaler.update()
+            else:
+                self.state.optimizer.step()
+
+    def step_on_device(self, step: int, verdict: Tensor | None, grad_norm: Tensor | None) -> None:
+        """The update of ``Guard(sync="deferred")``: nothing read to the host; skipped in the optimizer's kernel
+        where ``verdict`` is 1 (`keel.recover.gate`), clipped with a coefficient computed on the device. The
+        scheduler is stepped when the step lands (`keel.guard.deferred`)."""
+        if self.recovery is not None:
+            self.recovery.fence()
+        limit = self._clip_limit()
+        if limit is not None and grad_norm is not None:
+            coef = torch.clamp(limit / (grad_norm.to(torch.float32) + 1e-6), max=1.0)
+            coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
+            grads = [p.grad for p in self.state.model.parameters() if p.grad is not None]
+            torch._foreach_mul_(grads, coef)
+        with self._lr_scaled(step):
+            if verdict is None:
+                self.state.optimizer.step()
+            else:
+                step_gated(self.state.optimizer, verdict)
+
+    @contextlib.contextmanager
+    def _lr_scaled(self, step: int) -> Iterator[None]:
+        """The optimizer's learning rates times the remedy's LR scale, for one step."""
         scale = self.lr_scale(step)
         groups = self.state.optimizer.param_groups
         saved = [g["lr"] for g in groups]
@@ -76,11 +108,7 @@ class Actuator:
             for g in groups:
                 g["lr"] = g["lr"] * scale
         try:
-            if self.scaled:
-                self.state.scaler.step(self.state.optimizer)
-                self.state.scaler.update()
-            else:
-                self.state.optimizer.step()
+            yield
         finally:
             if scale != 1.0:
                 for g, lr in zip(groups, saved, strict=True):

@@ -26,7 +26,7 @@ from keel.signals.grad_weight_cos import GradWeightCosConfig, GradWeightCosProbe
 from keel.signals.logit_stats import log_partition, softmax_collapse_fraction, zero_loss_fraction
 from keel.signals.norms import global_norm, per_tensor_norms, update_ratios
 from keel.signals.output_logits import OutputLogitsConfig, OutputLogitsProbe
-from keel.signals.pack import Packed, pack, unpack
+from keel.signals.pack import HostCopy, Packed, pack, unpack
 from keel.signals.probe import Measurements, PerParam, Probe, StepContext
 from keel.signals.registry import (
     DEFAULT_PROBES,
@@ -73,6 +73,7 @@ __all__ = [
     "hutchinson_trace",
     "list_probes",
     "log_partition",
+    "HostCopy",
     "pack",
     "per_tensor_norms",
     "quiet",

@@ -58,3 +58,57 @@ def unpack(packed: Packed) -> list[HostValues]:
             offset += len(names)
         out.append((scalars, per_param))
     return out
+
+
+class HostCopy:
+    """One packed step on its way to the host without a sync: the deferred half of `unpack`.
+
+    `start` queues the device→host copy (into pinned memory, on CUDA, fenced by an event) and returns at once;
+    `land`, called a step later, finds it complete — the copy ran while the next forward and backward were
+    queued — and reads it. On CPU the copy is a plain one. ``syncs`` counts the reads that had to wait for the
+    device (a `land` whose copy was not finished yet): the deferred path's promise is that a healthy step adds
+    none.
+
+    Example:
+        >>> copy = HostCopy()
+        >>> copy.start(pack({"loss": torch.tensor(2.0)}))
+        >>> copy.land()[0][0]
+        {'loss': 2.0}
+    """
+
+    def __init__(self) -> None:
+        self._packed: Packed | None = None
+        self._host: Tensor | None = None
+        self._event: torch.cuda.Event | None = None
+        self.syncs = 0
+
+    @property
+    def pending(self) -> bool:
+        return self._packed is not None
+
+    def start(self, packed: Packed) -> None:
+        """Queue ``packed``'s copy to the host (one at a time: `land` the previous one first)."""
+        if self._packed is not None:
+            raise RuntimeError("HostCopy.start() while a copy is in flight; land() it first")
+        tensor = packed.tensor
+        if tensor.is_cuda:
+            if self._host is None or self._host.shape != tensor.shape:
+                self._host = torch.empty(tensor.shape, dtype=tensor.dtype, pin_memory=True)
+            self._host.copy_(tensor, non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host = tensor.detach().clone()  # the values of this step, whatever later steps do in place
+        self._packed = packed
+
+    def land(self) -> list[HostValues]:
+        """The values of the copy in flight, per group as `unpack` gives them."""
+        if self._packed is None:
+            raise RuntimeError("HostCopy.land() with no copy in flight")
+        if self._event is not None:
+            if not self._event.query():
+                self.syncs += 1
+            self._event.synchronize()
+            self._event = None
+        packed, self._packed = Packed(self._host, self._packed.layout), None
+        return unpack(packed)
