@@ -25,6 +25,15 @@ def tiny_net() -> TinyNet:
     return TinyNet()
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models on one intra-op thread: more only add contention on a shared CPU. Restored afterwards."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def make_batches(n: int, seed: int = 0, batch: int = 16) -> list[tuple[torch.Tensor, torch.Tensor]]:
     g = torch.Generator().manual_seed(seed)
     return [(torch.randn(batch, 8, generator=g), torch.randn(batch, 4, generator=g)) for _ in range(n)]

@@ -155,13 +155,7 @@ def train(name: str, *, guarded: bool, steps: int = STEPS, lr: float = 1e-2, pro
     return losses, guard
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models: intra-op threads only add contention on a shared CPU (the zoo takes seconds on one thread)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.mark.parametrize("name", ZOO)

@@ -29,12 +29,7 @@ FAMILIES = {"default": ("loss", "grad/norm", "param/norm"),
             "full": ("update/ratio", "grad/weight_cos", "adam/update_rms")}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _keel_errors(run) -> list:

@@ -30,12 +30,7 @@ AUTOCAST = [torch.bfloat16, torch.float16]
 STEPS = 5
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def test_every_registered_optimizer_is_covered() -> None:

@@ -23,12 +23,7 @@ DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 STEPS = 3
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 class Capture:
