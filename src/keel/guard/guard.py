@@ -251,6 +251,9 @@ class Guard(DeferredSteps):
         return self
 
     # ------------------------------------------------------------------------------------------------
+    # Host-side bookkeeping: called inside a torch.compile'd train step, dynamo would trace into keel and compile
+    # graphs of its Python logic; kept out, it costs the caller one graph break and runs exactly as in eager.
+    @torch.compiler.disable
     def step(self, loss: Tensor | float) -> Decision:
         """Measure this step, decide, then apply the update, skip it or roll back. Call after ``backward()``.
 

@@ -198,10 +198,10 @@ class OutputLogitsProbe:
     def _hook(self, module: nn.Module, args: tuple, output: Any) -> None:
         targets, self._targets = self._targets, None
         check = self._check
-        if check is None or check.rejected or not (self._armed and module.training and hooks_active()):
+        if check is not None and compiling() and not check.settled:  # cannot be traced: see the module docstring
+            self._compiled_unchecked = True  # tested first: reading the cadence would compile a 2nd graph for nothing
             return
-        if compiling() and not check.settled:  # the check cannot be traced: see the module docstring
-            self._compiled_unchecked = True
+        if check is None or check.rejected or not (self._armed and module.training and hooks_active()):
             return
         try:  # a hook runs inside the user's forward: never break it; `read` reports the error
             logits = _first_tensor(output)
