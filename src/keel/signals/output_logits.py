@@ -31,8 +31,8 @@ collapse fractions are judged in float32 (``precision``) and the hook's reductio
 and CUDA agree.
 
 Under ``torch.compile`` the hook is traced into the model's graph. The check above needs a gradient hook that
-keeps Python state and the output's storage address, which dynamo cannot trace (the graph would break on every
-forward, and ``fullgraph=True`` would raise), so a compiled head that still needs checking is not measured
+keeps Python state and the output's storage address, which dynamo cannot trace (the forward would break into
+several graphs, and ``fullgraph=True`` would raise), so a compiled head that still needs checking is not measured
 (`COMPILED_UNCHECKED`); a head trusted by name — ``module=``, ``lm_head``, Hugging Face's output embeddings —
 is measured inside the graph.
 
