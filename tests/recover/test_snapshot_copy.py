@@ -50,7 +50,7 @@ def test_a_background_snapshot_adds_one_thread_and_no_openmp_team():
     model(torch.randn(4, 1024)).sum().backward()
     opt.step()
     before = _threads()
-    ring = SnapshotRing(capacity=2)
+    ring = SnapshotRing(capacity=2, background=True)
     snap = ring.take(1, TrainingState(model=model, optimizer=opt))
     ring.fence()
     assert torch.equal(snap.tensors["model/weight"], model.weight)
@@ -82,3 +82,25 @@ def test_the_mechanism_a_copy_from_another_thread_builds_a_team():
     finally:
         release.set()
         worker.join()
+
+
+def test_without_a_spare_core_the_copy_is_done_in_place_exactly_and_starts_no_thread(monkeypatch):
+    import keel.recover.snapshot as snapshot
+
+    monkeypatch.setattr(snapshot, "spare_cores", lambda: False)
+    model = nn.Linear(64, 64)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.randn(2, 64)).sum().backward()
+    opt.step()
+    ring = SnapshotRing()
+    assert ring.background is False
+    snap = ring.take(1, TrainingState(model=model, optimizer=opt))
+    assert snap.ready.is_set() and ring._worker is None  # complete when take returns
+    assert torch.equal(snap.tensors["model/weight"], model.weight)
+    ring.close()
+
+
+@pytest.mark.parametrize("background", ["yes", 1, 0.0])
+def test_background_takes_none_true_or_false(background):
+    with pytest.raises(ValueError, match="background="):
+        SnapshotRing(background=background)

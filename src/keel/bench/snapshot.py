@@ -80,7 +80,7 @@ def bench_snapshot(config: SnapshotBenchConfig | None = None, progress=None) -> 
         width, depth = SIZES[size]
         model, opt = _model(width, depth, config.device)
         state = TrainingState(model=model, optimizer=opt)
-        ring = SnapshotRing(capacity=1)
+        ring = SnapshotRing(capacity=1, background=True)  # the background path: what overlaps, and at what cost
         x = torch.randn(config.batch, width, device=config.device)
         start = time.perf_counter()
         snap = ring.take(0, state)

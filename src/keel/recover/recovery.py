@@ -45,6 +45,9 @@ class RecoveryConfig:
             run instead (rollbacks spaced wider than the escalation window otherwise compound without end, and a
             run creeping on at 1e-10 of its LR is stopped in all but name).
         cooldown_steps: Steps over which the LR scale ramps back to 1; ``None`` keeps it.
+        copy_in_background: CPU snapshots copied by a worker thread while the next step runs (True), or by the
+            training thread at once (False); ``None`` chooses the thread when the process has a core that
+            torch's threads do not take (`keel.recover.snapshot`). CUDA snapshots always use a side stream.
     """
 
     snapshot_every: int = 25
@@ -58,6 +61,7 @@ class RecoveryConfig:
     lr_backoff: float = 0.1
     min_lr_scale: float = 1e-3
     cooldown_steps: int | None = None
+    copy_in_background: bool | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -101,7 +105,7 @@ class Recovery:
         self.remedy = RemedyState()
         state.history["remedy"] = self.remedy
         state.history["recovery"] = self
-        self.ring = SnapshotRing(config.keep_in_memory, config.keep_pinned)
+        self.ring = SnapshotRing(config.keep_in_memory, config.keep_pinned, config.copy_in_background)
         # with a run_dir the disk tier always exists, so a resume reads the snapshots there even when this run
         # writes none (``disk_every=None``)
         self.disk = DiskSnapshots(Path(run_dir) / SNAPSHOT_DIR, config.keep_on_disk, run_id=run_id) \

@@ -14,11 +14,19 @@ every region ("throttled" spinning), so from then on each of the *training* thre
 per step of a small model — waits for a worker to wake: measured, a 200k-element ``add`` went from 17 µs to
 29–35 µs for the rest of the run, and ``policy="recover"`` cost 1.36–1.9× a bare step on 2 cores. A
 ``memmove`` is single-threaded, enters no parallel region and releases the GIL.
+
+**When the background copy pays.** Only with a core to run on: on a CPU whose cores the training step's
+threads already take, a copy beside the step slows that step by about the copy's own time, plus the fence
+(measured: the 40 MB state of the large proxy cost ~25 ms of step time per snapshot in the background, ~4 ms
+copied in place by the training thread's own parallel ``copy_``). So by default (``background=None``) the
+worker thread is used when the process may run on more cores than ``torch.get_num_threads()``, and the copy is
+done in place otherwise; on CUDA the side stream is always used.
 """
 
 from __future__ import annotations
 
 import ctypes
+import os
 import queue
 import threading
 import time
@@ -83,6 +91,15 @@ class _CopyWorker:
         self._thread.join()
 
 
+def spare_cores() -> bool:
+    """Whether the process may run on more cores than torch's intra-op threads take (the CPU copy thread's own)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return cores > torch.get_num_threads()
+
+
 def _copy_quietly(dsts: list[Tensor], srcs: list[Tensor]) -> None:
     """``d.copy_(s)`` for each pair without entering an OpenMP parallel region (see the module docstring).
 
@@ -121,12 +138,15 @@ class SnapshotRing:
         True
     """
 
-    def __init__(self, capacity: int = 3, max_pinned: int = 2) -> None:
+    def __init__(self, capacity: int = 3, max_pinned: int = 2, background: bool | None = None) -> None:
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity={capacity!r}; allowed: an int >= 1")
         if not isinstance(max_pinned, int) or max_pinned < 0:
             raise ValueError(f"max_pinned={max_pinned!r}; allowed: an int >= 0")
+        if background is not None and not isinstance(background, bool):
+            raise ValueError(f"background={background!r}; allowed: None (a spare core decides), True or False")
         self.capacity, self.max_pinned = capacity, max_pinned
+        self.background = spare_cores() if background is None else background
         self.snapshots: list[Snapshot] = []  # oldest first
         self.pinned: list[Snapshot] = []  # oldest pin first; may also still be in `snapshots`
         self._pending: Snapshot | None = None
@@ -153,10 +173,15 @@ class SnapshotRing:
                     d.copy_(s, non_blocking=True)
             self._cuda_event = torch.cuda.Event()
             self._cuda_event.record(stream)
-        else:
+        elif self.background:
             if self._worker is None:
                 self._worker = _CopyWorker()
             self._worker.submit(dsts, srcs, snap.ready)
+        else:  # no spare core: a copy beside the step would only slow it down (see the module docstring)
+            with torch.no_grad():
+                for d, s in zip(dsts, srcs, strict=True):
+                    d.copy_(s)
+            snap.ready.set()
         self._pending = snap
         self.snapshots.append(snap)
         if len(self.snapshots) > self.capacity:
