@@ -27,6 +27,7 @@ from typing import Any, Literal
 import torch
 
 from keel._core.argtypes import device, int_range, positive_int
+from keel._core.errors import TrainingAborted
 from keel._core.validate import check_types, require_ints
 from keel.bench.loop import train_steps
 from keel.guard import Guard
@@ -84,11 +85,18 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
     model = create_proxy_model(config.size, seq_len=config.seq_len).to(config.device)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
     batches = ProxyBatches(batch_size=config.batch_size, seq_len=config.seq_len, seed=0)
-    data = [tuple(t.to(config.device) for t in batches.next()) for _ in range(8)]
+    # a fresh batch for every step: cycling a few, the large proxy memorises them within a few hundred steps, its
+    # gradient norm falls 100-fold and bounces back — spikes the skip policy acts on, so the loops would differ
+    steps = config.warmup + config.repeats * config.steps
+    data = [tuple(t.to(config.device) for t in batches.next()) for _ in range(steps)]
     guard = Guard(model, opt, run_dir=run_dir, **guard_kwargs) if guard_kwargs is not None else None
 
-    def run(n: int) -> None:
-        train_steps(model, opt, data, guard, n)
+    position = 0
+
+    def run(n: int) -> None:  # the next n batches: a block of single steps must not repeat the first batch
+        nonlocal position
+        train_steps(model, opt, [data[(position + k) % len(data)] for k in range(n)], guard, n)
+        position += n
 
     run.guard = guard  # type: ignore[attr-defined]
     return run
@@ -102,10 +110,14 @@ def _variant_process(conn: Connection, config: dict[str, Any], guard_kwargs: dic
     conn.send("ready")
     while (n := conn.recv()) is not None:
         times = []
-        for _ in range(n):
-            start = time.perf_counter()
-            loop(1)
-            times.append(time.perf_counter() - start)
+        try:
+            for _ in range(n):
+                start = time.perf_counter()
+                loop(1)
+                times.append(time.perf_counter() - start)
+        except TrainingAborted as exc:  # the variant's own training went wrong: say so, not a broken pipe
+            conn.send(exc)
+            return
         conn.send(times)
     guard = loop.guard  # type: ignore[attr-defined]
     stats: dict[str, Any] = {}
@@ -177,7 +189,11 @@ def _receive(conn: Connection, procs: list[multiprocessing.process.BaseProcess])
         if dead:
             raise RuntimeError(f"bench overhead: the variant process {dead[0].name} exited with code "
                                f"{dead[0].exitcode} (see its traceback above)")
-    return conn.recv()
+    message = conn.recv()
+    if isinstance(message, TrainingAborted):
+        raise TrainingAborted(f"bench overhead: a variant's training was aborted by keel, so its steps are not "
+                              f"comparable: {message}", message.decision) from None
+    return message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
