@@ -39,8 +39,8 @@ def check_types(config: object) -> None:
     """Raise ValueError for the first field of a dataclass config whose value does not fit its annotation.
 
     Understood annotations: ``int`` (not bool), ``float`` (an int or float, not bool, not NaN), ``str``, ``bool``,
-    ``Literal[...]``, ``X | None``, and ``tuple[X, ...]``, ``list[X]``, ``Sequence[X]`` (each a list or tuple) of those; richer ones (``Any``, callables, classes) are
-    left to the config's own checks. Call it first in ``__post_init__``; range checks follow.
+    ``Literal[...]``, ``X | None``, and ``tuple[X, ...]``, ``list[X]``, ``Sequence[X]`` (each a list or tuple) of
+    those; richer ones (``Any``, callables, classes) are left to the config's own checks. Call it first in ``__post_init__``; range checks follow.
 
     Example:
         >>> from dataclasses import dataclass
