@@ -40,7 +40,8 @@ def check_types(config: object) -> None:
 
     Understood annotations: ``int`` (not bool), ``float`` (an int or float, not bool, not NaN), ``str``, ``bool``,
     ``Literal[...]``, ``X | None``, and ``tuple[X, ...]``, ``list[X]``, ``Sequence[X]`` (each a list or tuple) of
-    those; richer ones (``Any``, callables, classes) are left to the config's own checks. Call it first in ``__post_init__``; range checks follow.
+    those; richer ones (``Any``, callables, classes) are left to the config's own checks. Call it first in
+    ``__post_init__``; range checks follow.
 
     Example:
         >>> from dataclasses import dataclass
