@@ -45,7 +45,7 @@ def test_the_predictive_and_non_finite_detectors_declare_their_keys():
 
 
 @pytest.mark.parametrize("template", DECLARING, ids=lambda d: d.name)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(data=st.data())
 def test_an_observation_without_its_keys_changes_nothing(template, data):
     det = _fresh(template)
@@ -60,7 +60,7 @@ def test_an_observation_without_its_keys_changes_nothing(template, data):
 
 
 @pytest.mark.parametrize("template", [d for d in DECLARING if d.rests_when_finite], ids=lambda d: d.name)
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(data=st.data())
 def test_a_finite_observation_leaves_it_at_rest_whatever_came_before(template, data):
     det, rested = _fresh(template), _fresh(template)

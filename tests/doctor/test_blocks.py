@@ -127,7 +127,7 @@ def small_stretches(monkeypatch):
     monkeypatch.setattr(sys.modules["keel.doctor.diagnose"], "RECENT_CHECKPOINTS", 2)
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(records=logs(), rollbacks=st.dictionaries(st.integers(0, 60), st.integers(-2, 60), max_size=3),
        bad_step=st.integers(0, 60))
 def test_stretches_find_what_update_step_by_step_finds(records, rollbacks, bad_step, small_stretches):
@@ -145,7 +145,7 @@ def test_the_generated_logs_reach_every_fast_path():
     # The comparison above means something only if the logs make the fast paths find things and break.
     seen = {"non_finite": 0, "spike": 0, "predictive": 0, "keel_error": 0, "restarts": 0}
 
-    @settings(max_examples=80, deadline=None, database=None)
+    @settings(max_examples=50, deadline=None, database=None)
     @given(records=logs(), bad_step=st.integers(0, 60))
     def count(records, bad_step):
         result = diagnose(RawLog(source="gen", format="keel_store", records=records, keyed=True),

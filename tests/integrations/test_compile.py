@@ -149,7 +149,7 @@ def graph_breaks() -> int:
 
 
 # --- training under compile ---------------------------------------------------------------------------------
-@pytest.mark.parametrize("probes", ["default", "transformer", "full"])
+@pytest.mark.parametrize("probes", ["default", "transformer", pytest.param("full", marks=pytest.mark.slow)])
 def test_skip_policy_trains_a_compiled_model_with_finite_observations(probes, tmp_path):
     run = train(probes, run_dir=tmp_path)
     assert [d.action for d in run.decisions] == ["ok"] * 6
@@ -161,7 +161,7 @@ def test_skip_policy_trains_a_compiled_model_with_finite_observations(probes, tm
     assert all(math.isfinite(v) for values in seen.values() for v in values.values())
 
 
-@pytest.mark.parametrize("probes", ["default", "transformer"])
+@pytest.mark.parametrize("probes", ["default", pytest.param("transformer", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("where", ["grad", "loss"])
 def test_nan_at_a_chosen_step_of_a_compiled_model_is_skipped(probes, where):
     run = train(probes, fault=(where, 3))
@@ -171,14 +171,15 @@ def test_nan_at_a_chosen_step_of_a_compiled_model_is_skipped(probes, where):
     assert all(torch.isfinite(p).all() for p in run.model.parameters())  # the NaN update never landed
 
 
-@pytest.mark.parametrize("probes", ["default", "transformer"])
+@pytest.mark.parametrize("probes", ["default", pytest.param("transformer", marks=pytest.mark.slow)])
 def test_observe_leaves_the_compiled_run_bit_identical(probes):
     bare = train(None, backend="aot_eager")
     observed = train(probes, "observe", backend="aot_eager")
     assert_same_parameters(bare.model, observed.model)
 
 
-@pytest.mark.parametrize("guard_gets", ["original", "compiled", "in_place"])
+@pytest.mark.parametrize("guard_gets", ["original", pytest.param("compiled", marks=pytest.mark.slow),
+                                       pytest.param("in_place", marks=pytest.mark.slow)])
 def test_guard_takes_the_model_or_its_compiled_wrapper(guard_gets, tmp_path):
     run = train("transformer", guard_gets=guard_gets, run_dir=tmp_path)
     prefix = "_orig_mod." if guard_gets == "compiled" else ""  # OptimizedModule's own parameter names
@@ -197,6 +198,7 @@ def test_default_probes_add_no_graph_and_no_graph_break():
     assert graph_breaks() == 0
 
 
+@pytest.mark.slow  # `make test-all`: the default suite keeps one check of each claim
 def test_explain_sees_one_graph_with_the_default_and_the_transformer_probes():
     model = _proxy()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
@@ -209,7 +211,7 @@ def test_explain_sees_one_graph_with_the_default_and_the_transformer_probes():
         assert (explained.graph_count, explained.graph_break_count) == (bare.graph_count, 0) == (1, 0), probes
 
 
-@pytest.mark.parametrize("fullgraph", [False, True])
+@pytest.mark.parametrize("fullgraph", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_transformer_probes_keep_one_graph_per_forward(fullgraph):
     run = train("transformer", fullgraph=fullgraph, steps=12)  # steps 0 and 10 also measure attention entropy
     assert run.per_forward == [1] * 12
@@ -217,14 +219,16 @@ def test_transformer_probes_keep_one_graph_per_forward(fullgraph):
     assert not run.guard.findings
 
 
+@pytest.mark.slow  # `make test-all`: the default suite keeps one check of each claim
 def test_output_logit_probe_on_a_head_named_for_it_keeps_one_graph():
     probes = ["loss", OutputLogitsProbe(module="head")]
     run = train(probes, fullgraph=True)
     assert run.per_forward == [1] * 6 and graph_breaks() == 0
 
 
-@pytest.mark.parametrize("probes", [lambda: "transformer", lambda: ["loss", OutputLogitsProbe(module="head")]],
-                         ids=["transformer", "named_head"])
+@pytest.mark.parametrize("probes", [pytest.param(lambda: "transformer", id="transformer"),
+                                    pytest.param(lambda: ["loss", OutputLogitsProbe(module="head")], id="named_head",
+                                                 marks=pytest.mark.slow)])
 def test_gradient_accumulation_does_not_recompile_per_micro_batch(probes):
     """A Python count that grows with each micro-batch made dynamo recompile the forward for every micro-batch
     (it specialises on the ints it reads); past ``recompile_limit`` (8) the forward fell back to eager, and with
@@ -236,6 +240,7 @@ def test_gradient_accumulation_does_not_recompile_per_micro_batch(probes):
     assert not many.guard.findings
 
 
+@pytest.mark.slow  # `make test-all`: the default suite keeps one check of each claim
 def test_graph_variants_over_a_cadence_cycle_stay_under_the_recompile_limit():
     """Each combination of the probes' cadences (attention entropy every 10 steps, output logits every 2) and the
     first vs a later micro-batch is one graph; with a measured head and accumulation that is 7 (docs/compile.md).
@@ -252,6 +257,7 @@ COMPILED_PROXY_KEYS = {"loss", "grad/norm", "param/norm", "lr", "time/step",
                        "act/rms", "act/max_abs", "attn/max_logit", "attn/entropy"}
 
 
+@pytest.mark.slow  # `make test-all`: the default suite keeps one check of each claim
 def test_what_the_transformer_probes_see_on_the_compiled_proxy(tmp_path):
     run = train("transformer", run_dir=tmp_path)
     seen = observations(tmp_path)
@@ -266,6 +272,7 @@ def test_what_the_transformer_probes_see_on_the_compiled_proxy(tmp_path):
     assert "torch.compile" in status and "module=" in status
 
 
+@pytest.mark.slow  # `make test-all`: the default suite keeps one check of each claim
 def test_hooked_values_under_compile_equal_eager(tmp_path):
     eager = train("transformer", compile_model=False, run_dir=tmp_path / "eager", steps=11)
     train("transformer", run_dir=tmp_path / "compiled", steps=11)
@@ -280,6 +287,7 @@ def test_hooked_values_under_compile_equal_eager(tmp_path):
     assert probe(eager.guard, "output_logits").status == "a softmax classifier head"
 
 
+@pytest.mark.slow  # `make test-all`: the default suite keeps one check of each claim
 def test_output_logits_of_a_head_named_for_it_are_measured_under_compile(tmp_path):
     probes = ["loss", OutputLogitsProbe(module="head")]
     train(probes, run_dir=tmp_path / "compiled")
@@ -367,6 +375,7 @@ def test_hugging_face_gpt2_under_compile(attention, tmp_path):
 
 
 # --- a compiled train step ----------------------------------------------------------------------------------
+@pytest.mark.slow  # `make test-all`: the default suite keeps one check of each claim
 def test_guard_step_outside_a_compiled_loss_function():
     model = _proxy()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)

@@ -31,6 +31,7 @@ def test_plain_loop_skips_the_injected_nan(tmp_path):
         assert len(store.signal("loss")[0]) == 60
 
 
+@pytest.mark.slow  # `make test-all`; tests/integrations/test_hf.py runs the real Trainer in the default suite
 def test_hf_trainer_example_sees_the_nan_the_trainer_hides(tmp_path):
     pytest.importorskip("transformers")
     out = run_example("hf_trainer.py", "--steps", "8", "--inject-nan", "5", "--out", str(tmp_path))
