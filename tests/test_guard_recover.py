@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -110,7 +111,7 @@ def _losses(out: str) -> dict[int, float]:
     return {int(s): float(v) for s, v in (line.split() for line in out.strip().splitlines())}
 
 
-@pytest.mark.slow  # `make test-all`; tests/test_resume.py and tests/guard/test_run_dir.py kill and resume in the default suite
+@pytest.mark.slow  # `make test-all`; test_resume.py and guard/test_run_dir.py kill and resume by default
 def test_resume_after_kill_9_continues_bit_for_bit(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(RESUME_SCRIPT)
