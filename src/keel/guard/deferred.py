@@ -56,7 +56,6 @@ class InFlight:
     lrs: list[float]
     step_time: float
     late_step: int
-    gated: bool
     copy: HostCopy = field(default_factory=HostCopy)
 
 
@@ -99,7 +98,7 @@ class DeferredSteps:
                 verdict = measured[GATE] = self.gate.verdict(measured)
             scale = g.actuator.lr_scale(step)
             flight = InFlight(step=step, lrs=[float(gr["lr"]) * scale for gr in g.optimizer.param_groups],
-                              step_time=step_time, late_step=g._late_step, gated=verdict is not None)
+                              step_time=step_time, late_step=g._late_step)
             flight.copy.start(pack(measured, g._late))
             g._late = {}
             self._in_flight = flight
