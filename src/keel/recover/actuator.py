@@ -21,6 +21,8 @@ from keel.recover.gate import step_gated
 from keel.recover.recovery import Recovery, RecoveryExhausted
 from keel.recover.state import TrainingState
 
+CLIP_EPS = 1e-6  # clip_grad_norm_'s: the coefficient is max_norm / (total_norm + 1e-6)
+
 
 class Actuator:
     """Applies decisions. The user's optimizer and scheduler errors propagate: they are not keel's.
@@ -71,8 +73,7 @@ class Actuator:
             self.recovery.fence()  # the snapshot copy must finish before the tensors change
         limit = self._clip_limit()
         if clip and limit is not None and math.isfinite(grad_norm) and grad_norm > limit:
-            grads = [p.grad for p in self.state.model.parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, limit / (grad_norm + 1e-6))  # clip_grad_norm_'s coefficient
+            self._scale_grads(limit / (grad_norm + CLIP_EPS))
         with self._lr_scaled(step):
             if self.scaled:
                 self.state.scaler.step(self.state.optimizer)
@@ -88,10 +89,8 @@ class Actuator:
             self.recovery.fence()
         limit = self._clip_limit()
         if limit is not None and grad_norm is not None:
-            coef = torch.clamp(limit / (grad_norm.to(torch.float32) + 1e-6), max=1.0)
-            coef = torch.where(torch.isfinite(coef), coef, torch.ones_like(coef))
-            grads = [p.grad for p in self.state.model.parameters() if p.grad is not None]
-            torch._foreach_mul_(grads, coef)
+            coef = torch.clamp(limit / (grad_norm.to(torch.float32) + CLIP_EPS), max=1.0)
+            self._scale_grads(torch.where(torch.isfinite(coef), coef, torch.ones_like(coef)))
         with self._lr_scaled(step):
             if verdict is None:
                 self.state.optimizer.step()
@@ -113,6 +112,10 @@ class Actuator:
             if scale != 1.0:
                 for g, lr in zip(groups, saved, strict=True):
                     g["lr"] = lr
+
+    def _scale_grads(self, coef: float | Tensor) -> None:
+        grads = [p.grad for p in self.state.model.parameters() if p.grad is not None]
+        torch._foreach_mul_(grads, coef)
 
     def _clip_limit(self) -> float | None:
         remedy = self.recovery.remedy.max_grad_norm if self.recovery is not None else None
