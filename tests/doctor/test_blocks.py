@@ -145,7 +145,7 @@ def test_the_generated_logs_reach_every_fast_path():
     # The comparison above means something only if the logs make the fast paths find things and break.
     seen = {"non_finite": 0, "spike": 0, "predictive": 0, "keel_error": 0, "restarts": 0}
 
-    @settings(max_examples=50, deadline=None, database=None)
+    @settings(max_examples=80, deadline=None, database=None, derandomize=True)  # a fixed sample: counts are stable
     @given(records=logs(), bad_step=st.integers(0, 60))
     def count(records, bad_step):
         result = diagnose(RawLog(source="gen", format="keel_store", records=records, keyed=True),
