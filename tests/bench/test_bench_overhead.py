@@ -8,9 +8,9 @@ from keel.cli import main
 
 def test_bench_overhead_json_has_the_ratios_of_every_variant_each_timed_in_its_own_process(capsys):
     assert main(["bench", "overhead", "--json", "--size", "tiny", "--steps", "3", "--repeats", "2",
-                 "--batch-size", "4", "--seq-len", "16", "--policy", "skip", "recover"]) == 0
+                 "--rounds", "2", "--batch-size", "4", "--seq-len", "16", "--policy", "recover"]) == 0
     result = json.loads(capsys.readouterr().out)
-    variants = {"default", "full", "policy=skip", "policy=recover"}
+    variants = {"default", "full", "policy=recover"}
     assert set(result["ratio"]) == set(result["ratio_steady"]) == variants
     assert set(result["step_ms"]) == variants | {"bare"}
     assert all(r > 0 for r in result["ratio"].values())
@@ -18,6 +18,10 @@ def test_bench_overhead_json_has_the_ratios_of_every_variant_each_timed_in_its_o
     # recover took its snapshots (the first at step 0), in the process that timed it
     assert set(result["snapshots"]) == {"policy=recover"} and result["snapshots"]["policy=recover"]["snapshots"] >= 1
     assert result["isolated"] == "one process per variant"
+    # each round started fresh processes and gave every variant, and the A/A control, a ratio of its own
+    assert {name: len(r) for name, r in result["ratio_rounds"].items()} == dict.fromkeys(variants, 2)
+    assert len(result["control_rounds"]) == 2 and result["control"] > 0
+    assert result["config"]["rounds"] == 2
 
 
 @pytest.mark.parametrize("policies", [("yolo",), "recover", (1,)])

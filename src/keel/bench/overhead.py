@@ -6,9 +6,11 @@ asked for (``--policy skip recover``: default probes, `RecoveryConfig`'s default
 a process of its own — a variant can change its whole process (the copy thread of ``recover`` once slowed every
 parallel op of the process it ran in, the bare loop's too, where an in-process comparison could not see it) —
 and they take turns: one block of steps each, in rotating order, per repeat, so machine noise hits all alike.
-Each repeat gives a ratio to the bare loop's time in the same repeat; the figure is the median. Two ratios per
-variant: over the block's total time (snapshot steps included) and of the block's median step (the steady
-state between snapshots).
+Each repeat gives a ratio to the bare loop's time in the same repeat; the figure is the median over all rounds.
+A process's own speed is a random draw too (on the 2-core VM one bare process ran 10 % faster than another for
+its whole life), so the variants' processes are started afresh each round, and a second bare process runs as
+the A/A control: its ratio is the method's own noise. Two ratios per variant: over the block's total time
+(snapshot steps included) and of the block's median step (the steady state between snapshots).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from keel.guard import Guard
 from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
 
 Policy = Literal["observe", "skip", "recover"]
+CONTROL = "bare, second process"  # the A/A control: the bare loop again, in a process of its own
 
 
 @dataclass(kw_only=True)
@@ -45,7 +48,9 @@ class OverheadConfig:
         batch_size: Sequences per step.
         seq_len: Bytes per sequence.
         steps: Steps per timed block (25: one default ``recover`` snapshot per block).
-        repeats: Timed blocks per variant (the figure is the median of per-repeat ratios).
+        repeats: Timed blocks per variant and round.
+        rounds: Fresh processes per variant, one after another (the figure is the median of the per-block ratios
+            of all rounds): a process's own speed differs from another's by up to ~10 % on a small machine.
         warmup: Untimed steps per variant first.
         full_log_every: ``log_every`` of the full-probe variant.
         policies: Also time `Guard(policy=p)` with the default probes for each of these.
@@ -57,6 +62,7 @@ class OverheadConfig:
     seq_len: int = 64
     steps: int = 25
     repeats: int = 7
+    rounds: int = 3
     warmup: int = 5
     full_log_every: int = 1
     policies: tuple[Policy, ...] = ()
@@ -64,7 +70,7 @@ class OverheadConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        require_ints(self, "batch_size", "seq_len", "steps", "repeats", "full_log_every")
+        require_ints(self, "batch_size", "seq_len", "steps", "repeats", "rounds", "full_log_every")
         self.policies = tuple(dict.fromkeys(self.policies))
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"OverheadConfig.device={self.device!r}; allowed: cpu, cuda")
@@ -77,6 +83,7 @@ class OverheadConfig:
             "bare": None, "default": {},
             "full": {"policy": "observe", "probes": "full", "log_every": self.full_log_every}}
         variants.update({f"policy={p}": {"policy": p} for p in self.policies})
+        variants[CONTROL] = None
         return variants
 
 
@@ -133,6 +140,46 @@ def bench_overhead(config: OverheadConfig | None = None, progress: Callable[[str
     """Measure Guard's step-time ratios against the bare loop. Returns the figures as a dict."""
     config = config or OverheadConfig()
     variants = config.variants()
+    times: dict[str, list[list[float]]] = {name: [] for name in variants}
+    round_ratios: dict[str, list[float]] = {name: [] for name in variants if name != "bare"}
+    stats: dict[str, Any] = {}
+    for r in range(config.rounds):
+        round_times, stats = _timed_round(config, variants, progress, f"round {r + 1}/{config.rounds}, ")
+        for name, blocks in round_times.items():
+            times[name] += blocks
+            if name != "bare":
+                round_ratios[name].append(_median_ratio(blocks, round_times["bare"], sum))
+
+    def ratios(of: Callable[[list[float]], float]) -> dict[str, float]:
+        return {name: _median_ratio(times[name], times["bare"], of) for name in variants if name != "bare"}
+
+    result: dict[str, Any] = {
+        "ratio": ratios(sum),
+        "ratio_steady": ratios(statistics.median),
+        "ratio_rounds": round_ratios,
+        "step_ms": {name: 1e3 * statistics.median(sum(block) / len(block) for block in ts)
+                    for name, ts in times.items()},
+        "snapshots": {name: s for name, s in stats.items() if s.get("snapshots")},
+        "config": asdict(config),
+        "threads": torch.get_num_threads(),
+        "isolated": "one process per variant",
+    }
+    result["control"] = result["ratio"].pop(CONTROL)
+    result["ratio_steady"].pop(CONTROL)
+    result["control_rounds"] = round_ratios.pop(CONTROL)
+    result["step_ms"].pop(CONTROL)
+    result["ratio_default"], result["ratio_full"] = result["ratio"]["default"], result["ratio"]["full"]
+    return result
+
+
+def _median_ratio(blocks: list[list[float]], bare: list[list[float]], of: Callable[[list[float]], float]) -> float:
+    return statistics.median(of(t) / of(b) for t, b in zip(blocks, bare, strict=True))
+
+
+def _timed_round(config: OverheadConfig, variants: dict[str, dict[str, Any] | None],
+                 progress: Callable[[str], None] | None, label: str) -> tuple[dict[str, list[list[float]]], dict]:
+    """One round: a fresh process per variant, `config.repeats` interleaved blocks each. Returns the block times
+    and each process's closing stats."""
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         pipes, procs = {}, []
@@ -154,7 +201,7 @@ def bench_overhead(config: OverheadConfig | None = None, progress: Callable[[str
                     pipes[name].send(config.steps)
                     times[name].append(_receive(pipes[name], procs))
                 if progress is not None:
-                    progress(f"repeat {r + 1}/{config.repeats}")
+                    progress(f"{label}repeat {r + 1}/{config.repeats}")
             stats = {}
             for name, conn in pipes.items():
                 conn.send(None)
@@ -164,22 +211,7 @@ def bench_overhead(config: OverheadConfig | None = None, progress: Callable[[str
                 proc.join(timeout=30)
                 if proc.is_alive():
                     proc.kill()
-
-    def ratios(name: str, of: Callable[[list[float]], float]) -> float:
-        return statistics.median(of(t) / of(b) for t, b in zip(times[name], times["bare"], strict=True))
-
-    result: dict[str, Any] = {
-        "ratio": {name: ratios(name, sum) for name in variants if name != "bare"},
-        "ratio_steady": {name: ratios(name, statistics.median) for name in variants if name != "bare"},
-        "step_ms": {name: 1e3 * statistics.median(sum(block) / len(block) for block in ts)
-                    for name, ts in times.items()},
-        "snapshots": {name: s for name, s in stats.items() if s.get("snapshots")},
-        "config": asdict(config),
-        "threads": torch.get_num_threads(),
-        "isolated": "one process per variant",
-    }
-    result["ratio_default"], result["ratio_full"] = result["ratio"]["default"], result["ratio"]["full"]
-    return result
+    return times, stats
 
 
 def _receive(conn: Connection, procs: list[multiprocessing.process.BaseProcess]) -> Any:
@@ -203,7 +235,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     parser.add_argument("--seq-len", type=positive_int, default=defaults.seq_len)
     parser.add_argument("--steps", type=positive_int, default=defaults.steps, help="steps per timed block")
-    parser.add_argument("--repeats", type=positive_int, default=defaults.repeats)
+    parser.add_argument("--repeats", type=positive_int, default=defaults.repeats,
+                        help="timed blocks per variant and round (default: %(default)s)")
+    parser.add_argument("--rounds", type=positive_int, default=defaults.rounds,
+                        help="fresh processes per variant, one round after another (default: %(default)s)")
     parser.add_argument("--full-log-every", type=positive_int, default=None,
                         help=f"log_every of the full-probe variant (default: {defaults.full_log_every}; "
                              "not with --ddp)")
@@ -225,7 +260,7 @@ def main(args: argparse.Namespace) -> int:
         return ddp_main(args)
     full_log_every = OverheadConfig.full_log_every if args.full_log_every is None else args.full_log_every
     config = OverheadConfig(size=args.size, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-                            repeats=args.repeats, full_log_every=full_log_every, policies=tuple(args.policy),
+                            repeats=args.repeats, rounds=args.rounds, full_log_every=full_log_every, policies=tuple(args.policy),
                             device=args.device)
     progress = None if args.json else (lambda msg: print(f"  {msg}", flush=True))
     result = bench_overhead(config, progress)
@@ -234,12 +269,14 @@ def main(args: argparse.Namespace) -> int:
         return 0
     ms, ratio, steady = result["step_ms"], result["ratio"], result["ratio_steady"]
     print(f"proxy {config.size}, batch {config.batch_size}x{config.seq_len}, {config.device}, "
-          f"{config.repeats} repeats x {config.steps} steps, one process per variant, interleaved")
+          f"{config.rounds} rounds x {config.repeats} repeats x {config.steps} steps, one process per variant and "
+          f"round, interleaved")
     print(f"  {'variant':22s}{'ms/step':>9s}{'ratio':>9s}{'steady':>9s}")
     print(f"  {'bare loop':22s}{ms['bare']:9.2f}")
     labels = {"default": "Guard default", "full": f"observe, full probes/{config.full_log_every}"}
     for name in ratio:
         print(f"  {labels.get(name, 'Guard ' + name):22s}{ms[name]:9.2f}{ratio[name]:9.4f}{steady[name]:9.4f}")
+    print(f"  {'control: bare again':22s}{'':9s}{result['control']:9.4f}   (the method's own noise: ideally 1)")
     for name, snap in result["snapshots"].items():
         print(f"  {name}: {snap['snapshots']} snapshots in the ring, {snap['blocked_ms_total']:.1f} ms blocked in all")
     return 0
