@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from keel.store import STORE_NAME, SWEEP_STORE_NAME
+from keel.store.schema import connect_for_reading
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -62,7 +63,7 @@ def classify(path: Path) -> Source:
     if not file.is_file():
         return Source(path=path, kind=None, note=f"{path}: no store here (no {STORE_NAME})")
     try:
-        conn = sqlite3.connect(f"file:{file}?mode=ro", uri=True)
+        conn = connect_for_reading(file)
         try:
             tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         finally:

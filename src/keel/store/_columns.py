@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from keel._core.errors import KeelError
+from keel.store.schema import connect_for_reading
 
 Kind = Literal["int", "real", "text"]
 _ALLOWED = {"int": "an integer", "real": "a number", "text": "text"}
@@ -112,7 +113,7 @@ class StoreFile:
         self.what = what
         if not path.is_file():
             raise FileNotFoundError(f"no keel {what} at {path}")
-        self.conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+        self.conn = connect_for_reading(path)
         try:
             self.conn.execute("SELECT name FROM sqlite_master").fetchall()
         except sqlite3.DatabaseError as exc:

@@ -45,3 +45,17 @@ def connect_for_writing(path: Path) -> sqlite3.Connection:
     conn.executescript(DDL)
     conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
     return conn
+
+
+def connect_for_reading(path: Path) -> sqlite3.Connection:
+    """A read-only connection to a store file that leaves its folder as it found it.
+
+    A store closed cleanly holds everything in its main file: it is opened ``immutable=1``, which takes no lock
+    and creates no ``-shm``/``-wal`` files (a read-only connection in WAL mode creates them and, unlike a writer,
+    cannot remove them when it closes). A store with a ``-wal`` (a live writer, or one killed) or a hot
+    ``-journal`` keeps committed rows outside the main file: it is opened ``mode=ro``, which reads them. A writer
+    that opens the store after this check and checkpoints while the read goes on can make that read fail; it
+    never changes what is stored. The path travels as a ``file:`` URI with its ``#``, ``?`` and ``%`` escaped.
+    """
+    live = any(path.with_name(path.name + suffix).exists() for suffix in ("-wal", "-journal"))
+    return sqlite3.connect(f"{path.absolute().as_uri()}?{'mode=ro' if live else 'immutable=1'}", uri=True)
