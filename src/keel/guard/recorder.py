@@ -2,6 +2,8 @@
 
 At close it also names the run's causes (`keel.detect.diagnose` on the findings and the loss curve) and stores
 them as the ``diagnosis`` meta entry, so a store says what went wrong, when it was first seen and how early.
+What it records it also says on the ``keel`` logger (`keel.guard.console`): a line per warning, critical and
+decision as they happen, rate-limited, and a summary at close.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from keel._core.finding import Finding
 from keel._core.keys import LOSS
 from keel._core.observation import Observation
 from keel.detect.diagnosis import Diagnosis, diagnose
+from keel.guard.console import Console, ConsoleConfig, speaks
 from keel.store import RunWriter
 
 
@@ -28,8 +31,11 @@ class Recorder:
         diagnoses: The named causes of the findings, set at `close` (empty for a clean run).
     """
 
-    def __init__(self, run_dir: str | None, log_every: int) -> None:
+    def __init__(self, run_dir: str | None, log_every: int, console: ConsoleConfig | None = None) -> None:
         self.writer = RunWriter(run_dir) if run_dir is not None else None
+        self.run_dir = run_dir
+        self.console = Console(console, quiet=not speaks())
+        self.policy: str | None = None  # from the run's meta, for the summary
         self.log_every = log_every
         self.findings: list[Finding] = []
         self.decisions: list[Decision] = []
@@ -40,6 +46,7 @@ class Recorder:
         self._losses_whole = True
 
     def meta(self, items: dict[str, Any]) -> None:
+        self.policy = items.get("policy", self.policy)
         if self.writer is not None:
             self.writer.set_meta(items)
 
@@ -54,6 +61,8 @@ class Recorder:
                 self._losses_whole = False
         if decision.action != "ok":
             self.decisions.append(decision)
+        if decision.findings or decision.action != "ok":
+            self.console.step(decision)
         if self.writer is None:
             return
         values = dict(obs.values)
@@ -86,6 +95,7 @@ class Recorder:
             remedy="Training continues. If the component is keel's own, please report this as a keel bug with the "
                    "traceback; if it is yours, fix it and restart.")
         self.findings.append(finding)
+        self.console.finding(finding)
         if self.writer is not None:
             self.writer.add_findings([finding])
         return finding
@@ -109,3 +119,5 @@ class Recorder:
             self.writer.set_meta({"status": status, "steps": steps,
                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             self.writer.close()
+        self.console.summary(status=status, steps=steps, policy=self.policy, findings=self.findings,
+                             decisions=self.decisions, diagnoses=self.diagnoses, run_dir=self.run_dir)

@@ -1,0 +1,297 @@
+"""Console: what keel says while a run trains — a ``keel`` log line per warning, critical and decision, rate-limited,
+and one summary when the run closes.
+
+Every line goes to ``logging.getLogger("keel")``, at a level that says how much it matters:
+
+| what | level |
+|---|---|
+| an ``info`` finding, a GradScaler's own overflow skip | DEBUG (quiet by default) |
+| the run's summary at `Guard.close` | INFO |
+| a ``warning`` finding, a skipped update, a rollback | WARNING |
+| a ``critical`` finding, an abort | ERROR |
+
+Where it shows: an application that configured logging (a handler on the root or on ``keel``) gets keel's
+lines through its own handlers and levels. Otherwise — a plain script — keel adds one handler of its own to the
+``keel`` logger the first time it speaks, writing to ``sys.stderr`` at level INFO, so a critical finding is never
+silent. To silence keel, or send it elsewhere, use the ordinary logging calls::
+
+    logging.getLogger("keel").setLevel(logging.ERROR)        # only criticals and aborts
+    logging.getLogger("keel").setLevel(logging.CRITICAL + 1)  # nothing
+    logging.getLogger("keel").addHandler(logging.FileHandler("keel.log"))  # elsewhere (then keel adds none)
+
+The rate limit keeps a noisy run from flooding the console: of each finding kind (and of skips), the first
+`ConsoleConfig.first_lines` lines are shown; later ones are counted, and a line every `ConsoleConfig.note_every`
+steps says how many were not shown. Rollbacks and aborts are always shown; every finding and decision, shown or
+not, is in the run store and in the summary's counts. Under ``torch.distributed`` only rank 0 speaks (every rank
+takes the same decisions).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+from collections import Counter
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from keel._core.decision import Decision
+from keel._core.finding import Finding
+from keel._core.printable import one_line
+from keel.detect.diagnosis import Diagnosis
+
+LOGGER_NAME = "keel"
+LEVELS = {"info": logging.DEBUG, "warning": logging.WARNING, "critical": logging.ERROR}
+STORE_NAME = "run.sqlite"
+
+logger = logging.getLogger(LOGGER_NAME)
+
+
+@dataclass(kw_only=True)
+class ConsoleConfig:
+    """How much keel says per run.
+
+    Attributes:
+        first_lines: Lines shown of each finding kind (and of skips) before further ones are only counted.
+        note_every: Steps between two lines that say how many lines of one kind were not shown.
+        width: Characters at most of a cause, a remedy or a reason on a line (longer ones end in "…").
+    """
+
+    first_lines: int = 3
+    note_every: int = 100
+    width: int = 240
+
+    def __post_init__(self) -> None:
+        for name, low in (("first_lines", 0), ("note_every", 1), ("width", 20)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ValueError(f"ConsoleConfig.{name}={value!r}; allowed: an int >= {low}")
+
+
+@dataclass
+class _Hidden:
+    """Lines of one kind not shown since ``since``, by severity (or action)."""
+
+    since: int = -1
+    by: Counter[str] = field(default_factory=Counter)
+
+
+class Console:
+    """The voice of one run: turns its findings and decisions into rate-limited ``keel`` log lines.
+
+    Args:
+        config: The rate limit and line width.
+        quiet: Say nothing (ranks other than 0 under ``torch.distributed``).
+
+    Example:
+        >>> Console().step(Decision(step=5, action="skip", reason="skipped update: NaN gradients"))
+    """
+
+    def __init__(self, config: ConsoleConfig | None = None, *, quiet: bool = False) -> None:
+        self.config = config or ConsoleConfig()
+        self.quiet = quiet
+        self._shown: Counter[str] = Counter()
+        self._hidden: dict[str, _Hidden] = {}
+        self.hidden_total = 0
+
+    def step(self, decision: Decision) -> None:
+        """The lines of one step: each finding, then the decision unless it is a plain ``"ok"``."""
+        if self.quiet:
+            return
+        for finding in decision.findings:
+            self.finding(finding)
+        if decision.action != "ok":
+            self.decision(decision)
+
+    def finding(self, f: Finding) -> None:
+        level = LEVELS[f.severity]
+        if self.quiet or not _enabled(level):
+            return
+        signal = f"{one_line(f.signal, 60)} = {f.value:.4g}" if f.value == f.value else one_line(f.signal, 60)
+        text = f"step {f.step} {one_line(f.kind, 60)} {f.severity} ({signal})"
+        if f.cause:
+            text += f": {one_line(f.cause, self.config.width)}"
+        if f.remedy:
+            text += f" — remedy: {one_line(f.remedy, self.config.width)}"
+        self._limited(f.kind, f.severity, f.step, level, text)
+
+    def decision(self, d: Decision) -> None:
+        if self.quiet:
+            return
+        reason = one_line(d.reason, 2 * self.config.width)
+        if d.action in ("rollback", "abort"):  # always shown: each changes the run for good
+            moved = f" from step {d.step} to step {d.restored_step}" if d.restored_step is not None else ""
+            _say(logging.WARNING if d.action == "rollback" else logging.ERROR, f"step {d.step} {d.action}{moved}: "
+                 f"{reason}")
+        elif d.action == "skip":
+            level = logging.DEBUG if d.by == "scaler" else logging.WARNING
+            if _enabled(level):
+                by = " by the GradScaler" if d.by == "scaler" else ""
+                self._limited("skip" if d.by == "keel" else "scaler skip", "skip", d.step, level,
+                              f"step {d.step} skip{by}: {reason}")
+
+    def flush(self) -> None:
+        """Say how many lines of each kind were not shown since its last note (at the end of a run)."""
+        for key in list(self._hidden):
+            self._note(key, None)
+
+    def summary(self, *, status: str, steps: int, policy: str | None, findings: Sequence[Finding],
+                decisions: Sequence[Decision], diagnoses: Sequence[Diagnosis], run_dir: str | None) -> None:
+        """The run's summary, one INFO block (pending rate-limit notes first)."""
+        if self.quiet:
+            return
+        self.flush()
+        if _enabled(logging.INFO):
+            _say(logging.INFO, format_summary(status=status, steps=steps, policy=policy, findings=findings,
+                                              decisions=decisions, diagnoses=diagnoses, run_dir=run_dir,
+                                              hidden=self.hidden_total))
+
+    # --- the rate limit -------------------------------------------------------------------------------
+    def _limited(self, key: str, severity: str, step: int, level: int, text: str) -> None:
+        self._shown[key] += 1
+        if self._shown[key] <= self.config.first_lines:
+            _say(level, text)
+            return
+        hidden = self._hidden.setdefault(key, _Hidden(since=step))
+        hidden.by[severity] += 1
+        self.hidden_total += 1
+        if step - hidden.since >= self.config.note_every:
+            self._note(key, step)
+
+    def _note(self, key: str, step: int | None) -> None:
+        hidden = self._hidden.pop(key)
+        n = sum(hidden.by.values())
+        level = max(LEVELS.get(s, logging.WARNING) for s in hidden.by)
+        by = ", ".join(f"{s} {c}" for s, c in sorted(hidden.by.items()))
+        at = f"step {step}: " if step is not None else "end of run: "
+        _say(level, f"{at}{n} more {key} {_plural(n, 'line')} since step {hidden.since} not shown ({by}); all "
+                    "are in the run store and the summary")
+
+
+def format_summary(*, status: str, steps: int, policy: str | None, findings: Sequence[Finding],
+                   decisions: Sequence[Decision], diagnoses: Sequence[Diagnosis], run_dir: str | None,
+                   hidden: int = 0) -> str:
+    """The close summary: counts by kind and severity, what keel did, the named cause, the store and the report."""
+    lines = [f"run {one_line(status, 200)} after {steps} steps" + (f" (policy {policy})" if policy else "")]
+    kinds: dict[str, Counter[str]] = {}
+    for f in findings:
+        kinds.setdefault(f.kind, Counter())[f.severity] += 1
+    serious = any(c["warning"] or c["critical"] for c in kinds.values())
+    if kinds:
+        lines.append("  findings: " + "; ".join(
+            f"{one_line(kind, 60)} {sum(c.values())} (" + ", ".join(f"{s} {c[s]}" for s in LEVELS if c[s]) + ")"
+            for kind, c in sorted(kinds.items(), key=lambda kc: (-_worst(kc[1]), kc[0]))))
+    if not serious:
+        lines.append("  no warning or critical finding")
+    lines.append("  decisions: " + _decisions(decisions))
+    for i, d in enumerate(diagnoses[:3], 1):
+        top = d.remedies[0]["action"] if d.remedies else ""
+        lines.append(f"  cause {i}: {d.title} ({d.when()})" + (f"; remedy: {one_line(str(top), 200)}" if top else ""))
+    if hidden:
+        lines.append(f"  {hidden} {_plural(hidden, 'line')} not shown on the console (rate limit)")
+    if run_dir is not None:
+        lines.append(f"  store: {Path(run_dir) / STORE_NAME}; report: keel report {run_dir}")
+    else:
+        lines.append("  store: none (run_dir=None): the findings and decisions are in guard.findings and "
+                     "guard.decisions")
+    return "\n".join(lines)
+
+
+def _worst(severities: Counter[str]) -> int:
+    return max(LEVELS[s] for s in severities)
+
+
+def _decisions(decisions: Sequence[Decision]) -> str:
+    skips = sum(d.action == "skip" and d.by == "keel" for d in decisions)
+    scaler = sum(d.action == "skip" and d.by == "scaler" for d in decisions)
+    rollbacks = [d for d in decisions if d.action == "rollback"]
+    aborts = sum(d.action == "abort" for d in decisions)
+    parts = [_plural(skips, "skip", count=True)]
+    moved = ", ".join(f"step {d.step} → step {d.restored_step}" for d in rollbacks[:5] if d.restored_step is not None)
+    more = ", …" if len(rollbacks) > 5 else ""
+    parts.append(_plural(len(rollbacks), "rollback", count=True) + (f" ({moved}{more})" if moved else ""))
+    parts.append(_plural(aborts, "abort", count=True))
+    if scaler:
+        parts.append(_plural(scaler, "GradScaler overflow skip", count=True))
+    return ", ".join(parts)
+
+
+def _plural(n: int, word: str, *, count: bool = False) -> str:
+    word = word if n == 1 else f"{word}s"
+    return f"{n} {word}" if count else word
+
+
+# --- where the lines go -------------------------------------------------------------------------------------
+class _StderrHandler(logging.StreamHandler):
+    """keel's own handler: ``sys.stderr`` as it is when a line is written (a redirection made later is honoured)."""
+
+    def __init__(self) -> None:
+        logging.Handler.__init__(self, logging.INFO)
+        self.set_level = False  # whether keel set the logger's level to INFO when it added this handler
+        self.setFormatter(logging.Formatter(f"{LOGGER_NAME}: %(message)s"))
+
+    @property
+    def stream(self):  # type: ignore[override]
+        return sys.stderr
+
+
+def _own_handler() -> _StderrHandler | None:
+    return next((h for h in logger.handlers if isinstance(h, _StderrHandler)), None)
+
+
+def ensure_handler() -> None:
+    """Add keel's stderr handler when nothing would show its lines (no handler on ``keel`` or the root).
+
+    Called before each line at INFO or above; an application that configures logging later takes over (keel's
+    handler is removed, so no line is printed twice).
+    """
+    own = _own_handler()
+    if own is not None:
+        if logging.getLogger().handlers:
+            logger.removeHandler(own)
+            if own.set_level and logger.level == logging.INFO:
+                logger.setLevel(logging.NOTSET)  # the application's levels apply again
+        return
+    if logger.hasHandlers():
+        return
+    own = _StderrHandler()
+    # the root's WARNING would hide the summary; a level the user set stays
+    own.set_level = logger.level == logging.NOTSET
+    logger.addHandler(own)
+    if own.set_level:
+        logger.setLevel(logging.INFO)
+
+
+def _enabled(level: int) -> bool:
+    if level >= logging.INFO and (logger.level == logging.NOTSET or logger.level <= level):  # not when silenced
+        ensure_handler()
+    return logger.isEnabledFor(level)
+
+
+def _say(level: int, text: str) -> None:
+    logger.log(level, text)
+
+
+def speaks() -> bool:
+    """False on ranks other than 0 under ``torch.distributed``: every rank takes the same decisions, one says them."""
+    dist = torch.distributed
+    return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+
+@contextlib.contextmanager
+def silenced() -> Iterator[None]:
+    """Nothing from the ``keel`` logger inside (a sweep or a benchmark, whose own output summarises its runs).
+
+    Example:
+        >>> with silenced():
+        ...     logging.getLogger("keel").error("not shown")
+    """
+    before = logger.level
+    logger.setLevel(logging.CRITICAL + 1)
+    try:
+        yield
+    finally:
+        logger.setLevel(before)
