@@ -33,6 +33,8 @@ _LAZY = {
     "RunWriter": "keel.store",
     "stabilize": "keel.nn",
     "list_remedies": "keel.nn",
+    "watch": "keel.integrations.watch",
+    "Watch": "keel.integrations.watch",
 }
 
 __all__ = ["Decision", "Finding", "GuardClosed", "KeelError", "KeelWarning", "Observation", "TrainingAborted", *_LAZY]

@@ -58,7 +58,15 @@ def test_torchrun_example_every_rank_skips_and_the_bad_shard_is_named(tmp_path):
     assert not (tmp_path / "rank-1" / "run.sqlite").exists()
 
 
-def test_examples_are_the_three_the_docs_name():
-    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == ["hf_trainer.py", "plain_loop.py", "torchrun_ddp.py"]
+def test_examples_are_the_four_the_docs_name():
+    names = ["hf_trainer.py", "nanogpt_style.py", "plain_loop.py", "torchrun_ddp.py"]
+    assert sorted(p.name for p in EXAMPLES.glob("*.py")) == names
     docs = (ROOT / "docs" / "integrations.md").read_text()
-    assert all(f"examples/{name}" in docs for name in ("plain_loop.py", "hf_trainer.py", "torchrun_ddp.py"))
+    assert all(f"examples/{name}" in docs for name in names)
+
+
+def test_the_nanogpt_style_example_runs_as_a_user_runs_it(tmp_path):
+    out = run_example("nanogpt_style.py", "--max-iters", "34", "--bad-iters", "30,31,32", "--out", str(tmp_path))
+    assert "iter 0: loss" in out
+    with RunReader(tmp_path / "keel") as store:
+        assert [(d.step, d.action) for d in store.decisions()] == [(30, "skip"), (31, "skip"), (32, "rollback")]

@@ -9,6 +9,7 @@ from __future__ import annotations
 LOSS = "loss"
 GRAD_NORM = "grad/norm"
 GRAD_NORM_PER_PARAM = "grad/norm/"
+GRAD_CLIPPED_NORM = "grad/clipped_norm"  # after the loop's own clipping, when it clips (Guard.step(grad_norm=))
 PARAM_NORM = "param/norm"
 PARAM_NORM_PER_PARAM = "param/norm/"
 UPDATE_NORM = "update/norm"

@@ -91,7 +91,7 @@ class DeferredSteps:
         verdict, ctx, norm = None, None, None
         try:
             ctx = g._context(step, loss)
-            measured = g.components.measure(ctx)
+            measured = g._measure(ctx)
             norm = measured.get(keys.GRAD_NORM)
             if self.gate is not None:
                 self.gate.set_limits(step)

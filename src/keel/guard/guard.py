@@ -195,6 +195,7 @@ class Guard(DeferredSteps):
         self.global_step = 0
         self._late: Measurements = {}  # after-step measurements of the previous step, sent with this one
         self._late_step = -1
+        self._norm_before_clip: Tensor | None = None
         self._last_call: float | None = None
         self._closed = False
         self._snapshots_recorded = 0
@@ -254,12 +255,15 @@ class Guard(DeferredSteps):
     # Host-side bookkeeping: called inside a torch.compile'd train step, dynamo would trace into keel and compile
     # graphs of its Python logic; kept out, it costs the caller one graph break and runs exactly as in eager.
     @torch.compiler.disable
-    def step(self, loss: Tensor | float) -> Decision:
+    def step(self, loss: Tensor | float, *, grad_norm: Tensor | float | None = None) -> Decision:
         """Measure this step, decide, then apply the update, skip it or roll back. Call after ``backward()``.
 
         Args:
             loss: The step's loss (a scalar tensor or float); with gradient accumulation, the loss of the
                 whole step (e.g. the mean over micro-batches), called once on the accumulation boundary.
+            grad_norm: When the loop clips the gradients itself before this call, the norm its
+                ``clip_grad_norm_`` returned (the norm *before* clipping): keel detects on it, as a clipped norm
+                hides the spike, and stores the clipped gradients' norm as ``grad/clipped_norm``.
 
         Returns:
             The `Decision` taken.
@@ -274,23 +278,24 @@ class Guard(DeferredSteps):
                               "nothing was stepped; allowed: step() before close() (to train on, create a new Guard; "
                               "resume=True continues the run from its disk snapshots)")
         loss_t = _as_scalar(loss)
+        self._norm_before_clip = None if grad_norm is None else _as_scalar(grad_norm, "grad_norm")
         step = self.global_step
         now = time.perf_counter()
         step_time, self._last_call = (now - self._last_call if self._last_call is not None else math.nan), now
         if self.sync == "deferred":
             return self._step_deferred(step, loss_t, step_time)
         ctx: StepContext | None = None
-        grad_norm = math.nan
         try:
             self._unscale()
             ctx = self._context(step, loss_t)
             obs = self._observe(ctx, step_time)
-            grad_norm = obs.values.get(keys.GRAD_NORM, math.nan)
+            norm_now = obs.values.get(keys.GRAD_CLIPPED_NORM, obs.values.get(keys.GRAD_NORM, math.nan))
             decision = self.escalation.decide(step, self.components.detect(obs))
         except Exception as exc:  # keel must never stop training: record, then step as the bare loop would
-            obs, decision = Observation(step=step), Decision(step=step, action="ok")
+            obs, decision, norm_now = Observation(step=step), Decision(step=step, action="ok"), math.nan
             self.components.fail("guard", step, exc, disable=False)  # each probe and detector is fenced on its own
-        decision = self.actuator.apply(decision, grad_norm, self.escalation.rollbacks_in_window(step))
+        # keel's own clipping scales the gradients as they are now: after the loop's clipping, if it clipped
+        decision = self.actuator.apply(decision, norm_now, self.escalation.rollbacks_in_window(step))
         if decision.stepped and ctx is not None:
             self._after_step(ctx)
         self.global_step += 1
@@ -338,8 +343,17 @@ class Guard(DeferredSteps):
                            names=names, params=params, grads=grads,
                            log_step=step % self.log_every == 0)
 
-    def _observe(self, ctx: StepContext, step_time: float) -> Observation:
+    def _measure(self, ctx: StepContext) -> Measurements:
+        """The probes' measurements of this step; the loop's own pre-clipping norm in place of ``grad/norm``."""
         measured = self.components.measure(ctx)
+        if self._norm_before_clip is not None:
+            if keys.GRAD_NORM in measured:
+                measured[keys.GRAD_CLIPPED_NORM] = measured[keys.GRAD_NORM]
+            measured[keys.GRAD_NORM] = self._norm_before_clip.detach().to(ctx.params[0].device, torch.float32)
+        return measured
+
+    def _observe(self, ctx: StepContext, step_time: float) -> Observation:
+        measured = self._measure(ctx)
         if self.scaler is not None and self.scaler.is_enabled() and self.scaler._scale is not None:
             measured[keys.AMP_SCALE] = self.scaler._scale  # a tensor: read in the same copy, no extra sync
         packed = pack(measured, self._late)
@@ -442,8 +456,8 @@ def _local(t: Tensor) -> Tensor:
     return to_local() if to_local is not None else t
 
 
-def _as_scalar(loss: Tensor | float) -> Tensor:
-    check_loss(loss)
+def _as_scalar(loss: Tensor | float, name: str = "loss") -> Tensor:
+    check_loss(loss, name)
     return loss.detach().reshape(()) if isinstance(loss, Tensor) else torch.tensor(float(loss))
 
 

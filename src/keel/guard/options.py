@@ -192,16 +192,16 @@ def check_config(config: object) -> None:
                          f"(str keys; {exc})") from None
 
 
-def check_loss(loss: object) -> None:
-    """Raise ValueError unless ``loss`` is a real number or a real one-element tensor."""
+def check_loss(loss: object, name: str = "loss") -> None:
+    """Raise ValueError unless ``loss`` (the argument ``name``) is a real number or a real one-element tensor."""
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
-            raise ValueError(f"loss has shape {tuple(loss.shape)}; allowed: a scalar (0-d or one-element) tensor "
+            raise ValueError(f"{name} has shape {tuple(loss.shape)}; allowed: a scalar (0-d or one-element) tensor "
                              "— reduce it first, e.g. loss.mean()")
         if loss.is_complex():
-            raise ValueError("loss is a complex tensor; allowed: a real scalar tensor or float")
+            raise ValueError(f"{name} is a complex tensor; allowed: a real scalar tensor or float")
     elif isinstance(loss, bool) or not isinstance(loss, numbers.Real):
-        raise ValueError(f"loss={type(loss).__name__}; allowed: a scalar torch.Tensor or a float")
+        raise ValueError(f"{name}={type(loss).__name__}; allowed: a scalar torch.Tensor or a float")
 
 
 def _has_methods(obj: object, names: Sequence[str]) -> bool:

@@ -1,0 +1,216 @@
+"""`keel.watch`: a `Guard` on a loop as it is already written — keel hooks the loop's own calls.
+
+    guard = keel.watch(model, optimizer, scaler=scaler, policy="recover", run_dir="out/keel")
+
+and the loop stays as it is: forward, ``loss.backward()`` (or ``scaler.scale(loss).backward()``), its own
+``clip_grad_norm_``, ``optimizer.step()`` (or ``scaler.step(optimizer)``; ``scaler.update()``), its own LR
+writes and ``zero_grad``. What keel hooks, on the loop's own objects (`Watch.close` puts everything back; it
+runs at interpreter exit if the loop never calls it):
+
+- **the update**: ``optimizer.step()`` and ``scaler.step(optimizer)`` go to `Guard.step`, which steps, skips
+  or rolls back. The loop's ``scaler.update()`` and ``scheduler.step()`` that follow do nothing: keel did them
+  (or rightly did not, on a skip) — the hand-off of the trainer adapters (`keel.integrations._handoff`).
+- **the loss**, in this order: what the loop gave `Watch.record` for the step; else the loss in the model's
+  output while training (``output.loss``, ``output["loss"]``, or the one scalar in a returned tuple, as
+  nanoGPT's ``logits, loss = model(x, y)``), the mean over the step's micro-batches; else the scalar tensors
+  the loop called ``backward()`` on, summed over the micro-batches and divided by the GradScaler's scale (a
+  loop that divides by its accumulation steps before ``backward`` then gives the mean). Forwards in
+  ``model.eval()`` or under ``torch.no_grad()`` are not counted.
+- **clipping**: the loop's ``torch.nn.utils.clip_grad_norm_`` on the model's parameters clips as before; keel
+  keeps the norm it returns — the norm *before* clipping — and detects on it (``Guard.step(grad_norm=)``), so
+  clipping does not hide a gradient spike. (A ``clip_grad_norm_`` imported by name before `watch` is not seen;
+  keel then measures the clipped gradients.)
+- **learning rates** the loop writes into ``param_groups`` are used as written; a remedy's LR scale
+  multiplies them for each update, so it survives the loop's writes.
+
+Gradient accumulation needs nothing: micro-batches add up until the loop's update call.
+"""
+
+from __future__ import annotations
+
+import atexit
+import warnings
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from keel._core.decision import Decision
+from keel._core.errors import KeelWarning, TrainingAborted
+from keel.guard import Guard
+from keel.integrations._handoff import Handoff
+from keel.integrations._loss import StepLoss
+
+
+class Watch:
+    """A `Guard` driven by the loop's own calls (see the module docstring). Made by `watch`.
+
+    Attributes:
+        guard: The `Guard` deciding each update; `Watch` also answers for its attributes (``decisions``,
+            ``findings``, ``global_step``, ``recovery`` …).
+    """
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None = None, *,
+                 scaler: torch.amp.GradScaler | None = None, **guard_kwargs: Any) -> None:
+        self.guard = Guard(model, optimizer, scheduler, scaler=scaler, **guard_kwargs)
+        self._optimizer, self._scaler = optimizer, scaler
+        self._watched = {id(p) for p in model.parameters()}
+        self._recorded, self._from_output, self._from_backward = StepLoss(), StepLoss(), StepLoss()
+        self._last_loss: Tensor | None = None
+        self._norm_before_clip: Tensor | None = None
+        self._warned: set[str] = set()
+        self._closed = False
+        self._handoff = Handoff()
+        self._hook = model.register_forward_hook(self._capture_output, with_kwargs=True)
+        self._handoff.gate(optimizer, "step", self._optimizer_step)
+        if scaler is not None:
+            self._handoff.gate(scaler, "step", self._scaler_step)
+            self._handoff.gate(scaler, "update", self._after_update)
+        if scheduler is not None:
+            self._handoff.gate_scheduler(scheduler)
+        self._handoff.gate(torch.nn.utils, "clip_grad_norm_", self._clip)
+        self._handoff.gate(torch.Tensor, "backward", self._capture_backward)
+        atexit.register(self.close)
+
+    # --- the loss -----------------------------------------------------------------------------------
+    def record(self, loss: Tensor | float) -> None:
+        """Give keel this micro-batch's loss (undivided); the step's loss is the mean of those recorded."""
+        self._recorded.add(loss if isinstance(loss, Tensor) else torch.tensor(float(loss)))
+
+    def _capture_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        if module.training and torch.is_grad_enabled():
+            loss = output_loss(output)
+            if loss is not None:
+                self._from_output.add(loss)
+
+    def _capture_backward(self, original: Any, tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if tensor.ndim == 0 and tensor.is_floating_point() and tensor.grad_fn is not None:
+            scale = self._scaler._scale if self._scaling() else None
+            self._from_backward.add(tensor.detach() / scale if scale is not None else tensor, share=True)
+        return original(tensor, *args, **kwargs)
+
+    def _scaling(self) -> bool:
+        return self._scaler is not None and self._scaler.is_enabled() and self._scaler._scale is not None
+
+    def _step_loss(self) -> Tensor:
+        recorded, output, backward = self._recorded.take(), self._from_output.take(), self._from_backward.take()
+        loss = next((x for x in (recorded, output, backward) if x is not None), None)
+        if loss is None:
+            self._warn("no loss", "keel.watch saw no loss this step (no scalar in the model's output, no backward "
+                       "of a scalar): it reuses the last one; call guard.record(loss) each micro-batch")
+            loss = self._last_loss if self._last_loss is not None else torch.zeros(())
+        self._last_loss = loss
+        return loss
+
+    # --- the loop's clipping ------------------------------------------------------------------------
+    def _clip(self, original: Any, parameters: Tensor | Iterable[Tensor], *args: Any, **kwargs: Any) -> Any:
+        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        norm = original(params, *args, **kwargs)
+        if any(id(p) in self._watched for p in params):
+            self._norm_before_clip = norm
+        return norm
+
+    # --- the update ---------------------------------------------------------------------------------
+    def _optimizer_step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        if args or kwargs:  # a closure (LBFGS): keel cannot run it in its place
+            self._warn("closure", "keel.watch: optimizer.step(closure) is passed through unwatched")
+            return original(*args, **kwargs)
+        self._update()
+        return None
+
+    def _scaler_step(self, original: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
+        if optimizer is not self._optimizer or args or kwargs:
+            return original(optimizer, *args, **kwargs)
+        self._update()
+        return None
+
+    def _after_update(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        # keel already updated the scaler after its step (or its skip, or its rollback)
+        return None if self._handoff.handled else original(*args, **kwargs)
+
+    def _update(self) -> Decision:
+        loss, norm, self._norm_before_clip = self._step_loss(), self._norm_before_clip, None
+        self._handoff.handled = True
+        try:
+            with self._handoff.acting_for_keel():
+                return self.guard.step(loss, grad_norm=norm)
+        except TrainingAborted:
+            self.close()
+            raise
+
+    # --- the end ------------------------------------------------------------------------------------
+    def close(self) -> None:
+        """Put the loop's objects back and close the `Guard` (store flushed). Safe to call twice."""
+        self._finish(None)
+
+    def __enter__(self) -> Watch:
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
+        self._finish(exc)
+
+    def _finish(self, exc: BaseException | None) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        atexit.unregister(self.close)
+        self._handoff.restore()
+        self._hook.remove()
+        self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "guard":  # not built yet: __init__ failed
+            raise AttributeError(name)
+        return getattr(self.guard, name)
+
+    def _warn(self, key: str, message: str) -> None:
+        if key not in self._warned:
+            self._warned.add(key)
+            warnings.warn(message, KeelWarning, stacklevel=4)
+
+
+def watch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None = None, *,
+          scaler: torch.amp.GradScaler | None = None, **guard_kwargs: Any) -> Watch:
+    """Put a keel `Guard` on a training loop without changing the loop: one line after the optimizer is made.
+
+    Args:
+        model: The model being trained (DDP- or ``torch.compile``-wrapped as the loop calls it).
+        optimizer: The optimizer the loop steps.
+        scheduler: The loop's LR scheduler, if it has one (its ``step()`` becomes keel's to call).
+        scaler: The loop's ``torch.amp.GradScaler``, if it has one (enabled or not).
+        **guard_kwargs: Any other `Guard` argument: ``policy``, ``run_dir``, ``probes``, ``recovery`` …
+
+    Returns:
+        The `Watch`; keep it to read ``decisions`` or to ``close()`` early (it closes itself at exit).
+
+    Example:
+        >>> model = nn.Linear(4, 1)
+        >>> opt = torch.optim.SGD(model.parameters(), lr=0.1)
+        >>> guard = watch(model, opt, policy="skip")
+        >>> loss = model(torch.ones(2, 4)).pow(2).mean()
+        >>> loss.backward()
+        >>> opt.step()  # keel measured, decided and stepped
+        >>> guard.global_step
+        1
+        >>> guard.close()
+    """
+    return Watch(model, optimizer, scheduler, scaler=scaler, **guard_kwargs)
+
+
+def output_loss(output: Any) -> Tensor | None:
+    """The loss in a model's output: ``output.loss``, ``output["loss"]``, or the one 0-d floating tensor of a
+    tuple or list (``logits, loss = model(x, y)``); None when there is none or more than one."""
+    if isinstance(output, Tensor):
+        return None
+    if hasattr(output, "keys") and hasattr(output, "get"):
+        loss = output.get("loss")
+    elif isinstance(output, tuple | list):
+        scalars = [x for x in output if isinstance(x, Tensor) and x.ndim == 0 and x.is_floating_point()]
+        loss = scalars[0] if len(scalars) == 1 else None
+    else:
+        loss = getattr(output, "loss", None)
+    return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
+
+
+__all__ = ["Watch", "watch", "output_loss"]
