@@ -23,39 +23,7 @@ from keel.nn import (
 )
 from keel.optim import OrthoGrad
 from keel.proxy import create_proxy_model
-
-
-class NanoAttention(nn.Module):
-    """nanoGPT's CausalSelfAttention: fused c_attn, F.scaled_dot_product_attention."""
-
-    def __init__(self, n_embd: int, n_head: int) -> None:
-        super().__init__()
-        self.c_attn = nn.Linear(n_embd, 3 * n_embd)
-        self.c_proj = nn.Linear(n_embd, n_embd)
-        self.n_head, self.n_embd = n_head, n_embd
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        B, T, C = x.shape
-        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
-        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True)
-        return self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-
-
-class NanoGPT(nn.Module):
-    def __init__(self, vocab: int = 50, n_embd: int = 16, n_head: int = 2, n_layer: int = 2) -> None:
-        super().__init__()
-        self.wte = nn.Embedding(vocab, n_embd)
-        self.ln = nn.ModuleList(nn.LayerNorm(n_embd) for _ in range(n_layer))
-        self.attn = nn.ModuleList(NanoAttention(n_embd, n_head) for _ in range(n_layer))
-        self.lm_head = nn.Linear(n_embd, vocab, bias=False)
-        self.wte.weight = self.lm_head.weight  # weight tying, as nanoGPT
-
-    def forward(self, idx: torch.Tensor) -> torch.Tensor:
-        x = self.wte(idx)
-        for ln, attn in zip(self.ln, self.attn, strict=True):
-            x = x + attn(ln(x))
-        return self.lm_head(x)
+from tests.nn._models import NanoGPT
 
 
 def _train(model: nn.Module, opt: torch.optim.Optimizer, batches, result=None, steps: int = 5) -> list[float]:

@@ -66,3 +66,20 @@ def shared_parameter_ids(model: nn.Module) -> set[int]:
     for _, p in model.named_parameters(remove_duplicate=False):
         seen[id(p)] = seen.get(id(p), 0) + 1
     return {pid for pid, count in seen.items() if count > 1}
+
+
+def has_bias(module: nn.Module | None) -> bool:
+    """Whether ``module`` holds a bias tensor (``nn.Linear(..., bias=False)`` and HF Llama's projections do not)."""
+    return isinstance(getattr(module, "bias", None), Tensor)
+
+
+def layer_norm_bias(model: nn.Module) -> bool | None:
+    """Whether the model's LayerNorms learn a bias; None when it has no affine LayerNorm to tell.
+
+    Any module whose class name says LayerNorm counts (``nn.LayerNorm``, nanoGPT's own ``LayerNorm`` with its
+    ``bias`` flag, T5's bias-free one); RMSNorms have no bias by definition and so tell nothing.
+    """
+    norms = [m for m in model.modules() if "LayerNorm" in type(m).__name__ and raw_tensor(m, "weight") is not None]
+    if not norms:
+        return None
+    return any(has_bias(m) for m in norms)

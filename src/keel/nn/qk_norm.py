@@ -32,6 +32,7 @@ class QKNorm(nn.Module):
             OLMo-2 and Qwen3).
         eps: Added to the variance.
         affine: Learn a gain (and a bias for LayerNorm), initialised to 1 (and 0).
+        bias: Learn the LayerNorm bias too; False for models built without biases (nanoGPT's ``bias=False``).
 
     Example:
         >>> q = torch.randn(2, 4, 8, 16)  # (batch, heads, tokens, head_dim)
@@ -50,6 +51,7 @@ class QKNorm(nn.Module):
         kind: str = "layer",
         eps: float = 1e-5,
         affine: bool = True,
+        bias: bool = True,
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -63,7 +65,8 @@ class QKNorm(nn.Module):
         self.head_dim, self.kind, self.eps = head_dim, kind, float(eps)
         factory = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.ones(head_dim, **factory)) if affine else None
-        self.bias = nn.Parameter(torch.zeros(head_dim, **factory)) if affine and kind == "layer" else None
+        has_bias = affine and bias and kind == "layer"
+        self.bias = nn.Parameter(torch.zeros(head_dim, **factory)) if has_bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.head_dim:
@@ -78,4 +81,7 @@ class QKNorm(nn.Module):
         return y.to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"{self.head_dim}, kind={self.kind!r}, eps={self.eps}, affine={self.weight is not None}"
+        return (
+            f"{self.head_dim}, kind={self.kind!r}, eps={self.eps}, affine={self.weight is not None}, "
+            f"bias={self.bias is not None}"
+        )

@@ -37,6 +37,7 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
             ``nn.MultiheadAttention``.
         norm: ``"layer"`` or ``"rms"`` (see `QKNorm`).
         eps: The norms' ε.
+        norm_bias: Whether the LayerNorms learn a bias; None follows ``bias``, the projections' convention.
 
     Example:
         >>> mha = nn.MultiheadAttention(16, 4, batch_first=True)
@@ -63,6 +64,7 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
         *,
         norm: str = "layer",
         eps: float = 1e-5,
+        norm_bias: bool | None = None,
     ) -> None:
         super().__init__(
             embed_dim,
@@ -75,15 +77,19 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
             device=device,
             dtype=dtype,
         )
-        self.q_norm = QKNorm(self.head_dim, kind=norm, eps=eps, device=device, dtype=dtype)
-        self.k_norm = QKNorm(self.head_dim, kind=norm, eps=eps, device=device, dtype=dtype)
+        norm_bias = bias if norm_bias is None else norm_bias
+        self.q_norm = QKNorm(self.head_dim, kind=norm, eps=eps, bias=norm_bias, device=device, dtype=dtype)
+        self.k_norm = QKNorm(self.head_dim, kind=norm, eps=eps, bias=norm_bias, device=device, dtype=dtype)
         self.register_forward_pre_hook(_keep_out_of_fused_path)
 
     @classmethod
     def from_module(
-        cls, mha: nn.MultiheadAttention, *, norm: str = "layer", eps: float = 1e-5
+        cls, mha: nn.MultiheadAttention, *, norm: str = "layer", eps: float = 1e-5, norm_bias: bool | None = None
     ) -> QKNormMultiheadAttention:
-        """Convert ``mha``: the new module shares its Parameters and ``out_proj``; only the norms are new."""
+        """Convert ``mha``: the new module shares its Parameters and ``out_proj``; only the norms are new.
+
+        ``norm_bias`` None gives the norms a bias when ``mha`` has an input-projection bias.
+        """
         if mha.bias_k is not None or mha.add_zero_attn:
             raise ValueError("nn.MultiheadAttention with add_bias_kv or add_zero_attn; allowed: neither")
         new = cls(
@@ -108,8 +114,10 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
                 setattr(new, name, getattr(mha, name))
         new.out_proj = mha.out_proj
         reference = next(mha.parameters())
-        new.q_norm = QKNorm(new.head_dim, kind=norm, eps=eps, device=reference.device, dtype=reference.dtype)
-        new.k_norm = QKNorm(new.head_dim, kind=norm, eps=eps, device=reference.device, dtype=reference.dtype)
+        factory = {"device": reference.device, "dtype": reference.dtype}
+        norm_bias = mha.in_proj_bias is not None if norm_bias is None else norm_bias
+        new.q_norm = QKNorm(new.head_dim, kind=norm, eps=eps, bias=norm_bias, **factory)
+        new.k_norm = QKNorm(new.head_dim, kind=norm, eps=eps, bias=norm_bias, **factory)
         new.train(mha.training)
         return new
 

@@ -74,13 +74,14 @@ class LongSkipCalibration(nn.Module):
         size: L (tokens) or C (channels).
         reduction: Bottleneck ratio r of the two-layer MLP (16 in the paper).
         layout: ``"tokens"`` or ``"channels"``.
+        bias: The MLP's layers learn biases (the paper's do); False for a model built without biases.
 
     References:
         Huang et al. (2023), arXiv 2310.13545. Official code: sail-sg/ScaleLong ``libs/uvit.py``
         (``Attentionlayer``, ``scalelong == 3``).
     """
 
-    def __init__(self, size: int, *, reduction: int = 16, layout: str = "tokens") -> None:
+    def __init__(self, size: int, *, reduction: int = 16, layout: str = "tokens", bias: bool = True) -> None:
         super().__init__()
         if not isinstance(size, int) or size < 1:
             raise ValueError(f"LongSkipCalibration.size={size!r}; allowed: a positive int")
@@ -92,7 +93,7 @@ class LongSkipCalibration(nn.Module):
             )
         self.layout = layout
         hidden = max(1, size // reduction)
-        self.fc1, self.fc2 = nn.Linear(size, hidden), nn.Linear(hidden, size)
+        self.fc1, self.fc2 = nn.Linear(size, hidden, bias=bias), nn.Linear(hidden, size, bias=bias)
 
     def gate(self, skip: Tensor) -> Tensor:
         """The factors ζ(skip) in (0, 1), shaped to broadcast against ``skip``."""

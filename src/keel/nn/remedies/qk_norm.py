@@ -12,7 +12,15 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from keel.nn._surgery import first_parameter, head_dim_of, linear_features, raw_tensor, set_submodule
+from keel.nn._surgery import (
+    first_parameter,
+    has_bias,
+    head_dim_of,
+    layer_norm_bias,
+    linear_features,
+    raw_tensor,
+    set_submodule,
+)
 from keel.nn.qk_norm import QK_NORM_KINDS, QKNorm
 from keel.nn.qk_norm_attention import QKNormMultiheadAttention
 from keel.nn.remedies._base import Change, remedies
@@ -67,9 +75,14 @@ class QKNormRemedy:
     The norms are registered as ``q_norm``/``k_norm`` on the attention module, so they are parameters and
     state-dict entries of the model. QK-norm changes the function: outputs differ from the original's.
 
+    A LayerNorm's bias follows the model's convention: the model's own LayerNorms decide (nanoGPT built with
+    ``bias=False`` has none, so its QK-norms get none); in a model without LayerNorms (Llama's RMSNorms) the
+    attention's projections do.
+
     Attributes:
         norm: ``"layer"`` (Wortsman et al.) or ``"rms"``.
         eps: The norms' ε.
+        bias: Give the LayerNorms a bias (True), none (False), or follow the model (None).
     """
 
     name: ClassVar[str] = "qk_norm"
@@ -81,32 +94,39 @@ class QKNormRemedy:
 
     norm: str = "layer"
     eps: float = 1e-5
+    bias: bool | None = None
 
     def __post_init__(self) -> None:
         if self.norm not in QK_NORM_KINDS:
             raise ValueError(f"QKNormRemedy.norm={self.norm!r}; allowed: {', '.join(QK_NORM_KINDS)}")
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
             raise ValueError(f"QKNormRemedy.eps={self.eps!r}; allowed: a finite number > 0")
+        if self.bias is not None and not isinstance(self.bias, bool):
+            raise ValueError(f"QKNormRemedy.bias={self.bias!r}; allowed: True, False or None")
 
     def apply(self, model: nn.Module) -> list[Change]:
+        convention = layer_norm_bias(model) if self.bias is None else self.bias
         changes = []
         for name, module in list(model.named_modules()):
-            change = self._apply_one(model, name, module)
+            change = self._apply_one(model, name, module, convention)
             if change is not None:
                 changes.append(change)
         return changes
 
-    def _norm(self, head_dim: int, like: Tensor | None) -> QKNorm:
+    def _norm(self, head_dim: int, like: Tensor | None, bias: bool) -> QKNorm:
         device = None if like is None else like.device
         dtype = None if like is None or not like.is_floating_point() else like.dtype
-        return QKNorm(head_dim, kind=self.norm, eps=self.eps, device=device, dtype=dtype)
+        return QKNorm(head_dim, kind=self.norm, eps=self.eps, bias=bias, device=device, dtype=dtype)
 
-    def _apply_one(self, model: nn.Module, name: str, module: nn.Module) -> Change | None:
+    def _apply_one(
+        self, model: nn.Module, name: str, module: nn.Module, convention: bool | None
+    ) -> Change | None:
+        """``convention``: the new norms' bias (the option or the model's LayerNorms); None: the projections'."""
         slots = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
         if all(isinstance(s, nn.Module) for s in slots):
             if not all(isinstance(s, nn.Identity) for s in slots):
                 return None  # already normalised
-            return self._fill_slots(name, module)
+            return self._fill_slots(name, module, convention)
         if isinstance(module, nn.MultiheadAttention):
             if (
                 isinstance(module, QKNormMultiheadAttention)
@@ -114,7 +134,8 @@ class QKNormRemedy:
                 or module.add_zero_attn
             ):
                 return None
-            new = QKNormMultiheadAttention.from_module(module, norm=self.norm, eps=self.eps)
+            bias = module.in_proj_bias is not None if convention is None else convention
+            new = QKNormMultiheadAttention.from_module(module, norm=self.norm, eps=self.eps, norm_bias=bias)
             set_submodule(model, name, new)
             anchor = raw_tensor(module, "in_proj_weight" if module._qkv_same_embed_dim else "q_proj_weight")
             return Change(
@@ -129,21 +150,23 @@ class QKNormRemedy:
         if any(hasattr(module, slot) for slot in ("q_norm", "k_norm")):
             return None  # the names are taken by something that is not a module: leave it
         for q_name, k_name in SEPARATE_PROJECTIONS:
-            change = self._hook_separate(name, module, q_name, k_name)
+            change = self._hook_separate(name, module, q_name, k_name, convention)
             if change is not None:
                 return change
         for fused_name in FUSED_PROJECTIONS:
-            change = self._hook_fused(name, module, fused_name)
+            change = self._hook_fused(name, module, fused_name, convention)
             if change is not None:
                 return change
         return None
 
-    def _fill_slots(self, name: str, module: nn.Module) -> Change | None:
+    def _fill_slots(self, name: str, module: nn.Module, convention: bool | None) -> Change | None:
         head_dim = head_dim_of(module)
         if head_dim is None:
             return None
         anchor = first_parameter(module)
-        module.q_norm, module.k_norm = self._norm(head_dim, anchor), self._norm(head_dim, anchor)
+        projection = next((c for c in module.children() if linear_features(c) is not None), None)
+        bias = (projection is None or has_bias(projection)) if convention is None else convention
+        module.q_norm, module.k_norm = self._norm(head_dim, anchor, bias), self._norm(head_dim, anchor, bias)
         return Change(
             remedy=self.name,
             name=name,
@@ -154,7 +177,9 @@ class QKNormRemedy:
             new_parameters=(*module.q_norm.parameters(), *module.k_norm.parameters()),
         )
 
-    def _hook_separate(self, name: str, module: nn.Module, q_name: str, k_name: str) -> Change | None:
+    def _hook_separate(
+        self, name: str, module: nn.Module, q_name: str, k_name: str, convention: bool | None
+    ) -> Change | None:
         q_proj, k_proj = getattr(module, q_name, None), getattr(module, k_name, None)
         if not isinstance(q_proj, nn.Module) or not isinstance(k_proj, nn.Module):
             return None
@@ -165,7 +190,8 @@ class QKNormRemedy:
         if head_dim is None or q_feat[1] % head_dim or k_feat[1] % head_dim:
             return None
         anchor = raw_tensor(q_proj, "weight")
-        module.q_norm, module.k_norm = self._norm(head_dim, anchor), self._norm(head_dim, anchor)
+        bias = has_bias(q_proj) if convention is None else convention
+        module.q_norm, module.k_norm = self._norm(head_dim, anchor, bias), self._norm(head_dim, anchor, bias)
         handles = (
             q_proj.register_forward_hook(HeadNormHook(module.q_norm, head_dim)),
             k_proj.register_forward_hook(HeadNormHook(module.k_norm, head_dim)),
@@ -181,7 +207,7 @@ class QKNormRemedy:
             new_parameters=(*module.q_norm.parameters(), *module.k_norm.parameters()),
         )
 
-    def _hook_fused(self, name: str, module: nn.Module, fused_name: str) -> Change | None:
+    def _hook_fused(self, name: str, module: nn.Module, fused_name: str, convention: bool | None) -> Change | None:
         proj = getattr(module, fused_name, None)
         features = linear_features(proj) if isinstance(proj, nn.Module) else None
         if features is None or features[1] != 3 * features[0] or getattr(module, "is_cross_attention", False):
@@ -191,7 +217,8 @@ class QKNormRemedy:
         if head_dim is None or width % head_dim:
             return None
         anchor = raw_tensor(proj, "weight")
-        module.q_norm, module.k_norm = self._norm(head_dim, anchor), self._norm(head_dim, anchor)
+        bias = has_bias(proj) if convention is None else convention
+        module.q_norm, module.k_norm = self._norm(head_dim, anchor, bias), self._norm(head_dim, anchor, bias)
         handle = proj.register_forward_hook(FusedHeadNormHook(module.q_norm, module.k_norm, head_dim, width))
         return Change(
             remedy=self.name,

@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
-from keel.nn._surgery import first_parameter
+from keel.nn._surgery import first_parameter, has_bias, linear_features
 from keel.nn.remedies._base import Change, remedies
 from keel.nn.scale_long import LongSkipCalibration, scale_long_factors
 
@@ -57,7 +57,7 @@ class ScaleLongRemedy:
     ``blocks``; block i of N gets a forward pre-hook that scales its skip. At κ = 1 outputs are unchanged;
     otherwise the function changes, so apply it before training (the paper), not mid-run.
     ``"calibrated"`` adds one shared `LongSkipCalibration` (the paper's LS) as ``long_skip_calibration`` on
-    the list's parent.
+    the list's parent; its layers have biases when the decoder's dense layers do (the model's convention).
 
     Attributes:
         kappa: κ in (0, 1]; the README suggests [0.5, 0.95].
@@ -65,6 +65,7 @@ class ScaleLongRemedy:
         tokens: The token count L the calibration sees (needed for ``"calibrated"``).
         reduction: The calibration MLP's ratio r (16).
         blocks: Qualified name of the decoder's ModuleList, when the structural rule does not find it.
+        bias: Give the calibration's layers biases (True), none (False), or follow the decoder (None).
     """
 
     name: ClassVar[str] = "scale_long"
@@ -79,6 +80,7 @@ class ScaleLongRemedy:
     tokens: int | None = None
     reduction: int = 16
     blocks: str | None = None
+    bias: bool | None = None
 
     def __post_init__(self) -> None:
         if not (isinstance(self.kappa, (int, float)) and math.isfinite(self.kappa) and 0 < self.kappa <= 1):
@@ -89,6 +91,8 @@ class ScaleLongRemedy:
             raise ValueError(
                 f"ScaleLongRemedy.tokens={self.tokens!r}; allowed: a positive int for mode 'calibrated'"
             )
+        if self.bias is not None and not isinstance(self.bias, bool):
+            raise ValueError(f"ScaleLongRemedy.bias={self.bias!r}; allowed: True, False or None")
 
     def _is_decoder(self, name: str, module: nn.Module) -> bool:
         """The list of decoder blocks: named by ``blocks``, else a ModuleList whose every block takes a
@@ -104,6 +108,12 @@ class ScaleLongRemedy:
             for block in module
         )
 
+    def _bias(self, decoder: nn.Module) -> bool:
+        if self.bias is not None:
+            return self.bias
+        dense = [m for m in decoder.modules() if linear_features(m) is not None]
+        return any(has_bias(m) for m in dense) if dense else True
+
     def apply(self, model: nn.Module) -> list[Change]:
         changes = []
         for name, module in list(model.named_modules()):
@@ -117,7 +127,9 @@ class ScaleLongRemedy:
             calibration = None
             if self.mode == "calibrated":
                 anchor = first_parameter(module)
-                calibration = LongSkipCalibration(self.tokens, reduction=self.reduction, layout="tokens")
+                calibration = LongSkipCalibration(
+                    self.tokens, reduction=self.reduction, layout="tokens", bias=self._bias(module)
+                )
                 if anchor is not None:
                     calibration.to(device=anchor.device, dtype=anchor.dtype)
                 parent_name = name.rpartition(".")[0]
