@@ -9,6 +9,7 @@ write); imports no training code and no torch.
 
 from keel.report.charts import Chart, plan_charts
 from keel.report.downsample import downsample_minmax
+from keel.report.labels import run_labels
 from keel.report.page import ReportError, build_page, write_report
 from keel.report.run_data import RunData, load_run
 from keel.report.sources import STORE_KINDS, Source, StoreKind, classify
@@ -28,5 +29,6 @@ __all__ = [
     "load_run",
     "load_sweep_data",
     "plan_charts",
+    "run_labels",
     "write_report",
 ]

@@ -12,6 +12,7 @@ from __future__ import annotations
 import base64
 import html
 import json
+import os
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -23,11 +24,12 @@ import numpy as np
 from keel._core.errors import KeelError
 from keel.report import charts as _charts
 from keel.report import sections as _sections
+from keel.report.labels import run_labels
 from keel.report.run_data import RunData, load_run
 from keel.report.sources import classify, expand
 from keel.report.sweep_data import SweepData, load_sweep_data
 from keel.report.sweep_section import sweep_section
-from keel.store import StoreError
+from keel.store import STORE_NAME, StoreError, store_path
 
 PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 # The head script runs before anything else, so errors of plotly.js and of the page script are counted
@@ -65,16 +67,19 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     """Write one self-contained HTML report of the given runs and sweeps.
 
     Args:
-        run_dirs: Run folders (or their ``run.sqlite``); a folder without a store stands for the stores in
-            its sub-folders (``runs/demo``). A sweep folder (or its ``sweep.sqlite``) adds the sweep's section,
-            drawn from its store. Other existing paths are skipped with a note; a missing one is an error.
+        run_dirs: Run folders (or their ``run.sqlite``); a folder without a store stands for the run stores
+            one or two levels below it (``runs/demo``). A sweep folder (or its ``sweep.sqlite``) adds the sweep's
+            section, drawn from its store. A store of a kind the report does not show is skipped with a note. A
+            run given twice is shown once. Runs are labelled by the shortest end of their path that is unique
+            among them (`keel.report.run_labels`): ``A/keel`` and ``B/keel``, or ``keel`` alone.
         out_path: The HTML file to write (its folder is created).
 
     Returns:
         The path written.
 
     Raises:
-        ReportError: A path does not exist, none is a readable run or sweep store, or plotly is not installed.
+        ReportError: A path does not exist or holds no store (one message names them all), none is a readable
+            run or sweep store, or plotly is not installed.
 
     Example:
         >>> write_report(["runs/demo/bare", "runs/demo/guarded"], "runs/demo/report.html")  # doctest: +SKIP
@@ -85,17 +90,24 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     if missing:  # a typo must not quietly give a report with a run left out
         raise ReportError(f"{', '.join(missing)}: no such file or folder; allowed: run folders, run.sqlite files, "
                           "sweep folders, or folders that hold them")
+    sources = [classify(path) for path in _distinct(expand(paths))]
+    empty = [source.note for source in sources if not source.store]
+    if empty:  # a typo'd or empty folder must not quietly give a report with a run left out either
+        raise ReportError("; ".join(empty) + "; allowed: run folders, run.sqlite files, sweep folders, or folders "
+                          "that hold them")
     notes: list[str] = []
     runs: list[RunData] = []
+    run_paths: list[Path] = []  # what each run is labelled by: its folder, or a store file not named run.sqlite
     sweeps: list[SweepData] = []
-    for path in expand(paths):
-        source = classify(path)
+    for source in sources:
+        path = source.path
         if source.kind not in ("run", "sweep"):
             notes.append(source.note)  # the extension point: see keel.report.sources
             continue
         try:
             if source.kind == "run":
                 runs.append(load_run(path, keep=_keep))
+                run_paths.append(path.parent if path.name == STORE_NAME else path)
             else:
                 sweeps.append(load_sweep_data(path))
         except (StoreError, FileNotFoundError) as exc:  # classified a moment ago, unreadable now: a note
@@ -103,7 +115,8 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     if not runs and not sweeps:
         raise ReportError("no keel run store among " + ", ".join(str(p) for p in paths)
                           + (f" ({'; '.join(notes)})" if notes else ""))
-    _unique_names(runs)
+    for run, label in zip(runs, run_labels([Path(os.path.abspath(p)) for p in run_paths]), strict=True):
+        run.name = label
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(build_page(runs, notes, sweeps=sweeps), encoding="utf-8")
@@ -225,15 +238,17 @@ def _keep(key: str) -> bool:
     return _charts.base_of(key) not in _charts.PER_PARAM
 
 
-def _unique_names(runs: list[RunData]) -> None:
-    seen: dict[str, int] = {}
-    for run in runs:
-        if run.name in seen or sum(r.name == run.name for r in runs) > 1:
-            run.name = f"{run.path.parent.name}/{run.path.name}"
-        seen[run.name] = seen.get(run.name, 0) + 1
-    for run in runs:
-        if seen[run.name] > 1:
-            run.name = str(run.path)
+def _distinct(paths: list[Path]) -> list[Path]:
+    """``paths`` without repeats of a store already listed (``runs/a`` and ``runs/a/run.sqlite``; ``runs`` and
+    ``runs/a``): a run given twice is shown once. Absolute, not resolved: a symlinked run keeps its own name."""
+    seen: set[str] = set()
+    out = []
+    for path in paths:
+        key = os.path.abspath(store_path(path))
+        if key not in seen:
+            seen.add(key)
+            out.append(path)
+    return out
 
 
 def _b64(array: np.ndarray) -> str:

@@ -3,8 +3,9 @@
 A path given to `keel report` is classified by the tables of its SQLite file. The report reads run stores
 (``meta``, ``signals``, and ``findings``, ``decisions``, ``snapshots``) and sweep stores
 (``sweep_dir/sweep.sqlite``: ``meta``, ``runs``) itself, through the store layer's readers, which check every
-value they read: a store is untrusted input, never markup. Anything else unknown is skipped with a note,
-never an error. A new store kind: add a `StoreKind` here, a reader in `keel.store`, and its section.
+value they read: a store is untrusted input, never markup. An SQLite store of a kind the report does not know is
+skipped with a note; a path that holds no store at all (a typo, an empty folder, a text file) is an error for
+the caller to raise. A new store kind: add a `StoreKind` here, a reader in `keel.store`, and its section.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from keel.store import STORE_NAME, SWEEP_STORE_NAME
+from keel.store import STORE_NAME, SWEEP_STORE_NAME, find_runs
 from keel.store.schema import connect_for_reading
 
 
@@ -34,22 +35,26 @@ STORE_KINDS: list[StoreKind] = [
 
 @dataclass(frozen=True, kw_only=True)
 class Source:
-    """One path given to the report, classified: ``kind`` is a `StoreKind` name, or None with a ``note``."""
+    """One path given to the report, classified: ``kind`` is a `StoreKind` name, or None with a ``note``.
+
+    ``store`` is False when the path holds no SQLite store at all (the note says what is there instead).
+    """
 
     path: Path
     kind: str | None
     note: str = ""
+    store: bool = True
 
 
 def expand(paths: list[str | Path]) -> list[Path]:
-    """Each path as given, except that a folder without a store stands for the stores in its sub-folders
-    (``keel report runs/demo`` → ``runs/demo/bare``, ``runs/demo/guarded`` …), in name order."""
+    """Each path as given, except that a folder without a store stands for the run stores one or two levels
+    below it (``keel report runs/demo`` → ``runs/demo/bare``, ``runs/demo/guarded`` …; ``runs`` →
+    ``runs/A/keel``, ``runs/B/keel``), in path order (`keel.store.find_runs`)."""
     out: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir() and not (path / STORE_NAME).is_file() and not (path / SWEEP_STORE_NAME).is_file():
-            children = sorted(p for p in path.iterdir() if (p / STORE_NAME).is_file())
-            out += children or [path]
+            out += find_runs(path) or [path]
         else:
             out.append(path)
     return out
@@ -61,7 +66,9 @@ def classify(path: Path) -> Source:
     if path.is_dir() and not file.is_file() and (path / SWEEP_STORE_NAME).is_file():
         file = path / SWEEP_STORE_NAME
     if not file.is_file():
-        return Source(path=path, kind=None, note=f"{path}: no store here (no {STORE_NAME})")
+        return Source(path=path, kind=None, store=False,
+                      note=f"{path}: no store here (no {STORE_NAME}, {SWEEP_STORE_NAME} or run folder one or two "
+                           "levels down)")
     try:
         conn = connect_for_reading(file)
         try:
@@ -69,7 +76,8 @@ def classify(path: Path) -> Source:
         finally:
             conn.close()
     except sqlite3.Error as exc:
-        return Source(path=path, kind=None, note=f"{file}: not an SQLite store ({exc})")
+        # a damaged store file is a note beside the other runs; any other file is not a store at all
+        return Source(path=path, kind=None, store=file.suffix == ".sqlite", note=f"{file}: not an SQLite store ({exc})")
     for kind in STORE_KINDS:
         if kind.tables <= tables:
             return Source(path=path, kind=kind.name)

@@ -18,7 +18,7 @@ import numpy as np
 from keel._core.decision import ACTIONS, Decision
 from keel._core.finding import SEVERITIES, Finding, severity_rank
 from keel.store._columns import Column, StoreFile, describe, parse_json, read_meta
-from keel.store.schema import store_path
+from keel.store.schema import STORE_NAME, store_path
 
 SIGNALS = (Column("step", "int"), Column("value", "real", nullable=True))
 FINDINGS = (Column("step", "int"), Column("kind", "text"), Column("severity", "text"), Column("signal", "text"),
@@ -123,4 +123,35 @@ class RunReader:
                 for s, p, c, t in self._file.rows("snapshots", SNAPSHOTS, order="step, rowid")]
 
 
-__all__ = ["RunReader"]
+def find_runs(folder: str | Path, *, depth: int = 2) -> list[Path]:
+    """The run folders (holding a ``run.sqlite``) up to ``depth`` levels below ``folder``, in path order.
+
+    ``runs/exp1`` and ``runs/A/keel`` under ``runs``. A run folder is not searched further (it holds its own
+    snapshots and exports, not other runs), nor are hidden folders; a folder that cannot be listed is passed
+    over. ``folder`` itself is not included.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for run in ("A/keel", "B/keel", "solo"):
+        ...     (root / run).mkdir(parents=True)
+        ...     (root / run / STORE_NAME).touch()
+        >>> [str(p.relative_to(root)) for p in find_runs(root)]
+        ['A/keel', 'B/keel', 'solo']
+    """
+    found: list[Path] = []
+    level = [Path(folder)]
+    for _ in range(depth):
+        below = []
+        for parent in level:
+            try:
+                children = sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
+            except OSError:  # no permission, vanished meanwhile: nothing found there
+                continue
+            for child in children:
+                (found if (child / STORE_NAME).is_file() else below).append(child)
+        level = below
+    return sorted(found)
+
+
+__all__ = ["RunReader", "find_runs"]
