@@ -214,14 +214,15 @@ def test_keel_detects_on_the_norm_before_the_loops_clipping_and_stores_the_clipp
     assert max(_signal(tmp_path, "grad/clipped_norm")) <= 0.5 + 1e-6
 
 
-def test_keels_own_clipping_after_the_loops_uses_the_clipped_gradients_norm():
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_keels_own_clipping_after_the_loops_uses_the_clipped_gradients_norm(sync):
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     seen = []
     opt.register_step_pre_hook(lambda o, a, k: seen.append(
         torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()))
-    with keel.watch(model, opt, max_grad_norm=0.25):
+    with keel.watch(model, opt, max_grad_norm=0.25, sync=sync):
         x, y = _data(1)[0]
         (100 * F.mse_loss(model(x), y)).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

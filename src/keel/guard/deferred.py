@@ -92,7 +92,7 @@ class DeferredSteps:
         try:
             ctx = g._context(step, loss)
             measured = g._measure(ctx)
-            norm = measured.get(keys.GRAD_NORM)
+            norm = measured.get(keys.GRAD_CLIPPED_NORM, measured.get(keys.GRAD_NORM))  # the gradients as they are now
             if self.gate is not None:
                 self.gate.set_limits(step)
                 verdict = measured[GATE] = self.gate.verdict(measured)
