@@ -9,8 +9,8 @@ from its initialisation (attention logits start near 0) is not an alarm:
   healthy runs have levelled off);
 - **critical**: level ≥ ``critical_level``.
 
-A finding says when growth began (``onset_step``), how fast it goes (``rate_per_step``,
-``doubling_steps``) and when, at that rate, the signal would reach ``critical_level``
+A finding says when growth began (``onset_step``; its ``baseline`` is the level there), how fast it goes
+(``rate_per_step``, ``doubling_steps``) and when, at that rate, the signal would reach ``critical_level``
 (``projected_critical_step``): that is how early it fired. Each severity is reported once per episode; an
 episode ends when the level falls back below ``min_level``.
 """
@@ -98,6 +98,7 @@ class GrowthDetector:
         self._long = TrendWindow(config.long_window, log=True)
         self._run = 0
         self._onset = -1
+        self._onset_level = math.nan  # the level at the onset step: the finding's baseline
         self._reported: Severity | None = None
 
     def update(self, obs: Observation) -> list[Finding]:
@@ -118,6 +119,7 @@ class GrowthDetector:
         if qualifies:
             if self._run == 0:
                 self._onset = self._short.first_step()
+                self._onset_level = math.exp(self._short.points[0][1])  # the window holds log values
             self._run += 1
         else:
             self._run = 0
@@ -135,7 +137,8 @@ class GrowthDetector:
     def _finding(self, step: int, severity: Severity, x: float, rate: float) -> Finding:
         cfg = self.config
         evidence: dict[str, Any] = {"level": round(x, 6), "rate_per_step": round(rate, 5),
-                                    "onset_step": self._onset if self._onset >= 0 else step}
+                                    "onset_step": self._onset if self._onset >= 0 else step,
+                                    "critical_level": cfg.critical_level}
         if rate > 0:
             evidence["doubling_steps"] = round(math.log(2) / rate, 2)
             if x < cfg.critical_level:
@@ -153,14 +156,16 @@ class GrowthDetector:
         cause_text = f"{text}. {cause.mechanism}" if cause else text
         remedy = cause.remedy_text() if cause else ""
         return Finding(step=step, kind=cfg.kind, severity=severity, signal=cfg.signal, value=x,
-                       baseline=cfg.critical_level, evidence=evidence, cause=cause_text, remedy=remedy)
+                       baseline=self._onset_level if self._onset >= 0 else x, evidence=evidence, cause=cause_text,
+                       remedy=remedy)
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "short": self._short.state_dict(), "long": self._long.state_dict(),
-                "run": self._run, "onset": self._onset, "reported": self._reported}
+                "run": self._run, "onset": self._onset, "onset_level": self._onset_level, "reported": self._reported}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = GrowthConfig(**state["config"])
         self._short.load_state_dict(state["short"])
         self._long.load_state_dict(state["long"])
         self._run, self._onset, self._reported = int(state["run"]), int(state["onset"]), state["reported"]
+        self._onset_level = float(state.get("onset_level", math.nan))  # absent from states saved before it
