@@ -3,7 +3,7 @@
 from keel.nn.power_norm import PowerNorm
 from keel.nn.qk_norm import QKNorm
 from keel.nn.qk_norm_attention import QKNormMultiheadAttention
-from keel.nn.remedies import RemedyNoEffectWarning
+from keel.nn.remedies import NoDecayGroupWarning, RemedyNoEffectWarning
 from keel.nn.scale_long import LongSkipCalibration, LongSkipScaling, scale_long_factors
 from keel.nn.sigma_reparam import SigmaReparam, SigmaReparamLinear
 from keel.nn.stabilize import StabilizeResult, create_remedy, list_remedies, stabilize
@@ -13,6 +13,7 @@ from keel.nn.z_loss_hook import ZLossHook
 __all__ = [
     "LongSkipCalibration",
     "LongSkipScaling",
+    "NoDecayGroupWarning",
     "PowerNorm",
     "QKNorm",
     "QKNormMultiheadAttention",

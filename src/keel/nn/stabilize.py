@@ -15,6 +15,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from keel.nn._param_groups import add_new_parameters
 from keel.nn.remedies import Change, Remedy, RemedyNoEffectWarning
 from keel.nn.remedies import remedies as _registry
 from keel.nn.z_loss_hook import ZLossHook
@@ -94,11 +95,19 @@ def stabilize(
     sigma_reparam, z_loss, scale_long) whatever the order given, keep existing Parameters (optimizer
     state survives) and are idempotent: applying one twice changes nothing the second time.
 
-    With ``optimizer``, every new parameter (norm gains, σReparam's γ, calibration MLPs) is appended to
-    the parameter group of the parameter it sits next to — no new groups, so LR schedulers built
-    before the call keep working; that group's weight decay then applies to it too. Without one, add
-    ``result.new_parameters`` yourself. The z-loss acts through the loss: add ``result.z_loss()`` to your
-    loss after each forward.
+    With ``optimizer``, every new parameter joins the optimizer, next to the parameter it belongs with:
+    matrices (a calibration MLP's weights) in that parameter's group; 1-D and scalar ones (QK-norm gains
+    and biases, σReparam's γ) without weight decay, as nanoGPT, Hugging Face and timm treat 1-D
+    parameters — in that group when it does not decay, else in a group with its hyper-parameters and
+    ``weight_decay=0`` (nanoGPT's own no-decay group; one is added when none matches). Call it before
+    building an LR scheduler or a `Guard`: with a scheduler already built no group is added (torch's
+    schedulers would raise), the gains decay with their neighbours and a `NoDecayGroupWarning` says so.
+    Without an optimizer, add ``result.new_parameters`` yourself. The z-loss acts through the loss: add
+    ``result.z_loss()`` to your loss after each forward.
+
+    New LayerNorms and Linears follow the model's bias convention (none in a model built with
+    ``bias=False``). To resume or sample from a checkpoint, re-apply the same remedies before loading it:
+    save `stabilize_record` next to the state dict and load with `load_stabilized`.
 
     Args:
         model: The model, changed in place.
@@ -111,6 +120,7 @@ def stabilize(
 
     Warns:
         RemedyNoEffectWarning: once per call, naming the remedies that matched nothing.
+        NoDecayGroupWarning: once per call, when an LR scheduler kept the new gains out of a no-decay group.
 
     Raises:
         ValueError: unknown remedy name or the same remedy twice.
@@ -140,7 +150,7 @@ def stabilize(
             result.unmatched.append(remedy.name)
         result.changes.extend(changes)
     if optimizer is not None:
-        _add_to_optimizer(optimizer, result.changes)
+        add_new_parameters(optimizer, model, result.changes)
     if result.unmatched:
         warnings.warn(
             RemedyNoEffectWarning(
@@ -152,20 +162,3 @@ def stabilize(
         )
     return result
 
-
-def _add_to_optimizer(optimizer: Optimizer, changes: list[Change]) -> None:
-    known = {id(p) for group in optimizer.param_groups for p in group["params"]}
-    for change in changes:
-        fresh = [p for p in change.new_parameters if p.requires_grad and id(p) not in known]
-        if not fresh:
-            continue
-        group = next(
-            (
-                g
-                for g in optimizer.param_groups
-                if change.anchor is not None and any(p is change.anchor for p in g["params"])
-            ),
-            optimizer.param_groups[0],
-        )
-        group["params"].extend(fresh)
-        known.update(id(p) for p in fresh)

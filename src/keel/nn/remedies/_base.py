@@ -15,6 +15,11 @@ class RemedyNoEffectWarning(KeelWarning):
     """A remedy given to `keel.stabilize` found nothing it knows how to change in the model."""
 
 
+class NoDecayGroupWarning(KeelWarning):
+    """`keel.stabilize` could not keep its new 1-D parameters out of weight decay without breaking an LR
+    scheduler already built over the optimizer, so they decay with their neighbours."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class Change:
     """One modification a remedy made.
