@@ -37,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from keel._core import keys
+from keel._core.decision import ACTIONS
 from keel._core.finding import SEVERITIES, Finding
 from keel._core.observation import Observation
 from keel.detect import Detector, DivergenceDetector, SpikeDetector, default_detectors
@@ -156,7 +157,8 @@ def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None 
             last = kept_steps[-1] if kept else None
     summary = _summary(log, timeline, stride, restarts, findings, fresh())
     summary["notes"] += broken.in_order()
-    return DoctorResult(source=log.source, format=log.format, findings=findings, summary=summary)
+    return DoctorResult(source=log.source, format=log.format, findings=findings, summary=summary,
+                        decisions=list(log.decisions))
 
 
 def _runs(indices: array) -> Iterator[tuple[int, int]]:
@@ -277,6 +279,8 @@ def _summary(log: RawLog, timeline: Timeline, stride: int, restarts: list[dict[s
     if log.format == "keel_store":
         stored = Counter(f.severity for f in log.stored_findings)
         summary["stored_findings"] = {s: stored.get(s, 0) for s in SEVERITIES}
+        actions = Counter(d.action for d in log.decisions)
+        summary["decisions"] = {a: actions[a] for a in ACTIONS if actions[a]}
     return summary
 
 

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from keel._core.decision import Decision
 from keel._core.errors import KeelError
 from keel._core.finding import Finding
 from keel.doctor.table import MAX_STEP, LogTable
@@ -40,6 +41,8 @@ class RawLog:
         stored_findings: Findings the run itself recorded (keel run stores only).
         meta: Format-specific facts worth reporting (e.g. ``logging_steps`` of a Trainer state).
         rollbacks: Step → the step whose starting state a Guard restored after it (keel run stores).
+        decisions: Every decision the run recorded that was not a plain ``ok`` — skips, rollbacks with their
+            remedies, aborts (keel run stores).
     """
 
     source: str
@@ -52,6 +55,7 @@ class RawLog:
     stored_findings: list[Finding] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
     rollbacks: dict[int, int] = field(default_factory=dict)
+    decisions: list[Decision] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.records, LogTable):

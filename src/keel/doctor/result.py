@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from keel._core.decision import Decision
 from keel._core.finding import SEVERITIES, Finding, severity_rank
+
+# How a rollback's reason names the remedies it applied (keel.recover's actuator writes "…; remedies: LR × 0.5
+# from now on, optimizer moments reset. Trigger: …"); "none needed" when it applied none.
+_REMEDIES = re.compile(r"; remedies: (.*?)\. Trigger: ")
 
 
 @dataclass(kw_only=True)
@@ -18,13 +24,16 @@ class DoctorResult:
         format: The reader used (one of `keel.doctor.FORMATS`).
         findings: Every finding, info included, in the order the log was read.
         summary: What was read and how: steps, logging stride, gaps, restarts, the columns each signal came
-            from, columns left out, when each detector had enough history to flag anything, counts.
+            from, columns left out, when each detector had enough history to flag anything, counts (of the
+            decisions too, for a run store).
+        decisions: What the Guard did, as its run store recorded it: every skip, rollback and abort.
     """
 
     source: str
     format: str
     findings: list[Finding] = field(default_factory=list)
     summary: dict[str, Any] = field(default_factory=dict)
+    decisions: list[Decision] = field(default_factory=list)
 
     def count(self, severity: str) -> int:
         return sum(f.severity == severity for f in self.findings)
@@ -40,13 +49,35 @@ class DoctorResult:
         return SEVERITIES[max(ranks)] if ranks else None
 
     def to_dict(self) -> dict[str, Any]:
-        """``{"source", "format", "findings": [...], "summary": {...}}``, JSON-ready.
+        """``{"source", "format", "findings": [...], "decisions": [...], "summary": {...}}``, JSON-ready.
 
         Each finding has step, kind, severity, signal, value, baseline, cause, remedy and evidence;
-        non-finite numbers become ``null``.
+        non-finite numbers become ``null``. Each decision has step, action, by, reason, onset, restored_step
+        and remedies (those a rollback applied, in words; see `remedies_of`).
         """
         return {"source": self.source, "format": self.format,
-                "findings": [_finding_dict(f) for f in self.findings], "summary": _clean(self.summary)}
+                "findings": [_finding_dict(f) for f in self.findings],
+                "decisions": [_decision_dict(d) for d in self.decisions], "summary": _clean(self.summary)}
+
+
+def remedies_of(decision: Decision) -> list[str]:
+    """The remedies a rollback applied, as its reason names them (``["LR × 0.1 from now on"]``); [] for
+    anything else, or a reason that does not name them.
+
+    Example:
+        >>> remedies_of(Decision(step=9, action="rollback", reason="rolled back to the snapshot of step 5; "
+        ...                      "remedies: LR × 0.5 from now on, optimizer moments reset. Trigger: divergence"))
+        ['LR × 0.5 from now on', 'optimizer moments reset']
+    """
+    match = _REMEDIES.search(decision.reason) if decision.action == "rollback" else None
+    if match is None or match.group(1) == "none needed":
+        return []
+    return match.group(1).split(", ")
+
+
+def _decision_dict(d: Decision) -> dict[str, Any]:
+    return {"step": d.step, "action": d.action, "by": d.by, "reason": d.reason, "onset": d.onset,
+            "restored_step": d.restored_step, "remedies": remedies_of(d)}
 
 
 def _finding_dict(f: Finding) -> dict[str, Any]:

@@ -1,7 +1,8 @@
 """keel run stores (``run_dir/run.sqlite``): the signals a Guard recorded, and the findings it saw live.
 
 The signals are read back as records, one per step, with their keel keys; the detectors then run on them
-exactly as on any other log, and the findings the Guard stored are kept alongside for comparison.
+exactly as on any other log, and the findings the Guard stored are kept alongside for comparison, with its
+decisions (skips, rollbacks and the remedies they applied, aborts).
 
 A store is untrusted input: `RunReader` leaves out rows whose values have the wrong type and says so
 (`RunReader.problems`, passed on as notes); the metadata shown here is checked on this side too — a recorded
@@ -52,7 +53,8 @@ def read_store_log(path: str | Path) -> RawLog:
             except sqlite3.Error as exc:
                 log.notes.append(f"the stored findings could not be read ({exc})")
             try:
-                log.rollbacks = {d.step: d.restored_step for d in run.decisions()
+                log.decisions = run.decisions()
+                log.rollbacks = {d.step: d.restored_step for d in log.decisions
                                  if d.action == "rollback" and isinstance(d.restored_step, int)}
             except sqlite3.Error as exc:
                 log.notes.append(f"the stored decisions could not be read ({exc}); "

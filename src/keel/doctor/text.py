@@ -8,9 +8,10 @@ import textwrap
 from dataclasses import replace
 from typing import Any
 
+from keel._core.decision import Decision
 from keel._core.finding import SEVERITIES, Finding
 from keel._core.printable import printable, printable_tree
-from keel.doctor.result import DoctorResult
+from keel.doctor.result import DoctorResult, remedies_of
 
 MAX_ROWS = 50  # findings printed in full; the rest are counted
 
@@ -44,6 +45,7 @@ def format_result(result: DoctorResult, *, min_severity: str = "warning") -> str
             severities = "/".join(sorted({f.severity for f in group}, key=SEVERITIES.index))
             lines.append(f"  {len(group):>4} {kind} ({severities}) at steps {steps}")
     lines += _diagnosis_lines(s, width)
+    lines += _decision_lines(result.decisions, s, width)
     lines.append("")
     lines += _summary_lines(s)
     counts = s.get("counts", {})
@@ -55,8 +57,9 @@ def format_result(result: DoctorResult, *, min_severity: str = "warning") -> str
 def _printable(result: DoctorResult) -> DoctorResult:
     findings = [replace(f, kind=printable(f.kind), signal=printable(f.signal), cause=printable(f.cause),
                         remedy=printable(f.remedy), evidence=printable_tree(f.evidence)) for f in result.findings]
+    decisions = [replace(d, reason=printable(d.reason)) for d in result.decisions]
     return DoctorResult(source=printable(result.source), format=result.format, findings=findings,
-                        summary=printable_tree(result.summary))
+                        summary=printable_tree(result.summary), decisions=decisions)
 
 
 def _table(findings: list[Finding], width: int) -> list[str]:
@@ -84,6 +87,33 @@ def _diagnosis_lines(s: dict[str, Any], width: int) -> list[str]:
     lines = ["", "diagnosis" + (" (recorded by the Guard at the end of the run):" if recorded else ":")]
     for i, d in enumerate(diagnoses, 1):
         lines += wrap.wrap(f"{i}. {d['summary']}")
+    return lines
+
+
+def _decision_lines(decisions: list[Decision], s: dict[str, Any], width: int) -> list[str]:
+    """What the Guard did (a run store only): its skips by step, each rollback with the remedies it applied and
+    what triggered it, each abort with its reason."""
+    if "decisions" not in s:
+        return []
+    counts = ", ".join(f"{n} {action}" for action, n in s["decisions"].items())
+    lines = ["", f"decisions recorded by the Guard: {counts or 'none (no step was skipped or rolled back)'}"]
+    wrap = textwrap.TextWrapper(width=width - 2, initial_indent="  ", subsequent_indent="     ")
+    for by, who in (("keel", ""), ("scaler", " by the GradScaler")):
+        steps = [d.step for d in decisions if d.action == "skip" and d.by == by]
+        if steps:
+            listed = ", ".join(map(str, steps[:12])) + (f" … ({len(steps)} in all)" if len(steps) > 12 else "")
+            lines += wrap.wrap(f"skip{who} at steps {listed}")
+    acts = [d for d in decisions if d.action in ("rollback", "abort")]
+    for d in acts[:MAX_ROWS]:
+        if d.action == "rollback":
+            trigger = d.reason.partition("Trigger: ")[2] or d.reason
+            began = f" (trouble began at step {d.onset})" if d.onset is not None else ""
+            lines += wrap.wrap(f"rollback at step {d.step} to the snapshot of step {d.restored_step}{began}; "
+                               f"remedies: {', '.join(remedies_of(d)) or 'none'}; trigger: {trigger}")
+        else:
+            lines += wrap.wrap(f"abort at step {d.step}: {d.reason}")
+    if len(acts) > MAX_ROWS:
+        lines.append(f"  … and {len(acts) - MAX_ROWS} more rollbacks and aborts (use --json for all)")
     return lines
 
 
