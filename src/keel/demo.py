@@ -19,13 +19,15 @@ import argparse
 import json
 import math
 import sys
-import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 from keel._core.argtypes import output_dir
 from keel.detect import diagnose, format_diagnoses
+from keel.guard.console import progress_bar
 from keel.proxy.trainer import ProxyRun, TrainConfig, train_proxy
 from keel.report import write_report
 
@@ -60,7 +62,10 @@ def demo_runs(quick: bool = False) -> list[DemoRun]:
 
 
 def run_demo(out: str | Path = "runs/demo", quick: bool = False, stream=sys.stdout) -> dict[str, ProxyRun]:
-    """Train every demo arm, print progress and a side-by-side summary; return the runs by name."""
+    """Train every demo arm, print progress and a side-by-side summary; return the runs by name.
+
+    Progress is a tqdm bar on stderr (on a terminal); what keel says while each arm trains (its ``keel`` log
+    lines and its summary, `keel.guard.console`) is printed above the bar."""
     out = Path(out)
     results: dict[str, ProxyRun] = {}
     arms = demo_runs(quick)
@@ -68,10 +73,12 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, stream=sys.stdo
     print(f"keel demo: proxy '{unstable.size}', AdamW lr {unstable.lr}, {unstable.steps} steps "
           "— a recipe that is unstable on purpose", file=stream)
     for arm in arms:
-        progress = _Progress(arm.name, arm.config.steps, stream)
-        results[arm.name] = train_proxy(arm.config, policy=arm.policy, run_dir=str(out / arm.name),
-                                        progress=progress, overwrite=True)  # each demo is a new run
-        progress.done(results[arm.name])
+        with progress_bar(arm.config.steps, f"  {arm.name}", unit="step") as bar:
+            results[arm.name] = train_proxy(arm.config, policy=arm.policy, run_dir=str(out / arm.name),
+                                            progress=_show_loss(bar), overwrite=True)  # each demo is a new run
+        run = results[arm.name]
+        print(f"  {arm.name:<10} done in {run.wall_s:.1f}s, val loss {run.val_loss:.3f}"
+              + (f" — aborted: {run.aborted}" if run.aborted else ""), file=stream, flush=True)
     print_summary(results, arms, stream)
     print_diagnosis(results["bare"], results["stabilized"], stream)
     print(f"\nrun stores: {', '.join(str(out / a.name / 'run.sqlite') for a in arms)}", file=stream)
@@ -131,30 +138,13 @@ def _tail_mean(values: list[float], n: int = 20) -> float:
     return sum(tail) / len(tail) if tail else math.nan
 
 
-class _Progress:
-    """A one-line progress display: rewritten in place on a terminal, a line every 25 % otherwise."""
+def _show_loss(bar: Any) -> Callable[[int, float], None]:
+    def show(step: int, loss: float) -> None:
+        bar.update()
+        if step % 10 == 0:
+            bar.set_postfix_str(f"loss {loss:.3f}", refresh=False)
 
-    def __init__(self, name: str, total: int, stream) -> None:
-        self.name, self.total, self.stream = name, total, stream
-        self.tty = getattr(stream, "isatty", lambda: False)()
-        self.start = time.perf_counter()
-        self.next_mark = 0.25
-
-    def __call__(self, step: int, loss: float) -> None:
-        done = (step + 1) / self.total
-        if self.tty and (step % 5 == 0 or step + 1 == self.total):
-            bar = "#" * int(30 * done)
-            print(f"\r  {self.name:<10} [{bar:<30}] {step + 1}/{self.total}  loss {loss:7.3f}",
-                  end="", file=self.stream, flush=True)
-        elif not self.tty and done >= self.next_mark:
-            print(f"  {self.name:<10} {step + 1}/{self.total} steps  loss {loss:.3f}  "
-                  f"({time.perf_counter() - self.start:.0f}s)", file=self.stream, flush=True)
-            self.next_mark += 0.25
-
-    def done(self, run: ProxyRun) -> None:
-        end = "\n" if self.tty else ""
-        print(f"{end}  {self.name:<10} done in {run.wall_s:.1f}s, val loss {run.val_loss:.3f}"
-              + (f" — aborted: {run.aborted}" if run.aborted else ""), file=self.stream, flush=True)
+    return show
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -3,8 +3,10 @@ close, and a stderr handler of its own when the application configured no loggin
 
 from __future__ import annotations
 
+import io
 import logging
 import re
+import sys
 
 import pytest
 import torch
@@ -15,7 +17,7 @@ from hypothesis import strategies as st
 from keel import Guard, RecoveryConfig
 from keel._core.decision import Decision
 from keel._core.finding import Finding
-from keel.guard.console import LOGGER_NAME, Console, ConsoleConfig, silenced
+from keel.guard.console import LOGGER_NAME, Console, ConsoleConfig, progress_bar, silenced
 from tests.conftest import TinyNet, make_batches
 
 
@@ -25,7 +27,8 @@ def _nan_parameter_run(run_dir, steps: int = 32, at: int = 23) -> Guard:
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, policy="recover", max_consecutive_skips=3, run_dir=str(run_dir),
+    guard = Guard(model, opt, policy="recover", max_consecutive_skips=3,
+                  run_dir=str(run_dir) if run_dir is not None else None,
                   recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1))
     for step, (x, y) in enumerate(make_batches(steps)):
         if step == at:
@@ -197,9 +200,90 @@ def test_with_logging_configured_keel_adds_no_handler(caplog):
     assert [r.getMessage()[:20] for r in _keel_lines(caplog)] == ["step 1 loss_spike wa"]
 
 
-def test_silenced_keeps_a_run_quiet_and_restores_the_level(caplog):
+def test_silenced_keeps_a_run_quiet_and_leaves_the_level_as_it_was(caplog):
     caplog.set_level(logging.DEBUG, logger=LOGGER_NAME)
     with silenced():
+        _nan_parameter_run(None, steps=26)
         Console().step(Decision(step=1, findings=(_finding(1, severity="critical"),)))
     assert _keel_lines(caplog) == []
     assert logging.getLogger(LOGGER_NAME).level == logging.DEBUG
+    Console().step(Decision(step=1, findings=(_finding(1, severity="critical"),)))
+    assert len(_keel_lines(caplog)) == 1
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_draws_on_a_terminal_stderr_only_with_keel_lines_above_it(monkeypatch, capsys):
+    root, logger = logging.getLogger(), logging.getLogger(LOGGER_NAME)
+    monkeypatch.setattr(root, "handlers", [])
+    monkeypatch.setattr(logger, "handlers", [])
+    monkeypatch.setattr(logger, "level", logging.NOTSET)
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    logger.manager._clear_cache()
+    try:
+        with progress_bar(3, "work", unit="run") as bar:
+            bar.update()
+            Console().step(Decision(step=1, action="abort", reason="rollbacks keep repeating"))
+            bar.update(2)
+        handlers = list(logger.handlers)
+        with progress_bar(3, "off", enabled=False) as bar:  # --json: no bar at all
+            bar.update(3)
+    finally:
+        logger.manager._clear_cache()
+    assert capsys.readouterr().out == ""  # stdout stays clean for --json
+    text = terminal.getvalue()
+    assert "work:  33%" in text and "off" not in text, text
+    assert "keel: step 1 abort: rollbacks keep repeating\n" in text, text
+    assert [type(h).__name__ for h in handlers] == ["_StderrHandler"]  # keel's handler back after the bar
+
+
+HOSTILE = st.text(alphabet=st.characters(codec="utf-8"), max_size=300) | st.sampled_from(
+    ["\x1b[2J\x1b[H", "loss\r\nstep 0 abort: forged", "\u202egnirts", "a\tb\x00c", ""])
+
+
+@settings(max_examples=60, deadline=None)
+@given(kind=HOSTILE, signal=HOSTILE, cause=HOSTILE, remedy=HOSTILE, reason=HOSTILE,
+       value=st.floats() | st.integers() | st.just("text"), severity=st.sampled_from(["info", "warning", "critical"]))
+def test_hostile_finding_text_is_one_printable_line(kind, signal, cause, remedy, reason, value, severity):
+    shown: list[logging.LogRecord] = []
+
+    class Catch(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            shown.append(record)
+
+    logger, handler = logging.getLogger(LOGGER_NAME), Catch(logging.DEBUG)
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.DEBUG
+    try:
+        finding = Finding(step=3, kind=kind, severity=severity, signal=signal, value=value, cause=cause,
+                          remedy=remedy)
+        Console().step(Decision(step=3, action="skip", reason=reason, findings=(finding,)))
+        Console().summary(status=reason, steps=4, policy="skip", findings=[finding], decisions=[], diagnoses=[],
+                          run_dir=f"runs/{reason}")
+    finally:
+        logger.removeHandler(handler)
+        logger.level = level
+    lines = [r.getMessage() for r in shown]
+    assert len(lines) == 3
+    assert all(m.isprintable() for m in lines[:2]), lines  # a finding line and a decision line, one line each
+    assert all(part.isprintable() for part in lines[2].split("\n")) and lines[2].count("\n") <= 6
+
+
+def test_a_console_that_fails_is_recorded_and_the_run_and_its_store_go_on(tmp_path, monkeypatch):
+    def broken(self, decision):
+        raise RuntimeError("console broke")
+
+    monkeypatch.setattr(Console, "step", broken)
+    guard = _nan_parameter_run(tmp_path / "run")
+    errors = [f for f in guard.findings if f.kind == "keel_error"]
+    assert [e.signal for e in errors] == ["console"] and "console broke" in errors[0].cause
+    assert any(d.action == "rollback" for d in guard.decisions)  # keel still protected the run
+    from keel.store import RunReader
+
+    with RunReader(tmp_path / "run") as reader:
+        kinds = {f.kind for f in reader.findings()}
+        assert {"keel_error", "non_finite"} <= kinds and reader.meta()["status"] == "finished"

@@ -24,8 +24,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from keel._core.argtypes import cpu_threads, nonnegative_int, positive_int
+from keel.bench._progress import bench_progress
 from keel.detect.diagnosis import diagnose
 from keel.detect.lead_time import degradation_step, lead_steps
+from keel.guard.console import progress_bar, silenced
 from keel.proxy.scenarios import create_scenario, list_scenarios
 
 
@@ -158,9 +160,11 @@ def _row(s: ScenarioScore) -> str:
 def main(args: argparse.Namespace) -> int:
     if args.probe_costs:
         _reject_unused(args, ZOO_FLAGS, "with --probe-costs")
-        costs = probe_costs(steps=args.steps or PROBE_COST_DEFAULTS["steps"],
-                            repeats=args.repeats or PROBE_COST_DEFAULTS["repeats"], threads=args.threads,
-                            progress=None if args.json else (lambda m: print(f"  {m}", flush=True)))
+        repeats = args.repeats or PROBE_COST_DEFAULTS["repeats"]
+        with bench_progress(repeats, "keel bench detect --probe-costs", enabled=not args.json) as progress:
+            with silenced():  # a healthy observing run's summary at close is not this benchmark's output
+                costs = probe_costs(steps=args.steps or PROBE_COST_DEFAULTS["steps"], repeats=repeats,
+                                    threads=args.threads, progress=progress)
         if args.json:
             print(json.dumps(costs, indent=2))
         else:
@@ -179,10 +183,18 @@ def main(args: argparse.Namespace) -> int:
                       f"{100 * s['amortized_fraction_of_bare']:+.1f}% of the bare step")
         return 0
     _reject_unused(args, PROBE_COST_FLAGS, "without --probe-costs")
-    progress = None if args.json else (lambda s: print(_row(s), flush=True))
     if not args.json:
         print("keel bench detect: scenario zoo under Guard(policy='observe'), probes='transformer', default detectors")
-    result = bench_detect(args.only, seed=args.seed or 0, reference=not args.no_reference, progress=progress)
+    with progress_bar(len(args.only or list_scenarios()), "keel bench detect", enabled=not args.json,
+                      unit="scenario") as bar:
+        def progress(score: ScenarioScore) -> None:
+            if not args.json:
+                bar.write(_row(score), file=sys.stdout)  # a result row, printed above the bar
+            bar.update()
+
+        with silenced():  # the score rows are this benchmark's output; the runs' findings are in the scores
+            result = bench_detect(args.only, seed=args.seed or 0, reference=not args.no_reference,
+                                  progress=progress)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()

@@ -32,6 +32,7 @@ from torch.optim import Optimizer
 
 from keel._core.argtypes import cpu_threads, device, positive_int
 from keel._core.validate import check_types
+from keel.bench._progress import bench_progress
 from keel.optim import SPAM, AdaClip, IndependentAdamW, OrthoGrad, StableSPAM
 from keel.proxy import ProxyBatches, create_proxy_model
 
@@ -283,8 +284,8 @@ def main(args: argparse.Namespace) -> int:
         threads=args.threads,
         steady_state=not args.early,
     )
-    progress = None if args.json else (lambda msg: print(f"  {msg}", flush=True))
-    result = bench_optim(config, progress)
+    with bench_progress(config.repeats, "keel bench optim", enabled=not args.json) as progress:
+        result = bench_optim(config, progress)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -31,8 +31,10 @@ import torch
 from keel._core.argtypes import device, int_range, positive_int
 from keel._core.errors import TrainingAborted
 from keel._core.validate import check_types, require_ints
+from keel.bench._progress import bench_progress
 from keel.bench.loop import train_steps
 from keel.guard import Guard
+from keel.guard.console import silenced
 from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
 
 Policy = Literal["observe", "skip", "recover"]
@@ -111,7 +113,11 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
 
 def _variant_process(conn: Connection, config: dict[str, Any], guard_kwargs: dict | None, run_dir: str) -> None:
     """One variant in its own process: times a block of single steps per request; None ends it."""
-    cfg = OverheadConfig(**config)
+    with silenced():  # the benchmark's figures are its output; a run's summary at close would only interleave
+        _serve_variant(conn, OverheadConfig(**config), guard_kwargs, run_dir)
+
+
+def _serve_variant(conn: Connection, cfg: OverheadConfig, guard_kwargs: dict | None, run_dir: str) -> None:
     loop = _make_loop(cfg, guard_kwargs, run_dir if guard_kwargs is not None else None)
     loop(cfg.warmup)
     conn.send("ready")
@@ -260,10 +266,10 @@ def main(args: argparse.Namespace) -> int:
         return ddp_main(args)
     full_log_every = OverheadConfig.full_log_every if args.full_log_every is None else args.full_log_every
     config = OverheadConfig(size=args.size, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-                            repeats=args.repeats, rounds=args.rounds, full_log_every=full_log_every, policies=tuple(args.policy),
-                            device=args.device)
-    progress = None if args.json else (lambda msg: print(f"  {msg}", flush=True))
-    result = bench_overhead(config, progress)
+                            repeats=args.repeats, rounds=args.rounds, full_log_every=full_log_every,
+                            policies=tuple(args.policy), device=args.device)
+    with bench_progress(config.rounds * config.repeats, "keel bench overhead", enabled=not args.json) as progress:
+        result = bench_overhead(config, progress)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

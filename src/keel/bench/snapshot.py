@@ -25,6 +25,7 @@ from torch import nn
 
 from keel._core.argtypes import ArgumentValueError, device, positive_int, show
 from keel._core.validate import check_types
+from keel.bench._progress import bench_progress
 from keel.recover import SnapshotRing, TrainingState
 
 SIZES = {"50M": (2048, 12), "200M": (4096, 12)}
@@ -125,7 +126,8 @@ def bench_snapshot(config: SnapshotBenchConfig | None = None, progress=None) -> 
         results.append({"size": size, "params": params, "bytes": nbytes, "blocked_s": blocked_s,
                         "torch_save_s": save_s, "ratio": save_s / blocked_s, "cold_take_s": cold_s,
                         "copy_s": copy_s, "copy_gb_per_s": nbytes / copy_s / 1e9,
-                        "work_s": statistics.median(work_alone), "work_with_copy_s": statistics.median(work_overlapped)})
+                        "work_s": statistics.median(work_alone),
+                        "work_with_copy_s": statistics.median(work_overlapped)})
         del model, opt, state, ring, snap
     return {"device": config.device, "threads": torch.get_num_threads(), "repeats": config.repeats,
             "results": results}
@@ -150,7 +152,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     config = SnapshotBenchConfig(sizes=args.sizes, repeats=args.repeats, device=args.device)
-    result = bench_snapshot(config, None if args.json else (lambda m: print(f"  {m}", flush=True)))
+    with bench_progress(len(config.sizes) * config.repeats, "keel bench snapshot", enabled=not args.json) as progress:
+        result = bench_snapshot(config, progress)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0

@@ -24,17 +24,22 @@ The rate limit keeps a noisy run from flooding the console: of each finding kind
 steps says how many were not shown. Rollbacks and aborts are always shown; every finding and decision, shown or
 not, is in the run store and in the summary's counts. Under ``torch.distributed`` only rank 0 speaks (every rank
 takes the same decisions).
+
+Long work (``keel demo``, ``keel sweep``, ``keel bench``) shows its progress with `progress_bar` (tqdm, on stderr
+and only on a terminal, so ``--json`` output stays clean), keel's lines printed above the bar rather than through it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import logging
 import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -48,6 +53,7 @@ LEVELS = {"info": logging.DEBUG, "warning": logging.WARNING, "critical": logging
 STORE_NAME = "run.sqlite"
 
 logger = logging.getLogger(LOGGER_NAME)
+_SILENCED: contextvars.ContextVar[bool] = contextvars.ContextVar("keel_console_silenced", default=False)
 
 
 @dataclass(kw_only=True)
@@ -62,7 +68,7 @@ class ConsoleConfig:
 
     first_lines: int = 3
     note_every: int = 100
-    width: int = 240
+    width: int = 140
 
     def __post_init__(self) -> None:
         for name, low in (("first_lines", 0), ("note_every", 1), ("width", 20)):
@@ -73,9 +79,10 @@ class ConsoleConfig:
 
 @dataclass
 class _Hidden:
-    """Lines of one kind not shown since ``since``, by severity (or action)."""
+    """Lines of one kind not shown since ``since``, by severity (or action), and the highest level among them."""
 
     since: int = -1
+    level: int = logging.DEBUG
     by: Counter[str] = field(default_factory=Counter)
 
 
@@ -92,10 +99,19 @@ class Console:
 
     def __init__(self, config: ConsoleConfig | None = None, *, quiet: bool = False) -> None:
         self.config = config or ConsoleConfig()
-        self.quiet = quiet
+        self._quiet = quiet
         self._shown: Counter[str] = Counter()
         self._hidden: dict[str, _Hidden] = {}
         self.hidden_total = 0
+
+    @property
+    def quiet(self) -> bool:
+        """Whether this console says nothing: a rank other than 0, inside `silenced`, or after `stop`."""
+        return self._quiet or _SILENCED.get()
+
+    def stop(self) -> None:
+        """Say nothing more (the console itself failed: the `Recorder` records that as a ``keel_error``)."""
+        self._quiet = True
 
     def step(self, decision: Decision) -> None:
         """The lines of one step: each finding, then the decision unless it is a plain ``"ok"``."""
@@ -110,18 +126,18 @@ class Console:
         level = LEVELS[f.severity]
         if self.quiet or not _enabled(level):
             return
-        signal = f"{one_line(f.signal, 60)} = {f.value:.4g}" if f.value == f.value else one_line(f.signal, 60)
-        text = f"step {f.step} {one_line(f.kind, 60)} {f.severity} ({signal})"
+        signal = one_line(str(f.signal), 60) + _value(f.value)
+        text = f"step {f.step} {one_line(str(f.kind), 60)} {f.severity} ({signal})"
         if f.cause:
-            text += f": {one_line(f.cause, self.config.width)}"
+            text += f": {one_line(str(f.cause), self.config.width)}"
         if f.remedy:
-            text += f" — remedy: {one_line(f.remedy, self.config.width)}"
-        self._limited(f.kind, f.severity, f.step, level, text)
+            text += f" — remedy: {one_line(str(f.remedy), self.config.width)}"
+        self._limited(one_line(str(f.kind), 60), f.severity, f.step, level, text)
 
     def decision(self, d: Decision) -> None:
         if self.quiet:
             return
-        reason = one_line(d.reason, 2 * self.config.width)
+        reason = one_line(str(d.reason), 2 * self.config.width)
         if d.action in ("rollback", "abort"):  # always shown: each changes the run for good
             moved = f" from step {d.step} to step {d.restored_step}" if d.restored_step is not None else ""
             _say(logging.WARNING if d.action == "rollback" else logging.ERROR, f"step {d.step} {d.action}{moved}: "
@@ -157,6 +173,7 @@ class Console:
             return
         hidden = self._hidden.setdefault(key, _Hidden(since=step))
         hidden.by[severity] += 1
+        hidden.level = max(hidden.level, level)
         self.hidden_total += 1
         if step - hidden.since >= self.config.note_every:
             self._note(key, step)
@@ -164,10 +181,9 @@ class Console:
     def _note(self, key: str, step: int | None) -> None:
         hidden = self._hidden.pop(key)
         n = sum(hidden.by.values())
-        level = max(LEVELS.get(s, logging.WARNING) for s in hidden.by)
         by = ", ".join(f"{s} {c}" for s, c in sorted(hidden.by.items()))
         at = f"step {step}: " if step is not None else "end of run: "
-        _say(level, f"{at}{n} more {key} {_plural(n, 'line')} since step {hidden.since} not shown ({by}); all "
+        _say(hidden.level, f"{at}{n} more {key} {_plural(n, 'line')} since step {hidden.since} not shown ({by}); all "
                     "are in the run store and the summary")
 
 
@@ -193,11 +209,20 @@ def format_summary(*, status: str, steps: int, policy: str | None, findings: Seq
     if hidden:
         lines.append(f"  {hidden} {_plural(hidden, 'line')} not shown on the console (rate limit)")
     if run_dir is not None:
-        lines.append(f"  store: {Path(run_dir) / STORE_NAME}; report: keel report {run_dir}")
+        lines.append(f"  store: {one_line(str(Path(run_dir) / STORE_NAME))}; report: keel report {one_line(run_dir)}")
     else:
         lines.append("  store: none (run_dir=None): the findings and decisions are in guard.findings and "
                      "guard.decisions")
     return "\n".join(lines)
+
+
+def _value(value: object) -> str:
+    """`` = <value>`` for a finding's value; nothing when it is NaN (not applicable)."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return f" = {one_line(repr(value), 40)}"
+    return "" if number != number else f" = {number:.4g}"
 
 
 def _worst(severities: Counter[str]) -> int:
@@ -283,15 +308,38 @@ def speaks() -> bool:
 
 @contextlib.contextmanager
 def silenced() -> Iterator[None]:
-    """Nothing from the ``keel`` logger inside (a sweep or a benchmark, whose own output summarises its runs).
+    """No ``keel`` lines from the runs inside (a sweep or a benchmark, whose own output summarises its runs).
+
+    It holds for this thread (a context variable): a run trained beside it, in another thread, still speaks, and
+    the ``keel`` logger's level is left as the application set it.
 
     Example:
         >>> with silenced():
-        ...     logging.getLogger("keel").error("not shown")
+        ...     Console().step(Decision(step=1, action="abort", reason="not shown"))
     """
-    before = logger.level
-    logger.setLevel(logging.CRITICAL + 1)
+    token = _SILENCED.set(True)
     try:
         yield
     finally:
-        logger.setLevel(before)
+        _SILENCED.reset(token)
+
+
+@contextlib.contextmanager
+def progress_bar(total: int | None, desc: str, *, enabled: bool = True, unit: str = "it") -> Iterator[Any]:
+    """A tqdm progress bar for long work: on stderr, only when stderr is a terminal (and ``enabled``), gone when done.
+
+    keel's own console handler writes through the bar while it runs (``tqdm.write``), so a log line never breaks it.
+
+    Example:
+        >>> with progress_bar(3, "repeats", enabled=False) as bar:
+        ...     for _ in range(3):
+        ...         bar.update()
+    """
+    from tqdm import tqdm  # imported here: a training loop never needs it
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    ensure_handler()
+    redirect = logging_redirect_tqdm(loggers=[logger]) if _own_handler() is not None else contextlib.nullcontext()
+    with redirect, tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True,
+                        disable=None if enabled else True) as bar:
+        yield bar

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 import traceback
 from array import array
+from collections.abc import Callable
 from typing import Any
 
 from keel._core.decision import Decision
@@ -36,6 +37,7 @@ class Recorder:
         self.run_dir = run_dir
         self.console = Console(console, quiet=not speaks())
         self.policy: str | None = None  # from the run's meta, for the summary
+        self._console_failed = False
         self.log_every = log_every
         self.findings: list[Finding] = []
         self.decisions: list[Decision] = []
@@ -61,10 +63,13 @@ class Recorder:
                 self._losses_whole = False
         if decision.action != "ok":
             self.decisions.append(decision)
+        if self.writer is not None:
+            self._write(obs, decision)
         if decision.findings or decision.action != "ok":
-            self.console.step(decision)
-        if self.writer is None:
-            return
+            self._speak(obs.step, self.console.step, decision)
+
+    def _write(self, obs: Observation, decision: Decision) -> None:
+        assert self.writer is not None
         values = dict(obs.values)
         if obs.step % self.log_every == 0 or any(f.kind == "non_finite" for f in decision.findings):
             for family in obs.per_param:
@@ -95,10 +100,21 @@ class Recorder:
             remedy="Training continues. If the component is keel's own, please report this as a keel bug with the "
                    "traceback; if it is yours, fix it and restart.")
         self.findings.append(finding)
-        self.console.finding(finding)
         if self.writer is not None:
             self.writer.add_findings([finding])
+        self._speak(step, self.console.finding, finding)
         return finding
+
+    def _speak(self, step: int, say: Callable[..., None], *args: Any, **kwargs: Any) -> None:
+        """A console line; a console that fails is stopped and recorded, and the run and its store go on."""
+        if self._console_failed:
+            return
+        try:
+            say(*args, **kwargs)
+        except Exception as exc:
+            self._console_failed = True
+            self.console.stop()
+            self.error("console", step, exc)
 
     def snapshot(self, step: int, path: str, checksum: str) -> None:
         if self.writer is not None:
@@ -110,14 +126,16 @@ class Recorder:
         return diagnose(self.findings, losses=self._losses.tolist() if whole else None)
 
     def close(self, status: str, steps: int) -> None:
+        """Name the run's causes, say the summary on the console, and flush and close the store."""
         try:
             self.diagnoses = self.diagnose()
         except Exception as exc:  # a diagnosis bug must not lose the run's store
             self.error("diagnosis", steps, exc)
+        # before the store closes: a console that fails here is still recorded in it
+        self._speak(steps, self.console.summary, status=status, steps=steps, policy=self.policy,
+                    findings=self.findings, decisions=self.decisions, diagnoses=self.diagnoses, run_dir=self.run_dir)
         if self.writer is not None:
             self.writer.set_meta({"diagnosis": [d.to_dict() for d in self.diagnoses]})
             self.writer.set_meta({"status": status, "steps": steps,
                                   "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
             self.writer.close()
-        self.console.summary(status=status, steps=steps, policy=self.policy, findings=self.findings,
-                             decisions=self.decisions, diagnoses=self.diagnoses, run_dir=self.run_dir)

@@ -31,6 +31,7 @@ from keel._core.argtypes import (
     positive_int,
     show,
 )
+from keel.guard.console import progress_bar
 from keel.proxy.model import list_proxy_sizes
 from keel.proxy.sweep.backends import BACKENDS
 from keel.proxy.sweep.grid import SweepConfig, quick_config, run_id
@@ -230,15 +231,16 @@ def _summarize_or_run(
             file=stream,
             flush=True,
         )
-        result = run_sweep(
-            config,
-            out,
-            backend=backend,
-            workers=args.workers,
-            address=args.address,
-            progress=_printer(stream),
-            **options,
-        )
+        with progress_bar(None, "keel sweep", unit="run") as bar:
+            result = run_sweep(
+                config,
+                out,
+                backend=backend,
+                workers=args.workers,
+                address=args.address,
+                progress=_printer(stream, bar),
+                **options,
+            )
         if result.skipped:
             print(
                 f"resumed: {len(result.skipped)} runs were already finished, {len(result.ran)} ran now",
@@ -247,17 +249,20 @@ def _summarize_or_run(
     return result
 
 
-def _printer(stream):  # type: ignore[no-untyped-def]
+def _printer(stream: TextIO, bar: Any) -> Callable[[RunEvent], None]:
+    """Each finished run: one result line (printed above the progress bar), and the bar one run further."""
+
     def show(event: RunEvent) -> None:
         r = event.result
         logit = "" if math.isnan(r.max_attn_logit) else f"  max logit {r.max_attn_logit:.3g}"
         detail = f"val {r.val_loss:.3f}{logit}" if r.status != "error" else (r.error or "").splitlines()[0]
-        print(
+        bar.write(
             f"[{event.done:>{len(str(event.total))}}/{event.total}] {event.spec.run_id:<40} {r.status:<8} "
             f"{detail}  ({r.wall_s:.0f}s)",
             file=stream,
-            flush=True,
         )
+        bar.total = event.total
+        bar.update()
 
     return show
 

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from keel._core import keys
+from keel.guard.console import silenced
 from keel.proxy.model import create_proxy_model
 from keel.proxy.sweep.grid import RunSpec
 from keel.proxy.trainer import TrainConfig, evaluate, train_proxy
@@ -100,7 +101,8 @@ def run_one(spec: RunSpec, run_dir: str | Path, *, threads: int = 1) -> RunResul
 
     try:
         result.init_loss, result.n_params = _init_loss(config)
-        run = train_proxy(config, policy="observe", run_dir=str(run_dir), progress=stop_when_non_finite)
+        with silenced():  # the sweep's own lines and tables summarise its runs; each run's findings are in its store
+            run = train_proxy(config, policy="observe", run_dir=str(run_dir), progress=stop_when_non_finite)
         result.val_loss = run.val_loss
     except _NonFinite as exc:
         result.status, result.error = "diverged", f"non-finite training loss at step {exc.step}"
