@@ -122,3 +122,19 @@ def test_no_weight_decay_anywhere_adds_no_group() -> None:
     result = stabilize(model, REMEDIES, optimizer=opt)
     assert len(opt.param_groups) == 1
     assert all(_group_of(opt, p) is opt.param_groups[0] for p in result.new_parameters)
+
+
+def test_named_parameter_groups_keep_names_and_params_in_step() -> None:
+    torch.manual_seed(0)
+    model = NanoGPT()
+    opt = torch.optim.AdamW(model.named_parameters(), lr=1e-3, weight_decay=0.1)
+    stabilize(model, ["qk_norm"], optimizer=opt)
+    decay, no_decay = opt.param_groups
+    expected = [f"attn.{i}.{qk}_norm.{w}" for i in (0, 1) for qk in "qk" for w in ("weight", "bias")]
+    assert no_decay["param_names"] == expected
+    assert len(decay["param_names"]) == len(decay["params"])
+    opt.zero_grad()
+    lm_loss(model, torch.randint(0, 50, (2, 8))).backward()
+    opt.step()
+    saved = opt.state_dict()["param_groups"]
+    assert [g["param_names"] for g in saved] == [decay["param_names"], expected]

@@ -1,5 +1,6 @@
 """Stabilizing modules and the surgery that applies them to an existing model (`stabilize`)."""
 
+from keel.nn.checkpoint import load_stabilized, stabilize_record
 from keel.nn.power_norm import PowerNorm
 from keel.nn.qk_norm import QKNorm
 from keel.nn.qk_norm_attention import QKNormMultiheadAttention
@@ -25,6 +26,8 @@ __all__ = [
     "ZLossHook",
     "create_remedy",
     "list_remedies",
+    "load_stabilized",
     "scale_long_factors",
     "stabilize",
+    "stabilize_record",
 ]

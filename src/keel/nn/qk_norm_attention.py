@@ -114,10 +114,10 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
                 setattr(new, name, getattr(mha, name))
         new.out_proj = mha.out_proj
         reference = next(mha.parameters())
-        factory = {"device": reference.device, "dtype": reference.dtype}
         norm_bias = mha.in_proj_bias is not None if norm_bias is None else norm_bias
-        new.q_norm = QKNorm(new.head_dim, kind=norm, eps=eps, bias=norm_bias, **factory)
-        new.k_norm = QKNorm(new.head_dim, kind=norm, eps=eps, bias=norm_bias, **factory)
+        device, dtype = reference.device, reference.dtype
+        new.q_norm = QKNorm(new.head_dim, kind=norm, eps=eps, bias=norm_bias, device=device, dtype=dtype)
+        new.k_norm = QKNorm(new.head_dim, kind=norm, eps=eps, bias=norm_bias, device=device, dtype=dtype)
         new.train(mha.training)
         return new
 

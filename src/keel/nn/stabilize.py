@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from keel.nn._param_groups import add_new_parameters
+from keel.nn._record import remember
 from keel.nn.remedies import Change, Remedy, RemedyNoEffectWarning
 from keel.nn.remedies import remedies as _registry
 from keel.nn.z_loss_hook import ZLossHook
@@ -146,7 +147,9 @@ def stabilize(
     result = StabilizeResult()
     for remedy in sorted(resolved, key=lambda r: r.order):
         changes = remedy.apply(model)
-        if not changes:
+        if changes:
+            remember(model, remedy)
+        else:
             result.unmatched.append(remedy.name)
         result.changes.extend(changes)
     if optimizer is not None:

@@ -38,6 +38,10 @@ class SkipScaleHook:
         return self.calibration(skip) if self.calibration is not None else skip * self.factor
 
 
+def _positive_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+
+
 def _skip_position(block: nn.Module) -> int | None:
     """Position of the ``skip`` parameter of ``block.forward`` (after self), None if it has none."""
     try:
@@ -87,10 +91,14 @@ class ScaleLongRemedy:
             raise ValueError(f"ScaleLongRemedy.kappa={self.kappa!r}; allowed: a number in (0, 1]")
         if self.mode not in SCALE_LONG_MODES:
             raise ValueError(f"ScaleLongRemedy.mode={self.mode!r}; allowed: {', '.join(SCALE_LONG_MODES)}")
-        if self.mode == "calibrated" and (not isinstance(self.tokens, int) or self.tokens < 1):
+        if (self.tokens is not None or self.mode == "calibrated") and not _positive_int(self.tokens):
             raise ValueError(
                 f"ScaleLongRemedy.tokens={self.tokens!r}; allowed: a positive int for mode 'calibrated'"
             )
+        if not _positive_int(self.reduction):
+            raise ValueError(f"ScaleLongRemedy.reduction={self.reduction!r}; allowed: a positive int")
+        if self.blocks is not None and not isinstance(self.blocks, str):
+            raise ValueError(f"ScaleLongRemedy.blocks={self.blocks!r}; allowed: a module name or None")
         if self.bias is not None and not isinstance(self.bias, bool):
             raise ValueError(f"ScaleLongRemedy.bias={self.bias!r}; allowed: True, False or None")
 

@@ -52,10 +52,11 @@ class SigmaReparamRemedy:
     def __post_init__(self) -> None:
         if not isinstance(self.stats_only, bool):
             raise ValueError(f"SigmaReparamRemedy.stats_only={self.stats_only!r}; allowed: True or False")
-        if isinstance(self.exclude, str) or not all(isinstance(p, str) for p in self.exclude):
+        if not isinstance(self.exclude, (tuple, list)) or not all(isinstance(p, str) for p in self.exclude):
             raise ValueError(
                 f"SigmaReparamRemedy.exclude={self.exclude!r}; allowed: a tuple of fnmatch patterns"
             )
+        self.exclude = tuple(self.exclude)
 
     def apply(self, model: nn.Module) -> list[Change]:
         shared = shared_parameter_ids(model)

@@ -52,6 +52,8 @@ class ZLossRemedy:
             and self.coefficient >= 0
         ):
             raise ValueError(f"ZLossRemedy.coefficient={self.coefficient!r}; allowed: a finite number >= 0")
+        if self.head is not None and not isinstance(self.head, str):
+            raise ValueError(f"ZLossRemedy.head={self.head!r}; allowed: a submodule name or None")
 
     def apply(self, model: nn.Module) -> list[Change]:
         found = self._find_head(model)

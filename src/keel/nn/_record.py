@@ -1,0 +1,77 @@
+"""The record of the remedies `keel.stabilize` applied to a model: plain data, kept on the model.
+
+Plain data (lists, dicts, str, numbers, None) so it can sit next to a state dict in a checkpoint, in JSON or
+in ``torch.save`` output that ``torch.load(weights_only=True)`` reads without unpickling code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from torch import nn
+
+from keel.nn.remedies import Remedy, remedies
+
+# Where `stabilize` keeps a model's record: a plain attribute, so it follows the model through deepcopy and
+# pickling but never into its state dict (which stays tensors only, as exporters and sharded savers expect).
+RECORD_ATTR = "_keel_stabilize_record"
+NAME_KEY = "remedy"
+
+
+def entry_of(remedy: Remedy) -> dict[str, Any]:
+    """One record entry: ``{"remedy": name, <option>: value, ...}``, tuples written as lists (as JSON does)."""
+    options: dict[str, Any] = {}
+    if dataclasses.is_dataclass(remedy):
+        for f in dataclasses.fields(remedy):
+            value = getattr(remedy, f.name)
+            options[f.name] = list(value) if isinstance(value, tuple) else value
+    return {NAME_KEY: remedy.name, **options}
+
+
+def remember(model: nn.Module, remedy: Remedy) -> None:
+    """Append ``remedy`` to the model's record, unless the same entry is already there (a re-application)."""
+    record = model.__dict__.setdefault(RECORD_ATTR, [])
+    entry = entry_of(remedy)
+    if entry not in record:
+        record.append(entry)
+
+
+def record_of(model: nn.Module) -> list[dict[str, Any]]:
+    """A copy of the model's record (empty for a model `stabilize` has not changed)."""
+    return [dict(entry) for entry in model.__dict__.get(RECORD_ATTR, [])]
+
+
+def remedies_of(record: Any) -> list[Remedy]:
+    """The remedies a record describes, in its order; validates all of it before anything is applied.
+
+    Raises:
+        ValueError: naming the bad entry or option and what is allowed.
+    """
+    if not isinstance(record, (list, tuple)):
+        raise ValueError(
+            f"record={record!r}; allowed: a list of dicts, as keel.nn.stabilize_record(model) returns"
+        )
+    return [_remedy(i, entry) for i, entry in enumerate(record)]
+
+
+def _remedy(i: int, entry: Any) -> Remedy:
+    if not isinstance(entry, Mapping):
+        raise ValueError(f"record[{i}]={entry!r}; allowed: a dict like {{'remedy': 'qk_norm', 'norm': 'rms'}}")
+    if NAME_KEY not in entry:
+        raise ValueError(f"record[{i}]={dict(entry)!r} has no {NAME_KEY!r}; allowed: {{'remedy': <name>, ...}}")
+    name = entry[NAME_KEY]
+    if not isinstance(name, str) or name not in remedies:
+        raise ValueError(f"record[{i}][{NAME_KEY!r}]={name!r}; allowed: one of {', '.join(remedies.names())}")
+    factory = remedies.get(name)
+    options = {k: tuple(v) if isinstance(v, list) else v for k, v in entry.items() if k != NAME_KEY}
+    if dataclasses.is_dataclass(factory):
+        allowed = [f.name for f in dataclasses.fields(factory) if f.init]
+        unknown = [k for k in options if k not in allowed]
+        if unknown:
+            raise ValueError(f"record[{i}] option {unknown[0]!r}; allowed: {', '.join(allowed)}")
+    try:
+        return remedies.create(name, **options)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"record[{i}]: {error}") from None
