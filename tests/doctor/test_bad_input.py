@@ -39,7 +39,9 @@ CASES = {
         lambda d: _write_bytes(d / "run.sqlite", b"SQLite format 3\x00" + RNG_BYTES), "not a keel run store"),
     "other_sqlite": (lambda d: (_sqlite_other(d / "x.sqlite"), d / "x.sqlite")[1], "not a keel run store"),
     "empty_folder": (lambda d: d, "no training log"),
-    "folder_of_runs": (lambda d: (_store(d / "runs" / "bare"), d / "runs")[1], "a folder of 1 runs (bare)"),
+    "folder_holding_one_broken_run": (  # the one run a folder holds is read (tests/doctor/test_run_folders.py)
+        lambda d: (_write_bytes(_folder(d / "runs" / "bare") / "run.sqlite", RNG_BYTES), d / "runs")[1],
+        "not a keel run store"),
     "json_object_not_a_log": (lambda d: _write(d / "config.json", json.dumps({"lr": 1}, indent=2)),
                               "not a log"),
     "state_without_history": (lambda d: _write(d / "trainer_state.json", json.dumps({"global_step": 3})),
@@ -51,11 +53,9 @@ CASES = {
 }
 
 
-def _store(run_dir: Path) -> None:
-    from keel.store import RunWriter
-
-    with RunWriter(run_dir) as w:
-        w.add_signals(0, {"loss": 1.0})
+def _folder(path: Path) -> Path:
+    path.mkdir(parents=True)
+    return path
 
 
 def _write(path: Path, text: str) -> Path:

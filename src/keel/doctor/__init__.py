@@ -9,7 +9,7 @@ keel run store, read into `Observation`s and run through the same detectors a `G
 
 from keel.doctor.columns import ALIASES, STEP_COLUMNS, map_columns
 from keel.doctor.diagnose import diagnose, diagnose_log, logging_stride, scale_for_stride
-from keel.doctor.formats import FORMATS, detect_format, read_log
+from keel.doctor.formats import FORMATS, detect_format, find_logs, read_log
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.result import DoctorResult
 from keel.doctor.table import Column, LogTable
@@ -30,6 +30,7 @@ __all__ = [
     "detect_format",
     "diagnose",
     "diagnose_log",
+    "find_logs",
     "format_result",
     "logging_stride",
     "map_columns",

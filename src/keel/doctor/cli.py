@@ -1,7 +1,12 @@
 """`keel doctor PATH`: diagnose a training log you already have with the detectors the Guard runs live.
 
-Exit status: 0 when nothing reaches ``--fail-on`` (or it is not given), 1 when a finding does, 2 when the
-log cannot be read (one ``keel doctor: error: …`` line on stderr, never a traceback).
+A folder of keel runs (``runs/``, holding ``runs/A/keel``, ``runs/B/keel`` …, one or two levels down) is
+diagnosed run by run: a first line names the runs found, then each run's result (``--json``: one document
+``{"source", "runs": [...], "errors": [...]}``). A run that cannot be read is its own error line; the others
+are still diagnosed.
+
+Exit status: 0 when nothing reaches ``--fail-on`` (or it is not given), 1 when a finding does, 2 when a
+log cannot be read (one ``keel doctor: error: …`` line on stderr per log, never a traceback).
 """
 
 from __future__ import annotations
@@ -9,18 +14,20 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 from keel._core.printable import printable
 from keel.doctor.diagnose import diagnose_log
-from keel.doctor.formats import FORMATS
+from keel.doctor.formats import FORMATS, find_logs
 from keel.doctor.log import LogReadError
+from keel.doctor.result import DoctorResult
 from keel.doctor.text import format_result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("path", metavar="PATH",
                         help="CSV/TSV, JSONL, trainer_state.json, TensorBoard event file or folder, "
-                             "keel run store")
+                             "keel run store, or a folder of keel runs (each is diagnosed)")
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument("--fail-on", choices=("warning", "critical"), default=None,
                         help="exit 1 when a finding of this severity or worse is found (for CI)")
@@ -30,20 +37,39 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    try:
-        result = diagnose_log(args.path, format=args.format)
-    except LogReadError as exc:
-        print(f"keel doctor: error: {printable(str(exc))}", file=sys.stderr)
+    paths = find_logs(args.path, args.format) if args.path.strip() else [args.path]
+    several = len(paths) > 1
+    if several and not args.json:
+        names = ", ".join(printable(p.relative_to(args.path).as_posix()) for p in paths)
+        print(f"keel doctor: {printable(args.path)}: {len(paths)} keel run stores one or two levels down: {names}")
+    results: list[DoctorResult] = []
+    errors: list[str] = []
+    for path in paths:
+        error = _diagnose(path, args.format, results)
+        if error is not None:
+            print(f"keel doctor: error: {error}", file=sys.stderr)
+            errors.append(error)
+        elif not args.json:
+            text = format_result(results[-1], min_severity="info" if args.all else "warning")
+            print(f"\n{text}" if several else text)
+    if args.json and (results or several):
+        doc = {"source": args.path, "runs": [r.to_dict() for r in results], "errors": errors} if several \
+            else results[0].to_dict()
+        print(json.dumps(doc, indent=2, allow_nan=False))
+    if errors:
         return 2
-    except (ValueError, OverflowError, RecursionError, MemoryError, UnicodeError) as exc:
-        # Garbage that slipped past a reader's checks: still one line, still exit 2.
-        print(printable(f"keel doctor: error: {args.path}: could not be read as a training log "
-                        f"({type(exc).__name__}: {exc})"), file=sys.stderr)
-        return 2
-    if args.json:
-        print(json.dumps(result.to_dict(), indent=2, allow_nan=False))
-    else:
-        print(format_result(result, min_severity="info" if args.all else "warning"))
-    if args.fail_on is not None and result.at_least(args.fail_on):
+    if args.fail_on is not None and any(r.at_least(args.fail_on) for r in results):
         return 1
     return 0
+
+
+def _diagnose(path: str | Path, format: str | None, results: list[DoctorResult]) -> str | None:
+    """Diagnose one log into ``results``; the one-line error when it cannot be read."""
+    try:
+        results.append(diagnose_log(path, format=format))
+    except LogReadError as exc:
+        return printable(str(exc))
+    except (ValueError, OverflowError, RecursionError, MemoryError, UnicodeError) as exc:
+        # Garbage that slipped past a reader's checks: still one line, still exit 2.
+        return printable(f"{path}: could not be read as a training log ({type(exc).__name__}: {exc})")
+    return None

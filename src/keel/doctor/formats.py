@@ -1,4 +1,5 @@
-"""Which reader a path needs: by what the folder holds, the file's name and suffix, then its first bytes."""
+"""Which reader a path needs: by what the folder holds, the file's name and suffix, then its first bytes; and
+which logs a folder stands for (`find_logs`: a folder of keel runs stands for each of them)."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from keel.doctor.jsonl_log import read_jsonl_log
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.store_log import SQLITE_MAGIC, is_sqlite, read_store_log
 from keel.doctor.tensorboard_log import EVENT_GLOB, is_event_file, read_tensorboard_log
-from keel.store import STORE_NAME
+from keel.store import STORE_NAME, find_runs
 
 READERS: dict[str, Callable[[Path], RawLog]] = {
     "csv": read_csv_log,
@@ -70,14 +71,13 @@ def detect_format(path: Path) -> str:
             return "keel_store"
         if find_trainer_state(path) is not None:
             return "hf_trainer_state"
+        # before TensorBoard: a run folder may hold event files exported from its store (RUN/export/tensorboard)
+        if find_runs(path):
+            return "keel_store"
         if next(path.rglob(EVENT_GLOB), None) is not None:
             return "tensorboard"
-        runs = sorted(p.name for p in path.iterdir() if (p / STORE_NAME).is_file())
-        if runs:
-            raise LogReadError(f"{path}: a folder of {len(runs)} runs ({', '.join(runs[:6])}); "
-                               "give one of them, e.g. " + str(path / runs[0]))
-        raise LogReadError(f"{path}: a folder with no training log in it; looked for {STORE_NAME}, "
-                           f"{STATE_NAME} (also in checkpoint-*/) and {EVENT_GLOB}")
+        raise LogReadError(f"{path}: a folder with no training log in it; looked for {STORE_NAME} (also one or two "
+                           f"levels down), {STATE_NAME} (also in checkpoint-*/) and {EVENT_GLOB}")
     if is_sqlite(path):
         return "keel_store"
     if is_event_file(path):
@@ -106,6 +106,33 @@ def detect_format(path: Path) -> str:
         return "csv"
     raise LogReadError(f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, "
                        f"{STATE_NAME}, TensorBoard event files, keel run stores")
+
+
+def find_logs(path: str | Path, format: str | None = None) -> list[Path]:
+    """The logs ``keel doctor PATH`` diagnoses: ``PATH`` itself, or — for a folder with no log of its own that
+    holds several keel runs one or two levels down (``runs/A/keel``, ``runs/B/keel``) — each of those runs.
+
+    A folder holding one run is ``PATH`` itself: `read_log` reads that run and says so in a note.
+
+    Args:
+        path: What was given to ``keel doctor``.
+        format: The reader forced with ``--format``; a reader other than ``keel_store`` reads ``PATH`` itself.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> for run in ("A/keel", "B/keel"):
+        ...     (root / run).mkdir(parents=True)
+        ...     (root / run / STORE_NAME).touch()
+        >>> [str(p.relative_to(root)) for p in find_logs(root)], find_logs(root / "A") == [root / "A"]
+        (['A/keel', 'B/keel'], True)
+    """
+    path = Path(path)
+    if format not in (None, "keel_store") or not path.is_dir() or (path / STORE_NAME).is_file() \
+            or find_trainer_state(path) is not None:
+        return [path]
+    runs = find_runs(path)
+    return runs if len(runs) > 1 else [path]
 
 
 def _kind(path: Path) -> str:

@@ -19,7 +19,7 @@ import numpy as np
 
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.table import MAX_STEP, Column, LogTable
-from keel.store import RunReader, store_path
+from keel.store import RunReader, find_runs, store_path
 
 SQLITE_MAGIC = b"SQLite format 3\x00"
 META_FACTS = ("status", "policy", "steps", "seed")  # shown as they are: must be plain values
@@ -34,16 +34,29 @@ def is_sqlite(path: Path) -> bool:
 
 
 def read_store_log(path: str | Path) -> RawLog:
-    """Read a keel run store (its folder or its ``run.sqlite``).
+    """Read a keel run store (its folder or its ``run.sqlite``), or the one run store a folder holds one or two
+    levels down (``runs/X`` holding ``runs/X/keel``: a note says which was read).
 
     Raises:
-        LogReadError: No store there, an SQLite file that is not a run store, or a store with no signals.
+        LogReadError: No store there, a folder of several runs (`keel.doctor.find_logs` lists them), an SQLite
+            file that is not a run store, or a store with no signals.
     """
     path = Path(path)
     file = store_path(path)
+    found = ""
+    if not file.is_file() and path.is_dir():
+        runs = find_runs(path)
+        if len(runs) > 1:
+            names = ", ".join(p.relative_to(path).as_posix() for p in runs[:6]) + (" …" if len(runs) > 6 else "")
+            raise LogReadError(f"{path}: a folder of {len(runs)} keel runs ({names}); keel doctor diagnoses each, "
+                               f"diagnose_log reads one, e.g. {runs[0]}")
+        if runs:
+            found = f"{path} holds one keel run store, {runs[0]}: diagnosed that"
+            path, file = runs[0], store_path(runs[0])
     if not file.is_file():
         raise LogReadError(f"{path}: no keel run store ({file.name}) here")
-    log = RawLog(source=str(path), format="keel_store", keyed=True, step_column="step")
+    log = RawLog(source=str(path), format="keel_store", keyed=True, step_column="step",
+                 notes=[found] if found else [])
     try:
         with RunReader(file) as run:
             log.records = _signals(run, log.notes)

@@ -1,0 +1,79 @@
+"""`keel doctor FOLDER` on a folder of run stores: each run one or two levels down is found and diagnosed."""
+
+import json
+
+import pytest
+
+from keel.cli import main
+from keel.doctor import find_logs
+from tests.conftest import observe_poisoned_run
+from tests.doctor.guard_runs import recovered_run
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """runs/A/keel (a spike, observed), runs/B/keel (skips and a rollback), runs/solo (one level down), each
+    with files beside the store that are not runs (an exported TensorBoard event file, snapshots)."""
+    root = tmp_path_factory.mktemp("runs")
+    observe_poisoned_run(root / "A" / "keel", steps=70)
+    recovered_run(root / "B" / "keel")
+    observe_poisoned_run(root / "solo", steps=70)
+    export = root / "A" / "keel" / "export" / "tensorboard"
+    export.mkdir(parents=True)
+    (export / "events.out.tfevents.1.host").write_bytes(b"")  # beside the store, never chosen over it
+    (root / ".hidden" / "keel").mkdir(parents=True)
+    (root / "notes").mkdir()
+    return root
+
+
+def test_the_runs_one_or_two_levels_down_are_found(runs):
+    assert [p.relative_to(runs).as_posix() for p in find_logs(runs)] == ["A/keel", "B/keel", "solo"]
+    assert find_logs(runs / "A" / "keel") == [runs / "A" / "keel"]  # a run is itself
+
+
+def test_doctor_on_a_folder_of_runs_diagnoses_each_and_says_which(runs, capsys):
+    assert main(["doctor", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert out.splitlines()[0] == f"keel doctor: {runs}: 3 keel run stores one or two levels down: A/keel, B/keel, solo"
+    headers = [line for line in out.splitlines() if line.startswith("keel doctor: ")][1:]
+    names = ("A/keel", "B/keel", "solo")
+    assert [h.split(" (")[0] for h in headers] == [f"keel doctor: {runs / name}" for name in names]
+    assert "decisions recorded by the Guard: 3 skip, 1 rollback" in out
+
+
+def test_json_of_a_folder_of_runs_has_one_document_per_run(runs, capsys):
+    assert main(["doctor", str(runs), "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["source"] == str(runs)
+    assert [(r["source"], r["format"]) for r in doc["runs"]] == [
+        (str(runs / name), "keel_store") for name in ("A/keel", "B/keel", "solo")]
+    assert {f["step"] for f in doc["runs"][0]["findings"] if f["severity"] == "critical"} == {60}  # A's spike
+
+
+def test_fail_on_answers_for_every_run(runs, capsys):
+    assert main(["doctor", str(runs), "--fail-on", "critical"]) == 1
+
+
+def test_a_folder_holding_one_run_uses_it_and_says_so(runs, capsys):
+    assert main(["doctor", str(runs / "A")]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"keel doctor: {runs / 'A' / 'keel'} (keel_store, 70 steps")
+    assert f"note: {runs / 'A'} holds one keel run store, {runs / 'A' / 'keel'}: diagnosed that" in out
+
+
+def test_an_unreadable_run_among_several_is_one_error_line_and_the_others_are_diagnosed(runs, tmp_path, capsys):
+    for name in ("good", "bad"):
+        (tmp_path / name).mkdir()
+    observe_poisoned_run(tmp_path / "good", steps=30, poisoned_at=20)
+    (tmp_path / "bad" / "run.sqlite").write_text("not a database")
+    assert main(["doctor", str(tmp_path)]) == 2
+    captured = capsys.readouterr()
+    assert captured.err.count("\n") == 1 and captured.err.startswith(f"keel doctor: error: {tmp_path / 'bad'}")
+    assert f"keel doctor: {tmp_path / 'good'} (keel_store" in captured.out
+
+
+def test_a_folder_with_no_log_at_all_is_one_error_line(tmp_path, capsys):
+    (tmp_path / "empty" / "deeper").mkdir(parents=True)
+    assert main(["doctor", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "a folder with no training log in it" in err
