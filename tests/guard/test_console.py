@@ -287,3 +287,12 @@ def test_a_console_that_fails_is_recorded_and_the_run_and_its_store_go_on(tmp_pa
     with RunReader(tmp_path / "run") as reader:
         kinds = {f.kind for f in reader.findings()}
         assert {"keel_error", "non_finite"} <= kinds and reader.meta()["status"] == "finished"
+
+
+@pytest.mark.parametrize(("rank", "quiet"), [(0, False), (1, True)])
+def test_under_torch_distributed_only_rank_0_speaks(monkeypatch, rank, quiet):
+    from keel.guard.recorder import Recorder
+
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+    assert Recorder(None, 50).console.quiet is quiet

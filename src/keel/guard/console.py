@@ -38,7 +38,6 @@ import sys
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -47,10 +46,9 @@ from keel._core.decision import Decision
 from keel._core.finding import Finding
 from keel._core.printable import one_line
 from keel.detect.diagnosis import Diagnosis
+from keel.guard.summary import LEVELS, format_summary, plural
 
 LOGGER_NAME = "keel"
-LEVELS = {"info": logging.DEBUG, "warning": logging.WARNING, "critical": logging.ERROR}
-STORE_NAME = "run.sqlite"
 
 logger = logging.getLogger(LOGGER_NAME)
 _SILENCED: contextvars.ContextVar[bool] = contextvars.ContextVar("keel_console_silenced", default=False)
@@ -183,37 +181,8 @@ class Console:
         n = sum(hidden.by.values())
         by = ", ".join(f"{s} {c}" for s, c in sorted(hidden.by.items()))
         at = f"step {step}: " if step is not None else "end of run: "
-        _say(hidden.level, f"{at}{n} more {key} {_plural(n, 'line')} since step {hidden.since} not shown ({by}); all "
+        _say(hidden.level, f"{at}{n} more {key} {plural(n, 'line')} since step {hidden.since} not shown ({by}); all "
                     "are in the run store and the summary")
-
-
-def format_summary(*, status: str, steps: int, policy: str | None, findings: Sequence[Finding],
-                   decisions: Sequence[Decision], diagnoses: Sequence[Diagnosis], run_dir: str | None,
-                   hidden: int = 0) -> str:
-    """The close summary: counts by kind and severity, what keel did, the named cause, the store and the report."""
-    lines = [f"run {one_line(status, 200)} after {steps} steps" + (f" (policy {policy})" if policy else "")]
-    kinds: dict[str, Counter[str]] = {}
-    for f in findings:
-        kinds.setdefault(f.kind, Counter())[f.severity] += 1
-    serious = any(c["warning"] or c["critical"] for c in kinds.values())
-    if kinds:
-        lines.append("  findings: " + "; ".join(
-            f"{one_line(kind, 60)} {sum(c.values())} (" + ", ".join(f"{s} {c[s]}" for s in LEVELS if c[s]) + ")"
-            for kind, c in sorted(kinds.items(), key=lambda kc: (-_worst(kc[1]), kc[0]))))
-    if not serious:
-        lines.append("  no warning or critical finding")
-    lines.append("  decisions: " + _decisions(decisions))
-    for i, d in enumerate(diagnoses[:3], 1):
-        top = d.remedies[0]["action"] if d.remedies else ""
-        lines.append(f"  cause {i}: {d.title} ({d.when()})" + (f"; remedy: {one_line(str(top), 200)}" if top else ""))
-    if hidden:
-        lines.append(f"  {hidden} {_plural(hidden, 'line')} not shown on the console (rate limit)")
-    if run_dir is not None:
-        lines.append(f"  store: {one_line(str(Path(run_dir) / STORE_NAME))}; report: keel report {one_line(run_dir)}")
-    else:
-        lines.append("  store: none (run_dir=None): the findings and decisions are in guard.findings and "
-                     "guard.decisions")
-    return "\n".join(lines)
 
 
 def _value(value: object) -> str:
@@ -223,30 +192,6 @@ def _value(value: object) -> str:
     except (TypeError, ValueError):
         return f" = {one_line(repr(value), 40)}"
     return "" if number != number else f" = {number:.4g}"
-
-
-def _worst(severities: Counter[str]) -> int:
-    return max(LEVELS[s] for s in severities)
-
-
-def _decisions(decisions: Sequence[Decision]) -> str:
-    skips = sum(d.action == "skip" and d.by == "keel" for d in decisions)
-    scaler = sum(d.action == "skip" and d.by == "scaler" for d in decisions)
-    rollbacks = [d for d in decisions if d.action == "rollback"]
-    aborts = sum(d.action == "abort" for d in decisions)
-    parts = [_plural(skips, "skip", count=True)]
-    moved = ", ".join(f"step {d.step} → step {d.restored_step}" for d in rollbacks[:5] if d.restored_step is not None)
-    more = ", …" if len(rollbacks) > 5 else ""
-    parts.append(_plural(len(rollbacks), "rollback", count=True) + (f" ({moved}{more})" if moved else ""))
-    parts.append(_plural(aborts, "abort", count=True))
-    if scaler:
-        parts.append(_plural(scaler, "GradScaler overflow skip", count=True))
-    return ", ".join(parts)
-
-
-def _plural(n: int, word: str, *, count: bool = False) -> str:
-    word = word if n == 1 else f"{word}s"
-    return f"{n} {word}" if count else word
 
 
 # --- where the lines go -------------------------------------------------------------------------------------
