@@ -187,14 +187,14 @@ def main(args: argparse.Namespace) -> int:
         print("keel bench detect: scenario zoo under Guard(policy='observe'), probes='transformer', default detectors")
     with progress_bar(len(args.only or list_scenarios()), "keel bench detect", enabled=not args.json,
                       unit="scenario") as bar:
-        def progress(score: ScenarioScore) -> None:
+        def show_row(score: ScenarioScore) -> None:
             if not args.json:
                 bar.write(_row(score), file=sys.stdout)  # a result row, printed above the bar
             bar.update()
 
         with silenced():  # the score rows are this benchmark's output; the runs' findings are in the scores
             result = bench_detect(args.only, seed=args.seed or 0, reference=not args.no_reference,
-                                  progress=progress)
+                                  progress=show_row)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
