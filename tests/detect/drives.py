@@ -1,0 +1,148 @@
+"""How to drive each registered detector with the signals it reads: a healthy series and one that triggers it.
+
+The contract tests (`test_detector_contract.py`) are parametrised over `keel.detect.list_detectors()` and look
+each name up here, so a new detector without an entry fails them. Every series is seeded and short (a few
+hundred observations at most), and touches every key the detector reads.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from keel._core.observation import Observation
+from keel.detect.scan import ReadsKeys
+
+BLOCKS = ("blocks.0", "blocks.1", "blocks.2")
+PARAMS = ("blocks.0.weight", "blocks.1.weight", "head.weight")
+
+
+@dataclass(frozen=True)
+class Drive:
+    """A detector's test inputs.
+
+    Attributes:
+        healthy: Observations of a healthy run: no finding at all.
+        trigger: Observations of the trouble the detector exists for: at least one finding.
+    """
+
+    healthy: Callable[[], list[Observation]]
+    trigger: Callable[[], list[Observation]]
+
+
+def reads_of(det: object) -> tuple[str, ...]:
+    """The keys a detector reads: its declared ``reads``, else the one signal of its config."""
+    return det.reads if isinstance(det, ReadsKeys) else (det.config.signal,)
+
+
+def _noise(n: int, seed: int, scale: float) -> np.ndarray:
+    return np.exp(scale * np.random.default_rng(seed).standard_normal(n))
+
+
+def _scalar(key: str, values, *, start: int = 0, every: int = 1, extra=None) -> list[Observation]:
+    return [Observation(step=start + every * i, values={key: float(v), **(extra or {})}) for i, v in enumerate(values)]
+
+
+def _healthy_loss() -> np.ndarray:
+    t = np.arange(300)
+    return (2.0 + 3.0 * np.exp(-t / 60)) * _noise(len(t), 1, 0.01)
+
+
+def _spiking_loss() -> np.ndarray:
+    loss = _healthy_loss()
+    loss[200] *= 5.0
+    return loss
+
+
+def _diverging_loss() -> np.ndarray:
+    loss = _healthy_loss()[:150]
+    return np.concatenate([loss, loss[-1] * np.linspace(1.0, 4.0, 60)])
+
+
+def _norms(step: int, loss: float, grad: float, param: float, *, bad_block: int | None = None,
+           bad_param: int | None = None) -> Observation:
+    act = [1.0 + i for i in range(len(BLOCKS))]
+    grads = [0.1 * (i + 1) for i in range(len(PARAMS))]
+    if bad_block is not None:
+        act[bad_block:] = [math.inf] + [math.nan] * (len(BLOCKS) - bad_block - 1)
+    if bad_param is not None:
+        grads[: bad_param + 1] = [math.nan] * (bad_param + 1)
+    return Observation(step=step, values={"loss": loss, "grad/norm": grad, "param/norm": param},
+                       per_param={"act/max_abs/": (BLOCKS, act), "grad/norm/": (PARAMS, grads)})
+
+
+def _healthy_norms() -> list[Observation]:
+    loss = _healthy_loss()[:100]
+    return [_norms(s, float(v), 1.0 + 0.01 * (s % 5), 30.0) for s, v in enumerate(loss)]
+
+
+def _non_finite_norms() -> list[Observation]:
+    run = _healthy_norms()[:60]
+    run += [_norms(60, math.nan, math.nan, 30.0, bad_block=1), _norms(61, 2.1, math.inf, 30.0, bad_param=1),
+            _norms(62, 2.1, 1.0, 30.0), _norms(63, 2.1, 1.0, math.nan)]
+    return run
+
+
+def _healthy_logits() -> np.ndarray:
+    # keel's proxy at a healthy learning rate: ×1.27 per step from near zero to ~50, then a noisy plateau
+    rise = 0.2 * 1.27 ** np.arange(24)
+    return np.concatenate([rise, 50.0 * _noise(120, 2, 0.02)])
+
+
+def _growing_logits() -> np.ndarray:
+    return np.concatenate([np.ones(10), 2.0 ** np.arange(1, 12)])
+
+
+def _healthy_entropy() -> np.ndarray:
+    t = np.arange(60)
+    return (1.7 + 1.5 * np.exp(-t / 15)) * _noise(len(t), 3, 0.01)  # keeps more than half of its start
+
+
+def _collapsing_entropy() -> np.ndarray:
+    return np.array([3.2, 3.2, 3.1, 2.6, 1.9, 1.3, 0.7, 0.6, 0.4, 0.25, 0.12, 0.1])
+
+
+def _healthy_log_z() -> np.ndarray:
+    t = np.arange(200)
+    return 10.8 - 2.5 * (1 - np.exp(-t / 40)) + 0.05 * np.random.default_rng(4).standard_normal(len(t))
+
+
+def _drifting_log_z() -> np.ndarray:
+    return np.concatenate([np.full(20, 5.5), 5.5 + 0.2 * np.arange(1, 130)])
+
+
+def _margins(values, lrs) -> list[Observation]:
+    return [Observation(step=5 * i, values={"curvature/margin": float(m), "lr": float(lr), "curvature/sharpness": 50.0})
+            for i, (m, lr) in enumerate(zip(values, lrs, strict=True))]
+
+
+def _healthy_margins() -> list[Observation]:
+    # warm-up (Adam's large early margins falling) and then the benign edge of stability
+    margins = [40.0, 25.0, 9.0, 3.0, 0.4, 0.8, 0.95, 1.05, 1.2, 0.98, 1.4, 1.1, 1.9, 1.3, 1.0, 0.9]
+    return _margins(margins, np.geomspace(1e-4, 1e-2, len(margins)))
+
+
+def _lr_jump_margins() -> list[Observation]:
+    return _margins([0.8, 0.9, 1.1, 2.5, 1.2, 11.0, 14.0], [0.01, 0.01, 0.01, 0.03, 0.01, 0.1, 0.1])
+
+
+DRIVES: dict[str, Drive] = {
+    "spike": Drive(healthy=lambda: _scalar("loss", _healthy_loss()), trigger=lambda: _scalar("loss", _spiking_loss())),
+    "divergence": Drive(healthy=lambda: _scalar("loss", _healthy_loss()),
+                        trigger=lambda: _scalar("loss", _diverging_loss())),
+    "non_finite": Drive(healthy=_healthy_norms, trigger=_non_finite_norms),
+    "non_finite_origin": Drive(healthy=_healthy_norms, trigger=_non_finite_norms),
+    "attention_logit_growth": Drive(healthy=lambda: _scalar("attn/max_logit", _healthy_logits(), every=2),
+                                    trigger=lambda: _scalar("attn/max_logit", _growing_logits())),
+    "attention_entropy_collapse": Drive(healthy=lambda: _scalar("attn/entropy", _healthy_entropy(), every=10),
+                                        trigger=lambda: _scalar("attn/entropy", _collapsing_entropy(), every=10)),
+    "output_logit_drift": Drive(healthy=lambda: _scalar("logits/log_z", _healthy_log_z()),
+                                trigger=lambda: _scalar("logits/log_z", _drifting_log_z())),
+    "softmax_collapse": Drive(healthy=lambda: _scalar("logits/softmax_collapse", np.zeros(50)),
+                              trigger=lambda: _scalar("logits/softmax_collapse",
+                                                      [0.0] * 5 + [0.004, 0.02, 0.08, 0.3, 0.7, 0.9, 0.0, 0.6, 0.6])),
+    "edge_of_stability": Drive(healthy=_healthy_margins, trigger=_lr_jump_margins),
+}
