@@ -6,10 +6,14 @@ from keel.bench.overhead import OverheadConfig
 from keel.cli import main
 
 
-def test_bench_overhead_json_has_the_ratios_of_every_variant_each_timed_in_its_own_process(capsys):
+def _bench_json(capsys, rounds: int) -> dict:
     assert main(["bench", "overhead", "--json", "--size", "tiny", "--steps", "3", "--repeats", "2",
-                 "--rounds", "2", "--batch-size", "4", "--seq-len", "16", "--policy", "recover"]) == 0
-    result = json.loads(capsys.readouterr().out)
+                 "--rounds", str(rounds), "--batch-size", "4", "--seq-len", "16", "--policy", "recover"]) == 0
+    return json.loads(capsys.readouterr().out)
+
+
+def test_bench_overhead_json_has_the_ratios_of_every_variant_each_timed_in_its_own_process(capsys):
+    result = _bench_json(capsys, rounds=1)
     variants = {"default", "full", "policy=recover"}
     assert set(result["ratio"]) == set(result["ratio_steady"]) == variants
     assert set(result["step_ms"]) == variants | {"bare"}
@@ -18,10 +22,15 @@ def test_bench_overhead_json_has_the_ratios_of_every_variant_each_timed_in_its_o
     # recover took its snapshots (the first at step 0), in the process that timed it
     assert set(result["snapshots"]) == {"policy=recover"} and result["snapshots"]["policy=recover"]["snapshots"] >= 1
     assert result["isolated"] == "one process per variant"
-    # each round started fresh processes and gave every variant, and the A/A control, a ratio of its own
+    assert len(result["control_rounds"]) == 1 and result["control"] > 0  # the A/A control: a second bare process
+
+
+@pytest.mark.slow  # fresh processes per round: ~10 process starts (make test-all)
+def test_each_round_starts_fresh_processes_and_gives_every_variant_and_the_control_a_ratio(capsys):
+    result = _bench_json(capsys, rounds=2)
+    variants = {"default", "full", "policy=recover"}
     assert {name: len(r) for name, r in result["ratio_rounds"].items()} == dict.fromkeys(variants, 2)
-    assert len(result["control_rounds"]) == 2 and result["control"] > 0
-    assert result["config"]["rounds"] == 2
+    assert len(result["control_rounds"]) == 2 and result["config"]["rounds"] == 2
 
 
 @pytest.mark.parametrize("policies", [("yolo",), "recover", (1,)])
