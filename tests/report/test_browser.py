@@ -67,6 +67,8 @@ def test_demo_arms_report_draws_every_chart_without_errors(tmp_path):
     page = write_report([root], tmp_path / "report.html")
     result = _check(page, tmp_path)
     assert result["status"]["charts"] == 6
+    first = result["status"]["first_screen"]  # runs, named cause and loss chart with its marks: one screen
+    assert 500 < first["bottom"] <= first["height"], first  # a 1400×1000 window shows 857 px of page
     view = result["status"]["view"]  # the bare run's loss, whole run: 300 points, the ×4 spike at 150 in view
     assert view["points"] == 300 and view["max"] > 7
     zoomed = _check(page, tmp_path, "steps=140-160")["status"]

@@ -20,6 +20,7 @@ from keel._core import Decision, Finding
 from keel.cli import main
 from keel.report import ReportError, build_page, write_report
 from keel.report.run_data import RunData
+from keel.report.sections import esc
 from keel.report.sweep_data import Curve, Scaling, SweepData
 from tests.report.browser import chromium_binary, load
 from tests.report.hostile import COLUMNS, RUN_NAME, crafted, hostile_run_store, hostile_sweep_store
@@ -74,7 +75,8 @@ def test_rows_of_the_wrong_type_are_left_out_and_named_in_a_note(tmp_path):
     run = hostile_run_store(tmp_path / "runs")
     page = write_report([run], tmp_path / "report.html").read_text()
     for table, n in (("decisions", 6), ("findings", 6), ("meta", 4), ("signals", 6), ("snapshots", 3)):
-        assert f"<p class='problem'>{table}: {n} row(s) of the wrong type left out (first: " in page, table
+        line = f"<p class='problem'>{esc(run.name)}: {table}: {n} row(s) of the wrong type left out (first: "
+        assert line in page, table
     sweep = write_report([hostile_sweep_store(tmp_path / "sweeps")], tmp_path / "sweep.html").read_text()
     for table, n in (("meta", 2), ("runs", 7)):
         assert f"<p class='problem'>{table}: {n} row(s) of the wrong type left out (first: " in sweep, table
@@ -120,7 +122,7 @@ def test_markup_in_integer_columns_runs_no_script_in_chromium(tmp_path):
     _assert_inert(load(page, tmp_path / "profile"))
     text = page.read_text()
     for table in ("findings", "decisions", "snapshots"):
-        assert f"<p class='problem'>{table}: " in text and "(text); allowed: an integer)" in text
+        assert f"<p class='problem'>run: {table}: " in text and "(text); allowed: an integer)" in text
 
 
 @pytest.mark.browser

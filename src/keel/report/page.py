@@ -1,8 +1,10 @@
 """The report page: run stores → one self-contained HTML file (plotly.js inlined, no network, works offline).
 
-`write_report` is what `keel report` and `keel demo` call. The page holds the runs' metadata, diagnosis
-cards, timelines with findings, skips, rollbacks and snapshots marked on them, and the decisions and
-snapshots tables; several runs are overlaid on the same charts for comparison. A sweep store adds its
+`write_report` is what `keel report` and `keel demo` call. The page opens with one screen of what a person wants
+first (`keel.report.overview`): the runs compared, their named causes, the loss chart with its marks. Then the
+diagnosis cards (one card for the runs that share it), the other timelines with findings, skips, rollbacks and
+snapshots marked on them, the runs' metadata, and the decisions and snapshots tables; several runs are overlaid
+on the same charts for comparison. A sweep store adds its
 section (`keel.report.sweep_section`): LR-sensitivity tables, the scaling view and their figures. Everything
 on the page is built here from the stores' data, escaped; nothing from a store is inserted as markup.
 """
@@ -21,8 +23,10 @@ from typing import Any
 
 import numpy as np
 
+from keel._core import keys
 from keel._core.errors import KeelError
 from keel.report import charts as _charts
+from keel.report import overview as _overview
 from keel.report import sections as _sections
 from keel.report.labels import run_labels
 from keel.report.run_data import RunData, load_run
@@ -174,21 +178,15 @@ def build_page(runs: list[RunData], notes: list[str] | None = None, *, sweeps: S
 
 def _run_parts(runs: list[RunData], colors: list[str], charts: list[_charts.Chart],
                extra: list[str]) -> list[str]:
+    # The first screen: runs compared, named causes, the loss chart with its marks (keel.report.overview).
+    loss = next((c for c in charts if keys.LOSS in c.keys), charts[0] if charts else None)
     return [
-        "<h2>Runs</h2>", _sections.runs_table(runs, colors),
-        *[_sections.metadata(r) for r in runs],
-        "<h2>Diagnosis</h2>", "<div class='diag'>",
-        *[f"<div><h3><span class='swatch' style='background:{c}'></span>{html.escape(r.name)}</h3>"
-          f"{_sections.diagnosis_cards(r)}</div>" for r, c in zip(runs, colors, strict=True)],
-        "</div>",
-        "<h2>Timelines</h2>",
-        "<p class='muted'>Drag to zoom (all charts follow), double-click to reset. Lines show each bucket's "
-        "minimum and maximum, so one-step spikes stay visible at any zoom. Marks: grey ○ info, orange ▲ "
-        "warning, red × critical, | skipped step, dashed line and band: rollback (band = the steps undone), "
-        "▽ snapshot.</p>",
-        *[f"<div class='chart' id='{c.id}'></div>" for c in charts],
-        "" if charts else "<p class='muted'>these runs have no signals yet.</p>",
+        _overview.overview(runs, colors, loss.id if loss is not None else None),
+        "<h2>Diagnosis</h2>", _overview.shared_cards(runs, colors),
+        "<h2>Timelines</h2>" if len(charts) > 1 else "",
+        *[f"<div class='chart' id='{c.id}'></div>" for c in charts if c is not loss],
         *extra,
+        "<h2>Runs</h2>", *[_sections.metadata(r) for r in runs],
         "<h2>Decisions and snapshots</h2>",
         *[f"<h3>{html.escape(r.name)}</h3>{_sections.decisions_table(r)}{_sections.snapshots_table(r)}"
           for r in runs],

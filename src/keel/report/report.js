@@ -239,6 +239,12 @@
     return range ? applyRange(range[0], range[1], null) : null;
   }).then(function () { state.done = true; publish(); },
           function (e) { state.errors.push("render: " + e); publish(); });
+  // Where the first screen's content ends (runs, named cause, loss chart): the browser test checks it fits.
+  function firstScreen() {
+    var top = document.getElementById("overview");
+    return top ? {bottom: Math.round(top.getBoundingClientRect().bottom + window.scrollY),
+                  height: window.innerHeight} : null;
+  }
   function publish() {
     var charts = data.charts.length + (data.figures || []).length;
     document.body.setAttribute("data-keel-charts", String(charts));
@@ -248,6 +254,7 @@
     if (out) {
       out.textContent = JSON.stringify({charts: charts, rendered: state.rendered,
                                         errors: state.errors, range: requestedRange(), view: firstView(),
+                                        first_screen: firstScreen(),
                                         drawn_ms: Math.round(performance.now())});
     }
   }

@@ -1,5 +1,7 @@
 """The page's HTML sections other than the charts: runs table, diagnosis cards, decisions, snapshots, notes.
 
+`keel.report.overview` puts the runs table and the named causes on the first screen and groups the cards.
+
 Every value that comes from a store goes through `esc`, numbers too: a store is untrusted input (a run's config
 or a finding's cause is data, not markup, and a crafted store can hold text where keel writes integers).
 """
@@ -29,30 +31,29 @@ def esc(value: Any) -> str:
 
 
 def runs_table(runs: list[RunData], colors: list[str]) -> str:
-    """One row per run: identity, status, outcome (last and best loss), counts of findings and actions."""
+    """One compact row per run: its label (the folder in a tooltip), status, outcome (last and best loss), counts
+    of findings and actions. The seed and the rest are in the run's metadata further down."""
     head = ("<tr><th>run</th><th>status</th><th>policy</th><th>steps</th><th>loss (last 20)</th>"
-            "<th>best loss</th><th>critical / warning / info</th><th>skips</th><th>rollbacks</th>"
-            "<th>seed</th></tr>")
+            "<th>best loss</th><th>critical / warning / info</th><th>skips</th><th>rollbacks</th></tr>")
     rows = []
     for run, color in zip(runs, colors, strict=True):
         counts = Counter(f.severity for f in run.findings)
         actions = Counter(d.action for d in run.decisions)
         last, best = _loss_summary(run)
         rows.append(
-            f"<tr><td><span class='swatch' style='background:{color}'></span>{esc(run.name)}"
-            f"<div class='path'>{esc(run.path)}</div></td>"
+            f"<tr><td title='{esc(run.path)}'><span class='swatch' style='background:{color}'></span>"
+            f"{esc(run.name)}</td>"
             f"<td>{esc(run.meta.get('status', '?'))}</td><td>{esc(run.meta.get('policy', '?'))}</td>"
             f"<td>{esc(run.meta.get('steps', run.lengths.get(keys.LOSS, '?')))}</td>"
             f"<td>{esc(last)}</td><td>{esc(best)}</td>"
             f"<td>{counts['critical']} / {counts['warning']} / {counts['info']}</td>"
-            f"<td>{actions['skip']}</td><td>{actions['rollback']}</td>"
-            f"<td>{esc(run.meta.get('seed', ''))}</td></tr>")
+            f"<td>{actions['skip']}</td><td>{actions['rollback']}</td></tr>")
     return f"<table class='runs'>{head}{''.join(rows)}</table>"
 
 
 def metadata(run: RunData) -> str:
-    """The run's metadata folded into <details>, then what could not be read."""
-    return meta_details(run.name, run.meta) + problems(run.problems)
+    """The run's folder, and its metadata folded into <details>."""
+    return f"<p class='path'>{esc(run.name)}: {esc(run.path)}</p>" + meta_details(run.name, run.meta)
 
 
 def meta_details(name: str, meta: dict[str, Any]) -> str:
@@ -68,12 +69,13 @@ def problems(lines: list[str]) -> str:
     return "".join(f"<p class='problem'>{esc(p)}</p>" for p in lines)
 
 
-def diagnosis_cards(run: RunData) -> str:
-    """The run's named causes (the store's ``diagnosis`` entry: when first seen, how early), then a card per
-    kind of warning/critical finding: first step, count, evidence, cause, remedies."""
+def diagnosis_cards(run: RunData) -> list[str]:
+    """A card per kind of warning/critical finding (first step, count, evidence, cause, remedies), an ``ok``
+    card when there is none, and a line counting the info findings. Nothing in a card names its run: the same
+    card of several runs is the same text (`keel.report.overview.shared_cards` shows it once)."""
     serious = [f for f in run.findings if severity_rank(f.severity) >= 1]
     infos = [f for f in run.findings if f.severity == "info"]
-    cards = [named_causes(run.meta.get("diagnosis"))]
+    cards = []
     by_kind: dict[str, list[Finding]] = {}
     for f in serious:
         by_kind.setdefault(f.kind, []).append(f)
@@ -104,17 +106,7 @@ def diagnosis_cards(run: RunData) -> str:
         listed = ", ".join(f"{n}× {esc(k.replace('_', ' '))}" for k, n in kinds.most_common())
         cards.append(f"<p class='infos'>info findings (no alarm, e.g. one-batch outliers): {listed}; "
                      "grey circles on the charts.</p>")
-    return "".join(cards)
-
-
-def named_causes(diagnoses: Any) -> str:
-    """The Guard's diagnosis, most likely cause first: what it is and when (its ``when``: first seen, critical,
-    how early). Mechanism and remedies are on the finding cards below."""
-    if not isinstance(diagnoses, list) or not diagnoses:
-        return ""
-    items = "".join(f"<li><b>{esc(d.get('title', d.get('kind', '?')))}</b> — {esc(d.get('when', ''))}</li>"
-                    for d in diagnoses if isinstance(d, dict))
-    return f"<div class='card named'><p><b>named cause</b></p><ol class='causes'>{items}</ol></div>"
+    return cards
 
 
 def decisions_table(run: RunData) -> str:
@@ -173,5 +165,5 @@ def _opt(x: int | None) -> str:
     return "" if x is None else esc(x)
 
 
-__all__ = ["decisions_table", "diagnosis_cards", "meta_details", "metadata", "named_causes", "problems", "runs_table",
+__all__ = ["decisions_table", "diagnosis_cards", "meta_details", "metadata", "problems", "runs_table",
            "snapshots_table"]
