@@ -71,3 +71,13 @@ def test_a_store_in_a_folder_with_uri_characters_is_read_and_nothing_else_is_cre
     assert _read_everything(run_dir)[0] == 1
     assert _names(tmp_path / "runs") == [folder] and _names(run_dir) == ["run.sqlite"]
     assert _names(tmp_path) == ["runs"]
+
+
+def test_keel_report_and_keel_doctor_leave_the_run_folder_as_it_was(tmp_path):
+    from keel.cli import main
+
+    observe_poisoned_run(tmp_path / "run", steps=30, poisoned_at=20)
+    before = _names(tmp_path / "run")
+    assert main(["report", str(tmp_path / "run"), "-o", str(tmp_path / "report.html")]) == 0
+    assert main(["doctor", str(tmp_path / "run")]) == 0
+    assert _names(tmp_path / "run") == before
