@@ -48,12 +48,12 @@ class AlwaysSpiking(AlwaysDiverging):
                         baseline=1.0)]
 
 
-def _run(detector, steps=40, **guard_kwargs):
+def _run(detector, steps=40, recovery=None, **guard_kwargs):
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     guard = Guard(model, opt, policy="recover", detectors=[detector],
-                  recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1), **guard_kwargs)
+                  recovery=recovery or RecoveryConfig(snapshot_every=5, quiet_steps=1), **guard_kwargs)
     decisions = []
     with pytest.raises(TrainingAborted) as aborted:
         for x, y in make_batches(steps):
@@ -72,6 +72,21 @@ def test_rollbacks_repeating_within_a_window_end_in_abort():
     assert aborted.decision.action == "abort" and aborted.decision.step == cap
     assert f"{cap} rollbacks within" in aborted.decision.reason
     assert guard.recovery.rollbacks == cap
+
+
+def test_the_rollback_cap_is_set_from_the_guard_through_recovery_config():
+    recovery = RecoveryConfig(snapshot_every=5, quiet_steps=1, max_rollbacks=5, rollback_window=1000, min_lr_scale=1e-9)
+    guard, decisions, aborted = _run(AlwaysDiverging(), recovery=recovery, max_consecutive_skips=4)
+    assert (guard.escalation.config.max_rollbacks, guard.escalation.config.rollback_window) == (5, 1000)
+    assert guard.escalation.config.max_consecutive_skips == 4
+    assert [d.action for d in decisions] == ["rollback"] * 5 and "5 rollbacks within 1000" in aborted.decision.reason
+
+
+@pytest.mark.parametrize("field", ["max_rollbacks", "rollback_window"])
+@pytest.mark.parametrize("bad", [0, -1, 1.5, True, None, "3"])
+def test_a_bad_rollback_cap_is_one_clear_error(field, bad):
+    with pytest.raises(ValueError, match=f"RecoveryConfig.{field}"):
+        RecoveryConfig(**{field: bad})
 
 
 def test_lr_backoff_compounds_over_rollbacks_to_the_same_snapshot():

@@ -53,8 +53,7 @@ class InFlight:
     """What the host keeps of a step whose signals are on their way: its host-side values."""
 
     step: int
-    lrs: list[float]
-    step_time: float
+    host: dict[str, float]  # learning rates and step time, as they were when the step was taken
     late_step: int
     copy: HostCopy = field(default_factory=HostCopy)
 
@@ -96,9 +95,7 @@ class DeferredSteps:
             if self.gate is not None:
                 self.gate.set_limits(step)
                 verdict = measured[GATE] = self.gate.verdict(measured)
-            scale = g.actuator.lr_scale(step)
-            flight = InFlight(step=step, lrs=[float(gr["lr"]) * scale for gr in g.optimizer.param_groups],
-                              step_time=step_time, late_step=g._late_step)
+            flight = InFlight(step=step, host=g._host_values(step, step_time), late_step=g._late_step)
             flight.copy.start(pack(measured, g._late))
             g._late = {}
             self._in_flight = flight
@@ -125,10 +122,7 @@ class DeferredSteps:
         if late[0] or late[1]:
             g.recorder.late(Observation(step=flight.late_step, values=late[0], per_param=late[1]))
         gated = values.pop(GATE, 0.0) != 0.0
-        values[keys.LR] = flight.lrs[0]
-        values.update({f"{keys.LR}/{i}": lr for i, lr in enumerate(flight.lrs[1:], 1) if lr != flight.lrs[0]})
-        if math.isfinite(flight.step_time):
-            values[keys.STEP_TIME] = flight.step_time
+        values.update(flight.host)
         obs = Observation(step=flight.step, values=values, per_param=per_param)
         decision = _as_carried_out(g.escalation.decide(flight.step, g.components.detect(obs)), gated)
         if decision.action in ("rollback", "abort"):

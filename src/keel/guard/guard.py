@@ -52,6 +52,7 @@ from keel.signals import (
     pack,
     unpack,
 )
+from keel.signals.pack import HostValues
 
 PROBE_SETS = {"default": DEFAULT_PROBES, "transformer": TRANSFORMER_PROBES, "full": FULL_PROBES}
 
@@ -86,8 +87,8 @@ class Guard(DeferredSteps):
         max_grad_norm: Clip the global gradient norm to this value before the step (as
             ``clip_grad_norm_``), reusing the norm already measured; ``None`` does not clip.
         max_consecutive_skips: Skips in a row before the run rolls back (recover) or aborts (skip).
-        recovery: Snapshot and rollback settings (`RecoveryConfig`); used by ``policy="recover"`` and
-            ``resume``. Set ``disk_every`` to also write snapshots to ``run_dir/snapshots``.
+        recovery: Snapshot and rollback settings (`RecoveryConfig`, with the cap on rollbacks in a window); used by
+            ``policy="recover"`` and ``resume``. Set ``disk_every`` to also write snapshots to ``run_dir/snapshots``.
         resume: Continue from the newest good disk snapshot in ``run_dir`` (model, optimizer, scheduler,
             scaler, detectors and RNG now, the data position at `track`); `global_step` says where to carry
             on. Create the guard where the interrupted run created it, so later random draws line up. Only
@@ -145,47 +146,35 @@ class Guard(DeferredSteps):
         distributed: DistributedConfig | bool | None = None,
         sync: Literal["step", "deferred"] = "step",
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise ValueError(f"model={type(model).__name__}; allowed: a torch.nn.Module")
-        if not hasattr(optimizer, "step") or not hasattr(optimizer, "param_groups"):
-            raise ValueError(f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
-        self.named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+        self.named = _trainable_parameters(model, optimizer)
         self._names, self._params = tuple(n for n, _ in self.named), [p for _, p in self.named]
-        if not self.named:
-            n_all = sum(1 for _ in model.parameters())
-            raise ValueError(f"model {type(model).__name__} has {n_all} parameters, none trainable; "
-                             "allowed: a model with at least one parameter with requires_grad=True")
         check_arguments(dict(policy=policy, scheduler=scheduler, scaler=scaler, run_dir=run_dir, log_every=log_every,
                              probes=probes, max_grad_norm=max_grad_norm, max_consecutive_skips=max_consecutive_skips,
                              detectors=detectors, recovery=recovery, resume=resume, overwrite=overwrite,
                              config=config, seed=seed, distributed=distributed, sync=sync))
-        self.escalation = Escalation(EscalationConfig(policy=policy, max_consecutive_skips=max_consecutive_skips))
         if resume and run_dir is None:
             raise ValueError("resume=True needs run_dir; allowed: the run_dir of the run to continue")
-        self.model, self.optimizer, self.scaler = model, optimizer, scaler
-        self.policy, self.log_every = policy, log_every
-        self.probes = _build_probes(probes)
-        run_dir = check_run_dir(run_dir)  # last: it creates the folder
-        self.dist = RankSync.create(model, distributed)  # None in a single process: nothing changes there
-        self.detectors = list(detectors) if detectors is not None else default_detectors()
-        if self.dist is not None and detectors is None:
-            self.detectors.append(RankOutlierDetector(RankOutlierConfig(replicated=not self.dist.sharded)))
-        # Locked until close. Rank 0 writes the store; snapshots are per rank (run_dir/rank-<r>).
-        self.run_dir = RunDir.claim(run_dir, resume=resume, overwrite=overwrite, sync=self.dist)
-        store_dir, snapshot_dir = self.run_dir.store_dir, self.run_dir.snapshot_dir
-        self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
-        self.state.history["escalation"] = self.escalation  # survives rollbacks: it counts them
-        self.components = Components(self.probes, self.detectors, self._record_error)
-        self.state.components.update({f"detector/{i}/{d.name}": self.components.stateful(d)
-                                      for i, d in enumerate(self.detectors)})
-        wants_recovery = policy == "recover" or resume or recovery is not None
         if resume and recovery is None:
             recovery = RecoveryConfig(disk_every=1)
-        self.recovery = Recovery(self.state, recovery or RecoveryConfig(), snapshot_dir,
-                                 run_id=self.run_dir.run_id) if wants_recovery else None
+        rollbacks = recovery or RecoveryConfig()
+        self.escalation = Escalation(EscalationConfig(
+            policy=policy, max_consecutive_skips=max_consecutive_skips, max_rollbacks=rollbacks.max_rollbacks,
+            rollback_window=rollbacks.rollback_window))
+        self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        self.policy, self.log_every, self.sync = policy, log_every, sync
+        self.probes = _build_probes(probes)
+        run_dir = check_run_dir(run_dir)  # last of the checks: it creates the folder
+        self.dist = RankSync.create(model, distributed)  # None in a single process: nothing changes there
+        # Locked until close. Rank 0 writes the store; snapshots are per rank (run_dir/rank-<r>).
+        self.run_dir = RunDir.claim(run_dir, resume=resume, overwrite=overwrite, sync=self.dist)
+        self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
+        self.state.history["escalation"] = self.escalation  # survives rollbacks: it counts them
+        self._set_up_components(detectors)
+        wants_recovery = policy == "recover" or resume or recovery is not None
+        self.recovery = Recovery(self.state, rollbacks, self.run_dir.snapshot_dir, run_id=self.run_dir.run_id) \
+            if wants_recovery else None
         self.actuator = Actuator(self.state, observe=policy == "observe", max_grad_norm=max_grad_norm,
                                  recovery=self.recovery)
-        self.sync = sync
         if sync == "deferred":
             try:
                 self._init_deferred()
@@ -199,19 +188,10 @@ class Guard(DeferredSteps):
         self._last_call: float | None = None
         self._closed = False
         self._snapshots_recorded = 0
-        self.recorder = Recorder(store_dir, log_every)
+        self.recorder = Recorder(self.run_dir.store_dir, log_every)
         self.components.attach(model)
         self._resumed = self._resume() if resume else None  # before the store's meta changes: it may refuse
-        meta = describe_environment() if store_dir is not None else {}
-        meta.update(policy=policy, seed=seed, config=config or {}, status="running",
-                    model={"class": type(model).__name__, "parameters": sum(p.numel() for _, p in self.named)},
-                    optimizer={"class": type(optimizer).__name__, "groups": len(optimizer.param_groups)},
-                    probes=[p.name for p in self.probes], detectors=[d.name for d in self.detectors],
-                    disabled=[])  # this process's components; a resumed run's earlier list no longer holds
-        if self.dist is not None:
-            meta["distributed"] = self.dist.describe()
-        self.recorder.meta(meta)
-        self.recorder.meta({"run_id": self.run_dir.run_id})
+        self.recorder.meta(self._describe_run(policy, seed, config))
         if self._resumed is not None:
             self.global_step = self._resumed.step
         self._start_step = self.global_step
@@ -219,6 +199,28 @@ class Guard(DeferredSteps):
             # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR
             # far too high from the start) can only be undone by starting over with the remedy.
             self.actuator.after_step(self.global_step)
+
+    def _set_up_components(self, detectors: Sequence[Detector] | None) -> None:
+        """The detectors (a rank-outlier detector added under torch.distributed) and the fence around every
+        probe and detector; the detectors' baselines join the state a snapshot holds."""
+        self.detectors = list(detectors) if detectors is not None else default_detectors()
+        if self.dist is not None and detectors is None:
+            self.detectors.append(RankOutlierDetector(RankOutlierConfig(replicated=not self.dist.sharded)))
+        self.components = Components(self.probes, self.detectors, self._record_error)
+        self.state.components.update({f"detector/{i}/{d.name}": self.components.stateful(d)
+                                      for i, d in enumerate(self.detectors)})
+
+    def _describe_run(self, policy: Policy, seed: int | None, config: dict[str, Any] | None) -> dict[str, Any]:
+        """The run's meta: environment, settings, model and optimizer, this process's components."""
+        meta = describe_environment() if self.run_dir.store_dir is not None else {}
+        meta.update(policy=policy, seed=seed, config=config or {}, status="running", run_id=self.run_dir.run_id,
+                    model={"class": type(self.model).__name__, "parameters": sum(p.numel() for _, p in self.named)},
+                    optimizer={"class": type(self.optimizer).__name__, "groups": len(self.optimizer.param_groups)},
+                    probes=[p.name for p in self.probes], detectors=[d.name for d in self.detectors],
+                    disabled=[])  # this process's components; a resumed run's earlier list no longer holds
+        if self.dist is not None:
+            meta["distributed"] = self.dist.describe()
+        return meta
 
     @property
     def findings(self) -> list[Finding]:
@@ -353,23 +355,34 @@ class Guard(DeferredSteps):
         return measured
 
     def _observe(self, ctx: StepContext, step_time: float) -> Observation:
-        measured = self._measure(ctx)
+        """This step's observation: measured on the device, brought to the host in one copy, with host values."""
+        values, per_param = self._to_host(self._measure(ctx))
+        values.update(self._host_values(ctx.step, step_time))
+        return Observation(step=ctx.step, values=values, per_param=per_param)
+
+    def _to_host(self, measured: Measurements) -> HostValues:
+        """Pack this step's measurements with the previous step's late ones, agree across ranks, copy to the host
+        once; the late ones are recorded here."""
         if self.scaler is not None and self.scaler.is_enabled() and self.scaler._scale is not None:
             measured[keys.AMP_SCALE] = self.scaler._scale  # a tensor: read in the same copy, no extra sync
         packed = pack(measured, self._late)
         if self.dist is not None:
             packed = self.dist.reduce(packed)  # every rank now decides on the same values
-        (values, per_param), late = unpack(packed)
+        now, late = unpack(packed)
         if self._late:
             self.recorder.late(Observation(step=self._late_step, values=late[0], per_param=late[1]))
             self._late = {}
-        scale = self.actuator.lr_scale(ctx.step)
+        return now
+
+    def _host_values(self, step: int, step_time: float) -> dict[str, float]:
+        """The values the host knows without measuring: learning rates (remedy scale applied), step time."""
+        scale = self.actuator.lr_scale(step)
         lrs = [float(g["lr"]) * scale for g in self.optimizer.param_groups]
-        values[keys.LR] = lrs[0]
+        values = {keys.LR: lrs[0]}
         values.update({f"{keys.LR}/{i}": lr for i, lr in enumerate(lrs[1:], 1) if lr != lrs[0]})
         if math.isfinite(step_time):
             values[keys.STEP_TIME] = step_time
-        return Observation(step=ctx.step, values=values, per_param=per_param)
+        return values
 
     def _after_step(self, ctx: StepContext) -> None:
         self._late.update(self.components.after_step(ctx))
@@ -448,6 +461,20 @@ class Guard(DeferredSteps):
         for step, path, checksum in written[self._snapshots_recorded:]:
             self.recorder.snapshot(step, path, checksum)
         self._snapshots_recorded = len(written)
+
+
+def _trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, nn.Parameter]]:
+    """The model's trainable parameters by name, after checking that model and optimizer are what they claim."""
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"model={type(model).__name__}; allowed: a torch.nn.Module")
+    if not hasattr(optimizer, "step") or not hasattr(optimizer, "param_groups"):
+        raise ValueError(f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        n_all = sum(1 for _ in model.parameters())
+        raise ValueError(f"model {type(model).__name__} has {n_all} parameters, none trainable; "
+                         "allowed: a model with at least one parameter with requires_grad=True")
+    return named
 
 
 def _local(t: Tensor) -> Tensor:

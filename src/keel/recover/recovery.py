@@ -48,6 +48,9 @@ class RecoveryConfig:
         copy_in_background: CPU snapshots copied by a worker thread while the next step runs (True), or by the
             training thread at once (False); ``None`` chooses the thread when the process has a core that
             torch's threads do not take (`keel.recover.snapshot`). CUDA snapshots always use a side stream.
+        max_rollbacks: Rollbacks within ``rollback_window`` steps after which the run aborts (the escalation
+            ladder's cap, `keel.recover.escalation`).
+        rollback_window: The window, in steps, of that cap.
     """
 
     snapshot_every: int = 25
@@ -62,10 +65,13 @@ class RecoveryConfig:
     min_lr_scale: float = 1e-3
     cooldown_steps: int | None = None
     copy_in_background: bool | None = None
+    max_rollbacks: int = 3
+    rollback_window: int = 500
 
     def __post_init__(self) -> None:
         check_types(self)
-        require_ints(self, "snapshot_every", "snapshot_every_on_warning", "keep_in_memory", "keep_on_disk")
+        require_ints(self, "snapshot_every", "snapshot_every_on_warning", "keep_in_memory", "keep_on_disk",
+                     "max_rollbacks", "rollback_window")
         require_ints(self, "keep_pinned", "quiet_steps", "rollback_margin", minimum=0)
         if self.disk_every is not None:
             require_ints(self, "disk_every")
