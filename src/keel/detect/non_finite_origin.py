@@ -13,7 +13,7 @@ The finding is a ``warning``: it explains the ``non_finite`` critical finding of
 one a policy acts on (a skip confined to this step's gradients), rather than adding an alarm of its own.
 Only the first step of an episode is judged: once a non-finite update has been applied, everything is
 non-finite and "the first block" would say nothing. metaseq's ``NanDetector`` finds the same by
-re-running the failed step with hooks on every module (reference/anchors.md §2.3); here it costs nothing
+re-running the failed step with hooks on every module (metaseq/nan_detector.py); here it costs nothing
 extra, at block resolution for the forward (name finer modules in the probe's ``modules`` for more).
 
 References:

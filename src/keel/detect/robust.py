@@ -1,8 +1,8 @@
 """Robust location and scale of a window of values: the baseline every online detector compares with.
 
 Median and MAD rather than mean and standard deviation, so the outliers a detector is looking for do not
-move the baseline they are measured against (OLMo-core's 6σ rule uses mean/std and a spike inflates the
-std for the next 128 steps; see reference/anchors.md §2.1).
+move the baseline they are measured against (OLMo-core's 6σ rule uses the mean/std of a 128-step window, so
+one spike inflates the std it is judged against for the next 128 steps).
 
 Each statistic is defined once here. Detectors that keep their window sorted call the ``*_of_sorted`` forms
 (no sort per step); `keel doctor`'s batch scans call the vectorised `rolling_median` and `rolling_step_noise`,

@@ -11,7 +11,7 @@ std for 128 steps). Severity follows magnitude and persistence:
 
 A level shift that lasts ``rebase_after`` steps becomes the new baseline, so a lasting change yields one
 episode rather than an alarm on every step (rlwatch's and arc-vigil's "alarm forever" failure,
-reference/peers.md). Sustained rises are the divergence detector's job.
+two small PyPI monitors). Sustained rises are the divergence detector's job.
 
 Both judgements are made against the run's own noise. A positive loss is compared in log space, where a
 fine-tune's ±30 % swings between easy and hard batches are symmetric and keep their size as the loss falls to

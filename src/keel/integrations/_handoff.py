@@ -13,7 +13,8 @@ that change training state with small gates:
 
 So all the logic stays in `Guard`; the adapters only say where the loss comes from. stabilityguard's HF
 callback wrapped the optimizer but never handed it back to the trainer, which left it inert
-(reference/peers.md §5 item 8); here the trainer's own objects are patched in place, and `restore` undoes it.
+(the PyPI package stabilityguard, tried by hand); here the trainer's own objects are patched in place, and
+`restore` undoes it.
 """
 
 from __future__ import annotations

@@ -11,7 +11,7 @@ Growing activations are the backdrop of output-logit and attention-logit growth,
 overflow (largest finite value 65504): `act/max_abs` against the dtype's range says how much headroom is
 left. A non-finite block output shows as a non-finite value for that block and every block after it, so
 the first non-finite block in forward order is where NaN/Inf was born — without the metaseq
-``NanDetector``'s re-run (reference/anchors.md §2.3). Blocks are found by `find_blocks` (``blocks``,
+``NanDetector``'s re-run (metaseq/nan_detector.py). Blocks are found by `find_blocks` (``blocks``,
 ``transformer.h``, ``model.layers``, ``layers``) or named with ``modules``.
 
 References:
