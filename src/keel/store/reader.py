@@ -142,7 +142,7 @@ def find_runs(folder: str | Path, *, depth: int = 2) -> list[Path]:
     found: list[Path] = []
     level = [Path(folder)]
     for _ in range(depth):
-        below = []
+        below: list[Path] = []
         for parent in level:
             try:
                 children = sorted(p for p in parent.iterdir() if p.is_dir() and not p.name.startswith("."))
