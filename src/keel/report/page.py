@@ -56,11 +56,11 @@ class ReportError(KeelError):
 
 
 def plotly_js() -> tuple[str, str]:
-    """(plotly.min.js source, its version), from the ``plotly`` package (``pip install keel[report]``)."""
+    """(plotly.min.js source, its version), from the ``plotly`` package (a dependency of keel)."""
     try:
         from plotly.offline import get_plotlyjs
     except ImportError:
-        raise ReportError("the HTML report needs plotly: pip install 'keel[report]'") from None
+        raise ReportError("the HTML report needs plotly, a dependency of keel: pip install plotly") from None
     source = get_plotlyjs()
     head = source[:200]
     version = head.split("plotly.js v", 1)[1].split()[0] if "plotly.js v" in head else "?"
