@@ -1,30 +1,43 @@
-"""A minimal proxy trainer that uses `Guard` exactly as a user's loop would.
+"""The proxy trainer: one loop that uses `Guard` exactly as a user's loop would.
 
 Warm-up then cosine decay, AdamW, next-byte cross-entropy on the stdlib corpus. With ``policy=None`` it is the
-bare loop with no keel at all, the baseline keel is measured against.
+bare loop with no keel at all, the baseline keel is measured against. The sweep's runs, the demo's arms and
+the scenario zoo's proxy-LM runs are all `TrainConfig`s trained here; the hooks (`TrainConfig.lr_factor`,
+``batch_fn``, ``model_fn``, ``extra_probes``) are how a scenario injects its fault.
 """
 
 from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 
 from keel._core.decision import Decision
 from keel._core.errors import TrainingAborted
 from keel._core.finding import Finding
 from keel._core.validate import check_types, require_ints, require_positive
 from keel.guard import Guard
+from keel.guard.guard import PROBE_SETS
 from keel.losses import z_loss
 from keel.nn import stabilize
 from keel.nn.remedies import remedies
 from keel.optim import create_optimizer, list_optimizers
 from keel.proxy.corpus import ProxyBatches
-from keel.proxy.model import ProxyGPT, create_proxy_model
+from keel.proxy.model import create_proxy_model
+from keel.signals import Probe
+
+Batch = tuple[Tensor, Tensor]
+# The fields that hold functions: described by name, and left out of the description while unset, so a
+# config without hooks describes itself as it did before they existed (sweep stores compare descriptions).
+HOOKS = ("lr_factor", "batch_fn", "model_fn", "extra_probes")
+# The fixed batch behind the loss closure `extra_probes` get (the sharpness probe's curvature batch).
+PROBE_BATCH_SIZE = 8
+PROBE_SEED_OFFSET = 7919
 
 
 @dataclass(kw_only=True)
@@ -38,7 +51,7 @@ class TrainConfig:
         seq_len: Bytes per sequence.
         lr: Peak learning rate.
         warmup: Linear warm-up steps.
-        min_lr_ratio: Cosine decay floor as a fraction of ``lr``.
+        min_lr_ratio: Cosine decay floor as a fraction of ``lr``; 1 keeps the LR constant after warm-up.
         weight_decay: AdamW (decoupled) weight decay; for ``independent_adamw`` the independent λ.
         beta2: AdamW β₂ (β₁ is 0.9).
         qk_norm: LayerNorm on queries and keys.
@@ -52,6 +65,15 @@ class TrainConfig:
         max_grad_norm: Global gradient-norm clipping; ``None`` does not clip.
         eval_batches: Validation batches for the final loss.
         seed: Seeds the model init and the data order.
+        lr_factor: ``lr_factor(step) -> float`` multiplies the schedule at each step (an LR spike, a warm-up
+            that never ends); None: 1.
+        batch_fn: ``batch_fn(step, (x, y)) -> (x, y)`` replaces the batch of a step (a poisoned batch, a
+            curriculum, a fine-tune's epochs); None trains on the corpus batches.
+        model_fn: ``model_fn(model) -> model`` edits the built model before the optimizer sees it (a loaded
+            checkpoint, a hand-written attention, frozen weights with adapters); only parameters that still
+            require a gradient are trained.
+        extra_probes: ``extra_probes(model, loss) -> probes`` adds probes to the Guard's, given the model and a
+            closure computing the loss of a fixed batch (a curvature probe needs one).
     """
 
     size: str = "small"
@@ -70,6 +92,10 @@ class TrainConfig:
     max_grad_norm: float | None = None
     eval_batches: int = 8
     seed: int = 0
+    lr_factor: Callable[[int], float] | None = None
+    batch_fn: Callable[[int, Batch], Batch] | None = None
+    model_fn: Callable[[nn.Module], nn.Module] | None = None
+    extra_probes: Callable[[nn.Module, Callable[[], Tensor]], Sequence[Probe]] | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -88,11 +114,31 @@ class TrainConfig:
             if field_set and name in self.stabilize:  # it would act twice, or warn that it matched nothing
                 raise ValueError(f"TrainConfig.stabilize={self.stabilize!r} with "
                                  f"{name}={getattr(self, name)!r}; allowed: {name!r} in one of the two")
+        for name in HOOKS:
+            hook = getattr(self, name)
+            if hook is not None and not callable(hook):
+                raise ValueError(f"TrainConfig.{name}={hook!r}; allowed: None or a function")
+
+    def describe(self) -> dict[str, object]:
+        """The config as plain data (JSON-able): every setting, and each hook that is set by its name.
+
+        Example:
+            >>> TrainConfig(size="tiny", lr_factor=abs).describe()["lr_factor"]
+            'builtins.abs'
+        """
+        out: dict[str, object] = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name not in HOOKS:
+                out[f.name] = value
+            elif value is not None:
+                out[f.name] = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+        return out
 
 
 @dataclass
 class ProxyRun:
-    """The outcome of one proxy run."""
+    """The outcome of one proxy run (``model`` is the trained model)."""
 
     config: TrainConfig
     policy: str | None
@@ -103,21 +149,31 @@ class ProxyRun:
     decisions: list[Decision] = field(default_factory=list)
     aborted: str | None = None
     run_dir: str | None = None
+    model: nn.Module | None = None
 
 
 def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
-    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``steps``."""
+    """Linear warm-up to 1, then cosine decay to ``min_lr_ratio`` at ``steps``, times ``lr_factor(step)``."""
 
     def factor(step: int) -> float:
         if step < config.warmup:
-            return (step + 1) / config.warmup
-        progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
-        return config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+            base = (step + 1) / config.warmup
+        else:
+            progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
+            base = config.min_lr_ratio + (1 - config.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return base if config.lr_factor is None else base * config.lr_factor(step)
 
     return factor
 
 
-def evaluate(model: ProxyGPT, config: TrainConfig) -> float:
+def build_model(config: TrainConfig) -> nn.Module:
+    """The model a run of ``config`` starts from: seeded, built by size, then edited by ``model_fn``."""
+    torch.manual_seed(config.seed)
+    model: nn.Module = create_proxy_model(config.size, seq_len=config.seq_len, qk_norm=config.qk_norm)
+    return model if config.model_fn is None else config.model_fn(model)
+
+
+def evaluate(model: nn.Module, config: TrainConfig) -> float:
     """Mean next-byte cross-entropy over ``eval_batches`` held-out batches (same batches for every run)."""
     batches = ProxyBatches(batch_size=config.batch_size, seq_len=config.seq_len, seed=1234, split="val")
     model.eval()
@@ -133,7 +189,6 @@ def train_proxy(
     policy: str | None = None,
     run_dir: str | None = None,
     progress: Callable[[int, float], None] | None = None,
-    batch_hook: Callable[[int, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]] | None = None,
     **guard_options: object,
 ) -> ProxyRun:
     """Train one proxy model; under `Guard` with ``policy``, or bare when ``policy`` is None.
@@ -143,35 +198,30 @@ def train_proxy(
         policy: A `Guard` policy, or None for the bare loop without keel.
         run_dir: Where the Guard writes its run store.
         progress: Called as ``progress(step, loss)`` after every step.
-        batch_hook: Called as ``batch_hook(step, x, y)`` and returns the batch to train on (fault injection:
-            a poisoned data stream).
-        **guard_options: Passed to `Guard` (``probes``, ``log_every``, ...).
+        **guard_options: Passed to `Guard` (``probes``, default ``"transformer"``; ``log_every``, ...).
 
     Example:
         >>> run = train_proxy(TrainConfig(size="tiny", steps=3, eval_batches=1), policy="observe")
         >>> len(run.losses)
         3
     """
-    torch.manual_seed(config.seed)
-    model = create_proxy_model(config.size, seq_len=config.seq_len, qk_norm=config.qk_norm)
+    model = build_model(config)
     optimizer = _create_optimizer(model, config)
     stabilized = stabilize(model, config.stabilize, optimizer=optimizer) if config.stabilize else None
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(config))
     batches = ProxyBatches(batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
     guard = None
     if policy is not None:
-        guard_options.setdefault("probes", "transformer")  # the proxy is a transformer: watch its attention
+        probes = guard_options.pop("probes", "transformer")  # the proxy is a transformer: watch its attention
         guard = Guard(model, optimizer, scheduler, run_dir=run_dir, policy=policy,  # type: ignore[arg-type]
-                      max_grad_norm=config.max_grad_norm, config=asdict(config), seed=config.seed,
-                      **guard_options)  # type: ignore[arg-type]
+                      probes=_with_extra_probes(probes, model, config), max_grad_norm=config.max_grad_norm,
+                      config=config.describe(), seed=config.seed, **guard_options)  # type: ignore[arg-type]
         guard.track(batches)
-    run = ProxyRun(config=config, policy=policy, run_dir=run_dir)
+    run = ProxyRun(config=config, policy=policy, run_dir=run_dir, model=model)
     start = time.perf_counter()
     try:
         for step in range(config.steps):
-            x, y = batches.next()
-            if batch_hook is not None:
-                x, y = batch_hook(step, x, y)
+            x, y = batches.next() if config.batch_fn is None else config.batch_fn(step, batches.next())
             loss = _loss(model, x, y, config.z_loss)
             if stabilized is not None and stabilized.z_loss_hooks:
                 loss = loss + stabilized.z_loss()
@@ -198,14 +248,27 @@ def train_proxy(
     return run
 
 
-def _create_optimizer(model: ProxyGPT, config: TrainConfig) -> torch.optim.Optimizer:
+def _with_extra_probes(probes: object, model: nn.Module, config: TrainConfig) -> object:
+    """``probes`` (a set name or a list) with ``config.extra_probes`` added; a name Guard does not know is left
+    for Guard to refuse."""
+    if config.extra_probes is None or (isinstance(probes, str) and probes not in PROBE_SETS):
+        return probes
+    x, y = ProxyBatches(batch_size=PROBE_BATCH_SIZE, seq_len=config.seq_len,
+                        seed=config.seed + PROBE_SEED_OFFSET).next()
+    extra = config.extra_probes(model, lambda: _loss(model, x, y, config.z_loss))
+    named = PROBE_SETS[probes] if isinstance(probes, str) else probes
+    return [*named, *extra]  # type: ignore[misc]
+
+
+def _create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    params = [p for p in model.parameters() if p.requires_grad]  # a model_fn may freeze a base model
     kwargs = dict(lr=config.lr, betas=(0.9, config.beta2), weight_decay=config.weight_decay)
     if config.optimizer == "adamw":
-        return torch.optim.AdamW(model.parameters(), **kwargs)  # type: ignore[arg-type]
-    return create_optimizer(config.optimizer, model.parameters(), **kwargs)
+        return torch.optim.AdamW(params, **kwargs)  # type: ignore[arg-type]
+    return create_optimizer(config.optimizer, params, **kwargs)
 
 
-def _loss(model: ProxyGPT, x: torch.Tensor, y: torch.Tensor, z_loss_coefficient: float = 0.0) -> torch.Tensor:
+def _loss(model: nn.Module, x: Tensor, y: Tensor, z_loss_coefficient: float = 0.0) -> Tensor:
     logits = model(x)
     loss = F.cross_entropy(logits.flatten(0, 1), y.flatten())
     return loss + z_loss(logits, coefficient=z_loss_coefficient) if z_loss_coefficient > 0 else loss

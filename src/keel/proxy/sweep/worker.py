@@ -19,9 +19,8 @@ import torch
 
 from keel._core import keys
 from keel.guard.console import silenced
-from keel.proxy.model import create_proxy_model
 from keel.proxy.sweep.grid import RunSpec
-from keel.proxy.trainer import TrainConfig, evaluate, train_proxy
+from keel.proxy.trainer import TrainConfig, build_model, evaluate, train_proxy
 from keel.store import RunReader
 
 # Signal keys emitted by keel.signals' attention and output-logit probes (on by default in Guard).
@@ -124,9 +123,7 @@ def run_one(spec: RunSpec, run_dir: str | Path, *, threads: int = 1) -> RunResul
 
 
 def _init_loss(config: TrainConfig) -> tuple[float, int]:
-    # The same seed and constructor as train_proxy, so this is the model the run starts from.
-    torch.manual_seed(config.seed)
-    model = create_proxy_model(config.size, seq_len=config.seq_len, qk_norm=config.qk_norm)
+    model = build_model(config)  # the model the run starts from
     embedding = model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
     return evaluate(model, config), model.num_params() - embedding
 
