@@ -45,7 +45,8 @@ def test_update_is_critical_exactly_from_the_limit_on(config, history, factor):
 def test_the_generated_cases_reach_both_sides_of_a_finite_limit():
     seen = {"critical": 0, "below": 0}
 
-    @settings(max_examples=200, deadline=None, database=None)
+    # derandomized: a count over random draws fell short about one run in eight ({'critical': 16, ...})
+    @settings(max_examples=200, deadline=None, database=None, derandomize=True)
     @given(config=CONFIGS, history=HISTORY, factor=FACTORS)
     def count(config, history, factor):
         det = SpikeDetector(config)

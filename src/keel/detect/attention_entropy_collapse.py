@@ -19,11 +19,13 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from keel._core.finding import Finding, Severity
+from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types
-from keel.detect.causes import cause_for
+from keel.detect._episode import Episode
+from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
+from keel.detect.scan import ReadsOneSignal
 from keel.detect.trend import TrendWindow
 
 KIND = "attention_entropy_collapse"
@@ -59,7 +61,7 @@ class EntropyCollapseConfig:
 
 
 @DETECTORS.register("attention_entropy_collapse")
-class AttentionEntropyCollapseDetector:
+class AttentionEntropyCollapseDetector(ReadsOneSignal):
     """Flags attention entropy collapsing towards zero.
 
     Example:
@@ -73,18 +75,11 @@ class AttentionEntropyCollapseDetector:
 
     name = "attention_entropy_collapse"
 
-    rests_when_finite = False  # `keel.detect.scan.ReadsKeys`: nothing but its signal wakes it
-
-    @property
-    def reads(self) -> tuple[str, ...]:
-        return (self.config.signal,)
-
     def __init__(self, config: EntropyCollapseConfig | None = None, **fields: object) -> None:
         self.config = config or EntropyCollapseConfig(**fields)  # type: ignore[arg-type]
         self._early: list[float] = []
         self._trend = TrendWindow(self.config.window)
-        self._reported: Severity | None = None
-        self._onset = -1
+        self._episode = Episode(keys=("onset", "reported"))  # no patience: a falling entropy is enough
 
     @property
     def baseline(self) -> float:
@@ -105,41 +100,31 @@ class AttentionEntropyCollapseDetector:
         slope = self._trend.slope()
         if ratio > cfg.warn_fraction:
             if ratio > 2 * cfg.warn_fraction:  # recovered: a later collapse is a new episode
-                self._reported, self._onset = None, -1
+                self._episode.close()
             return []
-        if self._onset < 0:
-            self._onset = obs.step
+        self._episode.open(obs.step)
         falling = math.isfinite(slope) and slope < 0
-        severity: Severity | None = None
-        if ratio <= cfg.critical_fraction and self._reported != "critical":
-            severity = "critical"
-        elif falling and self._reported is None:
-            severity = "warning"
+        severity = self._episode.escalate(critical=ratio <= cfg.critical_fraction, warning=falling)
         if severity is None:
             return []
-        self._reported = severity
-        cause = cause_for(KIND)
         evidence: dict[str, Any] = {"entropy": round(x, 5), "baseline": round(base, 5), "fraction": round(ratio, 4),
                                     "slope_per_step": round(slope, 6) if math.isfinite(slope) else None,
-                                    "onset_step": self._onset}
+                                    "onset_step": self._episode.onset}
         if falling and ratio > cfg.critical_fraction:
             ahead = (ratio - cfg.critical_fraction) * base / -slope
             evidence["steps_to_critical"] = round(ahead, 1)
             evidence["projected_critical_step"] = obs.step + math.ceil(ahead)
-        if cause is not None:
-            evidence["remedies"] = cause.remedy_dicts()
         text = (f"attention entropy fell to {ratio:.1%} of its initial {base:.3g} nats "
                 f"({'still falling' if falling else 'at the floor'}).")
-        return [Finding(step=obs.step, kind=KIND, severity=severity, signal=cfg.signal, value=x, baseline=base,
-                        evidence=evidence, cause=f"{text} {cause.mechanism if cause else ''}".strip(),
-                        remedy=cause.remedy_text() if cause else "")]
+        return [explained_finding(step=obs.step, kind=KIND, severity=severity, signal=cfg.signal, value=x,
+                                  baseline=base, evidence=evidence, text=text)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "early": list(self._early), "trend": self._trend.state_dict(),
-                "reported": self._reported, "onset": self._onset}
+                **self._episode.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = EntropyCollapseConfig(**state["config"])
         self._early = [float(v) for v in state["early"]]
         self._trend.load_state_dict(state["trend"])
-        self._reported, self._onset = state["reported"], int(state["onset"])
+        self._episode.load_state_dict(state)

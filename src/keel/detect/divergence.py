@@ -33,11 +33,12 @@ from typing import Any
 import numpy as np
 
 from keel._core import keys
-from keel._core.finding import Finding, Severity
+from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types, require_ints, require_positive
 from keel.detect._change import moved_best, relative_change, rise
 from keel.detect._divergence_scan import Chunk, Stretch, certain_length, prepare
+from keel.detect._episode import Episode
 from keel.detect._running_median import RunningMedian
 from keel.detect.detector import DETECTORS
 from keel.detect.robust import median as _median
@@ -113,9 +114,9 @@ class DivergenceDetector:
         self._best = math.inf
         self._best_step = -1
         self._best_se = 0.0  # the best median's standard error when it was measured
-        self._run = 0  # consecutive steps past the threshold
+        # run: consecutive steps past the threshold; a finding dates the onset from it (step - run + 1)
+        self._episode = Episode(keys=("run", "reported"))
         self._pending = False  # a rise is open: past the threshold, not yet back below its half
-        self._reported: Severity | None = None
         self._margin_key: tuple[Any, ...] = ()
         self._margin_config: DivergenceConfig | None = None
         self._margin = (0.0, 0.0, 0.0)
@@ -153,27 +154,28 @@ class DivergenceDetector:
             if fast_up - fast_required > up - required:  # judge by the view furthest past its threshold
                 median, up, required, n = fast, fast_up, fast_required, cfg.short
         if self._seen < cfg.min_history or up < required:
-            self._run = 0  # patience counts consecutive steps past the threshold
+            self._episode.break_run()  # patience counts consecutive steps past the threshold
             if up < required / 2:  # hysteresis: the episode ends once the loss is back down
-                self._pending, self._reported = False, None
+                self._pending = False
+                self._episode.close()
             return []
         self._pending = True
-        self._run += 1
-        if self._run < cfg.patience:
+        self._episode.run += 1
+        run = self._episode.run
+        if run < cfg.patience:
             return []
-        severity: Severity = "critical" if up >= math.log1p(cfg.critical_excess) else "warning"
-        if self._reported == severity or self._reported == "critical":
+        severity = self._episode.escalate(critical=up >= math.log1p(cfg.critical_excess), warning=True)
+        if severity is None:
             return []
-        self._reported = severity
         excess = (median - self._best) / (abs(self._best) + 1e-12)
         evidence = {"median": round(median, 6), "best": round(self._best, 6), "best_step": self._best_step,
-                    "excess": round(excess, 4), "onset_step": obs.step - self._run + 1,
+                    "excess": round(excess, 4), "onset_step": obs.step - run + 1,
                     "window": n, "noise": round(self._noise, 4),
                     "required_excess": round(relative_excess(required), 4)}
         noisy = (f" (the loss swings ±{relative_excess(self._noise):.0%} per step; the median of {n} steps is judged "
                  f"against that)" if len(self._level) > cfg.short else "")
         cause = (f"The loss's running median has stayed {1 + excess:.3g}× its best level (step "
-                 f"{self._best_step}) for {self._run} steps{noisy}: training is diverging, not spiking.")
+                 f"{self._best_step}) for {run} steps{noisy}: training is diverging, not spiking.")
         remedy = ("Roll back to a snapshot before the onset and continue with a lower learning rate "
                   "(policy='recover'; PaLM and OPT-175B restarted earlier with a lower LR); check attention "
                   "logits and consider QK-norm and z-loss (Wortsman et al. 2023).")
@@ -210,7 +212,8 @@ class DivergenceDetector:
             while j < m:
                 ahead = min(m, j + gallop)
                 stretch = certain_length(chunk, j, ahead, config=self.config, seen=self._seen, best=self._best,
-                                         best_se=self._best_se, run=self._run, reported=self._reported)
+                                         best_se=self._best_se, run=self._episode.run,
+                                         reported=self._episode.reported)
                 self._apply(chunk, j, stretch, steps[i:stop], values[i:stop])
                 j += stretch.length
                 if j == ahead:
@@ -230,7 +233,7 @@ class DivergenceDetector:
     def _in_bulk(self) -> bool:
         """Whether the state lets `_divergence_scan` take the next steps (past warm-up, not at an odd moment)."""
         return (len(self._diffs) == NOISE_SPAN and self.config.short <= NOISE_SPAN and not math.isnan(self._noise)
-                and len(self._level.values) == self.config.window and (self._pending or self._reported is None))
+                and len(self._level.values) == self.config.window and (self._pending or self._episode.reported is None))
 
     def _prepare(self, values: np.ndarray) -> Chunk:
         return prepare(values, config=self.config, level=self._level.values, diffs=self._diffs,
@@ -251,7 +254,7 @@ class DivergenceDetector:
         if chunk.size[stop - 1] != self._level.size:  # the stretch's resizes (the best moved with them already)
             self._level.resize(int(chunk.size[stop - 1]))
         self._seen += stretch.length
-        self._run += stretch.over
+        self._episode.run += stretch.over
         self._best, self._best_se = stretch.best, stretch.best_se
         if stretch.best_at >= 0:
             self._best_step = int(steps[stretch.best_at])
@@ -298,8 +301,8 @@ class DivergenceDetector:
     def state_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "recent": list(self._level.values), "size": self._level.size,
                 "diffs": list(self._diffs), "noise": self._noise, "seen": self._seen, "best": self._best,
-                "best_step": self._best_step, "best_se": self._best_se, "run": self._run, "pending": self._pending,
-                "reported": self._reported}
+                "best_step": self._best_step, "best_se": self._best_se, "pending": self._pending,
+                **self._episode.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = DivergenceConfig(**state["config"])
@@ -310,5 +313,5 @@ class DivergenceDetector:
         self._noise = float(state.get("noise", math.nan))
         self._seen, self._best, self._best_step = state["seen"], state["best"], state["best_step"]
         self._best_se = float(state.get("best_se", 0.0))
-        self._run, self._reported = state["run"], state["reported"]
-        self._pending = bool(state.get("pending", self._run > 0))
+        self._episode.load_state_dict(state)
+        self._pending = bool(state.get("pending", self._episode.run > 0))

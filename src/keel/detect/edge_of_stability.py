@@ -25,10 +25,11 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from keel._core import keys
-from keel._core.finding import Finding, Severity
+from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types
-from keel.detect.causes import cause_for
+from keel.detect._episode import Episode
+from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
 
 KIND = "edge_of_stability"
@@ -85,7 +86,7 @@ class EdgeOfStabilityDetector:
         self.config = config or EdgeOfStabilityConfig(**fields)  # type: ignore[arg-type]
         self._measured_step = -1
         self._recent: deque[float] = deque(maxlen=self.config.history)
-        self._reported: Severity | None = None
+        self._episode = Episode(keys=("reported",))  # each measured margin is judged on its own: no run, no onset
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
@@ -99,36 +100,28 @@ class EdgeOfStabilityDetector:
         typical = min(self._recent) if self._recent else math.nan
         self._recent.append(margin)
         sudden = math.isfinite(typical) and margin >= cfg.jump * typical
-        if margin < cfg.warn_margin or not (sudden or self._reported is not None):
-            if margin < 1:
-                self._reported = None
+        if margin < cfg.warn_margin or not (sudden or self._episode.reported is not None):
+            if margin < 1:  # back inside the stability limit
+                self._episode.close()
             return []
-        severity: Severity | None = None
-        if margin >= cfg.critical_margin and self._reported != "critical":
-            severity = "critical"
-        elif self._reported is None:
-            severity = "warning"
+        severity = self._episode.escalate(critical=margin >= cfg.critical_margin, warning=True)
         if severity is None:
             return []
-        self._reported = severity
-        cause = cause_for(KIND)
         evidence: dict[str, Any] = {"margin": round(margin, 4), "lr": lr, "stable_lr": lr / margin,
                                     "typical_margin": round(typical, 4) if math.isfinite(typical) else None}
         for key in ("curvature/sharpness", "curvature/preconditioned_sharpness", "curvature/trace"):
             if key in obs.values:
                 evidence[key.split("/")[-1]] = round(obs.values[key], 6)
-        if cause is not None:
-            evidence["remedies"] = cause.remedy_dicts()
         text = f"the learning rate {lr:.3g} is {margin:.3g}× the local stability limit (≈{lr / margin:.3g})."
-        return [Finding(step=obs.step, kind=KIND, severity=severity, signal=MARGIN, value=margin, baseline=1.0,
-                        evidence=evidence, cause=f"{text} {cause.mechanism if cause else ''}".strip(),
-                        remedy=cause.remedy_text() if cause else "")]
+        return [explained_finding(step=obs.step, kind=KIND, severity=severity, signal=MARGIN, value=margin,
+                                  baseline=1.0, evidence=evidence, text=text)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "measured_step": self._measured_step, "recent": list(self._recent),
-                "reported": self._reported}
+                **self._episode.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = EdgeOfStabilityConfig(**state["config"])
-        self._measured_step, self._reported = int(state["measured_step"]), state["reported"]
+        self._measured_step = int(state["measured_step"])
+        self._episode.load_state_dict(state)
         self._recent = deque((float(v) for v in state["recent"]), maxlen=self.config.history)

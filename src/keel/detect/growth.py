@@ -24,7 +24,10 @@ from typing import Any
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
 from keel._core.validate import check_types
+from keel.detect._episode import Episode
+from keel.detect._finding import explained_finding
 from keel.detect.causes import cause_for
+from keel.detect.scan import ReadsOneSignal
 from keel.detect.trend import TrendWindow
 
 
@@ -71,7 +74,7 @@ class GrowthConfig:
                              f"critical_level={self.critical_level}; allowed: min_level <= high_level <= critical_level")
 
 
-class GrowthDetector:
+class GrowthDetector(ReadsOneSignal):
     """Flags exponential growth of a positive signal before it reaches a critical level.
 
     Example:
@@ -85,21 +88,13 @@ class GrowthDetector:
 
     name = "growth"
 
-    rests_when_finite = False  # `keel.detect.scan.ReadsKeys`: nothing but its signal wakes it
-
-    @property
-    def reads(self) -> tuple[str, ...]:
-        return (self.config.signal,)
-
     def __init__(self, config: GrowthConfig) -> None:
         self.name = config.kind
         self.config = config
         self._short = TrendWindow(config.short_window, log=True)
         self._long = TrendWindow(config.long_window, log=True)
-        self._run = 0
-        self._onset = -1
+        self._episode = Episode()
         self._onset_level = math.nan  # the level at the onset step: the finding's baseline
-        self._reported: Severity | None = None
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
@@ -108,7 +103,7 @@ class GrowthDetector:
             return []
         self._long.add(obs.step, x)
         if x < cfg.min_level:
-            self._run, self._onset, self._reported = 0, -1, None
+            self._episode.close()
             return []
         if len(self._short.points) < 3:
             return []
@@ -116,29 +111,20 @@ class GrowthDetector:
         # the long window's slope only matters above high_level: spare the O(window²) median below it
         slow = self._long.slope() if x >= cfg.high_level and len(self._long.points) >= 10 else math.nan
         qualifies = (fast >= cfg.fast_rate) or (x >= cfg.high_level and slow >= cfg.slow_rate)
-        if qualifies:
-            if self._run == 0:
-                self._onset = self._short.first_step()
-                self._onset_level = math.exp(self._short.points[0][1])  # the window holds log values
-            self._run += 1
-        else:
-            self._run = 0
-        severity: Severity | None = None
-        if x >= cfg.critical_level and self._reported != "critical":
-            severity = "critical"
-        elif self._run >= cfg.patience and self._reported is None:
-            severity = "warning"
+        if not qualifies:
+            self._episode.break_run()
+        elif self._episode.qualify(onset=self._short.first_step()):
+            self._onset_level = math.exp(self._short.points[0][1])  # the window holds log values
+        severity = self._episode.escalate(critical=x >= cfg.critical_level, warning=self._episode.run >= cfg.patience)
         if severity is None:
             return []
-        self._reported = severity
         rate = fast if fast >= cfg.fast_rate or not math.isfinite(slow) else slow
         return [self._finding(obs.step, severity, x, rate)]
 
     def _finding(self, step: int, severity: Severity, x: float, rate: float) -> Finding:
         cfg = self.config
         evidence: dict[str, Any] = {"level": round(x, 6), "rate_per_step": round(rate, 5),
-                                    "onset_step": self._onset if self._onset >= 0 else step,
-                                    "critical_level": cfg.critical_level}
+                                    "onset_step": self._episode.onset_or(step), "critical_level": cfg.critical_level}
         if rate > 0:
             evidence["doubling_steps"] = round(math.log(2) / rate, 2)
             if x < cfg.critical_level:
@@ -146,26 +132,22 @@ class GrowthDetector:
                 evidence["steps_to_critical"] = round(ahead, 1)
                 evidence["projected_critical_step"] = step + math.ceil(ahead)
         cause = cause_for(cfg.kind)
-        if cause is not None:
-            evidence["remedies"] = cause.remedy_dicts()
         growth = f"×{math.exp(rate):.3g} per step" if rate > 0 else "no longer growing"
         what = cause.title if cause else cfg.kind
         text = (f"{what}: {cfg.signal} = {x:.4g} ({growth}; "
-                + (f"at this rate {cfg.critical_level:g} in ~{evidence['steps_to_critical']:.0f} steps)"
-                   if "steps_to_critical" in evidence else f"above the critical level {cfg.critical_level:g})"))
-        cause_text = f"{text}. {cause.mechanism}" if cause else text
-        remedy = cause.remedy_text() if cause else ""
-        return Finding(step=step, kind=cfg.kind, severity=severity, signal=cfg.signal, value=x,
-                       baseline=self._onset_level if self._onset >= 0 else x, evidence=evidence, cause=cause_text,
-                       remedy=remedy)
+                + (f"at this rate {cfg.critical_level:g} in ~{evidence['steps_to_critical']:.0f} steps)."
+                   if "steps_to_critical" in evidence else f"above the critical level {cfg.critical_level:g})."))
+        return explained_finding(step=step, kind=cfg.kind, severity=severity, signal=cfg.signal, value=x,
+                                 baseline=self._onset_level if self._episode.onset >= 0 else x, evidence=evidence,
+                                 text=text)
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "short": self._short.state_dict(), "long": self._long.state_dict(),
-                "run": self._run, "onset": self._onset, "onset_level": self._onset_level, "reported": self._reported}
+                **self._episode.state_dict(), "onset_level": self._onset_level}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = GrowthConfig(**state["config"])
         self._short.load_state_dict(state["short"])
         self._long.load_state_dict(state["long"])
-        self._run, self._onset, self._reported = int(state["run"]), int(state["onset"]), state["reported"]
+        self._episode.load_state_dict(state)
         self._onset_level = float(state.get("onset_level", math.nan))  # absent from states saved before it

@@ -20,11 +20,13 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from keel._core.finding import Finding, Severity
+from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types
-from keel.detect.causes import cause_for
+from keel.detect._episode import Episode
+from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
+from keel.detect.scan import ReadsOneSignal
 from keel.detect.trend import TrendWindow
 
 KIND = "output_logit_drift"
@@ -68,7 +70,7 @@ class OutputLogitDriftConfig:
 
 
 @DETECTORS.register("output_logit_drift")
-class OutputLogitDriftDetector:
+class OutputLogitDriftDetector(ReadsOneSignal):
     """Flags log Z drifting steadily away from its starting level.
 
     Example:
@@ -82,19 +84,11 @@ class OutputLogitDriftDetector:
 
     name = "output_logit_drift"
 
-    rests_when_finite = False  # `keel.detect.scan.ReadsKeys`: nothing but its signal wakes it
-
-    @property
-    def reads(self) -> tuple[str, ...]:
-        return (self.config.signal,)
-
     def __init__(self, config: OutputLogitDriftConfig | None = None, **fields: object) -> None:
         self.config = config or OutputLogitDriftConfig(**fields)  # type: ignore[arg-type]
         self._early: list[float] = []
         self._trend = TrendWindow(self.config.window)
-        self._run = 0
-        self._onset = -1
-        self._reported: Severity | None = None
+        self._episode = Episode()
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
@@ -107,48 +101,39 @@ class OutputLogitDriftDetector:
         base = statistics.median(self._early)
         dev = x - base
         if abs(dev) < cfg.warn_dev:
-            self._run, self._onset = 0, -1
             if abs(dev) < cfg.warn_dev / 2:
-                self._reported = None
+                self._episode.close()
+            else:
+                self._episode.calm()
             return []
         slope = self._trend.slope() if len(self._trend.points) >= 5 else math.nan  # only needed out here
         away = math.copysign(1.0, dev) * slope if math.isfinite(slope) else math.nan
         qualifies = away >= cfg.min_rate
-        if qualifies:
-            if self._run == 0:
-                self._onset = self._trend.first_step()
-            self._run += 1
-        severity: Severity | None = None
-        if abs(dev) >= cfg.critical_dev and self._reported != "critical":
-            severity = "critical"
-        elif self._run >= cfg.patience and self._reported is None:
-            severity = "warning"
+        if qualifies:  # a measurement that does not qualify leaves the count as it is
+            self._episode.qualify(onset=self._trend.first_step())
+        severity = self._episode.escalate(critical=abs(dev) >= cfg.critical_dev,
+                                          warning=self._episode.run >= cfg.patience)
         if severity is None:
             return []
-        self._reported = severity
-        cause = cause_for(KIND)
         evidence: dict[str, Any] = {"log_z": round(x, 4), "baseline": round(base, 4), "deviation": round(dev, 4),
                                     "drift_per_step": round(slope, 5) if math.isfinite(slope) else None,
-                                    "onset_step": self._onset if self._onset >= 0 else obs.step}
+                                    "onset_step": self._episode.onset_or(obs.step)}
         if qualifies and abs(dev) < cfg.critical_dev:
             ahead = (cfg.critical_dev - abs(dev)) / away
             evidence["steps_to_critical"] = round(ahead, 1)
             evidence["projected_critical_step"] = obs.step + math.ceil(ahead)
         evidence.update({key: round(obs.values[key], 5) for key in EXTRA_EVIDENCE if key in obs.values})
-        if cause is not None:
-            evidence["remedies"] = cause.remedy_dicts()
         text = (f"log Z is {x:.3g}, {abs(dev):.3g} nats {'above' if dev > 0 else 'below'} its starting "
                 f"{base:.3g}" + (f" and drifting {abs(slope):.3g} nats/step further." if qualifies else "."))
-        return [Finding(step=obs.step, kind=KIND, severity=severity, signal=cfg.signal, value=x, baseline=base,
-                        evidence=evidence, cause=f"{text} {cause.mechanism if cause else ''}".strip(),
-                        remedy=cause.remedy_text() if cause else "")]
+        return [explained_finding(step=obs.step, kind=KIND, severity=severity, signal=cfg.signal, value=x,
+                                  baseline=base, evidence=evidence, text=text)]
 
     def state_dict(self) -> dict[str, Any]:
         return {"config": asdict(self.config), "early": list(self._early), "trend": self._trend.state_dict(),
-                "run": self._run, "onset": self._onset, "reported": self._reported}
+                **self._episode.state_dict()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = OutputLogitDriftConfig(**state["config"])
         self._early = [float(v) for v in state["early"]]
         self._trend.load_state_dict(state["trend"])
-        self._run, self._onset, self._reported = int(state["run"]), int(state["onset"]), state["reported"]
+        self._episode.load_state_dict(state)

@@ -61,6 +61,17 @@ class ReadsKeys(Protocol):
     rests_when_finite: bool
 
 
+class ReadsOneSignal:
+    """`ReadsKeys` for a detector of ``config.signal`` alone: nothing but that signal wakes it."""
+
+    config: Any
+    rests_when_finite = False
+
+    @property
+    def reads(self) -> tuple[str, ...]:
+        return (self.config.signal,)
+
+
 def as_series(steps: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
     """``steps`` and ``values`` as int64 and float64 arrays of one length, or one clear error.
 

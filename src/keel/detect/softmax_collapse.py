@@ -23,11 +23,13 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from keel._core.finding import Finding, Severity
+from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types
-from keel.detect.causes import cause_for
+from keel.detect._episode import Episode
+from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
+from keel.detect.scan import ReadsOneSignal
 
 KIND = "softmax_collapse"
 EXTRA_EVIDENCE = ("logits/zero_loss", "grad/weight_cos", "logits/log_z_max")
@@ -59,7 +61,7 @@ class SoftmaxCollapseConfig:
 
 
 @DETECTORS.register("softmax_collapse")
-class SoftmaxCollapseDetector:
+class SoftmaxCollapseDetector(ReadsOneSignal):
     """Flags a growing share of softmax rows collapsed to exactly one-hot.
 
     Example:
@@ -73,17 +75,9 @@ class SoftmaxCollapseDetector:
 
     name = "softmax_collapse"
 
-    rests_when_finite = False  # `keel.detect.scan.ReadsKeys`: nothing but its signal wakes it
-
-    @property
-    def reads(self) -> tuple[str, ...]:
-        return (self.config.signal,)
-
     def __init__(self, config: SoftmaxCollapseConfig | None = None, **fields: object) -> None:
         self.config = config or SoftmaxCollapseConfig(**fields)  # type: ignore[arg-type]
-        self._run = 0
-        self._onset = -1
-        self._reported: Severity | None = None
+        self._episode = Episode()
         self._seen_healthy = False
         self._told = False
 
@@ -93,33 +87,24 @@ class SoftmaxCollapseDetector:
         if x is None or not x == x:  # absent or NaN (no rows)
             return []
         if x < cfg.warn_fraction:
-            self._run, self._onset, self._seen_healthy = 0, -1, True
+            self._seen_healthy = True
             if x == 0:
-                self._reported = None
+                self._episode.close()
+            else:
+                self._episode.calm()
             return []
         if not self._seen_healthy:
             return self._not_judged(obs.step, x)
-        if self._run == 0:
-            self._onset = obs.step
-        self._run += 1
-        severity: Severity | None = None
-        if x >= cfg.critical_fraction and self._reported != "critical":
-            severity = "critical"
-        elif self._run >= cfg.patience and self._reported is None:
-            severity = "warning"
+        self._episode.qualify(onset=obs.step)
+        severity = self._episode.escalate(critical=x >= cfg.critical_fraction,
+                                          warning=self._episode.run >= cfg.patience)
         if severity is None:
             return []
-        self._reported = severity
-        cause = cause_for(KIND)
-        evidence: dict[str, Any] = {"fraction": round(x, 5), "onset_step": self._onset}
+        evidence: dict[str, Any] = {"fraction": round(x, 5), "onset_step": self._episode.onset}
         evidence.update({key: round(obs.values[key], 6) for key in EXTRA_EVIDENCE if key in obs.values})
-        if cause is not None:
-            evidence["remedies"] = cause.remedy_dicts()
         text = f"{x:.1%} of the output softmax rows are exactly one-hot in the working precision."
-        return [Finding(step=obs.step, kind=KIND, severity=severity, signal=cfg.signal, value=x,
-                        baseline=cfg.warn_fraction, evidence=evidence,
-                        cause=f"{text} {cause.mechanism if cause else ''}".strip(),
-                        remedy=cause.remedy_text() if cause else "")]
+        return [explained_finding(step=obs.step, kind=KIND, severity=severity, signal=cfg.signal, value=x,
+                                  baseline=cfg.warn_fraction, evidence=evidence, text=text)]
 
     def _not_judged(self, step: int, x: float) -> list[Finding]:
         if self._told:
@@ -133,12 +118,12 @@ class SoftmaxCollapseDetector:
                         remedy="")]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "run": self._run, "onset": self._onset, "reported": self._reported,
-                "seen_healthy": self._seen_healthy, "told": self._told}
+        return {"config": asdict(self.config), **self._episode.state_dict(), "seen_healthy": self._seen_healthy,
+                "told": self._told}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = SoftmaxCollapseConfig(**state["config"])
-        self._run, self._onset, self._reported = int(state["run"]), int(state["onset"]), state["reported"]
+        self._episode.load_state_dict(state)
         # states from before these fields judged every measurement
         self._seen_healthy = bool(state.get("seen_healthy", True))
         self._told = bool(state.get("told", False))

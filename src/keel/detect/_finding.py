@@ -1,0 +1,31 @@
+"""A finding explained by the cause catalogue: what was measured, then the mechanism and remedies of its kind."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keel._core.finding import Finding, Severity
+from keel.detect.causes import cause_for
+
+
+def explained_finding(*, step: int, kind: str, severity: Severity, signal: str, value: float, baseline: float,
+                      evidence: dict[str, Any], text: str) -> Finding:
+    """A `Finding` whose ``text`` (what the detector measured, as sentences) the catalogue entry of ``kind`` explains.
+
+    The entry's mechanism follows the text in ``cause``, its top remedies make ``remedy``, and its ranked remedies
+    join the evidence, last, as ``remedies``, so the store, the CLI and the report say the same; a kind without an
+    entry keeps the text alone.
+
+    Example:
+        >>> f = explained_finding(step=9, kind="softmax_collapse", severity="critical", signal="softmax/collapse",
+        ...                       value=0.7, baseline=0.01, evidence={"fraction": 0.7}, text="70% are one-hot.")
+        >>> f.cause.startswith("70% are one-hot. Rows of the output softmax"), list(f.evidence)
+        (True, ['fraction', 'remedies'])
+    """
+    cause = cause_for(kind)
+    if cause is None:
+        return Finding(step=step, kind=kind, severity=severity, signal=signal, value=value, baseline=baseline,
+                       evidence=evidence, cause=text)
+    return Finding(step=step, kind=kind, severity=severity, signal=signal, value=value, baseline=baseline,
+                   evidence={**evidence, "remedies": cause.remedy_dicts()}, cause=f"{text} {cause.mechanism}",
+                   remedy=cause.remedy_text())
