@@ -21,13 +21,13 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-import keel.bench.ddp
-import keel.bench.detect
-import keel.bench.doctor
-import keel.bench.optim
-import keel.bench.overhead
-import keel.bench.snapshot
 import keel.demo
+import keel.harness.bench.ddp
+import keel.harness.bench.detect
+import keel.harness.bench.doctor
+import keel.harness.bench.optim
+import keel.harness.bench.overhead
+import keel.harness.bench.snapshot
 import keel.proxy.sweep.cli
 from keel.cli import main
 from keel.store import RunWriter
@@ -45,13 +45,13 @@ class Reached(Exception):
 # that gets this far fails its assertion with the stub's name in the message.
 WORK = [
     (keel.demo, "run_demo"),
-    (keel.bench.overhead, "bench_overhead"),
-    (keel.bench.ddp, "bench_ddp_overhead"),
-    (keel.bench.snapshot, "bench_snapshot"),
-    (keel.bench.optim, "bench_optim"),
-    (keel.bench.detect, "bench_detect"),
-    (keel.bench.detect, "probe_costs"),
-    (keel.bench.doctor, "run"),
+    (keel.harness.bench.overhead, "bench_overhead"),
+    (keel.harness.bench.ddp, "bench_ddp_overhead"),
+    (keel.harness.bench.snapshot, "bench_snapshot"),
+    (keel.harness.bench.optim, "bench_optim"),
+    (keel.harness.bench.detect, "bench_detect"),
+    (keel.harness.bench.detect, "probe_costs"),
+    (keel.harness.bench.doctor, "run"),
     (keel.proxy.sweep.cli, "run_sweep"),
 ]
 
@@ -293,7 +293,7 @@ def _fail_work_with(monkeypatch, exc: BaseException) -> None:
     def work(*args, **kwargs):
         raise exc
 
-    monkeypatch.setattr(keel.bench.optim, "bench_optim", work)
+    monkeypatch.setattr(keel.harness.bench.optim, "bench_optim", work)
 
 
 def test_a_keel_bug_is_one_line_exit_1_with_the_debug_hint(world, monkeypatch, capsys):

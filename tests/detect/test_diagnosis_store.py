@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from keel import Guard
 from keel.cli import main
-from keel.proxy.scenarios._common import LMRun, run_lm
+from keel.proxy.trainer import TrainConfig, train_proxy
 from keel.store import RunReader
 from tests.conftest import TinyNet, make_batches, observe_poisoned_run
 
@@ -42,7 +42,7 @@ def test_clean_run_stores_an_empty_diagnosis(tmp_path):
 
 def test_doctor_shows_the_diagnosis_of_an_attention_logit_growth_run(tmp_path, capsys):
     # keel's tiny proxy at LR 0.1 without QK-norm (the zoo's attention_logit_growth), cut to 30 steps
-    run_lm("attention_logit_growth", LMRun(size="tiny", steps=30, lr=0.1), run_dir=str(tmp_path / "run"))
+    train_proxy(TrainConfig(size="tiny", steps=30, lr=0.1), policy="observe", run_dir=str(tmp_path / "run"))
     with RunReader(tmp_path / "run") as run:
         (first, *_) = run.meta()["diagnosis"]
     assert first["kind"] == "attention_logit_growth" and first["remedies"][0]["action"].startswith("add QK-norm")

@@ -7,8 +7,8 @@ import os
 
 import pytest
 
-from keel.bench.ddp import DDPOverheadConfig
 from keel.cli import main as keel_main
+from keel.harness.bench.ddp import DDPOverheadConfig
 from tests.distributed.launch import ROOT
 
 

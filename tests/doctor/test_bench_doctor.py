@@ -1,11 +1,11 @@
-"""`keel bench doctor` (src/keel/bench/doctor.py) on a tiny labelled folder built here."""
+"""`keel bench doctor` (src/keel/harness/bench/doctor.py) on a tiny labelled folder built here."""
 
 import argparse
 import json
 
 import numpy as np
 
-from keel.bench import doctor as bench
+from keel.harness.bench import doctor as bench
 
 
 def _folder(tmp_path):

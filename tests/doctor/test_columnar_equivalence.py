@@ -1,6 +1,6 @@
 """The columnar doctor finds exactly what the record-based one found (issue 12, item 13).
 
-The reference is the old path, frozen in `keel.bench._doctor_legacy`: CSVs are read by both readers; logs of
+The reference is the old path, frozen in `keel.harness.bench._doctor_legacy`: CSVs are read by both readers; logs of
 the other formats are read once (their readers only changed where their records go) and run through both
 timelines, drivers and summaries. Equal means the whole ``DoctorResult.to_dict()``: every finding with its
 value, baseline and evidence, in order, and every summary field (but the count of a run store's decisions,
@@ -21,9 +21,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keel.bench import _doctor_legacy as legacy
 from keel.detect import DivergenceConfig, DivergenceDetector, SpikeConfig, SpikeDetector, default_detectors
 from keel.doctor import DoctorResult, LogReadError, RawLog, diagnose, diagnose_log, read_log
+from keel.harness.bench import _doctor_legacy as legacy
 from tests.conftest import observe_poisoned_run
 
 DATA = Path(__file__).parent / "data"

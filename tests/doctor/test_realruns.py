@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from keel.bench.doctor import HEALTHY_LABELS, load_prefix, run, score_series
 from keel.doctor import diagnose_log
+from keel.harness.bench.doctor import HEALTHY_LABELS, load_prefix, run, score_series
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "realruns"
 pytestmark = pytest.mark.skipif(not (DATA / "labels.json").is_file(),

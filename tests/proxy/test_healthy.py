@@ -9,7 +9,7 @@ from keel.proxy.trainer import TrainConfig, train_proxy
 def test_2000_healthy_proxy_steps_raise_no_warning_and_skip_nothing():
     config = TrainConfig(size="tiny", steps=2000, batch_size=8, seq_len=32, lr=3e-3, warmup=50, eval_batches=1)
     run = train_proxy(config, policy="skip", probes="default")  # Guard's default set (the transformer
-    # probes' healthy runs are the scenario zoo's: tests/proxy/scenarios)
+    # probes' healthy runs are the scenario zoo's: tests/harness/scenarios)
     assert len(run.losses) == 2000 and run.aborted is None
     assert [f for f in run.findings if f.severity != "info"] == []
     assert run.decisions == []

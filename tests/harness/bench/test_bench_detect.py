@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from keel.bench import detect as bench
+from keel.harness.bench import detect as bench
 
 
 def test_json_schema_on_a_short_healthy_and_unstable_run(capsys):

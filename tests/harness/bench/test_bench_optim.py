@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from keel.bench import optim as bench
+from keel.harness.bench import optim as bench
 
 
 def test_bench_optim_reports_every_optimizer_against_adamw() -> None:

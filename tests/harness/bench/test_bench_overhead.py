@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from keel.bench.overhead import OverheadConfig
+from keel.harness.bench.overhead import OverheadConfig
 from keel.cli import main
 
 

@@ -1,6 +1,6 @@
 import json
 
-from keel.bench.snapshot import SIZES, SnapshotBenchConfig, bench_snapshot
+from keel.harness.bench.snapshot import SIZES, SnapshotBenchConfig, bench_snapshot
 
 
 def test_bench_snapshot_reports_the_documented_fields(monkeypatch):

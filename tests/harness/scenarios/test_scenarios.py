@@ -8,8 +8,8 @@ import math
 import pytest
 
 from keel.detect.diagnosis import MECHANISMS
-from keel.proxy.scenarios import SCENARIOS, Scenario, create_scenario, list_scenarios
-from keel.proxy.scenarios._common import ScenarioResult
+from keel.harness.scenarios import SCENARIOS, Scenario, create_scenario, list_scenarios
+from keel.harness.scenarios._common import ScenarioResult
 
 INSTABILITIES = [n for n in list_scenarios() if not create_scenario(n).spec.healthy]
 HEALTHY = [n for n in list_scenarios() if create_scenario(n).spec.healthy]

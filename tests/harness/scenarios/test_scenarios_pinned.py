@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from keel.proxy.scenarios import _finetune, create_scenario
+from keel.harness.scenarios import _finetune, create_scenario
 
 # scenario → (steps, training losses): run(steps=...) under the observing Guard
 PINNED_RUNS = {

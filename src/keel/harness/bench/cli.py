@@ -6,11 +6,11 @@ import argparse
 import importlib
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
-    "overhead": ("keel.bench.overhead", "Guard's step-time cost against the bare loop"),
-    "snapshot": ("keel.bench.snapshot", "training time blocked per in-memory snapshot vs torch.save"),
-    "optim": ("keel.bench.optim", "keel optimizers' step time vs torch AdamW(foreach)"),
-    "detect": ("keel.bench.detect", "the scenario zoo: right kind detected, lead time, false alarms"),
-    "doctor": ("keel.bench.doctor", "keel doctor on the real training logs in shared/data/realruns"),
+    "overhead": ("keel.harness.bench.overhead", "Guard's step-time cost against the bare loop"),
+    "snapshot": ("keel.harness.bench.snapshot", "training time blocked per in-memory snapshot vs torch.save"),
+    "optim": ("keel.harness.bench.optim", "keel optimizers' step time vs torch AdamW(foreach)"),
+    "detect": ("keel.harness.bench.detect", "the scenario zoo: right kind detected, lead time, false alarms"),
+    "doctor": ("keel.harness.bench.doctor", "keel doctor on the real training logs in shared/data/realruns"),
 }
 
 

@@ -66,7 +66,7 @@ def bench_ddp_overhead(config: DDPOverheadConfig | None = None, timeout: float =
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(config.nproc),
-               "-m", "keel.bench.ddp", "--worker", json.dumps(asdict(config)), str(out)]
+               "-m", "keel.harness.bench.ddp", "--worker", json.dumps(asdict(config)), str(out)]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
@@ -79,7 +79,7 @@ def _worker(config: DDPOverheadConfig, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from keel.bench.loop import train_steps
+    from keel.harness.bench.loop import train_steps
     from keel.guard import Guard
     from keel.guard.distributed import DistributedConfig
     from keel.proxy import ProxyBatches, create_proxy_model
@@ -137,7 +137,7 @@ def _worker(config: DDPOverheadConfig, out: str) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    """Entry from `keel bench overhead --ddp N` (see `keel.bench.overhead`)."""
+    """Entry from `keel bench overhead --ddp N` (see `keel.harness.bench.overhead`)."""
     if args.device == "cuda":
         import torch
 

@@ -1,6 +1,6 @@
 """`keel bench detect`: run the scenario zoo and score keel's detection.
 
-For every scenario (`keel.proxy.scenarios`): was the right kind detected (a warning or critical finding of
+For every scenario (`keel.harness.scenarios`): was the right kind detected (a warning or critical finding of
 the expected kind), at which step, how many steps before the loss degraded (`keel.detect.lead_time`, against
 the scenario's reference run with the remedy applied when it has one), and — for healthy runs — how many
 warning/critical findings there were (false alarms). For an instability with a known event step (poisoned
@@ -24,11 +24,11 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from keel._core.argtypes import cpu_threads, nonnegative_int, positive_int
-from keel.bench._progress import bench_progress
+from keel.harness.bench._progress import bench_progress
 from keel.detect.diagnosis import diagnose
 from keel.detect.lead_time import degradation_step, lead_steps
 from keel.guard.console import progress_bar, silenced
-from keel.proxy.scenarios import create_scenario, list_scenarios
+from keel.harness.scenarios import create_scenario, list_scenarios
 
 
 @dataclass(kw_only=True)
@@ -229,7 +229,7 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
     import torch
     import torch.nn.functional as F
 
-    from keel.bench.loop import train_steps
+    from keel.harness.bench.loop import train_steps
     from keel.guard import Guard
     from keel.proxy import ProxyBatches, create_proxy_model
     from keel.signals import StepContext, create_probe
@@ -304,7 +304,7 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
             "sharpness": sharpness, "sharpness_batch": "8x64 (a fixed probe batch)"}
 
 
-if __name__ == "__main__":  # `python -m keel.bench.detect` until `keel bench detect` is registered
+if __name__ == "__main__":  # `python -m keel.harness.bench.detect` until `keel bench detect` is registered
     _parser = argparse.ArgumentParser(prog="keel bench detect", description=__doc__.splitlines()[0])
     add_arguments(_parser)
     sys.exit(main(_parser.parse_args()))

@@ -15,7 +15,7 @@ false alarms. No threshold is set per file: every series runs through `keel.dete
 grad_norm, lr and a text column, with what long runs have (a resume that logs 1,000 steps again at 70 %, a
 NaN loss every 100k rows, an empty grad-norm cell every 10th row) — each measured in a child process of its
 own: wall time (reading, then the rest), the same without detectors (what the doctor itself costs), and peak
-RSS. The record-based reader it replaced (`keel.bench._doctor_legacy`) runs on the same files for the ratio.
+RSS. The record-based reader it replaced (`keel.harness.bench._doctor_legacy`) runs on the same files for the ratio.
 
 Example:
     keel bench doctor --data ../shared/data/realruns
@@ -41,7 +41,7 @@ from typing import Any
 
 import numpy as np
 
-from keel.bench import _doctor_legacy as legacy
+from keel.harness.bench import _doctor_legacy as legacy
 from keel.doctor import RawLog, diagnose, read_log
 from keel.doctor.timeline import build_timeline
 
@@ -229,7 +229,7 @@ def peak_rss_mb() -> float:
 def _child(path: Path, reader: str, timeout: float) -> dict[str, Any]:
     src = str(Path(__file__).resolve().parents[2])
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    code = f"import json; from keel.bench.doctor import measure; print(json.dumps(measure({str(path)!r}, {reader!r})))"
+    code = f"import json; from keel.harness.bench.doctor import measure; print(json.dumps(measure({str(path)!r}, {reader!r})))"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"the {reader} child failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -313,6 +313,6 @@ def main(args: argparse.Namespace) -> int:
 
 
 if __name__ == "__main__":
-    parser = argparse.ArgumentParser(prog="python -m keel.bench.doctor", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m keel.harness.bench.doctor", description=__doc__.splitlines()[0])
     add_arguments(parser)
     sys.exit(main(parser.parse_args()))

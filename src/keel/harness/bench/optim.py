@@ -32,7 +32,7 @@ from torch.optim import Optimizer
 
 from keel._core.argtypes import cpu_threads, device, positive_int
 from keel._core.validate import check_types
-from keel.bench._progress import bench_progress
+from keel.harness.bench._progress import bench_progress
 from keel.optim import SPAM, AdaClip, IndependentAdamW, OrthoGrad, StableSPAM
 from keel.proxy import ProxyBatches, create_proxy_model
 
@@ -304,7 +304,7 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-if __name__ == "__main__":  # `python -m keel.bench.optim`, the same as `keel bench optim`
+if __name__ == "__main__":  # `python -m keel.harness.bench.optim`, the same as `keel bench optim`
     import sys
 
     _parser = argparse.ArgumentParser(prog="keel bench optim", description=__doc__.splitlines()[0])

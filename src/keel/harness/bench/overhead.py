@@ -31,8 +31,8 @@ import torch
 from keel._core.argtypes import device, int_range, positive_int
 from keel._core.errors import TrainingAborted
 from keel._core.validate import check_types, require_ints
-from keel.bench._progress import bench_progress
-from keel.bench.loop import train_steps
+from keel.harness.bench._progress import bench_progress
+from keel.harness.bench.loop import train_steps
 from keel.guard import Guard
 from keel.guard.console import silenced
 from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
@@ -253,7 +253,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=defaults.device, type=device("cpu", "cuda"), metavar="{cpu,cuda}")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--ddp", type=int_range(2), default=None, metavar="N",
-                        help="measure under DDP with N >= 2 torchrun ranks instead (keel.bench.ddp)")
+                        help="measure under DDP with N >= 2 torchrun ranks instead (keel.harness.bench.ddp)")
 
 
 def main(args: argparse.Namespace) -> int:
@@ -261,7 +261,7 @@ def main(args: argparse.Namespace) -> int:
         if args.full_log_every is not None:
             raise ValueError("--full-log-every has no effect with --ddp (the DDP benchmark has no full-probe "
                              "variant); allowed: one of them")
-        from keel.bench.ddp import main as ddp_main
+        from keel.harness.bench.ddp import main as ddp_main
 
         return ddp_main(args)
     full_log_every = OverheadConfig.full_log_every if args.full_log_every is None else args.full_log_every

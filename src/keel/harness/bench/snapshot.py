@@ -25,7 +25,7 @@ from torch import nn
 
 from keel._core.argtypes import ArgumentValueError, device, positive_int, show
 from keel._core.validate import check_types
-from keel.bench._progress import bench_progress
+from keel.harness.bench._progress import bench_progress
 from keel.recover import SnapshotRing, TrainingState
 
 SIZES = {"50M": (2048, 12), "200M": (4096, 12)}

@@ -3,7 +3,7 @@
 Every scenario trains a small model under an observing `Guard` with keel's transformer probe set
 (``probes="transformer"``) and default detectors, and knows what keel should say: the finding kind that
 names its instability, or — for a healthy run — that no warning or critical finding may appear.
-`keel bench detect` runs them all (`keel.bench.detect`). Scenarios with a ``reference`` also train the same
+`keel bench detect` runs them all (`keel.harness.bench.detect`). Scenarios with a ``reference`` also train the same
 recipe with the remedy applied, which is how "the loss degraded" is judged for instabilities that stall
 rather than explode.
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Protocol, runtime_checkable
 
 from keel._core.registry import Registry
-from keel.proxy.scenarios._common import ScenarioResult, ScenarioSpec
+from keel.harness.scenarios._common import ScenarioResult, ScenarioSpec
 
 
 @runtime_checkable
@@ -45,7 +45,7 @@ def list_scenarios() -> list[str]:
     return SCENARIOS.names()
 
 
-from keel.proxy.scenarios import (  # noqa: E402,F401  (register built-ins)
+from keel.harness.scenarios import (  # noqa: E402,F401  (register built-ins)
     attention_entropy_collapse,
     attention_logit_growth,
     benign_oscillation,

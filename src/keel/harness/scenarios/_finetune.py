@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from keel.proxy.corpus import ProxyBatches
 from keel.proxy.model import create_proxy_model
-from keel.proxy.scenarios._common import Batch, lm_loss
+from keel.harness.scenarios._common import Batch, lm_loss
 
 SEQ_LEN = 64
 BASE_SIZE = "tiny"

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 
 from keel.detect import default_detectors
 from keel.guard import Guard
-from keel.proxy.scenarios._common import ScenarioResult
+from keel.harness.scenarios._common import ScenarioResult
 from keel.signals import TRANSFORMER_PROBES
 from keel.signals.grad_weight_cos import GradWeightCosProbe
 from keel.signals.output_logits import OutputLogitsProbe

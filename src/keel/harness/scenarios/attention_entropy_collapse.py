@@ -8,8 +8,8 @@ adds QK-norm (σReparam, the paper's remedy, bounds the same logits through the 
 
 from __future__ import annotations
 
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
 
 
 @SCENARIOS.register("attention_entropy_collapse")

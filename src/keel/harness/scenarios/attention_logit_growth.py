@@ -8,8 +8,8 @@ logits near 10 and ends ~0.3 nats lower; the loss "degrades" where the run falls
 
 from __future__ import annotations
 
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
 
 
 @SCENARIOS.register("attention_logit_growth")

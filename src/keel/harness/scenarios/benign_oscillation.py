@@ -7,8 +7,8 @@ visibly around a slowly falling level — the large-LR regime that helps rather 
 
 from __future__ import annotations
 
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
 
 
 @SCENARIOS.register("benign_oscillation")

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 
 from keel.proxy.corpus import load_corpus
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import Batch, LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import Batch, LMRun, LMScenario, ScenarioSpec
 
 SWITCH_STEP = 120
 

@@ -7,8 +7,8 @@ keel may note each as an ``info`` outlier; a warning or critical finding is a fa
 
 from __future__ import annotations
 
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import Batch, LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import Batch, LMRun, LMScenario, ScenarioSpec
 
 OUTLIER_STEPS = (120, 170, 220)
 

@@ -9,9 +9,9 @@ may appear.
 
 from __future__ import annotations
 
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import LMRun, LMScenario, ScenarioSpec
-from keel.proxy.scenarios._finetune import BASE_SIZE, SEQ_LEN, Epochs, pretrained_base, snippets
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._finetune import BASE_SIZE, SEQ_LEN, Epochs, pretrained_base, snippets
 
 EXAMPLES, BATCH, EPOCHS = 16, 1, 16
 

@@ -12,8 +12,8 @@ from collections.abc import Callable, Sequence
 
 from torch import Tensor, nn
 
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
 from keel.signals import Probe
 from keel.signals.sharpness import SharpnessProbe
 

@@ -16,8 +16,8 @@ import math
 from torch import Tensor, nn
 
 from keel.proxy.model import CausalSelfAttention, ProxyGPT
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
 
 
 class NaiveSoftmaxAttention(CausalSelfAttention):

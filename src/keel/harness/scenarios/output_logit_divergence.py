@@ -1,6 +1,6 @@
 """Output-logit divergence by naïve loss minimisation: modular multiplication with a standard AdamW.
 
-(a · b) mod 59 on the grokking setup of `keel.proxy.scenarios._modular` with an ordinary AdamW (ε = 1e-8)
+(a · b) mod 59 on the grokking setup of `keel.harness.scenarios._modular` with an ordinary AdamW (ε = 1e-8)
 and a float16 softmax. Once the training set is fit, the optimizer lowers the loss by scaling the logits:
 log Z climbs from log 59 ≈ 4 by tens of nats within a few dozen steps — the drift keel must flag — while
 the float16 softmax collapses, and the loss turns back up and finally spikes. (At seed 0 keel flags the
@@ -18,9 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import ScenarioResult, ScenarioSpec
-from keel.proxy.scenarios._modular import P, train
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import ScenarioResult, ScenarioSpec
+from keel.harness.scenarios._modular import P, train
 
 STEPS = 500
 

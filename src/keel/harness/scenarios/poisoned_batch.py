@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import torch
 
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import Batch, LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import Batch, LMRun, LMScenario, ScenarioSpec
 
 POISON_STEP = 150
 

@@ -12,9 +12,9 @@ No warning or critical finding may appear.
 
 from __future__ import annotations
 
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import LMRun, LMScenario, ScenarioSpec
-from keel.proxy.scenarios._finetune import BASE_SIZE, SEQ_LEN, Epochs, apply_lora, pretrained_base, snippets
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._finetune import BASE_SIZE, SEQ_LEN, Epochs, apply_lora, pretrained_base, snippets
 
 EXAMPLES, BATCH, EPOCHS, RANK = 24, 2, 30, 32
 

@@ -9,8 +9,8 @@ best, before the run is lost.
 
 from __future__ import annotations
 
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
 
 RAMP_START = 40
 RATE = 1.0125

@@ -4,7 +4,7 @@
 set is fit, the loss falls below float16's resolution and rows of the softmax collapse to exactly one-hot
 (zero loss, zero gradient); the remaining update only scales the weights (cos(g, w) → −1), the loss turns
 back up a hundred steps later, and the logits finally blow up into loss spikes. The task and model are in
-`keel.proxy.scenarios._modular`. The loss degrades against its own best (a float64-softmax reference
+`keel.harness.scenarios._modular`. The loss degrades against its own best (a float64-softmax reference
 differs from the first steps by float16 rounding, which is not the instability).
 """
 
@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from keel.proxy.scenarios import SCENARIOS
-from keel.proxy.scenarios._common import ScenarioResult, ScenarioSpec
-from keel.proxy.scenarios._modular import P, train
+from keel.harness.scenarios import SCENARIOS
+from keel.harness.scenarios._common import ScenarioResult, ScenarioSpec
+from keel.harness.scenarios._modular import P, train
 
 STEPS = 500
 
