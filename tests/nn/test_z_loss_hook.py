@@ -39,3 +39,22 @@ def test_errors_and_object_outputs() -> None:
         hook(nn.Identity(), (), (torch.zeros(2),))
     with pytest.raises(ValueError, match="ZLossHook.coefficient="):
         ZLossHook(-1.0)
+
+
+def test_loss_rejects_a_mask_that_does_not_match_the_tokens() -> None:
+    # a (3,) mask would broadcast over (2, 3) tokens and weigh the wrong ones: keel.losses.z_loss refuses it
+    head = nn.Linear(4, 5)
+    hook = ZLossHook()
+    hook.attach(head)
+    head(torch.randn(2, 3, 4))
+    with pytest.raises(ValueError, match=r"mask.shape=\(3,\); allowed: the logits' leading shape \(2, 3\)"):
+        hook.loss(torch.ones(3, dtype=torch.bool))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_head_records_log_z_in_float32(dtype: torch.dtype) -> None:
+    hook = ZLossHook(coefficient=1.0)
+    logits = (torch.randn(4, 300, generator=torch.Generator().manual_seed(0)) * 30).to(dtype)
+    hook(nn.Identity(), (), logits)
+    assert hook.log_z.dtype == torch.float32
+    torch.testing.assert_close(hook.loss(), z_loss(logits, coefficient=1.0), rtol=0, atol=0)

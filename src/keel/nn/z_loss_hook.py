@@ -8,11 +8,10 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-DEFAULT_COEFFICIENT = 1e-4
+from keel.losses.z_loss import DEFAULT_COEFFICIENT, log_partition, z_loss_from_log_z
 
 
 class ZLossHook:
@@ -25,12 +24,14 @@ class ZLossHook:
     injected the gradient behind the loop's back would get wrong.
 
     ``last_log_z`` (detached) serves monitoring: its mean drifting far from 0 is the output-logit
-    divergence the z-loss prevents. log Z is computed in float32.
+    divergence the z-loss prevents. log Z and the penalty are `keel.losses.log_partition` and
+    `keel.losses.z_loss_from_log_z` (float32 or wider; a mask must have the tokens' shape).
 
     Args:
         coefficient: Weight of the penalty (1e-4, PaLM and Wortsman et al.).
 
     Example:
+        >>> import torch
         >>> head = nn.Linear(4, 10)
         >>> hook = ZLossHook()
         >>> handle = hook.attach(head)
@@ -57,9 +58,7 @@ class ZLossHook:
                 "allowed: a Tensor of logits or an "
                 "object with a .logits attribute"
             )
-        if logits.dtype in (torch.float16, torch.bfloat16):
-            logits = logits.float()
-        self.log_z = torch.logsumexp(logits, dim=-1)
+        self.log_z = log_partition(logits)
 
     def attach(self, module: nn.Module) -> RemovableHandle:
         """Register on ``module`` (the output head) as a forward hook."""
@@ -75,11 +74,8 @@ class ZLossHook:
 
         Raises:
             RuntimeError: no forward has run since the hook was attached.
+            ValueError: ``mask`` does not have the tokens' shape (the logits' shape without the vocabulary).
         """
         if self.log_z is None:
             raise RuntimeError("ZLossHook.loss() called before any forward of the hooked module")
-        squared = self.log_z.square()
-        if mask is None:
-            return self.coefficient * squared.sum() / max(squared.numel(), 1)
-        mask = mask.to(squared.dtype)
-        return self.coefficient * (squared * mask).sum() / mask.sum().clamp_min(1.0)
+        return z_loss_from_log_z(self.log_z, coefficient=self.coefficient, mask=mask)

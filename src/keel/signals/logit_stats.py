@@ -14,16 +14,17 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from keel.losses.z_loss import log_partition as _log_partition
+
 
 def log_partition(logits: Tensor) -> Tensor:
-    """log Z per row: logsumexp over the last dimension, in float32 (float64 stays float64).
+    """log Z per row, measured: `keel.losses.log_partition` of the detached logits (no training graph).
 
     Example:
         >>> log_partition(torch.zeros(2, 4))
         tensor([1.3863, 1.3863])
     """
-    z = logits.detach()
-    return torch.logsumexp(z if z.dtype == torch.float64 else z.float(), dim=-1)
+    return _log_partition(logits.detach())
 
 
 def softmax_collapse_mask(logits: Tensor, precision: torch.dtype | None = None) -> tuple[Tensor, Tensor]:

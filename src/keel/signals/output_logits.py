@@ -54,6 +54,7 @@ from torch import Tensor, nn
 
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
+from keel.losses.z_loss import log_partition
 from keel.signals._hooks import add_count, compiling, find_output_head, hooks_active, named_modules_by_name
 from keel.signals._softmax_head import CHECKING, SoftmaxHeadCheck, shifts_labels, trusted_head
 from keel.signals.attn_logits import due
@@ -240,9 +241,10 @@ class OutputLogitsProbe:
         s = (zp - top).exp_().sum(dim=-1)  # in the working precision
         collapsed = s == 1
         if precision in (torch.float32, torch.float64) and z.dtype == precision:
-            log_z = top.squeeze(-1).float() + torch.log(s.float())  # the same pass gives log Z
-        else:
-            log_z = torch.logsumexp(z.float(), dim=-1)
+            # log Z = max + log Σ exp(z − max): the collapse pass already holds both, no second exp pass
+            log_z = top.squeeze(-1).float() + torch.log(s.float())
+        else:  # S was summed in a lower precision than log Z wants: keel.losses.log_partition, in float32
+            log_z = log_partition(z.float())
         sums = self._sums
         sums.add("log_z", log_z.sum())
         sums.add("log_z_max", log_z.amax(), "max")

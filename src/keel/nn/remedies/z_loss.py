@@ -11,9 +11,10 @@ from typing import ClassVar
 
 from torch import nn
 
+from keel.losses.z_loss import DEFAULT_COEFFICIENT
 from keel.nn._surgery import linear_features
 from keel.nn.remedies._base import Change, remedies
-from keel.nn.z_loss_hook import DEFAULT_COEFFICIENT, ZLossHook
+from keel.nn.z_loss_hook import ZLossHook
 
 # Names output heads go by: nanoGPT/HF (lm_head), keel proxy/timm (head), Llama reference (output),
 # GPT-NeoX (embed_out), Megatron (output_layer).
