@@ -14,8 +14,6 @@ from collections.abc import Iterable
 
 from keel._core import keys
 
-VAL_LOSS = "val/loss"
-
 # keel key → accepted column names (normalized), in order of preference when several are present.
 ALIASES: dict[str, tuple[str, ...]] = {
     keys.LOSS: ("loss", "train_loss", "training_loss", "lm_loss", "train_lm_loss", "loss_train",
@@ -27,7 +25,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
     keys.AMP_SCALE: ("loss_scale", "amp_scale", "grad_scale", "loss_scaler", "scaler_scale"),
     keys.STEP_TIME: ("step_time", "step_time_s", "time_per_step", "time_per_step_s", "iteration_time_s",
                      "iter_time_s"),
-    VAL_LOSS: ("val_loss", "eval_loss", "validation_loss", "valid_loss", "test_loss", "eval_lm_loss",
+    keys.VAL_LOSS: ("val_loss", "eval_loss", "validation_loss", "valid_loss", "test_loss", "eval_lm_loss",
                "validation_epoch_loss", "val_epoch_loss"),
 }
 

@@ -39,12 +39,6 @@ from keel.signals import Packed
 
 Rule = Literal["mean", "norm", "max", "min"]
 
-# Per-rank families added to the step's measurements.
-RANK_LOSS = "rank/loss/"
-RANK_GRAD_NORM = "rank/grad/norm/"
-RANK_LOCAL_NORM = "rank/grad/local_norm/"
-RANK_COS = "rank/grad/cos/"
-
 _NORMS = (keys.GRAD_NORM, keys.PARAM_NORM, keys.UPDATE_NORM)
 
 
@@ -301,8 +295,8 @@ class _Plan:
         self.gathered = torch.tensor(gathered, dtype=torch.long, device=device)
         self.is_max = torch.tensor(is_max, dtype=torch.bool, device=device)
         names = tuple(str(r) for r in range(world))
-        rank_families = [(RANK_LOSS, names), (RANK_GRAD_NORM, names)]
+        rank_families = [(keys.RANK_LOSS_PER_RANK, names), (keys.RANK_GRAD_NORM_PER_RANK, names)]
         if with_grad_stats:
-            rank_families += [(RANK_LOCAL_NORM, names), (RANK_COS, names)]
+            rank_families += [(keys.RANK_GRAD_LOCAL_NORM_PER_RANK, names), (keys.RANK_GRAD_COS_PER_RANK, names)]
         first_keys, first_families = layout[0] if layout else ([], [])
         self.layout = [(list(first_keys), [*first_families, *rank_families]), *layout[1:]]

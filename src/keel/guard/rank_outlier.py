@@ -36,17 +36,18 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types, require_ints, require_positive
 
 # (per-rank family, feature name); `_deviations` turns each into a "higher is worse" deviation
 FEATURES: tuple[tuple[str, str], ...] = (
-    ("rank/loss/", "loss"),
-    ("rank/grad/local_norm/", "grad_norm"),
-    ("rank/grad/cos/", "disagreement"),
+    (keys.RANK_LOSS_PER_RANK, "loss"),
+    (keys.RANK_GRAD_LOCAL_NORM_PER_RANK, "grad_norm"),
+    (keys.RANK_GRAD_COS_PER_RANK, "disagreement"),
 )
-FAULT_FAMILIES = ("rank/loss/", "rank/grad/norm/", "rank/grad/local_norm/")
+FAULT_FAMILIES = (keys.RANK_LOSS_PER_RANK, keys.RANK_GRAD_NORM_PER_RANK, keys.RANK_GRAD_LOCAL_NORM_PER_RANK)
 CLIP = 3.0  # the farthest from the recent median a step may pull the long history, in noise units
 NOISE_WINDOW = 32  # step-to-step changes kept per rank for the noise scale
 MEDIAN_ABS_DIFF = 0.6745 * math.sqrt(2)  # median |X − Y| / σ for independent normal X, Y
@@ -262,7 +263,7 @@ class RankOutlierDetector:
                     remedy="Every rank skipped this update together. If it repeats on the same rank, inspect "
                            "that rank's data shard and device."))
                 return found
-        names, values = obs.per_param.get("rank/grad/norm/", ((), []))
+        names, values = obs.per_param.get(keys.RANK_GRAD_NORM_PER_RANK, ((), []))
         if self.config.replicated and len(values) >= 2 and all(math.isfinite(v) for v in values):
             centre = _median(values)
             tolerance = self.config.replica_rtol * max(abs(centre), 1e-30)
@@ -270,7 +271,7 @@ class RankOutlierDetector:
             if odd:
                 named = odd if len(values) >= 3 and len(odd) < len(values) / 2 else []
                 found.append(Finding(
-                    step=obs.step, kind="rank_outlier", severity="warning", signal="rank/grad/norm/",
+                    step=obs.step, kind="rank_outlier", severity="warning", signal=keys.RANK_GRAD_NORM_PER_RANK,
                     value=max(values), baseline=centre,
                     evidence={"rank": named[0] if named else None, "ranks": named, "rule": "replica_mismatch",
                               "values": list(values)},

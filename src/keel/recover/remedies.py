@@ -18,6 +18,7 @@ from typing import Any
 
 import torch
 
+from keel._core import keys
 from keel._core.finding import Finding
 
 MODEL_CAUSED_KINDS = frozenset({"divergence", "non_finite"})
@@ -47,7 +48,7 @@ def choose_remedies(findings: tuple[Finding, ...], rollbacks_in_window: int) -> 
     PaLM recipe: restart earlier and skip the offending batches — unless it is already a repeat.
     """
     kinds = {f.kind for f in findings if f.severity == "critical"}
-    params_broken = any(f.kind == "non_finite" and f.signal == "param/norm" for f in findings)
+    params_broken = any(f.kind == "non_finite" and f.signal == keys.PARAM_NORM for f in findings)
     remedies = []
     if kinds & MODEL_CAUSED_KINDS or rollbacks_in_window > 1 or not kinds <= {"loss_spike", "grad_spike", "non_finite"}:
         remedies.append("lr_backoff")

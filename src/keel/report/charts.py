@@ -27,8 +27,7 @@ LAYERED = ("attn/", "logits/", "act/")  # charted first after loss, gradient nor
 PER_PARAM = frozenset({keys.GRAD_NORM, keys.PARAM_NORM, keys.UPDATE_RATIO, keys.UPDATE_NORM})
 COMPANIONS = ("_max", "_min", "_mean")
 TITLES = {keys.LOSS: "loss", keys.GRAD_NORM: "gradient norm (grad/norm)", keys.LR: "learning rate (lr)"}
-LOG_Y = (keys.GRAD_NORM, keys.UPDATE_NORM, keys.UPDATE_RATIO, keys.PARAM_NORM, "attn/max_logit")
-VAL_LOSS = "val/loss"
+LOG_Y = (keys.GRAD_NORM, keys.UPDATE_NORM, keys.UPDATE_RATIO, keys.PARAM_NORM, keys.ATTN_MAX_LOGIT)
 
 
 @dataclass(kw_only=True)
@@ -90,7 +89,7 @@ def plan_charts(runs: list[RunData]) -> tuple[list[Chart], list[str]]:
         charts.append(Chart(id=f"chart-{len(charts)}", base=title, title=TITLES.get(title, title), keys=main,
                             layers=layers, log_y=title in LOG_Y))
 
-    add(keys.LOSS, [keys.LOSS, VAL_LOSS])
+    add(keys.LOSS, [keys.LOSS, keys.VAL_LOSS])
     add(keys.GRAD_NORM, [keys.GRAD_NORM])
     add(keys.LR, [keys.LR])
     bases = sorted(set(scalars) | set(members), key=lambda k: (_priority(k), k))

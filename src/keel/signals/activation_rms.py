@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
 from keel.signals._hooks import add_count, find_blocks, hooks_active, looks_like_sequence_model, named_modules_by_name
@@ -35,11 +36,6 @@ from keel.signals.attn_logits import due
 from keel.signals.norms import accumulation_dtype
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
-
-RMS = "act/rms"
-RMS_PER_BLOCK = "act/rms/"
-MAX_ABS = "act/max_abs"
-MAX_ABS_PER_BLOCK = "act/max_abs/"
 
 
 @dataclass(kw_only=True)
@@ -147,8 +143,8 @@ class ActivationRmsProbe:
         names = tuple(self.names[i] for i in order)
         rms = torch.stack([(stats[i][0] / stats[i][1]).sqrt() for i in order])
         top = torch.stack([stats[i][2] for i in order])
-        return {RMS: rms.amax(), RMS_PER_BLOCK: PerParam(names, rms),
-                MAX_ABS: top.amax(), MAX_ABS_PER_BLOCK: PerParam(names, top)}
+        return {keys.ACT_RMS: rms.amax(), keys.ACT_RMS_PER_BLOCK: PerParam(names, rms),
+                keys.ACT_MAX_ABS: top.amax(), keys.ACT_MAX_ABS_PER_BLOCK: PerParam(names, top)}
 
     def measure(self, ctx: StepContext) -> Measurements:
         out = self.read()

@@ -28,14 +28,11 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from keel._core import keys
 from keel._core.validate import check_types
 from keel.signals.attn_logits import due
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
-
-UPDATE_RMS = "adam/update_rms"
-EPS_DOMINATED = "adam/eps_dominated"
-EPS_DOMINATED_PER_PARAM = "adam/eps_dominated/"
 
 
 @dataclass(kw_only=True)
@@ -112,9 +109,9 @@ class AdamEpsProbe:
         if not names:
             return {}
         live = torch.stack(counts)
-        return {UPDATE_RMS: (torch.stack(squares).sum() / sum(sizes)).sqrt(),
-                EPS_DOMINATED: torch.stack(dominated).sum() / live.sum().clamp_min(1),
-                EPS_DOMINATED_PER_PARAM: PerParam(tuple(names), torch.stack(dominated) / live.clamp_min(1))}
+        return {keys.ADAM_UPDATE_RMS: (torch.stack(squares).sum() / sum(sizes)).sqrt(),
+                keys.ADAM_EPS_DOMINATED: torch.stack(dominated).sum() / live.sum().clamp_min(1),
+                keys.ADAM_EPS_DOMINATED_PER_PARAM: PerParam(tuple(names), torch.stack(dominated) / live.clamp_min(1))}
 
     def after_step(self, ctx: StepContext) -> Measurements:
         return {}

@@ -26,16 +26,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from keel._core import keys
 from keel._core.validate import check_types
 from keel.signals import _attention_tap
 from keel.signals._hooks import looks_like_sequence_model
 from keel.signals.attn_logits import NoAttentionFoundWarning, due
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
-
-ENTROPY = "attn/entropy"
-ENTROPY_PER_LAYER = "attn/entropy/"
-ENTROPY_PER_HEAD = "attn/head_entropy/"
 
 
 @dataclass(kw_only=True)
@@ -108,12 +105,12 @@ class AttnEntropyProbe:
         if not sites:
             return {}
         per_layer = torch.stack([s.entropy_sum.sum() / s.entropy_count.sum() for s in sites])  # type: ignore[union-attr]
-        out: Measurements = {ENTROPY: per_layer.mean(), ENTROPY_PER_LAYER: PerParam(tuple(s.name for s in sites),
-                                                                                  per_layer)}
+        out: Measurements = {keys.ATTN_ENTROPY: per_layer.mean(),
+                             keys.ATTN_ENTROPY_PER_LAYER: PerParam(tuple(s.name for s in sites), per_layer)}
         if self.config.per_head:
             names = tuple(f"{s.name}/h{i}" for s in sites for i in range(s.entropy_sum.numel()))  # type: ignore[union-attr]
             heads = torch.cat([s.entropy_sum / s.entropy_count for s in sites])  # type: ignore[operator]
-            out[ENTROPY_PER_HEAD] = PerParam(names, heads)
+            out[keys.ATTN_HEAD_ENTROPY_PER_HEAD] = PerParam(names, heads)
         return out
 
     def measure(self, ctx: StepContext) -> Measurements:

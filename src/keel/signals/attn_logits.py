@@ -27,15 +27,13 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
 from keel.signals import _attention_tap
 from keel.signals._hooks import looks_like_sequence_model
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
-
-MAX_LOGIT = "attn/max_logit"
-MAX_LOGIT_PER_LAYER = "attn/max_logit/"
 
 
 class NoAttentionFoundWarning(KeelWarning):
@@ -121,8 +119,8 @@ class AttnLogitsProbe:
         if not sites:
             return {}
         values = torch.stack([s.max_logit for s in sites])  # type: ignore[misc]
-        return {MAX_LOGIT: values.amax(),  # NaN-propagating, like every max here
-                MAX_LOGIT_PER_LAYER: PerParam(tuple(s.name for s in sites), values)}
+        return {keys.ATTN_MAX_LOGIT: values.amax(),  # NaN-propagating, like every max here
+                keys.ATTN_MAX_LOGIT_PER_LAYER: PerParam(tuple(s.name for s in sites), values)}
 
     def measure(self, ctx: StepContext) -> Measurements:
         out = self.read()

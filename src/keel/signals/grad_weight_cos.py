@@ -23,14 +23,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from keel._core import keys
 from keel._core.validate import check_types
 from keel.signals.attn_logits import due
 from keel.signals.norms import accumulation_dtype
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
-
-COSINE = "grad/weight_cos"
-COSINE_PER_PARAM = "grad/weight_cos/"
 
 
 @dataclass(kw_only=True)
@@ -90,7 +88,7 @@ class GradWeightCosProbe:
             return {}
         with torch.no_grad():
             total, per = grad_weight_cosines(ctx.grads, ctx.params)
-        return {COSINE: total, COSINE_PER_PARAM: PerParam(ctx.names, per)}
+        return {keys.GRAD_WEIGHT_COS: total, keys.GRAD_WEIGHT_COS_PER_PARAM: PerParam(ctx.names, per)}
 
     def after_step(self, ctx: StepContext) -> Measurements:
         return {}

@@ -52,6 +52,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
 from keel.losses.z_loss import log_partition
@@ -61,14 +62,6 @@ from keel.signals.attn_logits import due
 from keel.signals.norms import accumulation_dtype
 from keel.signals.probe import Measurements, StepContext
 from keel.signals.registry import PROBES
-
-LOG_Z = "logits/log_z"
-LOG_Z_MAX = "logits/log_z_max"
-LOG_Z_MIN = "logits/log_z_min"
-RMS = "logits/rms"
-MEAN = "logits/mean"
-SOFTMAX_COLLAPSE = "logits/softmax_collapse"
-ZERO_LOSS = "logits/zero_loss"
 
 COMPILED_UNCHECKED = ("not measured under torch.compile: checking that a head found by position feeds a softmax "
                       "would break the graph; name it with OutputLogitsConfig(module=...) to measure it")
@@ -276,15 +269,15 @@ class OutputLogitsProbe:
         if "rows" not in n or self._check is None or not self._check.decide():
             return {}
         out: Measurements = {
-            LOG_Z: v["log_z"] / n["rows"],
-            LOG_Z_MAX: v["log_z_max"],
-            LOG_Z_MIN: v["log_z_min"],
-            RMS: (v["square"] / n["elements"]).sqrt(),
-            MEAN: v["sum"] / n["elements"],
-            SOFTMAX_COLLAPSE: v["collapsed"] / n["rows"],
+            keys.LOGITS_LOG_Z: v["log_z"] / n["rows"],
+            keys.LOGITS_LOG_Z_MAX: v["log_z_max"],
+            keys.LOGITS_LOG_Z_MIN: v["log_z_min"],
+            keys.LOGITS_RMS: (v["square"] / n["elements"]).sqrt(),
+            keys.LOGITS_MEAN: v["sum"] / n["elements"],
+            keys.LOGITS_SOFTMAX_COLLAPSE: v["collapsed"] / n["rows"],
         }
         if "zero" in v:
-            out[ZERO_LOSS] = v["zero"] / v["target_rows"]
+            out[keys.LOGITS_ZERO_LOSS] = v["zero"] / v["target_rows"]
         return out
 
     def measure(self, ctx: StepContext) -> Measurements:

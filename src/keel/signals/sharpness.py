@@ -50,16 +50,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
 from keel.signals._hooks import quiet
 from keel.signals.probe import Measurements, StepContext
 from keel.signals.registry import PROBES
-
-SHARPNESS = "curvature/sharpness"
-TRACE = "curvature/trace"
-PRECONDITIONED = "curvature/preconditioned_sharpness"
-MARGIN = "curvature/margin"
 
 
 @dataclass(kw_only=True)
@@ -218,21 +214,23 @@ class SharpnessProbe:
             return apply
 
         iters = self.config.iters
-        out: Measurements = {SHARPNESS: top_eigenvalue(hvp, params, iters=iters, generator=generator).float()}
+        sharpness, preconditioned = keys.CURVATURE_SHARPNESS, keys.CURVATURE_PRECONDITIONED_SHARPNESS
+        out: Measurements = {sharpness: top_eigenvalue(hvp, params, iters=iters, generator=generator).float()}
         if self.config.trace_probes:
-            out[TRACE] = hutchinson_trace(hvp, params, probes=self.config.trace_probes, generator=generator).float()
+            trace = hutchinson_trace(hvp, params, probes=self.config.trace_probes, generator=generator)
+            out[keys.CURVATURE_TRACE] = trace.float()
         # Parameter groups with different LRs: the update is θ − D·η_max·∇ with D = diag(η_i / η_max), so the margin
         # needs λ_max(D^½ H D^½) (groups with LR 0 drop out); with one LR for all, D = 1 and that is λ_max(H).
         relative = _relative_lrs(optimizer, params, lr)
         adam = _adam_preconditioner(optimizer, params) if self.config.preconditioned is not False else None
         if adam is not None:
             scale = adam if relative is None else [a * r for a, r in zip(adam, relative, strict=True)]
-            out[PRECONDITIONED] = top_eigenvalue(scaled(hvp, scale), params, iters=iters, generator=generator).float()
+            out[preconditioned] = top_eigenvalue(scaled(hvp, scale), params, iters=iters, generator=generator).float()
         adam_like = any("betas" in g for g in optimizer.param_groups)
-        if PRECONDITIONED in out or not adam_like or self.config.preconditioned is False:
-            lam = out[SHARPNESS] if relative is None else top_eigenvalue(
+        if preconditioned in out or not adam_like or self.config.preconditioned is False:
+            lam = out[sharpness] if relative is None else top_eigenvalue(
                 scaled(hvp, relative), params, iters=iters, generator=generator).float()
-            out[MARGIN] = _margin(optimizer, lr, out, lam)  # an Adam without state yet has no margin to give
+            out[keys.CURVATURE_MARGIN] = _margin(optimizer, lr, out, lam)  # an Adam without state has no margin yet
         return out
 
     def after_step(self, ctx: StepContext) -> Measurements:
@@ -272,9 +270,10 @@ def _margin(optimizer: torch.optim.Optimizer, lr: float, out: Measurements, lam:
     group with the largest LR.
     """
     group = max(optimizer.param_groups, key=lambda g: float(g["lr"]))
-    if PRECONDITIONED in out and "betas" in group:
+    preconditioned = out.get(keys.CURVATURE_PRECONDITIONED_SHARPNESS)
+    if preconditioned is not None and "betas" in group:
         beta1 = float(group["betas"][0])
-        return out[PRECONDITIONED] * lr * (1 - beta1) / (2 + 2 * beta1)  # type: ignore[operator]
+        return preconditioned * lr * (1 - beta1) / (2 + 2 * beta1)  # type: ignore[operator]
     momentum = float(group.get("momentum", 0.0) or 0.0)
     return lam * lr / (2 + 2 * momentum)
 
