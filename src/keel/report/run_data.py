@@ -17,7 +17,7 @@ import numpy as np
 from keel._core.decision import Decision
 from keel._core.finding import Finding
 from keel.report.downsample import downsample_minmax
-from keel.store import RunReader
+from keel.store import RunReader, store_folder
 
 MAX_POINTS = 100_000  # points embedded per series; longer series are min/max-downsampled to this
 
@@ -63,7 +63,7 @@ def load_run(path: str | Path, *, name: str | None = None, keep=None) -> RunData
         StoreError: The file is not an SQLite store.
     """
     path = Path(path)
-    folder = path.parent if path.suffix == ".sqlite" else path
+    folder = store_folder(path)
     run = RunData(name=name or folder.name, path=folder)
     with RunReader(path) as reader:
         run.meta = read_part(run.problems, "metadata", reader.meta, {})

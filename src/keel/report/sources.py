@@ -14,7 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
-from keel.store import STORE_NAME, SWEEP_STORE_NAME, find_runs
+from keel.store import STORE_NAME, STORE_SUFFIX, SWEEP_STORE_NAME, find_runs
 from keel.store.schema import connect_for_reading
 
 
@@ -77,7 +77,8 @@ def classify(path: Path) -> Source:
             conn.close()
     except sqlite3.Error as exc:
         # a damaged store file is a note beside the other runs; any other file is not a store at all
-        return Source(path=path, kind=None, store=file.suffix == ".sqlite", note=f"{file}: not an SQLite store ({exc})")
+        return Source(path=path, kind=None, store=file.suffix == STORE_SUFFIX,
+                      note=f"{file}: not an SQLite store ({exc})")
     for kind in STORE_KINDS:
         if kind.tables <= tables:
             return Source(path=path, kind=kind.name)

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.report.run_data import read_part
-from keel.store import SweepReader
+from keel.store import SweepReader, store_folder
 from keel.store.sweep_schema import SUMMARY_KEY
 
 
@@ -128,7 +128,7 @@ def load_sweep_data(path: str | Path, *, name: str | None = None) -> SweepData:
         StoreError: The file is not an SQLite store.
     """
     path = Path(path)
-    folder = path.parent if path.suffix == ".sqlite" else path
+    folder = store_folder(path)
     sweep = SweepData(name=name or folder.name, path=folder)
     with SweepReader(path) as reader:
         sweep.meta = read_part(sweep.problems, "metadata", reader.meta, {})

@@ -9,6 +9,7 @@ import sqlite3
 from pathlib import Path
 
 SCHEMA_VERSION = 1
+STORE_SUFFIX = ".sqlite"  # what marks a path as a store file rather than the folder holding one
 STORE_NAME = "run.sqlite"
 
 DDL = """
@@ -32,7 +33,20 @@ CREATE TABLE IF NOT EXISTS snapshots (
 def store_path(run_dir: str | Path) -> Path:
     """``run_dir/run.sqlite``, or the path itself when it already names a ``.sqlite`` file."""
     path = Path(run_dir)
-    return path if path.suffix == ".sqlite" else path / STORE_NAME
+    return path if path.suffix == STORE_SUFFIX else path / STORE_NAME
+
+
+def store_folder(path: str | Path) -> Path:
+    """The folder a run or sweep store lies in: ``path`` itself, or its parent when it names a ``.sqlite`` file.
+
+    The inverse of `store_path` and `keel.store.sweep_store_path` for a folder.
+
+    Example:
+        >>> store_folder("runs/a/run.sqlite"), store_folder("runs/a")
+        (PosixPath('runs/a'), PosixPath('runs/a'))
+    """
+    path = Path(path)
+    return path.parent if path.suffix == STORE_SUFFIX else path
 
 
 def connect_for_writing(path: Path) -> sqlite3.Connection:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from keel.store.schema import STORE_SUFFIX
+
 SWEEP_STORE_NAME = "sweep.sqlite"
 SUMMARY_KEY = "summary"
 
@@ -36,4 +38,4 @@ CREATE TABLE IF NOT EXISTS runs (
 def sweep_store_path(sweep: str | Path) -> Path:
     """``sweep_dir/sweep.sqlite``, or the path itself when it already names a ``.sqlite`` file."""
     path = Path(sweep)
-    return path if path.suffix == ".sqlite" else path / SWEEP_STORE_NAME
+    return path if path.suffix == STORE_SUFFIX else path / SWEEP_STORE_NAME

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.store.exporters._table import RunTable
+from keel.store.schema import store_folder
 
 EXPORTERS: dict[str, str] = {
     "csv": "wide signals.csv (a column per signal), findings.csv, decisions.csv, meta.json",
@@ -61,7 +62,7 @@ def export_run(run: str | Path, fmt: str, out: str | Path | None = None, *, keys
     if fmt not in EXPORTERS:
         raise ValueError(f"format={fmt!r}; allowed: {', '.join(list_exporters())}")
     table = RunTable.read(run, keys)
-    run_dir = Path(run) if Path(run).suffix != ".sqlite" else Path(run).parent
+    run_dir = store_folder(run)
     target = Path(out) if out is not None else run_dir / "export" / fmt
     return importlib.import_module(f"keel.store.exporters.{fmt}").export(table, target, **options)
 
