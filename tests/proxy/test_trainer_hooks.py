@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+
 import pytest
 import torch
 from hypothesis import given, settings

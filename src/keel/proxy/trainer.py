@@ -12,6 +12,7 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -100,7 +101,10 @@ class TrainConfig:
     def __post_init__(self) -> None:
         check_types(self)
         require_ints(self, "steps", "batch_size", "seq_len", "eval_batches")
+        require_ints(self, "warmup", minimum=0)
         require_positive(self, "lr")
+        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
+            raise ValueError(f"TrainConfig.max_grad_norm={self.max_grad_norm!r}; allowed: a number > 0 or None")
         if self.optimizer != "adamw" and self.optimizer not in list_optimizers():
             raise ValueError(f"TrainConfig.optimizer={self.optimizer!r}; allowed: adamw, "
                              f"{', '.join(list_optimizers())}")
@@ -132,7 +136,8 @@ class TrainConfig:
             if f.name not in HOOKS:
                 out[f.name] = value
             elif value is not None:
-                out[f.name] = f"{getattr(value, '__module__', '?')}.{getattr(value, '__qualname__', type(value).__name__)}"
+                name = getattr(value, "__qualname__", type(value).__qualname__)
+                out[f.name] = f"{getattr(value, '__module__', None) or type(value).__module__}.{name}"
         return out
 
 
@@ -212,7 +217,7 @@ def train_proxy(
     batches = ProxyBatches(batch_size=config.batch_size, seq_len=config.seq_len, seed=config.seed)
     guard = None
     if policy is not None:
-        probes = guard_options.pop("probes", "transformer")  # the proxy is a transformer: watch its attention
+        probes: Any = guard_options.pop("probes", "transformer")  # the proxy is a transformer: watch its attention
         guard = Guard(model, optimizer, scheduler, run_dir=run_dir, policy=policy,  # type: ignore[arg-type]
                       probes=_with_extra_probes(probes, model, config), max_grad_norm=config.max_grad_norm,
                       config=config.describe(), seed=config.seed, **guard_options)  # type: ignore[arg-type]
@@ -248,7 +253,8 @@ def train_proxy(
     return run
 
 
-def _with_extra_probes(probes: object, model: nn.Module, config: TrainConfig) -> object:
+def _with_extra_probes(probes: str | Sequence[str | Probe], model: nn.Module,
+                       config: TrainConfig) -> str | Sequence[str | Probe]:
     """``probes`` (a set name or a list) with ``config.extra_probes`` added; a name Guard does not know is left
     for Guard to refuse."""
     if config.extra_probes is None or (isinstance(probes, str) and probes not in PROBE_SETS):
@@ -257,7 +263,7 @@ def _with_extra_probes(probes: object, model: nn.Module, config: TrainConfig) ->
                         seed=config.seed + PROBE_SEED_OFFSET).next()
     extra = config.extra_probes(model, lambda: _loss(model, x, y, config.z_loss))
     named = PROBE_SETS[probes] if isinstance(probes, str) else probes
-    return [*named, *extra]  # type: ignore[misc]
+    return [*named, *extra]
 
 
 def _create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:

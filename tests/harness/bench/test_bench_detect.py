@@ -24,7 +24,8 @@ def test_json_schema_on_a_short_healthy_and_unstable_run(capsys):
     rows = {row["name"]: row for row in out["scenarios"]}
     assert set(rows) == {"data_outliers", "poisoned_batch"}
     for row in rows.values():
-        assert {"name", "healthy", "expected_kind", "detected", "kind", "step", "lead_steps", "false_alarms"} <= set(row)
+        expected = {"name", "healthy", "expected_kind", "detected", "kind", "step", "lead_steps", "false_alarms"}
+        assert expected <= set(row)
     healthy, poisoned = rows["data_outliers"], rows["poisoned_batch"]
     assert healthy["healthy"] is True and healthy["expected_kind"] is None and healthy["false_alarms"] == 0
     # 10 steps end before the poisoned batch (step 150): nothing to detect, and the bench says so

@@ -2,8 +2,8 @@ import json
 
 import pytest
 
-from keel.harness.bench.overhead import OverheadConfig
 from keel.cli import main
+from keel.harness.bench.overhead import OverheadConfig
 
 
 def _bench_json(capsys, rounds: int) -> dict:

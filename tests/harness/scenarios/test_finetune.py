@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
-from keel.proxy.model import create_proxy_model
 from keel.harness.scenarios import _finetune, create_scenario
 from keel.harness.scenarios._finetune import IGNORE, SEQ_LEN, Epochs, LoRALinear, apply_lora, round_to_bits, snippets
+from keel.proxy.model import create_proxy_model
 
 
 def test_snippets_are_short_and_long_easy_and_hard():

@@ -1,4 +1,3 @@
-import dataclasses
 import json
 import sys
 
@@ -85,17 +84,28 @@ def test_bad_recipe_names_raise_before_anything_runs(recipe, match):
 @pytest.mark.parametrize(
     "field, value, match",
     [
-        ("steps", 0, "SweepConfig.steps=0; allowed: an int >= 1"),
-        ("warmup", -1, "SweepConfig.warmup=-1; allowed: an int >= 0"),
         ("lrs", [], r"SweepConfig.lrs=\[\]; allowed: at least one value"),
         ("lrs", [1e-3, -1.0], r"SweepConfig.lrs contains \[-1.0\]"),
         ("sizes", ["huge"], r"SweepConfig.sizes contains \['huge'\]; allowed: tiny"),
-        ("max_grad_norm", 0.0, "SweepConfig.max_grad_norm=0.0"),
+        ("base", {"steps": 10}, r"SweepConfig.base=\{'steps': 10\}; allowed: a keel.proxy.trainer.TrainConfig"),
     ],
 )
 def test_bad_config_values(field, value, match):
     with pytest.raises(ValueError, match=match):
         SweepConfig(**{field: value})
+
+
+@pytest.mark.parametrize(
+    "field, value, match",
+    [
+        ("steps", 0, "TrainConfig.steps=0; allowed: an int >= 1"),
+        ("warmup", -1, "TrainConfig.warmup=-1; allowed: an int >= 0"),
+        ("max_grad_norm", 0.0, "TrainConfig.max_grad_norm=0.0; allowed: a number > 0 or None"),
+    ],
+)
+def test_bad_run_settings_are_the_train_configs_to_refuse(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
 
 
 def test_duplicate_recipe_names_raise():
@@ -109,9 +119,12 @@ def test_describe_is_json_and_quick_grid_is_small():
 
     text = json.dumps(SweepConfig(recipes=["baseline", mine]).describe())
     assert '"recipes": ["baseline", "mine"]' in text
+    described = SweepConfig().describe()
+    assert described["base"]["steps"] == 300 and described["base"]["max_grad_norm"] == 1.0
+    assert not {"size", "lr", "seed", "min_lr_ratio"} & set(described["base"])  # the grid sets those
     quick = quick_config()
     runs = len(expand_grid(quick))
-    assert runs <= 16 and quick.steps <= 300 and dataclasses.replace(quick, steps=10).steps == 10
+    assert runs <= 16 and quick.base.steps <= 300 and quick.base == SweepConfig().base
     full = {s.run_id: s.config for s in expand_grid(SweepConfig(recipes=quick.recipes, sizes=quick.sizes))}
     assert all(full[s.run_id] == s.config for s in expand_grid(quick))  # the same runs as the full grid's
 
@@ -119,7 +132,8 @@ def test_describe_is_json_and_quick_grid_is_small():
 def test_every_run_decays_to_the_same_final_lr_whatever_its_peak():
     from keel.proxy.trainer import lr_lambda
 
-    specs = expand_grid(SweepConfig(recipes=["baseline"], lrs=[1e-5, 1e-3, 3e-1], sizes=["tiny"], steps=50))
+    base = TrainConfig(steps=50, max_grad_norm=1.0)
+    specs = expand_grid(SweepConfig(recipes=["baseline"], lrs=[1e-5, 1e-3, 3e-1], sizes=["tiny"], base=base))
     for spec in specs:  # the paper's schedule: warm-up, then cosine decay to 1e-5 (a peak at 1e-5 stays flat)
         factor = lr_lambda(spec.config)
         assert spec.lr * factor(spec.config.warmup) == pytest.approx(spec.lr)  # the peak, after warm-up

@@ -13,8 +13,9 @@ import pytest
 
 from keel.proxy.sweep import SweepConfig, SweepStore, expand_grid, load_sweep, run_one, run_sweep
 from keel.proxy.sweep.runner import run_dir_for
+from keel.proxy.trainer import TrainConfig
 from keel.store import RunReader
-from tests.proxy.sweep.conftest import DIVERGING_LR, TINY
+from tests.proxy.sweep.conftest import DIVERGING_LR, TINY_RUN
 
 
 def broken(base):
@@ -32,7 +33,7 @@ def test_raising_and_diverging_runs_are_recorded_and_the_sweep_goes_on(tmp_path,
     status = {r["run_id"]: r for r in result.rows}
     assert len(events) == 6 and [e.done for e in events] == [1, 2, 3, 4, 5, 6] and events[0].total == 6
     ok, blown = status["baseline/tiny/lr=0.01/seed=0"], status["baseline/tiny/lr=1000/seed=0"]
-    assert ok["status"] == "done" and ok["val_loss"] < ok["init_loss"] and ok["steps_done"] == TINY["steps"]
+    assert ok["status"] == "done" and ok["val_loss"] < ok["init_loss"] and ok["steps_done"] == TINY_RUN["steps"]
     assert blown["status"] == "diverged" and (
         "loss at initialisation" in blown["error"] or "non-finite" in blown["error"]
     )
@@ -58,7 +59,7 @@ def test_each_run_keeps_its_own_run_store_with_the_end_signals(tmp_path, tiny_sw
         _, logits = reader.signal("attn/max_logit")
         _, log_z = reader.signal("logits/log_z")
     assert meta["policy"] == "observe" and meta["config"]["qk_norm"] and meta["config"]["z_loss"] == 1e-4
-    assert len(logits) == TINY["steps"] and row["max_attn_logit"] == pytest.approx(float(np.median(logits)))
+    assert len(logits) == TINY_RUN["steps"] and row["max_attn_logit"] == pytest.approx(float(np.median(logits)))
     assert math.isfinite(row["log_z"]) and min(log_z) <= row["log_z"] <= max(log_z)
     with SweepStore(tmp_path, readonly=True) as store:
         assert store.meta()["sweep"]["recipes"] == ["qk_norm_z_loss"] and "versions" in store.meta()
@@ -89,21 +90,18 @@ def test_resume_runs_only_what_is_unfinished(tmp_path, tiny_sweep):
 # Six runs of ~12 steps: long enough that the sweep can be killed between its first finished run and its
 # last. In process (workers=1) the kill lands in the driver while it trains; with the default backend, the
 # process pool (workers=2, slow: each spawned worker imports torch), it takes the workers down with it.
-KILLED = dict(
-    recipes=["baseline", "qk_norm"],
-    lrs=[1e-3, 1e-2, 3e-2],
-    sizes=["tiny"],
-    steps=12,
-    batch_size=4,
-    seq_len=16,
-    warmup=2,
-    eval_batches=1,
-)
+KILLED = dict(recipes=["baseline", "qk_norm"], lrs=[1e-3, 1e-2, 3e-2], sizes=["tiny"])
+KILLED_RUN = dict(steps=12, batch_size=4, seq_len=16, warmup=2, eval_batches=1, max_grad_norm=1.0)
 _KILLED_SWEEP = f"""
 import sys
 from keel.proxy.sweep import SweepConfig, run_sweep
-run_sweep(SweepConfig(**{KILLED!r}), sys.argv[1], workers=int(sys.argv[2]))
+from keel.proxy.trainer import TrainConfig
+run_sweep(SweepConfig(**{KILLED!r}, base=TrainConfig(**{KILLED_RUN!r})), sys.argv[1], workers=int(sys.argv[2]))
 """
+
+
+def _killed() -> SweepConfig:
+    return SweepConfig(**KILLED, base=TrainConfig(**KILLED_RUN))
 
 
 @pytest.mark.parametrize("workers", [1, pytest.param(2, marks=pytest.mark.slow)])
@@ -143,19 +141,19 @@ def test_a_killed_sweep_resumes_with_only_the_unfinished_runs(tmp_path, workers)
     in_flight = {rid for rid, r in killed.items() if r["status"] == "running"}
     # Killed while a run was in flight: whatever it had written must not leak into its re-run.
     assert in_flight
-    resumed = run_sweep(SweepConfig(**KILLED), tmp_path, workers=1)
+    resumed = run_sweep(_killed(), tmp_path, workers=1)
     assert set(resumed.ran) == unfinished and set(resumed.skipped) == set(killed) - unfinished
     after = {r["run_id"]: r for r in resumed.rows}
     assert all(r["status"] == "done" for r in after.values())
     for rid, row in killed.items():
         if rid not in unfinished:  # untouched by the resume
             assert after[rid]["finished"] == row["finished"] and after[rid]["attempts"] == 1
-    specs = {s.run_id: s for s in expand_grid(SweepConfig(**KILLED))}
+    specs = {s.run_id: s for s in expand_grid(_killed())}
     for rid in in_flight:  # the killed attempt's store was cleared: one loss per step, not the sum of both
-        assert after[rid]["attempts"] == 2 and after[rid]["steps_done"] == KILLED["steps"]
+        assert after[rid]["attempts"] == 2 and after[rid]["steps_done"] == KILLED_RUN["steps"]
         with RunReader(after[rid]["run_dir"]) as reader:
             steps, _ = reader.signal("loss")
-        assert list(steps) == list(range(KILLED["steps"]))
+        assert list(steps) == list(range(KILLED_RUN["steps"]))
         # ... and its numbers are those of the same run never killed.
         clean = run_one(specs[rid], tmp_path / "clean" / str(len(rid)))
         assert (after[rid]["val_loss"], after[rid]["max_attn_logit"]) == (clean.val_loss, clean.max_attn_logit)

@@ -79,9 +79,9 @@ def _worker(config: DDPOverheadConfig, out: str) -> None:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from keel.harness.bench.loop import train_steps
     from keel.guard import Guard
     from keel.guard.distributed import DistributedConfig
+    from keel.harness.bench.loop import train_steps
     from keel.proxy import ProxyBatches, create_proxy_model
 
     dist.init_process_group(config.backend)

@@ -24,10 +24,10 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from keel._core.argtypes import cpu_threads, nonnegative_int, positive_int
-from keel.harness.bench._progress import bench_progress
 from keel.detect.diagnosis import diagnose
 from keel.detect.lead_time import degradation_step, lead_steps
 from keel.guard.console import progress_bar, silenced
+from keel.harness.bench._progress import bench_progress
 from keel.harness.scenarios import create_scenario, list_scenarios
 
 
@@ -229,8 +229,8 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
     import torch
     import torch.nn.functional as F
 
-    from keel.harness.bench.loop import train_steps
     from keel.guard import Guard
+    from keel.harness.bench.loop import train_steps
     from keel.proxy import ProxyBatches, create_proxy_model
     from keel.signals import StepContext, create_probe
     from keel.signals.sharpness import SharpnessProbe

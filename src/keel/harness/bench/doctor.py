@@ -17,9 +17,12 @@ NaN loss every 100k rows, an empty grad-norm cell every 10th row) — each measu
 own: wall time (reading, then the rest), the same without detectors (what the doctor itself costs), and peak
 RSS. The record-based reader it replaced (`keel.harness.bench._doctor_legacy`) runs on the same files for the ratio.
 
+The logs are not part of keel: ``--data DIR`` (or ``KEEL_REALRUNS=DIR``) names a folder with ``labels.json``
+and the logs it lists; from keel's checkout the default is its workspace folder ``../shared/data/realruns``.
+
 Example:
     keel bench doctor --data ../shared/data/realruns
-    keel bench doctor --json
+    KEEL_REALRUNS=/data/realruns keel bench doctor --json
     keel bench doctor --sizes 10000 100000 1000000
 """
 
@@ -41,11 +44,16 @@ from typing import Any
 
 import numpy as np
 
-from keel.harness.bench import _doctor_legacy as legacy
+import keel
 from keel.doctor import RawLog, diagnose, read_log
 from keel.doctor.timeline import build_timeline
+from keel.harness.bench import _doctor_legacy as legacy
 
-DEFAULT_DATA = Path("..") / "shared" / "data" / "realruns"
+# The labelled logs are third-party runs that keel does not ship: `--data` names their folder, else this
+# environment variable, else keel's workspace folder beside the checkout (run from the checkout, as
+# BENCHMARKS.md does). An installed keel without either says so in one line.
+DATA_ENV = "KEEL_REALRUNS"
+WORKSPACE_DATA = Path("..") / "shared" / "data" / "realruns"
 PREFIX_SOURCE = "llmc_gpt2_124m_fineweb10b.csv"
 PREFIX_STEPS = (10000, 10064)  # [start, end): a flat, healthy stretch of the llm.c run (no finding there)
 HEALTHY_LABELS = ("healthy", "healthy_loss_throughput_anomaly", "healthy_with_labelled_events")
@@ -227,9 +235,10 @@ def peak_rss_mb() -> float:
 
 
 def _child(path: Path, reader: str, timeout: float) -> dict[str, Any]:
-    src = str(Path(__file__).resolve().parents[2])
+    src = str(Path(keel.__file__).resolve().parents[1])  # the folder that holds this keel, for the child
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    code = f"import json; from keel.harness.bench.doctor import measure; print(json.dumps(measure({str(path)!r}, {reader!r})))"
+    code = ("import json; from keel.harness.bench.doctor import measure; "
+            f"print(json.dumps(measure({str(path)!r}, {reader!r})))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"the {reader} child failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -271,14 +280,22 @@ def format_sweep(rows: list[dict[str, Any]]) -> str:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA,
-                        help="the folder with labels.json and the CSVs (default: %(default)s)")
+    parser.add_argument("--data", type=Path, default=None,
+                        help=f"the folder with labels.json and the logs it lists (default: ${DATA_ENV}, else "
+                             f"{WORKSPACE_DATA} when it exists)")
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
     parser.add_argument("--sizes", type=_positive, nargs="+", default=None, metavar="ROWS",
                         help="instead: time keel doctor on generated CSVs of these many rows (a size sweep)")
     parser.add_argument("--no-baseline", action="store_true",
                         help="with --sizes: skip the old record-based reader (slow on big logs)")
     parser.add_argument("--repeats", type=_positive, default=1, help="with --sizes: children per size (median)")
+
+
+def default_data() -> Path | None:
+    """The logs' folder when ``--data`` is not given: ``$KEEL_REALRUNS``, else the workspace folder if it exists."""
+    if os.environ.get(DATA_ENV):
+        return Path(os.environ[DATA_ENV])
+    return WORKSPACE_DATA if WORKSPACE_DATA.is_dir() else None
 
 
 def _positive(text: str) -> int:
@@ -300,14 +317,20 @@ def main(args: argparse.Namespace) -> int:
             print(f"keel bench doctor --sizes: {os.cpu_count()} CPU(s), Python {sys.version.split()[0]}\n")
             print(format_sweep(rows))
         return 0
-    if not (args.data / "labels.json").is_file():
-        print(f"keel bench doctor: error: no labels.json in {args.data}", file=sys.stderr)
+    data = args.data or default_data()
+    if data is None:
+        print(f"keel bench doctor: error: no labelled logs: pass --data DIR or set {DATA_ENV}=DIR, a folder with "
+              f"labels.json and the logs it lists (keel ships none; the default {WORKSPACE_DATA} is not here)",
+              file=sys.stderr)
         return 2
-    scores = run(args.data)
+    if not (data / "labels.json").is_file():
+        print(f"keel bench doctor: error: no labels.json in {data}", file=sys.stderr)
+        return 2
+    scores = run(data)
     if args.json:
         print(json.dumps([asdict(s) for s in scores], indent=2))
     else:
-        print(f"keel bench doctor: {len(scores)} series from {args.data}\n")
+        print(f"keel bench doctor: {len(scores)} series from {data}\n")
         print(format_markdown(scores))
     return 0
 

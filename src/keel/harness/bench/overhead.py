@@ -31,10 +31,10 @@ import torch
 from keel._core.argtypes import device, int_range, positive_int
 from keel._core.errors import TrainingAborted
 from keel._core.validate import check_types, require_ints
-from keel.harness.bench._progress import bench_progress
-from keel.harness.bench.loop import train_steps
 from keel.guard import Guard
 from keel.guard.console import silenced
+from keel.harness.bench._progress import bench_progress
+from keel.harness.bench.loop import train_steps
 from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
 
 Policy = Literal["observe", "skip", "recover"]

@@ -23,14 +23,15 @@ import torch
 from torch import Tensor, nn
 
 from keel.proxy.corpus import ProxyBatches
-from keel.proxy.model import create_proxy_model
-from keel.harness.scenarios._common import Batch, lm_loss
+from keel.proxy.trainer import Batch, TrainConfig, train_proxy
 
 SEQ_LEN = 64
 BASE_SIZE = "tiny"
 # Pre-training steps of the base. A base that has learnt more memorises faster: from 600 steps the
 # 16-example full fine-tune ends near 0.25, from 1200 near 0.1 (measured while building these scenarios).
 BASE_STEPS = 1200
+# The base sees its own stream of corpus batches, not the fine-tune's seed's (an offset prime).
+BASE_DATA_SEED_OFFSET = 104729
 IGNORE = -100  # cross-entropy's ignore_index: padding after a short example adds nothing to the loss
 
 
@@ -42,17 +43,12 @@ def pretrained_base(seed: int) -> dict[str, Tensor]:
     a fresh call give a fine-tune the same random state.
     """
     with torch.random.fork_rng():
-        torch.manual_seed(seed)
-        model = create_proxy_model(BASE_SIZE, seq_len=SEQ_LEN)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, betas=(0.9, 0.95), weight_decay=0.0)
-        warmup = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 20))
-        batches = ProxyBatches(batch_size=8, seq_len=SEQ_LEN, seed=seed + 104729)
-        for _ in range(BASE_STEPS):
-            x, y = batches.next()
-            lm_loss(model(x), y).backward()
-            optimizer.step()
-            warmup.step()
-            optimizer.zero_grad(set_to_none=True)
+        corpus = ProxyBatches(batch_size=8, seq_len=SEQ_LEN, seed=seed + BASE_DATA_SEED_OFFSET)
+        # plain AdamW at 3e-3, a 20-step warm-up and then a constant LR (min_lr_ratio 1), no Guard
+        config = TrainConfig(size=BASE_SIZE, seq_len=SEQ_LEN, steps=BASE_STEPS, batch_size=8, lr=3e-3, warmup=20,
+                             min_lr_ratio=1.0, batch_fn=lambda step, batch: corpus.next(), eval_batches=1, seed=seed)
+        model = train_proxy(config).model
+        assert model is not None
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
@@ -86,7 +82,7 @@ def snippets(seed: int, n: int, *, short: int = SEQ_LEN // 4) -> Batch:
 
 
 class Epochs:
-    """Batches of a fixed dataset, reshuffled each epoch: a ``batch_fn(step, batch)`` for `LMRun`.
+    """Batches of a fixed dataset, reshuffled each epoch: a ``batch_fn(step, batch)`` for `TrainConfig`.
 
     Example:
         >>> epochs = Epochs(*snippets(0, 4), batch_size=2, seed=0)

@@ -9,7 +9,8 @@ adds QK-norm (σReparam, the paper's remedy, bounds the same logits through the 
 from __future__ import annotations
 
 from keel.harness.scenarios import SCENARIOS
-from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._common import LMScenario, ScenarioSpec
+from keel.proxy.trainer import TrainConfig
 
 
 @SCENARIOS.register("attention_entropy_collapse")
@@ -18,8 +19,8 @@ class AttentionEntropyCollapse(LMScenario):
                         summary="tiny proxy at LR 0.03: mean attention entropy collapses below 10 % of uniform",
                         remedy="QK-norm")
 
-    def recipe(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=300, lr=0.03, seed=seed)
+    def recipe(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=300, lr=0.03, seed=seed)
 
-    def fixed(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=300, lr=0.03, qk_norm=True, seed=seed)
+    def fixed(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=300, lr=0.03, qk_norm=True, seed=seed)

@@ -9,7 +9,8 @@ logits near 10 and ends ~0.3 nats lower; the loss "degrades" where the run falls
 from __future__ import annotations
 
 from keel.harness.scenarios import SCENARIOS
-from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._common import LMScenario, ScenarioSpec
+from keel.proxy.trainer import TrainConfig
 
 
 @SCENARIOS.register("attention_logit_growth")
@@ -18,8 +19,8 @@ class AttentionLogitGrowth(LMScenario):
                         summary="tiny proxy at LR 0.1 without QK-norm: attention logits grow to ~1e4",
                         lead_required=True, remedy="QK-norm")
 
-    def recipe(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=300, lr=0.1, seed=seed)
+    def recipe(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=300, lr=0.1, seed=seed)
 
-    def fixed(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=300, lr=0.1, qk_norm=True, seed=seed)
+    def fixed(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=300, lr=0.1, qk_norm=True, seed=seed)

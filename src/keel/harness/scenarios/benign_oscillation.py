@@ -8,7 +8,8 @@ visibly around a slowly falling level — the large-LR regime that helps rather 
 from __future__ import annotations
 
 from keel.harness.scenarios import SCENARIOS
-from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._common import LMScenario, ScenarioSpec
+from keel.proxy.trainer import TrainConfig
 
 
 @SCENARIOS.register("benign_oscillation")
@@ -16,5 +17,5 @@ class BenignOscillation(LMScenario):
     spec = ScenarioSpec(name="benign_oscillation", healthy=True, expected_kind=None,
                         summary="tiny proxy with QK-norm at a constant LR 0.01, batch 8: the loss oscillates")
 
-    def recipe(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=250, lr=0.01, constant=True, batch_size=8, qk_norm=True, seed=seed)
+    def recipe(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=250, lr=0.01, min_lr_ratio=1.0, batch_size=8, qk_norm=True, seed=seed)

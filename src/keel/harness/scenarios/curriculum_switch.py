@@ -11,9 +11,10 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from keel.proxy.corpus import load_corpus
 from keel.harness.scenarios import SCENARIOS
-from keel.harness.scenarios._common import Batch, LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._common import LMScenario, ScenarioSpec
+from keel.proxy.corpus import load_corpus
+from keel.proxy.trainer import Batch, TrainConfig
 
 SWITCH_STEP = 120
 
@@ -41,11 +42,11 @@ class CurriculumSwitch(LMScenario):
                         summary=f"healthy tiny proxy whose data switches to other modules at step {SWITCH_STEP}")
     event_step = SWITCH_STEP
 
-    def recipe(self, seed: int) -> LMRun:
+    def recipe(self, seed: int) -> TrainConfig:
         regions = _Regions(seed)
 
         def curriculum(step: int, batch: Batch) -> Batch:
             lo, hi = (0.0, 0.2) if step < SWITCH_STEP else (0.5, 1.0)
             return regions.sample(lo, hi, batch[0].shape[0])
 
-        return LMRun(size="tiny", steps=250, lr=3e-3, batch_fn=curriculum, seed=seed)
+        return TrainConfig(size="tiny", steps=250, lr=3e-3, batch_fn=curriculum, seed=seed)

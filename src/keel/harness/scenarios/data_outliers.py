@@ -8,7 +8,8 @@ keel may note each as an ``info`` outlier; a warning or critical finding is a fa
 from __future__ import annotations
 
 from keel.harness.scenarios import SCENARIOS
-from keel.harness.scenarios._common import Batch, LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._common import LMScenario, ScenarioSpec
+from keel.proxy.trainer import Batch, TrainConfig
 
 OUTLIER_STEPS = (120, 170, 220)
 
@@ -26,5 +27,5 @@ class DataOutliers(LMScenario):
     spec = ScenarioSpec(name="data_outliers", healthy=True, expected_kind=None,
                         summary="healthy tiny proxy with three isolated upper-cased batches")
 
-    def recipe(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=250, lr=3e-3, batch_fn=upper, seed=seed)
+    def recipe(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=250, lr=3e-3, batch_fn=upper, seed=seed)

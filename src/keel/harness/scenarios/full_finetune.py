@@ -10,8 +10,9 @@ may appear.
 from __future__ import annotations
 
 from keel.harness.scenarios import SCENARIOS
-from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._common import LMScenario, ScenarioSpec
 from keel.harness.scenarios._finetune import BASE_SIZE, SEQ_LEN, Epochs, pretrained_base, snippets
+from keel.proxy.trainer import TrainConfig
 
 EXAMPLES, BATCH, EPOCHS = 16, 1, 16
 
@@ -22,12 +23,12 @@ class FullFinetune(LMScenario):
                         summary=f"full fine-tune of the pre-trained tiny proxy, batch {BATCH}, {EXAMPLES} mixed "
                                 f"snippets, {EPOCHS} epochs: the loss falls from ~2 to ~0.1")
 
-    def recipe(self, seed: int) -> LMRun:
+    def recipe(self, seed: int) -> TrainConfig:
         epochs = Epochs(*snippets(seed, EXAMPLES), batch_size=BATCH, seed=seed)
 
         def load(model):  # type: ignore[no-untyped-def]
             model.load_state_dict(pretrained_base(seed))
             return model
 
-        return LMRun(size=BASE_SIZE, seq_len=SEQ_LEN, steps=EPOCHS * epochs.steps_per_epoch, lr=3e-3, warmup=10,
+        return TrainConfig(size=BASE_SIZE, seq_len=SEQ_LEN, steps=EPOCHS * epochs.steps_per_epoch, lr=3e-3, warmup=10,
                      batch_size=BATCH, batch_fn=epochs, model_fn=load, seed=seed)

@@ -13,7 +13,8 @@ from collections.abc import Callable, Sequence
 from torch import Tensor, nn
 
 from keel.harness.scenarios import SCENARIOS
-from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._common import LMScenario, ScenarioSpec
+from keel.proxy.trainer import TrainConfig
 from keel.signals import Probe
 from keel.signals.sharpness import SharpnessProbe
 
@@ -32,12 +33,13 @@ def sharpness(model: nn.Module, loss: Callable[[], Tensor]) -> Sequence[Probe]:
 @SCENARIOS.register("lr_spike")
 class LRSpike(LMScenario):
     spec = ScenarioSpec(name="lr_spike", healthy=False, expected_kind="edge_of_stability",
-                        summary=f"healthy tiny proxy whose LR jumps {FACTOR:g}× at steps {SPIKE.start}–{SPIKE.stop - 1}",
+                        summary=f"healthy tiny proxy whose LR jumps {FACTOR:g}× at steps "
+                                f"{SPIKE.start}–{SPIKE.stop - 1}",
                         remedy="no LR jump")
     event_step = SPIKE.start
 
-    def recipe(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=220, lr=3e-3, lr_factor=spike, extra_probes=sharpness, seed=seed)
+    def recipe(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=220, lr=3e-3, lr_factor=spike, extra_probes=sharpness, seed=seed)
 
-    def fixed(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=220, lr=3e-3, seed=seed)
+    def fixed(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=220, lr=3e-3, seed=seed)

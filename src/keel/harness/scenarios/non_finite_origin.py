@@ -15,9 +15,10 @@ import math
 
 from torch import Tensor, nn
 
-from keel.proxy.model import CausalSelfAttention, ProxyGPT
 from keel.harness.scenarios import SCENARIOS
-from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._common import LMScenario, ScenarioSpec
+from keel.proxy.model import CausalSelfAttention, ProxyGPT
+from keel.proxy.trainer import TrainConfig
 
 
 class NaiveSoftmaxAttention(CausalSelfAttention):
@@ -50,5 +51,5 @@ class NonFiniteOrigin(LMScenario):
                         summary="tiny proxy at LR 0.1 with a max-free softmax in blocks.1: exp overflows to NaN",
                         remedy="a max-subtracting softmax (F.softmax) or QK-norm")
 
-    def recipe(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=60, lr=0.1, model_fn=naive_second_layer, seed=seed)
+    def recipe(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=60, lr=0.1, model_fn=naive_second_layer, seed=seed)

@@ -12,7 +12,8 @@ from __future__ import annotations
 import torch
 
 from keel.harness.scenarios import SCENARIOS
-from keel.harness.scenarios._common import Batch, LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._common import LMScenario, ScenarioSpec
+from keel.proxy.trainer import Batch, TrainConfig
 
 POISON_STEP = 150
 
@@ -28,12 +29,13 @@ def poison(step: int, batch: Batch) -> Batch:
 @SCENARIOS.register("poisoned_batch")
 class PoisonedBatch(LMScenario):
     spec = ScenarioSpec(name="poisoned_batch", healthy=False, expected_kind="loss_spike",
-                        summary=f"healthy tiny proxy, one junk batch (random bytes, constant target) at step {POISON_STEP}",
+                        summary="healthy tiny proxy, one junk batch (random bytes, constant target) at step "
+                                f"{POISON_STEP}",
                         remedy="skip the poisoned update")
     event_step = POISON_STEP
 
-    def recipe(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=250, lr=3e-3, batch_fn=poison, seed=seed)
+    def recipe(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=250, lr=3e-3, batch_fn=poison, seed=seed)
 
-    def fixed(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=250, lr=3e-3, seed=seed)
+    def fixed(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=250, lr=3e-3, seed=seed)

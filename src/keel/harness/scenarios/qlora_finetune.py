@@ -13,8 +13,9 @@ No warning or critical finding may appear.
 from __future__ import annotations
 
 from keel.harness.scenarios import SCENARIOS
-from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._common import LMScenario, ScenarioSpec
 from keel.harness.scenarios._finetune import BASE_SIZE, SEQ_LEN, Epochs, apply_lora, pretrained_base, snippets
+from keel.proxy.trainer import TrainConfig
 
 EXAMPLES, BATCH, EPOCHS, RANK = 24, 2, 30, 32
 
@@ -25,12 +26,12 @@ class QLoRAFinetune(LMScenario):
                         summary=f"rank-{RANK} LoRA on a 4-bit frozen tiny proxy, batch {BATCH}, {EXAMPLES} mixed "
                                 f"snippets, {EPOCHS} epochs: noisy steps, drops at epoch boundaries")
 
-    def recipe(self, seed: int) -> LMRun:
+    def recipe(self, seed: int) -> TrainConfig:
         epochs = Epochs(*snippets(seed, EXAMPLES), batch_size=BATCH, seed=seed)
 
         def adapt(model):  # type: ignore[no-untyped-def]
             model.load_state_dict(pretrained_base(seed))
             return apply_lora(model, rank=RANK, alpha=4.0 * RANK, bits=4, seed=seed)
 
-        return LMRun(size=BASE_SIZE, seq_len=SEQ_LEN, steps=EPOCHS * epochs.steps_per_epoch, lr=3e-3, warmup=10,
+        return TrainConfig(size=BASE_SIZE, seq_len=SEQ_LEN, steps=EPOCHS * epochs.steps_per_epoch, lr=3e-3, warmup=10,
                      batch_size=BATCH, batch_fn=epochs, model_fn=adapt, seed=seed)

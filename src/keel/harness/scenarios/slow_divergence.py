@@ -10,7 +10,8 @@ best, before the run is lost.
 from __future__ import annotations
 
 from keel.harness.scenarios import SCENARIOS
-from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._common import LMScenario, ScenarioSpec
+from keel.proxy.trainer import TrainConfig
 
 RAMP_START = 40
 RATE = 1.0125
@@ -27,8 +28,8 @@ class SlowDivergence(LMScenario):
                         remedy="a schedule that ends its warm-up")
     event_step = RAMP_START
 
-    def recipe(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=520, lr=3e-3, constant=True, lr_factor=ramp, qk_norm=True, seed=seed)
+    def recipe(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=520, lr=3e-3, min_lr_ratio=1.0, lr_factor=ramp, qk_norm=True, seed=seed)
 
-    def fixed(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=520, lr=3e-3, constant=True, qk_norm=True, seed=seed)
+    def fixed(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=520, lr=3e-3, min_lr_ratio=1.0, qk_norm=True, seed=seed)

@@ -8,7 +8,8 @@ or critical finding may appear.
 from __future__ import annotations
 
 from keel.harness.scenarios import SCENARIOS
-from keel.harness.scenarios._common import LMRun, LMScenario, ScenarioSpec
+from keel.harness.scenarios._common import LMScenario, ScenarioSpec
+from keel.proxy.trainer import TrainConfig
 
 
 @SCENARIOS.register("warmup_bump")
@@ -16,5 +17,5 @@ class WarmupBump(LMScenario):
     spec = ScenarioSpec(name="warmup_bump", healthy=True, expected_kind=None,
                         summary="tiny proxy with QK-norm, 5-step warm-up to LR 0.02: the loss bumps early")
 
-    def recipe(self, seed: int) -> LMRun:
-        return LMRun(size="tiny", steps=250, lr=0.02, warmup=5, qk_norm=True, seed=seed)
+    def recipe(self, seed: int) -> TrainConfig:
+        return TrainConfig(size="tiny", steps=250, lr=0.02, warmup=5, qk_norm=True, seed=seed)

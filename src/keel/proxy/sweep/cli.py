@@ -171,26 +171,14 @@ def check_args(args: argparse.Namespace) -> None:
 
 def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:
     """The `SweepConfig` of the command line: ``--quick`` or the defaults, with each given option applied."""
-    base = quick_config() if args.quick else SweepConfig()
-    overrides = {
-        name: getattr(args, name)
-        for name in (
-            "recipes",
-            "lrs",
-            "sizes",
-            "seeds",
-            "steps",
-            "batch_size",
-            "seq_len",
-            "warmup",
-            "final_lr",
-            "eval_batches",
-        )
-        if getattr(args, name) is not None
-    }
+    config = quick_config() if args.quick else SweepConfig()
+    grid = {name: getattr(args, name) for name in ("recipes", "lrs", "sizes", "seeds", "final_lr")
+            if getattr(args, name) is not None}
+    run = {name: getattr(args, name) for name in ("steps", "batch_size", "seq_len", "warmup", "eval_batches")
+           if getattr(args, name) is not None}
     if args.max_grad_norm is not None:
-        overrides["max_grad_norm"] = args.max_grad_norm or None
-    return dataclasses.replace(base, **overrides)
+        run["max_grad_norm"] = args.max_grad_norm or None
+    return dataclasses.replace(config, base=dataclasses.replace(config.base, **run), **grid)
 
 
 def main(args: argparse.Namespace) -> int:
@@ -227,7 +215,7 @@ def _summarize_or_run(
         config = sweep_config_from_args(args)
         print(
             f"keel sweep: {len(config.recipes)} recipes × {len(config.lrs)} LRs × {len(config.sizes)} sizes "
-            f"× {len(config.seeds)} seeds, {config.steps} steps each, backend {backend} → {out}",
+            f"× {len(config.seeds)} seeds, {config.base.steps} steps each, backend {backend} → {out}",
             file=stream,
             flush=True,
         )

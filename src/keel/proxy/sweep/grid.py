@@ -1,6 +1,7 @@
 """The sweep grid: recipes × learning rates × proxy sizes × seeds, expanded into one `RunSpec` per run.
 
-The defaults follow Wortsman et al. (2023): a log-spaced LR grid over [3e-4, 3e-1], AdamW β = (0.9, 0.95),
+A sweep is a named grid over one `TrainConfig` (`SweepConfig.base`), not a recipe type of its own. The
+defaults follow Wortsman et al. (2023): a log-spaced LR grid over [3e-4, 3e-1], AdamW β = (0.9, 0.95),
 gradient clipping at global norm 1, linear warm-up then cosine decay to an LR of 1e-5 whatever the peak LR,
 on three proxy sizes.
 """
@@ -12,7 +13,7 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from keel._core.validate import check_types, require_ints
+from keel._core.validate import check_types
 from keel.proxy.model import list_proxy_sizes
 from keel.proxy.sweep.recipes import DEFAULT_RECIPES, Recipe, resolve_recipe
 from keel.proxy.trainer import TrainConfig
@@ -48,9 +49,21 @@ def _round_lr(lr: float) -> float:
     return float(f"{mantissa:.2g}e{exponent}")
 
 
+def default_base() -> TrainConfig:
+    """The run settings of Wortsman et al.'s sweeps: `TrainConfig`'s defaults, clipped at global norm 1."""
+    return TrainConfig(max_grad_norm=1.0)
+
+
+# The settings each grid point sets on the base before its recipe runs: described by the grid, not the base.
+GRID_FIELDS = ("size", "lr", "seed", "min_lr_ratio")
+
+
 @dataclass(kw_only=True)
 class SweepConfig:
-    """What to sweep, and the training settings every run shares.
+    """A named grid over one `TrainConfig`: recipes × learning rates × proxy sizes × seeds.
+
+    Every run starts from ``base`` with the grid point's size, peak LR and seed (and the decay floor that ends
+    at ``final_lr``), then its recipe transforms that config.
 
     Attributes:
         recipes: Built-in recipe names (`list_recipes`), ``module:function`` / ``file.py:function`` strings,
@@ -58,33 +71,27 @@ class SweepConfig:
         lrs: Peak learning rates (log-spaced: LR sensitivity is a mean over this grid).
         sizes: Proxy sizes (`keel.proxy.list_proxy_sizes`); the scaling view needs at least two.
         seeds: Seeds; each seeds both the model initialisation and the data order.
-        steps: Optimizer steps per run.
-        batch_size: Sequences per step.
-        seq_len: Bytes per sequence.
-        warmup: Linear warm-up steps.
+        base: The training settings every run shares (steps, batch, warm-up, clipping at global norm 1 as in
+            the paper, validation batches, ...); its ``size``, ``lr``, ``seed`` and ``min_lr_ratio`` are the
+            grid's to set.
         final_lr: The LR the cosine decay ends at, the same for every peak LR (the paper decays to 1e-5),
             rather than a fraction of the peak, which leaves high-LR runs ending at a high LR. On the 300-step
             proxy the two give about the same LR sensitivities (BENCHMARKS.md, keel sweep).
-        max_grad_norm: Global gradient-norm clipping (the paper clips at 1); ``None`` does not clip.
-        eval_batches: Validation batches behind each run's final (validation) loss.
+
+    Example:
+        >>> SweepConfig(sizes=["tiny"], base=TrainConfig(steps=50, max_grad_norm=1.0)).base.steps
+        50
     """
 
     recipes: Sequence[str | Recipe] = DEFAULT_RECIPES
     lrs: Sequence[float] = field(default_factory=default_lrs)
     sizes: Sequence[str] = ("tiny", "small", "medium")
     seeds: Sequence[int] = (0,)
-    steps: int = 300
-    batch_size: int = 16
-    seq_len: int = 64
-    warmup: int = 20
+    base: TrainConfig = field(default_factory=default_base)
     final_lr: float = 1e-5
-    max_grad_norm: float | None = 1.0
-    eval_batches: int = 8
 
     def __post_init__(self) -> None:
         check_types(self)
-        require_ints(self, "steps", "batch_size", "seq_len", "eval_batches")
-        require_ints(self, "warmup", minimum=0)
         for name in ("recipes", "lrs", "sizes", "seeds"):
             if len(getattr(self, name)) == 0:
                 raise ValueError(f"SweepConfig.{name}=[]; allowed: at least one value")
@@ -96,35 +103,22 @@ class SweepConfig:
             raise ValueError(
                 f"SweepConfig.sizes contains {unknown}; allowed: {', '.join(list_proxy_sizes())}"
             )
+        if not isinstance(self.base, TrainConfig):
+            raise ValueError(f"SweepConfig.base={self.base!r}; allowed: a keel.proxy.trainer.TrainConfig")
         if not (isinstance(self.final_lr, (int, float)) and 0 <= self.final_lr < math.inf):
             raise ValueError(f"SweepConfig.final_lr={self.final_lr!r}; allowed: a finite number >= 0")
-        if self.max_grad_norm is not None and not self.max_grad_norm > 0:
-            raise ValueError(
-                f"SweepConfig.max_grad_norm={self.max_grad_norm!r}; allowed: a number > 0 or None"
-            )
 
     def base_config(self, *, size: str, lr: float, seed: int) -> TrainConfig:
         """The `TrainConfig` of one grid point before a recipe changes it."""
-        return TrainConfig(
-            size=size,
-            lr=lr,
-            seed=seed,
-            steps=self.steps,
-            batch_size=self.batch_size,
-            seq_len=self.seq_len,
-            warmup=self.warmup,
-            min_lr_ratio=min(1.0, self.final_lr / lr),  # a peak LR at or below final_lr stays flat
-            max_grad_norm=self.max_grad_norm,
-            eval_batches=self.eval_batches,
-        )
+        floor = min(1.0, self.final_lr / lr)  # a peak LR at or below final_lr stays flat
+        return dataclasses.replace(self.base, size=size, lr=lr, seed=seed, min_lr_ratio=floor)
 
     def describe(self) -> dict[str, object]:
         """A JSON-able description (recipes by name), stored with the sweep."""
-        out = dataclasses.asdict(self)
-        out["recipes"] = [resolve_recipe(r)[0] if callable(r) else r for r in self.recipes]
-        for name in ("lrs", "sizes", "seeds"):
-            out[name] = list(out[name])
-        return out
+        base = {k: v for k, v in self.base.describe().items() if k not in GRID_FIELDS}
+        return {"recipes": [resolve_recipe(r)[0] if callable(r) else r for r in self.recipes],
+                "lrs": list(self.lrs), "sizes": list(self.sizes), "seeds": list(self.seeds),
+                "final_lr": self.final_lr, "base": base}
 
 
 def quick_config() -> SweepConfig:

@@ -81,7 +81,7 @@ def run_sweep(
     """Run (or resume) a sweep and summarise it.
 
     Args:
-        config: The grid and the shared training settings.
+        config: The grid and the training settings its runs share (``config.base``).
         sweep_dir: The sweep's directory; an existing sweep there is resumed.
         backend: ``"local"`` (process pool), ``"ray"`` or a `Backend` object.
         workers: Local worker processes (default: every available core), or the CPUs of a Ray instance
@@ -100,7 +100,9 @@ def run_sweep(
             other settings.
 
     Example:
-        >>> cfg = SweepConfig(recipes=["baseline"], lrs=[1e-2], sizes=["tiny"], steps=2, eval_batches=1)
+        >>> from keel.proxy.trainer import TrainConfig
+        >>> base = TrainConfig(steps=2, eval_batches=1, max_grad_norm=1.0)
+        >>> cfg = SweepConfig(recipes=["baseline"], lrs=[1e-2], sizes=["tiny"], base=base)
         >>> import tempfile
         >>> run_sweep(cfg, tempfile.mkdtemp(), workers=1).rows[0]["status"]
         'done'

@@ -9,7 +9,6 @@ The schema has its home in the store layer (`keel.store.sweep_schema`), which re
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import sqlite3
@@ -17,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from keel.proxy.trainer import TrainConfig
 from keel.store import SweepReader
 from keel.store.sweep_schema import SWEEP_DDL, SWEEP_STORE_NAME, sweep_store_path
 
@@ -155,8 +155,9 @@ class SweepStore:
             return reader.rows()
 
 
-def _config_json(config: object) -> str | None:
-    return None if config is None else json.dumps(dataclasses.asdict(config), sort_keys=True)  # type: ignore[call-overload]
+def _config_json(config: TrainConfig | None) -> str | None:
+    # describe(), not asdict(): unset hooks stay out, so a run stored before TrainConfig had them still matches
+    return None if config is None else json.dumps(config.describe(), sort_keys=True)
 
 
 def _sql(value: Any) -> Any:

@@ -26,6 +26,8 @@ from keel.store import RunReader
 # Signal keys emitted by keel.signals' attention and output-logit probes (on by default in Guard).
 MAX_ATTN_LOGIT = "attn/max_logit"
 LOG_Z = "logits/log_z"
+# The proxy's token and position embeddings: left out of the parameter count, as Wortsman et al. count.
+EMBEDDINGS = ("tok_emb.", "pos_emb.")
 # End signals are the median of the last END_WINDOW recorded steps: one step's gradient norm is noisy.
 END_WINDOW = 10
 
@@ -124,8 +126,8 @@ def run_one(spec: RunSpec, run_dir: str | Path, *, threads: int = 1) -> RunResul
 
 def _init_loss(config: TrainConfig) -> tuple[float, int]:
     model = build_model(config)  # the model the run starts from
-    embedding = model.tok_emb.weight.numel() + model.pos_emb.weight.numel()
-    return evaluate(model, config), model.num_params() - embedding
+    non_embedding = sum(p.numel() for name, p in model.named_parameters() if not name.startswith(EMBEDDINGS))
+    return evaluate(model, config), non_embedding
 
 
 def _end_signals(run_dir: Path) -> tuple[float, float, float]:
