@@ -74,3 +74,9 @@ def test_edge_cases_nan_inf_empty() -> None:
 def test_rejects_bad_coefficient(bad: float) -> None:
     with pytest.raises(ValueError, match="coefficient"):
         z_loss(torch.zeros(1, 2), coefficient=bad)
+
+
+@pytest.mark.parametrize("bad", ["1e-4", None, [1e-4]])
+def test_a_coefficient_that_is_no_number_is_one_clear_value_error(bad: object) -> None:
+    with pytest.raises(ValueError, match=r"coefficient=.*; allowed: a finite number >= 0"):
+        z_loss(torch.zeros(1, 2), coefficient=bad)  # type: ignore[arg-type]

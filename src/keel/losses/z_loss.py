@@ -6,6 +6,8 @@ instabilities" (Wortsman et al. 2023, arXiv 2309.14322), where it removes output
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -46,7 +48,7 @@ def z_loss_from_log_z(
     Raises:
         ValueError: ``coefficient`` is negative or not finite, or ``mask`` has the wrong shape.
     """
-    _check_coefficient(coefficient)
+    check_coefficient(coefficient)
     squared = log_z.square()
     if mask is None:
         # sum / max(n, 1) rather than mean(): an empty batch gives 0, not NaN.
@@ -88,6 +90,7 @@ def z_loss(logits: Tensor, *, coefficient: float = DEFAULT_COEFFICIENT, mask: Te
     return z_loss_from_log_z(log_partition(logits), coefficient=coefficient, mask=mask)
 
 
-def _check_coefficient(coefficient: float) -> None:
-    if not (coefficient >= 0.0 and coefficient < float("inf")):
-        raise ValueError(f"coefficient={coefficient!r}; allowed: a finite number >= 0")
+def check_coefficient(coefficient: object, name: str = "coefficient") -> None:
+    """Raise ValueError naming ``name`` unless ``coefficient`` is a finite number >= 0 (the z-loss weight)."""
+    if not (isinstance(coefficient, (int, float)) and math.isfinite(coefficient) and coefficient >= 0):
+        raise ValueError(f"{name}={coefficient!r}; allowed: a finite number >= 0")

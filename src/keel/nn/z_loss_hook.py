@@ -5,13 +5,12 @@ z-loss from PaLM (Chowdhery et al. 2022) and Wortsman et al. (2023, arXiv 2309.1
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from keel.losses.z_loss import DEFAULT_COEFFICIENT, log_partition, z_loss_from_log_z
+from keel.losses.z_loss import DEFAULT_COEFFICIENT, check_coefficient, log_partition, z_loss_from_log_z
 
 
 class ZLossHook:
@@ -45,8 +44,7 @@ class ZLossHook:
     """
 
     def __init__(self, coefficient: float = DEFAULT_COEFFICIENT) -> None:
-        if not (isinstance(coefficient, (int, float)) and math.isfinite(coefficient) and coefficient >= 0):
-            raise ValueError(f"ZLossHook.coefficient={coefficient!r}; allowed: a finite number >= 0")
+        check_coefficient(coefficient, "ZLossHook.coefficient")
         self.coefficient = float(coefficient)
         self.log_z: Tensor | None = None
 

@@ -5,13 +5,12 @@ z-loss from PaLM (Chowdhery et al. 2022) and Wortsman et al. (2023, arXiv 2309.1
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import ClassVar
 
 from torch import nn
 
-from keel.losses.z_loss import DEFAULT_COEFFICIENT
+from keel.losses.z_loss import DEFAULT_COEFFICIENT, check_coefficient
 from keel.nn._surgery import linear_features
 from keel.nn.remedies._base import Change, remedies
 from keel.nn.z_loss_hook import ZLossHook
@@ -47,12 +46,7 @@ class ZLossRemedy:
     head: str | None = None
 
     def __post_init__(self) -> None:
-        if not (
-            isinstance(self.coefficient, (int, float))
-            and math.isfinite(self.coefficient)
-            and self.coefficient >= 0
-        ):
-            raise ValueError(f"ZLossRemedy.coefficient={self.coefficient!r}; allowed: a finite number >= 0")
+        check_coefficient(self.coefficient, "ZLossRemedy.coefficient")
         if self.head is not None and not isinstance(self.head, str):
             raise ValueError(f"ZLossRemedy.head={self.head!r}; allowed: a submodule name or None")
 
