@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
 import keel
 from keel._core import keys
+from tests._core.source_literals import string_literals
 
 SRC = Path(keel.__file__).parent
 KEYS: dict[str, str] = {name: value for name, value in vars(keys).items()
@@ -20,21 +20,10 @@ ORDINARY_WORDS = frozenset({keys.LOSS, keys.LR})
 NOT_YET: tuple[str, ...] = ("detect", "proxy")
 
 
-def _docstrings(tree: ast.AST) -> set[int]:
-    owners = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    return {id(node.body[0].value) for node in ast.walk(tree)
-            if isinstance(node, owners) and node.body and isinstance(node.body[0], ast.Expr)
-            and isinstance(node.body[0].value, ast.Constant)}
-
-
 def key_literals(source: str, filename: str = "<source>") -> list[tuple[int, str]]:
     """(line, key) for every string literal (f-string pieces included, docstrings not) that spells a key."""
-    tree = ast.parse(source, filename=filename)
-    docs = _docstrings(tree)
     spelled = set(KEYS.values()) - ORDINARY_WORDS
-    return sorted((node.lineno, node.value) for node in ast.walk(tree)
-                  if isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docs
-                  and node.value in spelled)
+    return [(line, value) for line, value in string_literals(source, filename) if value in spelled]
 
 
 def test_no_module_outside_core_retypes_a_signal_key() -> None:

@@ -3,7 +3,6 @@ them, and the report spells no store file name of its own."""
 
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
@@ -12,6 +11,7 @@ from hypothesis import strategies as st
 
 import keel
 from keel.store import STORE_NAME, STORE_SUFFIX, SWEEP_STORE_NAME, store_folder, store_path, sweep_store_path
+from tests._core.source_literals import string_literals
 
 SRC = Path(keel.__file__).parent
 # folder names a person might give a run or a sweep; none ends in the store suffix
@@ -46,16 +46,7 @@ def test_store_folder_undoes_store_path_and_sweep_store_path(parts: list[str]) -
     assert store_path(store_path(folder)) == store_path(folder)  # a store file names itself
 
 
-def _string_literals(path: Path) -> list[tuple[int, str]]:
-    tree = ast.parse(path.read_text(), filename=str(path))
-    owners = (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)
-    docs = {id(n.body[0].value) for n in ast.walk(tree) if isinstance(n, owners) and n.body
-            and isinstance(n.body[0], ast.Expr) and isinstance(n.body[0].value, ast.Constant)}
-    return [(n.lineno, n.value) for n in ast.walk(tree)
-            if isinstance(n, ast.Constant) and isinstance(n.value, str) and id(n) not in docs]
-
-
 def test_the_report_spells_no_store_file_name() -> None:
     spelled = [f"{path.relative_to(SRC)}:{line} {value!r}" for path in sorted((SRC / "report").rglob("*.py"))
-               for line, value in _string_literals(path) if value.endswith(STORE_SUFFIX)]
+               for line, value in string_literals(path.read_text(), str(path)) if value.endswith(STORE_SUFFIX)]
     assert spelled == [], "import STORE_NAME, SWEEP_STORE_NAME, STORE_SUFFIX or store_folder from keel.store"
