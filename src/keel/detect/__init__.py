@@ -1,5 +1,6 @@
 """Decide: signal history → findings (kind, step, severity, evidence, cause, remedy). Never acts."""
 
+from keel._core import keys
 from keel.detect.attention_entropy_collapse import AttentionEntropyCollapseDetector, EntropyCollapseConfig
 from keel.detect.attention_logit_growth import AttentionLogitGrowthDetector
 from keel.detect.causes import CAUSES, Cause, Remedy, cause_for
@@ -64,7 +65,7 @@ def default_detectors() -> list[Detector]:
     ones: attention-logit growth, attention-entropy collapse, output-logit drift, softmax collapse and the
     edge of stability. Each stays silent while its signal is absent (e.g. no sharpness probe, no attention).
     """
-    return [SpikeDetector(signal="loss"), SpikeDetector(signal="grad/norm"), DivergenceDetector(),
+    return [SpikeDetector(signal="loss"), SpikeDetector(signal=keys.GRAD_NORM), DivergenceDetector(),
             NonFiniteDetector(), NonFiniteOriginDetector(), AttentionLogitGrowthDetector(),
             AttentionEntropyCollapseDetector(), OutputLogitDriftDetector(), SoftmaxCollapseDetector(),
             EdgeOfStabilityDetector()]

@@ -19,6 +19,7 @@ import math
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types
@@ -43,7 +44,7 @@ class EntropyCollapseConfig:
         critical_fraction: Entropy/baseline at or below which it is critical.
     """
 
-    signal: str = "attn/entropy"
+    signal: str = keys.ATTN_ENTROPY
     baseline_points: int = 3
     window: int = 8
     warn_fraction: float = 0.2

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from keel._core import keys
 from keel.detect.detector import DETECTORS
 from keel.detect.growth import GrowthConfig, GrowthDetector
 
-SIGNAL = "attn/max_logit"
+SIGNAL = keys.ATTN_MAX_LOGIT
 
 
 def attention_logit_growth_config(**overrides: object) -> GrowthConfig:

@@ -33,7 +33,7 @@ from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
 
 KIND = "edge_of_stability"
-MARGIN = "curvature/margin"
+MARGIN = keys.CURVATURE_MARGIN
 
 
 @dataclass(kw_only=True)
@@ -109,7 +109,7 @@ class EdgeOfStabilityDetector:
             return []
         evidence: dict[str, Any] = {"margin": round(margin, 4), "lr": lr, "stable_lr": lr / margin,
                                     "typical_margin": round(typical, 4) if math.isfinite(typical) else None}
-        for key in ("curvature/sharpness", "curvature/preconditioned_sharpness", "curvature/trace"):
+        for key in (keys.CURVATURE_SHARPNESS, keys.CURVATURE_PRECONDITIONED_SHARPNESS, keys.CURVATURE_TRACE):
             if key in obs.values:
                 evidence[key.split("/")[-1]] = round(obs.values[key], 6)
         text = f"the learning rate {lr:.3g} is {margin:.3g}× the local stability limit (≈{lr / margin:.3g})."

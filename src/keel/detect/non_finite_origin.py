@@ -31,7 +31,7 @@ from keel._core.observation import Observation
 from keel.detect.causes import cause_for
 from keel.detect.detector import DETECTORS
 
-ACTIVATIONS = "act/max_abs/"
+ACTIVATIONS = keys.ACT_MAX_ABS_PER_BLOCK
 _SUFFIXES = (".weight", ".bias")
 
 

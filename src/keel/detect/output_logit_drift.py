@@ -20,6 +20,7 @@ import statistics
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types
@@ -30,7 +31,7 @@ from keel.detect.scan import ReadsOneSignal
 from keel.detect.trend import TrendWindow
 
 KIND = "output_logit_drift"
-EXTRA_EVIDENCE = ("logits/mean", "logits/rms", "logits/log_z_max", "logits/log_z_min")
+EXTRA_EVIDENCE = (keys.LOGITS_MEAN, keys.LOGITS_RMS, keys.LOGITS_LOG_Z_MAX, keys.LOGITS_LOG_Z_MIN)
 
 
 @dataclass(kw_only=True)
@@ -47,7 +48,7 @@ class OutputLogitDriftConfig:
         patience: Consecutive qualifying measurements before a warning.
     """
 
-    signal: str = "logits/log_z"
+    signal: str = keys.LOGITS_LOG_Z
     baseline_points: int = 5
     window: int = 30
     warn_dev: float = 5.0

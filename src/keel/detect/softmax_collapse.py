@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any
 
+from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types
@@ -32,7 +33,7 @@ from keel.detect.detector import DETECTORS
 from keel.detect.scan import ReadsOneSignal
 
 KIND = "softmax_collapse"
-EXTRA_EVIDENCE = ("logits/zero_loss", "grad/weight_cos", "logits/log_z_max")
+EXTRA_EVIDENCE = (keys.LOGITS_ZERO_LOSS, keys.GRAD_WEIGHT_COS, keys.LOGITS_LOG_Z_MAX)
 
 
 @dataclass(kw_only=True)
@@ -46,7 +47,7 @@ class SoftmaxCollapseConfig:
         patience: Consecutive measurements at or above ``warn_fraction`` before a warning.
     """
 
-    signal: str = "logits/softmax_collapse"
+    signal: str = keys.LOGITS_SOFTMAX_COLLAPSE
     warn_fraction: float = 0.01
     critical_fraction: float = 0.5
     patience: int = 2
