@@ -30,7 +30,7 @@ def ref_stats(logits: np.ndarray, head_axis: int | None = 1) -> tuple[float, np.
         rows = z[h].reshape(-1, z.shape[-1])
         rmask = masked[h].reshape(-1, z.shape[-1])
         entropies = []
-        for row, m in zip(rows, rmask):
+        for row, m in zip(rows, rmask, strict=True):
             if m.all():
                 continue
             x = row[~m]

@@ -42,7 +42,7 @@ def test_probe_on_proxy_matches_block_outputs():
         h.remove()
     got = probe.read()
     assert got["act/rms/"].names == ("blocks.0", "blocks.1")
-    for value, out in zip(got["act/rms/"].values.tolist(), outputs):
+    for value, out in zip(got["act/rms/"].values.tolist(), outputs, strict=True):
         assert value == pytest.approx(float(out.square().mean().sqrt()), rel=1e-5)
     assert float(got["act/max_abs"]) == pytest.approx(max(float(o.abs().max()) for o in outputs), rel=1e-6)
     probe.detach()

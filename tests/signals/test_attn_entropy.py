@@ -63,7 +63,7 @@ def test_model_probabilities_are_reused_only_in_full_precision():
 
 def per_head(probe: AttnEntropyProbe) -> dict[str, float]:
     family = probe.read()["attn/head_entropy/"]
-    return dict(zip(family.names, family.values.tolist()))
+    return dict(zip(family.names, family.values.tolist(), strict=True))
 
 
 @pytest.mark.parametrize("layer", [CausalSelfAttention, FlashSelfAttention], ids=["explicit_softmax", "sdpa"])
@@ -75,7 +75,7 @@ def test_probe_per_head_matches_reference(layer):
     probe.attach(model)
     model(idx)
     got = per_head(probe)
-    for i, (block, x) in enumerate(zip(model.blocks, block_inputs(model, idx))):
+    for i, (block, x) in enumerate(zip(model.blocks, block_inputs(model, idx), strict=True)):
         _, expected = ref_stats(explicit_logits(block, x).numpy())
         for h, value in enumerate(expected):
             assert got[f"blocks.{i}/h{h}"] == pytest.approx(value, rel=1e-5)

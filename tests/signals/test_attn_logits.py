@@ -95,7 +95,7 @@ def test_sdpa_logits_reproduce_torch_kernel(case):
 def read_layers(probe: AttnLogitsProbe) -> dict[str, float]:
     values = probe.read()
     family = values["attn/max_logit/"]
-    out = dict(zip(family.names, family.values.tolist()))
+    out = dict(zip(family.names, family.values.tolist(), strict=True))
     assert float(values["attn/max_logit"]) == max(out.values())
     return out
 
@@ -109,7 +109,7 @@ def test_probe_matches_explicit_reference_on_nanogpt_blocks(layer):
     probe.attach(model)
     model(idx)
     got = read_layers(probe)
-    for name, block, x in zip(["blocks.0", "blocks.1"], model.blocks, block_inputs(model, idx)):
+    for name, block, x in zip(["blocks.0", "blocks.1"], model.blocks, block_inputs(model, idx), strict=True):
         expected, _ = ref_stats(explicit_logits(block, x).numpy())
         assert got[name] == pytest.approx(expected, rel=1e-5, abs=1e-6)
     probe.detach()
@@ -129,7 +129,7 @@ def test_probe_on_proxy_model_matches_manual_logits():
         model(idx)
     for h in handles:
         h.remove()
-    for i, (block, x) in enumerate(zip(model.blocks, inputs)):
+    for i, (block, x) in enumerate(zip(model.blocks, inputs, strict=True)):
         attn = block.attn
         q, k, _ = (x.double() @ attn.qkv.weight.double().T).split(x.shape[-1], dim=-1)
         shape = (2, 16, attn.n_heads, attn.head_dim)
@@ -155,10 +155,11 @@ def test_probe_on_low_precision_model(dtype):
         model(idx)
     for h in handles:
         h.remove()
-    for name, block, x in zip(["blocks.0", "blocks.1"], model.blocks, seen):
+    for name, block, x in zip(["blocks.0", "blocks.1"], model.blocks, seen, strict=True):
         q, k, _ = block.qk(x)  # the model's own low-precision q and k: the logits it really uses
         z = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))
-        expected, _ = ref_stats(z.detach().double().masked_fill(~torch.ones(6, 6, dtype=torch.bool).tril(), -math.inf).numpy())
+        causal = torch.ones(6, 6, dtype=torch.bool).tril()
+        expected, _ = ref_stats(z.detach().double().masked_fill(~causal, -math.inf).numpy())
         assert got[name] == pytest.approx(expected, rel=1e-2)
     probe.detach()
 
@@ -236,7 +237,7 @@ def test_probe_changes_nothing_and_detach_removes_hooks():
     watched = model(idx)
     watched.sum().backward()
     assert torch.equal(bare, watched)
-    assert all(torch.equal(g, p.grad) for g, p in zip(bare_grads, model.parameters()))
+    assert all(torch.equal(g, p.grad) for g, p in zip(bare_grads, model.parameters(), strict=True))
     probe.detach()
     model(idx)
     assert probe.read() == {}

@@ -38,7 +38,7 @@ def test_probe_leaves_params_grads_and_optimizer_state_bit_identical(name):
     out = probe.measure(ctx)
     out.update(probe.after_step(ctx))
     after = _state(model, opt)
-    for b, a in zip(before[0] + before[1], after[0] + after[1]):
+    for b, a in zip(before[0] + before[1], after[0] + after[1], strict=True):
         assert torch.equal(b, a)
     assert before[2]["state"].keys() == after[2]["state"].keys()
     for k in before[2]["state"]:

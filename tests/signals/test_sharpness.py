@@ -106,7 +106,7 @@ def test_no_side_effects_on_params_grads_optimizer_buffers_and_rng():
     assert torch.equal(rng, torch.get_rng_state())
     for k, v in state[0].items():
         assert torch.equal(v, model.state_dict()[k]), k  # includes the BatchNorm running statistics
-    assert all(torch.equal(a, p.grad) for a, p in zip(state[1], model.parameters()))
+    assert all(torch.equal(a, p.grad) for a, p in zip(state[1], model.parameters(), strict=True))
     after = opt.state_dict()
     for k, st in state[2]["state"].items():
         assert all(torch.equal(v, after["state"][k][f]) for f, v in st.items())

@@ -158,11 +158,11 @@ class AttentionTap:
         site.fused = site.fused or fused
         if want.entropy:
             sums, counts, top = attention_entropy_sums(logits, probs, head_dim=head_dim)
-            if site.entropy_sum is None or site.entropy_sum.shape != sums.shape:
+            if site.entropy_sum is None or site.entropy_count is None or site.entropy_sum.shape != sums.shape:
                 site.entropy_sum, site.entropy_count = sums, counts
             else:
                 site.entropy_sum = site.entropy_sum + sums
-                site.entropy_count = site.entropy_count + counts  # type: ignore[operator]
+                site.entropy_count = site.entropy_count + counts
         else:
             top = attention_max_logit(logits)
         site.max_logit = top if site.max_logit is None else torch.maximum(site.max_logit, top)
@@ -181,9 +181,9 @@ class AttentionTap:
                                  enable_gqa=bool(bound.get("enable_gqa", False)))
             self._reduce(site, want, logits, None, 1 if logits.dim() == 4 else None, fused=True)
         elif func is _MHA and want.fused:
-            logits = _mha_logits(_MHA_SIGNATURE.bind(*args, **kwargs).arguments)
-            if logits is not None:
-                self._reduce(site, want, logits, None, 1, fused=True)
+            mha_logits = _mha_logits(_MHA_SIGNATURE.bind(*args, **kwargs).arguments)
+            if mha_logits is not None:
+                self._reduce(site, want, mha_logits, None, 1, fused=True)
         elif func is _SDPA or func is _MHA:
             site.fused = True  # seen, not measured this step
 

@@ -10,11 +10,11 @@ Adam's update per element is m̂ / (√v̂ + ε). When the gradient's RMS shrink
 ε, not the gradient, sets the denominator and the update silently shrinks. Wortsman et al. (2023, §3.4)
 track the RMS of this unscaled update (≈ 0.2–1 when healthy) and fix the collapse with a smaller ε
 (1e-15). `adam/eps_dominated` is the share of elements with 0 < √v̂ < ε (elements whose v is exactly 0 never
-had a gradient — unused embedding rows — and are left out: they are dead, not ε-dominated). Reads ``exp_avg``/``exp_avg_sq`` of
-``torch.optim.Adam``/``AdamW`` (and optimizers with the same state names and a numeric ``eps``: NAdam,
-RAdam, keel's SPAM and Stable-SPAM, ⊥Grad around any of them); others (SGD, Adagrad, Adafactor) give no
-values. Complex parameters count per real component. The moments read before ``optimizer.step()`` are those
-of the previous update.
+had a gradient — unused embedding rows — and are left out: they are dead, not ε-dominated). Reads
+``exp_avg``/``exp_avg_sq`` of ``torch.optim.Adam``/``AdamW`` (and optimizers with the same state names and a
+numeric ``eps``: NAdam, RAdam, keel's SPAM and Stable-SPAM, ⊥Grad around any of them); others (SGD, Adagrad,
+Adafactor) give no values. Complex parameters count per real component. The moments read before
+``optimizer.step()`` are those of the previous update.
 
 References:
     Wortsman et al. 2023, "Small-scale proxies for large-scale Transformer training instabilities",

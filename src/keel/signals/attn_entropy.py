@@ -1,10 +1,13 @@
 """Attention-entropy probe: the mean entropy of the attention rows, per layer and per head.
 
-| key                               | cadence                     | cost                                                  |
-|-----------------------------------|-----------------------------|-------------------------------------------------------|
-| `attn/entropy`                    | every `every` steps         | explicit softmax: one `xlogy` pass over the probabilities the model has; fused attention: an extra `q @ kᵀ` and softmax per layer |
-| `attn/entropy/<layer>`            | every `every` steps         | one float per attention module                        |
-| `attn/head_entropy/<layer>/h<i>`  | every `every` steps         | one float per head                                    |
+| key                              | cadence             | cost                                           |
+|----------------------------------|---------------------|------------------------------------------------|
+| `attn/entropy`                   | every `every` steps | explicit softmax: one `xlogy` pass (see below) |
+| `attn/entropy/<layer>`           | every `every` steps | one float per attention module                 |
+| `attn/head_entropy/<layer>/h<i>` | every `every` steps | one float per head                             |
+
+With explicit softmax the `xlogy` pass reads the probabilities the model already has; fused attention costs
+an extra `q @ kᵀ` and softmax per layer.
 
 Entropy of row i is −Σⱼ pᵢⱼ log pᵢⱼ (nats), averaged over batch and queries, leaving fully masked rows
 out; `attn/entropy` is the mean over layers. A sharp fall ("entropy collapse") accompanies unstable
@@ -101,15 +104,17 @@ class AttnEntropyProbe:
             return {}
         if self._tap.error is not None:
             raise RuntimeError(f"attention tap failed: {self._tap.error!r}") from self._tap.error
-        sites = [s for s in self._tap.read() if s.entropy_sum is not None]
+        # (layer name, per-head entropy sums, per-head row counts) of the sites measured this step
+        sites = [(s.name, s.entropy_sum, s.entropy_count) for s in self._tap.read()
+                 if s.entropy_sum is not None and s.entropy_count is not None]
         if not sites:
             return {}
-        per_layer = torch.stack([s.entropy_sum.sum() / s.entropy_count.sum() for s in sites])  # type: ignore[union-attr]
+        per_layer = torch.stack([sums.sum() / counts.sum() for _, sums, counts in sites])
         out: Measurements = {keys.ATTN_ENTROPY: per_layer.mean(),
-                             keys.ATTN_ENTROPY_PER_LAYER: PerParam(tuple(s.name for s in sites), per_layer)}
+                             keys.ATTN_ENTROPY_PER_LAYER: PerParam(tuple(name for name, _, _ in sites), per_layer)}
         if self.config.per_head:
-            names = tuple(f"{s.name}/h{i}" for s in sites for i in range(s.entropy_sum.numel()))  # type: ignore[union-attr]
-            heads = torch.cat([s.entropy_sum / s.entropy_count for s in sites])  # type: ignore[operator]
+            names = tuple(f"{name}/h{i}" for name, sums, _ in sites for i in range(sums.numel()))
+            heads = torch.cat([sums / counts for _, sums, counts in sites])
             out[keys.ATTN_HEAD_ENTROPY_PER_HEAD] = PerParam(names, heads)
         return out
 

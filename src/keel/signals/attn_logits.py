@@ -1,9 +1,13 @@
 """Attention max-logit probe: the largest pre-softmax attention logit of each layer.
 
-| key                       | cadence                                   | cost                                            |
-|---------------------------|-------------------------------------------|-------------------------------------------------|
-| `attn/max_logit`          | every `every` steps (explicit softmax); every `fused_every` steps (SDPA, `nn.MultiheadAttention`) | explicit: one max over the logits the model already has; fused: one extra `q @ kᵀ` per layer |
-| `attn/max_logit/<layer>`  | as above; stored on `log_every` steps     | one float per attention module                  |
+| key                      | cadence                               | cost                                         |
+|--------------------------|---------------------------------------|----------------------------------------------|
+| `attn/max_logit`         | every `every` / `fused_every` steps   | explicit: one max; fused: one extra `q @ kᵀ` |
+| `attn/max_logit/<layer>` | as above; stored on `log_every` steps | one float per attention module               |
+
+Explicit softmax attention is read every `every` steps, at the cost of one max over the logits the model
+already has; fused attention (SDPA, `nn.MultiheadAttention`) every `fused_every` steps, at the cost of one
+extra `q @ kᵀ` per layer.
 
 Unbounded growth of the attention logits is the first large-scale Transformer instability named by
 Dehghani et al. (2023, ViT-22B) and reproduced at small scale by Wortsman et al. (2023): the logits grow

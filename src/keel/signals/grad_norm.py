@@ -1,9 +1,11 @@
 """Gradient-norm probe: the global gradient norm, and each parameter's, which also name non-finite ones.
 
-| key                 | cadence    | cost                                                        |
-|---------------------|------------|-------------------------------------------------------------|
-| `grad/norm`         | every step | one fused read of all gradients (``torch._foreach_norm``)   |
-| `grad/norm/<param>` | every step on device; stored on `log_every` steps and whenever the global norm is non-finite | one float per parameter tensor in the packed copy |
+| key                 | cadence                          | cost                                                      |
+|---------------------|----------------------------------|-----------------------------------------------------------|
+| `grad/norm`         | every step                       | one fused read of all gradients (``torch._foreach_norm``) |
+| `grad/norm/<param>` | every step on device (see below) | one float per parameter tensor in the packed copy         |
+
+`grad/norm/<param>` is stored on `log_every` steps and whenever the global norm is non-finite.
 
 The global norm is computed from the per-parameter norms, the way ``clip_grad_norm_`` does, so the
 per-parameter values come for free. A non-finite global norm means some gradient holds NaN or ±Inf; the

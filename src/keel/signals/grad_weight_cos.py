@@ -1,9 +1,11 @@
 """Gradient–weight cosine probe: how much of the gradient only rescales the weights (naïve loss minimisation).
 
-| key                      | cadence             | cost                                                  |
-|--------------------------|---------------------|-------------------------------------------------------|
-| `grad/weight_cos`        | every `every` steps | three fused multiplies over gradients and weights (in float32), one sum per tensor |
-| `grad/weight_cos/<param>`| as above; stored on `log_every` steps | one float per parameter tensor      |
+| key                       | cadence                               | cost                                       |
+|---------------------------|---------------------------------------|--------------------------------------------|
+| `grad/weight_cos`         | every `every` steps                   | three fused multiplies, one sum per tensor |
+| `grad/weight_cos/<param>` | as above; stored on `log_every` steps | one float per parameter tensor             |
+
+The three fused multiplies run over gradients and weights in float32.
 
 cos(g, w) = ⟨g, w⟩ / (‖g‖ ‖w‖), over all parameters and per tensor. Near −1, the descent direction −g
 points along w: the optimizer mostly scales the weights up, which sharpens the softmax without changing

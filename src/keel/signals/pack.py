@@ -103,7 +103,7 @@ class HostCopy:
 
     def land(self) -> list[HostValues]:
         """The values of the copy in flight, per group as `unpack` gives them."""
-        if self._packed is None:
+        if self._packed is None or self._host is None:  # start() sets both
             raise RuntimeError("HostCopy.land() with no copy in flight")
         if self._event is not None:
             if not self._event.query():

@@ -1,11 +1,14 @@
 """Sharpness probe: top Hessian eigenvalue and trace, and the stability margin they imply for the current LR.
 
-| key                                   | cadence                                         | cost |
-|---------------------------------------|-------------------------------------------------|------|
-| `curvature/sharpness`                 | every `every` steps, and whenever the LR has grown `lr_jump`× since the last measurement | one forward + backward with graph, `iters` Hessian-vector products (≈ 2–3 backward passes each) |
-| `curvature/trace`                     | as above                                        | `trace_probes` more Hessian-vector products |
-| `curvature/preconditioned_sharpness`  | as above, for Adam-family optimizers            | `iters` more Hessian-vector products |
-| `curvature/margin`                    | as above                                        | free |
+| key                                  | cadence                            | cost                             |
+|--------------------------------------|------------------------------------|----------------------------------|
+| `curvature/sharpness`                | every `every` steps, on an LR jump | forward + backward, `iters` HVPs |
+| `curvature/trace`                    | as above                           | `trace_probes` more HVPs         |
+| `curvature/preconditioned_sharpness` | as above, Adam-like optimizers     | `iters` more HVPs                |
+| `curvature/margin`                   | as above                           | free                             |
+
+An LR jump is the LR having grown `lr_jump`× since the last measurement. The forward and backward keep
+their graph for the Hessian-vector products (HVPs), each of which costs about 2–3 backward passes.
 
 λ_max comes from power iteration on Hessian-vector products (double backward, Pearlmutter 1994), tr(H)
 from Hutchinson's estimator with Rademacher vectors. The margin compares the learning rate with the
@@ -190,12 +193,12 @@ class SharpnessProbe:
                     b.copy_(buffers[name])
         return out
 
-    def _curvature(self, optimizer: torch.optim.Optimizer, params: list[Tensor], generator: torch.Generator,
+    def _curvature(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], generator: torch.Generator,
                    lr: float) -> Measurements:
         assert self.closure is not None
         loss = self.closure()
-        grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
-        pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+        all_grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
+        pairs = [(p, g) for p, g in zip(params, all_grads, strict=True) if g is not None]
         if not pairs:  # the loss does not depend on the parameters: no curvature to measure
             return {}
         if not all(g.requires_grad for _, g in pairs):  # a gradient without a graph: @once_differentiable somewhere
@@ -215,7 +218,8 @@ class SharpnessProbe:
 
         iters = self.config.iters
         sharpness, preconditioned = keys.CURVATURE_SHARPNESS, keys.CURVATURE_PRECONDITIONED_SHARPNESS
-        out: Measurements = {sharpness: top_eigenvalue(hvp, params, iters=iters, generator=generator).float()}
+        top = top_eigenvalue(hvp, params, iters=iters, generator=generator).float()
+        out: Measurements = {sharpness: top}
         if self.config.trace_probes:
             trace = hutchinson_trace(hvp, params, probes=self.config.trace_probes, generator=generator)
             out[keys.CURVATURE_TRACE] = trace.float()
@@ -223,14 +227,17 @@ class SharpnessProbe:
         # needs λ_max(D^½ H D^½) (groups with LR 0 drop out); with one LR for all, D = 1 and that is λ_max(H).
         relative = _relative_lrs(optimizer, params, lr)
         adam = _adam_preconditioner(optimizer, params) if self.config.preconditioned is not False else None
+        top_preconditioned = None
         if adam is not None:
             scale = adam if relative is None else [a * r for a, r in zip(adam, relative, strict=True)]
-            out[preconditioned] = top_eigenvalue(scaled(hvp, scale), params, iters=iters, generator=generator).float()
+            top_preconditioned = top_eigenvalue(scaled(hvp, scale), params, iters=iters, generator=generator).float()
+            out[preconditioned] = top_preconditioned
         adam_like = any("betas" in g for g in optimizer.param_groups)
-        if preconditioned in out or not adam_like or self.config.preconditioned is False:
-            lam = out[sharpness] if relative is None else top_eigenvalue(
+        if top_preconditioned is not None or not adam_like or self.config.preconditioned is False:
+            lam = top if relative is None else top_eigenvalue(
                 scaled(hvp, relative), params, iters=iters, generator=generator).float()
-            out[keys.CURVATURE_MARGIN] = _margin(optimizer, lr, out, lam)  # an Adam without state has no margin yet
+            # an Adam without state has no margin yet
+            out[keys.CURVATURE_MARGIN] = _margin(optimizer, lr, lam, top_preconditioned)
         return out
 
     def after_step(self, ctx: StepContext) -> Measurements:
@@ -263,23 +270,22 @@ def _adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tens
     return scales
 
 
-def _margin(optimizer: torch.optim.Optimizer, lr: float, out: Measurements, lam: Tensor) -> Tensor:
+def _margin(optimizer: torch.optim.Optimizer, lr: float, lam: Tensor, preconditioned: Tensor | None) -> Tensor:
     """η_max·λ over the optimizer's stability threshold (GD: 2; heavy ball: 2 + 2β; Adam: (2 + 2β₁)/(1 − β₁)).
 
-    ``lam`` is λ_max of the LR-scaled Hessian (`SharpnessProbe._curvature`); the momentum or β₁ is that of the
-    group with the largest LR.
+    ``lam`` is λ_max of the LR-scaled Hessian (`SharpnessProbe._curvature`), ``preconditioned`` Adam's
+    preconditioned sharpness when it was measured; the momentum or β₁ is that of the group with the largest LR.
     """
     group = max(optimizer.param_groups, key=lambda g: float(g["lr"]))
-    preconditioned = out.get(keys.CURVATURE_PRECONDITIONED_SHARPNESS)
     if preconditioned is not None and "betas" in group:
         beta1 = float(group["betas"][0])
-        return preconditioned * lr * (1 - beta1) / (2 + 2 * beta1)  # type: ignore[operator]
+        return preconditioned * lr * (1 - beta1) / (2 + 2 * beta1)
     momentum = float(group.get("momentum", 0.0) or 0.0)
     return lam * lr / (2 + 2 * momentum)
 
 
 def sharpness_probe_for(model: nn.Module, loss_fn: Callable[..., Tensor], batch: tuple[Tensor, ...],
-                        **fields: object) -> SharpnessProbe:
+                        config: SharpnessConfig | None = None, **fields: object) -> SharpnessProbe:
     """A `SharpnessProbe` on a fixed batch: ``loss_fn(model(*inputs), target)`` with ``batch = (*inputs, target)``."""
     *inputs, target = batch
-    return SharpnessProbe(lambda: loss_fn(model(*inputs), target), **fields)
+    return SharpnessProbe(lambda: loss_fn(model(*inputs), target), config, **fields)
