@@ -12,6 +12,7 @@ import contextlib
 import math
 from collections.abc import Iterator
 from dataclasses import replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -39,8 +40,10 @@ class Actuator:
         self.state, self.observe, self.max_grad_norm, self.recovery = state, observe, max_grad_norm, recovery
 
     @property
-    def scaled(self) -> bool:
-        return self.state.scaler is not None and self.state.scaler.is_enabled()
+    def scaler(self) -> Any | None:
+        """The ``GradScaler`` when one is given and enabled, else None."""
+        scaler = self.state.scaler
+        return scaler if scaler is not None and scaler.is_enabled() else None
 
     def apply(self, decision: Decision, grad_norm: float, rollbacks_in_window: int = 1) -> Decision:
         """Carry out ``decision``; returns it, completed with what a rollback restored (or turned into an abort).
@@ -56,8 +59,8 @@ class Actuator:
             self._step(decision.step, decision.stepped, grad_norm)
             if self.state.scheduler is not None and (decision.stepped or self.observe):
                 self.state.scheduler.step()
-        elif self.scaled:
-            self.state.scaler.update()  # required before the next unscale_()
+        elif self.scaler is not None:
+            self.scaler.update()  # required before the next unscale_()
         return decision
 
     def lr_scale(self, step: int) -> float:
@@ -75,9 +78,9 @@ class Actuator:
         if clip and limit is not None and math.isfinite(grad_norm) and grad_norm > limit:
             self._scale_grads(limit / (grad_norm + CLIP_EPS))
         with self._lr_scaled(step):
-            if self.scaled:
-                self.state.scaler.step(self.state.optimizer)
-                self.state.scaler.update()
+            if self.scaler is not None:
+                self.scaler.step(self.state.optimizer)
+                self.scaler.update()
             else:
                 self.state.optimizer.step()
 
@@ -123,8 +126,8 @@ class Actuator:
         return min(limits) if limits else None
 
     def _rollback(self, decision: Decision, rollbacks_in_window: int) -> Decision:
-        if self.scaled:
-            self.state.scaler.update()  # close the scaler's step; its state is restored below
+        if self.scaler is not None:
+            self.scaler.update()  # close the scaler's step; its state is restored below
         onset = decision.onset if decision.onset is not None else decision.step
         try:
             result = self.recovery.rollback(decision.step, onset, decision.findings, rollbacks_in_window) \

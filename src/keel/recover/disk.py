@@ -140,7 +140,8 @@ class DiskSnapshots:
         """Finished snapshot folders of every run, in step order (temporary folders of killed writes are ignored)."""
         if not self.directory.is_dir():
             return []
-        return sorted((p for p in self.directory.iterdir() if is_snapshot_folder(p)), key=snapshot_step)
+        folders = [p for p in self.directory.iterdir() if is_snapshot_folder(p)]
+        return sorted(folders, key=lambda p: snapshot_step(p) or 0)  # every snapshot folder has a step
 
     def load_newest(self, of_run: str | None = None) -> Snapshot | None:
         """The newest good snapshot. Each bad one is skipped with a `SnapshotCorrupt` naming its file and what is
@@ -151,7 +152,7 @@ class DiskSnapshots:
                 one warning); None accepts any. The chosen run's snapshots become this run's own, for retention.
         """
         foreign: list[Path] = []
-        mine = []
+        mine: list[Path] = []
         folders = self.complete()
         self.found = len(folders)
         for folder in folders:

@@ -1,10 +1,14 @@
 """Remedies applied after a rollback, chosen by what the diagnosis says went wrong.
 
-| remedy             | what it does                                             | when                                   | source |
-|--------------------|----------------------------------------------------------|----------------------------------------|--------|
-| `lr_backoff`       | scales every group's LR by `lr_backoff` (compounding)     | model-caused trouble, repeated rollbacks | OPT-175B logbook: lowered the LR after loss explosions |
-| `reset_moments`    | clears the optimizer state (Adam moments restart at 0)    | non-finite parameters                  | SPAM (Huang et al. 2025): momentum reset after spikes |
-| `tighten_clipping` | clips the gradient norm at 2× its healthy baseline        | gradient-norm spikes                   | OPT-175B: clipping 2.5 → 1.0; Stable-SPAM AdaClip |
+| remedy             | what it does                                         | when                                     |
+|--------------------|------------------------------------------------------|------------------------------------------|
+| `lr_backoff`       | scales each group's LR by `lr_backoff` (compounding) | model-caused trouble, repeated rollbacks |
+| `reset_moments`    | clears the optimizer state (Adam moments from 0)     | non-finite parameters                    |
+| `tighten_clipping` | clips the gradient norm at 2× its healthy baseline   | gradient-norm spikes                     |
+
+Sources: `lr_backoff`, the OPT-175B logbook (the LR was lowered after loss explosions); `reset_moments`, SPAM
+(Huang et al. 2025: momentum reset after spikes); `tighten_clipping`, OPT-175B (clipping 2.5 → 1.0) and
+Stable-SPAM's AdaClip.
 
 The LR scale is applied around ``optimizer.step()`` only, so a scheduler (chainable or not) never sees it.
 With ``cooldown_steps`` it ramps linearly back to 1 over that many steps; by default it stays, as OPT-175B's

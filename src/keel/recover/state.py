@@ -64,7 +64,8 @@ def tensor_sources(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, T
     background during the next forward/backward. Buffers (BatchNorm statistics) change in the forward pass,
     so they are copied at once.
     """
-    params, buffers = {}, {}
+    params: dict[str, Tensor] = {}
+    buffers: dict[str, Tensor] = {}
     param_ids = {id(p) for p in state.model.parameters()}
     for name, t in state.model.state_dict(keep_vars=True).items():
         (params if id(t) in param_ids else buffers)["model/" + name] = local_tensor(t.detach())
