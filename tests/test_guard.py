@@ -52,7 +52,8 @@ def _train(policy: str | None, steps: int = 30, *, poison: dict[int, str] | None
 
 
 def _assert_same(a, b):
-    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters()):
+    for (na, pa), (nb, pb) in zip(a.named_parameters(), b.named_parameters(), strict=True):
+        assert na == nb
         assert torch.equal(pa, pb), na
 
 
@@ -173,7 +174,7 @@ def test_max_grad_norm_clips_like_clip_grad_norm():
     loss = F.mse_loss(b(x), y)
     loss.backward()
     guard.step(loss)
-    for pa, pb in zip(a.parameters(), b.parameters()):
+    for pa, pb in zip(a.parameters(), b.parameters(), strict=True):
         torch.testing.assert_close(pa, pb)
 
 

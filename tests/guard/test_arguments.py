@@ -185,7 +185,8 @@ def test_track_after_the_first_step_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"track\(name=3\); allowed: a non-empty str"):
         guard.track(Position(), name=3)
     guard.step(0.5)
-    with pytest.raises(ValueError, match=r"track\('late'\) after 1 step\(s\) of this Guard: .*allowed: track\(\) before"):
+    late = r"track\('late'\) after 1 step\(s\) of this Guard: .*allowed: track\(\) before"
+    with pytest.raises(ValueError, match=late):
         guard.track(Position(), name="late")
 
 

@@ -76,7 +76,6 @@ class DeferredSteps:
                              "has neither; allowed: probe sets with 'loss' or 'grad_norm'")
         self.gate = DeviceGate(g.detectors) if gating else None
         self._in_flight: InFlight | None = None
-        self._landed_obs: Observation | None = None
 
     def _step_deferred(self, step: int, loss: Tensor, step_time: float) -> Decision:
         g: Any = self
@@ -85,8 +84,8 @@ class DeferredSteps:
             landed = self._land()
         except Exception as exc:  # noqa: BLE001 - keel must never stop training
             g.components.fail("guard", step - 1, exc, disable=False)
-        if landed is not None and landed.action in ("rollback", "abort"):
-            return self._act_late(landed, step)
+        if landed is not None and landed[0].action in ("rollback", "abort"):
+            return self._act_late(*landed, step)
         verdict, ctx, norm = None, None, None
         try:
             ctx = g._context(step, loss)
@@ -109,11 +108,12 @@ class DeferredSteps:
         g.components.step = g.global_step
         if g.recovery is not None:
             g.components.call("snapshots", g.actuator.after_step, g.global_step)
-        return landed if landed is not None else Decision(step=step, action="ok",
-                                                           reason="deferred: decided when the next step lands")
+        return landed[0] if landed is not None else Decision(step=step, action="ok",
+                                                              reason="deferred: decided when the next step lands")
 
-    def _land(self) -> Decision | None:
-        """Decide on the step in flight (None: there is none); records it and steps the scheduler."""
+    def _land(self) -> tuple[Decision, Observation] | None:
+        """Decide on the step in flight: its decision and observation (None: there is none). Records it and steps
+        the scheduler, except for a rollback or abort, which is recorded once carried out (`_act_late`)."""
         g: Any = self
         flight, self._in_flight = self._in_flight, None
         if flight is None:
@@ -126,12 +126,11 @@ class DeferredSteps:
         obs = Observation(step=flight.step, values=values, per_param=per_param)
         decision = _as_carried_out(g.escalation.decide(flight.step, g.components.detect(obs)), gated)
         if decision.action in ("rollback", "abort"):
-            self._landed_obs = obs  # recorded once carried out (`_act_late`)
-            return decision
+            return decision, obs
         if g.state.scheduler is not None and (decision.stepped or g.policy == "observe"):
             g.state.scheduler.step()
         self._record(obs, decision)
-        return decision
+        return decision, obs
 
     def _record(self, obs: Observation, decision: Decision) -> None:
         g: Any = self
@@ -140,12 +139,13 @@ class DeferredSteps:
             g.recovery.note(obs.step, decision.findings, skipped=not decision.stepped)
             g._record_disk_snapshots()
 
-    def _act_late(self, decision: Decision, step: int) -> Decision:
-        """Carry out a rollback or an abort decided on the step before ``step``; this step's update is dropped."""
+    def _act_late(self, decision: Decision, obs: Observation, step: int) -> Decision:
+        """Carry out a rollback or an abort decided on the step before ``step`` (observed as ``obs``); this step's
+        update is dropped."""
         g: Any = self
         if decision.action == "rollback":
             decision = g.actuator.apply(decision, math.nan, g.escalation.rollbacks_in_window(decision.step))
-        self._record(self._landed_obs, decision)
+        self._record(obs, decision)
         g.global_step += 1
         g.components.step = g.global_step
         if decision.action == "abort":
@@ -155,10 +155,10 @@ class DeferredSteps:
 
     def _close_deferred(self) -> None:
         """Decide on the last step; a rollback or abort it asks for is only recorded (the run is over)."""
-        if self._in_flight is not None and (decision := self._land()) is not None \
-                and decision.action in ("rollback", "abort"):
-            self._record(self._landed_obs, replace(decision, reason=f"not carried out: the run was closed. "
-                                                                    f"{decision.reason}"))
+        landed = self._land() if self._in_flight is not None else None
+        if landed is not None and landed[0].action in ("rollback", "abort"):
+            decision, obs = landed
+            self._record(obs, replace(decision, reason=f"not carried out: the run was closed. {decision.reason}"))
 
 
 def _as_carried_out(decision: Decision, gated: bool) -> Decision:

@@ -332,13 +332,12 @@ class Guard(DeferredSteps):
                 raise
 
     def _context(self, step: int, loss: Tensor) -> StepContext:
-        grads = [p.grad for _, p in self.named]
-        if any(g is None for g in grads):  # parameters without a gradient this step are left out
+        names: tuple[str, ...] = self._names
+        params: Sequence[Tensor] = self._params
+        grads = [p.grad for p in params if p.grad is not None]
+        if len(grads) < len(params):  # parameters without a gradient this step are left out
             with_grad = [(n, p) for n, p in self.named if p.grad is not None]
             names, params = tuple(n for n, _ in with_grad), [p for _, p in with_grad]
-            grads = [p.grad for p in params]
-        else:
-            names, params = self._names, self._params
         if self.dist is not None and self.dist.sharded:  # probes read this rank's shard; RankSync combines them
             params, grads = [_local(p) for p in params], [_local(g) for g in grads]
         return StepContext(step=step, loss=loss, model=self.model, optimizer=self.optimizer,

@@ -213,7 +213,7 @@ def _is_int(value: object) -> bool:
 
 
 def _positive_number(value: object) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value) and float(value) > 0
 
 
 def _short(value: Any) -> str:
