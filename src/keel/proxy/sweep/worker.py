@@ -23,9 +23,6 @@ from keel.proxy.sweep.grid import RunSpec
 from keel.proxy.trainer import TrainConfig, build_model, evaluate, train_proxy
 from keel.store import RunReader
 
-# Signal keys emitted by keel.signals' attention and output-logit probes (on by default in Guard).
-MAX_ATTN_LOGIT = "attn/max_logit"
-LOG_Z = "logits/log_z"
 # The proxy's token and position embeddings: left out of the parameter count, as Wortsman et al. count.
 EMBEDDINGS = ("tok_emb.", "pos_emb.")
 # End signals are the median of the last END_WINDOW recorded steps: one step's gradient norm is noisy.
@@ -132,7 +129,8 @@ def _init_loss(config: TrainConfig) -> tuple[float, int]:
 
 def _end_signals(run_dir: Path) -> tuple[float, float, float]:
     with RunReader(run_dir) as reader:
-        logit, log_z, grad_norm = (_tail_median(reader.signal(k)[1]) for k in (MAX_ATTN_LOGIT, LOG_Z, keys.GRAD_NORM))
+        logit, log_z, grad_norm = (_tail_median(reader.signal(k)[1])
+                                   for k in (keys.ATTN_MAX_LOGIT, keys.LOGITS_LOG_Z, keys.GRAD_NORM))
     return logit, log_z, grad_norm
 
 
