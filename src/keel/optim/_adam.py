@@ -12,8 +12,8 @@ from keel.optim._helpers import Scratch, sqrt_into
 
 
 def update_moments_(
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
     inputs: Sequence[Tensor],
     beta1: float,
     beta2: float,
@@ -27,9 +27,9 @@ def update_moments_(
 
 
 def apply_update_(
-    params: Sequence[Tensor],
-    exp_avgs: Sequence[Tensor],
-    exp_avg_sqs: Sequence[Tensor],
+    params: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
     *,
     step_sizes: Sequence[float],
     eps: Sequence[float],

@@ -111,7 +111,7 @@ def group_by_device_dtype(params: Sequence[Tensor]) -> dict[tuple[torch.device, 
     return buckets
 
 
-def max_abs(tensors: Sequence[Tensor]) -> list[Tensor]:
+def max_abs(tensors: list[Tensor]) -> list[Tensor]:
     """max |x| of each tensor as 0-d tensors (0 for empty tensors), without a host sync.
 
     On CUDA ``_foreach_norm(ord=inf)`` is one fused kernel. On CPU that path is ~10× slower than a
@@ -165,7 +165,7 @@ class Scratch:
 
 
 def sqrt_into(
-    sources: Sequence[Tensor], scratch: Scratch, owners: Sequence[Tensor], slot: int = 0
+    sources: list[Tensor], scratch: Scratch, owners: Sequence[Tensor], slot: int = 0
 ) -> list[Tensor]:
     """``sqrt`` of each source, in the source's dtype: into ``scratch`` buffers on CPU, one fused foreach kernel
     elsewhere."""
@@ -189,6 +189,14 @@ def params_with_grad(group: dict) -> list[Tensor]:
             raise RuntimeError("keel optimizers do not support sparse gradients; use torch.optim.SparseAdam")
         out.append(p)
     return out
+
+
+def grads_of(params: Sequence[Tensor]) -> list[Tensor]:
+    """The gradients of ``params``, which were chosen for having one (`params_with_grad`)."""
+    grads = [g for p in params if (g := p.grad) is not None]
+    if len(grads) != len(params):
+        raise RuntimeError("a parameter lost its gradient between the optimizer's choice and its update")
+    return grads
 
 
 def step_buckets(

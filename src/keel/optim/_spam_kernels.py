@@ -12,7 +12,7 @@ import torch
 from torch import Tensor
 
 from keel.optim._adam import apply_update_, fused_adamw_, update_moments_
-from keel.optim._helpers import Scratch
+from keel.optim._helpers import Scratch, grads_of
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -80,7 +80,7 @@ def foreach_update(
     scratch: Scratch,
 ) -> None:
     """All tensors op by op with foreach kernels: few launches, the fast path on accelerators."""
-    grads = [p.grad for p in params]
+    grads = grads_of(params)
     if plan.resets:
         torch._foreach_zero_([exp_avgs[i] for i in plan.resets])
         torch._foreach_zero_([exp_avg_sqs[i] for i in plan.resets])

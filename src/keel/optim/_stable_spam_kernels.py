@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
 
 from keel.optim._adam import apply_update_, fused_adamw_, update_moments_
-from keel.optim._helpers import Scratch, accumulation_dtype, max_abs
+from keel.optim._helpers import Scratch, accumulation_dtype, grads_of, max_abs
 from keel.optim._rows import as_rows, hot_rows, row_abs_max, scale_spikes
 from keel.optim.ada_clip import ada_clip_, ada_clip_thresholds
 
@@ -63,7 +63,7 @@ def tensor_major_update(
     dense clip runs.
     """
     gamma1, gamma2, gamma3 = plan.gammas
-    grads = [p.grad for p in params]
+    grads = grads_of(params)
     maxima = torch.stack(max_abs(grads)).tolist()
     previous = {
         key: torch.stack([s[key] for s in states]).tolist() for key in ("clip_ema", "norm_ema", "norm_sq_ema")
@@ -76,23 +76,23 @@ def tensor_major_update(
         # AdaClip: dense, sparse (hot rows only) or not at all.
         ema = gamma3 * previous["clip_ema"][i] + (1.0 - gamma3) * maxima[i]
         threshold = ema / (1.0 - gamma3**t)
-        src, hot, hot_clipped, rows = g, None, None, None
+        src, hot = g, None
         if maxima[i] > threshold:
             rows = _rows_if_writable(p, g, state)
-            hot = hot_rows(row_abs_max(rows), threshold) if rows is not None else None
-            if hot is None:
+            indices = hot_rows(row_abs_max(rows), threshold) if rows is not None else None
+            if rows is None or indices is None:
                 spiked = torch.abs(g, out=out).gt_(threshold)  # 1.0 where |g| > M̂
                 src = torch.addcmul(g, g, spiked, value=threshold / maxima[i] - 1.0, out=out)
             else:
-                hot_clipped = scale_spikes(rows.index_select(0, hot), threshold, maxima[i])
+                hot = _HotRows(indices, rows, scale_spikes(rows.index_select(0, indices), threshold, maxima[i]))
         # AdaGN (the norm of the clipped gradient; with hot rows, the other rows' sum plus theirs).
         acc = accumulation_dtype(g.dtype)
         if hot is None:
             norm = torch.linalg.vector_norm(src, dtype=acc).item()
         else:
-            row_sq = torch.linalg.vector_norm(rows, dim=1, dtype=acc).square_()
+            row_sq = torch.linalg.vector_norm(hot.rows, dim=1, dtype=acc).square_()
             norm = math.sqrt(
-                row_sq.index_fill_(0, hot, 0.0).sum().item() + hot_clipped.float().square().sum().item()
+                row_sq.index_fill_(0, hot.indices, 0.0).sum().item() + hot.clipped.float().square().sum().item()
             )
         g1 = gamma1 * plan.scales[i]
         norm_ema = g1 * previous["norm_ema"][i] + (1.0 - g1) * norm
@@ -112,18 +112,26 @@ def tensor_major_update(
         adam = dict(lr=plan.lr, beta1=plan.betas[0] * plan.scales[i], beta2=plan.betas[1], eps=plan.eps,
                     weight_decay=plan.weight_decay)
         if hot is not None:
-            saved = [as_rows(x).index_select(0, hot) for x in (p, m, v)]
+            saved = [as_rows(x).index_select(0, hot.indices) for x in (p, m, v)]
         fused_adamw_(p, torch.mul(src, factor, out=out), m, v, step, **adam)
         if hot is not None:
-            fused_adamw_(saved[0], hot_clipped.mul_(factor), saved[1], saved[2], step, **adam)
+            fused_adamw_(saved[0], hot.clipped.mul_(factor), saved[1], saved[2], step, **adam)
             for x, rows_new in zip((p, m, v), saved, strict=True):
-                as_rows(x).index_copy_(0, hot, rows_new)
+                as_rows(x).index_copy_(0, hot.indices, rows_new)
         if i in resets and plan.reset_after:
             m.zero_()
             v.zero_()
     for key, values in updated.items():
         for state, value in zip(states, torch.tensor(values, dtype=torch.float32).unbind(), strict=True):
             state[key] = value
+
+
+class _HotRows(NamedTuple):
+    """The rows of one gradient that hold a spike, for the sparse AdaClip of `tensor_major_update`."""
+
+    indices: Tensor  # which rows
+    rows: Tensor  # the whole gradient as rows (a view)
+    clipped: Tensor  # those rows, clipped (a copy)
 
 
 def _rows_if_writable(param: Tensor, grad: Tensor, state: dict[str, Any]) -> Tensor | None:
@@ -142,7 +150,7 @@ def foreach_update(
     """All tensors op by op with foreach kernels and the statistics as device vectors: no host sync."""
     gamma1, gamma2, gamma3 = plan.gammas
     device = params[0].device
-    grads = [p.grad for p in params]
+    grads = grads_of(params)
     if plan.weight_decay != 0.0:
         torch._foreach_mul_(params, 1.0 - plan.lr * plan.weight_decay)
     # AdaClip, every tensor (deciding which need it would take a host read).

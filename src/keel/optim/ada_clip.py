@@ -91,21 +91,19 @@ class AdaClip:
 
         Tensors without a gradient are skipped and their statistics do not advance.
         """
-        active = [i for i, p in enumerate(self.params) if p.grad is not None]
-        if not active:
+        with_grad = [(i, p.grad) for i, p in enumerate(self.params) if p.grad is not None]
+        if not with_grad:
             return torch.zeros(())
-        grads = [self.params[i].grad for i in active]
+        active, grads = [i for i, _ in with_grad], [g for _, g in with_grad]
         for i in active:
             self._steps[i] += 1
-            if self._ema[i] is None:
-                self._ema[i] = torch.zeros((), dtype=torch.float32, device=self.params[i].device)
         ratios = []
         for device_indices in _by_device(grads).values():
             idx = [active[j] for j in device_indices]
             dev_grads = [grads[j] for j in device_indices]
             on_cpu = dev_grads[0].device.type == "cpu"
             maxima = torch.stack(max_abs(dev_grads)).float()
-            ema = torch.stack([self._ema[i] for i in idx])
+            ema = torch.stack([self._ema_of(i) for i in idx])
             steps = torch.tensor([float(self._steps[i]) for i in idx], device=maxima.device)
             new_ema, thresholds = ada_clip_thresholds(maxima, ema, steps, self.gamma)
             for k, i in enumerate(idx):
@@ -120,6 +118,13 @@ class AdaClip:
             ratio = (maxima / thresholds.clamp_min(torch.finfo(torch.float32).tiny)).max()
             ratios.append(ratio.to(grads[0].device, non_blocking=True))  # no host sync
         return torch.stack(ratios).max()
+
+    def _ema_of(self, i: int) -> Tensor:
+        """M_{t-1} of parameter ``i``; 0 (on its device) before its first gradient."""
+        ema = self._ema[i]
+        if ema is None:
+            ema = self._ema[i] = torch.zeros((), dtype=torch.float32, device=self.params[i].device)
+        return ema
 
     def attach(self, optimizer: Optimizer) -> RemovableHandle:
         """Run `clip_` before every ``optimizer.step()`` (a step pre-hook); returns the hook's handle."""

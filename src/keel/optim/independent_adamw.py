@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
@@ -104,6 +104,12 @@ class IndependentAdamW(torch.optim.AdamW):
         )
         group.setdefault("initial_lr", group["lr"])
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         loss = None
@@ -113,21 +119,20 @@ class IndependentAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             peak = float(group["initial_lr"])
             group["weight_decay"] = group["independent_weight_decay"] / peak if peak > 0 else 0.0
-        half = [(group, p) for group in self.param_groups for p in group["params"]
+        half = [(group, p, p.grad) for group in self.param_groups for p in group["params"]
                 if p.dtype == torch.float16 and p.grad is not None]
-        grads = [p.grad for _, p in half]
-        for _, p in half:
+        for _, p, _ in half:
             p.grad = None  # hidden from torch's AdamW, which would give them float16 moments
         try:
             super().step()
         finally:
-            for (_, p), grad in zip(half, grads, strict=True):
+            for _, p, grad in half:
                 p.grad = grad
-        for group, p in half:
-            self._step_float16(group, p)
+        for group, p, grad in half:
+            self._step_float16(group, p, grad)
         return loss
 
-    def _step_float16(self, group: dict[str, Any], p: Tensor) -> None:
+    def _step_float16(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
         """AdamW's update of one float16 parameter with float32 moments (`moment_dtype`)."""
         state = self.state[p]
         if not state:
@@ -136,7 +141,7 @@ class IndependentAdamW(torch.optim.AdamW):
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        fused_adamw_(p, p.grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=float(group["lr"]),
+        fused_adamw_(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=float(group["lr"]),
                      beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -6,13 +6,13 @@ From Prieto et al. (2025), "Grokking at the edge of numerical stability" (arXiv 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any
+from typing import Any, overload
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from keel.optim._helpers import accumulation_dtype, check_range, group_by_device_dtype, refuse_float16
+from keel.optim._helpers import accumulation_dtype, check_range, grads_of, group_by_device_dtype, refuse_float16
 from keel.optim._registry import optimizers
 
 _TINY = 1e-30  # the reference's guard; representable in fp32 and bf16
@@ -27,6 +27,7 @@ def orthogonalize_(params: Sequence[Tensor], grads: Sequence[Tensor], *, eps: fl
     """
     if not params:
         return
+    params, grads = list(params), list(grads)  # the foreach kernels take lists (or tuples) only
     acc = accumulation_dtype(params[0].dtype)
     dots = torch.stack(
         [torch.dot(w.reshape(-1).to(acc), g.reshape(-1).to(acc)) for w, g in zip(params, grads, strict=True)]
@@ -35,12 +36,10 @@ def orthogonalize_(params: Sequence[Tensor], grads: Sequence[Tensor], *, eps: fl
     g_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=acc))
     coeffs = (dots / (w_sq + eps)).neg()
     # g ← g − c·w in one pass per tensor (0-d c broadcasts), no temporary.
-    torch._foreach_addcmul_(
-        list(grads), list(params), [c.to(g.dtype) for c, g in zip(coeffs.unbind(), grads, strict=True)]
-    )
+    torch._foreach_addcmul_(grads, params, [c.to(g.dtype) for c, g in zip(coeffs.unbind(), grads, strict=True)])
     perp_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=acc))
     factors = (g_norm / (perp_norm + eps)).unbind()
-    torch._foreach_mul_(list(grads), [f.to(g.dtype) for f, g in zip(factors, grads, strict=True)])
+    torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factors, grads, strict=True)])
 
 
 class OrthoGrad(Optimizer):
@@ -97,6 +96,12 @@ class OrthoGrad(Optimizer):
         self.state = self.optimizer.state
         self.defaults = self.optimizer.defaults
 
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
         """Project every gradient, then call the base optimizer's ``step``.
@@ -111,7 +116,7 @@ class OrthoGrad(Optimizer):
         params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
         for indices in group_by_device_dtype(params).values():
             chosen = [params[i] for i in indices]
-            orthogonalize_(chosen, [p.grad for p in chosen], eps=self.eps)
+            orthogonalize_(chosen, grads_of(chosen), eps=self.eps)
         self.optimizer.step()
         return loss
 
