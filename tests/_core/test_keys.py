@@ -17,7 +17,7 @@ KEYS: dict[str, str] = {name: value for name, value in vars(keys).items()
 # output's attribute, a log column. A literal of them says nothing about whether the key was retyped.
 ORDINARY_WORDS = frozenset({keys.LOSS, keys.LR})
 # Packages still to move onto keys.py (issue 15, item 4: their owners are reworking them); empty it once they have.
-NOT_YET: tuple[str, ...] = ("proxy",)
+NOT_YET: tuple[str, ...] = ()
 
 
 def key_literals(source: str, filename: str = "<source>") -> list[tuple[int, str]]:

@@ -73,7 +73,10 @@ class ProxyBatches:
         return {"position": self.position, "generator": self.generator.get_state()}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        self.position = int(state["position"])  # type: ignore[arg-type]
+        position = state["position"]
+        if isinstance(position, bool) or not isinstance(position, int) or position < 0:
+            raise ValueError(f"ProxyBatches state position={position!r}; allowed: an int >= 0")
+        self.position = position
         self.generator.set_state(state["generator"])  # type: ignore[arg-type]
 
     def next(self) -> tuple[Tensor, Tensor]:

@@ -63,6 +63,7 @@ class CausalSelfAttention(nn.Module):
         # keel's attention probes hook the masked logits here instead of intercepting the forward pass
         self.logits_tap = nn.Identity()
         mask = torch.ones(config.seq_len, config.seq_len, dtype=torch.bool).tril()
+        self.causal_mask: Tensor
         self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:

@@ -95,7 +95,7 @@ def _worker(config: DDPOverheadConfig, out: str) -> None:
         model = DDP(create_proxy_model(config.size, seq_len=config.seq_len).to(device))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3, foreach=True)
         batches = ProxyBatches(batch_size=config.batch_size, seq_len=config.seq_len, seed=rank)
-        data = [tuple(t.to(device) for t in batches.next()) for _ in range(8)]
+        data = [(x.to(device), y.to(device)) for x, y in (batches.next() for _ in range(8))]
         guard = None
         if variant != "bare":
             guard = Guard(model, opt, run_dir=run_dir,

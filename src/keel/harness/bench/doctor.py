@@ -4,8 +4,8 @@ For every series: the run as logged (``keel doctor --json`` on the file), with w
 the healthy runs every warning or critical is a false alarm. For a labelled spike or divergence it is
 *detected* when a warning or critical falls between two logging strides before the first labelled step and
 the end of the series; one earlier is a false alarm. Most labelled windows are 3–30 points long — shorter
-than the 20 values the spike detector needs for a baseline — so, as perf-anchors.md B4 suggests, each is
-also scored **with a healthy prefix**: 64 real steps of the healthy llm.c GPT-2 run (steps 10000–10063: loss
+than the 20 values the spike detector needs for a baseline — so each is also scored **with a healthy
+prefix**: 64 real steps of the healthy llm.c GPT-2 run (steps 10000–10063: loss
 and grad norm, each divided by its median there and multiplied by the labelled series' own pre-event
 median), spaced at the series' logging stride, put before its first row. The prefix is real healthy noise
 (larger than a 100B-parameter run's, so it makes detection harder, not easier); alarms inside it count as
@@ -38,6 +38,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,7 @@ import numpy as np
 
 import keel
 from keel.doctor import RawLog, diagnose, read_log
+from keel.doctor.table import LogTable
 from keel.doctor.timeline import build_timeline
 from keel.harness.bench import _doctor_legacy as legacy
 
@@ -147,7 +149,7 @@ def with_prefix(log: RawLog, prefix: list[tuple[float, float]], first_event: int
     start = log.records[0][0] - stride * len(prefix)
     records = [(start + i * stride, {c: level * point[idx] for c, (level, idx) in levels.items()})
                for i, point in enumerate(prefix)]
-    return RawLog(source=log.source, format=log.format, records=records + list(log.records),
+    return RawLog(source=log.source, format=log.format, records=LogTable.from_records(records + list(log.records)),
                   step_column=log.step_column)
 
 
@@ -173,7 +175,8 @@ def format_markdown(scores: list[SeriesScore]) -> str:
               "|---|---|---:|---:|---|---:|---|---:|---:|"]
     for s in events:
         p = s.prefixed
-        delay = int(p["detected_by"].split()[0]) - s.event_step if p.get("detected_by") else None
+        delay = int(p["detected_by"].split()[0]) - s.event_step \
+            if p.get("detected_by") and s.event_step is not None else None
         lines.append(f"| `{s.file}` | {s.label} | {s.points} | {s.context} | {s.detected_by or 'none'} | "
                      f"{s.early_alarms} | {p.get('detected_by') or 'none'} | "
                      f"{'' if delay is None else delay} | "
@@ -209,7 +212,9 @@ def measure(path: str, reader: str) -> dict[str, Any]:
     """`keel doctor` on ``path`` in this process, with today's reader (``"columnar"``) or the old one
     (``"records"``): seconds to read, to diagnose, to diagnose without detectors, and the peak RSS."""
     start_rss = peak_rss_mb()
-    read, diagnose_ = (read_log, diagnose) if reader == "columnar" else (legacy.read_csv_log, legacy.diagnose)
+    # the two readers' logs are different types, each only ever given to its own diagnose
+    read: Callable[[str], Any] = read_log if reader == "columnar" else legacy.read_csv_log
+    diagnose_: Callable[..., Any] = diagnose if reader == "columnar" else legacy.diagnose
     t0 = time.perf_counter()
     log = read(path)
     t1 = time.perf_counter()

@@ -137,7 +137,7 @@ def _gradient_sets(config: OptimBenchConfig, device: str) -> tuple[list[list[tor
         x, y = (t.to(device) for t in batches.next())
         model.zero_grad(set_to_none=True)
         F.cross_entropy(model(x).flatten(0, 1), y.flatten()).backward()
-        sets.append([p.grad.detach().clone() for p in model.parameters()])
+        sets.append([p.grad.detach().clone() for p in model.parameters() if p.grad is not None])
     return sets, sum(p.numel() for p in model.parameters())
 
 

@@ -21,7 +21,7 @@ import multiprocessing
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from multiprocessing.connection import Connection
 from typing import Any, Literal
@@ -97,7 +97,7 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
     # a fresh batch for every step: cycling a few, the large proxy memorises them within a few hundred steps, its
     # gradient norm falls 100-fold and bounces back — spikes the skip policy acts on, so the loops would differ
     steps = config.warmup + config.repeats * config.steps
-    data = [tuple(t.to(config.device) for t in batches.next()) for _ in range(steps)]
+    data = [(x.to(config.device), y.to(config.device)) for x, y in (batches.next() for _ in range(steps))]
     guard = Guard(model, opt, run_dir=run_dir, **guard_kwargs) if guard_kwargs is not None else None
 
     position = 0
@@ -220,7 +220,7 @@ def _timed_round(config: OverheadConfig, variants: dict[str, dict[str, Any] | No
     return times, stats
 
 
-def _receive(conn: Connection, procs: list[multiprocessing.process.BaseProcess]) -> Any:
+def _receive(conn: Connection, procs: Sequence[multiprocessing.process.BaseProcess]) -> Any:
     """The next message from a variant's process, or a clear error if one died."""
     while not conn.poll(1.0):
         dead = [p for p in procs if not p.is_alive()]

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 from keel.detect import default_detectors
 from keel.guard import Guard
 from keel.harness.scenarios._common import ScenarioResult
-from keel.signals import TRANSFORMER_PROBES
+from keel.signals import TRANSFORMER_PROBES, Probe
 from keel.signals.grad_weight_cos import GradWeightCosProbe
 from keel.signals.output_logits import OutputLogitsProbe
 
@@ -61,7 +61,8 @@ def train(name: str, *, seed: int, steps: int, precision: torch.dtype, eps: floa
     model, x, y = build(seed, op)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=eps, weight_decay=0.0)
     logits_probe = OutputLogitsProbe()  # given the targets, it also measures the zero-loss fraction
-    probes = [p for p in TRANSFORMER_PROBES if p != "output_logits"] + [logits_probe, GradWeightCosProbe(every=10)]
+    probes: list[str | Probe] = [p for p in TRANSFORMER_PROBES if p != "output_logits"]
+    probes += [logits_probe, GradWeightCosProbe(every=10)]
     guard = Guard(model, optimizer, policy="observe", probes=probes, detectors=default_detectors()) if guarded else None
     g = torch.Generator().manual_seed(seed)
     losses = []

@@ -40,6 +40,7 @@ def naive_second_layer(model: nn.Module) -> nn.Module:
     assert isinstance(model, ProxyGPT)
     block = model.blocks[1]
     naive = NaiveSoftmaxAttention(model.config)
+    assert isinstance(block.attn, nn.Module)
     naive.load_state_dict(block.attn.state_dict())
     block.attn = naive
     return model

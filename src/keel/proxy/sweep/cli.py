@@ -38,6 +38,7 @@ from keel.proxy.sweep.grid import SweepConfig, quick_config, run_id
 from keel.proxy.sweep.recipes import list_recipes, resolve_recipe
 from keel.proxy.sweep.runner import RunEvent, SweepResult, load_sweep, run_sweep
 from keel.proxy.sweep.summary import format_tables, to_json
+from keel.store import sweep_store_path
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -195,14 +196,14 @@ def main(args: argparse.Namespace) -> int:
     try:
         result = _summarize_or_run(args, out, backend, stream, options)
     except sqlite3.DatabaseError as exc:  # SQLite's message does not say which file
-        raise ValueError(f"{out / 'sweep.sqlite'}: {exc}") from exc
+        raise ValueError(f"{sweep_store_path(out)}: {exc}") from exc
     if not args.no_plots and result.curves:
         _write_plots(result, Path(args.plots) if args.plots else out / "plots", out, stream)
     if args.json:
         print(json.dumps(to_json(result.curves, result.scaling, result.rows), indent=2))
     else:
         print("\n" + format_tables(result.curves, result.scaling))
-        print(f"\nsweep store: {out / 'sweep.sqlite'}")
+        print(f"\nsweep store: {sweep_store_path(out)}")
     return 0
 
 

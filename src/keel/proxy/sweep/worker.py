@@ -21,7 +21,7 @@ from keel._core import keys
 from keel.guard.console import silenced
 from keel.proxy.sweep.grid import RunSpec
 from keel.proxy.trainer import TrainConfig, build_model, evaluate, train_proxy
-from keel.store import RunReader
+from keel.store import RunReader, store_path
 
 # The proxy's token and position embeddings: left out of the parameter count, as Wortsman et al. count.
 EMBEDDINGS = ("tok_emb.", "pos_emb.")
@@ -115,7 +115,7 @@ def run_one(spec: RunSpec, run_dir: str | Path, *, threads: int = 1) -> RunResul
     if result.status == "done" and not (result.val_loss < result.init_loss):
         result.status = "diverged"
         result.error = f"final validation loss {result.val_loss:.4g} >= loss at initialisation {result.init_loss:.4g}"
-    if (run_dir / "run.sqlite").is_file():
+    if store_path(run_dir).is_file():
         result.max_attn_logit, result.log_z, result.grad_norm = _end_signals(run_dir)
     result.wall_s = time.perf_counter() - start
     return result
