@@ -10,12 +10,19 @@ HEAD_COUNT_ATTRS = ("num_heads", "n_heads", "n_head", "num_attention_heads", "nh
 HEAD_DIM_ATTRS = ("head_dim", "head_size", "d_head", "attention_head_size", "dim_head")
 
 
+def parametrization_chain(module: nn.Module, name: str) -> parametrize.ParametrizationList | None:
+    """The parametrizations registered on ``module.<name>`` (holding the ``original``), or None if there are none."""
+    if not parametrize.is_parametrized(module, name):
+        return None
+    chain = module.get_submodule(f"parametrizations.{name}")
+    return chain if isinstance(chain, parametrize.ParametrizationList) else None
+
+
 def raw_tensor(module: nn.Module, name: str) -> Tensor | None:
     """``module.<name>`` as stored: the original Parameter when it is parametrized (reading the attribute
     would run the parametrization, e.g. a σReparam power-iteration step)."""
-    if parametrize.is_parametrized(module, name):
-        return module.parametrizations[name].original
-    value = getattr(module, name, None)
+    chain = parametrization_chain(module, name)
+    value = chain.original if chain is not None else getattr(module, name, None)
     return value if isinstance(value, Tensor) else None
 
 

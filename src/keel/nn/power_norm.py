@@ -105,6 +105,11 @@ class PowerNorm(nn.Module):
         ``fairseq/modules/norms/mask_powernorm.py`` (``MaskPowerNorm``, ``PowerFunction``).
     """
 
+    # Buffers, declared for the type checker (nn.Module's attribute lookup is typed Tensor | Module).
+    running_phi: Tensor
+    ema_gz: Tensor
+    iters: Tensor
+
     def __init__(
         self,
         num_features: int,

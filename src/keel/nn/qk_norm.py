@@ -63,10 +63,9 @@ class QKNorm(nn.Module):
         if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
             raise ValueError(f"QKNorm.eps={eps!r}; allowed: a finite number > 0")
         self.head_dim, self.kind, self.eps = head_dim, kind, float(eps)
-        factory = {"device": device, "dtype": dtype}
-        self.weight = nn.Parameter(torch.ones(head_dim, **factory)) if affine else None
+        self.weight = nn.Parameter(torch.ones(head_dim, device=device, dtype=dtype)) if affine else None
         has_bias = affine and bias and kind == "layer"
-        self.bias = nn.Parameter(torch.zeros(head_dim, **factory)) if has_bias else None
+        self.bias = nn.Parameter(torch.zeros(head_dim, device=device, dtype=dtype)) if has_bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         if x.shape[-1] != self.head_dim:

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from keel.nn._surgery import parametrization_chain
 from keel.nn.qk_norm import QKNorm
 
 
@@ -105,8 +106,8 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
             eps=eps,
         )
         for name in ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight", "in_proj_bias"):
-            if parametrize.is_parametrized(mha, name):  # e.g. σReparam applied first: carry it over
-                chain = mha.parametrizations[name]
+            chain = parametrization_chain(mha, name)
+            if chain is not None:  # e.g. σReparam applied first: carry it over
                 setattr(new, name, chain.original)
                 for parametrization in chain:
                     parametrize.register_parametrization(new, name, parametrization, unsafe=True)
@@ -123,7 +124,8 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
 
     def _projections(self) -> tuple[Tensor, Tensor, Tensor]:
         if self._qkv_same_embed_dim:
-            return self.in_proj_weight.chunk(3)
+            q, k, v = self.in_proj_weight.chunk(3)
+            return q, k, v
         return self.q_proj_weight, self.k_proj_weight, self.v_proj_weight
 
     def forward(  # type: ignore[override]

@@ -48,6 +48,8 @@ class LongSkipScaling(nn.Module):
         ``libs/uvit.py`` (``UViT.forward``, ``scalelong == 2``).
     """
 
+    factors: Tensor  # a buffer, declared for the type checker (nn.Module's lookup is typed Tensor | Module)
+
     def __init__(self, num_skips: int, *, kappa: float = 0.5) -> None:
         super().__init__()
         self.kappa = float(kappa)

@@ -55,6 +55,10 @@ class SigmaReparam(nn.Module):
         apple/ml-sigma-reparam ``vision/layers.py`` (``SpectralNormedWeight``, ``SNLinear``).
     """
 
+    # Buffers, declared for the type checker (nn.Module's attribute lookup is typed Tensor | Module).
+    u: Tensor
+    sigma: Tensor
+
     def __init__(self, weight: Tensor, *, stats_only: bool = False) -> None:
         super().__init__()
         if weight.dim() < 2:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -26,9 +26,9 @@ DEFAULT_REMEDIES = ("qk_norm", "z_loss")
 
 def list_remedies() -> list[tuple[str, str, str]]:
     """(name, one-line description, reference) of every remedy `stabilize` knows, sorted by name."""
-    return [
-        (name, _registry.get(name).description, _registry.get(name).reference) for name in _registry.names()
-    ]
+    # Every remedy is registered as its class, which carries the description and reference (class variables).
+    classes = [(name, cast("type[Remedy]", _registry.get(name))) for name in _registry.names()]
+    return [(name, cls.description, cls.reference) for name, cls in classes]
 
 
 def create_remedy(name: str, **options: Any) -> Remedy:

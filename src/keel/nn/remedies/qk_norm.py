@@ -209,7 +209,9 @@ class QKNormRemedy:
 
     def _hook_fused(self, name: str, module: nn.Module, fused_name: str, convention: bool | None) -> Change | None:
         proj = getattr(module, fused_name, None)
-        features = linear_features(proj) if isinstance(proj, nn.Module) else None
+        if not isinstance(proj, nn.Module):
+            return None
+        features = linear_features(proj)
         if features is None or features[1] != 3 * features[0] or getattr(module, "is_cross_attention", False):
             return None
         width = features[0]

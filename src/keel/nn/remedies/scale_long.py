@@ -127,13 +127,13 @@ class ScaleLongRemedy:
         for name, module in list(model.named_modules()):
             if not self._is_decoder(name, module):
                 continue
-            positions = [_skip_position(block) for block in module]
+            positions = [pos for block in module if (pos := _skip_position(block)) is not None]  # each has one
             if any(
                 isinstance(h, SkipScaleHook) for block in module for h in block._forward_pre_hooks.values()
             ):
                 continue
             calibration = None
-            if self.mode == "calibrated":
+            if self.mode == "calibrated" and self.tokens is not None:  # __post_init__: "calibrated" needs tokens
                 anchor = first_parameter(module)
                 calibration = LongSkipCalibration(
                     self.tokens, reduction=self.reduction, layout="tokens", bias=self._bias(module)
