@@ -12,8 +12,9 @@ def f(step, kind, severity="warning", **evidence):
 
 
 def test_mechanism_explains_later_symptoms_and_folds_entropy_collapse():
-    found = [f(3, "loss_spike", "info"), f(8, "attention_logit_growth", level=15.5), f(20, "attention_entropy_collapse"),
-             f(33, "attention_logit_growth", "critical"), f(40, "loss_spike", "critical"), f(60, "divergence")]
+    found = [f(3, "loss_spike", "info"), f(8, "attention_logit_growth", level=15.5),
+             f(20, "attention_entropy_collapse"), f(33, "attention_logit_growth", "critical"),
+             f(40, "loss_spike", "critical"), f(60, "divergence")]
     (d,) = diagnose(found)
     assert (d.kind, d.first_step, d.critical_step, d.severity) == ("attention_logit_growth", 8, 33, "critical")
     assert d.consequences == {"loss_spike": 40, "divergence": 60}

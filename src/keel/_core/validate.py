@@ -8,7 +8,10 @@ import functools
 import math
 import types
 import typing
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
 
 
 def require_ints(config: object, *fields: str, minimum: int = 1) -> None:
@@ -35,7 +38,7 @@ def require_positive(config: object, *fields: str) -> None:
             raise ValueError(f"{type(config).__name__}.{name}={value!r}; allowed: a finite number > 0")
 
 
-def check_types(config: object) -> None:
+def check_types(config: DataclassInstance) -> None:
     """Raise ValueError for the first field of a dataclass config whose value does not fit its annotation.
 
     Understood annotations: ``int`` (not bool), ``float`` (an int or float, not bool, not NaN), ``str``, ``bool``,
@@ -56,7 +59,7 @@ def check_types(config: object) -> None:
         ValueError: WindowConfig.window='20'; allowed: an int
     """
     hints = _type_hints(type(config))
-    for field in dataclasses.fields(config):  # type: ignore[arg-type]
+    for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if field.name in hints and _fits(hints[field.name], value) is False:
             raise ValueError(f"{type(config).__name__}.{field.name}={value!r}; "

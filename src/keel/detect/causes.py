@@ -40,11 +40,13 @@ class Cause:
         return [dict(rank=i, **r.to_dict()) for i, r in enumerate(self.remedies, 1)]
 
 
-WORTSMAN = "Wortsman et al. 2023, Small-scale proxies for large-scale Transformer training instabilities, arXiv 2309.14322"
+WORTSMAN = ("Wortsman et al. 2023, Small-scale proxies for large-scale Transformer training instabilities, "
+            "arXiv 2309.14322")
 DEHGHANI = "Dehghani et al. 2023, Scaling Vision Transformers to 22B parameters, arXiv 2302.05442"
 ZHAI = "Zhai et al. 2023, Stabilizing Transformer Training by Preventing Attention Entropy Collapse, arXiv 2303.06296"
 PRIETO = "Prieto et al. 2025, Grokking at the Edge of Numerical Stability, arXiv 2501.04697"
-COHEN = "Cohen et al. 2021, Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability, arXiv 2103.00065"
+COHEN = ("Cohen et al. 2021, Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability, "
+         "arXiv 2103.00065")
 COHEN_ADAPTIVE = "Cohen et al. 2022, Adaptive Gradient Methods at the Edge of Stability, arXiv 2207.14484"
 PALM = "Chowdhery et al. 2022, PaLM, arXiv 2204.02311"
 KIMI = "Kimi Team 2025, Kimi K2 (MuonClip / QK-clip), arXiv 2507.20534; Megatron-LM qk_clip.py"
@@ -70,7 +72,8 @@ CAUSES: dict[str, Cause] = {c.kind: c for c in (
     Cause(kind="output_logit_drift", title="output-logit divergence",
           mechanism="The output logits drift: log Z moves far from 0 and the logit scale grows, until rounding of "
                     "large logits in the working precision corrupts the loss.",
-          remedies=(Remedy(action="add a z-loss of 1e-4·(log Z)²", how="keel.losses z-loss", source=f"{PALM}; {WORTSMAN}"),
+          remedies=(Remedy(action="add a z-loss of 1e-4·(log Z)²", how="keel.losses z-loss",
+                           source=f"{PALM}; {WORTSMAN}"),
                     Remedy(action="use (independent) weight decay on the output layer", source=WORTSMAN),
                     Remedy(action="compute the logits and the loss in float32", source=MICIKEVICIUS),
                     Remedy(action="lower the learning rate", source=WORTSMAN))),

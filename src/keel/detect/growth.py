@@ -71,7 +71,8 @@ class GrowthConfig:
                 raise ValueError(f"GrowthConfig.{name}={value!r}; allowed: a finite number > 0")
         if not self.min_level <= self.high_level <= self.critical_level:
             raise ValueError(f"GrowthConfig.min_level={self.min_level}, high_level={self.high_level}, "
-                             f"critical_level={self.critical_level}; allowed: min_level <= high_level <= critical_level")
+                             f"critical_level={self.critical_level}; "
+                             "allowed: min_level <= high_level <= critical_level")
 
 
 class GrowthDetector(ReadsOneSignal):
@@ -81,7 +82,8 @@ class GrowthDetector(ReadsOneSignal):
         >>> from keel._core import Observation
         >>> det = GrowthDetector(GrowthConfig(signal="attn/max_logit", kind="attention_logit_growth"))
         >>> values = [1.0] * 10 + [1.0 * 2 ** k for k in range(1, 12)]
-        >>> found = [f for s, v in enumerate(values) for f in det.update(Observation(step=s, values={"attn/max_logit": v}))]
+        >>> found = [f for s, v in enumerate(values)
+        ...          for f in det.update(Observation(step=s, values={"attn/max_logit": v}))]
         >>> [(f.step, f.severity) for f in found]
         [(13, 'warning'), (19, 'critical')]
     """

@@ -26,7 +26,7 @@ import math
 from typing import Any
 
 from keel._core import keys
-from keel._core.finding import Finding
+from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
 from keel.detect.causes import cause_for
 from keel.detect.detector import DETECTORS
@@ -95,7 +95,7 @@ class NonFiniteOriginDetector:
         if cause is not None:
             evidence["remedies"] = cause.remedy_dicts()
         # Under a GradScaler, non-finite gradients are the scaler's routine overflow signal: worth knowing, no alarm.
-        severity = "info" if keys.AMP_SCALE in obs.values else "warning"
+        severity: Severity = "info" if keys.AMP_SCALE in obs.values else "warning"
         return [Finding(step=obs.step, kind="non_finite_origin", severity=severity, signal=origin, value=value,
                         evidence=evidence, cause=text,
                         remedy=f"Look inside {origin} for an overflow (exp, x², division, log of 0) in the working "

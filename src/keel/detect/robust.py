@@ -14,9 +14,12 @@ from __future__ import annotations
 import bisect
 import math
 from collections.abc import Iterable, Sequence
+from typing import TypeVar
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+_FloatOrArray = TypeVar("_FloatOrArray", float, np.ndarray)  # a scale formula applied to one value or element-wise
 
 MAD_TO_STD = 1.4826  # MAD of a normal distribution × 1.4826 = its standard deviation
 # Standard error of the median of n values with scale σ is sqrt(π/2)·σ/√n (for normal data; 1.2533 = sqrt(π/2)).
@@ -147,7 +150,7 @@ def step_noise(differences: Sequence[float]) -> float:
     return step_noise_of(median(map(abs, differences)))
 
 
-def step_noise_of(median_abs_difference: float) -> float:
+def step_noise_of(median_abs_difference: _FloatOrArray) -> _FloatOrArray:
     """`step_noise` from the median of the absolute differences (a caller that keeps them sorted has it).
 
     Works element-wise on a NumPy array as well (`rolling_step_noise`).
@@ -155,7 +158,7 @@ def step_noise_of(median_abs_difference: float) -> float:
     return median_abs_difference * MAD_TO_STD / math.sqrt(2)
 
 
-def median_standard_error(scale: float, n: int) -> float:
+def median_standard_error(scale: _FloatOrArray, n: int) -> _FloatOrArray:
     """How far the median of ``n`` values with noise ``scale`` strays from the level: sqrt(π/2)·scale/√n.
 
     Example:

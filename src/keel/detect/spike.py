@@ -27,7 +27,7 @@ import math
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 
@@ -101,7 +101,15 @@ class SpikeConfig:
 # Gradient norms move by factors and are noisier than losses: compare in log space and ask for more.
 # Critical at 20× the median: a healthy llm.c GPT-2 run has a one-step 15× grad-norm bump with no loss
 # excursion (shared/data/realruns), while the labelled BigScience/BLOOM spikes reach 20×–4000×.
-GRAD_NORM_DEFAULTS = dict(log_scale=True, min_excess=1.0, scale_floor=0.05, critical_excess=19.0)
+class _GradNormDefaults(TypedDict):
+    log_scale: bool
+    min_excess: float
+    scale_floor: float
+    critical_excess: float
+
+
+GRAD_NORM_DEFAULTS: _GradNormDefaults = {"log_scale": True, "min_excess": 1.0, "scale_floor": 0.05,
+                                         "critical_excess": 19.0}
 TAIL_SPAN = 1000  # steps an isolated outlier counts towards the run's own tail
 TAIL_KEPT = 16  # isolated outliers remembered (the largest recent one is what counts)
 LOG_ERROR = 1e-12  # NumPy's log against math.log, relative: a few ulp in fact; the screen widens its bounds by it
@@ -125,7 +133,8 @@ class SpikeDetector:
     def __init__(self, config: SpikeConfig | None = None, *, signal: str | None = None) -> None:
         if config is None:
             signal = signal or keys.LOSS
-            config = SpikeConfig(signal=signal, **(GRAD_NORM_DEFAULTS if "grad" in signal else {}))
+            grad = "grad" in signal
+            config = SpikeConfig(signal=signal, **GRAD_NORM_DEFAULTS) if grad else SpikeConfig(signal=signal)
         elif signal is not None and signal != config.signal:
             raise ValueError(f"signal={signal!r} disagrees with config.signal={config.signal!r}")
         self.config = config
