@@ -37,15 +37,16 @@ def read_varint(buf: bytes, pos: int) -> tuple[int, int]:
             raise WireError("varint longer than 10 bytes")
 
 
-def fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
-    """(field number, wire type, value) of each field: an int for varints, raw bytes for the rest."""
+def fields(buf: bytes) -> Iterator[tuple[int, int, int, bytes]]:
+    """(field number, wire type, varint, data) of each field: a varint's value with empty data, or the raw bytes
+    of the other wire types with varint 0 (two typed slots, so that readers need no check of the value's type)."""
     pos, end = 0, len(buf)
     while pos < end:
         key, pos = read_varint(buf, pos)
         number, wire = key >> 3, key & 7
         if wire == VARINT:
             value, pos = read_varint(buf, pos)
-            yield number, wire, value
+            yield number, wire, value, b""
             continue
         if wire == FIXED64:
             size = 8
@@ -57,7 +58,7 @@ def fields(buf: bytes) -> Iterator[tuple[int, int, int | bytes]]:
             raise WireError(f"unsupported wire type {wire}")
         if pos + size > end:
             raise WireError("field runs past the end of the message")
-        yield number, wire, buf[pos : pos + size]
+        yield number, wire, 0, buf[pos : pos + size]
         pos += size
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TextIO
 
 from keel.doctor.log import LogReadError
 
@@ -21,6 +22,11 @@ def check_text_head(path: Path) -> None:
     nul = head.find(b"\x00")
     if nul >= 0:
         raise LogReadError(f"{path}: binary data (a NUL byte at offset {nul}), not a text log")
+
+
+def undecodable(path: Path, fh: TextIO) -> LogReadError:
+    """The error for a streamed text file that hit an undecodable byte: it names how far reading got."""
+    return LogReadError(f"{path}: not UTF-8 text (an undecodable byte before byte {fh.buffer.tell()})")
 
 
 def read_text(path: Path) -> str:

@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from keel.doctor._text import check_text_head
+from keel.doctor._text import check_text_head, undecodable
 from keel.doctor.columns import STEP_COLUMNS, find_step_column
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.table import MAX_STEP, Column, LogTable
@@ -58,8 +58,7 @@ def read_csv_log(path: str | Path) -> RawLog:
         try:
             return _read(path, fh)
         except UnicodeDecodeError:
-            raise LogReadError(f"{path}: not UTF-8 text (an undecodable byte before byte "
-                               f"{fh.buffer.tell()})") from None
+            raise undecodable(path, fh) from None
 
 
 @dataclass
@@ -209,15 +208,15 @@ def _floats(cells: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     distinct = list(set(cells))
     if len(distinct) * 4 <= n:  # a text column of a few values ("warmup", "main"): each parsed once
         where = {cell: i for i, cell in enumerate(distinct)}
-        at = np.fromiter(map(where.__getitem__, cells), dtype=np.int64, count=n)
+        which: np.ndarray | None = np.fromiter(map(where.__getitem__, cells), dtype=np.int64, count=n)
         parsed = [_cell(cell) for cell in distinct]
     else:
-        at = None
+        which = None
         parsed = [_cell(cell) for cell in cells]
     values_, numeric, text = (np.array(column) for column in zip(*parsed, strict=True))
-    if at is None:
+    if which is None:
         return values_.astype(np.float64), numeric.astype(bool), text.astype(bool)
-    return values_.astype(np.float64)[at], numeric.astype(bool)[at], text.astype(bool)[at]
+    return values_.astype(np.float64)[which], numeric.astype(bool)[which], text.astype(bool)[which]
 
 
 def _cell(cell: str) -> tuple[float, bool, bool]:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from keel.doctor._text import check_text_head, read_text
+from keel.doctor._text import check_text_head, read_text, undecodable
 from keel.doctor.columns import STEP_COLUMNS, find_step_column
 from keel.doctor.log import LogReadError, RawLog, parse_number, parse_step
 from keel.doctor.table import TableBuilder
@@ -44,8 +44,7 @@ def read_jsonl_log(path: str | Path) -> RawLog:
             else:
                 no_steps = None
         except UnicodeDecodeError:
-            raise LogReadError(f"{path}: not UTF-8 text (an undecodable byte before byte "
-                               f"{fh.buffer.tell()})") from None
+            raise undecodable(path, fh) from None
     if not lines.objects or lines.bad > lines.objects:
         raise _not_json_lines(path, lines)
     if no_steps is not None:

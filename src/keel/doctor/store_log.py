@@ -105,7 +105,7 @@ def _signals(run: RunReader, notes: list[str]) -> LogTable:
 
 def _meta(meta: dict[str, Any], notes: list[str]) -> dict[str, Any]:
     """The run facts worth showing, each checked: what is malformed is left out and noted."""
-    out = {}
+    out: dict[str, Any] = {}
     for key in META_FACTS:
         if key in meta:
             value = meta[key]

@@ -19,7 +19,7 @@ import os
 import struct
 from array import array
 from pathlib import Path
-from typing import Any
+from typing import TypeVar
 
 import numpy as np
 
@@ -41,6 +41,7 @@ from keel.doctor.table import MAX_STEP, LogTable, TableBuilder
 EVENT_GLOB = "events.out.tfevents.*"
 # TensorProto dtypes holding one number, and how to read their raw ``tensor_content``.
 _DTYPES = {1: "<f", 2: "<d", 3: "<i", 9: "<q", 19: "<e", 14: "bf16"}
+_T = TypeVar("_T")  # a field's value: an int (varint) or bytes
 _SKIP_PLUGINS = {"images", "histograms", "text", "audio", "pr_curves", "graph", "hparams", "custom_scalars"}
 
 
@@ -143,19 +144,19 @@ class _Scalars:
 def _scalars(payload: bytes) -> tuple[float, int, list[tuple[str, float]], int] | None:
     """(wall time, step, [(tag, value)], non-scalar count) of one Event; None when it has no summary."""
     wall, step, summary = 0.0, 0, None
-    for number, wire, value in fields(payload):
+    for number, wire, varint, data in fields(payload):
         if number == 1 and wire == FIXED64:
-            (wall,) = struct.unpack("<d", value)  # type: ignore[arg-type]
+            (wall,) = struct.unpack("<d", data)
         elif number == 2 and wire == VARINT:
-            step = signed64(value)  # type: ignore[arg-type]
+            step = signed64(varint)
         elif number == 5 and wire == LENGTH:
-            summary = value
+            summary = data
     if summary is None:
         return None
     found, other = [], 0
-    for number, wire, value in fields(summary):  # type: ignore[arg-type]
+    for number, wire, _, data in fields(summary):
         if number == 1 and wire == LENGTH:
-            scalar = _value(value)  # type: ignore[arg-type]
+            scalar = _value(data)
             if scalar is None:
                 other += 1
             else:
@@ -165,29 +166,29 @@ def _scalars(payload: bytes) -> tuple[float, int, list[tuple[str, float]], int] 
 
 def _value(buf: bytes) -> tuple[str, float] | None:
     tag, simple, tensor, plugin = "", None, None, ""
-    for number, wire, value in fields(buf):
+    for number, wire, _, data in fields(buf):
         if number == 1 and wire == LENGTH:
-            tag = value.decode("utf-8", "replace")  # type: ignore[union-attr]
+            tag = data.decode("utf-8", "replace")
         elif number == 2 and wire == FIXED32:
-            (simple,) = struct.unpack("<f", value)  # type: ignore[arg-type]
+            (simple,) = struct.unpack("<f", data)
         elif number == 8 and wire == LENGTH:
-            tensor = value
+            tensor = data
         elif number == 9 and wire == LENGTH:
-            plugin = _plugin_name(value)  # type: ignore[arg-type]
+            plugin = _plugin_name(data)
     if simple is not None:
         return tag, float(simple)
     if tensor is None or plugin in _SKIP_PLUGINS:
         return None
-    number_value = _tensor_scalar(tensor)  # type: ignore[arg-type]
+    number_value = _tensor_scalar(tensor)
     return None if number_value is None else (tag, number_value)
 
 
 def _plugin_name(metadata: bytes) -> str:
-    for number, wire, value in fields(metadata):
+    for number, wire, _, data in fields(metadata):
         if number == 1 and wire == LENGTH:  # plugin_data
-            for n2, w2, v2 in fields(value):  # type: ignore[arg-type]
+            for n2, w2, _, d2 in fields(data):
                 if n2 == 1 and w2 == LENGTH:
-                    return v2.decode("utf-8", "replace")  # type: ignore[union-attr]
+                    return d2.decode("utf-8", "replace")
     return ""
 
 
@@ -195,22 +196,22 @@ def _tensor_scalar(buf: bytes) -> float | None:
     """The value of a one-element numeric TensorProto; None for anything else."""
     dtype, dims, content = 0, [], b""
     values: list[float] = []
-    for number, wire, value in fields(buf):
+    for number, wire, varint, data in fields(buf):
         if number == 1 and wire == VARINT:
-            dtype = value  # type: ignore[assignment]
+            dtype = varint
         elif number == 2 and wire == LENGTH:
-            for n2, w2, v2 in fields(value):  # type: ignore[arg-type]
+            for n2, w2, _, d2 in fields(data):
                 if n2 == 2 and w2 == LENGTH:  # dim
-                    sizes = (signed64(v3) for n3, w3, v3 in fields(v2) if n3 == 1 and w3 == VARINT)  # type: ignore[arg-type]
+                    sizes = (signed64(v3) for n3, w3, v3, _ in fields(d2) if n3 == 1 and w3 == VARINT)
                     dims.append(next(sizes, 0))
         elif number == 4 and wire == LENGTH:
-            content = value  # type: ignore[assignment]
+            content = data
         elif number == 5:  # float_val: packed or not
-            values += packed(value, "<f") if wire == LENGTH else [struct.unpack("<f", _wire(value, wire, FIXED32))[0]]
+            values += packed(data, "<f") if wire == LENGTH else [struct.unpack("<f", _wire(data, wire, FIXED32))[0]]
         elif number == 6:  # double_val
-            values += packed(value, "<d") if wire == LENGTH else [struct.unpack("<d", _wire(value, wire, FIXED64))[0]]
+            values += packed(data, "<d") if wire == LENGTH else [struct.unpack("<d", _wire(data, wire, FIXED64))[0]]
         elif number in (7, 10):  # int_val, int64_val
-            values += packed_varints(value) if wire == LENGTH else [signed64(_wire(value, wire, VARINT))]
+            values += packed_varints(data) if wire == LENGTH else [signed64(_wire(varint, wire, VARINT))]
     if dtype not in _DTYPES or any(d != 1 for d in dims):
         return None
     if content:
@@ -221,7 +222,7 @@ def _tensor_scalar(buf: bytes) -> float | None:
     return float(values[0]) if len(values) == 1 else None
 
 
-def _wire(value: int | bytes, wire: int, expected: int) -> Any:
+def _wire(value: _T, wire: int, expected: int) -> _T:
     """``value`` when its wire type is the one its field must have; `WireError` otherwise (a hand-made or
     corrupt event: a float sent as a varint)."""
     if wire != expected:
