@@ -20,7 +20,8 @@ def test_no_verb_prints_help_and_fails(capsys):
 
 
 def test_help_imports_no_torch():
-    code = "import sys; from keel.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\nprint('torch' in sys.modules)"
+    code = ("import sys; from keel.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+            "print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip().endswith("False"), out.stderr
 

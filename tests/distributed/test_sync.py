@@ -66,7 +66,8 @@ def test_two_ranks_reduce_by_the_documented_rules(tmp_path):
     out = tmp_path / "reduced.json"
     torchrun(Path(__file__).with_name("reduce_worker.py"), str(out))
     result = json.loads(out.read_text())
-    for sharded, norm, family, late in (("False", 3.5, [1.5, 3.0], 2.0), ("True", 5.0, [5 ** 0.5, 20 ** 0.5], 8 ** 0.5)):
+    expected = (("False", 3.5, [1.5, 3.0], 2.0), ("True", 5.0, [5 ** 0.5, 20 ** 0.5], 8 ** 0.5))
+    for sharded, norm, family, late in expected:
         values, per_param = result[sharded]["values"], result[sharded]["per_param"]
         assert values["loss"] == 1.5
         assert values["grad/norm"] == pytest.approx(norm, rel=1e-12)

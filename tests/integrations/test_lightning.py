@@ -117,7 +117,8 @@ def test_fp16_grad_scaler_overflow_is_the_scalers_skip_and_observe_matches_bare(
     from lightning.pytorch.plugins import MixedPrecision
 
     def amp():  # Lightning picks no fp16 scaler on CPU by itself; this is the plugin it builds on CUDA
-        return MixedPrecision(precision="16-mixed", device="cpu", scaler=torch.amp.GradScaler("cpu", init_scale=2.0**10))
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+        return MixedPrecision(precision="16-mixed", device="cpu", scaler=scaler)
 
     _, bare = fit([], {4: "loss"}, plugins=[amp()], accumulate=1)
     keel = KeelCallback(policy="observe")

@@ -174,7 +174,8 @@ def test_mlflow_file_store_round_trips(run_dir, tmp_path, monkeypatch):
     exported = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, names[k])} for k in keys}
     signals, findings, decisions, _ = store_contents(run_dir, keys)
     assert_signals_match(exported, signals)
-    found = json.loads(Path(client.download_artifacts(run.info.run_id, "keel/findings.json", str(tmp_path))).read_text())
+    artifact = client.download_artifacts(run.info.run_id, "keel/findings.json", str(tmp_path))
+    found = json.loads(Path(artifact).read_text())
     assert [(r["step"], r["kind"]) for r in found] == [(f.step, f.kind) for f in findings]
 
 

@@ -86,12 +86,14 @@ class Watch:
 
     def _capture_backward(self, original: Any, tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
         if tensor.ndim == 0 and tensor.is_floating_point() and tensor.grad_fn is not None:
-            scale = self._scaler._scale if self._scaling() else None
+            scale = self._loss_scale()
             self._from_backward.add(tensor.detach() / scale if scale is not None else tensor, share=True)
         return original(tensor, *args, **kwargs)
 
-    def _scaling(self) -> bool:
-        return self._scaler is not None and self._scaler.is_enabled() and self._scaler._scale is not None
+    def _loss_scale(self) -> Tensor | None:
+        """The factor the GradScaler put on the losses that backward sees; None when none is scaling."""
+        scaler = self._scaler
+        return scaler._scale if scaler is not None and scaler.is_enabled() else None
 
     def _step_loss(self) -> Tensor:
         recorded, output, backward = self._recorded.take(), self._from_output.take(), self._from_backward.take()
