@@ -57,4 +57,6 @@ def test_the_generated_cases_reach_both_sides_of_a_finite_limit():
             seen["critical" if factor >= 1 else "below"] += 1
 
     count()
-    assert seen["critical"] >= 20 and seen["below"] >= 5, seen
+    # what the draws give also depends on the modules loaded before (hypothesis mines their constants): 16–27
+    # critical cases seen; the claim is that both sides are reached often, not an exact count
+    assert seen["critical"] >= 10 and seen["below"] >= 5, seen
