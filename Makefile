@@ -30,7 +30,8 @@ test-all: setup
 
 lint: setup
 	$(BIN)/python -m pip install -q ruff mypy
-	$(BIN)/ruff check src tests
+	$(BIN)/ruff check src tests examples
+	$(BIN)/ruff format --check src tests examples
 	$(BIN)/mypy
 
 clean:

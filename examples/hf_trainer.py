@@ -26,7 +26,8 @@ class InjectNaN(TrainerCallback):
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         model.transformer.wte.register_forward_hook(
-            lambda module, inputs, out: out * float("nan") if self.current == self.step else out)
+            lambda module, inputs, out: out * float("nan") if self.current == self.step else out
+        )
 
     def on_step_begin(self, args, state, control, **kwargs):
         self.current = state.global_step
@@ -44,13 +45,24 @@ def main() -> None:
     tokens = torch.randint(0, 128, (512, 32), generator=torch.Generator().manual_seed(0))
     dataset = [{"input_ids": t, "labels": t} for t in tokens]
     training_args = TrainingArguments(
-        output_dir=f"{args.out}/trainer", max_steps=args.steps, per_device_train_batch_size=8,
-        gradient_accumulation_steps=2, learning_rate=1e-3, lr_scheduler_type="linear", warmup_steps=5,
-        logging_steps=5, report_to=[], save_strategy="no", use_cpu=not torch.cuda.is_available(), seed=0,
-        disable_tqdm=True)
+        output_dir=f"{args.out}/trainer",
+        max_steps=args.steps,
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        lr_scheduler_type="linear",
+        warmup_steps=5,
+        logging_steps=5,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=not torch.cuda.is_available(),
+        seed=0,
+        disable_tqdm=True,
+    )
     keel_callback = KeelCallback(run_dir=args.out, policy="skip", overwrite=True)  # a new run each time
-    trainer = Trainer(model=model, args=training_args, train_dataset=dataset,
-                      callbacks=[InjectNaN(args.inject_nan), keel_callback])
+    trainer = Trainer(
+        model=model, args=training_args, train_dataset=dataset, callbacks=[InjectNaN(args.inject_nan), keel_callback]
+    )
     trainer.train()
     for decision in keel_callback.guard.decisions:
         print(f"step {decision.step}: {decision.action} — {decision.reason}")

@@ -78,10 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     scaler = torch.amp.GradScaler(device, enabled=(dtype == "float16"))
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
-                                   {"params": no_decay, "weight_decay": 0.0}], lr=learning_rate, betas=(beta1, beta2))
-    guard = keel.watch(model, optimizer, scaler=scaler, policy=args.policy,  # keel
-                       run_dir=os.path.join(out_dir, "keel"), overwrite=True, max_consecutive_skips=2)  # keel
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=learning_rate,
+        betas=(beta1, beta2),
+    )
+    keel_options = dict(policy=args.policy, overwrite=True, max_consecutive_skips=2)  # keel
+    guard = keel.watch(model, optimizer, scaler=scaler, run_dir=f"{out_dir}/keel", **keel_options)  # keel
 
     # -- nanoGPT's training loop, unchanged ------------------------------------------------------------------
     X, Y = get_batch()

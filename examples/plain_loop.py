@@ -34,8 +34,9 @@ def main() -> None:
 
     # overwrite=True: each run of this example starts a new run in --out (a real job would rather pass
     # resume=True, to continue where a crash left it)
-    guard = keel.Guard(model, optimizer, scheduler, run_dir=args.out, policy="recover", max_grad_norm=1.0,
-                       overwrite=True)
+    guard = keel.Guard(
+        model, optimizer, scheduler, run_dir=args.out, policy="recover", max_grad_norm=1.0, overwrite=True
+    )
     for step in range(args.steps):
         x = torch.randn(32, 16)
         loss = F.mse_loss(model(x), torch.tanh(x @ teacher))

@@ -36,16 +36,24 @@ def main() -> None:
     rank = dist.get_rank()
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
     torch.manual_seed(0)  # the same initial weights on every rank
-    model = DDP(nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 4)).to(device),
-                device_ids=[device.index] if cuda else None)
+    model = DDP(
+        nn.Sequential(nn.Linear(16, 64), nn.GELU(), nn.Linear(64, 4)).to(device),
+        device_ids=[device.index] if cuda else None,
+    )
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     teacher = torch.randn(16, 4, device=device)
     data = torch.Generator(device=device).manual_seed(1000 + rank)  # each rank its own shard
 
     # Memory snapshots every 25 steps; every 2nd also goes to disk, per rank, under --out/rank-<r>/snapshots.
     # overwrite=True: each run of this example is a new run in --out (a real job would pass resume=True).
-    guard = keel.Guard(model, optimizer, run_dir=args.out, policy="recover", overwrite=True,
-                       recovery=keel.RecoveryConfig(snapshot_every=25, disk_every=2))
+    guard = keel.Guard(
+        model,
+        optimizer,
+        run_dir=args.out,
+        policy="recover",
+        overwrite=True,
+        recovery=keel.RecoveryConfig(snapshot_every=25, disk_every=2),
+    )
     try:
         for step in range(args.steps):
             x = torch.randn(64, 16, device=device, generator=data)
@@ -67,8 +75,10 @@ def main() -> None:
     if rank == 0:
         for finding in guard.findings:
             if finding.kind == "rank_outlier":
-                print(f"step {finding.step}: rank {finding.evidence['rank']} named ({finding.evidence['rule']}): "
-                      f"{finding.cause}")
+                print(
+                    f"step {finding.step}: rank {finding.evidence['rank']} named ({finding.evidence['rule']}): "
+                    f"{finding.cause}"
+                )
         print(f"run store: {args.out}/run.sqlite")
     dist.destroy_process_group()
 

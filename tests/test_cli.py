@@ -20,14 +20,17 @@ def test_no_verb_prints_help_and_fails(capsys):
 
 
 def test_help_imports_no_torch():
-    code = ("import sys; from keel.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; from keel.cli import main\ntry: main(['--help'])\nexcept SystemExit: pass\n"
+        "print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip().endswith("False"), out.stderr
 
 
 def test_demo_quick_writes_both_stores(tmp_path, capsys, monkeypatch):
     import keel.demo
+
     monkeypatch.setattr(keel.demo, "QUICK_STEPS", 20)
     assert main(["demo", "--quick", "--out", str(tmp_path), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)

@@ -59,6 +59,7 @@ WORK = [
 @pytest.fixture
 def no_work(monkeypatch):
     for module, name in WORK:
+
         def stub(*args, _name=f"{module.__name__}.{name}", **kwargs):
             raise Reached(f"{_name} was called")
 
@@ -138,83 +139,160 @@ UNWRITABLE = "{unwritable}"  # replaced by the world's unwritable folder; the ca
 
 CASES = [
     # top level
-    c(""), c("nope"), c("--nope"), c("list", "--json", "extra"), c("list", "--nope"),
+    c(""),
+    c("nope"),
+    c("--nope"),
+    c("list", "--json", "extra"),
+    c("list", "--nope"),
     # demo: its only input is where the stores go
-    c("demo", "--out", "afile"), c("demo", "--out", "afile/sub"), c("demo", "--out", ""),
-    c("demo", "--out", "a\x00b"), c("demo", "--out", "fifo"), c("demo", "--out", f"{UNWRITABLE}/demo"),
-    c("demo", "--out", "loop"), c("demo", "--out", "dangling"), c("demo", "--out", "x" * 300),
-    c("demo", "--quick", "--json", "--out", "afile"), c("demo", "--steps", "5"), c("demo", "extra"),
+    c("demo", "--out", "afile"),
+    c("demo", "--out", "afile/sub"),
+    c("demo", "--out", ""),
+    c("demo", "--out", "a\x00b"),
+    c("demo", "--out", "fifo"),
+    c("demo", "--out", f"{UNWRITABLE}/demo"),
+    c("demo", "--out", "loop"),
+    c("demo", "--out", "dangling"),
+    c("demo", "--out", "x" * 300),
+    c("demo", "--quick", "--json", "--out", "afile"),
+    c("demo", "--steps", "5"),
+    c("demo", "extra"),
     # bench
-    c("bench"), c("bench", "nope"),
-    c("bench", "overhead", "--steps", "-5"), c("bench", "overhead", "--steps", "0"),
-    c("bench", "overhead", "--steps", ""), c("bench", "overhead", "--steps", "1.5"),
-    c("bench", "overhead", "--steps", HUGE), c("bench", "overhead", "--steps", INT64_OVER),
-    c("bench", "overhead", "--steps", "1\x00"), c("bench", "overhead", "--steps", "9" * 5000),
-    c("bench", "overhead", "--repeats", "0"), c("bench", "overhead", "--batch-size", "-1"),
-    c("bench", "overhead", "--seq-len", "0"), c("bench", "overhead", "--full-log-every", "0"),
-    c("bench", "overhead", "--size", "huge"), c("bench", "overhead", "--device", "gpu"),
+    c("bench"),
+    c("bench", "nope"),
+    c("bench", "overhead", "--steps", "-5"),
+    c("bench", "overhead", "--steps", "0"),
+    c("bench", "overhead", "--steps", ""),
+    c("bench", "overhead", "--steps", "1.5"),
+    c("bench", "overhead", "--steps", HUGE),
+    c("bench", "overhead", "--steps", INT64_OVER),
+    c("bench", "overhead", "--steps", "1\x00"),
+    c("bench", "overhead", "--steps", "9" * 5000),
+    c("bench", "overhead", "--repeats", "0"),
+    c("bench", "overhead", "--batch-size", "-1"),
+    c("bench", "overhead", "--seq-len", "0"),
+    c("bench", "overhead", "--full-log-every", "0"),
+    c("bench", "overhead", "--size", "huge"),
+    c("bench", "overhead", "--device", "gpu"),
     c("bench", "overhead", "--device", "cuda", marks=NO_CUDA),
-    c("bench", "overhead", "--ddp", "0"), c("bench", "overhead", "--ddp", "1"),
-    c("bench", "overhead", "--ddp", "-2"), c("bench", "overhead", "--ddp", "2", "--full-log-every", "1"),
+    c("bench", "overhead", "--ddp", "0"),
+    c("bench", "overhead", "--ddp", "1"),
+    c("bench", "overhead", "--ddp", "-2"),
+    c("bench", "overhead", "--ddp", "2", "--full-log-every", "1"),
     c("bench", "overhead", "--ddp", "999", "--device", "cuda"),
     c("bench", "overhead", "--json", "--steps", "-5"),
-    c("bench", "snapshot", "--repeats", "0"), c("bench", "snapshot", "--repeats", HUGE),
-    c("bench", "snapshot", "--sizes", "1G"), c("bench", "snapshot", "--sizes", ""),
-    c("bench", "snapshot", "--sizes", "50M,"), c("bench", "snapshot", "--device", "cuda", marks=NO_CUDA),
-    c("bench", "optim", "--steps", "-5"), c("bench", "optim", "--threads", "0"),
-    c("bench", "optim", "--threads", str(10**6)), c("bench", "optim", "--d-model", "0"),
-    c("bench", "optim", "--layers", "-1"), c("bench", "optim", "--repeats", "nan"),
-    c("bench", "optim", "--optimizers", "nope"), c("bench", "optim", "--device", "cuda", marks=NO_CUDA),
-    c("bench", "detect", "--only", "nope"), c("bench", "detect", "--seed", "-1"),
-    c("bench", "detect", "--seed", str(2**64)), c("bench", "detect", "--json", "--seed", "x"),
-    c("bench", "detect", "--probe-costs", "--repeats", "0"), c("bench", "detect", "--probe-costs", "--threads", "0"),
+    c("bench", "snapshot", "--repeats", "0"),
+    c("bench", "snapshot", "--repeats", HUGE),
+    c("bench", "snapshot", "--sizes", "1G"),
+    c("bench", "snapshot", "--sizes", ""),
+    c("bench", "snapshot", "--sizes", "50M,"),
+    c("bench", "snapshot", "--device", "cuda", marks=NO_CUDA),
+    c("bench", "optim", "--steps", "-5"),
+    c("bench", "optim", "--threads", "0"),
+    c("bench", "optim", "--threads", str(10**6)),
+    c("bench", "optim", "--d-model", "0"),
+    c("bench", "optim", "--layers", "-1"),
+    c("bench", "optim", "--repeats", "nan"),
+    c("bench", "optim", "--optimizers", "nope"),
+    c("bench", "optim", "--device", "cuda", marks=NO_CUDA),
+    c("bench", "detect", "--only", "nope"),
+    c("bench", "detect", "--seed", "-1"),
+    c("bench", "detect", "--seed", str(2**64)),
+    c("bench", "detect", "--json", "--seed", "x"),
+    c("bench", "detect", "--probe-costs", "--repeats", "0"),
+    c("bench", "detect", "--probe-costs", "--threads", "0"),
     c("bench", "detect", "--probe-costs", "--steps", "-1"),
-    c("bench", "detect", "--probe-costs", "--only", "lr_spike"), c("bench", "detect", "--repeats", "3"),
-    c("bench", "doctor", "--data", "nope"), c("bench", "doctor", "--data", "afile"),
+    c("bench", "detect", "--probe-costs", "--only", "lr_spike"),
+    c("bench", "detect", "--repeats", "3"),
+    c("bench", "doctor", "--data", "nope"),
+    c("bench", "doctor", "--data", "afile"),
     # doctor (its reader's own hostile inputs are tests/doctor's)
-    c("doctor", "nope"), c("doctor", "afile"), c("doctor", "emptydir"), c("doctor", "corrupt"),
-    c("doctor", "run", "--fail-on", "info"), c("doctor", "run", "--format", "xml"), c("doctor"),
+    c("doctor", "nope"),
+    c("doctor", "afile"),
+    c("doctor", "emptydir"),
+    c("doctor", "corrupt"),
+    c("doctor", "run", "--fail-on", "info"),
+    c("doctor", "run", "--format", "xml"),
+    c("doctor"),
     # report
-    c("report", "nope", "-o", "out.html"), c("report", "corrupt", "-o", "out.html"),
-    c("report", "emptydir", "-o", "out.html"), c("report", "run", "-o", "emptydir"),
-    c("report", "run", "-o", "afile/x.html"), c("report", "run", "-o", "fifo"),
-    c("report", "run", "-o", f"{UNWRITABLE}/report.html"), c("report", "run", "-o", ""),
-    c("report", "run", "-o", "a\x00.html"), c("report", ""), c("report"),
+    c("report", "nope", "-o", "out.html"),
+    c("report", "corrupt", "-o", "out.html"),
+    c("report", "emptydir", "-o", "out.html"),
+    c("report", "run", "-o", "emptydir"),
+    c("report", "run", "-o", "afile/x.html"),
+    c("report", "run", "-o", "fifo"),
+    c("report", "run", "-o", f"{UNWRITABLE}/report.html"),
+    c("report", "run", "-o", ""),
+    c("report", "run", "-o", "a\x00.html"),
+    c("report", ""),
+    c("report"),
     # export
-    c("export", "nope", "--format", "csv"), c("export", "corrupt", "--format", "csv"),
-    c("export", "afile", "--format", "csv"), c("export", "emptydir", "--format", "csv"),
-    c("export", "fifo", "--format", "csv"), c("export", "", "--format", "csv"),
-    c("export", "a\x00", "--format", "csv"), c("export", "\udcff", "--format", "csv"),
-    c("export", "x" * 300, "--format", "csv"), c("export", "loop", "--format", "csv"),
-    c("export", "run", "--format", "xml"), c("export", "run"),
+    c("export", "nope", "--format", "csv"),
+    c("export", "corrupt", "--format", "csv"),
+    c("export", "afile", "--format", "csv"),
+    c("export", "emptydir", "--format", "csv"),
+    c("export", "fifo", "--format", "csv"),
+    c("export", "", "--format", "csv"),
+    c("export", "a\x00", "--format", "csv"),
+    c("export", "\udcff", "--format", "csv"),
+    c("export", "x" * 300, "--format", "csv"),
+    c("export", "loop", "--format", "csv"),
+    c("export", "run", "--format", "xml"),
+    c("export", "run"),
     c("export", "run", "--format", "csv", "--out", "afile"),
     c("export", "run", "--format", "csv", "--out", f"{UNWRITABLE}/export"),
-    c("export", "run", "--format", "csv", "--keys", "nomatch"), c("export", "run", "--format", "csv", "--keys", ","),
+    c("export", "run", "--format", "csv", "--keys", "nomatch"),
+    c("export", "run", "--format", "csv", "--keys", ","),
     c("export", "run", "--format", "csv", "--keys", "loss,nomatch*"),
     c("export", "run", "--format", "csv", "--project", "p"),
     c("export", "run", "--format", "wandb", "--tracking-uri", "file:x"),
     c("export", "run", "--format", "jsonl", "--online", "--json"),
     # sweep
-    c("sweep", "--steps", "-5"), c("sweep", "--workers", "0"), c("sweep", "--workers", "-3"),
-    c("sweep", "--lrs", "-1"), c("sweep", "--lrs", "nan"), c("sweep", "--lrs", "inf"),
-    c("sweep", "--lrs", "1e400"), c("sweep", "--lrs", "1e-3", ""), c("sweep", "--batch-size", "0"),
-    c("sweep", "--seq-len", HUGE), c("sweep", "--warmup", "-1"), c("sweep", "--final-lr", "-1"),
-    c("sweep", "--eval-batches", "0"), c("sweep", "--max-grad-norm", "-1"), c("sweep", "--seeds", "-1"),
-    c("sweep", "--seeds", str(2**64)), c("sweep", "--sizes", "huge"), c("sweep", "--backend", "nope"),
-    c("sweep", "--recipes", "nope"), c("sweep", "--recipes", ""), c("sweep", "--recipes", "no.such.module:f"),
-    c("sweep", "--recipes", "raises_recipe:r"), c("sweep", "--recipes", "raises_recipe.py:r"),
-    c("sweep", "--recipes", "exits_recipe:r"), c("sweep", "--recipes", "syntax_recipe.py:r"),
-    c("sweep", "--recipes", "missing.py:r"), c("sweep", "--recipes", "good_recipe:nofn"),
+    c("sweep", "--steps", "-5"),
+    c("sweep", "--workers", "0"),
+    c("sweep", "--workers", "-3"),
+    c("sweep", "--lrs", "-1"),
+    c("sweep", "--lrs", "nan"),
+    c("sweep", "--lrs", "inf"),
+    c("sweep", "--lrs", "1e400"),
+    c("sweep", "--lrs", "1e-3", ""),
+    c("sweep", "--batch-size", "0"),
+    c("sweep", "--seq-len", HUGE),
+    c("sweep", "--warmup", "-1"),
+    c("sweep", "--final-lr", "-1"),
+    c("sweep", "--eval-batches", "0"),
+    c("sweep", "--max-grad-norm", "-1"),
+    c("sweep", "--seeds", "-1"),
+    c("sweep", "--seeds", str(2**64)),
+    c("sweep", "--sizes", "huge"),
+    c("sweep", "--backend", "nope"),
+    c("sweep", "--recipes", "nope"),
+    c("sweep", "--recipes", ""),
+    c("sweep", "--recipes", "no.such.module:f"),
+    c("sweep", "--recipes", "raises_recipe:r"),
+    c("sweep", "--recipes", "raises_recipe.py:r"),
+    c("sweep", "--recipes", "exits_recipe:r"),
+    c("sweep", "--recipes", "syntax_recipe.py:r"),
+    c("sweep", "--recipes", "missing.py:r"),
+    c("sweep", "--recipes", "good_recipe:nofn"),
     c("sweep", "--recipes", "baseline", "baseline", "--out", "sw"),
     c("sweep", "--recipes", "good_recipe:r", "good_recipe.py:r"),  # two recipes named r: one run id
-    c("sweep", "--lrs", "1e-3", "0.0010000001"), c("sweep", "--seeds", "0", "00"),
+    c("sweep", "--lrs", "1e-3", "0.0010000001"),
+    c("sweep", "--seeds", "0", "00"),
     c("sweep", "--sizes", "tiny", "tiny"),
-    c("sweep", "--summarize", "--out", "nope"), c("sweep", "--summarize", "--out", "afile"),
-    c("sweep", "--summarize", "--out", "corrupt"), c("sweep", "--summarize", "--steps", "5", "--out", "run"),
-    c("sweep", "--out", "afile"), c("sweep", "--out", "afile/sub"), c("sweep", "--out", ""),
-    c("sweep", "--out", f"{UNWRITABLE}/sweep"), c("sweep", "--plots", "afile"),
-    c("sweep", "--no-plots", "--plots", "p"), c("sweep", "--address", "auto"),
-    c("sweep", "--json", "--workers", "0"), c("sweep", "--scaling-lr", "-1"),
+    c("sweep", "--summarize", "--out", "nope"),
+    c("sweep", "--summarize", "--out", "afile"),
+    c("sweep", "--summarize", "--out", "corrupt"),
+    c("sweep", "--summarize", "--steps", "5", "--out", "run"),
+    c("sweep", "--out", "afile"),
+    c("sweep", "--out", "afile/sub"),
+    c("sweep", "--out", ""),
+    c("sweep", "--out", f"{UNWRITABLE}/sweep"),
+    c("sweep", "--plots", "afile"),
+    c("sweep", "--no-plots", "--plots", "p"),
+    c("sweep", "--address", "auto"),
+    c("sweep", "--json", "--workers", "0"),
+    c("sweep", "--scaling-lr", "-1"),
     c("sweep", "--divergence-logit", "nan"),
 ]
 
@@ -249,16 +327,25 @@ def test_bad_input_gets_one_error_line_and_exit_status_2(argv, world, capsys):
     assert _tree(root) == before, "a refused command wrote or removed files"
 
 
-@pytest.mark.parametrize("argv", [
-    ["bench", "overhead", "--ddp", "0"],  # once silently ran the single-process benchmark
-    ["sweep", "--workers", "0", "--out", "sw"],
-    ["export", "nope", "--format", "csv"],
-    ["report", "run", "-o", "fifo"],  # writing a FIFO nobody reads hung forever
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bench", "overhead", "--ddp", "0"],  # once silently ran the single-process benchmark
+        ["sweep", "--workers", "0", "--out", "sw"],
+        ["export", "nope", "--format", "csv"],
+        ["report", "run", "-o", "fifo"],  # writing a FIFO nobody reads hung forever
+    ],
+)
 def test_a_real_process_exits_2_with_one_line(argv, world):
     root, _ = world
-    proc = subprocess.run([sys.executable, "-m", "keel.cli", *argv], capture_output=True, text=True, timeout=120,
-                          cwd=root, env={**os.environ, "KEEL_DEBUG": ""})
+    proc = subprocess.run(
+        [sys.executable, "-m", "keel.cli", *argv],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=root,
+        env={**os.environ, "KEEL_DEBUG": ""},
+    )
     assert_one_error_line(proc.returncode, proc.stdout, proc.stderr)
 
 
@@ -266,8 +353,9 @@ def test_the_installed_keel_script_exits_2(world):
     script = Path(sys.executable).with_name("keel")
     if not script.exists():
         pytest.skip("keel is not installed as a script in this environment")
-    proc = subprocess.run([str(script), "sweep", "--steps", "-5"], capture_output=True, text=True, timeout=120,
-                          cwd=world[0])
+    proc = subprocess.run(
+        [str(script), "sweep", "--steps", "-5"], capture_output=True, text=True, timeout=120, cwd=world[0]
+    )
     assert_one_error_line(proc.returncode, proc.stdout, proc.stderr)
     assert proc.stderr.startswith("keel sweep: error: argument --steps: '-5'")
 
@@ -300,8 +388,10 @@ def test_a_keel_bug_is_one_line_exit_1_with_the_debug_hint(world, monkeypatch, c
     _fail_work_with(monkeypatch, TypeError("unsupported operand"))
     code, out, err = run_cli(["bench", "optim"], capsys)
     assert code == 1 and out == "" and "Traceback" not in err
-    assert err == ("keel bench optim: internal error: TypeError: unsupported operand (a keel bug; KEEL_DEBUG=1 "
-                   "shows the traceback)\n")
+    assert err == (
+        "keel bench optim: internal error: TypeError: unsupported operand (a keel bug; KEEL_DEBUG=1 "
+        "shows the traceback)\n"
+    )
 
 
 def test_keel_debug_shows_the_traceback(world, monkeypatch):
@@ -329,8 +419,10 @@ def test_a_missing_optional_extra_is_the_input_s_choice(world, monkeypatch, caps
 
 def test_an_os_error_names_the_path_not_the_errno(world, monkeypatch, capsys):
     _fail_work_with(monkeypatch, PermissionError(13, "Permission denied", "/data/run.sqlite"))
-    assert run_cli(["bench", "optim"], capsys)[::2] == (2, "keel bench optim: error: /data/run.sqlite: "
-                                                           "Permission denied\n")
+    assert run_cli(["bench", "optim"], capsys)[::2] == (
+        2,
+        "keel bench optim: error: /data/run.sqlite: Permission denied\n",
+    )
 
 
 # --- generated values for every numeric flag --------------------------------------------------------------
@@ -352,8 +444,10 @@ NUMERIC_FLAGS = [
     (["bench", "detect"], "--seed", NONNEGATIVE_INT),
     *[(["bench", "detect", "--probe-costs"], flag, POSITIVE_INT) for flag in ("--steps", "--repeats")],
     (["bench", "detect", "--probe-costs"], "--threads", THREADS),
-    *[(["sweep"], flag, POSITIVE_INT) for flag in ("--steps", "--batch-size", "--seq-len", "--eval-batches",
-                                                   "--workers")],
+    *[
+        (["sweep"], flag, POSITIVE_INT)
+        for flag in ("--steps", "--batch-size", "--seq-len", "--eval-batches", "--workers")
+    ],
     *[(["sweep"], flag, NONNEGATIVE_INT) for flag in ("--warmup", "--seeds")],
     *[(["sweep"], flag, POSITIVE_FLOAT) for flag in ("--lrs", "--scaling-lr", "--divergence-logit")],
     *[(["sweep"], flag, NONNEGATIVE_FLOAT) for flag in ("--final-lr", "--max-grad-norm")],
@@ -383,8 +477,11 @@ VALUES = st.one_of(
 )
 
 
-@pytest.mark.parametrize("prefix,flag,rule", NUMERIC_FLAGS, ids=lambda v: " ".join(v) if isinstance(v, list)
-                         else v if isinstance(v, str) else "")
+@pytest.mark.parametrize(
+    "prefix,flag,rule",
+    NUMERIC_FLAGS,
+    ids=lambda v: " ".join(v) if isinstance(v, list) else v if isinstance(v, str) else "",
+)
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(value=VALUES)
 def test_a_numeric_flag_is_refused_exactly_when_out_of_range(prefix, flag, rule, value, world, capsys):
@@ -399,9 +496,24 @@ def test_a_numeric_flag_is_refused_exactly_when_out_of_range(prefix, flag, rule,
 # --- help stays available and fast ------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("argv", [[], ["demo"], ["bench"], ["bench", "overhead"], ["bench", "snapshot"],
-                                  ["bench", "optim"], ["bench", "detect"], ["bench", "doctor"], ["doctor"],
-                                  ["report"], ["export"], ["list"], ["sweep"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["demo"],
+        ["bench"],
+        ["bench", "overhead"],
+        ["bench", "snapshot"],
+        ["bench", "optim"],
+        ["bench", "detect"],
+        ["bench", "doctor"],
+        ["doctor"],
+        ["report"],
+        ["export"],
+        ["list"],
+        ["sweep"],
+    ],
+)
 def test_help_of_every_verb_exits_0(argv, capsys):
     with pytest.raises(SystemExit) as exc:
         main([*argv, "--help"])
@@ -422,4 +534,6 @@ def test_an_aborted_run_is_an_outcome_not_a_bug(world, monkeypatch, capsys):
 
     _fail_work_with(monkeypatch, TrainingAborted("keel aborted the run at step 7: 3 rollbacks in 50 steps"))
     assert run_cli(["bench", "optim"], capsys)[::2] == (
-        1, "keel bench optim: aborted: keel aborted the run at step 7: 3 rollbacks in 50 steps\n")
+        1,
+        "keel bench optim: aborted: keel aborted the run at step 7: 3 rollbacks in 50 steps\n",
+    )

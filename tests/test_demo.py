@@ -31,13 +31,11 @@ def test_stabilized_arm_has_no_findings_where_the_bare_arm_has_critical_ones(tmp
     # 40 steps are enough: the bare recipe's attention logits run away from step 5 (critical by step 20).
     arms = {a.name: a for a in demo_runs(quick=True)}
     runs = {
-        name: train_proxy(replace(arms[name].config, steps=40), policy="observe",
-                          run_dir=str(tmp_path / name))
+        name: train_proxy(replace(arms[name].config, steps=40), policy="observe", run_dir=str(tmp_path / name))
         for name in ("bare", "stabilized")
     }
     bare_serious = [f for f in runs["bare"].findings if f.severity in SERIOUS]
-    assert any(f.severity == "critical" and f.kind.startswith("attention") for f in bare_serious), \
-        bare_serious
+    assert any(f.severity == "critical" and f.kind.startswith("attention") for f in bare_serious), bare_serious
     assert [f for f in runs["stabilized"].findings if f.severity in SERIOUS] == []
     losses = runs["stabilized"].losses
     assert len(losses) == 40 and all(math.isfinite(v) for v in losses)

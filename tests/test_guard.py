@@ -15,15 +15,22 @@ from keel.store import RunReader
 from tests.conftest import TinyNet, make_batches
 
 
-def _train(policy: str | None, steps: int = 30, *, poison: dict[int, str] | None = None, scaler=None,
-           accumulate: int = 1, run_dir=None, **guard_kwargs):
+def _train(
+    policy: str | None,
+    steps: int = 30,
+    *,
+    poison: dict[int, str] | None = None,
+    scaler=None,
+    accumulate: int = 1,
+    run_dir=None,
+    **guard_kwargs,
+):
     """A plain loop (AdamW + StepLR); ``poison`` maps step → 'nan' (a NaN in fc1's gradient) or 'spike'."""
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=5, gamma=0.5)
-    guard = Guard(model, opt, sched, policy=policy, scaler=scaler, run_dir=run_dir, **guard_kwargs) \
-        if policy else None
+    guard = Guard(model, opt, sched, policy=policy, scaler=scaler, run_dir=run_dir, **guard_kwargs) if policy else None
     batches = make_batches(steps * accumulate)
     losses, decisions = [], []
     for step in range(steps):
@@ -70,6 +77,7 @@ def test_observe_is_bit_identical_to_the_bare_loop():
 
 def test_observe_is_bit_identical_on_the_proxy_model():
     from keel.proxy.trainer import TrainConfig, train_proxy
+
     cfg = TrainConfig(size="tiny", steps=25, eval_batches=1)
     assert train_proxy(cfg).losses == train_proxy(cfg, policy="observe", probes="full", log_every=5).losses
 
@@ -133,8 +141,10 @@ def test_grad_scaler_overflow_is_the_scalers_skip_not_keels():
     d = decisions[6]
     assert (d.action, d.by) == ("skip", "scaler")
     assert guard.escalation.consecutive_skips == 0
-    assert [(f.kind, f.severity) for f in d.findings] == [("loss_scale_overflow", "info"),
-                                                         ("non_finite_origin", "info")]
+    assert [(f.kind, f.severity) for f in d.findings] == [
+        ("loss_scale_overflow", "info"),
+        ("non_finite_origin", "info"),
+    ]
     assert scaler.get_scale() == 2.0**9  # halved once by the scaler, not touched by keel
 
 
@@ -148,8 +158,9 @@ def test_param_groups_and_frozen_parameters(tmp_path):
     torch.manual_seed(0)
     model = TinyNet()
     model.fc2.bias.requires_grad_(False)
-    opt = torch.optim.SGD([{"params": [model.fc1.weight, model.fc1.bias], "lr": 0.1},
-                           {"params": [model.fc2.weight], "lr": 0.01}])
+    opt = torch.optim.SGD(
+        [{"params": [model.fc1.weight, model.fc1.bias], "lr": 0.1}, {"params": [model.fc2.weight], "lr": 0.01}]
+    )
     with Guard(model, opt, policy="skip", run_dir=tmp_path) as guard:
         x, y = make_batches(1)[0]
         F.mse_loss(model(x), y).backward()
@@ -190,9 +201,11 @@ class _BrokenProbe:
 
 def test_probe_exception_is_a_finding_and_training_goes_on(tmp_path):
     from keel.signals import create_probe
+
     bare = _train(None, steps=8)
-    model, *_, decisions, guard = _train("skip", steps=8, run_dir=tmp_path,
-                                         probes=[create_probe("loss"), create_probe("grad_norm"), _BrokenProbe()])
+    model, *_, decisions, guard = _train(
+        "skip", steps=8, run_dir=tmp_path, probes=[create_probe("loss"), create_probe("grad_norm"), _BrokenProbe()]
+    )
     _assert_same(bare[0], model)
     errors = [f for f in guard.findings if f.kind == "keel_error"]
     assert len(errors) == 1 and errors[0].signal == "broken" and "probe bug" in errors[0].cause
@@ -221,14 +234,17 @@ def test_detector_exception_never_kills_training():
     assert [f.kind for f in guard.findings] == ["keel_error"]
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(policy="yolo"), r"policy='yolo'; allowed: observe, skip, recover"),
-    (dict(log_every=0), r"log_every=0; allowed"),
-    (dict(probes="most"), r"probes=.most.; allowed: default, transformer, full"),
-    (dict(probes=["nope"]), r"unknown probe 'nope'; allowed"),
-    (dict(max_grad_norm=-1.0), r"max_grad_norm=-1.0"),
-    (dict(max_consecutive_skips=0), r"max_consecutive_skips=0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(policy="yolo"), r"policy='yolo'; allowed: observe, skip, recover"),
+        (dict(log_every=0), r"log_every=0; allowed"),
+        (dict(probes="most"), r"probes=.most.; allowed: default, transformer, full"),
+        (dict(probes=["nope"]), r"unknown probe 'nope'; allowed"),
+        (dict(max_grad_norm=-1.0), r"max_grad_norm=-1.0"),
+        (dict(max_consecutive_skips=0), r"max_consecutive_skips=0"),
+    ],
+)
 def test_bad_arguments_name_the_value_and_the_allowed(kwargs, match):
     model = TinyNet()
     with pytest.raises(ValueError, match=match):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import dataclasses
 import signal
 import subprocess
 import sys
@@ -20,16 +21,19 @@ from tests.conftest import TinyNet, make_batches
 
 
 def _zero_targets(start: int, length: int = 20):
-    def hook(step, x, y):
+    def batch_fn(step, batch):
+        x, y = batch
         return (x, torch.zeros_like(y)) if start <= step < start + length else (x, y)
-    return hook
+
+    return batch_fn
 
 
 def test_poisoned_stream_recovers_to_within_3_percent_of_healthy(tmp_path):
     config = TrainConfig(size="tiny", steps=300, lr=1e-2, warmup=20)
     healthy = train_proxy(config)
-    bare = train_proxy(config, batch_hook=_zero_targets(260))
-    recovered = train_proxy(config, policy="recover", run_dir=str(tmp_path), batch_hook=_zero_targets(260))
+    poisoned = dataclasses.replace(config, batch_fn=_zero_targets(260))
+    bare = train_proxy(poisoned)
+    recovered = train_proxy(poisoned, policy="recover", run_dir=str(tmp_path))
     assert recovered.aborted is None
     assert abs(recovered.val_loss / healthy.val_loss - 1) < 0.03
     assert bare.val_loss / healthy.val_loss - 1 >= 0.20
@@ -44,8 +48,9 @@ def test_corrupted_parameters_are_rolled_back():
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, policy="recover", max_consecutive_skips=3,
-                  recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1))
+    guard = Guard(
+        model, opt, policy="recover", max_consecutive_skips=3, recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1)
+    )
     actions = []
     for step, (x, y) in enumerate(make_batches(40)):
         if step == 23:
@@ -116,14 +121,17 @@ def test_resume_after_kill_9_continues_bit_for_bit(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(RESUME_SCRIPT)
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    full = subprocess.run([sys.executable, str(script), str(tmp_path / "a"), "-1", "0"], capture_output=True,
-                          text=True, env=env)
+    full = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "a"), "-1", "0"], capture_output=True, text=True, env=env
+    )
     assert full.returncode == 0, full.stderr
-    killed = subprocess.run([sys.executable, str(script), str(tmp_path / "b"), "54", "0"], capture_output=True,
-                            text=True, env=env)
+    killed = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "b"), "54", "0"], capture_output=True, text=True, env=env
+    )
     assert killed.returncode == -signal.SIGKILL
-    resumed = subprocess.run([sys.executable, str(script), str(tmp_path / "b"), "-1", "1"], capture_output=True,
-                             text=True, env=env)
+    resumed = subprocess.run(
+        [sys.executable, str(script), str(tmp_path / "b"), "-1", "1"], capture_output=True, text=True, env=env
+    )
     assert resumed.returncode == 0, resumed.stderr
     reference, after = _losses(full.stdout), _losses(resumed.stdout)
     with RunReader(tmp_path / "b") as r:
@@ -143,8 +151,9 @@ def test_a_failing_rollback_never_kills_training(monkeypatch):
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, policy="recover", max_consecutive_skips=2,
-                  recovery=RecoveryConfig(snapshot_every=2, quiet_steps=1))
+    guard = Guard(
+        model, opt, policy="recover", max_consecutive_skips=2, recovery=RecoveryConfig(snapshot_every=2, quiet_steps=1)
+    )
     monkeypatch.setattr(recovery_module, "restore", broken)
     decisions = []
     for step, (x, y) in enumerate(make_batches(12)):
@@ -171,8 +180,14 @@ def test_full_disk_degrades_to_memory_snapshots_with_a_warning(tmp_path, monkeyp
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, policy="recover", run_dir=str(tmp_path), max_consecutive_skips=2,
-                  recovery=RecoveryConfig(snapshot_every=3, quiet_steps=1, disk_every=1))
+    guard = Guard(
+        model,
+        opt,
+        policy="recover",
+        run_dir=str(tmp_path),
+        max_consecutive_skips=2,
+        recovery=RecoveryConfig(snapshot_every=3, quiet_steps=1, disk_every=1),
+    )
     actions = []
     with pytest.warns(Warning, match="No space left on device"):
         for step, (x, y) in enumerate(make_batches(30)):

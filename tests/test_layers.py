@@ -79,8 +79,11 @@ def test_the_harness_is_apart_from_what_users_import():
     harness = sorted(p.name for p in (SRC / "harness").iterdir() if p.is_dir() and p.name != "__pycache__")
     assert harness == ["bench", "scenarios"]
     assert not (SRC / "bench").exists() and not (SRC / "proxy" / "scenarios").exists()
-    importers = {path.relative_to(SRC).parts[0] for path in SRC.rglob("*.py")
-                 if any(_layer(m) == "harness" for m in _imports(path))}
+    importers = {
+        path.relative_to(SRC).parts[0]
+        for path in SRC.rglob("*.py")
+        if any(_layer(m) == "harness" for m in _imports(path))
+    }
     assert importers <= {"harness", "cli"}, importers
 
 

@@ -23,8 +23,14 @@ def _run(run_dir, model=None, make_opt=None, make_sched=None, steps=6):
     model = model or TinyNet()
     opt = (make_opt or (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2)))(model)
     sched = make_sched(opt) if make_sched is not None else None
-    guard = Guard(model, opt, sched, run_dir=str(run_dir), policy="recover",
-                  recovery=RecoveryConfig(snapshot_every=2, disk_every=1))
+    guard = Guard(
+        model,
+        opt,
+        sched,
+        run_dir=str(run_dir),
+        policy="recover",
+        recovery=RecoveryConfig(snapshot_every=2, disk_every=1),
+    )
     for x, y in make_batches(steps):
         loss = F.mse_loss(model(x), y)
         loss.backward()
@@ -77,6 +83,7 @@ def test_resume_with_other_parameter_names_or_dtypes_is_refused(tmp_path):
 def _two_groups(optimizer):
     def make(model):
         return optimizer([{"params": model.fc1.parameters()}, {"params": model.fc2.parameters()}], lr=1e-2)
+
     return make
 
 
@@ -95,8 +102,9 @@ def test_many_differences_are_cut_to_the_first_five(tmp_path):
 def test_resume_with_another_scheduler_or_none_is_refused(tmp_path):
     _run(tmp_path, make_sched=lambda opt: torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10))
     message = _refused(tmp_path, make_sched=lambda opt: torch.optim.lr_scheduler.StepLR(opt, step_size=3))
-    assert ("scheduler: torch.optim.lr_scheduler.CosineAnnealingLR in the snapshot, "
-            "torch.optim.lr_scheduler.StepLR now") in message
+    assert (
+        "scheduler: torch.optim.lr_scheduler.CosineAnnealingLR in the snapshot, torch.optim.lr_scheduler.StepLR now"
+    ) in message
     assert "scheduler: torch.optim.lr_scheduler.CosineAnnealingLR in the snapshot, none now" in _refused(tmp_path)
 
 
@@ -119,8 +127,9 @@ def test_resume_reads_the_disk_snapshots_even_when_this_guard_writes_none(tmp_pa
     _run(tmp_path)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, run_dir=str(tmp_path), policy="recover", resume=True,
-                  recovery=RecoveryConfig(snapshot_every=2))  # no disk_every: it writes none, but it can read
+    guard = Guard(
+        model, opt, run_dir=str(tmp_path), policy="recover", resume=True, recovery=RecoveryConfig(snapshot_every=2)
+    )  # no disk_every: it writes none, but it can read
     assert guard.global_step == 6
     guard.close()
 
@@ -162,8 +171,9 @@ def test_a_data_position_the_resumed_loop_does_not_track_again_is_warned_about(t
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, run_dir=str(tmp_path), policy="recover",
-                  recovery=RecoveryConfig(snapshot_every=2, disk_every=1)).track(_Position())
+    guard = Guard(
+        model, opt, run_dir=str(tmp_path), policy="recover", recovery=RecoveryConfig(snapshot_every=2, disk_every=1)
+    ).track(_Position())
     for x, y in make_batches(4):
         loss = F.mse_loss(model(x), y)
         loss.backward()
@@ -224,8 +234,12 @@ def test_a_run_killed_after_a_rollback_resumes_on_the_rolled_back_timeline_bit_f
     env = {**os.environ, "PYTHONHASHSEED": "0"}
 
     def run(run_dir, kill_at, resume):
-        return subprocess.run([sys.executable, str(script), str(tmp_path / run_dir), str(kill_at), resume],
-                              capture_output=True, text=True, env=env)
+        return subprocess.run(
+            [sys.executable, str(script), str(tmp_path / run_dir), str(kill_at), resume],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
 
     full = run("a", -1, "0")
     assert full.returncode == 0, full.stderr

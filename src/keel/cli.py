@@ -111,8 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         if isinstance(exc, TrainingAborted):  # an outcome keel reached on purpose, not a bug
             _say(f"{prog}: aborted: {exc}")
             return 1
-        _say(f"{prog}: internal error: {type(exc).__name__}: {exc} (a keel bug; KEEL_DEBUG=1 shows the "
-             "traceback)")
+        _say(f"{prog}: internal error: {type(exc).__name__}: {exc} (a keel bug; KEEL_DEBUG=1 shows the traceback)")
         return 1
 
 

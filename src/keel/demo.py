@@ -50,14 +50,21 @@ class DemoRun:
 def demo_runs(quick: bool = False) -> list[DemoRun]:
     config = replace(UNSTABLE, steps=QUICK_STEPS) if quick else UNSTABLE
     return [
-        DemoRun(name="reference", policy="observe", config=replace(config, lr=SAFE_LR),
-                note=f"the same model at a safe lr {SAFE_LR}"),
+        DemoRun(
+            name="reference",
+            policy="observe",
+            config=replace(config, lr=SAFE_LR),
+            note=f"the same model at a safe lr {SAFE_LR}",
+        ),
         DemoRun(name="bare", policy="observe", config=config, note="keel watches, never touches"),
         DemoRun(name="guarded", policy="skip", config=config, note="keel may skip harmful updates"),
-        DemoRun(name="recovering", policy="recover", config=config,
-                note="keel may also roll back and apply a remedy"),
-        DemoRun(name="stabilized", policy="observe", config=replace(config, stabilize=REMEDIES),
-                note=f"the same recipe after keel.stabilize(model, {list(REMEDIES)})"),
+        DemoRun(name="recovering", policy="recover", config=config, note="keel may also roll back and apply a remedy"),
+        DemoRun(
+            name="stabilized",
+            policy="observe",
+            config=replace(config, stabilize=REMEDIES),
+            note=f"the same recipe after keel.stabilize(model, {list(REMEDIES)})",
+        ),
     ]
 
 
@@ -70,15 +77,23 @@ def run_demo(out: str | Path = "runs/demo", quick: bool = False, stream=sys.stdo
     results: dict[str, ProxyRun] = {}
     arms = demo_runs(quick)
     unstable = next(a.config for a in arms if a.name == "bare")
-    print(f"keel demo: proxy '{unstable.size}', AdamW lr {unstable.lr}, {unstable.steps} steps "
-          "— a recipe that is unstable on purpose", file=stream)
+    print(
+        f"keel demo: proxy '{unstable.size}', AdamW lr {unstable.lr}, {unstable.steps} steps "
+        "— a recipe that is unstable on purpose",
+        file=stream,
+    )
     for arm in arms:
         with progress_bar(arm.config.steps, f"  {arm.name}", unit="step") as bar:
-            results[arm.name] = train_proxy(arm.config, policy=arm.policy, run_dir=str(out / arm.name),
-                                            progress=_show_loss(bar), overwrite=True)  # each demo is a new run
+            results[arm.name] = train_proxy(
+                arm.config, policy=arm.policy, run_dir=str(out / arm.name), progress=_show_loss(bar), overwrite=True
+            )  # each demo is a new run
         run = results[arm.name]
-        print(f"  {arm.name:<10} done in {run.wall_s:.1f}s, val loss {run.val_loss:.3f}"
-              + (f" — aborted: {run.aborted}" if run.aborted else ""), file=stream, flush=True)
+        print(
+            f"  {arm.name:<10} done in {run.wall_s:.1f}s, val loss {run.val_loss:.3f}"
+            + (f" — aborted: {run.aborted}" if run.aborted else ""),
+            file=stream,
+            flush=True,
+        )
     print_summary(results, arms, stream)
     print_diagnosis(results["bare"], results["stabilized"], stream)
     print(f"\nrun stores: {', '.join(str(out / a.name / 'run.sqlite') for a in arms)}", file=stream)
@@ -100,8 +115,12 @@ def print_summary(results: dict[str, ProxyRun], arms: list[DemoRun], stream=sys.
         ("worst train loss", lambda r: f"{max(r.losses, default=math.nan):.3f}"),
         ("skipped steps", lambda r: sum(d.action == "skip" for d in r.decisions)),
         ("rollbacks", lambda r: sum(d.action == "rollback" for d in r.decisions)),
-        ("findings w/c/i", lambda r: "{warning}/{critical}/{info}".format_map(
-            Counter({"warning": 0, "critical": 0, "info": 0}) + Counter(f.severity for f in r.findings))),
+        (
+            "findings w/c/i",
+            lambda r: "{warning}/{critical}/{info}".format_map(
+                Counter({"warning": 0, "critical": 0, "info": 0}) + Counter(f.severity for f in r.findings)
+            ),
+        ),
         ("wall time", lambda r: f"{r.wall_s:.1f}s"),
     ]
     for label, cell in rows:
@@ -148,19 +167,34 @@ def _show_loss(bar: Any) -> Callable[[int, float], None]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--quick", action="store_true",
-                        help=f"{QUICK_STEPS} steps per run (about 2 minutes for the five runs)")
-    parser.add_argument("--out", default="runs/demo", type=output_dir,
-                        help="where the run stores go (default: %(default)s)")
+    parser.add_argument(
+        "--quick", action="store_true", help=f"{QUICK_STEPS} steps per run (about 2 minutes for the five runs)"
+    )
+    parser.add_argument(
+        "--out", default="runs/demo", type=output_dir, help="where the run stores go (default: %(default)s)"
+    )
     parser.add_argument("--json", action="store_true", help="print the summary as JSON after the run")
 
 
 def main(args: argparse.Namespace) -> int:
     results = run_demo(args.out, quick=args.quick, stream=sys.stderr if args.json else sys.stdout)
     if args.json:
-        print(json.dumps({name: {"policy": r.policy, "stabilize": list(r.config.stabilize),
-                                 "val_loss": r.val_loss, "wall_s": r.wall_s,
-                                 "findings": [f.to_dict() for f in r.findings],
-                                 "skips": sum(d.action == "skip" for d in r.decisions), "aborted": r.aborted}
-                          for name, r in results.items()}, indent=2, default=str))
+        print(
+            json.dumps(
+                {
+                    name: {
+                        "policy": r.policy,
+                        "stabilize": list(r.config.stabilize),
+                        "val_loss": r.val_loss,
+                        "wall_s": r.wall_s,
+                        "findings": [f.to_dict() for f in r.findings],
+                        "skips": sum(d.action == "skip" for d in r.decisions),
+                        "aborted": r.aborted,
+                    }
+                    for name, r in results.items()
+                },
+                indent=2,
+                default=str,
+            )
+        )
     return 0

@@ -57,16 +57,27 @@ def _accepts(annotation: object, value: object) -> bool | None:
     return None
 
 
-_JUNK = st.one_of(st.none(), st.booleans(), st.integers(-5, 5), st.integers(), st.floats(),
-                  st.text(max_size=6), st.lists(st.integers(), max_size=2), st.just(object()))
+_JUNK = st.one_of(
+    st.none(),
+    st.booleans(),
+    st.integers(-5, 5),
+    st.integers(),
+    st.floats(),
+    st.text(max_size=6),
+    st.lists(st.integers(), max_size=2),
+    st.just(object()),
+)
 
 
 def _required(config: type) -> dict[str, object]:
     """A plain valid value for each field without a default (a detector's signal and kind)."""
     hints = typing.get_type_hints(config)
     examples = {str: "loss", int: 1, float: 1.0, bool: False}
-    return {f.name: examples[hints[f.name]] for f in dataclasses.fields(config)
-            if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING}
+    return {
+        f.name: examples[hints[f.name]]
+        for f in dataclasses.fields(config)
+        if f.init and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda c: c.__name__)

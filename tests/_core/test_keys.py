@@ -11,8 +11,7 @@ from keel._core import keys
 from tests._core.source_literals import string_literals
 
 SRC = Path(keel.__file__).parent
-KEYS: dict[str, str] = {name: value for name, value in vars(keys).items()
-                        if name.isupper() and isinstance(value, str)}
+KEYS: dict[str, str] = {name: value for name, value in vars(keys).items() if name.isupper() and isinstance(value, str)}
 # "loss" and "lr" are keys and also everyday words: a probe's registry name, an optimizer param-group field, a model
 # output's attribute, a log column. A literal of them says nothing about whether the key was retyped.
 ORDINARY_WORDS = frozenset({keys.LOSS, keys.LR})
@@ -47,8 +46,9 @@ def test_every_key_is_declared_once_and_families_end_with_a_slash() -> None:
         by_value.setdefault(value, []).append(name)
     assert {v: n for v, n in by_value.items() if len(n) > 1} == {}
     families = {name: value for name, value in KEYS.items() if value.endswith("/")}
-    assert all(name.endswith(("_PER_PARAM", "_PER_LAYER", "_PER_BLOCK", "_PER_HEAD", "_PER_RANK"))
-               for name in families), families
+    assert all(
+        name.endswith(("_PER_PARAM", "_PER_LAYER", "_PER_BLOCK", "_PER_HEAD", "_PER_RANK")) for name in families
+    ), families
 
 
 @pytest.mark.parametrize("family", ["grad/norm", "", 3])

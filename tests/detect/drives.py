@@ -62,16 +62,20 @@ def _diverging_loss() -> np.ndarray:
     return np.concatenate([loss, loss[-1] * np.linspace(1.0, 4.0, 60)])
 
 
-def _norms(step: int, loss: float, grad: float, param: float, *, bad_block: int | None = None,
-           bad_param: int | None = None) -> Observation:
+def _norms(
+    step: int, loss: float, grad: float, param: float, *, bad_block: int | None = None, bad_param: int | None = None
+) -> Observation:
     act = [1.0 + i for i in range(len(BLOCKS))]
     grads = [0.1 * (i + 1) for i in range(len(PARAMS))]
     if bad_block is not None:
         act[bad_block:] = [math.inf] + [math.nan] * (len(BLOCKS) - bad_block - 1)
     if bad_param is not None:
         grads[: bad_param + 1] = [math.nan] * (bad_param + 1)
-    return Observation(step=step, values={"loss": loss, "grad/norm": grad, "param/norm": param},
-                       per_param={"act/max_abs/": (BLOCKS, act), "grad/norm/": (PARAMS, grads)})
+    return Observation(
+        step=step,
+        values={"loss": loss, "grad/norm": grad, "param/norm": param},
+        per_param={"act/max_abs/": (BLOCKS, act), "grad/norm/": (PARAMS, grads)},
+    )
 
 
 def _healthy_norms() -> list[Observation]:
@@ -81,8 +85,12 @@ def _healthy_norms() -> list[Observation]:
 
 def _non_finite_norms() -> list[Observation]:
     run = _healthy_norms()[:60]
-    run += [_norms(60, math.nan, math.nan, 30.0, bad_block=1), _norms(61, 2.1, math.inf, 30.0, bad_param=1),
-            _norms(62, 2.1, 1.0, 30.0), _norms(63, 2.1, 1.0, math.nan)]
+    run += [
+        _norms(60, math.nan, math.nan, 30.0, bad_block=1),
+        _norms(61, 2.1, math.inf, 30.0, bad_param=1),
+        _norms(62, 2.1, 1.0, 30.0),
+        _norms(63, 2.1, 1.0, math.nan),
+    ]
     return run
 
 
@@ -115,8 +123,10 @@ def _drifting_log_z() -> np.ndarray:
 
 
 def _margins(values, lrs) -> list[Observation]:
-    return [Observation(step=5 * i, values={"curvature/margin": float(m), "lr": float(lr), "curvature/sharpness": 50.0})
-            for i, (m, lr) in enumerate(zip(values, lrs, strict=True))]
+    return [
+        Observation(step=5 * i, values={"curvature/margin": float(m), "lr": float(lr), "curvature/sharpness": 50.0})
+        for i, (m, lr) in enumerate(zip(values, lrs, strict=True))
+    ]
 
 
 def _healthy_margins() -> list[Observation]:
@@ -131,18 +141,28 @@ def _lr_jump_margins() -> list[Observation]:
 
 DRIVES: dict[str, Drive] = {
     "spike": Drive(healthy=lambda: _scalar("loss", _healthy_loss()), trigger=lambda: _scalar("loss", _spiking_loss())),
-    "divergence": Drive(healthy=lambda: _scalar("loss", _healthy_loss()),
-                        trigger=lambda: _scalar("loss", _diverging_loss())),
+    "divergence": Drive(
+        healthy=lambda: _scalar("loss", _healthy_loss()), trigger=lambda: _scalar("loss", _diverging_loss())
+    ),
     "non_finite": Drive(healthy=_healthy_norms, trigger=_non_finite_norms),
     "non_finite_origin": Drive(healthy=_healthy_norms, trigger=_non_finite_norms),
-    "attention_logit_growth": Drive(healthy=lambda: _scalar("attn/max_logit", _healthy_logits(), every=2),
-                                    trigger=lambda: _scalar("attn/max_logit", _growing_logits())),
-    "attention_entropy_collapse": Drive(healthy=lambda: _scalar("attn/entropy", _healthy_entropy(), every=10),
-                                        trigger=lambda: _scalar("attn/entropy", _collapsing_entropy(), every=10)),
-    "output_logit_drift": Drive(healthy=lambda: _scalar("logits/log_z", _healthy_log_z()),
-                                trigger=lambda: _scalar("logits/log_z", _drifting_log_z())),
-    "softmax_collapse": Drive(healthy=lambda: _scalar("logits/softmax_collapse", np.zeros(50)),
-                              trigger=lambda: _scalar("logits/softmax_collapse",
-                                                      [0.0] * 5 + [0.004, 0.02, 0.08, 0.3, 0.7, 0.9, 0.0, 0.6, 0.6])),
+    "attention_logit_growth": Drive(
+        healthy=lambda: _scalar("attn/max_logit", _healthy_logits(), every=2),
+        trigger=lambda: _scalar("attn/max_logit", _growing_logits()),
+    ),
+    "attention_entropy_collapse": Drive(
+        healthy=lambda: _scalar("attn/entropy", _healthy_entropy(), every=10),
+        trigger=lambda: _scalar("attn/entropy", _collapsing_entropy(), every=10),
+    ),
+    "output_logit_drift": Drive(
+        healthy=lambda: _scalar("logits/log_z", _healthy_log_z()),
+        trigger=lambda: _scalar("logits/log_z", _drifting_log_z()),
+    ),
+    "softmax_collapse": Drive(
+        healthy=lambda: _scalar("logits/softmax_collapse", np.zeros(50)),
+        trigger=lambda: _scalar(
+            "logits/softmax_collapse", [0.0] * 5 + [0.004, 0.02, 0.08, 0.3, 0.7, 0.9, 0.0, 0.6, 0.6]
+        ),
+    ),
     "edge_of_stability": Drive(healthy=_healthy_margins, trigger=_lr_jump_margins),
 }

@@ -108,16 +108,28 @@ class ReferenceSpike:
         run = len(self._episode)
         baseline = math.exp(med) if self._log else med
         ratio = x / baseline if baseline else math.inf  # a baseline of exactly 0 (a linear loss sitting at 0)
-        evidence = {"z": round(z, 2), "ratio": round(ratio, 4) if baseline else None,
-                    "onset_step": self._onset, "consecutive": run}
+        evidence = {
+            "z": round(z, 2),
+            "ratio": round(ratio, 4) if baseline else None,
+            "onset_step": self._onset,
+            "consecutive": run,
+        }
         if run >= cfg.rebase_after:
             self._accepted.clear()
-            self._accepted.extend(self._episode[-cfg.min_history:])
+            self._accepted.extend(self._episode[-cfg.min_history :])
             self._end_episode(step)
             evidence["rebased"] = True
-            return [self._finding(step, "info", x, baseline, evidence,
-                                  f"{cfg.signal} has stayed at a new level for {run} steps; it is the new baseline.",
-                                  "None: this is a lasting change, not a spike. Check the divergence findings.")]
+            return [
+                self._finding(
+                    step,
+                    "info",
+                    x,
+                    baseline,
+                    evidence,
+                    f"{cfg.signal} has stayed at a new level for {run} steps; it is the new baseline.",
+                    "None: this is a lasting change, not a spike. Check the divergence findings.",
+                )
+            ]
         tail = max((e for at, e in self._outliers if step - at <= TAIL_SPAN), default=0.0)
         if tail:
             evidence["largest_recent_outlier_ratio"] = round(1 + tail, 4)
@@ -134,8 +146,17 @@ class ReferenceSpike:
         return [self._finding(step, severity, x, baseline, evidence, *_explain(cfg, severity, ratio, run))]
 
     def _finding(self, step, severity, x, baseline, evidence, cause, remedy):
-        return Finding(step=step, kind=self.config.kind, severity=severity, signal=self.config.signal,
-                       value=x, baseline=baseline, evidence=evidence, cause=cause, remedy=remedy)
+        return Finding(
+            step=step,
+            kind=self.config.kind,
+            severity=severity,
+            signal=self.config.signal,
+            value=x,
+            baseline=baseline,
+            evidence=evidence,
+            cause=cause,
+            remedy=remedy,
+        )
 
     def _end_episode(self, step):
         if len(self._episode) == 1 and not self._critical:
@@ -147,9 +168,17 @@ class ReferenceSpike:
         self._warned = self._critical = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "accepted": list(self._accepted), "episode": list(self._episode),
-                "onset": self._onset, "warned": self._warned, "log": self._log, "onset_excess": self._onset_excess,
-                "critical": self._critical, "outliers": [list(o) for o in self._outliers]}
+        return {
+            "config": asdict(self.config),
+            "accepted": list(self._accepted),
+            "episode": list(self._episode),
+            "onset": self._onset,
+            "warned": self._warned,
+            "log": self._log,
+            "onset_excess": self._onset_excess,
+            "critical": self._critical,
+            "outliers": [list(o) for o in self._outliers],
+        }
 
 
 class ReferenceDivergence:
@@ -212,18 +241,43 @@ class ReferenceDivergence:
             return []
         self._reported = severity
         excess = (med - self._best) / (abs(self._best) + 1e-12)
-        evidence = {"median": round(med, 6), "best": round(self._best, 6), "best_step": self._best_step,
-                    "excess": round(excess, 4), "onset_step": obs.step - self._run + 1,
-                    "window": n, "noise": round(self._noise, 4), "required_excess": round(expm1(required), 4)}
-        noisy = (f" (the loss swings ±{expm1(self._noise):.0%} per step; the median of {n} steps is judged "
-                 f"against that)" if min(len(self._values), self._size) > cfg.short else "")
-        cause = (f"The loss's running median has stayed {1 + excess:.3g}× its best level (step "
-                 f"{self._best_step}) for {self._run} steps{noisy}: training is diverging, not spiking.")
-        remedy = ("Roll back to a snapshot before the onset and continue with a lower learning rate "
-                  "(policy='recover'; PaLM and OPT-175B restarted earlier with a lower LR); check attention "
-                  "logits and consider QK-norm and z-loss (Wortsman et al. 2023).")
-        return [Finding(step=obs.step, kind="divergence", severity=severity, signal=cfg.signal, value=med,
-                        baseline=self._best, evidence=evidence, cause=cause, remedy=remedy)]
+        evidence = {
+            "median": round(med, 6),
+            "best": round(self._best, 6),
+            "best_step": self._best_step,
+            "excess": round(excess, 4),
+            "onset_step": obs.step - self._run + 1,
+            "window": n,
+            "noise": round(self._noise, 4),
+            "required_excess": round(expm1(required), 4),
+        }
+        noisy = (
+            f" (the loss swings ±{expm1(self._noise):.0%} per step; the median of {n} steps is judged against that)"
+            if min(len(self._values), self._size) > cfg.short
+            else ""
+        )
+        cause = (
+            f"The loss's running median has stayed {1 + excess:.3g}× its best level (step "
+            f"{self._best_step}) for {self._run} steps{noisy}: training is diverging, not spiking."
+        )
+        remedy = (
+            "Roll back to a snapshot before the onset and continue with a lower learning rate "
+            "(policy='recover'; PaLM and OPT-175B restarted earlier with a lower LR); check attention "
+            "logits and consider QK-norm and z-loss (Wortsman et al. 2023)."
+        )
+        return [
+            Finding(
+                step=obs.step,
+                kind="divergence",
+                severity=severity,
+                signal=cfg.signal,
+                value=med,
+                baseline=self._best,
+                evidence=evidence,
+                cause=cause,
+                remedy=remedy,
+            )
+        ]
 
     def _resize(self, size):
         if size == self._size:
@@ -255,10 +309,20 @@ class ReferenceDivergence:
         return n
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "recent": list(self._values), "size": self._size,
-                "diffs": list(self._diffs), "noise": self._noise, "seen": self._seen, "best": self._best,
-                "best_step": self._best_step, "best_se": self._best_se, "run": self._run, "pending": self._pending,
-                "reported": self._reported}
+        return {
+            "config": asdict(self.config),
+            "recent": list(self._values),
+            "size": self._size,
+            "diffs": list(self._diffs),
+            "noise": self._noise,
+            "seen": self._seen,
+            "best": self._best,
+            "best_step": self._best_step,
+            "best_se": self._best_se,
+            "run": self._run,
+            "pending": self._pending,
+            "reported": self._reported,
+        }
 
 
 def _relative_change(before, after):

@@ -26,8 +26,9 @@ def shaped_series(draw, *, max_len: int = 2000) -> list[float | None]:
     df = draw(st.sampled_from([None, 3]))
     t = np.arange(n)
     trend = draw(st.sampled_from(["flat", "falling", "epochs"]))
-    curve = {"flat": np.ones(n), "falling": 0.1 + np.exp(-t / max(1, n / 4)),
-             "epochs": 0.5 ** (t // max(1, n // 5))}[trend]
+    curve = {"flat": np.ones(n), "falling": 0.1 + np.exp(-t / max(1, n / 4)), "epochs": 0.5 ** (t // max(1, n // 5))}[
+        trend
+    ]
     eps = rng.standard_normal(n) if df is None else rng.standard_t(df, n)
     x = level * curve * np.exp(scale * eps)
     if draw(st.booleans()):  # quantised values: ties in every window
@@ -35,10 +36,10 @@ def shaped_series(draw, *, max_len: int = 2000) -> list[float | None]:
     for _ in range(draw(st.integers(0, 6))):  # spikes and level shifts
         at = int(rng.integers(0, n))
         length = int(draw(st.sampled_from([1, 1, 3, 12, 60, 400])))
-        x[at:at + length] *= draw(st.sampled_from([0.2, 1.3, 2.5, 40.0, 1e5]))
+        x[at : at + length] *= draw(st.sampled_from([0.2, 1.3, 2.5, 40.0, 1e5]))
     if draw(st.booleans()):  # a stretch that leaves log space (a loss going to zero or negative)
         at = int(rng.integers(0, n))
-        x[at:at + int(rng.integers(1, 200))] -= level * draw(st.sampled_from([1.0, 3.0]))
+        x[at : at + int(rng.integers(1, 200))] -= level * draw(st.sampled_from([1.0, 3.0]))
     values: list[float | None] = x.tolist()
     for _ in range(draw(st.integers(0, 8))):
         values[int(rng.integers(0, n))] = draw(st.sampled_from(ODD))
@@ -47,8 +48,12 @@ def shaped_series(draw, *, max_len: int = 2000) -> list[float | None]:
 
 def raw_series(max_len: int = 300) -> st.SearchStrategy[list[float | None]]:
     """Short series from a small alphabet with hostile values: ties, signs, infinities, extremes."""
-    alphabet = st.one_of(st.sampled_from([1.0, 1.0, 2.0, 0.5, 3.0, 1.1, 0.9]), st.sampled_from(ODD),
-                         st.floats(-1e6, 1e6, allow_nan=False), st.floats(1e-9, 1e9))
+    alphabet = st.one_of(
+        st.sampled_from([1.0, 1.0, 2.0, 0.5, 3.0, 1.1, 0.9]),
+        st.sampled_from(ODD),
+        st.floats(-1e6, 1e6, allow_nan=False),
+        st.floats(1e-9, 1e9),
+    )
     return st.lists(alphabet, max_size=max_len)
 
 

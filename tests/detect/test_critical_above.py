@@ -13,18 +13,31 @@ from hypothesis import strategies as st
 from keel._core.observation import Observation
 from keel.detect import SpikeConfig, SpikeDetector
 
-CONFIGS = st.sampled_from([
-    SpikeConfig(signal="loss"),
-    SpikeConfig(signal="loss", window=8, min_history=4, patience=2, rebase_after=5),
-    SpikeConfig(signal="loss", log_scale=False, window=8, min_history=4),
-    SpikeConfig(signal="grad/norm", log_scale=True, min_excess=1.0, scale_floor=0.05, critical_excess=19.0,
-                window=16, min_history=8),
-])
-HISTORY = st.lists(st.one_of(st.floats(min_value=1.0, max_value=3.0), st.sampled_from([2.0, 2.0, 9.0, 40.0, 0.0,
-                                                                                      math.nan])),
-                   max_size=70)
-FACTORS = st.one_of(st.floats(min_value=0.3, max_value=0.999), st.floats(min_value=1.001, max_value=200.0),
-                    st.floats(min_value=0.999999, max_value=1.000001))
+CONFIGS = st.sampled_from(
+    [
+        SpikeConfig(signal="loss"),
+        SpikeConfig(signal="loss", window=8, min_history=4, patience=2, rebase_after=5),
+        SpikeConfig(signal="loss", log_scale=False, window=8, min_history=4),
+        SpikeConfig(
+            signal="grad/norm",
+            log_scale=True,
+            min_excess=1.0,
+            scale_floor=0.05,
+            critical_excess=19.0,
+            window=16,
+            min_history=8,
+        ),
+    ]
+)
+HISTORY = st.lists(
+    st.one_of(st.floats(min_value=1.0, max_value=3.0), st.sampled_from([2.0, 2.0, 9.0, 40.0, 0.0, math.nan])),
+    max_size=70,
+)
+FACTORS = st.one_of(
+    st.floats(min_value=0.3, max_value=0.999),
+    st.floats(min_value=1.001, max_value=200.0),
+    st.floats(min_value=0.999999, max_value=1.000001),
+)
 
 
 @settings(max_examples=300, deadline=None)

@@ -22,8 +22,9 @@ def test_contract(name):
     assert DETECTORS.get(name).__module__.rsplit(".", 1)[-1] == name
     found = []
     for step in range(150):
-        found += det.update(Observation(step=step, values={"loss": 2.0 + (10.0 if step == 120 else 0.0),
-                                                           "grad/norm": 1.0}))
+        found += det.update(
+            Observation(step=step, values={"loss": 2.0 + (10.0 if step == 120 else 0.0), "grad/norm": 1.0})
+        )
     assert all(isinstance(f, Finding) for f in found)
     state = det.state_dict()
     json.dumps(state)  # plain data: snapshots store it without pickling
@@ -158,5 +159,5 @@ def test_a_state_saved_before_the_shared_episode_helper_resumes_identically(name
     found = [whole.update(o) for o in trigger]
     resumed = create_detector(name)
     resumed.load_state_dict(saved["state"])
-    assert canonical([resumed.update(o) for o in trigger[saved["cut"]:]]) == canonical(found[saved["cut"]:])
+    assert canonical([resumed.update(o) for o in trigger[saved["cut"] :]]) == canonical(found[saved["cut"] :])
     assert canonical(resumed.state_dict()) == canonical(whole.state_dict())

@@ -12,9 +12,14 @@ def f(step, kind, severity="warning", **evidence):
 
 
 def test_mechanism_explains_later_symptoms_and_folds_entropy_collapse():
-    found = [f(3, "loss_spike", "info"), f(8, "attention_logit_growth", level=15.5),
-             f(20, "attention_entropy_collapse"), f(33, "attention_logit_growth", "critical"),
-             f(40, "loss_spike", "critical"), f(60, "divergence")]
+    found = [
+        f(3, "loss_spike", "info"),
+        f(8, "attention_logit_growth", level=15.5),
+        f(20, "attention_entropy_collapse"),
+        f(33, "attention_logit_growth", "critical"),
+        f(40, "loss_spike", "critical"),
+        f(60, "divergence"),
+    ]
     (d,) = diagnose(found)
     assert (d.kind, d.first_step, d.critical_step, d.severity) == ("attention_logit_growth", 8, 33, "critical")
     assert d.consequences == {"loss_spike": 40, "divergence": 60}
@@ -50,8 +55,11 @@ def test_every_cause_has_sourced_remedies():
 
 
 def test_where_nan_was_born_is_evidence_for_the_explaining_cause():
-    found = [f(8, "attention_logit_growth"), f(15, "non_finite", "critical"),
-             f(15, "non_finite_origin", "critical", module="blocks.1.attn.qkv", **{"pass": "backward"})]
+    found = [
+        f(8, "attention_logit_growth"),
+        f(15, "non_finite", "critical"),
+        f(15, "non_finite_origin", "critical", module="blocks.1.attn.qkv", **{"pass": "backward"}),
+    ]
     (d,) = diagnose(found)
     assert d.evidence["born_in"] == {"module": "blocks.1.attn.qkv", "pass": "backward", "step": 15}
     assert "born in blocks.1.attn.qkv (backward pass" in d.summary()

@@ -49,7 +49,7 @@ def test_doctor_shows_the_diagnosis_of_an_attention_logit_growth_run(tmp_path, c
     assert main(["doctor", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "diagnosis (recorded by the Guard at the end of the run):" in out
-    block = out[out.index("diagnosis (recorded"):]
+    block = out[out.index("diagnosis (recorded") :]
     assert f"1. Attention-logit growth (first seen at step {first['first_step']}" in " ".join(block.split())
     assert "QK-norm" in block and "Dehghani" in block
     assert main(["doctor", str(tmp_path / "run"), "--json"]) == 0

@@ -55,8 +55,9 @@ def test_state_round_trip():
     b = DivergenceDetector()
     b.load_state_dict(a.state_dict())
     tail = list(enumerate(values))[70:]
-    assert [f for s, v in tail for f in a.update(Observation(step=s, values={"loss": v}))] == \
-           [f for s, v in tail for f in b.update(Observation(step=s, values={"loss": v}))]
+    assert [f for s, v in tail for f in a.update(Observation(step=s, values={"loss": v}))] == [
+        f for s, v in tail for f in b.update(Observation(step=s, values={"loss": v}))
+    ]
 
 
 # --- noisy but healthy runs: the run's own noise and epoch structure, not a fixed ratio ----------------------
@@ -105,20 +106,29 @@ _NOISE = st.sampled_from([None, 3, 5])  # Gaussian, or Student-t tails in log sp
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.005, 0.5), df=_NOISE,
-       shape=st.sampled_from(["flat", "falling", "epochs"]), n=st.integers(100, 1500))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    scale=st.floats(0.005, 0.5),
+    df=_NOISE,
+    shape=st.sampled_from(["flat", "falling", "epochs"]),
+    n=st.integers(100, 1500),
+)
 def test_property_healthy_noise_processes_raise_nothing(seed, scale, df, shape, n):
     rng = np.random.default_rng(seed)
     t = np.arange(n)
-    level = {"flat": np.full(n, 1.0), "falling": 0.1 + 2.0 * np.exp(-t / (n / 4)),
-             "epochs": 2.0 * 0.05 ** (np.minimum(t // max(1, n // 5), 4) / 4)}[shape]
+    level = {
+        "flat": np.full(n, 1.0),
+        "falling": 0.1 + 2.0 * np.exp(-t / (n / 4)),
+        "epochs": 2.0 * 0.05 ** (np.minimum(t // max(1, n // 5), 4) / 4),
+    }[shape]
     values = (level * np.exp(_noise(rng, n, scale, df))).tolist()
     assert _run(DivergenceDetector(), values) == []
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.005, 0.5), df=st.sampled_from([None, 5]),
-       k=st.floats(3.0, 10.0))
+@given(
+    seed=st.integers(0, 2**32 - 1), scale=st.floats(0.005, 0.5), df=st.sampled_from([None, 5]), k=st.floats(3.0, 10.0)
+)
 def test_property_a_level_shift_of_k_noise_units_is_found(seed, scale, df, k):
     # a lasting rise of max(60 %, k noise units) after 400 healthy steps: found, later the noisier the run
     rng = np.random.default_rng(seed)

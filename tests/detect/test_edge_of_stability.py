@@ -25,8 +25,11 @@ def test_benign_oscillation_at_the_edge_is_silent():
 
 def test_lr_jump_is_flagged_in_the_step_it_is_measured():
     det = EdgeOfStabilityDetector()
-    found = [f for o in [obs(0, 0.8), obs(1), obs(2), obs(3, 2.5, lr=0.03), obs(4), obs(5, 12.0, lr=0.1)]
-             for f in det.update(o)]
+    found = [
+        f
+        for o in [obs(0, 0.8), obs(1), obs(2), obs(3, 2.5, lr=0.03), obs(4), obs(5, 12.0, lr=0.1)]
+        for f in det.update(o)
+    ]
     assert [(f.step, f.severity) for f in found] == [(3, "warning"), (5, "critical")]
     assert found[0].evidence["typical_margin"] == 0.8
     assert found[0].evidence["stable_lr"] == pytest.approx(0.012)

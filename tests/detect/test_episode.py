@@ -79,17 +79,39 @@ def test_a_state_without_a_key_starts_it_fresh_and_a_bad_one_is_one_clear_error(
 
 def test_an_explained_finding_carries_the_catalogue_entry_of_its_kind():
     cause = CAUSES["softmax_collapse"]
-    f = explained_finding(step=3, kind="softmax_collapse", severity="warning", signal="logits/softmax_collapse",
-                          value=0.2, baseline=0.01, evidence={"fraction": 0.2}, text="20% of the rows are one-hot.")
+    f = explained_finding(
+        step=3,
+        kind="softmax_collapse",
+        severity="warning",
+        signal="logits/softmax_collapse",
+        value=0.2,
+        baseline=0.01,
+        evidence={"fraction": 0.2},
+        text="20% of the rows are one-hot.",
+    )
     assert isinstance(f, Finding)
-    assert (f.step, f.kind, f.severity, f.signal, f.value, f.baseline) == (3, "softmax_collapse", "warning",
-                                                                           "logits/softmax_collapse", 0.2, 0.01)
+    assert (f.step, f.kind, f.severity, f.signal, f.value, f.baseline) == (
+        3,
+        "softmax_collapse",
+        "warning",
+        "logits/softmax_collapse",
+        0.2,
+        0.01,
+    )
     assert f.cause == f"20% of the rows are one-hot. {cause.mechanism}"
     assert f.remedy == cause.remedy_text()
     assert list(f.evidence) == ["fraction", "remedies"] and f.evidence["remedies"] == cause.remedy_dicts()
 
 
 def test_a_kind_outside_the_catalogue_keeps_its_text_alone():
-    f = explained_finding(step=0, kind="made_up", severity="critical", signal="x", value=1.0, baseline=0.5,
-                          evidence={"a": 1}, text="x is high.")
+    f = explained_finding(
+        step=0,
+        kind="made_up",
+        severity="critical",
+        signal="x",
+        value=1.0,
+        baseline=0.5,
+        evidence={"a": 1},
+        text="x is high.",
+    )
     assert (f.cause, f.remedy, f.evidence) == ("x is high.", "", {"a": 1})

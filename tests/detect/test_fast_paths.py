@@ -32,8 +32,9 @@ SPIKES = {
 DIVERGENCES = {
     "default": lambda cls: cls(),
     "small": lambda cls: cls(DivergenceConfig(short=4, window=20, min_history=5, patience=3, noise_margin=1.0)),
-    "quick": lambda cls: cls(DivergenceConfig(short=3, window=9, min_history=3, patience=1, warn_excess=0.05,
-                                              critical_excess=0.1)),
+    "quick": lambda cls: cls(
+        DivergenceConfig(short=3, window=9, min_history=3, patience=1, warn_excess=0.05, critical_excess=0.1)
+    ),
 }
 
 
@@ -118,8 +119,9 @@ def test_hostile_magnitudes_and_a_zero_baseline_do_not_raise():
     # for the rest of the log: exp(x) - 1 of 10^300 over a median of 10^-300; a log-ratio whose quotient
     # underflows to 0; a window size that overflows; a spike over a linear baseline of exactly 0
     def run(det, series, key="loss"):
-        return [(f.step, f.severity) for i, v in enumerate(series)
-                for f in det.update(Observation(step=i, values={key: v}))]
+        return [
+            (f.step, f.severity) for i, v in enumerate(series) for f in det.update(Observation(step=i, values={key: v}))
+        ]
 
     assert run(SpikeDetector(signal="loss"), [1e-300] * 80 + [1e300] * 3 + [1e-300] * 20)[:1] == [(80, "critical")]
     found = run(DivergenceDetector(), [1e300] * 100 + [1e-300] * 300 + [1e300] * 100)
@@ -154,8 +156,9 @@ def test_property_spike_scan_equals_the_reference_update(name, data):
     series = data.draw(st.one_of(shaped_series(), raw_series()))
     cuts = [c for c in data.draw(_CUTS) if c <= len(series)]
     key = SPIKES[name](SpikeDetector).config.signal
-    assert canonical(scan_in_pieces(SPIKES[name](SpikeDetector), series, cuts)) == \
-        canonical(drive(SPIKES[name](ReferenceSpike), series, [], key=key, fast=False))
+    assert canonical(scan_in_pieces(SPIKES[name](SpikeDetector), series, cuts)) == canonical(
+        drive(SPIKES[name](ReferenceSpike), series, [], key=key, fast=False)
+    )
 
 
 def _long_run(n, seed, scale):
@@ -163,7 +166,7 @@ def _long_run(n, seed, scale):
     t = np.arange(n)
     values = (0.8 + 3.0 * np.exp(-t / (n / 10))) * np.exp(scale * rng.standard_normal(n))
     values[rng.integers(0, n, 12)] *= rng.choice([1.5, 3.0, 40.0, 1e3], 12)  # outliers and spikes
-    values[n // 2:n // 2 + 300] *= 2.2  # a level shift the baseline adopts
+    values[n // 2 : n // 2 + 300] *= 2.2  # a level shift the baseline adopts
     values[rng.integers(0, n, 20)] = np.nan
     return values
 
@@ -176,8 +179,9 @@ def test_spike_scan_of_a_long_log_equals_update(name, scale):
     det = SPIKES[name](SpikeDetector)
     key = det.config.signal
     online = SPIKES[name](SpikeDetector)
-    expected = [f for i, v in enumerate(values.tolist())
-                for f in online.update(Observation(step=3 * i, values={key: v}))]
+    expected = [
+        f for i, v in enumerate(values.tolist()) for f in online.update(Observation(step=3 * i, values={key: v}))
+    ]
     assert len(expected) >= 3
     assert canonical(det.scan(3 * np.arange(len(values)), values)) == canonical(expected)
     assert canonical(det.state_dict()) == canonical(online.state_dict())
@@ -195,8 +199,9 @@ def test_scan_refuses_mismatched_arrays_with_one_clear_error():
 def test_property_divergence_scan_equals_the_reference_update(name, data):
     series = data.draw(st.one_of(shaped_series(), raw_series()))
     cuts = [c for c in data.draw(_CUTS) if c <= len(series)]
-    assert canonical(scan_in_pieces(DIVERGENCES[name](DivergenceDetector), series, cuts)) == \
-        canonical(drive(DIVERGENCES[name](ReferenceDivergence), series, [], key="loss", fast=False))
+    assert canonical(scan_in_pieces(DIVERGENCES[name](DivergenceDetector), series, cuts)) == canonical(
+        drive(DIVERGENCES[name](ReferenceDivergence), series, [], key="loss", fast=False)
+    )
 
 
 @pytest.mark.parametrize("shape", ["healthy", "diverges", "plateau"])
@@ -210,8 +215,9 @@ def test_divergence_scan_of_a_long_log_equals_update(shape, scale):
     elif shape == "plateau":
         values[12_000:] *= 2.5
     online = DivergenceDetector()
-    expected = [f for i, v in enumerate(values.tolist())
-                for f in online.update(Observation(step=2 * i, values={"loss": v}))]
+    expected = [
+        f for i, v in enumerate(values.tolist()) for f in online.update(Observation(step=2 * i, values={"loss": v}))
+    ]
     det = DivergenceDetector()
     assert canonical(det.scan(2 * np.arange(len(values)), values)) == canonical(expected)
     assert canonical(det.state_dict()) == canonical(online.state_dict())

@@ -13,7 +13,7 @@ def test_running_median_matches_numpy_and_skips_nonfinite():
     rng = np.random.default_rng(0)
     x = rng.normal(size=50)
     got = running_median(x, 7)
-    expected = [np.median(x[max(0, i - 3): i + 4]) for i in range(50)]
+    expected = [np.median(x[max(0, i - 3) : i + 4]) for i in range(50)]
     np.testing.assert_allclose(got, expected)
     assert running_median([1.0, math.nan, 3.0], 3).tolist() == [1.0, 2.0, 3.0]
 

@@ -105,8 +105,14 @@ def build(name: str) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
         m = OddParameters()
         return m, lambda i: F.cross_entropy(m(x[i]), (x[i, 0] > 0).long() + 2 * (x[i, 1] > 0).long())
     if name == "cnn":  # BatchNorm brings an integer buffer (num_batches_tracked)
-        m = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(2),
-                          nn.Flatten(), nn.Linear(16, 10))
+        m = nn.Sequential(
+            nn.Conv2d(1, 4, 3, padding=1),
+            nn.BatchNorm2d(4),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(2),
+            nn.Flatten(),
+            nn.Linear(16, 10),
+        )
         images, labels = torch.randn(64, 1, 8, 8, generator=g), torch.randint(0, 10, (64,), generator=g)
         return m, lambda i: F.cross_entropy(m(images[i]), labels[i])
     if name == "lstm":
@@ -121,20 +127,40 @@ def build(name: str) -> tuple[nn.Module, Callable[[Tensor], Tensor]]:
         return m, _next_token(m, tokens)
     if name == "gpt2":
         transformers = pytest.importorskip("transformers")
-        config = transformers.GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=32, n_positions=16,
-                                         resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0,
-                                         eos_token_id=0)
+        config = transformers.GPT2Config(
+            n_layer=2,
+            n_embd=32,
+            n_head=2,
+            vocab_size=32,
+            n_positions=16,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+        )
         m = transformers.GPT2LMHeadModel(config)
         return m, lambda i: m(tokens[i], labels=tokens[i]).loss
     raise ValueError(name)
 
 
-ZOO = ["regressor", "binary_one_logit", "two_class", "multi_output_regressor", "odd_parameters", "cnn", "lstm",
-       "pooled_encoder", "tiny_transformer", "gpt2"]
+ZOO = [
+    "regressor",
+    "binary_one_logit",
+    "two_class",
+    "multi_output_regressor",
+    "odd_parameters",
+    "cnn",
+    "lstm",
+    "pooled_encoder",
+    "tiny_transformer",
+    "gpt2",
+]
 
 
-def train(name: str, *, guarded: bool, steps: int = STEPS, lr: float = 1e-2, probes: str = "full"
-          ) -> tuple[list[float], keel.Guard | None]:
+def train(
+    name: str, *, guarded: bool, steps: int = STEPS, lr: float = 1e-2, probes: str = "full"
+) -> tuple[list[float], keel.Guard | None]:
     model, loss_of = build(name)
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
@@ -164,8 +190,11 @@ def test_healthy_model_shapes_raise_nothing_and_train_like_the_bare_loop(name):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Hugging Face's config notes; keel's own warnings are not findings
         guarded, guard = train(name, guarded=True)
-    alarms = [(f.step, f.kind, f.severity, f.signal) for f in guard.findings
-              if f.severity in ("warning", "critical") or f.kind == "keel_error"]
+    alarms = [
+        (f.step, f.kind, f.severity, f.signal)
+        for f in guard.findings
+        if f.severity in ("warning", "critical") or f.kind == "keel_error"
+    ]
     assert alarms == []
     assert guard.decisions == []
     assert guarded == bare

@@ -17,20 +17,27 @@ NAN, INF = math.nan, math.inf
 def test_forward_birth_and_one_report_per_episode():
     det = NonFiniteOriginDetector()
     fam = ("blocks.0", "blocks.1", "blocks.2")
-    steps = [Observation(step=0, values={"loss": 2.0}, per_param={"act/max_abs/": (fam, [1.0, 2.0, 3.0])}),
-             Observation(step=1, values={"loss": NAN}, per_param={"act/max_abs/": (fam, [1.0, INF, NAN])}),
-             Observation(step=2, values={"loss": NAN}, per_param={"act/max_abs/": (fam, [NAN, NAN, NAN])}),
-             Observation(step=3, values={"loss": 2.0}, per_param={"act/max_abs/": (fam, [1.0, 2.0, 3.0])}),
-             Observation(step=4, values={"loss": NAN}, per_param={"act/max_abs/": (fam, [1.0, 1.0, NAN])})]
+    steps = [
+        Observation(step=0, values={"loss": 2.0}, per_param={"act/max_abs/": (fam, [1.0, 2.0, 3.0])}),
+        Observation(step=1, values={"loss": NAN}, per_param={"act/max_abs/": (fam, [1.0, INF, NAN])}),
+        Observation(step=2, values={"loss": NAN}, per_param={"act/max_abs/": (fam, [NAN, NAN, NAN])}),
+        Observation(step=3, values={"loss": 2.0}, per_param={"act/max_abs/": (fam, [1.0, 2.0, 3.0])}),
+        Observation(step=4, values={"loss": NAN}, per_param={"act/max_abs/": (fam, [1.0, 1.0, NAN])}),
+    ]
     found = [(f.step, f.evidence["module"]) for o in steps for f in det.update(o)]
     assert found == [(1, "blocks.1"), (4, "blocks.2")]
 
 
 def test_backward_birth_names_the_last_parameter_with_a_bad_gradient():
     names = ("emb.weight", "blocks.0.fc.weight", "blocks.1.attn.qkv.weight", "blocks.1.attn.proj.weight", "head.weight")
-    obs = Observation(step=9, values={"loss": 2.5},
-                      per_param={"grad/norm/": (names, [NAN, NAN, INF, 1.0, 2.0]),
-                                 "act/max_abs/": (("blocks.0", "blocks.1"), [3.0, 4.0])})
+    obs = Observation(
+        step=9,
+        values={"loss": 2.5},
+        per_param={
+            "grad/norm/": (names, [NAN, NAN, INF, 1.0, 2.0]),
+            "act/max_abs/": (("blocks.0", "blocks.1"), [3.0, 4.0]),
+        },
+    )
     (finding,) = NonFiniteOriginDetector().update(obs)
     assert finding.evidence["module"] == "blocks.1.attn.qkv" and finding.evidence["pass"] == "backward"
     assert finding.evidence["finite_after"] == ["blocks.1.attn.proj.weight", "head.weight"]

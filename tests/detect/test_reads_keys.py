@@ -18,8 +18,9 @@ from keel.detect.scan import ReadsKeys
 DECLARING = [d for d in default_detectors() if isinstance(d, ReadsKeys)]
 MEMBERS = ("blocks.0", "blocks.1", "head.weight")
 OTHER_KEYS = ("lr", "epoch", "tokens", "val/loss", "amp/scale")
-NUMBERS = st.one_of(st.floats(min_value=-5, max_value=80), st.sampled_from([0.0, 1.0, math.nan, math.inf,
-                                                                           -math.inf, 0.99, 0.5]))
+NUMBERS = st.one_of(
+    st.floats(min_value=-5, max_value=80), st.sampled_from([0.0, 1.0, math.nan, math.inf, -math.inf, 0.99, 0.5])
+)
 FINITE = st.floats(min_value=-5, max_value=80)
 
 
@@ -39,9 +40,15 @@ def _fresh(det):
 
 
 def test_the_predictive_and_non_finite_detectors_declare_their_keys():
-    assert {d.name for d in DECLARING} == {"non_finite", "non_finite_origin", "attention_logit_growth",
-                                           "attention_entropy_collapse", "output_logit_drift", "softmax_collapse",
-                                           "edge_of_stability"}
+    assert {d.name for d in DECLARING} == {
+        "non_finite",
+        "non_finite_origin",
+        "attention_logit_growth",
+        "attention_entropy_collapse",
+        "output_logit_drift",
+        "softmax_collapse",
+        "edge_of_stability",
+    }
 
 
 @pytest.mark.parametrize("template", DECLARING, ids=lambda d: d.name)

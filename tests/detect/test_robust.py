@@ -70,7 +70,7 @@ def test_running_median_equals_the_median_of_the_last_size_values(ops):
         else:
             rm.push(op)
             pushed.append(op)
-        window = pushed[-rm.size:]
+        window = pushed[-rm.size :]
         assert len(rm) == len(window)
         assert rm.median() == (median(window) if window else pytest.approx(math.nan, nan_ok=True))
     rebuilt = RunningMedian(size=rm.size, capacity=12, values=rm.values)
@@ -98,8 +98,9 @@ def _reference_median(values):
 
 
 # finite values, as detectors keep; ±1e308 make deviations (and a mean of the middle two) overflow to ±inf
-_VALUES = st.one_of(st.floats(allow_nan=False, allow_infinity=False),
-                    st.sampled_from([0.0, -0.0, 1.0, 1.0, 2.0, 1e308, -1e308]))
+_VALUES = st.one_of(
+    st.floats(allow_nan=False, allow_infinity=False), st.sampled_from([0.0, -0.0, 1.0, 1.0, 2.0, 1e308, -1e308])
+)
 
 
 @settings(max_examples=300, deadline=None)
@@ -111,14 +112,17 @@ def test_property_selected_mad_is_bit_identical_to_sorting_the_deviations(values
 
 
 @settings(max_examples=200, deadline=None)
-@given(values=st.lists(st.floats(-1e6, 1e6) | st.sampled_from([1.0, 2.0, math.inf, -math.inf]), max_size=120),
-       size=st.integers(1, 40), every=st.integers(1, 17))
+@given(
+    values=st.lists(st.floats(-1e6, 1e6) | st.sampled_from([1.0, 2.0, math.inf, -math.inf]), max_size=120),
+    size=st.integers(1, 40),
+    every=st.integers(1, 17),
+)
 def test_property_rolling_median_and_noise_equal_the_scalar_forms(values, size, every):
     arr = np.array(values, dtype=np.float64)
     starts = range(0, len(values) - size + 1, every)
-    assert repr(rolling_median(arr, size, every=every).tolist()) == repr([median(values[i:i + size]) for i in starts])
+    assert repr(rolling_median(arr, size, every=every).tolist()) == repr([median(values[i : i + size]) for i in starts])
     noise = rolling_step_noise(arr, size, every=every).tolist()
-    assert repr(noise) == repr([step_noise(values[i:i + size]) for i in starts])
+    assert repr(noise) == repr([step_noise(values[i : i + size]) for i in starts])
 
 
 @settings(max_examples=100, deadline=None)

@@ -13,8 +13,7 @@ KEY = "logits/softmax_collapse"
 
 
 def run(det, values, extra=None):
-    return [f for s, v in enumerate(values)
-            for f in det.update(Observation(step=s, values={KEY: v, **(extra or {})}))]
+    return [f for s, v in enumerate(values) for f in det.update(Observation(step=s, values={KEY: v, **(extra or {})}))]
 
 
 def test_exact_steps_and_evidence():

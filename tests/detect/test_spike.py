@@ -71,11 +71,13 @@ def test_warm_up_is_silent():
 
 def test_grad_norm_uses_log_scale_and_needs_a_large_factor():
     values = _noisy(300, level=1.0, rel=0.1)
-    values[150] = 3.0   # 3x: info (one step)
+    values[150] = 3.0  # 3x: info (one step)
     values[250] = 40.0  # 40x: critical
     found = _run(SpikeDetector(signal="grad/norm"), values, key="grad/norm")
-    assert [(f.step, f.severity, f.kind) for f in found] == [(150, "info", "grad_spike"),
-                                                             (250, "critical", "grad_spike")]
+    assert [(f.step, f.severity, f.kind) for f in found] == [
+        (150, "info", "grad_spike"),
+        (250, "critical", "grad_spike"),
+    ]
 
 
 def test_lasting_level_shift_becomes_the_baseline():
@@ -108,8 +110,9 @@ def test_state_dict_round_trip_continues_identically():
     assert fa == fb and len(fa) == 1
 
 
-@pytest.mark.parametrize("field,value", [("window", 0), ("threshold", -1.0), ("min_excess", float("nan")),
-                                         ("min_history", 100)])
+@pytest.mark.parametrize(
+    "field,value", [("window", 0), ("threshold", -1.0), ("min_excess", float("nan")), ("min_history", 100)]
+)
 def test_bad_config_names_field_and_value(field, value):
     with pytest.raises(ValueError, match=field):
         SpikeConfig(**{field: value})
@@ -146,9 +149,9 @@ def test_epoch_drops_in_a_noisy_fine_tune_raise_nothing_above_info():
 
 def test_a_run_whose_own_outliers_are_large_needs_more_for_critical():
     values = _noisy(400, rel=0.01)
-    values[100] = 2 * 1.8   # an isolated batch at 1.8x: info (under the 2x critical)
-    values[200] = 2 * 2.2   # 2.2x: critical in a quiet run, but log(2.2) < 1.5 log(1.8): this run's own tail
-    values[300] = 2 * 6.0   # far beyond anything the run has shrugged off: critical
+    values[100] = 2 * 1.8  # an isolated batch at 1.8x: info (under the 2x critical)
+    values[200] = 2 * 2.2  # 2.2x: critical in a quiet run, but log(2.2) < 1.5 log(1.8): this run's own tail
+    values[300] = 2 * 6.0  # far beyond anything the run has shrugged off: critical
     found = _run(SpikeDetector(signal="loss"), values)
     assert [(f.step, f.severity) for f in found] == [(100, "info"), (200, "info"), (300, "critical")]
     assert found[1].evidence["largest_recent_outlier_ratio"] == pytest.approx(1.8, rel=0.02)
@@ -188,8 +191,12 @@ def test_state_round_trip_keeps_the_runs_own_tail():
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.005, 0.6), level=st.floats(1e-3, 1e3),
-       shape=st.sampled_from(["flat", "falling", "epochs"]))
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    scale=st.floats(0.005, 0.6),
+    level=st.floats(1e-3, 1e3),
+    shape=st.sampled_from(["flat", "falling", "epochs"]),
+)
 def test_property_light_tailed_noise_at_any_scale_and_level_raises_nothing_above_info(seed, scale, level, shape):
     n = 800
     t = np.arange(n)
@@ -200,8 +207,9 @@ def test_property_light_tailed_noise_at_any_scale_and_level_raises_nothing_above
 
 
 @settings(max_examples=40, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), scale=st.floats(0.005, 0.3), df=st.sampled_from([None, 3, 5]),
-       k=st.floats(3.0, 6.0))
+@given(
+    seed=st.integers(0, 2**32 - 1), scale=st.floats(0.005, 0.3), df=st.sampled_from([None, 3, 5]), k=st.floats(3.0, 6.0)
+)
 def test_property_heavy_tails_give_no_warning_and_a_real_jump_is_found_at_its_step(seed, scale, df, k):
     # heavy-tailed healthy batches never make three spike steps in a row; a lasting jump of k times the
     # critical margin does, from the step it happens

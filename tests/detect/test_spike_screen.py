@@ -18,7 +18,7 @@ def flagged(window, values, *, log, threshold, min_excess, scale_floor):
     acc, w = list(window) + list(values), len(window)
     out = []
     for p, y in enumerate(values):
-        median, scale = robust_location_scale(acc[p:p + w])
+        median, scale = robust_location_scale(acc[p : p + w])
         floor = scale_floor if log else scale_floor * abs(median) + 1e-12
         z = robust_z(y, median, scale, floor)
         excess = relative_excess(y - median) if log else (y - median) / (abs(median) + 1e-12)
@@ -26,18 +26,30 @@ def flagged(window, values, *, log, threshold, min_excess, scale_floor):
     return np.array(out, dtype=bool)
 
 
-SETTINGS = st.sampled_from([dict(threshold=6.0, min_excess=0.1, scale_floor=0.01),
-                            dict(threshold=6.0, min_excess=1.0, scale_floor=0.05),
-                            dict(threshold=3.0, min_excess=0.01, scale_floor=1e-6)])
+SETTINGS = st.sampled_from(
+    [
+        dict(threshold=6.0, min_excess=0.1, scale_floor=0.01),
+        dict(threshold=6.0, min_excess=1.0, scale_floor=0.05),
+        dict(threshold=3.0, min_excess=0.01, scale_floor=1e-6),
+    ]
+)
 
 
 @settings(max_examples=150, deadline=None)
-@given(seed=st.integers(0, 2**32 - 1), w=st.sampled_from([1, 2, 3, 8, 9, 64, 65]), log=st.booleans(),
-       sigma=st.sampled_from([0.0, 1e-3, 0.05, 0.3, 2.0]), offset=st.sampled_from([0.0, 5.0, -3.0, 1e6]),
-       quantised=st.booleans(), n=st.integers(0, 300), spikes=st.lists(st.floats(-5, 50), max_size=6),
-       cfg=SETTINGS)
-def test_property_screen_never_misses_a_value_the_detector_flags(seed, w, log, sigma, offset, quantised, n, spikes,
-                                                                  cfg):
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    w=st.sampled_from([1, 2, 3, 8, 9, 64, 65]),
+    log=st.booleans(),
+    sigma=st.sampled_from([0.0, 1e-3, 0.05, 0.3, 2.0]),
+    offset=st.sampled_from([0.0, 5.0, -3.0, 1e6]),
+    quantised=st.booleans(),
+    n=st.integers(0, 300),
+    spikes=st.lists(st.floats(-5, 50), max_size=6),
+    cfg=SETTINGS,
+)
+def test_property_screen_never_misses_a_value_the_detector_flags(
+    seed, w, log, sigma, offset, quantised, n, spikes, cfg
+):
     rng = np.random.default_rng(seed)
     x = offset + sigma * rng.standard_normal(w + n)
     if quantised:  # ties everywhere
@@ -51,8 +63,9 @@ def test_property_screen_never_misses_a_value_the_detector_flags(seed, w, log, s
     # screened from values off by up to `error` (relative), as NumPy's log is against math.log: still safe,
     # even off the worst way (the window up, the values down)
     error = 1e-9
-    maybe = possible_spikes(window + error * np.abs(window), values - error * np.abs(values), log=log, error=error,
-                            **cfg)
+    maybe = possible_spikes(
+        window + error * np.abs(window), values - error * np.abs(values), log=log, error=error, **cfg
+    )
     assert not (truth & ~maybe).any(), np.flatnonzero(truth & ~maybe)
 
 
@@ -68,8 +81,9 @@ def test_screen_lets_healthy_noise_through_and_flags_a_spike():
 def test_values_near_the_float_limit_are_never_screened_out():
     # a mean of two values near 1.8e308 overflows to inf, and the detector's z becomes NaN: judged by update
     window = np.full(8, 1.7e308)
-    maybe = possible_spikes(window, np.array([1.7e308, 0.0]), log=False, threshold=6.0, min_excess=0.1,
-                            scale_floor=0.01)
+    maybe = possible_spikes(
+        window, np.array([1.7e308, 0.0]), log=False, threshold=6.0, min_excess=0.1, scale_floor=0.01
+    )
     assert maybe.all()
     assert possible_spikes(window, np.zeros(0), log=False, threshold=6.0, min_excess=0.1, scale_floor=0.01).size == 0
 
@@ -88,8 +102,9 @@ def test_screen_is_safe_at_the_thresholds_with_values_off_by_its_error_bound(log
     truth, maybe = [], []
     for value in values:  # each against the constant window (a series would take earlier values into it)
         truth += flagged(window.tolist(), [value], log=log, **cfg).tolist()
-        maybe += possible_spikes(window + error * np.abs(window), np.array([value - error * abs(value)]), log=log,
-                                 error=error, **cfg).tolist()
+        maybe += possible_spikes(
+            window + error * np.abs(window), np.array([value - error * abs(value)]), log=log, error=error, **cfg
+        ).tolist()
     truth, maybe = np.array(truth), np.array(maybe)
     assert truth.any() and not truth.all()
     assert not (truth & ~maybe).any(), np.flatnonzero(truth & ~maybe)

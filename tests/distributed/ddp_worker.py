@@ -69,11 +69,24 @@ def train(scenario: str, rank: int, world: int, run_dir: str | None, *, keel_on:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.StepLR(opt, step_size=10, gamma=0.7)
     policy = {"observe": "observe", "nan_grad": "skip", "nan_param": "recover"}.get(scenario, "observe")
-    guard = Guard(model, opt, sched, policy=policy, run_dir=run_dir, max_consecutive_skips=3,
-                  recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1, disk_every=2)) if keel_on else None
+    guard = (
+        Guard(
+            model,
+            opt,
+            sched,
+            policy=policy,
+            run_dir=run_dir,
+            max_consecutive_skips=3,
+            recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1, disk_every=2),
+        )
+        if keel_on
+        else None
+    )
     steps = {"bad_shard": 90, "bad_shard_from_start": 90, "observe": 200}.get(scenario, 40)
-    corrupt_from = {"bad_shard": 40 if rank == 1 else None,
-                    "bad_shard_from_start": 0 if rank == world - 1 else None}.get(scenario)
+    corrupt_from = {
+        "bad_shard": 40 if rank == 1 else None,
+        "bad_shard_from_start": 0 if rank == world - 1 else None,
+    }.get(scenario)
     actions: list[str] = []
     host_reads: list[int] = []
     for step, (x, y) in enumerate(batches(rank, steps, corrupt_from)):
@@ -94,16 +107,26 @@ def train(scenario: str, rank: int, world: int, run_dir: str | None, *, keel_on:
                 sched.step()
             host_reads.append(counter.count)
         opt.zero_grad(set_to_none=True)
-    result = {"rank": rank, "actions": actions,
-              "params": [full(p).flatten().tolist() for p in model.parameters()],
-              "opt_steps": [int(s["step"]) for s in opt.state_dict()["state"].values()],
-              "last_lr": sched.get_last_lr(), "host_reads": host_reads}
+    result = {
+        "rank": rank,
+        "actions": actions,
+        "params": [full(p).flatten().tolist() for p in model.parameters()],
+        "opt_steps": [int(s["step"]) for s in opt.state_dict()["state"].values()],
+        "last_lr": sched.get_last_lr(),
+        "host_reads": host_reads,
+    }
     if guard is not None:
         guard.close()
-        result["findings"] = [{"step": f.step, "kind": f.kind, "severity": f.severity, "signal": f.signal,
-                               "evidence": {k: v for k, v in f.evidence.items() if k in ("rank", "ranks", "rule",
-                                                                                        "feature")}}
-                              for f in guard.findings]
+        result["findings"] = [
+            {
+                "step": f.step,
+                "kind": f.kind,
+                "severity": f.severity,
+                "signal": f.signal,
+                "evidence": {k: v for k, v in f.evidence.items() if k in ("rank", "ranks", "rule", "feature")},
+            }
+            for f in guard.findings
+        ]
         result["restored"] = [d.restored_step for d in guard.decisions if d.action == "rollback"]
     return result
 

@@ -28,11 +28,17 @@ def main() -> None:
     keel = KeelCallback(run_dir=str(out / "run"), policy="skip")
     trainer = train(out, [NaNOnRank1(), keel], steps=6, accumulate=1, ddp_backend="gloo")
     rank = dist.get_rank()
-    (out / f"rank{rank}.json").write_text(json.dumps({
-        "actions": [(d.step, d.action) for d in keel.guard.decisions], "steps": keel.guard.global_step,
-        "world": trainer.args.world_size,
-        "params": [float(p.detach().double().sum()) for p in trainer.model.parameters()],
-        "named": [f.evidence.get("rank") for f in keel.guard.findings if f.kind == "rank_outlier"]}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "actions": [(d.step, d.action) for d in keel.guard.decisions],
+                "steps": keel.guard.global_step,
+                "world": trainer.args.world_size,
+                "params": [float(p.detach().double().sum()) for p in trainer.model.parameters()],
+                "named": [f.evidence.get("rank") for f in keel.guard.findings if f.kind == "rank_outlier"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -33,16 +33,30 @@ def main() -> None:
     x = torch.randn(16 * 2 * 12, 8, generator=g)
     data = DataLoader(TensorDataset(x, torch.tanh(x[:, :4])), batch_size=16)  # Lightning adds the sampler
     keel = KeelCallback(run_dir=str(out / "run"), policy="skip")
-    trainer = L.Trainer(max_steps=10, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[keel])
+    trainer = L.Trainer(
+        max_steps=10,
+        accelerator="cpu",
+        devices=2,
+        strategy="ddp",
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[keel],
+    )
     trainer.fit(module, data)
     rank = dist.get_rank()
-    (out / f"rank{rank}.json").write_text(json.dumps({
-        "actions": [(d.step, d.action) for d in keel.guard.decisions], "steps": keel.guard.global_step,
-        "params": [p.detach().flatten().tolist() for p in module.parameters()],
-        "distributed": keel.guard.dist.describe() if keel.guard.dist else None,
-        "named": [f.evidence.get("rank") for f in keel.guard.findings if f.kind == "rank_outlier"]}))
+    (out / f"rank{rank}.json").write_text(
+        json.dumps(
+            {
+                "actions": [(d.step, d.action) for d in keel.guard.decisions],
+                "steps": keel.guard.global_step,
+                "params": [p.detach().flatten().tolist() for p in module.parameters()],
+                "distributed": keel.guard.dist.describe() if keel.guard.dist else None,
+                "named": [f.evidence.get("rank") for f in keel.guard.findings if f.kind == "rank_outlier"],
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Two ranks reduce crafted measurements with RankSync (replicated and sharded); rank 0 writes what came back.
 
-    torchrun --nproc_per_node=2 tests/distributed/reduce_worker.py OUT_JSON
+torchrun --nproc_per_node=2 tests/distributed/reduce_worker.py OUT_JSON
 """
 
 from __future__ import annotations
@@ -20,12 +20,12 @@ from keel.signals import PerParam, pack, unpack
 def measurements(rank: int) -> dict:
     t = torch.tensor
     return {
-        "loss": t(1.0 + rank),                                   # mean → 1.5
-        "grad/norm": t(3.0 if rank == 0 else 4.0),               # replicated: mean 3.5; sharded: √(9+16) = 5
+        "loss": t(1.0 + rank),  # mean → 1.5
+        "grad/norm": t(3.0 if rank == 0 else 4.0),  # replicated: mean 3.5; sharded: √(9+16) = 5
         "grad/norm/": PerParam(("a", "b"), t([1.0, 2.0]) * (rank + 1)),
-        "attn/max_logit": t(10.0 * (rank + 1)),                  # max → 20
-        "logits/log_z_min": t(-1.0 * (rank + 1)),                # min → -2
-        "act/rms": t(math.nan if rank == 1 else 1.0),            # NaN on one rank reaches every rank
+        "attn/max_logit": t(10.0 * (rank + 1)),  # max → 20
+        "logits/log_z_min": t(-1.0 * (rank + 1)),  # min → -2
+        "act/rms": t(math.nan if rank == 1 else 1.0),  # NaN on one rank reaches every rank
     }
 
 

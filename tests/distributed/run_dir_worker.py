@@ -28,8 +28,14 @@ def train(run_dir: Path, steps: int, **kwargs) -> Guard:
     torch.manual_seed(0)
     model = DDP(nn.Linear(4, 2))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = Guard(model, opt, run_dir=str(run_dir), policy="recover",
-                  recovery=RecoveryConfig(snapshot_every=2, disk_every=1), **kwargs)
+    guard = Guard(
+        model,
+        opt,
+        run_dir=str(run_dir),
+        policy="recover",
+        recovery=RecoveryConfig(snapshot_every=2, disk_every=1),
+        **kwargs,
+    )
     g = torch.Generator().manual_seed(dist.get_rank())
     for _ in range(guard.global_step, steps):
         loss = F.mse_loss(model(torch.randn(8, 4, generator=g)), torch.randn(8, 2, generator=g))

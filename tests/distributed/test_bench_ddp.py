@@ -16,8 +16,28 @@ from tests.distributed.launch import ROOT
 @pytest.mark.distributed
 def test_bench_overhead_ddp_reports_ratios_from_torchrun(capsys, monkeypatch):
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")]))
-    assert keel_main(["bench", "overhead", "--ddp", "2", "--size", "tiny", "--steps", "2", "--repeats", "2",
-                      "--batch-size", "4", "--seq-len", "16", "--json"]) == 0
+    assert (
+        keel_main(
+            [
+                "bench",
+                "overhead",
+                "--ddp",
+                "2",
+                "--size",
+                "tiny",
+                "--steps",
+                "2",
+                "--repeats",
+                "2",
+                "--batch-size",
+                "4",
+                "--seq-len",
+                "16",
+                "--json",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     assert result["world_size"] == 2 and result["config"]["backend"] == "gloo"
     assert set(result["step_ms"]) == {"bare", "default", "no_rank_stats"}

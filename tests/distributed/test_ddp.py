@@ -26,8 +26,11 @@ def run_scenario(tmp_path: Path, scenario: str, nproc: int = 2) -> list[dict]:
 
 
 def _named(result: dict, rule: str | None = None) -> list[tuple[int, int, str]]:
-    return [(f["step"], f["evidence"]["rank"], f["evidence"].get("feature", "")) for f in result["findings"]
-            if f["kind"] == "rank_outlier" and (rule is None or f["evidence"]["rule"] == rule)]
+    return [
+        (f["step"], f["evidence"]["rank"], f["evidence"].get("feature", ""))
+        for f in result["findings"]
+        if f["kind"] == "rank_outlier" and (rule is None or f["evidence"]["rule"] == rule)
+    ]
 
 
 def test_nan_gradient_on_one_rank_makes_every_rank_skip(tmp_path):

@@ -11,9 +11,18 @@ from keel._core.observation import Observation
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 
 
-def trace(world: int, steps: int, *, seed: int = 0, bad_rank: int | None = None, bad_from: int = 0,
-          loss_factor: float = 1.0, norm_factor: float = 1.0, cos_bad: float | None = None,
-          outliers: bool = True):
+def trace(
+    world: int,
+    steps: int,
+    *,
+    seed: int = 0,
+    bad_rank: int | None = None,
+    bad_from: int = 0,
+    loss_factor: float = 1.0,
+    norm_factor: float = 1.0,
+    cos_bad: float | None = None,
+    outliers: bool = True,
+):
     """Per-rank loss, local gradient norm and cosine of a run whose loss decays from 4 to ~1 (every rank alike).
 
     Healthy ranks differ only by minibatch noise (and, with ``outliers``, a one-batch 3x loss now and then);
@@ -34,8 +43,14 @@ def trace(world: int, steps: int, *, seed: int = 0, bad_rank: int | None = None,
             norm.append(n_r * (norm_factor if bad else 1))
             cos.append(cos_bad if bad and cos_bad is not None else c_r)
         names = tuple(str(r) for r in range(world))
-        yield Observation(step=step, per_param={"rank/loss/": (names, loss), "rank/grad/local_norm/": (names, norm),
-                                                "rank/grad/cos/": (names, cos)})
+        yield Observation(
+            step=step,
+            per_param={
+                "rank/loss/": (names, loss),
+                "rank/grad/local_norm/": (names, norm),
+                "rank/grad/cos/": (names, cos),
+            },
+        )
 
 
 def run(detector: RankOutlierDetector, observations) -> list:
@@ -50,16 +65,19 @@ def test_healthy_ranks_raise_nothing(world, seed):
 
 def test_a_rank_whose_shard_goes_bad_is_named_once_half_the_short_window_is_bad():
     found = run(RankOutlierDetector(), trace(2, 300, bad_rank=1, bad_from=150, loss_factor=2.0))
-    assert [(f.step, f.evidence["rank"], f.evidence["feature"], f.evidence["rule"]) for f in found] == \
-        [(154, 1, "loss", "onset")]  # the 5th bad step: the median of the last 9 has turned
+    assert [(f.step, f.evidence["rank"], f.evidence["feature"], f.evidence["rule"]) for f in found] == [
+        (154, 1, "loss", "onset")
+    ]  # the 5th bad step: the median of the last 9 has turned
     [f] = found
     assert f.kind == "rank_outlier" and f.severity == "warning" and f.signal == "rank/loss/1"
     assert "Rank 1" in f.cause and "MUD-HoG" in f.remedy
 
 
 def test_a_persistently_different_rank_is_named_when_the_warmup_ends():
-    found = run(RankOutlierDetector(RankOutlierConfig(warmup=30)),
-                trace(4, 200, bad_rank=3, loss_factor=1.5, norm_factor=2.0, cos_bad=0.1))
+    found = run(
+        RankOutlierDetector(RankOutlierConfig(warmup=30)),
+        trace(4, 200, bad_rank=3, loss_factor=1.5, norm_factor=2.0, cos_bad=0.1),
+    )
     assert {(f.step, f.evidence["rank"], f.evidence["rule"]) for f in found} == {(30, 3, "persistent")}
     assert sorted(f.evidence["feature"] for f in found) == ["disagreement", "grad_norm", "loss"]
 
@@ -76,6 +94,7 @@ def test_with_two_ranks_the_shared_cosine_names_no_one():
             names, values = obs.per_param["rank/grad/cos/"]
             obs.per_param["rank/grad/cos/"] = (names, [values[1]] * 2)  # as RankSync computes it for 2 ranks
             yield obs
+
     assert run(RankOutlierDetector(), shared_cosine()) == []  # each rank is the other's only reference
 
 
@@ -87,6 +106,7 @@ def test_a_change_common_to_every_rank_is_training_not_a_fault():
                     names, values = obs.per_param[family]
                     obs.per_param[family] = (names, [3 * v for v in values])
             yield obs
+
     assert run(RankOutlierDetector(), every_rank_jumps()) == []
 
 
@@ -97,6 +117,7 @@ def test_one_episode_gives_one_finding_and_a_recovered_rank_can_be_named_again()
                 names, values = obs.per_param["rank/loss/"]
                 obs.per_param["rank/loss/"] = (names, [v * (2.0 if r == 2 else 1.0) for r, v in enumerate(values)])
             yield obs
+
     found = run(RankOutlierDetector(), episodes())
     assert [(f.step, f.evidence["rank"]) for f in found] == [(154, 2), (404, 2)]
 
@@ -131,13 +152,16 @@ def test_state_dict_round_trip_continues_identically():
     assert [f.to_dict() for f in rest_a] == [f.to_dict() for f in rest_b] and rest_a
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(warmup=0), r"RankOutlierConfig.warmup=0; allowed: an int >= 1"),
-    (dict(short_window=0), r"RankOutlierConfig.short_window=0; allowed: an int >= 1"),
-    (dict(warmup=9), r"RankOutlierConfig.warmup=9; allowed: > short_window \(9\)"),
-    (dict(long_alpha=1.0), r"long_alpha=1.0; allowed: 0 < long_alpha < 1"),
-    (dict(z=-1.0), r"RankOutlierConfig.z=-1.0; allowed: a finite number > 0"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(warmup=0), r"RankOutlierConfig.warmup=0; allowed: an int >= 1"),
+        (dict(short_window=0), r"RankOutlierConfig.short_window=0; allowed: an int >= 1"),
+        (dict(warmup=9), r"RankOutlierConfig.warmup=9; allowed: > short_window \(9\)"),
+        (dict(long_alpha=1.0), r"long_alpha=1.0; allowed: 0 < long_alpha < 1"),
+        (dict(z=-1.0), r"RankOutlierConfig.z=-1.0; allowed: a finite number > 0"),
+    ],
+)
 def test_bad_config_names_field_value_and_allowed(kwargs, match):
     with pytest.raises(ValueError, match=match):
         RankOutlierConfig(**kwargs)

@@ -13,20 +13,23 @@ from keel.guard.distributed import DistributedConfig, RankSync, leave_one_out_co
 from tests.distributed.launch import torchrun
 
 
-@pytest.mark.parametrize("key,replicated,sharded", [
-    ("loss", "mean", "mean"),
-    ("grad/norm", "mean", "norm"),
-    ("grad/norm/", "mean", "norm"),
-    ("param/norm/", "mean", "norm"),
-    ("update/norm", "mean", "norm"),
-    ("update/ratio/", "mean", "mean"),
-    ("attn/max_logit/", "max", "max"),
-    ("act/max_abs", "max", "max"),
-    ("logits/log_z_max", "max", "max"),
-    ("logits/log_z_min", "min", "min"),
-    ("attn/entropy/", "mean", "mean"),
-    ("grad/weight_cos", "mean", "mean"),
-])
+@pytest.mark.parametrize(
+    "key,replicated,sharded",
+    [
+        ("loss", "mean", "mean"),
+        ("grad/norm", "mean", "norm"),
+        ("grad/norm/", "mean", "norm"),
+        ("param/norm/", "mean", "norm"),
+        ("update/norm", "mean", "norm"),
+        ("update/ratio/", "mean", "mean"),
+        ("attn/max_logit/", "max", "max"),
+        ("act/max_abs", "max", "max"),
+        ("logits/log_z_max", "max", "max"),
+        ("logits/log_z_min", "min", "min"),
+        ("attn/entropy/", "mean", "mean"),
+        ("grad/weight_cos", "mean", "mean"),
+    ],
+)
 def test_reduction_rules(key, replicated, sharded):
     assert reduction_rule(key, sharded=False) == replicated
     assert reduction_rule(key, sharded=True) == sharded
@@ -38,7 +41,7 @@ def test_leave_one_out_cosine_matches_a_float64_reference(world):
     mean = g.mean(0)
     got = leave_one_out_cosine(g.pow(2).sum(1), g @ mean, mean.dot(mean).expand(world), world)
     for r in range(world):
-        others = torch.cat([g[:r], g[r + 1:]]).mean(0)
+        others = torch.cat([g[:r], g[r + 1 :]]).mean(0)
         want = torch.nn.functional.cosine_similarity(g[r], others, dim=0)
         assert got[r].item() == pytest.approx(want.item(), abs=1e-12)
 
@@ -66,7 +69,7 @@ def test_two_ranks_reduce_by_the_documented_rules(tmp_path):
     out = tmp_path / "reduced.json"
     torchrun(Path(__file__).with_name("reduce_worker.py"), str(out))
     result = json.loads(out.read_text())
-    expected = (("False", 3.5, [1.5, 3.0], 2.0), ("True", 5.0, [5 ** 0.5, 20 ** 0.5], 8 ** 0.5))
+    expected = (("False", 3.5, [1.5, 3.0], 2.0), ("True", 5.0, [5**0.5, 20**0.5], 8**0.5))
     for sharded, norm, family, late in expected:
         values, per_param = result[sharded]["values"], result[sharded]["per_param"]
         assert values["loss"] == 1.5

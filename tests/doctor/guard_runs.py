@@ -19,8 +19,14 @@ def recovered_run(run_dir: Path, *, steps: int = 40, flip_at: int = 23) -> Path:
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, policy="recover", max_consecutive_skips=3, run_dir=str(run_dir),
-                  recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1))
+    guard = Guard(
+        model,
+        opt,
+        policy="recover",
+        max_consecutive_skips=3,
+        run_dir=str(run_dir),
+        recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1),
+    )
     for step, (x, y) in enumerate(make_batches(steps)):
         if step == flip_at:
             with torch.no_grad():

@@ -28,26 +28,27 @@ CASES = {
     "empty_file": (lambda d: _write(d / "log.csv", ""), "empty"),
     "blank_file": (lambda d: _write(d / "log.jsonl", "\n  \n"), "empty"),
     "header_only": (lambda d: _write(d / "log.csv", "step,loss\n"), "no data rows"),
-    "no_integer_steps": (lambda d: _write(d / "log.csv", "step,loss\nabc,1\n1.5,2\n"),
-                         "no row has an integer"),
+    "no_integer_steps": (lambda d: _write(d / "log.csv", "step,loss\nabc,1\n1.5,2\n"), "no row has an integer"),
     "binary_garbage": (lambda d: _write_bytes(d / "blob.bin", RNG_BYTES), "binary data"),
     "binary_named_csv": (lambda d: _write_bytes(d / "log.csv", RNG_BYTES), "binary data"),
     "not_utf8": (lambda d: _write_bytes(d / "log.csv", b"step,loss\n1,\xff\xfe\n"), "not UTF-8"),
-    "garbage_event_file": (lambda d: _write_bytes(d / "events.out.tfevents.1", RNG_BYTES),
-                           "not a TensorBoard"),
+    "garbage_event_file": (lambda d: _write_bytes(d / "events.out.tfevents.1", RNG_BYTES), "not a TensorBoard"),
     "garbage_with_sqlite_magic": (
-        lambda d: _write_bytes(d / "run.sqlite", b"SQLite format 3\x00" + RNG_BYTES), "not a keel run store"),
+        lambda d: _write_bytes(d / "run.sqlite", b"SQLite format 3\x00" + RNG_BYTES),
+        "not a keel run store",
+    ),
     "other_sqlite": (lambda d: (_sqlite_other(d / "x.sqlite"), d / "x.sqlite")[1], "not a keel run store"),
     "empty_folder": (lambda d: d, "no training log"),
     "folder_holding_one_broken_run": (  # the one run a folder holds is read (tests/doctor/test_run_folders.py)
         lambda d: (_write_bytes(_folder(d / "runs" / "bare") / "run.sqlite", RNG_BYTES), d / "runs")[1],
-        "not a keel run store"),
-    "json_object_not_a_log": (lambda d: _write(d / "config.json", json.dumps({"lr": 1}, indent=2)),
-                              "not a log"),
-    "state_without_history": (lambda d: _write(d / "trainer_state.json", json.dumps({"global_step": 3})),
-                              "no 'log_history'"),
-    "state_empty_history": (lambda d: _write(d / "trainer_state.json", json.dumps({"log_history": []})),
-                            "empty"),
+        "not a keel run store",
+    ),
+    "json_object_not_a_log": (lambda d: _write(d / "config.json", json.dumps({"lr": 1}, indent=2)), "not a log"),
+    "state_without_history": (
+        lambda d: _write(d / "trainer_state.json", json.dumps({"global_step": 3})),
+        "no 'log_history'",
+    ),
+    "state_empty_history": (lambda d: _write(d / "trainer_state.json", json.dumps({"log_history": []})), "empty"),
     "jsonl_without_steps": (lambda d: _write(d / "log.jsonl", '{"loss": 1}\n{"loss": 2}\n'), "no log object"),
     "truncated_json_array": (lambda d: _write(d / "log.json", '[{"step": 1, "loss": '), "not valid JSON"),
 }
@@ -99,17 +100,20 @@ def test_unknown_format_name_is_rejected_by_the_parser(tmp_path, capsys):
 def test_the_process_prints_no_traceback(tmp_path):
     garbage = _write_bytes(tmp_path / "blob.dat", RNG_BYTES)
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
-    proc = subprocess.run([sys.executable, "-m", "keel.cli", "doctor", str(garbage)], capture_output=True,
-                          text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "keel.cli", "doctor", str(garbage)], capture_output=True, text=True, env=env, timeout=120
+    )
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("keel doctor: error: ") and proc.stderr.count("\n") == 1
 
 
 def test_doctor_imports_no_torch():
     # CI machines that only lint logs should not need torch loaded (or installed at all, one day).
-    code = ("import sys; from keel.cli import main; "
-            f"main(['doctor', {str(Path(__file__).parent / 'data' / 'tb_simple')!r}, '--json']); "
-            "print('torch' in sys.modules)")
+    code = (
+        "import sys; from keel.cli import main; "
+        f"main(['doctor', {str(Path(__file__).parent / 'data' / 'tb_simple')!r}, '--json']); "
+        "print('torch' in sys.modules)"
+    )
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2] / "src")}
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.stdout.strip().splitlines()[-1] == "False", proc.stderr

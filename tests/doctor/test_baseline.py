@@ -17,14 +17,13 @@ from keel.detect import AttentionLogitGrowthDetector
 
 
 def _logits():
-    return [4.0] * 30 + [4.0 * 1.5 ** k for k in range(1, 16)]
+    return [4.0] * 30 + [4.0 * 1.5**k for k in range(1, 16)]
 
 
 @pytest.fixture
 def growth_csv(tmp_path):
     path = tmp_path / "train.csv"
-    path.write_text("step,loss,attn/max_logit\n"
-                    + "".join(f"{s},2.0,{v!r}\n" for s, v in enumerate(_logits())))
+    path.write_text("step,loss,attn/max_logit\n" + "".join(f"{s},2.0,{v!r}\n" for s, v in enumerate(_logits())))
     return path
 
 

@@ -14,9 +14,13 @@ def _folder(tmp_path):
     event = [2.0 * (1 + 0.02 * rng.standard_normal()) for _ in range(40)] + [6.0, 6.2, 6.1]
     for name, losses in (("healthy.csv", healthy), ("spike.csv", event)):
         (tmp_path / name).write_text("step,loss\n" + "".join(f"{s},{v}\n" for s, v in enumerate(losses)))
-    labels = {"series": [{"file": "healthy.csv", "label": "healthy", "spike_steps": []},
-                         {"file": "spike.csv", "label": "spike", "spike_steps": [40, 41, 42]},
-                         {"file": "missing.csv", "label": "spike", "spike_steps": [1]}]}
+    labels = {
+        "series": [
+            {"file": "healthy.csv", "label": "healthy", "spike_steps": []},
+            {"file": "spike.csv", "label": "spike", "spike_steps": [40, 41, 42]},
+            {"file": "missing.csv", "label": "spike", "spike_steps": [1]},
+        ]
+    }
     (tmp_path / "labels.json").write_text(json.dumps(labels))
     return tmp_path
 

@@ -93,20 +93,43 @@ class RestingBug:
 
 
 def _detectors(bad_step):
-    return [*default_detectors(),
-            SpikeDetector(SpikeConfig(signal="loss", window=8, min_history=4, patience=2, rebase_after=6,
-                                      kind="small_loss_spike")),
-            SpikeDetector(SpikeConfig(signal="grad/norm", log_scale=True, window=8, min_history=4,
-                                      kind="small_grad_spike")),
-            DivergenceDetector(DivergenceConfig(short=5, min_history=6, patience=2)),
-            RaisesAt(bad_step), ScanBug(), RestingBug()]
+    return [
+        *default_detectors(),
+        SpikeDetector(
+            SpikeConfig(signal="loss", window=8, min_history=4, patience=2, rebase_after=6, kind="small_loss_spike")
+        ),
+        SpikeDetector(
+            SpikeConfig(signal="grad/norm", log_scale=True, window=8, min_history=4, kind="small_grad_spike")
+        ),
+        DivergenceDetector(DivergenceConfig(short=5, min_history=6, patience=2)),
+        RaisesAt(bad_step),
+        ScanBug(),
+        RestingBug(),
+    ]
 
 
-KEYS = ["loss", "grad/norm", "grad/norm/fc1.weight", "grad/norm/fc2.weight", "param/norm", "lr", "amp/scale",
-        "act/max_abs", "act/max_abs/blocks.0", "act/max_abs/blocks.1", "attn/max_logit", "attn/entropy",
-        "logits/log_z", "logits/softmax_collapse", "curvature/margin"]
-VALUES = st.one_of(st.sampled_from([1.0, 2.0, 2.0, 2.05, 1.95, 30.0, 0.0, 0.6, math.nan, math.inf, -math.inf]),
-                   st.floats(min_value=1.5, max_value=2.5), st.floats(min_value=0.0, max_value=60.0))
+KEYS = [
+    "loss",
+    "grad/norm",
+    "grad/norm/fc1.weight",
+    "grad/norm/fc2.weight",
+    "param/norm",
+    "lr",
+    "amp/scale",
+    "act/max_abs",
+    "act/max_abs/blocks.0",
+    "act/max_abs/blocks.1",
+    "attn/max_logit",
+    "attn/entropy",
+    "logits/log_z",
+    "logits/softmax_collapse",
+    "curvature/margin",
+]
+VALUES = st.one_of(
+    st.sampled_from([1.0, 2.0, 2.0, 2.05, 1.95, 30.0, 0.0, 0.6, math.nan, math.inf, -math.inf]),
+    st.floats(min_value=1.5, max_value=2.5),
+    st.floats(min_value=0.0, max_value=60.0),
+)
 
 
 @st.composite
@@ -128,8 +151,11 @@ def small_stretches(monkeypatch):
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(records=logs(), rollbacks=st.dictionaries(st.integers(0, 60), st.integers(-2, 60), max_size=3),
-       bad_step=st.integers(0, 60))
+@given(
+    records=logs(),
+    rollbacks=st.dictionaries(st.integers(0, 60), st.integers(-2, 60), max_size=3),
+    bad_step=st.integers(0, 60),
+)
 def test_stretches_find_what_update_step_by_step_finds(records, rollbacks, bad_step, small_stretches):
     log = RawLog(source="gen", format="keel_store", records=records, keyed=True, rollbacks=rollbacks)
     fast = diagnose(log, detectors=lambda: _detectors(bad_step)).to_dict()
@@ -148,13 +174,23 @@ def test_the_generated_logs_reach_every_fast_path():
     @settings(max_examples=80, deadline=None, database=None, derandomize=True)  # a fixed sample: counts are stable
     @given(records=logs(), bad_step=st.integers(0, 60))
     def count(records, bad_step):
-        result = diagnose(RawLog(source="gen", format="keel_store", records=records, keyed=True),
-                          detectors=lambda: _detectors(bad_step))
+        result = diagnose(
+            RawLog(source="gen", format="keel_store", records=records, keyed=True),
+            detectors=lambda: _detectors(bad_step),
+        )
         kinds = {f.kind for f in result.findings}
         seen["non_finite"] += "non_finite" in kinds or "non_finite_origin" in kinds
         seen["spike"] += any(k.endswith("spike") for k in kinds)
-        seen["predictive"] += bool(kinds & {"softmax_collapse", "attention_logit_growth", "edge_of_stability",
-                                            "output_logit_drift", "attention_entropy_collapse"})
+        seen["predictive"] += bool(
+            kinds
+            & {
+                "softmax_collapse",
+                "attention_logit_growth",
+                "edge_of_stability",
+                "output_logit_drift",
+                "attention_entropy_collapse",
+            }
+        )
         seen["keel_error"] += "keel_error" in kinds
         seen["restarts"] += bool(result.summary["restarts"]["count"])
 
@@ -164,12 +200,15 @@ def test_the_generated_logs_reach_every_fast_path():
 
 def test_a_detector_that_raises_is_switched_off_at_that_step_with_one_note():
     records = [(s, {"loss": 2.0 + 0.01 * (s % 3)}) for s in range(40)]
-    result = diagnose(RawLog(source="x", format="keel_store", records=records, keyed=True),
-                      detectors=lambda: [RaisesAt(17), ScanBug(), RestingBug()])
+    result = diagnose(
+        RawLog(source="x", format="keel_store", records=records, keyed=True),
+        detectors=lambda: [RaisesAt(17), ScanBug(), RestingBug()],
+    )
     errors = [(f.step, f.signal) for f in result.findings if f.kind == "keel_error"]
     assert errors == [(17, "spike")]  # the scan raised, and update named step 17; ScanBug read no grad/norm
     assert [n for n in result.summary["notes"] if "switched off" in n] == [
-        "the 'spike' (loss) detector raised RuntimeError at step 17 and was switched off for the rest of the log"]
+        "the 'spike' (loss) detector raised RuntimeError at step 17 and was switched off for the rest of the log"
+    ]
 
 
 def test_each_default_detector_takes_a_fast_path():
@@ -180,13 +219,16 @@ def test_each_default_detector_takes_a_fast_path():
     assert plan.modes == ["scan", "scan", "scan", "rest", "rest", "idle", "idle", "idle", "idle", "idle"]
 
 
-@pytest.mark.parametrize(("non_finite", "first", "stop", "expected"), [
-    ([], 0, 10, [9]),
-    ([3], 0, 10, [2, 3, 9]),
-    ([0, 1, 2], 0, 3, [0, 1, 2]),
-    ([0, 5], 0, 6, [0, 4, 5]),
-    ([12], 10, 13, [11, 12]),
-    ([10], 10, 11, [10]),
-])
+@pytest.mark.parametrize(
+    ("non_finite", "first", "stop", "expected"),
+    [
+        ([], 0, 10, [9]),
+        ([3], 0, 10, [2, 3, 9]),
+        ([0, 1, 2], 0, 3, [0, 1, 2]),
+        ([0, 5], 0, 6, [0, 4, 5]),
+        ([12], 10, 13, [11, 12]),
+        ([10], 10, 11, [10]),
+    ],
+)
 def test_rest_reads_the_non_finite_and_the_last_of_each_quiet_run(non_finite, first, stop, expected):
     assert _with_rest(np.array(non_finite, dtype=np.int64), first, stop).tolist() == expected

@@ -39,8 +39,9 @@ def test_table_shows_alarms_with_cause_and_remedy_and_counts_infos(spiky_csv, ca
     lines = out.splitlines()
     crit = next(i for i, line in enumerate(lines) if line.split()[:3] == ["180", "critical", "loss_spike"])
     assert "z=" in lines[crit] and "ratio=" in lines[crit]
-    assert lines[crit + 1].strip().startswith("cause:") and any(line.strip().startswith("remedy:")
-                                                                  for line in lines[crit + 1:crit + 8])
+    assert lines[crit + 1].strip().startswith("cause:") and any(
+        line.strip().startswith("remedy:") for line in lines[crit + 1 : crit + 8]
+    )
     assert any(line.split()[:3] == ["122", "warning", "loss_spike"] for line in lines)
     assert "loss_spike (info) at steps 60, 120" in out  # below the table, counted
     assert "findings: 1 critical, 1 warning, 2 info" in out
@@ -60,7 +61,11 @@ def test_json_shape(spiky_csv, capsys):
     first = doc["findings"][0]
     assert set(first) >= {"step", "kind", "severity", "signal", "value", "baseline", "cause", "remedy"}
     assert [(f["step"], f["severity"]) for f in doc["findings"]] == [
-        (60, "info"), (120, "info"), (122, "warning"), (180, "critical")]
+        (60, "info"),
+        (120, "info"),
+        (122, "warning"),
+        (180, "critical"),
+    ]
     assert doc["summary"]["signals"]["loss"] == {"column": "loss", "observations": 200, "non_finite": 0}
 
 
@@ -105,8 +110,14 @@ def test_doctor_replays_a_guard_rollback_and_still_matches_the_live_findings(tmp
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, policy="recover", max_consecutive_skips=3, run_dir=str(tmp_path / "run"),
-                  recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1))
+    guard = Guard(
+        model,
+        opt,
+        policy="recover",
+        max_consecutive_skips=3,
+        run_dir=str(tmp_path / "run"),
+        recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1),
+    )
     for step, (x, y) in enumerate(make_batches(60)):
         if step == 23:
             with torch.no_grad():

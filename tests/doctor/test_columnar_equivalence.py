@@ -42,10 +42,18 @@ def _same(new, old):
 
 
 def _legacy_log(log: RawLog) -> legacy.RawLog:
-    return legacy.RawLog(source=log.source, format=log.format, records=list(log.records),
-                         step_column=log.step_column, text_columns=list(log.text_columns), notes=list(log.notes),
-                         keyed=log.keyed, stored_findings=log.stored_findings, meta=log.meta,
-                         rollbacks=log.rollbacks)
+    return legacy.RawLog(
+        source=log.source,
+        format=log.format,
+        records=list(log.records),
+        step_column=log.step_column,
+        text_columns=list(log.text_columns),
+        notes=list(log.notes),
+        keyed=log.keyed,
+        stored_findings=log.stored_findings,
+        meta=log.meta,
+        rollbacks=log.rollbacks,
+    )
 
 
 @pytest.mark.skipif(not REAL_CSVS, reason=f"real-run logs not found at {REALRUNS}")
@@ -69,13 +77,19 @@ def test_a_guard_store_gives_the_same_result_through_both_timelines(tmp_path):
 
 # --- generated logs ------------------------------------------------------------------------------------------
 
+
 def _small_detectors():
     """The defaults plus detectors with short windows, so that logs of a few dozen rows have findings."""
-    return [*default_detectors(), SpikeDetector(SpikeConfig(signal="loss", window=8, min_history=4, patience=2,
-                                                            rebase_after=6, kind="small_loss_spike")),
-            SpikeDetector(SpikeConfig(signal="grad/norm", log_scale=True, window=8, min_history=4,
-                                      kind="small_grad_spike")),
-            DivergenceDetector(DivergenceConfig(short=5, min_history=6, patience=2))]
+    return [
+        *default_detectors(),
+        SpikeDetector(
+            SpikeConfig(signal="loss", window=8, min_history=4, patience=2, rebase_after=6, kind="small_loss_spike")
+        ),
+        SpikeDetector(
+            SpikeConfig(signal="grad/norm", log_scale=True, window=8, min_history=4, kind="small_grad_spike")
+        ),
+        DivergenceDetector(DivergenceConfig(short=5, min_history=6, patience=2)),
+    ]
 
 
 @pytest.fixture
@@ -90,22 +104,60 @@ def often_checkpointed(monkeypatch):
 
 
 STEP_NAMES = ["step", "global_step", "Step", "iteration", "it"]
-COLUMN_NAMES = ["loss", "train_loss", "Loss", "lm loss", "grad_norm", "grad-norm", "gradient_norm", "lr",
-                "learning_rate", "eval_loss", "val/loss", "epoch", "tokens", "note", "date", "", " padded ",
-                "grad_norm/fc1", "loss/aux", "ünïcode"]
+COLUMN_NAMES = [
+    "loss",
+    "train_loss",
+    "Loss",
+    "lm loss",
+    "grad_norm",
+    "grad-norm",
+    "gradient_norm",
+    "lr",
+    "learning_rate",
+    "eval_loss",
+    "val/loss",
+    "epoch",
+    "tokens",
+    "note",
+    "date",
+    "",
+    " padded ",
+    "grad_norm/fc1",
+    "loss/aux",
+    "ünïcode",
+]
 NUMBER_TEXT = st.one_of(
     st.floats(allow_nan=True, allow_infinity=True).map(repr),
     st.floats(min_value=0.5, max_value=5.0).map(lambda x: f"{x:.3g}"),
-    st.sampled_from(["", " ", "nan", "NaN", "inf", "-inf", "1e3", " 2.5 ", "1_000", "overflow", "x", "2024-01-01",
-                     "0", "-0.0", "500", "+3"]),
+    st.sampled_from(
+        [
+            "",
+            " ",
+            "nan",
+            "NaN",
+            "inf",
+            "-inf",
+            "1e3",
+            " 2.5 ",
+            "1_000",
+            "overflow",
+            "x",
+            "2024-01-01",
+            "0",
+            "-0.0",
+            "500",
+            "+3",
+        ]
+    ),
 )
 STEP_TEXT = st.one_of(st.integers(-5, 80).map(str), st.sampled_from(["", "x", "2.5", "3.0", "1e1", " 7 ", "nan"]))
 
 
 @st.composite
 def messy_csvs(draw):
-    names = draw(st.lists(st.sampled_from(COLUMN_NAMES), min_size=1, max_size=6,
-                          unique_by=lambda n: n.strip() or object()))  # repeated names are read differently now
+    names = draw(
+        st.lists(st.sampled_from(COLUMN_NAMES), min_size=1, max_size=6, unique_by=lambda n: n.strip() or object())
+    )  # repeated names are read differently now
     header = names[:]
     step_name = draw(st.sampled_from(STEP_NAMES))
     header.insert(draw(st.integers(0, len(header))), step_name)
@@ -114,16 +166,18 @@ def messy_csvs(draw):
     for _ in range(draw(st.integers(0, 40))):
         step += draw(st.sampled_from([1, 1, 1, 2, 10, 0, -3])) if steps_increasing else draw(st.integers(-2, 3))
         cells = [draw(NUMBER_TEXT) for _ in header]
-        cells[header.index(step_name)] = (
-            str(step) if draw(st.integers(0, 9)) else draw(STEP_TEXT))
+        cells[header.index(step_name)] = str(step) if draw(st.integers(0, 9)) else draw(STEP_TEXT)
         width = len(cells) + draw(st.sampled_from([0, 0, 0, 0, -1, 1]))
         rows.append(cells[:width] + ["9"] * (width - len(cells)))
         if draw(st.integers(0, 15)) == 0:
             rows.append([])  # a blank line
     buf = io.StringIO()
-    writer = csv.writer(buf, delimiter=draw(st.sampled_from([",", "\t", ";"])),
-                        lineterminator=draw(st.sampled_from(["\n", "\r\n"])),
-                        quoting=draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL])))
+    writer = csv.writer(
+        buf,
+        delimiter=draw(st.sampled_from([",", "\t", ";"])),
+        lineterminator=draw(st.sampled_from(["\n", "\r\n"])),
+        quoting=draw(st.sampled_from([csv.QUOTE_MINIMAL, csv.QUOTE_ALL])),
+    )
     writer.writerow(header)
     writer.writerows(rows)
     text = ("\ufeff" if draw(st.booleans()) else "") + buf.getvalue()
@@ -132,8 +186,9 @@ def messy_csvs(draw):
 
 @settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(data=messy_csvs())
-def test_generated_messy_csvs_give_the_same_result_as_the_record_based_reader(data, tmp_path_factory,
-                                                                                often_checkpointed):
+def test_generated_messy_csvs_give_the_same_result_as_the_record_based_reader(
+    data, tmp_path_factory, often_checkpointed
+):
     path = tmp_path_factory.mktemp("csv") / "log.csv"
     path.write_bytes(data)
     try:
@@ -155,11 +210,24 @@ def _result_or_error(path):
         return exc
 
 
-KEYS = ["loss", "grad/norm", "grad/norm/fc1.weight", "grad/norm/fc2.weight", "lr", "lr/1", "eval_loss",
-        "epoch", "logits/softmax_collapse", "act/max_abs/blocks.0", "act/max_abs/blocks.1", "act/max_abs"]
-VALUES = st.one_of(st.sampled_from([1.0, 2.0, 2.0, 2.0, 2.05, 1.95, 30.0, math.nan, math.inf, -math.inf, 0.0,
-                                    -0.0, 0.3]),
-                   st.floats(min_value=1.5, max_value=2.5))
+KEYS = [
+    "loss",
+    "grad/norm",
+    "grad/norm/fc1.weight",
+    "grad/norm/fc2.weight",
+    "lr",
+    "lr/1",
+    "eval_loss",
+    "epoch",
+    "logits/softmax_collapse",
+    "act/max_abs/blocks.0",
+    "act/max_abs/blocks.1",
+    "act/max_abs",
+]
+VALUES = st.one_of(
+    st.sampled_from([1.0, 2.0, 2.0, 2.0, 2.05, 1.95, 30.0, math.nan, math.inf, -math.inf, 0.0, -0.0, 0.3]),
+    st.floats(min_value=1.5, max_value=2.5),
+)
 
 
 @st.composite
@@ -174,12 +242,15 @@ def messy_records(draw):
 
 
 @settings(max_examples=75, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(records=messy_records(), keyed=st.booleans(), rollbacks=st.dictionaries(st.integers(0, 40),
-                                                                               st.integers(-2, 40), max_size=3))
-def test_generated_records_give_the_same_result_through_both_timelines(records, keyed, rollbacks,
-                                                                       often_checkpointed):
-    log = RawLog(source="gen", format="keel_store" if keyed else "jsonl", records=records, keyed=keyed,
-                 rollbacks=rollbacks)
+@given(
+    records=messy_records(),
+    keyed=st.booleans(),
+    rollbacks=st.dictionaries(st.integers(0, 40), st.integers(-2, 40), max_size=3),
+)
+def test_generated_records_give_the_same_result_through_both_timelines(records, keyed, rollbacks, often_checkpointed):
+    log = RawLog(
+        source="gen", format="keel_store" if keyed else "jsonl", records=records, keyed=keyed, rollbacks=rollbacks
+    )
     # the records come back as they were (NaN and -0.0 too; a record's keys in the table's column order)
     assert repr([(s, sorted(v.items())) for s, v in log.records]) == repr([(s, sorted(v.items())) for s, v in records])
     try:
@@ -209,8 +280,9 @@ def test_the_generated_logs_have_findings_restarts_and_merges():
 
 def test_json_output_is_the_same(tmp_path):
     p = tmp_path / "log.csv"
-    p.write_text("step,loss,grad_norm\n" + "".join(f"{s},{2.0 + 0.01 * (s % 3)},{1.0}\n" for s in range(50))
-                 + "50,nan,inf\n")
+    p.write_text(
+        "step,loss,grad_norm\n" + "".join(f"{s},{2.0 + 0.01 * (s % 3)},{1.0}\n" for s in range(50)) + "50,nan,inf\n"
+    )
     assert json.dumps(diagnose_log(p).to_dict()) == json.dumps(legacy.diagnose_csv(p).to_dict())
 
 

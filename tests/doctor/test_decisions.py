@@ -18,7 +18,11 @@ def run(tmp_path_factory):
 def test_the_stored_decisions_are_what_the_guard_did(run):
     with RunReader(run) as store:
         assert [(d.step, d.action, d.restored_step) for d in store.decisions()] == [
-            (23, "skip", None), (24, "skip", None), (25, "skip", None), (26, "rollback", 20)]
+            (23, "skip", None),
+            (24, "skip", None),
+            (25, "skip", None),
+            (26, "rollback", 20),
+        ]
 
 
 def test_the_text_lists_skips_rollbacks_and_their_remedies(run, capsys):
@@ -26,10 +30,11 @@ def test_the_text_lists_skips_rollbacks_and_their_remedies(run, capsys):
     out = capsys.readouterr().out
     lines = out.splitlines()
     start = lines.index("decisions recorded by the Guard: 3 skip, 1 rollback")
-    block = lines[start:start + 4]
+    block = lines[start : start + 4]
     assert block[1] == "  skip at steps 23, 24, 25"
-    assert block[2].startswith("  rollback at step 26 to the snapshot of step 20 (trouble began at step 23); "
-                               "remedies: LR × 0.1 from now on")
+    assert block[2].startswith(
+        "  rollback at step 26 to the snapshot of step 20 (trouble began at step 23); remedies: LR × 0.1 from now on"
+    )
     assert "trigger: 4 consecutive steps needed a skip (cap 3)" in " ".join(out.split())  # what set it off
 
 
@@ -37,10 +42,14 @@ def test_the_json_holds_every_decision_with_its_remedies(run, capsys):
     assert main(["doctor", str(run), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["summary"]["decisions"] == {"skip": 3, "rollback": 1}
-    assert [(d["step"], d["action"], d["by"], d["onset"], d["restored_step"], d["remedies"])
-            for d in doc["decisions"]] == [(23, "skip", "keel", None, None, []), (24, "skip", "keel", None, None, []),
-                                           (25, "skip", "keel", None, None, []),
-                                           (26, "rollback", "keel", 23, 20, ["LR × 0.1 from now on"])]
+    assert [
+        (d["step"], d["action"], d["by"], d["onset"], d["restored_step"], d["remedies"]) for d in doc["decisions"]
+    ] == [
+        (23, "skip", "keel", None, None, []),
+        (24, "skip", "keel", None, None, []),
+        (25, "skip", "keel", None, None, []),
+        (26, "rollback", "keel", 23, 20, ["LR × 0.1 from now on"]),
+    ]
     assert doc["decisions"][3]["reason"].startswith("rolled back to the snapshot of step 20")
 
 

@@ -45,8 +45,10 @@ def test_a_spike_is_found_at_its_step_exactly_as_the_detector_finds_it(tmp_path)
 
 def test_a_clean_log_has_no_findings_above_info():
     steps = list(range(0, 3000))
-    losses = [(2.0 + 3.0 * math.exp(-s / 300)) * (1 + 0.02 * e) for s, e in
-              zip(steps, np.random.default_rng(1).standard_normal(len(steps)), strict=True)]
+    losses = [
+        (2.0 + 3.0 * math.exp(-s / 300)) * (1 + 0.02 * e)
+        for s, e in zip(steps, np.random.default_rng(1).standard_normal(len(steps)), strict=True)
+    ]
     result = diagnose(_log(steps, losses))
     assert result.at_least("warning") == []
 
@@ -64,8 +66,9 @@ def test_sparse_log_scales_only_the_divergence_warm_up():
     divergence = [f for f in result.findings if f.kind == "divergence"]
     assert [f.severity for f in divergence] == ["warning", "critical"]
     unscaled = DivergenceDetector()
-    assert [f for s, v in zip(steps, losses, strict=True)
-            for f in unscaled.update(Observation(step=s, values={"loss": v}))] == []
+    assert [
+        f for s, v in zip(steps, losses, strict=True) for f in unscaled.update(Observation(step=s, values={"loss": v}))
+    ] == []
 
 
 def test_sparse_log_keeps_patience_in_observations():
@@ -107,9 +110,18 @@ def test_restart_far_back_uses_detector_checkpoints():
 
 
 def test_gaps_and_same_step_merging_are_reported():
-    log = RawLog(source="t", format="jsonl", records=[
-        (0, {"loss": 2.0, "epoch": 0.0}), (0, {"eval_loss": 2.1, "epoch": 0.0}), (1, {"loss": 2.0}),
-        (2, {"loss": 2.0}), (100, {"loss": 2.0}), (101, {"loss": 2.0})])
+    log = RawLog(
+        source="t",
+        format="jsonl",
+        records=[
+            (0, {"loss": 2.0, "epoch": 0.0}),
+            (0, {"eval_loss": 2.1, "epoch": 0.0}),
+            (1, {"loss": 2.0}),
+            (2, {"loss": 2.0}),
+            (100, {"loss": 2.0}),
+            (101, {"loss": 2.0}),
+        ],
+    )
     result = diagnose(log)
     assert result.summary["observations"] == 5 and result.summary["restarts"]["count"] == 0
     assert result.summary["gaps"] == {"count": 1, "listed": [{"after_step": 2, "next_step": 100}]}
@@ -122,8 +134,7 @@ def test_non_finite_loss_and_grad_norm_are_critical():
     losses[10] = math.nan
     grads[20] = math.inf
     result = diagnose(_log(list(range(30)), losses, grad_norm=grads))
-    assert _key(result.at_least("warning")) == [(10, "non_finite", "critical"),
-                                                (20, "non_finite", "critical")]
+    assert _key(result.at_least("warning")) == [(10, "non_finite", "critical"), (20, "non_finite", "critical")]
 
 
 def test_detector_factory_is_used_and_called_fresh_on_restart():

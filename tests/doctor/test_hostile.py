@@ -37,6 +37,7 @@ def _losses(n, seed=0):
 
 # --- CSV cells over the csv module's 128 KiB limit ----------------------------------------------------------
 
+
 def test_a_data_cell_over_128_kib_skips_that_row_and_says_so(tmp_path, capsys):
     rows = [f"{s},{v!r},ok" for s, v in enumerate(_losses(60))]
     rows[30] = "30,2.0," + "x" * 200_000  # one huge text cell (a logged sample, say)
@@ -68,6 +69,7 @@ def test_a_single_line_of_8_mb_is_one_clear_error(tmp_path, capsys):
 
 # --- paths that are not regular files ----------------------------------------------------------------------
 
+
 @pytest.mark.timeout(20)
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_a_fifo_is_refused_not_read_forever(tmp_path, capsys):
@@ -81,8 +83,7 @@ def test_a_fifo_is_refused_not_read_forever(tmp_path, capsys):
 @pytest.mark.timeout(20)
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this platform")
 def test_a_fifo_inside_a_tensorboard_folder_is_skipped(tmp_path):
-    (tmp_path / "events.out.tfevents.1").write_bytes(b"".join(record(scalar_event(s, "loss", 2.0))
-                                                              for s in range(5)))
+    (tmp_path / "events.out.tfevents.1").write_bytes(b"".join(record(scalar_event(s, "loss", 2.0)) for s in range(5)))
     os.mkfifo(tmp_path / "events.out.tfevents.2")
     assert len(read_log(tmp_path).records) == 5
 
@@ -94,6 +95,7 @@ def test_an_empty_path_is_refused_not_read_as_the_current_folder(capsys):
 
 
 # --- hand-crafted TensorBoard records ----------------------------------------------------------------------
+
 
 def _tensor_event(step, tensor):
     value = field(1, LENGTH, b"loss") + field(8, LENGTH, tensor)
@@ -124,6 +126,7 @@ def test_tensorboard_fields_of_the_wrong_wire_type_are_not_a_traceback(case, tmp
 
 
 # --- keel run stores with hostile contents -----------------------------------------------------------------
+
 
 def _store(tmp_path, n=40):
     run = tmp_path / "run"
@@ -157,8 +160,10 @@ def test_text_in_a_stores_step_column_is_left_out_and_counted(tmp_path, capsys):
     run = _store(tmp_path)
     conn = sqlite3.connect(run / "run.sqlite")
     conn.execute("INSERT INTO signals (step, key, value) VALUES ('abc', 'loss', 1.0)")
-    conn.execute("INSERT INTO decisions (step, action, reason, actor, onset, restored_step) "
-                 "VALUES (5, 'rollback', 'x', 'guard', 'x', '<b>')")
+    conn.execute(
+        "INSERT INTO decisions (step, action, reason, actor, onset, restored_step) "
+        "VALUES (5, 'rollback', 'x', 'guard', 'x', '<b>')"
+    )
     conn.commit()
     conn.close()
     result = diagnose_log(run)
@@ -178,12 +183,14 @@ def test_a_store_missing_its_signals_table_is_one_clear_error(tmp_path, capsys):
 
 # --- duplicate column names ----------------------------------------------------------------------------------
 
+
 def test_duplicate_columns_keep_the_first_and_say_which_was_used(tmp_path, capsys):
     first, second = _losses(80, seed=1), _losses(80, seed=2)
     first[60] = 500.0  # 250× the loss level, only in the first of the two "loss" columns
     p = tmp_path / "log.csv"
-    p.write_text("step,loss,loss\n" + "".join(f"{s},{a!r},{b!r}\n" for s, (a, b) in
-                                            enumerate(zip(first, second, strict=True))))
+    p.write_text(
+        "step,loss,loss\n" + "".join(f"{s},{a!r},{b!r}\n" for s, (a, b) in enumerate(zip(first, second, strict=True)))
+    )
     result = diagnose_log(p)
     assert (60, "loss_spike", "critical") in [(f.step, f.kind, f.severity) for f in result.findings]
     note = next(n for n in result.summary["notes"] if "loss" in n and "column 3" in n)
@@ -233,8 +240,18 @@ def test_escape_codes_in_stored_findings_are_shown_escaped(tmp_path, capsys):
 
     run = _store(tmp_path)
     with RunWriter(run) as w:
-        w.add_findings([Finding(step=3, kind=f"{ESC}[31mkind", severity="critical", signal=f"{ESC}[2Jsig",
-                                cause=f"{ESC}]0;x\a", remedy="\u202e", evidence={f"{ESC}k": f"{ESC}v"})])
+        w.add_findings(
+            [
+                Finding(
+                    step=3,
+                    kind=f"{ESC}[31mkind",
+                    severity="critical",
+                    signal=f"{ESC}[2Jsig",
+                    cause=f"{ESC}]0;x\a",
+                    remedy="\u202e",
+                    evidence={f"{ESC}k": f"{ESC}v"},
+                )
+            ]
+        )
     code, out, _ = _doctor(capsys, run, "--all")
     assert ESC not in out and "\u202e" not in out
-

@@ -54,6 +54,7 @@ def _error(out, text):
 
 # --- CSV / TSV ---------------------------------------------------------------------------------------------
 
+
 def _rows(n, sep=","):
     return "".join(f"{s}{sep}{2.0 + 0.01 * (s % 3)}\n" for s in range(n))
 
@@ -68,14 +69,22 @@ CSV_CASES = {
     "ragged_rows": ("step,loss,lr\n0,1.0\n1,1.1,0.1,9,9\n2\n3,1.2,0.1\n", lambda o: _ok(o, 4)),
     "only_a_header": ("step,loss\n", lambda o: _error(o, "no data rows")),
     "only_blank_lines": ("\n\n  \n,,\n", lambda o: _error(o, "empty")),
-    "ten_thousand_columns": ("step," + ",".join(f"c{i}" for i in range(10_000)) + "\n"
-                             + "".join(f"{s}," + ",".join(["1.5"] * 10_000) + "\n" for s in range(3)),
-                             lambda o: _ok(o, 3)),
-    "too_many_columns": ("step," + ",".join(f"c{i}" for i in range(100_001)) + "\n0\n",
-                         lambda o: _error(o, "at most 100000")),
+    "ten_thousand_columns": (
+        "step,"
+        + ",".join(f"c{i}" for i in range(10_000))
+        + "\n"
+        + "".join(f"{s}," + ",".join(["1.5"] * 10_000) + "\n" for s in range(3)),
+        lambda o: _ok(o, 3),
+    ),
+    "too_many_columns": (
+        "step," + ",".join(f"c{i}" for i in range(100_001)) + "\n0\n",
+        lambda o: _error(o, "at most 100000"),
+    ),
     "not_utf8_early": (b"step,loss\n0,\xff\n", lambda o: _error(o, "not UTF-8")),
-    "not_utf8_after_the_head": (b"step,loss\n" + _rows(20_000).encode() + b"9,\xff\n",
-                                lambda o: _error(o, "not UTF-8")),
+    "not_utf8_after_the_head": (
+        b"step,loss\n" + _rows(20_000).encode() + b"9,\xff\n",
+        lambda o: _error(o, "not UTF-8"),
+    ),
     "latin1": ("step,lös\n0,1\n".encode("latin-1"), lambda o: _error(o, "not UTF-8")),
     "nul_early": (b"step,loss\n0,\x001\n", lambda o: _error(o, "binary data")),
     "nul_after_the_head": ("step,loss\n" + _rows(20_000) + "9,\x00\n", lambda o: _ok(o, 20_001, "text cell")),
@@ -85,8 +94,10 @@ CSV_CASES = {
     "text_everywhere": ("step,loss\n0,a\n1,b\n2,c\n", lambda o: _ok(o, 3)),
     "escape_in_header": ("step,\x1b[2Jloss\n0,1\n", lambda o: _ok(o, 1)),
     "header_cell_over_the_csv_limit": ("step,loss," + "h" * 200_000 + "\n0,1,2\n", lambda o: _error(o, "header")),
-    "every_data_row_over_the_limit": ("step,loss\n" + ("0," + "9" * 140_000 + "\n") * 2,
-                                      lambda o: _error(o, "unreadable row")),
+    "every_data_row_over_the_limit": (
+        "step,loss\n" + ("0," + "9" * 140_000 + "\n") * 2,
+        lambda o: _error(o, "unreadable row"),
+    ),
 }
 
 
@@ -102,8 +113,10 @@ CSV_ALPHABET = st.sampled_from(list(",;\t\n\r\"' 0123456789.-+eEnNaIiIf_xé\x00\
 
 @pytest.mark.timeout(300)
 @FUZZ
-@given(body=st.one_of(st.binary(max_size=600), st.text(CSV_ALPHABET, max_size=600).map(str.encode)),
-       header=st.sampled_from([b"", b"step,loss\n", b"step\tloss\tlr\n", b"\xef\xbb\xbfiter;loss\r\n"]))
+@given(
+    body=st.one_of(st.binary(max_size=600), st.text(CSV_ALPHABET, max_size=600).map(str.encode)),
+    header=st.sampled_from([b"", b"step,loss\n", b"step\tloss\tlr\n", b"\xef\xbb\xbfiter;loss\r\n"]),
+)
 def test_the_csv_reader_answers_any_bytes(body, header, tmp_path_factory):
     outcome(_write(tmp_path_factory.mktemp("csv"), "log.csv", header + body), format="csv")
 
@@ -112,21 +125,27 @@ def test_the_csv_reader_answers_any_bytes(body, header, tmp_path_factory):
 
 JSONL_CASES = {
     "nested_objects": ('{"step": 1, "train": {"loss": 2.0, "inner": {"x": 1}}}\n', lambda o: _ok(o, 1)),
-    "nested_too_deep": ('{"step":1,"a":' + "{" * 100_000 + "}" * 100_000 + "}\n" + '{"step":2,"loss":1}\n',
-                        lambda o: _ok(o, 1, "not JSON")),
-    "nested_near_the_limit": ('{"step":1,"loss":1,"x":' + '{"a":' * 900 + "1" + "}" * 900 + "}\n",
-                              lambda o: _ok(o, 1)),
+    "nested_too_deep": (
+        '{"step":1,"a":' + "{" * 100_000 + "}" * 100_000 + "}\n" + '{"step":2,"loss":1}\n',
+        lambda o: _ok(o, 1, "not JSON"),
+    ),
+    "nested_near_the_limit": ('{"step":1,"loss":1,"x":' + '{"a":' * 900 + "1" + "}" * 900 + "}\n", lambda o: _ok(o, 1)),
     "arrays": ('{"step": 1, "loss": [1, 2], "lr": 0.1}\n', lambda o: _ok(o, 1)),
-    "huge_numbers": ('{"step":1,"loss":' + "9" * 400 + '}\n{"step":2,"loss":1e999}\n{"step":3,"loss":-1e999}\n',
-                     lambda o: _ok(o, 3)),
-    "integer_over_4300_digits": ('{"step":1,"loss":' + "9" * 5000 + '}\n{"step":2,"loss":1}\n',
-                                 lambda o: _ok(o, 1, "not JSON")),
+    "huge_numbers": (
+        '{"step":1,"loss":' + "9" * 400 + '}\n{"step":2,"loss":1e999}\n{"step":3,"loss":-1e999}\n',
+        lambda o: _ok(o, 3),
+    ),
+    "integer_over_4300_digits": (
+        '{"step":1,"loss":' + "9" * 5000 + '}\n{"step":2,"loss":1}\n',
+        lambda o: _ok(o, 1, "not JSON"),
+    ),
     "duplicate_keys": ('{"step":1,"loss":1,"loss":2}\n', lambda o: _ok(o, 1, "repeated key")),
     "flattened_collision": ('{"step":1,"train/loss":1,"train":{"loss":2}}\n', lambda o: _ok(o, 1, "repeated key")),
-    "non_object_lines": ('1\n"x"\n[1,2]\nnull\ntrue\n{"step":1,"loss":1}\n',
-                         lambda o: _ok(o, 1, "not JSON objects")),
-    "odd_steps": ('{"step":true}\n{"step":"12","loss":"2"}\n{"step":1.5}\n{"step":' + str(2**70) + "}\n",
-                  lambda o: _ok(o, 1, "without an integer step")),
+    "non_object_lines": ('1\n"x"\n[1,2]\nnull\ntrue\n{"step":1,"loss":1}\n', lambda o: _ok(o, 1, "not JSON objects")),
+    "odd_steps": (
+        '{"step":true}\n{"step":"12","loss":"2"}\n{"step":1.5}\n{"step":' + str(2**70) + "}\n",
+        lambda o: _ok(o, 1, "without an integer step"),
+    ),
     "lone_surrogate_key": ('{"step":1,"\\ud800":1}\n', lambda o: _ok(o, 1)),
     "escape_in_key": ('{"step":1,"\\u001b[31mloss":1}\n', lambda o: _ok(o, 1)),
     "array_nested_too_deep": ("[" * 100_000 + "]" * 100_000, lambda o: _error(o, "not valid JSON")),
@@ -144,12 +163,22 @@ def test_hostile_jsonl(case, tmp_path):
 
 
 JSON_VALUES = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats()
+    | st.text(max_size=8)
     | st.sampled_from([2**70, -(2**70), 10**30, "nan", "1e3", "step"]),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(
-        st.sampled_from(["step", "global_step", "loss", "grad_norm", "lr", "train", "eval_loss", "x", "\x1b"]),
-        inner, max_size=5),
-    max_leaves=12)
+    lambda inner: (
+        st.lists(inner, max_size=4)
+        | st.dictionaries(
+            st.sampled_from(["step", "global_step", "loss", "grad_norm", "lr", "train", "eval_loss", "x", "\x1b"]),
+            inner,
+            max_size=5,
+        )
+    ),
+    max_leaves=12,
+)
 
 
 @pytest.mark.timeout(300)
@@ -163,13 +192,34 @@ def test_the_jsonl_reader_answers_any_lines(lines, tmp_path_factory):
 
 HF_CASES = {
     "history_not_a_list": ({"log_history": {"step": 1}}, lambda o: _error(o, "no 'log_history' list")),
-    "history_of_wrong_types": ({"log_history": [1, "x", None, [1], {"step": "a", "loss": [1]},
-                                                {"step": 3, "loss": {"a": 1}}, {"step": 4, "loss": 2}]},
-                               lambda o: _ok(o, 2, "not JSON objects")),
-    "facts_of_wrong_types": ({"log_history": [{"step": 1, "loss": 1}], "global_step": "x", "logging_steps": True,
-                              "max_steps": [1], "num_train_epochs": 1e999}, lambda o: _ok(o, 1)),
-    "only_summary_entries": ({"log_history": [{"step": 1, "train_runtime": 1.0, "train_loss": 2.0}]},
-                             lambda o: _error(o, "no log object")),
+    "history_of_wrong_types": (
+        {
+            "log_history": [
+                1,
+                "x",
+                None,
+                [1],
+                {"step": "a", "loss": [1]},
+                {"step": 3, "loss": {"a": 1}},
+                {"step": 4, "loss": 2},
+            ]
+        },
+        lambda o: _ok(o, 2, "not JSON objects"),
+    ),
+    "facts_of_wrong_types": (
+        {
+            "log_history": [{"step": 1, "loss": 1}],
+            "global_step": "x",
+            "logging_steps": True,
+            "max_steps": [1],
+            "num_train_epochs": 1e999,
+        },
+        lambda o: _ok(o, 1),
+    ),
+    "only_summary_entries": (
+        {"log_history": [{"step": 1, "train_runtime": 1.0, "train_loss": 2.0}]},
+        lambda o: _error(o, "no log object"),
+    ),
     "a_list_not_an_object": ([{"step": 1, "loss": 1}], lambda o: _ok(o, 1)),
 }
 
@@ -182,9 +232,15 @@ def test_hostile_trainer_state(case, tmp_path):
 
 @pytest.mark.timeout(300)
 @FUZZ
-@given(state=st.one_of(JSON_VALUES, st.fixed_dictionaries({"log_history": st.lists(JSON_VALUES, max_size=12)},
-                                                          optional={"global_step": JSON_VALUES,
-                                                                    "logging_steps": JSON_VALUES})))
+@given(
+    state=st.one_of(
+        JSON_VALUES,
+        st.fixed_dictionaries(
+            {"log_history": st.lists(JSON_VALUES, max_size=12)},
+            optional={"global_step": JSON_VALUES, "logging_steps": JSON_VALUES},
+        ),
+    )
+)
 def test_the_trainer_state_reader_answers_any_json(state, tmp_path_factory):
     path = _write(tmp_path_factory.mktemp("hf"), "trainer_state.json", json.dumps(state))
     outcome(path, format="hf_trainer_state")
@@ -207,11 +263,17 @@ TB_CASES = {
     "huge_length_at_the_end": (GOOD_EVENTS + record(b"x", length=2**63), lambda o: _ok(o, 30)),
     "garbage_payload": (GOOD_EVENTS + record(b"\xff" * 50), lambda o: _ok(o, 30, "malformed")),
     "step_beyond_2_61": (record(scalar_event(2**62, "loss", 2.0)) + GOOD_EVENTS, lambda o: _ok(o, 30, "malformed")),
-    "nan_wall_times": (b"".join(record(scalar_event(s, "loss", 2.0, wall=math.nan)) for s in range(5)),
-                       lambda o: _ok(o, 5)),
-    "only_non_scalars": (record(field(2, VARINT, 1) + field(5, LENGTH, field(1, LENGTH, field(1, LENGTH, b"img")
-                                                                             + field(4, LENGTH, b"png")))),
-                         lambda o: _error(o, "no scalar")),
+    "nan_wall_times": (
+        b"".join(record(scalar_event(s, "loss", 2.0, wall=math.nan)) for s in range(5)),
+        lambda o: _ok(o, 5),
+    ),
+    "only_non_scalars": (
+        record(
+            field(2, VARINT, 1)
+            + field(5, LENGTH, field(1, LENGTH, field(1, LENGTH, b"img") + field(4, LENGTH, b"png")))
+        ),
+        lambda o: _error(o, "no scalar"),
+    ),
     "unknown_wire_type": (GOOD_EVENTS + record(bytes([0x0B, 0x01])), lambda o: _ok(o, 30, "malformed")),
     "truncated_header": (GOOD_EVENTS + b"\x05\x00\x00", lambda o: _ok(o, 30)),
 }
@@ -240,7 +302,8 @@ WIRE_FIELDS = st.recursive(
     | st.tuples(st.integers(1, 12), st.sampled_from([FIXED64]), st.binary(min_size=8, max_size=8))
     | st.tuples(st.integers(1, 12), st.sampled_from([LENGTH]), st.binary(max_size=12)),
     lambda inner: st.tuples(st.integers(1, 12), st.just(LENGTH), st.lists(inner, max_size=4)),
-    max_leaves=10)
+    max_leaves=10,
+)
 
 
 def _encode(f):
@@ -252,8 +315,11 @@ def _encode(f):
 
 @pytest.mark.timeout(300)
 @FUZZ
-@given(events=st.lists(st.lists(WIRE_FIELDS, max_size=5).map(lambda fs: b"".join(map(_encode, fs))), max_size=8),
-       tail=st.binary(max_size=20), flip=st.integers(0, 4000))
+@given(
+    events=st.lists(st.lists(WIRE_FIELDS, max_size=5).map(lambda fs: b"".join(map(_encode, fs))), max_size=8),
+    tail=st.binary(max_size=20),
+    flip=st.integers(0, 4000),
+)
 def test_the_event_reader_answers_any_framed_or_corrupted_bytes(events, tail, flip, tmp_path_factory):
     folder = tmp_path_factory.mktemp("tb")
     (folder / "events.out.tfevents.1").write_bytes(GOOD_EVENTS + b"".join(map(record, events)) + tail)
@@ -266,6 +332,7 @@ def test_the_event_reader_answers_any_framed_or_corrupted_bytes(events, tail, fl
 
 
 # --- keel run stores ---------------------------------------------------------------------------------------------
+
 
 def _store(tmp_path, n=30):
     run = tmp_path / "run"
@@ -291,27 +358,47 @@ STORE_CASES = {
     "no_decisions_table": (["DROP TABLE decisions"], lambda o: _ok(o, 30, "rollbacks are not replayed")),
     "no_snapshots_table": (["DROP TABLE snapshots"], lambda o: _ok(o, 30)),
     "empty_signals": (["DELETE FROM signals"], lambda o: _error(o, "no signals")),
-    "wrong_types_in_signals": (["INSERT INTO signals VALUES (3.5, 'loss', 1.0)",
-                                "INSERT INTO signals VALUES (4, 'loss', 'abc')",
-                                "INSERT INTO signals VALUES (5, 'loss', x'00ff')",
-                                "INSERT INTO signals VALUES (6, 7, 1.0)",
-                                "INSERT INTO signals VALUES ('x', 'loss', 1.0)"],
-                               lambda o: _ok(o, 30, "the store: signals")),
-    "step_at_int64_max": ([f"INSERT INTO signals VALUES ({2**63 - 1}, 'loss', 1.0)"],
-                          lambda o: _ok(o, 30, "beyond ±2**61")),
-    "wrong_types_in_findings": (["INSERT INTO findings VALUES ('x', 'k', 'critical', 's', 1, 1, '{}', 'c', 'r')",
-                                 "INSERT INTO findings VALUES (1, 'k', 'bad', 's', 1, 1, '{}', 'c', 'r')",
-                                 "INSERT INTO findings VALUES (1, 'k', 'info', 's', 1, 1, '[', 'c', 'r')"],
-                                lambda o: _ok(o, 30, "the store: findings")),
-    "wrong_types_in_decisions": (["INSERT INTO decisions VALUES (5, 'rollback', 'r', 'g', 'x', '<b>')",
-                                  "INSERT INTO decisions VALUES (5, 'explode', 'r', 'g', 1, 2)"],
-                                 lambda o: _ok(o, 30, "the store: decisions")),
-    "rollback_to_the_future": (["INSERT INTO decisions VALUES (5, 'rollback', 'r', 'g', 1, 500)"],
-                               lambda o: _ok(o, 30)),
-    "meta_of_wrong_shapes": (["INSERT INTO meta VALUES ('steps', '[1,2]')",
-                              "INSERT INTO meta VALUES ('seed', 'not json')",
-                              "INSERT INTO meta VALUES ('diagnosis', '" + "[" * 5000 + "]" * 5000 + "')"],
-                             lambda o: _ok(o, 30, "not a plain value")),
+    "wrong_types_in_signals": (
+        [
+            "INSERT INTO signals VALUES (3.5, 'loss', 1.0)",
+            "INSERT INTO signals VALUES (4, 'loss', 'abc')",
+            "INSERT INTO signals VALUES (5, 'loss', x'00ff')",
+            "INSERT INTO signals VALUES (6, 7, 1.0)",
+            "INSERT INTO signals VALUES ('x', 'loss', 1.0)",
+        ],
+        lambda o: _ok(o, 30, "the store: signals"),
+    ),
+    "step_at_int64_max": (
+        [f"INSERT INTO signals VALUES ({2**63 - 1}, 'loss', 1.0)"],
+        lambda o: _ok(o, 30, "beyond ±2**61"),
+    ),
+    "wrong_types_in_findings": (
+        [
+            "INSERT INTO findings VALUES ('x', 'k', 'critical', 's', 1, 1, '{}', 'c', 'r')",
+            "INSERT INTO findings VALUES (1, 'k', 'bad', 's', 1, 1, '{}', 'c', 'r')",
+            "INSERT INTO findings VALUES (1, 'k', 'info', 's', 1, 1, '[', 'c', 'r')",
+        ],
+        lambda o: _ok(o, 30, "the store: findings"),
+    ),
+    "wrong_types_in_decisions": (
+        [
+            "INSERT INTO decisions VALUES (5, 'rollback', 'r', 'g', 'x', '<b>')",
+            "INSERT INTO decisions VALUES (5, 'explode', 'r', 'g', 1, 2)",
+        ],
+        lambda o: _ok(o, 30, "the store: decisions"),
+    ),
+    "rollback_to_the_future": (
+        ["INSERT INTO decisions VALUES (5, 'rollback', 'r', 'g', 1, 500)"],
+        lambda o: _ok(o, 30),
+    ),
+    "meta_of_wrong_shapes": (
+        [
+            "INSERT INTO meta VALUES ('steps', '[1,2]')",
+            "INSERT INTO meta VALUES ('seed', 'not json')",
+            "INSERT INTO meta VALUES ('diagnosis', '" + "[" * 5000 + "]" * 5000 + "')",
+        ],
+        lambda o: _ok(o, 30, "not a plain value"),
+    ),
 }
 
 
@@ -321,25 +408,38 @@ def test_hostile_store(case, tmp_path):
     check(outcome(_sql(_store(tmp_path), *statements)))
 
 
-SQL_VALUES = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False),
-                       st.text(max_size=6), st.binary(max_size=4), st.sampled_from(["loss", "grad/norm", "{}",
-                                                                                   "rollback", "critical"]))
+SQL_VALUES = st.one_of(
+    st.none(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=6),
+    st.binary(max_size=4),
+    st.sampled_from(["loss", "grad/norm", "{}", "rollback", "critical"]),
+)
 
 
 @pytest.mark.timeout(300)
 @FUZZ
-@given(signals=st.lists(st.tuples(SQL_VALUES, SQL_VALUES, SQL_VALUES), max_size=10),
-       findings=st.lists(st.tuples(*[SQL_VALUES] * 9), max_size=4),
-       decisions=st.lists(st.tuples(*[SQL_VALUES] * 6), max_size=4),
-       meta=st.lists(st.tuples(st.sampled_from(["diagnosis", "steps", "seed", "status", "x"]),
-                               JSON_VALUES.map(json.dumps) | st.text(max_size=5)), max_size=4))
+@given(
+    signals=st.lists(st.tuples(SQL_VALUES, SQL_VALUES, SQL_VALUES), max_size=10),
+    findings=st.lists(st.tuples(*[SQL_VALUES] * 9), max_size=4),
+    decisions=st.lists(st.tuples(*[SQL_VALUES] * 6), max_size=4),
+    meta=st.lists(
+        st.tuples(
+            st.sampled_from(["diagnosis", "steps", "seed", "status", "x"]),
+            JSON_VALUES.map(json.dumps) | st.text(max_size=5),
+        ),
+        max_size=4,
+    ),
+)
 def test_the_store_reader_answers_any_typed_rows(signals, findings, decisions, meta, tmp_path_factory):
     run = _store(tmp_path_factory.mktemp("store"), n=5)
     conn = sqlite3.connect(run / "run.sqlite")
     # The columns are NOT NULL where keel writes them so; a crafted store's other values go in as they are.
     conn.executemany("INSERT INTO signals VALUES (?, ?, ?)", [r for r in signals if None not in r[:2]])
-    conn.executemany("INSERT INTO findings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                     [r for r in findings if None not in r[:4] + r[6:]])
+    conn.executemany(
+        "INSERT INTO findings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", [r for r in findings if None not in r[:4] + r[6:]]
+    )
     conn.executemany("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?)", [r for r in decisions if None not in r[:4]])
     conn.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)", meta)
     conn.commit()
@@ -348,6 +448,7 @@ def test_the_store_reader_answers_any_typed_rows(signals, findings, decisions, m
 
 
 # --- paths -----------------------------------------------------------------------------------------------------
+
 
 def test_hostile_paths(tmp_path):
     _error(outcome(""), "empty path")
@@ -365,10 +466,15 @@ def test_hostile_paths(tmp_path):
 # --- memory ---------------------------------------------------------------------------------------------------
 
 MEMORY_CASES = {
-    "long_csv": lambda: "step,loss,grad_norm,lr,phase\n" + "".join(f"{s},{2.0 + s % 7 / 100},1.0,0.001,main\n"
-                                                                    for s in range(20_000)),
-    "wide_csv": lambda: "step," + ",".join(f"c{i}" for i in range(2000)) + "\n"
-                        + "".join(f"{s}," + ",".join(["1.5"] * 2000) + "\n" for s in range(300)),
+    "long_csv": lambda: (
+        "step,loss,grad_norm,lr,phase\n" + "".join(f"{s},{2.0 + s % 7 / 100},1.0,0.001,main\n" for s in range(20_000))
+    ),
+    "wide_csv": lambda: (
+        "step,"
+        + ",".join(f"c{i}" for i in range(2000))
+        + "\n"
+        + "".join(f"{s}," + ",".join(["1.5"] * 2000) + "\n" for s in range(300))
+    ),
     "one_long_csv_line": lambda: "step,loss\n0," + "1," * 400_000 + "\n",
     "sparse_jsonl": lambda: "".join(json.dumps({"step": s, f"key_{s}": 1.0}) + "\n" for s in range(5_000)),
     "deep_jsonl": lambda: ('{"step":1,"a":' + "[" * 200_000 + "]" * 200_000 + "}\n") * 3,
@@ -400,8 +506,9 @@ def test_reading_a_long_csv_holds_numbers_not_text(tmp_path):
     from keel.doctor import read_log
 
     path = tmp_path / "log.csv"
-    path.write_text("step,loss,grad_norm,lr,phase\n"
-                    + "".join(f"{s},{2.0 + s % 7 / 100},1.0,0.001,main\n" for s in range(100_000)))
+    path.write_text(
+        "step,loss,grad_norm,lr,phase\n" + "".join(f"{s},{2.0 + s % 7 / 100},1.0,0.001,main\n" for s in range(100_000))
+    )
     tracemalloc.start()
     try:
         log = read_log(path)
@@ -412,9 +519,11 @@ def test_reading_a_long_csv_holds_numbers_not_text(tmp_path):
     assert held <= 100_000 * (8 + 3 * 16) * 1.3 + 4 * 2**20, f"{held / 2**20:.1f} MiB held"
 
 
-
-CELLS = st.one_of(st.sampled_from(["", " ", "main", "warmup", "1.5", "nan", "-inf", " 2 ", "1_0", "\x00", "x"]),
-                  st.floats().map(repr), st.text(max_size=4))
+CELLS = st.one_of(
+    st.sampled_from(["", " ", "main", "warmup", "1.5", "nan", "-inf", " 2 ", "1_0", "\x00", "x"]),
+    st.floats().map(repr),
+    st.text(max_size=4),
+)
 
 
 @FUZZ

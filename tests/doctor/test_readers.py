@@ -19,8 +19,10 @@ def _obs(path, **kw):
 
 def test_csv_with_text_column_sparse_cells_nan_and_stray_text(tmp_path):
     p = tmp_path / "log.csv"
-    p.write_text("step,loss,grad_norm,lr,date\n0,2.5,1.0,0.001,2024-01-01\n10,2.4,,0.001,2024-01-02\n"
-                 "20,nan,inf,,2024-01-03\n30,overflow,1.1,0.001,x\n,9.9,9.9,9.9,y\n")
+    p.write_text(
+        "step,loss,grad_norm,lr,date\n0,2.5,1.0,0.001,2024-01-01\n10,2.4,,0.001,2024-01-02\n"
+        "20,nan,inf,,2024-01-03\n30,overflow,1.1,0.001,x\n,9.9,9.9,9.9,y\n"
+    )
     log = read_log(p)
     assert log.format == "csv" and log.text_columns == ["date"]
     assert [s for s, _ in log.records] == [0, 10, 20, 30]
@@ -41,9 +43,12 @@ def test_tsv_and_unknown_suffix_are_sniffed(tmp_path):
 
 def test_jsonl_nested_null_nan_strings_and_bad_lines(tmp_path):
     p = tmp_path / "log.jsonl"
-    lines = [{"step": 0, "train": {"loss": 3.0}, "lr": 1e-3, "tag": "warmup"},
-             {"_step": 1, "train": {"loss": None}, "grad_norm": "2.5"},
-             {"step": 2, "train": {"loss": float("nan")}}, {"note": "no step here"}]
+    lines = [
+        {"step": 0, "train": {"loss": 3.0}, "lr": 1e-3, "tag": "warmup"},
+        {"_step": 1, "train": {"loss": None}, "grad_norm": "2.5"},
+        {"step": 2, "train": {"loss": float("nan")}},
+        {"note": "no step here"},
+    ]
     p.write_text("\n".join(json.dumps(x) for x in lines) + "\nnot json\n")
     log = read_log(p)
     assert log.text_columns == ["tag"]
@@ -61,15 +66,16 @@ def test_json_array_of_log_objects(tmp_path):
 
 
 def _trainer_state(entries, **extra):
-    return json.dumps({"global_step": entries[-1]["step"], "logging_steps": 10, "log_history": entries,
-                       **extra})
+    return json.dumps({"global_step": entries[-1]["step"], "logging_steps": 10, "log_history": entries, **extra})
 
 
 def test_hf_trainer_state_merges_eval_and_drops_the_summary_entry(tmp_path):
-    history = [{"loss": 2.0, "grad_norm": 1.5, "learning_rate": 5e-5, "epoch": 0.1, "step": 10},
-               {"eval_loss": 2.2, "eval_runtime": 3.0, "epoch": 0.1, "step": 10},
-               {"loss": 1.9, "grad_norm": 1.4, "learning_rate": 4e-5, "epoch": 0.2, "step": 20},
-               {"train_runtime": 100.0, "train_loss": 1.95, "total_flos": 1.0, "epoch": 0.2, "step": 20}]
+    history = [
+        {"loss": 2.0, "grad_norm": 1.5, "learning_rate": 5e-5, "epoch": 0.1, "step": 10},
+        {"eval_loss": 2.2, "eval_runtime": 3.0, "epoch": 0.1, "step": 10},
+        {"loss": 1.9, "grad_norm": 1.4, "learning_rate": 4e-5, "epoch": 0.2, "step": 20},
+        {"train_runtime": 100.0, "train_loss": 1.95, "total_flos": 1.0, "epoch": 0.2, "step": 20},
+    ]
     ckpt = tmp_path / "out" / "checkpoint-20"
     ckpt.mkdir(parents=True)
     (ckpt / "trainer_state.json").write_text(_trainer_state(history))

@@ -10,19 +10,25 @@ from keel.doctor import diagnose_log
 from keel.harness.bench.doctor import HEALTHY_LABELS, load_prefix, run, score_series
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "realruns"
-pytestmark = pytest.mark.skipif(not (DATA / "labels.json").is_file(),
-                                reason=f"real-run logs not found at {DATA} "
-                                       "(shared/ sits beside the clone in CI)")
+pytestmark = pytest.mark.skipif(
+    not (DATA / "labels.json").is_file(),
+    reason=f"real-run logs not found at {DATA} (shared/ sits beside the clone in CI)",
+)
 
 
 def _labels():
     return {entry["file"]: entry for entry in json.loads((DATA / "labels.json").read_text())["series"]}
 
 
-SHORT = ["bloom176b_tr11_spike_31216.csv", "bigscience_tr1_13b_spike_29050.csv",
-         "bigscience_tr8_104b_exp12_spike_8740_divergence_9027.csv", "issue_litgpt_628_codellama_spike.csv",
-         "issue_mlx_examples_620_lora_blowup.csv", "issue_deeplab_lfov_5_divergence.csv",
-         "bloom176b_tr11_throughput_drop_42780.csv"]
+SHORT = [
+    "bloom176b_tr11_spike_31216.csv",
+    "bigscience_tr1_13b_spike_29050.csv",
+    "bigscience_tr8_104b_exp12_spike_8740_divergence_9027.csv",
+    "issue_litgpt_628_codellama_spike.csv",
+    "issue_mlx_examples_620_lora_blowup.csv",
+    "issue_deeplab_lfov_5_divergence.csv",
+    "bloom176b_tr11_throughput_drop_42780.csv",
+]
 
 # First alarm (step, kind, severity) with the 64-step healthy prefix, as measured by `keel bench doctor`.
 EXPECTED_WITH_PREFIX = {
@@ -79,5 +85,7 @@ def test_every_real_run_as_measured_in_benchmarks():
         assert (s.file, s.warnings, s.criticals) == (s.file, 0, 0)
     events = {name: s for name, s in scores.items() if s.label not in HEALTHY_LABELS}
     assert {name: s.prefixed["detected_by"] for name, s in events.items()} == EXPECTED_WITH_PREFIX
-    assert all(s.early_alarms == 0 and s.prefixed["early_alarms"] == 0 and s.prefixed["prefix_alarms"] == 0
-               for s in events.values())
+    assert all(
+        s.early_alarms == 0 and s.prefixed["early_alarms"] == 0 and s.prefixed["prefix_alarms"] == 0
+        for s in events.values()
+    )

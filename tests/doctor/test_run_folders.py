@@ -46,7 +46,8 @@ def test_json_of_a_folder_of_runs_has_one_document_per_run(runs, capsys):
     doc = json.loads(capsys.readouterr().out)
     assert doc["source"] == str(runs)
     assert [(r["source"], r["format"]) for r in doc["runs"]] == [
-        (str(runs / name), "keel_store") for name in ("A/keel", "B/keel", "solo")]
+        (str(runs / name), "keel_store") for name in ("A/keel", "B/keel", "solo")
+    ]
     assert {f["step"] for f in doc["runs"][0]["findings"] if f["severity"] == "critical"} == {60}  # A's spike
 
 

@@ -37,8 +37,11 @@ def field(number: int, wire: int, value: int | bytes) -> bytes:
 def scalar_event(step: int, tag: str, value: float, wall: float = 0.0) -> bytes:
     """An Event with one ``simple_value`` scalar."""
     summary_value = field(1, LENGTH, tag.encode()) + field(2, FIXED32, struct.pack("<f", value))
-    return (field(1, FIXED64, struct.pack("<d", wall)) + field(2, VARINT, step)
-            + field(5, LENGTH, field(1, LENGTH, summary_value)))
+    return (
+        field(1, FIXED64, struct.pack("<d", wall))
+        + field(2, VARINT, step)
+        + field(5, LENGTH, field(1, LENGTH, summary_value))
+    )
 
 
 def record(payload: bytes, *, header_crc: int | None = None, length: int | None = None) -> bytes:

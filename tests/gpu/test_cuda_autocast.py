@@ -104,8 +104,9 @@ def test_output_logits_under_cuda_autocast_judge_collapse_in_the_working_precisi
 @pytest.mark.usefixtures("deterministic")
 @pytest.mark.parametrize("dtype", AUTOCAST, ids=str)
 @pytest.mark.parametrize(("name", "foreach"), CASES)
-def test_cuda_optimizer_step_inside_autocast_equals_the_same_step_outside(name: str, foreach: bool | None,
-                                                                         dtype: torch.dtype) -> None:
+def test_cuda_optimizer_step_inside_autocast_equals_the_same_step_outside(
+    name: str, foreach: bool | None, dtype: torch.dtype
+) -> None:
     check_step_inside_autocast_equals_step_outside(name, foreach, dtype, DEVICE)  # foreach=None: foreach on CUDA
 
 
@@ -138,8 +139,11 @@ def _syncs_per_step(probes: str | None, dtype: torch.dtype, init_scale: float | 
     model = create_proxy_model("tiny", seq_len=16).to(DEVICE)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)  # foreach on CUDA, its step counts on the CPU
     scaler = torch.amp.GradScaler(DEVICE, init_scale=init_scale) if init_scale else None
-    guard = Guard(model, optimizer, scaler=scaler, log_every=1, probes=every_step(PROBE_SETS[probes])) \
-        if probes is not None else None
+    guard = (
+        Guard(model, optimizer, scaler=scaler, log_every=1, probes=every_step(PROBE_SETS[probes]))
+        if probes is not None
+        else None
+    )
     counts = []
     for batch in batches(steps, DEVICE):
         with counting_syncs() as caught:
@@ -162,8 +166,9 @@ def _syncs_per_step(probes: str | None, dtype: torch.dtype, init_scale: float | 
 
 @pytest.mark.parametrize(("dtype", "init_scale"), [(torch.bfloat16, None), (torch.float16, 2.0**16)], ids=str)
 @pytest.mark.parametrize("probes", SETS)
-def test_every_probe_set_reaches_the_host_in_one_copy_per_step(probes: str, dtype: torch.dtype,
-                                                               init_scale: float | None) -> None:
+def test_every_probe_set_reaches_the_host_in_one_copy_per_step(
+    probes: str, dtype: torch.dtype, init_scale: float | None
+) -> None:
     """Every probe measuring at every step; from step 1 on (step 0 settles, once, that the head feeds a softmax:
     one host read) the guarded step syncs exactly once more than the bare one: the packed signals' copy."""
     bare = _syncs_per_step(None, dtype, init_scale)

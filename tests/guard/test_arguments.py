@@ -28,43 +28,55 @@ class _NoStep:
         return {}
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(scheduler="cosine"), r"scheduler='cosine'; allowed: None or an LR scheduler"),
-    (dict(scheduler=_NoStep()), r"scheduler=.*_NoStep.*; allowed: None or an LR scheduler"),
-    (dict(recovery="x"), r"recovery='x'; allowed: None or a keel.RecoveryConfig"),
-    (dict(run_dir=123), r"run_dir=123; allowed: None, a str or an os.PathLike"),
-    (dict(run_dir=""), r"run_dir=''; allowed: .*a folder path"),
-    (dict(max_grad_norm="1"), r"max_grad_norm='1'; allowed: None or a finite number > 0"),
-    (dict(max_grad_norm=math.nan), r"max_grad_norm=nan; allowed"),
-    (dict(max_grad_norm=math.inf), r"max_grad_norm=inf; allowed"),
-    (dict(max_grad_norm=True), r"max_grad_norm=True; allowed"),
-    (dict(detectors=[object()]), r"detectors\[0\]=<object.*; allowed: .*name.*update.*state_dict"),
-    (dict(detectors="spike"), r"detectors='spike'; allowed: None or a list of detectors"),
-    (dict(log_every=True), r"log_every=True; allowed: an int >= 1"),
-    (dict(log_every=2.0), r"log_every=2.0; allowed: an int >= 1"),
-    (dict(scaler="amp"), r"scaler='amp'; allowed: None or a torch.amp.GradScaler"),
-    (dict(resume="yes", run_dir="x"), r"resume='yes'; allowed: True or False"),
-    (dict(seed="0"), r"seed='0'; allowed: None or an int"),
-    (dict(seed=1.5), r"seed=1.5; allowed: None or an int"),
-    (dict(config=[1, 2]), r"config=\[1, 2\]; allowed: None or a dict"),
-    (dict(config={("a", 1): 2}), r"config=.*; allowed: None or a dict .*JSON"),
-    (dict(distributed="yes"), r"distributed='yes'; allowed: None, True, False or a keel.DistributedConfig"),
-    (dict(probes=[]), r"probes=\[\]; allowed: .*at least one"),
-    (dict(probes=["loss", "loss"]), r"probes: two probes named 'loss'; allowed: unique names"),
-    (dict(max_consecutive_skips=-1), r"max_consecutive_skips=-1; allowed: an int >= 1"),
-    (dict(policy=None), r"policy=None; allowed: observe, skip, recover"),
-    (dict(overwrite="no"), r"overwrite='no'; allowed: True or False"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(scheduler="cosine"), r"scheduler='cosine'; allowed: None or an LR scheduler"),
+        (dict(scheduler=_NoStep()), r"scheduler=.*_NoStep.*; allowed: None or an LR scheduler"),
+        (dict(recovery="x"), r"recovery='x'; allowed: None or a keel.RecoveryConfig"),
+        (dict(run_dir=123), r"run_dir=123; allowed: None, a str or an os.PathLike"),
+        (dict(run_dir=""), r"run_dir=''; allowed: .*a folder path"),
+        (dict(max_grad_norm="1"), r"max_grad_norm='1'; allowed: None or a finite number > 0"),
+        (dict(max_grad_norm=math.nan), r"max_grad_norm=nan; allowed"),
+        (dict(max_grad_norm=math.inf), r"max_grad_norm=inf; allowed"),
+        (dict(max_grad_norm=True), r"max_grad_norm=True; allowed"),
+        (dict(detectors=[object()]), r"detectors\[0\]=<object.*; allowed: .*name.*update.*state_dict"),
+        (dict(detectors="spike"), r"detectors='spike'; allowed: None or a list of detectors"),
+        (dict(log_every=True), r"log_every=True; allowed: an int >= 1"),
+        (dict(log_every=2.0), r"log_every=2.0; allowed: an int >= 1"),
+        (dict(scaler="amp"), r"scaler='amp'; allowed: None or a torch.amp.GradScaler"),
+        (dict(resume="yes", run_dir="x"), r"resume='yes'; allowed: True or False"),
+        (dict(seed="0"), r"seed='0'; allowed: None or an int"),
+        (dict(seed=1.5), r"seed=1.5; allowed: None or an int"),
+        (dict(config=[1, 2]), r"config=\[1, 2\]; allowed: None or a dict"),
+        (dict(config={("a", 1): 2}), r"config=.*; allowed: None or a dict .*JSON"),
+        (dict(distributed="yes"), r"distributed='yes'; allowed: None, True, False or a keel.DistributedConfig"),
+        (dict(probes=[]), r"probes=\[\]; allowed: .*at least one"),
+        (dict(probes=["loss", "loss"]), r"probes: two probes named 'loss'; allowed: unique names"),
+        (dict(max_consecutive_skips=-1), r"max_consecutive_skips=-1; allowed: an int >= 1"),
+        (dict(policy=None), r"policy=None; allowed: observe, skip, recover"),
+        (dict(overwrite="no"), r"overwrite='no'; allowed: True or False"),
+    ],
+)
 def test_bad_arguments_name_the_argument_and_the_allowed(kwargs, match):
     with pytest.raises(ValueError, match=match):
         _guard(**kwargs)
 
 
-@pytest.mark.parametrize("field,value", [
-    ("rollback_margin", -1), ("quiet_steps", -1), ("cooldown_steps", -5), ("cooldown_steps", 0),
-    ("snapshot_every", 0), ("keep_on_disk", True), ("lr_backoff", math.nan), ("lr_backoff", "0.1"),
-    ("disk_every", 1.5),
-])
+@pytest.mark.parametrize(
+    "field,value",
+    [
+        ("rollback_margin", -1),
+        ("quiet_steps", -1),
+        ("cooldown_steps", -5),
+        ("cooldown_steps", 0),
+        ("snapshot_every", 0),
+        ("keep_on_disk", True),
+        ("lr_backoff", math.nan),
+        ("lr_backoff", "0.1"),
+        ("disk_every", 1.5),
+    ],
+)
 def test_recovery_config_rejects_bad_values(field, value):
     with pytest.raises(ValueError, match=rf"RecoveryConfig.{field}={value!r}; allowed"):
         RecoveryConfig(**{field: value})
@@ -97,13 +109,16 @@ def test_pathlike_run_dir_is_accepted(tmp_path):
     assert (tmp_path / "run" / "run.sqlite").is_file()
 
 
-@pytest.mark.parametrize("loss,match", [
-    (torch.tensor(1 + 2j), r"loss is a complex tensor; allowed: a real scalar"),
-    ("1.0", r"loss=str; allowed: a scalar torch.Tensor or a float"),
-    (None, r"loss=NoneType; allowed"),
-    (True, r"loss=bool; allowed"),
-    (torch.zeros(2), r"loss has shape \(2,\); allowed: a scalar"),
-])
+@pytest.mark.parametrize(
+    "loss,match",
+    [
+        (torch.tensor(1 + 2j), r"loss is a complex tensor; allowed: a real scalar"),
+        ("1.0", r"loss=str; allowed: a scalar torch.Tensor or a float"),
+        (None, r"loss=NoneType; allowed"),
+        (True, r"loss=bool; allowed"),
+        (torch.zeros(2), r"loss has shape \(2,\); allowed: a scalar"),
+    ],
+)
 def test_bad_losses_are_clear_errors_and_nothing_is_stepped(loss, match):
     model = TinyNet()
     before = [p.detach().clone() for p in model.parameters()]
@@ -117,6 +132,7 @@ def test_bad_losses_are_clear_errors_and_nothing_is_stepped(loss, match):
 
 def test_numpy_and_int_losses_are_accepted():
     import numpy as np
+
     guard = _guard()
     for loss in (np.float32(0.5), np.float64(0.5), 1, torch.tensor(3)):
         assert guard.step(loss).action == "ok"
@@ -136,10 +152,18 @@ def test_step_after_close_raises_and_does_not_step(tmp_path):
 
 # --- property-based: any value for any argument gives a Guard or one ValueError naming the argument ---------
 _junk = st.one_of(
-    st.none(), st.booleans(), st.integers(-3, 3), st.integers(), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=8), st.binary(max_size=4), st.lists(st.integers(), max_size=3),
-    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2), st.just(object()),
-    st.tuples(st.integers()), st.just(torch.tensor(1.0)),
+    st.none(),
+    st.booleans(),
+    st.integers(-3, 3),
+    st.integers(),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=8),
+    st.binary(max_size=4),
+    st.lists(st.integers(), max_size=3),
+    st.dictionaries(st.text(max_size=3), st.integers(), max_size=2),
+    st.just(object()),
+    st.tuples(st.integers()),
+    st.just(torch.tensor(1.0)),
 )
 _ARGS = [name for name in inspect.signature(Guard).parameters if name not in ("model", "optimizer")]
 
@@ -196,8 +220,14 @@ def test_a_resumed_run_starts_with_no_disabled_components(tmp_path):
 
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    guard = Guard(model, opt, run_dir=str(tmp_path), policy="recover", probes=["loss", _ReturnsValue("x")],
-                  recovery=RecoveryConfig(disk_every=1, snapshot_every=1))
+    guard = Guard(
+        model,
+        opt,
+        run_dir=str(tmp_path),
+        policy="recover",
+        probes=["loss", _ReturnsValue("x")],
+        recovery=RecoveryConfig(disk_every=1, snapshot_every=1),
+    )
     for _ in range(3):
         F.mse_loss(model(torch.ones(2, 8)), torch.zeros(2, 4)).backward()
         guard.step(0.5)

@@ -94,9 +94,11 @@ def _run(probes="default", detectors=None, nan_at=12, steps=16, policy="skip", *
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     if isinstance(probes, list):
         from keel.signals import DEFAULT_PROBES, create_probe
+
         probes = [create_probe(p) for p in DEFAULT_PROBES] + probes
     if detectors is not None:
         from keel.detect import default_detectors
+
         detectors = default_detectors() + detectors
     guard = Guard(model, opt, policy=policy, probes=probes, detectors=detectors, **kwargs)
     for step, (x, y) in enumerate(make_batches(steps)):
@@ -118,8 +120,11 @@ def _finite(model):
     return all(torch.isfinite(p).all() for p in model.parameters())
 
 
-@pytest.mark.parametrize("value", [1.0, "text", None, [1.0, 2.0], torch.ones(3), torch.tensor([1 + 2j])],
-                         ids=["float", "str", "None", "list", "vector", "complex"])
+@pytest.mark.parametrize(
+    "value",
+    [1.0, "text", None, [1.0, 2.0], torch.ones(3), torch.tensor([1 + 2j])],
+    ids=["float", "str", "None", "list", "vector", "complex"],
+)
 def test_a_probe_returning_junk_is_disabled_and_the_nan_step_is_still_skipped(value):
     model, guard = _run(probes=[_ReturnsValue(value)])
     assert _finite(model), "the NaN step went through: the bad probe switched the whole Guard off"

@@ -27,9 +27,14 @@ def _nan_parameter_run(run_dir, steps: int = 32, at: int = 23) -> Guard:
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, policy="recover", max_consecutive_skips=3,
-                  run_dir=str(run_dir) if run_dir is not None else None,
-                  recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1))
+    guard = Guard(
+        model,
+        opt,
+        policy="recover",
+        max_consecutive_skips=3,
+        run_dir=str(run_dir) if run_dir is not None else None,
+        recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1),
+    )
     for step, (x, y) in enumerate(make_batches(steps)):
         if step == at:
             with torch.no_grad():
@@ -60,8 +65,9 @@ def test_a_recovering_run_logs_its_critical_findings_skips_rollback_and_a_summar
     skips = [m for m in lines if re.match(r"step 2[345] skip", m)]
     assert len(skips) == 3, lines
     [line] = [m for m in lines if " rollback" in m.split(":")[0]]
-    assert line.startswith(f"step {rollback.step} rollback from step {rollback.step} to step "
-                           f"{rollback.restored_step}"), line
+    assert line.startswith(
+        f"step {rollback.step} rollback from step {rollback.step} to step {rollback.restored_step}"
+    ), line
     assert "remedies: LR × 0.1" in line  # the remedy applied
     [summary] = [r for r in records if r.levelno == logging.INFO]
     text = summary.getMessage()
@@ -90,8 +96,16 @@ def test_a_clean_run_says_only_its_summary(caplog):
 
 
 def _finding(step: int, kind: str = "loss_spike", severity: str = "warning") -> Finding:
-    return Finding(step=step, kind=kind, severity=severity, signal="loss", value=9.0, baseline=1.0,
-                   cause="the loss jumped\nfar above its median", remedy="look at the batch")
+    return Finding(
+        step=step,
+        kind=kind,
+        severity=severity,
+        signal="loss",
+        value=9.0,
+        baseline=1.0,
+        cause="the loss jumped\nfar above its median",
+        remedy="look at the batch",
+    )
 
 
 def test_info_findings_are_debug_lines_and_hidden_at_info_level(caplog):
@@ -133,8 +147,14 @@ def test_rollbacks_and_aborts_are_never_rate_limited(caplog):
     assert lines[-1] == "step 20 abort: rollbacks keep repeating"
 
 
-EVENTS = st.lists(st.tuples(st.integers(0, 3), st.sampled_from(["loss_spike", "grad_spike", "divergence"]),
-                            st.sampled_from(["warning", "critical"])), max_size=300)
+EVENTS = st.lists(
+    st.tuples(
+        st.integers(0, 3),
+        st.sampled_from(["loss_spike", "grad_spike", "divergence"]),
+        st.sampled_from(["warning", "critical"]),
+    ),
+    max_size=300,
+)
 
 
 @settings(max_examples=80, deadline=None)
@@ -182,8 +202,15 @@ def test_without_logging_configured_keel_prints_to_stderr(monkeypatch, capfd):
     logger.manager._clear_cache()
     try:
         Console().step(Decision(step=7, findings=(_finding(7, severity="critical"),)))
-        Console().summary(status="finished", steps=8, policy="skip", findings=[_finding(7, severity="critical")],
-                          decisions=[], diagnoses=[], run_dir=None)
+        Console().summary(
+            status="finished",
+            steps=8,
+            policy="skip",
+            findings=[_finding(7, severity="critical")],
+            decisions=[],
+            diagnoses=[],
+            run_dir=None,
+        )
     finally:
         logger.manager._clear_cache()
     err = capfd.readouterr().err
@@ -242,12 +269,20 @@ def test_progress_bar_draws_on_a_terminal_stderr_only_with_keel_lines_above_it(m
 
 
 HOSTILE = st.text(alphabet=st.characters(codec="utf-8"), max_size=300) | st.sampled_from(
-    ["\x1b[2J\x1b[H", "loss\r\nstep 0 abort: forged", "\u202egnirts", "a\tb\x00c", ""])
+    ["\x1b[2J\x1b[H", "loss\r\nstep 0 abort: forged", "\u202egnirts", "a\tb\x00c", ""]
+)
 
 
 @settings(max_examples=60, deadline=None)
-@given(kind=HOSTILE, signal=HOSTILE, cause=HOSTILE, remedy=HOSTILE, reason=HOSTILE,
-       value=st.floats() | st.integers() | st.just("text"), severity=st.sampled_from(["info", "warning", "critical"]))
+@given(
+    kind=HOSTILE,
+    signal=HOSTILE,
+    cause=HOSTILE,
+    remedy=HOSTILE,
+    reason=HOSTILE,
+    value=st.floats() | st.integers() | st.just("text"),
+    severity=st.sampled_from(["info", "warning", "critical"]),
+)
 def test_hostile_finding_text_is_one_printable_line(kind, signal, cause, remedy, reason, value, severity):
     shown: list[logging.LogRecord] = []
 
@@ -259,11 +294,17 @@ def test_hostile_finding_text_is_one_printable_line(kind, signal, cause, remedy,
     logger.addHandler(handler)
     level, logger.level = logger.level, logging.DEBUG
     try:
-        finding = Finding(step=3, kind=kind, severity=severity, signal=signal, value=value, cause=cause,
-                          remedy=remedy)
+        finding = Finding(step=3, kind=kind, severity=severity, signal=signal, value=value, cause=cause, remedy=remedy)
         Console().step(Decision(step=3, action="skip", reason=reason, findings=(finding,)))
-        Console().summary(status=reason, steps=4, policy="skip", findings=[finding], decisions=[], diagnoses=[],
-                          run_dir=f"runs/{reason}")
+        Console().summary(
+            status=reason,
+            steps=4,
+            policy="skip",
+            findings=[finding],
+            decisions=[],
+            diagnoses=[],
+            run_dir=f"runs/{reason}",
+        )
     finally:
         logger.removeHandler(handler)
         logger.level = level

@@ -26,8 +26,11 @@ def _train(sync, policy="skip", events=None, fused=True, scheduler=True, nan_par
     events = events or {}
     torch.manual_seed(0)
     model = TinyNet()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused) if fused is not None else \
-        torch.optim.AdamW(model.parameters(), lr=1e-2)
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=1e-2, fused=fused)
+        if fused is not None
+        else torch.optim.AdamW(model.parameters(), lr=1e-2)
+    )
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1 / (1 + 0.1 * s)) if scheduler else None
     guard = Guard(model, opt, sched, policy=policy, sync=sync, **kwargs)
     params, lrs = [], []
@@ -46,8 +49,9 @@ def _train(sync, policy="skip", events=None, fused=True, scheduler=True, nan_par
     return params, lrs, guard
 
 
-EVENTS = st.dictionaries(st.integers(0, STEPS - 1),
-                         st.sampled_from([math.nan, math.inf, 30.0, 100.0, 3.0, 1.5, 0.2, 1e6]), max_size=6)
+EVENTS = st.dictionaries(
+    st.integers(0, STEPS - 1), st.sampled_from([math.nan, math.inf, 30.0, 100.0, 3.0, 1.5, 0.2, 1e6]), max_size=6
+)
 
 
 @settings(max_examples=12, deadline=None)
@@ -110,6 +114,7 @@ class HostReads:
             if not self._landing:
                 self.count += 1
             return original(tensor, *args, **kwargs)
+
         return read
 
 
@@ -120,8 +125,14 @@ def test_a_healthy_deferred_step_reads_nothing_to_the_host(policy, monkeypatch, 
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
     per_step = {}
     for sync in ("step", "deferred"):
-        guard = Guard(model, opt, policy=policy, sync=sync, max_grad_norm=0.5,
-                      recovery=RecoveryConfig(snapshot_every=1000) if policy == "recover" else None)
+        guard = Guard(
+            model,
+            opt,
+            policy=policy,
+            sync=sync,
+            max_grad_norm=0.5,
+            recovery=RecoveryConfig(snapshot_every=1000) if policy == "recover" else None,
+        )
         reads = HostReads(monkeypatch)
         counts = []
         for x, y in make_batches(12):
@@ -158,8 +169,18 @@ def test_deferred_refuses_what_it_cannot_do_with_one_clear_error():
         Guard(model, plain, sync="later")
     scaler = torch.amp.GradScaler("cpu")
     with pytest.raises(ValueError, match=r"GradScaler: not supported yet"):
-        Guard(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), policy="skip", scaler=scaler,
-              sync="deferred")
+        Guard(
+            model,
+            torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True),
+            policy="skip",
+            scaler=scaler,
+            sync="deferred",
+        )
     with pytest.raises(ValueError, match=r"has neither"):
-        Guard(model, torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True), policy="skip",
-              probes=["param_norm"], sync="deferred")
+        Guard(
+            model,
+            torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True),
+            policy="skip",
+            probes=["param_norm"],
+            sync="deferred",
+        )

@@ -159,8 +159,12 @@ def _script(tmp_path, run_dir, seed, steps, kill_at, mode):
     path = tmp_path / "train.py"
     path.write_text(SCRIPT)
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    return subprocess.run([sys.executable, str(path), str(run_dir), str(seed), str(steps), str(kill_at), mode],
-                          capture_output=True, text=True, env=env)
+    return subprocess.run(
+        [sys.executable, str(path), str(run_dir), str(seed), str(steps), str(kill_at), mode],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
 
 
 def _losses(out: str) -> dict[int, float]:
@@ -175,8 +179,11 @@ def test_a_new_run_in_a_used_run_dir_resumes_its_own_snapshot_bit_for_bit(tmp_pa
     assert old_snapshots == ["step-000000070", "step-000000080"]
     shutil.copytree(run_dir / "snapshots", tmp_path / "old-snapshots")
 
-    with pytest.raises(ValueError, match=r"holds a previous run: a run store \(status finished, 80 steps\) "
-                                         r"and 2 disk snapshots"):
+    with pytest.raises(
+        ValueError,
+        match=r"holds a previous run: a run store \(status finished, 80 steps\) "
+        r"and 2 disk snapshots",
+    ):
         _open(run_dir, policy="recover")
 
     reference = _script(tmp_path, tmp_path / "ref", seed=2, steps=40, kill_at=-1, mode="new")
@@ -196,8 +203,11 @@ def test_a_new_run_in_a_used_run_dir_resumes_its_own_snapshot_bit_for_bit(tmp_pa
     assert start == 20 and min(after) == 20 and max(after) == 39
     assert all(after[s] == expected[s] for s in after)  # exact: the new run's own snapshot, not the old run's
     assert list(steps) == list(range(40))  # one row per step: the re-done steps replaced, not duplicated
-    assert sorted(p.name for p in (run_dir / "snapshots").iterdir()) == \
-        ["step-000000030", "step-000000040", *old_snapshots]  # retention deleted only this run's own
+    assert sorted(p.name for p in (run_dir / "snapshots").iterdir()) == [
+        "step-000000030",
+        "step-000000040",
+        *old_snapshots,
+    ]  # retention deleted only this run's own
 
 
 def test_partial_snapshot_writes_of_a_killed_run_are_cleared_when_the_run_dir_is_claimed(tmp_path):

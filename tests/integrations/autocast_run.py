@@ -90,8 +90,12 @@ def params(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
-    return {f"{i}/{k}": v.detach().to("cpu", copy=True) for i, state in optimizer.state_dict()["state"].items()
-            for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return {
+        f"{i}/{k}": v.detach().to("cpu", copy=True)
+        for i, state in optimizer.state_dict()["state"].items()
+        for k, v in state.items()
+        if isinstance(v, torch.Tensor)
+    }
 
 
 def batches(steps: int, device: str) -> list[torch.Tensor]:
@@ -109,9 +113,16 @@ def train(setup: Setup) -> Result:
     block = dict(model.named_modules())[POISONED_BLOCK]
     block.register_forward_hook(lambda module, args, output: output * math.nan if poisoned[0] else None)
     if setup.probes is not None:
-        out.guard = Guard(model, optimizer, policy=setup.policy, scaler=scaler, log_every=1,
-                          probes=every_step(PROBE_SETS[setup.probes]), recovery=setup.recovery,
-                          max_consecutive_skips=setup.max_consecutive_skips)
+        out.guard = Guard(
+            model,
+            optimizer,
+            policy=setup.policy,
+            scaler=scaler,
+            log_every=1,
+            probes=every_step(PROBE_SETS[setup.probes]),
+            recovery=setup.recovery,
+            max_consecutive_skips=setup.max_consecutive_skips,
+        )
         _capture(out.guard, out.values)
     for step, batch in enumerate(batches(setup.steps, setup.device)):
         out.starts.append(params(model))

@@ -24,9 +24,11 @@ from tests.integrations.autocast_run import POISONED_BLOCK, Result, Setup, optim
 
 SETS = ["default", "transformer", "full"]
 # what each set adds, by key prefix: present at every step (the probes measure at every step here)
-FAMILIES = {"default": ("loss", "grad/norm", "param/norm"),
-            "transformer": ("attn/max_logit", "attn/entropy", "logits/log_z", "logits/softmax_collapse", "act/rms"),
-            "full": ("update/ratio", "grad/weight_cos", "adam/update_rms")}
+FAMILIES = {
+    "default": ("loss", "grad/norm", "param/norm"),
+    "transformer": ("attn/max_logit", "attn/entropy", "logits/log_z", "logits/softmax_collapse", "act/rms"),
+    "full": ("update/ratio", "grad/weight_cos", "adam/update_rms"),
+}
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -37,8 +39,13 @@ def _keel_errors(run) -> list:
 
 
 def _assert_same_training(a, b) -> None:
-    torch.testing.assert_close(torch.tensor(a.losses, dtype=torch.float64), torch.tensor(b.losses, dtype=torch.float64),
-                               rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(
+        torch.tensor(a.losses, dtype=torch.float64),
+        torch.tensor(b.losses, dtype=torch.float64),
+        rtol=0,
+        atol=0,
+        equal_nan=True,
+    )
     assert all(torch.equal(a.starts[-1][k], b.starts[-1][k]) for k in a.starts[-1])
     pa, pb = params(a.model), params(b.model)
     assert all(torch.equal(pa[k], pb[k]) for k in pa), [k for k in pa if not torch.equal(pa[k], pb[k])]
@@ -53,7 +60,7 @@ def check_signals_agree_with_float32(probes: str, dtype: torch.dtype, device: st
     got = train(Setup(device=device, dtype=dtype, probes=probes, steps=4))
     assert _keel_errors(got) == [] and _keel_errors(ref) == []
     assert got.values.keys() == ref.values.keys()
-    wanted = [f for name in SETS[:SETS.index(probes) + 1] for f in FAMILIES[name]]
+    wanted = [f for name in SETS[: SETS.index(probes) + 1] for f in FAMILIES[name]]
     for step in range(4):
         assert got.non_finite(step) == {}
         # (Adam's moments, which adam/ reads, exist from the first update on)
@@ -64,9 +71,16 @@ def check_signals_agree_with_float32(probes: str, dtype: torch.dtype, device: st
     values = {k: v for k, v in got.values.items() if not k.startswith("time/")}
     # step 0: the same weights, only the activations rounded; later steps drift apart a little. A cosine
     # lives in [-1, 1] and the bias ones hover near 0 (the biases start at 0): those are compared absolutely
-    off = {k: (v, ref.values[k]) for k, v in values.items()
-           if not math.isclose(v, ref.values[k], rel_tol=0.02 if k.endswith("@0") else 0.1,
-                               abs_tol=1e-3 if k.endswith("@0") else 0.05 if k.startswith("grad/weight_cos") else 1e-2)}
+    off = {
+        k: (v, ref.values[k])
+        for k, v in values.items()
+        if not math.isclose(
+            v,
+            ref.values[k],
+            rel_tol=0.02 if k.endswith("@0") else 0.1,
+            abs_tol=1e-3 if k.endswith("@0") else 0.05 if k.startswith("grad/weight_cos") else 1e-2,
+        )
+    }
     assert off == {}
     assert got.losses[0] == pytest.approx(ref.losses[0], rel=1e-2)
 
@@ -77,13 +91,13 @@ def test_every_signal_under_autocast_is_finite_and_agrees_with_float32(probes: s
     check_signals_agree_with_float32(probes, dtype, "cpu")
 
 
-def check_observe_is_bit_identical(probes: str | None, dtype: torch.dtype, device: str,
-                                   init_scale: float | None = None) -> None:
+def check_observe_is_bit_identical(
+    probes: str | None, dtype: torch.dtype, device: str, init_scale: float | None = None
+) -> None:
     """Eight steps bare and under an observing guard (``probes=None``: bare twice): the same losses, parameters,
     optimizer state and loss scales, bit for bit."""
     bare = train(Setup(device=device, dtype=dtype, probes=None, steps=8, init_scale=init_scale))
-    observed = train(Setup(device=device, dtype=dtype, probes=probes, policy="observe", steps=8,
-                           init_scale=init_scale))
+    observed = train(Setup(device=device, dtype=dtype, probes=probes, policy="observe", steps=8, init_scale=init_scale))
     assert all(d.action == "ok" or d.by == "scaler" for d in observed.decisions)  # the scaler's own skips
     _assert_same_training(bare, observed)
     assert bare.scales == observed.scales
@@ -107,11 +121,23 @@ def check_nan_is_skipped_and_traced(dtype: torch.dtype, device: str) -> None:
 def check_rollback_restores_the_snapshot_exactly(dtype: torch.dtype, device: str) -> Result:
     """NaN at steps 6–8 with two skips allowed: skip, skip, then a rollback whose parameters are bit for bit those
     the restored step started from and those the snapshot holds. Returns the run."""
-    run = train(Setup(device=device, dtype=dtype, probes="transformer", policy="recover", steps=12,
-                      poison=(6, 7, 8), max_consecutive_skips=2,
-                      recovery=RecoveryConfig(snapshot_every=2, quiet_steps=0)))
-    assert [(d.step, d.action) for d in run.decisions if d.action != "ok"] == [(6, "skip"), (7, "skip"),
-                                                                              (8, "rollback")]
+    run = train(
+        Setup(
+            device=device,
+            dtype=dtype,
+            probes="transformer",
+            policy="recover",
+            steps=12,
+            poison=(6, 7, 8),
+            max_consecutive_skips=2,
+            recovery=RecoveryConfig(snapshot_every=2, quiet_steps=0),
+        )
+    )
+    assert [(d.step, d.action) for d in run.decisions if d.action != "ok"] == [
+        (6, "skip"),
+        (7, "skip"),
+        (8, "rollback"),
+    ]
     restored = run.decisions[8].restored_step
     assert restored is not None and restored <= 6
     after = run.starts[9]  # the parameters step 9 started from: the rollback's
@@ -130,12 +156,14 @@ def check_scaler_overflows_are_its_own_skips(device: str) -> list[int]:
     run = train(Setup(device=device, dtype=torch.float16, probes="full", policy="skip", steps=10, init_scale=2.0**24))
     overflowed = [step for step in range(9) if run.scales[step + 1] < run.scales[step]]
     assert overflowed, "the scale of 2^24 never overflowed"
-    assert [(d.step, d.action, d.by) for d in run.decisions if d.action != "ok"] == \
-        [(step, "skip", "scaler") for step in overflowed]
+    assert [(d.step, d.action, d.by) for d in run.decisions if d.action != "ok"] == [
+        (step, "skip", "scaler") for step in overflowed
+    ]
     for step in overflowed:
         findings = run.decisions[step].findings
-        assert [(f.kind, f.severity) for f in findings if f.kind == "loss_scale_overflow"] == \
-            [("loss_scale_overflow", "info")]
+        assert [(f.kind, f.severity) for f in findings if f.kind == "loss_scale_overflow"] == [
+            ("loss_scale_overflow", "info")
+        ]
         assert run.values[f"amp/scale@{step}"] == run.scales[step]
         assert all(torch.equal(run.starts[step][k], run.starts[step + 1][k]) for k in run.starts[step])
     assert run.guard.escalation.consecutive_skips == 0

@@ -76,10 +76,21 @@ def _two_layer(layer: type[nn.Module]) -> nn.Module:
     return TwoLayer(layer)
 
 
-def train(probes: object = None, policy: str = "skip", *, model: nn.Module | None = None, steps: int = 6,
-          backend: object = None, compile_model: bool = True, fullgraph: bool = False, accumulate: int = 1,
-          fault: tuple[str, int] | None = None, guard_gets: str = "original", run_dir: object = None,
-          vocab: int = 256) -> SimpleNamespace:
+def train(
+    probes: object = None,
+    policy: str = "skip",
+    *,
+    model: nn.Module | None = None,
+    steps: int = 6,
+    backend: object = None,
+    compile_model: bool = True,
+    fullgraph: bool = False,
+    accumulate: int = 1,
+    fault: tuple[str, int] | None = None,
+    guard_gets: str = "original",
+    run_dir: object = None,
+    vocab: int = 256,
+) -> SimpleNamespace:
     """A plain loop over a (compiled) model with AdamW; ``probes=None`` is the bare loop without keel.
 
     Args:
@@ -102,8 +113,14 @@ def train(probes: object = None, policy: str = "skip", *, model: nn.Module | Non
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     guard = None
     if probes is not None:
-        guard = keel.Guard(model if guard_gets == "original" else forward, opt, policy=policy, probes=probes,
-                           run_dir=None if run_dir is None else str(run_dir), log_every=1)
+        guard = keel.Guard(
+            model if guard_gets == "original" else forward,
+            opt,
+            policy=policy,
+            probes=probes,
+            run_dir=None if run_dir is None else str(run_dir),
+            log_every=1,
+        )
     g = torch.Generator().manual_seed(1)
     decisions, per_forward = [], []
     for step in range(steps):
@@ -131,8 +148,10 @@ def train(probes: object = None, policy: str = "skip", *, model: nn.Module | Non
 def observations(run_dir: object) -> dict[str, dict[int, float]]:
     """Every stored signal of a run: key → {step: value}."""
     with RunReader(run_dir) as run:
-        return {key: dict(zip(run.signal(key)[0].tolist(), run.signal(key)[1].tolist(), strict=True))
-                for key in run.signal_keys()}
+        return {
+            key: dict(zip(run.signal(key)[0].tolist(), run.signal(key)[1].tolist(), strict=True))
+            for key in run.signal_keys()
+        }
 
 
 def assert_same_parameters(a: nn.Module, b: nn.Module) -> None:
@@ -178,8 +197,10 @@ def test_observe_leaves_the_compiled_run_bit_identical(probes):
     assert_same_parameters(bare.model, observed.model)
 
 
-@pytest.mark.parametrize("guard_gets", ["original", pytest.param("compiled", marks=pytest.mark.slow),
-                                       pytest.param("in_place", marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "guard_gets",
+    ["original", pytest.param("compiled", marks=pytest.mark.slow), pytest.param("in_place", marks=pytest.mark.slow)],
+)
 def test_guard_takes_the_model_or_its_compiled_wrapper(guard_gets, tmp_path):
     run = train("transformer", guard_gets=guard_gets, run_dir=tmp_path)
     prefix = "_orig_mod." if guard_gets == "compiled" else ""  # OptimizedModule's own parameter names
@@ -226,9 +247,13 @@ def test_output_logit_probe_on_a_head_named_for_it_keeps_one_graph():
     assert run.per_forward == [1] * 6 and graph_breaks() == 0
 
 
-@pytest.mark.parametrize("probes", [pytest.param(lambda: "transformer", id="transformer"),
-                                    pytest.param(lambda: ["loss", OutputLogitsProbe(module="head")], id="named_head",
-                                                 marks=pytest.mark.slow)])
+@pytest.mark.parametrize(
+    "probes",
+    [
+        pytest.param(lambda: "transformer", id="transformer"),
+        pytest.param(lambda: ["loss", OutputLogitsProbe(module="head")], id="named_head", marks=pytest.mark.slow),
+    ],
+)
 def test_gradient_accumulation_does_not_recompile_per_micro_batch(probes):
     """A Python count that grows with each micro-batch made dynamo recompile the forward for every micro-batch
     (it specialises on the ints it reads); past ``recompile_limit`` (8) the forward fell back to eager, and with
@@ -245,16 +270,32 @@ def test_graph_variants_over_a_cadence_cycle_stay_under_the_recompile_limit():
     """Each combination of the probes' cadences (attention entropy every 10 steps, output logits every 2) and the
     first vs a later micro-batch is one graph; with a measured head and accumulation that is 7 (docs/compile.md).
     ``fullgraph=True`` turns going past ``recompile_limit`` into an error in the user's forward."""
-    probes = ["loss", "grad_norm", "param_norm", "attn_logits", "attn_entropy", OutputLogitsProbe(module="head"),
-              "activation_rms"]
+    probes = [
+        "loss",
+        "grad_norm",
+        "param_norm",
+        "attn_logits",
+        "attn_entropy",
+        OutputLogitsProbe(module="head"),
+        "activation_rms",
+    ]
     run = train(probes, steps=21, accumulate=2, fullgraph=True)
     assert run.backend.compiled <= torch._dynamo.config.recompile_limit
     assert run.per_forward == [1] * 42 and not run.guard.findings
 
 
 # --- what keel sees under compile ---------------------------------------------------------------------------
-COMPILED_PROXY_KEYS = {"loss", "grad/norm", "param/norm", "lr", "time/step",
-                       "act/rms", "act/max_abs", "attn/max_logit", "attn/entropy"}
+COMPILED_PROXY_KEYS = {
+    "loss",
+    "grad/norm",
+    "param/norm",
+    "lr",
+    "time/step",
+    "act/rms",
+    "act/max_abs",
+    "attn/max_logit",
+    "attn/entropy",
+}
 
 
 @pytest.mark.slow  # `make test-all`: the default suite keeps one check of each claim
@@ -294,15 +335,24 @@ def test_output_logits_of_a_head_named_for_it_are_measured_under_compile(tmp_pat
     train(["loss", OutputLogitsProbe(module="head")], compile_model=False, run_dir=tmp_path / "eager")
     a, b = observations(tmp_path / "eager"), observations(tmp_path / "compiled")
     logits = sorted(k for k in b if k.startswith("logits/"))
-    assert logits == ["logits/log_z", "logits/log_z_max", "logits/log_z_min", "logits/mean", "logits/rms",
-                      "logits/softmax_collapse"]
+    assert logits == [
+        "logits/log_z",
+        "logits/log_z_max",
+        "logits/log_z_min",
+        "logits/mean",
+        "logits/rms",
+        "logits/softmax_collapse",
+    ]
     for key in logits:
         assert sorted(b[key]) == [0, 2, 4]  # every 2 steps
         assert [b[key][s] for s in (0, 2, 4)] == pytest.approx([a[key][s] for s in (0, 2, 4)], rel=1e-5, abs=1e-6)
 
 
-@pytest.mark.parametrize("layer", [FlashSelfAttention, CausalSelfAttention, MhaBlock],
-                         ids=["sdpa", "explicit_softmax", "multihead_attention"])
+@pytest.mark.parametrize(
+    "layer",
+    [FlashSelfAttention, CausalSelfAttention, MhaBlock],
+    ids=["sdpa", "explicit_softmax", "multihead_attention"],
+)
 def test_intercepted_attention_is_not_seen_under_compile_and_breaks_nothing(layer, tmp_path):
     """Attention without a `logits_tap` child is read by intercepting torch calls (a TorchFunctionMode): that
     stays out while dynamo traces, so compiled attention gives no attn/* keys; the block hooks still measure."""
@@ -312,8 +362,13 @@ def test_intercepted_attention_is_not_seen_under_compile_and_breaks_nothing(laye
     assert not any(k.startswith("attn/") for k in seen)
     assert {"act/rms/blocks.0", "act/rms/blocks.1"} <= set(seen)
     assert run.per_forward == [1] * 6 and graph_breaks() == 0
-    eager = train(["loss", create_probe("attn_logits", fused_every=1)], model=_two_layer(layer),
-                  compile_model=False, vocab=11, run_dir=tmp_path / "eager")
+    eager = train(
+        ["loss", create_probe("attn_logits", fused_every=1)],
+        model=_two_layer(layer),
+        compile_model=False,
+        vocab=11,
+        run_dir=tmp_path / "eager",
+    )
     assert eager.decisions and "attn/max_logit" in observations(tmp_path / "eager")  # eager sees it
 
 
@@ -325,8 +380,13 @@ def test_sharpness_closure_needs_the_uncompiled_model(closure_through, tmp_path)
     compiled = torch.compile(model, backend="aot_eager")
     xb = torch.randint(0, 256, (4, SEQ + 1), generator=torch.Generator().manual_seed(2))
     through = model if closure_through == "model" else compiled
-    sharpness = create_probe("sharpness", every=2, iters=2, trace_probes=0,
-                             closure=lambda: F.cross_entropy(through(xb[:, :-1]).flatten(0, 1), xb[:, 1:].flatten()))
+    sharpness = create_probe(
+        "sharpness",
+        every=2,
+        iters=2,
+        trace_probes=0,
+        closure=lambda: F.cross_entropy(through(xb[:, :-1]).flatten(0, 1), xb[:, 1:].flatten()),
+    )
     run = train(["loss", sharpness], model=model, backend="aot_eager", steps=4, run_dir=tmp_path)
     assert [d.action for d in run.decisions] == ["ok"] * 4
     errors = [f.signal for f in run.guard.findings if f.kind == "keel_error"]
@@ -347,8 +407,9 @@ def test_hugging_face_gpt2_under_compile(attention, tmp_path):
     def graphs_per_forward(probes: str | None) -> list[int]:
         torch._dynamo.reset()
         torch.manual_seed(0)
-        config = transformers.GPT2Config(vocab_size=64, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2,
-                                         attn_implementation=attention)
+        config = transformers.GPT2Config(
+            vocab_size=64, n_positions=SEQ, n_embd=32, n_layer=2, n_head=2, attn_implementation=attention
+        )
         model = transformers.GPT2LMHeadModel(config)
         backend = GraphCounter()
         forward = torch.compile(model, backend=backend)

@@ -16,8 +16,9 @@ EXAMPLES = ROOT / "examples"
 
 def run_example(name: str, *args: str) -> str:
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]))
-    out = subprocess.run([sys.executable, str(EXAMPLES / name), *args], env=env, capture_output=True, text=True,
-                         timeout=600, cwd=ROOT)
+    out = subprocess.run(
+        [sys.executable, str(EXAMPLES / name), *args], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     return out.stdout
 
@@ -45,8 +46,17 @@ def test_hf_trainer_example_sees_the_nan_the_trainer_hides(tmp_path):
 @pytest.mark.slow  # the same code paths run in tests/distributed; this checks the example file
 @pytest.mark.distributed
 def test_torchrun_example_every_rank_skips_and_the_bad_shard_is_named(tmp_path):
-    out = torchrun(EXAMPLES / "torchrun_ddp.py", "--steps", "60", "--inject-nan", "20", "--bad-shard-from", "40",
-                   "--out", str(tmp_path))
+    out = torchrun(
+        EXAMPLES / "torchrun_ddp.py",
+        "--steps",
+        "60",
+        "--inject-nan",
+        "20",
+        "--bad-shard-from",
+        "40",
+        "--out",
+        str(tmp_path),
+    )
     assert "step 20: every rank skips" in out
     assert "rank 1 named" in out
     with RunReader(tmp_path) as store:

@@ -28,6 +28,7 @@ class Inject(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         def poison(module, inputs, output):
             return output * float("nan") if self.faults.get(self.step) == "loss" else output
+
         self._hook = model.transformer.wte.register_forward_hook(poison)
 
     def on_step_begin(self, args, state, control, model=None, **kwargs):
@@ -49,10 +50,23 @@ def train(tmp_path, callbacks, *, steps: int = STEPS, accumulate: int = 2, **arg
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
     ids = torch.randint(0, 64, (256, 16), generator=torch.Generator().manual_seed(0))
     data = [{"input_ids": x, "labels": x} for x in ids]
-    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=steps, per_device_train_batch_size=4,
-                             gradient_accumulation_steps=accumulate, learning_rate=3e-3, warmup_steps=2,
-                             lr_scheduler_type="linear", logging_steps=1, report_to=[], save_strategy="no",
-                             use_cpu=True, seed=0, data_seed=0, disable_tqdm=True, **args_kwargs)
+    args = TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=accumulate,
+        learning_rate=3e-3,
+        warmup_steps=2,
+        lr_scheduler_type="linear",
+        logging_steps=1,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+        disable_tqdm=True,
+        **args_kwargs,
+    )
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
     trainer.train()
     return trainer
@@ -109,8 +123,9 @@ def test_observe_is_bit_identical_to_the_bare_trainer(tmp_path):
 def test_corrupted_weights_are_rolled_back(tmp_path):
     from keel import RecoveryConfig
 
-    keel = KeelCallback(policy="recover", max_consecutive_skips=2,
-                        recovery=RecoveryConfig(snapshot_every=2, quiet_steps=1))
+    keel = KeelCallback(
+        policy="recover", max_consecutive_skips=2, recovery=RecoveryConfig(snapshot_every=2, quiet_steps=1)
+    )
     trainer = train(tmp_path, [Inject({4: "param"}), keel], accumulate=1)
     decisions = keel.guard.decisions  # NaN weights: a rollback at once, or after the capped skips
     assert decisions[0].step == 4 and decisions[-1].action == "rollback" and decisions[-1].step <= 6
@@ -141,13 +156,16 @@ def test_arguments_the_trainer_owns_are_refused():
         KeelCallback(optimizer=None, max_grad_norm=1.0)
 
 
-@pytest.mark.parametrize("kwargs,match", [
-    (dict(probs="full"), r"KeelCallback: probs=...: not an argument of keel.Guard; allowed: .*probes"),
-    (dict(policy="yolo"), r"KeelCallback: policy='yolo'; allowed: observe, skip, recover"),
-    (dict(log_every=0), r"KeelCallback: log_every=0; allowed: an int >= 1"),
-    (dict(run_dir=5), r"KeelCallback: run_dir=5; allowed"),
-    (dict(take_over_clipping="yes"), r"KeelCallback\(take_over_clipping='yes'\); allowed: None, True or False"),
-])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(probs="full"), r"KeelCallback: probs=...: not an argument of keel.Guard; allowed: .*probes"),
+        (dict(policy="yolo"), r"KeelCallback: policy='yolo'; allowed: observe, skip, recover"),
+        (dict(log_every=0), r"KeelCallback: log_every=0; allowed: an int >= 1"),
+        (dict(run_dir=5), r"KeelCallback: run_dir=5; allowed"),
+        (dict(take_over_clipping="yes"), r"KeelCallback\(take_over_clipping='yes'\); allowed: None, True or False"),
+    ],
+)
 def test_bad_guard_arguments_fail_when_the_callback_is_built_not_at_the_first_step(kwargs, match):
     # the Guard itself is built at the Trainer's first optimizer step, deep inside trainer.train()
     with pytest.raises(ValueError, match=match):

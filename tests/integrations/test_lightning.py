@@ -45,16 +45,26 @@ class Regression(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": self.scheduler_interval}}
 
 
-def fit(callbacks, faults: dict[int, str] | None = None, *, scheduler: str = "step", accumulate: int = 2,
-        **trainer_kwargs):
+def fit(
+    callbacks, faults: dict[int, str] | None = None, *, scheduler: str = "step", accumulate: int = 2, **trainer_kwargs
+):
     torch.manual_seed(0)
     module = Regression(faults, scheduler)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16 * STEPS * accumulate, 8, generator=g)
     data = DataLoader(TensorDataset(x, torch.tanh(x[:, :4])), batch_size=16, shuffle=False)
-    trainer = L.Trainer(max_steps=STEPS, accumulate_grad_batches=accumulate, accelerator="cpu", devices=1,
-                        logger=False, enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=callbacks, **trainer_kwargs)
+    trainer = L.Trainer(
+        max_steps=STEPS,
+        accumulate_grad_batches=accumulate,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=callbacks,
+        **trainer_kwargs,
+    )
     trainer.fit(module, data)
     return trainer, module
 

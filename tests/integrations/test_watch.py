@@ -41,8 +41,7 @@ def _load(path: Path, name: str):
 # --- the nanoGPT-style example ---------------------------------------------------------------------------
 def test_the_nanogpt_style_example_needs_at_most_four_keel_lines_and_runs_without_them(tmp_path):
     source = EXAMPLE.read_text()
-    keel_lines = [line for line in source.splitlines() if line.rstrip().endswith("# keel")
-                  or "# keel (" in line]
+    keel_lines = [line for line in source.splitlines() if line.rstrip().endswith("# keel") or "# keel (" in line]
     assert 1 <= len(keel_lines) <= 4, keel_lines
     # the loop without keel's lines is the same loop and runs: keel changed nothing else in it
     bare = "\n".join(line for line in source.splitlines() if line not in keel_lines)
@@ -166,16 +165,21 @@ def test_a_recorded_loss_wins_over_the_output_and_the_backward(tmp_path):
     assert _signal(tmp_path, "loss") == [8.0]
 
 
-@pytest.mark.parametrize(("output", "expected"), [
-    ((torch.ones(2), torch.tensor(3.0)), 3.0),  # nanoGPT: logits, loss
-    ({"loss": torch.tensor(2.0), "logits": torch.ones(2)}, 2.0),
-    (torch.tensor(5.0), None),  # a bare tensor is the model's prediction, not a loss
-    ((torch.tensor(1.0), torch.tensor(2.0)), None),  # two scalars: ambiguous
-    ((torch.ones(2), None), None),
-    ((torch.tensor(1),), None),  # an integer scalar is no loss
-    ([], None), (None, None), ("loss", None),
-    ({"loss": torch.ones(3)}, None),
-])
+@pytest.mark.parametrize(
+    ("output", "expected"),
+    [
+        ((torch.ones(2), torch.tensor(3.0)), 3.0),  # nanoGPT: logits, loss
+        ({"loss": torch.tensor(2.0), "logits": torch.ones(2)}, 2.0),
+        (torch.tensor(5.0), None),  # a bare tensor is the model's prediction, not a loss
+        ((torch.tensor(1.0), torch.tensor(2.0)), None),  # two scalars: ambiguous
+        ((torch.ones(2), None), None),
+        ((torch.tensor(1),), None),  # an integer scalar is no loss
+        ([], None),
+        (None, None),
+        ("loss", None),
+        ({"loss": torch.ones(3)}, None),
+    ],
+)
 def test_output_loss_finds_the_one_loss_or_none(output, expected):
     loss = output_loss(output)
     assert (loss is None) if expected is None else (loss.item() == expected)
@@ -220,8 +224,11 @@ def test_keels_own_clipping_after_the_loops_uses_the_clipped_gradients_norm(sync
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     seen = []
-    opt.register_step_pre_hook(lambda o, a, k: seen.append(
-        torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()))
+    opt.register_step_pre_hook(
+        lambda o, a, k: seen.append(
+            torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in model.parameters()])).item()
+        )
+    )
     with keel.watch(model, opt, max_grad_norm=0.25, sync=sync):
         x, y = _data(1)[0]
         (100 * F.mse_loss(model(x), y)).backward()

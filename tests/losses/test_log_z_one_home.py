@@ -105,9 +105,13 @@ def test_every_caller_gets_the_same_numbers() -> None:
 
 def _logsumexp_calls(path: Path) -> list[int]:
     tree = ast.parse(path.read_text(), filename=str(path))
-    return [node.lineno for node in ast.walk(tree)
-            if isinstance(node, ast.Call) and isinstance(node.func, (ast.Attribute, ast.Name))
-            and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id) == "logsumexp"]
+    return [
+        node.lineno
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Call)
+        and isinstance(node.func, (ast.Attribute, ast.Name))
+        and (node.func.attr if isinstance(node.func, ast.Attribute) else node.func.id) == "logsumexp"
+    ]
 
 
 def test_log_z_is_computed_only_in_keel_losses_z_loss() -> None:

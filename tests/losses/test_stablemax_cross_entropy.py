@@ -45,9 +45,7 @@ def test_cross_entropy_and_gradient_match_float64() -> None:
     logits = torch.randn(64, 10, generator=gen) * 30
     target = torch.randint(0, 10, (64,), generator=gen)
     per_sample = stablemax_cross_entropy(logits, target, reduction="none")
-    np.testing.assert_allclose(
-        per_sample.numpy(), _ce64(logits.numpy(), target.numpy()), rtol=2e-6, atol=1e-7
-    )
+    np.testing.assert_allclose(per_sample.numpy(), _ce64(logits.numpy(), target.numpy()), rtol=2e-6, atol=1e-7)
     # Gradient against autograd through a naive float64 formula (an independent code path).
     x32 = logits.clone().requires_grad_()
     stablemax_cross_entropy(x32, target).backward()
@@ -65,9 +63,7 @@ def test_tiny_losses_keep_relative_precision_in_float32() -> None:
     got = stablemax_cross_entropy(logits, target, reduction="none")
     np.testing.assert_allclose(got.numpy(), _ce64(logits.numpy(), target.numpy()), rtol=1e-6)
     # log StableMax keeps the same precision for the dominant class.
-    np.testing.assert_allclose(
-        -log_stablemax(logits)[:, 0].numpy(), _ce64(logits.numpy(), target.numpy()), rtol=1e-6
-    )
+    np.testing.assert_allclose(-log_stablemax(logits)[:, 0].numpy(), _ce64(logits.numpy(), target.numpy()), rtol=1e-6)
 
 
 def test_no_softmax_collapse_where_float32_softmax_collapses() -> None:
@@ -79,9 +75,7 @@ def test_no_softmax_collapse_where_float32_softmax_collapses() -> None:
     logits.grad = None
     stable_loss = stablemax_cross_entropy(logits, target)
     stable_loss.backward()
-    assert stable_loss.item() == pytest.approx(
-        float(_ce64(logits.detach().numpy(), target.numpy())[0]), rel=1e-6
-    )
+    assert stable_loss.item() == pytest.approx(float(_ce64(logits.detach().numpy(), target.numpy())[0]), rel=1e-6)
     assert stable_loss.item() > 0 and torch.count_nonzero(logits.grad) == 3
 
 
@@ -94,13 +88,9 @@ def test_reductions_dtypes_and_edge_values() -> None:
     assert stablemax_cross_entropy(logits, target).item() == pytest.approx(each.mean().item())
     bf16 = stablemax_cross_entropy(logits.bfloat16(), target, reduction="none")
     assert bf16.dtype == torch.float32
-    np.testing.assert_allclose(
-        bf16.numpy(), _ce64(logits.bfloat16().float().numpy(), target.numpy()), rtol=1e-5
-    )
+    np.testing.assert_allclose(bf16.numpy(), _ce64(logits.bfloat16().float().numpy(), target.numpy()), rtol=1e-5)
     # (B, T, C) logits with (B, T) targets.
-    assert stablemax_cross_entropy(logits.view(1, 5, 4), target.view(1, 5)).item() == pytest.approx(
-        each.mean().item()
-    )
+    assert stablemax_cross_entropy(logits.view(1, 5, 4), target.view(1, 5)).item() == pytest.approx(each.mean().item())
     edge = torch.tensor([[0.0, float("-inf")], [float("nan"), 0.0], [0.0, 0.0]])
     out = stablemax_cross_entropy(edge, torch.tensor([0, 1, 0]), reduction="none")
     assert out[0].item() == 0.0  # s(-inf) = 0: the other class has no mass

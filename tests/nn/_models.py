@@ -39,9 +39,7 @@ class NanoAttention(nn.Module):
 class NanoGPT(nn.Module):
     """Embedding → (LayerNorm → attention) residual blocks → tied LM head; ``bias`` as nanoGPT's GPTConfig."""
 
-    def __init__(
-        self, vocab: int = 50, n_embd: int = 16, n_head: int = 2, n_layer: int = 2, bias: bool = True
-    ) -> None:
+    def __init__(self, vocab: int = 50, n_embd: int = 16, n_head: int = 2, n_layer: int = 2, bias: bool = True) -> None:
         super().__init__()
         self.wte = nn.Embedding(vocab, n_embd)
         self.ln = nn.ModuleList(LayerNorm(n_embd, bias) for _ in range(n_layer))

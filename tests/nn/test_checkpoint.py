@@ -187,8 +187,22 @@ _JSON = st.recursive(
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
     max_leaves=6,
 )
-_OPTIONS = st.sampled_from(["norm", "eps", "bias", "coefficient", "head", "stats_only", "exclude", "kappa",
-                            "mode", "tokens", "reduction", "blocks"])
+_OPTIONS = st.sampled_from(
+    [
+        "norm",
+        "eps",
+        "bias",
+        "coefficient",
+        "head",
+        "stats_only",
+        "exclude",
+        "kappa",
+        "mode",
+        "tokens",
+        "reduction",
+        "blocks",
+    ]
+)
 _ENTRY = st.builds(
     lambda name, options: {**options, "remedy": name},
     st.sampled_from([name for name, _, _ in list_remedies()]) | _JSON,

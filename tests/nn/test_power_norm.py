@@ -59,24 +59,16 @@ def test_forward_backward_and_statistics_match_float64(reference_backward: bool)
         pad = torch.zeros(4, 5, dtype=torch.bool)
         pad[0, 3:] = True
         y = pn(x, pad_mask=pad)
-        expected = ref.forward(
-            x.detach().numpy(), ~pad.numpy(), pn.weight.detach().numpy(), pn.bias.detach().numpy()
-        )
-        np.testing.assert_allclose(
-            y.detach().numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=f"forward {step}"
-        )
+        expected = ref.forward(x.detach().numpy(), ~pad.numpy(), pn.weight.detach().numpy(), pn.bias.detach().numpy())
+        np.testing.assert_allclose(y.detach().numpy(), expected, rtol=1e-5, atol=1e-6, err_msg=f"forward {step}")
         grad_out = torch.randn(4, 5, C, generator=gen)
         y.backward(grad_out)
         # The approximate rule gives the gradient at PowerNorm's input; the exact group scaling (float64
         # autograd) carries it back to x.
         grad_at_norm_input = ref.backward(grad_out.double().numpy(), pn.weight.detach().double().numpy())
         x64 = x.detach().double().requires_grad_()
-        (x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-5)).backward(
-            torch.tensor(grad_at_norm_input)
-        )
-        np.testing.assert_allclose(
-            x.grad.numpy(), x64.grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=f"grad {step}"
-        )
+        (x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-5)).backward(torch.tensor(grad_at_norm_input))
+        np.testing.assert_allclose(x.grad.numpy(), x64.grad.numpy(), rtol=1e-4, atol=1e-6, err_msg=f"grad {step}")
         np.testing.assert_allclose(pn.running_phi.numpy(), ref.phi, rtol=1e-5)
         np.testing.assert_allclose(pn.ema_gz.numpy(), ref.gz, rtol=1e-4, atol=1e-7)
     assert int(pn.iters) == 6

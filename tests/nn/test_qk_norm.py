@@ -40,9 +40,7 @@ def test_bf16_is_normalised_in_float32_and_returned_in_bf16() -> None:
     x = (torch.randn(4, 16) * 100).bfloat16()
     y = QKNorm(16, kind="rms")(x)
     assert y.dtype == torch.bfloat16
-    np.testing.assert_allclose(
-        y.detach().float().numpy(), _rms64(x.float().numpy(), 1e-5), rtol=1e-2, atol=1e-2
-    )
+    np.testing.assert_allclose(y.detach().float().numpy(), _rms64(x.float().numpy(), 1e-5), rtol=1e-2, atol=1e-2)
 
 
 def test_edge_values() -> None:

@@ -21,12 +21,8 @@ def _train(remedies: list[str], steps: int = 60, lr: float = 0.1) -> tuple[list[
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     seen: dict[tuple[str, int], torch.Tensor] = {}
     for i, block in enumerate(model.blocks):  # the q/k slots hold the tensors that meet in q·kᵀ
-        block.attn.q_norm.register_forward_hook(
-            lambda m, a, out, i=i: seen.__setitem__(("q", i), out.detach())
-        )
-        block.attn.k_norm.register_forward_hook(
-            lambda m, a, out, i=i: seen.__setitem__(("k", i), out.detach())
-        )
+        block.attn.q_norm.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(("q", i), out.detach()))
+        block.attn.k_norm.register_forward_hook(lambda m, a, out, i=i: seen.__setitem__(("k", i), out.detach()))
     batches = ProxyBatches(batch_size=16, seq_len=64, seed=0)
     losses, max_logits = [], []
     for _ in range(steps):
@@ -41,10 +37,7 @@ def _train(remedies: list[str], steps: int = 60, lr: float = 0.1) -> tuple[list[
         losses.append(loss.item())
         max_logits.append(
             max(
-                ((seen["q", i] @ seen["k", i].transpose(-1, -2)) / math.sqrt(seen["q", i].shape[-1]))
-                .abs()
-                .max()
-                .item()
+                ((seen["q", i] @ seen["k", i].transpose(-1, -2)) / math.sqrt(seen["q", i].shape[-1])).abs().max().item()
                 for i in range(len(model.blocks))
             )
         )

@@ -89,13 +89,9 @@ def test_calibrated_mode_adds_trainable_parameters_to_the_optimizer() -> None:
     model = TinyUViT()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = sum(len(g["params"]) for g in opt.param_groups)
-    result = stabilize(
-        model, [create_remedy("scale_long", mode="calibrated", tokens=6, reduction=2)], optimizer=opt
-    )
+    result = stabilize(model, [create_remedy("scale_long", mode="calibrated", tokens=6, reduction=2)], optimizer=opt)
     assert isinstance(model.long_skip_calibration, LongSkipCalibration)
-    assert (
-        sum(len(g["params"]) for g in opt.param_groups) == before + len(result.new_parameters) == before + 4
-    )
+    assert sum(len(g["params"]) for g in opt.param_groups) == before + len(result.new_parameters) == before + 4
     x = torch.randn(2, 6, 8)
     model(x).square().mean().backward()
     assert model.long_skip_calibration.fc1.weight.grad is not None

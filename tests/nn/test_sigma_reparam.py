@@ -37,9 +37,7 @@ def test_eval_does_not_advance_u_and_stats_only_passes_the_weight() -> None:
     assert monitor.gamma is None and list(monitor.parameters()) == []
     assert torch.equal(monitor(weight), weight)
     monitor(weight * 3)
-    assert monitor.sigma.item() == pytest.approx(
-        3 * np.linalg.svd(weight.numpy(), compute_uv=False)[0], rel=1e-4
-    )
+    assert monitor.sigma.item() == pytest.approx(3 * np.linalg.svd(weight.numpy(), compute_uv=False)[0], rel=1e-4)
 
 
 def test_from_linear_is_identity_at_conversion_and_shares_parameters() -> None:
@@ -85,9 +83,7 @@ def test_as_parametrization_on_conv_and_bf16_and_zero_weights() -> None:
     half = nn.Linear(8, 8).bfloat16()
     sn = SigmaReparamLinear.from_linear(half)
     assert sn.reparam.gamma.dtype == torch.bfloat16 and sn.reparam.sigma.dtype == torch.float32
-    torch.testing.assert_close(
-        sn(torch.ones(1, 8).bfloat16()), half(torch.ones(1, 8).bfloat16()), rtol=2e-2, atol=2e-2
-    )
+    torch.testing.assert_close(sn(torch.ones(1, 8).bfloat16()), half(torch.ones(1, 8).bfloat16()), rtol=2e-2, atol=2e-2)
     zero = nn.Linear(3, 2)
     with torch.no_grad():
         zero.weight.zero_()

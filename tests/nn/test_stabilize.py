@@ -177,9 +177,7 @@ def test_nothing_matched_warns_once_naming_every_remedy() -> None:
 
 
 def test_registry_names_are_file_stems_and_bad_requests_raise() -> None:
-    stems = sorted(
-        p.stem for p in Path(remedies_pkg.__file__).parent.glob("*.py") if not p.stem.startswith("_")
-    )
+    stems = sorted(p.stem for p in Path(remedies_pkg.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
     listed = list_remedies()
     assert [name for name, _, _ in listed] == stems
     for _, description, reference in listed:
@@ -271,5 +269,6 @@ def test_round_trip_identity_where_promised_and_training_continues(build) -> Non
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     gains = [p for c in result.changes for p in c.new_parameters]
-    assert gains and any(not torch.equal(p, torch.ones_like(p)) and not torch.equal(p, torch.zeros_like(p))
-                         for p in gains)  # the new norm parameters are trained too
+    assert gains and any(
+        not torch.equal(p, torch.ones_like(p)) and not torch.equal(p, torch.zeros_like(p)) for p in gains
+    )  # the new norm parameters are trained too

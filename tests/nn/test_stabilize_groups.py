@@ -71,7 +71,10 @@ def test_several_groups_each_get_their_own_no_decay_twin_with_their_hyper_parame
     )
     stabilize(model, ["qk_norm"], optimizer=opt)
     assert [(g["lr"], g["weight_decay"]) for g in opt.param_groups] == [
-        (1e-2, 0.2), (1e-3, 0.1), (1e-2, 0.0), (1e-3, 0.0)
+        (1e-2, 0.2),
+        (1e-3, 0.1),
+        (1e-2, 0.0),
+        (1e-3, 0.0),
     ]
     for i, attn in enumerate(model.attn):
         for p in (*attn.q_norm.parameters(), *attn.k_norm.parameters()):

@@ -21,8 +21,12 @@ SETTINGS: dict[str, dict] = {
     "orthograd": dict(lr=3e-2),
     "independent_adamw": dict(lr=3e-2, weight_decay=0.1),
 }
-KERNELS = {"spam": [None, True, False], "stable_spam": [None, True, False], "orthograd": [None],
-           "independent_adamw": [None, True, False]}  # foreach=None/True/False (None: what it picks on CPU)
+KERNELS = {
+    "spam": [None, True, False],
+    "stable_spam": [None, True, False],
+    "orthograd": [None],
+    "independent_adamw": [None, True, False],
+}  # foreach=None/True/False (None: what it picks on CPU)
 CASES = [(name, foreach) for name in sorted(SETTINGS) for foreach in KERNELS[name]]
 LOW = [torch.bfloat16, torch.float16]
 STEPS = 5
@@ -97,8 +101,12 @@ def test_low_precision_runs_finite_and_agrees_loosely(name: str, foreach: bool |
 
 
 # torch's own Adam in float16 is the base optimizer's problem (keel's factory refuses it as the default base)
-ORTHOGRAD_CASES = [(base, dtype) for base in (torch.optim.SGD, torch.optim.Adam) for dtype in (torch.float64, *LOW)
-                   if not (base is torch.optim.Adam and dtype == torch.float16)]
+ORTHOGRAD_CASES = [
+    (base, dtype)
+    for base in (torch.optim.SGD, torch.optim.Adam)
+    for dtype in (torch.float64, *LOW)
+    if not (base is torch.optim.Adam and dtype == torch.float16)
+]
 
 
 @pytest.mark.parametrize(("base", "dtype"), ORTHOGRAD_CASES, ids=lambda v: getattr(v, "__name__", str(v)))
@@ -148,7 +156,8 @@ def test_a_bf16_and_a_float32_group_in_one_optimizer(name: str, foreach: bool | 
 
     def make(model):
         return lambda params: create_optimizer(
-            name, [{"params": model.first.parameters()}, {"params": model.second.parameters()}], **kwargs)
+            name, [{"params": model.first.parameters()}, {"params": model.second.parameters()}], **kwargs
+        )
 
     ref_model, model = Mixed(torch.float32), Mixed(torch.bfloat16)
     start = _flat(ref_model)
@@ -179,8 +188,10 @@ def test_low_precision_state_round_trips_bit_for_bit(name: str, dtype: torch.dty
     opt_b.load_state_dict(copy.deepcopy(opt_a.state_dict()))
     moments = torch.float32 if dtype == torch.float16 else dtype  # float16 keeps float32 moments
     assert {opt_b.state[p]["exp_avg_sq"].dtype for p in b.parameters()} == {moments}
-    assert all(torch.equal(opt_b.state[p]["exp_avg_sq"], opt_a.state[q]["exp_avg_sq"])
-               for p, q in zip(b.parameters(), a.parameters(), strict=True))
+    assert all(
+        torch.equal(opt_b.state[p]["exp_avg_sq"], opt_a.state[q]["exp_avg_sq"])
+        for p, q in zip(b.parameters(), a.parameters(), strict=True)
+    )
     steps(a, opt_a, 3)
     steps(b, opt_b, 3)
     assert torch.equal(_flat(a), _flat(b))

@@ -58,12 +58,14 @@ def _flat(model: torch.nn.Module) -> torch.Tensor:
 
 
 def _state(optimizer: torch.optim.Optimizer) -> list[torch.Tensor]:
-    return [v for state in optimizer.state_dict()["state"].values() for v in state.values()
-            if isinstance(v, torch.Tensor)]
+    return [
+        v for state in optimizer.state_dict()["state"].values() for v in state.values() if isinstance(v, torch.Tensor)
+    ]
 
 
-def check_step_inside_autocast_equals_step_outside(name: str, foreach: bool | None, dtype: torch.dtype,
-                                                   device: str) -> None:
+def check_step_inside_autocast_equals_step_outside(
+    name: str, foreach: bool | None, dtype: torch.dtype, device: str
+) -> None:
     """Five steps on autocast gradients, one optimizer stepped inside an autocast region and a copy outside it:
     parameters and state stay bit-identical, float32 and finite."""
     torch.manual_seed(0)
@@ -86,9 +88,14 @@ def check_step_inside_autocast_equals_step_outside(name: str, foreach: bool | No
     assert {p.dtype for p in inside.parameters()} == {torch.float32}
 
 
-def check_training_lands_near_float32(name: str, foreach: bool | None, device: str, *,
-                                      autocast: torch.dtype | None = None,
-                                      params: torch.dtype = torch.float32) -> None:
+def check_training_lands_near_float32(
+    name: str,
+    foreach: bool | None,
+    device: str,
+    *,
+    autocast: torch.dtype | None = None,
+    params: torch.dtype = torch.float32,
+) -> None:
     """Five steps with autocast gradients (``autocast``) or low-precision parameters (``params``) stay finite and
     end within 15 % of the distance a float32 run moved (plus twice what rounding the start to ``params`` moved)."""
     runs = {}
@@ -112,13 +119,15 @@ def check_training_lands_near_float32(name: str, foreach: bool | None, device: s
 
 @pytest.mark.parametrize("dtype", AUTOCAST, ids=str)
 @pytest.mark.parametrize(("name", "foreach"), CASES)
-def test_a_step_inside_autocast_equals_the_same_step_outside(name: str, foreach: bool | None,
-                                                             dtype: torch.dtype) -> None:
+def test_a_step_inside_autocast_equals_the_same_step_outside(
+    name: str, foreach: bool | None, dtype: torch.dtype
+) -> None:
     check_step_inside_autocast_equals_step_outside(name, foreach, dtype, "cpu")
 
 
 @pytest.mark.parametrize("dtype", AUTOCAST, ids=str)
 @pytest.mark.parametrize(("name", "foreach"), CASES)
-def test_training_from_autocast_gradients_stays_finite_and_near_float32(name: str, foreach: bool | None,
-                                                                        dtype: torch.dtype) -> None:
+def test_training_from_autocast_gradients_stays_finite_and_near_float32(
+    name: str, foreach: bool | None, dtype: torch.dtype
+) -> None:
     check_training_lands_near_float32(name, foreach, "cpu", autocast=dtype)

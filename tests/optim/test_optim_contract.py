@@ -78,9 +78,7 @@ def test_zero_lr_group_does_not_move(name: str) -> None:
     model, x, y = _problem()
     params = list(model.parameters())
     frozen = [p.detach().clone() for p in params[:2]]
-    opt = create_optimizer(
-        name, [{"params": params[:2], "lr": 0.0}, {"params": params[2:]}], **SETTINGS[name]
-    )
+    opt = create_optimizer(name, [{"params": params[:2], "lr": 0.0}, {"params": params[2:]}], **SETTINGS[name])
     for _ in range(3):
         opt.zero_grad()
         (model(x) - y).square().mean().backward()

@@ -77,9 +77,7 @@ def test_wrapper_shares_groups_hyperparameters_and_scheduler_with_the_base() -> 
     model(torch.randn(3, 4)).sum().backward()
     opt.step()
     sched.step()
-    assert base.param_groups[0]["lr"] == pytest.approx(
-        1e-3
-    )  # the reference's scheduler never reaches the base
+    assert base.param_groups[0]["lr"] == pytest.approx(1e-3)  # the reference's scheduler never reaches the base
     assert base.param_groups[0]["betas"] == (0.8, 0.95) and base.param_groups[0]["eps"] == 1e-25
     extra = torch.nn.Parameter(torch.zeros(2))
     opt.add_param_group({"params": [extra], "lr": 0.5})

@@ -45,9 +45,7 @@ class SpamReference:
         if self.interval and k % self.interval == 0:
             self.m[:] = 0.0
             self.v[:] = 0.0
-        active = (
-            self.threshold != 0 and k >= self.grace and (not self.interval or k % self.interval >= self.grace)
-        )
+        active = self.threshold != 0 and k >= self.grace and (not self.interval or k % self.interval >= self.grace)
         self.clipped_last[:] = False
         if active:
             spike = g**2 > self.threshold * self.v

@@ -210,9 +210,7 @@ def test_state_dict_round_trip_and_groups_with_scheduler() -> None:
         torch.manual_seed(seed)
         model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 1))
         params = list(model.parameters())
-        opt = StableSPAM(
-            [{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}], lr=1e-2, reset_interval=4
-        )
+        opt = StableSPAM([{"params": params[:2]}, {"params": params[2:], "lr": 3e-3}], lr=1e-2, reset_interval=4)
         return model, opt, torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
 
     def train(model, opt, sched, steps, seed):

@@ -20,18 +20,42 @@ def _hex(values: list[float]) -> list[str]:
 # (config, policy) → (training losses, validation loss)
 PINNED_RUNS = {
     "bare": (
-        TrainConfig(size="tiny", steps=5, eval_batches=1), None,
-        ["0x1.66472c0000000p+2", "0x1.65d5520000000p+2", "0x1.634ffe0000000p+2", "0x1.60df960000000p+2",
-         "0x1.5c03200000000p+2"], "0x1.5a50320000000p+2"),
+        TrainConfig(size="tiny", steps=5, eval_batches=1),
+        None,
+        [
+            "0x1.66472c0000000p+2",
+            "0x1.65d5520000000p+2",
+            "0x1.634ffe0000000p+2",
+            "0x1.60df960000000p+2",
+            "0x1.5c03200000000p+2",
+        ],
+        "0x1.5a50320000000p+2",
+    ),
     "observe_clip_z_loss": (
-        TrainConfig(size="tiny", steps=5, lr=3e-2, z_loss=1e-4, max_grad_norm=1.0, eval_batches=1), "observe",
-        ["0x1.6679d00000000p+2", "0x1.561d620000000p+2", "0x1.4902980000000p+2", "0x1.362f8a0000000p+2",
-         "0x1.1bcac80000000p+2"], "0x1.0868a80000000p+2"),
+        TrainConfig(size="tiny", steps=5, lr=3e-2, z_loss=1e-4, max_grad_norm=1.0, eval_batches=1),
+        "observe",
+        [
+            "0x1.6679d00000000p+2",
+            "0x1.561d620000000p+2",
+            "0x1.4902980000000p+2",
+            "0x1.362f8a0000000p+2",
+            "0x1.1bcac80000000p+2",
+        ],
+        "0x1.0868a80000000p+2",
+    ),
     "recover_stabilized_independent_adamw": (
-        TrainConfig(size="tiny", steps=4, stabilize=("qk_norm", "z_loss"), optimizer="independent_adamw",
-                    weight_decay=1e-4, eval_batches=1), "recover",
+        TrainConfig(
+            size="tiny",
+            steps=4,
+            stabilize=("qk_norm", "z_loss"),
+            optimizer="independent_adamw",
+            weight_decay=1e-4,
+            eval_batches=1,
+        ),
+        "recover",
         ["0x1.6627b60000000p+2", "0x1.657ac20000000p+2", "0x1.62fb4c0000000p+2", "0x1.60951c0000000p+2"],
-        "0x1.5d83a40000000p+2"),
+        "0x1.5d83a40000000p+2",
+    ),
 }
 
 

@@ -19,8 +19,13 @@ SMALL = dict(size="tiny", steps=3, batch_size=2, seq_len=16, warmup=1, eval_batc
 
 
 @settings(max_examples=100, deadline=None)
-@given(steps=st.integers(1, 500), warmup=st.integers(0, 50), ratio=st.floats(0.0, 1.0),
-       factor=st.floats(1e-3, 1e3), step=st.integers(0, 600))
+@given(
+    steps=st.integers(1, 500),
+    warmup=st.integers(0, 50),
+    ratio=st.floats(0.0, 1.0),
+    factor=st.floats(1e-3, 1e3),
+    step=st.integers(0, 600),
+)
 def test_lr_factor_multiplies_the_schedule_at_every_step(steps, warmup, ratio, factor, step):
     plain = lr_lambda(TrainConfig(steps=steps, warmup=warmup, min_lr_ratio=ratio))
     scaled = lr_lambda(TrainConfig(steps=steps, warmup=warmup, min_lr_ratio=ratio, lr_factor=lambda s: factor))
@@ -107,9 +112,23 @@ def test_describe_is_json_and_names_the_hooks():
 
     # A config without hooks describes itself as before the hooks existed: a sweep store written then resumes.
     assert TrainConfig(size="tiny").describe() == {
-        "size": "tiny", "steps": 300, "batch_size": 16, "seq_len": 64, "lr": 0.001, "warmup": 20,
-        "min_lr_ratio": 0.1, "weight_decay": 0.0, "beta2": 0.95, "qk_norm": False, "optimizer": "adamw",
-        "z_loss": 0.0, "stabilize": (), "max_grad_norm": None, "eval_batches": 8, "seed": 0}
+        "size": "tiny",
+        "steps": 300,
+        "batch_size": 16,
+        "seq_len": 64,
+        "lr": 0.001,
+        "warmup": 20,
+        "min_lr_ratio": 0.1,
+        "weight_decay": 0.0,
+        "beta2": 0.95,
+        "qk_norm": False,
+        "optimizer": "adamw",
+        "z_loss": 0.0,
+        "stabilize": (),
+        "max_grad_norm": None,
+        "eval_batches": 8,
+        "seed": 0,
+    }
     described = TrainConfig(size="tiny", lr_factor=ramp, batch_fn=lambda s, b: b).describe()
     assert described["lr_factor"].endswith("ramp") and "lambda" in described["batch_fn"]
     assert "model_fn" not in described and "extra_probes" not in described

@@ -132,8 +132,7 @@ def test_retention_deletes_only_this_runs_own_snapshots_oldest_write_first(tmp_p
     mine = DiskSnapshots(tmp_path, keep=2, run_id="b" * 32)
     for step in (10, 20, 30):
         mine.save(_snap(state, step))
-    assert [p.name for p in mine.complete()] == ["step-000000020", "step-000000030", "step-000000900",
-                                                  "step-000001000"]
+    assert [p.name for p in mine.complete()] == ["step-000000020", "step-000000030", "step-000000900", "step-000001000"]
 
 
 def test_a_resume_loads_only_its_own_runs_snapshots_and_adopts_them_for_retention(tmp_path):

@@ -96,50 +96,95 @@ def _symlink(path: Path) -> None:
 # (name, damage of the newest snapshot's folder, the reason the warning must give)
 HOSTILE = [
     ("no tensor checksum", lambda f: _edit_meta(f, lambda m: m.pop("sha256")), r"meta.json has no checksum"),
-    ("checksum of the wrong type", lambda f: _edit_meta(f, lambda m: m.update(sha256=[1, 2])),
-     r"checksum of the tensor file is not a SHA-256 hex digest"),
-    ("tensor file truncated", lambda f: (f / "tensors.safetensors").write_bytes(
-        (f / "tensors.safetensors").read_bytes()[:100]), r"tensors.safetensors is truncated \(100 of \d+ bytes\): "
-                                                         r"checksum mismatch"),
-    ("tensor file flipped", lambda f: _flip(f / "tensors.safetensors"),
-     r"tensors.safetensors was changed after it was written: checksum mismatch"),
+    (
+        "checksum of the wrong type",
+        lambda f: _edit_meta(f, lambda m: m.update(sha256=[1, 2])),
+        r"checksum of the tensor file is not a SHA-256 hex digest",
+    ),
+    (
+        "tensor file truncated",
+        lambda f: (f / "tensors.safetensors").write_bytes((f / "tensors.safetensors").read_bytes()[:100]),
+        r"tensors.safetensors is truncated \(100 of \d+ bytes\): "
+        r"checksum mismatch",
+    ),
+    (
+        "tensor file flipped",
+        lambda f: _flip(f / "tensors.safetensors"),
+        r"tensors.safetensors was changed after it was written: checksum mismatch",
+    ),
     ("tensor file missing", lambda f: (f / "tensors.safetensors").unlink(), r"tensors.safetensors is missing"),
     ("tensor file a symlink", lambda f: _symlink(f / "tensors.safetensors"), r"tensors.safetensors is a symlink"),
-    ("tensor file a FIFO", lambda f: ((f / "tensors.safetensors").unlink(), os.mkfifo(f / "tensors.safetensors")),
-     r"tensors.safetensors is not a regular file"),
+    (
+        "tensor file a FIFO",
+        lambda f: ((f / "tensors.safetensors").unlink(), os.mkfifo(f / "tensors.safetensors")),
+        r"tensors.safetensors is not a regular file",
+    ),
     ("meta.json not JSON", lambda f: (f / "meta.json").write_text("{not json"), r"meta.json is not valid JSON"),
-    ("meta.json cut short", lambda f: (f / "meta.json").write_bytes((f / "meta.json").read_bytes()[:50]),
-     r"meta.json is not valid JSON"),
-    ("meta.json binary", lambda f: (f / "meta.json").write_bytes(b"\xff\xfe\x00garbage"),
-     r"meta.json is not valid JSON"),
+    (
+        "meta.json cut short",
+        lambda f: (f / "meta.json").write_bytes((f / "meta.json").read_bytes()[:50]),
+        r"meta.json is not valid JSON",
+    ),
+    (
+        "meta.json binary",
+        lambda f: (f / "meta.json").write_bytes(b"\xff\xfe\x00garbage"),
+        r"meta.json is not valid JSON",
+    ),
     ("meta.json a list", lambda f: (f / "meta.json").write_text("[1, 2]"), r"meta.json holds a JSON list"),
-    ("meta.json nested deeply", lambda f: (f / "meta.json").write_text("[" * 100_000 + "]" * 100_000),
-     r"meta.json is (nested too deeply|not valid JSON)"),
+    (
+        "meta.json nested deeply",
+        lambda f: (f / "meta.json").write_text("[" * 100_000 + "]" * 100_000),
+        r"meta.json is (nested too deeply|not valid JSON)",
+    ),
     ("meta.json missing", lambda f: (f / "meta.json").unlink(), r"meta.json is missing"),
     ("meta.json a symlink", lambda f: _symlink(f / "meta.json"), r"meta.json is a symlink"),
-    ("meta.json edited, checksum kept", lambda f: _edit_meta(f, lambda m: m.update(created=0.0), recompute=False),
-     r"meta.json was changed after it was written"),
+    (
+        "meta.json edited, checksum kept",
+        lambda f: _edit_meta(f, lambda m: m.update(created=0.0), recompute=False),
+        r"meta.json was changed after it was written",
+    ),
     ("step a string", lambda f: _edit_meta(f, lambda m: m.update(step="20")), r"step is '20'"),
     ("step huge", lambda f: _edit_meta(f, lambda m: m.update(step=10**30)), r"integer from 0 to"),
-    ("step of another folder", lambda f: _edit_meta(f, lambda m: m.update(step=999)),
-     r"says step 999 but the folder is step-000000020"),
+    (
+        "step of another folder",
+        lambda f: _edit_meta(f, lambda m: m.update(step=999)),
+        r"says step 999 but the folder is step-000000020",
+    ),
     ("no skeleton", lambda f: _edit_meta(f, lambda m: m.pop("skeleton")), r"meta.json has no 'skeleton'"),
     ("skeleton a number", lambda f: _edit_meta(f, lambda m: m.update(skeleton=3)), r"optimizer state is not"),
-    ("reference to a tensor that is not there", lambda f: _edit_meta(
-        f, lambda m: _first_tensor_ref(m["plain"]).update(__tensor__="nope")), r"refer to tensor 'nope'"),
-    ("an object array", lambda f: _edit_meta(f, lambda m: _set_rng(m, "numpy", {"__tuple__": [
-        "MT19937", {"__ndarray__": [1, 2], "dtype": "object"}, 0, 0, 0.0]})), r"array of dtype 'object'"),
-    ("a bad python RNG state", lambda f: _edit_meta(f, lambda m: _set_rng(m, "python", [1, 2])),
-     r"python RNG state is not valid"),
-    ("an untagged object", lambda f: _edit_meta(f, lambda m: m.update(plain={"rng": 1})),
-     r"an object keel does not write"),
+    (
+        "reference to a tensor that is not there",
+        lambda f: _edit_meta(f, lambda m: _first_tensor_ref(m["plain"]).update(__tensor__="nope")),
+        r"refer to tensor 'nope'",
+    ),
+    (
+        "an object array",
+        lambda f: _edit_meta(
+            f,
+            lambda m: _set_rng(
+                m, "numpy", {"__tuple__": ["MT19937", {"__ndarray__": [1, 2], "dtype": "object"}, 0, 0, 0.0]}
+            ),
+        ),
+        r"array of dtype 'object'",
+    ),
+    (
+        "a bad python RNG state",
+        lambda f: _edit_meta(f, lambda m: _set_rng(m, "python", [1, 2])),
+        r"python RNG state is not valid",
+    ),
+    (
+        "an untagged object",
+        lambda f: _edit_meta(f, lambda m: m.update(plain={"rng": 1})),
+        r"an object keel does not write",
+    ),
     ("run_id a number", lambda f: _edit_meta(f, lambda m: m.update(run_id=5)), r"run_id is 5"),
 ]
 
 
 @pytest.mark.parametrize("name,damage,reason", HOSTILE, ids=[h[0] for h in HOSTILE])
-def test_a_bad_newest_snapshot_is_skipped_with_one_warning_naming_the_file_and_the_reason(tmp_path, name, damage,
-                                                                                         reason):
+def test_a_bad_newest_snapshot_is_skipped_with_one_warning_naming_the_file_and_the_reason(
+    tmp_path, name, damage, reason
+):
     disk = _save(tmp_path, 10, 20)
     damage(tmp_path / "step-000000020")
     with warnings.catch_warnings(record=True) as caught:
@@ -161,8 +206,9 @@ def test_when_no_snapshot_is_usable_the_resume_says_it_starts_from_step_0(tmp_pa
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, run_dir=str(tmp_path), policy="recover",
-                  recovery=RecoveryConfig(snapshot_every=2, disk_every=1))
+    guard = Guard(
+        model, opt, run_dir=str(tmp_path), policy="recover", recovery=RecoveryConfig(snapshot_every=2, disk_every=1)
+    )
     for x, y in make_batches(6):
         loss = F.mse_loss(model(x), y)
         loss.backward()
@@ -200,7 +246,8 @@ def _base_folder() -> Path:
 JSON_VALUES = st.recursive(
     st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70) | st.floats() | st.text(max_size=8),
     lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
-    max_leaves=8)
+    max_leaves=8,
+)
 
 
 def _mutate(data, meta):
@@ -213,8 +260,9 @@ def _mutate(data, meta):
     action = data.draw(st.sampled_from(["replace", "delete", "add"]))
     if parent is None or action == "add":
         target = node if isinstance(node, dict) else meta
-        target[data.draw(st.sampled_from(["__tensor__", "__dict__", "__tuple__", "__ndarray__", "dtype", "x"]))] = \
+        target[data.draw(st.sampled_from(["__tensor__", "__dict__", "__tuple__", "__ndarray__", "dtype", "x"]))] = (
             data.draw(JSON_VALUES)
+        )
     elif action == "delete":
         del parent[key]
     else:

@@ -28,8 +28,17 @@ class AlwaysDiverging:
 
     def update(self, obs):
         self.seen += 1
-        return [Finding(step=obs.step, kind="divergence", severity="critical", signal="loss", value=9.0,
-                        baseline=1.0, evidence={"onset_step": obs.step})]
+        return [
+            Finding(
+                step=obs.step,
+                kind="divergence",
+                severity="critical",
+                signal="loss",
+                value=9.0,
+                baseline=1.0,
+                evidence={"onset_step": obs.step},
+            )
+        ]
 
     def state_dict(self):
         return {"seen": self.seen}
@@ -44,16 +53,21 @@ class AlwaysSpiking(AlwaysDiverging):
     name = "always_spiking"
 
     def update(self, obs):
-        return [Finding(step=obs.step, kind="loss_spike", severity="critical", signal="loss", value=9.0,
-                        baseline=1.0)]
+        return [Finding(step=obs.step, kind="loss_spike", severity="critical", signal="loss", value=9.0, baseline=1.0)]
 
 
 def _run(detector, steps=40, recovery=None, **guard_kwargs):
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, policy="recover", detectors=[detector],
-                  recovery=recovery or RecoveryConfig(snapshot_every=5, quiet_steps=1), **guard_kwargs)
+    guard = Guard(
+        model,
+        opt,
+        policy="recover",
+        detectors=[detector],
+        recovery=recovery or RecoveryConfig(snapshot_every=5, quiet_steps=1),
+        **guard_kwargs,
+    )
     decisions = []
     with pytest.raises(TrainingAborted) as aborted:
         for x, y in make_batches(steps):
@@ -163,8 +177,13 @@ def test_lr_backoffs_spaced_wider_than_the_window_stop_at_min_lr_scale():
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    guard = Guard(model, opt, policy="recover", detectors=[DivergingEvery(15)],
-                  recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1, min_lr_scale=1e-3))
+    guard = Guard(
+        model,
+        opt,
+        policy="recover",
+        detectors=[DivergingEvery(15)],
+        recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1, min_lr_scale=1e-3),
+    )
     guard.escalation.config.rollback_window = 10
     decisions = []
     with pytest.raises(TrainingAborted, match=r"another back-off would take it below min_lr_scale=0.001"):

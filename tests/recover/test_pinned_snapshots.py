@@ -51,8 +51,15 @@ def test_pins_beyond_the_limit_release_the_oldest_and_a_rollback_drops_later_pin
 
 
 def _warning(step: int, onset: int) -> Finding:
-    return Finding(step=step, kind="attention_entropy_collapse", severity="warning", signal="attn/entropy",
-                   value=0.5, baseline=3.0, evidence={"onset_step": onset})
+    return Finding(
+        step=step,
+        kind="attention_entropy_collapse",
+        severity="warning",
+        signal="attn/entropy",
+        value=0.5,
+        baseline=3.0,
+        evidence={"onset_step": onset},
+    )
 
 
 def test_a_critical_long_after_a_warning_rolls_back_to_the_state_before_its_onset():

@@ -21,15 +21,17 @@ def _threads() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64,
-                                   torch.bool, torch.complex64])
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16, torch.int64, torch.bool, torch.complex64]
+)
 def test_the_quiet_copy_is_bit_exact_for_every_dtype(dtype):
     g = torch.Generator().manual_seed(0)
     src = (torch.randn(1000, 70, generator=g) * 100).to(dtype)
     dst = torch.empty_like(src)
     _copy_quietly([dst], [src])
-    assert torch.equal(dst.view(torch.uint8) if dtype != torch.bool else dst, src.view(torch.uint8)
-                       if dtype != torch.bool else src)
+    assert torch.equal(
+        dst.view(torch.uint8) if dtype != torch.bool else dst, src.view(torch.uint8) if dtype != torch.bool else src
+    )
 
 
 def test_non_contiguous_scalar_and_empty_sources_are_copied_exactly():

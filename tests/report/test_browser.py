@@ -15,10 +15,12 @@ from keel.report import write_report
 from tests.report.browser import ARTIFACTS, chromium_binary, load, screenshot
 from tests.report.stores import make_run_store
 
-pytestmark = [pytest.mark.browser,
-              pytest.mark.skipif(chromium_binary() is None,
-                                 reason="chromium is not installed "
-                                        "(apt-get install chromium; CI installs it)")]
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.skipif(
+        chromium_binary() is None, reason="chromium is not installed (apt-get install chromium; CI installs it)"
+    ),
+]
 
 
 class _Charts(HTMLParser):
@@ -81,8 +83,16 @@ def test_demo_arms_report_draws_every_chart_without_errors(tmp_path):
 
 @pytest.mark.slow
 def test_a_100k_step_report_loads_in_seconds(tmp_path):
-    make_run_store(tmp_path / "long", steps=100_000, layers=4, snapshot_every=10_000, spike_at=70_000,
-                   skip_at=70_000, rollback=(40_000, 41_000), per_param=False)
+    make_run_store(
+        tmp_path / "long",
+        steps=100_000,
+        layers=4,
+        snapshot_every=10_000,
+        spike_at=70_000,
+        skip_at=70_000,
+        rollback=(40_000, 41_000),
+        per_param=False,
+    )
     page = write_report([tmp_path / "long"], tmp_path / "report.html")
     result = _check(page, tmp_path)
     assert result["status"]["view"]["last"] == 99_999  # the whole run is there …
@@ -91,10 +101,17 @@ def test_a_100k_step_report_loads_in_seconds(tmp_path):
     zoomed = _check(page, tmp_path, "steps=69990-70010")["status"]["view"]
     assert zoomed["points"] == 22 and zoomed["max"] == pytest.approx(result["status"]["view"]["max"])
     ARTIFACTS.mkdir(exist_ok=True)
-    (ARTIFACTS / "report-100k.json").write_text(json.dumps(
-        {"html_bytes": page.stat().st_size, "chromium_seconds": round(result["seconds"], 2),
-         "page_drawn_ms": result["status"]["drawn_ms"],
-         "charts": result["status"]["charts"]}, indent=2))
+    (ARTIFACTS / "report-100k.json").write_text(
+        json.dumps(
+            {
+                "html_bytes": page.stat().st_size,
+                "chromium_seconds": round(result["seconds"], 2),
+                "page_drawn_ms": result["status"]["drawn_ms"],
+                "charts": result["status"]["charts"],
+            },
+            indent=2,
+        )
+    )
     screenshot(page, ARTIFACTS / "report-100k.png", tmp_path / "profile-shot")
     assert result["seconds"] < 60  # browser start + parse + draw; a few seconds on a quiet machine
 

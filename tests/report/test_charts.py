@@ -13,12 +13,13 @@ def _runs(tmp_path: Path):
 
 def test_chart_order_layers_and_no_per_parameter_timelines(tmp_path):
     charts, left_out = plan_charts(_runs(tmp_path))
-    assert [c.base for c in charts] == ["loss", "grad/norm", "lr", "attn/max_logit", "logits/log_z",
-                                       "time/step"]
+    assert [c.base for c in charts] == ["loss", "grad/norm", "lr", "attn/max_logit", "logits/log_z", "time/step"]
     assert charts[1].title == "gradient norm (grad/norm)"
     attn = charts[3]
-    assert attn.keys == ["attn/max_logit"] and attn.layers == ["attn/max_logit/blocks.0.attn",
-                                                              "attn/max_logit/blocks.1.attn"]
+    assert attn.keys == ["attn/max_logit"] and attn.layers == [
+        "attn/max_logit/blocks.0.attn",
+        "attn/max_logit/blocks.1.attn",
+    ]
     assert charts[1].log_y and not charts[0].log_y and left_out == []
     assert not any("grad/norm/" in k for c in charts for k in c.keys + c.layers)
 
@@ -27,8 +28,7 @@ def test_marks_go_to_the_chart_of_their_signal(tmp_path):
     runs = _runs(tmp_path)
     charts, _ = plan_charts(runs)
     by_id = {c.id: c.title for c in charts}
-    placed = {(by_id[cid], m["run"], m["type"], m["step"])
-              for cid, ms in marks(runs, charts).items() for m in ms}
+    placed = {(by_id[cid], m["run"], m["type"], m["step"]) for cid, ms in marks(runs, charts).items() for m in ms}
     assert ("loss", 1, "critical", 150) in placed and ("loss", 1, "critical", 200) in placed
     assert ("attn/max_logit", 0, "warning", 150) in placed
     assert ("loss", 1, "skip", 150) in placed and ("gradient norm (grad/norm)", 1, "skip", 150) in placed
@@ -48,19 +48,36 @@ def test_per_head_members_companions_and_activations_group_onto_one_chart_each(t
 
     from keel.report.run_data import RunData
 
-    keys = ["loss", "attn/entropy", "attn/entropy/b0", "attn/entropy/b1", "attn/head_entropy/b0/h0",
-            "attn/head_entropy/b0/h1", "attn/head_entropy/b1/h0", "logits/log_z", "logits/log_z_max",
-            "logits/log_z_min", "act/rms", "act/rms/b0", "grad/norm", "grad/norm/fc.weight", "param/norm",
-            "param/norm/fc.weight", "curvature/sharpness"]
+    keys = [
+        "loss",
+        "attn/entropy",
+        "attn/entropy/b0",
+        "attn/entropy/b1",
+        "attn/head_entropy/b0/h0",
+        "attn/head_entropy/b0/h1",
+        "attn/head_entropy/b1/h0",
+        "logits/log_z",
+        "logits/log_z_max",
+        "logits/log_z_min",
+        "act/rms",
+        "act/rms/b0",
+        "grad/norm",
+        "grad/norm/fc.weight",
+        "param/norm",
+        "param/norm/fc.weight",
+        "curvature/sharpness",
+    ]
     run = RunData(name="r", path=tmp_path, series={k: (np.arange(3), np.ones(3)) for k in keys})
     charts, _ = plan_charts([run])
     assert [(c.base, c.keys, c.layers) for c in charts] == [
-        ("loss", ["loss"], []), ("grad/norm", ["grad/norm"], []),
+        ("loss", ["loss"], []),
+        ("grad/norm", ["grad/norm"], []),
         ("attn/entropy", ["attn/entropy"], ["attn/entropy/b0", "attn/entropy/b1"]),
-        ("attn/head_entropy", [],
-         ["attn/head_entropy/b0/h0", "attn/head_entropy/b0/h1", "attn/head_entropy/b1/h0"]),
+        ("attn/head_entropy", [], ["attn/head_entropy/b0/h0", "attn/head_entropy/b0/h1", "attn/head_entropy/b1/h0"]),
         ("logits/log_z", ["logits/log_z", "logits/log_z_max", "logits/log_z_min"], []),
         ("act/rms", ["act/rms"], ["act/rms/b0"]),
-        ("curvature/sharpness", ["curvature/sharpness"], []), ("param/norm", ["param/norm"], [])]
+        ("curvature/sharpness", ["curvature/sharpness"], []),
+        ("param/norm", ["param/norm"], []),
+    ]
     assert charts[3].main == "attn/head_entropy/b0/h0"
     assert chart_of("attn/head_entropy/b1/h0", charts).base == "attn/head_entropy"

@@ -12,21 +12,25 @@ from tests.report.stores import make_run_store
 from tests.report.test_page import _payload
 
 
-@pytest.mark.parametrize("paths,labels", [
-    (["/w/runs/keel"], ["keel"]),
-    (["/w/A/keel", "/w/B/keel"], ["A/keel", "B/keel"]),
-    (["/w/A/keel", "/w/B/keel", "/w/B/other"], ["A/keel", "B/keel", "other"]),
-    (["/x/A/keel", "/y/A/keel"], ["x/A/keel", "y/A/keel"]),
-    (["keel", "A/keel"], ["keel", "A/keel"]),  # every end of "keel" is A/keel's too: shown whole
-    (["/a/keel", "a/keel"], ["/a/keel", "a/keel"]),
-])
+@pytest.mark.parametrize(
+    "paths,labels",
+    [
+        (["/w/runs/keel"], ["keel"]),
+        (["/w/A/keel", "/w/B/keel"], ["A/keel", "B/keel"]),
+        (["/w/A/keel", "/w/B/keel", "/w/B/other"], ["A/keel", "B/keel", "other"]),
+        (["/x/A/keel", "/y/A/keel"], ["x/A/keel", "y/A/keel"]),
+        (["keel", "A/keel"], ["keel", "A/keel"]),  # every end of "keel" is A/keel's too: shown whole
+        (["/a/keel", "a/keel"], ["/a/keel", "a/keel"]),
+    ],
+)
 def test_labels_are_the_shortest_unique_path_ends(paths, labels):
     assert run_labels([PurePosixPath(p) for p in paths]) == labels
 
 
 _part = st.sampled_from(["keel", "A", "B", "runs", "..", "x y", "é"])
-_path = st.builds(lambda root, parts: PurePosixPath(root, *parts), st.sampled_from(["", "/"]),
-                  st.lists(_part, min_size=1, max_size=4))
+_path = st.builds(
+    lambda root, parts: PurePosixPath(root, *parts), st.sampled_from(["", "/"]), st.lists(_part, min_size=1, max_size=4)
+)
 
 
 @settings(max_examples=200, deadline=None)
@@ -36,7 +40,7 @@ def test_distinct_paths_get_distinct_labels_each_an_end_of_its_path(paths):
     assert len(set(labels)) == len(paths)
     for path, label in zip(paths, labels, strict=True):
         tail = PurePosixPath(label).parts
-        assert path.parts[-len(tail):] == tail
+        assert path.parts[-len(tail) :] == tail
 
 
 @pytest.fixture(scope="module")

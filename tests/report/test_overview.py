@@ -35,7 +35,8 @@ def test_the_page_opens_with_the_runs_the_named_cause_and_the_loss_chart(page):
     assert page.index("<section id='overview'>") < page.index("<h2>Diagnosis</h2>") < page.index("<h2>Timelines</h2>")
     assert "<table class='runs'>" in top and "<div class='card named'>" in top
     assert [top.index(part) for part in ("<table class='runs'>", "card named", "id='chart-0'")] == sorted(
-        top.index(part) for part in ("<table class='runs'>", "card named", "id='chart-0'"))
+        top.index(part) for part in ("<table class='runs'>", "card named", "id='chart-0'")
+    )
     charts = _payload(page)["charts"]
     assert charts[0]["id"] == "chart-0" and charts[0]["keys"][0] == "loss"
     marks = {m["type"] for m in _payload(page)["marks"]["chart-0"]}
@@ -54,7 +55,7 @@ def test_a_named_cause_several_runs_share_is_listed_once_with_their_names(page):
 
 
 def test_identical_diagnosis_cards_are_shown_once_saying_which_runs_share_them(page):
-    diagnosis = page[page.index("<h2>Diagnosis</h2>"):page.index("<h2>Timelines</h2>")]
+    diagnosis = page[page.index("<h2>Diagnosis</h2>") : page.index("<h2>Timelines</h2>")]
     groups = re.findall(r"<section class='group'><h3>(.*?)</h3>(.*?)</section>", diagnosis, re.S)
     heads = [re.sub(r"<[^>]+>", "", head) for head, _ in groups]
     assert heads == ["shared by A/keel, B/keel", "C/keel"]

@@ -95,11 +95,18 @@ def test_cli_writes_and_prints_the_path_and_fails_cleanly(runs, tmp_path, capsys
 
 
 def test_the_report_imports_no_torch(runs, tmp_path):
-    code = ("import sys; from keel.report import write_report; "
-            f"write_report([{str(runs)!r}], {str(tmp_path / 'r.html')!r}); print('torch' in sys.modules)")
+    code = (
+        "import sys; from keel.report import write_report; "
+        f"write_report([{str(runs)!r}], {str(tmp_path / 'r.html')!r}); print('torch' in sys.modules)"
+    )
     src = str(Path(__file__).resolve().parents[2] / "src")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+    )
     assert proc.stdout.strip() == "False", proc.stderr
 
 
@@ -129,13 +136,24 @@ def test_the_guard_s_named_cause_leads_the_run_s_diagnosis(tmp_path):
 
     run = make_run_store(tmp_path / "bare", policy="observe")
     with RunWriter(run) as w:
-        w.set_meta({"diagnosis": [
-            {"kind": "attention_logit_growth", "title": "Attention-logit growth <q>",
-             "when": "first seen at step 5, critical at step 20; the loss degraded at step 56, 51 steps later"},
-            {"kind": "softmax_collapse", "title": "Softmax collapse", "when": "first seen at step 9"}]})
+        w.set_meta(
+            {
+                "diagnosis": [
+                    {
+                        "kind": "attention_logit_growth",
+                        "title": "Attention-logit growth <q>",
+                        "when": "first seen at step 5, critical at step 20; "
+                        "the loss degraded at step 56, 51 steps later",
+                    },
+                    {"kind": "softmax_collapse", "title": "Softmax collapse", "when": "first seen at step 9"},
+                ]
+            }
+        )
     page = write_report([run], tmp_path / "report.html").read_text()
     card = re.search(r"<div class='card named'>(.*?)</div>", page, re.S).group(1)
-    assert ("<li><b>Attention-logit growth &lt;q&gt;</b> — first seen at step 5, critical at step 20; "
-            "the loss degraded at step 56, 51 steps later</li>") in card  # store text escaped, as everywhere
+    assert (
+        "<li><b>Attention-logit growth &lt;q&gt;</b> — first seen at step 5, critical at step 20; "
+        "the loss degraded at step 56, 51 steps later</li>"
+    ) in card  # store text escaped, as everywhere
     assert "<li><b>Softmax collapse</b> — first seen at step 9</li>" in card
     assert page.index("card named") < page.index("loss spike")  # the cause first, then the findings' cards

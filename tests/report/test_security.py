@@ -27,9 +27,39 @@ from tests.report.hostile import COLUMNS, RUN_NAME, crafted, hostile_run_store, 
 from tests.report.stores import make_run_store, make_sweep_store, sweep_summary
 
 # Every element keel's page is made of; anything else in a page came from a store.
-KEEL_TAGS = {"html", "head", "meta", "title", "script", "style", "body", "main", "h1", "h2", "h3", "div", "p",
-             "span", "table", "tr", "th", "td", "details", "summary", "dl", "dt", "dd", "code", "b", "ol", "li",
-             "pre", "footer", "section", "br"}
+KEEL_TAGS = {
+    "html",
+    "head",
+    "meta",
+    "title",
+    "script",
+    "style",
+    "body",
+    "main",
+    "h1",
+    "h2",
+    "h3",
+    "div",
+    "p",
+    "span",
+    "table",
+    "tr",
+    "th",
+    "td",
+    "details",
+    "summary",
+    "dl",
+    "dt",
+    "dd",
+    "code",
+    "b",
+    "ol",
+    "li",
+    "pre",
+    "footer",
+    "section",
+    "br",
+}
 
 
 class _Elements(HTMLParser):
@@ -50,8 +80,12 @@ class _Elements(HTMLParser):
         return [f"<{tag} {name}>" for tag, attrs in self.elements for name in attrs if name.startswith("on")]
 
     def script_urls(self) -> list[str]:
-        return [f"<{tag} {name}={value}>" for tag, attrs in self.elements for name, value in attrs.items()
-                if re.sub(r"\s", "", value or "").lower().startswith("javascript:")]
+        return [
+            f"<{tag} {name}={value}>"
+            for tag, attrs in self.elements
+            for name, value in attrs.items()
+            if re.sub(r"\s", "", value or "").lower().startswith("javascript:")
+        ]
 
 
 def _stub_plotly():
@@ -66,8 +100,22 @@ def test_a_crafted_store_s_markup_reaches_the_page_only_as_text(tmp_path):
     assert parsed.tags() <= KEEL_TAGS and parsed.handlers() == [] and parsed.script_urls() == []
     assert page.count("<script") == 4  # the error hook, the data, plotly, the page's script
     assert "data-pwned" not in re.sub(r"setAttribute\(`data-pwned`", "", page.replace("&#x60;", "`"))
-    for where in ("f.cause", "d.reason", "s.path", "meta.status", "config.key", "diag.title", "rem.how",
-                  "row1.run_id", "row.status", "sum.recipe", "sum.size", "sum.reach", "sum.view", "meta.sweep.key"):
+    for where in (
+        "f.cause",
+        "d.reason",
+        "s.path",
+        "meta.status",
+        "config.key",
+        "diag.title",
+        "rem.how",
+        "row1.run_id",
+        "row.status",
+        "sum.recipe",
+        "sum.size",
+        "sum.reach",
+        "sum.view",
+        "meta.sweep.key",
+    ):
         assert f"&lt;script&gt;document.documentElement.setAttribute(`data-pwned`,`{where}`)" in page, where
 
 
@@ -101,8 +149,9 @@ def _assert_inert(result: dict) -> _Elements:
     return parsed
 
 
-needs_chromium = pytest.mark.skipif(chromium_binary() is None,
-                                    reason="chromium is not installed (apt-get install chromium)")
+needs_chromium = pytest.mark.skipif(
+    chromium_binary() is None, reason="chromium is not installed (apt-get install chromium)"
+)
 
 
 @pytest.mark.browser
@@ -110,12 +159,20 @@ needs_chromium = pytest.mark.skipif(chromium_binary() is None,
 def test_markup_in_integer_columns_runs_no_script_in_chromium(tmp_path):
     run = make_run_store(tmp_path / "run", steps=60, spike_at=30, skip_at=30, rollback=(10, 40), snapshot_every=20)
     conn = sqlite3.connect(run / "run.sqlite")
-    columns = [("findings", "step"), ("decisions", "step"), ("decisions", "onset"), ("decisions", "restored_step"),
-               ("snapshots", "step")]
+    columns = [
+        ("findings", "step"),
+        ("decisions", "step"),
+        ("decisions", "onset"),
+        ("decisions", "restored_step"),
+        ("snapshots", "step"),
+    ]
     for table, column in columns:  # the attack of issue 12, item 8: text where keel writes integers
         act = f"document.documentElement.setAttribute(`data-pwned`,`{table}.{column}`)"
-        conn.execute(f"UPDATE {table} SET {column} = ? WHERE rowid = (SELECT max(rowid) FROM {table} "
-                     f"WHERE {column} IS NOT NULL)", (f"1<img src=x onerror={act}>",))
+        conn.execute(
+            f"UPDATE {table} SET {column} = ? WHERE rowid = (SELECT max(rowid) FROM {table} "
+            f"WHERE {column} IS NOT NULL)",
+            (f"1<img src=x onerror={act}>",),
+        )
     conn.commit()
     conn.close()
     page = write_report([run], tmp_path / "report.html")
@@ -144,8 +201,11 @@ INTS = st.integers(-(2**63), 2**63 - 1)
 
 
 @settings(max_examples=60, deadline=None)
-@given(texts=st.lists(TEXT, min_size=40, max_size=40), ints=st.lists(INTS, min_size=8, max_size=8),
-       reals=st.lists(st.floats(), min_size=4, max_size=4))
+@given(
+    texts=st.lists(TEXT, min_size=40, max_size=40),
+    ints=st.lists(INTS, min_size=8, max_size=8),
+    reals=st.lists(st.floats(), min_size=4, max_size=4),
+)
 def test_no_field_puts_an_unescaped_lt_into_the_page(texts, ints, reals):
     marked = (f"{texts[i % len(texts)]}<x-{i}>{texts[-i % len(texts)]}" for i in itertools.count())  # "<" marked
 
@@ -155,35 +215,95 @@ def test_no_field_puts_an_unescaped_lt_into_the_page(texts, ints, reals):
     steps = np.arange(50)
     member = f"attn/max_logit/{text()}"
     run = RunData(
-        name=text(), path=Path(text()),
-        meta={"status": text(), "policy": text(), "steps": text(), "seed": text(), "model": text(),
-              text(): text(), "config": {text(): [text()]},
-              "diagnosis": [{"title": text(), "kind": text(), "when": text()}, text()]},
-        series={"loss": (steps, np.linspace(3, 2, 50)), text(): (steps, np.ones(50)),
-                member: (steps, np.full(50, reals[0]))},
+        name=text(),
+        path=Path(text()),
+        meta={
+            "status": text(),
+            "policy": text(),
+            "steps": text(),
+            "seed": text(),
+            "model": text(),
+            text(): text(),
+            "config": {text(): [text()]},
+            "diagnosis": [{"title": text(), "kind": text(), "when": text()}, text()],
+        },
+        series={
+            "loss": (steps, np.linspace(3, 2, 50)),
+            text(): (steps, np.ones(50)),
+            member: (steps, np.full(50, reals[0])),
+        },
         lengths={"loss": 50},
-        findings=[Finding(step=ints[0], kind=text(), severity=sev, signal=sig, value=reals[1], baseline=reals[2],
-                          evidence={text(): text(), "remedies": [{"action": text(), "how": text(),
-                                                                   "source": text()}]},
-                          cause=text(), remedy=text())
-                  for sev, sig in (("critical", "loss"), ("warning", member), ("info", "nowhere"))],
-        decisions=[Decision(step=ints[1], action="skip", reason=text(), by=text()),  # type: ignore[arg-type]
-                   Decision(step=ints[2], action="rollback", reason=text(), onset=ints[3], restored_step=ints[4]),
-                   Decision(step=ints[5], action="abort", reason=text())],
+        findings=[
+            Finding(
+                step=ints[0],
+                kind=text(),
+                severity=sev,
+                signal=sig,
+                value=reals[1],
+                baseline=reals[2],
+                evidence={text(): text(), "remedies": [{"action": text(), "how": text(), "source": text()}]},
+                cause=text(),
+                remedy=text(),
+            )
+            for sev, sig in (("critical", "loss"), ("warning", member), ("info", "nowhere"))
+        ],
+        decisions=[
+            Decision(step=ints[1], action="skip", reason=text(), by=text()),  # type: ignore[arg-type]
+            Decision(step=ints[2], action="rollback", reason=text(), onset=ints[3], restored_step=ints[4]),
+            Decision(step=ints[5], action="abort", reason=text()),
+        ],
         snapshots=[{"step": ints[6], "path": text(), "checksum": text(), "created": reals[3]}],
         problems=[text()],
     )
-    curve = Curve(recipe=text(), size=text(), n_params=ints[7], lr_sensitivity=reals[0], vs_baseline=reals[1],
-                  best_lr=reals[2], best_loss=reals[3], init_loss=reals[0], lr_range=(reals[1], reals[2]),
-                  lrs=(1e-3, 1e-2), losses=(reals[0], reals[1]), max_attn_logit=(None, reals[2]), diverged=ints[0],
-                  errors=ints[1])
-    view = Scaling(recipe=text(), lr=reals[0], sizes=(text(), text()), n_params=(1, max(2, ints[7])),
-                   max_attn_logit=(reals[1], None), grad_norm=(reals[2], reals[3]), logit_fit=(reals[0], reals[1]),
-                   grad_norm_fit=None, divergence_logit=reals[2], predicted_divergence_params=reals[3], reach=text())
-    row = {"run_id": text(), "status": text(), "lr": reals[0], "seed": ints[2], "val_loss": reals[1],
-           "max_attn_logit": reals[2], "steps_done": ints[3], "wall_s": reals[3], "error": text()}
-    sweep = SweepData(name=text(), path=Path(text()), meta={text(): text()}, rows=[row], curves=[curve],
-                      scaling=[view], problems=[text()])
+    curve = Curve(
+        recipe=text(),
+        size=text(),
+        n_params=ints[7],
+        lr_sensitivity=reals[0],
+        vs_baseline=reals[1],
+        best_lr=reals[2],
+        best_loss=reals[3],
+        init_loss=reals[0],
+        lr_range=(reals[1], reals[2]),
+        lrs=(1e-3, 1e-2),
+        losses=(reals[0], reals[1]),
+        max_attn_logit=(None, reals[2]),
+        diverged=ints[0],
+        errors=ints[1],
+    )
+    view = Scaling(
+        recipe=text(),
+        lr=reals[0],
+        sizes=(text(), text()),
+        n_params=(1, max(2, ints[7])),
+        max_attn_logit=(reals[1], None),
+        grad_norm=(reals[2], reals[3]),
+        logit_fit=(reals[0], reals[1]),
+        grad_norm_fit=None,
+        divergence_logit=reals[2],
+        predicted_divergence_params=reals[3],
+        reach=text(),
+    )
+    row = {
+        "run_id": text(),
+        "status": text(),
+        "lr": reals[0],
+        "seed": ints[2],
+        "val_loss": reals[1],
+        "max_attn_logit": reals[2],
+        "steps_done": ints[3],
+        "wall_s": reals[3],
+        "error": text(),
+    }
+    sweep = SweepData(
+        name=text(),
+        path=Path(text()),
+        meta={text(): text()},
+        rows=[row],
+        curves=[curve],
+        scaling=[view],
+        problems=[text()],
+    )
     with _stub_plotly():
         page = build_page([run], [text()], sweeps=[sweep])
     assert "<x-" not in page
@@ -192,6 +312,7 @@ def test_no_field_puts_an_unescaped_lt_into_the_page(texts, ints, reals):
 
 
 # ---- stores the report cannot read: one clear error or a note, never a traceback ------------------------------
+
 
 def test_a_run_folder_named_with_html_is_shown_as_text(tmp_path):
     run = make_run_store(tmp_path / RUN_NAME, steps=20, spike_at=None, skip_at=None)
@@ -256,22 +377,55 @@ def test_no_readable_path_at_all_is_one_report_error(tmp_path):
 
 # ---- whole stores, whatever they hold: the report writes a page (never raises) with nothing but keel's markup ----
 
-JSON = st.recursive(st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
-                    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
-                    max_leaves=8)
-SQL = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False), st.text(max_size=12),
-                st.binary(max_size=6), JSON.map(json.dumps))
+JSON = st.recursive(
+    st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=5), inner, max_size=3),
+    max_leaves=8,
+)
+SQL = st.one_of(
+    st.none(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=12),
+    st.binary(max_size=6),
+    JSON.map(json.dumps),
+)
 RUN_TABLES = {"meta": 2, "signals": 3, "findings": 9, "decisions": 6, "snapshots": 4}
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.fixed_dictionaries({t: st.lists(st.tuples(*[SQL] * n), max_size=5) for t, n in RUN_TABLES.items()}),
-       changes=st.lists(st.tuples(st.sampled_from(["recipes", "scaling"]), st.integers(0, 3),
-                                  st.sampled_from(["name", "recipe", "size", "lrs", "losses", "max_attn_logit",
-                                                   "n_params", "lr_range", "best_lr", "init_loss", "sizes",
-                                                   "grad_norm", "logit_exponent", "logit_log10_prefactor",
-                                                   "predicted_divergence_params", "divergence_logit", "reach"]),
-                                  JSON | st.lists(st.floats() | st.integers(), max_size=3)), max_size=6))
+@given(
+    rows=st.fixed_dictionaries({t: st.lists(st.tuples(*[SQL] * n), max_size=5) for t, n in RUN_TABLES.items()}),
+    changes=st.lists(
+        st.tuples(
+            st.sampled_from(["recipes", "scaling"]),
+            st.integers(0, 3),
+            st.sampled_from(
+                [
+                    "name",
+                    "recipe",
+                    "size",
+                    "lrs",
+                    "losses",
+                    "max_attn_logit",
+                    "n_params",
+                    "lr_range",
+                    "best_lr",
+                    "init_loss",
+                    "sizes",
+                    "grad_norm",
+                    "logit_exponent",
+                    "logit_log10_prefactor",
+                    "predicted_divergence_params",
+                    "divergence_logit",
+                    "reach",
+                ]
+            ),
+            JSON | st.lists(st.floats() | st.integers(), max_size=3),
+        ),
+        max_size=6,
+    ),
+)
 def test_any_crafted_run_and_sweep_store_gives_a_page_of_keel_markup_only(tmp_path_factory, rows, changes):
     root = tmp_path_factory.mktemp("stores")
     rows["signals"].append((0, "loss", 1.0))

@@ -22,7 +22,7 @@ def _payload(page: str) -> dict:
 
 
 def _section(page: str) -> str:
-    return page[page.index("<section class='sweep'>"):page.index("</section>")]
+    return page[page.index("<section class='sweep'>") : page.index("</section>")]
 
 
 def test_a_sweep_folder_is_drawn_from_its_store_and_an_html_file_there_is_ignored(tmp_path):
@@ -33,8 +33,10 @@ def test_a_sweep_folder_is_drawn_from_its_store_and_an_html_file_there_is_ignore
     assert "pwned" not in page and "<img" not in page and "<h2>Runs</h2>" not in page
     section = _section(page)
     assert "<h2>LR sensitivity sweep: sweep</h2>" in section
-    assert ("<tr><td>tiny</td><td>115328</td><td>0.230</td><td>1.0x</td><td>1e-03</td><td>2.470</td>"
-            "<td>1e-03 … 1e-03</td><td>4.9 → 6.7e+04</td><td>0</td><td>0</td></tr>") in section
+    assert (
+        "<tr><td>tiny</td><td>115328</td><td>0.230</td><td>1.0x</td><td>1e-03</td><td>2.470</td>"
+        "<td>1e-03 … 1e-03</td><td>4.9 → 6.7e+04</td><td>0</td><td>0</td></tr>"
+    ) in section
     assert "<td>small</td><td>427264</td><td>0.000</td><td>—</td>" in section  # no baseline ratio: a dash
     assert "<td>logit ∝ N^0.29</td><td>reaches 124 (calibrated on baseline) at ≈7.6e+09 params</td>" in section
     assert "<summary>8 run(s): 6 done, 1 diverged, 1 error</summary>" in section
@@ -42,13 +44,19 @@ def test_a_sweep_folder_is_drawn_from_its_store_and_an_html_file_there_is_ignore
 
     figures = _payload(page)["figures"]
     assert [f["title"] for f in figures] == [
-        "final loss vs LR: baseline", "final loss vs LR: qk_norm", "max attention logit vs LR: baseline",
-        "max attention logit vs LR: qk_norm", "max attention logit vs size at lr 0.001",
-        "gradient norm vs size at lr 0.001"]
+        "final loss vs LR: baseline",
+        "final loss vs LR: qk_norm",
+        "max attention logit vs LR: baseline",
+        "max attention logit vs LR: qk_norm",
+        "max attention logit vs size at lr 0.001",
+        "gradient norm vs size at lr 0.001",
+    ]
     assert all(f"<div class='chart fig' id='{f['id']}'></div>" in section for f in figures)
     loss = figures[0]["traces"]
     assert [(t["name"], t["x"], t["y"]) for t in loss if t["legend"]] == [
-        ("tiny  LRS 0.230", [1e-3, 1e-1], [2.47, 2.93]), ("small  LRS 1.660", [1e-3, 1e-1], [2.28, 5.6])]
+        ("tiny  LRS 0.230", [1e-3, 1e-1], [2.47, 2.93]),
+        ("small  LRS 1.660", [1e-3, 1e-1], [2.28, 5.6]),
+    ]
     assert figures[0]["y_range"] == figures[1]["y_range"]  # the recipes' panels share the loss axis
     fit = next(t for t in figures[4]["traces"] if t["name"] == "baseline ∝ N^0.29")
     assert fit["y"][0] == pytest.approx(10 ** (-0.78 + 0.29 * math.log10(115_328)))
@@ -74,22 +82,32 @@ def test_a_sweep_without_a_stored_summary_lists_its_runs_with_a_note(tmp_path):
 
 
 def test_a_sweep_that_changed_after_its_summary_was_stored_says_so(tmp_path):
-    sweep = make_sweep_store(tmp_path / "sweep", runs=[*SWEEP_RUNS, ("qk_norm", "small", 0.3, "running", None, None)],
-                             summary=sweep_summary())
+    sweep = make_sweep_store(
+        tmp_path / "sweep",
+        runs=[*SWEEP_RUNS, ("qk_norm", "small", 0.3, "running", None, None)],
+        summary=sweep_summary(),
+    )
     page = write_report([sweep], tmp_path / "report.html").read_text()
-    assert ("the sweep changed after its summary was stored (its runs now: 1 diverged, 6 done, 1 error, 1 running)"
-            in page)
+    assert (
+        "the sweep changed after its summary was stored (its runs now: 1 diverged, 6 done, 1 error, 1 running)" in page
+    )
     assert len(_payload(page)["figures"]) == 6  # the stored summary is still shown
 
 
-@pytest.mark.parametrize(("change", "note"), [
-    ("DELETE FROM runs", "this sweep has no runs yet"),
-    ("ALTER TABLE runs DROP COLUMN status", "runs could not be read (StoreError: "),
-    ("UPDATE runs SET lr = 'fast' WHERE rowid = 1", "runs: 1 row(s) of the wrong type left out (first: lr is "),
-    ("UPDATE runs SET config = '{oops' WHERE rowid = 2", "runs: 1 row(s) of the wrong type left out (first: config"),
-    ("UPDATE meta SET value = '[1, 2]' WHERE key = 'summary'", "the stored summary is list, not an object"),
-    ("UPDATE meta SET value = '{\"recipes\": 5}' WHERE key = 'summary'", "the stored summary&#x27;s &#x27;recipes"),
-])
+@pytest.mark.parametrize(
+    ("change", "note"),
+    [
+        ("DELETE FROM runs", "this sweep has no runs yet"),
+        ("ALTER TABLE runs DROP COLUMN status", "runs could not be read (StoreError: "),
+        ("UPDATE runs SET lr = 'fast' WHERE rowid = 1", "runs: 1 row(s) of the wrong type left out (first: lr is "),
+        (
+            "UPDATE runs SET config = '{oops' WHERE rowid = 2",
+            "runs: 1 row(s) of the wrong type left out (first: config",
+        ),
+        ("UPDATE meta SET value = '[1, 2]' WHERE key = 'summary'", "the stored summary is list, not an object"),
+        ("UPDATE meta SET value = '{\"recipes\": 5}' WHERE key = 'summary'", "the stored summary&#x27;s &#x27;recipes"),
+    ],
+)
 def test_a_sweep_store_it_cannot_fully_read_gives_a_note(tmp_path, change, note):
     sweep = make_sweep_store(tmp_path / "sweep", summary=sweep_summary())
     conn = sqlite3.connect(sweep / "sweep.sqlite")
@@ -100,14 +118,17 @@ def test_a_sweep_store_it_cannot_fully_read_gives_a_note(tmp_path, change, note)
     assert f"<p class='problem'>{note}" in page
 
 
-@pytest.mark.parametrize(("entry", "field"), [
-    ({"lrs": [1e-3, "x"]}, "lrs is &#x27;x&#x27;"),
-    ({"losses": [2.5]}, "mismatched lengths"),
-    ({"lrs": [], "losses": [], "max_attn_logit": []}, "empty"),
-    ({"n_params": 1.5}, "n_params is float"),
-    ({"name": ["<b>"]}, "name is list"),
-    ({"best_loss": float("nan")}, "best_loss is nan"),
-])
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ({"lrs": [1e-3, "x"]}, "lrs is &#x27;x&#x27;"),
+        ({"losses": [2.5]}, "mismatched lengths"),
+        ({"lrs": [], "losses": [], "max_attn_logit": []}, "empty"),
+        ({"n_params": 1.5}, "n_params is float"),
+        ({"name": ["<b>"]}, "name is list"),
+        ({"best_loss": float("nan")}, "best_loss is nan"),
+    ],
+)
 def test_summary_entries_of_the_wrong_type_are_left_out_with_a_note(tmp_path, entry, field):
     summary = sweep_summary()
     summary["recipes"][0] |= entry
@@ -135,7 +156,7 @@ def test_a_sweep_report_draws_every_figure_in_chromium_without_errors(tmp_path):
     assert status, result["stderr_tail"]
     assert status["errors"] == [] and result["console"] == [], (status["errors"], result["console"])
     assert status["charts"] == 6 and status["rendered"] == 6
-    assert result["dom"].count("data-rendered=\"1\"") == 6
+    assert result["dom"].count('data-rendered="1"') == 6
 
 
 def test_the_report_of_a_sweep_imports_no_torch_and_no_proxy_code(tmp_path):
@@ -144,10 +165,17 @@ def test_the_report_of_a_sweep_imports_no_torch_and_no_proxy_code(tmp_path):
     from pathlib import Path
 
     sweep = make_sweep_store(tmp_path / "sweep", summary=sweep_summary())
-    code = ("import sys; from keel.report import write_report; "
-            f"write_report([{str(sweep)!r}], {str(tmp_path / 'r.html')!r}); "
-            "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('keel.proxy')))")
+    code = (
+        "import sys; from keel.report import write_report; "
+        f"write_report([{str(sweep)!r}], {str(tmp_path / 'r.html')!r}); "
+        "print(sorted(m for m in sys.modules if m == 'torch' or m.startswith('keel.proxy')))"
+    )
     src = str(Path(__file__).resolve().parents[2] / "src")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                          env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"})
+    proc = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
+    )
     assert proc.stdout.strip() == "[]", proc.stderr

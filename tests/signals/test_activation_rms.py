@@ -67,8 +67,11 @@ def test_first_non_finite_block_is_visible_in_forward_order():
 
 def test_hugging_face_block_tuples_and_validation():
     transformers = pytest.importorskip("transformers")
-    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(n_layer=2, n_head=2, n_embd=16, vocab_size=32,
-                                                                 n_positions=16, bos_token_id=0, eos_token_id=0))
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(
+            n_layer=2, n_head=2, n_embd=16, vocab_size=32, n_positions=16, bos_token_id=0, eos_token_id=0
+        )
+    )
     probe = ActivationRmsProbe()
     probe.attach(model)
     model(torch.randint(0, 32, (1, 8)))

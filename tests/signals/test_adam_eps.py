@@ -12,8 +12,16 @@ from keel.signals.adam_eps import AdamEpsProbe, adam_update_stats
 
 def ctx(model, opt, step=0):
     named = list(model.named_parameters())
-    return StepContext(step=step, loss=torch.zeros(()), model=model, optimizer=opt, names=tuple(n for n, _ in named),
-                       params=[p for _, p in named], grads=[p.grad for _, p in named], log_step=True)
+    return StepContext(
+        step=step,
+        loss=torch.zeros(()),
+        model=model,
+        optimizer=opt,
+        names=tuple(n for n, _ in named),
+        params=[p for _, p in named],
+        grads=[p.grad for _, p in named],
+        log_step=True,
+    )
 
 
 def test_update_matches_what_adam_applies_next():
@@ -96,8 +104,16 @@ def _measure(model, opt):
     from keel.signals import StepContext
 
     named = list(model.named_parameters())
-    ctx = StepContext(step=0, loss=torch.zeros(()), model=model, optimizer=opt, names=tuple(n for n, _ in named),
-                      params=[p for _, p in named], grads=[p.grad for _, p in named], log_step=True)
+    ctx = StepContext(
+        step=0,
+        loss=torch.zeros(()),
+        model=model,
+        optimizer=opt,
+        names=tuple(n for n, _ in named),
+        params=[p for _, p in named],
+        grads=[p.grad for _, p in named],
+        log_step=True,
+    )
     return AdamEpsProbe(every=1).measure(ctx)
 
 

@@ -25,9 +25,19 @@ B, T, PAD = 2, 10, 4  # sequence 1 is left-padded by PAD tokens: its first PAD q
 
 
 def _gpt2(impl: str) -> torch.nn.Module:
-    config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32,
-                                     attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0,
-                                     eos_token_id=0, attn_implementation=impl)
+    config = transformers.GPT2Config(
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        vocab_size=64,
+        n_positions=32,
+        attn_pdrop=0.0,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        bos_token_id=0,
+        eos_token_id=0,
+        attn_implementation=impl,
+    )
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(config)
     with torch.no_grad():  # larger q/k weights: logits of a few units, attention far from uniform
@@ -37,9 +47,16 @@ def _gpt2(impl: str) -> torch.nn.Module:
 
 
 def _llama(impl: str) -> torch.nn.Module:
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                      num_attention_heads=4, num_key_value_heads=2, vocab_size=64,
-                                      max_position_embeddings=64, attn_implementation=impl)  # GQA: 2 kv heads
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        max_position_embeddings=64,
+        attn_implementation=impl,
+    )  # GQA: 2 kv heads
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(config)
     with torch.no_grad():
@@ -125,8 +142,11 @@ def test_hugging_face_probes_match_explicit_float64_attention(kind, impl):
     for i, z in enumerate(refs):
         top, per_head = ref_stats(z.numpy())
         assert layers[i] == pytest.approx(top, rel=1e-5)
-        got = [v for name, v in heads.items() if name.split("/")[0].endswith(f".{i}.attn")
-               or name.split("/")[0].endswith(f".{i}.self_attn")]
+        got = [
+            v
+            for name, v in heads.items()
+            if name.split("/")[0].endswith(f".{i}.attn") or name.split("/")[0].endswith(f".{i}.self_attn")
+        ]
         assert len(got) == len(per_head)
         assert got == pytest.approx(per_head.tolist(), rel=1e-4)
     # the padded queries' rows are fully masked, and were left out: counted as the uniform rows an eager

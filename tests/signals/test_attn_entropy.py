@@ -22,8 +22,9 @@ from tests.signals.attention_models import (
 from tests.signals.test_attn_logits import causal_logits
 
 
-@pytest.mark.parametrize("dtype,rtol", [(torch.float64, 1e-6), (torch.float32, 1e-5), (torch.bfloat16, 1e-5),
-                                        (torch.float16, 1e-5)])
+@pytest.mark.parametrize(
+    "dtype,rtol", [(torch.float64, 1e-6), (torch.float32, 1e-5), (torch.bfloat16, 1e-5), (torch.float16, 1e-5)]
+)
 def test_entropy_matches_float64_reference(dtype, rtol):
     z = causal_logits().to(dtype)
     _, expected = ref_stats(z.double().numpy())  # reference on the rounded logits: entropy is computed in fp32
@@ -130,12 +131,29 @@ def hf_model(kind: str, impl: str):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
     if kind == "gpt2":
-        config = transformers.GPT2Config(n_layer=2, n_head=2, n_embd=32, vocab_size=64, n_positions=32,
-                                         attn_pdrop=0.0, resid_pdrop=0.0, embd_pdrop=0.0, bos_token_id=0,
-                                         eos_token_id=0, attn_implementation=impl)
+        config = transformers.GPT2Config(
+            n_layer=2,
+            n_head=2,
+            n_embd=32,
+            vocab_size=64,
+            n_positions=32,
+            attn_pdrop=0.0,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            bos_token_id=0,
+            eos_token_id=0,
+            attn_implementation=impl,
+        )
         return transformers.GPT2LMHeadModel(config)
-    config = transformers.LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                                      num_key_value_heads=2, vocab_size=64, attn_implementation=impl)  # GQA
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=64,
+        attn_implementation=impl,
+    )  # GQA
     return transformers.LlamaForCausalLM(config)
 
 
@@ -153,8 +171,10 @@ def test_hugging_face_eager_and_sdpa_match_the_models_attention_maps(kind):
         out = model(idx, output_attentions=impl == "eager")
         results[impl] = (ent.read()["attn/entropy/"].values, top.read()["attn/max_logit/"].values)
         if impl == "eager":  # the model's own probabilities are the reference
-            expected = [float((-torch.special.xlogy(p.detach().double(), p.detach().double()).sum(-1)).mean())
-                        for p in out.attentions]
+            expected = [
+                float((-torch.special.xlogy(p.detach().double(), p.detach().double()).sum(-1)).mean())
+                for p in out.attentions
+            ]
             np.testing.assert_allclose(results[impl][0].numpy(), expected, rtol=1e-5)
         ent.detach()
         top.detach()

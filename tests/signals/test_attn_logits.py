@@ -85,8 +85,14 @@ def test_sdpa_logits_reproduce_torch_kernel(case):
         k, v = k[:, :2], v[:, :2]
         kwargs["enable_gqa"] = True
     expected = F.scaled_dot_product_attention(q, k, v, **kwargs)
-    logits = sdpa_logits(q, k, kwargs.get("attn_mask"), is_causal=kwargs.get("is_causal", False),
-                         scale=kwargs.get("scale"), enable_gqa=kwargs.get("enable_gqa", False))
+    logits = sdpa_logits(
+        q,
+        k,
+        kwargs.get("attn_mask"),
+        is_causal=kwargs.get("is_causal", False),
+        scale=kwargs.get("scale"),
+        enable_gqa=kwargs.get("enable_gqa", False),
+    )
     v_full = v.repeat_interleave(2, dim=1) if case == "gqa" else v
     torch.testing.assert_close(logits.softmax(-1) @ v_full, expected, rtol=1e-5, atol=1e-5)
 
@@ -259,8 +265,16 @@ def test_config_validation_names_field_value_and_allowed():
 def _ctx(step: int):
     from keel.signals import StepContext
 
-    return StepContext(step=step, loss=torch.zeros(()), model=nn.Linear(1, 1), optimizer=None,  # type: ignore[arg-type]
-                       names=(), params=[], grads=[], log_step=False)
+    return StepContext(
+        step=step,
+        loss=torch.zeros(()),
+        model=nn.Linear(1, 1),
+        optimizer=None,  # type: ignore[arg-type]
+        names=(),
+        params=[],
+        grads=[],
+        log_step=False,
+    )
 
 
 def test_reference_helper_is_itself_right():

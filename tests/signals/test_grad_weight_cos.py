@@ -18,8 +18,9 @@ def test_matches_float64(dtype):
     params = [torch.randn(5, 3, generator=g).to(dtype), torch.randn(4, generator=g).to(dtype)]
     gd, wd = [t.double().numpy().ravel() for t in grads], [t.double().numpy().ravel() for t in params]
     per = [a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) for a, b in zip(gd, wd, strict=True)]
-    total = (sum(a @ b for a, b in zip(gd, wd, strict=True))
-             / (np.linalg.norm(np.concatenate(gd)) * np.linalg.norm(np.concatenate(wd))))
+    total = sum(a @ b for a, b in zip(gd, wd, strict=True)) / (
+        np.linalg.norm(np.concatenate(gd)) * np.linalg.norm(np.concatenate(wd))
+    )
     got_total, got_per = grad_weight_cosines(grads, params)
     rtol = 1e-5 if dtype in (torch.float32, torch.float64) else 2e-2
     assert float(got_total) == pytest.approx(total, rel=rtol)

@@ -44,8 +44,12 @@ def test_log_partition_masked_and_nan():
 def test_softmax_collapse_depends_on_the_working_precision():
     # a gap of 12 leaves Σ exp = 1 + 2·6.1e-6: above float32's half-ulp of 1 (6e-8), below float16's (4.9e-4)
     z = torch.tensor([[0.0, -12.0, -12.0], [0.0, -1.0, -2.0], [0.0, -200.0, -300.0]])
-    expected = {torch.float64: [False, False, True], torch.float32: [False, False, True],
-                torch.bfloat16: [True, False, True], torch.float16: [True, False, True]}
+    expected = {
+        torch.float64: [False, False, True],
+        torch.float32: [False, False, True],
+        torch.bfloat16: [True, False, True],
+        torch.float16: [True, False, True],
+    }
     for dtype, want in expected.items():
         collapsed, s = softmax_collapse_mask(z, dtype)
         ref = np.exp(z.to(dtype).double().numpy() - 0.0)  # reference sum in float64 of the rounded logits
@@ -202,8 +206,11 @@ def test_multi_output_regressor_and_sigmoid_multi_label_head_emit_nothing(task):
     x = torch.randn(16, 4)
     scale = torch.tensor([30.0, 1.0, 10.0])
     y = torch.randn(16, 3) * scale if task == "regression" else (torch.rand(16, 3) > 0.7).float()
-    loss = (lambda out: F.mse_loss(out, y)) if task == "regression" else (
-        lambda out: F.binary_cross_entropy_with_logits(out, y))
+    loss = (
+        (lambda out: F.mse_loss(out, y))
+        if task == "regression"
+        else (lambda out: F.binary_cross_entropy_with_logits(out, y))
+    )
     for _ in range(4):
         _step(model, x, loss)
         assert probe.read() == {}

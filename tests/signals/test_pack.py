@@ -16,8 +16,9 @@ def test_round_trip_keeps_keys_values_and_groups():
 
 
 def test_extremes_survive_the_wire():
-    (values, _), = unpack(pack({"big": torch.tensor(3.0e38), "nan": torch.tensor(float("nan")),
-                               "inf": torch.tensor(float("-inf"))}))
+    ((values, _),) = unpack(
+        pack({"big": torch.tensor(3.0e38), "nan": torch.tensor(float("nan")), "inf": torch.tensor(float("-inf"))})
+    )
     assert values["big"] == torch.tensor(3.0e38).item()
     assert math.isnan(values["nan"]) and values["inf"] == float("-inf")
 

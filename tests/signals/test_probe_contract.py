@@ -11,9 +11,11 @@ from tests.conftest import TinyNet, make_batches
 
 
 def _state(model, opt):
-    return ([p.detach().clone() for p in model.parameters()],
-            [p.grad.clone() for p in model.parameters()],
-            copy.deepcopy(opt.state_dict()))
+    return (
+        [p.detach().clone() for p in model.parameters()],
+        [p.grad.clone() for p in model.parameters()],
+        copy.deepcopy(opt.state_dict()),
+    )
 
 
 @pytest.mark.parametrize("name", list_probes())
@@ -33,8 +35,16 @@ def test_probe_leaves_params_grads_and_optimizer_state_bit_identical(name):
     if hasattr(probe, "attach"):
         probe.attach(model)
     named = list(model.named_parameters())
-    ctx = StepContext(step=0, loss=loss.detach(), model=model, optimizer=opt, names=tuple(n for n, _ in named),
-                      params=[p for _, p in named], grads=[p.grad for _, p in named], log_step=True)
+    ctx = StepContext(
+        step=0,
+        loss=loss.detach(),
+        model=model,
+        optimizer=opt,
+        names=tuple(n for n, _ in named),
+        params=[p for _, p in named],
+        grads=[p.grad for _, p in named],
+        log_step=True,
+    )
     out = probe.measure(ctx)
     out.update(probe.after_step(ctx))
     after = _state(model, opt)
@@ -50,6 +60,7 @@ def test_probe_leaves_params_grads_and_optimizer_state_bit_identical(name):
 
 def test_default_probe_keys_reach_the_store(tmp_path):
     from keel.store import RunReader
+
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

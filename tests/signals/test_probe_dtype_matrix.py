@@ -58,8 +58,11 @@ def measure(name: str, dtype: torch.dtype) -> tuple[dict[str, float], list]:
 
     # SPAM: an Adam-family optimizer (adam_eps reads its moments) that works in every dtype, float16 included
     optimizer = SPAM(model.parameters(), lr=1e-3, grace_steps=1)
-    probe = (SharpnessProbe(lambda: loss_of(tokens), every=1, iters=5, trace_probes=2) if name == "sharpness"
-             else create_probe(name))
+    probe = (
+        SharpnessProbe(lambda: loss_of(tokens), every=1, iters=5, trace_probes=2)
+        if name == "sharpness"
+        else create_probe(name)
+    )
     for field in ("every", "fused_every"):  # measure at every step
         if hasattr(getattr(probe, "config", None), field):
             setattr(probe.config, field, 1)
@@ -99,8 +102,11 @@ def test_probe_measures_every_dtype(name: str, dtype: torch.dtype) -> None:
     if dtype == torch.float64:  # abs_tol: a fraction of elements (eps_dominated) moves by whole elements
         off = {k: (v, ref[k]) for k, v in got.items() if not math.isclose(v, ref[k], rel_tol=1e-3, abs_tol=1e-3)}
     else:  # bf16/fp16 weights, activations and gradients: loose
-        off = {k: (v, ref[k]) for k, v in got.items() if not math.isclose(v, ref[k], rel_tol=0.25, abs_tol=0.05)
-               and not _preconditioned(k, v, ref[k])}
+        off = {
+            k: (v, ref[k])
+            for k, v in got.items()
+            if not math.isclose(v, ref[k], rel_tol=0.25, abs_tol=0.05) and not _preconditioned(k, v, ref[k])
+        }
     assert off == {}
 
 

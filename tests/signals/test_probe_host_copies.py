@@ -41,8 +41,11 @@ def _two_steps(name: str | None) -> tuple[list[str], list[str]]:
     model = create_proxy_model("tiny", seq_len=16).to("meta")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for p in model.parameters():
-        optimizer.state[p] = {"step": torch.tensor(3.0), "exp_avg": torch.zeros_like(p),
-                              "exp_avg_sq": torch.zeros_like(p)}
+        optimizer.state[p] = {
+            "step": torch.tensor(3.0),
+            "exp_avg": torch.zeros_like(p),
+            "exp_avg_sq": torch.zeros_like(p),
+        }
     probe = None
     if name is not None:
         # named head: trusted, so the one-time gradient check (a host read, documented) is not needed
@@ -58,9 +61,16 @@ def _two_steps(name: str | None) -> tuple[list[str], list[str]]:
         loss = F.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
         loss.backward()
         named = list(model.named_parameters())
-        ctx = StepContext(step=0, loss=loss.detach(), model=model, optimizer=optimizer,
-                          names=tuple(n for n, _ in named), params=[p for _, p in named],
-                          grads=[p.grad for _, p in named], log_step=True)
+        ctx = StepContext(
+            step=0,
+            loss=loss.detach(),
+            model=model,
+            optimizer=optimizer,
+            names=tuple(n for n, _ in named),
+            params=[p for _, p in named],
+            grads=[p.grad for _, p in named],
+            log_step=True,
+        )
         for _ in range(2):  # the second round sees what the first after-step kept (update ratios)
             if probe is not None:
                 keys += [*probe.measure(ctx), *probe.after_step(ctx)]

@@ -40,8 +40,16 @@ def explicit_hessian(model, x, y) -> np.ndarray:
 
 def ctx(model, opt, step=0):
     named = list(model.named_parameters())
-    return StepContext(step=step, loss=torch.zeros(()), model=model, optimizer=opt, names=tuple(n for n, _ in named),
-                       params=[p for _, p in named], grads=[p.grad for _, p in named], log_step=False)
+    return StepContext(
+        step=step,
+        loss=torch.zeros(()),
+        model=model,
+        optimizer=opt,
+        names=tuple(n for n, _ in named),
+        params=[p for _, p in named],
+        grads=[p.grad for _, p in named],
+        log_step=False,
+    )
 
 
 def test_operators_on_explicit_matrices():
@@ -51,8 +59,9 @@ def test_operators_on_explicit_matrices():
     g = torch.Generator().manual_seed(0)
     eig = np.linalg.eigvalsh(a.numpy())
     top = eig[np.argmax(np.abs(eig))]
-    assert float(top_eigenvalue(lambda v: [a.float() @ v[0]], [torch.zeros(6)], iters=300, generator=g)) == \
-        pytest.approx(top, rel=1e-3)
+    assert float(
+        top_eigenvalue(lambda v: [a.float() @ v[0]], [torch.zeros(6)], iters=300, generator=g)
+    ) == pytest.approx(top, rel=1e-3)
     estimate = float(hutchinson_trace(lambda v: [a.float() @ v[0]], [torch.zeros(6)], probes=4000, generator=g))
     assert estimate == pytest.approx(float(np.trace(a.numpy())), abs=0.15 * np.abs(a.numpy()).sum() ** 0.5)
 
@@ -152,21 +161,24 @@ def test_low_precision_model_matches_the_float64_hessian_of_its_rounded_weights(
 def test_margin_with_per_group_learning_rates_weights_the_hessian_by_each_groups_lr(lrs):
     # the margin used group 0's LR only: with group 0 at LR 0 it said 0 however fast the other group went
     model, x, y = tiny_problem()
-    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": lrs[0]},
-                           {"params": model[2].parameters(), "lr": lrs[1]}])
+    opt = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": lrs[0]}, {"params": model[2].parameters(), "lr": lrs[1]}]
+    )
     out = SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=300, trace_probes=0).measure(ctx(model, opt))
     sizes = [p.numel() for p in model.parameters()]
     d = np.concatenate([np.full(n, lr) for n, lr in zip(sizes, [lrs[0]] * 2 + [lrs[1]] * 2, strict=True)])
     weighted = np.sqrt(d)[:, None] * explicit_hessian(model, x, y) * np.sqrt(d)[None, :]  # D^½ H D^½
     assert float(out["curvature/margin"]) == pytest.approx(np.linalg.eigvalsh(weighted).max() / 2, rel=1e-3)
-    assert float(out["curvature/sharpness"]) == pytest.approx(np.linalg.eigvalsh(explicit_hessian(model, x, y)).max(),
-                                                             rel=1e-3)
+    assert float(out["curvature/sharpness"]) == pytest.approx(
+        np.linalg.eigvalsh(explicit_hessian(model, x, y)).max(), rel=1e-3
+    )
 
 
 def test_lr_jump_of_any_group_triggers_a_measurement():
     model, x, y = tiny_problem()
-    opt = torch.optim.SGD([{"params": model[0].parameters(), "lr": 0.01},
-                           {"params": model[2].parameters(), "lr": 0.01}])
+    opt = torch.optim.SGD(
+        [{"params": model[0].parameters(), "lr": 0.01}, {"params": model[2].parameters(), "lr": 0.01}]
+    )
     probe = SharpnessProbe(lambda: F.mse_loss(model(x), y), every=10, iters=2, trace_probes=0)
     seen = []
     for step in range(4):

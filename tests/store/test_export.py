@@ -31,8 +31,9 @@ def run_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-    with Guard(model, opt, policy="skip", run_dir=str(path), log_every=10, probes="full", config={"lr": 1e-2},
-               seed=0) as guard:
+    with Guard(
+        model, opt, policy="skip", run_dir=str(path), log_every=10, probes="full", config={"lr": 1e-2}, seed=0
+    ) as guard:
         for step, (x, y) in enumerate(make_batches(STEPS)):
             loss = F.mse_loss(model(x), y)
             loss.backward()
@@ -89,8 +90,9 @@ def test_csv_round_trips(run_dir, tmp_path):
     assert [(int(r["step"]), r["kind"], r["cause"]) for r in found] == [(f.step, f.kind, f.cause) for f in findings]
     assert json.loads(found[0]["evidence"]) == json.loads(json.dumps(findings[0].evidence))
     with (tmp_path / "decisions.csv").open() as f:
-        assert [(int(r["step"]), r["action"], r["reason"]) for r in csv.DictReader(f)] == \
-            [(d.step, d.action, d.reason) for d in decisions]
+        assert [(int(r["step"]), r["action"], r["reason"]) for r in csv.DictReader(f)] == [
+            (d.step, d.action, d.reason) for d in decisions
+        ]
     assert json.loads((tmp_path / "meta.json").read_text())["config"] == meta["config"]
 
 
@@ -108,8 +110,14 @@ def test_jsonl_round_trips_and_keys_select(run_dir, tmp_path):
     assert [(x["step"], x["kind"], x["severity"]) for x in lines] == [(f.step, f.kind, f.severity) for f in findings]
     export_run(run_dir, "jsonl", tmp_path / "some", keys=["loss", "grad/norm/*"])
     first = json.loads((tmp_path / "some" / "signals.jsonl").read_text().splitlines()[0])
-    assert set(first) == {"step", "loss", "grad/norm/fc1.weight", "grad/norm/fc1.bias", "grad/norm/fc2.weight",
-                          "grad/norm/fc2.bias"}
+    assert set(first) == {
+        "step",
+        "loss",
+        "grad/norm/fc1.weight",
+        "grad/norm/fc1.bias",
+        "grad/norm/fc2.weight",
+        "grad/norm/fc2.bias",
+    }
 
 
 def test_tensorboard_round_trips(run_dir, tmp_path):
@@ -123,12 +131,16 @@ def test_tensorboard_round_trips(run_dir, tmp_path):
     exported = {tag: {e.step: e.value for e in acc.Scalars(tag)} for tag in acc.Tags()["scalars"]}
     signals, findings, decisions, _ = store_contents(run_dir)
     assert_signals_match(exported, signals, rel=1e-6)  # TensorBoard scalars are float32
-    text = {tag: [(e.step, json.loads(e.tensor_proto.string_val[0])) for e in acc.Tensors(tag)]
-            for tag in acc.Tags()["tensors"]}
-    assert [(s, r["kind"]) for s, records in text["keel/findings"] for r in records] == \
-        [(f.step, f.kind) for f in findings]
-    assert [(s, r["action"]) for s, records in text["keel/decisions"] for r in records] == \
-        [(d.step, d.action) for d in decisions]
+    text = {
+        tag: [(e.step, json.loads(e.tensor_proto.string_val[0])) for e in acc.Tensors(tag)]
+        for tag in acc.Tags()["tensors"]
+    }
+    assert [(s, r["kind"]) for s, records in text["keel/findings"] for r in records] == [
+        (f.step, f.kind) for f in findings
+    ]
+    assert [(s, r["action"]) for s, records in text["keel/decisions"] for r in records] == [
+        (d.step, d.action) for d in decisions
+    ]
 
 
 def test_wandb_offline_round_trips(run_dir, tmp_path):
@@ -188,13 +200,16 @@ def test_mlflow_default_sqlite_store(run_dir, tmp_path):
     client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path.resolve()}/mlflow.db")
     [run] = client.search_runs([client.get_experiment_by_name("keel").experiment_id])
     signals, *_ = store_contents(run_dir, ["loss"])
-    assert_signals_match({"loss": {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}},
-                         signals)
+    assert_signals_match(
+        {"loss": {m.step: m.value for m in client.get_metric_history(run.info.run_id, "loss")}}, signals
+    )
 
 
 def test_keel_export_cli(run_dir, tmp_path, capsys):
-    assert keel_main(["export", str(run_dir), "--format", "csv", "--out", str(tmp_path), "--keys", "loss,lr",
-                      "--json"]) == 0
+    assert (
+        keel_main(["export", str(run_dir), "--format", "csv", "--out", str(tmp_path), "--keys", "loss,lr", "--json"])
+        == 0
+    )
     paths = json.loads(capsys.readouterr().out)
     assert paths[0].endswith("signals.csv")
     header = (tmp_path / "signals.csv").read_text().splitlines()[0]
@@ -211,9 +226,11 @@ def test_unknown_format_and_missing_run_are_clear(run_dir, tmp_path):
 
 
 def test_exporting_imports_no_torch(run_dir, tmp_path):
-    code = ("import sys; from keel.store.exporters import export_run; import keel.store.exporters.cli; "
-            f"export_run({str(run_dir)!r}, 'csv', {str(tmp_path / 'c')!r}); "
-            f"export_run({str(run_dir)!r}, 'tensorboard', {str(tmp_path / 't')!r}); print('torch' in sys.modules)")
+    code = (
+        "import sys; from keel.store.exporters import export_run; import keel.store.exporters.cli; "
+        f"export_run({str(run_dir)!r}, 'csv', {str(tmp_path / 'c')!r}); "
+        f"export_run({str(run_dir)!r}, 'tensorboard', {str(tmp_path / 't')!r}); print('torch' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False", out.stderr
 
@@ -224,15 +241,27 @@ def test_csv_export_defuses_spreadsheet_formulas_from_store_text(tmp_path):
 
     run = tmp_path / "crafted"
     writer = RunWriter(run)
-    writer.add_signals(0, {"=HYPERLINK(\"http://x\")": 1.0, "loss": -2.5})
-    writer.add_findings([Finding(step=0, kind="loss_spike", severity="warning", signal="loss", value=-1.5,
-                                 cause="=cmd|' /C calc'!A0", remedy="@SUM(A1)", evidence={"x": 1})])
+    writer.add_signals(0, {'=HYPERLINK("http://x")': 1.0, "loss": -2.5})
+    writer.add_findings(
+        [
+            Finding(
+                step=0,
+                kind="loss_spike",
+                severity="warning",
+                signal="loss",
+                value=-1.5,
+                cause="=cmd|' /C calc'!A0",
+                remedy="@SUM(A1)",
+                evidence={"x": 1},
+            )
+        ]
+    )
     writer.set_meta({"status": "finished"})
     writer.close()
     export_run(run, "csv", tmp_path / "out")
     with (tmp_path / "out" / "signals.csv").open() as f:
         rows = list(csv.reader(f))
-    assert rows[0] == ["step", "'=HYPERLINK(\"http://x\")", "loss"] and rows[1] == ["0", "1.0", "-2.5"]
+    assert rows[0] == ["step", '\'=HYPERLINK("http://x")', "loss"] and rows[1] == ["0", "1.0", "-2.5"]
     with (tmp_path / "out" / "findings.csv").open() as f:
         [found] = list(csv.DictReader(f))
     assert found["cause"] == "'=cmd|' /C calc'!A0" and found["remedy"] == "'@SUM(A1)"

@@ -11,8 +11,17 @@ from keel.store import RunReader, RunWriter
 
 
 def test_round_trip(tmp_path):
-    finding = Finding(step=3, kind="loss_spike", severity="critical", signal="loss", value=9.0, baseline=2.0,
-                      evidence={"z": 40.0, "parameters": ["a"]}, cause="c", remedy="r")
+    finding = Finding(
+        step=3,
+        kind="loss_spike",
+        severity="critical",
+        signal="loss",
+        value=9.0,
+        baseline=2.0,
+        evidence={"z": 40.0, "parameters": ["a"]},
+        cause="c",
+        remedy="r",
+    )
     with RunWriter(tmp_path) as w:
         w.set_meta({"seed": 1, "config": {"lr": 0.1}})
         for step in range(5):
@@ -49,8 +58,10 @@ def test_missing_store_names_the_path(tmp_path):
 def test_reader_does_not_import_torch(tmp_path):
     with RunWriter(tmp_path) as w:
         w.add_signals(0, {"loss": 1.0})
-    code = ("import sys; from keel.store import RunReader; r = RunReader(sys.argv[1]); "
-            "assert r.signal('loss')[1].tolist() == [1.0]; assert 'torch' not in sys.modules; print('ok')")
+    code = (
+        "import sys; from keel.store import RunReader; r = RunReader(sys.argv[1]); "
+        "assert r.signal('loss')[1].tolist() == [1.0]; assert 'torch' not in sys.modules; print('ok')"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
 

@@ -16,17 +16,21 @@ from tests._core.source_literals import string_literals
 SRC = Path(keel.__file__).parent
 # folder names a person might give a run or a sweep; none ends in the store suffix
 FOLDER_PART = st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789_-. ", min_size=1, max_size=12).filter(
-    lambda s: s.strip(" .") == s and not s.endswith(STORE_SUFFIX) and s not in (".", ".."))
+    lambda s: s.strip(" .") == s and not s.endswith(STORE_SUFFIX) and s not in (".", "..")
+)
 
 
-@pytest.mark.parametrize(("given_path", "folder"), [
-    ("runs/a", "runs/a"),
-    ("runs/a/run.sqlite", "runs/a"),
-    ("sweeps/s/sweep.sqlite", "sweeps/s"),
-    ("exported.sqlite", "."),           # any .sqlite file is a store; its folder is where it lies
-    ("runs/a.sqlite.d", "runs/a.sqlite.d"),
-    ("runs/run.sqlite.bak", "runs/run.sqlite.bak"),
-])
+@pytest.mark.parametrize(
+    ("given_path", "folder"),
+    [
+        ("runs/a", "runs/a"),
+        ("runs/a/run.sqlite", "runs/a"),
+        ("sweeps/s/sweep.sqlite", "sweeps/s"),
+        ("exported.sqlite", "."),  # any .sqlite file is a store; its folder is where it lies
+        ("runs/a.sqlite.d", "runs/a.sqlite.d"),
+        ("runs/run.sqlite.bak", "runs/run.sqlite.bak"),
+    ],
+)
 def test_store_folder_is_the_folder_a_store_lies_in(given_path: str, folder: str) -> None:
     assert store_folder(given_path) == Path(folder)
 
@@ -47,6 +51,10 @@ def test_store_folder_undoes_store_path_and_sweep_store_path(parts: list[str]) -
 
 
 def test_the_report_spells_no_store_file_name() -> None:
-    spelled = [f"{path.relative_to(SRC)}:{line} {value!r}" for path in sorted((SRC / "report").rglob("*.py"))
-               for line, value in string_literals(path.read_text(), str(path)) if value.endswith(STORE_SUFFIX)]
+    spelled = [
+        f"{path.relative_to(SRC)}:{line} {value!r}"
+        for path in sorted((SRC / "report").rglob("*.py"))
+        for line, value in string_literals(path.read_text(), str(path))
+        if value.endswith(STORE_SUFFIX)
+    ]
     assert spelled == [], "import STORE_NAME, SWEEP_STORE_NAME, STORE_SUFFIX or store_folder from keel.store"

@@ -17,10 +17,25 @@ from keel.store import RunReader, RunWriter, StoreError
 COLUMNS = {
     "meta": {"key": "text", "value": "text"},
     "signals": {"step": "int", "key": "text", "value": "real?"},
-    "findings": {"step": "int", "kind": "text", "severity": "text", "signal": "text", "value": "real?",
-                 "baseline": "real?", "evidence": "text", "cause": "text", "remedy": "text"},
-    "decisions": {"step": "int", "action": "text", "reason": "text", "actor": "text", "onset": "int?",
-                  "restored_step": "int?"},
+    "findings": {
+        "step": "int",
+        "kind": "text",
+        "severity": "text",
+        "signal": "text",
+        "value": "real?",
+        "baseline": "real?",
+        "evidence": "text",
+        "cause": "text",
+        "remedy": "text",
+    },
+    "decisions": {
+        "step": "int",
+        "action": "text",
+        "reason": "text",
+        "actor": "text",
+        "onset": "int?",
+        "restored_step": "int?",
+    },
     "snapshots": {"step": "int", "path": "text", "checksum": "text", "created": "real"},
 }
 GOOD = {
@@ -49,8 +64,13 @@ def crafted_store(path, rows: dict[str, list[tuple]]):
 
 
 def read_all(reader: RunReader) -> dict:
-    return {"meta": reader.meta(), "signals": {k: reader.signal(k) for k in reader.signal_keys()},
-            "findings": reader.findings(), "decisions": reader.decisions(), "snapshots": reader.snapshots()}
+    return {
+        "meta": reader.meta(),
+        "signals": {k: reader.signal(k) for k in reader.signal_keys()},
+        "findings": reader.findings(),
+        "decisions": reader.decisions(),
+        "snapshots": reader.snapshots(),
+    }
 
 
 def _bad_cells():
@@ -81,15 +101,21 @@ def test_a_value_of_the_wrong_type_in_any_column_leaves_out_its_row_and_is_count
     assert f"{column} is " in problems[0]
 
 
-@pytest.mark.parametrize(("table", "row", "reason"), [
-    ("meta", ("bad", "{not json"), "is not JSON"),
-    ("meta", ("deep", "[" * 100_000 + "]" * 100_000), "nested too deeply"),
-    ("findings", (2, "k", "critical", "loss", 1.0, 1.0, "[1, 2]", "c", "r"), "not a JSON object"),
-    ("findings", (2, "k", "critical", "loss", 1.0, 1.0, "{oops", "c", "r"), "evidence is not JSON"),
-    ("findings", (2, "k", "critical'><img src=x>", "loss", 1.0, 1.0, "{}", "c", "r"),
-     "severity is \"critical'><img"),
-    ("decisions", (2, "<script>", "r", "keel", None, None), "action is '<script>'"),
-])
+@pytest.mark.parametrize(
+    ("table", "row", "reason"),
+    [
+        ("meta", ("bad", "{not json"), "is not JSON"),
+        ("meta", ("deep", "[" * 100_000 + "]" * 100_000), "nested too deeply"),
+        ("findings", (2, "k", "critical", "loss", 1.0, 1.0, "[1, 2]", "c", "r"), "not a JSON object"),
+        ("findings", (2, "k", "critical", "loss", 1.0, 1.0, "{oops", "c", "r"), "evidence is not JSON"),
+        (
+            "findings",
+            (2, "k", "critical'><img src=x>", "loss", 1.0, 1.0, "{}", "c", "r"),
+            "severity is \"critical'><img",
+        ),
+        ("decisions", (2, "<script>", "r", "keel", None, None), "action is '<script>'"),
+    ],
+)
 def test_values_of_the_right_type_but_not_allowed_are_left_out_and_counted(tmp_path, table, row, reason):
     crafted_store(tmp_path, {table: [row]})
     with RunReader(tmp_path) as reader:
@@ -102,8 +128,9 @@ def test_a_signal_key_that_is_not_text_leaves_out_its_rows(tmp_path):
     crafted_store(tmp_path, {"signals": [(1, b"<blob key>", 1.0), (2, b"<blob key>", 1.0), (1, 5, 1.0)]})
     with RunReader(tmp_path) as reader:
         assert reader.signal_keys() == ["loss"]
-        assert reader.problems == ["signals: 3 row(s) of the wrong type left out (first: key is 5 (integer); "
-                                   "allowed: text)"]
+        assert reader.problems == [
+            "signals: 3 row(s) of the wrong type left out (first: key is 5 (integer); allowed: text)"
+        ]
 
 
 def test_negative_huge_and_infinite_values_of_the_right_type_are_kept(tmp_path):
@@ -130,8 +157,10 @@ def test_a_missing_table_or_required_column_is_one_store_error_naming_it(tmp_pat
         assert reader.meta() == {}
         with pytest.raises(StoreError, match="has no table 'signals'"):
             reader.signal_keys()
-        with pytest.raises(StoreError, match="table 'findings' of this run store lacks the column.s. severity, "
-                                             "signal, evidence, cause, remedy"):
+        with pytest.raises(
+            StoreError,
+            match="table 'findings' of this run store lacks the column.s. severity, signal, evidence, cause, remedy",
+        ):
             reader.findings()
     with pytest.raises(sqlite3.OperationalError):  # what callers that handle a broken store already catch
         RunReader(tmp_path).decisions()
@@ -150,14 +179,22 @@ def test_a_store_from_before_rollbacks_had_onset_columns_reads_them_as_none(tmp_
         assert reader.decisions() == [Decision(step=3, action="skip", reason="spike")]
 
 
-SQL_VALUES = st.one_of(st.none(), st.integers(-(2**63), 2**63 - 1), st.floats(allow_nan=False),
-                       st.text(max_size=30), st.binary(max_size=10),
-                       st.sampled_from(['{"a": 1}', "[]", "critical", "skip", "loss", '"x"', "NaN"]))
+SQL_VALUES = st.one_of(
+    st.none(),
+    st.integers(-(2**63), 2**63 - 1),
+    st.floats(allow_nan=False),
+    st.text(max_size=30),
+    st.binary(max_size=10),
+    st.sampled_from(['{"a": 1}', "[]", "critical", "skip", "loss", '"x"', "NaN"]),
+)
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows=st.fixed_dictionaries({table: st.lists(st.tuples(*[SQL_VALUES] * len(columns)), max_size=4)
-                                   for table, columns in COLUMNS.items()}))
+@given(
+    rows=st.fixed_dictionaries(
+        {table: st.lists(st.tuples(*[SQL_VALUES] * len(columns)), max_size=4) for table, columns in COLUMNS.items()}
+    )
+)
 def test_any_sqlite_values_in_any_column_read_back_typed_or_left_out_never_raise(tmp_path_factory, rows):
     path = crafted_store(tmp_path_factory.mktemp("run"), rows)
     with RunReader(path) as reader:
@@ -176,8 +213,10 @@ def test_any_sqlite_values_in_any_column_read_back_typed_or_left_out_never_raise
     for s in got["snapshots"]:
         assert type(s["step"]) is int and isinstance(s["path"], str) and isinstance(s["checksum"], str)
     dropped = {p.split(":")[0]: int(p.split(": ")[1].split(" ")[0]) for p in problems}
-    kept = {"signals": sum(len(s) for s, _ in got["signals"].values()),
-            **{t: len(got[t]) for t in ("findings", "decisions", "snapshots")}}
+    kept = {
+        "signals": sum(len(s) for s, _ in got["signals"].values()),
+        **{t: len(got[t]) for t in ("findings", "decisions", "snapshots")},
+    }
     for table, n in kept.items():  # every row is either read back or counted as left out
         assert n + dropped.get(table, 0) == 1 + len(rows[table]), table
     assert len(got["meta"]) + dropped.get("meta", 0) <= 1 + len(rows["meta"])  # a repeated key is read once

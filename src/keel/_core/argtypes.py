@@ -151,9 +151,7 @@ def _check_writable(text: str, folder: Path) -> None:
         with tempfile.TemporaryFile(dir=folder):  # O_TMPFILE where supported: no name ever appears
             pass
     except OSError as exc:
-        raise ArgumentValueError(
-            f"{show(text)}: cannot write in {show(str(folder))} ({exc.strerror or exc})"
-        ) from exc
+        raise ArgumentValueError(f"{show(text)}: cannot write in {show(str(folder))} ({exc.strerror or exc})") from exc
 
 
 def device(*choices: str) -> Callable[[str], str]:

@@ -62,8 +62,7 @@ def check_types(config: DataclassInstance) -> None:
     for field in dataclasses.fields(config):
         value = getattr(config, field.name)
         if field.name in hints and _fits(hints[field.name], value) is False:
-            raise ValueError(f"{type(config).__name__}.{field.name}={value!r}; "
-                             f"allowed: {_describe(hints[field.name])}")
+            raise ValueError(f"{type(config).__name__}.{field.name}={value!r}; allowed: {_describe(hints[field.name])}")
 
 
 @functools.cache
@@ -108,4 +107,5 @@ def _describe(annotation: Any) -> str:
     if origin in (tuple, list, collections.abc.Sequence):
         return f"a list of {_describe(args[0])}"
     return {bool: "True or False", int: "an int", float: "a number (not NaN)", str: "a str"}.get(
-        annotation, getattr(annotation, "__name__", str(annotation)))
+        annotation, getattr(annotation, "__name__", str(annotation))
+    )

@@ -65,7 +65,15 @@ def default_detectors() -> list[Detector]:
     ones: attention-logit growth, attention-entropy collapse, output-logit drift, softmax collapse and the
     edge of stability. Each stays silent while its signal is absent (e.g. no sharpness probe, no attention).
     """
-    return [SpikeDetector(signal="loss"), SpikeDetector(signal=keys.GRAD_NORM), DivergenceDetector(),
-            NonFiniteDetector(), NonFiniteOriginDetector(), AttentionLogitGrowthDetector(),
-            AttentionEntropyCollapseDetector(), OutputLogitDriftDetector(), SoftmaxCollapseDetector(),
-            EdgeOfStabilityDetector()]
+    return [
+        SpikeDetector(signal="loss"),
+        SpikeDetector(signal=keys.GRAD_NORM),
+        DivergenceDetector(),
+        NonFiniteDetector(),
+        NonFiniteOriginDetector(),
+        AttentionLogitGrowthDetector(),
+        AttentionEntropyCollapseDetector(),
+        OutputLogitDriftDetector(),
+        SoftmaxCollapseDetector(),
+        EdgeOfStabilityDetector(),
+    ]

@@ -82,8 +82,19 @@ class Stretch:
 
 
 @np.errstate(over="ignore", invalid="ignore", under="ignore")  # float arithmetic: ±inf, NaN, 0
-def prepare(x: np.ndarray, *, config: DivergenceConfig, level: Sequence[float], diffs: Sequence[float], size: int,
-            seen: int, quiet: bool, window_for: Callable[[float], int], noise_every: int, noise: float) -> Chunk:
+def prepare(
+    x: np.ndarray,
+    *,
+    config: DivergenceConfig,
+    level: Sequence[float],
+    diffs: Sequence[float],
+    size: int,
+    seen: int,
+    quiet: bool,
+    window_for: Callable[[float], int],
+    noise_every: int,
+    noise: float,
+) -> Chunk:
     """The `Chunk` of finite values ``x`` from the detector's state (its level window full, its noise known)."""
     m, short = len(x), config.short
     tail = np.asarray(level, dtype=np.float64)
@@ -95,7 +106,7 @@ def prepare(x: np.ndarray, *, config: DivergenceConfig, level: Sequence[float], 
     if len(at):
         spread = np.concatenate([np.asarray(diffs, dtype=np.float64), d])
         if quiet:
-            estimates = rolling_step_noise(spread[first + 1:], len(diffs), every=noise_every)
+            estimates = rolling_step_noise(spread[first + 1 :], len(diffs), every=noise_every)
         else:  # frozen differences: every estimate is the same (not necessarily the noise before the episode)
             estimates = np.full(len(at), rolling_step_noise(spread, len(diffs))[0])
         # the window grows with the noise: when the lowest and the highest estimate keep it, all do
@@ -124,22 +135,42 @@ def prepare(x: np.ndarray, *, config: DivergenceConfig, level: Sequence[float], 
         for s in np.unique(old).tolist():
             rows = moved[old == s]
             previous[rows] = _medians_at(tail, x, s, rows)
-    return Chunk(quiet=quiet, diffs=d, noise=noise_at, size=size_at, resized=resized, medians=medians,
-                 previous=previous, se=se, fast=fast, fast_se=fast_se)
+    return Chunk(
+        quiet=quiet,
+        diffs=d,
+        noise=noise_at,
+        size=size_at,
+        resized=resized,
+        medians=medians,
+        previous=previous,
+        se=se,
+        fast=fast,
+        fast_se=fast_se,
+    )
 
 
 def _medians_at(tail: np.ndarray, x: np.ndarray, size: int, rows: np.ndarray) -> np.ndarray:
     """The median of the ``size`` values ending at each of ``rows`` of ``x`` (earlier ones from ``tail``)."""
-    values = np.concatenate([tail[len(tail) - size + 1:], x])  # window of row r: values[r:r + size]
+    values = np.concatenate([tail[len(tail) - size + 1 :], x])  # window of row r: values[r:r + size]
     first, last = int(rows[0]), int(rows[-1])
     if 2 * len(rows) >= last - first + 1:  # dense: every window of the span (a view), then pick
-        return rolling_median(values[first:last + size], size)[rows - first]
+        return rolling_median(values[first : last + size], size)[rows - first]
     return row_medians(sliding_window_view(values, size)[rows])  # sparse: copy just those windows
 
 
 @np.errstate(over="ignore", invalid="ignore", under="ignore")  # float arithmetic: ±inf, NaN, 0
-def certain_length(chunk: Chunk, start: int, stop: int, *, config: DivergenceConfig, seen: int, best: float,
-                   best_se: float, run: int, reported: str | None) -> Stretch:
+def certain_length(
+    chunk: Chunk,
+    start: int,
+    stop: int,
+    *,
+    config: DivergenceConfig,
+    seen: int,
+    best: float,
+    best_se: float,
+    run: int,
+    reported: str | None,
+) -> Stretch:
     """How many steps of ``chunk[start:stop]`` have a certain outcome from the detector's state, and their effect.
 
     ``seen``, ``best``, ``best_se``, ``run`` and ``reported`` are the detector's, before step ``start``.
@@ -164,19 +195,34 @@ def certain_length(chunk: Chunk, start: int, stop: int, *, config: DivergenceCon
         if hi < m:
             level = moved_best(level, float(chunk.previous[start + hi]), float(medians[hi]))
         lo = hi
-    uncertain, past = _judgements(config, chunk, start, stop, best_at, best_se_at, seen + 1 + np.arange(m), run,
-                                  reported)
+    uncertain, past = _judgements(
+        config, chunk, start, stop, best_at, best_se_at, seen + 1 + np.arange(m), run, reported
+    )
     length = int(np.argmax(uncertain)) if uncertain.any() else m
     if length == 0:
         return Stretch(length=0, best=best, best_se=best_se)
     k = int(last[length - 1])
-    return Stretch(length=length, best=float(best_at[length - 1]), best_se=float(best_se_at[length - 1]),
-                   best_at=start + k if k >= 0 else -1, over=int(np.count_nonzero(past[:length])))
+    return Stretch(
+        length=length,
+        best=float(best_at[length - 1]),
+        best_se=float(best_se_at[length - 1]),
+        best_at=start + k if k >= 0 else -1,
+        over=int(np.count_nonzero(past[:length])),
+    )
 
 
 @np.errstate(over="ignore", invalid="ignore")
-def _judgements(cfg: DivergenceConfig, chunk: Chunk, start: int, stop: int, best: np.ndarray, best_se: np.ndarray,
-                seen_at: np.ndarray, run: int, reported: str | None) -> tuple[np.ndarray, np.ndarray]:
+def _judgements(
+    cfg: DivergenceConfig,
+    chunk: Chunk,
+    start: int,
+    stop: int,
+    best: np.ndarray,
+    best_se: np.ndarray,
+    seen_at: np.ndarray,
+    run: int,
+    reported: str | None,
+) -> tuple[np.ndarray, np.ndarray]:
     """(where ``update``'s judgement of the step is not certain — NaN and ±inf included —, where it extends an
     episode's run)."""
     warn = math.log1p(cfg.warn_excess)

@@ -8,8 +8,17 @@ from keel._core.finding import Finding, Severity
 from keel.detect.causes import cause_for
 
 
-def explained_finding(*, step: int, kind: str, severity: Severity, signal: str, value: float, baseline: float,
-                      evidence: dict[str, Any], text: str) -> Finding:
+def explained_finding(
+    *,
+    step: int,
+    kind: str,
+    severity: Severity,
+    signal: str,
+    value: float,
+    baseline: float,
+    evidence: dict[str, Any],
+    text: str,
+) -> Finding:
     """A `Finding` whose ``text`` (what the detector measured, as sentences) the catalogue entry of ``kind`` explains.
 
     The entry's mechanism follows the text in ``cause``, its top remedies make ``remedy``, and its ranked remedies
@@ -24,8 +33,24 @@ def explained_finding(*, step: int, kind: str, severity: Severity, signal: str, 
     """
     cause = cause_for(kind)
     if cause is None:
-        return Finding(step=step, kind=kind, severity=severity, signal=signal, value=value, baseline=baseline,
-                       evidence=evidence, cause=text)
-    return Finding(step=step, kind=kind, severity=severity, signal=signal, value=value, baseline=baseline,
-                   evidence={**evidence, "remedies": cause.remedy_dicts()}, cause=f"{text} {cause.mechanism}",
-                   remedy=cause.remedy_text())
+        return Finding(
+            step=step,
+            kind=kind,
+            severity=severity,
+            signal=signal,
+            value=value,
+            baseline=baseline,
+            evidence=evidence,
+            cause=text,
+        )
+    return Finding(
+        step=step,
+        kind=kind,
+        severity=severity,
+        signal=signal,
+        value=value,
+        baseline=baseline,
+        evidence={**evidence, "remedies": cause.remedy_dicts()},
+        cause=f"{text} {cause.mechanism}",
+        remedy=cause.remedy_text(),
+    )

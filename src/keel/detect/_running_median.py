@@ -54,7 +54,7 @@ class RunningMedian:
                 self.push(x)
             return
         self.values.extend(xs)
-        self._sorted = sorted(list(self.values)[-self.size:])
+        self._sorted = sorted(list(self.values)[-self.size :])
 
     def resize(self, size: int) -> None:
         if not 1 <= size <= self.capacity:

@@ -34,8 +34,16 @@ HUGE = 1e300  # beyond this, means and differences may overflow: the block is no
 
 
 @np.errstate(over="ignore", invalid="ignore")  # ±inf and NaN bounds are never "quiet" (see the last lines)
-def possible_spikes(window: np.ndarray, values: np.ndarray, *, log: bool, threshold: float, min_excess: float,
-                    scale_floor: float, error: float = 0.0) -> np.ndarray:
+def possible_spikes(
+    window: np.ndarray,
+    values: np.ndarray,
+    *,
+    log: bool,
+    threshold: float,
+    min_excess: float,
+    scale_floor: float,
+    error: float = 0.0,
+) -> np.ndarray:
     """A mask over ``values``: True where the spike detector might flag the value (False: certainly quiet).
 
     Args:
@@ -77,7 +85,7 @@ def possible_spikes(window: np.ndarray, values: np.ndarray, *, log: bool, thresh
         above = ordered[:, hi + block + reach] - high[:, None]
         spread = np.minimum(below[:, extra], above[:, extra])  # i = extra+1 or 0
         if extra:
-            spread = np.minimum(spread, np.maximum(below[:, :extra], above[:, extra - 1::-1]).min(axis=1))
+            spread = np.minimum(spread, np.maximum(below[:, :extra], above[:, extra - 1 :: -1]).min(axis=1))
         scale = MAD_TO_STD * np.maximum(spread - 2 * eta, 0.0) * (1 - SLACK)
     else:
         scale = np.zeros(blocks)

@@ -57,8 +57,10 @@ class EntropyCollapseConfig:
             if not isinstance(value, int) or value < 2:
                 raise ValueError(f"EntropyCollapseConfig.{name}={value!r}; allowed: an int >= 2")
         if not 0 < self.critical_fraction <= self.warn_fraction < 1:
-            raise ValueError(f"EntropyCollapseConfig.warn_fraction={self.warn_fraction!r}, critical_fraction="
-                             f"{self.critical_fraction!r}; allowed: 0 < critical_fraction <= warn_fraction < 1")
+            raise ValueError(
+                f"EntropyCollapseConfig.warn_fraction={self.warn_fraction!r}, critical_fraction="
+                f"{self.critical_fraction!r}; allowed: 0 < critical_fraction <= warn_fraction < 1"
+            )
 
 
 @DETECTORS.register("attention_entropy_collapse")
@@ -108,21 +110,41 @@ class AttentionEntropyCollapseDetector(ReadsOneSignal):
         severity = self._episode.escalate(critical=ratio <= cfg.critical_fraction, warning=falling)
         if severity is None:
             return []
-        evidence: dict[str, Any] = {"entropy": round(x, 5), "baseline": round(base, 5), "fraction": round(ratio, 4),
-                                    "slope_per_step": round(slope, 6) if math.isfinite(slope) else None,
-                                    "onset_step": self._episode.onset}
+        evidence: dict[str, Any] = {
+            "entropy": round(x, 5),
+            "baseline": round(base, 5),
+            "fraction": round(ratio, 4),
+            "slope_per_step": round(slope, 6) if math.isfinite(slope) else None,
+            "onset_step": self._episode.onset,
+        }
         if falling and ratio > cfg.critical_fraction:
             ahead = (ratio - cfg.critical_fraction) * base / -slope
             evidence["steps_to_critical"] = round(ahead, 1)
             evidence["projected_critical_step"] = obs.step + math.ceil(ahead)
-        text = (f"attention entropy fell to {ratio:.1%} of its initial {base:.3g} nats "
-                f"({'still falling' if falling else 'at the floor'}).")
-        return [explained_finding(step=obs.step, kind=KIND, severity=severity, signal=cfg.signal, value=x,
-                                  baseline=base, evidence=evidence, text=text)]
+        text = (
+            f"attention entropy fell to {ratio:.1%} of its initial {base:.3g} nats "
+            f"({'still falling' if falling else 'at the floor'})."
+        )
+        return [
+            explained_finding(
+                step=obs.step,
+                kind=KIND,
+                severity=severity,
+                signal=cfg.signal,
+                value=x,
+                baseline=base,
+                evidence=evidence,
+                text=text,
+            )
+        ]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "early": list(self._early), "trend": self._trend.state_dict(),
-                **self._episode.state_dict()}
+        return {
+            "config": asdict(self.config),
+            "early": list(self._early),
+            "trend": self._trend.state_dict(),
+            **self._episode.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = EntropyCollapseConfig(**state["config"])

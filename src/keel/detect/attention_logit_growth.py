@@ -25,8 +25,16 @@ SIGNAL = keys.ATTN_MAX_LOGIT
 
 def attention_logit_growth_config(**overrides: object) -> GrowthConfig:
     """The default settings, with any `GrowthConfig` field overridden."""
-    base = GrowthConfig(signal=SIGNAL, kind="attention_logit_growth", min_level=5.0, fast_rate=0.35,
-                        high_level=100.0, slow_rate=0.005, critical_level=1000.0, patience=2)
+    base = GrowthConfig(
+        signal=SIGNAL,
+        kind="attention_logit_growth",
+        min_level=5.0,
+        fast_rate=0.35,
+        high_level=100.0,
+        slow_rate=0.005,
+        critical_level=1000.0,
+        patience=2,
+    )
     return replace(base, **overrides)  # type: ignore[arg-type]
 
 

@@ -40,94 +40,165 @@ class Cause:
         return [dict(rank=i, **r.to_dict()) for i, r in enumerate(self.remedies, 1)]
 
 
-WORTSMAN = ("Wortsman et al. 2023, Small-scale proxies for large-scale Transformer training instabilities, "
-            "arXiv 2309.14322")
+WORTSMAN = (
+    "Wortsman et al. 2023, Small-scale proxies for large-scale Transformer training instabilities, arXiv 2309.14322"
+)
 DEHGHANI = "Dehghani et al. 2023, Scaling Vision Transformers to 22B parameters, arXiv 2302.05442"
 ZHAI = "Zhai et al. 2023, Stabilizing Transformer Training by Preventing Attention Entropy Collapse, arXiv 2303.06296"
 PRIETO = "Prieto et al. 2025, Grokking at the Edge of Numerical Stability, arXiv 2501.04697"
-COHEN = ("Cohen et al. 2021, Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability, "
-         "arXiv 2103.00065")
+COHEN = (
+    "Cohen et al. 2021, Gradient Descent on Neural Networks Typically Occurs at the Edge of Stability, arXiv 2103.00065"
+)
 COHEN_ADAPTIVE = "Cohen et al. 2022, Adaptive Gradient Methods at the Edge of Stability, arXiv 2207.14484"
 PALM = "Chowdhery et al. 2022, PaLM, arXiv 2204.02311"
 KIMI = "Kimi Team 2025, Kimi K2 (MuonClip / QK-clip), arXiv 2507.20534; Megatron-LM qk_clip.py"
 MICIKEVICIUS = "Micikevicius et al. 2018, Mixed Precision Training, arXiv 1710.03740"
 
-CAUSES: dict[str, Cause] = {c.kind: c for c in (
-    Cause(kind="attention_logit_growth", title="attention-logit growth",
-          mechanism="The query·key logits grow without bound (the q/k weights grow), attention turns one-hot and "
-                    "the loss stalls or diverges.",
-          remedies=(Remedy(action="add QK-norm (LayerNorm/RMSNorm on queries and keys)", how="keel.nn QK-norm",
-                           source=f"{DEHGHANI}; {WORTSMAN}"),
-                    Remedy(action="lower the peak learning rate", source=WORTSMAN),
-                    Remedy(action="lengthen the learning-rate warm-up", source=WORTSMAN),
-                    Remedy(action="cap the logits with QK-clip (rescale W_q, W_k when the max logit exceeds τ≈100)",
-                           source=KIMI),
-                    Remedy(action="reparameterise the attention weights with σReparam", source=ZHAI))),
-    Cause(kind="attention_entropy_collapse", title="attention-entropy collapse",
-          mechanism="The attention distributions collapse to near one-hot: gradients through attention vanish and "
-                    "training oscillates or stalls.",
-          remedies=(Remedy(action="reparameterise linear layers with σReparam", how="keel.nn σReparam", source=ZHAI),
-                    Remedy(action="add QK-norm", source=f"{DEHGHANI}; {WORTSMAN}"),
-                    Remedy(action="lower the learning rate or lengthen warm-up", source=f"{ZHAI}; {WORTSMAN}"))),
-    Cause(kind="output_logit_drift", title="output-logit divergence",
-          mechanism="The output logits drift: log Z moves far from 0 and the logit scale grows, until rounding of "
-                    "large logits in the working precision corrupts the loss.",
-          remedies=(Remedy(action="add a z-loss of 1e-4·(log Z)²", how="keel.losses z-loss",
-                           source=f"{PALM}; {WORTSMAN}"),
-                    Remedy(action="use (independent) weight decay on the output layer", source=WORTSMAN),
-                    Remedy(action="compute the logits and the loss in float32", source=MICIKEVICIUS),
-                    Remedy(action="lower the learning rate", source=WORTSMAN))),
-    Cause(kind="softmax_collapse", title="softmax collapse",
-          mechanism="Rows of the output softmax are exactly one-hot in the working precision (Σ exp(z − max) == 1): "
-                    "their loss and gradient are exactly 0, and the weights only grow along the naïve "
-                    "loss-minimisation direction.",
-          remedies=(Remedy(action="replace softmax cross-entropy with StableMax", how="keel.losses StableMax",
-                           source=PRIETO),
-                    Remedy(action="compute the softmax/loss in float64", source=PRIETO),
-                    Remedy(action="project out the weight direction from the gradient (⊥Grad / ⊥AdamW)",
-                           how="keel.optim OrthoGrad", source=PRIETO),
-                    Remedy(action="add weight decay", source=PRIETO))),
-    Cause(kind="edge_of_stability", title="learning rate beyond the edge of stability",
-          mechanism="The learning rate times the sharpness exceeds the stability threshold (η·λ_max > 2 for GD; "
-                    "the preconditioned analogue for Adam): the top curvature direction is amplified each step.",
-          remedies=(Remedy(action="lower the learning rate (or undo the LR jump)", source=COHEN),
-                    Remedy(action="lengthen warm-up so sharpness can adapt", source=f"{COHEN}; {WORTSMAN}"),
-                    Remedy(action="clip gradients / use a spike-aware optimizer", source=COHEN_ADAPTIVE))),
-    Cause(kind="eps_dominance", title="Adam ε dominates the update",
-          mechanism="The gradient's RMS is at or below Adam's ε, so ε sets the denominator and the update silently "
-                    "shrinks.",
-          remedies=(Remedy(action="lower Adam's ε (e.g. 1e-15)", source=WORTSMAN),
-                    Remedy(action="check the loss scale and gradient clipping", source=MICIKEVICIUS))),
-    Cause(kind="activation_growth", title="activation growth towards overflow",
-          mechanism="Block outputs grow towards the largest value of the working precision (65504 in fp16); the "
-                    "next step overflows to Inf and NaN.",
-          remedies=(Remedy(action="use bf16 instead of fp16, or keep norms and residuals in float32",
-                           source=MICIKEVICIUS),
-                    Remedy(action="use dynamic loss scaling (torch.amp.GradScaler)", source=MICIKEVICIUS),
-                    Remedy(action="lower the learning rate; add weight decay", source=WORTSMAN))),
-    Cause(kind="non_finite", title="non-finite values",
-          mechanism="NaN or Inf reached the loss, the gradients or the weights.",
-          remedies=(Remedy(action="skip the update (policy='skip') and find the module where it was born",
-                           source="metaseq nan_detector.py; Megatron-LM rerun_state_machine.py"),
-                    Remedy(action="prefer bf16 to fp16, or use dynamic loss scaling", source=MICIKEVICIUS),
-                    Remedy(action="lower the learning rate", source=PALM))),
-    Cause(kind="loss_spike", title="loss spike",
-          mechanism="One update made the loss jump: an extreme batch or an overshooting step.",
-          remedies=(Remedy(action="skip the update (policy='skip')",
-                           source="OLMo-core SkipStepOptimizer; metaseq skip_spike"),
-                    Remedy(action="inspect and drop the batches at the spike", source=PALM),
-                    Remedy(action="roll back ~100 steps and skip the data window (policy='recover')", source=PALM))),
-    Cause(kind="grad_spike", title="gradient spike",
-          mechanism="The gradient norm jumped far above its recent level.",
-          remedies=(Remedy(action="skip the update or clip the gradient norm",
-                           source="OLMo-core SkipStepOptimizer; Huang et al. 2025, Stable-SPAM, arXiv 2502.17055"),
-                    Remedy(action="lower the learning rate", source=PALM))),
-    Cause(kind="divergence", title="divergence",
-          mechanism="The loss rose well above its best level and stays there.",
-          remedies=(Remedy(action="roll back before the onset and continue with a lower learning rate",
-                           source=PALM),
-                    Remedy(action="check attention and output logits; add QK-norm and z-loss", source=WORTSMAN))),
-)}
+CAUSES: dict[str, Cause] = {
+    c.kind: c
+    for c in (
+        Cause(
+            kind="attention_logit_growth",
+            title="attention-logit growth",
+            mechanism="The query·key logits grow without bound (the q/k weights grow), attention turns one-hot and "
+            "the loss stalls or diverges.",
+            remedies=(
+                Remedy(
+                    action="add QK-norm (LayerNorm/RMSNorm on queries and keys)",
+                    how="keel.nn QK-norm",
+                    source=f"{DEHGHANI}; {WORTSMAN}",
+                ),
+                Remedy(action="lower the peak learning rate", source=WORTSMAN),
+                Remedy(action="lengthen the learning-rate warm-up", source=WORTSMAN),
+                Remedy(
+                    action="cap the logits with QK-clip (rescale W_q, W_k when the max logit exceeds τ≈100)",
+                    source=KIMI,
+                ),
+                Remedy(action="reparameterise the attention weights with σReparam", source=ZHAI),
+            ),
+        ),
+        Cause(
+            kind="attention_entropy_collapse",
+            title="attention-entropy collapse",
+            mechanism="The attention distributions collapse to near one-hot: gradients through attention vanish and "
+            "training oscillates or stalls.",
+            remedies=(
+                Remedy(action="reparameterise linear layers with σReparam", how="keel.nn σReparam", source=ZHAI),
+                Remedy(action="add QK-norm", source=f"{DEHGHANI}; {WORTSMAN}"),
+                Remedy(action="lower the learning rate or lengthen warm-up", source=f"{ZHAI}; {WORTSMAN}"),
+            ),
+        ),
+        Cause(
+            kind="output_logit_drift",
+            title="output-logit divergence",
+            mechanism="The output logits drift: log Z moves far from 0 and the logit scale grows, until rounding of "
+            "large logits in the working precision corrupts the loss.",
+            remedies=(
+                Remedy(action="add a z-loss of 1e-4·(log Z)²", how="keel.losses z-loss", source=f"{PALM}; {WORTSMAN}"),
+                Remedy(action="use (independent) weight decay on the output layer", source=WORTSMAN),
+                Remedy(action="compute the logits and the loss in float32", source=MICIKEVICIUS),
+                Remedy(action="lower the learning rate", source=WORTSMAN),
+            ),
+        ),
+        Cause(
+            kind="softmax_collapse",
+            title="softmax collapse",
+            mechanism="Rows of the output softmax are exactly one-hot in the working precision (Σ exp(z − max) == 1): "
+            "their loss and gradient are exactly 0, and the weights only grow along the naïve "
+            "loss-minimisation direction.",
+            remedies=(
+                Remedy(
+                    action="replace softmax cross-entropy with StableMax", how="keel.losses StableMax", source=PRIETO
+                ),
+                Remedy(action="compute the softmax/loss in float64", source=PRIETO),
+                Remedy(
+                    action="project out the weight direction from the gradient (⊥Grad / ⊥AdamW)",
+                    how="keel.optim OrthoGrad",
+                    source=PRIETO,
+                ),
+                Remedy(action="add weight decay", source=PRIETO),
+            ),
+        ),
+        Cause(
+            kind="edge_of_stability",
+            title="learning rate beyond the edge of stability",
+            mechanism="The learning rate times the sharpness exceeds the stability threshold (η·λ_max > 2 for GD; "
+            "the preconditioned analogue for Adam): the top curvature direction is amplified each step.",
+            remedies=(
+                Remedy(action="lower the learning rate (or undo the LR jump)", source=COHEN),
+                Remedy(action="lengthen warm-up so sharpness can adapt", source=f"{COHEN}; {WORTSMAN}"),
+                Remedy(action="clip gradients / use a spike-aware optimizer", source=COHEN_ADAPTIVE),
+            ),
+        ),
+        Cause(
+            kind="eps_dominance",
+            title="Adam ε dominates the update",
+            mechanism="The gradient's RMS is at or below Adam's ε, so ε sets the denominator and the update silently "
+            "shrinks.",
+            remedies=(
+                Remedy(action="lower Adam's ε (e.g. 1e-15)", source=WORTSMAN),
+                Remedy(action="check the loss scale and gradient clipping", source=MICIKEVICIUS),
+            ),
+        ),
+        Cause(
+            kind="activation_growth",
+            title="activation growth towards overflow",
+            mechanism="Block outputs grow towards the largest value of the working precision (65504 in fp16); the "
+            "next step overflows to Inf and NaN.",
+            remedies=(
+                Remedy(action="use bf16 instead of fp16, or keep norms and residuals in float32", source=MICIKEVICIUS),
+                Remedy(action="use dynamic loss scaling (torch.amp.GradScaler)", source=MICIKEVICIUS),
+                Remedy(action="lower the learning rate; add weight decay", source=WORTSMAN),
+            ),
+        ),
+        Cause(
+            kind="non_finite",
+            title="non-finite values",
+            mechanism="NaN or Inf reached the loss, the gradients or the weights.",
+            remedies=(
+                Remedy(
+                    action="skip the update (policy='skip') and find the module where it was born",
+                    source="metaseq nan_detector.py; Megatron-LM rerun_state_machine.py",
+                ),
+                Remedy(action="prefer bf16 to fp16, or use dynamic loss scaling", source=MICIKEVICIUS),
+                Remedy(action="lower the learning rate", source=PALM),
+            ),
+        ),
+        Cause(
+            kind="loss_spike",
+            title="loss spike",
+            mechanism="One update made the loss jump: an extreme batch or an overshooting step.",
+            remedies=(
+                Remedy(
+                    action="skip the update (policy='skip')", source="OLMo-core SkipStepOptimizer; metaseq skip_spike"
+                ),
+                Remedy(action="inspect and drop the batches at the spike", source=PALM),
+                Remedy(action="roll back ~100 steps and skip the data window (policy='recover')", source=PALM),
+            ),
+        ),
+        Cause(
+            kind="grad_spike",
+            title="gradient spike",
+            mechanism="The gradient norm jumped far above its recent level.",
+            remedies=(
+                Remedy(
+                    action="skip the update or clip the gradient norm",
+                    source="OLMo-core SkipStepOptimizer; Huang et al. 2025, Stable-SPAM, arXiv 2502.17055",
+                ),
+                Remedy(action="lower the learning rate", source=PALM),
+            ),
+        ),
+        Cause(
+            kind="divergence",
+            title="divergence",
+            mechanism="The loss rose well above its best level and stays there.",
+            remedies=(
+                Remedy(action="roll back before the onset and continue with a lower learning rate", source=PALM),
+                Remedy(action="check attention and output logits; add QK-norm and z-loss", source=WORTSMAN),
+            ),
+        ),
+    )
+}
 
 
 def cause_for(kind: str) -> Cause | None:

@@ -31,8 +31,15 @@ from keel._core.finding import Finding, Severity, severity_rank
 from keel.detect.causes import CAUSES, cause_for
 from keel.detect.lead_time import degradation_step, lead_steps
 
-MECHANISMS = ("attention_logit_growth", "output_logit_drift", "softmax_collapse", "edge_of_stability",
-              "attention_entropy_collapse", "activation_growth", "eps_dominance")
+MECHANISMS = (
+    "attention_logit_growth",
+    "output_logit_drift",
+    "softmax_collapse",
+    "edge_of_stability",
+    "attention_entropy_collapse",
+    "activation_growth",
+    "eps_dominance",
+)
 SYMPTOMS = ("non_finite", "divergence", "loss_spike", "grad_spike")
 LOCATION = "non_finite_origin"  # where a non-finite value was born: evidence for whoever explains it
 FOLDED = {"attention_entropy_collapse": "attention_logit_growth"}
@@ -75,9 +82,9 @@ class Diagnosis:
         if self.critical_step is not None and self.critical_step != self.first_step:
             when += f", critical at step {self.critical_step}"
         if self.lead_steps is not None and self.degraded_step is not None:
-            when += (f"; the loss degraded at step {self.degraded_step}, "
-                     + (f"{self.lead_steps} steps later" if self.lead_steps >= 0
-                        else f"{-self.lead_steps} steps earlier"))
+            when += f"; the loss degraded at step {self.degraded_step}, " + (
+                f"{self.lead_steps} steps later" if self.lead_steps >= 0 else f"{-self.lead_steps} steps earlier"
+            )
         return when
 
     def summary(self) -> str:
@@ -96,20 +103,44 @@ class Diagnosis:
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: every field, plus ``when`` and ``summary`` (the run store's ``diagnosis`` meta holds a list
         of these)."""
-        return {"kind": self.kind, "title": self.title, "severity": self.severity, "first_step": self.first_step,
-                "critical_step": self.critical_step, "degraded_step": self.degraded_step,
-                "lead_steps": self.lead_steps, "consequences": dict(self.consequences), "mechanism": self.mechanism,
-                "evidence": dict(self.evidence), "remedies": list(self.remedies), "when": self.when(),
-                "summary": self.summary()}
+        return {
+            "kind": self.kind,
+            "title": self.title,
+            "severity": self.severity,
+            "first_step": self.first_step,
+            "critical_step": self.critical_step,
+            "degraded_step": self.degraded_step,
+            "lead_steps": self.lead_steps,
+            "consequences": dict(self.consequences),
+            "mechanism": self.mechanism,
+            "evidence": dict(self.evidence),
+            "remedies": list(self.remedies),
+            "when": self.when(),
+            "summary": self.summary(),
+        }
 
     def to_finding(self) -> Finding:
         """The diagnosis as a ``diagnosis`` finding, for the run store."""
-        evidence = {"cause": self.kind, "first_step": self.first_step, "critical_step": self.critical_step,
-                    "consequences": self.consequences, "degraded_step": self.degraded_step,
-                    "lead_steps": self.lead_steps, "remedies": self.remedies, **self.evidence}
+        evidence = {
+            "cause": self.kind,
+            "first_step": self.first_step,
+            "critical_step": self.critical_step,
+            "consequences": self.consequences,
+            "degraded_step": self.degraded_step,
+            "lead_steps": self.lead_steps,
+            "remedies": self.remedies,
+            **self.evidence,
+        }
         top = "; ".join(f"{r['action']} ({r['source']})" for r in self.remedies[:3])
-        return Finding(step=self.first_step, kind="diagnosis", severity=self.severity, signal=self.kind,
-                       evidence=evidence, cause=f"{self.title}: {self.mechanism}", remedy=top)
+        return Finding(
+            step=self.first_step,
+            kind="diagnosis",
+            severity=self.severity,
+            signal=self.kind,
+            evidence=evidence,
+            cause=f"{self.title}: {self.mechanism}",
+            remedy=top,
+        )
 
 
 def diagnose(
@@ -132,8 +163,9 @@ def diagnose(
         >>> [(d.kind, d.first_step, d.consequences) for d in diagnose(found)]
         [('attention_logit_growth', 8, {'loss_spike': 30})]
     """
-    alarms = sorted((f for f in findings if severity_rank(f.severity) >= 1 and f.kind not in NOT_CAUSES),
-                    key=lambda f: f.step)
+    alarms = sorted(
+        (f for f in findings if severity_rank(f.severity) >= 1 and f.kind not in NOT_CAUSES), key=lambda f: f.step
+    )
     if not alarms:
         return []
     by_kind: dict[str, list[Finding]] = {}
@@ -170,16 +202,28 @@ def diagnose(
         for other in folded.get(kind, []):
             evidence[other] = {"first_step": first[other], "value": by_kind[other][0].value}
         if origin is not None and (kind == "non_finite" or "non_finite" in explained.get(kind, {})):
-            evidence["born_in"] = {"module": origin.evidence.get("module"), "pass": origin.evidence.get("pass"),
-                                   "step": origin.step}
-        out.append(Diagnosis(
-            kind=kind, title=cause.title if cause else kind.replace("_", " "),
-            severity=max((f.severity for f in fs), key=severity_rank), first_step=fs[0].step, critical_step=crit,
-            mechanism=cause.mechanism if cause else fs[0].cause, evidence=evidence,
-            remedies=cause.remedy_dicts() if cause else [{"rank": 1, "action": fs[0].remedy, "how": "",
-                                                           "source": ""}],
-            consequences=explained.get(kind, {}), degraded_step=degraded,
-            lead_steps=lead_steps(fs[0].step, degraded)))
+            evidence["born_in"] = {
+                "module": origin.evidence.get("module"),
+                "pass": origin.evidence.get("pass"),
+                "step": origin.step,
+            }
+        out.append(
+            Diagnosis(
+                kind=kind,
+                title=cause.title if cause else kind.replace("_", " "),
+                severity=max((f.severity for f in fs), key=severity_rank),
+                first_step=fs[0].step,
+                critical_step=crit,
+                mechanism=cause.mechanism if cause else fs[0].cause,
+                evidence=evidence,
+                remedies=cause.remedy_dicts()
+                if cause
+                else [{"rank": 1, "action": fs[0].remedy, "how": "", "source": ""}],
+                consequences=explained.get(kind, {}),
+                degraded_step=degraded,
+                lead_steps=lead_steps(fs[0].step, degraded),
+            )
+        )
     return out
 
 

@@ -168,19 +168,44 @@ class DivergenceDetector:
         if severity is None:
             return []
         excess = (median - self._best) / (abs(self._best) + 1e-12)
-        evidence = {"median": round(median, 6), "best": round(self._best, 6), "best_step": self._best_step,
-                    "excess": round(excess, 4), "onset_step": obs.step - run + 1,
-                    "window": n, "noise": round(self._noise, 4),
-                    "required_excess": round(relative_excess(required), 4)}
-        noisy = (f" (the loss swings ±{relative_excess(self._noise):.0%} per step; the median of {n} steps is judged "
-                 f"against that)" if len(self._level) > cfg.short else "")
-        cause = (f"The loss's running median has stayed {1 + excess:.3g}× its best level (step "
-                 f"{self._best_step}) for {run} steps{noisy}: training is diverging, not spiking.")
-        remedy = ("Roll back to a snapshot before the onset and continue with a lower learning rate "
-                  "(policy='recover'; PaLM and OPT-175B restarted earlier with a lower LR); check attention "
-                  "logits and consider QK-norm and z-loss (Wortsman et al. 2023).")
-        return [Finding(step=obs.step, kind="divergence", severity=severity, signal=cfg.signal, value=median,
-                        baseline=self._best, evidence=evidence, cause=cause, remedy=remedy)]
+        evidence = {
+            "median": round(median, 6),
+            "best": round(self._best, 6),
+            "best_step": self._best_step,
+            "excess": round(excess, 4),
+            "onset_step": obs.step - run + 1,
+            "window": n,
+            "noise": round(self._noise, 4),
+            "required_excess": round(relative_excess(required), 4),
+        }
+        noisy = (
+            f" (the loss swings ±{relative_excess(self._noise):.0%} per step; the median of {n} steps is judged "
+            f"against that)"
+            if len(self._level) > cfg.short
+            else ""
+        )
+        cause = (
+            f"The loss's running median has stayed {1 + excess:.3g}× its best level (step "
+            f"{self._best_step}) for {run} steps{noisy}: training is diverging, not spiking."
+        )
+        remedy = (
+            "Roll back to a snapshot before the onset and continue with a lower learning rate "
+            "(policy='recover'; PaLM and OPT-175B restarted earlier with a lower LR); check attention "
+            "logits and consider QK-norm and z-loss (Wortsman et al. 2023)."
+        )
+        return [
+            Finding(
+                step=obs.step,
+                kind="divergence",
+                severity=severity,
+                signal=cfg.signal,
+                value=median,
+                baseline=self._best,
+                evidence=evidence,
+                cause=cause,
+                remedy=remedy,
+            )
+        ]
 
     def scan(self, steps: np.ndarray, values: np.ndarray) -> list[Finding]:
         """Judge a whole series at once: exactly what `update` gives, step by step, and the same state after.
@@ -211,9 +236,17 @@ class DivergenceDetector:
             gallop = m  # the whole chunk first; after a step update took, a little, then further while all is certain
             while j < m:
                 ahead = min(m, j + gallop)
-                stretch = certain_length(chunk, j, ahead, config=self.config, seen=self._seen, best=self._best,
-                                         best_se=self._best_se, run=self._episode.run,
-                                         reported=self._episode.reported)
+                stretch = certain_length(
+                    chunk,
+                    j,
+                    ahead,
+                    config=self.config,
+                    seen=self._seen,
+                    best=self._best,
+                    best_se=self._best_se,
+                    run=self._episode.run,
+                    reported=self._episode.reported,
+                )
                 self._apply(chunk, j, stretch, steps[i:stop], values[i:stop])
                 j += stretch.length
                 if j == ahead:
@@ -232,13 +265,27 @@ class DivergenceDetector:
 
     def _in_bulk(self) -> bool:
         """Whether the state lets `_divergence_scan` take the next steps (past warm-up, not at an odd moment)."""
-        return (len(self._diffs) == NOISE_SPAN and self.config.short <= NOISE_SPAN and not math.isnan(self._noise)
-                and len(self._level.values) == self.config.window and (self._pending or self._episode.reported is None))
+        return (
+            len(self._diffs) == NOISE_SPAN
+            and self.config.short <= NOISE_SPAN
+            and not math.isnan(self._noise)
+            and len(self._level.values) == self.config.window
+            and (self._pending or self._episode.reported is None)
+        )
 
     def _prepare(self, values: np.ndarray) -> Chunk:
-        return prepare(values, config=self.config, level=self._level.values, diffs=self._diffs,
-                       size=self._level.size, seen=self._seen, quiet=not self._pending, window_for=self._window_for,
-                       noise_every=NOISE_EVERY, noise=self._noise)
+        return prepare(
+            values,
+            config=self.config,
+            level=self._level.values,
+            diffs=self._diffs,
+            size=self._level.size,
+            seen=self._seen,
+            quiet=not self._pending,
+            window_for=self._window_for,
+            noise_every=NOISE_EVERY,
+            noise=self._noise,
+        )
 
     def _apply(self, chunk: Chunk, start: int, stretch: Stretch, steps: np.ndarray, values: np.ndarray) -> None:
         """What ``update`` does over the stretch's steps of the chunk (``steps``, ``values``: the chunk's)."""
@@ -246,10 +293,10 @@ class DivergenceDetector:
             return
         stop = start + stretch.length
         if chunk.quiet:
-            diffs = chunk.diffs[max(start, stop - NOISE_SPAN):stop]
+            diffs = chunk.diffs[max(start, stop - NOISE_SPAN) : stop]
             self._diffs.extend(diffs.tolist())
             self._spread.extend(np.abs(diffs).tolist())
-        self._level.extend(values[max(start, stop - self.config.window):stop].tolist())
+        self._level.extend(values[max(start, stop - self.config.window) : stop].tolist())
         self._noise = float(chunk.noise[stop - 1])
         if chunk.size[stop - 1] != self._level.size:  # the stretch's resizes (the best moved with them already)
             self._level.resize(int(chunk.size[stop - 1]))
@@ -279,8 +326,9 @@ class DivergenceDetector:
             se = median_standard_error(self._noise, n)
             warn = math.log1p(cfg.warn_excess)
             required = max(warn, cfg.noise_margin * math.hypot(se, self._best_se))
-            fast = max(warn, cfg.noise_margin * math.hypot(median_standard_error(self._noise, cfg.short),
-                                                           self._best_se))
+            fast = max(
+                warn, cfg.noise_margin * math.hypot(median_standard_error(self._noise, cfg.short), self._best_se)
+            )
             self._margin_key, self._margin_config, self._margin = key, self.config, (se, required, fast)
         return self._margin
 
@@ -299,10 +347,19 @@ class DivergenceDetector:
         return n
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "recent": list(self._level.values), "size": self._level.size,
-                "diffs": list(self._diffs), "noise": self._noise, "seen": self._seen, "best": self._best,
-                "best_step": self._best_step, "best_se": self._best_se, "pending": self._pending,
-                **self._episode.state_dict()}
+        return {
+            "config": asdict(self.config),
+            "recent": list(self._level.values),
+            "size": self._level.size,
+            "diffs": list(self._diffs),
+            "noise": self._noise,
+            "seen": self._seen,
+            "best": self._best,
+            "best_step": self._best_step,
+            "best_se": self._best_se,
+            "pending": self._pending,
+            **self._episode.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = DivergenceConfig(**state["config"])

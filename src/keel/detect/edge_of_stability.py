@@ -59,8 +59,10 @@ class EdgeOfStabilityConfig:
         if not isinstance(self.history, int) or self.history < 1:
             raise ValueError(f"EdgeOfStabilityConfig.history={self.history!r}; allowed: an int >= 1")
         if not (1 <= self.warn_margin <= self.critical_margin and math.isfinite(self.critical_margin)):
-            raise ValueError(f"EdgeOfStabilityConfig.warn_margin={self.warn_margin!r}, critical_margin="
-                             f"{self.critical_margin!r}; allowed: 1 <= warn_margin <= critical_margin < inf")
+            raise ValueError(
+                f"EdgeOfStabilityConfig.warn_margin={self.warn_margin!r}, critical_margin="
+                f"{self.critical_margin!r}; allowed: 1 <= warn_margin <= critical_margin < inf"
+            )
 
 
 @DETECTORS.register("edge_of_stability")
@@ -107,18 +109,36 @@ class EdgeOfStabilityDetector:
         severity = self._episode.escalate(critical=margin >= cfg.critical_margin, warning=True)
         if severity is None:
             return []
-        evidence: dict[str, Any] = {"margin": round(margin, 4), "lr": lr, "stable_lr": lr / margin,
-                                    "typical_margin": round(typical, 4) if math.isfinite(typical) else None}
+        evidence: dict[str, Any] = {
+            "margin": round(margin, 4),
+            "lr": lr,
+            "stable_lr": lr / margin,
+            "typical_margin": round(typical, 4) if math.isfinite(typical) else None,
+        }
         for key in (keys.CURVATURE_SHARPNESS, keys.CURVATURE_PRECONDITIONED_SHARPNESS, keys.CURVATURE_TRACE):
             if key in obs.values:
                 evidence[key.split("/")[-1]] = round(obs.values[key], 6)
         text = f"the learning rate {lr:.3g} is {margin:.3g}× the local stability limit (≈{lr / margin:.3g})."
-        return [explained_finding(step=obs.step, kind=KIND, severity=severity, signal=MARGIN, value=margin,
-                                  baseline=1.0, evidence=evidence, text=text)]
+        return [
+            explained_finding(
+                step=obs.step,
+                kind=KIND,
+                severity=severity,
+                signal=MARGIN,
+                value=margin,
+                baseline=1.0,
+                evidence=evidence,
+                text=text,
+            )
+        ]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "measured_step": self._measured_step, "recent": list(self._recent),
-                **self._episode.state_dict()}
+        return {
+            "config": asdict(self.config),
+            "measured_step": self._measured_step,
+            "recent": list(self._recent),
+            **self._episode.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = EdgeOfStabilityConfig(**state["config"])

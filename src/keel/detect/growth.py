@@ -70,9 +70,11 @@ class GrowthConfig:
             if not (isinstance(value, int | float) and value > 0 and math.isfinite(value)):
                 raise ValueError(f"GrowthConfig.{name}={value!r}; allowed: a finite number > 0")
         if not self.min_level <= self.high_level <= self.critical_level:
-            raise ValueError(f"GrowthConfig.min_level={self.min_level}, high_level={self.high_level}, "
-                             f"critical_level={self.critical_level}; "
-                             "allowed: min_level <= high_level <= critical_level")
+            raise ValueError(
+                f"GrowthConfig.min_level={self.min_level}, high_level={self.high_level}, "
+                f"critical_level={self.critical_level}; "
+                "allowed: min_level <= high_level <= critical_level"
+            )
 
 
 class GrowthDetector(ReadsOneSignal):
@@ -125,8 +127,12 @@ class GrowthDetector(ReadsOneSignal):
 
     def _finding(self, step: int, severity: Severity, x: float, rate: float) -> Finding:
         cfg = self.config
-        evidence: dict[str, Any] = {"level": round(x, 6), "rate_per_step": round(rate, 5),
-                                    "onset_step": self._episode.onset_or(step), "critical_level": cfg.critical_level}
+        evidence: dict[str, Any] = {
+            "level": round(x, 6),
+            "rate_per_step": round(rate, 5),
+            "onset_step": self._episode.onset_or(step),
+            "critical_level": cfg.critical_level,
+        }
         if rate > 0:
             evidence["doubling_steps"] = round(math.log(2) / rate, 2)
             if x < cfg.critical_level:
@@ -136,16 +142,30 @@ class GrowthDetector(ReadsOneSignal):
         cause = cause_for(cfg.kind)
         growth = f"×{math.exp(rate):.3g} per step" if rate > 0 else "no longer growing"
         what = cause.title if cause else cfg.kind
-        text = (f"{what}: {cfg.signal} = {x:.4g} ({growth}; "
-                + (f"at this rate {cfg.critical_level:g} in ~{evidence['steps_to_critical']:.0f} steps)."
-                   if "steps_to_critical" in evidence else f"above the critical level {cfg.critical_level:g})."))
-        return explained_finding(step=step, kind=cfg.kind, severity=severity, signal=cfg.signal, value=x,
-                                 baseline=self._onset_level if self._episode.onset >= 0 else x, evidence=evidence,
-                                 text=text)
+        text = f"{what}: {cfg.signal} = {x:.4g} ({growth}; " + (
+            f"at this rate {cfg.critical_level:g} in ~{evidence['steps_to_critical']:.0f} steps)."
+            if "steps_to_critical" in evidence
+            else f"above the critical level {cfg.critical_level:g})."
+        )
+        return explained_finding(
+            step=step,
+            kind=cfg.kind,
+            severity=severity,
+            signal=cfg.signal,
+            value=x,
+            baseline=self._onset_level if self._episode.onset >= 0 else x,
+            evidence=evidence,
+            text=text,
+        )
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "short": self._short.state_dict(), "long": self._long.state_dict(),
-                **self._episode.state_dict(), "onset_level": self._onset_level}
+        return {
+            "config": asdict(self.config),
+            "short": self._short.state_dict(),
+            "long": self._long.state_dict(),
+            **self._episode.state_dict(),
+            "onset_level": self._onset_level,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = GrowthConfig(**state["config"])

@@ -50,14 +50,18 @@ class NonFiniteDetector:
         self._overflows = 0
 
     def update(self, obs: Observation) -> list[Finding]:
-        bad = [key for key in (keys.LOSS, keys.GRAD_NORM, keys.PARAM_NORM)
-               if key in obs.values and not math.isfinite(obs.values[key])]
+        bad = [
+            key
+            for key in (keys.LOSS, keys.GRAD_NORM, keys.PARAM_NORM)
+            if key in obs.values and not math.isfinite(obs.values[key])
+        ]
         if not bad:
             self._overflows = 0
             return []
         evidence: dict[str, Any] = {"non_finite": bad}
-        culprits = _non_finite_names(obs, keys.PARAM_NORM_PER_PARAM if keys.PARAM_NORM in bad
-                                     else keys.GRAD_NORM_PER_PARAM)
+        culprits = _non_finite_names(
+            obs, keys.PARAM_NORM_PER_PARAM if keys.PARAM_NORM in bad else keys.GRAD_NORM_PER_PARAM
+        )
         if culprits:
             evidence["parameters"] = culprits[:MAX_NAMED]
             evidence["count"] = len(culprits)
@@ -67,27 +71,51 @@ class NonFiniteDetector:
             self._overflows += 1
             evidence.update(scale=obs.values[keys.AMP_SCALE], consecutive=self._overflows)
             if self._overflows < self.config.max_overflows:
-                return [Finding(step=obs.step, kind="loss_scale_overflow", severity="info", signal=signal,
-                                value=value, evidence=evidence,
-                                cause="The GradScaler's scaled gradients overflowed; it skips this step and "
-                                      "halves the loss scale, as designed.",
-                                remedy="Nothing: mixed-precision loss scaling handles occasional overflows "
-                                       "(Micikevicius et al. 2018).")]
+                return [
+                    Finding(
+                        step=obs.step,
+                        kind="loss_scale_overflow",
+                        severity="info",
+                        signal=signal,
+                        value=value,
+                        evidence=evidence,
+                        cause="The GradScaler's scaled gradients overflowed; it skips this step and "
+                        "halves the loss scale, as designed.",
+                        remedy="Nothing: mixed-precision loss scaling handles occasional overflows "
+                        "(Micikevicius et al. 2018).",
+                    )
+                ]
         where = ", ".join(culprits[:5]) + (" …" if len(culprits) > 5 else "") if culprits else "unknown"
         if keys.PARAM_NORM in bad:
             cause = f"Parameters hold NaN/Inf ({where}): an earlier update was applied with non-finite values."
             remedy = "Roll back to the last finite snapshot (policy='recover') and lower the learning rate."
         elif scaler_overflow:
-            cause = (f"The GradScaler has overflowed {self._overflows} steps in a row: the loss or gradients are "
-                     f"non-finite at any scale (first non-finite gradients: {where}).")
-            remedy = ("Find the producing module (a NaN in the forward pass, log of zero, division by zero); "
-                      "use bf16 instead of fp16, or lower the learning rate.")
+            cause = (
+                f"The GradScaler has overflowed {self._overflows} steps in a row: the loss or gradients are "
+                f"non-finite at any scale (first non-finite gradients: {where})."
+            )
+            remedy = (
+                "Find the producing module (a NaN in the forward pass, log of zero, division by zero); "
+                "use bf16 instead of fp16, or lower the learning rate."
+            )
         else:
             cause = f"Non-finite {' and '.join(bad)} (non-finite gradients in: {where})."
-            remedy = ("Skip this update (policy='skip'). If it repeats, lower the learning rate, check the data "
-                      "for bad values, prefer bf16 over fp16, and add QK-norm / z-loss where logits overflow.")
-        return [Finding(step=obs.step, kind="non_finite", severity="critical", signal=signal, value=value,
-                        evidence=evidence, cause=cause, remedy=remedy)]
+            remedy = (
+                "Skip this update (policy='skip'). If it repeats, lower the learning rate, check the data "
+                "for bad values, prefer bf16 over fp16, and add QK-norm / z-loss where logits overflow."
+            )
+        return [
+            Finding(
+                step=obs.step,
+                kind="non_finite",
+                severity="critical",
+                signal=signal,
+                value=value,
+                evidence=evidence,
+                cause=cause,
+                remedy=remedy,
+            )
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return {"overflows": self._overflows}

@@ -77,29 +77,46 @@ class NonFiniteOriginDetector:
             origin, where = bad_act[0], "forward"
             before = list(act_names[: act_names.index(origin)])
             value = act_values[act_names.index(origin)]
-            text = (f"NaN/Inf was born in the forward pass of {origin}: its output is the first non-finite one "
-                    f"({len(before)} block(s) before it were finite).")
+            text = (
+                f"NaN/Inf was born in the forward pass of {origin}: its output is the first non-finite one "
+                f"({len(before)} block(s) before it were finite)."
+            )
         elif bad_grad and math.isfinite(loss):
             last = bad_grad[-1]
             origin, where = _module_of(last), "backward"
             after = [n for n in grad_names[grad_names.index(last) + 1 :]]
             before, value = after, grad_values[grad_names.index(last)]
-            text = (f"NaN/Inf was born in the backward pass of {origin}: the loss and the activations are finite, "
-                    f"{last} is the last parameter in forward order with a non-finite gradient "
-                    f"({len(after)} later parameter(s) have finite ones).")
+            text = (
+                f"NaN/Inf was born in the backward pass of {origin}: the loss and the activations are finite, "
+                f"{last} is the last parameter in forward order with a non-finite gradient "
+                f"({len(after)} later parameter(s) have finite ones)."
+            )
         else:
             return []  # a non-finite loss with nothing else measured: the non_finite detector covers it
         cause = cause_for("non_finite")
-        evidence: dict[str, Any] = {"module": origin, "pass": where, "finite_after" if where == "backward"
-                                    else "finite_before": before[:20], "non_finite": (bad_act or bad_grad)[:20]}
+        evidence: dict[str, Any] = {
+            "module": origin,
+            "pass": where,
+            "finite_after" if where == "backward" else "finite_before": before[:20],
+            "non_finite": (bad_act or bad_grad)[:20],
+        }
         if cause is not None:
             evidence["remedies"] = cause.remedy_dicts()
         # Under a GradScaler, non-finite gradients are the scaler's routine overflow signal: worth knowing, no alarm.
         severity: Severity = "info" if keys.AMP_SCALE in obs.values else "warning"
-        return [Finding(step=obs.step, kind="non_finite_origin", severity=severity, signal=origin, value=value,
-                        evidence=evidence, cause=text,
-                        remedy=f"Look inside {origin} for an overflow (exp, x², division, log of 0) in the working "
-                               "precision; " + (cause.remedy_text() if cause else ""))]
+        return [
+            Finding(
+                step=obs.step,
+                kind="non_finite_origin",
+                severity=severity,
+                signal=origin,
+                value=value,
+                evidence=evidence,
+                cause=text,
+                remedy=f"Look inside {origin} for an overflow (exp, x², division, log of 0) in the working "
+                "precision; " + (cause.remedy_text() if cause else ""),
+            )
+        ]
 
     def state_dict(self) -> dict[str, Any]:
         return {"active": self._active}

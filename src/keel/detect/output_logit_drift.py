@@ -61,11 +61,14 @@ class OutputLogitDriftConfig:
         for name in ("baseline_points", "window", "patience"):
             value = getattr(self, name)
             if not isinstance(value, int) or value < (2 if name == "window" else 1):
-                raise ValueError(f"OutputLogitDriftConfig.{name}={value!r}; allowed: an int >= "
-                                 f"{2 if name == 'window' else 1}")
+                raise ValueError(
+                    f"OutputLogitDriftConfig.{name}={value!r}; allowed: an int >= {2 if name == 'window' else 1}"
+                )
         if not (0 < self.warn_dev <= self.critical_dev and math.isfinite(self.critical_dev)):
-            raise ValueError(f"OutputLogitDriftConfig.warn_dev={self.warn_dev!r}, critical_dev={self.critical_dev!r}; "
-                             "allowed: 0 < warn_dev <= critical_dev < inf")
+            raise ValueError(
+                f"OutputLogitDriftConfig.warn_dev={self.warn_dev!r}, critical_dev={self.critical_dev!r}; "
+                "allowed: 0 < warn_dev <= critical_dev < inf"
+            )
         if not (self.min_rate > 0 and math.isfinite(self.min_rate)):
             raise ValueError(f"OutputLogitDriftConfig.min_rate={self.min_rate!r}; allowed: a finite number > 0")
 
@@ -112,26 +115,46 @@ class OutputLogitDriftDetector(ReadsOneSignal):
         qualifies = away >= cfg.min_rate
         if qualifies:  # a measurement that does not qualify leaves the count as it is
             self._episode.qualify(onset=self._trend.first_step())
-        severity = self._episode.escalate(critical=abs(dev) >= cfg.critical_dev,
-                                          warning=self._episode.run >= cfg.patience)
+        severity = self._episode.escalate(
+            critical=abs(dev) >= cfg.critical_dev, warning=self._episode.run >= cfg.patience
+        )
         if severity is None:
             return []
-        evidence: dict[str, Any] = {"log_z": round(x, 4), "baseline": round(base, 4), "deviation": round(dev, 4),
-                                    "drift_per_step": round(slope, 5) if math.isfinite(slope) else None,
-                                    "onset_step": self._episode.onset_or(obs.step)}
+        evidence: dict[str, Any] = {
+            "log_z": round(x, 4),
+            "baseline": round(base, 4),
+            "deviation": round(dev, 4),
+            "drift_per_step": round(slope, 5) if math.isfinite(slope) else None,
+            "onset_step": self._episode.onset_or(obs.step),
+        }
         if qualifies and abs(dev) < cfg.critical_dev:
             ahead = (cfg.critical_dev - abs(dev)) / away
             evidence["steps_to_critical"] = round(ahead, 1)
             evidence["projected_critical_step"] = obs.step + math.ceil(ahead)
         evidence.update({key: round(obs.values[key], 5) for key in EXTRA_EVIDENCE if key in obs.values})
-        text = (f"log Z is {x:.3g}, {abs(dev):.3g} nats {'above' if dev > 0 else 'below'} its starting "
-                f"{base:.3g}" + (f" and drifting {abs(slope):.3g} nats/step further." if qualifies else "."))
-        return [explained_finding(step=obs.step, kind=KIND, severity=severity, signal=cfg.signal, value=x,
-                                  baseline=base, evidence=evidence, text=text)]
+        text = f"log Z is {x:.3g}, {abs(dev):.3g} nats {'above' if dev > 0 else 'below'} its starting {base:.3g}" + (
+            f" and drifting {abs(slope):.3g} nats/step further." if qualifies else "."
+        )
+        return [
+            explained_finding(
+                step=obs.step,
+                kind=KIND,
+                severity=severity,
+                signal=cfg.signal,
+                value=x,
+                baseline=base,
+                evidence=evidence,
+                text=text,
+            )
+        ]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "early": list(self._early), "trend": self._trend.state_dict(),
-                **self._episode.state_dict()}
+        return {
+            "config": asdict(self.config),
+            "early": list(self._early),
+            "trend": self._trend.state_dict(),
+            **self._episode.state_dict(),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = OutputLogitDriftConfig(**state["config"])

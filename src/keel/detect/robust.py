@@ -104,12 +104,16 @@ def median_abs_deviation(ordered: Sequence[float], location: float) -> float:
         else:
             hi = i
     i, j = lo, k + 1 - lo
-    lower = max(abs(ordered[split - i] - location) if i else -math.inf,
-                abs(ordered[split + j - 1] - location) if j else -math.inf)
+    lower = max(
+        abs(ordered[split - i] - location) if i else -math.inf,
+        abs(ordered[split + j - 1] - location) if j else -math.inf,
+    )
     if n % 2:
         return lower
-    upper = min(abs(ordered[split - 1 - i] - location) if i < split else math.inf,
-                abs(ordered[split + j] - location) if split + j < n else math.inf)
+    upper = min(
+        abs(ordered[split - 1 - i] - location) if i < split else math.inf,
+        abs(ordered[split + j] - location) if split + j < n else math.inf,
+    )
     return 0.5 * (lower + upper)
 
 
@@ -186,7 +190,7 @@ def rolling_median(values: np.ndarray, size: int, *, every: int = 1) -> np.ndarr
         return out
     windows = sliding_window_view(values, size)[::every]  # (count, size), a view: no copy yet
     for start in range(0, count, _ROWS):
-        out[start:start + _ROWS] = row_medians(windows[start:start + _ROWS])
+        out[start : start + _ROWS] = row_medians(windows[start : start + _ROWS])
     return out
 
 

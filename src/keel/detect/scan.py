@@ -81,8 +81,9 @@ def as_series(steps: Any, values: Any) -> tuple[np.ndarray, np.ndarray]:
     """
     steps, values = np.asarray(steps), np.asarray(values, dtype=np.float64)
     if steps.ndim != 1 or values.shape != steps.shape:
-        raise ValueError(f"scan(steps, values): shapes {steps.shape} and {values.shape}; allowed: two 1-d arrays "
-                         "of one length")
+        raise ValueError(
+            f"scan(steps, values): shapes {steps.shape} and {values.shape}; allowed: two 1-d arrays of one length"
+        )
     if len(steps) and not np.issubdtype(steps.dtype, np.integer):
         raise ValueError(f"scan(steps, values): steps of dtype {steps.dtype}; allowed: integers")
     return steps.astype(np.int64, copy=False), values

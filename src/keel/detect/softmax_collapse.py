@@ -55,8 +55,10 @@ class SoftmaxCollapseConfig:
     def __post_init__(self) -> None:
         check_types(self)
         if not 0 < self.warn_fraction <= self.critical_fraction <= 1:
-            raise ValueError(f"SoftmaxCollapseConfig.warn_fraction={self.warn_fraction!r}, critical_fraction="
-                             f"{self.critical_fraction!r}; allowed: 0 < warn_fraction <= critical_fraction <= 1")
+            raise ValueError(
+                f"SoftmaxCollapseConfig.warn_fraction={self.warn_fraction!r}, critical_fraction="
+                f"{self.critical_fraction!r}; allowed: 0 < warn_fraction <= critical_fraction <= 1"
+            )
         if not isinstance(self.patience, int) or self.patience < 1:
             raise ValueError(f"SoftmaxCollapseConfig.patience={self.patience!r}; allowed: an int >= 1")
 
@@ -97,30 +99,54 @@ class SoftmaxCollapseDetector(ReadsOneSignal):
         if not self._seen_healthy:
             return self._not_judged(obs.step, x)
         self._episode.qualify(onset=obs.step)
-        severity = self._episode.escalate(critical=x >= cfg.critical_fraction,
-                                          warning=self._episode.run >= cfg.patience)
+        severity = self._episode.escalate(
+            critical=x >= cfg.critical_fraction, warning=self._episode.run >= cfg.patience
+        )
         if severity is None:
             return []
         evidence: dict[str, Any] = {"fraction": round(x, 5), "onset_step": self._episode.onset}
         evidence.update({key: round(obs.values[key], 6) for key in EXTRA_EVIDENCE if key in obs.values})
         text = f"{x:.1%} of the output softmax rows are exactly one-hot in the working precision."
-        return [explained_finding(step=obs.step, kind=KIND, severity=severity, signal=cfg.signal, value=x,
-                                  baseline=cfg.warn_fraction, evidence=evidence, text=text)]
+        return [
+            explained_finding(
+                step=obs.step,
+                kind=KIND,
+                severity=severity,
+                signal=cfg.signal,
+                value=x,
+                baseline=cfg.warn_fraction,
+                evidence=evidence,
+                text=text,
+            )
+        ]
 
     def _not_judged(self, step: int, x: float) -> list[Finding]:
         if self._told:
             return []
         self._told = True
-        return [Finding(step=step, kind=KIND, severity="info", signal=self.config.signal, value=x,
-                        baseline=self.config.warn_fraction, evidence={"fraction": round(x, 5)},
-                        cause=f"{x:.1%} of the output softmax rows are one-hot from the first measurement: not judged "
-                              "(a model with one output, or one collapsed before keel watched; no earlier state is "
-                              "healthier).",
-                        remedy="")]
+        return [
+            Finding(
+                step=step,
+                kind=KIND,
+                severity="info",
+                signal=self.config.signal,
+                value=x,
+                baseline=self.config.warn_fraction,
+                evidence={"fraction": round(x, 5)},
+                cause=f"{x:.1%} of the output softmax rows are one-hot from the first measurement: not judged "
+                "(a model with one output, or one collapsed before keel watched; no earlier state is "
+                "healthier).",
+                remedy="",
+            )
+        ]
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), **self._episode.state_dict(), "seen_healthy": self._seen_healthy,
-                "told": self._told}
+        return {
+            "config": asdict(self.config),
+            **self._episode.state_dict(),
+            "seen_healthy": self._seen_healthy,
+            "told": self._told,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = SoftmaxCollapseConfig(**state["config"])

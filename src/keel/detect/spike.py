@@ -87,13 +87,17 @@ class SpikeConfig:
     def __post_init__(self) -> None:
         check_types(self)
         if not self.kind:
-            self.kind = "loss_spike" if self.signal == keys.LOSS else "grad_spike" if "grad" in self.signal \
+            self.kind = (
+                "loss_spike"
+                if self.signal == keys.LOSS
+                else "grad_spike"
+                if "grad" in self.signal
                 else self.signal.replace("/", "_") + "_spike"
+            )
         require_ints(self, "window", "min_history", "patience", "rebase_after")
         if self.min_history > self.window:
             raise ValueError(f"SpikeConfig.min_history={self.min_history} > window={self.window}; allowed: <= window")
-        require_positive(self, "threshold", "critical_z", "min_excess", "critical_excess", "scale_floor",
-                         "tail_factor")
+        require_positive(self, "threshold", "critical_z", "min_excess", "critical_excess", "scale_floor", "tail_factor")
         if self.log_scale not in (None, True, False):
             raise ValueError(f"SpikeConfig.log_scale={self.log_scale!r}; allowed: True, False or None")
 
@@ -108,8 +112,12 @@ class _GradNormDefaults(TypedDict):
     critical_excess: float
 
 
-GRAD_NORM_DEFAULTS: _GradNormDefaults = {"log_scale": True, "min_excess": 1.0, "scale_floor": 0.05,
-                                         "critical_excess": 19.0}
+GRAD_NORM_DEFAULTS: _GradNormDefaults = {
+    "log_scale": True,
+    "min_excess": 1.0,
+    "scale_floor": 0.05,
+    "critical_excess": 19.0,
+}
 TAIL_SPAN = 1000  # steps an isolated outlier counts towards the run's own tail
 TAIL_KEPT = 16  # isolated outliers remembered (the largest recent one is what counts)
 LOG_ERROR = 1e-12  # NumPy's log against math.log, relative: a few ulp in fact; the screen widens its bounds by it
@@ -204,12 +212,19 @@ class SpikeDetector:
                 nonpositive = usable & (x <= 0)
                 if cfg.log_scale is None and nonpositive.any():
                     halt = i + int(np.argmax(nonpositive))
-                    usable[halt - i:] = False
+                    usable[halt - i :] = False
                 usable &= ~nonpositive
             at = np.flatnonzero(usable) + i
             ys = np.log(values[at]) if self._log else values[at]  # for the screen; the window takes math.log's
-            maybe = possible_spikes(np.array(self._accepted.values), ys, log=self._log, error=LOG_ERROR,
-                                    threshold=cfg.threshold, min_excess=cfg.min_excess, scale_floor=cfg.scale_floor)
+            maybe = possible_spikes(
+                np.array(self._accepted.values),
+                ys,
+                log=self._log,
+                error=LOG_ERROR,
+                threshold=cfg.threshold,
+                min_excess=cfg.min_excess,
+                scale_floor=cfg.scale_floor,
+            )
             done = 0
             for k in np.flatnonzero(maybe).tolist():
                 self._accept_quiet(values[at[done:k]], steps[at[done:k]])
@@ -252,12 +267,16 @@ class SpikeDetector:
         tail = max((e for at, e in self._outliers if step - at <= TAIL_SPAN), default=0.0)
         z_needed, excess_needed = max(cfg.threshold, cfg.critical_z), max(cfg.min_excess, cfg.critical_excess)
         if self._log:
-            rise = max(z_needed * max(scale, cfg.scale_floor), math.log1p(excess_needed),
-                       cfg.tail_factor * math.log1p(tail))
+            rise = max(
+                z_needed * max(scale, cfg.scale_floor), math.log1p(excess_needed), cfg.tail_factor * math.log1p(tail)
+            )
             return math.exp(median + rise) if median + rise < 709.0 else math.inf
         unit = abs(median) + 1e-12
-        rise = max(z_needed * max(scale, cfg.scale_floor * abs(median) + 1e-12), excess_needed * unit,
-                   math.expm1(cfg.tail_factor * math.log1p(tail)) * unit)
+        rise = max(
+            z_needed * max(scale, cfg.scale_floor * abs(median) + 1e-12),
+            excess_needed * unit,
+            math.expm1(cfg.tail_factor * math.log1p(tail)) * unit,
+        )
         return median + rise
 
     def _update_at(self, steps: np.ndarray, values: np.ndarray, i: int) -> list[Finding]:
@@ -268,7 +287,7 @@ class SpikeDetector:
         """What ``update`` does on a run of quiet steps with values ``xs`` (finite, and positive in log space)."""
         if len(xs):
             self._end_episode(int(steps.max()))  # the trims of each step, at once: they only depend on the latest
-            kept = xs[-self.config.window:].tolist()  # the window keeps no more than that
+            kept = xs[-self.config.window :].tolist()  # the window keeps no more than that
             self._accepted.extend(map(math.log, kept) if self._log else kept)
 
     def _leave_log_space(self) -> None:
@@ -285,16 +304,28 @@ class SpikeDetector:
         run = len(self._episode)
         baseline = math.exp(median) if self._log else median
         ratio = x / baseline if baseline else math.inf  # a baseline of exactly 0 (a linear loss sitting at 0)
-        evidence = {"z": round(z, 2), "ratio": round(ratio, 4) if baseline else None,
-                    "onset_step": self._onset, "consecutive": run}
+        evidence = {
+            "z": round(z, 2),
+            "ratio": round(ratio, 4) if baseline else None,
+            "onset_step": self._onset,
+            "consecutive": run,
+        }
         if run >= cfg.rebase_after:
             # The new level has lasted: accept it as the baseline and close the episode.
             self._accepted = self._window(self._episode[-cfg.min_history :])
             self._end_episode(step)
             evidence["rebased"] = True
-            return [self._finding(step, "info", x, baseline, evidence,
-                                  f"{cfg.signal} has stayed at a new level for {run} steps; it is the new baseline.",
-                                  "None: this is a lasting change, not a spike. Check the divergence findings.")]
+            return [
+                self._finding(
+                    step,
+                    "info",
+                    x,
+                    baseline,
+                    evidence,
+                    f"{cfg.signal} has stayed at a new level for {run} steps; it is the new baseline.",
+                    "None: this is a lasting change, not a spike. Check the divergence findings.",
+                )
+            ]
         tail = max((e for at, e in self._outliers if step - at <= TAIL_SPAN), default=0.0)
         if tail:
             evidence["largest_recent_outlier_ratio"] = round(1 + tail, 4)
@@ -313,10 +344,27 @@ class SpikeDetector:
     def _window(self, values: Iterable[float]) -> RunningMedian:
         return RunningMedian(size=self.config.window, capacity=self.config.window, values=values)
 
-    def _finding(self, step: int, severity: Severity, x: float, baseline: float,
-                 evidence: dict[str, Any], cause: str, remedy: str) -> Finding:
-        return Finding(step=step, kind=self.config.kind, severity=severity, signal=self.config.signal,
-                       value=x, baseline=baseline, evidence=evidence, cause=cause, remedy=remedy)
+    def _finding(
+        self,
+        step: int,
+        severity: Severity,
+        x: float,
+        baseline: float,
+        evidence: dict[str, Any],
+        cause: str,
+        remedy: str,
+    ) -> Finding:
+        return Finding(
+            step=step,
+            kind=self.config.kind,
+            severity=severity,
+            signal=self.config.signal,
+            value=x,
+            baseline=baseline,
+            evidence=evidence,
+            cause=cause,
+            remedy=remedy,
+        )
 
     def _end_episode(self, step: int) -> None:
         if len(self._episode) == 1 and not self._critical:  # an outlier the run shrugged off: its own tail
@@ -328,9 +376,17 @@ class SpikeDetector:
         self._warned = self._critical = False
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config), "accepted": list(self._accepted.values), "episode": list(self._episode),
-                "onset": self._onset, "warned": self._warned, "log": self._log, "onset_excess": self._onset_excess,
-                "critical": self._critical, "outliers": [list(o) for o in self._outliers]}
+        return {
+            "config": asdict(self.config),
+            "accepted": list(self._accepted.values),
+            "episode": list(self._episode),
+            "onset": self._onset,
+            "warned": self._warned,
+            "log": self._log,
+            "onset_excess": self._onset_excess,
+            "critical": self._critical,
+            "outliers": [list(o) for o in self._outliers],
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = SpikeConfig(**state["config"])
@@ -347,19 +403,29 @@ def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int) -> tu
     """Cause and remedy for a spike finding."""
     what = "loss" if cfg.signal == keys.LOSS else cfg.signal
     if severity == "critical":
-        cause = (f"The {what} jumped to {ratio:.3g}× its recent median in one step: the update computed from "
-                 "this batch is likely harmful (a corrupt or extreme batch, or the optimizer overshooting).")
-        remedy = ("Skip this update (policy='skip'; OLMo-core SkipStepOptimizer, metaseq skip_spike). If such "
-                  "spikes recur, clip gradients or use spike-aware clipping (Stable-SPAM AdaClip, Huang et al. "
-                  "2025) and lower the learning rate.")
+        cause = (
+            f"The {what} jumped to {ratio:.3g}× its recent median in one step: the update computed from "
+            "this batch is likely harmful (a corrupt or extreme batch, or the optimizer overshooting)."
+        )
+        remedy = (
+            "Skip this update (policy='skip'; OLMo-core SkipStepOptimizer, metaseq skip_spike). If such "
+            "spikes recur, clip gradients or use spike-aware clipping (Stable-SPAM AdaClip, Huang et al. "
+            "2025) and lower the learning rate."
+        )
     elif severity == "warning":
-        cause = (f"The {what} has stayed {ratio:.3g}× above its recent median for {run} steps: the model, not "
-                 "one batch, changed.")
-        remedy = ("Lower the learning rate or lengthen warm-up; check attention and output logits (QK-norm, "
-                  "Dehghani et al. 2023; z-loss, Chowdhery et al. 2022). policy='recover' rolls back past the "
-                  "window (PaLM restarted ~100 steps earlier and skipped 200–500 batches).")
+        cause = (
+            f"The {what} has stayed {ratio:.3g}× above its recent median for {run} steps: the model, not "
+            "one batch, changed."
+        )
+        remedy = (
+            "Lower the learning rate or lengthen warm-up; check attention and output logits (QK-norm, "
+            "Dehghani et al. 2023; z-loss, Chowdhery et al. 2022). policy='recover' rolls back past the "
+            "window (PaLM restarted ~100 steps earlier and skipped 200–500 batches)."
+        )
     else:
         cause = f"One step's {what} was {ratio:.3g}× its recent median: most likely an outlier batch."
-        remedy = ("Nothing for an isolated outlier. If they recur, inspect the batches at these steps "
-                  "(Chowdhery et al. 2022 found spikes tied to specific batches).")
+        remedy = (
+            "Nothing for an isolated outlier. If they recur, inspect the batches at these steps "
+            "(Chowdhery et al. 2022 found spikes tied to specific batches)."
+        )
     return cause, remedy

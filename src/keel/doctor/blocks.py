@@ -107,13 +107,17 @@ def advance(detectors: list[Detector], plan: Plan, first: int, stop: int, broken
     return [f for _, _, f in tagged]
 
 
-def _scan(det: Detector, index: int, steps: np.ndarray, values: np.ndarray, plan: Plan, first: int,
-          broken: Broken) -> list[Finding]:
+def _scan(
+    det: Detector, index: int, steps: np.ndarray, values: np.ndarray, plan: Plan, first: int, broken: Broken
+) -> list[Finding]:
     try:
         state = det.state_dict()
     except Exception as exc:  # noqa: BLE001 - as a checkpoint's state_dict (see keel.doctor.diagnose)
-        broken.add(index, int(steps[0]), f"the {label(det)} detector's state_dict raised {type(exc).__name__}; "
-                                         "it was switched off")
+        broken.add(
+            index,
+            int(steps[0]),
+            f"the {label(det)} detector's state_dict raised {type(exc).__name__}; it was switched off",
+        )
         return []
     try:
         return det.scan(steps, values)  # type: ignore[attr-defined]
@@ -123,8 +127,9 @@ def _scan(det: Detector, index: int, steps: np.ndarray, values: np.ndarray, plan
         return [f for _, f in _read([det], {0: rows}, plan.timeline, broken, offset=index)]
 
 
-def _read(detectors: list[Detector], reads: dict[int, np.ndarray], timeline: Timeline, broken: Broken,
-          offset: int = 0) -> Iterator[tuple[int, Finding]]:
+def _read(
+    detectors: list[Detector], reads: dict[int, np.ndarray], timeline: Timeline, broken: Broken, offset: int = 0
+) -> Iterator[tuple[int, Finding]]:
     """``update`` of each detector in ``reads`` on its observations, in order: (detector, finding) pairs."""
     wanted = np.unique(np.concatenate(list(reads.values())))
     marks = {i: np.isin(wanted, rows, assume_unique=True).tolist() for i, rows in reads.items()}
@@ -136,8 +141,12 @@ def _read(detectors: list[Detector], reads: dict[int, np.ndarray], timeline: Tim
                 found = detectors[i].update(obs)
             except Exception as exc:  # noqa: BLE001 - any bug in a detector, reported as one
                 yield i + offset, keel_error(detectors[i], obs.step, exc)
-                broken.add(i + offset, obs.step, f"the {label(detectors[i])} detector raised {type(exc).__name__} "
-                                                 f"at step {obs.step} and was switched off for the rest of the log")
+                broken.add(
+                    i + offset,
+                    obs.step,
+                    f"the {label(detectors[i])} detector raised {type(exc).__name__} "
+                    f"at step {obs.step} and was switched off for the rest of the log",
+                )
                 continue
             for f in found:
                 yield i + offset, f
@@ -177,10 +186,16 @@ def label(det: Detector) -> str:
 
 
 def keel_error(det: Detector, step: int, exc: BaseException) -> Finding:
-    return Finding(step=step, kind="keel_error", severity="warning", signal=det.name,
-                   evidence={"error": f"{type(exc).__name__}: {exc}",
-                             "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__,
-                                                                             limit=8))},
-                   cause=f"keel's {label(det)} detector raised {type(exc).__name__}: {exc}. It is switched off "
-                         "for the rest of this log; the other detectors went on.",
-                   remedy="Please report this as a keel bug with the traceback (keel doctor --json shows it).")
+    return Finding(
+        step=step,
+        kind="keel_error",
+        severity="warning",
+        signal=det.name,
+        evidence={
+            "error": f"{type(exc).__name__}: {exc}",
+            "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8)),
+        },
+        cause=f"keel's {label(det)} detector raised {type(exc).__name__}: {exc}. It is switched off "
+        "for the rest of this log; the other detectors went on.",
+        remedy="Please report this as a keel bug with the traceback (keel doctor --json shows it).",
+    )

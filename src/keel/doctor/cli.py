@@ -25,14 +25,20 @@ from keel.doctor.text import format_result
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("path", metavar="PATH",
-                        help="CSV/TSV, JSONL, trainer_state.json, TensorBoard event file or folder, "
-                             "keel run store, or a folder of keel runs (each is diagnosed)")
+    parser.add_argument(
+        "path",
+        metavar="PATH",
+        help="CSV/TSV, JSONL, trainer_state.json, TensorBoard event file or folder, "
+        "keel run store, or a folder of keel runs (each is diagnosed)",
+    )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
-    parser.add_argument("--fail-on", choices=("warning", "critical"), default=None,
-                        help="exit 1 when a finding of this severity or worse is found (for CI)")
-    parser.add_argument("--format", choices=FORMATS, default=None,
-                        help="force a reader instead of detecting it")
+    parser.add_argument(
+        "--fail-on",
+        choices=("warning", "critical"),
+        default=None,
+        help="exit 1 when a finding of this severity or worse is found (for CI)",
+    )
+    parser.add_argument("--format", choices=FORMATS, default=None, help="force a reader instead of detecting it")
     parser.add_argument("--all", action="store_true", help="list info findings in the table too")
 
 
@@ -53,8 +59,11 @@ def main(args: argparse.Namespace) -> int:
             text = format_result(results[-1], min_severity="info" if args.all else "warning")
             print(f"\n{text}" if several else text)
     if args.json and (results or several):
-        doc = {"source": args.path, "runs": [r.to_dict() for r in results], "errors": errors} if several \
+        doc = (
+            {"source": args.path, "runs": [r.to_dict() for r in results], "errors": errors}
+            if several
             else results[0].to_dict()
+        )
         print(json.dumps(doc, indent=2, allow_nan=False))
     if errors:
         return 2

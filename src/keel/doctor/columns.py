@@ -16,22 +16,59 @@ from keel._core import keys
 
 # keel key → accepted column names (normalized), in order of preference when several are present.
 ALIASES: dict[str, tuple[str, ...]] = {
-    keys.LOSS: ("loss", "train_loss", "training_loss", "lm_loss", "train_lm_loss", "loss_train",
-                "train_loss_step", "train_loss_iter", "batch_loss", "train_batch_loss", "epoch_loss",
-                "train_epoch_loss"),
-    keys.GRAD_NORM: ("grad_norm", "gradient_norm", "grad_norm_total", "global_grad_norm", "total_grad_norm",
-                     "train_grad_norm", "grad_l2_norm", "gnorm", "grad_norm_global"),
+    keys.LOSS: (
+        "loss",
+        "train_loss",
+        "training_loss",
+        "lm_loss",
+        "train_lm_loss",
+        "loss_train",
+        "train_loss_step",
+        "train_loss_iter",
+        "batch_loss",
+        "train_batch_loss",
+        "epoch_loss",
+        "train_epoch_loss",
+    ),
+    keys.GRAD_NORM: (
+        "grad_norm",
+        "gradient_norm",
+        "grad_norm_total",
+        "global_grad_norm",
+        "total_grad_norm",
+        "train_grad_norm",
+        "grad_l2_norm",
+        "gnorm",
+        "grad_norm_global",
+    ),
     keys.LR: ("lr", "learning_rate", "train_learning_rate", "train_lr", "lr_0", "lr_group_0"),
     keys.AMP_SCALE: ("loss_scale", "amp_scale", "grad_scale", "loss_scaler", "scaler_scale"),
-    keys.STEP_TIME: ("step_time", "step_time_s", "time_per_step", "time_per_step_s", "iteration_time_s",
-                     "iter_time_s"),
-    keys.VAL_LOSS: ("val_loss", "eval_loss", "validation_loss", "valid_loss", "test_loss", "eval_lm_loss",
-               "validation_epoch_loss", "val_epoch_loss"),
+    keys.STEP_TIME: ("step_time", "step_time_s", "time_per_step", "time_per_step_s", "iteration_time_s", "iter_time_s"),
+    keys.VAL_LOSS: (
+        "val_loss",
+        "eval_loss",
+        "validation_loss",
+        "valid_loss",
+        "test_loss",
+        "eval_lm_loss",
+        "validation_epoch_loss",
+        "val_epoch_loss",
+    ),
 }
 
 # Columns that hold the optimizer step, in order of preference.
-STEP_COLUMNS: tuple[str, ...] = ("step", "global_step", "train_global_step", "trainer_global_step",
-                                 "iteration", "iter", "it", "steps", "num_steps", "train_step")
+STEP_COLUMNS: tuple[str, ...] = (
+    "step",
+    "global_step",
+    "train_global_step",
+    "trainer_global_step",
+    "iteration",
+    "iter",
+    "it",
+    "steps",
+    "num_steps",
+    "train_step",
+)
 
 
 def normalize(name: str) -> str:

@@ -82,8 +82,10 @@ def _read(path: Path, fh: TextIO) -> RawLog:
     header = _header(path, reader)
     step_column = find_step_column(header)
     if step_column is None:
-        raise LogReadError(f"{path}: no step column among {', '.join(header[:12]) or '(none)'}; "
-                           f"allowed names: {', '.join(STEP_COLUMNS)}")
+        raise LogReadError(
+            f"{path}: no step column among {', '.join(header[:12]) or '(none)'}; "
+            f"allowed names: {', '.join(STEP_COLUMNS)}"
+        )
     step_index = header.index(step_column)
     names, renamed = _unique_names(header)
     numbers = {i: _Numbers(name) for i, name in enumerate(names) if i != step_index and name}
@@ -134,8 +136,10 @@ def _unique_names(header: list[str]) -> tuple[list[str], list[str]]:
             while new in taken:
                 new += "'"
             taken.add(new)
-            notes.append(f"column {i + 1} is also named {name!r}: {name!r} is column {first[name] + 1}, "
-                         f"column {i + 1} is read as {new!r}")
+            notes.append(
+                f"column {i + 1} is also named {name!r}: {name!r} is column {first[name] + 1}, "
+                f"column {i + 1} is read as {new!r}"
+            )
             names.append(new)
         else:
             first.setdefault(name, i)
@@ -240,8 +244,9 @@ def _finish(path: Path, state: _State, step_column: str, renamed: list[str], ski
         if col.cells and col.parsed * 2 < col.cells:
             log.text_columns.append(col.name)
         else:
-            columns[col.name] = Column(rows=np.frombuffer(col.rows, dtype=np.int64),
-                                       values=np.frombuffer(col.values, dtype=np.float64))
+            columns[col.name] = Column(
+                rows=np.frombuffer(col.rows, dtype=np.int64), values=np.frombuffer(col.values, dtype=np.float64)
+            )
             text_cells += col.text_with_step
     log.records = LogTable(np.frombuffer(state.steps, dtype=np.int64), columns)
     if state.no_step:
@@ -250,8 +255,11 @@ def _finish(path: Path, state: _State, step_column: str, renamed: list[str], ski
         log.notes.append(f"{text_cells} text cell(s) in numeric columns were read as not logged")
     log.notes += renamed
     if skipped:
-        log.notes.append(f"{len(skipped)} row(s) the csv module could not read were skipped: "
-                         + "; ".join(skipped[:5]) + (" …" if len(skipped) > 5 else ""))
+        log.notes.append(
+            f"{len(skipped)} row(s) the csv module could not read were skipped: "
+            + "; ".join(skipped[:5])
+            + (" …" if len(skipped) > 5 else "")
+        )
     return log
 
 

@@ -54,8 +54,9 @@ MAX_LISTED = 20  # gaps and restarts listed in the summary; the count covers the
 GAP_FACTOR = 4  # a step difference over GAP_FACTOR × the logging stride is a gap
 
 
-def diagnose_log(path: str | Path, *, format: str | None = None,
-                 detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
+def diagnose_log(
+    path: str | Path, *, format: str | None = None, detectors: Callable[[], Sequence[Detector]] | None = None
+) -> DoctorResult:
     """Read a training log and run keel's detectors over it.
 
     Args:
@@ -136,8 +137,10 @@ def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None 
         if last is not None and step <= last:
             restarts.append({"step": step, "after_step": last})
             dets = rewind(step)
-        stop = min(int(cuts[np.searchsorted(cuts, index, side="right")]),
-                   index + checkpoints[-1][0] + CHECKPOINT_EVERY - len(kept))
+        stop = min(
+            int(cuts[np.searchsorted(cuts, index, side="right")]),
+            index + checkpoints[-1][0] + CHECKPOINT_EVERY - len(kept),
+        )
         found = advance(dets, plan, index, stop, broken)
         if found:
             if restarts:
@@ -157,8 +160,9 @@ def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None 
             last = kept_steps[-1] if kept else None
     summary = _summary(log, timeline, stride, restarts, findings, fresh())
     summary["notes"] += broken.in_order()
-    return DoctorResult(source=log.source, format=log.format, findings=findings, summary=summary,
-                        decisions=list(log.decisions))
+    return DoctorResult(
+        source=log.source, format=log.format, findings=findings, summary=summary, decisions=list(log.decisions)
+    )
 
 
 def _runs(indices: array) -> Iterator[tuple[int, int]]:
@@ -200,8 +204,9 @@ def _states(detectors: list[Detector], broken: Broken) -> list[dict[str, Any] | 
         try:
             states.append(None if i in broken else det.state_dict())
         except Exception as exc:  # noqa: BLE001 - a bug in a detector, as in keel.doctor.blocks
-            broken.add(i, -1, f"the {label(det)} detector's state_dict raised {type(exc).__name__}; "
-                              "it was switched off")
+            broken.add(
+                i, -1, f"the {label(det)} detector's state_dict raised {type(exc).__name__}; it was switched off"
+            )
             states.append(None)
     return states
 
@@ -241,15 +246,28 @@ def scale_for_stride(detectors: list[Detector], stride: int) -> list[Detector]:
     return detectors
 
 
-def _summary(log: RawLog, timeline: Timeline, stride: int, restarts: list[dict[str, int]],
-             findings: list[Finding], detectors: list[Detector]) -> dict[str, Any]:
+def _summary(
+    log: RawLog,
+    timeline: Timeline,
+    stride: int,
+    restarts: list[dict[str, int]],
+    findings: list[Finding],
+    detectors: list[Detector],
+) -> dict[str, Any]:
     steps = timeline.steps
     after = np.flatnonzero(np.diff(steps) > GAP_FACTOR * stride)
-    gaps = [{"after_step": a, "next_step": b}
-            for a, b in zip(steps[after[:MAX_LISTED]].tolist(), steps[after[:MAX_LISTED] + 1].tolist(), strict=True)]
-    signals = {key: {"column": timeline.columns.get(key, key), "observations": len(col.rows),
-                     "non_finite": int(np.count_nonzero(~np.isfinite(col.values)))}
-               for key, col in timeline.signals.items()}
+    gaps = [
+        {"after_step": a, "next_step": b}
+        for a, b in zip(steps[after[:MAX_LISTED]].tolist(), steps[after[:MAX_LISTED] + 1].tolist(), strict=True)
+    ]
+    signals = {
+        key: {
+            "column": timeline.columns.get(key, key),
+            "observations": len(col.rows),
+            "non_finite": int(np.count_nonzero(~np.isfinite(col.values))),
+        }
+        for key, col in timeline.signals.items()
+    }
     counts = Counter(f.severity for f in findings)
     by_kind: dict[str, dict[str, int]] = {}
     for f in findings:
@@ -269,8 +287,7 @@ def _summary(log: RawLog, timeline: Timeline, stride: int, restarts: list[dict[s
         "detectors": [_readiness(det, timeline) for det in detectors],
         "counts": {s: counts.get(s, 0) for s in SEVERITIES},
         "by_kind": by_kind,
-        "notes": list(log.notes) + ([f"{timeline.merged} same-step record(s) merged"]
-                                    if timeline.merged else []),
+        "notes": list(log.notes) + ([f"{timeline.merged} same-step record(s) merged"] if timeline.merged else []),
     }
     # the named causes (`keel.detect.diagnose`): cause, first sighting, evidence, remedies with sources
     summary["diagnosis"] = [d.to_dict() for d in name_causes(findings)]
@@ -313,6 +330,9 @@ def _readiness(det: Detector, timeline: Timeline) -> dict[str, Any]:
             usable_at &= values > 0
         armed_index = needed  # the spike detector compares the value after min_history accepted ones
     usable = timeline.steps[col.rows[usable_at]] if col is not None else np.zeros(0, dtype=np.int64)
-    info.update(needs=needed, observations=len(usable),
-                armed_at_step=int(usable[armed_index]) if len(usable) > armed_index else None)
+    info.update(
+        needs=needed,
+        observations=len(usable),
+        armed_at_step=int(usable[armed_index]) if len(usable) > armed_index else None,
+    )
     return info

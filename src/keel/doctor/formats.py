@@ -76,8 +76,10 @@ def detect_format(path: Path) -> str:
             return "keel_store"
         if next(path.rglob(EVENT_GLOB), None) is not None:
             return "tensorboard"
-        raise LogReadError(f"{path}: a folder with no training log in it; looked for {STORE_NAME} (also one or two "
-                           f"levels down), {STATE_NAME} (also in checkpoint-*/) and {EVENT_GLOB}")
+        raise LogReadError(
+            f"{path}: a folder with no training log in it; looked for {STORE_NAME} (also one or two "
+            f"levels down), {STATE_NAME} (also in checkpoint-*/) and {EVENT_GLOB}"
+        )
     if is_sqlite(path):
         return "keel_store"
     if is_event_file(path):
@@ -104,8 +106,10 @@ def detect_format(path: Path) -> str:
     first = stripped.partition("\n")[0]
     if any(sep in first for sep in (",", "\t", ";")):
         return "csv"
-    raise LogReadError(f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, "
-                       f"{STATE_NAME}, TensorBoard event files, keel run stores")
+    raise LogReadError(
+        f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, "
+        f"{STATE_NAME}, TensorBoard event files, keel run stores"
+    )
 
 
 def find_logs(path: str | Path, format: str | None = None) -> list[Path]:
@@ -128,8 +132,12 @@ def find_logs(path: str | Path, format: str | None = None) -> list[Path]:
         (['A/keel', 'B/keel'], True)
     """
     path = Path(path)
-    if format not in (None, "keel_store") or not path.is_dir() or (path / STORE_NAME).is_file() \
-            or find_trainer_state(path) is not None:
+    if (
+        format not in (None, "keel_store")
+        or not path.is_dir()
+        or (path / STORE_NAME).is_file()
+        or find_trainer_state(path) is not None
+    ):
         return [path]
     runs = find_runs(path)
     return runs if len(runs) > 1 else [path]
@@ -137,8 +145,12 @@ def find_logs(path: str | Path, format: str | None = None) -> list[Path]:
 
 def _kind(path: Path) -> str:
     mode = path.stat().st_mode
-    for test, name in ((stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
-                       (stat.S_ISBLK, "a block device")):
+    for test, name in (
+        (stat.S_ISFIFO, "a FIFO"),
+        (stat.S_ISSOCK, "a socket"),
+        (stat.S_ISCHR, "a character device"),
+        (stat.S_ISBLK, "a block device"),
+    ):
         if test(mode):
             return name
     return "neither a file nor a folder"

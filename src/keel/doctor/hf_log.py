@@ -23,8 +23,11 @@ def find_trainer_state(folder: Path) -> Path | None:
     """``folder/trainer_state.json``, else the one in the highest-numbered ``checkpoint-N``; None if none."""
     if (folder / STATE_NAME).is_file():
         return folder / STATE_NAME
-    checkpoints = [(int(m.group(1)), p) for p in folder.glob(f"checkpoint-*/{STATE_NAME}")
-                   if (m := re.fullmatch(r"checkpoint-(\d+)", p.parent.name))]
+    checkpoints = [
+        (int(m.group(1)), p)
+        for p in folder.glob(f"checkpoint-*/{STATE_NAME}")
+        if (m := re.fullmatch(r"checkpoint-(\d+)", p.parent.name))
+    ]
     return max(checkpoints)[1] if checkpoints else None
 
 
@@ -54,8 +57,10 @@ def read_trainer_state(path: str | Path) -> RawLog:
     entries = [e for e in history if not (isinstance(e, dict) and any(k in e for k in SUMMARY_KEYS))]
     log = records_from_objects(path, entries, fmt="hf_trainer_state", repeats=repeats)
     if len(entries) < len(history):
-        log.notes.append(f"{len(history) - len(entries)} end-of-training summary entr(ies) left out "
-                         "(their train_loss is the mean of the whole run)")
+        log.notes.append(
+            f"{len(history) - len(entries)} end-of-training summary entr(ies) left out "
+            "(their train_loss is the mean of the whole run)"
+        )
     for key in ("global_step", "max_steps", "logging_steps", "eval_steps", "num_train_epochs"):
         if isinstance(state.get(key), (int, float)) and not isinstance(state[key], bool):
             log.meta[key] = state[key]

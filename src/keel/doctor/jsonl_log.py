@@ -81,8 +81,9 @@ def _not_json_lines(path: Path, lines: _Lines) -> LogReadError:
         whole = None
     if isinstance(whole, dict):
         return LogReadError(f"{path}: one JSON object, not a log (not JSON lines, no 'log_history')")
-    return LogReadError(f"{path}: not JSON lines "
-                        f"({lines.bad} of {lines.bad + lines.objects} non-empty lines are not JSON)")
+    return LogReadError(
+        f"{path}: not JSON lines ({lines.bad} of {lines.bad + lines.objects} non-empty lines are not JSON)"
+    )
 
 
 class _Lines:
@@ -140,12 +141,15 @@ class RepeatedKeys:
     def note(self) -> str | None:
         if not self.objects:
             return None
-        return (f"{self.objects} object(s) with a repeated key ({', '.join(map(repr, self.names))}): the last "
-                "value of each was used, as JSON readers do")
+        return (
+            f"{self.objects} object(s) with a repeated key ({', '.join(map(repr, self.names))}): the last "
+            "value of each was used, as JSON readers do"
+        )
 
 
-def records_from_objects(path: Path, objects: Iterable[Any], *, fmt: str,
-                         repeats: RepeatedKeys | None = None) -> RawLog:
+def records_from_objects(
+    path: Path, objects: Iterable[Any], *, fmt: str, repeats: RepeatedKeys | None = None
+) -> RawLog:
     """A `RawLog` from log objects (JSON lines, a JSON list, a Trainer's ``log_history``)."""
     log = RawLog(source=str(path), format=fmt)
     table = TableBuilder()
@@ -180,8 +184,7 @@ def records_from_objects(path: Path, objects: Iterable[Any], *, fmt: str,
                 values[name] = value
         table.add(step, values)
     if not len(table):
-        raise LogReadError(f"{path}: no log object has a step field; "
-                           f"allowed names: {', '.join(STEP_COLUMNS)}")
+        raise LogReadError(f"{path}: no log object has a step field; allowed names: {', '.join(STEP_COLUMNS)}")
     log.records = table.build()
     log.step_column = ", ".join(sorted(step_columns))
     log.text_columns = sorted(text_fields - number_fields)

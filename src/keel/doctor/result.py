@@ -55,9 +55,13 @@ class DoctorResult:
         non-finite numbers become ``null``. Each decision has step, action, by, reason, onset, restored_step
         and remedies (those a rollback applied, in words; see `remedies_of`).
         """
-        return {"source": self.source, "format": self.format,
-                "findings": [_finding_dict(f) for f in self.findings],
-                "decisions": [_decision_dict(d) for d in self.decisions], "summary": _clean(self.summary)}
+        return {
+            "source": self.source,
+            "format": self.format,
+            "findings": [_finding_dict(f) for f in self.findings],
+            "decisions": [_decision_dict(d) for d in self.decisions],
+            "summary": _clean(self.summary),
+        }
 
 
 def remedies_of(decision: Decision) -> list[str]:
@@ -76,14 +80,29 @@ def remedies_of(decision: Decision) -> list[str]:
 
 
 def _decision_dict(d: Decision) -> dict[str, Any]:
-    return {"step": d.step, "action": d.action, "by": d.by, "reason": d.reason, "onset": d.onset,
-            "restored_step": d.restored_step, "remedies": remedies_of(d)}
+    return {
+        "step": d.step,
+        "action": d.action,
+        "by": d.by,
+        "reason": d.reason,
+        "onset": d.onset,
+        "restored_step": d.restored_step,
+        "remedies": remedies_of(d),
+    }
 
 
 def _finding_dict(f: Finding) -> dict[str, Any]:
-    return {"step": f.step, "kind": f.kind, "severity": f.severity, "signal": f.signal,
-            "value": _number(f.value), "baseline": _number(f.baseline), "cause": f.cause, "remedy": f.remedy,
-            "evidence": _clean(f.evidence)}
+    return {
+        "step": f.step,
+        "kind": f.kind,
+        "severity": f.severity,
+        "signal": f.signal,
+        "value": _number(f.value),
+        "baseline": _number(f.baseline),
+        "cause": f.cause,
+        "remedy": f.remedy,
+        "evidence": _clean(f.evidence),
+    }
 
 
 def _number(x: float) -> float | None:

@@ -48,15 +48,16 @@ def read_store_log(path: str | Path) -> RawLog:
         runs = find_runs(path)
         if len(runs) > 1:
             names = ", ".join(p.relative_to(path).as_posix() for p in runs[:6]) + (" …" if len(runs) > 6 else "")
-            raise LogReadError(f"{path}: a folder of {len(runs)} keel runs ({names}); keel doctor diagnoses each, "
-                               f"diagnose_log reads one, e.g. {runs[0]}")
+            raise LogReadError(
+                f"{path}: a folder of {len(runs)} keel runs ({names}); keel doctor diagnoses each, "
+                f"diagnose_log reads one, e.g. {runs[0]}"
+            )
         if runs:
             found = f"{path} holds one keel run store, {runs[0]}: diagnosed that"
             path, file = runs[0], store_path(runs[0])
     if not file.is_file():
         raise LogReadError(f"{path}: no keel run store ({file.name}) here")
-    log = RawLog(source=str(path), format="keel_store", keyed=True, step_column="step",
-                 notes=[found] if found else [])
+    log = RawLog(source=str(path), format="keel_store", keyed=True, step_column="step", notes=[found] if found else [])
     try:
         with RunReader(file) as run:
             log.records = _signals(run, log.notes)
@@ -67,11 +68,13 @@ def read_store_log(path: str | Path) -> RawLog:
                 log.notes.append(f"the stored findings could not be read ({exc})")
             try:
                 log.decisions = run.decisions()
-                log.rollbacks = {d.step: d.restored_step for d in log.decisions
-                                 if d.action == "rollback" and isinstance(d.restored_step, int)}
+                log.rollbacks = {
+                    d.step: d.restored_step
+                    for d in log.decisions
+                    if d.action == "rollback" and isinstance(d.restored_step, int)
+                }
             except sqlite3.Error as exc:
-                log.notes.append(f"the stored decisions could not be read ({exc}); "
-                                 "rollbacks are not replayed")
+                log.notes.append(f"the stored decisions could not be read ({exc}); rollbacks are not replayed")
             log.notes += [f"the store: {problem}" for problem in getattr(run, "problems", [])]
     except sqlite3.Error as exc:
         raise LogReadError(f"{file}: not a keel run store ({exc})") from None

@@ -67,8 +67,10 @@ class LogTable(Sequence[tuple[int, dict[str, float]]]):
                     raise ValueError
                 builder.add(step, {name: float(v) for name, v in values.items()})
             except (TypeError, ValueError, OverflowError):
-                raise ValueError(f"record {i}: step {step!r} with values {values!r}; allowed: an integer step "
-                                 f"within ±2**61 and numeric values") from None
+                raise ValueError(
+                    f"record {i}: step {step!r} with values {values!r}; allowed: an integer step "
+                    f"within ±2**61 and numeric values"
+                ) from None
         return builder.build()
 
     def __len__(self) -> int:
@@ -150,8 +152,11 @@ class TableBuilder:
             self._values[name].append(value)
 
     def build(self) -> LogTable:
-        columns = {name: Column(rows=np.frombuffer(self._rows[name], dtype=np.int64),
-                                values=np.frombuffer(self._values[name], dtype=np.float64))
-                   for name in self._rows}
+        columns = {
+            name: Column(
+                rows=np.frombuffer(self._rows[name], dtype=np.int64),
+                values=np.frombuffer(self._values[name], dtype=np.float64),
+            )
+            for name in self._rows
+        }
         return LogTable(np.frombuffer(self._steps, dtype=np.int64), columns)
-

@@ -120,16 +120,24 @@ class _Scalars:
     def records(self) -> LogTable:
         """One record per run of same-step scalars in write order (wall time; an event without a usable wall
         time, NaN, sorts last), a tag met again in the run starting a new record."""
-        order = np.lexsort((np.frombuffer(self.order, np.int64), np.frombuffer(self.rank, np.int64),
-                            np.frombuffer(self.wall, np.float64)))
+        order = np.lexsort(
+            (
+                np.frombuffer(self.order, np.int64),
+                np.frombuffer(self.rank, np.int64),
+                np.frombuffer(self.wall, np.float64),
+            )
+        )
         names = list(self.tags)
         builder = TableBuilder()
         last_step, current = None, {}
         for start in range(0, len(order), 1 << 16):
-            block = order[start:start + (1 << 16)]
-            for step, tag, value in zip(np.frombuffer(self.steps, np.int64)[block].tolist(),
-                                        np.frombuffer(self.tag, np.int64)[block].tolist(),
-                                        np.frombuffer(self.value, np.float64)[block].tolist(), strict=True):
+            block = order[start : start + (1 << 16)]
+            for step, tag, value in zip(
+                np.frombuffer(self.steps, np.int64)[block].tolist(),
+                np.frombuffer(self.tag, np.int64)[block].tolist(),
+                np.frombuffer(self.value, np.float64)[block].tolist(),
+                strict=True,
+            ):
                 name = names[tag]
                 if step == last_step and name not in current:
                     current[name] = value

@@ -26,8 +26,10 @@ def format_result(result: DoctorResult, *, min_severity: str = "warning") -> str
     result = _printable(result)
     width = max(80, min(shutil.get_terminal_size((110, 24)).columns, 140))
     s = result.summary
-    lines = [f"keel doctor: {result.source} ({result.format}, {s.get('observations', 0)} steps "
-             f"{s.get('first_step')}–{s.get('last_step')}, logged every {s.get('stride', 1)})"]
+    lines = [
+        f"keel doctor: {result.source} ({result.format}, {s.get('observations', 0)} steps "
+        f"{s.get('first_step')}–{s.get('last_step')}, logged every {s.get('stride', 1)})"
+    ]
     shown = result.at_least(min_severity)
     lines.append("")
     if shown:
@@ -49,17 +51,33 @@ def format_result(result: DoctorResult, *, min_severity: str = "warning") -> str
     lines.append("")
     lines += _summary_lines(s)
     counts = s.get("counts", {})
-    lines.append(f"findings: {counts.get('critical', 0)} critical, {counts.get('warning', 0)} warning, "
-                 f"{counts.get('info', 0)} info")
+    lines.append(
+        f"findings: {counts.get('critical', 0)} critical, {counts.get('warning', 0)} warning, "
+        f"{counts.get('info', 0)} info"
+    )
     return "\n".join(lines)
 
 
 def _printable(result: DoctorResult) -> DoctorResult:
-    findings = [replace(f, kind=printable(f.kind), signal=printable(f.signal), cause=printable(f.cause),
-                        remedy=printable(f.remedy), evidence=printable_tree(f.evidence)) for f in result.findings]
+    findings = [
+        replace(
+            f,
+            kind=printable(f.kind),
+            signal=printable(f.signal),
+            cause=printable(f.cause),
+            remedy=printable(f.remedy),
+            evidence=printable_tree(f.evidence),
+        )
+        for f in result.findings
+    ]
     decisions = [replace(d, reason=printable(d.reason)) for d in result.decisions]
-    return DoctorResult(source=printable(result.source), format=result.format, findings=findings,
-                        summary=printable_tree(result.summary), decisions=decisions)
+    return DoctorResult(
+        source=printable(result.source),
+        format=result.format,
+        findings=findings,
+        summary=printable_tree(result.summary),
+        decisions=decisions,
+    )
 
 
 def _table(findings: list[Finding], width: int) -> list[str]:
@@ -67,8 +85,10 @@ def _table(findings: list[Finding], width: int) -> list[str]:
     lines = [header + "  evidence", "-" * min(width, 110)]
     wrap = textwrap.TextWrapper(width=width - 10, initial_indent=" " * 10, subsequent_indent=" " * 18)
     for f in findings:
-        lines.append(f"{f.step:>8}  {f.severity:<8}  {f.kind:<22}  {f.signal:<10}  {_num(f.value):>10}  "
-                     f"{_num(f.baseline):>10}  {_evidence(f.evidence)}")
+        lines.append(
+            f"{f.step:>8}  {f.severity:<8}  {f.kind:<22}  {f.signal:<10}  {_num(f.value):>10}  "
+            f"{_num(f.baseline):>10}  {_evidence(f.evidence)}"
+        )
         if f.cause:
             lines += wrap.wrap("cause:  " + f.cause)
         if f.remedy:
@@ -108,8 +128,10 @@ def _decision_lines(decisions: list[Decision], s: dict[str, Any], width: int) ->
         if d.action == "rollback":
             trigger = d.reason.partition("Trigger: ")[2] or d.reason
             began = f" (trouble began at step {d.onset})" if d.onset is not None else ""
-            lines += wrap.wrap(f"rollback at step {d.step} to the snapshot of step {d.restored_step}{began}; "
-                               f"remedies: {', '.join(remedies_of(d)) or 'none'}; trigger: {trigger}")
+            lines += wrap.wrap(
+                f"rollback at step {d.step} to the snapshot of step {d.restored_step}{began}; "
+                f"remedies: {', '.join(remedies_of(d)) or 'none'}; trigger: {trigger}"
+            )
         else:
             lines += wrap.wrap(f"abort at step {d.step}: {d.reason}")
     if len(acts) > MAX_ROWS:
@@ -140,15 +162,18 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
         if "needs" in det and det["observations"] == 0:
             lines.append(f"{det['signal']} is not in this log: no {det.get('kind', det['name'])} detection")
         elif "needs" in det and det.get("armed_at_step") is None:
-            lines.append(f"not enough history for {det.get('kind', det['name'])} on {det['signal']}: "
-                         f"{det['observations']} value(s), it needs {det['needs']} "
-                         "before it can flag anything")
+            lines.append(
+                f"not enough history for {det.get('kind', det['name'])} on {det['signal']}: "
+                f"{det['observations']} value(s), it needs {det['needs']} "
+                "before it can flag anything"
+            )
     for note in s.get("notes", []):
         lines.append(f"note: {note}")
     if "stored_findings" in s:
         st = s["stored_findings"]
-        lines.append(f"recorded live by the Guard: {st['critical']} critical, {st['warning']} warning, "
-                     f"{st['info']} info")
+        lines.append(
+            f"recorded live by the Guard: {st['critical']} critical, {st['warning']} warning, {st['info']} info"
+        )
     return lines
 
 

@@ -95,8 +95,15 @@ class Timeline:
                 else:
                     yield Observation(step=step, values=values)
 
-    def _block(self, lo: int, hi: int) -> tuple[list[str], list[list[Any]], list[str], dict[int, dict[str, float]],
-                                                  dict[int, dict[str, tuple[list[str], list[float]]]]]:
+    def _block(
+        self, lo: int, hi: int
+    ) -> tuple[
+        list[str],
+        list[list[Any]],
+        list[str],
+        dict[int, dict[str, float]],
+        dict[int, dict[str, tuple[list[str], list[float]]]],
+    ]:
         """What observations [lo, hi) hold: the scalars logged at most of them as lists (None where not
         logged; ``gapped`` names those with a None), the scalars logged at few of them by observation, and
         the per-parameter families by observation."""
@@ -162,8 +169,12 @@ def build_timeline(log: RawLog) -> Timeline:
     mapping = {name: name for name in names} if log.keyed else map_columns(names)
     families = _families(mapping.values())
     starts, merged, orders = _merge(table, mapping)
-    timeline = Timeline(steps=table.steps[starts], columns={key: name for name, key in mapping.items() if key != name},
-                        families=sorted(families), merged=merged)
+    timeline = Timeline(
+        steps=table.steps[starts],
+        columns={key: name for name, key in mapping.items() if key != name},
+        families=sorted(families),
+        merged=merged,
+    )
     observation_of = None if merged == 0 else np.cumsum(starts) - 1
     if observation_of is not None and families:
         timeline.orders = {int(observation_of[row]): order for row, order in orders.items()}
@@ -176,7 +187,7 @@ def build_timeline(log: RawLog) -> Timeline:
             previous = timeline.signals.get(key)
             timeline.signals[key] = col if previous is None else _combine(previous, col)
         else:
-            timeline.members.setdefault(family, []).append((key[len(family):], col))
+            timeline.members.setdefault(family, []).append((key[len(family) :], col))
     return timeline
 
 

@@ -145,10 +145,15 @@ def checked_measurements(measured: object, device: torch.device) -> Measurements
             raise TypeError(f"signal key {key!r}; allowed: a non-empty str")
         if isinstance(value, PerParam):
             names, values = value
-            if not isinstance(values, Tensor) or values.numel() != len(names) \
-                    or not all(isinstance(n, str) for n in names):
-                raise TypeError(f"{key}: PerParam with {len(names)} names and values of type "
-                                f"{type(values).__name__}; allowed: str names and a tensor with one value per name")
+            if (
+                not isinstance(values, Tensor)
+                or values.numel() != len(names)
+                or not all(isinstance(n, str) for n in names)
+            ):
+                raise TypeError(
+                    f"{key}: PerParam with {len(names)} names and values of type "
+                    f"{type(values).__name__}; allowed: str names and a tensor with one value per name"
+                )
             _check_tensor(key, values)
             out[key] = PerParam(tuple(names), values if values.device == device else values.to(device))
         elif isinstance(value, Tensor):
@@ -157,8 +162,10 @@ def checked_measurements(measured: object, device: torch.device) -> Measurements
             _check_tensor(key, value)
             out[key] = value if value.device == device else value.to(device)
         else:
-            raise TypeError(f"{key}: {type(value).__name__} {_short(value)}; allowed: a 0-d torch.Tensor or PerParam "
-                            "(kept on device, so the step's one host copy carries it)")
+            raise TypeError(
+                f"{key}: {type(value).__name__} {_short(value)}; allowed: a 0-d torch.Tensor or PerParam "
+                "(kept on device, so the step's one host copy carries it)"
+            )
     return out
 
 

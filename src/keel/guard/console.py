@@ -138,30 +138,56 @@ class Console:
         reason = one_line(str(d.reason), 2 * self.config.width)
         if d.action in ("rollback", "abort"):  # always shown: each changes the run for good
             moved = f" from step {d.step} to step {d.restored_step}" if d.restored_step is not None else ""
-            _say(logging.WARNING if d.action == "rollback" else logging.ERROR, f"step {d.step} {d.action}{moved}: "
-                 f"{reason}")
+            _say(
+                logging.WARNING if d.action == "rollback" else logging.ERROR,
+                f"step {d.step} {d.action}{moved}: {reason}",
+            )
         elif d.action == "skip":
             level = logging.DEBUG if d.by == "scaler" else logging.WARNING
             if _enabled(level):
                 by = " by the GradScaler" if d.by == "scaler" else ""
-                self._limited("skip" if d.by == "keel" else "scaler skip", "skip", d.step, level,
-                              f"step {d.step} skip{by}: {reason}")
+                self._limited(
+                    "skip" if d.by == "keel" else "scaler skip",
+                    "skip",
+                    d.step,
+                    level,
+                    f"step {d.step} skip{by}: {reason}",
+                )
 
     def flush(self) -> None:
         """Say how many lines of each kind were not shown since its last note (at the end of a run)."""
         for key in list(self._hidden):
             self._note(key, None)
 
-    def summary(self, *, status: str, steps: int, policy: str | None, findings: Sequence[Finding],
-                decisions: Sequence[Decision], diagnoses: Sequence[Diagnosis], run_dir: str | None) -> None:
+    def summary(
+        self,
+        *,
+        status: str,
+        steps: int,
+        policy: str | None,
+        findings: Sequence[Finding],
+        decisions: Sequence[Decision],
+        diagnoses: Sequence[Diagnosis],
+        run_dir: str | None,
+    ) -> None:
         """The run's summary, one INFO block (pending rate-limit notes first)."""
         if self.quiet:
             return
         self.flush()
         if _enabled(logging.INFO):
-            _say(logging.INFO, format_summary(status=status, steps=steps, policy=policy, findings=findings,
-                                              decisions=decisions, diagnoses=diagnoses, run_dir=run_dir,
-                                              hidden=self.hidden_total))
+            _say(
+                logging.INFO,
+                format_summary(
+                    status=status,
+                    steps=steps,
+                    policy=policy,
+                    findings=findings,
+                    decisions=decisions,
+                    diagnoses=diagnoses,
+                    run_dir=run_dir,
+                    hidden=self.hidden_total,
+                ),
+            )
 
     # --- the rate limit -------------------------------------------------------------------------------
     def _limited(self, key: str, severity: str, step: int, level: int, text: str) -> None:
@@ -181,8 +207,11 @@ class Console:
         n = sum(hidden.by.values())
         by = ", ".join(f"{s} {c}" for s, c in sorted(hidden.by.items()))
         at = f"step {step}: " if step is not None else "end of run: "
-        _say(hidden.level, f"{at}{n} more {key} {plural(n, 'line')} since step {hidden.since} not shown ({by}); all "
-                    "are in the run store and the summary")
+        _say(
+            hidden.level,
+            f"{at}{n} more {key} {plural(n, 'line')} since step {hidden.since} not shown ({by}); all "
+            "are in the run store and the summary",
+        )
 
 
 def _value(value: object) -> str:
@@ -285,6 +314,16 @@ def progress_bar(total: int | None, desc: str, *, enabled: bool = True, unit: st
 
     ensure_handler()
     redirect = logging_redirect_tqdm(loggers=[logger]) if _own_handler() is not None else contextlib.nullcontext()
-    with redirect, tqdm(total=total, desc=desc, unit=unit, file=sys.stderr, leave=False, dynamic_ncols=True,
-                        disable=None if enabled else True) as bar:
+    with (
+        redirect,
+        tqdm(
+            total=total,
+            desc=desc,
+            unit=unit,
+            file=sys.stderr,
+            leave=False,
+            dynamic_ncols=True,
+            disable=None if enabled else True,
+        ) as bar,
+    ):
         yield bar

@@ -67,13 +67,17 @@ class DeferredSteps:
             raise ValueError("sync='deferred' under torch.distributed: not supported yet; allowed: sync='step'")
         gating = g.policy != "observe"
         if gating and not takes_found_inf(g.optimizer):
-            raise ValueError(f"sync='deferred' with policy={g.policy!r} skips updates through the optimizer's "
-                             f"found_inf; {type(g.optimizer).__name__} does not take it; allowed: "
-                             "torch.optim.Adam/AdamW/SGD(..., fused=True), or policy='observe'")
+            raise ValueError(
+                f"sync='deferred' with policy={g.policy!r} skips updates through the optimizer's "
+                f"found_inf; {type(g.optimizer).__name__} does not take it; allowed: "
+                "torch.optim.Adam/AdamW/SGD(..., fused=True), or policy='observe'"
+            )
         names = {p.name for p in g.probes}
         if gating and not names & {"loss", "grad_norm"}:
-            raise ValueError(f"sync='deferred' gates on the loss or the gradient norm; probes={sorted(names)} "
-                             "has neither; allowed: probe sets with 'loss' or 'grad_norm'")
+            raise ValueError(
+                f"sync='deferred' gates on the loss or the gradient norm; probes={sorted(names)} "
+                "has neither; allowed: probe sets with 'loss' or 'grad_norm'"
+            )
         self.gate = DeviceGate(g.detectors) if gating else None
         self._in_flight: InFlight | None = None
 
@@ -108,8 +112,11 @@ class DeferredSteps:
         g.components.step = g.global_step
         if g.recovery is not None:
             g.components.call("snapshots", g.actuator.after_step, g.global_step)
-        return landed[0] if landed is not None else Decision(step=step, action="ok",
-                                                              reason="deferred: decided when the next step lands")
+        return (
+            landed[0]
+            if landed is not None
+            else Decision(step=step, action="ok", reason="deferred: decided when the next step lands")
+        )
 
     def _land(self) -> tuple[Decision, Observation] | None:
         """Decide on the step in flight: its decision and observation (None: there is none). Records it and steps
@@ -164,10 +171,16 @@ class DeferredSteps:
 def _as_carried_out(decision: Decision, gated: bool) -> Decision:
     """The host's decision, reconciled with what the device already did to that step's update."""
     if decision.action == "skip" and not gated:
-        return replace(decision, action="ok", reason=f"too late to skip (sync='deferred' skips on the device only "
-                                                     f"non-finite values and critical spikes): {decision.reason}")
+        return replace(
+            decision,
+            action="ok",
+            reason=f"too late to skip (sync='deferred' skips on the device only "
+            f"non-finite values and critical spikes): {decision.reason}",
+        )
     if decision.action == "ok" and gated:
-        return replace(decision, action="skip", reason="skipped on the device: a non-finite or critical value "
-                                                        "at the limit the detectors set")
+        return replace(
+            decision,
+            action="skip",
+            reason="skipped on the device: a non-finite or critical value at the limit the detectors set",
+        )
     return decision
-

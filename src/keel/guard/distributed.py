@@ -189,16 +189,22 @@ class RankSync:
                 raise ValueError(f"distributed={config!r}; allowed: None, True, False or a DistributedConfig")
         if not (dist.is_available() and dist.is_initialized()):
             if asked:
-                raise ValueError("distributed was requested but torch.distributed is not initialised; allowed: "
-                                 "call torch.distributed.init_process_group first (torchrun does not do it)")
+                raise ValueError(
+                    "distributed was requested but torch.distributed is not initialised; allowed: "
+                    "call torch.distributed.init_process_group first (torchrun does not do it)"
+                )
             return None
         if dist.get_world_size(config.process_group) < 2:
             return None
         return cls(model, config)
 
     def describe(self) -> dict[str, Any]:
-        return {"world_size": self.world, "backend": str(dist.get_backend(self.group)), "sharded": self.sharded,
-                "rank_stats": self.stats is not None}
+        return {
+            "world_size": self.world,
+            "backend": str(dist.get_backend(self.group)),
+            "sharded": self.sharded,
+            "rank_stats": self.stats is not None,
+        }
 
     def reduce(self, packed: Packed) -> Packed:
         """All-reduce one step's packed measurements; adds the per-rank families to the first group.
@@ -209,8 +215,10 @@ class RankSync:
         grad_stats = self.stats.take() if self.stats is not None else None
         device = local.device
         plan = self._plan(packed.layout, grad_stats is not None, device)
-        rank_values = [local[i] if i >= 0 else torch.full((), math.nan, dtype=torch.float64, device=device)
-                       for i in (plan.loss_index, plan.grad_norm_index)]
+        rank_values = [
+            local[i] if i >= 0 else torch.full((), math.nan, dtype=torch.float64, device=device)
+            for i in (plan.loss_index, plan.grad_norm_index)
+        ]
         if grad_stats is not None:
             rank_values.extend(grad_stats.to(device=device, dtype=torch.float64).unbind())
         own = torch.cat([local[plan.gathered], torch.stack(rank_values)])
@@ -218,7 +226,7 @@ class RankSync:
         buffer = torch.zeros(n_sum + self.world * n_own, dtype=torch.float64, device=device)
         summed = local[plan.summed]
         buffer[:n_sum] = torch.where(plan.squared, summed * summed, summed)
-        buffer[n_sum + self.rank * n_own: n_sum + (self.rank + 1) * n_own] = own
+        buffer[n_sum + self.rank * n_own : n_sum + (self.rank + 1) * n_own] = own
         dist.all_reduce(buffer, group=self.group)
         total = buffer[:n_sum]
         by_rank = buffer[n_sum:].view(self.world, n_own)  # [rank, gathered entries then per-rank values]
@@ -233,7 +241,7 @@ class RankSync:
             local_sq, dot, mean_sq = by_rank[:, k + 2], by_rank[:, k + 3], by_rank[:, k + 4]
             per_rank += [local_sq.sqrt(), leave_one_out_cosine(local_sq, dot, mean_sq, self.world)]
         head = out[: plan.first_group_end]
-        tensor = torch.cat([head, *per_rank, out[plan.first_group_end:]])
+        tensor = torch.cat([head, *per_rank, out[plan.first_group_end :]])
         return Packed(tensor, plan.layout)
 
     def all_equal(self, value: int) -> bool:
@@ -244,16 +252,18 @@ class RankSync:
     def all_max(self, values: list[float]) -> list[float]:
         """The element-wise maximum over ranks of ``values`` (a collective: every rank must call it, with a list
         of the same length). Exact for integers below 2**53."""
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(self.group) == "nccl" \
+        device = (
+            torch.device("cuda", torch.cuda.current_device())
+            if dist.get_backend(self.group) == "nccl"
             else torch.device("cpu")
+        )
         t = torch.tensor(values, dtype=torch.float64, device=device)
         dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
         return t.tolist()
 
     # ------------------------------------------------------------------------------------------------
     def _plan(self, layout: list, with_grad_stats: bool, device: torch.device) -> _Plan:
-        signature = (tuple((tuple(s), tuple((k, len(n)) for k, n in f)) for s, f in layout), with_grad_stats,
-                     device)
+        signature = (tuple((tuple(s), tuple((k, len(n)) for k, n in f)) for s, f in layout), with_grad_stats, device)
         plan = self._plans.get(signature)
         if plan is None:
             if len(self._plans) > 64:  # layouts alternate between a few shapes; never grow without bound
@@ -265,8 +275,7 @@ class RankSync:
 class _Plan:
     """Index tensors for one packed layout: which entries are summed, squared, gathered; the output layout."""
 
-    def __init__(self, layout: list, sharded: bool, world: int, with_grad_stats: bool,
-                 device: torch.device) -> None:
+    def __init__(self, layout: list, sharded: bool, world: int, with_grad_stats: bool, device: torch.device) -> None:
         summed, squared, gathered, is_max = [], [], [], []
         self.loss_index = self.grad_norm_index = -1
         offset = 0

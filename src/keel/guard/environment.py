@@ -29,8 +29,12 @@ def describe_environment() -> dict[str, Any]:
     """Versions, git SHA, host and accelerators, for a run's metadata."""
     cuda = torch.cuda.is_available()
     return {
-        "versions": {"python": sys.version.split()[0], "torch": torch.__version__, "numpy": np.__version__,
-                     "keel": keel.__version__},
+        "versions": {
+            "python": sys.version.split()[0],
+            "torch": torch.__version__,
+            "numpy": np.__version__,
+            "keel": keel.__version__,
+        },
         "git_sha": git_sha(),
         "hardware": {
             "host": socket.gethostname(),

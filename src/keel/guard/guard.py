@@ -148,18 +148,39 @@ class Guard(DeferredSteps):
     ) -> None:
         self.named = _trainable_parameters(model, optimizer)
         self._names, self._params = tuple(n for n, _ in self.named), [p for _, p in self.named]
-        check_arguments(dict(policy=policy, scheduler=scheduler, scaler=scaler, run_dir=run_dir, log_every=log_every,
-                             probes=probes, max_grad_norm=max_grad_norm, max_consecutive_skips=max_consecutive_skips,
-                             detectors=detectors, recovery=recovery, resume=resume, overwrite=overwrite,
-                             config=config, seed=seed, distributed=distributed, sync=sync))
+        check_arguments(
+            dict(
+                policy=policy,
+                scheduler=scheduler,
+                scaler=scaler,
+                run_dir=run_dir,
+                log_every=log_every,
+                probes=probes,
+                max_grad_norm=max_grad_norm,
+                max_consecutive_skips=max_consecutive_skips,
+                detectors=detectors,
+                recovery=recovery,
+                resume=resume,
+                overwrite=overwrite,
+                config=config,
+                seed=seed,
+                distributed=distributed,
+                sync=sync,
+            )
+        )
         if resume and run_dir is None:
             raise ValueError("resume=True needs run_dir; allowed: the run_dir of the run to continue")
         if resume and recovery is None:
             recovery = RecoveryConfig(disk_every=1)
         rollbacks = recovery or RecoveryConfig()
-        self.escalation = Escalation(EscalationConfig(
-            policy=policy, max_consecutive_skips=max_consecutive_skips, max_rollbacks=rollbacks.max_rollbacks,
-            rollback_window=rollbacks.rollback_window))
+        self.escalation = Escalation(
+            EscalationConfig(
+                policy=policy,
+                max_consecutive_skips=max_consecutive_skips,
+                max_rollbacks=rollbacks.max_rollbacks,
+                rollback_window=rollbacks.rollback_window,
+            )
+        )
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
         self.policy, self.log_every, self.sync = policy, log_every, sync
         self.probes = _build_probes(probes)
@@ -171,10 +192,14 @@ class Guard(DeferredSteps):
         self.state.history["escalation"] = self.escalation  # survives rollbacks: it counts them
         self._set_up_components(detectors)
         wants_recovery = policy == "recover" or resume or recovery is not None
-        self.recovery = Recovery(self.state, rollbacks, self.run_dir.snapshot_dir, run_id=self.run_dir.run_id) \
-            if wants_recovery else None
-        self.actuator = Actuator(self.state, observe=policy == "observe", max_grad_norm=max_grad_norm,
-                                 recovery=self.recovery)
+        self.recovery = (
+            Recovery(self.state, rollbacks, self.run_dir.snapshot_dir, run_id=self.run_dir.run_id)
+            if wants_recovery
+            else None
+        )
+        self.actuator = Actuator(
+            self.state, observe=policy == "observe", max_grad_norm=max_grad_norm, recovery=self.recovery
+        )
         if sync == "deferred":
             try:
                 self._init_deferred()
@@ -207,17 +232,25 @@ class Guard(DeferredSteps):
         if self.dist is not None and detectors is None:
             self.detectors.append(RankOutlierDetector(RankOutlierConfig(replicated=not self.dist.sharded)))
         self.components = Components(self.probes, self.detectors, self._record_error)
-        self.state.components.update({f"detector/{i}/{d.name}": self.components.stateful(d)
-                                      for i, d in enumerate(self.detectors)})
+        self.state.components.update(
+            {f"detector/{i}/{d.name}": self.components.stateful(d) for i, d in enumerate(self.detectors)}
+        )
 
     def _describe_run(self, policy: Policy, seed: int | None, config: dict[str, Any] | None) -> dict[str, Any]:
         """The run's meta: environment, settings, model and optimizer, this process's components."""
         meta = describe_environment() if self.run_dir.store_dir is not None else {}
-        meta.update(policy=policy, seed=seed, config=config or {}, status="running", run_id=self.run_dir.run_id,
-                    model={"class": type(self.model).__name__, "parameters": sum(p.numel() for _, p in self.named)},
-                    optimizer={"class": type(self.optimizer).__name__, "groups": len(self.optimizer.param_groups)},
-                    probes=[p.name for p in self.probes], detectors=[d.name for d in self.detectors],
-                    disabled=[])  # this process's components; a resumed run's earlier list no longer holds
+        meta.update(
+            policy=policy,
+            seed=seed,
+            config=config or {},
+            status="running",
+            run_id=self.run_dir.run_id,
+            model={"class": type(self.model).__name__, "parameters": sum(p.numel() for _, p in self.named)},
+            optimizer={"class": type(self.optimizer).__name__, "groups": len(self.optimizer.param_groups)},
+            probes=[p.name for p in self.probes],
+            detectors=[d.name for d in self.detectors],
+            disabled=[],
+        )  # this process's components; a resumed run's earlier list no longer holds
         if self.dist is not None:
             meta["distributed"] = self.dist.describe()
         return meta
@@ -240,14 +273,15 @@ class Guard(DeferredSteps):
         resumed, the stored position is loaded into ``obj`` right here. Returns the guard.
         """
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
-            raise ValueError(f"track({type(obj).__name__}): allowed: an object with state_dict() and "
-                             "load_state_dict()")
+            raise ValueError(f"track({type(obj).__name__}): allowed: an object with state_dict() and load_state_dict()")
         if not isinstance(name, str) or not name:
             raise ValueError(f"track(name={name!r}); allowed: a non-empty str")
         if self.global_step != self._start_step:
-            raise ValueError(f"track({name!r}) after {self.global_step - self._start_step} step(s) of this Guard: "
-                             "earlier snapshots lack the data position, and a resumed run's stored position "
-                             "would rewind the data; allowed: track() before the first step()")
+            raise ValueError(
+                f"track({name!r}) after {self.global_step - self._start_step} step(s) of this Guard: "
+                "earlier snapshots lack the data position, and a resumed run's stored position "
+                "would rewind the data; allowed: track() before the first step()"
+            )
         self.state.tracked[name] = obj
         if self._resumed is not None and name in self._resumed.plain["tracked"]:
             obj.load_state_dict(copy.deepcopy(self._resumed.plain["tracked"][name]))
@@ -276,9 +310,11 @@ class Guard(DeferredSteps):
             TrainingAborted: The escalation ladder ended in ``abort`` (the store is flushed first).
         """
         if self._closed:
-            raise GuardClosed(f"Guard.step() after close(): the run was closed after {self.global_step} steps and "
-                              "nothing was stepped; allowed: step() before close() (to train on, create a new Guard; "
-                              "resume=True continues the run from its disk snapshots)")
+            raise GuardClosed(
+                f"Guard.step() after close(): the run was closed after {self.global_step} steps and "
+                "nothing was stepped; allowed: step() before close() (to train on, create a new Guard; "
+                "resume=True continues the run from its disk snapshots)"
+            )
         loss_t = _as_scalar(loss)
         self._norm_before_clip = None if grad_norm is None else _as_scalar(grad_norm, "grad_norm")
         step = self.global_step
@@ -318,8 +354,13 @@ class Guard(DeferredSteps):
         return self
 
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: object) -> None:
-        self._finish("finished" if exc_type is None else "aborted" if exc_type is TrainingAborted
-                     else f"failed: {exc_type.__name__}: {exc}")
+        self._finish(
+            "finished"
+            if exc_type is None
+            else "aborted"
+            if exc_type is TrainingAborted
+            else f"failed: {exc_type.__name__}: {exc}"
+        )
 
     # --- measure ------------------------------------------------------------------------------------
     def _unscale(self) -> None:
@@ -340,9 +381,16 @@ class Guard(DeferredSteps):
             names, params = tuple(n for n, _ in with_grad), [p for _, p in with_grad]
         if self.dist is not None and self.dist.sharded:  # probes read this rank's shard; RankSync combines them
             params, grads = [_local(p) for p in params], [_local(g) for g in grads]
-        return StepContext(step=step, loss=loss, model=self.model, optimizer=self.optimizer,
-                           names=names, params=params, grads=grads,
-                           log_step=step % self.log_every == 0)
+        return StepContext(
+            step=step,
+            loss=loss,
+            model=self.model,
+            optimizer=self.optimizer,
+            names=names,
+            params=params,
+            grads=grads,
+            log_step=step % self.log_every == 0,
+        )
 
     def _measure(self, ctx: StepContext) -> Measurements:
         """The probes' measurements of this step; the loop's own pre-clipping norm in place of ``grad/norm``."""
@@ -403,8 +451,12 @@ class Guard(DeferredSteps):
             if disabled:
                 self.recorder.meta({"disabled": list(self.components.disabled)})
         except Exception as record_exc:  # the recorder itself is broken: say it on the console at least
-            warnings.warn(f"keel: {component} raised {type(exc).__name__}: {exc} at step {step}, and recording "
-                          f"it failed too ({type(record_exc).__name__}: {record_exc})", KeelWarning, stacklevel=3)
+            warnings.warn(
+                f"keel: {component} raised {type(exc).__name__}: {exc} at step {step}, and recording "
+                f"it failed too ({type(record_exc).__name__}: {record_exc})",
+                KeelWarning,
+                stacklevel=3,
+            )
 
     def _resume(self) -> Snapshot | None:
         """Restore the newest good snapshot of the run being continued (None: it has none; a new run starts),
@@ -412,14 +464,19 @@ class Guard(DeferredSteps):
         the snapshot's, the ranks found different snapshots — the Guard is closed, writing nothing, and the
         run_dir released before the error is raised."""
         try:
-            resumed = self.recovery.resume(self.run_dir.resumes, run_steps=self.run_dir.resumes_steps) \
-                if self.recovery is not None else None
+            resumed = (
+                self.recovery.resume(self.run_dir.resumes, run_steps=self.run_dir.resumes_steps)
+                if self.recovery is not None
+                else None
+            )
             if self.dist is not None:
                 step = resumed.step if resumed is not None else -1
                 if not self.dist.all_equal(step):
-                    raise ValueError(f"resume: rank {self.dist.rank} found the snapshot of step {step}, another "
-                                     "rank a different one; allowed: every rank's run_dir/rank-<r>/snapshots "
-                                     "holding the same newest good step")
+                    raise ValueError(
+                        f"resume: rank {self.dist.rank} found the snapshot of step {step}, another "
+                        "rank a different one; allowed: every rank's run_dir/rank-<r>/snapshots "
+                        "holding the same newest good step"
+                    )
         except BaseException:
             self._closed = True
             self.components.detach(0)
@@ -457,7 +514,7 @@ class Guard(DeferredSteps):
 
     def _record_disk_snapshots(self) -> None:
         written = self.recovery.disk.written if self.recovery is not None and self.recovery.disk is not None else []
-        for step, path, checksum in written[self._snapshots_recorded:]:
+        for step, path, checksum in written[self._snapshots_recorded :]:
             self.recorder.snapshot(step, path, checksum)
         self._snapshots_recorded = len(written)
 
@@ -471,8 +528,10 @@ def _trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) ->
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         n_all = sum(1 for _ in model.parameters())
-        raise ValueError(f"model {type(model).__name__} has {n_all} parameters, none trainable; "
-                         "allowed: a model with at least one parameter with requires_grad=True")
+        raise ValueError(
+            f"model {type(model).__name__} has {n_all} parameters, none trainable; "
+            "allowed: a model with at least one parameter with requires_grad=True"
+        )
     return named
 
 

@@ -32,8 +32,10 @@ def check_run_dir(run_dir: object) -> str | None:
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as exc:
-        raise ValueError(f"run_dir={path!r} cannot be created ({exc.strerror or exc}); allowed: a folder keel can "
-                         "create and write in") from None
+        raise ValueError(
+            f"run_dir={path!r} cannot be created ({exc.strerror or exc}); allowed: a folder keel can "
+            "create and write in"
+        ) from None
     if not os.access(path, os.W_OK | os.X_OK):
         raise ValueError(f"run_dir={path!r} is not writable; allowed: a folder keel can write in")
     return str(Path(path))
@@ -62,8 +64,10 @@ def _check_scheduler(scheduler: object, args: Mapping[str, Any]) -> None:
     needs_state = args.get("policy") == "recover" or args.get("resume") is True or args.get("recovery") is not None
     methods = ("step", "state_dict", "load_state_dict") if needs_state else ("step",)
     if scheduler is not None and not _has_methods(scheduler, methods):
-        raise ValueError(f"scheduler={_short(scheduler)}; allowed: None or an LR scheduler (an object with "
-                         f"{', '.join(m + '()' for m in methods)}, e.g. torch.optim.lr_scheduler.LambdaLR)")
+        raise ValueError(
+            f"scheduler={_short(scheduler)}; allowed: None or an LR scheduler (an object with "
+            f"{', '.join(m + '()' for m in methods)}, e.g. torch.optim.lr_scheduler.LambdaLR)"
+        )
 
 
 def _check_scaler(scaler: object, args: Mapping[str, Any]) -> None:
@@ -72,8 +76,7 @@ def _check_scaler(scaler: object, args: Mapping[str, Any]) -> None:
 
 
 def _check_run_dir(run_dir: object, args: Mapping[str, Any]) -> None:
-    if run_dir is not None and (not isinstance(run_dir, (str, os.PathLike))
-                                or not isinstance(os.fspath(run_dir), str)):
+    if run_dir is not None and (not isinstance(run_dir, (str, os.PathLike)) or not isinstance(os.fspath(run_dir), str)):
         raise ValueError(f"run_dir={_short(run_dir)}; allowed: None, a str or an os.PathLike naming a folder")
 
 
@@ -119,8 +122,7 @@ def _check_seed(seed: object, args: Mapping[str, Any]) -> None:
 
 def _check_distributed(distributed: object, args: Mapping[str, Any]) -> None:
     if distributed is not None and not isinstance(distributed, (bool, DistributedConfig)):
-        raise ValueError(f"distributed={_short(distributed)}; allowed: None, True, False or a "
-                         "keel.DistributedConfig")
+        raise ValueError(f"distributed={_short(distributed)}; allowed: None, True, False or a keel.DistributedConfig")
 
 
 def _check_detectors(detectors: object, args: Mapping[str, Any]) -> None:
@@ -135,34 +137,55 @@ def _check_config(config: object, args: Mapping[str, Any]) -> None:
 
 def _check_sync(sync: object, args: Mapping[str, Any]) -> None:
     if sync not in ("step", "deferred") or not isinstance(sync, str):
-        raise ValueError(f"sync={_short(sync)}; allowed: 'step' (read each step's signals before deciding) or "
-                         "'deferred' (no host sync on the hot path; keel.recover.gate)")
+        raise ValueError(
+            f"sync={_short(sync)}; allowed: 'step' (read each step's signals before deciding) or "
+            "'deferred' (no host sync on the hot path; keel.recover.gate)"
+        )
     if sync == "deferred":
         scaler, dist = args.get("scaler"), args.get("distributed")
         if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
-            raise ValueError("sync='deferred' with a GradScaler: not supported yet (the scaler's own skip reads "
-                             "found_inf on the host); allowed: sync='step' with a scaler, or bf16 without one")
+            raise ValueError(
+                "sync='deferred' with a GradScaler: not supported yet (the scaler's own skip reads "
+                "found_inf on the host); allowed: sync='step' with a scaler, or bf16 without one"
+            )
         if dist not in (None, False):
-            raise ValueError(f"sync='deferred' with distributed={_short(dist)}: not supported yet (ranks agree "
-                             "through the step's reduced values); allowed: sync='step' under torch.distributed")
+            raise ValueError(
+                f"sync='deferred' with distributed={_short(dist)}: not supported yet (ranks agree "
+                "through the step's reduced values); allowed: sync='step' under torch.distributed"
+            )
 
 
-_CHECKS = {"policy": _check_policy, "scheduler": _check_scheduler, "scaler": _check_scaler,
-           "run_dir": _check_run_dir, "log_every": _check_log_every, "max_grad_norm": _check_max_grad_norm,
-           "max_consecutive_skips": _check_max_consecutive_skips, "probes": _check_probes,
-           "detectors": _check_detectors, "recovery": _check_recovery, "resume": _check_resume,
-           "overwrite": _check_overwrite, "config": _check_config, "seed": _check_seed,
-           "distributed": _check_distributed, "sync": _check_sync}
+_CHECKS = {
+    "policy": _check_policy,
+    "scheduler": _check_scheduler,
+    "scaler": _check_scaler,
+    "run_dir": _check_run_dir,
+    "log_every": _check_log_every,
+    "max_grad_norm": _check_max_grad_norm,
+    "max_consecutive_skips": _check_max_consecutive_skips,
+    "probes": _check_probes,
+    "detectors": _check_detectors,
+    "recovery": _check_recovery,
+    "resume": _check_resume,
+    "overwrite": _check_overwrite,
+    "config": _check_config,
+    "seed": _check_seed,
+    "distributed": _check_distributed,
+    "sync": _check_sync,
+}
 
 
 def check_detectors(detectors: object) -> None:
     if isinstance(detectors, (str, bytes, Mapping)) or not isinstance(detectors, Sequence):
         raise ValueError(f"detectors={_short(detectors)}; allowed: None or a list of detectors")
     for i, det in enumerate(detectors):
-        if not isinstance(getattr(det, "name", None), str) or \
-                not _has_methods(det, ("update", "state_dict", "load_state_dict")):
-            raise ValueError(f"detectors[{i}]={_short(det)}; allowed: a detector with a str name and update(), "
-                             "state_dict(), load_state_dict() (keel.detect.Detector)")
+        if not isinstance(getattr(det, "name", None), str) or not _has_methods(
+            det, ("update", "state_dict", "load_state_dict")
+        ):
+            raise ValueError(
+                f"detectors[{i}]={_short(det)}; allowed: a detector with a str name and update(), "
+                "state_dict(), load_state_dict() (keel.detect.Detector)"
+            )
 
 
 def check_probes(probes: Sequence[object]) -> list[Probe]:
@@ -173,8 +196,10 @@ def check_probes(probes: Sequence[object]) -> list[Probe]:
     names: set[str] = set()
     for probe in probes:
         if not isinstance(probe, Probe) or not isinstance(probe.name, str):
-            raise ValueError(f"probes: {_short(probe)} lacks name/measure/after_step; allowed: a keel Probe or the "
-                             "name of a built-in probe")
+            raise ValueError(
+                f"probes: {_short(probe)} lacks name/measure/after_step; allowed: a keel Probe or the "
+                "name of a built-in probe"
+            )
         if probe.name in names:
             raise ValueError(f"probes: two probes named {probe.name!r}; allowed: unique names")
         names.add(probe.name)
@@ -188,16 +213,19 @@ def check_config(config: object) -> None:
     try:
         json.dumps(config, default=str)
     except (TypeError, ValueError) as exc:
-        raise ValueError(f"config={_short(config)}; allowed: None or a dict that can be stored as JSON "
-                         f"(str keys; {exc})") from None
+        raise ValueError(
+            f"config={_short(config)}; allowed: None or a dict that can be stored as JSON (str keys; {exc})"
+        ) from None
 
 
 def check_loss(loss: object, name: str = "loss") -> None:
     """Raise ValueError unless ``loss`` (the argument ``name``) is a real number or a real one-element tensor."""
     if isinstance(loss, Tensor):
         if loss.numel() != 1:
-            raise ValueError(f"{name} has shape {tuple(loss.shape)}; allowed: a scalar (0-d or one-element) tensor "
-                             "— reduce it first, e.g. loss.mean()")
+            raise ValueError(
+                f"{name} has shape {tuple(loss.shape)}; allowed: a scalar (0-d or one-element) tensor "
+                "— reduce it first, e.g. loss.mean()"
+            )
         if loss.is_complex():
             raise ValueError(f"{name} is a complex tensor; allowed: a real scalar tensor or float")
     elif isinstance(loss, bool) or not isinstance(loss, numbers.Real):

@@ -104,8 +104,11 @@ class RankOutlierConfig:
         if self.warmup <= self.short_window:
             raise ValueError(f"RankOutlierConfig.warmup={self.warmup!r}; allowed: > short_window ({self.short_window})")
         require_positive(self, "z", "min_effect", "replica_rtol")
-        if isinstance(self.long_alpha, bool) or not isinstance(self.long_alpha, (int, float)) \
-                or not 0 < self.long_alpha < 1:
+        if (
+            isinstance(self.long_alpha, bool)
+            or not isinstance(self.long_alpha, (int, float))
+            or not 0 < self.long_alpha < 1
+        ):
             raise ValueError(f"RankOutlierConfig.long_alpha={self.long_alpha!r}; allowed: 0 < long_alpha < 1")
 
 
@@ -167,15 +170,26 @@ class RankOutlierDetector:
         return found
 
     # ------------------------------------------------------------------------------------------------
-    def _judge(self, step: int, family: str, feature: str, names: tuple[str, ...], raw: list[float],
-               d: list[float], hist: list[_History]) -> list[Finding]:
+    def _judge(
+        self,
+        step: int,
+        family: str,
+        feature: str,
+        names: tuple[str, ...],
+        raw: list[float],
+        d: list[float],
+        hist: list[_History],
+    ) -> list[Finding]:
         c = self.config
         for h, v in zip(hist, d, strict=True):
-            h.recent = [*h.recent[-(c.short_window - 1):], v]
+            h.recent = [*h.recent[-(c.short_window - 1) :], v]
         # One noise scale for all ranks (the median of theirs, each the median of its recent step-to-step
         # changes): neither a bad rank's own noise nor a one-batch outlier can excuse or name a rank.
-        sigma = max(_median([_median(h.diffs) for h in hist if h.diffs]) / MEDIAN_ABS_DIFF, 1e-3) \
-            if hist[0].diffs else math.inf
+        sigma = (
+            max(_median([_median(h.diffs) for h in hist if h.diffs]) / MEDIAN_ABS_DIFF, 1e-3)
+            if hist[0].diffs
+            else math.inf
+        )
         short_se = sigma * MEDIAN_SE / math.sqrt(c.short_window)  # standard error of the recent median
         found: list[Finding] = []
         changed = False
@@ -184,8 +198,9 @@ class RankOutlierDetector:
             if key in self._flagged:
                 # Hysteresis: flagged at z standard errors, cleared only within one, so a marginal fault
                 # makes one finding rather than a flicker.
-                back = h.short - h.long < short_se if self._flagged[key] == "onset" \
-                    else h.short < c.min_effect / 3 * sigma
+                back = (
+                    h.short - h.long < short_se if self._flagged[key] == "onset" else h.short < c.min_effect / 3 * sigma
+                )
                 if back:
                     del self._flagged[key]
                     changed = True
@@ -213,7 +228,7 @@ class RankOutlierDetector:
                 h.recent, h.long_sum, h.long_weight, h.prev = [], 0.0, 0.0, math.nan
                 continue
             if h.n > 0 and math.isfinite(h.prev):
-                h.diffs = [*h.diffs[-(NOISE_WINDOW - 1):], abs(v - h.prev)]
+                h.diffs = [*h.diffs[-(NOISE_WINDOW - 1) :], abs(v - h.prev)]
             # The long history starts once the recent median is robust, and takes each step at most CLIP noise
             # units from that median (Huber-style): a one-batch outlier barely moves it, a lasting change does.
             if len(h.recent) == c.short_window:
@@ -225,28 +240,59 @@ class RankOutlierDetector:
             h.n += 1
         return found
 
-    def _finding(self, step: int, family: str, feature: str, names: tuple[str, ...], raw: list[float], rank: int,
-                 rule: str, score: float, h: _History) -> Finding:
-        what = {"loss": "loss", "grad_norm": "gradient norm (before averaging)",
-                "disagreement": "disagreement with the other ranks' gradients (1 − cosine)"}[feature]
+    def _finding(
+        self,
+        step: int,
+        family: str,
+        feature: str,
+        names: tuple[str, ...],
+        raw: list[float],
+        rank: int,
+        rule: str,
+        score: float,
+        h: _History,
+    ) -> Finding:
+        what = {
+            "loss": "loss",
+            "grad_norm": "gradient norm (before averaging)",
+            "disagreement": "disagreement with the other ranks' gradients (1 − cosine)",
+        }[feature]
         others = _median([v for i, v in enumerate(raw) if i != rank])
         if rule == "onset":
-            cause = (f"Rank {rank}'s {what} moved away from the other ranks' over the last steps ({raw[rank]:.4g} "
-                     f"against {others:.4g}), having been in line before: its data shard or its device changed "
-                     "(a bad shard, corrupt samples, a faulty worker).")
+            cause = (
+                f"Rank {rank}'s {what} moved away from the other ranks' over the last steps ({raw[rank]:.4g} "
+                f"against {others:.4g}), having been in line before: its data shard or its device changed "
+                "(a bad shard, corrupt samples, a faulty worker)."
+            )
         else:
-            cause = (f"Rank {rank}'s {what} has stayed above the other ranks' over its whole history ({raw[rank]:.4g} "
-                     f"against {others:.4g} now): its data shard or its device differs from the others' (a bad "
-                     "shard, a faulty worker).")
+            cause = (
+                f"Rank {rank}'s {what} has stayed above the other ranks' over its whole history ({raw[rank]:.4g} "
+                f"against {others:.4g} now): its data shard or its device differs from the others' (a bad "
+                "shard, a faulty worker)."
+            )
         return Finding(
-            step=step, kind="rank_outlier", severity="warning", signal=family + names[rank], value=raw[rank],
+            step=step,
+            kind="rank_outlier",
+            severity="warning",
+            signal=family + names[rank],
+            value=raw[rank],
             baseline=others,
-            evidence={"rank": rank, "feature": feature, "rule": rule, "score": score, "short": h.short,
-                      "long": h.long, "values": list(raw)},
+            evidence={
+                "rank": rank,
+                "feature": feature,
+                "rule": rule,
+                "score": score,
+                "short": h.short,
+                "long": h.long,
+                "values": list(raw),
+            },
             cause=cause,
-            remedy=(f"Inspect rank {rank}'s data shard (files, preprocessing, labels) and its device (memory errors, "
-                    "throttling); exclude the shard or the node. The long/short gradient-history idea is MUD-HoG's "
-                    "(Gupta et al. 2022, malicious and unreliable clients in federated learning)."))
+            remedy=(
+                f"Inspect rank {rank}'s data shard (files, preprocessing, labels) and its device (memory errors, "
+                "throttling); exclude the shard or the node. The long/short gradient-history idea is MUD-HoG's "
+                "(Gupta et al. 2022, malicious and unreliable clients in federated learning)."
+            ),
+        )
 
     def _faults(self, obs: Observation) -> list[Finding]:
         found: list[Finding] = []
@@ -254,14 +300,20 @@ class RankOutlierDetector:
             names, values = obs.per_param.get(family, ((), []))
             bad = [r for r, v in enumerate(values) if not math.isfinite(v)]
             if bad and len(bad) < len(values):
-                found.append(Finding(
-                    step=obs.step, kind="rank_outlier", severity="warning", signal=family + names[bad[0]],
-                    value=values[bad[0]], evidence={"rank": bad[0], "ranks": bad, "rule": "non_finite",
-                                                    "values": list(values)},
-                    cause=f"Rank(s) {', '.join(map(str, bad))} had a non-finite {family.rstrip('/')} at this step "
-                          "while the others did not: a fault on that worker or in its data, not in the model.",
-                    remedy="Every rank skipped this update together. If it repeats on the same rank, inspect "
-                           "that rank's data shard and device."))
+                found.append(
+                    Finding(
+                        step=obs.step,
+                        kind="rank_outlier",
+                        severity="warning",
+                        signal=family + names[bad[0]],
+                        value=values[bad[0]],
+                        evidence={"rank": bad[0], "ranks": bad, "rule": "non_finite", "values": list(values)},
+                        cause=f"Rank(s) {', '.join(map(str, bad))} had a non-finite {family.rstrip('/')} at this step "
+                        "while the others did not: a fault on that worker or in its data, not in the model.",
+                        remedy="Every rank skipped this update together. If it repeats on the same rank, inspect "
+                        "that rank's data shard and device.",
+                    )
+                )
                 return found
         names, values = obs.per_param.get(keys.RANK_GRAD_NORM_PER_RANK, ((), []))
         if self.config.replicated and len(values) >= 2 and all(math.isfinite(v) for v in values):
@@ -270,22 +322,39 @@ class RankOutlierDetector:
             odd = [r for r, v in enumerate(values) if abs(v - centre) > tolerance]
             if odd:
                 named = odd if len(values) >= 3 and len(odd) < len(values) / 2 else []
-                found.append(Finding(
-                    step=obs.step, kind="rank_outlier", severity="warning", signal=keys.RANK_GRAD_NORM_PER_RANK,
-                    value=max(values), baseline=centre,
-                    evidence={"rank": named[0] if named else None, "ranks": named, "rule": "replica_mismatch",
-                              "values": list(values)},
-                    cause="The averaged gradient norms differ between replicas that should hold identical gradients"
-                          + (f" (rank(s) {', '.join(map(str, named))} differ from the others)" if named else
-                             " (with two ranks keel cannot tell which one is wrong)")
-                          + ": silent data corruption in a gradient buffer or the collective.",
-                    remedy="Check the devices and interconnect of the named rank(s); the replicas are drifting apart."))
+                found.append(
+                    Finding(
+                        step=obs.step,
+                        kind="rank_outlier",
+                        severity="warning",
+                        signal=keys.RANK_GRAD_NORM_PER_RANK,
+                        value=max(values),
+                        baseline=centre,
+                        evidence={
+                            "rank": named[0] if named else None,
+                            "ranks": named,
+                            "rule": "replica_mismatch",
+                            "values": list(values),
+                        },
+                        cause="The averaged gradient norms differ between replicas that should hold identical gradients"
+                        + (
+                            f" (rank(s) {', '.join(map(str, named))} differ from the others)"
+                            if named
+                            else " (with two ranks keel cannot tell which one is wrong)"
+                        )
+                        + ": silent data corruption in a gradient buffer or the collective.",
+                        remedy="Check the devices and interconnect of the named rank(s); "
+                        "the replicas are drifting apart.",
+                    )
+                )
         return found
 
     def state_dict(self) -> dict[str, Any]:
-        return {"config": asdict(self.config),
-                "hist": {k: [asdict(h) for h in v] for k, v in self._hist.items()},
-                "flagged": dict(self._flagged)}
+        return {
+            "config": asdict(self.config),
+            "hist": {k: [asdict(h) for h in v] for k, v in self._hist.items()},
+            "flagged": dict(self._flagged),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._hist = {k: [_History(**h) for h in v] for k, v in state["hist"].items()}
@@ -302,4 +371,3 @@ def _median(values: list[float]) -> float:
     if n == 0:
         return math.nan
     return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
-

@@ -90,15 +90,24 @@ class Recorder:
 
     def error(self, component: str, step: int, exc: BaseException, *, disabled: bool = True) -> Finding:
         """Record an error inside keel as a ``keel_error`` finding (``disabled``: the component was switched off)."""
-        what = ("It is disabled for the rest of the run; the rest of keel goes on." if disabled else
-                "That step went on as the bare loop would; each later step tries again (reported once).")
+        what = (
+            "It is disabled for the rest of the run; the rest of keel goes on."
+            if disabled
+            else "That step went on as the bare loop would; each later step tries again (reported once)."
+        )
         finding = Finding(
-            step=step, kind="keel_error", severity="warning", signal=component,
-            evidence={"error": f"{type(exc).__name__}: {exc}",
-                      "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8))},
+            step=step,
+            kind="keel_error",
+            severity="warning",
+            signal=component,
+            evidence={
+                "error": f"{type(exc).__name__}: {exc}",
+                "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8)),
+            },
             cause=f"keel's {component} raised {type(exc).__name__}: {exc}. {what}",
             remedy="Training continues. If the component is keel's own, please report this as a keel bug with the "
-                   "traceback; if it is yours, fix it and restart.")
+            "traceback; if it is yours, fix it and restart.",
+        )
         self.findings.append(finding)
         if self.writer is not None:
             self.writer.add_findings([finding])
@@ -132,10 +141,20 @@ class Recorder:
         except Exception as exc:  # a diagnosis bug must not lose the run's store
             self.error("diagnosis", steps, exc)
         # before the store closes: a console that fails here is still recorded in it
-        self._speak(steps, self.console.summary, status=status, steps=steps, policy=self.policy,
-                    findings=self.findings, decisions=self.decisions, diagnoses=self.diagnoses, run_dir=self.run_dir)
+        self._speak(
+            steps,
+            self.console.summary,
+            status=status,
+            steps=steps,
+            policy=self.policy,
+            findings=self.findings,
+            decisions=self.decisions,
+            diagnoses=self.diagnoses,
+            run_dir=self.run_dir,
+        )
         if self.writer is not None:
             self.writer.set_meta({"diagnosis": [d.to_dict() for d in self.diagnoses]})
-            self.writer.set_meta({"status": status, "steps": steps,
-                                  "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            self.writer.set_meta(
+                {"status": status, "steps": steps, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+            )
             self.writer.close()

@@ -95,8 +95,17 @@ class RunDir:
         resumes_steps: The steps recorded in the store of the run a resume continues (0 when there is none).
     """
 
-    def __init__(self, path: Path | None, *, store_dir: str | None, snapshot_dir: str | None, run_id: str,
-                 resumes: str | None, locks: list[IO[str]], resumes_steps: int = 0) -> None:
+    def __init__(
+        self,
+        path: Path | None,
+        *,
+        store_dir: str | None,
+        snapshot_dir: str | None,
+        run_id: str,
+        resumes: str | None,
+        locks: list[IO[str]],
+        resumes_steps: int = 0,
+    ) -> None:
         self.path, self.store_dir, self.snapshot_dir = path, store_dir, snapshot_dir
         self.run_id, self.resumes, self.resumes_steps = run_id, resumes, resumes_steps
         self._locks = locks
@@ -116,8 +125,10 @@ class RunDir:
                 has it open; both ``resume`` and ``overwrite`` were given. (`Guard` checks their types first.)
         """
         if overwrite and resume:
-            raise ValueError("resume=True and overwrite=True; allowed: one of them (resume continues the run in "
-                             "run_dir, overwrite deletes it and starts a new one)")
+            raise ValueError(
+                "resume=True and overwrite=True; allowed: one of them (resume continues the run in "
+                "run_dir, overwrite deletes it and starts a new one)"
+            )
         if run_dir is None:
             if overwrite:
                 raise ValueError("overwrite=True needs run_dir; allowed: the run_dir to start over in")
@@ -131,12 +142,16 @@ class RunDir:
         if problem is None:
             held = _inspect(path if rank == 0 else None, own)
             if held.a_run and not (resume or overwrite):
-                problem = (f"run_dir {str(path)!r} holds a previous run: {held.describe()}; allowed: resume=True to "
-                           "continue it, another run_dir, or overwrite=True to delete keel's files there "
-                           f"({STORE_NAME}, {SNAPSHOT_DIR}/, {EXPORT_DIR}/) and start a new run")
+                problem = (
+                    f"run_dir {str(path)!r} holds a previous run: {held.describe()}; allowed: resume=True to "
+                    "continue it, another run_dir, or overwrite=True to delete keel's files there "
+                    f"({STORE_NAME}, {SNAPSHOT_DIR}/, {EXPORT_DIR}/) and start a new run"
+                )
             elif resume and held.unreadable is not None:
-                problem = (f"resume=True: run_dir {str(path)!r} holds {held.describe()}, so the run to continue is "
-                           "unknown; allowed: overwrite=True to start a new run there, or another run_dir")
+                problem = (
+                    f"resume=True: run_dir {str(path)!r} holds {held.describe()}, so the run to continue is "
+                    "unknown; allowed: overwrite=True to start a new run there, or another run_dir"
+                )
         resumes = held.store.get("run_id") if resume and held.store is not None else None
         run_id = resumes or new_run_id()
         if sync is not None:
@@ -149,8 +164,15 @@ class RunDir:
         else:
             _clear_partial_writes(own)
         steps = held.store["steps"] if resume and held.store is not None else 0
-        return cls(path, store_dir=str(path) if rank == 0 else None, snapshot_dir=str(own), run_id=run_id,
-                   resumes=resumes, locks=locks, resumes_steps=steps)
+        return cls(
+            path,
+            store_dir=str(path) if rank == 0 else None,
+            snapshot_dir=str(own),
+            run_id=run_id,
+            resumes=resumes,
+            locks=locks,
+            resumes_steps=steps,
+        )
 
     def release(self) -> None:
         """Give up the lock (safe to call twice)."""
@@ -182,8 +204,10 @@ def _lock(folder: Path, locks: list[IO[str]]) -> str | None:
         holder = handle.read().strip()
         handle.close()
         who = "this process" if holder == str(os.getpid()) else f"process {holder}" if holder else "another process"
-        return (f"run_dir {str(folder)!r} is in use by another open Guard ({who} holds {folder / LOCK_NAME}); "
-                "allowed: close() that Guard first (its lock also goes when its process ends), or another run_dir")
+        return (
+            f"run_dir {str(folder)!r} is in use by another open Guard ({who} holds {folder / LOCK_NAME}); "
+            "allowed: close() that Guard first (its lock also goes when its process ends), or another run_dir"
+        )
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -216,16 +240,21 @@ def _read_store(path: Path) -> dict[str, Any]:
     its meta yet, so they are counted from its signals)."""
     conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
     try:
-        meta = {k: json.loads(v) for k, v in conn.execute("SELECT key, value FROM meta WHERE key IN "
-                                                          "('status', 'steps', 'run_id')")}
+        meta = {
+            k: json.loads(v)
+            for k, v in conn.execute("SELECT key, value FROM meta WHERE key IN ('status', 'steps', 'run_id')")
+        }
         (last,) = conn.execute("SELECT MAX(step) FROM signals").fetchone()
     finally:
         conn.close()
     steps = meta.get("steps")
     if not isinstance(steps, int) or isinstance(steps, bool):
         steps = last + 1 if isinstance(last, int) else 0
-    return {"status": str(meta.get("status", "unknown"))[:80], "steps": steps,
-            "run_id": valid_run_id(meta.get("run_id"))}
+    return {
+        "status": str(meta.get("status", "unknown"))[:80],
+        "steps": steps,
+        "run_id": valid_run_id(meta.get("run_id")),
+    }
 
 
 # --- clearing ---------------------------------------------------------------------------------------------------
@@ -265,8 +294,9 @@ def _clear_partial_writes(own: Path) -> None:
 
 
 # --- ranks agree ------------------------------------------------------------------------------------------------
-def _agree(sync: RankSync, problem: str | None, run_id: str, resumes: str | None,
-           path: Path) -> tuple[str | None, str, str | None]:
+def _agree(
+    sync: RankSync, problem: str | None, run_id: str, resumes: str | None, path: Path
+) -> tuple[str | None, str, str | None]:
     """One collective: whether any rank has a problem (each rank raises, naming the first rank that has one), and
     rank 0's run ids for every rank."""
     mine = [float(sync.rank) if problem is not None else -1.0]
@@ -274,10 +304,12 @@ def _agree(sync: RankSync, problem: str | None, run_id: str, resumes: str | None
     agreed = sync.all_max(mine + ids)
     failing = int(agreed[0])
     if failing >= 0 and problem is None:
-        problem = (f"run_dir {str(path)!r}: rank {failing} of this run could not claim its part of it (see that "
-                   "rank's error); every rank stops here")
-    run_id = _id_from(agreed[1: 2 + _ID_BYTES]) or run_id
-    resumes = _id_from(agreed[2 + _ID_BYTES:])
+        problem = (
+            f"run_dir {str(path)!r}: rank {failing} of this run could not claim its part of it (see that "
+            "rank's error); every rank stops here"
+        )
+    run_id = _id_from(agreed[1 : 2 + _ID_BYTES]) or run_id
+    resumes = _id_from(agreed[2 + _ID_BYTES :])
     return problem, run_id, resumes
 
 

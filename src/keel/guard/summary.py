@@ -18,9 +18,17 @@ from keel.store.schema import STORE_NAME
 LEVELS = {"info": logging.DEBUG, "warning": logging.WARNING, "critical": logging.ERROR}
 
 
-def format_summary(*, status: str, steps: int, policy: str | None, findings: Sequence[Finding],
-                   decisions: Sequence[Decision], diagnoses: Sequence[Diagnosis], run_dir: str | None,
-                   hidden: int = 0) -> str:
+def format_summary(
+    *,
+    status: str,
+    steps: int,
+    policy: str | None,
+    findings: Sequence[Finding],
+    decisions: Sequence[Decision],
+    diagnoses: Sequence[Diagnosis],
+    run_dir: str | None,
+    hidden: int = 0,
+) -> str:
     """The close summary: counts by kind and severity, what keel did, the named cause, the store and the report."""
     lines = [f"run {one_line(status, 200)} after {steps} steps" + (f" (policy {policy})" if policy else "")]
     kinds: dict[str, Counter[str]] = {}
@@ -28,9 +36,15 @@ def format_summary(*, status: str, steps: int, policy: str | None, findings: Seq
         kinds.setdefault(f.kind, Counter())[f.severity] += 1
     serious = any(c["warning"] or c["critical"] for c in kinds.values())
     if kinds:
-        lines.append("  findings: " + "; ".join(
-            f"{one_line(str(kind), 60)} {sum(c.values())} (" + ", ".join(f"{s} {c[s]}" for s in LEVELS if c[s]) + ")"
-            for kind, c in sorted(kinds.items(), key=lambda kc: (-_worst(kc[1]), kc[0]))))
+        lines.append(
+            "  findings: "
+            + "; ".join(
+                f"{one_line(str(kind), 60)} {sum(c.values())} ("
+                + ", ".join(f"{s} {c[s]}" for s in LEVELS if c[s])
+                + ")"
+                for kind, c in sorted(kinds.items(), key=lambda kc: (-_worst(kc[1]), kc[0]))
+            )
+        )
     if not serious:
         lines.append("  no warning or critical finding")
     lines.append("  decisions: " + _decisions(decisions))
@@ -43,8 +57,9 @@ def format_summary(*, status: str, steps: int, policy: str | None, findings: Seq
     if run_dir is not None:
         lines.append(f"  store: {one_line(str(Path(run_dir) / STORE_NAME))}; report: keel report {one_line(run_dir)}")
     else:
-        lines.append("  store: none (run_dir=None): the findings and decisions are in guard.findings and "
-                     "guard.decisions")
+        lines.append(
+            "  store: none (run_dir=None): the findings and decisions are in guard.findings and guard.decisions"
+        )
     return "\n".join(lines)
 
 

@@ -57,6 +57,7 @@ class Handoff:
 
     def gate_scheduler(self, scheduler: Any) -> None:
         """The trainer's ``scheduler.step()`` is a no-op when keel handled the update (Guard owns it then)."""
+
         def outside(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             return None if self.handled else original(*args, **kwargs)
 

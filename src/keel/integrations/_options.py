@@ -10,8 +10,9 @@ from keel.guard.options import check_arguments
 TRAINER_OWNED = frozenset({"model", "optimizer", "scheduler", "scaler", "max_grad_norm"})
 
 
-def takes_over_clipping(policy: str, take_over_clipping: bool | None, guard_kwargs: Mapping[str, Any],
-                        run_dir: object = None) -> bool:
+def takes_over_clipping(
+    policy: str, take_over_clipping: bool | None, guard_kwargs: Mapping[str, Any], run_dir: object = None
+) -> bool:
     """Check the callback's arguments and resolve ``take_over_clipping``: by default keel clips (measuring the
     gradient before clipping) except under ``"observe"``, which leaves the trainer's clipping so training stays
     bit-identical.
@@ -25,8 +26,10 @@ def takes_over_clipping(policy: str, take_over_clipping: bool | None, guard_kwar
     """
     own = TRAINER_OWNED & set(guard_kwargs)
     if own:
-        raise ValueError(f"KeelCallback({', '.join(sorted(own))}=...): set by the Trainer; allowed: other Guard "
-                         "arguments (probes, detectors, recovery, log_every, max_consecutive_skips, config, seed)")
+        raise ValueError(
+            f"KeelCallback({', '.join(sorted(own))}=...): set by the Trainer; allowed: other Guard "
+            "arguments (probes, detectors, recovery, log_every, max_consecutive_skips, config, seed)"
+        )
     try:
         check_arguments({**guard_kwargs, "policy": policy, "run_dir": run_dir})
     except ValueError as exc:

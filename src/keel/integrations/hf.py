@@ -69,8 +69,14 @@ class KeelCallback(TrainerCallback):
         True
     """
 
-    def __init__(self, *, run_dir: str | None = None, policy: Policy = "observe",
-                 take_over_clipping: bool | None = None, **guard_kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        run_dir: str | None = None,
+        policy: Policy = "observe",
+        take_over_clipping: bool | None = None,
+        **guard_kwargs: Any,
+    ) -> None:
         self.take_over_clipping = takes_over_clipping(policy, take_over_clipping, guard_kwargs, run_dir)
         self.run_dir, self.policy, self.guard_kwargs = run_dir, policy, guard_kwargs
         self.guard: Guard | None = None
@@ -85,15 +91,29 @@ class KeelCallback(TrainerCallback):
         self._warned = False
 
     # --- the Trainer's events -----------------------------------------------------------------------
-    def on_train_begin(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
-                       optimizer: Any = None, lr_scheduler: Any = None, **kwargs: Any) -> None:
+    def on_train_begin(
+        self,
+        args: Any,
+        state: Any,
+        control: Any,
+        model: nn.Module | None = None,
+        optimizer: Any = None,
+        lr_scheduler: Any = None,
+        **kwargs: Any,
+    ) -> None:
         if getattr(args, "deepspeed", None):
-            raise ValueError("KeelCallback with deepspeed: not supported (the DeepSpeed engine owns the step); "
-                             "allowed: DDP, FSDP or a single process")
+            raise ValueError(
+                "KeelCallback with deepspeed: not supported (the DeepSpeed engine owns the step); "
+                "allowed: DDP, FSDP or a single process"
+            )
         assert model is not None and optimizer is not None
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
-        self._objects = {"model": model, "optimizer": inner, "scheduler": lr_scheduler,
-                         "scaler": getattr(optimizer, "scaler", None)}
+        self._objects = {
+            "model": model,
+            "optimizer": inner,
+            "scheduler": lr_scheduler,
+            "scaler": getattr(optimizer, "scaler", None),
+        }
         self._args, self.guard = args, None
         if self.take_over_clipping and args.max_grad_norm and args.max_grad_norm > 0:
             self._clip, args.max_grad_norm = float(args.max_grad_norm), 0.0
@@ -143,13 +163,24 @@ class KeelCallback(TrainerCallback):
             from keel.signals import DEFAULT_PROBES
 
             kwargs["probes"] = [p for p in DEFAULT_PROBES if p != "loss"]
-            self._warn("KeelCallback saw no loss in the model's output (a custom compute_loss?): keel watches the "
-                       "gradients only. Call callback.record_loss(loss) in compute_loss to let it see the loss.")
+            self._warn(
+                "KeelCallback saw no loss in the model's output (a custom compute_loss?): keel watches the "
+                "gradients only. Call callback.record_loss(loss) in compute_loss to let it see the loss."
+            )
         o = self._objects
         config = kwargs.pop("config", None) or {"trainer": "transformers.Trainer", "args": _json_args(self._args)}
-        return Guard(o["model"], o["optimizer"], o["scheduler"], scaler=o["scaler"], run_dir=self.run_dir,
-                     policy=self.policy, max_grad_norm=self._clip, config=config,
-                     seed=kwargs.pop("seed", getattr(self._args, "seed", None)), **kwargs)
+        return Guard(
+            o["model"],
+            o["optimizer"],
+            o["scheduler"],
+            scaler=o["scaler"],
+            run_dir=self.run_dir,
+            policy=self.policy,
+            max_grad_norm=self._clip,
+            config=config,
+            seed=kwargs.pop("seed", getattr(self._args, "seed", None)),
+            **kwargs,
+        )
 
     def _missing_loss(self) -> Tensor:
         self._warn("KeelCallback: no loss for this step; keel reuses the last one (gradients are still checked).")
@@ -184,7 +215,11 @@ def _output_loss(output: Any, kwargs: dict) -> Tensor | None:
 
 def _json_args(args: Any) -> dict[str, Any]:
     try:
-        return {k: v for k, v in args.to_dict().items() if isinstance(v, (str, int, float, bool, type(None)))
-                and not (isinstance(v, float) and not math.isfinite(v))}
+        return {
+            k: v
+            for k, v in args.to_dict().items()
+            if isinstance(v, (str, int, float, bool, type(None)))
+            and not (isinstance(v, float) and not math.isfinite(v))
+        }
     except Exception:  # keel's bookkeeping never stops training
         return {}

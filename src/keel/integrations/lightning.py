@@ -62,8 +62,14 @@ class KeelCallback(Callback):
         ValueError: A `Guard` argument the callback sets itself, manual optimization, or several optimizers.
     """
 
-    def __init__(self, *, run_dir: str | None = None, policy: Policy = "observe",
-                 take_over_clipping: bool | None = None, **guard_kwargs: Any) -> None:
+    def __init__(
+        self,
+        *,
+        run_dir: str | None = None,
+        policy: Policy = "observe",
+        take_over_clipping: bool | None = None,
+        **guard_kwargs: Any,
+    ) -> None:
         self.take_over_clipping = takes_over_clipping(policy, take_over_clipping, guard_kwargs, run_dir)
         self.run_dir, self.policy, self.guard_kwargs = run_dir, policy, guard_kwargs
         self.guard: Guard | None = None
@@ -76,8 +82,10 @@ class KeelCallback(Callback):
     # --- Lightning's events -------------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not pl_module.automatic_optimization:
-            raise ValueError("KeelCallback with automatic_optimization=False: not supported (the module steps its "
-                             "optimizers itself); allowed: automatic optimization")
+            raise ValueError(
+                "KeelCallback with automatic_optimization=False: not supported (the module steps its "
+                "optimizers itself); allowed: automatic optimization"
+            )
         if len(trainer.optimizers) != 1:
             raise ValueError(f"KeelCallback with {len(trainer.optimizers)} optimizers; allowed: exactly one")
         optimizer = trainer.optimizers[0]
@@ -88,11 +96,23 @@ class KeelCallback(Callback):
         if self.take_over_clipping and trainer.gradient_clip_val and (algorithm is None or algorithm == "norm"):
             self._clip, trainer.gradient_clip_val = float(trainer.gradient_clip_val), None
         kwargs = dict(self.guard_kwargs)
-        config = kwargs.pop("config", None) or {"trainer": "lightning.Trainer",
-                                                "accumulate_grad_batches": trainer.accumulate_grad_batches,
-                                                "precision": str(trainer.precision), "max_steps": trainer.max_steps}
-        self.guard = Guard(trainer.strategy.model, optimizer, scheduler, scaler=self._scaler, run_dir=self.run_dir,
-                           policy=self.policy, max_grad_norm=self._clip, config=config, **kwargs)
+        config = kwargs.pop("config", None) or {
+            "trainer": "lightning.Trainer",
+            "accumulate_grad_batches": trainer.accumulate_grad_batches,
+            "precision": str(trainer.precision),
+            "max_steps": trainer.max_steps,
+        }
+        self.guard = Guard(
+            trainer.strategy.model,
+            optimizer,
+            scheduler,
+            scaler=self._scaler,
+            run_dir=self.run_dir,
+            policy=self.policy,
+            max_grad_norm=self._clip,
+            config=config,
+            **kwargs,
+        )
         if self._scaler is not None:  # the plugin runs the closure, then scaler.step(optimizer), scaler.update()
             self._handoff.gate(self._scaler, "step", self._scaler_step)
             self._handoff.gate(self._scaler, "update", self._scaler_update)
@@ -143,9 +163,13 @@ class KeelCallback(Callback):
         configs = trainer.lr_scheduler_configs
         owned = [c for c in configs if c.interval == "step" and c.frequency == 1 and not c.reduce_on_plateau]
         if len(configs) > len(owned[:1]):
-            warnings.warn(f"KeelCallback: {len(configs) - len(owned[:1])} LR scheduler(s) (epoch interval, frequency "
-                          "> 1, plateau, or more than one) stay Lightning's: they advance on skipped steps and a "
-                          "rollback does not restore them", KeelWarning, stacklevel=2)
+            warnings.warn(
+                f"KeelCallback: {len(configs) - len(owned[:1])} LR scheduler(s) (epoch interval, frequency "
+                "> 1, plateau, or more than one) stay Lightning's: they advance on skipped steps and a "
+                "rollback does not restore them",
+                KeelWarning,
+                stacklevel=2,
+            )
         return owned[0].scheduler if owned else None
 
     def _finish(self, exc: BaseException | None) -> None:

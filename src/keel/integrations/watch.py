@@ -51,8 +51,15 @@ class Watch:
             ``findings``, ``global_step``, ``recovery`` …).
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None = None, *,
-                 scaler: torch.amp.GradScaler | None = None, **guard_kwargs: Any) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        scheduler: Any | None = None,
+        *,
+        scaler: torch.amp.GradScaler | None = None,
+        **guard_kwargs: Any,
+    ) -> None:
         self.guard = Guard(model, optimizer, scheduler, scaler=scaler, **guard_kwargs)
         self._optimizer, self._scaler = optimizer, scaler
         self._watched = {id(p) for p in model.parameters()}
@@ -99,8 +106,11 @@ class Watch:
         recorded, output, backward = self._recorded.take(), self._from_output.take(), self._from_backward.take()
         loss = next((x for x in (recorded, output, backward) if x is not None), None)
         if loss is None:
-            self._warn("no loss", "keel.watch saw no loss this step (no scalar in the model's output, no backward "
-                       "of a scalar): it reuses the last one; call guard.record(loss) each micro-batch")
+            self._warn(
+                "no loss",
+                "keel.watch saw no loss this step (no scalar in the model's output, no backward "
+                "of a scalar): it reuses the last one; call guard.record(loss) each micro-batch",
+            )
             loss = self._last_loss if self._last_loss is not None else torch.zeros(())
         self._last_loss = loss
         return loss
@@ -172,8 +182,14 @@ class Watch:
             warnings.warn(message, KeelWarning, stacklevel=4)
 
 
-def watch(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any | None = None, *,
-          scaler: torch.amp.GradScaler | None = None, **guard_kwargs: Any) -> Watch:
+def watch(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    scheduler: Any | None = None,
+    *,
+    scaler: torch.amp.GradScaler | None = None,
+    **guard_kwargs: Any,
+) -> Watch:
     """Put a keel `Guard` on a training loop without changing the loop: one line after the optimizer is made.
 
     Args:

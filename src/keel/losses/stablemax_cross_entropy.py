@@ -86,8 +86,7 @@ def stablemax_cross_entropy(logits: Tensor, target: Tensor, *, reduction: str = 
         raise ValueError(f"reduction={reduction!r}; allowed: {', '.join(_REDUCTIONS)}")
     if logits.shape[:-1] != target.shape:
         raise ValueError(
-            f"target.shape={tuple(target.shape)}; "
-            f"allowed: the logits' leading shape {tuple(logits.shape[:-1])}"
+            f"target.shape={tuple(target.shape)}; allowed: the logits' leading shape {tuple(logits.shape[:-1])}"
         )
     s = stablemax_s(_upcast(logits))
     index = target.long().unsqueeze(-1)

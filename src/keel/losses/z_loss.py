@@ -30,9 +30,7 @@ def log_partition(logits: Tensor) -> Tensor:
     return torch.logsumexp(logits, dim=-1)
 
 
-def z_loss_from_log_z(
-    log_z: Tensor, *, coefficient: float = DEFAULT_COEFFICIENT, mask: Tensor | None = None
-) -> Tensor:
+def z_loss_from_log_z(log_z: Tensor, *, coefficient: float = DEFAULT_COEFFICIENT, mask: Tensor | None = None) -> Tensor:
     """``coefficient · mean(log Z²)`` over the tokens selected by ``mask`` (all tokens when None).
 
     Use it when log Z is already at hand, e.g. recorded by `keel.nn.ZLossHook`.
@@ -54,9 +52,7 @@ def z_loss_from_log_z(
         # sum / max(n, 1) rather than mean(): an empty batch gives 0, not NaN.
         return coefficient * squared.sum() / max(squared.numel(), 1)
     if mask.shape != log_z.shape:
-        raise ValueError(
-            f"mask.shape={tuple(mask.shape)}; allowed: the logits' leading shape {tuple(log_z.shape)}"
-        )
+        raise ValueError(f"mask.shape={tuple(mask.shape)}; allowed: the logits' leading shape {tuple(log_z.shape)}")
     mask = mask.to(squared.dtype)
     # clamp_min keeps an all-padding batch at 0 instead of 0/0.
     return coefficient * (squared * mask).sum() / mask.sum().clamp_min(1.0)

@@ -50,9 +50,7 @@ def remedies_of(record: Any) -> list[Remedy]:
         ValueError: naming the bad entry or option and what is allowed.
     """
     if not isinstance(record, (list, tuple)):
-        raise ValueError(
-            f"record={record!r}; allowed: a list of dicts, as keel.nn.stabilize_record(model) returns"
-        )
+        raise ValueError(f"record={record!r}; allowed: a list of dicts, as keel.nn.stabilize_record(model) returns")
     return [_remedy(i, entry) for i, entry in enumerate(record)]
 
 

@@ -111,9 +111,7 @@ def _check_fits(model: nn.Module, state_dict: Mapping[str, Any], entries: list[d
     own = model.state_dict()
     extra = [k for k in state_dict if k not in own]
     lacking = [k for k in own if k not in state_dict]
-    reshaped = [
-        k for k in own if isinstance(state_dict.get(k), Tensor) and state_dict[k].shape != own[k].shape
-    ]
+    reshaped = [k for k in own if isinstance(state_dict.get(k), Tensor) and state_dict[k].shape != own[k].shape]
     if not (extra or lacking or reshaped):
         return
     parts = []

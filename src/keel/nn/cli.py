@@ -9,18 +9,32 @@ from keel.nn.stabilize import DEFAULT_REMEDIES, list_remedies
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--json", action="store_true",
-                        help='print {"remedies": [{"name", "description", "reference", "default"}]} as JSON')
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help='print {"remedies": [{"name", "description", "reference", "default"}]} as JSON',
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     rows = list_remedies()
     if args.json:
-        print(json.dumps({"remedies": [
-            {"name": name, "description": description, "reference": reference,
-             "default": name in DEFAULT_REMEDIES}
-            for name, description, reference in rows
-        ]}, indent=2))
+        print(
+            json.dumps(
+                {
+                    "remedies": [
+                        {
+                            "name": name,
+                            "description": description,
+                            "reference": reference,
+                            "default": name in DEFAULT_REMEDIES,
+                        }
+                        for name, description, reference in rows
+                    ]
+                },
+                indent=2,
+            )
+        )
         return 0
     print(format_remedies(rows))
     return 0
@@ -34,7 +48,8 @@ def format_remedies(rows: list[tuple[str, str, str]]) -> str:
         mark = "*" if name in DEFAULT_REMEDIES else " "
         lines.append(f"{mark} {name:<{name_width}}{description}")
         lines.append(" " * (name_width + 2) + reference)
-    lines += ["", "Optimizers (keel.optim.list_optimizers) and losses (keel.losses) are used directly; "
-                  "see their docstrings."]
+    lines += [
+        "",
+        "Optimizers (keel.optim.list_optimizers) and losses (keel.losses) are used directly; see their docstrings.",
+    ]
     return "\n".join(lines)
-

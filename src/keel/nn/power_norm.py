@@ -133,9 +133,7 @@ class PowerNorm(nn.Module):
         if not isinstance(warmup_iters, int) or warmup_iters < 0:
             raise ValueError(f"PowerNorm.warmup_iters={warmup_iters!r}; allowed: an int >= 0")
         if groups is not None and (not isinstance(groups, int) or groups < 1 or num_features % groups):
-            raise ValueError(
-                f"PowerNorm.groups={groups!r}; allowed: None or a positive divisor of {num_features}"
-            )
+            raise ValueError(f"PowerNorm.groups={groups!r}; allowed: None or a positive divisor of {num_features}")
         self.num_features, self.eps = num_features, float(eps)
         self.alpha_fwd, self.alpha_bkw = float(alpha_fwd), float(alpha_bkw)
         self.warmup_iters, self.groups, self.reference_backward = warmup_iters, groups, reference_backward
@@ -161,9 +159,7 @@ class PowerNorm(nn.Module):
         if not self.training:
             return x / torch.sqrt(self.running_phi + self.eps) * self.weight + self.bias
         valid = (
-            torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device)
-            if pad_mask is None
-            else (~pad_mask).to(x.dtype)
+            torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device) if pad_mask is None else (~pad_mask).to(x.dtype)
         )
         valid = valid.unsqueeze(-1)  # (..., 1)
         with torch.no_grad():

@@ -154,9 +154,7 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
         B, L, _ = query.shape
         S = key.shape[1]
         heads, head_dim = self.num_heads, self.head_dim
-        q = self.q_norm(F.linear(query, w_q, b_q).view(B, L, heads, head_dim)).transpose(
-            1, 2
-        )  # (B, H, L, hd)
+        q = self.q_norm(F.linear(query, w_q, b_q).view(B, L, heads, head_dim)).transpose(1, 2)  # (B, H, L, hd)
         k = self.k_norm(F.linear(key, w_k, b_k).view(B, S, heads, head_dim)).transpose(1, 2)  # (B, H, S, hd)
         v = F.linear(value, w_v, b_v).view(B, S, heads, head_dim).transpose(1, 2)  # (B, H, S, hd)
         bias = _additive_mask(attn_mask, key_padding_mask, B, heads, L, S, q.dtype)
@@ -173,9 +171,7 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
                 weights = weights.squeeze(0)
         else:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=bias, dropout_p=dropout)
-        out = F.linear(
-            out.transpose(1, 2).reshape(B, L, self.embed_dim), self.out_proj.weight, self.out_proj.bias
-        )
+        out = F.linear(out.transpose(1, 2).reshape(B, L, self.embed_dim), self.out_proj.weight, self.out_proj.bias)
         if not self.batch_first or unbatched:
             out = out.transpose(0, 1)
         if unbatched:

@@ -90,9 +90,7 @@ class LongSkipCalibration(nn.Module):
         if not isinstance(reduction, int) or reduction < 1:
             raise ValueError(f"LongSkipCalibration.reduction={reduction!r}; allowed: a positive int")
         if layout not in CALIBRATION_LAYOUTS:
-            raise ValueError(
-                f"LongSkipCalibration.layout={layout!r}; allowed: {', '.join(CALIBRATION_LAYOUTS)}"
-            )
+            raise ValueError(f"LongSkipCalibration.layout={layout!r}; allowed: {', '.join(CALIBRATION_LAYOUTS)}")
         self.layout = layout
         hidden = max(1, size // reduction)
         self.fc1, self.fc2 = nn.Linear(size, hidden, bias=bias), nn.Linear(hidden, size, bias=bias)

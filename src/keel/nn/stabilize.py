@@ -164,4 +164,3 @@ def stabilize(
             stacklevel=2,
         )
     return result
-

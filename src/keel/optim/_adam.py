@@ -77,8 +77,18 @@ def fused_adamw_(
     """
     if param.dtype != exp_avg.dtype:
         work = param.to(exp_avg.dtype)
-        fused_adamw_(work, grad.to(exp_avg.dtype), exp_avg, exp_avg_sq, step, lr=lr, beta1=beta1, beta2=beta2,
-                     eps=eps, weight_decay=weight_decay)
+        fused_adamw_(
+            work,
+            grad.to(exp_avg.dtype),
+            exp_avg,
+            exp_avg_sq,
+            step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps,
+            weight_decay=weight_decay,
+        )
         param.copy_(work)
         return
     torch._fused_adamw_(

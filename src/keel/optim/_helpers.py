@@ -10,9 +10,7 @@ import torch
 from torch import Tensor
 
 
-def check_range(
-    owner: str, name: str, value: float, low: float, high: float, *, high_open: bool = False
-) -> None:
+def check_range(owner: str, name: str, value: float, low: float, high: float, *, high_open: bool = False) -> None:
     """Raise ValueError naming ``owner.name``, the value and the allowed interval unless in range."""
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     ok = ok and low <= value and (value < high if high_open else value <= high)
@@ -164,9 +162,7 @@ class Scratch:
         self._buffers.clear()
 
 
-def sqrt_into(
-    sources: list[Tensor], scratch: Scratch, owners: Sequence[Tensor], slot: int = 0
-) -> list[Tensor]:
+def sqrt_into(sources: list[Tensor], scratch: Scratch, owners: Sequence[Tensor], slot: int = 0) -> list[Tensor]:
     """``sqrt`` of each source, in the source's dtype: into ``scratch`` buffers on CPU, one fused foreach kernel
     elsewhere."""
     if not sources:

@@ -18,9 +18,7 @@ def list_optimizers() -> list[str]:
     return optimizers.names()
 
 
-def create_optimizer(
-    name: str, params: Iterable[Tensor] | Iterable[dict[str, Any]], **kwargs: Any
-) -> Optimizer:
+def create_optimizer(name: str, params: Iterable[Tensor] | Iterable[dict[str, Any]], **kwargs: Any) -> Optimizer:
     """Build a keel optimizer by name, e.g. ``create_optimizer("stable_spam", model.parameters(), lr=1e-3)``.
 
     ``"orthograd"`` wraps ``torch.optim.AdamW`` unless ``base=`` names another optimizer class.

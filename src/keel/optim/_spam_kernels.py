@@ -96,13 +96,9 @@ def foreach_update(
     owners = [params[i] for i in clip]
     bounds = scratch.like(owners, 0, [exp_avg_sqs[i].dtype for i in clip])  # in v's dtype, like the test on it
     for i, out, bound in zip(clip, scratch.like(owners, 1), bounds, strict=True):
-        inputs[i] = spike_clip(
-            grads[i], exp_avg_sqs[i], threshold, out=out, bound=bound, spare_unseen=i in plan.spare
-        )
+        inputs[i] = spike_clip(grads[i], exp_avg_sqs[i], threshold, out=out, bound=bound, spare_unseen=i in plan.spare)
     update_moments_(exp_avgs, exp_avg_sqs, inputs, beta1, beta2)
-    apply_update_(
-        params, exp_avgs, exp_avg_sqs, step_sizes=plan.step_sizes, eps=[eps] * len(params), scratch=scratch
-    )
+    apply_update_(params, exp_avgs, exp_avg_sqs, step_sizes=plan.step_sizes, eps=[eps] * len(params), scratch=scratch)
     if decay != 1.0:
         torch._foreach_mul_(params, decay)
 
@@ -130,9 +126,7 @@ def tensor_major_update(
     resets, clip = set(plan.resets), set(plan.clip)
     tmps = scratch.like(params, 0, [v.dtype for v in exp_avg_sqs])  # the spike test's v − g²/θ, in v's dtype
     outs = scratch.like(params, 1)
-    for i, (p, m, v, step, tmp, out) in enumerate(
-        zip(params, exp_avgs, exp_avg_sqs, steps, tmps, outs, strict=True)
-    ):
+    for i, (p, m, v, step, tmp, out) in enumerate(zip(params, exp_avgs, exp_avg_sqs, steps, tmps, outs, strict=True)):
         g = p.grad
         if i in resets:
             m.zero_()
@@ -140,7 +134,17 @@ def tensor_major_update(
         if i in clip and (i in plan.spare or may_spike(g, v, threshold, tmp)):
             g = spike_clip(g, v, threshold, out=out, bound=tmp, spare_unseen=i in plan.spare)
         lr = plan.lrs[i] * decay
-        fused_adamw_(p, g, m, v, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps / plan.bias2_sqrts[i],
-                     weight_decay=(1.0 - decay) / lr if lr != 0 else 0.0)
+        fused_adamw_(
+            p,
+            g,
+            m,
+            v,
+            step,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            eps=eps / plan.bias2_sqrts[i],
+            weight_decay=(1.0 - decay) / lr if lr != 0 else 0.0,
+        )
         if lr == 0 and decay != 1.0:  # lr·s·d = 0 with d ≠ 1: d = 0, which the kernel cannot express
             p.mul_(decay)

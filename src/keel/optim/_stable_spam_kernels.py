@@ -65,9 +65,7 @@ def tensor_major_update(
     gamma1, gamma2, gamma3 = plan.gammas
     grads = grads_of(params)
     maxima = torch.stack(max_abs(grads)).tolist()
-    previous = {
-        key: torch.stack([s[key] for s in states]).tolist() for key in ("clip_ema", "norm_ema", "norm_sq_ema")
-    }
+    previous = {key: torch.stack([s[key] for s in states]).tolist() for key in ("clip_ema", "norm_ema", "norm_sq_ema")}
     updated: dict[str, list[float]] = {key: [] for key in previous}
     resets = set(plan.resets)
     outs = scratch.like(params, 1)
@@ -109,8 +107,13 @@ def tensor_major_update(
             m.zero_()
             v.zero_()
         step = state["step"].fill_(plan.steps[i])
-        adam = dict(lr=plan.lr, beta1=plan.betas[0] * plan.scales[i], beta2=plan.betas[1], eps=plan.eps,
-                    weight_decay=plan.weight_decay)
+        adam = dict(
+            lr=plan.lr,
+            beta1=plan.betas[0] * plan.scales[i],
+            beta2=plan.betas[1],
+            eps=plan.eps,
+            weight_decay=plan.weight_decay,
+        )
         if hot is not None:
             saved = [as_rows(x).index_select(0, hot.indices) for x in (p, m, v)]
         fused_adamw_(p, torch.mul(src, factor, out=out), m, v, step, **adam)
@@ -144,9 +147,7 @@ def _rows_if_writable(param: Tensor, grad: Tensor, state: dict[str, Any]) -> Ten
     return as_rows(grad)
 
 
-def foreach_update(
-    params: list[Tensor], states: list[dict[str, Any]], plan: StableSpamPlan, scratch: Scratch
-) -> None:
+def foreach_update(params: list[Tensor], states: list[dict[str, Any]], plan: StableSpamPlan, scratch: Scratch) -> None:
     """All tensors op by op with foreach kernels and the statistics as device vectors: no host sync."""
     gamma1, gamma2, gamma3 = plan.gammas
     device = params[0].device
@@ -156,9 +157,7 @@ def foreach_update(
     # AdaClip, every tensor (deciding which need it would take a host read).
     maxima = torch.stack(max_abs(grads)).float()
     counts = torch.tensor(plan.counts, dtype=torch.float32, device=device)
-    clip_ema, thresholds = ada_clip_thresholds(
-        maxima, torch.stack([s["clip_ema"] for s in states]), counts, gamma3
-    )
+    clip_ema, thresholds = ada_clip_thresholds(maxima, torch.stack([s["clip_ema"] for s in states]), counts, gamma3)
     outs = scratch.like(params, 1)
     inputs = [
         ada_clip_(g, m, thr, out=out)
@@ -174,9 +173,7 @@ def foreach_update(
     )
     factors = torch.where(norms > 0, target / norms.clamp_min(_TINY), 0.0)
     torch._foreach_mul_(inputs, [f.to(x.dtype) for f, x in zip(factors.unbind(), inputs, strict=True)])
-    for state, m, n, v in zip(
-        states, clip_ema.unbind(), norm_ema.unbind(), norm_sq_ema.unbind(), strict=True
-    ):
+    for state, m, n, v in zip(states, clip_ema.unbind(), norm_ema.unbind(), norm_sq_ema.unbind(), strict=True):
         state["clip_ema"], state["norm_ema"], state["norm_sq_ema"] = m, n, v
     # MoRet + Adam with β1' = β1·s_t (tensors grouped by β1', normally one group).
     exp_avgs = [s["exp_avg"] for s in states]

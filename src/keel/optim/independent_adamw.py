@@ -87,8 +87,10 @@ class IndependentAdamW(torch.optim.AdamW):
         flags = [k for k in ("amsgrad", "maximize") if group.get(k)]
         if flags and any(p.dtype == torch.float16 for p in group["params"]):
             self.param_groups.pop()  # leave the optimizer as it was
-            raise ValueError(f"IndependentAdamW: float16 parameters with {'=True, '.join(flags)}=True; allowed: "
-                             "float16 parameters with amsgrad=False and maximize=False, or float32/bfloat16 ones")
+            raise ValueError(
+                f"IndependentAdamW: float16 parameters with {'=True, '.join(flags)}=True; allowed: "
+                "float16 parameters with amsgrad=False and maximize=False, or float32/bfloat16 ones"
+            )
         if "independent_weight_decay" in self.defaults:
             self._prepare_group(self.param_groups[-1])
 
@@ -119,8 +121,12 @@ class IndependentAdamW(torch.optim.AdamW):
         for group in self.param_groups:
             peak = float(group["initial_lr"])
             group["weight_decay"] = group["independent_weight_decay"] / peak if peak > 0 else 0.0
-        half = [(group, p, p.grad) for group in self.param_groups for p in group["params"]
-                if p.dtype == torch.float16 and p.grad is not None]
+        half = [
+            (group, p, p.grad)
+            for group in self.param_groups
+            for p in group["params"]
+            if p.dtype == torch.float16 and p.grad is not None
+        ]
         for _, p, _ in half:
             p.grad = None  # hidden from torch's AdamW, which would give them float16 moments
         try:
@@ -141,8 +147,18 @@ class IndependentAdamW(torch.optim.AdamW):
             state["exp_avg_sq"] = torch.zeros_like(state["exp_avg"])
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        fused_adamw_(p, grad, state["exp_avg"], state["exp_avg_sq"], state["step"], lr=float(group["lr"]),
-                     beta1=beta1, beta2=beta2, eps=group["eps"], weight_decay=group["weight_decay"])
+        fused_adamw_(
+            p,
+            grad,
+            state["exp_avg"],
+            state["exp_avg_sq"],
+            state["step"],
+            lr=float(group["lr"]),
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            weight_decay=group["weight_decay"],
+        )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)

@@ -78,9 +78,7 @@ class OrthoGrad(Optimizer):
 
     def __init__(self, optimizer: Optimizer, *, eps: float = _TINY) -> None:
         if not isinstance(optimizer, Optimizer):
-            raise TypeError(
-                f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer instance"
-            )
+            raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer instance")
         check_range("OrthoGrad", "eps", eps, 0.0, 1.0)
         self.optimizer = optimizer
         self.eps = eps

@@ -194,14 +194,14 @@ class SPAM(Optimizer):
         ]
         spare: set[int] = set()
         if clip and not group["clip_unseen"]:
-            stale = [
-                i for i in clip if "unseen" not in states[i] or _first_clip_step(steps[i], interval, grace)
-            ]
+            stale = [i for i in clip if "unseen" not in states[i] or _first_clip_step(steps[i], interval, grace)]
             for i, flag in zip(stale, has_unseen([exp_avg_sqs[i] for i in stale]), strict=True):
                 states[i]["unseen"] = flag
             spare = {i for i in clip if states[i]["unseen"]}
-        lrs = {k: lr * spam_warmup_scale(k, reset_interval=interval, warmup_steps=group["warmup_steps"])
-               for k in set(steps)}
+        lrs = {
+            k: lr * spam_warmup_scale(k, reset_interval=interval, warmup_steps=group["warmup_steps"])
+            for k in set(steps)
+        }
         bias2_sqrts = {k: math.sqrt(1.0 - beta2**k) for k in set(steps)}
         plan = SpamPlan(
             resets=[i for i, k in enumerate(steps) if interval > 0 and k % interval == 0],
@@ -211,8 +211,14 @@ class SPAM(Optimizer):
             bias2_sqrts=[bias2_sqrts[k] for k in steps],
             step_sizes=[-lrs[k] * bias2_sqrts[k] / (1.0 - beta1**k) for k in steps],
         )
-        scalars = dict(beta1=beta1, beta2=beta2, eps=group["eps"], decay=1.0 - lr * group["weight_decay"],
-                       threshold=threshold, scratch=self._scratch)
+        scalars = dict(
+            beta1=beta1,
+            beta2=beta2,
+            eps=group["eps"],
+            decay=1.0 - lr * group["weight_decay"],
+            threshold=threshold,
+            scratch=self._scratch,
+        )
         foreach = group["foreach"] if group["foreach"] is not None else params[0].device.type != "cpu"
         if foreach:
             foreach_update(params, exp_avgs, exp_avg_sqs, plan, **scalars)

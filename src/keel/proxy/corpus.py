@@ -54,7 +54,12 @@ class ProxyBatches:
     """
 
     def __init__(
-        self, *, batch_size: int, seq_len: int, seed: int = 0, split: str = "train",
+        self,
+        *,
+        batch_size: int,
+        seq_len: int,
+        seed: int = 0,
+        split: str = "train",
         max_bytes: int = DEFAULT_MAX_BYTES,
     ) -> None:
         if split not in ("train", "val"):

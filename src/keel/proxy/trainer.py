@@ -106,18 +106,22 @@ class TrainConfig:
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm={self.max_grad_norm!r}; allowed: a number > 0 or None")
         if self.optimizer != "adamw" and self.optimizer not in list_optimizers():
-            raise ValueError(f"TrainConfig.optimizer={self.optimizer!r}; allowed: adamw, "
-                             f"{', '.join(list_optimizers())}")
+            raise ValueError(
+                f"TrainConfig.optimizer={self.optimizer!r}; allowed: adamw, {', '.join(list_optimizers())}"
+            )
         if not (0.0 <= self.z_loss < math.inf):
             raise ValueError(f"TrainConfig.z_loss={self.z_loss!r}; allowed: a finite number >= 0")
         self.stabilize = tuple(self.stabilize)
         if any(r not in remedies for r in self.stabilize):
-            raise ValueError(f"TrainConfig.stabilize={self.stabilize!r}; allowed: names from "
-                             f"{', '.join(remedies.names())}")
+            raise ValueError(
+                f"TrainConfig.stabilize={self.stabilize!r}; allowed: names from {', '.join(remedies.names())}"
+            )
         for name, field_set in (("qk_norm", self.qk_norm), ("z_loss", self.z_loss > 0)):
             if field_set and name in self.stabilize:  # it would act twice, or warn that it matched nothing
-                raise ValueError(f"TrainConfig.stabilize={self.stabilize!r} with "
-                                 f"{name}={getattr(self, name)!r}; allowed: {name!r} in one of the two")
+                raise ValueError(
+                    f"TrainConfig.stabilize={self.stabilize!r} with "
+                    f"{name}={getattr(self, name)!r}; allowed: {name!r} in one of the two"
+                )
         for name in HOOKS:
             hook = getattr(self, name)
             if hook is not None and not callable(hook):
@@ -218,9 +222,18 @@ def train_proxy(
     guard = None
     if policy is not None:
         probes: Any = guard_options.pop("probes", "transformer")  # the proxy is a transformer: watch its attention
-        guard = Guard(model, optimizer, scheduler, run_dir=run_dir, policy=policy,  # type: ignore[arg-type]
-                      probes=_with_extra_probes(probes, model, config), max_grad_norm=config.max_grad_norm,
-                      config=config.describe(), seed=config.seed, **guard_options)  # type: ignore[arg-type]
+        guard = Guard(
+            model,
+            optimizer,
+            scheduler,
+            run_dir=run_dir,
+            policy=policy,  # type: ignore[arg-type]
+            probes=_with_extra_probes(probes, model, config),
+            max_grad_norm=config.max_grad_norm,
+            config=config.describe(),
+            seed=config.seed,
+            **guard_options,  # type: ignore[arg-type]
+        )
         guard.track(batches)
     run = ProxyRun(config=config, policy=policy, run_dir=run_dir, model=model)
     start = time.perf_counter()
@@ -253,14 +266,16 @@ def train_proxy(
     return run
 
 
-def _with_extra_probes(probes: str | Sequence[str | Probe], model: nn.Module,
-                       config: TrainConfig) -> str | Sequence[str | Probe]:
+def _with_extra_probes(
+    probes: str | Sequence[str | Probe], model: nn.Module, config: TrainConfig
+) -> str | Sequence[str | Probe]:
     """``probes`` (a set name or a list) with ``config.extra_probes`` added; a name Guard does not know is left
     for Guard to refuse."""
     if config.extra_probes is None or (isinstance(probes, str) and probes not in PROBE_SETS):
         return probes
-    x, y = ProxyBatches(batch_size=PROBE_BATCH_SIZE, seq_len=config.seq_len,
-                        seed=config.seed + PROBE_SEED_OFFSET).next()
+    x, y = ProxyBatches(
+        batch_size=PROBE_BATCH_SIZE, seq_len=config.seq_len, seed=config.seed + PROBE_SEED_OFFSET
+    ).next()
     extra = config.extra_probes(model, lambda: _loss(model, x, y, config.z_loss))
     named = PROBE_SETS[probes] if isinstance(probes, str) else probes
     return [*named, *extra]

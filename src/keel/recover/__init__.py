@@ -12,8 +12,25 @@ from keel.recover.snapshot import Snapshot, SnapshotRing
 from keel.recover.state import TrainingState, capture_plain, restore, tensor_sources
 
 __all__ = [
-    "Actuator", "DiskSnapshots", "Escalation", "EscalationConfig", "POLICIES", "Policy", "Recovery",
-    "RecoveryConfig", "RemedyState", "RollbackResult", "SKIPPABLE_KINDS", "Snapshot", "SnapshotCorrupt",
-    "SnapshotRing", "TrainingState", "apply_remedies", "capture_plain", "choose_remedies", "restore", "skippable",
+    "Actuator",
+    "DiskSnapshots",
+    "Escalation",
+    "EscalationConfig",
+    "POLICIES",
+    "Policy",
+    "Recovery",
+    "RecoveryConfig",
+    "RemedyState",
+    "RollbackResult",
+    "SKIPPABLE_KINDS",
+    "Snapshot",
+    "SnapshotCorrupt",
+    "SnapshotRing",
+    "TrainingState",
+    "apply_remedies",
+    "capture_plain",
+    "choose_remedies",
+    "restore",
+    "skippable",
     "tensor_sources",
 ]

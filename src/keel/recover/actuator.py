@@ -35,8 +35,9 @@ class Actuator:
         recovery: Snapshots and remedies, under ``policy="recover"`` or when resuming.
     """
 
-    def __init__(self, state: TrainingState, *, observe: bool, max_grad_norm: float | None,
-                 recovery: Recovery | None) -> None:
+    def __init__(
+        self, state: TrainingState, *, observe: bool, max_grad_norm: float | None, recovery: Recovery | None
+    ) -> None:
         self.state, self.observe, self.max_grad_norm, self.recovery = state, observe, max_grad_norm, recovery
 
     @property
@@ -130,19 +131,31 @@ class Actuator:
             self.scaler.update()  # close the scaler's step; its state is restored below
         onset = decision.onset if decision.onset is not None else decision.step
         try:
-            result = self.recovery.rollback(decision.step, onset, decision.findings, rollbacks_in_window) \
-                if self.recovery is not None else None
+            result = (
+                self.recovery.rollback(decision.step, onset, decision.findings, rollbacks_in_window)
+                if self.recovery is not None
+                else None
+            )
         except RecoveryExhausted as exc:
             return replace(decision, action="abort", reason=f"{decision.reason}; no rollback: {exc}")
         except Exception as exc:  # keel's own failure: never kill the run; leave this update out and go on
-            return replace(decision, action="skip",
-                           reason=f"rollback failed ({type(exc).__name__}: {exc}); skipped the update instead. "
-                                  f"Trigger: {decision.reason}")
+            return replace(
+                decision,
+                action="skip",
+                reason=f"rollback failed ({type(exc).__name__}: {exc}); skipped the update instead. "
+                f"Trigger: {decision.reason}",
+            )
         if result is None:
-            return replace(decision, action="abort",
-                           reason=f"{decision.reason}; no snapshot from before step {decision.onset} to roll back to")
+            return replace(
+                decision,
+                action="abort",
+                reason=f"{decision.reason}; no snapshot from before step {decision.onset} to roll back to",
+            )
         remedies = ", ".join(result.remedies) or "none needed"
-        return replace(decision, restored_step=result.snapshot.step,
-                       reason=f"rolled back to the snapshot of step {result.snapshot.step} (trouble began at step "
-                              f"{decision.onset}); steps {result.snapshot.step}–{decision.step} are not replayed; "
-                              f"remedies: {remedies}. Trigger: {decision.reason}")
+        return replace(
+            decision,
+            restored_step=result.snapshot.step,
+            reason=f"rolled back to the snapshot of step {result.snapshot.step} (trouble began at step "
+            f"{decision.onset}); steps {result.snapshot.step}–{decision.step} are not replayed; "
+            f"remedies: {remedies}. Trigger: {decision.reason}",
+        )

@@ -45,8 +45,10 @@ def _model_differences(tensors: dict[str, Tensor], state: TrainingState) -> list
     saved = {k.removeprefix("model/"): t for k, t in tensors.items() if k.startswith("model/")}
     live = {k: local_tensor(t) for k, t in state.model.state_dict(keep_vars=True).items()}
     differences = []
-    for names, where in ((sorted(saved.keys() - live.keys()), "in the snapshot, not in the model"),
-                         (sorted(live.keys() - saved.keys()), "in the model, not in the snapshot")):
+    for names, where in (
+        (sorted(saved.keys() - live.keys()), "in the snapshot, not in the model"),
+        (sorted(live.keys() - saved.keys()), "in the model, not in the snapshot"),
+    ):
         if names:
             listed = ", ".join(names[:MAX_NAMES]) + (f", … ({len(names)} in all)" if len(names) > MAX_NAMES else "")
             differences.append(f"model: {where}: {listed}")

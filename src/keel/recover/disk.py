@@ -75,8 +75,7 @@ class DiskSnapshots:
         """Start writing ``snap`` unless a write is still running; returns whether it started."""
         if self._thread is not None and self._thread.is_alive():
             return False
-        self._thread = threading.Thread(target=self._save_guarded, args=(snap,), name="keel-snapshot-disk",
-                                        daemon=True)
+        self._thread = threading.Thread(target=self._save_guarded, args=(snap,), name="keel-snapshot-disk", daemon=True)
         self._thread.start()
         return True
 
@@ -94,8 +93,12 @@ class DiskSnapshots:
             self.failures += 1
             if not self._warned:
                 self._warned = True
-                warnings.warn(f"keel could not write a snapshot to {self.directory} ({type(exc).__name__}: "
-                              f"{exc}); training goes on with in-memory snapshots only", KeelWarning, stacklevel=1)
+                warnings.warn(
+                    f"keel could not write a snapshot to {self.directory} ({type(exc).__name__}: "
+                    f"{exc}); training goes on with in-memory snapshots only",
+                    KeelWarning,
+                    stacklevel=1,
+                )
         finally:
             snap.in_use.release()
 
@@ -107,8 +110,13 @@ class DiskSnapshots:
         tmp.mkdir(parents=True)
         try:
             tensors = {k: t.contiguous() for k, t in snap.tensors.items()}
-            meta = {"step": snap.step, "created": snap.created, "run_id": self.run_id,
-                    "skeleton": encode(snap.skeleton, tensors, "/s"), "plain": encode(snap.plain, tensors, "/p")}
+            meta = {
+                "step": snap.step,
+                "created": snap.created,
+                "run_id": self.run_id,
+                "skeleton": encode(snap.skeleton, tensors, "/s"),
+                "plain": encode(snap.plain, tensors, "/p"),
+            }
             save_file(tensors, str(tmp / TENSORS))
             meta["sha256"] = file_sha256(tmp / TENSORS)
             meta["meta_sha256"] = meta_checksum(meta)
@@ -159,9 +167,12 @@ class DiskSnapshots:
             owner = _run_of(folder)
             (foreign if of_run is not None and owner is not _UNREADABLE and owner != of_run else mine).append(folder)
         if foreign:
-            warnings.warn(f"{self.directory} holds {len(foreign)} snapshot(s) written by another run (newest: "
-                          f"{foreign[-1].name}); only this run's own snapshots are loaded, and those are left alone",
-                          KeelWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.directory} holds {len(foreign)} snapshot(s) written by another run (newest: "
+                f"{foreign[-1].name}); only this run's own snapshots are loaded, and those are left alone",
+                KeelWarning,
+                stacklevel=2,
+            )
         self._own = [p for p in mine if p not in self._own] + self._own
         for folder in reversed(mine):
             try:
@@ -169,8 +180,12 @@ class DiskSnapshots:
             except SnapshotInvalid as exc:
                 warnings.warn(f"skipping snapshot {folder}: {exc}", SnapshotCorrupt, stacklevel=2)
         if mine or foreign:
-            warnings.warn(f"none of the {len(mine) + len(foreign)} snapshots in {self.directory} is usable (see the "
-                          "warnings above): a resume starts from step 0", SnapshotCorrupt, stacklevel=2)
+            warnings.warn(
+                f"none of the {len(mine) + len(foreign)} snapshots in {self.directory} is usable (see the "
+                "warnings above): a resume starts from step 0",
+                SnapshotCorrupt,
+                stacklevel=2,
+            )
         return None
 
     @staticmethod

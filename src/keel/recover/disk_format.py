@@ -121,8 +121,13 @@ def _regular_file(path: Path, what: str) -> os.stat_result:
     except OSError as exc:
         raise SnapshotInvalid(f"{what} {path.name} cannot be read ({exc.strerror or exc})") from None
     if not stat.S_ISREG(info.st_mode):
-        kind = "a symlink" if stat.S_ISLNK(info.st_mode) else "a folder" if stat.S_ISDIR(info.st_mode) else \
-            "not a regular file"
+        kind = (
+            "a symlink"
+            if stat.S_ISLNK(info.st_mode)
+            else "a folder"
+            if stat.S_ISDIR(info.st_mode)
+            else "not a regular file"
+        )
         raise SnapshotInvalid(f"{what} {path.name} is {kind}; keel writes a regular file there")
     return info
 
@@ -172,10 +177,13 @@ def _read_tensors(path: Path, expected: str) -> dict[str, Tensor]:
     if digest != expected:
         declared = _declared_size(path)
         if declared is not None and info.st_size < declared:
-            raise SnapshotInvalid(f"the tensor file {path.name} is truncated ({info.st_size} of {declared} bytes): "
-                                  "checksum mismatch")
-        raise SnapshotInvalid(f"the tensor file {path.name} was changed after it was written: checksum mismatch "
-                              f"({digest[:12]}… instead of {expected[:12]}…)")
+            raise SnapshotInvalid(
+                f"the tensor file {path.name} is truncated ({info.st_size} of {declared} bytes): checksum mismatch"
+            )
+        raise SnapshotInvalid(
+            f"the tensor file {path.name} was changed after it was written: checksum mismatch "
+            f"({digest[:12]}… instead of {expected[:12]}…)"
+        )
     try:
         return load_file(str(path))
     except Exception as exc:  # safetensors' own error type; the checksum matched, so it was written this way
@@ -215,8 +223,9 @@ def decode(value: Any, tensors: dict[str, Tensor], what: str) -> Any:
     tag, body = tags[0], value[tags[0]]
     if tag == "__tensor__":
         if not isinstance(body, str) or body not in tensors:
-            raise SnapshotInvalid(f"meta.json: {what} refer to tensor {_short(body)}, which the tensor file does "
-                                  "not hold")
+            raise SnapshotInvalid(
+                f"meta.json: {what} refer to tensor {_short(body)}, which the tensor file does not hold"
+            )
         return tensors[body]
     if tag == "__ndarray__":
         return _array(body, value.get("dtype"), what)
@@ -224,11 +233,13 @@ def decode(value: Any, tensors: dict[str, Tensor], what: str) -> Any:
         if not isinstance(body, list):
             raise SnapshotInvalid(f"meta.json: {what} hold a tuple that is not a list ({_short(body)})")
         return tuple(decode(v, tensors, what) for v in body)
-    if not isinstance(body, list) or not all(isinstance(kv, list) and len(kv) == 2 and
-                                             isinstance(kv[0], (str, int)) and not isinstance(kv[0], bool)
-                                             for kv in body):
-        raise SnapshotInvalid(f"meta.json: {what} hold a dict that is not a list of [key, value] pairs "
-                              f"({_short(body)})")
+    if not isinstance(body, list) or not all(
+        isinstance(kv, list) and len(kv) == 2 and isinstance(kv[0], (str, int)) and not isinstance(kv[0], bool)
+        for kv in body
+    ):
+        raise SnapshotInvalid(
+            f"meta.json: {what} hold a dict that is not a list of [key, value] pairs ({_short(body)})"
+        )
     return {k: decode(v, tensors, what) for k, v in body}
 
 
@@ -247,28 +258,42 @@ def _array(body: Any, dtype: Any, what: str) -> np.ndarray:
 
 def _check_skeleton(skeleton: Any, tensors: dict[str, Tensor]) -> None:
     bad = "meta.json: the optimizer state is not {param_groups: [...], state: {...}} as keel writes it"
-    if not isinstance(skeleton, dict) or not isinstance(skeleton.get("param_groups"), list) \
-            or not isinstance(skeleton.get("state"), dict):
+    if (
+        not isinstance(skeleton, dict)
+        or not isinstance(skeleton.get("param_groups"), list)
+        or not isinstance(skeleton.get("state"), dict)
+    ):
         raise SnapshotInvalid(bad)
     for group in skeleton["param_groups"]:
-        if not isinstance(group, dict) or not isinstance(group.get("params"), list) \
-                or not all(_is_int(i) for i in group["params"]):
+        if (
+            not isinstance(group, dict)
+            or not isinstance(group.get("params"), list)
+            or not all(_is_int(i) for i in group["params"])
+        ):
             raise SnapshotInvalid(f"{bad}: a parameter group without a list of parameter indices")
     for index, entry in skeleton["state"].items():
         if not _is_int(index) or not isinstance(entry, dict) or not all(isinstance(k, str) for k in entry):
             raise SnapshotInvalid(f"{bad}: the state of parameter {_short(index)}")
         for value in entry.values():
             if isinstance(value, str) and value.startswith("optim/") and value not in tensors:
-                raise SnapshotInvalid(f"meta.json: the optimizer state refers to tensor {_short(value)}, which the "
-                                      "tensor file does not hold")
+                raise SnapshotInvalid(
+                    f"meta.json: the optimizer state refers to tensor {_short(value)}, which the "
+                    "tensor file does not hold"
+                )
 
 
 def _check_plain(plain: Any) -> None:
     if not isinstance(plain, dict):
         raise SnapshotInvalid("meta.json: the small states are not an object")
-    for key, allowed in (("scheduler", (dict, type(None))), ("scaler", (dict, type(None))),
-                         ("components", dict), ("tracked", dict), ("history", dict), ("classes", dict),
-                         ("rng", dict)):
+    for key, allowed in (
+        ("scheduler", (dict, type(None))),
+        ("scaler", (dict, type(None))),
+        ("components", dict),
+        ("tracked", dict),
+        ("history", dict),
+        ("classes", dict),
+        ("rng", dict),
+    ):
         if key not in plain and key in ("history", "classes"):
             continue  # written by keel versions before they existed
         if not isinstance(plain.get(key), allowed):
@@ -278,8 +303,11 @@ def _check_plain(plain: Any) -> None:
 
 def _check_rng(rng: dict[str, Any]) -> None:
     """Each RNG state is tried on a throwaway generator, so a bad one is found before any state is touched."""
-    for name, load in (("python", random.Random().setstate), ("numpy", np.random.RandomState().set_state),
-                       ("torch", torch.Generator().set_state)):
+    for name, load in (
+        ("python", random.Random().setstate),
+        ("numpy", np.random.RandomState().set_state),
+        ("torch", torch.Generator().set_state),
+    ):
         if name not in rng:
             raise SnapshotInvalid(f"meta.json: the {name} RNG state is missing")
         try:
@@ -287,8 +315,9 @@ def _check_rng(rng: dict[str, Any]) -> None:
                 raise TypeError("not a uint8 tensor")
             load(rng[name])
         except Exception as exc:
-            raise SnapshotInvalid(f"meta.json: the {name} RNG state is not valid ({type(exc).__name__}: "
-                                  f"{str(exc)[:100]})") from None
+            raise SnapshotInvalid(
+                f"meta.json: the {name} RNG state is not valid ({type(exc).__name__}: {str(exc)[:100]})"
+            ) from None
     cuda = rng.get("cuda")
     if not isinstance(cuda, list) or not all(isinstance(t, Tensor) and t.dtype == torch.uint8 for t in cuda):
         raise SnapshotInvalid("meta.json: the CUDA RNG states are not a list of uint8 tensors")

@@ -71,8 +71,13 @@ class Escalation:
     def decide(self, step: int, findings: Sequence[Finding]) -> Decision:
         found = tuple(findings)
         if any(f.kind == "loss_scale_overflow" for f in found):
-            return Decision(step=step, action="skip", by="scaler", findings=found,
-                            reason="GradScaler found non-finite gradients and skipped the update itself")
+            return Decision(
+                step=step,
+                action="skip",
+                by="scaler",
+                findings=found,
+                reason="GradScaler found non-finite gradients and skipped the update itself",
+            )
         critical = [f for f in found if f.severity == "critical"]
         if self.config.policy == "observe" or not critical:
             self.consecutive_skips = 0
@@ -88,8 +93,10 @@ class Escalation:
         self.consecutive_skips += 1
         why = _describe([f for f in critical if skippable(f)])
         if self.consecutive_skips > self.config.max_consecutive_skips:
-            reason = (f"{self.consecutive_skips} consecutive steps needed a skip (cap "
-                      f"{self.config.max_consecutive_skips}): skipping cannot fix this; last: {why}")
+            reason = (
+                f"{self.consecutive_skips} consecutive steps needed a skip (cap "
+                f"{self.config.max_consecutive_skips}): skipping cannot fix this; last: {why}"
+            )
             if recover:
                 return self._rollback(step, found, reason, self.skip_run_start)
             return Decision(step=step, action="abort", findings=found, reason=reason)
@@ -101,15 +108,22 @@ class Escalation:
     def _rollback(self, step: int, found: tuple[Finding, ...], why: str, onset: int) -> Decision:
         self.consecutive_skips = 0
         if self.rollbacks_in_window(step) >= self.config.max_rollbacks:
-            return Decision(step=step, action="abort", findings=found,
-                            reason=f"{self.config.max_rollbacks} rollbacks within {self.config.rollback_window} "
-                                   f"steps did not fix it; last trouble: {why}")
+            return Decision(
+                step=step,
+                action="abort",
+                findings=found,
+                reason=f"{self.config.max_rollbacks} rollbacks within {self.config.rollback_window} "
+                f"steps did not fix it; last trouble: {why}",
+            )
         self.rollback_steps.append(step)
         return Decision(step=step, action="rollback", findings=found, onset=onset, reason=why)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"consecutive_skips": self.consecutive_skips, "skip_run_start": self.skip_run_start,
-                "rollback_steps": list(self.rollback_steps)}
+        return {
+            "consecutive_skips": self.consecutive_skips,
+            "skip_run_start": self.skip_run_start,
+            "rollback_steps": list(self.rollback_steps),
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consecutive_skips = int(state["consecutive_skips"])

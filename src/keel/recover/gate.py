@@ -28,8 +28,9 @@ GATED_SIGNALS = (keys.LOSS, keys.GRAD_NORM)
 
 def takes_found_inf(optimizer: torch.optim.Optimizer) -> bool:
     """Whether ``optimizer.step()`` skips its update on a ``found_inf`` tensor (PyTorch's fused kernels)."""
-    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and \
-        bool(getattr(optimizer, "defaults", {}).get("fused"))
+    return bool(getattr(optimizer, "_step_supports_amp_scaling", False)) and bool(
+        getattr(optimizer, "defaults", {}).get("fused")
+    )
 
 
 class DeviceGate:

@@ -70,21 +70,36 @@ class RecoveryConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        require_ints(self, "snapshot_every", "snapshot_every_on_warning", "keep_in_memory", "keep_on_disk",
-                     "max_rollbacks", "rollback_window")
+        require_ints(
+            self,
+            "snapshot_every",
+            "snapshot_every_on_warning",
+            "keep_in_memory",
+            "keep_on_disk",
+            "max_rollbacks",
+            "rollback_window",
+        )
         require_ints(self, "keep_pinned", "quiet_steps", "rollback_margin", minimum=0)
         if self.disk_every is not None:
             require_ints(self, "disk_every")
         if self.cooldown_steps is not None:
             require_ints(self, "cooldown_steps")
-        if isinstance(self.lr_backoff, bool) or not isinstance(self.lr_backoff, (int, float)) \
-                or not 0 < self.lr_backoff <= 1:
-            raise ValueError(f"RecoveryConfig.lr_backoff={self.lr_backoff!r}; allowed: a number with "
-                             "0 < lr_backoff <= 1")
-        if isinstance(self.min_lr_scale, bool) or not isinstance(self.min_lr_scale, (int, float)) \
-                or not 0 < self.min_lr_scale <= 1:
-            raise ValueError(f"RecoveryConfig.min_lr_scale={self.min_lr_scale!r}; allowed: a number with "
-                             "0 < min_lr_scale <= 1")
+        if (
+            isinstance(self.lr_backoff, bool)
+            or not isinstance(self.lr_backoff, (int, float))
+            or not 0 < self.lr_backoff <= 1
+        ):
+            raise ValueError(
+                f"RecoveryConfig.lr_backoff={self.lr_backoff!r}; allowed: a number with 0 < lr_backoff <= 1"
+            )
+        if (
+            isinstance(self.min_lr_scale, bool)
+            or not isinstance(self.min_lr_scale, (int, float))
+            or not 0 < self.min_lr_scale <= 1
+        ):
+            raise ValueError(
+                f"RecoveryConfig.min_lr_scale={self.min_lr_scale!r}; allowed: a number with 0 < min_lr_scale <= 1"
+            )
 
 
 class RecoveryExhausted(Exception):
@@ -105,8 +120,9 @@ class Recovery:
     over repeated rollbacks and a resumed run takes its snapshots and reseeds exactly as the uninterrupted one.
     """
 
-    def __init__(self, state: TrainingState, config: RecoveryConfig, run_dir: str | Path | None, *,
-                 run_id: str | None = None) -> None:
+    def __init__(
+        self, state: TrainingState, config: RecoveryConfig, run_dir: str | Path | None, *, run_id: str | None = None
+    ) -> None:
         self.state, self.config = state, config
         self.remedy = RemedyState()
         state.history["remedy"] = self.remedy
@@ -114,8 +130,11 @@ class Recovery:
         self.ring = SnapshotRing(config.keep_in_memory, config.keep_pinned, config.copy_in_background)
         # with a run_dir the disk tier always exists, so a resume reads the snapshots there even when this run
         # writes none (``disk_every=None``)
-        self.disk = DiskSnapshots(Path(run_dir) / SNAPSHOT_DIR, config.keep_on_disk, run_id=run_id) \
-            if run_dir is not None else None
+        self.disk = (
+            DiskSnapshots(Path(run_dir) / SNAPSHOT_DIR, config.keep_on_disk, run_id=run_id)
+            if run_dir is not None
+            else None
+        )
         self.rollbacks = 0
         self._last_snapshot = -math.inf
         self._last_trouble = -math.inf
@@ -140,8 +159,11 @@ class Recovery:
 
     def after_step(self, steps_done: int) -> Snapshot | None:
         """Take a snapshot of the state at the start of step ``steps_done`` if one is due."""
-        interval = self.config.snapshot_every_on_warning \
-            if steps_done - self._last_warning <= self.config.snapshot_every else self.config.snapshot_every
+        interval = (
+            self.config.snapshot_every_on_warning
+            if steps_done - self._last_warning <= self.config.snapshot_every
+            else self.config.snapshot_every
+        )
         if steps_done - self._last_snapshot < interval or steps_done - self._last_trouble <= self.config.quiet_steps:
             return None
         to_disk = self.writes_disk and (self._taken + 1) % self.config.disk_every == 0  # type: ignore[operator]
@@ -166,8 +188,9 @@ class Recovery:
         self.ring.fence()
 
     # --- rollback -----------------------------------------------------------------------------------
-    def rollback(self, step: int, onset: int, findings: tuple[Finding, ...], rollbacks_in_window: int) \
-            -> RollbackResult | None:
+    def rollback(
+        self, step: int, onset: int, findings: tuple[Finding, ...], rollbacks_in_window: int
+    ) -> RollbackResult | None:
         """Restore the newest snapshot from before ``onset`` and apply remedies; None when there is none."""
         # The value at step k comes from the state at the start of step k, made by update k - 1: the margin
         # steps back past that update. Nothing precedes the starting state, which no update has touched.
@@ -177,14 +200,23 @@ class Recovery:
         remedies = choose_remedies(findings, rollbacks_in_window)
         scale = self.lr_scale(step)
         if "lr_backoff" in remedies and scale * self.config.lr_backoff < self.config.min_lr_scale:
-            raise RecoveryExhausted(f"the LR is already scaled by {scale:.3g} after {self.rollbacks} rollback(s); "
-                                    f"another back-off would take it below min_lr_scale={self.config.min_lr_scale:g}")
+            raise RecoveryExhausted(
+                f"the LR is already scaled by {scale:.3g} after {self.rollbacks} rollback(s); "
+                f"another back-off would take it below min_lr_scale={self.config.min_lr_scale:g}"
+            )
         restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=False)
         self.ring.drop_after(snap.step)
         self.rollbacks += 1
         reseed(1_000_003 * snap.step + 7_919 * step + self.rollbacks)
-        done = apply_remedies(remedies, self.remedy, self.state.optimizer, step=step, lr_backoff=self.config.lr_backoff,
-                              cooldown_steps=self.config.cooldown_steps, findings=findings)
+        done = apply_remedies(
+            remedies,
+            self.remedy,
+            self.state.optimizer,
+            step=step,
+            lr_backoff=self.config.lr_backoff,
+            cooldown_steps=self.config.cooldown_steps,
+            findings=findings,
+        )
         self._last_trouble = step
         if self.writes_disk:
             # The disk snapshots newer than the restored one belong to the timeline just abandoned: a run killed
@@ -214,17 +246,22 @@ class Recovery:
         snap = self.disk.load_newest(of_run)
         if snap is None:
             if run_steps > 0 and not self.disk.found:
-                warnings.warn(f"resume=True: the run in {self.disk.directory.parent} holds {run_steps} steps but no "
-                              "disk snapshot to continue from (RecoveryConfig.disk_every writes them): it starts "
-                              "again from step 0, and its store's rows of those steps are replaced",
-                              KeelWarning, stacklevel=3)
+                warnings.warn(
+                    f"resume=True: the run in {self.disk.directory.parent} holds {run_steps} steps but no "
+                    "disk snapshot to continue from (RecoveryConfig.disk_every writes them): it starts "
+                    "again from step 0, and its store's rows of those steps are replaced",
+                    KeelWarning,
+                    stacklevel=3,
+                )
             return None
         differences = setup_differences(snap, self.state)
         if differences:
-            raise ValueError(f"resume: the snapshot of step {snap.step} in {self.disk.directory} was taken with "
-                             f"another setup: {describe_differences(differences)}; allowed: resume with the model, "
-                             "optimizer and scheduler the run was started with, or start a new run there "
-                             "(overwrite=True) or in another run_dir")
+            raise ValueError(
+                f"resume: the snapshot of step {snap.step} in {self.disk.directory} was taken with "
+                f"another setup: {describe_differences(differences)}; allowed: resume with the model, "
+                "optimizer and scheduler the run was started with, or start a new run there "
+                "(overwrite=True) or in another run_dir"
+            )
         restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=True)
         self.ring.take(snap.step, self.state)  # the resumed state is the first to roll back to
         self._resumed_tracked = sorted(snap.plain["tracked"])
@@ -236,25 +273,39 @@ class Recovery:
         saved, registered = set(self._resumed_tracked or ()), set(self.state.tracked)
         self._resumed_tracked = None
         for name in sorted(saved - registered):
-            warnings.warn(f"resume: the snapshot holds the data position {name!r}, but it was not registered with "
-                          f"guard.track(..., name={name!r}) before the first step: that data starts from its "
-                          "beginning instead of where the run stopped", KeelWarning, stacklevel=4)
+            warnings.warn(
+                f"resume: the snapshot holds the data position {name!r}, but it was not registered with "
+                f"guard.track(..., name={name!r}) before the first step: that data starts from its "
+                "beginning instead of where the run stopped",
+                KeelWarning,
+                stacklevel=4,
+            )
         for name in sorted(registered - saved):
-            warnings.warn(f"resume: guard.track(..., name={name!r}) registered a data position that is not in the "
-                          "snapshot: it starts from its beginning", KeelWarning, stacklevel=4)
+            warnings.warn(
+                f"resume: guard.track(..., name={name!r}) registered a data position that is not in the "
+                "snapshot: it starts from its beginning",
+                KeelWarning,
+                stacklevel=4,
+            )
 
     # --- remedies in force --------------------------------------------------------------------------
     def lr_scale(self, step: int) -> float:
         return current_lr_scale(self.remedy, step, self.config.cooldown_steps)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rollbacks": self.rollbacks, "taken": self._taken, "last_snapshot": self._last_snapshot,
-                "last_trouble": self._last_trouble, "last_warning": self._last_warning}
+        return {
+            "rollbacks": self.rollbacks,
+            "taken": self._taken,
+            "last_snapshot": self._last_snapshot,
+            "last_trouble": self._last_trouble,
+            "last_warning": self._last_warning,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.rollbacks, self._taken = int(state["rollbacks"]), int(state["taken"])
         self._last_snapshot, self._last_trouble, self._last_warning = (
-            float(state[k]) for k in ("last_snapshot", "last_trouble", "last_warning"))
+            float(state[k]) for k in ("last_snapshot", "last_trouble", "last_warning")
+        )
 
     def close(self) -> None:
         self.ring.close()

@@ -37,8 +37,7 @@ class RemedyState:
     max_grad_norm: float | None = None
 
     def state_dict(self) -> dict[str, Any]:
-        return {"lr_scale": self.lr_scale, "lr_scale_since": self.lr_scale_since,
-                "max_grad_norm": self.max_grad_norm}
+        return {"lr_scale": self.lr_scale, "lr_scale_since": self.lr_scale_since, "max_grad_norm": self.max_grad_norm}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.lr_scale, self.lr_scale_since = state["lr_scale"], state["lr_scale_since"]
@@ -63,8 +62,16 @@ def choose_remedies(findings: tuple[Finding, ...], rollbacks_in_window: int) -> 
     return remedies
 
 
-def apply_remedies(remedies: list[str], state: RemedyState, optimizer: torch.optim.Optimizer, *, step: int,
-                   lr_backoff: float, cooldown_steps: int | None, findings: tuple[Finding, ...]) -> list[str]:
+def apply_remedies(
+    remedies: list[str],
+    state: RemedyState,
+    optimizer: torch.optim.Optimizer,
+    *,
+    step: int,
+    lr_backoff: float,
+    cooldown_steps: int | None,
+    findings: tuple[Finding, ...],
+) -> list[str]:
     """Apply ``remedies``; returns one sentence per remedy for the decision's reason."""
     done = []
     for remedy in remedies:

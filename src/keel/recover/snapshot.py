@@ -70,8 +70,7 @@ class _CopyWorker:
     """One background thread that runs bulk CPU copies in order."""
 
     def __init__(self) -> None:
-        self._tasks: queue.SimpleQueue[tuple[list[Tensor], list[Tensor], threading.Event] | None] = \
-            queue.SimpleQueue()
+        self._tasks: queue.SimpleQueue[tuple[list[Tensor], list[Tensor], threading.Event] | None] = queue.SimpleQueue()
         self._thread = threading.Thread(target=self._run, name="keel-snapshot-copy", daemon=True)
         self._thread.start()
 
@@ -109,8 +108,13 @@ def _copy_quietly(dsts: list[Tensor], srcs: list[Tensor]) -> None:
     """
     with torch.no_grad():
         for d, s in zip(dsts, srcs, strict=True):
-            if (d.device.type == s.device.type == "cpu" and d.dtype == s.dtype and d.shape == s.shape
-                    and d.is_contiguous() and s.is_contiguous()):
+            if (
+                d.device.type == s.device.type == "cpu"
+                and d.dtype == s.dtype
+                and d.shape == s.shape
+                and d.is_contiguous()
+                and s.is_contiguous()
+            ):
                 if s.numel():
                     ctypes.memmove(d.data_ptr(), s.data_ptr(), s.numel() * s.element_size())
             elif s.dim() == 0:
@@ -118,7 +122,7 @@ def _copy_quietly(dsts: list[Tensor], srcs: list[Tensor]) -> None:
             else:
                 rows = max(1, SERIAL_ELEMENTS // max(1, s[0].numel()))
                 for i in range(0, s.shape[0], rows):
-                    d[i:i + rows].copy_(s[i:i + rows])
+                    d[i : i + rows].copy_(s[i : i + rows])
 
 
 class SnapshotRing:
@@ -237,7 +241,8 @@ class SnapshotRing:
             if oldest.in_use.acquire(blocking=False):
                 old = oldest.tensors
                 if old.keys() == sources.keys() and all(
-                        old[k].shape == s.shape and old[k].dtype == s.dtype for k, s in sources.items()):
+                    old[k].shape == s.shape and old[k].dtype == s.dtype for k, s in sources.items()
+                ):
                     return dict(old)
         pin = torch.cuda.is_available() and any(s.is_cuda for s in sources.values())
         return {k: torch.empty(s.shape, dtype=s.dtype, device="cpu", pin_memory=pin) for k, s in sources.items()}

@@ -102,8 +102,9 @@ def capture_plain(state: TrainingState) -> dict[str, Any]:
     return plain
 
 
-def restore(state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str, Any], plain: dict[str, Any],
-            *, resume: bool) -> None:
+def restore(
+    state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str, Any], plain: dict[str, Any], *, resume: bool
+) -> None:
     """Write a snapshot back into the live objects, keeping every Parameter object (optimizers and hooks
     that hold references stay valid).
 
@@ -117,9 +118,13 @@ def restore(state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str
             local_tensor(t).copy_(tensors["model/" + name])
     optim_state = {
         "param_groups": copy.deepcopy(skeleton["param_groups"]),
-        "state": {index: {k: tensors[v].clone() if isinstance(v, str) and v.startswith("optim/") else
-                          copy.deepcopy(v) for k, v in entry.items()}
-                  for index, entry in skeleton["state"].items()},
+        "state": {
+            index: {
+                k: tensors[v].clone() if isinstance(v, str) and v.startswith("optim/") else copy.deepcopy(v)
+                for k, v in entry.items()
+            }
+            for index, entry in skeleton["state"].items()
+        },
     }
     state.optimizer.load_state_dict(optim_state)
     _reshard_optimizer_state(state.optimizer)
@@ -148,9 +153,10 @@ def restore(state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str
 def classes_of(state: TrainingState) -> dict[str, str | None]:
     """The optimizer, scheduler and scaler classes as ``module.QualName`` (None where there is none): stored with
     each snapshot, so a resume can tell another setup from the one the run was started with."""
-    return {role: None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"
-            for role, obj in (("optimizer", state.optimizer), ("scheduler", state.scheduler),
-                              ("scaler", state.scaler))}
+    return {
+        role: None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"
+        for role, obj in (("optimizer", state.optimizer), ("scheduler", state.scheduler), ("scaler", state.scaler))
+    }
 
 
 def local_tensor(t: Tensor) -> Tensor:
@@ -174,10 +180,15 @@ def _reshard_optimizer_state(optimizer: torch.optim.Optimizer) -> None:
             local_shape = p.to_local().shape
             entry = optimizer.state.get(p, {})
             for key, value in entry.items():
-                if isinstance(value, Tensor) and not isinstance(value, DTensor) and value.dim() > 0 \
-                        and value.shape == local_shape:
-                    entry[key] = DTensor.from_local(value, p.device_mesh, p.placements, run_check=False,
-                                                    shape=p.shape, stride=p.stride())
+                if (
+                    isinstance(value, Tensor)
+                    and not isinstance(value, DTensor)
+                    and value.dim() > 0
+                    and value.shape == local_shape
+                ):
+                    entry[key] = DTensor.from_local(
+                        value, p.device_mesh, p.placements, run_check=False, shape=p.shape, stride=p.stride()
+                    )
 
 
 def reseed(base: int) -> None:
@@ -186,4 +197,3 @@ def reseed(base: int) -> None:
     random.seed(base)
     np.random.seed(base % 2**32)
     torch.manual_seed(base)
-

@@ -80,14 +80,25 @@ def plan_charts(runs: list[RunData]) -> tuple[list[Chart], list[str]]:
         base = title if title in members or title in all_keys else None
         layers = [] if base in PER_PARAM or base is None else sorted(members.get(base, []))[:MAX_LAYERS]
         # Companions share the chart: logits/log_z_max and logits/log_z_min with logits/log_z.
-        main += [k for k in scalars if main and k not in used and k not in main
-                 and any(k == main[0] + suffix for suffix in COMPANIONS)]
+        main += [
+            k
+            for k in scalars
+            if main and k not in used and k not in main and any(k == main[0] + suffix for suffix in COMPANIONS)
+        ]
         if not main and not layers:
             return
         used.update(main)
         used.add(title)
-        charts.append(Chart(id=f"chart-{len(charts)}", base=title, title=TITLES.get(title, title), keys=main,
-                            layers=layers, log_y=title in LOG_Y))
+        charts.append(
+            Chart(
+                id=f"chart-{len(charts)}",
+                base=title,
+                title=TITLES.get(title, title),
+                keys=main,
+                layers=layers,
+                log_y=title in LOG_Y,
+            )
+        )
 
     add(keys.LOSS, [keys.LOSS, keys.VAL_LOSS])
     add(keys.GRAD_NORM, [keys.GRAD_NORM])
@@ -128,25 +139,50 @@ def marks(runs: list[RunData], charts: list[Chart]) -> dict[str, list[dict[str, 
             if chart is None:
                 continue
             y_key = f.signal if f.signal in run.series else chart.main
-            out[chart.id].append({"run": i, "type": f.severity, "step": f.step, "key": y_key,
-                                  "value": _finite(f.value), "text": _finding_text(f)})
+            out[chart.id].append(
+                {
+                    "run": i,
+                    "type": f.severity,
+                    "step": f.step,
+                    "key": y_key,
+                    "value": _finite(f.value),
+                    "text": _finding_text(f),
+                }
+            )
         for d in run.decisions:
             if d.action == "skip":
                 for chart in {c.id: c for c in (loss_chart, grad_chart) if c is not None}.values():
-                    out[chart.id].append({"run": i, "type": "skip", "step": d.step, "key": chart.main,
-                                          "text": f"step {esc(d.step)} · skipped by {esc(d.by)}<br>"
-                                                  f"{_wrap(d.reason)}"})
+                    out[chart.id].append(
+                        {
+                            "run": i,
+                            "type": "skip",
+                            "step": d.step,
+                            "key": chart.main,
+                            "text": f"step {esc(d.step)} · skipped by {esc(d.by)}<br>{_wrap(d.reason)}",
+                        }
+                    )
             elif d.action in ("rollback", "abort"):
                 for chart in charts:
-                    out[chart.id].append({"run": i, "type": d.action, "step": d.step,
-                                          "from": d.restored_step if d.action == "rollback" else None,
-                                          "text": f"step {esc(d.step)} · {esc(d.action)}<br>"
-                                                  f"{_wrap(d.reason)}"})
+                    out[chart.id].append(
+                        {
+                            "run": i,
+                            "type": d.action,
+                            "step": d.step,
+                            "from": d.restored_step if d.action == "rollback" else None,
+                            "text": f"step {esc(d.step)} · {esc(d.action)}<br>{_wrap(d.reason)}",
+                        }
+                    )
         if loss_chart is not None:
             for snap in run.snapshots:
-                out[loss_chart.id].append({"run": i, "type": "snapshot", "step": snap["step"],
-                                           "key": loss_chart.main,
-                                           "text": f"snapshot at step {esc(snap['step'])}"})
+                out[loss_chart.id].append(
+                    {
+                        "run": i,
+                        "type": "snapshot",
+                        "step": snap["step"],
+                        "key": loss_chart.main,
+                        "text": f"snapshot at step {esc(snap['step'])}",
+                    }
+                )
     return out
 
 

@@ -9,11 +9,16 @@ from keel.report.page import write_report
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("runs", nargs="+", metavar="RUN", type=any_path,
-                        help="run folders or run.sqlite files; a folder of runs (runs/demo) stands for "
-                             "all of them")
-    parser.add_argument("-o", "--out", default="report.html", type=output_file,
-                        help="the HTML file to write (default: %(default)s)")
+    parser.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        type=any_path,
+        help="run folders or run.sqlite files; a folder of runs (runs/demo) stands for all of them",
+    )
+    parser.add_argument(
+        "-o", "--out", default="report.html", type=output_file, help="the HTML file to write (default: %(default)s)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:

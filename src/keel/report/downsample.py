@@ -11,8 +11,7 @@ from __future__ import annotations
 import numpy as np
 
 
-def downsample_minmax(steps: np.ndarray, values: np.ndarray,
-                      max_points: int) -> tuple[np.ndarray, np.ndarray]:
+def downsample_minmax(steps: np.ndarray, values: np.ndarray, max_points: int) -> tuple[np.ndarray, np.ndarray]:
     """At most ``max_points`` (step, value) pairs keeping each bucket's min and max.
 
     Args:

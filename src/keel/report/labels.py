@@ -32,7 +32,13 @@ def run_labels(paths: Sequence[PurePath]) -> list[str]:
     parts = [p.parts for p in paths]
     labels = []
     for i, (path, own) in enumerate(zip(paths, parts, strict=True)):
-        k = next((k for k in range(1, len(own)) if not any(j != i and other[-k:] == own[-k:]
-                                                           for j, other in enumerate(parts))), len(own))
-        labels.append(str(type(path)(*own[len(own) - k:])))
+        k = next(
+            (
+                k
+                for k in range(1, len(own))
+                if not any(j != i and other[-k:] == own[-k:] for j, other in enumerate(parts))
+            ),
+            len(own),
+        )
+        labels.append(str(type(path)(*own[len(own) - k :])))
     return labels

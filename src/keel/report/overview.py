@@ -14,18 +14,25 @@ from keel._core.finding import Finding, severity_rank
 from keel.report.run_data import RunData
 from keel.report.sections import diagnosis_cards, esc, problems, runs_table
 
-MARKS_LEGEND = ("Drag to zoom (all charts follow), double-click to reset. Lines show each bucket's minimum and "
-                "maximum, so one-step spikes stay visible at any zoom. Marks: grey ○ info, orange ▲ warning, red × "
-                "critical, | skipped step, dashed line and band: rollback (band = the steps undone), ▽ snapshot.")
+MARKS_LEGEND = (
+    "Drag to zoom (all charts follow), double-click to reset. Lines show each bucket's minimum and "
+    "maximum, so one-step spikes stay visible at any zoom. Marks: grey ○ info, orange ▲ warning, red × "
+    "critical, | skipped step, dashed line and band: rollback (band = the steps undone), ▽ snapshot."
+)
 
 
 def overview(runs: list[RunData], colors: list[str], loss_chart_id: str | None) -> str:
     """The first screen: the runs table beside the named causes, what could not be read, then the loss chart."""
     unreadable = "".join(problems([f"{run.name}: {p}" for p in run.problems]) for run in runs)
-    chart = (f"<div class='chart' id='{loss_chart_id}'></div><p class='muted'>{esc(MARKS_LEGEND)}</p>"
-             if loss_chart_id is not None else "<p class='muted'>these runs have no signals yet.</p>")
-    return (f"<section id='overview'><div class='top'>{runs_table(runs, colors)}{named_causes(runs, colors)}</div>"
-            f"{unreadable}{chart}</section>")
+    chart = (
+        f"<div class='chart' id='{loss_chart_id}'></div><p class='muted'>{esc(MARKS_LEGEND)}</p>"
+        if loss_chart_id is not None
+        else "<p class='muted'>these runs have no signals yet.</p>"
+    )
+    return (
+        f"<section id='overview'><div class='top'>{runs_table(runs, colors)}{named_causes(runs, colors)}</div>"
+        f"{unreadable}{chart}</section>"
+    )
 
 
 def named_causes(runs: list[RunData], colors: list[str]) -> str:
@@ -36,8 +43,11 @@ def named_causes(runs: list[RunData], colors: list[str]) -> str:
     missing: dict[str, list[int]] = {}  # why a run has no recorded diagnosis → those runs
     for i, run in enumerate(runs):
         recorded = run.meta.get("diagnosis")
-        entries = ([(str(d.get("title", d.get("kind", "?"))), str(d.get("when", ""))) for d in recorded
-                    if isinstance(d, dict)] if isinstance(recorded, list) else [])
+        entries = (
+            [(str(d.get("title", d.get("kind", "?"))), str(d.get("when", ""))) for d in recorded if isinstance(d, dict)]
+            if isinstance(recorded, list)
+            else []
+        )
         if not isinstance(recorded, list):
             entries = _worst_findings(run.findings)
             if entries:
@@ -48,12 +58,17 @@ def named_causes(runs: list[RunData], colors: list[str]) -> str:
     if not shared:
         return "<div class='card named'><p><b>named cause</b></p><p>none: no warnings or criticals.</p></div>"
     several = len(runs) > 1
-    items = "".join(f"<li><b>{esc(title)}</b> — {esc(when)}"
-                    + (f" <span class='who'>· {_who(who, runs, colors)}</span>" if several else "") + "</li>"
-                    for (title, when), who in shared.items())
-    notes = "".join(f"<p class='muted'>{_who(who, runs, colors)}: no named cause recorded ({why}); "
-                    f"{'their' if len(who) > 1 else 'its'} worst findings are listed</p>"
-                    for why, who in missing.items())
+    items = "".join(
+        f"<li><b>{esc(title)}</b> — {esc(when)}"
+        + (f" <span class='who'>· {_who(who, runs, colors)}</span>" if several else "")
+        + "</li>"
+        for (title, when), who in shared.items()
+    )
+    notes = "".join(
+        f"<p class='muted'>{_who(who, runs, colors)}: no named cause recorded ({why}); "
+        f"{'their' if len(who) > 1 else 'its'} worst findings are listed</p>"
+        for why, who in missing.items()
+    )
     return f"<div class='card named'><p><b>named cause</b></p><ol class='causes'>{items}</ol>{notes}</div>"
 
 
@@ -67,14 +82,19 @@ def shared_cards(runs: list[RunData], colors: list[str]) -> str:
     groups: dict[tuple[int, ...], list[str]] = {}
     for card, who in holders.items():  # in order of first appearance
         groups.setdefault(tuple(who), []).append(card)
-    return "<div class='diag'>" + "".join(
-        f"<section class='group'><h3>{'shared by ' if len(who) > 1 else ''}{_who(list(who), runs, colors)}</h3>"
-        f"{''.join(cards)}</section>" for who, cards in groups.items()) + "</div>"
+    return (
+        "<div class='diag'>"
+        + "".join(
+            f"<section class='group'><h3>{'shared by ' if len(who) > 1 else ''}{_who(list(who), runs, colors)}</h3>"
+            f"{''.join(cards)}</section>"
+            for who, cards in groups.items()
+        )
+        + "</div>"
+    )
 
 
 def _who(indices: list[int], runs: list[RunData], colors: list[str]) -> str:
-    return ", ".join(f"<span class='swatch' style='background:{colors[i]}'></span>{esc(runs[i].name)}"
-                     for i in indices)
+    return ", ".join(f"<span class='swatch' style='background:{colors[i]}'></span>{esc(runs[i].name)}" for i in indices)
 
 
 def _worst_findings(findings: list[Finding], limit: int = 3) -> list[tuple[str, str]]:
@@ -88,8 +108,9 @@ def _worst_findings(findings: list[Finding], limit: int = 3) -> list[tuple[str, 
             worst[f.kind] = f
     counts = Counter(f.kind for f in serious)
     kinds = sorted(first, key=lambda k: (-severity_rank(worst[k].severity), first[k].step))[:limit]
-    return [(f"{worst[k].severity} {k.replace('_', ' ')}", f"first at step {first[k].step}, {counts[k]}×")
-            for k in kinds]
+    return [
+        (f"{worst[k].severity} {k.replace('_', ' ')}", f"first at step {first[k].step}, {counts[k]}×") for k in kinds
+    ]
 
 
 __all__ = ["named_causes", "overview", "shared_cards"]

@@ -92,13 +92,16 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:  # a typo must not quietly give a report with a run left out
-        raise ReportError(f"{', '.join(missing)}: no such file or folder; allowed: run folders, run.sqlite files, "
-                          "sweep folders, or folders that hold them")
+        raise ReportError(
+            f"{', '.join(missing)}: no such file or folder; allowed: run folders, run.sqlite files, "
+            "sweep folders, or folders that hold them"
+        )
     sources = [classify(path) for path in _distinct(expand(paths))]
     empty = [source.note for source in sources if not source.store]
     if empty:  # a typo'd or empty folder must not quietly give a report with a run left out either
-        raise ReportError("; ".join(empty) + "; allowed: run folders, run.sqlite files, sweep folders, or folders "
-                          "that hold them")
+        raise ReportError(
+            "; ".join(empty) + "; allowed: run folders, run.sqlite files, sweep folders, or folders that hold them"
+        )
     notes: list[str] = []
     runs: list[RunData] = []
     run_paths: list[Path] = []  # what each run is labelled by: its folder, or a store file not named run.sqlite
@@ -117,8 +120,9 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
         except (StoreError, FileNotFoundError) as exc:  # classified a moment ago, unreadable now: a note
             notes.append(str(exc))
     if not runs and not sweeps:
-        raise ReportError("no keel run store among " + ", ".join(str(p) for p in paths)
-                          + (f" ({'; '.join(notes)})" if notes else ""))
+        raise ReportError(
+            "no keel run store among " + ", ".join(str(p) for p in paths) + (f" ({'; '.join(notes)})" if notes else "")
+        )
     for run, label in zip(runs, run_labels([Path(os.path.abspath(p)) for p in run_paths]), strict=True):
         run.name = label
     out = Path(out_path)
@@ -134,13 +138,15 @@ def build_page(runs: list[RunData], notes: list[str] | None = None, *, sweeps: S
     colors = [PALETTE[i % len(PALETTE)] for i in range(len(runs))]
     charts, left_out = _charts.plan_charts(runs)
     if left_out:
-        notes.append(f"{len(left_out)} more signals have no chart (the page keeps {_charts.MAX_CHARTS}): "
-                     + ", ".join(left_out))
+        notes.append(
+            f"{len(left_out)} more signals have no chart (the page keeps {_charts.MAX_CHARTS}): " + ", ".join(left_out)
+        )
     payload = {
         "runs": [{"name": r.name, "color": c} for r, c in zip(runs, colors, strict=True)],
-        "charts": [{"id": c.id, "title": c.title, "keys": c.keys, "layers": c.layers, "log_y": c.log_y,
-                    "main": c.main}
-                   for c in charts],
+        "charts": [
+            {"id": c.id, "title": c.title, "keys": c.keys, "layers": c.layers, "log_y": c.log_y, "main": c.main}
+            for c in charts
+        ],
         "series": _series(runs, charts),
         "xrange": _step_range(runs),
         "marks": _charts.marks(runs, charts),
@@ -160,8 +166,7 @@ def build_page(runs: list[RunData], notes: list[str] | None = None, *, sweeps: S
         "<div class='notes'>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes) + "</div>",
         # A sweep given alone: its section is the page.
         *(_run_parts(runs, colors, charts, extra) if runs else extra),
-        f"<footer>Self-contained: plotly.js {html.escape(version)} is inlined; the page needs no network."
-        "</footer>",
+        f"<footer>Self-contained: plotly.js {html.escape(version)} is inlined; the page needs no network.</footer>",
         "</main>",
         "<pre id='keel-status'></pre>",
     ]
@@ -176,20 +181,20 @@ def build_page(runs: list[RunData], notes: list[str] | None = None, *, sweeps: S
     )
 
 
-def _run_parts(runs: list[RunData], colors: list[str], charts: list[_charts.Chart],
-               extra: list[str]) -> list[str]:
+def _run_parts(runs: list[RunData], colors: list[str], charts: list[_charts.Chart], extra: list[str]) -> list[str]:
     # The first screen: runs compared, named causes, the loss chart with its marks (keel.report.overview).
     loss = next((c for c in charts if keys.LOSS in c.keys), charts[0] if charts else None)
     return [
         _overview.overview(runs, colors, loss.id if loss is not None else None),
-        "<h2>Diagnosis</h2>", _overview.shared_cards(runs, colors),
+        "<h2>Diagnosis</h2>",
+        _overview.shared_cards(runs, colors),
         "<h2>Timelines</h2>" if len(charts) > 1 else "",
         *[f"<div class='chart' id='{c.id}'></div>" for c in charts if c is not loss],
         *extra,
-        "<h2>Runs</h2>", *[_sections.metadata(r) for r in runs],
+        "<h2>Runs</h2>",
+        *[_sections.metadata(r) for r in runs],
         "<h2>Decisions and snapshots</h2>",
-        *[f"<h3>{html.escape(r.name)}</h3>{_sections.decisions_table(r)}{_sections.snapshots_table(r)}"
-          for r in runs],
+        *[f"<h3>{html.escape(r.name)}</h3>{_sections.decisions_table(r)}{_sections.snapshots_table(r)}" for r in runs],
     ]
 
 

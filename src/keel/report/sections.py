@@ -21,8 +21,7 @@ from keel._core.finding import Finding, severity_rank
 from keel.report.run_data import RunData
 
 MAX_ROWS = 200  # decisions and snapshots listed per run; the rest are counted
-META_FIELDS = ("status", "policy", "steps", "seed", "model", "optimizer", "started_at", "finished_at",
-               "git_sha")
+META_FIELDS = ("status", "policy", "steps", "seed", "model", "optimizer", "started_at", "finished_at", "git_sha")
 
 
 def esc(value: Any) -> str:
@@ -33,8 +32,10 @@ def esc(value: Any) -> str:
 def runs_table(runs: list[RunData], colors: list[str]) -> str:
     """One compact row per run: its label (the folder in a tooltip), status, outcome (last and best loss), counts
     of findings and actions. The seed and the rest are in the run's metadata further down."""
-    head = ("<tr><th>run</th><th>status</th><th>policy</th><th>steps</th><th>loss (last 20)</th>"
-            "<th>best loss</th><th>critical / warning / info</th><th>skips</th><th>rollbacks</th></tr>")
+    head = (
+        "<tr><th>run</th><th>status</th><th>policy</th><th>steps</th><th>loss (last 20)</th>"
+        "<th>best loss</th><th>critical / warning / info</th><th>skips</th><th>rollbacks</th></tr>"
+    )
     rows = []
     for run, color in zip(runs, colors, strict=True):
         counts = Counter(f.severity for f in run.findings)
@@ -47,7 +48,8 @@ def runs_table(runs: list[RunData], colors: list[str]) -> str:
             f"<td>{esc(run.meta.get('steps', run.lengths.get(keys.LOSS, '?')))}</td>"
             f"<td>{esc(last)}</td><td>{esc(best)}</td>"
             f"<td>{counts['critical']} / {counts['warning']} / {counts['info']}</td>"
-            f"<td>{actions['skip']}</td><td>{actions['rollback']}</td></tr>")
+            f"<td>{actions['skip']}</td><td>{actions['rollback']}</td></tr>"
+        )
     return f"<table class='runs'>{head}{''.join(rows)}</table>"
 
 
@@ -79,18 +81,25 @@ def diagnosis_cards(run: RunData) -> list[str]:
     by_kind: dict[str, list[Finding]] = {}
     for f in serious:
         by_kind.setdefault(f.kind, []).append(f)
-    for kind, group in sorted(by_kind.items(), key=lambda kv: (-max(severity_rank(f.severity) for f in kv[1]),
-                                                                 kv[1][0].step)):
+    for kind, group in sorted(
+        by_kind.items(), key=lambda kv: (-max(severity_rank(f.severity) for f in kv[1]), kv[1][0].step)
+    ):
         worst = max(group, key=lambda f: severity_rank(f.severity))
         first = group[0]
         steps = ", ".join(esc(f.step) for f in group[:12]) + (" …" if len(group) > 12 else "")
-        evidence = "".join(f"<tr><th>{esc(k)}</th><td>{_short(v)}</td></tr>"
-                           for k, v in first.evidence.items() if k not in ("remedies", "traceback"))
+        evidence = "".join(
+            f"<tr><th>{esc(k)}</th><td>{_short(v)}</td></tr>"
+            for k, v in first.evidence.items()
+            if k not in ("remedies", "traceback")
+        )
         remedies = first.evidence.get("remedies")
         remedy_html = f"<p><b>remedy</b> {esc(first.remedy)}</p>" if first.remedy else ""
         if isinstance(remedies, list) and remedies:  # the ranked list says it all, with its sources
-            remedy_html = "<p><b>remedies</b></p><ol class='remedies'>" + "".join(
-                _remedy_item(r) for r in remedies if isinstance(r, dict)) + "</ol>"
+            remedy_html = (
+                "<p><b>remedies</b></p><ol class='remedies'>"
+                + "".join(_remedy_item(r) for r in remedies if isinstance(r, dict))
+                + "</ol>"
+            )
         cards.append(
             f"<div class='card {esc(worst.severity)}'><div class='card-head'>"
             f"<span class='badge {esc(worst.severity)}'>{esc(worst.severity)}</span> "
@@ -98,14 +107,17 @@ def diagnosis_cards(run: RunData) -> list[str]:
             f"first at step {esc(first.step)}, {len(group)}× (steps {steps})</div>"
             f"<p><b>cause</b> {esc(first.cause)}</p>{remedy_html}"
             f"<p class='values'>value {_num(first.value)} · baseline {_num(first.baseline)}</p>"
-            f"<table class='evidence'>{evidence}</table></div>")
+            f"<table class='evidence'>{evidence}</table></div>"
+        )
     if not cards:
         cards.append("<div class='card ok'><span class='badge ok'>ok</span> no warnings or criticals.</div>")
     if infos:
         kinds = Counter(f.kind for f in infos)
         listed = ", ".join(f"{n}× {esc(k.replace('_', ' '))}" for k, n in kinds.most_common())
-        cards.append(f"<p class='infos'>info findings (no alarm, e.g. one-batch outliers): {listed}; "
-                     "grey circles on the charts.</p>")
+        cards.append(
+            f"<p class='infos'>info findings (no alarm, e.g. one-batch outliers): {listed}; "
+            "grey circles on the charts.</p>"
+        )
     return cards
 
 
@@ -113,27 +125,28 @@ def decisions_table(run: RunData) -> str:
     if not run.decisions:
         return "<p class='muted'>no step was skipped or rolled back.</p>"
     counts = Counter(d.action for d in run.decisions)
-    head = ("<tr><th>step</th><th>action</th><th>by</th><th>onset</th><th>restored step</th>"
-            "<th>reason</th></tr>")
+    head = "<tr><th>step</th><th>action</th><th>by</th><th>onset</th><th>restored step</th><th>reason</th></tr>"
     rows = "".join(
         f"<tr><td>{esc(d.step)}</td><td>{esc(d.action)}</td><td>{esc(d.by)}</td><td>{_opt(d.onset)}</td>"
-        f"<td>{_opt(d.restored_step)}</td><td>{esc(d.reason)}</td></tr>" for d in run.decisions[:MAX_ROWS])
+        f"<td>{_opt(d.restored_step)}</td><td>{esc(d.reason)}</td></tr>"
+        for d in run.decisions[:MAX_ROWS]
+    )
     extra = len(run.decisions) - MAX_ROWS
     more = f"<p class='muted'>… and {extra} more.</p>" if extra > 0 else ""
     summary = ", ".join(f"{n} {esc(a)}" for a, n in counts.items())
-    return (f"<details><summary>{summary}</summary><table class='decisions'>{head}{rows}</table>{more}"
-            "</details>")
+    return f"<details><summary>{summary}</summary><table class='decisions'>{head}{rows}</table>{more}</details>"
 
 
 def snapshots_table(run: RunData) -> str:
     if not run.snapshots:
         return "<p class='muted'>no disk snapshots recorded.</p>"
     head = "<tr><th>step</th><th>path</th><th>checksum</th></tr>"
-    rows = "".join(f"<tr><td>{esc(s['step'])}</td><td><code>{esc(s['path'])}</code></td>"
-                   f"<td><code>{esc(str(s['checksum'])[:16])}</code></td></tr>"
-                   for s in run.snapshots[:MAX_ROWS])
-    return (f"<details><summary>{len(run.snapshots)} snapshot(s)</summary><table>{head}{rows}</table>"
-            "</details>")
+    rows = "".join(
+        f"<tr><td>{esc(s['step'])}</td><td><code>{esc(s['path'])}</code></td>"
+        f"<td><code>{esc(str(s['checksum'])[:16])}</code></td></tr>"
+        for s in run.snapshots[:MAX_ROWS]
+    )
+    return f"<details><summary>{len(run.snapshots)} snapshot(s)</summary><table>{head}{rows}</table></details>"
 
 
 def _remedy_item(remedy: dict[str, Any]) -> str:
@@ -165,5 +178,12 @@ def _opt(x: int | None) -> str:
     return "" if x is None else esc(x)
 
 
-__all__ = ["decisions_table", "diagnosis_cards", "meta_details", "metadata", "problems", "runs_table",
-           "snapshots_table"]
+__all__ = [
+    "decisions_table",
+    "diagnosis_cards",
+    "meta_details",
+    "metadata",
+    "problems",
+    "runs_table",
+    "snapshots_table",
+]

@@ -66,9 +66,12 @@ def classify(path: Path) -> Source:
     if path.is_dir() and not file.is_file() and (path / SWEEP_STORE_NAME).is_file():
         file = path / SWEEP_STORE_NAME
     if not file.is_file():
-        return Source(path=path, kind=None, store=False,
-                      note=f"{path}: no store here (no {STORE_NAME}, {SWEEP_STORE_NAME} or run folder one or two "
-                           "levels down)")
+        return Source(
+            path=path,
+            kind=None,
+            store=False,
+            note=f"{path}: no store here (no {STORE_NAME}, {SWEEP_STORE_NAME} or run folder one or two levels down)",
+        )
     try:
         conn = connect_for_reading(file)
         try:
@@ -77,11 +80,15 @@ def classify(path: Path) -> Source:
             conn.close()
     except sqlite3.Error as exc:
         # a damaged store file is a note beside the other runs; any other file is not a store at all
-        return Source(path=path, kind=None, store=file.suffix == STORE_SUFFIX,
-                      note=f"{file}: not an SQLite store ({exc})")
+        return Source(
+            path=path, kind=None, store=file.suffix == STORE_SUFFIX, note=f"{file}: not an SQLite store ({exc})"
+        )
     for kind in STORE_KINDS:
         if kind.tables <= tables:
             return Source(path=path, kind=kind.name)
     listed = ", ".join(sorted(tables)) or "none"
-    return Source(path=path, kind=None,
-                  note=f"{file}: a store of a kind this report does not show yet (tables: {listed}); skipped")
+    return Source(
+        path=path,
+        kind=None,
+        note=f"{file}: a store of a kind this report does not show yet (tables: {listed}); skipped",
+    )

@@ -142,8 +142,10 @@ def load_sweep_data(path: str | Path, *, name: str | None = None) -> SweepData:
 
 def _read_summary(sweep: SweepData, summary: Any) -> None:
     if summary is None:
-        sweep.problems.append("no summary stored: `keel sweep` stores one when it finishes (the sweep's own "
-                              "command, run again, resumes it and stores one); its runs are listed below")
+        sweep.problems.append(
+            "no summary stored: `keel sweep` stores one when it finishes (the sweep's own "
+            "command, run again, resumes it and stores one); its runs are listed below"
+        )
         return
     if not isinstance(summary, dict):
         sweep.problems.append(f"the stored summary is {type(summary).__name__}, not an object; left out")
@@ -154,8 +156,10 @@ def _read_summary(sweep: SweepData, summary: Any) -> None:
     now = Counter(str(r["status"]) for r in sweep.rows)
     if isinstance(counts, dict) and counts != dict(now):
         listed = ", ".join(f"{n} {status}" for status, n in sorted(now.items())) or "none"
-        sweep.problems.append(f"the sweep changed after its summary was stored (its runs now: {listed}); "
-                              "`keel sweep` stores a new one when it finishes")
+        sweep.problems.append(
+            f"the sweep changed after its summary was stored (its runs now: {listed}); "
+            "`keel sweep` stores a new one when it finishes"
+        )
 
 
 def _entries(sweep: SweepData, summary: dict[str, Any], key: str, parse: Any) -> list[Any]:
@@ -170,8 +174,9 @@ def _entries(sweep: SweepData, summary: dict[str, Any], key: str, parse: Any) ->
         except ValueError as exc:
             bad.append(str(exc))
     if bad:
-        sweep.problems.append(f"the stored summary's {key!r}: {len(bad)} entr(ies) of the wrong type left out "
-                              f"(first: {bad[0]})")
+        sweep.problems.append(
+            f"the stored summary's {key!r}: {len(bad)} entr(ies) of the wrong type left out (first: {bad[0]})"
+        )
     return out
 
 
@@ -181,12 +186,22 @@ def _curve(f: _Fields) -> Curve:
     lr_range = f.numbers("lr_range")
     if not (len(lrs) == len(losses) == len(logits) > 0) or len(lr_range) != 2:
         raise ValueError("lrs, losses, max_attn_logit and lr_range are empty or have mismatched lengths")
-    return Curve(recipe=f.text("name"), size=f.text("size"), n_params=f.integer("n_params"),
-                 lr_sensitivity=f.number("lr_sensitivity"),
-                 vs_baseline=f.number("sensitivity_vs_baseline", missing=True), best_lr=f.number("best_lr"),
-                 best_loss=f.number("best_loss"), init_loss=f.number("init_loss"),
-                 lr_range=(lr_range[0], lr_range[1]), lrs=lrs, losses=losses,  # type: ignore[arg-type]
-                 max_attn_logit=logits, diverged=f.integer("diverged"), errors=f.integer("errors"))
+    return Curve(
+        recipe=f.text("name"),
+        size=f.text("size"),
+        n_params=f.integer("n_params"),
+        lr_sensitivity=f.number("lr_sensitivity"),
+        vs_baseline=f.number("sensitivity_vs_baseline", missing=True),
+        best_lr=f.number("best_lr"),
+        best_loss=f.number("best_loss"),
+        init_loss=f.number("init_loss"),
+        lr_range=(lr_range[0], lr_range[1]),
+        lrs=lrs,
+        losses=losses,  # type: ignore[arg-type]
+        max_attn_logit=logits,
+        diverged=f.integer("diverged"),
+        errors=f.integer("errors"),
+    )
 
 
 def _scaling(f: _Fields) -> Scaling:
@@ -194,13 +209,19 @@ def _scaling(f: _Fields) -> Scaling:
     logits, grads = f.numbers("max_attn_logit", missing=True), f.numbers("grad_norm", missing=True)
     if not (len(sizes) == len(n_params) == len(logits) == len(grads)):
         raise ValueError("sizes, n_params, max_attn_logit and grad_norm have mismatched lengths")
-    return Scaling(recipe=f.text("recipe"), lr=f.number("lr"), sizes=sizes, n_params=n_params,
-                   max_attn_logit=logits, grad_norm=grads,
-                   logit_fit=f.fit("logit_exponent", "logit_log10_prefactor"),
-                   grad_norm_fit=f.fit("grad_norm_exponent", "grad_norm_log10_prefactor"),
-                   divergence_logit=f.number("divergence_logit", missing=True),
-                   predicted_divergence_params=f.number("predicted_divergence_params", missing=True),
-                   reach=f.text("reach", default=""))
+    return Scaling(
+        recipe=f.text("recipe"),
+        lr=f.number("lr"),
+        sizes=sizes,
+        n_params=n_params,
+        max_attn_logit=logits,
+        grad_norm=grads,
+        logit_fit=f.fit("logit_exponent", "logit_log10_prefactor"),
+        grad_norm_fit=f.fit("grad_norm_exponent", "grad_norm_log10_prefactor"),
+        divergence_logit=f.number("divergence_logit", missing=True),
+        predicted_divergence_params=f.number("predicted_divergence_params", missing=True),
+        reach=f.text("reach", default=""),
+    )
 
 
 class _Fields:

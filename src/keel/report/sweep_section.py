@@ -40,15 +40,27 @@ def sweep_section(sweep: SweepData, index: int) -> tuple[str, list[dict[str, Any
 
 
 def _recipe_table(curves: Sequence[Curve], recipe: str) -> str:
-    head = ("<tr><th>size</th><th>params</th><th>LRS</th><th>vs base</th><th>best lr</th><th>best loss</th>"
-            "<th>lr range (±0.1 nat)</th><th>max attn logit (lo→hi lr)</th><th>diverged</th><th>errors</th></tr>")
+    head = (
+        "<tr><th>size</th><th>params</th><th>LRS</th><th>vs base</th><th>best lr</th><th>best loss</th>"
+        "<th>lr range (±0.1 nat)</th><th>max attn logit (lo→hi lr)</th><th>diverged</th><th>errors</th></tr>"
+    )
     rows = []
     for c in (c for c in curves if c.recipe == recipe):
         logits = [v for v in c.max_attn_logit if v is not None]
         span = f"{_g(c.max_attn_logit[0])} → {_g(max(logits) if logits else None)}" if c.max_attn_logit else "—"
         ratio = "—" if c.vs_baseline is None else f"{c.vs_baseline:.1f}x"
-        cells = (c.size, c.n_params, f"{c.lr_sensitivity:.3f}", ratio, f"{c.best_lr:.0e}", f"{c.best_loss:.3f}",
-                 f"{c.lr_range[0]:.0e} … {c.lr_range[1]:.0e}", span, c.diverged, c.errors)
+        cells = (
+            c.size,
+            c.n_params,
+            f"{c.lr_sensitivity:.3f}",
+            ratio,
+            f"{c.best_lr:.0e}",
+            f"{c.best_loss:.3f}",
+            f"{c.lr_range[0]:.0e} … {c.lr_range[1]:.0e}",
+            span,
+            c.diverged,
+            c.errors,
+        )
         rows.append("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in cells) + "</tr>")
     return f"<h3>{esc(recipe)}</h3><table class='sweep num'>{head}{''.join(rows)}</table>"
 
@@ -58,31 +70,54 @@ def _scaling_table(views: Sequence[Scaling]) -> str:
         return ""
     rows = "".join(
         f"<tr><td>{esc(v.recipe)}</td><td>{esc(v.lr)}</td><td>"
-        + "<br>".join(f"{esc(s)}: {esc(_g(a))} / {esc(_g(g))}"
-                      for s, a, g in zip(v.sizes, v.max_attn_logit, v.grad_norm, strict=True))
-        + f"</td><td>{esc(v.growth)}</td><td>{esc(v.reach)}</td></tr>" for v in views)
-    return ("<h3>Scaling: end-of-run max attention logit and gradient norm by size, at one LR</h3>"
-            "<table class='sweep'><tr><th>recipe</th><th>lr</th><th>size: max logit / grad norm</th>"
-            f"<th>growth</th><th>divergence</th></tr>{rows}</table>")
+        + "<br>".join(
+            f"{esc(s)}: {esc(_g(a))} / {esc(_g(g))}"
+            for s, a, g in zip(v.sizes, v.max_attn_logit, v.grad_norm, strict=True)
+        )
+        + f"</td><td>{esc(v.growth)}</td><td>{esc(v.reach)}</td></tr>"
+        for v in views
+    )
+    return (
+        "<h3>Scaling: end-of-run max attention logit and gradient norm by size, at one LR</h3>"
+        "<table class='sweep'><tr><th>recipe</th><th>lr</th><th>size: max logit / grad norm</th>"
+        f"<th>growth</th><th>divergence</th></tr>{rows}</table>"
+    )
 
 
 def _runs_table(rows: Sequence[dict[str, Any]]) -> str:
     if not rows:
         return ""
     counts = Counter(str(r["status"]) for r in rows)
-    head = ("<tr><th>run</th><th>status</th><th>lr</th><th>seed</th><th>val loss</th><th>max attn logit</th>"
-            "<th>steps</th><th>wall s</th><th>error</th></tr>")
+    head = (
+        "<tr><th>run</th><th>status</th><th>lr</th><th>seed</th><th>val loss</th><th>max attn logit</th>"
+        "<th>steps</th><th>wall s</th><th>error</th></tr>"
+    )
     body = "".join(
-        "<tr>" + "".join(f"<td>{esc(v)}</td>" for v in (
-            r["run_id"], r["status"], f"{r['lr']:.3g}", r["seed"], _g(r["val_loss"]), _g(r["max_attn_logit"]),
-            "" if r["steps_done"] is None else r["steps_done"], _g(r["wall_s"]), _last_line(r["error"])))
-        + "</tr>" for r in rows[:MAX_ROWS])
+        "<tr>"
+        + "".join(
+            f"<td>{esc(v)}</td>"
+            for v in (
+                r["run_id"],
+                r["status"],
+                f"{r['lr']:.3g}",
+                r["seed"],
+                _g(r["val_loss"]),
+                _g(r["max_attn_logit"]),
+                "" if r["steps_done"] is None else r["steps_done"],
+                _g(r["wall_s"]),
+                _last_line(r["error"]),
+            )
+        )
+        + "</tr>"
+        for r in rows[:MAX_ROWS]
+    )
     more = f"<p class='muted'>… and {len(rows) - MAX_ROWS} more.</p>" if len(rows) > MAX_ROWS else ""
     summary = f"{len(rows)} run(s): " + ", ".join(f"{n} {s}" for s, n in counts.most_common())
     return f"<details><summary>{esc(summary)}</summary><table class='sweep'>{head}{body}</table>{more}</details>"
 
 
 # ---- figures -------------------------------------------------------------------------------------------------
+
 
 def _figures(sweep: SweepData, prefix: str) -> list[dict[str, Any]]:
     curves, views = sweep.curves, sweep.scaling
@@ -99,15 +134,37 @@ def _figures(sweep: SweepData, prefix: str) -> list[dict[str, Any]]:
         traces = []
         for c in mine:
             traces.append(_trace(f"{c.size}  LRS {c.lr_sensitivity:.3f}", c.lrs, c.losses, color[c.size]))
-            traces.append(_trace(f"{c.size} ℓ₀ (diverged runs)", [c.lrs[0], c.lrs[-1]], [c.init_loss] * 2,
-                                 color[c.size], dash="dot", mode="lines", legend=False))
-        figures.append(_figure(f"final loss vs LR: {recipe}", "learning rate",
-                               "final validation loss (nats)", traces, y_range=y_range))
+            traces.append(
+                _trace(
+                    f"{c.size} ℓ₀ (diverged runs)",
+                    [c.lrs[0], c.lrs[-1]],
+                    [c.init_loss] * 2,
+                    color[c.size],
+                    dash="dot",
+                    mode="lines",
+                    legend=False,
+                )
+            )
+        figures.append(
+            _figure(
+                f"final loss vs LR: {recipe}", "learning rate", "final validation loss (nats)", traces, y_range=y_range
+            )
+        )
     for recipe in recipes:
-        traces = [_trace(c.size, c.lrs, [v if v is not None and v > 0 else None for v in c.max_attn_logit],
-                         color[c.size]) for c in curves if c.recipe == recipe]
-        figures.append(_figure(f"max attention logit vs LR: {recipe}", "learning rate",
-                               "max attention logit (end of run)", traces, log_y=True))
+        traces = [
+            _trace(c.size, c.lrs, [v if v is not None and v > 0 else None for v in c.max_attn_logit], color[c.size])
+            for c in curves
+            if c.recipe == recipe
+        ]
+        figures.append(
+            _figure(
+                f"max attention logit vs LR: {recipe}",
+                "learning rate",
+                "max attention logit (end of run)",
+                traces,
+                log_y=True,
+            )
+        )
     if any(len(v.sizes) >= 2 for v in views):
         figures += _scaling_figures(views)
     for i, figure in enumerate(figures):
@@ -139,26 +196,74 @@ def _scaling_figures(views: Sequence[Scaling]) -> list[dict[str, Any]]:
     all_x = [x for t in logit for x in t["x"]]
     for t in sorted({v.divergence_logit for v in views if v.divergence_logit is not None}):
         if all_x:
-            logit.append(_trace(f"divergence logit {t:.3g}", [min(all_x), max(all_x)], [t, t], "#000000",
-                                dash="dot", mode="lines"))
-    return [_figure(f"max attention logit vs size at lr {lr:g}", "non-embedding parameters",
-                    "max attention logit", logit, log_y=True, log_x=True),
-            _figure(f"gradient norm vs size at lr {lr:g}", "non-embedding parameters", "gradient norm", grad,
-                    log_y=True, log_x=True)]
+            logit.append(
+                _trace(
+                    f"divergence logit {t:.3g}", [min(all_x), max(all_x)], [t, t], "#000000", dash="dot", mode="lines"
+                )
+            )
+    return [
+        _figure(
+            f"max attention logit vs size at lr {lr:g}",
+            "non-embedding parameters",
+            "max attention logit",
+            logit,
+            log_y=True,
+            log_x=True,
+        ),
+        _figure(
+            f"gradient norm vs size at lr {lr:g}",
+            "non-embedding parameters",
+            "gradient norm",
+            grad,
+            log_y=True,
+            log_x=True,
+        ),
+    ]
 
 
-def _figure(title: str, x_title: str, y_title: str, traces: list[dict[str, Any]], *, log_x: bool = True,
-            log_y: bool = False, y_range: list[float] | None = None) -> dict[str, Any]:
+def _figure(
+    title: str,
+    x_title: str,
+    y_title: str,
+    traces: list[dict[str, Any]],
+    *,
+    log_x: bool = True,
+    log_y: bool = False,
+    y_range: list[float] | None = None,
+) -> dict[str, Any]:
     if y_range is not None and not all(map(math.isfinite, y_range)):
         y_range = None  # losses near the float limit: plotly's own range
-    return {"id": "", "title": title, "x_title": x_title, "y_title": y_title, "log_x": log_x, "log_y": log_y,
-            "y_range": y_range, "traces": traces}
+    return {
+        "id": "",
+        "title": title,
+        "x_title": x_title,
+        "y_title": y_title,
+        "log_x": log_x,
+        "log_y": log_y,
+        "y_range": y_range,
+        "traces": traces,
+    }
 
 
-def _trace(name: str, x: Sequence[Any], y: Sequence[Any], color: str, *, dash: str = "solid",
-           mode: str = "lines+markers", legend: bool = True) -> dict[str, Any]:
-    return {"name": name, "x": [_finite(v) for v in x], "y": [_finite(v) for v in y], "color": color, "dash": dash,
-            "mode": mode, "legend": legend}
+def _trace(
+    name: str,
+    x: Sequence[Any],
+    y: Sequence[Any],
+    color: str,
+    *,
+    dash: str = "solid",
+    mode: str = "lines+markers",
+    legend: bool = True,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "x": [_finite(v) for v in x],
+        "y": [_finite(v) for v in y],
+        "color": color,
+        "dash": dash,
+        "mode": mode,
+        "legend": legend,
+    }
 
 
 def _power(fit: tuple[float, float], n: float) -> float | None:

@@ -153,8 +153,9 @@ class AttentionTap:
             mode.__exit__(None, None, None)
 
     # --- reductions (called by the mode; the mode is off while they run) -------------------------------
-    def _reduce(self, site: SiteStats, want: Request, logits: Tensor, probs: Tensor | None,
-                head_dim: int | None, fused: bool) -> None:
+    def _reduce(
+        self, site: SiteStats, want: Request, logits: Tensor, probs: Tensor | None, head_dim: int | None, fused: bool
+    ) -> None:
         site.fused = site.fused or fused
         if want.entropy:
             sums, counts, top = attention_entropy_sums(logits, probs, head_dim=head_dim)
@@ -172,13 +173,19 @@ class AttentionTap:
             x = args[0] if args else kwargs.get("input")
             dim = args[1] if len(args) > 1 else kwargs.get("dim")
             if isinstance(x, Tensor) and x.dim() >= 3 and dim is not None and dim % x.dim() == x.dim() - 1:
-                self._reduce(site, want, x, out if isinstance(out, Tensor) else None,
-                             1 if x.dim() == 4 else None, fused=False)
+                self._reduce(
+                    site, want, x, out if isinstance(out, Tensor) else None, 1 if x.dim() == 4 else None, fused=False
+                )
         elif func is _SDPA and want.fused:
             bound = _sdpa_arguments(args, kwargs)
-            logits = sdpa_logits(bound["query"], bound["key"], bound.get("attn_mask"),
-                                 is_causal=bool(bound.get("is_causal", False)), scale=bound.get("scale"),
-                                 enable_gqa=bool(bound.get("enable_gqa", False)))
+            logits = sdpa_logits(
+                bound["query"],
+                bound["key"],
+                bound.get("attn_mask"),
+                is_causal=bool(bound.get("is_causal", False)),
+                scale=bound.get("scale"),
+                enable_gqa=bool(bound.get("enable_gqa", False)),
+            )
             self._reduce(site, want, logits, None, 1 if logits.dim() == 4 else None, fused=True)
         elif func is _MHA and want.fused:
             mha_logits = _mha_logits(_MHA_SIGNATURE.bind(*args, **kwargs).arguments)

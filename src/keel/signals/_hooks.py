@@ -78,8 +78,9 @@ def named_modules_by_name(model: nn.Module, names: Sequence[str]) -> list[tuple[
     missing = [n for n in names if n not in table]
     if missing:
         sample = ", ".join(list(table)[1:8])
-        raise ValueError(f"modules={missing!r} not found in {type(model).__name__}; allowed: submodule names "
-                         f"such as {sample}")
+        raise ValueError(
+            f"modules={missing!r} not found in {type(model).__name__}; allowed: submodule names such as {sample}"
+        )
     return [(n, table[n]) for n in names]
 
 

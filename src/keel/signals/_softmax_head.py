@@ -165,6 +165,8 @@ class SoftmaxHeadCheck:
                     self._fails += 1
                     if self._fails >= TRIES:
                         self.softmax = False
-                        self.reject("the loss does not see its output through a softmax (the gradient's rows "
-                                    "do not sum to 0: a regression or sigmoid output)")
+                        self.reject(
+                            "the loss does not see its output through a softmax (the gradient's rows "
+                            "do not sum to 0: a regression or sigmoid output)"
+                        )
         return bool(self.reaches_output and self.softmax)

@@ -103,11 +103,13 @@ class ActivationRmsProbe:
     def attach(self, model: nn.Module) -> None:
         found = named_modules_by_name(model, self.config.modules) if self.config.modules else find_blocks(model)
         if not found and looks_like_sequence_model(model):
-            warnings.warn(f"{self.name}: no blocks found in {type(model).__name__}; pass modules=[...]",
-                          KeelWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.name}: no blocks found in {type(model).__name__}; pass modules=[...]", KeelWarning, stacklevel=2
+            )
         self.names = tuple(name for name, _ in found)
-        self._handles = [m.register_forward_hook(lambda mod, a, out, i=i: self._hook(i, mod, out))
-                         for i, (_, m) in enumerate(found)]
+        self._handles = [
+            m.register_forward_hook(lambda mod, a, out, i=i: self._hook(i, mod, out)) for i, (_, m) in enumerate(found)
+        ]
         self._armed = due(0, self.config.every)
 
     def detach(self) -> None:
@@ -118,8 +120,11 @@ class ActivationRmsProbe:
     def _hook(self, index: int, module: nn.Module, output: Any) -> None:
         if not (self._armed and module.training and hooks_active()):
             return
-        x = output if isinstance(output, Tensor) else next(
-            (o for o in (output if isinstance(output, tuple | list) else ()) if isinstance(o, Tensor)), None)
+        x = (
+            output
+            if isinstance(output, Tensor)
+            else next((o for o in (output if isinstance(output, tuple | list) else ()) if isinstance(o, Tensor)), None)
+        )
         if x is None or not (x.is_floating_point() or x.is_complex()):  # a router's indices, a mask: no activation
             return
         try:  # a hook runs inside the user's forward: never break it; `read` reports the error
@@ -143,8 +148,12 @@ class ActivationRmsProbe:
         names = tuple(self.names[i] for i in order)
         rms = torch.stack([(stats[i][0] / stats[i][1]).sqrt() for i in order])
         top = torch.stack([stats[i][2] for i in order])
-        return {keys.ACT_RMS: rms.amax(), keys.ACT_RMS_PER_BLOCK: PerParam(names, rms),
-                keys.ACT_MAX_ABS: top.amax(), keys.ACT_MAX_ABS_PER_BLOCK: PerParam(names, top)}
+        return {
+            keys.ACT_RMS: rms.amax(),
+            keys.ACT_RMS_PER_BLOCK: PerParam(names, rms),
+            keys.ACT_MAX_ABS: top.amax(),
+            keys.ACT_MAX_ABS_PER_BLOCK: PerParam(names, top),
+        }
 
     def measure(self, ctx: StepContext) -> Measurements:
         out = self.read()

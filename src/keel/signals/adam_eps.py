@@ -51,8 +51,9 @@ class AdamEpsConfig:
             raise ValueError(f"AdamEpsConfig.every={self.every!r}; allowed: an int >= 1")
 
 
-def adam_update_stats(exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float, beta1: float, beta2: float,
-                      eps: float) -> tuple[Tensor, Tensor, Tensor]:
+def adam_update_stats(
+    exp_avg: Tensor, exp_avg_sq: Tensor, step: Tensor | float, beta1: float, beta2: float, eps: float
+) -> tuple[Tensor, Tensor, Tensor]:
     """(Σ u², elements with v > 0, count of 0 < √v̂ < ε) for u = m̂ / (√v̂ + ε), in float32.
 
     Example:
@@ -98,8 +99,9 @@ class AdamEpsProbe:
                 state = ctx.optimizer.state.get(p, {})
                 if id(p) not in hyper or "exp_avg" not in state or "exp_avg_sq" not in state:
                     continue
-                sq, n, dom = adam_update_stats(state["exp_avg"], state["exp_avg_sq"], state.get("step", 1.0),
-                                               *hyper[id(p)])
+                sq, n, dom = adam_update_stats(
+                    state["exp_avg"], state["exp_avg_sq"], state.get("step", 1.0), *hyper[id(p)]
+                )
                 names.append(name)
                 squares.append(sq)
                 counts.append(n)
@@ -109,9 +111,11 @@ class AdamEpsProbe:
         if not names:
             return {}
         live = torch.stack(counts)
-        return {keys.ADAM_UPDATE_RMS: (torch.stack(squares).sum() / sum(sizes)).sqrt(),
-                keys.ADAM_EPS_DOMINATED: torch.stack(dominated).sum() / live.sum().clamp_min(1),
-                keys.ADAM_EPS_DOMINATED_PER_PARAM: PerParam(tuple(names), torch.stack(dominated) / live.clamp_min(1))}
+        return {
+            keys.ADAM_UPDATE_RMS: (torch.stack(squares).sum() / sum(sizes)).sqrt(),
+            keys.ADAM_EPS_DOMINATED: torch.stack(dominated).sum() / live.sum().clamp_min(1),
+            keys.ADAM_EPS_DOMINATED_PER_PARAM: PerParam(tuple(names), torch.stack(dominated) / live.clamp_min(1)),
+        }
 
     def after_step(self, ctx: StepContext) -> Measurements:
         return {}

@@ -84,8 +84,11 @@ class AttnEntropyProbe:
         self._model = model
         self._tap = _attention_tap.tap_for(model, self.config.modules)
         if not self._tap.sites and looks_like_sequence_model(model):
-            warnings.warn(f"{self.name}: no attention module found in {type(model).__name__}; pass "
-                          "modules=[...] to name them", NoAttentionFoundWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.name}: no attention module found in {type(model).__name__}; pass modules=[...] to name them",
+                NoAttentionFoundWarning,
+                stacklevel=2,
+            )
         self._arm(0)
 
     def detach(self) -> None:
@@ -105,13 +108,18 @@ class AttnEntropyProbe:
         if self._tap.error is not None:
             raise RuntimeError(f"attention tap failed: {self._tap.error!r}") from self._tap.error
         # (layer name, per-head entropy sums, per-head row counts) of the sites measured this step
-        sites = [(s.name, s.entropy_sum, s.entropy_count) for s in self._tap.read()
-                 if s.entropy_sum is not None and s.entropy_count is not None]
+        sites = [
+            (s.name, s.entropy_sum, s.entropy_count)
+            for s in self._tap.read()
+            if s.entropy_sum is not None and s.entropy_count is not None
+        ]
         if not sites:
             return {}
         per_layer = torch.stack([sums.sum() / counts.sum() for _, sums, counts in sites])
-        out: Measurements = {keys.ATTN_ENTROPY: per_layer.mean(),
-                             keys.ATTN_ENTROPY_PER_LAYER: PerParam(tuple(name for name, _, _ in sites), per_layer)}
+        out: Measurements = {
+            keys.ATTN_ENTROPY: per_layer.mean(),
+            keys.ATTN_ENTROPY_PER_LAYER: PerParam(tuple(name for name, _, _ in sites), per_layer),
+        }
         if self.config.per_head:
             names = tuple(f"{name}/h{i}" for name, sums, _ in sites for i in range(sums.numel()))
             heads = torch.cat([sums / counts for _, sums, counts in sites])

@@ -98,8 +98,11 @@ class AttnLogitsProbe:
         self._model = model
         self._tap = _attention_tap.tap_for(model, self.config.modules)
         if not self._tap.sites and looks_like_sequence_model(model):
-            warnings.warn(f"{self.name}: no attention module found in {type(model).__name__}; pass "
-                          "modules=[...] to name them", NoAttentionFoundWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.name}: no attention module found in {type(model).__name__}; pass modules=[...] to name them",
+                NoAttentionFoundWarning,
+                stacklevel=2,
+            )
         self._arm(0)
 
     def detach(self) -> None:
@@ -123,8 +126,10 @@ class AttnLogitsProbe:
         if not sites:
             return {}
         values = torch.stack([s.max_logit for s in sites])  # type: ignore[misc]
-        return {keys.ATTN_MAX_LOGIT: values.amax(),  # NaN-propagating, like every max here
-                keys.ATTN_MAX_LOGIT_PER_LAYER: PerParam(tuple(s.name for s in sites), values)}
+        return {
+            keys.ATTN_MAX_LOGIT: values.amax(),  # NaN-propagating, like every max here
+            keys.ATTN_MAX_LOGIT_PER_LAYER: PerParam(tuple(s.name for s in sites), values),
+        }
 
     def measure(self, ctx: StepContext) -> Measurements:
         out = self.read()

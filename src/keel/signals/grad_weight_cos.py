@@ -49,8 +49,7 @@ class GradWeightCosConfig:
             raise ValueError(f"GradWeightCosConfig.every={self.every!r}; allowed: an int >= 1")
 
 
-def grad_weight_cosines(grads: Sequence[Tensor], params: Sequence[Tensor], eps: float = 1e-30
-                        ) -> tuple[Tensor, Tensor]:
+def grad_weight_cosines(grads: Sequence[Tensor], params: Sequence[Tensor], eps: float = 1e-30) -> tuple[Tensor, Tensor]:
     """(cosine over all tensors, cosine per tensor), float32; 0 where a norm is 0.
 
     Example:

@@ -63,11 +63,12 @@ from keel.signals.norms import accumulation_dtype
 from keel.signals.probe import Measurements, StepContext
 from keel.signals.registry import PROBES
 
-COMPILED_UNCHECKED = ("not measured under torch.compile: checking that a head found by position feeds a softmax "
-                      "would break the graph; name it with OutputLogitsConfig(module=...) to measure it")
+COMPILED_UNCHECKED = (
+    "not measured under torch.compile: checking that a head found by position feeds a softmax "
+    "would break the graph; name it with OutputLogitsConfig(module=...) to measure it"
+)
 
-_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32,
-               "float64": torch.float64}
+_PRECISIONS = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32, "float64": torch.float64}
 
 
 @dataclass(kw_only=True)
@@ -92,8 +93,9 @@ class OutputLogitsConfig:
         if not isinstance(self.every, int) or self.every < 1:
             raise ValueError(f"OutputLogitsConfig.every={self.every!r}; allowed: an int >= 1")
         if self.precision is not None and self.precision not in _PRECISIONS:
-            raise ValueError(f"OutputLogitsConfig.precision={self.precision!r}; allowed: None, "
-                             f"{', '.join(_PRECISIONS)}")
+            raise ValueError(
+                f"OutputLogitsConfig.precision={self.precision!r}; allowed: None, {', '.join(_PRECISIONS)}"
+            )
 
 
 class _Sums:
@@ -158,18 +160,23 @@ class OutputLogitsProbe:
 
     # --- lifecycle ---------------------------------------------------------------------------------------
     def attach(self, model: nn.Module) -> None:
-        found = (named_modules_by_name(model, [self.config.module])[0] if self.config.module
-                 else find_output_head(model))
+        found = named_modules_by_name(model, [self.config.module])[0] if self.config.module else find_output_head(model)
         if found is None:
-            warnings.warn(f"{self.name}: no output head found in {type(model).__name__}; pass module=...",
-                          KeelWarning, stacklevel=2)
+            warnings.warn(
+                f"{self.name}: no output head found in {type(model).__name__}; pass module=...",
+                KeelWarning,
+                stacklevel=2,
+            )
             return
         self.head, head = found
-        self._check = SoftmaxHeadCheck(trusted=trusted_head(model, self.head, head, bool(self.config.module)),
-                                       head_is_model=head is model)
+        self._check = SoftmaxHeadCheck(
+            trusted=trusted_head(model, self.head, head, bool(self.config.module)), head_is_model=head is model
+        )
         self._causal_lm = shifts_labels(model)
-        self._handles = [head.register_forward_hook(self._hook),
-                         model.register_forward_pre_hook(self._labels_hook, with_kwargs=True)]
+        self._handles = [
+            head.register_forward_hook(self._hook),
+            model.register_forward_pre_hook(self._labels_hook, with_kwargs=True),
+        ]
         if head is not model:
             self._handles.append(model.register_forward_hook(self._model_hook))
         self._armed = due(0, self.config.every)
@@ -202,12 +209,19 @@ class OutputLogitsProbe:
             if logits is None or not logits.is_floating_point() or logits.dim() < 1 or logits.numel() == 0:
                 return
             if logits.shape[-1] == 1:
-                check.reject("it has one output per row (a regressor or a one-logit classifier): a softmax over "
-                             "one value is always exactly one-hot")
+                check.reject(
+                    "it has one output per row (a regressor or a one-logit classifier): a softmax over "
+                    "one value is always exactly one-hot"
+                )
                 return
             # class indices, one per row: integer (not bool: a multi-label mask) and the logits' shape without classes
-            class_targets = (targets is not None and targets.shape == logits.shape[:-1] and targets.dtype != torch.bool
-                             and not targets.is_floating_point() and not targets.is_complex())
+            class_targets = (
+                targets is not None
+                and targets.shape == logits.shape[:-1]
+                and targets.dtype != torch.bool
+                and not targets.is_floating_point()
+                and not targets.is_complex()
+            )
             check.saw_head_output(logits, class_targets)
             # Under autocast the reductions run with it off: CUDA's autocast would sum the exp pass in float32
             # and blur the working precision (CPU's would not), so the two devices would disagree

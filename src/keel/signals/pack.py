@@ -41,8 +41,9 @@ def pack(*groups: Measurements) -> Packed:
         layout.append((scalar_keys, families))
     if not parts:
         return Packed(torch.zeros(0, dtype=torch.float64), layout)
-    return Packed(torch.cat([p.to(torch.float64) if p.dtype != torch.float32 else p for p in parts])
-                  .to(torch.float64), layout)
+    return Packed(
+        torch.cat([p.to(torch.float64) if p.dtype != torch.float32 else p for p in parts]).to(torch.float64), layout
+    )
 
 
 def unpack(packed: Packed) -> list[HostValues]:

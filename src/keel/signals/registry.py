@@ -13,8 +13,13 @@ PROBES: Registry[Probe] = Registry("probe")
 # BENCHMARKS.md), so they are one word away (`probes="transformer"`) rather than always on. The proxy
 # trainer, the demo and the scenario zoo use them.
 DEFAULT_PROBES: tuple[str, ...] = ("loss", "grad_norm", "param_norm")
-TRANSFORMER_PROBES: tuple[str, ...] = (*DEFAULT_PROBES, "attn_logits", "attn_entropy", "output_logits",
-                                       "activation_rms")
+TRANSFORMER_PROBES: tuple[str, ...] = (
+    *DEFAULT_PROBES,
+    "attn_logits",
+    "attn_entropy",
+    "output_logits",
+    "activation_rms",
+)
 FULL_PROBES: tuple[str, ...] = (*TRANSFORMER_PROBES, "update_ratio", "grad_weight_cos", "adam_eps")
 
 

@@ -98,8 +98,9 @@ def _dot(a: Sequence[Tensor], b: Sequence[Tensor]) -> Tensor:
     return sum((x.double() * y.double()).sum() for x, y in zip(a, b, strict=True))  # type: ignore[return-value]
 
 
-def top_eigenvalue(hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence[Tensor], *, iters: int,
-                   generator: torch.Generator) -> Tensor:
+def top_eigenvalue(
+    hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence[Tensor], *, iters: int, generator: torch.Generator
+) -> Tensor:
     """λ_max of a symmetric operator by power iteration (the Rayleigh quotient of the last iterate).
 
     Power iteration converges to the eigenvalue of largest magnitude; for a Hessian at a point of
@@ -127,8 +128,9 @@ def top_eigenvalue(hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence[T
     return eig
 
 
-def hutchinson_trace(hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence[Tensor], *, probes: int,
-                     generator: torch.Generator) -> Tensor:
+def hutchinson_trace(
+    hvp: Callable[[list[Tensor]], list[Tensor]], like: Sequence[Tensor], *, probes: int, generator: torch.Generator
+) -> Tensor:
     """tr(H) ≈ mean of zᵀHz over Rademacher vectors z (0-d float64).
 
     Example:
@@ -155,8 +157,9 @@ class SharpnessProbe:
 
     name = "sharpness"
 
-    def __init__(self, closure: Callable[[], Tensor] | None = None, config: SharpnessConfig | None = None,
-                 **fields: object) -> None:
+    def __init__(
+        self, closure: Callable[[], Tensor] | None = None, config: SharpnessConfig | None = None, **fields: object
+    ) -> None:
         self.closure = closure
         self.config = config or SharpnessConfig(**fields)  # type: ignore[arg-type]
         self._last_lr: float | None = None
@@ -174,8 +177,12 @@ class SharpnessProbe:
         if self.closure is None:
             if not self._warned:
                 self._warned = True
-                warnings.warn("sharpness: no closure given, nothing measured; pass SharpnessProbe(closure=lambda: "
-                              "loss_fn(model(xb), yb))", KeelWarning, stacklevel=2)
+                warnings.warn(
+                    "sharpness: no closure given, nothing measured; pass SharpnessProbe(closure=lambda: "
+                    "loss_fn(model(xb), yb))",
+                    KeelWarning,
+                    stacklevel=2,
+                )
             return {}
         self._last_lr = lr
         params = [p for p in ctx.model.parameters() if p.requires_grad]
@@ -185,16 +192,19 @@ class SharpnessProbe:
             with quiet(), torch.random.fork_rng(devices=[]), torch.enable_grad():
                 out = self._curvature(ctx.optimizer, params, generator, lr)
         except RuntimeError as exc:
-            raise RuntimeError(f"sharpness: the closure's loss cannot be differentiated twice with respect to the "
-                               f"parameters ({exc}); the probe needs a twice-differentiable loss") from exc
+            raise RuntimeError(
+                f"sharpness: the closure's loss cannot be differentiated twice with respect to the "
+                f"parameters ({exc}); the probe needs a twice-differentiable loss"
+            ) from exc
         finally:
             with torch.no_grad():
                 for name, b in ctx.model.named_buffers():
                     b.copy_(buffers[name])
         return out
 
-    def _curvature(self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], generator: torch.Generator,
-                   lr: float) -> Measurements:
+    def _curvature(
+        self, optimizer: torch.optim.Optimizer, params: Sequence[Tensor], generator: torch.Generator, lr: float
+    ) -> Measurements:
         assert self.closure is not None
         loss = self.closure()
         all_grads = torch.autograd.grad(loss, params, create_graph=True, allow_unused=True)
@@ -202,8 +212,10 @@ class SharpnessProbe:
         if not pairs:  # the loss does not depend on the parameters: no curvature to measure
             return {}
         if not all(g.requires_grad for _, g in pairs):  # a gradient without a graph: @once_differentiable somewhere
-            raise RuntimeError("a gradient has no graph to differentiate (an autograd.Function marked "
-                               "@once_differentiable, or a gradient constant in the parameters)")
+            raise RuntimeError(
+                "a gradient has no graph to differentiate (an autograd.Function marked "
+                "@once_differentiable, or a gradient constant in the parameters)"
+            )
         params, grads = [p for p, _ in pairs], [g for _, g in pairs]
 
         def hvp(v: list[Tensor]) -> list[Tensor]:
@@ -214,6 +226,7 @@ class SharpnessProbe:
             def apply(v: list[Tensor]) -> list[Tensor]:  # S H S: similar to S² H
                 hv = hvp([t * s for t, s in zip(v, scale, strict=True)])
                 return [t * s for t, s in zip(hv, scale, strict=True)]
+
             return apply
 
         iters = self.config.iters
@@ -234,8 +247,11 @@ class SharpnessProbe:
             out[preconditioned] = top_preconditioned
         adam_like = any("betas" in g for g in optimizer.param_groups)
         if top_preconditioned is not None or not adam_like or self.config.preconditioned is False:
-            lam = top if relative is None else top_eigenvalue(
-                scaled(hvp, relative), params, iters=iters, generator=generator).float()
+            lam = (
+                top
+                if relative is None
+                else top_eigenvalue(scaled(hvp, relative), params, iters=iters, generator=generator).float()
+            )
             # an Adam without state has no margin yet
             out[keys.CURVATURE_MARGIN] = _margin(optimizer, lr, lam, top_preconditioned)
         return out
@@ -250,8 +266,9 @@ def _relative_lrs(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], lr
     mine = [lrs.get(id(p), lr_max) for p in params]
     if lr_max <= 0 or all(x == lr_max for x in mine):
         return None
-    return [torch.tensor(math.sqrt(x / lr_max), dtype=p.dtype, device=p.device) for x, p in zip(mine, params,
-                                                                                             strict=True)]
+    return [
+        torch.tensor(math.sqrt(x / lr_max), dtype=p.dtype, device=p.device) for x, p in zip(mine, params, strict=True)
+    ]
 
 
 def _adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tensor]) -> list[Tensor] | None:
@@ -260,8 +277,12 @@ def _adam_preconditioner(optimizer: torch.optim.Optimizer, params: Sequence[Tens
     scales = []
     for p in params:
         state, group = optimizer.state.get(p, {}), hyper.get(id(p))
-        if group is None or "exp_avg_sq" not in state or "betas" not in group or not isinstance(group.get("eps"),
-                                                                                                  int | float):
+        if (
+            group is None
+            or "exp_avg_sq" not in state
+            or "betas" not in group
+            or not isinstance(group.get("eps"), int | float)
+        ):
             return None
         beta1, beta2 = group["betas"]
         step = max(float(state.get("step", 1)), 1.0)  # a step count of 0 would divide by 1 − β2⁰ = 0
@@ -284,8 +305,13 @@ def _margin(optimizer: torch.optim.Optimizer, lr: float, lam: Tensor, preconditi
     return lam * lr / (2 + 2 * momentum)
 
 
-def sharpness_probe_for(model: nn.Module, loss_fn: Callable[..., Tensor], batch: tuple[Tensor, ...],
-                        config: SharpnessConfig | None = None, **fields: object) -> SharpnessProbe:
+def sharpness_probe_for(
+    model: nn.Module,
+    loss_fn: Callable[..., Tensor],
+    batch: tuple[Tensor, ...],
+    config: SharpnessConfig | None = None,
+    **fields: object,
+) -> SharpnessProbe:
     """A `SharpnessProbe` on a fixed batch: ``loss_fn(model(*inputs), target)`` with ``batch = (*inputs, target)``."""
     *inputs, target = batch
     return SharpnessProbe(lambda: loss_fn(model(*inputs), target), config, **fields)

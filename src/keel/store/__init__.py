@@ -8,5 +8,16 @@ from keel.store.sweep_reader import SweepReader
 from keel.store.sweep_schema import SWEEP_STORE_NAME, sweep_store_path
 from keel.store.writer import RunWriter
 
-__all__ = ["RunReader", "RunWriter", "STORE_NAME", "STORE_SUFFIX", "SWEEP_STORE_NAME", "StoreError", "SweepReader",
-           "find_runs", "store_folder", "store_path", "sweep_store_path"]
+__all__ = [
+    "RunReader",
+    "RunWriter",
+    "STORE_NAME",
+    "STORE_SUFFIX",
+    "SWEEP_STORE_NAME",
+    "StoreError",
+    "SweepReader",
+    "find_runs",
+    "store_folder",
+    "store_path",
+    "sweep_store_path",
+]

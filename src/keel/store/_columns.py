@@ -137,8 +137,15 @@ class StoreFile:
         self._require(table, [column])
         return [v for (v,) in self.conn.execute(f'SELECT DISTINCT "{column}" FROM "{table}" ORDER BY 1')]
 
-    def rows(self, table: str, columns: Sequence[Column], *, where: str = "1", params: Sequence[Any] = (),
-             order: str = "rowid") -> list[tuple[Any, ...]]:
+    def rows(
+        self,
+        table: str,
+        columns: Sequence[Column],
+        *,
+        where: str = "1",
+        params: Sequence[Any] = (),
+        order: str = "rowid",
+    ) -> list[tuple[Any, ...]]:
         """The rows of ``table`` (those meeting the SQL condition ``where``) whose every value fits its
         `Column`, in ``order``; the others are counted.
 
@@ -170,8 +177,10 @@ class StoreFile:
             raise StoreError(f"{self.path}: this {self.what} has no table {table!r}")
         missing = [name for name in names if name not in present]
         if missing:
-            raise StoreError(f"{self.path}: table {table!r} of this {self.what} lacks the column(s) "
-                             f"{', '.join(missing)} (it has {', '.join(sorted(present))})")
+            raise StoreError(
+                f"{self.path}: table {table!r} of this {self.what} lacks the column(s) "
+                f"{', '.join(missing)} (it has {', '.join(sorted(present))})"
+            )
         return present
 
     def drop(self, table: str, reason: str, count: int = 1) -> None:
@@ -182,5 +191,7 @@ class StoreFile:
     @property
     def problems(self) -> list[str]:
         """One line per table that had rows left out: how many, and why the first one was."""
-        return [f"{table}: {d.count} row(s) of the wrong type left out (first: {d.first})"
-                for table, d in sorted(self._dropped.items())]
+        return [
+            f"{table}: {d.count} row(s) of the wrong type left out (first: {d.first})"
+            for table, d in sorted(self._dropped.items())
+        ]

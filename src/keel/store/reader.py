@@ -21,11 +21,25 @@ from keel.store._columns import Column, StoreFile, describe, parse_json, read_me
 from keel.store.schema import STORE_NAME, store_path
 
 SIGNALS = (Column("step", "int"), Column("value", "real", nullable=True))
-FINDINGS = (Column("step", "int"), Column("kind", "text"), Column("severity", "text"), Column("signal", "text"),
-            Column("value", "real", nullable=True), Column("baseline", "real", nullable=True),
-            Column("evidence", "text"), Column("cause", "text"), Column("remedy", "text"))
-DECISIONS = (Column("step", "int"), Column("action", "text"), Column("reason", "text"), Column("actor", "text"),
-             Column("onset", "int", nullable=True), Column("restored_step", "int", nullable=True))
+FINDINGS = (
+    Column("step", "int"),
+    Column("kind", "text"),
+    Column("severity", "text"),
+    Column("signal", "text"),
+    Column("value", "real", nullable=True),
+    Column("baseline", "real", nullable=True),
+    Column("evidence", "text"),
+    Column("cause", "text"),
+    Column("remedy", "text"),
+)
+DECISIONS = (
+    Column("step", "int"),
+    Column("action", "text"),
+    Column("reason", "text"),
+    Column("actor", "text"),
+    Column("onset", "int", nullable=True),
+    Column("restored_step", "int", nullable=True),
+)
 SNAPSHOTS = (Column("step", "int"), Column("path", "text"), Column("checksum", "text"), Column("created", "real"))
 
 
@@ -89,19 +103,34 @@ class RunReader:
     def findings(self, min_severity: str | None = None) -> list[Finding]:
         found = []
         for step, kind, severity, signal, value, baseline, evidence, cause, remedy in self._file.rows(
-                "findings", FINDINGS, order="step, rowid"):
+            "findings", FINDINGS, order="step, rowid"
+        ):
             try:
                 facts = parse_json(evidence)
             except ValueError as exc:
                 self._file.drop("findings", f"evidence is not JSON ({exc})")
                 continue
             if not isinstance(facts, dict) or severity not in SEVERITIES:
-                reason = (f"evidence is {describe(facts)}, not a JSON object" if not isinstance(facts, dict)
-                          else f"severity is {describe(severity)}; allowed: {', '.join(SEVERITIES)}")
+                reason = (
+                    f"evidence is {describe(facts)}, not a JSON object"
+                    if not isinstance(facts, dict)
+                    else f"severity is {describe(severity)}; allowed: {', '.join(SEVERITIES)}"
+                )
                 self._file.drop("findings", reason)
                 continue
-            found.append(Finding(step=step, kind=kind, severity=severity, signal=signal, value=_float(value),
-                                 baseline=_float(baseline), evidence=facts, cause=cause, remedy=remedy))
+            found.append(
+                Finding(
+                    step=step,
+                    kind=kind,
+                    severity=severity,
+                    signal=signal,
+                    value=_float(value),
+                    baseline=_float(baseline),
+                    evidence=facts,
+                    cause=cause,
+                    remedy=remedy,
+                )
+            )
         if min_severity is None:
             return found
         floor = severity_rank(min_severity)
@@ -109,18 +138,20 @@ class RunReader:
 
     def decisions(self) -> list[Decision]:
         out = []
-        for step, action, reason, actor, onset, restored in self._file.rows("decisions", DECISIONS,
-                                                                             order="step, rowid"):
+        for step, action, reason, actor, onset, restored in self._file.rows(
+            "decisions", DECISIONS, order="step, rowid"
+        ):
             if action not in ACTIONS:
                 self._file.drop("decisions", f"action is {describe(action)}; allowed: {', '.join(ACTIONS)}")
                 continue
-            out.append(Decision(step=step, action=action, reason=reason, by=actor, onset=onset,
-                                restored_step=restored))
+            out.append(Decision(step=step, action=action, reason=reason, by=actor, onset=onset, restored_step=restored))
         return out
 
     def snapshots(self) -> list[dict[str, Any]]:
-        return [dict(step=s, path=p, checksum=c, created=float(t))
-                for s, p, c, t in self._file.rows("snapshots", SNAPSHOTS, order="step, rowid")]
+        return [
+            dict(step=s, path=p, checksum=c, created=float(t))
+            for s, p, c, t in self._file.rows("snapshots", SNAPSHOTS, order="step, rowid")
+        ]
 
 
 def find_runs(folder: str | Path, *, depth: int = 2) -> list[Path]:

@@ -13,14 +13,35 @@ from typing import Any
 from keel.store._columns import Column, StoreFile, parse_json, read_meta
 from keel.store.sweep_schema import SUMMARY_KEY, sweep_store_path
 
-REALS = ("lr", "init_loss", "final_loss", "val_loss", "max_attn_logit", "log_z", "grad_norm", "wall_s", "started",
-         "finished")
-RUNS = (Column("run_id", "text"), Column("recipe", "text"), Column("size", "text"), Column("lr", "real"),
-        Column("seed", "int"), Column("status", "text"), Column("config", "text", nullable=True),
-        *(Column(name, "real", nullable=True) for name in REALS[1:8]),
-        Column("n_params", "int", nullable=True), Column("steps_done", "int", nullable=True),
-        Column("error", "text", nullable=True), Column("run_dir", "text"), Column("attempts", "int"),
-        Column("started", "real", nullable=True), Column("finished", "real", nullable=True))
+REALS = (
+    "lr",
+    "init_loss",
+    "final_loss",
+    "val_loss",
+    "max_attn_logit",
+    "log_z",
+    "grad_norm",
+    "wall_s",
+    "started",
+    "finished",
+)
+RUNS = (
+    Column("run_id", "text"),
+    Column("recipe", "text"),
+    Column("size", "text"),
+    Column("lr", "real"),
+    Column("seed", "int"),
+    Column("status", "text"),
+    Column("config", "text", nullable=True),
+    *(Column(name, "real", nullable=True) for name in REALS[1:8]),
+    Column("n_params", "int", nullable=True),
+    Column("steps_done", "int", nullable=True),
+    Column("error", "text", nullable=True),
+    Column("run_dir", "text"),
+    Column("attempts", "int"),
+    Column("started", "real", nullable=True),
+    Column("finished", "real", nullable=True),
+)
 
 
 class SweepReader:

@@ -63,8 +63,20 @@ class RunWriter:
         self._queue.put(("INSERT INTO signals VALUES (?, ?, ?)", [(step, k, _real(v)) for k, v in values.items()]))
 
     def add_findings(self, findings: Iterable[Finding]) -> None:
-        rows = [(f.step, f.kind, f.severity, f.signal, _real(f.value), _real(f.baseline),
-                 json.dumps(f.evidence, default=str), f.cause, f.remedy) for f in findings]
+        rows = [
+            (
+                f.step,
+                f.kind,
+                f.severity,
+                f.signal,
+                _real(f.value),
+                _real(f.baseline),
+                json.dumps(f.evidence, default=str),
+                f.cause,
+                f.remedy,
+            )
+            for f in findings
+        ]
         if rows:
             self._queue.put(("INSERT INTO findings VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows))
 
@@ -144,5 +156,8 @@ class RunWriter:
             self.errors += sum(len(rows) for _, rows in batch)
             if not self._warned:
                 self._warned = True
-                warnings.warn(f"keel run store {self.path} could not be written ({exc}); training goes on, "
-                              "rows are dropped", KeelWarning, stacklevel=1)
+                warnings.warn(
+                    f"keel run store {self.path} could not be written ({exc}); training goes on, rows are dropped",
+                    KeelWarning,
+                    stacklevel=1,
+                )

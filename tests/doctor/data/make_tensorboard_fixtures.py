@@ -28,14 +28,27 @@ def loss_at(step: int) -> float:
 
 def simple() -> None:
     w = EventFileWriter(str(HERE / "tb_simple"), filename_suffix=".fixture")
-    w.add_event(Event(wall_time=1000.0, step=0, summary=Summary(value=[
-        Summary.Value(tag="weights", histo=HistogramProto(min=0, max=1, num=2, sum=1, sum_squares=1))])))
+    w.add_event(
+        Event(
+            wall_time=1000.0,
+            step=0,
+            summary=Summary(
+                value=[Summary.Value(tag="weights", histo=HistogramProto(min=0, max=1, num=2, sum=1, sum_squares=1))]
+            ),
+        )
+    )
     for step in range(60):
         loss = math.nan if step == 50 else loss_at(step)
-        for i, (tag, value) in enumerate((("train/loss", loss), ("train/grad_norm", 1.0 + 0.05 * (step % 2)),
-                                          ("train/learning_rate", 1e-3))):
-            w.add_event(Event(wall_time=1000.0 + step + i * 1e-3, step=step,
-                              summary=Summary(value=[Summary.Value(tag=tag, simple_value=value)])))
+        for i, (tag, value) in enumerate(
+            (("train/loss", loss), ("train/grad_norm", 1.0 + 0.05 * (step % 2)), ("train/learning_rate", 1e-3))
+        ):
+            w.add_event(
+                Event(
+                    wall_time=1000.0 + step + i * 1e-3,
+                    step=step,
+                    summary=Summary(value=[Summary.Value(tag=tag, simple_value=value)]),
+                )
+            )
     w.close()
 
 
@@ -45,9 +58,13 @@ def tensor() -> None:
         w = EventFileWriter(str(HERE / "tb_tensor" / sub), filename_suffix=".fixture")
         for step in range(30):
             t = TensorProto(dtype=1, tensor_shape=TensorShapeProto(), float_val=[loss_at(step) + offset])
-            w.add_event(Event(wall_time=2000.0 + step + (0.5 if offset else 0.0), step=step,
-                              summary=Summary(value=[Summary.Value(tag="epoch_loss", tensor=t,
-                                                                   metadata=meta)])))
+            w.add_event(
+                Event(
+                    wall_time=2000.0 + step + (0.5 if offset else 0.0),
+                    step=step,
+                    summary=Summary(value=[Summary.Value(tag="epoch_loss", tensor=t, metadata=meta)]),
+                )
+            )
         w.close()
 
 

@@ -50,8 +50,17 @@ def test_the_whole_zoo_passes():
 @pytest.mark.slow
 def test_probe_costs_report_every_probe_and_both_sharpness_settings():
     costs = bench.probe_costs(steps=1, repeats=1, threads=1)
-    assert set(costs["ratio_to_bare"]) == {"bare", "foundation", "attn_logits", "attn_entropy", "output_logits",
-                                           "activation_rms", "grad_weight_cos", "adam_eps", "transformer"}
+    assert set(costs["ratio_to_bare"]) == {
+        "bare",
+        "foundation",
+        "attn_logits",
+        "attn_entropy",
+        "output_logits",
+        "activation_rms",
+        "grad_weight_cos",
+        "adam_eps",
+        "transformer",
+    }
     assert costs["ratio_to_bare"]["bare"] == 1.0 and all(v > 0 for v in costs["cpu_ms_per_step"].values())
     assert set(costs["amortized_fraction_of_bare"]) == set(costs["default_every"])
     assert set(costs["sharpness"]) == set(bench.SHARPNESS_SETTINGS)

@@ -7,8 +7,30 @@ from keel.harness.bench.overhead import OverheadConfig
 
 
 def _bench_json(capsys, rounds: int) -> dict:
-    assert main(["bench", "overhead", "--json", "--size", "tiny", "--steps", "3", "--repeats", "2",
-                 "--rounds", str(rounds), "--batch-size", "4", "--seq-len", "16", "--policy", "recover"]) == 0
+    assert (
+        main(
+            [
+                "bench",
+                "overhead",
+                "--json",
+                "--size",
+                "tiny",
+                "--steps",
+                "3",
+                "--repeats",
+                "2",
+                "--rounds",
+                str(rounds),
+                "--batch-size",
+                "4",
+                "--seq-len",
+                "16",
+                "--policy",
+                "recover",
+            ]
+        )
+        == 0
+    )
     return json.loads(capsys.readouterr().out)
 
 

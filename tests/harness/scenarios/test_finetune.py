@@ -22,7 +22,7 @@ def test_snippets_are_short_and_long_easy_and_hard():
     assert lengths.count(SEQ_LEN) == 8
     inside = y[:, 1:] != IGNORE  # positions whose next byte is also in the example
     assert bool((x[:, 1:][inside] == y[:, :-1][inside]).all())  # the targets are the next bytes
-    ratio = [len(zlib.compress(bytes(x[i, :lengths[i]].tolist()), 9)) / lengths[i] for i in range(16)]
+    ratio = [len(zlib.compress(bytes(x[i, : lengths[i]].tolist()), 9)) / lengths[i] for i in range(16)]
     easy, hard = ratio[0::2], ratio[1::2]  # they alternate
     assert np.mean(easy) < np.mean(hard)
     assert torch.equal(snippets(0, 16)[0], x) and not torch.equal(snippets(1, 16)[0], x)
@@ -80,6 +80,6 @@ def test_fine_tune_is_noisy_falls_at_epoch_boundaries_and_ends_low_without_an_al
     epoch_medians = np.median(losses.reshape(-1, per_epoch), axis=1)
     assert epoch_medians[-1] < 0.2 * epoch_medians[0] and epoch_medians[-1] < 0.3  # it memorised its data
     assert np.mean(np.diff(epoch_medians) < 0) >= 0.7  # mostly a new low each epoch
-    step_noise = np.median(np.abs(np.diff(np.log(losses[-3 * per_epoch:])))) * 1.4826 / math.sqrt(2)
+    step_noise = np.median(np.abs(np.diff(np.log(losses[-3 * per_epoch :])))) * 1.4826 / math.sqrt(2)
     assert step_noise >= 0.2  # per-step swings of ±20 % and more to the end
     assert result.alarms() == [], [(f.step, f.kind, f.severity, f.evidence) for f in result.alarms()]

@@ -50,7 +50,6 @@ def test_healthy_run_raises_no_warning_or_critical(name):
     assert result.alarms() == [], [(f.step, f.kind, f.severity, f.signal) for f in result.alarms()]
 
 
-
 # The claims on real (truncated) runs, fast: each run stops a few steps after the step at which
 # `keel bench detect` first flags it (BENCHMARKS.md). Truncation leaves these runs unchanged up to there: the
 # LM scenarios are still in their 20-step warm-up, and the modular runs have no schedule. Lead time needs the

@@ -15,9 +15,7 @@ def test_default_lr_grid_is_the_papers_range():
 
 
 def test_grid_expands_every_combination_with_stable_ids():
-    config = SweepConfig(
-        recipes=["baseline", "qk_norm"], lrs=[1e-3, 1e-2], sizes=["tiny", "small"], seeds=[0, 1]
-    )
+    config = SweepConfig(recipes=["baseline", "qk_norm"], lrs=[1e-3, 1e-2], sizes=["tiny", "small"], seeds=[0, 1])
     specs = expand_grid(config)
     assert len(specs) == 2 * 2 * 2 * 2 and len({s.run_id for s in specs}) == 16
     assert specs[0].run_id == "baseline/tiny/lr=0.001/seed=0" and specs[-1].size == "small"
@@ -42,8 +40,7 @@ def test_builtin_recipes_change_what_they_name():
 def test_user_recipe_from_a_file_and_a_raising_recipe(tmp_path):
     path = tmp_path / "my_recipes.py"
     path.write_text(
-        "import dataclasses\n"
-        "def long_warmup(base):\n    return dataclasses.replace(base, warmup=base.steps // 2)\n"
+        "import dataclasses\ndef long_warmup(base):\n    return dataclasses.replace(base, warmup=base.steps // 2)\n"
     )
     name, fn = resolve_recipe(f"{path}:long_warmup")
     assert name == "long_warmup" and fn(TrainConfig(steps=100)).warmup == 50
@@ -53,10 +50,7 @@ def test_user_recipe_from_a_file_and_a_raising_recipe(tmp_path):
 
     specs = expand_grid(SweepConfig(recipes=["baseline", broken], lrs=[1e-3], sizes=["tiny"]))
     assert specs[0].config is not None and specs[0].error is None
-    assert (
-        specs[1].config is None
-        and "recipe 'broken' raised RuntimeError: no such optimizer here" in specs[1].error
-    )
+    assert specs[1].config is None and "recipe 'broken' raised RuntimeError: no such optimizer here" in specs[1].error
 
     def not_a_config(base):
         return {"lr": 1}

@@ -27,9 +27,6 @@ def test_ray_backend_gives_the_local_backends_metrics(tmp_path, tiny_sweep):
     by_id = {r["run_id"]: r for r in local.rows}
     for row in [*remote.rows, *in_process.rows]:  # bit-identical: one torch thread per run everywhere
         assert [row[k] for k in KEYS] == [by_id[row["run_id"]][k] for k in KEYS]
-    assert (
-        by_id["baseline/tiny/lr=0.01/seed=0"]["val_loss"]
-        != by_id["qk_norm_z_loss/tiny/lr=0.01/seed=0"]["val_loss"]
-    )
+    assert by_id["baseline/tiny/lr=0.01/seed=0"]["val_loss"] != by_id["qk_norm_z_loss/tiny/lr=0.01/seed=0"]["val_loss"]
     assert [c.sensitivity for c in remote.curves] == [c.sensitivity for c in local.curves]
     assert {r["status"] for r in remote.rows} == {"done", "error"}

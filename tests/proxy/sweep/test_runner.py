@@ -80,8 +80,7 @@ def test_resume_runs_only_what_is_unfinished(tmp_path, tiny_sweep):
     assert rows["baseline/tiny/lr=0.01/seed=0"]["finished"] == done_row["finished"]
     assert rows["baseline/tiny/lr=0.01/seed=0"]["attempts"] == 1
     assert (
-        rows["baseline/tiny/lr=0.03/seed=0"]["attempts"] == 2
-        and rows["baseline/tiny/lr=0.02/seed=0"]["attempts"] == 1
+        rows["baseline/tiny/lr=0.03/seed=0"]["attempts"] == 2 and rows["baseline/tiny/lr=0.02/seed=0"]["attempts"] == 1
     )
     assert all(r["status"] == "done" for r in rows.values()) and len(second.curves[0].sensitivity.lrs) == 3
     assert run_sweep(grown, tmp_path, workers=1).ran == []
@@ -108,9 +107,7 @@ def _killed() -> SweepConfig:
 def test_a_killed_sweep_resumes_with_only_the_unfinished_runs(tmp_path, workers):
     env = {
         **os.environ,
-        "PYTHONPATH": os.pathsep.join(
-            [str(Path(__file__).parents[3] / "src"), os.environ.get("PYTHONPATH", "")]
-        ),
+        "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[3] / "src"), os.environ.get("PYTHONPATH", "")]),
     }
     proc = subprocess.Popen(
         [sys.executable, "-c", _KILLED_SWEEP, str(tmp_path), str(workers)], env=env, start_new_session=True
@@ -121,9 +118,7 @@ def test_a_killed_sweep_resumes_with_only_the_unfinished_runs(tmp_path, workers)
         while time.monotonic() < deadline and proc.poll() is None and not finished_before:
             try:
                 with SweepStore(tmp_path, readonly=True) as store:
-                    finished_before = {
-                        r["run_id"]: r["finished"] for r in store.rows() if r["status"] == "done"
-                    }
+                    finished_before = {r["run_id"]: r["finished"] for r in store.rows() if r["status"] == "done"}
             except (FileNotFoundError, sqlite3.OperationalError):
                 pass  # the store, or its tables, not created yet
             time.sleep(0.02)
@@ -135,9 +130,7 @@ def test_a_killed_sweep_resumes_with_only_the_unfinished_runs(tmp_path, workers)
     with SweepStore(tmp_path, readonly=True) as store:
         killed = {r["run_id"]: r for r in store.rows()}
     unfinished = {rid for rid, r in killed.items() if r["status"] in ("pending", "running")}
-    assert (
-        unfinished and {rid for rid, r in killed.items() if r["status"] == "done"} == set(killed) - unfinished
-    )
+    assert unfinished and {rid for rid, r in killed.items() if r["status"] == "done"} == set(killed) - unfinished
     in_flight = {rid for rid, r in killed.items() if r["status"] == "running"}
     # Killed while a run was in flight: whatever it had written must not leak into its re-run.
     assert in_flight

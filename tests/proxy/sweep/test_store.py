@@ -49,9 +49,11 @@ def test_resuming_with_other_settings_for_the_same_grid_point_raises(tmp_path):
 def test_a_sweep_stored_before_the_trainer_had_hooks_resumes(tmp_path):
     # The config row of baseline/tiny/lr=0.001/seed=0 as a sweep of the default settings stored it before
     # TrainConfig had hook fields: the same grid point must match it, or resuming that sweep would be refused.
-    stored = ('{"batch_size": 16, "beta2": 0.95, "eval_batches": 8, "lr": 0.001, "max_grad_norm": 1.0, '
-              '"min_lr_ratio": 0.01, "optimizer": "adamw", "qk_norm": false, "seed": 0, "seq_len": 64, '
-              '"size": "tiny", "stabilize": [], "steps": 300, "warmup": 20, "weight_decay": 0.0, "z_loss": 0.0}')
+    stored = (
+        '{"batch_size": 16, "beta2": 0.95, "eval_batches": 8, "lr": 0.001, "max_grad_norm": 1.0, '
+        '"min_lr_ratio": 0.01, "optimizer": "adamw", "qk_norm": false, "seed": 0, "seq_len": 64, '
+        '"size": "tiny", "stabilize": [], "steps": 300, "warmup": 20, "weight_decay": 0.0, "z_loss": 0.0}'
+    )
     (spec,) = expand_grid(SweepConfig(recipes=["baseline"], lrs=[1e-3], sizes=["tiny"]))
     with SweepStore(tmp_path) as store:
         store.add_runs([spec], lambda rid: tmp_path / rid)

@@ -29,9 +29,7 @@ def test_optimizer_choice_and_default():
     model = create_proxy_model("tiny", seq_len=16)
     default = _create_optimizer(model, TrainConfig(**SMALL))
     assert type(default) is torch.optim.AdamW and default.defaults["betas"] == (0.9, 0.95)
-    independent = _create_optimizer(
-        model, TrainConfig(**SMALL, optimizer="independent_adamw", weight_decay=0.05)
-    )
+    independent = _create_optimizer(model, TrainConfig(**SMALL, optimizer="independent_adamw", weight_decay=0.05))
     assert isinstance(independent, IndependentAdamW)
     assert independent.param_groups[0]["independent_weight_decay"] == 0.05
 

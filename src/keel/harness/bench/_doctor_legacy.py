@@ -131,8 +131,10 @@ def read_csv_log(path: str | Path) -> RawLog:
     header = [cell.strip() for cell in rows[0]]
     step_column = find_step_column(header)
     if step_column is None:
-        raise LogReadError(f"{path}: no step column among {', '.join(header[:12]) or '(none)'}; "
-                           f"allowed names: {', '.join(STEP_COLUMNS)}")
+        raise LogReadError(
+            f"{path}: no step column among {', '.join(header[:12]) or '(none)'}; "
+            f"allowed names: {', '.join(STEP_COLUMNS)}"
+        )
     body = rows[1:]
     if not body:
         raise LogReadError(f"{path}: a header but no data rows")
@@ -210,8 +212,7 @@ def build_timeline(log: RawLog) -> Timeline:
     mapping = {name: name for name in names} if log.keyed else map_columns(names)
     families = _families(mapping.values())
     family_of = {key: _family_of(key, families) for key in mapping.values()}
-    timeline = Timeline(columns={key: name for name, key in mapping.items() if key != name},
-                        families=sorted(families))
+    timeline = Timeline(columns={key: name for name, key in mapping.items() if key != name}, families=sorted(families))
     merged: list[tuple[int, dict[str, float]]] = []
     for step, values in log.records:
         values = {mapping[name]: value for name, value in values.items()}
@@ -252,7 +253,7 @@ def _observation(step: int, values: dict[str, float], family_of: dict[str, str |
             scalars[key] = value
         else:
             names, vals = grouped.setdefault(family, ([], []))
-            names.append(key[len(family):])
+            names.append(key[len(family) :])
             vals.append(value)
     per_param = {family: (tuple(names), vals) for family, (names, vals) in grouped.items()}
     return Observation(step=step, values=scalars, per_param=per_param)
@@ -341,17 +342,25 @@ def scale_for_stride(detectors: list[Detector], stride: int) -> list[Detector]:
     return detectors
 
 
-def _summary(log: RawLog, timeline: Timeline, stride: int, restarts: list[dict[str, int]],
-             findings: list[Finding], detectors: list[Detector]) -> dict[str, Any]:
+def _summary(
+    log: RawLog,
+    timeline: Timeline,
+    stride: int,
+    restarts: list[dict[str, int]],
+    findings: list[Finding],
+    detectors: list[Detector],
+) -> dict[str, Any]:
     obs = timeline.observations
     steps = [o.step for o in obs]
-    gaps = [{"after_step": a, "next_step": b} for a, b in zip(steps, steps[1:], strict=False)
-            if b - a > GAP_FACTOR * stride]
+    gaps = [
+        {"after_step": a, "next_step": b} for a, b in zip(steps, steps[1:], strict=False) if b - a > GAP_FACTOR * stride
+    ]
     signals: dict[str, dict[str, Any]] = {}
     for o in obs:
         for key, value in o.values.items():
-            entry = signals.setdefault(key, {"column": timeline.columns.get(key, key), "observations": 0,
-                                             "non_finite": 0})
+            entry = signals.setdefault(
+                key, {"column": timeline.columns.get(key, key), "observations": 0, "non_finite": 0}
+            )
             entry["observations"] += 1
             entry["non_finite"] += not math.isfinite(value)
     counts = Counter(f.severity for f in findings)
@@ -373,8 +382,7 @@ def _summary(log: RawLog, timeline: Timeline, stride: int, restarts: list[dict[s
         "detectors": [_readiness(det, obs) for det in detectors],
         "counts": {s: counts.get(s, 0) for s in SEVERITIES},
         "by_kind": by_kind,
-        "notes": list(log.notes) + ([f"{timeline.merged} same-step record(s) merged"]
-                                    if timeline.merged else []),
+        "notes": list(log.notes) + ([f"{timeline.merged} same-step record(s) merged"] if timeline.merged else []),
     }
     # the named causes (`keel.detect.diagnose`): cause, first sighting, evidence, remedies with sources
     summary["diagnosis"] = [d.to_dict() for d in name_causes(findings)]
@@ -410,9 +418,13 @@ def _readiness(det: Detector, observations: Sequence[Observation]) -> dict[str, 
         armed_index = needed - 1  # it may flag from the observation that completes its history
     else:
         positive = isinstance(det, SpikeDetector) and det.config.log_scale
-        usable = [o.step for o in observations if math.isfinite(x := o.values.get(signal, math.nan))
-                  and (x > 0 or not positive)]
+        usable = [
+            o.step
+            for o in observations
+            if math.isfinite(x := o.values.get(signal, math.nan)) and (x > 0 or not positive)
+        ]
         armed_index = needed  # the spike detector compares the value after min_history accepted ones
-    info.update(needs=needed, observations=len(usable),
-                armed_at_step=usable[armed_index] if len(usable) > armed_index else None)
+    info.update(
+        needs=needed, observations=len(usable), armed_at_step=usable[armed_index] if len(usable) > armed_index else None
+    )
     return info

@@ -15,6 +15,7 @@ def bench_progress(total: int, desc: str, *, enabled: bool = True) -> Iterator[C
     Off when ``enabled`` is False (``--json``) and when stderr is not a terminal; never on stdout.
     """
     with progress_bar(total, desc, enabled=enabled) as bar:
+
         def advance(message: str) -> None:
             bar.set_postfix_str(message, refresh=False)
             bar.update()

@@ -65,8 +65,19 @@ def bench_ddp_overhead(config: DDPOverheadConfig | None = None, timeout: float =
     config = config or DDPOverheadConfig()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "result.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(config.nproc),
-               "-m", "keel.harness.bench.ddp", "--worker", json.dumps(asdict(config)), str(out)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            str(config.nproc),
+            "-m",
+            "keel.harness.bench.ddp",
+            "--worker",
+            json.dumps(asdict(config)),
+            str(out),
+        ]
         env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
         done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
@@ -98,8 +109,7 @@ def _worker(config: DDPOverheadConfig, out: str) -> None:
         data = [(x.to(device), y.to(device)) for x, y in (batches.next() for _ in range(8))]
         guard = None
         if variant != "bare":
-            guard = Guard(model, opt, run_dir=run_dir,
-                          distributed=DistributedConfig(rank_stats=variant == "default"))
+            guard = Guard(model, opt, run_dir=run_dir, distributed=DistributedConfig(rank_stats=variant == "default"))
 
         def run(n: int) -> None:
             train_steps(model, opt, data, guard, n)
@@ -113,7 +123,7 @@ def _worker(config: DDPOverheadConfig, out: str) -> None:
             loop(config.warmup)
         times: dict[str, list[float]] = {name: [] for name in loops}
         for r in range(config.repeats):
-            order = VARIANTS[r % 3:] + VARIANTS[: r % 3]  # the same rotation on every rank
+            order = VARIANTS[r % 3 :] + VARIANTS[: r % 3]  # the same rotation on every rank
             for name in order:
                 dist.barrier()
                 start = time.perf_counter()
@@ -123,15 +133,25 @@ def _worker(config: DDPOverheadConfig, out: str) -> None:
             if loop.guard is not None:  # type: ignore[attr-defined]
                 loop.guard.close()  # type: ignore[attr-defined]
     if rank == 0:
+
         def ratio(name: str) -> float:
             return statistics.median(t / b for t, b in zip(times[name], times["bare"], strict=True))
 
-        Path(out).write_text(json.dumps({
-            "ratio_default": ratio("default"), "ratio_no_rank_stats": ratio("no_rank_stats"),
-            "step_ms": {name: 1e3 * statistics.median(ts) for name, ts in times.items()},
-            "config": asdict(config), "world_size": dist.get_world_size(), "threads": torch.get_num_threads(),
-            "parameters": sum(p.numel() for p in create_proxy_model(config.size, seq_len=config.seq_len).parameters()),
-        }))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "ratio_default": ratio("default"),
+                    "ratio_no_rank_stats": ratio("no_rank_stats"),
+                    "step_ms": {name: 1e3 * statistics.median(ts) for name, ts in times.items()},
+                    "config": asdict(config),
+                    "world_size": dist.get_world_size(),
+                    "threads": torch.get_num_threads(),
+                    "parameters": sum(
+                        p.numel() for p in create_proxy_model(config.size, seq_len=config.seq_len).parameters()
+                    ),
+                }
+            )
+        )
     dist.barrier()
     dist.destroy_process_group()
 
@@ -142,11 +162,19 @@ def main(args: argparse.Namespace) -> int:
         import torch
 
         if torch.cuda.device_count() < args.ddp:
-            raise ValueError(f"--ddp {args.ddp} --device cuda needs a GPU per rank, and {torch.cuda.device_count()} "
-                             "are visible; allowed: --ddp up to that, or --device cpu")
-    config = DDPOverheadConfig(nproc=args.ddp, backend="nccl" if args.device == "cuda" else "gloo", size=args.size,
-                               batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-                               repeats=args.repeats)
+            raise ValueError(
+                f"--ddp {args.ddp} --device cuda needs a GPU per rank, and {torch.cuda.device_count()} "
+                "are visible; allowed: --ddp up to that, or --device cpu"
+            )
+    config = DDPOverheadConfig(
+        nproc=args.ddp,
+        backend="nccl" if args.device == "cuda" else "gloo",
+        size=args.size,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        repeats=args.repeats,
+    )
     if not args.json:
         print(f"  torchrun --nproc_per_node={config.nproc} ({config.backend}) …", flush=True)
     result = bench_ddp_overhead(config)
@@ -154,12 +182,15 @@ def main(args: argparse.Namespace) -> int:
         print(json.dumps(result, indent=2))
         return 0
     ms = result["step_ms"]
-    print(f"proxy {config.size}, DDP x{config.nproc} ({config.backend}), batch {config.batch_size}x{config.seq_len} "
-          f"per rank, {config.repeats} repeats x {config.steps} steps, interleaved")
+    print(
+        f"proxy {config.size}, DDP x{config.nproc} ({config.backend}), batch {config.batch_size}x{config.seq_len} "
+        f"per rank, {config.repeats} repeats x {config.steps} steps, interleaved"
+    )
     print(f"  bare DDP                    {ms['bare']:8.2f} ms/step")
     print(f"  Guard default               {ms['default']:8.2f} ms/step   ratio {result['ratio_default']:.4f}")
-    print(f"  Guard, no per-rank hook     {ms['no_rank_stats']:8.2f} ms/step   "
-          f"ratio {result['ratio_no_rank_stats']:.4f}")
+    print(
+        f"  Guard, no per-rank hook     {ms['no_rank_stats']:8.2f} ms/step   ratio {result['ratio_no_rank_stats']:.4f}"
+    )
     return 0
 
 

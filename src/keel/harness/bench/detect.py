@@ -52,8 +52,7 @@ class ScenarioScore:
     wall_s: float = 0.0
 
 
-def score_scenario(name: str, *, seed: int = 0, steps: int | None = None,
-                   reference: bool = True) -> ScenarioScore:
+def score_scenario(name: str, *, seed: int = 0, steps: int | None = None, reference: bool = True) -> ScenarioScore:
     """Run one scenario (and its reference run) and score the findings."""
     scenario = create_scenario(name)
     spec = scenario.spec
@@ -79,18 +78,32 @@ def score_scenario(name: str, *, seed: int = 0, steps: int | None = None,
         early_enough = not spec.lead_required or (lead is not None and lead > 0)
         passed = detected and false_alarms == 0 and early_enough
     return ScenarioScore(
-        name=name, healthy=spec.healthy, expected_kind=spec.expected_kind, detected=detected,
-        kind=first.kind if first is not None else None, step=step, lead_steps=lead, false_alarms=false_alarms,
-        degraded_step=degraded, event_step=result.event_step, lead_required=spec.lead_required, passed=passed,
+        name=name,
+        healthy=spec.healthy,
+        expected_kind=spec.expected_kind,
+        detected=detected,
+        kind=first.kind if first is not None else None,
+        step=step,
+        lead_steps=lead,
+        false_alarms=false_alarms,
+        degraded_step=degraded,
+        event_step=result.event_step,
+        lead_required=spec.lead_required,
+        passed=passed,
         alarms=[[f.step, f.kind, f.severity] for f in alarms][:20],
-        diagnosis=[d.summary() for d in diagnose(result.findings, losses=result.losses,
-                                                 reference_losses=ref)][:3],
-        wall_s=round(wall, 2))
+        diagnosis=[d.summary() for d in diagnose(result.findings, losses=result.losses, reference_losses=ref)][:3],
+        wall_s=round(wall, 2),
+    )
 
 
-def bench_detect(names: Sequence[str] | None = None, *, seed: int = 0, steps: int | None = None,
-                 reference: bool = True,
-                 progress: Callable[[ScenarioScore], None] | None = None) -> dict[str, Any]:
+def bench_detect(
+    names: Sequence[str] | None = None,
+    *,
+    seed: int = 0,
+    steps: int | None = None,
+    reference: bool = True,
+    progress: Callable[[ScenarioScore], None] | None = None,
+) -> dict[str, Any]:
     """Score every scenario (or ``names``). Returns ``{"scenarios": [...], "summary": {...}}``."""
     names = list(names) if names else list_scenarios()
     unknown = [n for n in names if n not in list_scenarios()]
@@ -123,20 +136,40 @@ PROBE_COST_FLAGS = ("repeats", "steps", "threads")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--only", action="append", metavar="SCENARIO", choices=list_scenarios(),
-                        help=f"run only this scenario (repeatable); one of: {', '.join(list_scenarios())}")
+    parser.add_argument(
+        "--only",
+        action="append",
+        metavar="SCENARIO",
+        choices=list_scenarios(),
+        help=f"run only this scenario (repeatable); one of: {', '.join(list_scenarios())}",
+    )
     parser.add_argument("--seed", type=nonnegative_int, default=None, help="seed of every run (default: 0)")
-    parser.add_argument("--no-reference", action="store_true", default=None,
-                        help="skip the reference runs (lead time then uses the run's own loss curve)")
-    parser.add_argument("--probe-costs", action="store_true",
-                        help="instead: measure the CPU cost per step of each transformer probe on the small "
-                             "proxy")
-    parser.add_argument("--repeats", type=positive_int, default=None,
-                        help=f"--probe-costs: interleaved repeats (default: {PROBE_COST_DEFAULTS['repeats']})")
-    parser.add_argument("--steps", type=positive_int, default=None,
-                        help=f"--probe-costs: steps per block (default: {PROBE_COST_DEFAULTS['steps']})")
-    parser.add_argument("--threads", type=cpu_threads, default=None,
-                        help="--probe-costs: torch threads (default: torch's)")
+    parser.add_argument(
+        "--no-reference",
+        action="store_true",
+        default=None,
+        help="skip the reference runs (lead time then uses the run's own loss curve)",
+    )
+    parser.add_argument(
+        "--probe-costs",
+        action="store_true",
+        help="instead: measure the CPU cost per step of each transformer probe on the small proxy",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help=f"--probe-costs: interleaved repeats (default: {PROBE_COST_DEFAULTS['repeats']})",
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"--probe-costs: steps per block (default: {PROBE_COST_DEFAULTS['steps']})",
+    )
+    parser.add_argument(
+        "--threads", type=cpu_threads, default=None, help="--probe-costs: torch threads (default: torch's)"
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
@@ -152,9 +185,11 @@ def _row(s: ScenarioScore) -> str:
 
     what = "healthy" if s.healthy else s.expected_kind or ""
     detected = show(s.detected if not s.healthy else None)
-    return (f"  {s.name:28s} {what:28s} {'PASS' if s.passed else 'FAIL'}  detected={detected:5s}"
-            f" step={show(s.step):5s} degraded={show(s.degraded_step):5s} lead={show(s.lead_steps):5s}"
-            f" false_alarms={s.false_alarms}  ({s.wall_s:.1f}s)")
+    return (
+        f"  {s.name:28s} {what:28s} {'PASS' if s.passed else 'FAIL'}  detected={detected:5s}"
+        f" step={show(s.step):5s} degraded={show(s.degraded_step):5s} lead={show(s.lead_steps):5s}"
+        f" false_alarms={s.false_alarms}  ({s.wall_s:.1f}s)"
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -163,57 +198,78 @@ def main(args: argparse.Namespace) -> int:
         repeats = args.repeats or PROBE_COST_DEFAULTS["repeats"]
         with bench_progress(repeats, "keel bench detect --probe-costs", enabled=not args.json) as progress:
             with silenced():  # a healthy observing run's summary at close is not this benchmark's output
-                costs = probe_costs(steps=args.steps or PROBE_COST_DEFAULTS["steps"], repeats=repeats,
-                                    threads=args.threads, progress=progress)
+                costs = probe_costs(
+                    steps=args.steps or PROBE_COST_DEFAULTS["steps"],
+                    repeats=repeats,
+                    threads=args.threads,
+                    progress=progress,
+                )
         if args.json:
             print(json.dumps(costs, indent=2))
         else:
-            print(f"  {'variant':32s} {'every':>5s} {'ms/step':>8s} {'ratio':>7s} {'+ms/meas.':>9s} "
-                  f"{'+% of bare step at its cadence':>31s}")
+            print(
+                f"  {'variant':32s} {'every':>5s} {'ms/step':>8s} {'ratio':>7s} {'+ms/meas.':>9s} "
+                f"{'+% of bare step at its cadence':>31s}"
+            )
             for name, ms in costs["cpu_ms_per_step"].items():
                 every = costs["default_every"].get(name)
                 amortized = costs["amortized_fraction_of_bare"].get(name)
                 ratio = costs["ratio_to_bare"][name]
-                print(f"  {name:32s} {every if every else '':>5} {ms:8.2f} {ratio:7.3f} "
-                      f"{costs['extra_ms_vs_foundation'][name]:+9.2f} "
-                      + (f"{100 * amortized:+30.2f}%" if amortized is not None else ""))
+                print(
+                    f"  {name:32s} {every if every else '':>5} {ms:8.2f} {ratio:7.3f} "
+                    f"{costs['extra_ms_vs_foundation'][name]:+9.2f} "
+                    + (f"{100 * amortized:+30.2f}%" if amortized is not None else "")
+                )
             for setting, s in costs["sharpness"].items():
-                print(f"  sharpness ({setting}): {s['s_per_measurement']:.2f} s per measurement = "
-                      f"{s['bare_steps']:.0f} bare steps; every {s['every']} steps: "
-                      f"{100 * s['amortized_fraction_of_bare']:+.1f}% of the bare step")
+                print(
+                    f"  sharpness ({setting}): {s['s_per_measurement']:.2f} s per measurement = "
+                    f"{s['bare_steps']:.0f} bare steps; every {s['every']} steps: "
+                    f"{100 * s['amortized_fraction_of_bare']:+.1f}% of the bare step"
+                )
         return 0
     _reject_unused(args, PROBE_COST_FLAGS, "without --probe-costs")
     if not args.json:
         print("keel bench detect: scenario zoo under Guard(policy='observe'), probes='transformer', default detectors")
-    with progress_bar(len(args.only or list_scenarios()), "keel bench detect", enabled=not args.json,
-                      unit="scenario") as bar:
+    with progress_bar(
+        len(args.only or list_scenarios()), "keel bench detect", enabled=not args.json, unit="scenario"
+    ) as bar:
+
         def show_row(score: ScenarioScore) -> None:
             if not args.json:
                 bar.write(_row(score), file=sys.stdout)  # a result row, printed above the bar
             bar.update()
 
         with silenced():  # the score rows are this benchmark's output; the runs' findings are in the scores
-            result = bench_detect(args.only, seed=args.seed or 0, reference=not args.no_reference,
-                                  progress=show_row)
+            result = bench_detect(args.only, seed=args.seed or 0, reference=not args.no_reference, progress=show_row)
     if args.json:
         json.dump(result, sys.stdout, indent=2)
         print()
     else:
         s = result["summary"]
-        print(f"instabilities detected {s['detected']}/{s['instabilities']}, "
-              f"lead > 0 on {s['lead_positive']}; "
-              f"false alarms on healthy runs: {s['false_alarms']} ({s['healthy']} runs); "
-              f"passed {s['passed']}/{s['total']} in {s['wall_s']}s")
+        print(
+            f"instabilities detected {s['detected']}/{s['instabilities']}, "
+            f"lead > 0 on {s['lead_positive']}; "
+            f"false alarms on healthy runs: {s['false_alarms']} ({s['healthy']} runs); "
+            f"passed {s['passed']}/{s['total']} in {s['wall_s']}s"
+        )
     return 0 if result["summary"]["passed"] == result["summary"]["total"] else 1
 
 
 # --- the cost of the probes ------------------------------------------------------------------------------
-SHARPNESS_SETTINGS = {"zoo: iters=8, no trace, every 50": (8, 0, 50),
-                      "default: iters=20, trace_probes=10, every 100": (20, 10, 100)}
+SHARPNESS_SETTINGS = {
+    "zoo: iters=8, no trace, every 50": (8, 0, 50),
+    "default: iters=20, trace_probes=10, every 100": (20, 10, 100),
+}
 
 
-def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threads: int | None = None,
-                progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+def probe_costs(
+    *,
+    size: str = "small",
+    steps: int = 10,
+    repeats: int = 7,
+    threads: int | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """CPU time per step of each of keel's transformer probes on a proxy model, against the loop without it.
 
     Every variant trains its own copy of the proxy under `Guard(policy="observe")` with the foundation's
@@ -240,8 +296,7 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
     base = ["loss", "grad_norm", "param_norm"]
     variants: dict[str, Any] = {"bare": None, "foundation": base}
     default_every: dict[str, int] = {}
-    for probe in ("attn_logits", "attn_entropy", "output_logits", "activation_rms", "grad_weight_cos",
-                  "adam_eps"):
+    for probe in ("attn_logits", "attn_entropy", "output_logits", "activation_rms", "grad_weight_cos", "adam_eps"):
         every = int(create_probe(probe).config.every)  # type: ignore[attr-defined]
         default_every[probe] = every
         variants[probe] = base + [create_probe(probe, every=1)]
@@ -266,7 +321,7 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
         block(name, 3)
     times: dict[str, list[float]] = {n: [] for n in names}
     for r in range(repeats):
-        for name in names[r % len(names):] + names[: r % len(names)]:
+        for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(block(name, steps))
         if progress is not None:
             progress(f"repeat {r + 1}/{repeats}")
@@ -276,19 +331,28 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
     bare = times["bare"]
     ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
     ratio = {n: statistics.median(a / b for a, b in zip(times[n], bare, strict=True)) for n in names}
-    extra = {n: statistics.median(1e3 * (a - b) for a, b in zip(times[n], times["foundation"], strict=True))
-             for n in names}
+    extra = {
+        n: statistics.median(1e3 * (a - b) for a, b in zip(times[n], times["foundation"], strict=True)) for n in names
+    }
     amortized = {n: extra[n] / every / ms["bare"] for n, every in default_every.items()}
     model, opt, data, _ = loops["bare"]
     x, y = data[0]
     named = list(model.named_parameters())
-    ctx = StepContext(step=0, loss=torch.zeros(()), model=model, optimizer=opt,
-                      names=tuple(n for n, _ in named), params=[p for _, p in named],
-                      grads=[p.grad for _, p in named if p.grad is not None], log_step=False)
+    ctx = StepContext(
+        step=0,
+        loss=torch.zeros(()),
+        model=model,
+        optimizer=opt,
+        names=tuple(n for n, _ in named),
+        params=[p for _, p in named],
+        grads=[p.grad for _, p in named if p.grad is not None],
+        log_step=False,
+    )
     sharpness = {}
     for setting, (iters, trace, every) in SHARPNESS_SETTINGS.items():
-        sharp = SharpnessProbe(lambda: F.cross_entropy(model(x[:8]).flatten(0, 1), y[:8].flatten()),
-                               iters=iters, trace_probes=trace)
+        sharp = SharpnessProbe(
+            lambda: F.cross_entropy(model(x[:8]).flatten(0, 1), y[:8].flatten()), iters=iters, trace_probes=trace
+        )
         seconds = []
         for _ in range(3):
             start = time.process_time()
@@ -296,12 +360,25 @@ def probe_costs(*, size: str = "small", steps: int = 10, repeats: int = 7, threa
             seconds.append(time.process_time() - start)
             sharp._last_lr = None
         s = statistics.median(seconds)
-        sharpness[setting] = {"s_per_measurement": s, "every": every, "bare_steps": 1e3 * s / ms["bare"],
-                              "amortized_fraction_of_bare": 1e3 * s / every / ms["bare"]}
-    return {"size": size, "steps": steps, "repeats": repeats, "threads": torch.get_num_threads(),
-            "cpu_ms_per_step": ms, "ratio_to_bare": ratio, "extra_ms_vs_foundation": extra,
-            "default_every": default_every, "amortized_fraction_of_bare": amortized,
-            "sharpness": sharpness, "sharpness_batch": "8x64 (a fixed probe batch)"}
+        sharpness[setting] = {
+            "s_per_measurement": s,
+            "every": every,
+            "bare_steps": 1e3 * s / ms["bare"],
+            "amortized_fraction_of_bare": 1e3 * s / every / ms["bare"],
+        }
+    return {
+        "size": size,
+        "steps": steps,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "cpu_ms_per_step": ms,
+        "ratio_to_bare": ratio,
+        "extra_ms_vs_foundation": extra,
+        "default_every": default_every,
+        "amortized_fraction_of_bare": amortized,
+        "sharpness": sharpness,
+        "sharpness_batch": "8x64 (a fixed probe batch)",
+    }
 
 
 if __name__ == "__main__":  # `python -m keel.harness.bench.detect` until `keel bench detect` is registered

@@ -96,10 +96,16 @@ def score_series(path: Path, label: dict[str, Any], prefix: list[tuple[float, fl
     timeline = build_timeline(log)
     stride = result.summary["stride"]
     alarms = result.at_least("warning")
-    score = SeriesScore(file=path.name, label=label.get("label", "?"), points=len(timeline),
-                        stride=stride, warnings=result.count("warning"), criticals=result.count("critical"),
-                        infos=result.count("info"),
-                        alarms=[f"{f.step} {f.kind} {f.severity}" for f in alarms])
+    score = SeriesScore(
+        file=path.name,
+        label=label.get("label", "?"),
+        points=len(timeline),
+        stride=stride,
+        warnings=result.count("warning"),
+        criticals=result.count("critical"),
+        infos=result.count("info"),
+        alarms=[f"{f.step} {f.kind} {f.severity}" for f in alarms],
+    )
     events = event_steps(label)
     if not events or score.label in HEALTHY_LABELS:
         return score
@@ -147,40 +153,59 @@ def with_prefix(log: RawLog, prefix: list[tuple[float, float]], first_event: int
         if seen:
             levels[column] = (statistics.median(seen), index)
     start = log.records[0][0] - stride * len(prefix)
-    records = [(start + i * stride, {c: level * point[idx] for c, (level, idx) in levels.items()})
-               for i, point in enumerate(prefix)]
-    return RawLog(source=log.source, format=log.format, records=LogTable.from_records(records + list(log.records)),
-                  step_column=log.step_column)
+    records = [
+        (start + i * stride, {c: level * point[idx] for c, (level, idx) in levels.items()})
+        for i, point in enumerate(prefix)
+    ]
+    return RawLog(
+        source=log.source,
+        format=log.format,
+        records=LogTable.from_records(records + list(log.records)),
+        step_column=log.step_column,
+    )
 
 
 def run(data: Path) -> list[SeriesScore]:
     labels = json.loads((data / "labels.json").read_text())["series"]
     prefix = load_prefix(data)
-    return [score_series(data / entry["file"], entry, prefix) for entry in labels
-            if (data / entry["file"]).is_file()]
+    return [score_series(data / entry["file"], entry, prefix) for entry in labels if (data / entry["file"]).is_file()]
 
 
 def format_markdown(scores: list[SeriesScore]) -> str:
     healthy = [s for s in scores if s.label in HEALTHY_LABELS]
     events = [s for s in scores if s.label not in HEALTHY_LABELS]
-    lines = ["Healthy runs (every warning or critical is a false alarm):", "",
-             "| file | label | points | stride | warnings | criticals | info (one-batch outliers) |",
-             "|---|---|---:|---:|---:|---:|---:|"]
-    lines += [f"| `{s.file}` | {s.label} | {s.points} | {s.stride} | {s.warnings} | {s.criticals} | "
-              f"{s.infos} |" for s in healthy]
-    lines += ["", "Labelled spikes and divergences (context = logged points before the first labelled step; "
-              "the spike detector needs 20):", "",
-              "| file | label | points | context | as logged: first alarm in window | early alarms | "
-              "with healthy prefix: first alarm | delay (steps) | prefix/early alarms |",
-              "|---|---|---:|---:|---|---:|---|---:|---:|"]
+    lines = [
+        "Healthy runs (every warning or critical is a false alarm):",
+        "",
+        "| file | label | points | stride | warnings | criticals | info (one-batch outliers) |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    lines += [
+        f"| `{s.file}` | {s.label} | {s.points} | {s.stride} | {s.warnings} | {s.criticals} | {s.infos} |"
+        for s in healthy
+    ]
+    lines += [
+        "",
+        "Labelled spikes and divergences (context = logged points before the first labelled step; "
+        "the spike detector needs 20):",
+        "",
+        "| file | label | points | context | as logged: first alarm in window | early alarms | "
+        "with healthy prefix: first alarm | delay (steps) | prefix/early alarms |",
+        "|---|---|---:|---:|---|---:|---|---:|---:|",
+    ]
     for s in events:
         p = s.prefixed
-        delay = int(p["detected_by"].split()[0]) - s.event_step \
-            if p.get("detected_by") and s.event_step is not None else None
-        lines.append(f"| `{s.file}` | {s.label} | {s.points} | {s.context} | {s.detected_by or 'none'} | "
-                     f"{s.early_alarms} | {p.get('detected_by') or 'none'} | "
-                     f"{'' if delay is None else delay} | "
-                     f"{p.get('prefix_alarms', '')}/{p.get('early_alarms', '')} |")
+        delay = (
+            int(p["detected_by"].split()[0]) - s.event_step
+            if p.get("detected_by") and s.event_step is not None
+            else None
+        )
+        lines.append(
+            f"| `{s.file}` | {s.label} | {s.points} | {s.context} | {s.detected_by or 'none'} | "
+            f"{s.early_alarms} | {p.get('detected_by') or 'none'} | "
+            f"{'' if delay is None else delay} | "
+            f"{p.get('prefix_alarms', '')}/{p.get('early_alarms', '')} |"
+        )
     return "\n".join(lines)
 
 
@@ -199,8 +224,18 @@ def write_sweep_log(path: Path, rows: int, seed: int = 0) -> None:
         fh.write("step,loss,grad_norm,lr,phase\n")
         for lo in range(0, rows, 65536):
             hi = min(lo + 65536, rows)
-            fh.write("".join(_row(*cells) for cells in zip(steps[lo:hi].tolist(), loss[lo:hi].tolist(),
-                                                            grad[lo:hi].tolist(), lr[lo:hi].tolist(), strict=True)))
+            fh.write(
+                "".join(
+                    _row(*cells)
+                    for cells in zip(
+                        steps[lo:hi].tolist(),
+                        loss[lo:hi].tolist(),
+                        grad[lo:hi].tolist(),
+                        lr[lo:hi].tolist(),
+                        strict=True,
+                    )
+                )
+            )
 
 
 def _row(step: int, loss: float, grad: float, lr: float) -> str:
@@ -223,8 +258,15 @@ def measure(path: str, reader: str) -> dict[str, Any]:
     peak = peak_rss_mb()
     diagnose_(log, detectors=lambda: [])
     t3 = time.perf_counter()
-    return {"read_s": t1 - t0, "diagnose_s": t2 - t1, "total_s": t2 - t0, "without_detectors_s": t1 - t0 + t3 - t2,
-            "peak_rss_mb": peak, "rss_after_imports_mb": start_rss, "findings": len(result.findings)}
+    return {
+        "read_s": t1 - t0,
+        "diagnose_s": t2 - t1,
+        "total_s": t2 - t0,
+        "without_detectors_s": t1 - t0 + t3 - t2,
+        "peak_rss_mb": peak,
+        "rss_after_imports_mb": start_rss,
+        "findings": len(result.findings),
+    }
 
 
 def peak_rss_mb() -> float:
@@ -242,8 +284,10 @@ def peak_rss_mb() -> float:
 def _child(path: Path, reader: str, timeout: float) -> dict[str, Any]:
     src = str(Path(keel.__file__).resolve().parents[1])  # the folder that holds this keel, for the child
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    code = ("import json; from keel.harness.bench.doctor import measure; "
-            f"print(json.dumps(measure({str(path)!r}, {reader!r})))")
+    code = (
+        "import json; from keel.harness.bench.doctor import measure; "
+        f"print(json.dumps(measure({str(path)!r}, {reader!r})))"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=timeout)
     if proc.returncode:
         raise RuntimeError(f"the {reader} child failed: {proc.stderr.strip().splitlines()[-1:]}")
@@ -268,31 +312,49 @@ def sweep(sizes: list[int], *, baseline: bool = True, repeats: int = 1, timeout:
 
 def format_sweep(rows: list[dict[str, Any]]) -> str:
     """The sweep as a Markdown table: today's figures, the old reader's, and the ratios (old / today)."""
-    lines = ["| rows | file MB | total s | read s | without detectors s | peak RSS MB | findings | old total s "
-             "| old without detectors s | old peak RSS MB | old findings | speed-up (total / without detectors) "
-             "| memory ratio |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|"]
+    lines = [
+        "| rows | file MB | total s | read s | without detectors s | peak RSS MB | findings | old total s "
+        "| old without detectors s | old peak RSS MB | old findings | speed-up (total / without detectors) "
+        "| memory ratio |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|---:|",
+    ]
     for r in rows:
         new, old = r["columnar"], r.get("records")
         tail = "– | – | – | – | – | –"
         if old:
-            tail = (f"{old['total_s']:.1f} | {old['without_detectors_s']:.1f} | {old['peak_rss_mb']:.0f} | "
-                    f"{old['findings']:.0f} | {old['total_s'] / new['total_s']:.1f}× / "
-                    f"{old['without_detectors_s'] / new['without_detectors_s']:.1f}× | "
-                    f"{old['peak_rss_mb'] / new['peak_rss_mb']:.1f}×")
-        lines.append(f"| {r['rows']:,} | {r['mb']:.1f} | {new['total_s']:.2f} | {new['read_s']:.2f} | "
-                     f"{new['without_detectors_s']:.2f} | {new['peak_rss_mb']:.0f} | {new['findings']:.0f} | {tail} |")
+            tail = (
+                f"{old['total_s']:.1f} | {old['without_detectors_s']:.1f} | {old['peak_rss_mb']:.0f} | "
+                f"{old['findings']:.0f} | {old['total_s'] / new['total_s']:.1f}× / "
+                f"{old['without_detectors_s'] / new['without_detectors_s']:.1f}× | "
+                f"{old['peak_rss_mb'] / new['peak_rss_mb']:.1f}×"
+            )
+        lines.append(
+            f"| {r['rows']:,} | {r['mb']:.1f} | {new['total_s']:.2f} | {new['read_s']:.2f} | "
+            f"{new['without_detectors_s']:.2f} | {new['peak_rss_mb']:.0f} | {new['findings']:.0f} | {tail} |"
+        )
     return "\n".join(lines)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--data", type=Path, default=None,
-                        help=f"the folder with labels.json and the logs it lists (default: ${DATA_ENV}, else "
-                             f"{WORKSPACE_DATA} when it exists)")
+    parser.add_argument(
+        "--data",
+        type=Path,
+        default=None,
+        help=f"the folder with labels.json and the logs it lists (default: ${DATA_ENV}, else "
+        f"{WORKSPACE_DATA} when it exists)",
+    )
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
-    parser.add_argument("--sizes", type=_positive, nargs="+", default=None, metavar="ROWS",
-                        help="instead: time keel doctor on generated CSVs of these many rows (a size sweep)")
-    parser.add_argument("--no-baseline", action="store_true",
-                        help="with --sizes: skip the old record-based reader (slow on big logs)")
+    parser.add_argument(
+        "--sizes",
+        type=_positive,
+        nargs="+",
+        default=None,
+        metavar="ROWS",
+        help="instead: time keel doctor on generated CSVs of these many rows (a size sweep)",
+    )
+    parser.add_argument(
+        "--no-baseline", action="store_true", help="with --sizes: skip the old record-based reader (slow on big logs)"
+    )
     parser.add_argument("--repeats", type=_positive, default=1, help="with --sizes: children per size (median)")
 
 
@@ -324,9 +386,11 @@ def main(args: argparse.Namespace) -> int:
         return 0
     data = args.data or default_data()
     if data is None:
-        print(f"keel bench doctor: error: no labelled logs: pass --data DIR or set {DATA_ENV}=DIR, a folder with "
-              f"labels.json and the logs it lists (keel ships none; the default {WORKSPACE_DATA} is not here)",
-              file=sys.stderr)
+        print(
+            f"keel bench doctor: error: no labelled logs: pass --data DIR or set {DATA_ENV}=DIR, a folder with "
+            f"labels.json and the logs it lists (keel ships none; the default {WORKSPACE_DATA} is not here)",
+            file=sys.stderr,
+        )
         return 2
     if not (data / "labels.json").is_file():
         print(f"keel bench doctor: error: no labels.json in {data}", file=sys.stderr)

@@ -11,8 +11,13 @@ from torch import Tensor, nn
 from keel.guard import Guard
 
 
-def train_steps(model: nn.Module, optimizer: torch.optim.Optimizer, data: Sequence[tuple[Tensor, Tensor]],
-                guard: Guard | None, n: int) -> None:
+def train_steps(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    data: Sequence[tuple[Tensor, Tensor]],
+    guard: Guard | None,
+    n: int,
+) -> None:
     """``n`` language-model steps over ``data`` (cycled): forward, backward, then ``guard.step`` — or the
     optimizer alone when there is no guard. Waits for the device at the end, so a timer around it is honest."""
     for i in range(n):

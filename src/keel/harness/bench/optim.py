@@ -116,9 +116,7 @@ class OptimBenchConfig:
         if self.device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"OptimBenchConfig.device={self.device!r}; allowed: auto, cpu, cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError(
-                "OptimBenchConfig.device='cuda' but no CUDA device is available; allowed: cpu, auto"
-            )
+            raise ValueError("OptimBenchConfig.device='cuda' but no CUDA device is available; allowed: cpu, auto")
 
     def resolved_device(self) -> str:
         if self.device == "auto":
@@ -163,9 +161,7 @@ def _settle(opt: Optimizer, grad_sets: list[list[torch.Tensor]]) -> None:
             i += 1
 
 
-def bench_optim(
-    config: OptimBenchConfig | None = None, progress: Callable[[str], None] | None = None
-) -> dict:
+def bench_optim(config: OptimBenchConfig | None = None, progress: Callable[[str], None] | None = None) -> dict:
     """Time each optimizer's ``step()`` against AdamW(foreach) in the same process; returns the figures.
 
     Returns:
@@ -226,9 +222,7 @@ def bench_optim(
         results.append(
             {
                 "optimizer": name,
-                "ratio_vs_adamw": statistics.median(
-                    t / b for t, b in zip(times[name], times[BASELINE], strict=True)
-                ),
+                "ratio_vs_adamw": statistics.median(t / b for t, b in zip(times[name], times[BASELINE], strict=True)),
                 "step_ms": 1e3 * step_s,
                 "bytes_per_param": BYTES_PER_PARAM[name],
                 "gb_per_s": BYTES_PER_PARAM[name] * n_params / step_s / 1e9,

@@ -82,8 +82,10 @@ class OverheadConfig:
     def variants(self) -> dict[str, dict[str, Any] | None]:
         """Variant name → `Guard` arguments (None: the bare loop)."""
         variants: dict[str, dict[str, Any] | None] = {
-            "bare": None, "default": {},
-            "full": {"policy": "observe", "probes": "full", "log_every": self.full_log_every}}
+            "bare": None,
+            "default": {},
+            "full": {"policy": "observe", "probes": "full", "log_every": self.full_log_every},
+        }
         variants.update({f"policy={p}": {"policy": p} for p in self.policies})
         variants[CONTROL] = None
         return variants
@@ -163,8 +165,9 @@ def bench_overhead(config: OverheadConfig | None = None, progress: Callable[[str
         "ratio": ratios(sum),
         "ratio_steady": ratios(statistics.median),
         "ratio_rounds": round_ratios,
-        "step_ms": {name: 1e3 * statistics.median(sum(block) / len(block) for block in ts)
-                    for name, ts in times.items()},
+        "step_ms": {
+            name: 1e3 * statistics.median(sum(block) / len(block) for block in ts) for name, ts in times.items()
+        },
         "snapshots": {name: s for name, s in stats.items() if s.get("snapshots")},
         "config": asdict(config),
         "threads": torch.get_num_threads(),
@@ -182,8 +185,12 @@ def _median_ratio(blocks: list[list[float]], bare: list[list[float]], of: Callab
     return statistics.median(of(t) / of(b) for t, b in zip(blocks, bare, strict=True))
 
 
-def _timed_round(config: OverheadConfig, variants: dict[str, dict[str, Any] | None],
-                 progress: Callable[[str], None] | None, label: str) -> tuple[dict[str, list[list[float]]], dict]:
+def _timed_round(
+    config: OverheadConfig,
+    variants: dict[str, dict[str, Any] | None],
+    progress: Callable[[str], None] | None,
+    label: str,
+) -> tuple[dict[str, list[list[float]]], dict]:
     """One round: a fresh process per variant, `config.repeats` interleaved blocks each. Returns the block times
     and each process's closing stats."""
     context = multiprocessing.get_context("spawn")
@@ -191,8 +198,12 @@ def _timed_round(config: OverheadConfig, variants: dict[str, dict[str, Any] | No
         pipes, procs = {}, []
         for i, (name, kwargs) in enumerate(variants.items()):
             ours, theirs = context.Pipe()
-            proc = context.Process(target=_variant_process, args=(theirs, asdict(config), kwargs, f"{tmp}/{i}"),
-                                   name=f"keel-bench-{name}", daemon=True)
+            proc = context.Process(
+                target=_variant_process,
+                args=(theirs, asdict(config), kwargs, f"{tmp}/{i}"),
+                name=f"keel-bench-{name}",
+                daemon=True,
+            )
             proc.start()
             pipes[name] = ours
             procs.append(proc)
@@ -225,58 +236,97 @@ def _receive(conn: Connection, procs: Sequence[multiprocessing.process.BaseProce
     while not conn.poll(1.0):
         dead = [p for p in procs if not p.is_alive()]
         if dead:
-            raise RuntimeError(f"bench overhead: the variant process {dead[0].name} exited with code "
-                               f"{dead[0].exitcode} (see its traceback above)")
+            raise RuntimeError(
+                f"bench overhead: the variant process {dead[0].name} exited with code "
+                f"{dead[0].exitcode} (see its traceback above)"
+            )
     message = conn.recv()
     if isinstance(message, TrainingAborted):
-        raise TrainingAborted(f"bench overhead: a variant's training was aborted by keel, so its steps are not "
-                              f"comparable: {message}", message.decision) from None
+        raise TrainingAborted(
+            f"bench overhead: a variant's training was aborted by keel, so its steps are not comparable: {message}",
+            message.decision,
+        ) from None
     return message
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = OverheadConfig()
-    parser.add_argument("--size", default=defaults.size, choices=list_proxy_sizes(),
-                        help="proxy model size (default: %(default)s)")
+    parser.add_argument(
+        "--size", default=defaults.size, choices=list_proxy_sizes(), help="proxy model size (default: %(default)s)"
+    )
     parser.add_argument("--batch-size", type=positive_int, default=defaults.batch_size)
     parser.add_argument("--seq-len", type=positive_int, default=defaults.seq_len)
     parser.add_argument("--steps", type=positive_int, default=defaults.steps, help="steps per timed block")
-    parser.add_argument("--repeats", type=positive_int, default=defaults.repeats,
-                        help="timed blocks per variant and round (default: %(default)s)")
-    parser.add_argument("--rounds", type=positive_int, default=defaults.rounds,
-                        help="fresh processes per variant, one round after another (default: %(default)s)")
-    parser.add_argument("--full-log-every", type=positive_int, default=None,
-                        help=f"log_every of the full-probe variant (default: {defaults.full_log_every}; "
-                             "not with --ddp)")
-    parser.add_argument("--policy", nargs="+", default=[], choices=["observe", "skip", "recover"], metavar="POLICY",
-                        help="also time Guard(policy=...) with the default probes for each (observe, skip, recover)")
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=defaults.repeats,
+        help="timed blocks per variant and round (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--rounds",
+        type=positive_int,
+        default=defaults.rounds,
+        help="fresh processes per variant, one round after another (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--full-log-every",
+        type=positive_int,
+        default=None,
+        help=f"log_every of the full-probe variant (default: {defaults.full_log_every}; not with --ddp)",
+    )
+    parser.add_argument(
+        "--policy",
+        nargs="+",
+        default=[],
+        choices=["observe", "skip", "recover"],
+        metavar="POLICY",
+        help="also time Guard(policy=...) with the default probes for each (observe, skip, recover)",
+    )
     parser.add_argument("--device", default=defaults.device, type=device("cpu", "cuda"), metavar="{cpu,cuda}")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
-    parser.add_argument("--ddp", type=int_range(2), default=None, metavar="N",
-                        help="measure under DDP with N >= 2 torchrun ranks instead (keel.harness.bench.ddp)")
+    parser.add_argument(
+        "--ddp",
+        type=int_range(2),
+        default=None,
+        metavar="N",
+        help="measure under DDP with N >= 2 torchrun ranks instead (keel.harness.bench.ddp)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
     if args.ddp is not None:
         if args.full_log_every is not None:
-            raise ValueError("--full-log-every has no effect with --ddp (the DDP benchmark has no full-probe "
-                             "variant); allowed: one of them")
+            raise ValueError(
+                "--full-log-every has no effect with --ddp (the DDP benchmark has no full-probe "
+                "variant); allowed: one of them"
+            )
         from keel.harness.bench.ddp import main as ddp_main
 
         return ddp_main(args)
     full_log_every = OverheadConfig.full_log_every if args.full_log_every is None else args.full_log_every
-    config = OverheadConfig(size=args.size, batch_size=args.batch_size, seq_len=args.seq_len, steps=args.steps,
-                            repeats=args.repeats, rounds=args.rounds, full_log_every=full_log_every,
-                            policies=tuple(args.policy), device=args.device)
+    config = OverheadConfig(
+        size=args.size,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        steps=args.steps,
+        repeats=args.repeats,
+        rounds=args.rounds,
+        full_log_every=full_log_every,
+        policies=tuple(args.policy),
+        device=args.device,
+    )
     with bench_progress(config.rounds * config.repeats, "keel bench overhead", enabled=not args.json) as progress:
         result = bench_overhead(config, progress)
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
     ms, ratio, steady = result["step_ms"], result["ratio"], result["ratio_steady"]
-    print(f"proxy {config.size}, batch {config.batch_size}x{config.seq_len}, {config.device}, "
-          f"{config.rounds} rounds x {config.repeats} repeats x {config.steps} steps, one process per variant and "
-          f"round, interleaved")
+    print(
+        f"proxy {config.size}, batch {config.batch_size}x{config.seq_len}, {config.device}, "
+        f"{config.rounds} rounds x {config.repeats} repeats x {config.steps} steps, one process per variant and "
+        f"round, interleaved"
+    )
     print(f"  {'variant':22s}{'ms/step':>9s}{'ratio':>9s}{'steady':>9s}")
     print(f"  {'bare loop':22s}{ms['bare']:9.2f}")
     labels = {"default": "Guard default", "full": f"observe, full probes/{config.full_log_every}"}

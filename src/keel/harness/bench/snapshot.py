@@ -123,28 +123,38 @@ def bench_snapshot(config: SnapshotBenchConfig | None = None, progress=None) -> 
         ring.close()
         params = sum(p.numel() for p in model.parameters())
         blocked_s, save_s, copy_s = statistics.median(blocked), statistics.median(saved), statistics.median(copy)
-        results.append({"size": size, "params": params, "bytes": nbytes, "blocked_s": blocked_s,
-                        "torch_save_s": save_s, "ratio": save_s / blocked_s, "cold_take_s": cold_s,
-                        "copy_s": copy_s, "copy_gb_per_s": nbytes / copy_s / 1e9,
-                        "work_s": statistics.median(work_alone),
-                        "work_with_copy_s": statistics.median(work_overlapped)})
+        results.append(
+            {
+                "size": size,
+                "params": params,
+                "bytes": nbytes,
+                "blocked_s": blocked_s,
+                "torch_save_s": save_s,
+                "ratio": save_s / blocked_s,
+                "cold_take_s": cold_s,
+                "copy_s": copy_s,
+                "copy_gb_per_s": nbytes / copy_s / 1e9,
+                "work_s": statistics.median(work_alone),
+                "work_with_copy_s": statistics.median(work_overlapped),
+            }
+        )
         del model, opt, state, ring, snap
-    return {"device": config.device, "threads": torch.get_num_threads(), "repeats": config.repeats,
-            "results": results}
+    return {"device": config.device, "threads": torch.get_num_threads(), "repeats": config.repeats, "results": results}
 
 
 def _sizes(text: str) -> tuple[str, ...]:
     sizes = tuple(text.split(","))
     unknown = [s for s in sizes if s not in SIZES]
     if unknown:
-        raise ArgumentValueError(f"{show(text)}: unknown {', '.join(map(repr, unknown))}; allowed: a "
-                                 f"comma-separated subset of {', '.join(SIZES)}")
+        raise ArgumentValueError(
+            f"{show(text)}: unknown {', '.join(map(repr, unknown))}; allowed: a "
+            f"comma-separated subset of {', '.join(SIZES)}"
+        )
     return sizes
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--sizes", default="50M,200M", type=_sizes,
-                        help="comma-separated, from: " + ", ".join(SIZES))
+    parser.add_argument("--sizes", default="50M,200M", type=_sizes, help="comma-separated, from: " + ", ".join(SIZES))
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default="cpu", type=device("cpu", "cuda"), metavar="{cpu,cuda}")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
@@ -157,10 +167,14 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
         return 0
-    print(f"{'size':>6} {'params':>12} {'state GB':>9} {'blocked s':>10} {'torch.save s':>13} {'ratio':>8} "
-          f"{'cold take s':>12} {'copy GB/s':>10} {'fwd/bwd s alone→overlapped':>27}")
+    print(
+        f"{'size':>6} {'params':>12} {'state GB':>9} {'blocked s':>10} {'torch.save s':>13} {'ratio':>8} "
+        f"{'cold take s':>12} {'copy GB/s':>10} {'fwd/bwd s alone→overlapped':>27}"
+    )
     for r in result["results"]:
-        print(f"{r['size']:>6} {r['params']:>12,} {r['bytes'] / 1e9:>9.2f} {r['blocked_s']:>10.4f} "
-              f"{r['torch_save_s']:>13.3f} {r['ratio']:>8.1f} {r['cold_take_s']:>12.3f} {r['copy_gb_per_s']:>10.2f} "
-              f"{r['work_s']:>15.3f} → {r['work_with_copy_s']:.3f}")
+        print(
+            f"{r['size']:>6} {r['params']:>12,} {r['bytes'] / 1e9:>9.2f} {r['blocked_s']:>10.4f} "
+            f"{r['torch_save_s']:>13.3f} {r['ratio']:>8.1f} {r['cold_take_s']:>12.3f} {r['copy_gb_per_s']:>10.2f} "
+            f"{r['work_s']:>15.3f} → {r['work_with_copy_s']:.3f}"
+        )
     return 0

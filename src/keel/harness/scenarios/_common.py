@@ -68,8 +68,13 @@ class LMScenario:
     def run(self, *, seed: int = 0, steps: int | None = None) -> ScenarioResult:
         """Train the recipe under an observing `Guard` with keel's transformer probes and default detectors."""
         run = train_proxy(_steps(self.recipe(seed), steps), policy="observe")
-        return ScenarioResult(name=self.spec.name, losses=run.losses, findings=list(run.findings),
-                              wall_s=run.wall_s, event_step=self.event_step)
+        return ScenarioResult(
+            name=self.spec.name,
+            losses=run.losses,
+            findings=list(run.findings),
+            wall_s=run.wall_s,
+            event_step=self.event_step,
+        )
 
     def reference(self, *, seed: int = 0, steps: int | None = None) -> list[float] | None:
         """Losses of the fixed recipe trained bare (no Guard), or None without one."""

@@ -45,8 +45,18 @@ def pretrained_base(seed: int) -> dict[str, Tensor]:
     with torch.random.fork_rng():
         corpus = ProxyBatches(batch_size=8, seq_len=SEQ_LEN, seed=seed + BASE_DATA_SEED_OFFSET)
         # plain AdamW at 3e-3, a 20-step warm-up and then a constant LR (min_lr_ratio 1), no Guard
-        config = TrainConfig(size=BASE_SIZE, seq_len=SEQ_LEN, steps=BASE_STEPS, batch_size=8, lr=3e-3, warmup=20,
-                             min_lr_ratio=1.0, batch_fn=lambda step, batch: corpus.next(), eval_batches=1, seed=seed)
+        config = TrainConfig(
+            size=BASE_SIZE,
+            seq_len=SEQ_LEN,
+            steps=BASE_STEPS,
+            batch_size=8,
+            lr=3e-3,
+            warmup=20,
+            min_lr_ratio=1.0,
+            batch_fn=lambda step, batch: corpus.next(),
+            eval_batches=1,
+            seed=seed,
+        )
         model = train_proxy(config).model
         assert model is not None
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -41,8 +41,13 @@ def build(seed: int, op: str) -> tuple[nn.Module, Tensor, Tensor]:
     x = torch.cat([F.one_hot(a, P), F.one_hot(b, P)], dim=1).float()
     y = OPS[op](a, b)
     train = torch.randperm(len(y))[: int(0.4 * len(y))]
-    model = nn.Sequential(nn.Linear(2 * P, 200, bias=False), nn.ReLU(), nn.Linear(200, 200, bias=False), nn.ReLU(),
-                          HalfHead(200, P, bias=False))
+    model = nn.Sequential(
+        nn.Linear(2 * P, 200, bias=False),
+        nn.ReLU(),
+        nn.Linear(200, 200, bias=False),
+        nn.ReLU(),
+        HalfHead(200, P, bias=False),
+    )
     return model, x[train], y[train]
 
 
@@ -55,8 +60,17 @@ def loss_in(logits: Tensor, targets: Tensor, precision: torch.dtype, z_loss: flo
     return loss
 
 
-def train(name: str, *, seed: int, steps: int, precision: torch.dtype, eps: float, op: str = "add",
-          z_loss: float = 0.0, guarded: bool = True) -> ScenarioResult:
+def train(
+    name: str,
+    *,
+    seed: int,
+    steps: int,
+    precision: torch.dtype,
+    eps: float,
+    op: str = "add",
+    z_loss: float = 0.0,
+    guarded: bool = True,
+) -> ScenarioResult:
     """One full-batch run; under an observing `Guard` with the default probes (plus the gradient–weight cosine)."""
     model, x, y = build(seed, op)
     optimizer = torch.optim.AdamW(model.parameters(), lr=0.01, betas=(0.9, 0.99), eps=eps, weight_decay=0.0)

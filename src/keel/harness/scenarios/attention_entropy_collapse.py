@@ -15,9 +15,13 @@ from keel.proxy.trainer import TrainConfig
 
 @SCENARIOS.register("attention_entropy_collapse")
 class AttentionEntropyCollapse(LMScenario):
-    spec = ScenarioSpec(name="attention_entropy_collapse", healthy=False, expected_kind="attention_entropy_collapse",
-                        summary="tiny proxy at LR 0.03: mean attention entropy collapses below 10 % of uniform",
-                        remedy="QK-norm")
+    spec = ScenarioSpec(
+        name="attention_entropy_collapse",
+        healthy=False,
+        expected_kind="attention_entropy_collapse",
+        summary="tiny proxy at LR 0.03: mean attention entropy collapses below 10 % of uniform",
+        remedy="QK-norm",
+    )
 
     def recipe(self, seed: int) -> TrainConfig:
         return TrainConfig(size="tiny", steps=300, lr=0.03, seed=seed)

@@ -15,9 +15,14 @@ from keel.proxy.trainer import TrainConfig
 
 @SCENARIOS.register("attention_logit_growth")
 class AttentionLogitGrowth(LMScenario):
-    spec = ScenarioSpec(name="attention_logit_growth", healthy=False, expected_kind="attention_logit_growth",
-                        summary="tiny proxy at LR 0.1 without QK-norm: attention logits grow to ~1e4",
-                        lead_required=True, remedy="QK-norm")
+    spec = ScenarioSpec(
+        name="attention_logit_growth",
+        healthy=False,
+        expected_kind="attention_logit_growth",
+        summary="tiny proxy at LR 0.1 without QK-norm: attention logits grow to ~1e4",
+        lead_required=True,
+        remedy="QK-norm",
+    )
 
     def recipe(self, seed: int) -> TrainConfig:
         return TrainConfig(size="tiny", steps=300, lr=0.1, seed=seed)

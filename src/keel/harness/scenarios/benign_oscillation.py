@@ -14,8 +14,12 @@ from keel.proxy.trainer import TrainConfig
 
 @SCENARIOS.register("benign_oscillation")
 class BenignOscillation(LMScenario):
-    spec = ScenarioSpec(name="benign_oscillation", healthy=True, expected_kind=None,
-                        summary="tiny proxy with QK-norm at a constant LR 0.01, batch 8: the loss oscillates")
+    spec = ScenarioSpec(
+        name="benign_oscillation",
+        healthy=True,
+        expected_kind=None,
+        summary="tiny proxy with QK-norm at a constant LR 0.01, batch 8: the loss oscillates",
+    )
 
     def recipe(self, seed: int) -> TrainConfig:
         return TrainConfig(size="tiny", steps=250, lr=0.01, min_lr_ratio=1.0, batch_size=8, qk_norm=True, seed=seed)

@@ -38,8 +38,12 @@ class _Regions:
 
 @SCENARIOS.register("curriculum_switch")
 class CurriculumSwitch(LMScenario):
-    spec = ScenarioSpec(name="curriculum_switch", healthy=True, expected_kind=None,
-                        summary=f"healthy tiny proxy whose data switches to other modules at step {SWITCH_STEP}")
+    spec = ScenarioSpec(
+        name="curriculum_switch",
+        healthy=True,
+        expected_kind=None,
+        summary=f"healthy tiny proxy whose data switches to other modules at step {SWITCH_STEP}",
+    )
     event_step = SWITCH_STEP
 
     def recipe(self, seed: int) -> TrainConfig:

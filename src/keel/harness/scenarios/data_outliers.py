@@ -24,8 +24,12 @@ def upper(step: int, batch: Batch) -> Batch:
 
 @SCENARIOS.register("data_outliers")
 class DataOutliers(LMScenario):
-    spec = ScenarioSpec(name="data_outliers", healthy=True, expected_kind=None,
-                        summary="healthy tiny proxy with three isolated upper-cased batches")
+    spec = ScenarioSpec(
+        name="data_outliers",
+        healthy=True,
+        expected_kind=None,
+        summary="healthy tiny proxy with three isolated upper-cased batches",
+    )
 
     def recipe(self, seed: int) -> TrainConfig:
         return TrainConfig(size="tiny", steps=250, lr=3e-3, batch_fn=upper, seed=seed)

@@ -19,9 +19,13 @@ EXAMPLES, BATCH, EPOCHS = 16, 1, 16
 
 @SCENARIOS.register("full_finetune")
 class FullFinetune(LMScenario):
-    spec = ScenarioSpec(name="full_finetune", healthy=True, expected_kind=None,
-                        summary=f"full fine-tune of the pre-trained tiny proxy, batch {BATCH}, {EXAMPLES} mixed "
-                                f"snippets, {EPOCHS} epochs: the loss falls from ~2 to ~0.1")
+    spec = ScenarioSpec(
+        name="full_finetune",
+        healthy=True,
+        expected_kind=None,
+        summary=f"full fine-tune of the pre-trained tiny proxy, batch {BATCH}, {EXAMPLES} mixed "
+        f"snippets, {EPOCHS} epochs: the loss falls from ~2 to ~0.1",
+    )
 
     def recipe(self, seed: int) -> TrainConfig:
         epochs = Epochs(*snippets(seed, EXAMPLES), batch_size=BATCH, seed=seed)
@@ -30,5 +34,14 @@ class FullFinetune(LMScenario):
             model.load_state_dict(pretrained_base(seed))
             return model
 
-        return TrainConfig(size=BASE_SIZE, seq_len=SEQ_LEN, steps=EPOCHS * epochs.steps_per_epoch, lr=3e-3, warmup=10,
-                     batch_size=BATCH, batch_fn=epochs, model_fn=load, seed=seed)
+        return TrainConfig(
+            size=BASE_SIZE,
+            seq_len=SEQ_LEN,
+            steps=EPOCHS * epochs.steps_per_epoch,
+            lr=3e-3,
+            warmup=10,
+            batch_size=BATCH,
+            batch_fn=epochs,
+            model_fn=load,
+            seed=seed,
+        )

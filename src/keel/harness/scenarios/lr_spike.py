@@ -32,10 +32,13 @@ def sharpness(model: nn.Module, loss: Callable[[], Tensor]) -> Sequence[Probe]:
 
 @SCENARIOS.register("lr_spike")
 class LRSpike(LMScenario):
-    spec = ScenarioSpec(name="lr_spike", healthy=False, expected_kind="edge_of_stability",
-                        summary=f"healthy tiny proxy whose LR jumps {FACTOR:g}× at steps "
-                                f"{SPIKE.start}–{SPIKE.stop - 1}",
-                        remedy="no LR jump")
+    spec = ScenarioSpec(
+        name="lr_spike",
+        healthy=False,
+        expected_kind="edge_of_stability",
+        summary=f"healthy tiny proxy whose LR jumps {FACTOR:g}× at steps {SPIKE.start}–{SPIKE.stop - 1}",
+        remedy="no LR jump",
+    )
     event_step = SPIKE.start
 
     def recipe(self, seed: int) -> TrainConfig:

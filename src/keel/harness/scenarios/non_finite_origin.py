@@ -48,9 +48,13 @@ def naive_second_layer(model: nn.Module) -> nn.Module:
 
 @SCENARIOS.register("non_finite_origin")
 class NonFiniteOrigin(LMScenario):
-    spec = ScenarioSpec(name="non_finite_origin", healthy=False, expected_kind="non_finite",
-                        summary="tiny proxy at LR 0.1 with a max-free softmax in blocks.1: exp overflows to NaN",
-                        remedy="a max-subtracting softmax (F.softmax) or QK-norm")
+    spec = ScenarioSpec(
+        name="non_finite_origin",
+        healthy=False,
+        expected_kind="non_finite",
+        summary="tiny proxy at LR 0.1 with a max-free softmax in blocks.1: exp overflows to NaN",
+        remedy="a max-subtracting softmax (F.softmax) or QK-norm",
+    )
 
     def recipe(self, seed: int) -> TrainConfig:
         return TrainConfig(size="tiny", steps=60, lr=0.1, model_fn=naive_second_layer, seed=seed)

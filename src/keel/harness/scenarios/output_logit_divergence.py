@@ -27,18 +27,31 @@ STEPS = 500
 
 @SCENARIOS.register("output_logit_divergence")
 class OutputLogitDivergence:
-    spec = ScenarioSpec(name="output_logit_divergence", healthy=False, expected_kind="output_logit_drift",
-                        summary=f"(a · b) mod {P}, MLP, AdamW ε=1e-8, float16 softmax: log Z runs away once the "
-                                "data is fit", lead_required=True, remedy="z-loss 1e-4")
+    spec = ScenarioSpec(
+        name="output_logit_divergence",
+        healthy=False,
+        expected_kind="output_logit_drift",
+        summary=f"(a · b) mod {P}, MLP, AdamW ε=1e-8, float16 softmax: log Z runs away once the data is fit",
+        lead_required=True,
+        remedy="z-loss 1e-4",
+    )
 
     def run(self, *, seed: int = 0, steps: int | None = None) -> ScenarioResult:
-        return train("output_logit_divergence", seed=seed, steps=steps or STEPS, precision=torch.float16,
-                     eps=1e-8, op="product")
+        return train(
+            "output_logit_divergence", seed=seed, steps=steps or STEPS, precision=torch.float16, eps=1e-8, op="product"
+        )
 
     def reference(self, *, seed: int = 0, steps: int | None = None) -> list[float] | None:
         return None
 
     def fixed_run(self, *, seed: int = 0, steps: int | None = None) -> ScenarioResult:
         """The same run with a z-loss of 1e-4: the remedy, for comparison."""
-        return train("output_logit_divergence", seed=seed, steps=steps or STEPS, precision=torch.float16,
-                     eps=1e-8, op="product", z_loss=1e-4)
+        return train(
+            "output_logit_divergence",
+            seed=seed,
+            steps=steps or STEPS,
+            precision=torch.float16,
+            eps=1e-8,
+            op="product",
+            z_loss=1e-4,
+        )

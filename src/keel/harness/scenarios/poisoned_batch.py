@@ -28,10 +28,13 @@ def poison(step: int, batch: Batch) -> Batch:
 
 @SCENARIOS.register("poisoned_batch")
 class PoisonedBatch(LMScenario):
-    spec = ScenarioSpec(name="poisoned_batch", healthy=False, expected_kind="loss_spike",
-                        summary="healthy tiny proxy, one junk batch (random bytes, constant target) at step "
-                                f"{POISON_STEP}",
-                        remedy="skip the poisoned update")
+    spec = ScenarioSpec(
+        name="poisoned_batch",
+        healthy=False,
+        expected_kind="loss_spike",
+        summary=f"healthy tiny proxy, one junk batch (random bytes, constant target) at step {POISON_STEP}",
+        remedy="skip the poisoned update",
+    )
     event_step = POISON_STEP
 
     def recipe(self, seed: int) -> TrainConfig:

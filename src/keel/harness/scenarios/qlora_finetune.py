@@ -22,9 +22,13 @@ EXAMPLES, BATCH, EPOCHS, RANK = 24, 2, 30, 32
 
 @SCENARIOS.register("qlora_finetune")
 class QLoRAFinetune(LMScenario):
-    spec = ScenarioSpec(name="qlora_finetune", healthy=True, expected_kind=None,
-                        summary=f"rank-{RANK} LoRA on a 4-bit frozen tiny proxy, batch {BATCH}, {EXAMPLES} mixed "
-                                f"snippets, {EPOCHS} epochs: noisy steps, drops at epoch boundaries")
+    spec = ScenarioSpec(
+        name="qlora_finetune",
+        healthy=True,
+        expected_kind=None,
+        summary=f"rank-{RANK} LoRA on a 4-bit frozen tiny proxy, batch {BATCH}, {EXAMPLES} mixed "
+        f"snippets, {EPOCHS} epochs: noisy steps, drops at epoch boundaries",
+    )
 
     def recipe(self, seed: int) -> TrainConfig:
         epochs = Epochs(*snippets(seed, EXAMPLES), batch_size=BATCH, seed=seed)
@@ -33,5 +37,14 @@ class QLoRAFinetune(LMScenario):
             model.load_state_dict(pretrained_base(seed))
             return apply_lora(model, rank=RANK, alpha=4.0 * RANK, bits=4, seed=seed)
 
-        return TrainConfig(size=BASE_SIZE, seq_len=SEQ_LEN, steps=EPOCHS * epochs.steps_per_epoch, lr=3e-3, warmup=10,
-                     batch_size=BATCH, batch_fn=epochs, model_fn=adapt, seed=seed)
+        return TrainConfig(
+            size=BASE_SIZE,
+            seq_len=SEQ_LEN,
+            steps=EPOCHS * epochs.steps_per_epoch,
+            lr=3e-3,
+            warmup=10,
+            batch_size=BATCH,
+            batch_fn=epochs,
+            model_fn=adapt,
+            seed=seed,
+        )

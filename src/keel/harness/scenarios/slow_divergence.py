@@ -23,9 +23,13 @@ def ramp(step: int) -> float:
 
 @SCENARIOS.register("slow_divergence")
 class SlowDivergence(LMScenario):
-    spec = ScenarioSpec(name="slow_divergence", healthy=False, expected_kind="divergence",
-                        summary=f"tiny proxy with QK-norm whose LR grows {RATE - 1:.2%}/step from step {RAMP_START}",
-                        remedy="a schedule that ends its warm-up")
+    spec = ScenarioSpec(
+        name="slow_divergence",
+        healthy=False,
+        expected_kind="divergence",
+        summary=f"tiny proxy with QK-norm whose LR grows {RATE - 1:.2%}/step from step {RAMP_START}",
+        remedy="a schedule that ends its warm-up",
+    )
     event_step = RAMP_START
 
     def recipe(self, seed: int) -> TrainConfig:

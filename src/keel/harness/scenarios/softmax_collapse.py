@@ -21,9 +21,15 @@ STEPS = 500
 
 @SCENARIOS.register("softmax_collapse")
 class SoftmaxCollapse:
-    spec = ScenarioSpec(name="softmax_collapse", healthy=False, expected_kind="softmax_collapse",
-                        summary=f"(a + b) mod {P}, MLP, AdamW ε=1e-25, float16 softmax: rows collapse to one-hot, "
-                                "then the loss turns up and spikes", lead_required=True, remedy="float64 softmax")
+    spec = ScenarioSpec(
+        name="softmax_collapse",
+        healthy=False,
+        expected_kind="softmax_collapse",
+        summary=f"(a + b) mod {P}, MLP, AdamW ε=1e-25, float16 softmax: rows collapse to one-hot, "
+        "then the loss turns up and spikes",
+        lead_required=True,
+        remedy="float64 softmax",
+    )
 
     def run(self, *, seed: int = 0, steps: int | None = None) -> ScenarioResult:
         return train("softmax_collapse", seed=seed, steps=steps or STEPS, precision=torch.float16, eps=1e-25)

@@ -14,8 +14,12 @@ from keel.proxy.trainer import TrainConfig
 
 @SCENARIOS.register("warmup_bump")
 class WarmupBump(LMScenario):
-    spec = ScenarioSpec(name="warmup_bump", healthy=True, expected_kind=None,
-                        summary="tiny proxy with QK-norm, 5-step warm-up to LR 0.02: the loss bumps early")
+    spec = ScenarioSpec(
+        name="warmup_bump",
+        healthy=True,
+        expected_kind=None,
+        summary="tiny proxy with QK-norm, 5-step warm-up to LR 0.02: the loss bumps early",
+    )
 
     def recipe(self, seed: int) -> TrainConfig:
         return TrainConfig(size="tiny", steps=250, lr=0.02, warmup=5, qk_norm=True, seed=seed)

@@ -87,9 +87,7 @@ class QKNormRemedy:
 
     name: ClassVar[str] = "qk_norm"
     description: ClassVar[str] = "LayerNorm/RMSNorm on each head's queries and keys; bounds attention logits"
-    reference: ClassVar[str] = (
-        "Dehghani et al. 2023 (arXiv 2302.05442); Wortsman et al. 2023 (arXiv 2309.14322)"
-    )
+    reference: ClassVar[str] = "Dehghani et al. 2023 (arXiv 2302.05442); Wortsman et al. 2023 (arXiv 2309.14322)"
     order: ClassVar[int] = 10
 
     norm: str = "layer"
@@ -118,9 +116,7 @@ class QKNormRemedy:
         dtype = None if like is None or not like.is_floating_point() else like.dtype
         return QKNorm(head_dim, kind=self.norm, eps=self.eps, bias=bias, device=device, dtype=dtype)
 
-    def _apply_one(
-        self, model: nn.Module, name: str, module: nn.Module, convention: bool | None
-    ) -> Change | None:
+    def _apply_one(self, model: nn.Module, name: str, module: nn.Module, convention: bool | None) -> Change | None:
         """``convention``: the new norms' bias (the option or the model's LayerNorms); None: the projections'."""
         slots = getattr(module, "q_norm", None), getattr(module, "k_norm", None)
         if all(isinstance(s, nn.Module) for s in slots):
@@ -128,11 +124,7 @@ class QKNormRemedy:
                 return None  # already normalised
             return self._fill_slots(name, module, convention)
         if isinstance(module, nn.MultiheadAttention):
-            if (
-                isinstance(module, QKNormMultiheadAttention)
-                or module.bias_k is not None
-                or module.add_zero_attn
-            ):
+            if isinstance(module, QKNormMultiheadAttention) or module.bias_k is not None or module.add_zero_attn:
                 return None
             bias = module.in_proj_bias is not None if convention is None else convention
             new = QKNormMultiheadAttention.from_module(module, norm=self.norm, eps=self.eps, norm_bias=bias)

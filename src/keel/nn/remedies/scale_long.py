@@ -73,9 +73,7 @@ class ScaleLongRemedy:
     """
 
     name: ClassVar[str] = "scale_long"
-    description: ClassVar[str] = (
-        "scales U-Net long skips by kappa^(N-1-i) (or a learned gate); steadier diffusion"
-    )
+    description: ClassVar[str] = "scales U-Net long skips by kappa^(N-1-i) (or a learned gate); steadier diffusion"
     reference: ClassVar[str] = "Huang et al. 2023 (ScaleLong, arXiv 2310.13545); code sail-sg/ScaleLong"
     order: ClassVar[int] = 40
 
@@ -92,9 +90,7 @@ class ScaleLongRemedy:
         if self.mode not in SCALE_LONG_MODES:
             raise ValueError(f"ScaleLongRemedy.mode={self.mode!r}; allowed: {', '.join(SCALE_LONG_MODES)}")
         if (self.tokens is not None or self.mode == "calibrated") and not _positive_int(self.tokens):
-            raise ValueError(
-                f"ScaleLongRemedy.tokens={self.tokens!r}; allowed: a positive int for mode 'calibrated'"
-            )
+            raise ValueError(f"ScaleLongRemedy.tokens={self.tokens!r}; allowed: a positive int for mode 'calibrated'")
         if not _positive_int(self.reduction):
             raise ValueError(f"ScaleLongRemedy.reduction={self.reduction!r}; allowed: a positive int")
         if self.blocks is not None and not isinstance(self.blocks, str):
@@ -111,10 +107,7 @@ class ScaleLongRemedy:
             return False
         if self.blocks is not None:
             return name == self.blocks
-        return all(
-            any("skip" in child for child, sub in block.named_children() if sub is not None)
-            for block in module
-        )
+        return all(any("skip" in child for child, sub in block.named_children() if sub is not None) for block in module)
 
     def _bias(self, decoder: nn.Module) -> bool:
         if self.bias is not None:
@@ -128,9 +121,7 @@ class ScaleLongRemedy:
             if not self._is_decoder(name, module):
                 continue
             positions = [pos for block in module if (pos := _skip_position(block)) is not None]  # each has one
-            if any(
-                isinstance(h, SkipScaleHook) for block in module for h in block._forward_pre_hooks.values()
-            ):
+            if any(isinstance(h, SkipScaleHook) for block in module for h in block._forward_pre_hooks.values()):
                 continue
             calibration = None
             if self.mode == "calibrated" and self.tokens is not None:  # __post_init__: "calibrated" needs tokens

@@ -40,9 +40,7 @@ class SigmaReparamRemedy:
     """
 
     name: ClassVar[str] = "sigma_reparam"
-    description: ClassVar[str] = (
-        "W -> (gamma/sigma(W))·W on every dense weight; prevents attention-entropy collapse"
-    )
+    description: ClassVar[str] = "W -> (gamma/sigma(W))·W on every dense weight; prevents attention-entropy collapse"
     reference: ClassVar[str] = "Zhai et al. 2023 (arXiv 2303.06296); code apple/ml-sigma-reparam"
     order: ClassVar[int] = 20
 
@@ -53,9 +51,7 @@ class SigmaReparamRemedy:
         if not isinstance(self.stats_only, bool):
             raise ValueError(f"SigmaReparamRemedy.stats_only={self.stats_only!r}; allowed: True or False")
         if not isinstance(self.exclude, (tuple, list)) or not all(isinstance(p, str) for p in self.exclude):
-            raise ValueError(
-                f"SigmaReparamRemedy.exclude={self.exclude!r}; allowed: a tuple of fnmatch patterns"
-            )
+            raise ValueError(f"SigmaReparamRemedy.exclude={self.exclude!r}; allowed: a tuple of fnmatch patterns")
         self.exclude = tuple(self.exclude)
 
     def apply(self, model: nn.Module) -> list[Change]:

@@ -34,12 +34,8 @@ class ZLossRemedy:
     """
 
     name: ClassVar[str] = "z_loss"
-    description: ClassVar[str] = (
-        "records log Z at the output head; adding 1e-4·mean(log Z^2) stops logit drift"
-    )
-    reference: ClassVar[str] = (
-        "Chowdhery et al. 2022 (PaLM, arXiv 2204.02311); Wortsman et al. 2023 (arXiv 2309.14322)"
-    )
+    description: ClassVar[str] = "records log Z at the output head; adding 1e-4·mean(log Z^2) stops logit drift"
+    reference: ClassVar[str] = "Chowdhery et al. 2022 (PaLM, arXiv 2204.02311); Wortsman et al. 2023 (arXiv 2309.14322)"
     order: ClassVar[int] = 30
 
     coefficient: float = DEFAULT_COEFFICIENT
@@ -86,9 +82,7 @@ class ZLossRemedy:
             try:
                 return self.head, model.get_submodule(self.head)
             except AttributeError:
-                raise ValueError(
-                    f"ZLossRemedy.head={self.head!r}; allowed: a submodule name of the model"
-                ) from None
+                raise ValueError(f"ZLossRemedy.head={self.head!r}; allowed: a submodule name of the model") from None
         candidates = [
             (name.count("."), name, module)
             for name, module in model.named_modules()

@@ -46,8 +46,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--out",
         default=None,
         type=any_path,
-        help="sweep directory (default runs/sweep, runs/sweep-quick with "
-        "--quick); an existing sweep there is resumed",
+        help="sweep directory (default runs/sweep, runs/sweep-quick with --quick); an existing sweep there is resumed",
     )
     parser.add_argument(
         "--quick",
@@ -63,9 +62,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"built-in ({', '.join(list_recipes())}), package.module:function or "
         "file.py:function returning a TrainConfig",
     )
-    parser.add_argument(
-        "--lrs", nargs="+", type=positive_float, metavar="LR", help="peak LRs (default 3e-4 … 3e-1)"
-    )
+    parser.add_argument("--lrs", nargs="+", type=positive_float, metavar="LR", help="peak LRs (default 3e-4 … 3e-1)")
     parser.add_argument(
         "--sizes",
         nargs="+",
@@ -114,14 +111,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="write no PNG figures (keel report OUT draws them from the sweep store)",
     )
     parser.add_argument("--summarize", action="store_true", help="run nothing; summarise the sweep in --out")
-    parser.add_argument(
-        "--json", action="store_true", help="print the summary as JSON (progress goes to stderr)"
-    )
+    parser.add_argument("--json", action="store_true", help="print the summary as JSON (progress goes to stderr)")
 
 
 # What only a run uses: with --summarize (which runs nothing) these would be silently ignored.
-RUN_OPTIONS = ("recipes", "lrs", "sizes", "seeds", "steps", "batch_size", "seq_len", "warmup", "final_lr",
-               "eval_batches", "max_grad_norm", "backend", "workers", "address")
+RUN_OPTIONS = (
+    "recipes",
+    "lrs",
+    "sizes",
+    "seeds",
+    "steps",
+    "batch_size",
+    "seq_len",
+    "warmup",
+    "final_lr",
+    "eval_batches",
+    "max_grad_norm",
+    "backend",
+    "workers",
+    "address",
+)
 
 
 def _recipe(text: str) -> str:
@@ -160,8 +169,9 @@ def check_args(args: argparse.Namespace) -> None:
     if args.summarize:
         given = [f"--{name.replace('_', '-')}" for name in RUN_OPTIONS if getattr(args, name) is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} has no effect with --summarize (it runs nothing); "
-                             "allowed: one or the other")
+            raise ValueError(
+                f"{', '.join(given)} has no effect with --summarize (it runs nothing); allowed: one or the other"
+            )
     else:
         _reject_repeats(args)
         if args.address is not None and args.backend != "ray":
@@ -173,10 +183,16 @@ def check_args(args: argparse.Namespace) -> None:
 def sweep_config_from_args(args: argparse.Namespace) -> SweepConfig:
     """The `SweepConfig` of the command line: ``--quick`` or the defaults, with each given option applied."""
     config = quick_config() if args.quick else SweepConfig()
-    grid = {name: getattr(args, name) for name in ("recipes", "lrs", "sizes", "seeds", "final_lr")
-            if getattr(args, name) is not None}
-    run = {name: getattr(args, name) for name in ("steps", "batch_size", "seq_len", "warmup", "eval_batches")
-           if getattr(args, name) is not None}
+    grid = {
+        name: getattr(args, name)
+        for name in ("recipes", "lrs", "sizes", "seeds", "final_lr")
+        if getattr(args, name) is not None
+    }
+    run = {
+        name: getattr(args, name)
+        for name in ("steps", "batch_size", "seq_len", "warmup", "eval_batches")
+        if getattr(args, name) is not None
+    }
     if args.max_grad_norm is not None:
         run["max_grad_norm"] = args.max_grad_norm or None
     return dataclasses.replace(config, base=dataclasses.replace(config.base, **run), **grid)

@@ -31,8 +31,7 @@ def default_lrs(low: float = 3e-4, high: float = 3e-1, per_decade: int = 2) -> l
     """
     if not (0 < low < high) or per_decade < 1:
         raise ValueError(
-            f"default_lrs(low={low}, high={high}, per_decade={per_decade}); allowed: "
-            "0 < low < high, per_decade >= 1"
+            f"default_lrs(low={low}, high={high}, per_decade={per_decade}); allowed: 0 < low < high, per_decade >= 1"
         )
     n = round(math.log10(high / low) * per_decade)
     return [_round_lr(low * (high / low) ** (i / n)) for i in range(n + 1)]
@@ -100,9 +99,7 @@ class SweepConfig:
             raise ValueError(f"SweepConfig.lrs contains {bad_lrs}; allowed: finite numbers > 0")
         unknown = [s for s in self.sizes if s not in list_proxy_sizes()]
         if unknown:
-            raise ValueError(
-                f"SweepConfig.sizes contains {unknown}; allowed: {', '.join(list_proxy_sizes())}"
-            )
+            raise ValueError(f"SweepConfig.sizes contains {unknown}; allowed: {', '.join(list_proxy_sizes())}")
         if not isinstance(self.base, TrainConfig):
             raise ValueError(f"SweepConfig.base={self.base!r}; allowed: a keel.proxy.trainer.TrainConfig")
         if not (isinstance(self.final_lr, (int, float)) and 0 <= self.final_lr < math.inf):
@@ -116,9 +113,14 @@ class SweepConfig:
     def describe(self) -> dict[str, object]:
         """A JSON-able description (recipes by name), stored with the sweep."""
         base = {k: v for k, v in self.base.describe().items() if k not in GRID_FIELDS}
-        return {"recipes": [resolve_recipe(r)[0] if callable(r) else r for r in self.recipes],
-                "lrs": list(self.lrs), "sizes": list(self.sizes), "seeds": list(self.seeds),
-                "final_lr": self.final_lr, "base": base}
+        return {
+            "recipes": [resolve_recipe(r)[0] if callable(r) else r for r in self.recipes],
+            "lrs": list(self.lrs),
+            "sizes": list(self.sizes),
+            "seeds": list(self.seeds),
+            "final_lr": self.final_lr,
+            "base": base,
+        }
 
 
 def quick_config() -> SweepConfig:

@@ -53,9 +53,7 @@ def plot_loss_vs_lr(curves: Sequence[CurveSummary]) -> Any:
     for ax, recipe in zip(axes, recipes, strict=True):
         for c in (c for c in curves if c.recipe == recipe):
             s = c.sensitivity
-            ax.plot(
-                s.lrs, s.losses, "o-", color=colors[c.size], label=f"{c.size}  LRS {s.lr_sensitivity:.3f}"
-            )
+            ax.plot(s.lrs, s.losses, "o-", color=colors[c.size], label=f"{c.size}  LRS {s.lr_sensitivity:.3f}")
             ax.axhline(s.init_loss, color=colors[c.size], ls=":", lw=0.8)
         ax.set_xscale("log")
         ax.set_title(recipe)

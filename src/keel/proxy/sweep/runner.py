@@ -108,9 +108,7 @@ def run_sweep(
         'done'
     """
     sweep_dir = Path(sweep_dir)
-    engine = (
-        create_backend(backend, workers=workers, address=address) if isinstance(backend, str) else backend
-    )
+    engine = create_backend(backend, workers=workers, address=address) if isinstance(backend, str) else backend
     specs = expand_grid(config)
     result = SweepResult(sweep_dir=sweep_dir)
     with SweepStore(sweep_dir) as store:
@@ -129,9 +127,7 @@ def run_sweep(
                 progress(RunEvent(done=n, total=len(tasks), spec=spec, result=outcome))
         result.rows = store.rows()
         result.curves = summarize(result.rows)
-        result.scaling = scaling_views(
-            result.rows, result.curves, lr=scaling_lr, divergence_logit=divergence_logit
-        )
+        result.scaling = scaling_views(result.rows, result.curves, lr=scaling_lr, divergence_logit=divergence_logit)
         store_summary(store, result)
     return result
 

@@ -129,8 +129,9 @@ def _init_loss(config: TrainConfig) -> tuple[float, int]:
 
 def _end_signals(run_dir: Path) -> tuple[float, float, float]:
     with RunReader(run_dir) as reader:
-        logit, log_z, grad_norm = (_tail_median(reader.signal(k)[1])
-                                   for k in (keys.ATTN_MAX_LOGIT, keys.LOGITS_LOG_Z, keys.GRAD_NORM))
+        logit, log_z, grad_norm = (
+            _tail_median(reader.signal(k)[1]) for k in (keys.ATTN_MAX_LOGIT, keys.LOGITS_LOG_Z, keys.GRAD_NORM)
+        )
     return logit, log_z, grad_norm
 
 

@@ -31,8 +31,9 @@ def list_exporters() -> list[str]:
     return sorted(EXPORTERS)
 
 
-def export_run(run: str | Path, fmt: str, out: str | Path | None = None, *, keys: list[str] | None = None,
-               **options: Any) -> list[Path]:
+def export_run(
+    run: str | Path, fmt: str, out: str | Path | None = None, *, keys: list[str] | None = None, **options: Any
+) -> list[Path]:
     """Export one run store.
 
     Args:

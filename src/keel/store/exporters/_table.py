@@ -49,8 +49,14 @@ class RunTable:
                 for step, value in zip(steps.tolist(), values.tolist(), strict=True):
                     by_step.setdefault(step, {})[key] = value
             path = reader.path
-            return cls(name=path.parent.name, keys=names, rows=sorted(by_step.items()), findings=reader.findings(),
-                       decisions=reader.decisions(), meta=reader.meta())
+            return cls(
+                name=path.parent.name,
+                keys=names,
+                rows=sorted(by_step.items()),
+                findings=reader.findings(),
+                decisions=reader.decisions(),
+                meta=reader.meta(),
+            )
 
     def finding_records(self) -> list[dict[str, Any]]:
         """Findings as JSON-able dicts (NaN values as None)."""
@@ -58,8 +64,17 @@ class RunTable:
 
     def decision_records(self) -> list[dict[str, Any]]:
         """Decisions as JSON-able dicts."""
-        return [{"step": d.step, "action": d.action, "reason": d.reason, "by": d.by, "onset": d.onset,
-                 "restored_step": d.restored_step} for d in self.decisions]
+        return [
+            {
+                "step": d.step,
+                "action": d.action,
+                "reason": d.reason,
+                "by": d.by,
+                "onset": d.onset,
+                "restored_step": d.restored_step,
+            }
+            for d in self.decisions
+        ]
 
 
 def _plain(value: Any) -> Any:

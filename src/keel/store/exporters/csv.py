@@ -20,8 +20,12 @@ DECISION_COLUMNS = ("step", "action", "by", "onset", "restored_step", "reason")
 def export(table: RunTable, out: Path) -> list[Path]:
     """Write the four files into ``out`` (created); returns their paths."""
     out.mkdir(parents=True, exist_ok=True)
-    signals, findings, decisions, meta = (out / "signals.csv", out / "findings.csv", out / "decisions.csv",
-                                          out / "meta.json")
+    signals, findings, decisions, meta = (
+        out / "signals.csv",
+        out / "findings.csv",
+        out / "decisions.csv",
+        out / "meta.json",
+    )
     with signals.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(["step", *(_cell(k) for k in table.keys)])
@@ -31,8 +35,9 @@ def export(table: RunTable, out: Path) -> list[Path]:
         writer = csv.writer(f)
         writer.writerow(FINDING_COLUMNS)
         for record in table.finding_records():
-            writer.writerow([_cell(json.dumps(record[c])) if c == "evidence" else _cell(record[c])
-                             for c in FINDING_COLUMNS])
+            writer.writerow(
+                [_cell(json.dumps(record[c])) if c == "evidence" else _cell(record[c]) for c in FINDING_COLUMNS]
+            )
     with decisions.open("w", newline="") as f:
         writer = csv.writer(f)
         writer.writerow(DECISION_COLUMNS)

@@ -43,23 +43,30 @@ def export(table: RunTable, out: Path, *, experiment: str = "keel", tracking_uri
     uri = tracking_uri or f"sqlite:///{out.resolve()}/mlflow.db"
     client = MlflowClient(tracking_uri=uri)
     found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found is not None else client.create_experiment(
-        experiment, artifact_location=None if tracking_uri else (out.resolve() / "artifacts").as_uri())
+    experiment_id = (
+        found.experiment_id
+        if found is not None
+        else client.create_experiment(
+            experiment, artifact_location=None if tracking_uri else (out.resolve() / "artifacts").as_uri()
+        )
+    )
     run_id = client.create_run(experiment_id, run_name=table.name).info.run_id
     try:
         now = int(time.time() * 1000)
         names = metric_names(table.keys)
         metrics = [Metric(names[key], value, now, step) for step, values in table.rows for key, value in values.items()]
         params = [Param(k[:250], str(v)[:6000]) for k, v in _flatten(table.meta.get("config") or {}).items()]
-        tags = [RunTag("keel.status", str(table.meta.get("status"))),
-                RunTag("keel.policy", str(table.meta.get("policy"))),
-                RunTag("keel.findings", str(len(table.findings))),
-                RunTag("keel.decisions", str(len(table.decisions)))]
+        tags = [
+            RunTag("keel.status", str(table.meta.get("status"))),
+            RunTag("keel.policy", str(table.meta.get("policy"))),
+            RunTag("keel.findings", str(len(table.findings))),
+            RunTag("keel.decisions", str(len(table.decisions))),
+        ]
         client.log_batch(run_id, params=params[:100], tags=tags)
         for i in range(100, len(params), 100):
-            client.log_batch(run_id, params=params[i:i + 100])
+            client.log_batch(run_id, params=params[i : i + 100])
         for i in range(0, len(metrics), BATCH):
-            client.log_batch(run_id, metrics=metrics[i:i + BATCH])
+            client.log_batch(run_id, metrics=metrics[i : i + BATCH])
         client.log_text(run_id, json.dumps(table.finding_records(), indent=1), "keel/findings.json")
         client.log_text(run_id, json.dumps(table.decision_records(), indent=1), "keel/decisions.json")
         client.log_text(run_id, json.dumps(table.meta, indent=1, default=str), "keel/meta.json")

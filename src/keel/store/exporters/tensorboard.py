@@ -21,17 +21,28 @@ def export(table: RunTable, out: Path) -> list[Path]:
         from tensorboard.compat.proto.summary_pb2 import Summary
         from tensorboard.summary.writer.event_file_writer import EventFileWriter
     except ImportError as exc:
-        raise ImportError("keel export --format tensorboard needs tensorboard: pip install 'keel[tensorboard]'") \
-            from exc
+        raise ImportError(
+            "keel export --format tensorboard needs tensorboard: pip install 'keel[tensorboard]'"
+        ) from exc
     out.mkdir(parents=True, exist_ok=True)
     before = set(out.glob("events.out.tfevents.*"))
     writer = EventFileWriter(str(out))
     wall = time.time()
-    writer.add_event(Event(wall_time=wall, step=0, summary=Summary(value=[_text(META_TAG, json.dumps(
-        table.meta, indent=1, default=str))])))
+    writer.add_event(
+        Event(
+            wall_time=wall,
+            step=0,
+            summary=Summary(value=[_text(META_TAG, json.dumps(table.meta, indent=1, default=str))]),
+        )
+    )
     for step, values in table.rows:
-        writer.add_event(Event(wall_time=wall, step=step, summary=Summary(
-            value=[Summary.Value(tag=key, simple_value=value) for key, value in values.items()])))
+        writer.add_event(
+            Event(
+                wall_time=wall,
+                step=step,
+                summary=Summary(value=[Summary.Value(tag=key, simple_value=value) for key, value in values.items()]),
+            )
+        )
     for tag, records in ((FINDINGS_TAG, table.finding_records()), (DECISIONS_TAG, table.decision_records())):
         for step in sorted({r["step"] for r in records}):
             text = json.dumps([r for r in records if r["step"] == step], indent=1)

@@ -18,8 +18,9 @@ FINDINGS_KEY, DECISIONS_KEY = "keel/findings", "keel/decisions"
 BLOCK = 32768
 
 
-def export(table: RunTable, out: Path, *, project: str = "keel",
-           mode: Literal["online", "offline"] = "offline") -> list[Path]:
+def export(
+    table: RunTable, out: Path, *, project: str = "keel", mode: Literal["online", "offline"] = "offline"
+) -> list[Path]:
     """Log the run into a W&B run under ``out`` (``mode="online"`` uploads); returns the run's directory."""
     try:
         import wandb
@@ -33,13 +34,19 @@ def export(table: RunTable, out: Path, *, project: str = "keel",
         for step, values in table.rows:
             run.log(dict(values), step=step)
         last = table.rows[-1][0] if table.rows else 0
-        columns, rows = _table(table.finding_records(), ("step", "kind", "severity", "signal", "value", "baseline",
-                                                         "cause", "remedy"))
+        columns, rows = _table(
+            table.finding_records(), ("step", "kind", "severity", "signal", "value", "baseline", "cause", "remedy")
+        )
         run.log({FINDINGS_KEY: wandb.Table(columns=columns, data=rows)}, step=last)
         columns, rows = _table(table.decision_records(), ("step", "action", "by", "onset", "restored_step", "reason"))
         run.log({DECISIONS_KEY: wandb.Table(columns=columns, data=rows)}, step=last)
-        run.summary.update({"keel/status": table.meta.get("status"), "keel/findings_count": len(table.findings),
-                            "keel/decisions_count": len(table.decisions)})
+        run.summary.update(
+            {
+                "keel/status": table.meta.get("status"),
+                "keel/findings_count": len(table.findings),
+                "keel/decisions_count": len(table.decisions),
+            }
+        )
         directory = Path(run.dir).parent
     finally:
         run.finish()
@@ -64,10 +71,10 @@ def records(path: str | Path) -> Iterator[Any]:
         if BLOCK - pos % BLOCK < 7:  # a block's tail too short for a chunk header is padding
             pos += BLOCK - pos % BLOCK
             continue
-        _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
         if pos + 7 + length > len(data):
             return
-        pending += data[pos + 7:pos + 7 + length]
+        pending += data[pos + 7 : pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):
             record = wandb_internal_pb2.Record()  # type: ignore[attr-defined]
