@@ -218,5 +218,8 @@ def test_property_heavy_tails_give_no_warning_and_a_real_jump_is_found_at_its_st
     assert [f for f in _run(SpikeDetector(signal="loss"), values.tolist()) if f.severity == "warning"] == []
     values[500:505] *= math.exp(max(math.log(2.0), 12 * scale) * k)
     found = [f for f in _run(SpikeDetector(signal="loss"), values.tolist()) if f.step >= 500]
-    assert found and found[0].step == 500 and found[0].evidence["onset_step"] == 500
+    assert found and found[0].step == 500
+    # the episode is dated from its first elevated step: a heavy-tailed draw just before the jump can open it
+    # (seed=69451, scale=0.25, df=3: step 499), never anything earlier
+    assert 498 <= found[0].evidence["onset_step"] <= 500
     assert any(f.severity in ("warning", "critical") for f in found if f.step <= 502)
