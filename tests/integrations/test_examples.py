@@ -75,6 +75,7 @@ def test_examples_are_the_four_the_docs_name():
     assert all(f"examples/{name}" in docs for name in names)
 
 
+@pytest.mark.slow  # a subprocess; tests/integrations/test_watch.py runs the same example in-process by default
 def test_the_nanogpt_style_example_runs_as_a_user_runs_it(tmp_path):
     out = run_example("nanogpt_style.py", "--max-iters", "34", "--bad-iters", "30,31,32", "--out", str(tmp_path))
     assert "iter 0: loss" in out

@@ -34,6 +34,7 @@ def _bench_json(capsys, rounds: int) -> dict:
     return json.loads(capsys.readouterr().out)
 
 
+@pytest.mark.slow  # five process starts, ~12 s (make test-all); the config checks below stay in the default suite
 def test_bench_overhead_json_has_the_ratios_of_every_variant_each_timed_in_its_own_process(capsys):
     result = _bench_json(capsys, rounds=1)
     variants = {"default", "full", "policy=recover"}
