@@ -1,12 +1,14 @@
+import argparse
 import json
 
 import pytest
 
 from keel.cli import main
-from keel.harness.bench.overhead import OverheadConfig
+from keel.harness.bench.overhead import OverheadConfig, add_arguments
+from keel.harness.bench.overhead import main as overhead_main
 
 
-def _bench_json(capsys, rounds: int) -> dict:
+def _bench_json(capsys, rounds: int, *extra: str) -> dict:
     assert (
         main(
             [
@@ -27,6 +29,7 @@ def _bench_json(capsys, rounds: int) -> dict:
                 "16",
                 "--policy",
                 "recover",
+                *extra,
             ]
         )
         == 0
@@ -36,8 +39,8 @@ def _bench_json(capsys, rounds: int) -> dict:
 
 @pytest.mark.slow  # five process starts, ~12 s (make test-all); the config checks below stay in the default suite
 def test_bench_overhead_json_has_the_ratios_of_every_variant_each_timed_in_its_own_process(capsys):
-    result = _bench_json(capsys, rounds=1)
-    variants = {"default", "full", "policy=recover"}
+    result = _bench_json(capsys, 1, "--watch")
+    variants = {"default", "full", "policy=recover", "watch, policy=skip"}
     assert set(result["ratio"]) == set(result["ratio_steady"]) == variants
     assert set(result["step_ms"]) == variants | {"bare"}
     assert all(r > 0 for r in result["ratio"].values())
@@ -60,3 +63,15 @@ def test_each_round_starts_fresh_processes_and_gives_every_variant_and_the_contr
 def test_an_unknown_policy_is_one_clear_error(policies):
     with pytest.raises(ValueError, match="OverheadConfig.policies"):
         OverheadConfig(policies=policies)
+
+
+def test_watch_adds_its_variant_whose_loop_stays_bare():
+    assert OverheadConfig().variants().keys() == {"bare", "default", "full", "bare, second process"}
+    assert OverheadConfig(watch=True).variants()["watch, policy=skip"] == {"policy": "skip", "keel.watch": True}
+
+
+def test_watch_with_ddp_is_one_clear_error():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ValueError, match="--watch has no effect with --ddp"):
+        overhead_main(parser.parse_args(["--ddp", "2", "--watch"]))

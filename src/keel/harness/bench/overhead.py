@@ -35,9 +35,11 @@ from keel.guard import Guard
 from keel.guard.console import silenced
 from keel.harness.bench._progress import bench_progress
 from keel.harness.bench.loop import train_steps
+from keel.integrations.watch import Watch, watch
 from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
 
 Policy = Literal["observe", "skip", "recover"]
+WATCH = "keel.watch"  # the variant's marker among its Guard arguments
 CONTROL = "bare, second process"  # the A/A control: the bare loop again, in a process of its own
 
 
@@ -56,6 +58,8 @@ class OverheadConfig:
         warmup: Untimed steps per variant first.
         full_log_every: ``log_every`` of the full-probe variant.
         policies: Also time `Guard(policy=p)` with the default probes for each of these.
+        watch: Also time ``keel.watch(model, optimizer, policy="skip")`` on the loop as it is (its
+            ``optimizer.step()`` hooked, the loss taken from the backward).
         device: ``cpu`` or ``cuda``.
     """
 
@@ -68,6 +72,7 @@ class OverheadConfig:
     warmup: int = 5
     full_log_every: int = 1
     policies: tuple[Policy, ...] = ()
+    watch: bool = False
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -87,6 +92,8 @@ class OverheadConfig:
             "full": {"policy": "observe", "probes": "full", "log_every": self.full_log_every},
         }
         variants.update({f"policy={p}": {"policy": p} for p in self.policies})
+        if self.watch:
+            variants["watch, policy=skip"] = {"policy": "skip", WATCH: True}
         variants[CONTROL] = None
         return variants
 
@@ -100,13 +107,20 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
     # gradient norm falls 100-fold and bounces back — spikes the skip policy acts on, so the loops would differ
     steps = config.warmup + config.repeats * config.steps
     data = [(x.to(config.device), y.to(config.device)) for x, y in (batches.next() for _ in range(steps))]
-    guard = Guard(model, opt, run_dir=run_dir, **guard_kwargs) if guard_kwargs is not None else None
+    kwargs = dict(guard_kwargs or {})
+    watched = kwargs.pop(WATCH, False)
+    guard: Guard | Watch | None = None
+    if watched:  # the loop stays bare; keel hooks its optimizer.step()
+        guard = watch(model, opt, run_dir=run_dir, **kwargs)
+    elif guard_kwargs is not None:
+        guard = Guard(model, opt, run_dir=run_dir, **kwargs)
+    stepper = guard if isinstance(guard, Guard) else None
 
     position = 0
 
     def run(n: int) -> None:  # the next n batches: a block of single steps must not repeat the first batch
         nonlocal position
-        train_steps(model, opt, [data[(position + k) % len(data)] for k in range(n)], guard, n)
+        train_steps(model, opt, [data[(position + k) % len(data)] for k in range(n)], stepper, n)
         position += n
 
     run.guard = guard  # type: ignore[attr-defined]
@@ -283,6 +297,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="POLICY",
         help="also time Guard(policy=...) with the default probes for each (observe, skip, recover)",
     )
+    parser.add_argument(
+        "--watch", action="store_true", help="also time keel.watch(model, optimizer, policy='skip') on the bare loop"
+    )
     parser.add_argument("--device", default=defaults.device, type=device("cpu", "cuda"), metavar="{cpu,cuda}")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
@@ -296,6 +313,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.ddp is not None:
+        if args.watch:
+            raise ValueError(
+                "--watch has no effect with --ddp (the DDP benchmark times Guard.step); allowed: one of them"
+            )
         if args.full_log_every is not None:
             raise ValueError(
                 "--full-log-every has no effect with --ddp (the DDP benchmark has no full-probe "
@@ -314,6 +335,7 @@ def main(args: argparse.Namespace) -> int:
         rounds=args.rounds,
         full_log_every=full_log_every,
         policies=tuple(args.policy),
+        watch=args.watch,
         device=args.device,
     )
     with bench_progress(config.rounds * config.repeats, "keel bench overhead", enabled=not args.json) as progress:
