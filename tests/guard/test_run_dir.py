@@ -48,6 +48,16 @@ def test_a_run_dir_holding_a_previous_run_is_refused_naming_it_and_the_choices(t
         assert store.meta()["status"] == "finished" and len(store.signal("loss")[0]) == 5
 
 
+@pytest.mark.parametrize("name", ["a#b", "lr=0.1?seed=0", "100%"])
+def test_a_run_dir_whose_name_has_uri_characters_is_read_as_itself_and_left_as_it_was(tmp_path, name):
+    run_dir = tmp_path / name
+    _train(run_dir, steps=5)
+    before = sorted(p.name for p in tmp_path.rglob("*"))
+    with pytest.raises(ValueError, match="status finished, 5 steps"):
+        _open(run_dir)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == before  # no stray database, no -shm/-wal
+
+
 def test_snapshots_alone_are_a_previous_run_too(tmp_path):
     _train(tmp_path, steps=3, policy="recover", recovery=RecoveryConfig(snapshot_every=1, disk_every=1))
     for name in ("run.sqlite", "run.sqlite-wal", "run.sqlite-shm"):

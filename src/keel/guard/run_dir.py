@@ -32,7 +32,7 @@ from typing import IO, Any
 
 from keel.guard.distributed import RankSync
 from keel.recover.disk import SNAPSHOT_DIR, is_snapshot_folder
-from keel.store.schema import STORE_NAME
+from keel.store.schema import STORE_NAME, connect_for_reading
 
 try:
     import fcntl
@@ -238,7 +238,7 @@ def _inspect(store_dir: Path | None, own: Path) -> Held:
 def _read_store(path: Path) -> dict[str, Any]:
     """The status, steps and run id of the run store at ``path`` (read-only; a killed run has no ``steps`` in
     its meta yet, so they are counted from its signals)."""
-    conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True)
+    conn = connect_for_reading(path)
     try:
         meta = {
             k: json.loads(v)

@@ -18,6 +18,7 @@ from typing import Any
 
 from keel.proxy.trainer import TrainConfig
 from keel.store import SweepReader
+from keel.store.schema import connect_for_reading
 from keel.store.sweep_schema import SWEEP_DDL, SWEEP_STORE_NAME, sweep_store_path
 
 __all__ = ["SWEEP_STORE_NAME", "SweepStore", "sweep_store_path"]
@@ -60,7 +61,7 @@ class SweepStore:
         if readonly:
             if not self.path.is_file():
                 raise FileNotFoundError(f"no keel sweep store at {self.path}")
-            self._conn = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True)
+            self._conn = connect_for_reading(self.path)
         else:
             self.root.mkdir(parents=True, exist_ok=True)
             self._conn = sqlite3.connect(self.path, isolation_level=None)
