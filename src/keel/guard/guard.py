@@ -18,7 +18,7 @@ import copy
 import math
 import time
 import warnings
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -38,6 +38,7 @@ from keel.guard.options import check_arguments, check_loss, check_probes, check_
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
 from keel.guard.run_dir import RunDir
+from keel.guard.user_signals import split_signals
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
 from keel.recover.snapshot import Snapshot
 from keel.recover.state import Stateful
@@ -210,6 +211,7 @@ class Guard(DeferredSteps):
         self._late: Measurements = {}  # after-step measurements of the previous step, sent with this one
         self._late_step = -1
         self._norm_before_clip: Tensor | None = None
+        self._signals: tuple[Measurements, dict[str, float]] = ({}, {})  # the loop's own, this step
         self._last_call: float | None = None
         self._closed = False
         self._snapshots_recorded = 0
@@ -291,7 +293,13 @@ class Guard(DeferredSteps):
     # Host-side bookkeeping: called inside a torch.compile'd train step, dynamo would trace into keel and compile
     # graphs of its Python logic; kept out, it costs the caller one graph break and runs exactly as in eager.
     @torch.compiler.disable
-    def step(self, loss: Tensor | float, *, grad_norm: Tensor | float | None = None) -> Decision:
+    def step(
+        self,
+        loss: Tensor | float,
+        *,
+        grad_norm: Tensor | float | None = None,
+        signals: Mapping[str, Tensor | float] | None = None,
+    ) -> Decision:
         """Measure this step, decide, then apply the update, skip it or roll back. Call after ``backward()``.
 
         Args:
@@ -300,12 +308,17 @@ class Guard(DeferredSteps):
             grad_norm: When the loop clips the gradients itself before this call, the norm its
                 ``clip_grad_norm_`` returned (the norm *before* clipping): keel detects on it, as a clipped norm
                 hides the spike, and stores the clipped gradients' norm as ``grad/clipped_norm``.
+            signals: The loop's own values for this step, by key (e.g. a DPO loop's ``keel.signals.
+                preference_signals(...)``, a GRPO loop's rewards and entropy): 0-d tensors stay on the device and
+                ride in the step's one host copy; plain numbers are recorded as they are. Detectors, the store
+                and the report read them like keel's own signals. keel's own keys (``loss``, ``grad/…``,
+                ``lr``, …) are refused.
 
         Returns:
             The `Decision` taken.
 
         Raises:
-            ValueError: ``loss`` is not a real scalar.
+            ValueError: ``loss`` is not a real scalar; a signal that is not a real scalar or takes a key of keel's.
             GuardClosed: `close` was called already (nothing is stepped).
             TrainingAborted: The escalation ladder ended in ``abort`` (the store is flushed first).
         """
@@ -316,6 +329,7 @@ class Guard(DeferredSteps):
                 "resume=True continues the run from its disk snapshots)"
             )
         loss_t = _as_scalar(loss)
+        self._signals = split_signals(signals, loss_t.device)
         self._norm_before_clip = None if grad_norm is None else _as_scalar(grad_norm, "grad_norm")
         step = self.global_step
         now = time.perf_counter()
@@ -399,6 +413,7 @@ class Guard(DeferredSteps):
             if keys.GRAD_NORM in measured:
                 measured[keys.GRAD_CLIPPED_NORM] = measured[keys.GRAD_NORM]
             measured[keys.GRAD_NORM] = self._norm_before_clip.detach().to(ctx.params[0].device, torch.float32)
+        measured.update(self._signals[0])
         return measured
 
     def _observe(self, ctx: StepContext, step_time: float) -> Observation:
@@ -429,6 +444,7 @@ class Guard(DeferredSteps):
         values.update({f"{keys.LR}/{i}": lr for i, lr in enumerate(lrs[1:], 1) if lr != lrs[0]})
         if math.isfinite(step_time):
             values[keys.STEP_TIME] = step_time
+        values.update(self._signals[1])
         return values
 
     def _after_step(self, ctx: StepContext) -> None:
