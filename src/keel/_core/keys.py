@@ -67,6 +67,61 @@ RANK_GRAD_LOCAL_NORM_PER_RANK = "rank/grad/local_norm/"
 RANK_GRAD_COS_PER_RANK = "rank/grad/cos/"
 
 
+# Preference optimisation (DPO and its kin): keel.signals.preference_signals, or TRL's DPOTrainer statistics.
+# Log-probabilities are of the response given the prompt; a "reward" is DPO's implicit β·(log π − log π_ref).
+PREF_CHOSEN_LOGP = "pref/chosen_logp"  # batch mean of the summed response log-probability, log π(y⁺|x)
+PREF_REJECTED_LOGP = "pref/rejected_logp"
+PREF_CHOSEN_LOGP_TOKEN = "pref/chosen_logp_token"  # batch mean of the per-token mean log-probability
+PREF_REJECTED_LOGP_TOKEN = "pref/rejected_logp_token"
+PREF_CHOSEN_REWARD = "pref/chosen_reward"  # β·(log π(y⁺|x) − log π_ref(y⁺|x)), batch mean
+PREF_REJECTED_REWARD = "pref/rejected_reward"
+PREF_MARGIN = "pref/margin"  # batch mean of chosen reward − rejected reward
+PREF_ACCURACY = "pref/accuracy"  # fraction of pairs with chosen reward > rejected reward
+# Likelihood displacement (Razin et al. 2025): per-token log π(y⁺|x) − log π_ref(y⁺|x), batch mean; < 0 = displaced
+PREF_CHOSEN_DISPLACEMENT = "pref/chosen_displacement"
+
+# Policy-gradient RL (GRPO, PPO, RLOO): keel.signals.policy_signals, or TRL's GRPOTrainer statistics
+RL_ENTROPY = "rl/entropy"  # token-mean policy entropy over response tokens (nats)
+RL_KL = "rl/kl"  # token-mean KL to the reference policy (k3 estimator)
+RL_CLIP_LOW = "rl/clip_low"  # fraction of tokens with ratio < 1 − ε_low and advantage < 0
+RL_CLIP_HIGH = "rl/clip_high"  # fraction of tokens with ratio > 1 + ε_high and advantage > 0
+RL_ADVANTAGE_MEAN = "rl/advantage_mean"
+RL_ADVANTAGE_STD = "rl/advantage_std"
+RL_LENGTH_MEAN = "rl/length_mean"  # response length in tokens
+RL_LENGTH_MAX = "rl/length_max"
+RL_TRUNCATED = "rl/truncated"  # fraction of responses cut at the length limit (no EOS)
+RL_REWARD_MEAN = "rl/reward_mean"
+RL_REWARD_STD = "rl/reward_std"
+RL_ZERO_STD_GROUPS = "rl/zero_std_groups"  # fraction of prompt groups whose rewards are all equal (DAPO)
+RL_GOLD_REWARD = "rl/gold_reward"  # a held-out ("gold") reward of the same responses, when the loop has one
+
+# Reward-model ensembles (keel.signals.reward_ensemble_signals): one value per member, their mean and spread
+RM_REWARD_PER_MEMBER = "rm/reward/"  # stored as rm/reward/<member index>, batch mean
+RM_MEAN = "rm/mean"
+RM_DISAGREEMENT = "rm/disagreement"  # batch mean of the std across members
+
+# TRL's own statistic names (trl 1.16 DPOTrainer, GRPOTrainer) → keel's keys: the TRL adapter reads TRL's values
+# under these names rather than measuring them twice, and `keel doctor` reads TRL logs with the same table.
+TRL_ALIASES: dict[str, str] = {
+    "logps/chosen": PREF_CHOSEN_LOGP,
+    "logps/rejected": PREF_REJECTED_LOGP,
+    "rewards/chosen": PREF_CHOSEN_REWARD,
+    "rewards/rejected": PREF_REJECTED_REWARD,
+    "rewards/margins": PREF_MARGIN,
+    "rewards/accuracies": PREF_ACCURACY,
+    "entropy": RL_ENTROPY,
+    "kl": RL_KL,
+    "clip_ratio/low_mean": RL_CLIP_LOW,
+    "clip_ratio/high_mean": RL_CLIP_HIGH,
+    "reward": RL_REWARD_MEAN,
+    "reward_std": RL_REWARD_STD,
+    "frac_reward_zero_std": RL_ZERO_STD_GROUPS,
+    "completions/mean_length": RL_LENGTH_MEAN,
+    "completions/max_length": RL_LENGTH_MAX,
+    "completions/clipped_ratio": RL_TRUNCATED,
+}
+
+
 def per_param(family: str, name: str) -> str:
     """The stored key of one member of a family: ``per_param("grad/norm/", "fc.weight")``.
 
