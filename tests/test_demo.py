@@ -10,7 +10,7 @@ from dataclasses import replace
 import pytest
 
 from keel.cli import main
-from keel.demo import REMEDIES, UNSTABLE, demo_runs, print_diagnosis
+from keel.demo import STABILIZERS, UNSTABLE, demo_runs, print_diagnosis
 from keel.proxy.trainer import train_proxy
 
 SERIOUS = ("warning", "critical")
@@ -21,10 +21,10 @@ def test_stabilized_arm_is_the_unstable_recipe_after_stabilize() -> None:
         arms = {a.name: a for a in demo_runs(quick)}
         assert list(arms) == ["reference", "bare", "guarded", "recovering", "stabilized"]
         assert arms["bare"].config.lr == UNSTABLE.lr
-        # Only the remedies differ: same size, LR, schedule, optimizer, seed and steps as the bare arm.
-        assert arms["stabilized"].config == replace(arms["bare"].config, stabilize=REMEDIES)
+        # Only the stabilizers differ: same size, LR, schedule, optimizer, seed and steps as the bare arm.
+        assert arms["stabilized"].config == replace(arms["bare"].config, stabilize=STABILIZERS)
         assert arms["stabilized"].policy == "observe"  # prevention alone: keel never acts on this arm
-    assert REMEDIES == ("qk_norm", "z_loss")
+    assert STABILIZERS == ("qk_norm", "z_loss")
 
 
 def test_stabilized_arm_has_no_findings_where_the_bare_arm_has_critical_ones(tmp_path) -> None:
@@ -56,7 +56,7 @@ def test_quick_demo_stabilized_arm_trains_as_well_as_the_safe_lr_reference(tmp_p
     assert "1. Attention-logit growth (first seen at step 5" in captured.err
     assert "steps later" in captured.err
     stabilized, bare, reference = result["stabilized"], result["bare"], result["reference"]
-    assert stabilized["stabilize"] == list(REMEDIES) and bare["stabilize"] == []
+    assert stabilized["stabilize"] == list(STABILIZERS) and bare["stabilize"] == []
     assert [f for f in stabilized["findings"] if f["severity"] in SERIOUS] == []
     assert any(f["severity"] == "critical" for f in bare["findings"])
     # At 33x the safe LR, the stabilized run ends as healthy as the reference and clearly below the bare one.

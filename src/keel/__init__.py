@@ -32,7 +32,7 @@ _LAZY = {
     "RunReader": "keel.store",
     "RunWriter": "keel.store",
     "stabilize": "keel.nn",
-    "list_remedies": "keel.nn",
+    "list_stabilizers": "keel.nn",
     "watch": "keel.integrations.watch",
     "Watch": "keel.integrations.watch",
 }

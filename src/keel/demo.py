@@ -33,7 +33,7 @@ from keel.report import write_report
 
 UNSTABLE = TrainConfig(size="small", lr=0.1, steps=600, warmup=20)
 SAFE_LR = 3e-3
-REMEDIES = ("qk_norm", "z_loss")
+STABILIZERS = ("qk_norm", "z_loss")
 QUICK_STEPS = 200
 
 
@@ -62,8 +62,8 @@ def demo_runs(quick: bool = False) -> list[DemoRun]:
         DemoRun(
             name="stabilized",
             policy="observe",
-            config=replace(config, stabilize=REMEDIES),
-            note=f"the same recipe after keel.stabilize(model, {list(REMEDIES)})",
+            config=replace(config, stabilize=STABILIZERS),
+            note=f"the same recipe after keel.stabilize(model, {list(STABILIZERS)})",
         ),
     ]
 

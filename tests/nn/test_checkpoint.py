@@ -1,4 +1,4 @@
-"""Checkpoints of a stabilized model: the record of its remedies, resuming and sampling with load_stabilized."""
+"""Checkpoints of a stabilized model: the record of its stabilizers, resuming and sampling with load_stabilized."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from keel.nn import create_remedy, list_remedies, load_stabilized, stabilize, stabilize_record
-from keel.nn._record import entry_of, remedies_of
+from keel.nn import create_stabilizer, list_stabilizers, load_stabilized, stabilize, stabilize_record
+from keel.nn._record import entry_of, stabilizers_of
 from tests.nn._models import NanoGPT, lm_loss
 
 DOC = Path(__file__).parents[2] / "docs" / "stabilize.md"
@@ -51,7 +51,7 @@ def test_resuming_a_stabilized_checkpoint_continues_bit_identically() -> None:
     model = NanoGPT(bias=False)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
     stabilize(model, ["sigma_reparam"], optimizer=opt)
-    result = stabilize(model, [create_remedy("qk_norm", norm="rms"), "z_loss"], optimizer=opt)
+    result = stabilize(model, [create_stabilizer("qk_norm", norm="rms"), "z_loss"], optimizer=opt)
     batches = _ids()
     _train(model, opt, result, batches[:3])
     checkpoint = _saved(
@@ -71,15 +71,15 @@ def test_resuming_a_stabilized_checkpoint_continues_bit_identically() -> None:
 def test_sampling_a_plain_model_stabilized_again_gives_identical_outputs() -> None:
     torch.manual_seed(0)
     model = NanoGPT()
-    remedies = ["qk_norm", "sigma_reparam", "z_loss"]
-    result = stabilize(model, remedies, optimizer=(opt := torch.optim.AdamW(model.parameters(), lr=1e-2)))
+    stabilizers = ["qk_norm", "sigma_reparam", "z_loss"]
+    result = stabilize(model, stabilizers, optimizer=(opt := torch.optim.AdamW(model.parameters(), lr=1e-2)))
     _train(model, opt, result, _ids(3))
     state = model.state_dict()
     ids = torch.randint(0, 50, (2, 12))
     expected = model.eval()(ids)
-    # Either re-apply the same remedies before load_state_dict ...
+    # Either re-apply the same stabilizers before load_state_dict ...
     again = NanoGPT()
-    stabilize(again, remedies)
+    stabilize(again, stabilizers)
     again.load_state_dict(state)
     torch.testing.assert_close(again.eval()(ids), expected, rtol=0, atol=0)
     # ... or let the record do it.
@@ -91,15 +91,15 @@ def test_sampling_a_plain_model_stabilized_again_gives_identical_outputs() -> No
 def test_the_record_is_plain_data_in_application_order() -> None:
     model = NanoGPT()
     stabilize(model, ["sigma_reparam"])
-    stabilize(model, [create_remedy("qk_norm", norm="rms"), "z_loss"])
+    stabilize(model, [create_stabilizer("qk_norm", norm="rms"), "z_loss"])
     stabilize(model, ["z_loss"])  # the hook is already there: nothing new to record
     with pytest.warns(UserWarning, match="matched nothing"):
         stabilize(model, ["scale_long"])  # matched nothing: not recorded
     record = stabilize_record(model)
     assert record == [
-        {"remedy": "sigma_reparam", "stats_only": False, "exclude": []},
-        {"remedy": "qk_norm", "norm": "rms", "eps": 1e-5, "bias": None},
-        {"remedy": "z_loss", "coefficient": 1e-4, "head": None},
+        {"stabilizer": "sigma_reparam", "stats_only": False, "exclude": []},
+        {"stabilizer": "qk_norm", "norm": "rms", "eps": 1e-5, "bias": None},
+        {"stabilizer": "z_loss", "coefficient": 1e-4, "head": None},
     ]
     assert json.loads(json.dumps(record)) == record
     record.clear()  # a copy: the model's own record is unchanged
@@ -107,13 +107,25 @@ def test_the_record_is_plain_data_in_application_order() -> None:
     assert stabilize_record(NanoGPT()) == []
 
 
-def test_every_remedy_round_trips_through_its_record() -> None:
-    # Contract over the registry: a remedy whose options do not survive the record fails here.
-    for name, _, _ in list_remedies():
-        remedy = create_remedy(name, **({"mode": "calibrated", "tokens": 6} if name == "scale_long" else {}))
-        entry = entry_of(remedy)
-        assert entry["remedy"] == name
-        assert remedies_of(json.loads(json.dumps([entry]))) == [remedy]
+def test_every_stabilizer_round_trips_through_its_record() -> None:
+    # Contract over the registry: a stabilizer whose options do not survive the record fails here.
+    for name, _, _ in list_stabilizers():
+        stabilizer = create_stabilizer(name, **({"mode": "calibrated", "tokens": 6} if name == "scale_long" else {}))
+        entry = entry_of(stabilizer)
+        assert entry["stabilizer"] == name
+        assert stabilizers_of(json.loads(json.dumps([entry]))) == [stabilizer]
+
+
+def test_a_record_saved_before_the_rename_names_its_stabilizers_under_remedy_and_still_loads() -> None:
+    # keel wrote {"remedy": name, ...} before its surgery protocol was called "stabilizer"; such records are
+    # saved next to checkpoints, so they keep loading.
+    model = NanoGPT()
+    stabilize(model, [create_stabilizer("qk_norm", norm="rms"), "z_loss"])
+    old_record = [{"remedy": e.pop("stabilizer"), **e} for e in stabilize_record(model)]
+    assert old_record[0] == {"remedy": "qk_norm", "norm": "rms", "eps": 1e-5, "bias": None}
+    fresh = NanoGPT()
+    load_stabilized(fresh, model.state_dict(), old_record)
+    assert stabilize_record(fresh) == stabilize_record(model)  # recorded again under today's key
 
 
 def test_a_stabilized_checkpoint_into_a_plain_model_is_one_clear_error() -> None:
@@ -138,14 +150,14 @@ def test_a_stabilized_checkpoint_into_a_plain_model_is_one_clear_error() -> None
 
 def test_a_record_that_does_not_match_the_checkpoint_is_one_clear_error() -> None:
     model = NanoGPT()
-    stabilize(model, [create_remedy("qk_norm", norm="rms")])  # RMS QK-norm: gains only
+    stabilize(model, [create_stabilizer("qk_norm", norm="rms")])  # RMS QK-norm: gains only
     state = model.state_dict()
     expected = (
         r"after re-applying \[qk_norm\]: it lacks 4 keys the model has \(attn\.0\.q_norm\.bias.*"
-        r"the record lists remedies or options the state_dict was not saved with"
+        r"the record lists stabilizers or options the state_dict was not saved with"
     )
     with pytest.raises(ValueError, match=expected):
-        load_stabilized(NanoGPT(), state, [{"remedy": "qk_norm"}])
+        load_stabilized(NanoGPT(), state, [{"stabilizer": "qk_norm"}])
 
 
 def test_an_already_stabilized_model_loads_when_the_record_agrees() -> None:
@@ -158,21 +170,23 @@ def test_an_already_stabilized_model_loads_when_the_record_agrees() -> None:
         warnings.simplefilter("error")  # no second application, so no "matched nothing" warning
         load_stabilized(target, state, record)
     with pytest.raises(ValueError, match=r"already stabilized with \[qk_norm\]; allowed: a freshly built model"):
-        load_stabilized(target, state, [{"remedy": "z_loss"}])
+        load_stabilized(target, state, [{"stabilizer": "z_loss"}])
 
 
 @pytest.mark.parametrize(
     ("record", "match"),
     [
         ("qk_norm", r"record='qk_norm'; allowed: a list of dicts"),
-        ({"remedy": "qk_norm"}, r"allowed: a list of dicts"),
+        ({"stabilizer": "qk_norm"}, r"allowed: a list of dicts"),
         (["qk_norm"], r"record\[0\]='qk_norm'; allowed: a dict"),
-        ([{}], r"record\[0\]=\{\} has no 'remedy'"),
-        ([{"remedy": 3}], r"record\[0\]\['remedy'\]=3; allowed: one of qk_norm"),
+        ([{}], r"record\[0\]=\{\} has no 'stabilizer'"),
+        ([{"stabilizer": 3}], r"record\[0\]\['stabilizer'\]=3; allowed: one of qk_norm"),
+        ([{"stabilizer": "qk-norm"}], r"record\[0\]\['stabilizer'\]='qk-norm'; allowed: one of qk_norm"),
+        ([{"stabilizer": "qk_norm", "kind": "rms"}], r"record\[0\] option 'kind'; allowed: norm, eps, bias"),
+        ([{"stabilizer": "z_loss"}, {"stabilizer": "qk_norm", "eps": -1}], r"record\[1\]: QKNormStabilizer.eps=-1"),
+        ([{"stabilizer": "z_loss", "head": 7}], r"record\[0\]: ZLossStabilizer.head=7"),
         ([{"remedy": "qk-norm"}], r"record\[0\]\['remedy'\]='qk-norm'; allowed: one of qk_norm"),
-        ([{"remedy": "qk_norm", "kind": "rms"}], r"record\[0\] option 'kind'; allowed: norm, eps, bias"),
-        ([{"remedy": "z_loss"}, {"remedy": "qk_norm", "eps": -1}], r"record\[1\]: QKNormRemedy.eps=-1"),
-        ([{"remedy": "z_loss", "head": 7}], r"record\[0\]: ZLossRemedy.head=7"),
+        ([{"stabilizer": "qk_norm", "remedy": "qk_norm"}], r"record\[0\] option 'remedy'; allowed: norm, eps, bias"),
     ],
 )
 def test_a_bad_record_raises_one_error_naming_it_and_leaves_the_model_alone(record, match) -> None:
@@ -204,8 +218,8 @@ _OPTIONS = st.sampled_from(
     ]
 )
 _ENTRY = st.builds(
-    lambda name, options: {**options, "remedy": name},
-    st.sampled_from([name for name, _, _ in list_remedies()]) | _JSON,
+    lambda name, options: {**options, "stabilizer": name},
+    st.sampled_from([name for name, _, _ in list_stabilizers()]) | _JSON,
     st.dictionaries(_OPTIONS, _JSON, max_size=2),
 )
 

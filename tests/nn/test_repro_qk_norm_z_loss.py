@@ -13,11 +13,11 @@ from keel.nn import stabilize
 from keel.proxy import ProxyBatches, create_proxy_model
 
 
-def _train(remedies: list[str], steps: int = 60, lr: float = 0.1) -> tuple[list[float], list[float]]:
+def _train(stabilizers: list[str], steps: int = 60, lr: float = 0.1) -> tuple[list[float], list[float]]:
     torch.manual_seed(0)
     model = create_proxy_model("small")
     opt = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-    result = stabilize(model, remedies, optimizer=opt) if remedies else None
+    result = stabilize(model, stabilizers, optimizer=opt) if stabilizers else None
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / 20))
     seen: dict[tuple[str, int], torch.Tensor] = {}
     for i, block in enumerate(model.blocks):  # the q/k slots hold the tensors that meet in q·kᵀ

@@ -1,4 +1,4 @@
-"""ScaleLong: the κ^(N−1−i) factors, the calibration module, and the remedy on a tiny U-ViT."""
+"""ScaleLong: the κ^(N−1−i) factors, the calibration module, and the stabilizer on a tiny U-ViT."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from keel.nn import LongSkipCalibration, LongSkipScaling, create_remedy, scale_long_factors, stabilize
+from keel.nn import LongSkipCalibration, LongSkipScaling, create_stabilizer, scale_long_factors, stabilize
 
 
 class Block(nn.Module):
@@ -67,19 +67,19 @@ def test_calibration_gates_in_unit_interval(layout: str, shape: tuple[int, ...])
         LongSkipCalibration(10, layout="spatial")
 
 
-def test_remedy_is_identity_at_kappa_one_and_matches_the_official_scaling_otherwise() -> None:
+def test_stabilizer_is_identity_at_kappa_one_and_matches_the_official_scaling_otherwise() -> None:
     torch.manual_seed(0)
     model = TinyUViT()
     x = torch.randn(2, 6, 8)
     expected = model(x)
-    result = stabilize(model, [create_remedy("scale_long", kappa=1.0)])
-    assert result.by_remedy() == {"scale_long": ["out_blocks"]}  # in_blocks take no skip: not matched
+    result = stabilize(model, [create_stabilizer("scale_long", kappa=1.0)])
+    assert result.by_stabilizer() == {"scale_long": ["out_blocks"]}  # in_blocks take no skip: not matched
     torch.testing.assert_close(model(x), expected)
 
     torch.manual_seed(0)
     hooked, written_out = TinyUViT(), TinyUViT(kappa=0.5)
     written_out.load_state_dict(hooked.state_dict())
-    stabilize(hooked, [create_remedy("scale_long", kappa=0.5)])
+    stabilize(hooked, [create_stabilizer("scale_long", kappa=0.5)])
     torch.testing.assert_close(hooked(x), written_out(x))
     assert not torch.allclose(hooked(x), expected)
 
@@ -89,7 +89,9 @@ def test_calibrated_mode_adds_trainable_parameters_to_the_optimizer() -> None:
     model = TinyUViT()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     before = sum(len(g["params"]) for g in opt.param_groups)
-    result = stabilize(model, [create_remedy("scale_long", mode="calibrated", tokens=6, reduction=2)], optimizer=opt)
+    result = stabilize(
+        model, [create_stabilizer("scale_long", mode="calibrated", tokens=6, reduction=2)], optimizer=opt
+    )
     assert isinstance(model.long_skip_calibration, LongSkipCalibration)
     assert sum(len(g["params"]) for g in opt.param_groups) == before + len(result.new_parameters) == before + 4
     x = torch.randn(2, 6, 8)
@@ -97,11 +99,11 @@ def test_calibrated_mode_adds_trainable_parameters_to_the_optimizer() -> None:
     assert model.long_skip_calibration.fc1.weight.grad is not None
     opt.step()
     with pytest.raises(ValueError, match="tokens"):
-        create_remedy("scale_long", mode="calibrated")
+        create_stabilizer("scale_long", mode="calibrated")
 
 
 def test_blocks_option_names_the_decoder_list() -> None:
     torch.manual_seed(0)
     model = TinyUViT()
-    result = stabilize(model, [create_remedy("scale_long", blocks="out_blocks", kappa=0.9)])
-    assert result.by_remedy() == {"scale_long": ["out_blocks"]}
+    result = stabilize(model, [create_stabilizer("scale_long", blocks="out_blocks", kappa=0.9)])
+    assert result.by_stabilizer() == {"scale_long": ["out_blocks"]}

@@ -10,15 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import keel.nn.remedies as remedies_pkg
+import keel.nn.stabilizers as stabilizers_pkg
 from keel.losses import z_loss
 from keel.nn import (
     QKNorm,
     QKNormMultiheadAttention,
-    RemedyNoEffectWarning,
     SigmaReparam,
-    create_remedy,
-    list_remedies,
+    StabilizerNoEffectWarning,
+    create_stabilizer,
+    list_stabilizers,
     stabilize,
 )
 from keel.optim import OrthoGrad
@@ -60,7 +60,7 @@ def test_proxy_qk_norm_sigma_reparam_z_loss_and_optimizer_groups() -> None:
     x = torch.randint(0, 256, (2, 16))
     before = model(x)
     result = stabilize(model, ["z_loss", "sigma_reparam", "qk_norm"], optimizer=opt)
-    assert sorted(result.by_remedy()) == ["qk_norm", "sigma_reparam", "z_loss"]
+    assert sorted(result.by_stabilizer()) == ["qk_norm", "sigma_reparam", "z_loss"]
     attn = model.blocks[0].attn
     assert isinstance(attn.q_norm, QKNorm) and attn.q_norm.head_dim == attn.head_dim
     assert result.replaced["blocks.0.attn"] is attn
@@ -108,9 +108,9 @@ def test_nanogpt_fused_qkv_is_normalised_per_head_exactly() -> None:
     torch.manual_seed(0)
     model = NanoGPT()
     result = stabilize(model, ["qk_norm", "sigma_reparam", "z_loss"])
-    assert result.by_remedy()["qk_norm"] == ["attn.0", "attn.1"]
-    assert "lm_head" not in result.by_remedy()["sigma_reparam"]  # tied to wte: left alone
-    assert result.by_remedy()["z_loss"] == ["lm_head"]
+    assert result.by_stabilizer()["qk_norm"] == ["attn.0", "attn.1"]
+    assert "lm_head" not in result.by_stabilizer()["sigma_reparam"]  # tied to wte: left alone
+    assert result.by_stabilizer()["z_loss"] == ["lm_head"]
     attn = model.attn[0]
     with torch.no_grad():
         attn.q_norm.weight.uniform_(0.5, 1.5)
@@ -161,7 +161,7 @@ def test_second_application_changes_nothing_and_warns_once() -> None:
     model = create_proxy_model("tiny")
     first = stabilize(model, ["qk_norm", "sigma_reparam", "z_loss"])
     norm = model.blocks[0].attn.q_norm
-    with pytest.warns(RemedyNoEffectWarning, match="qk_norm, sigma_reparam") as record:
+    with pytest.warns(StabilizerNoEffectWarning, match="qk_norm, sigma_reparam") as record:
         second = stabilize(model, ["qk_norm", "sigma_reparam", "z_loss"])
     assert len(record) == 1
     assert second.unmatched == ["qk_norm", "sigma_reparam"]
@@ -170,26 +170,26 @@ def test_second_application_changes_nothing_and_warns_once() -> None:
     assert len(model.head._forward_hooks) == 1
 
 
-def test_nothing_matched_warns_once_naming_every_remedy() -> None:
-    with pytest.warns(RemedyNoEffectWarning, match="qk_norm, z_loss matched nothing in Sequential") as record:
+def test_nothing_matched_warns_once_naming_every_stabilizer() -> None:
+    with pytest.warns(StabilizerNoEffectWarning, match="qk_norm, z_loss matched nothing in Sequential") as record:
         result = stabilize(nn.Sequential(nn.Conv1d(3, 3, 1)), ["qk_norm", "z_loss"])
     assert len(record) == 1 and result.changes == [] and result.z_loss().item() == 0.0
 
 
 def test_registry_names_are_file_stems_and_bad_requests_raise() -> None:
-    stems = sorted(p.stem for p in Path(remedies_pkg.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
-    listed = list_remedies()
+    stems = sorted(p.stem for p in Path(stabilizers_pkg.__file__).parent.glob("*.py") if not p.stem.startswith("_"))
+    listed = list_stabilizers()
     assert [name for name, _, _ in listed] == stems
     for _, description, reference in listed:
         assert description and "\n" not in description and "arXiv" in reference
     with pytest.raises(ValueError, match="qk_norm"):
         stabilize(nn.Linear(2, 2), ["qk-norm"])
-    with pytest.raises(ValueError, match="each remedy once"):
-        stabilize(nn.Linear(2, 2), ["z_loss", create_remedy("z_loss", coefficient=1e-3)])
+    with pytest.raises(ValueError, match="each stabilizer once"):
+        stabilize(nn.Linear(2, 2), ["z_loss", create_stabilizer("z_loss", coefficient=1e-3)])
     with pytest.raises(ValueError, match="list of names"):
         stabilize(nn.Linear(2, 2), "qk_norm")  # type: ignore[arg-type]
-    with pytest.raises(ValueError, match="QKNormRemedy.norm="):
-        create_remedy("qk_norm", norm="batch")
+    with pytest.raises(ValueError, match="QKNormStabilizer.norm="):
+        create_stabilizer("qk_norm", norm="batch")
 
 
 def test_keel_stabilize_is_the_lazy_top_level_name_and_trains_the_proxy() -> None:
@@ -199,8 +199,8 @@ def test_keel_stabilize_is_the_lazy_top_level_name_and_trains_the_proxy() -> Non
     import keel
     import keel.nn
 
-    assert keel.stabilize is keel.nn.stabilize and keel.list_remedies is keel.nn.list_remedies
-    assert {"stabilize", "list_remedies"} <= set(keel.__all__)
+    assert keel.stabilize is keel.nn.stabilize and keel.list_stabilizers is keel.nn.list_stabilizers
+    assert {"stabilize", "list_stabilizers"} <= set(keel.__all__)
     # `import keel` alone must still not import torch: the name loads keel.nn on first use.
     code = "import sys, keel; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -210,7 +210,7 @@ def test_keel_stabilize_is_the_lazy_top_level_name_and_trains_the_proxy() -> Non
     model = create_proxy_model("tiny")
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     result = keel.stabilize(model, ["qk_norm", "z_loss"], optimizer=opt)
-    assert sorted(result.by_remedy()) == ["qk_norm", "z_loss"]
+    assert sorted(result.by_stabilizer()) == ["qk_norm", "z_loss"]
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert {id(p) for p in model.parameters()} == in_opt  # the new q/k norm gains are trained too
     losses = _train(model, opt, _batches(model.head.out_features), result, steps=6)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from keel.nn import QKNorm, QKNormMultiheadAttention, create_remedy, stabilize
+from keel.nn import QKNorm, QKNormMultiheadAttention, create_stabilizer, stabilize
 from keel.proxy import create_proxy_model
 from tests.nn._models import NanoGPT
 from tests.nn.test_scale_long import TinyUViT
@@ -57,10 +57,10 @@ def test_without_layer_norms_the_attention_projections_decide() -> None:
 
 def test_an_explicit_bias_option_overrides_the_model() -> None:
     model = NanoGPT(bias=True)
-    stabilize(model, [create_remedy("qk_norm", bias=False)])
+    stabilize(model, [create_stabilizer("qk_norm", bias=False)])
     assert _qk_biases(model) == [False] * 4
-    with pytest.raises(ValueError, match="QKNormRemedy.bias='no'; allowed: True, False or None"):
-        create_remedy("qk_norm", bias="no")
+    with pytest.raises(ValueError, match="QKNormStabilizer.bias='no'; allowed: True, False or None"):
+        create_stabilizer("qk_norm", bias="no")
 
 
 def test_qk_norm_module_and_attention_without_bias() -> None:
@@ -80,7 +80,7 @@ def test_scale_long_calibration_linears_follow_the_decoders_linears(bias: bool) 
         for module in model.modules():
             if isinstance(module, nn.Linear):
                 module.bias = None
-    stabilize(model, [create_remedy("scale_long", mode="calibrated", tokens=6, reduction=2)])
+    stabilize(model, [create_stabilizer("scale_long", mode="calibrated", tokens=6, reduction=2)])
     calib = model.long_skip_calibration
     assert (calib.fc1.bias is not None, calib.fc2.bias is not None) == (bias, bias)
     assert calib(torch.randn(2, 6, 8)).shape == (2, 6, 8)

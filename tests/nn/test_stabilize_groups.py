@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from keel.nn import NoDecayGroupWarning, create_remedy, stabilize
+from keel.nn import NoDecayGroupWarning, create_stabilizer, stabilize
 from keel.optim import IndependentAdamW
 from tests.nn._models import NanoGPT, lm_loss, nanogpt_optimizer
 from tests.nn.test_scale_long import TinyUViT
 
-REMEDIES = ["qk_norm", "sigma_reparam", "z_loss"]
+STABILIZERS = ["qk_norm", "sigma_reparam", "z_loss"]
 
 
 def _group_of(optimizer: torch.optim.Optimizer, p: torch.Tensor) -> dict:
@@ -27,7 +27,7 @@ def test_adamw_weight_decay_new_gains_join_a_no_decay_copy_of_their_group() -> N
     model = NanoGPT()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.8, 0.95), weight_decay=0.1)
     old = list(model.parameters())
-    result = stabilize(model, REMEDIES, optimizer=opt)
+    result = stabilize(model, STABILIZERS, optimizer=opt)
     new = result.new_parameters
     assert new and all(p.dim() < 2 for p in new)  # QK-norm gains/biases and σReparam's γ
     assert len(opt.param_groups) == 2
@@ -51,7 +51,7 @@ def test_nanogpt_two_groups_take_the_new_gains_into_their_no_decay_group() -> No
     model = NanoGPT(bias=False)
     opt = nanogpt_optimizer(model)
     decay_before = list(opt.param_groups[0]["params"])
-    result = stabilize(model, REMEDIES, optimizer=opt)
+    result = stabilize(model, STABILIZERS, optimizer=opt)
     assert len(opt.param_groups) == 2  # nanoGPT's own no-decay group fits: no third group
     decay, no_decay = opt.param_groups
     assert [id(p) for p in decay["params"]] == [id(p) for p in decay_before]
@@ -96,7 +96,7 @@ def test_new_matrices_keep_their_groups_decay_and_only_their_biases_skip_it() ->
     torch.manual_seed(0)
     model = TinyUViT()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.1)
-    stabilize(model, [create_remedy("scale_long", mode="calibrated", tokens=6, reduction=2)], optimizer=opt)
+    stabilize(model, [create_stabilizer("scale_long", mode="calibrated", tokens=6, reduction=2)], optimizer=opt)
     calib = model.long_skip_calibration
     assert _group_of(opt, calib.fc1.weight) is opt.param_groups[0]
     assert _group_of(opt, calib.fc1.bias) is opt.param_groups[1]
@@ -122,7 +122,7 @@ def test_no_weight_decay_anywhere_adds_no_group() -> None:
     torch.manual_seed(0)
     model = NanoGPT()
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
-    result = stabilize(model, REMEDIES, optimizer=opt)
+    result = stabilize(model, STABILIZERS, optimizer=opt)
     assert len(opt.param_groups) == 1
     assert all(_group_of(opt, p) is opt.param_groups[0] for p in result.new_parameters)
 

@@ -48,7 +48,7 @@ def test_sigma_reparam_round_trip_and_training_continues(build) -> None:
     expected = model(ids).logits
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     result = stabilize(model, ["sigma_reparam", "z_loss"], optimizer=opt)
-    assert result.by_remedy()["z_loss"] == ["lm_head"]
+    assert result.by_stabilizer()["z_loss"] == ["lm_head"]
     torch.testing.assert_close(model(ids).logits, expected, rtol=1e-4, atol=1e-5)
     model.train()
     for _ in range(3):
@@ -69,7 +69,7 @@ def test_gpt2_fused_c_attn_gets_per_head_qk_norm() -> None:
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     n_params = sum(len(g["params"]) for g in opt.param_groups)
     result = stabilize(model, ["qk_norm"], optimizer=opt)
-    assert result.by_remedy()["qk_norm"] == ["transformer.h.0.attn", "transformer.h.1.attn"]
+    assert result.by_stabilizer()["qk_norm"] == ["transformer.h.0.attn", "transformer.h.1.attn"]
     assert sum(len(g["params"]) for g in opt.param_groups) == n_params + 8  # 2 layers × (q, k) × (gain, bias)
     outputs: list[torch.Tensor] = []
     _capture(model.transformer.h[0].attn.c_attn, outputs)
@@ -90,7 +90,7 @@ def test_llama_q_and_k_projections_are_normalised_before_rope_with_gqa() -> None
     ids = torch.randint(0, 64, (2, 10))
     result = stabilize(model, ["qk_norm", "z_loss"])
     attn = model.model.layers[0].self_attn
-    assert result.by_remedy()["qk_norm"] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
+    assert result.by_stabilizer()["qk_norm"] == ["model.layers.0.self_attn", "model.layers.1.self_attn"]
     q_out, k_out = [], []
     _capture(attn.q_proj, q_out)
     _capture(attn.k_proj, k_out)
@@ -117,7 +117,7 @@ def test_qk_norm_and_z_loss_with_the_optimizer_and_training_continues(build) -> 
     ids = torch.randint(0, 64, (4, 12))
     opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
     result = stabilize(model, ["qk_norm", "z_loss"], optimizer=opt)
-    norms = [p for c in result.changes if c.remedy == "qk_norm" for p in c.new_parameters]
+    norms = [p for c in result.changes if c.stabilizer == "qk_norm" for p in c.new_parameters]
     in_opt = {id(p) for g in opt.param_groups for p in g["params"]}
     assert norms and all(id(p) in in_opt for p in norms)
     before = [p.detach().clone() for p in norms]

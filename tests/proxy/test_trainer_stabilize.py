@@ -20,7 +20,7 @@ def test_stabilize_path_trains_what_the_built_in_flags_train() -> None:
     plain = train_proxy(base)
     assert surgery.losses == pytest.approx(built_in.losses, rel=1e-5, abs=1e-6)
     assert surgery.val_loss == pytest.approx(built_in.val_loss, rel=1e-5)
-    # Neither remedy is a no-op: the z-loss term (1e-4 · log Z², log Z ≈ ln 256) is in the loss from step 0,
+    # Neither stabilizer is a no-op: the z-loss term (1e-4 · log Z², log Z ≈ ln 256) is in the loss from step 0,
     # and QK-norm changes the function itself.
     z_term = 1e-4 * math.log(256) ** 2
     assert 0.5 * z_term < surgery.losses[0] - qk_only.losses[0] < 2 * z_term

@@ -9,7 +9,7 @@ T = TypeVar("T")
 
 
 class Registry(Generic[T]):
-    """A small name → factory table, one per component family (detectors, probes, remedies ...).
+    """A small name → factory table, one per component family (detectors, probes, stabilizers ...).
 
     Example:
         >>> detectors: Registry[object] = Registry("detector")

@@ -4,10 +4,10 @@ from keel.nn.checkpoint import load_stabilized, stabilize_record
 from keel.nn.power_norm import PowerNorm
 from keel.nn.qk_norm import QKNorm
 from keel.nn.qk_norm_attention import QKNormMultiheadAttention
-from keel.nn.remedies import NoDecayGroupWarning, RemedyNoEffectWarning
 from keel.nn.scale_long import LongSkipCalibration, LongSkipScaling, scale_long_factors
 from keel.nn.sigma_reparam import SigmaReparam, SigmaReparamLinear
-from keel.nn.stabilize import StabilizeResult, create_remedy, list_remedies, stabilize
+from keel.nn.stabilize import StabilizeResult, create_stabilizer, list_stabilizers, stabilize
+from keel.nn.stabilizers import NoDecayGroupWarning, StabilizerNoEffectWarning
 from keel.nn.stablemax import StableMax
 from keel.nn.z_loss_hook import ZLossHook
 
@@ -18,14 +18,14 @@ __all__ = [
     "PowerNorm",
     "QKNorm",
     "QKNormMultiheadAttention",
-    "RemedyNoEffectWarning",
+    "StabilizerNoEffectWarning",
     "SigmaReparam",
     "SigmaReparamLinear",
     "StabilizeResult",
     "StableMax",
     "ZLossHook",
-    "create_remedy",
-    "list_remedies",
+    "create_stabilizer",
+    "list_stabilizers",
     "load_stabilized",
     "scale_long_factors",
     "stabilize",

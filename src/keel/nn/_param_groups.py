@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from keel.nn.remedies import Change, NoDecayGroupWarning
+from keel.nn.stabilizers import Change, NoDecayGroupWarning
 
 # The group keys that hold a decay strength: torch's optimizers, and keel's IndependentAdamW (whose
 # ``weight_decay`` stays 0). Flags such as Adam's ``decoupled_weight_decay`` are not strengths.

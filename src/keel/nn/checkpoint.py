@@ -1,8 +1,8 @@
-"""Checkpoints of a stabilized model: the record of its remedies, and loading a state dict through it.
+"""Checkpoints of a stabilized model: the record of its stabilizers, and loading a state dict through it.
 
-A state dict of a model `keel.stabilize` changed has the remedies' keys (``q_norm.weight``,
+A state dict of a model `keel.stabilize` changed has the stabilizers' keys (``q_norm.weight``,
 ``parametrizations.weight.original`` ...), so it loads only into a model changed the same way: build the
-plain model, re-apply the same remedies with the same options, then load. The record says which.
+plain model, re-apply the same stabilizers with the same options, then load. The record says which.
 """
 
 from __future__ import annotations
@@ -13,21 +13,21 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from keel.nn._record import entry_of, record_of, remedies_of
+from keel.nn._record import entry_of, record_of, stabilizers_of
 from keel.nn.stabilize import StabilizeResult, stabilize
 
-# Pieces of state-dict keys that keel.stabilize's remedies introduce: the QK-norm modules, parametrizations
+# Pieces of state-dict keys that keel.stabilize's stabilizers introduce: the QK-norm modules, parametrizations
 # (σReparam), ScaleLong's calibration. A hint for the error message only: a model may have its own q_norm.
 REMEDY_KEY_PARTS = ("q_norm.", "k_norm.", "parametrizations.", "long_skip_calibration")
 EXAMPLES = 3  # keys an error message names before "..."
 
 
 def stabilize_record(model: nn.Module) -> list[dict[str, Any]]:
-    """The remedies `keel.stabilize` applied to ``model``, in order, with their options: save it next to the
+    """The stabilizers `keel.stabilize` applied to ``model``, in order, with their options: save it next to the
     state dict.
 
-    One entry per remedy that changed something, over every `stabilize` call on this module object, e.g.
-    ``{"remedy": "qk_norm", "norm": "layer", "eps": 1e-05, "bias": None}``. Plain data (JSON, and
+    One entry per stabilizer that changed something, over every `stabilize` call on this module object, e.g.
+    ``{"stabilizer": "qk_norm", "norm": "layer", "eps": 1e-05, "bias": None}``. Plain data (JSON, and
     ``torch.load(weights_only=True)``). The record lives on the module given to `stabilize`, not in its state
     dict; a copy is returned.
 
@@ -35,7 +35,7 @@ def stabilize_record(model: nn.Module) -> list[dict[str, Any]]:
         >>> model = nn.TransformerEncoderLayer(16, 4, batch_first=True)
         >>> _ = stabilize(model, ["qk_norm"])
         >>> stabilize_record(model)
-        [{'remedy': 'qk_norm', 'norm': 'layer', 'eps': 1e-05, 'bias': None}]
+        [{'stabilizer': 'qk_norm', 'norm': 'layer', 'eps': 1e-05, 'bias': None}]
     """
     return record_of(model)
 
@@ -47,7 +47,7 @@ def load_stabilized(
     *,
     optimizer: Optimizer | None = None,
 ) -> StabilizeResult:
-    """Re-apply a checkpoint's remedies to a freshly built model (and its optimizer), then load its state dict.
+    """Re-apply a checkpoint's stabilizers to a freshly built model (and its optimizer), then load its state dict.
 
     Use it to resume or sample from a checkpoint of a stabilized model: build the model and optimizer as the
     training run did, in the same order relative to `stabilize` (so the new parameters land at the same
@@ -67,7 +67,7 @@ def load_stabilized(
     Raises:
         ValueError: one line, before anything is loaded — a bad record (nothing applied either), a model
             stabilized with another record, or a state dict that does not fit the re-stabilized model (its
-            keys or shapes; then the model keeps the re-applied remedies but none of the saved values).
+            keys or shapes; then the model keeps the re-applied stabilizers but none of the saved values).
 
     Example:
         >>> saved = nn.TransformerEncoderLayer(16, 4, batch_first=True)
@@ -82,8 +82,8 @@ def load_stabilized(
             f"load_stabilized: state_dict is a {type(state_dict).__name__}; allowed: a mapping of names to "
             "tensors, as model.state_dict() returns"
         )
-    remedies = remedies_of(record)
-    entries = [entry_of(r) for r in remedies]
+    stabilizers = stabilizers_of(record)
+    entries = [entry_of(r) for r in stabilizers]
     applied = record_of(model)
     if applied and applied != entries:
         raise ValueError(
@@ -92,8 +92,8 @@ def load_stabilized(
         )
     result = StabilizeResult()
     if not applied:
-        for remedy in remedies:
-            step = stabilize(model, [remedy], optimizer=optimizer)
+        for stabilizer in stabilizers:
+            step = stabilize(model, [stabilizer], optimizer=optimizer)
             result.changes.extend(step.changes)
             result.unmatched.extend(step.unmatched)
     _check_fits(model, state_dict, entries)
@@ -102,7 +102,7 @@ def load_stabilized(
 
 
 def _names(entries: list[dict[str, Any]]) -> str:
-    return ", ".join(str(e["remedy"]) for e in entries)
+    return ", ".join(str(e["stabilizer"]) for e in entries)
 
 
 def _check_fits(model: nn.Module, state_dict: Mapping[str, Any], entries: list[dict[str, Any]]) -> None:
@@ -126,20 +126,20 @@ def _check_fits(model: nn.Module, state_dict: Mapping[str, Any], entries: list[d
             f"{tuple(own[k].shape)} here)"
         )
     saved_with = "the record saved with it (keel.nn.stabilize_record(model) at save time)"
-    if any(_from_remedy(k) for k in extra):
+    if any(_from_stabilizer(k) for k in extra):
         hint = (
-            "it was saved from a model changed by keel.stabilize with remedies the record does not list; "
+            "it was saved from a model changed by keel.stabilize with stabilizers the record does not list; "
             f"allowed: {saved_with}"
         )
-    elif any(_from_remedy(k) for k in lacking):
-        hint = f"the record lists remedies or options the state_dict was not saved with; allowed: {saved_with}"
+    elif any(_from_stabilizer(k) for k in lacking):
+        hint = f"the record lists stabilizers or options the state_dict was not saved with; allowed: {saved_with}"
     else:
         hint = f"allowed: a state_dict saved from a {cls} with the record given"
     after = f" after re-applying [{_names(entries)}]" if entries else ""
     raise ValueError(f"load_stabilized: state_dict does not fit {cls}{after}: {'; '.join(parts)}; {hint}")
 
 
-def _from_remedy(key: str) -> bool:
+def _from_stabilizer(key: str) -> bool:
     return any(part in key for part in REMEDY_KEY_PARTS)
 
 

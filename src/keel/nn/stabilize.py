@@ -17,22 +17,22 @@ from torch.optim import Optimizer
 
 from keel.nn._param_groups import add_new_parameters
 from keel.nn._record import remember
-from keel.nn.remedies import Change, Remedy, RemedyNoEffectWarning
-from keel.nn.remedies import remedies as _registry
+from keel.nn.stabilizers import Change, Stabilizer, StabilizerNoEffectWarning
+from keel.nn.stabilizers import stabilizers as _registry
 from keel.nn.z_loss_hook import ZLossHook
 
-DEFAULT_REMEDIES = ("qk_norm", "z_loss")
+DEFAULT_STABILIZERS = ("qk_norm", "z_loss")
 
 
-def list_remedies() -> list[tuple[str, str, str]]:
-    """(name, one-line description, reference) of every remedy `stabilize` knows, sorted by name."""
-    # Every remedy is registered as its class, which carries the description and reference (class variables).
-    classes = [(name, cast("type[Remedy]", _registry.get(name))) for name in _registry.names()]
+def list_stabilizers() -> list[tuple[str, str, str]]:
+    """(name, one-line description, reference) of every stabilizer `stabilize` knows, sorted by name."""
+    # Every stabilizer is registered as its class, which carries the description and reference (class variables).
+    classes = [(name, cast("type[Stabilizer]", _registry.get(name))) for name in _registry.names()]
     return [(name, cls.description, cls.reference) for name, cls in classes]
 
 
-def create_remedy(name: str, **options: Any) -> Remedy:
-    """A remedy by name with non-default options, e.g. ``create_remedy("qk_norm", norm="rms")``.
+def create_stabilizer(name: str, **options: Any) -> Stabilizer:
+    """A stabilizer by name with non-default options, e.g. ``create_stabilizer("qk_norm", norm="rms")``.
 
     Raises:
         ValueError: unknown name (the message lists the known ones) or a bad option value.
@@ -46,7 +46,7 @@ class StabilizeResult:
 
     Attributes:
         changes: Every change, in the order made.
-        unmatched: Names of requested remedies that matched nothing.
+        unmatched: Names of requested stabilizers that matched nothing.
     """
 
     changes: list[Change] = field(default_factory=list)
@@ -54,7 +54,7 @@ class StabilizeResult:
 
     @property
     def replaced(self) -> dict[str, nn.Module]:
-        """Qualified module name → the module now there, for every module a remedy touched."""
+        """Qualified module name → the module now there, for every module a stabilizer touched."""
         return {c.name: c.new for c in self.changes}
 
     @property
@@ -65,15 +65,15 @@ class StabilizeResult:
     def z_loss_hooks(self) -> list[ZLossHook]:
         return [c.extra for c in self.changes if isinstance(c.extra, ZLossHook)]
 
-    def by_remedy(self) -> dict[str, list[str]]:
-        """Remedy name → names of the modules it changed."""
+    def by_stabilizer(self) -> dict[str, list[str]]:
+        """Stabilizer name → names of the modules it changed."""
         out: dict[str, list[str]] = {}
         for c in self.changes:
-            out.setdefault(c.remedy, []).append(c.name)
+            out.setdefault(c.stabilizer, []).append(c.name)
         return out
 
     def z_loss(self, mask: Tensor | None = None) -> Tensor:
-        """The z-loss of the latest forward, to add to the task loss (0 when the remedy was not applied)."""
+        """The z-loss of the latest forward, to add to the task loss (0 when the stabilizer was not applied)."""
         hooks = self.z_loss_hooks
         if not hooks:
             return torch.zeros(())
@@ -85,14 +85,14 @@ class StabilizeResult:
 
 def stabilize(
     model: nn.Module,
-    remedies: Sequence[str | Remedy] = DEFAULT_REMEDIES,
+    stabilizers: Sequence[str | Stabilizer] = DEFAULT_STABILIZERS,
     optimizer: Optimizer | None = None,
 ) -> StabilizeResult:
-    """Apply stabilizing remedies to ``model`` in place; returns what changed.
+    """Apply stabilizers to ``model`` in place; returns what changed.
 
     Use it on a model that already exists (your own, nanoGPT, Hugging Face GPT-2/Llama,
-    ``nn.MultiheadAttention`` stacks, keel's proxy) instead of editing its code. Remedies match
-    structurally (see each remedy's docstring, or `list_remedies`), run in a fixed order (qk_norm,
+    ``nn.MultiheadAttention`` stacks, keel's proxy) instead of editing its code. Stabilizers match
+    structurally (see each stabilizer's docstring, or `list_stabilizers`), run in a fixed order (qk_norm,
     sigma_reparam, z_loss, scale_long) whatever the order given, keep existing Parameters (optimizer
     state survives) and are idempotent: applying one twice changes nothing the second time.
 
@@ -107,58 +107,58 @@ def stabilize(
     ``result.z_loss()`` to your loss after each forward.
 
     New LayerNorms and Linears follow the model's bias convention (none in a model built with
-    ``bias=False``). To resume or sample from a checkpoint, re-apply the same remedies before loading it:
+    ``bias=False``). To resume or sample from a checkpoint, re-apply the same stabilizers before loading it:
     save `stabilize_record` next to the state dict and load with `load_stabilized`.
 
     Args:
         model: The model, changed in place.
-        remedies: Remedy names (default ``("qk_norm", "z_loss")``, Wortsman et al.'s pair) or configured
-            remedies from `create_remedy`.
+        stabilizers: Stabilizer names (default ``("qk_norm", "z_loss")``, Wortsman et al.'s pair) or configured
+            stabilizers from `create_stabilizer`.
         optimizer: An optimizer over ``model``'s parameters to update.
 
     Returns:
         A `StabilizeResult`; ``result.replaced`` maps module names to the modules now there.
 
     Warns:
-        RemedyNoEffectWarning: once per call, naming the remedies that matched nothing.
+        StabilizerNoEffectWarning: once per call, naming the stabilizers that matched nothing.
         NoDecayGroupWarning: once per call, when an LR scheduler kept the new gains out of a no-decay group.
 
     Raises:
-        ValueError: unknown remedy name or the same remedy twice.
+        ValueError: unknown stabilizer name or the same stabilizer twice.
 
     Example:
         >>> block = nn.TransformerEncoderLayer(16, 4, batch_first=True)
         >>> opt = torch.optim.AdamW(block.parameters())
         >>> result = stabilize(block, ["qk_norm", "sigma_reparam"], optimizer=opt)
-        >>> sorted(result.by_remedy())
+        >>> sorted(result.by_stabilizer())
         ['qk_norm', 'sigma_reparam']
 
     References:
         Composer ``utils/module_surgery.py`` (``replace_module_classes``) for the surgery pattern; each
-        remedy cites its paper.
+        stabilizer cites its paper.
     """
-    if isinstance(remedies, str):
-        raise ValueError(f"remedies={remedies!r}; allowed: a list of names, e.g. [{remedies!r}]")
-    resolved = [_registry.create(r) if isinstance(r, str) else r for r in remedies]
+    if isinstance(stabilizers, str):
+        raise ValueError(f"stabilizers={stabilizers!r}; allowed: a list of names, e.g. [{stabilizers!r}]")
+    resolved = [_registry.create(r) if isinstance(r, str) else r for r in stabilizers]
     names = [r.name for r in resolved]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
-        raise ValueError(f"remedies={names!r} repeat {duplicates}; allowed: each remedy once")
+        raise ValueError(f"stabilizers={names!r} repeat {duplicates}; allowed: each stabilizer once")
     result = StabilizeResult()
-    for remedy in sorted(resolved, key=lambda r: r.order):
-        changes = remedy.apply(model)
+    for stabilizer in sorted(resolved, key=lambda r: r.order):
+        changes = stabilizer.apply(model)
         if changes:
-            remember(model, remedy)
+            remember(model, stabilizer)
         else:
-            result.unmatched.append(remedy.name)
+            result.unmatched.append(stabilizer.name)
         result.changes.extend(changes)
     if optimizer is not None:
         add_new_parameters(optimizer, model, result.changes)
     if result.unmatched:
         warnings.warn(
-            RemedyNoEffectWarning(
+            StabilizerNoEffectWarning(
                 f"stabilize: {', '.join(result.unmatched)} matched nothing in {type(model).__name__} (or was "
-                "already applied); see keel.nn.list_remedies() and each remedy's docstring for what it "
+                "already applied); see keel.nn.list_stabilizers() and each stabilizer's docstring for what it "
                 "recognises"
             ),
             stacklevel=2,

@@ -26,7 +26,7 @@ from keel.guard import Guard
 from keel.guard.guard import PROBE_SETS
 from keel.losses import z_loss
 from keel.nn import stabilize
-from keel.nn.remedies import remedies
+from keel.nn.stabilizers import stabilizers
 from keel.optim import create_optimizer, list_optimizers
 from keel.proxy.corpus import ProxyBatches
 from keel.proxy.model import create_proxy_model
@@ -60,8 +60,8 @@ class TrainConfig:
             the same ``lr``, ``betas`` and ``weight_decay``.
         z_loss: z-loss coefficient added to the training loss (`keel.losses.z_loss`; 1e-4 in PaLM and
             Wortsman et al.); 0 adds nothing. The validation loss is the plain cross-entropy either way.
-        stabilize: `keel.nn.stabilize` remedies applied to the built model and its optimizer before training,
-            the z_loss remedy's term added to the training loss: the surgery path a user's model takes.
+        stabilize: `keel.nn.stabilize` stabilizers applied to the built model and its optimizer before training,
+            the z_loss stabilizer's term added to the training loss: the surgery path a user's model takes.
             ``("qk_norm", "z_loss")`` computes what ``qk_norm=True, z_loss=1e-4`` does; give one or the other.
         max_grad_norm: Global gradient-norm clipping; ``None`` does not clip.
         eval_batches: Validation batches for the final loss.
@@ -112,9 +112,9 @@ class TrainConfig:
         if not (0.0 <= self.z_loss < math.inf):
             raise ValueError(f"TrainConfig.z_loss={self.z_loss!r}; allowed: a finite number >= 0")
         self.stabilize = tuple(self.stabilize)
-        if any(r not in remedies for r in self.stabilize):
+        if any(r not in stabilizers for r in self.stabilize):
             raise ValueError(
-                f"TrainConfig.stabilize={self.stabilize!r}; allowed: names from {', '.join(remedies.names())}"
+                f"TrainConfig.stabilize={self.stabilize!r}; allowed: names from {', '.join(stabilizers.names())}"
             )
         for name, field_set in (("qk_norm", self.qk_norm), ("z_loss", self.z_loss > 0)):
             if field_set and name in self.stabilize:  # it would act twice, or warn that it matched nothing

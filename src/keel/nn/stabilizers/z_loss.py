@@ -1,4 +1,4 @@
-"""Remedy ``z_loss``: a `ZLossHook` on the output head, whose ``loss()`` the training loop adds.
+"""Stabilizer ``z_loss``: a `ZLossHook` on the output head, whose ``loss()`` the training loop adds.
 
 z-loss from PaLM (Chowdhery et al. 2022) and Wortsman et al. (2023, arXiv 2309.14322).
 """
@@ -12,7 +12,7 @@ from torch import nn
 
 from keel.losses.z_loss import DEFAULT_COEFFICIENT, check_coefficient
 from keel.nn._surgery import linear_features
-from keel.nn.remedies._base import Change, remedies
+from keel.nn.stabilizers._base import Change, stabilizers
 from keel.nn.z_loss_hook import ZLossHook
 
 # Names output heads go by: nanoGPT/HF (lm_head), keel proxy/timm (head), Llama reference (output),
@@ -20,9 +20,9 @@ from keel.nn.z_loss_hook import ZLossHook
 HEAD_NAMES = ("lm_head", "head", "output", "embed_out", "output_layer")
 
 
-@remedies.register("z_loss")
+@stabilizers.register("z_loss")
 @dataclass(kw_only=True)
-class ZLossRemedy:
+class ZLossStabilizer:
     """Attach a `ZLossHook` to the model's output head; the loop adds ``result.z_loss()`` to its loss.
 
     The head is ``head`` if given, else the shallowest dense module named one of ``HEAD_NAMES``. The model's
@@ -42,9 +42,9 @@ class ZLossRemedy:
     head: str | None = None
 
     def __post_init__(self) -> None:
-        check_coefficient(self.coefficient, "ZLossRemedy.coefficient")
+        check_coefficient(self.coefficient, "ZLossStabilizer.coefficient")
         if self.head is not None and not isinstance(self.head, str):
-            raise ValueError(f"ZLossRemedy.head={self.head!r}; allowed: a submodule name or None")
+            raise ValueError(f"ZLossStabilizer.head={self.head!r}; allowed: a submodule name or None")
 
     def apply(self, model: nn.Module) -> list[Change]:
         found = self._find_head(model)
@@ -55,7 +55,7 @@ class ZLossRemedy:
             if isinstance(hook, ZLossHook):
                 return [
                     Change(
-                        remedy=self.name,
+                        stabilizer=self.name,
                         name=name,
                         old=module,
                         new=module,
@@ -67,7 +67,7 @@ class ZLossRemedy:
         handle = hook.attach(module)
         return [
             Change(
-                remedy=self.name,
+                stabilizer=self.name,
                 name=name,
                 old=module,
                 new=module,
@@ -82,7 +82,9 @@ class ZLossRemedy:
             try:
                 return self.head, model.get_submodule(self.head)
             except AttributeError:
-                raise ValueError(f"ZLossRemedy.head={self.head!r}; allowed: a submodule name of the model") from None
+                raise ValueError(
+                    f"ZLossStabilizer.head={self.head!r}; allowed: a submodule name of the model"
+                ) from None
         candidates = [
             (name.count("."), name, module)
             for name, module in model.named_modules()

@@ -1,4 +1,4 @@
-"""Remedy ``sigma_reparam``: σReparam on every dense weight, as a parametrization of the weight.
+"""Stabilizer ``sigma_reparam``: σReparam on every dense weight, as a parametrization of the weight.
 
 From Zhai et al. (2023), "Stabilizing Transformer Training by Preventing Attention Entropy Collapse"
 (arXiv 2303.06296).
@@ -14,13 +14,13 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from keel.nn._surgery import linear_features, shared_parameter_ids
-from keel.nn.remedies._base import Change, remedies
 from keel.nn.sigma_reparam import SigmaReparam
+from keel.nn.stabilizers._base import Change, stabilizers
 
 
-@remedies.register("sigma_reparam")
+@stabilizers.register("sigma_reparam")
 @dataclass(kw_only=True)
-class SigmaReparamRemedy:
+class SigmaReparamStabilizer:
     """Reparametrise W as (γ/σ(W))·W in every ``nn.Linear``, HF ``Conv1D`` and ``nn.MultiheadAttention``.
 
     Applied with ``torch.nn.utils.parametrize`` on the weight itself, so the module, its hooks and its
@@ -49,9 +49,9 @@ class SigmaReparamRemedy:
 
     def __post_init__(self) -> None:
         if not isinstance(self.stats_only, bool):
-            raise ValueError(f"SigmaReparamRemedy.stats_only={self.stats_only!r}; allowed: True or False")
+            raise ValueError(f"SigmaReparamStabilizer.stats_only={self.stats_only!r}; allowed: True or False")
         if not isinstance(self.exclude, (tuple, list)) or not all(isinstance(p, str) for p in self.exclude):
-            raise ValueError(f"SigmaReparamRemedy.exclude={self.exclude!r}; allowed: a tuple of fnmatch patterns")
+            raise ValueError(f"SigmaReparamStabilizer.exclude={self.exclude!r}; allowed: a tuple of fnmatch patterns")
         self.exclude = tuple(self.exclude)
 
     def apply(self, model: nn.Module) -> list[Change]:
@@ -71,7 +71,7 @@ class SigmaReparamRemedy:
                 parametrize.register_parametrization(module, tensor_name, reparam)
                 changes.append(
                     Change(
-                        remedy=self.name,
+                        stabilizer=self.name,
                         name=name,
                         old=module,
                         new=module,

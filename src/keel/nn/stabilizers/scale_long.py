@@ -1,4 +1,4 @@
-"""Remedy ``scale_long``: scale the long skip connections a U-Net's decoder blocks receive.
+"""Stabilizer ``scale_long``: scale the long skip connections a U-Net's decoder blocks receive.
 
 From Huang et al. (2023), "ScaleLong" (NeurIPS 2023, arXiv 2310.13545).
 """
@@ -13,8 +13,8 @@ from typing import Any, ClassVar
 from torch import nn
 
 from keel.nn._surgery import first_parameter, has_bias, linear_features
-from keel.nn.remedies._base import Change, remedies
 from keel.nn.scale_long import LongSkipCalibration, scale_long_factors
+from keel.nn.stabilizers._base import Change, stabilizers
 
 SCALE_LONG_MODES = ("constant", "calibrated")
 
@@ -51,9 +51,9 @@ def _skip_position(block: nn.Module) -> int | None:
     return names.index("skip") if "skip" in names else None
 
 
-@remedies.register("scale_long")
+@stabilizers.register("scale_long")
 @dataclass(kw_only=True)
-class ScaleLongRemedy:
+class ScaleLongStabilizer:
     """Scale the long skips of U-Net decoder blocks: κ^(N−1−i) for the i-th of N blocks, or a learned gate.
 
     Matched structurally: an ``nn.ModuleList`` whose blocks take a ``skip`` argument and own a layer with
@@ -86,17 +86,19 @@ class ScaleLongRemedy:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.kappa, (int, float)) and math.isfinite(self.kappa) and 0 < self.kappa <= 1):
-            raise ValueError(f"ScaleLongRemedy.kappa={self.kappa!r}; allowed: a number in (0, 1]")
+            raise ValueError(f"ScaleLongStabilizer.kappa={self.kappa!r}; allowed: a number in (0, 1]")
         if self.mode not in SCALE_LONG_MODES:
-            raise ValueError(f"ScaleLongRemedy.mode={self.mode!r}; allowed: {', '.join(SCALE_LONG_MODES)}")
+            raise ValueError(f"ScaleLongStabilizer.mode={self.mode!r}; allowed: {', '.join(SCALE_LONG_MODES)}")
         if (self.tokens is not None or self.mode == "calibrated") and not _positive_int(self.tokens):
-            raise ValueError(f"ScaleLongRemedy.tokens={self.tokens!r}; allowed: a positive int for mode 'calibrated'")
+            raise ValueError(
+                f"ScaleLongStabilizer.tokens={self.tokens!r}; allowed: a positive int for mode 'calibrated'"
+            )
         if not _positive_int(self.reduction):
-            raise ValueError(f"ScaleLongRemedy.reduction={self.reduction!r}; allowed: a positive int")
+            raise ValueError(f"ScaleLongStabilizer.reduction={self.reduction!r}; allowed: a positive int")
         if self.blocks is not None and not isinstance(self.blocks, str):
-            raise ValueError(f"ScaleLongRemedy.blocks={self.blocks!r}; allowed: a module name or None")
+            raise ValueError(f"ScaleLongStabilizer.blocks={self.blocks!r}; allowed: a module name or None")
         if self.bias is not None and not isinstance(self.bias, bool):
-            raise ValueError(f"ScaleLongRemedy.bias={self.bias!r}; allowed: True, False or None")
+            raise ValueError(f"ScaleLongStabilizer.bias={self.bias!r}; allowed: True, False or None")
 
     def _is_decoder(self, name: str, module: nn.Module) -> bool:
         """The list of decoder blocks: named by ``blocks``, else a ModuleList whose every block takes a
@@ -149,7 +151,7 @@ class ScaleLongRemedy:
             )
             changes.append(
                 Change(
-                    remedy=self.name,
+                    stabilizer=self.name,
                     name=name,
                     old=module,
                     new=module,

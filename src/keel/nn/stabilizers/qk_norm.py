@@ -1,4 +1,4 @@
-"""Remedy ``qk_norm``: per-head QK-norm, applied structurally to the attention modules of a model.
+"""Stabilizer ``qk_norm``: per-head QK-norm, applied structurally to the attention modules of a model.
 
 From Dehghani et al. (2023, arXiv 2302.05442) and Wortsman et al. (2023, arXiv 2309.14322).
 """
@@ -23,7 +23,7 @@ from keel.nn._surgery import (
 )
 from keel.nn.qk_norm import QK_NORM_KINDS, QKNorm
 from keel.nn.qk_norm_attention import QKNormMultiheadAttention
-from keel.nn.remedies._base import Change, remedies
+from keel.nn.stabilizers._base import Change, stabilizers
 
 # Separate q/k projections: Llama/Mistral/OPT/BART (q_proj), BERT (query), diffusers (to_q), Meta Llama (wq).
 SEPARATE_PROJECTIONS = (("q_proj", "k_proj"), ("query", "key"), ("to_q", "to_k"), ("wq", "wk"))
@@ -55,9 +55,9 @@ class FusedHeadNormHook:
         return torch.cat([q, k, v], dim=-1)
 
 
-@remedies.register("qk_norm")
+@stabilizers.register("qk_norm")
 @dataclass(kw_only=True)
-class QKNormRemedy:
+class QKNormStabilizer:
     """Normalise each head's queries and keys before q·kᵀ, in every attention module it recognises.
 
     Matched structurally, first rule wins per module:
@@ -96,11 +96,11 @@ class QKNormRemedy:
 
     def __post_init__(self) -> None:
         if self.norm not in QK_NORM_KINDS:
-            raise ValueError(f"QKNormRemedy.norm={self.norm!r}; allowed: {', '.join(QK_NORM_KINDS)}")
+            raise ValueError(f"QKNormStabilizer.norm={self.norm!r}; allowed: {', '.join(QK_NORM_KINDS)}")
         if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
-            raise ValueError(f"QKNormRemedy.eps={self.eps!r}; allowed: a finite number > 0")
+            raise ValueError(f"QKNormStabilizer.eps={self.eps!r}; allowed: a finite number > 0")
         if self.bias is not None and not isinstance(self.bias, bool):
-            raise ValueError(f"QKNormRemedy.bias={self.bias!r}; allowed: True, False or None")
+            raise ValueError(f"QKNormStabilizer.bias={self.bias!r}; allowed: True, False or None")
 
     def apply(self, model: nn.Module) -> list[Change]:
         convention = layer_norm_bias(model) if self.bias is None else self.bias
@@ -131,7 +131,7 @@ class QKNormRemedy:
             set_submodule(model, name, new)
             anchor = raw_tensor(module, "in_proj_weight" if module._qkv_same_embed_dim else "q_proj_weight")
             return Change(
-                remedy=self.name,
+                stabilizer=self.name,
                 name=name,
                 old=module,
                 new=new,
@@ -160,7 +160,7 @@ class QKNormRemedy:
         bias = (projection is None or has_bias(projection)) if convention is None else convention
         module.q_norm, module.k_norm = self._norm(head_dim, anchor, bias), self._norm(head_dim, anchor, bias)
         return Change(
-            remedy=self.name,
+            stabilizer=self.name,
             name=name,
             old=module,
             new=module,
@@ -189,7 +189,7 @@ class QKNormRemedy:
             k_proj.register_forward_hook(HeadNormHook(module.k_norm, head_dim)),
         )
         return Change(
-            remedy=self.name,
+            stabilizer=self.name,
             name=name,
             old=module,
             new=module,
@@ -215,7 +215,7 @@ class QKNormRemedy:
         module.q_norm, module.k_norm = self._norm(head_dim, anchor, bias), self._norm(head_dim, anchor, bias)
         handle = proj.register_forward_hook(FusedHeadNormHook(module.q_norm, module.k_norm, head_dim, width))
         return Change(
-            remedy=self.name,
+            stabilizer=self.name,
             name=name,
             old=module,
             new=module,

@@ -1,4 +1,4 @@
-"""What a remedy is, what applying one records, and the registry of remedies (name = file stem)."""
+"""What a stabilizer is, what applying one records, and the registry of stabilizers (name = file stem)."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from torch.utils.hooks import RemovableHandle
 from keel._core import KeelWarning, Registry
 
 
-class RemedyNoEffectWarning(KeelWarning):
-    """A remedy given to `keel.stabilize` found nothing it knows how to change in the model."""
+class StabilizerNoEffectWarning(KeelWarning):
+    """A stabilizer given to `keel.stabilize` found nothing it knows how to change in the model."""
 
 
 class NoDecayGroupWarning(KeelWarning):
@@ -22,10 +22,10 @@ class NoDecayGroupWarning(KeelWarning):
 
 @dataclass(frozen=True, kw_only=True)
 class Change:
-    """One modification a remedy made.
+    """One modification a stabilizer made.
 
     Attributes:
-        remedy: The remedy's registry name.
+        stabilizer: The stabilizer's registry name.
         name: Qualified name of the module changed (``""`` for the model itself).
         old: The module that was there before.
         new: The module there now (the same object when it was changed in place: hooks, parametrizations).
@@ -33,10 +33,10 @@ class Change:
         anchor: An existing parameter next to which new parameters belong in an optimizer's groups.
         new_parameters: Parameters the change created (norm gains, σReparam's γ ...).
         handles: Hook handles the change registered.
-        extra: A remedy-specific object, e.g. the `ZLossHook` a training loop needs.
+        extra: A stabilizer-specific object, e.g. the `ZLossHook` a training loop needs.
     """
 
-    remedy: str
+    stabilizer: str
     name: str
     old: nn.Module
     new: nn.Module
@@ -47,7 +47,7 @@ class Change:
     extra: Any = None
 
 
-class Remedy(Protocol):
+class Stabilizer(Protocol):
     """A stabilizer that `keel.stabilize` can apply: a config (its fields) plus ``apply``."""
 
     name: ClassVar[str]
@@ -58,4 +58,4 @@ class Remedy(Protocol):
     def apply(self, model: nn.Module) -> list[Change]: ...
 
 
-remedies: Registry[Remedy] = Registry("remedy")
+stabilizers: Registry[Stabilizer] = Registry("stabilizer")
