@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from keel.detect import default_detectors
 from keel.guard import Guard
 from keel.harness.scenarios._common import ScenarioResult
+from keel.losses.z_loss import z_loss as zloss
 from keel.signals import TRANSFORMER_PROBES, Probe
 from keel.signals.grad_weight_cos import GradWeightCosProbe
 from keel.signals.output_logits import OutputLogitsProbe
@@ -56,7 +57,7 @@ def loss_in(logits: Tensor, targets: Tensor, precision: torch.dtype, z_loss: flo
     logp = F.log_softmax(logits.to(precision), dim=-1)
     loss = -logp.gather(1, targets[:, None]).float().mean()
     if z_loss:
-        loss = loss + z_loss * torch.logsumexp(logits.float(), dim=-1).square().mean()
+        loss = loss + zloss(logits.float(), coefficient=z_loss)
     return loss
 
 
