@@ -27,7 +27,7 @@ from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
 from keel.detect.scan import ReadsOneSignal
-from keel.detect.trend import TrendWindow
+from keel.detect.trend import StartingLevel
 
 KIND = "attention_entropy_collapse"
 
@@ -80,27 +80,23 @@ class AttentionEntropyCollapseDetector(ReadsOneSignal):
 
     def __init__(self, config: EntropyCollapseConfig | None = None, **fields: object) -> None:
         self.config = config or EntropyCollapseConfig(**fields)  # type: ignore[arg-type]
-        self._early: list[float] = []
-        self._trend = TrendWindow(self.config.window)
+        self._level = StartingLevel(self.config.baseline_points, self.config.window)
         self._episode = Episode(keys=("onset", "reported"))  # no patience: a falling entropy is enough
 
     @property
     def baseline(self) -> float:
-        return max(self._early) if len(self._early) >= self.config.baseline_points else math.nan
+        return max(self._level.early) if self._level.known else math.nan
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
         x = obs.values.get(cfg.signal)
-        if x is None or not self._trend.add(obs.step, x):
-            return []
-        if len(self._early) < cfg.baseline_points:
-            self._early.append(x)
+        if x is None or not self._level.add(obs.step, x):
             return []
         base = self.baseline
         if not base > 0:
             return []
         ratio = x / base
-        slope = self._trend.slope()
+        slope = self._level.trend.slope()
         if ratio > cfg.warn_fraction:
             if ratio > 2 * cfg.warn_fraction:  # recovered: a later collapse is a new episode
                 self._episode.close()
@@ -141,13 +137,11 @@ class AttentionEntropyCollapseDetector(ReadsOneSignal):
     def state_dict(self) -> dict[str, Any]:
         return {
             "config": asdict(self.config),
-            "early": list(self._early),
-            "trend": self._trend.state_dict(),
+            **self._level.state_dict(),
             **self._episode.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = EntropyCollapseConfig(**state["config"])
-        self._early = [float(v) for v in state["early"]]
-        self._trend.load_state_dict(state["trend"])
+        self._level.load_state_dict(state)
         self._episode.load_state_dict(state)

@@ -28,7 +28,7 @@ from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
 from keel.detect.scan import ReadsOneSignal
-from keel.detect.trend import TrendWindow
+from keel.detect.trend import StartingLevel
 
 KIND = "output_logit_drift"
 EXTRA_EVIDENCE = (keys.LOGITS_MEAN, keys.LOGITS_RMS, keys.LOGITS_LOG_Z_MAX, keys.LOGITS_LOG_Z_MIN)
@@ -90,19 +90,15 @@ class OutputLogitDriftDetector(ReadsOneSignal):
 
     def __init__(self, config: OutputLogitDriftConfig | None = None, **fields: object) -> None:
         self.config = config or OutputLogitDriftConfig(**fields)  # type: ignore[arg-type]
-        self._early: list[float] = []
-        self._trend = TrendWindow(self.config.window)
+        self._level = StartingLevel(self.config.baseline_points, self.config.window)
         self._episode = Episode()
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
         x = obs.values.get(cfg.signal)
-        if x is None or not self._trend.add(obs.step, x):
+        if x is None or not self._level.add(obs.step, x):
             return []
-        if len(self._early) < cfg.baseline_points:
-            self._early.append(x)
-            return []
-        base = statistics.median(self._early)
+        base = statistics.median(self._level.early)
         dev = x - base
         if abs(dev) < cfg.warn_dev:
             if abs(dev) < cfg.warn_dev / 2:
@@ -110,11 +106,11 @@ class OutputLogitDriftDetector(ReadsOneSignal):
             else:
                 self._episode.calm()
             return []
-        slope = self._trend.slope() if len(self._trend.points) >= 5 else math.nan  # only needed out here
+        slope = self._level.trend.slope() if len(self._level.trend.points) >= 5 else math.nan  # only needed out here
         away = math.copysign(1.0, dev) * slope if math.isfinite(slope) else math.nan
         qualifies = away >= cfg.min_rate
         if qualifies:  # a measurement that does not qualify leaves the count as it is
-            self._episode.qualify(onset=self._trend.first_step())
+            self._episode.qualify(onset=self._level.trend.first_step())
         severity = self._episode.escalate(
             critical=abs(dev) >= cfg.critical_dev, warning=self._episode.run >= cfg.patience
         )
@@ -151,13 +147,11 @@ class OutputLogitDriftDetector(ReadsOneSignal):
     def state_dict(self) -> dict[str, Any]:
         return {
             "config": asdict(self.config),
-            "early": list(self._early),
-            "trend": self._trend.state_dict(),
+            **self._level.state_dict(),
             **self._episode.state_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.config = OutputLogitDriftConfig(**state["config"])
-        self._early = [float(v) for v in state["early"]]
-        self._trend.load_state_dict(state["trend"])
+        self._level.load_state_dict(state)
         self._episode.load_state_dict(state)

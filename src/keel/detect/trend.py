@@ -83,3 +83,43 @@ class TrendWindow:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.size, self.log = int(state["size"]), bool(state["log"])
         self.points = deque(((int(s), float(v)) for s, v in state["points"]), maxlen=self.size)
+
+
+class StartingLevel:
+    """A signal's starting level (its first ``points`` finite measurements) and a `TrendWindow` over all of them.
+
+    The plumbing of detectors that judge a signal against where it started — attention entropy against its
+    early maximum, log Z against its early median: `add` says whether a measurement is one to judge.
+
+    Example:
+        >>> level = StartingLevel(points=2, window=4)
+        >>> [level.add(s, v) for s, v in enumerate([3.0, 3.2, float("nan"), 2.0])]
+        [False, False, False, True]
+        >>> level.early, round(level.trend.slope(), 3)
+        ([3.0, 3.2], -0.333)
+    """
+
+    def __init__(self, points: int, window: int) -> None:
+        self.points = points
+        self.early: list[float] = []
+        self.trend = TrendWindow(window)
+
+    @property
+    def known(self) -> bool:
+        return len(self.early) >= self.points
+
+    def add(self, step: int, value: float) -> bool:
+        """Take a measurement; True when the starting level is known and this (finite) one comes after it."""
+        if not self.trend.add(step, value):
+            return False
+        if not self.known:
+            self.early.append(value)
+            return False
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"early": list(self.early), "trend": self.trend.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.early = [float(v) for v in state["early"]]
+        self.trend.load_state_dict(state["trend"])
