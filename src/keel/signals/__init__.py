@@ -27,6 +27,8 @@ from keel.signals.logit_stats import log_partition, softmax_collapse_fraction, z
 from keel.signals.norms import global_norm, per_tensor_norms, update_ratios
 from keel.signals.output_logits import OutputLogitsConfig, OutputLogitsProbe
 from keel.signals.pack import HostCopy, Packed, pack, unpack
+from keel.signals.policy import policy_signals, reward_ensemble_signals
+from keel.signals.preference import preference_signals
 from keel.signals.probe import Measurements, PerParam, Probe, StepContext
 from keel.signals.registry import (
     DEFAULT_PROBES,
@@ -76,7 +78,10 @@ __all__ = [
     "HostCopy",
     "pack",
     "per_tensor_norms",
+    "policy_signals",
+    "preference_signals",
     "quiet",
+    "reward_ensemble_signals",
     "sdpa_logits",
     "softmax_collapse_fraction",
     "top_eigenvalue",
