@@ -1,5 +1,6 @@
 """Stabilizing losses: z-loss, StableMax cross-entropy and the pseudo-Huber distance. One loss per file."""
 
+from keel.losses.preference import DPOLoss, chosen_sft_loss, dpo_loss
 from keel.losses.pseudo_huber import pseudo_huber, pseudo_huber_c
 from keel.losses.stablemax_cross_entropy import (
     log_stablemax,
@@ -10,6 +11,9 @@ from keel.losses.stablemax_cross_entropy import (
 from keel.losses.z_loss import log_partition, z_loss, z_loss_from_log_z
 
 __all__ = [
+    "DPOLoss",
+    "chosen_sft_loss",
+    "dpo_loss",
     "log_partition",
     "log_stablemax",
     "pseudo_huber",
