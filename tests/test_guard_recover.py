@@ -1,4 +1,4 @@
-"""policy='recover': rollback past a bad data window, remedies, resume bit-for-bit after kill -9."""
+"""policy='recover': rollback past a bad data window, the actions after it, resume bit-for-bit after kill -9."""
 
 from __future__ import annotations
 
@@ -74,7 +74,7 @@ def test_lr_backoff_applies_around_the_step_only():
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=0.5)  # chainable: reads group["lr"]
     guard = Guard(model, opt, sched, policy="recover")
-    guard.recovery.remedy.lr_scale = 0.1
+    guard.recovery.actions.lr_scale = 0.1
     x, y = make_batches(1)[0]
     before = model.fc1.weight.detach().clone()
     loss = F.mse_loss(model(x), y)

@@ -7,7 +7,7 @@ stalls far above a healthy run's. The arms:
 - ``bare``: the unstable recipe under ``policy="observe"`` — bit-identical to the loop without keel, so its
   store shows what happened without changing anything;
 - ``guarded``: ``policy="skip"``, which may skip harmful updates;
-- ``recovering``: ``policy="recover"``, which may also roll back to a snapshot and apply a remedy;
+- ``recovering``: ``policy="recover"``, which may also roll back to a snapshot and take actions (LR back-off ...);
 - ``stabilized``: the same recipe after ``keel.stabilize(model, ["qk_norm", "z_loss"], optimizer=opt)``
   (QK-norm and z-loss, Wortsman et al. 2023), under ``policy="observe"``: prevention alone, nothing for keel
   to skip or undo — it trains without findings.
@@ -58,7 +58,7 @@ def demo_runs(quick: bool = False) -> list[DemoRun]:
         ),
         DemoRun(name="bare", policy="observe", config=config, note="keel watches, never touches"),
         DemoRun(name="guarded", policy="skip", config=config, note="keel may skip harmful updates"),
-        DemoRun(name="recovering", policy="recover", config=config, note="keel may also roll back and apply a remedy"),
+        DemoRun(name="recovering", policy="recover", config=config, note="keel may also roll back and take actions"),
         DemoRun(
             name="stabilized",
             policy="observe",

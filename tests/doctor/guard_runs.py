@@ -1,5 +1,5 @@
-"""Run stores written by the real Guard for the doctor tests: a TinyNet run that skips, rolls back and applies a
-remedy."""
+"""Run stores written by the real Guard for the doctor tests: a TinyNet run that skips, rolls back and takes a
+post-rollback action."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from tests.conftest import TinyNet, make_batches
 
 def recovered_run(run_dir: Path, *, steps: int = 40, flip_at: int = 23) -> Path:
     """A ``recover`` run whose parameter turns NaN at ``flip_at`` (a bit flip): three skips, then a rollback to
-    the snapshot of step 20 with its remedy (an LR back-off). Returns ``run_dir``."""
+    the snapshot of step 20 with its action (an LR back-off). Returns ``run_dir``."""
     from keel import Guard, RecoveryConfig
 
     torch.manual_seed(0)

@@ -1,6 +1,8 @@
-"""`keel doctor` on a run store shows what the Guard did: skips, rollbacks and the remedies they applied."""
+"""`keel doctor` on a run store shows what the Guard did: skips, rollbacks and the actions they applied."""
 
 import json
+import shutil
+import sqlite3
 
 import pytest
 
@@ -25,7 +27,7 @@ def test_the_stored_decisions_are_what_the_guard_did(run):
         ]
 
 
-def test_the_text_lists_skips_rollbacks_and_their_remedies(run, capsys):
+def test_the_text_lists_skips_rollbacks_and_their_actions(run, capsys):
     assert main(["doctor", str(run)]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
@@ -33,17 +35,17 @@ def test_the_text_lists_skips_rollbacks_and_their_remedies(run, capsys):
     block = lines[start : start + 4]
     assert block[1] == "  skip at steps 23, 24, 25"
     assert block[2].startswith(
-        "  rollback at step 26 to the snapshot of step 20 (trouble began at step 23); remedies: LR × 0.1 from now on"
+        "  rollback at step 26 to the snapshot of step 20 (trouble began at step 23); actions: LR × 0.1 from now on"
     )
     assert "trigger: 4 consecutive steps needed a skip (cap 3)" in " ".join(out.split())  # what set it off
 
 
-def test_the_json_holds_every_decision_with_its_remedies(run, capsys):
+def test_the_json_holds_every_decision_with_its_actions(run, capsys):
     assert main(["doctor", str(run), "--json"]) == 0
     doc = json.loads(capsys.readouterr().out)
     assert doc["summary"]["decisions"] == {"skip": 3, "rollback": 1}
     assert [
-        (d["step"], d["action"], d["by"], d["onset"], d["restored_step"], d["remedies"]) for d in doc["decisions"]
+        (d["step"], d["action"], d["by"], d["onset"], d["restored_step"], d["actions"]) for d in doc["decisions"]
     ] == [
         (23, "skip", "keel", None, None, []),
         (24, "skip", "keel", None, None, []),
@@ -51,6 +53,19 @@ def test_the_json_holds_every_decision_with_its_remedies(run, capsys):
         (26, "rollback", "keel", 23, 20, ["LR × 0.1 from now on"]),
     ]
     assert doc["decisions"][3]["reason"].startswith("rolled back to the snapshot of step 20")
+
+
+def test_a_store_written_before_the_rename_says_remedies_in_its_reasons_and_is_read_the_same(run, tmp_path, capsys):
+    # keel's rollback reasons said "remedies: …" before the post-rollback actions were called actions.
+    old = shutil.copytree(run, tmp_path / "old")
+    with sqlite3.connect(old / "run.sqlite") as conn:
+        conn.execute("UPDATE decisions SET reason = replace(reason, '; actions: ', '; remedies: ')")
+    (reason,) = [d.reason for d in diagnose_log(old).decisions if d.action == "rollback"]
+    assert "; remedies: LR × 0.1 from now on. Trigger: " in reason
+    assert main(["doctor", str(old), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["decisions"][3]["actions"] == ["LR × 0.1 from now on"]
+    assert main(["doctor", str(old)]) == 0
+    assert "(trouble began at step 23); actions: LR × 0.1 from now on" in capsys.readouterr().out
 
 
 def test_a_log_without_decisions_says_nothing_about_them(tmp_path, capsys):

@@ -68,7 +68,7 @@ def test_a_recovering_run_logs_its_critical_findings_skips_rollback_and_a_summar
     assert line.startswith(
         f"step {rollback.step} rollback from step {rollback.step} to step {rollback.restored_step}"
     ), line
-    assert "remedies: LR × 0.1" in line  # the remedy applied
+    assert "actions: LR × 0.1" in line  # the action taken
     [summary] = [r for r in records if r.levelno == logging.INFO]
     text = summary.getMessage()
     assert records[-1] is summary  # the summary closes the run's lines

@@ -52,7 +52,7 @@ def test_the_nanogpt_style_example_needs_at_most_four_keel_lines_and_runs_withou
     assert not (tmp_path / "bare" / "keel").exists()
 
 
-def test_the_nanogpt_style_example_skips_then_rolls_back_and_the_lr_remedy_survives_the_loops_lr_writes(tmp_path):
+def test_the_nanogpt_style_example_skips_then_rolls_back_and_the_lr_backoff_survives_the_loops_lr_writes(tmp_path):
     example = _load(EXAMPLE, "nanogpt_style_example")
     example.main(["--max-iters", "45", "--bad-iters", "30,31,32", "--out", str(tmp_path)])
     run = RunReader(tmp_path / "keel")
@@ -60,7 +60,7 @@ def test_the_nanogpt_style_example_skips_then_rolls_back_and_the_lr_remedy_survi
     assert by_step[30].action == by_step[31].action == "skip" and by_step[30].by == "keel"
     assert by_step[32].action == "rollback" and by_step[32].restored_step is not None
     assert by_step[32].restored_step < 30
-    # the loop writes nanoGPT's cosine LR every iteration; keel's LR × 0.1 remedy multiplies what it writes
+    # the loop writes nanoGPT's cosine LR every iteration; keel's LR × 0.1 back-off multiplies what it writes
     steps, lrs = run.signal("lr")
     lr = dict(zip(steps.tolist(), lrs.tolist(), strict=True))
     assert lr[40] == pytest.approx(0.1 * _nanogpt_lr(40, 45), rel=1e-6)

@@ -1,7 +1,7 @@
 """The counters that keep the escalation ladder from looping survive a rollback, and come back on a disk resume.
 
 A rollback restores the snapshot's model, optimizer and detector baselines, but not the run's record of its own
-recovery (rollbacks so far, skips in a row, the remedies in force): restoring that record would erase the
+recovery (rollbacks so far, skips in a row, the actions in force): restoring that record would erase the
 evidence that the ladder is looping.
 """
 
@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from keel import Guard, RecoveryConfig, TrainingAborted
 from keel._core import Finding
 from keel.recover import DiskSnapshots, Escalation, EscalationConfig, SnapshotRing, TrainingState, restore
-from keel.recover.remedies import RemedyState
+from keel.recover.actions import ActionState
 from tests.conftest import TinyNet, make_batches
 
 
@@ -106,7 +106,7 @@ def test_a_bad_rollback_cap_is_one_clear_error(field, bad):
 def test_lr_backoff_compounds_over_rollbacks_to_the_same_snapshot():
     guard, decisions, _ = _run(AlwaysDiverging())
     assert all(d.restored_step == 0 for d in decisions)  # every rollback lands on the starting state
-    assert guard.recovery.remedy.lr_scale == pytest.approx(0.1 ** len(decisions))
+    assert guard.recovery.actions.lr_scale == pytest.approx(0.1 ** len(decisions))
     assert "LR × 0.001" in decisions[-1].reason
 
 
@@ -123,7 +123,7 @@ def _state():
     model = TinyNet()
     state = TrainingState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
     state.history["escalation"] = Escalation(EscalationConfig(policy="recover"))
-    state.history["remedy"] = RemedyState()
+    state.history["actions"] = ActionState()
     return state
 
 
@@ -138,9 +138,9 @@ def test_history_survives_a_rollback_and_is_restored_on_resume(tmp_path):
     state = _state()
     snap = _take(state, 0)
     state.history["escalation"].rollback_steps = [3, 4]
-    state.history["remedy"].lr_scale = 0.01
+    state.history["actions"].lr_scale = 0.01
     restore(state, snap.tensors, snap.skeleton, snap.plain, resume=False)
-    assert state.history["escalation"].rollback_steps == [3, 4] and state.history["remedy"].lr_scale == 0.01
+    assert state.history["escalation"].rollback_steps == [3, 4] and state.history["actions"].lr_scale == 0.01
 
     state.history["escalation"].rollback_steps = [7]
     disk = DiskSnapshots(tmp_path)
@@ -148,7 +148,20 @@ def test_history_survives_a_rollback_and_is_restored_on_resume(tmp_path):
     fresh = _state()
     loaded = disk.load_newest()
     restore(fresh, loaded.tensors, loaded.skeleton, loaded.plain, resume=True)
-    assert fresh.history["escalation"].rollback_steps == [7] and fresh.history["remedy"].lr_scale == 0.01
+    assert fresh.history["escalation"].rollback_steps == [7] and fresh.history["actions"].lr_scale == 0.01
+
+
+def test_a_disk_snapshot_written_before_the_rename_resumes_with_its_lr_backoff(tmp_path):
+    # keel kept the post-rollback actions' state under history["remedy"] before they were called actions; a
+    # resume from such a snapshot must keep its LR back-off, not silently start again at LR × 1.
+    old = _state()
+    old.history["remedy"] = old.history.pop("actions")
+    old.history["remedy"].lr_scale, old.history["remedy"].lr_scale_since = 0.01, 5
+    DiskSnapshots(tmp_path).save(_take(old, 8))
+    fresh = _state()
+    loaded = DiskSnapshots(tmp_path).load_newest()
+    restore(fresh, loaded.tensors, loaded.skeleton, loaded.plain, resume=True)
+    assert (fresh.history["actions"].lr_scale, fresh.history["actions"].lr_scale_since) == (0.01, 5)
 
 
 class DivergingEvery(AlwaysDiverging):
@@ -194,7 +207,7 @@ def test_lr_backoffs_spaced_wider_than_the_window_stop_at_min_lr_scale():
             opt.zero_grad()
     guard.close()
     assert [d.action for d in decisions if d.action != "ok"] == ["rollback"] * 3
-    assert guard.recovery.remedy.lr_scale == pytest.approx(1e-3)
+    assert guard.recovery.actions.lr_scale == pytest.approx(1e-3)
     assert guard.decisions[-1].action == "abort" and "LR is already scaled by 0.001" in guard.decisions[-1].reason
 
 

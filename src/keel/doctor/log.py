@@ -42,7 +42,7 @@ class RawLog:
         meta: Format-specific facts worth reporting (e.g. ``logging_steps`` of a Trainer state).
         rollbacks: Step → the step whose starting state a Guard restored after it (keel run stores).
         decisions: Every decision the run recorded that was not a plain ``ok`` — skips, rollbacks with their
-            remedies, aborts (keel run stores).
+            actions, aborts (keel run stores).
     """
 
     source: str

@@ -10,9 +10,10 @@ from typing import Any
 from keel._core.decision import Decision
 from keel._core.finding import SEVERITIES, Finding, severity_rank
 
-# How a rollback's reason names the remedies it applied (keel.recover's actuator writes "…; remedies: LR × 0.5
-# from now on, optimizer moments reset. Trigger: …"); "none needed" when it applied none.
-_REMEDIES = re.compile(r"; remedies: (.*?)\. Trigger: ")
+# How a rollback's reason names the actions it applied (keel.recover's actuator writes "…; actions: LR × 0.5
+# from now on, optimizer moments reset. Trigger: …"); "none needed" when it applied none. Stores written before
+# keel called them actions say "remedies: …" instead, and are read the same.
+_ACTIONS = re.compile(r"; (?:actions|remedies): (.*?)\. Trigger: ")
 
 
 @dataclass(kw_only=True)
@@ -53,7 +54,7 @@ class DoctorResult:
 
         Each finding has step, kind, severity, signal, value, baseline, cause, remedy and evidence;
         non-finite numbers become ``null``. Each decision has step, action, by, reason, onset, restored_step
-        and remedies (those a rollback applied, in words; see `remedies_of`).
+        and actions (those a rollback applied, in words; see `actions_of`).
         """
         return {
             "source": self.source,
@@ -64,16 +65,16 @@ class DoctorResult:
         }
 
 
-def remedies_of(decision: Decision) -> list[str]:
-    """The remedies a rollback applied, as its reason names them (``["LR × 0.1 from now on"]``); [] for
+def actions_of(decision: Decision) -> list[str]:
+    """The actions a rollback applied, as its reason names them (``["LR × 0.1 from now on"]``); [] for
     anything else, or a reason that does not name them.
 
     Example:
-        >>> remedies_of(Decision(step=9, action="rollback", reason="rolled back to the snapshot of step 5; "
-        ...                      "remedies: LR × 0.5 from now on, optimizer moments reset. Trigger: divergence"))
+        >>> actions_of(Decision(step=9, action="rollback", reason="rolled back to the snapshot of step 5; "
+        ...                     "actions: LR × 0.5 from now on, optimizer moments reset. Trigger: divergence"))
         ['LR × 0.5 from now on', 'optimizer moments reset']
     """
-    match = _REMEDIES.search(decision.reason) if decision.action == "rollback" else None
+    match = _ACTIONS.search(decision.reason) if decision.action == "rollback" else None
     if match is None or match.group(1) == "none needed":
         return []
     return match.group(1).split(", ")
@@ -87,7 +88,7 @@ def _decision_dict(d: Decision) -> dict[str, Any]:
         "reason": d.reason,
         "onset": d.onset,
         "restored_step": d.restored_step,
-        "remedies": remedies_of(d),
+        "actions": actions_of(d),
     }
 
 

@@ -2,7 +2,7 @@
 
 The signals are read back as records, one per step, with their keel keys; the detectors then run on them
 exactly as on any other log, and the findings the Guard stored are kept alongside for comparison, with its
-decisions (skips, rollbacks and the remedies they applied, aborts).
+decisions (skips, rollbacks and the actions they applied, aborts).
 
 A store is untrusted input: `RunReader` leaves out rows whose values have the wrong type and says so
 (`RunReader.problems`, passed on as notes); the metadata shown here is checked on this side too — a recorded

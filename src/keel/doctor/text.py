@@ -11,7 +11,7 @@ from typing import Any
 from keel._core.decision import Decision
 from keel._core.finding import SEVERITIES, Finding
 from keel._core.printable import printable, printable_tree
-from keel.doctor.result import DoctorResult, remedies_of
+from keel.doctor.result import DoctorResult, actions_of
 
 MAX_ROWS = 50  # findings printed in full; the rest are counted
 
@@ -111,7 +111,7 @@ def _diagnosis_lines(s: dict[str, Any], width: int) -> list[str]:
 
 
 def _decision_lines(decisions: list[Decision], s: dict[str, Any], width: int) -> list[str]:
-    """What the Guard did (a run store only): its skips by step, each rollback with the remedies it applied and
+    """What the Guard did (a run store only): its skips by step, each rollback with the actions it applied and
     what triggered it, each abort with its reason."""
     if "decisions" not in s:
         return []
@@ -130,7 +130,7 @@ def _decision_lines(decisions: list[Decision], s: dict[str, Any], width: int) ->
             began = f" (trouble began at step {d.onset})" if d.onset is not None else ""
             lines += wrap.wrap(
                 f"rollback at step {d.step} to the snapshot of step {d.restored_step}{began}; "
-                f"remedies: {', '.join(remedies_of(d)) or 'none'}; trigger: {trigger}"
+                f"actions: {', '.join(actions_of(d)) or 'none'}; trigger: {trigger}"
             )
         else:
             lines += wrap.wrap(f"abort at step {d.step}: {d.reason}")

@@ -24,7 +24,7 @@ What lags one step, and why that is safe:
 - **The returned `Decision`** is the previous step's (``decision.step`` says which); the first call returns a
   placeholder ``ok``.
 - **Snapshots** are taken after the update as before; the schedule learns of a step's trouble one step late.
-- **Clipping** (``max_grad_norm``, the clip remedy) runs on the device: the same coefficient in float32.
+- **Clipping** (``max_grad_norm``, the tighten_clipping action) runs on the device: the same coefficient in float32.
 
 Needs an optimizer that takes ``found_inf`` (PyTorch's Adam, AdamW or SGD with ``fused=True``) unless
 ``policy="observe"``; not with a GradScaler or under torch.distributed (yet).

@@ -77,7 +77,7 @@ class Guard(DeferredSteps):
             everything in memory. It holds one run: a folder that holds an earlier run is refused unless
             ``resume`` or ``overwrite`` says what to do with it, and it is locked while the Guard is open.
         policy: ``"observe"`` never changes training; ``"skip"`` skips harmful updates; ``"recover"`` also
-            rolls back to in-memory snapshots and applies remedies.
+            rolls back to in-memory snapshots and applies the post-rollback actions.
         scaler: A ``torch.amp.GradScaler`` the loop uses; the loop calls ``scaler.scale(loss).backward()``
             and passes the unscaled ``loss`` to `step`.
         log_every: Cadence of the per-parameter signals (parameter norms, update ratios, per-tensor norms).
@@ -224,7 +224,7 @@ class Guard(DeferredSteps):
         self._start_step = self.global_step
         if self.recovery is not None:
             # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR
-            # far too high from the start) can only be undone by starting over with the remedy.
+            # far too high from the start) can only be undone by starting over with the actions.
             self.actuator.after_step(self.global_step)
 
     def _set_up_components(self, detectors: Sequence[Detector] | None) -> None:
@@ -437,7 +437,7 @@ class Guard(DeferredSteps):
         return now
 
     def _host_values(self, step: int, step_time: float) -> dict[str, float]:
-        """The values the host knows without measuring: learning rates (remedy scale applied), step time."""
+        """The values the host knows without measuring: learning rates (LR back-off applied), step time."""
         scale = self.actuator.lr_scale(step)
         lrs = [float(g["lr"]) * scale for g in self.optimizer.param_groups]
         values = {keys.LR: lrs[0]}

@@ -20,7 +20,7 @@ runs at interpreter exit if the loop never calls it):
   keeps the norm it returns — the norm *before* clipping — and detects on it (``Guard.step(grad_norm=)``), so
   clipping does not hide a gradient spike. (A ``clip_grad_norm_`` imported by name before `watch` is not seen;
   keel then measures the clipped gradients.)
-- **learning rates** the loop writes into ``param_groups`` are used as written; a remedy's LR scale
+- **learning rates** the loop writes into ``param_groups`` are used as written; the lr_backoff action's LR scale
   multiplies them for each update, so it survives the loop's writes.
 
 Gradient accumulation needs nothing: micro-batches add up until the loop's update call.

@@ -1,6 +1,6 @@
 """Actuator: carries out a `Decision` on the live training objects — step, skip or roll back.
 
-The declared order at the optimizer: fence the snapshot in flight → clip → scale the LR (remedy) →
+The declared order at the optimizer: fence the snapshot in flight → clip → scale the LR (the lr_backoff action) →
 ``optimizer.step()`` (through the GradScaler when one is used) → restore the LR → ``scheduler.step()``.
 A skipped step advances neither the optimizer nor the scheduler (Megatron and the HF Trainer do the same);
 under ``observe`` the scheduler steps exactly as in the bare loop.
@@ -32,7 +32,7 @@ class Actuator:
         state: The run's model, optimizer, scheduler and scaler.
         observe: True under ``policy="observe"`` (the scheduler then steps as in the bare loop).
         max_grad_norm: Clip the global gradient norm to this before stepping; ``None`` does not clip.
-        recovery: Snapshots and remedies, under ``policy="recover"`` or when resuming.
+        recovery: Snapshots and actions, under ``policy="recover"`` or when resuming.
     """
 
     def __init__(
@@ -52,7 +52,7 @@ class Actuator:
         Args:
             decision: What to do.
             grad_norm: This step's global gradient norm (for clipping without measuring it again).
-            rollbacks_in_window: Rollbacks in the escalation window, this one included (remedies escalate).
+            rollbacks_in_window: Rollbacks in the escalation window, this one included (actions escalate).
         """
         if decision.action == "rollback":
             return self._rollback(decision, rollbacks_in_window)
@@ -103,7 +103,7 @@ class Actuator:
 
     @contextlib.contextmanager
     def _lr_scaled(self, step: int) -> Iterator[None]:
-        """The optimizer's learning rates times the remedy's LR scale, for one step."""
+        """The optimizer's learning rates times the LR scale of the actions in force, for one step."""
         scale = self.lr_scale(step)
         groups = self.state.optimizer.param_groups
         saved = [g["lr"] for g in groups]
@@ -122,8 +122,8 @@ class Actuator:
         torch._foreach_mul_(grads, coef)
 
     def _clip_limit(self) -> float | None:
-        remedy = self.recovery.remedy.max_grad_norm if self.recovery is not None else None
-        limits = [x for x in (self.max_grad_norm, remedy) if x is not None]
+        tightened = self.recovery.actions.max_grad_norm if self.recovery is not None else None
+        limits = [x for x in (self.max_grad_norm, tightened) if x is not None]
         return min(limits) if limits else None
 
     def _rollback(self, decision: Decision, rollbacks_in_window: int) -> Decision:
@@ -151,11 +151,11 @@ class Actuator:
                 action="abort",
                 reason=f"{decision.reason}; no snapshot from before step {decision.onset} to roll back to",
             )
-        remedies = ", ".join(result.remedies) or "none needed"
+        actions = ", ".join(result.actions) or "none needed"
         return replace(
             decision,
             restored_step=result.snapshot.step,
             reason=f"rolled back to the snapshot of step {result.snapshot.step} (trouble began at step "
             f"{decision.onset}); steps {result.snapshot.step}–{decision.step} are not replayed; "
-            f"remedies: {remedies}. Trigger: {decision.reason}",
+            f"actions: {actions}. Trigger: {decision.reason}",
         )

@@ -31,6 +31,7 @@ import torch
 from safetensors.torch import load_file
 from torch import Tensor
 
+from keel.recover.actions import HISTORY_KEY, LEGACY_HISTORY_KEY
 from keel.recover.snapshot import Snapshot
 
 TENSORS, META = "tensors.safetensors", "meta.json"
@@ -102,6 +103,7 @@ def read_snapshot(folder: str | Path) -> Snapshot:
         raise SnapshotInvalid("meta.json is nested too deeply to be keel's") from None
     _check_skeleton(skeleton, tensors)
     _check_plain(plain)
+    _upgrade_history(plain)
     snap = Snapshot(step=meta["step"], tensors=tensors, skeleton=skeleton, plain=plain, created=meta["created"])
     snap.ready.set()
     return snap
@@ -299,6 +301,14 @@ def _check_plain(plain: Any) -> None:
         if not isinstance(plain.get(key), allowed):
             raise SnapshotInvalid(f"meta.json: the {key} state is {_short(plain.get(key))}, not what keel writes")
     _check_rng(plain["rng"])
+
+
+def _upgrade_history(plain: dict[str, Any]) -> None:
+    """Read the history of a snapshot from an earlier keel under today's keys (the post-rollback actions' state
+    was ``"remedy"``), so a resume from it keeps its LR back-off."""
+    history = plain.get("history")
+    if isinstance(history, dict) and LEGACY_HISTORY_KEY in history and HISTORY_KEY not in history:
+        history[HISTORY_KEY] = history.pop(LEGACY_HISTORY_KEY)
 
 
 def _check_rng(rng: dict[str, Any]) -> None:

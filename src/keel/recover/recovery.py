@@ -1,4 +1,4 @@
-"""Recovery: when to snapshot, how to roll back, and the remedies that follow — for `Guard`'s recover policy.
+"""Recovery: when to snapshot, how to roll back, and the actions that follow — for `Guard`'s recover policy.
 
 Snapshots are taken every ``snapshot_every`` steps, and every ``snapshot_every_on_warning`` steps while an
 early warning is open (so a rollback lands close to where the trouble began), but never within
@@ -6,7 +6,7 @@ early warning is open (so a rollback lands close to where the trouble began), bu
 warning opens, the newest snapshot from before its onset is pinned (``keep_pinned``): the dense snapshots
 that follow, or hundreds of quiet steps before the warning turns critical, do not push it out. A rollback
 restores the newest snapshot from before the trouble's onset (the findings' ``onset_step`` evidence, less
-``rollback_margin``), reseeds the RNGs so the window is not replayed, and applies the remedies.
+``rollback_margin``), reseeds the RNGs so the window is not replayed, and applies the actions.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from typing import Any
 from keel._core.errors import KeelWarning
 from keel._core.finding import Finding
 from keel._core.validate import check_types, require_ints
+from keel.recover.actions import HISTORY_KEY, ActionState, apply_actions, choose_actions, current_lr_scale
 from keel.recover.compat import describe_differences, setup_differences
 from keel.recover.disk import SNAPSHOT_DIR, DiskSnapshots
-from keel.recover.remedies import RemedyState, apply_remedies, choose_remedies, current_lr_scale
 from keel.recover.snapshot import Snapshot, SnapshotRing
 from keel.recover.state import TrainingState, reseed, restore
 
@@ -40,7 +40,7 @@ class RecoveryConfig:
         keep_on_disk: Disk snapshots kept.
         quiet_steps: No snapshot within this many steps of a skip or a critical finding.
         rollback_margin: Roll back to a snapshot at least this many steps before the onset.
-        lr_backoff: LR factor of the ``lr_backoff`` remedy (compounds over repeated rollbacks).
+        lr_backoff: LR factor of the ``lr_backoff`` action (compounds over repeated rollbacks).
         min_lr_scale: The smallest LR scale back-offs may reach: a rollback that would go below it aborts the
             run instead (rollbacks spaced wider than the escalation window otherwise compound without end, and a
             run creeping on at 1e-10 of its LR is stopped in all but name).
@@ -103,20 +103,20 @@ class RecoveryConfig:
 
 
 class RecoveryExhausted(Exception):
-    """A rollback would need a remedy beyond its limit (`RecoveryConfig.min_lr_scale`): the run aborts instead."""
+    """A rollback would need an action beyond its limit (`RecoveryConfig.min_lr_scale`): the run aborts instead."""
 
 
 @dataclass
 class RollbackResult:
     snapshot: Snapshot
-    remedies: list[str]
+    actions: list[str]
 
 
 class Recovery:
-    """Owns the snapshot ring, the disk tier and the remedies of one run.
+    """Owns the snapshot ring, the disk tier and the actions of one run.
 
-    Its own counters (rollbacks so far, the snapshot schedule) and the remedies in force are part of the run's
-    history (`TrainingState.history`): a rollback keeps them, a resume restores them, so remedies compound
+    Its own counters (rollbacks so far, the snapshot schedule) and the actions in force are part of the run's
+    history (`TrainingState.history`): a rollback keeps them, a resume restores them, so actions compound
     over repeated rollbacks and a resumed run takes its snapshots and reseeds exactly as the uninterrupted one.
     """
 
@@ -124,8 +124,8 @@ class Recovery:
         self, state: TrainingState, config: RecoveryConfig, run_dir: str | Path | None, *, run_id: str | None = None
     ) -> None:
         self.state, self.config = state, config
-        self.remedy = RemedyState()
-        state.history["remedy"] = self.remedy
+        self.actions = ActionState()
+        state.history[HISTORY_KEY] = self.actions
         state.history["recovery"] = self
         self.ring = SnapshotRing(config.keep_in_memory, config.keep_pinned, config.copy_in_background)
         # with a run_dir the disk tier always exists, so a resume reads the snapshots there even when this run
@@ -191,15 +191,15 @@ class Recovery:
     def rollback(
         self, step: int, onset: int, findings: tuple[Finding, ...], rollbacks_in_window: int
     ) -> RollbackResult | None:
-        """Restore the newest snapshot from before ``onset`` and apply remedies; None when there is none."""
+        """Restore the newest snapshot from before ``onset`` and apply actions; None when there is none."""
         # The value at step k comes from the state at the start of step k, made by update k - 1: the margin
         # steps back past that update. Nothing precedes the starting state, which no update has touched.
         snap = self.ring.newest_before(self._rollback_point(onset))
         if snap is None:
             return None
-        remedies = choose_remedies(findings, rollbacks_in_window)
+        actions = choose_actions(findings, rollbacks_in_window)
         scale = self.lr_scale(step)
-        if "lr_backoff" in remedies and scale * self.config.lr_backoff < self.config.min_lr_scale:
+        if "lr_backoff" in actions and scale * self.config.lr_backoff < self.config.min_lr_scale:
             raise RecoveryExhausted(
                 f"the LR is already scaled by {scale:.3g} after {self.rollbacks} rollback(s); "
                 f"another back-off would take it below min_lr_scale={self.config.min_lr_scale:g}"
@@ -208,9 +208,9 @@ class Recovery:
         self.ring.drop_after(snap.step)
         self.rollbacks += 1
         reseed(1_000_003 * snap.step + 7_919 * step + self.rollbacks)
-        done = apply_remedies(
-            remedies,
-            self.remedy,
+        done = apply_actions(
+            actions,
+            self.actions,
             self.state.optimizer,
             step=step,
             lr_backoff=self.config.lr_backoff,
@@ -220,10 +220,10 @@ class Recovery:
         self._last_trouble = step
         if self.writes_disk:
             # The disk snapshots newer than the restored one belong to the timeline just abandoned: a run killed
-            # now must not resume into it. The restored state, remedies applied, is the new timeline's start.
+            # now must not resume into it. The restored state, actions applied, is the new timeline's start.
             self.disk.drop_after(snap.step)  # type: ignore[union-attr]
             self._take(step + 1, to_disk=True)
-        return RollbackResult(snapshot=snap, remedies=done)
+        return RollbackResult(snapshot=snap, actions=done)
 
     def _rollback_point(self, onset: int) -> int:
         return max(0, onset - self.config.rollback_margin)
@@ -288,9 +288,9 @@ class Recovery:
                 stacklevel=4,
             )
 
-    # --- remedies in force --------------------------------------------------------------------------
+    # --- actions in force ---------------------------------------------------------------------------
     def lr_scale(self, step: int) -> float:
-        return current_lr_scale(self.remedy, step, self.config.cooldown_steps)
+        return current_lr_scale(self.actions, step, self.config.cooldown_steps)
 
     def state_dict(self) -> dict[str, Any]:
         return {

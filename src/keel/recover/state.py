@@ -6,7 +6,7 @@ RNG, data position), and `tensor_sources` lists the large tensors (parameters, b
 the bulk copy.
 
 Each part has a role that says when it is restored. A rollback goes back to the training state of an earlier
-step but keeps the run's own history (how often it rolled back, the remedies in force) and its data position;
+step but keeps the run's own history (how often it rolled back, the actions in force) and its data position;
 a resume after the process died restores everything.
 """
 
@@ -40,7 +40,7 @@ class TrainingState:
         components: Other stateful parts of the training state by name (detector baselines): restored on
             rollback and on resume.
         history: The run's record of its own recovery by name (the escalation ladder's counts of skips and
-            rollbacks, the remedies in force, the snapshot schedule). Restored on resume, not on rollback:
+            rollbacks, the actions in force, the snapshot schedule). Restored on resume, not on rollback:
             the counters that stop the ladder from looping, and the LR back-off that compounds over repeated
             rollbacks, must outlive the rollbacks they count.
         tracked: The data position: objects with ``state_dict``/``load_state_dict`` registered by the user

@@ -1,6 +1,6 @@
-"""Remedies applied after a rollback, chosen by what the diagnosis says went wrong.
+"""Actions applied after a rollback, chosen by what the diagnosis says went wrong.
 
-| remedy             | what it does                                         | when                                     |
+| action             | what it does                                         | when                                     |
 |--------------------|------------------------------------------------------|------------------------------------------|
 | `lr_backoff`       | scales each group's LR by `lr_backoff` (compounding) | model-caused trouble, repeated rollbacks |
 | `reset_moments`    | clears the optimizer state (Adam moments from 0)     | non-finite parameters                    |
@@ -26,11 +26,14 @@ from keel._core import keys
 from keel._core.finding import Finding
 
 MODEL_CAUSED_KINDS = frozenset({"divergence", "non_finite"})
+HISTORY_KEY = "actions"  # `ActionState`'s key in `TrainingState.history`, and so in every snapshot
+# Disk snapshots written before keel called these "actions" hold the same state under this key.
+LEGACY_HISTORY_KEY = "remedy"
 
 
 @dataclass
-class RemedyState:
-    """What the remedies have changed so far; part of every snapshot's components."""
+class ActionState:
+    """What the actions have changed so far; part of the run's history in every snapshot."""
 
     lr_scale: float = 1.0
     lr_scale_since: int = 0  # step the current scale was set (for the cool-down ramp)
@@ -44,27 +47,27 @@ class RemedyState:
         self.max_grad_norm = state["max_grad_norm"]
 
 
-def choose_remedies(findings: tuple[Finding, ...], rollbacks_in_window: int) -> list[str]:
-    """The remedies a rollback applies, from the findings that triggered it.
+def choose_actions(findings: tuple[Finding, ...], rollbacks_in_window: int) -> list[str]:
+    """The actions a rollback applies, from the findings that triggered it.
 
     Data-caused trouble (a run of spikes that skipping could not end) gets only the rollback itself — the
     PaLM recipe: restart earlier and skip the offending batches — unless it is already a repeat.
     """
     kinds = {f.kind for f in findings if f.severity == "critical"}
     params_broken = any(f.kind == "non_finite" and f.signal == keys.PARAM_NORM for f in findings)
-    remedies = []
+    actions = []
     if kinds & MODEL_CAUSED_KINDS or rollbacks_in_window > 1 or not kinds <= {"loss_spike", "grad_spike", "non_finite"}:
-        remedies.append("lr_backoff")
+        actions.append("lr_backoff")
     if params_broken:
-        remedies.append("reset_moments")
+        actions.append("reset_moments")
     if any(f.kind == "grad_spike" and f.baseline == f.baseline for f in findings):
-        remedies.append("tighten_clipping")
-    return remedies
+        actions.append("tighten_clipping")
+    return actions
 
 
-def apply_remedies(
-    remedies: list[str],
-    state: RemedyState,
+def apply_actions(
+    actions: list[str],
+    state: ActionState,
     optimizer: torch.optim.Optimizer,
     *,
     step: int,
@@ -72,27 +75,27 @@ def apply_remedies(
     cooldown_steps: int | None,
     findings: tuple[Finding, ...],
 ) -> list[str]:
-    """Apply ``remedies``; returns one sentence per remedy for the decision's reason."""
+    """Apply ``actions``; returns one sentence per action for the decision's reason."""
     done = []
-    for remedy in remedies:
-        if remedy == "lr_backoff":
+    for action in actions:
+        if action == "lr_backoff":
             state.lr_scale = current_lr_scale(state, step, cooldown_steps) * lr_backoff
             state.lr_scale_since = step
             done.append(f"LR × {state.lr_scale:.3g} from now on")
-        elif remedy == "reset_moments":
+        elif action == "reset_moments":
             optimizer.state.clear()
             done.append("optimizer moments reset")
-        elif remedy == "tighten_clipping":
+        elif action == "tighten_clipping":
             baselines = [f.baseline for f in findings if f.kind == "grad_spike" and f.baseline == f.baseline]
             limit = 2.0 * min(baselines)
             state.max_grad_norm = min(limit, state.max_grad_norm or limit)
             done.append(f"gradient norm clipped at {state.max_grad_norm:.3g}")
         else:
-            raise ValueError(f"unknown remedy {remedy!r}; allowed: lr_backoff, reset_moments, tighten_clipping")
+            raise ValueError(f"unknown action {action!r}; allowed: lr_backoff, reset_moments, tighten_clipping")
     return done
 
 
-def current_lr_scale(state: RemedyState, step: int, cooldown_steps: int | None) -> float:
+def current_lr_scale(state: ActionState, step: int, cooldown_steps: int | None) -> float:
     """The LR scale at ``step``: constant, or ramping back to 1 over ``cooldown_steps``."""
     if cooldown_steps is None or state.lr_scale == 1.0:
         return state.lr_scale
