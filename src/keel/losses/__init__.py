@@ -2,6 +2,7 @@
 
 from keel.losses.group_advantages import TRL_ADVANTAGE_EPS, group_advantages, informative_groups
 from keel.losses.kl_penalty import VERL_KL_CLAMP, VERL_LOG_RATIO_CLAMP, k3_kl
+from keel.losses.overlong import DAPO_CACHE_LENGTH, DAPO_MAX_LENGTH, soft_overlong_punishment
 from keel.losses.policy_gradient import DAPO_EPS_HIGH, DAPO_EPS_LOW, PolicyLoss, clipped_policy_loss
 from keel.losses.preference import DPOLoss, chosen_sft_loss, dpo_loss
 from keel.losses.pseudo_huber import pseudo_huber, pseudo_huber_c
@@ -14,6 +15,9 @@ from keel.losses.stablemax_cross_entropy import (
 from keel.losses.z_loss import log_partition, z_loss, z_loss_from_log_z
 
 __all__ = [
+    "DAPO_CACHE_LENGTH",
+    "DAPO_MAX_LENGTH",
+    "soft_overlong_punishment",
     "DAPO_EPS_HIGH",
     "DAPO_EPS_LOW",
     "PolicyLoss",
