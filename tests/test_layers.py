@@ -18,6 +18,7 @@ ALLOWED: dict[str, set[str]] = {
     "store": {"_core"},
     "nn": {"_core", "losses"},
     "losses": {"_core"},
+    "data": {"_core"},
     "optim": {"_core"},
     "recover": {"_core", "signals", "detect"},
     "guard": {"_core", "signals", "detect", "recover", "store"},
