@@ -44,7 +44,7 @@ def test_stabilized_arm_has_no_findings_where_the_bare_arm_has_critical_ones(tmp
     print_diagnosis(runs["bare"], runs["stabilized"], out)
     text = out.getvalue()
     assert "1. Attention-logit growth (first seen at step 5, critical at step 20" in text, text
-    assert "QK-norm" in text and "arXiv" in text  # the remedy, with its source
+    assert "QK-norm" in text and "arXiv" in text  # the advice, with its source
 
 
 @pytest.mark.slow

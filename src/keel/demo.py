@@ -132,7 +132,7 @@ def print_summary(results: dict[str, ProxyRun], arms: list[DemoRun], stream=sys.
         if not serious and not acted:
             continue
         print(f"\n{arm.name} ({arm.note}):", file=stream)
-        for f in serious[:6]:  # causes and remedies are the diagnosis's, printed once below
+        for f in serious[:6]:  # causes and advice are the diagnosis's, printed once below
             print(f"  step {f.step:>5}  {f.severity:<8} {f.kind} ({f.signal} = {f.value:.4g})", file=stream)
         if len(serious) > 6:
             print(f"  … and {len(serious) - 6} more findings (see the run store)", file=stream)

@@ -7,7 +7,7 @@ that shares none of their data structures. Five changes, all fixes made together
 hostile log or setting made the originals raise or hang): ``exp(x) − 1`` that overflows is ∞, a log-ratio
 whose quotient underflows is a difference of logs, a spike over a baseline of exactly 0 has the ratio ∞ in its
 text (it divided by zero), a noise so large that the window it needs overflows asks for the widest window, and
-the divergence window ladder grows from a ``short`` under 4 (it looped forever). Cause and remedy texts are the
+the divergence window ladder grows from a ``short`` under 4 (it looped forever). Cause and advice texts are the
 detectors' own (only the numbers in them are checked here).
 """
 
@@ -145,7 +145,7 @@ class ReferenceSpike:
             return []
         return [self._finding(step, severity, x, baseline, evidence, *_explain(cfg, severity, ratio, run))]
 
-    def _finding(self, step, severity, x, baseline, evidence, cause, remedy):
+    def _finding(self, step, severity, x, baseline, evidence, cause, advice):
         return Finding(
             step=step,
             kind=self.config.kind,
@@ -155,7 +155,7 @@ class ReferenceSpike:
             baseline=baseline,
             evidence=evidence,
             cause=cause,
-            remedy=remedy,
+            advice=advice,
         )
 
     def _end_episode(self, step):
@@ -260,7 +260,7 @@ class ReferenceDivergence:
             f"The loss's running median has stayed {1 + excess:.3g}× its best level (step "
             f"{self._best_step}) for {self._run} steps{noisy}: training is diverging, not spiking."
         )
-        remedy = (
+        advice = (
             "Roll back to a snapshot before the onset and continue with a lower learning rate "
             "(policy='recover'; PaLM and OPT-175B restarted earlier with a lower LR); check attention "
             "logits and consider QK-norm and z-loss (Wortsman et al. 2023)."
@@ -275,7 +275,7 @@ class ReferenceDivergence:
                 baseline=self._best,
                 evidence=evidence,
                 cause=cause,
-                remedy=remedy,
+                advice=advice,
             )
         ]
 

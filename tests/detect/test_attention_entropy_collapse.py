@@ -29,7 +29,7 @@ def test_collapse_is_flagged_at_the_exact_steps():
     assert finding.evidence["fraction"] == pytest.approx(0.6 / 3.2, abs=1e-4)
     assert finding.evidence["slope_per_step"] == pytest.approx(-0.02, rel=1e-6)
     assert finding.evidence["steps_to_critical"] == pytest.approx((0.6 - 0.16) / 0.02, abs=0.1)
-    assert "σReparam" in finding.remedy and "Zhai" in finding.remedy
+    assert "σReparam" in finding.advice and "Zhai" in finding.advice
     found = run(AttentionEntropyCollapseDetector(), values + [0.1, 0.05])
     assert [(f.step, f.severity) for f in found] == [(160, "warning"), (190, "critical")]
 

@@ -42,8 +42,8 @@ def test_exponential_growth_is_flagged_at_the_exact_step_with_its_projection():
     # at the warning the logit is 2·1.5⁴ = 10.1: it reaches 1000 after log(1000/10.1)/log(1.5) ≈ 11.3 more steps
     assert warning.evidence["steps_to_critical"] == pytest.approx(11.3, abs=0.1)
     assert warning.evidence["projected_critical_step"] == 75
-    assert [r["action"] for r in warning.evidence["remedies"]][0].startswith("add QK-norm")
-    assert "QK-norm" in warning.remedy and "Dehghani" in warning.remedy
+    assert [r["action"] for r in warning.evidence["advice"]][0].startswith("add QK-norm")
+    assert "QK-norm" in warning.advice and "Dehghani" in warning.advice
     # the logit crosses 1000 at 2·1.5^k ≥ 1000 → k = 16 → step 75: the projection was right
     assert (critical.step, critical.severity) == (75, "critical")
 

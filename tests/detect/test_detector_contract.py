@@ -63,7 +63,7 @@ def _assert_well_formed(finding, steps):
     assert isinstance(finding.signal, str) and finding.signal
     json.dumps(finding.evidence)  # JSON-able as it is (the store writes it), no `default=` needed
     assert isinstance(finding.cause, str) and finding.cause
-    assert isinstance(finding.remedy, str)
+    assert isinstance(finding.advice, str)
 
 
 def _touched(observations):

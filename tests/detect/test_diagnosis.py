@@ -24,7 +24,7 @@ def test_mechanism_explains_later_symptoms_and_folds_entropy_collapse():
     assert (d.kind, d.first_step, d.critical_step, d.severity) == ("attention_logit_growth", 8, 33, "critical")
     assert d.consequences == {"loss_spike": 40, "divergence": 60}
     assert d.evidence["level"] == 15.5 and d.evidence["attention_entropy_collapse"]["first_step"] == 20
-    assert d.remedies[0]["action"].startswith("add QK-norm") and "Dehghani" in d.remedies[0]["source"]
+    assert d.advice[0]["action"].startswith("add QK-norm") and "Dehghani" in d.advice[0]["source"]
 
 
 def test_symptom_before_any_mechanism_is_its_own_cause_and_order_is_by_first_sighting():
@@ -45,13 +45,13 @@ def test_lead_time_and_store_form():
     assert d.to_dict()["when"] == d.when() and d.when() in d.summary()
     stored = d.to_finding()
     assert stored.kind == "diagnosis" and stored.signal == "attention_logit_growth"
-    assert stored.evidence["lead_steps"] == 82 and "QK-norm" in stored.remedy
+    assert stored.evidence["lead_steps"] == 82 and "QK-norm" in stored.advice
 
 
-def test_every_cause_has_sourced_remedies():
+def test_every_cause_has_sourced_advice():
     for kind, cause in CAUSES.items():
-        assert cause.kind == kind and cause.remedies, kind
-        assert all(r.source and r.action for r in cause.remedies), kind
+        assert cause.kind == kind and cause.advice, kind
+        assert all(r.source and r.action for r in cause.advice), kind
 
 
 def test_where_nan_was_born_is_evidence_for_the_explaining_cause():

@@ -1,4 +1,4 @@
-"""The diagnosis reaches the run store (meta ``diagnosis``) and `keel doctor`'s output, with cause and remedies."""
+"""The diagnosis reaches the run store (meta ``diagnosis``) and `keel doctor`'s output, with cause and advice."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ from keel.store import RunReader
 from tests.conftest import TinyNet, make_batches, observe_poisoned_run
 
 
-def test_guard_stores_named_causes_with_first_sighting_lead_time_and_sourced_remedies(tmp_path):
+def test_guard_stores_named_causes_with_first_sighting_lead_time_and_sourced_advice(tmp_path):
     guard = observe_poisoned_run(tmp_path / "run")  # batch 60's loss jumps ~900×
     with RunReader(tmp_path / "run") as run:
         stored = run.meta()["diagnosis"]
@@ -23,7 +23,7 @@ def test_guard_stores_named_causes_with_first_sighting_lead_time_and_sourced_rem
     assert (first["kind"], first["first_step"], first["severity"]) == ("loss_spike", 60, "critical")
     # the loss degraded at the spike itself: seen at once, no earlier
     assert (first["degraded_step"], first["lead_steps"]) == (60, 0)
-    assert all(r["source"] for r in first["remedies"]) and "first seen at step 60" in first["summary"]
+    assert all(r["source"] for r in first["advice"]) and "first seen at step 60" in first["summary"]
 
 
 def test_clean_run_stores_an_empty_diagnosis(tmp_path):
@@ -45,7 +45,7 @@ def test_doctor_shows_the_diagnosis_of_an_attention_logit_growth_run(tmp_path, c
     train_proxy(TrainConfig(size="tiny", steps=30, lr=0.1), policy="observe", run_dir=str(tmp_path / "run"))
     with RunReader(tmp_path / "run") as run:
         (first, *_) = run.meta()["diagnosis"]
-    assert first["kind"] == "attention_logit_growth" and first["remedies"][0]["action"].startswith("add QK-norm")
+    assert first["kind"] == "attention_logit_growth" and first["advice"][0]["action"].startswith("add QK-norm")
     assert main(["doctor", str(tmp_path / "run")]) == 0
     out = capsys.readouterr().out
     assert "diagnosis (recorded by the Guard at the end of the run):" in out

@@ -33,7 +33,7 @@ def test_lr_jump_is_flagged_in_the_step_it_is_measured():
     assert [(f.step, f.severity) for f in found] == [(3, "warning"), (5, "critical")]
     assert found[0].evidence["typical_margin"] == 0.8
     assert found[0].evidence["stable_lr"] == pytest.approx(0.012)
-    assert "lower the learning rate" in found[0].remedy
+    assert "lower the learning rate" in found[0].advice
 
 
 def test_adam_start_and_creeping_margins_are_silent_and_episodes_restart():

@@ -99,8 +99,8 @@ def test_an_explained_finding_carries_the_catalogue_entry_of_its_kind():
         0.01,
     )
     assert f.cause == f"20% of the rows are one-hot. {cause.mechanism}"
-    assert f.remedy == cause.remedy_text()
-    assert list(f.evidence) == ["fraction", "remedies"] and f.evidence["remedies"] == cause.remedy_dicts()
+    assert f.advice == cause.advice_text()
+    assert list(f.evidence) == ["fraction", "advice"] and f.evidence["advice"] == cause.advice_dicts()
 
 
 def test_a_kind_outside_the_catalogue_keeps_its_text_alone():
@@ -114,4 +114,4 @@ def test_a_kind_outside_the_catalogue_keeps_its_text_alone():
         evidence={"a": 1},
         text="x is high.",
     )
-    assert (f.cause, f.remedy, f.evidence) == ("x is high.", "", {"a": 1})
+    assert (f.cause, f.advice, f.evidence) == ("x is high.", "", {"a": 1})

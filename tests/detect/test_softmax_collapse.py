@@ -22,7 +22,7 @@ def test_exact_steps_and_evidence():
     assert [(f.step, f.severity) for f in found] == [(22, "warning"), (25, "critical")]
     assert found[0].evidence["onset_step"] == 21  # first measurement at or above 1 %
     assert found[0].evidence["grad/weight_cos"] == -0.97 and found[0].evidence["logits/zero_loss"] == 0.3
-    assert "StableMax" in found[0].remedy and "Prieto" in found[0].remedy
+    assert "StableMax" in found[0].advice and "Prieto" in found[0].advice
 
 
 def test_zero_and_isolated_blips_are_silent():

@@ -70,7 +70,7 @@ def test_a_rank_whose_shard_goes_bad_is_named_once_half_the_short_window_is_bad(
     ]  # the 5th bad step: the median of the last 9 has turned
     [f] = found
     assert f.kind == "rank_outlier" and f.severity == "warning" and f.signal == "rank/loss/1"
-    assert "Rank 1" in f.cause and "MUD-HoG" in f.remedy
+    assert "Rank 1" in f.cause and "MUD-HoG" in f.advice
 
 
 def test_a_persistently_different_rank_is_named_when_the_warmup_ends():

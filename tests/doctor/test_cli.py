@@ -32,7 +32,7 @@ def _no_nan(text):
     return json.loads(text, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in output"))
 
 
-def test_table_shows_alarms_with_cause_and_remedy_and_counts_infos(spiky_csv, capsys):
+def test_table_shows_alarms_with_cause_and_advice_and_counts_infos(spiky_csv, capsys):
     assert main(["doctor", str(spiky_csv)]) == 0
     out = capsys.readouterr().out
     assert "step" in out and "severity" in out and "evidence" in out
@@ -40,7 +40,7 @@ def test_table_shows_alarms_with_cause_and_remedy_and_counts_infos(spiky_csv, ca
     crit = next(i for i, line in enumerate(lines) if line.split()[:3] == ["180", "critical", "loss_spike"])
     assert "z=" in lines[crit] and "ratio=" in lines[crit]
     assert lines[crit + 1].strip().startswith("cause:") and any(
-        line.strip().startswith("remedy:") for line in lines[crit + 1 : crit + 8]
+        line.strip().startswith("advice:") for line in lines[crit + 1 : crit + 8]
     )
     assert any(line.split()[:3] == ["122", "warning", "loss_spike"] for line in lines)
     assert "loss_spike (info) at steps 60, 120" in out  # below the table, counted
@@ -59,7 +59,7 @@ def test_json_shape(spiky_csv, capsys):
     assert doc["source"] == str(spiky_csv) and doc["format"] == "csv"
     assert {"counts", "stride", "signals", "detectors", "restarts", "gaps"} <= set(doc["summary"])
     first = doc["findings"][0]
-    assert set(first) >= {"step", "kind", "severity", "signal", "value", "baseline", "cause", "remedy"}
+    assert set(first) >= {"step", "kind", "severity", "signal", "value", "baseline", "cause", "advice"}
     assert [(f["step"], f["severity"]) for f in doc["findings"]] == [
         (60, "info"),
         (120, "info"),

@@ -248,7 +248,7 @@ def test_escape_codes_in_stored_findings_are_shown_escaped(tmp_path, capsys):
                     severity="critical",
                     signal=f"{ESC}[2Jsig",
                     cause=f"{ESC}]0;x\a",
-                    remedy="\u202e",
+                    advice="\u202e",
                     evidence={f"{ESC}k": f"{ESC}v"},
                 )
             ]

@@ -60,7 +60,7 @@ def test_a_recovering_run_logs_its_critical_findings_skips_rollback_and_a_summar
 
     critical = [r for r in records if r.levelno == logging.ERROR and "non_finite" in r.getMessage()]
     assert critical and critical[0].getMessage().startswith("step 23 non_finite critical"), lines
-    assert "Non-finite loss" in critical[0].getMessage() and "remedy: Skip this update" in critical[0].getMessage()
+    assert "Non-finite loss" in critical[0].getMessage() and "advice: Skip this update" in critical[0].getMessage()
     assert all("\n" not in r.getMessage() for r in records if r.levelno != logging.INFO)  # one line each
     skips = [m for m in lines if re.match(r"step 2[345] skip", m)]
     assert len(skips) == 3, lines
@@ -104,7 +104,7 @@ def _finding(step: int, kind: str = "loss_spike", severity: str = "warning") -> 
         value=9.0,
         baseline=1.0,
         cause="the loss jumped\nfar above its median",
-        remedy="look at the batch",
+        advice="look at the batch",
     )
 
 
@@ -278,12 +278,12 @@ HOSTILE = st.text(alphabet=st.characters(codec="utf-8"), max_size=300) | st.samp
     kind=HOSTILE,
     signal=HOSTILE,
     cause=HOSTILE,
-    remedy=HOSTILE,
+    advice=HOSTILE,
     reason=HOSTILE,
     value=st.floats() | st.integers() | st.just("text"),
     severity=st.sampled_from(["info", "warning", "critical"]),
 )
-def test_hostile_finding_text_is_one_printable_line(kind, signal, cause, remedy, reason, value, severity):
+def test_hostile_finding_text_is_one_printable_line(kind, signal, cause, advice, reason, value, severity):
     shown: list[logging.LogRecord] = []
 
     class Catch(logging.Handler):
@@ -294,7 +294,7 @@ def test_hostile_finding_text_is_one_printable_line(kind, signal, cause, remedy,
     logger.addHandler(handler)
     level, logger.level = logger.level, logging.DEBUG
     try:
-        finding = Finding(step=3, kind=kind, severity=severity, signal=signal, value=value, cause=cause, remedy=remedy)
+        finding = Finding(step=3, kind=kind, severity=severity, signal=signal, value=value, cause=cause, advice=advice)
         Console().step(Decision(step=3, action="skip", reason=reason, findings=(finding,)))
         Console().summary(
             status=reason,

@@ -39,7 +39,7 @@ HUGE = "A" * 200_000
 COLUMNS = {
     "meta": ("key", "value"),
     "signals": ("step", "key", "value"),
-    "findings": ("step", "kind", "severity", "signal", "value", "baseline", "evidence", "cause", "remedy"),
+    "findings": ("step", "kind", "severity", "signal", "value", "baseline", "evidence", "cause", "advice"),
     "decisions": ("step", "action", "reason", "actor", "onset", "restored_step"),
     "snapshots": ("step", "path", "checksum", "created"),
 }
@@ -110,7 +110,7 @@ def hostile_run_store(root: Path, *, steps: int = 60) -> Path:
     evidence = {
         hostile("ev.key"): hostile("ev.value"),
         "nested": {"x": [hostile("ev.list")]},
-        "remedies": [
+        "advice": [
             {"action": hostile("rem.action"), "how": hostile("rem.how"), "source": hostile("rem.source")},
             hostile("rem.item"),
         ],
@@ -126,7 +126,7 @@ def hostile_run_store(root: Path, *, steps: int = 60) -> Path:
             None,
             json.dumps(evidence),
             hostile("f.cause") + HUGE,
-            hostile("f.remedy"),
+            hostile("f.advice"),
         ),
         (
             25,

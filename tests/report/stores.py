@@ -80,7 +80,7 @@ def make_run_store(
                     baseline=2.0,
                     evidence={"z": 40.0, "ratio": 4.0},
                     cause="The loss jumped to 4× its median <script>alert(1)</script>.",
-                    remedy="Skip this update.",
+                    advice="Skip this update.",
                 )
             )
             findings.append(
@@ -103,7 +103,7 @@ def make_run_store(
                     signal="loss",
                     evidence={"non_finite": ["loss"]},
                     cause="Non-finite loss.",
-                    remedy="Skip.",
+                    advice="Skip.",
                 )
             )
         findings.append(
@@ -116,12 +116,12 @@ def make_run_store(
                 baseline=5.0,
                 evidence={
                     "rate_per_step": 0.01,
-                    "remedies": [
+                    "advice": [
                         {"rank": 1, "action": "add QK-norm", "how": "keel.nn QK-norm", "source": "Dehghani et al. 2023"}
                     ],
                 },
                 cause="Attention logits grow.",
-                remedy="Add QK-norm.",
+                advice="Add QK-norm.",
             )
         )
         w.add_findings(findings)

@@ -241,9 +241,9 @@ def test_no_field_puts_an_unescaped_lt_into_the_page(texts, ints, reals):
                 signal=sig,
                 value=reals[1],
                 baseline=reals[2],
-                evidence={text(): text(), "remedies": [{"action": text(), "how": text(), "source": text()}]},
+                evidence={text(): text(), "advice": [{"action": text(), "how": text(), "source": text()}]},
                 cause=text(),
-                remedy=text(),
+                advice=text(),
             )
             for sev, sig in (("critical", "loss"), ("warning", member), ("info", "nowhere"))
         ],

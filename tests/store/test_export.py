@@ -251,7 +251,7 @@ def test_csv_export_defuses_spreadsheet_formulas_from_store_text(tmp_path):
                 signal="loss",
                 value=-1.5,
                 cause="=cmd|' /C calc'!A0",
-                remedy="@SUM(A1)",
+                advice="@SUM(A1)",
                 evidence={"x": 1},
             )
         ]
@@ -264,5 +264,5 @@ def test_csv_export_defuses_spreadsheet_formulas_from_store_text(tmp_path):
     assert rows[0] == ["step", '\'=HYPERLINK("http://x")', "loss"] and rows[1] == ["0", "1.0", "-2.5"]
     with (tmp_path / "out" / "findings.csv").open() as f:
         [found] = list(csv.DictReader(f))
-    assert found["cause"] == "'=cmd|' /C calc'!A0" and found["remedy"] == "'@SUM(A1)"
+    assert found["cause"] == "'=cmd|' /C calc'!A0" and found["advice"] == "'@SUM(A1)"
     assert found["value"] == "-1.5", "numbers stay numbers"

@@ -20,7 +20,7 @@ def test_round_trip(tmp_path):
         baseline=2.0,
         evidence={"z": 40.0, "parameters": ["a"]},
         cause="c",
-        remedy="r",
+        advice="r",
     )
     with RunWriter(tmp_path) as w:
         w.set_meta({"seed": 1, "config": {"lr": 0.1}})

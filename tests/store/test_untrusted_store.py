@@ -26,7 +26,7 @@ COLUMNS = {
         "baseline": "real?",
         "evidence": "text",
         "cause": "text",
-        "remedy": "text",
+        "advice": "text",
     },
     "decisions": {
         "step": "int",
@@ -41,7 +41,7 @@ COLUMNS = {
 GOOD = {
     "meta": ("status", '"finished"'),
     "signals": (1, "loss", 2.5),
-    "findings": (1, "loss_spike", "critical", "loss", 9.0, 2.0, '{"z": 4}', "cause", "remedy"),
+    "findings": (1, "loss_spike", "critical", "loss", 9.0, 2.0, '{"z": 4}', "cause", "advice"),
     "decisions": (1, "rollback", "why", "keel", 0, 0),
     "snapshots": (1, "snap/1", "abc", 1.0),
 }
@@ -159,7 +159,7 @@ def test_a_missing_table_or_required_column_is_one_store_error_naming_it(tmp_pat
             reader.signal_keys()
         with pytest.raises(
             StoreError,
-            match="table 'findings' of this run store lacks the column.s. severity, signal, evidence, cause, remedy",
+            match="table 'findings' of this run store lacks the column.s. severity, signal, evidence, cause, advice",
         ):
             reader.findings()
     with pytest.raises(sqlite3.OperationalError):  # what callers that handle a broken store already catch
@@ -205,7 +205,7 @@ def test_any_sqlite_values_in_any_column_read_back_typed_or_left_out_never_raise
         assert isinstance(key, str) and steps.dtype.kind == "i" and values.dtype.kind == "f"
     for f in got["findings"]:
         assert isinstance(f, Finding) and type(f.step) is int and isinstance(f.evidence, dict)
-        assert all(isinstance(x, str) for x in (f.kind, f.signal, f.cause, f.remedy))
+        assert all(isinstance(x, str) for x in (f.kind, f.signal, f.cause, f.advice))
         assert isinstance(f.value, float) and isinstance(f.baseline, float)
     for d in got["decisions"]:
         assert type(d.step) is int and all(x is None or type(x) is int for x in (d.onset, d.restored_step))

@@ -1,4 +1,4 @@
-"""Finding: what a detector saw at one step, with its evidence, likely cause and remedy."""
+"""Finding: what a detector saw at one step, with its evidence, likely cause and advice."""
 
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ class Finding:
         baseline: What the detector expected (NaN when it had no baseline).
         evidence: Detector-specific facts (z-score, onset step, offending parameters, ...). JSON-able.
         cause: The likely cause, in one or two sentences.
-        remedy: What to do about it, citing the paper or practice it comes from.
+        advice: What to do about it, citing the paper or practice it comes from.
     """
 
     step: int
@@ -35,7 +35,7 @@ class Finding:
     baseline: float = math.nan
     evidence: dict[str, Any] = field(default_factory=dict)
     cause: str = ""
-    remedy: str = ""
+    advice: str = ""
 
     def __post_init__(self) -> None:
         if self.severity not in SEVERITIES:

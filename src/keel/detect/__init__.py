@@ -1,9 +1,9 @@
-"""Decide: signal history → findings (kind, step, severity, evidence, cause, remedy). Never acts."""
+"""Decide: signal history → findings (kind, step, severity, evidence, cause, advice). Never acts."""
 
 from keel._core import keys
 from keel.detect.attention_entropy_collapse import AttentionEntropyCollapseDetector, EntropyCollapseConfig
 from keel.detect.attention_logit_growth import AttentionLogitGrowthDetector
-from keel.detect.causes import CAUSES, Cause, Remedy, cause_for
+from keel.detect.causes import CAUSES, Advice, Cause, cause_for
 from keel.detect.detector import DETECTORS, Detector, create_detector, list_detectors
 from keel.detect.diagnosis import Diagnosis, diagnose, format_diagnoses
 from keel.detect.divergence import DivergenceConfig, DivergenceDetector
@@ -19,6 +19,7 @@ from keel.detect.spike import SpikeConfig, SpikeDetector
 from keel.detect.trend import TrendWindow, theil_sen_slope
 
 __all__ = [
+    "Advice",
     "AttentionEntropyCollapseDetector",
     "AttentionLogitGrowthDetector",
     "CAUSES",
@@ -38,7 +39,6 @@ __all__ = [
     "NonFiniteOriginDetector",
     "OutputLogitDriftConfig",
     "OutputLogitDriftDetector",
-    "Remedy",
     "SoftmaxCollapseConfig",
     "SoftmaxCollapseDetector",
     "SpikeConfig",

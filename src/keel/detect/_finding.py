@@ -1,4 +1,4 @@
-"""A finding explained by the cause catalogue: what was measured, then the mechanism and remedies of its kind."""
+"""A finding explained by the cause catalogue: what was measured, then the mechanism and advice of its kind."""
 
 from __future__ import annotations
 
@@ -21,15 +21,15 @@ def explained_finding(
 ) -> Finding:
     """A `Finding` whose ``text`` (what the detector measured, as sentences) the catalogue entry of ``kind`` explains.
 
-    The entry's mechanism follows the text in ``cause``, its top remedies make ``remedy``, and its ranked remedies
-    join the evidence, last, as ``remedies``, so the store, the CLI and the report say the same; a kind without an
-    entry keeps the text alone.
+    The entry's mechanism follows the text in ``cause``, its top three pieces of advice make ``advice``, and the
+    whole ranked list joins the evidence, last, as ``advice``, so the store, the CLI and the report say the same;
+    a kind without an entry keeps the text alone.
 
     Example:
         >>> f = explained_finding(step=9, kind="softmax_collapse", severity="critical", signal="softmax/collapse",
         ...                       value=0.7, baseline=0.01, evidence={"fraction": 0.7}, text="70% are one-hot.")
         >>> f.cause.startswith("70% are one-hot. Rows of the output softmax"), list(f.evidence)
-        (True, ['fraction', 'remedies'])
+        (True, ['fraction', 'advice'])
     """
     cause = cause_for(kind)
     if cause is None:
@@ -50,7 +50,7 @@ def explained_finding(
         signal=signal,
         value=value,
         baseline=baseline,
-        evidence={**evidence, "remedies": cause.remedy_dicts()},
+        evidence={**evidence, "advice": cause.advice_dicts()},
         cause=f"{text} {cause.mechanism}",
-        remedy=cause.remedy_text(),
+        advice=cause.advice_text(),
     )

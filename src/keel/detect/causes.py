@@ -1,8 +1,8 @@
-"""The catalogue of named causes: what each instability is, and its remedies ranked, each with its source.
+"""The catalogue of named causes: what each instability is, and the advice for it, ranked, each with its source.
 
-Detectors put a cause's remedies into their findings (``evidence["remedies"]``) and `diagnose` uses the
-same table, so the run store, the CLI and the report all say the same thing. Ranking: the remedy that
-removes the mechanism first, then the ones that only make it less likely.
+Detectors put a cause's advice into their findings (``evidence["advice"]``) and `diagnose` uses the
+same table, so the run store, the CLI and the report all say the same thing. Ranking: what
+removes the mechanism first, then what only makes it less likely.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 
 @dataclass(frozen=True, kw_only=True)
-class Remedy:
-    """One remedy: what to do, how to do it with keel (when keel has it), and where it comes from."""
+class Advice:
+    """One piece of advice: what to do, how to do it with keel (when keel has it), and where it comes from."""
 
     action: str
     source: str
@@ -25,19 +25,19 @@ class Remedy:
 
 @dataclass(frozen=True, kw_only=True)
 class Cause:
-    """A named instability: a title, the mechanism in one or two sentences, and ranked remedies."""
+    """A named instability: a title, the mechanism in one or two sentences, and ranked advice."""
 
     kind: str
     title: str
     mechanism: str
-    remedies: tuple[Remedy, ...] = field(default=())
+    advice: tuple[Advice, ...] = field(default=())
 
-    def remedy_text(self, top: int = 3) -> str:
-        """The first ``top`` remedies as one line each: ``1. action (source)``."""
-        return " ".join(f"{i}. {r.action} ({r.source})." for i, r in enumerate(self.remedies[:top], 1))
+    def advice_text(self, top: int = 3) -> str:
+        """The first ``top`` pieces of advice, one sentence each: ``1. action (source).``"""
+        return " ".join(f"{i}. {r.action} ({r.source})." for i, r in enumerate(self.advice[:top], 1))
 
-    def remedy_dicts(self) -> list[dict[str, Any]]:
-        return [dict(rank=i, **r.to_dict()) for i, r in enumerate(self.remedies, 1)]
+    def advice_dicts(self) -> list[dict[str, Any]]:
+        return [dict(rank=i, **r.to_dict()) for i, r in enumerate(self.advice, 1)]
 
 
 WORTSMAN = (
@@ -62,19 +62,19 @@ CAUSES: dict[str, Cause] = {
             title="attention-logit growth",
             mechanism="The query·key logits grow without bound (the q/k weights grow), attention turns one-hot and "
             "the loss stalls or diverges.",
-            remedies=(
-                Remedy(
+            advice=(
+                Advice(
                     action="add QK-norm (LayerNorm/RMSNorm on queries and keys)",
                     how="keel.nn QK-norm",
                     source=f"{DEHGHANI}; {WORTSMAN}",
                 ),
-                Remedy(action="lower the peak learning rate", source=WORTSMAN),
-                Remedy(action="lengthen the learning-rate warm-up", source=WORTSMAN),
-                Remedy(
+                Advice(action="lower the peak learning rate", source=WORTSMAN),
+                Advice(action="lengthen the learning-rate warm-up", source=WORTSMAN),
+                Advice(
                     action="cap the logits with QK-clip (rescale W_q, W_k when the max logit exceeds τ≈100)",
                     source=KIMI,
                 ),
-                Remedy(action="reparameterise the attention weights with σReparam", source=ZHAI),
+                Advice(action="reparameterise the attention weights with σReparam", source=ZHAI),
             ),
         ),
         Cause(
@@ -82,10 +82,10 @@ CAUSES: dict[str, Cause] = {
             title="attention-entropy collapse",
             mechanism="The attention distributions collapse to near one-hot: gradients through attention vanish and "
             "training oscillates or stalls.",
-            remedies=(
-                Remedy(action="reparameterise linear layers with σReparam", how="keel.nn σReparam", source=ZHAI),
-                Remedy(action="add QK-norm", source=f"{DEHGHANI}; {WORTSMAN}"),
-                Remedy(action="lower the learning rate or lengthen warm-up", source=f"{ZHAI}; {WORTSMAN}"),
+            advice=(
+                Advice(action="reparameterise linear layers with σReparam", how="keel.nn σReparam", source=ZHAI),
+                Advice(action="add QK-norm", source=f"{DEHGHANI}; {WORTSMAN}"),
+                Advice(action="lower the learning rate or lengthen warm-up", source=f"{ZHAI}; {WORTSMAN}"),
             ),
         ),
         Cause(
@@ -93,11 +93,11 @@ CAUSES: dict[str, Cause] = {
             title="output-logit divergence",
             mechanism="The output logits drift: log Z moves far from 0 and the logit scale grows, until rounding of "
             "large logits in the working precision corrupts the loss.",
-            remedies=(
-                Remedy(action="add a z-loss of 1e-4·(log Z)²", how="keel.losses z-loss", source=f"{PALM}; {WORTSMAN}"),
-                Remedy(action="use (independent) weight decay on the output layer", source=WORTSMAN),
-                Remedy(action="compute the logits and the loss in float32", source=MICIKEVICIUS),
-                Remedy(action="lower the learning rate", source=WORTSMAN),
+            advice=(
+                Advice(action="add a z-loss of 1e-4·(log Z)²", how="keel.losses z-loss", source=f"{PALM}; {WORTSMAN}"),
+                Advice(action="use (independent) weight decay on the output layer", source=WORTSMAN),
+                Advice(action="compute the logits and the loss in float32", source=MICIKEVICIUS),
+                Advice(action="lower the learning rate", source=WORTSMAN),
             ),
         ),
         Cause(
@@ -106,17 +106,17 @@ CAUSES: dict[str, Cause] = {
             mechanism="Rows of the output softmax are exactly one-hot in the working precision (Σ exp(z − max) == 1): "
             "their loss and gradient are exactly 0, and the weights only grow along the naïve "
             "loss-minimisation direction.",
-            remedies=(
-                Remedy(
+            advice=(
+                Advice(
                     action="replace softmax cross-entropy with StableMax", how="keel.losses StableMax", source=PRIETO
                 ),
-                Remedy(action="compute the softmax/loss in float64", source=PRIETO),
-                Remedy(
+                Advice(action="compute the softmax/loss in float64", source=PRIETO),
+                Advice(
                     action="project out the weight direction from the gradient (⊥Grad / ⊥AdamW)",
                     how="keel.optim OrthoGrad",
                     source=PRIETO,
                 ),
-                Remedy(action="add weight decay", source=PRIETO),
+                Advice(action="add weight decay", source=PRIETO),
             ),
         ),
         Cause(
@@ -124,10 +124,10 @@ CAUSES: dict[str, Cause] = {
             title="learning rate beyond the edge of stability",
             mechanism="The learning rate times the sharpness exceeds the stability threshold (η·λ_max > 2 for GD; "
             "the preconditioned analogue for Adam): the top curvature direction is amplified each step.",
-            remedies=(
-                Remedy(action="lower the learning rate (or undo the LR jump)", source=COHEN),
-                Remedy(action="lengthen warm-up so sharpness can adapt", source=f"{COHEN}; {WORTSMAN}"),
-                Remedy(action="clip gradients / use a spike-aware optimizer", source=COHEN_ADAPTIVE),
+            advice=(
+                Advice(action="lower the learning rate (or undo the LR jump)", source=COHEN),
+                Advice(action="lengthen warm-up so sharpness can adapt", source=f"{COHEN}; {WORTSMAN}"),
+                Advice(action="clip gradients / use a spike-aware optimizer", source=COHEN_ADAPTIVE),
             ),
         ),
         Cause(
@@ -135,9 +135,9 @@ CAUSES: dict[str, Cause] = {
             title="Adam ε dominates the update",
             mechanism="The gradient's RMS is at or below Adam's ε, so ε sets the denominator and the update silently "
             "shrinks.",
-            remedies=(
-                Remedy(action="lower Adam's ε (e.g. 1e-15)", source=WORTSMAN),
-                Remedy(action="check the loss scale and gradient clipping", source=MICIKEVICIUS),
+            advice=(
+                Advice(action="lower Adam's ε (e.g. 1e-15)", source=WORTSMAN),
+                Advice(action="check the loss scale and gradient clipping", source=MICIKEVICIUS),
             ),
         ),
         Cause(
@@ -145,56 +145,56 @@ CAUSES: dict[str, Cause] = {
             title="activation growth towards overflow",
             mechanism="Block outputs grow towards the largest value of the working precision (65504 in fp16); the "
             "next step overflows to Inf and NaN.",
-            remedies=(
-                Remedy(action="use bf16 instead of fp16, or keep norms and residuals in float32", source=MICIKEVICIUS),
-                Remedy(action="use dynamic loss scaling (torch.amp.GradScaler)", source=MICIKEVICIUS),
-                Remedy(action="lower the learning rate; add weight decay", source=WORTSMAN),
+            advice=(
+                Advice(action="use bf16 instead of fp16, or keep norms and residuals in float32", source=MICIKEVICIUS),
+                Advice(action="use dynamic loss scaling (torch.amp.GradScaler)", source=MICIKEVICIUS),
+                Advice(action="lower the learning rate; add weight decay", source=WORTSMAN),
             ),
         ),
         Cause(
             kind="non_finite",
             title="non-finite values",
             mechanism="NaN or Inf reached the loss, the gradients or the weights.",
-            remedies=(
-                Remedy(
+            advice=(
+                Advice(
                     action="skip the update (policy='skip') and find the module where it was born",
                     source="metaseq nan_detector.py; Megatron-LM rerun_state_machine.py",
                 ),
-                Remedy(action="prefer bf16 to fp16, or use dynamic loss scaling", source=MICIKEVICIUS),
-                Remedy(action="lower the learning rate", source=PALM),
+                Advice(action="prefer bf16 to fp16, or use dynamic loss scaling", source=MICIKEVICIUS),
+                Advice(action="lower the learning rate", source=PALM),
             ),
         ),
         Cause(
             kind="loss_spike",
             title="loss spike",
             mechanism="One update made the loss jump: an extreme batch or an overshooting step.",
-            remedies=(
-                Remedy(
+            advice=(
+                Advice(
                     action="skip the update (policy='skip')", source="OLMo-core SkipStepOptimizer; metaseq skip_spike"
                 ),
-                Remedy(action="inspect and drop the batches at the spike", source=PALM),
-                Remedy(action="roll back ~100 steps and skip the data window (policy='recover')", source=PALM),
+                Advice(action="inspect and drop the batches at the spike", source=PALM),
+                Advice(action="roll back ~100 steps and skip the data window (policy='recover')", source=PALM),
             ),
         ),
         Cause(
             kind="grad_spike",
             title="gradient spike",
             mechanism="The gradient norm jumped far above its recent level.",
-            remedies=(
-                Remedy(
+            advice=(
+                Advice(
                     action="skip the update or clip the gradient norm",
                     source="OLMo-core SkipStepOptimizer; Huang et al. 2025, Stable-SPAM, arXiv 2502.17055",
                 ),
-                Remedy(action="lower the learning rate", source=PALM),
+                Advice(action="lower the learning rate", source=PALM),
             ),
         ),
         Cause(
             kind="divergence",
             title="divergence",
             mechanism="The loss rose well above its best level and stays there.",
-            remedies=(
-                Remedy(action="roll back before the onset and continue with a lower learning rate", source=PALM),
-                Remedy(action="check attention and output logits; add QK-norm and z-loss", source=WORTSMAN),
+            advice=(
+                Advice(action="roll back before the onset and continue with a lower learning rate", source=PALM),
+                Advice(action="check attention and output logits; add QK-norm and z-loss", source=WORTSMAN),
             ),
         ),
     )

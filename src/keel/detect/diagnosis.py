@@ -1,4 +1,4 @@
-"""Diagnosis: a run's findings → named causes, ranked, each with its evidence, first sighting and remedies.
+"""Diagnosis: a run's findings → named causes, ranked, each with its evidence, first sighting and advice.
 
 Rules, in order:
 
@@ -16,8 +16,8 @@ Rules, in order:
 6. Where a non-finite value was born (``non_finite_origin``) is evidence, attached to the diagnosis that
    explains the non-finite values (``born_in``), or to the ``non_finite`` diagnosis itself.
 
-Each diagnosis carries the remedies of `keel.detect.causes` with their sources. With the loss curve (and
-optionally a reference run with the remedy applied) it also says how many steps before the loss
+Each diagnosis carries the advice of `keel.detect.causes`, each piece with its source. With the loss curve (and
+optionally a reference run with the fix applied) it also says how many steps before the loss
 degraded the cause was first seen (`keel.detect.lead_time`).
 """
 
@@ -57,8 +57,8 @@ class Diagnosis:
         first_step: The step it was first seen (its first warning or critical finding).
         critical_step: The step it first became critical, if it did.
         mechanism: How it hurts training.
-        evidence: The first finding's evidence (without the remedy list), plus what was folded in.
-        remedies: Ranked remedies with their sources.
+        evidence: The first finding's evidence (without the advice list), plus what was folded in.
+        advice: Ranked advice, each piece with its source.
         consequences: Symptom kinds seen after it (loss spike, divergence, non-finite), with their first step.
         degraded_step: When the loss degraded (when losses were given).
         lead_steps: ``degraded_step − first_step``: how early it was seen.
@@ -71,7 +71,7 @@ class Diagnosis:
     critical_step: int | None
     mechanism: str
     evidence: dict[str, Any] = field(default_factory=dict)
-    remedies: list[dict[str, Any]] = field(default_factory=list)
+    advice: list[dict[str, Any]] = field(default_factory=list)
     consequences: dict[str, int] = field(default_factory=dict)
     degraded_step: int | None = None
     lead_steps: int | None = None
@@ -88,7 +88,7 @@ class Diagnosis:
         return when
 
     def summary(self) -> str:
-        """One paragraph: the cause, when it was seen, how early, and the top remedies."""
+        """One paragraph: the cause, when it was seen, how early, and the top advice."""
         when = self.when()
         then = ""
         if self.consequences:
@@ -97,8 +97,8 @@ class Diagnosis:
         born = self.evidence.get("born_in")
         if born:
             then += f" NaN/Inf was born in {born['module']} ({born['pass']} pass, step {born['step']})."
-        fixes = " ".join(f"{r['rank']}. {r['action']} ({r['source']})." for r in self.remedies[:3])
-        return f"{self.title.capitalize()} ({when}). {self.mechanism}{then} Remedies: {fixes}"
+        fixes = " ".join(f"{r['rank']}. {r['action']} ({r['source']})." for r in self.advice[:3])
+        return f"{self.title.capitalize()} ({when}). {self.mechanism}{then} Advice: {fixes}"
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready: every field, plus ``when`` and ``summary`` (the run store's ``diagnosis`` meta holds a list
@@ -114,7 +114,7 @@ class Diagnosis:
             "consequences": dict(self.consequences),
             "mechanism": self.mechanism,
             "evidence": dict(self.evidence),
-            "remedies": list(self.remedies),
+            "advice": list(self.advice),
             "when": self.when(),
             "summary": self.summary(),
         }
@@ -128,10 +128,10 @@ class Diagnosis:
             "consequences": self.consequences,
             "degraded_step": self.degraded_step,
             "lead_steps": self.lead_steps,
-            "remedies": self.remedies,
+            "advice": self.advice,
             **self.evidence,
         }
-        top = "; ".join(f"{r['action']} ({r['source']})" for r in self.remedies[:3])
+        top = "; ".join(f"{r['action']} ({r['source']})" for r in self.advice[:3])
         return Finding(
             step=self.first_step,
             kind="diagnosis",
@@ -139,7 +139,7 @@ class Diagnosis:
             signal=self.kind,
             evidence=evidence,
             cause=f"{self.title}: {self.mechanism}",
-            remedy=top,
+            advice=top,
         )
 
 
@@ -154,7 +154,7 @@ def diagnose(
     Args:
         findings: A run's findings (from `Guard.findings` or a run store).
         losses: The run's loss per step, to compute when the loss degraded and the lead time.
-        reference_losses: A reference run with the remedy applied, for `degradation_step`.
+        reference_losses: A reference run with the fix applied, for `degradation_step`.
 
     Example:
         >>> from keel._core import Finding
@@ -198,7 +198,7 @@ def diagnose(
         fs = by_kind[kind]
         cause = cause_for(kind)
         crit = next((f.step for f in fs if f.severity == "critical"), None)
-        evidence = {k: v for k, v in fs[0].evidence.items() if k != "remedies"}
+        evidence = {k: v for k, v in fs[0].evidence.items() if k != "advice"}
         for other in folded.get(kind, []):
             evidence[other] = {"first_step": first[other], "value": by_kind[other][0].value}
         if origin is not None and (kind == "non_finite" or "non_finite" in explained.get(kind, {})):
@@ -216,9 +216,9 @@ def diagnose(
                 critical_step=crit,
                 mechanism=cause.mechanism if cause else fs[0].cause,
                 evidence=evidence,
-                remedies=cause.remedy_dicts()
+                advice=cause.advice_dicts()
                 if cause
-                else [{"rank": 1, "action": fs[0].remedy, "how": "", "source": ""}],
+                else [{"rank": 1, "action": fs[0].advice, "how": "", "source": ""}],
                 consequences=explained.get(kind, {}),
                 degraded_step=degraded,
                 lead_steps=lead_steps(fs[0].step, degraded),
@@ -235,5 +235,5 @@ def format_diagnoses(diagnoses: Sequence[Diagnosis]) -> str:
 
 
 def known_causes() -> list[str]:
-    """Kinds the catalogue can name, with remedies."""
+    """Kinds the catalogue can name, with advice."""
     return sorted(CAUSES)

@@ -188,7 +188,7 @@ class DivergenceDetector:
             f"The loss's running median has stayed {1 + excess:.3g}× its best level (step "
             f"{self._best_step}) for {run} steps{noisy}: training is diverging, not spiking."
         )
-        remedy = (
+        advice = (
             "Roll back to a snapshot before the onset and continue with a lower learning rate "
             "(policy='recover'; PaLM and OPT-175B restarted earlier with a lower LR); check attention "
             "logits and consider QK-norm and z-loss (Wortsman et al. 2023)."
@@ -203,7 +203,7 @@ class DivergenceDetector:
                 baseline=self._best,
                 evidence=evidence,
                 cause=cause,
-                remedy=remedy,
+                advice=advice,
             )
         ]
 

@@ -37,7 +37,7 @@ class GrowthConfig:
 
     Attributes:
         signal: The signal key watched (positive values).
-        kind: The finding kind (a key of `keel.detect.causes.CAUSES` gives its remedies).
+        kind: The finding kind (a key of `keel.detect.causes.CAUSES` gives its advice).
         short_window: Points in the fast rule's slope.
         long_window: Points in the sustained rule's slope.
         min_level: Level from which fast growth counts.

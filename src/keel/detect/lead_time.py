@@ -7,7 +7,7 @@
   (a poisoned batch, an LR jump: the damage is one step, which smoothing would hide) — with a reference
   run, only where the loss is also ``rel`` above the reference's at that step (a hard batch both runs see
   is the data, not a degradation); or
-- with a reference run (the same recipe with the remedy applied, same data order), the first step from
+- with a reference run (the same recipe with the fix applied, same data order), the first step from
   which the run's smoothed loss stays ``rel`` above the reference's for ``sustain`` steps, and whose own
   loss is ``rel`` above the reference's on the same batch: the loss is worse than it would have been; or
 - without one, the first step from which the smoothed loss stays ``rise`` above its best level so far for

@@ -81,26 +81,26 @@ class NonFiniteDetector:
                         evidence=evidence,
                         cause="The GradScaler's scaled gradients overflowed; it skips this step and "
                         "halves the loss scale, as designed.",
-                        remedy="Nothing: mixed-precision loss scaling handles occasional overflows "
+                        advice="Nothing: mixed-precision loss scaling handles occasional overflows "
                         "(Micikevicius et al. 2018).",
                     )
                 ]
         where = ", ".join(culprits[:5]) + (" …" if len(culprits) > 5 else "") if culprits else "unknown"
         if keys.PARAM_NORM in bad:
             cause = f"Parameters hold NaN/Inf ({where}): an earlier update was applied with non-finite values."
-            remedy = "Roll back to the last finite snapshot (policy='recover') and lower the learning rate."
+            advice = "Roll back to the last finite snapshot (policy='recover') and lower the learning rate."
         elif scaler_overflow:
             cause = (
                 f"The GradScaler has overflowed {self._overflows} steps in a row: the loss or gradients are "
                 f"non-finite at any scale (first non-finite gradients: {where})."
             )
-            remedy = (
+            advice = (
                 "Find the producing module (a NaN in the forward pass, log of zero, division by zero); "
                 "use bf16 instead of fp16, or lower the learning rate."
             )
         else:
             cause = f"Non-finite {' and '.join(bad)} (non-finite gradients in: {where})."
-            remedy = (
+            advice = (
                 "Skip this update (policy='skip'). If it repeats, lower the learning rate, check the data "
                 "for bad values, prefer bf16 over fp16, and add QK-norm / z-loss where logits overflow."
             )
@@ -113,7 +113,7 @@ class NonFiniteDetector:
                 value=value,
                 evidence=evidence,
                 cause=cause,
-                remedy=remedy,
+                advice=advice,
             )
         ]
 

@@ -101,7 +101,7 @@ class NonFiniteOriginDetector:
             "non_finite": (bad_act or bad_grad)[:20],
         }
         if cause is not None:
-            evidence["remedies"] = cause.remedy_dicts()
+            evidence["advice"] = cause.advice_dicts()
         # Under a GradScaler, non-finite gradients are the scaler's routine overflow signal: worth knowing, no alarm.
         severity: Severity = "info" if keys.AMP_SCALE in obs.values else "warning"
         return [
@@ -113,8 +113,8 @@ class NonFiniteOriginDetector:
                 value=value,
                 evidence=evidence,
                 cause=text,
-                remedy=f"Look inside {origin} for an overflow (exp, x², division, log of 0) in the working "
-                "precision; " + (cause.remedy_text() if cause else ""),
+                advice=f"Look inside {origin} for an overflow (exp, x², division, log of 0) in the working "
+                "precision; " + (cause.advice_text() if cause else ""),
             )
         ]
 

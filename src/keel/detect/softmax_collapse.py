@@ -136,7 +136,7 @@ class SoftmaxCollapseDetector(ReadsOneSignal):
                 cause=f"{x:.1%} of the output softmax rows are one-hot from the first measurement: not judged "
                 "(a model with one output, or one collapsed before keel watched; no earlier state is "
                 "healthier).",
-                remedy="",
+                advice="",
             )
         ]
 

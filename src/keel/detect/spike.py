@@ -352,7 +352,7 @@ class SpikeDetector:
         baseline: float,
         evidence: dict[str, Any],
         cause: str,
-        remedy: str,
+        advice: str,
     ) -> Finding:
         return Finding(
             step=step,
@@ -363,7 +363,7 @@ class SpikeDetector:
             baseline=baseline,
             evidence=evidence,
             cause=cause,
-            remedy=remedy,
+            advice=advice,
         )
 
     def _end_episode(self, step: int) -> None:
@@ -400,14 +400,14 @@ class SpikeDetector:
 
 
 def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int) -> tuple[str, str]:
-    """Cause and remedy for a spike finding."""
+    """Cause and advice for a spike finding."""
     what = "loss" if cfg.signal == keys.LOSS else cfg.signal
     if severity == "critical":
         cause = (
             f"The {what} jumped to {ratio:.3g}× its recent median in one step: the update computed from "
             "this batch is likely harmful (a corrupt or extreme batch, or the optimizer overshooting)."
         )
-        remedy = (
+        advice = (
             "Skip this update (policy='skip'; OLMo-core SkipStepOptimizer, metaseq skip_spike). If such "
             "spikes recur, clip gradients or use spike-aware clipping (Stable-SPAM AdaClip, Huang et al. "
             "2025) and lower the learning rate."
@@ -417,15 +417,15 @@ def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int) -> tu
             f"The {what} has stayed {ratio:.3g}× above its recent median for {run} steps: the model, not "
             "one batch, changed."
         )
-        remedy = (
+        advice = (
             "Lower the learning rate or lengthen warm-up; check attention and output logits (QK-norm, "
             "Dehghani et al. 2023; z-loss, Chowdhery et al. 2022). policy='recover' rolls back past the "
             "window (PaLM restarted ~100 steps earlier and skipped 200–500 batches)."
         )
     else:
         cause = f"One step's {what} was {ratio:.3g}× its recent median: most likely an outlier batch."
-        remedy = (
+        advice = (
             "Nothing for an isolated outlier. If they recur, inspect the batches at these steps "
             "(Chowdhery et al. 2022 found spikes tied to specific batches)."
         )
-    return cause, remedy
+    return cause, advice

@@ -4,7 +4,7 @@ keel run store, read into `Observation`s and run through the same detectors a `G
     from keel.doctor import diagnose_log
     result = diagnose_log("runs/exp1/trainer_state.json")
     for f in result.at_least("warning"):
-        print(f.step, f.kind, f.cause, f.remedy)
+        print(f.step, f.kind, f.cause, f.advice)
 """
 
 from keel.doctor.columns import ALIASES, STEP_COLUMNS, map_columns

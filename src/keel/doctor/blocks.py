@@ -197,5 +197,5 @@ def keel_error(det: Detector, step: int, exc: BaseException) -> Finding:
         },
         cause=f"keel's {label(det)} detector raised {type(exc).__name__}: {exc}. It is switched off "
         "for the rest of this log; the other detectors went on.",
-        remedy="Please report this as a keel bug with the traceback (keel doctor --json shows it).",
+        advice="Please report this as a keel bug with the traceback (keel doctor --json shows it).",
     )

@@ -289,7 +289,7 @@ def _summary(
         "by_kind": by_kind,
         "notes": list(log.notes) + ([f"{timeline.merged} same-step record(s) merged"] if timeline.merged else []),
     }
-    # the named causes (`keel.detect.diagnose`): cause, first sighting, evidence, remedies with sources
+    # the named causes (`keel.detect.diagnose`): cause, first sighting, evidence, advice with sources
     summary["diagnosis"] = [d.to_dict() for d in name_causes(findings)]
     if log.meta:
         summary["meta"] = log.meta

@@ -52,7 +52,7 @@ class DoctorResult:
     def to_dict(self) -> dict[str, Any]:
         """``{"source", "format", "findings": [...], "decisions": [...], "summary": {...}}``, JSON-ready.
 
-        Each finding has step, kind, severity, signal, value, baseline, cause, remedy and evidence;
+        Each finding has step, kind, severity, signal, value, baseline, cause, advice and evidence;
         non-finite numbers become ``null``. Each decision has step, action, by, reason, onset, restored_step
         and actions (those a rollback applied, in words; see `actions_of`).
         """
@@ -101,7 +101,7 @@ def _finding_dict(f: Finding) -> dict[str, Any]:
         "value": _number(f.value),
         "baseline": _number(f.baseline),
         "cause": f.cause,
-        "remedy": f.remedy,
+        "advice": f.advice,
         "evidence": _clean(f.evidence),
     }
 

@@ -17,7 +17,7 @@ MAX_ROWS = 50  # findings printed in full; the rest are counted
 
 
 def format_result(result: DoctorResult, *, min_severity: str = "warning") -> str:
-    """The findings at or above ``min_severity`` as a table with cause and remedy, then the summary.
+    """The findings at or above ``min_severity`` as a table with cause and advice, then the summary.
 
     Findings below it are counted by kind, with their first steps, so a healthy run's one-batch outliers
     are visible without burying an alarm. Every string that came from the log (column names, tags, a
@@ -65,7 +65,7 @@ def _printable(result: DoctorResult) -> DoctorResult:
             kind=printable(f.kind),
             signal=printable(f.signal),
             cause=printable(f.cause),
-            remedy=printable(f.remedy),
+            advice=printable(f.advice),
             evidence=printable_tree(f.evidence),
         )
         for f in result.findings
@@ -91,8 +91,8 @@ def _table(findings: list[Finding], width: int) -> list[str]:
         )
         if f.cause:
             lines += wrap.wrap("cause:  " + f.cause)
-        if f.remedy:
-            lines += wrap.wrap("remedy: " + f.remedy)
+        if f.advice:
+            lines += wrap.wrap("advice: " + f.advice)
     return lines
 
 
@@ -193,7 +193,7 @@ def _num(x: float) -> str:
 def _evidence(evidence: dict[str, Any]) -> str:
     parts = []
     for key, value in evidence.items():
-        if key in ("remedies", "traceback") or isinstance(value, (dict, list)) and len(str(value)) > 60:
+        if key in ("advice", "traceback") or isinstance(value, (dict, list)) and len(str(value)) > 60:
             continue
         parts.append(f"{key}={_num(value) if isinstance(value, float) else value}")
     return " ".join(parts)

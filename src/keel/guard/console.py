@@ -61,7 +61,7 @@ class ConsoleConfig:
     Attributes:
         first_lines: Lines shown of each finding kind (and of skips) before further ones are only counted.
         note_every: Steps between two lines that say how many lines of one kind were not shown.
-        width: Characters at most of a cause, a remedy or a reason on a line (longer ones end in "…").
+        width: Characters at most of a cause, the advice or a reason on a line (longer ones end in "…").
     """
 
     first_lines: int = 3
@@ -128,8 +128,8 @@ class Console:
         text = f"step {f.step} {one_line(str(f.kind), 60)} {f.severity} ({signal})"
         if f.cause:
             text += f": {one_line(str(f.cause), self.config.width)}"
-        if f.remedy:
-            text += f" — remedy: {one_line(str(f.remedy), self.config.width)}"
+        if f.advice:
+            text += f" — advice: {one_line(str(f.advice), self.config.width)}"
         self._limited(one_line(str(f.kind), 60), f.severity, f.step, level, text)
 
     def decision(self, d: Decision) -> None:

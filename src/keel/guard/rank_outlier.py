@@ -287,7 +287,7 @@ class RankOutlierDetector:
                 "values": list(raw),
             },
             cause=cause,
-            remedy=(
+            advice=(
                 f"Inspect rank {rank}'s data shard (files, preprocessing, labels) and its device (memory errors, "
                 "throttling); exclude the shard or the node. The long/short gradient-history idea is MUD-HoG's "
                 "(Gupta et al. 2022, malicious and unreliable clients in federated learning)."
@@ -310,7 +310,7 @@ class RankOutlierDetector:
                         evidence={"rank": bad[0], "ranks": bad, "rule": "non_finite", "values": list(values)},
                         cause=f"Rank(s) {', '.join(map(str, bad))} had a non-finite {family.rstrip('/')} at this step "
                         "while the others did not: a fault on that worker or in its data, not in the model.",
-                        remedy="Every rank skipped this update together. If it repeats on the same rank, inspect "
+                        advice="Every rank skipped this update together. If it repeats on the same rank, inspect "
                         "that rank's data shard and device.",
                     )
                 )
@@ -343,7 +343,7 @@ class RankOutlierDetector:
                             else " (with two ranks keel cannot tell which one is wrong)"
                         )
                         + ": silent data corruption in a gradient buffer or the collective.",
-                        remedy="Check the devices and interconnect of the named rank(s); "
+                        advice="Check the devices and interconnect of the named rank(s); "
                         "the replicas are drifting apart.",
                     )
                 )

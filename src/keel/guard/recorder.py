@@ -105,7 +105,7 @@ class Recorder:
                 "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8)),
             },
             cause=f"keel's {component} raised {type(exc).__name__}: {exc}. {what}",
-            remedy="Training continues. If the component is keel's own, please report this as a keel bug with the "
+            advice="Training continues. If the component is keel's own, please report this as a keel bug with the "
             "traceback; if it is yours, fix it and restart.",
         )
         self.findings.append(finding)

@@ -49,9 +49,9 @@ def format_summary(
         lines.append("  no warning or critical finding")
     lines.append("  decisions: " + _decisions(decisions))
     for i, d in enumerate(diagnoses[:3], 1):
-        top = d.remedies[0]["action"] if d.remedies else ""
-        remedy = f"; remedy: {one_line(str(top), 200)}" if top else ""
-        lines.append(f"  cause {i}: {one_line(str(d.title), 100)} ({d.when()}){remedy}")
+        top = d.advice[0]["action"] if d.advice else ""
+        advice = f"; advice: {one_line(str(top), 200)}" if top else ""
+        lines.append(f"  cause {i}: {one_line(str(d.title), 100)} ({d.when()}){advice}")
     if hidden:
         lines.append(f"  {hidden} {plural(hidden, 'line')} not shown on the console (rate limit)")
     if run_dir is not None:

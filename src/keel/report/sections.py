@@ -72,7 +72,7 @@ def problems(lines: list[str]) -> str:
 
 
 def diagnosis_cards(run: RunData) -> list[str]:
-    """A card per kind of warning/critical finding (first step, count, evidence, cause, remedies), an ``ok``
+    """A card per kind of warning/critical finding (first step, count, evidence, cause, advice), an ``ok``
     card when there is none, and a line counting the info findings. Nothing in a card names its run: the same
     card of several runs is the same text (`keel.report.overview.shared_cards` shows it once)."""
     serious = [f for f in run.findings if severity_rank(f.severity) >= 1]
@@ -90,14 +90,14 @@ def diagnosis_cards(run: RunData) -> list[str]:
         evidence = "".join(
             f"<tr><th>{esc(k)}</th><td>{_short(v)}</td></tr>"
             for k, v in first.evidence.items()
-            if k not in ("remedies", "traceback")
+            if k not in ("advice", "traceback")
         )
-        remedies = first.evidence.get("remedies")
-        remedy_html = f"<p><b>remedy</b> {esc(first.remedy)}</p>" if first.remedy else ""
-        if isinstance(remedies, list) and remedies:  # the ranked list says it all, with its sources
-            remedy_html = (
-                "<p><b>remedies</b></p><ol class='remedies'>"
-                + "".join(_remedy_item(r) for r in remedies if isinstance(r, dict))
+        ranked = first.evidence.get("advice")
+        advice_html = f"<p><b>advice</b> {esc(first.advice)}</p>" if first.advice else ""
+        if isinstance(ranked, list) and ranked:  # the ranked list says it all, with its sources
+            advice_html = (
+                "<p><b>advice</b></p><ol class='advice'>"
+                + "".join(_advice_item(a) for a in ranked if isinstance(a, dict))
                 + "</ol>"
             )
         cards.append(
@@ -105,7 +105,7 @@ def diagnosis_cards(run: RunData) -> list[str]:
             f"<span class='badge {esc(worst.severity)}'>{esc(worst.severity)}</span> "
             f"<b>{esc(kind.replace('_', ' '))}</b> on <code>{esc(first.signal)}</code> — "
             f"first at step {esc(first.step)}, {len(group)}× (steps {steps})</div>"
-            f"<p><b>cause</b> {esc(first.cause)}</p>{remedy_html}"
+            f"<p><b>cause</b> {esc(first.cause)}</p>{advice_html}"
             f"<p class='values'>value {_num(first.value)} · baseline {_num(first.baseline)}</p>"
             f"<table class='evidence'>{evidence}</table></div>"
         )
@@ -149,10 +149,10 @@ def snapshots_table(run: RunData) -> str:
     return f"<details><summary>{len(run.snapshots)} snapshot(s)</summary><table>{head}{rows}</table></details>"
 
 
-def _remedy_item(remedy: dict[str, Any]) -> str:
-    how = f" <span class='how'>{esc(remedy['how'])}</span>" if remedy.get("how") else ""
-    source = f" <span class='src'>({esc(remedy['source'])})</span>" if remedy.get("source") else ""
-    return f"<li>{esc(remedy.get('action', ''))}{how}{source}</li>"
+def _advice_item(advice: dict[str, Any]) -> str:
+    how = f" <span class='how'>{esc(advice['how'])}</span>" if advice.get("how") else ""
+    source = f" <span class='src'>({esc(advice['source'])})</span>" if advice.get("source") else ""
+    return f"<li>{esc(advice.get('action', ''))}{how}{source}</li>"
 
 
 def _loss_summary(run: RunData) -> tuple[str, str]:

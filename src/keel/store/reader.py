@@ -30,8 +30,11 @@ FINDINGS = (
     Column("baseline", "real", nullable=True),
     Column("evidence", "text"),
     Column("cause", "text"),
-    Column("remedy", "text"),
+    Column("advice", "text"),
 )
+# Stores written before keel called it advice hold the same text in a ``remedy`` column, and the ranked list in
+# the evidence under ``remedies``; they are read as today's (`RunReader.findings`).
+LEGACY_ADVICE, LEGACY_RANKED_ADVICE = "remedy", "remedies"
 DECISIONS = (
     Column("step", "int"),
     Column("action", "text"),
@@ -102,8 +105,11 @@ class RunReader:
 
     def findings(self, min_severity: str | None = None) -> list[Finding]:
         found = []
-        for step, kind, severity, signal, value, baseline, evidence, cause, remedy in self._file.rows(
-            "findings", FINDINGS, order="step, rowid"
+        present = self._file.columns("findings")
+        legacy = LEGACY_ADVICE in present and "advice" not in present
+        columns = (*FINDINGS[:-1], Column(LEGACY_ADVICE, "text")) if legacy else FINDINGS
+        for step, kind, severity, signal, value, baseline, evidence, cause, advice in self._file.rows(
+            "findings", columns, order="step, rowid"
         ):
             try:
                 facts = parse_json(evidence)
@@ -118,6 +124,8 @@ class RunReader:
                 )
                 self._file.drop("findings", reason)
                 continue
+            if legacy and LEGACY_RANKED_ADVICE in facts and "advice" not in facts:  # renamed where it stands
+                facts = {("advice" if k == LEGACY_RANKED_ADVICE else k): v for k, v in facts.items()}
             found.append(
                 Finding(
                     step=step,
@@ -128,7 +136,7 @@ class RunReader:
                     baseline=_float(baseline),
                     evidence=facts,
                     cause=cause,
-                    remedy=remedy,
+                    advice=advice,
                 )
             )
         if min_severity is None:

@@ -18,7 +18,7 @@ CREATE TABLE IF NOT EXISTS signals (step INTEGER NOT NULL, key TEXT NOT NULL, va
 CREATE INDEX IF NOT EXISTS signals_key_step ON signals (key, step);
 CREATE TABLE IF NOT EXISTS findings (
     step INTEGER NOT NULL, kind TEXT NOT NULL, severity TEXT NOT NULL, signal TEXT NOT NULL,
-    value REAL, baseline REAL, evidence TEXT NOT NULL, cause TEXT NOT NULL, remedy TEXT NOT NULL
+    value REAL, baseline REAL, evidence TEXT NOT NULL, cause TEXT NOT NULL, advice TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS decisions (
     step INTEGER NOT NULL, action TEXT NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL,

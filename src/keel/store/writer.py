@@ -73,7 +73,7 @@ class RunWriter:
                 _real(f.baseline),
                 json.dumps(f.evidence, default=str),
                 f.cause,
-                f.remedy,
+                f.advice,
             )
             for f in findings
         ]

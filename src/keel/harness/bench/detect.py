@@ -2,7 +2,7 @@
 
 For every scenario (`keel.harness.scenarios`): was the right kind detected (a warning or critical finding of
 the expected kind), at which step, how many steps before the loss degraded (`keel.detect.lead_time`, against
-the scenario's reference run with the remedy applied when it has one), and — for healthy runs — how many
+the scenario's reference run with the fix applied when it has one), and — for healthy runs — how many
 warning/critical findings there were (false alarms). For an instability with a known event step (poisoned
 batch, LR spike, ...), any warning or critical finding before the event is a false alarm too.
 

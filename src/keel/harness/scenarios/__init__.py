@@ -4,7 +4,7 @@ Every scenario trains a small model under an observing `Guard` with keel's trans
 (``probes="transformer"``) and default detectors, and knows what keel should say: the finding kind that
 names its instability, or — for a healthy run — that no warning or critical finding may appear.
 `keel bench detect` runs them all (`keel.harness.bench.detect`). Scenarios with a ``reference`` also train the same
-recipe with the remedy applied, which is how "the loss degraded" is judged for instabilities that stall
+recipe with the fix applied, which is how "the loss degraded" is judged for instabilities that stall
 rather than explode.
 
 Example:
@@ -29,7 +29,7 @@ class Scenario(Protocol):
     def run(self, *, seed: int = 0, steps: int | None = None) -> ScenarioResult: ...
 
     def reference(self, *, seed: int = 0, steps: int | None = None) -> list[float] | None:
-        """Losses of the same run with the remedy applied (no Guard), or None."""
+        """Losses of the same run with the fix applied (no Guard), or None."""
         ...
 
 

@@ -25,7 +25,7 @@ class ScenarioSpec:
         expected_kind: The finding kind that names the instability (None when healthy).
         summary: One line: the setting and the mechanism.
         lead_required: The detection must come before the loss degrades (predictive detectors).
-        remedy: What the reference ("fixed") run changes, when the scenario has one.
+        fix: What the reference ("fixed") run changes, when the scenario has one.
     """
 
     name: str
@@ -33,7 +33,7 @@ class ScenarioSpec:
     expected_kind: str | None
     summary: str
     lead_required: bool = False
-    remedy: str = ""
+    fix: str = ""
 
 
 @dataclass
@@ -62,7 +62,7 @@ class LMScenario:
         raise NotImplementedError(f"{type(self).__name__} defines no recipe")
 
     def fixed(self, seed: int) -> TrainConfig | None:
-        """The recipe with the remedy applied (the reference run), or None."""
+        """The recipe with the fix applied (the reference run), or None."""
         return None
 
     def run(self, *, seed: int = 0, steps: int | None = None) -> ScenarioResult:

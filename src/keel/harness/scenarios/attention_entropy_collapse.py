@@ -3,7 +3,7 @@
 keel's tiny proxy at peak LR 0.03 (AdamW, no weight decay): the mean attention entropy falls from its
 uniform 3.2 nats to below 10 % of it while the logits grow to several hundred — below the critical level
 of the logit-growth detector, so the collapse of the attention itself is what names it. The reference
-adds QK-norm (σReparam, the paper's remedy, bounds the same logits through the spectral norm).
+adds QK-norm (σReparam, the paper's fix, bounds the same logits through the spectral norm).
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ class AttentionEntropyCollapse(LMScenario):
         healthy=False,
         expected_kind="attention_entropy_collapse",
         summary="tiny proxy at LR 0.03: mean attention entropy collapses below 10 % of uniform",
-        remedy="QK-norm",
+        fix="QK-norm",
     )
 
     def recipe(self, seed: int) -> TrainConfig:

@@ -21,7 +21,7 @@ class AttentionLogitGrowth(LMScenario):
         expected_kind="attention_logit_growth",
         summary="tiny proxy at LR 0.1 without QK-norm: attention logits grow to ~1e4",
         lead_required=True,
-        remedy="QK-norm",
+        fix="QK-norm",
     )
 
     def recipe(self, seed: int) -> TrainConfig:

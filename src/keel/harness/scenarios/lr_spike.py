@@ -37,7 +37,7 @@ class LRSpike(LMScenario):
         healthy=False,
         expected_kind="edge_of_stability",
         summary=f"healthy tiny proxy whose LR jumps {FACTOR:g}× at steps {SPIKE.start}–{SPIKE.stop - 1}",
-        remedy="no LR jump",
+        fix="no LR jump",
     )
     event_step = SPIKE.start
 

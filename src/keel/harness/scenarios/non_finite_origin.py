@@ -53,7 +53,7 @@ class NonFiniteOrigin(LMScenario):
         healthy=False,
         expected_kind="non_finite",
         summary="tiny proxy at LR 0.1 with a max-free softmax in blocks.1: exp overflows to NaN",
-        remedy="a max-subtracting softmax (F.softmax) or QK-norm",
+        fix="a max-subtracting softmax (F.softmax) or QK-norm",
     )
 
     def recipe(self, seed: int) -> TrainConfig:

@@ -33,7 +33,7 @@ class OutputLogitDivergence:
         expected_kind="output_logit_drift",
         summary=f"(a · b) mod {P}, MLP, AdamW ε=1e-8, float16 softmax: log Z runs away once the data is fit",
         lead_required=True,
-        remedy="z-loss 1e-4",
+        fix="z-loss 1e-4",
     )
 
     def run(self, *, seed: int = 0, steps: int | None = None) -> ScenarioResult:
@@ -45,7 +45,7 @@ class OutputLogitDivergence:
         return None
 
     def fixed_run(self, *, seed: int = 0, steps: int | None = None) -> ScenarioResult:
-        """The same run with a z-loss of 1e-4: the remedy, for comparison."""
+        """The same run with a z-loss of 1e-4: the fix, for comparison."""
         return train(
             "output_logit_divergence",
             seed=seed,

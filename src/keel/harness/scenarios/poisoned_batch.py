@@ -33,7 +33,7 @@ class PoisonedBatch(LMScenario):
         healthy=False,
         expected_kind="loss_spike",
         summary=f"healthy tiny proxy, one junk batch (random bytes, constant target) at step {POISON_STEP}",
-        remedy="skip the poisoned update",
+        fix="skip the poisoned update",
     )
     event_step = POISON_STEP
 

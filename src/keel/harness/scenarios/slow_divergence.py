@@ -28,7 +28,7 @@ class SlowDivergence(LMScenario):
         healthy=False,
         expected_kind="divergence",
         summary=f"tiny proxy with QK-norm whose LR grows {RATE - 1:.2%}/step from step {RAMP_START}",
-        remedy="a schedule that ends its warm-up",
+        fix="a schedule that ends its warm-up",
     )
     event_step = RAMP_START
 

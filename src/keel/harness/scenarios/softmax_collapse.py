@@ -28,7 +28,7 @@ class SoftmaxCollapse:
         summary=f"(a + b) mod {P}, MLP, AdamW ε=1e-25, float16 softmax: rows collapse to one-hot, "
         "then the loss turns up and spikes",
         lead_required=True,
-        remedy="float64 softmax",
+        fix="float64 softmax",
     )
 
     def run(self, *, seed: int = 0, steps: int | None = None) -> ScenarioResult:

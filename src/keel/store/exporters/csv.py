@@ -13,7 +13,7 @@ from pathlib import Path
 
 from keel.store.exporters._table import RunTable
 
-FINDING_COLUMNS = ("step", "kind", "severity", "signal", "value", "baseline", "cause", "remedy", "evidence")
+FINDING_COLUMNS = ("step", "kind", "severity", "signal", "value", "baseline", "cause", "advice", "evidence")
 DECISION_COLUMNS = ("step", "action", "by", "onset", "restored_step", "reason")
 
 

@@ -35,7 +35,7 @@ def export(
             run.log(dict(values), step=step)
         last = table.rows[-1][0] if table.rows else 0
         columns, rows = _table(
-            table.finding_records(), ("step", "kind", "severity", "signal", "value", "baseline", "cause", "remedy")
+            table.finding_records(), ("step", "kind", "severity", "signal", "value", "baseline", "cause", "advice")
         )
         run.log({FINDINGS_KEY: wandb.Table(columns=columns, data=rows)}, step=last)
         columns, rows = _table(table.decision_records(), ("step", "action", "by", "onset", "restored_step", "reason"))
