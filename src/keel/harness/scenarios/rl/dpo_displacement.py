@@ -40,7 +40,7 @@ class DPODisplacement:
         expected_kind="likelihood_displacement",
         summary="DPO (β 0.5, lr 1e-4) on pairs whose rejected response differs from the chosen one in one byte: "
         "the margin grows while log π(y⁺|x) falls",
-        remedy="SFT-on-chosen regularizer α=1",
+        fix="SFT-on-chosen regularizer α=1",
     )
 
     def run(self, *, seed: int = 0, quick: bool = False) -> RLRun:

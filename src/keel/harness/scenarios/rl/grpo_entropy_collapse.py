@@ -55,7 +55,7 @@ class GRPOEntropyCollapse:
         summary=f"GRPO on a copy task at lr {HIGH_LR} (10x too high), 4 steps per rollout, clip 0.2/0.2: entropy "
         "collapses, then the reward stalls",
         lead_required=True,
-        remedy="clip-higher eps_high=0.28",
+        fix="clip-higher eps_high=0.28",
     )
 
     def run(self, *, seed: int = 0, quick: bool = False) -> RLRun:

@@ -138,7 +138,7 @@ class RewardOverOptimization:
         summary="GRPO against one of 5 proxy RMs fit to 300 noisy gold labels: the proxy reward climbs, the gold "
         "reward peaks and falls, the ensemble's disagreement grows",
         lead_required=True,
-        remedy="WCO / UWO ensemble objectives",
+        fix="WCO / UWO ensemble objectives",
     )
 
     def run(self, *, seed: int = 0, quick: bool = False) -> RLRun:
