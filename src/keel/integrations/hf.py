@@ -33,6 +33,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from keel._core.decision import Decision
 from keel._core.errors import KeelWarning
 from keel.guard import Guard
 from keel.integrations._handoff import Handoff
@@ -151,11 +152,16 @@ class KeelCallback(TrainerCallback):
         self._accelerated._opt_called = True
         try:
             with self._handoff.acting_for_keel():
-                self.guard.step(loss)
+                self._step_guard(loss)
         except BaseException as exc:  # TrainingAborted (or the user's own optimizer error) ends Trainer.train()
             self._finish(exc)
             raise
         return None
+
+    def _step_guard(self, loss: Tensor) -> Decision:
+        """``Guard.step`` for this update; the TRL adapter adds the trainer's statistics and its rollback hook."""
+        assert self.guard is not None
+        return self.guard.step(loss)
 
     def _build_guard(self, *, with_loss: bool) -> Guard:
         kwargs = dict(self.guard_kwargs)

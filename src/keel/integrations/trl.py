@@ -1,0 +1,195 @@
+"""TRL adapter: `guard_trainer` puts a keel `Guard` in charge of a ``DPOTrainer``, ``GRPOTrainer`` or
+``RewardTrainer`` (trl 1.16, ``pip install 'keel[trl]'``).
+
+    trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=pairs, processing_class=tok)
+    guard_trainer(trainer, run_dir="runs/dpo", policy="skip")
+    trainer.train()
+
+It is the Hugging Face `KeelCallback` (same update hand-off, clipping and ``policy=`` semantics: ``"observe"``
+is bit-identical to the bare trainer, ``"skip"`` and ``"recover"`` skip or roll back updates), plus what TRL needs:
+
+- **the loss**: TRL's trainers compute their objective in ``compute_loss``; the model's own output loss there is
+  the token NLL (DPO's fused head) or absent (a reward model), not the DPO, GRPO or reward loss. The adapter wraps
+  the trainer's ``compute_loss`` and hands keel the loss it returns — the value the Trainer logs as ``loss``
+  (micro-batch losses averaged, or summed where TRL already normalised them over the step, as GRPO does).
+- **TRL's statistics**: each step, the values the trainer appended to its ``_metrics["train"]`` (rewards,
+  margins, log-probabilities, entropy, KL, clip ratios, completion lengths, …) go to ``Guard.step(signals=...)``
+  under keel's keys (`keys.TRL_ALIASES`; the others as ``trl/<name>``, see `keel.integrations._trl_statistics`).
+  They are read at the optimizer step, after the step's last ``compute_loss`` and before ``log()`` clears them,
+  so every step is recorded whatever ``logging_steps`` is. keel recomputes none of them. A statistic that is not
+  one real number is left out of that step and recorded once as a ``keel_error`` finding; training goes on.
+- **GRPO rollbacks**: ``GRPOTrainer`` generates completions once per ``steps_per_generation × num_iterations``
+  micro-steps and reuses them from ``_buffered_inputs``. After a rollback those completions and their old
+  log-probabilities belong to the weights that were rolled back, so the adapter **drops the buffer**
+  (``_buffered_inputs = None``; TRL then generates afresh from the restored weights at the next micro-step, as
+  it does on resume) and records the steps where it did in the run's ``trl`` meta entry. TRL's adaptive-entropy
+  coefficient is not rolled back.
+
+Detectors are `Guard`'s defaults unless ``detectors=`` says otherwise.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from keel._core.decision import Decision
+from keel.integrations._trl_statistics import NewStatistics
+from keel.recover import Policy
+
+try:
+    from trl import DPOTrainer, GRPOTrainer, RewardTrainer
+except ImportError as exc:  # pragma: no cover - exercised only without the extra
+    raise ImportError("keel.integrations.trl needs trl: pip install 'keel[trl]'") from exc
+
+from keel.integrations.hf import KeelCallback, _json_args  # noqa: E402 (after the trl check: it needs transformers)
+
+TRAINERS = (DPOTrainer, GRPOTrainer, RewardTrainer)
+META_KEY = "trl"  # the run's meta entry: which trainer, how statistics are named, GRPO buffer drops
+
+
+def guard_trainer(
+    trainer: Any,
+    *,
+    run_dir: str | None = None,
+    policy: Policy = "observe",
+    take_over_clipping: bool | None = None,
+    **guard_kwargs: Any,
+) -> KeelTRLCallback:
+    """Guard a TRL trainer's updates with keel: call before ``trainer.train()``.
+
+    Args:
+        trainer: A ``trl.DPOTrainer``, ``trl.GRPOTrainer`` or ``trl.RewardTrainer``.
+        run_dir: Directory of the run store; ``None`` keeps it in memory.
+        policy: ``"observe"``, ``"skip"`` or ``"recover"`` (see `Guard`).
+        take_over_clipping: As for `KeelCallback`: by default keel clips, except under ``"observe"``.
+        **guard_kwargs: Any other `Guard` argument (``detectors``, ``probes``, ``recovery``, …).
+
+    Returns:
+        The callback, added to the trainer; its ``guard`` is the `Guard` once training has started.
+
+    Raises:
+        ValueError: ``trainer`` is not one of the three TRL trainers, lacks TRL's ``_metrics``, or is guarded
+            already; a `Guard` argument the trainer owns or `Guard` refuses.
+
+    Example:
+        >>> guard_trainer(object())
+        Traceback (most recent call last):
+        ...
+        ValueError: guard_trainer(trainer=<object>): allowed: a trl DPOTrainer, GRPOTrainer or RewardTrainer
+    """
+    _check_trainer(trainer)
+    callback = KeelTRLCallback(
+        trainer, run_dir=run_dir, policy=policy, take_over_clipping=take_over_clipping, **guard_kwargs
+    )
+    trainer.add_callback(callback)
+    _wrap_compute_loss(trainer, callback)
+    return callback
+
+
+class KeelTRLCallback(KeelCallback):
+    """`KeelCallback` fed by a TRL trainer: its ``compute_loss`` loss and its own statistics. Build it with
+    `guard_trainer`, which also wraps the trainer's ``compute_loss``."""
+
+    def __init__(
+        self,
+        trainer: Any,
+        *,
+        run_dir: str | None = None,
+        policy: Policy = "observe",
+        take_over_clipping: bool | None = None,
+        **guard_kwargs: Any,
+    ) -> None:
+        name = type(trainer).__name__
+        guard_kwargs.setdefault("config", {"trainer": f"trl.{name}", "args": _json_args(trainer.args)})
+        super().__init__(run_dir=run_dir, policy=policy, take_over_clipping=take_over_clipping, **guard_kwargs)
+        self.trainer = trainer
+        self._statistics = NewStatistics(trainer._metrics["train"])
+        self._meta_written = False
+        self._meta: dict[str, Any] = {"trainer": name, "statistics": "keys.TRL_ALIASES; others as trl/<name>"}
+        if hasattr(trainer, "_buffered_inputs"):
+            self._meta |= {"rollback": "drops GRPO's buffered completions (TRL regenerates)", "buffer_dropped_at": []}
+
+    def _capture_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+        """Nothing: under TRL the model's output loss is not the objective; `record_trainer_loss` is."""
+
+    def record_trainer_loss(self, loss: Tensor, *, share: bool) -> None:
+        """One micro-batch's loss from the trainer's ``compute_loss`` (``share``: already a share of the step's
+        total, which the Trainer then logs summed)."""
+        self._loss.add(loss, share=share)
+
+    def _step_guard(self, loss: Tensor) -> Decision:
+        guard = self.guard
+        assert guard is not None
+        signals: dict[str, float] = {}
+        try:
+            found = self._statistics.take()
+            signals = found.values
+            for name, problem in found.problems.items():
+                guard.components.fail(
+                    f"trl:{name}", guard.global_step, ValueError(f"TRL statistic {name!r}: {problem}")
+                )
+            if not self._meta_written:
+                guard.recorder.meta({META_KEY: self._meta})
+                self._meta_written = True
+        except Exception as exc:  # keel's bookkeeping never stops training: this step goes on without them
+            guard.components.fail("trl", guard.global_step, exc, disable=False)
+        decision = guard.step(loss, signals=signals)
+        if decision.action == "rollback" and "buffer_dropped_at" in self._meta:
+            self.trainer._buffered_inputs = None  # its completions came from the weights just rolled back
+            self._meta["buffer_dropped_at"].append(decision.step)
+            guard.components.call("trl", guard.recorder.meta, {META_KEY: self._meta})
+        return decision
+
+
+def _check_trainer(trainer: Any) -> None:
+    if not isinstance(trainer, TRAINERS):
+        raise ValueError(
+            f"guard_trainer(trainer=<{type(trainer).__name__}>): allowed: a trl DPOTrainer, GRPOTrainer or "
+            "RewardTrainer"
+        )
+    metrics = getattr(trainer, "_metrics", None)
+    if not (isinstance(metrics, Mapping) and isinstance(metrics.get("train"), Mapping)):
+        raise ValueError(
+            f"guard_trainer(trainer=<{type(trainer).__name__}>) has no _metrics['train'] of TRL statistics "
+            f"(found {type(metrics).__name__}); allowed: a trainer of trl>=1.16,<1.17, which keeps them there"
+        )
+    if any(isinstance(cb, KeelCallback) for cb in trainer.callback_handler.callbacks):
+        raise ValueError(
+            f"guard_trainer(trainer=<{type(trainer).__name__}>): it has a keel callback already; allowed: one "
+            "keel callback per trainer"
+        )
+
+
+def _wrap_compute_loss(trainer: Any, callback: KeelTRLCallback) -> None:
+    """Make the trainer's ``compute_loss`` hand each training micro-batch's loss to ``callback`` as well."""
+    original = trainer.compute_loss
+
+    @functools.wraps(original)
+    def compute_loss(model: nn.Module, inputs: Any, *args: Any, **kwargs: Any) -> Any:
+        out = original(model, inputs, *args, **kwargs)
+        if model.training and torch.is_grad_enabled():  # not evaluation inside training
+            loss = out[0] if isinstance(out, tuple) else out
+            if isinstance(loss, Tensor):
+                items = kwargs.get("num_items_in_batch", args[1] if len(args) > 1 else None)
+                callback.record_trainer_loss(loss, share=_scaled_for_accumulation(trainer, items))
+        return out
+
+    trainer.compute_loss = compute_loss
+
+
+def _scaled_for_accumulation(trainer: Any, num_items_in_batch: object) -> bool:
+    """Whether the Trainer takes ``compute_loss``'s loss as a share of the step's total (and logs the sum) rather
+    than dividing it by the accumulation steps (and logging the mean): transformers' own rule in
+    ``Trainer.training_step``."""
+    scaled = getattr(trainer, "loss_is_scaled_for_ga", None)
+    if scaled is not None:
+        return bool(scaled)
+    return bool(
+        (getattr(trainer, "model_accepts_loss_kwargs", False) and num_items_in_batch is not None)
+        or getattr(trainer, "compute_loss_func", None) is not None
+    )

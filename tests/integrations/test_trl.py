@@ -1,0 +1,226 @@
+"""keel inside real TRL trainers (trl 1.16): DPOTrainer, GRPOTrainer and RewardTrainer on a tiny Qwen2 built from a
+config with a character tokenizer (tests/integrations/_trl_tiny.py; nothing downloaded, CPU)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+from keel._core import keys
+from keel._core.finding import Finding
+from keel.recover import RecoveryConfig
+from keel.store import RunReader
+
+pytest.importorskip("trl")
+from transformers import TrainerCallback  # noqa: E402
+
+from keel.integrations._trl_statistics import signal_key  # noqa: E402
+from keel.integrations.hf import KeelCallback  # noqa: E402
+from keel.integrations.trl import META_KEY, guard_trainer  # noqa: E402
+from tests.integrations import _trl_tiny as tiny  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: more threads only contend on a shared CPU
+
+
+def logged(trainer, name: str) -> list[float]:
+    """What the Trainer logged under ``name``, step by step (logging_steps=1)."""
+    return [h[name] for h in trainer.state.log_history if name in h and "train_runtime" not in h]
+
+
+def recorded(run_dir: Path, key: str) -> list[float]:
+    with RunReader(run_dir) as run:
+        return run.signal(key)[1].tolist()
+
+
+# --- the loss is the trainer's objective, and TRL's statistics are TRL's own -------------------------------------
+def test_dpo_keel_records_the_dpo_loss_and_trls_statistics_and_observe_is_bit_identical(tmp_path):
+    bare = tiny.dpo_trainer(tmp_path / "bare", steps=3)
+    bare.train()
+    trainer = tiny.dpo_trainer(tmp_path / "dpo", steps=3)
+    guard_trainer(trainer, run_dir=str(tmp_path / "keel"))
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(tiny.params(bare), tiny.params(trainer), strict=True))
+    run = tmp_path / "keel"
+    assert recorded(run, keys.LOSS) == logged(trainer, "loss")
+    assert logged(trainer, "loss")[0] == pytest.approx(math.log(2))  # DPO's loss with a fresh reference
+    for trl_name in ("rewards/margins", "rewards/chosen", "rewards/accuracies", "logps/chosen", "logps/rejected"):
+        assert recorded(run, keys.TRL_ALIASES[trl_name]) == logged(trainer, trl_name), trl_name
+    assert recorded(run, signal_key("mean_token_accuracy")) == logged(trainer, "mean_token_accuracy")
+    # today's KeelCallback records the fused head's token NLL under TRL, ≈ ln(44) for the untrained model
+    old = tiny.dpo_trainer(tmp_path / "old", steps=2, callbacks=[KeelCallback(run_dir=str(tmp_path / "old_keel"))])
+    old.train()
+    assert all(loss > 3.0 for loss in recorded(tmp_path / "old_keel", keys.LOSS))
+
+
+def test_reward_trainer_loss_and_statistics_reach_keel(tmp_path):
+    trainer = tiny.reward_trainer(tmp_path / "rm", steps=3)
+    callback = guard_trainer(trainer, run_dir=str(tmp_path / "keel"), policy="skip")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # keel saw a loss: no "saw no loss" warning
+        trainer.train()
+    assert recorded(tmp_path / "keel", keys.LOSS) == logged(trainer, "loss")
+    for name in ("accuracy", "margin", "mean_reward"):
+        assert recorded(tmp_path / "keel", signal_key(name)) == logged(trainer, name)
+    assert callback.guard is not None and callback.guard.global_step == 3
+    # the reward model's output has no loss: today's KeelCallback sees none and says so
+    old = tiny.reward_trainer(tmp_path / "old", steps=1, callbacks=[KeelCallback()])
+    with pytest.warns(UserWarning, match="saw no loss"):
+        old.train()
+
+
+# --- GRPO: the loss, the statistics, and a rollback drops the buffered completions --------------------------------
+class CriticalAt:
+    """A detector that finds a critical (non-skippable) problem at the given steps: the ladder rolls back."""
+
+    name = "critical_at"
+
+    def __init__(self, *steps: int) -> None:
+        self.steps = set(steps)
+
+    def update(self, obs):
+        if obs.step not in self.steps:
+            return []
+        return [Finding(step=obs.step, kind="divergence", severity="critical", signal=keys.LOSS)]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def count_generations(trainer) -> list[int]:
+    calls: list[int] = []
+    original = trainer._generate_and_score_completions
+
+    def counted(*args, **kwargs):
+        calls.append(trainer.state.global_step)
+        return original(*args, **kwargs)
+
+    trainer._generate_and_score_completions = counted
+    return calls
+
+
+def test_grpo_rollback_drops_the_buffered_completions_and_keel_sees_the_grpo_loss(tmp_path):
+    # num_iterations=2: TRL generates at optimizer steps 0 and 2 and reuses the buffer at 1 and 3
+    trainer = tiny.grpo_trainer(tmp_path / "grpo", steps=4, num_iterations=2)
+    generated = count_generations(trainer)
+    recovery = RecoveryConfig(snapshot_every=1, quiet_steps=0)
+    callback = guard_trainer(
+        trainer, run_dir=str(tmp_path / "keel"), policy="recover", detectors=[CriticalAt(2)], recovery=recovery
+    )
+    trainer.train()
+    assert [(d.step, d.action) for d in callback.guard.decisions] == [(2, "rollback")]
+    assert generated == [0, 2, 3]  # step 3 generates afresh from the restored weights (without the drop: [0, 2])
+    with RunReader(tmp_path / "keel") as run:
+        meta = run.meta()[META_KEY]
+    assert meta["trainer"] == "GRPOTrainer" and meta["buffer_dropped_at"] == [2]
+    assert recorded(tmp_path / "keel", keys.LOSS) == logged(trainer, "loss")
+    assert any(loss != 0 for loss in logged(trainer, "loss"))
+    for trl_name in ("entropy", "reward", "reward_std", "frac_reward_zero_std", "completions/mean_length"):
+        assert recorded(tmp_path / "keel", keys.TRL_ALIASES[trl_name]) == logged(trainer, trl_name), trl_name
+    assert keys.RL_KL not in RunReader(tmp_path / "keel").signal_keys()  # β=0: TRL computes no KL
+
+
+@pytest.mark.slow  # ~3 s: two more GRPO runs; the default test above covers the loss under "recover"
+def test_grpo_observe_is_bit_identical_and_todays_callback_records_the_nll_not_the_grpo_loss(tmp_path):
+    bare = tiny.grpo_trainer(tmp_path / "bare", steps=3)
+    bare.train()
+    trainer = tiny.grpo_trainer(tmp_path / "grpo", steps=3)
+    guard_trainer(trainer, run_dir=str(tmp_path / "keel"))
+    trainer.train()
+    assert all(torch.equal(a, b) for a, b in zip(tiny.params(bare), tiny.params(trainer), strict=True))
+    assert recorded(tmp_path / "keel", keys.LOSS) == logged(trainer, "loss")
+    old = tiny.grpo_trainer(tmp_path / "old", steps=3, callbacks=[KeelCallback(run_dir=str(tmp_path / "old_keel"))])
+    old.train()
+    assert all(loss > 3.0 for loss in recorded(tmp_path / "old_keel", keys.LOSS))  # the NLL, ≈ ln(44)
+    assert all(abs(loss) < 1.0 for loss in logged(old, "loss"))
+
+
+@pytest.mark.slow  # ~3 s: saves the model and GRPO reloads it as the reference
+def test_grpo_with_kl_penalty_records_trls_kl(tmp_path):
+    folder = tiny.saved_model(tmp_path / "model")
+    trainer = tiny.grpo_trainer(tmp_path / "grpo", steps=3, model=folder, beta=0.1)
+    guard_trainer(trainer, run_dir=str(tmp_path / "keel"), policy="skip")
+    trainer.train()
+    assert recorded(tmp_path / "keel", keys.LOSS) == logged(trainer, "loss")
+    kl = recorded(tmp_path / "keel", keys.RL_KL)
+    assert kl == logged(trainer, "kl") and kl[0] == 0.0 and kl[-1] > 0.0  # the policy leaves its reference
+
+
+# --- bad input ---------------------------------------------------------------------------------------------------
+class Bare:
+    """Not a TRL trainer."""
+
+
+@pytest.mark.parametrize("trainer", [None, "DPOTrainer", Bare(), 3.0])
+def test_a_trainer_that_is_not_one_of_trls_three_is_refused_when_guarded(trainer):
+    with pytest.raises(ValueError, match=r"guard_trainer\(trainer=<\w+>\): allowed: a trl DPOTrainer, GRPOTrainer"):
+        guard_trainer(trainer)
+
+
+@pytest.mark.parametrize("metrics", [None, {}, {"train": [1.0]}, [1, 2]])
+def test_a_trl_trainer_without_its_statistics_is_refused_when_guarded(tmp_path, metrics):
+    trainer = tiny.dpo_trainer(tmp_path, steps=1)
+    trainer._metrics = metrics
+    with pytest.raises(ValueError, match=r"has no _metrics\['train'\] of TRL statistics"):
+        guard_trainer(trainer)
+
+
+def test_a_trainer_is_guarded_once_and_guard_arguments_are_checked_when_guarded(tmp_path):
+    trainer = tiny.reward_trainer(tmp_path, steps=1)
+    with pytest.raises(ValueError, match="policy='yolo'; allowed: observe, skip, recover"):
+        guard_trainer(trainer, policy="yolo")
+    with pytest.raises(ValueError, match="optimizer"):
+        guard_trainer(trainer, optimizer=None)
+    guard_trainer(trainer)
+    with pytest.raises(ValueError, match="has a keel callback already"):
+        guard_trainer(trainer)
+
+
+class BadStatistic(TrainerCallback):
+    """Puts a statistic that is not one number in the trainer's _metrics for each step (as a reward function's
+    ``log_metric`` with a list would), and takes it out before TRL's own log() averages it."""
+
+    def __init__(self, trainer, value) -> None:
+        self.trainer, self.value = trainer, value
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self.trainer._metrics["train"]["bad"].append(self.value)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._metrics["train"].pop("bad", None)
+
+
+def test_a_statistic_that_is_not_one_number_is_a_keel_error_and_training_goes_on(tmp_path):
+    # one hostile value here; tests/integrations/test_trl_statistics.py has the table
+    trainer = tiny.reward_trainer(tmp_path / "rm", steps=3)
+    callback = guard_trainer(trainer, run_dir=str(tmp_path / "keel"), policy="skip")
+    trainer.add_callback(BadStatistic(trainer, torch.ones(2)))
+    trainer.train()
+    assert callback.guard.global_step == 3
+    errors = [f for f in callback.guard.findings if f.kind == "keel_error"]
+    assert [(f.step, f.signal) for f in errors] == [(0, "trl:bad")]  # reported once
+    assert "TRL statistic 'bad': tensor([1., 1.])" in errors[0].evidence["error"]
+    assert "allowed: one real number" in errors[0].evidence["error"]
+    assert recorded(tmp_path / "keel", signal_key("accuracy")) == logged(
+        trainer, "accuracy"
+    )  # the others still recorded
+
+
+def nan_reward(completions, **kwargs):
+    return [math.nan] * len(completions)
+
+
+@pytest.mark.slow  # ~2 s of GRPO; the default check is test_trl_statistics' NaN case
+def test_nan_rewards_are_recorded_as_nan_and_training_goes_on(tmp_path):
+    trainer = tiny.grpo_trainer(tmp_path / "grpo", steps=2, reward=[tiny.digit_reward, nan_reward])
+    callback = guard_trainer(trainer, run_dir=str(tmp_path / "keel"), policy="skip")
+    trainer.train()
+    assert callback.guard.global_step == 2 and not callback.guard.decisions
+    assert all(math.isnan(v) for v in recorded(tmp_path / "keel", signal_key("rewards/nan_reward/mean")))
+    assert all(math.isfinite(v) for v in recorded(tmp_path / "keel", keys.RL_REWARD_MEAN))  # TRL's nansum
