@@ -42,7 +42,7 @@ from keel._core.printable import one_line
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("keel.demo", "train an unstable proxy recipe bare, guarded, recovering and stabilized, side by side"),
     "bench": ("keel.harness.bench.cli", "measure keel's own cost against a baseline in the same process"),
-    "doctor": ("keel.doctor.cli", "diagnose an existing training log: CSV, JSONL, TensorBoard, HF, run store"),
+    "doctor": ("keel.doctor.cli", "examine an existing training log: CSV, JSONL, TensorBoard, HF, run store"),
     "report": ("keel.report.cli", "write one self-contained HTML stability report from run stores"),
     "export": ("keel.store.exporters.cli", "write a run store as CSV, JSON lines, TensorBoard, W&B or MLflow"),
     "list": ("keel.nn.cli", "list the stabilizers keel.stabilize can apply, each with its reference"),

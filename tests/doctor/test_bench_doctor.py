@@ -60,11 +60,11 @@ def test_size_sweep_measures_both_readers_in_child_processes(capsys):
 
 
 def test_the_sweep_log_holds_a_resume_a_nan_and_gaps(tmp_path):
-    from keel.doctor import diagnose_log
+    from keel.doctor import examine_log
 
     path = tmp_path / "log.csv"
     bench.write_sweep_log(path, 100_000)
-    result = diagnose_log(path)
+    result = examine_log(path)
     s = result.summary
     assert s["records"] == 100_000 and s["restarts"]["count"] == 1 and s["text_columns"] == ["phase"]
     assert s["signals"]["loss"]["non_finite"] == 1 and s["signals"]["grad/norm"]["observations"] == 90_000

@@ -17,7 +17,7 @@ from hypothesis import strategies as st
 
 from keel.detect import DivergenceConfig, DivergenceDetector, SpikeConfig, SpikeDetector, default_detectors
 from keel.detect.scan import ReadsKeys, SignalScan
-from keel.doctor import RawLog, diagnose
+from keel.doctor import RawLog, examine
 from keel.doctor.blocks import Plan, _with_rest
 from keel.doctor.timeline import build_timeline
 
@@ -146,8 +146,8 @@ def logs(draw):
 @pytest.fixture
 def small_stretches(monkeypatch):
     """Checkpoints (and so stretches) every 5 observations, 2 kept dense: short logs cross many of them."""
-    monkeypatch.setattr(sys.modules["keel.doctor.diagnose"], "CHECKPOINT_EVERY", 5)
-    monkeypatch.setattr(sys.modules["keel.doctor.diagnose"], "RECENT_CHECKPOINTS", 2)
+    monkeypatch.setattr(sys.modules["keel.doctor.examine"], "CHECKPOINT_EVERY", 5)
+    monkeypatch.setattr(sys.modules["keel.doctor.examine"], "RECENT_CHECKPOINTS", 2)
 
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
@@ -158,8 +158,8 @@ def small_stretches(monkeypatch):
 )
 def test_stretches_find_what_update_step_by_step_finds(records, rollbacks, bad_step, small_stretches):
     log = RawLog(source="gen", format="keel_store", records=records, keyed=True, rollbacks=rollbacks)
-    fast = diagnose(log, detectors=lambda: _detectors(bad_step)).to_dict()
-    slow = diagnose(log, detectors=lambda: [PerStep(d) for d in _detectors(bad_step)]).to_dict()
+    fast = examine(log, detectors=lambda: _detectors(bad_step)).to_dict()
+    slow = examine(log, detectors=lambda: [PerStep(d) for d in _detectors(bad_step)]).to_dict()
     for result in (fast, slow):
         del result["summary"]["detectors"]  # readiness is told for the detector classes it knows, not wrappers
         for f in result["findings"]:
@@ -174,7 +174,7 @@ def test_the_generated_logs_reach_every_fast_path():
     @settings(max_examples=80, deadline=None, database=None, derandomize=True)  # a fixed sample: counts are stable
     @given(records=logs(), bad_step=st.integers(0, 60))
     def count(records, bad_step):
-        result = diagnose(
+        result = examine(
             RawLog(source="gen", format="keel_store", records=records, keyed=True),
             detectors=lambda: _detectors(bad_step),
         )
@@ -200,7 +200,7 @@ def test_the_generated_logs_reach_every_fast_path():
 
 def test_a_detector_that_raises_is_switched_off_at_that_step_with_one_note():
     records = [(s, {"loss": 2.0 + 0.01 * (s % 3)}) for s in range(40)]
-    result = diagnose(
+    result = examine(
         RawLog(source="x", format="keel_store", records=records, keyed=True),
         detectors=lambda: [RaisesAt(17), ScanBug(), RestingBug()],
     )

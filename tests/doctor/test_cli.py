@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from keel import Guard
 from keel.cli import main
-from keel.doctor import diagnose_log
+from keel.doctor import examine_log
 from keel.store import RunReader
 from tests.conftest import TinyNet, make_batches, observe_poisoned_run
 
@@ -97,7 +97,7 @@ def test_doctor_on_a_guard_store_finds_what_the_guard_found_live(tmp_path):
     observe_poisoned_run(tmp_path / "run")  # batch 60's loss jumps ~900×
     with RunReader(tmp_path / "run") as run:
         live = [(f.step, f.kind, f.severity) for f in run.findings()]
-    result = diagnose_log(tmp_path / "run")
+    result = examine_log(tmp_path / "run")
     assert (60, "loss_spike", "critical") in live
     assert [(f.step, f.kind, f.severity) for f in result.findings] == live
     assert result.summary["stored_findings"]["critical"] == sum(s == "critical" for *_, s in live)
@@ -131,6 +131,6 @@ def test_doctor_replays_a_guard_rollback_and_still_matches_the_live_findings(tmp
         live = [(f.step, f.kind, f.severity) for f in run.findings()]
         [rollback] = [d for d in run.decisions() if d.action == "rollback"]
     assert rollback.restored_step <= 22 < 23 <= rollback.step
-    result = diagnose_log(tmp_path / "run")
+    result = examine_log(tmp_path / "run")
     assert [(f.step, f.kind, f.severity) for f in result.findings] == live
     assert any(kind == "non_finite" for _, kind, _ in live)

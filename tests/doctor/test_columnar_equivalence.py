@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keel.detect import DivergenceConfig, DivergenceDetector, SpikeConfig, SpikeDetector, default_detectors
-from keel.doctor import DoctorResult, LogReadError, RawLog, diagnose, diagnose_log, read_log
+from keel.doctor import DoctorResult, LogReadError, RawLog, examine, examine_log, read_log
 from keel.harness.bench import _doctor_legacy as legacy
 from tests.conftest import observe_poisoned_run
 
@@ -59,20 +59,20 @@ def _legacy_log(log: RawLog) -> legacy.RawLog:
 @pytest.mark.skipif(not REAL_CSVS, reason=f"real-run logs not found at {REALRUNS}")
 @pytest.mark.parametrize("path", REAL_CSVS, ids=lambda p: p.name)
 def test_real_run_csvs_give_the_same_result_as_the_record_based_reader(path):
-    _same(diagnose_log(path), legacy.diagnose_csv(path))
+    _same(examine_log(path), legacy.examine_csv(path))
 
 
 @pytest.mark.parametrize("name", ["tb_simple", "tb_tensor", "hf_out"])
 def test_fixture_logs_give_the_same_result_through_both_timelines(name):
     log = read_log(DATA / name)
-    _same(diagnose(log), legacy.diagnose(_legacy_log(log)))
+    _same(examine(log), legacy.examine(_legacy_log(log)))
 
 
 def test_a_guard_store_gives_the_same_result_through_both_timelines(tmp_path):
     observe_poisoned_run(tmp_path / "run")
     log = read_log(tmp_path / "run")
     assert log.stored_findings
-    _same(diagnose(log), legacy.diagnose(_legacy_log(log)))
+    _same(examine(log), legacy.examine(_legacy_log(log)))
 
 
 # --- generated logs ------------------------------------------------------------------------------------------
@@ -98,8 +98,8 @@ def often_checkpointed(monkeypatch):
     one, so short logs exercise rewinds from thinned-out checkpoints."""
     import sys
 
-    monkeypatch.setattr(sys.modules["keel.doctor.diagnose"], "CHECKPOINT_EVERY", 4)
-    monkeypatch.setattr(sys.modules["keel.doctor.diagnose"], "RECENT_CHECKPOINTS", 2)
+    monkeypatch.setattr(sys.modules["keel.doctor.examine"], "CHECKPOINT_EVERY", 4)
+    monkeypatch.setattr(sys.modules["keel.doctor.examine"], "RECENT_CHECKPOINTS", 2)
     monkeypatch.setattr(legacy, "CHECKPOINT_EVERY", 4)
 
 
@@ -192,20 +192,20 @@ def test_generated_messy_csvs_give_the_same_result_as_the_record_based_reader(
     path = tmp_path_factory.mktemp("csv") / "log.csv"
     path.write_bytes(data)
     try:
-        old = legacy.diagnose(legacy.read_csv_log(path), detectors=_small_detectors)
+        old = legacy.examine(legacy.read_csv_log(path), detectors=_small_detectors)
     except LogReadError:
         with pytest.raises(LogReadError):
-            diagnose_log(path, detectors=_small_detectors)
+            examine_log(path, detectors=_small_detectors)
         return
     except Exception:  # the old path crashed (a detector's bug, a csv.Error): the new one must not
         assert isinstance(_result_or_error(path), (DoctorResult, LogReadError))
         return
-    _same(diagnose_log(path, detectors=_small_detectors), old)
+    _same(examine_log(path, detectors=_small_detectors), old)
 
 
 def _result_or_error(path):
     try:
-        return diagnose_log(path, detectors=_small_detectors)
+        return examine_log(path, detectors=_small_detectors)
     except LogReadError as exc:
         return exc
 
@@ -254,11 +254,11 @@ def test_generated_records_give_the_same_result_through_both_timelines(records, 
     # the records come back as they were (NaN and -0.0 too; a record's keys in the table's column order)
     assert repr([(s, sorted(v.items())) for s, v in log.records]) == repr([(s, sorted(v.items())) for s, v in records])
     try:
-        old = legacy.diagnose(_legacy_log(log), detectors=_small_detectors)
+        old = legacy.examine(_legacy_log(log), detectors=_small_detectors)
     except Exception:  # a detector's bug crashed the old path; the new one reports it as a finding
-        assert isinstance(diagnose(log, detectors=_small_detectors), DoctorResult)
+        assert isinstance(examine(log, detectors=_small_detectors), DoctorResult)
         return
-    _same(diagnose(log, detectors=_small_detectors), old)
+    _same(examine(log, detectors=_small_detectors), old)
 
 
 def test_the_generated_logs_have_findings_restarts_and_merges():
@@ -268,7 +268,7 @@ def test_the_generated_logs_have_findings_restarts_and_merges():
     @settings(max_examples=60, deadline=None, database=None)
     @given(records=messy_records())
     def count(records):
-        result = diagnose(RawLog(source="gen", format="jsonl", records=records), detectors=_small_detectors)
+        result = examine(RawLog(source="gen", format="jsonl", records=records), detectors=_small_detectors)
         seen["findings"] += bool(result.findings)
         seen["restarts"] += bool(result.summary["restarts"]["count"])
         seen["merged"] += any("merged" in n for n in result.summary["notes"])
@@ -283,7 +283,7 @@ def test_json_output_is_the_same(tmp_path):
     p.write_text(
         "step,loss,grad_norm\n" + "".join(f"{s},{2.0 + 0.01 * (s % 3)},{1.0}\n" for s in range(50)) + "50,nan,inf\n"
     )
-    assert json.dumps(diagnose_log(p).to_dict()) == json.dumps(legacy.diagnose_csv(p).to_dict())
+    assert json.dumps(examine_log(p).to_dict()) == json.dumps(legacy.examine_csv(p).to_dict())
 
 
 def test_restarts_far_back_in_a_long_log_rewind_through_thinned_checkpoints(tmp_path):
@@ -297,7 +297,7 @@ def test_restarts_far_back_in_a_long_log_rewind_through_thinned_checkpoints(tmp_
     loss[[700, 6500, 9950]] = 9.0  # spikes in each segment
     path = tmp_path / "log.csv"
     path.write_text("step,loss\n" + "".join(f"{s},{v!r}\n" for s, v in zip(steps, loss.tolist(), strict=True)))
-    new = diagnose_log(path)
+    new = examine_log(path)
     assert new.summary["restarts"]["count"] == 2
     assert {700, 600, 3050} <= {f.step for f in new.findings}  # the spike of each segment (rows 700, 6500, 9950)
-    _same(new, legacy.diagnose_csv(path))
+    _same(new, legacy.examine_csv(path))

@@ -7,7 +7,7 @@ import sqlite3
 import pytest
 
 from keel.cli import main
-from keel.doctor import diagnose_log
+from keel.doctor import examine_log
 from keel.store import RunReader
 from tests.doctor.guard_runs import recovered_run
 
@@ -60,7 +60,7 @@ def test_a_store_written_before_the_rename_says_remedies_in_its_reasons_and_is_r
     old = shutil.copytree(run, tmp_path / "old")
     with sqlite3.connect(old / "run.sqlite") as conn:
         conn.execute("UPDATE decisions SET reason = replace(reason, '; actions: ', '; remedies: ')")
-    (reason,) = [d.reason for d in diagnose_log(old).decisions if d.action == "rollback"]
+    (reason,) = [d.reason for d in examine_log(old).decisions if d.action == "rollback"]
     assert "; remedies: LR × 0.1 from now on. Trigger: " in reason
     assert main(["doctor", str(old), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["decisions"][3]["actions"] == ["LR × 0.1 from now on"]
@@ -71,7 +71,7 @@ def test_a_store_written_before_the_rename_says_remedies_in_its_reasons_and_is_r
 def test_a_log_without_decisions_says_nothing_about_them(tmp_path, capsys):
     log = tmp_path / "log.csv"
     log.write_text("step,loss\n" + "".join(f"{s},2.0\n" for s in range(30)))
-    assert diagnose_log(log).decisions == []
+    assert examine_log(log).decisions == []
     main(["doctor", str(log), "--json"])
     doc = json.loads(capsys.readouterr().out)
     assert doc["decisions"] == [] and "decisions" not in doc["summary"]

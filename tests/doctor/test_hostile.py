@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from keel.cli import main
-from keel.doctor import LogReadError, diagnose_log, read_log
+from keel.doctor import LogReadError, examine_log, read_log
 from keel.store import RunWriter
 from tests.doctor.wire import FIXED32, LENGTH, VARINT, field, record, scalar_event
 
@@ -43,7 +43,7 @@ def test_a_data_cell_over_128_kib_skips_that_row_and_says_so(tmp_path, capsys):
     rows[30] = "30,2.0," + "x" * 200_000  # one huge text cell (a logged sample, say)
     p = tmp_path / "log.csv"
     p.write_text("step,loss,note\n" + "\n".join(rows) + "\n")
-    result = diagnose_log(p)
+    result = examine_log(p)
     assert result.summary["observations"] == 59
     assert any("line 32" in n and "131072" in n for n in result.summary["notes"]), result.summary["notes"]
     code, out, _ = _doctor(capsys, p)
@@ -117,7 +117,7 @@ def test_tensorboard_fields_of_the_wrong_wire_type_are_not_a_traceback(case, tmp
     p = tmp_path / "events.out.tfevents.1"
     p.write_bytes(good + record(_tensor_event(3, WRONG_WIRE_TENSORS[case])))
     try:
-        result = diagnose_log(p)
+        result = examine_log(p)
     except LogReadError:
         _one_error_line(*_doctor(capsys, p), str(p))
     else:
@@ -166,7 +166,7 @@ def test_text_in_a_stores_step_column_is_left_out_and_counted(tmp_path, capsys):
     )
     conn.commit()
     conn.close()
-    result = diagnose_log(run)
+    result = examine_log(run)
     assert result.summary["observations"] == 40
     assert any("signals" in n and "left out" in n for n in result.summary["notes"]), result.summary["notes"]
     assert _doctor(capsys, run)[0] == 0
@@ -191,7 +191,7 @@ def test_duplicate_columns_keep_the_first_and_say_which_was_used(tmp_path, capsy
     p.write_text(
         "step,loss,loss\n" + "".join(f"{s},{a!r},{b!r}\n" for s, (a, b) in enumerate(zip(first, second, strict=True)))
     )
-    result = diagnose_log(p)
+    result = examine_log(p)
     assert (60, "loss_spike", "critical") in [(f.step, f.kind, f.severity) for f in result.findings]
     note = next(n for n in result.summary["notes"] if "loss" in n and "column 3" in n)
     assert "column 2" in note
@@ -203,7 +203,7 @@ def test_duplicate_columns_keep_the_first_and_say_which_was_used(tmp_path, capsy
 def test_duplicate_json_keys_say_that_the_last_was_used(tmp_path):
     p = tmp_path / "log.jsonl"
     p.write_text("".join(f'{{"step": {s}, "loss": 9.0, "loss": {v!r}}}\n' for s, v in enumerate(_losses(30))))
-    result = diagnose_log(p)
+    result = examine_log(p)
     assert any("repeated key" in n and "loss" in n for n in result.summary["notes"]), result.summary["notes"]
     assert result.summary["signals"]["loss"]["observations"] == 30
 

@@ -5,7 +5,7 @@ import importlib.util
 
 import pytest
 
-from keel.doctor import diagnose_log
+from keel.doctor import examine_log
 from keel.store.exporters import export_run
 from tests.report.stores import make_run_store
 
@@ -19,11 +19,11 @@ def run(tmp_path_factory):
 def test_an_exported_run_reads_back_with_the_same_findings(run, tmp_path, fmt):
     if fmt == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
         pytest.skip("writing the TensorBoard export needs the tensorboard package (keel[tensorboard])")
-    expected = [(f.step, f.kind, f.severity) for f in diagnose_log(run).findings]
+    expected = [(f.step, f.kind, f.severity) for f in examine_log(run).findings]
     assert expected == [(150, "loss_spike", "critical"), (200, "non_finite", "critical")]
     paths = export_run(run, fmt, tmp_path / fmt)
     log = next(p for p in paths if p.name.startswith(("signals", "events")))
-    result = diagnose_log(log)
+    result = examine_log(log)
     assert result.format == {"csv": "csv", "jsonl": "jsonl", "tensorboard": "tensorboard"}[fmt]
     assert [(f.step, f.kind, f.severity) for f in result.findings] == expected
     assert result.summary["signals"]["loss"]["observations"] == 300

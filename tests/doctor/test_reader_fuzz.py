@@ -12,7 +12,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from keel.doctor import DoctorResult, LogReadError, diagnose_log, format_result
+from keel.doctor import DoctorResult, LogReadError, examine_log, format_result
 from keel.store import RunWriter
 from tests.doctor.wire import FIXED32, FIXED64, LENGTH, VARINT, field, record, scalar_event
 
@@ -20,9 +20,9 @@ FUZZ = settings(max_examples=100, deadline=None, suppress_health_check=[HealthCh
 
 
 def outcome(path, format=None):
-    """diagnose → print → JSON, as `keel doctor` does; the result, or the LogReadError."""
+    """examine → print → JSON, as `keel doctor` does; the result, or the LogReadError."""
     try:
-        result = diagnose_log(path, format=format)
+        result = examine_log(path, format=format)
     except LogReadError as exc:
         assert str(exc)
         return exc

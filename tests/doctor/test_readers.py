@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from keel._core import Decision, Finding
-from keel.doctor import build_timeline, detect_format, diagnose_log, read_log
+from keel.doctor import build_timeline, detect_format, examine_log, read_log
 from keel.store import RunWriter
 
 DATA = Path(__file__).parent / "data"
@@ -102,7 +102,7 @@ def test_tensorboard_simple_value_file_and_folder():
         assert obs[0].values["lr"] == pytest.approx(1e-3)
         assert math.isnan(obs[50].values["loss"])
     assert any("non-scalar" in n for n in read_log(folder).notes)  # the histogram was skipped
-    found = diagnose_log(folder).at_least("critical")
+    found = examine_log(folder).at_least("critical")
     assert [(f.step, f.kind) for f in found] == [(50, "non_finite")]
 
 
@@ -137,7 +137,7 @@ def test_keel_run_store_with_families_and_stored_findings(tmp_path):
         obs = build_timeline(log).observations
         assert obs[10].per_param["grad/norm/"] == (("fc1.weight", "fc2.weight"), [0.6, 0.8])
         assert "grad/norm/fc1.weight" not in obs[10].values and obs[10].values["grad/norm"] == 1.0
-    result = diagnose_log(tmp_path / "run")
+    result = examine_log(tmp_path / "run")
     assert [(f.step, f.kind) for f in result.at_least("warning")] == [(30, "non_finite")]
     assert result.summary["stored_findings"]["critical"] == 1
 
@@ -160,7 +160,7 @@ def test_a_real_trainer_state_written_by_transformers():
     assert [o.step for o in obs] == [5, 10, 15, 20, 25, 30, 35, 40]
     assert {"loss", "grad/norm", "lr", "epoch"} <= set(obs[0].values)
     assert "val/loss" in obs[3].values and "val/loss" in obs[7].values and "val/loss" not in obs[0].values
-    result = diagnose_log(DATA / "hf_out")
+    result = examine_log(DATA / "hf_out")
     assert result.summary["stride"] == 5 and result.findings == []
     divergence = next(d for d in result.summary["detectors"] if d.get("kind") == "divergence")
     assert divergence["needs"] == 10  # ceil(50 steps / 5 per log), at least its 9-value median

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from keel.doctor import diagnose_log
+from keel.doctor import examine_log
 from keel.harness.bench.doctor import HEALTHY_LABELS, load_prefix, run, score_series
 
 DATA = Path(__file__).resolve().parents[2] / ".." / "shared" / "data" / "realruns"
@@ -48,7 +48,7 @@ EXPECTED_WITH_PREFIX = {
 
 def test_short_windows_raise_no_alarm_without_history_and_say_so():
     for name in SHORT:
-        result = diagnose_log(DATA / name)
+        result = examine_log(DATA / name)
         assert result.at_least("warning") == [], name
         loss = next(d for d in result.summary["detectors"] if d.get("kind") == "loss_spike")
         if loss["observations"] <= loss["needs"]:
@@ -58,7 +58,7 @@ def test_short_windows_raise_no_alarm_without_history_and_say_so():
 
 
 def test_nan_in_an_fp16_log_with_a_loss_scale_is_read_as_a_scaler_overflow():
-    result = diagnose_log(DATA / "bigscience_tr8_104b_exp12_spike_8740_divergence_9027.csv")
+    result = examine_log(DATA / "bigscience_tr8_104b_exp12_spike_8740_divergence_9027.csv")
     assert [(f.step, f.kind, f.severity) for f in result.findings] == [(9027, "loss_scale_overflow", "info")]
     assert result.summary["gaps"]["listed"] == [{"after_step": 8743, "next_step": 9026}]
 

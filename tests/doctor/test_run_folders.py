@@ -1,4 +1,4 @@
-"""`keel doctor FOLDER` on a folder of run stores: each run one or two levels down is found and diagnosed."""
+"""`keel doctor FOLDER` on a folder of run stores: each run one or two levels down is found and examined."""
 
 import json
 
@@ -59,10 +59,10 @@ def test_a_folder_holding_one_run_uses_it_and_says_so(runs, capsys):
     assert main(["doctor", str(runs / "A")]) == 0
     out = capsys.readouterr().out
     assert out.startswith(f"keel doctor: {runs / 'A' / 'keel'} (keel_store, 70 steps")
-    assert f"note: {runs / 'A'} holds one keel run store, {runs / 'A' / 'keel'}: diagnosed that" in out
+    assert f"note: {runs / 'A'} holds one keel run store, {runs / 'A' / 'keel'}: examined that" in out
 
 
-def test_an_unreadable_run_among_several_is_one_error_line_and_the_others_are_diagnosed(runs, tmp_path, capsys):
+def test_an_unreadable_run_among_several_is_one_error_line_and_the_others_are_examined(runs, tmp_path, capsys):
     for name in ("good", "bad"):
         (tmp_path / name).mkdir()
     observe_poisoned_run(tmp_path / "good", steps=30, poisoned_at=20)

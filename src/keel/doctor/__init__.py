@@ -1,14 +1,14 @@
-"""Diagnose a training log you already have: CSV, JSONL, TensorBoard, Hugging Face ``trainer_state.json`` or a
+"""Examine a training log you already have: CSV, JSONL, TensorBoard, Hugging Face ``trainer_state.json`` or a
 keel run store, read into `Observation`s and run through the same detectors a `Guard` uses live.
 
-    from keel.doctor import diagnose_log
-    result = diagnose_log("runs/exp1/trainer_state.json")
+    from keel.doctor import examine_log
+    result = examine_log("runs/exp1/trainer_state.json")
     for f in result.at_least("warning"):
         print(f.step, f.kind, f.cause, f.advice)
 """
 
 from keel.doctor.columns import ALIASES, STEP_COLUMNS, map_columns
-from keel.doctor.diagnose import diagnose, diagnose_log, logging_stride, scale_for_stride
+from keel.doctor.examine import examine, examine_log, logging_stride, scale_for_stride
 from keel.doctor.formats import FORMATS, detect_format, find_logs, read_log
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.result import DoctorResult
@@ -28,8 +28,8 @@ __all__ = [
     "Timeline",
     "build_timeline",
     "detect_format",
-    "diagnose",
-    "diagnose_log",
+    "examine",
+    "examine_log",
     "find_logs",
     "format_result",
     "logging_stride",

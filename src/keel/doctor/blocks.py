@@ -112,7 +112,7 @@ def _scan(
 ) -> list[Finding]:
     try:
         state = det.state_dict()
-    except Exception as exc:  # noqa: BLE001 - as a checkpoint's state_dict (see keel.doctor.diagnose)
+    except Exception as exc:  # noqa: BLE001 - as a checkpoint's state_dict (see keel.doctor.examine)
         broken.add(
             index,
             int(steps[0]),

@@ -1,9 +1,9 @@
-"""`keel doctor PATH`: diagnose a training log you already have with the detectors the Guard runs live.
+"""`keel doctor PATH`: examine a training log you already have with the detectors the Guard runs live.
 
 A folder of keel runs (``runs/``, holding ``runs/A/keel``, ``runs/B/keel`` …, one or two levels down) is
-diagnosed run by run: a first line names the runs found, then each run's result (``--json``: one document
+examined run by run: a first line names the runs found, then each run's result (``--json``: one document
 ``{"source", "runs": [...], "errors": [...]}``). A run that cannot be read is its own error line; the others
-are still diagnosed.
+are still examined.
 
 Exit status: 0 when nothing reaches ``--fail-on`` (or it is not given), 1 when a finding does, 2 when a
 log cannot be read (one ``keel doctor: error: …`` line on stderr per log, never a traceback).
@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from keel._core.printable import printable
-from keel.doctor.diagnose import diagnose_log
+from keel.doctor.examine import examine_log
 from keel.doctor.formats import FORMATS, find_logs
 from keel.doctor.log import LogReadError
 from keel.doctor.result import DoctorResult
@@ -29,7 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "path",
         metavar="PATH",
         help="CSV/TSV, JSONL, trainer_state.json, TensorBoard event file or folder, "
-        "keel run store, or a folder of keel runs (each is diagnosed)",
+        "keel run store, or a folder of keel runs (each is examined)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument(
@@ -51,7 +51,7 @@ def main(args: argparse.Namespace) -> int:
     results: list[DoctorResult] = []
     errors: list[str] = []
     for path in paths:
-        error = _diagnose(path, args.format, results)
+        error = _examine(path, args.format, results)
         if error is not None:
             print(f"keel doctor: error: {error}", file=sys.stderr)
             errors.append(error)
@@ -72,10 +72,10 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _diagnose(path: str | Path, format: str | None, results: list[DoctorResult]) -> str | None:
-    """Diagnose one log into ``results``; the one-line error when it cannot be read."""
+def _examine(path: str | Path, format: str | None, results: list[DoctorResult]) -> str | None:
+    """Examine one log into ``results``; the one-line error when it cannot be read."""
     try:
-        results.append(diagnose_log(path, format=format))
+        results.append(examine_log(path, format=format))
     except LogReadError as exc:
         return printable(str(exc))
     except (ValueError, OverflowError, RecursionError, MemoryError, UnicodeError) as exc:

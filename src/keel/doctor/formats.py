@@ -48,7 +48,7 @@ def read_log(path: str | Path, format: str | None = None) -> RawLog:
         [(0, {'loss': 2.5}), (1, {'loss': 2.4})]
     """
     if isinstance(path, str) and not path.strip():
-        # Path("") is the current folder: reading it would diagnose whatever happens to be there.
+        # Path("") is the current folder: reading it would examine whatever happens to be there.
         raise LogReadError(f"path={path!r}: an empty path; give a log file or a folder")
     path = Path(path)
     if format is not None and format not in READERS:
@@ -113,7 +113,7 @@ def detect_format(path: Path) -> str:
 
 
 def find_logs(path: str | Path, format: str | None = None) -> list[Path]:
-    """The logs ``keel doctor PATH`` diagnoses: ``PATH`` itself, or — for a folder with no log of its own that
+    """The logs ``keel doctor PATH`` examines: ``PATH`` itself, or — for a folder with no log of its own that
     holds several keel runs one or two levels down (``runs/A/keel``, ``runs/B/keel``) — each of those runs.
 
     A folder holding one run is ``PATH`` itself: `read_log` reads that run and says so in a note.

@@ -18,7 +18,7 @@ _ACTIONS = re.compile(r"; (?:actions|remedies): (.*?)\. Trigger: ")
 
 @dataclass(kw_only=True)
 class DoctorResult:
-    """What `keel.doctor.diagnose_log` found.
+    """What `keel.doctor.examine_log` found.
 
     Attributes:
         source: The path read.

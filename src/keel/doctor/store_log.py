@@ -49,11 +49,11 @@ def read_store_log(path: str | Path) -> RawLog:
         if len(runs) > 1:
             names = ", ".join(p.relative_to(path).as_posix() for p in runs[:6]) + (" …" if len(runs) > 6 else "")
             raise LogReadError(
-                f"{path}: a folder of {len(runs)} keel runs ({names}); keel doctor diagnoses each, "
-                f"diagnose_log reads one, e.g. {runs[0]}"
+                f"{path}: a folder of {len(runs)} keel runs ({names}); keel doctor examines each, "
+                f"examine_log reads one, e.g. {runs[0]}"
             )
         if runs:
-            found = f"{path} holds one keel run store, {runs[0]}: diagnosed that"
+            found = f"{path} holds one keel run store, {runs[0]}: examined that"
             path, file = runs[0], store_path(runs[0])
     if not file.is_file():
         raise LogReadError(f"{path}: no keel run store ({file.name}) here")

@@ -5,7 +5,7 @@
   TensorBoard writes one event per tag).
 - **Restarts.** A step that is not larger than the one before, or a same-step record that contradicts a
   value already logged for that step, starts a new segment: a run resumed from a checkpoint logs those
-  steps again. The observations keep file order; `keel.doctor.diagnose` rewinds its detectors when it
+  steps again. The observations keep file order; `keel.doctor.examine` rewinds its detectors when it
   meets one, as the Guard does on a rollback.
 - **Families.** A key ``X/name`` whose ``X`` is also a key (``grad/norm`` and ``grad/norm/fc1.weight``)
   belongs to the per-parameter family ``X/``, which detectors read from ``Observation.per_param``; its

@@ -3,8 +3,8 @@
 `keel bench doctor --sizes` runs it next to today's `keel.doctor` to measure the ratio, and the tests in
 tests/doctor/test_columnar_equivalence.py check that the columnar path finds exactly what this one found. It is
 today's code as it was (commit c03b3bc: `csv_log.read_csv_log`, `timeline.build_timeline`, `diagnose.diagnose`
-and its summary), with imports adjusted; nothing outside the benchmark and those tests uses it. Do not fix it:
-its job is to stay what it was.
+and its summary), with imports adjusted and the doctor's functions named as today's (`examine`); nothing outside
+the benchmark and those tests uses it. Do not fix it: its job is to stay what it was.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from keel._core import keys
 from keel._core.finding import SEVERITIES, Finding
 from keel._core.observation import Observation
 from keel.detect import Detector, DivergenceDetector, SpikeDetector, default_detectors
-from keel.detect.diagnosis import diagnose as name_causes
+from keel.detect.diagnosis import diagnose
 from keel.doctor.columns import STEP_COLUMNS, find_step_column, map_columns
 from keel.doctor.log import LogReadError
 from keel.doctor.result import DoctorResult
@@ -51,9 +51,9 @@ class RawLog:
     rollbacks: dict[int, int] = field(default_factory=dict)
 
 
-def diagnose_csv(path: str | Path, *, detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
+def examine_csv(path: str | Path, *, detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
     """The old ``keel doctor`` on a CSV/TSV file: read it whole, then records, observations, detectors."""
-    return diagnose(read_csv_log(path), detectors=detectors)
+    return examine(read_csv_log(path), detectors=detectors)
 
 
 def parse_step(value: object) -> int | None:
@@ -268,8 +268,8 @@ def _family_of(key: str, families: set[str]) -> str | None:
     return best
 
 
-def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
-    """Run detectors over an already read `RawLog` (see `diagnose_log`)."""
+def examine(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
+    """Run detectors over an already read `RawLog` (see `examine_csv`)."""
     timeline = build_timeline(log)
     stride = logging_stride(timeline.observations)
     make = detectors or default_detectors
@@ -385,7 +385,7 @@ def _summary(
         "notes": list(log.notes) + ([f"{timeline.merged} same-step record(s) merged"] if timeline.merged else []),
     }
     # the named causes (`keel.detect.diagnose`): cause, first sighting, evidence, advice with sources
-    summary["diagnosis"] = [d.to_dict() for d in name_causes(findings)]
+    summary["diagnosis"] = [d.to_dict() for d in diagnose(findings)]
     if log.meta:
         summary["meta"] = log.meta
     if log.format == "keel_store":

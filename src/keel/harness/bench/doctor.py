@@ -46,7 +46,7 @@ from typing import Any
 import numpy as np
 
 import keel
-from keel.doctor import RawLog, diagnose, read_log
+from keel.doctor import RawLog, examine, read_log
 from keel.doctor.table import LogTable
 from keel.doctor.timeline import build_timeline
 from keel.harness.bench import _doctor_legacy as legacy
@@ -92,7 +92,7 @@ def event_steps(label: dict[str, Any]) -> list[int]:
 def score_series(path: Path, label: dict[str, Any], prefix: list[tuple[float, float]] | None) -> SeriesScore:
     """Run `keel doctor` on one labelled series (and on it with a healthy prefix)."""
     log = read_log(path)
-    result = diagnose(log)
+    result = examine(log)
     timeline = build_timeline(log)
     stride = result.summary["stride"]
     alarms = result.at_least("warning")
@@ -115,7 +115,7 @@ def score_series(path: Path, label: dict[str, Any], prefix: list[tuple[float, fl
     _score_window(score.__dict__, alarms, first - 2 * stride, prefix_end=None)
     if prefix is not None:
         prefixed_log = with_prefix(log, prefix, first, stride)
-        prefixed = diagnose(prefixed_log).at_least("warning")
+        prefixed = examine(prefixed_log).at_least("warning")
         out: dict[str, Any] = {}
         _score_window(out, prefixed, first - 2 * stride, prefix_end=int(log.records.steps[0]))
         score.prefixed = out
@@ -245,22 +245,22 @@ def _row(step: int, loss: float, grad: float, lr: float) -> str:
 
 def measure(path: str, reader: str) -> dict[str, Any]:
     """`keel doctor` on ``path`` in this process, with today's reader (``"columnar"``) or the old one
-    (``"records"``): seconds to read, to diagnose, to diagnose without detectors, and the peak RSS."""
+    (``"records"``): seconds to read, to examine, to examine without detectors, and the peak RSS."""
     start_rss = peak_rss_mb()
-    # the two readers' logs are different types, each only ever given to its own diagnose
+    # the two readers' logs are different types, each only ever given to its own examine
     read: Callable[[str], Any] = read_log if reader == "columnar" else legacy.read_csv_log
-    diagnose_: Callable[..., Any] = diagnose if reader == "columnar" else legacy.diagnose
+    examine_: Callable[..., Any] = examine if reader == "columnar" else legacy.examine
     t0 = time.perf_counter()
     log = read(path)
     t1 = time.perf_counter()
-    result = diagnose_(log)
+    result = examine_(log)
     t2 = time.perf_counter()
     peak = peak_rss_mb()
-    diagnose_(log, detectors=lambda: [])
+    examine_(log, detectors=lambda: [])
     t3 = time.perf_counter()
     return {
         "read_s": t1 - t0,
-        "diagnose_s": t2 - t1,
+        "examine_s": t2 - t1,
         "total_s": t2 - t0,
         "without_detectors_s": t1 - t0 + t3 - t2,
         "peak_rss_mb": peak,

@@ -41,7 +41,7 @@ from keel._core.decision import ACTIONS
 from keel._core.finding import SEVERITIES, Finding
 from keel._core.observation import Observation
 from keel.detect import Detector, DivergenceDetector, SpikeDetector, default_detectors
-from keel.detect.diagnosis import diagnose as name_causes
+from keel.detect.diagnosis import diagnose
 from keel.doctor.blocks import Broken, Plan, advance, label
 from keel.doctor.formats import read_log
 from keel.doctor.log import RawLog
@@ -54,7 +54,7 @@ MAX_LISTED = 20  # gaps and restarts listed in the summary; the count covers the
 GAP_FACTOR = 4  # a step difference over GAP_FACTOR × the logging stride is a gap
 
 
-def diagnose_log(
+def examine_log(
     path: str | Path, *, format: str | None = None, detectors: Callable[[], Sequence[Detector]] | None = None
 ) -> DoctorResult:
     """Read a training log and run keel's detectors over it.
@@ -75,14 +75,14 @@ def diagnose_log(
         >>> p = pathlib.Path(tempfile.mkdtemp()) / "log.csv"
         >>> rows = [f"{s},{2.0 + 0.01 * (s % 3)}" for s in range(40)] + ["40,nan"]
         >>> _ = p.write_text("step,loss\\n" + "\\n".join(rows) + "\\n")
-        >>> [(f.step, f.kind, f.severity) for f in diagnose_log(p).findings]
+        >>> [(f.step, f.kind, f.severity) for f in examine_log(p).findings]
         [(40, 'non_finite', 'critical')]
     """
-    return diagnose(read_log(path, format), detectors=detectors)
+    return examine(read_log(path, format), detectors=detectors)
 
 
-def diagnose(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
-    """Run detectors over an already read `RawLog` (see `diagnose_log`)."""
+def examine(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
+    """Run detectors over an already read `RawLog` (see `examine_log`)."""
     timeline = build_timeline(log)
     stride = _stride(timeline.steps)
     make = detectors or default_detectors
@@ -290,7 +290,7 @@ def _summary(
         "notes": list(log.notes) + ([f"{timeline.merged} same-step record(s) merged"] if timeline.merged else []),
     }
     # the named causes (`keel.detect.diagnose`): cause, first sighting, evidence, advice with sources
-    summary["diagnosis"] = [d.to_dict() for d in name_causes(findings)]
+    summary["diagnosis"] = [d.to_dict() for d in diagnose(findings)]
     if log.meta:
         summary["meta"] = log.meta
     if log.format == "keel_store":

@@ -7,7 +7,7 @@ import pytest
 
 from keel._core import Observation
 from keel.detect import DivergenceDetector, SpikeDetector, default_detectors
-from keel.doctor import RawLog, diagnose, diagnose_log
+from keel.doctor import RawLog, examine, examine_log
 
 
 def _noisy(n, level=2.0, rel=0.02, seed=0):
@@ -34,7 +34,7 @@ def test_a_spike_is_found_at_its_step_exactly_as_the_detector_finds_it(tmp_path)
     losses[120] = 6.0
     p = tmp_path / "log.csv"
     p.write_text("step,loss\n" + "".join(f"{s},{v!r}\n" for s, v in enumerate(losses)))
-    result = diagnose_log(p)
+    result = examine_log(p)
     det = SpikeDetector(signal="loss")
     direct = [f for s, v in enumerate(losses) for f in det.update(Observation(step=s, values={"loss": v}))]
     assert _key(result.findings) == _key(direct) == [(120, "loss_spike", "critical")]
@@ -49,7 +49,7 @@ def test_a_clean_log_has_no_findings_above_info():
         (2.0 + 3.0 * math.exp(-s / 300)) * (1 + 0.02 * e)
         for s, e in zip(steps, np.random.default_rng(1).standard_normal(len(steps)), strict=True)
     ]
-    result = diagnose(_log(steps, losses))
+    result = examine(_log(steps, losses))
     assert result.at_least("warning") == []
 
 
@@ -58,7 +58,7 @@ def test_sparse_log_scales_only_the_divergence_warm_up():
     # need 50 observations (2,500 steps) before it could say anything; the log has 40.
     steps = [50 * i for i in range(40)]
     losses = _noisy(12, rel=0.01) + [2.0 + 0.15 * i for i in range(1, 29)]
-    result = diagnose(_log(steps, losses))
+    result = examine(_log(steps, losses))
     assert result.summary["stride"] == 50
     readiness = {d["kind"]: d for d in result.summary["detectors"] if "needs" in d}
     assert readiness["divergence"]["needs"] == 9  # max(short=9, ceil(50 / 50))
@@ -76,7 +76,7 @@ def test_sparse_log_keeps_patience_in_observations():
     steps = [100 * i for i in range(60)]
     losses = _noisy(60, rel=0.01)
     losses[40] = 2.6
-    result = diagnose(_log(steps, losses))
+    result = examine(_log(steps, losses))
     assert _key(result.findings) == [(4000, "loss_spike", "info")]
 
 
@@ -87,13 +87,13 @@ def test_restart_rewinds_the_detectors_to_the_repeated_step():
     resumed = list(range(280, 400))  # resumed from a checkpoint at step 280, healthy again
     resumed_losses = rng_losses[280:400]
     log = _log(first + resumed, first_losses + resumed_losses)
-    result = diagnose(log)
+    result = examine(log)
     assert result.summary["restarts"] == {"count": 1, "listed": [{"step": 280, "after_step": 329}]}
     before = [f for f in result.findings if "segment" not in f.evidence]
     after = [f for f in result.findings if f.evidence.get("segment") == 1]
     assert any(f.kind == "divergence" for f in before)
     # The resumed stretch is judged from the state at step 280, as if the diverged stretch never happened.
-    clean = diagnose(_log(first[:280] + resumed, first_losses[:280] + resumed_losses))
+    clean = examine(_log(first[:280] + resumed, first_losses[:280] + resumed_losses))
     assert _key(after) == _key([f for f in clean.findings if f.step >= 280])
     assert all(f.severity == "info" for f in after)
 
@@ -103,8 +103,8 @@ def test_restart_far_back_uses_detector_checkpoints():
     losses = _noisy(1500, rel=0.02, seed=4)
     losses[1200] = 9.0
     log = _log(list(range(1300)) + list(range(700, 1500)), losses[:1300] + losses[700:1500])
-    result = diagnose(log)
-    clean = diagnose(_log(list(range(1500)), losses))
+    result = examine(log)
+    clean = examine(_log(list(range(1500)), losses))
     assert _key(result.findings) == _key(clean.findings) + [(1200, "loss_spike", "critical")]
     assert [f.evidence.get("segment") for f in result.findings][-1] == 1
 
@@ -122,7 +122,7 @@ def test_gaps_and_same_step_merging_are_reported():
             (101, {"loss": 2.0}),
         ],
     )
-    result = diagnose(log)
+    result = examine(log)
     assert result.summary["observations"] == 5 and result.summary["restarts"]["count"] == 0
     assert result.summary["gaps"] == {"count": 1, "listed": [{"after_step": 2, "next_step": 100}]}
     assert any("merged" in n for n in result.summary["notes"])
@@ -133,7 +133,7 @@ def test_non_finite_loss_and_grad_norm_are_critical():
     grads = [1.0] * 30
     losses[10] = math.nan
     grads[20] = math.inf
-    result = diagnose(_log(list(range(30)), losses, grad_norm=grads))
+    result = examine(_log(list(range(30)), losses, grad_norm=grads))
     assert _key(result.at_least("warning")) == [(10, "non_finite", "critical"), (20, "non_finite", "critical")]
 
 
@@ -144,7 +144,7 @@ def test_detector_factory_is_used_and_called_fresh_on_restart():
         made.append(1)
         return default_detectors()
 
-    diagnose(_log([0, 1, 2, 1, 2], [2.0] * 5), detectors=factory)
+    examine(_log([0, 1, 2, 1, 2], [2.0] * 5), detectors=factory)
     assert len(made) == 3  # the run, the restart, the readiness summary
 
 
@@ -154,8 +154,8 @@ def test_a_recorded_rollback_rewinds_the_detectors_like_the_guard():
     # detector would still be inside the first episode and say nothing more.
     losses = _noisy(60, rel=0.01) + [2.6] * 40
     log = _log(list(range(100)), losses)
-    plain = [(f.step, f.severity) for f in diagnose(log).findings if f.kind == "loss_spike"]
+    plain = [(f.step, f.severity) for f in examine(log).findings if f.kind == "loss_spike"]
     assert plain == [(60, "info"), (62, "warning")]
     log.rollbacks = {69: 55}
-    rewound = [(f.step, f.severity) for f in diagnose(log).findings if f.kind == "loss_spike"]
+    rewound = [(f.step, f.severity) for f in examine(log).findings if f.kind == "loss_spike"]
     assert rewound == [(60, "info"), (62, "warning"), (70, "info"), (72, "warning")]
