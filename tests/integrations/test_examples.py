@@ -68,8 +68,8 @@ def test_torchrun_example_every_rank_skips_and_the_bad_shard_is_named(tmp_path):
     assert not (tmp_path / "rank-1" / "run.sqlite").exists()
 
 
-def test_examples_are_the_four_the_docs_name():
-    names = ["hf_trainer.py", "nanogpt_style.py", "plain_loop.py", "torchrun_ddp.py"]
+def test_examples_are_the_five_the_docs_name():
+    names = ["hf_trainer.py", "nanogpt_style.py", "plain_loop.py", "torchrun_ddp.py", "trl_dpo.py"]
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == names
     docs = (ROOT / "docs" / "integrations.md").read_text()
     assert all(f"examples/{name}" in docs for name in names)

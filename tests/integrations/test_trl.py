@@ -3,6 +3,7 @@ config with a character tokenizer (tests/integrations/_trl_tiny.py; nothing down
 
 from __future__ import annotations
 
+import importlib.util
 import math
 import warnings
 from pathlib import Path
@@ -23,6 +24,7 @@ from keel.integrations.hf import KeelCallback  # noqa: E402
 from keel.integrations.trl import META_KEY, guard_trainer  # noqa: E402
 from tests.integrations import _trl_tiny as tiny  # noqa: E402
 
+EXAMPLE = Path(__file__).parents[2] / "examples" / "trl_dpo.py"
 pytestmark = pytest.mark.usefixtures("one_torch_thread")  # tiny models: more threads only contend on a shared CPU
 
 
@@ -224,3 +226,19 @@ def test_nan_rewards_are_recorded_as_nan_and_training_goes_on(tmp_path):
     assert callback.guard.global_step == 2 and not callback.guard.decisions
     assert all(math.isnan(v) for v in recorded(tmp_path / "keel", signal_key("rewards/nan_reward/mean")))
     assert all(math.isfinite(v) for v in recorded(tmp_path / "keel", keys.RL_REWARD_MEAN))  # TRL's nansum
+
+
+# --- examples/trl_dpo.py ------------------------------------------------------------------------------------------
+def test_the_trl_dpo_example_skips_the_poisoned_step_and_prints_the_dpo_signals(tmp_path, capsys):
+    spec = importlib.util.spec_from_file_location("trl_dpo_example", EXAMPLE)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    example.main(["--steps", "5", "--inject-nan", "3", "--out", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "step 3: skip" in out and "critical non_finite on loss" in out
+    assert "pref/chosen_logp" in out and "pref/margin" in out
+    with RunReader(tmp_path) as run:
+        assert [(d.step, d.action) for d in run.decisions()] == [(3, "skip")]
+        steps, losses = run.signal(keys.LOSS)
+        assert steps.tolist() == list(range(5)) and losses[0] == pytest.approx(math.log(2)) and math.isnan(losses[3])
+        assert run.meta()[META_KEY]["trainer"] == "DPOTrainer"
