@@ -4,15 +4,23 @@ from keel._core import keys
 from keel.detect.attention_entropy_collapse import AttentionEntropyCollapseDetector, EntropyCollapseConfig
 from keel.detect.attention_logit_growth import AttentionLogitGrowthDetector
 from keel.detect.causes import CAUSES, Advice, Cause, cause_for
+from keel.detect.clip_saturation import ClipSaturationConfig, ClipSaturationDetector
+from keel.detect.dead_groups import DeadGroupsConfig, DeadGroupsDetector
 from keel.detect.detector import DETECTORS, Detector, create_detector, list_detectors
 from keel.detect.diagnosis import Diagnosis, diagnose, format_diagnoses
 from keel.detect.divergence import DivergenceConfig, DivergenceDetector
 from keel.detect.edge_of_stability import EdgeOfStabilityConfig, EdgeOfStabilityDetector
 from keel.detect.growth import GrowthConfig, GrowthDetector
+from keel.detect.kl_blowup import KLBlowupConfig, KLBlowupDetector
 from keel.detect.lead_time import degradation_step, lead_steps
+from keel.detect.length_explosion import LengthExplosionConfig, LengthExplosionDetector
+from keel.detect.likelihood_displacement import LikelihoodDisplacementConfig, LikelihoodDisplacementDetector
 from keel.detect.non_finite import NonFiniteConfig, NonFiniteDetector
 from keel.detect.non_finite_origin import NonFiniteOriginDetector
 from keel.detect.output_logit_drift import OutputLogitDriftConfig, OutputLogitDriftDetector
+from keel.detect.policy_entropy_collapse import PolicyEntropyCollapseConfig, PolicyEntropyCollapseDetector
+from keel.detect.presets import policy_detectors, preference_detectors
+from keel.detect.reward_overoptimization import RewardOverOptimizationConfig, RewardOverOptimizationDetector
 from keel.detect.robust import robust_location_scale, robust_z
 from keel.detect.softmax_collapse import SoftmaxCollapseConfig, SoftmaxCollapseDetector
 from keel.detect.spike import SpikeConfig, SpikeDetector
@@ -24,7 +32,11 @@ __all__ = [
     "AttentionLogitGrowthDetector",
     "CAUSES",
     "Cause",
+    "ClipSaturationConfig",
+    "ClipSaturationDetector",
     "DETECTORS",
+    "DeadGroupsConfig",
+    "DeadGroupsDetector",
     "Detector",
     "Diagnosis",
     "DivergenceConfig",
@@ -34,11 +46,21 @@ __all__ = [
     "EntropyCollapseConfig",
     "GrowthConfig",
     "GrowthDetector",
+    "KLBlowupConfig",
+    "KLBlowupDetector",
+    "LengthExplosionConfig",
+    "LengthExplosionDetector",
+    "LikelihoodDisplacementConfig",
+    "LikelihoodDisplacementDetector",
     "NonFiniteConfig",
     "NonFiniteDetector",
     "NonFiniteOriginDetector",
     "OutputLogitDriftConfig",
     "OutputLogitDriftDetector",
+    "PolicyEntropyCollapseConfig",
+    "PolicyEntropyCollapseDetector",
+    "RewardOverOptimizationConfig",
+    "RewardOverOptimizationDetector",
     "SoftmaxCollapseConfig",
     "SoftmaxCollapseDetector",
     "SpikeConfig",
@@ -52,6 +74,8 @@ __all__ = [
     "format_diagnoses",
     "lead_steps",
     "list_detectors",
+    "policy_detectors",
+    "preference_detectors",
     "robust_location_scale",
     "robust_z",
     "theil_sen_slope",

@@ -53,6 +53,11 @@ COHEN_ADAPTIVE = "Cohen et al. 2022, Adaptive Gradient Methods at the Edge of St
 PALM = "Chowdhery et al. 2022, PaLM, arXiv 2204.02311"
 KIMI = "Kimi Team 2025, Kimi K2 (MuonClip / QK-clip), arXiv 2507.20534; Megatron-LM qk_clip.py"
 MICIKEVICIUS = "Micikevicius et al. 2018, Mixed Precision Training, arXiv 1710.03740"
+RAZIN = "Razin et al. 2025, Unintentional Unalignment: Likelihood Displacement in DPO, ICLR, arXiv 2410.08847"
+DAPO = "Yu et al. 2025, DAPO: An Open-Source LLM Reinforcement Learning System at Scale, arXiv 2503.14476"
+COSTE = "Coste et al. 2024, Reward Model Ensembles Help Mitigate Overoptimization, ICLR, arXiv 2310.02743"
+TRL_KL = "huggingface/trl#3015 (k3 overflow); verl kl_penalty_forward (log-ratio clamp ±20, k3 clamp ±10)"
+TRL_TRUNCATION = "huggingface/trl#5697, #6263 (97–99 % truncated at max_completion_length=256)"
 
 CAUSES: dict[str, Cause] = {
     c.kind: c
@@ -195,6 +200,149 @@ CAUSES: dict[str, Cause] = {
             advice=(
                 Advice(action="roll back before the onset and continue with a lower learning rate", source=PALM),
                 Advice(action="check attention and output logits; add QK-norm and z-loss", source=WORTSMAN),
+            ),
+        ),
+        Cause(
+            kind="likelihood_displacement",
+            title="likelihood displacement",
+            mechanism="The preference loss widens the chosen–rejected margin by pushing both log-probabilities down, "
+            "moving probability mass from the preferred response to others; pairs whose responses are similar "
+            "(high CHES) displace the most.",
+            advice=(
+                Advice(
+                    action="anchor the chosen response with an NLL (SFT) term",
+                    how="TRL loss_type=['sigmoid', 'sft']; keel.losses.chosen_sft_loss beside keel.losses.dpo_loss",
+                    source=RAZIN,
+                ),
+                Advice(
+                    action="drop the pairs with the highest CHES score before training",
+                    how="keel.data.filter_preference_pairs",
+                    source=RAZIN,
+                ),
+                Advice(action="lower the learning rate", source=RAZIN),
+            ),
+        ),
+        Cause(
+            kind="policy_entropy_collapse",
+            title="policy-entropy collapse",
+            mechanism="The policy concentrates on a few tokens: the clipped surrogate lets likely tokens grow faster "
+            "than unlikely ones can, exploration stops and the reward stalls.",
+            advice=(
+                Advice(
+                    action="decouple the clip range and raise its upper side (clip-higher, ε_high = 0.28)",
+                    how="keel.losses.clipped_policy_loss(epsilon_high=0.28); TRL epsilon_high=0.28",
+                    source=DAPO,
+                ),
+                Advice(action="lower the learning rate", source=DAPO),
+                Advice(
+                    action="add an entropy bonus, or an adaptive one with a target entropy",
+                    source="huggingface/trl#6140 (use_adaptive_entropy)",
+                ),
+            ),
+        ),
+        Cause(
+            kind="kl_blowup",
+            title="KL blow-up",
+            mechanism="The policy drifts far from the reference on some tokens; the k3 estimator exp(ref − logp) "
+            "grows exponentially in the log-ratio and overflows to Inf, and the KL penalty's gradient with it.",
+            advice=(
+                Advice(
+                    action="clamp the log-ratio to ±20 before the exponential (and the k3 term to ±10)",
+                    how="keel.losses.k3_kl with its verl clamps",
+                    source=TRL_KL,
+                ),
+                Advice(action="skip the step whose KL or loss is non-finite (policy='skip')", source=TRL_KL),
+                Advice(action="lower the learning rate, or raise the KL coefficient β", source=COSTE),
+            ),
+        ),
+        Cause(
+            kind="reward_overoptimization",
+            title="reward over-optimisation",
+            mechanism="The policy exploits the proxy reward model where it is wrong: the proxy score keeps rising "
+            "while the true objective falls, and reward models that differ only in seed disagree more and more.",
+            advice=(
+                Advice(
+                    action="optimise a conservative ensemble reward: worst-case (WCO) or uncertainty-weighted (UWO)",
+                    how="keel.losses.ensemble_reward(rewards, objective='wco' | 'uwo')",
+                    source=COSTE,
+                ),
+                Advice(action="strengthen the KL penalty to the reference policy", source=COSTE),
+                Advice(action="stop at, or roll back to, the step before the alarm", source=COSTE),
+            ),
+        ),
+        Cause(
+            kind="length_explosion",
+            title="length explosion",
+            mechanism="Responses grow toward the generation limit; truncated ones carry no end-of-sequence reward "
+            "and dominate a token-level loss, so the reward turns to noise.",
+            advice=(
+                Advice(
+                    action="shape the reward of overlong responses with a soft penalty in the last L_cache tokens",
+                    how="keel.losses.soft_overlong_punishment; trl.rewards.get_soft_overlong_punishment",
+                    source=DAPO,
+                ),
+                Advice(
+                    action="mask truncated responses out of the loss (overlong filtering)",
+                    how="TRL mask_truncated_completions=True",
+                    source=DAPO,
+                ),
+                Advice(action="raise max_completion_length if the task needs longer answers", source=TRL_TRUNCATION),
+            ),
+        ),
+        Cause(
+            kind="clip_saturation",
+            title="clip saturation",
+            mechanism="Most tokens' probability ratio is outside the clip range: the policy moved too far from the "
+            "one that sampled the batch, and the few unclipped tokens carry biased updates.",
+            advice=(
+                Advice(
+                    action="widen the upper clip side if the high side saturates (clip-higher, ε_high = 0.28)",
+                    how="keel.losses.clipped_policy_loss(epsilon_high=0.28)",
+                    source=DAPO,
+                ),
+                Advice(
+                    action="lower the learning rate or the number of passes per batch (num_iterations)", source=DAPO
+                ),
+                Advice(
+                    action="watch grad norm and clip share together",
+                    source="huggingface/trl#2980 (clip ratio and grad norm climbing after ~10k steps)",
+                ),
+            ),
+        ),
+        Cause(
+            kind="dead_groups",
+            title="dead groups",
+            mechanism="Nearly every prompt group got equal rewards for all its responses, so every advantage is "
+            "zero and the batch carries no gradient.",
+            advice=(
+                Advice(
+                    action="resample groups whose rewards are all equal (dynamic sampling)",
+                    how="keel.losses.informative_groups",
+                    source=DAPO,
+                ),
+                Advice(
+                    action="adjust the prompt difficulty or the reward so groups disagree",
+                    source="huggingface/trl#3857 (reward_std 0, loss 0, grad_norm 0)",
+                ),
+            ),
+        ),
+        Cause(
+            kind="truncation_starvation",
+            title="truncation starvation",
+            mechanism="Nearly every response is cut at the generation limit, so every one gets the same (lowest) "
+            "reward: the groups are uniform and no gradient flows.",
+            advice=(
+                Advice(action="raise max_completion_length to what the task needs", source=TRL_TRUNCATION),
+                Advice(
+                    action="shape overlong rewards softly instead of a flat failure",
+                    how="keel.losses.soft_overlong_punishment",
+                    source=DAPO,
+                ),
+                Advice(
+                    action="resample uniform groups (dynamic sampling)",
+                    how="keel.losses.informative_groups",
+                    source=DAPO,
+                ),
             ),
         ),
     )

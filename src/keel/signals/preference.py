@@ -145,4 +145,3 @@ def _tokens(name: str, value: object, like: Tensor) -> Tensor | None:
 def _per_token(logps: Tensor, counts: Tensor) -> Tensor:
     """``logps / counts``, NaN where a count is not positive (no tokens: no per-token value)."""
     return torch.where(counts > 0, logps / counts, torch.full_like(logps, math.nan))
-

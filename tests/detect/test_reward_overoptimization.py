@@ -1,0 +1,75 @@
+"""Reward-over-optimisation detector: disagreement rising before the gold reward peaks (lead time), the gold reward
+falling while the proxy rises, silence on healthy runs and when only the proxy is logged."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keel._core import Observation, keys
+from keel.detect.reward_overoptimization import RewardOverOptimizationConfig, RewardOverOptimizationDetector
+from tests.detect.rl_series import feed, rewards
+
+
+def without(run, *dropped):
+    return [Observation(step=o.step, values={k: v for k, v in o.values.items() if k not in dropped}) for o in run]
+
+
+def test_rising_disagreement_warns_before_the_gold_reward_peaks():
+    run = without(rewards(0, spread_from=150, gold_peak=350), keys.RL_GOLD_REWARD)
+    found = feed(RewardOverOptimizationDetector(), run)
+    assert found and found[0].kind == "reward_overoptimization" and found[0].severity == "warning"
+    assert found[0].evidence["by"] == "disagreement" and found[0].signal == keys.RM_DISAGREEMENT
+    assert 200 <= found[0].step < 350  # lead time before the gold reward (not shown to the detector) turns
+
+
+def test_a_falling_gold_reward_is_found_and_critical_below_its_start():
+    run = without(rewards(0, gold_peak=250), keys.RM_DISAGREEMENT)
+    found = feed(RewardOverOptimizationDetector(), run)
+    assert [(f.severity, f.evidence["by"]) for f in found][:1] == [("warning", "gold")]
+    assert 250 < found[0].step <= 330
+    # from 1.06 at step 150 the gold reward falls 0.006/step: below its start (~0.05) near step 320, and the window's
+    # median follows ~15 steps later
+    run = without(rewards(0, gold_peak=150), keys.RM_DISAGREEMENT)
+    severities = [(f.step, f.severity) for f in feed(RewardOverOptimizationDetector(), run)]
+    assert [s for _, s in severities] == ["warning", "critical"] and 320 <= severities[1][0] <= 380
+
+
+def test_healthy_rewards_find_nothing():
+    assert feed(RewardOverOptimizationDetector(), rewards(0)) == []
+
+
+@settings(max_examples=5, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1))
+def test_healthy_rewards_find_nothing_whatever_the_seed(seed):
+    assert feed(RewardOverOptimizationDetector(), rewards(seed, n=300)) == []
+
+
+def test_a_rising_proxy_alone_is_what_training_is_for():
+    run = without(rewards(0, spread_from=150, gold_peak=200), keys.RM_DISAGREEMENT, keys.RL_GOLD_REWARD)
+    assert feed(RewardOverOptimizationDetector(), run) == []
+
+
+def test_the_ensemble_mean_is_the_proxy_without_a_reward_mean():
+    run = without(rewards(0, spread_from=150), keys.RL_REWARD_MEAN, keys.RL_GOLD_REWARD)
+    found = feed(RewardOverOptimizationDetector(), run)
+    assert found and found[0].evidence["proxy_signal"] == keys.RM_MEAN
+
+
+def test_state_round_trip_mid_episode():
+    run = rewards(4, spread_from=150, gold_peak=300)
+    expected = [f.to_dict() for f in feed(RewardOverOptimizationDetector(), run)]
+    cut = expected[0]["step"] + 1
+    det = RewardOverOptimizationDetector()
+    feed(det, run[:cut])
+    restored = RewardOverOptimizationDetector()
+    restored.load_state_dict(json.loads(json.dumps(det.state_dict())))
+    assert [f.to_dict() for f in feed(restored, run[cut:])] == expected[1:]
+
+
+def test_bad_config_names_the_fields():
+    with pytest.raises(ValueError, match=r"rise_factor=1.0, critical_factor=4.0"):
+        RewardOverOptimizationConfig(rise_factor=1.0)
