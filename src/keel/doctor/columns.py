@@ -5,6 +5,11 @@
 after lower-casing and turning every run of non-alphanumerics into ``_`` (TensorBoard's ``train/loss``
 becomes ``train_loss``). A column already named by its keel key (``grad/norm``, from keel's own exports)
 keeps it. Every other column keeps its own name, so nothing is dropped.
+
+TRL's statistics (`keys.TRL_ALIASES`: ``rewards/margins`` → ``pref/margin``, ``entropy`` → ``rl/entropy``, …, also
+with a ``train/`` prefix) are mapped in a log that has one of TRL's own ``x/y`` names (``rewards/margins``,
+``clip_ratio/low_mean``, ``completions/mean_length``): there ``entropy``, ``kl`` and ``reward`` are a TRL
+trainer's, while elsewhere such generic names keep their own.
 """
 
 from __future__ import annotations
@@ -81,6 +86,12 @@ def normalize(name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_")
 
 
+# TRL's statistic names, normalized, bare or with the "train/" prefix loggers add → keel key; and the ones that
+# mark a TRL log (an "x/y" name of TRL's own, unlike a generic "entropy" or "reward").
+TRL_COLUMNS = {prefix + normalize(name): key for name, key in keys.TRL_ALIASES.items() for prefix in ("", "train_")}
+TRL_MARKERS = frozenset(prefix + normalize(n) for n in keys.TRL_ALIASES if "/" in n for prefix in ("", "train_"))
+
+
 def find_step_column(names: Iterable[str]) -> str | None:
     """The name among ``names`` that holds steps (by `STEP_COLUMNS` preference), or None."""
     by_norm: dict[str, str] = {}
@@ -103,12 +114,17 @@ def map_columns(names: Iterable[str]) -> dict[str, str]:
     """
     names = list(dict.fromkeys(names))
     mapping = {name: name for name in names}
-    claimed = {name for name in names if name in ALIASES}  # already named by their keel key
     by_norm: dict[str, str] = {}
+    aliases_of = ALIASES
+    if TRL_MARKERS.intersection(map(normalize, names)):
+        aliases_of = dict(ALIASES)
+        for trl_name, key in TRL_COLUMNS.items():
+            aliases_of[key] = (*aliases_of.get(key, ()), trl_name)
+    claimed = {name for name in names if name in aliases_of}  # already named by their keel key
     for name in names:
         if name not in claimed:
             by_norm.setdefault(normalize(name), name)
-    for key, aliases in ALIASES.items():
+    for key, aliases in aliases_of.items():
         if key in claimed:
             continue
         winner = next((by_norm[a] for a in aliases if a in by_norm), None)
