@@ -166,26 +166,26 @@ DRIVES: dict[str, Drive] = {
         ),
     ),
     "edge_of_stability": Drive(healthy=_healthy_margins, trigger=_lr_jump_margins),
-    # preference and policy-gradient RL (tests/detect/rl_series.py): 200 steps each, every key the detector reads
+    # preference and policy-gradient RL (tests/detect/rl_series.py): 120 steps each, every key the detector reads
     "likelihood_displacement": Drive(
-        healthy=lambda: rl_series.dpo(0, n=200), trigger=lambda: rl_series.dpo(0, fall_from=60, fall_rate=0.01, n=200)
+        healthy=lambda: rl_series.dpo(0, n=120), trigger=lambda: rl_series.dpo(0, fall_from=40, fall_rate=0.01, n=120)
     ),
     "policy_entropy_collapse": Drive(
-        healthy=lambda: rl_series.entropy(0, n=200), trigger=lambda: rl_series.entropy(0, collapse_from=50, n=200)
+        healthy=lambda: rl_series.entropy(0, n=120), trigger=lambda: rl_series.entropy(0, collapse_from=30, n=120)
     ),
-    "kl_blowup": Drive(healthy=lambda: rl_series.kl(0, n=200), trigger=lambda: rl_series.kl(0, blow_from=100, n=200)),
+    "kl_blowup": Drive(healthy=lambda: rl_series.kl(0, n=120), trigger=lambda: rl_series.kl(0, blow_from=60, n=120)),
     "reward_overoptimization": Drive(
-        healthy=lambda: rl_series.rewards(0, n=200),
-        trigger=lambda: rl_series.rewards(0, spread_from=60, gold_peak=120, n=200),
+        healthy=lambda: rl_series.rewards(0, n=120),
+        trigger=lambda: rl_series.rewards(0, spread_from=40, gold_peak=70, n=120),
     ),
     "length_explosion": Drive(
-        healthy=lambda: rl_series.lengths(0, n=200),
-        trigger=lambda: rl_series.lengths(0, explode_from=60, limit=512, n=200),
+        healthy=lambda: rl_series.lengths(0, n=120),
+        trigger=lambda: rl_series.lengths(0, explode_from=30, limit=400, n=120),
     ),
     "clip_saturation": Drive(
-        healthy=lambda: rl_series.clips(0, n=200), trigger=lambda: rl_series.clips(0, climb_from=50, n=200)
+        healthy=lambda: rl_series.clips(0, n=120), trigger=lambda: rl_series.clips(0, climb_from=30, n=120)
     ),
     "dead_groups": Drive(
-        healthy=lambda: rl_series.groups(0, n=200), trigger=lambda: rl_series.groups(0, dead_from=100, n=200)
+        healthy=lambda: rl_series.groups(0, n=120), trigger=lambda: rl_series.groups(0, dead_from=60, n=120)
     ),
 }
