@@ -18,7 +18,7 @@ from keel.nn.stabilize import StabilizeResult, stabilize
 
 # Pieces of state-dict keys that keel.stabilize's stabilizers introduce: the QK-norm modules, parametrizations
 # (σReparam), ScaleLong's calibration. A hint for the error message only: a model may have its own q_norm.
-REMEDY_KEY_PARTS = ("q_norm.", "k_norm.", "parametrizations.", "long_skip_calibration")
+STABILIZER_KEY_PARTS = ("q_norm.", "k_norm.", "parametrizations.", "long_skip_calibration")
 EXAMPLES = 3  # keys an error message names before "..."
 
 
@@ -140,7 +140,7 @@ def _check_fits(model: nn.Module, state_dict: Mapping[str, Any], entries: list[d
 
 
 def _from_stabilizer(key: str) -> bool:
-    return any(part in key for part in REMEDY_KEY_PARTS)
+    return any(part in key for part in STABILIZER_KEY_PARTS)
 
 
 def _some(keys: list[str]) -> str:
