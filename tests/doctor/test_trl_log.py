@@ -161,3 +161,38 @@ def test_a_real_dpo_trainer_state_is_read_under_keels_preference_keys(tmp_path):
 def test_a_real_grpo_trainer_state_is_read_under_keels_rl_keys(tmp_path):
     names = [n for n in GRPO_NAMES if n != "kl"]  # β=0: TRL logs no KL
     trained_state(tmp_path, "grpo_trainer", names)
+
+
+# --- the preference and RL detectors run over TRL logs -------------------------------------------------------------
+def test_likelihood_displacement_is_found_in_a_dpo_trainer_state(tmp_path):
+    noise = [0.3 * math.sin(1.7 * s) for s in range(80)]
+    history = [
+        {"loss": 0.69 - 0.002 * s, "logps/chosen": -15.0 - 0.1 * s + noise[s], "logps/rejected": -15.0 - 0.2 * s,
+         "rewards/margins": 0.01 * s + 0.1 * noise[s], "rewards/chosen": -0.01 * s, "step": s + 1}
+        for s in range(80)
+    ]  # fmt: skip
+    result = examine_log(write_state(tmp_path / "trainer_state.json", history))
+    assert "likelihood_displacement" in [d["name"] for d in result.summary["detectors"]]
+    found = [f for f in result.findings if f.kind == "likelihood_displacement"]
+    assert found and found[0].signal == keys.PREF_CHOSEN_LOGP
+
+
+def test_entropy_collapse_is_found_in_grpo_json_lines(tmp_path):
+    lines = [
+        {"step": s, "loss": 0.01, "entropy": 3.8 * math.exp(-s / 40) + 0.01 * math.sin(s), "reward": 0.5,
+         "completions/mean_length": 8.0, "frac_reward_zero_std": 0.2}
+        for s in range(1, 201)
+    ]  # fmt: skip
+    path = tmp_path / "log.jsonl"
+    path.write_text("\n".join(map(json.dumps, lines)) + "\n")
+    result = examine_log(path)
+    assert [f.signal for f in result.findings if f.kind == "policy_entropy_collapse"][:1] == [keys.RL_ENTROPY]
+
+
+def test_a_log_without_preference_or_rl_signals_runs_the_default_detectors_only(tmp_path):
+    from keel.detect import default_detectors
+
+    path = tmp_path / "log.csv"
+    path.write_text("step,loss,entropy\n" + "".join(f"{s},2.0,3.0\n" for s in range(10)))
+    names = [d["name"] for d in examine_log(path).summary["detectors"]]
+    assert names == [d.name for d in default_detectors()]

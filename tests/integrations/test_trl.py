@@ -13,6 +13,7 @@ import torch
 
 from keel._core import keys
 from keel._core.finding import Finding
+from keel.detect import default_detectors
 from keel.recover import RecoveryConfig
 from keel.store import RunReader
 
@@ -152,6 +153,24 @@ def test_grpo_with_kl_penalty_records_trls_kl(tmp_path):
     assert recorded(tmp_path / "keel", keys.LOSS) == logged(trainer, "loss")
     kl = recorded(tmp_path / "keel", keys.RL_KL)
     assert kl == logged(trainer, "kl") and kl[0] == 0.0 and kl[-1] > 0.0  # the policy leaves its reference
+
+
+# --- detectors ---------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("build", "added"),
+    [
+        ("dpo_trainer", ["likelihood_displacement"]),
+        ("grpo_trainer", ["policy_entropy_collapse", "kl_blowup", "reward_overoptimization", "length_explosion",
+                          "clip_saturation", "dead_groups"]),
+        ("reward_trainer", []),
+    ],
+)  # fmt: skip
+def test_the_preference_or_rl_detectors_join_the_defaults_unless_detectors_are_given(tmp_path, build, added):
+    defaults = [d.name for d in default_detectors()]
+    callback = guard_trainer(getattr(tiny, build)(tmp_path / "a", steps=1))
+    assert [d.name for d in callback.guard_kwargs.get("detectors", default_detectors())] == defaults + added
+    own = guard_trainer(getattr(tiny, build)(tmp_path / "b", steps=1), detectors=[CriticalAt(5)])
+    assert [d.name for d in own.guard_kwargs["detectors"]] == ["critical_at"]
 
 
 # --- bad input ---------------------------------------------------------------------------------------------------

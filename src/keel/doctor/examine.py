@@ -1,7 +1,8 @@
 """Run the Guard's own detectors over a log: the offline half of keel's detect layer.
 
 The detectors are `keel.detect.default_detectors()` — the very objects a `Guard` runs live — fed one
-`Observation` per logged step.
+`Observation` per logged step; a log with preference (``pref/…``) or RL (``rl/…``, ``rm/…``) signals, such as a TRL
+trainer's (`keel.doctor.columns`), also gets `keel.detect.preference_detectors()` or `policy_detectors()`.
 
 **Sparse logs.** A log written every k steps gives the detectors one observation per k steps, and their
 windows count observations, not steps. keel keeps it that way for every setting that is a *sample count*:
@@ -40,7 +41,14 @@ from keel._core import keys
 from keel._core.decision import ACTIONS
 from keel._core.finding import SEVERITIES, Finding
 from keel._core.observation import Observation
-from keel.detect import Detector, DivergenceDetector, SpikeDetector, default_detectors
+from keel.detect import (
+    Detector,
+    DivergenceDetector,
+    SpikeDetector,
+    default_detectors,
+    policy_detectors,
+    preference_detectors,
+)
 from keel.detect.diagnosis import diagnose
 from keel.doctor.blocks import Broken, Plan, advance, label
 from keel.doctor.formats import read_log
@@ -62,7 +70,8 @@ def examine_log(
     Args:
         path: A CSV/TSV, JSONL, ``trainer_state.json``, TensorBoard event file or folder, or keel run store.
         format: Force a reader (see `keel.doctor.FORMATS`).
-        detectors: Builds a fresh detector list; default `keel.detect.default_detectors`.
+        detectors: Builds a fresh detector list; default `keel.detect.default_detectors`, plus the preference or
+            RL presets when the log has their signals.
 
     Returns:
         The `DoctorResult`.
@@ -85,7 +94,7 @@ def examine(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None =
     """Run detectors over an already read `RawLog` (see `examine_log`)."""
     timeline = build_timeline(log)
     stride = _stride(timeline.steps)
-    make = detectors or default_detectors
+    make = detectors or _defaults_for(timeline)
 
     def fresh() -> list[Detector]:
         return scale_for_stride(list(make()), stride)
@@ -163,6 +172,17 @@ def examine(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None =
     return DoctorResult(
         source=log.source, format=log.format, findings=findings, summary=summary, decisions=list(log.decisions)
     )
+
+
+def _defaults_for(timeline: Timeline) -> Callable[[], list[Detector]]:
+    """`default_detectors`, plus the preset of each fine-tuning family the log has signals of."""
+    names = timeline.signals.keys()
+    presets = [
+        preset
+        for preset, prefixes in ((preference_detectors, ("pref/",)), (policy_detectors, ("rl/", "rm/")))
+        if any(name.startswith(prefixes) for name in names)
+    ]
+    return lambda: [*default_detectors(), *(d for preset in presets for d in preset())]
 
 
 def _runs(indices: array) -> Iterator[tuple[int, int]]:

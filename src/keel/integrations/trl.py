@@ -25,7 +25,9 @@ is bit-identical to the bare trainer, ``"skip"`` and ``"recover"`` skip or roll 
   it does on resume) and records the steps where it did in the run's ``trl`` meta entry. TRL's adaptive-entropy
   coefficient is not rolled back.
 
-Detectors are `Guard`'s defaults unless ``detectors=`` says otherwise.
+Detectors, unless ``detectors=`` says otherwise: `Guard`'s defaults, plus `keel.detect.preference_detectors` for a
+``DPOTrainer`` (likelihood displacement) or `keel.detect.policy_detectors` for a ``GRPOTrainer`` (entropy collapse,
+KL blow-up, dead groups, …), which read TRL's statistics under keel's keys.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 from torch import Tensor, nn
 
 from keel._core.decision import Decision
+from keel.detect import Detector, default_detectors, policy_detectors, preference_detectors
 from keel.integrations._trl_statistics import NewStatistics
 from keel.recover import Policy
 
@@ -106,6 +109,8 @@ class KeelTRLCallback(KeelCallback):
     ) -> None:
         name = type(trainer).__name__
         guard_kwargs.setdefault("config", {"trainer": f"trl.{name}", "args": _json_args(trainer.args)})
+        if "detectors" not in guard_kwargs and (preset := _detectors_for(trainer)) is not None:
+            guard_kwargs["detectors"] = preset
         super().__init__(run_dir=run_dir, policy=policy, take_over_clipping=take_over_clipping, **guard_kwargs)
         self.trainer = trainer
         self._statistics = NewStatistics(trainer._metrics["train"])
@@ -144,6 +149,15 @@ class KeelTRLCallback(KeelCallback):
             self._meta["buffer_dropped_at"].append(decision.step)
             guard.components.call("trl", guard.recorder.meta, {META_KEY: self._meta})
         return decision
+
+
+def _detectors_for(trainer: Any) -> list[Detector] | None:
+    """The Guard's default detectors plus the preset for this trainer's kind of training (None: the defaults)."""
+    if isinstance(trainer, DPOTrainer):
+        return [*default_detectors(), *preference_detectors()]
+    if isinstance(trainer, GRPOTrainer):
+        return [*default_detectors(), *policy_detectors()]
+    return None
 
 
 def _check_trainer(trainer: Any) -> None:
