@@ -29,9 +29,9 @@ def _obs(columns: dict[str, np.ndarray], every: int = 1) -> list[Observation]:
 
 # --- DPO -----------------------------------------------------------------------------------------------------------
 def dpo(seed: int, *, fall_from: int | None = None, fall_rate: float = 0.004, n: int = N) -> list[Observation]:
-    """Per-token chosen displacement (fresh reference: 0 at the start), the per-token and summed chosen log-probs,
-    and a margin rising to ~0.5 — healthy (the chosen drifts up a little), or falling ``fall_rate`` nats per token
-    per step from ``fall_from``."""
+    """Per-token chosen displacement (fresh reference: 0 at the start), its DPO reward, the per-token and summed chosen
+    log-probs, and a margin rising to ~0.5 — healthy (the chosen drifts up a little), or falling ``fall_rate`` nats per
+    token per step from ``fall_from``."""
     rng, t = _rng(seed), np.arange(n)
     drift = 0.03 * (1 - np.exp(-t / 100))
     if fall_from is not None:
@@ -41,6 +41,7 @@ def dpo(seed: int, *, fall_from: int | None = None, fall_rate: float = 0.004, n:
     return _obs(
         {
             keys.PREF_CHOSEN_DISPLACEMENT: displacement,
+            keys.PREF_CHOSEN_REWARD: 0.1 * 20 * displacement,  # β = 0.1, a 20-token response
             keys.PREF_CHOSEN_LOGP_TOKEN: -1.5 + displacement,
             keys.PREF_CHOSEN_LOGP: 20 * (-1.5 + displacement),
             keys.PREF_MARGIN: margin,

@@ -80,3 +80,29 @@ def test_state_round_trip_mid_episode():
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=f"LikelihoodDisplacementConfig.{field}="):
         LikelihoodDisplacementConfig(**{field: value})
+
+
+def test_under_trl_the_chosen_reward_is_read_before_the_noisy_summed_log_prob():
+    # TRL logs rewards/chosen (β·summed log-ratio to the reference) and logps/chosen (summed log-prob, whose
+    # batch-to-batch spread of whole responses hides a slow fall): the quiet log-ratio is the one judged.
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    run = []
+    for o in dpo(0, fall_from=150):
+        ratio = 20 * o.values[keys.PREF_CHOSEN_DISPLACEMENT]  # summed over a 20-token response
+        values = {
+            keys.PREF_CHOSEN_REWARD: 0.1 * ratio,
+            keys.PREF_CHOSEN_LOGP: -30 + ratio + 8 * rng.standard_normal(),  # another batch, another length
+            keys.PREF_MARGIN: o.values[keys.PREF_MARGIN],
+        }
+        run.append(Observation(step=o.step, values=values))
+    found = feed(LikelihoodDisplacementDetector(), run)
+    assert [(f.severity, f.signal) for f in found] == [("warning", keys.PREF_CHOSEN_REWARD)]
+    assert 170 <= found[0].step <= 220
+    noisy_only = [
+        Observation(step=o.step, values={k: v for k, v in o.values.items() if k != keys.PREF_CHOSEN_REWARD})
+        for o in run
+    ]
+    late = feed(LikelihoodDisplacementDetector(), noisy_only)  # what the summed log-prob alone gives
+    assert all(f.step >= found[0].step + 100 for f in late)

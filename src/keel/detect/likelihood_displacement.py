@@ -1,8 +1,9 @@
 """Likelihood-displacement detector: the chosen response's log-probability falling while the DPO margin rises.
 
 Reads the chosen response's log-probability — ``pref/chosen_displacement`` (log π(y⁺|x) − log π_ref(y⁺|x), 0 with a
-fresh reference), else ``pref/chosen_logp_token``, else ``pref/chosen_logp``, the first one the run logs — and
-``pref/margin`` (`keel.signals.preference_signals`, or TRL's ``logps/chosen`` and ``rewards/margins``). Without a
+fresh reference), else ``pref/chosen_reward`` (β times the same log-ratio summed over the response: TRL's
+``rewards/chosen``), else ``pref/chosen_logp_token``, else ``pref/chosen_logp``, the first one the run logs — and
+``pref/margin`` (`keel.signals.preference_signals`, or TRL's ``rewards/chosen`` and ``rewards/margins``). Without a
 margin (no reference model) it stays silent.
 
 The preference objective only widens the gap between chosen and rejected; Razin et al. show it can do so by pushing
@@ -36,7 +37,14 @@ from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
 
 KIND = "likelihood_displacement"
-CHOSEN = (keys.PREF_CHOSEN_DISPLACEMENT, keys.PREF_CHOSEN_LOGP_TOKEN, keys.PREF_CHOSEN_LOGP)  # first logged wins
+# First logged wins. The log-ratios to the reference come first: the same batch's reference cancels most of the
+# batch-to-batch spread of a summed log-probability (under TRL, rewards/chosen is far quieter than logps/chosen).
+CHOSEN = (
+    keys.PREF_CHOSEN_DISPLACEMENT,
+    keys.PREF_CHOSEN_REWARD,
+    keys.PREF_CHOSEN_LOGP_TOKEN,
+    keys.PREF_CHOSEN_LOGP,
+)
 
 
 @dataclass(kw_only=True)
