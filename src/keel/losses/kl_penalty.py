@@ -63,5 +63,5 @@ def k3_kl(
     log_ratio = ref_logps.to(dtype) - logps.to(dtype)
     if c is not None:
         log_ratio = log_ratio.clamp(-c, c)
-    kl = torch.exp(log_ratio) - log_ratio - 1.0
+    kl = torch.expm1(log_ratio) - log_ratio  # = exp(d) − d − 1, without the rounding below 0 that form has near d = 0
     return kl if m is None else kl.clamp(-m, m)

@@ -146,8 +146,21 @@ def clipped_policy_loss(
     loss = aggregate(per_token, mask, aggregation)
 
     with torch.no_grad():
-        low = (ratio < 1.0 - eps_low) & (adv < 0)
-        high = (ratio > 1.0 + eps_high) & (adv > 0)
+        low, high = clipped_sides(ratio, adv, eps_low, eps_high)
         clip_low = masked_token_mean(low.to(dtype), mask)
         clip_high = masked_token_mean(high.to(dtype), mask)
     return PolicyLoss(loss, clip_low, clip_high, kl)
+
+
+def clipped_sides(ratio: Tensor, advantages: Tensor, eps_low: float, eps_high: float) -> tuple[Tensor, Tensor]:
+    """Where the clip binds, per token: (ρ < 1 − ε_low with A < 0, ρ > 1 + ε_high with A > 0), as booleans.
+
+    These are the tokens whose gradient the clip removes (TRL's ``clip_ratio/low_mean`` and ``high_mean`` are
+    their shares). ``advantages`` broadcasts against ``ratio`` (per response: shape ``(batch, 1)``).
+
+    Example:
+        >>> low, high = clipped_sides(torch.tensor([0.5, 1.5, 1.5]), torch.tensor([-1.0, 1.0, -1.0]), 0.2, 0.28)
+        >>> low.tolist(), high.tolist()
+        ([True, False, False], [False, True, False])
+    """
+    return (ratio < 1.0 - eps_low) & (advantages < 0), (ratio > 1.0 + eps_high) & (advantages > 0)
