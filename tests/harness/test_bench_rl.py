@@ -98,7 +98,12 @@ def test_a_grpo_loop_under_guard_logs_the_policy_signals_every_step():
 
 # --- the scenarios' quick runs: each reproduces its effect and keel names it (slow: ~10-40 s each) ------------
 def _quick(name):
-    return bench.score_scenario(name, quick=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as `keel bench rl` runs them: tiny models, and more threads contend on a busy machine
+    try:
+        return bench.score_scenario(name, quick=True)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.slow

@@ -126,7 +126,7 @@ def rlwatch_alarms(trace: Trace) -> list[tuple[int, str, str]]:
         found = []
         try:
             for step, row in enumerate(trace.steps):
-                given = {arg: row[key] for arg, key in RLWATCH_ARGS.items() if key in row}
+                given: dict[str, Any] = {arg: row[key] for arg, key in RLWATCH_ARGS.items() if key in row}
                 found += [(a.step, a.detector, a.severity) for a in monitor.log_step(step, **given)]
         finally:
             monitor.store.close()

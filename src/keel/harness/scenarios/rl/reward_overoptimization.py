@@ -141,7 +141,7 @@ class RewardOverOptimization:
     )
 
     def run(self, *, seed: int = 0, quick: bool = False) -> RLRun:
-        base_steps, rollouts = (150, 60) if quick else (300, 120)
+        base_steps, rollouts = (300, 60) if quick else (300, 120)
         start = time.perf_counter()
         policy = base_model(seed, base_steps)
         gold, proxies = reward_models(policy, seed)
