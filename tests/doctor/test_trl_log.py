@@ -174,7 +174,7 @@ def test_likelihood_displacement_is_found_in_a_dpo_trainer_state(tmp_path):
     result = examine_log(write_state(tmp_path / "trainer_state.json", history))
     assert "likelihood_displacement" in [d["name"] for d in result.summary["detectors"]]
     found = [f for f in result.findings if f.kind == "likelihood_displacement"]
-    assert found and found[0].signal == keys.PREF_CHOSEN_LOGP
+    assert found and found[0].signal == keys.PREF_CHOSEN_REWARD  # the quiet log-ratio first
 
 
 def test_entropy_collapse_is_found_in_grpo_json_lines(tmp_path):
