@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import io
 import json
 import sys
@@ -177,6 +178,10 @@ def bench_rl(
     progress: Callable[[RLScore], None] | None = None,
 ) -> dict[str, Any]:
     """Score every RL scenario (or ``names``). Returns ``{"scenarios": [...], "summary": {...}, ...}``."""
+    if importlib.util.find_spec("rlwatch") is None:  # checked before minutes of training, not after
+        raise ValueError(
+            "keel bench rl runs rlwatch beside keel; allowed: with rlwatch installed (pip install 'keel[rl-bench]')"
+        )
     names = list(names) if names else list_rl_scenarios()
     unknown = [n for n in names if n not in list_rl_scenarios()]
     if unknown:
