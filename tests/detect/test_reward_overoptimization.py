@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -24,6 +25,36 @@ def test_rising_disagreement_warns_before_the_gold_reward_peaks():
     assert found and found[0].kind == "reward_overoptimization" and found[0].severity == "warning"
     assert found[0].evidence["by"] == "disagreement" and found[0].signal == keys.RM_DISAGREEMENT
     assert 200 <= found[0].step < 350  # lead time before the gold reward (not shown to the detector) turns
+
+
+def _steady_rise(seed: int, *, rate: float, noise: float, n: int = 200) -> list[Observation]:
+    """The shape of `keel bench rl`'s run: the proxy climbing, disagreement flat for 40 steps then rising ``rate`` of
+    its start per step (×``exp(noise·N(0,1))``), the gold reward peaking at step 120 (1.8× the start) and falling."""
+    rng, t = np.random.default_rng(seed), np.arange(n)
+    proxy = 2.0 * np.log1p(t / 20) + 0.1 * rng.standard_normal(n)
+    spread = (1 + rate * np.maximum(0, t - 40)) * np.exp(noise * rng.standard_normal(n))
+    gold = np.log1p(np.minimum(t, 120) / 30) - 0.01 * np.maximum(0, t - 120) + 0.02 * rng.standard_normal(n)
+    return [
+        Observation(
+            step=int(i),
+            values={keys.RL_REWARD_MEAN: proxy[i], keys.RM_DISAGREEMENT: spread[i], keys.RL_GOLD_REWARD: gold[i]},
+        )
+        for i in t
+    ]
+
+
+def test_a_steady_rise_in_disagreement_warns_before_the_gold_peak_without_doubling_first():
+    # at the gold peak the disagreement is 1.8x its start: a x2 ratio rule warned only after the peak (by the gold)
+    found = feed(RewardOverOptimizationDetector(), _steady_rise(0, rate=0.01, noise=0.05))
+    assert found and found[0].severity == "warning" and found[0].evidence["by"] == "disagreement"
+    assert 40 < found[0].step < 120
+
+
+def test_a_significant_but_negligible_drift_in_disagreement_is_not_a_warning():
+    # +4 % over the run with 0.1 % noise: every trend is many standard errors, the effect is below rise_factor
+    run = without(_steady_rise(0, rate=0.00025, noise=0.001), keys.RL_GOLD_REWARD)
+    assert feed(RewardOverOptimizationDetector(), run) == []
+    assert feed(RewardOverOptimizationDetector(), without(_steady_rise(0, rate=0.01, noise=0.05), keys.RL_GOLD_REWARD))
 
 
 def test_a_falling_gold_reward_is_found_and_critical_below_its_start():

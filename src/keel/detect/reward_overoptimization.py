@@ -11,12 +11,15 @@ in their seed disagrees more and more on those responses — Coste et al. use th
 its rise is a warning before the gold reward turns. Rules, each over the last ``window`` measurements against the
 first ``baseline_points``, with trends judged in standard errors of each series' own noise (``z``):
 
-- proxy rising, and the disagreement's median at least ``rise_factor`` times its start and still rising → counts;
-  critical at ``critical_factor`` times;
+- proxy rising, and the disagreement both above its start and still rising, each by ``z`` standard errors of its
+  own noise (and its median at least ``rise_factor`` times its start) → counts; critical at ``critical_factor`` times;
 - proxy rising, and the gold reward falling → counts; critical once the gold reward is below where the run started.
 
-``patience`` consecutive measurements that count make a warning. Disagreement also grows a little in healthy runs as
-the policy leaves the reward models' training distribution; ``rise_factor`` 2 asks for twice the start.
+``patience`` consecutive measurements that count make a warning. The disagreement rule is judged in the series' own
+noise, not as a ratio: on `keel bench rl`'s over-optimisation run the disagreement rises steadily from well before the
+gold reward peaks but reaches twice its start only after it (a ×2 rule warned 19 steps after the peak), while a run
+trained on the gold reward itself, ensemble logged, kept its disagreement flat. ``rise_factor`` (1.1) only keeps a
+very smooth but negligible drift from counting.
 
 References:
     Coste et al. 2024, "Reward Model Ensembles Help Mitigate Overoptimization", ICLR, arXiv 2310.02743; code
@@ -51,7 +54,8 @@ class RewardOverOptimizationConfig:
         baseline_points: Measurements whose median is each signal's starting level.
         window: Recent measurements (their median, slope and noise).
         z: Standard errors of its own noise by which a trend must rise or fall.
-        rise_factor: Disagreement / its start at or above which a rising disagreement counts.
+        rise_factor: Least disagreement / its start at which a significant rise counts (a floor on the effect size;
+            significance is ``z``).
         critical_factor: Disagreement / its start that is critical.
         patience: Consecutive qualifying measurements before a warning.
         noise_floor: Least noise assumed (reward units).
@@ -60,7 +64,7 @@ class RewardOverOptimizationConfig:
     baseline_points: int = 10
     window: int = 30
     z: float = 3.0
-    rise_factor: float = 2.0
+    rise_factor: float = 1.1
     critical_factor: float = 4.0
     patience: int = 5
     noise_floor: float = 1e-6
@@ -124,7 +128,11 @@ class RewardOverOptimizationDetector:
         floor = cfg.noise_floor
         proxy_up = self._proxy.trend_z(floor) >= cfg.z
         spread_ratio = self._spread.level / self._spread.start if self._spread.known and self._spread.start > 0 else 0
-        spread_up = spread_ratio >= cfg.rise_factor and self._spread.trend_z(floor) >= cfg.z
+        spread_up = (
+            spread_ratio >= cfg.rise_factor
+            and self._spread.change_z(floor) >= cfg.z
+            and self._spread.trend_z(floor) >= cfg.z
+        )
         gold_down = self._gold.known and self._gold.trend_z(floor) <= -cfg.z
         if not (proxy_up and (spread_up or gold_down)):
             # the episode ends once the disagreement is back down and the gold reward no longer falls

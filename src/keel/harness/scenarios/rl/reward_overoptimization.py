@@ -6,10 +6,12 @@ models (the same MLP shape, 32 hidden units) are fit by Bradley–Terry to 300 p
 responses, labelled by the gold reward with 25% of the labels flipped; they differ in seed (initialisation, batch
 order) and — unlike Coste et al., whose members see the same data — in a bootstrap resample of the pairs, which
 is what makes five MLPs of this size disagree off their data. The policy is trained with GRPO (8 prompts × 8
-samples, one optimizer step per rollout, AdamW 1e-3) against member 0 alone; every step logs the gold reward
+samples, one optimizer step per rollout, AdamW 5e-4) against member 0 alone; every step logs the gold reward
 (``rl/gold_reward``) and the ensemble's statistics (``rm/…``, `keel.signals.policy.reward_ensemble_signals`).
-keel should report ``reward_overoptimization`` before the gold reward peaks. Remedies measured: the same run
-against the ensemble's worst case (WCO) and uncertainty-weighted (UWO) objectives (`keel.losses.ensemble_reward`).
+keel should report ``reward_overoptimization`` before the gold reward peaks. At 5e-4 the gold reward rises for ~30
+steps, then falls below its start (Gao et al.'s shape); at 1e-3 it peaked by step ~20, barely past the 10 steps that
+are a detector's baseline, too fast to be a fair test of a warning. Remedies measured: the same run against the
+ensemble's worst case (WCO) and uncertainty-weighted (UWO) objectives (`keel.losses.ensemble_reward`).
 
 References:
     Coste et al. 2024, "Reward Model Ensembles Help Mitigate Overoptimization", ICLR, arXiv 2310.02743.
@@ -42,6 +44,7 @@ GOLD_WINDOW = 10  # the gold peak is judged on a 10-step trailing mean (one roll
 # Coste et al.'s best-of-n λ with the population variance (their PPO path uses 0.1 with the unbiased one): the
 # members' rewards here span ~±20, so λ 0.1 barely moves the mean
 UWO_LAMBDA = 0.5
+LR = 5e-4  # the policy's AdamW LR: a ~30-step healthy rise of the gold reward before it turns
 METRIC = "gold reward: peak and end (10-step means), and the drop from peak to end"
 
 
@@ -141,11 +144,11 @@ class RewardOverOptimization:
     )
 
     def run(self, *, seed: int = 0, quick: bool = False) -> RLRun:
-        base_steps, rollouts = (300, 60) if quick else (300, 120)
+        base_steps, rollouts = (300, 90) if quick else (300, 150)
         start = time.perf_counter()
         policy = base_model(seed, base_steps)
         gold, proxies = reward_models(policy, seed)
-        recipe = GRPORecipe(rollouts=rollouts, lr=1e-3, groups=8, inner=1)
+        recipe = GRPORecipe(rollouts=rollouts, lr=LR, groups=8, inner=1)
         single = EnsembleTask(gold, proxies, None).task()
         plain = train_grpo(policy, single, recipe, seed=seed, guarded=True)
         remedies = {
