@@ -74,40 +74,40 @@ def policy_signals(
 ) -> dict[str, Tensor]:
     """keel's ``rl/…`` signals of one batch of sampled responses, as 0-d tensors on the inputs' device.
 
-        Use it in a GRPO/PPO/RLOO loop and pass the result to ``guard.step(loss, signals=...)``; the detectors of
-        `keel.detect.policy_detectors` read them. Give what the loop has; each key needs only its own inputs (module
-        table). Token tensors are ``(batch, tokens)``, aligned with the response tokens; no host sync.
+    Use it in a GRPO/PPO/RLOO loop and pass the result to ``guard.step(loss, signals=...)``; the detectors of
+    `keel.detect.policy_detectors` read them. Give what the loop has; each key needs only its own inputs (module
+    table). Token tensors are ``(batch, tokens)``, aligned with the response tokens; no host sync.
 
-        Args:
-            mask: ``(B, T)`` response-token mask (bool or 0/1); default: every position is a response token.
-            logits: ``(B, T, V)`` the policy's logits at the positions that predict the response tokens.
-            entropies: ``(B, T)`` per-token entropies, when the loop has them already (instead of ``logits``).
-            logps: ``(B, T)`` log-probabilities of the sampled tokens under the current policy.
-            ref_logps: ``(B, T)`` the same under the reference policy (k3 KL).
-            old_logps: ``(B, T)`` the same under the policy that sampled them (the PPO ratio ρ).
-            advantages: ``(B,)`` per response or ``(B, T)`` per token.
-            epsilon_low: The clip range's lower side ε_low, in (0, 1).
-            epsilon_high: Its upper side ε_high > 0 (DAPO's clip-higher: 0.28); default ``epsilon_low``.
-            rewards: ``(N,)`` one reward per response; groups of ``group_size`` consecutive responses share a prompt.
-            group_size: Responses per prompt (GRPO's ``num_generations``), >= 2, dividing N.
-            lengths: ``(L,)`` response lengths in tokens; default: the mask's row sums.
-            max_length: The generation limit; a response this long counts as truncated.
-            truncated: ``(L,)`` bool, True where the response was cut (no end-of-sequence token).
+    Args:
+        mask: ``(B, T)`` response-token mask (bool or 0/1); default: every position is a response token.
+        logits: ``(B, T, V)`` the policy's logits at the positions that predict the response tokens.
+        entropies: ``(B, T)`` per-token entropies, when the loop has them already (instead of ``logits``).
+        logps: ``(B, T)`` log-probabilities of the sampled tokens under the current policy.
+        ref_logps: ``(B, T)`` the same under the reference policy (k3 KL).
+        old_logps: ``(B, T)`` the same under the policy that sampled them (the PPO ratio ρ).
+        advantages: ``(B,)`` per response or ``(B, T)`` per token.
+        epsilon_low: The clip range's lower side ε_low, in (0, 1).
+        epsilon_high: Its upper side ε_high > 0 (DAPO's clip-higher: 0.28); default ``epsilon_low``.
+        rewards: ``(N,)`` one reward per response; groups of ``group_size`` consecutive responses share a prompt.
+        group_size: Responses per prompt (GRPO's ``num_generations``), >= 2, dividing N.
+        lengths: ``(L,)`` response lengths in tokens; default: the mask's row sums.
+        max_length: The generation limit; a response this long counts as truncated.
+        truncated: ``(L,)`` bool, True where the response was cut (no end-of-sequence token).
 
-        Returns:
-            Signal key → 0-d detached tensor (float32, or float64 for float64 inputs).
+    Returns:
+        Signal key → 0-d detached tensor (float32, or float64 for float64 inputs).
 
-        Raises:
-            ValueError: nothing to measure, an input of the wrong shape, dtype or device, both ``logits`` and
-                ``entropies``, ``ref_logps``/``old_logps`` without ``logps``, a bad ε, group size or length limit.
+    Raises:
+        ValueError: nothing to measure, an input of the wrong shape, dtype or device, both ``logits`` and
+            ``entropies``, ``ref_logps``/``old_logps`` without ``logps``, a bad ε, group size or length limit.
 
-        Example:
-            >>> import torch
-            >>> from keel._core import keys
-            >>> out = policy_signals(rewards=torch.tensor([1.0, 1.0, 0.0, 1.0]), group_size=2,
-            ...                      lengths=torch.tensor([5, 8, 8, 3]), max_length=8)
-            >>> [round(out[k].item(), 4) for k in (keys.RL_REWARD_MEAN, keys.RL_ZERO_STD_GROUPS, keys.RL_TRUNCATED)]
-            [0.75, 0.5, 0.5]
+    Example:
+        >>> import torch
+        >>> from keel._core import keys
+        >>> out = policy_signals(rewards=torch.tensor([1.0, 1.0, 0.0, 1.0]), group_size=2,
+        ...                      lengths=torch.tensor([5, 8, 8, 3]), max_length=8)
+        >>> [round(out[k].item(), 4) for k in (keys.RL_REWARD_MEAN, keys.RL_ZERO_STD_GROUPS, keys.RL_TRUNCATED)]
+        [0.75, 0.5, 0.5]
     """
     out: dict[str, Tensor] = {}
     _policy_tokens(out, mask, logits, entropies, logps, ref_logps, old_logps, advantages, epsilon_low, epsilon_high)
@@ -127,22 +127,22 @@ def policy_signals(
 def reward_ensemble_signals(rewards: Tensor) -> dict[str, Tensor]:
     """Per-member mean rewards, the ensemble mean and the disagreement of k reward models on one batch.
 
-        Disagreement is the batch mean of the standard deviation across members (unbiased, as Coste et al.'s PPO
-        ensembles use ``torch.var``): growing disagreement while the proxy reward rises is the over-optimisation sign
-        that `keel.detect.RewardOverOptimizationDetector` reads. Members are emitted as ``rm/reward/<i>``.
+    Disagreement is the batch mean of the standard deviation across members (unbiased, as Coste et al.'s PPO
+    ensembles use ``torch.var``): growing disagreement while the proxy reward rises is the over-optimisation sign
+    that `keel.detect.RewardOverOptimizationDetector` reads. Members are emitted as ``rm/reward/<i>``.
 
-        Args:
-            rewards: ``(members, batch)`` floating scores, members >= 2, batch >= 1.
+    Args:
+        rewards: ``(members, batch)`` floating scores, members >= 2, batch >= 1.
 
-        Raises:
-            ValueError: any other shape or dtype.
+    Raises:
+        ValueError: any other shape or dtype.
 
-        Example:
-            >>> import torch
-            >>> from keel._core import keys
-            >>> out = reward_ensemble_signals(torch.tensor([[1.0, 2.0], [3.0, 2.0]]))
-            >>> out[keys.per_param(keys.RM_REWARD_PER_MEMBER, "1")], out[keys.RM_MEAN], out[keys.RM_DISAGREEMENT]
-            (tensor(2.5000), tensor(2.), tensor(0.7071))
+    Example:
+        >>> import torch
+        >>> from keel._core import keys
+        >>> out = reward_ensemble_signals(torch.tensor([[1.0, 2.0], [3.0, 2.0]]))
+        >>> out[keys.per_param(keys.RM_REWARD_PER_MEMBER, "1")], out[keys.RM_MEAN], out[keys.RM_DISAGREEMENT]
+        (tensor(2.5000), tensor(2.), tensor(0.7071))
     """
     r = _real("rewards", rewards, dims=(2,), floating=True)
     if r.shape[0] < 2 or r.shape[1] < 1:
