@@ -81,3 +81,39 @@ def test_per_head_members_companions_and_activations_group_onto_one_chart_each(t
     ]
     assert charts[3].main == "attn/head_entropy/b0/h0"
     assert chart_of("attn/head_entropy/b1/h0", charts).base == "attn/head_entropy"
+
+
+def test_preference_and_rl_signals_are_charted_after_the_transformer_ones_in_a_panel_of_their_own(tmp_path):
+    import numpy as np
+
+    from keel.report.charts import is_preference_rl
+    from keel.report.page import build_page
+    from keel.report.run_data import RunData
+
+    keys = ["loss", "grad/norm", "attn/entropy", "curvature/sharpness", "pref/margin", "rl/entropy"]
+    keys += ["rm/reward/0", "rm/reward/1", "trl/num_tokens"]
+    run = RunData(name="r", path=tmp_path, series={k: (np.arange(3), np.ones(3)) for k in keys})
+    charts, _ = plan_charts([run])
+    assert [c.base for c in charts] == [
+        "loss",
+        "grad/norm",
+        "attn/entropy",
+        "pref/margin",
+        "rl/entropy",
+        "rm/reward",
+        "curvature/sharpness",
+        "trl/num_tokens",
+    ]
+    assert [c.base for c in charts if is_preference_rl(c)] == ["pref/margin", "rl/entropy", "rm/reward"]
+    page = build_page([run])
+    timelines, panel = page.index("<h2>Timelines</h2>"), page.index("<h2>Preference and RL signals</h2>")
+    ids = {c.base: page.index(f"id='{c.id}'") for c in charts}
+    assert timelines < ids["attn/entropy"] < ids["trl/num_tokens"] < panel
+    assert panel < ids["pref/margin"] < ids["rl/entropy"] < ids["rm/reward"]
+
+
+def test_a_run_without_preference_or_rl_signals_has_no_such_panel(tmp_path):
+    from keel.report.page import build_page
+
+    runs = _runs(tmp_path)
+    assert "Preference and RL signals" not in build_page(runs)

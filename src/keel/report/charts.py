@@ -23,6 +23,9 @@ from keel.report.sections import esc
 MAX_CHARTS = 24
 MAX_LAYERS = 16  # per-layer lines drawn per run on an attention/logits chart
 LAYERED = ("attn/", "logits/", "act/")  # charted first after loss, gradient norm and LR, in this order
+# Preference and RL fine-tuning (keel.signals.preference_signals / policy_signals / reward_ensemble_signals, TRL's
+# statistics): charted next, and shown in a panel of their own on the page.
+PREFERENCE_RL = ("pref/", "rl/", "rm/")
 # Per-parameter families: hundreds of series, no timeline (the findings name the parameters that matter).
 PER_PARAM = frozenset({keys.GRAD_NORM, keys.PARAM_NORM, keys.UPDATE_RATIO, keys.UPDATE_NORM})
 COMPANIONS = ("_max", "_min", "_mean")
@@ -112,7 +115,13 @@ def plan_charts(runs: list[RunData]) -> tuple[list[Chart], list[str]]:
 
 
 def _priority(key: str) -> int:
-    return next((i for i, prefix in enumerate(LAYERED) if key.startswith(prefix)), len(LAYERED))
+    order = (*LAYERED, *PREFERENCE_RL)
+    return next((i for i, prefix in enumerate(order) if key.startswith(prefix)), len(order))
+
+
+def is_preference_rl(chart: Chart) -> bool:
+    """Whether the chart shows a preference/RL signal (``pref/…``, ``rl/…``, ``rm/…``): its own panel on the page."""
+    return chart.base.startswith(PREFERENCE_RL)
 
 
 def chart_of(signal: str, charts: list[Chart]) -> Chart | None:

@@ -184,12 +184,16 @@ def build_page(runs: list[RunData], notes: list[str] | None = None, *, sweeps: S
 def _run_parts(runs: list[RunData], colors: list[str], charts: list[_charts.Chart], extra: list[str]) -> list[str]:
     # The first screen: runs compared, named causes, the loss chart with its marks (keel.report.overview).
     loss = next((c for c in charts if keys.LOSS in c.keys), charts[0] if charts else None)
+    rl = [c for c in charts if c is not loss and _charts.is_preference_rl(c)]
+    timelines = [c for c in charts if c is not loss and not _charts.is_preference_rl(c)]
     return [
         _overview.overview(runs, colors, loss.id if loss is not None else None),
         "<h2>Diagnosis</h2>",
         _overview.shared_cards(runs, colors),
-        "<h2>Timelines</h2>" if len(charts) > 1 else "",
-        *[f"<div class='chart' id='{c.id}'></div>" for c in charts if c is not loss],
+        "<h2>Timelines</h2>" if timelines else "",
+        *[f"<div class='chart' id='{c.id}'></div>" for c in timelines],
+        "<h2>Preference and RL signals</h2>" if rl else "",
+        *[f"<div class='chart' id='{c.id}'></div>" for c in rl],
         *extra,
         "<h2>Runs</h2>",
         *[_sections.metadata(r) for r in runs],
