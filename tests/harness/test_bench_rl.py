@@ -129,10 +129,11 @@ def test_grpo_at_a_too_high_lr_collapses_entropy_and_keel_warns_before_the_rewar
 
 
 @pytest.mark.slow
-def test_optimising_one_proxy_rm_raises_it_while_the_gold_reward_falls_and_keel_warns_before_the_peak():
+def test_optimising_one_proxy_rm_raises_it_while_the_gold_reward_falls_and_keel_names_it():
+    # No lead is asserted: with rise_factor 1.3 (1.1 gave warnings on 9 of 200 healthy synthetic series) the quick
+    # run's warning comes after the gold peak; BENCHMARKS.md "keel bench rl" says so.
     s = _quick("reward_overoptimization")
     assert s.keel.detected and s.keel.kind == "reward_overoptimization"
-    assert s.keel.lead_steps is not None and s.keel.lead_steps > 0  # before the gold reward's 10-step mean peaks
     assert s.effect["without"]["drop"] > 0.2
 
 

@@ -18,7 +18,7 @@ first ``baseline_points``, with trends judged in standard errors of each series'
 ``patience`` consecutive measurements that count make a warning. The disagreement rule is judged in the series' own
 noise, not as a ratio: on `keel bench rl`'s over-optimisation run the disagreement rises steadily from well before the
 gold reward peaks but reaches twice its start only after it (a ×2 rule warned 19 steps after the peak), while a run
-trained on the gold reward itself, ensemble logged, kept its disagreement flat. ``rise_factor`` (1.1) only keeps a
+trained on the gold reward itself, ensemble logged, kept its disagreement flat. ``rise_factor`` (1.3) only keeps a
 very smooth but negligible drift from counting.
 
 References:
@@ -64,7 +64,7 @@ class RewardOverOptimizationConfig:
     baseline_points: int = 10
     window: int = 30
     z: float = 3.0
-    rise_factor: float = 1.1
+    rise_factor: float = 1.3
     critical_factor: float = 4.0
     patience: int = 5
     noise_floor: float = 1e-6
