@@ -11,6 +11,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "optim": ("keel.harness.bench.optim", "keel optimizers' step time vs torch AdamW(foreach)"),
     "detect": ("keel.harness.bench.detect", "the scenario zoo: right kind detected, lead time, false alarms"),
     "doctor": ("keel.harness.bench.doctor", "keel doctor on the real training logs in shared/data/realruns"),
+    "trl": ("keel.harness.bench.trl", "guard_trainer's step-time cost on real TRL DPO/GRPO trainers, per policy"),
     "rl": ("keel.harness.bench.rl", "RL/preference scenarios: keel beside rlwatch on the same logged statistics"),
 }
 

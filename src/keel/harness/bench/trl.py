@@ -1,0 +1,240 @@
+"""`keel bench trl`: what `guard_trainer` costs a real TRL ``DPOTrainer`` and ``GRPOTrainer`` step, per policy.
+
+Each trainer (a small Qwen2 built from a config, on the proxy corpus: `keel.harness.bench._trl_tiny`) trains in
+variants: bare (no keel), and under ``guard_trainer(trainer, policy=p)`` for ``observe``, ``skip`` and
+``recover`` (default probes and detectors, the trainer's preset included; a run store on disk; recover with
+`RecoveryConfig`'s default snapshots), plus the bare trainer again as the A/A control (its ratio is the method's
+own noise). A block is one fresh trainer of ``warmup + steps`` steps, the same weights, data and seeds each time;
+its step times are the intervals between the Trainer's ``on_step_begin`` events after the warm-up, so a step is
+everything the Trainer does per update (GRPO's generation, the reward, logging every 10 steps, keel's work). The
+variants take turns, one block each in rotating order per repeat, so machine noise hits all alike; each repeat
+gives a ratio to the bare block of the same repeat and the figure is the median over repeats. Two ratios: over
+the block's total time (recover's snapshot steps included) and of the block's median step (the steady state).
+
+All variants share one process (a TRL import costs seconds; the copy thread of ``recover`` no longer slows its
+process, see `keel bench overhead`), and the A/A control would show a variant that slowed the ones after it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import importlib.util
+import io
+import json
+import statistics
+import tempfile
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from keel._core.argtypes import cpu_threads, positive_int
+from keel._core.validate import check_types, require_ints
+from keel.guard.console import silenced
+from keel.harness.bench._progress import bench_progress
+
+TRAINERS = ("dpo", "grpo")
+POLICIES = ("observe", "skip", "recover")
+CONTROL = "bare, again"  # the A/A control: the bare trainer in a block of its own
+EXTRA = "pip install 'keel[trl]'"
+
+
+@dataclass(kw_only=True)
+class TrlBenchConfig:
+    """Settings of the TRL benchmark.
+
+    Attributes:
+        trainers: Which TRL trainers to time: ``dpo``, ``grpo``.
+        steps: Timed optimizer steps per block (30: one default ``recover`` snapshot falls inside).
+        warmup: Untimed steps first in every block (the Guard is built at the first step).
+        repeats: Blocks per variant and trainer.
+        hidden_size: The model's width (2 layers).
+        batch_size: DPO pairs / GRPO completions per step (2 completions per prompt).
+        text_chars: Characters (tokens) per prompt and per answer or completion.
+    """
+
+    trainers: tuple[str, ...] = TRAINERS
+    steps: int = 30
+    warmup: int = 5
+    repeats: int = 5
+    hidden_size: int = 64
+    batch_size: int = 8
+    text_chars: int = 16
+
+    def __post_init__(self) -> None:
+        check_types(self)
+        require_ints(self, "steps", "repeats", "hidden_size", "batch_size", "text_chars")
+        if isinstance(self.warmup, bool) or self.warmup < 1:
+            raise ValueError(f"TrlBenchConfig.warmup={self.warmup!r}; allowed: an int >= 1 (the Guard's first step)")
+        self.trainers = tuple(dict.fromkeys(self.trainers))
+        if not self.trainers or any(t not in TRAINERS for t in self.trainers):
+            raise ValueError(
+                f"TrlBenchConfig.trainers={self.trainers!r}; allowed: one or more of {', '.join(TRAINERS)}"
+            )
+        if self.hidden_size % 4:
+            raise ValueError(f"TrlBenchConfig.hidden_size={self.hidden_size}; allowed: a multiple of 4 (4 heads)")
+        if self.batch_size % 2:
+            raise ValueError(
+                f"TrlBenchConfig.batch_size={self.batch_size}; allowed: an even number (GRPO: 2 completions a prompt)"
+            )
+
+    @classmethod
+    def quick(cls, **overrides: Any) -> TrlBenchConfig:
+        """The smallest useful run (``--quick``, the tests): the tests' tiny model, short blocks, 2 repeats."""
+        return cls(
+            **{"steps": 6, "warmup": 2, "repeats": 2, "hidden_size": 16, "batch_size": 2, "text_chars": 6} | overrides
+        )
+
+    def variants(self) -> dict[str, str | None]:
+        """Variant name → the ``guard_trainer`` policy (None: the bare trainer)."""
+        return {"bare": None} | {f"policy={p}": p for p in POLICIES} | {CONTROL: None}
+
+
+def time_block(kind: str, policy: str | None, config: TrlBenchConfig, workdir: Path) -> dict[str, Any]:
+    """One block: a fresh ``kind`` trainer, bare or under ``guard_trainer(policy=...)``, trained warm-up + timed
+    steps. Returns its timed step times and what the Guard did."""
+    from keel.harness.bench._trl_tiny import StepTimer, TinyModel, build_trainer, quiet
+    from keel.integrations.trl import guard_trainer
+
+    timer = StepTimer()
+    model = TinyModel(hidden_size=config.hidden_size, batch_size=config.batch_size, text_chars=config.text_chars)
+    # TRL's and transformers' prints and bars are not the benchmark's output
+    with quiet(), contextlib.redirect_stdout(io.StringIO()):
+        # one step more than timed: the last timed step ends where the next one begins
+        trainer = build_trainer(kind, model, config.warmup + config.steps + 1, workdir / "trainer", [timer])
+        callback = None if policy is None else guard_trainer(trainer, run_dir=str(workdir / "keel"), policy=policy)
+        trainer.train()
+    begins = timer.begins[config.warmup :]
+    block: dict[str, Any] = {"times": [b - a for a, b in zip(begins, begins[1:], strict=False)]}
+    if callback is not None:
+        guard = callback.guard
+        assert guard is not None
+        ring = guard.recovery.ring if guard.recovery is not None else None
+        block["guard"] = {
+            "steps": guard.global_step,
+            "actions": dict(Counter(d.action for d in guard.decisions)),
+            "snapshots": len(ring.snapshots) if ring is not None else 0,
+        }
+    return block
+
+
+def bench_trl(config: TrlBenchConfig | None = None, progress: Callable[[str], None] | None = None) -> dict[str, Any]:
+    """Time every variant of every trainer in ``config``. Returns the figures as a dict.
+
+    Raises:
+        ValueError: trl is not installed (checked before any training).
+    """
+    if importlib.util.find_spec("trl") is None:
+        raise ValueError(f"keel bench trl times TRL's own trainers; allowed: with trl installed ({EXTRA})")
+    config = config or TrlBenchConfig()
+    result: dict[str, Any] = {"trainers": {}, "config": asdict(config), "threads": torch.get_num_threads()}
+    for kind in config.trainers:
+        result["trainers"][kind] = _bench_trainer(kind, config, progress)
+    return result
+
+
+def _bench_trainer(kind: str, config: TrlBenchConfig, progress: Callable[[str], None] | None) -> dict[str, Any]:
+    variants = config.variants()
+    names = list(variants)
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
+    guards: dict[str, list[dict]] = {name: [] for name in names if variants[name] is not None}
+    with silenced(), tempfile.TemporaryDirectory() as tmp:  # keel's run summaries would interleave the figures
+        time_block(kind, None, config, Path(tmp) / "warm-up")  # untimed: the process's first trainer runs slower
+        for r in range(config.repeats):
+            shift = r % len(names)
+            for i, name in enumerate(names[shift:] + names[:shift]):  # rotate the order each repeat
+                block = time_block(kind, variants[name], config, Path(tmp) / f"{r}-{i}")
+                times[name].append(block["times"])
+                if "guard" in block:
+                    guards[name].append(block["guard"])
+            if progress is not None:
+                progress(f"{kind} repeat {r + 1}/{config.repeats}")
+
+    def ratios(of: Callable[[list[float]], float]) -> dict[str, float]:
+        return {name: _median_ratio(times[name], times["bare"], of) for name in names if name != "bare"}
+
+    ratio, steady = ratios(sum), ratios(statistics.median)
+    return {
+        "step_ms": {name: 1e3 * statistics.median(sum(b) / len(b) for b in times[name]) for name in names},
+        "ratio": {name: r for name, r in ratio.items() if name != CONTROL},
+        "ratio_steady": {name: r for name, r in steady.items() if name != CONTROL},
+        "ratio_repeats": {
+            name: [sum(t) / sum(b) for t, b in zip(times[name], times["bare"], strict=True)]
+            for name in names
+            if name != "bare"
+        },
+        "control": ratio[CONTROL],
+        "control_steady": steady[CONTROL],
+        "guard": guards,
+    }
+
+
+def _median_ratio(blocks: list[list[float]], bare: list[list[float]], of: Callable[[list[float]], float]) -> float:
+    return statistics.median(of(t) / of(b) for t, b in zip(blocks, bare, strict=True))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    defaults = TrlBenchConfig()
+    parser.add_argument(
+        "--trainer",
+        nargs="+",
+        default=list(TRAINERS),
+        choices=TRAINERS,
+        metavar="TRAINER",
+        help="which TRL trainers to time (default: dpo grpo)",
+    )
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"timed steps per block (default: {defaults.steps}; --quick: {TrlBenchConfig.quick().steps})",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help=f"blocks per variant and trainer (default: {defaults.repeats}; --quick: {TrlBenchConfig.quick().repeats})",
+    )
+    parser.add_argument("--quick", action="store_true", help="the tests' tiny model, short blocks (a smoke run)")
+    parser.add_argument(
+        "--threads",
+        type=cpu_threads,
+        default=1,
+        help="torch threads (default: 1 — the models are small: more threads only contend)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+
+
+def main(args: argparse.Namespace) -> int:
+    overrides = {"trainers": tuple(args.trainer)}
+    overrides |= {k: v for k, v in (("steps", args.steps), ("repeats", args.repeats)) if v is not None}
+    config = TrlBenchConfig.quick(**overrides) if args.quick else TrlBenchConfig(**overrides)
+    if importlib.util.find_spec("trl") is None:  # one line before the thread change and the progress bar
+        raise ValueError(f"keel bench trl times TRL's own trainers; allowed: with trl installed ({EXTRA})")
+    torch.set_num_threads(args.threads)
+    total = len(config.trainers) * config.repeats
+    with bench_progress(total, "keel bench trl", enabled=not args.json) as progress:
+        result = bench_trl(config, progress)
+    if args.json:
+        print(json.dumps(result, indent=2))
+        return 0
+    print(
+        f"TRL trainers, Qwen2 d={config.hidden_size} x2 layers, batch {config.batch_size}, {config.text_chars}-char "
+        f"texts, {torch.get_num_threads()} thread(s); {config.repeats} repeats x {config.steps} steps per variant, "
+        "interleaved"
+    )
+    for kind, figures in result["trainers"].items():
+        print(f"  {kind}: {'variant':18s}{'ms/step':>9s}{'ratio':>9s}{'steady':>9s}  guard")
+        print(f"  {'':{len(kind) + 2}s}{'bare trainer':18s}{figures['step_ms']['bare']:9.2f}")
+        for name, r in figures["ratio"].items():
+            g = figures["guard"][name][-1]
+            print(
+                f"  {'':{len(kind) + 2}s}{name:18s}{figures['step_ms'][name]:9.2f}{r:9.4f}"
+                f"{figures['ratio_steady'][name]:9.4f}  {g['steps']} steps, {g['actions']}, {g['snapshots']} snapshots"
+            )
+        print(f"  {'':{len(kind) + 2}s}{'control: bare again':18s}{'':9s}{figures['control']:9.4f}   (ideally 1)")
+    return 0
