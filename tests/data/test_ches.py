@@ -167,6 +167,17 @@ def test_ches_scores_batching_tensor_ids_and_training_flag(lm) -> None:
     assert as_tensors.tolist() == pytest.approx(one_by_one.tolist(), rel=1e-4, abs=1e-4)
 
 
+def test_ches_scores_takes_a_2d_id_tensor_per_column_like_lists(lm) -> None:
+    tokenizer, model = lm
+    triples = [("ab", " c.", " d."), ("cd", " e!", " f?")]  # equal lengths: each column stacks into a 2-d tensor
+    prompts, chosen, rejected = _ids(tokenizer, triples)
+    as_lists = ches_scores(model, prompts, chosen, rejected)
+    stacked = ches_scores(model, torch.tensor(prompts), torch.tensor(chosen), torch.tensor(rejected))
+    assert stacked.tolist() == pytest.approx(as_lists.tolist(), rel=1e-5, abs=1e-6)
+    with pytest.raises(ValueError, match=r"len\(prompts\)=0"):
+        ches_scores(model, torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2), torch.zeros(0, 2))
+
+
 class _NoHiddenStates(torch.nn.Module):
     def forward(self, input_ids, attention_mask, output_hidden_states):
         return SimpleNamespace(logits=torch.zeros(*input_ids.shape, 3))

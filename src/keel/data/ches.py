@@ -116,8 +116,9 @@ def ches_scores(
 
     Runs ``model(input_ids, attention_mask, output_hidden_states=True)`` on prompt + response (right-padded,
     so every real token keeps its position), takes the last layer's hidden states at the positions from the
-    last prompt token to the second-to-last response token — those that predict each response token, the final
-    one (usually EOS) excluded, as the official ``ches/ches.py`` — and scores them with `ches_score`. (The
+    last prompt token to the second-to-last response token — the R states that predict the R response tokens
+    (EOS included); the state at the final token itself predicts nothing in the response and is left out, as in
+    the official ``ches/ches.py`` — and scores them with `ches_score`. (The
     official per-example script ``compute_preference_similarity_per_example.py`` keeps the final position too;
     keel follows ``ches.py``.) Append EOS to the responses yourself if your trainer does (TRL's DPO does).
 
@@ -152,7 +153,7 @@ def ches_scores(
     """
     if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
         raise ValueError(f"batch_size={batch_size!r}; allowed: an int >= 1")
-    if not (len(prompts) == len(chosen) == len(rejected)) or not prompts:
+    if not (len(prompts) == len(chosen) == len(rejected)) or len(prompts) == 0:  # `not` fails on a 2-d tensor
         raise ValueError(
             f"len(prompts)={len(prompts)}, len(chosen)={len(chosen)}, len(rejected)={len(rejected)}; "
             "allowed: the same number (>= 1) of each"

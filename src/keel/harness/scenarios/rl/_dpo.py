@@ -12,12 +12,13 @@ from __future__ import annotations
 import copy
 import time
 from dataclasses import dataclass
+from types import SimpleNamespace
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from keel._core.finding import Finding
-from keel.data import ches_score
+from keel.data import ches_scores
 from keel.detect import preference_detectors
 from keel.harness.scenarios.rl._lm import MAX_GRAD_NORM, Trace, guard_for, response_logits, token_logps
 from keel.losses import chosen_sft_loss, dpo_loss
@@ -80,23 +81,37 @@ def sft_on_chosen(model: ProxyGPT, pairs: Pairs, *, steps: int, lr: float = 1e-3
         optimizer.step()
 
 
-@torch.no_grad()
 def ches(model: ProxyGPT, pairs: Pairs) -> Tensor:
-    """Each pair's length-normalised CHES (`keel.data.ches_score`) from the model's last-layer hidden states.
+    """Each pair's length-normalised CHES (`keel.data.ches_scores`) from the model's last-layer hidden states.
 
     The states are the final LayerNorm's output (what the head reads, as ``hidden_states[-1]`` of a Hugging Face
-    causal LM) at the positions that predict response tokens 0 … R−2, the final token's excluded as in ``ches.py``.
+    causal LM) at the positions that predict each of the R response bytes, as the official ``ches.py``: the state at
+    the last byte itself predicts no response byte and is left out.
     """
-    states: list[Tensor] = []
-    hook = model.ln_f.register_forward_hook(lambda module, args, out: states.append(out))
-    try:
-        response_logits(model, pairs.prompts, pairs.chosen)
-        response_logits(model, pairs.prompts, pairs.rejected)
-    finally:
-        hook.remove()
-    first = PROMPT - 1  # the position that predicts the first response byte
-    h_chosen, h_rejected = (h[:, first : first + RESPONSE - 1] for h in states)
-    return ches_score(h_chosen, h_rejected, length_normalize=True)
+    return ches_scores(
+        _HiddenStates(model), pairs.prompts, pairs.chosen, pairs.rejected, length_normalize=True, batch_size=len(pairs)
+    )
+
+
+class _HiddenStates(nn.Module):
+    """The proxy LM behind the Hugging Face call `ches_scores` makes: ``hidden_states[-1]`` is the ln_f output.
+
+    The attention mask is not needed: the model is causal and `ches_scores` pads on the right, after every real
+    position.
+    """
+
+    def __init__(self, model: ProxyGPT) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor, output_hidden_states: bool) -> SimpleNamespace:
+        states: list[Tensor] = []
+        hook = self.model.ln_f.register_forward_hook(lambda module, args, out: states.append(out))
+        try:
+            self.model(input_ids)
+        finally:
+            hook.remove()
+        return SimpleNamespace(hidden_states=(states[0],))
 
 
 @torch.no_grad()
@@ -118,6 +133,7 @@ class DPORecipe:
 
 @dataclass
 class DPOResult:
+    model: ProxyGPT
     trace: Trace
     findings: list[Finding]
     chosen_start: float
@@ -179,6 +195,7 @@ def train_dpo(sft_model: ProxyGPT, pairs: Pairs, recipe: DPORecipe, *, seed: int
         if guard is not None:
             guard.close()
     return DPOResult(
+        model=model,
         trace=trace,
         findings=list(guard.findings) if guard is not None else [],
         chosen_start=chosen_start,
