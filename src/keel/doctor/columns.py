@@ -8,7 +8,8 @@ keeps it. Every other column keeps its own name, so nothing is dropped.
 
 TRL's statistics (`keys.TRL_ALIASES`: ``rewards/margins`` → ``pref/margin``, ``entropy`` → ``rl/entropy``, …, also
 with a ``train/`` prefix) are mapped in a log that has one of TRL's own ``x/y`` names (``rewards/margins``,
-``clip_ratio/low_mean``, ``completions/mean_length``): there ``entropy``, ``kl`` and ``reward`` are a TRL
+``clip_ratio/low_mean``, ``completions/mean_length``), or TRL 0.14–0.16's GRPO trio ``reward``, ``reward_std``,
+``completion_length`` (its name for the mean length): there ``entropy``, ``kl`` and ``reward`` are a TRL
 trainer's, while elsewhere such generic names keep their own.
 """
 
@@ -90,6 +91,13 @@ def normalize(name: str) -> str:
 # mark a TRL log (an "x/y" name of TRL's own, unlike a generic "entropy" or "reward").
 TRL_COLUMNS = {prefix + normalize(name): key for name, key in keys.TRL_ALIASES.items() for prefix in ("", "train_")}
 TRL_MARKERS = frozenset(prefix + normalize(n) for n in keys.TRL_ALIASES if "/" in n for prefix in ("", "train_"))
+# TRL 0.14–0.16's GRPOTrainer named the mean completion length ``completion_length`` (``completions/mean_length``
+# from 0.17) and logged none of the "x/y" names above; its ``reward``, ``reward_std`` and ``completion_length``
+# together mark such a log. Mapped after the current names: a log with both (0.17+) reads the current one.
+TRL_LEGACY_COLUMNS = {prefix + "completion_length": keys.RL_LENGTH_MEAN for prefix in ("", "train_")}
+TRL_LEGACY_SIGNATURES = tuple(
+    frozenset(prefix + n for n in ("reward", "reward_std", "completion_length")) for prefix in ("", "train_")
+)
 
 
 def find_step_column(names: Iterable[str]) -> str | None:
@@ -116,9 +124,10 @@ def map_columns(names: Iterable[str]) -> dict[str, str]:
     mapping = {name: name for name in names}
     by_norm: dict[str, str] = {}
     aliases_of = ALIASES
-    if TRL_MARKERS.intersection(map(normalize, names)):
+    normalized = set(map(normalize, names))
+    if TRL_MARKERS.intersection(normalized) or any(sig <= normalized for sig in TRL_LEGACY_SIGNATURES):
         aliases_of = dict(ALIASES)
-        for trl_name, key in TRL_COLUMNS.items():
+        for trl_name, key in (*TRL_COLUMNS.items(), *TRL_LEGACY_COLUMNS.items()):
             aliases_of[key] = (*aliases_of.get(key, ()), trl_name)
     claimed = {name for name in names if name in aliases_of}  # already named by their keel key
     for name in names:

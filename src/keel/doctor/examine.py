@@ -53,6 +53,7 @@ from keel.detect.diagnosis import diagnose
 from keel.doctor.blocks import Broken, Plan, advance, label
 from keel.doctor.formats import read_log
 from keel.doctor.log import RawLog
+from keel.doctor.overflows import skipped_overflows
 from keel.doctor.result import DoctorResult
 from keel.doctor.timeline import Timeline, build_timeline
 
@@ -167,6 +168,8 @@ def examine(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None =
             # restored step, and the run went on with the next step number.
             dets = rewind(rollbacks[last])
             last = kept_steps[-1] if kept else None
+    if log.format != "keel_store":  # a store's Guard skipped (or applied) such steps itself, and recorded why
+        findings = skipped_overflows(findings, timeline)  # a log records no loss scale: keel.doctor.overflows
     summary = _summary(log, timeline, stride, restarts, findings, fresh())
     summary["notes"] += broken.in_order()
     return DoctorResult(
