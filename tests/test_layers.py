@@ -21,7 +21,7 @@ ALLOWED: dict[str, set[str]] = {
     "data": {"_core"},
     "optim": {"_core"},
     "recover": {"_core", "signals", "detect"},
-    "guard": {"_core", "signals", "detect", "recover", "store"},
+    "guard": {"_core", "signals", "detect", "recover", "store", "data"},
     "proxy": {"_core", "signals", "detect", "recover", "store", "guard", "nn", "losses", "optim"},
     "doctor": {"_core", "detect", "store"},
     "report": {"_core", "store"},

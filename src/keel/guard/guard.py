@@ -31,6 +31,7 @@ from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect import Detector, default_detectors
 from keel.guard.components import Components
+from keel.guard.data_ledger import DataLedger
 from keel.guard.deferred import DeferredSteps
 from keel.guard.distributed import DistributedConfig, RankSync
 from keel.guard.environment import describe_environment
@@ -53,6 +54,7 @@ from keel.signals import (
     pack,
     unpack,
 )
+from keel.signals.attribution import Attribution
 from keel.signals.pack import HostValues
 
 PROBE_SETS = {"default": DEFAULT_PROBES, "transformer": TRANSFORMER_PROBES, "full": FULL_PROBES}
@@ -109,6 +111,11 @@ class Guard(DeferredSteps):
             and applied through the optimizer's ``found_inf``, everything else is decided one step later. For
             GPUs, where a sync per step stalls the launch queue; see `keel.guard.deferred` for what lags and
             why that is safe. Needs ``fused=True`` Adam/AdamW/SGD unless ``policy="observe"``.
+        attribution: Attribute bad steps to the examples of their batch (`keel.Attribution`: a per-example loss
+            function): on a step with a spike, a non-finite value or a critical finding, each example's loss is
+            measured from the state before the update and the top offenders join the finding's evidence; under
+            ``skip``/``recover`` the outliers go to ``run_dir/skip_list.json`` (`keel.data.SkipListSampler`
+            honours it). Needs ``batch=`` at `step`; see `keel.guard.data_ledger`.
 
     Raises:
         ValueError: An unknown policy or probe, a model without trainable parameters, a bad cadence; a
@@ -146,6 +153,7 @@ class Guard(DeferredSteps):
         seed: int | None = None,
         distributed: DistributedConfig | bool | None = None,
         sync: Literal["step", "deferred"] = "step",
+        attribution: Attribution | None = None,
     ) -> None:
         self.named = _trainable_parameters(model, optimizer)
         self._names, self._params = tuple(n for n, _ in self.named), [p for _, p in self.named]
@@ -167,6 +175,7 @@ class Guard(DeferredSteps):
                 seed=seed,
                 distributed=distributed,
                 sync=sync,
+                attribution=attribution,
             )
         )
         if resume and run_dir is None:
@@ -216,6 +225,8 @@ class Guard(DeferredSteps):
         self._closed = False
         self._snapshots_recorded = 0
         self.recorder = Recorder(self.run_dir.store_dir, log_every)
+        writes_skips = policy != "observe" and self.run_dir.store_dir is not None  # observe changes no data
+        self.data = DataLedger(self.run_dir.store_dir if writes_skips else None, attribution)
         self.components.attach(model)
         self._resumed = self._resume() if resume else None  # before the store's meta changes: it may refuse
         self.recorder.meta(self._describe_run(policy, seed, config))
@@ -299,6 +310,8 @@ class Guard(DeferredSteps):
         *,
         grad_norm: Tensor | float | None = None,
         signals: Mapping[str, Tensor | float] | None = None,
+        batch_ids: Any = None,
+        batch: Any = None,
     ) -> Decision:
         """Measure this step, decide, then apply the update, skip it or roll back. Call after ``backward()``.
 
@@ -313,12 +326,18 @@ class Guard(DeferredSteps):
                 ride in the step's one host copy; plain numbers are recorded as they are. Detectors, the store
                 and the report read them like keel's own signals. keel's own keys (``loss``, ``grad/…``,
                 ``lr``, …) are refused.
+            batch_ids: The ids of the examples this step trained on (a 1-d integer tensor on the CPU, a range, a
+                list of ints): stored with the step as ranges, written to the skip list when a rollback steps past
+                the step, and used to name the examples a bad step is attributed to.
+            batch: This step's batch, as the Guard's `Attribution` ``loss_fn`` takes it; held for this step only
+                and used only when the step goes wrong.
 
         Returns:
             The `Decision` taken.
 
         Raises:
-            ValueError: ``loss`` is not a real scalar; a signal that is not a real scalar or takes a key of keel's.
+            ValueError: ``loss`` is not a real scalar; a signal that is not a real scalar or takes a key of keel's;
+                ``batch_ids`` that are not non-negative integer ids.
             GuardClosed: `close` was called already (nothing is stepped).
             TrainingAborted: The escalation ladder ended in ``abort`` (the store is flushed first).
         """
@@ -332,6 +351,9 @@ class Guard(DeferredSteps):
         self._signals = split_signals(signals, loss_t.device)
         self._norm_before_clip = None if grad_norm is None else _as_scalar(grad_norm, "grad_norm")
         step = self.global_step
+        self.data.note(step, batch_ids, batch)
+        if self.data.ids is not None:
+            self.components.call("recorder", self.recorder.batch, step, self.data.ids)
         now = time.perf_counter()
         step_time, self._last_call = (now - self._last_call if self._last_call is not None else math.nan), now
         if self.sync == "deferred":
@@ -342,7 +364,9 @@ class Guard(DeferredSteps):
             ctx = self._context(step, loss_t)
             obs = self._observe(ctx, step_time)
             norm_now = obs.values.get(keys.GRAD_CLIPPED_NORM, obs.values.get(keys.GRAD_NORM, math.nan))
-            decision = self.escalation.decide(step, self.components.detect(obs))
+            findings = self.components.detect(obs)
+            findings = self.components.call("attribution", self.data.attribute, self.model, findings) or findings
+            decision = self.escalation.decide(step, findings)
         except Exception as exc:  # keel must never stop training: record, then step as the bare loop would
             obs, decision, norm_now = Observation(step=step), Decision(step=step, action="ok"), math.nan
             self.components.fail("guard", step, exc, disable=False)  # each probe and detector is fenced on its own
@@ -350,6 +374,9 @@ class Guard(DeferredSteps):
         decision = self.actuator.apply(decision, norm_now, self.escalation.rollbacks_in_window(step))
         if decision.stepped and ctx is not None:
             self._after_step(ctx)
+        if not decision.stepped:
+            self.components.call("skip list", self.data.record_skips, decision)
+        self.data.forget_batch()
         self.global_step += 1
         self.components.step = self.global_step
         self.components.call("recorder", self.recorder.step, obs, decision)

@@ -17,6 +17,7 @@ from torch import Tensor
 from keel.guard.distributed import DistributedConfig
 from keel.recover import POLICIES, RecoveryConfig
 from keel.signals import Probe
+from keel.signals.attribution import Attribution
 
 
 def check_run_dir(run_dir: object) -> str | None:
@@ -155,6 +156,16 @@ def _check_sync(sync: object, args: Mapping[str, Any]) -> None:
             )
 
 
+def _check_attribution(attribution: object, args: Mapping[str, Any]) -> None:
+    if attribution is not None and not isinstance(attribution, Attribution):
+        raise ValueError(f"attribution={_short(attribution)}; allowed: None or a keel.Attribution(loss_fn=...)")
+    if attribution is not None and args.get("sync") == "deferred":
+        raise ValueError(
+            "attribution with sync='deferred': not supported (attribution measures the batch before its update, "
+            "and a deferred step's findings come after it); allowed: sync='step' with attribution"
+        )
+
+
 _CHECKS = {
     "policy": _check_policy,
     "scheduler": _check_scheduler,
@@ -172,6 +183,7 @@ _CHECKS = {
     "seed": _check_seed,
     "distributed": _check_distributed,
     "sync": _check_sync,
+    "attribution": _check_attribution,
 }
 
 

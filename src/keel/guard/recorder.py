@@ -68,6 +68,11 @@ class Recorder:
         if decision.findings or decision.action != "ok":
             self._speak(obs.step, self.console.step, decision)
 
+    def batch(self, step: int, ids: list[int]) -> None:
+        """The example ids of the step's batch, to the store."""
+        if self.writer is not None:
+            self.writer.add_batch(step, ids)
+
     def _write(self, obs: Observation, decision: Decision) -> None:
         assert self.writer is not None
         values = dict(obs.values)

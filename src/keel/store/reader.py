@@ -16,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from keel._core.decision import ACTIONS, Decision
+from keel._core.example_ids import parse_ids
 from keel._core.finding import SEVERITIES, Finding, severity_rank
 from keel.store._columns import Column, StoreFile, describe, parse_json, read_meta
 from keel.store.schema import STORE_NAME, store_path
@@ -43,6 +44,7 @@ DECISIONS = (
     Column("onset", "int", nullable=True),
     Column("restored_step", "int", nullable=True),
 )
+BATCHES = (Column("step", "int"), Column("ids", "text"))
 SNAPSHOTS = (Column("step", "int"), Column("path", "text"), Column("checksum", "text"), Column("created", "real"))
 
 
@@ -153,6 +155,19 @@ class RunReader:
                 self._file.drop("decisions", f"action is {describe(action)}; allowed: {', '.join(ACTIONS)}")
                 continue
             out.append(Decision(step=step, action=action, reason=reason, by=actor, onset=onset, restored_step=restored))
+        return out
+
+    def batches(self) -> dict[int, list[int]]:
+        """The example ids of each step's batch, by step (steps whose loop gave ``batch_ids``); a store written
+        before keel kept them, or by a loop that gave none, has none. Ids that do not parse are counted."""
+        if not self._file.columns("batches"):
+            return {}
+        out: dict[int, list[int]] = {}
+        for step, text in self._file.rows("batches", BATCHES, order="step, rowid"):
+            try:
+                out[step] = parse_ids(text)
+            except ValueError as exc:
+                self._file.drop("batches", str(exc))
         return out
 
     def snapshots(self) -> list[dict[str, Any]]:

@@ -24,6 +24,7 @@ CREATE TABLE IF NOT EXISTS decisions (
     step INTEGER NOT NULL, action TEXT NOT NULL, reason TEXT NOT NULL, actor TEXT NOT NULL,
     onset INTEGER, restored_step INTEGER
 );
+CREATE TABLE IF NOT EXISTS batches (step INTEGER NOT NULL, ids TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS snapshots (
     step INTEGER NOT NULL, path TEXT NOT NULL, checksum TEXT NOT NULL, created REAL NOT NULL
 );

@@ -22,6 +22,7 @@ from typing import Any
 
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning
+from keel._core.example_ids import format_ids
 from keel._core.finding import Finding
 from keel.store.schema import connect_for_writing, store_path
 
@@ -84,13 +85,18 @@ class RunWriter:
         row = (decision.step, decision.action, decision.reason, decision.by, decision.onset, decision.restored_step)
         self._queue.put(("INSERT INTO decisions VALUES (?, ?, ?, ?, ?, ?)", [row]))
 
+    def add_batch(self, step: int, ids: Iterable[int]) -> None:
+        """The example ids the step's batch held, stored as ranges (`keel._core.example_ids.format_ids`)."""
+        self._queue.put(("INSERT INTO batches VALUES (?, ?)", [(step, format_ids(ids))]))
+
     def add_snapshot(self, step: int, path: str, checksum: str) -> None:
         self._queue.put(("INSERT INTO snapshots VALUES (?, ?, ?, ?)", [(step, path, checksum, time.time())]))
 
     def drop_from(self, step: int) -> None:
         """Delete the rows of steps ``>= step`` (snapshots: ``> step``): a run resumed from the snapshot of ``step``
         does those steps again, and its store should read as one uninterrupted run, not hold them twice."""
-        for table, op in (("signals", ">="), ("findings", ">="), ("decisions", ">="), ("snapshots", ">")):
+        tables = ("signals", ">="), ("findings", ">="), ("decisions", ">="), ("batches", ">="), ("snapshots", ">")
+        for table, op in tables:
             self._queue.put((f"DELETE FROM {table} WHERE step {op} ?", [(step,)]))
 
     def flush(self, timeout: float = 30.0) -> None:

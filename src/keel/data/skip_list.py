@@ -1,0 +1,154 @@
+"""The skip list: the example ids a run must not train on again, with the step and the reason for each entry.
+
+`keel.Guard` writes it as ``run_dir/skip_list.json`` when a rollback steps past a window of batches (the window's
+ids) and when it attributes a spike to examples (the attributed ids); `keel.data.SkipListSampler` reads it, so a
+resumed run — or the next epoch of this one — never sees those examples again. The file is JSON a user may read,
+edit or write by hand (OLMo-core's ``steps_to_skip`` and Megatron's ``iterations_to_skip`` name steps; this names
+examples, which survive a change of batch size or data order)::
+
+    {"keel_skip_list": 1, "entries": [
+      {"kind": "window", "first_step": 120, "last_step": 131, "ids": "3840-4223", "reason": "rollback at 131: ..."},
+      {"kind": "examples", "first_step": 131, "last_step": 131, "ids": "4107,4111", "reason": "loss_spike: ..."}]}
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal, cast, get_args
+
+from keel._core.example_ids import format_ids, parse_ids
+
+SKIP_LIST_NAME = "skip_list.json"
+FORMAT_VERSION = 1
+EntryKind = Literal["window", "examples"]
+ENTRY_KINDS: tuple[str, ...] = get_args(EntryKind)
+MAX_FILE_BYTES = 64 * 2**20  # a skip list is ids as ranges: anything larger is not one
+
+
+@dataclass(frozen=True, kw_only=True)
+class SkipEntry:
+    """One reason to skip examples.
+
+    Attributes:
+        kind: ``"window"`` — every example of the batches a rollback stepped past; ``"examples"`` — the examples a
+            spike was attributed to.
+        first_step: The first step the entry covers.
+        last_step: The last step it covers (``first_step`` for one step).
+        ids: The example ids, ascending.
+        reason: Why, in words.
+    """
+
+    kind: EntryKind
+    first_step: int
+    last_step: int
+    ids: tuple[int, ...]
+    reason: str = ""
+
+    def __post_init__(self) -> None:
+        if self.kind not in ENTRY_KINDS:
+            raise ValueError(f"SkipEntry.kind={self.kind!r}; allowed: {', '.join(ENTRY_KINDS)}")
+        for name in ("first_step", "last_step"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"SkipEntry.{name}={value!r}; allowed: an int >= 0")
+        if self.last_step < self.first_step:
+            raise ValueError(
+                f"SkipEntry.last_step={self.last_step} is before first_step={self.first_step}; allowed: last >= first"
+            )
+        if not isinstance(self.reason, str):
+            raise ValueError(f"SkipEntry.reason={self.reason!r:.60}; allowed: text")
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "first_step": self.first_step,
+            "last_step": self.last_step,
+            "ids": format_ids(self.ids),
+            "reason": self.reason,
+        }
+
+
+class SkipList:
+    """The entries of one skip-list file, read at construction and appended to by `add` (written at once).
+
+    Args:
+        path: The file, or the run directory holding ``skip_list.json``. A file that does not exist yet is an
+            empty list.
+
+    Raises:
+        ValueError: The file is not a keel skip list (not JSON, another format version, an entry that does not
+            fit `SkipEntry`); the message names the file and the problem, and the file is left as it is.
+
+    Example:
+        >>> import tempfile
+        >>> skips = SkipList(tempfile.mkdtemp())
+        >>> skips.add(SkipEntry(kind="examples", first_step=7, last_step=7, ids=(3, 9), reason="loss_spike"))
+        >>> sorted(SkipList(skips.path).ids())
+        [3, 9]
+    """
+
+    def __init__(self, path: str | Path) -> None:
+        path = Path(path)
+        self.path = path / SKIP_LIST_NAME if path.is_dir() or not path.suffix else path
+        self.entries: list[SkipEntry] = read_entries(self.path) if self.path.exists() else []
+
+    def ids(self, kinds: Iterable[str] = ENTRY_KINDS) -> frozenset[int]:
+        """Every id of the entries of ``kinds``."""
+        wanted = set(kinds)
+        return frozenset(i for e in self.entries if e.kind in wanted for i in e.ids)
+
+    def add(self, entry: SkipEntry) -> None:
+        """Append ``entry`` and write the file (to a temporary name, then renamed: a reader never sees half)."""
+        self.entries.append(entry)
+        payload = {"keel_skip_list": FORMAT_VERSION, "entries": [e.to_json() for e in self.entries]}
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".skip_list.", dir=self.path.parent)
+        try:
+            with os.fdopen(fd, "w") as handle:
+                json.dump(payload, handle, indent=1)
+            os.replace(tmp, self.path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+
+def read_entries(path: Path) -> list[SkipEntry]:
+    """The entries of the skip-list file at ``path``; one ValueError naming the file when it is not one."""
+    size = path.stat().st_size
+    if size > MAX_FILE_BYTES:
+        raise ValueError(f"{path}: {size} bytes is not a keel skip list (allowed: up to {MAX_FILE_BYTES} bytes)")
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{path}: not a keel skip list (not JSON: {exc})") from None
+    if not isinstance(data, dict) or data.get("keel_skip_list") != FORMAT_VERSION:
+        found = data.get("keel_skip_list") if isinstance(data, dict) else type(data).__name__
+        raise ValueError(
+            f"{path}: not a keel skip list of format {FORMAT_VERSION} (its 'keel_skip_list' is {found!r:.40}); "
+            f'allowed: {{"keel_skip_list": {FORMAT_VERSION}, "entries": [...]}}'
+        )
+    entries = data.get("entries")
+    if not isinstance(entries, list):
+        raise ValueError(f"{path}: 'entries' is {type(entries).__name__}; allowed: a list of entries")
+    return [_entry(path, n, raw) for n, raw in enumerate(entries)]
+
+
+def _entry(path: Path, n: int, raw: object) -> SkipEntry:
+    fields = ("kind", "first_step", "last_step", "ids", "reason")
+    if not isinstance(raw, dict) or not set(fields[:4]) <= raw.keys():
+        raise ValueError(f"{path}: entry {n} is {raw!r:.80}; allowed: an object with {', '.join(fields)}")
+    try:
+        return SkipEntry(
+            kind=cast(EntryKind, raw["kind"]),
+            first_step=raw["first_step"],
+            last_step=raw["last_step"],
+            ids=tuple(parse_ids(raw["ids"])),
+            reason=raw.get("reason", ""),
+        )
+    except ValueError as exc:
+        raise ValueError(f"{path}: entry {n}: {exc}") from None

@@ -1,0 +1,105 @@
+"""SkipListSampler: any index sampler, less the examples a keel skip list names.
+
+Wrap the sampler a ``DataLoader`` uses (``RandomSampler``, ``SequentialSampler``, ``DistributedSampler``, a
+stateful one); pass ``run_dir`` (or the ``skip_list.json`` in it). The list is read again whenever the file
+changes — checked at the start of each epoch and every ``check_every`` indices — so examples a rollback or an
+attribution adds during training are left out from then on, and a resumed run never sees them.
+
+Example:
+    >>> import tempfile
+    >>> from keel.data.skip_list import SkipEntry, SkipList
+    >>> run_dir = tempfile.mkdtemp()
+    >>> SkipList(run_dir).add(SkipEntry(kind="examples", first_step=4, last_step=4, ids=(1, 3)))
+    >>> list(SkipListSampler(range(6), run_dir))
+    [0, 2, 4, 5]
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Iterator, Sized
+from pathlib import Path
+from typing import Any
+
+from keel.data.skip_list import ENTRY_KINDS, SkipList
+
+
+class SkipListSampler:
+    """Yield the indices of ``sampler`` that the skip list does not name.
+
+    Args:
+        sampler: Any iterable of example indices (a ``torch.utils.data.Sampler``, a range).
+        skip_list: A run directory, a skip-list file, or a `SkipList`.
+        kinds: The entry kinds honoured: ``"window"`` (every example of the batches a rollback stepped past,
+            as PaLM skipped whole windows) and ``"examples"`` (those a spike was attributed to). Both by default.
+        check_every: Indices between checks of the file for changes (a ``stat``, microseconds).
+
+    Raises:
+        ValueError: ``kinds`` names an unknown kind, or ``check_every`` is not a positive int.
+    """
+
+    def __init__(
+        self,
+        sampler: Iterable[int],
+        skip_list: str | Path | SkipList,
+        *,
+        kinds: Iterable[str] = ENTRY_KINDS,
+        check_every: int = 256,
+    ) -> None:
+        self.kinds = tuple(kinds)
+        unknown = [k for k in self.kinds if k not in ENTRY_KINDS]
+        if unknown or not self.kinds:
+            raise ValueError(f"SkipListSampler kinds={self.kinds!r}; allowed: one or more of {', '.join(ENTRY_KINDS)}")
+        if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+            raise ValueError(f"SkipListSampler check_every={check_every!r}; allowed: an int >= 1")
+        self.sampler = sampler
+        self.check_every = check_every
+        self.path = skip_list.path if isinstance(skip_list, SkipList) else SkipList(skip_list).path
+        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
+        self.skipped: frozenset[int] = frozenset()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        """Read the list again if the file changed since it was last read (a missing file is an empty list)."""
+        try:
+            stat = os.stat(self.path)
+        except FileNotFoundError:
+            self._seen, self.skipped = None, frozenset()
+            return
+        seen = (stat.st_mtime_ns, stat.st_size)
+        if seen != self._seen:
+            self.skipped = SkipList(self.path).ids(self.kinds)
+            self._seen = seen
+
+    def __iter__(self) -> Iterator[int]:
+        self._refresh()
+        for n, index in enumerate(self.sampler, 1):
+            if n % self.check_every == 0:
+                self._refresh()
+            if index not in self.skipped:
+                yield index
+
+    def __len__(self) -> int:
+        """The wrapped sampler's length less the skipped ids below it (exact for samplers that yield each index
+        of ``range(len(sampler))`` once: sequential, random without replacement, distributed before padding)."""
+        if not isinstance(self.sampler, Sized):
+            raise TypeError(f"{type(self.sampler).__name__} has no len(); neither has the SkipListSampler over it")
+        self._refresh()
+        total = len(self.sampler)
+        return total - sum(1 for i in self.skipped if i < total)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Passed on to the wrapped sampler (``DistributedSampler`` reshuffles by epoch)."""
+        set_epoch = getattr(self.sampler, "set_epoch", None)
+        if callable(set_epoch):
+            set_epoch(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapped sampler's state (a stateful sampler's position), for ``Guard.track``."""
+        state_dict = getattr(self.sampler, "state_dict", None)
+        return state_dict() if callable(state_dict) else {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        load_state_dict = getattr(self.sampler, "load_state_dict", None)
+        if callable(load_state_dict):
+            load_state_dict(state)

@@ -1,0 +1,125 @@
+"""DataLedger: what each step's batch held, the examples a bad step is attributed to, and the skip list.
+
+The loop says what a step trained on with ``guard.step(loss, batch_ids=..., batch=...)``. The ids go to the run
+store (as ranges: a sequential batch is a few bytes) and stay in memory for the steps a rollback could discard.
+The batch itself is held for this step only, by reference: nothing is computed on it unless the step raised a
+spike, a non-finite value or a critical finding and the Guard has an `Attribution`; then each example's loss (and,
+opt-in, gradient norm) is measured from the state before the update and the top offenders join the finding's
+evidence. Under ``skip`` and ``recover`` the outliers, and every example of a window a rollback steps past, are
+written to ``run_dir/skip_list.json`` for `keel.data.SkipListSampler`; ``observe`` changes no data and writes none.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections import deque
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from keel._core.decision import Decision
+from keel._core.example_ids import as_id_list
+from keel._core.finding import Finding
+from keel.data.skip_list import SkipEntry, SkipList
+from keel.signals.attribution import Attribution, batch_size, example_grad_norms, example_losses, rank_offenders
+
+ATTRIBUTED_KINDS = frozenset({"loss_spike", "grad_spike", "non_finite"})  # warnings of these kinds are attributed too
+RECENT_STEPS = 4096  # ids kept in memory: more than any rollback reaches back (the ring spans ~100 steps)
+
+
+class DataLedger:
+    """The data side of a `Guard`: batch ids per step, attribution of bad steps, the skip list.
+
+    Args:
+        skip_list_dir: Where ``skip_list.json`` is written (the run directory on the rank that writes); None: no
+            skip list is written.
+        attribution: How to attribute a bad step to its examples; None: not at all.
+    """
+
+    def __init__(self, skip_list_dir: str | Path | None, attribution: Attribution | None) -> None:
+        self.attribution = attribution
+        self.skip_list = SkipList(skip_list_dir) if skip_list_dir is not None else None
+        self.recent: deque[tuple[int, list[int]]] = deque(maxlen=RECENT_STEPS)
+        self.ids: list[int] | None = None  # this step's
+        self.batch: Any = None  # this step's, by reference
+
+    def note(self, step: int, batch_ids: Any, batch: Any) -> None:
+        """This step's ids and batch (either may be None). Raises ValueError for ids that are not example ids."""
+        self.ids = None if batch_ids is None else as_id_list(batch_ids)
+        self.batch = batch
+        if self.ids is not None:
+            self.recent.append((step, self.ids))
+
+    def forget_batch(self) -> None:
+        """Drop the reference to this step's batch (its tensors are the loop's to free)."""
+        self.batch = None
+
+    def attribute(self, model: nn.Module, findings: tuple[Finding, ...]) -> tuple[Finding, ...]:
+        """The findings, the ones that warrant it with the batch's top offenders in their evidence."""
+        if self.attribution is None or self.batch is None or not any(map(_warrants, findings)):
+            return findings
+        offenders = self._offenders(model)
+        return tuple(
+            dataclasses.replace(f, evidence={**f.evidence, **offenders}) if _warrants(f) else f for f in findings
+        )
+
+    def _offenders(self, model: nn.Module) -> dict[str, Any]:
+        assert self.attribution is not None
+        size = batch_size(self.batch)
+        ids = self.ids if self.ids is not None and len(self.ids) == size else list(range(size))
+        config = self.attribution
+        losses = example_losses(model, config.loss_fn, self.batch).tolist()
+        found: dict[str, Any] = {
+            "offenders": [o.to_json() for o in rank_offenders(losses, ids, top_k=config.top_k, z=config.z)],
+            "offender_ids": "batch_ids" if ids is self.ids else "positions in the batch",
+        }
+        if config.grad_norms:
+            norms, how = example_grad_norms(model, config.loss_fn, self.batch)
+            ranked = rank_offenders(norms.tolist(), ids, top_k=config.top_k, z=config.z)
+            found.update(offenders_by_grad_norm=[o.to_json() for o in ranked], grad_norms_by=how)
+        return found
+
+    def record_skips(self, decision: Decision) -> None:
+        """Write what ``decision`` takes out of training to the skip list: the outliers its findings were attributed
+        to, and, for a rollback, every example of the steps it discarded."""
+        if self.skip_list is None:
+            return
+        step = decision.step
+        outliers = sorted(
+            {
+                o["id"]
+                for f in decision.findings
+                if f.evidence.get("offender_ids") == "batch_ids"
+                for o in f.evidence.get("offenders", ())
+                if o["outlier"]
+            }
+        )
+        if outliers:
+            kinds = ", ".join(sorted({f.kind for f in decision.findings if "offenders" in f.evidence}))
+            self.skip_list.add(
+                SkipEntry(
+                    kind="examples",
+                    first_step=step,
+                    last_step=step,
+                    ids=tuple(outliers),
+                    reason=f"{kinds} at step {step}: the batch's outliers ({decision.action})",
+                )
+            )
+        if decision.action == "rollback" and decision.restored_step is not None:
+            first = decision.restored_step
+            window = sorted({i for s, ids in self.recent if first <= s <= step for i in ids})
+            if window:
+                self.skip_list.add(
+                    SkipEntry(
+                        kind="window",
+                        first_step=first,
+                        last_step=step,
+                        ids=tuple(window),
+                        reason=f"rollback at step {step} to the snapshot of step {first}: {decision.reason}",
+                    )
+                )
+
+
+def _warrants(finding: Finding) -> bool:
+    return finding.severity == "critical" or (finding.kind in ATTRIBUTED_KINDS and finding.severity == "warning")
