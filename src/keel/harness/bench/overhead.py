@@ -35,11 +35,15 @@ from keel.guard import Guard
 from keel.guard.console import silenced
 from keel.harness.bench._progress import bench_progress
 from keel.harness.bench.loop import train_steps
+from keel.harness.bench.rl_signals import KINDS, SignalKind, rl_signal_source
 from keel.integrations.watch import Watch, watch
 from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
 
 Policy = Literal["observe", "skip", "recover"]
 WATCH = "keel.watch"  # the variant's marker among its Guard arguments
+SIGNALS = (
+    "keel.signals"  # the marker of an RL loop's variant: its kind of signals= dict (keel.harness.bench.rl_signals)
+)
 CONTROL = "bare, second process"  # the A/A control: the bare loop again, in a process of its own
 
 
@@ -60,6 +64,8 @@ class OverheadConfig:
         policies: Also time `Guard(policy=p)` with the default probes for each of these.
         watch: Also time ``keel.watch(model, optimizer, policy="skip")`` on the loop as it is (its
             ``optimizer.step()`` hooked, the loss taken from the backward).
+        signals: Also time `Guard` with an RL loop's ``signals=`` dict and detectors, per kind (``pref``, ``rl``:
+            `keel.harness.bench.rl_signals`).
         device: ``cpu`` or ``cuda``.
     """
 
@@ -73,12 +79,14 @@ class OverheadConfig:
     full_log_every: int = 1
     policies: tuple[Policy, ...] = ()
     watch: bool = False
+    signals: tuple[SignalKind, ...] = ()
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_types(self)
         require_ints(self, "batch_size", "seq_len", "steps", "repeats", "rounds", "full_log_every")
         self.policies = tuple(dict.fromkeys(self.policies))
+        self.signals = tuple(dict.fromkeys(self.signals))
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"OverheadConfig.device={self.device!r}; allowed: cpu, cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -94,6 +102,7 @@ class OverheadConfig:
         variants.update({f"policy={p}": {"policy": p} for p in self.policies})
         if self.watch:
             variants["watch, policy=skip"] = {"policy": "skip", WATCH: True}
+        variants.update({f"signals={kind}": {SIGNALS: kind} for kind in self.signals})
         variants[CONTROL] = None
         return variants
 
@@ -109,6 +118,9 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
     data = [(x.to(config.device), y.to(config.device)) for x, y in (batches.next() for _ in range(steps))]
     kwargs = dict(guard_kwargs or {})
     watched = kwargs.pop(WATCH, False)
+    signals = None
+    if (kind := kwargs.pop(SIGNALS, None)) is not None:
+        kwargs["detectors"], signals = rl_signal_source(kind, config.batch_size, config.seq_len, config.device)
     guard: Guard | Watch | None = None
     if watched:  # the loop stays bare; keel hooks its optimizer.step()
         guard = watch(model, opt, run_dir=run_dir, **kwargs)
@@ -120,7 +132,7 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
 
     def run(n: int) -> None:  # the next n batches: a block of single steps must not repeat the first batch
         nonlocal position
-        train_steps(model, opt, [data[(position + k) % len(data)] for k in range(n)], stepper, n)
+        train_steps(model, opt, [data[(position + k) % len(data)] for k in range(n)], stepper, n, signals)
         position += n
 
     run.guard = guard  # type: ignore[attr-defined]
@@ -300,6 +312,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--watch", action="store_true", help="also time keel.watch(model, optimizer, policy='skip') on the bare loop"
     )
+    parser.add_argument(
+        "--signals",
+        nargs="+",
+        default=[],
+        choices=KINDS,
+        metavar="KIND",
+        help="also time Guard.step(loss, signals=...) with an RL loop's dict and detectors: pref (DPO), rl (GRPO)",
+    )
     parser.add_argument("--device", default=defaults.device, type=device("cpu", "cuda"), metavar="{cpu,cuda}")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
@@ -316,6 +336,10 @@ def main(args: argparse.Namespace) -> int:
         if args.watch:
             raise ValueError(
                 "--watch has no effect with --ddp (the DDP benchmark times Guard.step); allowed: one of them"
+            )
+        if args.signals:
+            raise ValueError(
+                "--signals has no effect with --ddp (the DDP benchmark has no RL loop); allowed: one of them"
             )
         if args.full_log_every is not None:
             raise ValueError(
@@ -336,6 +360,7 @@ def main(args: argparse.Namespace) -> int:
         full_log_every=full_log_every,
         policies=tuple(args.policy),
         watch=args.watch,
+        signals=tuple(args.signals),
         device=args.device,
     )
     with bench_progress(config.rounds * config.repeats, "keel bench overhead", enabled=not args.json) as progress:
