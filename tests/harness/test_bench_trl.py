@@ -29,7 +29,8 @@ def test_quick_run_times_every_policy_on_real_dpo_and_grpo_trainers_beside_the_b
     quick = TrlBenchConfig.quick()
     assert set(result["trainers"]) == {"dpo", "grpo"}
     for figures in result["trainers"].values():
-        assert set(figures["ratio"]) == set(figures["ratio_steady"]) == set(figures["guard"]) == VARIANTS
+        assert set(figures["ratio"]) == set(figures["ratio_steady"]) == set(figures["ratio_cpu"]) == VARIANTS
+        assert set(figures["guard"]) == VARIANTS
         assert set(figures["step_ms"]) == VARIANTS | {"bare", CONTROL}
         assert all(len(r) == quick.repeats for r in figures["ratio_repeats"].values())
         assert all(r > 0 for r in [*figures["ratio"].values(), figures["control"]])
@@ -46,7 +47,7 @@ def _stub_blocks(monkeypatch, ms: dict[str | None, float]) -> list[tuple[str, st
 
     def block(kind, policy, config, workdir):
         calls.append((kind, policy))
-        out = {"times": [ms[policy] / 1e3] * config.steps}
+        out = {"times": [ms[policy] / 1e3] * config.steps, "cpu_times": [ms[policy] / 2e3] * config.steps}
         return out | ({} if policy is None else {"guard": {"steps": 1, "actions": {}, "snapshots": 0}})
 
     monkeypatch.setattr(bench, "time_block", block)
@@ -59,6 +60,8 @@ def test_each_ratio_is_the_variant_block_over_the_bare_block_of_the_same_repeat(
     figures = result["trainers"]["dpo"]
     assert figures["ratio"] == pytest.approx({"policy=observe": 1.1, "policy=skip": 1.2, "policy=recover": 1.5})
     assert figures["ratio_steady"] == pytest.approx(figures["ratio"])
+    assert figures["ratio_cpu"] == pytest.approx(figures["ratio"])
+    assert figures["cpu_ms"]["bare"] == pytest.approx(5.0)
     assert figures["control"] == pytest.approx(1.0) and figures["step_ms"]["bare"] == pytest.approx(10.0)
     # one untimed warm-up block, then every variant once per repeat, each repeat starting one variant later
     assert calls[0] == ("dpo", None)
@@ -95,3 +98,12 @@ def test_an_unknown_trainer_on_the_command_line_is_refused_by_the_parser():
     bench.add_arguments(parser)
     with pytest.raises((argparse.ArgumentError, SystemExit)):
         parser.parse_args(["--trainer", "ppo"])
+
+
+def test_the_text_table_has_a_row_per_policy_and_the_control(monkeypatch, capsys):
+    _stub_blocks(monkeypatch, {None: 10.0, "observe": 11.0, "skip": 12.0, "recover": 15.0})
+    assert main(["bench", "trl", "--quick", "--trainer", "grpo", "--repeats", "1"]) == 0
+    out = capsys.readouterr().out
+    for row in ("bare trainer", "policy=observe", "policy=skip", "policy=recover", "control: bare again"):
+        assert row in out, row
+    assert "1.5000" in out and "dpo" not in out

@@ -45,12 +45,15 @@ class TinyModel:
 
 
 class StepTimer(TrainerCallback):
-    """Notes when each optimizer step begins (``begins``: ``time.perf_counter()`` values)."""
+    """Notes when each optimizer step begins: ``begins`` (``time.perf_counter()``) and ``cpu``
+    (``time.process_time()``, the CPU time of all the process's threads)."""
 
     def __init__(self) -> None:
         self.begins: list[float] = []
+        self.cpu: list[float] = []
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.cpu.append(time.process_time())
         self.begins.append(time.perf_counter())
 
 

@@ -8,8 +8,10 @@ own noise). A block is one fresh trainer of ``warmup + steps`` steps, the same w
 its step times are the intervals between the Trainer's ``on_step_begin`` events after the warm-up, so a step is
 everything the Trainer does per update (GRPO's generation, the reward, logging every 10 steps, keel's work). The
 variants take turns, one block each in rotating order per repeat, so machine noise hits all alike; each repeat
-gives a ratio to the bare block of the same repeat and the figure is the median over repeats. Two ratios: over
-the block's total time (recover's snapshot steps included) and of the block's median step (the steady state).
+gives a ratio to the bare block of the same repeat and the figure is the median over repeats. Three ratios: over
+the block's total time (recover's snapshot steps included), of the block's median step (the steady state), and of
+the block's CPU time (the process's, all threads: keel's store writer and snapshot copy count), which a machine
+shared with other work disturbs far less than wall time.
 
 All variants share one process (a TRL import costs seconds; the copy thread of ``recover`` no longer slows its
 process, see `keel bench overhead`), and the A/A control would show a variant that slowed the ones after it.
@@ -41,6 +43,7 @@ TRAINERS = ("dpo", "grpo")
 POLICIES = ("observe", "skip", "recover")
 CONTROL = "bare, again"  # the A/A control: the bare trainer in a block of its own
 EXTRA = "pip install 'keel[trl]'"
+RATIOS = ("ratio", "ratio_steady", "ratio_cpu")  # the control's are control, control_steady, control_cpu
 
 
 @dataclass(kw_only=True)
@@ -108,8 +111,11 @@ def time_block(kind: str, policy: str | None, config: TrlBenchConfig, workdir: P
         trainer = build_trainer(kind, model, config.warmup + config.steps + 1, workdir / "trainer", [timer])
         callback = None if policy is None else guard_trainer(trainer, run_dir=str(workdir / "keel"), policy=policy)
         trainer.train()
-    begins = timer.begins[config.warmup :]
-    block: dict[str, Any] = {"times": [b - a for a, b in zip(begins, begins[1:], strict=False)]}
+    begins, cpu = timer.begins[config.warmup :], timer.cpu[config.warmup :]
+    block: dict[str, Any] = {
+        "times": [b - a for a, b in zip(begins, begins[1:], strict=False)],
+        "cpu_times": [b - a for a, b in zip(cpu, cpu[1:], strict=False)],
+    }
     if callback is not None:
         guard = callback.guard
         assert guard is not None
@@ -141,6 +147,7 @@ def _bench_trainer(kind: str, config: TrlBenchConfig, progress: Callable[[str], 
     variants = config.variants()
     names = list(variants)
     times: dict[str, list[list[float]]] = {name: [] for name in names}
+    cpu: dict[str, list[list[float]]] = {name: [] for name in names}
     guards: dict[str, list[dict]] = {name: [] for name in names if variants[name] is not None}
     with silenced(), tempfile.TemporaryDirectory() as tmp:  # keel's run summaries would interleave the figures
         time_block(kind, None, config, Path(tmp) / "warm-up")  # untimed: the process's first trainer runs slower
@@ -149,19 +156,22 @@ def _bench_trainer(kind: str, config: TrlBenchConfig, progress: Callable[[str], 
             for i, name in enumerate(names[shift:] + names[:shift]):  # rotate the order each repeat
                 block = time_block(kind, variants[name], config, Path(tmp) / f"{r}-{i}")
                 times[name].append(block["times"])
+                cpu[name].append(block["cpu_times"])
                 if "guard" in block:
                     guards[name].append(block["guard"])
             if progress is not None:
                 progress(f"{kind} repeat {r + 1}/{config.repeats}")
 
-    def ratios(of: Callable[[list[float]], float]) -> dict[str, float]:
-        return {name: _median_ratio(times[name], times["bare"], of) for name in names if name != "bare"}
+    def ratios(clock: dict[str, list[list[float]]], of: Callable[[list[float]], float]) -> dict[str, float]:
+        return {name: _median_ratio(clock[name], clock["bare"], of) for name in names if name != "bare"}
 
-    ratio, steady = ratios(sum), ratios(statistics.median)
+    ratio, steady, cpu_ratio = ratios(times, sum), ratios(times, statistics.median), ratios(cpu, sum)
     return {
         "step_ms": {name: 1e3 * statistics.median(sum(b) / len(b) for b in times[name]) for name in names},
+        "cpu_ms": {name: 1e3 * statistics.median(sum(b) / len(b) for b in cpu[name]) for name in names},
         "ratio": {name: r for name, r in ratio.items() if name != CONTROL},
         "ratio_steady": {name: r for name, r in steady.items() if name != CONTROL},
+        "ratio_cpu": {name: r for name, r in cpu_ratio.items() if name != CONTROL},
         "ratio_repeats": {
             name: [sum(t) / sum(b) for t, b in zip(times[name], times["bare"], strict=True)]
             for name in names
@@ -169,6 +179,7 @@ def _bench_trainer(kind: str, config: TrlBenchConfig, progress: Callable[[str], 
         },
         "control": ratio[CONTROL],
         "control_steady": steady[CONTROL],
+        "control_cpu": cpu_ratio[CONTROL],
         "guard": guards,
     }
 
@@ -228,13 +239,16 @@ def main(args: argparse.Namespace) -> int:
         "interleaved"
     )
     for kind, figures in result["trainers"].items():
-        print(f"  {kind}: {'variant':18s}{'ms/step':>9s}{'ratio':>9s}{'steady':>9s}  guard")
-        print(f"  {'':{len(kind) + 2}s}{'bare trainer':18s}{figures['step_ms']['bare']:9.2f}")
-        for name, r in figures["ratio"].items():
-            g = figures["guard"][name][-1]
-            print(
-                f"  {'':{len(kind) + 2}s}{name:18s}{figures['step_ms'][name]:9.2f}{r:9.4f}"
-                f"{figures['ratio_steady'][name]:9.4f}  {g['steps']} steps, {g['actions']}, {g['snapshots']} snapshots"
-            )
-        print(f"  {'':{len(kind) + 2}s}{'control: bare again':18s}{'':9s}{figures['control']:9.4f}   (ideally 1)")
+        print(f"  {kind:5s} {'variant':20s}{'ms/step':>9s}{'ratio':>9s}{'steady':>9s}{'cpu':>9s}  guard (last block)")
+        print(f"  {'':5s} {'bare trainer':20s}{figures['step_ms']['bare']:9.2f}")
+        rows = {name: (figures["step_ms"][name], name) for name in figures["ratio"]} | {
+            CONTROL: (None, "control: bare again")
+        }
+        for name, (ms, label) in rows.items():
+            ratios = [figures[k][name] if name != CONTROL else figures[f"control{k[5:]}"] for k in RATIOS]
+            blocks = figures["guard"].get(name)
+            g = blocks[-1] if blocks else None
+            told = f"  {g['steps']} steps, actions {g['actions']}, {g['snapshots']} snapshots" if g else "  (ideally 1)"
+            step = f"{ms:9.2f}" if ms is not None else f"{'':9s}"
+            print(f"  {'':5s} {label:20s}{step}" + "".join(f"{r:9.4f}" for r in ratios) + told)
     return 0
