@@ -62,6 +62,24 @@ class Handoff:
             return None if self.handled else original(*args, **kwargs)
 
         self.gate(scheduler, "step", outside)
+        self._keep_out_of_state_dict(scheduler)
+
+    def _keep_out_of_state_dict(self, scheduler: Any) -> None:
+        """torch's ``LRScheduler.state_dict`` returns its ``__dict__``, where the gate lives: a Trainer's checkpoint
+        (``torch.save``) could not pickle it and keel's snapshots would carry it. The gates are left out of it."""
+        original = getattr(scheduler, "state_dict", None)
+        if not callable(original):
+            return
+
+        @functools.wraps(original)
+        def state_dict(*args: Any, **kwargs: Any) -> Any:
+            state = original(*args, **kwargs)
+            gates = {id(gated) for obj, _, _, gated, _ in self._patches if obj is scheduler}
+            return {k: v for k, v in state.items() if id(v) not in gates} if isinstance(state, dict) else state
+
+        had_own = "state_dict" in vars(scheduler)
+        scheduler.state_dict = state_dict
+        self._patches.append((scheduler, "state_dict", original, state_dict, had_own))
 
     @contextmanager
     def acting_for_keel(self) -> Iterator[None]:
