@@ -24,7 +24,7 @@ from keel._core.finding import Finding
 from keel.data.skip_list import SkipEntry, SkipList
 from keel.signals.attribution import Attribution, batch_size, example_grad_norms, example_losses, rank_offenders
 
-ATTRIBUTED_KINDS = frozenset({"loss_spike", "grad_spike", "non_finite"})  # warnings of these kinds are attributed too
+SPIKE_KINDS = frozenset({"loss_spike", "grad_spike", "non_finite"})  # warnings of these kinds are attributed too
 RECENT_STEPS = 4096  # ids kept in memory: more than any rollback reaches back (the ring spans ~100 steps)
 
 
@@ -83,8 +83,8 @@ class DataLedger:
     def record_skips(self, decision: Decision) -> None:
         """Write what ``decision`` takes out of training to the skip list: the outliers its findings were attributed
         to, and, for a rollback, every example of the steps it discarded."""
-        if self.skip_list is None:
-            return
+        if self.skip_list is None or any(_transient(f) for f in decision.findings):
+            return  # a transient fault is not the data's
         step = decision.step
         outliers = sorted(
             {
@@ -121,5 +121,10 @@ class DataLedger:
                 )
 
 
+def _transient(finding: Finding) -> bool:
+    replay = finding.evidence.get("replay")
+    return isinstance(replay, dict) and replay.get("reproducible") is False
+
+
 def _warrants(finding: Finding) -> bool:
-    return finding.severity == "critical" or (finding.kind in ATTRIBUTED_KINDS and finding.severity == "warning")
+    return finding.severity == "critical" or (finding.kind in SPIKE_KINDS and finding.severity == "warning")

@@ -15,6 +15,7 @@ decide → act (fence snapshot → clip → step, or skip, or roll back) → aft
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import time
 import warnings
@@ -31,7 +32,7 @@ from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect import Detector, default_detectors
 from keel.guard.components import Components
-from keel.guard.data_ledger import DataLedger
+from keel.guard.data_ledger import SPIKE_KINDS, DataLedger
 from keel.guard.deferred import DeferredSteps
 from keel.guard.distributed import DistributedConfig, RankSync
 from keel.guard.environment import describe_environment
@@ -41,6 +42,7 @@ from keel.guard.recorder import Recorder
 from keel.guard.run_dir import RunDir
 from keel.guard.user_signals import split_signals
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
+from keel.recover.replay import StepReplay
 from keel.recover.snapshot import Snapshot
 from keel.recover.state import Stateful
 from keel.signals import (
@@ -227,6 +229,10 @@ class Guard(DeferredSteps):
         self.recorder = Recorder(self.run_dir.store_dir, log_every)
         writes_skips = policy != "observe" and self.run_dir.store_dir is not None  # observe changes no data
         self.data = DataLedger(self.run_dir.store_dir if writes_skips else None, attribution)
+        replays = rollbacks.replay and policy != "observe" and self.dist is None  # observe changes nothing
+        self.replay = StepReplay(model, self._params, rollbacks.replay_rtol) if replays else None
+        if self.replay is not None:
+            self.replay.mark_step_start()
         self.components.attach(model)
         self._resumed = self._resume() if resume else None  # before the store's meta changes: it may refuse
         self.recorder.meta(self._describe_run(policy, seed, config))
@@ -364,9 +370,10 @@ class Guard(DeferredSteps):
             ctx = self._context(step, loss_t)
             obs = self._observe(ctx, step_time)
             norm_now = obs.values.get(keys.GRAD_CLIPPED_NORM, obs.values.get(keys.GRAD_NORM, math.nan))
-            findings = self.components.detect(obs)
-            findings = self.components.call("attribution", self.data.attribute, self.model, findings) or findings
-            decision = self.escalation.decide(step, findings)
+            found = tuple(self.components.detect(obs))
+            found = self.components.call("attribution", self.data.attribute, self.model, found) or found
+            findings, transient = self._replay(step, obs, found)
+            decision = transient or self.escalation.decide(step, findings)
         except Exception as exc:  # keel must never stop training: record, then step as the bare loop would
             obs, decision, norm_now = Observation(step=step), Decision(step=step, action="ok"), math.nan
             self.components.fail("guard", step, exc, disable=False)  # each probe and detector is fenced on its own
@@ -377,6 +384,8 @@ class Guard(DeferredSteps):
         if not decision.stepped:
             self.components.call("skip list", self.data.record_skips, decision)
         self.data.forget_batch()
+        if self.replay is not None:
+            self.replay.mark_step_start()
         self.global_step += 1
         self.components.step = self.global_step
         self.components.call("recorder", self.recorder.step, obs, decision)
@@ -473,6 +482,41 @@ class Guard(DeferredSteps):
             values[keys.STEP_TIME] = step_time
         values.update(self._signals[1])
         return values
+
+    def _replay(
+        self, step: int, obs: Observation, findings: tuple[Finding, ...]
+    ) -> tuple[tuple[Finding, ...], Decision | None]:
+        """With ``RecoveryConfig(replay=True)``, on a critical spike or non-finite value: recompute the step, and
+        add what it found to those findings' evidence. A transient fault is skipped here (the decision returned);
+        data leaves the decision to the escalation ladder (None)."""
+        if self.replay is None or self.data.batch is None or not any(map(_replayable, findings)):
+            return findings, None
+        assert self.data.attribution is not None  # checked with the arguments
+        result = self.components.call(
+            "replay",
+            self.replay.replay,
+            self.data.attribution.loss_fn,
+            self.data.batch,
+            obs.values.get(keys.LOSS, math.nan),
+            obs.values.get(keys.GRAD_NORM, math.nan),
+        )
+        if result is None:
+            return findings, None
+        replayed = {"replay": result.to_json()}
+        marked = tuple(
+            dataclasses.replace(f, evidence={**f.evidence, **replayed}) if _replayable(f) else f for f in findings
+        )
+        if result.reproducible:
+            return marked, None
+        return marked, Decision(
+            step=step,
+            action="skip",
+            findings=marked,
+            reason=(
+                f"transient fault: {result.describe()}: not reproducible, so not the data (hardware, silent data "
+                "corruption or a racy kernel); update skipped, nothing rolled back or added to the skip list"
+            ),
+        )
 
     def _after_step(self, ctx: StepContext) -> None:
         self._late.update(self.components.after_step(ctx))
@@ -576,6 +620,10 @@ def _trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) ->
             "allowed: a model with at least one parameter with requires_grad=True"
         )
     return named
+
+
+def _replayable(finding: Finding) -> bool:
+    return finding.severity == "critical" and finding.kind in SPIKE_KINDS
 
 
 def _local(t: Tensor) -> Tensor:

@@ -159,6 +159,24 @@ def _check_sync(sync: object, args: Mapping[str, Any]) -> None:
 def _check_attribution(attribution: object, args: Mapping[str, Any]) -> None:
     if attribution is not None and not isinstance(attribution, Attribution):
         raise ValueError(f"attribution={_short(attribution)}; allowed: None or a keel.Attribution(loss_fn=...)")
+    recovery = args.get("recovery")
+    if isinstance(recovery, RecoveryConfig) and recovery.replay:
+        if attribution is None:
+            raise ValueError(
+                "recovery=RecoveryConfig(replay=True) without attribution: the replay recomputes the loss with the "
+                "attribution's loss_fn; allowed: attribution=keel.Attribution(loss_fn=...) with replay"
+            )
+        scaler, dist = args.get("scaler"), args.get("distributed")
+        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
+            raise ValueError(
+                "RecoveryConfig(replay=True) with a GradScaler: not supported yet (the scaler has unscaled this "
+                "step's gradients already); allowed: replay without a scaler (bf16 or fp32)"
+            )
+        if dist not in (None, False):
+            raise ValueError(
+                f"RecoveryConfig(replay=True) with distributed={_short(dist)}: not supported yet (every rank would "
+                "have to replay together); allowed: replay in a single process"
+            )
     if attribution is not None and args.get("sync") == "deferred":
         raise ValueError(
             "attribution with sync='deferred': not supported (attribution measures the batch before its update, "

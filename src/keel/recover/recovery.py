@@ -19,7 +19,7 @@ from typing import Any
 
 from keel._core.errors import KeelWarning
 from keel._core.finding import Finding
-from keel._core.validate import check_types, require_ints
+from keel._core.validate import check_types, require_ints, require_positive
 from keel.recover.actions import HISTORY_KEY, ActionState, apply_actions, choose_actions, current_lr_scale
 from keel.recover.compat import describe_differences, setup_differences
 from keel.recover.disk import SNAPSHOT_DIR, DiskSnapshots
@@ -51,6 +51,10 @@ class RecoveryConfig:
         max_rollbacks: Rollbacks within ``rollback_window`` steps after which the run aborts (the escalation
             ladder's cap, `keel.recover.escalation`).
         rollback_window: The window, in steps, of that cap.
+        replay: On a critical spike or non-finite value, recompute the step on the same batch to tell data (it
+            reproduces) from a transient fault (it does not: the update is skipped, nothing rolled back or added to
+            the skip list); `keel.recover.replay`. Needs ``Guard(attribution=...)`` (its ``loss_fn``) and ``batch=``.
+        replay_rtol: Relative difference of loss and gradient norm within which a replay reproduces the step.
     """
 
     snapshot_every: int = 25
@@ -67,6 +71,8 @@ class RecoveryConfig:
     copy_in_background: bool | None = None
     max_rollbacks: int = 3
     rollback_window: int = 500
+    replay: bool = False
+    replay_rtol: float = 0.1
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -80,6 +86,7 @@ class RecoveryConfig:
             "rollback_window",
         )
         require_ints(self, "keep_pinned", "quiet_steps", "rollback_margin", minimum=0)
+        require_positive(self, "replay_rtol")
         if self.disk_every is not None:
             require_ints(self, "disk_every")
         if self.cooldown_steps is not None:
