@@ -8,6 +8,8 @@ What each log shows, and so what doctor must say:
 - ``grpo_chaos_economy_*.json`` (GRPOTrainer, ``max_completion_length=512``): the mean completion length climbs to
   the limit and the truncated share to 100 % (from step 115 / 65 on), the loss flat at 0 — a true length explosion.
 - ``orpo_rlhf_recsys_336steps.json`` (ORPOTrainer): a quiet run; nothing to warn of.
+- ``dpo_trl_script_lr0.3_60steps.json`` (TRL's own ``trl/scripts/dpo.py``, LR 0.3): the chosen log-probability falls
+  −13 → −250 while the margin rises 0 → 12–16 — likelihood displacement, which ``guard_trainer`` warned of live.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ DPO = DATA / "dpo_soup_75steps.json"
 GRPO_200 = DATA / "grpo_chaos_economy_200steps.json"
 GRPO_250 = DATA / "grpo_chaos_economy_250steps.json"
 ORPO = DATA / "orpo_rlhf_recsys_336steps.json"
+DPO_HOT = DATA / "dpo_trl_script_lr0.3_60steps.json"
 MAX_OVERFLOWS = NonFiniteConfig().max_overflows
 # The statistics TRL 0.14 and 0.15's GRPOTrainer logs (0.16 adds `clip_ratio`): no `completions/…` names yet.
 TRL_014_GRPO = ("loss", "grad_norm", "learning_rate", "reward", "reward_std", "completion_length", "kl", "step")
@@ -67,6 +70,18 @@ def test_a_real_orpo_log_is_read_under_keels_preference_keys_without_an_alarm():
     result = examine_log(ORPO)
     assert result.summary["signals"][keys.PREF_MARGIN]["observations"] == 33
     assert result.findings == []
+
+
+def test_doctor_runs_on_a_dpo_log_the_detectors_guard_trainer_ran_live():
+    """DPOTrainer logs its token entropy as ``entropy`` (keel's ``rl/entropy``): that alone must not bring the GRPO/PPO
+    preset, whose advice (clip-higher, dynamic sampling) does not apply to DPO, onto a DPO log."""
+    from keel.detect import default_detectors, preference_detectors
+
+    result = examine_log(DPO_HOT)
+    assert [d["name"] for d in result.summary["detectors"]] == [
+        d.name for d in (*default_detectors(), *preference_detectors())
+    ]
+    assert warned(result) == [(24, "likelihood_displacement", "warning")]
 
 
 def test_a_trl_014_grpo_log_is_read_under_keels_rl_keys(tmp_path):

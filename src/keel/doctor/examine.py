@@ -178,13 +178,15 @@ def examine(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None =
 
 
 def _defaults_for(timeline: Timeline) -> Callable[[], list[Detector]]:
-    """`default_detectors`, plus the preset of each fine-tuning family the log has signals of."""
+    """`default_detectors`, plus the preset of each fine-tuning family the log has signals of.
+
+    As `keel.integrations.trl.guard_trainer` picks them live: a preference log (DPOTrainer's) also logs the token
+    entropy, ``rl/entropy``, which alone does not make it a policy-gradient run.
+    """
     names = timeline.signals.keys()
-    presets = [
-        preset
-        for preset, prefixes in ((preference_detectors, ("pref/",)), (policy_detectors, ("rl/", "rm/")))
-        if any(name.startswith(prefixes) for name in names)
-    ]
+    preference = any(name.startswith("pref/") for name in names)
+    policy = any(name.startswith(("rl/", "rm/")) and not (preference and name == keys.RL_ENTROPY) for name in names)
+    presets = [preset for preset, found in ((preference_detectors, preference), (policy_detectors, policy)) if found]
     return lambda: [*default_detectors(), *(d for preset in presets for d in preset())]
 
 
