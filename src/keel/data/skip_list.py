@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
-from keel._core.example_ids import format_ids, parse_ids
+from keel._core.example_ids import as_id_list, format_ids, parse_ids
 
 SKIP_LIST_NAME = "skip_list.json"
 FORMAT_VERSION = 1
@@ -39,7 +39,7 @@ class SkipEntry:
             spike was attributed to.
         first_step: The first step the entry covers.
         last_step: The last step it covers (``first_step`` for one step).
-        ids: The example ids, ascending.
+        ids: The example ids (kept ascending and distinct, as the file holds them).
         reason: Why, in words.
     """
 
@@ -62,6 +62,8 @@ class SkipEntry:
             )
         if not isinstance(self.reason, str):
             raise ValueError(f"SkipEntry.reason={self.reason!r:.60}; allowed: text")
+        # checked here, not when written: an id like -1 would make the whole file unreadable for every later run
+        object.__setattr__(self, "ids", tuple(sorted(set(as_id_list(self.ids, "SkipEntry.ids")))))
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -77,8 +79,8 @@ class SkipList:
     """The entries of one skip-list file, read at construction and appended to by `add` (written at once).
 
     Args:
-        path: The file, or the run directory holding ``skip_list.json``. A file that does not exist yet is an
-            empty list.
+        path: The file (a path ending in ``.json``, or an existing file), or the run directory holding
+            ``skip_list.json`` (which need not exist yet). A file that does not exist yet is an empty list.
 
     Raises:
         ValueError: The file is not a keel skip list (not JSON, another format version, an entry that does not
@@ -94,7 +96,8 @@ class SkipList:
 
     def __init__(self, path: str | Path) -> None:
         path = Path(path)
-        self.path = path / SKIP_LIST_NAME if path.is_dir() or not path.suffix else path
+        # by suffix, not "has a dot": run directories are often named like "lr3e-4.bs32"
+        self.path = path if path.suffix == ".json" or path.is_file() else path / SKIP_LIST_NAME
         self.entries: list[SkipEntry] = read_entries(self.path) if self.path.exists() else []
 
     def ids(self, kinds: Iterable[str] = ENTRY_KINDS) -> frozenset[int]:
@@ -103,18 +106,30 @@ class SkipList:
         return frozenset(i for e in self.entries if e.kind in wanted for i in e.ids)
 
     def add(self, entry: SkipEntry) -> None:
-        """Append ``entry`` and write the file (to a temporary name, then renamed: a reader never sees half)."""
-        self.entries.append(entry)
-        payload = {"keel_skip_list": FORMAT_VERSION, "entries": [e.to_json() for e in self.entries]}
+        """Append ``entry`` to the file as it is now and write it (to a temporary name, then renamed: a reader never
+        sees half, and a failed write leaves the file and `entries` as they were).
+
+        The file is read again first, so entries another writer (a hand edit, another process) added since this
+        list was read are kept.
+
+        Raises:
+            ValueError: The file is there but is not a keel skip list (it is left as it is).
+            OSError: The file could not be written.
+        """
+        entries = [*(read_entries(self.path) if self.path.exists() else []), entry]
+        payload = {"keel_skip_list": FORMAT_VERSION, "entries": [e.to_json() for e in entries]}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".skip_list.", dir=self.path.parent)
         try:
-            with os.fdopen(fd, "w") as handle:
+            with os.fdopen(fd, "w", encoding="utf-8") as handle:
                 json.dump(payload, handle, indent=1)
+                handle.flush()
+                os.fsync(handle.fileno())  # the rename must not land before the data (a crash would leave 0 bytes)
             os.replace(tmp, self.path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        self.entries = entries
 
 
 def read_entries(path: Path) -> list[SkipEntry]:
@@ -124,10 +139,11 @@ def read_entries(path: Path) -> list[SkipEntry]:
         raise ValueError(f"{path}: {size} bytes is not a keel skip list (allowed: up to {MAX_FILE_BYTES} bytes)")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"{path}: not a keel skip list (not JSON: {exc})") from None
-    if not isinstance(data, dict) or data.get("keel_skip_list") != FORMAT_VERSION:
-        found = data.get("keel_skip_list") if isinstance(data, dict) else type(data).__name__
+    except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON, nested 100k deep, a 5000-digit number
+        raise ValueError(f"{path}: not a keel skip list (not JSON: {str(exc)[:120]})") from None
+    version = data.get("keel_skip_list") if isinstance(data, dict) else None
+    if type(version) is not int or version != FORMAT_VERSION:  # not True, not 1.0: both == 1
+        found = version if isinstance(data, dict) else type(data).__name__
         raise ValueError(
             f"{path}: not a keel skip list of format {FORMAT_VERSION} (its 'keel_skip_list' is {found!r:.40}); "
             f'allowed: {{"keel_skip_list": {FORMAT_VERSION}, "entries": [...]}}'
