@@ -56,7 +56,7 @@ def _train(
         loss.backward()
         if step == corrupt_step:  # a fault in this computation only: the same batch recomputed is fine
             for p in model.parameters():
-                p.grad.mul_(1e4)
+                p.grad.mul_(1e4)  # type: ignore[union-attr]
         guard.step(loss, batch_ids=ids, batch=batch)
         opt.zero_grad(set_to_none=True)
     guard.close()
@@ -107,7 +107,7 @@ def test_a_rollback_writes_its_window_to_the_skip_list(tmp_path: Path) -> None:
             loss.backward()
             if 26 <= step < 29:
                 for p in model.parameters():
-                    p.grad.fill_(float("nan"))
+                    p.grad.fill_(float("nan"))  # type: ignore[union-attr]
             guard.step(loss, batch_ids=range(start, start + BATCH))
             opt.zero_grad(set_to_none=True)
     rollbacks = [d for d in guard.decisions if d.action == "rollback"]
