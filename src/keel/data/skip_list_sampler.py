@@ -17,10 +17,12 @@ Example:
 from __future__ import annotations
 
 import os
+import warnings
 from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
 
+from keel._core.errors import KeelWarning
 from keel.data.skip_list import ENTRY_KINDS, SkipList
 
 
@@ -30,12 +32,15 @@ class SkipListSampler:
     Args:
         sampler: Any iterable of example indices (a ``torch.utils.data.Sampler``, a range).
         skip_list: A run directory, a skip-list file, or a `SkipList`.
-        kinds: The entry kinds honoured: ``"window"`` (every example of the batches a rollback stepped past,
-            as PaLM skipped whole windows) and ``"examples"`` (those a spike was attributed to). Both by default.
+        kinds: The entry kinds honoured (one name or several): ``"window"`` (every example of the batches a
+            rollback stepped past, as PaLM skipped whole windows) and ``"examples"`` (those a spike was attributed
+            to). Both by default.
         check_every: Indices between checks of the file for changes (a ``stat``, microseconds).
 
     Raises:
-        ValueError: ``kinds`` names an unknown kind, or ``check_every`` is not a positive int.
+        ValueError: ``kinds`` names an unknown kind, ``check_every`` is not a positive int, or the file is there
+            but is not a keel skip list. A file that turns bad later (a hand edit half saved) is not an error:
+            a `KeelWarning` names it and the last list read stays in force, so training goes on.
     """
 
     def __init__(
@@ -46,7 +51,7 @@ class SkipListSampler:
         kinds: Iterable[str] = ENTRY_KINDS,
         check_every: int = 256,
     ) -> None:
-        self.kinds = tuple(kinds)
+        self.kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)  # "window", not 'w', 'i', 'n', ...
         unknown = [k for k in self.kinds if k not in ENTRY_KINDS]
         if unknown or not self.kinds:
             raise ValueError(f"SkipListSampler kinds={self.kinds!r}; allowed: one or more of {', '.join(ENTRY_KINDS)}")
@@ -55,21 +60,33 @@ class SkipListSampler:
         self.sampler = sampler
         self.check_every = check_every
         self.path = skip_list.path if isinstance(skip_list, SkipList) else SkipList(skip_list).path
-        self._seen: tuple[int, int] | None = None  # (mtime_ns, size) of the file last read
+        # (inode, mtime_ns, size) of the file last read: SkipList.add writes a new file (a new inode) each time,
+        # so a rewrite of the same size within a coarse mtime tick is still seen
+        self._seen: tuple[int, int, int] | None = None
         self.skipped: frozenset[int] = frozenset()
-        self._refresh()
+        self._refresh(strict=True)
 
-    def _refresh(self) -> None:
-        """Read the list again if the file changed since it was last read (a missing file is an empty list)."""
+    def _refresh(self, *, strict: bool = False) -> None:
+        """Read the list again if the file changed since it was last read (a missing file is an empty list).
+
+        A file that is not a skip list raises when ``strict`` (at construction); later it warns once per version
+        of the file and the last list read stays in force (a sampler must not stop training mid-epoch).
+        """
         try:
             stat = os.stat(self.path)
         except FileNotFoundError:
             self._seen, self.skipped = None, frozenset()
             return
-        seen = (stat.st_mtime_ns, stat.st_size)
-        if seen != self._seen:
+        seen = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if seen == self._seen:
+            return
+        self._seen = seen
+        try:
             self.skipped = SkipList(self.path).ids(self.kinds)
-            self._seen = seen
+        except (ValueError, OSError) as exc:
+            if strict:
+                raise
+            warnings.warn(f"{exc}; skipping the {len(self.skipped)} ids read before", KeelWarning, stacklevel=3)
 
     def __iter__(self) -> Iterator[int]:
         self._refresh()
@@ -80,8 +97,10 @@ class SkipListSampler:
                 yield index
 
     def __len__(self) -> int:
-        """The wrapped sampler's length less the skipped ids below it (exact for samplers that yield each index
-        of ``range(len(sampler))`` once: sequential, random without replacement, distributed before padding)."""
+        """The wrapped sampler's length less the skipped ids below it: exact for samplers that yield each index
+        of ``range(len(sampler))`` once (sequential, random without replacement); only an estimate for one that
+        yields a share or a subset of the dataset's ids (a ``DistributedSampler``'s rank, a
+        ``SubsetRandomSampler``), which cannot be counted without drawing its order."""
         if not isinstance(self.sampler, Sized):
             raise TypeError(f"{type(self.sampler).__name__} has no len(); neither has the SkipListSampler over it")
         self._refresh()
