@@ -152,3 +152,25 @@ def test_a_non_finite_gradient_is_info_exactly_when_the_log_shows_its_step_was_s
             after_finite = i + 1 < len(rows) and math.isfinite(rows[i + 1][1])
             want[i + 1] = "info" if after_finite and run < MAX_OVERFLOWS else "critical"
     assert got == want
+
+
+@settings(max_examples=100, deadline=None)
+@given(
+    names=st.sets(
+        st.sampled_from(["reward", "reward_std", "completion_length", "kl", "entropy", "completions/mean_length"])
+    ),
+    prefix=st.sampled_from(["", "train/", "train_"]),
+)
+def test_the_mean_length_is_read_from_the_current_trl_name_else_the_014_one_in_a_trl_log(names, prefix):
+    from keel.doctor import map_columns
+
+    mapping = map_columns([prefix + n for n in sorted(names)] + ["loss"])
+    marked = "completions/mean_length" in names or {"reward", "reward_std", "completion_length"} <= names
+    length_from = [n for n, key in mapping.items() if key == keys.RL_LENGTH_MEAN]
+    if not marked:
+        assert length_from == [] and keys.RL_REWARD_MEAN not in mapping.values()
+    elif "completions/mean_length" in names:
+        assert length_from == [prefix + "completions/mean_length"]
+    else:
+        assert length_from == [prefix + "completion_length"]
+    assert len(set(mapping.values())) == len(mapping)  # no two columns share a key
