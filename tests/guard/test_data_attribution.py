@@ -177,3 +177,10 @@ def test_bad_batch_ids_get_one_clear_error(bad: object) -> None:
         with pytest.raises(ValueError, match="batch_ids"):
             guard.step(torch.tensor(1.0), batch_ids=bad)
         assert guard.global_step == 0  # nothing was stepped
+
+
+def test_the_console_names_the_attributed_example(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING", logger="keel"):
+        _train(tmp_path, attribution=keel.Attribution(loss_fn=_per_example))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 30 loss_spike")]
+    assert lines and f"[example {POISONED}]" in lines[0]

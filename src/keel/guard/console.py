@@ -125,7 +125,7 @@ class Console:
         if self.quiet or not _enabled(level):
             return
         signal = one_line(str(f.signal), 60) + _value(f.value)
-        text = f"step {f.step} {one_line(str(f.kind), 60)} {f.severity} ({signal})"
+        text = f"step {f.step} {one_line(str(f.kind), 60)} {f.severity} ({signal}){_offenders(f.evidence)}"
         if f.cause:
             text += f": {one_line(str(f.cause), self.config.width)}"
         if f.advice:
@@ -221,6 +221,16 @@ def _value(value: object) -> str:
     except (TypeError, ValueError):
         return f" = {one_line(repr(value), 40)}"
     return "" if number != number else f" = {number:.4g}"
+
+
+def _offenders(evidence: dict[str, Any]) -> str:
+    """`` [examples 486, 17]``: the outliers a bad step was attributed to (`keel.Attribution`), if any."""
+    offenders = evidence.get("offenders")
+    found = [o for o in offenders if isinstance(o, dict) and o.get("outlier")] if isinstance(offenders, list) else []
+    if not found:
+        return ""
+    ids = ", ".join(one_line(str(o.get("id")), 20) for o in found[:5])
+    return f" [example{'s' if len(found) > 1 else ''} {ids}{', …' if len(found) > 5 else ''}]"
 
 
 # --- where the lines go -------------------------------------------------------------------------------------
