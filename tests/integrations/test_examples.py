@@ -68,11 +68,26 @@ def test_torchrun_example_every_rank_skips_and_the_bad_shard_is_named(tmp_path):
     assert not (tmp_path / "rank-1" / "run.sqlite").exists()
 
 
-def test_examples_are_the_five_the_docs_name():
-    names = ["hf_trainer.py", "nanogpt_style.py", "plain_loop.py", "torchrun_ddp.py", "trl_dpo.py"]
+def test_examples_are_the_six_the_docs_name():
+    names = [
+        "data_attribution.py",
+        "hf_trainer.py",
+        "nanogpt_style.py",
+        "plain_loop.py",
+        "torchrun_ddp.py",
+        "trl_dpo.py",
+    ]
     assert sorted(p.name for p in EXAMPLES.glob("*.py")) == names
-    docs = (ROOT / "docs" / "integrations.md").read_text()
+    docs = "".join(p.read_text() for p in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))])
     assert all(f"examples/{name}" in docs for name in names)
+
+
+@pytest.mark.slow  # a subprocess; tests/guard/test_data_attribution.py makes the same claims in-process
+def test_the_data_attribution_example_runs_as_a_user_runs_it():
+    out = run_example("data_attribution.py")
+    assert "step 24: skip — transient fault" in out
+    assert '"ids": "486"' in out
+    assert "epochs/steps that drew the poisoned example: [(0, 30)]" in out
 
 
 @pytest.mark.slow  # a subprocess; tests/integrations/test_watch.py runs the same example in-process by default
