@@ -138,7 +138,8 @@ def groups(seed: int, *, dead_from: int | None = None, truncated: float = 0.02, 
         p = np.where(t >= dead_from, 1.0, p)
     share = rng.binomial(64, p) / 64
     cut = np.clip(truncated + 0.01 * rng.standard_normal(n), 0, 1)
-    return _obs({keys.RL_ZERO_STD_GROUPS: share, keys.RL_TRUNCATED: cut})
+    reward = 0.3 + 0.4 * t / n + 0.05 * rng.standard_normal(n)  # the mean reward, rising as prompts are mastered
+    return _obs({keys.RL_ZERO_STD_GROUPS: share, keys.RL_TRUNCATED: cut, keys.RL_REWARD_MEAN: reward})
 
 
 def feed(det, observations: list[Observation]) -> list:

@@ -8,6 +8,10 @@ What each log shows, and so what doctor must say:
 - ``grpo_chaos_economy_*.json`` (GRPOTrainer, ``max_completion_length=512``): the mean completion length climbs to
   the limit and the truncated share to 100 % (from step 115 / 65 on), the loss flat at 0 — a true length explosion.
 - ``orpo_rlhf_recsys_336steps.json`` (ORPOTrainer): a quiet run; nothing to warn of.
+- ``grpo_trl_script_digits_60steps.json`` (TRL's own ``trl/scripts/grpo.py``, 8-token limit): every completion is cut
+  at 8 tokens from step 1, the reward (share of digits) rises 0.125 → 1.0, its maximum, by step 22 and every group is
+  uniform from there (``frac_reward_zero_std`` 1.0): dead groups because the task is solved, not truncation
+  starvation (trl#5697: truncated answers all scoring 0) — raising ``max_completion_length`` would not help.
 - ``dpo_trl_script_lr0.3_60steps.json`` (TRL's own ``trl/scripts/dpo.py``, LR 0.3): the chosen log-probability falls
   −13 → −250 while the margin rises 0 → 12–16 — likelihood displacement, which ``guard_trainer`` warned of live.
 """
@@ -32,6 +36,7 @@ GRPO_200 = DATA / "grpo_chaos_economy_200steps.json"
 GRPO_250 = DATA / "grpo_chaos_economy_250steps.json"
 ORPO = DATA / "orpo_rlhf_recsys_336steps.json"
 DPO_HOT = DATA / "dpo_trl_script_lr0.3_60steps.json"
+GRPO_SOLVED = DATA / "grpo_trl_script_digits_60steps.json"
 MAX_OVERFLOWS = NonFiniteConfig().max_overflows
 # The statistics TRL 0.14 and 0.15's GRPOTrainer logs (0.16 adds `clip_ratio`): no `completions/…` names yet.
 TRL_014_GRPO = ("loss", "grad_norm", "learning_rate", "reward", "reward_std", "completion_length", "kl", "step")
@@ -82,6 +87,24 @@ def test_doctor_runs_on_a_dpo_log_the_detectors_guard_trainer_ran_live():
         d.name for d in (*default_detectors(), *preference_detectors())
     ]
     assert warned(result) == [(24, "likelihood_displacement", "warning")]
+
+
+def test_groups_uniform_at_a_risen_reward_are_dead_groups_not_truncation_starvation():
+    result = examine_log(GRPO_SOLVED)
+    dead = [(f.kind, f.severity) for f in result.findings if f.signal == keys.RL_ZERO_STD_GROUPS]
+    assert dead == [("dead_groups", "warning"), ("dead_groups", "critical")]
+    assert "truncation_starvation" not in result.summary["by_kind"]
+
+
+def test_truncated_groups_stuck_at_the_starting_reward_are_truncation_starvation(tmp_path):
+    """The same real log with the reward held at its first value (trl#5697: every truncated answer scores 0)."""
+    records = history(GRPO_SOLVED)
+    for r in records:
+        if "reward" in r:
+            r["reward"] = records[0]["reward"]
+    result = examine_log(write_history(tmp_path / "trainer_state.json", records))
+    dead = [(f.kind, f.severity) for f in result.findings if f.signal == keys.RL_ZERO_STD_GROUPS]
+    assert dead == [("truncation_starvation", "warning"), ("truncation_starvation", "critical")]
 
 
 def test_a_trl_014_grpo_log_is_read_under_keels_rl_keys(tmp_path):

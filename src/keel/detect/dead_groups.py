@@ -12,7 +12,9 @@ warning when it has been at or above ``warn_level`` for ``patience`` measurement
 been uniform (``critical_level``) for ``critical_patience`` measurements — the run has not learned for that long, and
 a rollback cannot change that. When the truncated share is also at or above ``starvation_truncated`` the finding is
 ``truncation_starvation``: responses cut at ``max_completion_length`` all score the same (huggingface/trl#5697,
-#6263: 97–99 % truncated at 256 tokens, reward 0, loss 0).
+#6263: 97–99 % truncated at 256 tokens, reward 0, loss 0) — unless ``rl/reward_mean`` has risen above its first
+``MIN_POINTS`` values: groups uniform at a risen reward are solved, not starved (TRL's own ``grpo.py`` at an 8-token
+limit: reward 0.125 → 1.0, every response cut), and a longer limit would not revive them.
 
 References:
     Yu et al. 2025, DAPO, arXiv 2503.14476 (dynamic sampling, overlong shaping). huggingface/trl#3857, #5697, #6263.
@@ -88,13 +90,15 @@ class DeadGroupsDetector:
     """
 
     name = "dead_groups"
-    reads = (keys.RL_ZERO_STD_GROUPS, keys.RL_TRUNCATED)
+    reads = (keys.RL_ZERO_STD_GROUPS, keys.RL_TRUNCATED, keys.RL_REWARD_MEAN)
     rests_when_finite = False
 
     def __init__(self, config: DeadGroupsConfig | None = None, **fields: object) -> None:
         self.config = config or DeadGroupsConfig(**fields)  # type: ignore[arg-type]
         self._dead = TrendWindow(self.config.window)
         self._cut = TrendWindow(self.config.window)
+        self._reward = TrendWindow(self.config.window)
+        self._reward_start: list[float] = []  # the first MIN_POINTS reward means
         self._episode = Episode()
         self._at_critical = 0  # consecutive measurements with the level at critical_level
 
@@ -104,6 +108,9 @@ class DeadGroupsDetector:
         cut = obs.values.get(keys.RL_TRUNCATED)
         if cut is not None:
             self._cut.add(obs.step, cut)
+        reward = obs.values.get(keys.RL_REWARD_MEAN)
+        if reward is not None and self._reward.add(obs.step, reward) and len(self._reward_start) < MIN_POINTS:
+            self._reward_start.append(reward)
         if x is None or not self._dead.add(obs.step, x) or len(self._dead.points) < MIN_POINTS:
             return []
         level = self._dead.median()
@@ -122,13 +129,16 @@ class DeadGroupsDetector:
         if severity is None:
             return []
         truncated = self._cut.median() if self._cut.points else math.nan
-        starving = truncated >= cfg.starvation_truncated
+        risen = bool(self._reward_start) and self._reward.median() > max(self._reward_start)
+        starving = truncated >= cfg.starvation_truncated and not risen
         evidence: dict[str, Any] = {
             "zero_std_groups": round(level, 4),
             "truncated": round(truncated, 4) if math.isfinite(truncated) else None,
             "consecutive": self._episode.run,
             "onset_step": self._episode.onset,
         }
+        if risen:
+            evidence.update(reward_start=round(max(self._reward_start), 4), reward=round(self._reward.median(), 4))
         text = (
             f"{level:.0%} of the prompt groups got equal rewards for every response (zero advantage, no gradient)"
             + (f", and {truncated:.0%} of the responses were cut at the length limit." if starving else ".")
@@ -152,6 +162,8 @@ class DeadGroupsDetector:
             "dead": self._dead.state_dict(),
             "truncated": self._cut.state_dict(),
             "at_critical": self._at_critical,
+            "reward": self._reward.state_dict(),
+            "reward_start": list(self._reward_start),
             **self._episode.state_dict(),
         }
 
@@ -160,4 +172,7 @@ class DeadGroupsDetector:
         self._dead.load_state_dict(state["dead"])
         self._cut.load_state_dict(state["truncated"])
         self._at_critical = int(state["at_critical"])
+        if "reward" in state:  # states saved before the reward was read have none
+            self._reward.load_state_dict(state["reward"])
+            self._reward_start = [float(v) for v in state["reward_start"]]
         self._episode.load_state_dict(state)
