@@ -161,7 +161,8 @@ def _vmapped_grad_norms(model: nn.Module, loss_fn: ExampleLossFn, batch: Any, pa
 
     def one(values: dict[str, Tensor], example: Any) -> Tensor:
         # inside vmap every tensor of the batch has lost its example dimension (a label is 0-d now)
-        return loss_fn(_Bound(values), _map(example, lambda t: t.unsqueeze(0), scalars=True)).sum()
+        losses = loss_fn(_Bound(values), _map(example, lambda t: t.unsqueeze(0), scalars=True))
+        return _require_one_per_example(losses, 1, "loss_fn (on one example)").sum()
 
     grads = vmap(grad(one), in_dims=(None, 0), randomness="different")(params, batch)
     squares = torch.stack([g.detach().float().pow(2).flatten(1).sum(1) for g in grads.values()]).sum(0)
@@ -173,7 +174,7 @@ def _looped_grad_norms(model: nn.Module, loss_fn: ExampleLossFn, batch: Any, nam
     params = [wanted[n] for n in names]
     norms = []
     for i in range(batch_size(batch)):
-        loss = loss_fn(model, _map(batch, _row(i))).sum()
+        loss = _require_one_per_example(loss_fn(model, _map(batch, _row(i))), 1, "loss_fn (on one example)").sum()
         grads = [g for g in torch.autograd.grad(loss, params, allow_unused=True) if g is not None]
         norms.append(torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum().sqrt())
     return torch.stack(norms)
@@ -222,10 +223,16 @@ def _map(batch: Any, fn: Callable[[Tensor], Tensor], *, scalars: bool = False) -
 
 
 def _checked(values: Any, size: int, what: str) -> Tensor:
+    return _require_one_per_example(values, size, what).detach().float()
+
+
+def _require_one_per_example(values: Any, size: int, what: str) -> Tensor:
+    """``values`` when it is a 1-d tensor of ``size`` values; the loss of a one-example batch is checked too (the
+    batch mean of one example is its loss, so a loss_fn that averages would otherwise pass the gradient path)."""
     if not isinstance(values, Tensor) or values.dim() != 1 or values.shape[0] != size:
         shape = tuple(values.shape) if isinstance(values, Tensor) else type(values).__name__
         raise ValueError(f"{what} returned {shape}; allowed: a 1-d tensor of {size} values, one per example")
-    return values.detach().float()
+    return values
 
 
 @contextlib.contextmanager
