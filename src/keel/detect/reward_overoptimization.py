@@ -1,25 +1,31 @@
 """Reward-over-optimisation detector: the proxy reward still rising while the reward models disagree more, or while a
 held-out ("gold") reward falls.
 
-Reads the proxy reward ``rl/reward_mean`` (else the ensemble mean ``rm/mean``), and ``rm/disagreement``
-(`keel.signals.reward_ensemble_signals`) and/or ``rl/gold_reward`` (a reward the policy is not trained on, when the
-loop has one). With neither of the last two it stays silent: a rising reward alone is what training is for.
+Reads the proxy reward ``rl/reward_mean`` (else the ensemble mean ``rm/mean``), the ensemble's mean ``rm/mean`` and
+disagreement ``rm/disagreement`` (`keel.signals.reward_ensemble_signals`) and/or ``rl/gold_reward`` (a reward the
+policy is not trained on, when the loop has one). With none of the last three it stays silent: a rising reward alone
+is what training is for.
 
 Goodhart's law in RLHF (Gao et al. 2023; Coste et al. 2024): past some distance from the reference, the policy keeps
-raising the proxy reward model's score while the true objective falls. An ensemble of reward models that differ only
-in their seed disagrees more and more on those responses — Coste et al. use that spread to penalise them (UWO) — so
-its rise is a warning before the gold reward turns. Rules, each over the last ``window`` measurements against the
-first ``baseline_points``, with trends judged in standard errors of each series' own noise (``z``):
+raising the proxy reward model's score while the true objective falls; what it gains on the proxy alone — its own
+errors — the other members of an ensemble fit to the same preferences do not confirm. Rules, each over the last
+``window`` measurements against the first ``baseline_points``, with trends judged in standard errors of each series'
+own noise (``z``):
 
-- proxy rising, and the disagreement both above its start and still rising, each by ``z`` standard errors of its
-  own noise (and its median at least ``rise_factor`` times its start) → counts; critical at ``critical_factor`` times;
-- proxy rising, and the gold reward falling → counts; critical once the gold reward is below where the run started.
+- unconfirmed gain: the proxy rising, and its lead over the ensemble's mean (proxy − ``rm/mean``) both above its
+  start and still rising, each by ``z`` standard errors, by at least ``unconfirmed_share`` of the proxy's own rise
+  → counts (it cannot speak when the proxy is the ensemble mean);
+- proxy rising, and the gold reward falling → counts; critical once the gold reward is below where the run started;
+- with ``disagreement=True`` only: proxy rising, and the disagreement above its start and still rising by ``z``
+  standard errors (its median at least ``rise_factor`` times its start) → counts.
 
-``patience`` consecutive measurements that count make a warning. The disagreement rule is judged in the series' own
-noise, not as a ratio: on `keel bench rl`'s over-optimisation run the disagreement rises steadily from well before the
-gold reward peaks but reaches twice its start only after it (a ×2 rule warned 19 steps after the peak), while a run
-trained on the gold reward itself, ensemble logged, kept its disagreement flat. ``rise_factor`` (1.3) only keeps a
-very smooth but negligible drift from counting.
+Critical also when a counting rule holds with the disagreement at ``critical_factor`` times its start.
+``patience`` consecutive measurements that count make a warning. Why these rules: on `keel bench rl`'s
+over-optimisation scenario (GRPO on one of five standardised proxies) and its healthy control (GRPO on the gold
+reward, the same ensemble logged), seeds 0-2, the unconfirmed gain warned 9, 10 and 28 steps before the gold reward
+peaked and was silent on the control at LR 3e-4; the disagreement rule warned on the control too (seed 1, step 42;
+at LR 5e-4 seeds 1 and 2 by step 35, the gold reward rising throughout): an ensemble disagrees more wherever the
+policy leaves the members' data, over-optimising or not. The figures: /BENCHMARKS.md "keel bench rl".
 
 References:
     Coste et al. 2024, "Reward Model Ensembles Help Mitigate Overoptimization", ICLR, arXiv 2310.02743; code
@@ -57,6 +63,12 @@ class RewardOverOptimizationConfig:
         rise_factor: Least disagreement / its start at which a significant rise counts (a floor on the effect size;
             significance is ``z``).
         critical_factor: Disagreement / its start that is critical.
+        unconfirmed_share: Least share of the proxy's gain since the start that the ensemble's mean does not
+            follow (the proxy's lead over ``rm/mean`` grew by at least this share of the proxy's own rise) for the
+            unconfirmed-gain rule to count.
+        disagreement: Whether a rising disagreement alone counts (off by default: on `keel bench rl`'s runs the
+            ensemble disagreed as much in runs trained on the gold reward itself; turn it on when the policy is
+            trained on the ensemble mean, where the unconfirmed-gain rule cannot speak).
         patience: Consecutive qualifying measurements before a warning.
         noise_floor: Least noise assumed (reward units).
     """
@@ -66,6 +78,8 @@ class RewardOverOptimizationConfig:
     z: float = 3.0
     rise_factor: float = 1.3
     critical_factor: float = 4.0
+    unconfirmed_share: float = 0.2
+    disagreement: bool = False
     patience: int = 5
     noise_floor: float = 1e-6
 
@@ -73,7 +87,7 @@ class RewardOverOptimizationConfig:
         check_types(self)
         require_ints(self, "baseline_points", "patience")
         require_ints(self, "window", minimum=3)
-        require_positive(self, "z", "noise_floor")
+        require_positive(self, "z", "noise_floor", "unconfirmed_share")
         if not 1 < self.rise_factor <= self.critical_factor:
             raise ValueError(
                 f"RewardOverOptimizationConfig.rise_factor={self.rise_factor!r}, critical_factor="
@@ -109,6 +123,7 @@ class RewardOverOptimizationDetector:
         points, window = self.config.baseline_points, self.config.window
         self._proxy_key = ""
         self._proxy, self._spread, self._gold = Drift(points, window), Drift(points, window), Drift(points, window)
+        self._gap = Drift(points, window)  # the proxy's lead over the ensemble mean
         self._episode = Episode()
 
     def update(self, obs: Observation) -> list[Finding]:
@@ -123,20 +138,33 @@ class RewardOverOptimizationDetector:
             value = obs.values.get(k)
             if value is not None:
                 drift.add(obs.step, value)
-        if not self._proxy.known or not (self._spread.known or self._gold.known):
+        ensemble = obs.values.get(keys.RM_MEAN)
+        if key != keys.RM_MEAN and ensemble is not None and math.isfinite(ensemble):
+            self._gap.add(obs.step, proxy - ensemble)
+        if not self._proxy.known or not (self._spread.known or self._gold.known or self._gap.known):
             return []
         floor = cfg.noise_floor
         proxy_up = self._proxy.trend_z(floor) >= cfg.z
         spread_ratio = self._spread.level / self._spread.start if self._spread.known and self._spread.start > 0 else 0
         spread_up = (
-            spread_ratio >= cfg.rise_factor
+            cfg.disagreement
+            and spread_ratio >= cfg.rise_factor
             and self._spread.change_z(floor) >= cfg.z
             and self._spread.trend_z(floor) >= cfg.z
         )
+        share = self._unconfirmed_share()
+        unconfirmed = (
+            share >= cfg.unconfirmed_share and self._gap.change_z(floor) >= cfg.z and self._gap.trend_z(floor) >= cfg.z
+        )
         gold_down = self._gold.known and self._gold.trend_z(floor) <= -cfg.z
-        if not (proxy_up and (spread_up or gold_down)):
-            # the episode ends once the disagreement is back down and the gold reward no longer falls
-            calm = spread_ratio < cfg.rise_factor and not (self._gold.known and self._gold.trend_z(floor) < 0)
+        if not (proxy_up and (spread_up or unconfirmed or gold_down)):
+            # the episode ends once the disagreement is back down, the ensemble follows the proxy again and the gold
+            # reward no longer falls
+            calm = (
+                spread_ratio < cfg.rise_factor
+                and share < cfg.unconfirmed_share
+                and not (self._gold.known and self._gold.trend_z(floor) < 0)
+            )
             if calm:
                 self._episode.close()
             else:
@@ -144,12 +172,13 @@ class RewardOverOptimizationDetector:
             return []
         self._episode.qualify(onset=obs.step)
         below_start = gold_down and self._gold.level < self._gold.start
-        critical = (spread_up and spread_ratio >= cfg.critical_factor) or below_start
+        critical = ((spread_up or unconfirmed) and spread_ratio >= cfg.critical_factor) or below_start
         severity = self._episode.escalate(critical=critical, warning=self._episode.run >= cfg.patience)
         if severity is None:
             return []
+        by = "gold" if gold_down else "unconfirmed" if unconfirmed else "disagreement"
         evidence: dict[str, Any] = {
-            "by": "gold" if gold_down else "disagreement",
+            "by": by,
             "proxy_signal": key,
             "proxy_start": round(self._proxy.start, 6),
             "proxy_now": round(self._proxy.level, 6),
@@ -162,12 +191,21 @@ class RewardOverOptimizationDetector:
             )
             if spread_up:
                 parts.append(f"the reward models' disagreement grew to {spread_ratio:.3g}× its start")
+        if self._gap.known:
+            evidence["unconfirmed_share"] = round(share, 6)
+            if unconfirmed:
+                parts.append(f"the ensemble's mean reward did not follow {share:.0%} of that gain")
         if self._gold.known:
             evidence.update(gold_start=round(self._gold.start, 6), gold_now=round(self._gold.level, 6))
             if gold_down:
                 parts.append(
                     f"the gold reward is falling ({self._gold.start:.3g} at the start, {self._gold.level:.3g} now)"
                 )
+        signal, drift = {
+            "gold": (keys.RL_GOLD_REWARD, self._gold),
+            "unconfirmed": (keys.RM_MEAN, self._gap),
+            "disagreement": (keys.RM_DISAGREEMENT, self._spread),
+        }[by]
         text = (
             f"the proxy reward rose from {self._proxy.start:.3g} to {self._proxy.level:.3g} while "
             + " and ".join(parts)
@@ -178,13 +216,20 @@ class RewardOverOptimizationDetector:
                 step=obs.step,
                 kind=KIND,
                 severity=severity,
-                signal=keys.RL_GOLD_REWARD if gold_down else keys.RM_DISAGREEMENT,
-                value=self._gold.level if gold_down else self._spread.level,
-                baseline=self._gold.start if gold_down else self._spread.start,
+                signal=signal,
+                value=drift.level,
+                baseline=drift.start,
                 evidence=evidence,
                 text=text,
             )
         ]
+
+    def _unconfirmed_share(self) -> float:
+        """How much of the proxy's rise since the start its lead over the ensemble mean grew by (0 when unknown)."""
+        gain = self._proxy.level - self._proxy.start
+        if not (self._gap.known and gain > 0):
+            return 0.0
+        return (self._gap.level - self._gap.start) / gain
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -193,6 +238,7 @@ class RewardOverOptimizationDetector:
             "proxy": self._proxy.state_dict(),
             "disagreement": self._spread.state_dict(),
             "gold": self._gold.state_dict(),
+            "gap": self._gap.state_dict(),
             **self._episode.state_dict(),
         }
 
@@ -202,4 +248,5 @@ class RewardOverOptimizationDetector:
         self._proxy.load_state_dict(state["proxy"])
         self._spread.load_state_dict(state["disagreement"])
         self._gold.load_state_dict(state["gold"])
+        self._gap.load_state_dict(state["gap"])
         self._episode.load_state_dict(state)

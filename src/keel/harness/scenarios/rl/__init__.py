@@ -46,6 +46,7 @@ from keel.harness.scenarios.rl import (  # noqa: E402,F401  (register built-ins)
     dpo_healthy,
     grpo_entropy_collapse,
     grpo_healthy,
+    reward_healthy,
     reward_overoptimization,
 )
 

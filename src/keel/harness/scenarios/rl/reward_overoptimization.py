@@ -3,7 +3,8 @@
 Coste et al.'s synthetic set-up, on the tiny proxy LM. A response is 8 bytes sampled after a 16-byte corpus prompt;
 its features are its byte histogram. The "gold" reward is a fixed random MLP of the features. Five proxy reward
 models (the same MLP shape, 32 hidden units) are fit by Bradley–Terry to 300 pairs of the pre-trained policy's own
-responses, labelled by the gold reward with 25% of the labels flipped; they differ in seed (initialisation, batch
+responses, labelled by the gold reward with 25% of the labels flipped, each then standardised on those
+responses (mean 0, std 1: a Bradley–Terry fit fixes only differences); they differ in seed (initialisation, batch
 order) and — unlike Coste et al., whose members see the same data — in a bootstrap resample of the pairs, which
 is what makes five MLPs of this size disagree off their data. The policy is trained with GRPO (8 prompts × 8
 samples, one optimizer step per rollout, AdamW 5e-4) against member 0 alone; every step logs the gold reward
@@ -41,25 +42,38 @@ PROMPT, RESPONSE, VOCAB = 16, 8, 256
 MEMBERS, LABELLED_PAIRS, LABEL_NOISE = 5, 300, 0.25
 GOLD_SEED = 7
 GOLD_WINDOW = 10  # the gold peak is judged on a 10-step trailing mean (one rollout is noisy)
-# Coste et al.'s best-of-n λ with the population variance (their PPO path uses 0.1 with the unbiased one): the
-# members' rewards here span ~±20, so λ 0.1 barely moves the mean
+# Coste et al.'s best-of-n λ with the population variance (their PPO path uses 0.1 with the unbiased one); the
+# members are standardised (`RewardMLP.standardise`), so λ is in units of their variance on the base policy's responses
 UWO_LAMBDA = 0.5
 LR = 5e-4  # the policy's AdamW LR: a ~30-step healthy rise of the gold reward before it turns
 METRIC = "gold reward: peak and end (10-step means), and the drop from peak to end"
 
 
 class RewardMLP(nn.Module):
-    """``tanh(features @ w1) @ w2``: the gold reward (``scale`` 3) and, trained, each proxy (init ``scale`` 0.1)."""
+    """``(tanh(features @ w1) @ w2 − shift) / spread``: the gold reward (``scale`` 3) and, trained, each proxy (init
+    ``scale`` 0.1, then standardised by `standardise`)."""
 
     def __init__(self, seed: int, *, hidden: int = 32, scale: float) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
         self.w1 = nn.Parameter(torch.randn(VOCAB, hidden, generator=g) * scale)
         self.w2 = nn.Parameter(torch.randn(hidden, generator=g) / hidden**0.5)
+        self.register_buffer("shift", torch.tensor(0.0))
+        self.register_buffer("spread", torch.tensor(1.0))
 
     def forward(self, responses: Tensor) -> Tensor:
         features = F.one_hot(responses, VOCAB).float().mean(dim=1)  # the byte histogram
-        return torch.tanh(features @ self.w1) @ self.w2
+        return (torch.tanh(features @ self.w1) @ self.w2 - self.shift) / self.spread
+
+    def standardise(self, responses: Tensor) -> RewardMLP:
+        """Mean 0 and standard deviation 1 on ``responses``: a Bradley–Terry fit fixes only reward differences, and
+        members whose raw scales differ (a standard deviation of 2.4 to 4.0 here) would disagree in their std across
+        members in proportion to how far every one of them rises, whether or not they agree on the responses."""
+        with torch.no_grad():
+            raw = self(responses)
+            self.shift.copy_(raw.mean())
+            self.spread.copy_(raw.std())
+        return self
 
 
 def corpus_prompts(n: int, g: torch.Generator) -> tuple[Tensor, None]:
@@ -93,12 +107,14 @@ def reward_models(policy: ProxyGPT, seed: int) -> tuple[RewardMLP, list[RewardML
         labels = (gold(a) > gold(b)).float()
     flip = torch.rand(LABELLED_PAIRS, generator=g) < LABEL_NOISE
     labels = torch.where(flip, 1 - labels, labels)
-    return gold, [fit_proxy(m, a, b, labels) for m in range(MEMBERS)]
+    both = torch.cat([a, b])
+    return gold, [fit_proxy(m, a, b, labels).standardise(both) for m in range(MEMBERS)]
 
 
 @dataclass(frozen=True)
 class EnsembleTask:
-    """The policy's reward: member 0 alone (``objective=None``) or an ensemble objective over all members."""
+    """The policy's reward: member 0 alone (``objective=None``), an ensemble objective over all members (``"wco"``,
+    ``"uwo"``), or the gold reward itself (``"gold"``: the healthy control, `reward_healthy`)."""
 
     gold: RewardMLP
     proxies: list[RewardMLP]
@@ -110,6 +126,8 @@ class EnsembleTask:
             gold = self.gold(responses)
         if self.objective is None:
             reward = scores[0]
+        elif self.objective == "gold":
+            reward = gold
         elif self.objective == "uwo":
             reward = ensemble_reward(scores, "uwo", uwo_lambda=UWO_LAMBDA, unbiased=False)
         else:
