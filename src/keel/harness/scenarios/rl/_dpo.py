@@ -3,7 +3,8 @@
 A pair is a 24-byte prompt from the corpus, its real 16-byte continuation as the chosen response, and a rejected
 response that is either the chosen one with one byte replaced in its first half ("near": the engineered
 near-identical pairs of Razin et al. 2025, whose chosen likelihood DPO displaces) or the 16 bytes of another
-corpus window ("distinct": ordinary pairs). The policy is first fine-tuned on the chosen responses, as DPO runs
+corpus window ("distinct": ordinary pairs); a "mixed" set has both, half each, as the data Razin et al. filter by
+CHES. The policy is first fine-tuned on the chosen responses, as DPO runs
 start from an SFT model, and that SFT model is also the frozen reference.
 """
 
@@ -27,7 +28,9 @@ from keel.proxy.model import ProxyGPT
 from keel.signals import policy_signals, preference_signals
 
 PROMPT, RESPONSE = 24, 16
-PAIR_KINDS = ("near", "distinct")
+PAIR_KINDS = ("near", "distinct", "mixed")
+# The distinct half of a mixed set draws its corpus windows from another seed than the near half
+MIXED_DISTINCT_SEED_OFFSET = 100
 PRINTABLE = (32, 127)  # the replacement byte of a "near" pair: printable ASCII, never the byte it replaces
 
 
@@ -47,9 +50,20 @@ class Pairs:
 
 
 def corpus_pairs(seed: int, n: int, kind: str) -> Pairs:
-    """``n`` pairs from the corpus's training split; ``kind`` is ``"near"`` or ``"distinct"`` (module docstring)."""
+    """``n`` pairs from the corpus's training split; ``kind`` is one of `PAIR_KINDS` (module docstring).
+
+    A ``"mixed"`` set holds ``n // 2`` near pairs first, then ``n − n // 2`` distinct ones.
+    """
     if kind not in PAIR_KINDS:
         raise ValueError(f"kind={kind!r}; allowed: {', '.join(PAIR_KINDS)}")
+    if kind == "mixed":
+        near = corpus_pairs(seed, n // 2, "near")
+        distinct = corpus_pairs(seed + MIXED_DISTINCT_SEED_OFFSET, n - n // 2, "distinct")
+        return Pairs(
+            prompts=torch.cat([near.prompts, distinct.prompts]),
+            chosen=torch.cat([near.chosen, distinct.chosen]),
+            rejected=torch.cat([near.rejected, distinct.rejected]),
+        )
     data = ProxyBatches(batch_size=1, seq_len=PROMPT + RESPONSE).data
     g = torch.Generator().manual_seed(seed)
     starts = torch.randint(len(data) - PROMPT - RESPONSE, (n,), generator=g).tolist()
@@ -115,9 +129,14 @@ class _HiddenStates(nn.Module):
 
 
 @torch.no_grad()
+def chosen_logps(model: ProxyGPT, pairs: Pairs) -> Tensor:
+    """``(n,)`` log π(y⁺|x) of each pair, summed over the response's bytes."""
+    return token_logps(response_logits(model, pairs.prompts, pairs.chosen), pairs.chosen).sum(-1)
+
+
 def chosen_logp(model: ProxyGPT, pairs: Pairs) -> float:
     """Mean over pairs of log π(y⁺|x), summed over the response's bytes."""
-    return token_logps(response_logits(model, pairs.prompts, pairs.chosen), pairs.chosen).sum(-1).mean().item()
+    return chosen_logps(model, pairs).mean().item()
 
 
 @dataclass(kw_only=True)
@@ -157,16 +176,17 @@ def train_dpo(sft_model: ProxyGPT, pairs: Pairs, recipe: DPORecipe, *, seed: int
     trace = Trace()
     start = time.perf_counter()
     chosen_start = chosen_logp(model, pairs)
-    tokens = torch.full((recipe.batch,), float(RESPONSE))
+    batch_size = min(recipe.batch, len(pairs))  # a filtered set may hold fewer pairs than one batch
+    tokens = torch.full((batch_size,), float(RESPONSE))
     try:
         for _ in range(recipe.steps):
-            idx = torch.randperm(len(pairs), generator=g)[: recipe.batch]
+            idx = torch.randperm(len(pairs), generator=g)[:batch_size]
             batch = pairs.take(idx)
             logits = response_logits(
                 model, torch.cat([batch.prompts, batch.prompts]), torch.cat([batch.chosen, batch.rejected])
             )
             logps = token_logps(logits, torch.cat([batch.chosen, batch.rejected]))
-            chosen_tok, rejected_tok = logps[: recipe.batch], logps[recipe.batch :]
+            chosen_tok, rejected_tok = logps[:batch_size], logps[batch_size:]
             out = dpo_loss(
                 chosen_tok.sum(-1), rejected_tok.sum(-1), ref_chosen[idx], ref_rejected[idx], beta=recipe.beta
             )
@@ -184,7 +204,7 @@ def train_dpo(sft_model: ProxyGPT, pairs: Pairs, recipe: DPORecipe, *, seed: int
                 chosen_tokens=tokens,
                 rejected_tokens=tokens,
             )
-            signals |= policy_signals(logits=logits[: recipe.batch].detach())  # TRL DPO's `entropy`
+            signals |= policy_signals(logits=logits[:batch_size].detach())  # TRL DPO's `entropy`
             if guard is not None:
                 guard.step(loss, grad_norm=grad_norm, signals=signals)
             else:
