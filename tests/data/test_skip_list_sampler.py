@@ -14,6 +14,8 @@ from torch.utils.data import DataLoader, RandomSampler, SequentialSampler, Tenso
 from keel._core.errors import KeelWarning
 from keel.data import SkipEntry, SkipList, SkipListSampler
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def add(run_dir: Path, kind: str, ids: tuple[int, ...], step: int = 5) -> None:
     SkipList(run_dir).add(SkipEntry(kind=kind, first_step=step, last_step=step, ids=ids, reason="test"))  # type: ignore[arg-type]

@@ -26,6 +26,8 @@ from keel.signals.attribution import (
     rank_offenders,
 )
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
 
 def reference_scores(values: list[float]) -> np.ndarray:
     """The documented rule, by numpy in float64: (v - median) / (1.4826 MAD), the mean absolute deviation when the
