@@ -184,3 +184,19 @@ def test_the_console_names_the_attributed_example(tmp_path: Path, caplog: pytest
         _train(tmp_path, attribution=keel.Attribution(loss_fn=_per_example))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("step 30 loss_spike")]
     assert lines and f"[example {POISONED}]" in lines[0]
+
+
+def test_the_replay_forward_runs_with_keels_activation_hooks_quiet(tmp_path: Path) -> None:
+    from keel.signals._hooks import hooks_active
+
+    seen: list[bool] = []
+
+    def watching(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        seen.append(hooks_active())
+        return _per_example(model, batch)
+
+    _train(
+        tmp_path, attribution=keel.Attribution(loss_fn=watching), recovery=RecoveryConfig(replay=True), loss_fn=watching
+    )
+    # the loop's own N // BATCH forwards with hooks active; the attribution and replay forwards of step 30 quiet
+    assert seen.count(True) == N // BATCH and seen.count(False) >= 1

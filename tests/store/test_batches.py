@@ -102,3 +102,25 @@ def test_a_store_written_before_the_batches_table_reads_as_no_ids(tmp_path: Path
     with RunReader(tmp_path) as reader:
         assert reader.batches() == {} and reader.problems == []
         assert reader.meta()["seed"] == 0
+
+
+def test_a_batches_table_without_its_ids_column_reads_as_no_ids(tmp_path: Path) -> None:
+    write(tmp_path, {})
+    conn = sqlite3.connect(tmp_path / "run.sqlite")
+    conn.execute("DROP TABLE batches")
+    conn.execute("CREATE TABLE batches (step INTEGER)")
+    conn.execute("INSERT INTO batches VALUES (3)")
+    conn.commit()
+    conn.close()
+    with RunReader(tmp_path) as reader:
+        assert reader.batches() == {}
+
+
+def test_ids_past_the_readers_budget_are_left_out_and_counted(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import keel.store.reader as reader_module
+
+    monkeypatch.setattr(reader_module, "MAX_BATCH_IDS", 40)
+    write(tmp_path, {0: list(range(16)), 1: list(range(16, 32)), 2: list(range(32, 48)), 3: []})
+    with RunReader(tmp_path) as reader:
+        assert reader.batches() == {0: list(range(16)), 1: list(range(16, 32)), 3: []}
+        assert len(reader.problems) == 1 and "1 row" in reader.problems[0]

@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from keel.signals._hooks import quiet
 from keel.signals.attribution import ExampleLossFn
 
 
@@ -97,7 +98,12 @@ class StepReplay:
         The model's buffers and the RNG streams are as before on return; ``.grad`` holds the recomputed gradients.
         """
         buffers = [b.detach().clone() for b in self.model.buffers()]
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if self._rng and self._rng[1] else []):
+        # keel's activation hooks stay quiet: this forward is not a training step, its values must not leak into
+        # the next step's measurements
+        with (
+            quiet(),
+            torch.random.fork_rng(devices=range(torch.cuda.device_count()) if self._rng and self._rng[1] else []),
+        ):
             if self._rng is not None:
                 torch.set_rng_state(self._rng[0])
                 if self._rng[1]:

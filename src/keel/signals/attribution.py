@@ -29,6 +29,7 @@ import torch
 from torch import Tensor, nn
 
 from keel._core.validate import check_types, require_ints, require_positive
+from keel.signals._hooks import quiet
 
 ExampleLossFn = Callable[[nn.Module, Any], Tensor]
 MAD_TO_SIGMA = 1.4826  # the MAD of a normal sample times this is its standard deviation
@@ -241,7 +242,7 @@ def _side_effect_free(model: nn.Module) -> Iterator[None]:
     modes = [(m, m.training) for m in model.modules()]
     devices = sorted({p.device.index or 0 for p in model.parameters() if p.device.type == "cuda"})
     try:
-        with torch.random.fork_rng(devices=devices):
+        with quiet(), torch.random.fork_rng(devices=devices):  # keel's own hooks: not a training step
             model.eval()
             yield
     finally:

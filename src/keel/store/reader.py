@@ -45,6 +45,7 @@ DECISIONS = (
     Column("restored_step", "int", nullable=True),
 )
 BATCHES = (Column("step", "int"), Column("ids", "text"))
+MAX_BATCH_IDS = 10_000_000  # ids `RunReader.batches` reads in all (~400 MB as Python ints)
 SNAPSHOTS = (Column("step", "int"), Column("path", "text"), Column("checksum", "text"), Column("created", "real"))
 
 
@@ -159,15 +160,20 @@ class RunReader:
 
     def batches(self) -> dict[int, list[int]]:
         """The example ids of each step's batch, by step (steps whose loop gave ``batch_ids``); a store written
-        before keel kept them, or by a loop that gave none, has none. Ids that do not parse are counted."""
-        if not self._file.columns("batches"):
+        before keel kept them, or by a loop that gave none, has none. Rows whose ids do not parse, or past
+        `MAX_BATCH_IDS` ids in all (a crafted store must not exhaust memory), are left out and counted."""
+        if "ids" not in self._file.columns("batches"):
             return {}
         out: dict[int, list[int]] = {}
+        budget = MAX_BATCH_IDS
         for step, text in self._file.rows("batches", BATCHES, order="step, rowid"):
             try:
-                out[step] = parse_ids(text)
+                ids = parse_ids(text, limit=budget)
             except ValueError as exc:
                 self._file.drop("batches", str(exc))
+                continue
+            budget -= len(ids)
+            out[step] = ids
         return out
 
     def snapshots(self) -> list[dict[str, Any]]:
