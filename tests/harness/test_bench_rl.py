@@ -26,6 +26,7 @@ def test_the_five_scenarios_are_registered_with_consistent_specs():
         "dpo_healthy",
         "grpo_entropy_collapse",
         "grpo_healthy",
+        "reward_healthy",
         "reward_overoptimization",
     ]
     for name in names:

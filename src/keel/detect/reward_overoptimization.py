@@ -14,8 +14,10 @@ own noise (``z``):
 
 - unconfirmed gain: the proxy rising, and its lead over the ensemble's mean (proxy − ``rm/mean``) both above its
   start and still rising, each by ``z`` standard errors, by at least ``unconfirmed_share`` of the proxy's own rise
-  → counts (it cannot speak when the proxy is the ensemble mean);
-- proxy rising, and the gold reward falling → counts; critical once the gold reward is below where the run started;
+  → counts (it cannot speak when the proxy is the ensemble mean; it assumes the proxy is on the members' scale — one
+  of them, or standardised as they are — since a proxy on a larger scale gains more than a faithful ensemble);
+- proxy rising, and the gold reward falling (its window's slope, and its median below the best it has been, each by
+  ``z`` standard errors) → counts; critical once the gold reward is below where the run started;
 - with ``disagreement=True`` only: proxy rising, and the disagreement above its start and still rising by ``z``
   standard errors (its median at least ``rise_factor`` times its start) → counts.
 
@@ -47,6 +49,7 @@ from keel.detect._drift import Drift
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
+from keel.detect.robust import median_standard_error
 
 KIND = "reward_overoptimization"
 PROXY = (keys.RL_REWARD_MEAN, keys.RM_MEAN)  # the first one logged is the proxy
@@ -111,7 +114,7 @@ class RewardOverOptimizationDetector:
         ...     values = {keys.RL_REWARD_MEAN: 0.02 * s + wobble, keys.RL_GOLD_REWARD: gold}
         ...     found += det.update(Observation(step=s, values=values))
         >>> [(f.step, f.severity, f.evidence["by"]) for f in found]
-        [(117, 'warning', 'gold'), (163, 'critical', 'gold')]
+        [(125, 'warning', 'gold'), (163, 'critical', 'gold')]
     """
 
     name = "reward_overoptimization"
@@ -124,6 +127,7 @@ class RewardOverOptimizationDetector:
         self._proxy_key = ""
         self._proxy, self._spread, self._gold = Drift(points, window), Drift(points, window), Drift(points, window)
         self._gap = Drift(points, window)  # the proxy's lead over the ensemble mean
+        self._gold_best = -math.inf  # the best window median of the gold reward so far
         self._episode = Episode()
 
     def update(self, obs: Observation) -> list[Finding]:
@@ -156,7 +160,7 @@ class RewardOverOptimizationDetector:
         unconfirmed = (
             share >= cfg.unconfirmed_share and self._gap.change_z(floor) >= cfg.z and self._gap.trend_z(floor) >= cfg.z
         )
-        gold_down = self._gold.known and self._gold.trend_z(floor) <= -cfg.z
+        gold_down = self._gold_falling()
         if not (proxy_up and (spread_up or unconfirmed or gold_down)):
             # the episode ends once the disagreement is back down, the ensemble follows the proxy again and the gold
             # reward no longer falls
@@ -224,6 +228,16 @@ class RewardOverOptimizationDetector:
             )
         ]
 
+    def _gold_falling(self) -> bool:
+        """The gold reward's window falls by ``z`` standard errors and its median is below the best it has been by
+        ``z`` standard errors of a median: a slope alone dipped by chance in 1 of 200 healthy synthetic series."""
+        if not self._gold.known:
+            return False
+        z, floor = self.config.z, self.config.noise_floor
+        self._gold_best = max(self._gold_best, self._gold.level)
+        error = median_standard_error(self._gold.noise(floor), len(self._gold.values()))
+        return self._gold.trend_z(floor) <= -z and self._gold_best - self._gold.level >= z * error
+
     def _unconfirmed_share(self) -> float:
         """How much of the proxy's rise since the start its lead over the ensemble mean grew by (0 when unknown)."""
         gain = self._proxy.level - self._proxy.start
@@ -239,6 +253,7 @@ class RewardOverOptimizationDetector:
             "disagreement": self._spread.state_dict(),
             "gold": self._gold.state_dict(),
             "gap": self._gap.state_dict(),
+            "gold_best": self._gold_best if math.isfinite(self._gold_best) else None,
             **self._episode.state_dict(),
         }
 
@@ -249,4 +264,5 @@ class RewardOverOptimizationDetector:
         self._spread.load_state_dict(state["disagreement"])
         self._gold.load_state_dict(state["gold"])
         self._gap.load_state_dict(state["gap"])
+        self._gold_best = -math.inf if state["gold_best"] is None else float(state["gold_best"])
         self._episode.load_state_dict(state)

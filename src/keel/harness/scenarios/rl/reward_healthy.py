@@ -4,9 +4,12 @@ The same base policy, prompts and five standardised proxy reward models as the o
 policy is trained on the gold reward (``rl/reward_mean`` is the gold reward), so there is nothing to over-optimise:
 the gold reward rises and the ensemble's statistics (``rm/…``) are logged as they would be beside any reward. A
 detector that warns here is reading the policy's movement, not a reward model's error. No warning or critical
-finding may appear. It runs at ``LR`` (below the over-optimisation run's 5e-4): at 5e-4 the gold-trained policy's
-token entropy collapses (2.6 → 0.7 nats by step ~100 on seeds 0 and 2), which keel rightly reports as
-``policy_entropy_collapse`` — a different instability, not a healthy run.
+finding may appear. It runs at ``LR`` 2e-4, below the over-optimisation run's 5e-4, because a policy trained on
+the gold reward sharpens too: its token entropy fell 2.6 → 0.7 nats by step ~100 at 5e-4 (seeds 0 and 2) and
+2.9 → 0.6 by step 150 at 3e-4 (seed 2), which keel reports as ``policy_entropy_collapse`` — another instability,
+not a healthy run. At 2e-4 seeds 0-2 had no finding of any kind in 150 rollouts. (The reward detector itself was
+silent on all three seeds at 3e-4 too; at 5e-4 its unconfirmed-gain rule warned late, at steps 113 and 148 of
+seeds 0 and 1, after the entropy had collapsed and the ensemble's mean fell while the gold reward rose.)
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from keel.harness.scenarios.rl._grpo import GRPORecipe, train_grpo
 from keel.harness.scenarios.rl._lm import RLRun, base_model
 from keel.harness.scenarios.rl.reward_overoptimization import METRIC, EnsembleTask, gold_curve, reward_models
 
-LR = 3e-4
+LR = 2e-4
 
 
 @RL_SCENARIOS.register("reward_healthy")
