@@ -13,6 +13,7 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "doctor": ("keel.harness.bench.doctor", "keel doctor on the real training logs in shared/data/realruns"),
     "trl": ("keel.harness.bench.trl", "guard_trainer's step-time cost on real TRL DPO/GRPO trainers, per policy"),
     "rl": ("keel.harness.bench.rl", "RL/preference scenarios: keel beside rlwatch on the same logged statistics"),
+    "data": ("keel.harness.bench.data", "poisoned examples: attribution, skip list, replay; batch-id overhead"),
 }
 
 
