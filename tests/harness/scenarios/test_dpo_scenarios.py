@@ -17,15 +17,6 @@ from keel.harness.scenarios.rl._dpo import PROMPT, RESPONSE, Pairs, ches, corpus
 from keel.proxy.model import create_proxy_model
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny models: one torch thread, as `keel bench rl` runs them (more threads only contend on a busy machine)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def _hand_ches(model, prompt: list[int], chosen: list[int], rejected: list[int]) -> float:
     """Length-normalised CHES of one pair, position by position in float64."""
     means = []
@@ -46,7 +37,7 @@ def _bump(byte: Tensor) -> Tensor:
     return (byte + 1 - 32) % 95 + 32  # another printable byte
 
 
-def test_scenario_ches_uses_the_states_predicting_every_response_byte_as_the_official_code(one_thread):
+def test_scenario_ches_uses_the_states_predicting_every_response_byte_as_the_official_code(one_torch_thread):
     torch.manual_seed(0)
     model = create_proxy_model("tiny").eval()
     g = torch.Generator().manual_seed(1)
@@ -79,7 +70,9 @@ def test_an_unknown_pair_kind_names_the_allowed_ones():
         corpus_pairs(0, 4, "similar")
 
 
-def test_the_filter_and_its_random_control_train_only_their_kept_half_for_the_full_runs_epochs(monkeypatch, one_thread):
+def test_the_filter_and_its_random_control_train_only_their_kept_half_for_the_full_runs_epochs(
+    monkeypatch, one_torch_thread
+):
     from keel.guard.console import silenced
     from keel.harness.scenarios.rl import _dpo, dpo_displacement
 
@@ -114,7 +107,9 @@ def test_the_filter_and_its_random_control_train_only_their_kept_half_for_the_fu
 
 
 @pytest.mark.slow
-def test_on_the_full_mixed_set_ches_drops_the_near_pairs_and_its_kept_pairs_lose_less_than_a_random_drops(one_thread):
+def test_on_the_full_mixed_set_ches_drops_the_near_pairs_and_its_kept_pairs_lose_less_than_a_random_drops(
+    one_torch_thread,
+):
     """The bench's seed 0, full size (~40 s on one thread). On seeds 0–4 CHES dropped 22–28 of the 32 near pairs and
     its kept pairs lost less than the random drop's in 5 of 5, less than in the unfiltered run in 4 of 5 (not seed 4).
     The kept pairs' chosen likelihood still falls (distinct pairs displace at this LR too), and the quick size shows
