@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import time
 
-from keel._core import keys
 from keel.harness.scenarios._common import ScenarioSpec
 from keel.harness.scenarios.rl import RL_SCENARIOS
 from keel.harness.scenarios.rl._grpo import COPY_FULL, COPY_QUICK, COPY_TASK, GRPORecipe, copy_start, train_grpo
 from keel.harness.scenarios.rl._lm import RLRun
-from keel.harness.scenarios.rl.grpo_entropy_collapse import METRIC, last_quarter
+from keel.harness.scenarios.rl.grpo_entropy_collapse import METRIC, arm_figures
 
 SANE_LR = 1e-4
 
@@ -38,12 +37,5 @@ class GRPOHealthy:
             trace=result.trace,
             findings=result.findings,
             wall_s=time.perf_counter() - start,
-            effect={
-                "metric": METRIC,
-                "without": {
-                    "entropy": last_quarter(result.trace, keys.RL_ENTROPY),
-                    "reward": last_quarter(result.trace, keys.RL_REWARD_MEAN),
-                },
-                "with": {},
-            },
+            effect={"metric": METRIC, "without": arm_figures(result.trace), "with": {}},
         )
