@@ -96,3 +96,27 @@ def test_keel_bench_data_is_registered_and_refuses_an_unknown_setting(capsys: py
     with pytest.raises(SystemExit) as exit_info:
         parser.parse_args(["data", "--setting", "loose"])
     assert exit_info.value.code == 2 and "loose" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_keel_bench_data_quick_names_the_poisoned_examples_and_a_resumed_run_never_sees_them(
+    capsys: pytest.CaptureFixture,
+) -> None:
+    import json
+
+    from keel.harness.bench import data as bench
+
+    args = argparse.Namespace(quick=True, setting=["sensitive"], threads=1, json=True)
+    assert bench.main(args) == 0
+    result = json.loads(capsys.readouterr().out)
+    scenario = result["scenarios"]["sensitive"]
+    poisoned = len(scenario["poisoned_ids"])
+    assert 6 <= poisoned <= 10
+    for way in ("outliers", "skip_list"):
+        assert scenario["scores"][way]["recall"] == 1.0 and scenario["scores"][way]["precision"] == 1.0, way
+    assert scenario["fault"]["verdict"] == "transient" and scenario["fault"]["action"] == "skip"
+    assert scenario["poisoned_verdicts"] == ["data"] * len(scenario["poisoned_steps"])
+    assert scenario["drawn"] == {"resumed": 0, "fresh": 0}
+    assert abs(scenario["relative_to_clean"]["resumed"]) < 0.01 and scenario["relative_to_clean"]["fresh"] == 0.0
+    assert set(result["overhead"]["warnings_or_criticals"].values()) == {0}  # "no finding", as measured
+    assert result["costs"]["ms"]["replay"] > 0
