@@ -221,11 +221,16 @@ def _detectors(cfg: PoisonConfig) -> list[Detector] | None:
     if cfg.grad_critical is None:
         return None
     z, excess = cfg.grad_critical
-    grad = SpikeConfig(signal=keys.GRAD_NORM, **{**GRAD_NORM_DEFAULTS, "critical_excess": excess}, critical_z=z)
+    config = SpikeConfig(
+        signal=keys.GRAD_NORM,
+        log_scale=GRAD_NORM_DEFAULTS["log_scale"],
+        min_excess=GRAD_NORM_DEFAULTS["min_excess"],
+        scale_floor=GRAD_NORM_DEFAULTS["scale_floor"],
+        critical_excess=excess,
+        critical_z=z,
+    )
     return [
-        SpikeDetector(grad)
-        if getattr(d, "config", None) is not None and getattr(d.config, "signal", None) == keys.GRAD_NORM
-        else d
+        SpikeDetector(config) if isinstance(d, SpikeDetector) and d.config.signal == keys.GRAD_NORM else d
         for d in default_detectors()
     ]
 
