@@ -100,6 +100,7 @@ def test_an_unknown_trainer_on_the_command_line_is_refused_by_the_parser():
         parser.parse_args(["--trainer", "ppo"])
 
 
+@pytest.mark.usefixtures("one_torch_thread")  # main sets torch's threads (--threads 1): restored afterwards
 def test_the_text_table_has_a_row_per_policy_and_the_control(monkeypatch, capsys):
     _stub_blocks(monkeypatch, {None: 10.0, "observe": 11.0, "skip": 12.0, "recover": 15.0})
     assert main(["bench", "trl", "--quick", "--trainer", "grpo", "--repeats", "1"]) == 0
