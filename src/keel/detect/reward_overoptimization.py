@@ -1,5 +1,5 @@
-"""Reward-over-optimisation detector: the proxy reward still rising while the reward models disagree more, or while a
-held-out ("gold") reward falls.
+"""Reward-over-optimisation detector: the proxy reward still rising while an ensemble of reward models does not confirm
+its gain, or while a held-out ("gold") reward falls.
 
 Reads the proxy reward ``rl/reward_mean`` (else the ensemble mean ``rm/mean``), the ensemble's mean ``rm/mean`` and
 disagreement ``rm/disagreement`` (`keel.signals.reward_ensemble_signals`) and/or ``rl/gold_reward`` (a reward the
@@ -24,10 +24,10 @@ own noise (``z``):
 Critical also when a counting rule holds with the disagreement at ``critical_factor`` times its start.
 ``patience`` consecutive measurements that count make a warning. Why these rules: on `keel bench rl`'s
 over-optimisation scenario (GRPO on one of five standardised proxies) and its healthy control (GRPO on the gold
-reward, the same ensemble logged), seeds 0-2, the unconfirmed gain warned 9, 10 and 28 steps before the gold reward
-peaked and was silent on the control at LR 3e-4; the disagreement rule warned on the control too (seed 1, step 42;
-at LR 5e-4 seeds 1 and 2 by step 35, the gold reward rising throughout): an ensemble disagrees more wherever the
-policy leaves the members' data, over-optimising or not. The figures: /BENCHMARKS.md "keel bench rl".
+reward, the same ensemble logged), seeds 0-2 at LR 3e-4, 5e-4 and 1e-3, the unconfirmed gain warned before the gold
+reward peaked in 9 of 9 runs (3 to 38 steps) and was silent on the control at LR 2e-4 and 3e-4 (6 of 6); the
+disagreement rule warned at or after the peak in 3 of the 9 and on 7 of 9 controls, the gold reward rising
+throughout: an ensemble disagrees more wherever the policy leaves the members' data, over-optimising or not.
 
 References:
     Coste et al. 2024, "Reward Model Ensembles Help Mitigate Overoptimization", ICLR, arXiv 2310.02743; code
@@ -165,7 +165,7 @@ class RewardOverOptimizationDetector:
             # the episode ends once the disagreement is back down, the ensemble follows the proxy again and the gold
             # reward no longer falls
             calm = (
-                spread_ratio < cfg.rise_factor
+                (not cfg.disagreement or spread_ratio < cfg.rise_factor)
                 and share < cfg.unconfirmed_share
                 and not (self._gold.known and self._gold.trend_z(floor) < 0)
             )
