@@ -9,8 +9,11 @@ shard file leaves behind. The corpus (Python source) never holds a NUL byte, so 
 every position of the window then asks for that byte at once, and 64 targets pulling the same embedding and
 output row make a gradient ~7× a clean batch's per poisoned example in a batch of 16 (measured on the tiny proxy
 at steps 40-160; random bytes, or random bytes >= 0x80, only 1.2-1.8×: their per-token pulls point every which
-way). Its loss is ~3× a clean example's. keel's loss detector wants twice the median for ``critical`` and its
-gradient-norm detector 20×: a poisoned batch (two of eight examples poisoned) crosses the gradient threshold.
+way). Its loss is ~3× a clean example's. keel's loss detector wants twice the median (robust z 12) for
+``critical``, its gradient-norm detector 20× (z 12); a batch with four of sixteen windows poisoned reached
+1.5-1.7× in loss and 5.8-16.5× in gradient norm (z 8.6-13.8): an ``info`` spike under keel's defaults (see
+`keel.harness.bench.data` for the setting that catches it). Fewer per batch stand out more as examples but move
+the batch less; more than half would be the batch's median.
 """
 
 from __future__ import annotations
