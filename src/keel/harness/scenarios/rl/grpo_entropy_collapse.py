@@ -11,7 +11,7 @@ Clip-higher does not keep the entropy up here, and not for want of a task with m
 every prompt accepts many responses (any letters of a given set, any lowercase bytes, any digits with a given sum),
 with 4 to 16 optimizer steps per rollout, a dominant token starting above 1/(1 + ε) (where the upper clip cannot
 bind on it, DAPO's premise) and ε_high up to 1.0, its last-quarter entropy stayed within the spread between seeds
-of the symmetric clip's, while the clip held ~2-8% of the positively advantaged tokens (issue 16, 2026-12-06); its
+of the symmetric clip's, while the clip held ~2-10% of the positively advantaged tokens (issue 16, 2026-12-06); its
 reward moved either way. The looser bound speeds the sharpening as much as the exploration, and once most groups
 score alike no gradient moves the entropy either way.
 
