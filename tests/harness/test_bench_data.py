@@ -120,3 +120,28 @@ def test_keel_bench_data_quick_names_the_poisoned_examples_and_a_resumed_run_nev
     assert abs(scenario["relative_to_clean"]["resumed"]) < 0.01 and scenario["relative_to_clean"]["fresh"] == 0.0
     assert set(result["overhead"]["warnings_or_criticals"].values()) == {0}  # "no finding", as measured
     assert result["costs"]["ms"]["replay"] > 0
+
+
+def test_train_steps_tells_the_guard_each_batchs_ids_and_the_batch() -> None:
+    from keel.harness.bench.loop import train_steps
+
+    calls: list[tuple[list[int], tuple[int, ...]]] = []
+
+    class Recorder:  # stands in for a Guard: what the loop passes to step()
+        def step(self, loss: torch.Tensor, *, signals: object = None, batch_ids: object = None, batch: object = None):
+            assert isinstance(batch, tuple)
+            calls.append((list(batch_ids), tuple(batch[0].shape)))  # type: ignore[call-overload]
+
+    torch.manual_seed(0)
+    model = create_proxy_model("tiny", seq_len=8)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    data = [(torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))) for _ in range(2)]
+    train_steps(model, opt, data, Recorder(), 3, batch_ids=lambda i: range(2 * i, 2 * i + 2))  # type: ignore[arg-type]
+    assert calls == [([0, 1], (2, 8)), ([2, 3], (2, 8)), ([4, 5], (2, 8))]
+
+
+def test_bench_overhead_has_a_batch_ids_variant_with_an_attribution_only_when_asked() -> None:
+    from keel.harness.bench.overhead import BATCH_IDS, OverheadConfig
+
+    assert not any(BATCH_IDS in (kw or {}) for kw in OverheadConfig().variants().values())
+    assert OverheadConfig(batch_ids=True).variants()["batch ids, attribution"] == {BATCH_IDS: True}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,18 +19,33 @@ def train_steps(
     guard: Guard | None,
     n: int,
     signals: Callable[[], Mapping[str, Tensor]] | None = None,
+    batch_ids: Callable[[int], Sequence[int]] | None = None,
 ) -> None:
     """``n`` language-model steps over ``data`` (cycled): forward, backward, then ``guard.step`` — or the
     optimizer alone when there is no guard. Waits for the device at the end, so a timer around it is honest.
-    ``signals``: makes the loop's own ``signals=`` dict for each ``guard.step`` (an RL loop's)."""
+    ``signals``: makes the loop's own ``signals=`` dict for each ``guard.step`` (an RL loop's). ``batch_ids``: the
+    example ids of the i-th batch; each ``guard.step`` then gets ``batch_ids=`` and ``batch=`` (a loop that tells
+    keel what it trained on, for `keel.Attribution` and the skip list)."""
     for i in range(n):
         x, y = data[i % len(data)]
         loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         loss.backward()
         if guard is not None:
-            guard.step(loss, signals=None if signals is None else signals())
+            ids = None if batch_ids is None else batch_ids(i)
+            guard.step(
+                loss,
+                signals=None if signals is None else signals(),
+                batch_ids=ids,
+                batch=None if ids is None else (x, y),
+            )
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     if data and data[0][0].device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def example_lm_losses(model: nn.Module, batch: Any) -> Tensor:
+    """Each sequence's mean next-token loss (the `keel.Attribution` ``loss_fn`` of `train_steps`'s loop)."""
+    x, y = batch
+    return F.cross_entropy(model(x).transpose(1, 2), y, reduction="none").mean(1)

@@ -34,16 +34,18 @@ from keel._core.validate import check_types, require_ints
 from keel.guard import Guard
 from keel.guard.console import silenced
 from keel.harness.bench._progress import bench_progress
-from keel.harness.bench.loop import train_steps
+from keel.harness.bench.loop import example_lm_losses, train_steps
 from keel.harness.bench.rl_signals import KINDS, SignalKind, rl_signal_source
 from keel.integrations.watch import Watch, watch
 from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
+from keel.signals.attribution import Attribution
 
 Policy = Literal["observe", "skip", "recover"]
 WATCH = "keel.watch"  # the variant's marker among its Guard arguments
 SIGNALS = (
     "keel.signals"  # the marker of an RL loop's variant: its kind of signals= dict (keel.harness.bench.rl_signals)
 )
+BATCH_IDS = "keel.batch_ids"  # the marker of the variant whose loop passes batch_ids= and batch= (with an Attribution)
 CONTROL = "bare, second process"  # the A/A control: the bare loop again, in a process of its own
 
 
@@ -66,6 +68,8 @@ class OverheadConfig:
             ``optimizer.step()`` hooked, the loss taken from the backward).
         signals: Also time `Guard` with an RL loop's ``signals=`` dict and detectors, per kind (``pref``, ``rl``:
             `keel.harness.bench.rl_signals`).
+        batch_ids: Also time `Guard` with ``guard.step(loss, batch_ids=ids, batch=(x, y))`` and a `keel.Attribution`
+            (per-sequence losses): the data path of issue 17 on steps with no finding.
         device: ``cpu`` or ``cuda``.
     """
 
@@ -80,6 +84,7 @@ class OverheadConfig:
     policies: tuple[Policy, ...] = ()
     watch: bool = False
     signals: tuple[SignalKind, ...] = ()
+    batch_ids: bool = False
     device: str = "cpu"
 
     def __post_init__(self) -> None:
@@ -103,6 +108,8 @@ class OverheadConfig:
         if self.watch:
             variants["watch, policy=skip"] = {"policy": "skip", WATCH: True}
         variants.update({f"signals={kind}": {SIGNALS: kind} for kind in self.signals})
+        if self.batch_ids:
+            variants["batch ids, attribution"] = {BATCH_IDS: True}
         variants[CONTROL] = None
         return variants
 
@@ -121,6 +128,9 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
     signals = None
     if (kind := kwargs.pop(SIGNALS, None)) is not None:
         kwargs["detectors"], signals = rl_signal_source(kind, config.batch_size, config.seq_len, config.device)
+    with_ids = kwargs.pop(BATCH_IDS, False)
+    if with_ids:
+        kwargs["attribution"] = Attribution(loss_fn=example_lm_losses)
     guard: Guard | Watch | None = None
     if watched:  # the loop stays bare; keel hooks its optimizer.step()
         guard = watch(model, opt, run_dir=run_dir, **kwargs)
@@ -132,7 +142,9 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
 
     def run(n: int) -> None:  # the next n batches: a block of single steps must not repeat the first batch
         nonlocal position
-        train_steps(model, opt, [data[(position + k) % len(data)] for k in range(n)], stepper, n, signals)
+        start, size = position, config.batch_size
+        ids = (lambda k: range((start + k) * size, (start + k + 1) * size)) if with_ids else None
+        train_steps(model, opt, [data[(position + k) % len(data)] for k in range(n)], stepper, n, signals, ids)
         position += n
 
     run.guard = guard  # type: ignore[attr-defined]
@@ -320,6 +332,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="KIND",
         help="also time Guard.step(loss, signals=...) with an RL loop's dict and detectors: pref (DPO), rl (GRPO)",
     )
+    parser.add_argument(
+        "--batch-ids",
+        action="store_true",
+        help="also time Guard.step(loss, batch_ids=..., batch=...) with a keel.Attribution (issue 17's data path)",
+    )
     parser.add_argument("--device", default=defaults.device, type=device("cpu", "cuda"), metavar="{cpu,cuda}")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
@@ -341,6 +358,10 @@ def main(args: argparse.Namespace) -> int:
             raise ValueError(
                 "--signals has no effect with --ddp (the DDP benchmark has no RL loop); allowed: one of them"
             )
+        if args.batch_ids:
+            raise ValueError(
+                "--batch-ids has no effect with --ddp (the DDP benchmark times Guard.step(loss)); allowed: one of them"
+            )
         if args.full_log_every is not None:
             raise ValueError(
                 "--full-log-every has no effect with --ddp (the DDP benchmark has no full-probe "
@@ -361,6 +382,7 @@ def main(args: argparse.Namespace) -> int:
         policies=tuple(args.policy),
         watch=args.watch,
         signals=tuple(args.signals),
+        batch_ids=args.batch_ids,
         device=args.device,
     )
     with bench_progress(config.rounds * config.repeats, "keel bench overhead", enabled=not args.json) as progress:
