@@ -4,14 +4,15 @@
 list", and ``top_k`` the examples "recorded with the finding". The ledger takes the skip list's ids from the
 recorded (top_k) offenders only, so a batch with more poisoned examples than ``top_k`` gets only ``top_k`` of them
 skip-listed: in the poisoned-examples scenario with ``top_k=3`` and four identical poisoned windows per batch,
-recall was 0.75. Strict xfail until `keel.guard.data_ledger` lists every outlier (its owner's file).
+recall was 0.75 before `keel.guard.data_ledger` listed every outlier. Of the four scaled examples here, two are
+outliers (336 and 339: losses 78 and 51, the batch's median ~1.4); the other two are classified right with full
+confidence (loss ~0, gradient ~0) and did not cause the spike, so they are rightly not skip-listed.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import pytest
 import torch
 import torch.nn.functional as F
 
@@ -25,7 +26,6 @@ def _per_example(model: torch.nn.Module, batch: tuple[torch.Tensor, torch.Tensor
     return F.cross_entropy(model(batch[0]), batch[1], reduction="none")
 
 
-@pytest.mark.xfail(strict=True, reason="data_ledger skip-lists only the top_k offenders (reported to the lead)")
 def test_every_outlier_is_skip_listed_not_only_the_top_k(tmp_path: Path) -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(N, 8, generator=gen)
@@ -34,7 +34,7 @@ def test_every_outlier_is_skip_listed_not_only_the_top_k(tmp_path: Path) -> None
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    attribution = keel.Attribution(loss_fn=_per_example, top_k=2)
+    attribution = keel.Attribution(loss_fn=_per_example, top_k=1)
     with keel.Guard(model, opt, run_dir=str(tmp_path), policy="skip", attribution=attribution) as guard:
         for start in range(0, N, BATCH):
             batch = (x[start : start + BATCH], y[start : start + BATCH])
@@ -43,4 +43,6 @@ def test_every_outlier_is_skip_listed_not_only_the_top_k(tmp_path: Path) -> None
             guard.step(loss, batch_ids=range(start, start + BATCH), batch=batch)
             opt.zero_grad(set_to_none=True)
     assert any(d.step == 21 and d.action == "skip" for d in guard.decisions)  # the poisoned batch was caught
-    assert set(POISONED) <= SkipList(tmp_path).ids()
+    attributed = next(f for f in guard.findings if "offenders" in f.evidence)
+    assert [o["id"] for o in attributed.evidence["offenders"]] == [336]  # top_k 1 recorded
+    assert SkipList(tmp_path).ids() == {336, 339}  # every outlier skip-listed

@@ -70,8 +70,10 @@ class DataLedger:
         ids = self.ids if self.ids is not None and len(self.ids) == size else list(range(size))
         config = self.attribution
         losses = example_losses(model, config.loss_fn, self.batch).tolist()
+        ranked = rank_offenders(losses, ids, top_k=len(ids), z=config.z)  # every outlier, not only the top k
         found: dict[str, Any] = {
-            "offenders": [o.to_json() for o in rank_offenders(losses, ids, top_k=config.top_k, z=config.z)],
+            "offenders": [o.to_json() for o in ranked[: config.top_k]],
+            "outliers": [o.id for o in ranked if o.outlier],
             "offender_ids": "batch_ids" if ids is self.ids else "positions in the batch",
         }
         if config.grad_norms:
@@ -88,11 +90,10 @@ class DataLedger:
         step = decision.step
         outliers = sorted(
             {
-                o["id"]
+                i
                 for f in decision.findings
                 if f.evidence.get("offender_ids") == "batch_ids"
-                for o in f.evidence.get("offenders", ())
-                if o["outlier"]
+                for i in f.evidence.get("outliers", ())
             }
         )
         if outliers:
