@@ -259,7 +259,8 @@ CAUSES: dict[str, Cause] = {
             kind="reward_overoptimization",
             title="reward over-optimisation",
             mechanism="The policy exploits the proxy reward model where it is wrong: the proxy score keeps rising "
-            "while the true objective falls, and reward models that differ only in seed disagree more and more.",
+            "while the true objective falls, and reward models that differ only in seed do not confirm the gain "
+            "(the proxy's lead over their mean grows).",
             advice=(
                 Advice(
                     action="optimise a conservative ensemble reward: worst-case (WCO) or uncertainty-weighted (UWO)",

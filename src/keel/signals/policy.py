@@ -128,8 +128,9 @@ def reward_ensemble_signals(rewards: Tensor) -> dict[str, Tensor]:
     """Per-member mean rewards, the ensemble mean and the disagreement of k reward models on one batch.
 
     Disagreement is the batch mean of the standard deviation across members (unbiased, as Coste et al.'s PPO
-    ensembles use ``torch.var``): growing disagreement while the proxy reward rises is the over-optimisation sign
-    that `keel.detect.RewardOverOptimizationDetector` reads. Members are emitted as ``rm/reward/<i>``.
+    ensembles use ``torch.var``). `keel.detect.RewardOverOptimizationDetector` reads the ensemble mean against the
+    proxy reward the policy is trained on (a gain the ensemble does not confirm), and the disagreement when asked
+    (``disagreement=True``). Members are emitted as ``rm/reward/<i>``.
 
     Args:
         rewards: ``(members, batch)`` floating scores, members >= 2, batch >= 1.
