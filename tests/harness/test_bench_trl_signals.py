@@ -70,3 +70,4 @@ def test_bench_overhead_json_has_a_ratio_per_signals_kind(capsys):
     assert main([*argv, "--batch-size", "4", "--seq-len", "16", "--signals", "pref", "rl"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert {"signals=pref", "signals=rl"} <= set(result["ratio"]) and result["ratio"]["signals=rl"] > 0
+    assert set(result["ratio_cpu"]) == set(result["ratio"]) and result["control_cpu"] > 0  # CPU time beside wall

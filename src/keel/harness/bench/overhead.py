@@ -162,7 +162,7 @@ def _serve_variant(conn: Connection, cfg: OverheadConfig, guard_kwargs: dict | N
     loop(cfg.warmup)
     conn.send("ready")
     while (n := conn.recv()) is not None:
-        times = []
+        times, cpu = [], time.process_time()
         try:
             for _ in range(n):
                 start = time.perf_counter()
@@ -171,7 +171,7 @@ def _serve_variant(conn: Connection, cfg: OverheadConfig, guard_kwargs: dict | N
         except TrainingAborted as exc:  # the variant's own training went wrong: say so, not a broken pipe
             conn.send(exc)
             return
-        conn.send(times)
+        conn.send((times, time.process_time() - cpu))  # and the block's CPU time, all the process's threads
     guard = loop.guard  # type: ignore[attr-defined]
     stats: dict[str, Any] = {}
     if guard is not None:
@@ -187,12 +187,14 @@ def bench_overhead(config: OverheadConfig | None = None, progress: Callable[[str
     config = config or OverheadConfig()
     variants = config.variants()
     times: dict[str, list[list[float]]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
     round_ratios: dict[str, list[float]] = {name: [] for name in variants if name != "bare"}
     stats: dict[str, Any] = {}
     for r in range(config.rounds):
-        round_times, stats = _timed_round(config, variants, progress, f"round {r + 1}/{config.rounds}, ")
+        round_times, round_cpu, stats = _timed_round(config, variants, progress, f"round {r + 1}/{config.rounds}, ")
         for name, blocks in round_times.items():
             times[name] += blocks
+            cpu[name] += round_cpu[name]
             if name != "bare":
                 round_ratios[name].append(_median_ratio(blocks, round_times["bare"], sum))
 
@@ -202,6 +204,12 @@ def bench_overhead(config: OverheadConfig | None = None, progress: Callable[[str
     result: dict[str, Any] = {
         "ratio": ratios(sum),
         "ratio_steady": ratios(statistics.median),
+        # CPU time, which other work on a shared machine disturbs far less than wall time (not a device's time)
+        "ratio_cpu": {
+            name: statistics.median(c / b for c, b in zip(cpu[name], cpu["bare"], strict=True))
+            for name in variants
+            if name != "bare"
+        },
         "ratio_rounds": round_ratios,
         "step_ms": {
             name: 1e3 * statistics.median(sum(block) / len(block) for block in ts) for name, ts in times.items()
@@ -213,6 +221,7 @@ def bench_overhead(config: OverheadConfig | None = None, progress: Callable[[str
     }
     result["control"] = result["ratio"].pop(CONTROL)
     result["ratio_steady"].pop(CONTROL)
+    result["control_cpu"] = result["ratio_cpu"].pop(CONTROL)
     result["control_rounds"] = round_ratios.pop(CONTROL)
     result["step_ms"].pop(CONTROL)
     result["ratio_default"], result["ratio_full"] = result["ratio"]["default"], result["ratio"]["full"]
@@ -228,9 +237,9 @@ def _timed_round(
     variants: dict[str, dict[str, Any] | None],
     progress: Callable[[str], None] | None,
     label: str,
-) -> tuple[dict[str, list[list[float]]], dict]:
+) -> tuple[dict[str, list[list[float]]], dict[str, list[float]], dict]:
     """One round: a fresh process per variant, `config.repeats` interleaved blocks each. Returns the block times
-    and each process's closing stats."""
+    and CPU times, and each process's closing stats."""
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         pipes, procs = {}, []
@@ -249,12 +258,15 @@ def _timed_round(
             for conn in pipes.values():
                 _receive(conn, procs)
             times: dict[str, list[list[float]]] = {name: [] for name in variants}
+            cpu: dict[str, list[float]] = {name: [] for name in variants}
             names = list(variants)
             for r in range(config.repeats):
                 shift = r % len(names)
                 for name in names[shift:] + names[:shift]:  # rotate the order each repeat
                     pipes[name].send(config.steps)
-                    times[name].append(_receive(pipes[name], procs))
+                    block, cpu_s = _receive(pipes[name], procs)
+                    times[name].append(block)
+                    cpu[name].append(cpu_s)
                 if progress is not None:
                     progress(f"{label}repeat {r + 1}/{config.repeats}")
             stats = {}
@@ -266,7 +278,7 @@ def _timed_round(
                 proc.join(timeout=30)
                 if proc.is_alive():
                     proc.kill()
-    return times, stats
+    return times, cpu, stats
 
 
 def _receive(conn: Connection, procs: Sequence[multiprocessing.process.BaseProcess]) -> Any:
@@ -396,12 +408,16 @@ def main(args: argparse.Namespace) -> int:
         f"{config.rounds} rounds x {config.repeats} repeats x {config.steps} steps, one process per variant and "
         f"round, interleaved"
     )
-    print(f"  {'variant':22s}{'ms/step':>9s}{'ratio':>9s}{'steady':>9s}")
+    print(f"  {'variant':22s}{'ms/step':>9s}{'ratio':>9s}{'steady':>9s}{'cpu':>9s}")
     print(f"  {'bare loop':22s}{ms['bare']:9.2f}")
     labels = {"default": "Guard default", "full": f"observe, full probes/{config.full_log_every}"}
     for name in ratio:
-        print(f"  {labels.get(name, 'Guard ' + name):22s}{ms[name]:9.2f}{ratio[name]:9.4f}{steady[name]:9.4f}")
-    print(f"  {'control: bare again':22s}{'':9s}{result['control']:9.4f}   (the method's own noise: ideally 1)")
+        cpu = result["ratio_cpu"][name]
+        print(
+            f"  {labels.get(name, 'Guard ' + name):22s}{ms[name]:9.2f}{ratio[name]:9.4f}{steady[name]:9.4f}{cpu:9.4f}"
+        )
+    control = f"{result['control']:9.4f}{'':9s}{result['control_cpu']:9.4f}"
+    print(f"  {'control: bare again':22s}{'':9s}{control}   (the method's own noise: ideally 1)")
     for name, snap in result["snapshots"].items():
         print(f"  {name}: {snap['snapshots']} snapshots in the ring, {snap['blocked_ms_total']:.1f} ms blocked in all")
     return 0
