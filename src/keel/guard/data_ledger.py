@@ -21,7 +21,7 @@ from torch import nn
 from keel._core.decision import Decision
 from keel._core.example_ids import as_id_list
 from keel._core.finding import Finding
-from keel.data.skip_list import SkipEntry, SkipList
+from keel.data.skip_list import EntryKind, SkipEntry, SkipList
 from keel.signals.attribution import Attribution, batch_size, example_grad_norms, example_losses, rank_offenders
 
 SPIKE_KINDS = frozenset({"loss_spike", "grad_spike", "non_finite"})  # warnings of these kinds are attributed too
@@ -98,28 +98,18 @@ class DataLedger:
         )
         if outliers:
             kinds = ", ".join(sorted({f.kind for f in decision.findings if "offenders" in f.evidence}))
-            self.skip_list.add(
-                SkipEntry(
-                    kind="examples",
-                    first_step=step,
-                    last_step=step,
-                    ids=tuple(outliers),
-                    reason=f"{kinds} at step {step}: the batch's outliers ({decision.action})",
-                )
+            self._add(
+                "examples", step, step, outliers, f"{kinds} at step {step}: the batch's outliers ({decision.action})"
             )
         if decision.action == "rollback" and decision.restored_step is not None:
             first = decision.restored_step
             window = sorted({i for s, ids in self.recent if first <= s <= step for i in ids})
-            if window:
-                self.skip_list.add(
-                    SkipEntry(
-                        kind="window",
-                        first_step=first,
-                        last_step=step,
-                        ids=tuple(window),
-                        reason=f"rollback at step {step} to the snapshot of step {first}: {decision.reason}",
-                    )
-                )
+            reason = f"rollback at step {step} to the snapshot of step {first}: {decision.reason}"
+            self._add("window", first, step, window, reason)
+
+    def _add(self, kind: EntryKind, first: int, last: int, ids: list[int], reason: str) -> None:
+        if ids and self.skip_list is not None:
+            self.skip_list.add(SkipEntry(kind=kind, first_step=first, last_step=last, ids=tuple(ids), reason=reason))
 
 
 def _transient(finding: Finding) -> bool:

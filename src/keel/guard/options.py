@@ -143,17 +143,27 @@ def _check_sync(sync: object, args: Mapping[str, Any]) -> None:
             "'deferred' (no host sync on the hot path; keel.recover.gate)"
         )
     if sync == "deferred":
-        scaler, dist = args.get("scaler"), args.get("distributed")
-        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
-            raise ValueError(
-                "sync='deferred' with a GradScaler: not supported yet (the scaler's own skip reads "
-                "found_inf on the host); allowed: sync='step' with a scaler, or bf16 without one"
-            )
-        if dist not in (None, False):
-            raise ValueError(
-                f"sync='deferred' with distributed={_short(dist)}: not supported yet (ranks agree "
-                "through the step's reduced values); allowed: sync='step' under torch.distributed"
-            )
+        _refuse_scaler_and_ranks(
+            args,
+            "sync='deferred'",
+            scaler_why="the scaler's own skip reads found_inf on the host",
+            scaler_allowed="sync='step' with a scaler, or bf16 without one",
+            ranks_why="ranks agree through the step's reduced values",
+            ranks_allowed="sync='step' under torch.distributed",
+        )
+
+
+def _refuse_scaler_and_ranks(
+    args: Mapping[str, Any], feature: str, *, scaler_why: str, scaler_allowed: str, ranks_why: str, ranks_allowed: str
+) -> None:
+    """One ValueError when ``feature`` meets an enabled GradScaler or ``distributed``, which it does not support."""
+    scaler, dist = args.get("scaler"), args.get("distributed")
+    if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
+        raise ValueError(f"{feature} with a GradScaler: not supported yet ({scaler_why}); allowed: {scaler_allowed}")
+    if dist not in (None, False):
+        raise ValueError(
+            f"{feature} with distributed={_short(dist)}: not supported yet ({ranks_why}); allowed: {ranks_allowed}"
+        )
 
 
 def _check_attribution(attribution: object, args: Mapping[str, Any]) -> None:
@@ -166,17 +176,14 @@ def _check_attribution(attribution: object, args: Mapping[str, Any]) -> None:
                 "recovery=RecoveryConfig(replay=True) without attribution: the replay recomputes the loss with the "
                 "attribution's loss_fn; allowed: attribution=keel.Attribution(loss_fn=...) with replay"
             )
-        scaler, dist = args.get("scaler"), args.get("distributed")
-        if scaler is not None and getattr(scaler, "is_enabled", lambda: True)():
-            raise ValueError(
-                "RecoveryConfig(replay=True) with a GradScaler: not supported yet (the scaler has unscaled this "
-                "step's gradients already); allowed: replay without a scaler (bf16 or fp32)"
-            )
-        if dist not in (None, False):
-            raise ValueError(
-                f"RecoveryConfig(replay=True) with distributed={_short(dist)}: not supported yet (every rank would "
-                "have to replay together); allowed: replay in a single process"
-            )
+        _refuse_scaler_and_ranks(
+            args,
+            "RecoveryConfig(replay=True)",
+            scaler_why="the scaler has unscaled this step's gradients already",
+            scaler_allowed="replay without a scaler (bf16 or fp32)",
+            ranks_why="every rank would have to replay together",
+            ranks_allowed="replay in a single process",
+        )
     if attribution is not None and args.get("sync") == "deferred":
         raise ValueError(
             "attribution with sync='deferred': not supported (attribution measures the batch before its update, "
