@@ -77,7 +77,7 @@ def char_tokenizer(texts: list[str]) -> PreTrainedTokenizerFast:
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<unk>")
 
 
-def letter_reward(completions: list[str], **kwargs: Any) -> list[float]:
+def letter_reward(completions: list[str], **kwargs: Any) -> list[float | None]:
     """The share of a completion's characters that are letters: dense, so a group's rewards differ."""
     return [sum(c.isalpha() for c in text) / max(len(text), 1) for text in completions]
 
@@ -119,7 +119,7 @@ def build_trainer(
             bos_token_id=None,
         )
     )
-    common = {
+    common: dict[str, Any] = {
         "output_dir": str(out),
         "max_steps": steps,
         "use_cpu": True,

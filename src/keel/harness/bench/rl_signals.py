@@ -66,8 +66,8 @@ def rl_signal_source(
         return [*default_detectors(), *preference_detectors()], pref
     if kind == "rl":
         mask = draw(b, t) > -1.5  # ~93 % response tokens
-        entropies, logps = draw(b, t).abs(), draw(b, t) - 2.0
-        ref_logps, old_logps = logps + 0.01 * draw(b, t), logps + 0.01 * draw(b, t)
+        entropies, token_logps = draw(b, t).abs(), draw(b, t) - 2.0
+        ref_logps, old_logps = token_logps + 0.01 * draw(b, t), token_logps + 0.01 * draw(b, t)
         advantages, rewards, ensemble = draw(b), draw(b), draw(ENSEMBLE, b)
         group = next((g for g in (8, 4, 2) if b % g == 0), None)
 
@@ -75,7 +75,7 @@ def rl_signal_source(
             signals = policy_signals(
                 mask=mask,
                 entropies=entropies,
-                logps=logps,
+                logps=token_logps,
                 ref_logps=ref_logps,
                 old_logps=old_logps,
                 advantages=advantages,

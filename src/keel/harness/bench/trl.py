@@ -38,9 +38,10 @@ from keel._core.argtypes import cpu_threads, positive_int
 from keel._core.validate import check_types, require_ints
 from keel.guard.console import silenced
 from keel.harness.bench._progress import bench_progress
+from keel.recover import Policy
 
 TRAINERS = ("dpo", "grpo")
-POLICIES = ("observe", "skip", "recover")
+POLICIES: tuple[Policy, ...] = ("observe", "skip", "recover")
 CONTROL = "bare, again"  # the A/A control: the bare trainer in a block of its own
 EXTRA = "pip install 'keel[trl]'"
 RATIOS = ("ratio", "ratio_steady", "ratio_cpu")  # the control's are control, control_steady, control_cpu
@@ -92,12 +93,12 @@ class TrlBenchConfig:
             **{"steps": 6, "warmup": 2, "repeats": 2, "hidden_size": 16, "batch_size": 2, "text_chars": 6} | overrides
         )
 
-    def variants(self) -> dict[str, str | None]:
+    def variants(self) -> dict[str, Policy | None]:
         """Variant name → the ``guard_trainer`` policy (None: the bare trainer)."""
         return {"bare": None} | {f"policy={p}": p for p in POLICIES} | {CONTROL: None}
 
 
-def time_block(kind: str, policy: str | None, config: TrlBenchConfig, workdir: Path) -> dict[str, Any]:
+def time_block(kind: str, policy: Policy | None, config: TrlBenchConfig, workdir: Path) -> dict[str, Any]:
     """One block: a fresh ``kind`` trainer, bare or under ``guard_trainer(policy=...)``, trained warm-up + timed
     steps. Returns its timed step times and what the Guard did."""
     from keel.harness.bench._trl_tiny import StepTimer, TinyModel, build_trainer, quiet
@@ -221,7 +222,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    overrides = {"trainers": tuple(args.trainer)}
+    overrides: dict[str, Any] = {"trainers": tuple(args.trainer)}
     overrides |= {k: v for k, v in (("steps", args.steps), ("repeats", args.repeats)) if v is not None}
     config = TrlBenchConfig.quick(**overrides) if args.quick else TrlBenchConfig(**overrides)
     if importlib.util.find_spec("trl") is None:  # one line before the thread change and the progress bar
