@@ -16,11 +16,11 @@ from keel.recover import RecoveryConfig
 N, BATCH, POISONED = 640, 16, 486  # batch 30 (step 30) holds the poisoned example
 
 
-def _data() -> tuple[torch.Tensor, torch.Tensor]:
+def _data(scale: float = 300.0) -> tuple[torch.Tensor, torch.Tensor]:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(N, 8, generator=gen)
     y = x[:, :4].argmax(1)
-    x[POISONED] *= 300.0  # one extreme example: its loss and gradient dwarf the batch's
+    x[POISONED] *= scale  # one extreme example: its loss and gradient dwarf the batch's
     return x, y
 
 
@@ -36,11 +36,12 @@ def _train(
     recovery: RecoveryConfig | None = None,
     corrupt_step: int | None = None,
     loss_fn=_per_example,
+    scale: float = 300.0,
 ) -> keel.Guard:
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    x, y = _data()
+    x, y = _data(scale)
     guard = keel.Guard(
         model,
         opt,
@@ -200,3 +201,17 @@ def test_the_replay_forward_runs_with_keels_activation_hooks_quiet(tmp_path: Pat
     )
     # the loop's own N // BATCH forwards with hooks active; the attribution and replay forwards of step 30 quiet
     assert seen.count(True) == N // BATCH and seen.count(False) >= 1
+
+
+def test_an_info_spike_carried_by_an_outlier_example_is_skipped_and_skip_listed(tmp_path: Path) -> None:
+    # a milder poison: the gradient spike stays below the detectors' critical ratio (info: one step, no alarm)
+    guard = _train(tmp_path, attribution=keel.Attribution(loss_fn=_per_example), scale=15.0)
+    assert [(f.step, f.kind, f.severity) for f in guard.findings] == [(30, "grad_spike", "info")]
+    assert [(d.step, d.action) for d in guard.decisions] == [(30, "skip")]
+    assert f"outlier example(s) {POISONED}" in guard.decisions[0].reason
+    assert [(e["kind"], e["ids"]) for e in _skip_list(tmp_path)] == [("examples", str(POISONED))]
+
+
+def test_without_attribution_the_same_info_spike_is_trained_on(tmp_path: Path) -> None:
+    guard = _train(tmp_path, scale=15.0)
+    assert [(f.step, f.severity) for f in guard.findings] == [(30, "info")] and not guard.decisions

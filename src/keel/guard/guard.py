@@ -373,7 +373,7 @@ class Guard(DeferredSteps):
             found = tuple(self.components.detect(obs))
             found = self.components.call("attribution", self.data.attribute, self.model, found) or found
             findings, transient = self._replay(step, obs, found)
-            decision = transient or self.escalation.decide(step, findings)
+            decision = transient or self.data.skip_if_attributed(self.escalation.decide(step, findings), self.policy)
         except Exception as exc:  # keel must never stop training: record, then step as the bare loop would
             obs, decision, norm_now = Observation(step=step), Decision(step=step, action="ok"), math.nan
             self.components.fail("guard", step, exc, disable=False)  # each probe and detector is fenced on its own
@@ -381,8 +381,7 @@ class Guard(DeferredSteps):
         decision = self.actuator.apply(decision, norm_now, self.escalation.rollbacks_in_window(step))
         if decision.stepped and ctx is not None:
             self._after_step(ctx)
-        if not decision.stepped:
-            self.components.call("skip list", self.data.record_skips, decision)
+        self.components.call("skip list", self.data.record_skips, decision)
         self.data.forget_batch()
         if self.replay is not None:
             self.replay.mark_step_start()

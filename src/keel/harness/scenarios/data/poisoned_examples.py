@@ -300,7 +300,10 @@ def _attributed(guard: keel.Guard) -> list[dict[str, Any]]:
     for f in guard.findings:
         if "offenders" not in f.evidence or f.step in by_step:
             continue
-        replay = f.evidence.get("replay")
+        # the step's findings: replay marks only the critical ones, attribution every spike (info ones too)
+        replay = next(
+            (g.evidence["replay"] for g in guard.findings if g.step == f.step and "replay" in g.evidence), None
+        )
         by_step[f.step] = {
             "step": f.step,
             "kind": f.kind,
