@@ -16,6 +16,8 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen2ForSequenceClassification
 from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer, RewardConfig, RewardTrainer
 
+from keel.harness.bench._trl_tiny import common_args  # one recipe for the tests and keel bench trl
+
 ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789 .,=+"
 PAIRS = [  # (prompt, chosen, rejected): the chosen answer is the right sum
     (f"{a}+{b}=", f"{a + b}.", f"{a + b + 1}.")
@@ -55,25 +57,6 @@ def causal_lm(tok: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2ForCausalLM:
 def reward_model(tok: PreTrainedTokenizerFast, seed: int = 0) -> Qwen2ForSequenceClassification:
     torch.manual_seed(seed)
     return Qwen2ForSequenceClassification(_config(tok, num_labels=1))
-
-
-def common_args(out: Path, steps: int, **overrides: Any) -> dict[str, Any]:
-    """TrainingArguments shared by the three trainers: CPU, fp32, no checkpointing, a log line every step."""
-    return {
-        "output_dir": str(out),
-        "max_steps": steps,
-        "use_cpu": True,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 1,
-        "disable_tqdm": True,
-        "seed": 0,
-        "data_seed": 0,
-        "learning_rate": 0.05,
-        **overrides,
-    }
 
 
 def preference_data(n: int = 16) -> Dataset:

@@ -29,6 +29,26 @@ from keel.proxy.corpus import load_corpus
 PAIRS = 256  # preference pairs / prompts (every variant meets the same batches and epoch boundaries)
 
 
+def common_args(out: Path, steps: int, **overrides: Any) -> dict[str, Any]:
+    """TrainingArguments every tiny trainer shares (here and in the tests): CPU, fp32, no checkpointing, a log line
+    every step; ``overrides`` replace any of them."""
+    return {
+        "output_dir": str(out),
+        "max_steps": steps,
+        "use_cpu": True,
+        "bf16": False,
+        "gradient_checkpointing": False,
+        "report_to": "none",
+        "save_strategy": "no",
+        "logging_steps": 1,
+        "disable_tqdm": True,
+        "seed": 0,
+        "data_seed": 0,
+        "learning_rate": 0.05,
+        **overrides,
+    }
+
+
 @dataclass(kw_only=True, frozen=True)
 class TinyModel:
     """The model and batch of a benchmark trainer.
@@ -119,20 +139,7 @@ def build_trainer(
             bos_token_id=None,
         )
     )
-    common: dict[str, Any] = {
-        "output_dir": str(out),
-        "max_steps": steps,
-        "use_cpu": True,
-        "bf16": False,
-        "gradient_checkpointing": False,
-        "report_to": "none",
-        "save_strategy": "no",
-        "logging_steps": 10,
-        "disable_tqdm": True,
-        "seed": 0,
-        "data_seed": 0,
-        "learning_rate": 1e-3,
-    }
+    common = common_args(out, steps, logging_steps=10, learning_rate=1e-3)
     trainer: DPOTrainer | GRPOTrainer
     if kind == "dpo":
         trainer = DPOTrainer(
