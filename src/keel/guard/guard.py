@@ -439,6 +439,8 @@ class Guard(DeferredSteps):
             params=params,
             grads=grads,
             log_step=step % self.log_every == 0,
+            batch=self.data.batch,
+            batch_ids=self.data.ids,
         )
 
     def _measure(self, ctx: StepContext) -> Measurements:

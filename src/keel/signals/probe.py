@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import NamedTuple, Protocol, runtime_checkable
+from typing import Any, NamedTuple, Protocol, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -38,6 +38,9 @@ class StepContext:
         params: Those parameters, aligned with ``names``.
         grads: Their gradients, aligned with ``names``.
         log_step: True on steps where per-parameter (``log_every``) signals are due.
+        batch: The step's batch, when the loop passed ``guard.step(..., batch=...)`` (else None): for probes that
+            measure on the data itself (on their own cadence: a healthy step should cost nothing).
+        batch_ids: The example ids of that batch, when the loop passed ``batch_ids`` (else None).
     """
 
     step: int
@@ -48,6 +51,8 @@ class StepContext:
     params: Sequence[Tensor]
     grads: Sequence[Tensor]
     log_step: bool
+    batch: Any = None
+    batch_ids: Sequence[int] | None = None
 
 
 @runtime_checkable
