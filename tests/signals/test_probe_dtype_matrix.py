@@ -63,6 +63,12 @@ def measure(name: str, dtype: torch.dtype) -> tuple[dict[str, float], list]:
         if name == "sharpness"
         else create_probe(name)
     )
+    if name == "opposing_signals":  # a probe set of the 4 sequences, each one's mean token loss
+
+        def per_sequence(m: torch.nn.Module, b: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(m(b[:, :-1]).float().transpose(1, 2), b[:, 1:], reduction="none").mean(1)
+
+        probe = create_probe(name, probe_set=tokens, top_k=2, loss_fn=per_sequence)
     for field in ("every", "fused_every"):  # measure at every step
         if hasattr(getattr(probe, "config", None), field):
             setattr(probe.config, field, 1)

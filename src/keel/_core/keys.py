@@ -60,6 +60,11 @@ CURVATURE_TRACE = "curvature/trace"
 CURVATURE_PRECONDITIONED_SHARPNESS = "curvature/preconditioned_sharpness"
 CURVATURE_MARGIN = "curvature/margin"
 
+# Opposing signals on a fixed probe set (signals/opposing_signals.py; Rosenberg & Risteski 2023)
+OPPOSING_ROSE = "opposing/rose"  # fraction of probe examples whose loss rose since the last measurement
+OPPOSING_OPPOSITION = "opposing/opposition"  # min(mean rise of the top-k risers, mean fall of the top-k fallers)
+OPPOSING_ANTIPHASE = "opposing/antiphase"  # correlation of the two groups' mean losses over the history (-1: antiphase)
+
 # One value per rank under torchrun (guard/distributed.py writes them, guard/rank_outlier.py reads them)
 RANK_LOSS_PER_RANK = "rank/loss/"
 RANK_GRAD_NORM_PER_RANK = "rank/grad/norm/"

@@ -11,6 +11,7 @@ from keel.signals import (  # noqa: F401  (register built-ins)
     grad_norm,
     grad_weight_cos,
     loss,
+    opposing_signals,
     output_logits,
     param_norm,
     sharpness,
@@ -25,6 +26,7 @@ from keel.signals.attn_logits import AttnLogitsConfig, AttnLogitsProbe, NoAttent
 from keel.signals.grad_weight_cos import GradWeightCosConfig, GradWeightCosProbe, grad_weight_cosines
 from keel.signals.logit_stats import log_partition, softmax_collapse_fraction, zero_loss_fraction
 from keel.signals.norms import global_norm, per_tensor_norms, update_ratios
+from keel.signals.opposing_signals import OpposingSignalsConfig, OpposingSignalsProbe, opposing_groups, opposing_stats
 from keel.signals.output_logits import OutputLogitsConfig, OutputLogitsProbe
 from keel.signals.pack import HostCopy, Packed, pack, unpack
 from keel.signals.policy import policy_signals, reward_ensemble_signals
@@ -56,6 +58,8 @@ __all__ = [
     "GradWeightCosProbe",
     "Measurements",
     "NoAttentionFoundWarning",
+    "OpposingSignalsConfig",
+    "OpposingSignalsProbe",
     "OutputLogitsConfig",
     "OutputLogitsProbe",
     "PROBES",
@@ -75,6 +79,8 @@ __all__ = [
     "hutchinson_trace",
     "list_probes",
     "log_partition",
+    "opposing_groups",
+    "opposing_stats",
     "HostCopy",
     "pack",
     "per_tensor_norms",
