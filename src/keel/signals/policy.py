@@ -188,16 +188,16 @@ def _policy_tokens(
     _same_shape(checked, adv)
     keep = checked["mask"] != 0 if "mask" in checked else None
     if "entropies" in checked:
-        out[keys.RL_ENTROPY] = _mean_std(checked["entropies"], keep)[0]
+        out[keys.RL_ENTROPY] = _mean(checked["entropies"], keep)
     if "ref_logps" in checked:
-        out[keys.RL_KL] = _mean_std(k3_kl(checked["logps"], checked["ref_logps"]), keep)[0]
+        out[keys.RL_KL] = _mean(k3_kl(checked["logps"], checked["ref_logps"]), keep)
     if "old_logps" in checked and adv is not None:
         ratio = torch.exp(checked["logps"] - checked["old_logps"])
         a = adv[:, None] if adv.dim() == 1 else adv  # (B,) per response → (B, 1), shared by its tokens
         unknown = ratio.isnan() | a.isnan()
         for key, clipped in zip((keys.RL_CLIP_LOW, keys.RL_CLIP_HIGH), clipped_sides(ratio, a, low, high), strict=True):
             share = torch.where(unknown, torch.full_like(ratio, math.nan), clipped.to(ratio.dtype))
-            out[key] = _mean_std(share, keep)[0]
+            out[key] = _mean(share, keep)
     if adv is not None:
         per_token = keep if adv.dim() == 2 else None
         out[keys.RL_ADVANTAGE_MEAN], out[keys.RL_ADVANTAGE_STD] = _mean_std(adv, per_token)
@@ -243,14 +243,19 @@ def _zero_std_share(r: Tensor, group_size: int) -> Tensor:
     return torch.where(groups.isnan().any(dim=1), torch.full_like(flat, math.nan), flat).mean()
 
 
+def _mean(x: Tensor, keep: Tensor | None) -> Tensor:
+    """Mean of ``x`` over the ``keep`` positions (all when None); masked values never enter."""
+    if keep is None:
+        return x.mean()
+    return torch.where(keep, x, 0).sum() / keep.sum().to(x.dtype)
+
+
 def _mean_std(x: Tensor, keep: Tensor | None) -> tuple[Tensor, Tensor]:
     """Mean and unbiased std of ``x`` over the ``keep`` positions (all when None); masked values never enter."""
-    if keep is None:
-        keep = torch.ones_like(x, dtype=torch.bool)
-    w = keep.to(x.dtype)
-    n = w.sum()
-    mean = torch.where(keep, x, 0).sum() / n
-    spread = torch.where(keep, (x - mean) ** 2, 0).sum()
+    mean = _mean(x, keep)
+    n = torch.tensor(x.numel(), dtype=x.dtype, device=x.device) if keep is None else keep.sum().to(x.dtype)
+    deviations = (x - mean) ** 2
+    spread = deviations.sum() if keep is None else torch.where(keep, deviations, 0).sum()
     return mean, torch.sqrt(spread / (n - 1))  # one value: 0/0 = NaN (torch.std would warn)
 
 
