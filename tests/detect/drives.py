@@ -140,6 +140,20 @@ def _lr_jump_margins() -> list[Observation]:
     return _margins([0.8, 0.9, 1.1, 2.5, 1.2, 11.0, 14.0], [0.01, 0.01, 0.01, 0.03, 0.01, 0.1, 0.1])
 
 
+def _opposition(spike_at: int | None = None) -> list[Observation]:
+    """Loss every step, opposition every 5 steps, sharpness every 20; with ``spike_at`` both spike there."""
+    from tests.detect.test_opposing_signals import series  # noqa: PLC0415  (the detector's own test series)
+
+    return series(seed=3, spike_at=spike_at)
+
+
+def _sources(bad: int | None = None) -> list[Observation]:
+    """Three sources' loss, gradient norm and cosine every 10 steps; with ``bad``, that source drifts from the 60th."""
+    from tests.detect.test_source_drift import series  # noqa: PLC0415  (the detector's own test series)
+
+    return series(seed=1, bad=bad, bad_from=60, jump=12.0)
+
+
 DRIVES: dict[str, Drive] = {
     "spike": Drive(healthy=lambda: _scalar("loss", _healthy_loss()), trigger=lambda: _scalar("loss", _spiking_loss())),
     "divergence": Drive(
@@ -166,6 +180,8 @@ DRIVES: dict[str, Drive] = {
         ),
     ),
     "edge_of_stability": Drive(healthy=_healthy_margins, trigger=_lr_jump_margins),
+    "source_drift": Drive(healthy=_sources, trigger=lambda: _sources(bad=2)),
+    "opposing_signals": Drive(healthy=_opposition, trigger=lambda: _opposition(spike_at=200)),
     # preference and policy-gradient RL (tests/detect/rl_series.py): 120 steps each, every key the detector reads
     "likelihood_displacement": Drive(
         healthy=lambda: rl_series.dpo(0, n=120), trigger=lambda: rl_series.dpo(0, fall_from=40, fall_rate=0.01, n=120)

@@ -17,6 +17,7 @@ from keel.detect.length_explosion import LengthExplosionConfig, LengthExplosionD
 from keel.detect.likelihood_displacement import LikelihoodDisplacementConfig, LikelihoodDisplacementDetector
 from keel.detect.non_finite import NonFiniteConfig, NonFiniteDetector
 from keel.detect.non_finite_origin import NonFiniteOriginDetector
+from keel.detect.opposing_signals import OpposingSignalsDetector, OpposingSignalsDetectorConfig
 from keel.detect.output_logit_drift import OutputLogitDriftConfig, OutputLogitDriftDetector
 from keel.detect.policy_entropy_collapse import PolicyEntropyCollapseConfig, PolicyEntropyCollapseDetector
 from keel.detect.presets import policy_detectors, preference_detectors
@@ -55,6 +56,8 @@ __all__ = [
     "NonFiniteConfig",
     "NonFiniteDetector",
     "NonFiniteOriginDetector",
+    "OpposingSignalsDetector",
+    "OpposingSignalsDetectorConfig",
     "OutputLogitDriftConfig",
     "OutputLogitDriftDetector",
     "PolicyEntropyCollapseConfig",

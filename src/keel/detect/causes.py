@@ -57,6 +57,10 @@ RAZIN = "Razin et al. 2025, Unintentional Unalignment: Likelihood Displacement i
 DAPO = "Yu et al. 2025, DAPO: An Open-Source LLM Reinforcement Learning System at Scale, arXiv 2503.14476"
 COSTE = "Coste et al. 2024, Reward Model Ensembles Help Mitigate Overoptimization, ICLR, arXiv 2310.02743"
 TRL_KL = "huggingface/trl#3015 (k3 overflow); verl kl_penalty_forward (log-ratio clamp ±20, k3 clamp ±10)"
+ROSENBERG = (
+    "Rosenberg & Risteski 2023, Outliers with Opposing Signals Have an Outsized Effect on Neural Network "
+    "Optimization, ICLR 2024, arXiv 2311.04163"
+)
 TRL_TRUNCATION = "huggingface/trl#5697, #6263 (97–99 % truncated at max_completion_length=256)"
 
 CAUSES: dict[str, Cause] = {
@@ -132,6 +136,25 @@ CAUSES: dict[str, Cause] = {
             advice=(
                 Advice(action="lower the learning rate (or undo the LR jump)", source=COHEN),
                 Advice(action="lengthen warm-up so sharpness can adapt", source=f"{COHEN}; {WORTSMAN}"),
+                Advice(action="clip gradients / use a spike-aware optimizer", source=COHEN_ADAPTIVE),
+            ),
+        ),
+        Cause(
+            kind="opposing_signals",
+            title="outliers with opposing signals",
+            mechanism="Two groups of examples carry a strong shared feature whose gradients point in opposite "
+            "directions; training balances them in a sharp valley, their losses oscillate in antiphase and the loss "
+            "spikes.",
+            advice=(
+                Advice(
+                    action="inspect the two groups (the probe set's top risers and fallers) for the feature they share",
+                    how="keel.signals.opposing_groups",
+                    source=ROSENBERG,
+                ),
+                Advice(
+                    action="lower the learning rate (or add warm-up) so the sharp direction stays stable",
+                    source=f"{ROSENBERG}; {COHEN}",
+                ),
                 Advice(action="clip gradients / use a spike-aware optimizer", source=COHEN_ADAPTIVE),
             ),
         ),
