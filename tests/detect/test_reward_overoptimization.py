@@ -209,3 +209,11 @@ def test_an_unconfirmed_gain_that_the_ensemble_catches_up_on_ends_its_episode_wh
     found = feed(RewardOverOptimizationDetector(), _two_unconfirmed_episodes())
     assert [(f.severity, f.evidence["by"]) for f in found] == [("warning", "unconfirmed")] * 2
     assert found[0].step < 100 < 200 < found[1].step
+
+
+def test_a_healthy_series_whose_gap_is_noisy_early_is_silent():
+    # hypothesis found it: the ensemble follows 91 % of the proxy's rise, but early in the run, with a small rise, the
+    # noisy gap read as a 0.39 share; judged in the gap's noise (share_z) it is not unconfirmed
+    run = without(_followed(12001, share=0.90625), keys.RL_GOLD_REWARD)
+    assert feed(RewardOverOptimizationDetector(), run) == []
+    assert feed(RewardOverOptimizationDetector(share_z=1e-9), run) != []  # as a point estimate it warned

@@ -63,12 +63,15 @@ class Drift:
         sigma = sigma if len(xs) >= 3 else math.nan
         return max(sigma, floor) if math.isfinite(sigma) else floor
 
-    def change_z(self, floor: float) -> float:
-        """(recent median − starting level) in units of its standard error (positive: it rose)."""
+    def change_error(self, floor: float) -> float:
+        """The standard error of (recent median − starting level)."""
         sigma = self.noise(floor)
         n_recent, n_early = len(self._level.trend.points), len(self._level.early)
-        error = math.hypot(median_standard_error(sigma, n_recent), median_standard_error(sigma, n_early))
-        return (self.level - self.start) / error
+        return math.hypot(median_standard_error(sigma, n_recent), median_standard_error(sigma, n_early))
+
+    def change_z(self, floor: float) -> float:
+        """(recent median − starting level) in units of its standard error (positive: it rose)."""
+        return (self.level - self.start) / self.change_error(floor)
 
     def slope(self) -> float:
         """Theil–Sen slope per step over the recent window."""

@@ -13,9 +13,10 @@ errors — the other members of an ensemble fit to the same preferences do not c
 own noise (``z``):
 
 - unconfirmed gain: the proxy rising, and its lead over the ensemble's mean (proxy − ``rm/mean``) both above its
-  start and still rising, each by ``z`` standard errors, by at least ``unconfirmed_share`` of the proxy's own rise
-  → counts (it cannot speak when the proxy is the ensemble mean; it assumes the proxy is on the members' scale — one
-  of them, or standardised as they are — since a proxy on a larger scale gains more than a faithful ensemble);
+  start and still rising, each by ``z`` standard errors, and its growth beyond ``unconfirmed_share`` of the proxy's
+  own rise by ``share_z`` standard errors → counts (it cannot speak when the proxy is the ensemble mean; it assumes
+  the proxy is on the members' scale — one of them, or standardised as they are — since a proxy on a larger scale
+  gains more than a faithful ensemble);
 - proxy rising, and the gold reward falling (its window's slope, and its median below the best it has been, each by
   ``z`` standard errors) → counts; critical once the gold reward is below where the run started;
 - with ``disagreement=True`` only: proxy rising, and the disagreement above its start and still rising by ``z``
@@ -25,7 +26,9 @@ Critical also when a counting rule holds with the disagreement at ``critical_fac
 ``patience`` consecutive measurements that count make a warning. Why these rules: on `keel bench rl`'s
 over-optimisation scenario (GRPO on one of five standardised proxies) and its healthy control (GRPO on the gold
 reward, the same ensemble logged), seeds 0-2 at LR 3e-4, 5e-4 and 1e-3, the unconfirmed gain warned before the gold
-reward peaked in 9 of 9 runs (3 to 38 steps) and was silent on the control at LR 2e-4 and 3e-4 (6 of 6); the
+reward peaked in 8 of 9 runs (6 to 37 steps; the ninth at the peak) and was silent on the control at LR 2e-4 and
+3e-4 (6 of 6). The share is judged in the gap's noise (``share_z``) because as a point estimate a healthy synthetic
+series (the ensemble following 91 % of the proxy, hypothesis seed 12001) read 0.39 early in its run; the
 disagreement rule warned at or after the peak in 3 of the 9 and on 7 of 9 controls, the gold reward rising
 throughout: an ensemble disagrees more wherever the policy leaves the members' data, over-optimising or not.
 
@@ -69,6 +72,8 @@ class RewardOverOptimizationConfig:
         unconfirmed_share: Least share of the proxy's gain since the start that the ensemble's mean does not
             follow (the proxy's lead over ``rm/mean`` grew by at least this share of the proxy's own rise) for the
             unconfirmed-gain rule to count.
+        share_z: Standard errors of the gap's growth by which it must exceed ``unconfirmed_share`` of the proxy's
+            rise (the share judged in the gap's noise, not as a point estimate).
         disagreement: Whether a rising disagreement alone counts (off by default: on `keel bench rl`'s runs the
             ensemble disagreed as much in runs trained on the gold reward itself; turn it on when the policy is
             trained on the ensemble mean, where the unconfirmed-gain rule cannot speak).
@@ -82,6 +87,7 @@ class RewardOverOptimizationConfig:
     rise_factor: float = 1.3
     critical_factor: float = 4.0
     unconfirmed_share: float = 0.2
+    share_z: float = 2.0
     disagreement: bool = False
     patience: int = 5
     noise_floor: float = 1e-6
@@ -90,7 +96,7 @@ class RewardOverOptimizationConfig:
         check_types(self)
         require_ints(self, "baseline_points", "patience")
         require_ints(self, "window", minimum=3)
-        require_positive(self, "z", "noise_floor", "unconfirmed_share")
+        require_positive(self, "z", "noise_floor", "unconfirmed_share", "share_z")
         if not 1 < self.rise_factor <= self.critical_factor:
             raise ValueError(
                 f"RewardOverOptimizationConfig.rise_factor={self.rise_factor!r}, critical_factor="
@@ -158,7 +164,9 @@ class RewardOverOptimizationDetector:
         )
         share = self._unconfirmed_share()
         unconfirmed = (
-            share >= cfg.unconfirmed_share and self._gap.change_z(floor) >= cfg.z and self._gap.trend_z(floor) >= cfg.z
+            self._gap_beyond_share(floor) >= cfg.share_z
+            and self._gap.change_z(floor) >= cfg.z
+            and self._gap.trend_z(floor) >= cfg.z
         )
         gold_down = self._gold_falling()
         if not (proxy_up and (spread_up or unconfirmed or gold_down)):
@@ -237,6 +245,16 @@ class RewardOverOptimizationDetector:
         self._gold_best = max(self._gold_best, self._gold.level)
         error = median_standard_error(self._gold.noise(floor), len(self._gold.values()))
         return self._gold.trend_z(floor) <= -z and self._gold_best - self._gold.level >= z * error
+
+    def _gap_beyond_share(self, floor: float) -> float:
+        """How far the proxy's lead over the ensemble mean grew beyond ``unconfirmed_share`` of the proxy's rise, in
+        standard errors of that growth: the share is judged in the gap's noise, not as a point estimate (early in a
+        run, with a small rise, a noisy gap made a healthy synthetic series — ensemble following 91 % — read 0.39)."""
+        gain = self._proxy.level - self._proxy.start
+        if not (self._gap.known and gain > 0):
+            return 0.0
+        excess = (self._gap.level - self._gap.start) - self.config.unconfirmed_share * gain
+        return excess / self._gap.change_error(floor)
 
     def _unconfirmed_share(self) -> float:
         """How much of the proxy's rise since the start its lead over the ensemble mean grew by (0 when unknown)."""
