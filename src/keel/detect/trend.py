@@ -54,12 +54,15 @@ class TrendWindow:
     def __init__(self, size: int, *, log: bool = False) -> None:
         self.size, self.log = size, log
         self.points: deque[tuple[int, float]] = deque(maxlen=size)
+        # median and slope of the points as they are: detectors ask for them several times a step
+        self._cache: dict[str, float] = {}
 
     def add(self, step: int, value: float) -> bool:
         """Append a point; False (and nothing added) for a non-finite value, or a non-positive one on a log scale."""
         if not math.isfinite(value) or (self.log and value <= 0):
             return False
         self.points.append((step, math.log(value) if self.log else value))
+        self._cache.clear()
         return True
 
     @property
@@ -68,11 +71,23 @@ class TrendWindow:
 
     def slope(self) -> float:
         """Theil–Sen slope per step of the (transformed) values; NaN with fewer than 2 points."""
-        return theil_sen_slope([s for s, _ in self.points], [v for _, v in self.points])
+        if "slope" not in self._cache:
+            self._cache["slope"] = theil_sen_slope([s for s, _ in self.points], [v for _, v in self.points])
+        return self._cache["slope"]
 
     def median(self) -> float:
-        """Median of the (transformed) values."""
-        return float(np.median([v for _, v in self.points])) if self.points else math.nan
+        """Median of the (transformed) values (finite by construction: `add` keeps no other)."""
+        if "median" not in self._cache:
+            ordered = sorted(v for _, v in self.points)
+            mid = len(ordered) // 2
+            self._cache["median"] = (
+                math.nan
+                if not ordered
+                else ordered[mid]
+                if len(ordered) % 2
+                else 0.5 * (ordered[mid - 1] + ordered[mid])
+            )
+        return self._cache["median"]
 
     def first_step(self) -> int:
         return self.points[0][0] if self.points else -1
@@ -83,6 +98,7 @@ class TrendWindow:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.size, self.log = int(state["size"]), bool(state["log"])
         self.points = deque(((int(s), float(v)) for s, v in state["points"]), maxlen=self.size)
+        self._cache.clear()
 
 
 class StartingLevel:
