@@ -94,8 +94,10 @@ class PoisonConfig:
         late = [s for s in (*self.poisoned_steps, self.fault_step) if s is not None and not 20 <= s < steps - 6]
         if late:
             raise ValueError(
-                f"PoisonConfig steps {late} with {steps} steps per epoch; allowed: 20 <= step < {steps - 6} (after "
-                "the detectors' warm-up, and clear of the epoch-end snapshot keel defers after trouble)"
+                f"PoisonConfig.poisoned_steps={self.poisoned_steps!r}, fault_step={self.fault_step!r}: steps {late} "
+                f"with {steps} steps per epoch (examples={self.examples}, batch_size={self.batch_size}); allowed: "
+                f"20 <= step < {steps - 6} (after the detectors' warm-up, and clear of the epoch-end snapshot keel "
+                "defers after trouble)"
             )
         if self.per_batch > self.batch_size // 2:
             raise ValueError(
