@@ -47,7 +47,9 @@ def test_every_key_is_declared_once_and_families_end_with_a_slash() -> None:
     assert {v: n for v, n in by_value.items() if len(n) > 1} == {}
     families = {name: value for name, value in KEYS.items() if value.endswith("/")}
     assert all(
-        name.endswith(("_PER_PARAM", "_PER_LAYER", "_PER_BLOCK", "_PER_HEAD", "_PER_RANK", "_PER_MEMBER"))
+        name.endswith(
+            ("_PER_PARAM", "_PER_LAYER", "_PER_BLOCK", "_PER_HEAD", "_PER_RANK", "_PER_MEMBER", "_PER_SOURCE")
+        )
         for name in families
     ), families
 

@@ -71,6 +71,11 @@ RANK_GRAD_NORM_PER_RANK = "rank/grad/norm/"
 RANK_GRAD_LOCAL_NORM_PER_RANK = "rank/grad/local_norm/"
 RANK_GRAD_COS_PER_RANK = "rank/grad/cos/"
 
+# One value per data source (signals/source_gradients.py writes them as 0-d signals, detect/source_drift.py reads them)
+SOURCE_LOSS_PER_SOURCE = "source/loss/"  # mean loss of the source's examples in the batch
+SOURCE_GRAD_NORM_PER_SOURCE = "source/grad_norm/"  # mean per-example gradient norm of the source's examples
+SOURCE_GRAD_COS_PER_SOURCE = "source/grad_cos/"  # cosine of the source's gradient with the rest of the batch's
+
 
 # Preference optimisation (DPO and its kin): keel.signals.preference_signals, or TRL's DPOTrainer statistics.
 # Log-probabilities are of the response given the prompt; a "reward" is DPO's implicit β·(log π − log π_ref).

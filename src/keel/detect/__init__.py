@@ -24,6 +24,7 @@ from keel.detect.presets import policy_detectors, preference_detectors
 from keel.detect.reward_overoptimization import RewardOverOptimizationConfig, RewardOverOptimizationDetector
 from keel.detect.robust import robust_location_scale, robust_z
 from keel.detect.softmax_collapse import SoftmaxCollapseConfig, SoftmaxCollapseDetector
+from keel.detect.source_drift import SourceDriftConfig, SourceDriftDetector
 from keel.detect.spike import SpikeConfig, SpikeDetector
 from keel.detect.trend import TrendWindow, theil_sen_slope
 
@@ -66,6 +67,8 @@ __all__ = [
     "RewardOverOptimizationDetector",
     "SoftmaxCollapseConfig",
     "SoftmaxCollapseDetector",
+    "SourceDriftConfig",
+    "SourceDriftDetector",
     "SpikeConfig",
     "SpikeDetector",
     "TrendWindow",

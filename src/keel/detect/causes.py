@@ -62,6 +62,10 @@ ROSENBERG = (
     "Optimization, ICLR 2024, arXiv 2311.04163"
 )
 TRL_TRUNCATION = "huggingface/trl#5697, #6263 (97–99 % truncated at max_completion_length=256)"
+MUD_HOG = (
+    "Gupta et al. 2022, Long-Short History of Gradients is All You Need: Detecting Malicious and Unreliable Clients in "
+    "Federated Learning (MUD-HoG), ESORICS"
+)
 
 CAUSES: dict[str, Cause] = {
     c.kind: c
@@ -347,6 +351,23 @@ CAUSES: dict[str, Cause] = {
                 Advice(
                     action="adjust the prompt difficulty or the reward so groups disagree",
                     source="huggingface/trl#3857 (reward_std 0, loss 0, grad_norm 0)",
+                ),
+            ),
+        ),
+        Cause(
+            kind="source_drift",
+            title="source drift",
+            mechanism="One data source's loss or gradients moved away from the other sources' while theirs did not: "
+            "its data changed (corrupted or flipped labels, a broken preprocessing step, a new shard), not the model.",
+            advice=(
+                Advice(
+                    action="inspect the named source's recent data: labels, preprocessing, the shard it reads",
+                    source=MUD_HOG,
+                ),
+                Advice(
+                    action="drop or down-weight the source until it is fixed; skip-list the examples it contributed",
+                    how="keel.SkipListSampler with run_dir/skip_list.json",
+                    source=MUD_HOG,
                 ),
             ),
         ),

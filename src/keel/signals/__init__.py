@@ -41,6 +41,7 @@ from keel.signals.registry import (
     list_probes,
 )
 from keel.signals.sharpness import SharpnessConfig, SharpnessProbe, hutchinson_trace, top_eigenvalue
+from keel.signals.source_gradients import SourceGradientsConfig, SourceGradientsProbe
 
 __all__ = [
     "ActivationRmsConfig",
@@ -68,6 +69,8 @@ __all__ = [
     "Probe",
     "SharpnessConfig",
     "SharpnessProbe",
+    "SourceGradientsConfig",
+    "SourceGradientsProbe",
     "StepContext",
     "activation_stats",
     "adam_update_stats",
