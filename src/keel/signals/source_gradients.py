@@ -16,8 +16,8 @@ side-effect-free measurements, reused), so ``policy="observe"`` stays bit-identi
 nothing; the source tags are read to the host on measured steps only. Cost of one measured step, in training steps
 (forward + backward + SGD step) on a CPU, one thread, batch of 3 sources: on an MLP 16-256-256-4, batch 256, the
 loss 0.5×, the cosine 2.8× more, the per-example gradient norms 50× more (vmap materialises every example's
-gradient); on a 16-32-4 MLP, batch 48, where Python overhead dominates, 0.9×, 6.6× and 7× more. Hence the defaults:
-loss and cosine on, per-example norms opt-in.
+gradient); on a 16-32-32-4 MLP, batch 48, where Python overhead dominates, 0.9×, 6.6× and 6.9× more. Hence the
+defaults: loss and cosine on, per-example norms opt-in.
 
 Source names are ``str(tag)`` with every character outside ``[A-Za-z0-9_.-]`` replaced by ``_`` (at most 64), so a
 key stays one slash path; two tags that sanitise to the same name are refused rather than merged.
