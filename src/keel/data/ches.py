@@ -105,9 +105,9 @@ def _masked_sum(which: str, h: Tensor, mask: Tensor | None) -> tuple[Tensor, Ten
 @torch.no_grad()
 def ches_scores(
     model: Any,
-    prompts: Sequence[TokenIds],
-    chosen: Sequence[TokenIds],
-    rejected: Sequence[TokenIds],
+    prompts: Sequence[TokenIds] | Tensor,
+    chosen: Sequence[TokenIds] | Tensor,
+    rejected: Sequence[TokenIds] | Tensor,
     *,
     length_normalize: bool = False,
     batch_size: int = 16,

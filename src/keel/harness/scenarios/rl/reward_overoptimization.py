@@ -53,6 +53,9 @@ class RewardMLP(nn.Module):
     """``(tanh(features @ w1) @ w2 − shift) / spread``: the gold reward (``scale`` 3) and, trained, each proxy (init
     ``scale`` 0.1, then standardised by `standardise`)."""
 
+    shift: Tensor
+    spread: Tensor
+
     def __init__(self, seed: int, *, hidden: int = 32, scale: float) -> None:
         super().__init__()
         g = torch.Generator().manual_seed(seed)
