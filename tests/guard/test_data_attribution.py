@@ -215,3 +215,19 @@ def test_an_info_spike_carried_by_an_outlier_example_is_skipped_and_skip_listed(
 def test_without_attribution_the_same_info_spike_is_trained_on(tmp_path: Path) -> None:
     guard = _train(tmp_path, scale=15.0)
     assert [(f.step, f.severity) for f in guard.findings] == [(30, "info")] and not guard.decisions
+
+
+def test_a_rollback_past_the_ids_kept_in_memory_says_which_steps_it_could_not_list(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from keel._core.decision import Decision
+    from keel.guard import data_ledger
+
+    monkeypatch.setattr(data_ledger, "MIN_RECENT_STEPS", 3)
+    ledger = data_ledger.DataLedger(tmp_path, None, keep_steps=3)
+    for step in range(6):
+        ledger.note(step, range(10 * step, 10 * step + 2), None)
+    ledger.record_skips(Decision(step=5, action="rollback", reason="divergence", restored_step=1))
+    (entry,) = SkipList(tmp_path).entries
+    assert entry.ids == (30, 31, 40, 41, 50, 51)  # steps 3-5: the ones still kept
+    assert "ids of steps 1-2 no longer kept" in entry.reason

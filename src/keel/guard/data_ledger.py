@@ -14,6 +14,7 @@ data and writes none.
 from __future__ import annotations
 
 import dataclasses
+from array import array
 from collections import deque
 from pathlib import Path
 from typing import Any
@@ -26,8 +27,8 @@ from keel._core.finding import Finding
 from keel.data.skip_list import EntryKind, SkipEntry, SkipList
 from keel.signals.attribution import Attribution, batch_size, example_grad_norms, example_losses, rank_offenders
 
-SPIKE_KINDS = frozenset({"loss_spike", "grad_spike", "non_finite"})  # warnings of these kinds are attributed too
-RECENT_STEPS = 4096  # ids kept in memory: more than any rollback reaches back (the ring spans ~100 steps)
+SPIKE_KINDS = frozenset({"loss_spike", "grad_spike", "non_finite"})  # attributed at any severity, info included
+MIN_RECENT_STEPS = 1024  # steps whose ids stay in memory at least (8 bytes an id), for the windows rollbacks discard
 
 
 class DataLedger:
@@ -37,12 +38,16 @@ class DataLedger:
         skip_list_dir: Where ``skip_list.json`` is written (the run directory on the rank that writes); None: no
             skip list is written.
         attribution: How to attribute a bad step to its examples; None: not at all.
+        keep_steps: Steps whose ids stay in memory (at least `MIN_RECENT_STEPS`): as far back as a rollback can
+            reach, so a rollback's window entry holds every id it discarded.
     """
 
-    def __init__(self, skip_list_dir: str | Path | None, attribution: Attribution | None) -> None:
+    def __init__(
+        self, skip_list_dir: str | Path | None, attribution: Attribution | None, keep_steps: int = MIN_RECENT_STEPS
+    ) -> None:
         self.attribution = attribution
         self.skip_list = SkipList(skip_list_dir) if skip_list_dir is not None else None
-        self.recent: deque[tuple[int, list[int]]] = deque(maxlen=RECENT_STEPS)
+        self.recent: deque[tuple[int, array[int]]] = deque(maxlen=max(keep_steps, MIN_RECENT_STEPS))
         self.ids: list[int] | None = None  # this step's
         self.batch: Any = None  # this step's, by reference
 
@@ -51,7 +56,7 @@ class DataLedger:
         self.ids = None if batch_ids is None else as_id_list(batch_ids)
         self.batch = batch
         if self.ids is not None:
-            self.recent.append((step, self.ids))
+            self.recent.append((step, array("q", self.ids)))
 
     def forget_batch(self) -> None:
         """Drop the reference to this step's batch (its tensors are the loop's to free)."""
@@ -125,6 +130,8 @@ class DataLedger:
             first = decision.restored_step
             window = sorted({i for s, ids in self.recent if first <= s <= step for i in ids})
             reason = f"rollback at step {step} to the snapshot of step {first}: {decision.reason}"
+            if self.recent and self.recent[0][0] > first:  # older than the ids kept in memory
+                reason += f" (ids of steps {first}-{self.recent[0][0] - 1} no longer kept: not listed)"
             self._add("window", first, step, window, reason)
 
     def _add(self, kind: EntryKind, first: int, last: int, ids: list[int], reason: str) -> None:
