@@ -30,13 +30,14 @@ alarm in 1,200 healthy series; a jump of 12 noise units of the noisiest source n
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types, require_ints, require_positive
+from keel.detect._deviation_history import DeviationHistory
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
 from keel.detect.robust import MEDIAN_SE, median
@@ -94,24 +95,10 @@ class SourceDriftConfig:
 
 
 @dataclass
-class _History:
-    """The long and short histories of one source's deviation in one feature, and the deviation's noise."""
+class _History(DeviationHistory):
+    """One source's deviation in one feature: the shared histories, and how long its short one has risen."""
 
-    n: int = 0
-    recent: list[float] = field(default_factory=list)  # the last `short_window` deviations
-    long_sum: float = 0.0  # exponentially weighted sum and weight: a bias-free mean from the first value
-    long_weight: float = 0.0
-    diffs: list[float] = field(default_factory=list)  # the last NOISE_WINDOW |d_t − d_{t−1}|
-    prev: float = math.nan
     risen: int = 0  # consecutive measurements with the short history risen above the long one
-
-    @property
-    def short(self) -> float:
-        return median(self.recent)
-
-    @property
-    def long(self) -> float:
-        return self.long_sum / self.long_weight if self.long_weight > 0 else math.nan
 
     @property
     def sigma(self) -> float:

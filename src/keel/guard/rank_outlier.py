@@ -33,13 +33,15 @@ rank's decision (a NaN on one rank makes every rank skip), so this detector only
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types, require_ints, require_positive
+from keel.detect._deviation_history import DeviationHistory
+from keel.detect.robust import median
 
 # (per-rank family, feature name); `_deviations` turns each into a "higher is worse" deviation
 FEATURES: tuple[tuple[str, str], ...] = (
@@ -71,7 +73,7 @@ def _deviations(feature: str, values: list[float], flagged: set[int] = frozenset
     out = []
     for r, v in enumerate(x):
         others = [u for i, u in enumerate(x) if i != r and i not in flagged]
-        centre = _median(others or [u for i, u in enumerate(x) if i != r])
+        centre = median(others or [u for i, u in enumerate(x) if i != r])
         out.append((v - centre) / (abs(centre) + 1e-12) if feature == "loss" else v - centre)
     return out
 
@@ -112,20 +114,8 @@ class RankOutlierConfig:
             raise ValueError(f"RankOutlierConfig.long_alpha={self.long_alpha!r}; allowed: 0 < long_alpha < 1")
 
 
-@dataclass
-class _History:
-    """The long and short histories of one rank's deviation in one feature, and the deviation's noise."""
-
-    n: int = 0
-    recent: list[float] = field(default_factory=list)  # the last `short_window` deviations
-    long_sum: float = 0.0  # exponentially weighted sum and weight: a bias-free mean from the first step
-    long_weight: float = 0.0
-    diffs: list[float] = field(default_factory=list)  # the last NOISE_WINDOW |d_t − d_{t−1}|
-    prev: float = math.nan
-
-    @property
-    def short(self) -> float:
-        return _median(self.recent)
+class _History(DeviationHistory):
+    """One rank's deviation in one feature; its long mean reads 0 (no offset) before it took any value."""
 
     @property
     def long(self) -> float:
@@ -186,7 +176,7 @@ class RankOutlierDetector:
         # One noise scale for all ranks (the median of theirs, each the median of its recent step-to-step
         # changes): neither a bad rank's own noise nor a one-batch outlier can excuse or name a rank.
         sigma = (
-            max(_median([_median(h.diffs) for h in hist if h.diffs]) / MEDIAN_ABS_DIFF, 1e-3)
+            max(median([median(h.diffs) for h in hist if h.diffs]) / MEDIAN_ABS_DIFF, 1e-3)
             if hist[0].diffs
             else math.inf
         )
@@ -257,7 +247,7 @@ class RankOutlierDetector:
             "grad_norm": "gradient norm (before averaging)",
             "disagreement": "disagreement with the other ranks' gradients (1 − cosine)",
         }[feature]
-        others = _median([v for i, v in enumerate(raw) if i != rank])
+        others = median([v for i, v in enumerate(raw) if i != rank])
         if rule == "onset":
             cause = (
                 f"Rank {rank}'s {what} moved away from the other ranks' over the last steps ({raw[rank]:.4g} "
@@ -317,7 +307,7 @@ class RankOutlierDetector:
                 return found
         names, values = obs.per_param.get(keys.RANK_GRAD_NORM_PER_RANK, ((), []))
         if self.config.replicated and len(values) >= 2 and all(math.isfinite(v) for v in values):
-            centre = _median(values)
+            centre = median(values)
             tolerance = self.config.replica_rtol * max(abs(centre), 1e-30)
             odd = [r for r, v in enumerate(values) if abs(v - centre) > tolerance]
             if odd:
@@ -363,11 +353,3 @@ class RankOutlierDetector:
 
 def _clamp(x: float, limit: float) -> float:
     return max(-limit, min(limit, x))
-
-
-def _median(values: list[float]) -> float:
-    ordered = sorted(values)
-    n = len(ordered)
-    if n == 0:
-        return math.nan
-    return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
