@@ -97,6 +97,20 @@ def test_a_source_that_turns_bad_mid_run_is_named_within_the_short_window(seed, 
     assert {s for _, s in named} == {f"src{bad}"}
 
 
+@pytest.mark.parametrize("seed", range(5))
+def test_one_source_whose_loss_collapses_does_not_get_the_healthy_ones_named(seed):
+    # byte-0x00 windows in one of three sources on the proxy LM: its loss fell 2.4 -> 0.0004 within 50 steps; the
+    # others' reference (then the mean of the other two) halved and both healthy sources were named, 5 seeds of 5
+    rng = np.random.default_rng(seed)
+    observations = []
+    for i in range(80):
+        loss = {s: 2.0 * (1 - 0.002 * i) * (1 + 0.05 * rng.standard_normal()) for s in "abc"}
+        if i >= 40:
+            loss["c"] = 0.001 * (1 + 0.05 * rng.standard_normal())
+        observations.append(Observation(step=i, values={keys.SOURCE_LOSS_PER_SOURCE + s: v for s, v in loss.items()}))
+    assert not {"a", "b"} & {s for _, s in _named(observations)}
+
+
 def test_a_persistent_offset_from_the_first_measurement_is_not_a_drift():
     # sources differ by design (code is harder than prose): only a change is named
     assert _named(series(3, bad=1, bad_from=0, jump=30.0)) == []
