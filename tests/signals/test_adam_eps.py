@@ -6,22 +6,12 @@ import pytest
 import torch
 from torch import nn
 
-from keel.signals import StepContext
 from keel.signals.adam_eps import AdamEpsProbe, adam_update_stats
+from tests.signals.contexts import step_context
 
 
 def ctx(model, opt, step=0):
-    named = list(model.named_parameters())
-    return StepContext(
-        step=step,
-        loss=torch.zeros(()),
-        model=model,
-        optimizer=opt,
-        names=tuple(n for n, _ in named),
-        params=[p for _, p in named],
-        grads=[p.grad for _, p in named],
-        log_step=True,
-    )
+    return step_context(model, opt, step=step)
 
 
 def test_update_matches_what_adam_applies_next():
@@ -101,20 +91,7 @@ def test_probe_matches_float64_formula_over_every_tensor_in_low_precision(dtype)
 
 
 def _measure(model, opt):
-    from keel.signals import StepContext
-
-    named = list(model.named_parameters())
-    ctx = StepContext(
-        step=0,
-        loss=torch.zeros(()),
-        model=model,
-        optimizer=opt,
-        names=tuple(n for n, _ in named),
-        params=[p for _, p in named],
-        grads=[p.grad for _, p in named],
-        log_step=True,
-    )
-    return AdamEpsProbe(every=1).measure(ctx)
+    return AdamEpsProbe(every=1).measure(step_context(model, opt))
 
 
 def test_complex_parameters_are_measured_over_real_and_imaginary_parts():

@@ -14,6 +14,7 @@ from torch import nn
 from keel._core import keys
 from keel.guard import Guard
 from keel.signals import OpposingSignalsConfig, OpposingSignalsProbe, StepContext, opposing_groups, opposing_stats
+from tests.signals.contexts import step_context
 
 GROUP = 8  # examples in each opposing group of the tiny dataset
 
@@ -41,17 +42,7 @@ def tiny_mlp() -> nn.Module:
 
 
 def context(step: int, model: nn.Module, optimizer: torch.optim.Optimizer) -> StepContext:
-    named = [(n, p) for n, p in model.named_parameters() if p.grad is not None]
-    return StepContext(
-        step=step,
-        loss=torch.zeros(()),
-        model=model,
-        optimizer=optimizer,
-        names=tuple(n for n, _ in named),
-        params=[p for _, p in named],
-        grads=[p.grad for _, p in named],
-        log_step=True,
-    )
+    return step_context(model, optimizer, step=step, with_grad_only=True)
 
 
 def train(*, conflict: bool, steps: int, every: int = 1, lr: float = 2.0) -> list[dict[str, float]]:

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from keel.guard import Guard
-from keel.signals import PROBES, StepContext, create_probe, list_probes
+from keel.signals import PROBES, create_probe, list_probes
 from tests.conftest import TinyNet, make_batches
+from tests.signals.contexts import step_context
 
 
 def _state(model, opt):
@@ -34,17 +35,7 @@ def test_probe_leaves_params_grads_and_optimizer_state_bit_identical(name):
     probe = create_probe(name)
     if hasattr(probe, "attach"):
         probe.attach(model)
-    named = list(model.named_parameters())
-    ctx = StepContext(
-        step=0,
-        loss=loss.detach(),
-        model=model,
-        optimizer=opt,
-        names=tuple(n for n, _ in named),
-        params=[p for _, p in named],
-        grads=[p.grad for _, p in named],
-        log_step=True,
-    )
+    ctx = step_context(model, opt, loss=loss)
     out = probe.measure(ctx)
     out.update(probe.after_step(ctx))
     after = _state(model, opt)

@@ -15,7 +15,8 @@ import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from keel.proxy import create_proxy_model
-from keel.signals import FULL_PROBES, StepContext, create_probe
+from keel.signals import FULL_PROBES, create_probe
+from tests.signals.contexts import step_context
 
 _COPIES = (torch.ops.aten._to_copy, torch.ops.aten.copy_)
 
@@ -60,17 +61,7 @@ def _two_steps(name: str | None) -> tuple[list[str], list[str]]:
     with HostToDevice() as mode:
         loss = F.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
         loss.backward()
-        named = list(model.named_parameters())
-        ctx = StepContext(
-            step=0,
-            loss=loss.detach(),
-            model=model,
-            optimizer=optimizer,
-            names=tuple(n for n, _ in named),
-            params=[p for _, p in named],
-            grads=[p.grad for _, p in named],
-            log_step=True,
-        )
+        ctx = step_context(model, optimizer, loss=loss)
         for _ in range(2):  # the second round sees what the first after-step kept (update ratios)
             if probe is not None:
                 keys += [*probe.measure(ctx), *probe.after_step(ctx)]

@@ -10,8 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keel.signals import StepContext
 from keel.signals.sharpness import SharpnessConfig, SharpnessProbe, hutchinson_trace, top_eigenvalue
+from tests.signals.contexts import step_context
 
 
 def tiny_problem(seed=0):
@@ -39,17 +39,7 @@ def explicit_hessian(model, x, y) -> np.ndarray:
 
 
 def ctx(model, opt, step=0):
-    named = list(model.named_parameters())
-    return StepContext(
-        step=step,
-        loss=torch.zeros(()),
-        model=model,
-        optimizer=opt,
-        names=tuple(n for n, _ in named),
-        params=[p for _, p in named],
-        grads=[p.grad for _, p in named],
-        log_step=False,
-    )
+    return step_context(model, opt, step=step, log_step=False)
 
 
 def test_operators_on_explicit_matrices():

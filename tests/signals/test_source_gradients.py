@@ -15,8 +15,9 @@ from torch import nn
 
 from keel._core import keys
 from keel._core.errors import KeelWarning
-from keel.signals import SourceGradientsConfig, SourceGradientsProbe, StepContext
+from keel.signals import SourceGradientsConfig, SourceGradientsProbe
 from keel.signals.source_gradients import group_mean, source_cosines, source_names
+from tests.signals.contexts import step_context
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -41,19 +42,7 @@ def _context(model, batch, step=0):
     opt.zero_grad()
     loss = _loss_fn(model, batch).mean()
     loss.backward()
-    named = list(model.named_parameters())
-    ctx = StepContext(
-        step=step,
-        loss=loss.detach(),
-        model=model,
-        optimizer=opt,
-        names=tuple(n for n, _ in named),
-        params=[p for _, p in named],
-        grads=[p.grad for _, p in named],
-        log_step=True,
-        batch=batch,
-    )
-    return ctx, opt
+    return step_context(model, opt, step=step, loss=loss, batch=batch), opt
 
 
 def _probe(**fields):
