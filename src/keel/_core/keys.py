@@ -110,6 +110,29 @@ RM_REWARD_PER_MEMBER = "rm/reward/"  # stored as rm/reward/<member index>, batch
 RM_MEAN = "rm/mean"
 RM_DISAGREEMENT = "rm/disagreement"  # batch mean of the std across members
 
+# Evaluation during training (Guard.evaluate / Guard.record_eval; HF and Lightning adapters): one family per eval
+EVAL_PER_NAME = "eval/"  # stored as eval/<name> (one number) or eval/<name>/<metric> (a dict of metrics)
+PHASE_INDEX = "phase/index"  # 0, 1, 2, … : which phase / task the step trains on (Guard.phase)
+
+# Continual-learning metrics over the evals tied to tasks (De Lange et al. 2023; Avalanche's forgetting, BWT)
+CONTINUAL_MIN_ACC = "continual/min_acc"  # mean over finished tasks of the lowest value seen after each finished
+CONTINUAL_WC_ACC = "continual/wc_acc"  # (1/k)·current task + (1 − 1/k)·min-ACC
+CONTINUAL_WF_PER_WINDOW = "continual/wf/"  # windowed forgetting, stored as continual/wf/<w> (w = 10, 100)
+CONTINUAL_WP_PER_WINDOW = "continual/wp/"  # windowed plasticity, stored as continual/wp/<w>
+CONTINUAL_FORGETTING = "continual/forgetting"  # mean over finished tasks of (value right after its phase − latest)
+CONTINUAL_BWT = "continual/bwt"  # backward transfer = − forgetting
+
+# Evaluation stability (BOSE): can the eval rank checkpoints? stored as <key>/<eval key>
+EVAL_RANK_TAU_PER_EVAL = "eval_stability/rank_tau/"  # Kendall τ-b of checkpoint rankings across bootstrap resamples
+EVAL_MONOTONICITY_PER_EVAL = "eval_stability/monotonicity/"  # Kendall τ-b of checkpoint order vs the eval's values
+
+# LoRA adapters (peft's lora_A / lora_B, keel.signals LoRA probe): per adapted module, and the run's maxima
+LORA_A_NORM_PER_MODULE = "lora/a_norm/"
+LORA_B_NORM_PER_MODULE = "lora/b_norm/"
+LORA_DELTA_NORM_PER_MODULE = "lora/delta_norm/"  # ‖scaling · B·A‖_F, the adapter's weight update
+LORA_DELTA_NORM_MAX = "lora/delta_norm_max"
+LORA_DELTA_RATIO_MAX = "lora/delta_ratio_max"  # max over modules of ‖ΔW‖ / ‖W_base‖
+
 # TRL's own statistic names (trl 1.16 DPOTrainer, GRPOTrainer) → keel's keys: the TRL adapter reads TRL's values
 # under these names rather than measuring them twice, and `keel doctor` reads TRL logs with the same table.
 TRL_ALIASES: dict[str, str] = {
