@@ -48,7 +48,19 @@ def test_every_key_is_declared_once_and_families_end_with_a_slash() -> None:
     families = {name: value for name, value in KEYS.items() if value.endswith("/")}
     assert all(
         name.endswith(
-            ("_PER_PARAM", "_PER_LAYER", "_PER_BLOCK", "_PER_HEAD", "_PER_RANK", "_PER_MEMBER", "_PER_SOURCE")
+            (
+                "_PER_PARAM",
+                "_PER_LAYER",
+                "_PER_BLOCK",
+                "_PER_HEAD",
+                "_PER_RANK",
+                "_PER_MEMBER",
+                "_PER_SOURCE",
+                "_PER_NAME",
+                "_PER_WINDOW",
+                "_PER_EVAL",
+                "_PER_MODULE",
+            )
         )
         for name in families
     ), families
