@@ -75,6 +75,8 @@ RANK_GRAD_COS_PER_RANK = "rank/grad/cos/"
 SOURCE_LOSS_PER_SOURCE = "source/loss/"  # mean loss of the source's examples in the batch
 SOURCE_GRAD_NORM_PER_SOURCE = "source/grad_norm/"  # mean per-example gradient norm of the source's examples
 SOURCE_GRAD_COS_PER_SOURCE = "source/grad_cos/"  # cosine of the source's gradient with the rest of the batch's
+SOURCE_STEP_LOSS_PER_SOURCE = "source/step_loss/"  # every step, the loop's own mean loss of the source's examples
+SOURCE_STEP_COUNT_PER_SOURCE = "source/step_count/"  # every step, how many of the batch's examples are the source's
 
 
 # Preference optimisation (DPO and its kin): keel.signals.preference_signals, or TRL's DPOTrainer statistics.
