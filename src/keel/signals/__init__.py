@@ -10,6 +10,7 @@ from keel.signals import (  # noqa: F401  (register built-ins)
     attn_logits,
     grad_norm,
     grad_weight_cos,
+    lora,
     loss,
     opposing_signals,
     output_logits,
@@ -25,6 +26,7 @@ from keel.signals.attn_entropy import AttnEntropyConfig, AttnEntropyProbe
 from keel.signals.attn_logits import AttnLogitsConfig, AttnLogitsProbe, NoAttentionFoundWarning
 from keel.signals.grad_weight_cos import GradWeightCosConfig, GradWeightCosProbe, grad_weight_cosines
 from keel.signals.logit_stats import log_partition, softmax_collapse_fraction, zero_loss_fraction
+from keel.signals.lora import LoraProbe, LoraProbeConfig, find_adapters, lora_norms
 from keel.signals.norms import global_norm, per_tensor_norms, update_ratios
 from keel.signals.opposing_signals import OpposingSignalsConfig, OpposingSignalsProbe, opposing_groups, opposing_stats
 from keel.signals.output_logits import OutputLogitsConfig, OutputLogitsProbe
@@ -41,7 +43,7 @@ from keel.signals.registry import (
     list_probes,
 )
 from keel.signals.sharpness import SharpnessConfig, SharpnessProbe, hutchinson_trace, top_eigenvalue
-from keel.signals.source_gradients import SourceGradientsConfig, SourceGradientsProbe
+from keel.signals.source_gradients import SourceGradientsConfig, SourceGradientsProbe, source_losses
 
 __all__ = [
     "ActivationRmsConfig",
@@ -71,6 +73,7 @@ __all__ = [
     "SharpnessProbe",
     "SourceGradientsConfig",
     "SourceGradientsProbe",
+    "source_losses",
     "StepContext",
     "activation_stats",
     "adam_update_stats",
@@ -85,6 +88,10 @@ __all__ = [
     "opposing_groups",
     "opposing_stats",
     "HostCopy",
+    "LoraProbe",
+    "LoraProbeConfig",
+    "find_adapters",
+    "lora_norms",
     "pack",
     "per_tensor_norms",
     "policy_signals",
