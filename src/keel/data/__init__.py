@@ -2,6 +2,7 @@
 run must not train on again, with the sampler that honours it."""
 
 from keel.data.ches import ches_score, ches_scores
+from keel.data.power_law_replay import PowerLawReplay
 from keel.data.preference_filter import (
     DEFAULT_DROP_FRACTION,
     DroppedPair,
@@ -14,6 +15,7 @@ from keel.data.skip_list_sampler import SkipListSampler
 __all__ = [
     "DEFAULT_DROP_FRACTION",
     "DroppedPair",
+    "PowerLawReplay",
     "PreferenceFilterResult",
     "SKIP_LIST_NAME",
     "SkipEntry",
