@@ -19,7 +19,7 @@ import dataclasses
 import math
 import time
 import warnings
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Literal
 
 import torch
@@ -36,6 +36,7 @@ from keel.guard.data_ledger import SPIKE_KINDS, DataLedger
 from keel.guard.deferred import DeferredSteps
 from keel.guard.distributed import DistributedConfig, RankSync
 from keel.guard.environment import describe_environment
+from keel.guard.evaluation import EvalSpec, Evaluation, Goal
 from keel.guard.options import check_arguments, check_loss, check_probes, check_run_dir
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
@@ -227,6 +228,7 @@ class Guard(DeferredSteps):
         self._closed = False
         self._snapshots_recorded = 0
         self.recorder = Recorder(self.run_dir.store_dir, log_every)
+        self.evaluation = Evaluation(model, self.components, self.recorder)
         writes_skips = policy != "observe" and self.run_dir.store_dir is not None  # observe changes no data
         # ids as far back as a rollback reaches: the ring's span, and pinned snapshots from before a warning
         reach = rollbacks.snapshot_every * (rollbacks.keep_in_memory + rollbacks.keep_pinned + 1)
@@ -365,7 +367,9 @@ class Guard(DeferredSteps):
         now = time.perf_counter()
         step_time, self._last_call = (now - self._last_call if self._last_call is not None else math.nan), now
         if self.sync == "deferred":
-            return self._step_deferred(step, loss_t, step_time)
+            decision = self._step_deferred(step, loss_t, step_time)
+            self.evaluation.after_step(step)
+            return decision
         ctx: StepContext | None = None
         try:
             self._unscale()
@@ -395,7 +399,84 @@ class Guard(DeferredSteps):
         if decision.action == "abort":
             self._finish("aborted")
             raise TrainingAborted(f"keel aborted the run at step {step}: {decision.reason}", decision)
+        self.evaluation.after_step(step)
         return decision
+
+    def evaluate(
+        self, name: str, fn: Callable[[nn.Module], Any], *, every: int, task: str | None = None, goal: Goal = "max"
+    ) -> Guard:
+        """Run ``fn(model)`` after every ``every``-th step and record what it returns as ``eval/<name>`` signals.
+
+        It runs after step ``s`` when ``(s + 1) % every == 0`` (not before the first step), under
+        ``torch.no_grad()`` in ``model.eval()``; every submodule's mode and the random state are put back after, so
+        training draws the same random numbers as without it. ``fn`` returns a number, a 0-d tensor, a dict of
+        metric → number (``eval/<name>/<metric>``), or a 1-d tensor of per-example scores (their mean is recorded;
+        the scores go to `keel.guard.evaluation.EvalListener` s). An ``fn`` that raises is recorded as a
+        ``keel_error`` finding and switched off; training goes on. See `keel.guard.evaluation`.
+
+        Args:
+            name: The eval's name (no ``/``).
+            fn: The eval function; keep it cheap (a few hundred examples): it runs inside the training loop.
+            every: Steps between runs.
+            task: The phase (`phase` name) this eval measures: its evals feed the continual metrics
+                (``continual/…``) and the stability-gap detector tells forgetting of that task after a switch.
+            goal: ``"max"`` when higher is better (accuracy), ``"min"`` when lower is (a loss).
+
+        Returns:
+            The guard.
+
+        Raises:
+            ValueError: A bad name (or one already used), ``fn`` not callable, ``every`` not an int >= 1, a bad
+                ``task`` or ``goal``.
+        """
+        self._check_open("evaluate")
+        self.evaluation.add(EvalSpec(name=name, fn=fn, every=every, task=task, goal=goal))
+        return self
+
+    def record_eval(
+        self, metrics: Mapping[str, float], *, name: str = "eval", task: str | None = None, goal: Goal = "max"
+    ) -> dict[str, float]:
+        """Record evals computed outside keel (the HF Trainer's ``on_evaluate``, Lightning's validation) as
+        ``eval/<name>/<metric>`` signals of the last finished step (step 0 before the first step), fed to the
+        same detectors and continual metrics as `evaluate`'s.
+
+        Args:
+            metrics: Metric name → number or 0-d tensor (the first is the one the continual metrics follow).
+            name: The eval's name (no ``/``); its ``task`` and ``goal`` are fixed by the first call.
+            task: The phase this eval measures (see `evaluate`).
+            goal: ``"max"`` or ``"min"``.
+
+        Returns:
+            The signals recorded, by key.
+
+        Raises:
+            ValueError: Empty or non-numeric metrics; a bad name, task or goal, or a task/goal other than the first
+                call's; a name that `evaluate` schedules.
+            GuardClosed: after `close`.
+        """
+        self._check_open("record_eval")
+        return self.evaluation.record(max(self.global_step - 1, 0), metrics, name=name, task=task, goal=goal)
+
+    def phase(self, name: str) -> int:
+        """Mark a switch of task, phase or data mix, taking effect from the next step; returns its index.
+
+        The steps of each phase carry ``phase/index`` (recorded where it changes, and at step 0); the switches
+        are kept in the run's meta (``phases``). Evals tied to a phase by ``task=`` feed the continual metrics,
+        and the stability-gap detector watches the earlier tasks' evals after each switch.
+
+        Raises:
+            ValueError: ``name`` is not a non-empty str.
+            GuardClosed: after `close`.
+        """
+        self._check_open("phase")
+        return self.evaluation.phase(name, self.global_step)
+
+    def _check_open(self, verb: str) -> None:
+        if self._closed:
+            raise GuardClosed(
+                f"Guard.{verb}() after close(): the run was closed after {self.global_step} steps; "
+                f"allowed: {verb}() before close()"
+            )
 
     def close(self) -> None:
         """Send the last measurements, finish snapshots and flush the run store. Safe to call twice."""
@@ -484,6 +565,7 @@ class Guard(DeferredSteps):
         if math.isfinite(step_time):
             values[keys.STEP_TIME] = step_time
         values.update(self._signals[1])
+        values.update(self.evaluation.host_values())
         return values
 
     def _replay(

@@ -93,6 +93,15 @@ class Recorder:
             values.update(obs.expand(family))
         self.writer.add_signals(obs.step, values)
 
+    def evaluation(self, obs: Observation, findings: list[Finding]) -> None:
+        """Record an eval round (`keel.guard.evaluation`): its signals at its step, and what detectors found in it."""
+        self.findings.extend(findings)
+        if self.writer is not None:
+            self.writer.add_signals(obs.step, obs.values)
+            self.writer.add_findings(findings)
+        for finding in findings:
+            self._speak(obs.step, self.console.finding, finding)
+
     def error(self, component: str, step: int, exc: BaseException, *, disabled: bool = True) -> Finding:
         """Record an error inside keel as a ``keel_error`` finding (``disabled``: the component was switched off)."""
         what = (

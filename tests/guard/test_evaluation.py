@@ -1,0 +1,282 @@
+"""Guard.evaluate / record_eval / phase: scheduled evals recorded as eval/ signals, training left exactly as it was."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from keel import Guard
+from keel._core import keys
+from keel._core.errors import GuardClosed
+from keel.guard.evaluation import EvalResult
+from keel.store.reader import RunReader
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 8), nn.Dropout(0.3), nn.ReLU(), nn.Linear(8, 1))
+
+
+def _train(guard: Guard, model: nn.Module, opt: torch.optim.Optimizer, steps: int, on_step=None) -> list[float]:
+    """A loop whose data and dropout draw from the global generators, so a leaked draw changes the run."""
+    losses = []
+    for step in range(steps):
+        if on_step is not None:
+            on_step(step)
+        x = torch.randn(16, 4) + random.random() + float(np.random.rand())
+        loss = (model(x) - x.sum(1, keepdim=True)).pow(2).mean()
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        losses.append(loss.item())
+    return losses
+
+
+def _run(tmp_path, steps=12, setup=None, on_step=None, **guard_args):
+    torch.manual_seed(1), random.seed(1), np.random.seed(1)
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with Guard(model, opt, run_dir=str(tmp_path), **guard_args) as guard:
+        if setup is not None:
+            setup(guard)
+        losses = _train(guard, model, opt, steps, on_step)
+    return model, losses, guard
+
+
+def _random_eval(model: nn.Module) -> dict[str, float]:
+    """An eval that draws from every global generator the loop uses, in train-mode-sensitive layers too."""
+    x = torch.randn(8, 4)
+    noise = random.random() + float(np.random.rand()) + float(torch.rand(()))
+    return {"mse": float(model(x).pow(2).mean()), "noise": noise}
+
+
+def test_an_eval_that_draws_random_numbers_leaves_the_run_bit_identical_to_the_run_without_it(tmp_path):
+    bare, bare_losses, _ = _run(tmp_path / "bare")
+    evaluated, losses, _ = _run(tmp_path / "eval", setup=lambda g: g.evaluate("val", _random_eval, every=3))
+    assert losses == bare_losses
+    for p, q in zip(bare.parameters(), evaluated.parameters(), strict=True):
+        assert torch.equal(p, q)
+
+
+def test_evals_run_after_every_kth_step_and_are_stored_at_that_step(tmp_path):
+    _run(tmp_path, steps=10, setup=lambda g: g.evaluate("val", lambda m: 0.25, every=4))
+    with RunReader(tmp_path) as reader:
+        steps, values = reader.signal(keys.EVAL_PER_NAME + "val")
+    assert steps.tolist() == [3, 7] and values.tolist() == [0.25, 0.25]
+
+
+def test_eval_runs_in_eval_mode_without_grad_and_every_submodule_mode_is_restored(tmp_path):
+    seen = []
+
+    def fn(model: nn.Module) -> float:
+        seen.append((torch.is_grad_enabled(), [m.training for m in model.modules()]))
+        return 0.0
+
+    model = _model()
+    model[1].eval()  # the loop froze this one: it must stay in eval mode after the eval, the rest in train
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    with Guard(model, opt) as guard:
+        guard.evaluate("val", fn, every=1)
+        _train(guard, model, opt, 2)
+        modes = [m.training for m in model.modules()]
+    assert seen == [(False, [False] * 5)] * 2
+    assert modes == [True, True, False, True, True]
+
+
+@pytest.mark.parametrize(
+    ("result", "expected"),
+    [
+        (0.5, {"eval/val": 0.5}),
+        (torch.tensor(2.0), {"eval/val": 2.0}),
+        ({"acc": 0.75, "loss": torch.tensor(1.5)}, {"eval/val/acc": 0.75, "eval/val/loss": 1.5}),
+        (torch.tensor([1.0, 2.0, 6.0]), {"eval/val": 3.0}),  # per-example scores: their mean
+        (float("nan"), {"eval/val": math.nan}),  # a NaN eval is a value, recorded as such
+    ],
+)
+def test_each_allowed_result_shape_is_recorded_under_its_keys(tmp_path, result, expected):
+    _run(tmp_path, steps=2, setup=lambda g: g.evaluate("val", lambda m: result, every=2))
+    with RunReader(tmp_path) as reader:
+        got = {k: reader.signal(k)[1].tolist() for k in reader.signal_keys() if k.startswith("eval/")}
+    assert got.keys() == expected.keys()
+    for key, value in expected.items():
+        assert got[key] == [pytest.approx(value, nan_ok=True)]
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda m: 1 / 0,
+        lambda m: "high",
+        lambda m: torch.ones(2, 2),
+        lambda m: {},
+        lambda m: {"acc": [1, 2]},
+        lambda m: True,
+    ],
+    ids=["raises", "str", "matrix", "empty dict", "list metric", "bool"],
+)
+def test_a_failing_or_malformed_eval_is_a_keel_error_is_switched_off_and_training_goes_on(tmp_path, fn):
+    calls = []
+    model, losses, guard = _run(
+        tmp_path,
+        steps=6,
+        setup=lambda g: (
+            g.evaluate("bad", lambda m: calls.append(1) or fn(m), every=1),
+            g.evaluate("ok", lambda m: 1.0, every=1),
+        ),
+    )
+    assert len(losses) == 6 and len(calls) == 1
+    errors = [f for f in guard.findings if f.kind == "keel_error"]
+    assert [(f.signal, f.step) for f in errors] == [("eval:bad", 0)]
+    with RunReader(tmp_path) as reader:
+        assert reader.signal("eval/ok")[0].tolist() == list(range(6))
+        assert "eval/bad" not in reader.signal_keys()
+        assert "eval:bad" in reader.meta()["disabled"]
+    assert all(m.training for m in model.modules())  # modes restored even though fn raised
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (dict(name="", fn=lambda m: 0.0, every=1), "name=''"),
+        (dict(name="a/b", fn=lambda m: 0.0, every=1), "without '/'"),
+        (dict(name="val", fn="not callable", every=1), "callable"),
+        (dict(name="val", fn=lambda m: 0.0, every=0), "every=0"),
+        (dict(name="val", fn=lambda m: 0.0, every=2.5), "every=2.5"),
+        (dict(name="val", fn=lambda m: 0.0, every=True), "every=True"),
+        (dict(name="val", fn=lambda m: 0.0, every=1, goal="up"), "goal='up'"),
+        (dict(name="val", fn=lambda m: 0.0, every=1, task=""), "task=''"),
+    ],
+)
+def test_bad_evaluate_arguments_raise_one_error_naming_the_value(kwargs, match):
+    model = nn.Linear(2, 1)
+    guard = Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match=match.replace("(", r"\(")):
+        guard.evaluate(**kwargs)
+    guard.close()
+
+
+def test_a_name_used_twice_is_refused(tmp_path):
+    model = nn.Linear(2, 1)
+    with Guard(model, torch.optim.SGD(model.parameters(), lr=0.1)) as guard:
+        guard.evaluate("val", lambda m: 0.0, every=1)
+        with pytest.raises(ValueError, match="exists"):
+            guard.evaluate("val", lambda m: 1.0, every=2)
+        with pytest.raises(ValueError, match="scheduled by evaluate"):
+            guard.record_eval({"acc": 1.0}, name="val")
+
+
+def test_record_eval_stores_the_metrics_at_the_last_finished_step(tmp_path):
+    def on_step(step):
+        if step == 5:
+            guard_ref[0].record_eval({"eval_loss": 0.5, "eval_acc": torch.tensor(0.9)}, name="hf")
+
+    guard_ref = []
+    _run(tmp_path, steps=8, setup=guard_ref.append, on_step=on_step)
+    with RunReader(tmp_path) as reader:
+        assert reader.signal("eval/hf/eval_loss")[0].tolist() == [4]  # 5 steps (0…4) were done
+        assert reader.signal("eval/hf/eval_acc")[1].tolist() == [pytest.approx(0.9)]
+        assert reader.meta()["evals"] == {"hf": {"every": None, "task": None, "goal": "max"}}
+
+
+@pytest.mark.parametrize(
+    ("metrics", "match"),
+    [({}, "non-empty"), ({"acc": "high"}, "'high'"), ([("acc", 1.0)], "allowed: a non-empty dict"), ({"": 1.0}, "''")],
+)
+def test_record_eval_refuses_bad_metrics_with_one_error(metrics, match):
+    model = nn.Linear(2, 1)
+    with Guard(model, torch.optim.SGD(model.parameters(), lr=0.1)) as guard:
+        with pytest.raises(ValueError, match=match):
+            guard.record_eval(metrics)
+
+
+def test_record_eval_with_another_task_than_its_first_call_is_refused():
+    model = nn.Linear(2, 1)
+    with Guard(model, torch.optim.SGD(model.parameters(), lr=0.1)) as guard:
+        guard.record_eval({"acc": 1.0}, task="a")
+        with pytest.raises(ValueError, match="same task and goal"):
+            guard.record_eval({"acc": 1.0}, task="b")
+
+
+def test_phase_index_is_recorded_at_step_0_and_where_it_changes_and_the_switches_in_meta(tmp_path):
+    def on_step(step):
+        if step in (4, 8):
+            guard_ref[0].phase({4: "b", 8: "a"}[step])
+
+    guard_ref = []
+    _run(tmp_path, steps=10, setup=lambda g: (guard_ref.append(g), g.phase("a")), on_step=on_step)
+    with RunReader(tmp_path) as reader:
+        steps, index = reader.signal(keys.PHASE_INDEX)
+        phases = reader.meta()["phases"]
+    assert (steps.tolist(), index.tolist()) == ([0, 4, 8], [0, 1, 0])  # back to "a": its index again
+    assert phases == [
+        {"index": 0, "name": "a", "step": 0},
+        {"index": 1, "name": "b", "step": 4},
+        {"index": 0, "name": "a", "step": 8},
+    ]
+
+
+def test_a_first_phase_after_step_0_names_the_steps_before_it_start(tmp_path):
+    def on_step(step):
+        if step == 3:
+            guard_ref[0].phase("finetune")
+
+    guard_ref = []
+    _run(tmp_path, steps=5, setup=guard_ref.append, on_step=on_step)
+    with RunReader(tmp_path) as reader:
+        steps, index = reader.signal(keys.PHASE_INDEX)
+        assert (steps.tolist(), index.tolist()) == ([0, 3], [0, 1])
+        assert [p["name"] for p in reader.meta()["phases"]] == ["start", "finetune"]
+
+
+def test_listeners_get_per_example_scores_and_their_signals_are_recorded(tmp_path):
+    got: list[EvalResult] = []
+
+    class Listener:
+        def on_eval(self, result: EvalResult) -> dict[str, float]:
+            got.append(result)
+            return {"eval_stability/n/eval/val": float(result.scores.numel())}
+
+    def setup(guard):
+        guard.evaluation.listeners.append(Listener())
+        guard.evaluate("val", lambda m: torch.tensor([1.0, 3.0]), every=2)
+
+    _run(tmp_path, steps=4, setup=setup)
+    assert [(r.step, r.headline, r.scores.tolist()) for r in got] == [
+        (1, "eval/val", [1.0, 3.0]),
+        (3, "eval/val", [1.0, 3.0]),
+    ]
+    with RunReader(tmp_path) as reader:
+        assert reader.signal("eval_stability/n/eval/val")[1].tolist() == [2.0, 2.0]
+
+
+def test_evaluate_record_eval_and_phase_after_close_raise_guard_closed():
+    model = nn.Linear(2, 1)
+    guard = Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    guard.close()
+    for call in (
+        lambda: guard.evaluate("v", lambda m: 0.0, every=1),
+        lambda: guard.record_eval({"a": 1.0}),
+        lambda: guard.phase("b"),
+    ):
+        with pytest.raises(GuardClosed):
+            call()
+
+
+def test_evals_run_under_deferred_sync_too(tmp_path):
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, fused=True)
+    with Guard(model, opt, run_dir=str(tmp_path), sync="deferred", policy="skip") as guard:
+        guard.evaluate("val", lambda m: 1.0, every=2)
+        for _ in range(4):
+            loss = model(torch.ones(2, 4)).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    with RunReader(tmp_path) as reader:
+        assert reader.signal("eval/val")[0].tolist() == [1, 3]
