@@ -123,6 +123,7 @@ CONTINUAL_WF_PER_WINDOW = "continual/wf/"  # windowed forgetting, stored as cont
 CONTINUAL_WP_PER_WINDOW = "continual/wp/"  # windowed plasticity, stored as continual/wp/<w>
 CONTINUAL_FORGETTING = "continual/forgetting"  # mean over finished tasks of (value right after its phase − latest)
 CONTINUAL_BWT = "continual/bwt"  # backward transfer = − forgetting
+CONTINUAL_PERFORMANCE_MAINTENANCE = "continual/performance_maintenance"  # l2metrics: mean(later − phase-end eval)
 
 # Evaluation stability (BOSE): can the eval rank checkpoints? stored as <key>/<eval key>
 EVAL_RANK_TAU_PER_EVAL = "eval_stability/rank_tau/"  # Kendall τ-b of checkpoint rankings across bootstrap resamples
