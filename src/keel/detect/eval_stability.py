@@ -233,6 +233,24 @@ class EvalStability:
                 out[keys.EVAL_RANK_TAU_PER_EVAL + name] = rank.tau_mean
         return out
 
+    def on_eval(self, result: Any) -> dict[str, float]:
+        """`keel.guard.evaluation.EvalListener`: one eval result in, the signals to record at its step out.
+
+        Read by duck typing (``detect`` does not import ``guard``): ``result.step``, ``result.spec.name``,
+        ``result.spec.goal``, ``result.scores`` (a 1-d tensor or None), ``result.headline`` and ``result.values``.
+        Per-example scores give both signals under the eval's name; otherwise the headline value gives the
+        monotonicity under the headline key after ``eval/``.
+        """
+        goal = result.spec.goal
+        if result.scores is not None:
+            scores = np.asarray(result.scores.detach().double().cpu().numpy())
+            return self.observe(result.spec.name, result.step, scores, goal=goal)
+        value = result.values.get(result.headline)
+        if value is None:
+            return {}
+        name = result.headline.removeprefix(keys.EVAL_PER_NAME)
+        return self.observe(name, result.step, float(value), goal=goal)
+
     def state_dict(self) -> dict[str, Any]:
         return {
             "values": {k: list(v) for k, v in self._values.items()},
