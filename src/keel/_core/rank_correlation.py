@@ -10,12 +10,25 @@ The numerator is concordant − discordant pairs; each sum under the root is the
 variable, n₀ − n₁ and n₀ − n₂ in Kendall's notation. It is what ``scipy.stats.kendalltau`` computes by default
 (``variant="b"``), and what BOSE (Yang et al., ACL Findings 2025, arXiv 2503.00812) uses to score an evaluation's
 stability across checkpoints. O(n²): checkpoint rankings are tens of items, not millions.
+
+It also holds the line between an eval that can rank checkpoints and one too noisy to (`NOISY_RANK_TAU`, read by
+`keel.detect.eval_stability` and the report), with its reason.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+
+# The bootstrap rank τ (`keel.detect.eval_stability.rank_stability`) of checkpoints that do not differ at all is
+# 0.5, not 0: each resample's means scatter around the full-data means as much as those scatter around the truth
+# (correlation 1/√2; τ = (2/π)·asin(1/√2) = 0.5). Above that floor, the rank τ tracks how well the full-data ranking
+# orders the true one: on simulated normal per-example scores (8 checkpoints, 200 examples, 20 seeds;
+# tests/detect/test_eval_stability.py) a rank τ of 0.60 went with a τ of 0.51 against the true ranking (one
+# checkpoint pair in four misordered), 0.73 with 0.75 (one in eight). Below 0.7 "checkpoint A beats B on this eval"
+# is wrong too often to choose a checkpoint by.
+NOISY_RANK_TAU = 0.7
+NOISE_FLOOR_RANK_TAU = 0.5  # the rank τ of checkpoints that do not differ
 
 
 def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
@@ -60,4 +73,4 @@ def kendall_tau_b(x: Sequence[float], y: Sequence[float]) -> float:
     return max(-1.0, min(1.0, both / math.sqrt(ordered_x * ordered_y)))
 
 
-__all__ = ["kendall_tau_b"]
+__all__ = ["NOISE_FLOOR_RANK_TAU", "NOISY_RANK_TAU", "kendall_tau_b"]

@@ -15,7 +15,8 @@ checkpoints. Two numbers per eval, both Kendall's τ-b (`keel._core.rank_correla
   a low monotonicity with a high rank τ is a real turn; both low is an eval too noisy to rank these checkpoints.
   Examples with a non-finite score at any kept checkpoint are left out (every checkpoint must see the same set).
 
-`NOISY_RANK_TAU` is the line the report draws (see its comment). The functions are pure (NumPy, no torch); the
+`NOISY_RANK_TAU` (in `keel._core.rank_correlation`, where the report reads it too) is the line drawn between the
+two; its comment gives the reason. The functions are pure (NumPy, no torch); the
 `EvalStability` tracker keeps the recent checkpoints' per-example scores of each eval and returns the signals to
 record after each eval round (`keys.EVAL_RANK_TAU_PER_EVAL` and `keys.EVAL_MONOTONICITY_PER_EVAL`, each followed by
 the eval's key after ``eval/``).
@@ -38,17 +39,9 @@ from typing import Any, Literal
 import numpy as np
 
 from keel._core import keys
-from keel._core.rank_correlation import kendall_tau_b
+from keel._core.rank_correlation import NOISE_FLOOR_RANK_TAU, NOISY_RANK_TAU, kendall_tau_b
 from keel._core.validate import check_types, require_ints
 
-# The bootstrap rank τ of checkpoints that do not differ at all is 0.5, not 0: each resample's means scatter around
-# the full-data means as much as those scatter around the truth (correlation 1/√2; τ = (2/π)·asin(1/√2) = 0.5). Above
-# that floor, the rank τ tracks how well the full-data ranking orders the true one: on simulated normal per-example
-# scores (8 checkpoints, 200 examples, 20 seeds; tests/detect/test_eval_stability.py) a rank τ of 0.60 went with a τ
-# of 0.51 against the true ranking (one checkpoint pair in four misordered), 0.73 with 0.75 (one in eight). Below 0.7
-# "checkpoint A beats B on this eval" is wrong too often to choose a checkpoint by.
-NOISY_RANK_TAU = 0.7
-NOISE_FLOOR_RANK_TAU = 0.5  # the rank τ of checkpoints that do not differ
 Goal = Literal["max", "min"]
 
 
