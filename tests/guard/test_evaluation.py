@@ -280,3 +280,28 @@ def test_evals_run_under_deferred_sync_too(tmp_path):
             opt.zero_grad()
     with RunReader(tmp_path) as reader:
         assert reader.signal("eval/val")[0].tolist() == [1, 3]
+
+
+def test_evals_tied_to_tasks_give_the_continual_metrics_at_each_round(tmp_path):
+    accuracy = {"a": iter([0.6, 0.9, 0.5, 0.8]), "b": iter([0.1, 0.7, 0.85])}
+
+    def setup(guard):
+        guard.phase("a")
+        guard.evaluate("a", lambda m: next(accuracy["a"]), every=5, task="a")
+        guard_ref.append(guard)
+
+    def on_step(step):
+        if step == 10:
+            guard_ref[0].phase("b")
+            guard_ref[0].evaluate("b", lambda m: next(accuracy["b"]), every=5, task="b")
+
+    guard_ref = []
+    _run(tmp_path, steps=20, setup=setup, on_step=on_step)
+    with RunReader(tmp_path) as reader:
+        steps, min_acc = reader.signal(keys.CONTINUAL_MIN_ACC)
+        wc_steps, wc_acc = reader.signal(keys.CONTINUAL_WC_ACC)
+    # a trains steps 0-9 (evals .6, .9: WC-ACC is a's own value), b from 10 (evals .1, .7): a reads .5 then .8
+    # → min-ACC .5 from step 14 on; WC-ACC = mean(b's latest, .5)
+    assert steps.tolist() == [14, 19] and min_acc.tolist() == [0.5, 0.5]
+    assert wc_steps.tolist() == [4, 9, 14, 19]
+    assert wc_acc.tolist() == pytest.approx([0.6, 0.9, (0.1 + 0.5) / 2, (0.7 + 0.5) / 2])

@@ -37,6 +37,8 @@ from torch import Tensor, nn
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
+from keel.detect.continual_metrics import TaskEval, continual_metrics
+from keel.detect.eval_stability import EvalStability
 from keel.detect.scan import ReadsKeys
 from keel.guard.components import Components, checked_findings, detector_label
 from keel.guard.recorder import Recorder
@@ -126,13 +128,16 @@ class Evaluation:
         specs: The evals by name.
         listeners: `EvalListener` objects handed every eval result (the place to hook eval-stability work).
         phases: The phase switches so far, in order.
+        tracks: Each task-tied eval's headline values so far, by key, as the continual metrics read them.
     """
 
     def __init__(self, model: nn.Module, components: Components, recorder: Recorder) -> None:
         self.model, self.components, self.recorder = model, components, recorder
         self.specs: dict[str, EvalSpec] = {}
-        self.listeners: list[EvalListener] = []
+        # eval stability (BOSE) listens by default: monotonicity of every eval, rank τ of per-example scores
+        self.listeners: list[EvalListener] = [EvalStability()]
         self.phases: list[Phase] = []
+        self.tracks: dict[str, TaskEval] = {}
         self._announce: int | None = None  # the phase index to record at the next step, if it changes there
 
     # --- registering -------------------------------------------------------------------------------------
@@ -236,6 +241,12 @@ class Evaluation:
             for i, listener in enumerate(self.listeners):
                 more = self.components.call(f"eval listener:{i}:{type(listener).__name__}", listener.on_eval, result)
                 values.update({str(k): float(v) for k, v in (more or {}).items()})
+            if result.spec.task is not None:
+                track = self.tracks.setdefault(result.headline, TaskEval(task=result.spec.task, goal=result.spec.goal))
+                track.add(step, result.values[result.headline])
+        if any(r.spec.task is not None for r in results):
+            phases = [(p.step, p.name) for p in self.phases]
+            values.update(self.components.call("continual metrics", continual_metrics, self.tracks, phases) or {})
         obs = Observation(step=step, values=values)
         found: list[Finding] = []
         for detector in self.components.detectors:
@@ -244,12 +255,6 @@ class Evaluation:
                 found.extend(self.components.call(label, _detected, detector, obs) or [])
         self.components.call("recorder", self.recorder.evaluation, obs, found)
         return values
-
-    def phase_index_of(self, name: str) -> int | None:
-        return next((p.index for p in self.phases if p.name == name), None)
-
-    def _phase_names(self) -> list[tuple[int, str]]:
-        return [(p.step, p.name) for p in self.phases]
 
     def _write_meta(self) -> None:
         meta = {"evals": {n: s.describe() for n, s in self.specs.items()}, "phases": [p.to_dict() for p in self.phases]}
