@@ -28,6 +28,7 @@ from keel._core.errors import KeelError
 from keel.report import charts as _charts
 from keel.report import overview as _overview
 from keel.report import sections as _sections
+from keel.report.eval_stability_section import eval_stability_section
 from keel.report.labels import run_labels
 from keel.report.run_data import RunData, load_run
 from keel.report.sources import classify, expand
@@ -194,6 +195,7 @@ def _run_parts(runs: list[RunData], colors: list[str], charts: list[_charts.Char
         *[f"<div class='chart' id='{c.id}'></div>" for c in timelines],
         "<h2>Preference and RL signals</h2>" if rl else "",
         *[f"<div class='chart' id='{c.id}'></div>" for c in rl],
+        eval_stability_section(runs),
         *extra,
         "<h2>Runs</h2>",
         *[_sections.metadata(r) for r in runs],
