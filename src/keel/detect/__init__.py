@@ -15,6 +15,7 @@ from keel.detect.kl_blowup import KLBlowupConfig, KLBlowupDetector
 from keel.detect.lead_time import degradation_step, lead_steps
 from keel.detect.length_explosion import LengthExplosionConfig, LengthExplosionDetector
 from keel.detect.likelihood_displacement import LikelihoodDisplacementConfig, LikelihoodDisplacementDetector
+from keel.detect.lora_blowup import LoraBlowupConfig, LoraBlowupDetector
 from keel.detect.non_finite import NonFiniteConfig, NonFiniteDetector
 from keel.detect.non_finite_origin import NonFiniteOriginDetector
 from keel.detect.opposing_signals import OpposingSignalsDetector, OpposingSignalsDetectorConfig
@@ -54,6 +55,8 @@ __all__ = [
     "LengthExplosionDetector",
     "LikelihoodDisplacementConfig",
     "LikelihoodDisplacementDetector",
+    "LoraBlowupConfig",
+    "LoraBlowupDetector",
     "NonFiniteConfig",
     "NonFiniteDetector",
     "NonFiniteOriginDetector",
@@ -93,7 +96,8 @@ def default_detectors() -> list[Detector]:
 
     Loss and gradient spikes, divergence, non-finite values and where they were born; and the predictive
     ones: attention-logit growth, attention-entropy collapse, output-logit drift, softmax collapse and the
-    edge of stability. Each stays silent while its signal is absent (e.g. no sharpness probe, no attention).
+    edge of stability; a LoRA adapter's blow-up. Each stays silent while its signal is absent (e.g. no sharpness probe,
+    no attention, no LoRA adapter).
     """
     return [
         SpikeDetector(signal="loss"),
@@ -106,4 +110,5 @@ def default_detectors() -> list[Detector]:
         OutputLogitDriftDetector(),
         SoftmaxCollapseDetector(),
         EdgeOfStabilityDetector(),
+        LoraBlowupDetector(),
     ]

@@ -62,6 +62,21 @@ ROSENBERG = (
     "Optimization, ICLR 2024, arXiv 2311.04163"
 )
 TRL_TRUNCATION = "huggingface/trl#5697, #6263 (97–99 % truncated at max_completion_length=256)"
+DE_LANGE = (
+    "De Lange, van de Ven, Tuytelaars 2023, Continual evaluation for lifelong learning: identifying the stability gap, "
+    "ICLR, arXiv 2205.13452"
+)
+CHAUDHRY = "Chaudhry et al. 2019, On Tiny Episodic Memories in Continual Learning, arXiv 1902.10486"
+IBRAHIM = (
+    "Ibrahim et al. 2024, Simple and Scalable Strategies to Continually Pre-train Large Language Models, "
+    "arXiv 2403.08763"
+)
+GUPTA_REWARM = (
+    "Gupta et al. 2023, Continual Pre-Training of Large Language Models: How to (re)warm your model?, arXiv 2308.04014"
+)
+LORA = "Hu et al. 2021, LoRA: Low-Rank Adaptation of Large Language Models, arXiv 2106.09685"
+ALLORA = "Huang et al. 2024, ALLoRA: Adaptive Learning Rate Mitigates LoRA Fatal Flaws, arXiv 2410.09692"
+RSLORA = "Kalajdzievski 2023, A Rank Stabilization Scaling Factor for Fine-Tuning with LoRA (rsLoRA), arXiv 2312.03732"
 MUD_HOG = (
     "Gupta et al. 2022, Long-Short History of Gradients is All You Need: Detecting Malicious and Unreliable Clients in "
     "Federated Learning (MUD-HoG), ESORICS"
@@ -387,6 +402,56 @@ CAUSES: dict[str, Cause] = {
                     action="resample uniform groups (dynamic sampling)",
                     how="keel.losses.informative_groups",
                     source=DAPO,
+                ),
+            ),
+        ),
+        Cause(
+            kind="lora_blowup",
+            title="LoRA adapter blow-up",
+            mechanism="A LoRA adapter's update ΔW = scaling·B·A grows by several per cent of its base weight per "
+            "step: B leaves zero too fast for the LR and scaling, the adapter soon outweighs the weight it adapts, "
+            "and the loss climbs.",
+            advice=(
+                Advice(
+                    action="lower the learning rate (LoRA's is often 5-10× the full fine-tune's, not more)",
+                    how="keel.Guard(..., policy='recover') backs the LR off after a rollback",
+                    source=LORA,
+                ),
+                Advice(
+                    action="scale each adapter's update inversely to its norm (ALLoRA): B leaves zero fast, then slows",
+                    source=ALLORA,
+                ),
+                Advice(
+                    action="set the scaling for the rank: α/√r (rsLoRA, peft LoraConfig(use_rslora=True)) or a "
+                    "smaller α, not a large α tuned at another rank",
+                    source=RSLORA,
+                ),
+                Advice(
+                    action="clip the gradient norm",
+                    how="keel.Guard(..., max_grad_norm=1.0)",
+                    source=PALM,
+                ),
+            ),
+        ),
+        Cause(
+            kind="stability_gap",
+            title="stability gap",
+            mechanism="Right after a switch of task or data mix, the first updates on the new data pull the shared "
+            "weights towards it before the model has found a solution that serves both: the earlier task's eval "
+            "collapses, then mostly recovers (a transient forgetting that end-of-task evaluation never shows).",
+            advice=(
+                Advice(
+                    action="replay a share of the earlier tasks' data after the switch (experience replay)",
+                    how="keel.data.PowerLawReplay",
+                    source=f"{DE_LANGE}; {CHAUDHRY}",
+                ),
+                Advice(
+                    action="lower the learning rate at the switch: re-warm to a smaller peak, or keep it low",
+                    source=f"{IBRAHIM}; {GUPTA_REWARM}",
+                ),
+                Advice(
+                    action="warm the learning rate up again after the switch, from a small value, with replay",
+                    source=f"{GUPTA_REWARM}; {IBRAHIM}",
                 ),
             ),
         ),

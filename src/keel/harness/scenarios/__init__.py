@@ -52,6 +52,8 @@ from keel.harness.scenarios import (  # noqa: E402,F401  (register built-ins)
     curriculum_switch,
     data_outliers,
     full_finetune,
+    lora_finetune,
+    lora_high_lr,
     lr_spike,
     non_finite_origin,
     output_logit_divergence,

@@ -74,6 +74,7 @@ def lora_finetune(
     steps: int,
     optimizer: OptimizerFactory = adamw,
     guarded: bool = True,
+    warmup: int = WARMUP,
     rank: int = RANK,
     alpha: float = ALPHA,
     **guard_options: object,
@@ -82,10 +83,12 @@ def lora_finetune(
 
     Args:
         seed: Seeds the base, the adapters' init, the snippets and their order.
-        lr: Peak LR (linear warm-up over ``WARMUP`` steps, then constant).
+        lr: Peak LR, reached by a linear warm-up and then held.
         steps: Optimizer steps (``EXAMPLES / BATCH`` = 6 per epoch).
         optimizer: ``optimizer(model, lr)`` builds the optimizer over the trainable (adapter) parameters.
-        guarded: Train under ``keel.Guard(policy="observe")`` with the transformer probes and the LoRA probe.
+        guarded: Train under ``keel.Guard(policy="observe")`` with the transformer probes (the LoRA probe among
+            them) and the default detectors.
+        warmup: Steps of the linear warm-up.
         rank: LoRA rank r.
         alpha: LoRA α (scaling α / r).
         **guard_options: Passed to the Guard (``detectors``, ``probes``, ``log_every``...).
@@ -97,12 +100,11 @@ def lora_finetune(
 
     model = lora_model(seed, rank=rank, alpha=alpha)
     opt = optimizer(model, lr)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / WARMUP))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: min(1.0, (step + 1) / warmup))
     epochs = Epochs(*snippets(seed, EXAMPLES), batch_size=BATCH, seed=seed)
     guard = None
     if guarded:
-        guard_options.setdefault("probes", ["loss", "grad_norm", "param_norm", "attn_logits", "output_logits", "lora"])
-        guard_options.setdefault("log_every", 1)
+        guard_options.setdefault("probes", "transformer")  # what the zoo's scenarios watch; it holds the LoRA probe
         guard = Guard(model, opt, scheduler, policy="observe", seed=seed, **guard_options)  # type: ignore[arg-type]
     run = LoraRun(model=model)
     torch.manual_seed(seed)
