@@ -45,7 +45,7 @@ VERBS: dict[str, tuple[str, str]] = {
     "doctor": ("keel.doctor.cli", "examine an existing training log: CSV, JSONL, TensorBoard, HF, run store"),
     "report": ("keel.report.cli", "write one self-contained HTML stability report from run stores"),
     "export": ("keel.store.exporters.cli", "write a run store as CSV, JSON lines, TensorBoard, W&B or MLflow"),
-    "list": ("keel.catalog", "the index of keel: every signal, detector, stabilizer, optimizer, loss and integration by domain"),
+    "list": ("keel.catalog", "the index: every signal, detector, stabilizer, optimizer, loss, integration by domain"),
     "sweep": ("keel.proxy.sweep.cli", "LR-sensitivity sweeps of recipes on proxy models, locally or on Ray"),
 }
 MAX_MESSAGE = 1000  # characters of one error line; a message quoting a huge value is cut, not wrapped
