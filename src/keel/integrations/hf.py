@@ -20,6 +20,11 @@ How it fits the Trainer's loop (transformers ≥ 4.40):
   The Trainer computes the gradient norm itself even at ``max_grad_norm=0`` and its ``clip_grad_norm_(…, inf)``
   turns every gradient into NaN when one is: keel then names all parameters, and still skips the step.
 - **gradient accumulation, bf16/fp16 autocast, schedulers**: as the Trainer does them.
+- **evaluation**: the Trainer's eval metrics (``on_evaluate``, e.g. ``eval_strategy="steps"``) go to
+  `Guard.record_eval` at the last update: ``eval/eval/<metric>`` (``eval/<name>/<metric>`` for each dataset of a
+  dict ``eval_dataset``), the runtime and throughput figures left out; keel follows ``metric_for_best_model``
+  with ``greater_is_better`` (default: the loss, lower is better; `keel.integrations._eval`). An eval before the
+  first update is recorded at step 0; one after ``train()`` ends is not part of the run.
 
 DeepSpeed is not supported (its engine owns the step).
 """
@@ -36,6 +41,7 @@ from torch import Tensor, nn
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning
 from keel.guard import Guard
+from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
 from keel.integrations._options import takes_over_clipping
@@ -90,6 +96,8 @@ class KeelCallback(TrainerCallback):
         self._clip: float | None = None
         self._args: Any = None
         self._warned = False
+        self._training = False
+        self._pending_evals: list[dict[str, Any]] = []  # evals before the Guard exists (before the first update)
 
     # --- the Trainer's events -----------------------------------------------------------------------
     def on_train_begin(
@@ -116,6 +124,7 @@ class KeelCallback(TrainerCallback):
             "scaler": getattr(optimizer, "scaler", None),
         }
         self._args, self.guard = args, None
+        self._training, self._pending_evals = True, []
         if self.take_over_clipping and args.max_grad_norm and args.max_grad_norm > 0:
             self._clip, args.max_grad_norm = float(args.max_grad_norm), 0.0
         self._hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)
@@ -126,6 +135,29 @@ class KeelCallback(TrainerCallback):
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._finish()
+
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any
+    ) -> None:
+        if not self._training or not metrics:
+            return  # an eval outside train() is not part of the run
+        if self.guard is None:
+            self._pending_evals.append(dict(metrics))
+        else:
+            self.guard.components.call("hf eval", self._record_eval, metrics)
+
+    def _record_eval(self, metrics: dict[str, Any]) -> None:
+        assert self.guard is not None
+        name, ours = _split_eval(metrics)
+        follow, greater = getattr(self._args, "metric_for_best_model", None), None
+        if follow is not None:
+            follow = follow if follow.startswith("eval_") else f"eval_{follow}"  # as the Trainer reads it
+            prefix = "eval_" if name == "eval" else f"eval_{name}_"
+            follow = follow[len(prefix) :] if follow.startswith(prefix) else None
+            greater = getattr(self._args, "greater_is_better", None)
+        chosen = eval_metrics(ours, follow=follow, greater_is_better=greater)
+        if chosen is not None:
+            self.guard.record_eval(chosen[0], name=name, goal=chosen[1])
 
     # --- the loss -----------------------------------------------------------------------------------
     def record_loss(self, loss: Tensor) -> None:
@@ -144,6 +176,9 @@ class KeelCallback(TrainerCallback):
         loss = self._loss.take()
         if self.guard is None:
             self.guard = self._build_guard(with_loss=loss is not None)
+            for metrics in self._pending_evals:  # recorded at step 0: the model before the first update
+                self.guard.components.call("hf eval", self._record_eval, metrics)
+            self._pending_evals = []
         if loss is None:
             loss = self._missing_loss()
         self._last_loss = loss
@@ -198,6 +233,7 @@ class KeelCallback(TrainerCallback):
             warnings.warn(message, KeelWarning, stacklevel=3)
 
     def _finish(self, exc: BaseException | None = None) -> None:
+        self._training = False
         self._handoff.restore()
         if self._hook is not None:
             self._hook.remove()
@@ -217,6 +253,20 @@ def _output_loss(output: Any, kwargs: dict) -> Tensor | None:
     if loss is None and isinstance(output, (tuple, list)) and output and kwargs.get("labels") is not None:
         loss = output[0]
     return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
+
+
+# speed_metrics' figures, and the Trainer's own bookkeeping: not measures of the model
+_NOT_METRICS = ("runtime", "samples_per_second", "steps_per_second", "tokens_per_second", "model_preparation_time")
+
+
+def _split_eval(metrics: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """The eval's name and its metrics without the Trainer's prefix: ``eval_loss`` → ("eval", {"loss": …}); with a
+    dict ``eval_dataset`` the prefix is ``eval_<dataset>`` (found from its ``_runtime`` key) → (``<dataset>``, …)."""
+    runtime = next((k for k in metrics if k.endswith("_runtime")), "eval_runtime")
+    prefix = runtime[: -len("_runtime")] + "_"
+    name = prefix[len("eval_") : -1].replace("/", "_") if prefix.startswith("eval_") and prefix != "eval_" else "eval"
+    ours = {k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}
+    return name, {k: v for k, v in ours.items() if k not in _NOT_METRICS}
 
 
 def _json_args(args: Any) -> dict[str, Any]:

@@ -17,6 +17,10 @@ How it fits Lightning's automatic optimization (Lightning ≥ 2.0):
   itself with the same value; under ``"observe"`` Lightning clips as usual (bit-identical training).
 - **DDP**: the strategy's DDP module goes to `Guard`, so signals are all-reduced and each rank's own
   gradient is measured (`keel.guard.distributed`).
+- **validation**: what the validation loop logged (the ``trainer.callback_metrics`` it set) goes to
+  `Guard.record_eval` at the last update, as ``eval/val/<metric>``; keel follows the ``ModelCheckpoint``'s
+  ``monitor`` and ``mode`` (default: a metric named ``…loss…``, lower is better; `keel.integrations._eval`).
+  The sanity check's validation is not part of the run.
 
 A ``training_step`` that returns ``None`` is Lightning's own skip: keel leaves that step to Lightning. Manual
 optimization is not supported (the module calls its optimizers itself).
@@ -31,6 +35,7 @@ from torch import Tensor
 
 from keel._core.errors import KeelWarning
 from keel.guard import Guard
+from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
 from keel.integrations._options import takes_over_clipping
@@ -78,6 +83,7 @@ class KeelCallback(Callback):
         self._scaler: Any = None
         self._clip: float | None = None
         self._trainer: Any = None
+        self._metrics_before: dict[str, Any] = {}  # callback_metrics when validation started
 
     # --- Lightning's events -------------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -124,6 +130,25 @@ class KeelCallback(Callback):
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
         scale = getattr(self._scaler, "_scale", None) if self._scaler is not None else None
         self._loss.add(loss / scale if scale is not None else loss, share=True)  # shares: normalized per micro-batch
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        self._metrics_before = dict(trainer.callback_metrics)
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.guard is None or trainer.sanity_checking or trainer.state.fn != "fit":
+            return  # the sanity check before training, or trainer.validate(): not part of the run
+        # the validation loop replaces the entries it logged; what training logged stays the same object
+        logged = {k: v for k, v in trainer.callback_metrics.items() if self._metrics_before.get(k) is not v}
+        self.guard.components.call("lightning eval", self._record_eval, trainer, logged)
+
+    def _record_eval(self, trainer: Any, logged: dict[str, Any]) -> None:
+        assert self.guard is not None
+        checkpoint = trainer.checkpoint_callback
+        monitor = getattr(checkpoint, "monitor", None)
+        greater = None if monitor is None else getattr(checkpoint, "mode", "min") == "max"
+        chosen = eval_metrics(logged, follow=monitor, greater_is_better=greater)
+        if chosen is not None:
+            self.guard.record_eval(chosen[0], name="val", goal=chosen[1])
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         self._finish(None)

@@ -1,0 +1,152 @@
+"""The trainers' own evaluations reach the run store: the HF Trainer's ``on_evaluate`` metrics and Lightning's
+validation metrics go to `Guard.record_eval` (real trainers on tiny models built from configs, CPU, no download)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from keel.integrations._eval import eval_metrics
+from keel.store import RunReader
+
+
+def _eval_signals(store: RunReader) -> set[str]:
+    return {k for k in store.signal_keys() if k.startswith("eval/")}
+
+
+# --- the shared choice of the followed metric --------------------------------------------------------------
+@pytest.mark.parametrize(
+    ("metrics", "follow", "greater", "expected"),
+    [
+        ({"accuracy": 0.9, "loss": 0.3}, None, None, (["loss", "accuracy"], "min")),
+        ({"accuracy": 0.9, "loss": 0.3}, "accuracy", True, (["accuracy", "loss"], "max")),
+        ({"accuracy": 0.9, "loss": 0.3}, "absent", True, (["loss", "accuracy"], "min")),  # not there: the default
+        ({"f1": 0.5, "bleu": 0.2}, None, None, (["f1", "bleu"], "max")),
+        (
+            {"loss": torch.tensor(0.25), "n": torch.tensor([1.0, 2.0]), "ok": True, "s": "x"},
+            None,
+            None,
+            (["loss"], "min"),
+        ),
+    ],
+)
+def test_eval_metrics_keeps_numbers_and_puts_the_followed_metric_first(metrics, follow, greater, expected):
+    chosen = eval_metrics(metrics, follow=follow, greater_is_better=greater)
+    assert chosen is not None and (list(chosen[0]), chosen[1]) == expected
+
+
+def test_eval_metrics_without_a_number_is_none():
+    assert eval_metrics({"note": "x", "flag": False}) is None
+
+
+# --- Hugging Face -----------------------------------------------------------------------------------------
+def _hf_trainer(tmp_path, keel, *, eval_dataset, steps: int = 2, **args_kwargs):
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=32, n_positions=8, n_embd=16, n_layer=1, n_head=2)
+    )
+    ids = torch.randint(0, 32, (64, 8), generator=torch.Generator().manual_seed(0))
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "hf"),
+        max_steps=steps,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        learning_rate=3e-3,
+        eval_strategy="steps",
+        eval_steps=2,
+        report_to=[],
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+        **args_kwargs,
+    )
+    data = [{"input_ids": x, "labels": x} for x in ids]
+    return transformers.Trainer(
+        model=model, args=args, train_dataset=data, eval_dataset=eval_dataset(data), callbacks=[keel]
+    )
+
+
+def test_hf_evals_are_recorded_per_dataset_at_each_eval_step_following_metric_for_best_model(tmp_path):
+    from keel.integrations.hf import KeelCallback
+
+    def accuracy(pred):
+        logits, labels = pred
+        return {"accuracy": float((logits[:, :-1].argmax(-1) == labels[:, 1:]).mean())}
+
+    keel = KeelCallback(run_dir=str(tmp_path / "run"))
+    trainer = _hf_trainer(
+        tmp_path,
+        keel,
+        eval_dataset=lambda data: {"A": data[:8], "B": data[8:16]},
+        eval_on_start=True,
+        metric_for_best_model="eval_A_accuracy",
+        greater_is_better=True,
+    )
+    trainer.compute_metrics = accuracy
+    trainer.train()
+    trainer.evaluate()  # after train(): not part of the run
+    theirs = [e["eval_B_loss"] for e in trainer.state.log_history if "eval_B_loss" in e]
+    with RunReader(tmp_path / "run") as store:
+        # one eval per dataset, the Trainer's prefix gone, runtime and throughput left out
+        assert _eval_signals(store) == {"eval/A/accuracy", "eval/A/loss", "eval/B/accuracy", "eval/B/loss"}
+        steps, values = store.signal("eval/B/loss")
+        assert steps.tolist() == [0, 1]  # eval_on_start, then after the Trainer's update 2 (keel counts from 0)
+        assert values.tolist() == pytest.approx(theirs[:2])
+        evals = store.meta()["evals"]
+        assert (evals["A"]["goal"], evals["B"]["goal"]) == ("max", "min")  # A follows accuracy, B its loss
+
+
+# --- Lightning --------------------------------------------------------------------------------------------
+def test_lightning_validation_metrics_are_recorded_and_training_logs_and_the_sanity_check_are_not(tmp_path):
+    L = pytest.importorskip("lightning")
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from keel.integrations.lightning import KeelCallback
+
+    class Classifier(L.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 2))
+
+        def training_step(self, batch, batch_idx):
+            loss = F.cross_entropy(self.net(batch[0]), batch[1])
+            self.log("train_loss", loss)
+            return loss
+
+        def validation_step(self, batch, batch_idx):
+            logits = self.net(batch[0])
+            self.log("val_loss", F.cross_entropy(logits, batch[1]))
+            self.log("val_acc", (logits.argmax(1) == batch[1]).float().mean())
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(160, 8, generator=g)
+    data = TensorDataset(x, (x[:, 0] > 0).long())
+    keel = KeelCallback(run_dir=str(tmp_path / "run"))
+    checkpoint = L.pytorch.callbacks.ModelCheckpoint(dirpath=tmp_path / "ckpt", monitor="val_acc", mode="max")
+    trainer = L.Trainer(
+        max_steps=10,
+        val_check_interval=5,
+        limit_val_batches=2,
+        num_sanity_val_steps=1,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[keel, checkpoint],
+    )
+    trainer.fit(Classifier(), DataLoader(data, batch_size=16), DataLoader(data, batch_size=16))
+    with RunReader(tmp_path / "run") as store:
+        assert _eval_signals(store) == {"eval/val/val_acc", "eval/val/val_loss"}
+        steps, values = store.signal("eval/val/val_loss")
+        assert steps.tolist() == [4, 9]  # after updates 5 and 10, none for the sanity check
+        assert values[-1] == pytest.approx(float(trainer.callback_metrics["val_loss"]))
+        assert store.meta()["evals"]["val"]["goal"] == "max"  # the checkpoint's monitor, val_acc, mode max
