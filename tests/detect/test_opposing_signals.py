@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -91,11 +92,46 @@ def test_no_warning_without_a_coincidence(what, kwargs):
 @settings(max_examples=60, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
-    opposition_noise=st.sampled_from([0.1, 0.3, 0.6]),
+    opposition_noise=st.sampled_from([0.1, 0.3, 0.6, 1.0]),  # 1.0: the log-scale noise of a real run (below)
     sharpening=st.sampled_from([0.0, 0.005, 0.02]),
 )
 def test_healthy_series_never_warn_whatever_the_seed(seed, opposition_noise, sharpening):
     assert found(series(seed, opposition_noise=opposition_noise, sharpening=sharpening)) == []
+
+
+def test_an_opposition_rise_of_a_few_times_a_noisy_baseline_with_a_sharpness_spike_warns():
+    # on real runs the opposition's log-scale noise is ~1 (a robust sd of 1.04 on the spiky run below); sharpness
+    # spikes came with 3-7x its median, which a z of 4 (~60x) never reached
+    obs = series(6, spike_at=200, loss_spike=False, sharpness_spike=True, opposition_noise=1.0)
+    obs[200].values[keys.OPPOSING_OPPOSITION] = 0.05 * 6
+    (f,) = found(obs)
+    assert (f.step, f.evidence["coincides_with"]) == (200, "sharpness") and 4 < f.evidence["ratio"] < 10
+
+
+def test_one_sharpness_spike_backs_one_warning_not_every_opposition_spike_near_it():
+    obs = series(7, spike_at=200, loss_spike=False, sharpness_spike=True)
+    obs[240].values[keys.OPPOSING_OPPOSITION] = 1.0  # a second episode 40 steps later, calm measurements between
+    assert [f.evidence["opposition_step"] for f in found(obs)] == [200]
+
+
+def recorded_run(name: str) -> list[Observation]:
+    """A real run's loss (every step), sharpness and opposition (every 10 steps), from
+    data/opposing_sharpness_runs.json: an MLP on synthetic images whose "sky" feature points to class 0 for one
+    group and against it for another (Rosenberg & Risteski's setting), SGD at LR 0.5 (sharpness spikes 3-30x
+    above 2/LR) or 0.005 (healthy: progressive sharpening, no spike); /work/notes/h18-L-scripts/exp.py."""
+    run = json.loads((Path(__file__).parent / "data" / "opposing_sharpness_runs.json").read_text())[name]
+    names = {"loss": keys.LOSS, "sharpness": keys.CURVATURE_SHARPNESS, "opposition": keys.OPPOSING_OPPOSITION}
+    steps = sorted({int(s) for series in run.values() for s in series})
+    return [Observation(step=s, values={names[k]: v[str(s)] for k, v in run.items() if str(s) in v}) for s in steps]
+
+
+def test_on_a_real_run_the_warnings_coincide_with_its_sharpness_spikes_and_a_healthy_run_has_none():
+    obs = recorded_run("spiky_lr0.5_seed0")
+    sharpness = [(o.step, o.values[keys.CURVATURE_SHARPNESS]) for o in obs if keys.CURVATURE_SHARPNESS in o.values]
+    spikes = {s for i, (s, x) in enumerate(sharpness) if i >= 3 and x >= 2 * max(v for _, v in sharpness[i - 3 : i])}
+    with_sharpness = [f.evidence["coincident_step"] for f in found(obs) if f.evidence["coincides_with"] == "sharpness"]
+    assert len(with_sharpness) >= 2 and set(with_sharpness) <= spikes, (with_sharpness, spikes)
+    assert found(recorded_run("healthy_lr0.005_seed0")) == []
 
 
 def test_state_round_trip_mid_episode_gives_the_same_warning():

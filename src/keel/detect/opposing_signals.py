@@ -64,7 +64,7 @@ class OpposingSignalsDetectorConfig:
 
     window: int = 20
     min_history: int = 5
-    z: float = 4.0
+    z: float = 1.0  # the opposition's log-scale noise is ~1 on real runs: the coincidence is what makes it specific
     min_ratio: float = 3.0
     min_level: float = 1e-3
     scale_floor: float = 0.1
@@ -146,6 +146,7 @@ class OpposingSignalsDetector:
         ):
             return []
         self._reported, self._reported_step = True, spike["step"]
+        self._partner = None  # one sharpness or loss spike backs one warning, not every opposition episode near it
         return [self._finding(obs.step, spike, partner)]
 
     def _judge_opposition(self, obs: Observation, x: float) -> None:

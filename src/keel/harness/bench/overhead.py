@@ -31,6 +31,7 @@ import torch
 from keel._core.argtypes import device, int_range, positive_int
 from keel._core.errors import TrainingAborted
 from keel._core.validate import check_types, require_ints
+from keel.detect import OpposingSignalsDetector, default_detectors
 from keel.guard import Guard
 from keel.guard.console import silenced
 from keel.harness.bench._progress import bench_progress
@@ -38,6 +39,7 @@ from keel.harness.bench.loop import example_lm_losses, train_steps
 from keel.harness.bench.rl_signals import KINDS, SignalKind, rl_signal_source
 from keel.integrations.watch import Watch, watch
 from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
+from keel.signals import DEFAULT_PROBES, OpposingSignalsProbe
 from keel.signals.attribution import Attribution
 
 Policy = Literal["observe", "skip", "recover"]
@@ -46,6 +48,7 @@ SIGNALS = (
     "keel.signals"  # the marker of an RL loop's variant: its kind of signals= dict (keel.harness.bench.rl_signals)
 )
 BATCH_IDS = "keel.batch_ids"  # the marker of the variant whose loop passes batch_ids= and batch= (with an Attribution)
+OPPOSING = "keel.opposing"  # the marker of the variant with an OpposingSignalsProbe: its cadence
 CONTROL = "bare, second process"  # the A/A control: the bare loop again, in a process of its own
 
 
@@ -70,6 +73,8 @@ class OverheadConfig:
             `keel.harness.bench.rl_signals`).
         batch_ids: Also time `Guard` with ``guard.step(loss, batch_ids=ids, batch=(x, y))`` and a `keel.Attribution`
             (per-sequence losses): the data path of issue 17 on steps with no finding.
+        opposing_every: Also time `Guard` with the default probes plus an `OpposingSignalsProbe` on 32 fixed
+            held-out sequences measured every this many steps, and the `OpposingSignalsDetector` (0: not timed).
         device: ``cpu`` or ``cuda``.
     """
 
@@ -85,11 +90,13 @@ class OverheadConfig:
     watch: bool = False
     signals: tuple[SignalKind, ...] = ()
     batch_ids: bool = False
+    opposing_every: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_types(self)
         require_ints(self, "batch_size", "seq_len", "steps", "repeats", "rounds", "full_log_every")
+        require_ints(self, "opposing_every", minimum=0)
         self.policies = tuple(dict.fromkeys(self.policies))
         self.signals = tuple(dict.fromkeys(self.signals))
         if self.device not in ("cpu", "cuda"):
@@ -110,6 +117,8 @@ class OverheadConfig:
         variants.update({f"signals={kind}": {SIGNALS: kind} for kind in self.signals})
         if self.batch_ids:
             variants["batch ids, attribution"] = {BATCH_IDS: True}
+        if self.opposing_every:
+            variants[f"opposing/{self.opposing_every}"] = {OPPOSING: self.opposing_every}
         variants[CONTROL] = None
         return variants
 
@@ -131,6 +140,8 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
     with_ids = kwargs.pop(BATCH_IDS, False)
     if with_ids:
         kwargs["attribution"] = Attribution(loss_fn=example_lm_losses)
+    if every := kwargs.pop(OPPOSING, 0):
+        kwargs["probes"], kwargs["detectors"] = opposing_signals_watch(config, every)
     guard: Guard | Watch | None = None
     if watched:  # the loop stays bare; keel hooks its optimizer.step()
         guard = watch(model, opt, run_dir=run_dir, **kwargs)
@@ -149,6 +160,15 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
 
     run.guard = guard  # type: ignore[attr-defined]
     return run
+
+
+def opposing_signals_watch(config: OverheadConfig, every: int) -> tuple[list, list]:
+    """The default probes plus an `OpposingSignalsProbe` on 32 fixed held-out sequences, and the default detectors
+    plus the `OpposingSignalsDetector`: the probes= and detectors= of the ``opposing/EVERY`` variant."""
+    x, y = ProxyBatches(batch_size=32, seq_len=config.seq_len, seed=1, split="val").next()
+    probe_set = (x.to(config.device), y.to(config.device))
+    probe = OpposingSignalsProbe(probe_set=probe_set, loss_fn=example_lm_losses, every=every)
+    return [*DEFAULT_PROBES, probe], [*default_detectors(), OpposingSignalsDetector()]
 
 
 def _variant_process(conn: Connection, config: dict[str, Any], guard_kwargs: dict | None, run_dir: str) -> None:
@@ -349,6 +369,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also time Guard.step(loss, batch_ids=..., batch=...) with a keel.Attribution (issue 17's data path)",
     )
+    parser.add_argument(
+        "--opposing-signals",
+        type=positive_int,
+        default=0,
+        metavar="EVERY",
+        help="also time the default probes plus OpposingSignalsProbe (32 held-out sequences) every EVERY steps",
+    )
     parser.add_argument("--device", default=defaults.device, type=device("cpu", "cuda"), metavar="{cpu,cuda}")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
@@ -395,6 +422,7 @@ def main(args: argparse.Namespace) -> int:
         watch=args.watch,
         signals=tuple(args.signals),
         batch_ids=args.batch_ids,
+        opposing_every=args.opposing_signals,
         device=args.device,
     )
     with bench_progress(config.rounds * config.repeats, "keel bench overhead", enabled=not args.json) as progress:
