@@ -148,11 +148,18 @@ def _opposition(spike_at: int | None = None) -> list[Observation]:
 
 
 def _sources(bad: int | None = None) -> list[Observation]:
-    """Three sources' loss, gradient norm and cosine every 10 steps; with ``bad``, that source drifts from the 60th."""
+    """Three sources' loss, gradient norm and cosine every 10 steps (the loss also as the loop's step losses); with
+    ``bad``, that source drifts from the 60th."""
     from tests.detect.test_source_drift import series  # noqa: PLC0415  (the detector's own test series)
 
-    return series(seed=1, bad=bad, bad_from=60, jump=12.0)
+    return series(seed=1, bad=bad, bad_from=60, jump=12.0, step_losses=True)
 
+
+def _evals(gap: float = 0.0) -> list[Observation]:
+    """Evals every 10 steps with the phase index, a switch at step 200; with ``gap``, task a's eval collapses there."""
+    from tests.detect.test_stability_gap import series  # noqa: PLC0415  (the detector's own test series)
+
+    return series(seed=0, gap=gap)
 
 DRIVES: dict[str, Drive] = {
     "spike": Drive(healthy=lambda: _scalar("loss", _healthy_loss()), trigger=lambda: _scalar("loss", _spiking_loss())),
@@ -204,4 +211,6 @@ DRIVES: dict[str, Drive] = {
     "dead_groups": Drive(
         healthy=lambda: rl_series.groups(0, n=120), trigger=lambda: rl_series.groups(0, dead_from=60, n=120)
     ),
+    # continual evaluation: a switch where the evals only fluctuate, and one with a stability gap
+    "stability_gap": Drive(healthy=_evals, trigger=lambda: _evals(gap=0.4)),
 }

@@ -38,12 +38,14 @@ def series(
     outliers: float = 0.02,
     present: float = 0.9,
     every: int = 10,
+    step_losses: bool = False,
 ) -> list[Observation]:
     """Per-source loss, gradient norm and cosine of a healthy run with heterogeneous sources: each its own level
     and noise, a common decay, a slow differential drift of up to ``trend`` noise units over the run, one-batch
     outliers (up to 10 noise units), sources missing from some batches. Source ``bad``'s values move ``jump``
     noise units the worse way (loss and norm up, cosine down) from measurement ``bad_from`` on — in units of the
-    noisiest source's relative noise, since a source is judged against the others' noise as well as its own."""
+    noisiest source's relative noise, since a source is judged against the others' noise as well as its own.
+    ``step_losses``: each loss also as the loop's step loss of 5 examples (`keel.signals.source_losses`'s keys)."""
     rng = np.random.default_rng(seed)
     level = rng.uniform(0.5, 3.0, (3, sources))
     noise = rng.uniform(0.01, 0.3, (3, sources)) * level
@@ -66,6 +68,10 @@ def series(
                 names.append(f"src{s}")
                 got.append(float(v if family != FAMILIES[2] else np.tanh(v - 1.0)))
         per_param = {family: (tuple(names), got) for family, (names, got) in values.items()}
+        if step_losses and FAMILIES[0] in per_param:
+            names, got = per_param[FAMILIES[0]]
+            per_param[keys.SOURCE_STEP_LOSS_PER_SOURCE] = (names, list(got))
+            per_param[keys.SOURCE_STEP_COUNT_PER_SOURCE] = (names, [5.0] * len(names))
         out.append(Observation(step=every * i, per_param=per_param))
     return out
 
@@ -164,6 +170,7 @@ def test_state_round_trip_continues_identically():
         ("long_alpha", "0.1", "allowed"),
         ("z", -1.0, "a finite number > 0"),
         ("min_effect", math.inf, "a finite number > 0"),
+        ("loss_block", 0, "an int >= 1"),
     ],
 )
 def test_bad_config_names_the_field_and_what_is_allowed(field, value, allowed):
@@ -224,3 +231,102 @@ def test_end_to_end_across_seeds(seed):
     drift, errors = train_three_sources(seed, corrupt_from=180)
     assert errors == [] and [s for _, s in drift] == ["2"]
     assert train_three_sources(seed, corrupt_from=None, steps=600) == ([], [])
+
+
+# --- the loop's own per-step losses (keel.signals.source_losses), pooled per loss_block steps ----------------------
+def step_losses(
+    seed: int, *, steps: int = 520, shift_from: int | None = None, factor: float = 1.4, offset: float = 1.0
+) -> list[Observation]:
+    """A proxy-LM-like run, as the loop sees it every step: batch 16 drawn from three sources (~5 examples each),
+    per-example losses with a relative noise of 0.27 (one batch's mean of a source: ~0.12, as measured on the proxy
+    LM), a common decay; source "2" is ``offset`` times harder from the start, and ``factor`` times its loss from
+    step ``shift_from`` on (the shuffled-bytes source: +36 % on its own, ~+45 % against the others). Each step
+    carries the per-source means and counts `keel.signals.source_losses` gives."""
+    rng = np.random.default_rng(seed)
+    level = np.array([2.4, 2.5, 2.45 * offset])
+    out = []
+    for step in range(steps):
+        source = rng.integers(0, 3, 16)
+        scale = level * (1.0 + 1.5 * math.exp(-step / 60))
+        if shift_from is not None and step >= shift_from:
+            scale = scale * np.array([1.0, 1.0, factor])
+        losses = scale[source] * (1.0 + 0.27 * rng.standard_normal(16))
+        values: dict[str, float] = {}
+        for s in np.unique(source):
+            values[keys.per_param(keys.SOURCE_STEP_LOSS_PER_SOURCE, str(s))] = float(losses[source == s].mean())
+            values[keys.per_param(keys.SOURCE_STEP_COUNT_PER_SOURCE, str(s))] = float((source == s).sum())
+        out.append(Observation(step=step, values=values))
+    return out
+
+
+def _probe_only(observations: list[Observation], every: int = 10) -> list[Observation]:
+    """What the probe alone sees: one batch's per-source loss every ``every`` steps."""
+    return [
+        Observation(
+            step=o.step,
+            values={
+                keys.SOURCE_LOSS_PER_SOURCE + k[len(keys.SOURCE_STEP_LOSS_PER_SOURCE) :]: v
+                for k, v in o.values.items()
+                if k.startswith(keys.SOURCE_STEP_LOSS_PER_SOURCE)
+            },
+        )
+        for o in observations
+        if o.step % every == 0
+    ]
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_step_losses_pooled_per_block_name_a_40_percent_drift_that_one_batch_measurements_miss(seed):
+    run = step_losses(seed, shift_from=300)
+    named = _named(run)
+    assert named and {s for _, s in named} == {"2"} and 300 <= named[0][0] <= 300 + 100, named
+    assert _named(_probe_only(run)) == []  # ~5 examples a measurement: the same drift is within the noise
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_step_losses_name_nothing_on_a_healthy_run_nor_a_source_harder_from_the_start(seed):
+    assert _named(step_losses(seed)) == []
+    assert _named(step_losses(seed, offset=1.5)) == []
+
+
+@pytest.mark.parametrize("seed", [0, pytest.param(1, marks=pytest.mark.slow), pytest.param(2, marks=pytest.mark.slow)])
+def test_a_source_whose_loss_collapses_is_named_as_fallen_and_the_healthy_ones_are_not(seed):
+    # byte-0x00 windows are learnt at once (2.4 -> 0.0004 on the proxy LM): trivially easy data is broken data
+    det = SourceDriftDetector()
+    found = [f for o in step_losses(seed, shift_from=300, factor=0.001) for f in det.update(o)]
+    assert found and {f.evidence["source"] for f in found} == {"2"}
+    assert found[0].evidence["direction"] == {"loss": "down"} and 300 <= found[0].step <= 400
+
+
+def test_a_falling_gradient_norm_or_a_rising_cosine_is_not_named():
+    # one-sided features: a source whose gradient shrinks, or agrees more with the rest, is being learnt
+    obs = series(7, bad=2, bad_from=60, jump=-20.0, present=1.0, outliers=0.0)
+    for o in obs:
+        o.per_param.pop(keys.SOURCE_LOSS_PER_SOURCE, None)
+    assert _named(obs) == []
+
+
+def test_the_long_history_takes_a_value_only_once_it_left_the_short_window():
+    from keel.detect.source_drift import _History
+
+    h = _History()
+    for i in range(30):
+        h.add(0.01 * (i % 3), short_window=7, alpha=0.05)
+    long_before = h.long
+    for _ in range(7):  # a step change fills the short window ...
+        h.add(5.0, short_window=7, alpha=0.05)
+    assert h.short == 5.0 and h.long == pytest.approx(long_before, abs=0.05)  # ... and the long one saw none of it
+    h.add(5.0, short_window=7, alpha=0.05)
+    assert h.long > long_before  # now it does, Huber-clipped
+
+
+def test_state_round_trip_mid_block_continues_identically():
+    obs = step_losses(4, shift_from=300)
+    whole = SourceDriftDetector()
+    expected = [[f.to_dict() for f in whole.update(o)] for o in obs]
+    half = SourceDriftDetector()
+    for o in obs[:305]:  # mid-block: five steps pooled
+        half.update(o)
+    resumed = SourceDriftDetector()
+    resumed.load_state_dict(json.loads(json.dumps(half.state_dict())))
+    assert [[f.to_dict() for f in resumed.update(o)] for o in obs[305:]] == expected[305:] and any(expected)

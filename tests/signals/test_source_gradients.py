@@ -16,7 +16,7 @@ from torch import nn
 from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel.signals import SourceGradientsConfig, SourceGradientsProbe
-from keel.signals.source_gradients import group_mean, source_cosines, source_names
+from keel.signals.source_gradients import group_mean, source_cosines, source_losses, source_names
 from tests.signals.contexts import step_context
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
@@ -193,3 +193,41 @@ def test_one_source_in_the_batch_gives_no_cosine():
 def test_bad_config_names_the_field_and_what_is_allowed(fields, match):
     with pytest.raises(ValueError, match=re.escape(f"SourceGradientsConfig.{match}")):
         SourceGradientsConfig(**fields)
+
+
+# --- source_losses: the loop's own per-example losses, per source, for guard.step(loss, signals=...) ---------------
+@settings(max_examples=30, deadline=None, derandomize=True)
+@given(tags=st.lists(st.sampled_from(["web", "code", 3, "a/b"]), min_size=1, max_size=12), seed=st.integers(0, 99))
+def test_source_losses_are_each_sources_mean_and_count(tags, seed):
+    losses = torch.rand(len(tags), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    got = source_losses(losses, tags)
+    for tag in set(tags):
+        name = source_names([tag], 1)[0]
+        mine = [float(v) for v, t in zip(losses, tags, strict=True) if t == tag]
+        assert float(got[keys.per_param(keys.SOURCE_STEP_LOSS_PER_SOURCE, name)]) == pytest.approx(
+            sum(mine) / len(mine)
+        )
+        assert got[keys.per_param(keys.SOURCE_STEP_COUNT_PER_SOURCE, name)] == len(mine)
+    assert len(got) == 2 * len(set(tags))
+
+
+def test_source_losses_keep_the_means_on_the_device_and_off_the_graph():
+    losses = torch.tensor([1.0, 2.0, 4.0], requires_grad=True) * 2
+    got = source_losses(losses, torch.tensor([0, 1, 0]))
+    mean = got[keys.per_param(keys.SOURCE_STEP_LOSS_PER_SOURCE, "0")]
+    assert isinstance(mean, torch.Tensor) and mean.dim() == 0 and not mean.requires_grad and float(mean) == 5.0
+
+
+@pytest.mark.parametrize(
+    ("losses", "tags", "match"),
+    [
+        (torch.ones(2, 3), [0, 1], "allowed: a 1-d tensor, one loss per example"),
+        ([1.0, 2.0], [0, 1], "allowed: a 1-d tensor"),
+        (torch.tensor(1.0), [0], "allowed: a 1-d tensor"),
+        (torch.ones(3), [0, 1], "one tag per example"),
+        (torch.ones(2), ["a/b", "a_b"], "sanitise to"),
+    ],
+)
+def test_source_losses_refuse_bad_input_with_one_clear_error(losses, tags, match):
+    with pytest.raises(ValueError, match=match):
+        source_losses(losses, tags)

@@ -70,6 +70,11 @@ LEVEL_CLIP_DISAGREEMENT = 0.25  # ... or this far (the cosine's disagreement, 0 
 # mean, and one source whose loss collapses (byte-0x00 windows on the proxy LM: 2.4 -> 0.0004) halves it, so both
 # healthy sources "rose" against it; against all three's median they did not.
 MAJORITY = 0.5
+# A source's loss that falls away from the others' is named too: a source turned to constant bytes (zero-filled
+# windows on the proxy LM: 2.4 -> 0.0004 within 50 steps) is learnt at once, and broken data that is trivially easy
+# is as broken as data that is hard. Gradient norms and cosines stay one-sided: a source whose gradient shrinks or
+# agrees more with the rest is being learnt.
+TWO_SIDED = frozenset({"loss"})
 MIN_SIGMA = 1e-3  # floor of the noise scale: a source measured identically each time is not infinitely sensitive
 
 
@@ -85,6 +90,9 @@ class SourceDriftConfig:
         min_effect: Step-to-step noise units by which it must exceed it, too.
         patience: Consecutive measurements it must exceed it for (two outliers in one short window, in a source or
             its reference, can lift the median once; a drift lasts).
+        loss_block: Steps of the loop's own per-source losses (``source/step_loss/<s>``, `keel.signals.
+            source_losses`) pooled, count-weighted, into one loss measurement; while they come, the probe's
+            ``source/loss/<s>`` (one batch's examples) is not judged.
     """
 
     warmup: int = 20
@@ -93,10 +101,12 @@ class SourceDriftConfig:
     z: float = 8.0
     min_effect: float = 2.0
     patience: int = 2
+    loss_block: int = 10
 
     def __post_init__(self) -> None:
         check_types(self)
-        require_ints(self, "warmup", "short_window", "patience")
+        require_ints(self, "warmup", "short_window", "patience", "loss_block")
+
         if self.warmup <= self.short_window:
             raise ValueError(f"SourceDriftConfig.warmup={self.warmup!r}; allowed: > short_window ({self.short_window})")
         require_positive(self, "z", "min_effect")
@@ -108,7 +118,7 @@ class SourceDriftConfig:
 class _History(DeviationHistory):
     """One source's deviation in one feature: the shared histories, and how long its short one has risen."""
 
-    risen: int = 0  # consecutive measurements with the short history risen above the long one
+    risen: int = 0  # consecutive measurements with the short history beyond the long one, in one direction
 
     @property
     def sigma(self) -> float:
@@ -123,13 +133,17 @@ class _History(DeviationHistory):
     def add(self, value: float, short_window: int, alpha: float) -> None:
         if math.isfinite(self.prev):
             self.diffs = [*self.diffs[-(NOISE_WINDOW - 1) :], abs(value - self.prev)]
-        self.recent = [*self.recent[-(short_window - 1) :], value]
-        # The long history starts once the recent median is robust and takes each value at most CLIP noise units
-        # from it (Huber-style): a one-batch outlier barely moves it, a lasting change does, slowly.
+        # The long history takes a value only when it leaves the short window, so the two never share one: a drift
+        # fills the short window before the long history sees any of it (taking each value at once absorbed a third
+        # of a drift by the time the short window held it: a shuffled source on the proxy LM peaked at z 3.9).
+        # Each value is taken at most CLIP noise units from the long mean (the first from the recent median),
+        # Huber-style: a one-batch outlier barely moves the long history, a lasting change does, slowly.
         if len(self.recent) == short_window and math.isfinite(self.sigma):
-            centre, limit = self.short, CLIP * self.sigma
-            self.long_sum = (1 - alpha) * self.long_sum + centre + max(-limit, min(limit, value - centre))
+            leaving, limit = self.recent[0], CLIP * self.sigma
+            centre = self.long if self.long_weight > 0 else self.short
+            self.long_sum = (1 - alpha) * self.long_sum + centre + max(-limit, min(limit, leaving - centre))
             self.long_weight = (1 - alpha) * self.long_weight + 1
+        self.recent = [*self.recent[-(short_window - 1) :], value]
         self.prev = value
         self.n += 1
 
@@ -170,7 +184,7 @@ class SourceDriftDetector:
     """
 
     name = "source_drift"
-    reads = tuple(family for family, _ in FEATURES)
+    reads = (*(family for family, _ in FEATURES), keys.SOURCE_STEP_LOSS_PER_SOURCE, keys.SOURCE_STEP_COUNT_PER_SOURCE)
     rests_when_finite = False
 
     def __init__(self, config: SourceDriftConfig | None = None, **fields: object) -> None:
@@ -179,13 +193,20 @@ class SourceDriftDetector:
         self._flagged: dict[str, list[str]] = {}  # source → the features that drifted, while it stays named
         self._level: dict[str, dict[str, tuple[float, float]]] = {}  # feature → source → forgetting sum, weight
         self._majority: dict[str, float] = {}  # this feature's deviations from all sources' median (3 or more)
+        self._pooling = False  # the loop passes its own per-step per-source losses (source/step_loss/<s>)
+        self._block: dict[str, tuple[float, float]] = {}  # source → this block's loss × count, count
+        self._block_steps = 0
 
     def update(self, obs: Observation) -> list[Finding]:
         c = self.config
         drifted: dict[str, list[str]] = {}
         raw: dict[str, dict[str, float]] = {}
+        measured = {family: members(obs, family) for family, _ in FEATURES}
+        pooled = self._pool(obs)
+        if self._pooling:  # the loop's every-step losses replace the probe's one-batch loss
+            measured[keys.SOURCE_LOSS_PER_SOURCE] = pooled or {}
         for family, feature in FEATURES:
-            values = {s: v for s, v in members(obs, family).items() if math.isfinite(_feature(feature, v))}
+            values = {s: v for s, v in measured[family].items() if math.isfinite(_feature(feature, v))}
             x = {s: _feature(feature, v) for s, v in values.items()}
             if len(x) < 2:
                 continue
@@ -201,8 +222,12 @@ class SourceDriftDetector:
                     continue
                 h.add(d, c.short_window, c.long_alpha)
                 ready = h.n >= c.warmup and h.long_weight > 0
-                h.risen = h.risen + 1 if ready and self._risen(h, c.z, c.min_effect) else 0
-                if h.risen >= c.patience and self._majority.get(source, d) >= MAJORITY * d:
+                way = self._moved(h, feature) if ready else 0  # +1 risen, -1 fallen (a loss only), 0 neither
+                if way < 0 and source not in self._majority:
+                    # of two sources, the one that fell is as much the other one risen: which moved takes a third
+                    way = 0
+                h.risen = h.risen + way if way and h.risen * way >= 0 else way
+                if abs(h.risen) >= c.patience and self._majority.get(source, d) * way >= MAJORITY * d * way:
                     drifted.setdefault(source, []).append(feature)
         found = [self._finding(obs.step, s, f, raw) for s, f in drifted.items()]
         released = [s for s in self._flagged if all(self._back(f, s) for f in self._flagged[s])]
@@ -216,6 +241,25 @@ class SourceDriftDetector:
                     if source not in self._flagged:
                         h.restart()
         return found
+
+    def _pool(self, obs: Observation) -> dict[str, float] | None:
+        """Pools the loop's per-step losses of each source (count-weighted); their means once a block is full."""
+        losses = members(obs, keys.SOURCE_STEP_LOSS_PER_SOURCE)
+        if not losses:
+            return None
+        counts = members(obs, keys.SOURCE_STEP_COUNT_PER_SOURCE)
+        self._pooling = True
+        for source, value in losses.items():
+            n = counts.get(source, 1.0)
+            if math.isfinite(value) and math.isfinite(n) and n > 0:  # a non-finite loss is the loss detectors' case
+                total, weight = self._block.get(source, (0.0, 0.0))
+                self._block[source] = (total + value * n, weight + n)
+        self._block_steps += 1
+        if self._block_steps < self.config.loss_block:
+            return None
+        means = {source: total / weight for source, (total, weight) in self._block.items()}
+        self._block, self._block_steps = {}, 0
+        return means
 
     def _deviations(self, feature: str, x: dict[str, float]) -> dict[str, float]:
         """Each source's excess over its own level, beyond the other sources' excess over theirs (their median).
@@ -262,14 +306,22 @@ class SourceDriftDetector:
         long_se = h.sigma * max(math.sqrt(alpha / (2 - alpha)), 1 / math.sqrt(max(h.long_weight, 1.0)))
         return math.hypot(self._short_se(h), long_se)
 
-    def _risen(self, h: _History, z: float, min_effect: float) -> bool:
-        rise = h.short - h.long
-        return rise > z * self._se(h) and rise > min_effect * h.sigma
+    def _moved(self, h: _History, feature: str) -> int:
+        """+1 where the short history rose beyond the long one by ``z`` standard errors and ``min_effect`` noise
+        units, -1 where it fell so (a feature in ``TWO_SIDED`` only), else 0."""
+        c, rise = self.config, h.short - h.long
+        way = 1 if rise > 0 else -1
+        if way < 0 and feature not in TWO_SIDED:
+            return 0
+        return way if abs(rise) > c.z * self._se(h) and abs(rise) > c.min_effect * h.sigma else 0
 
     def _back(self, feature: str, source: str) -> bool:
         h = self._hist.get(feature, {}).get(source)
         # hysteresis: named at z standard errors, released within one, so a marginal drift is one finding
-        return h is None or not h.recent or h.short - h.long < self._short_se(h)
+        if h is None or not h.recent:
+            return True
+        rise = h.short - h.long
+        return (abs(rise) if feature in TWO_SIDED else rise) < self._short_se(h)
 
     def _finding(self, step: int, source: str, features: list[str], raw: dict[str, dict[str, float]]) -> Finding:
         first = features[0]
@@ -293,6 +345,7 @@ class SourceDriftDetector:
                 "source": source,
                 "features": list(features),
                 "rule": "onset",
+                "direction": {f: "up" if h.risen > 0 else "down" for f, h in hist.items()},
                 "score": {f: (h.short - h.long) / self._se(h) for f, h in hist.items()},
                 "short": {f: h.short for f, h in hist.items()},
                 "long": {f: h.long for f, h in hist.items()},
@@ -307,6 +360,9 @@ class SourceDriftDetector:
             "hist": {f: {s: asdict(h) for s, h in hist.items()} for f, hist in self._hist.items()},
             "flagged": {s: list(f) for s, f in self._flagged.items()},
             "level": {f: {s: list(v) for s, v in lv.items()} for f, lv in self._level.items()},
+            "pooling": self._pooling,
+            "block": {s: list(v) for s, v in self._block.items()},
+            "block_steps": self._block_steps,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -314,6 +370,9 @@ class SourceDriftDetector:
         self._hist = {f: {s: _History(**h) for s, h in hist.items()} for f, hist in state["hist"].items()}
         self._flagged = {s: list(f) for s, f in state["flagged"].items()}
         self._level = {f: {s: (float(v[0]), float(v[1])) for s, v in lv.items()} for f, lv in state["level"].items()}
+        self._pooling = bool(state.get("pooling", False))
+        self._block = {s: (float(v[0]), float(v[1])) for s, v in state.get("block", {}).items()}
+        self._block_steps = int(state.get("block_steps", 0))
 
 
 def _clamp(x: float) -> float:

@@ -144,6 +144,37 @@ def group_mean(values: Tensor, names: Sequence[str]) -> dict[str, Tensor]:
     return out
 
 
+def source_losses(losses: Tensor, tags: Sequence[Hashable] | Tensor, *, max_sources: int = 32) -> dict[str, Any]:
+    """The loop's own per-example losses, as each source's mean and count: ``guard.step(loss, signals=...)``.
+
+    The loss of one measured batch is noisy where a source has a handful of examples in it; the loop computes every
+    example's loss on every step anyway, so passing these costs a few small reductions and no forward, and
+    `keel.detect.SourceDriftDetector` pools them over ``loss_block`` steps (ten times the examples at ten steps).
+    Means stay 0-d tensors on the losses' device (no host sync); counts are host numbers, from the tags (pass the
+    loader's tags as a list or a CPU tensor: tags on a GPU are read to the host).
+
+    Raises:
+        ValueError: ``losses`` is not one value per tag (a 1-d tensor), or `source_names`'s reasons.
+
+    Example:
+        >>> signals = source_losses(torch.tensor([1.0, 3.0, 5.0]), ["web", "code", "web"])
+        >>> [(k, float(v)) for k, v in signals.items() if k.endswith("/web")]
+        [('source/step_loss/web', 3.0), ('source/step_count/web', 2.0)]
+    """
+    if not isinstance(losses, Tensor) or losses.dim() != 1:
+        raise ValueError(
+            f"source_losses: losses={type(losses).__name__}{tuple(getattr(losses, 'shape', ()))}; allowed: a 1-d "
+            "tensor, one loss per example (e.g. F.cross_entropy(..., reduction='none'))"
+        )
+    names = source_names(tags, losses.shape[0], max_sources=max_sources)
+    losses = losses.detach()
+    out: dict[str, Any] = {}
+    for name, mean in group_mean(losses, names).items():
+        out[keys.per_param(keys.SOURCE_STEP_LOSS_PER_SOURCE, name)] = mean
+        out[keys.per_param(keys.SOURCE_STEP_COUNT_PER_SOURCE, name)] = float(names.count(name))
+    return out
+
+
 def source_cosines(
     model: torch.nn.Module, loss_fn: ExampleLossFn, batch: Any, names: Sequence[str]
 ) -> dict[str, Tensor]:
