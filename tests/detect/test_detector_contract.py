@@ -67,7 +67,8 @@ def _assert_well_formed(finding, steps):
 
 
 def _touched(observations):
-    return {k for o in observations for k in (*o.values, *o.per_param)}
+    touched = {k for o in observations for k in (*o.values, *o.per_param)}
+    return touched | {k[: i + 1] for k in touched for i, c in enumerate(k) if c == "/"}  # a family, by its members
 
 
 def test_every_registered_detector_has_a_drive():

@@ -305,3 +305,30 @@ def test_evals_tied_to_tasks_give_the_continual_metrics_at_each_round(tmp_path):
     assert steps.tolist() == [14, 19] and min_acc.tolist() == [0.5, 0.5]
     assert wc_steps.tolist() == [4, 9, 14, 19]
     assert wc_acc.tolist() == pytest.approx([0.6, 0.9, (0.1 + 0.5) / 2, (0.7 + 0.5) / 2])
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_a_stability_gap_after_a_phase_switch_is_found_by_the_default_detectors_and_stored(tmp_path, sync):
+    # task a's eval: steady near .8 for 6 evals, then the switch to b at step 30: .3, then back to .8
+    scripted = iter([0.80, 0.82, 0.81, 0.80, 0.82, 0.81, 0.30, 0.50, 0.80, 0.81])
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=sync == "deferred")
+    with Guard(model, opt, run_dir=str(tmp_path), sync=sync, policy="skip") as guard:
+        guard.evaluate("a", lambda m: next(scripted), every=5, task="a")
+        for step in range(50):
+            if step == 30:
+                guard.phase("b")
+            loss = model(torch.ones(2, 4)).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    gaps = [f for f in guard.findings if f.kind == "stability_gap"]
+    assert [(f.severity, f.step) for f in gaps] == [("warning", 34), ("info", 44)]
+    assert gaps[0].evidence["switch_step"] == 30 and gaps[0].evidence["depth"] == pytest.approx(0.51)
+    assert gaps[1].evidence["recovery_steps"] == 14
+    with RunReader(tmp_path) as reader:
+        assert [(f.step, f.severity) for f in reader.findings() if f.kind == "stability_gap"] == [
+            (34, "warning"),
+            (44, "info"),
+        ]

@@ -27,6 +27,7 @@ from keel.detect.robust import robust_location_scale, robust_z
 from keel.detect.softmax_collapse import SoftmaxCollapseConfig, SoftmaxCollapseDetector
 from keel.detect.source_drift import SourceDriftConfig, SourceDriftDetector
 from keel.detect.spike import SpikeConfig, SpikeDetector
+from keel.detect.stability_gap import StabilityGapConfig, StabilityGapDetector
 from keel.detect.trend import TrendWindow, theil_sen_slope
 
 __all__ = [
@@ -72,6 +73,8 @@ __all__ = [
     "SoftmaxCollapseDetector",
     "SourceDriftConfig",
     "SourceDriftDetector",
+    "StabilityGapConfig",
+    "StabilityGapDetector",
     "SpikeConfig",
     "SpikeDetector",
     "TrendWindow",
@@ -96,8 +99,8 @@ def default_detectors() -> list[Detector]:
 
     Loss and gradient spikes, divergence, non-finite values and where they were born; and the predictive
     ones: attention-logit growth, attention-entropy collapse, output-logit drift, softmax collapse and the
-    edge of stability; a LoRA adapter's blow-up. Each stays silent while its signal is absent (e.g. no sharpness probe,
-    no attention, no LoRA adapter).
+    edge of stability; a LoRA adapter's blow-up; the stability gap after a phase switch (`Guard.phase`, evals).
+    Each stays silent while its signal is absent (e.g. no sharpness probe, no attention, no LoRA adapter, no phase).
     """
     return [
         SpikeDetector(signal="loss"),
@@ -111,4 +114,5 @@ def default_detectors() -> list[Detector]:
         SoftmaxCollapseDetector(),
         EdgeOfStabilityDetector(),
         LoraBlowupDetector(),
+        StabilityGapDetector(),
     ]

@@ -110,7 +110,8 @@ def continual_metrics(
         >>> tracks = {"eval/a": TaskEval(task="a", steps=[9, 19, 29, 39], values=[0.5, 0.9, 0.4, 0.7]),
         ...           "eval/b": TaskEval(task="b", steps=[19, 29, 39], values=[0.1, 0.3, 0.6])}
         >>> m = continual_metrics(tracks, [(0, "a"), (20, "b")], windows=(2,))
-        >>> [round(m[k], 6) for k in ("continual/min_acc", "continual/wc_acc", "continual/forgetting", "continual/wf/2")]
+        >>> names = ("min_acc", "wc_acc", "forgetting", "wf/2")
+        >>> [round(m[f"continual/{k}"], 6) for k in names]
         [0.4, 0.5, 0.2, 0.25]
     """
     phases = sorted(phases)

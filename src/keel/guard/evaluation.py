@@ -247,14 +247,28 @@ class Evaluation:
         if any(r.spec.task is not None for r in results):
             phases = [(p.step, p.name) for p in self.phases]
             values.update(self.components.call("continual metrics", continual_metrics, self.tracks, phases) or {})
-        obs = Observation(step=step, values=values)
+        found = self._detect(step, values, results)
+        self.components.call("recorder", self.recorder.evaluation, Observation(step=step, values=values), found)
+        return values
+
+    def _detect(self, step: int, values: dict[str, float], results: list[EvalResult]) -> list[Finding]:
+        """Feed the round to the detectors that read evals, with the phase index of ``step`` (0 before any phase:
+        the steps before a first `phase` call are its phase 0), so the order in which a step's observation and its
+        evals arrive (``sync="deferred"`` lands a step's observation one step late) does not matter."""
+        phase = next((p.index for p in reversed(self.phases) if p.step <= step), 0)
+        obs = Observation(step=step, values={**values, keys.PHASE_INDEX: float(phase)})
         found: list[Finding] = []
         for detector in self.components.detectors:
-            if isinstance(detector, ReadsKeys) and any(k in _EVAL_READS for k in detector.reads):
-                label = detector_label(detector)
-                found.extend(self.components.call(label, _detected, detector, obs) or [])
-        self.components.call("recorder", self.recorder.evaluation, obs, found)
-        return values
+            if not (isinstance(detector, ReadsKeys) and any(k in _EVAL_READS for k in detector.reads)):
+                continue
+            label = detector_label(detector)
+            note = getattr(detector, "note_eval", None)
+            if note is not None:  # the goal of each key: the headline's is the eval's, the other metrics unwatched
+                for result in results:
+                    for key in result.values:
+                        self.components.call(label, note, key, result.spec.goal if key == result.headline else None)
+            found.extend(self.components.call(label, _detected, detector, obs) or [])
+        return found
 
     def _write_meta(self) -> None:
         meta = {"evals": {n: s.describe() for n, s in self.specs.items()}, "phases": [p.to_dict() for p in self.phases]}
