@@ -55,12 +55,14 @@ from keel.harness.scenarios import (  # noqa: E402,F401  (register built-ins)
     lora_finetune,
     lora_high_lr,
     lr_spike,
+    noisy_eval_finetune,
     non_finite_origin,
     output_logit_divergence,
     poisoned_batch,
     qlora_finetune,
     slow_divergence,
     softmax_collapse,
+    task_switch,
     warmup_bump,
 )
 
