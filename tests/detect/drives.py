@@ -161,6 +161,12 @@ def _evals(gap: float = 0.0) -> list[Observation]:
 
     return series(seed=0, gap=gap)
 
+def _lora_ratio(race_from: int | None = None) -> list[Observation]:
+    from tests.detect.test_lora_blowup import series  # noqa: PLC0415  (the detector's own test series)
+
+    return series(race_from=race_from)
+
+
 DRIVES: dict[str, Drive] = {
     "spike": Drive(healthy=lambda: _scalar("loss", _healthy_loss()), trigger=lambda: _scalar("loss", _spiking_loss())),
     "divergence": Drive(
@@ -213,4 +219,6 @@ DRIVES: dict[str, Drive] = {
     ),
     # continual evaluation: a switch where the evals only fluctuate, and one with a stability gap
     "stability_gap": Drive(healthy=_evals, trigger=lambda: _evals(gap=0.4)),
+    # LoRA: an adapter's ‖ΔW‖/‖W‖ growing from B = 0 as it should, and one racing from step 100
+    "lora_blowup": Drive(healthy=lambda: _lora_ratio(), trigger=lambda: _lora_ratio(race_from=100)),
 }
