@@ -26,6 +26,26 @@ def raw_tensor(module: nn.Module, name: str) -> Tensor | None:
     return value if isinstance(value, Tensor) else None
 
 
+def base_layer(module: nn.Module) -> nn.Module:
+    """The layer an adapter wrapper adapts (peft's LoRA and its kin wrap a projection and expose it as
+    ``get_base_layer()``), or ``module`` itself: its shape, weight and bias are the projection's."""
+    get = getattr(module, "get_base_layer", None)
+    base = get() if callable(get) else module
+    return base if isinstance(base, nn.Module) else module
+
+
+def adapter_factors(model: nn.Module) -> set[int]:
+    """ids of the modules inside peft adapter containers (``lora_A``, ``lora_B``, ... of a tuner layer): factors of
+    a low-rank update, not weights of the model."""
+    ids: set[int] = set()
+    for module in model.modules():
+        for name in getattr(module, "adapter_layer_names", ()):
+            container = getattr(module, name, None)
+            if isinstance(container, nn.Module):
+                ids.update(id(m) for m in container.modules())
+    return ids
+
+
 def linear_features(module: nn.Module) -> tuple[int, int] | None:
     """(in, out) of a module that applies a dense projection by ``.weight``: ``nn.Linear`` (weight out×in)
     or a Hugging Face-style ``Conv1D`` (attribute ``nf``, weight in×out). None for anything else."""

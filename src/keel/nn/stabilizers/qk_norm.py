@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from keel.nn._surgery import (
+    base_layer,
     first_parameter,
     has_bias,
     head_dim_of,
@@ -71,6 +72,9 @@ class QKNormStabilizer:
        head, before RoPE, where OLMo-2 and Qwen3 put their QK-norm;
     4. a fused [q|k|v] projection (``c_attn``, ``qkv``, ``Wqkv``) three times as wide as its input (nanoGPT,
        Hugging Face GPT-2): a forward hook normalises the q and k thirds per head.
+
+    A projection wrapped by a peft adapter (LoRA) is recognised by the layer it wraps, and the hook sits on the
+    wrapper, so the queries and keys it normalises include the adapter's update.
 
     The norms are registered as ``q_norm``/``k_norm`` on the attention module, so they are parameters and
     state-dict entries of the model. QK-norm changes the function: outputs differ from the original's.
@@ -175,14 +179,15 @@ class QKNormStabilizer:
         q_proj, k_proj = getattr(module, q_name, None), getattr(module, k_name, None)
         if not isinstance(q_proj, nn.Module) or not isinstance(k_proj, nn.Module):
             return None
-        q_feat, k_feat = linear_features(q_proj), linear_features(k_proj)
+        # a LoRA-wrapped projection is measured by the layer it wraps and hooked as itself: its output holds the update
+        q_feat, k_feat = linear_features(base_layer(q_proj)), linear_features(base_layer(k_proj))
         if q_feat is None or k_feat is None:
             return None
         head_dim = head_dim_of(module, q_feat[1])
         if head_dim is None or q_feat[1] % head_dim or k_feat[1] % head_dim:
             return None
-        anchor = raw_tensor(q_proj, "weight")
-        bias = has_bias(q_proj) if convention is None else convention
+        anchor = raw_tensor(base_layer(q_proj), "weight")
+        bias = has_bias(base_layer(q_proj)) if convention is None else convention
         module.q_norm, module.k_norm = self._norm(head_dim, anchor, bias), self._norm(head_dim, anchor, bias)
         handles = (
             q_proj.register_forward_hook(HeadNormHook(module.q_norm, head_dim)),
@@ -203,15 +208,15 @@ class QKNormStabilizer:
         proj = getattr(module, fused_name, None)
         if not isinstance(proj, nn.Module):
             return None
-        features = linear_features(proj)
+        features = linear_features(base_layer(proj))  # a LoRA-wrapped projection: the layer it wraps
         if features is None or features[1] != 3 * features[0] or getattr(module, "is_cross_attention", False):
             return None
         width = features[0]
         head_dim = head_dim_of(module, width)
         if head_dim is None or width % head_dim:
             return None
-        anchor = raw_tensor(proj, "weight")
-        bias = has_bias(proj) if convention is None else convention
+        anchor = raw_tensor(base_layer(proj), "weight")
+        bias = has_bias(base_layer(proj)) if convention is None else convention
         module.q_norm, module.k_norm = self._norm(head_dim, anchor, bias), self._norm(head_dim, anchor, bias)
         handle = proj.register_forward_hook(FusedHeadNormHook(module.q_norm, module.k_norm, head_dim, width))
         return Change(

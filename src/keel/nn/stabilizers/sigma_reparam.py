@@ -13,7 +13,7 @@ from typing import ClassVar
 from torch import nn
 from torch.nn.utils import parametrize
 
-from keel.nn._surgery import linear_features, shared_parameter_ids
+from keel.nn._surgery import adapter_factors, linear_features, shared_parameter_ids
 from keel.nn.sigma_reparam import SigmaReparam
 from keel.nn.stabilizers._base import Change, stabilizers
 
@@ -32,7 +32,10 @@ class SigmaReparamStabilizer:
     ``.0.gamma``).
 
     Weights shared with another module (a tied LM head) are left alone: reparametrising one use of a
-    tied matrix would silently change the other.
+    tied matrix would silently change the other. So are frozen weights (``requires_grad=False``, e.g. the base
+    of a LoRA fine-tune), whose spectral norm cannot grow and which a trainable γ would partly unfreeze, and
+    the factors of a peft adapter (``lora_A``/``lora_B``): B starts at zero, and σReparam is defined on a weight,
+    not on the factors of its update.
 
     Attributes:
         stats_only: Track σ without reparametrising (a spectral-norm monitor).
@@ -56,15 +59,18 @@ class SigmaReparamStabilizer:
 
     def apply(self, model: nn.Module) -> list[Change]:
         shared = shared_parameter_ids(model)
+        factors = adapter_factors(model)
         changes = []
         for name, module in list(model.named_modules()):
-            if any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
+            if id(module) in factors or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
                 continue
             for tensor_name in self._targets(module):
                 if parametrize.is_parametrized(module, tensor_name):
                     continue
                 weight = getattr(module, tensor_name, None)
                 if not isinstance(weight, nn.Parameter) or id(weight) in shared or weight.dim() < 2:
+                    continue
+                if not weight.requires_grad:  # frozen (a LoRA base): it cannot grow, and a γ would unfreeze it
                     continue
                 reparam = SigmaReparam(weight, stats_only=self.stats_only)
                 reparam.train(module.training)
