@@ -11,10 +11,12 @@ so a trend does not count as noise; at least ``relative_floor`` of the level). W
 the switch, a value below that level by ``z`` noise units and by ``relative_floor`` of the level is a gap: a
 ``warning`` at that eval. Its evidence: the eval key, ``value_before`` (the level), ``minimum`` so far, ``depth``
 (level − minimum, in the eval's units: positive is worse), ``relative_depth``, ``steps_after_switch``, the switch
-step and phases. The gap recovers when the eval is back within ``max(2·noise, recovered_share·depth)`` of its
-level: an ``info`` finding of the same kind then reports the final ``minimum``, ``depth`` and ``recovery_steps``
-(from the switch; l2metrics' recovery time counted in steps) — so the warning comes early and the recovery is a
-later record, both in the store. A gap that has not recovered at the next switch gets no recovery record.
+step and phases. The gap counts as recovered once the eval has regained ``recovered_share`` of its depth (half, by
+default; or is back within 2 noise units of its level): an ``info`` finding of the same kind then reports the final
+``minimum`` and ``depth``, ``recovery_steps`` (from the switch; l2metrics' recovery time, counted in steps, to half
+the depth by default as a gap often recovers only part of the way) and ``recovered_to`` / ``lasting_drop`` (what the
+task kept losing) — so the warning comes early and the recovery is a later record, both in the store. A gap that has
+not recovered by the next switch gets no recovery record.
 
 Goals: an eval the Guard records says whether higher or lower is better (`note_eval`); in a log read by
 `keel doctor` a key whose last part names a loss or a perplexity (``loss``, ``ppl``, ``perplexity``) is taken as
@@ -56,7 +58,8 @@ class StabilityGapConfig:
         z: Noise units below the level that make a gap.
         relative_floor: Least drop that counts, and least noise assumed, as a share of the level's size.
         within_evals: Evals after a switch in which a gap may begin (later falls are forgetting, not the gap).
-        recovered_share: Share of the depth left when the eval counts as recovered (with 2 noise units).
+        recovered_share: Share of the depth the eval must regain to count as recovered (1: all of it, up to 2 noise
+            units).
     """
 
     baseline_points: int = 3
@@ -64,15 +67,15 @@ class StabilityGapConfig:
     z: float = 4.0
     relative_floor: float = 0.02
     within_evals: int = 20
-    recovered_share: float = 0.1
+    recovered_share: float = 0.5
 
     def __post_init__(self) -> None:
         check_types(self)
         require_ints(self, "baseline_points", "within_evals")
         require_ints(self, "window", minimum=2)
         require_positive(self, "z", "relative_floor", "recovered_share")
-        if self.recovered_share >= 1:
-            raise ValueError(f"StabilityGapConfig.recovered_share={self.recovered_share!r}; allowed: in (0, 1)")
+        if self.recovered_share > 1:
+            raise ValueError(f"StabilityGapConfig.recovered_share={self.recovered_share!r}; allowed: in (0, 1]")
 
 
 @DETECTORS.register(KIND)
@@ -87,7 +90,7 @@ class StabilityGapDetector:
         ...     values = {"eval/a": acc, keys.PHASE_INDEX: float(i >= 5)}
         ...     found += det.update(Observation(step=10 * i + 9, values=values))
         >>> [(f.severity, f.step, f.evidence["depth"]) for f in found]
-        [('warning', 59, 0.42), ('info', 89, 0.42)]
+        [('warning', 59, 0.42), ('info', 79, 0.42)]
     """
 
     name = KIND
@@ -162,8 +165,9 @@ class StabilityGapDetector:
             return self._finding(step, key, gap, goal, "warning")
         if quality < gap["minimum"]:
             gap.update(minimum=quality, minimum_step=step)
-        if quality >= level - max(2 * noise, cfg.recovered_share * (level - gap["minimum"])):
+        if quality >= level - max(2 * noise, (1 - cfg.recovered_share) * (level - gap["minimum"])):
             del self._gaps[key]
+            gap["recovered_to"] = quality
             return self._finding(step, key, gap, goal, "info")
         return None
 
@@ -189,6 +193,8 @@ class StabilityGapDetector:
         }
         if severity == "info":
             evidence["recovery_steps"] = after
+            evidence["recovered_to"] = round(sign * gap["recovered_to"], 6)
+            evidence["lasting_drop"] = round(level - gap["recovered_to"], 6)
             text = (
                 f"{key} recovered {after} steps after the switch to phase {self._switch['to']} (from "
                 f"{evidence['minimum']:.4g}, a gap {evidence['depth']:.4g} deep, back near "
