@@ -20,21 +20,30 @@ def train_steps(
     n: int,
     signals: Callable[[], Mapping[str, Tensor]] | None = None,
     batch_ids: Callable[[int], Sequence[int]] | None = None,
+    example_signals: Callable[[Tensor], Mapping[str, Any]] | None = None,
 ) -> None:
     """``n`` language-model steps over ``data`` (cycled): forward, backward, then ``guard.step`` — or the
     optimizer alone when there is no guard. Waits for the device at the end, so a timer around it is honest.
     ``signals``: makes the loop's own ``signals=`` dict for each ``guard.step`` (an RL loop's). ``batch_ids``: the
     example ids of the i-th batch; each ``guard.step`` then gets ``batch_ids=`` and ``batch=`` (a loop that tells
-    keel what it trained on, for `keel.Attribution` and the skip list)."""
+    keel what it trained on, for `keel.Attribution` and the skip list). ``example_signals``: the loop keeps each
+    sequence's loss (the step's loss is their mean) and makes its ``signals=`` from them (``keel.signals.
+    source_losses``)."""
     for i in range(n):
         x, y = data[i % len(data)]
-        loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        step_signals = None
+        if example_signals is None:
+            loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
+        else:
+            losses = F.cross_entropy(model(x).transpose(1, 2), y, reduction="none").mean(1)
+            loss = losses.mean()
+            step_signals = example_signals(losses)
         loss.backward()
         if guard is not None:
             ids = None if batch_ids is None else batch_ids(i)
             guard.step(
                 loss,
-                signals=None if signals is None else signals(),
+                signals=step_signals if signals is None else signals(),
                 batch_ids=ids,
                 batch=None if ids is None else (x, y),
             )

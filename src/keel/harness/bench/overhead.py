@@ -27,11 +27,12 @@ from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 import torch
+from torch import Tensor
 
 from keel._core.argtypes import device, int_range, positive_int
 from keel._core.errors import TrainingAborted
 from keel._core.validate import check_types, require_ints
-from keel.detect import OpposingSignalsDetector, default_detectors
+from keel.detect import OpposingSignalsDetector, SourceDriftDetector, default_detectors
 from keel.guard import Guard
 from keel.guard.console import silenced
 from keel.harness.bench._progress import bench_progress
@@ -39,7 +40,7 @@ from keel.harness.bench.loop import example_lm_losses, train_steps
 from keel.harness.bench.rl_signals import KINDS, SignalKind, rl_signal_source
 from keel.integrations.watch import Watch, watch
 from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
-from keel.signals import DEFAULT_PROBES, OpposingSignalsProbe
+from keel.signals import DEFAULT_PROBES, OpposingSignalsProbe, SourceGradientsProbe, source_losses
 from keel.signals.attribution import Attribution
 
 Policy = Literal["observe", "skip", "recover"]
@@ -49,6 +50,7 @@ SIGNALS = (
 )
 BATCH_IDS = "keel.batch_ids"  # the marker of the variant whose loop passes batch_ids= and batch= (with an Attribution)
 OPPOSING = "keel.opposing"  # the marker of the variant with an OpposingSignalsProbe: its cadence
+SOURCES = "keel.sources"  # the marker of a source-drift variant: its SourceGradientsProbe's cadence (0: none)
 CONTROL = "bare, second process"  # the A/A control: the bare loop again, in a process of its own
 
 
@@ -75,6 +77,10 @@ class OverheadConfig:
             (per-sequence losses): the data path of issue 17 on steps with no finding.
         opposing_every: Also time `Guard` with the default probes plus an `OpposingSignalsProbe` on 32 fixed
             held-out sequences measured every this many steps, and the `OpposingSignalsDetector` (0: not timed).
+        source_drift_every: Also time `Guard` with the `SourceDriftDetector` on three sources (a batch's rows
+            modulo 3), the loop passing ``signals=keel.signals.source_losses(losses, tags)`` from its own
+            per-sequence losses every step; and that plus a `SourceGradientsProbe` (loss and cosine) every this
+            many steps, the loop passing ``batch=`` (0: not timed).
         device: ``cpu`` or ``cuda``.
     """
 
@@ -91,12 +97,13 @@ class OverheadConfig:
     signals: tuple[SignalKind, ...] = ()
     batch_ids: bool = False
     opposing_every: int = 0
+    source_drift_every: int = 0
     device: str = "cpu"
 
     def __post_init__(self) -> None:
         check_types(self)
         require_ints(self, "batch_size", "seq_len", "steps", "repeats", "rounds", "full_log_every")
-        require_ints(self, "opposing_every", minimum=0)
+        require_ints(self, "opposing_every", "source_drift_every", minimum=0)
         self.policies = tuple(dict.fromkeys(self.policies))
         self.signals = tuple(dict.fromkeys(self.signals))
         if self.device not in ("cpu", "cuda"):
@@ -119,6 +126,9 @@ class OverheadConfig:
             variants["batch ids, attribution"] = {BATCH_IDS: True}
         if self.opposing_every:
             variants[f"opposing/{self.opposing_every}"] = {OPPOSING: self.opposing_every}
+        if self.source_drift_every:
+            variants["sources, step losses"] = {SOURCES: 0}
+            variants[f"sources + probe/{self.source_drift_every}"] = {SOURCES: self.source_drift_every}
         variants[CONTROL] = None
         return variants
 
@@ -142,6 +152,10 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
         kwargs["attribution"] = Attribution(loss_fn=example_lm_losses)
     if every := kwargs.pop(OPPOSING, 0):
         kwargs["probes"], kwargs["detectors"] = opposing_signals_watch(config, every)
+    example_signals = None
+    if (every := kwargs.pop(SOURCES, None)) is not None:
+        kwargs["probes"], kwargs["detectors"], example_signals = source_drift_watch(config, every)
+        with_ids = every > 0  # the probe measures on the step's batch
     guard: Guard | Watch | None = None
     if watched:  # the loop stays bare; keel hooks its optimizer.step()
         guard = watch(model, opt, run_dir=run_dir, **kwargs)
@@ -155,7 +169,8 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
         nonlocal position
         start, size = position, config.batch_size
         ids = (lambda k: range((start + k) * size, (start + k + 1) * size)) if with_ids else None
-        train_steps(model, opt, [data[(position + k) % len(data)] for k in range(n)], stepper, n, signals, ids)
+        batches = [data[(position + k) % len(data)] for k in range(n)]
+        train_steps(model, opt, batches, stepper, n, signals, ids, example_signals)
         position += n
 
     run.guard = guard  # type: ignore[attr-defined]
@@ -169,6 +184,16 @@ def opposing_signals_watch(config: OverheadConfig, every: int) -> tuple[list, li
     probe_set = (x.to(config.device), y.to(config.device))
     probe = OpposingSignalsProbe(probe_set=probe_set, loss_fn=example_lm_losses, every=every)
     return [*DEFAULT_PROBES, probe], [*default_detectors(), OpposingSignalsDetector()]
+
+
+def source_drift_watch(config: OverheadConfig, every: int) -> tuple[list, list, Callable[[Tensor], dict]]:
+    """The ``sources`` variants' probes=, detectors= and the loop's signals= maker: three sources (rows modulo 3),
+    the `SourceDriftDetector`, and with ``every`` > 0 a `SourceGradientsProbe` (loss and cosine) every ``every``."""
+    tags = [row % 3 for row in range(config.batch_size)]
+    probes = list(DEFAULT_PROBES)
+    if every:
+        probes.append(SourceGradientsProbe(source_fn=lambda _: tags, loss_fn=example_lm_losses, every=every))
+    return probes, [*default_detectors(), SourceDriftDetector()], lambda losses: source_losses(losses, tags)
 
 
 def _variant_process(conn: Connection, config: dict[str, Any], guard_kwargs: dict | None, run_dir: str) -> None:
@@ -376,6 +401,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="EVERY",
         help="also time the default probes plus OpposingSignalsProbe (32 held-out sequences) every EVERY steps",
     )
+    parser.add_argument(
+        "--source-drift",
+        type=positive_int,
+        default=0,
+        metavar="EVERY",
+        help="also time SourceDriftDetector on 3 sources from the loop's per-source losses (source_losses), and "
+        "that plus SourceGradientsProbe every EVERY steps",
+    )
     parser.add_argument("--device", default=defaults.device, type=device("cpu", "cuda"), metavar="{cpu,cuda}")
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
@@ -423,6 +456,7 @@ def main(args: argparse.Namespace) -> int:
         signals=tuple(args.signals),
         batch_ids=args.batch_ids,
         opposing_every=args.opposing_signals,
+        source_drift_every=args.source_drift,
         device=args.device,
     )
     with bench_progress(config.rounds * config.repeats, "keel bench overhead", enabled=not args.json) as progress:
