@@ -9,6 +9,12 @@ evidence. Under ``skip`` and ``recover`` the outliers (robust z above `Attributi
 spike the step trained on, so that later epochs and resumed runs leave them out — and every example of a window a
 rollback steps past are written to ``run_dir/skip_list.json`` for `keel.data.SkipListSampler`; ``observe`` changes no
 data and writes none.
+
+Under torch.distributed every rank trains on its own batch, so its attribution names its own examples. The decisions
+that follow stay the same on every rank: a spike carried by outliers on any rank skips the step on all of them (a
+skip on one rank alone would leave the replicas' weights apart), and the skip list that rank 0 writes holds every
+rank's outliers and every rank's ids of a rollback's window (gathered on those rare steps only). The per-step ids in
+the run store are rank 0's.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ from keel._core.decision import Decision
 from keel._core.example_ids import as_id_list
 from keel._core.finding import Finding
 from keel.data.skip_list import EntryKind, SkipEntry, SkipList
+from keel.guard.distributed import RankSync
 from keel.signals.attribution import Attribution, batch_size, example_grad_norms, example_losses, rank_offenders
 
 SPIKE_KINDS = frozenset({"loss_spike", "grad_spike", "non_finite"})  # attributed at any severity, info included
@@ -40,12 +47,18 @@ class DataLedger:
         attribution: How to attribute a bad step to its examples; None: not at all.
         keep_steps: Steps whose ids stay in memory (at least `MIN_RECENT_STEPS`): as far back as a rollback can
             reach, so a rollback's window entry holds every id it discarded.
+        ranks: The ranks of a torch.distributed job (None in one process): attributed skips are agreed and skipped
+            ids gathered across them.
     """
 
     def __init__(
-        self, skip_list_dir: str | Path | None, attribution: Attribution | None, keep_steps: int = MIN_RECENT_STEPS
+        self,
+        skip_list_dir: str | Path | None,
+        attribution: Attribution | None,
+        keep_steps: int = MIN_RECENT_STEPS,
+        ranks: RankSync | None = None,
     ) -> None:
-        self.attribution = attribution
+        self.attribution, self.ranks = attribution, ranks
         self.skip_list = SkipList(skip_list_dir) if skip_list_dir is not None else None
         self.recent: deque[tuple[int, array[int]]] = deque(maxlen=max(keep_steps, MIN_RECENT_STEPS))
         self.ids: list[int] | None = None  # this step's
@@ -92,15 +105,21 @@ class DataLedger:
     def skip_if_attributed(self, decision: Decision, policy: str) -> Decision:
         """Under ``skip``/``recover``, a step the Guard would apply whose spike attribution pinned on outlier examples
         is skipped instead: the spike was theirs (a spike the detectors rate ``info`` — one step, below their
-        critical ratio — is exactly a poisoned batch's). Other decisions are returned as they are."""
+        critical ratio — is exactly a poisoned batch's). Other decisions are returned as they are. Under
+        torch.distributed, outliers on any rank skip the step on every rank."""
         if policy == "observe" or decision.action != "ok":
             return decision
-        carried = [f for f in decision.findings if f.kind in SPIKE_KINDS and f.evidence.get("outliers")]
-        if not carried:
+        spikes = [f for f in decision.findings if f.kind in SPIKE_KINDS]
+        if not spikes:  # the same on every rank: the findings come from the ranks' reduced values
             return decision
+        carried = [f for f in spikes if f.evidence.get("outliers")]
         ids = sorted({i for f in carried for i in f.evidence["outliers"]})
+        if self.ranks is not None:
+            ids = self.ranks.all_ids(ids)
+        if not ids:
+            return decision
         shown = ", ".join(map(str, ids[:8])) + (", …" if len(ids) > 8 else "")
-        kinds = ", ".join(sorted({f.kind for f in carried}))
+        kinds = ", ".join(sorted({f.kind for f in carried or spikes}))
         return dataclasses.replace(
             decision,
             action="skip",
@@ -110,9 +129,13 @@ class DataLedger:
 
     def record_skips(self, decision: Decision) -> None:
         """Write what ``decision`` takes out of training from now on to the skip list: the outliers its findings were
-        attributed to (skipped or trained on), and, for a rollback, every example of the steps it discarded."""
-        if self.skip_list is None or any(_transient(f) for f in decision.findings):
+        attributed to (skipped or trained on), and, for a rollback, every example of the steps it discarded. Under
+        torch.distributed, every rank takes part (the ids are gathered) and rank 0 writes."""
+        if any(_transient(f) for f in decision.findings):
             return  # a transient fault is not the data's
+        attributed = self.attribution is not None and any(map(_warrants, decision.findings))  # alike on every rank
+        if (self.skip_list is None and self.ranks is None) or not (attributed or decision.action == "rollback"):
+            return
         step = decision.step
         outliers = sorted(
             {
@@ -122,13 +145,17 @@ class DataLedger:
                 for i in f.evidence.get("outliers", ())
             }
         )
+        if attributed and self.ranks is not None:
+            outliers = self.ranks.all_ids(outliers)
         if outliers:
-            kinds = ", ".join(sorted({f.kind for f in decision.findings if "offenders" in f.evidence}))
+            kinds = ", ".join(sorted({f.kind for f in decision.findings if _warrants(f)}))
             outcome = "trained on at this step" if decision.stepped else f"update {decision.action}"
             self._add("examples", step, step, outliers, f"{kinds} at step {step}: the batch's outliers ({outcome})")
         if decision.action == "rollback" and decision.restored_step is not None:
             first = decision.restored_step
             window = sorted({i for s, ids in self.recent if first <= s <= step for i in ids})
+            if self.ranks is not None:
+                window = self.ranks.all_ids(window)
             reason = f"rollback at step {step} to the snapshot of step {first}: {decision.reason}"
             if self.recent and self.recent[0][0] > first:  # older than the ids kept in memory
                 reason += f" (ids of steps {first}-{self.recent[0][0] - 1} no longer kept: not listed)"

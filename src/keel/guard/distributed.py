@@ -249,6 +249,16 @@ class RankSync:
         high, neg_low = self.all_max([value, -value])
         return high == -neg_low
 
+    def all_ids(self, ids: list[int]) -> list[int]:
+        """Every rank's example ids together, ascending and distinct (a collective: every rank must call it).
+
+        For the rare steps that change data (an attributed spike, a rollback): each rank trained on its own batch,
+        so the examples to skip are the union of what every rank holds.
+        """
+        parts: list[list[int] | None] = [None] * self.world
+        dist.all_gather_object(parts, list(ids), group=self.group)
+        return sorted({i for part in parts for i in (part or ())})
+
     def all_max(self, values: list[float]) -> list[float]:
         """The element-wise maximum over ranks of ``values`` (a collective: every rank must call it, with a list
         of the same length). Exact for integers below 2**53."""

@@ -232,7 +232,9 @@ class Guard(DeferredSteps):
         writes_skips = policy != "observe" and self.run_dir.store_dir is not None  # observe changes no data
         # ids as far back as a rollback reaches: the ring's span, and pinned snapshots from before a warning
         reach = rollbacks.snapshot_every * (rollbacks.keep_in_memory + rollbacks.keep_pinned + 1)
-        self.data = DataLedger(self.run_dir.store_dir if writes_skips else None, attribution, keep_steps=reach)
+        self.data = DataLedger(
+            self.run_dir.store_dir if writes_skips else None, attribution, keep_steps=reach, ranks=self.dist
+        )
         replays = rollbacks.replay and policy != "observe" and self.dist is None  # observe changes nothing
         self.replay = StepReplay(model, self._params, rollbacks.replay_rtol) if replays else None
         if self.replay is not None:
