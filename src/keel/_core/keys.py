@@ -136,6 +136,24 @@ LORA_DELTA_NORM_PER_MODULE = "lora/delta_norm/"  # ‖scaling · B·A‖_F, the 
 LORA_DELTA_NORM_MAX = "lora/delta_norm_max"
 LORA_DELTA_RATIO_MAX = "lora/delta_ratio_max"  # max over modules of ‖ΔW‖ / ‖W_base‖
 
+# Mixture of experts (keel.signals router probe): per MoE layer, and the run's extreme over layers. Balanced = 1 for
+# the load-balancing loss and the imbalance (Megatron / OLMo-core convention; Hugging Face's aux loss ÷ k).
+MOE_ROUTER_MAX_LOGIT = "moe/router_max_logit"  # max over layers of the largest router logit
+MOE_ROUTER_MAX_LOGIT_PER_LAYER = "moe/router_max_logit/"
+MOE_ROUTER_Z = "moe/router_z"  # max over layers of mean_tokens(logsumexp(router logits))², the unscaled z-loss
+MOE_ROUTER_Z_PER_LAYER = "moe/router_z/"
+MOE_GATE_ENTROPY = "moe/gate_entropy"  # min over layers of the mean routing entropy ÷ log E (1 uniform, 0 one-hot)
+MOE_GATE_ENTROPY_PER_LAYER = "moe/gate_entropy/"
+MOE_LOAD_IMBALANCE = "moe/load_imbalance"  # max over layers of max/mean tokens per expert (1 balanced, E/k collapsed)
+MOE_LOAD_IMBALANCE_PER_LAYER = "moe/load_imbalance/"
+MOE_LOAD_CV = "moe/load_cv"  # max over layers of the coefficient of variation of tokens per expert
+MOE_LOAD_CV_PER_LAYER = "moe/load_cv/"
+MOE_DEAD_EXPERTS = "moe/dead_experts"  # experts (all layers) that received no token this step
+MOE_DEAD_EXPERTS_PER_LAYER = "moe/dead_experts/"
+MOE_DROPPED = "moe/dropped"  # max over layers of the fraction of token assignments dropped by capacity (0 dropless)
+MOE_DROPPED_PER_LAYER = "moe/dropped/"
+MOE_AUX_LOSS = "moe/aux_loss"  # the Switch load-balancing loss, unscaled, balanced = 1
+
 # TRL's own statistic names (trl 1.16 DPOTrainer, GRPOTrainer) → keel's keys: the TRL adapter reads TRL's values
 # under these names rather than measuring them twice, and `keel doctor` reads TRL logs with the same table.
 TRL_ALIASES: dict[str, str] = {
