@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from keel._core import keys
 from keel.integrations._eval import eval_metrics
 from keel.store import RunReader
 
@@ -71,13 +72,21 @@ def _hf_trainer(tmp_path, keel, *, eval_dataset, steps: int = 2, **args_kwargs):
 
 
 def test_hf_evals_are_recorded_per_dataset_at_each_eval_step_following_metric_for_best_model(tmp_path):
+    transformers = pytest.importorskip("transformers")
     from keel.integrations.hf import KeelCallback
 
     def accuracy(pred):
         logits, labels = pred
         return {"accuracy": float((logits[:, :-1].argmax(-1) == labels[:, 1:]).mean())}
 
-    keel = KeelCallback(run_dir=str(tmp_path / "run"))
+    keel = KeelCallback(run_dir=str(tmp_path / "run"), eval_tasks={"A": "A", "B": "B"})
+    keel.phase("A")  # before train(): the Guard does not exist yet
+
+    class SwitchToB(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                keel.phase("B")
+
     trainer = _hf_trainer(
         tmp_path,
         keel,
@@ -86,6 +95,7 @@ def test_hf_evals_are_recorded_per_dataset_at_each_eval_step_following_metric_fo
         metric_for_best_model="eval_A_accuracy",
         greater_is_better=True,
     )
+    trainer.add_callback(SwitchToB())
     trainer.compute_metrics = accuracy
     trainer.train()
     trainer.evaluate()  # after train(): not part of the run
@@ -98,6 +108,30 @@ def test_hf_evals_are_recorded_per_dataset_at_each_eval_step_following_metric_fo
         assert values.tolist() == pytest.approx(theirs[:2])
         evals = store.meta()["evals"]
         assert (evals["A"]["goal"], evals["B"]["goal"]) == ("max", "min")  # A follows accuracy, B its loss
+        assert (evals["A"]["task"], evals["B"]["task"]) == ("A", "B")
+        assert [(p["name"], p["step"]) for p in store.meta()["phases"]] == [("A", 0), ("B", 1)]
+        # the evals feed the continual metrics: task A, finished at the switch, forgot (its value then − now)
+        _, a = store.signal("eval/A/accuracy")
+        forgetting_steps, forgetting = store.signal(keys.CONTINUAL_FORGETTING)
+        # (recomputed after each dataset's eval: the Trainer reports A and B one after the other)
+        assert set(forgetting_steps.tolist()) == {1} and forgetting.tolist() == pytest.approx([a[0] - a[1]] * 2)
+
+
+@pytest.mark.parametrize("eval_tasks", [["A"], {"A": ""}, {"A": 3}])
+def test_hf_bad_eval_tasks_fail_when_the_callback_is_built(eval_tasks):
+    pytest.importorskip("transformers")
+    from keel.integrations.hf import KeelCallback
+
+    with pytest.raises(ValueError, match=r"KeelCallback\(eval_tasks=.*\); allowed: None or a dict eval name"):
+        KeelCallback(eval_tasks=eval_tasks)
+
+
+def test_hf_phase_name_must_be_a_non_empty_str():
+    pytest.importorskip("transformers")
+    from keel.integrations.hf import KeelCallback
+
+    with pytest.raises(ValueError, match=r"KeelCallback.phase\(name=''\); allowed: a non-empty str"):
+        KeelCallback().phase("")
 
 
 # --- Lightning --------------------------------------------------------------------------------------------

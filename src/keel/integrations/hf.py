@@ -24,7 +24,9 @@ How it fits the Trainer's loop (transformers ≥ 4.40):
   `Guard.record_eval` at the last update: ``eval/eval/<metric>`` (``eval/<name>/<metric>`` for each dataset of a
   dict ``eval_dataset``), the runtime and throughput figures left out; keel follows ``metric_for_best_model``
   with ``greater_is_better`` (default: the loss, lower is better; `keel.integrations._eval`). An eval before the
-  first update is recorded at step 0; one after ``train()`` ends is not part of the run.
+  first update is recorded at step 0; one after ``train()`` ends is not part of the run. ``eval_tasks`` ties an
+  eval to the phase it measures (for the continual metrics); `KeelCallback.phase` marks a switch of task or data
+  mix, also before the first update (when the `Guard` does not exist yet).
 
 DeepSpeed is not supported (its engine owns the step).
 """
@@ -62,6 +64,8 @@ class KeelCallback(TrainerCallback):
         take_over_clipping: Measure gradients before clipping and clip in keel with the Trainer's
             ``max_grad_norm`` (restored at the end of training). ``None``: yes, except under ``"observe"``,
             which leaves the Trainer's own clipping so that training stays bit-identical.
+        eval_tasks: Eval name (``"eval"``, or a key of a dict ``eval_dataset``) → the phase it measures
+            (`Guard.record_eval`'s ``task``); evals not named are tied to none.
         **guard_kwargs: Any other `Guard` argument (``probes``, ``detectors``, ``recovery``, ``log_every`` …).
 
     Attributes:
@@ -82,9 +86,15 @@ class KeelCallback(TrainerCallback):
         run_dir: str | None = None,
         policy: Policy = "observe",
         take_over_clipping: bool | None = None,
+        eval_tasks: dict[str, str] | None = None,
         **guard_kwargs: Any,
     ) -> None:
         self.take_over_clipping = takes_over_clipping(policy, take_over_clipping, guard_kwargs, run_dir)
+        if eval_tasks is not None and not (
+            isinstance(eval_tasks, dict) and all(isinstance(v, str) and v for v in eval_tasks.values())
+        ):
+            raise ValueError(f"KeelCallback(eval_tasks={eval_tasks!r}); allowed: None or a dict eval name → phase name")
+        self.eval_tasks = dict(eval_tasks or {})
         self.run_dir, self.policy, self.guard_kwargs = run_dir, policy, guard_kwargs
         self.guard: Guard | None = None
         self._handoff = Handoff()
@@ -98,6 +108,7 @@ class KeelCallback(TrainerCallback):
         self._warned = False
         self._training = False
         self._pending_evals: list[dict[str, Any]] = []  # evals before the Guard exists (before the first update)
+        self._pending_phase: str | None = None
 
     # --- the Trainer's events -----------------------------------------------------------------------
     def on_train_begin(
@@ -146,6 +157,19 @@ class KeelCallback(TrainerCallback):
         else:
             self.guard.components.call("hf eval", self._record_eval, metrics)
 
+    def phase(self, name: str) -> None:
+        """Mark a switch of task, phase or data mix from the next update on (`Guard.phase`), also before the first.
+
+        Raises:
+            ValueError: ``name`` is not a non-empty str.
+        """
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"KeelCallback.phase(name={name!r}); allowed: a non-empty str, e.g. 'task_b'")
+        if self.guard is None:
+            self._pending_phase = name
+        else:
+            self.guard.phase(name)
+
     def _record_eval(self, metrics: dict[str, Any]) -> None:
         assert self.guard is not None
         name, ours = _split_eval(metrics)
@@ -157,7 +181,7 @@ class KeelCallback(TrainerCallback):
             greater = getattr(self._args, "greater_is_better", None)
         chosen = eval_metrics(ours, follow=follow, greater_is_better=greater)
         if chosen is not None:
-            self.guard.record_eval(chosen[0], name=name, goal=chosen[1])
+            self.guard.record_eval(chosen[0], name=name, task=self.eval_tasks.get(name), goal=chosen[1])
 
     # --- the loss -----------------------------------------------------------------------------------
     def record_loss(self, loss: Tensor) -> None:
@@ -176,6 +200,8 @@ class KeelCallback(TrainerCallback):
         loss = self._loss.take()
         if self.guard is None:
             self.guard = self._build_guard(with_loss=loss is not None)
+            if self._pending_phase is not None:  # before this first update
+                self.guard.phase(self._pending_phase)
             for metrics in self._pending_evals:  # recorded at step 0: the model before the first update
                 self.guard.components.call("hf eval", self._record_eval, metrics)
             self._pending_evals = []
