@@ -16,7 +16,7 @@ _tied = st.integers(-3, 3).map(float)
 _any = st.floats(-1e6, 1e6, allow_nan=False)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(st.data())
 def test_tau_b_matches_scipy_kendalltau_with_ties(data):
     n = data.draw(st.integers(2, 25))
@@ -62,7 +62,7 @@ def test_tau_b_refuses_sequences_of_different_lengths_naming_both():
         kendall_tau_b([1, 2, 3], [1, 2])
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(st.lists(_any, min_size=2, max_size=20, unique=True))
 def test_tau_b_of_a_sequence_with_itself_is_one_and_with_its_reverse_minus_one(x):
     assert kendall_tau_b(x, x) == 1.0
