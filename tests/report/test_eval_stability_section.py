@@ -10,7 +10,7 @@ import pytest
 from keel._core import keys
 from keel._core.rank_correlation import NOISY_RANK_TAU
 from keel.report import write_report
-from keel.report.eval_stability_section import eval_stability_rows, eval_stability_section
+from keel.report.eval_stability_section import eval_stability_rows, eval_stability_section, follows_training
 from keel.report.run_data import load_run
 from keel.store import RunWriter
 
@@ -36,7 +36,7 @@ def test_rows_give_monotonicity_by_goal_rank_tau_and_verdict(tmp_path):
     loss, acc = rows[keys.EVAL_PER_NAME + "val_loss"], rows[keys.EVAL_PER_NAME + "mc/acc"]
     # val_loss 3, 2, 2.5, 1, 0.5 against order: 10 pairs, one concordant (2 → 2.5) → τ = −0.8; goal min → +0.8
     assert loss["goal"] == "min" and loss["monotonicity"] == pytest.approx(0.8)
-    assert math.isnan(loss["rank_tau"]) and loss["verdict"].startswith("no per-example scores")
+    assert math.isnan(loss["rank_tau"]) and loss["verdict"] == "no per-example scores: rank τ unknown"
     # acc 0.5, 0.4, 0.6, 0.5 (the NaN left out): 3 concordant, 2 discordant (0.5→0.4, 0.6→0.5), one tie in the
     # values (0.5, 0.5): (3 − 2) / √(6 · 5)
     assert acc["monotonicity"] == pytest.approx(1 / math.sqrt(30))
@@ -48,7 +48,23 @@ def test_an_eval_without_a_recorded_goal_is_read_as_max_and_says_so(tmp_path):
     rows = {r["key"]: r for r in eval_stability_rows(run)}
     loss = rows[keys.EVAL_PER_NAME + "val_loss"]
     assert loss["goal"] == "max (assumed)" and loss["monotonicity"] == pytest.approx(-0.8)
-    assert rows[keys.EVAL_PER_NAME + "mc/acc"]["verdict"] == "ranks checkpoints"  # at the line: not too noisy
+    # at the line: not too noisy; but 0.5, 0.4, 0.6, 0.5 is no trend
+    assert rows[keys.EVAL_PER_NAME + "mc/acc"]["verdict"] == "ranks checkpoints, not in training order"
+
+
+@pytest.mark.parametrize(
+    ("tau", "n", "expected"),
+    [
+        (0.8, 5, True),  # z = 3·0.8·√20 / √30 = 1.96
+        (0.6, 5, False),  # z = 1.47
+        (0.5, 10, True),  # z = 3·0.5·√90 / √50 = 2.01
+        (0.3, 10, False),  # z = 1.21
+        (1.0, 3, False),  # z = 3·√6 / √22 = 1.57: three checkpoints cannot show a trend at 5 %
+        (float("nan"), 10, False),
+    ],
+)
+def test_follows_training_is_kendalls_one_sided_test_at_five_percent(tau, n, expected):
+    assert follows_training(tau, n) is expected
 
 
 def test_the_page_shows_the_table_escaped_and_nothing_without_evals(tmp_path):

@@ -7,7 +7,8 @@ improves (`keel._core.rank_correlation.kendall_tau_b`, computed here from the st
 gave per-example scores, its **rank τ**: the last value the Guard recorded under ``eval_stability/rank_tau/`` (the
 agreement of bootstrap rankings of the recent checkpoints with the full-data ranking,
 `keel.detect.eval_stability`). A rank τ below `NOISY_RANK_TAU` marks the eval too noisy to rank checkpoints; the
-line's reason is given with the constant and on the page. Read from the store only.
+line's reason is given with the constant and on the page. A monotonicity a random order would give as easily
+(`follows_training`) adds "not in training order" to the verdict. Read from the store only.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ EXPLAINED = (
     f"when the examples are resampled (bootstrap); {NOISE_FLOOR_RANK_TAU} is what checkpoints that do not differ "
     f"at all give. Below {NOISY_RANK_TAU} about one checkpoint pair in seven or more is misordered (on simulated "
     f"scores): too noisy to pick a checkpoint by. A low monotonicity with a high rank τ is a real turn (over-fitting, "
-    f"forgetting); both low, noise. BOSE (Yang et al., ACL Findings 2025)."
+    f"forgetting, or an eval at chance that measures something else); both low, noise. 'Not in training order': "
+    f"the monotonicity is within what a random order gives (one-sided 5 %). BOSE (Yang et al., ACL Findings 2025)."
 )
 
 
@@ -77,18 +79,31 @@ def eval_stability_rows(run: RunData) -> list[dict[str, Any]]:
                 "goal": goal_text,
                 "monotonicity": monotonic,
                 "rank_tau": rank_tau,
-                "verdict": _verdict(rank_tau),
+                "verdict": _verdict(rank_tau, monotonic, len(values)),
             }
         )
     return rows
 
 
-def _verdict(rank_tau: float) -> str:
+def _verdict(rank_tau: float, monotonic: float, checkpoints: int) -> str:
     if math.isnan(rank_tau):
-        return "no per-example scores: rank τ unknown"
-    if rank_tau < NOISY_RANK_TAU:
+        verdict = "no per-example scores: rank τ unknown"
+    elif rank_tau < NOISY_RANK_TAU:
         return f"too noisy to rank checkpoints (rank τ < {NOISY_RANK_TAU})"
-    return "ranks checkpoints"
+    else:
+        verdict = "ranks checkpoints"
+    return verdict if follows_training(monotonic, checkpoints) else verdict + ", not in training order"
+
+
+def follows_training(monotonic: float, checkpoints: int) -> bool:
+    """Whether the monotonicity is beyond what a random order of ``checkpoints`` values gives, one-sided at 5 %:
+    Kendall's normal approximation z = 3τ·√(n(n−1)) / √(2(2n+5)) (no ties) above 1.645. An eval at chance whose
+    checkpoints differ by noise can rank them steadily (rank τ above the line) without following training: on the
+    proxy LM, multiple choice scored by option-ppl did on 2 of 3 seeds."""
+    if checkpoints < 2 or math.isnan(monotonic):
+        return False
+    z = 3 * monotonic * math.sqrt(checkpoints * (checkpoints - 1)) / math.sqrt(2 * (2 * checkpoints + 5))
+    return z > 1.645
 
 
 def _last(run: RunData, key: str) -> float:
@@ -103,4 +118,4 @@ def _num(x: float) -> str:
     return "–" if not isinstance(x, (int, float)) or math.isnan(x) else f"{x:.2f}"
 
 
-__all__ = ["EXPLAINED", "eval_stability_rows", "eval_stability_section"]
+__all__ = ["EXPLAINED", "eval_stability_rows", "eval_stability_section", "follows_training"]
