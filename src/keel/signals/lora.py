@@ -4,9 +4,9 @@
 |-----------------------------|---------------------|------------------------------------------------------------|
 | `lora/delta_norm_max`       | every `every` steps | per group of same-shaped adapters: two stacks, two `bmm`s  |
 | `lora/delta_ratio_max`      | every `every` steps | a division by the base norms, measured once (frozen base)  |
-| `lora/a_norm/<module>`      | every `every` steps | one float per adapter (stored on `log_every` steps)        |
-| `lora/b_norm/<module>`      | every `every` steps | one float per adapter (stored on `log_every` steps)        |
-| `lora/delta_norm/<module>`  | every `every` steps | one float per adapter (stored on `log_every` steps)        |
+| `lora/a_norm/<module>`      | `log_every` steps   | one float per adapter (the Gram matrices' traces)          |
+| `lora/b_norm/<module>`      | `log_every` steps   | one float per adapter                                      |
+| `lora/delta_norm/<module>`  | `log_every` steps   | one float per adapter                                      |
 
 An adapter is found by its layout, not by its class: a module with peft's ``lora_A`` / ``lora_B`` ``ModuleDict``s
 (one entry per adapter name; ``lora_embedding_A`` / ``lora_embedding_B`` for embeddings) and its ``scaling`` dict
@@ -119,13 +119,21 @@ def lora_norms(a: Tensor, b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         >>> [round(v.item(), 4) for v in lora_norms(a, b)]
         [1.4142, 4.2426, 4.2426]
     """
+    a_sq, b_sq, ba_sq = _squares(a, b, factors=True)
+    assert a_sq is not None and b_sq is not None
+    return a_sq.sqrt(), b_sq.sqrt(), ba_sq.clamp_min(0).sqrt()  # clamp_min keeps NaN: a non-finite adapter shows
+
+
+def _squares(a: Tensor, b: Tensor, *, factors: bool) -> tuple[Tensor | None, Tensor | None, Tensor]:
+    """‖A‖², ‖B‖² (only with ``factors``) and ‖B·A‖² of a stack of adapters: `lora_norms` before its square roots,
+    which the probe takes once for all groups."""
     a, b = a.float(), b.float()
     gram_a = torch.bmm(a, a.transpose(1, 2))  # (n, r, r)
     gram_b = torch.bmm(b.transpose(1, 2), b)  # (n, r, r)
-    a_sq = gram_a.diagonal(dim1=1, dim2=2).sum(-1)
-    b_sq = gram_b.diagonal(dim1=1, dim2=2).sum(-1)
     ba_sq = (gram_a * gram_b).sum((1, 2))
-    return a_sq.sqrt(), b_sq.sqrt(), ba_sq.clamp_min(0).sqrt()  # clamp_min keeps NaN: a non-finite adapter shows
+    if not factors:
+        return None, None, ba_sq
+    return gram_a.diagonal(dim1=1, dim2=2).sum(-1), gram_b.diagonal(dim1=1, dim2=2).sum(-1), ba_sq
 
 
 @dataclass(kw_only=True)
@@ -134,7 +142,7 @@ class LoraProbeConfig:
 
     Attributes:
         every: Cadence in steps.
-        per_module: Also emit the per-adapter families (A, B and ΔW norms), stored on ``log_every`` steps.
+        per_module: Also emit the per-adapter families (A, B and ΔW norms) on ``log_every`` steps.
     """
 
     every: int = 1
@@ -191,19 +199,23 @@ class LoraProbe:
         if not self.adapters or not due(ctx.step, self.config.every):
             return {}
         device = self.adapters[0].a.device
+        # the per-adapter families are stored on log_every steps only: A's and B's norms are not reduced otherwise
+        families = self.config.per_module and ctx.log_step
         parts = []
         with torch.no_grad():
             for group in self._groups:
                 a = torch.stack([ad.a.detach().flatten(1) for ad in group])  # (g, r, in); a conv's kernel flattened
                 b = torch.stack([ad.b.detach().flatten(1) for ad in group])  # (g, out, r)
-                parts.append([v.to(device) for v in lora_norms(a, b)])
-            a_norm, b_norm, ba_norm = (torch.cat(column) for column in zip(*parts, strict=True))
+                parts.append(_squares(a, b, factors=families))
+            ba_norm = torch.cat([ba for _, _, ba in parts]).to(device).clamp_min(0).sqrt()  # clamp_min keeps NaN
             delta = ba_norm * self._scalings(device)
         out: Measurements = {keys.LORA_DELTA_NORM_MAX: delta.max()}  # max propagates NaN: a non-finite adapter shows
         if self._known is not None:
             out[keys.LORA_DELTA_RATIO_MAX] = (delta[self._known] / self._base(device)).max()
-        if self.config.per_module:
+        if families:
             names = tuple(ad.name for ad in self.adapters)
+            a_norm = torch.cat([a for a, _, _ in parts if a is not None]).to(device).sqrt()
+            b_norm = torch.cat([b for _, b, _ in parts if b is not None]).to(device).sqrt()
             out[keys.LORA_A_NORM_PER_MODULE] = PerParam(names, a_norm)
             out[keys.LORA_B_NORM_PER_MODULE] = PerParam(names, b_norm)
             out[keys.LORA_DELTA_NORM_PER_MODULE] = PerParam(names, delta)
