@@ -175,3 +175,11 @@ def test_tracker_monotonicity_is_bounded_and_agrees_with_the_pure_function(value
     key = keys.EVAL_MONOTONICITY_PER_EVAL + "x"
     assert out.get(key, math.nan) == tau or (math.isnan(tau) and key not in out)
     assert key not in out or -1.0 <= out[key] <= 1.0
+
+
+def test_a_non_finite_eval_value_is_left_out_of_the_monotonicity_not_blocking_it():
+    tracker = EvalStability(EvalStabilityConfig(min_checkpoints=3))
+    out = {}
+    for step, value in enumerate([0.1, math.nan, 0.2, 0.3]):
+        out = tracker.observe("acc", step, value)
+    assert out == {keys.EVAL_MONOTONICITY_PER_EVAL + "acc": 1.0}  # τ of 0.1, 0.2, 0.3

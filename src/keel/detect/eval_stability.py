@@ -193,7 +193,8 @@ class EvalStability:
             goal: ``"max"`` or ``"min"`` (`monotonicity`).
 
         Returns:
-            ``{EVAL_MONOTONICITY_PER_EVAL + name: τ}`` once ``min_checkpoints`` values are kept, and
+            ``{EVAL_MONOTONICITY_PER_EVAL + name: τ}`` once ``min_checkpoints`` finite values are kept (over
+            those), and
             ``{EVAL_RANK_TAU_PER_EVAL + name: τ}`` once as many per-example vectors are; only finite values.
         """
         vector = np.atleast_1d(np.asarray(scores, dtype=np.float64))
@@ -215,8 +216,9 @@ class EvalStability:
         del values[: -self.config.max_checkpoints]
         del kept[: -self.config.max_checkpoints]
         out: dict[str, float] = {}
-        if len(values) >= self.config.min_checkpoints:
-            tau = monotonicity([v for _, v in values], goal=goal)
+        finite_values = [v for _, v in values if math.isfinite(v)]  # a NaN round must not block the next 31
+        if len(finite_values) >= self.config.min_checkpoints:
+            tau = monotonicity(finite_values, goal=goal)
             if math.isfinite(tau):
                 out[keys.EVAL_MONOTONICITY_PER_EVAL + name] = tau
         if per_example and len(kept) >= self.config.min_checkpoints:
