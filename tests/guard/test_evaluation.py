@@ -37,7 +37,7 @@ def _train(guard: Guard, model: nn.Module, opt: torch.optim.Optimizer, steps: in
     return losses
 
 
-def _run(tmp_path, steps=12, setup=None, on_step=None, **guard_args):
+def _run(tmp_path, steps=8, setup=None, on_step=None, **guard_args):
     torch.manual_seed(1), random.seed(1), np.random.seed(1)
     model = _model()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -88,54 +88,53 @@ def test_eval_runs_in_eval_mode_without_grad_and_every_submodule_mode_is_restore
     assert modes == [True, True, False, True, True]
 
 
-@pytest.mark.parametrize(
-    ("result", "expected"),
-    [
-        (0.5, {"eval/val": 0.5}),
-        (torch.tensor(2.0), {"eval/val": 2.0}),
-        ({"acc": 0.75, "loss": torch.tensor(1.5)}, {"eval/val/acc": 0.75, "eval/val/loss": 1.5}),
-        (torch.tensor([1.0, 2.0, 6.0]), {"eval/val": 3.0}),  # per-example scores: their mean
-        (float("nan"), {"eval/val": math.nan}),  # a NaN eval is a value, recorded as such
-    ],
-)
-def test_each_allowed_result_shape_is_recorded_under_its_keys(tmp_path, result, expected):
-    _run(tmp_path, steps=2, setup=lambda g: g.evaluate("val", lambda m: result, every=2))
+RESULTS = {  # each allowed result shape (one eval each, in one run) → the signals it records
+    "number": (0.5, {"eval/number": 0.5}),
+    "tensor": (torch.tensor(2.0), {"eval/tensor": 2.0}),
+    "dict": ({"acc": 0.75, "loss": torch.tensor(1.5)}, {"eval/dict/acc": 0.75, "eval/dict/loss": 1.5}),
+    "scores": (torch.tensor([1.0, 2.0, 6.0]), {"eval/scores": 3.0}),  # per-example scores: their mean
+    "nan": (float("nan"), {"eval/nan": math.nan}),  # a NaN eval is a value, recorded as such
+}
+MALFORMED = {  # each failing or malformed eval (one run): recorded once, switched off
+    "raises": lambda m: 1 / 0,
+    "str": lambda m: "high",
+    "matrix": lambda m: torch.ones(2, 2),
+    "empty_dict": lambda m: {},
+    "list_metric": lambda m: {"acc": [1, 2]},
+    "bool": lambda m: True,
+}
+
+
+def test_each_allowed_result_shape_is_recorded_under_its_keys(tmp_path):
+    def setup(guard):
+        for name, (result, _) in RESULTS.items():
+            guard.evaluate(name, lambda m, result=result: result, every=2)
+
+    _run(tmp_path, steps=2, setup=setup)
     with RunReader(tmp_path) as reader:
-        got = {k: reader.signal(k)[1].tolist() for k in reader.signal_keys() if k.startswith("eval/")}
+        got = {k: reader.signal(k) for k in reader.signal_keys() if k.startswith("eval/")}
+    expected = {k: v for _, keyed in RESULTS.values() for k, v in keyed.items()}
     assert got.keys() == expected.keys()
     for key, value in expected.items():
-        assert got[key] == [pytest.approx(value, nan_ok=True)]
+        assert got[key][0].tolist() == [1] and got[key][1].tolist() == [pytest.approx(value, nan_ok=True)]
 
 
-@pytest.mark.parametrize(
-    "fn",
-    [
-        lambda m: 1 / 0,
-        lambda m: "high",
-        lambda m: torch.ones(2, 2),
-        lambda m: {},
-        lambda m: {"acc": [1, 2]},
-        lambda m: True,
-    ],
-    ids=["raises", "str", "matrix", "empty dict", "list metric", "bool"],
-)
-def test_a_failing_or_malformed_eval_is_a_keel_error_is_switched_off_and_training_goes_on(tmp_path, fn):
+def test_a_failing_or_malformed_eval_is_a_keel_error_is_switched_off_and_training_goes_on(tmp_path):
     calls = []
-    model, losses, guard = _run(
-        tmp_path,
-        steps=6,
-        setup=lambda g: (
-            g.evaluate("bad", lambda m: calls.append(1) or fn(m), every=1),
-            g.evaluate("ok", lambda m: 1.0, every=1),
-        ),
-    )
-    assert len(losses) == 6 and len(calls) == 1
-    errors = [f for f in guard.findings if f.kind == "keel_error"]
-    assert [(f.signal, f.step) for f in errors] == [("eval:bad", 0)]
+
+    def setup(guard):
+        for name, fn in MALFORMED.items():
+            guard.evaluate(name, lambda m, fn=fn: calls.append(1) or fn(m), every=1)
+        guard.evaluate("ok", lambda m: 1.0, every=1)
+
+    model, losses, guard = _run(tmp_path, steps=4, setup=setup)
+    assert len(losses) == 4 and len(calls) == len(MALFORMED)  # each called once, then off
+    errors = [(f.signal, f.step) for f in guard.findings if f.kind == "keel_error"]
+    assert errors == [(f"eval:{name}", 0) for name in MALFORMED]
     with RunReader(tmp_path) as reader:
-        assert reader.signal("eval/ok")[0].tolist() == list(range(6))
-        assert "eval/bad" not in reader.signal_keys()
-        assert "eval:bad" in reader.meta()["disabled"]
+        assert reader.signal("eval/ok")[0].tolist() == list(range(4))
+        assert not any(f"eval/{name}" in reader.signal_keys() for name in MALFORMED)
+        assert reader.meta()["disabled"] == [f"eval:{name}" for name in MALFORMED]
     assert all(m.training for m in model.modules())  # modes restored even though fn raised
 
 
@@ -202,6 +201,9 @@ def test_record_eval_with_another_task_than_its_first_call_is_refused():
             guard.record_eval({"acc": 1.0}, task="b")
 
 
+REBASELINED = ["spike(loss)", "spike(grad/norm)", "divergence(loss)"]  # the default one-signal baselines
+
+
 def test_phase_index_is_recorded_at_step_0_and_where_it_changes_and_the_switches_in_meta(tmp_path):
     def on_step(step):
         if step in (4, 8):
@@ -215,8 +217,8 @@ def test_phase_index_is_recorded_at_step_0_and_where_it_changes_and_the_switches
     assert (steps.tolist(), index.tolist()) == ([0, 4, 8], [0, 1, 0])  # back to "a": its index again
     assert phases == [
         {"index": 0, "name": "a", "step": 0},
-        {"index": 1, "name": "b", "step": 4},
-        {"index": 0, "name": "a", "step": 8},
+        {"index": 1, "name": "b", "step": 4, "rebaselined": REBASELINED},
+        {"index": 0, "name": "a", "step": 8, "rebaselined": REBASELINED},
     ]
 
 
@@ -332,3 +334,31 @@ def test_a_stability_gap_after_a_phase_switch_is_found_by_the_default_detectors_
             (34, "warning"),
             (44, "info"),
         ]
+
+
+def _switch_loop(tmp_path, *, declared: bool) -> Guard:
+    """A regression whose target jumps from 0 to 30 at step 40 (a new task): under "recover", undeclared, the loss
+    jump reads as a divergence."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    x = torch.randn(16, 4)
+    with Guard(model, opt, run_dir=str(tmp_path), policy="recover", overwrite=True) as guard:
+        for step in range(80):
+            if step == 40 and declared:
+                guard.phase("b")
+            loss = (model(x) - (30.0 if step >= 40 else 0.0)).pow(2).mean()
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    return guard
+
+
+def test_a_declared_phase_switch_starts_new_loss_baselines_so_recover_does_not_roll_back(tmp_path):
+    undeclared = _switch_loop(tmp_path / "undeclared", declared=False)
+    assert any(d.action == "rollback" for d in undeclared.decisions)  # what the switch looks like unannounced
+    declared = _switch_loop(tmp_path / "declared", declared=True)
+    assert declared.decisions == []
+    with RunReader(tmp_path / "declared") as reader:
+        (start, switch) = reader.meta()["phases"]
+    assert switch["step"] == 40 and switch["rebaselined"] == REBASELINED

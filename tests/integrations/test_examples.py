@@ -70,6 +70,7 @@ def test_torchrun_example_every_rank_skips_and_the_bad_shard_is_named(tmp_path):
 
 def test_examples_are_the_six_the_docs_name():
     names = [
+        "continual_eval.py",
         "data_attribution.py",
         "hf_trainer.py",
         "nanogpt_style.py",
@@ -96,3 +97,13 @@ def test_the_nanogpt_style_example_runs_as_a_user_runs_it(tmp_path):
     assert "iter 0: loss" in out
     with RunReader(tmp_path / "keel") as store:
         assert [(d.step, d.action) for d in store.decisions()] == [(30, "skip"), (31, "skip"), (32, "rollback")]
+
+
+@pytest.mark.slow  # a subprocess (~12 s of CPU); tests/guard/test_evaluation.py finds a scripted gap in-process
+def test_the_continual_eval_example_finds_the_stability_gap_after_the_switch(tmp_path):
+    out = run_example("continual_eval.py", "--out", str(tmp_path))
+    assert "step 101: stability_gap warning: eval/a" in out and "continual/min_acc = " in out
+    with RunReader(tmp_path) as store:
+        gaps = [f for f in store.findings() if f.kind == "stability_gap"]
+        assert gaps[0].evidence["switch_step"] == 100 and gaps[0].evidence["depth"] > 0.1
+        assert store.meta()["phases"] == [{"index": 0, "name": "a", "step": 0}, {"index": 1, "name": "b", "step": 100}]

@@ -20,6 +20,8 @@ Phases: ``phase(name)`` takes effect from the next step. The steps train on phas
 the order names first appear; going back to a name takes its index again), recorded at every step it changes and
 at step 0; the switches are kept in the run's meta as ``phases`` (a list of ``{index, name, step}``), and the evals
 as ``evals`` (``{name: {every, task, goal}}``), for the report and `keel doctor`. A rollback does not undo a phase.
+At a switch, the detectors of the training loss and gradient norm (spikes, divergence) start new baselines: the new
+data has its own loss level (the phase's meta entry lists them as ``rebaselined``).
 """
 
 from __future__ import annotations
@@ -116,9 +118,13 @@ class Phase:
     index: int
     name: str
     step: int  # the first step trained in it
+    rebaselined: tuple[str, ...] = ()  # the detectors that started new baselines at this switch
 
     def to_dict(self) -> dict[str, Any]:
-        return {"index": self.index, "name": self.name, "step": self.step}
+        out: dict[str, Any] = {"index": self.index, "name": self.name, "step": self.step}
+        if self.rebaselined:
+            out["rebaselined"] = list(self.rebaselined)
+        return out
 
 
 class Evaluation:
@@ -160,10 +166,29 @@ class Evaluation:
             return self.phases[-1].index
         known = {p.name: p.index for p in self.phases}
         index = known.get(name, len(known))
-        self.phases.append(Phase(index=index, name=name, step=step))
+        rebaselined = self._rebaseline() if self.phases else ()
+        self.phases.append(Phase(index=index, name=name, step=step, rebaselined=rebaselined))
         self._announce = index
         self._write_meta()
         return index
+
+    def _rebaseline(self) -> tuple[str, ...]:
+        """Start new baselines for the one-signal detectors of the loss and gradient norm: the new phase's data has
+        its own loss level, and a jump to it is not a spike or a divergence (under ``policy="recover"`` a class-
+        incremental switch otherwise rolled back three times and aborted). Each such detector is reset to the state
+        of a fresh one with its config; the names are kept in the phase's meta entry."""
+        done = []
+        for detector in self.components.detectors:
+            config = getattr(detector, "config", None)
+            if getattr(config, "signal", None) not in (keys.LOSS, keys.GRAD_NORM):
+                continue  # only the one-signal baselines (spikes, divergence); e.g. the non-finite check needs none
+            label = detector_label(detector)
+            fresh = self.components.call(label, lambda d=detector, c=config: type(d)(c).state_dict())
+            if fresh is not None:
+                self.components.call(label, detector.load_state_dict, fresh)
+            if fresh is not None and self.components.enabled(label):
+                done.append(f"{detector.name}({config.signal})")
+        return tuple(done)
 
     @property
     def phase_index(self) -> int | None:
