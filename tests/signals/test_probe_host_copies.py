@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from keel.harness.scenarios._finetune import apply_lora
 from keel.proxy import create_proxy_model
 from keel.signals import FULL_PROBES, create_probe
 from tests.signals.contexts import step_context
@@ -39,7 +40,10 @@ class HostToDevice(TorchDispatchMode):
 
 def _two_steps(name: str | None) -> tuple[list[str], list[str]]:
     """(keys measured, host→device copies) over a forward, backward and two measure/after-step rounds on meta."""
-    model = create_proxy_model("tiny", seq_len=16).to("meta")
+    model = create_proxy_model("tiny", seq_len=16)
+    if name == "lora":  # adapters to measure: keel's own LoRA layout (lora_a / lora_b) on the block linears
+        model = apply_lora(model, rank=4, alpha=8.0, bits=None, seed=0)
+    model = model.to("meta")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for p in model.parameters():
         optimizer.state[p] = {

@@ -83,10 +83,10 @@ class LoraBlowupDetector(ReadsOneSignal):
     Example:
         >>> from keel._core import Observation, keys
         >>> det = LoraBlowupDetector()
-        >>> ratio = [0.004 * s for s in range(30)] + [0.12 + 0.08 * k for k in range(1, 20)]  # healthy, then racing
+        >>> ratio = [0.004 * s for s in range(30)] + [0.12 + 0.08 * k for k in range(1, 30)]  # healthy, then racing
         >>> [(f.step, f.severity) for s, r in enumerate(ratio) for f in det.update(Observation(step=s, values={
         ...     keys.LORA_DELTA_RATIO_MAX: r}))]
-        [(32, 'warning'), (40, 'critical')]
+        [(33, 'warning'), (53, 'critical')]
     """
 
     name = "lora_blowup"

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from keel._core import keys
 from keel._core.validate import check_types
 from keel.signals.attn_logits import due
+from keel.signals.norms import per_tensor_norms
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
 
@@ -189,6 +190,8 @@ class LoraProbe:
         self._known = torch.tensor(known, dtype=torch.long, device=device) if known else None
         self._base_norms = None
         self._scaling = None
+        if self.adapters:  # the scalings' first copy to the device happens here, not in a step
+            self._scalings(device)
 
     def detach(self) -> None:
         self.adapters, self._groups = None, []
@@ -225,8 +228,8 @@ class LoraProbe:
         return {}
 
     def _scalings(self, device: torch.device) -> Tensor:
-        """Each adapter's scaling, re-read every time (peft can rescale an adapter mid-run); copied to the device
-        only when it changed."""
+        """Each adapter's scaling, re-read every time (peft can rescale an adapter mid-run); copied to the device at
+        attach and again only when one changed (a host-to-device copy, rare: peft's ``scale_layer``)."""
         assert self.adapters is not None
         values = [ad.scaling() for ad in self.adapters]
         if self._scaling is None or self._scaling[0] != values:
@@ -237,11 +240,5 @@ class LoraProbe:
         """‖W_base‖_F of the adapters whose base weight is a float tensor (a 4-bit base gives no ratio): measured
         once, since the base is frozen, or each time when some base weight is itself trained."""
         if self._base_norms is None or any(w is not None and w.requires_grad for w in self._known_bases):
-            self._base_norms = torch.stack(
-                [
-                    torch.linalg.vector_norm(w.detach(), dtype=torch.float32).to(device)
-                    for w in self._known_bases
-                    if w is not None
-                ]
-            )
+            self._base_norms = per_tensor_norms([w.detach() for w in self._known_bases if w is not None]).to(device)
         return self._base_norms

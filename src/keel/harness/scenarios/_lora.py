@@ -12,7 +12,7 @@ Needs ``peft`` (``pip install keel[test]``).
 
 Example:
     >>> run = lora_finetune(seed=0, lr=1e-3, steps=2, guarded=False)  # doctest: +SKIP
-    >>> len(run.losses)
+    >>> len(run.losses)  # doctest: +SKIP
     2
 """
 
