@@ -76,6 +76,7 @@ _INDEX: dict[tuple[str, str], tuple[str, str]] = {
     ("detector", "dead_groups"): ("preference and RL", causes.DAPO),
     ("detector", "length_explosion"): ("preference and RL", causes.TRL_TRUNCATION),
     ("detector", "lora_blowup"): ("fine-tuning and continual learning", "Hu et al. 2021, LoRA, arXiv 2106.09685"),
+    ("detector", "stability_gap"): ("fine-tuning and continual learning", causes.DE_LANGE),
     ("detector", "opposing_signals"): ("data attribution", causes.ROSENBERG),
     ("detector", "source_drift"): ("data attribution", _SOURCE_DRIFT),
     ("stabilizer", "qk_norm"): ("transformer", ""),
