@@ -48,6 +48,8 @@ def test_the_predictive_and_non_finite_detectors_declare_their_keys():
         "output_logit_drift",
         "softmax_collapse",
         "edge_of_stability",
+        "lora_blowup",
+        "stability_gap",
     }
 
 
