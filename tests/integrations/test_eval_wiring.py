@@ -71,6 +71,7 @@ def _hf_trainer(tmp_path, keel, *, eval_dataset, steps: int = 2, **args_kwargs):
     )
 
 
+@pytest.mark.slow  # a real Trainer: ~2-3 s; the fast check of the same path is the next test
 def test_hf_evals_are_recorded_per_dataset_at_each_eval_step_following_metric_for_best_model(tmp_path):
     transformers = pytest.importorskip("transformers")
     from keel.integrations.hf import KeelCallback
@@ -115,6 +116,52 @@ def test_hf_evals_are_recorded_per_dataset_at_each_eval_step_following_metric_fo
         forgetting_steps, forgetting = store.signal(keys.CONTINUAL_FORGETTING)
         # (recomputed after each dataset's eval: the Trainer reports A and B one after the other)
         assert set(forgetting_steps.tolist()) == {1} and forgetting.tolist() == pytest.approx([a[0] - a[1]] * 2)
+
+
+def test_hf_on_evaluate_with_the_trainers_metric_names_reaches_the_store_fast(tmp_path):
+    """The Trainer's calls in order, without a Trainer: train begins, an eval before the first update, two updates
+    with an eval after each, train ends, an eval after it (the metric names as Trainer.evaluate writes them)."""
+    pytest.importorskip("transformers")
+    from types import SimpleNamespace
+
+    from keel.integrations.hf import KeelCallback
+
+    def metrics(loss: float, accuracy: float) -> dict[str, float]:
+        return {
+            "eval_A_loss": loss,
+            "eval_A_accuracy": accuracy,
+            "eval_A_runtime": 0.1,
+            "eval_A_samples_per_second": 80.0,
+            "eval_A_steps_per_second": 10.0,
+            "epoch": 0.5,
+        }
+
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    args = SimpleNamespace(
+        metric_for_best_model="A_accuracy", greater_is_better=True, max_grad_norm=0.0, deepspeed=None, seed=0
+    )
+    args.to_dict = lambda: {}
+    keel = KeelCallback(run_dir=str(tmp_path / "run"), eval_tasks={"A": "A"})
+    keel.phase("A")
+    keel.on_train_begin(args, None, None, model=model, optimizer=optimizer, lr_scheduler=None)
+    keel.on_evaluate(args, None, None, metrics=metrics(2.0, 0.25))  # before the Guard exists
+    for accuracy in (0.5, 0.75):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        keel.record_loss(loss)
+        optimizer.step()
+        optimizer.zero_grad()
+        keel.on_evaluate(args, None, None, metrics=metrics(1.0, accuracy))
+    keel.on_train_end(args, None, None)
+    keel.on_evaluate(args, None, None, metrics=metrics(0.5, 1.0))  # after train(): not part of the run
+    with RunReader(tmp_path / "run") as store:
+        assert _eval_signals(store) == {"eval/A/accuracy", "eval/A/loss"}
+        steps, values = store.signal("eval/A/accuracy")
+        assert (steps.tolist(), values.tolist()) == ([0, 0, 1], [0.25, 0.5, 0.75])
+        assert store.meta()["evals"]["A"] == {"every": None, "task": "A", "goal": "max"}
+        assert [(p["name"], p["step"]) for p in store.meta()["phases"]] == [("A", 0)]
 
 
 @pytest.mark.parametrize("eval_tasks", [["A"], {"A": ""}, {"A": 3}])
