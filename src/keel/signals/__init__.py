@@ -15,6 +15,7 @@ from keel.signals import (  # noqa: F401  (register built-ins)
     opposing_signals,
     output_logits,
     param_norm,
+    router,
     sharpness,
     update_ratio,
 )
@@ -42,6 +43,7 @@ from keel.signals.registry import (
     create_probe,
     list_probes,
 )
+from keel.signals.router import RouterProbe, RouterProbeConfig, find_routers, router_signals, router_sums
 from keel.signals.sharpness import SharpnessConfig, SharpnessProbe, hutchinson_trace, top_eigenvalue
 from keel.signals.source_gradients import SourceGradientsConfig, SourceGradientsProbe, source_losses
 
@@ -69,6 +71,8 @@ __all__ = [
     "Packed",
     "PerParam",
     "Probe",
+    "RouterProbe",
+    "RouterProbeConfig",
     "SharpnessConfig",
     "SharpnessProbe",
     "SourceGradientsConfig",
@@ -81,6 +85,7 @@ __all__ = [
     "attention_max_logit",
     "create_probe",
     "global_norm",
+    "find_routers",
     "grad_weight_cosines",
     "hutchinson_trace",
     "list_probes",
@@ -98,6 +103,8 @@ __all__ = [
     "preference_signals",
     "quiet",
     "reward_ensemble_signals",
+    "router_signals",
+    "router_sums",
     "sdpa_logits",
     "softmax_collapse_fraction",
     "top_eigenvalue",
