@@ -419,6 +419,7 @@ CAUSES: dict[str, Cause] = {
                 ),
                 Advice(
                     action="scale each adapter's update inversely to its norm (ALLoRA): B leaves zero fast, then slows",
+                    how="keel.optim.ALLoRA.for_peft(model).attach(optimizer), with keel.optim.apply_allora(model)",
                     source=ALLORA,
                 ),
                 Advice(
