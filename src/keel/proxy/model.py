@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from keel._core.validate import check_types, require_ints
+from keel.proxy.moe import MoeConfig, MoeMLP
 
 
 @dataclass(kw_only=True)
@@ -31,6 +32,7 @@ class ProxyConfig:
         n_heads: Attention heads per block; must divide ``d_model``.
         mlp_ratio: Hidden width of the MLP as a multiple of ``d_model``.
         qk_norm: LayerNorm on queries and keys before the dot product (Dehghani et al. 2023).
+        moe: Mixture-of-experts routing for every block's MLP (`keel.proxy.moe.MoeMLP`); None keeps them dense.
     """
 
     vocab_size: int = 256
@@ -40,10 +42,13 @@ class ProxyConfig:
     n_heads: int = 4
     mlp_ratio: int = 4
     qk_norm: bool = False
+    moe: MoeConfig | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
         require_ints(self, "vocab_size", "seq_len", "d_model", "n_layers", "n_heads", "mlp_ratio")
+        if self.moe is not None and not isinstance(self.moe, MoeConfig):
+            raise ValueError(f"ProxyConfig.moe={self.moe!r}; allowed: None or a keel.proxy.MoeConfig")
         if self.d_model % self.n_heads:
             raise ValueError(
                 f"ProxyConfig.d_model={self.d_model} is not divisible by n_heads={self.n_heads}; "
@@ -95,7 +100,11 @@ class Block(nn.Module):
         self.ln_1 = nn.LayerNorm(config.d_model)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = nn.LayerNorm(config.d_model)
-        self.mlp = MLP(config)
+        self.mlp: nn.Module
+        if config.moe is None:
+            self.mlp = MLP(config)
+        else:  # each expert is a copy of the dense MLP (Switch)
+            self.mlp = MoeMLP(config.d_model, config.moe, expert=lambda: MLP(config))
 
     def forward(self, x: Tensor) -> Tensor:
         x = x + self.attn(self.ln_1(x))

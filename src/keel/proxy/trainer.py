@@ -8,6 +8,7 @@ the scenario zoo's proxy-LM runs are all `TrainConfig`s trained here; the hooks 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Callable, Sequence
@@ -30,6 +31,7 @@ from keel.nn.stabilizers import stabilizers
 from keel.optim import create_optimizer, list_optimizers
 from keel.proxy.corpus import ProxyBatches
 from keel.proxy.model import create_proxy_model
+from keel.proxy.moe import MoeConfig, moe_loss
 from keel.signals import Probe
 
 Batch = tuple[Tensor, Tensor]
@@ -56,6 +58,8 @@ class TrainConfig:
         weight_decay: AdamW (decoupled) weight decay; for ``independent_adamw`` the independent λ.
         beta2: AdamW β₂ (β₁ is 0.9).
         qk_norm: LayerNorm on queries and keys.
+        moe: Mixture-of-experts MLPs (`keel.proxy.MoeConfig`), their aux and router z-loss terms added to the
+            training loss; None keeps the model dense.
         optimizer: ``"adamw"`` (``torch.optim.AdamW``) or a `keel.optim.list_optimizers` name, built with
             the same ``lr``, ``betas`` and ``weight_decay``.
         z_loss: z-loss coefficient added to the training loss (`keel.losses.z_loss`; 1e-4 in PaLM and
@@ -87,6 +91,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     beta2: float = 0.95
     qk_norm: bool = False
+    moe: MoeConfig | None = None
     optimizer: str = "adamw"
     z_loss: float = 0.0
     stabilize: tuple[str, ...] = ()
@@ -105,6 +110,8 @@ class TrainConfig:
         require_positive(self, "lr")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm={self.max_grad_norm!r}; allowed: a number > 0 or None")
+        if self.moe is not None and not isinstance(self.moe, MoeConfig):
+            raise ValueError(f"TrainConfig.moe={self.moe!r}; allowed: None or a keel.proxy.MoeConfig")
         if self.optimizer != "adamw" and self.optimizer not in list_optimizers():
             raise ValueError(
                 f"TrainConfig.optimizer={self.optimizer!r}; allowed: adamw, {', '.join(list_optimizers())}"
@@ -137,7 +144,10 @@ class TrainConfig:
         out: dict[str, object] = {}
         for f in fields(self):
             value = getattr(self, f.name)
-            if f.name not in HOOKS:
+            if f.name == "moe":  # left out while unset, like the hooks: a dense config describes itself as before
+                if value is not None:
+                    out[f.name] = dataclasses.asdict(value)
+            elif f.name not in HOOKS:
                 out[f.name] = value
             elif value is not None:
                 name = getattr(value, "__qualname__", type(value).__qualname__)
@@ -178,7 +188,7 @@ def lr_lambda(config: TrainConfig) -> Callable[[int], float]:
 def build_model(config: TrainConfig) -> nn.Module:
     """The model a run of ``config`` starts from: seeded, built by size, then edited by ``model_fn``."""
     torch.manual_seed(config.seed)
-    model: nn.Module = create_proxy_model(config.size, seq_len=config.seq_len, qk_norm=config.qk_norm)
+    model: nn.Module = create_proxy_model(config.size, seq_len=config.seq_len, qk_norm=config.qk_norm, moe=config.moe)
     return model if config.model_fn is None else config.model_fn(model)
 
 
@@ -243,6 +253,8 @@ def train_proxy(
             loss = _loss(model, x, y, config.z_loss)
             if stabilized is not None and stabilized.z_loss_hooks:
                 loss = loss + stabilized.z_loss()
+            if config.moe is not None and (router_losses := moe_loss(model)) is not None:
+                loss = loss + router_losses
             loss.backward()
             if guard is not None:
                 guard.step(loss)
