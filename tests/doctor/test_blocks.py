@@ -216,7 +216,8 @@ def test_each_default_detector_takes_a_fast_path():
     dets = default_detectors()
     plan = Plan(dets, build_timeline(log))
     assert all(isinstance(d, SignalScan | ReadsKeys) for d in dets)
-    assert plan.modes == ["scan", "scan", "scan", "rest", "rest", "idle", "idle", "idle", "idle", "idle"]
+    # the last two: lora_blowup and stability_gap, idle on a log without adapters, evals or phases
+    assert plan.modes == ["scan"] * 3 + ["rest"] * 2 + ["idle"] * 7
 
 
 @pytest.mark.parametrize(
