@@ -321,7 +321,7 @@ def test_the_long_history_takes_a_value_only_once_it_left_the_short_window():
 
 
 def test_state_round_trip_mid_block_continues_identically():
-    obs = step_losses(4, shift_from=300)
+    obs = step_losses(4, steps=380, shift_from=300)
     whole = SourceDriftDetector()
     expected = [[f.to_dict() for f in whole.update(o)] for o in obs]
     half = SourceDriftDetector()

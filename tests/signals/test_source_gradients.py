@@ -196,7 +196,7 @@ def test_bad_config_names_the_field_and_what_is_allowed(fields, match):
 
 
 # --- source_losses: the loop's own per-example losses, per source, for guard.step(loss, signals=...) ---------------
-@settings(max_examples=30, deadline=None, derandomize=True)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(tags=st.lists(st.sampled_from(["web", "code", 3, "a/b"]), min_size=1, max_size=12), seed=st.integers(0, 99))
 def test_source_losses_are_each_sources_mean_and_count(tags, seed):
     losses = torch.rand(len(tags), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)

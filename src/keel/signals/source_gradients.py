@@ -19,6 +19,12 @@ loss 0.5×, the cosine 2.8× more, the per-example gradient norms 50× more (vma
 gradient); on a 16-32-32-4 MLP, batch 48, where Python overhead dominates, 0.9×, 6.6× and 6.9× more. Hence the
 defaults: loss and cosine on, per-example norms opt-in.
 
+The loss of one measured batch is noisy where a source has a handful of examples in it (on the proxy LM, batch 16
+from three sources: σ ≈ 0.12 of its level). A loop that keeps each example's loss hands keel every step's per-source
+means instead, at the cost of a few reductions: ``guard.step(losses.mean(), signals=source_losses(losses, tags))``;
+the detector pools them over ten steps and then judges the probe's cosine (and norms) only — or, with no probe, the
+loss alone.
+
 Source names are ``str(tag)`` with every character outside ``[A-Za-z0-9_.-]`` replaced by ``_`` (at most 64), so a
 key stays one slash path; two tags that sanitise to the same name are refused rather than merged.
 

@@ -34,7 +34,7 @@ class _Steps:
         self.calls = []
 
     def step(self, loss, **kwargs):
-        self.calls.append((float(loss), kwargs))
+        self.calls.append((float(loss.detach()), kwargs))
 
 
 def test_train_steps_hands_each_step_the_signals_made_from_its_per_sequence_losses():
@@ -46,7 +46,7 @@ def test_train_steps_hands_each_step_the_signals_made_from_its_per_sequence_loss
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     train_steps(model, opt, [(x, y)], guard, 2, example_signals=lambda losses: seen.append(losses) or {"k": 1.0})
     assert [c[1]["signals"] for c in guard.calls] == [{"k": 1.0}, {"k": 1.0}]
-    assert seen[0].shape == (4,) and guard.calls[0][0] == pytest.approx(float(seen[0].mean()), rel=1e-6)
+    assert seen[0].shape == (4,) and guard.calls[0][0] == pytest.approx(float(seen[0].detach().mean()), rel=1e-6)
 
 
 @pytest.mark.slow  # a Guard's first steps on a tiny proxy: seconds on a loaded 2-core machine
