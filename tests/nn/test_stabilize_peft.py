@@ -51,8 +51,13 @@ def _trainable(model):
     ("build", "attention"),
     [
         (_llama, "base_model.model.model.layers.{}.self_attn"),
-        (lambda: _llama(targets=("q_proj", "k_proj")), "base_model.model.model.layers.{}.self_attn"),
-        (_gpt2, "base_model.model.transformer.h.{}.attn"),
+        # slow: the fast check of the fused path is the matching test below
+        pytest.param(
+            lambda: _llama(targets=("q_proj", "k_proj")),
+            "base_model.model.model.layers.{}.self_attn",
+            marks=pytest.mark.slow,
+        ),
+        pytest.param(_gpt2, "base_model.model.transformer.h.{}.attn", marks=pytest.mark.slow),
     ],
     ids=["llama-q-v", "llama-q-k", "gpt2-c_attn"],
 )
@@ -75,6 +80,17 @@ def test_default_stabilizers_find_the_attention_behind_lora_wrapped_projections_
     assert math.isfinite(loss.item())
     adapters = [p for n, p in model.named_parameters() if "lora_B" in n]
     assert all(p.abs().sum() > 0 for p in adapters)  # the adapters learn under QK-norm
+
+
+def test_qk_norm_finds_a_lora_wrapped_fused_projection_and_normalises_its_output():
+    model = _gpt2().eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        result = stabilize(model, ["qk_norm"])
+    assert result.by_stabilizer()["qk_norm"] == [f"base_model.model.transformer.h.{i}.attn" for i in range(2)]
+    c_attn = model.base_model.model.transformer.h[0].attn.c_attn
+    q = c_attn(torch.randn(1, 3, 32))[..., :32].unflatten(-1, (2, 16))  # the hooked wrapper's output: q per head
+    torch.testing.assert_close(q.mean(-1), torch.zeros(1, 3, 2), atol=1e-5, rtol=0)  # LayerNorm'd per head
 
 
 def test_sigma_reparam_leaves_the_frozen_base_and_the_adapters_alone():
