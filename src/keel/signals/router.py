@@ -202,8 +202,8 @@ def router_sums(
     n_tokens, n_experts = x.shape
     if chosen is None:
         chosen = x.topk(min(top_k, n_experts), dim=-1).indices
-    chosen = chosen.detach().reshape(n_tokens, -1)
-    k = chosen.shape[1]
+    k = chosen.numel() // n_tokens if n_tokens else max(top_k, 1)
+    chosen = chosen.detach().reshape(n_tokens, k)
     counts = torch.zeros(n_experts, dtype=torch.float32, device=x.device)
     counts.index_add_(0, chosen.flatten().long(), torch.ones(chosen.numel(), dtype=torch.float32, device=x.device))
     probs = torch.softmax(x, dim=-1)
