@@ -33,6 +33,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +62,7 @@ class Adapter:
 
     def scaling(self) -> float:
         """The current scaling: read each time, since peft can rescale adapters during training."""
-        s = getattr(self.module, "scaling", 1.0)
+        s: Any = getattr(self.module, "scaling", 1.0)  # peft: a dict by adapter name; keel-style: a float
         return float(s[self.adapter] if self.adapter is not None else s)
 
 

@@ -43,7 +43,7 @@ def adamw(model: nn.Module, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
 
 
-def lora_model(seed: int, *, rank: int = RANK, alpha: float = ALPHA, use_rslora: bool = False) -> nn.Module:
+def lora_model(seed: int, *, rank: int = RANK, alpha: int = ALPHA, use_rslora: bool = False) -> nn.Module:
     """The pre-trained tiny proxy with peft LoRA adapters on its block linears (a ``peft.PeftModel``)."""
     import peft  # noqa: PLC0415  (an optional dependency: keel[test])
 
@@ -76,7 +76,7 @@ def lora_finetune(
     guarded: bool = True,
     warmup: int = WARMUP,
     rank: int = RANK,
-    alpha: float = ALPHA,
+    alpha: int = ALPHA,
     **guard_options: object,
 ) -> LoraRun:
     """Fine-tune the proxy's LoRA adapters for ``steps`` steps at ``lr``; under `keel.Guard` (observe) when ``guarded``.
