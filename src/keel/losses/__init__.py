@@ -1,6 +1,7 @@
 """Stabilizing losses, one per file: z-loss, StableMax cross-entropy, the pseudo-Huber distance, and for preference
 and RL fine-tuning DPO with the SFT-on-chosen anchor, the DAPO/GRPO clipped surrogate, group advantages, k3 KL,
-overlong shaping and ensemble reward objectives."""
+overlong shaping and ensemble reward objectives; for mixture-of-experts routers the ST-MoE router z-loss and the
+Switch load-balancing loss."""
 
 from keel.losses.group_advantages import TRL_ADVANTAGE_EPS, group_advantages, informative_groups
 from keel.losses.kl_penalty import VERL_KL_CLAMP, VERL_LOG_RATIO_CLAMP, k3_kl
@@ -15,6 +16,13 @@ from keel.losses.stablemax_cross_entropy import (
     stablemax_cross_entropy,
     stablemax_s,
 )
+from keel.losses.router import (
+    LOAD_BALANCING_COEFFICIENT,
+    ROUTER_Z_LOSS_COEFFICIENT,
+    load_balancing_loss,
+    router_z_loss,
+    tokens_per_expert,
+)
 from keel.losses.z_loss import log_partition, z_loss, z_loss_from_log_z
 
 __all__ = [
@@ -24,6 +32,8 @@ __all__ = [
     "DAPO_EPS_LOW",
     "DAPO_MAX_LENGTH",
     "ENSEMBLE_OBJECTIVES",
+    "LOAD_BALANCING_COEFFICIENT",
+    "ROUTER_Z_LOSS_COEFFICIENT",
     "TRL_ADVANTAGE_EPS",
     "VERL_KL_CLAMP",
     "VERL_LOG_RATIO_CLAMP",
@@ -35,15 +45,18 @@ __all__ = [
     "group_advantages",
     "informative_groups",
     "k3_kl",
+    "load_balancing_loss",
     "log_partition",
     "log_stablemax",
     "PolicyLoss",
     "pseudo_huber",
     "pseudo_huber_c",
+    "router_z_loss",
     "soft_overlong_punishment",
     "stablemax",
     "stablemax_cross_entropy",
     "stablemax_s",
+    "tokens_per_expert",
     "z_loss",
     "z_loss_from_log_z",
 ]
