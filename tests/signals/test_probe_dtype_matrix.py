@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from keel.guard import Guard
 from keel.harness.scenarios._finetune import apply_lora
 from keel.optim import SPAM
-from keel.proxy import create_proxy_model
+from keel.proxy import MoeConfig, create_proxy_model
 from keel.signals import create_probe, list_probes
 from keel.signals.sharpness import SharpnessProbe
 
@@ -51,7 +51,8 @@ class Capture:
 def measure(name: str, dtype: torch.dtype) -> tuple[dict[str, float], list]:
     """The probe's values over three steps (``key@step`` → value) and the run's ``keel_error`` findings."""
     torch.manual_seed(0)
-    model = create_proxy_model("tiny", seq_len=16)
+    # routers to measure for the router probe: the proxy's MoE blocks
+    model = create_proxy_model("tiny", seq_len=16, **({"moe": MoeConfig()} if name == "router" else {}))
     if name == "lora":  # adapters to measure: keel's own LoRA layout (lora_a / lora_b) on the block linears
         model = apply_lora(model, rank=4, alpha=8.0, bits=None, seed=0)
     model = model.to(dtype)
