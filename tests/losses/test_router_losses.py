@@ -61,7 +61,7 @@ def test_load_balancing_loss_value_and_gradient_match_the_hand_derivation_in_flo
     probs = logits.detach().softmax(-1)
     f = [sum(row.count(i) for row in chosen.tolist()) / 12 for i in range(4)]
     p_mean = probs.mean(0).tolist()
-    assert loss.item() == pytest.approx(1e-2 * 4 * sum(fi * pi for fi, pi in zip(f, p_mean)), rel=1e-12)
+    assert loss.item() == pytest.approx(1e-2 * 4 * sum(fi * pi for fi, pi in zip(f, p_mean, strict=True)), rel=1e-12)
     loss.backward()
     # d/dx_tj (1/T) Σ_i f_i p_ti = (1/T) p_tj (f_j − Σ_i f_i p_ti); f is a count and carries no gradient
     f_t = torch.tensor(f, dtype=torch.float64)
@@ -69,6 +69,7 @@ def test_load_balancing_loss_value_and_gradient_match_the_hand_derivation_in_flo
     torch.testing.assert_close(logits.grad, hand, rtol=1e-12, atol=1e-18)
 
 
+@pytest.mark.slow  # importing transformers costs seconds; the hand-derived values above back the same normalisation
 def test_load_balancing_loss_is_hugging_face_s_value_divided_by_k():
     from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
 
@@ -86,27 +87,30 @@ def test_tokens_per_expert_ignores_a_dropped_token_sentinel():
     assert counts.tolist() == [2.0, 1.0, 0.0, 0.0]
 
 
+ONE_EACH = torch.zeros(3, 1, dtype=torch.long)
+
+
 @pytest.mark.parametrize(
     ("call", "message"),
     [
         (lambda: load_balancing_loss(torch.zeros(3, 4), torch.zeros(3, 1)), "chosen is a torch.float32 tensor"),
         (lambda: load_balancing_loss(torch.zeros(3, 4), [[0], [1], [2]]), "chosen is list"),
         (lambda: load_balancing_loss(torch.zeros(3, 4), torch.zeros(2, 1, dtype=torch.long)), "chosen.shape=(2, 1)"),
-        (lambda: load_balancing_loss(torch.zeros(3, 4, dtype=torch.long), torch.zeros(3, 1, dtype=torch.long)), "logits"),
-        (lambda: load_balancing_loss(torch.zeros(3, 4), torch.zeros(3, 1).long(), coefficient=-1.0), "coefficient=-1.0"),
-        (lambda: load_balancing_loss(torch.zeros(3, 4), torch.zeros(3, 1).long(), coefficient=math.nan), "coefficient"),
+        (lambda: load_balancing_loss(torch.zeros(3, 4, dtype=torch.long), ONE_EACH), "logits is a torch.int64"),
+        (lambda: load_balancing_loss(torch.zeros(3, 4), ONE_EACH, coefficient=-1.0), "coefficient=-1.0"),
+        (lambda: load_balancing_loss(torch.zeros(3, 4), ONE_EACH, coefficient=math.nan), "coefficient=nan"),
         (lambda: router_z_loss(torch.zeros(3, 4), coefficient=math.inf), "coefficient=inf"),
         (lambda: router_z_loss(torch.zeros(3, 4), mask=torch.ones(4, dtype=torch.bool)), "mask.shape=(4,)"),
         (lambda: router_z_loss(torch.zeros(3, 4, dtype=torch.long)), "logits is a torch.int64 tensor"),
     ],
 )
 def test_router_losses_refuse_bad_arguments_with_one_clear_error(call, message):
-    with pytest.raises(ValueError, match=None) as info:
+    with pytest.raises(ValueError) as info:
         call()
     assert message in str(info.value)
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(
     tokens=st.integers(1, 12),
     experts=st.integers(2, 6),

@@ -10,18 +10,18 @@ from keel.losses.policy_gradient import DAPO_EPS_HIGH, DAPO_EPS_LOW, PolicyLoss,
 from keel.losses.preference import DPOLoss, chosen_sft_loss, dpo_loss
 from keel.losses.pseudo_huber import pseudo_huber, pseudo_huber_c
 from keel.losses.reward_ensemble import COSTE_PPO_UWO_LAMBDA, ENSEMBLE_OBJECTIVES, ensemble_reward
-from keel.losses.stablemax_cross_entropy import (
-    log_stablemax,
-    stablemax,
-    stablemax_cross_entropy,
-    stablemax_s,
-)
 from keel.losses.router import (
     LOAD_BALANCING_COEFFICIENT,
     ROUTER_Z_LOSS_COEFFICIENT,
     load_balancing_loss,
     router_z_loss,
     tokens_per_expert,
+)
+from keel.losses.stablemax_cross_entropy import (
+    log_stablemax,
+    stablemax,
+    stablemax_cross_entropy,
+    stablemax_s,
 )
 from keel.losses.z_loss import log_partition, z_loss, z_loss_from_log_z
 

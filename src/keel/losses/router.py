@@ -62,9 +62,7 @@ def tokens_per_expert(chosen: Tensor, num_experts: int) -> Tensor:
     return torch.bincount(flat, minlength=num_experts).float()
 
 
-def load_balancing_loss(
-    logits: Tensor, chosen: Tensor, *, coefficient: float = LOAD_BALANCING_COEFFICIENT
-) -> Tensor:
+def load_balancing_loss(logits: Tensor, chosen: Tensor, *, coefficient: float = LOAD_BALANCING_COEFFICIENT) -> Tensor:
     """Switch load-balancing loss ``coefficient · E · Σ_i f_i · P_i``: 1 (unscaled) balanced, E/k collapsed.
 
     f_i is the fraction of the T·k token assignments that went to expert i (Megatron divides by T·k, so the value
