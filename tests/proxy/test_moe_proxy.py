@@ -10,9 +10,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
+from keel._core import keys
 from keel.proxy import MoeConfig, MoeMLP, MoeRouter, ProxyBatches, create_proxy_model, moe_loss
 from keel.proxy.moe import load_balancing_loss
+from keel.proxy.sweep.recipes import RECIPES
 from keel.proxy.trainer import TrainConfig, build_model, train_proxy
+from keel.signals.router import RouterProbe
 
 
 def _moe(d: int = 4, **config: object) -> MoeMLP:
@@ -197,3 +200,26 @@ def test_moe_proxy_trains_on_cpu_with_the_router_losses_in_the_loss() -> None:
     assert run.losses[-1] < run.losses[0] - 0.5
     assert run.model is not None
     assert not torch.equal(run.model.blocks[0].mlp.gate.weight, router_before)  # the router learns
+
+
+def test_router_probe_finds_the_proxy_gates_and_agrees_with_the_proxy_stats() -> None:
+    model = create_proxy_model("tiny", moe=MoeConfig(top_k=1, capacity_factor=1.0))
+    probe = RouterProbe()
+    probe.attach(model)
+    assert [s.name for s in probe.sites] == ["blocks.0.mlp.gate", "blocks.1.mlp.gate"]
+    assert [s.top_k for s in probe.sites] == [1, 1]
+    model(torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(0)))
+    out = probe.read()
+    layers = [b.mlp for b in model.blocks]
+    assert out[keys.MOE_DROPPED] > 0  # capacity 1.0 on an untrained router drops some: read from the block
+    torch.testing.assert_close(out[keys.MOE_DROPPED], max(m.stats.dropped for m in layers))
+    torch.testing.assert_close(out[keys.MOE_AUX_LOSS], sum(m.stats.aux_loss for m in layers) / 2)
+    torch.testing.assert_close(out[keys.MOE_ROUTER_Z], max(m.stats.router_z for m in layers))
+
+
+def test_moe_recipes_add_moe_and_the_router_z_loss_keeping_the_base_moe_settings() -> None:
+    assert RECIPES.get("moe_baseline")(TrainConfig(size="tiny")).moe == MoeConfig()
+    zloss = RECIPES.get("moe_zloss")(TrainConfig(size="tiny", moe=MoeConfig(top_k=1)))
+    assert zloss.moe == MoeConfig(top_k=1, router_z_loss=1e-3)
+    own = MoeConfig(num_experts=8, capacity_factor=1.25)
+    assert RECIPES.get("moe_baseline")(TrainConfig(moe=own)).moe is own

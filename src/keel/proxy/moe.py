@@ -135,6 +135,11 @@ class MoeMLP(nn.Module):
         self.stats: RoutingStats | None = None
         self.loss: Tensor | None = None
 
+    @property
+    def capacity_factor(self) -> float | None:
+        """The config's capacity factor, where keel's router probe (and Megatron-style code) looks for it."""
+        return self.config.capacity_factor
+
     def capacity(self, tokens: int) -> int | None:
         """Assignments one expert takes in a forward of ``tokens`` tokens (Megatron's ceil(T·k/E·cf))."""
         cf = self.config.capacity_factor

@@ -20,6 +20,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from keel._core.registry import Registry
+from keel.proxy.moe import ROUTER_Z_LOSS_COEFFICIENT, MoeConfig
 from keel.proxy.trainer import TrainConfig
 
 Recipe = Callable[[TrainConfig], TrainConfig]
@@ -71,6 +72,22 @@ def decoupled_wd(base: TrainConfig) -> TrainConfig:
     """AdamW's usual decoupled decay, 0.1, whose strength lr·0.1 moves with the swept LR (the comparison for
     ``independent_wd``; not in the default grid)."""
     return dataclasses.replace(base, weight_decay=DECOUPLED_WEIGHT_DECAY)
+
+
+@RECIPES.register("moe_baseline")
+def moe_baseline(base: TrainConfig) -> TrainConfig:
+    """Mixture-of-experts MLPs (`keel.proxy.MoeConfig`: 4 experts, top-2, dropless, Switch aux loss 1e-2), or the
+    base's own MoE settings when it has them."""
+    return dataclasses.replace(base, moe=base.moe or MoeConfig())
+
+
+@RECIPES.register("moe_zloss")
+def moe_zloss(base: TrainConfig) -> TrainConfig:
+    """``moe_baseline`` with the ST-MoE router z-loss 1e-3 · mean(logsumexp(router logits)²), the fix for router
+    logit growth (Zoph et al. 2022)."""
+    return dataclasses.replace(
+        base, moe=dataclasses.replace(base.moe or MoeConfig(), router_z_loss=ROUTER_Z_LOSS_COEFFICIENT)
+    )
 
 
 DEFAULT_RECIPES: tuple[str, ...] = ("baseline", "qk_norm", "z_loss", "qk_norm_z_loss", "independent_wd")
