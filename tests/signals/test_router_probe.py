@@ -320,3 +320,25 @@ def test_hf_mixtral_under_guard_matches_its_router_logits_and_aux_loss_over_k():
         names, _ = obs.per_param[keys.MOE_DEAD_EXPERTS_PER_LAYER]
         assert tuple(names) == ("model.layers.0.mlp.gate", "model.layers.1.mlp.gate")
         assert obs.values[keys.MOE_DROPPED] == 0.0  # HF MoE is dropless
+
+
+# --- keel's proxy MoE ---------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("capacity_factor", [None, 0.5])
+def test_proxy_moe_router_agrees_with_the_blocks_own_routing_stats(capacity_factor):
+    from keel.proxy import MoeConfig, MoeMLP, create_proxy_model
+
+    torch.manual_seed(0)
+    model = create_proxy_model("tiny", seq_len=16, moe=MoeConfig(top_k=2, capacity_factor=capacity_factor))
+    probe = RouterProbe()
+    probe.attach(model)
+    assert [s.name for s in probe.sites] == ["blocks.0.mlp.gate", "blocks.1.mlp.gate"]
+    model(torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0)))
+    got = probe.read()
+    stats = [m.stats for m in model.modules() if isinstance(m, MoeMLP)]
+    counts = torch.stack([s.tokens_per_expert for s in stats])
+    torch.testing.assert_close(got[keys.MOE_DROPPED_PER_LAYER].values, torch.stack([s.dropped for s in stats]))
+    torch.testing.assert_close(got[keys.MOE_ROUTER_Z_PER_LAYER].values, torch.stack([s.router_z for s in stats]))
+    torch.testing.assert_close(got[keys.MOE_AUX_LOSS], torch.stack([s.aux_loss for s in stats]).mean())
+    torch.testing.assert_close(got[keys.MOE_LOAD_IMBALANCE_PER_LAYER].values, counts.amax(1) / counts.mean(1))
+    if capacity_factor is not None:
+        assert got[keys.MOE_DROPPED] > 0
