@@ -12,7 +12,6 @@ from torch import nn
 
 from keel._core import keys
 from keel.proxy import MoeConfig, MoeMLP, MoeRouter, ProxyBatches, create_proxy_model, moe_loss
-from keel.proxy.moe import load_balancing_loss
 from keel.proxy.sweep.recipes import RECIPES
 from keel.proxy.trainer import TrainConfig, build_model, train_proxy
 from keel.signals.router import RouterProbe
@@ -102,17 +101,18 @@ def _aux_float64(logits: torch.Tensor, k: int) -> float:
 
 @pytest.mark.parametrize("k", [1, 2])
 def test_aux_loss_is_1_at_perfect_balance_and_e_over_k_when_collapsed(k: int) -> None:
-    e, t = 4, 8
-    uniform = torch.zeros(t, e)
-    balanced_counts = torch.full((e,), t * k / e)
-    assert load_balancing_loss(uniform, balanced_counts, k).item() == pytest.approx(1.0)
-    # collapse onto experts 0..k-1: all tokens choose them, with the probability split between them
-    collapsed = torch.full((t, e), -1e4)
-    collapsed[:, :k] = 0.0
-    counts = torch.zeros(e)
-    counts[:k] = t
-    assert load_balancing_loss(collapsed, counts, k).item() == pytest.approx(e / k)
-    assert _aux_float64(collapsed, k) == pytest.approx(e / k)
+    moe = _moe(num_experts=4, top_k=k)
+    with torch.no_grad():
+        moe.gate.weight.copy_(100 * torch.eye(4))  # logits 100 on the token's own experts: a one-hot router
+    eye = torch.eye(4)
+    balanced = eye if k == 1 else eye + eye.roll(1, dims=0)  # every expert chosen by k of the 4 tokens
+    moe(balanced)
+    assert moe.stats is not None and moe.stats.aux_loss.item() == pytest.approx(1.0)
+    assert moe.stats.tokens_per_expert.tolist() == [k] * 4
+    collapsed = eye[[0] * 8] if k == 1 else (eye[0] + eye[1]).expand(8, 4)  # every token to the same k experts
+    moe(collapsed)
+    assert moe.stats.aux_loss.item() == pytest.approx(4 / k)
+    assert moe.stats.aux_loss.item() == pytest.approx(_aux_float64(collapsed @ moe.gate.weight.T.detach(), k))
 
 
 @settings(max_examples=40, deadline=None, derandomize=True)

@@ -24,11 +24,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from keel._core.validate import check_types, require_ints
+from keel.losses.router import LOAD_BALANCING_COEFFICIENT, load_balancing_loss, router_z_loss, tokens_per_expert
 
-# Megatron's `moe_aux_loss_coeff` recommendation and OLMo-core's lb_loss_weight.
-AUX_LOSS_COEFFICIENT = 1e-2
-# ST-MoE's router z-loss coefficient (Megatron: "1e-3 is a good start").
-ROUTER_Z_LOSS_COEFFICIENT = 1e-3
 # Router init N(0, 0.02), as Hugging Face's Mixtral initialises its gate (initializer_range).
 ROUTER_INIT_STD = 0.02
 
@@ -49,7 +46,7 @@ class MoeConfig:
     num_experts: int = 4
     top_k: int = 2
     capacity_factor: float | None = None
-    aux_loss: float = AUX_LOSS_COEFFICIENT
+    aux_loss: float = LOAD_BALANCING_COEFFICIENT
     router_z_loss: float = 0.0
 
     def __post_init__(self) -> None:
@@ -154,7 +151,7 @@ class MoeMLP(nn.Module):
         expert_of = indices.t().reshape(-1)
         token_of = torch.arange(num_tokens, device=x.device).repeat(k)
         weight_of = weights.t().reshape(-1)
-        counts = torch.bincount(expert_of, minlength=num_experts).float()
+        counts = tokens_per_expert(indices, num_experts)
         capacity = self.capacity(num_tokens)
         dropped = torch.zeros((), device=x.device)
         if capacity is not None:
@@ -169,42 +166,17 @@ class MoeMLP(nn.Module):
             tokens = token_of[chosen]
             y = expert(x[tokens]) * weight_of[chosen].unsqueeze(-1).to(x.dtype)
             out = out.index_add(0, tokens, y)
-        self._record(logits, counts, dropped)
+        self._record(logits, indices, counts, dropped)
         return out.reshape(shape)
 
-    def _record(self, logits: Tensor, counts: Tensor, dropped: Tensor) -> None:
-        aux = load_balancing_loss(logits, counts, self.config.top_k)
-        z = router_z_loss(logits)
+    def _record(self, logits: Tensor, indices: Tensor, counts: Tensor, dropped: Tensor) -> None:
+        aux = load_balancing_loss(logits, indices, coefficient=1.0)
+        z = router_z_loss(logits, coefficient=1.0)
         self.stats = RoutingStats(
             tokens_per_expert=counts.detach(), dropped=dropped.detach(), aux_loss=aux.detach(), router_z=z.detach()
         )
         terms = [c * t for c, t in ((self.config.aux_loss, aux), (self.config.router_z_loss, z)) if c > 0]
         self.loss = sum(terms[1:], terms[0]) if terms else None
-
-
-def load_balancing_loss(logits: Tensor, tokens_per_expert: Tensor, top_k: int) -> Tensor:
-    """Switch load-balancing loss ``E · Σ_i f_i · P_i``, 1 at perfect balance, E/k when collapsed onto k experts.
-
-    Args:
-        logits: ``(tokens, E)`` router logits.
-        tokens_per_expert: ``(E,)`` assignments per expert; f_i = count_i / (tokens · k) (Megatron's T·k).
-        top_k: Experts per token.
-
-    Returns:
-        A 0-d float32 tensor; its gradient reaches the router through P_i, the mean probability (f is a count).
-    """
-    probs = logits.float().softmax(dim=-1)
-    num_tokens, num_experts = probs.shape
-    if num_tokens == 0:
-        return probs.sum()  # 0 with a graph: an empty batch balances nothing
-    fraction = tokens_per_expert.float() / (num_tokens * top_k)
-    return num_experts * (fraction * probs.mean(dim=0)).sum()
-
-
-def router_z_loss(logits: Tensor) -> Tensor:
-    """ST-MoE router z-loss, unscaled: mean over tokens of logsumexp(logits)² (0 for no tokens)."""
-    log_z = torch.logsumexp(logits.float(), dim=-1)
-    return log_z.square().mean() if log_z.numel() else log_z.sum()
 
 
 def moe_loss(model: nn.Module) -> Tensor | None:

@@ -20,7 +20,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from keel._core.registry import Registry
-from keel.proxy.moe import ROUTER_Z_LOSS_COEFFICIENT, MoeConfig
+from keel.losses.router import ROUTER_Z_LOSS_COEFFICIENT
+from keel.proxy.moe import MoeConfig
 from keel.proxy.trainer import TrainConfig
 
 Recipe = Callable[[TrainConfig], TrainConfig]
