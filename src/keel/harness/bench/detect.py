@@ -279,6 +279,8 @@ def probe_costs(
     proxy trainer, the demo and the zoo run. Variants run interleaved, one block each per repeat, in rotating
     order, and each repeat's figure is the process CPU time of the block (not wall time: this machine is
     shared). Sharpness, which runs its own forward and Hessian-vector products, is timed per measurement.
+    The router probe runs twice: on the dense proxy (no router: nothing hooked) and on the proxy with MoE blocks
+    (``MoeConfig()``), measured there against the MoE proxy's own ``moe bare`` and ``moe foundation`` loops.
     """
     import statistics
 
@@ -287,7 +289,7 @@ def probe_costs(
 
     from keel.guard import Guard
     from keel.harness.bench.loop import train_steps
-    from keel.proxy import ProxyBatches, create_proxy_model
+    from keel.proxy import MoeConfig, ProxyBatches, create_proxy_model
     from keel.signals import StepContext, create_probe
     from keel.signals.sharpness import SharpnessProbe
 
@@ -301,10 +303,16 @@ def probe_costs(
         default_every[probe] = every
         variants[probe] = base + [create_probe(probe, every=1)]
     variants["transformer"] = "transformer"
+    # the router probe on a proxy without routers (it should cost nothing) and on the proxy with MoE blocks, whose
+    # own bare and foundation loops are its baselines
+    default_every["router"] = int(create_probe("router").config.every)  # type: ignore[attr-defined]
+    variants["router (no MoE)"] = base + [create_probe("router", every=1)]
+    moe = {"moe bare": "moe bare", "moe foundation": "moe foundation", "router": "moe foundation"}
+    variants.update({"moe bare": None, "moe foundation": base, "router": base + [create_probe("router", every=1)]})
     loops = {}
     for name, probes in variants.items():
         torch.manual_seed(0)
-        model = create_proxy_model(size)
+        model = create_proxy_model(size, **({"moe": MoeConfig()} if name in moe else {}))
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
         data = [ProxyBatches(batch_size=16, seq_len=64, seed=0).next() for _ in range(4)]
         guard = Guard(model, opt, policy="observe", probes=probes) if probes is not None else None
@@ -328,13 +336,14 @@ def probe_costs(
     for _, _, _, guard in loops.values():
         if guard is not None:
             guard.close()
-    bare = times["bare"]
+    bare = {n: "moe bare" if n in moe else "bare" for n in names}
+    foundation = {n: moe.get(n, "foundation") for n in names}
     ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
-    ratio = {n: statistics.median(a / b for a, b in zip(times[n], bare, strict=True)) for n in names}
+    ratio = {n: statistics.median(a / b for a, b in zip(times[n], times[bare[n]], strict=True)) for n in names}
     extra = {
-        n: statistics.median(1e3 * (a - b) for a, b in zip(times[n], times["foundation"], strict=True)) for n in names
+        n: statistics.median(1e3 * (a - b) for a, b in zip(times[n], times[foundation[n]], strict=True)) for n in names
     }
-    amortized = {n: extra[n] / every / ms["bare"] for n, every in default_every.items()}
+    amortized = {n: extra[n] / every / ms[bare[n]] for n, every in default_every.items()}
     model, opt, data, _ = loops["bare"]
     x, y = data[0]
     named = list(model.named_parameters())
