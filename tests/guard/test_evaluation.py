@@ -13,6 +13,7 @@ from torch import nn
 from keel import Guard
 from keel._core import keys
 from keel._core.errors import GuardClosed
+from keel.doctor import examine_log
 from keel.guard.evaluation import EvalResult
 from keel.store.reader import RunReader
 
@@ -334,6 +335,9 @@ def test_a_stability_gap_after_a_phase_switch_is_found_by_the_default_detectors_
             (34, "warning"),
             (44, "info"),
         ]
+    if sync == "step":  # keel doctor re-reads the store (eval/ rows, phase/index at its switches): the same gap
+        offline = [f for f in examine_log(tmp_path).findings if f.kind == "stability_gap"]
+        assert [(f.step, f.severity) for f in offline] == [(34, "warning"), (44, "info")]
 
 
 def _switch_loop(tmp_path, *, declared: bool) -> Guard:

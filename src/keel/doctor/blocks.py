@@ -173,6 +173,8 @@ def _rows_of(timeline: Timeline, reads: Sequence[str]) -> tuple[np.ndarray, np.n
     non-finite value among them."""
     columns = [timeline.signals[key] for key in reads if key in timeline.signals]
     columns += [col for key in reads if key.endswith("/") for _, col in timeline.members.get(key, ())]
+    # a family of plain value keys (eval/<name>…) is read through its members' own columns
+    columns += [col for key in reads if key.endswith("/") for k, col in timeline.signals.items() if k.startswith(key)]
     logged, non_finite = np.zeros(len(timeline), dtype=bool), np.zeros(len(timeline), dtype=bool)
     for col in columns:
         logged[col.rows] = True
