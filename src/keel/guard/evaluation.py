@@ -180,14 +180,15 @@ class Evaluation:
         done = []
         for detector in self.components.detectors:
             config = getattr(detector, "config", None)
-            if getattr(config, "signal", None) not in (keys.LOSS, keys.GRAD_NORM):
+            signal = getattr(config, "signal", None)
+            if signal not in (keys.LOSS, keys.GRAD_NORM):
                 continue  # only the one-signal baselines (spikes, divergence); e.g. the non-finite check needs none
             label = detector_label(detector)
             fresh = self.components.call(label, lambda d=detector, c=config: type(d)(c).state_dict())
             if fresh is not None:
                 self.components.call(label, detector.load_state_dict, fresh)
             if fresh is not None and self.components.enabled(label):
-                done.append(f"{detector.name}({config.signal})")
+                done.append(f"{detector.name}({signal})")
         return tuple(done)
 
     @property
