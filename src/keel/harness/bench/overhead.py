@@ -190,7 +190,7 @@ def source_drift_watch(config: OverheadConfig, every: int) -> tuple[list, list, 
     """The ``sources`` variants' probes=, detectors= and the loop's signals= maker: three sources (rows modulo 3),
     the `SourceDriftDetector`, and with ``every`` > 0 a `SourceGradientsProbe` (loss and cosine) every ``every``."""
     tags = [row % 3 for row in range(config.batch_size)]
-    probes = list(DEFAULT_PROBES)
+    probes: list[Any] = list(DEFAULT_PROBES)  # probe names, and the probe object
     if every:
         probes.append(SourceGradientsProbe(source_fn=lambda _: tags, loss_fn=example_lm_losses, every=every))
     return probes, [*default_detectors(), SourceDriftDetector()], lambda losses: source_losses(losses, tags)
