@@ -153,6 +153,8 @@ MOE_DEAD_EXPERTS_PER_LAYER = "moe/dead_experts/"
 MOE_DROPPED = "moe/dropped"  # max over layers of the fraction of token assignments dropped by capacity (0 dropless)
 MOE_DROPPED_PER_LAYER = "moe/dropped/"
 MOE_AUX_LOSS = "moe/aux_loss"  # the Switch load-balancing loss, unscaled, balanced = 1
+MOE_EXPERTS = "moe/experts"  # experts per router, E (the largest over routers): the imbalance of a collapse is E/k
+MOE_TOP_K = "moe/top_k"  # experts chosen per token, k (the smallest over routers)
 
 # TRL's own statistic names (trl 1.16 DPOTrainer, GRPOTrainer) → keel's keys: the TRL adapter reads TRL's values
 # under these names rather than measuring them twice, and `keel doctor` reads TRL logs with the same table.
