@@ -59,6 +59,7 @@ _INDEX: dict[tuple[str, str], tuple[str, str]] = {
     ("signal", "adam_eps"): ("low precision", causes.WORTSMAN),
     ("signal", "opposing_signals"): ("data attribution", causes.ROSENBERG),
     ("signal", "lora"): ("fine-tuning and continual learning", "Hu et al. 2021, LoRA, arXiv 2106.09685"),
+    ("signal", "router"): ("mixture of experts", "Zoph et al. 2022, ST-MoE, arXiv 2202.08906"),
     ("detector", "spike"): ("core", causes.PALM),
     ("detector", "divergence"): ("core", causes.WORTSMAN),
     ("detector", "non_finite"): ("core", causes.MICIKEVICIUS),
