@@ -240,7 +240,7 @@ def test_dense_to_sparse_routes_dense_by_gumbel_gates_then_hard_top1_and_top1_so
 
 
 def test_dense_to_sparse_counts_training_forwards_and_switches_hard_at_hard_step():
-    model = _model()
+    model = _model(layers=1)
     result = stabilize(model, [create_stabilizer("dense_to_sparse", hard_step=2)])
     schedule = result.changes[0].extra
     assert all(c.extra is schedule for c in result.changes) and schedule.decay_steps == 2
@@ -331,3 +331,69 @@ def test_moe_stabilizers_round_trip_through_the_stabilize_record():
     load_stabilized(fresh, model.state_dict(), record)
     assert stabilize_record(fresh) == record
     assert any(e["stabilizer"] == "dense_to_sparse" and e["hard_step"] == 7 for e in record)
+
+
+# --- a tiny Hugging Face Mixtral built from a config ------------------------------------------------------------------
+
+
+def _mixtral():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        experts_implementation="eager",
+    )
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(config)
+
+
+@pytest.mark.slow  # seconds (transformers); the TinyMoE tests above back the same claims on HF's router layout
+def test_on_hf_mixtral_the_injected_losses_match_hf_s_router_logits_and_the_stabilizers_find_mlp_gate():
+    model = _mixtral()
+    ids = torch.randint(0, 99, (2, 6), generator=torch.Generator().manual_seed(0))
+    result = stabilize(model, ["router_z_loss", "load_balancing"])
+    gates = ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
+    assert result.by_stabilizer() == {"router_z_loss": gates, "load_balancing": gates}
+    out = model(ids, labels=ids, output_router_logits=True)
+    hooks = {(c.stabilizer, c.name): c.extra for c in result.changes}
+    for layer, logits in enumerate(out.router_logits):
+        chosen = logits.topk(2, dim=-1).indices
+        z = hooks["router_z_loss", gates[layer]].last
+        lb = hooks["load_balancing", gates[layer]].last
+        assert z.item() == pytest.approx(router_z_loss(logits, coefficient=1.0).item(), rel=1e-6)
+        assert lb.item() == pytest.approx(load_balancing_loss(logits, chosen, coefficient=1.0).item(), rel=1e-6)
+    model.zero_grad()
+    plain = _mixtral()
+    task = plain(ids, labels=ids, output_router_logits=True)
+    extra = sum(router_z_loss(lg) + load_balancing_loss(lg, lg.topk(2, -1).indices) for lg in task.router_logits)
+    (task.loss - 1e-3 * task.aux_loss + extra).backward()  # HF adds router_aux_loss_coef·aux itself: take it out
+    stabilized_loss = model(ids, labels=ids).loss  # output_router_logits off: HF adds no aux loss of its own
+    assert stabilized_loss.item() == pytest.approx(task.loss.item() - 1e-3 * task.aux_loss.item(), rel=1e-6)
+    stabilized_loss.backward()
+    for (name, p), q in zip(model.named_parameters(), plain.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-7, msg=name)
+
+
+@pytest.mark.slow
+def test_on_hf_mixtral_dense_to_sparse_and_momentum_smoe_train_through_both_phases():
+    model = _mixtral()
+    result = stabilize(model, [create_stabilizer("dense_to_sparse", hard_step=1), "momentum_smoe"])
+    assert result.by_stabilizer() == {
+        "dense_to_sparse": ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"],
+        "momentum_smoe": ["model.layers.0.mlp", "model.layers.1.mlp"],
+    }
+    ids = torch.randint(0, 99, (2, 6), generator=torch.Generator().manual_seed(0))
+    widths = []
+    model.model.layers[0].mlp.gate.register_forward_hook(lambda m, a, out: widths.append(out[2].shape[-1]))
+    for _ in range(2):
+        loss = model(ids, labels=ids).loss
+        loss.backward()
+        assert math.isfinite(loss.item())
+        assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
+    assert widths == [4, 1]  # dense over the 4 experts at update 0, hard top-1 from update 1
