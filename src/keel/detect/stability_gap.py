@@ -8,8 +8,10 @@ switches `Guard.phase` marks (``phase/index``).
 The rule, per eval key: at a switch, the key's last values in the phase that ended give its level (the median of
 the last ``baseline_points``) and its noise (`keel.detect.robust.step_noise` of the last ``window`` differences,
 so a trend does not count as noise; at least ``relative_floor`` of the level). Within ``within_evals`` evals after
-the switch, a value below that level by ``z`` noise units and by ``relative_floor`` of the level is a gap: a
-``warning`` at that eval. Its evidence: the eval key, ``value_before`` (the level), ``minimum`` so far, ``depth``
+the switch, ``confirm`` evals in a row below that level by ``z`` noise units and by ``relative_floor`` of the level
+are a gap: a ``warning`` at the last of them (one low eval is not enough: an eval on a few dozen examples near 100 %
+dips by ~0.1 now and then — with one eval, 1 phase switch in 10 that changed nothing warned).
+Its evidence: the eval key, ``value_before`` (the level), ``minimum`` so far, ``depth``
 (level − minimum, in the eval's units: positive is worse), ``relative_depth``, ``steps_after_switch``, the switch
 step and phases. The gap counts as recovered once the eval has regained ``recovered_share`` of its depth (half, by
 default; or is back within 2 noise units of its level): an ``info`` finding of the same kind then reports the final
@@ -60,6 +62,7 @@ class StabilityGapConfig:
         within_evals: Evals after a switch in which a gap may begin (later falls are forgetting, not the gap).
         recovered_share: Share of the depth the eval must regain to count as recovered (1: all of it, up to 2 noise
             units).
+        confirm: Evals in a row below the level by ``z`` noise units that make a gap (the gap's onset is the first).
     """
 
     baseline_points: int = 3
@@ -68,10 +71,11 @@ class StabilityGapConfig:
     relative_floor: float = 0.02
     within_evals: int = 20
     recovered_share: float = 0.5
+    confirm: int = 2
 
     def __post_init__(self) -> None:
         check_types(self)
-        require_ints(self, "baseline_points", "within_evals")
+        require_ints(self, "baseline_points", "within_evals", "confirm")
         require_ints(self, "window", minimum=2)
         require_positive(self, "z", "relative_floor", "recovered_share")
         if self.recovered_share > 1:
@@ -90,7 +94,7 @@ class StabilityGapDetector:
         ...     values = {"eval/a": acc, keys.PHASE_INDEX: float(i >= 5)}
         ...     found += det.update(Observation(step=10 * i + 9, values=values))
         >>> [(f.severity, f.step, f.evidence["depth"]) for f in found]
-        [('warning', 59, 0.42), ('info', 79, 0.42)]
+        [('warning', 69, 0.42), ('info', 79, 0.42)]
     """
 
     name = KIND
@@ -144,7 +148,14 @@ class StabilityGapDetector:
             level = median(history[-cfg.baseline_points :])
             diffs = [b - a for a, b in zip(history[:-1], history[1:], strict=True)]
             noise = max(step_noise(diffs), cfg.relative_floor * abs(level), 1e-12)
-            self._gaps[key] = {"level": level, "noise": noise, "evals": 0, "minimum": math.inf, "open": False}
+            self._gaps[key] = {
+                "level": level,
+                "noise": noise,
+                "evals": 0,
+                "minimum": math.inf,
+                "open": False,
+                "deep_run": 0,  # evals in a row below the level by z noise units
+            }
         self._history = {}
 
     def _judge(self, step: int, key: str, quality: float, goal: str) -> Finding | None:
@@ -160,8 +171,16 @@ class StabilityGapDetector:
                 del self._gaps[key]  # the window for a gap passed: a later fall is forgetting
                 return None
             if not deep:
+                gap.update(deep_run=0, minimum=math.inf)
                 return None
-            gap.update(open=True, minimum=quality, minimum_step=step, onset=step)
+            if gap["deep_run"] == 0:
+                gap.update(onset=step)
+            if quality < gap["minimum"]:
+                gap.update(minimum=quality, minimum_step=step)
+            gap["deep_run"] += 1
+            if gap["deep_run"] < cfg.confirm:
+                return None
+            gap.update(open=True)
             return self._finding(step, key, gap, goal, "warning")
         if quality < gap["minimum"]:
             gap.update(minimum=quality, minimum_step=step)
