@@ -397,3 +397,20 @@ def test_on_hf_mixtral_dense_to_sparse_and_momentum_smoe_train_through_both_phas
         assert math.isfinite(loss.item())
         assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
     assert widths == [4, 1]  # dense over the 4 experts at update 0, hard top-1 from update 1
+
+
+def test_on_the_proxy_moe_dense_to_sparse_and_momentum_smoe_train_through_both_phases():
+    from keel.proxy import create_proxy_model
+    from keel.proxy.moe import MoeConfig
+
+    torch.manual_seed(0)
+    model = create_proxy_model("tiny", moe=MoeConfig(num_experts=4, top_k=2))
+    stabilize(model, [create_stabilizer("dense_to_sparse", hard_step=1), "momentum_smoe"])
+    tokens = torch.randint(0, model.config.vocab_size, (2, 8))
+    counts = []
+    for _ in range(2):
+        loss = model(tokens).float().square().mean()
+        loss.backward()
+        counts.append(model.blocks[0].mlp.stats.tokens_per_expert.sum().item())
+    assert counts == [16 * 4, 16 * 1]  # every token to all 4 experts (dense), then to 1 (hard top-1)
+    assert model.blocks[0].mlp.gate.weight.grad.abs().sum() > 0

@@ -146,7 +146,8 @@ class MoeMLP(nn.Module):
         shape = x.shape
         x = x.reshape(-1, shape[-1])
         logits, weights, indices = self.gate(x)
-        num_tokens, num_experts, k = x.shape[0], self.config.num_experts, self.config.top_k
+        # k from the router's output, not the config: keel's dense_to_sparse gate routes to all E, then to 1
+        num_tokens, num_experts, k = x.shape[0], self.config.num_experts, indices.shape[-1]
         # choice-major order: every token's first choice queues before any second choice (Switch, GShard)
         expert_of = indices.t().reshape(-1)
         token_of = torch.arange(num_tokens, device=x.device).repeat(k)
