@@ -11,11 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keel._core import keys
+from keel._core.rank_correlation import kendall_tau_b
 from keel.detect.eval_stability import (
     NOISE_FLOOR_RANK_TAU,
     NOISY_RANK_TAU,
     EvalStability,
     EvalStabilityConfig,
+    _taus_against,
     monotonicity,
     rank_stability,
 )
@@ -183,3 +185,21 @@ def test_a_non_finite_eval_value_is_left_out_of_the_monotonicity_not_blocking_it
     for step, value in enumerate([0.1, math.nan, 0.2, 0.3]):
         out = tracker.observe("acc", step, value)
     assert out == {keys.EVAL_MONOTONICITY_PER_EVAL + "acc": 1.0}  # τ of 0.1, 0.2, 0.3
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(
+    st.integers(2, 7).flatmap(
+        lambda n: st.tuples(
+            st.lists(st.integers(0, 3), min_size=n, max_size=n),
+            st.lists(st.lists(st.integers(0, 3), min_size=n, max_size=n), min_size=1, max_size=5),
+        )
+    )
+)
+def test_the_vectorised_taus_equal_kendall_tau_b_column_by_column(data) -> None:
+    # small integer values: ties everywhere, and columns or references that tie every pair (NaN)
+    reference, columns = data
+    table = np.array(columns, dtype=float).T  # items × columns
+    expected = [kendall_tau_b(list(table[:, c]), reference) for c in range(table.shape[1])]
+    got = _taus_against(table, np.array(reference, dtype=float))
+    np.testing.assert_allclose(got, expected, rtol=1e-12, atol=1e-12, equal_nan=True)
