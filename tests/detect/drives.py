@@ -161,10 +161,17 @@ def _evals(gap: float = 0.0) -> list[Observation]:
 
     return series(seed=0, gap=gap)
 
+
 def _lora_ratio(race_from: int | None = None) -> list[Observation]:
     from tests.detect.test_lora_blowup import series  # noqa: PLC0415  (the detector's own test series)
 
     return series(race_from=race_from)
+
+
+def _moe(name: str) -> list[Observation]:
+    from tests.detect.test_moe_detectors import recorded  # noqa: PLC0415  (the detectors' own recorded proxy runs)
+
+    return recorded(name, 150)
 
 
 DRIVES: dict[str, Drive] = {
@@ -221,4 +228,8 @@ DRIVES: dict[str, Drive] = {
     "stability_gap": Drive(healthy=_evals, trigger=lambda: _evals(gap=0.4)),
     # LoRA: an adapter's ‖ΔW‖/‖W‖ growing from B = 0 as it should, and one racing from step 100
     "lora_blowup": Drive(healthy=lambda: _lora_ratio(), trigger=lambda: _lora_ratio(race_from=100)),
+    # MoE routers: keel's proxy MoE with the balancing loss at LR 1e-3 (healthy) and 3e-2 (router growth, collapse)
+    "router_logit_growth": Drive(healthy=lambda: _moe("healthy_aux"), trigger=lambda: _moe("high_lr")),
+    "load_collapse": Drive(healthy=lambda: _moe("healthy_aux"), trigger=lambda: _moe("high_lr")),
+    "dead_experts": Drive(healthy=lambda: _moe("healthy_aux"), trigger=lambda: _moe("high_lr")),
 }

@@ -50,6 +50,9 @@ def test_the_predictive_and_non_finite_detectors_declare_their_keys():
         "edge_of_stability",
         "lora_blowup",
         "stability_gap",
+        "router_logit_growth",
+        "load_collapse",
+        "dead_experts",
     }
 
 

@@ -21,7 +21,7 @@ from keel.detect.non_finite_origin import NonFiniteOriginDetector
 from keel.detect.opposing_signals import OpposingSignalsDetector, OpposingSignalsDetectorConfig
 from keel.detect.output_logit_drift import OutputLogitDriftConfig, OutputLogitDriftDetector
 from keel.detect.policy_entropy_collapse import PolicyEntropyCollapseConfig, PolicyEntropyCollapseDetector
-from keel.detect.presets import policy_detectors, preference_detectors
+from keel.detect.presets import moe_detectors, policy_detectors, preference_detectors
 from keel.detect.reward_overoptimization import RewardOverOptimizationConfig, RewardOverOptimizationDetector
 from keel.detect.robust import robust_location_scale, robust_z
 from keel.detect.softmax_collapse import SoftmaxCollapseConfig, SoftmaxCollapseDetector
@@ -86,6 +86,7 @@ __all__ = [
     "format_diagnoses",
     "lead_steps",
     "list_detectors",
+    "moe_detectors",
     "policy_detectors",
     "preference_detectors",
     "robust_location_scale",
@@ -99,8 +100,10 @@ def default_detectors() -> list[Detector]:
 
     Loss and gradient spikes, divergence, non-finite values and where they were born; and the predictive
     ones: attention-logit growth, attention-entropy collapse, output-logit drift, softmax collapse and the
-    edge of stability; a LoRA adapter's blow-up; the stability gap after a phase switch (`Guard.phase`, evals).
-    Each stays silent while its signal is absent (e.g. no sharpness probe, no attention, no LoRA adapter, no phase).
+    edge of stability; a LoRA adapter's blow-up; the stability gap after a phase switch (`Guard.phase`, evals); a
+    mixture-of-experts router's logit growth, load collapse and dead experts (`moe_detectors`).
+    Each stays silent while its signal is absent (e.g. no sharpness probe, no attention, no LoRA adapter, no phase,
+    no router probe).
     """
     return [
         SpikeDetector(signal="loss"),
@@ -115,4 +118,5 @@ def default_detectors() -> list[Detector]:
         EdgeOfStabilityDetector(),
         LoraBlowupDetector(),
         StabilityGapDetector(),
+        *moe_detectors(),
     ]

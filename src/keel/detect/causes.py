@@ -81,6 +81,11 @@ MUD_HOG = (
     "Gupta et al. 2022, Long-Short History of Gradients is All You Need: Detecting Malicious and Unreliable Clients in "
     "Federated Learning (MUD-HoG), ESORICS"
 )
+ST_MOE = "Zoph et al. 2022, ST-MoE: Designing Stable and Transferable Sparse Expert Models, arXiv 2202.08906"
+SWITCH = "Fedus et al. 2021, Switch Transformers, arXiv 2101.03961"
+AUX_FREE = "Wang et al. 2024, Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts, arXiv 2408.15664"
+KEMPNER_Z = "KempnerInstitute/KempnerForge#117 (router z 2–3 with z-loss 1e-3, 14→24 without)"
+HF_AUX_OFF = "huggingface/transformers#44242 (aux loss off unless output_router_logits=True)"
 
 CAUSES: dict[str, Cause] = {
     c.kind: c
@@ -454,6 +459,64 @@ CAUSES: dict[str, Cause] = {
                     action="warm the learning rate up again after the switch, from a small value, with replay",
                     source=f"{GUPTA_REWARM}; {IBRAHIM}",
                 ),
+            ),
+        ),
+        Cause(
+            kind="router_logit_growth",
+            title="router-logit growth",
+            mechanism="The router's logits keep growing (its weights grow along the directions that pick experts): "
+            "the routing softmax saturates, the router's gradient vanishes and its choices freeze, and in low "
+            "precision the exponentials of large logits round badly, so routing flips noisily and the loss spikes.",
+            advice=(
+                Advice(action="add the router z-loss, 1e-3·mean(logsumexp(router logits))²", source=ST_MOE),
+                Advice(
+                    action="compute the router (logits, softmax) in float32",
+                    source=f"{ST_MOE}; Megatron-LM moe_router_dtype",
+                ),
+                Advice(action="lower the learning rate or lengthen the warm-up", source=f"{ST_MOE}; {WORTSMAN}"),
+                Advice(action="clip the gradient norm", how="keel.Guard(..., max_grad_norm=1.0)", source=ST_MOE),
+            ),
+        ),
+        Cause(
+            kind="load_collapse",
+            title="MoE load collapse",
+            mechanism="The router sends most tokens to a few experts: those train faster and are picked more (a "
+            "rich-get-richer loop) while the others starve, so the layer's capacity shrinks towards a dense "
+            "layer's, and under a capacity limit the overflow tokens are dropped.",
+            advice=(
+                Advice(
+                    action="add the load-balancing loss, 1e-2·E·Σ f_i·P_i (in Hugging Face models it is off unless "
+                    "output_router_logits=True)",
+                    source=f"{SWITCH}; {HF_AUX_OFF}",
+                ),
+                Advice(
+                    action="balance without an auxiliary loss: a per-expert bias on the selection scores, "
+                    "bias += 1e-3·sign(mean load − load) each step",
+                    source=AUX_FREE,
+                ),
+                Advice(
+                    action="add the router z-loss (1e-3) so the router stays soft enough to rebalance",
+                    source=f"{ST_MOE}; {KEMPNER_Z}",
+                ),
+                Advice(action="lower the learning rate; keep the router in float32", source=ST_MOE),
+            ),
+        ),
+        Cause(
+            kind="dead_experts",
+            title="dead experts",
+            mechanism="Some experts get no tokens at all, step after step: with no tokens they get no gradient, "
+            "and the router, which never picks them, has no reason to start; their parameters are wasted.",
+            advice=(
+                Advice(
+                    action="balance with a per-expert selection bias (bias += 1e-3·sign(mean load − load)): it "
+                    "raises an unpicked expert's score until it is picked",
+                    source=AUX_FREE,
+                ),
+                Advice(
+                    action="add or raise the load-balancing loss (1e-2; check it is really on in Hugging Face models)",
+                    source=f"{SWITCH}; {HF_AUX_OFF}",
+                ),
+                Advice(action="add the router z-loss (1e-3); lower the learning rate", source=ST_MOE),
             ),
         ),
     )

@@ -1,4 +1,4 @@
-"""Detector presets for fine-tuning domains: what to add to `default_detectors` for preference and RL training.
+"""Detector presets for domains: what to add to `default_detectors` for preference and RL training, and the MoE set.
 
 A preference or RL loop measures its own signals (`keel.signals.preference_signals`, `policy_signals`,
 `reward_ensemble_signals`) and hands them to ``guard.step(loss, signals=...)``; these detectors read them. Each stays
@@ -16,13 +16,16 @@ Example:
 from __future__ import annotations
 
 from keel.detect.clip_saturation import ClipSaturationDetector
+from keel.detect.dead_experts import DeadExpertsDetector
 from keel.detect.dead_groups import DeadGroupsDetector
 from keel.detect.detector import Detector
 from keel.detect.kl_blowup import KLBlowupDetector
 from keel.detect.length_explosion import LengthExplosionDetector
 from keel.detect.likelihood_displacement import LikelihoodDisplacementDetector
+from keel.detect.load_collapse import LoadCollapseDetector
 from keel.detect.policy_entropy_collapse import PolicyEntropyCollapseDetector
 from keel.detect.reward_overoptimization import RewardOverOptimizationDetector
+from keel.detect.router_logit_growth import RouterLogitGrowthDetector
 
 
 def preference_detectors() -> list[Detector]:
@@ -51,3 +54,12 @@ def policy_detectors() -> list[Detector]:
         ClipSaturationDetector(),
         DeadGroupsDetector(),
     ]
+
+
+def moe_detectors() -> list[Detector]:
+    """Detectors for mixture-of-experts routers: router-logit growth, load collapse (with the gate entropy's
+    lock-in), dead experts. They read the router probe's keys (`keel.signals.RouterProbe`, ``moe/*``).
+
+    Part of `default_detectors`: each is one dictionary look-up per step while no ``moe/*`` key is logged.
+    """
+    return [RouterLogitGrowthDetector(), LoadCollapseDetector(), DeadExpertsDetector()]
