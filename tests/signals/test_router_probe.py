@@ -342,3 +342,25 @@ def test_proxy_moe_router_agrees_with_the_blocks_own_routing_stats(capacity_fact
     torch.testing.assert_close(got[keys.MOE_LOAD_IMBALANCE_PER_LAYER].values, counts.amax(1) / counts.mean(1))
     if capacity_factor is not None:
         assert got[keys.MOE_DROPPED] > 0
+
+
+class DictRouter(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> dict:
+        return {"logits": self.lin(x)}
+
+
+def test_a_named_module_that_returns_no_logits_is_a_keel_error_and_training_goes_on():
+    model = nn.Sequential(DictRouter())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with Guard(model, opt, probes=["loss", RouterProbe(modules=["0"], top_k=1)]) as guard:
+        for _ in range(2):
+            loss = model(torch.randn(3, 8))["logits"].square().mean()
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+    errors = [f for f in guard.findings if f.kind == "keel_error"]
+    assert errors and "router output dict" in str(errors[0])  # named; no exception reached the loop
