@@ -10,6 +10,7 @@ def test_the_opposing_signals_variant_is_timed_only_when_asked_with_its_cadence(
     assert OverheadConfig(opposing_every=10).variants()["opposing/10"] == {OPPOSING: 10}
 
 
+@pytest.mark.slow  # builds the proxy's held-out batches: seconds on a loaded 2-core machine
 def test_the_opposing_signals_variant_adds_its_probe_and_detector_to_the_defaults():
     probes, detectors = opposing_signals_watch(OverheadConfig(size="tiny", seq_len=8), every=7)
     (probe,) = [p for p in probes if isinstance(p, OpposingSignalsProbe)]
