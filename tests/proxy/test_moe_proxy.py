@@ -115,7 +115,7 @@ def test_aux_loss_is_1_at_perfect_balance_and_e_over_k_when_collapsed(k: int) ->
     assert moe.stats.aux_loss.item() == pytest.approx(_aux_float64(collapsed @ moe.gate.weight.T.detach(), k))
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=15, deadline=None, derandomize=True)
 @given(k=st.sampled_from([1, 2]), seed=st.integers(0, 10_000), scale=st.floats(0.01, 20))
 def test_moe_aux_loss_and_router_z_match_a_float64_hand_computation(k: int, seed: int, scale: float) -> None:
     moe = _moe(d=4, num_experts=4, top_k=k)
@@ -185,21 +185,27 @@ def test_moe_describes_itself_and_a_dense_config_describes_itself_as_before() ->
     }
 
 
-def test_moe_proxy_trains_on_cpu_with_the_router_losses_in_the_loss() -> None:
-    moe = MoeConfig(top_k=1, router_z_loss=1e-3)
-    config = TrainConfig(size="tiny", steps=12, batch_size=8, seq_len=32, eval_batches=1, moe=moe)
+def test_the_training_loss_holds_the_router_terms() -> None:
+    config = TrainConfig(
+        size="tiny", steps=1, batch_size=4, seq_len=16, eval_batches=1, moe=MoeConfig(router_z_loss=1e-3)
+    )
     start = build_model(config)
-    x, y = ProxyBatches(batch_size=8, seq_len=32, seed=config.seed).next()
+    x, y = ProxyBatches(batch_size=4, seq_len=16, seed=config.seed).next()
     cross_entropy = torch.nn.functional.cross_entropy(start(x).flatten(0, 1), y.flatten())
     router_terms = moe_loss(start)
-    assert router_terms is not None
-    router_before = start.blocks[0].mlp.gate.weight.detach().clone()
+    assert router_terms is not None and router_terms.item() > 1e-3 * 1.9  # z alone is ~(log 4)²
+    assert train_proxy(config).losses[0] == pytest.approx((cross_entropy + router_terms).item(), rel=1e-6)
+
+
+@pytest.mark.slow
+def test_moe_proxy_trains_on_cpu_and_its_routers_learn() -> None:
+    config = TrainConfig(size="tiny", steps=12, batch_size=8, seq_len=32, eval_batches=1, moe=MoeConfig(top_k=1))
+    router_before = build_model(config).blocks[0].mlp.gate.weight.detach().clone()
     run = train_proxy(config)
-    assert run.losses[0] == pytest.approx((cross_entropy + router_terms).item(), rel=1e-5)  # the terms are in it
     assert all(math.isfinite(v) for v in run.losses)
     assert run.losses[-1] < run.losses[0] - 0.5
     assert run.model is not None
-    assert not torch.equal(run.model.blocks[0].mlp.gate.weight, router_before)  # the router learns
+    assert not torch.equal(run.model.blocks[0].mlp.gate.weight, router_before)
 
 
 def test_router_probe_finds_the_proxy_gates_and_agrees_with_the_proxy_stats() -> None:
@@ -223,3 +229,13 @@ def test_moe_recipes_add_moe_and_the_router_z_loss_keeping_the_base_moe_settings
     assert zloss.moe == MoeConfig(top_k=1, router_z_loss=1e-3)
     own = MoeConfig(num_experts=8, capacity_factor=1.25)
     assert RECIPES.get("moe_baseline")(TrainConfig(moe=own)).moe is own
+
+
+def test_moe_momentum_and_evomoe_recipes_apply_helper_ws_stabilizers_to_the_proxy() -> None:
+    momentum = RECIPES.get("moe_momentum")(TrainConfig(size="tiny"))
+    assert momentum.moe == MoeConfig() and momentum.stabilize == ("momentum_smoe",)
+    evomoe = RECIPES.get("moe_evomoe")(TrainConfig(size="tiny"))
+    assert evomoe.moe == MoeConfig() and evomoe.describe()["model_fn"] == "keel.proxy.sweep.recipes.evomoe_gate"
+    model = build_model(evomoe)
+    hooked = [type(h).__name__ for b in model.blocks for h in b.mlp.gate._forward_hooks.values()]
+    assert hooked == ["DenseToSparseHook", "DenseToSparseHook"]

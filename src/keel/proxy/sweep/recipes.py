@@ -19,8 +19,11 @@ import sys
 from collections.abc import Callable
 from pathlib import Path
 
+from torch import nn
+
 from keel._core.registry import Registry
 from keel.losses.router import ROUTER_Z_LOSS_COEFFICIENT
+from keel.nn import create_stabilizer, stabilize
 from keel.proxy.moe import MoeConfig
 from keel.proxy.trainer import TrainConfig
 
@@ -36,6 +39,9 @@ Z_LOSS_COEFFICIENT = 1e-4
 INDEPENDENT_WEIGHT_DECAY = 1e-4
 # The LR-coupled AdamW decay that independent decay replaces: p ← p − lr·0.1·p.
 DECOUPLED_WEIGHT_DECAY = 0.1
+# EvoMoE's switch to hard top-1 routing, in updates: keel's choice for the proxy's 200-300-step runs (the paper
+# keeps the dense phase for a fraction of training; the official default, −1, has none — seed-catalog T10).
+EVOMOE_HARD_STEP = 100
 
 
 @RECIPES.register("baseline")
@@ -89,6 +95,27 @@ def moe_zloss(base: TrainConfig) -> TrainConfig:
     return dataclasses.replace(
         base, moe=dataclasses.replace(base.moe or MoeConfig(), router_z_loss=ROUTER_Z_LOSS_COEFFICIENT)
     )
+
+
+@RECIPES.register("moe_momentum")
+def moe_momentum(base: TrainConfig) -> TrainConfig:
+    """``moe_baseline`` with MomentumSMoE's heavy-ball residual across the MoE layers (μ 0.7, γ 1; Teo & Nguyen
+    2024), applied by `keel.stabilize` as on a user's model."""
+    config = moe_baseline(base)
+    return dataclasses.replace(config, stabilize=(*config.stabilize, "momentum_smoe"))
+
+
+def evomoe_gate(model: nn.Module) -> nn.Module:
+    """The ``model_fn`` of ``moe_evomoe``: EvoMoE's dense-to-sparse gate on every router, hard from update 100."""
+    stabilize(model, [create_stabilizer("dense_to_sparse", hard_step=EVOMOE_HARD_STEP)])
+    return model
+
+
+@RECIPES.register("moe_evomoe")
+def moe_evomoe(base: TrainConfig) -> TrainConfig:
+    """``moe_baseline`` routed through EvoMoE's dense-to-sparse gate (Nie et al. 2021): a Gumbel-softmax over all
+    experts, τ 1.0 → 0.5, hard top-1 from update ``EVOMOE_HARD_STEP``. Replaces the base's ``model_fn``."""
+    return dataclasses.replace(moe_baseline(base), model_fn=evomoe_gate)
 
 
 DEFAULT_RECIPES: tuple[str, ...] = ("baseline", "qk_norm", "z_loss", "qk_norm_z_loss", "independent_wd")
