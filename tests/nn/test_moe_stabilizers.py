@@ -414,3 +414,19 @@ def test_on_the_proxy_moe_dense_to_sparse_and_momentum_smoe_train_through_both_p
         counts.append(model.blocks[0].mlp.stats.tokens_per_expert.sum().item())
     assert counts == [16 * 4, 16 * 1]  # every token to all 4 experts (dense), then to 1 (hard top-1)
     assert model.blocks[0].mlp.gate.weight.grad.abs().sum() > 0
+
+
+def test_dense_to_sparse_schedule_follows_optimizer_steps_under_gradient_accumulation():
+    model = _model(layers=1)
+    schedule = stabilize(model, [create_stabilizer("dense_to_sparse", hard_step=1)]).changes[0].extra
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    schedule.follow(optimizer)
+    widths = []
+    model.layers[0].mlp.gate.register_forward_hook(lambda m, a, out: widths.append(out[2].shape[-1]))
+    x = torch.randn(3, D, dtype=torch.float64)
+    for _ in range(2):
+        for _ in range(2):  # two micro-batches per update
+            model(x).sum().backward()
+        optimizer.step()
+    assert schedule.update == 2
+    assert widths == [E, E, 1, 1]  # both micro-batches of update 0 dense, both of update 1 hard

@@ -22,12 +22,13 @@ unless it is set. keel therefore requires the hard-switch update and anneals ove
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
 
 from keel.nn._moe import split_output
 
@@ -44,8 +45,8 @@ class DenseToSparseSchedule:
     """The gate's temperature and phase as a function of the update count, shared by every DTS router of a model.
 
     ``update`` counts training forwards of the model (the model's forward pre-hook advances it; the first training
-    forward is update 0). Under gradient accumulation over N micro-batches, give ``hard_step`` and ``decay_steps``
-    in forwards (N per update) or set ``update`` yourself after each optimizer step.
+    forward is update 0), or, after `follow`, the optimizer's steps: under gradient accumulation call
+    ``schedule.follow(optimizer)``, else ``hard_step`` and ``decay_steps`` are in forwards (N per update).
 
     Attributes:
         hard_step: First update routed hard (top-1 of the Gumbel sample).
@@ -64,6 +65,7 @@ class DenseToSparseSchedule:
     schedule: str = "exp"
     threshold: float = THRESHOLD
     update: int = -1
+    _optimizer_hook: RemovableHandle | None = field(default=None, init=False, repr=False, compare=False)
 
     def temperature(self, update: int | None = None) -> float:
         """τ at ``update`` (the current update when None)."""
@@ -79,9 +81,22 @@ class DenseToSparseSchedule:
         return (self.update if update is None else update) >= self.hard_step
 
     def advance(self, module: nn.Module, args: Any) -> None:
-        """Forward pre-hook of the model: one training forward is one more update."""
-        if module.training:
+        """Forward pre-hook of the model: one training forward is one more update (unless it follows an optimizer)."""
+        if module.training and self._optimizer_hook is None:
             self.update += 1
+
+    def follow(self, optimizer: torch.optim.Optimizer) -> RemovableHandle:
+        """Count ``optimizer``'s steps instead of training forwards (right under gradient accumulation and with the
+        Hugging Face ``Trainer``): the update before its first step is 0, and each ``step()`` adds one."""
+
+        def stepped(*_: Any) -> None:
+            self.update += 1
+
+        if self._optimizer_hook is not None:
+            self._optimizer_hook.remove()
+        self.update = max(self.update, 0)
+        self._optimizer_hook = optimizer.register_step_post_hook(stepped)
+        return self._optimizer_hook
 
 
 def dense_to_sparse_route(logits: Tensor, schedule: DenseToSparseSchedule, *, training: bool) -> tuple[Tensor, Tensor]:

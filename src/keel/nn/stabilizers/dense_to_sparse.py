@@ -30,7 +30,8 @@ class DenseToSparseStabilizer:
     ``mlp.gate``, keel's proxy router), found as `RouterZLossStabilizer` finds them, whose experts take any number
     of indices per token. A `keel.nn.DenseToSparseHook` on each replaces the weights and indices
     (`keel.nn.dense_to_sparse_gate` has the rule); one `DenseToSparseSchedule` (``change.extra``) shared by all
-    routers holds τ and the update count, advanced by a forward pre-hook on the model in training mode. The dense
+    routers holds τ and the update count, advanced by a forward pre-hook on the model in training mode, or by the
+    optimizer's steps after ``change.extra.follow(optimizer)`` (do that under gradient accumulation). The dense
     phase runs every expert on every token: compute is E/k times the sparse model's until ``hard_step``.
 
     Attributes:
