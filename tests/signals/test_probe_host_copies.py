@@ -18,6 +18,7 @@ from keel.harness.scenarios._finetune import apply_lora
 from keel.proxy import create_proxy_model
 from keel.signals import FULL_PROBES, create_probe
 from tests.signals.contexts import step_context
+from tests.signals.test_router_probe import LinearGateMoe
 
 _COPIES = (torch.ops.aten._to_copy, torch.ops.aten.copy_)
 
@@ -43,6 +44,9 @@ def _two_steps(name: str | None) -> tuple[list[str], list[str]]:
     model = create_proxy_model("tiny", seq_len=16)
     if name == "lora":  # adapters to measure: keel's own LoRA layout (lora_a / lora_b) on the block linears
         model = apply_lora(model, rank=4, alpha=8.0, bits=None, seed=0)
+    if name == "router":  # routers to measure, in a layout that runs on meta (the proxy MoE's dispatch needs nonzero)
+        for block in model.blocks:
+            block.mlp = LinearGateMoe(model.config.d_model)
     model = model.to("meta")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for p in model.parameters():

@@ -12,8 +12,9 @@ PROBES: Registry[Probe] = Registry("probe")
 # reductions inside forward hooks; on the small CPU proxy they cost ~17 % of a step (process-CPU-time ratio,
 # BENCHMARKS.md), so they are one word away (`probes="transformer"`) rather than always on. The proxy
 # trainer, the demo and the scenario zoo use them.
-# The LoRA probe finds no adapter in a model without one and then measures nothing.
-DEFAULT_PROBES: tuple[str, ...] = ("loss", "grad_norm", "param_norm", "lora")
+# The LoRA probe finds no adapter in a model without one and then measures nothing; so does the router probe
+# without an MoE router (on the small MoE proxy it costs ~2 % of a step: BENCHMARKS.md, docs/moe.md).
+DEFAULT_PROBES: tuple[str, ...] = ("loss", "grad_norm", "param_norm", "lora", "router")
 TRANSFORMER_PROBES: tuple[str, ...] = (
     *DEFAULT_PROBES,
     "attn_logits",
