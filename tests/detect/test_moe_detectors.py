@@ -265,3 +265,18 @@ def test_the_load_advice_names_the_balancing_loss_and_aux_free_balancing():
 
 def test_the_moe_detectors_are_in_the_default_set():
     assert {d.name for d in default_detectors()} >= set(KINDS)
+
+
+def test_the_router_probe_gives_the_collapse_ceiling_e_over_k_the_load_detector_reads():
+    import torch  # noqa: PLC0415
+
+    from keel.proxy import MoeConfig, create_proxy_model  # noqa: PLC0415
+    from keel.signals import RouterProbe  # noqa: PLC0415
+
+    torch.manual_seed(0)
+    model = create_proxy_model("tiny", moe=MoeConfig(num_experts=8, top_k=2))
+    probe = RouterProbe()
+    probe.attach(model)
+    model(torch.randint(0, 256, (2, 16)))
+    out = {k: v for k, v in probe.read().items() if k in (keys.MOE_EXPERTS, keys.MOE_TOP_K)}
+    assert {k: float(v) for k, v in out.items()} == {keys.MOE_EXPERTS: 8.0, keys.MOE_TOP_K: 2.0}

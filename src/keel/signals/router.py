@@ -10,6 +10,7 @@
 | `moe/dead_experts`         | as above            | free                                                              |
 | `moe/dropped`              | as above            | free (capacity from the counters; 0 when dropless)               |
 | `moe/aux_loss`             | as above            | one sum of the softmax over tokens (E values)                     |
+| `moe/experts`, `moe/top_k` | as above            | free: E (largest) and k (smallest) over routers; collapse = E/k    |
 | `moe/<signal>/<router>`    | stored on `log_every` steps | one float per router and signal (all but aux loss)        |
 
 T is the number of tokens the router saw in the step (micro-batches of one step add up) and E its number of
@@ -337,6 +338,8 @@ class RouterProbe:
         """This step's values (what `measure` returns), then starts a new step."""
         seen = [s for s in self.sites if s.sums is not None]
         per_site = [router_signals(s.sums, s.counts, s.probs) for s in seen]  # type: ignore[arg-type]
+        # E and k (assignments ÷ tokens): a collapsed router's imbalance is E/k, the load-collapse detector's ceiling
+        shapes = [(s.counts.numel(), s.counts.sum() / s.sums[3]) for s in seen]  # type: ignore[union-attr,index]
         for s in self.sites:
             s.sums = s.counts = s.probs = None
         if self._error is not None:
@@ -351,6 +354,9 @@ class RouterProbe:
             out[key] = _reduce(values, how)
             if family is not None:
                 out[family] = PerParam(names, values)
+        top_k = torch.stack([k for _, k in shapes])
+        out[keys.MOE_EXPERTS] = torch.full((), float(max(e for e, _ in shapes)), device=top_k.device)
+        out[keys.MOE_TOP_K] = top_k.amin()
         return out
 
     def measure(self, ctx: StepContext) -> Measurements:
