@@ -49,7 +49,7 @@ class DenseToSparseStabilizer:
     name: ClassVar[str] = "dense_to_sparse"
     description: ClassVar[str] = "EvoMoE Gumbel-softmax gate: dense, τ 1.0→0.5 (exp), hard top-1 from hard_step"
     reference: ClassVar[str] = "Nie et al. 2021 (EvoMoE, arXiv 2112.14397); codecaution/EvoMoE"
-    order: ClassVar[int] = 40
+    order: ClassVar[int] = 42
 
     hard_step: int | None = None
     decay_steps: int | None = None
