@@ -280,3 +280,12 @@ def test_the_router_probe_gives_the_collapse_ceiling_e_over_k_the_load_detector_
     model(torch.randint(0, 256, (2, 16)))
     out = {k: v for k, v in probe.read().items() if k in (keys.MOE_EXPERTS, keys.MOE_TOP_K)}
     assert {k: float(v) for k, v in out.items()} == {keys.MOE_EXPERTS: 8.0, keys.MOE_TOP_K: 2.0}
+
+
+def test_the_advice_names_stabilizers_keel_has():
+    import re  # noqa: PLC0415
+
+    from keel.nn.stabilizers import stabilizers  # noqa: PLC0415
+
+    named = {m for k in KINDS for a in cause_for(k).advice for m in re.findall(r'stabilize\(model, \["(\w+)"\]', a.how)}
+    assert named == {"router_z_loss", "load_balancing"} and all(stabilizers.get(n) for n in named)

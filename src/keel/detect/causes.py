@@ -468,7 +468,11 @@ CAUSES: dict[str, Cause] = {
             "the routing softmax saturates, the router's gradient vanishes and its choices freeze, and in low "
             "precision the exponentials of large logits round badly, so routing flips noisily and the loss spikes.",
             advice=(
-                Advice(action="add the router z-loss, 1e-3·mean(logsumexp(router logits))²", source=ST_MOE),
+                Advice(
+                    action="add the router z-loss, 1e-3·mean(logsumexp(router logits))²",
+                    how='keel.stabilize(model, ["router_z_loss"])',
+                    source=ST_MOE,
+                ),
                 Advice(
                     action="compute the router (logits, softmax) in float32",
                     source=f"{ST_MOE}; Megatron-LM moe_router_dtype",
@@ -487,6 +491,7 @@ CAUSES: dict[str, Cause] = {
                 Advice(
                     action="add the load-balancing loss, 1e-2·E·Σ f_i·P_i (in Hugging Face models it is off unless "
                     "output_router_logits=True)",
+                    how='keel.stabilize(model, ["load_balancing"])',
                     source=f"{SWITCH}; {HF_AUX_OFF}",
                 ),
                 Advice(
@@ -496,6 +501,7 @@ CAUSES: dict[str, Cause] = {
                 ),
                 Advice(
                     action="add the router z-loss (1e-3) so the router stays soft enough to rebalance",
+                    how='keel.stabilize(model, ["router_z_loss"])',
                     source=f"{ST_MOE}; {KEMPNER_Z}",
                 ),
                 Advice(action="lower the learning rate; keep the router in float32", source=ST_MOE),
@@ -514,9 +520,14 @@ CAUSES: dict[str, Cause] = {
                 ),
                 Advice(
                     action="add or raise the load-balancing loss (1e-2; check it is really on in Hugging Face models)",
+                    how='keel.stabilize(model, ["load_balancing"])',
                     source=f"{SWITCH}; {HF_AUX_OFF}",
                 ),
-                Advice(action="add the router z-loss (1e-3); lower the learning rate", source=ST_MOE),
+                Advice(
+                    action="add the router z-loss (1e-3); lower the learning rate",
+                    how='keel.stabilize(model, ["router_z_loss"])',
+                    source=ST_MOE,
+                ),
             ),
         ),
     )
