@@ -430,3 +430,13 @@ def test_dense_to_sparse_schedule_follows_optimizer_steps_under_gradient_accumul
         optimizer.step()
     assert schedule.update == 2
     assert widths == [E, E, 1, 1]  # both micro-batches of update 0 dense, both of update 1 hard
+
+
+def test_dense_to_sparse_runs_before_router_hooks_attached_earlier_so_they_see_the_routing_used():
+    model = _model(layers=1)
+    balancing = stabilize(model, ["load_balancing"]).changes[0].extra
+    stabilize(model, [create_stabilizer("dense_to_sparse", hard_step=5)])
+    x = torch.randn(4, D, dtype=torch.float64)
+    model(x).sum().backward()
+    # dense phase: every token on all E experts, f_i = 1/E, so E·Σ f_i·P_i = Σ P_i = 1 (the original top-2 would not be)
+    assert balancing.last.item() == pytest.approx(1.0, abs=1e-12)

@@ -92,7 +92,8 @@ class DenseToSparseStabilizer:
         advance = model.register_forward_pre_hook(schedule.advance)
         changes = []
         for i, site in enumerate(sites):
-            handle = site.module.register_forward_hook(DenseToSparseHook(schedule))
+            # first among the router's hooks: aux losses and probes applied earlier then see the routing used
+            handle = site.module.register_forward_hook(DenseToSparseHook(schedule), prepend=True)
             changes.append(
                 Change(
                     stabilizer=self.name,
