@@ -364,3 +364,20 @@ def test_a_named_module_that_returns_no_logits_is_a_keel_error_and_training_goes
             opt.zero_grad()
     errors = [f for f in guard.findings if f.kind == "keel_error"]
     assert errors and "router output dict" in str(errors[0])  # named; no exception reached the loop
+
+
+@pytest.mark.slow
+def test_under_torch_compile_fullgraph_the_values_equal_eager():
+    torch.manual_seed(0)
+    model, x = Net(), torch.randn(2, 6, 8)
+    probe = RouterProbe()
+    probe.attach(model)
+    model(x)
+    eager = probe.read()
+    compiled = torch.compile(model, fullgraph=True)  # a hook that broke the graph would raise here
+    compiled(x[:1])
+    compiled(x[1:])
+    got = probe.read()
+    for key, value in eager.items():
+        a, b = (value.values, got[key].values) if hasattr(value, "names") else (value, got[key])
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
