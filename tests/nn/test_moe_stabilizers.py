@@ -5,6 +5,7 @@ like Hugging Face's Mixtral), on keel's proxy MoE and on a tiny Hugging Face Mix
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -440,3 +441,20 @@ def test_dense_to_sparse_runs_before_router_hooks_attached_earlier_so_they_see_t
     model(x).sum().backward()
     # dense phase: every token on all E experts, f_i = 1/E, so E·Σ f_i·P_i = Σ P_i = 1 (the original top-2 would not be)
     assert balancing.last.item() == pytest.approx(1.0, abs=1e-12)
+
+
+def test_a_router_output_the_hook_cannot_read_warns_once_and_training_goes_on_unchanged():
+    from keel.nn.router_aux_loss import RouterHookWarning
+
+    class Odd(nn.Module):
+        def forward(self, x):
+            return {"logits": x}
+
+    odd = Odd()
+    RouterAuxLossHook("router_z_loss", 1e-3).attach(odd)
+    x = torch.randn(2, 4)
+    with pytest.warns(RouterHookWarning, match="router_z_loss on Odd: router output dict; allowed"):
+        assert odd(x)["logits"] is x
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        odd(x)  # once
