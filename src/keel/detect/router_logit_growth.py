@@ -54,7 +54,9 @@ def router_logit_growth_config(**overrides: object) -> GrowthConfig:
 
 @DETECTORS.register("router_logit_growth")
 class RouterLogitGrowthDetector(GrowthDetector):
-    """`GrowthDetector` on ``moe/router_z`` with router levels; a finding names the router with the largest z.
+    """Flags an MoE router's logits (its z) growing exponentially before routing saturates; names the router.
+
+    `GrowthDetector` on ``moe/router_z`` with router levels.
 
     Example:
         >>> from keel._core import Observation, keys
