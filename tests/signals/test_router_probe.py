@@ -62,6 +62,8 @@ def _reference(logits: torch.Tensor, k: int, capacity_factor: float | None = Non
         "dead": float(sum(c == 0 for c in counts)),
         "dropped": dropped,
         "aux": e * sum(c / (n * k) * (s / n) for c, s in zip(counts, prob_sum, strict=True)),
+        "experts": float(e),
+        "top_k": float(k),
     }
 
 
@@ -320,6 +322,7 @@ def test_hf_mixtral_under_guard_matches_its_router_logits_and_aux_loss_over_k():
         names, _ = obs.per_param[keys.MOE_DEAD_EXPERTS_PER_LAYER]
         assert tuple(names) == ("model.layers.0.mlp.gate", "model.layers.1.mlp.gate")
         assert obs.values[keys.MOE_DROPPED] == 0.0  # HF MoE is dropless
+        assert (obs.values[keys.MOE_EXPERTS], obs.values[keys.MOE_TOP_K]) == (4.0, 2.0)  # a collapse's E/k = 2
 
 
 # --- keel's proxy MoE ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@
 | `moe/dead_experts`         | as above            | free                                                              |
 | `moe/dropped`              | as above            | free (capacity from the counters; 0 when dropless)               |
 | `moe/aux_loss`             | as above            | one sum of the softmax over tokens (E values)                     |
-| `moe/experts`, `moe/top_k` | as above            | free: E (largest) and k (smallest) over routers; collapse = E/k    |
+| `moe/experts`, `moe/top_k` | as above            | free: E (largest) and k (smallest) over routers; collapse = E/k   |
 | `moe/<signal>/<router>`    | stored on `log_every` steps | one float per router and signal (all but aux loss)        |
 
 T is the number of tokens the router saw in the step (micro-batches of one step add up) and E its number of
@@ -230,8 +230,8 @@ def router_sums(
 def router_signals(sums: Tensor, counts: Tensor, probs: Tensor) -> dict[str, Tensor]:
     """The per-router signals from a step's accumulated `router_sums` (0-d float32 tensors, on device).
 
-    Keys: ``max_logit``, ``z``, ``entropy``, ``imbalance``, ``cv``, ``dead``, ``dropped``, ``aux``. No tokens give NaN
-    for every ratio (nothing measured is not balanced).
+    Keys: ``max_logit``, ``z``, ``entropy``, ``imbalance``, ``cv``, ``dead``, ``dropped``, ``aux``, ``experts`` (E)
+    and ``top_k`` (k). No tokens give NaN for every ratio (nothing measured is not balanced).
 
     Example:
         >>> s = router_signals(*router_sums(torch.zeros(4, 2), top_k=1))
@@ -253,6 +253,8 @@ def router_signals(sums: Tensor, counts: Tensor, probs: Tensor) -> dict[str, Ten
         "dead": (counts == 0).sum().float(),
         "dropped": dropped / assignments,
         "aux": n_experts * (f * p).sum(),
+        "experts": torch.full((), float(n_experts), device=counts.device),
+        "top_k": assignments / n_tokens,  # k: every token is counted once per chosen expert
     }
 
 
@@ -266,6 +268,8 @@ _FAMILIES: dict[str, tuple[str | None, str, str]] = {
     "dead": (keys.MOE_DEAD_EXPERTS_PER_LAYER, keys.MOE_DEAD_EXPERTS, "sum"),
     "dropped": (keys.MOE_DROPPED_PER_LAYER, keys.MOE_DROPPED, "max"),
     "aux": (None, keys.MOE_AUX_LOSS, "mean"),
+    "experts": (None, keys.MOE_EXPERTS, "max"),  # E and k: a collapsed router's imbalance is E/k (load_collapse)
+    "top_k": (None, keys.MOE_TOP_K, "min"),
 }
 
 
@@ -338,8 +342,6 @@ class RouterProbe:
         """This step's values (what `measure` returns), then starts a new step."""
         seen = [s for s in self.sites if s.sums is not None]
         per_site = [router_signals(s.sums, s.counts, s.probs) for s in seen]  # type: ignore[arg-type]
-        # E and k (assignments ÷ tokens): a collapsed router's imbalance is E/k, the load-collapse detector's ceiling
-        shapes = [(s.counts.numel(), s.counts.sum() / s.sums[3]) for s in seen]  # type: ignore[union-attr,index]
         for s in self.sites:
             s.sums = s.counts = s.probs = None
         if self._error is not None:
@@ -354,9 +356,6 @@ class RouterProbe:
             out[key] = _reduce(values, how)
             if family is not None:
                 out[family] = PerParam(names, values)
-        top_k = torch.stack([k for _, k in shapes])
-        out[keys.MOE_EXPERTS] = torch.full((), float(max(e for e, _ in shapes)), device=top_k.device)
-        out[keys.MOE_TOP_K] = top_k.amin()
         return out
 
     def measure(self, ctx: StepContext) -> Measurements:
