@@ -6,6 +6,7 @@ Mixtral built from a config trained under Guard (its aux loss ÷ k equal to the 
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -384,3 +385,32 @@ def test_under_torch_compile_fullgraph_the_values_equal_eager():
     for key, value in eager.items():
         a, b = (value.values, got[key].values) if hasattr(value, "names") else (value, got[key])
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)
+
+
+class SoftmaxRouter(nn.Module):
+    """A router whose first output is probabilities, not logits (huggingface/transformers#45120's families)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(4, 8))
+
+    def forward(self, x: torch.Tensor) -> tuple:
+        probs = torch.softmax(x @ self.weight.t(), -1)
+        return probs, probs, probs.topk(2, -1).indices
+
+
+def test_a_router_that_returns_probabilities_warns_once_and_raw_logits_do_not():
+    model = nn.Sequential(SoftmaxRouter())
+    probe = RouterProbe(modules=["0"], top_k=2)
+    probe.attach(model)
+    with pytest.warns(UserWarning, match="probabilities"):
+        model(torch.randn(5, 8))
+        probe.read()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        model(torch.randn(5, 8))
+        probe.read()  # checked once: no second host read, no second warning
+        raw = RouterProbe(modules=["0"], top_k=2)
+        raw.attach(nn.Sequential(nn.Linear(8, 4)))
+        raw.sites[0].module(torch.randn(5, 8))
+        raw.read()

@@ -15,7 +15,9 @@
 
 T is the number of tokens the router saw in the step (micro-batches of one step add up) and E its number of
 experts; every reduction runs on the device in float32 inside the router's forward hook and keeps no activation.
-A model without a router gets no hook and costs nothing.
+A model without a router gets no hook and costs nothing. Once per router, at its first measured step, 8 rows of its
+output are read on the host: rows that are non-negative and sum to 1 are probabilities, not logits
+(huggingface/transformers#45120), and the probe warns (`RouterProbabilitiesWarning`).
 
 Definitions (per router, over the step's T tokens; c_i = tokens routed to expert i, each token counted once per
 chosen expert, so Σc = T·k):
@@ -62,11 +64,15 @@ from torch import Tensor, nn
 from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
-from keel.signals._hooks import hooks_active, named_modules_by_name
+from keel.signals._hooks import compiling, hooks_active, named_modules_by_name
 from keel.signals.attn_logits import due
 from keel.signals.logit_stats import log_partition
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
+
+
+class RouterProbabilitiesWarning(KeelWarning):
+    """A router's first output looks like probabilities, not raw logits; its logit signals mean nothing."""
 
 
 class NoRouterTopKWarning(KeelWarning):
@@ -126,6 +132,8 @@ class RouterSite:
     sums: Tensor | None = None
     counts: Tensor | None = None
     probs: Tensor | None = None
+    sample: Tensor | None = None  # the first call's first rows, for the one-time probabilities check
+    checked: bool = False
 
 
 def _attr_int(module: nn.Module | None, names: tuple[str, ...]) -> int | None:
@@ -320,6 +328,8 @@ class RouterProbe:
             return
         try:  # a hook runs inside the user's forward: never break it; `read` reports the error
             logits, chosen = _split(output)
+            if not site.checked and site.sample is None and not compiling():
+                site.sample = logits.detach().reshape(-1, logits.shape[-1])[:8].float().clone()
             capacity = getattr(module, "capacity_factor", None)
             if capacity is None:
                 capacity = getattr(site.block, "capacity_factor", None)
@@ -341,6 +351,7 @@ class RouterProbe:
     def read(self) -> Measurements:
         """This step's values (what `measure` returns), then starts a new step."""
         seen = [s for s in self.sites if s.sums is not None]
+        self._check_probabilities()
         per_site = [router_signals(s.sums, s.counts, s.probs) for s in seen]  # type: ignore[arg-type]
         for s in self.sites:
             s.sums = s.counts = s.probs = None
@@ -357,6 +368,23 @@ class RouterProbe:
             if family is not None:
                 out[family] = PerParam(names, values)
         return out
+
+    def _check_probabilities(self) -> None:
+        """Warn once per router whose output rows are non-negative and sum to 1 (huggingface/transformers#45120:
+        some families return probabilities where Mixtral returns logits). One host read per router, once."""
+        for s in self.sites:
+            if s.sample is None or s.checked:
+                continue
+            rows, s.sample, s.checked = s.sample, None, True
+            if rows.device.type == "meta" or not rows.numel():
+                continue
+            if bool(((rows >= 0).all() & ((rows.sum(-1) - 1).abs() < 1e-3).all()).item()):
+                warnings.warn(
+                    f"router: {s.name} returns probabilities, not raw logits (huggingface/transformers#45120): its "
+                    "max logit, z, entropy and aux loss mean nothing; name the module that makes the logits",
+                    RouterProbabilitiesWarning,
+                    stacklevel=3,
+                )
 
     def measure(self, ctx: StepContext) -> Measurements:
         out = self.read()
