@@ -98,6 +98,15 @@ _INDEX: dict[tuple[str, str], tuple[str, str]] = {
         "optimizer",
         "Wortsman et al. 2023 (independent weight decay), arXiv 2309.14322",
     ),
+    ("optimizer", "ALLoRA"): (
+        "fine-tuning and continual learning",
+        "ALLoRA, arXiv 2410.09692 (the abstract's rule; its exact form unconfirmed: docs/lora.md)",
+    ),
+    ("data", "PowerLawReplay"): ("fine-tuning and continual learning", "seed-catalog #76 (power-law rehearsal)"),
+    ("data", "ConfidenceDropFilter"): (
+        "fine-tuning and continual learning",
+        "Lee et al. 2023, open-set test-time adaptation (seed-catalog #43)",
+    ),
     ("loss", "z_loss"): ("transformer", causes.PALM),
     ("loss", "router_z_loss"): ("mixture of experts", "Zoph et al. 2022, ST-MoE, arXiv 2202.08906"),
     ("loss", "load_balancing_loss"): ("mixture of experts", "Fedus et al. 2021, Switch Transformers, arXiv 2101.03961"),
@@ -189,9 +198,18 @@ def _component(kind: str, name: str) -> Any:
         "stabilizer": stabilizers,
         "optimizer": optimizers,
     }
-    if kind in registries:
+    if kind in registries and name in registries[kind]:
         return registries[kind].get(name)
-    module = {"loss": "keel.losses", "data": "keel.data", "integration": "keel.integrations"}[kind]
+    # not in a registry (e.g. ALLoRA, a gradient transform, not an Optimizer): the package's public attribute
+    module = {
+        "signal": "keel.signals",
+        "detector": "keel.detect",
+        "stabilizer": "keel.nn",
+        "optimizer": "keel.optim",
+        "loss": "keel.losses",
+        "data": "keel.data",
+        "integration": "keel.integrations",
+    }[kind]
     if kind == "integration":  # read, not imported: importing one pulls in its trainer library (seconds)
         return _ModuleText(f"{module}.{name}")
     return getattr(importlib.import_module(module), name)
