@@ -85,7 +85,7 @@ def test_nan_and_inf_are_values_and_numpy_and_one_element_tensors_are_numbers():
         complex(1, 1),
         object(),
     ],
-    ids=repr,
+    ids=lambda v: "object()" if type(v) is object else repr(v),  # an object's repr holds its address: not stable
 )
 def test_a_value_that_is_not_one_real_number_is_a_problem_named_with_the_statistic_and_the_rest_is_read(value):
     metrics = {"entropy": [1.0], "bad": [0.5, value]}
