@@ -277,6 +277,7 @@ def test_the_moe_detectors_are_in_the_default_set():
     assert {d.name for d in default_detectors()} >= set(KINDS)
 
 
+@pytest.mark.slow  # ~2 s; the default suite checks the same keys under Guard in tests/signals/test_router_probe.py
 def test_the_router_probe_gives_the_collapse_ceiling_e_over_k_the_load_detector_reads():
     import torch  # noqa: PLC0415
 
