@@ -110,7 +110,7 @@ def test_router_losses_refuse_bad_arguments_with_one_clear_error(call, message):
     assert message in str(info.value)
 
 
-@settings(max_examples=20, deadline=None, derandomize=True)
+@settings(max_examples=12, deadline=None, derandomize=True)
 @given(
     tokens=st.integers(1, 12),
     experts=st.integers(2, 6),

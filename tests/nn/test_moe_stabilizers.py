@@ -186,17 +186,23 @@ def test_load_balancing_on_a_logits_only_router_takes_top_k_from_the_block():
     )
 
 
-def test_router_stabilizers_on_the_proxy_moe_find_every_router_and_train():
+def test_moe_stabilizers_on_the_proxy_moe_find_every_router_and_train_through_both_gate_phases():
     from keel.proxy import create_proxy_model
     from keel.proxy.moe import MoeConfig
 
     torch.manual_seed(0)
-    model = create_proxy_model("tiny", moe=MoeConfig(aux_loss=0.0))
-    result = stabilize(model, ["router_z_loss", "load_balancing"])
+    model = create_proxy_model("tiny", moe=MoeConfig(num_experts=4, top_k=2, aux_loss=0.0))
+    dts = create_stabilizer("dense_to_sparse", hard_step=1)
+    result = stabilize(model, ["router_z_loss", "load_balancing", dts, "momentum_smoe"])
     gates = sorted(n for n, m in model.named_modules() if n.endswith("mlp.gate"))
     assert gates and sorted(result.by_stabilizer()["router_z_loss"]) == gates
+    assert sorted(result.by_stabilizer()["momentum_smoe"]) == [g.removesuffix(".gate") for g in gates]
     tokens = torch.randint(0, model.config.vocab_size, (2, 8))
-    model(tokens).mul(0.0).sum().backward()  # no task gradient: what reaches the routers is the injected losses'
+    counts = []
+    for _ in range(2):
+        model(tokens).mul(0.0).sum().backward()  # no task gradient: what reaches the routers is the injected losses'
+        counts.append(model.blocks[0].mlp.stats.tokens_per_expert.sum().item())
+    assert counts == [16 * 4, 16 * 1]  # every token to all 4 experts (dense), then to 1 (hard top-1)
     routers = [m for n, m in model.named_modules() if n in gates]
     assert all(m.weight.grad is not None and m.weight.grad.abs().sum() > 0 for m in routers)
 
@@ -398,23 +404,6 @@ def test_on_hf_mixtral_dense_to_sparse_and_momentum_smoe_train_through_both_phas
         assert math.isfinite(loss.item())
         assert model.model.layers[0].mlp.gate.weight.grad.abs().sum() > 0
     assert widths == [4, 1]  # dense over the 4 experts at update 0, hard top-1 from update 1
-
-
-def test_on_the_proxy_moe_dense_to_sparse_and_momentum_smoe_train_through_both_phases():
-    from keel.proxy import create_proxy_model
-    from keel.proxy.moe import MoeConfig
-
-    torch.manual_seed(0)
-    model = create_proxy_model("tiny", moe=MoeConfig(num_experts=4, top_k=2))
-    stabilize(model, [create_stabilizer("dense_to_sparse", hard_step=1), "momentum_smoe"])
-    tokens = torch.randint(0, model.config.vocab_size, (2, 8))
-    counts = []
-    for _ in range(2):
-        loss = model(tokens).float().square().mean()
-        loss.backward()
-        counts.append(model.blocks[0].mlp.stats.tokens_per_expert.sum().item())
-    assert counts == [16 * 4, 16 * 1]  # every token to all 4 experts (dense), then to 1 (hard top-1)
-    assert model.blocks[0].mlp.gate.weight.grad.abs().sum() > 0
 
 
 def test_dense_to_sparse_schedule_follows_optimizer_steps_under_gradient_accumulation():
