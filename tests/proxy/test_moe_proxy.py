@@ -1,4 +1,7 @@
-"""The proxy's MoE: shapes, top-k routing, capacity drops, the Switch aux loss and router z-loss by hand, training."""
+"""The proxy's MoE: shapes, top-k routing, capacity drops, the Switch aux loss and router z-loss by hand, training.
+
+Every test runs on one intra-op thread (`one_torch_thread`): the tiny MoE's per-expert loop only contends on two.
+"""
 
 from __future__ import annotations
 
@@ -15,6 +18,8 @@ from keel.proxy import MoeConfig, MoeMLP, MoeRouter, ProxyBatches, create_proxy_
 from keel.proxy.sweep.recipes import RECIPES
 from keel.proxy.trainer import TrainConfig, build_model, train_proxy
 from keel.signals.router import RouterProbe
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def _moe(d: int = 4, **config: object) -> MoeMLP:
