@@ -12,6 +12,7 @@ from keel.losses import z_loss
 from keel.nn import stabilize
 
 transformers = pytest.importorskip("transformers")
+from tests.tiny_hf import tiny_llama  # noqa: E402
 
 
 def _gpt2():
@@ -22,18 +23,7 @@ def _gpt2():
 
 
 def _llama():
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(config)
+    return tiny_llama()
 
 
 def _capture(module: torch.nn.Module, store: list) -> None:

@@ -13,22 +13,12 @@ from keel.nn.stabilize import DEFAULT_STABILIZERS
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
+from tests.tiny_hf import tiny_llama  # noqa: E402
 
 
 def _llama(targets=("q_proj", "v_proj")):
     torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    model = transformers.LlamaForCausalLM(config)
+    model = tiny_llama()
     return peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=list(targets)))
 
 

@@ -18,27 +18,13 @@ from tests.signals.contexts import step_context
 
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
-
-
-def _llama() -> nn.Module:
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        vocab_size=64,
-        max_position_embeddings=32,
-        bos_token_id=0,
-        eos_token_id=0,
-    )
-    return transformers.LlamaForCausalLM(config)
+from tests.tiny_hf import tiny_llama  # noqa: E402
 
 
 def _peft_llama(**lora: object) -> nn.Module:
     torch.manual_seed(0)
     config = peft.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["q_proj", "v_proj"], **lora})
-    return peft.get_peft_model(_llama(), config)
+    return peft.get_peft_model(tiny_llama(), config)
 
 
 def _reference(a: torch.Tensor, b: torch.Tensor, scaling: float) -> tuple[float, float, float]:
