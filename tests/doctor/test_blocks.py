@@ -216,8 +216,9 @@ def test_each_default_detector_takes_a_fast_path():
     dets = default_detectors()
     plan = Plan(dets, build_timeline(log))
     assert all(isinstance(d, SignalScan | ReadsKeys) for d in dets)
-    # the last two: lora_blowup and stability_gap, idle on a log without adapters, evals or phases
-    assert plan.modes == ["scan"] * 3 + ["rest"] * 2 + ["idle"] * 7
+    # the rest idle on a log without their keys: lora_blowup and stability_gap (no adapters, evals or phases), the
+    # three MoE detectors (no router)
+    assert plan.modes == ["scan"] * 3 + ["rest"] * 2 + ["idle"] * 10
 
 
 @pytest.mark.parametrize(
