@@ -22,8 +22,11 @@ demo: setup
 demo-quick: setup
 	$(BIN)/keel demo --quick
 
+# The default suite on TEST_WORKERS processes (pytest-xdist): each test file runs whole in one worker.
+TEST_WORKERS ?= 2
+
 test: setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 test-all: setup
 	$(BIN)/python -m pytest -m "not gpu"
