@@ -37,6 +37,7 @@ def main() -> None:
     rank = dist.get_rank()
     result = {"rank": rank, **poisoned_run(out / "run", rank, poison), **rollback_run(out / "rollback", rank)}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    dist.barrier()  # no rank tears the group down while another still gathers
     dist.destroy_process_group()
 
 

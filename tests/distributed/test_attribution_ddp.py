@@ -9,7 +9,7 @@ import pytest
 
 from tests.distributed.launch import torchrun
 
-pytestmark = pytest.mark.distributed
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # `make test-all`: three 2-rank runs, minutes
 
 WORKER = Path(__file__).with_name("attribution_worker.py")
 
