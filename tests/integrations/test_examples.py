@@ -68,7 +68,7 @@ def test_torchrun_example_every_rank_skips_and_the_bad_shard_is_named(tmp_path):
     assert not (tmp_path / "rank-1" / "run.sqlite").exists()
 
 
-def test_examples_are_the_six_the_docs_name():
+def test_every_example_is_one_the_docs_name():
     names = [
         "continual_eval.py",
         "data_attribution.py",
