@@ -33,8 +33,8 @@ def eval_metrics(
         >>> eval_metrics({"accuracy": 0.9, "loss": 0.3, "note": "x"})
         ({'loss': 0.3, 'accuracy': 0.9}, 'min')
     """
-    numbers = {str(k): _number(v) for k, v in metrics.items()}
-    numbers = {k: v for k, v in numbers.items() if v is not None}
+    read = {str(k): _number(v) for k, v in metrics.items()}
+    numbers: dict[str, float] = {k: v for k, v in read.items() if v is not None}
     if not numbers:
         return None
     if follow not in numbers:
