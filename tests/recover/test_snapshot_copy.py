@@ -43,8 +43,18 @@ def test_non_contiguous_scalar_and_empty_sources_are_copied_exactly():
         assert torch.equal(d, s)
 
 
+@pytest.fixture
+def two_torch_threads():
+    """Two intra-op threads for the test (the suite's workers run on one each), the worker's count restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task")
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: no parallel region to avoid")
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: no parallel region to avoid")
+@pytest.mark.usefixtures("two_torch_threads")
 def test_a_background_snapshot_adds_one_thread_and_no_openmp_team():
     torch.zeros(1 << 20).add_(1)  # the training thread's own team exists before we count
     model = nn.Linear(1024, 1024)  # 1M-element weight: its copy_ would be a parallel region
@@ -62,7 +72,8 @@ def test_a_background_snapshot_adds_one_thread_and_no_openmp_team():
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="counts threads in /proc/self/task")
-@pytest.mark.skipif(torch.get_num_threads() < 2, reason="one torch thread: no parallel region to avoid")
+@pytest.mark.skipif((os.cpu_count() or 1) < 2, reason="one core: no parallel region to avoid")
+@pytest.mark.usefixtures("two_torch_threads")
 def test_the_mechanism_a_copy_from_another_thread_builds_a_team():
     # The control for the test above: a plain copy_ from a second thread does add an OpenMP worker, so a count
     # of +1 there means the quiet copy avoided it, not that this machine never builds one.
