@@ -21,3 +21,24 @@ def tiny_llama() -> nn.Module:
         eos_token_id=0,
     )
     return transformers.LlamaForCausalLM(config)
+
+
+def tiny_mixtral(layers: int = 2) -> nn.Module:
+    """A Mixtral of ``layers`` layers, 32 wide, 4 experts top-2, eager experts (the grouped kernel needs widths the
+    CPU refuses), vocabulary 99; seeded, so two calls build the same model."""
+    import torch
+    import transformers
+
+    config = transformers.MixtralConfig(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        num_local_experts=4,
+        num_experts_per_tok=2,
+        intermediate_size=32,
+        experts_implementation="eager",
+    )
+    torch.manual_seed(0)
+    return transformers.MixtralForCausalLM(config)

@@ -25,6 +25,7 @@ from keel.nn import (
     stabilize_record,
 )
 from keel.nn.dense_to_sparse_gate import dense_to_sparse_route
+from tests.tiny_hf import tiny_mixtral
 
 D, E = 6, 4
 
@@ -344,20 +345,8 @@ def test_moe_stabilizers_round_trip_through_the_stabilize_record():
 
 
 def _mixtral():
-    transformers = pytest.importorskip("transformers")
-    config = transformers.MixtralConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        intermediate_size=32,
-        experts_implementation="eager",
-    )
-    torch.manual_seed(0)
-    return transformers.MixtralForCausalLM(config)
+    pytest.importorskip("transformers")
+    return tiny_mixtral()
 
 
 @pytest.mark.slow  # seconds (transformers); the TinyMoE tests above back the same claims on HF's router layout

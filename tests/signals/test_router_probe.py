@@ -18,6 +18,7 @@ from keel._core import keys
 from keel.guard import Guard
 from keel.signals import RouterProbe, RouterProbeConfig, find_routers, router_signals, router_sums
 from tests.signals.contexts import step_context
+from tests.tiny_hf import tiny_mixtral
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -260,20 +261,8 @@ def test_bad_settings_name_the_field(fields, match):
 
 # --- a Hugging Face Mixtral built from a config, trained under Guard --------------------------------------------------
 def _mixtral(layers: int = 2):
-    transformers = pytest.importorskip("transformers")
-    config = transformers.MixtralConfig(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        num_local_experts=4,
-        num_experts_per_tok=2,
-        intermediate_size=32,
-        experts_implementation="eager",
-    )
-    torch.manual_seed(0)
-    return transformers.MixtralForCausalLM(config)
+    pytest.importorskip("transformers")
+    return tiny_mixtral(layers)
 
 
 class Capture:
