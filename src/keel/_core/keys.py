@@ -56,11 +56,11 @@ ADAM_EPS_DOMINATED_PER_PARAM = "adam/eps_dominated/"
 
 # Low-precision numerics (signals/numerics.py): each over the watched activations, gradients and logits
 NUMERICS_HEADROOM = "numerics/headroom"  # min over tensors of log2(dtype max / amax): doublings left before overflow
-NUMERICS_HEADROOM_PER_TENSOR = "numerics/headroom/"
+NUMERICS_HEADROOM_PER_NAME = "numerics/headroom/"
 NUMERICS_NEAR_MAX = "numerics/near_max"  # max over tensors of the fraction of |x| within a factor 2 of the dtype max
-NUMERICS_NEAR_MAX_PER_TENSOR = "numerics/near_max/"
+NUMERICS_NEAR_MAX_PER_NAME = "numerics/near_max/"
 NUMERICS_UNDERFLOW = "numerics/underflow"  # max over tensors of the fraction of non-zeros below the smallest normal
-NUMERICS_UNDERFLOW_PER_TENSOR = "numerics/underflow/"
+NUMERICS_UNDERFLOW_PER_NAME = "numerics/underflow/"
 
 # Loss scaling (guard: the GradScaler's device scale, read with the step's other measurements)
 AMP_OVERFLOW = "amp/overflow"  # 1 on a step whose scaled gradients overflowed (the scaler skipped it and backed off)
