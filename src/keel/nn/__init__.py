@@ -2,6 +2,7 @@
 
 from keel.nn.checkpoint import load_stabilized, stabilize_record
 from keel.nn.dense_to_sparse_gate import DenseToSparseHook, DenseToSparseSchedule
+from keel.nn.fake_quant import FakeQuantizer, FakeQuantLinear, fake_quantize, list_quantizers
 from keel.nn.momentum_smoe import MomentumResidualHook, MomentumState
 from keel.nn.power_norm import PowerNorm
 from keel.nn.qk_norm import QKNorm
@@ -17,6 +18,8 @@ from keel.nn.z_loss_hook import ZLossHook
 __all__ = [
     "DenseToSparseHook",
     "DenseToSparseSchedule",
+    "FakeQuantLinear",
+    "FakeQuantizer",
     "MomentumResidualHook",
     "MomentumState",
     "RouterAuxLossHook",
@@ -34,6 +37,8 @@ __all__ = [
     "StableMax",
     "ZLossHook",
     "create_stabilizer",
+    "fake_quantize",
+    "list_quantizers",
     "list_stabilizers",
     "load_stabilized",
     "scale_long_factors",
