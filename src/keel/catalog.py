@@ -57,6 +57,7 @@ _INDEX: dict[tuple[str, str], tuple[str, str]] = {
     ("signal", "output_logits"): ("transformer", causes.WORTSMAN),
     ("signal", "activation_rms"): ("transformer", causes.WORTSMAN),
     ("signal", "adam_eps"): ("low precision", causes.WORTSMAN),
+    ("signal", "numerics"): ("low precision", "Micikevicius et al. 2018, Mixed Precision Training, arXiv 1710.03740"),
     ("signal", "opposing_signals"): ("data attribution", causes.ROSENBERG),
     ("signal", "lora"): ("fine-tuning and continual learning", "Hu et al. 2021, LoRA, arXiv 2106.09685"),
     ("signal", "router"): ("mixture of experts", "Zoph et al. 2022, ST-MoE, arXiv 2202.08906"),

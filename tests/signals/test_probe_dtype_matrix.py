@@ -74,6 +74,8 @@ def measure(name: str, dtype: torch.dtype) -> tuple[dict[str, float], list]:
             return F.cross_entropy(m(b[:, :-1]).float().transpose(1, 2), b[:, 1:], reduction="none").mean(1)
 
         probe = create_probe(name, probe_set=tokens, top_k=2, loss_fn=per_sequence)
+    if name == "numerics":  # its figures are relative to each tensor's own format: judge every dtype in one
+        probe = create_probe(name, format="float32")
     for field in ("every", "fused_every"):  # measure at every step
         if hasattr(getattr(probe, "config", None), field):
             setattr(probe.config, field, 1)

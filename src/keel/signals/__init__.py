@@ -12,6 +12,7 @@ from keel.signals import (  # noqa: F401  (register built-ins)
     grad_weight_cos,
     lora,
     loss,
+    numerics,
     opposing_signals,
     output_logits,
     param_norm,
@@ -29,6 +30,7 @@ from keel.signals.grad_weight_cos import GradWeightCosConfig, GradWeightCosProbe
 from keel.signals.logit_stats import log_partition, softmax_collapse_fraction, zero_loss_fraction
 from keel.signals.lora import LoraProbe, LoraProbeConfig, find_adapters, lora_norms
 from keel.signals.norms import global_norm, per_tensor_norms, update_ratios
+from keel.signals.numerics import NumericsConfig, NumericsProbe, numerics_stats
 from keel.signals.opposing_signals import OpposingSignalsConfig, OpposingSignalsProbe, opposing_groups, opposing_stats
 from keel.signals.output_logits import OutputLogitsConfig, OutputLogitsProbe
 from keel.signals.pack import HostCopy, Packed, pack, unpack
@@ -63,6 +65,8 @@ __all__ = [
     "GradWeightCosProbe",
     "Measurements",
     "NoAttentionFoundWarning",
+    "NumericsConfig",
+    "NumericsProbe",
     "OpposingSignalsConfig",
     "OpposingSignalsProbe",
     "OutputLogitsConfig",
@@ -90,6 +94,7 @@ __all__ = [
     "hutchinson_trace",
     "list_probes",
     "log_partition",
+    "numerics_stats",
     "opposing_groups",
     "opposing_stats",
     "HostCopy",
