@@ -135,10 +135,8 @@ class MinMaxQuantizer(FakeQuantizer):
         scale = (high - low).clamp(min=self.min_scale) / top
         zero = (-torch.round(low / scale)).clamp(0, top)
         codes = (torch.round(groups / scale) + zero).clamp(0, top)
-        values = (codes - zero) * scale
-        broken = ~torch.isfinite(groups).all(dim=1, keepdim=True)
-        values = values.masked_fill(broken, math.nan)
-        codes = codes.masked_fill(broken, NO_CODE)
+        values = (codes - zero) * scale  # NaN over a group with a NaN or ±Inf: its scale is NaN or inf
+        codes = codes.masked_fill(~torch.isfinite(groups).all(dim=1, keepdim=True), NO_CODE)
         return codes.to(torch.int16).reshape(x.shape), values.to(x.dtype).reshape(x.shape)
 
     def extra_repr(self) -> str:
