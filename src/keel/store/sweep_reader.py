@@ -13,18 +13,21 @@ from typing import Any
 from keel.store._columns import Column, StoreFile, parse_json, read_meta
 from keel.store.sweep_schema import SUMMARY_KEY, sweep_store_path
 
-REALS = (
-    "lr",
+# A run's measured reals, NULL (NaN) until it finishes; the router's three are NULL for a dense model and missing
+# from a store an older keel wrote (nullable columns read as NULL there).
+MEASURED = (
     "init_loss",
     "final_loss",
     "val_loss",
     "max_attn_logit",
     "log_z",
     "grad_norm",
+    "router_z",
+    "load_imbalance",
+    "dead_experts",
     "wall_s",
-    "started",
-    "finished",
 )
+REALS = ("lr", *MEASURED, "started", "finished")
 RUNS = (
     Column("run_id", "text"),
     Column("recipe", "text"),
@@ -33,7 +36,7 @@ RUNS = (
     Column("seed", "int"),
     Column("status", "text"),
     Column("config", "text", nullable=True),
-    *(Column(name, "real", nullable=True) for name in REALS[1:8]),
+    *(Column(name, "real", nullable=True) for name in MEASURED),
     Column("n_params", "int", nullable=True),
     Column("steps_done", "int", nullable=True),
     Column("error", "text", nullable=True),

@@ -8,14 +8,17 @@ Schema (``runs``): ``run_id`` (primary key), ``recipe``, ``size``, ``lr``, ``see
 running, done, diverged, error), ``config`` (JSON of the run's `TrainConfig`), ``init_loss``,
 ``final_loss``, ``val_loss``, ``max_attn_logit``, ``log_z``, ``grad_norm``, ``n_params``, ``steps_done``,
 ``wall_s``, ``error``, ``run_dir`` (relative to the sweep directory), ``attempts``, ``started``,
-``finished``. ``meta`` holds the sweep's config and environment as JSON, and under `SUMMARY_KEY` the summary
-the sweep computed when it last finished (the ``keel sweep --json`` document: LR sensitivity per recipe and
+``finished``, and the router's end signals ``router_z``, ``load_imbalance``, ``dead_experts`` (NULL for a dense
+model; `ADDED_COLUMNS`, which a store an older keel wrote gains when it is opened for writing:
+`add_missing_columns`). ``meta`` holds the sweep's config and environment as JSON, and under `SUMMARY_KEY` the
+summary the sweep computed when it last finished (the ``keel sweep --json`` document: LR sensitivity per recipe and
 size, the scaling view), which the report shows as it is rather than computing it again. NaN is stored as NULL
 and read back as NaN.
 """
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 from keel.store.schema import STORE_SUFFIX
@@ -30,9 +33,24 @@ CREATE TABLE IF NOT EXISTS runs (
     seed INTEGER NOT NULL,
     status TEXT NOT NULL, config TEXT, init_loss REAL, final_loss REAL, val_loss REAL, max_attn_logit REAL,
     log_z REAL, grad_norm REAL, n_params INTEGER, steps_done INTEGER, wall_s REAL, error TEXT,
-    run_dir TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, started REAL, finished REAL
+    run_dir TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0, started REAL, finished REAL,
+    router_z REAL, load_imbalance REAL, dead_experts REAL
 );
 """
+# Columns of ``runs`` added after the first sweep stores were written, with their SQL types: a store without them
+# gains them when opened for writing (`add_missing_columns`); the reader reads them as NULL where they are missing.
+ADDED_COLUMNS = (("router_z", "REAL"), ("load_imbalance", "REAL"), ("dead_experts", "REAL"))
+
+
+def add_missing_columns(conn: sqlite3.Connection) -> list[str]:
+    """Add the `ADDED_COLUMNS` a store written by an older keel lacks to its ``runs`` table (NULL in its rows, as a
+    run that measured nothing), so it can resume; return the names added."""
+    present = {row[1] for row in conn.execute("PRAGMA table_info(runs)")}
+    added = [name for name, _ in ADDED_COLUMNS if name not in present]
+    for name, sql_type in ADDED_COLUMNS:
+        if name in added:
+            conn.execute(f"ALTER TABLE runs ADD COLUMN {name} {sql_type}")
+    return added
 
 
 def sweep_store_path(sweep: str | Path) -> Path:

@@ -9,13 +9,15 @@ from keel.proxy.sweep.summary import CurveSummary
 pytest.importorskip("matplotlib")
 
 from keel.proxy.sweep import RunResult, SweepConfig, SweepStore, expand_grid  # noqa: E402
-from keel.proxy.sweep.plots import write_plots  # noqa: E402
+from keel.proxy.sweep.plots import plot_router_vs_lr, write_plots  # noqa: E402
 from keel.proxy.sweep.runner import load_sweep, run_sweep, store_summary  # noqa: E402
 
 LRS = [1e-3, 1e-2, 1e-1]
 
 
-def _curve(recipe, size, losses, logits):
+def _curve(recipe, size, losses, logits, router=None):
+    # router: (router z, load imbalance, dead experts) per LR of an MoE recipe; a dense one has NaN
+    router_z, load, dead = router or ((math.nan,) * len(LRS),) * 3
     return CurveSummary(
         recipe=recipe,
         size=size,
@@ -24,6 +26,9 @@ def _curve(recipe, size, losses, logits):
         max_attn_logit=tuple(logits),
         log_z=(1.0, 2.0, 3.0),
         grad_norm=(0.5, 0.6, 0.7),
+        router_z=tuple(router_z),
+        load_imbalance=tuple(load),
+        dead_experts=tuple(dead),
         runs=3,
         diverged=0,
         errors=0,
@@ -52,14 +57,22 @@ def test_png_files(tmp_path):
         _curve("baseline", "tiny", [2.6, 2.4, 3.1], [20, 30, 1e4]),
         _curve("baseline", "small", [2.5, 2.3, 3.4], [25, 240, 1e5]),
         _curve("qk_norm", "tiny", [2.6, 2.4, 2.5], [5, 6, 8]),
+        _curve("moe", "tiny", [2.6, 2.4, 2.5], [5, 6, 8], router=((2.0, 50.0, 900.0), (1.2, 1.5, 2.0), (0, 0, 2))),
     ]
     views = _views()
     assert views[0].logit_fit.exponent == pytest.approx(1.0)  # 30 → 240 over 1000 → 8000 parameters
     paths = write_plots(curves, views, tmp_path / "plots")
-    assert [p.name for p in paths] == ["loss_vs_lr.png", "max_logit_vs_lr.png", "scaling.png"]
+    assert [p.name for p in paths] == ["loss_vs_lr.png", "max_logit_vs_lr.png", "router_vs_lr.png", "scaling.png"]
     for path in paths:
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
     assert math.isclose(views[0].predicted_divergence_params, 1000 * (1e4 / 30))
+
+
+def test_the_router_plot_is_drawn_only_when_a_curve_has_a_router(tmp_path):
+    dense = [_curve("baseline", "tiny", [2.6, 2.4, 3.1], [20, 30, 1e4])]
+    assert [p.name for p in write_plots(dense, [], tmp_path)] == ["loss_vs_lr.png", "max_logit_vs_lr.png"]
+    with pytest.raises(ValueError, match="no curve of this sweep has a router"):
+        plot_router_vs_lr(dense)
 
 
 def _hand_filled_store(tmp_path):

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from keel._core import keys
 from keel.proxy.sweep import SweepConfig, SweepStore, expand_grid, load_sweep, run_one, run_sweep
 from keel.proxy.sweep.runner import run_dir_for
 from keel.proxy.trainer import TrainConfig
@@ -171,3 +172,16 @@ def test_a_worker_killed_by_its_run_is_an_error_and_the_pool_goes_on(tmp_path, t
         again = rows[row["run_id"]]
         assert again["status"] == "done" and again["val_loss"] == row["val_loss"]
         assert again["max_attn_logit"] == row["max_attn_logit"]
+
+
+@pytest.mark.slow  # ~2 s; the fast checks of the same claim: test_worker.py (a run store) and test_router_summary.py
+def test_an_moe_run_records_the_routers_end_signals_and_a_dense_one_none(tmp_path, tiny_sweep):
+    result = run_sweep(tiny_sweep(recipes=["moe_baseline", "baseline"], lrs=[1e-2]), tmp_path, workers=1)
+    moe, dense = result.rows
+    with RunReader(moe["run_dir"]) as reader:
+        _, router_z = reader.signal(keys.MOE_ROUTER_Z)
+    assert len(router_z) == TINY_RUN["steps"] and moe["router_z"] == pytest.approx(float(np.median(router_z)))
+    assert 1.0 <= moe["load_imbalance"] <= 2.0 and moe["dead_experts"] >= 0  # 4 experts top-2: E/k = 2
+    assert all(math.isnan(dense[k]) for k in ("router_z", "load_imbalance", "dead_experts"))
+    moe_curve, dense_curve = result.curves
+    assert moe_curve.has_router and not dense_curve.has_router

@@ -1,5 +1,6 @@
 """Sweep figures as PNG files: final loss vs LR (the shape of Wortsman et al.'s figure 1), max attention logit vs
-LR, and the scaling view. (`keel report SWEEP_DIR` draws the same figures itself, from the sweep store.)
+LR, the router's z and load imbalance vs LR (MoE recipes), and the scaling view. (`keel report SWEEP_DIR` draws
+the same figures itself, from the sweep store.)
 
 Needs matplotlib (``pip install keel[plot]``), imported only when a figure is drawn.
 """
@@ -14,7 +15,7 @@ from typing import Any
 from keel.proxy.sweep.scaling import ScalingView
 from keel.proxy.sweep.summary import CurveSummary
 
-FIGURES = ("loss_vs_lr", "max_logit_vs_lr", "scaling")
+FIGURES = ("loss_vs_lr", "max_logit_vs_lr", "router_vs_lr", "scaling")
 
 
 def _pyplot() -> Any:
@@ -95,6 +96,42 @@ def plot_max_logit_vs_lr(curves: Sequence[CurveSummary]) -> Any:
     return fig
 
 
+def plot_router_vs_lr(curves: Sequence[CurveSummary]) -> Any:
+    """End-of-run router z (log) and load imbalance vs peak LR: one line per recipe (and size) with an MoE model,
+    one color per recipe, so the recipes compare on one axis. Curves without a router are left out.
+
+    Raises:
+        ValueError: No curve has a router (`CurveSummary.has_router`): there is nothing to draw.
+    """
+    routed = [c for c in curves if c.has_router]
+    if not routed:
+        raise ValueError("no curve of this sweep has a router (an MoE model); allowed: curves with router values")
+    plt = _pyplot()
+    fig, (ax_z, ax_load) = plt.subplots(1, 2, figsize=(9.5, 3.6))
+    cmap = plt.get_cmap("tab10")
+    recipes = list(dict.fromkeys(c.recipe for c in routed))
+    sizes = list(dict.fromkeys(c.size for c in routed))
+    styles = ("o-", "s--", "^:", "d-.")
+    for c in routed:
+        color = cmap(recipes.index(c.recipe) % 10)
+        style = styles[sizes.index(c.size) % len(styles)]
+        label = c.recipe if len(sizes) == 1 else f"{c.recipe} {c.size}"
+        lrs = c.sensitivity.lrs
+        ax_z.plot(lrs, [v if v > 0 else math.nan for v in c.router_z], style, color=color, label=label)
+        ax_load.plot(lrs, c.load_imbalance, style, color=color, label=label)
+    ax_z.set_yscale("log")
+    ax_z.set_ylabel("router z (end of run)")
+    ax_load.axhline(1.0, color="k", ls=":", lw=0.8, label="balanced")
+    ax_load.set_ylabel("load imbalance, max/mean tokens (end of run)")
+    for ax in (ax_z, ax_load):
+        ax.set_xscale("log")
+        ax.set_xlabel("learning rate")
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return fig
+
+
 def plot_scaling(views: Sequence[ScalingView]) -> Any:
     """Max attention logit and gradient norm vs non-embedding parameters at the fixed LR, with the fitted
     power laws extrapolated to the predicted divergence size (dashed) and the threshold (dotted)."""
@@ -145,8 +182,8 @@ def write_plots(
     views: Sequence[ScalingView],
     out_dir: str | Path,
 ) -> list[Path]:
-    """Write ``loss_vs_lr.png``, ``max_logit_vs_lr.png`` and ``scaling.png`` (when the view has two sizes)
-    into ``out_dir``; return the paths."""
+    """Write ``loss_vs_lr.png``, ``max_logit_vs_lr.png``, ``router_vs_lr.png`` (when a curve has a router) and
+    ``scaling.png`` (when the view has two sizes) into ``out_dir``; return the paths."""
     plt = _pyplot()
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -166,6 +203,8 @@ def _figures(curves: Sequence[CurveSummary], views: Sequence[ScalingView]) -> li
             ("loss_vs_lr", plot_loss_vs_lr(curves)),
             ("max_logit_vs_lr", plot_max_logit_vs_lr(curves)),
         ]
+    if any(c.has_router for c in curves):
+        figures.append(("router_vs_lr", plot_router_vs_lr(curves)))
     if any(len(v.sizes) >= 2 for v in views):
         figures.append(("scaling", plot_scaling(views)))
     return figures

@@ -19,7 +19,7 @@ from typing import Any
 from keel.proxy.trainer import TrainConfig
 from keel.store import SweepReader
 from keel.store.schema import connect_for_reading
-from keel.store.sweep_schema import SWEEP_DDL, SWEEP_STORE_NAME, sweep_store_path
+from keel.store.sweep_schema import SWEEP_DDL, SWEEP_STORE_NAME, add_missing_columns, sweep_store_path
 
 __all__ = ["SWEEP_STORE_NAME", "SweepStore", "sweep_store_path"]
 
@@ -31,6 +31,9 @@ _RESULT_FIELDS = (
     "max_attn_logit",
     "log_z",
     "grad_norm",
+    "router_z",
+    "load_imbalance",
+    "dead_experts",
     "n_params",
     "steps_done",
     "wall_s",
@@ -67,6 +70,7 @@ class SweepStore:
             self._conn = sqlite3.connect(self.path, isolation_level=None)
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.executescript(SWEEP_DDL)
+            add_missing_columns(self._conn)  # a sweep an older keel wrote resumes with the columns it lacked
         self._conn.row_factory = sqlite3.Row
 
     def close(self) -> None:

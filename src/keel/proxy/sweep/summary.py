@@ -33,6 +33,10 @@ class CurveSummary:
         max_attn_logit: End-of-run max attention logit per LR (mean over seeds), in ``sensitivity.lrs`` order.
         log_z: End-of-run mean log Z per LR.
         grad_norm: End-of-run gradient norm per LR.
+        router_z: End-of-run router z per LR (the unscaled router z-loss, max over MoE layers); NaN for a dense
+            model, as the two below.
+        load_imbalance: End-of-run load imbalance per LR (max/mean tokens per expert; 1 balanced, E/k collapsed).
+        dead_experts: End-of-run number of experts that received no token, per LR.
         runs: Finished runs in the curve.
         diverged: Runs that diverged (capped at ℓ₀).
         errors: Runs that raised (left out of the curve).
@@ -45,9 +49,21 @@ class CurveSummary:
     max_attn_logit: tuple[float, ...]
     log_z: tuple[float, ...]
     grad_norm: tuple[float, ...]
+    router_z: tuple[float, ...]
+    load_imbalance: tuple[float, ...]
+    dead_experts: tuple[float, ...]
     runs: int
     diverged: int
     errors: int
+
+    @property
+    def has_router(self) -> bool:
+        """Whether any run of the curve measured a router (an MoE model): the router table and plot show it."""
+        return any(math.isfinite(v) for v in (*self.router_z, *self.load_imbalance, *self.dead_experts))
+
+
+# The router's end signals a `CurveSummary` carries per LR, as `RunResult` and the sweep store name them.
+ROUTER_FIELDS = ("router_z", "load_imbalance", "dead_experts")
 
 
 def summarize(rows: Sequence[dict[str, Any]]) -> list[CurveSummary]:
@@ -74,6 +90,7 @@ def summarize(rows: Sequence[dict[str, Any]]) -> list[CurveSummary]:
                     max_attn_logit=tuple(_mean(g, "max_attn_logit") for g in by_lr),
                     log_z=tuple(_mean(g, "log_z") for g in by_lr),
                     grad_norm=tuple(_mean(g, "grad_norm") for g in by_lr),
+                    **{name: tuple(_mean(g, name) for g in by_lr) for name in ROUTER_FIELDS},
                     runs=len(usable),
                     diverged=sum(r["status"] == "diverged" for r in usable),
                     errors=sum(r["status"] == "error" for r in mine),
@@ -165,6 +182,7 @@ def to_json(
             "max_attn_logit": [_num(v) for v in c.max_attn_logit],
             "log_z": [_num(v) for v in c.log_z],
             "grad_norm": [_num(v) for v in c.grad_norm],
+            **{name: [_num(v) for v in getattr(c, name)] for name in ROUTER_FIELDS},
             "runs": c.runs,
             "diverged": c.diverged,
             "errors": c.errors,
@@ -197,7 +215,8 @@ def to_json(
 
 
 def format_tables(curves: Sequence[CurveSummary], views: Sequence[ScalingView]) -> str:
-    """Plain-text tables: one per recipe (a row per size), then the scaling view."""
+    """Plain-text tables: one per recipe (a row per size), the router's end signals when a curve has an MoE
+    model, then the scaling view."""
     ratios = sensitivity_ratios(curves)
     lines = []
     for recipe in _ordered(c.recipe for c in curves):
@@ -216,6 +235,7 @@ def format_tables(curves: Sequence[CurveSummary], views: Sequence[ScalingView]) 
                 f"{f'{s.lr_range[0]:.0e} … {s.lr_range[1]:.0e}':>22}{logits:>30}"
                 f"{c.diverged:>10}{c.errors:>8}"
             )
+    lines += _router_table(curves)
     if views:
         lines.append(f"\nscaling at lr {views[0].lr:g}: end-of-run max attention logit and gradient norm by size")
         for v in views:
@@ -225,6 +245,27 @@ def format_tables(curves: Sequence[CurveSummary], views: Sequence[ScalingView]) 
             growth = f"logit ∝ N^{v.logit_fit.exponent:.2f}" if v.logit_fit else "logit: < 2 sizes"
             lines.append(f"  {v.recipe:<16}{cells}   {growth}; {reach(v)}")
     return "\n".join(lines).lstrip("\n")
+
+
+def _router_table(curves: Sequence[CurveSummary]) -> list[str]:
+    """The router's end signals per LR, one row per curve with an MoE model; nothing when no curve has one."""
+    routed = [c for c in curves if c.has_router]
+    if not routed:
+        return []
+    lrs = sorted({lr for c in routed for lr in c.sensitivity.lrs})
+    name_width = max(len("recipe"), *(len(c.recipe) for c in routed)) + 2
+    lines = [
+        "\nrouter at the end of the run (mean over seeds): router z / load imbalance (1 balanced, E/k collapsed) / "
+        "dead experts",
+        f"  {'recipe':<{name_width}}{'size':<7}" + "".join(f"{f'lr {lr:.0e}':>20}" for lr in lrs),
+    ]
+    for c in routed:
+        cells = dict(
+            zip(c.sensitivity.lrs, zip(c.router_z, c.load_imbalance, c.dead_experts, strict=True), strict=True)
+        )
+        row = "".join(f"{' / '.join(_g(v) for v in cells[lr]) if lr in cells else '—':>20}" for lr in lrs)
+        lines.append(f"  {c.recipe:<{name_width}}{c.size:<7}{row}")
+    return lines
 
 
 def reach(view: ScalingView) -> str:
@@ -250,7 +291,8 @@ def _ordered(items: Any) -> list[str]:
 
 
 def _mean(group: list[dict[str, Any]], key: str) -> float:
-    finite = [r[key] for r in group if math.isfinite(r[key])]
+    # .get: rows a caller built by hand without the router's columns count as a dense model's
+    finite = [r[key] for r in group if math.isfinite(r.get(key, math.nan))]
     return float(np.mean(finite)) if finite else math.nan
 
 

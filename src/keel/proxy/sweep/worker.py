@@ -25,6 +25,16 @@ from keel.store import RunReader, store_path
 
 # The proxy's token and position embeddings: left out of the parameter count, as Wortsman et al. count.
 EMBEDDINGS = ("tok_emb.", "pos_emb.")
+# The run store's signal each end-of-run field of `RunResult` is the median of. A dense model records no router
+# signal: its router fields stay NaN.
+END_SIGNALS = {
+    "max_attn_logit": keys.ATTN_MAX_LOGIT,
+    "log_z": keys.LOGITS_LOG_Z,
+    "grad_norm": keys.GRAD_NORM,
+    "router_z": keys.MOE_ROUTER_Z,
+    "load_imbalance": keys.MOE_LOAD_IMBALANCE,
+    "dead_experts": keys.MOE_DEAD_EXPERTS,
+}
 # End signals are the median of the last END_WINDOW recorded steps: one step's gradient norm is noisy.
 END_WINDOW = 10
 
@@ -43,6 +53,11 @@ class RunResult:
         max_attn_logit: Largest pre-softmax attention logit over layers, median of the last steps.
         log_z: Mean output log-partition log Z, median of the last steps.
         grad_norm: Global gradient norm, median of the last steps.
+        router_z: The router's z (max over MoE layers of mean logsumexp(router logits)², the unscaled z-loss),
+            median of the last steps; NaN for a dense model.
+        load_imbalance: Max over MoE layers of max/mean tokens per expert (1 balanced, E/k collapsed), median of
+            the last steps; NaN for a dense model.
+        dead_experts: Experts (all layers) that received no token, median of the last steps; NaN for a dense model.
         n_params: Non-embedding parameter count of the model (the paper's size axis).
         steps_done: Optimizer steps taken.
         wall_s: Seconds the run took, initial evaluation included.
@@ -57,6 +72,9 @@ class RunResult:
     max_attn_logit: float = math.nan
     log_z: float = math.nan
     grad_norm: float = math.nan
+    router_z: float = math.nan
+    load_imbalance: float = math.nan
+    dead_experts: float = math.nan
     n_params: int = 0
     steps_done: int = 0
     wall_s: float = 0.0
@@ -116,7 +134,8 @@ def run_one(spec: RunSpec, run_dir: str | Path, *, threads: int = 1) -> RunResul
         result.status = "diverged"
         result.error = f"final validation loss {result.val_loss:.4g} >= loss at initialisation {result.init_loss:.4g}"
     if store_path(run_dir).is_file():
-        result.max_attn_logit, result.log_z, result.grad_norm = _end_signals(run_dir)
+        for name, value in _end_signals(run_dir).items():
+            setattr(result, name, value)
     result.wall_s = time.perf_counter() - start
     return result
 
@@ -127,12 +146,10 @@ def _init_loss(config: TrainConfig) -> tuple[float, int]:
     return evaluate(model, config), non_embedding
 
 
-def _end_signals(run_dir: Path) -> tuple[float, float, float]:
+def _end_signals(run_dir: Path) -> dict[str, float]:
+    """Each `END_SIGNALS` field of `RunResult`: the median of its signal's last finite values (NaN if none)."""
     with RunReader(run_dir) as reader:
-        logit, log_z, grad_norm = (
-            _tail_median(reader.signal(k)[1]) for k in (keys.ATTN_MAX_LOGIT, keys.LOGITS_LOG_Z, keys.GRAD_NORM)
-        )
-    return logit, log_z, grad_norm
+        return {name: _tail_median(reader.signal(key)[1]) for name, key in END_SIGNALS.items()}
 
 
 def _tail_median(values: np.ndarray) -> float:
