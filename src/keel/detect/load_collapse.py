@@ -10,16 +10,26 @@ a ceiling of ``assumed_ceiling`` and says so in the finding. The level is the me
 measurements.
 
 Every router starts unbalanced: at initialisation its logits are near 0 and nearly alike for all tokens, so most
-tokens pick the same experts (the proxy, 4 experts top-2, sits at 2.0 = E/k for its first ~40 steps) while its
-probabilities are still almost uniform (gate entropy ≈ 0.98). A healthy router then re-balances (the same proxy with
-the balancing loss falls to 1.2–1.3 by step 60; top-1 over 8 experts takes ~100 steps). Hence:
+tokens pick the same experts while its probabilities are still almost uniform (gate entropy ≈ 0.99). A healthy
+router then re-balances — but some sit fully collapsed first: keel's proxy, 4 experts top-2 with the balancing loss,
+held the median share ≥ 0.9 for up to 24 measurements (steps ~20–45) on one of 17 healthy runs, its gate entropy
+never below 0.951 meanwhile. Routers that are collapsing for good either hold it longer or grow sure of the
+collapsed choice: without the balancing loss the gate entropy had fallen to 0.83–0.94 by the 10th–15th full
+measurement. Hence:
 
-- **warning**: after ``warmup`` measurements, the share is at least ``warn_share`` for ``patience`` measurements in
+- **warning** before the warm-up: a full collapse (share ≥ ``critical_share``, median of ``window``), not
+  re-balancing, held for ``early_patience`` measurements, or for ``patience`` once the gate entropy's median is at or
+  below ``settling_entropy`` (the router settling into it);
+- **warning** after ``warmup`` measurements: the share is at least ``warn_share`` for ``patience`` measurements in
   a row, unless it is re-balancing — falling fast enough to be below ``warn_share`` within ``window`` steps. While
   it rises, the finding projects the step at which it would reach ``critical_share`` (``projected_critical_step``);
 - **critical**: such a share that is locked in — the gate entropy's median has fallen to ``entropy_floor`` or below:
   the router is sure of its unbalanced choice, its softmax saturated, so the balancing gradient no longer moves it
-  (no warm-up needed: a router at init is unbalanced but unsure) — or a share of ``critical_share`` or more.
+  (no warm-up needed: a router at init is unbalanced but unsure) — or a share of ``critical_share`` or more after
+  the warm-up.
+
+On the proxy's runs without the balancing loss (8 experts top-1, 4 top-2; 5 + 4 runs) the early rule names the
+collapse at steps 28–48 and 34–60, where the warm-up alone named it at 99–126 (BENCHMARKS.md, issue 19).
 
 The gate entropy is folded in here rather than watched alone: a low routing entropy with a balanced load is a
 confident router, not a failure (each token is sure of its expert, the experts share the tokens); it is a failure
@@ -62,6 +72,8 @@ class LoadCollapseConfig:
         warn_share: Share of the way from balanced (1) to collapsed (E/k) that, held and not re-balancing, warns.
         critical_share: Share that is critical on its own.
         entropy_floor: Gate entropy (÷ log E) at or below which an unbalanced router is locked in: critical.
+        settling_entropy: Gate entropy at or below which a full collapse before the warm-up warns after ``patience``.
+        early_patience: Consecutive full-collapse measurements that warn before the warm-up without a settling gate.
         patience: Consecutive qualifying measurements before a finding.
         hysteresis: How far below ``warn_share`` the share must fall to end the episode.
         ceiling: E/k when known to the user; None reads ``moe/experts`` and ``moe/top_k``.
@@ -73,6 +85,8 @@ class LoadCollapseConfig:
     warn_share: float = 0.5
     critical_share: float = 0.9
     entropy_floor: float = 0.3
+    settling_entropy: float = 0.94
+    early_patience: int = 40
     patience: int = 10
     hysteresis: float = 0.05
     ceiling: float | None = None
@@ -80,7 +94,7 @@ class LoadCollapseConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        require_ints(self, "patience")
+        require_ints(self, "patience", "early_patience")
         require_ints(self, "window", minimum=3)
         require_ints(self, "warmup", minimum=0)
         require_positive(self, "entropy_floor", "hysteresis")
@@ -154,12 +168,16 @@ class LoadCollapseDetector:
         gate = self._entropy.median() if self._entropy.points else math.nan
         locked = gate <= cfg.entropy_floor  # False for NaN: no entropy logged, no lock-in claimed
         rebalancing = slope < 0 and (share - cfg.warn_share) / -slope < cfg.window
-        if share < cfg.warn_share or rebalancing or not (locked or self._seen >= cfg.warmup):
+        warmed = self._seen >= cfg.warmup
+        full = share >= cfg.critical_share
+        if share < cfg.warn_share or rebalancing or not (locked or warmed or full):
             self._episode.break_run()
             return []
         self._episode.qualify(onset=self._load.first_step())
-        ready = self._episode.run >= cfg.patience
-        critical = ready and (locked or share >= cfg.critical_share)
+        # before the warm-up only a full collapse counts: held long, or with the router settling into it
+        settling = gate <= cfg.settling_entropy
+        ready = self._episode.run >= (cfg.patience if locked or warmed or settling else cfg.early_patience)
+        critical = ready and (locked or (full and warmed))
         severity = self._episode.escalate(critical=critical, warning=ready)
         if severity is None:
             return []
@@ -187,11 +205,12 @@ class LoadCollapseDetector:
         if router is not None:
             evidence["router"] = router
         where = f"{router}: " if router is not None else ""
-        state = (
-            f"and the gate entropy is {gate:.2f} of its maximum: the router is sure of this choice"
-            if gate <= cfg.entropy_floor
-            else ("still rising" if slope > 0 else "not re-balancing")
-        )
+        if gate <= cfg.entropy_floor:
+            state = f"and the gate entropy is {gate:.2f} of its maximum: the router is sure of this choice"
+        elif gate <= cfg.settling_entropy:
+            state = f"and the gate entropy has fallen to {gate:.2f} of its maximum: the router is settling into it"
+        else:
+            state = "still rising" if slope > 0 else "not re-balancing"
         text = (
             f"{where}the busiest expert gets {level:.2f}× its fair share of tokens (max/mean load, median of "
             f"{cfg.window} measurements; {share:.0%} of the way to the {self.ceiling:.3g} of a full collapse), {state}."
