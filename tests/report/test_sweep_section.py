@@ -12,6 +12,8 @@ import pytest
 
 from keel.cli import main
 from keel.report import write_report
+from keel.report.sweep_data import load_sweep_data
+from keel.report.sweep_section import sweep_section
 from tests.report.browser import chromium_binary, load
 from tests.report.stores import SWEEP_RUNS, make_run_store, make_sweep_store, sweep_summary
 
@@ -179,3 +181,76 @@ def test_the_report_of_a_sweep_imports_no_torch_and_no_proxy_code(tmp_path):
         env={"PYTHONPATH": src, "PATH": "/usr/bin:/bin"},
     )
     assert proc.stdout.strip() == "[]", proc.stderr
+
+
+def _moe_summary() -> dict:
+    """The stored summary with the router's end signals: the baseline/tiny curve as an MoE recipe's would be."""
+    summary = sweep_summary()
+    summary["recipes"][0] |= {"router_z": [12.0, 900.0], "load_imbalance": [1.25, 2.0], "dead_experts": [0.0, 3.0]}
+    return summary
+
+
+def _router_part(tmp_path, summary):
+    """The sweep section's router table (or "") and router figures, from the store alone (no page)."""
+    sweep = load_sweep_data(make_sweep_store(tmp_path / "sweep", summary=summary))
+    html, figures = sweep_section(sweep, 0)
+    table = html[html.index("<h3>Router at the end") :] if "<h3>Router" in html else ""
+    return sweep, table[: table.find("</table>") + 1], {f["title"]: f for f in figures if "vs LR" in f["title"]}
+
+
+def test_a_sweep_with_router_values_gets_a_router_table_and_router_figures(tmp_path):
+    page = write_report([make_sweep_store(tmp_path / "sweep", summary=_moe_summary())], tmp_path / "r.html")
+    section = _section(page.read_text())
+    assert "<p class='problem'>" not in section
+    router = section[section.index("<h3>Router at the end of the run") :]
+    router = router[: router.index("</table>")]
+    assert router.endswith("<tr><td>baseline</td><td>tiny</td><td>12 / 1.25 / 0</td><td>900 / 2 / 3</td></tr>")
+    assert router.count("<tr><td>") == 1  # the curves without router values have no row
+    figures = {f["title"]: f for f in _payload(page.read_text())["figures"]}
+    z, load = figures["router z vs LR"], figures["load imbalance vs LR"]
+    assert [(t["name"], t["y"]) for t in z["traces"]] == [("baseline tiny", [12.0, 900.0])] and z["log_y"]
+    assert load["traces"][0]["y"] == [1.25, 2.0]
+
+
+@pytest.mark.parametrize(
+    "entry",
+    [
+        None,  # sweep_summary() is what a keel before the router fields stored: it must still render, router-free
+        {"router_z": None, "load_imbalance": None, "dead_experts": None},  # null: not measured
+        {"router_z": [None, None], "load_imbalance": [None, None], "dead_experts": [None, None]},  # a dense model
+    ],
+)
+def test_absent_or_null_router_fields_read_as_not_measured_with_no_router_table(tmp_path, entry):
+    summary = sweep_summary() if entry is None else _with(_moe_summary(), entry)
+    sweep, table, figures = _router_part(tmp_path, summary)
+    assert sweep.problems == [] and len(sweep.curves) == 4 and sweep.curves[0].router_z == (None, None)
+    assert table == "" and "router z vs LR" not in figures
+
+
+@pytest.mark.parametrize(
+    ("entry", "field"),
+    [
+        ({"router_z": "high"}, "router_z is str; allowed: a list"),
+        ({"router_z": [1.0, "x"]}, "router_z is 'x'"),
+        ({"load_imbalance": [1.5]}, "load_imbalance has 1 values and lrs 2: mismatched lengths"),
+        ({"dead_experts": [0.0, 1.0, 2.0]}, "mismatched lengths"),
+        ({"dead_experts": {"a": 1}}, "dead_experts is dict; allowed: a list"),
+    ],
+)
+def test_router_fields_of_the_wrong_type_or_length_leave_the_entry_out_with_a_note(tmp_path, entry, field):
+    sweep, table, figures = _router_part(tmp_path, _with(_moe_summary(), entry))
+    (problem,) = sweep.problems
+    assert problem.startswith("the stored summary's 'recipes': 1 entr(ies) of the wrong type left out (first: ")
+    assert field in problem and len(sweep.curves) == 3  # the other entries are shown
+    assert table == "" and not figures.get("router z vs LR")  # the only MoE curve was the one left out
+
+
+def test_a_router_value_that_is_null_at_one_lr_is_a_dash_and_a_gap(tmp_path):
+    _, table, figures = _router_part(tmp_path, _with(_moe_summary(), {"router_z": [None, 900.0]}))
+    assert "<td>— / 1.25 / 0</td><td>900 / 2 / 3</td>" in table
+    assert figures["router z vs LR"]["traces"][0]["y"] == [None, 900.0]
+
+
+def _with(summary: dict, entry: dict) -> dict:
+    summary["recipes"][0] |= entry
+    return summary

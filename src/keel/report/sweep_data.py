@@ -37,6 +37,10 @@ class Curve:
         lrs: The curve's LRs, ascending.
         losses: The capped, seed-averaged final loss per LR.
         max_attn_logit: End-of-run max attention logit per LR (None: not measured).
+        router_z: End-of-run router z per LR (None: not measured: a dense model, or a summary stored before
+            the sweep carried the router), as `load_imbalance` and `dead_experts`.
+        load_imbalance: End-of-run load imbalance (max/mean tokens per expert) per LR.
+        dead_experts: End-of-run number of experts that received no token, per LR.
         diverged: Runs that diverged.
         errors: Runs that raised.
     """
@@ -53,8 +57,16 @@ class Curve:
     lrs: tuple[float, ...]
     losses: tuple[float, ...]
     max_attn_logit: tuple[float | None, ...]
+    router_z: tuple[float | None, ...]
+    load_imbalance: tuple[float | None, ...]
+    dead_experts: tuple[float | None, ...]
     diverged: int
     errors: int
+
+    @property
+    def has_router(self) -> bool:
+        """Whether any LR has a router value (an MoE recipe): the router table and figures show the curve."""
+        return any(v is not None for v in (*self.router_z, *self.load_imbalance, *self.dead_experts))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -199,6 +211,10 @@ def _curve(f: _Fields) -> Curve:
         lrs=lrs,
         losses=losses,  # type: ignore[arg-type]
         max_attn_logit=logits,
+        # absent or null: a summary stored before the sweep carried the router, or a dense model's
+        router_z=f.numbers_per_lr("router_z", len(lrs)),
+        load_imbalance=f.numbers_per_lr("load_imbalance", len(lrs)),
+        dead_experts=f.numbers_per_lr("dead_experts", len(lrs)),
         diverged=f.integer("diverged"),
         errors=f.integer("errors"),
     )
@@ -256,6 +272,15 @@ class _Fields:
 
     def numbers(self, name: str, *, missing: bool = False) -> tuple[Any, ...]:
         return tuple(self._number(name, v, missing) for v in self._list(name))
+
+    def numbers_per_lr(self, name: str, length: int) -> tuple[float | None, ...]:
+        """An optional list of ``length`` numbers or nulls; absent or null reads as ``length`` Nones."""
+        if self.item.get(name) is None:
+            return (None,) * length
+        values = self.numbers(name, missing=True)
+        if len(values) != length:
+            raise ValueError(f"{name} has {len(values)} values and lrs {length}: mismatched lengths")
+        return values
 
     def fit(self, exponent: str, prefactor: str) -> tuple[float, float] | None:
         b, a = self.number(exponent, missing=True), self.number(prefactor, missing=True)

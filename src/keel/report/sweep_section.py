@@ -1,6 +1,7 @@
-"""A sweep's section of the page: its LR-sensitivity tables, the scaling view, its runs, and the figure specs that
-`report.js` draws with plotly (final loss vs LR and max attention logit vs LR per recipe, one line per size;
-the scaling view's signals vs model size with their power-law fits), the figures of Wortsman et al. (2023).
+"""A sweep's section of the page: its LR-sensitivity tables, the router's end signals (MoE recipes), the scaling
+view, its runs, and the figure specs that `report.js` draws with plotly (final loss vs LR and max attention logit
+vs LR per recipe, one line per size; router z and load imbalance vs LR, one line per MoE curve; the scaling view's
+signals vs model size with their power-law fits), the figures of Wortsman et al. (2023).
 
 Every value comes from the sweep store and goes through `esc` (tables) or as JSON data (figures).
 """
@@ -31,6 +32,7 @@ def sweep_section(sweep: SweepData, index: int) -> tuple[str, list[dict[str, Any
         meta_details(sweep.name, sweep.meta),
         problems(sweep.problems),
         *[_recipe_table(sweep.curves, recipe) for recipe in _ordered(c.recipe for c in sweep.curves)],
+        _router_table(sweep.curves),
         _scaling_table(sweep.scaling),
         "<div class='figs'>" + "".join(f"<div class='chart fig' id='{f['id']}'></div>" for f in figures) + "</div>",
         _runs_table(sweep.rows),
@@ -63,6 +65,24 @@ def _recipe_table(curves: Sequence[Curve], recipe: str) -> str:
         )
         rows.append("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in cells) + "</tr>")
     return f"<h3>{esc(recipe)}</h3><table class='sweep num'>{head}{''.join(rows)}</table>"
+
+
+def _router_table(curves: Sequence[Curve]) -> str:
+    """Router z / load imbalance / dead experts per LR, one row per curve with router values; empty when none has."""
+    routed = [c for c in curves if c.has_router]
+    if not routed:
+        return ""
+    lrs = sorted({lr for c in routed for lr in c.lrs})
+    head = "<tr><th>recipe</th><th>size</th>" + "".join(f"<th>lr {lr:.0e}</th>" for lr in lrs) + "</tr>"
+    rows = []
+    for c in routed:
+        at = dict(zip(c.lrs, zip(c.router_z, c.load_imbalance, c.dead_experts, strict=True), strict=True))
+        cells = (c.recipe, c.size, *(" / ".join(map(_g, at[lr])) if lr in at else "—" for lr in lrs))
+        rows.append("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in cells) + "</tr>")
+    return (
+        "<h3>Router at the end of the run (mean over seeds): router z / load imbalance (1 balanced, E/k collapsed)"
+        f" / dead experts</h3><table class='sweep num'>{head}{''.join(rows)}</table>"
+    )
 
 
 def _scaling_table(views: Sequence[Scaling]) -> str:
@@ -165,11 +185,33 @@ def _figures(sweep: SweepData, prefix: str) -> list[dict[str, Any]]:
                 log_y=True,
             )
         )
+    figures += _router_figures(curves)
     if any(len(v.sizes) >= 2 for v in views):
         figures += _scaling_figures(views)
     for i, figure in enumerate(figures):
         figure["id"] = f"{prefix}-fig{i}"
     return figures
+
+
+def _router_figures(curves: Sequence[Curve]) -> list[dict[str, Any]]:
+    """Router z (log) and load imbalance vs LR, one line per curve with router values, colored by recipe (the
+    recipes compare on one axis); none when no curve has a router."""
+    routed = [c for c in curves if c.has_router]
+    if not routed:
+        return []
+    recipes = _ordered(c.recipe for c in routed)
+    color = {r: RECIPE_COLORS[i % len(RECIPE_COLORS)] for i, r in enumerate(recipes)}
+    z = [
+        _trace(
+            f"{c.recipe} {c.size}", c.lrs, [v if v is not None and v > 0 else None for v in c.router_z], color[c.recipe]
+        )
+        for c in routed
+    ]
+    load = [_trace(f"{c.recipe} {c.size}", c.lrs, c.load_imbalance, color[c.recipe]) for c in routed]
+    return [
+        _figure("router z vs LR", "learning rate", "router z (end of run)", z, log_y=True),
+        _figure("load imbalance vs LR", "learning rate", "max/mean tokens per expert (end of run)", load),
+    ]
 
 
 def _scaling_figures(views: Sequence[Scaling]) -> list[dict[str, Any]]:
