@@ -268,6 +268,9 @@ def test_no_field_puts_an_unescaped_lt_into_the_page(texts, ints, reals):
         lrs=(1e-3, 1e-2),
         losses=(reals[0], reals[1]),
         max_attn_logit=(None, reals[2]),
+        router_z=(reals[3], None),  # router values: the recipe and size texts go through the router table too
+        load_imbalance=(None, reals[0]),
+        dead_experts=(reals[1], reals[2]),
         diverged=ints[0],
         errors=ints[1],
     )
