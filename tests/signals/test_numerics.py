@@ -95,6 +95,17 @@ def test_hostile_values(values, dtype, want):
     assert got[0] == pytest.approx(want[0], abs=1e-4) and got[1:] == pytest.approx(want[1:])
 
 
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    x=arrays(np.float32, st.integers(1, 30), elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=True)),
+    log2_scale=st.integers(-8, 24),
+)
+def test_a_scale_judges_the_values_as_held_times_the_scale(x, log2_scale):
+    scale = 2.0**log2_scale  # GradScaler's scales are powers of 2: the thresholds divided by it stay exact
+    got = numerics_stats(torch.from_numpy(x), torch.float16, scale=torch.tensor(scale))
+    assert close(got, reference(x.astype(np.float64) * scale, torch.float16))
+
+
 def test_nan_gives_nan_headroom_and_is_never_an_underflow():
     got = numerics_stats(torch.tensor([math.nan, 1e-6, 1.0]), torch.float16).tolist()
     assert math.isnan(got[0]) and got[1] == 0.0 and got[2] == pytest.approx(1 / 3)
@@ -185,6 +196,30 @@ def test_fp16_autocast_judges_block_outputs_and_gradients_in_fp16():
     want = reference(grad, torch.float16)
     assert heads["grad/head.weight"] == pytest.approx(want[0], rel=1e-5)
     assert _names_and_values(out, keys.NUMERICS_UNDERFLOW_PER_NAME)["grad/head.weight"] == pytest.approx(want[2])
+
+
+def test_with_a_grad_scaler_gradients_are_judged_at_the_scale_the_backward_held_them():
+    torch.manual_seed(0)
+    model = create_proxy_model("tiny", seq_len=16)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    with_scaler, without = NumericsProbe(every=1, scaler=scaler), NumericsProbe(every=1)
+    with_scaler.attach(model)
+    without.attach(model)
+    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(1))
+    with torch.autocast("cpu", dtype=torch.float16):
+        logits = model(tokens[:, :-1])
+    scaler.scale(F.cross_entropy(logits.float().flatten(0, 1), tokens[:, 1:].flatten())).backward()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler.unscale_(opt)  # as the Guard does before its probes measure
+    ctx = step_context(model, opt)
+    out = with_scaler.measure(ctx)
+    scaled = _names_and_values(out, keys.NUMERICS_HEADROOM_PER_NAME)
+    plain = _names_and_values(without.measure(ctx), keys.NUMERICS_HEADROOM_PER_NAME)
+    assert scaled["grad/head.weight"] == pytest.approx(plain["grad/head.weight"] - 12, abs=1e-3)
+    assert scaled["act/blocks.0"] == plain["act/blocks.0"]  # activations are not scaled
+    want = reference(model.head.weight.grad.numpy().astype(np.float64) * 2.0**12, torch.float16)
+    got = _names_and_values(out, keys.NUMERICS_UNDERFLOW_PER_NAME)
+    assert got["grad/head.weight"] == pytest.approx(want[2])
 
 
 def test_float8_training_watches_each_float8_linear_input_against_its_cast():

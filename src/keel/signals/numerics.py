@@ -29,8 +29,11 @@ Which format a tensor is judged against (``NumericsConfig.format`` overrides all
   * a float32 tensor produced inside an autocast region: the autocast dtype — a block output that type
     promotion kept in float32 is cast to it again by the next matmul, and overflows there;
   * a float32 gradient when this step's forward ran under autocast: the autocast dtype (the backward's matmuls ran
-    in it; the master gradient is float32 only after accumulation). With a GradScaler the backward saw the
-    gradients × scale: their headroom there is this headroom − log2(``amp/scale``), which the Guard records;
+    in it; the master gradient is float32 only after accumulation). Every float32 gradient is judged so, also
+    those of layers autocast keeps in float32 (norms, embeddings): for them it is a worst case. With a GradScaler,
+    pass it (``NumericsProbe(scaler=scaler)``): the backward held the gradients × its scale, and they are judged
+    at that scale (read on the device, no sync); without it, the unscaled gradients are judged, which is what an
+    fp16 backward without loss scaling would hold;
   * any other float32/float64 tensor: its own dtype, so an fp32 model reads ~125 doublings of headroom and no
     underflow — nothing to fix — and ``format="float16"`` asks instead how it would fare in fp16;
   * ``fp8_in``: torchao scales each tensor to the float8 format's range before the cast (dynamic tensorwise
@@ -112,7 +115,9 @@ class NumericsConfig:
             raise ValueError(f"NumericsConfig.format={self.format!r}; allowed: None, {', '.join(FORMATS)}")
 
 
-def numerics_stats(x: Tensor, dtype: torch.dtype, *, fp8: torch.dtype | None = None) -> Tensor:
+def numerics_stats(
+    x: Tensor, dtype: torch.dtype, *, fp8: torch.dtype | None = None, scale: Tensor | float = 1.0
+) -> Tensor:
     """[headroom, near-max share, underflow share] of ``x`` against ``dtype``'s range: a float32 vector on x's device.
 
     Headroom is log2(max / amax) (amax clamped to the format's smallest subnormal, so an all-zero or empty tensor
@@ -120,7 +125,8 @@ def numerics_stats(x: Tensor, dtype: torch.dtype, *, fp8: torch.dtype | None = N
     is the share of non-zero elements with |x| < the smallest normal (NaN is non-zero and never below it). With
     ``fp8`` (a float8 dtype), underflow is judged against that format after dynamic per-tensor scaling to its range
     (|x| · max8 / amax < tiny8), headroom and near-max still against ``dtype``. A complex tensor counts its real and
-    imaginary parts.
+    imaginary parts. ``scale``: the factor the values were held at (a GradScaler's scale: the backward held the
+    gradients × scale), applied to the thresholds rather than to ``x`` (no copy; exact for a power-of-2 scale).
 
     Example:
         >>> numerics_stats(torch.tensor([16376.0, 40000.0, 1e-6, 0.0]), torch.float16)
@@ -135,11 +141,11 @@ def numerics_stats(x: Tensor, dtype: torch.dtype, *, fp8: torch.dtype | None = N
     if work.numel() == 0:
         return torch.tensor([math.log2(info.max / smallest), 0.0, 0.0], device=x.device)
     amax = work.amax()
-    headroom = math.log2(info.max) - torch.log2(amax.clamp_min(smallest))
+    headroom = math.log2(info.max) - torch.log2((amax * scale).clamp_min(smallest))
     nonzero = torch.count_nonzero(work)
-    near = torch.count_nonzero(work >= info.max / 2)
+    near = torch.count_nonzero(work >= (info.max / 2) / scale)
     if fp8 is None:
-        tiny: Tensor | float = info.tiny
+        tiny: Tensor | float = info.tiny / scale
     else:
         f8 = torch.finfo(fp8)
         tiny = amax * (f8.tiny / f8.max)  # tiny8 / scale, with scale = max8 / amax
@@ -195,8 +201,10 @@ class NumericsProbe:
 
     name = "numerics"
 
-    def __init__(self, config: NumericsConfig | None = None, **fields: object) -> None:
+    def __init__(self, config: NumericsConfig | None = None, *, scaler: Any = None, **fields: object) -> None:
+        """``scaler``: the loop's ``torch.amp.GradScaler``, whose scale the gradients were held at (see above)."""
         self.config = config or NumericsConfig(**fields)  # type: ignore[arg-type]
+        self.scaler = scaler
         self._override = FORMATS[self.config.format] if self.config.format else None
         self.names: list[str] = []
         self._handles: list[Any] = []
@@ -260,11 +268,12 @@ class NumericsProbe:
         names = [self.names[i] for i in sorted(stats)]
         rows = [stats[i] for i in sorted(stats)]
         if ctx is not None and self.config.gradients:
+            scale = self._grad_scale()
             with torch.no_grad():
                 for name, g in zip(ctx.names, ctx.grads, strict=True):
                     override = self._override or (autocast if g.dtype == torch.float32 else None)
                     names.append(f"grad/{name}")
-                    rows.append(numerics_stats(g, judged_format(g, override)))
+                    rows.append(numerics_stats(g, judged_format(g, override), scale=scale))
         if not rows:
             return {}
         table = torch.stack(rows)  # (tensors, 3): headroom, near-max, underflow
@@ -277,6 +286,13 @@ class NumericsProbe:
             keys.NUMERICS_UNDERFLOW: table[:, 2].amax(),
             keys.NUMERICS_UNDERFLOW_PER_NAME: PerParam(names_t, table[:, 2]),
         }
+
+    def _grad_scale(self) -> Tensor | float:
+        """The GradScaler's scale as a device tensor (``get_scale()`` would read it to the host), else 1."""
+        scaler = self.scaler
+        if scaler is None or not scaler.is_enabled() or getattr(scaler, "_scale", None) is None:
+            return 1.0
+        return scaler._scale.float()
 
     def measure(self, ctx: StepContext) -> Measurements:
         out = self.read(ctx) if due(ctx.step, self.config.every) else {}
