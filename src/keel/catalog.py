@@ -80,6 +80,7 @@ _INDEX: dict[tuple[str, str], tuple[str, str]] = {
     ("detector", "lora_blowup"): ("fine-tuning and continual learning", "Hu et al. 2021, LoRA, arXiv 2106.09685"),
     ("detector", "stability_gap"): ("fine-tuning and continual learning", causes.DE_LANGE),
     ("detector", "router_logit_growth"): ("mixture of experts", causes.ST_MOE),
+    ("detector", "activation_growth"): ("low precision", causes.MICIKEVICIUS),
     ("detector", "load_collapse"): ("mixture of experts", causes.SWITCH),
     ("detector", "dead_experts"): ("mixture of experts", causes.AUX_FREE),
     ("detector", "opposing_signals"): ("data attribution", causes.ROSENBERG),

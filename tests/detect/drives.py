@@ -105,6 +105,25 @@ def _growing_logits() -> np.ndarray:
     return np.concatenate([np.ones(10), 2.0 ** np.arange(1, 12)])
 
 
+def _healthy_activations() -> np.ndarray:
+    # keel's tiny proxy at LR 1e-2: the largest block output rises from 0.2 to ~100 in 100 steps, then creeps to ~170
+    rise = np.minimum(0.2 * 1.1 ** np.arange(100), 100.0)
+    return np.concatenate([rise, np.linspace(100.0, 170.0, 200) * _noise(200, 4, 0.05)])
+
+
+def _growing_activations() -> np.ndarray:
+    # the same at LR 0.1 (scenario fp16_overflow): ~2000, then ×1.05 per step past fp16's 65504
+    return 2000.0 * 1.05 ** np.arange(80) * _noise(80, 5, 0.1)
+
+
+def _activations(top: np.ndarray) -> list[Observation]:
+    # the activation probe's max, and the numerics probe's headroom of the same values in fp16
+    return [
+        Observation(step=i, values={"act/max_abs": float(v), "numerics/headroom": math.log2(65504.0 / v)})
+        for i, v in enumerate(top)
+    ]
+
+
 def _healthy_entropy() -> np.ndarray:
     t = np.arange(60)
     return (1.7 + 1.5 * np.exp(-t / 15)) * _noise(len(t), 3, 0.01)  # keeps more than half of its start
@@ -200,6 +219,9 @@ DRIVES: dict[str, Drive] = {
         ),
     ),
     "edge_of_stability": Drive(healthy=_healthy_margins, trigger=_lr_jump_margins),
+    "activation_growth": Drive(
+        healthy=lambda: _activations(_healthy_activations()), trigger=lambda: _activations(_growing_activations())
+    ),
     "source_drift": Drive(healthy=_sources, trigger=lambda: _sources(bad=2)),
     "opposing_signals": Drive(healthy=_opposition, trigger=lambda: _opposition(spike_at=200)),
     # preference and policy-gradient RL (tests/detect/rl_series.py): 120 steps each, every key the detector reads

@@ -48,6 +48,7 @@ def test_the_predictive_and_non_finite_detectors_declare_their_keys():
         "output_logit_drift",
         "softmax_collapse",
         "edge_of_stability",
+        "activation_growth",
         "lora_blowup",
         "stability_gap",
         "router_logit_growth",

@@ -1,6 +1,7 @@
 """Decide: signal history → findings (kind, step, severity, evidence, cause, advice). Never acts."""
 
 from keel._core import keys
+from keel.detect.activation_growth import ActivationGrowthConfig, ActivationGrowthDetector
 from keel.detect.attention_entropy_collapse import AttentionEntropyCollapseDetector, EntropyCollapseConfig
 from keel.detect.attention_logit_growth import AttentionLogitGrowthDetector
 from keel.detect.causes import CAUSES, Advice, Cause, cause_for
@@ -31,6 +32,8 @@ from keel.detect.stability_gap import StabilityGapConfig, StabilityGapDetector
 from keel.detect.trend import TrendWindow, theil_sen_slope
 
 __all__ = [
+    "ActivationGrowthConfig",
+    "ActivationGrowthDetector",
     "Advice",
     "AttentionEntropyCollapseDetector",
     "AttentionLogitGrowthDetector",
@@ -99,11 +102,12 @@ def default_detectors() -> list[Detector]:
     """The detectors a `Guard` runs unless told otherwise.
 
     Loss and gradient spikes, divergence, non-finite values and where they were born; and the predictive
-    ones: attention-logit growth, attention-entropy collapse, output-logit drift, softmax collapse and the
-    edge of stability; a LoRA adapter's blow-up; the stability gap after a phase switch (`Guard.phase`, evals); a
-    mixture-of-experts router's logit growth, load collapse and dead experts (`moe_detectors`).
+    ones: attention-logit growth, attention-entropy collapse, output-logit drift, softmax collapse, the
+    edge of stability and activation growth towards the precision's max; a LoRA adapter's blow-up; the stability
+    gap after a phase switch (`Guard.phase`, evals); a mixture-of-experts router's logit growth, load collapse and
+    dead experts (`moe_detectors`).
     Each stays silent while its signal is absent (e.g. no sharpness probe, no attention, no LoRA adapter, no phase,
-    no router probe).
+    no router probe, no activation probe).
     """
     return [
         SpikeDetector(signal="loss"),
@@ -116,6 +120,7 @@ def default_detectors() -> list[Detector]:
         OutputLogitDriftDetector(),
         SoftmaxCollapseDetector(),
         EdgeOfStabilityDetector(),
+        ActivationGrowthDetector(),
         LoraBlowupDetector(),
         StabilityGapDetector(),
         *moe_detectors(),

@@ -52,6 +52,10 @@ class Drift:
         """The median of the recent window."""
         return self._level.trend.median()
 
+    def first_step(self) -> int:
+        """The step of the oldest value in the recent window; -1 when it is empty."""
+        return self._level.trend.first_step()
+
     def values(self) -> list[float]:
         return [v for _, v in self._level.trend.points]
 

@@ -51,6 +51,8 @@ from keel.harness.scenarios import (  # noqa: E402,F401  (register built-ins)
     benign_oscillation,
     curriculum_switch,
     data_outliers,
+    fp16_healthy,
+    fp16_overflow,
     full_finetune,
     lora_finetune,
     lora_high_lr,

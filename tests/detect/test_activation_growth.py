@@ -1,0 +1,160 @@
+"""The activation-growth detector: rising block outputs flagged before they reach the precision's max, nothing else."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from keel._core import Observation, keys
+from keel.detect import ActivationGrowthConfig, ActivationGrowthDetector, default_detectors
+from keel.signals.registry import DEFAULT_PROBES, TRANSFORMER_PROBES
+
+BLOCKS = ("blocks.0", "blocks.1")
+
+
+def _act(step, top, *, blocks=None, headroom=None):
+    values = {keys.ACT_MAX_ABS: top}
+    if headroom is not None:
+        values[keys.NUMERICS_HEADROOM] = headroom
+    per_param = {keys.ACT_MAX_ABS_PER_BLOCK: (BLOCKS, blocks)} if blocks is not None else {}
+    return Observation(step=step, values=values, per_param=per_param)
+
+
+def _run(det, observations):
+    return [f for o in observations for f in det.update(o)]
+
+
+def _growing(n=80, start=50.0, rate=1.1):
+    return [start] * 20 + [start * rate**k for k in range(1, n)]
+
+
+def test_growth_towards_fp16_max_warns_then_is_critical_before_the_overflow():
+    series = _growing()  # 50 · 1.1^k: 1024 (6 doublings left) at step 52, 32752 at 88, 65504 at 95
+    found = _run(ActivationGrowthDetector(), [_act(s, v) for s, v in enumerate(series)])
+    assert [(f.step, f.kind, f.severity) for f in found] == [
+        (53, "activation_growth", "warning"),
+        (88, "activation_growth", "critical"),
+    ]
+    warning = found[0]
+    overflow = next(s for s, v in enumerate(series) if v > 65504.0)
+    assert warning.evidence["projected_critical_step"] == pytest.approx(overflow, abs=3)  # the max, projected
+    assert warning.evidence["rate_doublings_per_step"] == pytest.approx(math.log2(1.1), abs=1e-5)  # rounded to 5 places
+    assert warning.evidence["source"] == keys.ACT_MAX_ABS and warning.evidence["format_max"] == 65504.0
+    assert warning.value == pytest.approx(series[53]) and warning.signal == keys.ACT_MAX_ABS
+    assert "overflow" in warning.cause and warning.advice  # the catalogue's mechanism and advice
+
+
+def test_large_but_steady_activations_never_alarm():
+    rng = np.random.default_rng(0)  # "massive activations": 40000 (under 1 doubling from fp16's max), noisy, flat
+    series = 40000.0 * np.exp(0.05 * rng.standard_normal(400))
+    assert _run(ActivationGrowthDetector(), [_act(s, float(v)) for s, v in enumerate(series)]) == []
+
+
+def test_slow_growth_that_would_take_longer_than_the_horizon_is_not_an_alarm():
+    series = [2000.0 * 1.002**k for k in range(600)]  # 5 doublings left, ×2 every 347 steps: ~1700 steps away
+    assert _run(ActivationGrowthDetector(), [_act(s, v) for s, v in enumerate(series)]) == []
+
+
+def test_the_finding_names_the_block_with_the_largest_output():
+    series = _growing()
+    obs = [_act(s, v, blocks=[v / 3, v]) for s, v in enumerate(series)]
+    found = _run(ActivationGrowthDetector(), obs)
+    assert found and {f.evidence["block"] for f in found} == {"blocks.1"}
+    assert found[0].cause.startswith("Activations in blocks.1 are")
+
+
+def test_numerics_headroom_comes_first_when_logged():
+    # act/max_abs grows towards fp16's max, but the numerics probe measures bf16 tensors (~110 doublings left)
+    series = _growing()
+    det = ActivationGrowthDetector()
+    assert _run(det, [_act(s, v, headroom=127.0 - math.log2(v)) for s, v in enumerate(series)]) == []
+    # once the numerics headroom has been seen, the activation probe's own steps never mix into its series
+    assert _run(det, [_act(100 + s, v) for s, v in enumerate(series)]) == []
+
+
+def test_numerics_headroom_growth_is_flagged_with_the_tensor_it_names():
+    names = ("act/blocks.0", "grad/head.weight")
+    obs = [
+        Observation(
+            step=s,
+            values={keys.NUMERICS_HEADROOM: math.log2(65504.0 / v)},
+            per_param={keys.NUMERICS_HEADROOM_PER_NAME: (names, [math.log2(65504.0 / v), 30.0])},
+        )
+        for s, v in enumerate(_growing())
+    ]
+    found = _run(ActivationGrowthDetector(), obs)
+    assert [(f.step, f.severity) for f in found] == [(53, "warning"), (88, "critical")]
+    assert found[0].signal == keys.NUMERICS_HEADROOM and found[0].evidence["block"] == "act/blocks.0"
+    assert "format_max" not in found[0].evidence
+
+
+def test_silent_and_unchanged_without_its_keys():
+    det = ActivationGrowthDetector()
+    _run(det, [_act(s, v) for s, v in enumerate(_growing()[:30])])
+    before = det.state_dict()
+    assert det.update(Observation(step=31, values={"loss": 2.0, "grad/norm": 1.0})) == []
+    assert det.state_dict() == before
+
+
+def test_in_the_default_detectors_while_its_probe_is_opt_in():
+    assert "activation_growth" in {d.name for d in default_detectors()}
+    # the activation probe is not a default probe: a Guard with default probes logs no act/* key, so it stays silent
+    assert "activation_rms" not in DEFAULT_PROBES and "activation_rms" in TRANSFORMER_PROBES
+
+
+def test_state_round_trip_continues_identically():
+    series = _growing()
+    obs = [_act(s, v) for s, v in enumerate(series)]
+    det = ActivationGrowthDetector()
+    _run(det, obs[:50])
+    state = json.loads(json.dumps(det.state_dict()))
+    other = ActivationGrowthDetector()
+    other.load_state_dict(state)
+    assert _run(other, obs[50:]) == _run(det, obs[50:])
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("format_max", 0.0),
+        ("format_max", math.inf),
+        ("format_max", math.nan),
+        ("window", 2),
+        ("min_points", 30),
+        ("warn_headroom", -1.0),
+        ("critical_headroom", 7.0),
+        ("horizon", 0),
+        ("patience", 0),
+        ("patience", 1.5),
+    ],
+)
+def test_config_names_the_bad_field_and_the_allowed_values(field, value):
+    with pytest.raises((ValueError, TypeError), match=f"{field}"):
+        ActivationGrowthConfig(**{field: value})
+
+
+def test_a_state_with_an_unknown_source_is_refused():
+    state = ActivationGrowthDetector().state_dict()
+    with pytest.raises(ValueError, match="source='loss'.*allowed"):
+        ActivationGrowthDetector().load_state_dict({**state, "source": "loss"})
+
+
+HOSTILE = st.one_of(
+    st.floats(min_value=-1e6, max_value=1e6, allow_nan=False),
+    st.sampled_from([math.nan, math.inf, -math.inf, 0.0, -1.0, 1e300, 1e-300]),
+)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True)
+@given(tops=st.lists(HOSTILE, max_size=60), headrooms=st.lists(st.one_of(st.none(), HOSTILE), max_size=60))
+def test_hostile_values_never_raise_and_findings_are_well_formed(tops, headrooms):
+    det = ActivationGrowthDetector()
+    for step, top in enumerate(tops):
+        h = headrooms[step] if step < len(headrooms) else None
+        for f in det.update(_act(step, top, headroom=h)):
+            assert f.kind == "activation_growth" and f.severity in ("warning", "critical")
+            assert f.evidence["headroom_doublings"] <= 6.0 and f.evidence["rate_doublings_per_step"] > 0
+            json.dumps(f.evidence)
