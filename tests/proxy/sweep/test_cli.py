@@ -40,6 +40,7 @@ def test_sweep_json_summary_and_resume(tmp_path, capsys):
     for entry in entries.values():
         assert {"lr_sensitivity", "best_lr", "best_loss", "lr_range", "max_attn_logit", "log_z"} <= set(entry)
         assert entry["best_lr"] in (1e-2, 3e-2) and entry["lr_sensitivity"] >= 0
+        assert entry["router_z"] == entry["load_imbalance"] == entry["dead_experts"] == [None, None]  # dense: none
         assert entry["best_loss"] == min(entry["losses"]) and len(entry["max_attn_logit"]) == 2
     assert entries[("baseline", "tiny")]["sensitivity_vs_baseline"] == 1.0
     assert not (out / "plots").exists()
@@ -47,6 +48,7 @@ def test_sweep_json_summary_and_resume(tmp_path, capsys):
     assert main([*ARGS, "--out", str(out), "--no-plots"]) == 0  # same grid again: a resume that runs nothing
     text = capsys.readouterr().out
     assert "resumed: 4 runs were already finished, 0 ran now" in text and "baseline\n  size" in text
+    assert "router" not in text  # no MoE recipe: no router table
 
     assert main(["sweep", "--out", str(out), "--summarize", "--json", "--no-plots"]) == 0
     assert json.loads(capsys.readouterr().out)["recipes"] == doc["recipes"]

@@ -122,7 +122,7 @@ def plot_router_vs_lr(curves: Sequence[CurveSummary]) -> Any:
     ax_z.set_yscale("log")
     ax_z.set_ylabel("router z (end of run)")
     ax_load.axhline(1.0, color="k", ls=":", lw=0.8, label="balanced")
-    ax_load.set_ylabel("load imbalance, max/mean tokens (end of run)")
+    ax_load.set_ylabel("load imbalance, max/mean (end of run)")
     for ax in (ax_z, ax_load):
         ax.set_xscale("log")
         ax.set_xlabel("learning rate")
