@@ -229,3 +229,29 @@ def test_torchao_asymmetric_int4_is_a_zero_centred_grid_that_agrees_with_minmax_
     assert torch.allclose(ao, (torch.round(g / scale).clamp(-8, 7) * scale).reshape(w.shape), rtol=0, atol=1e-7)
     _, ours = MinMaxQuantizer(group_size=256).quantize(w)
     assert ((ours - ao).abs() <= 1e-7).float().mean() > 0.99  # centred Kaiming weights: a few edge values differ
+
+
+def test_the_int4_recipes_fake_quantize_the_proxy_and_scale_stable_spams_reset_gap_to_the_run() -> None:
+    from keel.proxy.sweep.recipes import resolve_recipe
+    from keel.proxy.trainer import TrainConfig, _create_optimizer, build_model
+
+    base = TrainConfig(size="tiny", steps=400, eval_batches=1)
+    adamw = resolve_recipe("int4_adamw")[1](base)
+    spam = resolve_recipe("int4_stable_spam")[1](base)
+    assert adamw.optimizer == "adamw" and spam.optimizer == "stable_spam"
+    model = build_model(spam)
+    assert len(fake_quantized_layers(model)) == 8 and type(model.head) is nn.Linear
+    group = _create_optimizer(model, spam).param_groups[0]
+    # 500 of the paper's 20,000 updates → 10 of 400; γ1 0.7, γ2 0.9, γ3 0.999; β1/γ1 decayed over the whole run
+    assert (group["reset_interval"], group["decay_steps"]) == (10, 400)
+    assert (group["gamma1"], group["gamma2"], group["gamma3"]) == (0.7, 0.9, 0.999)
+    assert spam.describe()["optimizer_options"]["reset_interval"] == 10
+    assert "optimizer_options" not in base.describe()  # an unset field leaves stored sweep descriptions as they were
+
+
+@pytest.mark.parametrize("bad", [{"lr": 1.0}, {"betas": (0.9, 0.9)}, [("reset_interval", 5)], {3: 1}])
+def test_train_config_refuses_optimizer_options_that_are_not_extra_keyword_arguments(bad: object) -> None:
+    from keel.proxy.trainer import TrainConfig
+
+    with pytest.raises(ValueError, match=r"TrainConfig.optimizer_options=.*allowed: None or a dict"):
+        TrainConfig(optimizer_options=bad)  # type: ignore[arg-type]

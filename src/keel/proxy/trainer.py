@@ -41,6 +41,8 @@ HOOKS = ("lr_factor", "batch_fn", "model_fn", "extra_probes")
 # The fixed batch behind the loss closure `extra_probes` get (the sharpness probe's curvature batch).
 PROBE_BATCH_SIZE = 8
 PROBE_SEED_OFFSET = 7919
+# The optimizer arguments TrainConfig sets from its own fields (not allowed in `TrainConfig.optimizer_options`).
+OWN_OPTIONS = ("lr", "betas", "weight_decay", "eps")
 
 
 @dataclass(kw_only=True)
@@ -62,6 +64,8 @@ class TrainConfig:
             training loss; None keeps the model dense.
         optimizer: ``"adamw"`` (``torch.optim.AdamW``) or a `keel.optim.list_optimizers` name, built with
             the same ``lr``, ``betas`` and ``weight_decay``.
+        optimizer_options: More keyword arguments of the optimizer (e.g. StableSPAM's ``reset_interval``);
+            None: none.
         z_loss: z-loss coefficient added to the training loss (`keel.losses.z_loss`; 1e-4 in PaLM and
             Wortsman et al.); 0 adds nothing. The validation loss is the plain cross-entropy either way.
         stabilize: `keel.nn.stabilize` stabilizers applied to the built model and its optimizer before training,
@@ -93,6 +97,7 @@ class TrainConfig:
     qk_norm: bool = False
     moe: MoeConfig | None = None
     optimizer: str = "adamw"
+    optimizer_options: dict[str, Any] | None = None
     z_loss: float = 0.0
     stabilize: tuple[str, ...] = ()
     max_grad_norm: float | None = None
@@ -115,6 +120,14 @@ class TrainConfig:
         if self.optimizer != "adamw" and self.optimizer not in list_optimizers():
             raise ValueError(
                 f"TrainConfig.optimizer={self.optimizer!r}; allowed: adamw, {', '.join(list_optimizers())}"
+            )
+        if self.optimizer_options is not None and not (
+            isinstance(self.optimizer_options, dict)
+            and all(isinstance(k, str) and k not in OWN_OPTIONS for k in self.optimizer_options)
+        ):
+            raise ValueError(
+                f"TrainConfig.optimizer_options={self.optimizer_options!r}; allowed: None or a dict of keyword "
+                f"arguments other than {', '.join(OWN_OPTIONS)} (those are fields)"
             )
         if not (0.0 <= self.z_loss < math.inf):
             raise ValueError(f"TrainConfig.z_loss={self.z_loss!r}; allowed: a finite number >= 0")
@@ -147,6 +160,9 @@ class TrainConfig:
             if f.name == "moe":  # left out while unset, like the hooks: a dense config describes itself as before
                 if value is not None:
                     out[f.name] = dataclasses.asdict(value)
+            elif f.name == "optimizer_options":  # left out while unset, for the same reason
+                if value is not None:
+                    out[f.name] = dict(value)
             elif f.name not in HOOKS:
                 out[f.name] = value
             elif value is not None:
@@ -295,7 +311,8 @@ def _with_extra_probes(
 
 def _create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]  # a model_fn may freeze a base model
-    kwargs = dict(lr=config.lr, betas=(0.9, config.beta2), weight_decay=config.weight_decay)
+    kwargs: dict[str, Any] = dict(lr=config.lr, betas=(0.9, config.beta2), weight_decay=config.weight_decay)
+    kwargs.update(config.optimizer_options or {})
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, **kwargs)  # type: ignore[arg-type]
     return create_optimizer(config.optimizer, params, **kwargs)

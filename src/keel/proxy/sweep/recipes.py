@@ -23,7 +23,7 @@ from torch import nn
 
 from keel._core.registry import Registry
 from keel.losses.router import ROUTER_Z_LOSS_COEFFICIENT
-from keel.nn import create_stabilizer, stabilize
+from keel.nn import create_stabilizer, fake_quantize, stabilize
 from keel.proxy.moe import MoeConfig
 from keel.proxy.trainer import TrainConfig
 
@@ -42,6 +42,12 @@ DECOUPLED_WEIGHT_DECAY = 0.1
 # EvoMoE's switch to hard top-1 routing, in updates: keel's choice for the proxy's 200-300-step runs (the paper
 # keeps the dense phase for a fraction of training; the official default, −1, has none — seed-catalog T10).
 EVOMOE_HARD_STEP = 100
+# Stable-SPAM's INT4 runs (TianjinYellow/StableSPAM INT4_scripts/350-stablespam-int4.sh): weights in groups of 256
+# on 16 asymmetric levels; AdaGN/AdaClip decays γ1 0.7, γ2 0.9, γ3 0.999; momentum reset every 500 of 20,000
+# updates, kept as that fraction of the run; β1 and γ1 decayed by a cosine over the whole run (total_T = steps).
+INT4_GROUP_SIZE = 256
+STABLE_SPAM_INT4 = {"gamma1": 0.7, "gamma2": 0.9, "gamma3": 0.999}
+STABLE_SPAM_RESET_FRACTION = 500 / 20_000
 
 
 @RECIPES.register("baseline")
@@ -116,6 +122,31 @@ def moe_evomoe(base: TrainConfig) -> TrainConfig:
     """``moe_baseline`` routed through EvoMoE's dense-to-sparse gate (Nie et al. 2021): a Gumbel-softmax over all
     experts, τ 1.0 → 0.5, hard top-1 from update ``EVOMOE_HARD_STEP``. Replaces the base's ``model_fn``."""
     return dataclasses.replace(moe_baseline(base), model_fn=evomoe_gate)
+
+
+def int4_weights(model: nn.Module) -> nn.Module:
+    """The ``model_fn`` of the int4 recipes: every ``nn.Linear`` but the output head fake-quantized by
+    `keel.nn.fake_quantize` on Stable-SPAM's min-max int4 grid, groups of ``INT4_GROUP_SIZE``."""
+    return fake_quantize(model, "minmax", bits=4, group_size=INT4_GROUP_SIZE)
+
+
+@RECIPES.register("int4_adamw")
+def int4_adamw(base: TrainConfig) -> TrainConfig:
+    """AdamW on 4-bit fake-quantized weights (Stable-SPAM's INT4 setup, straight-through gradients). Replaces
+    the base's ``model_fn``."""
+    return dataclasses.replace(base, model_fn=int4_weights)
+
+
+@RECIPES.register("int4_stable_spam")
+def int4_stable_spam(base: TrainConfig) -> TrainConfig:
+    """`keel.optim.StableSPAM` on 4-bit fake-quantized weights with the paper's INT4 settings, its reset gap
+    scaled to the run (Huang et al. 2025). Replaces the base's ``model_fn`` and optimizer."""
+    options = {
+        **STABLE_SPAM_INT4,
+        "reset_interval": max(1, round(STABLE_SPAM_RESET_FRACTION * base.steps)),
+        "decay_steps": base.steps,
+    }
+    return dataclasses.replace(base, model_fn=int4_weights, optimizer="stable_spam", optimizer_options=options)
 
 
 DEFAULT_RECIPES: tuple[str, ...] = ("baseline", "qk_norm", "z_loss", "qk_norm_z_loss", "independent_wd")
