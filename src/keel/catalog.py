@@ -21,6 +21,7 @@ from typing import Any
 from keel._core.registry import Registry
 from keel.detect import causes
 from keel.detect.detector import DETECTORS
+from keel.nn.fake_quant import QUANTIZERS
 from keel.nn.stabilizers import stabilizers
 from keel.optim._registry import optimizers
 from keel.signals.registry import DEFAULT_PROBES, PROBES
@@ -37,7 +38,7 @@ DOMAINS = (
     "low precision",
     "other",  # registered but not indexed yet: shown, never hidden (tests/test_catalog.py wants none)
 )
-KINDS = ("signal", "detector", "stabilizer", "optimizer", "loss", "data", "integration")
+KINDS = ("signal", "detector", "stabilizer", "optimizer", "quantizer", "loss", "data", "integration")
 
 _SOURCE_DRIFT = causes.MUD_HOG
 _SPAM = "Huang et al. 2025, SPAM, arXiv 2501.06842"
@@ -93,6 +94,7 @@ _INDEX: dict[tuple[str, str], tuple[str, str]] = {
     ("stabilizer", "dense_to_sparse"): ("mixture of experts", ""),
     ("stabilizer", "momentum_smoe"): ("mixture of experts", ""),
     ("stabilizer", "scale_long"): ("core", ""),
+    ("quantizer", "minmax"): ("low precision", _STABLE_SPAM),
     ("optimizer", "spam"): ("optimizer", _SPAM),
     ("optimizer", "stable_spam"): ("optimizer", _STABLE_SPAM),
     ("optimizer", "orthograd"): ("optimizer", causes.PRIETO),
@@ -186,6 +188,7 @@ def registered() -> set[tuple[str, str]]:
         | {("detector", n) for n in DETECTORS.names()}
         | {("stabilizer", n) for n in stabilizers.names()}
         | {("optimizer", n) for n in optimizers.names()}
+        | {("quantizer", n) for n in QUANTIZERS.names()}
     )
 
 
@@ -199,6 +202,7 @@ def _component(kind: str, name: str) -> Any:
         "detector": DETECTORS,
         "stabilizer": stabilizers,
         "optimizer": optimizers,
+        "quantizer": QUANTIZERS,
     }
     if kind in registries and name in registries[kind]:
         return registries[kind].get(name)
@@ -208,6 +212,7 @@ def _component(kind: str, name: str) -> Any:
         "detector": "keel.detect",
         "stabilizer": "keel.nn",
         "optimizer": "keel.optim",
+        "quantizer": "keel.nn",
         "loss": "keel.losses",
         "data": "keel.data",
         "integration": "keel.integrations",
