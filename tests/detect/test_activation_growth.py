@@ -2,6 +2,8 @@
 
 import json
 import math
+from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -148,7 +150,7 @@ HOSTILE = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None, derandomize=True)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(tops=st.lists(HOSTILE, max_size=60), headrooms=st.lists(st.one_of(st.none(), HOSTILE), max_size=60))
 def test_hostile_values_never_raise_and_findings_are_well_formed(tops, headrooms):
     det = ActivationGrowthDetector()
@@ -158,3 +160,53 @@ def test_hostile_values_never_raise_and_findings_are_well_formed(tops, headrooms
             assert f.kind == "activation_growth" and f.severity in ("warning", "critical")
             assert f.evidence["headroom_doublings"] <= 6.0 and f.evidence["rate_doublings_per_step"] > 0
             json.dumps(f.evidence)
+
+
+# --- the zoo's fp16 runs (tests/detect/data/record_activation_series.py records what the Guard's detector read) ---
+SERIES = json.loads((Path(__file__).parent / "data" / "activation_series.json").read_text())
+# live runs (`create_scenario(name).run(seed=s)`): the activation_growth warning and critical steps, the first NaN loss
+LIVE = {0: (21, 119, 149), 1: (22, 82, 224), 2: (23, 107, 129)}
+
+
+def _replay(run):
+    obs = [_act(s, math.nan if v is None else v) for s, v in zip(run["steps"], run["act_max_abs"], strict=True)]
+    return _run(ActivationGrowthDetector(), obs)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_zoo_fp16_overflow_runs_are_flagged_before_their_first_non_finite_loss(seed):
+    run = SERIES[f"fp16_overflow/{seed}"]
+    found = _replay(run)
+    warning, critical, nan_step = LIVE[seed]
+    assert run["first_nonfinite_loss"] == nan_step
+    assert [(f.step, f.severity) for f in found] == [(warning, "warning"), (critical, "critical")]
+    assert found[-1].step < nan_step
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_zoo_healthy_fp16_runs_raise_nothing(seed):
+    run = SERIES[f"fp16_healthy/{seed}"]
+    assert run["first_nonfinite_loss"] is None and len(run["steps"]) == 300
+    assert _replay(run) == []
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("name", ["fp16_overflow", "fp16_healthy"])
+def test_fp16_scenarios_pass_the_zoo_score(name, seed):
+    from keel.harness.bench.detect import score_scenario  # noqa: PLC0415  (the harness, only for this slow run)
+
+    score = score_scenario(name, seed=seed)
+    assert score.passed, (name, seed, score.alarms)
+    if name == "fp16_overflow":
+        assert (score.kind, score.step) == ("activation_growth", LIVE[seed][0])
+
+
+@pytest.mark.slow  # importing the scenario zoo takes seconds
+def test_the_fp16_scenarios_differ_only_in_the_learning_rate():
+    from keel.harness.scenarios import create_scenario  # noqa: PLC0415
+    from keel.harness.scenarios.fp16_overflow import autocast_fp16  # noqa: PLC0415
+
+    bad, good = create_scenario("fp16_overflow").recipe(0), create_scenario("fp16_healthy").recipe(0)
+    assert bad.model_fn is autocast_fp16 and (bad.lr, good.lr) == (0.1, 0.01)
+    assert replace(bad, lr=good.lr) == good
