@@ -77,6 +77,15 @@ def test_numerics_headroom_comes_first_when_logged():
     assert _run(det, [_act(100 + s, v) for s, v in enumerate(series)]) == []
 
 
+def test_numerics_headroom_replaces_the_activation_series_from_its_first_measurement():
+    # a numerics probe measuring every 10 steps from step 5, next to the activation probe every step: a bf16 model
+    # whose act/max_abs grows towards 65504 but whose real headroom stays ~110 doublings
+    det = ActivationGrowthDetector()
+    obs = [_act(s, v, headroom=127.0 - math.log2(v) if s % 10 == 5 else None) for s, v in enumerate(_growing())]
+    assert _run(det, obs) == []
+    assert det.state_dict()["source"] == keys.NUMERICS_HEADROOM
+
+
 def test_numerics_headroom_growth_is_flagged_with_the_tensor_it_names():
     names = ("act/blocks.0", "grad/head.weight")
     obs = [

@@ -2,7 +2,8 @@
 
 Reads the headroom left before overflow, in doublings: ``numerics/headroom`` (`keel.signals.numerics`: log2 of the
 dtype's max over the largest |x|, measured in the dtype each tensor really has) when a step logs it, else the
-activation probe's ``act/max_abs`` (`keel.signals.activation_rms`: the largest |block output|) against
+activation probe's ``act/max_abs`` (`keel.signals.activation_rms`: the largest |block output|, until the numerics
+probe's first measurement, from which the series is the numerics headroom alone) against
 ``format_max`` — fp16's 65504 unless told, the narrowest range activations are commonly kept in (bf16 and fp32 reach
 3.4e38). Silent without either key: the activation probe is in ``probes="transformer"``, not in the default set.
 
@@ -118,13 +119,18 @@ class ActivationGrowthDetector:
         self.config = config or ActivationGrowthConfig(**fields)  # type: ignore[arg-type]
         self._trend = Drift(points=1, window=self.config.window)  # headroom in doublings; its slope and noise
         self._episode = Episode()
-        self._source: str | None = None  # the key the headroom is read from: one series never mixes the two
+        # the key the headroom is read from: one series never mixes the two, and numerics/headroom, once logged, wins
+        self._source: str | None = None
 
     def _headroom(self, obs: Observation) -> float | None:
-        """This step's headroom in doublings, from the latched source; None when the step logs neither key."""
+        """This step's headroom in doublings, from the run's source; None when the step logs neither key (or only
+        ``act/max_abs`` once ``numerics/headroom`` has been seen)."""
         measured = obs.values.get(keys.NUMERICS_HEADROOM)
-        if measured is not None and self._source != keys.ACT_MAX_ABS:
-            self._source = keys.NUMERICS_HEADROOM
+        if measured is not None:
+            if self._source != keys.NUMERICS_HEADROOM:  # it knows the dtype: it replaces the activation probe's series
+                self._source = keys.NUMERICS_HEADROOM
+                self._trend = Drift(points=1, window=self.config.window)
+                self._episode.close()
             return measured
         top = obs.values.get(keys.ACT_MAX_ABS)
         if top is None or self._source == keys.NUMERICS_HEADROOM:
