@@ -187,6 +187,12 @@ def _lora_ratio(race_from: int | None = None) -> list[Observation]:
     return series(race_from=race_from)
 
 
+def _qat_share(oscillate_from: int | None = None) -> list[Observation]:
+    from tests.detect.test_qat_oscillation import series  # noqa: PLC0415  (the detector's own test series)
+
+    return series(oscillate_from=oscillate_from)
+
+
 def _moe(name: str) -> list[Observation]:
     from tests.detect.test_moe_detectors import recorded  # noqa: PLC0415  (the detectors' own recorded proxy runs)
 
@@ -254,4 +260,6 @@ DRIVES: dict[str, Drive] = {
     "router_logit_growth": Drive(healthy=lambda: _moe("healthy_aux"), trigger=lambda: _moe("high_lr")),
     "load_collapse": Drive(healthy=lambda: _moe("healthy_aux"), trigger=lambda: _moe("high_lr")),
     "dead_experts": Drive(healthy=lambda: _moe("healthy_aux"), trigger=lambda: _moe("high_lr")),
+    # QAT: the weight-oscillation share warming up to ~0.15, and a layer oscillating from step 100
+    "qat_oscillation": Drive(healthy=lambda: _qat_share(), trigger=lambda: _qat_share(oscillate_from=100)),
 }

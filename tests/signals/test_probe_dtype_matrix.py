@@ -15,6 +15,7 @@ import torch.nn.functional as F
 
 from keel.guard import Guard
 from keel.harness.scenarios._finetune import apply_lora
+from keel.nn import fake_quantize
 from keel.optim import SPAM
 from keel.proxy import MoeConfig, create_proxy_model
 from keel.signals import create_probe, list_probes
@@ -55,6 +56,8 @@ def measure(name: str, dtype: torch.dtype) -> tuple[dict[str, float], list]:
     model = create_proxy_model("tiny", seq_len=16, **({"moe": MoeConfig()} if name == "router" else {}))
     if name == "lora":  # adapters to measure: keel's own LoRA layout (lora_a / lora_b) on the block linears
         model = apply_lora(model, rank=4, alpha=8.0, bits=None, seed=0)
+    if name == "weight_oscillation":  # fake-quantized layers to track: OFQ's 3-bit StatsQ grid
+        model = fake_quantize(model, "statsq", bits=3)
     model = model.to(dtype)
     tokens = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(1))
 

@@ -23,6 +23,7 @@ from keel.detect.opposing_signals import OpposingSignalsDetector, OpposingSignal
 from keel.detect.output_logit_drift import OutputLogitDriftConfig, OutputLogitDriftDetector
 from keel.detect.policy_entropy_collapse import PolicyEntropyCollapseConfig, PolicyEntropyCollapseDetector
 from keel.detect.presets import moe_detectors, policy_detectors, preference_detectors
+from keel.detect.qat_oscillation import QatOscillationConfig, QatOscillationDetector
 from keel.detect.reward_overoptimization import RewardOverOptimizationConfig, RewardOverOptimizationDetector
 from keel.detect.robust import robust_location_scale, robust_z
 from keel.detect.softmax_collapse import SoftmaxCollapseConfig, SoftmaxCollapseDetector
@@ -70,6 +71,8 @@ __all__ = [
     "OutputLogitDriftDetector",
     "PolicyEntropyCollapseConfig",
     "PolicyEntropyCollapseDetector",
+    "QatOscillationConfig",
+    "QatOscillationDetector",
     "RewardOverOptimizationConfig",
     "RewardOverOptimizationDetector",
     "SoftmaxCollapseConfig",
@@ -106,6 +109,7 @@ def default_detectors() -> list[Detector]:
     edge of stability and activation growth towards the precision's max; a LoRA adapter's blow-up; the stability
     gap after a phase switch (`Guard.phase`, evals); a mixture-of-experts router's logit growth, load collapse and
     dead experts (`moe_detectors`).
+    Quantization-aware training's weight oscillation reads the opt-in ``weight_oscillation`` probe.
     Each stays silent while its signal is absent (e.g. no sharpness probe, no attention, no LoRA adapter, no phase,
     no router probe, no activation probe).
     """
@@ -123,5 +127,6 @@ def default_detectors() -> list[Detector]:
         ActivationGrowthDetector(),
         LoraBlowupDetector(),
         StabilityGapDetector(),
+        QatOscillationDetector(),
         *moe_detectors(),
     ]

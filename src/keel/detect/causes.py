@@ -86,6 +86,8 @@ SWITCH = "Fedus et al. 2021, Switch Transformers, arXiv 2101.03961"
 AUX_FREE = "Wang et al. 2024, Auxiliary-Loss-Free Load Balancing Strategy for Mixture-of-Experts, arXiv 2408.15664"
 KEMPNER_Z = "KempnerInstitute/KempnerForge#117 (router z 2–3 with z-loss 1e-3, 14→24 without)"
 HF_AUX_OFF = "huggingface/transformers#44242 (aux loss off unless output_router_logits=True)"
+OFQ = "Liu et al. 2023, Oscillation-free Quantization for Low-bit Vision Transformers (OFQ), ICML, arXiv 2302.02210"
+NAGEL = "Nagel et al. 2022, Overcoming Oscillations in Quantization-Aware Training, ICML, arXiv 2203.11086"
 
 CAUSES: dict[str, Cause] = {
     c.kind: c
@@ -437,6 +439,29 @@ CAUSES: dict[str, Cause] = {
                     how="keel.Guard(..., max_grad_norm=1.0)",
                     source=PALM,
                 ),
+            ),
+        ),
+        Cause(
+            kind="qat_oscillation",
+            title="QAT weight oscillation",
+            mechanism="In quantization-aware training the straight-through estimator lets latent weights next to a "
+            "rounding boundary cross it back and forth: their integer codes flip every few steps, the quantized "
+            "network never settles, the statistics downstream keep moving and the final quantized weights are a "
+            "random side of each boundary.",
+            advice=(
+                Advice(
+                    action="anneal with confident-weight freezing (CGA): in the last phase train only the weights "
+                    "near a rounding boundary",
+                    how="keel.optim.ConfidenceGuidedAnnealing.for_model(model).attach(optimizer)",
+                    source=OFQ,
+                ),
+                Advice(action="lower the learning rate, or cool it down to a small value", source=NAGEL),
+                Advice(
+                    action="use a statistical scale instead of a learned one (StatsQ)",
+                    how="keel.nn.fake_quantize(model, 'statsq', bits=...)",
+                    source=OFQ,
+                ),
+                Advice(action="freeze the weights whose oscillation frequency stays high", source=NAGEL),
             ),
         ),
         Cause(

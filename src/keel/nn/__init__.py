@@ -13,6 +13,7 @@ from keel.nn.sigma_reparam import SigmaReparam, SigmaReparamLinear
 from keel.nn.stabilize import StabilizeResult, create_stabilizer, list_stabilizers, stabilize
 from keel.nn.stabilizers import NoDecayGroupWarning, StabilizerNoEffectWarning
 from keel.nn.stablemax import StableMax
+from keel.nn.statsq import StatsQuantizer
 from keel.nn.z_loss_hook import ZLossHook
 
 __all__ = [
@@ -35,6 +36,7 @@ __all__ = [
     "SigmaReparamLinear",
     "StabilizeResult",
     "StableMax",
+    "StatsQuantizer",
     "ZLossHook",
     "create_stabilizer",
     "fake_quantize",

@@ -7,6 +7,7 @@ One optimizer per file; the registry name of each is its file's stem (`list_opti
 from keel.optim._registry import create_optimizer, list_optimizers
 from keel.optim.ada_clip import AdaClip
 from keel.optim.allora import ALLoRA, NoLoRAFoundWarning, allora_coefficients, apply_allora
+from keel.optim.cga import ConfidenceGuidedAnnealing
 from keel.optim.independent_adamw import IndependentAdamW
 from keel.optim.orthograd import OrthoGrad, orthogonalize_
 from keel.optim.spam import SPAM
@@ -16,6 +17,7 @@ __all__ = [
     "ALLoRA",
     "SPAM",
     "AdaClip",
+    "ConfidenceGuidedAnnealing",
     "IndependentAdamW",
     "NoLoRAFoundWarning",
     "OrthoGrad",

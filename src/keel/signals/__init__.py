@@ -19,6 +19,7 @@ from keel.signals import (  # noqa: F401  (register built-ins)
     router,
     sharpness,
     update_ratio,
+    weight_oscillation,
 )
 from keel.signals._hooks import quiet
 from keel.signals.activation_rms import ActivationRmsConfig, ActivationRmsProbe, activation_stats
@@ -48,6 +49,7 @@ from keel.signals.registry import (
 from keel.signals.router import RouterProbe, RouterProbeConfig, find_routers, router_signals, router_sums
 from keel.signals.sharpness import SharpnessConfig, SharpnessProbe, hutchinson_trace, top_eigenvalue
 from keel.signals.source_gradients import SourceGradientsConfig, SourceGradientsProbe, source_losses
+from keel.signals.weight_oscillation import WeightOscillationConfig, WeightOscillationProbe, find_quantized_layers
 
 __all__ = [
     "ActivationRmsConfig",
@@ -81,6 +83,8 @@ __all__ = [
     "SharpnessProbe",
     "SourceGradientsConfig",
     "SourceGradientsProbe",
+    "WeightOscillationConfig",
+    "WeightOscillationProbe",
     "source_losses",
     "StepContext",
     "activation_stats",
@@ -90,6 +94,7 @@ __all__ = [
     "create_probe",
     "global_norm",
     "find_routers",
+    "find_quantized_layers",
     "grad_weight_cosines",
     "hutchinson_trace",
     "list_probes",

@@ -64,6 +64,8 @@ from keel.harness.scenarios import (  # noqa: E402,F401  (register built-ins)
     non_finite_origin,
     output_logit_divergence,
     poisoned_batch,
+    qat_healthy,
+    qat_oscillation,
     qlora_finetune,
     slow_divergence,
     softmax_collapse,
