@@ -298,7 +298,15 @@ def probe_costs(
     base = ["loss", "grad_norm", "param_norm"]
     variants: dict[str, Any] = {"bare": None, "foundation": base}
     default_every: dict[str, int] = {}
-    for probe in ("attn_logits", "attn_entropy", "output_logits", "activation_rms", "grad_weight_cos", "adam_eps"):
+    for probe in (
+        "attn_logits",
+        "attn_entropy",
+        "output_logits",
+        "activation_rms",
+        "grad_weight_cos",
+        "adam_eps",
+        "numerics",
+    ):
         every = int(create_probe(probe).config.every)  # type: ignore[attr-defined]
         default_every[probe] = every
         variants[probe] = base + [create_probe(probe, every=1)]

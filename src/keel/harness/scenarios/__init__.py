@@ -49,6 +49,7 @@ from keel.harness.scenarios import (  # noqa: E402,F401  (register built-ins)
     attention_entropy_collapse,
     attention_logit_growth,
     benign_oscillation,
+    bf16_healthy,
     curriculum_switch,
     data_outliers,
     fp16_healthy,
