@@ -3,7 +3,9 @@ key, and bad settings."""
 
 from __future__ import annotations
 
+import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -85,3 +87,29 @@ def test_it_is_in_the_default_set() -> None:
 def test_bad_settings_name_the_field(field: str, value: object) -> None:
     with pytest.raises(ValueError, match=field):
         QatOscillationConfig(**{field: value})  # type: ignore[arg-type]
+
+
+SERIES = Path(__file__).with_name("data") / "qat_series.json"  # tests/detect/data/record_qat_series.py
+
+
+def replay(run: str) -> tuple[dict[str, list], list[tuple[int, str]]]:
+    """The recorded run and what a fresh detector finds on its share, step by step."""
+    recorded = json.loads(SERIES.read_text())[run]
+    observations = [
+        Observation(step=s, values={keys.QAT_OSCILLATION: x})
+        for s, x in zip(recorded["steps"], recorded["share"], strict=True)
+    ]
+    return recorded, alarms(QatOscillationDetector(), observations)
+
+
+@pytest.mark.parametrize("run", ["qat_oscillation/0", "qat_oscillation/1", "qat_oscillation/2"])
+def test_the_zoos_oscillating_qat_runs_are_named_at_the_live_runs_steps(run: str) -> None:
+    recorded, found = replay(run)
+    assert found == [(step, "warning") for step in recorded["findings"]] and len(found) == 1
+
+
+@pytest.mark.parametrize("run", ["qat_healthy/0", "qat_healthy/1", "qat_healthy/2"])
+def test_the_zoos_healthy_qat_runs_stay_silent_with_room_below_the_level(run: str) -> None:
+    recorded, found = replay(run)
+    assert found == [] and recorded["findings"] == []
+    assert max(recorded["share"]) < 0.5 * QatOscillationConfig().level

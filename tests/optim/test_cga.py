@@ -34,7 +34,7 @@ def test_only_weights_within_the_band_of_a_boundary_keep_their_gradient_hand_der
     weight.grad = torch.tensor([[1.0, 1.0, 1.0, 1.0]])
     opt.step()
     assert torch.equal(weight.detach()[0, :2], before[0, :2])
-    torch.testing.assert_close(weight.detach()[0, 2:], before[0, 2:] - 0.1)
+    assert torch.allclose(weight.detach()[0, 2:], before[0, 2:] - 0.1)
 
 
 def test_frozen_weights_stay_bit_identical_under_adamw_decay_and_momentum() -> None:
@@ -77,7 +77,7 @@ def test_cga_anneals_the_oscillation_of_codes_away() -> None:
     assert share(40) == 0.0
 
 
-@settings(max_examples=50, deadline=None, derandomize=True)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(st.floats(-50, 50, allow_nan=False), st.floats(0.001, 0.5))
 def test_unconfident_is_the_band_around_half_integers(b: float, br: float) -> None:
     frac = b - float(torch.floor(torch.tensor(b, dtype=torch.float64)))

@@ -23,6 +23,7 @@ from keel.losses.stablemax_cross_entropy import (
     stablemax_cross_entropy,
     stablemax_s,
 )
+from keel.losses.teacher_intervention import teacher_intervention_loss
 from keel.losses.z_loss import log_partition, z_loss, z_loss_from_log_z
 
 __all__ = [
@@ -56,6 +57,7 @@ __all__ = [
     "stablemax",
     "stablemax_cross_entropy",
     "stablemax_s",
+    "teacher_intervention_loss",
     "tokens_per_expert",
     "z_loss",
     "z_loss_from_log_z",

