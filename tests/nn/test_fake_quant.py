@@ -85,7 +85,7 @@ def test_zeros_quantize_to_exact_zeros_with_code_zero() -> None:
     assert torch.equal(values, torch.zeros(2, 4)) and torch.equal(codes, torch.zeros(2, 4, dtype=torch.int16))
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(
     rows=st.integers(1, 4),
     groups_per_row=st.sampled_from([1, 2]),
