@@ -193,6 +193,23 @@ def _qat_share(oscillate_from: int | None = None) -> list[Observation]:
     return series(oscillate_from=oscillate_from)
 
 
+def _adam_eps(collapse: bool = False) -> list[Observation]:
+    """The Adam ε probe's values every 50 steps (share, update RMS, per parameter); with ``collapse``, ε takes over."""
+    from tests.detect.test_eps_dominance import trace  # noqa: PLC0415  (the detector's own test series)
+
+    points = [(0.0, 0.25)] * 6 + ([(0.95, 0.03)] * 4 if collapse else [(0.001, 0.22)] * 4)
+    return trace(points, per_param=(PARAMS, [0.0, 0.0, 0.01]))
+
+
+def _loss_scale(thrash: bool = False) -> list[Observation]:
+    """A GradScaler's scale and overflow flags: the initial search, then its sawtooth; with ``thrash``, backoffs in
+    a row from step 150."""
+    from tests.detect.test_loss_scale_thrash import scaler_trace  # noqa: PLC0415  (the detector's own test series)
+
+    overs = [s < 4 or (s % 50 == 49) or (thrash and s >= 150) for s in range(200)]
+    return scaler_trace(overs, growth_interval=40)
+
+
 def _moe(name: str) -> list[Observation]:
     from tests.detect.test_moe_detectors import recorded  # noqa: PLC0415  (the detectors' own recorded proxy runs)
 
@@ -228,6 +245,8 @@ DRIVES: dict[str, Drive] = {
     "activation_growth": Drive(
         healthy=lambda: _activations(_healthy_activations()), trigger=lambda: _activations(_growing_activations())
     ),
+    "eps_dominance": Drive(healthy=_adam_eps, trigger=lambda: _adam_eps(collapse=True)),
+    "loss_scale_thrash": Drive(healthy=_loss_scale, trigger=lambda: _loss_scale(thrash=True)),
     "source_drift": Drive(healthy=_sources, trigger=lambda: _sources(bad=2)),
     "opposing_signals": Drive(healthy=_opposition, trigger=lambda: _opposition(spike_at=200)),
     # preference and policy-gradient RL (tests/detect/rl_series.py): 120 steps each, every key the detector reads

@@ -11,12 +11,14 @@ from keel.detect.detector import DETECTORS, Detector, create_detector, list_dete
 from keel.detect.diagnosis import Diagnosis, diagnose, format_diagnoses
 from keel.detect.divergence import DivergenceConfig, DivergenceDetector
 from keel.detect.edge_of_stability import EdgeOfStabilityConfig, EdgeOfStabilityDetector
+from keel.detect.eps_dominance import EpsDominanceConfig, EpsDominanceDetector
 from keel.detect.growth import GrowthConfig, GrowthDetector
 from keel.detect.kl_blowup import KLBlowupConfig, KLBlowupDetector
 from keel.detect.lead_time import degradation_step, lead_steps
 from keel.detect.length_explosion import LengthExplosionConfig, LengthExplosionDetector
 from keel.detect.likelihood_displacement import LikelihoodDisplacementConfig, LikelihoodDisplacementDetector
 from keel.detect.lora_blowup import LoraBlowupConfig, LoraBlowupDetector
+from keel.detect.loss_scale_thrash import LossScaleThrashConfig, LossScaleThrashDetector
 from keel.detect.non_finite import NonFiniteConfig, NonFiniteDetector
 from keel.detect.non_finite_origin import NonFiniteOriginDetector
 from keel.detect.opposing_signals import OpposingSignalsDetector, OpposingSignalsDetectorConfig
@@ -51,6 +53,8 @@ __all__ = [
     "DivergenceDetector",
     "EdgeOfStabilityConfig",
     "EdgeOfStabilityDetector",
+    "EpsDominanceConfig",
+    "EpsDominanceDetector",
     "EntropyCollapseConfig",
     "GrowthConfig",
     "GrowthDetector",
@@ -62,6 +66,8 @@ __all__ = [
     "LikelihoodDisplacementDetector",
     "LoraBlowupConfig",
     "LoraBlowupDetector",
+    "LossScaleThrashConfig",
+    "LossScaleThrashDetector",
     "NonFiniteConfig",
     "NonFiniteDetector",
     "NonFiniteOriginDetector",
@@ -104,12 +110,14 @@ __all__ = [
 def default_detectors() -> list[Detector]:
     """The detectors a `Guard` runs unless told otherwise.
 
-    Loss and gradient spikes, divergence, non-finite values and where they were born; and the predictive
+    Loss and gradient spikes, divergence, non-finite values and where they were born, a GradScaler's loss-scale
+    thrash; and the predictive
     ones: attention-logit growth, attention-entropy collapse, output-logit drift, softmax collapse, the
     edge of stability and activation growth towards the precision's max; a LoRA adapter's blow-up; the stability
     gap after a phase switch (`Guard.phase`, evals); a mixture-of-experts router's logit growth, load collapse and
     dead experts (`moe_detectors`).
-    Quantization-aware training's weight oscillation reads the opt-in ``weight_oscillation`` probe.
+    Quantization-aware training's weight oscillation reads the opt-in ``weight_oscillation`` probe. Adam's
+    ε-dominance (`EpsDominanceDetector`) is not here: add it with the ``adam_eps`` probe (``probes="full"``).
     Each stays silent while its signal is absent (e.g. no sharpness probe, no attention, no LoRA adapter, no phase,
     no router probe, no activation probe).
     """
@@ -119,6 +127,7 @@ def default_detectors() -> list[Detector]:
         DivergenceDetector(),
         NonFiniteDetector(),
         NonFiniteOriginDetector(),
+        LossScaleThrashDetector(),
         AttentionLogitGrowthDetector(),
         AttentionEntropyCollapseDetector(),
         OutputLogitDriftDetector(),

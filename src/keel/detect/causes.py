@@ -195,6 +195,26 @@ CAUSES: dict[str, Cause] = {
             ),
         ),
         Cause(
+            kind="loss_scale_thrash",
+            title="loss-scale thrash",
+            mechanism="The GradScaler keeps backing off: the scaled gradients overflow far more often than once per "
+            "growth interval, or at every scale tried, so the scale sinks toward its minimum, steps are skipped and "
+            "small fp16 gradients underflow.",
+            advice=(
+                Advice(
+                    action="find what overflows at any scale (a NaN or Inf born in the forward pass, a value beyond "
+                    "fp16's 65504)",
+                    how="keel.detect.NonFiniteOriginDetector; keel.signals.NumericsProbe",
+                    source="NVIDIA/apex#834",
+                ),
+                Advice(action="use bf16 instead of fp16, or keep the overflowing op in float32", source=MICIKEVICIUS),
+                Advice(
+                    action="lower the learning rate or normalise what grows (targets, activations)",
+                    source="deepspeedai/DeepSpeed#931; NVIDIA/apex#864",
+                ),
+            ),
+        ),
+        Cause(
             kind="activation_growth",
             title="activation growth towards overflow",
             mechanism="Block outputs grow towards the largest value of the working precision (65504 in fp16); the "

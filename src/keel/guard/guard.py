@@ -549,6 +549,11 @@ class Guard(DeferredSteps):
         once; the late ones are recorded here."""
         if self.scaler is not None and self.scaler.is_enabled() and self.scaler._scale is not None:
             measured[keys.AMP_SCALE] = self.scaler._scale  # a tensor: read in the same copy, no extra sync
+            # unscale_ left its found-inf flags on the device: an overflow read in the same copy, no extra sync
+            found_inf = self.scaler._per_optimizer_states[id(self.optimizer)].get("found_inf_per_device")
+            if found_inf:
+                flags = [f.to(self.scaler._scale.device) for f in found_inf.values()]
+                measured[keys.AMP_OVERFLOW] = (torch.stack(flags).sum() > 0).float()
         packed = pack(measured, self._late)
         if self.dist is not None:
             packed = self.dist.reduce(packed)  # every rank now decides on the same values

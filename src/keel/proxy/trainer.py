@@ -43,6 +43,7 @@ PROBE_BATCH_SIZE = 8
 PROBE_SEED_OFFSET = 7919
 # The optimizer arguments TrainConfig sets from its own fields (not allowed in `TrainConfig.optimizer_options`).
 OWN_OPTIONS = ("lr", "betas", "weight_decay", "eps")
+EPS = 1e-8  # torch's AdamW default
 
 
 @dataclass(kw_only=True)
@@ -59,6 +60,7 @@ class TrainConfig:
         min_lr_ratio: Cosine decay floor as a fraction of ``lr``; 1 keeps the LR constant after warm-up.
         weight_decay: AdamW (decoupled) weight decay; for ``independent_adamw`` the independent λ.
         beta2: AdamW β₂ (β₁ is 0.9).
+        eps: Adam's ε (AdamW's, or the keel optimizer's, given only when it differs from the default 1e-8).
         qk_norm: LayerNorm on queries and keys.
         moe: Mixture-of-experts MLPs (`keel.proxy.MoeConfig`), their aux and router z-loss terms added to the
             training loss; None keeps the model dense.
@@ -94,6 +96,7 @@ class TrainConfig:
     min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     beta2: float = 0.95
+    eps: float = EPS
     qk_norm: bool = False
     moe: MoeConfig | None = None
     optimizer: str = "adamw"
@@ -113,6 +116,8 @@ class TrainConfig:
         require_ints(self, "steps", "batch_size", "seq_len", "eval_batches")
         require_ints(self, "warmup", minimum=0)
         require_positive(self, "lr")
+        if not 0 < self.eps < 1:
+            raise ValueError(f"TrainConfig.eps={self.eps!r}; allowed: a number with 0 < eps < 1")
         if self.max_grad_norm is not None and not self.max_grad_norm > 0:
             raise ValueError(f"TrainConfig.max_grad_norm={self.max_grad_norm!r}; allowed: a number > 0 or None")
         if self.moe is not None and not isinstance(self.moe, MoeConfig):
@@ -163,6 +168,9 @@ class TrainConfig:
             elif f.name == "optimizer_options":  # left out while unset, for the same reason
                 if value is not None:
                     out[f.name] = dict(value)
+            elif f.name == "eps":  # left out at its default, for the same reason
+                if value != EPS:
+                    out[f.name] = value
             elif f.name not in HOOKS:
                 out[f.name] = value
             elif value is not None:
@@ -312,6 +320,8 @@ def _with_extra_probes(
 def _create_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]  # a model_fn may freeze a base model
     kwargs: dict[str, Any] = dict(lr=config.lr, betas=(0.9, config.beta2), weight_decay=config.weight_decay)
+    if config.eps != EPS:
+        kwargs["eps"] = config.eps
     kwargs.update(config.optimizer_options or {})
     if config.optimizer == "adamw":
         return torch.optim.AdamW(params, **kwargs)  # type: ignore[arg-type]
