@@ -119,6 +119,10 @@ _INDEX: dict[tuple[str, str], tuple[str, str]] = {
     ),
     ("loss", "z_loss"): ("transformer", causes.PALM),
     ("loss", "router_z_loss"): ("mixture of experts", "Zoph et al. 2022, ST-MoE, arXiv 2202.08906"),
+    ("loss", "teacher_intervention_loss"): (
+        "low precision",
+        "Kim et al. 2023, Teacher Intervention, EACL, arXiv 2302.11812",
+    ),
     ("loss", "load_balancing_loss"): ("mixture of experts", "Fedus et al. 2021, Switch Transformers, arXiv 2101.03961"),
     ("loss", "stablemax_cross_entropy"): ("transformer", causes.PRIETO),
     ("loss", "pseudo_huber"): ("core", "Song & Dhariwal 2023, Improved Techniques for Training Consistency Models"),
