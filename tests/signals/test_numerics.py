@@ -49,14 +49,14 @@ def close(got: torch.Tensor, want: list[float]) -> bool:
 finite_or_not = st.floats(width=32, allow_nan=True, allow_infinity=True, allow_subnormal=True)
 
 
-@settings(max_examples=80, deadline=None, derandomize=True)
+@settings(max_examples=50, deadline=None, derandomize=True)
 @given(x=arrays(np.float32, st.integers(0, 40), elements=finite_or_not), fmt=st.sampled_from(sorted(FORMATS)))
 def test_stats_match_a_float64_reference_on_any_float32_tensor(x, fmt):
     dtype = FORMATS[fmt]
     assert close(numerics_stats(torch.from_numpy(x), dtype), reference(x, dtype))
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     x=arrays(np.float32, st.integers(1, 40), elements=st.floats(-1e4, 1e4, width=32, allow_subnormal=True)),
     fp8=st.sampled_from([torch.float8_e4m3fn, torch.float8_e5m2]),
@@ -95,7 +95,7 @@ def test_hostile_values(values, dtype, want):
     assert got[0] == pytest.approx(want[0], abs=1e-4) and got[1:] == pytest.approx(want[1:])
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     x=arrays(np.float32, st.integers(1, 30), elements=st.floats(-1e3, 1e3, width=32, allow_subnormal=True)),
     log2_scale=st.integers(-8, 24),
