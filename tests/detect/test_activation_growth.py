@@ -219,3 +219,27 @@ def test_the_fp16_scenarios_differ_only_in_the_learning_rate():
     bad, good = create_scenario("fp16_overflow").recipe(0), create_scenario("fp16_healthy").recipe(0)
     assert bad.model_fn is autocast_fp16 and (bad.lr, good.lr) == (0.1, 0.01)
     assert replace(bad, lr=good.lr) == good
+
+
+def test_the_format_the_probe_reports_is_the_limit_so_a_float32_run_never_warns():
+    # the demo's healthy fp32 arm: activations of ~1500 still growing were judged against fp16's max before the
+    # activation probe said which format its outputs are held in
+    series = _growing()
+
+    def run(held=None, **config):
+        observations = []
+        for s, v in enumerate(series):
+            obs = _act(s, v)
+            if held is not None:
+                obs.values[keys.ACT_FORMAT_MAX] = held
+            observations.append(obs)
+        return _run(ActivationGrowthDetector(**config), observations)
+
+    assert run(3.4028234663852886e38) == []  # float32 (and bfloat16's near-equal range): ~118 doublings left
+    fp16 = run(65504.0)
+    assert [(f.step, f.severity) for f in fp16] == [(53, "warning"), (88, "critical")]
+    assert "format_assumed" not in fp16[0].evidence
+    assumed = run()  # a log that does not say (an older keel): fp16, the narrowest, said in the finding
+    assert [(f.step, f.severity) for f in assumed] == [(53, "warning"), (88, "critical")]
+    assert assumed[0].evidence["format_assumed"] is True
+    assert run(3.4028234663852886e38, format_max=65504.0)[0].step == 53  # the config wins: "how would fp16 fare"

@@ -159,3 +159,30 @@ def test_recurrent_models_are_not_expected_to_have_blocks_or_attention(recwarn):
     ActivationRmsProbe().attach(LSTMModel())
     AttnLogitsProbe().attach(LSTMModel())
     assert [str(w.message) for w in recwarn] == []
+
+
+@pytest.mark.parametrize(
+    ("dtype", "autocast", "expected"),
+    [
+        (torch.float32, None, torch.finfo(torch.float32).max),
+        (torch.float32, torch.float16, 65504.0),  # block outputs stay float32, the next matmul casts them to fp16
+        (torch.float32, torch.bfloat16, torch.finfo(torch.bfloat16).max),
+        (torch.float16, None, 65504.0),
+        (torch.float64, None, torch.finfo(torch.float32).max),  # beyond float32's range: as good as unbounded
+    ],
+    ids=["fp32", "fp32-autocast-fp16", "fp32-autocast-bf16", "fp16", "fp64"],
+)
+def test_the_probe_reports_the_format_block_outputs_are_held_in(dtype, autocast, expected):
+    torch.manual_seed(0)
+    model = create_proxy_model("tiny", seq_len=16).to(dtype)
+    probe = ActivationRmsProbe()
+    probe.attach(model)
+    tokens = torch.randint(0, 256, (2, 16))
+    if autocast is None:
+        model(tokens)
+    else:
+        with torch.autocast("cpu", dtype=autocast):
+            model(tokens)
+    assert float(probe.read()["act/format_max"]) == pytest.approx(expected, rel=1e-6)
+    assert probe.read() == {}  # read starts a new step: nothing measured, nothing reported
+    probe.detach()

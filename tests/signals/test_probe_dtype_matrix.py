@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from keel._core import keys
 from keel.guard import Guard
 from keel.harness.scenarios._finetune import apply_lora
 from keel.nn import fake_quantize
@@ -115,6 +116,9 @@ def test_probe_measures_every_dtype(name: str, dtype: torch.dtype) -> None:
         return
     bad = {k: v for k, v in got.items() if not math.isfinite(v)}
     assert bad == {}
+    formats = [k for k in got if k.startswith(keys.ACT_FORMAT_MAX)]  # the format itself, not a measurement
+    held = min(torch.finfo(dtype).max, torch.finfo(torch.float32).max)
+    assert [got.pop(k) for k in formats] == pytest.approx([held] * len(formats), rel=1e-6)
     if dtype == torch.float64:  # abs_tol: a fraction of elements (eps_dominated) moves by whole elements
         off = {k: (v, ref[k]) for k, v in got.items() if not math.isclose(v, ref[k], rel_tol=1e-3, abs_tol=1e-3)}
     else:  # bf16/fp16 weights, activations and gradients: loose

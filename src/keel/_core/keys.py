@@ -48,6 +48,7 @@ ACT_RMS = "act/rms"
 ACT_RMS_PER_BLOCK = "act/rms/"
 ACT_MAX_ABS = "act/max_abs"
 ACT_MAX_ABS_PER_BLOCK = "act/max_abs/"
+ACT_FORMAT_MAX = "act/format_max"  # largest finite value of the format block outputs are held in (autocast's, under it)
 
 # Adam's ε (signals/adam_eps.py)
 ADAM_UPDATE_RMS = "adam/update_rms"

@@ -116,10 +116,9 @@ def default_detectors() -> list[Detector]:
     edge of stability and activation growth towards the precision's max; a LoRA adapter's blow-up; the stability
     gap after a phase switch (`Guard.phase`, evals); a mixture-of-experts router's logit growth, load collapse and
     dead experts (`moe_detectors`).
-    Quantization-aware training's weight oscillation reads the opt-in ``weight_oscillation`` probe. Adam's
-    ε-dominance (`EpsDominanceDetector`) is not here: add it with the ``adam_eps`` probe (``probes="full"``).
-    Each stays silent while its signal is absent (e.g. no sharpness probe, no attention, no LoRA adapter, no phase,
-    no router probe, no activation probe).
+    Two read opt-in probes: Adam's ε-dominance the ``adam_eps`` probe (in ``probes="full"``), quantization-aware
+    training's weight oscillation the ``weight_oscillation`` probe. Each stays silent while its signal is absent
+    (e.g. no sharpness probe, no attention, no LoRA adapter, no phase, no router probe, no activation probe).
     """
     return [
         SpikeDetector(signal="loss"),
@@ -133,6 +132,7 @@ def default_detectors() -> list[Detector]:
         OutputLogitDriftDetector(),
         SoftmaxCollapseDetector(),
         EdgeOfStabilityDetector(),
+        EpsDominanceDetector(),
         ActivationGrowthDetector(),
         LoraBlowupDetector(),
         StabilityGapDetector(),

@@ -3,9 +3,11 @@
 Reads the headroom left before overflow, in doublings: ``numerics/headroom`` (`keel.signals.numerics`: log2 of the
 dtype's max over the largest |x|, measured in the dtype each tensor really has) when a step logs it, else the
 activation probe's ``act/max_abs`` (`keel.signals.activation_rms`: the largest |block output|, until the numerics
-probe's first measurement, from which the series is the numerics headroom alone) against
-``format_max`` — fp16's 65504 unless told, the narrowest range activations are commonly kept in (bf16 and fp32 reach
-3.4e38). Silent without either key: the activation probe is in ``probes="transformer"``, not in the default set.
+probe's first measurement, from which the series is the numerics headroom alone) against ``format_max`` when set,
+else the probe's ``act/format_max`` (the format the outputs are held in: fp16 under fp16 autocast, 3.4e38 for a
+float32 or bf16 model, which then never warns), else fp16's 65504 — the narrowest range activations are commonly
+kept in — said in the finding (``format_assumed``; a log from an older keel). Silent without either key: the
+activation probe is in ``probes="transformer"``, not in the default set.
 
 The rule, on the Theil–Sen slope of the headroom over the last ``window`` measurements (a rate in doublings per
 step, which one noisy batch does not fake):
@@ -15,11 +17,10 @@ step, which one noisy batch does not fake):
 - **critical**: the same with headroom ≤ ``critical_headroom`` (within a factor 2 of the max).
 
 Both need the growth: a level alone is not an alarm, because healthy models carry large activations that stay put
-("massive activations" of a few thousand in LLMs) and a float32 run is judged against fp16's range. Healthy runs of
-keel's zoo stay ≥ 7 doublings from fp16's max (docs/low_precision.md). A finding names the block with the largest
-|output| when the step stored the per-block family, and projects the step at which the max is reached
-(``projected_critical_step``). Each severity is reported once per episode; an episode ends when the headroom is back
-above ``warn_headroom`` + 1.
+("massive activations" of a few thousand in LLMs). Healthy runs of keel's zoo stay ≥ 7 doublings from fp16's max
+(docs/low_precision.md). A finding names the block with the largest |output| when the step stored the per-block
+family, and projects the step at which the max is reached (``projected_critical_step``). Each severity is reported
+once per episode; an episode ends when the headroom is back above ``warn_headroom`` + 1.
 
 References:
     Micikevicius et al. 2018, "Mixed Precision Training", arXiv 1710.03740 (fp16's range; keep reductions in fp32);
@@ -53,8 +54,9 @@ class ActivationGrowthConfig:
     """Settings of the activation-growth detector.
 
     Attributes:
-        format_max: Largest finite value of the precision ``act/max_abs`` is judged against (65504: fp16). Not
-            used on steps that log ``numerics/headroom``, which knows each tensor's dtype.
+        format_max: Largest finite value of the precision ``act/max_abs`` is judged against; None: the probe's
+            ``act/format_max``, else 65504 (fp16). Not used on steps that log ``numerics/headroom``, which knows each
+            tensor's dtype.
         window: Measurements in the slope of the headroom.
         min_points: Measurements needed before the slope is trusted.
         warn_headroom: Doublings left (log2 of max / largest |x|) from which growth counts.
@@ -65,7 +67,7 @@ class ActivationGrowthConfig:
         patience: Consecutive qualifying measurements before a finding.
     """
 
-    format_max: float = FP16_MAX
+    format_max: float | None = None
     window: int = 20
     min_points: int = 8
     warn_headroom: float = 6.0
@@ -85,7 +87,9 @@ class ActivationGrowthConfig:
             raise ValueError(
                 f"ActivationGrowthConfig.min_points={self.min_points!r}; allowed: an int <= window ({self.window})"
             )
-        if not (isinstance(self.format_max, int | float) and 0 < self.format_max < math.inf):
+        if self.format_max is not None and not (
+            isinstance(self.format_max, int | float) and 0 < self.format_max < math.inf
+        ):
             raise ValueError(f"ActivationGrowthConfig.format_max={self.format_max!r}; allowed: a finite number > 0")
         for name in ("warn_headroom", "critical_headroom", "min_trend_z", "min_rise"):
             value = getattr(self, name)
@@ -136,8 +140,16 @@ class ActivationGrowthDetector:
         if top is None or self._source == keys.NUMERICS_HEADROOM:
             return None
         self._source = keys.ACT_MAX_ABS
+        limit = self._format_max(obs)
         # log2 of a non-positive or non-finite max is not a headroom: NaN, which the trend window skips
-        return math.log2(self.config.format_max / top) if math.isfinite(top) and top > 0 else math.nan
+        return math.log2(limit / top) if math.isfinite(top) and top > 0 else math.nan
+
+    def _format_max(self, obs: Observation) -> float:
+        """The largest value ``act/max_abs`` is judged against: the config's, the probe's, else fp16's."""
+        if self.config.format_max is not None:
+            return self.config.format_max
+        held = obs.values.get(keys.ACT_FORMAT_MAX)
+        return held if held is not None and 0 < held < math.inf else FP16_MAX
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
@@ -183,15 +195,18 @@ class ActivationGrowthDetector:
             "onset_step": self._episode.onset_or(obs.step),
             "source": self._source,
         }
+        limit_value = self._format_max(obs)
         if not measured:
-            evidence["format_max"] = cfg.format_max
+            evidence["format_max"] = limit_value
+            if cfg.format_max is None and obs.values.get(keys.ACT_FORMAT_MAX) is None:
+                evidence["format_assumed"] = True  # the step did not say which format: fp16, the narrowest
         if top is not None and math.isfinite(top):
             evidence["act_max_abs"] = round(top, 4)
         if block is not None:
             evidence["block"] = block
         project(evidence, obs.step, ahead)  # the step the max is reached: steps_to_critical, projected_critical_step
         where = f" in {block}" if block else ""
-        limit = "the dtype's max" if measured else f"{cfg.format_max:g}"
+        limit = "the dtype's max" if measured else f"{limit_value:g}"
         text = (
             f"Activations{where} are {h:.2f} doublings below {limit} and rising (×2 every {1.0 / rate:.0f} steps); "
             + (f"at this rate they overflow in ~{ahead:.0f} steps." if ahead >= 0 else "they are past it.")
@@ -201,15 +216,16 @@ class ActivationGrowthDetector:
             kind=self.name,
             severity=severity,
             signal=self._source or keys.ACT_MAX_ABS,
-            value=self._raw(h),
-            baseline=self._raw(self._trend.values()[0]),  # where the window's growth started
+            value=self._raw(h, limit_value),
+            baseline=self._raw(self._trend.values()[0], limit_value),  # where the window's growth started
             evidence=evidence,
             text=text,
         )
 
-    def _raw(self, h: float) -> float:
-        """A headroom in the source's own unit: itself for ``numerics/headroom``, |x| for ``act/max_abs``."""
-        return h if self._source == keys.NUMERICS_HEADROOM else self.config.format_max * 2.0**-h
+    def _raw(self, h: float, limit: float) -> float:
+        """A headroom in the source's own unit: itself for ``numerics/headroom``, |x| below ``limit`` for
+        ``act/max_abs``."""
+        return h if self._source == keys.NUMERICS_HEADROOM else limit * 2.0**-h
 
     def state_dict(self) -> dict[str, Any]:
         return {

@@ -6,11 +6,13 @@
 | `act/rms/<block>`     | as above; stored on `log_every` steps | one float per block                              |
 | `act/max_abs`         | as above            | free (same passes)                                                 |
 | `act/max_abs/<block>` | as above; stored on `log_every` steps | one float per block                              |
+| `act/format_max`      | as above            | free: a Python constant per block output (no device work)          |
 
-Growing activations are the backdrop of output-logit and attention-logit growth, and in fp16 they end in
-overflow (largest finite value 65504): `act/max_abs` against the dtype's range says how much headroom is
-left. A non-finite block output shows as a non-finite value for that block and every block after it, so
-the first non-finite block in forward order is where NaN/Inf was born — without the metaseq
+Growing activations are the backdrop of output-logit and attention-logit growth, and in fp16 they end in overflow
+(largest finite value 65504): `act/max_abs` against `act/format_max` — the largest finite value of the format the
+outputs are held in, autocast's for a float32 output under autocast (`keel.signals.numerics.judged_format`) — says
+how much headroom is left. A non-finite block output shows as a non-finite value for that block and every block
+after it, so the first non-finite block in forward order is where NaN/Inf was born — without the metaseq
 ``NanDetector``'s re-run (metaseq/nan_detector.py). Blocks are found by `find_blocks` (``blocks``,
 ``transformer.h``, ``model.layers``, ``layers``) or named with ``modules``.
 
@@ -21,6 +23,7 @@ References:
 
 from __future__ import annotations
 
+import math
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -34,8 +37,11 @@ from keel._core.validate import check_types
 from keel.signals._hooks import add_count, find_blocks, hooks_active, looks_like_sequence_model, named_modules_by_name
 from keel.signals.attn_logits import due
 from keel.signals.norms import accumulation_dtype
+from keel.signals.numerics import judged_format
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
+
+FLOAT32_MAX = torch.finfo(torch.float32).max
 
 
 @dataclass(kw_only=True)
@@ -98,6 +104,7 @@ class ActivationRmsProbe:
         self._handles: list[Any] = []
         self._armed = False
         self._stats: dict[int, list[Any]] = {}
+        self._format_max = math.inf  # the narrowest format this step's block outputs are held in
         self._error: Exception | None = None
 
     def attach(self, model: nn.Module) -> None:
@@ -133,12 +140,15 @@ class ActivationRmsProbe:
             old = self._stats.get(index)
             count = add_count(None if old is None else old[1], n, sq)  # a tensor under torch.compile
             self._stats[index] = [sq, count, top] if old is None else [old[0] + sq, count, torch.maximum(old[2], top)]
+            held = judged_format(x.real if x.is_complex() else x)  # a float32 output under autocast: autocast's
+            self._format_max = min(self._format_max, torch.finfo(held).max)
         except Exception as exc:
             self._error = exc
 
     def read(self) -> Measurements:
         """This step's values (what `measure` returns), then starts a new step."""
         stats, self._stats = self._stats, {}
+        format_max, self._format_max = self._format_max, math.inf
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"activation hook failed: {error!r}") from error
@@ -153,6 +163,8 @@ class ActivationRmsProbe:
             keys.ACT_RMS_PER_BLOCK: PerParam(names, rms),
             keys.ACT_MAX_ABS: top.amax(),
             keys.ACT_MAX_ABS_PER_BLOCK: PerParam(names, top),
+            # a 0-d tensor as every measurement; float64's range (beyond float32's) counts as float32's: unbounded
+            keys.ACT_FORMAT_MAX: torch.full((), min(format_max, FLOAT32_MAX), device=top.device),
         }
 
     def measure(self, ctx: StepContext) -> Measurements:
