@@ -12,27 +12,16 @@ import json
 import math
 from pathlib import Path
 
+from _seen import run_seeing  # this folder: run as a script
+
 from keel._core import keys
 from keel.detect import activation_growth
-from keel.harness.scenarios import create_scenario
 
 RUNS = [(name, seed) for name in ("fp16_overflow", "fp16_healthy") for seed in (0, 1, 2)]
 
 
 def record(name: str, seed: int) -> dict[str, object]:
-    seen: list[tuple[int, float]] = []
-    update = activation_growth.ActivationGrowthDetector.update
-
-    def spy(self, obs):  # what the default detector reads, step by step
-        if keys.ACT_MAX_ABS in obs.values:
-            seen.append((obs.step, obs.values[keys.ACT_MAX_ABS]))
-        return update(self, obs)
-
-    activation_growth.ActivationGrowthDetector.update = spy  # type: ignore[method-assign]
-    try:
-        result = create_scenario(name).run(seed=seed)
-    finally:
-        activation_growth.ActivationGrowthDetector.update = update  # type: ignore[method-assign]
+    result, seen = run_seeing(activation_growth.ActivationGrowthDetector, keys.ACT_MAX_ABS, name, seed)
     first_bad = next((i for i, v in enumerate(result.losses) if not math.isfinite(v)), None)
     return {
         "steps": [s for s, _ in seen],

@@ -11,27 +11,16 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from _seen import run_seeing  # this folder: run as a script
+
 from keel._core import keys
 from keel.detect import qat_oscillation
-from keel.harness.scenarios import create_scenario
 
 RUNS = [(name, seed) for name in ("qat_oscillation", "qat_healthy") for seed in (0, 1, 2)]
 
 
 def record(name: str, seed: int) -> dict[str, object]:
-    seen: list[tuple[int, float]] = []
-    update = qat_oscillation.QatOscillationDetector.update
-
-    def spy(self, obs):  # what the default detector reads, step by step
-        if keys.QAT_OSCILLATION in obs.values:
-            seen.append((obs.step, obs.values[keys.QAT_OSCILLATION]))
-        return update(self, obs)
-
-    qat_oscillation.QatOscillationDetector.update = spy  # type: ignore[method-assign]
-    try:
-        result = create_scenario(name).run(seed=seed)
-    finally:
-        qat_oscillation.QatOscillationDetector.update = update  # type: ignore[method-assign]
+    result, seen = run_seeing(qat_oscillation.QatOscillationDetector, keys.QAT_OSCILLATION, name, seed)
     return {
         "steps": [s for s, _ in seen],
         "share": [float(f"{v:.6g}") for _, v in seen],
