@@ -41,7 +41,7 @@ from keel._core.validate import check_types
 from keel.detect._drift import Drift, project
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
-from keel.detect._moe import worst_router
+from keel.detect._worst_member import worst_member
 from keel.detect.detector import DETECTORS
 
 FP16_MAX = 65504.0  # torch.finfo(torch.float16).max; detect/ reads observations and imports no torch
@@ -183,9 +183,9 @@ class ActivationGrowthDetector:
         # the tensor with the least headroom (``act/<block>``, ``grad/<param>``, ...), or the block with the largest
         # |output|, when the step stored the family
         block = (
-            worst_router(obs, keys.NUMERICS_HEADROOM_PER_NAME, worst=min)
+            worst_member(obs, keys.NUMERICS_HEADROOM_PER_NAME, worst=min)
             if measured
-            else worst_router(obs, keys.ACT_MAX_ABS_PER_BLOCK)
+            else worst_member(obs, keys.ACT_MAX_ABS_PER_BLOCK)
         )
         top = obs.values.get(keys.ACT_MAX_ABS)
         evidence: dict[str, Any] = {

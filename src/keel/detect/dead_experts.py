@@ -35,7 +35,7 @@ from keel._core.observation import Observation
 from keel._core.validate import check_types, require_ints
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
-from keel.detect._moe import worst_router
+from keel.detect._worst_member import worst_member
 from keel.detect.detector import DETECTORS
 from keel.detect.trend import TrendWindow
 
@@ -121,7 +121,7 @@ class DeadExpertsDetector:
             "dying_per_step": round(slope, 5) if math.isfinite(slope) else None,
             "onset_step": self._episode.onset_or(obs.step),
         }
-        router = worst_router(obs, keys.MOE_DEAD_EXPERTS_PER_LAYER)
+        router = worst_member(obs, keys.MOE_DEAD_EXPERTS_PER_LAYER)
         if router is not None:
             evidence["router"] = router
         where = f" (most in {router})" if router is not None else ""

@@ -55,7 +55,7 @@ from keel._core.validate import check_types, require_ints, require_positive
 from keel.detect._drift import project
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
-from keel.detect._moe import worst_router
+from keel.detect._worst_member import worst_member
 from keel.detect.detector import DETECTORS
 from keel.detect.trend import TrendWindow
 
@@ -201,7 +201,7 @@ class LoadCollapseDetector:
             evidence["gate_entropy"] = round(gate, 4)
         if slope > 0 and share < cfg.critical_share:
             project(evidence, obs.step, (cfg.critical_share - share) / slope)
-        router = worst_router(obs, keys.MOE_LOAD_IMBALANCE_PER_LAYER)
+        router = worst_member(obs, keys.MOE_LOAD_IMBALANCE_PER_LAYER)
         if router is not None:
             evidence["router"] = router
         where = f"{router}: " if router is not None else ""

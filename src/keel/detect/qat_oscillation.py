@@ -36,7 +36,7 @@ from keel._core.observation import Observation
 from keel._core.validate import check_types, require_ints
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
-from keel.detect._moe import worst_router
+from keel.detect._worst_member import worst_member
 from keel.detect.detector import DETECTORS
 from keel.detect.scan import ReadsOneSignal
 
@@ -101,7 +101,7 @@ class QatOscillationDetector(ReadsOneSignal):
         if self._episode.escalate(critical=False, warning=self._episode.run >= cfg.patience) is None:
             return []
         evidence: dict[str, Any] = {"share": round(x, 4), "level": cfg.level, "onset_step": self._episode.onset}
-        layer = worst_router(obs, keys.QAT_OSCILLATION_PER_LAYER)
+        layer = worst_member(obs, keys.QAT_OSCILLATION_PER_LAYER)
         if layer is not None:
             evidence["layer"] = layer
         text = (

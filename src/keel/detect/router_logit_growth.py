@@ -28,7 +28,7 @@ from dataclasses import replace
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
-from keel.detect._moe import worst_router
+from keel.detect._worst_member import worst_member
 from keel.detect.detector import DETECTORS
 from keel.detect.growth import GrowthConfig, GrowthDetector
 
@@ -72,7 +72,7 @@ class RouterLogitGrowthDetector(GrowthDetector):
         self._router: str | None = None  # the step's worst router, for the finding (not state: read afresh each step)
 
     def update(self, obs: Observation) -> list[Finding]:
-        self._router = worst_router(obs, keys.MOE_ROUTER_Z_PER_LAYER)
+        self._router = worst_member(obs, keys.MOE_ROUTER_Z_PER_LAYER)
         return super().update(obs)
 
     def _finding(self, step: int, severity: Severity, x: float, rate: float) -> Finding:
