@@ -95,11 +95,11 @@ def test_bad_config_is_refused_naming_the_field(fields, match):
         EpsDominanceConfig(**fields)
 
 
-def test_not_a_default_detector_because_its_probe_is_not_a_default_probe():
-    from keel.signals.registry import DEFAULT_PROBES
+def test_a_default_detector_whose_probe_is_opt_in_so_it_reads_nothing_by_default():
+    from keel.signals.registry import DEFAULT_PROBES, FULL_PROBES
 
-    assert "adam_eps" not in DEFAULT_PROBES
-    assert "eps_dominance" not in [d.name for d in default_detectors()]
+    assert "adam_eps" not in DEFAULT_PROBES and "adam_eps" in FULL_PROBES
+    assert "eps_dominance" in [d.name for d in default_detectors()]
 
 
 class _Rms:
