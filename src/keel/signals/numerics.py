@@ -162,9 +162,11 @@ def judged_format(x: Tensor, override: torch.dtype | None = None) -> torch.dtype
     if x.dtype in _LOW:
         return x.dtype
     device = x.device.type
-    if x.dtype == torch.float32 and torch.is_autocast_enabled(device):
-        return torch.get_autocast_dtype(device)
-    return x.dtype
+    try:
+        autocast = x.dtype == torch.float32 and torch.is_autocast_enabled(device)
+    except RuntimeError:  # a device without autocast (meta, some backends): the tensor's own dtype
+        return x.dtype
+    return torch.get_autocast_dtype(device) if autocast else x.dtype
 
 
 def _first_tensor(value: Any) -> Tensor | None:
