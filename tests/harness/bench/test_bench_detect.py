@@ -59,13 +59,19 @@ def test_probe_costs_report_every_probe_and_both_sharpness_settings():
         "activation_rms",
         "grad_weight_cos",
         "adam_eps",
+        "numerics",
         "transformer",
         "router (no MoE)",
         "moe bare",
         "moe foundation",
         "router",
+        "qat bare",
+        "qat foundation",
+        "weight_oscillation",
+        "cga",
     }
     assert costs["ratio_to_bare"]["moe bare"] == 1.0  # the router probe's baseline is the proxy with MoE blocks
+    assert costs["extra_ms_vs_foundation"]["qat foundation"] == 0.0  # the QAT probes' baseline is the QAT proxy
     assert costs["ratio_to_bare"]["bare"] == 1.0 and all(v > 0 for v in costs["cpu_ms_per_step"].values())
     assert set(costs["amortized_fraction_of_bare"]) == set(costs["default_every"])
     assert set(costs["sharpness"]) == set(bench.SHARPNESS_SETTINGS)

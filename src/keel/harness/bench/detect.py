@@ -281,6 +281,10 @@ def probe_costs(
     shared). Sharpness, which runs its own forward and Hessian-vector products, is timed per measurement.
     The router probe runs twice: on the dense proxy (no router: nothing hooked) and on the proxy with MoE blocks
     (``MoeConfig()``), measured there against the MoE proxy's own ``moe bare`` and ``moe foundation`` loops.
+    Quantization-aware training runs on the proxy with OFQ's 3-bit StatsQ grid on every linear but the head
+    (`keel.nn.fake_quantize`): ``qat bare`` against the dense ``bare`` loop is fake quantization's own cost; the
+    ``weight_oscillation`` probe and confidence-guided annealing (``cga``, its freeze and restore around each
+    ``optimizer.step()``) are measured against that model's ``qat bare`` and ``qat foundation``.
     """
     import statistics
 
@@ -289,6 +293,8 @@ def probe_costs(
 
     from keel.guard import Guard
     from keel.harness.bench.loop import train_steps
+    from keel.nn import fake_quantize
+    from keel.optim import ConfidenceGuidedAnnealing
     from keel.proxy import MoeConfig, ProxyBatches, create_proxy_model
     from keel.signals import StepContext, create_probe
     from keel.signals.sharpness import SharpnessProbe
@@ -317,11 +323,25 @@ def probe_costs(
     variants["router (no MoE)"] = base + [create_probe("router", every=1)]
     moe = {"moe bare": "moe bare", "moe foundation": "moe foundation", "router": "moe foundation"}
     variants.update({"moe bare": None, "moe foundation": base, "router": base + [create_probe("router", every=1)]})
+    # each QAT variant's (bare, foundation): qat bare against the dense loop is the cost of fake quantization itself
+    qat = {
+        "qat bare": ("bare", "qat bare"),
+        "qat foundation": ("qat bare", "qat foundation"),
+        "weight_oscillation": ("qat bare", "qat foundation"),
+        "cga": ("qat bare", "qat foundation"),
+    }
+    variants.update({"qat bare": None, "qat foundation": base, "cga": base})
+    variants["weight_oscillation"] = base + [create_probe("weight_oscillation")]
+    default_every.update({"weight_oscillation": 1, "cga": 1})  # both run on every step
     loops = {}
     for name, probes in variants.items():
         torch.manual_seed(0)
-        model = create_proxy_model(size, **({"moe": MoeConfig()} if name in moe else {}))
+        model: torch.nn.Module = create_proxy_model(size, **({"moe": MoeConfig()} if name in moe else {}))
+        if name in qat:
+            model = fake_quantize(model, "statsq", bits=3)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        if name == "cga":
+            ConfidenceGuidedAnnealing.for_model(model).attach(opt)
         data = [ProxyBatches(batch_size=16, seq_len=64, seed=0).next() for _ in range(4)]
         guard = Guard(model, opt, policy="observe", probes=probes) if probes is not None else None
         loops[name] = (model, opt, data, guard)
@@ -344,8 +364,8 @@ def probe_costs(
     for _, _, _, guard in loops.values():
         if guard is not None:
             guard.close()
-    bare = {n: "moe bare" if n in moe else "bare" for n in names}
-    foundation = {n: moe.get(n, "foundation") for n in names}
+    bare = {n: "moe bare" if n in moe else qat[n][0] if n in qat else "bare" for n in names}
+    foundation = {n: moe.get(n) or (qat[n][1] if n in qat else "foundation") for n in names}
     ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
     ratio = {n: statistics.median(a / b for a, b in zip(times[n], times[bare[n]], strict=True)) for n in names}
     extra = {
