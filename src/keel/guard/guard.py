@@ -550,7 +550,9 @@ class Guard(DeferredSteps):
         if self.scaler is not None and self.scaler.is_enabled() and self.scaler._scale is not None:
             measured[keys.AMP_SCALE] = self.scaler._scale  # a tensor: read in the same copy, no extra sync
             # unscale_ left its found-inf flags on the device: an overflow read in the same copy, no extra sync
-            found_inf = self.scaler._per_optimizer_states[id(self.optimizer)].get("found_inf_per_device")
+            # (read defensively: a scaler that only looks like torch's may keep no per-optimizer states)
+            states = getattr(self.scaler, "_per_optimizer_states", {})
+            found_inf = states.get(id(self.optimizer), {}).get("found_inf_per_device")
             if found_inf:
                 flags = [f.to(self.scaler._scale.device) for f in found_inf.values()]
                 measured[keys.AMP_OVERFLOW] = (torch.stack(flags).sum() > 0).float()
