@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from keel.nn._moe import split_output
+from keel.losses._router_layout import split_router_output
 
 SCHEDULES = ("exp", "linear")
 # fairseq/dataclass/configs.py defaults in the official code.
@@ -127,7 +127,7 @@ class DenseToSparseHook:
         self.schedule = schedule
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:
-        logits, weights, _ = split_output(output)
+        logits, weights, _ = split_router_output(output)
         new_weights, chosen = dense_to_sparse_route(logits, self.schedule, training=module.training)
         if weights is not None and weights.is_floating_point():
             new_weights = new_weights.to(weights.dtype)

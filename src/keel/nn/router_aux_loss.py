@@ -15,8 +15,8 @@ from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 from keel._core import KeelWarning
+from keel.losses._router_layout import split_router_output
 from keel.losses.router import load_balancing_loss, router_z_loss
-from keel.nn._moe import split_output
 
 AUX_KINDS = ("router_z_loss", "load_balancing")
 
@@ -87,7 +87,7 @@ class RouterAuxLossHook:
 
     def unscaled(self, output: Any) -> Tensor:
         """The unscaled aux loss of one router output (with its graph)."""
-        logits, _, chosen = split_output(output)
+        logits, _, chosen = split_router_output(output)
         if self.kind == "router_z_loss":
             return router_z_loss(logits, coefficient=1.0)
         if chosen is None:

@@ -64,6 +64,7 @@ from torch import Tensor, nn
 from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
+from keel.losses._router_layout import declared_top_k, parent_module, routers_by_layout, split_router_output
 from keel.signals._hooks import compiling, hooks_active, named_modules_by_name
 from keel.signals.attn_logits import due
 from keel.signals.logit_stats import log_partition
@@ -88,10 +89,6 @@ def _warn_unknown_top_k(sites: list[RouterSite]) -> None:
             NoRouterTopKWarning,
             stacklevel=3,
         )
-
-
-_ROUTER_NAMES = ("gate", "router")
-_TOP_K_ATTRS = ("top_k", "num_experts_per_tok", "k")
 
 
 @dataclass(kw_only=True)
@@ -136,25 +133,6 @@ class RouterSite:
     checked: bool = False
 
 
-def _attr_int(module: nn.Module | None, names: tuple[str, ...]) -> int | None:
-    for name in names:
-        value = getattr(module, name, None)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
-            return value
-    return None
-
-
-def _is_router(module: nn.Module, parent: nn.Module | None) -> bool:
-    weight = getattr(module, "weight", None)
-    return (
-        isinstance(weight, Tensor)
-        and weight.dim() == 2
-        and weight.shape[0] >= 2  # E experts; a (1, d) gate (Qwen2-MoE's shared_expert_gate) scales, it routes nothing
-        and parent is not None
-        and isinstance(getattr(parent, "experts", None), nn.Module)
-    )
-
-
 def find_routers(model: nn.Module, names: list[str] | None = None, top_k: int | None = None) -> list[RouterSite]:
     """The routers of ``model``: the named modules, or those found by layout, in registration order.
 
@@ -163,33 +141,12 @@ def find_routers(model: nn.Module, names: list[str] | None = None, top_k: int | 
         []
     """
     table = dict(model.named_modules())
-
-    def parent_of(name: str) -> nn.Module | None:
-        return table.get(name.rsplit(".", 1)[0] if "." in name else "") if name else None
-
-    if names is not None:
-        found = named_modules_by_name(model, names)
-    else:
-        found = [
-            (n, m) for n, m in table.items() if n.rsplit(".", 1)[-1] in _ROUTER_NAMES and _is_router(m, parent_of(n))
-        ]
+    found = named_modules_by_name(model, names) if names is not None else routers_by_layout(model)
     sites = []
     for name, module in found:
-        block = parent_of(name)
-        k = top_k or _attr_int(module, _TOP_K_ATTRS) or _attr_int(block, _TOP_K_ATTRS)
-        sites.append(RouterSite(name=name, module=module, block=block, top_k=k))
+        block = parent_module(table, name)
+        sites.append(RouterSite(name=name, module=module, block=block, top_k=top_k or declared_top_k(module, block)))
     return sites
-
-
-def _split(output: Any) -> tuple[Tensor, Tensor | None]:
-    """(logits, chosen experts or None) from a router's output."""
-    if isinstance(output, Tensor):
-        return output, None
-    if isinstance(output, tuple | list) and output and isinstance(output[0], Tensor):
-        third = output[2] if len(output) > 2 else None
-        chosen = third if isinstance(third, Tensor) and not third.is_floating_point() else None
-        return output[0], chosen
-    raise TypeError(f"router output {type(output).__name__}; allowed: logits, or a tuple whose first item is them")
 
 
 def router_sums(
@@ -327,7 +284,7 @@ class RouterProbe:
         if not (self._armed and module.training and hooks_active()):
             return
         try:  # a hook runs inside the user's forward: never break it; `read` reports the error
-            logits, chosen = _split(output)
+            logits, _, chosen = split_router_output(output)
             if not site.checked and site.sample is None and not compiling():
                 site.sample = logits.detach().reshape(-1, logits.shape[-1])[:8].float().clone()
             capacity = getattr(module, "capacity_factor", None)
