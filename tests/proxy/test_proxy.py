@@ -28,7 +28,8 @@ def test_every_size_builds_and_runs(size):
 
 
 def test_sizes_grow():
-    counts = [create_proxy_model(s).num_params() for s in list_proxy_sizes()]
+    with torch.device("meta"):  # shapes only: the gpt2 size's 85M parameters need not be allocated
+        counts = [create_proxy_model(s).num_params() for s in list_proxy_sizes()]
     assert counts == sorted(counts) and len(set(counts)) == len(counts)
 
 
