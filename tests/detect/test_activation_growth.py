@@ -243,3 +243,55 @@ def test_the_format_the_probe_reports_is_the_limit_so_a_float32_run_never_warns(
     assert [(f.step, f.severity) for f in assumed] == [(53, "warning"), (88, "critical")]
     assert assumed[0].evidence["format_assumed"] is True
     assert run(3.4028234663852886e38, format_max=65504.0)[0].step == 53  # the config wins: "how would fp16 fare"
+
+
+def _numerics(step, members):
+    """A recorded numerics-probe step: the headline (min over every member, as the probe writes it) and the family."""
+    names, values = tuple(members), [float(v) for v in members.values()]
+    return Observation(
+        step=step,
+        values={keys.NUMERICS_HEADROOM: min(values)},
+        per_param={keys.NUMERICS_HEADROOM_PER_NAME: (names, values)},
+    )
+
+
+def _falling(n=100, start=8.0, rate=0.1):
+    """Headroom in doublings: flat at ``start`` for 20 steps, then falling by ``rate`` a step towards and past 0."""
+    return [start] * 20 + [start - rate * k for k in range(1, n)]
+
+
+def test_a_scaled_gradient_near_the_max_is_not_an_activation_alarm():
+    # NumericsProbe(scaler=) judges gradients at the GradScaler's scale: they sit near fp16's max by design, and the
+    # scale grows until it overflows. Only the gradient member falls; the activations keep 12 doublings.
+    obs = [
+        _numerics(s, {"act/blocks.0": 12.0, "logits/head": 14.0, "grad/head.weight": h})
+        for s, h in enumerate(_falling())
+    ]
+    assert _run(ActivationGrowthDetector(), obs) == []
+
+
+def test_an_activation_member_near_the_max_warns_and_is_named_beside_a_worse_gradient():
+    # the same fall in an activation member warns, and names it even where a scaled gradient has less headroom
+    obs = [
+        _numerics(s, {"act/blocks.0": h, "logits/head": 14.0, "grad/head.weight": h - 1.0})
+        for s, h in enumerate(_falling())
+    ]
+    found = _run(ActivationGrowthDetector(), obs)
+    assert [f.severity for f in found] == ["warning", "critical"]
+    assert {f.evidence["block"] for f in found} == {"act/blocks.0"}
+    assert found[0].evidence["headroom_doublings"] <= 6.0 and found[0].value == found[0].evidence["headroom_doublings"]
+
+
+def test_a_logits_member_counts_as_an_activation():
+    obs = [_numerics(s, {"act/blocks.0": 12.0, "logits/head": h}) for s, h in enumerate(_falling())]
+    found = _run(ActivationGrowthDetector(), obs)
+    assert [f.severity for f in found] == ["warning", "critical"] and found[0].evidence["block"] == "logits/head"
+
+
+def test_a_recorded_step_without_the_family_does_not_mix_the_gradient_headline_in():
+    # stored logs keep the family on log_every steps only; the headline of the other steps includes the gradients
+    obs = []
+    for s, h in enumerate(_falling()):
+        step = _numerics(s, {"act/blocks.0": 12.0, "grad/head.weight": h})
+        obs.append(step if s % 10 == 0 else Observation(step=s, values=dict(step.values)))
+    assert _run(ActivationGrowthDetector(), obs) == []

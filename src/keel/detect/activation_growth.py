@@ -1,7 +1,10 @@
 """Activation-growth detector: block outputs rising towards the largest value of the precision, before they overflow.
 
-Reads the headroom left before overflow, in doublings: ``numerics/headroom`` (`keel.signals.numerics`: log2 of the
-dtype's max over the largest |x|, measured in the dtype each tensor really has) when a step logs it, else the
+Reads the headroom left before overflow, in doublings: the least of the activation members of
+``numerics/headroom/<kind>/<name>`` (`keel.signals.numerics`: log2 of the dtype's max over the largest |x|, measured in
+the dtype each tensor really has; kinds ``act``, ``logits`` and ``fp8_in``, never ``grad``: with
+``NumericsProbe(scaler=)`` scaled gradients sit near fp16's max by design) when a step logs the family — the headline
+``numerics/headroom`` only from a log that never stores the family, since it is the least over gradients too — else the
 activation probe's ``act/max_abs`` (`keel.signals.activation_rms`: the largest |block output|, until the numerics
 probe's first measurement, from which the series is the numerics headroom alone) against ``format_max`` when set,
 else the probe's ``act/format_max`` (the format the outputs are held in: fp16 under fp16 autocast, 3.4e38 for a
@@ -46,6 +49,8 @@ from keel.detect.detector import DETECTORS
 
 FP16_MAX = 65504.0  # torch.finfo(torch.float16).max; detect/ reads observations and imports no torch
 SOURCES = (keys.NUMERICS_HEADROOM, keys.ACT_MAX_ABS)
+# numerics-probe members that are activations (`NumericsProbe` names them ``<kind>/<name>``); ``grad/`` is not one
+ACTIVATION_KINDS = ("act/", "logits/", "fp8_in/")
 NOISE_FLOOR = 1e-3  # doublings: a series exactly constant has no noise to compare its slope with
 
 
@@ -125,6 +130,7 @@ class ActivationGrowthDetector:
         self._episode = Episode()
         # the key the headroom is read from: one series never mixes the two, and numerics/headroom, once logged, wins
         self._source: str | None = None
+        self._family = False  # numerics/headroom/ has been seen: a step without it is not read (its headline has grads)
 
     def _headroom(self, obs: Observation) -> float | None:
         """This step's headroom in doublings, from the run's source; None when the step logs neither key (or only
@@ -135,7 +141,14 @@ class ActivationGrowthDetector:
                 self._source = keys.NUMERICS_HEADROOM
                 self._trend = Drift(points=1, window=self.config.window)
                 self._episode.close()
-            return measured
+            members = _activation_members(obs)
+            if members is None:  # a step without the family: its headline is usable only from a log that never has it
+                return None if self._family else measured
+            self._family = True
+            if not members:
+                return None  # the probe watches no activation (``activations=False, logits=False``): nothing to judge
+            finite = [v for v, _ in members if not math.isnan(v)]
+            return min(finite) if finite else math.nan
         top = obs.values.get(keys.ACT_MAX_ABS)
         if top is None or self._source == keys.NUMERICS_HEADROOM:
             return None
@@ -180,13 +193,9 @@ class ActivationGrowthDetector:
     def _finding(self, obs: Observation, severity: Severity, h: float, rate: float, ahead: float) -> Finding:
         cfg = self.config
         measured = self._source == keys.NUMERICS_HEADROOM
-        # the tensor with the least headroom (``act/<block>``, ``grad/<param>``, ...), or the block with the largest
+        # the activation with the least headroom (``act/<block>``, ``logits/<head>``...), or the block with the largest
         # |output|, when the step stored the family
-        block = (
-            worst_member(obs, keys.NUMERICS_HEADROOM_PER_NAME, worst=min)
-            if measured
-            else worst_member(obs, keys.ACT_MAX_ABS_PER_BLOCK)
-        )
+        block = _least_activation(obs) if measured else worst_member(obs, keys.ACT_MAX_ABS_PER_BLOCK)
         top = obs.values.get(keys.ACT_MAX_ABS)
         evidence: dict[str, Any] = {
             "headroom_doublings": round(h, 4),
@@ -233,6 +242,7 @@ class ActivationGrowthDetector:
             "trend": self._trend.state_dict(),
             **self._episode.state_dict(),
             "source": self._source,
+            "family": self._family,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -243,3 +253,20 @@ class ActivationGrowthDetector:
         if source not in (None, *SOURCES):
             raise ValueError(f"ActivationGrowthDetector state source={source!r}; allowed: None, {', '.join(SOURCES)}")
         self._source = source
+        self._family = bool(state.get("family", False))  # a state from before the family was read: not seen yet
+
+
+def _activation_members(obs: Observation) -> list[tuple[float, str]] | None:
+    """The (headroom, name) of this step's activation members of ``numerics/headroom/`` (`ACTIVATION_KINDS`); None
+    when the step does not have the family."""
+    family = obs.per_param.get(keys.NUMERICS_HEADROOM_PER_NAME)
+    if family is None:
+        return None
+    names, values = family
+    return [(float(v), n) for n, v in zip(names, values, strict=False) if n.startswith(ACTIVATION_KINDS)]
+
+
+def _least_activation(obs: Observation) -> str | None:
+    """The activation member with the least finite headroom this step, or None without one."""
+    finite = [(v, n) for v, n in _activation_members(obs) or () if math.isfinite(v)]
+    return min(finite)[1] if finite else None
