@@ -58,3 +58,50 @@ def test_evidence_names_the_fastest_groups_lr():
     found = det.update(Observation(step=5, values={"curvature/margin": 10.0, "lr": 0.0, "lr/1": 0.1}))
     assert [f.severity for f in found] == ["critical"]
     assert found[0].evidence["lr"] == 0.1 and found[0].evidence["stable_lr"] == pytest.approx(0.01)
+
+
+# The zoo's lr_spike, seed 1 (`keel bench detect --only lr_spike --seed 1`): the margins its sharpness probe measured
+# (AdamW, every 50 steps and at the LR jump) and the largest LR of each step. At step 150 the LR is 30× the schedule:
+# the margin is 1.85 — beyond the edge, 9.7× the smallest positive recent one — and the loss jumps only after this
+# step's update (2.45 at step 150, 3.52 at 151), so the run crossed the edge before it diverged.
+LR_SPIKE_SEED_1 = [
+    (2, 698.329, 0.00045),  # Adam's first steps: v̂ from a handful of gradients
+    (6, -78.886, 0.00105),  # power iteration found a negative eigenvalue of larger magnitude
+    (14, 0.326, 0.00225),
+    (50, 0.207, 0.0028529),
+    (100, 0.191, 0.0020672),
+    (150, 1.849, 0.0311134),  # the LR jump, measured before its first update
+]
+
+
+def test_an_lr_spike_from_deep_inside_the_stable_region_to_beyond_the_edge_warns():
+    det = EdgeOfStabilityDetector()
+    found = [f for s, m, lr in LR_SPIKE_SEED_1 for f in det.update(obs(s, m, lr=lr))]
+    assert [(f.step, f.severity) for f in found] == [(150, "warning")]
+    assert found[0].evidence["typical_margin"] == 0.191
+
+
+def test_a_negative_margin_is_not_the_typical_one_a_rise_is_judged_against():
+    # a margin creeping up to 2.1 from 1.5 is progressive sharpening, also when one noisy measurement was negative
+    det = EdgeOfStabilityDetector()
+    margins = [1.5, 1.8, -0.5, 2.1]
+    assert [f for i, m in enumerate(margins) for f in det.update(obs(50 * i, m))] == []
+
+
+def test_a_margin_short_of_the_edge_never_warns_however_sudden():
+    det = EdgeOfStabilityDetector()
+    assert [f for i, m in enumerate([0.05, 0.04, 0.9]) for f in det.update(obs(50 * i, m))] == []
+
+
+def test_a_leap_below_the_jump_is_refused_with_its_allowed_values():
+    with pytest.raises(ValueError, match=r"leap=2.0; allowed: a finite number >= jump \(3.0\)"):
+        EdgeOfStabilityConfig(leap=2.0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_the_zoo_lr_spike_is_named_edge_of_stability_at_the_jump(seed):
+    from keel.harness.bench.detect import score_scenario  # noqa: PLC0415  (the harness, only for this slow run)
+
+    score = score_scenario("lr_spike", seed=seed)
+    assert score.passed and (score.kind, score.step) == ("edge_of_stability", 150), score

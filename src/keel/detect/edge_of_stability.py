@@ -5,10 +5,15 @@ analogue for Adam; the probe re-measures whenever the LR has doubled). A margin 
 of stability where full-batch training self-stabilises (Cohen et al. 2021; Lu et al., "benign
 oscillation"); the alarm is a margin well above it — ``warn_margin`` (default 2: the top direction grows
 by |1 − ηλ| ≥ 3× per step in the quadratic model) — that is also a sudden rise, ``jump``× the smallest of
-the last ``history`` measured margins. The second condition keeps the first steps of Adam silent: with
+the last ``history`` positive measured margins. The second condition keeps the first steps of Adam silent: with
 v̂ averaged over a handful of gradients the preconditioned sharpness is huge, and falls as v̂ fills in, which
 is no instability; and it keeps a margin that creeps up to the edge (progressive sharpening, which
-self-stabilises there) from alarming. Only measured margins are judged: the probe measures on
+self-stabilises there) from alarming. A margin between 1 and ``warn_margin`` warns too when it is ``leap``× (default
+5) that smallest one: a jump from deep inside the stable region to beyond the edge in one measurement is an LR spike
+caught at its first step (the zoo's ``lr_spike``, seed 1: 0.19 → 1.85 while the LR went ×30), which neither the edge's
+hovering nor progressive sharpening does. A negative margin (power iteration landed on a negative eigenvalue of larger
+magnitude) says nothing of the positive edge and is never the typical one: as the smallest, any positive margin was
+"sudden" against it. Only measured margins are judged: the probe measures on
 its schedule and again in the very step the LR has doubled since its last measurement, so an LR jump is
 judged before its first update is applied. (Carrying a margin forward in proportion to the LR would
 false-alarm during warm-up, where sharpness adapts to the growing LR.)
@@ -43,19 +48,25 @@ class EdgeOfStabilityConfig:
     Attributes:
         warn_margin: Margin at or above which the LR is beyond the edge (a warning).
         critical_margin: Margin that is critical.
-        jump: The margin must also be this many times the smallest recent measured margin.
+        jump: The margin must also be this many times the smallest positive recent measured margin.
+        leap: A margin >= 1 but below ``warn_margin`` warns when it is this many times that smallest margin.
         history: Measured margins remembered for that.
     """
 
     warn_margin: float = 2.0
     critical_margin: float = 8.0
     jump: float = 3.0
+    leap: float = 5.0
     history: int = 5
 
     def __post_init__(self) -> None:
         check_types(self)
         if not (self.jump >= 1 and math.isfinite(self.jump)):
             raise ValueError(f"EdgeOfStabilityConfig.jump={self.jump!r}; allowed: a finite number >= 1")
+        if not (self.leap >= self.jump and math.isfinite(self.leap)):
+            raise ValueError(
+                f"EdgeOfStabilityConfig.leap={self.leap!r}; allowed: a finite number >= jump ({self.jump})"
+            )
         if not isinstance(self.history, int) or self.history < 1:
             raise ValueError(f"EdgeOfStabilityConfig.history={self.history!r}; allowed: an int >= 1")
         if not (1 <= self.warn_margin <= self.critical_margin and math.isfinite(self.critical_margin)):
@@ -99,10 +110,12 @@ class EdgeOfStabilityDetector:
         # the probe's margin is that of the fastest parameter group; "lr/<i>" holds the groups that differ from 0
         lrs = [v for k, v in obs.values.items() if k == keys.LR or k.startswith(f"{keys.LR}/")]
         lr = max(lrs) if lrs else math.nan
-        typical = min(self._recent) if self._recent else math.nan
+        typical = min((m for m in self._recent if m > 0), default=math.nan)
         self._recent.append(margin)
-        sudden = math.isfinite(typical) and margin >= cfg.jump * typical
-        if margin < cfg.warn_margin or not (sudden or self._episode.reported is not None):
+        rise = margin / typical if math.isfinite(typical) else math.nan
+        beyond = margin >= cfg.warn_margin and (rise >= cfg.jump or self._episode.reported is not None)
+        leapt = margin >= 1 and rise >= cfg.leap  # from deep inside the stable region to past the edge at once
+        if not (beyond or leapt):
             if margin < 1:  # back inside the stability limit
                 self._episode.close()
             return []
