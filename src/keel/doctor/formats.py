@@ -12,6 +12,8 @@ from keel.doctor.csv_log import read_csv_log
 from keel.doctor.hf_log import STATE_NAME, find_trainer_state, read_trainer_state
 from keel.doctor.jsonl_log import read_jsonl_log
 from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.step_lines_log import FORMAT as STEP_LINES
+from keel.doctor.step_lines_log import looks_like_step_lines, read_step_lines_log
 from keel.doctor.store_log import SQLITE_MAGIC, is_sqlite, read_store_log
 from keel.doctor.tensorboard_log import EVENT_GLOB, is_event_file, read_tensorboard_log
 from keel.store import STORE_NAME, find_runs
@@ -22,6 +24,7 @@ READERS: dict[str, Callable[[Path], RawLog]] = {
     "tensorboard": read_tensorboard_log,
     "hf_trainer_state": read_trainer_state,
     "keel_store": read_store_log,
+    STEP_LINES: read_step_lines_log,
 }
 FORMATS: tuple[str, ...] = tuple(READERS)
 
@@ -104,11 +107,13 @@ def detect_format(path: Path) -> str:
     if stripped.startswith("["):
         return "jsonl"
     first = stripped.partition("\n")[0]
+    if looks_like_step_lines(first):  # before CSV: build-nanogpt may separate its three fields by tabs
+        return STEP_LINES
     if any(sep in first for sep in (",", "\t", ";")):
         return "csv"
     raise LogReadError(
         f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, "
-        f"{STATE_NAME}, TensorBoard event files, keel run stores"
+        f"{STATE_NAME}, TensorBoard event files, keel run stores, build-nanogpt/llm.c step lines"
     )
 
 

@@ -1,0 +1,79 @@
+"""karpathy-style text logs: one metric per line, as build-nanogpt's ``log.txt`` and llm.c's ``main.log`` write.
+
+build-nanogpt: ``STEP NAME VALUE`` (``0 val 5.5036``, ``0 train 5.502185``, ``250 hella 0.2871``). llm.c:
+``s:STEP NAME:VALUE ...`` (``s:0 trl:11.0100``, ``s:0 tel:11.0098``). ``train``/``trl`` is the training loss,
+``val``/``tel`` the validation loss; any other name keeps its own. Lines of one step that follow each other
+make one record (build-nanogpt writes ``val``, ``hella`` and ``train`` of a step in turn), so a step number
+that comes back later is a restart, as in every other log. A line that fits neither shape is one error that
+names it: guessing at a free-text log would turn prose into a series.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from keel.doctor._text import read_text
+from keel.doctor.jsonl_log import records_from_objects
+from keel.doctor.log import LogReadError, RawLog
+
+FORMAT = "karpathy_text"
+# the names both programs use for their losses -> the column names `keel.doctor.columns` maps to keel keys
+RENAMED = {"train": "train_loss", "trl": "train_loss", "val": "val_loss", "tel": "val_loss"}
+_NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf|infinity)"
+_NANOGPT = re.compile(rf"(\d+)[ \t]+([A-Za-z_][\w/.-]*)[ \t]+({_NUMBER})", re.IGNORECASE)
+_LLMC = re.compile(r"s:(\d+)((?:[ \t]+[A-Za-z_][\w/.-]*:\S+)+)")
+_LLMC_PAIR = re.compile(rf"([A-Za-z_][\w/.-]*):({_NUMBER})", re.IGNORECASE)
+
+
+def looks_like_step_lines(first_line: str) -> bool:
+    """Whether a file's first non-empty line is a build-nanogpt or llm.c metric line."""
+    line = first_line.strip()
+    return bool(_NANOGPT.fullmatch(line) or _LLMC.fullmatch(line))
+
+
+def read_step_lines_log(path: str | Path) -> RawLog:
+    """Read a build-nanogpt ``log.txt`` or an llm.c ``main.log``.
+
+    Raises:
+        LogReadError: A line that is neither ``STEP NAME VALUE`` nor ``s:STEP NAME:VALUE ...`` (named by its
+            number), or no line at all.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "log.txt"
+        >>> _ = p.write_text("0 val 5.50\\n0 train 5.49\\n1 train 5.31\\n")
+        >>> list(read_step_lines_log(p).records)
+        [(0, {'val_loss': 5.5, 'train_loss': 5.49}), (1, {'train_loss': 5.31})]
+    """
+    path = Path(path)
+    entries: list[dict[str, float | str]] = []
+    for number, raw in enumerate(read_text(path).splitlines(), start=1):
+        line = raw.strip()
+        if not line:
+            continue
+        step, pairs = _parse(line)
+        if pairs is None:
+            shown = line if len(line) <= 60 else line[:57] + "..."
+            raise LogReadError(
+                f"{path}: line {number} ({shown!r}) is neither 'STEP NAME VALUE' (build-nanogpt) nor "
+                "'s:STEP NAME:VALUE' (llm.c)"
+            )
+        values = {RENAMED.get(name, name): value for name, value in pairs}
+        if entries and entries[-1]["step"] == step and not values.keys() & entries[-1].keys():
+            entries[-1].update(values)
+        else:
+            entries.append({"step": step, **values})
+    if not entries:
+        raise LogReadError(f"{path}: no metric lines")
+    return records_from_objects(path, entries, fmt=FORMAT)
+
+
+def _parse(line: str) -> tuple[int, list[tuple[str, str]] | None]:
+    if m := _NANOGPT.fullmatch(line):
+        return int(m.group(1)), [(m.group(2), m.group(3))]
+    if m := _LLMC.fullmatch(line):
+        pairs = [_LLMC_PAIR.fullmatch(token) for token in m.group(2).split()]
+        if all(pairs):
+            return int(m.group(1)), [(p.group(1), p.group(2)) for p in pairs if p]
+    return -1, None
