@@ -152,10 +152,11 @@ class Actuator:
                 reason=f"{decision.reason}; no snapshot from before step {decision.onset} to roll back to",
             )
         actions = ", ".join(result.actions) or "none needed"
+        passed = f" ({'; '.join(result.passed_over)})" if result.passed_over else ""  # newer ones it could not use
         return replace(
             decision,
             restored_step=result.snapshot.step,
-            reason=f"rolled back to the snapshot of step {result.snapshot.step} (trouble began at step "
+            reason=f"rolled back to the snapshot of step {result.snapshot.step}{passed} (trouble began at step "
             f"{decision.onset}); steps {result.snapshot.step}–{decision.step} are not replayed; "
             f"actions: {actions}. Trigger: {decision.reason}",
         )

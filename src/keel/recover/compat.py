@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from torch import Tensor
 
+from keel.recover.fixed import placeholders
 from keel.recover.snapshot import Snapshot
 from keel.recover.state import TrainingState, classes_of, local_tensor
 
@@ -20,7 +21,7 @@ MAX_NAMES = 6  # parameter names listed in one difference
 
 def setup_differences(snap: Snapshot, state: TrainingState) -> list[str]:
     """How the setup the snapshot was taken with differs from ``state``'s; empty when it fits."""
-    differences = _model_differences(snap.tensors, state)
+    differences = _model_differences({**snap.tensors, **placeholders(snap.fixed)}, state)  # fixed: layout only
     saved = snap.plain.get("classes")
     now = classes_of(state)
     if isinstance(saved, dict):  # snapshots from before keel recorded the classes have none to compare

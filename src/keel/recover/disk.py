@@ -9,6 +9,9 @@ skipped with a warning. Loading reads only safetensors and JSON: nothing is unpi
 Each snapshot names the run that wrote it (``run_id`` in ``meta.json``). Retention deletes only what this run
 wrote, oldest write first — never another run's snapshots, whatever their step numbers — and a resume loads
 only the snapshots of the run it continues.
+
+The parameters a snapshot left out because training cannot change them (`keel.recover.fixed`) are not written
+either: ``meta.json`` lists them with a checksum of each, computed here, in the writer's thread, once per parameter.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from keel.recover.disk_format import (
     read_snapshot,
     snapshot_step,
 )
+from keel.recover.fixed import CHECKSUM, FixedTensor, checksum
 from keel.recover.snapshot import Snapshot
 
 SNAPSHOT_DIR = "snapshots"  # the disk tier's folder inside a run_dir (or a rank's folder of it)
@@ -70,6 +74,7 @@ class DiskSnapshots:
         self.found = 0  # snapshot folders the last load_newest considered (its own run's and others')
         self._thread: threading.Thread | None = None
         self._warned = False
+        self._checksums: dict[str, tuple[FixedTensor, str]] = {}  # key -> (the record it was computed for, CRC)
 
     def save_async(self, snap: Snapshot) -> bool:
         """Start writing ``snap`` unless a write is still running; returns whether it started."""
@@ -116,6 +121,7 @@ class DiskSnapshots:
                 "run_id": self.run_id,
                 "skeleton": encode(snap.skeleton, tensors, "/s"),
                 "plain": encode(snap.plain, tensors, "/p"),
+                "fixed": {"checksum": CHECKSUM, "tensors": self._fingerprint(snap.fixed)},
             }
             save_file(tensors, str(tmp / TENSORS))
             meta["sha256"] = file_sha256(tmp / TENSORS)
@@ -135,6 +141,28 @@ class DiskSnapshots:
             shutil.rmtree(old, ignore_errors=True)
         del self._own[: -self.keep]
         return final
+
+    def _fingerprint(self, fixed: dict[str, FixedTensor]) -> list[list[object]]:
+        """``[key, shape, dtype, checksum]`` of each fixed parameter. A checksum is computed once and again only
+        when the parameter's version counter or storage moved; the live tensor is read (fixed parameters do not
+        change under ``optimizer.step()``), and must not have moved since the snapshot was taken."""
+        rows: list[list[object]] = []
+        for key, record in fixed.items():
+            digest = record.checksum
+            if digest is None:
+                cached = self._checksums.get(key)
+                if cached is not None and record.tensor is not None and not cached[0].moved(record.tensor):
+                    digest = cached[1]
+                else:
+                    assert record.tensor is not None  # a record without a checksum is a live one
+                    digest = checksum(record.tensor)
+                    self._checksums[key] = (record, digest)
+                if record.moved(record.tensor):  # type: ignore[arg-type]
+                    raise RuntimeError(
+                        f"the fixed parameter {key.removeprefix('model/')} was written in place after the snapshot"
+                    )
+            rows.append([key, list(record.shape), record.dtype, digest])
+        return rows
 
     def drop_after(self, step: int) -> None:
         """Delete this run's snapshots newer than ``step`` (after a rollback to ``step`` they describe a timeline

@@ -3,12 +3,15 @@
 A snapshot folder holds ``tensors.safetensors`` (every tensor) and ``meta.json``::
 
     {"step": 120, "created": 1.7e9, "run_id": "<32 hex digits>", "skeleton": …, "plain": …,
+     "fixed": {"checksum": "crc32", "tensors": [["model/<name>", [4096, 4096], "bfloat16", "<8 hex digits>"], …]},
      "sha256": "<SHA-256 of the tensor file>", "meta_sha256": "<SHA-256 of the rest of meta.json>"}
 
 ``skeleton`` (the optimizer's ``state_dict`` with tensors replaced by their keys) and ``plain`` (scheduler, scaler,
 component, history, data and RNG states) are plain data in a tagged JSON form — ``{"__tensor__": key}`` for a
 tensor of the safetensors file, ``{"__tuple__": […]}``, ``{"__dict__": [[key, value], …]}`` and
 ``{"__ndarray__": […], "dtype": "uint32"}`` — so loading reads JSON and safetensors only and never unpickles.
+``fixed`` lists the parameters left out because training cannot change them (`keel.recover.fixed`); a snapshot
+written before keel left any out has no ``fixed`` and holds every parameter.
 
 `read_snapshot` verifies both checksums and the structure keel relies on (types, tensor references, the RNG
 states, the step) before anything is used; what fails is one `SnapshotInvalid` whose message says, in words,
@@ -32,6 +35,7 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from keel.recover.actions import HISTORY_KEY, LEGACY_HISTORY_KEY
+from keel.recover.fixed import CHECKSUM, FixedTensor
 from keel.recover.snapshot import Snapshot
 
 TENSORS, META = "tensors.safetensors", "meta.json"
@@ -104,7 +108,10 @@ def read_snapshot(folder: str | Path) -> Snapshot:
     _check_skeleton(skeleton, tensors)
     _check_plain(plain)
     _upgrade_history(plain)
-    snap = Snapshot(step=meta["step"], tensors=tensors, skeleton=skeleton, plain=plain, created=meta["created"])
+    fixed = _fixed(meta.get("fixed"), tensors)
+    snap = Snapshot(
+        step=meta["step"], tensors=tensors, skeleton=skeleton, plain=plain, created=meta["created"], fixed=fixed
+    )
     snap.ready.set()
     return snap
 
@@ -301,6 +308,40 @@ def _check_plain(plain: Any) -> None:
         if not isinstance(plain.get(key), allowed):
             raise SnapshotInvalid(f"meta.json: the {key} state is {_short(plain.get(key))}, not what keel writes")
     _check_rng(plain["rng"])
+
+
+def _fixed(value: Any, tensors: dict[str, Tensor]) -> dict[str, FixedTensor]:
+    """The fixed parameters a snapshot lists, checked; none when it lists none (written before keel left any out)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict) or value.get("checksum") != CHECKSUM or not isinstance(value.get("tensors"), list):
+        raise SnapshotInvalid(
+            f"meta.json: the fixed parameters are {_short(value)}; keel writes "
+            f'{{"checksum": "{CHECKSUM}", "tensors": [...]}}'
+        )
+    fixed: dict[str, FixedTensor] = {}
+    for row in value["tensors"]:
+        if not (
+            isinstance(row, list)
+            and len(row) == 4
+            and isinstance(row[0], str)
+            and row[0].startswith("model/")
+            and isinstance(row[1], list)
+            and all(_is_int(n) and 0 <= n <= MAX_STEP for n in row[1])
+            and isinstance(row[2], str)
+            and isinstance(getattr(torch, row[2], None), torch.dtype)
+            and isinstance(row[3], str)
+            and len(row[3]) == 8
+            and set(row[3]) <= _HEX
+        ):
+            raise SnapshotInvalid(
+                f"meta.json: the fixed parameter {_short(row)} is not [\"model/<name>\", [dims], dtype, "
+                "<8 hex digits>] as keel writes it"
+            )
+        if row[0] in tensors or row[0] in fixed:
+            raise SnapshotInvalid(f"meta.json lists {_short(row[0])} as fixed, and stored or listed once already")
+        fixed[row[0]] = FixedTensor(shape=tuple(row[1]), dtype=row[2], checksum=row[3])
+    return fixed
 
 
 def _upgrade_history(plain: dict[str, Any]) -> None:

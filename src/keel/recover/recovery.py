@@ -6,14 +6,16 @@ early warning is open (so a rollback lands close to where the trouble began), bu
 warning opens, the newest snapshot from before its onset is pinned (``keep_pinned``): the dense snapshots
 that follow, or hundreds of quiet steps before the warning turns critical, do not push it out. A rollback
 restores the newest snapshot from before the trouble's onset (the findings' ``onset_step`` evidence, less
-``rollback_margin``), reseeds the RNGs so the window is not replayed, and applies the actions.
+``rollback_margin``), reseeds the RNGs so the window is not replayed, and applies the actions. A snapshot that
+left out a parameter which may have changed since (`keel.recover.fixed`) is passed over, with the reason, for an
+older one.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +25,9 @@ from keel._core.validate import check_types, require_ints, require_positive
 from keel.recover.actions import HISTORY_KEY, ActionState, apply_actions, choose_actions, current_lr_scale
 from keel.recover.compat import describe_differences, setup_differences
 from keel.recover.disk import SNAPSHOT_DIR, DiskSnapshots
+from keel.recover.fixed import fixed_differences, stale_reason
 from keel.recover.snapshot import Snapshot, SnapshotRing
-from keel.recover.state import TrainingState, reseed, restore
+from keel.recover.state import TrainingState, model_tensors, reseed, restore, trained_keys
 
 
 @dataclass(kw_only=True)
@@ -55,6 +58,9 @@ class RecoveryConfig:
             reproduces) from a transient fault (it does not: the update is skipped, nothing rolled back or added to
             the skip list); `keel.recover.replay`. Needs ``Guard(attribution=...)`` (its ``loss_fn``) and ``batch=``.
         replay_rtol: Relative difference of loss and gradient norm within which a replay reproduces the step.
+        copy_fixed: Snapshots copy every parameter, also those the optimizer cannot change (a LoRA fine-tune's
+            frozen base), which by default are only recorded (`keel.recover.fixed`). For code that writes frozen
+            weights during training through ``p.data`` (peft's ``merge_adapter``), which a rollback cannot see.
     """
 
     snapshot_every: int = 25
@@ -73,6 +79,7 @@ class RecoveryConfig:
     rollback_window: int = 500
     replay: bool = False
     replay_rtol: float = 0.1
+    copy_fixed: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -110,13 +117,17 @@ class RecoveryConfig:
 
 
 class RecoveryExhausted(Exception):
-    """A rollback would need an action beyond its limit (`RecoveryConfig.min_lr_scale`): the run aborts instead."""
+    """A rollback would need an action beyond its limit (`RecoveryConfig.min_lr_scale`), or every snapshot it could
+    restore left out a parameter changed since (`keel.recover.fixed`): the run aborts instead."""
 
 
 @dataclass
 class RollbackResult:
+    """What a rollback restored, the actions it applied, and why newer snapshots were passed over (empty: none)."""
+
     snapshot: Snapshot
     actions: list[str]
+    passed_over: list[str] = field(default_factory=list)
 
 
 class Recovery:
@@ -134,7 +145,9 @@ class Recovery:
         self.actions = ActionState()
         state.history[HISTORY_KEY] = self.actions
         state.history["recovery"] = self
-        self.ring = SnapshotRing(config.keep_in_memory, config.keep_pinned, config.copy_in_background)
+        self.ring = SnapshotRing(
+            config.keep_in_memory, config.keep_pinned, config.copy_in_background, copy_fixed=config.copy_fixed
+        )
         # with a run_dir the disk tier always exists, so a resume reads the snapshots there even when this run
         # writes none (``disk_every=None``)
         self.disk = (
@@ -201,8 +214,10 @@ class Recovery:
         """Restore the newest snapshot from before ``onset`` and apply actions; None when there is none."""
         # The value at step k comes from the state at the start of step k, made by update k - 1: the margin
         # steps back past that update. Nothing precedes the starting state, which no update has touched.
-        snap = self.ring.newest_before(self._rollback_point(onset))
+        snap, passed_over = self._usable_snapshot(self._rollback_point(onset))
         if snap is None:
+            if passed_over:
+                raise RecoveryExhausted("no snapshot can restore the state: " + "; ".join(passed_over))
             return None
         actions = choose_actions(findings, rollbacks_in_window)
         scale = self.lr_scale(step)
@@ -211,7 +226,7 @@ class Recovery:
                 f"the LR is already scaled by {scale:.3g} after {self.rollbacks} rollback(s); "
                 f"another back-off would take it below min_lr_scale={self.config.min_lr_scale:g}"
             )
-        restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=False)
+        restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=False, fixed=snap.fixed)
         self.ring.drop_after(snap.step)
         self.rollbacks += 1
         reseed(1_000_003 * snap.step + 7_919 * step + self.rollbacks)
@@ -230,7 +245,24 @@ class Recovery:
             # now must not resume into it. The restored state, actions applied, is the new timeline's start.
             self.disk.drop_after(snap.step)  # type: ignore[union-attr]
             self._take(step + 1, to_disk=True)
-        return RollbackResult(snapshot=snap, actions=done)
+        return RollbackResult(snapshot=snap, actions=done, passed_over=passed_over)
+
+    def _usable_snapshot(self, point: int) -> tuple[Snapshot | None, list[str]]:
+        """The newest snapshot from before ``point`` that can restore the live state, and why each newer one cannot
+        (it left out a parameter that may have changed since: `keel.recover.fixed`)."""
+        passed_over: list[str] = []
+        live: dict[str, Any] | None = None
+        trained: set[str] = set()
+        for snap in self.ring.before(point):
+            if not snap.fixed:
+                return snap, passed_over
+            if live is None:
+                live, trained = model_tensors(self.state), trained_keys(self.state)
+            why = stale_reason(snap.fixed, live, trained, self.ring.last_trained, snap.step)
+            if why is None:
+                return snap, passed_over
+            passed_over.append(f"the snapshot of step {snap.step} cannot: {why}")
+        return None, passed_over
 
     def _rollback_point(self, onset: int) -> int:
         return max(0, onset - self.config.rollback_margin)
@@ -261,7 +293,7 @@ class Recovery:
                     stacklevel=3,
                 )
             return None
-        differences = setup_differences(snap, self.state)
+        differences = setup_differences(snap, self.state) or fixed_differences(snap.fixed, model_tensors(self.state))
         if differences:
             raise ValueError(
                 f"resume: the snapshot of step {snap.step} in {self.disk.directory} was taken with "
@@ -269,7 +301,7 @@ class Recovery:
                 "optimizer and scheduler the run was started with, or start a new run there "
                 "(overwrite=True) or in another run_dir"
             )
-        restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=True)
+        restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=True, fixed=snap.fixed)
         self.ring.take(snap.step, self.state)  # the resumed state is the first to roll back to
         self._resumed_tracked = sorted(snap.plain["tracked"])
         return snap

@@ -21,6 +21,10 @@ threads already take, a copy beside the step slows that step by about the copy's
 copied in place by the training thread's own parallel ``copy_``). So by default (``background=None``) the
 worker thread is used when the process may run on more cores than ``torch.get_num_threads()``, and the copy is
 done in place otherwise; on CUDA the side stream is always used.
+
+**What is copied.** The parameters the optimizer can change, the buffers and the optimizer state; the parameters it
+cannot change (a LoRA fine-tune's frozen base) are recorded, not copied (`keel.recover.fixed`, which says when a
+snapshot without them is refused).
 """
 
 from __future__ import annotations
@@ -36,7 +40,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from keel.recover.state import TrainingState, capture_plain, tensor_sources
+from keel.recover.fixed import FixedTensor
+from keel.recover.state import TrainingState, capture_plain, fixed_parameters, tensor_sources
 
 SERIAL_ELEMENTS = 16_384  # below at::internal::GRAIN_SIZE (32,768): ATen's parallel_for runs such a copy serially
 
@@ -51,6 +56,7 @@ class Snapshot:
         skeleton: The optimizer's ``state_dict`` with tensors replaced by their keys in ``tensors``.
         plain: Scheduler, scaler, component and data states, and the RNG states.
         created: Wall-clock time of capture.
+        fixed: The parameters left out because training cannot change them (`keel.recover.fixed`), by key.
     """
 
     step: int
@@ -58,6 +64,7 @@ class Snapshot:
     skeleton: dict[str, Any]
     plain: dict[str, Any]
     created: float = field(default_factory=time.time)
+    fixed: dict[str, FixedTensor] = field(default_factory=dict)
     ready: threading.Event = field(default_factory=threading.Event, repr=False)
     # held while the disk tier writes it, and for good once its buffers are handed to a newer snapshot
     in_use: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -142,13 +149,19 @@ class SnapshotRing:
         True
     """
 
-    def __init__(self, capacity: int = 3, max_pinned: int = 2, background: bool | None = None) -> None:
+    def __init__(
+        self, capacity: int = 3, max_pinned: int = 2, background: bool | None = None, *, copy_fixed: bool = False
+    ) -> None:
         if not isinstance(capacity, int) or capacity < 1:
             raise ValueError(f"capacity={capacity!r}; allowed: an int >= 1")
         if not isinstance(max_pinned, int) or max_pinned < 0:
             raise ValueError(f"max_pinned={max_pinned!r}; allowed: an int >= 0")
         if background is not None and not isinstance(background, bool):
             raise ValueError(f"background={background!r}; allowed: None (a spare core decides), True or False")
+        if not isinstance(copy_fixed, bool):
+            raise ValueError(f"copy_fixed={copy_fixed!r}; allowed: True or False")
+        self.copy_fixed = copy_fixed  # copy the parameters training cannot change too (keel.recover.fixed)
+        self.last_trained: dict[str, int] = {}  # key -> newest snapshot step that found the parameter trained
         self.capacity, self.max_pinned = capacity, max_pinned
         self.background = spare_cores() if background is None else background
         self.snapshots: list[Snapshot] = []  # oldest first
@@ -162,12 +175,16 @@ class SnapshotRing:
         """Start capturing ``state``; returns at once. Call `fence` before the next ``optimizer.step()``."""
         start = time.perf_counter()
         self.fence()
-        bulk, buffers, skeleton = tensor_sources(state)
+        bulk, buffers, skeleton = tensor_sources(state, copy_fixed=self.copy_fixed)
+        fixed = {} if self.copy_fixed else fixed_parameters(state)
+        for key in bulk:
+            if key.startswith("model/"):
+                self.last_trained[key] = max(step, self.last_trained.get(key, step))
         tensors = self._buffers_for({**bulk, **buffers})
         with torch.no_grad():
             for key, src in buffers.items():  # buffers may change in the next forward: copy now
                 tensors[key].copy_(src)
-        snap = Snapshot(step=step, tensors=tensors, skeleton=skeleton, plain=capture_plain(state))
+        snap = Snapshot(step=step, tensors=tensors, skeleton=skeleton, plain=capture_plain(state), fixed=fixed)
         dsts, srcs = [tensors[k] for k in bulk], list(bulk.values())
         if any(s.is_cuda for s in srcs):
             stream = torch.cuda.Stream()
@@ -210,9 +227,14 @@ class SnapshotRing:
 
     def newest_before(self, step: int) -> Snapshot | None:
         """The newest snapshot, ring or pinned, of a state from before ``step`` (``snapshot.step <= step``)."""
+        candidates = self.before(step)
+        return candidates[0] if candidates else None
+
+    def before(self, step: int) -> list[Snapshot]:
+        """The snapshots, ring and pinned, of states from before ``step``, newest first."""
         self.fence()
-        candidates = [s for s in (*self.snapshots, *self.pinned) if s.step <= step]
-        return max(candidates, key=lambda s: s.step) if candidates else None
+        unique = {id(s): s for s in (*self.snapshots, *self.pinned) if s.step <= step}
+        return sorted(unique.values(), key=lambda s: s.step, reverse=True)
 
     def pin(self, snapshot: Snapshot) -> None:
         """Keep ``snapshot`` when the ring moves on; beyond ``max_pinned`` pins the oldest pin is released."""

@@ -2,8 +2,8 @@
 
 `TrainingState` names the objects of one training run; `capture_plain` and `restore` read and write the
 parts of their state that are small (scheduler, GradScaler, detector baselines, the run's recovery history,
-RNG, data position), and `tensor_sources` lists the large tensors (parameters, buffers, optimizer moments) for
-the bulk copy.
+RNG, data position), and `tensor_sources` lists the large tensors (the parameters training can change, buffers,
+optimizer moments) for the bulk copy; `fixed_parameters` lists the parameters it leaves out (`keel.recover.fixed`).
 
 Each part has a role that says when it is restored. A rollback goes back to the training state of an earlier
 step but keeps the run's own history (how often it rolled back, the actions in force) and its data position;
@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import copy
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor, nn
+
+from keel.recover.fixed import FixedTensor, trained_ids
 
 
 class Stateful(Protocol):
@@ -56,19 +59,26 @@ class TrainingState:
     tracked: dict[str, Stateful] = field(default_factory=dict)
 
 
-def tensor_sources(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
+def tensor_sources(
+    state: TrainingState, *, copy_fixed: bool = False
+) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Any]]:
     """(parameters, buffers, optimizer skeleton) where the skeleton is the optimizer's ``state_dict`` with
     each tensor replaced by the key (``optim/<param index>/<name>``) of its entry in the parameter dict.
 
     Parameters and optimizer tensors change only in ``optimizer.step()``: they can be copied in the
     background during the next forward/backward. Buffers (BatchNorm statistics) change in the forward pass,
-    so they are copied at once.
+    so they are copied at once. Parameters the optimizer cannot change are left out (`keel.recover.fixed`), unless
+    ``copy_fixed``.
     """
     params: dict[str, Tensor] = {}
     buffers: dict[str, Tensor] = {}
     param_ids = {id(p) for p in state.model.parameters()}
+    trained = None if copy_fixed else trained_ids(state.optimizer)
     for name, t in state.model.state_dict(keep_vars=True).items():
-        (params if id(t) in param_ids else buffers)["model/" + name] = local_tensor(t.detach())
+        if id(t) not in param_ids:
+            buffers["model/" + name] = local_tensor(t.detach())
+        elif trained is None or id(t) in trained:
+            params["model/" + name] = local_tensor(t.detach())
     optim = state.optimizer.state_dict()
     skeleton: dict[str, Any] = {"param_groups": copy.deepcopy(optim["param_groups"]), "state": {}}
     for index, entry in optim["state"].items():
@@ -81,6 +91,29 @@ def tensor_sources(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, T
             else:
                 skeleton["state"][index][key] = copy.deepcopy(value)
     return params, buffers, skeleton
+
+
+def fixed_parameters(state: TrainingState) -> dict[str, FixedTensor]:
+    """The parameters `tensor_sources` leaves out, by key (``model/<name>``): their layout and version counter,
+    and a reference to the live tensor (not a copy)."""
+    trained = trained_ids(state.optimizer)
+    param_ids = {id(p) for p in state.model.parameters()}
+    return {
+        "model/" + name: FixedTensor.of(local_tensor(t.detach()))
+        for name, t in state.model.state_dict(keep_vars=True).items()
+        if id(t) in param_ids and id(t) not in trained
+    }
+
+
+def model_tensors(state: TrainingState) -> dict[str, Tensor]:
+    """The live model's parameters and buffers by snapshot key (``model/<name>``), this rank's shards."""
+    return {"model/" + name: local_tensor(t.detach()) for name, t in state.model.state_dict(keep_vars=True).items()}
+
+
+def trained_keys(state: TrainingState) -> set[str]:
+    """Keys of the parameters the optimizer can change now."""
+    trained = trained_ids(state.optimizer)
+    return {"model/" + name for name, t in state.model.state_dict(keep_vars=True).items() if id(t) in trained}
 
 
 def capture_plain(state: TrainingState) -> dict[str, Any]:
@@ -103,7 +136,13 @@ def capture_plain(state: TrainingState) -> dict[str, Any]:
 
 
 def restore(
-    state: TrainingState, tensors: dict[str, Tensor], skeleton: dict[str, Any], plain: dict[str, Any], *, resume: bool
+    state: TrainingState,
+    tensors: dict[str, Tensor],
+    skeleton: dict[str, Any],
+    plain: dict[str, Any],
+    *,
+    resume: bool,
+    fixed: Collection[str] = (),
 ) -> None:
     """Write a snapshot back into the live objects, keeping every Parameter object (optimizers and hooks
     that hold references stay valid).
@@ -112,10 +151,15 @@ def restore(
         resume: True when continuing a run whose process ended: the run's history and the tracked data
             position are restored too. False for a rollback: both stay where they are (the ladder keeps
             counting, and training moves on to fresh data).
+        fixed: Keys of the parameters the snapshot left out (`keel.recover.fixed`): they stay as they are. Any
+            other model tensor missing from ``tensors`` is a ``KeyError``.
     """
     with torch.no_grad():
         for name, t in state.model.state_dict(keep_vars=True).items():
-            local_tensor(t).copy_(tensors["model/" + name])
+            key = "model/" + name
+            if key not in tensors and key in fixed:
+                continue
+            local_tensor(t).copy_(tensors[key])
     optim_state = {
         "param_groups": copy.deepcopy(skeleton["param_groups"]),
         "state": {
