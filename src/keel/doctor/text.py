@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 import textwrap
 from dataclasses import replace
@@ -14,6 +15,7 @@ from keel._core.printable import printable, printable_tree
 from keel.doctor.result import DoctorResult, actions_of
 
 MAX_ROWS = 50  # findings printed in full; the rest are counted
+_NUMBERS = re.compile(r"[-+]?\d[\d.,eE+-]*")  # the numbers of a cause, which differ between repeats of one finding
 
 
 def format_result(result: DoctorResult, *, min_severity: str = "warning") -> str:
@@ -84,11 +86,22 @@ def _table(findings: list[Finding], width: int) -> list[str]:
     header = f"{'step':>8}  {'severity':<8}  {'kind':<22}  {'signal':<10}  {'value':>10}  {'baseline':>10}"
     lines = [header + "  evidence", "-" * min(width, 110)]
     wrap = textwrap.TextWrapper(width=width - 10, initial_indent=" " * 10, subsequent_indent=" " * 18)
+    previous: tuple[str, str, str] | None = None
+    noted = False
     for f in findings:
         lines.append(
             f"{f.step:>8}  {f.severity:<8}  {f.kind:<22}  {f.signal:<10}  {_num(f.value):>10}  "
             f"{_num(f.baseline):>10}  {_evidence(f.evidence)}"
         )
+        # A run of one kind repeats its cause (only the numbers differ; the row shows them) and its advice:
+        # a store of 40 consecutive critical spikes printed 40 identical blocks. Print them once per run.
+        said = (f.kind, _NUMBERS.sub("#", f.cause), f.advice)
+        if said == previous:
+            if not noted and (f.cause or f.advice):  # the first repeat of this run: say so, once
+                lines.append(" " * 10 + "cause and advice as above")
+                noted = True
+            continue
+        previous, noted = said, False
         if f.cause:
             lines += wrap.wrap("cause:  " + f.cause)
         if f.advice:
