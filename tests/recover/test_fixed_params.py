@@ -155,7 +155,9 @@ def test_the_disk_checksum_of_each_fixed_parameter_is_computed_once(tmp_path, mo
     model, opt = TinyNet(), None
     model.fc1.requires_grad_(False)
     opt = torch.optim.AdamW(model.fc2.parameters(), lr=1e-2)
-    recovery = Recovery(TrainingState(model=model, optimizer=opt), RecoveryConfig(disk_every=1, keep_on_disk=5), tmp_path)
+    recovery = Recovery(
+        TrainingState(model=model, optimizer=opt), RecoveryConfig(disk_every=1, keep_on_disk=5), tmp_path
+    )
     for step in range(3):
         recovery._take(step, to_disk=True)
         recovery.disk.wait()
@@ -197,7 +199,9 @@ def test_unfreezing_after_a_snapshot_refuses_it_and_falls_back_to_an_older_one_s
     _step(model, opt, batches[2])
     result = recovery.rollback(3, onset=3, findings=(), rollbacks_in_window=1)
     assert result.snapshot.step == 1
-    assert result.passed_over == ["the snapshot of step 2 cannot: it left out fc1.weight, frozen then and trainable now"]
+    assert result.passed_over == [
+        "the snapshot of step 2 cannot: it left out fc1.weight, frozen then and trainable now"
+    ]
     _same(model, opt, reference)
 
 

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 import stat
@@ -41,6 +42,7 @@ from keel.recover.snapshot import Snapshot
 TENSORS, META = "tensors.safetensors", "meta.json"
 MAX_STEP = 2**63 - 1  # the run store keeps steps as SQLite integers
 MAX_META_BYTES = 1 << 30  # a real meta.json is kilobytes to megabytes
+MAX_DIMS = 64  # the most dimensions a torch tensor has
 _HEX = frozenset("0123456789abcdef")
 _ARRAY_KINDS = frozenset("biuf")  # numeric NumPy arrays only: an object array is a door to arbitrary objects
 
@@ -327,7 +329,9 @@ def _fixed(value: Any, tensors: dict[str, Tensor]) -> dict[str, FixedTensor]:
             and isinstance(row[0], str)
             and row[0].startswith("model/")
             and isinstance(row[1], list)
+            and len(row[1]) <= MAX_DIMS
             and all(_is_int(n) and 0 <= n <= MAX_STEP for n in row[1])
+            and math.prod(row[1]) <= MAX_STEP
             and isinstance(row[2], str)
             and isinstance(getattr(torch, row[2], None), torch.dtype)
             and isinstance(row[3], str)
@@ -335,7 +339,7 @@ def _fixed(value: Any, tensors: dict[str, Tensor]) -> dict[str, FixedTensor]:
             and set(row[3]) <= _HEX
         ):
             raise SnapshotInvalid(
-                f"meta.json: the fixed parameter {_short(row)} is not [\"model/<name>\", [dims], dtype, "
+                f'meta.json: the fixed parameter {_short(row)} is not ["model/<name>", [dims], dtype, '
                 "<8 hex digits>] as keel writes it"
             )
         if row[0] in tensors or row[0] in fixed:

@@ -78,9 +78,7 @@ def dtype_name(dtype: torch.dtype) -> str:
 def trained_ids(optimizer: torch.optim.Optimizer) -> set[int]:
     """Ids of the parameters ``optimizer.step()`` can change now: in a param group, and requiring or holding a
     gradient (torch's optimizers update every parameter whose ``.grad`` is set)."""
-    return {
-        id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad or p.grad is not None
-    }
+    return {id(p) for group in optimizer.param_groups for p in group["params"] if p.requires_grad or p.grad is not None}
 
 
 def checksum(t: Tensor) -> str:
@@ -89,12 +87,16 @@ def checksum(t: Tensor) -> str:
     crc = 0
     for start in range(0, flat.numel(), CHUNK_BYTES):
         chunk = flat[start : start + CHUNK_BYTES].cpu()
-        crc = zlib.crc32(memoryview(chunk.numpy()), crc)  # releases the GIL on large buffers
+        crc = zlib.crc32(chunk.numpy().data, crc)  # releases the GIL on large buffers
     return f"{crc:08x}"
 
 
 def stale_reason(
-    fixed: dict[str, FixedTensor], live: dict[str, Tensor], trained_now: set[str], last_trained: dict[str, int], step: int
+    fixed: dict[str, FixedTensor],
+    live: dict[str, Tensor],
+    trained_now: set[str],
+    last_trained: dict[str, int],
+    step: int,
 ) -> str | None:
     """Why a snapshot of ``step`` that left out ``fixed`` cannot restore the live state; None when it can.
 
