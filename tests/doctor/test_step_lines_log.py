@@ -44,6 +44,16 @@ def test_llmc_main_log_is_read_with_trl_as_loss_and_tel_as_val_loss(tmp_path):
     assert obs[2].values == {"val/loss": 6.10, "eval": 0.251}
 
 
+def test_llmc_norm_is_the_gradient_norm_and_unit_suffixed_values_keep_their_unit_in_the_name(tmp_path):
+    # llm.c logger.h: "s:%d trl:%.4f lr:%.6f norm:%.2f"
+    # modded-nanogpt: "s:%d trl:%f train_time:%.0fms step_avg:%.2fms"
+    p = tmp_path / "main.log"
+    p.write_text("s:1 trl:10.9877 lr:0.000006 norm:15.31\ns:2 trl:9.8 train_time:1234ms step_avg:617.00ms\n")
+    obs = build_timeline(read_log(p)).observations
+    assert obs[0].values == {"loss": 10.9877, "lr": 0.000006, "grad/norm": 15.31}
+    assert obs[1].values == {"loss": 9.8, "train_time_ms": 1234.0, "step_avg_ms": 617.0}
+
+
 def test_doctor_names_a_loss_spike_in_a_build_nanogpt_log(tmp_path, capsys):
     losses = [3.0 + 0.01 * (s % 5) for s in range(80)]
     losses[60] = 9.0

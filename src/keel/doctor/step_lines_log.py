@@ -1,8 +1,10 @@
 """karpathy-style text logs: one metric per line, as build-nanogpt's ``log.txt`` and llm.c's ``main.log`` write.
 
 build-nanogpt: ``STEP NAME VALUE`` (``0 val 5.5036``, ``0 train 5.502185``, ``250 hella 0.2871``). llm.c:
-``s:STEP NAME:VALUE ...`` (``s:0 trl:11.0100``, ``s:0 tel:11.0098``). ``train``/``trl`` is the training loss,
-``val``/``tel`` the validation loss; any other name keeps its own. Lines of one step that follow each other
+``s:STEP NAME:VALUE ...`` (``s:0 trl:11.0100``, ``s:0 tel:11.0098``, ``s:1 trl:10.98 lr:0.000006 norm:15.31``;
+modded-nanogpt's ``train_time:1234ms``). ``train``/``trl`` is the training loss, ``val``/``tel`` the validation
+loss, ``norm`` the gradient norm; a value's time unit joins its name (``train_time_ms``); any other name keeps
+its own. Lines of one step that follow each other
 make one record (build-nanogpt writes ``val``, ``hella`` and ``train`` of a step in turn), so a step number
 that comes back later is a restart, as in every other log. A line that fits neither shape is one error that
 names it: guessing at a free-text log would turn prose into a series.
@@ -18,12 +20,14 @@ from keel.doctor.jsonl_log import records_from_objects
 from keel.doctor.log import LogReadError, RawLog
 
 FORMAT = "karpathy_text"
-# the names both programs use for their losses -> the column names `keel.doctor.columns` maps to keel keys
-RENAMED = {"train": "train_loss", "trl": "train_loss", "val": "val_loss", "tel": "val_loss"}
+# the names these programs use -> the column names `keel.doctor.columns` maps to keel keys (llm.c's logger.h writes
+# "s:%d trl:%.4f lr:%.6f norm:%.2f", its norm being the gradient norm)
+RENAMED = {"train": "train_loss", "trl": "train_loss", "val": "val_loss", "tel": "val_loss", "norm": "grad_norm"}
 _NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf|infinity)"
 _NANOGPT = re.compile(rf"(\d+)[ \t]+([A-Za-z_][\w/.-]*)[ \t]+({_NUMBER})", re.IGNORECASE)
 _LLMC = re.compile(r"s:(\d+)((?:[ \t]+[A-Za-z_][\w/.-]*:\S+)+)")
-_LLMC_PAIR = re.compile(rf"([A-Za-z_][\w/.-]*):({_NUMBER})", re.IGNORECASE)
+# modded-nanogpt appends "train_time:1234ms step_avg:617.00ms": a time unit is kept in the name
+_LLMC_PAIR = re.compile(rf"([A-Za-z_][\w/.-]*):({_NUMBER})(ms|us|ns|s|min|h)?", re.IGNORECASE)
 
 
 def looks_like_step_lines(first_line: str) -> bool:
@@ -75,5 +79,9 @@ def _parse(line: str) -> tuple[int, list[tuple[str, str]] | None]:
     if m := _LLMC.fullmatch(line):
         pairs = [_LLMC_PAIR.fullmatch(token) for token in m.group(2).split()]
         if all(pairs):
-            return int(m.group(1)), [(p.group(1), p.group(2)) for p in pairs if p]
+            return int(m.group(1)), [(_with_unit(p.group(1), p.group(3)), p.group(2)) for p in pairs if p]
     return -1, None
+
+
+def _with_unit(name: str, unit: str | None) -> str:
+    return f"{name}_{unit.lower()}" if unit else name
