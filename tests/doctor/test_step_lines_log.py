@@ -98,9 +98,7 @@ _line = st.one_of(
 )
 
 
-@settings(
-    max_examples=100, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
-)
+@settings(max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(_line, min_size=1, max_size=12))
 @example(lines=["0 train inf", "0 train -inf"])
 def test_any_text_is_read_or_refused_with_one_log_read_error(tmp_path, lines):
