@@ -111,3 +111,18 @@ def test_any_text_is_read_or_refused_with_one_log_read_error(tmp_path, lines):
     else:
         steps = [s for s, _ in log.records]
         assert steps and all(s >= 0 for s in steps)
+
+
+def test_a_build_nanogpt_log_folder_is_read_from_its_log_txt(tmp_path, capsys):
+    # build-nanogpt writes log/log.txt next to its model_*.pt checkpoints; `keel doctor log/` should read it
+    (tmp_path / "log.txt").write_text("0 val 5.50\n0 train 5.49\n1 train 5.31\n")
+    (tmp_path / "model_00001.pt").write_bytes(b"PK\x03\x04")
+    assert detect_format(tmp_path) == "karpathy_text"
+    assert [s for s, _ in read_log(tmp_path).records] == [0, 1]
+    assert main(["doctor", str(tmp_path)]) == 0
+
+
+def test_a_folder_whose_log_txt_is_prose_is_still_a_folder_with_no_log(tmp_path, capsys):
+    (tmp_path / "log.txt").write_text("started training\n")
+    assert main(["doctor", str(tmp_path)]) == 2
+    assert "no training log" in capsys.readouterr().err

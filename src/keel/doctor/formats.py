@@ -13,7 +13,7 @@ from keel.doctor.hf_log import STATE_NAME, find_trainer_state, read_trainer_stat
 from keel.doctor.jsonl_log import read_jsonl_log
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.step_lines_log import FORMAT as STEP_LINES
-from keel.doctor.step_lines_log import looks_like_step_lines, read_step_lines_log
+from keel.doctor.step_lines_log import LOG_NAMES, find_step_lines, looks_like_step_lines, read_step_lines_log
 from keel.doctor.store_log import SQLITE_MAGIC, is_sqlite, read_store_log
 from keel.doctor.tensorboard_log import EVENT_GLOB, is_event_file, read_tensorboard_log
 from keel.store import STORE_NAME, find_runs
@@ -79,9 +79,11 @@ def detect_format(path: Path) -> str:
             return "keel_store"
         if next(path.rglob(EVENT_GLOB), None) is not None:
             return "tensorboard"
+        if find_step_lines(path) is not None:
+            return STEP_LINES
         raise LogReadError(
             f"{path}: a folder with no training log in it; looked for {STORE_NAME} (also one or two "
-            f"levels down), {STATE_NAME} (also in checkpoint-*/) and {EVENT_GLOB}"
+            f"levels down), {STATE_NAME} (also in checkpoint-*/), {EVENT_GLOB} and {'/'.join(LOG_NAMES)} step lines"
         )
     if is_sqlite(path):
         return "keel_store"

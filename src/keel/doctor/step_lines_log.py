@@ -30,6 +30,21 @@ _LLMC = re.compile(r"s:(\d+)((?:[ \t]+[A-Za-z_][\w/.-]*:\S+)+)")
 _LLMC_PAIR = re.compile(rf"([A-Za-z_][\w/.-]*):({_NUMBER})(ms|us|ns|s|min|h)?", re.IGNORECASE)
 
 
+LOG_NAMES = ("log.txt", "main.log")  # build-nanogpt's log/log.txt, llm.c's -o folder's main.log
+
+
+def find_step_lines(folder: Path) -> Path | None:
+    """``folder/log.txt`` or ``folder/main.log`` when its first line is a step line; None otherwise."""
+    for name in LOG_NAMES:
+        candidate = folder / name
+        if candidate.is_file():
+            with candidate.open("rb") as fh:
+                head = fh.read(4096).decode("utf-8", "replace").lstrip()
+            if looks_like_step_lines(head.partition("\n")[0]):
+                return candidate
+    return None
+
+
 def looks_like_step_lines(first_line: str) -> bool:
     """Whether a file's first non-empty line is a build-nanogpt or llm.c metric line."""
     line = first_line.strip()
@@ -51,6 +66,11 @@ def read_step_lines_log(path: str | Path) -> RawLog:
         [(0, {'val_loss': 5.5, 'train_loss': 5.49}), (1, {'train_loss': 5.31})]
     """
     path = Path(path)
+    if path.is_dir():
+        found = find_step_lines(path)
+        if found is None:
+            raise LogReadError(f"{path}: no {' or '.join(LOG_NAMES)} with step lines in this folder")
+        path = found
     entries: list[dict[str, float | str]] = []
     for number, raw in enumerate(read_text(path).splitlines(), start=1):
         line = raw.strip()
