@@ -110,6 +110,7 @@ class DeferredSteps:
             g._after_step(ctx)
         g.global_step += 1
         g.components.step = g.global_step
+        g.evaluation.after_step(step)  # before the snapshot: a resume from it must not miss this round of evals
         if g.recovery is not None:
             g.components.call("snapshots", g.actuator.after_step, g.global_step)
         return (
@@ -158,6 +159,7 @@ class DeferredSteps:
         if decision.action == "abort":
             g._finish("aborted")
             raise TrainingAborted(f"keel aborted the run at step {decision.step}: {decision.reason}", decision)
+        g.evaluation.after_step(step)
         return decision
 
     def _close_deferred(self) -> None:

@@ -26,17 +26,20 @@ data has its own loss level (the phase's meta entry lists them as ``rebaselined`
 
 from __future__ import annotations
 
+import copy
 import random
+import warnings
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from numbers import Real
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, TypeGuard
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from keel._core import keys
+from keel._core.errors import KeelWarning
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect.continual_metrics import TaskEval, continual_metrics
@@ -145,6 +148,8 @@ class Evaluation:
         self.phases: list[Phase] = []
         self.tracks: dict[str, TaskEval] = {}
         self._announce: int | None = None  # the phase index to record at the next step, if it changes there
+        self._restored = False  # load_state_dict was called (a resume found this state in the snapshot)
+        self.restore_problem: str | None = None  # why the snapshot's evaluation state was not loaded, if it was not
 
     # --- registering -------------------------------------------------------------------------------------
     def add(self, spec: EvalSpec) -> None:
@@ -296,9 +301,145 @@ class Evaluation:
             found.extend(self.components.call(label, _detected, detector, obs) or [])
         return found
 
+    # --- snapshot state ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """The run's evaluation history as plain data: the phases, each task-tied eval's values (the continual
+        metrics' inputs), each listener's state (eval stability's kept checkpoints) and a phase index still to
+        record. The evals themselves are code: a resumed loop registers them again with `Guard.evaluate`; their
+        schedule follows the step, which the resume restores. The stability-gap detector's baselines are a
+        detector's state, kept with the other detectors'."""
+        return {
+            "phases": [{**p.to_dict(), "rebaselined": list(p.rebaselined)} for p in self.phases],
+            "tracks": {
+                k: {"task": t.task, "goal": t.goal, "steps": list(t.steps), "values": list(t.values)}
+                for k, t in self.tracks.items()
+            },
+            "listeners": {
+                _listener_key(i, x): getattr(x, "state_dict")()  # noqa: B009 - optional: EvalListener has no state
+                for i, x in enumerate(self.listeners)
+                if hasattr(x, "state_dict")
+            },
+            "announce": self._announce,
+        }
+
+    def load_state_dict(self, state: Any) -> None:
+        """Load a snapshot's evaluation history, whole or not at all; never raises.
+
+        It is the run's history (`keel.recover.TrainingState.history`): a resume restores it, a rollback keeps the
+        live one. A rollback goes back in model and optimizer but not in time — the steps after the snapshot were
+        trained on their phase, and the evals measured then are what the model did then (steps are never reused),
+        so the phases, the continual metrics' inputs and eval stability's checkpoints stay; only a run whose
+        process ended needs them back. A state that does not have the shape `state_dict` writes (a damaged or
+        hostile snapshot) is ignored: the evaluation state stays as it was, and `restore_problem` says why
+        (`resumed` records it).
+        """
+        self._restored = True
+        try:
+            phases, tracks, announce = _parse_state(state)
+            self._load_listeners(state.get("listeners", {}))
+        except Exception as exc:  # noqa: BLE001 - what a snapshot holds must never stop a resume
+            self.restore_problem = (
+                f"the evaluation state in the snapshot is damaged and was ignored ({exc}); phases, the continual "
+                "metrics' evals and eval stability start empty"
+            )
+            return
+        self.phases, self.tracks, self._announce = phases, tracks, announce
+        self.restore_problem = None
+
+    def _load_listeners(self, states: Any) -> None:
+        """Each listener's state by `_listener_key`, all or none: a listener that refuses its state puts every
+        listener loaded before it back."""
+        if not isinstance(states, Mapping):
+            raise TypeError(f"listeners: {_short(states)}; allowed: a dict of listener → state")
+        done: list[tuple[Any, dict[str, Any]]] = []
+        listeners: list[Any] = list(self.listeners)  # state_dict / load_state_dict are optional on a listener
+        try:
+            for i, listener in enumerate(listeners):
+                key = _listener_key(i, listener)
+                if key in states and hasattr(listener, "load_state_dict"):
+                    before = listener.state_dict()
+                    done.append((listener, before))
+                    listener.load_state_dict(copy.deepcopy(states[key]))
+        except Exception as exc:
+            for listener, before in reversed(done):
+                listener.load_state_dict(before)
+            raise ValueError(f"listener {key}: {type(exc).__name__}: {exc}") from None
+
+    def resumed(self, step: int) -> None:
+        """After a resume from the snapshot of ``step``: say when the snapshot held no usable evaluation state (a
+        snapshot of an older keel: a `KeelWarning` and the run's meta ``evaluation_restore``; a damaged one: also
+        a ``keel_error`` finding), and write the restored phases to the run's meta."""
+        problem = self.restore_problem
+        if not self._restored:
+            problem = (
+                f"resume: the snapshot of step {step} holds no evaluation state (written before keel kept it): "
+                "phases, the continual metrics' evals and eval stability start empty"
+            )
+        if problem is not None:
+            warnings.warn(problem, KeelWarning, stacklevel=3)
+            self.components.call("recorder", self.recorder.meta, {"evaluation_restore": problem})
+            if self._restored:
+                self.components.fail("evaluation state", step, ValueError(problem), disable=False)
+        self._write_meta()
+
     def _write_meta(self) -> None:
         meta = {"evals": {n: s.describe() for n, s in self.specs.items()}, "phases": [p.to_dict() for p in self.phases]}
         self.components.call("recorder", self.recorder.meta, meta)
+
+
+def _listener_key(index: int, listener: object) -> str:
+    return f"{index}:{type(listener).__name__}"
+
+
+def _parse_state(state: Any) -> tuple[list[Phase], dict[str, TaskEval], int | None]:
+    """The phases, tracks and pending phase index of an evaluation ``state_dict``; ValueError/TypeError naming the
+    first part that is not what `Evaluation.state_dict` writes."""
+    if not isinstance(state, Mapping):
+        raise TypeError(f"{_short(state)} ({type(state).__name__}); allowed: a dict")
+    raw_phases, raw_tracks = state.get("phases", []), state.get("tracks", {})
+    if not isinstance(raw_phases, list):
+        raise TypeError(f"phases: {_short(raw_phases)}; allowed: a list of {{index, name, step}}")
+    phases: list[Phase] = []
+    known: dict[str, int] = {}
+    for raw in raw_phases:
+        if not isinstance(raw, Mapping):
+            raise TypeError(f"phase {_short(raw)}; allowed: a dict {{index, name, step}}")
+        index, name, step = raw.get("index"), raw.get("name"), raw.get("step")
+        rebaselined = raw.get("rebaselined", [])
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"phase name {_short(name)}; allowed: a non-empty str")
+        if not _count(index) or index != known.get(name, len(known)):
+            raise ValueError(f"phase {name!r} index {_short(index)}; allowed: {known.get(name, len(known))}")
+        if not _count(step) or (phases and step < phases[-1].step):
+            raise ValueError(f"phase {name!r} step {_short(step)}; allowed: an int >= 0, not before the last phase's")
+        if not isinstance(rebaselined, list) or not all(isinstance(r, str) for r in rebaselined):
+            raise TypeError(f"phase {name!r} rebaselined {_short(rebaselined)}; allowed: a list of str")
+        known.setdefault(name, index)
+        phases.append(Phase(index=index, name=name, step=step, rebaselined=tuple(rebaselined)))
+    if not isinstance(raw_tracks, Mapping):
+        raise TypeError(f"tracks: {_short(raw_tracks)}; allowed: a dict of eval key → track")
+    tracks: dict[str, TaskEval] = {}
+    for key, raw in raw_tracks.items():
+        if not isinstance(key, str) or not key.startswith(keys.EVAL_PER_NAME) or not isinstance(raw, Mapping):
+            raise TypeError(f"track {_short(key)}: {_short(raw)}; allowed: 'eval/…' → {{task, goal, steps, values}}")
+        task, goal, steps, values = raw.get("task"), raw.get("goal"), raw.get("steps"), raw.get("values")
+        if not isinstance(task, str) or not task.strip() or goal not in GOALS:
+            raise ValueError(f"track {key!r}: task {_short(task)}, goal {_short(goal)}; allowed: a str, max or min")
+        if not isinstance(steps, list) or not isinstance(values, list) or len(steps) != len(values):
+            raise ValueError(f"track {key!r}: steps and values {_short(raw)}; allowed: two lists of one length")
+        if not all(map(_count, steps)) or steps != sorted(steps):
+            raise ValueError(f"track {key!r}: steps {_short(steps)}; allowed: ints >= 0 in order")
+        if not all(isinstance(v, Real) and not isinstance(v, bool) for v in values):
+            raise ValueError(f"track {key!r}: values {_short(values)}; allowed: numbers")
+        tracks[key] = TaskEval(task=task, goal=goal, steps=list(steps), values=[float(v) for v in values])
+    announce = state.get("announce")
+    if announce is not None and not _count(announce):
+        raise ValueError(f"announce {_short(announce)}; allowed: None or an int >= 0")
+    return phases, tracks, announce
+
+
+def _count(value: object) -> TypeGuard[int]:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _detected(detector: Any, obs: Observation) -> list[Finding]:

@@ -229,6 +229,7 @@ class Guard(DeferredSteps):
         self._snapshots_recorded = 0
         self.recorder = Recorder(self.run_dir.store_dir, log_every)
         self.evaluation = Evaluation(model, self.components, self.recorder)
+        self.state.history["evaluation"] = self.evaluation  # phases and evals so far: a rollback keeps them
         writes_skips = policy != "observe" and self.run_dir.store_dir is not None  # observe changes no data
         # ids as far back as a rollback reaches: the ring's span, and pinned snapshots from before a warning
         reach = rollbacks.snapshot_every * (rollbacks.keep_in_memory + rollbacks.keep_pinned + 1)
@@ -244,6 +245,7 @@ class Guard(DeferredSteps):
         self.recorder.meta(self._describe_run(policy, seed, config))
         if self._resumed is not None:
             self.global_step = self._resumed.step
+            self.evaluation.resumed(self._resumed.step)
         self._start_step = self.global_step
         if self.recovery is not None:
             # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR
@@ -369,9 +371,7 @@ class Guard(DeferredSteps):
         now = time.perf_counter()
         step_time, self._last_call = (now - self._last_call if self._last_call is not None else math.nan), now
         if self.sync == "deferred":
-            decision = self._step_deferred(step, loss_t, step_time)
-            self.evaluation.after_step(step)
-            return decision
+            return self._step_deferred(step, loss_t, step_time)  # it runs the evals due after the step
         ctx: StepContext | None = None
         try:
             self._unscale()
@@ -396,12 +396,13 @@ class Guard(DeferredSteps):
         self.global_step += 1
         self.components.step = self.global_step
         self.components.call("recorder", self.recorder.step, obs, decision)
+        if decision.action != "abort":  # before the snapshot: a resume from it must not miss this round of evals
+            self.evaluation.after_step(step)
         if self.recovery is not None:
             self.components.call("snapshots", self._snapshot, step, decision)
         if decision.action == "abort":
             self._finish("aborted")
             raise TrainingAborted(f"keel aborted the run at step {step}: {decision.reason}", decision)
-        self.evaluation.after_step(step)
         return decision
 
     def evaluate(

@@ -26,7 +26,10 @@ How it fits the Trainer's loop (transformers ≥ 4.40):
   with ``greater_is_better`` (default: the loss, lower is better; `keel.integrations._eval`). An eval before the
   first update is recorded at step 0; one after ``train()`` ends is not part of the run. ``eval_tasks`` ties an
   eval to the phase it measures (for the continual metrics); `KeelCallback.phase` marks a switch of task or data
-  mix, also before the first update (when the `Guard` does not exist yet).
+  mix, also before ``train()`` (applied when training begins).
+- **when**: the `Guard` is built at ``on_train_begin``, before the first forward, so the hook probes (activation
+  RMS, attention, router) see step 0. Each ``train()`` is one keel run: a second ``train()`` with the same
+  callback into the same ``run_dir`` is refused up front (`KeelCallback.run_dir`).
 
 DeepSpeed is not supported (its engine owns the step).
 """
@@ -69,7 +72,10 @@ class KeelCallback(TrainerCallback):
         **guard_kwargs: Any other `Guard` argument (``probes``, ``detectors``, ``recovery``, ``log_every`` …).
 
     Attributes:
-        guard: The `Guard`, built at the first optimizer step (``None`` before).
+        guard: The `Guard`, built when training begins (``on_train_begin``, before the first forward, so the hook
+            probes see step 0's); ``None`` before.
+        run_dir: The run's folder; each ``trainer.train()`` is one keel run, so a second ``train()`` with the same
+            callback needs a new one here (or ``overwrite=True`` / ``resume=True``): it is refused otherwise.
 
     Raises:
         ValueError: A `Guard` argument the callback sets itself, or DeepSpeed.
@@ -107,8 +113,9 @@ class KeelCallback(TrainerCallback):
         self._args: Any = None
         self._warned = False
         self._training = False
-        self._pending_evals: list[dict[str, Any]] = []  # evals before the Guard exists (before the first update)
-        self._pending_phase: str | None = None
+        self._pending_phase: str | None = None  # a phase marked before train() (the Guard does not exist yet)
+        self._first_step = True
+        self._runs: list[str] = []  # the run_dirs of the train() calls so far
 
     # --- the Trainer's events -----------------------------------------------------------------------
     def on_train_begin(
@@ -127,6 +134,7 @@ class KeelCallback(TrainerCallback):
                 "allowed: DDP, FSDP or a single process"
             )
         assert model is not None and optimizer is not None
+        self._check_new_run()
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
         self._objects = {
             "model": model,
@@ -134,10 +142,19 @@ class KeelCallback(TrainerCallback):
             "scheduler": lr_scheduler,
             "scaler": getattr(optimizer, "scaler", None),
         }
-        self._args, self.guard = args, None
-        self._training, self._pending_evals = True, []
-        if self.take_over_clipping and args.max_grad_norm and args.max_grad_norm > 0:
-            self._clip, args.max_grad_norm = float(args.max_grad_norm), 0.0
+        self._args, self._first_step = args, True
+        clip = float(args.max_grad_norm) if self.take_over_clipping and args.max_grad_norm else None
+        self._clip = clip if clip is not None and clip > 0 else None
+        # Built before the first forward, so the hook probes (activations, attention, router) see step 0's; whether
+        # the model's output carries a loss is only known at the first update (`_first_update`).
+        self.guard = self._build_guard()
+        self._runs.append(str(self.run_dir))
+        self._training = True
+        if self._clip is not None:
+            args.max_grad_norm = 0.0
+        if self._pending_phase is not None:
+            self.guard.phase(self._pending_phase)
+            self._pending_phase = None
         self._hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)
         self._handoff.gate(optimizer, "step", self._optimizer_step)
         self._accelerated = optimizer
@@ -150,12 +167,9 @@ class KeelCallback(TrainerCallback):
     def on_evaluate(
         self, args: Any, state: Any, control: Any, metrics: dict[str, Any] | None = None, **kwargs: Any
     ) -> None:
-        if not self._training or not metrics:
+        if not self._training or not metrics or self.guard is None:
             return  # an eval outside train() is not part of the run
-        if self.guard is None:
-            self._pending_evals.append(dict(metrics))
-        else:
-            self.guard.components.call("hf eval", self._record_eval, metrics)
+        self.guard.components.call("hf eval", self._record_eval, metrics)  # before the first update: step 0
 
     def phase(self, name: str) -> None:
         """Mark a switch of task, phase or data mix from the next update on (`Guard.phase`), also before the first.
@@ -165,8 +179,8 @@ class KeelCallback(TrainerCallback):
         """
         if not isinstance(name, str) or not name.strip():
             raise ValueError(f"KeelCallback.phase(name={name!r}); allowed: a non-empty str, e.g. 'task_b'")
-        if self.guard is None:
-            self._pending_phase = name
+        if self.guard is None or not self._training:
+            self._pending_phase = name  # applied when the next train() begins
         else:
             self.guard.phase(name)
 
@@ -198,13 +212,9 @@ class KeelCallback(TrainerCallback):
     # --- the update ---------------------------------------------------------------------------------
     def _optimizer_step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         loss = self._loss.take()
-        if self.guard is None:
-            self.guard = self._build_guard(with_loss=loss is not None)
-            if self._pending_phase is not None:  # before this first update
-                self.guard.phase(self._pending_phase)
-            for metrics in self._pending_evals:  # recorded at step 0: the model before the first update
-                self.guard.components.call("hf eval", self._record_eval, metrics)
-            self._pending_evals = []
+        if self._first_step:
+            self._first_step = False
+            self._first_update(with_loss=loss is not None)
         if loss is None:
             loss = self._missing_loss()
         self._last_loss = loss
@@ -224,16 +234,38 @@ class KeelCallback(TrainerCallback):
         assert self.guard is not None
         return self.guard.step(loss)
 
-    def _build_guard(self, *, with_loss: bool) -> Guard:
-        kwargs = dict(self.guard_kwargs)
-        if not with_loss and "probes" not in kwargs:
-            from keel.signals import DEFAULT_PROBES
+    def _check_new_run(self) -> None:
+        """Refuse a second ``train()`` into the run_dir of the first one, before anything is changed: each
+        ``train()`` is one keel run (the Trainer starts its steps, schedule and state over), and the first one's
+        store is closed and kept."""
+        if self.run_dir is None or str(self.run_dir) not in self._runs:
+            return
+        if self.guard_kwargs.get("resume") or self.guard_kwargs.get("overwrite"):
+            return  # said what to do with the earlier run: the Guard continues or replaces it
+        raise ValueError(
+            f"KeelCallback: a second trainer.train() with the same callback and run_dir={str(self.run_dir)!r}, "
+            "which holds the first train()'s run (kept as it is); allowed: set callback.run_dir to a new folder "
+            "before this train() (each train() is one keel run), or build the callback with overwrite=True "
+            "(replace that run) or resume=True (continue it from its disk snapshots)"
+        )
 
-            kwargs["probes"] = [p for p in DEFAULT_PROBES if p != "loss"]
-            self._warn(
-                "KeelCallback saw no loss in the model's output (a custom compute_loss?): keel watches the "
-                "gradients only. Call callback.record_loss(loss) in compute_loss to let it see the loss."
-            )
+    def _first_update(self, *, with_loss: bool) -> None:
+        """At the first update: with no loss in the model's output and the probes left to keel, the loss probe
+        is dropped (it would record the placeholder) and the user told once; keel watches the gradients only."""
+        assert self.guard is not None
+        if with_loss or "probes" in self.guard_kwargs:
+            return
+        self._warn(
+            "KeelCallback saw no loss in the model's output (a custom compute_loss?): keel watches the "
+            "gradients only. Call callback.record_loss(loss) in compute_loss to let it see the loss."
+        )
+        guard = self.guard
+        guard.probes = [p for p in guard.probes if p.name != "loss"]
+        guard.components.probes = [p for p in guard.components.probes if p.name != "loss"]
+        guard.recorder.meta({"probes": [p.name for p in guard.probes]})
+
+    def _build_guard(self) -> Guard:
+        kwargs = dict(self.guard_kwargs)
         o = self._objects
         config = kwargs.pop("config", None) or {"trainer": "transformers.Trainer", "args": _json_args(self._args)}
         return Guard(
