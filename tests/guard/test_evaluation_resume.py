@@ -27,7 +27,7 @@ ACC_B = [math.nan] * 5 + [0.10, 0.20, 0.30, 0.40]
 STEPS, SWITCH = len(ACC_A), 5
 
 
-def _guard(run_dir, *, resume=False):
+def _guard(run_dir, *, resume=False, sync="step"):
     torch.manual_seed(0)
     model = torch.nn.Linear(2, 1)
     guard = Guard(
@@ -36,6 +36,7 @@ def _guard(run_dir, *, resume=False):
         run_dir=str(run_dir),
         resume=resume,
         recovery=RecoveryConfig(snapshot_every=1, disk_every=1),
+        sync=sync,
     )
     guard.evaluate("a", lambda m: ACC_A[guard.global_step - 1], every=1, task="a")
     guard.evaluate("b", lambda m: {"acc": ACC_B[guard.global_step - 1]}, every=1, task="b")
@@ -74,18 +75,19 @@ def _outcome(guard, run_dir):
     }
 
 
-def test_a_resumed_continual_run_gives_the_phases_metrics_and_stability_gaps_of_the_uninterrupted_run(tmp_path):
-    guard, model = _guard(tmp_path / "whole")
+@pytest.mark.parametrize("sync", ["step", pytest.param("deferred", marks=pytest.mark.slow)])
+def test_a_resumed_continual_run_gives_the_phases_metrics_and_stability_gaps_of_the_uninterrupted_run(tmp_path, sync):
+    guard, model = _guard(tmp_path / "whole", sync=sync)
     _train(guard, model, STEPS)
     guard.close()
     whole = _outcome(guard, tmp_path / "whole")
     assert [(s, sev) for s, sev, _ in whole["gaps"]] == [(6, "warning"), (7, "info")]  # the scenario shows a gap
     assert whole["continual"][keys.CONTINUAL_FORGETTING]
 
-    guard, model = _guard(tmp_path / "cut")
+    guard, model = _guard(tmp_path / "cut", sync=sync)
     _train(guard, model, 7)  # stopped inside the gap: warned, not yet recovered
     guard.close()
-    guard, model = _guard(tmp_path / "cut", resume=True)
+    guard, model = _guard(tmp_path / "cut", resume=True, sync=sync)
     assert guard.global_step == 7
     _train(guard, model, STEPS)
     guard.close()
