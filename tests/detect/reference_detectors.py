@@ -21,7 +21,16 @@ from typing import Any
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect.divergence import NOISE_EVERY, NOISE_SPAN, WINDOW_GROWTH, DivergenceConfig
-from keel.detect.spike import GRAD_NORM_DEFAULTS, TAIL_KEPT, TAIL_SPAN, SpikeConfig, _explain
+from keel.detect.spike import (
+    DESCENT,
+    GRAD_NORM_DEFAULTS,
+    RECENT,
+    TAIL_KEPT,
+    TAIL_SPAN,
+    TREND_SPREAD,
+    SpikeConfig,
+    _explain,
+)
 
 MAD_TO_STD = 1.4826
 MEDIAN_SE = math.sqrt(math.pi / 2)
@@ -91,6 +100,12 @@ class ReferenceSpike:
             self._accepted.append(y)
             return []
         med, scale = robust_location_scale(self._accepted)
+        if self._log:  # a steep descent: its recent level and step noise (keel.detect.spike._baseline)
+            recent = median(list(self._accepted)[-RECENT:])
+            window = list(self._accepted)
+            noise = step_noise([b - a for a, b in zip(window, window[1:], strict=False)])
+            if med - recent >= DESCENT * scale and scale >= TREND_SPREAD * noise:
+                med, scale = recent, noise
         floor = cfg.scale_floor if self._log else cfg.scale_floor * abs(med) + 1e-12
         z = (y - med) / max(scale, floor)
         excess = expm1(y - med) if self._log else (y - med) / (abs(med) + 1e-12)

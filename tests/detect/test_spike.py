@@ -223,3 +223,68 @@ def test_property_heavy_tails_give_no_warning_and_a_real_jump_is_found_at_its_st
     # (seed=69451, scale=0.25, df=3: step 499), never anything earlier
     assert 498 <= found[0].evidence["onset_step"] <= 500
     assert any(f.severity in ("warning", "critical") for f in found if f.step <= 502)
+
+
+def _steep_descent(seed=0, n=200):
+    """A linear regression's loss: falls 45× in its first 40 steps (±2 % per batch), then flattens at ~0.2."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(n)
+    level = 0.2 + 9.0 * np.exp(-t * math.log(45.0) / 40.0)
+    return (level * np.exp(0.02 * rng.standard_normal(n))).tolist()
+
+
+@pytest.mark.parametrize("at", [40, 150])
+def test_a_huge_jump_during_a_steep_early_descent_is_critical_as_on_the_plateau(at):
+    # the window's log-MAD is wide while the loss falls 45× in 40 steps: judged against the window's median, a
+    # 1,500× one-step jump at step 40 was 3.8 robust z — no finding at all; at step 150 it is critical
+    values = _steep_descent()
+    values[at] *= 1500.0
+    found = _run(SpikeDetector(signal="loss"), values)
+    assert [(f.step, f.severity) for f in found] == [(at, "critical")]
+    assert found[0].baseline == pytest.approx(values[at - 1], rel=0.5)  # the recent level, not the window's median
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_a_steep_descent_alone_raises_nothing_above_info(seed):
+    assert [f for f in _run(SpikeDetector(signal="loss"), _steep_descent(seed)) if f.severity != "info"] == []
+
+
+@settings(max_examples=15, deadline=None, derandomize=True)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    fall=st.floats(2.0, 1000.0),
+    over=st.integers(30, 400),
+    noise=st.floats(0.0, 0.3),
+    jumps=st.lists(st.tuples(st.integers(0, 599), st.floats(0.5, 3000.0)), max_size=4),
+)
+def test_property_scan_equals_update_through_steep_descents(seed, fall, over, noise, jumps):
+    # the scan's screen must never miss a step judged against a descent's recent level (`possible_descent_spikes`)
+    rng = np.random.default_rng(seed)
+    t = np.arange(600)
+    values = np.exp(-np.minimum(t, over) * math.log(fall) / over + noise * rng.standard_normal(600))
+    for at, factor in jumps:
+        values[at] *= factor
+    one = SpikeDetector(signal="loss")
+    by_update = _run(one, values.tolist())
+    other = SpikeDetector(signal="loss")
+    assert other.scan(t, values) == by_update
+    assert other.state_dict() == one.state_dict()
+
+
+def test_a_jump_deep_in_a_long_descent_is_found_by_scan_as_by_update():
+    t = np.arange(400)
+    values = np.exp(-t * math.log(100.0) / 300 + 0.02 * np.random.default_rng(1).standard_normal(400))
+    values[200] *= 50.0
+    found = SpikeDetector(signal="loss").scan(t, values)
+    assert [(f.step, f.severity) for f in found] == [(200, "critical")]
+
+
+def test_critical_above_follows_a_steep_descents_baseline():
+    # the device-side skip (`keel.recover.gate`) reads critical_above: it must judge as update does mid-descent
+    values = _steep_descent()[:40]
+    below, above = SpikeDetector(signal="loss"), SpikeDetector(signal="loss")
+    _run(below, values), _run(above, values)
+    limit = below.critical_above(40)
+    assert limit < values[0]  # the recent level's limit: the window's median would put it above the first loss
+    assert [f.severity for f in below.update(Observation(step=40, values={"loss": limit * 0.999}))] != ["critical"]
+    assert [f.severity for f in above.update(Observation(step=40, values={"loss": limit * 1.001}))] == ["critical"]

@@ -27,7 +27,7 @@ import math
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from keel.detect.robust import MAD_TO_STD
+from keel.detect.robust import MAD_TO_STD, rolling_median, row_medians, step_noise_of
 
 SLACK = 1e-9  # relative margin on every bound: rounding moves each operation by ~1e-16
 HUGE = 1e300  # beyond this, means and differences may overflow: the block is not screened
@@ -104,3 +104,69 @@ def possible_spikes(
         quiet |= rise / (magnitude[at] + 1e-12) < min_excess * (1 - SLACK)
     quiet &= ~(np.abs(ordered).max(axis=1) > HUGE)[at]  # also NaN-safe: a comparison with NaN is not "quiet"
     return ~quiet
+
+
+@np.errstate(over="ignore", invalid="ignore")
+def possible_descent_spikes(
+    window: np.ndarray,
+    values: np.ndarray,
+    *,
+    recent: int,
+    threshold: float,
+    min_excess: float,
+    scale_floor: float,
+    error: float = 0.0,
+) -> np.ndarray:
+    """A mask over log-``values``: True where the spike detector might flag the value against a steep descent's
+    baseline (the median of the last ``recent`` values of its window, the window's step noise; `spike`).
+
+    Whether the window is such a descent is not checked: a step judged against the window's own median is
+    `possible_spikes`'s, so the union of the two masks is safe. Both statistics are computed exactly (the same
+    order statistics as the detector's), widened by ``error`` for NumPy's log.
+
+    Args:
+        window: The detector's full window of accepted log-values, oldest first.
+        values: The next log-values, each assumed accepted.
+        recent: Values whose median is the descent's level.
+        threshold, min_excess, scale_floor: The detector's `SpikeConfig` fields of those names (log space).
+        error: As for `possible_spikes`.
+
+    Example:
+        >>> window = np.log(9.0 * 45.0 ** (-np.arange(40) / 40))  # a loss falling 45× in 40 steps
+        >>> possible_descent_spikes(window, np.log([0.2, 300.0]), recent=8, threshold=6.0, min_excess=0.1,
+        ...                         scale_floor=0.01).tolist()
+        [False, True]
+    """
+    w, m = len(window), len(values)
+    if m == 0 or w < max(recent, 2):
+        return np.ones(m, dtype=bool) if m else np.zeros(0, dtype=bool)
+    acc = np.concatenate([window, values])
+    top = float(np.abs(acc).max())  # finite values (the scan's); NaN or inf leaves every value in doubt below
+    eta = error * top
+    level = rolling_median(acc[w - recent : w - 1 + m], recent)  # value k's: acc[k + w - recent : k + w]
+    rise = values - level + 2 * eta
+    maybe = ~(rise < math.log1p(min_excess) * (1 - SLACK))  # NaN-safe: not provably quiet
+    # a lower bound on each value's step noise first, block by block as in `possible_spikes`: the median of a
+    # window's w − 1 differences is at least the same rank of their union over the block (zeros pad the end)
+    # (only for the blocks that hold a value the excess leaves in doubt: most of a healthy stretch is not)
+    diffs = np.abs(np.diff(acc))
+    block = max(1, (w - 1) // 8)
+    span = w - 1 + block - 1
+    doubt = np.zeros(-(-m // block), dtype=bool)
+    doubt[np.flatnonzero(maybe) // block] = True
+    held = np.flatnonzero(doubt)
+    diffs_padded = np.concatenate(
+        [diffs, np.zeros(max(0, (held[-1] + 1) * block + w - 2 - len(diffs)))] if len(held) else [diffs]
+    )
+    least = np.sort(sliding_window_view(diffs_padded, span)[held * block], axis=1)[:, (w - 2) // 2]
+    noise_low = np.full(-(-m // block), np.inf)
+    noise_low[held] = step_noise_of(least) * (1 - SLACK) - 4 * eta
+    maybe &= ~(rise / np.maximum(noise_low[np.arange(m) // block], scale_floor) < threshold * (1 - SLACK))
+    at = np.flatnonzero(maybe)
+    if len(at):
+        spans = sliding_window_view(diffs, w - 1)[at]  # value k's window's differences
+        noise = step_noise_of(row_medians(spans)) * (1 - SLACK) - 4 * eta
+        quiet = rise[at] / np.maximum(noise, scale_floor) < threshold * (1 - SLACK)
+        quiet &= not top > HUGE  # also NaN-safe
+        maybe[at] = ~quiet
+    return maybe

@@ -19,6 +19,14 @@ fine-tune's ±30 % swings between easy and hard batches are symmetric and keep t
 about one healthy step in 6,000 was ``critical``). And a run whose own one-step outliers are large —
 heavy-tailed batches — needs a step ``tail_factor`` times further out (in log units) than the largest of its
 recent ones before it is ``critical``: a batch like those the run has shrugged off is no reason to skip.
+
+A steep descent (the first steps of a run: a linear regression's loss falling 45× in 40 steps) spreads the window
+over its own trend, and a window's median and MAD then hide even a 1,500× jump (3.8 robust z). While the window is
+such a descent (in log space: the median of its last ``RECENT`` values at least ``DESCENT`` robust scales below the
+window's median, and the window's spread at least ``TREND_SPREAD`` times its step-to-step noise, `robust.step_noise`,
+which a trend hardly moves), a step is judged against that recent level and the step noise instead: a detrended
+baseline that lags the descent by a few steps, so it errs high (towards silence). A rising window never qualifies
+(sustained rises are the divergence detector's).
 """
 
 from __future__ import annotations
@@ -36,9 +44,10 @@ from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
 from keel._core.validate import check_types, require_ints, require_positive
 from keel.detect._running_median import RunningMedian
-from keel.detect._spike_screen import possible_spikes
+from keel.detect._spike_screen import possible_descent_spikes, possible_spikes
 from keel.detect.detector import DETECTORS
-from keel.detect.robust import relative_excess, robust_z
+from keel.detect.robust import median as median_of
+from keel.detect.robust import relative_excess, robust_z, step_noise
 from keel.detect.scan import SCAN_CHUNK, SCAN_CHUNK_MAX, as_series
 
 
@@ -121,6 +130,9 @@ GRAD_NORM_DEFAULTS: _GradNormDefaults = {
 TAIL_SPAN = 1000  # steps an isolated outlier counts towards the run's own tail
 TAIL_KEPT = 16  # isolated outliers remembered (the largest recent one is what counts)
 LOG_ERROR = 1e-12  # NumPy's log against math.log, relative: a few ulp in fact; the screen widens its bounds by it
+RECENT = 8  # accepted values whose median is the level of a steep descent (it lags the descent by ~4 steps)
+DESCENT = 0.5  # robust scales of the window the recent level must lie below its median: a descent, not noise
+TREND_SPREAD = 3.0  # the window's spread over its step noise from which the spread is the trend's, not noise
 
 
 @DETECTORS.register("spike")
@@ -169,7 +181,7 @@ class SpikeDetector:
         if len(self._accepted) < cfg.min_history:
             self._accepted.push(y)
             return []
-        median, scale = self._accepted.location_scale()
+        median, scale = self._baseline()
         floor = cfg.scale_floor if self._log else cfg.scale_floor * abs(median) + 1e-12
         z = robust_z(y, median, scale, floor)
         excess = relative_excess(y - median) if self._log else (y - median) / (abs(median) + 1e-12)
@@ -225,6 +237,16 @@ class SpikeDetector:
                 min_excess=cfg.min_excess,
                 scale_floor=cfg.scale_floor,
             )
+            if self._log:  # a steep descent is judged against its recent level (`_baseline`): screened apart
+                maybe |= possible_descent_spikes(
+                    np.array(self._accepted.values),
+                    ys,
+                    recent=RECENT,
+                    error=LOG_ERROR,
+                    threshold=cfg.threshold,
+                    min_excess=cfg.min_excess,
+                    scale_floor=cfg.scale_floor,
+                )
             done = 0
             for k in np.flatnonzero(maybe).tolist():
                 self._accept_quiet(values[at[done:k]], steps[at[done:k]])
@@ -263,7 +285,7 @@ class SpikeDetector:
         cfg = self.config
         if len(self._accepted) < cfg.min_history or len(self._episode) + 1 >= cfg.rebase_after:
             return math.inf  # warming up, or the next spike step rebases (info)
-        median, scale = self._accepted.location_scale()
+        median, scale = self._baseline()
         tail = max((e for at, e in self._outliers if step - at <= TAIL_SPAN), default=0.0)
         z_needed, excess_needed = max(cfg.threshold, cfg.critical_z), max(cfg.min_excess, cfg.critical_excess)
         if self._log:
@@ -278,6 +300,19 @@ class SpikeDetector:
             math.expm1(cfg.tail_factor * math.log1p(tail)) * unit,
         )
         return median + rise
+
+    def _baseline(self) -> tuple[float, float]:
+        """The (location, scale) a value is judged against: the window's median and MAD, or during a steep descent
+        (log space) the median of its last ``RECENT`` values and its step noise."""
+        median, scale = self._accepted.location_scale()
+        if not self._log:
+            return median, scale
+        window = list(self._accepted.values)  # oldest first
+        recent = median_of(window[-RECENT:])
+        if median - recent < DESCENT * scale:
+            return median, scale
+        noise = step_noise([b - a for a, b in zip(window, window[1:], strict=False)])
+        return (recent, noise) if scale >= TREND_SPREAD * noise else (median, scale)
 
     def _update_at(self, steps: np.ndarray, values: np.ndarray, i: int) -> list[Finding]:
         x = float(values[i])
