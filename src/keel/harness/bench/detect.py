@@ -10,7 +10,8 @@ Example:
     keel bench detect                     # all scenarios, a table
     keel bench detect --json              # the figures as JSON
     keel bench detect --only lr_spike --only data_outliers
-    keel bench detect --probe-costs       # CPU cost per step of each transformer probe
+    keel bench detect --probe-costs       # CPU cost per step of each opt-in probe, stabilizer, loss, ...
+    keel bench detect --probe-costs --group stabilizers --group lora
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from keel._core.argtypes import cpu_threads, nonnegative_int, positive_int
 from keel.detect.diagnosis import diagnose
 from keel.detect.lead_time import degradation_step, lead_steps
 from keel.guard.console import progress_bar, silenced
+from keel.harness.bench._component_costs import GROUPS, selected_rows
 from keel.harness.bench._progress import bench_progress
 from keel.harness.scenarios import create_scenario, list_scenarios
 
@@ -132,7 +134,7 @@ def bench_detect(
 
 PROBE_COST_DEFAULTS = {"repeats": 7, "steps": 10}
 ZOO_FLAGS = ("only", "seed", "no_reference")
-PROBE_COST_FLAGS = ("repeats", "steps", "threads")
+PROBE_COST_FLAGS = ("repeats", "steps", "threads", "group")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -153,7 +155,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--probe-costs",
         action="store_true",
-        help="instead: measure the CPU cost per step of each transformer probe on the small proxy",
+        help="instead: measure the CPU cost per step of each opt-in probe, stabilizer, quantizer, loss, remedy and "
+        "Guard option on the small proxy",
     )
     parser.add_argument(
         "--repeats",
@@ -169,6 +172,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--threads", type=cpu_threads, default=None, help="--probe-costs: torch threads (default: torch's)"
+    )
+    parser.add_argument(
+        "--group",
+        action="append",
+        choices=GROUPS,
+        metavar="GROUP",
+        help=f"--probe-costs: time only this group of rows and their baselines (repeatable); one of: "
+        f"{', '.join(GROUPS)} (default: all)",
     )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
@@ -202,24 +213,28 @@ def main(args: argparse.Namespace) -> int:
                     steps=args.steps or PROBE_COST_DEFAULTS["steps"],
                     repeats=repeats,
                     threads=args.threads,
+                    groups=tuple(dict.fromkeys(args.group)) if args.group else None,
                     progress=progress,
                 )
         if args.json:
             print(json.dumps(costs, indent=2))
         else:
             print(
-                f"  {'variant':32s} {'every':>5s} {'ms/step':>8s} {'ratio':>7s} {'+ms/meas.':>9s} "
-                f"{'+% of bare step at its cadence':>31s}"
+                f"  {'variant':40s} {'every':>5s} {'ms/step':>8s} {'ratio':>7s} {'+ms/meas.':>9s} "
+                f"{'+% of bare step at its cadence':>31s}  against (ratio, +ms)"
             )
             for name, ms in costs["cpu_ms_per_step"].items():
                 every = costs["default_every"].get(name)
                 amortized = costs["amortized_fraction_of_bare"].get(name)
                 ratio = costs["ratio_to_bare"][name]
                 print(
-                    f"  {name:32s} {every if every else '':>5} {ms:8.2f} {ratio:7.3f} "
+                    f"  {name:40s} {every if every else '':>5} {ms:8.2f} {ratio:7.3f} "
                     f"{costs['extra_ms_vs_foundation'][name]:+9.2f} "
-                    + (f"{100 * amortized:+30.2f}%" if amortized is not None else "")
+                    + (f"{100 * amortized:+30.2f}%" if amortized is not None else f"{'':31s}")
+                    + "  {}, {}".format(*costs["against"][name])
                 )
+            for name, why in costs["skipped"].items():
+                print(f"  {name:40s} skipped: {why}")
             for setting, s in costs["sharpness"].items():
                 print(
                     f"  sharpness ({setting}): {s['s_per_measurement']:.2f} s per measurement = "
@@ -268,9 +283,11 @@ def probe_costs(
     steps: int = 10,
     repeats: int = 7,
     threads: int | None = None,
+    groups: tuple[str, ...] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """CPU time per step of each of keel's transformer probes on a proxy model, against the loop without it.
+    """CPU time per step of each of keel's opt-in probes, stabilizers, quantizers, step-changing losses, remedies
+    and `Guard` options on a proxy model, against the loop without it.
 
     Every variant trains its own copy of the proxy under `Guard(policy="observe")` with the foundation's
     probes (loss, gradient and parameter norms) plus the probe measured, forced to measure on every step (so
@@ -285,13 +302,23 @@ def probe_costs(
     (`keel.nn.fake_quantize`): ``qat bare`` against the dense ``bare`` loop is fake quantization's own cost; the
     ``weight_oscillation`` probe and confidence-guided annealing (``cga``, its freeze and restore around each
     ``optimizer.step()``) are measured against that model's ``qat bare`` and ``qat foundation``.
+    The rows of `keel.harness.bench._component_costs` (``ROWS``, ``against`` in the result names each row's two
+    baselines): the stabilizers of `keel.nn.stabilize` in bare loops against the bare loop of the same proxy (dense,
+    or with MoE blocks for the MoE ones); the minmax int4 grid against the dense ``bare``; teacher intervention on
+    the 3-bit QAT proxy against ``qat bare``; StableMax cross-entropy against ``bare``; ALLoRA against peft LoRA
+    without it (``lora bare``, skipped without peft); ``max_grad_norm`` and ``sync="deferred"`` against
+    ``foundation``. ``groups`` (`GROUPS`) runs only those rows and their baselines; sharpness is timed with
+    ``probes``.
     """
+    import importlib.util
+    import inspect
     import statistics
 
     import torch
     import torch.nn.functional as F
 
     from keel.guard import Guard
+    from keel.harness.bench._component_costs import ROWS, component_loop
     from keel.harness.bench.loop import train_steps
     from keel.nn import fake_quantize
     from keel.optim import ConfidenceGuidedAnnealing
@@ -301,6 +328,11 @@ def probe_costs(
 
     if threads is not None:
         torch.set_num_threads(threads)
+    rows = selected_rows(groups)
+    skipped = []
+    if importlib.util.find_spec("peft") is None:  # ALLoRA's rows need peft's LoRA layers (keel[test])
+        skipped = [n for n in rows if ROWS[n].group == "lora"]
+        rows = [n for n in rows if n not in skipped]
     base = ["loss", "grad_norm", "param_norm"]
     variants: dict[str, Any] = {"bare": None, "foundation": base}
     default_every: dict[str, int] = {}
@@ -321,35 +353,38 @@ def probe_costs(
     # own bare and foundation loops are its baselines
     default_every["router"] = int(create_probe("router").config.every)  # type: ignore[attr-defined]
     variants["router (no MoE)"] = base + [create_probe("router", every=1)]
-    moe = {"moe bare": "moe bare", "moe foundation": "moe foundation", "router": "moe foundation"}
+    moe = ("moe bare", "moe foundation", "router")
     variants.update({"moe bare": None, "moe foundation": base, "router": base + [create_probe("router", every=1)]})
-    # each QAT variant's (bare, foundation): qat bare against the dense loop is the cost of fake quantization itself
-    qat = {
-        "qat bare": ("bare", "qat bare"),
-        "qat foundation": ("qat bare", "qat foundation"),
-        "weight_oscillation": ("qat bare", "qat foundation"),
-        "cga": ("qat bare", "qat foundation"),
-    }
+    # QAT: qat bare against the dense loop is the cost of fake quantization itself
+    qat = ("qat bare", "qat foundation", "weight_oscillation", "cga")
     variants.update({"qat bare": None, "qat foundation": base, "cga": base})
     variants["weight_oscillation"] = base + [create_probe("weight_oscillation")]
     default_every.update({"weight_oscillation": 1, "cga": 1})  # both run on every step
-    loops = {}
-    for name, probes in variants.items():
-        torch.manual_seed(0)
-        model: torch.nn.Module = create_proxy_model(size, **({"moe": MoeConfig()} if name in moe else {}))
-        if name in qat:
-            model = fake_quantize(model, "statsq", bits=3)
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
-        if name == "cga":
-            ConfidenceGuidedAnnealing.for_model(model).attach(opt)
-        data = [ProxyBatches(batch_size=16, seq_len=64, seed=0).next() for _ in range(4)]
-        guard = Guard(model, opt, policy="observe", probes=probes) if probes is not None else None
-        loops[name] = (model, opt, data, guard)
+    default_every["update_ratio"] = inspect.signature(Guard).parameters["log_every"].default  # its log steps
+    default_every = {n: every for n, every in default_every.items() if n in rows}
+    data = [ProxyBatches(batch_size=16, seq_len=64, seed=0).next() for _ in range(4)]
+    loops: dict[str, tuple[Any, ...]] = {}
+    for name in rows:
+        loss_fn = None
+        if name in variants:
+            torch.manual_seed(0)
+            model: torch.nn.Module = create_proxy_model(size, **({"moe": MoeConfig()} if name in moe else {}))
+            if name in qat:
+                model = fake_quantize(model, "statsq", bits=3)
+            opt: torch.optim.Optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+            if name == "cga":
+                ConfidenceGuidedAnnealing.for_model(model).attach(opt)
+            probes = variants[name]
+            kwargs = None if probes is None else {"probes": probes}
+        else:  # a stabilizer, quantizer, loss, ALLoRA or a Guard option (keel.harness.bench._component_costs)
+            model, opt, kwargs, loss_fn = component_loop(name, size, base)
+        guard = Guard(model, opt, policy="observe", **kwargs) if kwargs is not None else None
+        loops[name] = (model, opt, data, guard, loss_fn)
 
     def block(name: str, n: int) -> float:
-        model, opt, data, guard = loops[name]
+        model, opt, data, guard, loss_fn = loops[name]
         start = time.process_time()
-        train_steps(model, opt, data, guard, n)
+        train_steps(model, opt, data, guard, n, loss_fn=loss_fn)
         return (time.process_time() - start) / n
 
     names = list(loops)
@@ -361,18 +396,35 @@ def probe_costs(
             times[name].append(block(name, steps))
         if progress is not None:
             progress(f"repeat {r + 1}/{repeats}")
-    for _, _, _, guard in loops.values():
-        if guard is not None:
-            guard.close()
-    bare = {n: "moe bare" if n in moe else qat[n][0] if n in qat else "bare" for n in names}
-    foundation = {n: moe.get(n) or (qat[n][1] if n in qat else "foundation") for n in names}
+    for loop in loops.values():
+        if loop[3] is not None:
+            loop[3].close()
+    bare = {n: ROWS[n].bare for n in names}
+    foundation = {n: ROWS[n].foundation for n in names}
     ms = {n: 1e3 * statistics.median(t) for n, t in times.items()}
     ratio = {n: statistics.median(a / b for a, b in zip(times[n], times[bare[n]], strict=True)) for n in names}
     extra = {
         n: statistics.median(1e3 * (a - b) for a, b in zip(times[n], times[foundation[n]], strict=True)) for n in names
     }
     amortized = {n: extra[n] / every / ms[bare[n]] for n, every in default_every.items()}
-    model, opt, data, _ = loops["bare"]
+    result = {
+        "size": size,
+        "steps": steps,
+        "repeats": repeats,
+        "threads": torch.get_num_threads(),
+        "groups": list(groups or GROUPS),
+        "cpu_ms_per_step": ms,
+        "ratio_to_bare": ratio,
+        "extra_ms_vs_foundation": extra,
+        "against": {n: [bare[n], foundation[n]] for n in names},
+        "default_every": default_every,
+        "amortized_fraction_of_bare": amortized,
+        "sharpness": {},
+        "skipped": {n: "peft is not installed" for n in skipped},
+    }
+    if groups is not None and "probes" not in groups:
+        return result
+    model, opt, data, _, _ = loops["bare"]
     x, y = data[0]
     named = list(model.named_parameters())
     ctx = StepContext(
@@ -403,19 +455,9 @@ def probe_costs(
             "bare_steps": 1e3 * s / ms["bare"],
             "amortized_fraction_of_bare": 1e3 * s / every / ms["bare"],
         }
-    return {
-        "size": size,
-        "steps": steps,
-        "repeats": repeats,
-        "threads": torch.get_num_threads(),
-        "cpu_ms_per_step": ms,
-        "ratio_to_bare": ratio,
-        "extra_ms_vs_foundation": extra,
-        "default_every": default_every,
-        "amortized_fraction_of_bare": amortized,
-        "sharpness": sharpness,
-        "sharpness_batch": "8x64 (a fixed probe batch)",
-    }
+    result["sharpness"] = sharpness
+    result["sharpness_batch"] = "8x64 (a fixed probe batch)"
+    return result
 
 
 if __name__ == "__main__":  # `python -m keel.harness.bench.detect` until `keel bench detect` is registered

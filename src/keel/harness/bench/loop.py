@@ -21,6 +21,7 @@ def train_steps(
     signals: Callable[[], Mapping[str, Tensor]] | None = None,
     batch_ids: Callable[[int], Sequence[int]] | None = None,
     example_signals: Callable[[Tensor], Mapping[str, Any]] | None = None,
+    loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
 ) -> None:
     """``n`` language-model steps over ``data`` (cycled): forward, backward, then ``guard.step`` — or the
     optimizer alone when there is no guard. Waits for the device at the end, so a timer around it is honest.
@@ -28,11 +29,16 @@ def train_steps(
     example ids of the i-th batch; each ``guard.step`` then gets ``batch_ids=`` and ``batch=`` (a loop that tells
     keel what it trained on, for `keel.Attribution` and the skip list). ``example_signals``: the loop keeps each
     sequence's loss (the step's loss is their mean) and makes its ``signals=`` from them (``keel.signals.
-    source_losses``)."""
+    source_losses``). ``loss_fn``: the step's loss from ``(x, y)`` in place of the cross-entropy (a loop that adds a
+    z-loss or a distillation term, or trains on another loss); not with ``example_signals``."""
+    if loss_fn is not None and example_signals is not None:
+        raise ValueError("train_steps: loss_fn and example_signals together; allowed: one of them")
     for i in range(n):
         x, y = data[i % len(data)]
         step_signals = None
-        if example_signals is None:
+        if loss_fn is not None:
+            loss = loss_fn(x, y)
+        elif example_signals is None:
             loss = F.cross_entropy(model(x).flatten(0, 1), y.flatten())
         else:
             losses = F.cross_entropy(model(x).transpose(1, 2), y, reduction="none").mean(1)
