@@ -8,17 +8,25 @@ torch_save_s / blocked_s, medians over repeats; the first (cold, allocating) tak
 copy's bandwidth is measured separately, fencing right after ``take`` with no work to hide behind, and so
 is the cost the background copy does impose: the overlapped forward/backward against the same work alone
 (on a 2-core CPU the copy competes with the model for cores; on a GPU it uses the copy engine).
+
+``--lora``: a peft LoRA fine-tune (a Llama built from a config, `LORA_LLAMA`, rank 8 on q_proj/v_proj): keel's
+snapshot, which leaves the frozen base out (`keel.recover.fixed`), against a full copy of every parameter
+(``copy_fixed=True``, keel's snapshot before), the two arms alternating in each repeat, each copied on the thread a
+Guard would choose here (``background=None``); and the one-off cost of the base's checksum that disk snapshots
+record.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
 import tempfile
 import time
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -27,8 +35,21 @@ from keel._core.argtypes import ArgumentValueError, device, positive_int, show
 from keel._core.validate import check_types
 from keel.harness.bench._progress import bench_progress
 from keel.recover import SnapshotRing, TrainingState
+from keel.recover.fixed import checksum
 
 SIZES = {"50M": (2048, 12), "200M": (4096, 12)}
+# ~34M parameters (8 layers, 512 wide, vocabulary 8192): big enough that the base dominates, built in seconds
+LORA_LLAMA: dict[str, Any] = {
+    "hidden_size": 512,
+    "intermediate_size": 1408,
+    "num_hidden_layers": 8,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 8,
+    "vocab_size": 8192,
+    "max_position_embeddings": 256,
+}
+LORA_RANK = 8
+EXTRA = "pip install 'keel[test]' (transformers and peft)"
 
 
 @dataclass(kw_only=True)
@@ -40,15 +61,19 @@ class SnapshotBenchConfig:
         repeats: Timed repeats per size.
         batch: Rows of the forward/backward that the background copy overlaps.
         device: ``cpu`` or ``cuda``.
+        lora: Also measure a LoRA fine-tune's snapshot against a full copy (needs transformers and peft).
     """
 
     sizes: tuple[str, ...] = ("50M", "200M")
     repeats: int = 3
     batch: int = 16
     device: str = "cpu"
+    lora: bool = False
 
     def __post_init__(self) -> None:
         check_types(self)
+        if self.lora and (importlib.util.find_spec("peft") is None or importlib.util.find_spec("transformers") is None):
+            raise ValueError(f"SnapshotBenchConfig.lora=True needs transformers and peft; allowed: with them ({EXTRA})")
         unknown = [s for s in self.sizes if s not in SIZES]
         if unknown:
             raise ValueError(f"SnapshotBenchConfig.sizes={unknown}; allowed: {', '.join(SIZES)}")
@@ -139,7 +164,87 @@ def bench_snapshot(config: SnapshotBenchConfig | None = None, progress=None) -> 
             }
         )
         del model, opt, state, ring, snap
-    return {"device": config.device, "threads": torch.get_num_threads(), "repeats": config.repeats, "results": results}
+    figures = {"device": config.device, "threads": torch.get_num_threads(), "repeats": config.repeats}
+    figures["results"] = results
+    if config.lora:
+        figures["lora"] = bench_lora(config, progress)
+    return figures
+
+
+def _lora_model(device: str) -> tuple[nn.Module, torch.optim.Optimizer, torch.Tensor]:
+    import peft
+    import transformers
+
+    torch.manual_seed(0)
+    base = transformers.LlamaForCausalLM(transformers.LlamaConfig(**LORA_LLAMA, bos_token_id=0, eos_token_id=0))
+    lora = peft.LoraConfig(r=LORA_RANK, lora_alpha=2 * LORA_RANK, target_modules=["q_proj", "v_proj"])
+    model = peft.get_peft_model(base, lora).to(device)
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    ids = torch.randint(0, LORA_LLAMA["vocab_size"], (2, 64), device=device)
+    model(input_ids=ids, labels=ids).loss.backward()
+    opt.step()  # creates the adapters' moments
+    opt.zero_grad(set_to_none=True)
+    return model, opt, ids
+
+
+def bench_lora(config: SnapshotBenchConfig, progress=None) -> dict:
+    """Blocked time and bytes of keel's LoRA snapshot (the frozen base left out) against a full copy, medians of
+    ``config.repeats`` with the arms alternating; and the time of the base's checksum (once per run, on disk)."""
+    model, opt, ids = _lora_model(config.device)
+    state = TrainingState(model=model, optimizer=opt)
+    # The copy thread as a Guard chooses it (a spare core: in the background; none: in place, blocking the step)
+    rings = {"keel": SnapshotRing(capacity=1), "full": SnapshotRing(capacity=1, copy_fixed=True)}
+    nbytes = {}
+    for name, ring in rings.items():  # the cold take allocates: not timed
+        nbytes[name] = ring.take(0, state).nbytes()
+        ring.fence()
+    blocked: dict[str, list[float]] = {name: [] for name in rings}
+    copy: dict[str, list[float]] = {name: [] for name in rings}
+    for r in range(config.repeats):
+        for name, ring in rings.items():
+            _sync(config.device)
+            t0 = time.perf_counter()
+            ring.take(2 * r + 1, state)
+            t1 = time.perf_counter()
+            model(input_ids=ids, labels=ids).loss.backward()  # the work the copy overlaps
+            _sync(config.device)
+            t2 = time.perf_counter()
+            ring.fence()
+            blocked[name].append((t1 - t0) + (time.perf_counter() - t2))
+            model.zero_grad(set_to_none=True)
+            t0 = time.perf_counter()
+            ring.take(2 * r + 2, state)
+            ring.fence()
+            copy[name].append(time.perf_counter() - t0)
+        if progress is not None:
+            progress(f"lora: repeat {r + 1}/{config.repeats}")
+    for ring in rings.values():
+        ring.close()
+    fixed = [p for p in model.parameters() if not p.requires_grad]
+    _sync(config.device)
+    t0 = time.perf_counter()
+    for p in fixed:
+        checksum(p)
+    checksum_s = time.perf_counter() - t0
+    fixed_bytes = sum(p.numel() * p.element_size() for p in fixed)
+    med = {name: (statistics.median(blocked[name]), statistics.median(copy[name])) for name in rings}
+    return {
+        "params": sum(p.numel() for p in model.parameters()),
+        "trainable": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "rank": LORA_RANK,
+        "background": rings["keel"].background,
+        "bytes": nbytes["keel"],
+        "full_bytes": nbytes["full"],
+        "blocked_s": med["keel"][0],
+        "full_blocked_s": med["full"][0],
+        "copy_s": med["keel"][1],
+        "full_copy_s": med["full"][1],
+        "bytes_ratio": nbytes["full"] / nbytes["keel"],
+        "blocked_ratio": med["full"][0] / med["keel"][0],
+        "checksum_s": checksum_s,
+        "checksum_gb_per_s": fixed_bytes / checksum_s / 1e9 if checksum_s > 0 else None,
+        "fixed_bytes": fixed_bytes,
+    }
 
 
 def _sizes(text: str) -> tuple[str, ...]:
@@ -157,12 +262,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sizes", default="50M,200M", type=_sizes, help="comma-separated, from: " + ", ".join(SIZES))
     parser.add_argument("--repeats", type=positive_int, default=3)
     parser.add_argument("--device", default="cpu", type=device("cpu", "cuda"), metavar="{cpu,cuda}")
+    parser.add_argument(
+        "--lora", action="store_true", help="also a peft LoRA fine-tune: keel's snapshot vs a full copy"
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
 def main(args: argparse.Namespace) -> int:
-    config = SnapshotBenchConfig(sizes=args.sizes, repeats=args.repeats, device=args.device)
-    with bench_progress(len(config.sizes) * config.repeats, "keel bench snapshot", enabled=not args.json) as progress:
+    config = SnapshotBenchConfig(sizes=args.sizes, repeats=args.repeats, device=args.device, lora=args.lora)
+    total = (len(config.sizes) + config.lora) * config.repeats
+    with bench_progress(total, "keel bench snapshot", enabled=not args.json) as progress:
         result = bench_snapshot(config, progress)
     if args.json:
         print(json.dumps(result, indent=2))
@@ -177,4 +286,23 @@ def main(args: argparse.Namespace) -> int:
             f"{r['torch_save_s']:>13.3f} {r['ratio']:>8.1f} {r['cold_take_s']:>12.3f} {r['copy_gb_per_s']:>10.2f} "
             f"{r['work_s']:>15.3f} → {r['work_with_copy_s']:.3f}"
         )
+    if "lora" in result:
+        _print_lora(result["lora"])
     return 0
+
+
+def _print_lora(r: dict) -> None:
+    print(
+        f"\nLoRA: Llama from a config, {r['params'] / 1e6:.1f}M parameters, rank {r['rank']} on q_proj/v_proj "
+        f"({r['trainable']:,} trainable); copied {'in the background' if r['background'] else 'in place'} "
+        "as a Guard does here; medians of the arms alternating"
+    )
+    print(f"{'snapshot':>30} {'state MB':>9} {'blocked s':>10} {'copy s':>8}")
+    for label, suffix in (("full copy (copy_fixed=True)", "full_"), ("keel (frozen base left out)", "")):
+        megabytes, blocked, copied = r[suffix + "bytes"] / 1e6, r[suffix + "blocked_s"], r[suffix + "copy_s"]
+        print(f"{label:>30} {megabytes:>9.2f} {blocked:>10.4f} {copied:>8.4f}")
+    print(f"{'full / keel':>30} {r['bytes_ratio']:>8.1f}x {r['blocked_ratio']:>9.1f}x")
+    print(
+        f"base checksum for disk snapshots (once per run): {r['checksum_s']:.3f} s for "
+        f"{r['fixed_bytes'] / 1e6:.0f} MB ({r['checksum_gb_per_s']:.2f} GB/s)"
+    )
