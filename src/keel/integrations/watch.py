@@ -41,6 +41,7 @@ from keel._core.errors import KeelWarning, TrainingAborted
 from keel.guard import Guard
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
+from keel.signals._hooks import ObserverHook
 
 
 class Watch:
@@ -69,7 +70,7 @@ class Watch:
         self._warned: set[str] = set()
         self._closed = False
         self._handoff = Handoff()
-        self._hook = model.register_forward_hook(self._capture_output, with_kwargs=True)
+        self._hook = model.register_forward_hook(ObserverHook(self._capture_output), with_kwargs=True)
         self._handoff.gate(optimizer, "step", self._optimizer_step)
         if scaler is not None:
             self._handoff.gate(scaler, "step", self._scaler_step)

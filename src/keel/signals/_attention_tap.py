@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from keel.signals._hooks import compiling, find_attention_modules, hooks_active, named_modules_by_name
+from keel.signals._hooks import ObserverHook, compiling, find_attention_modules, hooks_active, named_modules_by_name
 from keel.signals.attention_stats import attention_entropy_sums, attention_max_logit, sdpa_logits
 
 TAP_NAME = "logits_tap"  # an attention module may expose its masked logits through a child of this name
@@ -91,10 +91,14 @@ class AttentionTap:
         for site in self.sites:
             tap = getattr(site.module, TAP_NAME, None)
             if isinstance(tap, nn.Module):  # the model hands over its logits: no interception needed
-                self._handles.append(tap.register_forward_hook(lambda m, a, o, s=site: self._tapped(s, o)))
+                self._handles.append(
+                    tap.register_forward_hook(ObserverHook(lambda m, a, o, s=site: self._tapped(s, o)))
+                )
                 continue
-            pre = site.module.register_forward_pre_hook(lambda m, a, s=site: self._enter(s, m))
-            post = site.module.register_forward_hook(lambda m, a, o, s=site: self._exit(s), always_call=True)
+            pre = site.module.register_forward_pre_hook(ObserverHook(lambda m, a, s=site: self._enter(s, m)))
+            post = site.module.register_forward_hook(
+                ObserverHook(lambda m, a, o, s=site: self._exit(s)), always_call=True
+            )
             self._handles += [pre, post]
 
     # --- subscriptions ----------------------------------------------------------------------------------

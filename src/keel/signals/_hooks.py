@@ -1,4 +1,5 @@
-"""Helpers shared by the activation probes: finding the modules to hook, and pausing every hook at once.
+"""Helpers shared by the activation probes: finding the modules to hook, pausing every hook at once, and the hook
+object a copy of the model carries inert.
 
 Activation probes reduce inside forward hooks and keep no tensors. Forwards that are not training steps
 (evaluation in ``model.eval()``, the extra forward of the sharpness probe) must not leak into a step's
@@ -16,7 +17,8 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +49,38 @@ def quiet() -> Iterator[None]:
 def hooks_active() -> bool:
     """False inside `quiet`."""
     return getattr(_state, "depth", 0) == 0
+
+
+class ObserverHook:
+    """A forward (pre-)hook through which keel observes a module of the user's model.
+
+    Torch keeps hooks on the module, so every copy of the model takes them along: ``copy.deepcopy(model)`` (an EMA
+    or a DPO reference model) and ``torch.save(model)`` (a whole-model checkpoint). A plain function hook makes the
+    copy's forwards feed keel's probes (a deep copy shares the function), and a bound method or a closure drags the
+    probe, the guard and its open store into the pickle, which fails and kills the run. This hook copies and
+    pickles as an inert one: the copy's forwards run it and it does nothing; the original keeps observing.
+
+    Example:
+        >>> import copy
+        >>> seen = []
+        >>> hook = ObserverHook(lambda *args: seen.append(len(args)))
+        >>> hook(1, 2), copy.deepcopy(hook)(1, 2), seen
+        (None, None, [2])
+    """
+
+    __slots__ = ("fn",)
+
+    def __init__(self, fn: Callable[..., Any] | None = None) -> None:
+        self.fn = fn
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return None if self.fn is None else self.fn(*args, **kwargs)
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> ObserverHook:
+        return ObserverHook()
+
+    def __reduce__(self) -> tuple[type, tuple]:
+        return ObserverHook, ()
 
 
 def compiling() -> bool:

@@ -34,7 +34,14 @@ from torch import Tensor, nn
 from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
-from keel.signals._hooks import add_count, find_blocks, hooks_active, looks_like_sequence_model, named_modules_by_name
+from keel.signals._hooks import (
+    ObserverHook,
+    add_count,
+    find_blocks,
+    hooks_active,
+    looks_like_sequence_model,
+    named_modules_by_name,
+)
 from keel.signals.attn_logits import due
 from keel.signals.norms import accumulation_dtype
 from keel.signals.numerics import judged_format
@@ -115,7 +122,8 @@ class ActivationRmsProbe:
             )
         self.names = tuple(name for name, _ in found)
         self._handles = [
-            m.register_forward_hook(lambda mod, a, out, i=i: self._hook(i, mod, out)) for i, (_, m) in enumerate(found)
+            m.register_forward_hook(ObserverHook(lambda mod, a, out, i=i: self._hook(i, mod, out)))
+            for i, (_, m) in enumerate(found)
         ]
         self._armed = due(0, self.config.every)
 

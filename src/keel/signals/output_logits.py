@@ -56,7 +56,14 @@ from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
 from keel.losses.z_loss import log_partition
-from keel.signals._hooks import add_count, compiling, find_output_head, hooks_active, named_modules_by_name
+from keel.signals._hooks import (
+    ObserverHook,
+    add_count,
+    compiling,
+    find_output_head,
+    hooks_active,
+    named_modules_by_name,
+)
 from keel.signals._softmax_head import CHECKING, SoftmaxHeadCheck, shifts_labels, trusted_head
 from keel.signals.attn_logits import due
 from keel.signals.norms import accumulation_dtype
@@ -174,11 +181,11 @@ class OutputLogitsProbe:
         )
         self._causal_lm = shifts_labels(model)
         self._handles = [
-            head.register_forward_hook(self._hook),
-            model.register_forward_pre_hook(self._labels_hook, with_kwargs=True),
+            head.register_forward_hook(ObserverHook(self._hook)),
+            model.register_forward_pre_hook(ObserverHook(self._labels_hook), with_kwargs=True),
         ]
         if head is not model:
-            self._handles.append(model.register_forward_hook(self._model_hook))
+            self._handles.append(model.register_forward_hook(ObserverHook(self._model_hook)))
         self._armed = due(0, self.config.every)
 
     def detach(self) -> None:

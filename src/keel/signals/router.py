@@ -65,7 +65,7 @@ from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
 from keel.losses._router_layout import declared_top_k, parent_module, routers_by_layout, split_router_output
-from keel.signals._hooks import compiling, hooks_active, named_modules_by_name
+from keel.signals._hooks import ObserverHook, compiling, hooks_active, named_modules_by_name
 from keel.signals.attn_logits import due
 from keel.signals.logit_stats import log_partition
 from keel.signals.probe import Measurements, PerParam, StepContext
@@ -270,7 +270,7 @@ class RouterProbe:
         self.sites = find_routers(model, self.config.modules, self.config.top_k)
         _warn_unknown_top_k(self.sites)
         self._handles = [
-            site.module.register_forward_hook(lambda mod, a, out, s=site: self._hook(s, mod, out))
+            site.module.register_forward_hook(ObserverHook(lambda mod, a, out, s=site: self._hook(s, mod, out)))
             for site in self.sites
         ]
         self._armed = due(0, self.config.every)
