@@ -43,6 +43,21 @@ def test_backward_birth_names_the_last_parameter_with_a_bad_gradient():
     assert finding.evidence["finite_after"] == ["blocks.1.attn.proj.weight", "head.weight"]
 
 
+def test_every_gradient_non_finite_under_a_finite_loss_is_born_at_the_loss_not_in_the_last_module():
+    # nanoGPT ties the head to the embedding, so its last parameter in registration order is the final norm's: a
+    # NaN multiplied into the loss after the model made every gradient NaN and was blamed on transformer.ln_f
+    names = ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.ln_f.weight")
+    obs = Observation(
+        step=61,
+        values={"loss": 2.9},
+        per_param={"grad/norm/": (names, [NAN, NAN, NAN]), "act/max_abs/": (("transformer.h.0",), [3.0])},
+    )
+    (finding,) = NonFiniteOriginDetector().update(obs)
+    assert (finding.evidence["module"], finding.evidence["pass"]) == ("loss", "backward")
+    assert "ln_f" not in finding.cause and "backward()" in finding.cause
+    assert finding.advice.startswith("Check the loss function")
+
+
 def test_on_a_real_model_with_nan_injected_in_one_block():
     torch.manual_seed(0)
     model = create_proxy_model("tiny", seq_len=8)

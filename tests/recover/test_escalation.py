@@ -38,6 +38,11 @@ def test_non_finite_parameters_need_a_rollback_not_a_skip():
     assert d.action == "rollback"
 
 
+def test_non_finite_parameters_abort_under_skip_at_once_rather_than_train_on_nan():
+    d = Escalation(EscalationConfig(policy="skip")).decide(7, [_f("non_finite", signal="param/norm")])
+    assert d.action == "abort" and "policy='recover'" in d.reason
+
+
 def test_skip_cap_rolls_back_to_the_start_of_the_run_of_skips_under_recover():
     esc = Escalation(EscalationConfig(policy="recover", max_consecutive_skips=2))
     actions = [esc.decide(s, [_f("loss_spike")]) for s in range(10, 13)]

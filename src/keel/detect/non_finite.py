@@ -65,7 +65,10 @@ class NonFiniteDetector:
         if culprits:
             evidence["parameters"] = culprits[:MAX_NAMED]
             evidence["count"] = len(culprits)
-        signal, value = bad[0], obs.values[bad[0]]
+        # non-finite parameters are named first: a skip mends non-finite gradients, never parameters (the escalation
+        # ladder rolls back on this signal), and they make the loss and every gradient non-finite too
+        signal = keys.PARAM_NORM if keys.PARAM_NORM in bad else bad[0]
+        value = obs.values[signal]
         scaler_overflow = keys.AMP_SCALE in obs.values and keys.PARAM_NORM not in bad
         if scaler_overflow:
             self._overflows += 1

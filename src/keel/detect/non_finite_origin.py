@@ -7,7 +7,9 @@
   backward formula, e.g. ``exp`` near its limit). The gradient flows backwards, so every parameter *before*
   the birthplace in forward order gets a non-finite gradient and the ones after it do not: the origin is
   the module of the last parameter, in registration order, whose gradient norm (``grad/norm/``) is
-  non-finite.
+  non-finite. When every gradient is non-finite, nothing inside the model is the birthplace: the NaN entered
+  at the loss (its backward, or a scalar backpropagated other than the loss keel recorded) — with weights tied
+  between embedding and head, "the last parameter" would otherwise name the final norm layer.
 
 The finding is a ``warning``: it explains the ``non_finite`` critical finding of the same step, which is the
 one a policy acts on (a skip confined to this step's gradients), rather than adding an alarm of its own.
@@ -81,6 +83,14 @@ class NonFiniteOriginDetector:
                 f"NaN/Inf was born in the forward pass of {origin}: its output is the first non-finite one "
                 f"({len(before)} block(s) before it were finite)."
             )
+        elif bad_grad and len(bad_grad) == len(grad_names) and math.isfinite(loss):
+            origin, where, before, value = "loss", "backward", [], grad_values[-1]
+            text = (
+                "NaN/Inf entered at the output end of the backward pass: every parameter's gradient is non-finite "
+                "while the loss keel recorded and the activations are finite, so no module inside the model is "
+                "its birthplace — the loss function's backward overflowed, or the scalar the loop called "
+                "backward() on is not the loss keel recorded (a NaN added after it)."
+            )
         elif bad_grad and math.isfinite(loss):
             last = bad_grad[-1]
             origin, where = _module_of(last), "backward"
@@ -113,8 +123,13 @@ class NonFiniteOriginDetector:
                 value=value,
                 evidence=evidence,
                 cause=text,
-                advice=f"Look inside {origin} for an overflow (exp, x², division, log of 0) in the working "
-                "precision; " + (cause.advice_text() if cause else ""),
+                advice=(
+                    "Check the loss function and what the loop does to the loss before backward(); "
+                    if origin == "loss"
+                    else f"Look inside {origin} for an overflow (exp, x², division, log of 0) in the working "
+                    "precision; "
+                )
+                + (cause.advice_text() if cause else ""),
             )
         ]
 

@@ -59,6 +59,7 @@ from keel.signals import (
 )
 from keel.signals.attribution import Attribution
 from keel.signals.pack import HostValues
+from keel.signals.param_norm import parameter_norms
 
 PROBE_SETS = {"default": DEFAULT_PROBES, "transformer": TRANSFORMER_PROBES, "full": FULL_PROBES}
 
@@ -542,6 +543,10 @@ class Guard(DeferredSteps):
     def _observe(self, ctx: StepContext, step_time: float) -> Observation:
         """This step's observation: measured on the device, brought to the host in one copy, with host values."""
         values, per_param = self._to_host(self._measure(ctx))
+        if _non_finite(values) and keys.PARAM_NORM not in values:
+            checked, checked_per_param = self._to_host(parameter_norms(ctx.names, ctx.params))
+            values[keys.PARAM_NORM] = checked[keys.PARAM_NORM]
+            per_param[keys.PARAM_NORM_PER_PARAM] = checked_per_param[keys.PARAM_NORM_PER_PARAM]
         values.update(self._host_values(ctx.step, step_time))
         return Observation(step=ctx.step, values=values, per_param=per_param)
 
@@ -715,6 +720,14 @@ def _trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) ->
             "allowed: a model with at least one parameter with requires_grad=True"
         )
     return named
+
+
+def _non_finite(values: Mapping[str, float]) -> bool:
+    """Whether this step's loss or gradient norm is NaN/Inf. The parameters are then read at once, whatever the
+    parameter-norm probe's cadence: a non-finite parameter (written by an earlier update, or by the loop) makes
+    every gradient non-finite too, and a skip cannot mend it — only a rollback can. One more reduction and host
+    copy, on such a step only (on every rank alike: the values it is judged on agree across ranks)."""
+    return not all(math.isfinite(values.get(key, 0.0)) for key in (keys.LOSS, keys.GRAD_NORM))
 
 
 def _replayable(finding: Finding) -> bool:

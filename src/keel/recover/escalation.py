@@ -6,7 +6,8 @@ Rungs, each recorded with its reason:
    critical loss or gradient spike);
 2. **rollback** (``policy="recover"``) when a critical finding is not — divergence, non-finite parameters,
    any other critical kind — or when skips repeat ``max_consecutive_skips`` times in a row;
-3. **abort** when skips repeat under ``policy="skip"``, or rollbacks repeat ``max_rollbacks`` times within
+3. **abort** when skips repeat under ``policy="skip"``, when the parameters are non-finite under ``policy="skip"``
+   (no skip mends them), or rollbacks repeat ``max_rollbacks`` times within
    ``rollback_window`` steps (DeepSpeed added such a cap to its loss scaler after endless skip loops, PR #1958).
 
 ``observe`` never acts. A GradScaler overflow is the scaler's own skip: recorded with ``by="scaler"`` and
@@ -86,6 +87,14 @@ class Escalation:
         needs_rollback = [f for f in critical if not skippable(f)]
         if needs_rollback and recover:
             return self._rollback(step, found, _describe(needs_rollback), _onset(needs_rollback, step))
+        if broken := [f for f in needs_rollback if f.kind == "non_finite"]:  # training on would only spread NaN
+            return Decision(
+                step=step,
+                action="abort",
+                findings=found,
+                reason=f"{_describe(broken)}: a skip cannot mend non-finite parameters and policy='skip' does not "
+                "roll back (policy='recover' restores the last finite snapshot)",
+            )
         if not [f for f in critical if skippable(f)]:
             return Decision(step=step, action="ok", findings=found)  # nothing a skip can fix
         if self.consecutive_skips == 0:

@@ -11,10 +11,20 @@ Slow growth of the parameter norm is the backdrop of attention- and output-logit
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+from torch import Tensor
+
 from keel._core import keys
 from keel.signals.norms import global_norm, per_tensor_norms
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
+
+
+def parameter_norms(names: Sequence[str], params: Sequence[Tensor]) -> Measurements:
+    """``param/norm`` and ``param/norm/<param>`` of these parameters (on their device; one fused read)."""
+    norms = per_tensor_norms([p.detach() for p in params])
+    return {keys.PARAM_NORM: global_norm(norms), keys.PARAM_NORM_PER_PARAM: PerParam(tuple(names), norms)}
 
 
 @PROBES.register("param_norm")
@@ -22,10 +32,7 @@ class ParamNormProbe:
     name = "param_norm"
 
     def measure(self, ctx: StepContext) -> Measurements:
-        if not ctx.log_step:
-            return {}
-        norms = per_tensor_norms([p.detach() for p in ctx.params])
-        return {keys.PARAM_NORM: global_norm(norms), keys.PARAM_NORM_PER_PARAM: PerParam(ctx.names, norms)}
+        return parameter_norms(ctx.names, ctx.params) if ctx.log_step else {}
 
     def after_step(self, ctx: StepContext) -> Measurements:
         return {}

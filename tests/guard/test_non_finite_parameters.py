@@ -1,0 +1,70 @@
+"""A parameter written NaN/Inf between two steps (an in-place bug, a bad checkpoint load, a flipped bit) is found
+at the next step whatever the parameter-norm probe's cadence, named, and rolled back at once under ``recover``
+(aborted under ``skip``): no skip mends a parameter.
+
+Before, the parameters were read only every ``log_every`` steps: the non-finite gradients they cause looked like a
+skippable step, so keel skipped ten updates, then rolled back (found running build-nanogpt under keel.watch).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import keel
+from keel.proxy import create_proxy_model
+
+CORRUPT_AFTER = 6  # the step after whose update a weight is overwritten
+
+
+def _run(policy: str, *, value: float = math.inf, steps: int = 10) -> tuple[list, torch.nn.Module]:
+    torch.manual_seed(0)
+    model = create_proxy_model("tiny", seq_len=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    guard = keel.Guard(model, opt, policy=policy, log_every=50, recovery=keel.RecoveryConfig(snapshot_every=2))
+    g = torch.Generator().manual_seed(0)
+    decisions = []
+    try:
+        for step in range(steps):
+            x = torch.randint(0, 256, (2, 9), generator=g)
+            loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+            loss.backward()
+            decisions.append(guard.step(loss))
+            opt.zero_grad(set_to_none=True)
+            if step == CORRUPT_AFTER:
+                with torch.no_grad():
+                    model.blocks[0].attn.qkv.weight[0, 0] = value
+    except keel.TrainingAborted as aborted:
+        decisions.append(aborted.decision)
+    guard.close()
+    return decisions, model
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
+def test_a_corrupted_parameter_is_named_and_rolled_back_at_the_next_step(value):
+    decisions, model = _run("recover", value=value)
+    bad = decisions[CORRUPT_AFTER + 1]
+    assert (bad.action, bad.restored_step) == ("rollback", CORRUPT_AFTER)
+    (finding,) = [f for f in bad.findings if f.kind == "non_finite"]
+    assert finding.signal == "param/norm" and finding.evidence["parameters"] == ["blocks.0.attn.qkv.weight"]
+    assert [d.action for d in decisions[CORRUPT_AFTER + 2 :]] == ["ok"] * 2
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_under_skip_a_corrupted_parameter_aborts_the_run_at_once_instead_of_ten_skips():
+    decisions, _ = _run("skip")
+    assert [d.action for d in decisions[CORRUPT_AFTER:]] == ["ok", "abort"]
+    assert "non-finite parameters" in decisions[-1].reason
+
+
+def test_a_healthy_run_reads_the_parameters_only_at_the_probes_cadence(monkeypatch):
+    calls = []
+    import keel.guard.guard as guard_module
+
+    real = guard_module.parameter_norms
+    monkeypatch.setattr(guard_module, "parameter_norms", lambda *a: calls.append(1) or real(*a))
+    decisions, _ = _run("recover", steps=CORRUPT_AFTER)
+    assert [d.action for d in decisions] == ["ok"] * CORRUPT_AFTER and calls == []
