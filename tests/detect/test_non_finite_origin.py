@@ -58,6 +58,15 @@ def test_every_gradient_non_finite_under_a_finite_loss_is_born_at_the_loss_not_i
     assert finding.advice.startswith("Check the loss function")
 
 
+def test_a_non_finite_parameter_is_no_pass_birthplace_and_left_to_the_non_finite_finding():
+    # an Inf written into a weight: under bf16 autocast the loss stayed finite and every gradient went NaN
+    names = ("transformer.wte.weight", "transformer.h.0.attn.c_attn.weight", "transformer.ln_f.weight")
+    obs = Observation(
+        step=61, values={"loss": 3.7, "param/norm": INF}, per_param={"grad/norm/": (names, [NAN, NAN, NAN])}
+    )
+    assert NonFiniteOriginDetector().update(obs) == []
+
+
 def test_on_a_real_model_with_nan_injected_in_one_block():
     torch.manual_seed(0)
     model = create_proxy_model("tiny", seq_len=8)

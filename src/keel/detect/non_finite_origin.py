@@ -57,7 +57,12 @@ class NonFiniteOriginDetector:
     """
 
     name = "non_finite_origin"
-    reads = (ACTIVATIONS, keys.GRAD_NORM_PER_PARAM, keys.LOSS)  # `keel.detect.scan.ReadsKeys`: finite ends an episode
+    reads = (
+        ACTIVATIONS,
+        keys.GRAD_NORM_PER_PARAM,
+        keys.LOSS,
+        keys.PARAM_NORM,
+    )  # `keel.detect.scan.ReadsKeys`: finite ends an episode
     rests_when_finite = True
 
     def __init__(self) -> None:
@@ -75,6 +80,8 @@ class NonFiniteOriginDetector:
         if self._active:
             return []
         self._active = True
+        if not math.isfinite(obs.values.get(keys.PARAM_NORM, 0.0)):
+            return []  # a parameter holds it: the non_finite finding names the parameters, no pass is its birthplace
         if bad_act:
             origin, where = bad_act[0], "forward"
             before = list(act_names[: act_names.index(origin)])
