@@ -115,6 +115,10 @@ class ReferenceSpike:
             return []
         return self._spike(obs.step, x, med, z, excess)
 
+    def _sustained(self, med):  # the excess of the median of the episode's last ``patience`` steps
+        typical = median(self._episode[-self.config.patience :])
+        return expm1(typical - med) if self._log else (typical - med) / (abs(med) + 1e-12)
+
     def _spike(self, step, x, med, z, excess):
         cfg = self.config
         if not self._episode:
@@ -152,7 +156,7 @@ class ReferenceSpike:
         if z >= cfg.critical_z and excess >= cfg.critical_excess and beyond_tail:
             severity = "critical"
             self._critical = True
-        elif run >= cfg.patience and not self._warned:
+        elif run >= cfg.patience and not self._warned and self._sustained(med) >= cfg.warn_excess:
             severity, self._warned = "warning", True
         elif run == 1:
             severity = "info"
