@@ -75,3 +75,46 @@ def test_watch_with_ddp_is_one_clear_error():
     add_arguments(parser)
     with pytest.raises(ValueError, match="--watch has no effect with --ddp"):
         overhead_main(parser.parse_args(["--ddp", "2", "--watch"]))
+
+
+@pytest.mark.slow  # every variant compiles its own copy with inductor: ~1 min on 2 cores (make test-all)
+def test_a_compiled_bf16_run_times_every_variant_and_policy(capsys):
+    result = _bench_json(capsys, 1, "--compile", "--autocast", "bf16")
+    assert result["config"]["compile"] and result["config"]["autocast"] == "bf16"
+    assert set(result["ratio"]) == {"default", "full", "policy=recover"} and result["ratio_steady"]["default"] > 0
+
+
+def test_the_precision_loss_is_the_plain_cross_entropy_under_bf16_autocast():
+    import torch
+    import torch.nn.functional as F
+
+    from keel.harness.bench.overhead import precision_loss
+    from keel.proxy import create_proxy_model
+
+    torch.manual_seed(0)
+    model = create_proxy_model("tiny", seq_len=8)
+    x, y = torch.randint(0, 256, (2, 8)), torch.randint(0, 256, (2, 8))
+    assert precision_loss(model, OverheadConfig()) is None  # the plain loop's own loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = F.cross_entropy(model(x).flatten(0, 1).float(), y.flatten())
+    assert torch.equal(precision_loss(model, OverheadConfig(autocast="bf16"))(x, y), expected)
+    # through torch.compile (inductor: seconds to compile) in the slow test above
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"autocast": "fp8"}, r"OverheadConfig.autocast='fp8'; allowed: None, bf16"),
+        ({"compile": True, "source_drift_every": 5}, "source_drift_every with compile or autocast"),
+    ],
+)
+def test_bad_precision_settings_are_one_clear_error(fields, message):
+    with pytest.raises(ValueError, match=message):
+        OverheadConfig(**fields)
+
+
+def test_compile_with_ddp_is_one_clear_error():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    with pytest.raises(ValueError, match="--compile and --autocast have no effect with --ddp"):
+        overhead_main(parser.parse_args(["--ddp", "2", "--compile"]))

@@ -27,6 +27,7 @@ from multiprocessing.connection import Connection
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from keel._core.argtypes import device, int_range, positive_int
@@ -52,6 +53,7 @@ BATCH_IDS = "keel.batch_ids"  # the marker of the variant whose loop passes batc
 OPPOSING = "keel.opposing"  # the marker of the variant with an OpposingSignalsProbe: its cadence
 SOURCES = "keel.sources"  # the marker of a source-drift variant: its SourceGradientsProbe's cadence (0: none)
 CONTROL = "bare, second process"  # the A/A control: the bare loop again, in a process of its own
+AUTOCAST = {None: None, "bf16": torch.bfloat16}  # --autocast: the forward's dtype
 
 
 @dataclass(kw_only=True)
@@ -82,6 +84,10 @@ class OverheadConfig:
             per-sequence losses every step; and that plus a `SourceGradientsProbe` (loss and cosine) every this
             many steps, the loop passing ``batch=`` (0: not timed).
         device: ``cpu`` or ``cuda``.
+        compile: Every variant trains ``torch.compile(model)`` (the default backend, inductor); the Guard gets the
+            model itself, as a user's loop gives it (its hooks are the compiled module's).
+        autocast: ``"bf16"``: every variant's forward and loss under ``torch.autocast(device, torch.bfloat16)``
+            (parameters and optimizer in float32, as PyTorch's AMP recipe has them); None: float32.
     """
 
     size: str = "small"
@@ -99,6 +105,8 @@ class OverheadConfig:
     opposing_every: int = 0
     source_drift_every: int = 0
     device: str = "cpu"
+    compile: bool = False
+    autocast: str | None = None
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -110,6 +118,13 @@ class OverheadConfig:
             raise ValueError(f"OverheadConfig.device={self.device!r}; allowed: cpu, cuda")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise ValueError("OverheadConfig.device='cuda' but no CUDA device is available; allowed: cpu")
+        if self.autocast not in AUTOCAST:
+            raise ValueError(f"OverheadConfig.autocast={self.autocast!r}; allowed: {', '.join(map(str, AUTOCAST))}")
+        if (self.compile or self.autocast) and self.source_drift_every:
+            raise ValueError(
+                "OverheadConfig.source_drift_every with compile or autocast: the source-drift loop keeps each "
+                "sequence's loss itself; allowed: one of them"
+            )
 
     def variants(self) -> dict[str, dict[str, Any] | None]:
         """Variant name → `Guard` arguments (None: the bare loop)."""
@@ -156,6 +171,7 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
     if (every := kwargs.pop(SOURCES, None)) is not None:
         kwargs["probes"], kwargs["detectors"], example_signals = source_drift_watch(config, every)
         with_ids = every > 0  # the probe measures on the step's batch
+    loss_fn = precision_loss(model, config)
     guard: Guard | Watch | None = None
     if watched:  # the loop stays bare; keel hooks its optimizer.step()
         guard = watch(model, opt, run_dir=run_dir, **kwargs)
@@ -170,11 +186,26 @@ def _make_loop(config: OverheadConfig, guard_kwargs: dict | None, run_dir: str |
         start, size = position, config.batch_size
         ids = (lambda k: range((start + k) * size, (start + k + 1) * size)) if with_ids else None
         batches = [data[(position + k) % len(data)] for k in range(n)]
-        train_steps(model, opt, batches, stepper, n, signals, ids, example_signals)
+        train_steps(model, opt, batches, stepper, n, signals, ids, example_signals, loss_fn)
         position += n
 
     run.guard = guard  # type: ignore[attr-defined]
     return run
+
+
+def precision_loss(model: torch.nn.Module, config: OverheadConfig) -> Callable[[Tensor, Tensor], Tensor] | None:
+    """The loop's loss through ``torch.compile(model)`` and/or under bf16 autocast (None: the plain loop's)."""
+    if not (config.compile or config.autocast):
+        return None
+    forward = torch.compile(model) if config.compile else model
+    dtype = AUTOCAST[config.autocast]
+
+    def loss_fn(x: Tensor, y: Tensor) -> Tensor:
+        with torch.autocast(config.device, dtype=dtype or torch.float32, enabled=dtype is not None):
+            logits = forward(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    return loss_fn
 
 
 def opposing_signals_watch(config: OverheadConfig, every: int) -> tuple[list, list]:
@@ -410,6 +441,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "that plus SourceGradientsProbe every EVERY steps",
     )
     parser.add_argument("--device", default=defaults.device, type=device("cpu", "cuda"), metavar="{cpu,cuda}")
+    parser.add_argument(
+        "--compile", action="store_true", help="every variant trains torch.compile(model) (inductor; not with --ddp)"
+    )
+    parser.add_argument(
+        "--autocast",
+        choices=["bf16"],
+        default=None,
+        help="every variant's forward and loss under torch.autocast(device, bfloat16) (not with --ddp)",
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument(
         "--ddp",
@@ -433,6 +473,11 @@ def main(args: argparse.Namespace) -> int:
         if args.batch_ids:
             raise ValueError(
                 "--batch-ids has no effect with --ddp (the DDP benchmark times Guard.step(loss)); allowed: one of them"
+            )
+        if args.compile or args.autocast:
+            raise ValueError(
+                "--compile and --autocast have no effect with --ddp (the DDP benchmark trains the eager float32 "
+                "proxy); allowed: one of them"
             )
         if args.full_log_every is not None:
             raise ValueError(
@@ -458,6 +503,8 @@ def main(args: argparse.Namespace) -> int:
         opposing_every=args.opposing_signals,
         source_drift_every=args.source_drift,
         device=args.device,
+        compile=args.compile,
+        autocast=args.autocast,
     )
     with bench_progress(config.rounds * config.repeats, "keel bench overhead", enabled=not args.json) as progress:
         result = bench_overhead(config, progress)
@@ -466,7 +513,8 @@ def main(args: argparse.Namespace) -> int:
         return 0
     ms, ratio, steady = result["step_ms"], result["ratio"], result["ratio_steady"]
     print(
-        f"proxy {config.size}, batch {config.batch_size}x{config.seq_len}, {config.device}, "
+        f"proxy {config.size}, batch {config.batch_size}x{config.seq_len}, {config.device}"
+        f"{', compiled' if config.compile else ''}{', bf16 autocast' if config.autocast else ''}, "
         f"{config.rounds} rounds x {config.repeats} repeats x {config.steps} steps, one process per variant and "
         f"round, interleaved"
     )
