@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import shutil
-from collections.abc import Iterator
 from types import SimpleNamespace
 
 import pytest
@@ -24,6 +23,7 @@ from torch._dynamo.utils import counters
 
 import keel
 from keel.proxy import create_proxy_model
+from tests.gpu.test_cuda_autocast import deterministic  # noqa: F401 (a fixture)
 from tests.integrations.test_compile import GraphCounter, assert_same_parameters, graph_breaks
 
 pytestmark = pytest.mark.gpu
@@ -38,14 +38,6 @@ def device() -> None:
         pytest.skip("needs a CUDA device")
     if DEVICE == "cpu" and not (shutil.which("gcc") or shutil.which("cc")):
         pytest.skip("inductor on the CPU needs a C compiler")
-
-
-@pytest.fixture
-def deterministic() -> Iterator[None]:
-    before = torch.are_deterministic_algorithms_enabled()
-    torch.use_deterministic_algorithms(True, warn_only=True)
-    yield
-    torch.use_deterministic_algorithms(before)
 
 
 def train(
@@ -98,8 +90,9 @@ def test_a_nan_in_a_compiled_bf16_run_is_skipped_before_its_update(probes: str) 
     assert all(torch.isfinite(p).all() for p in run.model.parameters())
 
 
+@pytest.mark.usefixtures("deterministic")
 @pytest.mark.parametrize("probes", ["default", "transformer"])
-def test_observe_leaves_the_compiled_bf16_run_bit_identical(probes: str, deterministic: None) -> None:
+def test_observe_leaves_the_compiled_bf16_run_bit_identical(probes: str) -> None:
     bare = train(None)
     observed = train(probes, "observe")
     assert_same_parameters(bare.model, observed.model)

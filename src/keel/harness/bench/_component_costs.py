@@ -34,23 +34,24 @@ class CostRow:
     foundation: str
 
 
+# the opt-in probes timed one by one, each measuring every step on top of the foundation's probes
+OPT_IN_PROBES = (
+    "attn_logits",
+    "attn_entropy",
+    "output_logits",
+    "activation_rms",
+    "grad_weight_cos",
+    "adam_eps",
+    "numerics",
+)
+
 # name → row, for every row of the bench (the probe rows' baselines as they were before these rows existed)
 ROWS: dict[str, CostRow] = {
     "bare": CostRow(group="probes", bare="bare", foundation="foundation"),
     "foundation": CostRow(group="probes", bare="bare", foundation="foundation"),
     **{
         probe: CostRow(group="probes", bare="bare", foundation="foundation")
-        for probe in (
-            "attn_logits",
-            "attn_entropy",
-            "output_logits",
-            "activation_rms",
-            "grad_weight_cos",
-            "adam_eps",
-            "numerics",
-            "transformer",
-            "router (no MoE)",
-        )
+        for probe in (*OPT_IN_PROBES, "transformer", "router (no MoE)")
     },
     # update_ratio measures on the Guard's log steps (log_every, default 50): timed at log_every=1 against the
     # foundation at log_every=1, whose per-parameter norms then run every step too

@@ -28,7 +28,7 @@ from keel._core.argtypes import cpu_threads, nonnegative_int, positive_int
 from keel.detect.diagnosis import diagnose
 from keel.detect.lead_time import degradation_step, lead_steps
 from keel.guard.console import progress_bar, silenced
-from keel.harness.bench._component_costs import GROUPS, selected_rows
+from keel.harness.bench._component_costs import GROUPS, OPT_IN_PROBES, selected_rows
 from keel.harness.bench._progress import bench_progress
 from keel.harness.scenarios import create_scenario, list_scenarios
 
@@ -336,15 +336,7 @@ def probe_costs(
     base = ["loss", "grad_norm", "param_norm"]
     variants: dict[str, Any] = {"bare": None, "foundation": base}
     default_every: dict[str, int] = {}
-    for probe in (
-        "attn_logits",
-        "attn_entropy",
-        "output_logits",
-        "activation_rms",
-        "grad_weight_cos",
-        "adam_eps",
-        "numerics",
-    ):
+    for probe in OPT_IN_PROBES:
         every = int(create_probe(probe).config.every)  # type: ignore[attr-defined]
         default_every[probe] = every
         variants[probe] = base + [create_probe(probe, every=1)]
