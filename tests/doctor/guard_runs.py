@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from tests.conftest import TinyNet, make_batches
 
 
-def recovered_run(run_dir: Path, *, steps: int = 40, flip_at: int = 23) -> Path:
-    """A ``recover`` run whose parameter turns NaN at ``flip_at`` (a bit flip): three skips, then a rollback to
-    the snapshot of step 20 with its action (an LR back-off). Returns ``run_dir``."""
+def recovered_run(run_dir: Path, *, steps: int = 40, bad_from: int = 23) -> Path:
+    """A ``recover`` run whose loss is NaN on four steps from ``bad_from`` (a stretch of bad batches): three skips,
+    then a rollback to the snapshot of step 20 with its action (an LR back-off). Returns ``run_dir``."""
     from keel import Guard, RecoveryConfig
 
     torch.manual_seed(0)
@@ -28,10 +28,7 @@ def recovered_run(run_dir: Path, *, steps: int = 40, flip_at: int = 23) -> Path:
         recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1),
     )
     for step, (x, y) in enumerate(make_batches(steps)):
-        if step == flip_at:
-            with torch.no_grad():
-                model.fc1.weight[0, 0] = float("nan")
-        loss = F.mse_loss(model(x), y)
+        loss = F.mse_loss(model(x), y) * (float("nan") if bad_from <= step < bad_from + 4 else 1.0)
         loss.backward()
         guard.step(loss)
         opt.zero_grad(set_to_none=True)

@@ -121,7 +121,7 @@ def test_doctor_replays_a_guard_rollback_and_still_matches_the_live_findings(tmp
     for step, (x, y) in enumerate(make_batches(60)):
         if step == 23:
             with torch.no_grad():
-                model.fc1.weight[0, 0] = float("nan")  # a bit flip: skips, then a rollback
+                model.fc1.weight[0, 0] = float("nan")  # a bit flip: a rollback at once
         loss = F.mse_loss(model(x), y)
         loss.backward()
         guard.step(loss)

@@ -21,9 +21,8 @@ from keel.guard.console import LOGGER_NAME, Console, ConsoleConfig, progress_bar
 from tests.conftest import TinyNet, make_batches
 
 
-def _nan_parameter_run(run_dir, steps: int = 32, at: int = 23) -> Guard:
-    """A recovering TinyNet run whose parameter goes NaN at step ``at``: skips, then a rollback (as in
-    tests/test_guard_recover.py::test_corrupted_parameters_are_rolled_back)."""
+def _nan_loss_run(run_dir, steps: int = 32, at: int = 23) -> Guard:
+    """A recovering TinyNet run whose loss is NaN on four steps from ``at``: three skips, then a rollback."""
     torch.manual_seed(0)
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -36,10 +35,7 @@ def _nan_parameter_run(run_dir, steps: int = 32, at: int = 23) -> Guard:
         recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1),
     )
     for step, (x, y) in enumerate(make_batches(steps)):
-        if step == at:
-            with torch.no_grad():
-                model.fc1.weight[0, 0] = float("nan")
-        loss = F.mse_loss(model(x), y)
+        loss = F.mse_loss(model(x), y) * (float("nan") if at <= step < at + 4 else 1.0)
         loss.backward()
         guard.step(loss)
         opt.zero_grad()
@@ -53,7 +49,7 @@ def _keel_lines(caplog) -> list[logging.LogRecord]:
 
 def test_a_recovering_run_logs_its_critical_findings_skips_rollback_and_a_summary(tmp_path, caplog):
     caplog.set_level(logging.INFO, logger=LOGGER_NAME)
-    guard = _nan_parameter_run(tmp_path / "run")
+    guard = _nan_loss_run(tmp_path / "run")
     [rollback] = [d for d in guard.decisions if d.action == "rollback"]
     records = _keel_lines(caplog)
     lines = [r.getMessage() for r in records]
@@ -230,7 +226,7 @@ def test_with_logging_configured_keel_adds_no_handler(caplog):
 def test_silenced_keeps_a_run_quiet_and_leaves_the_level_as_it_was(caplog):
     caplog.set_level(logging.DEBUG, logger=LOGGER_NAME)
     with silenced():
-        _nan_parameter_run(None, steps=26)
+        _nan_loss_run(None, steps=26)
         Console().step(Decision(step=1, findings=(_finding(1, severity="critical"),)))
     assert _keel_lines(caplog) == []
     assert logging.getLogger(LOGGER_NAME).level == logging.DEBUG
@@ -319,7 +315,7 @@ def test_a_console_that_fails_is_recorded_and_the_run_and_its_store_go_on(tmp_pa
         raise RuntimeError("console broke")
 
     monkeypatch.setattr(Console, "step", broken)
-    guard = _nan_parameter_run(tmp_path / "run")
+    guard = _nan_loss_run(tmp_path / "run")
     errors = [f for f in guard.findings if f.kind == "keel_error"]
     assert [e.signal for e in errors] == ["console"] and "console broke" in errors[0].cause
     assert any(d.action == "rollback" for d in guard.decisions)  # keel still protected the run

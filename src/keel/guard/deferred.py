@@ -130,6 +130,7 @@ class DeferredSteps:
         if late[0] or late[1]:
             g.recorder.late(Observation(step=flight.late_step, values=late[0], per_param=late[1]))
         gated = values.pop(GATE, 0.0) != 0.0
+        g._read_parameters_if_non_finite(values, per_param, g._names, g._params)  # as they are: the update was gated
         values.update(flight.host)
         obs = Observation(step=flight.step, values=values, per_param=per_param)
         decision = _as_carried_out(g.escalation.decide(flight.step, g.components.detect(obs)), gated)

@@ -543,10 +543,7 @@ class Guard(DeferredSteps):
     def _observe(self, ctx: StepContext, step_time: float) -> Observation:
         """This step's observation: measured on the device, brought to the host in one copy, with host values."""
         values, per_param = self._to_host(self._measure(ctx))
-        if _non_finite(values) and keys.PARAM_NORM not in values:
-            checked, checked_per_param = self._to_host(parameter_norms(ctx.names, ctx.params))
-            values[keys.PARAM_NORM] = checked[keys.PARAM_NORM]
-            per_param[keys.PARAM_NORM_PER_PARAM] = checked_per_param[keys.PARAM_NORM_PER_PARAM]
+        self._read_parameters_if_non_finite(values, per_param, ctx.names, ctx.params)
         values.update(self._host_values(ctx.step, step_time))
         return Observation(step=ctx.step, values=values, per_param=per_param)
 
@@ -570,6 +567,22 @@ class Guard(DeferredSteps):
             self.recorder.late(Observation(step=self._late_step, values=late[0], per_param=late[1]))
             self._late = {}
         return now
+
+    def _read_parameters_if_non_finite(
+        self, values: dict[str, float], per_param: dict[str, Any], names: Sequence[str], params: Sequence[Tensor]
+    ) -> None:
+        """On a step whose loss or gradient norm is NaN/Inf, add the parameters' norms, whatever the parameter-norm
+        probe's cadence: a non-finite parameter (written by an earlier update, or by the loop) makes every gradient
+        non-finite too, and a skip cannot mend it — only a rollback can. One more reduction and host copy, on such a
+        step only (on every rank alike: the values it is judged on agree across ranks)."""
+        if keys.PARAM_NORM in values or all(math.isfinite(values.get(k, 0.0)) for k in (keys.LOSS, keys.GRAD_NORM)):
+            return
+        packed = pack(parameter_norms(names, params), {})
+        if self.dist is not None:
+            packed = self.dist.reduce(packed)
+        (checked, checked_per_param), _ = unpack(packed)
+        values[keys.PARAM_NORM] = checked[keys.PARAM_NORM]
+        per_param[keys.PARAM_NORM_PER_PARAM] = checked_per_param[keys.PARAM_NORM_PER_PARAM]
 
     def _host_values(self, step: int, step_time: float) -> dict[str, float]:
         """The values the host knows without measuring: learning rates (LR back-off applied), step time."""
@@ -720,14 +733,6 @@ def _trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) ->
             "allowed: a model with at least one parameter with requires_grad=True"
         )
     return named
-
-
-def _non_finite(values: Mapping[str, float]) -> bool:
-    """Whether this step's loss or gradient norm is NaN/Inf. The parameters are then read at once, whatever the
-    parameter-norm probe's cadence: a non-finite parameter (written by an earlier update, or by the loop) makes
-    every gradient non-finite too, and a skip cannot mend it — only a rollback can. One more reduction and host
-    copy, on such a step only (on every rank alike: the values it is judged on agree across ranks)."""
-    return not all(math.isfinite(values.get(key, 0.0)) for key in (keys.LOSS, keys.GRAD_NORM))
 
 
 def _replayable(finding: Finding) -> bool:
