@@ -103,6 +103,7 @@ def test_a_lora_rollback_restores_bit_for_bit_what_a_full_copy_restores():
     reference = _full_copy(model, opt)
     recovery = Recovery(TrainingState(model=model, optimizer=opt), RecoveryConfig(), None)
     recovery._take(2, to_disk=False)
+    recovery.fence()  # as the Guard does before the next optimizer.step(): the copy may run in the background
     _train(model, opt, 3, seed=1)
     with torch.no_grad():
         model.base_model.model.model.layers[0].self_attn.q_proj.lora_B.default.weight.fill_(float("nan"))
@@ -192,9 +193,11 @@ def test_unfreezing_after_a_snapshot_refuses_it_and_falls_back_to_an_older_one_s
     _step(model, opt, batches[0])
     reference = _full_copy(model, opt)
     recovery._take(1, to_disk=False)  # fc1 trained: copied
+    recovery.fence()  # as the Guard does before the next optimizer.step(): the copy may run in the background
     model.fc1.requires_grad_(False)
     _step(model, opt, batches[1])
     recovery._take(2, to_disk=False)  # fc1 frozen: left out
+    recovery.fence()
     model.fc1.requires_grad_(True)  # unfrozen again, and updated
     _step(model, opt, batches[2])
     result = recovery.rollback(3, onset=3, findings=(), rollbacks_in_window=1)
@@ -258,6 +261,7 @@ def test_a_rollback_under_any_freezing_schedule_restores_exactly_the_full_copy_o
             p.requires_grad_(name not in frozen)
         full[step] = _full_copy(model, opt)
         recovery._take(step, to_disk=False)
+        recovery.fence()
         _step(model, opt, batches[step])
     try:
         result = recovery.rollback(len(schedule), onset=point + 1, findings=(), rollbacks_in_window=1)
