@@ -115,6 +115,18 @@ def test_bf16_weights_quantize_in_float32_and_come_back_as_bf16_on_the_float64_g
     assert torch.equal(values, reference_minmax(w, 256).to(torch.bfloat16))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_the_forward_s_values_without_codes_are_bit_identical_to_quantize_s_also_around_nan_and_inf(
+    dtype: torch.dtype,
+) -> None:
+    w = torch.randn(3, 64, generator=torch.Generator().manual_seed(5)) * 3
+    w[0, 5], w[1, 7], w[2, 0] = math.nan, math.inf, 0.0
+    quantizer = MinMaxQuantizer(group_size=16)
+    dequantized, (_, values) = quantizer.dequantized(w.to(dtype)), quantizer.quantize(w.to(dtype))
+    assert dequantized.dtype == dtype and torch.equal(dequantized.isnan(), values.isnan())
+    assert torch.equal(dequantized.nan_to_num(7.0), values.nan_to_num(7.0))
+
+
 def test_the_gradient_passes_straight_through_to_the_float_weights() -> None:
     w = torch.randn(2, 8, requires_grad=True)
     quantizer = MinMaxQuantizer(group_size=8)

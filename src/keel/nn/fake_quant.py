@@ -49,9 +49,13 @@ class FakeQuantizer(nn.Module):
         dequantized value (``x``'s shape and dtype). No gradient flows through either."""
         raise NotImplementedError
 
+    def dequantized(self, x: Tensor) -> Tensor:
+        """The dequantized values alone (what the forward needs); a grid whose codes cost extra work overrides it."""
+        return self.quantize(x)[1]
+
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
-            _, values = self.quantize(x.detach())
+            values = self.dequantized(x.detach())
         # values in the forward, identity in the backward: the straight-through estimator
         return values + (x - x.detach())
 
@@ -126,6 +130,17 @@ class MinMaxQuantizer(FakeQuantizer):
         return None
 
     def quantize(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        groups, codes, zero, scale = self._grid(x)
+        values = (codes - zero) * scale  # NaN over a group with a NaN or ±Inf: its scale is NaN or inf
+        codes = codes.masked_fill(~torch.isfinite(groups).all(dim=1, keepdim=True), NO_CODE)
+        return codes.to(torch.int16).reshape(x.shape), values.to(x.dtype).reshape(x.shape)
+
+    def dequantized(self, x: Tensor) -> Tensor:
+        _, codes, zero, scale = self._grid(x)  # the codes' finiteness mask and integer cast are not needed here
+        return ((codes - zero) * scale).to(x.dtype).reshape(x.shape)
+
+    def _grid(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(groups in float32, codes as floats, zero point, scale) of each group of ``group_size`` elements."""
         if (reason := self.check(x)) is not None:
             raise ValueError(f"MinMaxQuantizer cannot quantize a tensor of shape {tuple(x.shape)}: {reason}")
         top = 2**self.bits - 1
@@ -135,9 +150,7 @@ class MinMaxQuantizer(FakeQuantizer):
         scale = (high - low).clamp(min=self.min_scale) / top
         zero = (-torch.round(low / scale)).clamp(0, top)
         codes = (torch.round(groups / scale) + zero).clamp(0, top)
-        values = (codes - zero) * scale  # NaN over a group with a NaN or ±Inf: its scale is NaN or inf
-        codes = codes.masked_fill(~torch.isfinite(groups).all(dim=1, keepdim=True), NO_CODE)
-        return codes.to(torch.int16).reshape(x.shape), values.to(x.dtype).reshape(x.shape)
+        return groups, codes, zero, scale
 
     def extra_repr(self) -> str:
         return f"bits={self.bits}, group_size={self.group_size}, min_scale={self.min_scale:g}"
