@@ -167,6 +167,6 @@ def test_arguments_the_trainer_owns_are_refused():
     ],
 )
 def test_bad_guard_arguments_fail_when_the_callback_is_built_not_at_the_first_step(kwargs, match):
-    # the Guard itself is built at the Trainer's first optimizer step, deep inside trainer.train()
+    # the Guard itself is built when training begins (on_train_begin), deep inside trainer.train()
     with pytest.raises(ValueError, match=match):
         KeelCallback(**kwargs)

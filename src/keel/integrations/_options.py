@@ -17,8 +17,8 @@ def takes_over_clipping(
     gradient before clipping) except under ``"observe"``, which leaves the trainer's clipping so training stays
     bit-identical.
 
-    The `Guard` is built at the trainer's first optimizer step, deep inside ``fit``/``train``: its arguments
-    are checked here, when the callback is built, so a typo fails at once.
+    The `Guard` is built when training begins, deep inside ``fit``/``train``: its arguments are checked here,
+    when the callback is built, so a typo fails at once.
 
     Raises:
         ValueError: ``guard_kwargs`` holds an argument the trainer provides itself, an argument `Guard` does not
