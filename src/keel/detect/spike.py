@@ -203,7 +203,7 @@ class SpikeDetector:
         median, scale = self._baseline()
         floor = cfg.scale_floor if self._log else cfg.scale_floor * abs(median) + 1e-12
         z = robust_z(y, median, scale, floor)
-        excess = relative_excess(y - median) if self._log else (y - median) / (abs(median) + 1e-12)
+        excess = self._excess(y, median)
         if z < cfg.threshold or excess < cfg.min_excess:
             self._end_episode(obs.step)
             self._accepted.push(y)
@@ -398,8 +398,11 @@ class SpikeDetector:
     def _sustained(self, median: float) -> float:
         """The relative excess over ``median`` (the baseline, which no spike step moves) of the median of the
         episode's last ``patience`` steps."""
-        typical = median_of(self._episode[-self.config.patience :])
-        return relative_excess(typical - median) if self._log else (typical - median) / (abs(median) + 1e-12)
+        return self._excess(median_of(self._episode[-self.config.patience :]), median)
+
+    def _excess(self, y: float, median: float) -> float:
+        """How far ``y`` lies above ``median`` as a fraction of it (``y`` and ``median`` in the detector's space)."""
+        return relative_excess(y - median) if self._log else (y - median) / (abs(median) + 1e-12)
 
     def _window(self, values: Iterable[float]) -> RunningMedian:
         return RunningMedian(size=self.config.window, capacity=self.config.window, values=values)
