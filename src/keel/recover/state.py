@@ -70,15 +70,8 @@ def tensor_sources(
     so they are copied at once. Parameters the optimizer cannot change are left out (`keel.recover.fixed`), unless
     ``copy_fixed``.
     """
-    params: dict[str, Tensor] = {}
-    buffers: dict[str, Tensor] = {}
-    param_ids = {id(p) for p in state.model.parameters()}
-    trained = None if copy_fixed else trained_ids(state.optimizer)
-    for name, t in state.model.state_dict(keep_vars=True).items():
-        if id(t) not in param_ids:
-            buffers["model/" + name] = local_tensor(t.detach())
-        elif trained is None or id(t) in trained:
-            params["model/" + name] = local_tensor(t.detach())
+    trained, fixed, buffers = model_parts(state)
+    params = {**trained, **fixed} if copy_fixed else trained
     optim = state.optimizer.state_dict()
     skeleton: dict[str, Any] = {"param_groups": copy.deepcopy(optim["param_groups"]), "state": {}}
     for index, entry in optim["state"].items():
@@ -93,27 +86,35 @@ def tensor_sources(
     return params, buffers, skeleton
 
 
+def model_parts(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+    """The live model's tensors by snapshot key (``model/<name>``, this rank's shards), in one walk of its
+    ``state_dict``: (the parameters the optimizer can change now, the fixed ones — `keel.recover.fixed` —, buffers)."""
+    trained_now = trained_ids(state.optimizer)
+    param_ids = {id(p) for p in state.model.parameters()}
+    trained: dict[str, Tensor] = {}
+    fixed: dict[str, Tensor] = {}
+    buffers: dict[str, Tensor] = {}
+    for name, t in state.model.state_dict(keep_vars=True).items():
+        part = buffers if id(t) not in param_ids else trained if id(t) in trained_now else fixed
+        part["model/" + name] = local_tensor(t.detach())
+    return trained, fixed, buffers
+
+
 def fixed_parameters(state: TrainingState) -> dict[str, FixedTensor]:
     """The parameters `tensor_sources` leaves out, by key (``model/<name>``): their layout and version counter,
     and a reference to the live tensor (not a copy)."""
-    trained = trained_ids(state.optimizer)
-    param_ids = {id(p) for p in state.model.parameters()}
-    return {
-        "model/" + name: FixedTensor.of(local_tensor(t.detach()))
-        for name, t in state.model.state_dict(keep_vars=True).items()
-        if id(t) in param_ids and id(t) not in trained
-    }
+    return {key: FixedTensor.of(t) for key, t in model_parts(state)[1].items()}
 
 
 def model_tensors(state: TrainingState) -> dict[str, Tensor]:
     """The live model's parameters and buffers by snapshot key (``model/<name>``), this rank's shards."""
-    return {"model/" + name: local_tensor(t.detach()) for name, t in state.model.state_dict(keep_vars=True).items()}
+    trained, fixed, buffers = model_parts(state)
+    return {**trained, **fixed, **buffers}
 
 
 def trained_keys(state: TrainingState) -> set[str]:
     """Keys of the parameters the optimizer can change now."""
-    trained = trained_ids(state.optimizer)
-    return {"model/" + name for name, t in state.model.state_dict(keep_vars=True).items() if id(t) in trained}
+    return set(model_parts(state)[0])
 
 
 def capture_plain(state: TrainingState) -> dict[str, Any]:
