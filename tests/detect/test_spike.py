@@ -6,6 +6,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keel._core import Observation
+from keel.detect._spike_screen import possible_descent_spikes
 from keel.detect.spike import TAIL_SPAN, SpikeConfig, SpikeDetector
 
 
@@ -325,3 +326,14 @@ def test_a_warning_waits_until_most_of_its_last_patience_steps_pass_warn_excess(
     found = _run(SpikeDetector(signal="loss"), values)
     assert [(f.step, f.severity) for f in found if f.severity != "info"] == [(105, "warning")]
     assert "onset_step" in found[-1].evidence and found[-1].evidence["onset_step"] == 100
+
+
+@pytest.mark.parametrize("m", [1, 3, 9])
+def test_the_descent_screen_answers_a_few_quiet_values_after_a_full_window(m):
+    # a full window and fewer new values than its screening block: nothing is in doubt (once a ValueError from
+    # sliding_window_view, found by the scan-equals-update property test on a flat gradient-norm series)
+    window = np.log(np.full(64, 1e-3))
+    quiet = possible_descent_spikes(
+        window, np.log(np.full(m, 1e-3)), recent=8, threshold=6.0, min_excess=0.1, scale_floor=0.01
+    )
+    assert quiet.tolist() == [False] * m

@@ -155,9 +155,9 @@ def possible_descent_spikes(
     doubt = np.zeros(-(-m // block), dtype=bool)
     doubt[np.flatnonzero(maybe) // block] = True
     held = np.flatnonzero(doubt)
-    diffs_padded = np.concatenate(
-        [diffs, np.zeros(max(0, (held[-1] + 1) * block + w - 2 - len(diffs)))] if len(held) else [diffs]
-    )
+    if not len(held):
+        return maybe  # no value in doubt (and too few values after the window for a block's span of differences)
+    diffs_padded = np.concatenate([diffs, np.zeros(max(0, (held[-1] + 1) * block + w - 2 - len(diffs)))])
     least = np.sort(sliding_window_view(diffs_padded, span)[held * block], axis=1)[:, (w - 2) // 2]
     noise_low = np.full(-(-m // block), np.inf)
     noise_low[held] = step_noise_of(least) * (1 - SLACK) - 4 * eta
