@@ -46,7 +46,7 @@ def test_llmc_main_log_is_read_with_trl_as_loss_and_tel_as_val_loss(tmp_path):
 
 def test_llmc_norm_is_the_gradient_norm_and_unit_suffixed_values_keep_their_unit_in_the_name(tmp_path):
     # llm.c logger.h: "s:%d trl:%.4f lr:%.6f norm:%.2f"
-    # modded-nanogpt: "s:%d trl:%f train_time:%.0fms step_avg:%.2fms"
+    # a time unit after a value, as train_time:1234ms (modded-nanogpt writes "step:N/TOTAL ...": test_speedrun_log)
     p = tmp_path / "main.log"
     p.write_text("s:1 trl:10.9877 lr:0.000006 norm:15.31\ns:2 trl:9.8 train_time:1234ms step_avg:617.00ms\n")
     obs = build_timeline(read_log(p)).observations

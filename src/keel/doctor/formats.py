@@ -12,6 +12,8 @@ from keel.doctor.csv_log import read_csv_log
 from keel.doctor.hf_log import STATE_NAME, find_trainer_state, read_trainer_state
 from keel.doctor.jsonl_log import read_jsonl_log
 from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.speedrun_log import FORMAT as SPEEDRUN
+from keel.doctor.speedrun_log import looks_like_speedrun, read_speedrun_log
 from keel.doctor.step_lines_log import FORMAT as STEP_LINES
 from keel.doctor.step_lines_log import LOG_NAMES, find_step_lines, looks_like_step_lines, read_step_lines_log
 from keel.doctor.store_log import SQLITE_MAGIC, is_sqlite, read_store_log
@@ -25,6 +27,7 @@ READERS: dict[str, Callable[[Path], RawLog]] = {
     "hf_trainer_state": read_trainer_state,
     "keel_store": read_store_log,
     STEP_LINES: read_step_lines_log,
+    SPEEDRUN: read_speedrun_log,
 }
 FORMATS: tuple[str, ...] = tuple(READERS)
 
@@ -111,11 +114,14 @@ def detect_format(path: Path) -> str:
     first = stripped.partition("\n")[0]
     if looks_like_step_lines(first):  # before CSV: build-nanogpt may separate its three fields by tabs
         return STEP_LINES
+    if looks_like_speedrun(text):  # before CSV: the script's source comes first, and code has commas
+        return SPEEDRUN
     if any(sep in first for sep in (",", "\t", ";")):
         return "csv"
     raise LogReadError(
         f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, "
-        f"{STATE_NAME}, TensorBoard event files, keel run stores, build-nanogpt/llm.c step lines"
+        f"{STATE_NAME}, TensorBoard event files, keel run stores, build-nanogpt/llm.c step lines, "
+        "modded-nanogpt 'step:N/TOTAL' lines"
     )
 
 

@@ -2,7 +2,8 @@
 
 build-nanogpt: ``STEP NAME VALUE`` (``0 val 5.5036``, ``0 train 5.502185``, ``250 hella 0.2871``). llm.c:
 ``s:STEP NAME:VALUE ...`` (``s:0 trl:11.0100``, ``s:0 tel:11.0098``, ``s:1 trl:10.98 lr:0.000006 norm:15.31``;
-modded-nanogpt's ``train_time:1234ms``). ``train``/``trl`` is the training loss, ``val``/``tel`` the validation
+a value may carry a time unit, ``train_time:1234ms``; modded-nanogpt's ``step:N/TOTAL`` logs are `speedrun_log`'s).
+``train``/``trl`` is the training loss, ``val``/``tel`` the validation
 loss, ``norm`` the gradient norm; a value's time unit joins its name (``train_time_ms``); any other name keeps
 its own. Lines of one step that follow each other
 make one record (build-nanogpt writes ``val``, ``hella`` and ``train`` of a step in turn), so a step number
@@ -26,8 +27,8 @@ RENAMED = {"train": "train_loss", "trl": "train_loss", "val": "val_loss", "tel":
 _NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf|infinity)"
 _NANOGPT = re.compile(rf"(\d+)[ \t]+([A-Za-z_][\w/.-]*)[ \t]+({_NUMBER})", re.IGNORECASE)
 _LLMC = re.compile(r"s:(\d+)((?:[ \t]+[A-Za-z_][\w/.-]*:\S+)+)")
-# modded-nanogpt appends "train_time:1234ms step_avg:617.00ms": a time unit is kept in the name
-_LLMC_PAIR = re.compile(rf"([A-Za-z_][\w/.-]*):({_NUMBER})(ms|us|ns|s|min|h)?", re.IGNORECASE)
+# NAME:VALUE with an optional time unit ("train_time:1234ms"), kept in the name; also read by speedrun_log
+NAME_VALUE = re.compile(rf"([A-Za-z_][\w/.-]*):({_NUMBER})(ms|us|ns|s|min|h)?", re.IGNORECASE)
 
 
 LOG_NAMES = ("log.txt", "main.log")  # build-nanogpt's log/log.txt, llm.c's -o folder's main.log
@@ -97,11 +98,12 @@ def _parse(line: str) -> tuple[int, list[tuple[str, str]] | None]:
     if m := _NANOGPT.fullmatch(line):
         return int(m.group(1)), [(m.group(2), m.group(3))]
     if m := _LLMC.fullmatch(line):
-        pairs = [_LLMC_PAIR.fullmatch(token) for token in m.group(2).split()]
+        pairs = [NAME_VALUE.fullmatch(token) for token in m.group(2).split()]
         if all(pairs):
-            return int(m.group(1)), [(_with_unit(p.group(1), p.group(3)), p.group(2)) for p in pairs if p]
+            return int(m.group(1)), [(with_unit(p.group(1), p.group(3)), p.group(2)) for p in pairs if p]
     return -1, None
 
 
-def _with_unit(name: str, unit: str | None) -> str:
+def with_unit(name: str, unit: str | None) -> str:
+    """``train_time`` with unit ``ms`` is ``train_time_ms``: the unit stays with the name, not lost."""
     return f"{name}_{unit.lower()}" if unit else name
