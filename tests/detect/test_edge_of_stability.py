@@ -66,7 +66,7 @@ def test_evidence_names_the_fastest_groups_lr():
 # step's update (2.45 at step 150, 3.52 at 151), so the run crossed the edge before it diverged.
 LR_SPIKE_SEED_1 = [
     (2, 698.329, 0.00045),  # Adam's first steps: v̂ from a handful of gradients
-    (6, -78.886, 0.00105),  # power iteration found a negative eigenvalue of larger magnitude
+    (6, -78.886, 0.00105),  # recorded with the old power iteration, which landed on a negative eigenvalue
     (14, 0.326, 0.00225),
     (50, 0.207, 0.0028529),
     (100, 0.191, 0.0020672),

@@ -8,6 +8,8 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 from keel.signals.sharpness import SharpnessConfig, SharpnessProbe, hutchinson_trace, top_eigenvalue
@@ -48,9 +50,9 @@ def test_operators_on_explicit_matrices():
     a = torch.tensor(a + a.T)
     g = torch.Generator().manual_seed(0)
     eig = np.linalg.eigvalsh(a.numpy())
-    top = eig[np.argmax(np.abs(eig))]
+    top = eig.max()  # the largest algebraic eigenvalue; this matrix's largest in magnitude is negative (-4.0)
     assert float(
-        top_eigenvalue(lambda v: [a.float() @ v[0]], [torch.zeros(6)], iters=300, generator=g)
+        top_eigenvalue(lambda v: [a.float() @ v[0]], [torch.zeros(6)], iters=30, generator=g)
     ) == pytest.approx(top, rel=1e-3)
     estimate = float(hutchinson_trace(lambda v: [a.float() @ v[0]], [torch.zeros(6)], probes=4000, generator=g))
     assert estimate == pytest.approx(float(np.trace(a.numpy())), abs=0.15 * np.abs(a.numpy()).sum() ** 0.5)
@@ -60,7 +62,7 @@ def test_operators_on_explicit_matrices():
 def test_probe_matches_explicit_hessian_and_sgd_margin(momentum):
     model, x, y = tiny_problem()
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=momentum)
-    probe = SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=200, trace_probes=2000)
+    probe = SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=40, trace_probes=2000)
     out = probe.measure(ctx(model, opt))
     hessian = explicit_hessian(model, x, y)
     eig = np.linalg.eigvalsh(hessian)
@@ -77,7 +79,7 @@ def test_adam_margin_uses_the_preconditioned_sharpness():
         F.mse_loss(model(x), y).backward()
         opt.step()
         opt.zero_grad()
-    probe = SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=300, trace_probes=0)
+    probe = SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=40, trace_probes=0)
     out = probe.measure(ctx(model, opt))
     d = []
     for p in model.parameters():
@@ -107,8 +109,8 @@ def test_no_side_effects_on_params_grads_optimizer_buffers_and_rng():
         assert torch.equal(v, model.state_dict()[k]), k  # includes the BatchNorm running statistics
     assert all(torch.equal(a, p.grad) for a, p in zip(state[1], model.parameters(), strict=True))
     after = opt.state_dict()
-    for k, st in state[2]["state"].items():
-        assert all(torch.equal(v, after["state"][k][f]) for f, v in st.items())
+    for k, entry in state[2]["state"].items():
+        assert all(torch.equal(v, after["state"][k][f]) for f, v in entry.items())
 
 
 def test_schedule_lr_jump_and_missing_closure():
@@ -141,7 +143,7 @@ def test_low_precision_model_matches_the_float64_hessian_of_its_rounded_weights(
     model, x, y = tiny_problem()
     model = model.to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
-    probe = SharpnessProbe(lambda: F.mse_loss(model(x.to(dtype)).float(), y), iters=100, trace_probes=0)
+    probe = SharpnessProbe(lambda: F.mse_loss(model(x.to(dtype)).float(), y), iters=40, trace_probes=0)
     got = float(probe.measure(ctx(model, opt))["curvature/sharpness"])
     eig = np.linalg.eigvalsh(explicit_hessian(model, x.to(dtype).float(), y))
     assert np.isfinite(got) and got == pytest.approx(eig.max(), rel=rel)
@@ -154,7 +156,7 @@ def test_margin_with_per_group_learning_rates_weights_the_hessian_by_each_groups
     opt = torch.optim.SGD(
         [{"params": model[0].parameters(), "lr": lrs[0]}, {"params": model[2].parameters(), "lr": lrs[1]}]
     )
-    out = SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=300, trace_probes=0).measure(ctx(model, opt))
+    out = SharpnessProbe(lambda: F.mse_loss(model(x), y), iters=40, trace_probes=0).measure(ctx(model, opt))
     sizes = [p.numel() for p in model.parameters()]
     d = np.concatenate([np.full(n, lr) for n, lr in zip(sizes, [lrs[0]] * 2 + [lrs[1]] * 2, strict=True)])
     weighted = np.sqrt(d)[:, None] * explicit_hessian(model, x, y) * np.sqrt(d)[None, :]  # D^½ H D^½
@@ -208,3 +210,75 @@ def test_an_overflowing_operator_gives_nan_not_zero():
     nan = top_eigenvalue(lambda v: [v[0] * float("nan")], [torch.zeros(3)], iters=3, generator=g)
     assert torch.isnan(nan)
     assert float(top_eigenvalue(lambda v: [v[0] * 0], [torch.zeros(3)], iters=3, generator=g)) == 0.0
+
+
+def quadratic_probe(eigenvalues, seed=0):
+    """A loss ½θᵀAθ with a known spectrum (rotated, so no coordinate is an eigenvector) and its float64 Hessian."""
+    g = torch.Generator().manual_seed(seed)
+    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+    theta = nn.Parameter(torch.randn(len(eigenvalues), generator=g))
+    model = nn.Module()
+    model.theta = theta
+    closure = lambda: 0.5 * theta @ a.float() @ theta  # noqa: E731
+    reference = torch.autograd.functional.hessian(lambda t: 0.5 * t @ a @ t, theta.detach().double())
+    return model, closure, reference
+
+
+@pytest.mark.parametrize(
+    "eigenvalues",
+    [
+        [-5.0, -1.0, 0.5, 2.0],  # the negative one is the largest in magnitude: power iteration said -5
+        [-3.0, 0.1, 1.0, 3.0],  # equal magnitudes: power iteration oscillated between the two
+        [-2.0, -1.0, -0.5],  # concave: λ_max is negative, and that is the answer
+        [4.0, 1.0, -0.2, 0.0],
+    ],
+)
+def test_sharpness_is_the_largest_algebraic_eigenvalue_of_an_indefinite_hessian(eigenvalues):
+    model, closure, hessian = quadratic_probe(eigenvalues)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out = SharpnessProbe(closure, iters=len(eigenvalues) + 2, trace_probes=0).measure(ctx(model, opt))
+    top = float(torch.linalg.eigvalsh(hessian).max())
+    assert float(out["curvature/sharpness"]) == pytest.approx(top, abs=1e-4)
+    assert float(out["curvature/margin"]) == pytest.approx(0.1 * top / 2, abs=1e-5)
+
+
+def test_tanh_mlp_with_an_indefinite_hessian_gets_its_positive_top_eigenvalue():
+    model, x, y = tiny_problem()
+    eig = np.linalg.eigvalsh(explicit_hessian(model, x, y))
+    assert eig.min() < 0 < eig.max()  # the premise: an indefinite Hessian
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    out = SharpnessProbe(lambda: F.mse_loss(model(x), y), trace_probes=0).measure(ctx(model, opt))  # default iters
+    assert float(out["curvature/sharpness"]) == pytest.approx(eig.max(), rel=1e-3)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True)
+@given(
+    eigenvalues=st.lists(st.floats(-1e3, 1e3, allow_nan=False).map(lambda v: round(v, 3)), min_size=1, max_size=8),
+    seed=st.integers(0, 2**16),
+)
+def test_top_eigenvalue_equals_the_float64_eigvalsh_maximum_within_its_hvp_budget(eigenvalues, seed):
+    """Any symmetric spectrum (indefinite, repeated, zero, negative-dominant): λ_max to float32 accuracy,
+    never above the true one, and never more than ``iters`` operator applications."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(eigenvalues)
+    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
+    a = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
+    calls = []
+
+    def operator(v):
+        calls.append(1)
+        return [a.float() @ v[0]]
+
+    iters = 2 * n + 2
+    got = float(top_eigenvalue(operator, [torch.zeros(n)], iters=iters, generator=g))
+    top, scale = float(torch.linalg.eigvalsh(a).max()), max(abs(v) for v in eigenvalues) + 1e-3
+    assert got == pytest.approx(top, abs=1e-4 * scale)
+    assert got <= top + 1e-4 * scale
+    assert len(calls) <= iters
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
+def test_a_non_finite_operator_gives_nan(bad):
+    g = torch.Generator().manual_seed(0)
+    assert torch.isnan(top_eigenvalue(lambda v: [v[0] * bad], [torch.zeros(3)], iters=4, generator=g))

@@ -11,11 +11,13 @@ is no instability; and it keeps a margin that creeps up to the edge (progressive
 self-stabilises there) from alarming. A margin between 1 and ``warn_margin`` warns too when it is ``leap``× (default
 5) that smallest one: a jump from deep inside the stable region to beyond the edge in one measurement is an LR spike
 caught at its first step (the zoo's ``lr_spike``, seed 1: 0.19 → 1.85 while the LR went ×30), which neither the edge's
-hovering nor progressive sharpening does. A negative margin (power iteration landed on a negative eigenvalue of larger
-magnitude) says nothing of the positive edge and is never the typical one: as the smallest, any positive margin was
-"sudden" against it. Only measured margins are judged: the probe measures on
-its schedule and again in the very step the LR has doubled since its last measurement, so an LR jump is
-judged before its first update is applied. (Carrying a margin forward in proportion to the LR would
+hovering nor progressive sharpening does. The probe's λ_max is the largest algebraic eigenvalue (Lanczos), so a
+negative margin means no positive curvature at all on the probe batch (a locally concave loss; Adam's preconditioning
+keeps the signs of the spectrum); stores from before keel used Lanczos also hold negative margins where power
+iteration landed on a negative eigenvalue of larger magnitude. Either says nothing of the positive edge and is never
+the typical one: as the smallest, any positive margin was "sudden" against it. Only measured margins are judged: the
+probe measures on its schedule and again in the very step the LR has doubled since its last measurement, so an LR
+jump is judged before its first update is applied. (Carrying a margin forward in proportion to the LR would
 false-alarm during warm-up, where sharpness adapts to the growing LR.)
 
 References:
