@@ -65,3 +65,41 @@ def test_where_nan_was_born_is_evidence_for_the_explaining_cause():
     assert "born in blocks.1.attn.qkv (backward pass" in d.summary()
     (alone,) = diagnose(found[1:])
     assert alone.kind == "non_finite" and alone.evidence["born_in"]["module"] == "blocks.1.attn.qkv"
+
+
+def _summary_of(found):
+    from keel.guard.summary import format_summary  # noqa: PLC0415  (the console summary the user reads)
+
+    return format_summary(
+        status="finished",
+        steps=100,
+        policy="warn",
+        findings=found,
+        decisions=[],
+        diagnoses=diagnose(found),
+        run_dir=None,
+    )
+
+
+def test_a_warning_level_spike_is_not_advised_to_skip_the_update_a_critical_one_is():
+    # a warning is a sustained rise that skips nothing: the summary said "advice: skip the update" against the
+    # warning's own advice (lower the LR, check the logits); a critical one-step jump is what skipping is for
+    for kind in ("loss_spike", "grad_spike"):
+        (warned,) = diagnose([f(40, kind, "warning"), f(45, kind, "warning")])
+        assert "skip" not in warned.advice[0]["action"], warned.advice
+        assert warned.advice[0]["action"].startswith("lower the learning rate"), warned.advice
+        assert "skip the update" not in warned.summary() and "skip the update" not in warned.to_finding().advice
+        (critical,) = diagnose([f(40, kind, "warning"), f(41, kind, "critical")])
+        assert critical.advice[0]["action"].startswith("skip the update"), critical.advice
+    line = next(s for s in _summary_of([f(40, "loss_spike")]).splitlines() if "cause 1" in s)
+    assert line.startswith("  cause 1: loss spike (first seen at step 40); advice: lower the learning rate"), line
+    line = next(s for s in _summary_of([f(40, "loss_spike", "critical")]).splitlines() if "cause 1" in s)
+    assert line.startswith("  cause 1: loss spike (first seen at step 40); advice: skip the update"), line
+
+
+def test_advice_for_a_severity_falls_back_to_the_cause_advice():
+    cause = CAUSES["divergence"]
+    assert cause.advice_for("warning") == cause.advice_for("critical") == cause.advice
+    spike = CAUSES["loss_spike"]
+    assert spike.advice_for("critical") == spike.advice and spike.advice_for("warning") != spike.advice
+    assert [r["rank"] for r in spike.advice_dicts("warning")] == list(range(1, len(spike.advice_for("warning")) + 1))

@@ -50,7 +50,7 @@ def explained_finding(
         signal=signal,
         value=value,
         baseline=baseline,
-        evidence={**evidence, "advice": cause.advice_dicts()},
+        evidence={**evidence, "advice": cause.advice_dicts(severity)},
         cause=f"{text} {cause.mechanism}",
-        advice=cause.advice_text(),
+        advice=cause.advice_text(severity=severity),
     )

@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from keel._core.finding import Severity
+
 
 @dataclass(frozen=True, kw_only=True)
 class Advice:
@@ -31,13 +33,22 @@ class Cause:
     title: str
     mechanism: str
     advice: tuple[Advice, ...] = field(default=())
+    warning_advice: tuple[Advice, ...] = field(default=())  # when it never went past a warning; empty: ``advice``
 
-    def advice_text(self, top: int = 3) -> str:
+    def advice_for(self, severity: Severity | None = None) -> tuple[Advice, ...]:
+        """The ranked advice for a cause whose worst finding had ``severity``.
+
+        A warning is a sustained rise that no policy acts on, so advice about the update a critical finding
+        would skip ("skip the update") does not fit it; a cause with ``warning_advice`` gives that instead.
+        """
+        return self.warning_advice if severity == "warning" and self.warning_advice else self.advice
+
+    def advice_text(self, top: int = 3, severity: Severity | None = None) -> str:
         """The first ``top`` pieces of advice, one sentence each: ``1. action (source).``"""
-        return " ".join(f"{i}. {r.action} ({r.source})." for i, r in enumerate(self.advice[:top], 1))
+        return " ".join(f"{i}. {r.action} ({r.source})." for i, r in enumerate(self.advice_for(severity)[:top], 1))
 
-    def advice_dicts(self) -> list[dict[str, Any]]:
-        return [dict(rank=i, **r.to_dict()) for i, r in enumerate(self.advice, 1)]
+    def advice_dicts(self, severity: Severity | None = None) -> list[dict[str, Any]]:
+        return [dict(rank=i, **r.to_dict()) for i, r in enumerate(self.advice_for(severity), 1)]
 
 
 WORTSMAN = (
@@ -88,6 +99,13 @@ KEMPNER_Z = "KempnerInstitute/KempnerForge#117 (router z 2–3 with z-loss 1e-3,
 HF_AUX_OFF = "huggingface/transformers#44242 (aux loss off unless output_router_logits=True)"
 OFQ = "Liu et al. 2023, Oscillation-free Quantization for Low-bit Vision Transformers (OFQ), ICML, arXiv 2302.02210"
 NAGEL = "Nagel et al. 2022, Overcoming Oscillations in Quantization-Aware Training, ICML, arXiv 2203.11086"
+
+# A spike detector's warning is a sustained rise (`keel.detect.spike`): its own advice, not the critical's "skip".
+SUSTAINED_RISE = (
+    Advice(action="lower the learning rate or lengthen warm-up", source=WORTSMAN),
+    Advice(action="check attention and output logits; add QK-norm and z-loss", source=f"{DEHGHANI}; {PALM}"),
+    Advice(action="roll back past the window and continue (policy='recover')", source=PALM),
+)
 
 CAUSES: dict[str, Cause] = {
     c.kind: c
@@ -250,6 +268,8 @@ CAUSES: dict[str, Cause] = {
                 Advice(action="inspect and drop the batches at the spike", source=PALM),
                 Advice(action="roll back ~100 steps and skip the data window (policy='recover')", source=PALM),
             ),
+            # a warning: the loss stayed high for several steps (the model or the data changed), nothing was skipped
+            warning_advice=SUSTAINED_RISE,
         ),
         Cause(
             kind="grad_spike",
@@ -261,6 +281,14 @@ CAUSES: dict[str, Cause] = {
                     source="OLMo-core SkipStepOptimizer; Huang et al. 2025, Stable-SPAM, arXiv 2502.17055",
                 ),
                 Advice(action="lower the learning rate", source=PALM),
+            ),
+            warning_advice=(
+                Advice(action="lower the learning rate or lengthen warm-up", source=WORTSMAN),
+                Advice(
+                    action="clip the gradient norm, or clip spike-aware (Stable-SPAM AdaClip)",
+                    source="Huang et al. 2025, Stable-SPAM, arXiv 2502.17055",
+                ),
+                *SUSTAINED_RISE[1:],
             ),
         ),
         Cause(

@@ -207,16 +207,17 @@ def diagnose(
                 "pass": origin.evidence.get("pass"),
                 "step": origin.step,
             }
+        severity = max((f.severity for f in fs), key=severity_rank)
         out.append(
             Diagnosis(
                 kind=kind,
                 title=cause.title if cause else kind.replace("_", " "),
-                severity=max((f.severity for f in fs), key=severity_rank),
+                severity=severity,
                 first_step=fs[0].step,
                 critical_step=crit,
                 mechanism=cause.mechanism if cause else fs[0].cause,
                 evidence=evidence,
-                advice=cause.advice_dicts()
+                advice=cause.advice_dicts(severity)  # a warning that skipped nothing is not told to skip
                 if cause
                 else [{"rank": 1, "action": fs[0].advice, "how": "", "source": ""}],
                 consequences=explained.get(kind, {}),
