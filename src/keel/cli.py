@@ -64,6 +64,13 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # type: ignore[override]
         raise UsageError(f"{self.prog}: error: {message}")
 
+    def _get_values(self, action: argparse.Action, arg_strings: list[str]) -> object:
+        # ``--seed=--``: argparse (3.11–3.12) drops the "--" and stores an empty list without calling the
+        # option's type, so the work ran with seed=[]. An option that takes values gets at least one.
+        if arg_strings == ["--"] and action.option_strings and action.nargs not in (0, "?", "*", "..."):
+            raise UsageError(f"{self.prog}: error: argument {'/'.join(action.option_strings)}: '--' is not a value")
+        return super()._get_values(action, arg_strings)
+
 
 def build_parser(verb: str | None = None) -> argparse.ArgumentParser:
     """The argument parser; only ``verb``'s module is imported to add its arguments."""

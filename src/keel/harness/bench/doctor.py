@@ -393,8 +393,7 @@ def main(args: argparse.Namespace) -> int:
         )
         return 2
     if not (data / "labels.json").is_file():
-        print(f"keel bench doctor: error: no labels.json in {data}", file=sys.stderr)
-        return 2
+        raise ValueError(f"no labels.json in {data}")  # keel.cli prints it on one line, control characters escaped
     scores = run(data)
     if args.json:
         print(json.dumps([asdict(s) for s in scores], indent=2))
