@@ -41,6 +41,7 @@ from keel.guard.options import check_arguments, check_loss, check_probes, check_
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
 from keel.guard.run_dir import RunDir
+from keel.guard.run_end import RunEnd
 from keel.guard.user_signals import split_signals
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
 from keel.recover.replay import StepReplay
@@ -120,6 +121,11 @@ class Guard(DeferredSteps):
             measured from the state before the update and the top offenders join the finding's evidence; under
             ``skip``/``recover`` the outliers go to ``run_dir/skip_list.json`` (`keel.data.SkipListSampler`
             honours it). Needs ``batch=`` at `step`; see `keel.guard.data_ledger`.
+        flush_on_exit: With a ``run_dir``, when the process ends before `close` — SIGTERM (preemption), SIGINT
+            (Ctrl-C), an uncaught exception, ``sys.exit`` — flush the store and record how and after how many steps
+            the run ended (``status``). Installs SIGTERM/SIGINT handlers (main thread only) that pass each signal on
+            to the handler installed before, so the process ends as it would without keel; put back at `close`.
+            ``False`` installs nothing. See `keel.guard.run_end`.
 
     Raises:
         ValueError: An unknown policy or probe, a model without trainable parameters, a bad cadence; a
@@ -158,6 +164,7 @@ class Guard(DeferredSteps):
         distributed: DistributedConfig | bool | None = None,
         sync: Literal["step", "deferred"] = "step",
         attribution: Attribution | None = None,
+        flush_on_exit: bool = True,
     ) -> None:
         self.named = _trainable_parameters(model, optimizer)
         self._names, self._params = tuple(n for n, _ in self.named), [p for _, p in self.named]
@@ -180,6 +187,7 @@ class Guard(DeferredSteps):
                 distributed=distributed,
                 sync=sync,
                 attribution=attribution,
+                flush_on_exit=flush_on_exit,
             )
         )
         if resume and run_dir is None:
@@ -252,6 +260,11 @@ class Guard(DeferredSteps):
             # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR
             # far too high from the start) can only be undone by starting over with the actions.
             self.actuator.after_step(self.global_step)
+        self._end = (
+            RunEnd(on_signal=lambda name: self.recorder.signal(name, self.global_step), on_exit=self._finish)
+            if flush_on_exit and self.run_dir.path is not None
+            else None
+        )
 
     def _set_up_components(self, detectors: Sequence[Detector] | None) -> None:
         """The detectors (a rank-outlier detector added under torch.distributed) and the fence around every
@@ -474,6 +487,18 @@ class Guard(DeferredSteps):
         """
         self._check_open("phase")
         return self.evaluation.phase(name, self.global_step)
+
+    def remove_probe(self, name: str) -> None:
+        """Stop running the probe called ``name``: gone from ``probes``, the steps and the store's ``probes`` meta.
+
+        Raises:
+            ValueError: No probe is called ``name`` (the message names the probes there are).
+            GuardClosed: after `close`.
+        """
+        self._check_open("remove_probe")
+        self.components.remove_probe(name)
+        self.probes = list(self.components.probes)
+        self.recorder.meta({"probes": [p.name for p in self.probes]})
 
     def _check_open(self, verb: str) -> None:
         if self._closed:
@@ -698,6 +723,8 @@ class Guard(DeferredSteps):
         if self.sync == "deferred":
             self.components.call("guard", self._close_deferred)
         self._closed = True
+        if self._end is not None:
+            self._end.close()
         self.components.detach(self.global_step)
         if self._late:
             self.components.call("recorder", self._record_late)

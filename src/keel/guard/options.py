@@ -111,6 +111,11 @@ def _check_resume(resume: object, args: Mapping[str, Any]) -> None:
         raise ValueError(f"resume={resume!r}; allowed: True or False")
 
 
+def _check_flush_on_exit(flush_on_exit: object, args: Mapping[str, Any]) -> None:
+    if not isinstance(flush_on_exit, bool):
+        raise ValueError(f"flush_on_exit={flush_on_exit!r}; allowed: True or False")
+
+
 def _check_overwrite(overwrite: object, args: Mapping[str, Any]) -> None:
     if not isinstance(overwrite, bool):
         raise ValueError(f"overwrite={overwrite!r}; allowed: True or False")
@@ -209,6 +214,7 @@ _CHECKS = {
     "distributed": _check_distributed,
     "sync": _check_sync,
     "attribution": _check_attribution,
+    "flush_on_exit": _check_flush_on_exit,
 }
 
 

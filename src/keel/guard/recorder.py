@@ -22,6 +22,9 @@ from keel.detect.diagnosis import Diagnosis, diagnose
 from keel.guard.console import Console, ConsoleConfig, speaks
 from keel.store import RunWriter
 
+# Within a preemption's grace period (SLURM's KillWait and Kubernetes' default are 30 s); a flush takes milliseconds.
+FLUSH_ON_SIGNAL_S = 10.0
+
 
 class Recorder:
     """The write side of a `Guard`: in-memory lists plus the run store when there is a ``run_dir``.
@@ -46,6 +49,7 @@ class Recorder:
         # resumed run (first step not 0) ends it, and the diagnosis then goes without lead times
         self._losses = array("d")
         self._losses_whole = True
+        self.interrupted: str | None = None  # "SIGTERM after 120 steps": a signal arrived (`keel.guard.run_end`)
 
     def meta(self, items: dict[str, Any]) -> None:
         self.policy = items.get("policy", self.policy)
@@ -143,13 +147,32 @@ class Recorder:
         if self.writer is not None:
             self.writer.add_snapshot(step, path, checksum)
 
+    def signal(self, name: str, steps: int) -> None:
+        """A signal arrived (SIGTERM, SIGINT): say so in the store and flush it, as the process may end next.
+
+        Called from the signal handler, in the main thread between two bytecodes of the loop: it only enqueues
+        rows and waits for the writer thread, so it is safe wherever the loop was.
+        """
+        self.interrupted = f"{name} after {steps} steps"
+        if self.writer is not None:
+            self.writer.set_meta({"interrupted": self.interrupted, "status": f"interrupted by {self.interrupted}"})
+            self.writer.set_meta({"steps": steps, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
+            self.writer.flush(timeout=FLUSH_ON_SIGNAL_S)
+
     def diagnose(self) -> list[Diagnosis]:
         """Named causes of the findings so far; with lead times when the losses cover steps 0…n-1."""
         whole = self._losses_whole and len(self._losses) > 0
         return diagnose(self.findings, losses=self._losses.tolist() if whole else None)
 
     def close(self, status: str, steps: int) -> None:
-        """Name the run's causes, say the summary on the console, and flush and close the store."""
+        """Name the run's causes, say the summary on the console, and flush and close the store.
+
+        After a signal, a run that ends by anything but keel's own ``"aborted"`` (the KeyboardInterrupt of a
+        SIGINT, an exit, a loop that stopped early at its own SIGTERM handler's word and closed) is ``interrupted
+        by <signal> after <n> steps``: the signal is what ended it; ``steps`` says where it closed.
+        """
+        if self.interrupted is not None and status != "aborted":
+            status = f"interrupted by {self.interrupted}"
         try:
             self.diagnoses = self.diagnose()
         except Exception as exc:  # a diagnosis bug must not lose the run's store

@@ -99,12 +99,18 @@ class RunWriter:
         for table, op in tables:
             self._queue.put((f"DELETE FROM {table} WHERE step {op} ?", [(step,)]))
 
-    def flush(self, timeout: float = 30.0) -> None:
-        """Block until everything enqueued so far is committed."""
+    def flush(self, timeout: float = 30.0) -> bool:
+        """Block until everything enqueued so far is committed, or ``timeout`` seconds pass.
+
+        Returns:
+            Whether it was committed in time (True at once after `close`, which commits everything).
+        """
+        if self._closed:  # the thread has stopped: waiting for it would only run out the timeout
+            return True
         done = threading.Event()
         self._queue.put(done)
         self._wake.set()
-        done.wait(timeout)
+        return done.wait(timeout)
 
     def close(self) -> None:
         if self._closed:
