@@ -12,6 +12,8 @@ from keel.doctor.csv_log import read_csv_log
 from keel.doctor.hf_log import STATE_NAME, find_trainer_state, read_trainer_state
 from keel.doctor.jsonl_log import read_jsonl_log
 from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.megatron_log import FORMAT as MEGATRON
+from keel.doctor.megatron_log import looks_like_megatron, read_megatron_log
 from keel.doctor.speedrun_log import FORMAT as SPEEDRUN
 from keel.doctor.speedrun_log import looks_like_speedrun, read_speedrun_log
 from keel.doctor.step_lines_log import FORMAT as STEP_LINES
@@ -28,6 +30,7 @@ READERS: dict[str, Callable[[Path], RawLog]] = {
     "keel_store": read_store_log,
     STEP_LINES: read_step_lines_log,
     SPEEDRUN: read_speedrun_log,
+    MEGATRON: read_megatron_log,
 }
 FORMATS: tuple[str, ...] = tuple(READERS)
 
@@ -109,19 +112,21 @@ def detect_format(path: Path) -> str:
         if path.name == STATE_NAME or '"log_history"' in text:
             return "hf_trainer_state"
         return "jsonl"
-    if stripped.startswith("["):
+    if stripped.startswith("[") and not looks_like_megatron(text):  # a launcher's "[timestamp] iteration ..."
         return "jsonl"
     first = stripped.partition("\n")[0]
     if looks_like_step_lines(first):  # before CSV: build-nanogpt may separate its three fields by tabs
         return STEP_LINES
     if looks_like_speedrun(text):  # before CSV: the script's source comes first, and code has commas
         return SPEEDRUN
+    if looks_like_megatron(text):  # before CSV: a banner (arguments, commas and all) comes first
+        return MEGATRON
     if any(sep in first for sep in (",", "\t", ";")):
         return "csv"
     raise LogReadError(
         f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, "
         f"{STATE_NAME}, TensorBoard event files, keel run stores, build-nanogpt/llm.c step lines, "
-        "modded-nanogpt 'step:N/TOTAL' lines"
+        "modded-nanogpt 'step:N/TOTAL' lines, Megatron-LM 'iteration N/ TOTAL |' lines"
     )
 
 

@@ -24,11 +24,11 @@ FORMAT = "karpathy_text"
 # the names these programs use -> the column names `keel.doctor.columns` maps to keel keys (llm.c's logger.h writes
 # "s:%d trl:%.4f lr:%.6f norm:%.2f", its norm being the gradient norm)
 RENAMED = {"train": "train_loss", "trl": "train_loss", "val": "val_loss", "tel": "val_loss", "norm": "grad_norm"}
-_NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf|infinity)"
-_NANOGPT = re.compile(rf"(\d+)[ \t]+([A-Za-z_][\w/.-]*)[ \t]+({_NUMBER})", re.IGNORECASE)
+NUMBER = r"[-+]?(?:\d+\.?\d*(?:[eE][-+]?\d+)?|\.\d+(?:[eE][-+]?\d+)?|nan|inf|infinity)"
+_NANOGPT = re.compile(rf"(\d+)[ \t]+([A-Za-z_][\w/.-]*)[ \t]+({NUMBER})", re.IGNORECASE)
 _LLMC = re.compile(r"s:(\d+)((?:[ \t]+[A-Za-z_][\w/.-]*:\S+)+)")
 # NAME:VALUE with an optional time unit ("train_time:1234ms"), kept in the name; also read by speedrun_log
-NAME_VALUE = re.compile(rf"([A-Za-z_][\w/.-]*):({_NUMBER})(ms|us|ns|s|min|h)?", re.IGNORECASE)
+NAME_VALUE = re.compile(rf"([A-Za-z_][\w/.-]*):({NUMBER})(ms|us|ns|s|min|h)?", re.IGNORECASE)
 
 
 LOG_NAMES = ("log.txt", "main.log")  # build-nanogpt's log/log.txt, llm.c's -o folder's main.log

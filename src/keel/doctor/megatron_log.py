@@ -1,0 +1,134 @@
+"""Megatron-LM stdout logs (also Megatron-DeepSpeed, as BLOOM trained, and Megatron-based launchers).
+
+Megatron prints one line per logging interval::
+
+     iteration     6502/  159576 | consumed samples:       216960 | elapsed time per iteration (ms): 31074.1 |
+     learning rate: 5.997E-05 | global batch size:    80 | lm loss: 3.876781E+00 | loss scale: 4096.0 |
+     grad norm: 3246.595 | num zeros: 0.0 | number of skipped iterations:   0 | number of nan iterations:   0 |
+
+(one line in the log), and at each evaluation ``validation loss at iteration 1000 | lm loss value: 3.9E+00 | lm
+loss PPL: 49.4 |``. Launchers put something before ``iteration`` (``1: `` from srun, a timestamp, a rank tag): it is
+skipped. Every other line (arguments, model building, memory reports) is not a metric line and is left out, counted
+in a note. An ``iteration`` line whose step or fields do not parse is one error that names it.
+
+Names are normalized as `keel.doctor.columns.normalize` does (``lm loss`` → ``lm_loss``, which maps to ``loss``;
+``grad norm``, ``learning rate``, ``loss scale`` map to their keys); the validation ``lm loss value`` is
+``val_loss``. A ``loss scale`` of 1.0 at every iteration (bf16) is left out with a note: no scaler skips a
+NaN there. A value written as ``this/average`` (``13100.0/13240.9``, ROCm builds) keeps the first number; a
+value with a unit (``153.81GB/...``) stays text and is reported as a text column, not guessed at.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from keel.doctor._text import read_text
+from keel.doctor.columns import normalize
+from keel.doctor.jsonl_log import records_from_objects
+from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.step_lines_log import NUMBER
+
+FORMAT = "megatron"
+_CANDIDATE = re.compile(r"\biteration\s+\S+\s*/\s*\S+\s*\|")
+_LINE = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|(.*)")
+_VALIDATION = re.compile(r"\bvalidation loss at (?:the end of training for val data|iteration (\d+))\s*\|(.*)")
+_FIELD = re.compile(r"\s*([^|:]*[A-Za-z][^|:]*):\s*([^|]*?)\s*")
+_SPLIT_VALUE = re.compile(rf"({NUMBER})\s*/\s*{NUMBER}", re.IGNORECASE)
+_SEARCH = re.compile(r"\biteration\s+\d+\s*/\s*\d+\s*\|\s*[^|:]*[A-Za-z][^|:]*:\s*[^|]*\|")
+VAL_NAMES = {"lm_loss_value": "val_loss", "lm_loss_ppl": "val_ppl"}
+
+
+def looks_like_megatron(text: str) -> bool:
+    """Whether ``text`` holds a Megatron `` iteration N/ TOTAL | name: value |`` line (anywhere: a banner first)."""
+    return _SEARCH.search(text) is not None
+
+
+def read_megatron_log(path: str | Path) -> RawLog:
+    """Read a Megatron-LM stdout log.
+
+    Raises:
+        LogReadError: An ``iteration`` line that is not ``iteration N/ TOTAL | name: value | ...`` (named by its
+            number), or no such line at all.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "stdout.log"
+        >>> _ = p.write_text("training ...\\n iteration 10/ 100 | lm loss: 9.5E+00 | grad norm: 4.2 |\\n")
+        >>> list(read_megatron_log(p).records)
+        [(10, {'lm_loss': 9.5, 'grad_norm': 4.2})]
+    """
+    path = Path(path)
+    entries: list[dict[str, float | str]] = []
+    last_step: int | None = None
+    other_lines = 0
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if m := _VALIDATION.search(line):
+            step = int(m.group(1)) if m.group(1) else last_step
+            fields = _fields(m.group(2))
+            if step is None or fields is None:
+                raise _malformed(path, number, line)
+            fields = {VAL_NAMES.get(name, "val_" + name): value for name, value in fields.items()}
+        elif _CANDIDATE.search(line):
+            m = _LINE.search(line)
+            fields = _fields(m.group(3)) if m else None
+            if m is None or fields is None:
+                raise _malformed(path, number, line)
+            step = last_step = int(m.group(1))
+        else:
+            other_lines += bool(line.strip())
+            continue
+        last = entries[-1] if entries else None
+        if last is not None and last["step"] == step and not fields.keys() & last.keys():
+            last.update(fields)  # the validation line of the iteration just logged
+        else:
+            entries.append({"step": step, **fields})
+    if not entries:
+        raise LogReadError(f"{path}: no ' iteration N/ TOTAL | name: value |' line (Megatron-LM)")
+    unscaled = _drop_unit_loss_scale(entries)
+    log = records_from_objects(path, entries, fmt=FORMAT)
+    if other_lines:
+        log.notes.append(f"{other_lines} lines that are not iteration or validation lines left out")
+    if unscaled:
+        log.notes.append(
+            "loss scale is 1.0 at every iteration (bf16 or fp32: no loss scaling): left out, so a NaN is not read "
+            "as a loss scaler's overflow"
+        )
+    return log
+
+
+def _drop_unit_loss_scale(entries: list[dict[str, float | str]]) -> bool:
+    """Drop ``loss_scale`` when it is 1.0 throughout: Megatron prints it under bf16 too, where nothing scales the
+    loss, and a logged scale tells the detectors a GradScaler-like scaler skips non-finite steps."""
+    scales = [e["loss_scale"] for e in entries if "loss_scale" in e]
+    try:
+        unit = bool(scales) and all(float(v) == 1.0 for v in scales)
+    except ValueError:  # text in the column: leave it as written
+        return False
+    if unit:
+        for e in entries:
+            e.pop("loss_scale", None)
+    return unit
+
+
+def _fields(text: str) -> dict[str, str] | None:
+    fields: dict[str, str] = {}
+    for piece in text.split("|"):
+        if not piece.strip():
+            continue
+        m = _FIELD.fullmatch(piece)
+        if m is None:
+            return None
+        value = m.group(2)
+        if split := _SPLIT_VALUE.fullmatch(value):
+            value = split.group(1)
+        fields[normalize(m.group(1))] = value
+    return fields
+
+
+def _malformed(path: Path, number: int, line: str) -> LogReadError:
+    shown = line.strip()
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return LogReadError(
+        f"{path}: line {number} ({shown!r}) is not 'iteration N/ TOTAL | name: value | ...' (Megatron-LM)"
+    )
