@@ -219,3 +219,31 @@ def test_a_preempted_run_resumes_with_one_contiguous_store(tmp_path):
     assert resumed.returncode == 0
     steps, meta = _committed(tmp_path)
     assert steps == list(range(50)) and meta["status"] == "finished" and meta["resumed_from"] == newest
+
+
+@pytest.mark.parametrize(
+    "how,said",
+    [
+        ("signal", "the run was interrupted by SIGTERM after 3 steps (preempted or stopped: resume=True continues"),
+        ("open", "the run's status is 'running': it is still running, or its process was killed"),
+        ("close", None),
+    ],
+)
+def test_keel_doctor_says_how_a_run_ended_when_it_did_not_finish(tmp_path, own_sigterm, how, said):
+    from keel.doctor import examine_log, format_result
+
+    guard, model, opt = _guard(tmp_path)
+    _train(guard, model, opt, 3)
+    if how == "signal":
+        os.kill(os.getpid(), signal.SIGTERM)
+    else:
+        guard.recorder.writer.flush()
+    text = format_result(examine_log(str(tmp_path)))  # while the Guard is open: as a killed run's store reads
+    guard.close()
+    if how != "open":
+        text = format_result(examine_log(str(tmp_path)))
+    lines = [line for line in text.splitlines() if line.startswith(("the run was", "the run's status"))]
+    if said is None:
+        assert lines == []  # a run that finished says nothing more
+    else:
+        assert len(lines) == 1 and lines[0].startswith(said)

@@ -32,6 +32,7 @@ def format_result(result: DoctorResult, *, min_severity: str = "warning") -> str
         f"keel doctor: {result.source} ({result.format}, {s.get('observations', 0)} steps "
         f"{s.get('first_step')}–{s.get('last_step')}, logged every {s.get('stride', 1)})"
     ]
+    lines += _ended_lines(s.get("meta", {}).get("status"), width)
     shown = result.at_least(min_severity)
     lines.append("")
     if shown:
@@ -107,6 +108,23 @@ def _table(findings: list[Finding], width: int) -> list[str]:
         if f.advice:
             lines += wrap.wrap("advice: " + f.advice)
     return lines
+
+
+def _ended_lines(status: Any, width: int) -> list[str]:
+    """How a run store's run ended, when it did not finish (`keel.guard.run_end` records it)."""
+    if not isinstance(status, str) or status == "finished":
+        return []
+    if status.startswith("interrupted by "):
+        said = f"the run was {status} (preempted or stopped: resume=True continues it from its newest disk snapshot)"
+    elif status == "running":
+        said = (
+            "the run's status is 'running': it is still running, or its process was killed (SIGKILL, the OOM "
+            "killer, a crash) before keel could record how it ended; its last rows, up to 0.5 s of steps, may be "
+            "missing"
+        )
+    else:
+        said = f"the run ended: {status}"
+    return textwrap.wrap(said, width=width, subsequent_indent="  ")
 
 
 def _diagnosis_lines(s: dict[str, Any], width: int) -> list[str]:
