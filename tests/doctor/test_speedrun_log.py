@@ -143,3 +143,13 @@ def test_any_text_gives_a_log_or_one_log_read_error(tmp_path, lines):
         assert str(p) in str(exc) and "\n" not in str(exc)
     else:
         assert len(log.records) >= 1
+
+
+def test_a_signal_missing_from_the_log_is_said_once_with_every_detector_it_leaves_idle(tmp_path, capsys):
+    # the 2025+ records log no train_loss: loss_spike and divergence both go without it, said on one line
+    lines = [f"step:{s}/300 train_time:{80 * s}ms step_avg:80.00ms" for s in range(1, 301)]
+    p = tmp_path / "run.txt"
+    p.write_text("\n".join(lines) + "\n")
+    assert main(["doctor", str(p)]) == 0
+    missing = [line for line in capsys.readouterr().out.splitlines() if line.startswith("loss is not in this log")]
+    assert missing == ["loss is not in this log: no loss_spike or divergence detection"]

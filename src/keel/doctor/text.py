@@ -189,10 +189,16 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
             first = block["listed"][0]
             where = ", ".join(f"{k} {v}" for k, v in first.items())
             lines.append(f"{what}: {block['count']} (first: {where})")
+    idle: dict[str, list[str]] = {}  # a signal the log lacks → the detectors it leaves idle: said once
     for det in s.get("detectors", []):
         if "needs" in det and det["observations"] == 0:
-            lines.append(f"{det['signal']} is not in this log: no {det.get('kind', det['name'])} detection")
-        elif "needs" in det and det.get("armed_at_step") is None:
+            idle.setdefault(det["signal"], []).append(det.get("kind", det["name"]))
+    for signal, kinds in idle.items():
+        lines.append(f"{signal} is not in this log: no {' or '.join(kinds)} detection")
+    for det in s.get("detectors", []):
+        if "needs" in det and det["observations"] == 0:
+            continue
+        if "needs" in det and det.get("armed_at_step") is None:
             lines.append(
                 f"not enough history for {det.get('kind', det['name'])} on {det['signal']}: "
                 f"{det['observations']} value(s), it needs {det['needs']} "
