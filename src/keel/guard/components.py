@@ -67,6 +67,22 @@ class Components:
             if attach is not None:
                 self.call(probe.name, attach, model)
 
+    def remove_probe(self, name: str) -> Probe:
+        """Stop running the probe called ``name`` (detached from the model first, behind its fence); returns it.
+
+        Raises:
+            ValueError: No probe is called ``name``; the message names those there are.
+        """
+        probe = next((p for p in self.probes if p.name == name), None)
+        if probe is None:
+            allowed = ", ".join(repr(p.name) for p in sorted(self.probes, key=lambda p: p.name)) or "none (no probes)"
+            raise ValueError(f"Guard.remove_probe({name!r}): no such probe; allowed: {allowed}")
+        self.probes.remove(probe)
+        detach = getattr(probe, "detach", None)
+        if detach is not None:
+            self.call(name, detach)  # a hooked probe left attached would keep measuring into nothing
+        return probe
+
     def measure(self, ctx: StepContext) -> Measurements:
         """Every enabled probe's measurements before the update, each checked against the probe contract."""
         return self._gather(ctx, "measure")

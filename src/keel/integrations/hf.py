@@ -259,10 +259,8 @@ class KeelCallback(TrainerCallback):
             "KeelCallback saw no loss in the model's output (a custom compute_loss?): keel watches the "
             "gradients only. Call callback.record_loss(loss) in compute_loss to let it see the loss."
         )
-        guard = self.guard
-        guard.probes = [p for p in guard.probes if p.name != "loss"]
-        guard.components.probes = [p for p in guard.components.probes if p.name != "loss"]
-        guard.recorder.meta({"probes": [p.name for p in guard.probes]})
+        if any(p.name == "loss" for p in self.guard.probes):
+            self.guard.remove_probe("loss")
 
     def _build_guard(self) -> Guard:
         kwargs = dict(self.guard_kwargs)
