@@ -8,14 +8,59 @@ import functools
 import math
 import types
 import typing
-from typing import TYPE_CHECKING, Any
+from collections.abc import Callable, Mapping
+from typing import TYPE_CHECKING, Any, TypeVar
+
+from keel._core.argtypes import INT64_MAX
 
 if TYPE_CHECKING:
     from _typeshed import DataclassInstance
 
+C = TypeVar("C")
+
+
+def config_from(
+    owner: object,
+    cls: type[C],
+    config: object,
+    fields: Mapping[str, object],
+    build: Callable[..., C] | None = None,
+) -> C:
+    """A component's config: ``config`` when given, else one built from ``fields`` (``build``, by default ``cls``).
+
+    ``config`` of another type (a dict, a str, another component's config) raised an AttributeError deep in
+    the component, or later inside training; ``config`` and fields together silently dropped the fields.
+    Both are one clear error here.
+
+    Example:
+        >>> from dataclasses import dataclass
+        >>> @dataclass(kw_only=True)
+        ... class WindowConfig:
+        ...     window: int = 20
+        >>> class WindowDetector:
+        ...     def __init__(self, config=None, **fields):
+        ...         self.config = config_from(self, WindowConfig, config, fields)
+        >>> WindowDetector(window=5).config
+        WindowConfig(window=5)
+        >>> WindowDetector({"window": 5})
+        Traceback (most recent call last):
+        ...
+        TypeError: WindowDetector(config={'window': 5}); allowed: a WindowConfig or None (or its fields as keywords)
+    """
+    name = type(owner).__name__
+    if config is None:
+        return (build or cls)(**fields)
+    if not isinstance(config, cls):
+        allowed = f"a {cls.__name__} or None (or its fields as keywords)"
+        raise TypeError(f"{name}(config={config!r}); allowed: {allowed}")
+    if fields:
+        given = ", ".join(f"{k}={v!r}" for k, v in fields.items())
+        raise ValueError(f"{name}(config=…, {given}): the fields would be ignored; allowed: a config or its fields")
+    return config
+
 
 def require_ints(config: object, *fields: str, minimum: int = 1) -> None:
-    """Raise ValueError unless each named field of ``config`` is an int >= ``minimum``.
+    """Raise ValueError unless each named field of ``config`` is an int >= ``minimum`` (and at most 2**63 - 1).
 
     Example:
         >>> from types import SimpleNamespace
@@ -28,6 +73,8 @@ def require_ints(config: object, *fields: str, minimum: int = 1) -> None:
         value = getattr(config, name)
         if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
             raise ValueError(f"{type(config).__name__}.{name}={value!r}; allowed: an int >= {minimum}")
+        if value > INT64_MAX:  # a window's deque or a step count past int64 failed later, with an OverflowError
+            raise ValueError(f"{type(config).__name__}.{name}={value!r}; allowed: an int from {minimum} to 2**63 - 1")
 
 
 def require_positive(config: object, *fields: str) -> None:

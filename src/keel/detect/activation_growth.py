@@ -40,7 +40,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from, require_ints
 from keel.detect._drift import Drift, project
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
@@ -84,10 +84,8 @@ class ActivationGrowthConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        for name, low in (("window", 3), ("min_points", 3), ("horizon", 1), ("patience", 1)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise ValueError(f"ActivationGrowthConfig.{name}={value!r}; allowed: an int >= {low}")
+        require_ints(self, "window", "min_points", minimum=3)
+        require_ints(self, "horizon", "patience")
         if self.min_points > self.window:
             raise ValueError(
                 f"ActivationGrowthConfig.min_points={self.min_points!r}; allowed: an int <= window ({self.window})"
@@ -125,7 +123,7 @@ class ActivationGrowthDetector:
     rests_when_finite = False
 
     def __init__(self, config: ActivationGrowthConfig | None = None, **fields: object) -> None:
-        self.config = config or ActivationGrowthConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, ActivationGrowthConfig, config, fields)
         self._trend = Drift(points=1, window=self.config.window)  # headroom in doublings; its slope and noise
         self._episode = Episode()
         # the key the headroom is read from: one series never mixes the two, and numerics/headroom, once logged, wins

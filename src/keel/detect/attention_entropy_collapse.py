@@ -22,7 +22,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from, require_ints
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
@@ -52,10 +52,7 @@ class EntropyCollapseConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        for name in ("baseline_points", "window"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < 2:
-                raise ValueError(f"EntropyCollapseConfig.{name}={value!r}; allowed: an int >= 2")
+        require_ints(self, "baseline_points", "window", minimum=2)
         if not 0 < self.critical_fraction <= self.warn_fraction < 1:
             raise ValueError(
                 f"EntropyCollapseConfig.warn_fraction={self.warn_fraction!r}, critical_fraction="
@@ -79,7 +76,7 @@ class AttentionEntropyCollapseDetector(ReadsOneSignal):
     name = "attention_entropy_collapse"
 
     def __init__(self, config: EntropyCollapseConfig | None = None, **fields: object) -> None:
-        self.config = config or EntropyCollapseConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, EntropyCollapseConfig, config, fields)
         self._level = StartingLevel(self.config.baseline_points, self.config.window)
         self._episode = Episode(keys=("onset", "reported"))  # no patience: a falling entropy is enough
 

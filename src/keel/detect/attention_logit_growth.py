@@ -17,6 +17,7 @@ from __future__ import annotations
 from dataclasses import replace
 
 from keel._core import keys
+from keel._core.validate import config_from
 from keel.detect.detector import DETECTORS
 from keel.detect.growth import GrowthConfig, GrowthDetector
 
@@ -52,4 +53,4 @@ class AttentionLogitGrowthDetector(GrowthDetector):
     """
 
     def __init__(self, config: GrowthConfig | None = None, **overrides: object) -> None:
-        super().__init__(config or attention_logit_growth_config(**overrides))
+        super().__init__(config_from(self, GrowthConfig, config, overrides, build=attention_logit_growth_config))

@@ -26,7 +26,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints
+from keel._core.validate import check_types, config_from, require_ints
 from keel.detect._drift import Drift
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
@@ -89,7 +89,7 @@ class ClipSaturationDetector:
     rests_when_finite = False
 
     def __init__(self, config: ClipSaturationConfig | None = None, **fields: object) -> None:
-        self.config = config or ClipSaturationConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, ClipSaturationConfig, config, fields)
         self._total = Drift(self.config.baseline_points, self.config.window)
         self._episode = Episode()
 

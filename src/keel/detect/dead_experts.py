@@ -32,7 +32,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints
+from keel._core.validate import check_types, config_from, require_ints
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
 from keel.detect._worst_member import worst_member
@@ -82,7 +82,7 @@ class DeadExpertsDetector:
     rests_when_finite = False
 
     def __init__(self, config: DeadExpertsConfig | None = None, **fields: object) -> None:
-        self.config = config or DeadExpertsConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, DeadExpertsConfig, config, fields)
         self._dead = TrendWindow(self.config.window)
         self._seen = 0  # finite measurements so far (the warm-up counts them)
         self._warned_at = -1  # the persistent count at this episode's warning; -1 before it

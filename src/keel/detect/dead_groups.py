@@ -29,7 +29,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints
+from keel._core.validate import check_types, config_from, require_ints
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
@@ -94,7 +94,7 @@ class DeadGroupsDetector:
     rests_when_finite = False
 
     def __init__(self, config: DeadGroupsConfig | None = None, **fields: object) -> None:
-        self.config = config or DeadGroupsConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, DeadGroupsConfig, config, fields)
         self._dead = TrendWindow(self.config.window)
         self._cut = TrendWindow(self.config.window)
         self._reward = TrendWindow(self.config.window)

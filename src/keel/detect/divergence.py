@@ -35,7 +35,7 @@ import numpy as np
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._change import moved_best, relative_change, rise
 from keel.detect._divergence_scan import Chunk, Stretch, certain_length, prepare
 from keel.detect._episode import Episode
@@ -105,7 +105,7 @@ class DivergenceDetector:
     name = "divergence"
 
     def __init__(self, config: DivergenceConfig | None = None) -> None:
-        self.config = config or DivergenceConfig()
+        self.config = config_from(self, DivergenceConfig, config, {})
         self._level = RunningMedian(size=self.config.short, capacity=self.config.window)
         self._diffs: deque[float] = deque(maxlen=NOISE_SPAN)
         self._spread = RunningMedian(size=NOISE_SPAN, capacity=NOISE_SPAN)  # abs(diffs), kept sorted for the noise

@@ -34,7 +34,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from, require_ints
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
@@ -69,8 +69,7 @@ class EdgeOfStabilityConfig:
             raise ValueError(
                 f"EdgeOfStabilityConfig.leap={self.leap!r}; allowed: a finite number >= jump ({self.jump})"
             )
-        if not isinstance(self.history, int) or self.history < 1:
-            raise ValueError(f"EdgeOfStabilityConfig.history={self.history!r}; allowed: an int >= 1")
+        require_ints(self, "history")
         if not (1 <= self.warn_margin <= self.critical_margin and math.isfinite(self.critical_margin)):
             raise ValueError(
                 f"EdgeOfStabilityConfig.warn_margin={self.warn_margin!r}, critical_margin="
@@ -98,7 +97,7 @@ class EdgeOfStabilityDetector:
     rests_when_finite = False
 
     def __init__(self, config: EdgeOfStabilityConfig | None = None, **fields: object) -> None:
-        self.config = config or EdgeOfStabilityConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, EdgeOfStabilityConfig, config, fields)
         self._measured_step = -1
         self._recent: deque[float] = deque(maxlen=self.config.history)
         self._episode = Episode(keys=("reported",))  # each measured margin is judged on its own: no run, no onset

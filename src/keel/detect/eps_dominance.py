@@ -31,7 +31,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints
+from keel._core.validate import check_types, config_from, require_ints
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
@@ -91,7 +91,7 @@ class EpsDominanceDetector:
     rests_when_finite = False
 
     def __init__(self, config: EpsDominanceConfig | None = None, **fields: object) -> None:
-        self.config = config or EpsDominanceConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, EpsDominanceConfig, config, fields)
         self._healthy_rms: float | None = None  # the update RMS of the last measurement that did not qualify
         self._episode = Episode()
 

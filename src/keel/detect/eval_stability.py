@@ -40,7 +40,7 @@ import numpy as np
 
 from keel._core import keys
 from keel._core.rank_correlation import NOISE_FLOOR_RANK_TAU, NOISY_RANK_TAU, kendall_tau_b
-from keel._core.validate import check_types, require_ints
+from keel._core.validate import check_types, config_from, require_ints
 
 Goal = Literal["max", "min"]
 
@@ -187,7 +187,7 @@ class EvalStability:
     """
 
     def __init__(self, config: EvalStabilityConfig | None = None) -> None:
-        self.config = config or EvalStabilityConfig()
+        self.config = config_from(self, EvalStabilityConfig, config, {})
         self._values: dict[str, list[tuple[int, float]]] = {}
         self._scores: dict[str, list[tuple[int, np.ndarray]]] = {}
 

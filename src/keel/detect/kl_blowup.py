@@ -27,7 +27,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._drift import project
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
@@ -103,7 +103,7 @@ class KLBlowupDetector(ReadsOneSignal):
     name = "kl_blowup"
 
     def __init__(self, config: KLBlowupConfig | None = None, **fields: object) -> None:
-        self.config = config or KLBlowupConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, KLBlowupConfig, config, fields)
         self._accepted = RunningMedian(size=self.config.window, capacity=self.config.window)
         self._growth = TrendWindow(self.config.growth_window)
         self._episode = Episode()

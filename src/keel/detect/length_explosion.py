@@ -28,7 +28,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._drift import Drift
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
@@ -101,7 +101,7 @@ class LengthExplosionDetector:
     rests_when_finite = False
 
     def __init__(self, config: LengthExplosionConfig | None = None, **fields: object) -> None:
-        self.config = config or LengthExplosionConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, LengthExplosionConfig, config, fields)
         self._length = Drift(self.config.baseline_points, self.config.window)
         self._cut = Drift(self.config.baseline_points, self.config.window)
         self._limit = 0.0  # the longest response seen in a step that had truncated ones

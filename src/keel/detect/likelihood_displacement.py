@@ -30,7 +30,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._drift import Drift, project
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
@@ -99,7 +99,7 @@ class LikelihoodDisplacementDetector:
     rests_when_finite = False
 
     def __init__(self, config: LikelihoodDisplacementConfig | None = None, **fields: object) -> None:
-        self.config = config or LikelihoodDisplacementConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, LikelihoodDisplacementConfig, config, fields)
         self._signal = ""  # the chosen key this run logs, fixed at its first measurement
         self._chosen = Drift(self.config.baseline_points, self.config.window)
         self._margin = Drift(self.config.baseline_points, self.config.window)

@@ -51,7 +51,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._drift import project
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
@@ -131,7 +131,7 @@ class LoadCollapseDetector:
     rests_when_finite = False
 
     def __init__(self, config: LoadCollapseConfig | None = None, **fields: object) -> None:
-        self.config = config or LoadCollapseConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, LoadCollapseConfig, config, fields)
         self._load = TrendWindow(self.config.window)
         self._entropy = TrendWindow(self.config.window)
         self._seen = 0  # finite imbalance measurements so far (the warm-up counts them)

@@ -33,7 +33,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._drift import project
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
@@ -92,7 +92,7 @@ class LoraBlowupDetector(ReadsOneSignal):
     name = "lora_blowup"
 
     def __init__(self, config: LoraBlowupConfig | None = None, **fields: object) -> None:
-        self.config = config or LoraBlowupConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, LoraBlowupConfig, config, fields)
         self._trend = TrendWindow(self.config.window)
         self._episode = Episode()
         self._non_finite = False  # the current run of non-finite values has been reported

@@ -35,7 +35,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
@@ -105,7 +105,7 @@ class LossScaleThrashDetector:
     rests_when_finite = False
 
     def __init__(self, config: LossScaleThrashConfig | None = None, **fields: object) -> None:
-        self.config = config or LossScaleThrashConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, LossScaleThrashConfig, config, fields)
         self._settled = False
         self._consecutive = 0
         # since settling, within the last `window` steps: (step, scale) of each value no later value reaches — a

@@ -16,7 +16,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints
+from keel._core.validate import check_types, config_from, require_ints
 from keel.detect.detector import DETECTORS
 
 MAX_NAMED = 20  # parameters named in a finding; the count covers the rest
@@ -46,7 +46,7 @@ class NonFiniteDetector:
     rests_when_finite = True
 
     def __init__(self, config: NonFiniteConfig | None = None) -> None:
-        self.config = config or NonFiniteConfig()
+        self.config = config_from(self, NonFiniteConfig, config, {})
         self._overflows = 0
 
     def update(self, obs: Observation) -> list[Finding]:

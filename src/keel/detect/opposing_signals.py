@@ -41,7 +41,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._finding import explained_finding
 from keel.detect._running_median import RunningMedian
 from keel.detect.detector import DETECTORS
@@ -126,7 +126,7 @@ class OpposingSignalsDetector:
     rests_when_finite = False
 
     def __init__(self, config: OpposingSignalsDetectorConfig | None = None, **fields: object) -> None:
-        self.config = config or OpposingSignalsDetectorConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, OpposingSignalsDetectorConfig, config, fields)
         cfg = self.config
         self._opposition = RunningMedian(size=cfg.window, capacity=cfg.window)
         self._sharpness = RunningMedian(size=cfg.sharpness_history, capacity=cfg.sharpness_history)

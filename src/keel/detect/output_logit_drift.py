@@ -23,7 +23,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from, require_ints
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
@@ -58,12 +58,8 @@ class OutputLogitDriftConfig:
 
     def __post_init__(self) -> None:
         check_types(self)
-        for name in ("baseline_points", "window", "patience"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (2 if name == "window" else 1):
-                raise ValueError(
-                    f"OutputLogitDriftConfig.{name}={value!r}; allowed: an int >= {2 if name == 'window' else 1}"
-                )
+        require_ints(self, "baseline_points", "patience")
+        require_ints(self, "window", minimum=2)
         if not (0 < self.warn_dev <= self.critical_dev and math.isfinite(self.critical_dev)):
             raise ValueError(
                 f"OutputLogitDriftConfig.warn_dev={self.warn_dev!r}, critical_dev={self.critical_dev!r}; "
@@ -89,7 +85,7 @@ class OutputLogitDriftDetector(ReadsOneSignal):
     name = "output_logit_drift"
 
     def __init__(self, config: OutputLogitDriftConfig | None = None, **fields: object) -> None:
-        self.config = config or OutputLogitDriftConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, OutputLogitDriftConfig, config, fields)
         self._level = StartingLevel(self.config.baseline_points, self.config.window)
         self._episode = Episode()
 

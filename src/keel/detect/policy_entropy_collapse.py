@@ -25,7 +25,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._drift import Drift, project
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
@@ -87,7 +87,7 @@ class PolicyEntropyCollapseDetector(ReadsOneSignal):
     name = "policy_entropy_collapse"
 
     def __init__(self, config: PolicyEntropyCollapseConfig | None = None, **fields: object) -> None:
-        self.config = config or PolicyEntropyCollapseConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, PolicyEntropyCollapseConfig, config, fields)
         self._drift = Drift(self.config.baseline_points, self.config.window)
         self._episode = Episode()
 

@@ -33,7 +33,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints
+from keel._core.validate import check_types, config_from, require_ints
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
 from keel.detect._worst_member import worst_member
@@ -83,7 +83,7 @@ class QatOscillationDetector(ReadsOneSignal):
     name = "qat_oscillation"
 
     def __init__(self, config: QatOscillationConfig | None = None, **fields: object) -> None:
-        self.config = config or QatOscillationConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, QatOscillationConfig, config, fields)
         self._episode = Episode()
 
     def update(self, obs: Observation) -> list[Finding]:

@@ -47,7 +47,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._drift import Drift
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
@@ -128,7 +128,7 @@ class RewardOverOptimizationDetector:
     rests_when_finite = False
 
     def __init__(self, config: RewardOverOptimizationConfig | None = None, **fields: object) -> None:
-        self.config = config or RewardOverOptimizationConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, RewardOverOptimizationConfig, config, fields)
         points, window = self.config.baseline_points, self.config.window
         self._proxy_key = ""
         self._proxy, self._spread, self._gold = Drift(points, window), Drift(points, window), Drift(points, window)

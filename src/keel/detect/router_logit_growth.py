@@ -28,6 +28,7 @@ from dataclasses import replace
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
+from keel._core.validate import config_from
 from keel.detect._worst_member import worst_member
 from keel.detect.detector import DETECTORS
 from keel.detect.growth import GrowthConfig, GrowthDetector
@@ -68,7 +69,7 @@ class RouterLogitGrowthDetector(GrowthDetector):
     """
 
     def __init__(self, config: GrowthConfig | None = None, **overrides: object) -> None:
-        super().__init__(config or router_logit_growth_config(**overrides))
+        super().__init__(config_from(self, GrowthConfig, config, overrides, build=router_logit_growth_config))
         self._router: str | None = None  # the step's worst router, for the finding (not state: read afresh each step)
 
     def update(self, obs: Observation) -> list[Finding]:

@@ -26,7 +26,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from, require_ints
 from keel.detect._episode import Episode
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
@@ -59,8 +59,7 @@ class SoftmaxCollapseConfig:
                 f"SoftmaxCollapseConfig.warn_fraction={self.warn_fraction!r}, critical_fraction="
                 f"{self.critical_fraction!r}; allowed: 0 < warn_fraction <= critical_fraction <= 1"
             )
-        if not isinstance(self.patience, int) or self.patience < 1:
-            raise ValueError(f"SoftmaxCollapseConfig.patience={self.patience!r}; allowed: an int >= 1")
+        require_ints(self, "patience")
 
 
 @DETECTORS.register("softmax_collapse")
@@ -79,7 +78,7 @@ class SoftmaxCollapseDetector(ReadsOneSignal):
     name = "softmax_collapse"
 
     def __init__(self, config: SoftmaxCollapseConfig | None = None, **fields: object) -> None:
-        self.config = config or SoftmaxCollapseConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, SoftmaxCollapseConfig, config, fields)
         self._episode = Episode()
         self._seen_healthy = False
         self._told = False

@@ -47,7 +47,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._deviation_history import DeviationHistory
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
@@ -194,7 +194,7 @@ class SourceDriftDetector:
     rests_when_finite = False
 
     def __init__(self, config: SourceDriftConfig | None = None, **fields: object) -> None:
-        self.config = config or SourceDriftConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, SourceDriftConfig, config, fields)
         self._hist: dict[str, dict[str, _History]] = {}  # feature → source → history
         self._flagged: dict[str, list[str]] = {}  # source → the features that drifted, while it stays named
         self._level: dict[str, dict[str, tuple[float, float]]] = {}  # feature → source → forgetting sum, weight

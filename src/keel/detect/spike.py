@@ -45,7 +45,7 @@ import numpy as np
 from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._running_median import RunningMedian
 from keel.detect._spike_screen import possible_descent_spikes, possible_spikes
 from keel.detect.detector import DETECTORS
@@ -170,11 +170,14 @@ class SpikeDetector:
     name = "spike"
 
     def __init__(self, config: SpikeConfig | None = None, *, signal: str | None = None) -> None:
+        if signal is not None and not isinstance(signal, str):
+            raise TypeError(f"SpikeDetector(signal={signal!r}); allowed: a signal key (a str) or None")
         if config is None:
             signal = signal or keys.LOSS
             grad = "grad" in signal
             config = SpikeConfig(signal=signal, **GRAD_NORM_DEFAULTS) if grad else SpikeConfig(signal=signal)
-        elif signal is not None and signal != config.signal:
+        config = config_from(self, SpikeConfig, config, {})  # a config of another type: one TypeError here
+        if signal is not None and signal != config.signal:
             raise ValueError(f"signal={signal!r} disagrees with config.signal={config.signal!r}")
         self.config = config
         self._log = config.log_scale is not False  # None starts in log space and leaves it at a value <= 0

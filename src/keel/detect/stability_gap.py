@@ -41,7 +41,7 @@ from typing import Any, Literal
 from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
-from keel._core.validate import check_types, require_ints, require_positive
+from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
 from keel.detect.robust import median, step_noise
@@ -102,7 +102,7 @@ class StabilityGapDetector:
     rests_when_finite = False
 
     def __init__(self, config: StabilityGapConfig | None = None, **fields: object) -> None:
-        self.config = config or StabilityGapConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, StabilityGapConfig, config, fields)
         self.goals: dict[str, str | None] = {}  # eval key → "max" / "min", or None: not watched
         self._phase: float | None = None
         self._switch: dict[str, Any] = {}  # the last switch: step, from, to

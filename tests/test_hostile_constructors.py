@@ -1,0 +1,112 @@
+"""Public constructors against wrong types and values: one ValueError/TypeError naming the field, at once.
+
+Every detector registered in the catalog is built with a config of another type, with a config and its fields
+together, and with an int field past int64; each must be refused when it is made, not with an AttributeError
+or OverflowError from inside it, nor later inside training.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import typing
+
+from keel.detect.detector import DETECTORS
+
+
+def _config_class(factory) -> type | None:
+    annotation = typing.get_type_hints(factory.__init__).get("config")
+    if annotation is None:
+        return None
+    return next(a for a in typing.get_args(annotation) or (annotation,) if a is not type(None))
+
+
+CONFIGURED = {name: _config_class(DETECTORS.get(name)) for name in DETECTORS if _config_class(DETECTORS.get(name))}
+
+
+def test_every_detector_but_the_argument_free_one_takes_a_config():
+    assert set(DETECTORS.names()) - set(CONFIGURED) == {"non_finite_origin"}
+
+
+class _Other:
+    pass
+
+
+def test_a_config_of_another_type_is_one_type_error_naming_config():
+    """``SpikeDetector({"window": 5})`` raised AttributeError: 'dict' object has no attribute 'window'."""
+    wrong = {}
+    for name, cls in CONFIGURED.items():
+        for value in ("window=5", {"window": 5}, 5, _Other()):
+            try:
+                DETECTORS.get(name)(value)
+            except TypeError as exc:
+                if "config=" not in str(exc) or cls.__name__ not in str(exc):
+                    wrong[name] = f"TypeError without the field and the allowed class: {exc}"
+            except Exception as exc:  # noqa: BLE001 - any other is the finding
+                wrong[name] = f"{type(exc).__name__}: {exc}"
+            else:
+                wrong[name] = f"accepted config={value!r}"
+    assert wrong == {}
+
+
+def _keyword_fields(name: str) -> bool:
+    init = DETECTORS.get(name).__init__
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())
+
+
+def _default_config(cls):
+    required = [f.name for f in dataclasses.fields(cls) if f.default is dataclasses.MISSING and f.init]
+    return None if required else cls()
+
+
+def test_a_config_and_its_fields_together_are_refused_not_the_fields_dropped():
+    """``ClipSaturationDetector(cfg, patience=9)`` built the detector from ``cfg`` and dropped ``patience``."""
+    wrong = {}
+    for name, cls in CONFIGURED.items():
+        config = _default_config(cls)
+        if config is None or not _keyword_fields(name):
+            continue
+        field = next(f for f in dataclasses.fields(cls) if f.init)
+        try:
+            DETECTORS.get(name)(config, **{field.name: getattr(config, field.name)})
+        except ValueError as exc:
+            if field.name not in str(exc):
+                wrong[name] = f"ValueError without the field: {exc}"
+        except Exception as exc:  # noqa: BLE001
+            wrong[name] = f"{type(exc).__name__}: {exc}"
+        else:
+            wrong[name] = "the fields were dropped"
+    assert wrong == {}
+
+
+PAST_INT64 = 2**64
+
+
+def _int_fields(cls) -> list[str]:
+    hints = typing.get_type_hints(cls)
+    return [f.name for f in dataclasses.fields(cls) if f.init and hints.get(f.name) is int]
+
+
+def test_an_int_field_past_int64_is_refused_when_the_config_is_made():
+    """``SpikeConfig(window=2**64)`` was accepted; the detector then raised OverflowError (a deque's maxlen)."""
+    wrong = {}
+    for name, cls in CONFIGURED.items():
+        if _default_config(cls) is None:
+            continue
+        for field in _int_fields(cls):
+            try:
+                config = cls(**{field: PAST_INT64})
+            except ValueError as exc:
+                if field not in str(exc):
+                    wrong[f"{cls.__name__}.{field}"] = f"ValueError without the field: {exc}"
+                continue
+            except Exception as exc:  # noqa: BLE001
+                wrong[f"{cls.__name__}.{field}"] = f"{type(exc).__name__}: {exc}"
+                continue
+            try:
+                DETECTORS.get(name)(config)
+            except Exception as exc:  # noqa: BLE001
+                wrong[f"{cls.__name__}.{field}"] = f"accepted, then {name}: {type(exc).__name__}: {exc}"
+            else:  # harmless today (a patience never reached), refused all the same: one rule for every count
+                wrong[f"{cls.__name__}.{field}"] = "accepted"
+    assert wrong == {}
