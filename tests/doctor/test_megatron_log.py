@@ -137,7 +137,7 @@ _LINE = st.one_of(
 )
 
 
-@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(_LINE, max_size=12))
 def test_any_text_gives_a_log_or_one_log_read_error(tmp_path, lines):
     p = tmp_path / "fuzz.log"
