@@ -11,7 +11,11 @@ import dataclasses
 import inspect
 import typing
 
+import pytest
+import torch
+
 from keel.detect.detector import DETECTORS
+from keel.optim._registry import optimizers
 
 
 def _config_class(factory) -> type | None:
@@ -110,3 +114,29 @@ def test_an_int_field_past_int64_is_refused_when_the_config_is_made():
             else:  # harmless today (a patience never reached), refused all the same: one rule for every count
                 wrong[f"{cls.__name__}.{field}"] = "accepted"
     assert wrong == {}
+
+
+def test_a_spike_signal_that_is_not_a_key_names_signal():
+    """``SpikeDetector(signal=5)`` raised TypeError: argument of type 'int' is not iterable."""
+    from keel.detect.spike import SpikeDetector
+
+    for value in (5, 2.5, ["loss"], b"loss"):
+        with pytest.raises(TypeError, match=r"SpikeDetector\(signal=.*allowed: a signal key"):
+            SpikeDetector(signal=value)
+
+
+@pytest.mark.parametrize(
+    "name", [n for n in optimizers.names() if "betas" in inspect.signature(optimizers.get(n)).parameters]
+)
+@pytest.mark.parametrize("betas", [5, 0.9, None, {0.9: 0.99}])
+def test_betas_that_are_not_a_pair_name_betas(name, betas):
+    """``SPAM(params, betas=0.9)`` raised TypeError: object of type 'float' has no len()."""
+    with pytest.raises(ValueError, match=r"\.betas=.*allowed: a pair"):
+        optimizers.get(name)(torch.nn.Linear(2, 2).parameters(), betas=betas)
+
+
+@pytest.mark.parametrize("base", ["adamw", 5, torch.nn.Linear, torch.optim.AdamW([torch.zeros(1)])])
+def test_an_orthograd_base_that_is_not_an_optimizer_class_names_base(base):
+    """``orthograd(params, base="adamw")`` raised TypeError: 'str' object is not callable."""
+    with pytest.raises(TypeError, match=r"base=.*allowed: a torch\.optim\.Optimizer class"):
+        optimizers.get("orthograd")(torch.nn.Linear(2, 2).parameters(), base=base)

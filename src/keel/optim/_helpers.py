@@ -20,8 +20,8 @@ def check_range(owner: str, name: str, value: float, low: float, high: float, *,
 
 
 def check_betas(owner: str, betas: Sequence[float]) -> None:
-    if len(betas) != 2:
-        raise ValueError(f"{owner}.betas={tuple(betas)!r}; allowed: a pair (beta1, beta2), each in [0, 1)")
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:  # a lone 0.9 raised "float has no len()"
+        raise ValueError(f"{owner}.betas={betas!r}; allowed: a pair (beta1, beta2), each in [0, 1)")
     for i, beta in enumerate(betas):
         check_range(owner, f"betas[{i}]", beta, 0.0, 1.0, high_open=True)
 

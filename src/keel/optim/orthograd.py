@@ -150,6 +150,9 @@ def _create_orthograd(
         ValueError: float16 parameters with the default base (`refuse_float16`): name a ``base`` that handles
             them (``keel.optim.SPAM``, ``torch.optim.SGD``).
     """
+    if base is not None and not (isinstance(base, type) and issubclass(base, Optimizer)):
+        shown = f"<a {type(base).__name__} instance>" if isinstance(base, Optimizer) else repr(base)  # repr: lines
+        raise TypeError(f"orthograd(base={shown}); allowed: a torch.optim.Optimizer class (not an instance) or None")
     optimizer = (base or torch.optim.AdamW)(params, **kwargs)
     if base is None:
         refuse_float16("orthograd (torch.optim.AdamW base)", optimizer.param_groups)
