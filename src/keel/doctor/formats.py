@@ -14,6 +14,8 @@ from keel.doctor.jsonl_log import read_jsonl_log
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.megatron_log import FORMAT as MEGATRON
 from keel.doctor.megatron_log import looks_like_megatron, read_megatron_log
+from keel.doctor.nanogpt_log import FORMAT as NANOGPT
+from keel.doctor.nanogpt_log import looks_like_nanogpt, read_nanogpt_log
 from keel.doctor.speedrun_log import FORMAT as SPEEDRUN
 from keel.doctor.speedrun_log import looks_like_speedrun, read_speedrun_log
 from keel.doctor.step_lines_log import FORMAT as STEP_LINES
@@ -31,6 +33,7 @@ READERS: dict[str, Callable[[Path], RawLog]] = {
     STEP_LINES: read_step_lines_log,
     SPEEDRUN: read_speedrun_log,
     MEGATRON: read_megatron_log,
+    NANOGPT: read_nanogpt_log,
 }
 FORMATS: tuple[str, ...] = tuple(READERS)
 
@@ -121,12 +124,15 @@ def detect_format(path: Path) -> str:
         return SPEEDRUN
     if looks_like_megatron(text):  # before CSV: a banner (arguments, commas and all) comes first
         return MEGATRON
+    if looks_like_nanogpt(text):  # before CSV: its banner's first line has a comma ("16,384")
+        return NANOGPT
     if any(sep in first for sep in (",", "\t", ";")):
         return "csv"
     raise LogReadError(
         f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, "
         f"{STATE_NAME}, TensorBoard event files, keel run stores, build-nanogpt/llm.c step lines, "
-        "modded-nanogpt 'step:N/TOTAL' lines, Megatron-LM 'iteration N/ TOTAL |' lines"
+        "modded-nanogpt 'step:N/TOTAL' lines, Megatron-LM 'iteration N/ TOTAL |' lines, "
+        "nanoGPT train.py output ('iter N: loss X')"
     )
 
 

@@ -1,0 +1,93 @@
+"""karpathy/nanoGPT ``train.py``'s console output saved to a file (``python train.py config/... > train.log``).
+
+After a banner (``tokens per iteration will be: 16,384``, ``number of parameters: 10.65M`` ...) it prints, every
+``log_interval`` iterations, ``iter 250: loss 1.7424, time 88.01ms, mfu 4.23%`` (the loss of the iteration's last
+micro-batch, times the accumulation steps) and, every ``eval_interval``, ``step 250: train loss 1.6573, val loss
+1.8194`` (both estimated over ``eval_iters`` batches). ``loss`` is the training loss; ``val loss`` is ``val_loss``;
+the eval-time ``train loss`` is ``train_eval_loss`` (an estimate, not the step's loss, so kept apart); a unit joins
+its name (``time_ms``, ``mfu_percent``). Lines that begin with neither ``iter N:`` nor ``step N:`` (the banner,
+``saving checkpoint to ...``) are left out, counted in a note; one that begins so but does not parse is one error
+that names it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from keel.doctor._text import read_text
+from keel.doctor.jsonl_log import records_from_objects
+from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.step_lines_log import NUMBER
+
+FORMAT = "nanogpt_stdout"
+_CANDIDATE = re.compile(r"(?:iter|step) ")
+_LINE = re.compile(r"(iter|step) (\d+): (.*)")
+_FIELD = re.compile(rf"([A-Za-z][A-Za-z ]*?) ({NUMBER})(ms|s|%)?", re.IGNORECASE)
+_SEARCH = re.compile(rf"^iter \d+: loss {NUMBER}", re.MULTILINE | re.IGNORECASE)
+NAMES = {"train loss": "train_eval_loss", "val loss": "val_loss"}  # of a "step N:" evaluation line
+UNITS = {"%": "percent"}
+
+
+def looks_like_nanogpt(text: str) -> bool:
+    """Whether ``text`` holds an ``iter N: loss X`` line at the start of a line (after a banner)."""
+    return _SEARCH.search(text) is not None
+
+
+def read_nanogpt_log(path: str | Path) -> RawLog:
+    """Read nanoGPT ``train.py``'s saved console output.
+
+    Raises:
+        LogReadError: A line that begins with ``iter N`` or ``step N`` but is not ``iter N: name value, ...``
+            (named by its number), or no ``iter N: loss X`` line at all.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "train.log"
+        >>> _ = p.write_text("number of parameters: 10.65M\\niter 0: loss 4.2649, time 88.01ms, mfu 4.23%\\n")
+        >>> list(read_nanogpt_log(p).records)
+        [(0, {'loss': 4.2649, 'time_ms': 88.01, 'mfu_percent': 4.23})]
+    """
+    path = Path(path)
+    entries: list[dict[str, float | str]] = []
+    other_lines = 0
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if not _CANDIDATE.match(line):
+            other_lines += bool(line.strip())
+            continue
+        m = _LINE.fullmatch(line.rstrip())
+        fields = _fields(m.group(3), evaluation=m.group(1) == "step") if m else None
+        if m is None or fields is None:
+            shown = line if len(line) <= 60 else line[:57] + "..."
+            raise LogReadError(
+                f"{path}: line {number} ({shown!r}) is not 'iter N: loss X, time Tms, mfu M%' nor "
+                "'step N: train loss X, val loss Y' (nanoGPT train.py)"
+            )
+        step = int(m.group(2))
+        last = entries[-1] if entries else None
+        if last is not None and last["step"] == step and not fields.keys() & last.keys():
+            last.update(fields)  # "step N:" evaluation, then "iter N:" of the same iteration
+        else:
+            entries.append({"step": step, **fields})
+    if not any("loss" in e for e in entries):
+        raise LogReadError(f"{path}: no 'iter N: loss X' line at the start of a line (nanoGPT train.py)")
+    log = records_from_objects(path, entries, fmt=FORMAT)
+    if other_lines:
+        log.notes.append(f"{other_lines} lines that are not iter or step lines (the banner, checkpoints) left out")
+    return log
+
+
+def _fields(text: str, *, evaluation: bool) -> dict[str, float | str] | None:
+    fields: dict[str, float | str] = {}
+    for piece in text.split(","):
+        m = _FIELD.fullmatch(piece.strip())
+        if m is None:
+            return None
+        name, unit = m.group(1).lower(), m.group(3)
+        if evaluation:
+            name = NAMES.get(name, name)
+        name = name.replace(" ", "_")
+        if unit:
+            name = f"{name}_{UNITS.get(unit, unit.lower())}"
+        fields[name] = m.group(2)
+    return fields
