@@ -247,3 +247,56 @@ def test_keel_doctor_says_how_a_run_ended_when_it_did_not_finish(tmp_path, own_s
         assert lines == []  # a run that finished says nothing more
     else:
         assert len(lines) == 1 and lines[0].startswith(said)
+
+
+def test_a_resume_past_the_rows_a_sigkill_lost_says_which_steps_stay_missing(tmp_path):
+    from keel import RecoveryConfig
+
+    guard, model, opt = _guard(tmp_path, policy="recover", recovery=RecoveryConfig(snapshot_every=2, disk_every=1))
+    for x, y in make_batches(8):
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad()
+        guard.recovery.disk.wait()  # every snapshot due is written: a busy disk tier skips one
+    guard.close()
+    with RunReader(tmp_path / "run.sqlite") as store:
+        newest = max(row["step"] for row in store.snapshots())
+    assert newest >= 4
+    lost = newest - 2  # a SIGKILL lost the rows of the last steps; the disk snapshot of a later one survived
+    conn = sqlite3.connect(tmp_path / "run.sqlite")
+    with conn:
+        conn.execute("DELETE FROM signals WHERE step >= ?", (lost,))
+        conn.execute("DELETE FROM meta WHERE key = 'steps'")
+    conn.close()
+    with pytest.warns(Warning, match=rf"the rows of steps {lost}–{newest - 1} were lost .* stay missing"):
+        resumed, _, _ = _guard(tmp_path, policy="recover", resume=True)
+    assert resumed.global_step == newest
+    resumed.close()
+    assert _committed(tmp_path)[1]["missing_steps"] == [lost, newest - 1]
+
+
+def test_a_guard_opened_over_a_framework_handler_that_chains_to_keels_records_once_and_ends_at_the_first(
+    tmp_path, own_sigterm
+):
+    first, _, _ = _guard(tmp_path / "a")
+    keels = signal.getsignal(signal.SIGTERM)
+    framework: list[int] = []
+
+    def theirs(signum, frame):  # a framework's handler, installed over keel's and calling it in turn
+        framework.append(signum)
+        keels(signum, frame)
+
+    signal.signal(signal.SIGTERM, theirs)
+    second, _, _ = _guard(tmp_path / "b")  # keel's goes over theirs: both Guards must hear the signal
+    assert signal.getsignal(signal.SIGTERM) is run_end._handle
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert framework == [signal.SIGTERM] and own_sigterm == [signal.SIGTERM]  # each once: no loop
+    second.close()
+    assert signal.getsignal(signal.SIGTERM) is run_end._handle  # the first is still open
+    first.close()
+    assert signal.getsignal(signal.SIGTERM) is theirs  # the one keel's went over; it still chains to keel's
+    os.kill(os.getpid(), signal.SIGTERM)
+    assert framework == [signal.SIGTERM] * 2 and own_sigterm == [signal.SIGTERM] * 2
+    for folder in ("a", "b"):
+        assert _committed(tmp_path / folder)[1]["status"] == "interrupted by SIGTERM after 0 steps"

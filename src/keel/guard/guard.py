@@ -713,8 +713,7 @@ class Guard(DeferredSteps):
             raise
         if self.recorder.writer is not None and (resumed is not None or self.run_dir.resumes_steps > 0):
             start = resumed.step if resumed is not None else 0  # no snapshot: the run starts over
-            self.recorder.writer.drop_from(start)
-            self.recorder.meta({"resumed_from": start})
+            self.recorder.resumed(start, stored=self.run_dir.resumes_steps)
         return resumed
 
     def _finish(self, status: str) -> None:

@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import time
 import traceback
+import warnings
 from array import array
 from collections.abc import Callable
 from typing import Any
 
 from keel._core.decision import Decision
+from keel._core.errors import KeelWarning
 from keel._core.finding import Finding
 from keel._core.keys import LOSS
 from keel._core.observation import Observation
@@ -146,6 +148,25 @@ class Recorder:
     def snapshot(self, step: int, path: str, checksum: str) -> None:
         if self.writer is not None:
             self.writer.add_snapshot(step, path, checksum)
+
+    def resumed(self, start: int, *, stored: int) -> None:
+        """A resume from the snapshot of step ``start``: drop the store's rows of the steps done again, and say
+        which steps stay missing when the store holds fewer (``stored``) — a SIGKILL loses the rows of up to its
+        last ``flush_interval`` while a disk snapshot of one of those steps is already written."""
+        assert self.writer is not None
+        self.writer.drop_from(start)
+        self.meta({"resumed_from": start})
+        if stored < start:
+            missing = [stored, start - 1]
+            self.meta({"missing_steps": missing})
+            warnings.warn(
+                f"resume=True: the run store holds {stored} steps and the newest disk snapshot is of step {start}: "
+                f"the rows of steps {stored}–{start - 1} were lost when the process was killed before they were "
+                "written (SIGKILL, the OOM killer); training continues from the snapshot, those rows stay missing "
+                "(meta missing_steps)",
+                KeelWarning,
+                stacklevel=4,
+            )
 
     def signal(self, name: str, steps: int) -> None:
         """A signal arrived (SIGTERM, SIGINT): say so in the store and flush it, as the process may end next.

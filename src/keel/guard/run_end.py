@@ -19,7 +19,8 @@ SIGKILL cannot be caught: a killed run loses the rows of at most its last ``flus
 status stays ``running``. Handlers can only be installed from the main thread; a Guard built in another thread
 gets the ``atexit`` part only. One process-wide handler serves every open Guard (no chain that grows with each
 Guard), and the handler that was there before is put back when the last one closes, unless someone replaced
-keel's in the meantime (theirs is left in place; keel's then only passes the signal on).
+keel's in the meantime (theirs is left in place; keel's then only passes the signal on). A Guard opened while
+another handler is in place installs keel's over it again.
 """
 
 from __future__ import annotations
@@ -42,7 +43,11 @@ EXITED = "exited without Guard.close()"
 
 _lock = threading.RLock()
 _open: weakref.WeakSet[RunEnd] = weakref.WeakSet()  # a Guard dropped without close() stops being called
-_before: dict[int, Any] = {}  # the handlers keel's replaced, while keel's is installed
+# The handlers keel's replaced, oldest first: one more each time keel's is installed over a handler that chains to it
+# (a framework that installed its own over keel's, calling keel's in turn); the n-th nested call of keel's passes the
+# signal on to the n-th newest, so a chain through keel's twice ends at the handler that was there first, not a loop.
+_before: dict[int, list[Any]] = {}
+_depth: dict[int, int] = {}  # nested calls of keel's handler in progress, per signal (main thread only)
 _atexit_registered = False
 
 
@@ -88,40 +93,48 @@ def exit_status() -> str:
 
 
 def _install() -> None:
-    if _before or threading.current_thread() is not threading.main_thread():
-        return  # installed (or left in a chain) already, or not allowed here: signal.signal raises off the main thread
+    if threading.current_thread() is not threading.main_thread():
+        return  # signal.signal raises off the main thread
     for sig in SIGNALS:
+        if signal.getsignal(sig) is _handle:
+            continue
         try:
-            _before[sig] = signal.signal(sig, _handle)
+            before = signal.signal(sig, _handle)
         except (ValueError, OSError):  # an embedding interpreter may refuse: the atexit part still works
-            pass
+            continue
+        _before.setdefault(sig, []).append(before)
 
 
 def _uninstall() -> None:
     if threading.current_thread() is not threading.main_thread():
         return  # keel's handler stays, passing signals on; the next close from the main thread restores
-    for sig, before in list(_before.items()):
-        # Put back only where keel's is still the handler. Where another replaced it (and may call it), it stays
-        # installed for good, passing the signal on to the one it replaced; so does one replaced from outside
-        # Python (None: cannot be put back). Installing again over such a chain could make it a loop.
-        if signal.getsignal(sig) is _handle and before is not None:
-            signal.signal(sig, before)
-            del _before[sig]
+    for sig, stack in _before.items():
+        # Put back only where keel's is still the handler: where another replaced it (and may call it), keel's stays
+        # in that chain, passing the signal on; so does one replaced from outside Python (None: cannot be put back).
+        if stack and signal.getsignal(sig) is _handle and stack[-1] is not None:
+            signal.signal(sig, stack.pop())
 
 
 def _handle(signum: int, frame: FrameType | None) -> None:
     """Record the signal in every open run's store, then do what the handler before keel's would have done."""
-    name = signal.Signals(signum).name
-    with _lock:
-        watching = list(_open)
-    for end in watching:
-        try:
-            end.on_signal(name)
-        except Exception as exc:  # never let keel's bookkeeping swallow or change the signal
-            warnings.warn(f"keel: recording {name} failed ({type(exc).__name__}: {exc})", KeelWarning, stacklevel=2)
-    before = _before.get(signum, signal.SIG_DFL)
+    depth = _depth.get(signum, 0)
+    if depth == 0:  # the first call: a chain back through keel's records nothing twice
+        name = signal.Signals(signum).name
+        with _lock:
+            watching = list(_open)
+        for end in watching:
+            try:
+                end.on_signal(name)
+            except Exception as exc:  # never let keel's bookkeeping swallow or change the signal
+                warnings.warn(f"keel: recording {name} failed ({type(exc).__name__}: {exc})", KeelWarning, stacklevel=2)
+    stack = _before.get(signum, [])
+    before = stack[-1 - depth] if depth < len(stack) else signal.SIG_DFL
     if callable(before):
-        before(signum, frame)  # Python's default SIGINT handler raises KeyboardInterrupt here
+        _depth[signum] = depth + 1
+        try:
+            before(signum, frame)  # Python's default SIGINT handler raises KeyboardInterrupt here
+        finally:
+            _depth[signum] = depth
     elif before != signal.SIG_IGN:  # the default action (or one set outside Python): end as without keel
         signal.signal(signum, signal.SIG_DFL)
         os.kill(os.getpid(), signum)
