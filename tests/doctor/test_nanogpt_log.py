@@ -44,6 +44,22 @@ def test_nanogpt_stdout_is_detected_past_its_banner_and_read(tmp_path):
     assert obs[1].values["time_ms"] == 88.01 and obs[1].values["mfu_percent"] == -100.0
 
 
+def test_fields_that_forks_add_with_their_own_units_are_read(tmp_path):
+    # a fork's line, as published: memory in G, lr, total time in s
+    p = tmp_path / "train.log"
+    p.write_text(
+        "iter 2: loss 4.0429, time 26.42ms, mfu -100.00%, cuda memory 0.499G, lr 6.00e-04, total time 1.35s\n"
+        "iter 0:    loss 11.07, time 4200ms, mfu 0.12%\n"
+        "iter 5: loss 3.3399, time 18371.47ms, lr:0.0003 , mfu: 3.06%\n"  # another fork: "name: value"
+    )
+    first, second, third = build_timeline(read_log(p)).observations
+    assert (
+        first.values["cuda_memory_g"] == 0.499 and first.values["lr"] == 6e-4 and first.values["total_time_s"] == 1.35
+    )
+    assert second.values["loss"] == 11.07
+    assert third.values["lr"] == 0.0003 and third.values["mfu_percent"] == 3.06
+
+
 def test_doctor_names_a_loss_spike_in_nanogpt_stdout(tmp_path, capsys):
     losses = [2.0 + 0.01 * (s % 5) for s in range(120)]
     losses[90] = 7.0

@@ -5,9 +5,9 @@ After a banner (``tokens per iteration will be: 16,384``, ``number of parameters
 micro-batch, times the accumulation steps) and, every ``eval_interval``, ``step 250: train loss 1.6573, val loss
 1.8194`` (both estimated over ``eval_iters`` batches). ``loss`` is the training loss; ``val loss`` is ``val_loss``;
 the eval-time ``train loss`` is ``train_eval_loss`` (an estimate, not the step's loss, so kept apart); a unit joins
-its name (``time_ms``, ``mfu_percent``). Lines that begin with neither ``iter N:`` nor ``step N:`` (the banner,
-``saving checkpoint to ...``) are left out, counted in a note; one that begins so but does not parse is one error
-that names it.
+its name (``time_ms``, ``mfu_percent``; forks add ``cuda memory 0.499G`` → ``cuda_memory_g``, ``lr:0.0003``).
+Lines that begin with neither ``iter N:`` nor ``step N:`` (the banner, ``saving checkpoint to ...``) are left out,
+counted in a note; one that begins so but does not parse is one error that names it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from keel.doctor.step_lines_log import NUMBER
 FORMAT = "nanogpt_stdout"
 _CANDIDATE = re.compile(r"(?:iter|step) ")
 _LINE = re.compile(r"(iter|step) (\d+): (.*)")
-_FIELD = re.compile(rf"([A-Za-z][A-Za-z ]*?) ({NUMBER})(ms|s|%)?", re.IGNORECASE)
+_FIELD = re.compile(rf"([A-Za-z][A-Za-z ]*?)(?::\s*|\s+)({NUMBER})([A-Za-z]+|%)?", re.IGNORECASE)
 _SEARCH = re.compile(rf"^iter \d+: loss {NUMBER}", re.MULTILINE | re.IGNORECASE)
 NAMES = {"train loss": "train_eval_loss", "val loss": "val_loss"}  # of a "step N:" evaluation line
 UNITS = {"%": "percent"}
