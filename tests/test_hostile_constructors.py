@@ -1,8 +1,8 @@
 """Public constructors against wrong types and values: one ValueError/TypeError naming the field, at once.
 
-Every detector registered in the catalog is built with a config of another type, with a config and its fields
-together, and with an int field past int64; each must be refused when it is made, not with an AttributeError
-or OverflowError from inside it, nor later inside training.
+Every detector and signal probe registered in the catalog is built with a config of another type, with a config
+and its fields together, and (detectors) with an int field past int64; each must be refused when it is made, not
+with an AttributeError or OverflowError from inside it, nor later inside training.
 """
 
 from __future__ import annotations
@@ -16,20 +16,33 @@ import torch
 
 from keel.detect.detector import DETECTORS
 from keel.optim._registry import optimizers
+from keel.signals.registry import PROBES
+
+
+def _init(factory):
+    return factory.__init__ if isinstance(factory, type) else factory
 
 
 def _config_class(factory) -> type | None:
-    annotation = typing.get_type_hints(factory.__init__).get("config")
+    annotation = typing.get_type_hints(_init(factory)).get("config")
     if annotation is None:
         return None
     return next(a for a in typing.get_args(annotation) or (annotation,) if a is not type(None))
 
 
-CONFIGURED = {name: _config_class(DETECTORS.get(name)) for name in DETECTORS if _config_class(DETECTORS.get(name))}
+COMPONENTS = {"detector": DETECTORS, "probe": PROBES}
+# (family, name) -> (factory, config class) of every registered component that takes a config
+CONFIGURED = {
+    (family, name): (registry.get(name), _config_class(registry.get(name)))
+    for family, registry in COMPONENTS.items()
+    for name in registry
+    if _config_class(registry.get(name)) is not None
+}
 
 
-def test_every_detector_but_the_argument_free_one_takes_a_config():
-    assert set(DETECTORS.names()) - set(CONFIGURED) == {"non_finite_origin"}
+def test_every_detector_but_the_argument_free_one_and_every_probe_with_settings_takes_a_config():
+    assert {n for f, n in CONFIGURED if f == "detector"} == set(DETECTORS.names()) - {"non_finite_origin"}
+    assert len([n for f, n in CONFIGURED if f == "probe"]) >= 12
 
 
 class _Other:
@@ -37,12 +50,13 @@ class _Other:
 
 
 def test_a_config_of_another_type_is_one_type_error_naming_config():
-    """``SpikeDetector({"window": 5})`` raised AttributeError: 'dict' object has no attribute 'window'."""
+    """``SpikeDetector({"window": 5})`` raised AttributeError: 'dict' object has no attribute 'window';
+    ``AttnLogitsProbe(config="x")`` was accepted."""
     wrong = {}
-    for name, cls in CONFIGURED.items():
+    for name, (factory, cls) in CONFIGURED.items():
         for value in ("window=5", {"window": 5}, 5, _Other()):
             try:
-                DETECTORS.get(name)(value)
+                factory(config=value)
             except TypeError as exc:
                 if "config=" not in str(exc) or cls.__name__ not in str(exc):
                     wrong[name] = f"TypeError without the field and the allowed class: {exc}"
@@ -53,9 +67,8 @@ def test_a_config_of_another_type_is_one_type_error_naming_config():
     assert wrong == {}
 
 
-def _keyword_fields(name: str) -> bool:
-    init = DETECTORS.get(name).__init__
-    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(init).parameters.values())
+def _keyword_fields(factory) -> bool:
+    return any(p.kind is p.VAR_KEYWORD for p in inspect.signature(_init(factory)).parameters.values())
 
 
 def _default_config(cls):
@@ -66,13 +79,13 @@ def _default_config(cls):
 def test_a_config_and_its_fields_together_are_refused_not_the_fields_dropped():
     """``ClipSaturationDetector(cfg, patience=9)`` built the detector from ``cfg`` and dropped ``patience``."""
     wrong = {}
-    for name, cls in CONFIGURED.items():
+    for name, (factory, cls) in CONFIGURED.items():
         config = _default_config(cls)
-        if config is None or not _keyword_fields(name):
+        if config is None or not _keyword_fields(factory):
             continue
         field = next(f for f in dataclasses.fields(cls) if f.init)
         try:
-            DETECTORS.get(name)(config, **{field.name: getattr(config, field.name)})
+            factory(config=config, **{field.name: getattr(config, field.name)})
         except ValueError as exc:
             if field.name not in str(exc):
                 wrong[name] = f"ValueError without the field: {exc}"
@@ -94,8 +107,8 @@ def _int_fields(cls) -> list[str]:
 def test_an_int_field_past_int64_is_refused_when_the_config_is_made():
     """``SpikeConfig(window=2**64)`` was accepted; the detector then raised OverflowError (a deque's maxlen)."""
     wrong = {}
-    for name, cls in CONFIGURED.items():
-        if _default_config(cls) is None:
+    for (family, name), (factory, cls) in CONFIGURED.items():
+        if family != "detector" or _default_config(cls) is None:
             continue
         for field in _int_fields(cls):
             try:
@@ -108,7 +121,7 @@ def test_an_int_field_past_int64_is_refused_when_the_config_is_made():
                 wrong[f"{cls.__name__}.{field}"] = f"{type(exc).__name__}: {exc}"
                 continue
             try:
-                DETECTORS.get(name)(config)
+                factory(config)
             except Exception as exc:  # noqa: BLE001
                 wrong[f"{cls.__name__}.{field}"] = f"accepted, then {name}: {type(exc).__name__}: {exc}"
             else:  # harmless today (a patience never reached), refused all the same: one rule for every count

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 
 from keel._core import keys
 from keel._core.errors import KeelWarning
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from
 from keel.signals._hooks import (
     ObserverHook,
     add_count,
@@ -106,7 +106,7 @@ class ActivationRmsProbe:
     name = "activation_rms"
 
     def __init__(self, config: ActivationRmsConfig | None = None, **fields: object) -> None:
-        self.config = config or ActivationRmsConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, ActivationRmsConfig, config, fields)
         self.names: tuple[str, ...] = ()
         self._handles: list[Any] = []
         self._armed = False

@@ -29,7 +29,7 @@ import torch
 from torch import Tensor
 
 from keel._core import keys
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from
 from keel.signals.attn_logits import due
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
@@ -82,7 +82,7 @@ class AdamEpsProbe:
     name = "adam_eps"
 
     def __init__(self, config: AdamEpsConfig | None = None, **fields: object) -> None:
-        self.config = config or AdamEpsConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, AdamEpsConfig, config, fields)
 
     def measure(self, ctx: StepContext) -> Measurements:
         if not due(ctx.step, self.config.every):

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from keel._core import keys
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from
 from keel.signals import _attention_tap
 from keel.signals._hooks import looks_like_sequence_model
 from keel.signals.attn_logits import NoAttentionFoundWarning, due
@@ -76,7 +76,7 @@ class AttnEntropyProbe:
     name = "attn_entropy"
 
     def __init__(self, config: AttnEntropyConfig | None = None, **fields: object) -> None:
-        self.config = config or AttnEntropyConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, AttnEntropyConfig, config, fields)
         self._model: nn.Module | None = None
         self._tap: _attention_tap.AttentionTap | None = None
 

@@ -33,7 +33,7 @@ from torch import nn
 
 from keel._core import keys
 from keel._core.errors import KeelWarning
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from
 from keel.signals import _attention_tap
 from keel.signals._hooks import looks_like_sequence_model
 from keel.signals.probe import Measurements, PerParam, StepContext
@@ -90,7 +90,7 @@ class AttnLogitsProbe:
     name = "attn_logits"
 
     def __init__(self, config: AttnLogitsConfig | None = None, **fields: object) -> None:
-        self.config = config or AttnLogitsConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, AttnLogitsConfig, config, fields)
         self._model: nn.Module | None = None
         self._tap: _attention_tap.AttentionTap | None = None
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor
 
 from keel._core import keys
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from
 from keel.signals.attn_logits import due
 from keel.signals.norms import accumulation_dtype
 from keel.signals.probe import Measurements, PerParam, StepContext
@@ -82,7 +82,7 @@ class GradWeightCosProbe:
     name = "grad_weight_cos"
 
     def __init__(self, config: GradWeightCosConfig | None = None, **fields: object) -> None:
-        self.config = config or GradWeightCosConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, GradWeightCosConfig, config, fields)
 
     def measure(self, ctx: StepContext) -> Measurements:
         if not due(ctx.step, self.config.every) or not ctx.grads:

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 
 from keel._core import keys
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from
 from keel.signals.attn_logits import due
 from keel.signals.norms import per_tensor_norms
 from keel.signals.probe import Measurements, PerParam, StepContext
@@ -171,7 +171,7 @@ class LoraProbe:
     name = "lora"
 
     def __init__(self, config: LoraProbeConfig | None = None, **fields: object) -> None:
-        self.config = config or LoraProbeConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, LoraProbeConfig, config, fields)
         self.adapters: list[Adapter] | None = None
         self._groups: list[list[Adapter]] = []
         self._known: Tensor | None = None  # indices of the adapters whose base norm is known

@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from keel._core import keys
 from keel._core.errors import KeelWarning
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from
 from keel.signals._hooks import find_blocks, find_output_head, hooks_active, looks_like_sequence_model
 from keel.signals.attn_logits import due
 from keel.signals.probe import Measurements, PerParam, StepContext
@@ -205,7 +205,7 @@ class NumericsProbe:
 
     def __init__(self, config: NumericsConfig | None = None, *, scaler: Any = None, **fields: object) -> None:
         """``scaler``: the loop's ``torch.amp.GradScaler``, whose scale the gradients were held at (see above)."""
-        self.config = config or NumericsConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, NumericsConfig, config, fields)
         self.scaler = scaler
         self._override = FORMATS[self.config.format] if self.config.format else None
         self.names: list[str] = []

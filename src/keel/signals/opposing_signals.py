@@ -53,7 +53,7 @@ from torch import Tensor
 
 from keel._core import keys
 from keel._core.errors import KeelWarning
-from keel._core.validate import check_types, require_ints
+from keel._core.validate import check_types, config_from, require_ints
 from keel.signals.attribution import ExampleLossFn, batch_size, example_losses
 from keel.signals.probe import Measurements, StepContext
 from keel.signals.registry import PROBES
@@ -150,7 +150,7 @@ class OpposingSignalsProbe:
     name = "opposing_signals"
 
     def __init__(self, config: OpposingSignalsConfig | None = None, **fields: object) -> None:
-        self.config = config or OpposingSignalsConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, OpposingSignalsConfig, config, fields)
         self._history: deque[Tensor] = deque(maxlen=self.config.history)
         self._warned = False
 

@@ -54,7 +54,7 @@ from torch import Tensor, nn
 
 from keel._core import keys
 from keel._core.errors import KeelWarning
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from
 from keel.losses.z_loss import log_partition
 from keel.signals._hooks import (
     ObserverHook,
@@ -144,7 +144,7 @@ class OutputLogitsProbe:
     name = "output_logits"
 
     def __init__(self, config: OutputLogitsConfig | None = None, **fields: object) -> None:
-        self.config = config or OutputLogitsConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, OutputLogitsConfig, config, fields)
         self._handles: list[Any] = []
         self._armed = False
         self._sums = _Sums()

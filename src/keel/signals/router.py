@@ -63,7 +63,7 @@ from torch import Tensor, nn
 
 from keel._core import keys
 from keel._core.errors import KeelWarning
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from
 from keel.losses._router_layout import declared_top_k, parent_module, routers_by_layout, split_router_output
 from keel.signals._hooks import ObserverHook, compiling, hooks_active, named_modules_by_name
 from keel.signals.attn_logits import due
@@ -260,7 +260,7 @@ class RouterProbe:
     name = "router"
 
     def __init__(self, config: RouterProbeConfig | None = None, **fields: object) -> None:
-        self.config = config or RouterProbeConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, RouterProbeConfig, config, fields)
         self.sites: list[RouterSite] = []
         self._handles: list[Any] = []
         self._armed = False

@@ -56,7 +56,7 @@ from torch import Tensor, nn
 
 from keel._core import keys
 from keel._core.errors import KeelWarning
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from
 from keel.signals._hooks import quiet
 from keel.signals.probe import Measurements, StepContext
 from keel.signals.registry import PROBES
@@ -188,7 +188,7 @@ class SharpnessProbe:
         self, closure: Callable[[], Tensor] | None = None, config: SharpnessConfig | None = None, **fields: object
     ) -> None:
         self.closure = closure
-        self.config = config or SharpnessConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, SharpnessConfig, config, fields)
         self._last_lr: float | None = None
         self._warned = False
 

@@ -52,7 +52,7 @@ from torch import Tensor
 
 from keel._core import keys
 from keel._core.errors import KeelWarning
-from keel._core.validate import check_types, require_ints
+from keel._core.validate import check_types, config_from, require_ints
 from keel.signals.attribution import (
     ExampleLossFn,
     _map,
@@ -230,7 +230,7 @@ class SourceGradientsProbe:
     name = "source_gradients"
 
     def __init__(self, config: SourceGradientsConfig | None = None, **fields: object) -> None:
-        self.config = config or SourceGradientsConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, SourceGradientsConfig, config, fields)
         self._warned = False
 
     def measure(self, ctx: StepContext) -> Measurements:

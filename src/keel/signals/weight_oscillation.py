@@ -52,7 +52,7 @@ import torch
 from torch import Tensor, nn
 
 from keel._core import keys
-from keel._core.validate import check_types
+from keel._core.validate import check_types, config_from
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
 
@@ -214,7 +214,7 @@ class WeightOscillationProbe:
     name = "weight_oscillation"
 
     def __init__(self, config: WeightOscillationConfig | None = None, **fields: object) -> None:
-        self.config = config or WeightOscillationConfig(**fields)  # type: ignore[arg-type]
+        self.config = config_from(self, WeightOscillationConfig, config, fields)
         self.layers: list[QuantizedLayer] | None = None
         self._states: dict[str, OscillationState] = {}
 
