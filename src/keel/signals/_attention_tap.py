@@ -115,13 +115,15 @@ class AttentionTap:
         self._handles = []
         return True
 
-    def _wanted(self) -> Request:
+    def _wanted(self, fused: bool = True) -> Request:
+        """What the subscribers ask of this forward; ``fused=False``: leave the fused-attention requests unread."""
         want = Request()
         for sub in self._subs.values():
             r = sub.request
             want.max_logit |= r.max_logit
             want.entropy |= r.entropy
-            want.fused |= r.fused and (r.max_logit or r.entropy)
+            if fused:
+                want.fused |= r.fused and (r.max_logit or r.entropy)
         return want
 
     # --- hooks --------------------------------------------------------------------------------------------
@@ -142,7 +144,9 @@ class AttentionTap:
             return
         if self._stale:
             self._reset()
-        want = self._wanted()
+        # a tapped site is never fused; under torch.compile this hook is traced and whatever it reads is guarded on,
+        # so reading the fused request (on every fused_every steps) recompiled the user's forward
+        want = self._wanted(fused=False)
         if not (want.max_logit or want.entropy) or not isinstance(logits, Tensor):
             return
         try:

@@ -4,7 +4,7 @@ import json
 import pytest
 
 from keel.cli import main
-from keel.harness.bench.overhead import OverheadConfig, add_arguments
+from keel.harness.bench.overhead import CONTROL, OverheadConfig, add_arguments
 from keel.harness.bench.overhead import main as overhead_main
 
 
@@ -82,6 +82,8 @@ def test_a_compiled_bf16_run_times_every_variant_and_policy(capsys):
     result = _bench_json(capsys, 1, "--compile", "--autocast", "bf16")
     assert result["config"]["compile"] and result["config"]["autocast"] == "bf16"
     assert set(result["ratio"]) == {"default", "full", "policy=recover"} and result["ratio_steady"]["default"] > 0
+    # each variant warmed a whole period of its probes' cadences: no compile is timed as a step (session 9: 36x)
+    assert result["graphs_compiled_timed"] == dict.fromkeys(["bare", "default", "full", "policy=recover", CONTROL], 0)
 
 
 def test_the_precision_loss_is_the_plain_cross_entropy_under_bf16_autocast():

@@ -36,6 +36,7 @@ from keel._core.validate import check_types, require_ints
 from keel.detect import OpposingSignalsDetector, SourceDriftDetector, default_detectors
 from keel.guard import Guard
 from keel.guard.console import silenced
+from keel.harness.bench._compile_warmup import compile_warmup_steps, graphs_compiled
 from keel.harness.bench._progress import bench_progress
 from keel.harness.bench.loop import example_lm_losses, train_steps
 from keel.harness.bench.rl_signals import KINDS, SignalKind, rl_signal_source
@@ -235,10 +236,10 @@ def _variant_process(conn: Connection, config: dict[str, Any], guard_kwargs: dic
 
 def _serve_variant(conn: Connection, cfg: OverheadConfig, guard_kwargs: dict | None, run_dir: str) -> None:
     loop = _make_loop(cfg, guard_kwargs, run_dir if guard_kwargs is not None else None)
-    loop(cfg.warmup)
+    loop(compile_warmup_steps(loop.guard, cfg.warmup) if cfg.compile else cfg.warmup)  # type: ignore[attr-defined]
     conn.send("ready")
     while (n := conn.recv()) is not None:
-        times, cpu = [], time.process_time()
+        times, cpu, graphs = [], time.process_time(), graphs_compiled()
         try:
             for _ in range(n):
                 start = time.perf_counter()
@@ -247,7 +248,8 @@ def _serve_variant(conn: Connection, cfg: OverheadConfig, guard_kwargs: dict | N
         except TrainingAborted as exc:  # the variant's own training went wrong: say so, not a broken pipe
             conn.send(exc)
             return
-        conn.send((times, time.process_time() - cpu))  # and the block's CPU time, all the process's threads
+        # and the block's CPU time (all the process's threads), and the graphs compiled inside it (ideally none)
+        conn.send((times, time.process_time() - cpu, graphs_compiled() - graphs))
     guard = loop.guard  # type: ignore[attr-defined]
     stats: dict[str, Any] = {}
     if guard is not None:
@@ -266,8 +268,11 @@ def bench_overhead(config: OverheadConfig | None = None, progress: Callable[[str
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     round_ratios: dict[str, list[float]] = {name: [] for name in variants if name != "bare"}
     stats: dict[str, Any] = {}
+    compiled = dict.fromkeys(variants, 0)
     for r in range(config.rounds):
-        round_times, round_cpu, stats = _timed_round(config, variants, progress, f"round {r + 1}/{config.rounds}, ")
+        label = f"round {r + 1}/{config.rounds}, "
+        round_times, round_cpu, round_compiled, stats = _timed_round(config, variants, progress, label)
+        compiled = {name: compiled[name] + round_compiled[name] for name in variants}
         for name, blocks in round_times.items():
             times[name] += blocks
             cpu[name] += round_cpu[name]
@@ -291,6 +296,8 @@ def bench_overhead(config: OverheadConfig | None = None, progress: Callable[[str
             name: 1e3 * statistics.median(sum(block) / len(block) for block in ts) for name, ts in times.items()
         },
         "snapshots": {name: s for name, s in stats.items() if s.get("snapshots")},
+        # graphs dynamo captured inside the timed blocks of all rounds: a compile there would be timed as a step
+        "graphs_compiled_timed": compiled,
         "config": asdict(config),
         "threads": torch.get_num_threads(),
         "isolated": "one process per variant",
@@ -313,9 +320,9 @@ def _timed_round(
     variants: dict[str, dict[str, Any] | None],
     progress: Callable[[str], None] | None,
     label: str,
-) -> tuple[dict[str, list[list[float]]], dict[str, list[float]], dict]:
-    """One round: a fresh process per variant, `config.repeats` interleaved blocks each. Returns the block times
-    and CPU times, and each process's closing stats."""
+) -> tuple[dict[str, list[list[float]]], dict[str, list[float]], dict[str, int], dict]:
+    """One round: a fresh process per variant, `config.repeats` interleaved blocks each. Returns the block times,
+    CPU times and graphs compiled inside them, and each process's closing stats."""
     context = multiprocessing.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         pipes, procs = {}, []
@@ -335,14 +342,16 @@ def _timed_round(
                 _receive(conn, procs)
             times: dict[str, list[list[float]]] = {name: [] for name in variants}
             cpu: dict[str, list[float]] = {name: [] for name in variants}
+            compiled = dict.fromkeys(variants, 0)
             names = list(variants)
             for r in range(config.repeats):
                 shift = r % len(names)
                 for name in names[shift:] + names[:shift]:  # rotate the order each repeat
                     pipes[name].send(config.steps)
-                    block, cpu_s = _receive(pipes[name], procs)
+                    block, cpu_s, graphs = _receive(pipes[name], procs)
                     times[name].append(block)
                     cpu[name].append(cpu_s)
+                    compiled[name] += graphs
                 if progress is not None:
                     progress(f"{label}repeat {r + 1}/{config.repeats}")
             stats = {}
@@ -354,7 +363,7 @@ def _timed_round(
                 proc.join(timeout=30)
                 if proc.is_alive():
                     proc.kill()
-    return times, cpu, stats
+    return times, cpu, compiled, stats
 
 
 def _receive(conn: Connection, procs: Sequence[multiprocessing.process.BaseProcess]) -> Any:
@@ -530,4 +539,7 @@ def main(args: argparse.Namespace) -> int:
     print(f"  {'control: bare again':22s}{'':9s}{control}   (the method's own noise: ideally 1)")
     for name, snap in result["snapshots"].items():
         print(f"  {name}: {snap['snapshots']} snapshots in the ring, {snap['blocked_ms_total']:.1f} ms blocked in all")
+    if config.compile:  # each variant warmed one whole period of its probes' cadences first (_compile_warmup)
+        graphs = ", ".join(f"{name} {n}" for name, n in result["graphs_compiled_timed"].items())
+        print(f"  graphs compiled inside the timed blocks (ideally 0 each): {graphs}")
     return 0
