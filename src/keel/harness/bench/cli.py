@@ -14,6 +14,10 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
     "trl": ("keel.harness.bench.trl", "guard_trainer's step-time cost on real TRL DPO/GRPO trainers, per policy"),
     "rl": ("keel.harness.bench.rl", "RL/preference scenarios: keel beside rlwatch on the same logged statistics"),
     "data": ("keel.harness.bench.data", "poisoned examples: attribution, skip list, replay; batch-id overhead"),
+    "integrations": (
+        "keel.harness.bench.integrations",
+        "the HF and Lightning KeelCallback's step-time cost on a real Trainer, per policy",
+    ),
 }
 
 

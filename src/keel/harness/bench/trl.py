@@ -24,9 +24,6 @@ import contextlib
 import importlib.util
 import io
 import json
-import statistics
-import tempfile
-from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -37,6 +34,7 @@ import torch
 from keel._core.argtypes import cpu_threads, positive_int
 from keel._core.validate import check_types, require_ints
 from keel.guard.console import silenced
+from keel.harness.bench._blocks import guard_summary, interleaved_blocks, intervals, print_rows
 from keel.harness.bench._progress import bench_progress
 from keel.recover import Policy
 
@@ -44,7 +42,6 @@ TRAINERS = ("dpo", "grpo")
 POLICIES: tuple[Policy, ...] = ("observe", "skip", "recover")
 CONTROL = "bare, again"  # the A/A control: the bare trainer in a block of its own
 EXTRA = "pip install 'keel[trl]'"
-RATIOS = ("ratio", "ratio_steady", "ratio_cpu")  # the control's are control, control_steady, control_cpu
 
 
 @dataclass(kw_only=True)
@@ -112,20 +109,13 @@ def time_block(kind: str, policy: Policy | None, config: TrlBenchConfig, workdir
         trainer = build_trainer(kind, model, config.warmup + config.steps + 1, workdir / "trainer", [timer])
         callback = None if policy is None else guard_trainer(trainer, run_dir=str(workdir / "keel"), policy=policy)
         trainer.train()
-    begins, cpu = timer.begins[config.warmup :], timer.cpu[config.warmup :]
     block: dict[str, Any] = {
-        "times": [b - a for a, b in zip(begins, begins[1:], strict=False)],
-        "cpu_times": [b - a for a, b in zip(cpu, cpu[1:], strict=False)],
+        "times": intervals(timer.begins, config.warmup),
+        "cpu_times": intervals(timer.cpu, config.warmup),
     }
     if callback is not None:
-        guard = callback.guard
-        assert guard is not None
-        ring = guard.recovery.ring if guard.recovery is not None else None
-        block["guard"] = {
-            "steps": guard.global_step,
-            "actions": dict(Counter(d.action for d in guard.decisions)),
-            "snapshots": len(ring.snapshots) if ring is not None else 0,
-        }
+        assert callback.guard is not None
+        block["guard"] = guard_summary(callback.guard)
     return block
 
 
@@ -146,47 +136,15 @@ def bench_trl(config: TrlBenchConfig | None = None, progress: Callable[[str], No
 
 def _bench_trainer(kind: str, config: TrlBenchConfig, progress: Callable[[str], None] | None) -> dict[str, Any]:
     variants = config.variants()
-    names = list(variants)
-    times: dict[str, list[list[float]]] = {name: [] for name in names}
-    cpu: dict[str, list[list[float]]] = {name: [] for name in names}
-    guards: dict[str, list[dict]] = {name: [] for name in names if variants[name] is not None}
-    with silenced(), tempfile.TemporaryDirectory() as tmp:  # keel's run summaries would interleave the figures
-        time_block(kind, None, config, Path(tmp) / "warm-up")  # untimed: the process's first trainer runs slower
-        for r in range(config.repeats):
-            shift = r % len(names)
-            for i, name in enumerate(names[shift:] + names[:shift]):  # rotate the order each repeat
-                block = time_block(kind, variants[name], config, Path(tmp) / f"{r}-{i}")
-                times[name].append(block["times"])
-                cpu[name].append(block["cpu_times"])
-                if "guard" in block:
-                    guards[name].append(block["guard"])
-            if progress is not None:
-                progress(f"{kind} repeat {r + 1}/{config.repeats}")
-
-    def ratios(clock: dict[str, list[list[float]]], of: Callable[[list[float]], float]) -> dict[str, float]:
-        return {name: _median_ratio(clock[name], clock["bare"], of) for name in names if name != "bare"}
-
-    ratio, steady, cpu_ratio = ratios(times, sum), ratios(times, statistics.median), ratios(cpu, sum)
-    return {
-        "step_ms": {name: 1e3 * statistics.median(sum(b) / len(b) for b in times[name]) for name in names},
-        "cpu_ms": {name: 1e3 * statistics.median(sum(b) / len(b) for b in cpu[name]) for name in names},
-        "ratio": {name: r for name, r in ratio.items() if name != CONTROL},
-        "ratio_steady": {name: r for name, r in steady.items() if name != CONTROL},
-        "ratio_cpu": {name: r for name, r in cpu_ratio.items() if name != CONTROL},
-        "ratio_repeats": {
-            name: [sum(t) / sum(b) for t, b in zip(times[name], times["bare"], strict=True)]
-            for name in names
-            if name != "bare"
-        },
-        "control": ratio[CONTROL],
-        "control_steady": steady[CONTROL],
-        "control_cpu": cpu_ratio[CONTROL],
-        "guard": guards,
-    }
-
-
-def _median_ratio(blocks: list[list[float]], bare: list[list[float]], of: Callable[[list[float]], float]) -> float:
-    return statistics.median(of(t) / of(b) for t, b in zip(blocks, bare, strict=True))
+    with silenced():  # keel's run summaries would interleave the figures
+        return interleaved_blocks(
+            list(variants),
+            lambda name, workdir: time_block(kind, variants[name], config, workdir),
+            config.repeats,
+            CONTROL,
+            progress,
+            f"{kind} ",
+        )
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -240,16 +198,5 @@ def main(args: argparse.Namespace) -> int:
         "interleaved"
     )
     for kind, figures in result["trainers"].items():
-        print(f"  {kind:5s} {'variant':20s}{'ms/step':>9s}{'ratio':>9s}{'steady':>9s}{'cpu':>9s}  guard (last block)")
-        print(f"  {'':5s} {'bare trainer':20s}{figures['step_ms']['bare']:9.2f}")
-        rows = {name: (figures["step_ms"][name], name) for name in figures["ratio"]} | {
-            CONTROL: (None, "control: bare again")
-        }
-        for name, (ms, label) in rows.items():
-            ratios = [figures[k][name] if name != CONTROL else figures[f"control{k[5:]}"] for k in RATIOS]
-            blocks = figures["guard"].get(name)
-            g = blocks[-1] if blocks else None
-            told = f"  {g['steps']} steps, actions {g['actions']}, {g['snapshots']} snapshots" if g else "  (ideally 1)"
-            step = f"{ms:9.2f}" if ms is not None else f"{'':9s}"
-            print(f"  {'':5s} {label:20s}{step}" + "".join(f"{r:9.4f}" for r in ratios) + told)
+        print_rows(kind, figures, CONTROL, width=5)
     return 0

@@ -1,0 +1,111 @@
+"""Whole-trainer blocks taking turns: the method of the benchmarks that time a framework's own training loop
+(`keel bench trl`, `keel bench integrations`).
+
+A block is one fresh trainer of warm-up + timed steps, bare or with keel, the same weights, data and seeds each time;
+its step times are the intervals between the trainer's step-begin events after the warm-up. The variants take turns,
+one block each in rotating order per repeat, so machine noise hits all alike; each repeat gives a ratio to the bare
+block of the same repeat and the figure is the median over repeats. Three ratios: over the block's total time
+(``recover``'s snapshot steps included), of its median step (the steady state), and of its CPU time (the process's,
+all threads), which a machine shared with other work disturbs far less than wall time. The bare trainer runs again
+as the A/A control: its ratio is the method's own noise.
+"""
+
+from __future__ import annotations
+
+import statistics
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+BlockTimer = Callable[[str, Path], dict[str, Any]]  # (variant, work folder) → {"times", "cpu_times"[, "guard"]}
+
+
+def guard_summary(guard: Any) -> dict[str, Any]:
+    """What a block's `Guard` did: its steps, its decisions' actions counted, the snapshots in its ring."""
+    ring = guard.recovery.ring if guard.recovery is not None else None
+    return {
+        "steps": guard.global_step,
+        "actions": dict(Counter(d.action for d in guard.decisions)),
+        "snapshots": len(ring.snapshots) if ring is not None else 0,
+    }
+
+
+def intervals(marks: Sequence[float], warmup: int) -> list[float]:
+    """The times between consecutive step-begin marks after the first ``warmup`` steps."""
+    timed = marks[warmup:]
+    return [b - a for a, b in zip(timed, timed[1:], strict=False)]
+
+
+def interleaved_blocks(
+    names: Sequence[str],
+    time_block: BlockTimer,
+    repeats: int,
+    control: str,
+    progress: Callable[[str], None] | None = None,
+    label: str = "",
+) -> dict[str, Any]:
+    """Time ``repeats`` blocks of every variant in ``names`` ("bare" among them, ``control`` the bare one again),
+    in rotating order, after one untimed block (a process's first trainer runs slower). Returns the figures."""
+    times: dict[str, list[list[float]]] = {name: [] for name in names}
+    cpu: dict[str, list[list[float]]] = {name: [] for name in names}
+    guards: dict[str, list[dict]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        time_block("bare", Path(tmp) / "warm-up")
+        for r in range(repeats):
+            shift = r % len(names)
+            for i, name in enumerate([*names[shift:], *names[:shift]]):  # rotate the order each repeat
+                block = time_block(name, Path(tmp) / f"{r}-{i}")
+                times[name].append(block["times"])
+                cpu[name].append(block["cpu_times"])
+                if "guard" in block:
+                    guards.setdefault(name, []).append(block["guard"])
+            if progress is not None:
+                progress(f"{label}repeat {r + 1}/{repeats}")
+
+    def ratios(clock: dict[str, list[list[float]]], of: Callable[[list[float]], float]) -> dict[str, float]:
+        return {name: _median_ratio(clock[name], clock["bare"], of) for name in names if name != "bare"}
+
+    ratio, steady, cpu_ratio = ratios(times, sum), ratios(times, statistics.median), ratios(cpu, sum)
+    return {
+        "step_ms": {name: 1e3 * statistics.median(sum(b) / len(b) for b in times[name]) for name in names},
+        "cpu_ms": {name: 1e3 * statistics.median(sum(b) / len(b) for b in cpu[name]) for name in names},
+        "ratio": {name: r for name, r in ratio.items() if name != control},
+        "ratio_steady": {name: r for name, r in steady.items() if name != control},
+        "ratio_cpu": {name: r for name, r in cpu_ratio.items() if name != control},
+        "ratio_repeats": {
+            name: [sum(t) / sum(b) for t, b in zip(times[name], times["bare"], strict=True)]
+            for name in names
+            if name != "bare"
+        },
+        "control": ratio[control],
+        "control_steady": steady[control],
+        "control_cpu": cpu_ratio[control],
+        "guard": guards,
+    }
+
+
+def _median_ratio(blocks: list[list[float]], bare: list[list[float]], of: Callable[[list[float]], float]) -> float:
+    return statistics.median(of(t) / of(b) for t, b in zip(blocks, bare, strict=True))
+
+
+def print_rows(framework: str, figures: dict[str, Any], control: str, width: int) -> None:
+    """The table rows of one trainer's figures (its name ``width`` wide): the bare trainer, each variant, the
+    control."""
+    header = f"{'variant':20s}{'ms/step':>9s}{'ratio':>9s}{'steady':>9s}{'cpu':>9s}  guard (last block)"
+    print(f"  {framework:{width}s} {header}")
+    print(f"  {'':{width}s} {'bare trainer':20s}{figures['step_ms']['bare']:9.2f}")
+    rows = {name: (figures["step_ms"][name], name) for name in figures["ratio"]} | {
+        control: (None, "control: bare again")
+    }
+    for name, (ms, label) in rows.items():
+        keys = (
+            ("ratio", "ratio_steady", "ratio_cpu") if name != control else ("control", "control_steady", "control_cpu")
+        )
+        values = [figures[k][name] if name != control else figures[k] for k in keys]
+        blocks = figures["guard"].get(name)
+        g = blocks[-1] if blocks else None
+        told = f"  {g['steps']} steps, actions {g['actions']}, {g['snapshots']} snapshots" if g else "  (ideally 1)"
+        step = f"{ms:9.2f}" if ms is not None else f"{'':9s}"
+        print(f"  {'':{width}s} {label:20s}{step}" + "".join(f"{v:9.4f}" for v in values) + told)
