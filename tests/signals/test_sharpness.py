@@ -252,7 +252,7 @@ def test_tanh_mlp_with_an_indefinite_hessian_gets_its_positive_top_eigenvalue():
     assert float(out["curvature/sharpness"]) == pytest.approx(eig.max(), rel=1e-3)
 
 
-@settings(max_examples=40, deadline=None, derandomize=True)
+@settings(max_examples=25, deadline=None, derandomize=True)
 @given(
     eigenvalues=st.lists(st.floats(-1e3, 1e3, allow_nan=False).map(lambda v: round(v, 3)), min_size=1, max_size=8),
     seed=st.integers(0, 2**16),
@@ -264,11 +264,11 @@ def test_top_eigenvalue_equals_the_float64_eigvalsh_maximum_within_its_hvp_budge
     n = len(eigenvalues)
     q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
     a = q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
-    calls = []
+    calls, a32 = [], a.float()
 
     def operator(v):
         calls.append(1)
-        return [a.float() @ v[0]]
+        return [a32 @ v[0]]
 
     iters = 2 * n + 2
     got = float(top_eigenvalue(operator, [torch.zeros(n)], iters=iters, generator=g))
