@@ -5,6 +5,7 @@ import json
 
 import numpy as np
 
+from keel.cli import main
 from keel.harness.bench import doctor as bench
 
 
@@ -42,8 +43,10 @@ def test_markdown_and_missing_labels(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "| `healthy.csv` | healthy | 100 | 1 | 0 | 0 | 0 |" in out
     assert "| `spike.csv` | spike | 43 | 40 | 40 loss_spike critical | 0 | none |" in out
-    assert bench.main(argparse.Namespace(data=tmp_path / "nowhere", json=False)) == 2
-    assert "no labels.json" in capsys.readouterr().err
+    # a missing labels.json is keel.cli's one error line and exit status 2 (bench.main raises, the CLI prints)
+    assert main(["bench", "doctor", "--data", str(tmp_path / "nowhere")]) == 2
+    err = capsys.readouterr().err
+    assert "no labels.json" in err and err.count("\n") == 1
 
 
 def test_size_sweep_measures_both_readers_in_child_processes(capsys):
