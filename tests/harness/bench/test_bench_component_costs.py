@@ -84,3 +84,43 @@ def test_the_component_rows_are_timed_against_their_own_baselines():
     assert costs["against"]["stabilizer momentum_smoe"] == ["moe bare", "moe bare"]
     assert costs["sharpness"] == {}  # timed with the probes group only
     assert all(v > 0 for v in costs["cpu_ms_per_step"].values())
+
+
+def _one_step(name: str):
+    """One step of a component row's loop, as `probe_costs` builds and runs it; returns the loop's parts."""
+    import torch
+
+    from keel.guard import Guard
+    from keel.harness.bench._component_costs import component_loop
+    from keel.proxy import ProxyBatches
+
+    model, opt, kwargs, loss_fn, scaler = component_loop(name, "tiny", ["loss", "grad_norm", "param_norm"])
+    guard = Guard(model, opt, policy="observe", **kwargs) if kwargs is not None else None
+    before = [p.detach().clone() for p in model.parameters()]
+    train_steps(
+        model, opt, [ProxyBatches(batch_size=2, seq_len=64, seed=0).next()], guard, 2, loss_fn=loss_fn, scaler=scaler
+    )
+    moved = any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
+    return model, guard, scaler, moved
+
+
+def test_the_fp16_rows_train_through_a_grad_scaler_the_bare_loop_steps_itself_and_the_guard_is_given():
+    import torch
+
+    model, guard, scaler, moved = _one_step("fp16 bare")
+    assert guard is None and moved and scaler.get_scale() > 0
+    assert scaler._growth_tracker.item() == 2  # two finite steps: the bare loop called scaler.update() each time
+    model, guard, scaler, moved = _one_step("guard scaler (fp16)")
+    assert guard is not None and guard.scaler is scaler and moved
+    assert scaler._growth_tracker.item() == 2  # Guard.step stepped and updated the scaler it was given
+    guard.close()
+    assert next(model.parameters()).dtype == torch.float32  # autocast: the parameters stay float32
+
+
+def test_the_scale_long_rows_hook_the_u_vit_decoder_the_bare_row_does_not():
+    bare, _, _, moved = _one_step("unet bare")
+    assert moved and all(not b._forward_pre_hooks for b in bare.out_blocks)
+    scaled, _, _, moved = _one_step("stabilizer scale_long")
+    assert moved and all(len(b._forward_pre_hooks) == 1 for b in scaled.out_blocks)
+    calibrated, _, _, moved = _one_step("stabilizer scale_long (calibrated)")
+    assert moved and hasattr(calibrated, "long_skip_calibration")

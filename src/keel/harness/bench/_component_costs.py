@@ -1,7 +1,9 @@
 """The rows of `keel bench detect --probe-costs` that time a component outside the probes: the stabilizers of
 `keel.nn`, the minmax int4 fake quantization, keel's losses that change a step (StableMax cross-entropy, teacher
 intervention), ALLoRA's gradient transform, `Guard`'s own one-word options (``max_grad_norm``, ``sync``,
-``log_every``) and the ``update_ratio`` probe, which measures on the Guard's log steps.
+``log_every``), the ``update_ratio`` probe, which measures on the Guard's log steps, `Guard` given a
+``GradScaler`` under fp16 autocast (on the CPU: the scaler's path runs there too), and ``scale_long`` on a byte-level
+U-ViT (`keel.harness.bench._uvit`: the proxy has no long skips).
 
 Each row names the loops it is measured against: ``bare`` (its ratio's denominator) and ``foundation`` (its
 ``extra_ms_vs_foundation``). A component used without a `Guard` (a stabilizer, a loss, a quantizer, ALLoRA) runs
@@ -20,7 +22,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 # the --group names of `keel bench detect --probe-costs`, in the order the rows print
-GROUPS = ("probes", "guard", "moe", "qat", "stabilizers", "losses", "lora")
+GROUPS = ("probes", "guard", "moe", "qat", "stabilizers", "losses", "lora", "amp", "unet")
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
 
@@ -86,6 +88,14 @@ ROWS: dict[str, CostRow] = {
     "loss stablemax_cross_entropy": CostRow(group="losses", bare="bare", foundation="bare"),
     "lora bare": CostRow(group="lora", bare="lora bare", foundation="lora bare"),
     "optim ALLoRA": CostRow(group="lora", bare="lora bare", foundation="lora bare"),
+    # fp16 autocast on the CPU with a torch.amp.GradScaler("cpu"): the bare loop scales, steps and updates it itself;
+    # under a Guard given the scaler, Guard.step unscales, reads the scale and the overflow flags, steps and updates
+    "fp16 bare": CostRow(group="amp", bare="bare", foundation="fp16 bare"),
+    "guard scaler (fp16)": CostRow(group="amp", bare="fp16 bare", foundation="fp16 bare"),
+    # scale_long needs a U-Net's long skips: a byte-level U-ViT (keel.harness.bench._uvit), with and without it
+    "unet bare": CostRow(group="unet", bare="unet bare", foundation="unet bare"),
+    "stabilizer scale_long": CostRow(group="unet", bare="unet bare", foundation="unet bare"),
+    "stabilizer scale_long (calibrated)": CostRow(group="unet", bare="unet bare", foundation="unet bare"),
 }
 
 
@@ -102,14 +112,24 @@ def selected_rows(groups: tuple[str, ...] | None) -> list[str]:
 
 def component_loop(
     name: str, size: str, base_probes: list[str]
+) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any] | None, LossFn | None, torch.amp.GradScaler | None]:
+    """The model, optimizer, `Guard` arguments (None: a bare loop), loss (None: cross-entropy) and loss scaler (None:
+    none) of one of the rows this module adds."""
+    torch.manual_seed(0)
+    if name in ("fp16 bare", "guard scaler (fp16)"):
+        return _fp16(size, base_probes if name.startswith("guard") else None)
+    if ROWS.get(name, CostRow(group="", bare="", foundation="")).group == "unet":
+        return (*_uvit(name), None)
+    return (*_component_loop(name, size, base_probes), None)
+
+
+def _component_loop(
+    name: str, size: str, base_probes: list[str]
 ) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any] | None, LossFn | None]:
-    """The model, optimizer, `Guard` arguments (None: a bare loop) and loss (None: cross-entropy) of one of the rows
-    this module adds."""
     from keel.nn import create_stabilizer, fake_quantize, stabilize
     from keel.nn.stabilizers import Stabilizer
     from keel.proxy import MoeConfig, create_proxy_model
 
-    torch.manual_seed(0)
     if name.startswith("guard "):
         model = create_proxy_model(size)
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -203,4 +223,38 @@ def _lora(size: str, *, allora: bool) -> tuple[nn.Module, torch.optim.Optimizer,
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
     if allora:
         ALLoRA.for_peft(model).attach(opt)
+    return model, opt, None, None
+
+
+def _fp16(
+    size: str, guard_probes: list[str] | None
+) -> tuple[nn.Module, torch.optim.Optimizer, dict[str, Any] | None, LossFn, torch.amp.GradScaler]:
+    """The proxy's forward under ``torch.autocast("cpu", torch.float16)``, the loss in float32, and a
+    ``GradScaler("cpu")``; with ``guard_probes`` a `Guard` with those probes is given the scaler."""
+    from keel.proxy import create_proxy_model
+
+    model = create_proxy_model(size)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scaler = torch.amp.GradScaler("cpu")
+
+    def loss(x: Tensor, y: Tensor) -> Tensor:
+        with torch.autocast("cpu", dtype=torch.float16):
+            logits = model(x)
+        return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
+
+    kwargs = None if guard_probes is None else {"probes": guard_probes, "scaler": scaler}
+    return model, opt, kwargs, loss, scaler
+
+
+def _uvit(name: str) -> tuple[nn.Module, torch.optim.Optimizer, None, None]:
+    """The byte U-ViT bare, or with ``scale_long`` (κ 0.5, constant; or the calibrated gate over its 64 tokens)."""
+    from keel.harness.bench._uvit import ByteUViT
+    from keel.nn import create_stabilizer, stabilize
+
+    model = ByteUViT()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    if name != "unet bare":
+        mode = "calibrated" if "calibrated" in name else "constant"
+        stabilizer = create_stabilizer("scale_long", mode=mode, **({"tokens": 64} if mode == "calibrated" else {}))
+        stabilize(model, (stabilizer,), optimizer=opt)
     return model, opt, None, None

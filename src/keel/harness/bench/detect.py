@@ -357,7 +357,7 @@ def probe_costs(
     data = [ProxyBatches(batch_size=16, seq_len=64, seed=0).next() for _ in range(4)]
     loops: dict[str, tuple[Any, ...]] = {}
     for name in rows:
-        loss_fn = None
+        loss_fn, scaler = None, None
         if name in variants:
             torch.manual_seed(0)
             model: torch.nn.Module = create_proxy_model(size, **({"moe": MoeConfig()} if name in moe else {}))
@@ -369,14 +369,14 @@ def probe_costs(
             probes = variants[name]
             kwargs = None if probes is None else {"probes": probes}
         else:  # a stabilizer, quantizer, loss, ALLoRA or a Guard option (keel.harness.bench._component_costs)
-            model, opt, kwargs, loss_fn = component_loop(name, size, base)
+            model, opt, kwargs, loss_fn, scaler = component_loop(name, size, base)
         guard = Guard(model, opt, policy="observe", **kwargs) if kwargs is not None else None
-        loops[name] = (model, opt, data, guard, loss_fn)
+        loops[name] = (model, opt, data, guard, loss_fn, scaler)
 
     def block(name: str, n: int) -> float:
-        model, opt, data, guard, loss_fn = loops[name]
+        model, opt, data, guard, loss_fn, scaler = loops[name]
         start = time.process_time()
-        train_steps(model, opt, data, guard, n, loss_fn=loss_fn)
+        train_steps(model, opt, data, guard, n, loss_fn=loss_fn, scaler=scaler)
         return (time.process_time() - start) / n
 
     names = list(loops)
@@ -416,7 +416,7 @@ def probe_costs(
     }
     if groups is not None and "probes" not in groups:
         return result
-    model, opt, data, _, _ = loops["bare"]
+    model, opt, data, _, _, _ = loops["bare"]
     x, y = data[0]
     named = list(model.named_parameters())
     ctx = StepContext(

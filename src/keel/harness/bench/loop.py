@@ -22,6 +22,7 @@ def train_steps(
     batch_ids: Callable[[int], Sequence[int]] | None = None,
     example_signals: Callable[[Tensor], Mapping[str, Any]] | None = None,
     loss_fn: Callable[[Tensor, Tensor], Tensor] | None = None,
+    scaler: torch.amp.GradScaler | None = None,
 ) -> None:
     """``n`` language-model steps over ``data`` (cycled): forward, backward, then ``guard.step`` — or the
     optimizer alone when there is no guard. Waits for the device at the end, so a timer around it is honest.
@@ -30,7 +31,9 @@ def train_steps(
     keel what it trained on, for `keel.Attribution` and the skip list). ``example_signals``: the loop keeps each
     sequence's loss (the step's loss is their mean) and makes its ``signals=`` from them (``keel.signals.
     source_losses``). ``loss_fn``: the step's loss from ``(x, y)`` in place of the cross-entropy (a loop that adds a
-    z-loss or a distillation term, or trains on another loss); not with ``example_signals``."""
+    z-loss or a distillation term, or trains on another loss); not with ``example_signals``. ``scaler``: a
+    ``torch.amp.GradScaler``: the loop backpropagates ``scaler.scale(loss)``; without a guard it steps and updates
+    the scaler itself (a guard was given it and does both)."""
     if loss_fn is not None and example_signals is not None:
         raise ValueError("train_steps: loss_fn and example_signals together; allowed: one of them")
     for i in range(n):
@@ -44,7 +47,7 @@ def train_steps(
             losses = F.cross_entropy(model(x).transpose(1, 2), y, reduction="none").mean(1)
             loss = losses.mean()
             step_signals = example_signals(losses)
-        loss.backward()
+        (loss if scaler is None else scaler.scale(loss)).backward()
         if guard is not None:
             ids = None if batch_ids is None else batch_ids(i)
             guard.step(
@@ -53,6 +56,9 @@ def train_steps(
                 batch_ids=ids,
                 batch=None if ids is None else (x, y),
             )
+        elif scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
