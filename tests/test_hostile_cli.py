@@ -109,7 +109,7 @@ HOSTILE = st.one_of(
 
 @pytest.mark.slow
 @settings(
-    max_examples=400, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+    max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(case=st.tuples(st.sampled_from(OPTIONS), HOSTILE))
 def test_any_value_of_any_option_is_refused_in_one_line_or_reaches_the_work(case, world, capsys):

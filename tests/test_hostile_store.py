@@ -136,3 +136,18 @@ def test_many_bit_flipped_stores_are_one_error_line_or_a_note(tmp_path, monkeypa
     for name, damage in SLOW_DAMAGE.items():
         wrong |= _check(tmp_path, name, damage, capsys)
     assert wrong == {}
+
+
+@pytest.mark.slow  # matplotlib renders four figures: 3-6 s
+def test_a_sweep_without_gradient_norms_is_summarized_with_its_plots(tmp_path, capsys):
+    """`keel sweep --summarize` of a sweep whose runs logged no gradient norm ended in matplotlib's "Data cannot
+    be log-scaled because all values are <= 0" (exit 2, no plots) while drawing the scaling figure's log axis."""
+    from tests.report.stores import make_sweep_store
+
+    sweep = tmp_path / "sweep"
+    make_sweep_store(sweep)
+    before = _hashes(sweep)
+    code, out, err = run_cli(["sweep", "--summarize", "--out", str(sweep), "--plots", str(tmp_path / "plots")], capsys)
+    assert (code, err) == (0, ""), err
+    assert (tmp_path / "plots" / "scaling.png").stat().st_size > 0
+    assert _hashes(sweep) == before

@@ -166,7 +166,10 @@ def plot_scaling(views: Sequence[ScalingView]) -> Any:
     lr = views[0].lr if views else math.nan
     for ax, label in ((ax_logit, "max attention logit"), (ax_grad, "gradient norm")):
         ax.set_xscale("log")
-        ax.set_yscale("log")
+        # A log axis with no positive value (runs that logged no gradient norm) fails the whole figure in
+        # matplotlib ("Data cannot be log-scaled"); such an axis stays linear and shows only its legend.
+        if any(y > 0 for line in ax.get_lines() for y in line.get_ydata() if math.isfinite(y)):
+            ax.set_yscale("log")
         ax.set_xlabel("non-embedding parameters")
         ax.set_ylabel(f"{label} at lr {lr:g}")
         ax.grid(alpha=0.3, which="both")
