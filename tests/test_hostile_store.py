@@ -151,3 +151,15 @@ def test_a_sweep_without_gradient_norms_is_summarized_with_its_plots(tmp_path, c
     assert (code, err) == (0, ""), err
     assert (tmp_path / "plots" / "scaling.png").stat().st_size > 0
     assert _hashes(sweep) == before
+
+
+@pytest.mark.parametrize("content", [b"", b"SQLite format 3\x00" + b"\xff" * 200, b"not a database"])
+def test_a_damaged_sweep_store_is_one_error_line_naming_the_file_once(tmp_path, capsys, content):
+    """`keel sweep --summarize` wrapped keel's own store error in the path again: "P: P: this sweep store…"."""
+    store = tmp_path / "sweep" / "sweep.sqlite"
+    store.parent.mkdir()
+    store.write_bytes(content)
+    code, out, err = run_cli(["sweep", "--summarize", "--no-plots", "--out", str(store.parent)], capsys)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+    assert err.count(str(store)) == 1, err
+    assert store.read_bytes() == content

@@ -31,6 +31,7 @@ from keel._core.argtypes import (
     positive_int,
     show,
 )
+from keel._core.errors import KeelError
 from keel.guard.console import progress_bar
 from keel.proxy.model import list_proxy_sizes
 from keel.proxy.sweep.backends import BACKENDS
@@ -211,7 +212,9 @@ def main(args: argparse.Namespace) -> int:
     backend = args.backend or "local"
     try:
         result = _summarize_or_run(args, out, backend, stream, options)
-    except sqlite3.DatabaseError as exc:  # SQLite's message does not say which file
+    except sqlite3.DatabaseError as exc:  # SQLite's message does not say which file (keel's StoreError does)
+        if isinstance(exc, KeelError):
+            raise
         raise ValueError(f"{sweep_store_path(out)}: {exc}") from exc
     if not args.no_plots and result.curves:
         _write_plots(result, Path(args.plots) if args.plots else out / "plots", out, stream)
