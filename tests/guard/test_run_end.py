@@ -19,7 +19,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from keel import Guard
+from keel import Guard, RecoveryConfig
+from keel.doctor import examine_log, format_result
 from keel.guard import run_end
 from keel.store import RunReader, RunWriter
 from tests.conftest import TinyNet, make_batches
@@ -230,8 +231,6 @@ def test_a_preempted_run_resumes_with_one_contiguous_store(tmp_path):
     ],
 )
 def test_keel_doctor_says_how_a_run_ended_when_it_did_not_finish(tmp_path, own_sigterm, how, said):
-    from keel.doctor import examine_log, format_result
-
     guard, model, opt = _guard(tmp_path)
     _train(guard, model, opt, 3)
     if how == "signal":
@@ -250,8 +249,6 @@ def test_keel_doctor_says_how_a_run_ended_when_it_did_not_finish(tmp_path, own_s
 
 
 def test_a_resume_past_the_rows_a_sigkill_lost_says_which_steps_stay_missing(tmp_path):
-    from keel import RecoveryConfig
-
     guard, model, opt = _guard(tmp_path, policy="recover", recovery=RecoveryConfig(snapshot_every=2, disk_every=1))
     for x, y in make_batches(8):
         loss = F.mse_loss(model(x), y)
