@@ -86,7 +86,10 @@ class OverheadConfig:
             many steps, the loop passing ``batch=`` (0: not timed).
         device: ``cpu`` or ``cuda``.
         compile: Every variant trains ``torch.compile(model)`` (the default backend, inductor); the Guard gets the
-            model itself, as a user's loop gives it (its hooks are the compiled module's).
+            model itself, as a user's loop gives it (its hooks are the compiled module's). Each variant first warms
+            one whole period of its probes' cadences (`keel.harness.bench._compile_warmup`: a cadenced probe's step
+            has a graph of its own, compiled once), and ``graphs_compiled_timed`` counts those compiled inside the
+            timed blocks.
         autocast: ``"bf16"``: every variant's forward and loss under ``torch.autocast(device, torch.bfloat16)``
             (parameters and optimizer in float32, as PyTorch's AMP recipe has them); None: float32.
     """
