@@ -148,3 +148,12 @@ def test_any_text_gives_a_log_or_one_log_read_error(tmp_path, lines):
         assert str(p) in str(exc) and "\n" not in str(exc)
     else:
         assert len(log.records) >= 1
+
+
+@pytest.mark.timeout(20)  # a hang guard: backtracking over a long field once took minutes (quadratic)
+@pytest.mark.parametrize("field", ["a" * 100_000, " " * 100_000 + "x"])
+def test_a_huge_field_without_a_colon_is_one_error_not_a_hang(tmp_path, field):
+    p = tmp_path / "stdout.log"
+    p.write_text(f" iteration 1/ 2 | lm loss: 2.0 |\n iteration 2/ 2 |{field} |\n")
+    with pytest.raises(LogReadError, match="line 2"):
+        read_log(p)

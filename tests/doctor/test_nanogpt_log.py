@@ -106,3 +106,12 @@ def test_any_text_gives_a_log_or_one_log_read_error(tmp_path, lines):
         assert str(p) in str(exc) and "\n" not in str(exc)
     else:
         assert len(log.records) >= 1
+
+
+@pytest.mark.timeout(20)  # a hang guard: backtracking over a long run of spaces once took minutes (cubic)
+@pytest.mark.parametrize("rest", ["loss" + " " * 100_000 + "x", "a " * 50_000])
+def test_a_huge_iter_line_is_one_error_not_a_hang(tmp_path, rest):
+    p = tmp_path / "train.log"
+    p.write_text(f"iter 0: loss 1.0\niter 1: {rest}\n")
+    with pytest.raises(LogReadError, match="line 2"):
+        read_log(p)

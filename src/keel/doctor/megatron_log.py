@@ -33,9 +33,9 @@ FORMAT = "megatron"
 _CANDIDATE = re.compile(r"\biteration\s+\S+\s*/\s*\S+\s*\|")
 _LINE = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|(.*)")
 _VALIDATION = re.compile(r"\bvalidation loss at (?:the end of training for val data|iteration (\d+))\s*\|(.*)")
-_FIELD = re.compile(r"\s*([^|:]*[A-Za-z][^|:]*):\s*([^|]*?)\s*")
+_LETTER = re.compile(r"[A-Za-z]")
 _SPLIT_VALUE = re.compile(rf"({NUMBER})\s*/\s*{NUMBER}", re.IGNORECASE)
-_SEARCH = re.compile(r"\biteration\s+\d+\s*/\s*\d+\s*\|\s*[^|:]*[A-Za-z][^|:]*:\s*[^|]*\|")
+_SEARCH = re.compile(r"\biteration\s+\d+\s*/\s*\d+\s*\|[^|:\n]*:[^|\n]*\|")
 VAL_NAMES = {"lm_loss_value": "val_loss", "lm_loss_ppl": "val_ppl"}
 
 
@@ -116,13 +116,15 @@ def _fields(text: str) -> dict[str, str] | None:
     for piece in text.split("|"):
         if not piece.strip():
             continue
-        m = _FIELD.fullmatch(piece)
-        if m is None:
+        # partition, not one regex for name and value: two quantifiers over the same characters backtrack
+        # quadratically on a long field without a colon
+        name, colon, value = piece.partition(":")
+        if not colon or _LETTER.search(name) is None:
             return None
-        value = m.group(2)
+        value = value.strip()
         if split := _SPLIT_VALUE.fullmatch(value):
             value = split.group(1)
-        fields[normalize(m.group(1))] = value
+        fields[normalize(name)] = value
     return fields
 
 

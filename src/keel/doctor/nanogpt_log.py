@@ -23,7 +23,8 @@ from keel.doctor.step_lines_log import NUMBER
 FORMAT = "nanogpt_stdout"
 _CANDIDATE = re.compile(r"(?:iter|step) ")
 _LINE = re.compile(r"(iter|step) (\d+): (.*)")
-_FIELD = re.compile(rf"([A-Za-z][A-Za-z ]*?)(?::\s*|\s+)({NUMBER})([A-Za-z]+|%)?", re.IGNORECASE)
+_NAME = re.compile(r"[A-Za-z]+(?: +[A-Za-z]+)*")
+_VALUE = re.compile(rf"({NUMBER})([A-Za-z]+|%)?", re.IGNORECASE)
 _SEARCH = re.compile(rf"^iter \d+: loss {NUMBER}", re.MULTILINE | re.IGNORECASE)
 NAMES = {"train loss": "train_eval_loss", "val loss": "val_loss"}  # of a "step N:" evaluation line
 UNITS = {"%": "percent"}
@@ -80,14 +81,18 @@ def read_nanogpt_log(path: str | Path) -> RawLog:
 def _fields(text: str, *, evaluation: bool) -> dict[str, float | str] | None:
     fields: dict[str, float | str] = {}
     for piece in text.split(","):
-        m = _FIELD.fullmatch(piece.strip())
-        if m is None:
+        # "name: value" or "name value" split by hand, not by one regex: a lazy name with spaces before a run of
+        # spaces backtracks for minutes on a long hostile line
+        piece = piece.strip()
+        name, _, raw = piece.partition(":") if ":" in piece else piece.rpartition(" ")
+        m, v = _NAME.fullmatch(name.strip()), _VALUE.fullmatch(raw.strip())
+        if m is None or v is None:
             return None
-        name, unit = m.group(1).lower(), m.group(3)
+        name, unit = " ".join(m.group(0).lower().split()), v.group(2)
         if evaluation:
             name = NAMES.get(name, name)
         name = name.replace(" ", "_")
         if unit:
             name = f"{name}_{UNITS.get(unit, unit.lower())}"
-        fields[name] = m.group(2)
+        fields[name] = v.group(1)
     return fields
