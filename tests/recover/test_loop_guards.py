@@ -47,6 +47,16 @@ class AlwaysDiverging:
         self.seen = int(state["seen"])
 
 
+class DivergingEveryOtherStep(AlwaysDiverging):
+    """Critical divergence on every even step: an update runs on each state restored before the next rollback, so
+    the rollbacks may land on the same snapshot (`Recovery` goes further back only when none ran)."""
+
+    name = "diverging_every_other_step"
+
+    def update(self, obs):
+        return super().update(obs) if obs.step % 2 == 0 else []
+
+
 class AlwaysSpiking(AlwaysDiverging):
     """A critical loss spike on every step: skippable, so it loops through skips and rollbacks."""
 
@@ -80,20 +90,23 @@ def _run(detector, steps=40, recovery=None, **guard_kwargs):
 
 
 def test_rollbacks_repeating_within_a_window_end_in_abort():
-    guard, decisions, aborted = _run(AlwaysDiverging())
+    guard, decisions, aborted = _run(DivergingEveryOtherStep())
     cap = guard.escalation.config.max_rollbacks
-    assert [d.action for d in decisions] == ["rollback"] * cap
-    assert aborted.decision.action == "abort" and aborted.decision.step == cap
+    assert [d.action for d in decisions] == ["rollback", "ok"] * cap
+    assert aborted.decision.action == "abort" and aborted.decision.step == 2 * cap
     assert f"{cap} rollbacks within" in aborted.decision.reason
     assert guard.recovery.rollbacks == cap
 
 
 def test_the_rollback_cap_is_set_from_the_guard_through_recovery_config():
     recovery = RecoveryConfig(snapshot_every=5, quiet_steps=1, max_rollbacks=5, rollback_window=1000, min_lr_scale=1e-9)
-    guard, decisions, aborted = _run(AlwaysDiverging(), recovery=recovery, max_consecutive_skips=4)
+    guard, decisions, aborted = _run(DivergingEveryOtherStep(), recovery=recovery, max_consecutive_skips=4)
     assert (guard.escalation.config.max_rollbacks, guard.escalation.config.rollback_window) == (5, 1000)
     assert guard.escalation.config.max_consecutive_skips == 4
-    assert [d.action for d in decisions] == ["rollback"] * 5 and "5 rollbacks within 1000" in aborted.decision.reason
+    assert [d.action for d in decisions] == [
+        "rollback",
+        "ok",
+    ] * 5 and "5 rollbacks within 1000" in aborted.decision.reason
 
 
 @pytest.mark.parametrize("field", ["max_rollbacks", "rollback_window"])
@@ -104,18 +117,26 @@ def test_a_bad_rollback_cap_is_one_clear_error(field, bad):
 
 
 def test_lr_backoff_compounds_over_rollbacks_to_the_same_snapshot():
-    guard, decisions, _ = _run(AlwaysDiverging())
-    assert all(d.restored_step == 0 for d in decisions)  # every rollback lands on the starting state
-    assert guard.recovery.actions.lr_scale == pytest.approx(0.1 ** len(decisions))
-    assert "LR × 0.001" in decisions[-1].reason
+    guard, decisions, _ = _run(DivergingEveryOtherStep())
+    rollbacks = [d for d in decisions if d.action == "rollback"]
+    assert all(d.restored_step == 0 for d in rollbacks)  # every rollback lands on the starting state
+    assert guard.recovery.actions.lr_scale == pytest.approx(0.1 ** len(rollbacks))
+    assert "LR × 0.001" in rollbacks[-1].reason
+
+
+def test_a_rollback_with_no_update_since_the_last_one_never_restores_the_same_state_again():
+    """Every step in trouble: the starting state restored at step 0 reproduces it before any update, and there is
+    nothing older — the run aborts at the second rollback instead of restoring it until the cap."""
+    guard, decisions, aborted = _run(AlwaysDiverging())
+    assert [d.action for d in decisions] == ["rollback"] and aborted.decision.step == 1
+    assert "the snapshot of step 0 restored at step 0 was still in trouble" in aborted.decision.reason
 
 
 def test_skips_that_repeat_after_every_rollback_end_in_abort():
     guard, decisions, aborted = _run(AlwaysSpiking(), steps=200, max_consecutive_skips=3)
     actions = [d.action for d in decisions]
-    assert actions.count("rollback") == guard.escalation.config.max_rollbacks
-    assert actions == (["skip"] * 3 + ["rollback"]) * 3 + ["skip"] * 3
-    assert aborted.decision.action == "abort"
+    assert actions == ["skip"] * 3 + ["rollback"] + ["skip"] * 3
+    assert aborted.decision.action == "abort" and "still in trouble" in aborted.decision.reason
 
 
 def _state():

@@ -3,12 +3,19 @@
 | action             | what it does                                         | when                                     |
 |--------------------|------------------------------------------------------|------------------------------------------|
 | `lr_backoff`       | scales each group's LR by `lr_backoff` (compounding) | model-caused trouble, repeated rollbacks |
-| `reset_moments`    | clears the optimizer state (Adam moments from 0)     | non-finite parameters                    |
+| `reset_moments`    | clears the optimizer state (Adam moments from 0)     | non-finite parameters an update made     |
 | `tighten_clipping` | clips the gradient norm at 2× its healthy baseline   | gradient-norm spikes                     |
 
 Sources: `lr_backoff`, the OPT-175B logbook (the LR was lowered after loss explosions); `reset_moments`, SPAM
 (Huang et al. 2025: momentum reset after spikes); `tighten_clipping`, OPT-175B (clipping 2.5 → 1.0) and
 Stable-SPAM's AdaClip.
+
+Non-finite parameters back the LR off when an update made them: the steps before were already in trouble (a
+warning open, a skip or critical finding within ``quiet_steps``, or a rollback not yet followed by an update) — an
+overflow from a too-high LR builds up through spikes first. When the steps before were healthy updates, the
+NaN/Inf was written between steps (the user's code, a bit flip): the snapshot restored predates it, moments
+included, so the rollback alone mends it and the LR and moments are left as they were. A repeat within the
+escalation window backs off whatever the steps before looked like.
 
 The LR scale is applied around ``optimizer.step()`` only, so a scheduler (chainable or not) never sees it.
 With ``cooldown_steps`` it ramps linearly back to 1 over that many steps; by default it stays, as OPT-175B's
@@ -47,14 +54,23 @@ class ActionState:
         self.max_grad_norm = state["max_grad_norm"]
 
 
-def choose_actions(findings: tuple[Finding, ...], rollbacks_in_window: int) -> list[str]:
+def choose_actions(findings: tuple[Finding, ...], rollbacks_in_window: int, *, calm_before: bool = False) -> list[str]:
     """The actions a rollback applies, from the findings that triggered it.
 
     Data-caused trouble (a run of spikes that skipping could not end) gets only the rollback itself — the
     PaLM recipe: restart earlier and skip the offending batches — unless it is already a repeat.
+
+    Args:
+        findings: The findings of the step that rolled back.
+        rollbacks_in_window: Rollbacks in the escalation window, this one included.
+        calm_before: The steps before were healthy updates (`keel.recover.recovery.Recovery`): non-finite
+            parameters then were written between steps, not made by an update (see the module docstring).
     """
     kinds = {f.kind for f in findings if f.severity == "critical"}
     params_broken = any(f.kind == "non_finite" and f.signal == keys.PARAM_NORM for f in findings)
+    written_between_steps = params_broken and calm_before and rollbacks_in_window <= 1
+    if written_between_steps and kinds <= {"non_finite"}:
+        return []
     actions = []
     if kinds & MODEL_CAUSED_KINDS or rollbacks_in_window > 1 or not kinds <= {"loss_spike", "grad_spike", "non_finite"}:
         actions.append("lr_backoff")

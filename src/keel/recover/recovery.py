@@ -5,10 +5,22 @@ early warning is open (so a rollback lands close to where the trouble began), bu
 ``quiet_steps`` of a skip or a critical finding, so the ring does not fill with damaged states. When a
 warning opens, the newest snapshot from before its onset is pinned (``keep_pinned``): the dense snapshots
 that follow, or hundreds of quiet steps before the warning turns critical, do not push it out. A rollback
-restores the newest snapshot from before the trouble's onset (the findings' ``onset_step`` evidence, less
-``rollback_margin``), reseeds the RNGs so the window is not replayed, and applies the actions. A snapshot that
-left out a parameter which may have changed since (`keel.recover.fixed`) is passed over, with the reason, for an
-older one.
+restores the newest snapshot from before the trouble's onset, less ``rollback_margin``, reseeds the RNGs so the
+window is not replayed, and applies the actions. A snapshot that left out a parameter which may have changed since
+(`keel.recover.fixed`) is passed over, with the reason, for an older one.
+
+The trouble's onset is the earliest of the critical findings' ``onset_step`` evidence and the onsets of the
+warnings still open. A warning is open from the step it is reported until a rollback or a healthy stretch: more
+than ``snapshot_every`` steps with no warning, no critical finding and no skip (the stretch over which a warning
+keeps snapshots dense). A loss-spike warning from step 42 followed by the divergence detector's critical with its
+own later onset 49 is one episode: the state restored is from before 42, not one taken while the warning was open.
+When no snapshot from before an open warning's onset is kept, the critical finding's own onset is used (said so in
+the decision).
+
+A rollback that was itself followed by no update before the next rollback (every step in between was skipped or
+rolled back) restored a state that was still in trouble: the actions it applied never ran, so restoring it again
+would repeat the same steps. The next rollback goes to a snapshot older than it, or the run aborts when there is
+none; it never loops on one damaged snapshot.
 """
 
 from __future__ import annotations
@@ -128,6 +140,8 @@ class RollbackResult:
     snapshot: Snapshot
     actions: list[str]
     passed_over: list[str] = field(default_factory=list)
+    onset: int = 0  # the step the trouble began, as the rollback judged it (the snapshot is from before it)
+    onset_from: str = ""  # why that onset, when not the critical findings' own (empty: theirs)
 
 
 class Recovery:
@@ -160,6 +174,10 @@ class Recovery:
         self._last_trouble = -math.inf
         self._last_warning = -math.inf
         self._taken = 0
+        # The open warnings' earliest onset and which warning gave it (None: no warning open), and the rollback
+        # after which no update has been applied yet: (its step, the snapshot step it restored), else None.
+        self._episode: tuple[int, str] | None = None
+        self._unproven: tuple[int, int] | None = None
         self._resumed_tracked: list[str] | None = None  # data positions of the resumed snapshot, checked once
 
     # --- snapshots ----------------------------------------------------------------------------------
@@ -168,14 +186,27 @@ class Recovery:
         warning's onset."""
         if self._resumed_tracked is not None:
             self._check_tracked()
+        if not skipped:
+            self._unproven = None  # an update ran on the restored state: it was not still in trouble
+        rolled_back_now = self._unproven is not None and self._unproven[0] == step
+        self._episode = None if rolled_back_now else self._open_episode(step, findings)
         if skipped or any(f.severity == "critical" for f in findings):
             self._last_trouble = step
         for finding in findings:
             if finding.severity == "warning":
                 self._last_warning = step
-                snap = self.ring.newest_before(self._rollback_point(int(finding.evidence.get("onset_step", step))))
+                snap = self.ring.newest_before(self._rollback_point(_onset_of(finding)))
                 if snap is not None:
                     self.ring.pin(snap)
+
+    def _open_episode(self, step: int, findings: tuple[Finding, ...]) -> tuple[int, str] | None:
+        """The earliest onset among the warnings open at ``step``, this step's included, and which one gave it."""
+        quiet_for = step - max(self._last_warning, self._last_trouble)
+        episode = self._episode if quiet_for <= self.config.snapshot_every else None  # a healthy stretch ends it
+        for finding in findings:
+            if finding.severity == "warning" and (episode is None or _onset_of(finding) < episode[0]):
+                episode = (_onset_of(finding), f"the {finding.kind} warning on {finding.signal} of step {finding.step}")
+        return episode
 
     def after_step(self, steps_done: int) -> Snapshot | None:
         """Take a snapshot of the state at the start of step ``steps_done`` if one is due."""
@@ -211,15 +242,14 @@ class Recovery:
     def rollback(
         self, step: int, onset: int, findings: tuple[Finding, ...], rollbacks_in_window: int
     ) -> RollbackResult | None:
-        """Restore the newest snapshot from before ``onset`` and apply actions; None when there is none."""
-        # The value at step k comes from the state at the start of step k, made by update k - 1: the margin
-        # steps back past that update. Nothing precedes the starting state, which no update has touched.
-        snap, passed_over = self._usable_snapshot(self._rollback_point(onset))
+        """Restore the newest snapshot from before the trouble's onset (``onset``, or an open warning's earlier one:
+        see the module docstring) and apply actions; None when there is none."""
+        snap, passed_over, onset, onset_from = self._target(step, onset, findings)
         if snap is None:
             if passed_over:
                 raise RecoveryExhausted("no snapshot can restore the state: " + "; ".join(passed_over))
             return None
-        actions = choose_actions(findings, rollbacks_in_window)
+        actions = choose_actions(findings, rollbacks_in_window, calm_before=self._calm_before(step))
         scale = self.lr_scale(step)
         if "lr_backoff" in actions and scale * self.config.lr_backoff < self.config.min_lr_scale:
             raise RecoveryExhausted(
@@ -240,12 +270,54 @@ class Recovery:
             findings=findings,
         )
         self._last_trouble = step
+        self._episode, self._unproven = None, (step, snap.step)
         if self.writes_disk:
             # The disk snapshots newer than the restored one belong to the timeline just abandoned: a run killed
             # now must not resume into it. The restored state, actions applied, is the new timeline's start.
             self.disk.drop_after(snap.step)  # type: ignore[union-attr]
             self._take(step + 1, to_disk=True)
-        return RollbackResult(snapshot=snap, actions=done, passed_over=passed_over)
+        return RollbackResult(snapshot=snap, actions=done, passed_over=passed_over, onset=onset, onset_from=onset_from)
+
+    def _target(
+        self, step: int, onset: int, findings: tuple[Finding, ...]
+    ) -> tuple[Snapshot | None, list[str], int, str]:
+        """The snapshot to restore, the newer ones passed over, the onset it is from before, and why that onset."""
+        onset_from = ""
+        episode = self._open_episode(step, findings)
+        if episode is not None and episode[0] < onset:
+            snap, passed_over = self._usable_snapshot(self._rollback_point(episode[0]))
+            if snap is not None:
+                onset, onset_from = episode[0], f"the onset of {episode[1]}, still open"
+            else:
+                onset_from = (
+                    f"the critical finding's own: no snapshot kept is from before the onset (step {episode[0]}) of "
+                    f"{episode[1]}, still open"
+                )
+        # The value at step k comes from the state at the start of step k, made by update k - 1: the margin
+        # steps back past that update. Nothing precedes the starting state, which no update has touched.
+        point = self._rollback_point(onset)
+        if self._unproven is not None:
+            rolled_back_at, restored = self._unproven
+            still_bad = (
+                f"the snapshot of step {restored} restored at step {rolled_back_at} was still in trouble: no update "
+                "ran on it before this rollback"
+            )
+            point = min(point, restored - 1)
+            snap, passed_over = self._usable_snapshot(point)
+            if snap is None:
+                raise RecoveryExhausted("; ".join([f"{still_bad}, and no older snapshot is kept", *passed_over]))
+            return snap, passed_over, min(onset, restored), f"{onset_from}; {still_bad}" if onset_from else still_bad
+        snap, passed_over = self._usable_snapshot(point)
+        return snap, passed_over, onset, onset_from
+
+    def _calm_before(self, step: int) -> bool:
+        """Whether the steps before ``step`` were healthy updates: no warning open, no skip or critical finding
+        within ``quiet_steps``, and no rollback not yet followed by an update (`choose_actions`)."""
+        return (
+            self._open_episode(step, ()) is None
+            and step - self._last_trouble > self.config.quiet_steps
+            and self._unproven is None
+        )
 
     def _usable_snapshot(self, point: int) -> tuple[Snapshot | None, list[str]]:
         """The newest snapshot from before ``point`` that can restore the live state, and why each newer one cannot
@@ -338,6 +410,8 @@ class Recovery:
             "last_snapshot": self._last_snapshot,
             "last_trouble": self._last_trouble,
             "last_warning": self._last_warning,
+            "episode": self._episode,
+            "unproven": self._unproven,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -345,8 +419,18 @@ class Recovery:
         self._last_snapshot, self._last_trouble, self._last_warning = (
             float(state[k]) for k in ("last_snapshot", "last_trouble", "last_warning")
         )
+        # snapshots written before keel tracked the open warnings and unproven rollbacks hold neither
+        episode, unproven = state.get("episode"), state.get("unproven")
+        self._episode = (int(episode[0]), str(episode[1])) if episode is not None else None
+        self._unproven = (int(unproven[0]), int(unproven[1])) if unproven is not None else None
 
     def close(self) -> None:
         self.ring.close()
         if self.disk is not None:
             self.disk.wait()
+
+
+def _onset_of(finding: Finding) -> int:
+    """When the trouble a finding reports began: its ``onset_step`` evidence, else (absent or None) its own step."""
+    onset = finding.evidence.get("onset_step")
+    return int(onset) if isinstance(onset, (int, float)) and math.isfinite(onset) else finding.step
