@@ -136,8 +136,7 @@ class DeferredSteps:
         decision = _as_carried_out(g.escalation.decide(flight.step, g.components.detect(obs)), gated)
         if decision.action in ("rollback", "abort"):
             return decision, obs
-        if g.state.scheduler is not None and (decision.stepped or g.policy == "observe"):
-            g.state.scheduler.step()
+        g.actuator.step_scheduler(decision.stepped)
         self._record(obs, decision)
         return decision, obs
 

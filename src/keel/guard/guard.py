@@ -79,7 +79,10 @@ class Guard(DeferredSteps):
         model: The model being trained; its trainable parameters are the ones watched.
         optimizer: The optimizer to step.
         scheduler: An LR scheduler stepped after each applied update (not after skipped ones, except under
-            ``observe``, which steps exactly like the bare loop).
+            ``observe``, which steps exactly like the bare loop); snapshots hold and restore its state.
+        steps_scheduler: False: keel never steps the scheduler, only snapshots and restores it — for a
+            scheduler the loop steps per epoch or with a metric (``ReduceLROnPlateau.step(val_loss)``); step it
+            after an update only when ``decision.stepped``. `keel.watch` sets it.
         run_dir: Directory of the run store (``run_dir/run.sqlite``) and disk snapshots; ``None`` keeps
             everything in memory. It holds one run: a folder that holds an earlier run is refused unless
             ``resume`` or ``overwrite`` says what to do with it, and it is locked while the Guard is open.
@@ -165,6 +168,7 @@ class Guard(DeferredSteps):
         sync: Literal["step", "deferred"] = "step",
         attribution: Attribution | None = None,
         flush_on_exit: bool = True,
+        steps_scheduler: bool = True,
     ) -> None:
         self.named = _trainable_parameters(model, optimizer)
         self._names, self._params = tuple(n for n, _ in self.named), [p for _, p in self.named]
@@ -188,6 +192,7 @@ class Guard(DeferredSteps):
                 sync=sync,
                 attribution=attribution,
                 flush_on_exit=flush_on_exit,
+                steps_scheduler=steps_scheduler,
             )
         )
         if resume and run_dir is None:
@@ -222,6 +227,7 @@ class Guard(DeferredSteps):
         self.actuator = Actuator(
             self.state, observe=policy == "observe", max_grad_norm=max_grad_norm, recovery=self.recovery
         )
+        self.actuator.steps_scheduler = steps_scheduler
         if sync == "deferred":
             try:
                 self._init_deferred()

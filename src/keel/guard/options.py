@@ -4,6 +4,7 @@ allowed, raised before anything is created, opened or hooked.
 
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import numbers
@@ -69,6 +70,29 @@ def _check_scheduler(scheduler: object, args: Mapping[str, Any]) -> None:
             f"scheduler={_short(scheduler)}; allowed: None or an LR scheduler (an object with "
             f"{', '.join(m + '()' for m in methods)}, e.g. torch.optim.lr_scheduler.LambdaLR)"
         )
+
+
+def _check_steps_scheduler(steps_scheduler: object, args: Mapping[str, Any]) -> None:
+    if not isinstance(steps_scheduler, bool):
+        raise ValueError(f"steps_scheduler={steps_scheduler!r}; allowed: True or False")
+    scheduler = args.get("scheduler")
+    if steps_scheduler and scheduler is not None and _step_needs_an_argument(scheduler):
+        raise ValueError(
+            f"scheduler={type(scheduler).__name__}: its step() needs an argument (a metric, as ReduceLROnPlateau's "
+            "step(val_loss)) that keel cannot give; allowed: steps_scheduler=False (the loop calls step(metric) "
+            "itself; keel snapshots and restores the scheduler) — keel.watch does this"
+        )
+
+
+def _step_needs_an_argument(scheduler: object) -> bool:
+    try:
+        signature = inspect.signature(scheduler.step)  # type: ignore[attr-defined]
+    except (TypeError, ValueError):  # a builtin without a signature: keel cannot tell, and calls it bare
+        return False
+    return any(
+        p.default is p.empty and p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+        for p in signature.parameters.values()
+    )
 
 
 def _check_scaler(scaler: object, args: Mapping[str, Any]) -> None:
@@ -215,6 +239,7 @@ _CHECKS = {
     "sync": _check_sync,
     "attribution": _check_attribution,
     "flush_on_exit": _check_flush_on_exit,
+    "steps_scheduler": _check_steps_scheduler,
 }
 
 

@@ -55,13 +55,14 @@ class Handoff:
         setattr(obj, name, gated)
         self._patches.append((obj, name, original, gated, had_own))
 
-    def gate_scheduler(self, scheduler: Any) -> None:
-        """The trainer's ``scheduler.step()`` is a no-op when keel handled the update (Guard owns it then)."""
+    def gate_scheduler(self, scheduler: Any, outside: Callable[..., Any] | None = None) -> None:
+        """By default the trainer's ``scheduler.step()`` is a no-op when keel handled the update (Guard owns it
+        then); ``outside`` replaces that, as in `gate`."""
 
-        def outside(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        def handed_to_keel(original: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
             return None if self.handled else original(*args, **kwargs)
 
-        self.gate(scheduler, "step", outside)
+        self.gate(scheduler, "step", outside or handed_to_keel)
         self._keep_out_of_state_dict(scheduler)
 
     def _keep_out_of_state_dict(self, scheduler: Any) -> None:

@@ -8,8 +8,12 @@ writes and ``zero_grad``. What keel hooks, on the loop's own objects (`Watch.clo
 runs at interpreter exit if the loop never calls it):
 
 - **the update**: ``optimizer.step()`` and ``scaler.step(optimizer)`` go to `Guard.step`, which steps, skips
-  or rolls back. The loop's ``scaler.update()`` and ``scheduler.step()`` that follow do nothing: keel did them
-  (or rightly did not, on a skip) — the hand-off of the trainer adapters (`keel.integrations._handoff`).
+  or rolls back. The loop's ``scaler.update()`` that follows does nothing: keel did it — the hand-off of the
+  trainer adapters (`keel.integrations._handoff`). Under accelerate's ``accumulate()`` the calls between two
+  gradient synchronisations are accelerate's no-ops and pass through: one keel step per synchronised update.
+- **the scheduler** stays the loop's, stepped where the loop steps it (per update, per epoch, or with a metric
+  as ``ReduceLROnPlateau``); only the call that follows an update keel did not apply is withheld
+  (`keel.integrations._loop_scheduler`). keel's snapshots hold and restore its state.
 - **the loss**, in this order: what the loop gave `Watch.record` for the step; else the loss in the model's
   output while training (``output.loss``, ``output["loss"]``, or the one scalar in a returned tuple, as
   nanoGPT's ``logits, loss = model(x, y)``), the mean over the step's micro-batches; else the scalar tensors
@@ -40,6 +44,7 @@ from keel._core.decision import Decision
 from keel._core.errors import KeelWarning, TrainingAborted
 from keel.guard import Guard
 from keel.integrations._handoff import Handoff
+from keel.integrations._loop_scheduler import LoopScheduler
 from keel.integrations._loss import StepLoss
 from keel.signals._hooks import ObserverHook
 
@@ -61,8 +66,10 @@ class Watch:
         scaler: torch.amp.GradScaler | None = None,
         **guard_kwargs: Any,
     ) -> None:
-        self.guard = Guard(model, optimizer, scheduler, scaler=scaler, **guard_kwargs)
+        self.guard = Guard(model, optimizer, scheduler, scaler=scaler, steps_scheduler=False, **guard_kwargs)
         self._optimizer, self._scaler = optimizer, scaler
+        self._scheduler = LoopScheduler(observe=self.guard.policy == "observe")
+        self._decided = 0  # the guard's decisions already counted for the scheduler
         self._watched = {id(p) for p in model.parameters()}
         self._recorded, self._from_output, self._from_backward = StepLoss(), StepLoss(), StepLoss()
         self._last_loss: Tensor | None = None
@@ -76,7 +83,7 @@ class Watch:
             self._handoff.gate(scaler, "step", self._scaler_step)
             self._handoff.gate(scaler, "update", self._after_update)
         if scheduler is not None:
-            self._handoff.gate_scheduler(scheduler)
+            self._handoff.gate_scheduler(scheduler, self._scheduler.loop_call)
         self._handoff.gate(torch.nn.utils, "clip_grad_norm_", self._clip)
         self._handoff.gate(torch.Tensor, "backward", self._capture_backward)
         atexit.register(self.close)
@@ -129,6 +136,9 @@ class Watch:
         if args or kwargs:  # a closure (LBFGS): keel cannot run it in its place
             self._warn("closure", "keel.watch: optimizer.step(closure) is passed through unwatched")
             return original(*args, **kwargs)
+        gradients = getattr(self._optimizer, "gradient_state", None)  # accelerate's AcceleratedOptimizer
+        if gradients is not None and not getattr(gradients, "sync_gradients", True):
+            return original()  # a micro-batch inside accumulate(): accelerate's step does nothing there
         self._update()
         return None
 
@@ -151,6 +161,10 @@ class Watch:
         except TrainingAborted:
             self.close()
             raise
+        finally:
+            decisions = self.guard.decisions
+            self._scheduler.after_update(sum(not d.stepped for d in decisions[self._decided :]))
+            self._decided = len(decisions)
 
     # --- the end ------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -196,7 +210,8 @@ def watch(
     Args:
         model: The model being trained (DDP- or ``torch.compile``-wrapped as the loop calls it).
         optimizer: The optimizer the loop steps.
-        scheduler: The loop's LR scheduler, if it has one (its ``step()`` becomes keel's to call).
+        scheduler: The loop's LR scheduler, if it has one: snapshots hold its state; the loop keeps stepping it
+            (per update, per epoch or with a metric), and its call after an update keel skipped is withheld.
         scaler: The loop's ``torch.amp.GradScaler``, if it has one (enabled or not).
         **guard_kwargs: Any other `Guard` argument: ``policy``, ``run_dir``, ``probes``, ``recovery`` …
 

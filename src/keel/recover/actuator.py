@@ -39,6 +39,7 @@ class Actuator:
         self, state: TrainingState, *, observe: bool, max_grad_norm: float | None, recovery: Recovery | None
     ) -> None:
         self.state, self.observe, self.max_grad_norm, self.recovery = state, observe, max_grad_norm, recovery
+        self.steps_scheduler = True
 
     @property
     def scaler(self) -> Any | None:
@@ -58,11 +59,16 @@ class Actuator:
             return self._rollback(decision, rollbacks_in_window)
         if decision.stepped or decision.by == "scaler":  # on overflow the scaler skips the update itself
             self._step(decision.step, decision.stepped, grad_norm)
-            if self.state.scheduler is not None and (decision.stepped or self.observe):
-                self.state.scheduler.step()
+            self.step_scheduler(decision.stepped)
         elif self.scaler is not None:
             self.scaler.update()  # required before the next unscale_()
         return decision
+
+    def step_scheduler(self, stepped: bool) -> None:
+        """Step the scheduler after an applied update (after every update under ``observe``), unless the loop
+        steps it itself (``Guard(steps_scheduler=False)``)."""
+        if self.state.scheduler is not None and self.steps_scheduler and (stepped or self.observe):
+            self.state.scheduler.step()
 
     def lr_scale(self, step: int) -> float:
         return self.recovery.lr_scale(step) if self.recovery is not None else 1.0
