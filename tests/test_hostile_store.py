@@ -163,3 +163,26 @@ def test_a_damaged_sweep_store_is_one_error_line_naming_the_file_once(tmp_path, 
     assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
     assert err.count(str(store)) == 1, err
     assert store.read_bytes() == content
+
+
+@pytest.mark.parametrize("lr", [0.0, -1e308, float("inf")])
+def test_a_sweep_run_whose_stored_lr_is_not_a_positive_number_is_left_out_and_counted(tmp_path, capsys, lr):
+    """A sweep store row with lr <= 0 made `keel sweep --summarize` fail with "lrs=[-1e+308]; allowed: distinct
+    numbers > 0" (naming a value the user never typed); the reader now leaves the row out and says so."""
+    import sqlite3
+
+    from keel.store import SweepReader
+    from tests.report.stores import make_sweep_store
+
+    sweep = tmp_path / "sweep"
+    make_sweep_store(sweep)
+    conn = sqlite3.connect(sweep / "sweep.sqlite")
+    conn.execute("UPDATE runs SET lr = ? WHERE rowid = 1", (lr,))
+    conn.commit()
+    conn.close()
+    with SweepReader(sweep) as reader:
+        rows = reader.rows()
+        assert all(row["lr"] > 0 for row in rows) and len(rows) == 7
+        assert any("lr" in p and "allowed: a finite number > 0" in p for p in reader.problems), reader.problems
+    code, _, err = run_cli(["sweep", "--summarize", "--no-plots", "--out", str(sweep)], capsys)
+    assert (code, err) == (0, ""), err

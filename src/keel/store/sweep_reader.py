@@ -107,6 +107,9 @@ class SweepReader:
                 continue
             for name in REALS:
                 row[name] = math.nan if row[name] is None else float(row[name])
+            if not (row["lr"] > 0 and math.isfinite(row["lr"])):  # every LR curve and fit takes its log
+                self._file.drop("runs", f"lr of {row['run_id']!r} is {row['lr']!r}; allowed: a finite number > 0")
+                continue
             row["run_dir"] = str(self.root / row["run_dir"])  # stored relative to the sweep directory
             out.append(row)
         return out
