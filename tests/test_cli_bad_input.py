@@ -25,6 +25,7 @@ import keel.demo
 import keel.harness.bench.ddp
 import keel.harness.bench.detect
 import keel.harness.bench.doctor
+import keel.harness.bench.integrations
 import keel.harness.bench.optim
 import keel.harness.bench.overhead
 import keel.harness.bench.snapshot
@@ -52,6 +53,7 @@ WORK = [
     (keel.harness.bench.detect, "bench_detect"),
     (keel.harness.bench.detect, "probe_costs"),
     (keel.harness.bench.doctor, "run"),
+    (keel.harness.bench.integrations, "bench_integrations"),
     (keel.proxy.sweep.cli, "run_sweep"),
 ]
 
