@@ -96,7 +96,8 @@ def _one_step(name: str):
     model, opt, kwargs, loss_fn, scaler = component_loop(name, "tiny", ["loss", "grad_norm", "param_norm"])
     guard = Guard(model, opt, policy="observe", **kwargs) if kwargs is not None else None
     before = [p.detach().clone() for p in model.parameters()]
-    tokens = torch.randint(0, 256, (2, 17), generator=torch.Generator().manual_seed(0))  # no corpus load: seconds
+    # 64 tokens: the calibrated scale_long gate is built for the U-ViT's 64; random, not the corpus (seconds to load)
+    tokens = torch.randint(0, 256, (2, 65), generator=torch.Generator().manual_seed(0))
     train_steps(model, opt, [(tokens[:, :-1], tokens[:, 1:])], guard, 2, loss_fn=loss_fn, scaler=scaler)
     moved = any(not torch.equal(b, p) for b, p in zip(before, model.parameters(), strict=True))
     return model, guard, scaler, moved
