@@ -28,6 +28,8 @@ __version__ = "0.1.0"
 # public name → module that defines it, imported on first access
 _LAZY = {
     "Guard": "keel.guard",
+    "Optimizers": "keel.guard",
+    "Schedulers": "keel.guard",
     "Attribution": "keel.signals.attribution",
     "SkipListSampler": "keel.data",
     "RecoveryConfig": "keel.recover",

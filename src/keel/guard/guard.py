@@ -77,7 +77,8 @@ class Guard(DeferredSteps):
 
     Args:
         model: The model being trained; its trainable parameters are the ones watched.
-        optimizer: The optimizer to step.
+        optimizer: The optimizer to step; several (Muon + AdamW) as ``keel.Optimizers(adamw, muon)``, with their
+            schedulers as ``keel.Schedulers(...)``.
         scheduler: An LR scheduler stepped after each applied update (not after skipped ones, except under
             ``observe``, which steps exactly like the bare loop); snapshots hold and restore its state.
         steps_scheduler: False: keel never steps the scheduler, only snapshots and restores it — for a
@@ -757,6 +758,14 @@ def _trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) ->
         raise ValueError(f"model={type(model).__name__}; allowed: a torch.nn.Module")
     if not hasattr(optimizer, "step") or not hasattr(optimizer, "param_groups"):
         raise ValueError(f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
+    layout = optimizer.state_dict() if callable(getattr(optimizer, "state_dict", None)) else None
+    if not (isinstance(layout, dict) and "state" in layout and "param_groups" in layout):
+        got = sorted(layout) if isinstance(layout, dict) else type(layout).__name__
+        raise ValueError(
+            f"optimizer={type(optimizer).__name__}: its state_dict() is {got}, not torch's layout; allowed: a "
+            "torch.optim.Optimizer, or an object whose state_dict() has 'state' and 'param_groups' (several "
+            "optimizers: keel.Optimizers)"
+        )
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if not named:
         n_all = sum(1 for _ in model.parameters())

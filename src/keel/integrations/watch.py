@@ -27,14 +27,17 @@ runs at interpreter exit if the loop never calls it):
 - **learning rates** the loop writes into ``param_groups`` are used as written; the lr_backoff action's LR scale
   multiplies them for each update, so it survives the loop's writes.
 
-Gradient accumulation needs nothing: micro-batches add up until the loop's update call.
+Gradient accumulation needs nothing: micro-batches add up until the loop's update call. Several optimizers (Muon
+for the matrices, AdamW for the rest) are given as a list: keel decides at the first one's ``step()`` and steps,
+skips or restores them all there; the others' calls of that update do nothing.
 """
 
 from __future__ import annotations
 
 import atexit
+import functools
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -42,7 +45,7 @@ from torch import Tensor, nn
 
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning, TrainingAborted
-from keel.guard import Guard
+from keel.guard import Guard, Optimizers, Schedulers
 from keel.integrations._handoff import Handoff
 from keel.integrations._loop_scheduler import LoopScheduler
 from keel.integrations._loss import StepLoss
@@ -60,16 +63,26 @@ class Watch:
     def __init__(
         self,
         model: nn.Module,
-        optimizer: torch.optim.Optimizer,
-        scheduler: Any | None = None,
+        optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+        scheduler: Any | Sequence[Any] | None = None,
         *,
         scaler: torch.amp.GradScaler | None = None,
         **guard_kwargs: Any,
     ) -> None:
-        self.guard = Guard(model, optimizer, scheduler, scaler=scaler, steps_scheduler=False, **guard_kwargs)
-        self._optimizer, self._scaler = optimizer, scaler
-        self._scheduler = LoopScheduler(observe=self.guard.policy == "observe")
-        self._decided = 0  # the guard's decisions already counted for the scheduler
+        self._parts = _as_tuple(optimizer, "optimizer") or (optimizer,)  # None: the Guard names the error
+        schedulers = _as_tuple(scheduler, "scheduler")
+        if len(self._parts) > 1 and scaler is not None:
+            raise ValueError(
+                f"scaler with {len(self._parts)} optimizers: not supported (the scaler unscales and steps each "
+                "optimizer on its own); allowed: one optimizer with a scaler, or bf16 / fp32 without one"
+            )
+        stepped = Optimizers(*self._parts) if len(self._parts) > 1 else self._parts[0]
+        held = Schedulers(*schedulers) if len(schedulers) > 1 else next(iter(schedulers), None)
+        self.guard = Guard(model, stepped, held, scaler=scaler, steps_scheduler=False, **guard_kwargs)
+        self._scaler = scaler
+        self._answered: set[int] = set()  # the parts whose step() call of this update keel has already made
+        self._schedulers = [LoopScheduler(observe=self.guard.policy == "observe") for _ in schedulers]
+        self._decided = 0  # the guard's decisions already counted for the schedulers
         self._watched = {id(p) for p in model.parameters()}
         self._recorded, self._from_output, self._from_backward = StepLoss(), StepLoss(), StepLoss()
         self._last_loss: Tensor | None = None
@@ -78,12 +91,13 @@ class Watch:
         self._closed = False
         self._handoff = Handoff()
         self._hook = model.register_forward_hook(ObserverHook(self._capture_output), with_kwargs=True)
-        self._handoff.gate(optimizer, "step", self._optimizer_step)
+        for part in self._parts:
+            self._handoff.gate(part, "step", functools.partial(self._optimizer_step, part))
         if scaler is not None:
             self._handoff.gate(scaler, "step", self._scaler_step)
             self._handoff.gate(scaler, "update", self._after_update)
-        if scheduler is not None:
-            self._handoff.gate_scheduler(scheduler, self._scheduler.loop_call)
+        for loop_scheduler, gated in zip(self._schedulers, schedulers, strict=True):
+            self._handoff.gate_scheduler(gated, loop_scheduler.loop_call)
         self._handoff.gate(torch.nn.utils, "clip_grad_norm_", self._clip)
         self._handoff.gate(torch.Tensor, "backward", self._capture_backward)
         atexit.register(self.close)
@@ -132,18 +146,22 @@ class Watch:
         return norm
 
     # --- the update ---------------------------------------------------------------------------------
-    def _optimizer_step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+    def _optimizer_step(self, part: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
         if args or kwargs:  # a closure (LBFGS): keel cannot run it in its place
             self._warn("closure", "keel.watch: optimizer.step(closure) is passed through unwatched")
             return original(*args, **kwargs)
-        gradients = getattr(self._optimizer, "gradient_state", None)  # accelerate's AcceleratedOptimizer
+        gradients = getattr(part, "gradient_state", None)  # accelerate's AcceleratedOptimizer
         if gradients is not None and not getattr(gradients, "sync_gradients", True):
             return original()  # a micro-batch inside accumulate(): accelerate's step does nothing there
+        if id(part) in self._answered:  # keel stepped (or skipped) every optimizer at this update's first call
+            self._answered.discard(id(part))
+            return None
+        self._answered = {id(p) for p in self._parts if p is not part}
         self._update()
         return None
 
     def _scaler_step(self, original: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
-        if optimizer is not self._optimizer or args or kwargs:
+        if optimizer is not self._parts[0] or args or kwargs:
             return original(optimizer, *args, **kwargs)
         self._update()
         return None
@@ -163,7 +181,9 @@ class Watch:
             raise
         finally:
             decisions = self.guard.decisions
-            self._scheduler.after_update(sum(not d.stepped for d in decisions[self._decided :]))
+            not_applied = sum(not d.stepped for d in decisions[self._decided :])
+            for loop_scheduler in self._schedulers:
+                loop_scheduler.after_update(not_applied)
             self._decided = len(decisions)
 
     # --- the end ------------------------------------------------------------------------------------
@@ -199,8 +219,8 @@ class Watch:
 
 def watch(
     model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    scheduler: Any | None = None,
+    optimizer: torch.optim.Optimizer | Sequence[torch.optim.Optimizer],
+    scheduler: Any | Sequence[Any] | None = None,
     *,
     scaler: torch.amp.GradScaler | None = None,
     **guard_kwargs: Any,
@@ -209,9 +229,12 @@ def watch(
 
     Args:
         model: The model being trained (DDP- or ``torch.compile``-wrapped as the loop calls it).
-        optimizer: The optimizer the loop steps.
-        scheduler: The loop's LR scheduler, if it has one: snapshots hold its state; the loop keeps stepping it
-            (per update, per epoch or with a metric), and its call after an update keel skipped is withheld.
+        optimizer: The optimizer the loop steps, or a list of them (Muon + AdamW): keel decides once per update,
+            at the first of their ``step()`` calls, and steps, skips or restores them all (`keel.Optimizers`);
+            the loop steps every one of them at each update.
+        scheduler: The loop's LR scheduler (or a list, one per optimizer), if it has one: snapshots hold its
+            state; the loop keeps stepping it (per update, per epoch or with a metric), and its call after an
+            update keel skipped is withheld.
         scaler: The loop's ``torch.amp.GradScaler``, if it has one (enabled or not).
         **guard_kwargs: Any other `Guard` argument: ``policy``, ``run_dir``, ``probes``, ``recovery`` …
 
@@ -230,6 +253,17 @@ def watch(
         >>> guard.close()
     """
     return Watch(model, optimizer, scheduler, scaler=scaler, **guard_kwargs)
+
+
+def _as_tuple(value: Any, name: str) -> tuple[Any, ...]:
+    """``None`` → (), one object → (it,), a list or tuple → its items (at least one)."""
+    if value is None:
+        return ()
+    if isinstance(value, list | tuple):
+        if not value:
+            raise ValueError(f"{name}=[]; allowed: one {name} or a non-empty list of them")
+        return tuple(value)
+    return (value,)
 
 
 def output_loss(output: Any) -> Tensor | None:

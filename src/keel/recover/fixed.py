@@ -117,7 +117,10 @@ def stale_reason(
         if last_trained.get(key, -1) > step:
             return f"it left out {name}, frozen then and trained at step {last_trained[key]}"
         if record.version is not None and record.moved(t):
-            return f"it left out {name}, frozen, which was written in place since"
+            return (
+                f"it left out {name}, outside the optimizer's groups (frozen, or trained by another optimizer: "
+                "give keel every optimizer, keel.Optimizers), which was written in place since"
+            )
     return None
 
 
