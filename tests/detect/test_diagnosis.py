@@ -103,3 +103,11 @@ def test_advice_for_a_severity_falls_back_to_the_cause_advice():
     spike = CAUSES["loss_spike"]
     assert spike.advice_for("critical") == spike.advice and spike.advice_for("warning") != spike.advice
     assert [r["rank"] for r in spike.advice_dicts("warning")] == list(range(1, len(spike.advice_for("warning")) + 1))
+
+
+def test_the_non_finite_advice_rolls_back_non_finite_weights_rather_than_only_skipping():
+    """h22-O: after a rollback for an Inf written into a weight the summary advised 'skip the update' alone."""
+    from keel.detect.causes import cause_for
+
+    first = cause_for("non_finite").advice_for("critical")[0].action
+    assert "roll back" in first and "weights" in first and "policy='recover'" in first

@@ -250,7 +250,9 @@ CAUSES: dict[str, Cause] = {
             mechanism="NaN or Inf reached the loss, the gradients or the weights.",
             advice=(
                 Advice(
-                    action="skip the update (policy='skip') and find the module where it was born",
+                    # non-finite weights are not mended by a skip: the summary after such a rollback said "skip"
+                    action="skip the update when the gradients are non-finite (policy='skip'), roll back to the last "
+                    "finite snapshot when the weights are (policy='recover'), and find the module where it was born",
                     source="metaseq nan_detector.py; Megatron-LM rerun_state_machine.py",
                 ),
                 Advice(action="prefer bf16 to fp16, or use dynamic loss scaling", source=MICIKEVICIUS),
