@@ -157,3 +157,12 @@ def test_a_huge_field_without_a_colon_is_one_error_not_a_hang(tmp_path, field):
     p.write_text(f" iteration 1/ 2 | lm loss: 2.0 |\n iteration 2/ 2 |{field} |\n")
     with pytest.raises(LogReadError, match="line 2"):
         read_log(p)
+
+
+@pytest.mark.timeout(20)  # 'iteration ' then 100,000 slashes took the candidate pattern O(n^2) (about 15 min)
+def test_a_line_of_slashes_after_iteration_is_read_past_not_a_hang(tmp_path):
+    p = tmp_path / "stdout.log"
+    p.write_text(
+        " iteration 1/ 2 | lm loss: 2.0 |\n iteration " + "/" * 100_000 + "\n iteration 2/ 2 | lm loss: 1.9 |\n"
+    )
+    assert len(read_log(p).records) == 2

@@ -184,3 +184,40 @@ def test_an_abort_with_several_optimizers_unhooks_every_part():
         adamw.step()
     assert "step" not in vars(adamw) and "step" not in vars(body)
     guard.close()
+
+
+def test_optimizers_deep_copy_and_pickle_with_their_parts():
+    import copy
+    import pickle
+
+    model = Net()
+    group = keel.Optimizers(*_two_optimizers(model))
+    for clone in (copy.deepcopy(group), pickle.loads(pickle.dumps(group))):
+        assert [type(o) for o in clone.optimizers] == [torch.optim.AdamW, torch.optim.SGD]
+        assert len(clone.param_groups) == 2 and clone.state_dict()["param_groups"][1]["params"] == [4, 5]
+
+
+def test_guard_refuses_a_metric_stepped_scheduler_inside_schedulers():
+    model = Net()
+    adamw, body = _two_optimizers(model)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(body)
+    schedulers = keel.Schedulers(torch.optim.lr_scheduler.StepLR(adamw, 5), plateau)
+    with pytest.raises(ValueError, match=r"scheduler=ReduceLROnPlateau: its step\(\) needs an argument"):
+        keel.Guard(model, keel.Optimizers(adamw, body), schedulers)
+    keel.Guard(model, keel.Optimizers(adamw, body), schedulers, steps_scheduler=False).close()
+
+
+def test_a_backward_between_the_optimizers_calls_of_one_update_is_warned_about():
+    """A GAN-shaped loop (a backward per optimizer) is not one update: keel stepped both at the first call."""
+    from keel._core.errors import KeelWarning
+
+    model = Net()
+    adamw, body = _two_optimizers(model)
+    guard = keel.watch(model, [adamw, body])
+    x, y = _batches(1)[0]
+    nn.functional.mse_loss(model(x), y).backward()
+    adamw.step()
+    with pytest.warns(KeelWarning, match="a backward\\(\\) ran between their step\\(\\) calls"):
+        nn.functional.mse_loss(model(x), y).backward()
+    body.step()
+    guard.close()

@@ -297,3 +297,26 @@ def test_a_guard_opened_over_a_framework_handler_that_chains_to_keels_records_on
     assert framework == [signal.SIGTERM] * 2 and own_sigterm == [signal.SIGTERM] * 2
     for folder in ("a", "b"):
         assert _committed(tmp_path / folder)[1]["status"] == "interrupted by SIGTERM after 0 steps"
+
+
+def test_a_forked_child_passes_a_signal_on_without_recording_into_its_parents_guard(tmp_path):
+    """A forked child inherits keel's handler and the open Guard, not its writer thread: recording there waited out
+    the 10 s flush before the child could die (review of session 10)."""
+    guard, _, _ = _guard(tmp_path)
+    marker = tmp_path / "recorded_in_child"
+    guard._end.on_signal = lambda name: marker.write_text(name)  # what the child must not do
+    ready, tell = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: say it is past the fork (a signal before that is lost), then wait for SIGTERM
+        try:
+            os.write(tell, b"1")
+            signal.pause()
+        finally:
+            os._exit(0)
+    os.read(ready, 1)
+    os.kill(pid, signal.SIGTERM)
+    _, status = os.waitpid(pid, 0)
+    guard.close()
+    os.close(ready), os.close(tell)
+    assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM  # it died by the signal, as without keel
+    assert not marker.exists()

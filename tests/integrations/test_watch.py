@@ -371,3 +371,28 @@ def test_the_watch_answers_for_its_guard():
             assert isinstance(guard, Watch) and guard.global_step == 0 and guard.findings == []
             with pytest.raises(AttributeError):
                 guard.no_such_attribute  # noqa: B018
+
+
+def test_a_watched_loop_ended_by_an_exception_is_recorded_as_failed_not_finished(tmp_path):
+    """keel.watch closes itself at exit; an uncaught exception must still read 'failed' (its atexit hook ran before
+    the Guard's and recorded 'finished')."""
+    import subprocess
+
+    script = tmp_path / "child.py"
+    script.write_text(
+        "import sys, torch\nfrom torch import nn\nimport keel\n"
+        "m = nn.Linear(4, 1); opt = torch.optim.SGD(m.parameters(), lr=0.1)\n"
+        "keel.watch(m, opt, run_dir=sys.argv[1])\n"
+        "for _ in range(3):\n"
+        "    m(torch.randn(8, 4)).pow(2).mean().backward(); opt.step(); opt.zero_grad()\n"
+        "if sys.argv[2] == 'fail':\n    raise RuntimeError('the loop failed')\n"
+    )
+    ends = {"fail": "failed: RuntimeError: the loop failed", "end": "finished"}
+    children = {how: subprocess.Popen([sys.executable, str(script), str(tmp_path / how), how]) for how in ends}
+    for how, status in ends.items():
+        assert children[how].wait(timeout=120) == (1 if how == "fail" else 0)
+        run = RunReader(tmp_path / how)
+        try:
+            assert run.meta()["status"] == status and len(run.signal("loss")[0]) == 3
+        finally:
+            run.close()

@@ -3,11 +3,14 @@ accelerate's gradient accumulation, whose optimizer.step() is a no-op between sy
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 import keel
+from keel._core.errors import KeelWarning
 from keel.store import RunReader
 
 EPOCHS, BATCHES = 3, 6
@@ -107,15 +110,19 @@ def test_guard_refuses_a_scheduler_whose_step_needs_a_metric():
 ACCUM = 4
 
 
-def _accelerate_loop(policy: str | None, run_dir=None, steps: int = 6):
+def _accelerate_loop(policy: str | None, run_dir=None, steps: int = 6, watch_before_prepare: bool = False):
     accelerate = pytest.importorskip("accelerate")
     torch.manual_seed(0)
     accelerator = accelerate.Accelerator(gradient_accumulation_steps=ACCUM, cpu=True)
     model = nn.Linear(4, 1)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+    guard = None
+    if policy is not None and watch_before_prepare:
+        guard = keel.watch(model, opt, sched, policy=policy, run_dir=run_dir)
     model, opt, sched = accelerator.prepare(model, opt, sched)
-    guard = keel.watch(model, opt, sched, policy=policy, run_dir=run_dir) if policy is not None else None
+    if policy is not None and not watch_before_prepare:
+        guard = keel.watch(model, opt, sched, policy=policy, run_dir=run_dir)
     losses = []
     for x, y in _batches(0, steps * ACCUM):
         with accelerator.accumulate(model):
@@ -143,3 +150,13 @@ def test_under_accelerate_accumulate_keel_makes_one_step_per_synchronised_update
     assert len(step_losses) == 6 and step_losses[0] == pytest.approx(
         sum(losses[:ACCUM]) / ACCUM, rel=1e-5
     )  # the micro-batches' mean
+
+
+def test_an_optimizer_watched_before_accelerate_prepares_it_is_still_watched():
+    """accelerate's wrapper calls the inner optimizer.step(None): that is no LBFGS closure (keel let it through
+    unwatched, with a 'closure' warning, and watched nothing)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KeelWarning)
+        guard, _, params, _ = _accelerate_loop("skip", watch_before_prepare=True)
+    _, _, bare_params, _ = _accelerate_loop(None)
+    assert guard.global_step == 6 and all(torch.equal(a, b) for a, b in zip(params, bare_params, strict=True))

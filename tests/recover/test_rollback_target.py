@@ -214,3 +214,40 @@ def test_a_parameter_overflowing_after_skipped_spikes_is_lr_caused():
     guard, decisions = _guard_run(script, 30, recovery=RecoveryConfig(snapshot_every=5, quiet_steps=1))
     [rollback] = [d for d in decisions if d.action == "rollback"]
     assert rollback.step == 22 and "LR × 0.1" in rollback.reason
+
+
+def test_skips_do_not_hold_a_warning_open_for_hundreds_of_steps():
+    """Review of session 10: one-off skips every 20 steps kept a step-10 warning open until a divergence at step 1000,
+    whose rollback then restored the snapshot of step 1 although one of step 991 was kept."""
+    import torch
+
+    from keel import RecoveryConfig
+    from keel._core import keys
+    from keel._core.finding import Finding
+    from keel.recover import TrainingState
+    from keel.recover.recovery import Recovery
+    from tests.conftest import TinyNet
+
+    def finding(step, kind, severity, onset=None, signal=keys.LOSS):
+        evidence = {} if onset is None else {"onset_step": onset}
+        return Finding(
+            step=step, kind=kind, severity=severity, signal=signal, value=9.0, baseline=1.0, evidence=evidence
+        )
+
+    torch.manual_seed(0)
+    model = TinyNet()
+    state = TrainingState(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1))
+    recovery = Recovery(state, RecoveryConfig(), None)
+    for step in range(1000):
+        recovery.fence()
+        if step == 10:
+            recovery.note(step, (finding(10, "loss_spike", "warning", onset=10),), skipped=False)
+        elif step % 20 == 0 and step > 10:
+            recovery.note(step, (finding(step, "non_finite", "critical", signal=keys.GRAD_NORM),), skipped=True)
+        else:
+            recovery.note(step, (), skipped=False)
+        recovery.after_step(step + 1)
+    critical = finding(1000, "divergence", "critical", onset=995)
+    recovery.note(1000, (critical,), skipped=False)
+    result = recovery.rollback(1000, 995, (critical,), 1)
+    assert result is not None and result.snapshot.step == 991 and result.onset == 995

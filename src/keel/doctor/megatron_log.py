@@ -30,7 +30,7 @@ from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.step_lines_log import NUMBER
 
 FORMAT = "megatron"
-_CANDIDATE = re.compile(r"\biteration\s+\S+\s*/\s*\S+\s*\|")
+_CANDIDATE = re.compile(r"\biteration\s+[^\s/|]+\s*/\s*[^\s|]+\s*\|")  # classes that cannot overlap: linear
 _LINE = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|(.*)")
 _VALIDATION = re.compile(r"\bvalidation loss at (?:the end of training for val data|iteration (\d+))\s*\|(.*)")
 _LETTER = re.compile(r"[A-Za-z]")

@@ -1,9 +1,9 @@
 """Several optimizers (and their schedulers) as the one a `Guard` steps, skips and restores.
 
 Muon recipes train the matrices with Muon and the embeddings, head and gains with AdamW (modded-nanogpt, Moonlight,
-Kimi); other loops keep a separate optimizer for a discriminator or a reward head. keel must decide once per update
-for all of them — a skip that stepped one optimizer, or a rollback that restored one, would leave the model half
-updated — so `Optimizers` makes them one:
+Kimi): one backward, then every optimizer steps. keel must decide once per update for all of them — a skip that
+stepped one optimizer, or a rollback that restored one, would leave the model half updated — so `Optimizers` makes
+them one:
 
     guard = keel.Guard(model, keel.Optimizers(adamw, muon), keel.Schedulers(adamw_sched, muon_sched))
 
@@ -12,7 +12,9 @@ updated — so `Optimizers` makes them one:
 `Optimizers` holds no state of its own: ``param_groups`` and ``state`` are views of the parts' (an LR written into
 a group reaches the part; keel's LR back-off scales every part), ``step``/``zero_grad`` call each part in order, and
 ``state_dict`` is in torch's layout (parameters numbered on across the parts), so keel snapshots it like any
-optimizer. Each part needs torch's ``state_dict`` layout (every ``torch.optim.Optimizer`` subclass has it, Muon
+optimizer. It is for the parts of one update: a loop that runs a backward of its own per optimizer (a GAN's
+generator and discriminator) needs a Guard per optimizer, or ``keel.Guard`` called at each. Each part needs torch's
+``state_dict`` layout (every ``torch.optim.Optimizer`` subclass has it, Muon
 included); ``sync="deferred"`` needs one fused optimizer and refuses a group.
 """
 
@@ -110,6 +112,12 @@ class Optimizers(Optimizer):
                 }
             )
             start, offset = start + len(opt.param_groups), offset + count
+
+    def __getstate__(self) -> dict[str, Any]:  # torch's Optimizer pickling expects the state it would have made
+        return dict(self.__dict__)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
 
     def __repr__(self) -> str:
         return f"Optimizers({', '.join(type(o).__name__ for o in self.optimizers)})"

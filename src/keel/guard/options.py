@@ -75,10 +75,11 @@ def _check_scheduler(scheduler: object, args: Mapping[str, Any]) -> None:
 def _check_steps_scheduler(steps_scheduler: object, args: Mapping[str, Any]) -> None:
     if not isinstance(steps_scheduler, bool):
         raise ValueError(f"steps_scheduler={steps_scheduler!r}; allowed: True or False")
-    scheduler = args.get("scheduler")
-    if steps_scheduler and scheduler is not None and _step_needs_an_argument(scheduler):
+    parts = getattr(args.get("scheduler"), "schedulers", (args.get("scheduler"),))  # keel.Schedulers: each part
+    needs = [s for s in parts if s is not None and _step_needs_an_argument(s)]
+    if steps_scheduler and needs:
         raise ValueError(
-            f"scheduler={type(scheduler).__name__}: its step() needs an argument (a metric, as ReduceLROnPlateau's "
+            f"scheduler={type(needs[0]).__name__}: its step() needs an argument (a metric, as ReduceLROnPlateau's "
             "step(val_loss)) that keel cannot give; allowed: steps_scheduler=False (the loop calls step(metric) "
             "itself; keel snapshots and restores the scheduler) — keel.watch does this"
         )

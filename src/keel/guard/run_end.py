@@ -49,6 +49,9 @@ _open: weakref.WeakSet[RunEnd] = weakref.WeakSet()  # a Guard dropped without cl
 _before: dict[int, list[Any]] = {}
 _depth: dict[int, int] = {}  # nested calls of keel's handler in progress, per signal (main thread only)
 _atexit_registered = False
+# The process whose Guards these are: a forked child (os.fork, a fork-started worker) inherits the handler and the open
+# Guards but not their writer threads, so there keel's handler only passes the signal on and records nothing.
+_owner_pid = os.getpid()
 
 
 class RunEnd:
@@ -70,6 +73,10 @@ class RunEnd:
         self.on_signal, self.on_exit = on_signal, on_exit
         global _atexit_registered
         with _lock:
+            global _owner_pid
+            if _owner_pid != os.getpid():  # a Guard opened in a forked child: the open ones are its parent's
+                _open.clear()
+                _owner_pid = os.getpid()
             _open.add(self)
             if not _atexit_registered:
                 atexit.register(_at_exit)
@@ -118,7 +125,8 @@ def _uninstall() -> None:
 def _handle(signum: int, frame: FrameType | None) -> None:
     """Record the signal in every open run's store, then do what the handler before keel's would have done."""
     depth = _depth.get(signum, 0)
-    if depth == 0:  # the first call: a chain back through keel's records nothing twice
+    if depth == 0 and os.getpid() == _owner_pid:  # the first call (a chain back through keel's records nothing
+        # twice), in the process that opened the Guards
         name = signal.Signals(signum).name
         with _lock:
             watching = list(_open)
@@ -141,6 +149,8 @@ def _handle(signum: int, frame: FrameType | None) -> None:
 
 
 def _at_exit() -> None:
+    if os.getpid() != _owner_pid:
+        return  # a forked child exiting: the open Guards are its parent's
     with _lock:
         watching = list(_open)
     status = exit_status()

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import sys
 import warnings
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -100,7 +101,7 @@ class Watch:
             self._handoff.gate_scheduler(gated, loop_scheduler.loop_call)
         self._handoff.gate(torch.nn.utils, "clip_grad_norm_", self._clip)
         self._handoff.gate(torch.Tensor, "backward", self._capture_backward)
-        atexit.register(self.close)
+        atexit.register(self._close_at_exit)
 
     # --- the loss -----------------------------------------------------------------------------------
     def record(self, loss: Tensor | float) -> None:
@@ -114,6 +115,14 @@ class Watch:
                 self._from_output.add(loss)
 
     def _capture_backward(self, original: Any, tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self._answered:
+            self._warn(
+                "backward between optimizers",
+                f"keel.watch with {len(self._parts)} optimizers: a backward() ran between their step() calls of one "
+                "update; keel steps every optimizer at the first one's step(), so the later ones stepped on the "
+                "gradients from before this backward. A loop with a backward per optimizer (a GAN) needs "
+                "keel.Guard per optimizer, not one watch over all",
+            )
         if tensor.ndim == 0 and tensor.is_floating_point() and tensor.grad_fn is not None:
             scale = self._loss_scale()
             self._from_backward.add(tensor.detach() / scale if scale is not None else tensor, share=True)
@@ -147,9 +156,9 @@ class Watch:
 
     # --- the update ---------------------------------------------------------------------------------
     def _optimizer_step(self, part: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
-        if args or kwargs:  # a closure (LBFGS): keel cannot run it in its place
+        if any(a is not None for a in (*args, *kwargs.values())):  # a closure (LBFGS): keel cannot run it
             self._warn("closure", "keel.watch: optimizer.step(closure) is passed through unwatched")
-            return original(*args, **kwargs)
+            return original(*args, **kwargs)  # (accelerate's wrapper calls the watched one with closure=None)
         gradients = getattr(part, "gradient_state", None)  # accelerate's AcceleratedOptimizer
         if gradients is not None and not getattr(gradients, "sync_gradients", True):
             return original()  # a micro-batch inside accumulate(): accelerate's step does nothing there
@@ -191,6 +200,12 @@ class Watch:
         """Put the loop's objects back and close the `Guard` (store flushed). Safe to call twice."""
         self._finish(None)
 
+    def _close_at_exit(self) -> None:
+        """A loop that never closed its watch ends here: as finished, or as failed when an exception ended it
+        (``atexit`` runs this before the Guard's own exit hook, so the exception is passed on here)."""
+        exc = getattr(sys, "last_value", None)  # set when an exception reached the top level
+        self._finish(exc if isinstance(exc, BaseException) else None)
+
     def __enter__(self) -> Watch:
         return self
 
@@ -201,7 +216,7 @@ class Watch:
         if self._closed:
             return
         self._closed = True
-        atexit.unregister(self.close)
+        atexit.unregister(self._close_at_exit)
         self._handoff.restore()
         self._hook.remove()
         self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
@@ -231,7 +246,8 @@ def watch(
         model: The model being trained (DDP- or ``torch.compile``-wrapped as the loop calls it).
         optimizer: The optimizer the loop steps, or a list of them (Muon + AdamW): keel decides once per update,
             at the first of their ``step()`` calls, and steps, skips or restores them all (`keel.Optimizers`);
-            the loop steps every one of them at each update.
+            the loop steps every one of them at each update, after one backward (a backward between their calls
+            is warned about: keel stepped them all already).
         scheduler: The loop's LR scheduler (or a list, one per optimizer), if it has one: snapshots hold its
             state; the loop keeps stepping it (per update, per epoch or with a metric), and its call after an
             update keel skipped is withheld.

@@ -9,13 +9,14 @@ restores the newest snapshot from before the trouble's onset, less ``rollback_ma
 window is not replayed, and applies the actions. A snapshot that left out a parameter which may have changed since
 (`keel.recover.fixed`) is passed over, with the reason, for an older one.
 
-The trouble's onset is the earliest of the critical findings' ``onset_step`` evidence and the onsets of the
-warnings still open. A warning is open from the step it is reported until a rollback or a healthy stretch: more
-than ``snapshot_every`` steps with no warning, no critical finding and no skip (the stretch over which a warning
-keeps snapshots dense). A loss-spike warning from step 42 followed by the divergence detector's critical with its
-own later onset 49 is one episode: the state restored is from before 42, not one taken while the warning was open.
-When no snapshot from before an open warning's onset is kept, the critical finding's own onset is used (said so in
-the decision).
+The trouble's onset is the earliest of the critical findings' ``onset_step`` evidence and the onsets of the warnings
+still open. A warning is open from the step it is reported until a rollback or until more than ``snapshot_every``
+steps pass with no new warning (the stretch over which a warning keeps snapshots dense). Skips and critical findings
+do not keep it open: one-off skips (a NaN batch every few dozen steps) would otherwise hold a warning open for
+hundreds of steps and send a later rollback back to its onset. A loss-spike warning from step 42 followed by the
+divergence detector's critical with its own later onset 49 is one episode: the state restored is from before 42, not
+one taken while the warning was open. When no snapshot from before an open warning's onset is kept, the critical
+finding's own onset is used (said so in the decision).
 
 A rollback that was itself followed by no update before the next rollback (every step in between was skipped or
 rolled back) restored a state that was still in trouble: the actions it applied never ran, so restoring it again
@@ -201,8 +202,8 @@ class Recovery:
 
     def _open_episode(self, step: int, findings: tuple[Finding, ...]) -> tuple[int, str] | None:
         """The earliest onset among the warnings open at ``step``, this step's included, and which one gave it."""
-        quiet_for = step - max(self._last_warning, self._last_trouble)
-        episode = self._episode if quiet_for <= self.config.snapshot_every else None  # a healthy stretch ends it
+        quiet_for = step - self._last_warning  # warnings only: skips would keep a stale onset alive (review)
+        episode = self._episode if quiet_for <= self.config.snapshot_every else None
         for finding in findings:
             if finding.severity == "warning" and (episode is None or _onset_of(finding) < episode[0]):
                 episode = (_onset_of(finding), f"the {finding.kind} warning on {finding.signal} of step {finding.step}")
