@@ -76,7 +76,7 @@ def _check_steps_scheduler(steps_scheduler: object, args: Mapping[str, Any]) -> 
     if not isinstance(steps_scheduler, bool):
         raise ValueError(f"steps_scheduler={steps_scheduler!r}; allowed: True or False")
     parts = getattr(args.get("scheduler"), "schedulers", (args.get("scheduler"),))  # keel.Schedulers: each part
-    needs = [s for s in parts if s is not None and _step_needs_an_argument(s)]
+    needs = [s for s in parts if s is not None and step_needs_an_argument(s)]
     if steps_scheduler and needs:
         raise ValueError(
             f"scheduler={type(needs[0]).__name__}: its step() needs an argument (a metric, as ReduceLROnPlateau's "
@@ -85,7 +85,8 @@ def _check_steps_scheduler(steps_scheduler: object, args: Mapping[str, Any]) -> 
         )
 
 
-def _step_needs_an_argument(scheduler: object) -> bool:
+def step_needs_an_argument(scheduler: object) -> bool:
+    """Whether ``scheduler.step()`` needs an argument keel cannot give (``ReduceLROnPlateau.step(metrics)``)."""
     try:
         signature = inspect.signature(scheduler.step)  # type: ignore[attr-defined]
     except (TypeError, ValueError):  # a builtin without a signature: keel cannot tell, and calls it bare

@@ -46,6 +46,7 @@ from torch import Tensor, nn
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning
 from keel.guard import Guard
+from keel.guard.options import step_needs_an_argument
 from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
@@ -158,8 +159,10 @@ class KeelCallback(TrainerCallback):
         self._hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)
         self._handoff.gate(optimizer, "step", self._optimizer_step)
         self._accelerated = optimizer
-        if lr_scheduler is not None:
+        if lr_scheduler is not None and not step_needs_an_argument(lr_scheduler):
             self._handoff.gate_scheduler(lr_scheduler)
+        # A metric-stepped scheduler (lr_scheduler_type="reduce_lr_on_plateau") stays the Trainer's: it steps it with
+        # the evaluation's metric, never per update; keel only snapshots and restores it (steps_scheduler=False).
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._finish()
@@ -274,6 +277,7 @@ class KeelCallback(TrainerCallback):
             run_dir=self.run_dir,
             policy=self.policy,
             max_grad_norm=self._clip,
+            steps_scheduler=o["scheduler"] is None or not step_needs_an_argument(o["scheduler"]),
             config=config,
             seed=kwargs.pop("seed", getattr(self._args, "seed", None)),
             **kwargs,
