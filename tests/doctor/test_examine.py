@@ -161,3 +161,19 @@ def test_a_recorded_rollback_rewinds_the_detectors_like_the_guard():
     log.rollbacks = {69: 55}
     rewound = [(f.step, f.severity) for f in examine(log).findings if f.kind == "loss_spike"]
     assert rewound == [(60, "info"), (62, "warning"), (70, "info"), (72, "warning")]
+
+
+def test_a_constant_unit_loss_scale_in_any_log_does_not_make_a_nan_a_scaler_overflow(tmp_path):
+    """h22-O O6: a CSV with loss_scale=1.0 throughout (bf16 logged by a Megatron-style logger) read a NaN loss as the
+    scaler's own skipped overflow (info); a scale that moves is still read as one."""
+    from keel.doctor import examine_log
+
+    rows = ["step,loss,loss_scale"] + [f"{s},{2.0 - s * 0.01},1.0" for s in range(40)] + ["40,nan,1.0"]
+    unit = tmp_path / "unit.csv"
+    unit.write_text("\n".join(rows) + "\n")
+    result = examine_log(str(unit))
+    assert [(f.step, f.kind, f.severity) for f in result.findings if f.step == 40] == [(40, "non_finite", "critical")]
+    assert any("loss scale is 1.0" in note for note in result.summary["notes"])
+    moving = tmp_path / "moving.csv"
+    moving.write_text("\n".join(r.replace(",1.0", ",65536.0") for r in rows[:-1]) + "\n40,nan,32768.0\n")
+    assert [f.kind for f in examine_log(str(moving)).findings if f.step == 40] == ["loss_scale_overflow"]

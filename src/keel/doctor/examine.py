@@ -55,7 +55,7 @@ from keel.doctor.formats import read_log
 from keel.doctor.log import RawLog
 from keel.doctor.overflows import skipped_overflows
 from keel.doctor.result import DoctorResult
-from keel.doctor.timeline import Timeline, build_timeline
+from keel.doctor.timeline import UNIT_LOSS_SCALE, Timeline, build_timeline, drop_unit_loss_scale
 
 CHECKPOINT_EVERY = 4096  # observations between detector-state checkpoints; a stretch advances at most this many
 RECENT_CHECKPOINTS = 16  # the newest checkpoints kept every CHECKPOINT_EVERY; older ones thin out (see _thin)
@@ -94,6 +94,7 @@ def examine_log(
 def examine(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
     """Run detectors over an already read `RawLog` (see `examine_log`)."""
     timeline = build_timeline(log)
+    unit_scale = not log.keyed and drop_unit_loss_scale(timeline)  # a keel store's amp/scale is a real GradScaler's
     stride = _stride(timeline.steps)
     make = detectors or _defaults_for(timeline)
 
@@ -171,7 +172,7 @@ def examine(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None =
     if log.format != "keel_store":  # a store's Guard skipped (or applied) such steps itself, and recorded why
         findings = skipped_overflows(findings, timeline)  # a log records no loss scale: keel.doctor.overflows
     summary = _summary(log, timeline, stride, restarts, findings, fresh())
-    summary["notes"] += broken.in_order()
+    summary["notes"] += ([UNIT_LOSS_SCALE] if unit_scale else []) + broken.in_order()
     return DoctorResult(
         source=log.source, format=log.format, findings=findings, summary=summary, decisions=list(log.decisions)
     )

@@ -13,9 +13,9 @@ in a note. An ``iteration`` line whose step or fields do not parse is one error 
 
 Names are normalized as `keel.doctor.columns.normalize` does (``lm loss`` → ``lm_loss``, which maps to ``loss``;
 ``grad norm``, ``learning rate``, ``loss scale`` map to their keys); the validation ``lm loss value`` is
-``val_loss``. A ``loss scale`` of 1.0 at every iteration (bf16) is left out with a note: no scaler skips a
-NaN there. A value written as ``this/average`` (``13100.0/13240.9``, ROCm builds) keeps the first number; a
-value with a unit (``153.81GB/...``) stays text and is reported as a text column, not guessed at.
+``val_loss``. A ``loss scale`` of 1.0 at every iteration (bf16) is left out by `keel.doctor.examine`, as in any log:
+no scaler skips a NaN there. A value written as ``this/average`` (``13100.0/13240.9``, ROCm builds) keeps the first
+number; a value with a unit (``153.81GB/...``) stays text and is reported as a text column, not guessed at.
 """
 
 from __future__ import annotations
@@ -85,30 +85,10 @@ def read_megatron_log(path: str | Path) -> RawLog:
             entries.append({"step": step, **fields})
     if not entries:
         raise LogReadError(f"{path}: no ' iteration N/ TOTAL | name: value |' line (Megatron-LM)")
-    unscaled = _drop_unit_loss_scale(entries)
     log = records_from_objects(path, entries, fmt=FORMAT)
     if other_lines:
         log.notes.append(f"{other_lines} lines that are not iteration or validation lines left out")
-    if unscaled:
-        log.notes.append(
-            "loss scale is 1.0 at every iteration (bf16 or fp32: no loss scaling): left out, so a NaN is not read "
-            "as a loss scaler's overflow"
-        )
     return log
-
-
-def _drop_unit_loss_scale(entries: list[dict[str, float | str]]) -> bool:
-    """Drop ``loss_scale`` when it is 1.0 throughout: Megatron prints it under bf16 too, where nothing scales the
-    loss, and a logged scale tells the detectors a GradScaler-like scaler skips non-finite steps."""
-    scales = [e["loss_scale"] for e in entries if "loss_scale" in e]
-    try:
-        unit = bool(scales) and all(float(v) == 1.0 for v in scales)
-    except ValueError:  # text in the column: leave it as written
-        return False
-    if unit:
-        for e in entries:
-            e.pop("loss_scale", None)
-    return unit
 
 
 def _fields(text: str) -> dict[str, str] | None:

@@ -191,6 +191,24 @@ def build_timeline(log: RawLog) -> Timeline:
     return timeline
 
 
+UNIT_LOSS_SCALE = (
+    "loss scale is 1.0 at every logged step (bf16 or fp32: no loss scaling): left out, so a NaN is not read as a "
+    "loss scaler's overflow"
+)
+
+
+def drop_unit_loss_scale(timeline: Timeline) -> bool:
+    """Leave out a loss scale that is 1.0 wherever logged, and say whether one was. Megatron prints ``loss scale:
+    1.0`` under bf16 too, where nothing scales the loss, and a logged scale tells the detectors that a GradScaler-like
+    scaler skips the non-finite steps (``loss_scale_overflow``, info) — so a bf16 run's NaN loss would read as one."""
+    scale = timeline.signals.get(keys.AMP_SCALE)
+    if scale is None or not len(scale.values) or not bool(np.all(np.asarray(scale.values) == 1.0)):
+        return False
+    del timeline.signals[keys.AMP_SCALE]
+    timeline.columns.pop(keys.AMP_SCALE, None)
+    return True
+
+
 def _merge(table: LogTable, mapping: dict[str, str]) -> tuple[np.ndarray, int, dict[int, list[str]]]:
     """Which records start an observation, how many were merged into the one before them, and the order in
     which a merged step's keys were first logged (by the record that starts it)."""
