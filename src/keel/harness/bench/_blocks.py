@@ -12,12 +12,15 @@ as the A/A control: its ratio is the method's own noise.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import tempfile
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
+
+from keel._core.argtypes import cpu_threads, positive_int
 
 BlockTimer = Callable[[str, Path], dict[str, Any]]  # (variant, work folder) → {"times", "cpu_times"[, "guard"]}
 
@@ -109,3 +112,30 @@ def print_rows(framework: str, figures: dict[str, Any], control: str, width: int
         told = f"  {g['steps']} steps, actions {g['actions']}, {g['snapshots']} snapshots" if g else "  (ideally 1)"
         step = f"{ms:9.2f}" if ms is not None else f"{'':9s}"
         print(f"  {'':{width}s} {label:20s}{step}" + "".join(f"{v:9.4f}" for v in values) + told)
+
+
+def add_block_arguments(
+    parser: argparse.ArgumentParser, defaults: Any, quick: Any, *, per: str, quick_help: str
+) -> None:
+    """The options every whole-trainer benchmark takes: ``--steps``, ``--repeats``, ``--quick``, ``--threads``,
+    ``--json`` (``defaults`` and ``quick`` are its config and its quick config, for the help)."""
+    parser.add_argument(
+        "--steps",
+        type=positive_int,
+        default=None,
+        help=f"timed steps per block (default: {defaults.steps}; --quick: {quick.steps})",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=None,
+        help=f"blocks per variant and {per} (default: {defaults.repeats}; --quick: {quick.repeats})",
+    )
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument(
+        "--threads",
+        type=cpu_threads,
+        default=1,
+        help="torch threads (default: 1 — the models are small: more threads only contend)",
+    )
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")

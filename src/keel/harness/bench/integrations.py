@@ -22,10 +22,9 @@ from typing import Any
 
 import torch
 
-from keel._core.argtypes import cpu_threads, positive_int
 from keel._core.validate import check_types, require_ints
 from keel.guard.console import silenced
-from keel.harness.bench._blocks import guard_summary, interleaved_blocks, intervals, print_rows
+from keel.harness.bench._blocks import add_block_arguments, guard_summary, interleaved_blocks, intervals, print_rows
 from keel.harness.bench._progress import bench_progress
 from keel.recover import Policy
 
@@ -171,26 +170,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FRAMEWORK",
         help="whose Trainer to time: hf (transformers), lightning (default: both)",
     )
-    parser.add_argument(
-        "--steps",
-        type=positive_int,
-        default=None,
-        help=f"timed steps per block (default: {defaults.steps}; --quick: {quick.steps})",
+    add_block_arguments(
+        parser, defaults, quick, per="framework", quick_help="a 16-wide model, short blocks (a smoke run)"
     )
-    parser.add_argument(
-        "--repeats",
-        type=positive_int,
-        default=None,
-        help=f"blocks per variant and framework (default: {defaults.repeats}; --quick: {quick.repeats})",
-    )
-    parser.add_argument("--quick", action="store_true", help="a 16-wide model, short blocks (a smoke run)")
-    parser.add_argument(
-        "--threads",
-        type=cpu_threads,
-        default=1,
-        help="torch threads (default: 1 — the model is small: more threads only contend)",
-    )
-    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
 def main(args: argparse.Namespace) -> int:
