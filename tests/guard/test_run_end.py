@@ -320,3 +320,17 @@ def test_a_forked_child_passes_a_signal_on_without_recording_into_its_parents_gu
     os.close(ready), os.close(tell)
     assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGTERM  # it died by the signal, as without keel
     assert not marker.exists()
+
+
+def test_a_run_that_trained_on_after_a_caught_signal_keeps_its_own_status(tmp_path, own_sigterm):
+    """A notebook: Ctrl-C interrupts a cell, the next cell trains on, then closes. The signal did not end the run
+    (review of session 10); one that stops at the signal, or one step after it, is still 'interrupted'."""
+    for trained_after, status in ((5, "finished"), (1, "interrupted by SIGTERM after 3 steps")):
+        run_dir = tmp_path / str(trained_after)
+        guard, model, opt = _guard(run_dir)
+        _train(guard, model, opt, 3)
+        os.kill(os.getpid(), signal.SIGTERM)  # the test's own handler keeps the process going
+        _train(guard, model, opt, trained_after)
+        guard.close()
+        meta = _committed(run_dir)[1]
+        assert meta["status"] == status and meta["interrupted"] == "SIGTERM after 3 steps"

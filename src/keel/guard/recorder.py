@@ -52,6 +52,7 @@ class Recorder:
         self._losses = array("d")
         self._losses_whole = True
         self.interrupted: str | None = None  # "SIGTERM after 120 steps": a signal arrived (`keel.guard.run_end`)
+        self._interrupted_at = 0  # the steps done when it arrived
 
     def meta(self, items: dict[str, Any]) -> None:
         self.policy = items.get("policy", self.policy)
@@ -174,7 +175,7 @@ class Recorder:
         Called from the signal handler, in the main thread between two bytecodes of the loop: it only enqueues
         rows and waits for the writer thread, so it is safe wherever the loop was.
         """
-        self.interrupted = f"{name} after {steps} steps"
+        self.interrupted, self._interrupted_at = f"{name} after {steps} steps", steps
         if self.writer is not None:
             self.writer.set_meta({"interrupted": self.interrupted, "status": f"interrupted by {self.interrupted}"})
             self.writer.set_meta({"steps": steps, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")})
@@ -190,9 +191,12 @@ class Recorder:
 
         After a signal, a run that ends by anything but keel's own ``"aborted"`` (the KeyboardInterrupt of a
         SIGINT, an exit, a loop that stopped early at its own SIGTERM handler's word and closed) is ``interrupted
-        by <signal> after <n> steps``: the signal is what ended it; ``steps`` says where it closed.
+        by <signal> after <n> steps``: the signal is what ended it; ``steps`` says where it closed. A run that trained
+        on past the step the signal came in (a caught KeyboardInterrupt in a notebook, then the next cell) was not
+        ended by it: it keeps its own status (the ``interrupted`` entry stays).
         """
-        if self.interrupted is not None and status != "aborted":
+        went_on = self.interrupted is not None and steps > self._interrupted_at + 1  # +1: the step in flight
+        if self.interrupted is not None and status != "aborted" and not went_on:
             status = f"interrupted by {self.interrupted}"
         try:
             self.diagnoses = self.diagnose()
