@@ -4,6 +4,7 @@ import argparse
 import json
 
 import numpy as np
+import pytest
 
 from keel.cli import main
 from keel.harness.bench import doctor as bench
@@ -84,3 +85,11 @@ def test_sweep_arguments_are_checked(capsys):
         err = capsys.readouterr().err
         assert code == 2, bad
         assert "allowed: 1 or more" in err or "is not an integer" in err, err
+
+
+@pytest.mark.parametrize("rows", ["0", "-5", "1e3", str(10**30), "100000001"])
+def test_a_size_past_what_fits_or_below_one_is_one_error_before_any_work(rows, capsys):
+    """--sizes took any int (10**30 reached the CSV generator; session 10's hostile walk)."""
+    assert main(["bench", "doctor", "--sizes", rows]) == 2
+    err = capsys.readouterr().err
+    assert "--sizes" in err and "allowed: an int from 1 to 100000000" in err and err.count("\n") == 1

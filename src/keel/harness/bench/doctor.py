@@ -46,6 +46,7 @@ from typing import Any
 import numpy as np
 
 import keel
+from keel._core.argtypes import int_range, positive_int
 from keel.doctor import RawLog, examine, read_log
 from keel.doctor.table import LogTable
 from keel.doctor.timeline import build_timeline
@@ -59,6 +60,8 @@ WORKSPACE_DATA = Path("..") / "shared" / "data" / "realruns"
 PREFIX_SOURCE = "llmc_gpt2_124m_fineweb10b.csv"
 PREFIX_STEPS = (10000, 10064)  # [start, end): a flat, healthy stretch of the llm.c run (no finding there)
 HEALTHY_LABELS = ("healthy", "healthy_loss_throughput_anomaly", "healthy_with_labelled_events")
+
+MAX_ROWS = 100_000_000  # --sizes: a generated log of more rows would not fit a machine's memory anyway
 
 
 @dataclass(kw_only=True)
@@ -346,16 +349,16 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the scores as JSON")
     parser.add_argument(
         "--sizes",
-        type=_positive,
+        type=int_range(1, MAX_ROWS),
         nargs="+",
         default=None,
         metavar="ROWS",
-        help="instead: time keel doctor on generated CSVs of these many rows (a size sweep)",
+        help=f"instead: time keel doctor on generated CSVs of these many rows, up to {MAX_ROWS:,} (a size sweep)",
     )
     parser.add_argument(
         "--no-baseline", action="store_true", help="with --sizes: skip the old record-based reader (slow on big logs)"
     )
-    parser.add_argument("--repeats", type=_positive, default=1, help="with --sizes: children per size (median)")
+    parser.add_argument("--repeats", type=positive_int, default=1, help="with --sizes: children per size (median)")
 
 
 def default_data() -> Path | None:
@@ -363,16 +366,6 @@ def default_data() -> Path | None:
     if os.environ.get(DATA_ENV):
         return Path(os.environ[DATA_ENV])
     return WORKSPACE_DATA if WORKSPACE_DATA.is_dir() else None
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value}; allowed: 1 or more")
-    return value
 
 
 def main(args: argparse.Namespace) -> int:
