@@ -21,8 +21,16 @@ from pathlib import Path
 from typing import Any
 
 from keel._core.argtypes import cpu_threads, positive_int
+from keel.recover import POLICIES
+
+CONTROL = "bare, again"  # the A/A control: the bare trainer in a block of its own
 
 BlockTimer = Callable[[str, Path], dict[str, Any]]  # (variant, work folder) → {"times", "cpu_times"[, "guard"]}
+
+
+def policy_variants() -> dict[str, Any]:
+    """Variant name → the policy keel runs under (None: the bare trainer), the A/A control last."""
+    return {"bare": None} | {f"policy={p}": p for p in POLICIES} | {CONTROL: None}
 
 
 def guard_summary(guard: Any) -> dict[str, Any]:

@@ -24,13 +24,19 @@ import torch
 
 from keel._core.validate import check_types, require_ints
 from keel.guard.console import silenced
-from keel.harness.bench._blocks import add_block_arguments, guard_summary, interleaved_blocks, intervals, print_rows
+from keel.harness.bench._blocks import (
+    CONTROL,
+    add_block_arguments,
+    guard_summary,
+    interleaved_blocks,
+    intervals,
+    policy_variants,
+    print_rows,
+)
 from keel.harness.bench._progress import bench_progress
 from keel.recover import Policy
 
 FRAMEWORKS = ("hf", "lightning")
-POLICIES: tuple[Policy, ...] = ("observe", "skip", "recover")
-CONTROL = "bare, again"  # the A/A control: the bare trainer in a block of its own
 NEEDS = {"hf": ("transformers", "pip install 'keel[hf]'"), "lightning": ("lightning", "pip install 'keel[lightning]'")}
 
 
@@ -79,7 +85,7 @@ class IntegrationsBenchConfig:
 
     def variants(self) -> dict[str, Policy | None]:
         """Variant name → the callback's policy (None: the bare trainer)."""
-        return {"bare": None} | {f"policy={p}": p for p in POLICIES} | {CONTROL: None}
+        return policy_variants()
 
 
 def missing_extra(frameworks: tuple[str, ...]) -> str | None:
