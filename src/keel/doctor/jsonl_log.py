@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable, Iterator
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -145,6 +146,19 @@ class RepeatedKeys:
             f"{self.objects} object(s) with a repeated key ({', '.join(map(repr, self.names))}): the last "
             "value of each was used, as JSON readers do"
         )
+
+
+def add_entry(
+    entries: list[dict[str, Any]], step: int, fields: dict[str, Any], *, shared: AbstractSet[str] = frozenset()
+) -> None:
+    """Append ``{"step": step, **fields}``, or merge it into the last entry when that is of the same step and no name
+    but the ``shared`` ones is in both (an evaluation line beside the training line of one iteration); a repeated
+    name starts a new entry (a restarted run logs the step again)."""
+    last = entries[-1] if entries else None
+    if last is not None and last["step"] == step and not (fields.keys() & last.keys()) - shared:
+        last.update(fields)
+    else:
+        entries.append({"step": step, **fields})
 
 
 def records_from_objects(

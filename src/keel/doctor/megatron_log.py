@@ -25,7 +25,7 @@ from pathlib import Path
 
 from keel.doctor._text import read_text
 from keel.doctor.columns import normalize
-from keel.doctor.jsonl_log import records_from_objects
+from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.step_lines_log import NUMBER
 
@@ -78,11 +78,7 @@ def read_megatron_log(path: str | Path) -> RawLog:
         else:
             other_lines += bool(line.strip())
             continue
-        last = entries[-1] if entries else None
-        if last is not None and last["step"] == step and not fields.keys() & last.keys():
-            last.update(fields)  # the validation line of the iteration just logged
-        else:
-            entries.append({"step": step, **fields})
+        add_entry(entries, step, fields)  # a validation line joins the iteration just logged
     if not entries:
         raise LogReadError(f"{path}: no ' iteration N/ TOTAL | name: value |' line (Megatron-LM)")
     log = records_from_objects(path, entries, fmt=FORMAT)

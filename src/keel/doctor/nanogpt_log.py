@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from keel.doctor._text import read_text
-from keel.doctor.jsonl_log import records_from_objects
+from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.step_lines_log import NUMBER
 
@@ -65,11 +65,7 @@ def read_nanogpt_log(path: str | Path) -> RawLog:
                 "'step N: train loss X, val loss Y' (nanoGPT train.py)"
             )
         step = int(m.group(2))
-        last = entries[-1] if entries else None
-        if last is not None and last["step"] == step and not fields.keys() & last.keys():
-            last.update(fields)  # "step N:" evaluation, then "iter N:" of the same iteration
-        else:
-            entries.append({"step": step, **fields})
+        add_entry(entries, step, fields)  # "step N:" evaluation, then "iter N:" of the same iteration
     if not any("loss" in e for e in entries):
         raise LogReadError(f"{path}: no 'iter N: loss X' line at the start of a line (nanoGPT train.py)")
     log = records_from_objects(path, entries, fmt=FORMAT)

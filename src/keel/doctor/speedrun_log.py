@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from keel.doctor._text import read_text
-from keel.doctor.jsonl_log import records_from_objects
+from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.step_lines_log import NAME_VALUE, with_unit
 
@@ -63,11 +63,7 @@ def read_speedrun_log(path: str | Path) -> RawLog:
                 f"{path}: line {number} ({shown!r}) is not 'step:N/TOTAL name:value ...' (modded-nanogpt)"
             )
         step = int(values.pop("step"))
-        last = entries[-1] if entries else None
-        if last is not None and last["step"] == step and not (values.keys() & last.keys()) - clocks:
-            last.update(values)
-        else:
-            entries.append({"step": step, **values})
+        add_entry(entries, step, values, shared=clocks)
     if not entries:
         raise LogReadError(f"{path}: no 'step:N/TOTAL name:value' line at the start of a line (modded-nanogpt)")
     log = records_from_objects(path, entries, fmt=FORMAT)
