@@ -14,7 +14,9 @@
   ``sustain`` steps (a spike or divergence that lasts).
 
 Smoothing is a centred running median of ``window`` steps, robust to single-batch noise; the step found
-must itself be worse, so the centred window does not date the change before it happened. The comparison
+must itself be worse, and without a reference it is moved to the change point of the steps around it (a
+least-absolute-deviation split over the next ``window // 2`` steps): on a noisy loss a step just before a
+change is worse by chance, and its centred window already holds the worse steps after it. The comparison
 with a reference is the honest one for instabilities that stall a run rather than blow it up (attention-
 logit growth at a high LR often leaves the loss on a plateau): there is no rise to see, only a gap to
 what the fixed recipe reaches.
@@ -128,9 +130,34 @@ def degradation_step(
     ok = raw_worse & held
     ok[:start] = False
     found_at = np.flatnonzero(ok)
-    found = int(found_at[0]) if found_at.size else None
+    found = None
+    if found_at.size:
+        # without a reference, a step before the change is worse by chance on a noisy loss, and its centred
+        # median already holds the steps after it: the change point of the steps around it dates the change
+        # (with one, each step is judged against the same batch in the reference run: no such chance)
+        found = int(found_at[0])
+        if raw_ref is None:
+            found = _change_point(x, ok, found, window, start)
     candidates = [s for s in (first_bad, first_spike, found) if s is not None]
     return min(candidates) if candidates else None
+
+
+def _change_point(x: np.ndarray, ok: np.ndarray, t: int, window: int, start: int) -> int:
+    """The step in ``[t, t + window // 2]`` that best splits ``x`` around it into a level before and a level
+    after (least absolute deviations from each side's median), among the steps ``ok`` allows; ``t`` if none.
+
+    The centred running median dates a change up to ``window // 2`` steps early, never late, so only later
+    steps are candidates; the two sides reach ``window`` steps either way (a local split, not the whole run).
+    """
+    candidates = [s for s in range(t, min(len(x), t + window // 2 + 1)) if ok[s]]
+    lo, hi = max(start, t - window), min(len(x), t + 2 * window)
+    finite = np.isfinite(x)
+
+    def cost(s: int) -> float:
+        before, after = x[lo:s][finite[lo:s]], x[s:hi][finite[s:hi]]
+        return sum(float(np.abs(side - np.median(side)).sum()) for side in (before, after) if side.size)
+
+    return min(candidates, key=cost) if len(candidates) > 1 else t
 
 
 def lead_steps(detected_step: int | None, degraded_step: int | None) -> int | None:
