@@ -13,9 +13,10 @@ them one:
 a group reaches the part; keel's LR back-off scales every part), ``step``/``zero_grad`` call each part in order, and
 ``state_dict`` is in torch's layout (parameters numbered on across the parts), so keel snapshots it like any
 optimizer. It is for the parts of one update: a loop that runs a backward of its own per optimizer (a GAN's
-generator and discriminator) needs a Guard per optimizer, or ``keel.Guard`` called at each. Each part needs torch's
-``state_dict`` layout (every ``torch.optim.Optimizer`` subclass has it, Muon
-included); ``sync="deferred"`` needs one fused optimizer and refuses a group.
+generator and discriminator) needs a Guard per model and optimizer: ``keel.watch(netD, optD)`` and
+``keel.watch(netG, optG)``, each taking the losses of its own update. Each part needs torch's ``state_dict`` layout
+(every ``torch.optim.Optimizer`` subclass has it, Muon included); ``sync="deferred"`` needs one fused optimizer and
+refuses a group.
 """
 
 from __future__ import annotations

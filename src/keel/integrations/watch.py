@@ -29,7 +29,10 @@ runs at interpreter exit if the loop never calls it):
 
 Gradient accumulation needs nothing: micro-batches add up until the loop's update call. Several optimizers (Muon
 for the matrices, AdamW for the rest) are given as a list: keel decides at the first one's ``step()`` and steps,
-skips or restores them all there; the others' calls of that update do nothing.
+skips or restores them all there; the others' calls of that update do nothing. A loop with a backward per
+optimizer (a GAN: D's backward and step, then G's) takes one watch per model and optimizer, ``keel.watch(netD,
+optD)`` and ``keel.watch(netG, optG)``: each backward's loss goes to the first of them to update after it among
+those whose model it reached (`keel.integrations._backward_owner`), so a NaN in G's loss skips G's update, not D's.
 """
 
 from __future__ import annotations
@@ -47,6 +50,7 @@ from torch import Tensor, nn
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning, TrainingAborted
 from keel.guard import Guard, Optimizers, Schedulers
+from keel.integrations._backward_owner import OWNERS, Backward
 from keel.integrations._handoff import Handoff
 from keel.integrations._loop_scheduler import LoopScheduler
 from keel.integrations._loss import StepLoss
@@ -86,6 +90,7 @@ class Watch:
         self._decided = 0  # the guard's decisions already counted for the schedulers
         self._watched = {id(p) for p in model.parameters()}
         self._recorded, self._from_output, self._from_backward = StepLoss(), StepLoss(), StepLoss()
+        self._backwards: list[tuple[Backward, Tensor]] = []  # this update's backward losses, until another takes them
         self._last_loss: Tensor | None = None
         self._norm_before_clip: Tensor | None = None
         self._warned: set[str] = set()
@@ -101,6 +106,7 @@ class Watch:
             self._handoff.gate_scheduler(gated, loop_scheduler.loop_call)
         self._handoff.gate(torch.nn.utils, "clip_grad_norm_", self._clip)
         self._handoff.gate(torch.Tensor, "backward", self._capture_backward)
+        OWNERS.open(id(self), model.parameters())
         atexit.register(self._close_at_exit)
 
     # --- the loss -----------------------------------------------------------------------------------
@@ -120,21 +126,39 @@ class Watch:
                 "backward between optimizers",
                 f"keel.watch with {len(self._parts)} optimizers: a backward() ran between their step() calls of one "
                 "update; keel steps every optimizer at the first one's step(), so the later ones stepped on the "
-                "gradients from before this backward. A loop with a backward per optimizer (a GAN) needs "
-                "keel.Guard per optimizer, not one watch over all",
+                "gradients from before this backward. A loop with a backward per optimizer (a GAN) needs one "
+                "keel.watch per model and optimizer (keel.watch(netD, optimizerD); keel.watch(netG, optimizerG))",
             )
-        if tensor.ndim == 0 and tensor.is_floating_point() and tensor.grad_fn is not None:
+        if not (tensor.ndim == 0 and tensor.is_floating_point() and tensor.grad_fn is not None):
+            return original(tensor, *args, **kwargs)
+        backward, first = OWNERS.enter(tensor)
+        if id(self) in backward.reached:
             scale = self._loss_scale()
-            self._from_backward.add(tensor.detach() / scale if scale is not None else tensor, share=True)
-        return original(tensor, *args, **kwargs)
+            self._backwards = [owed for owed in self._backwards if not owed[0].taken]  # another watch's now
+            self._backwards.append((backward, tensor.detach() / scale if scale is not None else tensor.detach()))
+        try:
+            return original(tensor, *args, **kwargs)
+        finally:
+            if first:
+                OWNERS.leave()
 
     def _loss_scale(self) -> Tensor | None:
         """The factor the GradScaler put on the losses that backward sees; None when none is scaling."""
         scaler = self._scaler
         return scaler._scale if scaler is not None and scaler.is_enabled() else None
 
+    def _backward_loss(self) -> Tensor | None:
+        """This update's share of the backward losses: those no other watch's update has taken since (see
+        `keel.integrations._backward_owner`); they are taken now."""
+        for backward, loss in self._backwards:
+            if not backward.taken:
+                backward.taken = True
+                self._from_backward.add(loss, share=True)
+        self._backwards = []
+        return self._from_backward.take()
+
     def _step_loss(self) -> Tensor:
-        recorded, output, backward = self._recorded.take(), self._from_output.take(), self._from_backward.take()
+        recorded, output, backward = self._recorded.take(), self._from_output.take(), self._backward_loss()
         loss = next((x for x in (recorded, output, backward) if x is not None), None)
         if loss is None:
             self._warn(
@@ -217,6 +241,7 @@ class Watch:
             return
         self._closed = True
         atexit.unregister(self._close_at_exit)
+        OWNERS.close(id(self))
         self._handoff.restore()
         self._hook.remove()
         self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
@@ -247,7 +272,7 @@ def watch(
         optimizer: The optimizer the loop steps, or a list of them (Muon + AdamW): keel decides once per update,
             at the first of their ``step()`` calls, and steps, skips or restores them all (`keel.Optimizers`);
             the loop steps every one of them at each update, after one backward (a backward between their calls
-            is warned about: keel stepped them all already).
+            is warned about: keel stepped them all already; a GAN's loop takes one watch per model and optimizer).
         scheduler: The loop's LR scheduler (or a list, one per optimizer), if it has one: snapshots hold its
             state; the loop keeps stepping it (per update, per epoch or with a metric), and its call after an
             update keel skipped is withheld.

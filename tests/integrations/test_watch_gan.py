@@ -1,0 +1,110 @@
+"""keel.watch on a loop with a backward per optimizer (pytorch/examples' dcgan): one watch per model and optimizer,
+each taking the losses of its own update (`keel.integrations._backward_owner`)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import keel
+from keel.integrations._backward_owner import OWNERS
+from keel.store import RunReader
+
+ITERATIONS = 30
+
+
+def _losses(run_dir) -> dict[int, float]:
+    run = RunReader(run_dir)
+    try:
+        steps, values = run.signal("loss")
+        return dict(zip(steps.tolist(), values.tolist(), strict=True))
+    finally:
+        run.close()
+
+
+def _dcgan(policy: str | None, run_dir=None, *, nan_g_at: int = -1):
+    """dcgan/main.py's shape: D on real and (detached) fake, D steps; then G through D, G steps.
+    Returns each iteration's D and G loss as the loop computed them, the watches, and the final parameters."""
+    torch.manual_seed(0)
+    net_g = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+    net_d = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    watches = ()
+    if policy is not None:
+        watch_d = keel.watch(net_d, opt_d, policy=policy, run_dir=run_dir and run_dir / "D")
+        watch_g = keel.watch(net_g, opt_g, policy=policy, run_dir=run_dir and run_dir / "G")
+        watches = (watch_d, watch_g)
+    bce = nn.BCEWithLogitsLoss()
+    d_losses, g_losses = [], []
+    for i in range(ITERATIONS):
+        net_d.zero_grad()
+        err_d_real = bce(net_d(torch.randn(16, 8) + 2), torch.ones(16, 1))
+        err_d_real.backward()
+        fake = net_g(torch.randn(16, 4))
+        err_d_fake = bce(net_d(fake.detach()), torch.zeros(16, 1))
+        err_d_fake.backward()
+        opt_d.step()
+        net_g.zero_grad()
+        err_g = bce(net_d(fake), torch.ones(16, 1)) * (float("nan") if i == nan_g_at else 1.0)
+        err_g.backward()
+        opt_g.step()
+        d_losses.append((err_d_real + err_d_fake).item())
+        g_losses.append(err_g.item())
+    for watch in watches:
+        watch.close()
+    params = [p.detach().clone() for net in (net_d, net_g) for p in net.parameters()]
+    return d_losses, g_losses, watches, params
+
+
+def test_a_nan_in_the_generators_loss_skips_the_generators_update_and_not_the_discriminators(tmp_path):
+    _, _, (watch_d, watch_g), _ = _dcgan("skip", tmp_path, nan_g_at=20)
+    assert [(d.step, d.action) for d in watch_g.decisions] == [(20, "skip")]
+    assert watch_d.decisions == []  # before: D's next update took G's NaN loss as its own, and was skipped
+
+
+def test_each_watch_takes_the_losses_of_its_own_update(tmp_path):
+    d_losses, g_losses, _, _ = _dcgan("observe", tmp_path)
+    seen_d, seen_g = _losses(tmp_path / "D"), _losses(tmp_path / "G")
+    # D: err_d_real + err_d_fake (its two backwards); G: err_g alone, although err_g's graph runs through D
+    assert [seen_d[i] for i in range(ITERATIONS)] == [torch.tensor(x).item() for x in d_losses]
+    assert [seen_g[i] for i in range(ITERATIONS)] == [torch.tensor(x).item() for x in g_losses]
+
+
+def test_under_observe_the_watched_gan_is_bit_identical_to_the_bare_one():
+    *_, watched = _dcgan("observe")
+    *_, bare = _dcgan(None)
+    assert all(torch.equal(p, q) for p, q in zip(watched, bare, strict=True))
+
+
+def test_two_models_trained_side_by_side_each_get_their_own_loss(tmp_path):
+    """backward A, backward B, step A, step B: the first watch to update takes only the loss that reached it."""
+    torch.manual_seed(0)
+    model_a, model_b = nn.Linear(4, 1), nn.Linear(4, 1)
+    opt_a = torch.optim.SGD(model_a.parameters(), lr=0.1)
+    opt_b = torch.optim.SGD(model_b.parameters(), lr=0.1)
+    watch_a = keel.watch(model_a, opt_a, policy="observe", run_dir=tmp_path / "A")
+    watch_b = keel.watch(model_b, opt_b, policy="observe", run_dir=tmp_path / "B")
+    x = torch.randn(8, 4)
+    loss_a, loss_b = model_a(x).pow(2).mean(), (model_b(x) - 5).pow(2).mean()
+    loss_a.backward()
+    loss_b.backward()
+    opt_a.step()
+    opt_b.step()
+    watch_a.close()
+    watch_b.close()
+    assert _losses(tmp_path / "A")[0] == loss_a.item()
+    assert _losses(tmp_path / "B")[0] == loss_b.item()
+
+
+def test_a_closed_watch_leaves_every_backward_to_the_one_still_open(tmp_path):
+    model_a, model_b = nn.Linear(4, 1), nn.Linear(4, 1)
+    opt_a = torch.optim.SGD(model_a.parameters(), lr=0.1)
+    keel.watch(model_b, torch.optim.SGD(model_b.parameters(), lr=0.1), policy="observe").close()
+    watch_a = keel.watch(model_a, opt_a, policy="observe", run_dir=tmp_path)
+    loss = model_a(torch.randn(8, 4)).pow(2).mean()
+    loss.backward()
+    opt_a.step()
+    watch_a.close()
+    assert _losses(tmp_path)[0] == loss.item()
+    assert OWNERS._keys == set() and OWNERS._owners == {}  # nothing of either watch is left behind
