@@ -116,6 +116,8 @@ class KeelCallback(TrainerCallback):
         self._training = False
         self._pending_phase: str | None = None  # a phase marked before train() (the Guard does not exist yet)
         self._first_step = True
+        self._shows_update_lr = False  # the scheduler's get_last_lr() is gated (`_learning_rate_of_the_update`)
+        self._update_lr: list[float] | None = None  # the learning rates of the update in flight
         self._runs: list[str] = []  # the run_dirs of the train() calls so far
 
     # --- the Trainer's events -----------------------------------------------------------------------
@@ -161,8 +163,14 @@ class KeelCallback(TrainerCallback):
         self._accelerated = optimizer
         if lr_scheduler is not None and not step_needs_an_argument(lr_scheduler):
             self._handoff.gate_scheduler(lr_scheduler)
+            self._shows_update_lr = callable(getattr(lr_scheduler, "get_last_lr", None))
+            if self._shows_update_lr:
+                self._handoff.gate(lr_scheduler, "get_last_lr", self._learning_rate_of_the_update)
         # A metric-stepped scheduler (lr_scheduler_type="reduce_lr_on_plateau") stays the Trainer's: it steps it with
         # the evaluation's metric, never per update; keel only snapshots and restores it (steps_scheduler=False).
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._update_lr = None  # the Trainer has read the update's learning rate and made its scheduler call
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._finish()
@@ -222,6 +230,7 @@ class KeelCallback(TrainerCallback):
             loss = self._missing_loss()
         self._last_loss = loss
         self._handoff.handled = True
+        self._update_lr = self._scheduled_lr()
         # What torch's LR-scheduler wrapper of this step would have marked (it checks the order of calls).
         self._accelerated._opt_called = True
         try:
@@ -231,6 +240,19 @@ class KeelCallback(TrainerCallback):
             self._finish(exc)
             raise
         return None
+
+    def _scheduled_lr(self) -> list[float] | None:
+        """The scheduler's learning rates for the update about to be made (None without a scheduler keel steps)."""
+        if not self._shows_update_lr:
+            return None
+        with self._handoff.acting_for_keel():
+            return list(self._objects["scheduler"].get_last_lr())
+
+    def _learning_rate_of_the_update(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        """The scheduler's ``get_last_lr()`` as the Trainer reads it for its log, between ``optimizer.step()`` and
+        ``lr_scheduler.step()``: the learning rates of the update just made, as without keel — `Guard.step` has
+        already stepped the scheduler to the next update's (the log showed each step's LR one step early)."""
+        return list(self._update_lr) if self._update_lr is not None else original(*args, **kwargs)
 
     def _step_guard(self, loss: Tensor) -> Decision:
         """``Guard.step`` for this update; the TRL adapter adds the trainer's statistics and its rollback hook."""
@@ -294,6 +316,7 @@ class KeelCallback(TrainerCallback):
 
     def _finish(self, exc: BaseException | None = None) -> None:
         self._training = False
+        self._shows_update_lr, self._update_lr = False, None
         self._handoff.restore()
         if self._hook is not None:
             self._hook.remove()
