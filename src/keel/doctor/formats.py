@@ -9,6 +9,8 @@ from pathlib import Path
 
 from keel.doctor._text import read_text
 from keel.doctor.csv_log import read_csv_log
+from keel.doctor.fairseq_log import FORMAT as FAIRSEQ
+from keel.doctor.fairseq_log import looks_like_fairseq, read_fairseq_log
 from keel.doctor.hf_log import STATE_NAME, find_trainer_state, read_trainer_state
 from keel.doctor.jsonl_log import read_jsonl_log
 from keel.doctor.log import LogReadError, RawLog
@@ -34,6 +36,7 @@ READERS: dict[str, Callable[[Path], RawLog]] = {
     SPEEDRUN: read_speedrun_log,
     MEGATRON: read_megatron_log,
     NANOGPT: read_nanogpt_log,
+    FAIRSEQ: read_fairseq_log,
 }
 FORMATS: tuple[str, ...] = tuple(READERS)
 
@@ -124,6 +127,8 @@ def detect_format(path: Path) -> str:
         return SPEEDRUN
     if looks_like_megatron(text):  # before CSV: a banner (arguments, commas and all) comes first
         return MEGATRON
+    if looks_like_fairseq(text):  # before CSV: its JSON and 'name=value,' lines have commas
+        return FAIRSEQ
     if looks_like_nanogpt(text):  # before CSV: its banner's first line has a comma ("16,384")
         return NANOGPT
     if any(sep in first for sep in (",", "\t", ";")):
@@ -132,7 +137,7 @@ def detect_format(path: Path) -> str:
         f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, "
         f"{STATE_NAME}, TensorBoard event files, keel run stores, build-nanogpt/llm.c step lines, "
         "modded-nanogpt 'step:N/TOTAL' lines, Megatron-LM 'iteration N/ TOTAL |' lines, "
-        "nanoGPT train.py output ('iter N: loss X')"
+        "nanoGPT train.py output ('iter N: loss X'), fairseq/metaseq '| train_inner |' lines"
     )
 
 
