@@ -74,7 +74,15 @@ class Watch:
         scaler: torch.amp.GradScaler | None = None,
         **guard_kwargs: Any,
     ) -> None:
-        self._parts = _as_tuple(optimizer, "optimizer") or (optimizer,)  # None: the Guard names the error
+        if optimizer is None:
+            raise ValueError(
+                "keel.watch(model, optimizer=None): keel acts at the loop's optimizer.step(), and this loop has no "
+                "optimizer; allowed: a torch.optim.Optimizer. A loop that updates by hand (pytorch/examples' "
+                "word_language_model: p.data.add_(p.grad, alpha=-lr)) gets the same update from "
+                "opt = torch.optim.SGD(model.parameters(), lr=lr): call opt.step() there, and write a new LR into "
+                "opt.param_groups"
+            )
+        self._parts = _as_tuple(optimizer, "optimizer")
         schedulers = _as_tuple(scheduler, "scheduler")
         if len(self._parts) > 1 and scaler is not None:
             raise ValueError(
