@@ -327,6 +327,39 @@ def _peft_setup() -> dict:
     return namespace
 
 
+def _hf_setup() -> dict:
+    """A Hugging Face ``Trainer``'s pieces: a 2-layer GPT-2 ``model``, 2-step ``args`` on the CPU, a dataset ``ds``."""
+    transformers = pytest.importorskip("transformers")
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2)
+    )
+    ids = torch.randint(0, 64, (8, 16))
+    args = transformers.TrainingArguments(
+        output_dir="hf", max_steps=2, per_device_train_batch_size=4, report_to=[], save_strategy="no", use_cpu=True
+    )
+    return dict(Trainer=transformers.Trainer, model=model, args=args, ds=[{"input_ids": x, "labels": x} for x in ids])
+
+
+def _trl_setup() -> dict:
+    """TRL's ``DPOTrainer`` with its pieces (``model``, ``ref_model``, ``args``, ``pairs``, ``tok``) and a built
+    ``trainer``: tests/integrations/_trl_tiny.py's 2-step character-level DPO, nothing downloaded."""
+    pytest.importorskip("trl")
+    from tests.integrations import _trl_tiny
+
+    trainer = _trl_tiny.dpo_trainer(Path("trl"), steps=2)
+    return dict(
+        DPOTrainer=type(trainer),
+        trainer=trainer,
+        model=trainer.model,
+        ref_model=trainer.ref_model,
+        args=trainer.args,
+        pairs=_trl_tiny.preference_data(),
+        tok=trainer.processing_class,
+    )
+
+
 def _run_setup() -> dict:
     """A finished keel run in ``runs/exp1`` (a few steps of `_lm_setup`'s loop), for commands that read one."""
     namespace = _lm_setup()
@@ -350,6 +383,8 @@ SETUPS: dict[str, Callable[[], dict]] = {
     "dpo": _dpo_setup,
     "moe": _moe_setup,
     "peft": _peft_setup,
+    "hf": _hf_setup,
+    "trl": _trl_setup,
     "run": _run_setup,
 }
 
