@@ -93,6 +93,14 @@ def examine_log(
 
 def examine(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
     """Run detectors over an already read `RawLog` (see `examine_log`)."""
+    return examine_timeline(log, detectors=detectors)[0]
+
+
+def examine_timeline(
+    log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None = None
+) -> tuple[DoctorResult, Timeline]:
+    """`examine`, and the `Timeline` the detectors read (the log's observations, as `keel.doctor.to_store` writes
+    them)."""
     timeline = build_timeline(log)
     unit_scale = not log.keyed and drop_unit_loss_scale(timeline)  # a keel store's amp/scale is a real GradScaler's
     stride = _stride(timeline.steps)
@@ -173,9 +181,10 @@ def examine(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None =
         findings = skipped_overflows(findings, timeline)  # a log records no loss scale: keel.doctor.overflows
     summary = _summary(log, timeline, stride, restarts, findings, fresh())
     summary["notes"] += ([UNIT_LOSS_SCALE] if unit_scale else []) + broken.in_order()
-    return DoctorResult(
+    result = DoctorResult(
         source=log.source, format=log.format, findings=findings, summary=summary, decisions=list(log.decisions)
     )
+    return result, timeline
 
 
 def _defaults_for(timeline: Timeline) -> Callable[[], list[Detector]]:

@@ -1,4 +1,5 @@
-"""`keel report RUN... [-o report.html]`: one self-contained HTML stability report from run stores."""
+"""`keel report RUN... [-o report.html]`: one self-contained HTML stability report from run stores, and from
+training logs `keel doctor` reads (drawn with its findings)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         nargs="+",
         metavar="RUN",
         type=any_path,
-        help="run folders or run.sqlite files; a folder of runs (runs/demo) stands for all of them",
+        help="run folders or run.sqlite files; a folder of runs (runs/demo) stands for all of them; any log "
+        "keel doctor reads (CSV, JSONL, TensorBoard, trainer_state.json, Megatron, fairseq ...) is drawn as a run",
     )
     parser.add_argument(
         "-o", "--out", default="report.html", type=output_file, help="the HTML file to write (default: %(default)s)"

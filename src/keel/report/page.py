@@ -15,6 +15,7 @@ import base64
 import html
 import json
 import os
+import tempfile
 import time
 from collections.abc import Sequence
 from importlib import resources
@@ -30,8 +31,9 @@ from keel.report import overview as _overview
 from keel.report import sections as _sections
 from keel.report.eval_stability_section import eval_stability_section
 from keel.report.labels import run_labels
+from keel.report.logs import logs_as_runs
 from keel.report.run_data import RunData, load_run
-from keel.report.sources import classify, expand
+from keel.report.sources import Source, classify, expand
 from keel.report.sweep_data import SweepData, load_sweep_data
 from keel.report.sweep_section import sweep_section
 from keel.store import STORE_NAME, StoreError, store_path
@@ -50,6 +52,9 @@ window.addEventListener("unhandledrejection", function (e) {
   window.__keel.errors.push(Array.prototype.map.call(arguments, String).join(" "));
   ce.apply(console, arguments);
 }; })();"""
+
+
+ALLOWED = "run folders, run.sqlite files, sweep folders, folders that hold them, or training logs keel doctor reads"
 
 
 class ReportError(KeelError):
@@ -74,17 +79,18 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     Args:
         run_dirs: Run folders (or their ``run.sqlite``); a folder without a store stands for the run stores
             one or two levels below it (``runs/demo``). A sweep folder (or its ``sweep.sqlite``) adds the sweep's
-            section, drawn from its store. A store of a kind the report does not show is skipped with a note. A
-            run given twice is shown once. Runs are labelled by the shortest end of their path that is unique
-            among them (`keel.report.run_labels`): ``A/keel`` and ``B/keel``, or ``keel`` alone.
+            section, drawn from its store. Any other path is read as a training log by `keel doctor` and drawn as a
+            run, with the doctor's findings (`keel.report.logs`). A store of a kind the report does not show is
+            skipped with a note. A run given twice is shown once. Runs are labelled by the shortest end of their
+            path that is unique among them (`keel.report.run_labels`): ``A/keel`` and ``B/keel``, or ``keel`` alone.
         out_path: The HTML file to write (its folder is created).
 
     Returns:
         The path written.
 
     Raises:
-        ReportError: A path does not exist or holds no store (one message names them all), none is a readable
-            run or sweep store, or plotly is not installed.
+        ReportError: A path does not exist or holds neither a store nor a log (one message names them all), none
+            is a readable run or sweep store, or plotly is not installed.
 
     Example:
         >>> write_report(["runs/demo/bare", "runs/demo/guarded"], "runs/demo/report.html")  # doctest: +SKIP
@@ -93,33 +99,13 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
     missing = [str(p) for p in paths if not Path(p).exists()]
     if missing:  # a typo must not quietly give a report with a run left out
-        raise ReportError(
-            f"{', '.join(missing)}: no such file or folder; allowed: run folders, run.sqlite files, "
-            "sweep folders, or folders that hold them"
-        )
-    sources = [classify(path) for path in _distinct(expand(paths))]
-    empty = [source.note for source in sources if not source.store]
-    if empty:  # a typo'd or empty folder must not quietly give a report with a run left out either
-        raise ReportError(
-            "; ".join(empty) + "; allowed: run folders, run.sqlite files, sweep folders, or folders that hold them"
-        )
-    notes: list[str] = []
-    runs: list[RunData] = []
-    run_paths: list[Path] = []  # what each run is labelled by: its folder, or a store file not named run.sqlite
-    sweeps: list[SweepData] = []
-    for source in sources:
-        path = source.path
-        if source.kind not in ("run", "sweep"):
-            notes.append(source.note)  # the extension point: see keel.report.sources
-            continue
-        try:
-            if source.kind == "run":
-                runs.append(load_run(path, keep=_keep))
-                run_paths.append(path.parent if path.name == STORE_NAME else path)
-            else:
-                sweeps.append(load_sweep_data(path))
-        except (StoreError, FileNotFoundError) as exc:  # classified a moment ago, unreadable now: a note
-            notes.append(str(exc))
+        raise ReportError(f"{', '.join(missing)}: no such file or folder; allowed: {ALLOWED}")
+    with tempfile.TemporaryDirectory(prefix="keel-report-") as scratch:  # the stores of logs, read whole below
+        sources = logs_as_runs([classify(path) for path in _distinct(expand(paths))], Path(scratch))
+        empty = [source.note for source in sources if not source.store]
+        if empty:  # a typo'd or empty folder must not quietly give a report with a run left out either
+            raise ReportError("; ".join(empty) + "; allowed: " + ALLOWED)
+        runs, run_paths, sweeps, notes = _load(sources)
     if not runs and not sweeps:
         raise ReportError(
             "no keel run store among " + ", ".join(str(p) for p in paths) + (f" ({'; '.join(notes)})" if notes else "")
@@ -130,6 +116,31 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(build_page(runs, notes, sweeps=sweeps), encoding="utf-8")
     return out
+
+
+def _load(sources: list[Source]) -> tuple[list[RunData], list[Path], list[SweepData], list[str]]:
+    """The runs and sweeps of ``sources``, what each run is labelled by (its folder, a store file not named
+    run.sqlite, or the log it was written from), and a note for each source that could not be read."""
+    notes: list[str] = []
+    runs: list[RunData] = []
+    run_paths: list[Path] = []
+    sweeps: list[SweepData] = []
+    for source in sources:
+        path = source.path
+        if source.kind not in ("run", "sweep"):
+            notes.append(source.note)  # the extension point: see keel.report.sources
+            continue
+        try:
+            if source.kind == "run":
+                runs.append(load_run(path, keep=_keep))
+                if source.log is not None:  # its store is a scratch folder: the log is what the reader knows
+                    runs[-1].path = source.log
+                run_paths.append(source.log or (path.parent if path.name == STORE_NAME else path))
+            else:
+                sweeps.append(load_sweep_data(path))
+        except (StoreError, FileNotFoundError) as exc:  # classified a moment ago, unreadable now: a note
+            notes.append(str(exc))
+    return runs, run_paths, sweeps, notes
 
 
 def build_page(runs: list[RunData], notes: list[str] | None = None, *, sweeps: Sequence[SweepData] = ()) -> str:

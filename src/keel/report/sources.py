@@ -38,12 +38,14 @@ class Source:
     """One path given to the report, classified: ``kind`` is a `StoreKind` name, or None with a ``note``.
 
     ``store`` is False when the path holds no SQLite store at all (the note says what is there instead).
+    ``log`` is the training log a run store was written from (`keel.report.logs`), shown in its place.
     """
 
     path: Path
     kind: str | None
     note: str = ""
     store: bool = True
+    log: Path | None = None
 
 
 def expand(paths: list[str | Path]) -> list[Path]:
