@@ -83,6 +83,7 @@ class Watch:
                 "opt.param_groups"
             )
         self._parts = _as_tuple(optimizer, "optimizer")
+        scaler = grad_scaler_of(scaler)
         schedulers = _as_tuple(scheduler, "scheduler")
         if len(self._parts) > 1 and scaler is not None:
             raise ValueError(
@@ -284,7 +285,8 @@ def watch(
         scheduler: The loop's LR scheduler (or a list, one per optimizer), if it has one: snapshots hold its
             state; the loop keeps stepping it (per update, per epoch or with a metric), and its call after an
             update keel skipped is withheld.
-        scaler: The loop's ``torch.amp.GradScaler``, if it has one (enabled or not).
+        scaler: The loop's ``torch.amp.GradScaler``, if it has one (enabled or not); timm's ``NativeScaler``
+            (train.py's ``loss_scaler``) is taken as the GradScaler it holds.
         **guard_kwargs: Any other `Guard` argument: ``policy``, ``run_dir``, ``probes``, ``recovery`` …
 
     Returns:
@@ -313,6 +315,16 @@ def _as_tuple(value: Any, name: str) -> tuple[Any, ...]:
             raise ValueError(f"{name}=[]; allowed: one {name} or a non-empty list of them")
         return tuple(value)
     return (value,)
+
+
+def grad_scaler_of(scaler: Any) -> Any:
+    """The GradScaler to hook: the one given, or the one a wrapper holds as ``_scaler`` (timm's ``NativeScaler``,
+    whose ``__call__`` runs that GradScaler's scale, unscale_, step and update); anything else is passed on for the
+    Guard to refuse with its one error."""
+    inner = getattr(scaler, "_scaler", None)
+    if not isinstance(scaler, torch.amp.GradScaler) and isinstance(inner, torch.amp.GradScaler):
+        return inner
+    return scaler
 
 
 def output_loss(output: Any) -> Tensor | None:
