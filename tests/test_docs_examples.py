@@ -25,7 +25,8 @@ What is run, block by block (in a fresh temporary working directory, with one to
   ``python examples/X.py --opt ...`` (in a block or inline): the script exists and has each option; running the
   examples is left to ``tests/integrations/test_examples.py``. ``make`` and ``pip`` lines are not checked.
 
-``keel ...`` in inline code (`` `keel bench overhead --ddp 2` ``) gets the same option check.
+``keel ...`` in inline code (`` `keel bench overhead --ddp 2` ``) gets the same option check, and each dotted name
+``keel.x.Name`` in inline code must be one keel has (checked in the source).
 
 README.md blocks whose markers are written in /work/notes/h23-D-readme.md and not added yet are expected to fail
 (`README_PENDING`); once the README carries them, delete `README_PENDING`.
@@ -593,6 +594,26 @@ def inline_commands(path: Path) -> list[Block]:
         for match in re.finditer(r"`(keel ([a-z]+)[^`\n]*)`", text)
         if match.group(2) in VERBS
     ]
+
+
+KEEL_NAME = re.compile(r"(?<![\w.])keel(?:\.[A-Za-z_]\w*)+")
+
+
+def keel_name_exists(dotted: str) -> bool:
+    """Whether ``keel.a.b.Name`` names a keel module, or something its longest module prefix defines."""
+    parts = dotted.split(".")
+    split = next(i for i in range(len(parts), 0, -1) if _keel_source(".".join(parts[:i])) or i == 1)
+    return split == len(parts) or _defines(".".join(parts[:split]), parts[split])
+
+
+@pytest.mark.parametrize("path", DOCS, ids=lambda path: path.name)
+def test_inline_keel_names_exist(path: Path) -> None:
+    """``keel.signals.OpposingSignalsProbe`` in the prose's inline code names something keel has (read statically)."""
+    text = path.read_text(encoding="utf-8")
+    for span in re.finditer(r"`[^`\n]+`", text):
+        for dotted in KEEL_NAME.findall(span.group(0)):
+            line = text.count("\n", 0, span.start()) + 1
+            assert keel_name_exists(dotted), f"{path.name}:{line}: `{dotted}`: keel has no such name"
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda path: path.name)
