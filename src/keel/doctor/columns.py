@@ -35,6 +35,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "train_batch_loss",
         "epoch_loss",
         "train_epoch_loss",
+        "train_crossentropyloss",  # OLMo's train/CrossEntropyLoss
+        "train_ce_loss",  # OLMo-core's train/CE loss
     ),
     keys.GRAD_NORM: (
         "grad_norm",
@@ -46,8 +48,18 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "grad_l2_norm",
         "gnorm",
         "grad_norm_global",
+        "optim_total_grad_norm",  # OLMo's optim/total_grad_norm, OLMo-core's optim/total grad norm
     ),
-    keys.LR: ("lr", "learning_rate", "train_learning_rate", "train_lr", "lr_0", "lr_group_0"),
+    keys.LR: (
+        "lr",
+        "learning_rate",
+        "train_learning_rate",
+        "train_lr",
+        "lr_0",
+        "lr_group_0",
+        "optim_learning_rate_group0",  # OLMo's optim/learning_rate_group0
+        "optim_lr_group_0",  # OLMo-core's optim/LR (group 0)
+    ),
     keys.AMP_SCALE: ("loss_scale", "amp_scale", "grad_scale", "loss_scaler", "scaler_scale"),
     keys.STEP_TIME: ("step_time", "step_time_s", "time_per_step", "time_per_step_s", "iteration_time_s", "iter_time_s"),
     keys.VAL_LOSS: (

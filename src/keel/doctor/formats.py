@@ -11,6 +11,8 @@ from keel.doctor._text import read_text
 from keel.doctor.csv_log import read_csv_log
 from keel.doctor.fairseq_log import FORMAT as FAIRSEQ
 from keel.doctor.fairseq_log import looks_like_fairseq, read_fairseq_log
+from keel.doctor.hf_console_log import FORMAT as HF_CONSOLE
+from keel.doctor.hf_console_log import looks_like_hf_console, read_hf_console_log
 from keel.doctor.hf_log import STATE_NAME, find_trainer_state, read_trainer_state
 from keel.doctor.jsonl_log import read_jsonl_log
 from keel.doctor.log import LogReadError, RawLog
@@ -18,12 +20,16 @@ from keel.doctor.megatron_log import FORMAT as MEGATRON
 from keel.doctor.megatron_log import looks_like_megatron, read_megatron_log
 from keel.doctor.nanogpt_log import FORMAT as NANOGPT
 from keel.doctor.nanogpt_log import looks_like_nanogpt, read_nanogpt_log
+from keel.doctor.olmo_log import FORMAT as OLMO
+from keel.doctor.olmo_log import looks_like_olmo, read_olmo_log
 from keel.doctor.speedrun_log import FORMAT as SPEEDRUN
 from keel.doctor.speedrun_log import looks_like_speedrun, read_speedrun_log
 from keel.doctor.step_lines_log import FORMAT as STEP_LINES
 from keel.doctor.step_lines_log import LOG_NAMES, find_step_lines, looks_like_step_lines, read_step_lines_log
 from keel.doctor.store_log import SQLITE_MAGIC, is_sqlite, read_store_log
 from keel.doctor.tensorboard_log import EVENT_GLOB, is_event_file, read_tensorboard_log
+from keel.doctor.torchtitan_log import FORMAT as TORCHTITAN
+from keel.doctor.torchtitan_log import looks_like_torchtitan, read_torchtitan_log
 from keel.store import STORE_NAME, find_runs
 
 READERS: dict[str, Callable[[Path], RawLog]] = {
@@ -37,6 +43,9 @@ READERS: dict[str, Callable[[Path], RawLog]] = {
     MEGATRON: read_megatron_log,
     NANOGPT: read_nanogpt_log,
     FAIRSEQ: read_fairseq_log,
+    TORCHTITAN: read_torchtitan_log,
+    OLMO: read_olmo_log,
+    HF_CONSOLE: read_hf_console_log,
 }
 FORMATS: tuple[str, ...] = tuple(READERS)
 
@@ -114,6 +123,14 @@ def detect_format(path: Path) -> str:
         return "keel_store"
     text = read_text(path)  # raises for binary data
     stripped = text.lstrip()
+    # before JSON: torchrun's "[rank0]:" starts a torchtitan line, a bare "[step=1/100]" an OLMo header, and the
+    # Trainer prints "{'loss': ...}" dicts (Python's quotes, not JSON's)
+    if looks_like_torchtitan(text):
+        return TORCHTITAN
+    if looks_like_olmo(text):
+        return OLMO
+    if looks_like_hf_console(text):
+        return HF_CONSOLE
     if stripped.startswith("{"):
         if path.name == STATE_NAME or '"log_history"' in text:
             return "hf_trainer_state"
@@ -137,7 +154,9 @@ def detect_format(path: Path) -> str:
         f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, "
         f"{STATE_NAME}, TensorBoard event files, keel run stores, build-nanogpt/llm.c step lines, "
         "modded-nanogpt 'step:N/TOTAL' lines, Megatron-LM 'iteration N/ TOTAL |' lines, "
-        "nanoGPT train.py output ('iter N: loss X'), fairseq/metaseq '| train_inner |' lines"
+        "nanoGPT train.py output ('iter N: loss X'), fairseq/metaseq '| train_inner |' lines, torchtitan "
+        "'step: N  loss: X' lines, OLMo / OLMo-core '[step=N/MAX]' blocks of 'name=value' lines, "
+        "the HF Trainer's console output ({'loss': ..., 'epoch': ...} dicts)"
     )
 
 

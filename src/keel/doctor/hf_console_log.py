@@ -1,0 +1,156 @@
+"""The Hugging Face Trainer's console output saved to a file (``python train.py 2>&1 | tee train.log``; TRL's
+trainers print the same).
+
+Every ``logging_steps`` the Trainer prints its logs as a Python dict, through tqdm's progress bar (``\\r``-separated
+bar redraws around it) or, with ``disable_tqdm``, on a line of its own::
+
+    {'loss': 2.3456, 'grad_norm': 1.23, 'learning_rate': 5e-05, 'epoch': 0.01}
+
+(transformers 5 prints each float as a string of 4 significant digits: ``{'loss': '2.346', ...}``; a NaN loss is
+``nan`` or ``'nan'``; 4.38–4.39 may print ``tensor(1.23, device='cuda:0')`` for the gradient norm). A dict with
+``eval_*`` names is an evaluation (``eval_loss`` is the validation loss) and belongs to the training entry printed
+before it; the final ``{'train_runtime': ...}`` summary is left out, counted in a note.
+
+These lines carry no step. When every training dict is followed by the progress bar's redraw (``12/200 [...]``),
+as in a terminal capture where the bar and the dicts share a stream, that count is the step. Otherwise (stdout
+redirected to a file is block-buffered, so the dicts and stderr's bar are not in order; or no bar) the training
+entries are numbered 1..N in order, and a note says so: the steps are then log intervals, not optimizer steps.
+Dicts are read with `ast.literal_eval`, never evaluated. A line that begins with ``{'`` but is not such a dict is
+one error that names it.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+from pathlib import Path
+from typing import Any
+
+from keel.doctor._text import read_text
+from keel.doctor.jsonl_log import add_entry, records_from_objects
+from keel.doctor.log import LogReadError, RawLog
+
+FORMAT = "hf_console"
+_DICT_START = "{'"
+# a dict line with the Trainer's epoch in it; bounded: each candidate line start is scanned at most 4,000 characters
+_SEARCH = re.compile(r"(?:^|\r)[ \t]{0,8}\{'[^\n\r]{0,4000}?'epoch': ", re.MULTILINE)
+_ESCAPE = re.compile(r"\x1b\[[0-9;?]{0,20}[A-Za-z]")  # tqdm moves the cursor up ("\x1b[A") around a nested bar
+_BAR = re.compile(r"\|[ \t]{0,10}(\d{1,12})/(\d{1,12})[ \t]{0,3}\[")
+# Python's repr of a float that literal_eval does not read, and a tensor's repr: as strings / their number
+_BARE_FLOAT = re.compile(r"(?<=: )(-?(?:nan|inf))(?=[,}])")
+_TENSOR = re.compile(r"tensor\(([-+]?[\w.]{1,40})(?:, ?(?:device|dtype)=[\w.:'\"]{1,40}){0,2}\)")
+SUMMARY = "train_runtime"
+EVAL_PREFIXES = ("eval_", "test_", "predict_")
+TRAINING_NAMES = frozenset({"loss", "grad_norm", "learning_rate", "epoch"})
+
+
+def looks_like_hf_console(text: str) -> bool:
+    """Whether ``text`` holds a line (or a ``\\r`` segment) that is a Python dict with the Trainer's ``'epoch'``."""
+    return _SEARCH.search(text) is not None
+
+
+def read_hf_console_log(path: str | Path) -> RawLog:
+    """Read the Trainer's saved console output.
+
+    Raises:
+        LogReadError: A segment that begins with ``{'`` but is not a dict of names to numbers or strings (named by
+            its line), or no training dict at all.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "train.log"
+        >>> _ = p.write_text("{'loss': 2.5, 'epoch': 0.1}\\n{'loss': '2.4', 'epoch': '0.2'}\\n")
+        >>> list(read_hf_console_log(p).records)
+        [(1, {'loss': 2.5, 'epoch': 0.1}), (2, {'loss': 2.4, 'epoch': 0.2})]
+    """
+    path = Path(path)
+    training: list[list[dict[str, Any]]] = []  # each training dict, then the evaluations printed after it
+    bar_counts: list[int | None] = []  # the progress bar's count redrawn right after each training dict
+    awaiting_bar = False
+    summaries = other_lines = 0
+    for number, line in enumerate(read_text(path).split("\n"), start=1):
+        line = _ESCAPE.sub("", line) if "\x1b" in line else line
+        for segment in filter(None, (part.strip() for part in line.split("\r"))):
+            if not segment.startswith(_DICT_START):
+                bar = _BAR.search(segment)
+                if bar is None:
+                    other_lines += 1
+                elif awaiting_bar:
+                    bar_counts[-1] = int(bar.group(1))
+                awaiting_bar = False
+                continue
+            awaiting_bar = False
+            logs = _literal(segment)
+            if logs is None:
+                raise _malformed(path, number, segment)
+            kind = _kind(logs)
+            if kind == "training":
+                training.append([logs])
+                bar_counts.append(None)
+                awaiting_bar = True
+            elif kind == "evaluation" and training:
+                training[-1].append(logs)
+            elif kind == "summary":
+                summaries += 1
+            else:  # an evaluation before any training dict, or a dict that is not the Trainer's
+                other_lines += 1
+    if not training:
+        raise LogReadError(
+            f"{path}: no Trainer log dict ('{{'loss': ..., 'epoch': ...}}' lines, the HF Trainer's console)"
+        )
+    steps, note = _steps(bar_counts)
+    entries: list[dict[str, Any]] = []
+    for step, dicts in zip(steps, training, strict=True):
+        for logs in dicts:
+            add_entry(entries, step, logs, shared={"epoch"})  # an evaluation joins the training entry before it
+    log = records_from_objects(path, entries, fmt=FORMAT)
+    log.notes.append(note)
+    if summaries:
+        log.notes.append(f"{summaries} end-of-training summary dict(s) ('train_runtime', ...) left out")
+    if other_lines:
+        log.notes.append(f"{other_lines} lines that are not Trainer log dicts nor progress bars left out")
+    return log
+
+
+def _literal(segment: str) -> dict[str, Any] | None:
+    """The dict a segment prints (read by `ast.literal_eval`), or None when it is not a dict of str keys."""
+    if not segment.endswith("}"):
+        return None
+    text = _BARE_FLOAT.sub(r"'\1'", _TENSOR.sub(r"\1", segment))
+    try:
+        value = ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
+    if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
+        return None
+    if "step" in value:  # not the Trainer's; kept apart from the step this reader gives the entry
+        value["logged_step"] = value.pop("step")
+    return value
+
+
+def _kind(logs: dict[str, Any]) -> str:
+    if SUMMARY in logs:
+        return "summary"
+    names = logs.keys() - {"epoch"}
+    if names and all(name.startswith(EVAL_PREFIXES) for name in names):
+        return "evaluation"
+    return "training" if TRAINING_NAMES & logs.keys() else "other"
+
+
+def _steps(bar_counts: list[int | None]) -> tuple[list[int], str]:
+    """The progress bar's counts when every training dict has one and they increase; else 1..N. And a note."""
+    counts = [c for c in bar_counts if c is not None]
+    if len(counts) == len(bar_counts) and all(a < b for a, b in zip(counts, counts[1:], strict=False)):
+        return counts, "steps are the progress bar's count redrawn after each Trainer log dict"
+    return list(range(1, len(bar_counts) + 1)), (
+        f"the Trainer's console output has no step: its {len(bar_counts)} training log dicts are numbered 1..N in "
+        "order (log intervals, not optimizer steps; trainer_state.json has the steps)"
+    )
+
+
+def _malformed(path: Path, number: int, segment: str) -> LogReadError:
+    shown = segment if len(segment) <= 60 else segment[:57] + "..."
+    return LogReadError(
+        f"{path}: line {number} ({shown!r}) begins with {{' but is not a Python dict of names to values "
+        "(the HF Trainer's log line)"
+    )

@@ -1,0 +1,112 @@
+"""OLMo stdout logs: allenai/OLMo's ``scripts/train.py`` (v1) and OLMo-core's trainer.
+
+Both print each logged step as a header line, then one indented ``name=value`` line per metric::
+
+    2024-02-01 10:00:00.000  node:0  olmo.train:816  INFO  [step=10/739328]
+        train/CrossEntropyLoss=7.562
+        train/Perplexity=1,925
+        optim/total_grad_norm=1.234
+        throughput/device/tokens_per_second=9,876
+
+(OLMo-core: ``[step=10/1000,epoch=1,eta=2h3m]`` then ``train/CE loss=7.562``, ``optim/total grad norm=1.234``,
+``optim/LR (group 0)=3.00E-04``). Values over 1000 have thousands commas, dropped here (``1,925`` → 1925); names
+keep their own spelling and `keel.doctor.columns` maps the loss, gradient norm and learning rate of both. A block
+under any other header is an evaluation (OLMo's ``<evaluator label>`` header, OLMo-core's ``Finished lm evals in
+12.3 seconds. Metrics:``): its metrics belong to the step logged last, named ``eval/...`` as the trainers record
+them. A block before the first step (``Pre-train system metrics``) has no step and is left out, as are the lines
+that are not ``name=value`` lines (the banner, the eval speed summary), counted in a note. A step's indented line
+that is not ``name=value`` is one error that names it.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from keel.doctor._text import read_text
+from keel.doctor.jsonl_log import add_entry, records_from_objects
+from keel.doctor.log import LogReadError, RawLog
+
+FORMAT = "olmo"
+# the header's bracket is at the end of its line; bounded so that a long line is matched in linear time
+_HEADER = re.compile(r"\[step=(\d{1,18})/(?:\d{1,18}|\?\?\?)(?:,[^\]\n]{0,200})?\]\s*")
+_SEARCH = re.compile(
+    r"\[step=\d{1,18}/(?:\d{1,18}|\?\?\?)(?:,[^\]\n]{0,200})?\][ \t]*\r?\n[ \t]+[^\s=][^=\n]{0,200}=[ \t]*\S"
+)
+_THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+")
+EVAL_PREFIX = "eval/"
+
+
+def looks_like_olmo(text: str) -> bool:
+    """Whether ``text`` holds a ``[step=N/MAX]`` header followed by an indented ``name=value`` line."""
+    return _SEARCH.search(text) is not None
+
+
+def read_olmo_log(path: str | Path) -> RawLog:
+    """Read an OLMo or OLMo-core stdout log.
+
+    Raises:
+        LogReadError: An indented line under a ``[step=N/MAX]`` header that is not ``name=value`` (named by its
+            number), or no step with a metric at all.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "train.log"
+        >>> _ = p.write_text("INFO [step=1/100]\\n    train/CrossEntropyLoss=11.05\\n    train/Perplexity=63,532\\n")
+        >>> list(read_olmo_log(p).records)
+        [(1, {'train/CrossEntropyLoss': 11.05, 'train/Perplexity': 63532.0})]
+    """
+    path = Path(path)
+    entries: list[dict[str, float | str]] = []
+    step: int | None = None  # the step logged last
+    in_step = False  # reading the block under a [step=N/MAX] header (else an evaluation's, or none)
+    other_lines = 0
+    for number, line in enumerate(read_text(path).splitlines(), start=1):
+        if line[:1] in (" ", "\t") and line.strip():
+            metric = _metric(line)
+            if in_step and metric is None:
+                raise _malformed(path, number, line)
+            if metric is None or step is None:  # not a metric, or a block before the first step
+                other_lines += 1
+                continue
+            name, value = metric
+            if not in_step and not name.startswith(EVAL_PREFIX):
+                name = EVAL_PREFIX + name
+            add_entry(entries, step, {name: value})  # the lines of one block make one entry
+            continue
+        header = _header(line)
+        in_step = header is not None
+        if header is not None:
+            step = header
+        elif line.strip():
+            other_lines += 1
+    if not entries:
+        raise LogReadError(f"{path}: no '[step=N/MAX]' line followed by indented 'name=value' lines (OLMo)")
+    log = records_from_objects(path, entries, fmt=FORMAT)
+    if other_lines:
+        log.notes.append(
+            f"{other_lines} lines that are not step headers nor name=value lines (the banner, evaluation headers) "
+            "left out"
+        )
+    return log
+
+
+def _header(line: str) -> int | None:
+    """The step of a ``[step=N/MAX]`` header line, or None."""
+    start = line.rfind("[step=")
+    m = _HEADER.fullmatch(line, start) if start >= 0 else None
+    return int(m.group(1)) if m else None
+
+
+def _metric(line: str) -> tuple[str, str] | None:
+    name, equals, value = line.strip().rpartition("=")
+    name, value = name.strip(), value.strip()
+    if not equals or not name or not value or "=" in name:
+        return None
+    return name, value.replace(",", "") if _THOUSANDS.fullmatch(value) else value
+
+
+def _malformed(path: Path, number: int, line: str) -> LogReadError:
+    shown = line.strip()
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return LogReadError(f"{path}: line {number} ({shown!r}) under a '[step=N/MAX]' header is not 'name=value' (OLMo)")

@@ -1,0 +1,174 @@
+"""The HF Trainer's console output (``{'loss': ..., 'epoch': ...}`` dicts, tqdm's bar redrawn around them with
+``\\r``) read by ``keel doctor`` with the Guard's detectors, and hostile variants."""
+
+import math
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from keel.cli import main
+from keel.doctor import build_timeline, detect_format, read_log
+from keel.doctor.log import LogReadError
+
+BANNER = ["[transformers] `loss_type=None` was set in the config but it is unrecognized."]
+CLEAR = "\r" + " " * 46 + "\r"  # tqdm clears its bar before a write
+
+
+def _bar(n, total):
+    return f"\r{100 * n // total:3d}%|##        | {n}/{total} [00:01<00:09, 10.00it/s]"
+
+
+def _dict(step, loss, *, grad_norm=1.0, total=200, v5=True):
+    """The Trainer's log dict as transformers 5 prints it (floats as 4-significant-digit strings) or 4.x (floats)."""
+    values = {"loss": loss, "grad_norm": grad_norm, "learning_rate": 5e-05, "epoch": step / total}
+    return str({k: f"{v:.4g}" for k, v in values.items()} if v5 else values)
+
+
+def _with_bar(step, text, total=200):
+    """A training dict as a terminal capture holds it: the bar (one step behind), cleared, the dict, the bar redrawn."""
+    return _bar(step - 1, total) + CLEAR + text + "\n" + _bar(step, total)
+
+
+def test_dicts_with_the_bar_redrawn_after_them_are_read_at_the_bars_count(tmp_path):
+    p = tmp_path / "train.log"
+    p.write_text(
+        "\n".join(BANNER) + "\n" + _with_bar(10, _dict(10, 2.5, grad_norm=3.5)) + _with_bar(20, _dict(20, 2.25))
+    )
+    assert detect_format(p) == "hf_console"
+    log = read_log(p)
+    first, second = build_timeline(log).observations
+    assert (first.step, second.step) == (10, 20)
+    assert first.values["loss"] == 2.5 and first.values["grad/norm"] == 3.5 and first.values["lr"] == 5e-05
+    assert any("progress bar's count" in n for n in log.notes), log.notes
+
+
+def test_without_a_bar_the_training_dicts_are_numbered_in_order_and_a_note_says_so(tmp_path, capsys):
+    p = tmp_path / "train.log"
+    p.write_text("\n".join([*BANNER, _dict(10, 2.5, v5=False), _dict(20, 2.25, v5=False)]) + "\n")
+    assert detect_format(p) == "hf_console"
+    log = read_log(p)
+    assert [s for s, _ in log.records] == [1, 2]
+    assert any("numbered 1..N in order" in n for n in log.notes), log.notes
+
+
+def test_a_bar_missing_after_one_dict_numbers_them_all(tmp_path):
+    p = tmp_path / "train.log"
+    p.write_text(_with_bar(10, _dict(10, 2.5)) + "\n" + _dict(20, 2.25) + "\n" + _dict(30, 2.0) + _bar(30, 200) + "\n")
+    assert [s for s, _ in read_log(p).records] == [1, 2, 3]
+
+
+def test_evaluations_join_the_training_entry_before_them_and_the_summary_is_left_out(tmp_path):
+    evaluation = (
+        "\x1b[A{'eval_loss': '2.4', 'eval_runtime': '0.011', 'eval_samples_per_second': '727.6', 'epoch': '0.1'}"
+    )
+    summary = "{'train_runtime': '12.3', 'train_samples_per_second': '266.3', 'train_loss': '2.3', 'epoch': '0.2'}"
+    p = tmp_path / "train.log"
+    p.write_text(
+        _with_bar(20, _dict(20, 2.5))
+        + "\n"
+        + CLEAR
+        + evaluation
+        + "\n"
+        + _with_bar(40, _dict(40, 2.25))
+        + CLEAR
+        + summary
+        + "\n"
+    )
+    log = read_log(p)
+    obs = {o.step: o.values for o in build_timeline(log).observations}
+    assert sorted(obs) == [20, 40]
+    assert obs[20]["val/loss"] == 2.4 and obs[20]["loss"] == 2.5 and "val/loss" not in obs[40]
+    assert any(n.startswith("1 end-of-training summary") for n in log.notes), log.notes
+
+
+def test_nan_inf_and_tensor_reprs_of_older_versions_are_read(tmp_path):
+    p = tmp_path / "train.log"
+    lines = [
+        "{'loss': nan, 'grad_norm': inf, 'learning_rate': 5e-05, 'epoch': 0.01}",
+        "{'loss': 2.5, 'grad_norm': tensor(1.25, device='cuda:0'), 'learning_rate': 5e-05, 'epoch': 0.02}",
+        "{'loss': '-inf', 'grad_norm': -inf, 'learning_rate': '5e-05', 'epoch': '0.03', 'step': 3}",
+    ]
+    p.write_text("\n".join(lines) + "\n")
+    records = dict(read_log(p).records)
+    assert math.isnan(records[1]["loss"]) and records[1]["grad_norm"] == math.inf
+    assert records[2]["grad_norm"] == 1.25
+    assert records[3]["loss"] == -math.inf and records[3]["logged_step"] == 3
+
+
+def test_doctor_names_a_gradient_spike_and_a_nan_loss_in_the_trainers_console(tmp_path, capsys):
+    parts = []
+    for step in range(1, 201):
+        loss = math.nan if step == 180 else 6.0 * math.exp(-step / 80) + 3.0 + 0.02 * (step % 3)
+        parts.append(_with_bar(step, _dict(step, loss, grad_norm=40.0 if step == 120 else 1.0 + 0.01 * (step % 4))))
+    p = tmp_path / "train.log"
+    p.write_text("\n".join(BANNER) + "\n" + "".join(parts) + "\n")
+    assert main(["doctor", str(p), "--fail-on", "critical"]) == 1
+    out = capsys.readouterr().out
+    assert "(hf_console, 200 steps" in out
+    assert "     120  critical  grad_spike" in out and "     180  critical  non_finite" in out
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("{'loss': 2.5, 'epoch': 0.1\n", "line 1"),  # cut off
+        ("{'loss': 2.5, 'epoch': __import__('os')}\n", "line 1"),  # never evaluated
+        ("{'loss'}\n", "line 1"),  # a set
+        ("x\n{'loss': [1, 2}\n", "line 2"),
+        ("{'loss': 1" + "0" * 5000 + ", 'epoch': 1}\n", "line 1"),  # an int too long to convert
+        ("{'model': 'gpt2', 'lr': 0.1}\n", "no Trainer log dict"),
+    ],
+)
+def test_a_malformed_dict_is_one_error_naming_it(tmp_path, text, message):
+    p = tmp_path / "train.log"
+    p.write_text(text)
+    with pytest.raises(LogReadError, match=message):
+        read_log(p, format="hf_console")
+
+
+_LINE = st.one_of(
+    st.text(alphabet="{}':, 0123456789.-naifepochls\r|/[]", max_size=60),
+    st.builds(
+        lambda v, g, e: "{" + f"'loss': {v}, 'grad_norm': {g}, 'epoch': {e}" + "}",
+        st.one_of(st.floats(allow_nan=True), st.just("'nan'"), st.just("nan"), st.just("1e999")),
+        st.one_of(st.floats(allow_nan=True), st.just("tensor(1.5)"), st.just("tensor(x, device='cpu')")),
+        st.one_of(st.floats(0, 10), st.just("'0.5'"), st.just("[1]")),
+    ),
+    st.builds(lambda n, t: f"\r {n}/{t} [00:00<00:01]", st.integers(0, 10**6), st.integers(0, 10**6)),
+)
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(lines=st.lists(_LINE, max_size=12))
+def test_any_text_gives_a_log_or_one_log_read_error(tmp_path, lines):
+    p = tmp_path / "fuzz.log"
+    p.write_text("\n".join(lines) + "\n")
+    try:
+        log = read_log(p, format="hf_console")
+    except LogReadError as exc:
+        assert str(p) in str(exc) and "\n" not in str(exc)
+    else:
+        assert len(log.records) >= 1
+
+
+@pytest.mark.timeout(20)
+@pytest.mark.parametrize(
+    "line",
+    [
+        "{'" + "a" * 100_000,
+        "{'loss': " + "[" * 50_000 + "]" * 50_000 + "}",  # nested too deeply for the parser
+        "{'loss': 1, 'epoch': 1" + ", 'x': nan" * 10_000 + "}",  # many values: read
+        "\r" * 100_000,
+        "{'" + "'epoch': " * 10_000,
+        "tensor(" * 15_000 + "}",
+    ],
+)
+def test_long_lines_are_read_past_or_refused_not_a_hang(tmp_path, line):
+    p = tmp_path / "train.log"
+    p.write_text(_dict(1, 2.0) + "\n" + line + "\n")
+    detect_format(p)
+    try:
+        assert len(read_log(p, format="hf_console").records) >= 1
+    except LogReadError as exc:
+        assert "line 2" in str(exc)
