@@ -84,6 +84,25 @@ def test_olmo_core_blocks_map_ce_loss_grad_norm_and_lr(tmp_path):
     assert obs[20]["loss"] == 7.25
 
 
+def test_a_coloured_header_and_a_forks_eta_with_spaces_are_read(tmp_path):
+    # as a MolmoAct-style launcher's logging handler prints them (rich-style prefix, ANSI colour)
+    header = "[2026-01-01 00:00:00] INFO [olmo.train.trainer:1306, rank=0] "
+    lines = [
+        f"{header}[step=15000/30000, eta=1 hour, 2 minutes]",
+        "    train/CrossEntropyLoss=1.2345",
+        f"\x1b[36m{header}[step=30000/30000, eta=1 minute]\x1b[0m",
+        "    train/CrossEntropyLoss=1.25",
+        "Traceback (most recent call last):",
+    ]
+    p = tmp_path / "train.log"
+    p.write_text("\n".join(lines) + "\n")
+    assert detect_format(p) == "olmo"
+    assert list(read_log(p).records) == [
+        (15000, {"train/CrossEntropyLoss": 1.2345}),
+        (30000, {"train/CrossEntropyLoss": 1.25}),
+    ]
+
+
 def test_evaluation_blocks_join_the_step_logged_last_and_a_block_before_any_step_is_left_out(tmp_path):
     p = tmp_path / "train.log"
     pre_train = [f"{PREFIX}Pre-train system metrics", "    System/Peak GPU Memory (MB)=1,234"]

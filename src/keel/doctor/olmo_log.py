@@ -9,13 +9,15 @@ Both print each logged step as a header line, then one indented ``name=value`` l
         throughput/device/tokens_per_second=9,876
 
 (OLMo-core: ``[step=10/1000,epoch=1,eta=2h3m]`` then ``train/CE loss=7.562``, ``optim/total grad norm=1.234``,
-``optim/LR (group 0)=3.00E-04``). Values over 1000 have thousands commas, dropped here (``1,925`` → 1925); names
-keep their own spelling and `keel.doctor.columns` maps the loss, gradient norm and learning rate of both. A block
-under any other header is an evaluation (OLMo's ``<evaluator label>`` header, OLMo-core's ``Finished lm evals in
-12.3 seconds. Metrics:``): its metrics belong to the step logged last, named ``eval/...`` as the trainers record
-them. A block before the first step (``Pre-train system metrics``) has no step and is left out, as are the lines
-that are not ``name=value`` lines (the banner, the eval speed summary), counted in a note. A step's indented line
-that is not ``name=value`` is one error that names it.
+``optim/LR (group 0)=3.00E-04``; forks: ``[step=10/1000, eta=1 hour, 2 minutes]``). Values over 1000 have thousands
+commas, dropped here (``1,925`` → 1925); names keep their own spelling and `keel.doctor.columns` maps the loss,
+gradient norm and learning rate of both (OLMo's console leaves out ``optim/*`` but the gradient norm: no learning
+rate there). A block under any other header is an evaluation (OLMo's ``<evaluator label>`` header, OLMo-core's
+``Finished lm evals in 12.3 seconds. Metrics:``): its metrics belong to the step logged last, named ``eval/...`` as
+the trainers record them. A colouring log handler's ANSI codes are skipped. A block before the first step
+(``Pre-train system metrics``) has no step and is left out, as are the lines that are not ``name=value`` lines (the
+banner, the eval speed summary), counted in a note. A step's indented line that is not ``name=value`` is one error
+that names it.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from pathlib import Path
 from keel.doctor._text import read_text
 from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.torchtitan_log import ANSI
 
 FORMAT = "olmo"
 # the header's bracket is at the end of its line; bounded so that a long line is matched in linear time
@@ -39,7 +42,7 @@ EVAL_PREFIX = "eval/"
 
 def looks_like_olmo(text: str) -> bool:
     """Whether ``text`` holds a ``[step=N/MAX]`` header followed by an indented ``name=value`` line."""
-    return _SEARCH.search(text) is not None
+    return _SEARCH.search(ANSI.sub("", text) if "\x1b" in text else text) is not None
 
 
 def read_olmo_log(path: str | Path) -> RawLog:
@@ -62,6 +65,7 @@ def read_olmo_log(path: str | Path) -> RawLog:
     in_step = False  # reading the block under a [step=N/MAX] header (else an evaluation's, or none)
     other_lines = 0
     for number, line in enumerate(read_text(path).splitlines(), start=1):
+        line = ANSI.sub("", line) if "\x1b" in line else line  # a colouring log handler's codes
         if line[:1] in (" ", "\t") and line.strip():
             metric = _metric(line)
             if in_step and metric is None:
