@@ -58,6 +58,28 @@ def test_a_bar_missing_after_one_dict_numbers_them_all(tmp_path):
     assert [s for s, _ in read_log(p).records] == [1, 2, 3]
 
 
+def test_unevenly_spaced_bar_counts_are_not_steps_and_a_launchers_prefix_is_skipped(tmp_path):
+    # as a multi-node srun log quotes it: "0: " before each dict, and the bar's counts after them 17 and 18 apart
+    lines = []
+    for count, loss in ((18, 3.0288), (35, 2.8485), (53, 2.7659), (71, 2.7257)):
+        lines += [
+            "0: " + _dict(count, loss, total=1136, v5=False),
+            f"  2%|▏         | {count}/1136 [00:08<08:31,  2.19it/s]",
+        ]
+    p = tmp_path / "train.log"
+    p.write_text("1: [INFO|trainer.py:2136] >>   Total optimization steps = 1,136\n" + "\n".join(lines) + "\n")
+    assert detect_format(p) == "hf_console"
+    log = read_log(p)
+    assert [s for s, _ in log.records] == [1, 2, 3, 4] and dict(log.records)[1]["loss"] == 3.0288
+    assert any("not evenly spaced" in n for n in log.notes), log.notes
+
+
+def test_a_first_step_and_then_every_logging_steps_are_the_bars_counts(tmp_path):
+    p = tmp_path / "train.log"
+    p.write_text("".join(_with_bar(step, _dict(step, 2.5)) for step in (1, 10, 20, 30)) + "\n")
+    assert [s for s, _ in read_log(p).records] == [1, 10, 20, 30]
+
+
 def test_evaluations_join_the_training_entry_before_them_and_the_summary_is_left_out(tmp_path):
     evaluation = (
         "\x1b[A{'eval_loss': '2.4', 'eval_runtime': '0.011', 'eval_samples_per_second': '727.6', 'epoch': '0.1'}"
@@ -80,6 +102,21 @@ def test_evaluations_join_the_training_entry_before_them_and_the_summary_is_left
     assert sorted(obs) == [20, 40]
     assert obs[20]["val/loss"] == 2.4 and obs[20]["loss"] == 2.5 and "val/loss" not in obs[40]
     assert any(n.startswith("1 end-of-training summary") for n in log.notes), log.notes
+
+
+def test_an_evaluation_with_a_callbacks_own_value_is_still_an_evaluation(tmp_path):
+    # lines as a Kaggle write-up quotes its Trainer's console (a callback adds 'elapsed' to every log)
+    lines = [
+        "{'loss': 2.2699, 'grad_norm': 7.9375, 'learning_rate': 4.155e-05, 'elapsed': 3891.08, 'epoch': 3.7546}",
+        "{'eval_loss': 2.1393, 'eval_runtime': 42.3699, 'elapsed': 4185.54, 'epoch': 4.0}",
+        "{'loss': 2.3233, 'grad_norm': 8.5625, 'learning_rate': 4.027e-05, 'elapsed': 4279.60, 'epoch': 4.096}",
+    ]
+    p = tmp_path / "train.log"
+    p.write_text("\n".join(lines) + "\n")
+    log = read_log(p)
+    assert [s for s, _ in log.records] == [1, 2]  # one entry per training dict: no restart
+    records = dict(log.records)
+    assert records[1]["eval_loss"] == 2.1393 and records[1]["elapsed"] == 3891.08 and records[2]["loss"] == 2.3233
 
 
 def test_nan_inf_and_tensor_reprs_of_older_versions_are_read(tmp_path):

@@ -7,16 +7,17 @@ bar redraws around it) or, with ``disable_tqdm``, on a line of its own::
     {'loss': 2.3456, 'grad_norm': 1.23, 'learning_rate': 5e-05, 'epoch': 0.01}
 
 (transformers 5 prints each float as a string of 4 significant digits: ``{'loss': '2.346', ...}``; a NaN loss is
-``nan`` or ``'nan'``; 4.38–4.39 may print ``tensor(1.23, device='cuda:0')`` for the gradient norm). A dict with
-``eval_*`` names is an evaluation (``eval_loss`` is the validation loss) and belongs to the training entry printed
-before it; the final ``{'train_runtime': ...}`` summary is left out, counted in a note.
+``nan`` or ``'nan'``; a value logged as a tensor prints ``tensor(1.23, device='cuda:0')``). A launcher's ``0: `` or
+``[rank0]:`` before a dict is skipped. A dict with ``eval_*`` names (and no loss) is an evaluation (``eval_loss`` is
+the validation loss): its ``eval_*`` values join the training entry printed before it. The final
+``{'train_runtime': ...}`` summary is left out, counted in a note.
 
 These lines carry no step. When every training dict is followed by the progress bar's redraw (``12/200 [...]``),
-as in a terminal capture where the bar and the dicts share a stream, that count is the step. Otherwise (stdout
-redirected to a file is block-buffered, so the dicts and stderr's bar are not in order; or no bar) the training
-entries are numbered 1..N in order, and a note says so: the steps are then log intervals, not optimizer steps.
-Dicts are read with `ast.literal_eval`, never evaluated. A line that begins with ``{'`` but is not such a dict is
-one error that names it.
+as in a terminal capture or ``2>&1`` into a file, and those counts are evenly spaced (every ``logging_steps``), they
+are the steps; a launcher that forwards whole lines (srun) may show a later count, and uneven counts are not used.
+Otherwise (no bar, ``disable_tqdm``, uneven counts) the training entries are numbered 1..N in order, and a note
+says so: the steps are then log intervals, not optimizer steps. Dicts are read with `ast.literal_eval`, never
+evaluated. A line that begins with ``{'`` but is not such a dict is one error that names it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,11 @@ from keel.doctor.log import LogReadError, RawLog
 FORMAT = "hf_console"
 _DICT_START = "{'"
 # a dict line with the Trainer's epoch in it; bounded: each candidate line start is scanned at most 4,000 characters
-_SEARCH = re.compile(r"(?:^|\r)[ \t]{0,8}\{'[^\n\r]{0,4000}?'epoch': ", re.MULTILINE)
+_LAUNCHER = (
+    r"(?:\d{1,6}: ?|\[(?:rank|default)\d{1,6}\]: ?)"  # srun's "0: ", torchrun's "[rank0]:" / --tee's "[default0]:"
+)
+_SEARCH = re.compile(rf"(?:^|\r)[ \t]{{0,8}}{_LAUNCHER}?\{{'[^\n\r]{{0,4000}}?'epoch': ", re.MULTILINE)
+_LAUNCHER_PREFIX = re.compile(_LAUNCHER + r"(?=\{')")
 _ESCAPE = re.compile(r"\x1b\[[0-9;?]{0,20}[A-Za-z]")  # tqdm moves the cursor up ("\x1b[A") around a nested bar
 _BAR = re.compile(r"\|[ \t]{0,10}(\d{1,12})/(\d{1,12})[ \t]{0,3}\[")
 # Python's repr of a float that literal_eval does not read, and a tensor's repr: as strings / their number
@@ -41,7 +46,7 @@ _BARE_FLOAT = re.compile(r"(?<=: )(-?(?:nan|inf))(?=[,}])")
 _TENSOR = re.compile(r"tensor\(([-+]?[\w.]{1,40})(?:, ?(?:device|dtype)=[\w.:'\"]{1,40}){0,2}\)")
 SUMMARY = "train_runtime"
 EVAL_PREFIXES = ("eval_", "test_", "predict_")
-TRAINING_NAMES = frozenset({"loss", "grad_norm", "learning_rate", "epoch"})
+TRAINING_NAMES = frozenset({"loss", "grad_norm", "learning_rate"})
 
 
 def looks_like_hf_console(text: str) -> bool:
@@ -71,6 +76,8 @@ def read_hf_console_log(path: str | Path) -> RawLog:
     for number, line in enumerate(read_text(path).split("\n"), start=1):
         line = _ESCAPE.sub("", line) if "\x1b" in line else line
         for segment in filter(None, (part.strip() for part in line.split("\r"))):
+            if launcher := _LAUNCHER_PREFIX.match(segment):
+                segment = segment[launcher.end() :]
             if not segment.startswith(_DICT_START):
                 bar = _BAR.search(segment)
                 if bar is None:
@@ -88,8 +95,8 @@ def read_hf_console_log(path: str | Path) -> RawLog:
                 training.append([logs])
                 bar_counts.append(None)
                 awaiting_bar = True
-            elif kind == "evaluation" and training:
-                training[-1].append(logs)
+            elif kind == "evaluation" and training:  # its epoch and a callback's extras are the training entry's
+                training[-1].append({name: v for name, v in logs.items() if name.startswith(EVAL_PREFIXES)})
             elif kind == "summary":
                 summaries += 1
             else:  # an evaluation before any training dict, or a dict that is not the Trainer's
@@ -102,7 +109,7 @@ def read_hf_console_log(path: str | Path) -> RawLog:
     entries: list[dict[str, Any]] = []
     for step, dicts in zip(steps, training, strict=True):
         for logs in dicts:
-            add_entry(entries, step, logs, shared={"epoch"})  # an evaluation joins the training entry before it
+            add_entry(entries, step, logs)  # an evaluation joins the training entry before it
     log = records_from_objects(path, entries, fmt=FORMAT)
     log.notes.append(note)
     if summaries:
@@ -129,21 +136,28 @@ def _literal(segment: str) -> dict[str, Any] | None:
 
 
 def _kind(logs: dict[str, Any]) -> str:
+    """``summary``, ``training`` (a loss, gradient norm or learning rate), ``evaluation`` (``eval_*`` names and
+    nothing of training's: a callback may add its own, ``'elapsed'``), or ``other``."""
     if SUMMARY in logs:
         return "summary"
-    names = logs.keys() - {"epoch"}
-    if names and all(name.startswith(EVAL_PREFIXES) for name in names):
+    if TRAINING_NAMES & logs.keys():
+        return "training"
+    if any(name.startswith(EVAL_PREFIXES) for name in logs):
         return "evaluation"
-    return "training" if TRAINING_NAMES & logs.keys() else "other"
+    return "training" if "epoch" in logs else "other"
 
 
 def _steps(bar_counts: list[int | None]) -> tuple[list[int], str]:
-    """The progress bar's counts when every training dict has one and they increase; else 1..N. And a note."""
+    """The progress bar's counts when every training dict has one and they are evenly spaced (the Trainer logs every
+    ``logging_steps``, and at step 1 with ``logging_first_step``); else 1..N. And a note that says which."""
     counts = [c for c in bar_counts if c is not None]
-    if len(counts) == len(bar_counts) and all(a < b for a, b in zip(counts, counts[1:], strict=False)):
+    spaced = counts[1:] if counts[:1] == [1] and len(counts) > 2 else counts
+    gaps = {b - a for a, b in zip(spaced, spaced[1:], strict=False)}
+    if len(counts) == len(bar_counts) and len(gaps) <= 1 and all(gap > 0 for gap in gaps):
         return counts, "steps are the progress bar's count redrawn after each Trainer log dict"
+    why = "the progress bar's counts after them are not evenly spaced" if len(counts) == len(bar_counts) else "no step"
     return list(range(1, len(bar_counts) + 1)), (
-        f"the Trainer's console output has no step: its {len(bar_counts)} training log dicts are numbered 1..N in "
+        f"the Trainer's console output has {why}: its {len(bar_counts)} training log dicts are numbered 1..N in "
         "order (log intervals, not optimizer steps; trainer_state.json has the steps)"
     )
 
