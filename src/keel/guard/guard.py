@@ -229,6 +229,8 @@ class Guard(DeferredSteps):
             self.state, observe=policy == "observe", max_grad_norm=max_grad_norm, recovery=self.recovery
         )
         self.actuator.steps_scheduler = steps_scheduler
+        if self.recovery is not None:
+            self.recovery.loop_steps_scheduler = not steps_scheduler
         if sync == "deferred":
             try:
                 self._init_deferred()
@@ -382,6 +384,8 @@ class Guard(DeferredSteps):
                 "nothing was stepped; allowed: step() before close() (to train on, create a new Guard; "
                 "resume=True continues the run from its disk snapshots)"
             )
+        if self.recovery is not None:  # the loop's scheduler calls since the last snapshot are in it now
+            self.components.call("snapshots", self.recovery.complete_snapshot)
         loss_t = _as_scalar(loss)
         self._signals = split_signals(signals, loss_t.device)
         self._norm_before_clip = None if grad_norm is None else _as_scalar(grad_norm, "grad_norm")

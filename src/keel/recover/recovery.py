@@ -26,6 +26,7 @@ none; it never loops on one damaged snapshot.
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 from dataclasses import dataclass, field
@@ -180,6 +181,13 @@ class Recovery:
         self._episode: tuple[int, str] | None = None
         self._unproven: tuple[int, int] | None = None
         self._resumed_tracked: list[str] | None = None  # data positions of the resumed snapshot, checked once
+        # The loop steps the scheduler itself (Guard(steps_scheduler=False), keel.watch): after the update keel
+        # snapshots, per update or per epoch. The newest snapshot's scheduler state, and the LRs it wrote into the
+        # optimizer's groups, are taken at keel's next call (`complete_snapshot`), and only then is it written to
+        # disk: taken with the rest, they are one call behind the update, and a rollback or a resume would leave the
+        # schedule a step (or an epoch) late for good.
+        self.loop_steps_scheduler = False
+        self._awaiting: tuple[Snapshot, bool] | None = None  # (snapshot, due on disk) without its scheduler yet
 
     # --- snapshots ----------------------------------------------------------------------------------
     def note(self, step: int, findings: tuple[Finding, ...], skipped: bool) -> None:
@@ -231,9 +239,25 @@ class Recovery:
         self._last_snapshot = steps_done
         self._taken += 1
         snap = self.ring.take(steps_done, self.state)
-        if to_disk:
+        if self.loop_steps_scheduler and self.state.scheduler is not None:
+            self.complete_snapshot()  # (a rollback's snapshot follows the step's own at once)
+            self._awaiting = (snap, to_disk)
+        elif to_disk:
             self.disk.save_async(snap)  # type: ignore[union-attr]
         return snap
+
+    def complete_snapshot(self) -> None:
+        """Give the newest snapshot the scheduler, and the optimizer's groups, as the loop has left them since (see
+        ``loop_steps_scheduler``), and write it to disk if it is due there. Called at the start of each step and at
+        close."""
+        if self._awaiting is None:
+            return
+        snap, to_disk = self._awaiting
+        self._awaiting = None
+        snap.plain["scheduler"] = copy.deepcopy(self.state.scheduler.state_dict())  # type: ignore[union-attr]
+        snap.skeleton["param_groups"] = copy.deepcopy(self.state.optimizer.state_dict()["param_groups"])
+        if to_disk:
+            self.disk.save_async(snap)  # type: ignore[union-attr]
 
     def fence(self) -> None:
         """Finish the snapshot in flight; called right before ``optimizer.step()`` mutates the tensors."""
@@ -426,6 +450,7 @@ class Recovery:
         self._unproven = (int(unproven[0]), int(unproven[1])) if unproven is not None else None
 
     def close(self) -> None:
+        self.complete_snapshot()
         self.ring.close()
         if self.disk is not None:
             self.disk.wait()
