@@ -2,6 +2,9 @@
 ``\\r``) read by ``keel doctor`` with the Guard's detectors, and hostile variants."""
 
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -144,6 +147,40 @@ def test_doctor_names_a_gradient_spike_and_a_nan_loss_in_the_trainers_console(tm
     out = capsys.readouterr().out
     assert "(hf_console, 200 steps" in out
     assert "     120  critical  grad_spike" in out and "     180  critical  non_finite" in out
+
+
+TRAINER_SCRIPT = """
+import sys, torch
+from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+torch.manual_seed(0)
+model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_head=2, n_embd=32, vocab_size=64, n_positions=32))
+data = [{"input_ids": torch.randint(0, 64, (16,)), "labels": torch.randint(0, 64, (16,))} for _ in range(64)]
+args = TrainingArguments(
+    output_dir=sys.argv[1], per_device_train_batch_size=4, max_steps=12, logging_steps=3, eval_strategy="steps",
+    eval_steps=6, report_to=[], save_strategy="no", disable_tqdm=sys.argv[2] == "1", use_cpu=True,
+)
+Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8]).train()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("disable_tqdm", "steps"), [("0", [3, 6, 9, 12]), ("1", [1, 2, 3, 4])])
+def test_a_real_trainers_console_output_is_read(tmp_path, disable_tqdm, steps):
+    """A tiny Trainer run's stdout and stderr in one file (``2>&1``): with tqdm's bar the steps are the logged ones,
+    without it the entries are numbered; evaluations join the entries of steps 6 and 12."""
+    script, log_path = tmp_path / "train.py", tmp_path / "train.log"
+    script.write_text(TRAINER_SCRIPT)
+    # stdout block-buffered, as with "> train.log 2>&1"
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"OMP_NUM_THREADS": "1"}
+    with log_path.open("w") as out:
+        cmd = [sys.executable, str(script), str(tmp_path / "out"), disable_tqdm]
+        subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=True, timeout=300)
+    assert detect_format(log_path) == "hf_console"
+    log = read_log(log_path)
+    assert [s for s, _ in log.records] == steps
+    with_eval = [s for s, values in log.records if "eval_loss" in values]
+    assert with_eval == [steps[1], steps[3]] and all(math.isfinite(v["loss"]) for _, v in log.records)
+    assert any(n.startswith("1 end-of-training summary") for n in log.notes), log.notes
 
 
 @pytest.mark.parametrize(
