@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from keel.optim import OrthoGrad, orthogonalize_
+from keel.optim import orthograd as orthograd_module
 
 
 def _project64(w: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -123,3 +124,82 @@ def test_closure_and_type_check() -> None:
     assert opt.step(closure) is not None
     with pytest.raises(TypeError, match="torch.optim.Optimizer"):
         OrthoGrad(model.parameters())  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("magnitude", [1e19, 1e25, 1e36])
+def test_gradient_whose_squares_overflow_float32_matches_float64(magnitude: float) -> None:
+    # Σg² overflowed float32 and the factor was inf/inf = NaN: a finite gradient with a well-defined projection.
+    gen = torch.Generator().manual_seed(2)
+    w = torch.randn(256, generator=gen)
+    g = (torch.randn(256, generator=gen) + 0.3 * w) * magnitude
+    expected = _project64(w.numpy(), g.numpy())
+    orthogonalize_([w], [g])
+    np.testing.assert_allclose(g.numpy(), expected, rtol=1e-5, atol=1e-6 * magnitude)
+
+
+def test_bf16_gradient_of_overflowing_norm_matches_float64() -> None:
+    gen = torch.Generator().manual_seed(3)
+    w = torch.randn(256, generator=gen).bfloat16()
+    g = (torch.randn(256, generator=gen) * 1e30).bfloat16()
+    expected = _project64(w.float().numpy(), g.float().numpy())
+    orthogonalize_([w], [g])
+    assert torch.isfinite(g).all()
+    np.testing.assert_allclose(g.float().numpy(), expected, rtol=0, atol=1e-2 * 1e30)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_nearly_parallel_low_precision_gradient_keeps_no_parallel_part(dtype: torch.dtype) -> None:
+    # ‖g⊥‖ = 0.01·‖g‖: the coefficient rounded to bf16 left a parallel part of 7e-3·‖g‖ (4.8× the error of
+    # rounding the exact result; 3.6× in float16); applied in two parts, the error stays within 2.5× it.
+    gen = torch.Generator().manual_seed(0)
+    w = torch.randn(4096, generator=gen)
+    noise = torch.randn(4096, generator=gen)
+    noise -= (noise @ w) / (w @ w) * w
+    w, g = w.to(dtype), (w + 0.01 * noise * w.norm() / noise.norm()).to(dtype)
+    expected = torch.from_numpy(_project64(w.float().numpy(), g.float().numpy()))
+    best = (expected.to(dtype).double() - expected).norm() / expected.norm()
+    orthogonalize_([w], [g])
+    error = (g.double() - expected).norm() / expected.norm()
+    assert error <= 2.5 * best
+    cosine = (g.double() @ w.double()) / (g.double().norm() * w.double().norm())
+    assert abs(cosine) <= 2.5 * best
+
+
+def test_huge_finite_gradient_spike_keeps_orthograd_adamw_finite_like_adamw() -> None:
+    # A spike whose squares overflow float32 made ⊥AdamW's parameters NaN where torch's AdamW stays finite.
+    gen = torch.Generator().manual_seed(0)
+    grads = [torch.randn(256, generator=gen) * 0.01 for _ in range(12)]
+    grads[5] = grads[5] * 1e21
+    start = torch.randn(256, generator=gen)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    plain = torch.optim.AdamW([params[0]], lr=1e-3)
+    ortho = OrthoGrad(torch.optim.AdamW([params[1]], lr=1e-3))
+    for g in grads:
+        for p, opt in zip(params, (plain, ortho), strict=True):
+            p.grad = g.clone()
+            opt.step()
+    assert torch.isfinite(params[0]).all() and torch.isfinite(params[1]).all()
+    assert not torch.equal(params[1], start)
+
+
+def test_weights_whose_norm_overflows_leave_the_gradient_finite() -> None:
+    w = torch.full((64,), 3e38)  # w·w = inf and w·g = inf: inf/inf would put NaN into g; it stays as it was
+    g = torch.linspace(0.5, 1.0, 64)
+    original = g.clone()
+    orthogonalize_([w], [g])
+    assert torch.isfinite(g).all()
+    torch.testing.assert_close(g, original)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_unit_scaling_pass_changes_no_bit(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    # CPU skips the scaling pass for norms below 2^64; accelerators always take it. Both must give the same bits.
+    gen = torch.Generator().manual_seed(4)
+    ws = [torch.randn(9, 7, generator=gen).to(dtype), torch.randn(5, generator=gen).to(dtype)]
+    gs = [(torch.randn(9, 7, generator=gen) * 3e3).to(dtype), (torch.randn(5, generator=gen) * 1e-3).to(dtype)]
+    skipped = [g.clone() for g in gs]
+    orthogonalize_(ws, skipped)
+    monkeypatch.setattr(orthograd_module, "_SAFE_NORM", 0.0)
+    orthogonalize_(ws, gs)
+    for a, b in zip(gs, skipped, strict=True):
+        assert torch.equal(a, b)

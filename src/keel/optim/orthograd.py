@@ -16,6 +16,12 @@ from keel.optim._helpers import accumulation_dtype, check_range, grads_of, group
 from keel.optim._registry import optimizers
 
 _TINY = 1e-30  # the reference's guard; representable in fp32 and bf16
+# float32 and bfloat16 share an 8-bit exponent: Σg² overflows once |g| ≈ 1e18 per entry. Their gradients are
+# scaled to about unit norm by a power of two (exact) before the dot products; float16 (whose Σg² cannot overflow
+# the float32 accumulator) and float64 are left as they are, saving that pass.
+_SCALED_DTYPES = (torch.float32, torch.bfloat16)
+_SAFE_NORM = 2.0**64  # below it, w·g and ‖g⊥‖ cannot overflow float32 for any ‖w‖ < 2^63
+_OVERFLOWED_EXPONENT = 80.0  # ‖g‖ = inf in float32: 2^-80·g has entries ≤ 2^48, Σ of 2^30 squares ≤ 2^126
 
 
 def orthogonalize_(params: Sequence[Tensor], grads: Sequence[Tensor], *, eps: float = _TINY) -> None:
@@ -24,22 +30,64 @@ def orthogonalize_(params: Sequence[Tensor], grads: Sequence[Tensor], *, eps: fl
     g⊥ = g − (w·g)/(w·w + eps)·w, then g⊥ ← g⊥·‖g‖/(‖g⊥‖ + eps). For an all-zero w the projection is
     the identity; for an all-zero g the result is 0. The scalars are computed in float32 (float64 for float64
     tensors). All tensors share one dtype (`OrthoGrad` buckets them so).
+
+    Overflow: float32 and bfloat16 gradients are first scaled by a power of two to about unit norm (exact, one
+    pass), so a finite gradient whose squares overflow float32 (|g| ≳ 1e18) is projected as exactly as a small
+    one (the reference's ‖g‖ = inf gave inf/inf = NaN); the result is scaled back. A coefficient that is still
+    not finite (‖w‖ ≳ 1e19) leaves that gradient unprojected. In bfloat16 and float16 the coefficient is
+    applied in two parts (c rounded to the dtype, then the remainder), so a gradient nearly parallel to w keeps
+    no parallel component from rounding c.
     """
     if not params:
         return
     params, grads = list(params), list(grads)  # the foreach kernels take lists (or tuples) only
     acc = accumulation_dtype(params[0].dtype)
+    g_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=acc))
+    scaled = grads[0].dtype in _SCALED_DTYPES and _may_overflow(g_norm)
+    scales = _unit_scales(g_norm) if scaled else torch.ones_like(g_norm)
+    if scaled:
+        torch._foreach_mul_(grads, [s.to(g.dtype) for s, g in zip(scales.unbind(), grads, strict=True)])
     dots = torch.stack(
         [torch.dot(w.reshape(-1).to(acc), g.reshape(-1).to(acc)) for w, g in zip(params, grads, strict=True)]
     )
-    w_sq = torch.stack(torch._foreach_norm(params, 2, dtype=acc)).square()
-    g_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=acc))
-    coeffs = (dots / (w_sq + eps)).neg()
-    # g ← g − c·w in one pass per tensor (0-d c broadcasts), no temporary.
-    torch._foreach_addcmul_(grads, params, [c.to(g.dtype) for c, g in zip(coeffs.unbind(), grads, strict=True)])
+    w_norm = torch.stack(torch._foreach_norm(params, 2, dtype=acc))
+    coeffs = dots / (w_norm.square() + eps)
+    coeffs = torch.where(torch.isfinite(coeffs), coeffs, 0.0)
+    _subtract_multiple_(grads, params, coeffs)
     perp_norm = torch.stack(torch._foreach_norm(grads, 2, dtype=acc))
-    factors = (g_norm / (perp_norm + eps)).unbind()
-    torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factors, grads, strict=True)])
+    # ‖ĝ‖ = ‖g‖·scale (exact) unless ‖g‖ overflowed; then from ĝ = ĝ⊥ + c·w with ĝ⊥ ⊥ w.
+    scaled_norm = torch.where(torch.isfinite(g_norm), g_norm * scales, torch.hypot(perp_norm, coeffs.abs() * w_norm))
+    factors = (scaled_norm / (perp_norm + eps) / scales).clamp(max=torch.finfo(acc).max)
+    torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factors.unbind(), grads, strict=True)])
+
+
+def _may_overflow(norms: Tensor) -> bool:
+    """Whether the dot products of these gradients need the unit scaling. On CPU the norms are read (free there):
+    below 2^64 nothing can overflow and the scaling pass (~25% of the projection's time) is skipped; the result is
+    the same, as scaling by a power of two is exact. Elsewhere always (deciding would take a device sync)."""
+    if norms.device.type != "cpu":
+        return True
+    return not bool((norms < _SAFE_NORM).all())
+
+
+def _unit_scales(norms: Tensor) -> Tensor:
+    """Powers of two that bring each norm to [1, 2): 2^-⌊log2 ‖g‖⌋; 2^-80 for an overflowed norm, 1 for 0 or NaN
+    (a gradient whose squares all underflow reads as 0, as in the reference). Exponents stay in float32's normal
+    range."""
+    exponents = torch.where(torch.isfinite(norms) & (norms > 0), torch.floor(torch.log2(norms)), 0.0)
+    exponents = torch.where(torch.isposinf(norms), _OVERFLOWED_EXPONENT, exponents).clamp(-126.0, 126.0)
+    return torch.exp2(-exponents)
+
+
+def _subtract_multiple_(grads: list[Tensor], params: list[Tensor], coeffs: Tensor) -> None:
+    """g ← g − c·w in one pass per tensor (0-d c broadcasts, no temporary); for bfloat16/float16 in two, c rounded
+    to the dtype then the remainder, so c is applied to float32 precision."""
+    dtype = grads[0].dtype
+    high = coeffs.to(dtype)
+    torch._foreach_addcmul_(grads, params, list(high.neg().unbind()))
+    if dtype not in (torch.float32, torch.float64):
+        low = (coeffs - high.to(coeffs.dtype)).to(dtype)
+        torch._foreach_addcmul_(grads, params, list(low.neg().unbind()))
 
 
 class OrthoGrad(Optimizer):
