@@ -3,11 +3,17 @@ each taking the losses of its own update (`keel.integrations._backward_owner`)."
 
 from __future__ import annotations
 
+import warnings
+
+import pytest
 import torch
 from torch import nn
 
 import keel
+from keel._core.errors import KeelWarning
+from keel.detect import DivergenceDetector, SpikeDetector, default_detectors
 from keel.integrations._backward_owner import OWNERS
+from keel.integrations.watch import adversarial_detectors
 from keel.store import RunReader
 
 ITERATIONS = 30
@@ -22,7 +28,7 @@ def _losses(run_dir) -> dict[int, float]:
         run.close()
 
 
-def _dcgan(policy: str | None, run_dir=None, *, nan_g_at: int = -1):
+def _dcgan(policy: str | None, run_dir=None, *, nan_g_at: int = -1, detectors=None):
     """dcgan/main.py's shape: D on real and (detached) fake, D steps; then G through D, G steps.
     Returns each iteration's D and G loss as the loop computed them, the watches, and the final parameters."""
     torch.manual_seed(0)
@@ -32,8 +38,9 @@ def _dcgan(policy: str | None, run_dir=None, *, nan_g_at: int = -1):
     opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
     watches = ()
     if policy is not None:
-        watch_d = keel.watch(net_d, opt_d, policy=policy, run_dir=run_dir and run_dir / "D")
-        watch_g = keel.watch(net_g, opt_g, policy=policy, run_dir=run_dir and run_dir / "G")
+        kw = {"detectors": detectors()} if detectors else {}
+        watch_d = keel.watch(net_d, opt_d, policy=policy, run_dir=run_dir and run_dir / "D", **kw)
+        watch_g = keel.watch(net_g, opt_g, policy=policy, run_dir=run_dir and run_dir / "G", **kw)
         watches = (watch_d, watch_g)
     bce = nn.BCEWithLogitsLoss()
     d_losses, g_losses = [], []
@@ -58,13 +65,14 @@ def _dcgan(policy: str | None, run_dir=None, *, nan_g_at: int = -1):
 
 
 def test_a_nan_in_the_generators_loss_skips_the_generators_update_and_not_the_discriminators(tmp_path):
-    _, _, (watch_d, watch_g), _ = _dcgan("skip", tmp_path, nan_g_at=20)
+    with pytest.warns(KeelWarning, match="adversarial_detectors"):  # the default detectors: told once
+        _, _, (watch_d, watch_g), _ = _dcgan("skip", tmp_path, nan_g_at=20)
     assert [(d.step, d.action) for d in watch_g.decisions] == [(20, "skip")]
     assert watch_d.decisions == []  # before: D's next update took G's NaN loss as its own, and was skipped
 
 
 def test_each_watch_takes_the_losses_of_its_own_update(tmp_path):
-    d_losses, g_losses, _, _ = _dcgan("observe", tmp_path)
+    d_losses, g_losses, _, _ = _dcgan("observe", tmp_path, detectors=adversarial_detectors)
     seen_d, seen_g = _losses(tmp_path / "D"), _losses(tmp_path / "G")
     # D: err_d_real + err_d_fake (its two backwards); G: err_g alone, although err_g's graph runs through D
     assert [seen_d[i] for i in range(ITERATIONS)] == [torch.tensor(x).item() for x in d_losses]
@@ -72,7 +80,7 @@ def test_each_watch_takes_the_losses_of_its_own_update(tmp_path):
 
 
 def test_under_observe_the_watched_gan_is_bit_identical_to_the_bare_one():
-    *_, watched = _dcgan("observe")
+    *_, watched = _dcgan("observe", detectors=adversarial_detectors)
     *_, bare = _dcgan(None)
     assert all(torch.equal(p, q) for p, q in zip(watched, bare, strict=True))
 
@@ -108,3 +116,33 @@ def test_a_closed_watch_leaves_every_backward_to_the_one_still_open(tmp_path):
     watch_a.close()
     assert _losses(tmp_path)[0] == loss.item()
     assert OWNERS._keys == set() and OWNERS._owners == {}  # nothing of either watch is left behind
+
+
+def _keel_warnings(run) -> list[str]:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run()
+    return [str(w.message) for w in caught if issubclass(w.category, KeelWarning)]
+
+
+def test_a_gan_with_the_default_detectors_is_told_once_to_take_the_adversarial_ones():
+    messages = _keel_warnings(lambda: _dcgan("observe"))
+    assert len(messages) == 1 and "detectors=keel.integrations.watch.adversarial_detectors()" in messages[0]
+
+
+def test_with_the_adversarial_detectors_a_nan_in_g_is_still_skipped_and_nothing_is_warned():
+    found = {}
+    messages = _keel_warnings(lambda: found.update(w=_dcgan("recover", nan_g_at=20, detectors=adversarial_detectors)))
+    _, _, (watch_d, watch_g), _ = found["w"]
+    assert messages == []
+    assert [(d.step, d.action) for d in watch_g.decisions] == [(20, "skip")] and watch_d.decisions == []
+
+
+def test_the_adversarial_detectors_are_the_defaults_without_the_loss_spike_and_divergence():
+    def described(detectors):
+        return [(d.name, getattr(getattr(d, "config", None), "signal", None)) for d in detectors]
+
+    left_out = [("spike", "loss"), ("divergence", "loss")]
+    assert described(adversarial_detectors()) == [d for d in described(default_detectors()) if d not in left_out]
+    assert not any(isinstance(d, DivergenceDetector) for d in adversarial_detectors())
+    assert [d.config.signal for d in adversarial_detectors() if isinstance(d, SpikeDetector)] == ["grad/norm"]

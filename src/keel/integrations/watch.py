@@ -33,6 +33,8 @@ skips or restores them all there; the others' calls of that update do nothing. A
 optimizer (a GAN: D's backward and step, then G's) takes one watch per model and optimizer, ``keel.watch(netD,
 optD)`` and ``keel.watch(netG, optG)``: each backward's loss goes to the first of them to update after it among
 those whose model it reached (`keel.integrations._backward_owner`), so a NaN in G's loss skips G's update, not D's.
+A GAN's losses rise and fall by design: give both watches ``detectors=adversarial_detectors()`` (no loss spike or
+divergence detector; on the dcgan shape the defaults rolled a clean run's generator back); keel warns once otherwise.
 """
 
 from __future__ import annotations
@@ -47,8 +49,11 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from keel._core import keys
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning, TrainingAborted
+from keel.detect import DivergenceDetector, SpikeDetector, default_detectors
+from keel.detect.detector import Detector
 from keel.guard import Guard, Optimizers, Schedulers
 from keel.integrations._backward_owner import OWNERS, Backward
 from keel.integrations._handoff import Handoff
@@ -94,6 +99,7 @@ class Watch:
         held = Schedulers(*schedulers) if len(schedulers) > 1 else next(iter(schedulers), None)
         self.guard = Guard(model, stepped, held, scaler=scaler, steps_scheduler=False, **guard_kwargs)
         self._scaler = scaler
+        self._default_detectors = guard_kwargs.get("detectors") is None
         self._answered: set[int] = set()  # the parts whose step() call of this update keel has already made
         self._schedulers = [LoopScheduler(observe=self.guard.policy == "observe") for _ in schedulers]
         self._decided = 0  # the guard's decisions already counted for the schedulers
@@ -141,6 +147,8 @@ class Watch:
         if not (tensor.ndim == 0 and tensor.is_floating_point() and tensor.grad_fn is not None):
             return original(tensor, *args, **kwargs)
         backward, first = OWNERS.enter(tensor)
+        if first and len(backward.reached) > 1 and self._default_detectors:
+            self._warn("adversarial", ADVERSARIAL)
         if id(self) in backward.reached:
             scale = self._loss_scale()
             self._backwards = [owed for owed in self._backwards if not owed[0].taken]  # another watch's now
@@ -317,6 +325,26 @@ def _as_tuple(value: Any, name: str) -> tuple[Any, ...]:
     return (value,)
 
 
+ADVERSARIAL = (
+    "keel.watch: one backward reached the models of two watches: models trained against each other (a GAN). Their "
+    "losses rise and fall by design, and keel's loss spike and divergence detectors take that for instability (on "
+    "pytorch/examples' dcgan shape a clean run's generator was rolled back). Give both watches "
+    "detectors=keel.integrations.watch.adversarial_detectors(): non-finite values and gradient spikes are still "
+    "caught"
+)
+
+
+def adversarial_detectors() -> list[Detector]:
+    """keel's default detectors without those that judge the loss's level (its spikes, its divergence): for
+    models trained against each other (a GAN's generator and discriminator, one `watch` each), whose losses rise
+    and fall by design. Non-finite values, gradient-norm spikes and the predictive detectors stay."""
+    return [
+        d
+        for d in default_detectors()
+        if not isinstance(d, DivergenceDetector) and not (isinstance(d, SpikeDetector) and d.config.signal == keys.LOSS)
+    ]
+
+
 def grad_scaler_of(scaler: Any) -> Any:
     """The GradScaler to hook: the one given, or the one a wrapper holds as ``_scaler`` (timm's ``NativeScaler``,
     whose ``__call__`` runs that GradScaler's scale, unscale_, step and update); anything else is passed on for the
@@ -342,4 +370,4 @@ def output_loss(output: Any) -> Tensor | None:
     return loss if isinstance(loss, Tensor) and loss.numel() == 1 else None
 
 
-__all__ = ["Watch", "watch", "output_loss"]
+__all__ = ["Watch", "watch", "adversarial_detectors", "output_loss"]
