@@ -55,6 +55,17 @@ def test_without_a_bar_the_training_dicts_are_numbered_in_order_and_a_note_says_
     assert any("numbered 1..N in order" in n for n in log.notes), log.notes
 
 
+def test_a_dict_glued_to_the_bar_before_it_is_read(tmp_path):
+    # stdout flushed right after stderr's bar, no carriage return between (a real buffered Trainer run does this)
+    p = tmp_path / "train.log"
+    p.write_text(
+        _bar(6, 12) + _dict(3, 3.901, total=12) + "\n" + _dict(6, 3.916, total=12) + "\n" + _bar(12, 12) + "\n"
+    )
+    log = read_log(p)
+    assert [(s, v["loss"]) for s, v in log.records] == [(1, 3.901), (2, 3.916)]
+    assert any("not the logged steps" in n for n in log.notes), log.notes
+
+
 def test_a_bar_missing_after_one_dict_numbers_them_all(tmp_path):
     p = tmp_path / "train.log"
     p.write_text(_with_bar(10, _dict(10, 2.5)) + "\n" + _dict(20, 2.25) + "\n" + _dict(30, 2.0) + _bar(30, 200) + "\n")
@@ -164,14 +175,19 @@ Trainer(model=model, args=args, train_dataset=data, eval_dataset=data[:8]).train
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize(("disable_tqdm", "steps"), [("0", [3, 6, 9, 12]), ("1", [1, 2, 3, 4])])
-def test_a_real_trainers_console_output_is_read(tmp_path, disable_tqdm, steps):
-    """A tiny Trainer run's stdout and stderr in one file (``2>&1``): with tqdm's bar the steps are the logged ones,
-    without it the entries are numbered; evaluations join the entries of steps 6 and 12."""
+@pytest.mark.parametrize(
+    ("disable_tqdm", "unbuffered", "steps"),
+    [("0", "1", [3, 6, 9, 12]), ("0", "", [1, 2, 3, 4]), ("1", "", [1, 2, 3, 4])],
+)
+def test_a_real_trainers_console_output_is_read(tmp_path, disable_tqdm, unbuffered, steps):
+    """A tiny Trainer run's stdout and stderr in one file (``2>&1``): with tqdm's bar and unbuffered stdout the steps
+    are the logged ones; with stdout buffered (dicts glued to bars, out of order) or no bar the entries are numbered.
+    Every dict is read either way; evaluations join the entries of steps 6 and 12."""
     script, log_path = tmp_path / "train.py", tmp_path / "train.log"
     script.write_text(TRAINER_SCRIPT)
-    # stdout block-buffered, as with "> train.log 2>&1"
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"} | {"OMP_NUM_THREADS": "1"}
+    if unbuffered:  # as a terminal, or python -u; else stdout is block-buffered, as with "> train.log 2>&1"
+        env["PYTHONUNBUFFERED"] = unbuffered
     with log_path.open("w") as out:
         cmd = [sys.executable, str(script), str(tmp_path / "out"), disable_tqdm]
         subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT, env=env, check=True, timeout=300)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import ast
 import re
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -70,20 +71,17 @@ def read_hf_console_log(path: str | Path) -> RawLog:
     """
     path = Path(path)
     training: list[list[dict[str, Any]]] = []  # each training dict, then the evaluations printed after it
-    bar_counts: list[int | None] = []  # the progress bar's count redrawn right after each training dict
+    bar_counts: list[tuple[int, int] | None] = []  # the bar's (count, total) redrawn right after each training dict
     awaiting_bar = False
     summaries = other_lines = 0
     for number, line in enumerate(read_text(path).split("\n"), start=1):
-        line = _ESCAPE.sub("", line) if "\x1b" in line else line
-        for segment in filter(None, (part.strip() for part in line.split("\r"))):
-            if launcher := _LAUNCHER_PREFIX.match(segment):
-                segment = segment[launcher.end() :]
+        for segment in _segments(line):
             if not segment.startswith(_DICT_START):
                 bar = _BAR.search(segment)
                 if bar is None:
                     other_lines += 1
                 elif awaiting_bar:
-                    bar_counts[-1] = int(bar.group(1))
+                    bar_counts[-1] = (int(bar.group(1)), int(bar.group(2)))
                 awaiting_bar = False
                 continue
             awaiting_bar = False
@@ -119,6 +117,22 @@ def read_hf_console_log(path: str | Path) -> RawLog:
     return log
 
 
+def _segments(line: str) -> Iterator[str]:
+    """A line's ``\\r``-separated pieces, cursor codes and a launcher's prefix skipped; a dict glued to the bar before
+    it (stdout's buffer flushed right after stderr's bar) is a piece of its own."""
+    line = _ESCAPE.sub("", line) if "\x1b" in line else line
+    for part in line.split("\r"):
+        part = part.strip()
+        if launcher := _LAUNCHER_PREFIX.match(part):
+            part = part[launcher.end() :]
+        head, glue, tail = part.partition("]" + _DICT_START)
+        if glue and not head.startswith(_DICT_START) and _BAR.search(head):
+            yield head + "]"
+            yield _DICT_START + tail
+        elif part:
+            yield part
+
+
 def _literal(segment: str) -> dict[str, Any] | None:
     """The dict a segment prints (read by `ast.literal_eval`), or None when it is not a dict of str keys."""
     if not segment.endswith("}"):
@@ -147,18 +161,24 @@ def _kind(logs: dict[str, Any]) -> str:
     return "training" if "epoch" in logs else "other"
 
 
-def _steps(bar_counts: list[int | None]) -> tuple[list[int], str]:
-    """The progress bar's counts when every training dict has one and they are evenly spaced (the Trainer logs every
-    ``logging_steps``, and at step 1 with ``logging_first_step``); else 1..N. And a note that says which."""
-    counts = [c for c in bar_counts if c is not None]
+def _steps(bar_counts: list[tuple[int, int] | None]) -> tuple[list[int], str]:
+    """The progress bar's counts when every training dict has one, of one bar (one total), evenly spaced (the Trainer
+    logs every ``logging_steps``, and at step 1 with ``logging_first_step``); else 1..N. And a note that says which."""
+    counts = [bar[0] for bar in bar_counts if bar is not None]
+    totals = {bar[1] for bar in bar_counts if bar is not None}
     spaced = counts[1:] if counts[:1] == [1] and len(counts) > 2 else counts
     gaps = {b - a for a, b in zip(spaced, spaced[1:], strict=False)}
-    if len(counts) == len(bar_counts) and len(gaps) <= 1 and all(gap > 0 for gap in gaps):
+    if len(counts) == len(bar_counts) and len(totals) == 1 and len(gaps) <= 1 and all(gap > 0 for gap in gaps):
         return counts, "steps are the progress bar's count redrawn after each Trainer log dict"
-    why = "the progress bar's counts after them are not evenly spaced" if len(counts) == len(bar_counts) else "no step"
+    numbered = (
+        f"its {len(bar_counts)} training log dicts are numbered 1..N in order (log intervals, not optimizer steps; "
+        "trainer_state.json has the steps)"
+    )
+    if not counts:
+        return list(range(1, len(bar_counts) + 1)), f"the Trainer's console output has no step: {numbered}"
     return list(range(1, len(bar_counts) + 1)), (
-        f"the Trainer's console output has {why}: its {len(bar_counts)} training log dicts are numbered 1..N in "
-        "order (log intervals, not optimizer steps; trainer_state.json has the steps)"
+        "the progress bar's counts after the Trainer's log dicts are not the logged steps (missing, of another bar "
+        f"or not evenly spaced: stdout buffered apart from stderr?): {numbered}"
     )
 
 
