@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from keel import Guard, RecoveryConfig
+from keel import Finding, Guard, RecoveryConfig
 from keel.store import RunReader
 from tests.conftest import TinyNet, make_batches
 
@@ -251,3 +251,90 @@ def test_a_run_killed_after_a_rollback_resumes_on_the_rolled_back_timeline_bit_f
     after = {int(s): (float(v), a) for s, v, a in (line.split() for line in resumed.stdout.splitlines())}
     assert min(after) == 24 and max(after) == 39  # the restored state, taken right after the rollback
     assert all(after[s] == reference[s] for s in after)  # bit for bit, and no second rollback at step 23
+
+
+@pytest.mark.slow  # three processes, a SIGKILL; the in-process test below checks the same ring each commit
+def test_a_run_killed_before_its_trouble_rolls_back_after_resume_as_far_as_the_uninterrupted_run(tmp_path):
+    # killed at step 21 (disk: the snapshots of 10, 15 and 20), resumed from 20: at 23 the divergence that began at
+    # 12 needs the snapshot of 10. The ring used to hold the resumed snapshot only: "no snapshot from before step
+    # 12", an abort where the uninterrupted run rolled back (reviewer V1)
+    script = tmp_path / "train.py"
+    script.write_text(ROLLBACK_SCRIPT.replace("disk_every=1)", "disk_every=1, keep_on_disk=3)"))
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+
+    def run(run_dir, kill_at, resume):
+        return subprocess.run(
+            [sys.executable, str(script), str(tmp_path / run_dir), str(kill_at), resume],
+            capture_output=True,
+            text=True,
+            env=env,
+        )
+
+    full = run("a", -1, "0")
+    assert full.returncode == 0, full.stderr
+    reference = {int(s): (float(v), a) for s, v, a in (line.split() for line in full.stdout.splitlines())}
+    assert run("b", 21, "0").returncode == -signal.SIGKILL
+    resumed = run("b", -1, "1")
+    assert resumed.returncode == 0, resumed.stderr
+    after = {int(s): (float(v), a) for s, v, a in (line.split() for line in resumed.stdout.splitlines())}
+    assert min(after) == 20 and after[23][1] == "rollback"
+    assert all(after[s] == reference[s] for s in after)  # bit for bit, the rollback to 10 included
+
+
+class _DivergesAt23:
+    """A critical divergence at step 23 that began at step 12 (a rollback needs the snapshot of step 10)."""
+
+    name = "diverges_at_23"
+
+    def update(self, obs):
+        if obs.step != 23:
+            return []
+        return [
+            Finding(
+                step=23,
+                kind="divergence",
+                severity="critical",
+                signal="loss",
+                value=9.0,
+                baseline=1.0,
+                evidence={"onset_step": 12},
+            )
+        ]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def test_a_resumed_ring_holds_the_runs_older_disk_snapshots_too(tmp_path):
+    def train(resume, stop):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        config = RecoveryConfig(snapshot_every=5, quiet_steps=1, disk_every=1, keep_on_disk=3)
+        guard = Guard(
+            model,
+            opt,
+            run_dir=str(tmp_path),
+            policy="recover",
+            resume=resume,
+            detectors=[_DivergesAt23()],
+            recovery=config,
+        )
+        ring = [snap.step for snap in guard.recovery.ring.snapshots]
+        decisions = {}
+        for step, (x, y) in list(enumerate(make_batches(30)))[guard.global_step : stop]:
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            decisions[step] = guard.step(loss)
+            opt.zero_grad(set_to_none=True)
+            guard.recovery.disk.wait()
+        guard.close()
+        return ring, decisions
+
+    train(False, 21)  # stopped after step 20: its disk holds the snapshots of 10, 15 and 20
+    ring, decisions = train(True, 26)
+    assert ring == [10, 15, 20]  # it held [20] alone: the rollback at 23 aborted (reviewer V1)
+    assert decisions[23].action == "rollback" and decisions[23].restored_step == 10

@@ -72,6 +72,7 @@ class DiskSnapshots:
         self.written: list[tuple[int, str, str]] = []  # (step, path, checksum) of completed writes
         self._own: list[Path] = []  # this run's snapshot folders, oldest write first: the only ones retention deletes
         self.found = 0  # snapshot folders the last load_newest considered (its own run's and others')
+        self._older: list[Path] = []  # the run's folders older than the one load_newest returned, oldest first
         self._thread: threading.Thread | None = None
         self._warned = False
         self._checksums: dict[str, tuple[FixedTensor, str]] = {}  # key -> (the record it was computed for, CRC)
@@ -202,11 +203,14 @@ class DiskSnapshots:
                 stacklevel=2,
             )
         self._own = [p for p in mine if p not in self._own] + self._own
-        for folder in reversed(mine):
+        for index in reversed(range(len(mine))):
             try:
-                return self.load(folder)
+                snap = self.load(mine[index])
             except SnapshotInvalid as exc:
-                warnings.warn(f"skipping snapshot {folder}: {exc}", SnapshotCorrupt, stacklevel=2)
+                warnings.warn(f"skipping snapshot {mine[index]}: {exc}", SnapshotCorrupt, stacklevel=2)
+                continue
+            self._older = mine[:index]
+            return snap
         if mine or foreign:
             warnings.warn(
                 f"none of the {len(mine) + len(foreign)} snapshots in {self.directory} is usable (see the "
@@ -215,6 +219,20 @@ class DiskSnapshots:
                 stacklevel=2,
             )
         return None
+
+    def load_older(self, limit: int) -> list[Snapshot]:
+        """Up to ``limit`` good snapshots older than the one `load_newest` returned, of the same run, newest first
+        (a bad one is skipped with a `SnapshotCorrupt` naming it): a resumed run can roll back as far as the
+        uninterrupted one could."""
+        found: list[Snapshot] = []
+        for folder in reversed(self._older):
+            if len(found) >= limit:
+                break
+            try:
+                found.append(self.load(folder))
+            except SnapshotInvalid as exc:
+                warnings.warn(f"skipping snapshot {folder}: {exc}", SnapshotCorrupt, stacklevel=2)
+        return found
 
     @staticmethod
     def load(folder: str | Path) -> Snapshot:

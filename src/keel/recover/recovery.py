@@ -400,6 +400,10 @@ class Recovery:
             )
         restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=True, fixed=snap.fixed)
         self.ring.take(snap.step, self.state)  # the resumed state is the first to roll back to
+        # and the older ones on disk after it: a trouble whose onset is before the resumed snapshot (a NaN burst the
+        # run was killed in) is rolled back as far as the uninterrupted run would, not aborted
+        for older in self.disk.load_older(self.config.keep_in_memory - 1):
+            self.ring.add_older(older)
         self._resumed_tracked = sorted(snap.plain["tracked"])
         return snap
 

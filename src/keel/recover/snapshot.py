@@ -236,6 +236,12 @@ class SnapshotRing:
         unique = {id(s): s for s in (*self.snapshots, *self.pinned) if s.step <= step}
         return sorted(unique.values(), key=lambda s: s.step, reverse=True)
 
+    def add_older(self, snapshot: Snapshot) -> None:
+        """Put a snapshot older than every one in the ring (read back from disk on resume) at its old end, if there
+        is room."""
+        if len(self.snapshots) < self.capacity and all(snapshot.step < s.step for s in self.snapshots):
+            self.snapshots.insert(0, snapshot)
+
     def pin(self, snapshot: Snapshot) -> None:
         """Keep ``snapshot`` when the ring moves on; beyond ``max_pinned`` pins the oldest pin is released."""
         if self.max_pinned == 0 or any(p is snapshot for p in self.pinned):
