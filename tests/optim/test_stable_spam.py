@@ -276,3 +276,56 @@ def test_edge_cases_zero_grad_bf16_empty() -> None:
 def test_rejects_bad_hyperparameters(kwargs: dict, field: str) -> None:
     with pytest.raises(ValueError, match=re.escape(f"StableSPAM.{field}=")):
         StableSPAM([torch.nn.Parameter(torch.zeros(1))], **kwargs)
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (40, 5)], ids=["dense-clip", "row-wise-clip-shape"])
+@pytest.mark.parametrize("foreach", [None, True], ids=["tensor-major", "foreach"])
+def test_spike_whose_square_overflows_float32_matches_float64(foreach: bool | None, shape: tuple[int, int]) -> None:
+    # A finite 1e25 entry: clipped to M̂ ≈ 3e23, its n² = 1e47 overflowed the float32 statistics (and ‖g‖ itself
+    # overflowed the float32 norm): norm_ema = inf, parameters NaN. float64 handles it; keel must follow.
+    h = _hyper(gamma3=0.999, interval=0, foreach=foreach)
+    p, opt, ref, clipped = _compare(36, h, shape=shape, spikes={30: 1e25, 33: -3e37})
+    assert clipped >= 2 and torch.isfinite(p).all()
+    state = opt.state[p]
+    assert state["norm_rms_ema"].item() == pytest.approx(np.sqrt(ref.norm_sq_ema), rel=3e-5)
+
+
+@pytest.mark.parametrize("foreach", [None, True], ids=["tensor-major", "foreach"])
+def test_spike_size_beyond_the_clip_does_not_change_the_updates(foreach: bool | None) -> None:
+    # M is updated before the clip (the paper's order), so the clipped spike scales with the spike: 1e25 and 1e6
+    # spikes (all entries) must give the same parameters after a few more steps, not NaN.
+    finals = []
+    for size in (1e6, 1e25):
+        gen = torch.Generator().manual_seed(0)
+        p = torch.nn.Parameter(torch.randn(64, generator=gen))
+        opt = StableSPAM([p], lr=1e-3, foreach=foreach)
+        for t in range(40):
+            g = torch.randn(64, generator=gen) * 0.01
+            p.grad = g * (size / 0.01) if t == 30 else g
+            opt.step()
+        finals.append(p.detach().clone())
+    assert torch.isfinite(finals[1]).all()
+    torch.testing.assert_close(finals[1], finals[0], rtol=1e-4, atol=1e-6)
+
+
+def test_state_saved_with_the_squared_norm_statistic_loads_and_continues() -> None:
+    # keel before 0.x kept v_n as "norm_sq_ema"; such a state is converted to r_n = sqrt(v_n) on the next step.
+    gen = torch.Generator().manual_seed(1)
+    start = torch.randn(5, generator=gen)
+    params = [torch.nn.Parameter(start.clone()) for _ in range(2)]
+    opts = [StableSPAM([p], lr=1e-2, reset_interval=0) for p in params]
+    grads = [torch.randn(5, generator=gen) for _ in range(6)]
+    for g in grads[:3]:
+        for p, opt in zip(params, opts, strict=True):
+            p.grad = g.clone()
+            opt.step()
+    old = copy.deepcopy(opts[1].state_dict())
+    for state in old["state"].values():
+        state["norm_sq_ema"] = state.pop("norm_rms_ema").square()
+    opts[1].load_state_dict(old)
+    for g in grads[3:]:
+        for p, opt in zip(params, opts, strict=True):
+            p.grad = g.clone()
+            opt.step()
+    assert "norm_sq_ema" not in opts[1].state[params[1]]
+    torch.testing.assert_close(params[1], params[0], rtol=1e-6, atol=1e-7)

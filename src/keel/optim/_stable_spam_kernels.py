@@ -19,6 +19,7 @@ from keel.optim._rows import as_rows, hot_rows, row_abs_max, scale_spikes
 from keel.optim.ada_clip import ada_clip_, ada_clip_thresholds
 
 _TINY = torch.finfo(torch.float32).tiny
+_FLOAT32_MAX = torch.finfo(torch.float32).max  # the statistics are float32: larger norms saturate here
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +66,7 @@ def tensor_major_update(
     gamma1, gamma2, gamma3 = plan.gammas
     grads = grads_of(params)
     maxima = torch.stack(max_abs(grads)).tolist()
-    previous = {key: torch.stack([s[key] for s in states]).tolist() for key in ("clip_ema", "norm_ema", "norm_sq_ema")}
+    previous = {key: torch.stack([s[key] for s in states]).tolist() for key in ("clip_ema", "norm_ema", "norm_rms_ema")}
     updated: dict[str, list[float]] = {key: [] for key in previous}
     resets = set(plan.resets)
     outs = scratch.like(params, 1)
@@ -75,8 +76,10 @@ def tensor_major_update(
         ema = gamma3 * previous["clip_ema"][i] + (1.0 - gamma3) * maxima[i]
         threshold = ema / (1.0 - gamma3**t)
         src, hot = g, None
+        acc = accumulation_dtype(g.dtype)
+        squares_fit = maxima[i] * maxima[i] * g.numel() < torch.finfo(acc).max
         if maxima[i] > threshold:
-            rows = _rows_if_writable(p, g, state)
+            rows = _rows_if_writable(p, g, state) if squares_fit else None
             indices = hot_rows(row_abs_max(rows), threshold) if rows is not None else None
             if rows is None or indices is None:
                 spiked = torch.abs(g, out=out).gt_(threshold)  # 1.0 where |g| > M̂
@@ -84,20 +87,22 @@ def tensor_major_update(
             else:
                 hot = _HotRows(indices, rows, scale_spikes(rows.index_select(0, indices), threshold, maxima[i]))
         # AdaGN (the norm of the clipped gradient; with hot rows, the other rows' sum plus theirs).
-        acc = accumulation_dtype(g.dtype)
-        if hot is None:
+        if hot is None and squares_fit:
             norm = torch.linalg.vector_norm(src, dtype=acc).item()
+        elif hot is None:  # Σg² would overflow: the norm of src/max|g|, scaled back (a rare extra pass)
+            norm = maxima[i] * torch.linalg.vector_norm(src.to(acc) / maxima[i], dtype=acc).item()
         else:
             row_sq = torch.linalg.vector_norm(hot.rows, dim=1, dtype=acc).square_()
             norm = math.sqrt(
                 row_sq.index_fill_(0, hot.indices, 0.0).sum().item() + hot.clipped.float().square().sum().item()
             )
         g1 = gamma1 * plan.scales[i]
-        norm_ema = g1 * previous["norm_ema"][i] + (1.0 - g1) * norm
-        norm_sq_ema = gamma2 * previous["norm_sq_ema"][i] + (1.0 - gamma2) * norm * norm
-        target = (norm_ema / (1.0 - g1**t)) / (math.sqrt(norm_sq_ema / (1.0 - gamma2**t)) + plan.eps)
+        saturated = min(norm, _FLOAT32_MAX)
+        norm_ema = g1 * previous["norm_ema"][i] + (1.0 - g1) * saturated
+        norm_rms_ema = math.hypot(math.sqrt(gamma2) * previous["norm_rms_ema"][i], math.sqrt(1.0 - gamma2) * saturated)
+        target = (norm_ema / (1.0 - g1**t)) / (norm_rms_ema / math.sqrt(1.0 - gamma2**t) + plan.eps)
         factor = target / norm if norm > 0 else 0.0
-        for key, value in (("clip_ema", ema), ("norm_ema", norm_ema), ("norm_sq_ema", norm_sq_ema)):
+        for key, value in (("clip_ema", ema), ("norm_ema", norm_ema), ("norm_rms_ema", norm_rms_ema)):
             updated[key].append(value)
         # AdaGN's rescale into scratch (p.grad stays untouched), then MoRet + Adam in one fused pass. Hot rows
         # were updated densely from the unclipped gradient: they are saved first and updated again from the
@@ -127,6 +132,12 @@ def tensor_major_update(
     for key, values in updated.items():
         for state, value in zip(states, torch.tensor(values, dtype=torch.float32).unbind(), strict=True):
             state[key] = value
+
+
+def _unit_scales(maxima: Tensor) -> Tensor:
+    """2^-⌊log2 max|g|⌋ per tensor (1 for an all-zero one), the exponent within float32's normal range."""
+    exponents = torch.where(maxima > 0, torch.floor(torch.log2(maxima.clamp_min(_TINY))), 0.0)
+    return torch.exp2(-exponents.clamp(-126.0, 126.0))
 
 
 class _HotRows(NamedTuple):
@@ -159,22 +170,27 @@ def foreach_update(params: list[Tensor], states: list[dict[str, Any]], plan: Sta
     counts = torch.tensor(plan.counts, dtype=torch.float32, device=device)
     clip_ema, thresholds = ada_clip_thresholds(maxima, torch.stack([s["clip_ema"] for s in states]), counts, gamma3)
     outs = scratch.like(params, 1)
+    # The clipped gradients come out scaled by 2^-⌊log2 max|g|⌋ (exact, same pass), so their Σg² cannot overflow.
+    units = _unit_scales(maxima)
     inputs = [
-        ada_clip_(g, m, thr, out=out)
-        for g, m, thr, out in zip(grads, maxima.unbind(), thresholds.unbind(), outs, strict=True)
+        ada_clip_(g, m, thr, out=out, times=u)
+        for g, m, thr, out, u in zip(grads, maxima.unbind(), thresholds.unbind(), outs, units.unbind(), strict=True)
     ]
-    # AdaGN: rescale each tensor to norm m̂_n/(sqrt(v̂_n)+ε).
-    norms = torch.stack(torch._foreach_norm(inputs, 2, dtype=accumulation_dtype(inputs[0].dtype))).float()
+    # AdaGN: rescale each tensor to norm m̂_n/(r̂_n+ε).
+    scaled_norms = torch.stack(torch._foreach_norm(inputs, 2, dtype=accumulation_dtype(inputs[0].dtype))).float()
+    norms = (scaled_norms / units).clamp_max(_FLOAT32_MAX)
     g1 = torch.tensor([gamma1 * s for s in plan.scales], dtype=torch.float32, device=device)
     norm_ema = g1 * torch.stack([s["norm_ema"] for s in states]) + (1.0 - g1) * norms
-    norm_sq_ema = gamma2 * torch.stack([s["norm_sq_ema"] for s in states]) + (1.0 - gamma2) * norms.square()
-    target = (norm_ema / (1.0 - torch.pow(g1, counts))) / (
-        torch.sqrt(norm_sq_ema / (1.0 - torch.pow(gamma2, counts))) + plan.eps
+    norm_rms_ema = torch.hypot(
+        math.sqrt(gamma2) * torch.stack([s["norm_rms_ema"] for s in states]), math.sqrt(1.0 - gamma2) * norms
     )
-    factors = torch.where(norms > 0, target / norms.clamp_min(_TINY), 0.0)
+    target = (norm_ema / (1.0 - torch.pow(g1, counts))) / (
+        norm_rms_ema / torch.sqrt(1.0 - torch.pow(gamma2, counts)) + plan.eps
+    )
+    factors = torch.where(scaled_norms > 0, target / scaled_norms.clamp_min(_TINY), 0.0)
     torch._foreach_mul_(inputs, [f.to(x.dtype) for f, x in zip(factors.unbind(), inputs, strict=True)])
-    for state, m, n, v in zip(states, clip_ema.unbind(), norm_ema.unbind(), norm_sq_ema.unbind(), strict=True):
-        state["clip_ema"], state["norm_ema"], state["norm_sq_ema"] = m, n, v
+    for state, m, n, r in zip(states, clip_ema.unbind(), norm_ema.unbind(), norm_rms_ema.unbind(), strict=True):
+        state["clip_ema"], state["norm_ema"], state["norm_rms_ema"] = m, n, r
     # MoRet + Adam with β1' = β1·s_t (tensors grouped by β1', normally one group).
     exp_avgs = [s["exp_avg"] for s in states]
     exp_avg_sqs = [s["exp_avg_sq"] for s in states]

@@ -33,15 +33,20 @@ def ada_clip_thresholds(maxima: Tensor, ema: Tensor, steps: Tensor, gamma: float
     return new_ema, new_ema / (1.0 - torch.pow(gamma, steps))
 
 
-def ada_clip_(grad: Tensor, maximum: Tensor, threshold: Tensor, *, out: Tensor) -> Tensor:
+def ada_clip_(grad: Tensor, maximum: Tensor, threshold: Tensor, *, out: Tensor, times: Tensor | None = None) -> Tensor:
     """Rescale the entries of one tensor with |g| > M̂ by M̂ / max|g| into ``out``; the rest pass unchanged.
 
     Spiked entries keep their sign and relative order and the largest lands exactly on M̂. ``out`` may
-    be ``grad`` itself (in place). ``maximum`` and ``threshold`` are 0-d tensors (no host sync).
+    be ``grad`` itself (in place). ``maximum`` and ``threshold`` are 0-d tensors (no host sync). ``times``
+    (0-d, a power of two keeps it exact) multiplies the whole result in the same pass.
     """
     scale = (threshold / maximum.clamp_min(torch.finfo(torch.float32).tiny)).to(grad.dtype)
     spiked = torch.abs(grad).gt_(threshold)  # 1.0 where |g| > M̂, else 0.0
-    spiked.mul_(scale - 1.0).add_(1.0)  # per-entry multiplier: M̂/max|g| on spikes, 1 elsewhere
+    if times is None:
+        spiked.mul_(scale - 1.0).add_(1.0)  # per-entry multiplier: M̂/max|g| on spikes, 1 elsewhere
+    else:
+        times = times.to(grad.dtype)
+        spiked.mul_((scale - 1.0) * times).add_(times)  # the same, times `times`
     return torch.mul(grad, spiked, out=out)
 
 

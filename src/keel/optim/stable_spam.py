@@ -27,7 +27,7 @@ from keel.optim._helpers import (
 from keel.optim._registry import optimizers
 from keel.optim._stable_spam_kernels import StableSpamPlan, foreach_update, tensor_major_update
 
-_STATS = ("clip_ema", "norm_ema", "norm_sq_ema")
+_STATS = ("clip_ema", "norm_ema", "norm_rms_ema")
 
 
 def momentum_decay_scale(step: int, *, decay_steps: int | None, decay_min: float) -> float:
@@ -54,7 +54,9 @@ class StableSPAM(Optimizer):
     1. decoupled weight decay first: p ← p·(1 − lr·weight_decay);
     2. AdaClip: M ← γ3·M + (1−γ3)·max|g|, M̂ = M/(1−γ3^t); entries with |g| > M̂ become g·M̂/max|g|;
     3. AdaGN: n = ‖g‖; m_n ← γ1'·m_n + (1−γ1')·n, v_n ← γ2·v_n + (1−γ2)·n²; after bias correction
-       g ← g/n · m̂_n/(sqrt(v̂_n)+ε), so the gradient norm entering Adam is ≈ 1 and < 1 right after a spike;
+       g ← g/n · m̂_n/(sqrt(v̂_n)+ε), so the gradient norm entering Adam is ≈ 1 and < 1 right after a spike
+       (keel keeps r_n = sqrt(v_n), updated as hypot(sqrt(γ2)·r_n, sqrt(1−γ2)·n): v_n itself overflows float32
+       once n ≳ 1.8e19);
     4. MoRet: every ``reset_interval`` updates Adam's m and v restart from zero (bias-correction count k ← 1);
     5. Adam with β1' = β1·s_t: p ← p − lr/(1−β1'^k) · m/(sqrt(v)/sqrt(1−β2^k) + ε).
 
@@ -68,7 +70,11 @@ class StableSPAM(Optimizer):
     and step in one pass. One scratch buffer per parameter is kept between steps (4 bytes/parameter).
 
     Feed it finite gradients only (`keel.Guard` skips non-finite steps): a NaN would poison the running
-    statistics.
+    statistics. Finite gradients of any size are fine: ‖g‖ is computed scaled when its square would overflow
+    (then the AdaGN statistics follow the float64 formula; norms beyond float32's range saturate at its max).
+    As in the paper, M is updated before the clip, so a spike raises M̂ and is clipped to it, in proportion to
+    its size: past a few hundred times the usual max|g|, a spike's size no longer changes the updates (a 1e25
+    spike trains on exactly as a 1e4 one; before, its n² overflowed and the parameters became NaN).
 
     Parameters of any floating dtype work; float16 parameters keep float32 moments (`moment_dtype`: in float16
     Adam's second moment underflows), so their state takes 8 bytes per parameter.
@@ -183,6 +189,8 @@ class StableSPAM(Optimizer):
                 state[key] = torch.zeros((), dtype=torch.float32, device=p.device)
         else:
             upcast_moments(p, state)
+            if "norm_sq_ema" in state:  # a state saved by an older keel held v_n itself, which overflows float32
+                state["norm_rms_ema"] = state.pop("norm_sq_ema").clamp_min(0.0).sqrt()
         return state
 
     def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
