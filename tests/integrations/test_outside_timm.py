@@ -4,11 +4,14 @@ timm is not a keel dependency, so `NativeScaler` below is timm.utils.cuda.Native
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from torch import nn
 
 import keel
+from keel._core.errors import KeelWarning
 from keel.store import RunReader
 
 ACCUM, UPDATES = 2, 24
@@ -77,3 +80,23 @@ def test_a_nan_loss_is_the_scalers_skip_and_the_scale_halves_once():
     assert all(p.isfinite().all() for p in params)
     _, _, bare_scaler, _ = _train(None, nan_at=20)
     assert loss_scaler._scaler.get_scale() == bare_scaler._scaler.get_scale() < 65536.0
+
+
+def test_a_grad_scaler_keel_was_not_given_is_named_once():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+    loss_scaler = NativeScaler(device="cpu")
+    watch = keel.watch(model, optimizer, policy="observe")  # no scaler=: keel would see the loss × 65536
+    with pytest.warns(KeelWarning, match=r"scaler=scaler") as caught:
+        for _ in range(3):
+            loss_scaler(model(torch.randn(8, 4)).pow(2).mean(), optimizer)
+            optimizer.zero_grad()
+    watch.close()
+    assert sum("GradScaler keel was not given" in str(w.message) for w in caught) == 1
+
+
+def test_a_grad_scaler_keel_was_given_is_not_warned_about():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KeelWarning)
+        _train("observe")

@@ -206,9 +206,24 @@ class Watch:
         if id(part) in self._answered:  # keel stepped (or skipped) every optimizer at this update's first call
             self._answered.discard(id(part))
             return None
+        if self._scaler is None and "unseen scaler" not in self._warned:
+            self._check_unseen_scaler()
         self._answered = {id(p) for p in self._parts if p is not part}
         self._update()
         return None
+
+    def _check_unseen_scaler(self) -> None:
+        """Warn once when an enabled GradScaler keel was not given makes the loop's ``optimizer.step()`` call
+        (``scaler.step(optimizer)``): the losses keel sees are then the scaled ones."""
+        frame = sys._getframe(1)
+        for _ in range(4):  # this method ← _optimizer_step ← the gate ← GradScaler._maybe_opt_step
+            frame = frame.f_back  # type: ignore[assignment]
+            if frame is None:
+                return
+            caller = frame.f_locals.get("self") if frame.f_code.co_name == "_maybe_opt_step" else None
+            if isinstance(caller, torch.amp.GradScaler) and caller.is_enabled():
+                self._warn("unseen scaler", UNSEEN_SCALER)
+                return
 
     def _scaler_step(self, original: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         if optimizer is not self._parts[0] or args or kwargs:
@@ -324,6 +339,12 @@ def _as_tuple(value: Any, name: str) -> tuple[Any, ...]:
         return tuple(value)
     return (value,)
 
+
+UNSEEN_SCALER = (
+    "keel.watch: the loop steps the optimizer through a GradScaler keel was not given (scaler.step(optimizer)): the "
+    "loss keel sees is the scaled one (× the scale, which doubles as the scaler grows: taken for loss spikes) and the "
+    "scaler's own overflow skips are not recorded; pass it: keel.watch(model, optimizer, scaler=scaler)"
+)
 
 ADVERSARIAL = (
     "keel.watch: one backward reached the models of two watches: models trained against each other (a GAN). Their "
