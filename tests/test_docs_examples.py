@@ -27,9 +27,6 @@ What is run, block by block (in a fresh temporary working directory, with one to
 
 ``keel ...`` in inline code (`` `keel bench overhead --ddp 2` ``) gets the same option check, and each dotted name
 ``keel.x.Name`` in inline code must be one keel has (checked in the source).
-
-README.md blocks whose markers are written in /work/notes/h23-D-readme.md and not added yet are expected to fail
-(`README_PENDING`); once the README carries them, delete `README_PENDING`.
 """
 
 from __future__ import annotations
@@ -59,22 +56,6 @@ FENCE = re.compile(r"^(?P<indent>[ \t]*)```(?P<lang>[\w+-]*)[ \t]*$")
 MARKER = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<spec>.*?)\s*-->\s*$")
 CLAIMED_PRINT = re.compile(r"^\s*print\(.*\)\s+#\s*(?P<claim>\S.*?)\s*$")
 SHELL_LANGS = {"bash", "sh", "shell", "console", ""}
-
-# README.md blocks (by a line of theirs) that fail until the lead applies /work/notes/h23-D-readme.md: fragments
-# without their doc-test marker. An entry no longer applies once its block has a marker; then delete it.
-README_PENDING = [
-    'keel.watch(model, optimizer, scaler=scaler, run_dir="runs/exp1", policy="recover")',
-    "decision = guard.step(loss)",
-    "recovery=keel.RecoveryConfig(snapshot_every=25, disk_every=4))",
-    "for step in range(guard.global_step, total_steps):",
-    'keel.SkipListSampler(RandomSampler(dataset), "runs/exp1")',
-    'result = keel.stabilize(model, ["qk_norm", "z_loss"], optimizer=optimizer)',
-    'guard_trainer(trainer, run_dir="runs/dpo", policy="skip")',
-    'guard.record_eval({"eval_loss": 0.41}, name="hf")',
-    "model = peft.get_peft_model(base,",
-    'probes=[*TRANSFORMER_PROBES, "adam_eps", "numerics"]',
-    'with RunReader("runs/exp1") as run:',
-]
 
 
 @dataclass(frozen=True)
@@ -405,9 +386,6 @@ def _block_params(blocks: list[Block]) -> list:
     params = []
     for block in blocks:
         marks = [pytest.mark.slow] if block.slow else []
-        if block.path.name == "README.md" and not block.marker and any(line in block.code for line in README_PENDING):
-            reason = "a README fragment without its doc-test marker: /work/notes/h23-D-readme.md"
-            marks.append(pytest.mark.xfail(reason=reason, run=False))  # not run: it would import trl, peft ...
         params.append(pytest.param(block, id=block.where, marks=marks))
     return params
 

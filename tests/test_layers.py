@@ -103,3 +103,16 @@ def test_the_report_and_the_doctor_import_no_torch():
     code = "import sys, keel.report, keel.doctor.to_store; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_a_plain_import_keel_reaches_every_subpackage_on_first_use():
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, keel; assert 'torch' not in sys.modules; "
+        "print(keel.signals.TRANSFORMER_PROBES is not None, keel.nn.QKNorm.__name__, "
+        "keel.detect.default_detectors.__name__)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["True", "QKNorm", "default_detectors"]  # AttributeError before: the docs wrote it 57 times

@@ -44,7 +44,28 @@ _LAZY = {
 __all__ = ["Decision", "Finding", "GuardClosed", "KeelError", "KeelWarning", "Observation", "TrainingAborted", *_LAZY]
 
 
+# subpackages reached as ``keel.signals.X`` after a plain ``import keel``, imported on first access
+_SUBPACKAGES = {
+    "catalog",
+    "data",
+    "detect",
+    "doctor",
+    "guard",
+    "integrations",
+    "losses",
+    "nn",
+    "optim",
+    "proxy",
+    "recover",
+    "report",
+    "signals",
+    "store",
+}
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
         return getattr(importlib.import_module(_LAZY[name]), name)
+    if name in _SUBPACKAGES:
+        return importlib.import_module(f"keel.{name}")
     raise AttributeError(f"module 'keel' has no attribute {name!r}")
