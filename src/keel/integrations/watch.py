@@ -350,8 +350,8 @@ ADVERSARIAL = (
     "keel.watch: one backward reached the models of two watches: models trained against each other (a GAN). Their "
     "losses rise and fall by design, and keel's loss spike and divergence detectors take that for instability (on "
     "pytorch/examples' dcgan shape a clean run's generator was rolled back). Give both watches "
-    "detectors=keel.integrations.watch.adversarial_detectors(): non-finite values and gradient spikes are still "
-    "caught"
+    "detectors=adversarial_detectors() (from keel.integrations.watch import adversarial_detectors): non-finite "
+    "values and gradient spikes are still caught"
 )
 
 
