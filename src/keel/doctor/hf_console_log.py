@@ -52,7 +52,7 @@ TRAINING_NAMES = frozenset({"loss", "grad_norm", "learning_rate"})
 
 def looks_like_hf_console(text: str) -> bool:
     """Whether ``text`` holds a line (or a ``\\r`` segment) that is a Python dict with the Trainer's ``'epoch'``."""
-    return _SEARCH.search(text) is not None
+    return _DICT_START in text and _SEARCH.search(text) is not None  # the first test: fast on a JSON log
 
 
 def read_hf_console_log(path: str | Path) -> RawLog:

@@ -42,6 +42,8 @@ EVAL_PREFIX = "eval/"
 
 def looks_like_olmo(text: str) -> bool:
     """Whether ``text`` holds a ``[step=N/MAX]`` header followed by an indented ``name=value`` line."""
+    if "[step=" not in text:  # a fast answer for the JSON and CSV logs that detection tries this on
+        return False
     return _SEARCH.search(ANSI.sub("", text) if "\x1b" in text else text) is not None
 
 

@@ -42,6 +42,8 @@ UNITS = {"%": "percent"}
 
 def looks_like_torchtitan(text: str) -> bool:
     """Whether ``text`` holds a torchtitan ``step: N  loss: X`` line (colour codes and all)."""
+    if "step:" not in text:  # a fast answer for the JSON and CSV logs that detection tries this on
+        return False
     return _SEARCH.search(ANSI.sub("", text) if "\x1b" in text else text) is not None
 
 
