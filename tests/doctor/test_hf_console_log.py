@@ -139,12 +139,14 @@ def test_nan_inf_and_tensor_reprs_of_older_versions_are_read(tmp_path):
         "{'loss': nan, 'grad_norm': inf, 'learning_rate': 5e-05, 'epoch': 0.01}",
         "{'loss': 2.5, 'grad_norm': tensor(1.25, device='cuda:0'), 'learning_rate': 5e-05, 'epoch': 0.02}",
         "{'loss': '-inf', 'grad_norm': -inf, 'learning_rate': '5e-05', 'epoch': '0.03', 'step': 3}",
+        "{'loss': 2.0, 'note': 'lr: inf, then nan}', 'epoch': 0.04}",  # text that looks like the reprs is left as is
     ]
     p.write_text("\n".join(lines) + "\n")
     records = dict(read_log(p).records)
     assert math.isnan(records[1]["loss"]) and records[1]["grad_norm"] == math.inf
     assert records[2]["grad_norm"] == 1.25
     assert records[3]["loss"] == -math.inf and records[3]["logged_step"] == 3
+    assert records[4]["loss"] == 2.0
 
 
 def test_doctor_names_a_gradient_spike_and_a_nan_loss_in_the_trainers_console(tmp_path, capsys):

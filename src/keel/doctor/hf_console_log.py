@@ -137,16 +137,21 @@ def _literal(segment: str) -> dict[str, Any] | None:
     """The dict a segment prints (read by `ast.literal_eval`), or None when it is not a dict of str keys."""
     if not segment.endswith("}"):
         return None
-    text = _BARE_FLOAT.sub(r"'\1'", _TENSOR.sub(r"\1", segment))
-    try:
-        value = ast.literal_eval(text)
-    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
-        return None
+    value = _literal_eval(segment)
+    if value is None:  # Python's repr of nan/inf and of a tensor are no literals: as strings / their number
+        value = _literal_eval(_BARE_FLOAT.sub(r"'\1'", _TENSOR.sub(r"\1", segment)))
     if not isinstance(value, dict) or not all(isinstance(name, str) for name in value):
         return None
     if "step" in value:  # not the Trainer's; kept apart from the step this reader gives the entry
         value["logged_step"] = value.pop("step")
     return value
+
+
+def _literal_eval(text: str) -> Any:
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
+        return None
 
 
 def _kind(logs: dict[str, Any]) -> str:
