@@ -79,10 +79,12 @@ def test_older_and_forked_lines_without_colour_are_read(tmp_path):
 def test_the_first_ranks_lines_are_read_and_other_ranks_counted(tmp_path):
     rank1 = PREFIX.replace("[rank0]", "[rank1]")
     p = tmp_path / "train.log"
-    p.write_text(_log([_line(1, 9.0), _line(1, 9.0, prefix=rank1), _line(2, 8.5), _line(2, 8.5, prefix=rank1)]))
-    log = read_log(p)
-    assert [s for s, _ in log.records] == [1, 2]
-    assert any(n.startswith("2 step lines of other ranks than [rank0]") for n in log.notes), log.notes
+    for node in ("", "0: "):  # srun's label before torchrun's tag
+        lines = [_line(1, 9.0), _line(1, 9.0, prefix=rank1), _line(2, 8.5), _line(2, 8.5, prefix=rank1)]
+        p.write_text(_log([node + line for line in lines]))
+        log = read_log(p)
+        assert [s for s, _ in log.records] == [1, 2]
+        assert any(n.startswith("2 step lines of other ranks than [rank0]") for n in log.notes), log.notes
 
 
 def test_doctor_names_a_gradient_spike_and_a_nan_loss_in_a_torchtitan_log(tmp_path, capsys):

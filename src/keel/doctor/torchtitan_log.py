@@ -72,7 +72,7 @@ def read_torchtitan_log(path: str | Path) -> RawLog:
         if m is None:
             other_lines += bool(line.strip())
             continue
-        tag = _RANK.match(line.lstrip())
+        tag = _RANK.search(line, 0, m.start())  # after srun's "0: " too
         line_rank = tag.group(1) if tag else None
         if rank is None and not entries:
             rank = line_rank
