@@ -102,3 +102,77 @@ def test_state_dict_round_trip() -> None:
     x = torch.randn(4, 6)
     assert torch.equal(a(x), b(x))
     assert set(a.state_dict()) == {"weight", "bias", "reparam.u", "reparam.sigma", "reparam.gamma"}
+
+
+def _top_singular_value(weight: torch.Tensor) -> float:
+    return float(np.linalg.svd(weight.detach().double().reshape(weight.shape[0], -1).numpy(), compute_uv=False)[0])
+
+
+def test_stabilize_trains_a_zero_initialised_layer() -> None:
+    # modded-nanogpt's c_proj / DiT's adaLN: a zero-initialised projection. γ = σ(0) = 0 and u collapsing to 0
+    # left that layer at W = 0, γ = 0 for good (no gradient reaches either); the bare model trains it.
+    from keel.nn import stabilize
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16), nn.GELU(), nn.Linear(16, 1))
+    nn.init.zeros_(model[2].weight)
+    x = torch.randn(64, 16)
+    before = model(x).detach()
+    stabilize(model, ["sigma_reparam"])
+    assert torch.equal(model(x).detach(), before)  # still zero at conversion: the output is unchanged
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    teacher = torch.randn(16, 1)
+    for _ in range(20):
+        batch = torch.randn(64, 16)
+        loss = F.mse_loss(model(batch), torch.tanh(batch @ teacher))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    reparam = model[2].parametrizations.weight[0]
+    original = model[2].parametrizations.weight.original
+    assert reparam.gamma.item() != 0.0 and model[2].weight.abs().max().item() > 1e-4
+    assert reparam.u.norm().item() == pytest.approx(1.0, rel=1e-5)
+    assert reparam.sigma.item() == pytest.approx(_top_singular_value(original), rel=0.05)
+
+
+def test_zero_weight_keeps_u_and_recovers_when_the_weight_moves() -> None:
+    gen = torch.Generator().manual_seed(5)
+    weight = torch.randn(12, 9, generator=gen)
+    reparam = SigmaReparam(weight).train()
+    u = reparam.u.clone()
+    reparam(torch.zeros(12, 9))
+    assert reparam.sigma.item() == 0.0 and torch.equal(reparam.u, u)  # F.normalize(0) = 0 was a fixed point
+    for _ in range(100):
+        reparam(weight * 2)
+    assert reparam.sigma.item() == pytest.approx(2 * _top_singular_value(weight), rel=1e-5)
+
+
+def test_tiny_weight_sigma_matches_float64() -> None:
+    # σ ≈ 4e-15: F.normalize's 1e-12 floor left v and u' far from unit length and σ orders of magnitude low.
+    gen = torch.Generator().manual_seed(6)
+    weight = torch.randn(16, 32, generator=gen) * 1e-15
+    reparam = SigmaReparam(weight).train()
+    reparam.u.copy_(F.normalize(torch.randn(32, generator=gen), dim=0))
+    for _ in range(200):
+        reparam(weight)
+    assert reparam.sigma.item() == pytest.approx(_top_singular_value(weight), rel=1e-4, abs=0.0)
+
+
+def test_zero_linear_gets_a_direction_and_a_gamma_gradient() -> None:
+    zero = nn.Linear(6, 4)
+    with torch.no_grad():
+        zero.weight.zero_()
+    x = torch.randn(5, 6)
+    layer = SigmaReparamLinear.from_linear(zero)
+    out = layer(x)
+    torch.testing.assert_close(out, zero.bias.expand(5, 4))  # γ = 0: the output is unchanged
+    assert layer.weight.abs().min().item() > 0.0 and layer.weight.abs().max().item() <= 6**-0.5
+    assert layer.spectral_norm.item() == pytest.approx(_top_singular_value(layer.weight), rel=1e-5)
+    out.square().sum().backward()
+    assert layer.reparam.gamma.grad is not None and layer.reparam.gamma.grad.item() != 0.0
+    # The direction comes from the generator given (or torch's global one), reproducibly.
+    first = SigmaReparam(torch.zeros(4, 6), generator=torch.Generator().manual_seed(3)).right_inverse(torch.zeros(4, 6))
+    again = SigmaReparam(torch.zeros(4, 6), generator=torch.Generator().manual_seed(3)).right_inverse(torch.zeros(4, 6))
+    assert torch.equal(first, again) and first.any()
+    monitor = SigmaReparam(torch.zeros(4, 6), stats_only=True)  # a monitor changes nothing
+    assert not monitor.right_inverse(torch.zeros(4, 6)).any()
