@@ -147,3 +147,46 @@ def test_the_adversarial_detectors_are_the_defaults_without_the_loss_spike_and_d
     assert described(adversarial_detectors()) == [d for d in described(default_detectors()) if d not in left_out]
     assert not any(isinstance(d, DivergenceDetector) for d in adversarial_detectors())
     assert [d.config.signal for d in adversarial_detectors() if isinstance(d, SpikeDetector)] == ["grad/norm"]
+
+
+def _amp_gan(policy: str | None, run_dir=None):
+    """A GAN with one GradScaler for both optimizers, scaler.update() once per iteration (common AMP GAN code)."""
+    torch.manual_seed(0)
+    net_g = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+    net_d = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    opt_d, opt_g = torch.optim.Adam(net_d.parameters(), lr=2e-4), torch.optim.Adam(net_g.parameters(), lr=2e-4)
+    scaler = torch.amp.GradScaler("cpu", growth_interval=5)
+    watches = []
+    if policy is not None:
+        kw = {"policy": policy, "scaler": scaler, "detectors": adversarial_detectors()}
+        watches = [
+            keel.watch(net_d, opt_d, run_dir=run_dir / "D", **kw),
+            keel.watch(net_g, opt_g, run_dir=run_dir / "G", **kw),
+        ]
+    bce, g_losses = nn.BCEWithLogitsLoss(), []
+    for _ in range(ITERATIONS):
+        net_d.zero_grad()
+        fake = net_g(torch.randn(16, 4))
+        err_d = bce(net_d(torch.randn(16, 8) + 2), torch.ones(16, 1)) + bce(net_d(fake.detach()), torch.zeros(16, 1))
+        scaler.scale(err_d).backward()
+        scaler.step(opt_d)
+        net_g.zero_grad()
+        err_g = bce(net_d(fake), torch.ones(16, 1))
+        scaler.scale(err_g).backward()
+        scaler.step(opt_g)
+        scaler.update()
+        g_losses.append(err_g.item())
+    for watch in watches:
+        watch.close()
+    return [p.detach().clone() for net in (net_d, net_g) for p in net.parameters()], scaler, g_losses
+
+
+def test_a_grad_scaler_shared_by_the_two_watches_is_stepped_as_the_bare_loop_steps_it(tmp_path):
+    """Before, the second watch's hooks on the same scaler ate the update after G's step: the loop's next
+    scaler.step(optimizerG) raised 'step() has already been called since the last update()'."""
+    watched, scaler, g_losses = _amp_gan("observe", tmp_path)
+    bare, bare_scaler, _ = _amp_gan(None)
+    assert all(torch.equal(p, q) for p, q in zip(watched, bare, strict=True))
+    assert scaler.get_scale() == bare_scaler.get_scale() > 65536.0  # it grew: the updates were made
+    assert [_losses(tmp_path / "G")[i] for i in range(ITERATIONS)] == pytest.approx(g_losses, rel=1e-6)  # unscaled
+    assert "step" not in vars(scaler) and "update" not in vars(scaler)  # both watches closed: the scaler is bare

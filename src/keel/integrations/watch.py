@@ -97,8 +97,13 @@ class Watch:
             )
         stepped = Optimizers(*self._parts) if len(self._parts) > 1 else self._parts[0]
         held = Schedulers(*schedulers) if len(schedulers) > 1 else next(iter(schedulers), None)
-        self.guard = Guard(model, stepped, held, scaler=scaler, steps_scheduler=False, **guard_kwargs)
-        self._scaler = scaler
+        # A GradScaler another open watch hooks already (a GAN's one scaler for D and G) is that watch's to step
+        # and update; this one only divides its losses by the scale, and its update comes through scaler.step.
+        hooks_scaler = scaler is not None and id(scaler) not in _HOOKED_SCALERS
+        own_scaler = scaler if hooks_scaler else None
+        self.guard = Guard(model, stepped, held, scaler=own_scaler, steps_scheduler=False, **guard_kwargs)
+        self._scaler = scaler  # the scale of the losses backward sees
+        self._own_scaler = own_scaler
         self._default_detectors = guard_kwargs.get("detectors") is None
         self._answered: set[int] = set()  # the parts whose step() call of this update keel has already made
         self._schedulers = [LoopScheduler(observe=self.guard.policy == "observe") for _ in schedulers]
@@ -114,9 +119,10 @@ class Watch:
         self._hook = model.register_forward_hook(ObserverHook(self._capture_output), with_kwargs=True)
         for part in self._parts:
             self._handoff.gate(part, "step", functools.partial(self._optimizer_step, part))
-        if scaler is not None:
-            self._handoff.gate(scaler, "step", self._scaler_step)
-            self._handoff.gate(scaler, "update", self._after_update)
+        if own_scaler is not None:
+            self._handoff.gate(own_scaler, "step", self._scaler_step)
+            self._handoff.gate(own_scaler, "update", self._after_update)
+            _HOOKED_SCALERS.add(id(own_scaler))
         for loop_scheduler, gated in zip(self._schedulers, schedulers, strict=True):
             self._handoff.gate_scheduler(gated, loop_scheduler.loop_call)
         self._handoff.gate(torch.nn.utils, "clip_grad_norm_", self._clip)
@@ -274,6 +280,8 @@ class Watch:
         self._closed = True
         atexit.unregister(self._close_at_exit)
         OWNERS.close(id(self))
+        if self._own_scaler is not None:
+            _HOOKED_SCALERS.discard(id(self._own_scaler))
         self._handoff.restore()
         self._hook.remove()
         self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
@@ -339,6 +347,8 @@ def _as_tuple(value: Any, name: str) -> tuple[Any, ...]:
         return tuple(value)
     return (value,)
 
+
+_HOOKED_SCALERS: set[int] = set()  # the GradScalers an open watch steps and updates (one watch each)
 
 UNSEEN_SCALER = (
     "keel.watch: the loop steps the optimizer through a GradScaler keel was not given (scaler.step(optimizer)): the "
