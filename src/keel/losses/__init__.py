@@ -24,7 +24,7 @@ from keel.losses.stablemax_cross_entropy import (
     stablemax_s,
 )
 from keel.losses.teacher_intervention import teacher_intervention_loss
-from keel.losses.z_loss import log_partition, z_loss, z_loss_from_log_z
+from keel.losses.z_loss import log_partition, masked_log_partition, z_loss, z_loss_from_log_z
 
 __all__ = [
     "COSTE_PPO_UWO_LAMBDA",
@@ -49,6 +49,7 @@ __all__ = [
     "load_balancing_loss",
     "log_partition",
     "log_stablemax",
+    "masked_log_partition",
     "PolicyLoss",
     "pseudo_huber",
     "pseudo_huber_c",

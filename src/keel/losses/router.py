@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from keel.losses._checks import check_floating, check_number
-from keel.losses.z_loss import log_partition, z_loss_from_log_z
+from keel.losses.z_loss import log_partition, masked_log_partition, z_loss_from_log_z
 
 # ST-MoE's router z-loss coefficient; Megatron's moe_z_loss_coeff docstring: "1e-3 is a good start".
 ROUTER_Z_LOSS_COEFFICIENT = 1e-3
@@ -31,7 +31,8 @@ def router_z_loss(
     Args:
         logits: ``(..., E)`` raw router logits (upcast to float32 when half precision).
         coefficient: Weight of the penalty (1e-3, ST-MoE).
-        mask: Optional boolean ``(...)`` tensor, True for tokens that count (e.g. not padding).
+        mask: Optional boolean ``(...)`` tensor, True for tokens that count (e.g. not padding); masked-out
+            tokens count for nothing in value and gradient, whatever their logits (NaN, all −inf).
 
     Returns:
         A 0-d tensor; 0 for no tokens.
@@ -49,7 +50,8 @@ def router_z_loss(
         eq. 5; Megatron-LM ``moe_utils.z_loss_func``; OLMo-core ``nn/moe/loss.py`` (``router_z_loss``).
     """
     check_floating("logits", logits)
-    return z_loss_from_log_z(log_partition(logits), coefficient=coefficient, mask=mask)
+    log_z = log_partition(logits) if mask is None else masked_log_partition(logits, mask)
+    return z_loss_from_log_z(log_z, coefficient=coefficient, mask=mask)
 
 
 def tokens_per_expert(chosen: Tensor, num_experts: int) -> Tensor:

@@ -10,6 +10,7 @@ import math
 
 import torch
 from torch import Tensor
+from torch.autograd.function import FunctionCtx, once_differentiable
 
 DEFAULT_COEFFICIENT = 1e-4
 
@@ -42,6 +43,8 @@ def z_loss_from_log_z(log_z: Tensor, *, coefficient: float = DEFAULT_COEFFICIENT
 
     Returns:
         A 0-d tensor. An empty batch or an all-False mask gives 0 (not NaN), so padding-only batches are safe.
+        A masked-out token counts for nothing, even with a NaN or infinite log Z (a fully masked attention row
+        under left padding gives NaN logits; 0·NaN was NaN).
 
     Raises:
         ValueError: ``coefficient`` is negative or not finite, or ``mask`` has the wrong shape.
@@ -51,11 +54,54 @@ def z_loss_from_log_z(log_z: Tensor, *, coefficient: float = DEFAULT_COEFFICIENT
     if mask is None:
         # sum / max(n, 1) rather than mean(): an empty batch gives 0, not NaN.
         return coefficient * squared.sum() / max(squared.numel(), 1)
-    if mask.shape != log_z.shape:
-        raise ValueError(f"mask.shape={tuple(mask.shape)}; allowed: the logits' leading shape {tuple(log_z.shape)}")
-    mask = mask.to(squared.dtype)
+    _check_mask(mask, log_z.shape)
+    weights = mask.to(squared.dtype)
+    squared = torch.where(weights != 0, squared, 0.0)  # never 0 · NaN or 0 · inf
     # clamp_min keeps an all-padding batch at 0 instead of 0/0.
-    return coefficient * (squared * mask).sum() / mask.sum().clamp_min(1.0)
+    return coefficient * (squared * weights).sum() / weights.sum().clamp_min(1.0)
+
+
+def masked_log_partition(logits: Tensor, mask: Tensor) -> Tensor:
+    """`log_partition` of the tokens ``mask`` selects and 0 at the others, whose gradient there is exactly 0.
+
+    Autograd's logsumexp backward multiplies the incoming gradient by softmax(row): NaN for a NaN or all −inf
+    row, and 0·NaN = NaN, so a masked-out padding row poisoned the logits' gradient. No copy of the logits is
+    made (a ``masked_fill`` first would keep one alive until backward).
+
+    Args:
+        logits: ``(..., vocab)`` scores of any floating dtype.
+        mask: ``(...)`` tensor, True (non-zero) for tokens that count.
+
+    Returns:
+        ``(...)`` log Z, float32 (float64 stays float64), 0 where ``mask`` is False.
+
+    Raises:
+        ValueError: ``mask`` does not have the logits' leading shape.
+    """
+    _check_mask(mask, logits.shape[:-1])
+    return _MaskedLogPartition.apply(logits, mask != 0)
+
+
+class _MaskedLogPartition(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: FunctionCtx, logits: Tensor, counted: Tensor) -> Tensor:
+        log_z = torch.where(counted, log_partition(logits), 0.0)
+        ctx.save_for_backward(logits, log_z, counted)
+        return log_z
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
+        logits, log_z, counted = ctx.saved_tensors  # type: ignore[attr-defined]
+        # ∂ log Z/∂x = softmax(x) on counted rows; the others get 0 (their softmax may be NaN).
+        probs = torch.sub(logits.to(log_z.dtype), log_z.unsqueeze(-1)).exp_()
+        probs.mul_(torch.where(counted, grad, 0.0).unsqueeze(-1)).masked_fill_(~counted.unsqueeze(-1), 0.0)
+        return probs.to(logits.dtype), None
+
+
+def _check_mask(mask: Tensor, tokens: torch.Size) -> None:
+    if mask.shape != tokens:
+        raise ValueError(f"mask.shape={tuple(mask.shape)}; allowed: the logits' leading shape {tuple(tokens)}")
 
 
 def z_loss(logits: Tensor, *, coefficient: float = DEFAULT_COEFFICIENT, mask: Tensor | None = None) -> Tensor:
@@ -67,7 +113,8 @@ def z_loss(logits: Tensor, *, coefficient: float = DEFAULT_COEFFICIENT, mask: Te
     Args:
         logits: ``(..., vocab)`` output scores.
         coefficient: Weight of the penalty; 1e-4 as in PaLM and Wortsman et al.
-        mask: Optional boolean ``(...)`` tensor, True for tokens that count.
+        mask: Optional boolean ``(...)`` tensor, True for tokens that count. Masked-out tokens count for
+            nothing in value and gradient, whatever their logits (NaN, all −inf).
 
     Returns:
         A 0-d float32 tensor (float64 for float64 logits).
@@ -83,7 +130,8 @@ def z_loss(logits: Tensor, *, coefficient: float = DEFAULT_COEFFICIENT, mask: Te
         arXiv 2309.14322. No official code; OLMo-core ``nn/functional/cross_entropy_loss.py`` implements
         the same mean of logsumexp².
     """
-    return z_loss_from_log_z(log_partition(logits), coefficient=coefficient, mask=mask)
+    log_z = log_partition(logits) if mask is None else masked_log_partition(logits, mask)
+    return z_loss_from_log_z(log_z, coefficient=coefficient, mask=mask)
 
 
 def check_coefficient(coefficient: object, name: str = "coefficient") -> None:
