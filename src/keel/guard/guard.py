@@ -265,10 +265,10 @@ class Guard(DeferredSteps):
             self.global_step = self._resumed.step
             self.evaluation.resumed(self._resumed.step)
         self._start_step = self.global_step
-        if self.recovery is not None:
-            # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR
-            # far too high from the start) can only be undone by starting over with the actions.
-            self.actuator.after_step(self.global_step)
+        # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR far too
+        # high from the start) can only be undone by starting over with the actions. It is taken at the first step,
+        # not here: a checkpoint loaded (or an init run) after the Guard's line is the state step 0 trains from.
+        self._first_snapshot_due = self.recovery is not None
         self._end = (
             RunEnd(on_signal=lambda name: self.recorder.signal(name, self.global_step), on_exit=self._finish)
             if flush_on_exit and self.run_dir.path is not None
@@ -386,6 +386,9 @@ class Guard(DeferredSteps):
             )
         if self.recovery is not None:  # the loop's scheduler calls since the last snapshot are in it now
             self.components.call("snapshots", self.recovery.complete_snapshot)
+        if self._first_snapshot_due:
+            self._first_snapshot_due = False
+            self.components.call("snapshots", self._take_first_snapshot)
         loss_t = _as_scalar(loss)
         self._signals = split_signals(signals, loss_t.device)
         self._norm_before_clip = None if grad_norm is None else _as_scalar(grad_norm, "grad_norm")
@@ -672,6 +675,10 @@ class Guard(DeferredSteps):
         self._late_step = ctx.step
 
     # --- record --------------------------------------------------------------------------------------
+    def _take_first_snapshot(self) -> None:
+        self.actuator.after_step(self.global_step)
+        self.recovery.complete_snapshot()  # type: ignore[union-attr]  # no scheduler call of the loop is pending
+
     def _snapshot(self, step: int, decision: Decision) -> None:
         """Steer the snapshot schedule with this step's outcome; take a snapshot if one is due."""
         assert self.recovery is not None

@@ -1,0 +1,51 @@
+"""The snapshot of step 0 is the state step 0 trains from: taken at the first step, so a checkpoint loaded (or an
+init run) after the Guard's line is what a rollback to step 0 restores (reviewer V12: it was taken in the Guard's
+constructor, and a rollback brought back the random init and an empty AdamW state)."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import keel
+from keel import Guard, RecoveryConfig
+from tests.conftest import TinyNet, make_batches
+
+
+def _checkpoint():
+    torch.manual_seed(1)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for x, y in make_batches(30, seed=3):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    return {"model": model.state_dict(), "optimizer": opt.state_dict()}
+
+
+@pytest.mark.parametrize("shape", ["guard", "watch"])
+def test_a_checkpoint_loaded_after_the_guard_is_what_a_rollback_to_step_0_restores(shape):
+    checkpoint = _checkpoint()
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    config = RecoveryConfig(snapshot_every=50, quiet_steps=1)
+    guard = (
+        Guard(model, opt, policy="recover", recovery=config)
+        if shape == "guard"
+        else keel.watch(model, opt, policy="recover", recovery=config)
+    )
+    model.load_state_dict(checkpoint["model"])  # a fine-tune resumed from its checkpoint, after keel's line
+    opt.load_state_dict(checkpoint["optimizer"])
+    for step, (x, y) in enumerate(make_batches(14)):
+        loss = F.mse_loss(model(x), y) * (float("nan") if step >= 2 else 1.0)
+        loss.backward()
+        guard.step(loss) if shape == "guard" else opt.step()
+        opt.zero_grad()
+        rollback = next((d for d in guard.decisions if d.action == "rollback"), None)
+        if rollback is not None:
+            break
+    assert rollback is not None and rollback.restored_step == 0
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, checkpoint["model"][name]), name
+    assert int(opt.state_dict()["state"][0]["step"]) == 30  # the checkpoint's AdamW state, not an empty one
+    guard.close()
