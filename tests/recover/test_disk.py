@@ -148,3 +148,43 @@ def test_a_resume_loads_only_its_own_runs_snapshots_and_adopts_them_for_retentio
     resumed.save(_snap(state, 30))  # its own oldest (10) goes; the other run's 900 stays
     assert [p.name for p in resumed.complete()] == ["step-000000020", "step-000000030", "step-000000900"]
     assert DiskSnapshots(tmp_path).load_newest().step == 900  # of_run=None: any run (stores without run ids)
+
+
+def test_a_full_disk_makes_room_from_the_runs_oldest_snapshot_and_keeps_writing(tmp_path, monkeypatch):
+    # a disk with room for `keep` snapshots: the next write needs one more folder before retention frees one, so
+    # from the first full write on every write failed and the newest on disk froze (reviewer V3)
+    import safetensors.torch
+
+    import keel.recover.disk as disk_module
+
+    def save_file(tensors, path):
+        if len([p for p in tmp_path.iterdir() if p.name.startswith("step-")]) >= 2:
+            raise safetensors.SafetensorError(
+                "Error while serializing: I/O error: No space left on device (os error 28)"
+            )
+        safetensors.torch.save_file(tensors, path)
+
+    monkeypatch.setattr(disk_module, "save_file", save_file)
+    state = _state()
+    disk = DiskSnapshots(tmp_path, keep=2)
+    for step in range(1, 6):
+        disk.save_async(_snap(state, step))
+        disk.wait()
+    assert disk.failures == 0 and [p.name for p in disk.complete()] == ["step-000000004", "step-000000005"]
+    assert disk.load_newest().step == 5
+
+
+@pytest.mark.parametrize(
+    ("error", "full"),
+    [
+        (OSError(28, "No space left on device"), True),
+        (OSError(122, "Disk quota exceeded"), True),
+        (RuntimeError("I/O error: No space left on device (os error 28)"), True),
+        (OSError(13, "Permission denied"), False),
+        (RuntimeError("I/O error: Permission denied (os error 13)"), False),
+    ],
+)
+def test_disk_full_is_told_from_other_write_errors(error, full):
+    from keel.recover.disk import disk_full
+
+    assert disk_full(error) is full

@@ -251,3 +251,15 @@ def test_skips_do_not_hold_a_warning_open_for_hundreds_of_steps():
     recovery.note(1000, (critical,), skipped=False)
     result = recovery.rollback(1000, 995, (critical,), 1)
     assert result is not None and result.snapshot.step == 991 and result.onset == 995
+
+
+def test_a_ring_of_one_snapshot_is_refused_as_it_could_never_roll_back():
+    # the ring's only snapshot is the newest: a NaN burst from a snapshot step aborted with "no snapshot from
+    # before step 30", an Inf weight left the model non-finite (reviewer V7)
+    import pytest
+
+    from keel import RecoveryConfig
+
+    with pytest.raises(ValueError, match=r"RecoveryConfig.keep_in_memory=1; allowed: an int >= 2"):
+        RecoveryConfig(keep_in_memory=1)
+    assert RecoveryConfig(keep_in_memory=2).keep_in_memory == 2

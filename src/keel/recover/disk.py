@@ -16,6 +16,7 @@ either: ``meta.json`` lists them with a checksum of each, computed here, in the 
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import shutil
@@ -109,7 +110,21 @@ class DiskSnapshots:
             snap.in_use.release()
 
     def save(self, snap: Snapshot) -> Path:
-        """Write ``snap`` now (the caller's thread); returns its folder."""
+        """Write ``snap`` now (the caller's thread); returns its folder.
+
+        When the disk is full, the run's oldest snapshot there is deleted (the newest is always kept) and the write
+        tried once more: retention frees room only after a write, so one full disk would otherwise stop every later
+        write, and a resume would go back to the last snapshot that fitted.
+        """
+        try:
+            return self._write(snap)
+        except Exception as exc:
+            if not disk_full(exc) or len(self._own) < 2:
+                raise
+            shutil.rmtree(self._own.pop(0), ignore_errors=True)
+            return self._write(snap)
+
+    def _write(self, snap: Snapshot) -> Path:
         final = self.directory / f"step-{snap.step:09d}"
         tmp = self.directory / f".tmp-step-{snap.step:09d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -245,6 +260,16 @@ class DiskSnapshots:
 
 
 _UNREADABLE = object()
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def disk_full(exc: BaseException) -> bool:
+    """Whether ``exc`` says the disk (or the user's quota) is full: an OSError, or safetensors' error, which names
+    the OS error only in its message."""
+    if isinstance(exc, OSError) and exc.errno in _FULL:
+        return True
+    text = str(exc)
+    return any(f"os error {code})" in text or os.strerror(code) in text for code in _FULL)
 
 
 def _run_of(folder: Path) -> object:

@@ -51,7 +51,7 @@ class RecoveryConfig:
     Attributes:
         snapshot_every: Steps between in-memory snapshots.
         snapshot_every_on_warning: Steps between snapshots while a warning is open.
-        keep_in_memory: Snapshots in the memory ring.
+        keep_in_memory: Snapshots in the memory ring (at least 2: a ring of one holds only the newest).
         keep_pinned: Snapshots from before a warning's onset kept beyond the ring (the newest pins win).
         disk_every: Write every n-th memory snapshot to disk (``run_dir/snapshots``); ``None`` for memory only.
         keep_on_disk: Disk snapshots kept.
@@ -101,12 +101,14 @@ class RecoveryConfig:
             self,
             "snapshot_every",
             "snapshot_every_on_warning",
-            "keep_in_memory",
             "keep_on_disk",
             "max_rollbacks",
             "rollback_window",
         )
         require_ints(self, "keep_pinned", "quiet_steps", "rollback_margin", minimum=0)
+        # a rollback goes before the trouble's onset, and a ring of one holds only the newest snapshot, which is
+        # taken after it whenever the onset is at or before that snapshot's step: such a run could never roll back
+        require_ints(self, "keep_in_memory", minimum=2)
         require_positive(self, "replay_rtol")
         if self.disk_every is not None:
             require_ints(self, "disk_every")
