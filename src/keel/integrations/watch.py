@@ -35,6 +35,7 @@ optD)`` and ``keel.watch(netG, optG)``: each backward's loss goes to the first o
 those whose model it reached (`keel.integrations._backward_owner`), so a NaN in G's loss skips G's update, not D's.
 A GAN's losses rise and fall by design: give both watches ``detectors=adversarial_detectors()`` (no loss spike or
 divergence detector; on the dcgan shape the defaults rolled a clean run's generator back); keel warns once otherwise.
+An AMP GAN's one GradScaler is given to both watches: the first steps and updates it, the other unscales its losses.
 """
 
 from __future__ import annotations
