@@ -34,10 +34,9 @@ from keel.doctor.log import LogReadError, RawLog
 
 FORMAT = "hf_console"
 _DICT_START = "{'"
+# srun's "0: ", torchrun's "[rank0]:" / --tee's "[default0]:" before a dict
+_LAUNCHER = r"(?:\d{1,6}: ?|\[(?:rank|default)\d{1,6}\]: ?)"
 # a dict line with the Trainer's epoch in it; bounded: each candidate line start is scanned at most 4,000 characters
-_LAUNCHER = (
-    r"(?:\d{1,6}: ?|\[(?:rank|default)\d{1,6}\]: ?)"  # srun's "0: ", torchrun's "[rank0]:" / --tee's "[default0]:"
-)
 _SEARCH = re.compile(rf"(?:^|\r)[ \t]{{0,8}}{_LAUNCHER}?\{{'[^\n\r]{{0,4000}}?'epoch': ", re.MULTILINE)
 _LAUNCHER_PREFIX = re.compile(_LAUNCHER + r"(?=\{')")
 _ESCAPE = re.compile(r"\x1b\[[0-9;?]{0,20}[A-Za-z]")  # tqdm moves the cursor up ("\x1b[A") around a nested bar
@@ -97,7 +96,7 @@ def read_hf_console_log(path: str | Path) -> RawLog:
                 training[-1].append({name: v for name, v in logs.items() if name.startswith(EVAL_PREFIXES)})
             elif kind == "summary":
                 summaries += 1
-            else:  # an evaluation before any training dict, or a dict that is not the Trainer's
+            else:  # an evaluation before any training dict (no entry to join), or a dict that is not the Trainer's
                 other_lines += 1
     if not training:
         raise LogReadError(
@@ -113,7 +112,10 @@ def read_hf_console_log(path: str | Path) -> RawLog:
     if summaries:
         log.notes.append(f"{summaries} end-of-training summary dict(s) ('train_runtime', ...) left out")
     if other_lines:
-        log.notes.append(f"{other_lines} lines that are not Trainer log dicts nor progress bars left out")
+        log.notes.append(
+            f"{other_lines} lines that are not Trainer log dicts nor progress bars (or an evaluation before the first "
+            "training dict) left out"
+        )
     return log
 
 
