@@ -112,7 +112,9 @@ def test_a_plain_import_keel_reaches_every_subpackage_on_first_use():
     code = (
         "import sys, keel; assert 'torch' not in sys.modules; "
         "print(keel.signals.TRANSFORMER_PROBES is not None, keel.nn.QKNorm.__name__, "
-        "keel.detect.default_detectors.__name__)"
+        "keel.detect.default_detectors.__name__); assert 'transformers' not in sys.modules; "
+        "print(keel.integrations.hf.KeelCallback.__name__)"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["True", "QKNorm", "default_detectors"]  # AttributeError before: the docs wrote it 57 times
+    # each was an AttributeError before: the docs write keel.<subpackage>.X 57 times
+    assert out.split() == ["True", "QKNorm", "default_detectors", "KeelCallback"]
