@@ -67,13 +67,17 @@ def test_older_and_forked_lines_without_colour_are_read(tmp_path):
     lr = f"{titan}step:  2  loss: 10.5000  lr: 0.000300  memory:  5.95GiB(7.52%)  "
     glued = f"{titan}step:  3  loss: 10.2500  memory:  5.95GiB(7.52%)  tps: 1,021  mfu: 0.09%grad_norm: 2.50"
     na = _line(4, 10.0, prefix=titan, mfu="N/A")
+    named = f"{titan}step: 5 loss:  9.7500 memory/max_active(GiB): 12.5 memory/max_active(%): 20.25"
     p = tmp_path / "train.log"
-    p.write_text("\n".join([old, lr, glued, na]) + "\n")
+    p.write_text("\n".join([old, lr, glued, na, named]) + "\n")
     assert detect_format(p) == "torchtitan"
     obs = {o.step: o.values for o in build_timeline(read_log(p)).observations}
     assert obs[1]["loss"] == 10.8184 and obs[1]["wps"] == 1021 and obs[1]["mfu_percent"] == 0.09
     assert obs[2]["lr"] == 0.0003 and obs[3]["grad/norm"] == 2.5
     assert obs[4]["loss"] == 10.0 and "mfu_percent" not in obs[4]
+    assert (
+        obs[5]["loss"] == 9.75 and obs[5]["memory/max_active(gib)"] == 12.5 and obs[5]["memory/max_active(%)"] == 20.25
+    )
 
 
 def test_the_first_ranks_lines_are_read_and_other_ranks_counted(tmp_path):

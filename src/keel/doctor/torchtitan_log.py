@@ -9,12 +9,13 @@ Every ``metrics.log_freq`` steps torchtitan's metrics processor prints one line,
 (one line in the log; versions before 2025 have no ``grad_norm``, older ones print ``wps:`` for ``tps:``, forks add
 ``lr:``), and, with validation on, ``validate step: 10  loss:  7.1234  memory: ...  tps: ...``. The colour codes and
 the launcher's prefix are skipped; thousands commas are dropped (``8,123`` → 8123); a unit joins its name
-(``memory_gib``, ``mfu_percent``; ``12.34GiB(15.61%)`` also gives ``memory_percent``); ``N/A`` (no MFU for the
-device) is left out. ``loss`` is the training loss at that step; a ``validate`` line's fields are ``val_*``
-(``val_loss``). torchrun writes each rank's lines with a ``[rankN]:`` tag: the first rank that prints a step line
-is read and the others' are counted in a note (every rank prints the same global loss). Every other line (the
-banner, the config, checkpoint and GC messages) is left out, counted in a note. A line with ``step: N  loss:``
-whose fields do not parse is one error that names it.
+(``memory_gib``, ``mfu_percent``; ``12.34GiB(15.61%)`` also gives ``memory_percent``); names are lower-cased (a
+fork's ``memory/max_active(GiB): 12.3`` is ``memory/max_active(gib)``); ``N/A`` (no MFU for the device) is left
+out. ``loss`` is the training loss at that step; a ``validate`` line's fields are ``val_*`` (``val_loss``). torchrun
+writes each rank's lines with a ``[rankN]:`` tag: the first rank that prints a step line is read and the others'
+are counted in a note (every rank prints the same global loss). Every other line (the banner, the config,
+checkpoint and GC messages) is left out, counted in a note. A line with ``step: N  loss:`` whose fields do not
+parse is one error that names it.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _NUMBER = r"[-+]?(?:\d[\d,]{0,30}(?:\.\d{0,30})?(?:[eE][-+]?\d{1,4})?|\.\d{1,30}
 _CANDIDATE = re.compile(r"(?:^|(?<=[\s\]:-]))(validate )?step:[ \t]{1,20}(\d{1,18})[ \t]{1,20}(?=loss:)")
 _SEARCH = re.compile(rf"(?:^|(?<=[\s\]:-]))step:[ \t]{{1,20}}\d{{1,18}}[ \t]{{1,20}}loss:[ \t]{{0,20}}{_NUMBER}", re.M)
 _FIELD = re.compile(
-    rf"[ \t]*([A-Za-z_][\w/]{{0,63}}):[ \t]{{0,20}}(?:({_NUMBER})([A-Za-z]{{1,8}}|%)?(?:\(({_NUMBER})%\))?|(N/A))",
+    rf"[ \t]*([A-Za-z_][\w/()%]{{0,63}}):[ \t]{{0,20}}(?:({_NUMBER})([A-Za-z]{{1,8}}|%)?(?:\(({_NUMBER})%\))?|(N/A))",
     re.IGNORECASE,
 )
 _RANK = re.compile(r"\[(?:rank|default)(\d{1,6})\]:")  # torchrun's tag, --tee's tag
