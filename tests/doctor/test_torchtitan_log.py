@@ -91,6 +91,32 @@ def test_the_first_ranks_lines_are_read_and_other_ranks_counted(tmp_path):
         assert any(n.startswith("2 step lines of other ranks than [rank0]") for n in log.notes), log.notes
 
 
+def test_untagged_ranks_copies_of_a_line_are_read_once_and_a_restart_is_kept(tmp_path):
+    # as a log of 8 ranks without torchrun's tags quotes them: each step line 8 times, only the throughput differs
+    titan = "[titan] 2026-01-16 02:42:48,277 - root - INFO - "
+    lines = []
+    for step, loss in ((1, 12.4699), (20, 11.8347), (40, 9.3507), (20, 11.9)):  # the last: a resumed run
+        for rank in range(8):
+            lines.append(
+                f"{titan}validate step: {step:2}  loss: {loss:7.4f}  memory: 69.81GiB(88.17%)  tps: 74,60{rank}"
+            )
+            lines.append(f"{titan}step: {step:2}  loss: {loss:7.4f}  grad_norm:  4.6875  tps: 40,89{rank}")
+    p = tmp_path / "train.log"
+    p.write_text("\n".join(lines) + "\n")
+    log = read_log(p)
+    assert [s for s, _ in log.records] == [1, 20, 40, 20]
+    assert dict(log.records)[40] == {
+        "val_loss": 9.3507,
+        "val_memory_gib": 69.81,
+        "val_memory_percent": 88.17,
+        "val_tps": 74600,
+        "loss": 9.3507,
+        "grad_norm": 4.6875,
+        "tps": 40890,
+    }
+    assert any(n.startswith("56 step lines that repeat the step and loss") for n in log.notes), log.notes
+
+
 def test_doctor_names_a_gradient_spike_and_a_nan_loss_in_a_torchtitan_log(tmp_path, capsys):
     lines = []
     for step in range(1, 201):

@@ -13,7 +13,8 @@ the launcher's prefix are skipped; thousands commas are dropped (``8,123`` → 8
 fork's ``memory/max_active(GiB): 12.3`` is ``memory/max_active(gib)``); ``N/A`` (no MFU for the device) is left
 out. ``loss`` is the training loss at that step; a ``validate`` line's fields are ``val_*`` (``val_loss``). torchrun
 writes each rank's lines with a ``[rankN]:`` tag: the first rank that prints a step line is read and the others'
-are counted in a note (every rank prints the same global loss). Every other line (the banner, the config,
+are counted in a note (every rank prints the same global loss); without tags, a line with the step and loss of the
+line of its kind before it is another rank's copy, counted too. Every other line (the banner, the config,
 checkpoint and GC messages) is left out, counted in a note. A line with ``step: N  loss:`` whose fields do not
 parse is one error that names it.
 """
@@ -66,7 +67,8 @@ def read_torchtitan_log(path: str | Path) -> RawLog:
     path = Path(path)
     entries: list[dict[str, float | str]] = []
     rank: str | None = None
-    other_lines = other_ranks = 0
+    last_kept: dict[str, tuple[int, float | str | None]] = {}  # "step"/"validate" → (step, loss) of its last line
+    other_lines = other_ranks = copies = 0
     for number, raw in enumerate(read_text(path).splitlines(), start=1):
         line = ANSI.sub("", raw) if "\x1b" in raw else raw
         m = _CANDIDATE.search(line)
@@ -83,14 +85,23 @@ def read_torchtitan_log(path: str | Path) -> RawLog:
         fields = _fields(line[m.end() :])
         if fields is None:
             raise _malformed(path, number, line)
+        kind, step = m.group(1) or "step", int(m.group(2))
+        if last_kept.get(kind) == (step, fields.get("loss")):
+            copies += 1  # untagged ranks print the same step and global loss in turn
+            continue
+        last_kept[kind] = (step, fields.get("loss"))
         if m.group(1):
             fields = {"val_" + name: value for name, value in fields.items()}
-        add_entry(entries, int(m.group(2)), fields)  # a validate line joins the step line of its step
+        add_entry(entries, step, fields)  # a validate line joins the step line of its step
     if not entries:
         raise LogReadError(f"{path}: no 'step: N  loss: X' line (torchtitan)")
     log = records_from_objects(path, entries, fmt=FORMAT)
     if other_ranks:
         log.notes.append(f"{other_ranks} step lines of other ranks than [rank{rank}] left out (the same global loss)")
+    if copies:
+        log.notes.append(
+            f"{copies} step lines that repeat the step and loss of the line before (other ranks, untagged) left out"
+        )
     if other_lines:
         log.notes.append(f"{other_lines} lines that are not step or validate lines left out")
     return log
