@@ -74,3 +74,30 @@ def test_rejects_bad_arguments() -> None:
         pseudo_huber(torch.zeros(2, 2), torch.zeros(2, 2), reduction="max")
     with pytest.raises(ValueError, match="dim"):
         pseudo_huber_c(0)
+
+
+def _pseudo_huber64(pred: torch.Tensor, target: torch.Tensor, c: float) -> torch.Tensor:
+    d = (pred.double() - target.double()).flatten(1)
+    return torch.sqrt(d.square().sum(1) + c * c) - c
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("size", "c"), [(1e20, 0.03), (3e37, 0.03), (1e-25, 1e-24)])
+def test_distances_whose_square_leaves_float32_range_match_float64(dtype: torch.dtype, size: float, c: float) -> None:
+    # ‖d‖² = 4e40 overflowed float32 (inf/inf = NaN); ‖d‖² = 4e-50 underflowed to 0 (distance 0).
+    gen = torch.Generator().manual_seed(0)
+    pred = ((torch.rand(3, 4, generator=gen) + 0.5) * size).to(dtype)
+    target = torch.zeros(3, 4, dtype=dtype)
+    target[2] = pred[2]  # one sample with no difference at all
+    got = pseudo_huber(pred, target, c=c, reduction="none")
+    torch.testing.assert_close(got.double(), _pseudo_huber64(pred, target, c), rtol=1e-6, atol=0.0)
+
+
+def test_gradient_is_finite_for_zero_and_huge_differences() -> None:
+    pred = torch.tensor([[0.0, 0.0], [3e20, -4e20], [0.3, 0.4]], requires_grad=True)
+    target = torch.zeros(3, 2)
+    pseudo_huber(pred, target, c=0.5, reduction="sum").backward()
+    pred64 = pred.detach().double().requires_grad_()
+    _pseudo_huber64(pred64, target, 0.5).sum().backward()
+    assert pred.grad is not None
+    torch.testing.assert_close(pred.grad.double(), pred64.grad, rtol=1e-6, atol=1e-12)

@@ -103,3 +103,32 @@ def test_rejects_bad_arguments() -> None:
         stablemax_cross_entropy(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), reduction="avg")
     with pytest.raises(ValueError, match="target.shape"):
         stablemax_cross_entropy(torch.zeros(2, 3), torch.zeros(3, dtype=torch.long))
+
+
+def test_a_single_plus_inf_logit_takes_probability_one_in_both_forms() -> None:
+    # stablemax gave inf/inf = NaN where log_stablemax gave the limit (log p = 0 there, −inf elsewhere).
+    x = torch.tensor([[float("inf"), 0.0, 1.0], [2.0, float("inf"), -3.0], [float("inf"), float("inf"), 0.0]])
+    probs = stablemax(x)
+    assert probs[:2].tolist() == [[1.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+    torch.testing.assert_close(probs[:2], log_stablemax(x)[:2].exp())
+    # two +inf: no limit; both forms say NaN there and 0 probability elsewhere
+    assert torch.isnan(probs[2, :2]).all() and torch.isnan(log_stablemax(x)[2, :2]).all()
+    assert probs[2, 2].item() == 0.0 and log_stablemax(x)[2, 2].item() == float("-inf")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_of_a_target_logit_at_the_float32_limit_is_finite(dtype: torch.dtype) -> None:
+    # s(−3e38) = 3.3e-39 is subnormal and Σ_other/s_target overflowed: the loss was inf, float64 says 88.4.
+    logits = torch.tensor([[-3e38, 0.0, 2.0], [-1e38, 5.0, -1.0], [0.5, -2.0, 1.0]], dtype=dtype)
+    target = torch.tensor([0, 0, 2])
+    x = logits.clone().requires_grad_()
+    loss = stablemax_cross_entropy(x, target, reduction="none")
+    expected = _ce64(logits.double().numpy(), target.numpy())
+    np.testing.assert_allclose(loss.detach().double().numpy(), expected, rtol=1e-6)
+    loss.sum().backward()
+    x64 = logits.double().requires_grad_()
+    s = torch.where(x64 >= 0, x64.clamp(min=0) + 1, 1 / (1 - x64.clamp(max=0)))
+    (-torch.log(s.gather(1, target[:, None]).squeeze(1) / s.sum(1))).sum().backward()
+    assert x.grad is not None and torch.isfinite(x.grad).all()
+    rtol = 1e-5 if dtype == torch.float32 else 8e-3  # the gradient is rounded to bf16
+    torch.testing.assert_close(x.grad.double(), x64.grad, rtol=rtol, atol=1e-12)

@@ -28,8 +28,10 @@ def pseudo_huber(pred: Tensor, target: Tensor, *, c: float | None = None, reduct
     few outlying samples cannot dominate the gradient as they do under squared error. iCT uses it in place
     of LPIPS and L2 for consistency training.
 
-    It is evaluated as ``‖d‖² / (sqrt(‖d‖² + c²) + c)``, algebraically equal but free of the cancellation
-    that makes the textbook form return 0 for differences below ~1e-4·c in float32.
+    It is evaluated as ``‖d‖ · ‖d‖ / (hypot(‖d‖, c) + c)``, algebraically equal but free of the cancellation
+    that makes the textbook form return 0 for differences below ~1e-4·c in float32, with ‖d‖ computed on
+    d scaled by a power of two, so a per-sample ‖d‖² beyond float32's range (|d| ≳ 1e19) gives the finite
+    distance instead of inf/inf = NaN.
 
     Args:
         pred: ``(N, ...)`` predictions; the norm is taken over every axis but the first.
@@ -66,11 +68,21 @@ def pseudo_huber(pred: Tensor, target: Tensor, *, c: float | None = None, reduct
     if pred.dtype in (torch.float16, torch.bfloat16):
         # Upcast before subtracting: a bf16 difference already loses the small gaps the loss is about.
         pred, target = pred.float(), target.float()
-    diff = pred - target
-    squared = diff.flatten(1).square().sum(dim=1)
-    distance = squared / (torch.sqrt(squared + c * c) + c)
+    diff = (pred - target).flatten(1)
+    norm = _norm_per_sample(diff)
+    distance = norm * (norm / (torch.hypot(norm, norm.new_tensor(c)) + c))
     if reduction == "mean":
         return distance.mean()
     if reduction == "sum":
         return distance.sum()
     return distance
+
+
+def _norm_per_sample(diff: Tensor) -> Tensor:
+    """‖d‖ of each row of ``(N, D)`` ``diff`` without overflow or underflow of Σd²: each row is divided by the
+    power of two at or below its max |d| (exact; 1 for an all-zero or non-finite row) before the norm."""
+    with torch.no_grad():
+        peak = diff.abs().amax(dim=1, keepdim=True) if diff.shape[1] else diff.new_zeros(diff.shape[0], 1)
+        usable = torch.isfinite(peak) & (peak > 0)
+        scale = torch.exp2(torch.where(usable, torch.floor(torch.log2(peak)), 0.0))
+    return torch.linalg.vector_norm(diff / scale, dim=1) * scale.squeeze(1)

@@ -27,12 +27,19 @@ def stablemax_s(x: Tensor) -> Tensor:
 def stablemax(logits: Tensor, dim: int = -1) -> Tensor:
     """StableMax probabilities s(x_i) / Σ_j s(x_j) along ``dim``.
 
+    A slice with a single +inf logit gets its limit, probability 1 there and 0 elsewhere (inf/inf was NaN),
+    as `log_stablemax` gives; with several +inf the limit is undefined and those entries are NaN in both.
+
     Example:
         >>> stablemax(torch.tensor([100.0, 0.0, -100.0]))
         tensor([9.9010e-01, 9.8030e-03, 9.7059e-05])
     """
-    s = stablemax_s(_upcast(logits))
-    return s / s.sum(dim=dim, keepdim=True)
+    x = _upcast(logits)
+    s = stablemax_s(x)
+    probs = s / s.sum(dim=dim, keepdim=True)
+    infinite = torch.isposinf(x)
+    single = infinite.sum(dim=dim, keepdim=True) == 1
+    return torch.where(single, infinite.to(probs.dtype), probs)
 
 
 def log_stablemax(logits: Tensor, dim: int = -1) -> Tensor:
@@ -43,8 +50,7 @@ def log_stablemax(logits: Tensor, dim: int = -1) -> Tensor:
     """
     x = _upcast(logits)
     s = stablemax_s(x)
-    log_s = torch.log1p(x.clamp(min=0.0)) - torch.log1p(-x.clamp(max=0.0))
-    out = log_s - torch.log(s.sum(dim=dim, keepdim=True))
+    out = _log_s(x) - torch.log(s.sum(dim=dim, keepdim=True))
     top = s.argmax(dim=dim, keepdim=True)
     rest = s.scatter(dim, top, 0.0).sum(dim=dim, keepdim=True)
     return out.scatter(dim, top, -torch.log1p(rest / s.gather(dim, top)))
@@ -60,6 +66,8 @@ def stablemax_cross_entropy(logits: Tensor, target: Tensor, *, reduction: str = 
 
     It is computed as log1p(Σ_{j≠y} s(x_j) / s(x_y)), summing the non-target terms directly, so the loss
     keeps full relative precision when it is tiny and needs no float64 (the reference casts to float64).
+    Where that ratio overflows (a target logit ≲ −1e38 in float32) it is log Σ_{j≠y} s(x_j) − log s(x_y),
+    with log s(x_y) = −log1p(−x_y): finite, as in float64.
 
     Args:
         logits: ``(N, C)`` or ``(..., C)`` scores; half precision is computed in float32.
@@ -88,17 +96,32 @@ def stablemax_cross_entropy(logits: Tensor, target: Tensor, *, reduction: str = 
         raise ValueError(
             f"target.shape={tuple(target.shape)}; allowed: the logits' leading shape {tuple(logits.shape[:-1])}"
         )
-    s = stablemax_s(_upcast(logits))
+    x = _upcast(logits)
+    s = stablemax_s(x)
     index = target.long().unsqueeze(-1)
+    x_target = x.gather(-1, index).squeeze(-1)
     s_target = s.gather(-1, index).squeeze(-1)
     # Summing the other terms directly (not Σ s − s_y) avoids cancellation when the target dominates.
     s_other = s.scatter(-1, index, 0.0).sum(dim=-1)
-    loss = torch.log1p(s_other / s_target)
+    with torch.no_grad():
+        overflowed = torch.isinf(s_other / s_target) & torch.isfinite(s_other)
+    # Each branch sees safe inputs, so the unselected one's backward cannot give 0 · inf = NaN.
+    ratio = s_other / torch.where(overflowed, 1.0, s_target)
+    loss = torch.where(
+        overflowed,
+        torch.log(torch.where(overflowed, s_other, 1.0)) - _log_s(torch.where(overflowed, x_target, 0.0)),
+        torch.log1p(ratio),
+    )
     if reduction == "mean":
         return loss.mean()
     if reduction == "sum":
         return loss.sum()
     return loss
+
+
+def _log_s(x: Tensor) -> Tensor:
+    """log s(x) from log1p, exact where s(x) itself is subnormal or overflows."""
+    return torch.log1p(x.clamp(min=0.0)) - torch.log1p(-x.clamp(max=0.0))
 
 
 def _upcast(x: Tensor) -> Tensor:
