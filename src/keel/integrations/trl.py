@@ -1,5 +1,5 @@
-"""TRL adapter: `guard_trainer` puts a keel `Guard` in charge of an ``SFTTrainer``, ``DPOTrainer``, ``GRPOTrainer``
-or ``RewardTrainer`` (trl 1.16, ``pip install 'keel[trl]'``).
+"""TRL adapter: `guard_trainer` puts a keel `Guard` in charge of an ``SFTTrainer``, ``DPOTrainer``, ``GRPOTrainer``,
+``RLOOTrainer`` or ``RewardTrainer`` (trl 1.16, ``pip install 'keel[trl]'``).
 
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=pairs, processing_class=tok)
     guard_trainer(trainer, run_dir="runs/dpo", policy="skip")
@@ -20,18 +20,18 @@ is bit-identical to the bare trainer, ``"skip"`` and ``"recover"`` skip or roll 
   They are read at the optimizer step, after the step's last ``compute_loss`` and before ``log()`` clears them,
   so every step is recorded whatever ``logging_steps`` is. keel recomputes none of them. A statistic that is not
   one real number is left out of that step and recorded once as a ``keel_error`` finding; training goes on.
-- **GRPO rollbacks**: ``GRPOTrainer`` generates completions once per ``steps_per_generation × num_iterations``
-  micro-steps and reuses them from ``_buffered_inputs``. After a rollback those completions and their old
-  log-probabilities belong to the weights that were rolled back, so the adapter **drops the buffer**
-  (``_buffered_inputs = None``; TRL then generates afresh from the restored weights at the next micro-step, as
-  it does on resume) and records the steps where it did in the run's ``trl`` meta entry. TRL's adaptive-entropy
-  coefficient is not rolled back.
+- **GRPO/RLOO rollbacks**: ``GRPOTrainer`` (and ``RLOOTrainer``, built the same way) generates completions once
+  per ``steps_per_generation × num_iterations`` micro-steps and reuses them from ``_buffered_inputs``. After a
+  rollback those completions and their old log-probabilities belong to the weights that were rolled back, so the
+  adapter **drops the buffer** (``_buffered_inputs = None``; TRL then generates afresh from the restored weights at
+  the next micro-step, as it does on resume) and records the steps where it did in the run's ``trl`` meta entry.
+  TRL's adaptive-entropy coefficient is not rolled back.
 
 Detectors, unless ``detectors=`` says otherwise: `Guard`'s defaults, plus `keel.detect.preference_detectors` for a
-``DPOTrainer`` (likelihood displacement) or `keel.detect.policy_detectors` for a ``GRPOTrainer`` (entropy collapse,
-KL blow-up, dead groups, …), which read TRL's statistics under keel's keys. For a ``GRPOTrainer`` the defaults that
-judge the loss's level (loss spike, divergence) are left out: its loss is a surrogate near 0 of either sign
-(`_not_on_the_loss`).
+``DPOTrainer`` (likelihood displacement) or `keel.detect.policy_detectors` for a ``GRPOTrainer`` or ``RLOOTrainer``
+(entropy collapse, KL blow-up, dead groups, …), which read TRL's statistics under keel's keys. For those two the
+defaults that judge the loss's level (loss spike, divergence) are left out: their loss is a surrogate near 0 of
+either sign (`_not_on_the_loss`).
 """
 
 from __future__ import annotations
@@ -50,13 +50,14 @@ from keel.integrations._trl_statistics import NewStatistics
 from keel.recover import Policy
 
 try:
-    from trl import DPOTrainer, GRPOTrainer, RewardTrainer, SFTTrainer
+    from trl import DPOTrainer, GRPOTrainer, RewardTrainer, RLOOTrainer, SFTTrainer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("keel.integrations.trl needs trl: pip install 'keel[trl]'") from exc
 
 from keel.integrations.hf import KeelCallback, _json_args  # noqa: E402 (after the trl check: it needs transformers)
 
-TRAINERS = (SFTTrainer, DPOTrainer, GRPOTrainer, RewardTrainer)
+TRAINERS = (SFTTrainer, DPOTrainer, GRPOTrainer, RLOOTrainer, RewardTrainer)
+POLICY_GRADIENT = (GRPOTrainer, RLOOTrainer)  # same statistics, buffered completions and surrogate loss
 META_KEY = "trl"  # the run's meta entry: which trainer, how statistics are named, GRPO buffer drops
 
 
@@ -71,7 +72,8 @@ def guard_trainer(
     """Guard a TRL trainer's updates with keel: call before ``trainer.train()``.
 
     Args:
-        trainer: A ``trl.SFTTrainer``, ``trl.DPOTrainer``, ``trl.GRPOTrainer`` or ``trl.RewardTrainer``.
+        trainer: A ``trl.SFTTrainer``, ``trl.DPOTrainer``, ``trl.GRPOTrainer``, ``trl.RLOOTrainer`` or
+            ``trl.RewardTrainer``.
         run_dir: Directory of the run store; ``None`` keeps it in memory.
         policy: ``"observe"``, ``"skip"`` or ``"recover"`` (see `Guard`).
         take_over_clipping: As for `KeelCallback`: by default keel clips, except under ``"observe"``.
@@ -85,10 +87,10 @@ def guard_trainer(
             already; a `Guard` argument the trainer owns or `Guard` refuses.
 
     Example:
-        >>> guard_trainer(object())
+        >>> guard_trainer(object())  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...
-        ValueError: guard_trainer(trainer=<object>): allowed: a trl SFTTrainer, DPOTrainer, GRPOTrainer or RewardTrainer
+        ValueError: guard_trainer(trainer=<object>): allowed: a trl SFTTrainer, DPOTrainer, ... or RewardTrainer
     """
     _check_trainer(trainer)
     callback = KeelTRLCallback(
@@ -160,7 +162,7 @@ def _detectors_for(trainer: Any) -> list[Detector] | None:
     """The Guard's default detectors plus the preset for this trainer's kind of training (None: the defaults)."""
     if isinstance(trainer, DPOTrainer):
         return [*default_detectors(), *preference_detectors()]
-    if isinstance(trainer, GRPOTrainer):
+    if isinstance(trainer, POLICY_GRADIENT):
         return [*_not_on_the_loss(default_detectors()), *policy_detectors()]
     return None
 
@@ -180,8 +182,8 @@ def _not_on_the_loss(detectors: list[Detector]) -> list[Detector]:
 def _check_trainer(trainer: Any) -> None:
     if not isinstance(trainer, TRAINERS):
         raise ValueError(
-            f"guard_trainer(trainer=<{type(trainer).__name__}>): allowed: a trl SFTTrainer, DPOTrainer, GRPOTrainer "
-            "or RewardTrainer"
+            f"guard_trainer(trainer=<{type(trainer).__name__}>): allowed: a trl SFTTrainer, DPOTrainer, GRPOTrainer, "
+            "RLOOTrainer or RewardTrainer"
         )
     metrics = getattr(trainer, "_metrics", None)
     if not (isinstance(metrics, Mapping) and isinstance(metrics.get("train"), Mapping)):
