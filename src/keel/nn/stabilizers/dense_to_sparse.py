@@ -31,7 +31,9 @@ class DenseToSparseStabilizer:
     of indices per token. A `keel.nn.DenseToSparseHook` on each replaces the weights and indices
     (`keel.nn.dense_to_sparse_gate` has the rule); one `DenseToSparseSchedule` (``change.extra``) shared by all
     routers holds τ and the update count, advanced by a forward pre-hook on the model in training mode, or by the
-    optimizer's steps after ``change.extra.follow(optimizer)`` (do that under gradient accumulation). The dense
+    optimizer's steps after ``change.extra.follow(optimizer)`` (do that under gradient accumulation). The count is
+    a persistent buffer ``dense_to_sparse_update`` on each router: checkpoints, keel's snapshots, rollbacks and
+    resumes carry it. The dense
     phase runs every expert on every token: compute is E/k times the sparse model's until ``hard_step``.
 
     Attributes:
@@ -94,13 +96,14 @@ class DenseToSparseStabilizer:
         for i, site in enumerate(sites):
             # first among the router's hooks: aux losses and probes applied earlier then see the routing used
             handle = site.module.register_forward_hook(DenseToSparseHook(schedule), prepend=True)
+            load_hook = schedule.attach(site.module)
             changes.append(
                 Change(
                     stabilizer=self.name,
                     name=site.name,
                     old=site.module,
                     new=site.module,
-                    handles=(handle, advance) if i == 0 else (handle,),
+                    handles=(handle, load_hook, advance) if i == 0 else (handle, load_hook),
                     extra=schedule,
                     how=f"forward hook routes by a Gumbel-softmax gate (τ {self.tau_max:g}→{self.tau_min:g}, "
                     f"{self.schedule}), hard top-1 from update {self.hard_step}",
