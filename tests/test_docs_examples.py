@@ -355,6 +355,23 @@ def _run_setup() -> dict:
     return namespace
 
 
+def _gan_setup() -> dict:
+    """A discriminator ``netD`` and generator ``netG`` (small MLPs) with their Adam ``optimizerD`` / ``optimizerG``."""
+    import keel
+
+    torch.manual_seed(0)
+    netD = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.LeakyReLU(0.2), torch.nn.Linear(8, 1))
+    netG = torch.nn.Sequential(torch.nn.Linear(2, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    return dict(
+        keel=keel,
+        torch=torch,
+        netD=netD,
+        netG=netG,
+        optimizerD=torch.optim.Adam(netD.parameters(), lr=2e-4, betas=(0.5, 0.999)),
+        optimizerG=torch.optim.Adam(netG.parameters(), lr=2e-4, betas=(0.5, 0.999)),
+    )
+
+
 SETUPS: dict[str, Callable[[], dict]] = {
     "lm": _lm_setup,
     "guarded": _guarded_setup,
@@ -368,6 +385,7 @@ SETUPS: dict[str, Callable[[], dict]] = {
     "hf": _hf_setup,
     "trl": _trl_setup,
     "run": _run_setup,
+    "gan": _gan_setup,
 }
 
 
