@@ -176,3 +176,11 @@ def test_zero_linear_gets_a_direction_and_a_gamma_gradient() -> None:
     assert torch.equal(first, again) and first.any()
     monitor = SigmaReparam(torch.zeros(4, 6), stats_only=True)  # a monitor changes nothing
     assert not monitor.right_inverse(torch.zeros(4, 6)).any()
+
+
+def test_meta_weights_still_convert() -> None:
+    # A model built on the meta device (accelerate's init_empty_weights) has no values to test for zero.
+    meta = torch.empty(4, 3, device="meta")
+    reparam = SigmaReparam(meta)
+    assert reparam.gamma is not None and reparam.gamma.device.type == "meta"
+    assert reparam.right_inverse(meta) is meta

@@ -86,7 +86,7 @@ class SigmaReparam(nn.Module):
         self.stats_only = stats_only
         # The direction an all-zero weight is given by right_inverse (None once used, or when not needed).
         self._direction: Tensor | None = None
-        if not stats_only and not weight.detach().any():
+        if not stats_only and weight.device.type != "meta" and not weight.detach().any():  # meta: no values yet
             self._direction = _random_direction(weight, generator)
         matrix = as_matrix(weight.detach() if self._direction is None else self._direction).float()
         with torch.no_grad():
