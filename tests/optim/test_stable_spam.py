@@ -329,3 +329,19 @@ def test_state_saved_with_the_squared_norm_statistic_loads_and_continues() -> No
             opt.step()
     assert "norm_sq_ema" not in opts[1].state[params[1]]
     torch.testing.assert_close(params[1], params[0], rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("foreach", [None, True], ids=["tensor-major", "foreach"])
+def test_gradients_at_the_float32_maximum_match_float64(foreach: bool | None) -> None:
+    # Every entry 3e38: the norm statistics sit near float32's maximum and their bias corrections (÷0.3, ÷0.316)
+    # overflowed to inf/inf = NaN in the foreach kernel.
+    h = _hyper(wd=0.0, interval=0, foreach=foreach)
+    p = torch.nn.Parameter(torch.ones(64))
+    ref = StableSpamReference(p.detach().numpy(), **{k: v for k, v in h.items() if k != "foreach"})
+    opt = _optimizer([p], h)
+    for _ in range(3):
+        g = torch.full((64,), 3e38)
+        p.grad = g
+        opt.step()
+        ref.step(g.numpy())
+        np.testing.assert_allclose(p.detach().numpy(), ref.p, rtol=3e-5, atol=3e-6)

@@ -184,8 +184,10 @@ def foreach_update(params: list[Tensor], states: list[dict[str, Any]], plan: Sta
     norm_rms_ema = torch.hypot(
         math.sqrt(gamma2) * torch.stack([s["norm_rms_ema"] for s in states]), math.sqrt(1.0 - gamma2) * norms
     )
-    target = (norm_ema / (1.0 - torch.pow(g1, counts))) / (
-        norm_rms_ema / torch.sqrt(1.0 - torch.pow(gamma2, counts)) + plan.eps
+    # Both statistics scaled by a power of two (exact) so that their bias corrections cannot overflow float32.
+    down = torch.exp2(-torch.floor(torch.log2(torch.maximum(norm_ema, norm_rms_ema).clamp_min(1.0))))
+    target = (norm_ema * down / (1.0 - torch.pow(g1, counts))) / (
+        norm_rms_ema * down / torch.sqrt(1.0 - torch.pow(gamma2, counts)) + plan.eps * down
     )
     factors = torch.where(scaled_norms > 0, target / scaled_norms.clamp_min(_TINY), 0.0)
     torch._foreach_mul_(inputs, [f.to(x.dtype) for f, x in zip(factors.unbind(), inputs, strict=True)])
