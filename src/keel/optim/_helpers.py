@@ -54,6 +54,16 @@ def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def unit_scales(values: Tensor, *, at_inf: float = 1.0) -> Tensor:
+    """Powers of two 2^-⌊log2 v⌋ that bring each finite positive value into [1, 2): multipliers that are exact, so
+    scaling by them, computing, and scaling back changes no bit. 1 for 0 or NaN, ``at_inf`` for +inf; exponents
+    stay within float32's normal range (±126)."""
+    usable = torch.isfinite(values) & (values > 0)
+    exponents = torch.where(usable, torch.floor(torch.log2(torch.where(usable, values, 1.0))), 0.0)
+    exponents = torch.where(torch.isposinf(values), -math.log2(at_inf), exponents)
+    return torch.exp2(-exponents.clamp(-126.0, 126.0))
+
+
 def moment_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype of Adam's moments for a parameter of ``dtype``: float32 for float16, the parameter's own otherwise.
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from keel.optim._adam import apply_update_, fused_adamw_, update_moments_
-from keel.optim._helpers import Scratch, accumulation_dtype, grads_of, max_abs
+from keel.optim._helpers import Scratch, accumulation_dtype, grads_of, max_abs, unit_scales
 from keel.optim._rows import as_rows, hot_rows, row_abs_max, scale_spikes
 from keel.optim.ada_clip import ada_clip_, ada_clip_thresholds
 
@@ -134,12 +134,6 @@ def tensor_major_update(
             state[key] = value
 
 
-def _unit_scales(maxima: Tensor) -> Tensor:
-    """2^-⌊log2 max|g|⌋ per tensor (1 for an all-zero one), the exponent within float32's normal range."""
-    exponents = torch.where(maxima > 0, torch.floor(torch.log2(maxima.clamp_min(_TINY))), 0.0)
-    return torch.exp2(-exponents.clamp(-126.0, 126.0))
-
-
 class _HotRows(NamedTuple):
     """The rows of one gradient that hold a spike, for the sparse AdaClip of `tensor_major_update`."""
 
@@ -171,7 +165,7 @@ def foreach_update(params: list[Tensor], states: list[dict[str, Any]], plan: Sta
     clip_ema, thresholds = ada_clip_thresholds(maxima, torch.stack([s["clip_ema"] for s in states]), counts, gamma3)
     outs = scratch.like(params, 1)
     # The clipped gradients come out scaled by 2^-⌊log2 max|g|⌋ (exact, same pass), so their Σg² cannot overflow.
-    units = _unit_scales(maxima)
+    units = unit_scales(maxima)
     inputs = [
         ada_clip_(g, m, thr, out=out, times=u)
         for g, m, thr, out, u in zip(grads, maxima.unbind(), thresholds.unbind(), outs, units.unbind(), strict=True)
@@ -185,7 +179,7 @@ def foreach_update(params: list[Tensor], states: list[dict[str, Any]], plan: Sta
         math.sqrt(gamma2) * torch.stack([s["norm_rms_ema"] for s in states]), math.sqrt(1.0 - gamma2) * norms
     )
     # Both statistics scaled by a power of two (exact) so that their bias corrections cannot overflow float32.
-    down = torch.exp2(-torch.floor(torch.log2(torch.maximum(norm_ema, norm_rms_ema).clamp_min(1.0))))
+    down = unit_scales(torch.maximum(norm_ema, norm_rms_ema).clamp_min(1.0))
     target = (norm_ema * down / (1.0 - torch.pow(g1, counts))) / (
         norm_rms_ema * down / torch.sqrt(1.0 - torch.pow(gamma2, counts)) + plan.eps * down
     )
