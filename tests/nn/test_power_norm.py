@@ -113,3 +113,76 @@ def test_edge_cases_and_validation() -> None:
         pn(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="pad_mask.shape"):
         pn(torch.zeros(2, 4), pad_mask=torch.zeros(3, dtype=torch.bool))
+
+
+# Relative to the largest reference value: one rounding of the output to the dtype (float32: its own arithmetic).
+OUTPUT_TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 2**-8, torch.float16: 2**-11}
+
+
+def _relative_error(actual: torch.Tensor, expected: np.ndarray) -> float:
+    expected_t = torch.from_numpy(expected)
+    return ((actual.detach().double() - expected_t).abs().max() / expected_t.abs().max()).item()
+
+
+@pytest.mark.parametrize("scale", [1.0, 300.0])  # 300: x² past float16's 65504 (reviewer V15)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_half_inputs_are_normalised_in_float32_and_match_float64(dtype: torch.dtype, scale: float) -> None:
+    gen = torch.Generator().manual_seed(0)
+    C = 16
+    pn = PowerNorm(C, warmup_iters=2).to(dtype)
+    with torch.no_grad():
+        pn.weight.copy_(torch.linspace(0.5, 1.5, C))
+        pn.bias.copy_(torch.linspace(-0.25, 0.25, C))
+    assert pn.running_phi.dtype == pn.ema_gz.dtype == torch.float32  # statistics stay float32 under .to(half)
+    weight, bias = pn.weight.detach().double().numpy(), pn.bias.detach().double().numpy()
+    ref = PowerNormReference(C, eps=1e-5, afwd=0.9, abkw=0.9, warmup=2, reference_backward=False)
+    pad = torch.zeros(4, 8, dtype=torch.bool)
+    pad[0, 5:] = True
+    for step in range(4):  # warm-up (steps 1–2), then the running statistic
+        x = (torch.randn(4, 8, C, generator=gen) * scale).to(dtype).requires_grad_()
+        y = pn(x, pad_mask=pad)
+        expected = ref.forward(x.detach().double().numpy(), ~pad.numpy(), weight, bias)
+        assert y.dtype == dtype
+        assert _relative_error(y, expected) <= OUTPUT_TOLERANCE[dtype], f"forward {step}"
+        grad_out = torch.randn(4, 8, C, generator=gen).to(dtype)
+        y.backward(grad_out)
+        grad_at_norm_input = ref.backward(grad_out.double().numpy(), weight)
+        x64 = x.detach().double().requires_grad_()
+        (x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-5)).backward(torch.tensor(grad_at_norm_input))
+        assert x.grad.dtype == dtype and pn.weight.grad.dtype == dtype
+        assert _relative_error(x.grad, x64.grad.numpy()) <= 4 * OUTPUT_TOLERANCE[dtype], f"grad {step}"
+        np.testing.assert_allclose(pn.running_phi.numpy(), ref.phi, rtol=1e-5)
+        np.testing.assert_allclose(pn.ema_gz.numpy(), ref.gz, rtol=1e-4, atol=1e-6)
+    pn.eval()
+    x = (torch.randn(4, 8, C, generator=gen) * scale).to(dtype)
+    expected = ref.group_scale(x.double().numpy()) / np.sqrt(ref.phi + 1e-5) * weight + bias
+    assert _relative_error(pn(x), expected) <= OUTPUT_TOLERANCE[dtype]
+
+
+@pytest.mark.parametrize("groups", [1, None])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_zero_infinite_and_nan_inputs_give_what_float64_gives_and_padding_stays_out(dtype, groups) -> None:
+    C = 4
+    x = torch.randn(3, 5, C, generator=torch.Generator().manual_seed(1))
+    x[0, 0] = 0.0  # a zero token
+    x[0, 1, 2] = float("inf")
+    x[1, 3, 0] = -float("inf")
+    x[2, 4] = float("nan")  # padded: neither it nor the infinities below may reach the statistics
+    x[2, 3] = float("inf")
+    pad = torch.zeros(3, 5, dtype=torch.bool)
+    pad[2, 3:] = True
+    x = x.to(dtype)
+    pn = PowerNorm(C, warmup_iters=5, groups=groups).to(dtype)
+    y = pn(x, pad_mask=pad)
+
+    x64 = x.double()
+    scaled = x64 * torch.rsqrt(x64.square().mean(-1, keepdim=True) + 1e-5) if groups else x64
+    psi = scaled[~pad].square().mean(0)
+    expected = scaled / torch.sqrt(psi + 1e-5)
+    assert y.dtype == dtype
+    kept = ~pad
+    tolerance = 8 * OUTPUT_TOLERANCE[dtype]
+    torch.testing.assert_close(y[kept].double(), expected[kept], rtol=tolerance, atol=0.0, equal_nan=True)
+    assert torch.equal(torch.isnan(pn.running_phi), torch.isnan(psi))  # the infinite channels only, as in float64
+    zeros = torch.zeros(2, 3, C, dtype=dtype)
+    assert torch.equal(PowerNorm(C).to(dtype)(zeros), zeros)

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 _GROUP_EPS = 1e-5  # the official GroupScaling1D's fixed eps
+_HALF = (torch.float16, torch.bfloat16)  # normalised in float32: x² of |x| > 256 overflows float16
+_STATISTICS = ("running_phi", "ema_gz")  # kept float32 whatever dtype the module is moved to
 
 
 def group_scaling(x: Tensor, groups: int) -> Tensor:
@@ -36,7 +38,7 @@ class _PowerFunction(torch.autograd.Function):
         x: Tensor,
         weight: Tensor,
         bias: Tensor,
-        valid: Tensor,
+        valid: Tensor | None,
         used: Tensor,
         ema_gz: Tensor,
         alpha_bkw: float,
@@ -53,14 +55,22 @@ class _PowerFunction(torch.autograd.Function):
         z, weight, valid, ema_gz, divisor_stat = ctx.saved_tensors
         g = grad_out * weight
         approx = g - (1.0 - ctx.alpha_bkw) * ema_gz * z
-        count = valid.sum().clamp_min(1.0)
         with torch.no_grad():
-            ema_gz.add_((approx * z * valid).reshape(-1, z.shape[-1]).sum(dim=0) / count)
+            ema_gz.add_(_valid_mean(approx * z, valid))
         grad_x = approx / torch.sqrt(divisor_stat + ctx.eps)
         reduce_dims = tuple(range(grad_out.dim() - 1))
         grad_weight = (grad_out * z).sum(dim=reduce_dims)
         grad_bias = grad_out.sum(dim=reduce_dims)
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
+
+
+def _valid_mean(values: Tensor, valid: Tensor | None) -> Tensor:
+    """Per-channel mean of ``values`` (..., C) over the tokens where ``valid`` (..., 1) is True (all when None): a
+    padded token's value, even NaN or ±Inf, is left out (a product with 0 would keep NaN)."""
+    if valid is None:
+        return values.reshape(-1, values.shape[-1]).mean(dim=0)
+    total = torch.where(valid, values, 0.0).reshape(-1, values.shape[-1]).sum(dim=0)
+    return total / valid.sum().clamp_min(1)
 
 
 class PowerNorm(nn.Module):
@@ -74,7 +84,8 @@ class PowerNorm(nn.Module):
     a cumulative average of ψ² followed by an EMA step; afterwards z = x/sqrt(φ + ε) and
     φ ← α_f·φ + (1−α_f)·ψ². y = γ·z + β. The backward replaces the exact gradient by
     g̃ = γ·∂L/∂y − (1−α_b)·Γ·z with Γ ← Γ + mean(g̃·z), divided by the same statistic the forward used.
-    Eval: z = x/sqrt(φ + ε).
+    Eval: z = x/sqrt(φ + ε). float16 and bfloat16 inputs are normalised in float32 and returned in their own
+    dtype; φ and Γ stay float32 when the module is moved to a half dtype.
 
     keel's decisions where paper and official code differ:
         * After warm-up the official backward divides by the *batch* sqrt(ψ² + ε) although the forward
@@ -144,6 +155,17 @@ class PowerNorm(nn.Module):
         self.register_buffer("iters", torch.zeros((), dtype=torch.long))
         self._host_iters: int | None = None  # mirrors `iters` so that no forward needs a device sync
 
+    def _apply(self, fn: Any, recurse: bool = True) -> PowerNorm:
+        """As ``nn.Module._apply``, except that a cast to float16/bfloat16 leaves φ and Γ float32 (on the new
+        device): their values are never rounded to half precision."""
+        before = {name: self._buffers[name] for name in _STATISTICS}
+        super()._apply(fn, recurse)
+        for name, old in before.items():
+            new = self._buffers[name]
+            if old is not None and new is not None and new.dtype in _HALF and old.dtype not in _HALF:
+                self._buffers[name] = old.to(new.device)
+        return self
+
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(*args, **kwargs)
         self._host_iters = None
@@ -154,17 +176,19 @@ class PowerNorm(nn.Module):
             raise ValueError(f"input's last axis is {x.shape[-1]}; allowed: num_features={self.num_features}")
         if pad_mask is not None and pad_mask.shape != x.shape[:-1]:
             raise ValueError(f"pad_mask.shape={tuple(pad_mask.shape)}; allowed: {tuple(x.shape[:-1])}")
+        if x.dtype in _HALF:
+            return self._normalise(x.float(), pad_mask).to(x.dtype)
+        return self._normalise(x, pad_mask)
+
+    def _normalise(self, x: Tensor, pad_mask: Tensor | None) -> Tensor:
+        weight, bias = self.weight.to(x.dtype), self.bias.to(x.dtype)
         if self.groups is not None:
             x = group_scaling(x, self.groups)
         if not self.training:
-            return x / torch.sqrt(self.running_phi + self.eps) * self.weight + self.bias
-        valid = (
-            torch.ones(x.shape[:-1], dtype=x.dtype, device=x.device) if pad_mask is None else (~pad_mask).to(x.dtype)
-        )
-        valid = valid.unsqueeze(-1)  # (..., 1)
+            return x / torch.sqrt(self.running_phi + self.eps) * weight + bias
+        valid = None if pad_mask is None else (~pad_mask).unsqueeze(-1)  # (..., 1)
         with torch.no_grad():
-            count = valid.sum().clamp_min(1.0)
-            batch_sq = (x.detach().square() * valid).reshape(-1, x.shape[-1]).sum(dim=0) / count  # ψ², (C,)
+            batch_sq = _valid_mean(x.detach().square(), valid)  # ψ², (C,)
             if self._host_iters is None:  # once after construction or loading: one host read
                 self._host_iters = int(self.iters.item())
             self._host_iters += 1
@@ -176,9 +200,7 @@ class PowerNorm(nn.Module):
             if step < self.warmup_iters:
                 self.running_phi.mul_((step - 1) / step).add_(batch_sq / step)
             self.running_phi.mul_(self.alpha_fwd).add_((1.0 - self.alpha_fwd) * batch_sq)
-        return _PowerFunction.apply(
-            x, self.weight, self.bias, valid, used, self.ema_gz, self.alpha_bkw, divisor, self.eps
-        )
+        return _PowerFunction.apply(x, weight, bias, valid, used, self.ema_gz, self.alpha_bkw, divisor, self.eps)
 
     def extra_repr(self) -> str:
         return (
