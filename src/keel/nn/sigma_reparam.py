@@ -174,8 +174,10 @@ class SigmaReparamLinear(nn.Linear):
         layer.weight = linear.weight
         layer.bias = linear.bias
         layer.reparam = SigmaReparam(linear.weight, stats_only=stats_only)
-        with torch.no_grad():  # an all-zero weight gets its direction (the output stays unchanged: γ = 0)
-            layer.weight.copy_(layer.reparam.right_inverse(layer.weight))
+        stored = layer.reparam.right_inverse(layer.weight)
+        if stored is not layer.weight:  # an all-zero weight gets its direction (the output stays 0: γ = 0)
+            with torch.no_grad():
+                layer.weight.copy_(stored)
         layer.train(linear.training)
         return layer
 
