@@ -52,8 +52,7 @@ class DenseToSparseSchedule:
     ``dense_to_sparse_update`` (0-dim int64), so the model's state dict, keel's snapshots, a rollback and a resume
     carry it. The schedule mirrors it on the host, so that no forward reads the device; a write from outside the
     schedule (``load_state_dict``, a keel restore, an assigned buffer) is noticed by the buffer's identity and
-    version counter and read once (a wrapper that rewrites every buffer before each forward, as DDP's
-    ``broadcast_buffers`` may, makes that one read per forward). τ is computed from the buffer inside the router's hook (a tensor), so a
+    version counter and read once. τ is computed from the buffer inside the router's hook (a tensor), so a
     compiled gate does not recompile as τ anneals.
 
     Args:
