@@ -25,6 +25,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+from keel._core import keys
 from keel.doctor._text import read_text
 from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog
@@ -37,7 +38,7 @@ _SEARCH = re.compile(
     r"\[step=\d{1,18}/(?:\d{1,18}|\?\?\?)(?:,[^\]\n]{0,200})?\][ \t]*\r?\n[ \t]+[^\s=][^=\n]{0,200}=[ \t]*\S"
 )
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+")
-EVAL_PREFIX = "eval/"
+EVAL_PREFIX = keys.EVAL_PER_NAME
 
 
 def looks_like_olmo(text: str) -> bool:
