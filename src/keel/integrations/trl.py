@@ -1,5 +1,5 @@
-"""TRL adapter: `guard_trainer` puts a keel `Guard` in charge of an ``SFTTrainer``, ``DPOTrainer``, ``GRPOTrainer``,
-``RLOOTrainer`` or ``RewardTrainer`` (trl 1.16, ``pip install 'keel[trl]'``).
+"""TRL adapter: `guard_trainer` puts a keel `Guard` in charge of an ``SFTTrainer``, ``DPOTrainer``, ``KTOTrainer``,
+``GRPOTrainer``, ``RLOOTrainer`` or ``RewardTrainer`` (trl 1.16, ``pip install 'keel[trl]'``).
 
     trainer = DPOTrainer(model=model, ref_model=ref, args=args, train_dataset=pairs, processing_class=tok)
     guard_trainer(trainer, run_dir="runs/dpo", policy="skip")
@@ -50,13 +50,13 @@ from keel.integrations._trl_statistics import NewStatistics
 from keel.recover import Policy
 
 try:
-    from trl import DPOTrainer, GRPOTrainer, RewardTrainer, RLOOTrainer, SFTTrainer
+    from trl import DPOTrainer, GRPOTrainer, KTOTrainer, RewardTrainer, RLOOTrainer, SFTTrainer
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("keel.integrations.trl needs trl: pip install 'keel[trl]'") from exc
 
 from keel.integrations.hf import KeelCallback, _json_args  # noqa: E402 (after the trl check: it needs transformers)
 
-TRAINERS = (SFTTrainer, DPOTrainer, GRPOTrainer, RLOOTrainer, RewardTrainer)
+TRAINERS = (SFTTrainer, DPOTrainer, KTOTrainer, GRPOTrainer, RLOOTrainer, RewardTrainer)
 POLICY_GRADIENT = (GRPOTrainer, RLOOTrainer)  # same statistics, buffered completions and surrogate loss
 META_KEY = "trl"  # the run's meta entry: which trainer, how statistics are named, GRPO buffer drops
 
@@ -72,8 +72,8 @@ def guard_trainer(
     """Guard a TRL trainer's updates with keel: call before ``trainer.train()``.
 
     Args:
-        trainer: A ``trl.SFTTrainer``, ``trl.DPOTrainer``, ``trl.GRPOTrainer``, ``trl.RLOOTrainer`` or
-            ``trl.RewardTrainer``.
+        trainer: A ``trl.SFTTrainer``, ``DPOTrainer``, ``KTOTrainer``, ``GRPOTrainer``, ``RLOOTrainer`` or
+            ``RewardTrainer``.
         run_dir: Directory of the run store; ``None`` keeps it in memory.
         policy: ``"observe"``, ``"skip"`` or ``"recover"`` (see `Guard`).
         take_over_clipping: As for `KeelCallback`: by default keel clips, except under ``"observe"``.
@@ -182,8 +182,8 @@ def _not_on_the_loss(detectors: list[Detector]) -> list[Detector]:
 def _check_trainer(trainer: Any) -> None:
     if not isinstance(trainer, TRAINERS):
         raise ValueError(
-            f"guard_trainer(trainer=<{type(trainer).__name__}>): allowed: a trl SFTTrainer, DPOTrainer, GRPOTrainer, "
-            "RLOOTrainer or RewardTrainer"
+            f"guard_trainer(trainer=<{type(trainer).__name__}>): allowed: a trl "
+            f"{', '.join(t.__name__ for t in TRAINERS[:-1])} or {TRAINERS[-1].__name__}"
         )
     metrics = getattr(trainer, "_metrics", None)
     if not (isinstance(metrics, Mapping) and isinstance(metrics.get("train"), Mapping)):
