@@ -40,7 +40,7 @@ def _logged(trainer, name: str) -> list[float]:
 
 def test_kto_loss_and_statistics_reach_keel_with_accumulation(tmp_path):
     trainer = kto_trainer(tmp_path / "hf")
-    guard_trainer(trainer, run_dir=str(tmp_path / "run"))  # was refused: not one of TRL's three
+    guard_trainer(trainer, run_dir=str(tmp_path / "run"))  # was refused (not in the list of guarded trainers)
     trainer.train()
     with RunReader(tmp_path / "run") as run:
         assert run.signal(keys.LOSS)[1].tolist() == pytest.approx(_logged(trainer, "loss"), rel=1e-6)
