@@ -113,6 +113,8 @@ def test_edge_cases_and_validation() -> None:
         pn(torch.zeros(2, 5))
     with pytest.raises(ValueError, match="pad_mask.shape"):
         pn(torch.zeros(2, 4), pad_mask=torch.zeros(3, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"pad_mask.dtype=torch.int64; allowed: torch.bool"):
+        pn(torch.zeros(2, 4), pad_mask=torch.zeros(2, dtype=torch.long))  # before: ~0 = -1 weighted the token
 
 
 # Relative to the largest reference value: one rounding of the output to the dtype (float32: its own arithmetic).

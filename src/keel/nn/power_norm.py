@@ -176,6 +176,8 @@ class PowerNorm(nn.Module):
             raise ValueError(f"input's last axis is {x.shape[-1]}; allowed: num_features={self.num_features}")
         if pad_mask is not None and pad_mask.shape != x.shape[:-1]:
             raise ValueError(f"pad_mask.shape={tuple(pad_mask.shape)}; allowed: {tuple(x.shape[:-1])}")
+        if pad_mask is not None and pad_mask.dtype != torch.bool:
+            raise ValueError(f"pad_mask.dtype={pad_mask.dtype}; allowed: torch.bool (True at padded tokens)")
         if x.dtype in _HALF:
             return self._normalise(x.float(), pad_mask).to(x.dtype)
         return self._normalise(x, pad_mask)
