@@ -12,7 +12,8 @@ How it fits the Trainer's loop (transformers ≥ 4.40):
 - **update**: the Trainer's ``optimizer.step()`` goes to ``Guard.step``, which steps the wrapped torch
   optimizer (through accelerate's GradScaler under fp16), skips or rolls back, and steps the LR scheduler
   only after an applied update; the Trainer's own ``lr_scheduler.step()`` then does nothing
-  (`keel.integrations._handoff`).
+  (`keel.integrations._handoff`). The learning rate the Trainer logs, read between the two calls, is the update's,
+  as without keel (the scheduler's ``get_last_lr()`` answers with it until the step ends).
 - **clipping**: keel measures gradients before clipping, so a gradient spike is still visible. Under
   ``"skip"`` and ``"recover"`` it takes over ``max_grad_norm`` for the run (the formula of
   ``clip_grad_norm_``, equal up to rounding of the coefficient) and sets the Trainer's to 0 meanwhile; under
@@ -245,8 +246,11 @@ class KeelCallback(TrainerCallback):
         """The scheduler's learning rates for the update about to be made (None without a scheduler keel steps)."""
         if not self._shows_update_lr:
             return None
-        with self._handoff.acting_for_keel():
-            return list(self._objects["scheduler"].get_last_lr())
+        try:
+            with self._handoff.acting_for_keel():
+                return list(self._objects["scheduler"].get_last_lr())
+        except Exception:  # keel's bookkeeping never stops training: the Trainer then reads the scheduler as it is
+            return None
 
     def _learning_rate_of_the_update(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         """The scheduler's ``get_last_lr()`` as the Trainer reads it for its log, between ``optimizer.step()`` and
