@@ -61,7 +61,7 @@ def test_after_a_rollback_the_schedule_is_at_the_restored_update(shape):
 RUN = textwrap.dedent("""
     import hashlib, os, sys, torch, torch.nn.functional as F
     import keel
-    run_dir, kill_at, resume, shape = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4]
+    run_dir, kill_at, resume, shape, where = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1", sys.argv[4], sys.argv[5]
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Tanh(), torch.nn.Linear(16, 4))
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
@@ -75,12 +75,14 @@ RUN = textwrap.dedent("""
     else:
         guard = keel.watch(model, opt, sched, **kw)
     for step in range(guard.global_step, 40):
+        if where == "top" and step % 10 == 0 and step > 0:  # a new epoch steps the scheduler first
+            sched.step()
         x, y = data[step]
         loss = F.mse_loss(model(x), y)
         loss.backward()
         guard.step(loss) if shape == "guard" else opt.step()
         opt.zero_grad(set_to_none=True)
-        if (step + 1) % 10 == 0:
+        if where == "end" and (step + 1) % 10 == 0:
             sched.step()
         if step == kill_at:
             os._exit(0)  # killed: no close(), no flush
@@ -90,20 +92,51 @@ RUN = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("shape", ["guard", pytest.param("watch", marks=pytest.mark.slow)])
-def test_a_run_killed_at_an_epoch_end_resumes_with_its_epoch_schedule_bit_for_bit(tmp_path, shape, capsys, monkeypatch):
+@pytest.mark.parametrize(
+    ("shape", "where"),
+    [
+        ("guard", "end"),
+        ("guard", "top"),
+        pytest.param("watch", "end", marks=pytest.mark.slow),
+        pytest.param("watch", "top", marks=pytest.mark.slow),
+    ],
+)
+def test_a_run_killed_at_an_epoch_end_resumes_with_its_epoch_schedule_bit_for_bit(
+    tmp_path, shape, where, capsys, monkeypatch
+):
+    # end: the snapshot of step 20 is taken inside update 19, before the loop's epoch-end call: it resumed an epoch
+    # late (2x LR) until the scheduler state was taken at keel's next call. top: that call is the next epoch's first
+    # line, which the resumed loop runs again: held back until the first update (reviewer W5)
     script = tmp_path / "train.py"
     script.write_text(RUN)
     env = {**os.environ, "PYTHONHASHSEED": "0", "OMP_NUM_THREADS": "1"}
 
     def killed_then_resumed(run_dir, kill_at, resume):
-        args = [sys.executable, str(script), str(tmp_path / run_dir), str(kill_at), resume, shape]
+        args = [sys.executable, str(script), str(tmp_path / run_dir), str(kill_at), resume, shape, where]
         done = subprocess.run(args, capture_output=True, text=True, env=env)
         assert done.returncode == 0, done.stderr
         return done.stdout.split()
 
-    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "a"), "-1", "0", shape])
+    monkeypatch.setattr(sys, "argv", [str(script), str(tmp_path / "a"), "-1", "0", shape, where])
     runpy.run_path(str(script))  # the uninterrupted run, in this process
     whole = capsys.readouterr().out.split()
     assert killed_then_resumed("b", 23, "0") == []  # the snapshot of step 20 (the epoch end) is the newest on disk
-    assert killed_then_resumed("b", -1, "1") == whole  # before: the resumed run trained later epochs at twice the LR
+    assert killed_then_resumed("b", -1, "1") == whole
+
+
+def test_held_calls_pass_once_released_and_each_scheduler_gets_its_step_back():
+    from keel import Schedulers
+    from keel.guard.resumed_scheduler import HeldScheduler
+
+    opt = torch.optim.SGD(TinyNet().parameters(), lr=1.0)
+    first = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    second = torch.optim.lr_scheduler.LambdaLR(opt, lambda epoch: 1.0)
+    held = HeldScheduler(Schedulers(first, second))
+    first.step()
+    second.step()
+    assert (first.last_epoch, second.last_epoch) == (0, 0)
+    assert held.release() == 2
+    first.step()
+    assert first.last_epoch == 1
+    held.close()
+    assert "step" not in first.__dict__ and "step" not in second.__dict__

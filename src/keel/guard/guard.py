@@ -40,6 +40,7 @@ from keel.guard.evaluation import EvalSpec, Evaluation, Goal
 from keel.guard.options import check_arguments, check_loss, check_probes, check_run_dir
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
+from keel.guard.resumed_scheduler import HeldScheduler
 from keel.guard.run_dir import RunDir
 from keel.guard.run_end import RunEnd
 from keel.guard.user_signals import split_signals
@@ -261,9 +262,12 @@ class Guard(DeferredSteps):
         self.components.attach(model)
         self._resumed = self._resume() if resume else None  # before the store's meta changes: it may refuse
         self.recorder.meta(self._describe_run(policy, seed, config))
+        self._held_scheduler: HeldScheduler | None = None
         if self._resumed is not None:
             self.global_step = self._resumed.step
             self.evaluation.resumed(self._resumed.step)
+            if not steps_scheduler and scheduler is not None:
+                self._held_scheduler = HeldScheduler(scheduler)
         self._start_step = self.global_step
         # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR far too
         # high from the start) can only be undone by starting over with the actions. It is taken at the first step,
@@ -389,6 +393,8 @@ class Guard(DeferredSteps):
         if self._first_snapshot_due:
             self._first_snapshot_due = False
             self.components.call("snapshots", self._take_first_snapshot)
+        if self._held_scheduler is not None:
+            self._release_scheduler()
         loss_t = _as_scalar(loss)
         self._signals = split_signals(signals, loss_t.device)
         self._norm_before_clip = None if grad_norm is None else _as_scalar(grad_norm, "grad_norm")
@@ -675,6 +681,11 @@ class Guard(DeferredSteps):
         self._late_step = ctx.step
 
     # --- record --------------------------------------------------------------------------------------
+    def _release_scheduler(self) -> None:
+        held = self._held_scheduler.release()  # type: ignore[union-attr]
+        if held:
+            self.components.call("recorder", self.recorder.meta, {"scheduler_calls_held_on_resume": held})
+
     def _take_first_snapshot(self) -> None:
         self.actuator.after_step(self.global_step)
         self.recovery.complete_snapshot()  # type: ignore[union-attr]  # no scheduler call of the loop is pending
@@ -740,6 +751,8 @@ class Guard(DeferredSteps):
         if self.sync == "deferred":
             self.components.call("guard", self._close_deferred)
         self._closed = True
+        if self._held_scheduler is not None:
+            self._held_scheduler.close()
         if self._end is not None:
             self._end.close()
         self.components.detach(self.global_step)
