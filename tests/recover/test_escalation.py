@@ -79,3 +79,41 @@ def test_state_round_trip():
     other = Escalation(EscalationConfig(policy="recover"))
     other.load_state_dict(esc.state_dict())
     assert other.state_dict() == esc.state_dict()
+
+
+def test_spikes_on_several_batches_in_a_row_roll_back_at_the_third_skip_under_recover():
+    # a skip leaves the weights as they were: spikes on three batches in a row come from the weights (a one-off LR
+    # x100 on a timm ResNet was skipped ten times, then rolled back, and ended worse than without keel; helper T)
+    esc = Escalation(EscalationConfig(policy="recover"))
+    decisions = [esc.decide(s, [_f("loss_spike" if s % 2 else "grad_spike")]) for s in range(40, 43)]
+    assert [d.action for d in decisions] == ["skip", "skip", "rollback"]
+    assert decisions[-1].onset == 40 and "the weights, not a batch" in decisions[-1].reason
+
+
+def test_non_finite_gradients_and_policy_skip_keep_the_consecutive_skip_cap():
+    recover = Escalation(EscalationConfig(policy="recover", max_consecutive_skips=5))
+    assert [recover.decide(s, [_f("non_finite")]).action for s in range(6)] == ["skip"] * 5 + ["rollback"]
+    skip = Escalation(EscalationConfig(policy="skip", max_consecutive_skips=5))
+    assert [skip.decide(s, [_f("loss_spike")]).action for s in range(6)] == ["skip"] * 5 + ["abort"]
+
+
+def test_a_non_finite_skip_or_a_clean_step_restarts_the_count_of_spikes():
+    esc = Escalation(EscalationConfig(policy="recover"))
+    kinds = ["loss_spike", "loss_spike", "non_finite", "loss_spike", "loss_spike", None, "grad_spike", "grad_spike"]
+    actions = [esc.decide(s, [_f(k)] if k else []).action for s, k in enumerate(kinds)]
+    assert actions == ["skip", "skip", "skip", "skip", "skip", "ok", "skip", "skip"]
+    state = esc.state_dict()
+    assert state["spiked_skips"] == 2
+    again = Escalation(EscalationConfig(policy="recover"))
+    again.load_state_dict(state)
+    assert again.decide(8, [_f("grad_spike")]).action == "rollback"
+
+
+def test_spikes_that_go_on_after_the_weights_rollback_are_the_data_until_an_update_is_applied():
+    esc = Escalation(EscalationConfig(policy="recover", max_consecutive_skips=4))
+    run = [esc.decide(s, [_f("loss_spike")]).action for s in range(3)]
+    assert run == ["skip", "skip", "rollback"]
+    # the same spikes with the restored weights: a poisoned stretch of batches, skipped up to the cap
+    assert [esc.decide(s, [_f("loss_spike")]).action for s in range(3, 8)] == ["skip"] * 4 + ["rollback"]
+    assert esc.decide(8, []).action == "ok"  # an update applied: spikes may be the weights again
+    assert [esc.decide(s, [_f("grad_spike")]).action for s in range(9, 12)] == ["skip", "skip", "rollback"]

@@ -135,7 +135,9 @@ def test_a_rollback_with_no_update_since_the_last_one_never_restores_the_same_st
 def test_skips_that_repeat_after_every_rollback_end_in_abort():
     guard, decisions, aborted = _run(AlwaysSpiking(), steps=200, max_consecutive_skips=3)
     actions = [d.action for d in decisions]
-    assert actions == ["skip"] * 3 + ["rollback"] + ["skip"] * 3
+    # the third spike in a row blames the weights (a rollback); spikes that go on with the restored weights are the
+    # data: skipped up to the cap, then a rollback would restore the same state again
+    assert actions == ["skip"] * 2 + ["rollback"] + ["skip"] * 3
     assert aborted.decision.action == "abort" and "still in trouble" in aborted.decision.reason
 
 

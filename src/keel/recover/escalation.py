@@ -5,7 +5,12 @@ Rungs, each recorded with its reason:
 1. **skip** the update when a critical finding is confined to this step's gradients (non-finite gradients, a
    critical loss or gradient spike);
 2. **rollback** (``policy="recover"``) when a critical finding is not — divergence, non-finite parameters,
-   any other critical kind — or when skips repeat ``max_consecutive_skips`` times in a row;
+   any other critical kind — or when skips repeat ``max_consecutive_skips`` times in a row, or sooner, at the
+   ``max_spiked_skips``-th skip in a row that was all loss or gradient spikes: a skip leaves the weights as they
+   were, so spikes on several batches in a row come from the weights (an update already made, an LR jump), which no
+   skip mends (a one-off LR ×100 on a timm ResNet: ten skips, then the rollback, and the run ended worse than without
+   keel; at the third, better). Once: spikes that go on with the restored weights are the data (a poisoned stretch
+   of batches), and are skipped up to ``max_consecutive_skips`` until an update is applied again;
 3. **abort** when skips repeat under ``policy="skip"``, when the parameters are non-finite under ``policy="skip"``
    (no skip mends them), or rollbacks repeat ``max_rollbacks`` times within
    ``rollback_window`` steps (DeepSpeed added such a cap to its loss scaler after endless skip loops, PR #1958).
@@ -30,6 +35,7 @@ POLICIES: tuple[Policy, ...] = ("observe", "skip", "recover")
 
 # Findings a skipped update fixes: the damage is confined to this step's gradients.
 SKIPPABLE_KINDS = frozenset({"non_finite", "loss_spike", "grad_spike"})
+SPIKES = frozenset({"loss_spike", "grad_spike"})
 
 
 def skippable(finding: Finding) -> bool:
@@ -44,12 +50,15 @@ class EscalationConfig:
     Attributes:
         policy: ``"observe"`` never acts; ``"skip"`` may skip updates; ``"recover"`` may also roll back.
         max_consecutive_skips: Skips in a row after which the run rolls back (recover) or aborts (skip).
+        max_spiked_skips: Skips in a row, each of a loss or gradient spike alone, after which ``recover`` rolls
+            back (capped by ``max_consecutive_skips``); non-finite gradients keep to ``max_consecutive_skips``.
         max_rollbacks: Rollbacks within ``rollback_window`` steps after which the run aborts.
         rollback_window: The window, in steps, of that cap.
     """
 
     policy: Policy = "observe"
     max_consecutive_skips: int = 10
+    max_spiked_skips: int = 3
     max_rollbacks: int = 3
     rollback_window: int = 500
 
@@ -57,7 +66,7 @@ class EscalationConfig:
         check_types(self)
         if self.policy not in POLICIES:
             raise ValueError(f"policy={self.policy!r}; allowed: {', '.join(POLICIES)}")
-        require_ints(self, "max_consecutive_skips", "max_rollbacks", "rollback_window")
+        require_ints(self, "max_consecutive_skips", "max_spiked_skips", "max_rollbacks", "rollback_window")
 
 
 class Escalation:
@@ -66,6 +75,10 @@ class Escalation:
     def __init__(self, config: EscalationConfig) -> None:
         self.config = config
         self.consecutive_skips = 0
+        self.spiked_skips = 0  # of the consecutive skips, those of loss or gradient spikes alone, in a row
+        # Whether spikes in a row may still be blamed on the weights: not again after that rollback until an update
+        # is applied — spikes that go on with the restored weights are the data (a poisoned stretch of batches).
+        self.weights_suspect = True
         self.skip_run_start = -1
         self.rollback_steps: list[int] = []
 
@@ -81,7 +94,8 @@ class Escalation:
             )
         critical = [f for f in found if f.severity == "critical"]
         if self.config.policy == "observe" or not critical:
-            self.consecutive_skips = 0
+            self.consecutive_skips = self.spiked_skips = 0
+            self.weights_suspect = True
             return Decision(step=step, action="ok", findings=found)
         recover = self.config.policy == "recover"
         needs_rollback = [f for f in critical if not skippable(f)]
@@ -100,6 +114,8 @@ class Escalation:
         if self.consecutive_skips == 0:
             self.skip_run_start = step
         self.consecutive_skips += 1
+        spikes = {f.kind for f in critical if skippable(f)} <= SPIKES
+        self.spiked_skips = self.spiked_skips + 1 if spikes else 0
         why = _describe([f for f in critical if skippable(f)])
         if self.consecutive_skips > self.config.max_consecutive_skips:
             reason = (
@@ -109,13 +125,20 @@ class Escalation:
             if recover:
                 return self._rollback(step, found, reason, self.skip_run_start)
             return Decision(step=step, action="abort", findings=found, reason=reason)
+        if recover and self.weights_suspect and self.spiked_skips >= self.config.max_spiked_skips:
+            reason = (
+                f"{self.spiked_skips} steps in a row spiked with the weights unchanged since the first "
+                f"(cap {self.config.max_spiked_skips}): the weights, not a batch; a skip cannot mend them; last: {why}"
+            )
+            self.weights_suspect = False
+            return self._rollback(step, found, reason, self.skip_run_start)
         return Decision(step=step, action="skip", findings=found, reason=f"skipped update: {why}")
 
     def rollbacks_in_window(self, step: int) -> int:
         return sum(1 for s in self.rollback_steps if step - s < self.config.rollback_window)
 
     def _rollback(self, step: int, found: tuple[Finding, ...], why: str, onset: int) -> Decision:
-        self.consecutive_skips = 0
+        self.consecutive_skips = self.spiked_skips = 0
         if self.rollbacks_in_window(step) >= self.config.max_rollbacks:
             return Decision(
                 step=step,
@@ -130,12 +153,16 @@ class Escalation:
     def state_dict(self) -> dict[str, Any]:
         return {
             "consecutive_skips": self.consecutive_skips,
+            "spiked_skips": self.spiked_skips,
+            "weights_suspect": self.weights_suspect,
             "skip_run_start": self.skip_run_start,
             "rollback_steps": list(self.rollback_steps),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.consecutive_skips = int(state["consecutive_skips"])
+        self.spiked_skips = int(state.get("spiked_skips", 0))  # snapshots written before it was counted
+        self.weights_suspect = bool(state.get("weights_suspect", True))
         self.skip_run_start = int(state["skip_run_start"])
         self.rollback_steps = list(state["rollback_steps"])
 
