@@ -14,9 +14,9 @@
   ``sustain`` steps (a spike or divergence that lasts).
 
 Smoothing is a centred running median of ``window`` steps, robust to single-batch noise; the step found
-must itself be worse, and without a reference it is moved to the change point of the steps around it (a
-least-absolute-deviation split over the next ``window // 2`` steps): on a noisy loss a step just before a
-change is worse by chance, and its centred window already holds the worse steps after it. The comparison
+must itself be worse, and without a reference it must be the first of ``HOLD`` worse steps in a row (looked for
+over the next ``window // 2`` steps): on a noisy loss a step just before a change is worse by chance, and its
+centred window already holds the worse steps after it. The comparison
 with a reference is the honest one for instabilities that stall a run rather than blow it up (attention-
 logit growth at a high LR often leaves the loss on a plateau): there is no rise to see, only a gap to
 what the fixed recipe reaches.
@@ -32,6 +32,7 @@ import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
 CHUNK = 65536  # rows of a sliding-window view reduced at once: bounded memory for million-step runs
+HOLD = 3  # steps in a row a degradation's first step must be worse for, without a reference run
 
 
 def running_median(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
@@ -72,6 +73,9 @@ def degradation_step(
 ) -> int | None:
     """The first step at which the loss is degraded (see the module doc), or None.
 
+    A loss (or reference) at or below 0 somewhere has no relative level to be worse than: only its first
+    non-finite value dates it (a GRPO or PPO surrogate loss is about 0, of either sign).
+
     Args:
         losses: The run's loss per step.
         reference: The reference run's loss per step (same steps and batches), or None; steps past its end
@@ -98,6 +102,8 @@ def degradation_step(
         raw_ref = np.full(n, np.nan)
         given = np.asarray(reference[:n], dtype=np.float64)
         raw_ref[: len(given)] = given
+    if not _positive(x) or (raw_ref is not None and not _positive(raw_ref)):
+        return first_bad  # "x % worse" means nothing for a loss at or below 0 (a policy-gradient surrogate)
     # one-step spikes: x[t] against the median of the `back` steps before it (NaN there: no spike)
     back = max(1, window // 2)
     spikes = np.zeros(n, dtype=bool)
@@ -137,27 +143,29 @@ def degradation_step(
         # (with one, each step is judged against the same batch in the reference run: no such chance)
         found = int(found_at[0])
         if raw_ref is None:
-            found = _change_point(x, ok, found, window, start)
+            found = _first_lasting(raw_worse, ok, found, window)
     candidates = [s for s in (first_bad, first_spike, found) if s is not None]
     return min(candidates) if candidates else None
 
 
-def _change_point(x: np.ndarray, ok: np.ndarray, t: int, window: int, start: int) -> int:
-    """The step in ``[t, t + window // 2]`` that best splits ``x`` around it into a level before and a level
-    after (least absolute deviations from each side's median), among the steps ``ok`` allows; ``t`` if none.
+def _positive(values: np.ndarray) -> bool:
+    finite = values[np.isfinite(values)]
+    return bool(np.all(finite > 0))
 
-    The centred running median dates a change up to ``window // 2`` steps early, never late, so only later
-    steps are candidates; the two sides reach ``window`` steps either way (a local split, not the whole run).
+
+def _first_lasting(raw_worse: np.ndarray, ok: np.ndarray, t: int, window: int) -> int:
+    """The first step in ``[t, t + window // 2]`` that ``ok`` allows and from which the loss is worse at each of the
+    next `HOLD` steps (fewer at the end of the run); ``t`` if none is.
+
+    On a noisy loss a step just before a change is worse by chance, and its centred median already holds the worse
+    steps after it; chance seldom makes `HOLD` steps in a row worse. A ramp's first worse step is followed by worse
+    steps: it stays the onset (a split into two levels would date a ramp at its middle, up to ``window // 2`` late).
     """
-    candidates = [s for s in range(t, min(len(x), t + window // 2 + 1)) if ok[s]]
-    lo, hi = max(start, t - window), min(len(x), t + 2 * window)
-    finite = np.isfinite(x)
-
-    def cost(s: int) -> float:
-        before, after = x[lo:s][finite[lo:s]], x[s:hi][finite[s:hi]]
-        return sum(float(np.abs(side - np.median(side)).sum()) for side in (before, after) if side.size)
-
-    return min(candidates, key=cost) if len(candidates) > 1 else t
+    n = len(raw_worse)
+    for s in range(t, min(n, t + window // 2 + 1)):
+        if ok[s] and raw_worse[s : min(n, s + HOLD)].all():
+            return s
+    return t
 
 
 def lead_steps(detected_step: int | None, degraded_step: int | None) -> int | None:
