@@ -105,6 +105,34 @@ def test_two_models_trained_side_by_side_each_get_their_own_loss(tmp_path):
     assert _losses(tmp_path / "B")[0] == loss_b.item()
 
 
+def test_two_models_trained_on_one_loss_both_record_it_and_are_not_called_a_gan(tmp_path):
+    """An encoder and a decoder, one optimizer each, one joint loss: the decoder's watch stored 0.0 at every step
+    and keel called the pair a GAN (reviewer W6); both updates are the loss's, and a NaN in it skips both."""
+    torch.manual_seed(0)
+    enc, dec = nn.Sequential(nn.Linear(8, 16), nn.ReLU()), nn.Linear(16, 8)
+    opt_e, opt_d = torch.optim.AdamW(enc.parameters(), 1e-3), torch.optim.AdamW(dec.parameters(), 1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KeelWarning)  # no GAN advice for a cooperative pair
+        watch_e = keel.watch(enc, opt_e, policy="skip", run_dir=tmp_path / "enc")
+        watch_d = keel.watch(dec, opt_d, policy="skip", run_dir=tmp_path / "dec")
+        losses = []
+        for step in range(25):
+            x = torch.randn(32, 8)
+            loss = nn.functional.mse_loss(dec(enc(x)), x) * (float("nan") if step == 22 else 1.0)
+            loss.backward()
+            opt_e.step()
+            opt_d.step()
+            opt_e.zero_grad()
+            opt_d.zero_grad()
+            losses.append(loss.item())
+    watch_e.close()
+    watch_d.close()
+    for name, watch in (("enc", watch_e), ("dec", watch_d)):
+        stored = [value for _, value in sorted(_losses(tmp_path / name).items())]
+        assert stored[:22] == losses[:22] and stored[22] != stored[22], name  # the NaN stored as NaN
+        assert [(d.step, d.action) for d in watch.guard.decisions if d.action != "ok"] == [(22, "skip")]
+
+
 def test_a_closed_watch_leaves_every_backward_to_the_one_still_open(tmp_path):
     model_a, model_b = nn.Linear(4, 1), nn.Linear(4, 1)
     opt_a = torch.optim.SGD(model_a.parameters(), lr=0.1)

@@ -11,7 +11,9 @@ so each sees every backward; before this, D's next update took errG as its loss 
 D's update as well as G's. A backward's loss now belongs to **the first watch that updates after it, among the
 watches whose model it reached** (a parameter of the model is in its graph): errD_real and errD_fake are D's, errG
 is G's (G updates before D's next update, although errG reached D). Two models trained side by side (backward A,
-backward B, step A, step B) each get their own loss. With one watch open nothing is walked: every backward is its.
+backward B, step A, step B) each get their own loss. Two trained on one loss (an encoder and a decoder, one optimizer
+each) both get it: a watch whose update finds only backwards another watch took, with no newer one that reached its
+model, takes them too. With one watch open nothing is walked: every backward is its.
 """
 
 from __future__ import annotations

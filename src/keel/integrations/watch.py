@@ -154,11 +154,14 @@ class Watch:
         if not (tensor.ndim == 0 and tensor.is_floating_point() and tensor.grad_fn is not None):
             return original(tensor, *args, **kwargs)
         backward, first = OWNERS.enter(tensor)
-        if first and len(backward.reached) > 1 and self._default_detectors:
-            self._warn("adversarial", ADVERSARIAL)
         if id(self) in backward.reached:
             scale = self._loss_scale()
-            self._backwards = [owed for owed in self._backwards if not owed[0].taken]  # another watch's now
+            kept = [owed for owed in self._backwards if not owed[0].taken]  # another watch's now: a newer one came
+            if len(kept) < len(self._backwards) and self._default_detectors:
+                # a loss that reached this model went to another model's update, and this model trains on its own
+                # next one: the two are trained against each other (a GAN's errG reached D)
+                self._warn("adversarial", ADVERSARIAL)
+            self._backwards = kept
             self._backwards.append((backward, tensor.detach() / scale if scale is not None else tensor.detach()))
         try:
             return original(tensor, *args, **kwargs)
@@ -173,11 +176,13 @@ class Watch:
 
     def _backward_loss(self) -> Tensor | None:
         """This update's share of the backward losses: those no other watch's update has taken since (see
-        `keel.integrations._backward_owner`); they are taken now."""
-        for backward, loss in self._backwards:
-            if not backward.taken:
-                backward.taken = True
-                self._from_backward.add(loss, share=True)
+        `keel.integrations._backward_owner`); they are taken now. When another watch's update took them all and no
+        newer backward reached this model, they are this update's too: one loss of two models trained together
+        (an encoder and a decoder, one optimizer each)."""
+        untaken = [owed for owed in self._backwards if not owed[0].taken]
+        for backward, loss in untaken or self._backwards:
+            backward.taken = True
+            self._from_backward.add(loss, share=True)
         self._backwards = []
         return self._from_backward.take()
 
@@ -358,7 +363,8 @@ UNSEEN_SCALER = (
 )
 
 ADVERSARIAL = (
-    "keel.watch: one backward reached the models of two watches: models trained against each other (a GAN). Their "
+    "keel.watch: a loss that reached the models of two watches went to one's update while the other trained on a "
+    "loss of its own: models trained against each other (a GAN). Their "
     "losses rise and fall by design, and keel's loss spike and divergence detectors take that for instability (on "
     "pytorch/examples' dcgan shape a clean run's generator was rolled back). Give both watches "
     "detectors=adversarial_detectors() (from keel.integrations.watch import adversarial_detectors): non-finite "
