@@ -30,7 +30,8 @@ def undecodable(path: Path, fh: TextIO) -> LogReadError:
 
 
 def read_text(path: Path) -> str:
-    """The file's text (UTF-8, a BOM ignored); `LogReadError` when it is empty or not text."""
+    """The file's text (UTF-8, a BOM ignored; a character cut off at the end, as a killed run leaves it, left out);
+    `LogReadError` when it is empty or not text."""
     data = path.read_bytes()
     if not data.strip():
         raise LogReadError(f"{path}: the file is empty")
@@ -40,4 +41,7 @@ def read_text(path: Path) -> str:
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
+        if exc.reason == "unexpected end of data" and len(data) - exc.start < 4:
+            # a run killed while writing a multi-byte character (tqdm's bar '█', an ellipsis): the log up to it
+            return data[: exc.start].decode("utf-8-sig")
         raise LogReadError(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start})") from None

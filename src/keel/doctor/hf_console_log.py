@@ -37,7 +37,8 @@ _DICT_START = "{'"
 # srun's "0: ", torchrun's "[rank0]:" / --tee's "[default0]:" before a dict
 _LAUNCHER = r"(?:\d{1,6}: ?|\[(?:rank|default)\d{1,6}\]: ?)"
 # a dict line with the Trainer's epoch in it; bounded: each candidate line start is scanned at most 4,000 characters
-_SEARCH = re.compile(rf"(?:^|\r)[ \t]{{0,8}}{_LAUNCHER}?\{{'[^\n\r]{{0,4000}}?'epoch': ", re.MULTILINE)
+# (or right after a progress bar's "]": buffered stdout glues the dict onto the bar before it)
+_SEARCH = re.compile(rf"(?:^|\r|(?:it/s|s/it)\])[ \t]{{0,8}}{_LAUNCHER}?\{{'[^\n\r]{{0,4000}}?'epoch': ", re.MULTILINE)
 _LAUNCHER_PREFIX = re.compile(_LAUNCHER + r"(?=\{')")
 _ESCAPE = re.compile(r"\x1b\[[0-9;?]{0,20}[A-Za-z]")  # tqdm moves the cursor up ("\x1b[A") around a nested bar
 _BAR = re.compile(r"\|[ \t]{0,10}(\d{1,12})/(\d{1,12})[ \t]{0,3}\[")
