@@ -158,3 +158,10 @@ def test_long_lines_are_read_past_or_refused_not_a_hang(tmp_path, line):
         assert len(read_log(p, format="fairseq").records) == 1
     except LogReadError as exc:
         assert "line 2" in str(exc)
+
+
+def test_a_log_that_opens_with_a_c10d_warning_in_brackets_is_not_taken_for_json(tmp_path):
+    # torchrun / c10d print "[W socket.cpp:601] [c10d] ..." first: such a log was "not valid JSON" (reviewer W2)
+    p = tmp_path / "train.log"
+    p.write_text("[W socket.cpp:601] [c10d] The client socket has failed to connect.\n" + _log([_json_line(10, 5.0)]))
+    assert detect_format(p) == "fairseq" and [s for s, _ in read_log(p).records] == [10]

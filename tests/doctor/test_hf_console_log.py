@@ -264,3 +264,16 @@ def test_long_lines_are_read_past_or_refused_not_a_hang(tmp_path, line):
         assert len(read_log(p, format="hf_console").records) >= 1
     except LogReadError as exc:
         assert "line 2" in str(exc)
+
+
+def test_a_tensor_value_in_scientific_notation_is_read(tmp_path):
+    # torch prints a scalar tensor >= 1e8 or < 1e-4 as tensor(1.2346e+09, ...): an exploding grad norm made the
+    # whole log unreadable (reviewer W14)
+    from keel.doctor import read_log
+
+    p = tmp_path / "train.log"
+    p.write_text(
+        "{'loss': 2.5, 'grad_norm': tensor(1.2346e+09, device='cuda:0'), 'learning_rate': 5e-05, 'epoch': 0.1}\n"
+        "{'loss': 2.4, 'grad_norm': tensor(3.2000e-05, device='cuda:0'), 'learning_rate': 5e-05, 'epoch': 0.2}\n"
+    )
+    assert [values["grad_norm"] for _, values in read_log(p).records] == [1.2346e09, 3.2e-05]

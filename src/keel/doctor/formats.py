@@ -135,7 +135,7 @@ def detect_format(path: Path) -> str:
         if path.name == STATE_NAME or '"log_history"' in text:
             return "hf_trainer_state"
         return "jsonl"
-    if stripped.startswith("[") and not looks_like_megatron(text):  # a launcher's "[timestamp] iteration ..."
+    if stripped.startswith("[") and not _line_formats_in(text):  # "[timestamp] iteration ...", "[W socket.cpp...]"
         return "jsonl"
     first = stripped.partition("\n")[0]
     if looks_like_step_lines(first):  # before CSV: build-nanogpt may separate its three fields by tabs
@@ -158,6 +158,13 @@ def detect_format(path: Path) -> str:
         "'step: N  loss: X' lines, OLMo / OLMo-core '[step=N/MAX]' blocks of 'name=value' lines, "
         "the HF Trainer's console output ({'loss': ..., 'epoch': ...} dicts)"
     )
+
+
+def _line_formats_in(text: str) -> bool:
+    """Whether ``text`` holds the lines of a format read anywhere in a file: a launcher's or c10d's ``[...]``
+    warning first does not make it JSON."""
+    line_formats = (looks_like_megatron, looks_like_fairseq, looks_like_nanogpt, looks_like_speedrun)
+    return any(looks(text) for looks in line_formats)
 
 
 def find_logs(path: str | Path, format: str | None = None) -> list[Path]:

@@ -44,7 +44,9 @@ _ESCAPE = re.compile(r"\x1b\[[0-9;?]{0,20}[A-Za-z]")  # tqdm moves the cursor up
 _BAR = re.compile(r"\|[ \t]{0,10}(\d{1,12})/(\d{1,12})[ \t]{0,3}\[")
 # Python's repr of a float that literal_eval does not read, and a tensor's repr: as strings / their number
 _BARE_FLOAT = re.compile(r"(?<=: )(-?(?:nan|inf))(?=[,}])")
-_TENSOR = re.compile(r"tensor\(([-+]?[\w.]{1,40})(?:, ?(?:device|dtype)=[\w.:'\"]{1,40}){0,2}\)")
+_TENSOR = re.compile(
+    r"tensor\(([-+]?(?:[\d.]{1,40}(?:e[-+]?\d{1,4})?|nan|inf))(?:, ?(?:device|dtype)=[\w.:'\"]{1,40}){0,2}\)"
+)
 SUMMARY = "train_runtime"
 EVAL_PREFIXES = ("eval_", "test_", "predict_")
 TRAINING_NAMES = frozenset({"loss", "grad_norm", "learning_rate"})
