@@ -63,6 +63,11 @@ class RunWriter:
     def add_signals(self, step: int, values: Mapping[str, float]) -> None:
         self._queue.put(("INSERT INTO signals VALUES (?, ?, ?)", [(step, k, _real(v)) for k, v in values.items()]))
 
+    def add_series(self, key: str, steps: Iterable[int], values: Iterable[float]) -> None:
+        """One signal's values at many steps, enqueued as one batch (a log written whole: `keel.doctor.to_store`)."""
+        rows = [(int(step), key, _real(value)) for step, value in zip(steps, values, strict=True)]
+        self._queue.put(("INSERT INTO signals VALUES (?, ?, ?)", rows))
+
     def add_findings(self, findings: Iterable[Finding]) -> None:
         rows = [
             (
