@@ -34,7 +34,7 @@ def test_the_runs_one_or_two_levels_down_are_found(runs):
 def test_doctor_on_a_folder_of_runs_diagnoses_each_and_says_which(runs, capsys):
     assert main(["doctor", str(runs)]) == 0
     out = capsys.readouterr().out
-    assert out.splitlines()[0] == f"keel doctor: {runs}: 3 keel run stores one or two levels down: A/keel, B/keel, solo"
+    assert out.splitlines()[0] == f"keel doctor: {runs}: 3 runs in it: A/keel, B/keel, solo"
     headers = [line for line in out.splitlines() if line.startswith("keel doctor: ")][1:]
     names = ("A/keel", "B/keel", "solo")
     assert [h.split(" (")[0] for h in headers] == [f"keel doctor: {runs / name}" for name in names]
@@ -78,3 +78,34 @@ def test_a_folder_with_no_log_at_all_is_one_error_line(tmp_path, capsys):
     assert main(["doctor", str(tmp_path / "empty")]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "a folder with no training log in it" in err
+
+
+def _board(folder, losses, wall0=0.0):
+    from tests.doctor.wire import record, scalar_event
+
+    folder.mkdir(parents=True)
+    events = b"".join(record(scalar_event(s, "train/loss", v, wall0 + s)) for s, v in enumerate(losses))
+    (folder / "events.out.tfevents.1700000000.host").write_bytes(events)
+
+
+def test_a_folder_of_tensorboard_runs_is_examined_and_reported_run_by_run(tmp_path, capsys):
+    # two runs read as one got their tags prefixed (run_a/train/loss: no loss) and their steps merged into a
+    # "restart", and neither NaN was found (reviewer W3); a Keras run's train/ and validation/ stay one run
+    from keel.doctor.formats import find_logs, tensorboard_runs
+    from keel.report import write_report
+
+    healthy = [2.0 + 0.01 * (s % 3) for s in range(40)]
+    _board(tmp_path / "lightning_logs" / "version_0", healthy[:30] + [float("nan")] + healthy[31:], 0.0)
+    _board(tmp_path / "lightning_logs" / "version_1", healthy[:20] + [float("nan")] + healthy[21:], 1000.0)
+    _board(tmp_path / "keras" / "train", healthy, 0.0)
+    _board(tmp_path / "keras" / "validation", healthy, 0.0)
+    logs = tmp_path / "lightning_logs"
+    assert [p.name for p in find_logs(logs)] == ["version_0", "version_1"]
+    assert tensorboard_runs(tmp_path / "keras") == [tmp_path / "keras"]
+    assert main(["doctor", str(logs)]) == 0
+    out = capsys.readouterr().out
+    assert "2 runs in it: version_0, version_1" in out and out.count("critical  non_finite") == 2
+    from tests.report.test_page import _payload
+
+    page = write_report([logs], tmp_path / "report.html").read_text()
+    assert [run["name"] for run in _payload(page)["runs"]] == ["version_0", "version_1"]

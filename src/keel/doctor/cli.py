@@ -47,7 +47,7 @@ def main(args: argparse.Namespace) -> int:
     several = len(paths) > 1
     if several and not args.json:
         names = ", ".join(printable(p.relative_to(args.path).as_posix()) for p in paths)
-        print(f"keel doctor: {printable(args.path)}: {len(paths)} keel run stores one or two levels down: {names}")
+        print(f"keel doctor: {printable(args.path)}: {len(paths)} runs in it: {names}")
     results: list[DoctorResult] = []
     errors: list[str] = []
     for path in paths:

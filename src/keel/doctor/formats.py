@@ -169,7 +169,8 @@ def _line_formats_in(text: str) -> bool:
 
 def find_logs(path: str | Path, format: str | None = None) -> list[Path]:
     """The logs ``keel doctor PATH`` examines: ``PATH`` itself, or — for a folder with no log of its own that
-    holds several keel runs one or two levels down (``runs/A/keel``, ``runs/B/keel``) — each of those runs.
+    holds several keel runs one or two levels down (``runs/A/keel``, ``runs/B/keel``), or several TensorBoard runs
+    (`tensorboard_runs`) — each of those runs.
 
     A folder holding one run is ``PATH`` itself: `read_log` reads that run and says so in a note.
 
@@ -195,7 +196,28 @@ def find_logs(path: str | Path, format: str | None = None) -> list[Path]:
     ):
         return [path]
     runs = find_runs(path)
-    return runs if len(runs) > 1 else [path]
+    if len(runs) > 1:
+        return runs
+    if not runs and format is None:
+        boards = tensorboard_runs(path)
+        if len(boards) > 1:
+            return boards
+    return [path]
+
+
+SPLITS = frozenset({"train", "training", "validation", "val", "eval", "test"})  # Keras' one-folder-per-series
+
+
+def tensorboard_runs(path: Path) -> list[Path]:
+    """The TensorBoard runs under ``path``: each folder of event files is one (``lightning_logs/version_0``, the HF
+    Trainer's ``runs/<date_host>``), except that a run's ``train/`` and ``validation/`` folders (Keras) are its
+    series. Read as one log, several runs' tags get their folder as a prefix and their steps interleave."""
+    roots = {folder.parent if folder.name in SPLITS and folder != path else folder for folder in _event_folders(path)}
+    return sorted(roots)
+
+
+def _event_folders(path: Path) -> set[Path]:
+    return {file.parent for file in path.rglob(EVENT_GLOB) if is_event_file(file)}
 
 
 def _kind(path: Path) -> str:

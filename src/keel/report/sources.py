@@ -14,6 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from keel.doctor.formats import tensorboard_runs
 from keel.store import STORE_NAME, STORE_SUFFIX, SWEEP_STORE_NAME, find_runs
 from keel.store.schema import connect_for_reading
 
@@ -51,12 +52,14 @@ class Source:
 def expand(paths: list[str | Path]) -> list[Path]:
     """Each path as given, except that a folder without a store stands for the run stores one or two levels
     below it (``keel report runs/demo`` → ``runs/demo/bare``, ``runs/demo/guarded`` …; ``runs`` →
-    ``runs/A/keel``, ``runs/B/keel``), in path order (`keel.store.find_runs`)."""
+    ``runs/A/keel``, ``runs/B/keel``), in path order (`keel.store.find_runs`), or, holding none, for its
+    TensorBoard runs (`keel.doctor.formats.tensorboard_runs`: ``lightning_logs/version_0``, ``version_1`` …)."""
     out: list[Path] = []
     for raw in paths:
         path = Path(raw)
         if path.is_dir() and not (path / STORE_NAME).is_file() and not (path / SWEEP_STORE_NAME).is_file():
-            out += find_runs(path) or [path]
+            boards = tensorboard_runs(path)  # several TensorBoard runs: each its own (read as one, they merge)
+            out += find_runs(path) or (boards if len(boards) > 1 else [path])
         else:
             out.append(path)
     return out
