@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from keel.cli import main
 from keel.doctor import build_timeline, detect_format, read_log
 from keel.doctor.log import LogReadError
+from tests.doctor.line_fuzz import assert_a_log_or_one_error
 
 BANNER = ["[transformers] `loss_type=None` was set in the config but it is unrecognized."]
 CLEAR = "\r" + " " * 46 + "\r"  # tqdm clears its bar before a write
@@ -234,14 +235,7 @@ _LINE = st.one_of(
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(_LINE, max_size=12))
 def test_any_text_gives_a_log_or_one_log_read_error(tmp_path, lines):
-    p = tmp_path / "fuzz.log"
-    p.write_text("\n".join(lines) + "\n")
-    try:
-        log = read_log(p, format="hf_console")
-    except LogReadError as exc:
-        assert str(p) in str(exc) and "\n" not in str(exc)
-    else:
-        assert len(log.records) >= 1
+    assert_a_log_or_one_error(tmp_path, lines, "hf_console")
 
 
 @pytest.mark.timeout(20)

@@ -8,6 +8,7 @@ from hypothesis import strategies as st
 from keel.cli import main
 from keel.doctor import build_timeline, detect_format, read_log
 from keel.doctor.log import LogReadError
+from tests.doctor.line_fuzz import assert_a_log_or_one_error
 
 # what train.py prints before its first iteration (the first line has commas: it was read as a CSV header)
 BANNER = """\
@@ -98,14 +99,7 @@ _LINE = st.one_of(
 @settings(max_examples=40, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(_LINE, max_size=12))
 def test_any_text_gives_a_log_or_one_log_read_error(tmp_path, lines):
-    p = tmp_path / "fuzz.log"
-    p.write_text("\n".join(lines) + "\n")
-    try:
-        log = read_log(p, format="nanogpt_stdout")
-    except LogReadError as exc:
-        assert str(p) in str(exc) and "\n" not in str(exc)
-    else:
-        assert len(log.records) >= 1
+    assert_a_log_or_one_error(tmp_path, lines, "nanogpt_stdout")
 
 
 @pytest.mark.timeout(20)  # a hang guard: backtracking over a long run of spaces once took minutes (cubic)

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 from keel.cli import main
 from keel.doctor import build_timeline, detect_format, read_log
 from keel.doctor.log import LogReadError
+from tests.doctor.line_fuzz import assert_a_log_or_one_error
 
 PREFIX = "2024-02-01 10:00:00.000\tjupiter-cs-aus-105:0\tolmo.train:816\tINFO\t"  # OLMo's log line format
 CORE_PREFIX = "2025-01-10 08:00:00.000\tnode-3:0\tolmo_core.train.callbacks.console_logger:85\tINFO\t"
@@ -167,14 +168,7 @@ _LINE = st.one_of(
 @settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(lines=st.lists(_LINE, max_size=12))
 def test_any_text_gives_a_log_or_one_log_read_error(tmp_path, lines):
-    p = tmp_path / "fuzz.log"
-    p.write_text("\n".join(lines) + "\n")
-    try:
-        log = read_log(p, format="olmo")
-    except LogReadError as exc:
-        assert str(p) in str(exc) and "\n" not in str(exc)
-    else:
-        assert len(log.records) >= 1
+    assert_a_log_or_one_error(tmp_path, lines, "olmo")
 
 
 @pytest.mark.timeout(20)
