@@ -228,9 +228,11 @@ ROLLBACK_SCRIPT = textwrap.dedent("""
 """)
 
 
-def test_a_run_killed_after_a_rollback_resumes_on_the_rolled_back_timeline_bit_for_bit(tmp_path):
+def _killed_and_resumed(tmp_path, script_text, kill_at):
+    """ROLLBACK_SCRIPT's run whole, then killed (SIGKILL) after step ``kill_at`` and resumed: each run's
+    ``{step: (loss, action)}``."""
     script = tmp_path / "train.py"
-    script.write_text(ROLLBACK_SCRIPT)
+    script.write_text(script_text)
     env = {**os.environ, "PYTHONHASHSEED": "0"}
 
     def run(run_dir, kill_at, resume):
@@ -241,14 +243,18 @@ def test_a_run_killed_after_a_rollback_resumes_on_the_rolled_back_timeline_bit_f
             env=env,
         )
 
-    full = run("a", -1, "0")
-    assert full.returncode == 0, full.stderr
-    reference = {int(s): (float(v), a) for s, v, a in (line.split() for line in full.stdout.splitlines())}
+    def steps(done):
+        assert done.returncode == 0, done.stderr
+        return {int(s): (float(v), a) for s, v, a in (line.split() for line in done.stdout.splitlines())}
+
+    reference = steps(run("a", -1, "0"))
+    assert run("b", kill_at, "0").returncode == -signal.SIGKILL
+    return reference, steps(run("b", -1, "1"))
+
+
+def test_a_run_killed_after_a_rollback_resumes_on_the_rolled_back_timeline_bit_for_bit(tmp_path):
+    reference, after = _killed_and_resumed(tmp_path, ROLLBACK_SCRIPT, 25)
     assert reference[23][1] == "rollback"
-    assert run("b", 25, "0").returncode == -signal.SIGKILL
-    resumed = run("b", -1, "1")
-    assert resumed.returncode == 0, resumed.stderr
-    after = {int(s): (float(v), a) for s, v, a in (line.split() for line in resumed.stdout.splitlines())}
     assert min(after) == 24 and max(after) == 39  # the restored state, taken right after the rollback
     assert all(after[s] == reference[s] for s in after)  # bit for bit, and no second rollback at step 23
 
@@ -258,25 +264,8 @@ def test_a_run_killed_before_its_trouble_rolls_back_after_resume_as_far_as_the_u
     # killed at step 21 (disk: the snapshots of 10, 15 and 20), resumed from 20: at 23 the divergence that began at
     # 12 needs the snapshot of 10. The ring used to hold the resumed snapshot only: "no snapshot from before step
     # 12", an abort where the uninterrupted run rolled back (reviewer V1)
-    script = tmp_path / "train.py"
-    script.write_text(ROLLBACK_SCRIPT.replace("disk_every=1)", "disk_every=1, keep_on_disk=3)"))
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-
-    def run(run_dir, kill_at, resume):
-        return subprocess.run(
-            [sys.executable, str(script), str(tmp_path / run_dir), str(kill_at), resume],
-            capture_output=True,
-            text=True,
-            env=env,
-        )
-
-    full = run("a", -1, "0")
-    assert full.returncode == 0, full.stderr
-    reference = {int(s): (float(v), a) for s, v, a in (line.split() for line in full.stdout.splitlines())}
-    assert run("b", 21, "0").returncode == -signal.SIGKILL
-    resumed = run("b", -1, "1")
-    assert resumed.returncode == 0, resumed.stderr
-    after = {int(s): (float(v), a) for s, v, a in (line.split() for line in resumed.stdout.splitlines())}
+    script = ROLLBACK_SCRIPT.replace("disk_every=1)", "disk_every=1, keep_on_disk=3)")
+    reference, after = _killed_and_resumed(tmp_path, script, 21)
     assert min(after) == 20 and after[23][1] == "rollback"
     assert all(after[s] == reference[s] for s in after)  # bit for bit, the rollback to 10 included
 
