@@ -30,7 +30,7 @@ from typing import Any
 from keel.doctor._text import read_text
 from keel.doctor.columns import normalize
 from keel.doctor.jsonl_log import add_entry, records_from_objects
-from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.log import LogReadError, RawLog, malformed_line
 
 FORMAT = "fairseq"
 _TAGGED = re.compile(r"\|\s*(train_inner|valid[\w-]*)\s*\|\s*(.*)")
@@ -139,9 +139,9 @@ def _named(values: dict[str, Any], tag: str) -> dict[str, Any] | None:
 
 
 def _malformed(path: Path, number: int, line: str) -> LogReadError:
-    shown = line.strip()
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return LogReadError(
-        f"{path}: line {number} ({shown!r}) is not a fairseq '| train_inner |' or '| valid |' line with "
-        "num_updates (--log-format json or simple)"
+    return malformed_line(
+        path,
+        number,
+        line,
+        "is not a fairseq '| train_inner |' or '| valid |' line with num_updates (--log-format json or simple)",
     )

@@ -30,7 +30,7 @@ from typing import Any
 
 from keel.doctor._text import read_text
 from keel.doctor.jsonl_log import add_entry, records_from_objects
-from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.log import LogReadError, RawLog, malformed_line
 
 FORMAT = "hf_console"
 _DICT_START = "{'"
@@ -193,8 +193,6 @@ def _steps(bar_counts: list[tuple[int, int] | None]) -> tuple[list[int], str]:
 
 
 def _malformed(path: Path, number: int, segment: str) -> LogReadError:
-    shown = segment if len(segment) <= 60 else segment[:57] + "..."
-    return LogReadError(
-        f"{path}: line {number} ({shown!r}) begins with {{' but is not a Python dict of names to values "
-        "(the HF Trainer's log line)"
+    return malformed_line(
+        path, number, segment, "begins with {' but is not a Python dict of names to values (the HF Trainer's log line)"
     )

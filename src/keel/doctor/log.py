@@ -24,6 +24,14 @@ class LogReadError(KeelError):
     """
 
 
+def malformed_line(path: object, number: int, line: str, expected: str) -> LogReadError:
+    """The one error for a metric line that does not parse: the file, the line's number and start (60 characters),
+    and what such a line looks like (``expected``)."""
+    shown = line.strip()
+    shown = shown if len(shown) <= 60 else shown[:57] + "..."
+    return LogReadError(f"{path}: line {number} ({shown!r}) {expected}")
+
+
 @dataclass(kw_only=True)
 class RawLog:
     """A training log as read from disk, before column names are mapped to signal keys.

@@ -26,7 +26,7 @@ from pathlib import Path
 from keel.doctor._text import read_text
 from keel.doctor.columns import normalize
 from keel.doctor.jsonl_log import add_entry, records_from_objects
-from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.log import LogReadError, RawLog, malformed_line
 from keel.doctor.step_lines_log import NUMBER
 
 FORMAT = "megatron"
@@ -105,8 +105,4 @@ def _fields(text: str) -> dict[str, str] | None:
 
 
 def _malformed(path: Path, number: int, line: str) -> LogReadError:
-    shown = line.strip()
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return LogReadError(
-        f"{path}: line {number} ({shown!r}) is not 'iteration N/ TOTAL | name: value | ...' (Megatron-LM)"
-    )
+    return malformed_line(path, number, line, "is not 'iteration N/ TOTAL | name: value | ...' (Megatron-LM)")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from keel.doctor._text import read_text
 from keel.doctor.jsonl_log import add_entry, records_from_objects
-from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.log import LogReadError, RawLog, malformed_line
 from keel.doctor.step_lines_log import NUMBER
 
 FORMAT = "nanogpt_stdout"
@@ -59,10 +59,11 @@ def read_nanogpt_log(path: str | Path) -> RawLog:
         m = _LINE.fullmatch(line.rstrip())
         fields = _fields(m.group(3), evaluation=m.group(1) == "step") if m else None
         if m is None or fields is None:
-            shown = line if len(line) <= 60 else line[:57] + "..."
-            raise LogReadError(
-                f"{path}: line {number} ({shown!r}) is not 'iter N: loss X, time Tms, mfu M%' nor "
-                "'step N: train loss X, val loss Y' (nanoGPT train.py)"
+            raise malformed_line(
+                path,
+                number,
+                line,
+                "is not 'iter N: loss X, time Tms, mfu M%' nor 'step N: train loss X, val loss Y' (nanoGPT train.py)",
             )
         step = int(m.group(2))
         add_entry(entries, step, fields)  # "step N:" evaluation, then "iter N:" of the same iteration

@@ -28,7 +28,7 @@ from pathlib import Path
 from keel._core import keys
 from keel.doctor._text import read_text
 from keel.doctor.jsonl_log import add_entry, records_from_objects
-from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.log import LogReadError, RawLog, malformed_line
 from keel.doctor.torchtitan_log import ANSI
 
 FORMAT = "olmo"
@@ -114,6 +114,4 @@ def _metric(line: str) -> tuple[str, str] | None:
 
 
 def _malformed(path: Path, number: int, line: str) -> LogReadError:
-    shown = line.strip()
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return LogReadError(f"{path}: line {number} ({shown!r}) under a '[step=N/MAX]' header is not 'name=value' (OLMo)")
+    return malformed_line(path, number, line, "under a '[step=N/MAX]' header is not 'name=value' (OLMo)")

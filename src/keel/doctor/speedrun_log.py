@@ -20,7 +20,7 @@ from pathlib import Path
 
 from keel.doctor._text import read_text
 from keel.doctor.jsonl_log import add_entry, records_from_objects
-from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.log import LogReadError, RawLog, malformed_line
 from keel.doctor.step_lines_log import NAME_VALUE, with_unit
 
 FORMAT = "modded_nanogpt"
@@ -58,10 +58,7 @@ def read_speedrun_log(path: str | Path) -> RawLog:
             continue
         values = _parse(line, clocks)
         if values is None:
-            shown = line if len(line) <= 60 else line[:57] + "..."
-            raise LogReadError(
-                f"{path}: line {number} ({shown!r}) is not 'step:N/TOTAL name:value ...' (modded-nanogpt)"
-            )
+            raise malformed_line(path, number, line, "is not 'step:N/TOTAL name:value ...' (modded-nanogpt)")
         step = int(values.pop("step"))
         add_entry(entries, step, values, shared=clocks)
     if not entries:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from keel.doctor._text import read_text
 from keel.doctor.jsonl_log import records_from_objects
-from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.log import LogReadError, RawLog, malformed_line
 
 FORMAT = "karpathy_text"
 # the names these programs use -> the column names `keel.doctor.columns` maps to keel keys (llm.c's logger.h writes
@@ -79,10 +79,8 @@ def read_step_lines_log(path: str | Path) -> RawLog:
             continue
         step, pairs = _parse(line)
         if pairs is None:
-            shown = line if len(line) <= 60 else line[:57] + "..."
-            raise LogReadError(
-                f"{path}: line {number} ({shown!r}) is neither 'STEP NAME VALUE' (build-nanogpt) nor "
-                "'s:STEP NAME:VALUE' (llm.c)"
+            raise malformed_line(
+                path, number, line, "is neither 'STEP NAME VALUE' (build-nanogpt) nor 's:STEP NAME:VALUE' (llm.c)"
             )
         values = {RENAMED.get(name, name): value for name, value in pairs}
         if entries and entries[-1]["step"] == step and not values.keys() & entries[-1].keys():

@@ -26,7 +26,7 @@ from pathlib import Path
 
 from keel.doctor._text import read_text
 from keel.doctor.jsonl_log import add_entry, records_from_objects
-from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.log import LogReadError, RawLog, malformed_line
 
 FORMAT = "torchtitan"
 ANSI = re.compile(r"\x1b\[[0-9;]{0,20}m")
@@ -127,8 +127,4 @@ def _fields(text: str) -> dict[str, float | str] | None:
 
 
 def _malformed(path: Path, number: int, line: str) -> LogReadError:
-    shown = line.strip()
-    shown = shown if len(shown) <= 60 else shown[:57] + "..."
-    return LogReadError(
-        f"{path}: line {number} ({shown!r}) is not 'step: N  loss: X  name: value ...' (torchtitan metrics line)"
-    )
+    return malformed_line(path, number, line, "is not 'step: N  loss: X  name: value ...' (torchtitan metrics line)")
