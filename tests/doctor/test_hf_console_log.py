@@ -271,3 +271,17 @@ def test_a_tensor_value_in_scientific_notation_is_read(tmp_path):
         "{'loss': 2.4, 'grad_norm': tensor(3.2000e-05, device='cuda:0'), 'learning_rate': 5e-05, 'epoch': 0.2}\n"
     )
     assert [values["grad_norm"] for _, values in read_log(p).records] == [1.2346e09, 3.2e-05]
+
+
+def test_dicts_that_log_their_own_step_keep_it(tmp_path):
+    # a callback or a custom Trainer that logs 'step': its NaN at step 350 was reported at entry 7 (reviewer W10)
+    from keel.doctor import read_log
+
+    p = tmp_path / "train.log"
+    p.write_text(
+        "".join(f"{{'loss': {2.0 - 0.01 * i}, 'step': {50 * (i + 1)}, 'epoch': {i / 10}}}\n" for i in range(8))
+    )
+    log = read_log(p)
+    assert [s for s, _ in log.records] == [50, 100, 150, 200, 250, 300, 350, 400]
+    assert all("step" not in values for _, values in log.records)
+    assert any("own step" in note for note in log.notes)

@@ -48,6 +48,7 @@ _TENSOR = re.compile(
     r"tensor\(([-+]?(?:[\d.]{1,40}(?:e[-+]?\d{1,4})?|nan|inf))(?:, ?(?:device|dtype)=[\w.:'\"]{1,40}){0,2}\)"
 )
 SUMMARY = "train_runtime"
+STEP_NAMES = ("logged_step", "global_step")  # a dict's own step ('step' read as logged_step), when a callback logs it
 EVAL_PREFIXES = ("eval_", "test_", "predict_")
 TRAINING_NAMES = frozenset({"loss", "grad_norm", "learning_rate"})
 
@@ -105,7 +106,7 @@ def read_hf_console_log(path: str | Path) -> RawLog:
         raise LogReadError(
             f"{path}: no Trainer log dict ('{{'loss': ..., 'epoch': ...}}' lines, the HF Trainer's console)"
         )
-    steps, note = _steps(bar_counts)
+    steps, note = _own_steps(training) or _steps(bar_counts)
     entries: list[dict[str, Any]] = []
     for step, dicts in zip(steps, training, strict=True):
         for logs in dicts:
@@ -169,6 +170,31 @@ def _kind(logs: dict[str, Any]) -> str:
     if any(name.startswith(EVAL_PREFIXES) for name in logs):
         return "evaluation"
     return "training" if "epoch" in logs else "other"
+
+
+def _own_steps(training: list[list[dict[str, Any]]]) -> tuple[list[int], str] | None:
+    """The dicts' own step (a callback or a custom Trainer that logs ``'step'``, read as ``logged_step``, or
+    ``'global_step'``), when every training dict has one that is a whole number; else None. It is taken out of the
+    dicts."""
+    steps = []
+    for logs in training:
+        name = next((n for n in STEP_NAMES if n in logs[0]), None)
+        value = _whole(logs[0].get(name)) if name is not None else None
+        if value is None:
+            return None
+        steps.append(value)
+    for logs in training:
+        for name in STEP_NAMES:
+            logs[0].pop(name, None)
+    return steps, "steps are the Trainer log dicts' own step values"
+
+
+def _whole(value: Any) -> int | None:
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        return None
+    return int(number) if number.is_integer() and abs(number) < 2**53 else None
 
 
 def _steps(bar_counts: list[tuple[int, int] | None]) -> tuple[list[int], str]:
