@@ -140,3 +140,40 @@ def test_held_calls_pass_once_released_and_each_scheduler_gets_its_step_back():
     assert first.last_epoch == 1
     held.close()
     assert "step" not in first.__dict__ and "step" not in second.__dict__
+
+
+def test_a_resumed_guard_records_the_held_calls_once(tmp_path):
+    from keel.store import RunReader
+
+    def run(resume, steps):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+        config = RecoveryConfig(snapshot_every=5, disk_every=1)
+        guard = Guard(
+            model,
+            opt,
+            sched,
+            policy="recover",
+            steps_scheduler=False,
+            run_dir=str(tmp_path),
+            resume=resume,
+            recovery=config,
+        )
+        for step, (x, y) in list(enumerate(make_batches(steps)))[guard.global_step :]:
+            if step % 5 == 0:
+                sched.step()  # the top of an "epoch" of 5
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+            guard.recovery.disk.wait()
+        guard.close()
+        return guard, sched
+
+    run(False, 11)
+    guard, sched = run(True, 16)
+    assert guard._held_scheduler is not None and not guard._held_scheduler.holding and guard._held_scheduler.held == 1
+    assert RunReader(tmp_path).meta()["scheduler_calls_held_on_resume"] == 1
+    assert "step" not in sched.__dict__  # close put the scheduler's own step back

@@ -393,7 +393,7 @@ class Guard(DeferredSteps):
         if self._first_snapshot_due:
             self._first_snapshot_due = False
             self.components.call("snapshots", self._take_first_snapshot)
-        if self._held_scheduler is not None:
+        if self._held_scheduler is not None and self._held_scheduler.holding:
             self._release_scheduler()
         loss_t = _as_scalar(loss)
         self._signals = split_signals(signals, loss_t.device)

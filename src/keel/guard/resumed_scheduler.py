@@ -38,6 +38,10 @@ class HeldScheduler:
 
         return step
 
+    @property
+    def holding(self) -> bool:
+        return self._holding
+
     def release(self) -> int:
         """Let calls through from now on; returns how many were held."""
         self._holding = False
