@@ -29,3 +29,18 @@ def test_a_killed_trainers_console_with_dicts_glued_to_its_bar_is_detected_and_r
     path.write_bytes(("\n".join(lines) + "\n 80%|███").encode()[:-2])  # killed inside the bar's last '█'
     assert detect_format(path) == "hf_console"  # was csv (glued to the bar), or "not UTF-8" (the cut)
     assert len(read_log(path).records) == 7
+
+
+def test_a_binary_file_is_refused_from_its_head_without_being_read_whole(tmp_path, monkeypatch):
+    # a multi-gigabyte binary given by mistake was read whole before the NUL check (reviewer W15)
+    from pathlib import Path
+
+    path = tmp_path / "model.bin"
+    path.write_bytes(b"\x00\x01" * 100_000)
+
+    def whole(self):
+        raise AssertionError("read whole")
+
+    monkeypatch.setattr(Path, "read_bytes", whole)
+    with pytest.raises(LogReadError, match="binary data"):
+        read_text(path)

@@ -32,12 +32,8 @@ def undecodable(path: Path, fh: TextIO) -> LogReadError:
 def read_text(path: Path) -> str:
     """The file's text (UTF-8, a BOM ignored; a character cut off at the end, as a killed run leaves it, left out);
     `LogReadError` when it is empty or not text."""
+    check_text_head(path)  # before reading it whole: a binary file given by mistake may be gigabytes
     data = path.read_bytes()
-    if not data.strip():
-        raise LogReadError(f"{path}: the file is empty")
-    nul = data.find(b"\x00", 0, HEAD_BYTES)
-    if nul >= 0:
-        raise LogReadError(f"{path}: binary data (a NUL byte at offset {nul}), not a text log")
     try:
         return data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
