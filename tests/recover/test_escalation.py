@@ -117,3 +117,11 @@ def test_spikes_that_go_on_after_the_weights_rollback_are_the_data_until_an_upda
     assert [esc.decide(s, [_f("loss_spike")]).action for s in range(3, 8)] == ["skip"] * 4 + ["rollback"]
     assert esc.decide(8, []).action == "ok"  # an update applied: spikes may be the weights again
     assert [esc.decide(s, [_f("grad_spike")]).action for s in range(9, 12)] == ["skip", "skip", "rollback"]
+
+
+def test_a_skip_reason_says_no_baseline_when_there_is_none():
+    # a NaN in a run's first steps has no baseline yet: the reason read "(value nan, baseline nan)" (helper T)
+    nan = Finding(step=0, kind="non_finite", severity="critical", signal="loss", value=float("nan"))
+    reason = Escalation(EscalationConfig(policy="skip")).decide(0, [nan]).reason
+    assert reason == "skipped update: non_finite on loss (value nan)"
+    assert "(value 9, baseline 1)" in Escalation(EscalationConfig(policy="skip")).decide(0, [_f("loss_spike")]).reason

@@ -27,14 +27,22 @@ def printable(text: str) -> str:
 
 def one_line(text: str, limit: int | None = None) -> str:
     """``text`` as one printable line: line breaks and tabs become spaces, other control characters are escaped
-    (`printable`), and with ``limit`` a longer line is cut, ending in "…".
+    (`printable`), and with ``limit`` a longer line is cut, at a word's end where one is near, ending in "…".
 
     Example:
         >>> one_line("no such file:\\n  x\\x1b[2J"), one_line("abcdef", limit=4)
         ('no such file:   x\\\\x1b[2J', 'abc…')
+        >>> one_line("lower the LR and add QK-norm", limit=24)
+        'lower the LR and add…'
     """
     line = printable(text.translate(_BREAKS)).strip()
-    return line if limit is None or len(line) <= limit else line[: limit - 1] + "…"
+    if limit is None or len(line) <= limit:
+        return line
+    cut = line[: limit - 1]
+    space = cut.rfind(" ")
+    if space >= 0.6 * limit:  # at a word's end, not in a word ("add QK-…")
+        cut = cut[:space].rstrip(" ,;:(—")
+    return cut + "…"
 
 
 _BREAKS = str.maketrans(dict.fromkeys("\n\r\t\v\f", " "))

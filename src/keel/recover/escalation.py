@@ -21,6 +21,7 @@ not counted.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -168,7 +169,13 @@ class Escalation:
 
 
 def _describe(findings: list[Finding]) -> str:
-    return "; ".join(f"{f.kind} on {f.signal} (value {f.value:.4g}, baseline {f.baseline:.4g})" for f in findings)
+    return "; ".join(f"{f.kind} on {f.signal} ({_values(f)})" for f in findings)
+
+
+def _values(finding: Finding) -> str:
+    """``value V, baseline B``; the baseline left out while there is none (a NaN in a run's first steps)."""
+    value = f"value {finding.value:.4g}"
+    return value if math.isnan(finding.baseline) else f"{value}, baseline {finding.baseline:.4g}"
 
 
 def _onset(findings: list[Finding], step: int) -> int:
