@@ -45,7 +45,7 @@ class Inject(TrainerCallback):
         self._hook.remove()
 
 
-def train(tmp_path, callbacks, *, steps: int = STEPS, accumulate: int = 2, **args_kwargs):
+def train(tmp_path, callbacks, *, steps: int = STEPS, accumulate: int = 2, resume: str | None = None, **args_kwargs):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
     ids = torch.randint(0, 64, (256, 16), generator=torch.Generator().manual_seed(0))
@@ -60,15 +60,14 @@ def train(tmp_path, callbacks, *, steps: int = STEPS, accumulate: int = 2, **arg
         lr_scheduler_type="linear",
         logging_steps=1,
         report_to=[],
-        save_strategy="no",
         use_cpu=True,
         seed=0,
         data_seed=0,
         disable_tqdm=True,
-        **args_kwargs,
+        **{"save_strategy": "no", **args_kwargs},
     )
     trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=resume)
     return trainer
 
 
@@ -170,3 +169,14 @@ def test_bad_guard_arguments_fail_when_the_callback_is_built_not_at_the_first_st
     # the Guard itself is built when training begins (on_train_begin), deep inside trainer.train()
     with pytest.raises(ValueError, match=match):
         KeelCallback(**kwargs)
+
+
+def test_a_run_resumed_from_the_trainers_checkpoint_is_numbered_from_the_trainers_step(tmp_path):
+    # in a new run folder, keel numbered the resumed run from 0: a finding at the Trainer's step 6 was keel's step 2,
+    # and the two stores could not be read as one run (helper H)
+    train(tmp_path, [KeelCallback(run_dir=tmp_path / "keel1", policy="skip")], save_strategy="steps", save_steps=4)
+    checkpoint = str(tmp_path / "hf" / "checkpoint-4")
+    train(tmp_path, [KeelCallback(run_dir=tmp_path / "keel2", policy="skip")], save_strategy="no", resume=checkpoint)
+    with RunReader(tmp_path / "keel2") as run:
+        steps, _ = run.signal("loss")
+        assert steps.tolist() == [4, 5, 6, 7] and run.meta()["first_step"] == 4

@@ -46,7 +46,13 @@ class Regression(L.LightningModule):
 
 
 def fit(
-    callbacks, faults: dict[int, str] | None = None, *, scheduler: str = "step", accumulate: int = 2, **trainer_kwargs
+    callbacks,
+    faults: dict[int, str] | None = None,
+    *,
+    scheduler: str = "step",
+    accumulate: int = 2,
+    ckpt_path: str | None = None,
+    **trainer_kwargs,
 ):
     torch.manual_seed(0)
     module = Regression(faults, scheduler)
@@ -54,7 +60,7 @@ def fit(
     x = torch.randn(16 * STEPS * accumulate, 8, generator=g)
     data = DataLoader(TensorDataset(x, torch.tanh(x[:, :4])), batch_size=16, shuffle=False)
     trainer = L.Trainer(
-        max_steps=STEPS,
+        max_steps=trainer_kwargs.pop("max_steps", STEPS),
         accumulate_grad_batches=accumulate,
         accelerator="cpu",
         devices=1,
@@ -65,7 +71,7 @@ def fit(
         callbacks=callbacks,
         **trainer_kwargs,
     )
-    trainer.fit(module, data)
+    trainer.fit(module, data, ckpt_path=ckpt_path)
     return trainer, module
 
 
@@ -150,3 +156,15 @@ def test_bad_guard_arguments_fail_when_the_callback_is_built():
         KeelCallback(probs="full")
     with pytest.raises(ValueError, match=r"KeelCallback: recovery='x'; allowed: None or a keel.RecoveryConfig"):
         KeelCallback(policy="recover", recovery="x")
+
+
+def test_a_run_resumed_from_lightnings_checkpoint_is_numbered_from_its_global_step(tmp_path):
+    trainer, _ = fit([KeelCallback(run_dir=tmp_path / "keel1", policy="skip")])
+    trainer.save_checkpoint(tmp_path / "last.ckpt")
+    fit(
+        [KeelCallback(run_dir=tmp_path / "keel2", policy="skip")],
+        ckpt_path=str(tmp_path / "last.ckpt"),
+        max_steps=STEPS + 3,
+    )
+    with RunReader(tmp_path / "keel2") as run:
+        assert run.signal("loss")[0].tolist() == [STEPS, STEPS + 1, STEPS + 2]

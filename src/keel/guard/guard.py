@@ -319,6 +319,24 @@ class Guard(DeferredSteps):
         """Every decision so far that was not a plain ``"ok"``."""
         return self.recorder.decisions
 
+    def start_at(self, step: int) -> Guard:
+        """Number this run's steps from ``step``: a run a trainer continues from its own checkpoint (the HF
+        Trainer's ``resume_from_checkpoint``, Lightning's ``ckpt_path``) in a new run folder, so that keel's steps,
+        findings and store rows are the trainer's. Before the first step, and not with ``resume`` (a keel resume
+        takes its step from its snapshot). Returns the guard.
+
+        Raises:
+            ValueError: ``step`` is not an int >= 0, the Guard has stepped, or it resumed a run.
+        """
+        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**62:
+            raise ValueError(f"start_at(step={step!r}); allowed: an int from 0 to 2**62 - 1")
+        if self._resumed is not None or self.global_step != self._start_step:
+            why = "resumed the run from its snapshot" if self._resumed is not None else "has stepped already"
+            raise ValueError(f"start_at({step}): this Guard {why}; allowed: before the first step of a new run")
+        self.global_step = self._start_step = self.components.step = step
+        self.recorder.meta({"first_step": step})
+        return self
+
     def track(self, obj: Stateful, name: str = "data") -> Guard:
         """Register the data position (an object with ``state_dict``/``load_state_dict``, e.g. a sampler).
 
