@@ -16,8 +16,9 @@ def _csv(path, steps, *, nan_at=None, restart_at=None):
     rows = [(s, 2.0 + 0.01 * (s % 3)) for s in range(steps)]
     if restart_at is not None:  # the run crashed and was restarted from an earlier checkpoint
         rows += [(s, 1.5) for s in range(restart_at, steps + 5)]
-    text = "step,loss,grad_norm\n" + "".join(
-        f"{s},{'nan' if s == nan_at else loss},{1.0 + 0.01 * (s % 4)}\n" for s, loss in rows
+    text = "step,loss,grad_norm\n" + "".join(  # the NaN in the first stretch only
+        f"{s},{'nan' if s == nan_at and i < steps else loss},{1.0 + 0.01 * (s % 4)}\n"
+        for i, (s, loss) in enumerate(rows)
     )
     path.write_text(text)
     return path
@@ -37,10 +38,16 @@ def test_a_log_is_written_as_a_store_with_its_signals_findings_and_causes(tmp_pa
 
 
 def test_a_restarted_log_stores_the_later_stretch_as_a_resumed_run_would(tmp_path):
-    log = _csv(tmp_path / "train.csv", 40, restart_at=30)
-    log_to_store(log, tmp_path / "run")
-    steps, losses = RunReader(tmp_path / "run").signal("loss")
+    # the stretch the restart replaced had a NaN at 35: its mark was drawn on the later, clean curve (reviewer W7)
+    log = _csv(tmp_path / "train.csv", 40, nan_at=35, restart_at=30)
+    result = log_to_store(log, tmp_path / "run")
+    reader = RunReader(tmp_path / "run")
+    steps, losses = reader.signal("loss")
     assert list(steps) == list(range(45)) and set(losses[30:].tolist()) == {1.5}
+    assert [f.step for f in result.findings if f.kind == "non_finite"] == [35]  # keel doctor still lists it
+    assert [f for f in reader.findings() if f.kind == "non_finite"] == []
+    meta = reader.meta()
+    assert meta["steps"] == 45 and any("a restart replaced" in note for note in meta["notes"])
 
 
 def test_the_report_draws_a_log_beside_a_run_store(tmp_path):
