@@ -152,8 +152,9 @@ class KeelCallback(TrainerCallback):
         # Built before the first forward, so the hook probes (activations, attention, router) see step 0's; whether
         # the model's output carries a loss is only known at the first update (`_first_update`).
         self.guard = self._build_guard()
-        if state.global_step and not self.guard.global_step:  # resume_from_checkpoint: keel's steps are the Trainer's
-            self.guard.start_at(state.global_step)
+        resumed_at = getattr(state, "global_step", 0)  # resume_from_checkpoint: keel's steps are the Trainer's
+        if resumed_at and not self.guard.global_step:
+            self.guard.start_at(resumed_at)
         self._runs.append(str(self.run_dir))
         self._training = True
         if self._clip is not None:
