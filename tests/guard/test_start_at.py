@@ -58,3 +58,15 @@ def test_after_a_step_or_a_resume_it_is_refused(tmp_path):
     with pytest.raises(ValueError, match="resumed the run from its snapshot"):
         resumed.start_at(10)
     resumed.close()
+
+
+def test_resumed_says_whether_the_guard_continued_a_run(tmp_path):
+    # snapshot_every=100: the snapshot of step 0 is the only one written
+    guard, model, opt = _guard(tmp_path, policy="recover", recovery=RecoveryConfig(snapshot_every=100, disk_every=1))
+    assert not guard.resumed
+    _steps(guard, model, opt, 1)
+    guard.recovery.disk.wait()
+    guard.close()
+    again, _, _ = _guard(tmp_path, policy="recover", resume=True)
+    assert again.resumed and again.global_step == 0  # a snapshot of step 0: a trainer must not renumber it
+    again.close()

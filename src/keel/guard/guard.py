@@ -319,6 +319,11 @@ class Guard(DeferredSteps):
         """Every decision so far that was not a plain ``"ok"``."""
         return self.recorder.decisions
 
+    @property
+    def resumed(self) -> bool:
+        """Whether this Guard continued a run from its disk snapshots (``resume=True`` found one)."""
+        return self._resumed is not None
+
     def start_at(self, step: int) -> Guard:
         """Number this run's steps from ``step``: a run a trainer continues from its own checkpoint (the HF
         Trainer's ``resume_from_checkpoint``, Lightning's ``ckpt_path``) in a new run folder, so that keel's steps,

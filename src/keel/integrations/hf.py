@@ -153,7 +153,7 @@ class KeelCallback(TrainerCallback):
         # the model's output carries a loss is only known at the first update (`_first_update`).
         self.guard = self._build_guard()
         resumed_at = getattr(state, "global_step", 0)  # resume_from_checkpoint: keel's steps are the Trainer's
-        if resumed_at and not self.guard.global_step:
+        if resumed_at and not self.guard.global_step and not self.guard.resumed:
             self.guard.start_at(resumed_at)
         self._runs.append(str(self.run_dir))
         self._training = True

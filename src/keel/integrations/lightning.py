@@ -119,8 +119,8 @@ class KeelCallback(Callback):
             config=config,
             **kwargs,
         )
-        if trainer.global_step and not self.guard.global_step:  # ckpt_path: keel's steps are the trainer's
-            self.guard.start_at(trainer.global_step)
+        if trainer.global_step and not self.guard.global_step and not self.guard.resumed:
+            self.guard.start_at(trainer.global_step)  # ckpt_path: keel's steps are the trainer's
         if self._scaler is not None:  # the plugin runs the closure, then scaler.step(optimizer), scaler.update()
             self._handoff.gate(self._scaler, "step", self._scaler_step)
             self._handoff.gate(self._scaler, "update", self._scaler_update)
