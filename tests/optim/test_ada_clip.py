@@ -79,3 +79,37 @@ def test_params_without_grad_are_skipped_and_bad_arguments_raise() -> None:
         AdaClip([])
     with pytest.raises(ValueError, match="parameters"):
         clipper.load_state_dict({"gamma": 0.9, "steps": [1], "ema": [None]})
+
+
+def test_tracked_by_a_guard_its_statistics_resume_with_the_run(tmp_path):
+    # AdaClip's running maxima are its own, in no optimizer state: a resumed run restarted them (reviewer V14)
+    import torch.nn.functional as F
+
+    from keel import Guard, RecoveryConfig
+    from tests.conftest import TinyNet, make_batches
+
+    def run(resume, stop):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        clipper = AdaClip(model.parameters())
+        clipper.attach(opt)
+        config = RecoveryConfig(snapshot_every=5, disk_every=1)
+        guard = Guard(model, opt, run_dir=str(tmp_path), policy="recover", resume=resume, recovery=config)
+        guard.track(clipper, name="ada_clip")
+        seen = {guard.global_step: clipper.state_dict()}
+        for step, (x, y) in list(enumerate(make_batches(stop)))[guard.global_step :]:
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+            guard.recovery.disk.wait()
+            seen[step + 1] = clipper.state_dict()
+        guard.close()
+        return seen
+
+    before = run(False, 12)
+    after = run(True, 12)
+    start = min(after)
+    assert start == 10 and after[start]["steps"] == before[start]["steps"]
+    assert all(torch.equal(a, b) for a, b in zip(after[start]["ema"], before[start]["ema"], strict=True))

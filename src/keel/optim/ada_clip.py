@@ -63,6 +63,10 @@ class AdaClip:
     takes the dense clip, with no host sync; on CPU (where host reads are free) only tensors with
     max|g| > M̂ are clipped, and only in the rows that hold the spike.
 
+    Its statistics are its own, not the optimizer's: a checkpoint saves them with ``clipper.state_dict()``, and under
+    a `keel.Guard` ``guard.track(clipper, name="ada_clip")`` puts them in keel's snapshots, so a resumed run
+    continues bit for bit (a rollback leaves tracked objects as they are: the threshold keeps what it learned).
+
     Args:
         params: The parameters whose gradients are clipped.
         gamma: θ, the decay of the running max (Stable-SPAM's ``gamma3``, default 0.999).
