@@ -8,7 +8,7 @@ import functools
 import math
 import types
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from keel._core.argtypes import INT64_MAX
@@ -75,6 +75,22 @@ def require_ints(config: object, *fields: str, minimum: int = 1) -> None:
             raise ValueError(f"{type(config).__name__}.{name}={value!r}; allowed: an int >= {minimum}")
         if value > INT64_MAX:  # a window's deque or a step count past int64 failed later, with an OverflowError
             raise ValueError(f"{type(config).__name__}.{name}={value!r}; allowed: an int from {minimum} to 2**63 - 1")
+
+
+def require_choices(config: object, field: str, allowed: Sequence[str]) -> None:
+    """Raise ValueError unless the named field of ``config`` is one or more of ``allowed``; keep each once, in order.
+
+    Example:
+        >>> from types import SimpleNamespace
+        >>> require_choices(SimpleNamespace(kinds=("a", "z")), "kinds", ("a", "b"))
+        Traceback (most recent call last):
+        ...
+        ValueError: SimpleNamespace.kinds=('a', 'z'); allowed: one or more of a, b
+    """
+    chosen = tuple(dict.fromkeys(getattr(config, field)))
+    if not chosen or any(c not in allowed for c in chosen):
+        raise ValueError(f"{type(config).__name__}.{field}={chosen!r}; allowed: one or more of {', '.join(allowed)}")
+    setattr(config, field, chosen)
 
 
 def require_positive(config: object, *fields: str) -> None:

@@ -21,11 +21,14 @@ from pathlib import Path
 from typing import Any
 
 from keel._core.argtypes import cpu_threads, positive_int
-from keel.recover import POLICIES
+from keel.guard.console import silenced
+from keel.recover import POLICIES, Policy
 
 CONTROL = "bare, again"  # the A/A control: the bare trainer in a block of its own
 
 BlockTimer = Callable[[str, Path], dict[str, Any]]  # (variant, work folder) → {"times", "cpu_times"[, "guard"]}
+# (trainer kind, its policy or None for bare, the bench's config, work folder) → one block's figures
+KindTimer = Callable[[str, Policy | None, Any, Path], dict[str, Any]]
 
 
 def policy_variants() -> dict[str, Any]:
@@ -95,6 +98,30 @@ def interleaved_blocks(
         "control_cpu": cpu_ratio[control],
         "guard": guards,
     }
+
+
+def bench_each(
+    kinds: Sequence[str], time_block: KindTimer, config: Any, progress: Callable[[str], None] | None
+) -> dict[str, dict[str, Any]]:
+    """Every trainer kind's figures: its `policy_variants` timed in `interleaved_blocks` of ``config.repeats``, with
+    keel's run summaries silenced (they would interleave the figures)."""
+    variants = policy_variants()
+    figures: dict[str, dict[str, Any]] = {}
+    with silenced():
+        for kind in kinds:
+
+            def block(name: str, workdir: Path, kind: str = kind) -> dict[str, Any]:
+                return time_block(kind, variants[name], config, workdir)
+
+            figures[kind] = interleaved_blocks(list(variants), block, config.repeats, CONTROL, progress, f"{kind} ")
+    return figures
+
+
+def config_from_args(cls: Any, args: argparse.Namespace, **chosen: Any) -> Any:
+    """The bench config the command line asks for: ``cls.quick`` under ``--quick``, with ``--steps`` and
+    ``--repeats`` where given and the ``chosen`` trainer kinds."""
+    given = {k: v for k in ("steps", "repeats") if (v := getattr(args, k)) is not None}
+    return cls.quick(**chosen, **given) if args.quick else cls(**chosen, **given)
 
 
 def _median_ratio(blocks: list[list[float]], bare: list[list[float]], of: Callable[[list[float]], float]) -> float:

@@ -22,15 +22,14 @@ from typing import Any
 
 import torch
 
-from keel._core.validate import check_types, require_ints
-from keel.guard.console import silenced
+from keel._core.validate import check_types, require_choices, require_ints
 from keel.harness.bench._blocks import (
     CONTROL,
     add_block_arguments,
+    bench_each,
+    config_from_args,
     guard_summary,
-    interleaved_blocks,
     intervals,
-    policy_variants,
     print_rows,
 )
 from keel.harness.bench._progress import bench_progress
@@ -65,12 +64,7 @@ class IntegrationsBenchConfig:
     def __post_init__(self) -> None:
         check_types(self)
         require_ints(self, "steps", "warmup", "repeats", "hidden_size", "batch_size", "seq_len")
-        self.frameworks = tuple(dict.fromkeys(self.frameworks))
-        if not self.frameworks or any(f not in FRAMEWORKS for f in self.frameworks):
-            raise ValueError(
-                f"IntegrationsBenchConfig.frameworks={self.frameworks!r}; allowed: one or more of "
-                f"{', '.join(FRAMEWORKS)}"
-            )
+        require_choices(self, "frameworks", FRAMEWORKS)
         if self.hidden_size % 4:
             raise ValueError(
                 f"IntegrationsBenchConfig.hidden_size={self.hidden_size}; allowed: a multiple of 4 (4 heads)"
@@ -82,10 +76,6 @@ class IntegrationsBenchConfig:
         return cls(
             **{"steps": 4, "warmup": 2, "repeats": 2, "hidden_size": 16, "batch_size": 2, "seq_len": 16} | overrides
         )
-
-    def variants(self) -> dict[str, Policy | None]:
-        """Variant name → the callback's policy (None: the bare trainer)."""
-        return policy_variants()
 
 
 def missing_extra(frameworks: tuple[str, ...]) -> str | None:
@@ -147,23 +137,8 @@ def bench_integrations(
     config = config or IntegrationsBenchConfig()
     if (message := missing_extra(config.frameworks)) is not None:
         raise ValueError(message)
-    result: dict[str, Any] = {"frameworks": {}, "config": asdict(config), "threads": torch.get_num_threads()}
-    variants = config.variants()
-    for framework in config.frameworks:
-
-        def block(name: str, workdir: Path, framework: str = framework) -> dict[str, Any]:
-            return time_block(framework, variants[name], config, workdir)
-
-        with silenced():  # keel's run summaries would interleave the figures
-            result["frameworks"][framework] = interleaved_blocks(
-                list(variants),
-                block,
-                config.repeats,
-                CONTROL,
-                progress,
-                f"{framework} ",
-            )
-    return result
+    result: dict[str, Any] = {"config": asdict(config), "threads": torch.get_num_threads()}
+    return result | {"frameworks": bench_each(config.frameworks, time_block, config, progress)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -182,9 +157,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {"frameworks": tuple(args.framework)}
-    overrides |= {k: v for k, v in (("steps", args.steps), ("repeats", args.repeats)) if v is not None}
-    config = IntegrationsBenchConfig.quick(**overrides) if args.quick else IntegrationsBenchConfig(**overrides)
+    config = config_from_args(IntegrationsBenchConfig, args, frameworks=tuple(args.framework))
     if (message := missing_extra(config.frameworks)) is not None:  # one line before the progress bar
         raise ValueError(message)
     torch.set_num_threads(args.threads)

@@ -31,15 +31,14 @@ from typing import Any
 
 import torch
 
-from keel._core.validate import check_types, require_ints
-from keel.guard.console import silenced
+from keel._core.validate import check_types, require_choices, require_ints
 from keel.harness.bench._blocks import (
     CONTROL,
     add_block_arguments,
+    bench_each,
+    config_from_args,
     guard_summary,
-    interleaved_blocks,
     intervals,
-    policy_variants,
     print_rows,
 )
 from keel.harness.bench._progress import bench_progress
@@ -76,11 +75,7 @@ class TrlBenchConfig:
         require_ints(self, "steps", "repeats", "hidden_size", "batch_size", "text_chars")
         if isinstance(self.warmup, bool) or self.warmup < 1:
             raise ValueError(f"TrlBenchConfig.warmup={self.warmup!r}; allowed: an int >= 1 (the Guard's first step)")
-        self.trainers = tuple(dict.fromkeys(self.trainers))
-        if not self.trainers or any(t not in TRAINERS for t in self.trainers):
-            raise ValueError(
-                f"TrlBenchConfig.trainers={self.trainers!r}; allowed: one or more of {', '.join(TRAINERS)}"
-            )
+        require_choices(self, "trainers", TRAINERS)
         if self.hidden_size % 4:
             raise ValueError(f"TrlBenchConfig.hidden_size={self.hidden_size}; allowed: a multiple of 4 (4 heads)")
         if self.batch_size % 2:
@@ -94,10 +89,6 @@ class TrlBenchConfig:
         return cls(
             **{"steps": 6, "warmup": 2, "repeats": 2, "hidden_size": 16, "batch_size": 2, "text_chars": 6} | overrides
         )
-
-    def variants(self) -> dict[str, Policy | None]:
-        """Variant name → the ``guard_trainer`` policy (None: the bare trainer)."""
-        return policy_variants()
 
 
 def time_block(kind: str, policy: Policy | None, config: TrlBenchConfig, workdir: Path) -> dict[str, Any]:
@@ -133,23 +124,8 @@ def bench_trl(config: TrlBenchConfig | None = None, progress: Callable[[str], No
     if importlib.util.find_spec("trl") is None:
         raise ValueError(f"keel bench trl times TRL's own trainers; allowed: with trl installed ({EXTRA})")
     config = config or TrlBenchConfig()
-    result: dict[str, Any] = {"trainers": {}, "config": asdict(config), "threads": torch.get_num_threads()}
-    for kind in config.trainers:
-        result["trainers"][kind] = _bench_trainer(kind, config, progress)
-    return result
-
-
-def _bench_trainer(kind: str, config: TrlBenchConfig, progress: Callable[[str], None] | None) -> dict[str, Any]:
-    variants = config.variants()
-    with silenced():  # keel's run summaries would interleave the figures
-        return interleaved_blocks(
-            list(variants),
-            lambda name, workdir: time_block(kind, variants[name], config, workdir),
-            config.repeats,
-            CONTROL,
-            progress,
-            f"{kind} ",
-        )
+    result: dict[str, Any] = {"config": asdict(config), "threads": torch.get_num_threads()}
+    return result | {"trainers": bench_each(config.trainers, time_block, config, progress)}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -172,9 +148,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    overrides: dict[str, Any] = {"trainers": tuple(args.trainer)}
-    overrides |= {k: v for k, v in (("steps", args.steps), ("repeats", args.repeats)) if v is not None}
-    config = TrlBenchConfig.quick(**overrides) if args.quick else TrlBenchConfig(**overrides)
+    config = config_from_args(TrlBenchConfig, args, trainers=tuple(args.trainer))
     if importlib.util.find_spec("trl") is None:  # one line before the thread change and the progress bar
         raise ValueError(f"keel bench trl times TRL's own trainers; allowed: with trl installed ({EXTRA})")
     torch.set_num_threads(args.threads)
