@@ -7,21 +7,18 @@ From Huang et al. (2025), "SPAM: Spike-Aware Adam with Momentum Reset for Stable
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from typing import Any, overload
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
+from keel.optim._bucketed import BucketedOptimizer
 from keel.optim._helpers import (
-    Scratch,
     check_adam,
     check_int,
     check_range,
     moment_dtype,
-    restore_state_dtypes,
-    step_buckets,
     upcast_moments,
 )
 from keel.optim._registry import optimizers
@@ -56,7 +53,7 @@ def spam_clips_at(step: int, *, threshold: float, reset_interval: int, grace_ste
 
 
 @optimizers.register("spam")
-class SPAM(Optimizer):
+class SPAM(BucketedOptimizer):
     """Adam with spike-aware clipping, periodic momentum reset and a cosine LR warm-up after each reset.
 
     Use it for LLM pre-training where occasional gradient spikes (up to 1000× the typical gradient)
@@ -150,22 +147,6 @@ class SPAM(Optimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults)
-        self._scratch = Scratch()
-
-    @overload
-    def step(self, closure: None = None) -> None: ...
-
-    @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Apply one update to every parameter that has a gradient; returns the closure's loss if given."""
-        return step_buckets(self, closure, self._update)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)  # float32 moments/statistics, exactly as saved
 
     def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
         beta1, beta2 = group["betas"]

@@ -7,21 +7,18 @@ From Huang et al. (2025), "Stable-SPAM: How to Train in 4-Bit More Stably than 1
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterable
-from typing import Any, overload
+from collections.abc import Iterable
+from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
+from keel.optim._bucketed import BucketedOptimizer
 from keel.optim._helpers import (
-    Scratch,
     check_adam,
     check_int,
     check_range,
     moment_dtype,
-    restore_state_dtypes,
-    step_buckets,
     upcast_moments,
 )
 from keel.optim._registry import optimizers
@@ -45,7 +42,7 @@ def momentum_decay_scale(step: int, *, decay_steps: int | None, decay_min: float
 
 
 @optimizers.register("stable_spam")
-class StableSPAM(Optimizer):
+class StableSPAM(BucketedOptimizer):
     """Adam fed with AdaClip-clipped and AdaGN-normalised gradients, with periodic momentum reset (MoRet).
 
     Use it where Adam's loss spikes or diverges at a learning rate you need, notably in low-precision
@@ -160,22 +157,6 @@ class StableSPAM(Optimizer):
             foreach=foreach,
         )
         super().__init__(params, defaults)
-        self._scratch = Scratch()
-
-    @overload
-    def step(self, closure: None = None) -> None: ...
-
-    @overload
-    def step(self, closure: Callable[[], float]) -> float: ...
-
-    @torch.no_grad()
-    def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Apply one update to every parameter that has a gradient; returns the closure's loss if given."""
-        return step_buckets(self, closure, self._update)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        super().load_state_dict(state_dict)
-        restore_state_dtypes(self, state_dict)  # float32 moments/statistics, exactly as saved
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
         state = self.state[p]

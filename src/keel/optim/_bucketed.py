@@ -1,0 +1,41 @@
+"""The optimizer shape SPAM and Stable-SPAM share: an update per bucket of parameters, float32 state kept as saved."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from typing import Any, overload
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from keel.optim._helpers import Scratch, restore_state_dtypes, step_buckets
+
+
+class BucketedOptimizer(Optimizer):
+    """An optimizer whose ``step`` calls ``_update(params, group)`` once per parameter group and (device, dtype)
+    bucket of parameters with a gradient (`step_buckets`), with a `Scratch` of reusable buffers, and whose
+    ``load_state_dict`` keeps float32 moments and statistics exactly as saved (torch would cast them to each
+    parameter's dtype)."""
+
+    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
+        super().__init__(params, defaults)
+        self._scratch = Scratch()
+
+    @overload
+    def step(self, closure: None = None) -> None: ...
+
+    @overload
+    def step(self, closure: Callable[[], float]) -> float: ...
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], float] | None = None) -> float | None:
+        """Apply one update to every parameter that has a gradient; returns the closure's loss if given."""
+        return step_buckets(self, closure, self._update)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().load_state_dict(state_dict)
+        restore_state_dtypes(self, state_dict)
+
+    def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
+        raise NotImplementedError
