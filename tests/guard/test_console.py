@@ -333,3 +333,41 @@ def test_under_torch_distributed_only_rank_0_speaks(monkeypatch, rank, quiet):
     monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
     monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
     assert Recorder(None, 50).console.quiet is quiet
+
+
+@pytest.mark.parametrize(
+    ("policy", "shown"),
+    [
+        ("recover", "Skip this update (keel does so under policy='recover')"),
+        ("skip", "Skip this update (keel does so under policy='skip')"),
+        ("observe", "Skip this update (policy='skip')"),
+    ],
+)
+def test_the_nan_advice_names_the_policy_in_force(policy, shown, caplog):
+    """timm's train.py under keel.watch(policy='recover') printed "advice: Skip this update (policy='skip')" while keel
+    skipped that update itself: advice that names a policy the run already has now says keel does it."""
+    caplog.set_level(logging.INFO, logger=LOGGER_NAME)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    with Guard(model, opt, policy=policy) as guard:
+        x, y = make_batches(1)[0]
+        loss = F.mse_loss(model(x), y) * float("nan")
+        loss.backward()
+        guard.step(loss)
+    lines = [r.getMessage() for r in _keel_lines(caplog)]
+    [line] = [line for line in lines if "non_finite critical" in line]
+    assert f"advice: {shown}." in line, line
+    [summary] = [line for line in lines if "cause 1:" in line]  # the diagnosis's advice reads the same way
+    in_force = "keel does so under policy='" if policy != "observe" else "policy='"
+    assert f"advice: skip the update when the gradients are non-finite ({in_force}" in summary, summary
+
+
+def test_advice_in_force_rewrites_only_policies_the_run_has():
+    from keel.guard.summary import advice_in_force
+
+    both = "skip it (policy='skip'), roll back (policy='recover')"
+    assert advice_in_force(both, "skip") == "skip it (keel does so under policy='skip'), roll back (policy='recover')"
+    assert advice_in_force(both, "recover") == (
+        "skip it (keel does so under policy='recover'), roll back (keel does so under policy='recover')"
+    )
+    assert advice_in_force(both, "observe") == advice_in_force(both, None) == both

@@ -46,7 +46,7 @@ from keel._core.decision import Decision
 from keel._core.finding import Finding
 from keel._core.printable import one_line
 from keel.detect.diagnosis import Diagnosis
-from keel.guard.summary import LEVELS, format_summary, plural
+from keel.guard.summary import LEVELS, advice_in_force, format_summary, plural
 
 LOGGER_NAME = "keel"
 
@@ -101,6 +101,7 @@ class Console:
         self._shown: Counter[str] = Counter()
         self._hidden: dict[str, _Hidden] = {}
         self.hidden_total = 0
+        self.policy: str | None = None  # the run's policy: advice that names it says keel does it (`advice_in_force`)
 
     @property
     def quiet(self) -> bool:
@@ -129,7 +130,7 @@ class Console:
         if f.cause:
             text += f": {one_line(str(f.cause), self.config.width)}"
         if f.advice:
-            text += f" — advice: {one_line(str(f.advice), self.config.width)}"
+            text += f" — advice: {one_line(advice_in_force(str(f.advice), self.policy), self.config.width)}"
         self._limited(one_line(str(f.kind), 60), f.severity, f.step, level, text)
 
     def decision(self, d: Decision) -> None:

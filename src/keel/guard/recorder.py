@@ -55,7 +55,7 @@ class Recorder:
         self._interrupted_at = 0  # the steps done when it arrived
 
     def meta(self, items: dict[str, Any]) -> None:
-        self.policy = items.get("policy", self.policy)
+        self.policy = self.console.policy = items.get("policy", self.policy)
         if self.writer is not None:
             self.writer.set_meta(items)
 

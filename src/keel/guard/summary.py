@@ -50,7 +50,7 @@ def format_summary(
     lines.append("  decisions: " + _decisions(decisions))
     for i, d in enumerate(diagnoses[:3], 1):
         top = d.advice[0]["action"] if d.advice else ""
-        advice = f"; advice: {one_line(str(top), 200)}" if top else ""
+        advice = f"; advice: {one_line(advice_in_force(str(top), policy), 200)}" if top else ""
         lines.append(f"  cause {i}: {one_line(str(d.title), 100)} ({d.when()}){advice}")
     if hidden:
         lines.append(f"  {hidden} {plural(hidden, 'line')} not shown on the console (rate limit)")
@@ -61,6 +61,25 @@ def format_summary(
             "  store: none (run_dir=None): the findings and decisions are in guard.findings and guard.decisions"
         )
     return "\n".join(lines)
+
+
+# the policies that do what advice naming ``policy='…'`` asks for: recover skips too
+_DONE_UNDER = {"skip": ("skip", "recover"), "recover": ("recover",)}
+
+
+def advice_in_force(advice: str, policy: str | None) -> str:
+    """The advice as the run under ``policy`` reads it: a ``(policy='skip')`` that the run's policy already carries
+    out (``skip`` or ``recover``) becomes ``(keel does so under policy='recover')``; a policy the run lacks stays
+    named, as advice to use it.
+
+    Example:
+        >>> advice_in_force("Skip this update (policy='skip').", "recover")
+        "Skip this update (keel does so under policy='recover')."
+    """
+    for named, done_under in _DONE_UNDER.items():
+        if policy in done_under:
+            advice = advice.replace(f"(policy='{named}')", f"(keel does so under policy='{policy}')")
+    return advice
 
 
 def _worst(severities: Counter[str]) -> int:
