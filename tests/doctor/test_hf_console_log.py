@@ -285,3 +285,51 @@ def test_dicts_that_log_their_own_step_keep_it(tmp_path):
     assert [s for s, _ in log.records] == [50, 100, 150, 200, 250, 300, 350, 400]
     assert all("step" not in values for _, values in log.records)
     assert any("own step" in note for note in log.notes)
+
+
+def _killed_and_resumed_log(counts_before, counts_after, total=24):
+    """A Trainer run killed after its logs at ``counts_before``, resumed from a checkpoint (``resume_from_checkpoint``)
+    with its console appended to the same file (``tee -a``): the bar starts again at the checkpoint's step. The shape
+    of /tmp/h24C/hf_resumed_real.log, a real tiny Trainer run killed at step 17 and resumed from step 12."""
+    killed = "".join(_with_bar(n, _dict(n, 3.9, total=total), total) for n in counts_before)
+    traceback = "\nTraceback (most recent call last):\n    raise KeyboardInterrupt\nKeyboardInterrupt\n"
+    resumed = "".join(_with_bar(n, _dict(n, 3.8, total=total), total) for n in counts_after)
+    return "\n".join(BANNER) + "\n" + killed + traceback + "\n".join(BANNER) + "\n" + resumed + "\n"
+
+
+def test_a_log_appended_across_a_crash_keeps_every_step_and_the_doctor_says_it_restarted(tmp_path, capsys):
+    # a killed run resumed from its checkpoint, both appended to one file: the bar's count goes back once; every
+    # dict was numbered 1..9 and no restart was said (reviewer W8)
+    p = tmp_path / "train.log"
+    p.write_text(_killed_and_resumed_log((3, 6, 9, 12, 15), (15, 18, 21, 24)))
+    log = read_log(p)
+    assert [s for s, _ in log.records] == [3, 6, 9, 12, 15, 15, 18, 21, 24]
+    assert main(["doctor", str(p), "--json"]) == 0
+    import json
+
+    summary = json.loads(capsys.readouterr().out)["summary"]
+    assert summary["restarts"]["count"] == 1 and summary["restarts"]["listed"] == [{"step": 15, "after_step": 15}]
+
+
+@pytest.mark.parametrize(
+    ("before", "after"),
+    [
+        ((10, 20, 30), (5, 12)),  # uneven after the restart
+        ((10, 20, 30), (20, 25, 30)),  # another spacing after it
+        ((10, 20, 35), (20, 30)),  # uneven before it
+        ((30, 20, 10), ()),  # going back at every dict: no stretch is a run
+    ],
+)
+def test_counts_that_go_back_but_are_not_evenly_spaced_are_still_numbered(tmp_path, before, after):
+    p = tmp_path / "train.log"
+    p.write_text(_killed_and_resumed_log(before, after, total=200))
+    assert [s for s, _ in read_log(p).records] == list(range(1, len(before) + len(after) + 1))
+
+
+@settings(max_examples=25, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(bars=st.lists(st.tuples(st.integers(0, 10**6), st.integers(0, 10**6)), min_size=1, max_size=10))
+def test_any_bar_counts_after_the_dicts_give_a_log_with_every_dict(tmp_path, bars):
+    # counts that go back, repeat, exceed their total or are 0: the steps are the counts or 1..N, never fewer entries
+    p = tmp_path / "train.log"
+    p.write_text("".join(_with_bar(n + 1, _dict(n + 1, 2.0 + i), total + 1) for i, (n, total) in enumerate(bars)))
+    assert len(read_log(p, format="hf_console").records) == len(bars)

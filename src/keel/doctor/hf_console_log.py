@@ -14,7 +14,9 @@ the validation loss): its ``eval_*`` values join the training entry printed befo
 
 These lines carry no step. When every training dict is followed by the progress bar's redraw (``12/200 [...]``),
 as in a terminal capture or ``2>&1`` into a file, and those counts are evenly spaced (every ``logging_steps``), they
-are the steps; a launcher that forwards whole lines (srun) may show a later count, and uneven counts are not used.
+are the steps (a run resumed from a checkpoint into the same file, ``tee -a``, starts the count again: each
+stretch is read so, and the doctor lists the restart); a launcher that forwards whole lines (srun) may show a later
+count, and uneven counts are not used.
 Otherwise (no bar, ``disable_tqdm``, uneven counts) the training entries are numbered 1..N in order, and a note
 says so: the steps are then log intervals, not optimizer steps. Dicts are read with `ast.literal_eval`, never
 evaluated. A line that begins with ``{'`` but is not such a dict is one error that names it.
@@ -198,14 +200,12 @@ def _whole(value: Any) -> int | None:
 
 
 def _steps(bar_counts: list[tuple[int, int] | None]) -> tuple[list[int], str]:
-    """The progress bar's counts when every training dict has one, of one bar (one total), evenly spaced (the Trainer
-    logs every ``logging_steps``, and at step 1 with ``logging_first_step``); else 1..N. And a note that says which."""
-    counts = [bar[0] for bar in bar_counts if bar is not None]
-    totals = {bar[1] for bar in bar_counts if bar is not None}
-    spaced = counts[1:] if counts[:1] == [1] and len(counts) > 2 else counts
-    gaps = {b - a for a, b in zip(spaced, spaced[1:], strict=False)}
-    if len(counts) == len(bar_counts) and len(totals) == 1 and len(gaps) <= 1 and all(gap > 0 for gap in gaps):
-        return counts, "steps are the progress bar's count redrawn after each Trainer log dict"
+    """The progress bar's counts when every training dict has one and they are the logged steps (`_bar_steps`); else
+    1..N. And a note that says which."""
+    bars = [bar for bar in bar_counts if bar is not None]
+    counts = [count for count, _ in bars]
+    if len(bars) == len(bar_counts) and (note := _bar_steps(bars)) is not None:
+        return counts, note
     numbered = (
         f"its {len(bar_counts)} training log dicts are numbered 1..N in order (log intervals, not optimizer steps; "
         "trainer_state.json has the steps)"
@@ -216,6 +216,36 @@ def _steps(bar_counts: list[tuple[int, int] | None]) -> tuple[list[int], str]:
         "the progress bar's counts after the Trainer's log dicts are not the logged steps (missing, of another bar "
         f"or not evenly spaced: stdout buffered apart from stderr?): {numbered}"
     )
+
+
+def _bar_steps(bars: list[tuple[int, int]]) -> str | None:
+    """The note for bar counts that are the logged steps, or None when they are not.
+
+    The counts are cut into stretches where one is not above the one before (a run killed and resumed from a
+    checkpoint, its console appended to the same file: the resumed bar starts again at the checkpoint's step). Each
+    stretch is of one bar (one total) and evenly spaced (the Trainer logs every ``logging_steps``, and at step 1 with
+    ``logging_first_step``). When the count goes back, every stretch must have the same spacing and every count be a
+    multiple of it (the Trainer logs at ``global_step % logging_steps == 0``), or counts that merely jump about (a
+    buffered stdout's stale bars) would pass as restarts."""
+    stretches: list[list[tuple[int, int]]] = [[bars[0]]]
+    for before, bar in zip(bars, bars[1:], strict=False):
+        if bar[0] > before[0]:
+            stretches[-1].append(bar)
+        else:
+            stretches.append([bar])
+    gaps: set[int] = set()
+    for stretch in stretches:
+        if len({total for _, total in stretch}) > 1:
+            return None
+        counts = [count for count, _ in stretch]
+        spaced = counts[1:] if counts[:1] == [1] and len(counts) > 2 else counts
+        gaps |= {b - a for a, b in zip(spaced, spaced[1:], strict=False)}
+    note = "steps are the progress bar's count redrawn after each Trainer log dict"
+    if len(stretches) == 1:
+        return note if len(gaps) <= 1 else None
+    if len(gaps) != 1 or any(count % next(iter(gaps)) for count, _ in bars if count != 1):
+        return None
+    return f"{note}; it goes back {len(stretches) - 1} time(s): a run resumed with its console appended to the file"
 
 
 def _malformed(path: Path, number: int, segment: str) -> LogReadError:
