@@ -11,9 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from keel.proxy import create_proxy_model
-from keel.signals import quiet
+from keel.signals import NoAttentionFoundWarning, quiet
 from keel.signals.attention_stats import attention_max_logit, sdpa_logits
-from keel.signals.attn_logits import AttnLogitsConfig, AttnLogitsProbe, NoAttentionFoundWarning
+from keel.signals.attn_logits import AttnLogitsConfig, AttnLogitsProbe
 from tests.signals.attention_models import (
     CausalSelfAttention,
     FlashSelfAttention,

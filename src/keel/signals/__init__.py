@@ -21,12 +21,13 @@ from keel.signals import (  # noqa: F401  (register built-ins)
     update_ratio,
     weight_oscillation,
 )
+from keel.signals._attention_tap_probe import NoAttentionFoundWarning
 from keel.signals._hooks import quiet
 from keel.signals.activation_rms import ActivationRmsConfig, ActivationRmsProbe, activation_stats
 from keel.signals.adam_eps import AdamEpsConfig, AdamEpsProbe, adam_update_stats
 from keel.signals.attention_stats import attention_entropy, attention_max_logit, sdpa_logits
 from keel.signals.attn_entropy import AttnEntropyConfig, AttnEntropyProbe
-from keel.signals.attn_logits import AttnLogitsConfig, AttnLogitsProbe, NoAttentionFoundWarning
+from keel.signals.attn_logits import AttnLogitsConfig, AttnLogitsProbe
 from keel.signals.grad_weight_cos import GradWeightCosConfig, GradWeightCosProbe, grad_weight_cosines
 from keel.signals.logit_stats import log_partition, softmax_collapse_fraction, zero_loss_fraction
 from keel.signals.lora import LoraProbe, LoraProbeConfig, find_adapters, lora_norms

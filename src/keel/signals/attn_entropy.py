@@ -23,18 +23,15 @@ References:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from keel._core import keys
 from keel._core.validate import check_types, config_from
-from keel.signals import _attention_tap
-from keel.signals._hooks import looks_like_sequence_model
-from keel.signals.attn_logits import NoAttentionFoundWarning, due
-from keel.signals.probe import Measurements, PerParam, StepContext
+from keel.signals._attention_tap_probe import AttentionTapProbe
+from keel.signals.attn_logits import due
+from keel.signals.probe import Measurements, PerParam
 from keel.signals.registry import PROBES
 
 
@@ -59,7 +56,7 @@ class AttnEntropyConfig:
 
 
 @PROBES.register("attn_entropy")
-class AttnEntropyProbe:
+class AttnEntropyProbe(AttentionTapProbe):
     """Emits attention entropy per layer and head on a schedule, reduced inside the forward pass.
 
     Example:
@@ -76,25 +73,8 @@ class AttnEntropyProbe:
     name = "attn_entropy"
 
     def __init__(self, config: AttnEntropyConfig | None = None, **fields: object) -> None:
+        super().__init__()
         self.config = config_from(self, AttnEntropyConfig, config, fields)
-        self._model: nn.Module | None = None
-        self._tap: _attention_tap.AttentionTap | None = None
-
-    def attach(self, model: nn.Module) -> None:
-        self._model = model
-        self._tap = _attention_tap.tap_for(model, self.config.modules)
-        if not self._tap.sites and looks_like_sequence_model(model):
-            warnings.warn(
-                f"{self.name}: no attention module found in {type(model).__name__}; pass modules=[...] to name them",
-                NoAttentionFoundWarning,
-                stacklevel=2,
-            )
-        self._arm(0)
-
-    def detach(self) -> None:
-        if self._model is not None:
-            _attention_tap.release(self._model, self)
-        self._model = self._tap = None
 
     def _arm(self, step: int) -> None:
         if self._tap is not None:
@@ -102,15 +82,10 @@ class AttnEntropyProbe:
             request.entropy = request.fused = due(step, self.config.every)
 
     def read(self) -> Measurements:
-        """This step's values (what `measure` returns), without re-arming."""
-        if self._tap is None:
-            return {}
-        if self._tap.error is not None:
-            raise RuntimeError(f"attention tap failed: {self._tap.error!r}") from self._tap.error
         # (layer name, per-head entropy sums, per-head row counts) of the sites measured this step
         sites = [
             (s.name, s.entropy_sum, s.entropy_count)
-            for s in self._tap.read()
+            for s in self._tapped_sites()
             if s.entropy_sum is not None and s.entropy_count is not None
         ]
         if not sites:
@@ -125,11 +100,3 @@ class AttnEntropyProbe:
             heads = torch.cat([sums / counts for _, sums, counts in sites])
             out[keys.ATTN_HEAD_ENTROPY_PER_HEAD] = PerParam(names, heads)
         return out
-
-    def measure(self, ctx: StepContext) -> Measurements:
-        out = self.read()
-        self._arm(ctx.step + 1)
-        return out
-
-    def after_step(self, ctx: StepContext) -> Measurements:
-        return {}

@@ -25,23 +25,15 @@ References:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from keel._core import keys
-from keel._core.errors import KeelWarning
 from keel._core.validate import check_types, config_from
-from keel.signals import _attention_tap
-from keel.signals._hooks import looks_like_sequence_model
-from keel.signals.probe import Measurements, PerParam, StepContext
+from keel.signals._attention_tap_probe import AttentionTapProbe
+from keel.signals.probe import Measurements, PerParam
 from keel.signals.registry import PROBES
-
-
-class NoAttentionFoundWarning(KeelWarning):
-    """An attention probe found no attention module to watch; it measures nothing."""
 
 
 @dataclass(kw_only=True)
@@ -73,7 +65,7 @@ def due(step: int, every: int) -> bool:
 
 
 @PROBES.register("attn_logits")
-class AttnLogitsProbe:
+class AttnLogitsProbe(AttentionTapProbe):
     """Emits the largest attention logit per layer, measured inside the forward pass.
 
     Example:
@@ -90,25 +82,8 @@ class AttnLogitsProbe:
     name = "attn_logits"
 
     def __init__(self, config: AttnLogitsConfig | None = None, **fields: object) -> None:
+        super().__init__()
         self.config = config_from(self, AttnLogitsConfig, config, fields)
-        self._model: nn.Module | None = None
-        self._tap: _attention_tap.AttentionTap | None = None
-
-    def attach(self, model: nn.Module) -> None:
-        self._model = model
-        self._tap = _attention_tap.tap_for(model, self.config.modules)
-        if not self._tap.sites and looks_like_sequence_model(model):
-            warnings.warn(
-                f"{self.name}: no attention module found in {type(model).__name__}; pass modules=[...] to name them",
-                NoAttentionFoundWarning,
-                stacklevel=2,
-            )
-        self._arm(0)
-
-    def detach(self) -> None:
-        if self._model is not None:
-            _attention_tap.release(self._model, self)
-        self._model = self._tap = None
 
     def _arm(self, step: int) -> None:
         if self._tap is not None:
@@ -117,12 +92,7 @@ class AttnLogitsProbe:
             request.fused = due(step, self.config.fused_every)
 
     def read(self) -> Measurements:
-        """This step's values (what `measure` returns), without re-arming."""
-        if self._tap is None:
-            return {}
-        if self._tap.error is not None:
-            raise RuntimeError(f"attention tap failed: {self._tap.error!r}") from self._tap.error
-        sites = self._tap.read()
+        sites = self._tapped_sites()
         if not sites:
             return {}
         values = torch.stack([s.max_logit for s in sites])  # type: ignore[misc]
@@ -130,11 +100,3 @@ class AttnLogitsProbe:
             keys.ATTN_MAX_LOGIT: values.amax(),  # NaN-propagating, like every max here
             keys.ATTN_MAX_LOGIT_PER_LAYER: PerParam(tuple(s.name for s in sites), values),
         }
-
-    def measure(self, ctx: StepContext) -> Measurements:
-        out = self.read()
-        self._arm(ctx.step + 1)
-        return out
-
-    def after_step(self, ctx: StepContext) -> Measurements:
-        return {}
