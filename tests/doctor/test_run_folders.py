@@ -109,3 +109,15 @@ def test_a_folder_of_tensorboard_runs_is_examined_and_reported_run_by_run(tmp_pa
 
     page = write_report([logs], tmp_path / "report.html").read_text()
     assert [run["name"] for run in _payload(page)["runs"]] == ["version_0", "version_1"]
+
+
+def test_a_log_beside_the_runs_of_a_folder_is_named_as_left_out_on_stderr(tmp_path, capsys):
+    # runs/A/keel, runs/B/keel and runs/train.csv: keel doctor listed the two runs and said nothing of the log (W4)
+    from tests.report.test_logs import _runs_with_a_log_beside_them
+
+    root = _runs_with_a_log_beside_them(tmp_path / "runs")
+    assert main(["doctor", str(root)]) == 0
+    captured = capsys.readouterr()
+    assert "2 runs in it" in captured.out and "train.csv" not in captured.out
+    assert captured.err.count("\n") == 1 and "train.csv" in captured.err and "config.yaml" not in captured.err
+    assert f"keel doctor {root / 'train.csv'}" in captured.err

@@ -68,3 +68,44 @@ def test_a_path_that_is_neither_a_store_nor_a_log_is_one_error_saying_both(tmp_p
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "allowed:" in err and "training logs keel doctor reads" in err
     assert not (tmp_path / "report.html").exists() and not (tmp_path / "r.html").exists()
+
+
+def _runs_with_a_log_beside_them(root, *, runs=("A/keel", "B/keel")):
+    for run in runs:
+        make_run_store(root / run, steps=30, spike_at=None, skip_at=None)
+    _csv(root / "train.csv", 60, nan_at=50)
+    (root / "config.yaml").write_text("lr: 0.1\n")  # not a log: not named
+    (root / ".train.log.swp").write_text("x")  # hidden: not named
+    return root
+
+
+@pytest.mark.parametrize("runs", [("A/keel", "B/keel"), ("A/keel",)])
+def test_a_log_beside_the_runs_of_a_folder_is_named_as_left_out(tmp_path, capsys, runs):
+    # runs/A/keel, runs/B/keel and runs/train.csv: the report showed the two runs and said nothing of the log (W4)
+    root = _runs_with_a_log_beside_them(tmp_path / "runs", runs=runs)
+    out = tmp_path / "r.html"
+    assert main(["report", str(root), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "train.csv" in err and "config.yaml" not in err and ".swp" not in err
+    assert f"keel report {root / 'train.csv'}" in err  # how to draw it
+    page = out.read_text()
+    assert len(_payload(page)["runs"]) == len(runs)
+    notes = page[page.index("<div class='notes'>") :]
+    assert "train.csv" in notes[: notes.index("</div>")]
+
+
+def test_hostile_names_beside_the_runs_are_one_line_on_stderr_and_escaped_on_the_page(tmp_path, capsys):
+    root = _runs_with_a_log_beside_them(tmp_path / "runs")
+    (root / "a\nb\x1b[31m.log").write_text("x")  # a newline and a terminal code in the name
+    (root / "<img src=x onerror=alert(1)>.csv").write_text("x")
+    (root / "gone.log").symlink_to(root / "missing")  # a dangling link: not a file
+    (root / "folder.csv").mkdir()  # a folder: not a file
+    for i in range(8):
+        (root / f"more{i}.txt").write_text("x")
+    out = tmp_path / "r.html"
+    assert main(["report", str(root), "-o", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err and "gone.log" not in err and "folder.csv" not in err
+    assert "and 6 more" in err  # 11 files: five named
+    page = out.read_text()
+    assert "<img src=x" not in page and "a\\nb\\x1b[31m.log" in page

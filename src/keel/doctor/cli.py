@@ -18,7 +18,7 @@ from pathlib import Path
 
 from keel._core.printable import printable
 from keel.doctor.examine import examine_log
-from keel.doctor.formats import FORMATS, find_logs
+from keel.doctor.formats import FORMATS, find_logs, logs_left_out
 from keel.doctor.log import LogReadError
 from keel.doctor.result import DoctorResult
 from keel.doctor.text import format_result
@@ -44,6 +44,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     paths = find_logs(args.path, args.format) if args.path.strip() else [args.path]
+    if args.format in (None, "keel_store") and args.path.strip() and (left := logs_left_out(args.path, "keel doctor")):
+        print(f"keel doctor: note: {left}", file=sys.stderr)
     several = len(paths) > 1
     if several and not args.json:
         names = ", ".join(printable(p.relative_to(args.path).as_posix()) for p in paths)

@@ -7,6 +7,7 @@ import stat
 from collections.abc import Callable
 from pathlib import Path
 
+from keel._core.printable import printable
 from keel.doctor._text import read_text
 from keel.doctor.csv_log import read_csv_log
 from keel.doctor.fairseq_log import FORMAT as FAIRSEQ
@@ -203,6 +204,54 @@ def find_logs(path: str | Path, format: str | None = None) -> list[Path]:
         if len(boards) > 1:
             return boards
     return [path]
+
+
+# Names a training log is saved under: a file with one of these beside the runs a folder stands for is named as left out
+LOG_SUFFIXES = frozenset({".csv", ".tsv", ".jsonl", ".ndjson", ".json", ".log", ".txt", ".out"})
+MAX_NAMED = 5
+
+
+def logs_left_out(folder: str | Path, command: str) -> str | None:
+    """A one-line note naming the files directly in ``folder`` that look like training logs (a log's suffix, or a
+    TensorBoard event file; hidden files aside) when ``folder`` stands for the runs below it (`find_runs`, several
+    TensorBoard runs), so those files are not read; how to read one; None when there are none.
+
+    Example:
+        >>> import tempfile
+        >>> root = Path(tempfile.mkdtemp())
+        >>> (root / "A" / "keel").mkdir(parents=True)
+        >>> (root / "A" / "keel" / STORE_NAME).touch()
+        >>> _ = (root / "train.csv").write_text("step,loss\\n1,2.0\\n")
+        >>> logs_left_out(root, "keel doctor").startswith(f"{root}: train.csv left out")
+        True
+    """
+    folder = Path(folder)
+    if not folder.is_dir() or (folder / STORE_NAME).is_file() or find_trainer_state(folder) is not None:
+        return None
+    if not find_runs(folder) and len(tensorboard_runs(folder)) < 2:
+        return None  # the folder is read as one log, its own files with it
+    try:
+        files = sorted(f for f in folder.iterdir() if _named_like_a_log(f))
+    except OSError:  # no permission, vanished meanwhile
+        return None
+    if not files:
+        return None
+    names = ", ".join(printable(f.name) for f in files[:MAX_NAMED])
+    more = f" and {len(files) - MAX_NAMED} more" if len(files) > MAX_NAMED else ""
+    return (
+        f"{printable(str(folder))}: {names}{more} left out: a folder of runs stands for the runs below it; "
+        f"give a log itself to read it ({command} {printable(str(files[0]))})"
+    )
+
+
+def _named_like_a_log(path: Path) -> bool:
+    if path.name.startswith("."):
+        return False
+    try:
+        regular = stat.S_ISREG(path.stat().st_mode)
+    except OSError:
+        return False
+    return regular and (path.suffix.lower() in LOG_SUFFIXES or path.name.startswith(EVENT_GLOB.rstrip("*")))
 
 
 SPLITS = frozenset({"train", "training", "validation", "val", "eval", "test"})  # Keras' one-folder-per-series

@@ -4,9 +4,11 @@ training logs `keel doctor` reads (drawn with its findings)."""
 from __future__ import annotations
 
 import argparse
+import sys
 
 from keel._core.argtypes import any_path, output_file
 from keel.report.page import write_report
+from keel.report.sources import logs_left_out
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,5 +27,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     # A ReportError (no run store among RUN...) is answered by keel.cli: one line, exit status 2.
+    for note in logs_left_out(args.runs):  # on the page too; here for a report written without a look at it
+        print(f"keel report: note: {note}", file=sys.stderr)
     print(write_report(args.runs, args.out))
     return 0

@@ -33,7 +33,7 @@ from keel.report.eval_stability_section import eval_stability_section
 from keel.report.labels import run_labels
 from keel.report.logs import logs_as_runs
 from keel.report.run_data import RunData, load_run
-from keel.report.sources import Source, classify, expand
+from keel.report.sources import Source, classify, expand, logs_left_out
 from keel.report.sweep_data import SweepData, load_sweep_data
 from keel.report.sweep_section import sweep_section
 from keel.store import STORE_NAME, StoreError, store_path
@@ -106,6 +106,7 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
         if empty:  # a typo'd or empty folder must not quietly give a report with a run left out either
             raise ReportError("; ".join(empty) + "; allowed: " + ALLOWED)
         runs, run_paths, sweeps, notes = _load(sources)
+    notes += logs_left_out(paths)
     if not runs and not sweeps:
         raise ReportError(
             "no keel run store among " + ", ".join(str(p) for p in paths) + (f" ({'; '.join(notes)})" if notes else "")

@@ -14,6 +14,7 @@ import sqlite3
 from dataclasses import dataclass
 from pathlib import Path
 
+from keel.doctor import formats
 from keel.doctor.formats import tensorboard_runs
 from keel.store import STORE_NAME, STORE_SUFFIX, SWEEP_STORE_NAME, find_runs
 from keel.store.schema import connect_for_reading
@@ -63,6 +64,13 @@ def expand(paths: list[str | Path]) -> list[Path]:
         else:
             out.append(path)
     return out
+
+
+def logs_left_out(paths: list[str | Path]) -> list[str]:
+    """A note for each folder in ``paths`` that `expand` replaces by the runs below it while files beside them look
+    like training logs (`keel.doctor.formats.logs_left_out`): those are not drawn unless given themselves."""
+    folders = [Path(path) for path in paths if not (Path(path) / SWEEP_STORE_NAME).is_file()]  # a sweep is itself
+    return [note for folder in folders if (note := formats.logs_left_out(folder, "keel report")) is not None]
 
 
 def classify(path: Path) -> Source:
