@@ -68,3 +68,50 @@ def test_a_healthy_run_reads_the_parameters_only_at_the_probes_cadence(monkeypat
     monkeypatch.setattr(guard_module, "parameter_norms", lambda *a: calls.append(1) or real(*a))
     decisions, _ = _run("recover", steps=CORRUPT_AFTER)
     assert [d.action for d in decisions] == ["ok"] * CORRUPT_AFTER and calls == []
+
+
+@pytest.mark.parametrize("shape", ["guard", "watch"])
+def test_a_model_non_finite_before_training_aborts_at_step_0_naming_it_with_no_rollback(shape):
+    """Reviewer V8: a weight NaN before the Guard's first step got a "rollback to the snapshot of step 0" (the same
+    NaN state, restored), then an abort at step 1. The first step's state is the damaged one: nothing keel keeps
+    precedes it, so the run aborts at once, naming the parameter."""
+    torch.manual_seed(0)
+    model = create_proxy_model("tiny", seq_len=8)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with torch.no_grad():
+        model.blocks[0].attn.qkv.weight[0, 0] = math.nan
+    kwargs = {"policy": "recover", "recovery": keel.RecoveryConfig(snapshot_every=2)}
+    guard = keel.Guard(model, opt, **kwargs) if shape == "guard" else keel.watch(model, opt, **kwargs)
+    x = torch.randint(0, 256, (2, 9), generator=torch.Generator().manual_seed(0))
+    loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+    loss.backward()
+    with pytest.raises(keel.TrainingAborted) as aborted:
+        guard.step(loss) if shape == "guard" else opt.step()
+    assert aborted.value.decision.step == 0 and aborted.value.decision.restored_step is None
+    assert "blocks.0.attn.qkv.weight" in aborted.value.decision.reason
+    assert "before the first update" in aborted.value.decision.reason
+    assert [d.action for d in guard.decisions] == ["abort"]
+    guard.close()
+
+
+def test_with_no_rollback_margin_a_non_finite_parameter_is_not_restored_from_the_state_it_was_found_in():
+    """A snapshot of step k is the state the parameters are read from at step k: with rollback_margin=0, non-finite
+    parameters found at step 4 (update 3 ran with a NaN LR) were "rolled back" to the snapshot of step 4, NaN
+    included."""
+    torch.manual_seed(0)
+    model = create_proxy_model("tiny", seq_len=8)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    config = keel.RecoveryConfig(snapshot_every=1, rollback_margin=0, quiet_steps=0)
+    guard = keel.Guard(model, opt, policy="recover", log_every=50, recovery=config)
+    g = torch.Generator().manual_seed(0)
+    decisions = []
+    for step in range(6):
+        x = torch.randint(0, 256, (2, 9), generator=g)
+        loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
+        loss.backward()
+        opt.param_groups[0]["lr"] = math.nan if step == 3 else 1e-3  # update 3 writes NaN into every weight
+        decisions.append(guard.step(loss))
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    assert (decisions[4].action, decisions[4].restored_step) == ("rollback", 3)
+    assert all(torch.isfinite(p).all() for p in model.parameters())

@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.finding import Finding
 from keel._core.validate import check_types, require_ints, require_positive
@@ -334,8 +335,23 @@ class Recovery:
             if snap is None:
                 raise RecoveryExhausted("; ".join([f"{still_bad}, and no older snapshot is kept", *passed_over]))
             return snap, passed_over, min(onset, restored), f"{onset_from}; {still_bad}" if onset_from else still_bad
+        damaged = _non_finite_parameters(findings)
+        if damaged is not None:  # the snapshot of that step holds them as they were read: restore an older one
+            point = min(point, damaged[0] - 1)
         snap, passed_over = self._usable_snapshot(point)
+        if snap is None and damaged is not None and not passed_over:
+            raise RecoveryExhausted(self._nothing_older(*damaged))
         return snap, passed_over, onset, onset_from
+
+    def _nothing_older(self, step: int, names: str) -> str:
+        """Why non-finite parameters found at ``step`` cannot be rolled back: no snapshot older than that state."""
+        why = f"the parameters ({names}) were non-finite in the state step {step} started from, and no older snapshot"
+        if self._taken <= 1:  # only the run's first state was ever kept: it was broken before keel's first step
+            return (
+                f"{why} exists: the model was non-finite before the first update (check its initialisation or the "
+                "checkpoint it loaded)"
+            )
+        return f"{why} is kept"
 
     def _calm_before(self, step: int) -> bool:
         """Whether the steps before ``step`` were healthy updates: no warning open, no skip or critical finding
@@ -460,6 +476,15 @@ class Recovery:
         self.ring.close()
         if self.disk is not None:
             self.disk.wait()
+
+
+def _non_finite_parameters(findings: tuple[Finding, ...]) -> tuple[int, str] | None:
+    """The step at which non-finite parameters were found among ``findings``, and their names; None when none."""
+    for f in findings:
+        if f.kind == "non_finite" and f.signal == keys.PARAM_NORM:
+            names = f.evidence.get("parameters")
+            return f.step, ", ".join(map(str, names)) if isinstance(names, list) and names else "not named"
+    return None
 
 
 def _onset_of(finding: Finding) -> int:
