@@ -58,3 +58,34 @@ def test_low_precision_head_records_log_z_in_float32(dtype: torch.dtype) -> None
     hook(nn.Identity(), (), logits)
     assert hook.log_z.dtype == torch.float32
     torch.testing.assert_close(hook.loss(), z_loss(logits, coefficient=1.0), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("bad_row", [float("nan"), float("-inf")])
+def test_a_masked_out_nan_or_all_minus_inf_row_gets_gradient_zero(bad_row: float) -> None:
+    # a fully masked attention row under left padding gives NaN logits: the mask leaves it out of the value, and
+    # its gradient must be 0 too (logsumexp's backward multiplied 0 by softmax(NaN row) = NaN and poisoned the head)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    logits[0, 0] = bad_row
+    logits.requires_grad_(True)
+    mask = torch.ones(2, 3, dtype=torch.bool)
+    mask[0, 0] = False
+    hook = ZLossHook(coefficient=0.5)
+    hook(nn.Identity(), (), logits)
+    hook.loss(mask).backward()
+    assert logits.grad is not None
+    assert torch.equal(logits.grad[0, 0], torch.zeros(5, dtype=torch.float64))
+    # the other rows' gradient is z_loss's on a clean copy of the logits (float64, independent of the hook)
+    clean = logits.detach().clone()
+    clean[0, 0] = 0.0
+    clean.requires_grad_(True)
+    z_loss(clean, coefficient=0.5, mask=mask).backward()
+    torch.testing.assert_close(logits.grad[mask], clean.grad[mask], rtol=1e-12, atol=0)
+
+
+def test_an_unmasked_nan_row_still_gives_a_nan_gradient() -> None:
+    # the z-loss of a counted NaN row is NaN, and so is its gradient: keel's probes see it and the Guard skips
+    logits = torch.zeros(2, 4, requires_grad=True)
+    hook = ZLossHook()
+    hook(nn.Identity(), (), logits * torch.tensor([[float("nan")], [1.0]]))
+    hook.loss().backward()
+    assert logits.grad is not None and torch.isnan(logits.grad[0]).all() and torch.isfinite(logits.grad[1]).all()

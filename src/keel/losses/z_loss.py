@@ -50,13 +50,14 @@ def z_loss_from_log_z(log_z: Tensor, *, coefficient: float = DEFAULT_COEFFICIENT
         ValueError: ``coefficient`` is negative or not finite, or ``mask`` has the wrong shape.
     """
     check_coefficient(coefficient)
-    squared = log_z.square()
     if mask is None:
         # sum / max(n, 1) rather than mean(): an empty batch gives 0, not NaN.
-        return coefficient * squared.sum() / max(squared.numel(), 1)
+        return coefficient * log_z.square().sum() / max(log_z.numel(), 1)
     _check_mask(mask, log_z.shape)
-    weights = mask.to(squared.dtype)
-    squared = torch.where(weights != 0, squared, 0.0)  # never 0 · NaN or 0 · inf
+    weights = mask.to(log_z.dtype)
+    # chosen before squaring: never 0 · NaN or 0 · inf, in the value or in the gradient to log Z (square's
+    # backward 2·log Z·0 was NaN at a NaN token)
+    squared = torch.where(weights != 0, log_z, 0.0).square()
     # clamp_min keeps an all-padding batch at 0 instead of 0/0.
     return coefficient * (squared * weights).sum() / weights.sum().clamp_min(1.0)
 
@@ -82,6 +83,14 @@ def masked_log_partition(logits: Tensor, mask: Tensor) -> Tensor:
     return _MaskedLogPartition.apply(logits, mask != 0)
 
 
+def maskable_log_partition(logits: Tensor) -> Tensor:
+    """`log_partition` of every token, for a loss that masks tokens later (`keel.nn.ZLossHook`): a token whose
+    log Z then gets no gradient (``mask`` False in `z_loss_from_log_z`) passes exactly 0 to its logits, even
+    when its row is NaN or all −inf, where autograd's logsumexp gave 0·NaN = NaN. A counted token's gradient is
+    softmax(row) times the incoming one, as ever. No copy of the logits is made."""
+    return _MaskedLogPartition.apply(logits, torch.ones(logits.shape[:-1], dtype=torch.bool, device=logits.device))
+
+
 class _MaskedLogPartition(torch.autograd.Function):
     @staticmethod
     def forward(ctx: FunctionCtx, logits: Tensor, counted: Tensor) -> Tensor:
@@ -93,7 +102,9 @@ class _MaskedLogPartition(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: FunctionCtx, grad: Tensor) -> tuple[Tensor, None]:
         logits, log_z, counted = ctx.saved_tensors  # type: ignore[attr-defined]
-        # ∂ log Z/∂x = softmax(x) on counted rows; the others get 0 (their softmax may be NaN).
+        # ∂ log Z/∂x = softmax(x) on counted rows; the others get 0 (their softmax may be NaN), and so does a row
+        # whose incoming gradient is 0 (a token the loss left out after log Z was taken: `maskable_log_partition`)
+        counted = counted & (grad != 0)
         probs = torch.sub(logits.to(log_z.dtype), log_z.unsqueeze(-1)).exp_()
         probs.mul_(torch.where(counted, grad, 0.0).unsqueeze(-1)).masked_fill_(~counted.unsqueeze(-1), 0.0)
         return probs.to(logits.dtype), None

@@ -10,7 +10,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from keel.losses.z_loss import DEFAULT_COEFFICIENT, check_coefficient, log_partition, z_loss_from_log_z
+from keel.losses.z_loss import DEFAULT_COEFFICIENT, check_coefficient, maskable_log_partition, z_loss_from_log_z
 
 
 class ZLossHook:
@@ -24,7 +24,8 @@ class ZLossHook:
 
     ``last_log_z`` (detached) serves monitoring: its mean drifting far from 0 is the output-logit
     divergence the z-loss prevents. log Z and the penalty are `keel.losses.log_partition` and
-    `keel.losses.z_loss_from_log_z` (float32 or wider; a mask must have the tokens' shape).
+    `keel.losses.z_loss_from_log_z` (float32 or wider; a mask must have the tokens' shape); a token the mask
+    leaves out gets gradient exactly 0, even a NaN or all −inf row (a fully masked row under left padding).
 
     Args:
         coefficient: Weight of the penalty (1e-4, PaLM and Wortsman et al.).
@@ -56,7 +57,7 @@ class ZLossHook:
                 "allowed: a Tensor of logits or an "
                 "object with a .logits attribute"
             )
-        self.log_z = log_partition(logits)
+        self.log_z = maskable_log_partition(logits)  # a token `loss(mask)` leaves out gets gradient 0
 
     def attach(self, module: nn.Module) -> RemovableHandle:
         """Register on ``module`` (the output head) as a forward hook."""
