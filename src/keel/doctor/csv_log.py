@@ -25,7 +25,7 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from keel.doctor._text import check_text_head, undecodable
+from keel.doctor._text import check_text_head, open_text, undecodable
 from keel.doctor.columns import STEP_COLUMNS, find_step_column
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.table import MAX_STEP, Column, LogTable
@@ -54,7 +54,7 @@ def read_csv_log(path: str | Path) -> RawLog:
     """
     path = Path(path)
     check_text_head(path)
-    with path.open(encoding="utf-8-sig", newline="") as fh:
+    with open_text(path, newline="") as fh:
         try:
             return _read(path, fh)
         except UnicodeDecodeError:

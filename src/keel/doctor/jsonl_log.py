@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from keel.doctor._text import check_text_head, read_text, undecodable
+from keel.doctor._text import check_text_head, open_text, read_text, undecodable
 from keel.doctor.columns import STEP_COLUMNS, find_step_column
 from keel.doctor.log import LogReadError, RawLog, parse_number, parse_step
 from keel.doctor.table import TableBuilder
@@ -33,7 +33,7 @@ def read_jsonl_log(path: str | Path) -> RawLog:
     path = Path(path)
     check_text_head(path)
     repeats = RepeatedKeys()
-    with path.open(encoding="utf-8-sig") as fh:
+    with open_text(path) as fh:
         try:
             if _first_char(fh) == "[":
                 return _read_array(path, repeats)
