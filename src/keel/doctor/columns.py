@@ -86,6 +86,7 @@ STEP_COLUMNS: tuple[str, ...] = (
     "steps",
     "num_steps",
     "train_step",
+    "current_steps",  # LLaMA-Factory's trainer_log.jsonl
 )
 
 
