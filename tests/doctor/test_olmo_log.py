@@ -190,3 +190,58 @@ def test_long_lines_are_read_past_or_refused_not_a_hang(tmp_path, line):
         assert len(read_log(p, format="olmo").records) >= 1
     except LogReadError as exc:
         assert "line 8" in str(exc)
+
+
+def _core_block(step, loss, *, grad_norm=1.0, skipped="0.0", total=60):
+    """An OLMo-core ConsoleLoggerCallback block with its default metrics (format_float: 0.0 as "0.0", 1.0 as
+    "1.0000"), a SkipStepAdamW optimizer's ``optim/step skipped`` among them."""
+    return [
+        f"{CORE_PREFIX}[step={step}/{total},epoch=0,eta=1h2m]",
+        f"    train/CE loss={_format_float(loss)}",
+        f"    train/PPL={_format_float(math.exp(loss))}",
+        f"    optim/total grad norm={_format_float(grad_norm)}",
+        f"    optim/step skipped={skipped}",
+        "    optim/LR (group 0)=3.00E-04",
+    ]
+
+
+def _skipping_run(skipped_at=(40,), value="1.0000"):
+    blocks = []
+    for step in range(1, 61):
+        spike = step in skipped_at
+        loss = 9.8 if spike else 4.0 + 0.02 * (step % 3)
+        blocks.append(_core_block(step, loss, grad_norm=12.0 if spike else 1.0, skipped=value if spike else "0.0"))
+    return "\n".join(line for block in blocks for line in block) + "\n"
+
+
+def test_olmo_cores_own_skipped_steps_are_the_runs_skips_in_the_doctor_and_the_report(tmp_path, capsys):
+    # SkipStepAdamW leaves out a step whose loss or grad norm is over its rolling bound and logs optim/step
+    # skipped=1.0000 there: the doctor showed it as a plain signal, the spike as if the update had been applied
+    p = tmp_path / "train.log"
+    p.write_text(_skipping_run(skipped_at=(40, 50)))
+    log = read_log(p)
+    assert [(d.step, d.action, d.by) for d in log.decisions] == [(40, "skip", "trainer"), (50, "skip", "trainer")]
+    assert "SkipStep" in log.decisions[0].reason
+    assert main(["doctor", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "skip by the trainer itself at steps 40, 50" in out and "Guard" not in out
+    out_html = tmp_path / "r.html"
+    assert main(["report", str(p), "-o", str(out_html)]) == 0
+    page = out_html.read_text()
+    assert "skipped by trainer" in page and "<td>2</td>" in page  # marks on the charts; 2 in the runs table
+
+
+@pytest.mark.parametrize("value", ["0.0", "nan", "inf", "-1.0000", "2.000", "x", "0.0000"])
+def test_a_step_skipped_value_that_is_no_skip_adds_no_decision(tmp_path, capsys, value):
+    p = tmp_path / "train.log"
+    p.write_text(_skipping_run(value=value))
+    assert read_log(p).decisions == []
+    assert main(["doctor", str(p)]) == 0
+    assert "skip by the trainer" not in capsys.readouterr().out
+
+
+def test_a_step_skipped_in_an_evaluation_block_is_no_skip(tmp_path):
+    p = tmp_path / "train.log"
+    text = _skipping_run(skipped_at=())
+    p.write_text(text + f"{CORE_PREFIX}Finished lm evals in 12.3 seconds. Metrics:\n    optim/step skipped=1.0000\n")
+    assert read_log(p).decisions == []

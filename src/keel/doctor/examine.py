@@ -331,6 +331,7 @@ def _summary(
     if log.format == "keel_store":
         stored = Counter(f.severity for f in log.stored_findings)
         summary["stored_findings"] = {s: stored.get(s, 0) for s in SEVERITIES}
+    if log.format == "keel_store" or log.decisions:  # a log's own skips (OLMo-core's SkipStepOptimizer)
         actions = Counter(d.action for d in log.decisions)
         summary["decisions"] = {a: actions[a] for a in ACTIONS if actions[a]}
     return summary

@@ -17,18 +17,21 @@ rate there). A block under any other header is an evaluation (OLMo's ``<evaluato
 the trainers record them. A colouring log handler's ANSI codes are skipped. A block before the first step
 (``Pre-train system metrics``) has no step and is left out, as are the lines that are not ``name=value`` lines (the
 banner, the eval speed summary), counted in a note. A step's indented line that is not ``name=value`` is one error
-that names it.
+that names it. OLMo-core's ``optim/step skipped=1.0000`` (its SkipStepOptimizer left that update out) is also the
+run's own skip: a `Decision` by ``"trainer"``, listed by ``keel doctor`` and marked in ``keel report``.
 """
 
 from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import cast
 
 from keel._core import keys
+from keel._core.decision import Actor, Decision
 from keel.doctor._text import read_text
 from keel.doctor.jsonl_log import add_entry, records_from_objects
-from keel.doctor.log import LogReadError, RawLog, malformed_line
+from keel.doctor.log import LogReadError, RawLog, malformed_line, parse_number
 from keel.doctor.torchtitan_log import ANSI
 
 FORMAT = "olmo"
@@ -39,6 +42,13 @@ _SEARCH = re.compile(
 )
 _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+")
 EVAL_PREFIX = keys.EVAL_PER_NAME
+# OLMo-core's SkipStepOptimizer (SkipStepAdamW, SkipStepLion) logs 1 - its step factor: 1.0 at a step it left out
+SKIPPED = "optim/step skipped"
+TRAINER = cast(Actor, "trainer")  # a skip the trainer made itself, not keel nor a GradScaler
+SKIP_REASON = (
+    "OLMo-core's SkipStepOptimizer left out this update (the loss or gradient norm was over its rolling mean + "
+    "sigma_factor x std): optim/step skipped={value:g}"
+)
 
 
 def looks_like_olmo(text: str) -> bool:
@@ -90,12 +100,26 @@ def read_olmo_log(path: str | Path) -> RawLog:
     if not entries:
         raise LogReadError(f"{path}: no '[step=N/MAX]' line followed by indented 'name=value' lines (OLMo)")
     log = records_from_objects(path, entries, fmt=FORMAT)
+    log.decisions = _trainer_skips(entries)
     if other_lines:
         log.notes.append(
             f"{other_lines} lines that are not step headers nor name=value lines (the banner, evaluation headers) "
             "left out"
         )
     return log
+
+
+def _trainer_skips(entries: list[dict[str, float | str]]) -> list[Decision]:
+    """A ``skip`` decision by the trainer at each step whose ``optim/step skipped`` is above 0 and at most 1 (the
+    share of the step's updates left out); another value (NaN, negative, text) is no skip."""
+    skips = []
+    for entry in entries:
+        value = parse_number(entry.get(SKIPPED))
+        if value is not None and 0 < value <= 1:
+            skips.append(
+                Decision(step=int(entry["step"]), action="skip", by=TRAINER, reason=SKIP_REASON.format(value=value))
+            )
+    return skips
 
 
 def _header(line: str) -> int | None:

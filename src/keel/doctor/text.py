@@ -142,14 +142,15 @@ def _diagnosis_lines(s: dict[str, Any], width: int) -> list[str]:
 
 
 def _decision_lines(decisions: list[Decision], s: dict[str, Any], width: int) -> list[str]:
-    """What the Guard did (a run store only): its skips by step, each rollback with the actions it applied and
-    what triggered it, each abort with its reason."""
+    """What the Guard did (a run store), or the trainer itself (a log that records its own skips): its skips by
+    step, each rollback with the actions it applied and what triggered it, each abort with its reason."""
     if "decisions" not in s:
         return []
     counts = ", ".join(f"{n} {action}" for action, n in s["decisions"].items())
-    lines = ["", f"decisions recorded by the Guard: {counts or 'none (no step was skipped or rolled back)'}"]
+    recorder = "the Guard" if s.get("format") == "keel_store" else "the log"
+    lines = ["", f"decisions recorded by {recorder}: {counts or 'none (no step was skipped or rolled back)'}"]
     wrap = textwrap.TextWrapper(width=width - 2, initial_indent="  ", subsequent_indent="     ")
-    for by, who in (("keel", ""), ("scaler", " by the GradScaler")):
+    for by, who in (("keel", ""), ("scaler", " by the GradScaler"), ("trainer", " by the trainer itself")):
         steps = [d.step for d in decisions if d.action == "skip" and d.by == by]
         if steps:
             listed = ", ".join(map(str, steps[:12])) + (f" … ({len(steps)} in all)" if len(steps) > 12 else "")
