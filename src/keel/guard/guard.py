@@ -37,6 +37,7 @@ from keel.guard.deferred import DeferredSteps
 from keel.guard.distributed import DistributedConfig, RankSync
 from keel.guard.environment import describe_environment
 from keel.guard.evaluation import EvalSpec, Evaluation, Goal
+from keel.guard.host_side import compile_ready, host_side
 from keel.guard.options import check_arguments, check_loss, check_probes, check_run_dir
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
@@ -211,6 +212,7 @@ class Guard(DeferredSteps):
             )
         )
         self.model, self.optimizer, self.scaler = model, optimizer, scaler
+        compile_ready()  # a model compiled before this line: step's compiler.disable is made now, not in a trace
         self.policy, self.log_every, self.sync = policy, log_every, sync
         self.probes = _build_probes(probes)
         run_dir = check_run_dir(run_dir)  # last of the checks: it creates the folder
@@ -367,7 +369,7 @@ class Guard(DeferredSteps):
     # ------------------------------------------------------------------------------------------------
     # Host-side bookkeeping: called inside a torch.compile'd train step, dynamo would trace into keel and compile
     # graphs of its Python logic; kept out, it costs the caller one graph break and runs exactly as in eager.
-    @torch.compiler.disable
+    @host_side
     def step(
         self,
         loss: Tensor | float,
