@@ -25,6 +25,8 @@ from keel.doctor.olmo_log import FORMAT as OLMO
 from keel.doctor.olmo_log import looks_like_olmo, read_olmo_log
 from keel.doctor.speedrun_log import FORMAT as SPEEDRUN
 from keel.doctor.speedrun_log import looks_like_speedrun, read_speedrun_log
+from keel.doctor.step_fields_log import FORMAT as STEP_FIELDS
+from keel.doctor.step_fields_log import looks_like_step_fields, read_step_fields_log
 from keel.doctor.step_lines_log import FORMAT as STEP_LINES
 from keel.doctor.step_lines_log import LOG_NAMES, find_step_lines, looks_like_step_lines, read_step_lines_log
 from keel.doctor.store_log import SQLITE_MAGIC, is_sqlite, read_store_log
@@ -47,6 +49,7 @@ READERS: dict[str, Callable[[Path], RawLog]] = {
     TORCHTITAN: read_torchtitan_log,
     OLMO: read_olmo_log,
     HF_CONSOLE: read_hf_console_log,
+    STEP_FIELDS: read_step_fields_log,
 }
 FORMATS: tuple[str, ...] = tuple(READERS)
 
@@ -149,6 +152,8 @@ def detect_format(path: Path) -> str:
         return FAIRSEQ
     if looks_like_nanogpt(text):  # before CSV: its banner's first line has a comma ("16,384")
         return NANOGPT
+    if looks_like_step_fields(text):  # before CSV: a torchtune grad norm prints as "tensor(0.9, device='cuda:0')"
+        return STEP_FIELDS
     if any(sep in first for sep in (",", "\t", ";")):
         return "csv"
     raise LogReadError(
@@ -157,14 +162,21 @@ def detect_format(path: Path) -> str:
         "modded-nanogpt 'step:N/TOTAL' lines, Megatron-LM 'iteration N/ TOTAL |' lines, "
         "nanoGPT train.py output ('iter N: loss X'), fairseq/metaseq '| train_inner |' lines, torchtitan "
         "'step: N  loss: X' lines, OLMo / OLMo-core '[step=N/MAX]' blocks of 'name=value' lines, "
-        "the HF Trainer's console output ({'loss': ..., 'epoch': ...} dicts)"
+        "the HF Trainer's console output ({'loss': ..., 'epoch': ...} dicts), torchtune / NeMo Automodel "
+        "'step N | loss:X ...' lines"
     )
 
 
 def _line_formats_in(text: str) -> bool:
     """Whether ``text`` holds the lines of a format read anywhere in a file: a launcher's or c10d's ``[...]``
     warning first does not make it JSON."""
-    line_formats = (looks_like_megatron, looks_like_fairseq, looks_like_nanogpt, looks_like_speedrun)
+    line_formats = (
+        looks_like_megatron,
+        looks_like_fairseq,
+        looks_like_nanogpt,
+        looks_like_speedrun,
+        looks_like_step_fields,
+    )
     return any(looks(text) for looks in line_formats)
 
 
