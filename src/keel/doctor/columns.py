@@ -37,6 +37,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "train_epoch_loss",
         "train_crossentropyloss",  # OLMo's train/CrossEntropyLoss
         "train_ce_loss",  # OLMo-core's train/CE loss
+        "loss_train_total",  # Composer's loss/train/total
     ),
     keys.GRAD_NORM: (
         "grad_norm",
@@ -49,6 +50,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "gnorm",
         "grad_norm_global",
         "optim_total_grad_norm",  # OLMo's optim/total_grad_norm, OLMo-core's optim/total grad norm
+        "l2_norm_grad_global",  # Composer's OptimizerMonitor: l2_norm/grad/global
     ),
     keys.LR: (
         "lr",
@@ -59,6 +61,13 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "lr_group_0",
         "optim_learning_rate_group0",  # OLMo's optim/learning_rate_group0
         "optim_lr_group_0",  # OLMo-core's optim/LR (group 0)
+        # Composer's LRMonitor: lr-<optimizer class>/group0
+        "lr_decoupledadamw_group0",
+        "lr_decoupledlionw_group0",
+        "lr_decoupledsgdw_group0",
+        "lr_adamw_group0",
+        "lr_adam_group0",
+        "lr_sgd_group0",
     ),
     keys.AMP_SCALE: ("loss_scale", "amp_scale", "grad_scale", "loss_scaler", "scaler_scale"),
     keys.STEP_TIME: ("step_time", "step_time_s", "time_per_step", "time_per_step_s", "iteration_time_s", "iter_time_s"),

@@ -9,6 +9,8 @@ from pathlib import Path
 
 from keel._core.printable import printable
 from keel.doctor._text import read_text
+from keel.doctor.composer_log import FORMAT as COMPOSER
+from keel.doctor.composer_log import looks_like_composer, read_composer_log
 from keel.doctor.csv_log import read_csv_log
 from keel.doctor.fairseq_log import FORMAT as FAIRSEQ
 from keel.doctor.fairseq_log import looks_like_fairseq, read_fairseq_log
@@ -50,6 +52,7 @@ READERS: dict[str, Callable[[Path], RawLog]] = {
     OLMO: read_olmo_log,
     HF_CONSOLE: read_hf_console_log,
     STEP_FIELDS: read_step_fields_log,
+    COMPOSER: read_composer_log,
 }
 FORMATS: tuple[str, ...] = tuple(READERS)
 
@@ -152,6 +155,8 @@ def detect_format(path: Path) -> str:
         return FAIRSEQ
     if looks_like_nanogpt(text):  # before CSV: its banner's first line has a comma ("16,384")
         return NANOGPT
+    if looks_like_composer(text):  # before CSV: its banner has commas; before JSON: its headers start with '['
+        return COMPOSER
     if looks_like_step_fields(text):  # before CSV: a torchtune grad norm prints as "tensor(0.9, device='cuda:0')"
         return STEP_FIELDS
     if any(sep in first for sep in (",", "\t", ";")):
@@ -163,7 +168,7 @@ def detect_format(path: Path) -> str:
         "nanoGPT train.py output ('iter N: loss X'), fairseq/metaseq '| train_inner |' lines, torchtitan "
         "'step: N  loss: X' lines, OLMo / OLMo-core '[step=N/MAX]' blocks of 'name=value' lines, "
         "the HF Trainer's console output ({'loss': ..., 'epoch': ...} dicts), torchtune / NeMo Automodel "
-        "'step N | loss:X ...' lines"
+        "'step N | loss:X ...' lines, Composer '[batch=N/TOTAL]:' blocks of 'Train name: value' lines"
     )
 
 
@@ -176,6 +181,7 @@ def _line_formats_in(text: str) -> bool:
         looks_like_nanogpt,
         looks_like_speedrun,
         looks_like_step_fields,
+        looks_like_composer,
     )
     return any(looks(text) for looks in line_formats)
 
