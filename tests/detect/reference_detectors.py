@@ -30,6 +30,7 @@ from keel.detect.spike import (
     TREND_SPREAD,
     SpikeConfig,
     _explain,
+    _explain_shift,
 )
 
 MAD_TO_STD = 1.4826
@@ -83,6 +84,8 @@ class ReferenceSpike:
         self._warned = False
         self._critical = False
         self._outliers = deque(maxlen=TAIL_KEPT)
+        self._shifted = False
+        self._shift_run = 0
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
@@ -92,11 +95,19 @@ class ReferenceSpike:
         if x <= 0 and self._log:
             if cfg.log_scale:
                 return []
-            self._log = False
+            self._log = self._shifted = False
+            self._shift_run = 0
             self._accepted = deque((math.exp(v) for v in self._accepted), maxlen=cfg.window)
             self._episode = [math.exp(v) for v in self._episode]
         y = math.log(x) if self._log else x
-        if len(self._accepted) < cfg.min_history:
+        if len(self._accepted) < cfg.min_history:  # warm-up: log space, from warmup_points values, a larger excess
+            if self._log and len(self._accepted) >= cfg.warmup_points:
+                med, scale = robust_location_scale(self._accepted)
+                z = (y - med) / max(scale, cfg.scale_floor)
+                excess = expm1(y - med)
+                if z >= cfg.threshold and excess >= max(cfg.min_excess, cfg.warmup_excess):
+                    return self._spike(obs.step, x, med, z, excess)
+            self._end_episode(obs.step)
             self._accepted.append(y)
             return []
         med, scale = robust_location_scale(self._accepted)
@@ -111,9 +122,40 @@ class ReferenceSpike:
         excess = expm1(y - med) if self._log else (y - med) / (abs(med) + 1e-12)
         if z < cfg.threshold or excess < cfg.min_excess:
             self._end_episode(obs.step)
+            found = self._level_shift(obs.step, x, y)
             self._accepted.append(y)
-            return []
+            return found
         return self._spike(obs.step, x, med, z, excess)
+
+    def _level_shift(self, step, x, y):  # median of the last shift_span values vs the window's older values
+        cfg = self.config
+        window = list(self._accepted)
+        older = len(window) - cfg.shift_span + 1
+        if not self._log or not cfg.shift_span or older < cfg.shift_span:
+            return []
+        recent = median(window[older:] + [y])
+        med, scale = robust_location_scale(window[:older])
+        rise = recent - med
+        se = math.hypot(*(median_standard_error(max(scale, cfg.scale_floor), n) for n in (cfg.shift_span, older)))
+        required = max(math.log1p(cfg.shift_excess), cfg.shift_z * se)
+        if self._shifted:
+            self._shifted = rise >= required / 2
+            return []
+        self._shift_run = self._shift_run + 1 if rise >= required else 0
+        if self._shift_run < cfg.patience:
+            return []
+        self._shifted, self._shift_run = True, 0
+        baseline, level = math.exp(med), math.exp(recent)
+        evidence = {
+            "z": round(rise / se, 2),
+            "ratio": round(level / baseline, 4),
+            "level_shift": True,
+            "recent_median": level,
+            "span": cfg.shift_span,
+            "noise": round(expm1(scale), 4),
+        }
+        cause, advice = _explain_shift(cfg, level / baseline, older, scale)
+        return [self._finding(step, "warning", x, baseline, evidence, cause, advice)]
 
     def _sustained(self, med):  # the excess of the median of the episode's last ``patience`` steps
         typical = median(self._episode[-self.config.patience :])
@@ -127,12 +169,15 @@ class ReferenceSpike:
         run = len(self._episode)
         baseline = math.exp(med) if self._log else med
         ratio = x / baseline if baseline else math.inf  # a baseline of exactly 0 (a linear loss sitting at 0)
+        seen = len(self._accepted) if len(self._accepted) < cfg.min_history else 0
         evidence = {
             "z": round(z, 2),
             "ratio": round(ratio, 4) if baseline else None,
             "onset_step": self._onset,
             "consecutive": run,
         }
+        if seen:
+            evidence["warm_up"] = seen
         if run >= cfg.rebase_after:
             self._accepted.clear()
             self._accepted.extend(self._episode[-cfg.min_history :])
@@ -162,7 +207,7 @@ class ReferenceSpike:
             severity = "info"
         else:
             return []
-        return [self._finding(step, severity, x, baseline, evidence, *_explain(cfg, severity, ratio, run))]
+        return [self._finding(step, severity, x, baseline, evidence, *_explain(cfg, severity, ratio, run, seen))]
 
     def _finding(self, step, severity, x, baseline, evidence, cause, advice):
         return Finding(
@@ -197,6 +242,8 @@ class ReferenceSpike:
             "onset_excess": self._onset_excess,
             "critical": self._critical,
             "outliers": [list(o) for o in self._outliers],
+            "shifted": self._shifted,
+            "shift_run": self._shift_run,
         }
 
 

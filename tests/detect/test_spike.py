@@ -65,9 +65,11 @@ def test_clean_traces_raise_nothing_above_info():
         assert [f for f in found if f.severity != "info"] == []
 
 
-def test_warm_up_is_silent():
-    values = _noisy(19) + [50.0]
-    assert _run(SpikeDetector(signal="loss"), values[:20]) == []
+def test_warm_up_flags_only_an_extreme_jump():
+    # before min_history values only a jump far past the values so far counts (test_early_steps_and_level_shift)
+    assert _run(SpikeDetector(signal="loss"), _noisy(19) + [7.0]) == []  # 3.5x: the armed detector's critical
+    assert [(f.step, f.severity) for f in _run(SpikeDetector(signal="loss"), _noisy(19) + [50.0])] == [(19, "critical")]
+    assert _run(SpikeDetector(signal="loss"), _noisy(4) + [50.0]) == []  # fewer than warmup_points values
 
 
 def test_grad_norm_uses_log_scale_and_needs_a_large_factor():

@@ -43,6 +43,7 @@ def possible_spikes(
     min_excess: float,
     scale_floor: float,
     error: float = 0.0,
+    judged: np.ndarray | None = None,
 ) -> np.ndarray:
     """A mask over ``values``: True where the spike detector might flag the value (False: certainly quiet).
 
@@ -54,6 +55,8 @@ def possible_spikes(
         threshold, min_excess, scale_floor: The detector's `SpikeConfig` fields of those names.
         error: A bound on the relative error of ``window`` and ``values`` against the detector's own values
             (NumPy's log is cheaper than ``math.log`` per value, and may differ from it in the last bits).
+        judged: What is compared with each value's baseline, if not the value itself: one per value, each within
+            ``error`` of the detector's (the level-shift test's median of the latest values, `spike`).
 
     Example:
         >>> window = np.log(np.full(64, 2.0) * (1 + 0.01 * (np.arange(64) % 3)))
@@ -96,7 +99,7 @@ def possible_spikes(
         floor = scale_floor * magnitude + 1e-12
     # per value: its block's bounds; the rise over the lowest possible median bounds z and the excess
     at = np.arange(m) // block
-    rise = values - low[at] + 2 * eta[at]
+    rise = (values if judged is None else judged) - low[at] + 2 * eta[at]
     quiet = rise / np.maximum(scale, floor)[at] < threshold * (1 - SLACK)
     if log:
         quiet |= rise < math.log1p(min_excess) * (1 - SLACK)

@@ -23,6 +23,25 @@ about one healthy step in 6,000 was ``critical``). And a run whose own one-step 
 heavy-tailed batches — needs a step ``tail_factor`` times further out (in log units) than the largest of its
 recent ones before it is ``critical``: a batch like those the run has shrugged off is no reason to skip.
 
+**Before the baseline exists** (fewer than ``min_history`` accepted values: a run's first steps, a short log) a
+positive signal is judged against the (at least ``warmup_points``) values accepted so far, their median and MAD, and
+only a jump far beyond them counts: ``threshold`` robust z and at least ``1 + warmup_excess`` times their median. A
+loss falling fast or a gradient norm largest at step 0 never rises above its own median; a trend (a warm-up LR ramp,
+a norm growing from a zero-initialised layer) spreads the few values enough that a step along it is a few z; a
+fine-tune whose LR is 1000× too high from step 10 (loss 4.5 → 20 → 40 → 156, HF run_clm, h23 H12) is flagged at
+once, ten steps before the baseline would exist.
+
+**A lasting level shift within the noise.** A small-batch run's steps swing by ±100 % (a log-loss MAD of 0.77 on a
+timm ResNet at batch 8), so one step 9× above the median is only 3 robust z and never a spike, even when the level
+stays there (an LR ×100 for one update: 0.75 → 6.7, then 3–5 for 19 steps; h23 T). So each accepted value also
+compares the median of the last ``shift_span`` values (it and the ones before it) with the median of the window's
+older values — two disjoint samples, so the new level does not hide in its own baseline. A rise of ``shift_z``
+standard errors of their difference (`robust.median_standard_error`, the older values' robust scale) and at least
+``1 + shift_excess`` times, at ``patience`` consecutive values, is a ``warning`` (the model changed, not one batch),
+once until the recent median is back below half that rise. Five of nine values must lie that high three times in a
+row: iid log-normal or t₃ noise of ±50–80 % per step does that about once in 200,000 steps, a one-batch outlier or a
+slow drift never.
+
 A steep descent (the first steps of a run: a linear regression's loss falling 45× in 40 steps) spreads the window
 over its own trend, and a window's median and MAD then hide even a 1,500× jump (3.8 robust z). While the window is
 such a descent (in log space: the median of its last ``RECENT`` values at least ``DESCENT`` robust scales below the
@@ -34,6 +53,7 @@ baseline that lags the descent by a few steps, so it errs high (towards silence)
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections import deque
 from collections.abc import Iterable
@@ -50,7 +70,14 @@ from keel.detect._running_median import RunningMedian
 from keel.detect._spike_screen import possible_descent_spikes, possible_spikes
 from keel.detect.detector import DETECTORS
 from keel.detect.robust import median as median_of
-from keel.detect.robust import relative_excess, robust_z, step_noise
+from keel.detect.robust import (
+    median_standard_error,
+    relative_excess,
+    robust_z,
+    rolling_median,
+    sorted_location_scale,
+    step_noise,
+)
 from keel.detect.scan import SCAN_CHUNK, SCAN_CHUNK_MAX, as_series
 
 
@@ -86,6 +113,15 @@ class SpikeConfig:
         tail_factor: A ``critical`` step must also lie this many times as far above the median (in log
             units: ``log(ratio)``) as the largest of the run's isolated one-step outliers of the last
             ``TAIL_SPAN`` steps (a heavy-tailed run's own noise).
+        warmup_points: Accepted values after which, still short of ``min_history``, an extreme jump is flagged
+            (log space only).
+        warmup_excess: Relative excess over the highest accepted value a step needs to be a spike before
+            ``min_history`` (3.0 = four times every value seen so far); ``critical`` as usual beyond that.
+        shift_span: Latest values whose median is the recent level of the level-shift test (0: no test); the test
+            runs once at least as many older values are in the window (never with ``window < 2 * shift_span - 1``).
+        shift_z: Standard errors of that median (of the window's robust scale) it must lie above the window's median.
+        shift_excess: Relative excess of that median over the window's median that a level shift also needs
+            (1.0 = twice the median).
     """
 
     signal: str = keys.LOSS
@@ -102,6 +138,11 @@ class SpikeConfig:
     critical_excess: float = 1.0
     rebase_after: int = 50
     tail_factor: float = 1.5
+    warmup_points: int = 5
+    warmup_excess: float = 3.0
+    shift_span: int = 9
+    shift_z: float = 5.0
+    shift_excess: float = 1.0
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -113,7 +154,8 @@ class SpikeConfig:
                 if "grad" in self.signal
                 else self.signal.replace("/", "_") + "_spike"
             )
-        require_ints(self, "window", "min_history", "patience", "rebase_after")
+        require_ints(self, "window", "min_history", "patience", "rebase_after", "warmup_points")
+        require_ints(self, "shift_span", minimum=0)
         if self.min_history > self.window:
             raise ValueError(f"SpikeConfig.min_history={self.min_history} > window={self.window}; allowed: <= window")
         require_positive(
@@ -125,6 +167,9 @@ class SpikeConfig:
             "critical_excess",
             "scale_floor",
             "tail_factor",
+            "warmup_excess",
+            "shift_z",
+            "shift_excess",
         )
         if self.log_scale not in (None, True, False):
             raise ValueError(f"SpikeConfig.log_scale={self.log_scale!r}; allowed: True, False or None")
@@ -138,13 +183,19 @@ class _GradNormDefaults(TypedDict):
     min_excess: float
     scale_floor: float
     critical_excess: float
+    warmup_excess: float
+    shift_excess: float
 
 
+# Before the baseline exists a gradient norm must jump 10× past every value seen (a healthy run's restart shifts it
+# 2.7×, CPM-Ant's daily log in shared/data/realruns); a level shift, 4× (grad norms drift by factors).
 GRAD_NORM_DEFAULTS: _GradNormDefaults = {
     "log_scale": True,
     "min_excess": 1.0,
     "scale_floor": 0.05,
     "critical_excess": 19.0,
+    "warmup_excess": 9.0,
+    "shift_excess": 3.0,
 }
 TAIL_SPAN = 1000  # steps an isolated outlier counts towards the run's own tail
 TAIL_KEPT = 16  # isolated outliers remembered (the largest recent one is what counts)
@@ -189,6 +240,8 @@ class SpikeDetector:
         self._warned = False
         self._critical = False  # the current episode had a critical step
         self._outliers: deque[tuple[int, float]] = deque(maxlen=TAIL_KEPT)  # (step, excess) of isolated outliers
+        self._shifted = False  # a level shift was reported and the recent median has not come back down yet
+        self._shift_run = 0  # consecutive accepted values at which the recent median was a level shift
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
@@ -201,17 +254,64 @@ class SpikeDetector:
             self._leave_log_space()
         y = math.log(x) if self._log else x
         if len(self._accepted) < cfg.min_history:
-            self._accepted.push(y)
-            return []
-        median, scale = self._baseline()
+            return self._warm_up(obs.step, x, y)
+        median, scale = self._baseline(self._accepted.location_scale())
         floor = cfg.scale_floor if self._log else cfg.scale_floor * abs(median) + 1e-12
         z = robust_z(y, median, scale, floor)
         excess = self._excess(y, median)
         if z < cfg.threshold or excess < cfg.min_excess:
             self._end_episode(obs.step)
+            shift = self._level_shift(obs.step, x, y)
             self._accepted.push(y)
-            return []
+            return shift
         return self._spike(obs.step, x, median, z, excess)
+
+    def _warm_up(self, step: int, x: float, y: float) -> list[Finding]:
+        """A step before the baseline exists: judged against the values so far, a spike only ``1 + warmup_excess``
+        times their median (and ``threshold`` robust z, their spread inflated by a fast early trend)."""
+        cfg = self.config
+        if self._log and len(self._accepted) >= cfg.warmup_points:
+            median, scale = self._accepted.location_scale()
+            z = robust_z(y, median, scale, cfg.scale_floor)
+            excess = relative_excess(y - median)
+            if z >= cfg.threshold and excess >= max(cfg.min_excess, cfg.warmup_excess):
+                return self._spike(step, x, median, z, excess)
+        self._end_episode(step)
+        self._accepted.push(y)
+        return []
+
+    def _level_shift(self, step: int, x: float, y: float) -> list[Finding]:
+        """Before accepting ``y``: a ``warning`` when the median of it and the ``shift_span`` − 1 values before it lies
+        far above the median of the window's older values (disjoint samples: the new level does not hide itself)."""
+        cfg = self.config
+        span = cfg.shift_span
+        window = self._accepted.values
+        older = len(window) - span + 1
+        if not self._log or not span or older < span:
+            return []
+        recent = median_of([*itertools.islice(window, older, None), y])
+        median, scale = sorted_location_scale(sorted(itertools.islice(window, older)))
+        rise = recent - median
+        standard_error = math.hypot(*(median_standard_error(max(scale, cfg.scale_floor), n) for n in (span, older)))
+        required = max(math.log1p(cfg.shift_excess), cfg.shift_z * standard_error)
+        if self._shifted:
+            self._shifted = rise >= required / 2  # hysteresis: one warning per shift
+            return []
+        self._shift_run = self._shift_run + 1 if rise >= required else 0
+        if self._shift_run < cfg.patience:
+            return []
+        self._shifted, self._shift_run = True, 0
+        baseline, level = math.exp(median), math.exp(recent)
+        evidence = {
+            "z": round(rise / standard_error, 2),
+            "ratio": round(level / baseline, 4),
+            "level_shift": True,
+            "recent_median": level,
+            "span": span,
+            "noise": round(relative_excess(scale), 4),
+        }
+        cause, advice = _explain_shift(cfg, level / baseline, older, scale)
+        return [self._finding(step, "warning", x, baseline, evidence, cause, advice)]
 
     def scan(self, steps: np.ndarray, values: np.ndarray) -> list[Finding]:
         """Judge a whole series at once: exactly what `update` gives, step by step, and the same state after.
@@ -234,7 +334,8 @@ class SpikeDetector:
         cfg, found, i, n = self.config, [], 0, len(values)
         chunk = SCAN_CHUNK
         while i < n:
-            if self._episode or len(self._accepted) < cfg.window:  # warm-up or an episode: step by step
+            if self._episode or self._shifted or self._shift_run or len(self._accepted) < cfg.window:
+                # warm-up, an episode, a level shift under way: step by step
                 found += self._update_at(steps, values, i)
                 i += 1
                 continue
@@ -259,6 +360,8 @@ class SpikeDetector:
                 min_excess=cfg.min_excess,
                 scale_floor=cfg.scale_floor,
             )
+            if self._log and 0 < cfg.shift_span <= (cfg.window + 1) // 2:  # the level-shift test (`_level_shift`)
+                maybe |= self._possible_shifts(ys)
             if self._log:  # a steep descent is judged against its recent level (`_baseline`): screened apart
                 maybe |= possible_descent_spikes(
                     np.array(self._accepted.values),
@@ -275,7 +378,7 @@ class SpikeDetector:
                 judged = self._update_at(steps, values, int(at[k]))
                 found += judged
                 done = k + 1
-                if judged or self._episode:  # a spike: the window no longer grows as the screen assumed
+                if judged or self._episode or self._shift_run:  # the state changed from what the screen assumed
                     halt = stop = int(at[k]) + 1
                     chunk = SCAN_CHUNK
                     break
@@ -287,6 +390,23 @@ class SpikeDetector:
                 found += self._update_at(steps, values, halt)
                 i = halt + 1
         return found
+
+    def _possible_shifts(self, ys: np.ndarray) -> np.ndarray:
+        """A mask over the next log-values ``ys`` (each assumed accepted): where `_level_shift` might warn."""
+        cfg = self.config
+        span, window = cfg.shift_span, np.array(self._accepted.values)
+        older = len(window) - span + 1  # each value's older values: its window less the latest span - 1
+        sequence = np.concatenate([window, ys])  # value j's window is sequence[j : j + len(window)]
+        return possible_spikes(
+            window[:older],
+            sequence[older : older + len(ys)],  # so that value j's older values are the screen's window of j
+            judged=rolling_median(sequence[older:], span),
+            log=True,
+            error=LOG_ERROR,
+            threshold=cfg.shift_z * math.hypot(median_standard_error(1.0, span), median_standard_error(1.0, older)),
+            min_excess=cfg.shift_excess,
+            scale_floor=cfg.scale_floor,
+        )
 
     def critical_above(self, step: int) -> float:
         """The smallest value `update` would judge ``critical`` at ``step``, given the state now (inf: none).
@@ -305,11 +425,17 @@ class SpikeDetector:
             ['critical']
         """
         cfg = self.config
-        if len(self._accepted) < cfg.min_history or len(self._episode) + 1 >= cfg.rebase_after:
-            return math.inf  # warming up, or the next spike step rebases (info)
-        median, scale = self._baseline()
+        if len(self._episode) + 1 >= cfg.rebase_after:
+            return math.inf  # the next spike step rebases (info)
         tail = max((e for at, e in self._outliers if step - at <= TAIL_SPAN), default=0.0)
         z_needed, excess_needed = max(cfg.threshold, cfg.critical_z), max(cfg.min_excess, cfg.critical_excess)
+        if len(self._accepted) < cfg.min_history:
+            if not self._log or len(self._accepted) < cfg.warmup_points:
+                return math.inf  # warming up: nothing is flagged yet
+            median, scale = self._accepted.location_scale()  # `_warm_up`: the values so far, a larger excess
+            excess_needed = max(excess_needed, cfg.warmup_excess)
+        else:
+            median, scale = self._baseline(self._accepted.location_scale())
         if self._log:
             rise = max(
                 z_needed * max(scale, cfg.scale_floor), math.log1p(excess_needed), cfg.tail_factor * math.log1p(tail)
@@ -323,10 +449,10 @@ class SpikeDetector:
         )
         return median + rise
 
-    def _baseline(self) -> tuple[float, float]:
-        """The (location, scale) a value is judged against: the window's median and MAD, or during a steep descent
-        (log space) the median of its last ``RECENT`` values and its step noise."""
-        median, scale = self._accepted.location_scale()
+    def _baseline(self, plain: tuple[float, float]) -> tuple[float, float]:
+        """The (location, scale) a value is judged against: the window's median and MAD (``plain``), or during a steep
+        descent (log space) the median of its last ``RECENT`` values and its step noise."""
+        median, scale = plain
         if not self._log:
             return median, scale
         window = list(self._accepted.values)  # oldest first
@@ -349,7 +475,8 @@ class SpikeDetector:
 
     def _leave_log_space(self) -> None:
         """A value <= 0 arrived under ``log_scale=None``: keep the history, in linear units, from now on."""
-        self._log = False
+        self._log = self._shifted = False  # (the level-shift test is for log space)
+        self._shift_run = 0
         self._accepted = self._window(math.exp(v) for v in self._accepted.values)
         self._episode = [math.exp(v) for v in self._episode]
 
@@ -361,12 +488,15 @@ class SpikeDetector:
         run = len(self._episode)
         baseline = math.exp(median) if self._log else median
         ratio = x / baseline if baseline else math.inf  # a baseline of exactly 0 (a linear loss sitting at 0)
-        evidence = {
-            "z": round(z, 2),
+        warm_up = len(self._accepted) < cfg.min_history  # judged against the highest value so far (`_warm_up`)
+        evidence: dict[str, Any] = {
+            "z": round(z, 2) if math.isfinite(z) else None,
             "ratio": round(ratio, 4) if baseline else None,
             "onset_step": self._onset,
             "consecutive": run,
         }
+        if warm_up:
+            evidence["warm_up"] = len(self._accepted)
         if run >= cfg.rebase_after:
             # The new level has lasted: accept it as the baseline and close the episode.
             self._accepted = self._window(self._episode[-cfg.min_history :])
@@ -396,7 +526,8 @@ class SpikeDetector:
             severity = "info"
         else:
             return []
-        return [self._finding(step, severity, x, baseline, evidence, *_explain(cfg, severity, ratio, run))]
+        seen = len(self._accepted) if warm_up else 0
+        return [self._finding(step, severity, x, baseline, evidence, *_explain(cfg, severity, ratio, run, seen))]
 
     def _sustained(self, median: float) -> float:
         """The relative excess over ``median`` (the baseline, which no spike step moves) of the median of the
@@ -452,6 +583,8 @@ class SpikeDetector:
             "onset_excess": self._onset_excess,
             "critical": self._critical,
             "outliers": [list(o) for o in self._outliers],
+            "shifted": self._shifted,
+            "shift_run": self._shift_run,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -463,16 +596,32 @@ class SpikeDetector:
         self._onset_excess = float(state.get("onset_excess", 0.0))
         self._critical = bool(state.get("critical", False))
         self._outliers = deque(((int(a), float(e)) for a, e in state.get("outliers", ())), maxlen=TAIL_KEPT)
+        self._shifted = bool(state.get("shifted", False))
+        self._shift_run = int(state.get("shift_run", 0))
 
 
-def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int) -> tuple[str, str]:
-    """Cause and advice for a spike finding."""
+def _explain_shift(cfg: SpikeConfig, ratio: float, older: int, scale: float) -> tuple[str, str]:
+    """Cause and advice for a level shift (``scale``: the older values' robust scale, log units)."""
     what = "loss" if cfg.signal == keys.LOSS else cfg.signal
+    cause = (
+        f"The median {what} of the last {cfg.shift_span} steps is {ratio:.3g}× its median over the {older} before "
+        f"them: each step is within the run's noise (±{relative_excess(scale):.0%} per step), the level is not — "
+        "the model, not one batch, changed (an update that overshot, an LR jump)."
+    )
+    return cause, _explain(cfg, "warning", ratio, cfg.shift_span)[1]
+
+
+def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int, seen: int = 0) -> tuple[str, str]:
+    """Cause and advice for a spike finding (``seen``: the values before it, in the first steps; 0 after them)."""
+    what = "loss" if cfg.signal == keys.LOSS else cfg.signal
+    against = f"the median of its first {seen} values" if seen else "its recent median"
     if severity == "critical":
         cause = (
-            f"The {what} jumped to {ratio:.3g}× its recent median in one step: the update computed from "
+            f"The {what} jumped to {ratio:.3g}× {against} in one step: the update computed from "
             "this batch is likely harmful (a corrupt or extreme batch, or the optimizer overshooting)."
         )
+        if seen:
+            cause += " This early in a run, a learning rate far too high is the usual cause."
         advice = (
             "Skip this update (policy='skip'; OLMo-core SkipStepOptimizer, metaseq skip_spike). If such "
             "spikes recur, clip gradients or use spike-aware clipping (Stable-SPAM AdaClip, Huang et al. "
@@ -480,7 +629,7 @@ def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int) -> tu
         )
     elif severity == "warning":
         cause = (
-            f"The {what} has stayed {ratio:.3g}× above its recent median for {run} steps: the model, not "
+            f"The {what} has stayed {ratio:.3g}× above {against} for {run} steps: the model, not "
             "one batch, changed — or the data did (a corpus read in order, a new data source or task)."
         )
         advice = (
@@ -490,7 +639,7 @@ def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int) -> tu
             "data being read (unshuffled data), this is the data: nothing to change."
         )
     else:
-        cause = f"One step's {what} was {ratio:.3g}× its recent median: most likely an outlier batch."
+        cause = f"One step's {what} was {ratio:.3g}× {against}: most likely an outlier batch."
         advice = (
             "Nothing for an isolated outlier. If they recur, inspect the batches at these steps "
             "(Chowdhery et al. 2022 found spikes tied to specific batches)."
