@@ -133,7 +133,7 @@ def _load(sources: list[Source]) -> tuple[list[RunData], list[Path], list[SweepD
             continue
         try:
             if source.kind == "run":
-                runs.append(load_run(path, keep=_keep))
+                runs.append(load_run(path, keep=_keep, series=source.series))
                 if source.log is not None:  # its store is a scratch folder: the log is what the reader knows
                     runs[-1].path = source.log
                 run_paths.append(source.log or (path.parent if path.name == STORE_NAME else path))

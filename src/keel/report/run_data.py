@@ -8,6 +8,7 @@ because a value had the wrong type (a store is untrusted input: see `keel.store.
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -49,7 +50,13 @@ class RunData:
     problems: list[str] = field(default_factory=list)
 
 
-def load_run(path: str | Path, *, name: str | None = None, keep=None) -> RunData:
+def load_run(
+    path: str | Path,
+    *,
+    name: str | None = None,
+    keep=None,
+    series: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> RunData:
     """Read a run store for the report.
 
     Args:
@@ -57,6 +64,8 @@ def load_run(path: str | Path, *, name: str | None = None, keep=None) -> RunData
         name: Display name; default the folder's name.
         keep: ``keep(key) -> bool`` chooses the signals read (default: all). Per-parameter families are
             usually left out: they are hundreds of series nobody reads on a timeline.
+        series: The signals, key → (steps, values) in step order, given instead of read from the store (a log's
+            store is written without them: `keel.report.logs`); the rest is read from the store.
 
     Raises:
         FileNotFoundError: No store at ``path``.
@@ -69,10 +78,11 @@ def load_run(path: str | Path, *, name: str | None = None, keep=None) -> RunData
         run.meta = read_part(run.problems, "metadata", reader.meta, {})
 
         def read_signals() -> None:
-            for key in reader.signal_keys():
+            keys = sorted(series) if series is not None else reader.signal_keys()  # the store lists them sorted
+            for key in keys:
                 if keep is not None and not keep(key):
                     continue
-                steps, values = reader.signal(key)
+                steps, values = series[key] if series is not None else reader.signal(key)
                 run.lengths[key] = len(steps)
                 run.series[key] = downsample_minmax(steps, values, MAX_POINTS)
 

@@ -11,8 +11,11 @@ the caller to raise. A new store kind: add a `StoreKind` here, a reader in `keel
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+
+import numpy as np
 
 from keel.doctor import formats
 from keel.doctor.formats import tensorboard_runs
@@ -40,7 +43,8 @@ class Source:
     """One path given to the report, classified: ``kind`` is a `StoreKind` name, or None with a ``note``.
 
     ``store`` is False when the path holds no SQLite store at all (the note says what is there instead).
-    ``log`` is the training log a run store was written from (`keel.report.logs`), shown in its place.
+    ``log`` is the training log a run store was written from (`keel.report.logs`), shown in its place; ``series``
+    its signals, given in memory (that store is written without them).
     """
 
     path: Path
@@ -48,6 +52,7 @@ class Source:
     note: str = ""
     store: bool = True
     log: Path | None = None
+    series: Mapping[str, tuple[np.ndarray, np.ndarray]] | None = None
 
 
 def expand(paths: list[str | Path]) -> list[Path]:

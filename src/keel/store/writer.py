@@ -9,6 +9,7 @@ is warned about once, rows are dropped, and `errors` counts them.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import queue
@@ -19,6 +20,8 @@ import warnings
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning
@@ -64,8 +67,16 @@ class RunWriter:
         self._queue.put(("INSERT INTO signals VALUES (?, ?, ?)", [(step, k, _real(v)) for k, v in values.items()]))
 
     def add_series(self, key: str, steps: Iterable[int], values: Iterable[float]) -> None:
-        """One signal's values at many steps, enqueued as one batch (a log written whole: `keel.doctor.to_store`)."""
-        rows = [(int(step), key, _real(value)) for step, value in zip(steps, values, strict=True)]
+        """One signal's values at many steps, enqueued as one batch (a log written whole: `keel.doctor.to_store`).
+        The rows are made column by column: a NaN is NULL, as in `add_signals`."""
+        step_array = np.asarray(steps if isinstance(steps, np.ndarray) else list(steps), dtype=np.int64)
+        value_array = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.float64)
+        if step_array.shape != value_array.shape or step_array.ndim != 1:
+            raise ValueError(f"add_series({key!r}): {step_array.shape} steps and {value_array.shape} values")
+        cells: list[float | None] = value_array.tolist()
+        for index in np.flatnonzero(np.isnan(value_array)).tolist():
+            cells[index] = None
+        rows = list(zip(step_array.tolist(), itertools.repeat(key, len(cells)), cells, strict=True))
         self._queue.put(("INSERT INTO signals VALUES (?, ?, ?)", rows))
 
     def add_findings(self, findings: Iterable[Finding]) -> None:
