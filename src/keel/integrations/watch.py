@@ -154,20 +154,25 @@ class Watch:
         if not (tensor.ndim == 0 and tensor.is_floating_point() and tensor.grad_fn is not None):
             return original(tensor, *args, **kwargs)
         backward, first = OWNERS.enter(tensor)
-        if id(self) in backward.reached:
-            scale = self._loss_scale()
-            kept = [owed for owed in self._backwards if not owed[0].taken]  # another watch's now: a newer one came
-            if len(kept) < len(self._backwards) and self._default_detectors:
-                # a loss that reached this model went to another model's update, and this model trains on its own
-                # next one: the two are trained against each other (a GAN's errG reached D)
-                self._warn("adversarial", ADVERSARIAL)
-            self._backwards = kept
-            self._backwards.append((backward, tensor.detach() / scale if scale is not None else tensor.detach()))
         try:
-            return original(tensor, *args, **kwargs)
+            result = original(tensor, *args, **kwargs)
+            if id(self) in OWNERS.settle(backward):  # (the models it reached are known once it has run)
+                self._owe(backward, tensor)
+            return result
         finally:
             if first:
                 OWNERS.leave()
+
+    def _owe(self, backward: Backward, loss: Tensor) -> None:
+        """Keep a backward's loss that reached this model, until an update takes it."""
+        scale = self._loss_scale()
+        kept = [owed for owed in self._backwards if not owed[0].taken]  # another watch's now: a newer one came
+        if len(kept) < len(self._backwards) and self._default_detectors:
+            # a loss that reached this model went to another model's update, and this model trains on its own
+            # next one: the two are trained against each other (a GAN's errG reached D)
+            self._warn("adversarial", ADVERSARIAL, depth=1)
+        self._backwards = kept
+        self._backwards.append((backward, loss.detach() / scale if scale is not None else loss.detach()))
 
     def _loss_scale(self) -> Tensor | None:
         """The factor the GradScaler put on the losses that backward sees; None when none is scaling."""
@@ -297,10 +302,11 @@ class Watch:
             raise AttributeError(name)
         return getattr(self.guard, name)
 
-    def _warn(self, key: str, message: str) -> None:
+    def _warn(self, key: str, message: str, *, depth: int = 0) -> None:
+        """Warn once per key, at the loop's line (``depth``: the calls between the hooked one and this)."""
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, KeelWarning, stacklevel=4)
+            warnings.warn(message, KeelWarning, stacklevel=4 + depth)
 
 
 def watch(
