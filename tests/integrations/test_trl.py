@@ -154,7 +154,10 @@ def test_grpo_rollback_drops_the_buffered_completions_and_keel_sees_the_grpo_los
     )
     trainer.train()
     assert [(d.step, d.action) for d in callback.guard.decisions] == [(2, "rollback")]
-    assert generated == [0, 2, 3]  # step 3 generates afresh from the restored weights (without the drop: [0, 2])
+    # step 3 generates afresh from the restored weights (without the drop: [0, 2]); the updates the rollback undid
+    # are made again after step 3 (KeelCallback extends max_steps), step 4 generating as TRL's cadence says
+    assert generated == [0, 2, 3, 4]
+    assert trainer.state.max_steps == 4 + 2 + 1 - callback.guard.decisions[0].restored_step
     with RunReader(tmp_path / "keel") as run:
         meta = run.meta()[META_KEY]
     assert meta["trainer"] == "GRPOTrainer" and meta["buffer_dropped_at"] == [2]

@@ -415,9 +415,15 @@ class _ScheduleAfterRollbacks:
         }
 
     def _say(self, text: str) -> None:
-        if not self.guard.recorder.console.quiet:  # rank 0 only, not inside keel.guard.console.silenced()
-            console.ensure_handler()
-            console.logger.warning(text)
+        _say(self.guard, text)
+
+
+def _say(guard: Guard, text: str) -> None:
+    """One warning line on the ``keel`` logger, where the run's console says its own (rank 0 only, not inside
+    `keel.guard.console.silenced`)."""
+    if not guard.recorder.console.quiet:
+        console.ensure_handler()
+        console.logger.warning(text)
 
 
 def _output_loss(output: Any, kwargs: dict) -> Tensor | None:

@@ -26,6 +26,13 @@ is bit-identical to the bare trainer, ``"skip"`` and ``"recover"`` skip or roll 
   adapter **drops the buffer** (``_buffered_inputs = None``; TRL then generates afresh from the restored weights at
   the next micro-step, as it does on resume) and records the steps where it did in the run's ``trl`` meta entry.
   TRL's adaptive-entropy coefficient is not rolled back.
+- **GRPO/RLOO weights after each update** (``policy="recover"``): the next thing to use the weights is TRL's
+  generation, before keel's next step — an update that left a NaN/Inf weight made ``torch.multinomial`` raise there
+  and end the run before keel could roll back (helper H's H7). The adapter checks that the weights are finite after
+  each applied update (one ``foreach`` norm and one read), and when they are not it says so and lets the next
+  micro-step train on the completions already buffered instead of generating from broken weights: that step's
+  loss is then non-finite, keel finds the weights and rolls back, the buffer is dropped and TRL generates from the
+  restored weights (`_FiniteWeights`).
 
 Detectors, unless ``detectors=`` says otherwise: `Guard`'s defaults, plus `keel.detect.preference_detectors` for a
 ``DPOTrainer`` (likelihood displacement) or `keel.detect.policy_detectors` for a ``GRPOTrainer`` or ``RLOOTrainer``
@@ -54,7 +61,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("keel.integrations.trl needs trl: pip install 'keel[trl]'") from exc
 
-from keel.integrations.hf import KeelCallback, _json_args  # noqa: E402 (after the trl check: it needs transformers)
+from keel.integrations.hf import KeelCallback, _json_args, _say  # noqa: E402 (after the trl check: it needs transformers)
 
 TRAINERS = (SFTTrainer, DPOTrainer, KTOTrainer, GRPOTrainer, RLOOTrainer, RewardTrainer)
 POLICY_GRADIENT = (GRPOTrainer, RLOOTrainer)  # same statistics, buffered completions and surrogate loss
@@ -125,6 +132,9 @@ class KeelTRLCallback(KeelCallback):
         self._meta: dict[str, Any] = {"trainer": name, "statistics": "keys.TRL_ALIASES; others as trl/<name>"}
         if hasattr(trainer, "_buffered_inputs"):
             self._meta |= {"rollback": "drops GRPO's buffered completions (TRL regenerates)", "buffer_dropped_at": []}
+        self._weights: _FiniteWeights | None = None
+        if isinstance(trainer, POLICY_GRADIENT) and policy == "recover":
+            self._weights = _FiniteWeights(trainer)
 
     def _capture_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Nothing: under TRL the model's output loss is not the objective; `record_trainer_loss` is."""
@@ -155,7 +165,71 @@ class KeelTRLCallback(KeelCallback):
             self.trainer._buffered_inputs = None  # its completions came from the weights just rolled back
             self._meta["buffer_dropped_at"].append(decision.step)
             guard.components.call("trl", guard.recorder.meta, {META_KEY: self._meta})
+        if self._weights is not None:
+            guard.components.call(
+                "trl weights", self._weights.after_update, guard, decision, self._objects["optimizer"]
+            )
         return decision
+
+
+class _FiniteWeights:
+    """Under ``"recover"``, for a GRPO or RLOO trainer: the weights checked finite after each applied update, and TRL's
+    next generation held back once when they are not.
+
+    keel finds non-finite parameters at its next step, from that step's non-finite loss. Between the two, GRPO
+    generates completions from the updated weights, and NaN/Inf weights make its sampling raise (``probability tensor
+    contains either inf, nan or element < 0``), ending the run before keel can act (helper H's H7; bare TRL crashes the
+    same way). So after each applied update the weights' norms are taken in one ``torch._foreach_norm`` and read once;
+    when one is not finite, the trainer's ``_prepare_inputs`` hands the next micro-step the completions it buffered
+    for the previous update instead of generating (once): trained on by the broken weights, they give a non-finite
+    loss, keel's step finds the parameters and rolls back, and the adapter's rollback drops the buffer, so TRL then
+    generates from the restored weights. The held step's update is rolled back with the rest.
+    """
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+        self.hold = False  # the next generation is held back (the weights are not finite)
+        original = trainer._prepare_inputs
+
+        @functools.wraps(original)
+        def prepare_inputs(generation_batch: Any) -> Any:
+            buffered = trainer._buffered_inputs
+            if self.hold and trainer.model.training and buffered:
+                self.hold = False  # once: if keel does not roll back, TRL generates as it would have
+                return buffered[trainer._step % len(buffered)]
+            return original(generation_batch)
+
+        trainer._prepare_inputs = prepare_inputs
+
+    def after_update(self, guard: Any, decision: Decision, optimizer: torch.optim.Optimizer) -> None:
+        """After ``decision``: drop a hold a rollback made moot; check the weights of an applied update."""
+        if decision.action == "rollback":
+            self.hold = False
+        if not decision.stepped:
+            return
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
+        if not params or _all_finite(params):
+            return
+        self.hold = True
+        names = {id(p): n for n, p in self.trainer.model.named_parameters()}
+        broken = [names.get(id(p), "?") for p in params if not bool(torch.isfinite(p).all())]
+        shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        _say(
+            guard,
+            f"step {decision.step}: the update left non-finite weights ({shown}); TRL's next generation would sample "
+            "from them and raise, so the next step trains on the completions already buffered, and keel rolls back",
+        )
+
+
+def _all_finite(params: list[Tensor]) -> bool:
+    """Whether every parameter is finite: one norm per parameter in one ``foreach`` call, one read to the host."""
+    norms = torch._foreach_norm(params)
+    finite = torch.isfinite(torch.stack([n.float() for n in norms])).all()
+    if torch.distributed.is_available() and torch.distributed.is_initialized():  # FSDP shards: all ranks agree
+        flag = finite.float()
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        finite = flag > 0
+    return bool(finite)
 
 
 def _detectors_for(trainer: Any) -> list[Detector] | None:

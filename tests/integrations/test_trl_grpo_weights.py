@@ -1,0 +1,65 @@
+"""GRPO under ``policy="recover"`` with an update that leaves an Inf weight (helper H's H7): TRL generates the next
+completions from the updated weights before keel's next step, and its sampling raised ("probability tensor contains
+either inf, nan or element < 0"), ending the run with keel's rollback never reached — TRL's own grpo.py, an Inf
+written into an MLP weight at step 10: "run failed ... after 11 steps". The adapter now checks the weights after each
+applied update and, when they are not finite, lets the next step train on the buffered completions instead of
+generating: keel then finds the weights, rolls back, and TRL generates from the restored ones."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from transformers import TrainerCallback
+
+from keel import RecoveryConfig
+
+pytest.importorskip("trl")
+from keel.integrations.trl import guard_trainer  # noqa: E402
+from tests.integrations import _trl_tiny as tiny  # noqa: E402
+from tests.integrations.test_trl import count_generations  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+BROKEN_AT = 2
+
+
+class InfWeightAt(TrainerCallback):
+    """An Inf written into an MLP weight just before the update of ``step``: the update leaves it there, as an
+    overflowing one would."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+        if state.global_step == self.step:
+            with torch.no_grad():
+                model.model.layers[0].mlp.up_proj.weight[0, 0] = float("inf")
+
+
+def test_an_update_that_leaves_an_inf_weight_is_rolled_back_before_grpo_generates_from_it(tmp_path, caplog):
+    trainer = tiny.grpo_trainer(tmp_path / "grpo", steps=5, callbacks=[InfWeightAt(BROKEN_AT)])
+    generated = count_generations(trainer)
+    recovery = RecoveryConfig(snapshot_every=1, quiet_steps=0)
+    callback = guard_trainer(trainer, run_dir=str(tmp_path / "keel"), policy="recover", recovery=recovery)
+    with caplog.at_level(logging.WARNING, logger="keel"):
+        trainer.train()  # raised RuntimeError in torch.multinomial at step 3's generation
+    [rollback] = callback.guard.decisions
+    assert (rollback.step, rollback.action) == (BROKEN_AT + 1, "rollback") and rollback.restored_step <= BROKEN_AT
+    assert "model.layers.0.mlp.up_proj.weight" in rollback.reason or any(
+        "up_proj" in str(f.evidence) for f in rollback.findings
+    )
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
+    assert BROKEN_AT + 1 not in generated and BROKEN_AT + 2 in generated  # held once, then generated afresh
+    said = [r.getMessage() for r in caplog.records if "non-finite weights" in r.getMessage()]
+    assert said == [
+        f"step {BROKEN_AT}: the update left non-finite weights (model.layers.0.mlp.up_proj.weight); TRL's next "
+        "generation would sample from them and raise, so the next step trains on the completions already buffered, "
+        "and keel rolls back"
+    ]
+
+
+def test_the_weights_are_not_read_after_updates_unless_recover_can_act_on_them(tmp_path):
+    for policy in ("observe", "skip"):
+        callback = guard_trainer(tiny.grpo_trainer(tmp_path / policy, steps=1), policy=policy)
+        assert callback._weights is None
