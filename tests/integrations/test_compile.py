@@ -293,6 +293,7 @@ COMPILED_PROXY_KEYS = {
     "time/step",
     "act/rms",
     "act/max_abs",
+    "act/format_max",  # the format the block outputs are held in (activation_growth judges act/max_abs by it)
     "attn/max_logit",
     "attn/entropy",
 }
