@@ -9,7 +9,7 @@ from keel._core.finding import Finding
 
 Action = Literal["ok", "skip", "rollback", "abort"]
 ACTIONS: tuple[Action, ...] = ("ok", "skip", "rollback", "abort")
-Actor = Literal["keel", "scaler"]
+Actor = Literal["keel", "scaler", "trainer"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -21,7 +21,9 @@ class Decision:
         action: ``"ok"`` (optimizer stepped), ``"skip"`` (no update applied), ``"rollback"`` or ``"abort"``.
         reason: Why, in words; empty for ``"ok"``.
         by: ``"keel"`` when keel took the action, ``"scaler"`` when a ``torch.amp.GradScaler`` skipped an
-            overflowing step on its own (keel records it but does not count it as its own skip).
+            overflowing step on its own (keel records it but does not count it as its own skip), ``"trainer"``
+            when the training code skipped the update itself (read from its log, e.g. OLMo-core's
+            ``optim/step skipped``).
         findings: The findings seen at this step.
         onset: For a rollback, the step the trouble began (the snapshot restored is from before it).
         restored_step: For a rollback, the step of the snapshot restored.

@@ -25,11 +25,10 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import cast
 
 from keel._core import keys
 from keel._core.decision import Actor, Decision
-from keel.doctor._text import read_text
+from keel.doctor._text import read_lines
 from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog, malformed_line, parse_number
 from keel.doctor.torchtitan_log import ANSI
@@ -44,7 +43,7 @@ _THOUSANDS = re.compile(r"[-+]?\d{1,3}(?:,\d{3})+")
 EVAL_PREFIX = keys.EVAL_PER_NAME
 # OLMo-core's SkipStepOptimizer (SkipStepAdamW, SkipStepLion) logs 1 - its step factor: 1.0 at a step it left out
 SKIPPED = "optim/step skipped"
-TRAINER = cast(Actor, "trainer")  # a skip the trainer made itself, not keel nor a GradScaler
+TRAINER: Actor = "trainer"  # a skip the trainer made itself, not keel nor a GradScaler
 SKIP_REASON = (
     "OLMo-core's SkipStepOptimizer left out this update (the loss or gradient norm was over its rolling mean + "
     "sigma_factor x std): optim/step skipped={value:g}"
@@ -77,11 +76,14 @@ def read_olmo_log(path: str | Path) -> RawLog:
     step: int | None = None  # the step logged last
     in_step = False  # reading the block under a [step=N/MAX] header (else an evaluation's, or none)
     other_lines = 0
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    text = read_lines(path)
+    for number, line in enumerate(text.lines, start=1):
         line = ANSI.sub("", line) if "\x1b" in line else line  # a colouring log handler's codes
         if line[:1] in (" ", "\t") and line.strip():
             metric = _metric(line)
             if in_step and metric is None:
+                if text.cut_off(number):
+                    break
                 raise _malformed(path, number, line)
             if metric is None or step is None:  # not a metric, or a block before the first step
                 other_lines += 1
@@ -100,6 +102,7 @@ def read_olmo_log(path: str | Path) -> RawLog:
     if not entries:
         raise LogReadError(f"{path}: no '[step=N/MAX]' line followed by indented 'name=value' lines (OLMo)")
     log = records_from_objects(path, entries, fmt=FORMAT)
+    text.note(log.notes)
     log.decisions = _trainer_skips(entries)
     if other_lines:
         log.notes.append(
