@@ -166,6 +166,23 @@ def test_a_level_shift_in_a_long_run_is_found_by_scan_as_by_update():
     assert _scan(values.tolist()) == found
 
 
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=st.integers(0, 2**32 - 1),
+    sigma=st.floats(0.05, 0.9),
+    shifts=st.lists(st.tuples(st.integers(0, 900), st.integers(5, 120), st.floats(1.5, 12.0)), max_size=3),
+    key=st.sampled_from(["loss", "grad/norm"]),
+)
+def test_property_scan_equals_update_through_level_shifts(seed, sigma, shifts, key):
+    values = np.exp(sigma * np.random.default_rng(seed).standard_normal(1000))
+    for at, length, factor in shifts:
+        values[at : at + length] *= factor
+    det, again = SpikeDetector(signal=key), SpikeDetector(signal=key)
+    by_step = [f for step, v in enumerate(values.tolist()) for f in det.update(Observation(step=step, values={key: v}))]
+    assert again.scan(np.arange(len(values)), values) == by_step
+    assert again.state_dict() == det.state_dict()
+
+
 def test_state_round_trip_keeps_a_level_shift_under_way():
     det, again = SpikeDetector(signal="loss"), SpikeDetector(signal="loss")
     for step, v in enumerate(TIMM_LOSS[:42]):

@@ -63,6 +63,10 @@ class RunningMedian:
             self.size = size
             self._sorted = sorted(list(self.values)[-size:])
 
+    def ranked(self, rank: int) -> float:
+        """The ``rank``-th smallest value of the window (0: the least)."""
+        return self._sorted[rank]
+
     def median(self) -> float:
         """The median of the window (mean of the middle two for an even count); NaN when empty."""
         return median_of_sorted(self._sorted)

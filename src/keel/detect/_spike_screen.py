@@ -43,7 +43,7 @@ def possible_spikes(
     min_excess: float,
     scale_floor: float,
     error: float = 0.0,
-    judged: np.ndarray | None = None,
+    shifts: tuple[np.ndarray, int, float] | None = None,
 ) -> np.ndarray:
     """A mask over ``values``: True where the spike detector might flag the value (False: certainly quiet).
 
@@ -55,8 +55,9 @@ def possible_spikes(
         threshold, min_excess, scale_floor: The detector's `SpikeConfig` fields of those names.
         error: A bound on the relative error of ``window`` and ``values`` against the detector's own values
             (NumPy's log is cheaper than ``math.log`` per value, and may differ from it in the last bits).
-        judged: What is compared with each value's baseline, if not the value itself: one per value, each within
-            ``error`` of the detector's (the level-shift test's median of the latest values, `spike`).
+        shifts: The level-shift test's (`spike`) inputs, if it runs: each value's recent median (within ``error`` of
+            the detector's), the rank in its window below which the median of the older values cannot lie, and the
+            least log-rise over that median that counts. Only that necessary condition is screened (not the z).
 
     Example:
         >>> window = np.log(np.full(64, 2.0) * (1 + 0.01 * (np.arange(64) % 3)))
@@ -99,12 +100,15 @@ def possible_spikes(
         floor = scale_floor * magnitude + 1e-12
     # per value: its block's bounds; the rise over the lowest possible median bounds z and the excess
     at = np.arange(m) // block
-    rise = (values if judged is None else judged) - low[at] + 2 * eta[at]
+    rise = values - low[at] + 2 * eta[at]
     quiet = rise / np.maximum(scale, floor)[at] < threshold * (1 - SLACK)
     if log:
         quiet |= rise < math.log1p(min_excess) * (1 - SLACK)
     else:
         quiet |= rise / (magnitude[at] + 1e-12) < min_excess * (1 - SLACK)
+    if shifts is not None:  # the older values' median is at least U's value of that rank (U holds their window)
+        recent, rank, least = shifts
+        quiet &= recent - ordered[at, rank] + 2 * eta[at] < least * (1 - SLACK)
     quiet &= ~(np.abs(ordered).max(axis=1) > HUGE)[at]  # also NaN-safe: a comparison with NaN is not "quiet"
     return ~quiet
 

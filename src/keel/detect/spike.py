@@ -289,7 +289,12 @@ class SpikeDetector:
         older = len(window) - span + 1
         if not self._log or not span or older < span:
             return []
-        recent = median_of([*itertools.islice(window, older, None), y])
+        recent = median_of([*itertools.islice(reversed(window), span - 1), y])  # O(span): from the deque's end
+        # the older values' median is at least the window's value of its rank (a subset's i-th least is no less than
+        # the whole's): below twice that, no shift, and the older values need no sort (the common case, O(1))
+        if not self._shifted and recent - self._accepted.ranked((older - 1) // 2) < math.log1p(cfg.shift_excess):
+            self._shift_run = 0
+            return []
         median, scale = sorted_location_scale(sorted(itertools.islice(window, older)))
         rise = recent - median
         standard_error = math.hypot(*(median_standard_error(max(scale, cfg.scale_floor), n) for n in (span, older)))
@@ -359,9 +364,8 @@ class SpikeDetector:
                 threshold=cfg.threshold,
                 min_excess=cfg.min_excess,
                 scale_floor=cfg.scale_floor,
+                shifts=self._shift_screen(ys),
             )
-            if self._log and 0 < cfg.shift_span <= (cfg.window + 1) // 2:  # the level-shift test (`_level_shift`)
-                maybe |= self._possible_shifts(ys)
             if self._log:  # a steep descent is judged against its recent level (`_baseline`): screened apart
                 maybe |= possible_descent_spikes(
                     np.array(self._accepted.values),
@@ -391,22 +395,16 @@ class SpikeDetector:
                 i = halt + 1
         return found
 
-    def _possible_shifts(self, ys: np.ndarray) -> np.ndarray:
-        """A mask over the next log-values ``ys`` (each assumed accepted): where `_level_shift` might warn."""
+    def _shift_screen(self, ys: np.ndarray) -> tuple[np.ndarray, int, float] | None:
+        """The level-shift test's inputs to `possible_spikes` for the next log-values ``ys`` (each assumed accepted,
+        the window full), or None where `_level_shift` never runs."""
         cfg = self.config
-        span, window = cfg.shift_span, np.array(self._accepted.values)
-        older = len(window) - span + 1  # each value's older values: its window less the latest span - 1
-        sequence = np.concatenate([window, ys])  # value j's window is sequence[j : j + len(window)]
-        return possible_spikes(
-            window[:older],
-            sequence[older : older + len(ys)],  # so that value j's older values are the screen's window of j
-            judged=rolling_median(sequence[older:], span),
-            log=True,
-            error=LOG_ERROR,
-            threshold=cfg.shift_z * math.hypot(median_standard_error(1.0, span), median_standard_error(1.0, older)),
-            min_excess=cfg.shift_excess,
-            scale_floor=cfg.scale_floor,
-        )
+        span, size = cfg.shift_span, len(self._accepted.values)
+        older = size - span + 1
+        if not self._log or not span or older < span:
+            return None
+        tail = np.fromiter(itertools.islice(self._accepted.values, older, None), np.float64, span - 1)
+        return rolling_median(np.concatenate([tail, ys]), span), (older - 1) // 2, math.log1p(cfg.shift_excess)
 
     def critical_above(self, step: int) -> float:
         """The smallest value `update` would judge ``critical`` at ``step``, given the state now (inf: none).
