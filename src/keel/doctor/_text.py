@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
 
@@ -60,3 +61,41 @@ def read_text(path: Path) -> str:
         return path.read_bytes().decode("utf-8-sig", errors=CUT_CHARACTER)
     except UnicodeDecodeError as exc:
         raise LogReadError(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start})") from None
+
+
+CUT_LINE_NOTE = (
+    "the last line is cut off (no newline after it: the run was still writing it, or was killed) and left out"
+)
+
+
+@dataclass
+class TextLines:
+    """A text log's lines, and whether its last one is unterminated (no newline after it).
+
+    A line reader that meets a line it cannot parse asks `cut_off` first: the file's last line, unterminated, is
+    one a run was still writing when the log was read (or was killed in the middle of) — left out with a note
+    (`note`), not an error for the whole log. Any other malformed line stays the reader's error.
+    """
+
+    lines: list[str]
+    unterminated: bool
+    left_out: bool = False
+
+    def cut_off(self, number: int) -> bool:
+        """Whether line ``number`` (from 1) is the cut last line; it is then counted as left out."""
+        if self.unterminated and number == len(self.lines):
+            self.left_out = True
+        return self.left_out and number == len(self.lines)
+
+    def note(self, notes: list[str]) -> None:
+        """Add `CUT_LINE_NOTE` to ``notes`` when the cut last line was left out."""
+        if self.left_out:
+            notes.append(CUT_LINE_NOTE)
+
+
+def read_lines(path: Path, *, at_newlines_only: bool = False) -> TextLines:
+    """`read_text`'s lines (``str.splitlines``, or split at ``\\n`` alone: the Trainer's console keeps tqdm's
+    ``\\r`` redraws inside a line) and whether the last one is unterminated."""
+    text = read_text(path)
+    lines = text.split("\n") if at_newlines_only else text.splitlines()
+    return TextLines(lines=lines, unterminated=bool(text) and text[-1] not in "\r\n")

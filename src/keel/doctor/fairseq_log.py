@@ -27,7 +27,7 @@ import re
 from pathlib import Path
 from typing import Any
 
-from keel.doctor._text import read_text
+from keel.doctor._text import read_lines
 from keel.doctor.columns import normalize
 from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog, malformed_line
@@ -64,7 +64,8 @@ def read_fairseq_log(path: str | Path) -> RawLog:
     entries: list[dict[str, Any]] = []
     last_step: int | None = None
     overflows = other_lines = 0
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    text = read_lines(path)
+    for number, line in enumerate(text.lines, start=1):
         m = _TAGGED.search(line)
         if m is None:
             if _OVERFLOW.search(line):
@@ -75,10 +76,14 @@ def read_fairseq_log(path: str | Path) -> RawLog:
         tag, body = m.group(1), m.group(2).strip()
         fields = _json_fields(body, tag) if body.startswith("{") else _simple_fields(body, tag)
         if fields is None:
+            if text.cut_off(number):
+                break
             raise _malformed(path, number, line)
         step = fields.pop(STEP, None)
         if tag == "train_inner":
             if step is None:
+                if text.cut_off(number):
+                    break
                 raise _malformed(path, number, line)
             last_step = step
         elif step is None:
@@ -90,6 +95,7 @@ def read_fairseq_log(path: str | Path) -> RawLog:
     if last_step is None:
         raise LogReadError(f"{path}: no '| train_inner |' line (fairseq / metaseq, --log-format json or simple)")
     log = records_from_objects(path, entries, fmt=FORMAT)
+    text.note(log.notes)
     if overflows:
         log.notes.append(
             f"{overflows} mixed-precision overflow lines (skipped updates, not counted in num_updates) left out"

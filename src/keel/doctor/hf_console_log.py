@@ -30,7 +30,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from keel.doctor._text import read_text
+from keel.doctor._text import read_lines
 from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 
@@ -79,7 +79,8 @@ def read_hf_console_log(path: str | Path) -> RawLog:
     bar_counts: list[tuple[int, int] | None] = []  # the bar's (count, total) redrawn right after each training dict
     awaiting_bar = False
     summaries = other_lines = 0
-    for number, line in enumerate(read_text(path).split("\n"), start=1):
+    text = read_lines(path, at_newlines_only=True)
+    for number, line in enumerate(text.lines, start=1):
         for segment in _segments(line):
             if not segment.startswith(_DICT_START):
                 bar = _BAR.search(segment)
@@ -92,6 +93,8 @@ def read_hf_console_log(path: str | Path) -> RawLog:
             awaiting_bar = False
             logs = _literal(segment)
             if logs is None:
+                if text.cut_off(number):
+                    break
                 raise _malformed(path, number, segment)
             kind = _kind(logs)
             if kind == "training":
@@ -114,6 +117,7 @@ def read_hf_console_log(path: str | Path) -> RawLog:
         for logs in dicts:
             add_entry(entries, step, logs)  # an evaluation joins the training entry before it
     log = records_from_objects(path, entries, fmt=FORMAT)
+    text.note(log.notes)
     log.notes.append(note)
     if summaries:
         log.notes.append(f"{summaries} end-of-training summary dict(s) ('train_runtime', ...) left out")

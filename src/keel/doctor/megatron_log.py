@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from keel.doctor._text import read_text
+from keel.doctor._text import read_lines
 from keel.doctor.columns import normalize
 from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog, malformed_line
@@ -62,17 +62,22 @@ def read_megatron_log(path: str | Path) -> RawLog:
     entries: list[dict[str, float | str]] = []
     last_step: int | None = None
     other_lines = 0
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    text = read_lines(path)
+    for number, line in enumerate(text.lines, start=1):
         if m := _VALIDATION.search(line):
             step = int(m.group(1)) if m.group(1) else last_step
             fields = _fields(m.group(2))
             if step is None or fields is None:
+                if text.cut_off(number):
+                    break
                 raise _malformed(path, number, line)
             fields = {VAL_NAMES.get(name, "val_" + name): value for name, value in fields.items()}
         elif _CANDIDATE.search(line):
             m = _LINE.search(line)
             fields = _fields(m.group(3)) if m else None
             if m is None or fields is None:
+                if text.cut_off(number):
+                    break
                 raise _malformed(path, number, line)
             step = last_step = int(m.group(1))
         else:
@@ -82,6 +87,7 @@ def read_megatron_log(path: str | Path) -> RawLog:
     if not entries:
         raise LogReadError(f"{path}: no ' iteration N/ TOTAL | name: value |' line (Megatron-LM)")
     log = records_from_objects(path, entries, fmt=FORMAT)
+    text.note(log.notes)
     if other_lines:
         log.notes.append(f"{other_lines} lines that are not iteration or validation lines left out")
     return log

@@ -15,7 +15,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from keel.doctor._text import read_text
+from keel.doctor._text import read_lines
 from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 from keel.doctor.step_lines_log import NUMBER
@@ -52,13 +52,16 @@ def read_nanogpt_log(path: str | Path) -> RawLog:
     path = Path(path)
     entries: list[dict[str, float | str]] = []
     other_lines = 0
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    text = read_lines(path)
+    for number, line in enumerate(text.lines, start=1):
         if not _CANDIDATE.match(line):
             other_lines += bool(line.strip())
             continue
         m = _LINE.fullmatch(line.rstrip())
         fields = _fields(m.group(3), evaluation=m.group(1) == "step") if m else None
         if m is None or fields is None:
+            if text.cut_off(number):
+                break
             raise malformed_line(
                 path,
                 number,
@@ -70,6 +73,7 @@ def read_nanogpt_log(path: str | Path) -> RawLog:
     if not any("loss" in e for e in entries):
         raise LogReadError(f"{path}: no 'iter N: loss X' line at the start of a line (nanoGPT train.py)")
     log = records_from_objects(path, entries, fmt=FORMAT)
+    text.note(log.notes)
     if other_lines:
         log.notes.append(f"{other_lines} lines that are not iter or step lines (the banner, checkpoints) left out")
     return log

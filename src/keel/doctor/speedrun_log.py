@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from keel.doctor._text import read_text
+from keel.doctor._text import read_lines
 from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 from keel.doctor.step_lines_log import NAME_VALUE, with_unit
@@ -52,18 +52,22 @@ def read_speedrun_log(path: str | Path) -> RawLog:
     entries: list[dict[str, float | str]] = []
     clocks: set[str] = set()  # names with a time unit: written on the train and the val line of a step alike
     other_lines = 0
-    for number, line in enumerate(read_text(path).splitlines(), start=1):
+    text = read_lines(path)
+    for number, line in enumerate(text.lines, start=1):
         if not line.startswith(_PREFIX):
             other_lines += bool(line.strip())
             continue
         values = _parse(line, clocks)
         if values is None:
+            if text.cut_off(number):
+                break
             raise malformed_line(path, number, line, "is not 'step:N/TOTAL name:value ...' (modded-nanogpt)")
         step = int(values.pop("step"))
         add_entry(entries, step, values, shared=clocks)
     if not entries:
         raise LogReadError(f"{path}: no 'step:N/TOTAL name:value' line at the start of a line (modded-nanogpt)")
     log = records_from_objects(path, entries, fmt=FORMAT)
+    text.note(log.notes)
     if other_lines:
         log.notes.append(f"{other_lines} lines that are not step lines (the script's source, nvidia-smi) left out")
     return log

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from keel.doctor._text import read_text
+from keel.doctor._text import read_lines
 from keel.doctor.jsonl_log import records_from_objects
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 
@@ -73,12 +73,15 @@ def read_step_lines_log(path: str | Path) -> RawLog:
             raise LogReadError(f"{path}: no {' or '.join(LOG_NAMES)} with step lines in this folder")
         path = found
     entries: list[dict[str, float | str]] = []
-    for number, raw in enumerate(read_text(path).splitlines(), start=1):
+    text = read_lines(path)
+    for number, raw in enumerate(text.lines, start=1):
         line = raw.strip()
         if not line:
             continue
         step, pairs = _parse(line)
         if pairs is None:
+            if text.cut_off(number):
+                break
             raise malformed_line(
                 path, number, line, "is neither 'STEP NAME VALUE' (build-nanogpt) nor 's:STEP NAME:VALUE' (llm.c)"
             )
@@ -89,7 +92,9 @@ def read_step_lines_log(path: str | Path) -> RawLog:
             entries.append({"step": step, **values})
     if not entries:
         raise LogReadError(f"{path}: no metric lines")
-    return records_from_objects(path, entries, fmt=FORMAT)
+    log = records_from_objects(path, entries, fmt=FORMAT)
+    text.note(log.notes)
+    return log
 
 
 def _parse(line: str) -> tuple[int, list[tuple[str, str]] | None]:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from keel.doctor._text import read_text
+from keel.doctor._text import read_lines
 from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 
@@ -69,7 +69,8 @@ def read_torchtitan_log(path: str | Path) -> RawLog:
     rank: str | None = None
     last_kept: dict[str, tuple[int, float | str | None]] = {}  # "step"/"validate" → (step, loss) of its last line
     other_lines = other_ranks = copies = 0
-    for number, raw in enumerate(read_text(path).splitlines(), start=1):
+    text = read_lines(path)
+    for number, raw in enumerate(text.lines, start=1):
         line = ANSI.sub("", raw) if "\x1b" in raw else raw
         m = _CANDIDATE.search(line)
         if m is None:
@@ -84,6 +85,8 @@ def read_torchtitan_log(path: str | Path) -> RawLog:
             continue
         fields = _fields(line[m.end() :])
         if fields is None:
+            if text.cut_off(number):
+                break
             raise _malformed(path, number, line)
         kind, step = m.group(1) or "step", int(m.group(2))
         if last_kept.get(kind) == (step, fields.get("loss")):
@@ -96,6 +99,7 @@ def read_torchtitan_log(path: str | Path) -> RawLog:
     if not entries:
         raise LogReadError(f"{path}: no 'step: N  loss: X' line (torchtitan)")
     log = records_from_objects(path, entries, fmt=FORMAT)
+    text.note(log.notes)
     if other_ranks:
         log.notes.append(f"{other_ranks} step lines of other ranks than [rank{rank}] left out (the same global loss)")
     if copies:
