@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 import keel
 from keel._core import Observation
 from keel.detect.spike import SpikeDetector
+from keel.doctor import examine_log
 
 # HF run_clm (tiny GPT-2 from a config, AdamW 1e-3, cosine, warm-up 3), LR ×1000 from step 10: keel's store, steps 0-23
 H12_LOSS = [5.34, 5.339, 5.204, 5.154, 4.992, 4.882, 4.848, 4.779, 4.696, 4.594, 4.533, 20.434, 40.061, 43.291,
@@ -190,6 +191,27 @@ def test_state_round_trip_keeps_a_level_shift_under_way():
     again.load_state_dict(det.state_dict())
     rest = [Observation(step=s, values={"loss": v}) for s, v in enumerate(TIMM_LOSS[42:], start=42)]
     assert [f for o in rest for f in det.update(o)] == [f for o in rest for f in again.update(o)] != []
+
+
+# --- keel doctor on a short log: the same detectors, the same rules ---------------------------------------------------
+
+
+def _csv(tmp_path, loss, grad=None):
+    rows = ["step,loss,grad_norm"] + [f"{step},{v},{'' if grad is None else grad[step]}" for step, v in enumerate(loss)]
+    path = tmp_path / "log.csv"
+    path.write_text("\n".join(rows) + "\n")
+    return path
+
+
+def test_doctor_on_a_24_step_log_finds_the_lr_blow_up_at_its_first_step(tmp_path):
+    result = examine_log(_csv(tmp_path, H12_LOSS, H12_GRAD))
+    first = result.at_least("warning")[0]
+    assert (first.step, first.kind, first.severity) == (11, "loss_spike", "critical")
+
+
+def test_doctor_on_a_54_step_noisy_log_finds_the_lasting_rise(tmp_path):
+    result = examine_log(_csv(tmp_path, TIMM_LOSS))
+    assert [(f.step, f.kind, f.severity) for f in result.at_least("warning")] == [(43, "loss_spike", "warning")]
 
 
 # --- end to end: a Guard on a tiny model whose LR is 1000× too high from step 5 -------------------------------------
