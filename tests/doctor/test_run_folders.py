@@ -121,3 +121,19 @@ def test_a_log_beside_the_runs_of_a_folder_is_named_as_left_out_on_stderr(tmp_pa
     assert "2 runs in it" in captured.out and "train.csv" not in captured.out
     assert captured.err.count("\n") == 1 and "train.csv" in captured.err and "config.yaml" not in captured.err
     assert f"keel doctor {root / 'train.csv'}" in captured.err
+
+
+def test_a_folder_of_loose_logs_is_an_error_naming_them(tmp_path, capsys):
+    # a folder holding train.csv and nothing keel reads as a folder: the error listed what it looked for only
+    (tmp_path / "train.csv").write_text("step,loss\n0,2.0\n1,1.9\n")
+    (tmp_path / "stdout.log").write_text("hello\n")
+    (tmp_path / "config.yaml").write_text("lr: 0.1\n")
+    assert main(["doctor", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "it holds stdout.log, train.csv: give one of them itself" in err
+    assert main(["report", str(tmp_path), "-o", str(tmp_path / "r.html")]) == 2
+    assert "it holds stdout.log, train.csv" in capsys.readouterr().err
+    (tmp_path / "train.csv").unlink()
+    (tmp_path / "stdout.log").unlink()
+    assert main(["doctor", str(tmp_path)]) == 2
+    assert "it holds" not in capsys.readouterr().err  # nothing named like a log: the message as before

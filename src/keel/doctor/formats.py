@@ -109,9 +109,12 @@ def detect_format(path: Path) -> str:
             return "tensorboard"
         if find_step_lines(path) is not None:
             return STEP_LINES
+        loose = files_named_like_logs(path)
+        holds = f"; it holds {_listed(loose)}: give one of them itself" if loose else ""
         raise LogReadError(
             f"{path}: a folder with no training log in it; looked for {STORE_NAME} (also one or two "
-            f"levels down), {STATE_NAME} (also in checkpoint-*/), {EVENT_GLOB} and {'/'.join(LOG_NAMES)} step lines"
+            f"levels down), {STATE_NAME} (also in checkpoint-*/), {EVENT_GLOB} and {'/'.join(LOG_NAMES)} step "
+            f"lines{holds}"
         )
     if is_sqlite(path):
         return "keel_store"
@@ -248,18 +251,28 @@ def logs_left_out(folder: str | Path, command: str) -> str | None:
         return None
     if not find_runs(folder) and len(tensorboard_runs(folder)) < 2:
         return None  # the folder is read as one log, its own files with it
-    try:
-        files = sorted(f for f in folder.iterdir() if _named_like_a_log(f))
-    except OSError:  # no permission, vanished meanwhile
-        return None
+    files = files_named_like_logs(folder)
     if not files:
         return None
-    names = ", ".join(printable(f.name) for f in files[:MAX_NAMED])
-    more = f" and {len(files) - MAX_NAMED} more" if len(files) > MAX_NAMED else ""
     return (
-        f"{printable(str(folder))}: {names}{more} left out: a folder of runs stands for the runs below it; "
+        f"{printable(str(folder))}: {_listed(files)} left out: a folder of runs stands for the runs below it; "
         f"give a log itself to read it ({command} {printable(str(files[0]))})"
     )
+
+
+def files_named_like_logs(folder: Path) -> list[Path]:
+    """The regular, non-hidden files directly in ``folder`` with a log's suffix (`LOG_SUFFIXES`) or a TensorBoard
+    event file's name, sorted; none when the folder cannot be listed."""
+    try:
+        return sorted(f for f in folder.iterdir() if _named_like_a_log(f))
+    except OSError:  # no permission, vanished meanwhile
+        return []
+
+
+def _listed(files: list[Path]) -> str:
+    """The first `MAX_NAMED` files' names (printable), and how many more."""
+    names = ", ".join(printable(f.name) for f in files[:MAX_NAMED])
+    return names + (f" and {len(files) - MAX_NAMED} more" if len(files) > MAX_NAMED else "")
 
 
 def _named_like_a_log(path: Path) -> bool:
