@@ -49,3 +49,59 @@ def test_a_checkpoint_loaded_after_the_guard_is_what_a_rollback_to_step_0_restor
         assert torch.equal(tensor, checkpoint["model"][name]), name
     assert int(opt.state_dict()["state"][0]["step"]) == 30  # the checkpoint's AdamW state, not an empty one
     guard.close()
+
+
+class _BatchNormNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc, self.bn, self.out = torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16), torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.out(torch.relu(self.bn(self.fc(x))))
+
+
+@pytest.mark.parametrize("shape", ["guard", "watch"])
+def test_the_snapshot_of_step_0_holds_the_batchnorm_statistics_from_before_the_first_forward(shape):
+    """Reviewer M: taken at the first step, after that step's forward, the snapshot of step 0 held BatchNorm's
+    running statistics after one batch (num_batches_tracked 1) with the weights from before it."""
+    torch.manual_seed(0)
+    model = _BatchNormNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    start = {k: v.clone() for k, v in model.state_dict().items()}
+    config = RecoveryConfig(snapshot_every=50)
+    guard = (
+        Guard(model, opt, policy="recover", recovery=config)
+        if shape == "guard"
+        else keel.watch(model, opt, policy="recover", recovery=config)
+    )
+    x, y = make_batches(1)[0]
+    F.mse_loss(model(x), y).backward()
+    guard.step(F.mse_loss(model(x), y).detach()) if shape == "guard" else opt.step()
+    [snapshot] = guard.recovery.ring.before(0)
+    for name, value in start.items():
+        assert torch.equal(snapshot.tensors["model/" + name], value), name
+    assert int(model.bn.num_batches_tracked) >= 1  # the live model went on (keel copied, changed nothing)
+    guard.close()
+
+
+def test_a_checkpoint_loaded_after_the_guard_is_still_the_snapshot_of_step_0_with_buffers_held():
+    """The buffers held at the Guard's line are not used once a checkpoint was loaded after it (its weights changed
+    since): the snapshot keeps the checkpoint's weights, and its buffers as they are at the first step."""
+    torch.manual_seed(1)
+    trained = _BatchNormNet()
+    trained(torch.randn(32, 8) * 3 + 1)  # running statistics of its own
+    checkpoint = {k: v.clone() for k, v in trained.state_dict().items()}
+    torch.manual_seed(0)
+    model = _BatchNormNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = Guard(model, opt, policy="recover", recovery=RecoveryConfig(snapshot_every=50))
+    model.load_state_dict(checkpoint)
+    x, y = make_batches(1)[0]
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    guard.step(loss)
+    [snapshot] = guard.recovery.ring.before(0)
+    for name in ("fc.weight", "out.bias"):
+        assert torch.equal(snapshot.tensors["model/" + name], checkpoint[name]), name
+    assert int(snapshot.tensors["model/bn.num_batches_tracked"]) == int(checkpoint["bn.num_batches_tracked"]) + 1
+    guard.close()

@@ -48,7 +48,7 @@ from keel.guard.user_signals import split_signals
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
 from keel.recover.replay import StepReplay
 from keel.recover.snapshot import Snapshot
-from keel.recover.state import Stateful
+from keel.recover.state import StartBuffers, Stateful
 from keel.signals import (
     DEFAULT_PROBES,
     FULL_PROBES,
@@ -275,6 +275,8 @@ class Guard(DeferredSteps):
         # high from the start) can only be undone by starting over with the actions. It is taken at the first step,
         # not here: a checkpoint loaded (or an init run) after the Guard's line is the state step 0 trains from.
         self._first_snapshot_due = self.recovery is not None
+        # its buffers though are those from before the step's forward (BatchNorm's statistics), held here
+        self._start_buffers = StartBuffers.of(self.state) if self._first_snapshot_due else None
         self._end = (
             RunEnd(on_signal=lambda name: self.recorder.signal(name, self.global_step), on_exit=self._finish)
             if flush_on_exit and self.run_dir.path is not None
@@ -345,11 +347,16 @@ class Guard(DeferredSteps):
         return self
 
     def track(self, obj: Stateful, name: str = "data") -> Guard:
-        """Register the data position (an object with ``state_dict``/``load_state_dict``, e.g. a sampler).
+        """Register the data position (an object with ``state_dict``/``load_state_dict``, e.g. a sampler), or an
+        average of the model's weights that the loop keeps (an ``nn.Module``: a model EMA).
 
-        Snapshots record it and ``resume=True`` restores it. A rollback does not: training goes on with fresh
-        data, so the window that went wrong is not replayed. Call before the first step; when the guard
-        resumed, the stored position is loaded into ``obj`` right here. Returns the guard.
+        Snapshots record it and ``resume=True`` restores it. A data position is not restored by a rollback:
+        training goes on with fresh data, so the window that went wrong is not replayed. An ``nn.Module`` — timm's
+        ``ModelEmaV2``/``ModelEmaV3``, ``torch.optim.swa_utils.AveragedModel`` — is restored by a rollback too, to
+        the average of the update the restored model came from (a rollback otherwise leaves the EMA holding the
+        damaged trajectory): ``guard.track(model_ema, name="ema")``. The loop's own update of it after
+        ``optimizer.step()`` is taken into the snapshot at keel's next call. Call before the first step; when
+        the guard resumed, the stored state is loaded into ``obj`` right here. Returns the guard.
         """
         if not (hasattr(obj, "state_dict") and hasattr(obj, "load_state_dict")):
             raise ValueError(f"track({type(obj).__name__}): allowed: an object with state_dict() and load_state_dict()")
@@ -361,9 +368,11 @@ class Guard(DeferredSteps):
                 "earlier snapshots lack the data position, and a resumed run's stored position "
                 "would rewind the data; allowed: track() before the first step()"
             )
-        self.state.tracked[name] = obj
-        if self._resumed is not None and name in self._resumed.plain["tracked"]:
-            obj.load_state_dict(copy.deepcopy(self._resumed.plain["tracked"][name]))
+        kind = "averaged" if isinstance(obj, nn.Module) else "tracked"
+        getattr(self.state, kind)[name] = obj
+        stored = self._resumed.plain.get(kind, {}) if self._resumed is not None else {}
+        if name in stored:
+            obj.load_state_dict(copy.deepcopy(stored[name]))
         return self
 
     # ------------------------------------------------------------------------------------------------
@@ -712,8 +721,13 @@ class Guard(DeferredSteps):
             self.components.call("recorder", self.recorder.meta, {"scheduler_calls_held_on_resume": held})
 
     def _take_first_snapshot(self) -> None:
+        assert self.recovery is not None
+        if self._start_buffers is not None:
+            self.recovery.ring.start_buffers = self._start_buffers.still_the_start(self.state)
+            self._start_buffers = None
         self.actuator.after_step(self.global_step)
-        self.recovery.complete_snapshot()  # type: ignore[union-attr]  # no scheduler call of the loop is pending
+        self.recovery.ring.start_buffers = None  # (no snapshot was due: a resumed run's was taken at its resume)
+        self.recovery.complete_snapshot()  # no scheduler call of the loop is pending
 
     def _snapshot(self, step: int, decision: Decision) -> None:
         """Steer the snapshot schedule with this step's outcome; take a snapshot if one is due."""

@@ -42,7 +42,7 @@ from keel.recover.compat import describe_differences, setup_differences
 from keel.recover.disk import SNAPSHOT_DIR, DiskSnapshots
 from keel.recover.fixed import fixed_differences, stale_reason
 from keel.recover.snapshot import Snapshot, SnapshotRing
-from keel.recover.state import TrainingState, model_tensors, reseed, restore, trained_keys
+from keel.recover.state import TrainingState, capture_averaged, model_tensors, reseed, restore, trained_keys
 
 
 @dataclass(kw_only=True)
@@ -242,23 +242,30 @@ class Recovery:
         self._last_snapshot = steps_done
         self._taken += 1
         snap = self.ring.take(steps_done, self.state)
-        if self.loop_steps_scheduler and self.state.scheduler is not None:
+        if self._loop_scheduler_pending or self.state.averaged:
             self.complete_snapshot()  # (a rollback's snapshot follows the step's own at once)
             self._awaiting = (snap, to_disk)
         elif to_disk:
             self.disk.save_async(snap)  # type: ignore[union-attr]
         return snap
 
+    @property
+    def _loop_scheduler_pending(self) -> bool:
+        return self.loop_steps_scheduler and self.state.scheduler is not None
+
     def complete_snapshot(self) -> None:
         """Give the newest snapshot the scheduler, and the optimizer's groups, as the loop has left them since (see
-        ``loop_steps_scheduler``), and write it to disk if it is due there. Called at the start of each step and at
-        close."""
+        ``loop_steps_scheduler``), and the model averages the loop updated after the step (`TrainingState.averaged`),
+        and write it to disk if it is due there. Called at the start of each step and at close."""
         if self._awaiting is None:
             return
         snap, to_disk = self._awaiting
         self._awaiting = None
-        snap.plain["scheduler"] = copy.deepcopy(self.state.scheduler.state_dict())  # type: ignore[union-attr]
-        snap.skeleton["param_groups"] = copy.deepcopy(self.state.optimizer.state_dict()["param_groups"])
+        if self._loop_scheduler_pending:
+            snap.plain["scheduler"] = copy.deepcopy(self.state.scheduler.state_dict())  # type: ignore[union-attr]
+            snap.skeleton["param_groups"] = copy.deepcopy(self.state.optimizer.state_dict()["param_groups"])
+        if self.state.averaged:
+            snap.plain["averaged"] = capture_averaged(self.state)
         if to_disk:
             self.disk.save_async(snap)  # type: ignore[union-attr]
 
@@ -417,7 +424,8 @@ class Recovery:
                 "(overwrite=True) or in another run_dir"
             )
         restore(self.state, snap.tensors, snap.skeleton, snap.plain, resume=True, fixed=snap.fixed)
-        self.ring.take(snap.step, self.state)  # the resumed state is the first to roll back to
+        resumed = self.ring.take(snap.step, self.state)  # the resumed state is the first to roll back to
+        resumed.plain["averaged"] = copy.deepcopy(snap.plain.get("averaged", {}))  # registered later (Guard.track)
         # and the older ones on disk after it: a trouble whose onset is before the resumed snapshot (a NaN burst the
         # run was killed in) is rolled back as far as the uninterrupted run would, not aborted
         for older in self.disk.load_older(self.config.keep_in_memory - 1):

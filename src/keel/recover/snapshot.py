@@ -161,6 +161,9 @@ class SnapshotRing:
         if not isinstance(copy_fixed, bool):
             raise ValueError(f"copy_fixed={copy_fixed!r}; allowed: True or False")
         self.copy_fixed = copy_fixed  # copy the parameters training cannot change too (keel.recover.fixed)
+        # the model's buffers held from before the first forward (`Guard`): the next `take` copies them instead of
+        # the live ones, which that forward has moved on (BatchNorm's running statistics)
+        self.start_buffers: dict[str, Tensor] | None = None
         self.last_trained: dict[str, int] = {}  # key -> newest snapshot step that found the parameter trained
         self.capacity, self.max_pinned = capacity, max_pinned
         self.background = spare_cores() if background is None else background
@@ -176,6 +179,9 @@ class SnapshotRing:
         start = time.perf_counter()
         self.fence()
         bulk, buffers, skeleton = tensor_sources(state, copy_fixed=self.copy_fixed)
+        if self.start_buffers is not None:  # once: the buffers as they were before the first forward
+            buffers = {key: self.start_buffers.get(key, live) for key, live in buffers.items()}
+            self.start_buffers = None
         fixed = {} if self.copy_fixed else fixed_parameters(state)
         for key in bulk:
             if key.startswith("model/"):

@@ -48,6 +48,11 @@ class TrainingState:
             rollbacks, must outlive the rollbacks they count.
         tracked: The data position: objects with ``state_dict``/``load_state_dict`` registered by the user
             (a sampler, a stateful loader). Restored on resume, not on rollback, which moves on to fresh data.
+        averaged: Averages of the model's weights the loop keeps beside it, by name (a model EMA: timm's
+            ``ModelEmaV3``, ``torch.optim.swa_utils.AveragedModel``): restored on rollback and on resume. The loop
+            updates them after ``optimizer.step()``, so a snapshot takes them at keel's next call
+            (`capture_averaged`, called by `keel.recover.Recovery.complete_snapshot`): the average of the update
+            the snapshot's model came from.
     """
 
     model: nn.Module
@@ -57,6 +62,18 @@ class TrainingState:
     components: dict[str, Stateful] = field(default_factory=dict)
     history: dict[str, Stateful] = field(default_factory=dict)
     tracked: dict[str, Stateful] = field(default_factory=dict)
+    averaged: dict[str, nn.Module] = field(default_factory=dict)
+
+
+def capture_averaged(state: TrainingState) -> dict[str, dict[str, Any]]:
+    """Host copies of the model averages' ``state_dict`` by name (`TrainingState.averaged`)."""
+    return {
+        name: {
+            key: value.detach().to("cpu", copy=True) if isinstance(value, Tensor) else copy.deepcopy(value)
+            for key, value in module.state_dict().items()
+        }
+        for name, module in state.averaged.items()
+    }
 
 
 def tensor_sources(
@@ -104,6 +121,34 @@ def fixed_parameters(state: TrainingState) -> dict[str, FixedTensor]:
     """The parameters `tensor_sources` leaves out, by key (``model/<name>``): their layout and version counter,
     and a reference to the live tensor (not a copy)."""
     return {key: FixedTensor.of(t) for key, t in model_parts(state)[1].items()}
+
+
+@dataclass
+class StartBuffers:
+    """The model's buffers when the `Guard` was built (before the first forward), and its parameters' version
+    counters then: the snapshot of the first step, taken after that step's forward, holds these buffers if no
+    parameter was written since (a checkpoint loaded after the Guard's line brings buffers of its own: then the
+    buffers are taken as they are at the first step, one forward on)."""
+
+    buffers: dict[str, Tensor]
+    versions: list[int]
+
+    @classmethod
+    def of(cls, state: TrainingState) -> StartBuffers | None:
+        """The buffers now (copies) and the parameters' versions; None for a model without buffers."""
+        trained, fixed, buffers = model_parts(state)
+        if not buffers:
+            return None
+        return cls({k: b.clone() for k, b in buffers.items()}, _versions({**trained, **fixed}))
+
+    def still_the_start(self, state: TrainingState) -> dict[str, Tensor] | None:
+        """The buffers held, if no parameter was written since they were (else None)."""
+        trained, fixed, _ = model_parts(state)
+        return self.buffers if _versions({**trained, **fixed}) == self.versions else None
+
+
+def _versions(tensors: dict[str, Tensor]) -> list[int]:
+    return [getattr(t, "_version", -1) for t in tensors.values()]
 
 
 def model_tensors(state: TrainingState) -> dict[str, Tensor]:
@@ -180,6 +225,9 @@ def restore(
     for key, component in state.components.items():
         if key in plain["components"]:
             component.load_state_dict(copy.deepcopy(plain["components"][key]))
+    for key, average in state.averaged.items():  # (load_state_dict copies into the module's own tensors)
+        if key in plain.get("averaged", {}):
+            average.load_state_dict(plain["averaged"][key])
     if resume:
         for key, part in state.history.items():
             if key in plain["history"]:
