@@ -207,17 +207,20 @@ def test_guard_refuses_a_metric_stepped_scheduler_inside_schedulers():
     keel.Guard(model, keel.Optimizers(adamw, body), schedulers, steps_scheduler=False).close()
 
 
-def test_a_backward_between_the_optimizers_calls_of_one_update_is_warned_about():
-    """A GAN-shaped loop (a backward per optimizer) is not one update: keel stepped both at the first call."""
-    from keel._core.errors import KeelWarning
-
+def test_a_backward_between_the_optimizers_calls_of_one_update_is_refused_before_it_runs():
+    """A GAN-shaped loop (a backward per optimizer) is not one update: keel stepped both at the first call, and the
+    loop crashed in autograd at the next iteration after a warning (session 11). Now one error, before this backward
+    runs, and the loop's objects are put back."""
     model = Net()
     adamw, body = _two_optimizers(model)
+    backward = torch.Tensor.backward
     guard = keel.watch(model, [adamw, body])
     x, y = _batches(1)[0]
     nn.functional.mse_loss(model(x), y).backward()
     adamw.step()
-    with pytest.warns(KeelWarning, match="a backward\\(\\) ran between their step\\(\\) calls"):
+    grads = [p.grad.clone() for p in model.parameters()]
+    with pytest.raises(ValueError, match=r"a backward\(\) ran between their step\(\) calls.*keel.watch\(netD, opt"):
         nn.functional.mse_loss(model(x), y).backward()
-    body.step()
-    guard.close()
+    assert [torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True)] == [True] * len(grads)
+    assert "step" not in vars(adamw) and "step" not in vars(body)  # the watch closed: the originals are back
+    assert torch.Tensor.backward is backward and guard.guard._closed

@@ -248,3 +248,28 @@ def test_the_models_a_backward_reached_are_learnt_from_its_gradients_and_the_hoo
     watch_g.close()
     assert (_hooked(net_d), _hooked(net_g)) == (0, 0)
     watch_d.close()
+
+
+def test_the_list_form_on_a_gan_is_refused_at_the_generators_first_backward_before_g_is_touched():
+    """``keel.watch(netD, [optD, optG])`` on dcgan's loop: keel stepped G at D's step, and errG.backward() of the next
+    iteration failed in autograd ("modified by an inplace operation") after keel's warning (session 11). Now one
+    ValueError at the first errG.backward(), naming the two-watch form; G's weights are untouched, D took one update."""
+    torch.manual_seed(0)
+    net_g = nn.Sequential(nn.Linear(4, 16), nn.ReLU(), nn.Linear(16, 8))
+    net_d = nn.Sequential(nn.Linear(8, 16), nn.LeakyReLU(0.2), nn.Linear(16, 1))
+    opt_d = torch.optim.Adam(net_d.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    opt_g = torch.optim.Adam(net_g.parameters(), lr=2e-4, betas=(0.5, 0.999))
+    g_before = [p.detach().clone() for p in net_g.parameters()]
+    watch = keel.watch(net_d, [opt_d, opt_g], policy="skip")
+    bce = nn.BCEWithLogitsLoss()
+    net_d.zero_grad()
+    bce(net_d(torch.randn(16, 8) + 2), torch.ones(16, 1)).backward()
+    fake = net_g(torch.randn(16, 4))
+    bce(net_d(fake.detach()), torch.zeros(16, 1)).backward()
+    opt_d.step()
+    net_g.zero_grad()
+    err_g = bce(net_d(fake), torch.ones(16, 1))
+    with pytest.raises(ValueError, match=r"keel.watch\(netD, optimizerD\); keel.watch\(netG, optimizerG\)"):
+        err_g.backward()
+    assert all(torch.equal(p, b) for p, b in zip(net_g.parameters(), g_before, strict=True))
+    assert [d.action for d in watch.guard.decisions] == [] and watch.guard.global_step == 1

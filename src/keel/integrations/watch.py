@@ -107,6 +107,7 @@ class Watch:
         self._own_scaler = own_scaler
         self._default_detectors = guard_kwargs.get("detectors") is None
         self._answered: set[int] = set()  # the parts whose step() call of this update keel has already made
+        self._stepped_part = ""  # the class of the optimizer whose step() call made the last update
         self._schedulers = [LoopScheduler(observe=self.guard.policy == "observe") for _ in schedulers]
         self._decided = 0  # the guard's decisions already counted for the schedulers
         self._watched = {id(p) for p in model.parameters()}
@@ -143,14 +144,10 @@ class Watch:
                 self._from_output.add(loss)
 
     def _capture_backward(self, original: Any, tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self._answered:
-            self._warn(
-                "backward between optimizers",
-                f"keel.watch with {len(self._parts)} optimizers: a backward() ran between their step() calls of one "
-                "update; keel steps every optimizer at the first one's step(), so the later ones stepped on the "
-                "gradients from before this backward. A loop with a backward per optimizer (a GAN) needs one "
-                "keel.watch per model and optimizer (keel.watch(netD, optimizerD); keel.watch(netG, optimizerG))",
-            )
+        if self._answered:  # refused before it runs: the later optimizers' step() calls are still to come
+            error = ValueError(BACKWARD_BETWEEN.format(n=len(self._parts), stepped=self._stepped_part))
+            self._finish(error)
+            raise error
         if not (tensor.ndim == 0 and tensor.is_floating_point() and tensor.grad_fn is not None):
             return original(tensor, *args, **kwargs)
         backward, first = OWNERS.enter(tensor)
@@ -226,6 +223,7 @@ class Watch:
         if self._scaler is None and "unseen scaler" not in self._warned:
             self._check_unseen_scaler()
         self._answered = {id(p) for p in self._parts if p is not part}
+        self._stepped_part = type(part).__name__
         self._update()
         return None
 
@@ -324,7 +322,8 @@ def watch(
         optimizer: The optimizer the loop steps, or a list of them (Muon + AdamW): keel decides once per update,
             at the first of their ``step()`` calls, and steps, skips or restores them all (`keel.Optimizers`);
             the loop steps every one of them at each update, after one backward (a backward between their calls
-            is warned about: keel stepped them all already; a GAN's loop takes one watch per model and optimizer).
+            is refused with a ValueError before it runs, and the watch closed: keel stepped them all already; a
+            GAN's loop takes one watch per model and optimizer).
         scheduler: The loop's LR scheduler (or a list, one per optimizer), if it has one: snapshots hold its
             state; the loop keeps stepping it (per update, per epoch or with a metric), and its call after an
             update keel skipped is withheld.
@@ -366,6 +365,16 @@ UNSEEN_SCALER = (
     "keel.watch: the loop steps the optimizer through a GradScaler keel was not given (scaler.step(optimizer)): the "
     "loss keel sees is the scaled one (× the scale, which doubles as the scaler grows: taken for loss spikes) and the "
     "scaler's own overflow skips are not recorded; pass it: keel.watch(model, optimizer, scaler=scaler)"
+)
+
+BACKWARD_BETWEEN = (
+    "keel.watch with {n} optimizers: a backward() ran between their step() calls of one update (after "
+    "{stepped}.step(), before the others'). keel decides once per update and steps every optimizer of the list at "
+    "the first one's step(): the later ones would step on the gradients from before this backward, and a GAN's loop "
+    "then fails in autograd ('modified by an inplace operation'). keel closed this watch and this backward did not "
+    "run. Allowed: one backward, then each optimizer's step() (Muon + AdamW); a loop with a backward per optimizer (a "
+    "GAN: D's backward and step, then G's) takes one keel.watch per model and optimizer: keel.watch(netD, "
+    "optimizerD); keel.watch(netG, optimizerG)"
 )
 
 ADVERSARIAL = (
