@@ -60,7 +60,7 @@ def test_without_the_extension_the_run_ends_short_and_keel_says_so(tmp_path, cap
     lines = [r.getMessage() for r in caplog.records if "max_steps" in r.getMessage()]
     assert lines == [
         f"step 10: the rollback undid 3 updates: the Trainer still stops at max_steps {STEPS}, its LR "
-        f"schedule then 3 steps short of its end (KeelCallback(extend_after_rollback=False))"
+        f"schedule then 3 steps short of its end (extend_after_rollback=False)"
     ]
 
 
@@ -74,9 +74,9 @@ def test_a_run_whose_data_ends_first_is_told_its_schedule_ended_short(tmp_path, 
     assert trainer.lr_scheduler.last_epoch == 8 - undone
     ends = [r.getMessage() for r in caplog.records if "ran out" in r.getMessage()]
     assert ends == [
-        f"the Trainer's data ran out at step 8, before max_steps {8 + undone} (extended after 1 rollback): the LR "
-        f"schedule ended {undone} steps short of its end. Set max_steps with data to spare (or more epochs) to let "
-        "it finish"
+        f"the Trainer stopped at step 8, before max_steps {8 + undone} (its data or its epochs ran out; extended "
+        f"after 1 rollback): the LR schedule ended {undone} steps short of its end. Set max_steps with data to spare "
+        "(or more epochs) to let it finish"
     ]
 
 

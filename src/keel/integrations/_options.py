@@ -37,3 +37,14 @@ def takes_over_clipping(
     if take_over_clipping is not None and not isinstance(take_over_clipping, bool):
         raise ValueError(f"KeelCallback(take_over_clipping={take_over_clipping!r}); allowed: None, True or False")
     return policy != "observe" if take_over_clipping is None else take_over_clipping
+
+
+def checked_extend_after_rollback(value: object) -> bool:
+    """The callbacks' ``extend_after_rollback`` (`keel.integrations._run_length`), checked when the callback is built.
+
+    Raises:
+        ValueError: ``value`` is not a bool.
+    """
+    if not isinstance(value, bool):
+        raise ValueError(f"KeelCallback(extend_after_rollback={value!r}); allowed: True or False")
+    return value

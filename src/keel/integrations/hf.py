@@ -30,7 +30,7 @@ How it fits the Trainer's loop (transformers ≥ 4.40):
   mix, also before ``train()`` (applied when training begins).
 - **a rollback** restores the scheduler with the model while the Trainer's step count goes on: the Trainer would stop
   at ``max_steps`` with the LR schedule short of its end by the updates undone (its annealing lost). keel raises the
-  Trainer's ``state.max_steps`` by them and says so (``extend_after_rollback``, `_ScheduleAfterRollbacks`); a run
+  Trainer's ``state.max_steps`` by them and says so (``extend_after_rollback``, `keel.integrations._run_length`); a run
   whose data ends first (an epoch-bounded run) is told at the end how far short its schedule stopped.
 - **when**: the `Guard` is built at ``on_train_begin``, before the first forward, so the hook probes (activation
   RMS, attention, router) see step 0. Each ``train()`` is one keel run: a second ``train()`` with the same
@@ -50,13 +50,13 @@ from torch import Tensor, nn
 
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning
-from keel.guard import Guard, console
+from keel.guard import Guard
 from keel.guard.options import step_needs_an_argument
-from keel.guard.summary import plural
 from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
-from keel.integrations._options import takes_over_clipping
+from keel.integrations._options import checked_extend_after_rollback, takes_over_clipping
+from keel.integrations._run_length import ScheduleAfterRollbacks
 from keel.recover import Policy
 
 try:
@@ -113,10 +113,8 @@ class KeelCallback(TrainerCallback):
         ):
             raise ValueError(f"KeelCallback(eval_tasks={eval_tasks!r}); allowed: None or a dict eval name → phase name")
         self.eval_tasks = dict(eval_tasks or {})
-        if not isinstance(extend_after_rollback, bool):
-            raise ValueError(f"KeelCallback(extend_after_rollback={extend_after_rollback!r}); allowed: True or False")
-        self.extend_after_rollback = extend_after_rollback
-        self._schedule: _ScheduleAfterRollbacks | None = None
+        self.extend_after_rollback = checked_extend_after_rollback(extend_after_rollback)
+        self._schedule: ScheduleAfterRollbacks | None = None
         self.run_dir, self.policy, self.guard_kwargs = run_dir, policy, guard_kwargs
         self.guard: Guard | None = None
         self._handoff = Handoff()
@@ -166,7 +164,7 @@ class KeelCallback(TrainerCallback):
         # Built before the first forward, so the hook probes (activations, attention, router) see step 0's; whether
         # the model's output carries a loss is only known at the first update (`_first_update`).
         self.guard = self._build_guard()
-        self._schedule = _ScheduleAfterRollbacks(self.guard, state, extend=self.extend_after_rollback)
+        self._schedule = ScheduleAfterRollbacks(self.guard, state, extend=self.extend_after_rollback, meta_key="hf")
         resumed_at = getattr(state, "global_step", 0)  # resume_from_checkpoint: keel's steps are the Trainer's
         if resumed_at and not self.guard.global_step and not self.guard.resumed:
             self.guard.start_at(resumed_at)
@@ -351,79 +349,6 @@ class KeelCallback(TrainerCallback):
             self._args.max_grad_norm, self._clip = self._clip, None
         if self.guard is not None:  # records "finished", "aborted" or the failure; a second call does nothing
             self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
-
-
-class _ScheduleAfterRollbacks:
-    """The Trainer's run length after rollbacks: a rollback restores the LR scheduler with the model (the snapshot's
-    step), while the Trainer's ``global_step`` goes on; stopping at the planned ``max_steps`` would leave the schedule
-    short of its end by the updates undone — a cosine's annealing lost, silently (helper H's H9: final LR 2.5e-4 where
-    the bare schedule ends at 3e-6). With ``extend``, ``state.max_steps`` grows by those updates: the Trainer's
-    ``DefaultFlowCallback`` stops the run when ``global_step`` reaches it, read at each step's end, so the run goes on
-    while its data lasts (an epoch-bounded run stops at its last epoch's end whatever ``max_steps`` says). Each
-    rollback and the end of a run cut short are said on the ``keel`` logger and kept in the run's ``hf`` meta entry.
-    """
-
-    def __init__(self, guard: Guard, state: Any, *, extend: bool) -> None:
-        self.guard, self.state, self.extend = guard, state, extend
-        self.planned = getattr(state, "max_steps", None)
-        self.undone = 0  # updates undone by rollbacks so far
-        self.rollbacks: list[dict[str, int]] = []
-
-    def rolled_back(self, decision: Decision) -> None:
-        """After ``decision``'s rollback, made during the Trainer's step ``state.global_step``: every update since the
-        snapshot's step, this one's included, is undone."""
-        if decision.restored_step is None or not isinstance(self.planned, int) or self.planned <= 0:
-            return
-        undone = self.state.global_step + 1 - decision.restored_step
-        self.undone += undone
-        self.rollbacks.append({"step": decision.step, "undone": undone})
-        said = f"step {decision.step}: the rollback undid {plural(undone, 'update', count=True)}: "
-        if self.extend:
-            before = self.state.max_steps
-            self.state.max_steps = before + undone
-            said += (
-                f"the Trainer's max_steps {before} → {self.state.max_steps}, so the run still makes its planned "
-                "updates and its LR schedule reaches its end"
-            )
-        else:
-            said += (
-                f"the Trainer still stops at max_steps {self.planned}, its LR schedule then "
-                f"{plural(self.undone, 'step', count=True)} short of its end "
-                "(KeelCallback(extend_after_rollback=False))"
-            )
-        self._say(said)
-        self.guard.recorder.meta({"hf": self._meta()})
-
-    def at_the_end(self) -> None:
-        """When training ends: say it if the run stopped before its extended ``max_steps`` (its data ran out)."""
-        if not (self.extend and self.undone):
-            return
-        short = self.state.max_steps - self.state.global_step
-        if short > 0:
-            self._say(
-                f"the Trainer's data ran out at step {self.state.global_step}, before max_steps {self.state.max_steps} "
-                f"(extended after {plural(len(self.rollbacks), 'rollback', count=True)}): the LR schedule ended "
-                f"{plural(short, 'step', count=True)} short of its end. Set max_steps with data to spare "
-                "(or more epochs) to let it finish"
-            )
-
-    def _meta(self) -> dict[str, Any]:
-        return {
-            "extend_after_rollback": self.extend,
-            "max_steps": {"planned": self.planned, "now": self.state.max_steps},
-            "rollbacks": self.rollbacks,
-        }
-
-    def _say(self, text: str) -> None:
-        _say(self.guard, text)
-
-
-def _say(guard: Guard, text: str) -> None:
-    """One warning line on the ``keel`` logger, where the run's console says its own (rank 0 only, not inside
-    `keel.guard.console.silenced`)."""
-    if not guard.recorder.console.quiet:
-        console.ensure_handler()
-        console.logger.warning(text)
 
 
 def _output_loss(output: Any, kwargs: dict) -> Tensor | None:

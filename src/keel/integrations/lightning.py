@@ -13,6 +13,9 @@ How it fits Lightning's automatic optimization (Lightning ≥ 2.0):
   plugin's ``scaler.step`` goes to ``Guard.step`` and its ``scaler.update`` does nothing (`Guard` updated the
   scaler). The one step-interval LR scheduler is stepped by `Guard`, after applied updates only; Lightning's
   own call does nothing (`keel.integrations._handoff`). Epoch-interval schedulers stay Lightning's.
+- **a rollback** restores the scheduler with the model while ``global_step`` goes on: keel raises ``max_steps`` by
+  the updates undone, so the LR schedule reaches its end, and says so (``extend_after_rollback``,
+  `keel.integrations._run_length`).
 - **clipping**: with ``gradient_clip_val`` (norm algorithm) keel measures gradients before clipping and clips
   itself with the same value; under ``"observe"`` Lightning clips as usual (bit-identical training).
 - **DDP**: the strategy's DDP module goes to `Guard`, so signals are all-reduced and each rank's own
@@ -38,7 +41,8 @@ from keel.guard import Guard
 from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
-from keel.integrations._options import takes_over_clipping
+from keel.integrations._options import checked_extend_after_rollback, takes_over_clipping
+from keel.integrations._run_length import ScheduleAfterRollbacks
 from keel.recover import Policy
 
 try:
@@ -58,6 +62,9 @@ class KeelCallback(Callback):
         policy: ``"observe"``, ``"skip"`` or ``"recover"`` (see `Guard`).
         take_over_clipping: Measure before clipping and clip in keel with ``gradient_clip_val`` (norm
             algorithm). ``None``: yes, except under ``"observe"``.
+        extend_after_rollback: After a rollback, raise the trainer's ``max_steps`` by the updates it undid (the
+            snapshot's scheduler is restored with the model), so the LR schedule reaches its end; ``False`` keeps it
+            (keel then says how short the schedule ends). A run bounded by ``max_epochs`` alone is not extended.
         **guard_kwargs: Any other `Guard` argument (``probes``, ``detectors``, ``recovery``, ``log_every`` …).
 
     Attributes:
@@ -73,9 +80,12 @@ class KeelCallback(Callback):
         run_dir: str | None = None,
         policy: Policy = "observe",
         take_over_clipping: bool | None = None,
+        extend_after_rollback: bool = True,
         **guard_kwargs: Any,
     ) -> None:
         self.take_over_clipping = takes_over_clipping(policy, take_over_clipping, guard_kwargs, run_dir)
+        self.extend_after_rollback = checked_extend_after_rollback(extend_after_rollback)
+        self._schedule: ScheduleAfterRollbacks | None = None
         self.run_dir, self.policy, self.guard_kwargs = run_dir, policy, guard_kwargs
         self.guard: Guard | None = None
         self._handoff = Handoff()
@@ -121,6 +131,9 @@ class KeelCallback(Callback):
         )
         if trainer.global_step and not self.guard.global_step and not self.guard.resumed:
             self.guard.start_at(trainer.global_step)  # ckpt_path: keel's steps are the trainer's
+        self._schedule = ScheduleAfterRollbacks(
+            self.guard, _LightningRun(trainer), extend=self.extend_after_rollback, meta_key="lightning"
+        )
         if self._scaler is not None:  # the plugin runs the closure, then scaler.step(optimizer), scaler.update()
             self._handoff.gate(self._scaler, "step", self._scaler_step)
             self._handoff.gate(self._scaler, "update", self._scaler_update)
@@ -153,6 +166,8 @@ class KeelCallback(Callback):
             self.guard.record_eval(chosen[0], name="val", goal=chosen[1])
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._schedule is not None and self.guard is not None:
+            self.guard.components.call("lightning schedule", self._schedule.at_the_end)
         self._finish(None)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
@@ -182,7 +197,9 @@ class KeelCallback(Callback):
         assert self.guard is not None and loss is not None
         self._handoff.handled = True
         with self._handoff.acting_for_keel():
-            self.guard.step(loss)
+            decision = self.guard.step(loss)
+        if decision.action == "rollback" and self._schedule is not None:
+            self.guard.components.call("lightning schedule", self._schedule.rolled_back, decision)
 
     # --- helpers ------------------------------------------------------------------------------------
     def _own_scheduler(self, trainer: Any) -> Any:
@@ -205,3 +222,23 @@ class KeelCallback(Callback):
             self._trainer.gradient_clip_val, self._clip = self._clip, None
         if self.guard is not None:  # records "finished", "aborted" or the failure; a second call does nothing
             self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
+
+
+class _LightningRun:
+    """A Lightning trainer's step count and step limit, as `ScheduleAfterRollbacks` reads and extends them (its epoch
+    loop reads ``max_steps`` at every step)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    @property
+    def global_step(self) -> int:
+        return int(self.trainer.global_step)
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.trainer.fit_loop.epoch_loop.max_steps)
+
+    @max_steps.setter
+    def max_steps(self, steps: int) -> None:
+        self.trainer.fit_loop.epoch_loop.max_steps = steps

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from keel._core import keys
 from keel._core.decision import Decision
 from keel.detect import Detector, default_detectors, policy_detectors, preference_detectors
+from keel.integrations._run_length import say
 from keel.integrations._trl_statistics import NewStatistics
 from keel.recover import Policy
 
@@ -61,7 +62,7 @@ try:
 except ImportError as exc:  # pragma: no cover - exercised only without the extra
     raise ImportError("keel.integrations.trl needs trl: pip install 'keel[trl]'") from exc
 
-from keel.integrations.hf import KeelCallback, _json_args, _say  # noqa: E402 (after the trl check: it needs transformers)
+from keel.integrations.hf import KeelCallback, _json_args  # noqa: E402 (after the trl check: it needs transformers)
 
 TRAINERS = (SFTTrainer, DPOTrainer, KTOTrainer, GRPOTrainer, RLOOTrainer, RewardTrainer)
 POLICY_GRADIENT = (GRPOTrainer, RLOOTrainer)  # same statistics, buffered completions and surrogate loss
@@ -214,7 +215,7 @@ class _FiniteWeights:
         names = {id(p): n for n, p in self.trainer.model.named_parameters()}
         broken = [names.get(id(p), "?") for p in params if not bool(torch.isfinite(p).all())]
         shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
-        _say(
+        say(
             guard,
             f"step {decision.step}: the update left non-finite weights ({shown}); TRL's next generation would sample "
             "from them and raise, so the next step trains on the completions already buffered, and keel rolls back",
