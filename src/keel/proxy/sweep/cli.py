@@ -12,12 +12,15 @@ Re-running the same command on the same ``--out`` resumes a killed sweep.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
+import signal
 import sqlite3
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -239,7 +242,7 @@ def _summarize_or_run(
             file=stream,
             flush=True,
         )
-        with progress_bar(None, "keel sweep", unit="run") as bar:
+        with progress_bar(None, "keel sweep", unit="run") as bar, sigterm_as_exit():
             result = run_sweep(
                 config,
                 out,
@@ -255,6 +258,24 @@ def _summarize_or_run(
                 file=stream,
             )
     return result
+
+
+@contextlib.contextmanager
+def sigterm_as_exit() -> Iterator[None]:
+    """SIGTERM (``kill PID``, a job scheduler's first signal) ends the sweep as Ctrl-C does: an exception, so its
+    workers are stopped with it (SIGTERM's default action ended this process alone and left them running)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def exit_on_sigterm(signum: int, frame: object) -> None:
+        raise SystemExit(128 + signal.SIGTERM)
+
+    previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _printer(stream: TextIO, bar: Any) -> Callable[[RunEvent], None]:

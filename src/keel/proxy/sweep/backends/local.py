@@ -12,12 +12,18 @@ A worker that dies (killed, out of memory, a segfault in a kernel) breaks a ``Pr
 run in flight fails with it and no new run can be submitted. The backend then starts a fresh pool for the
 rest of the grid and re-runs each run that was in flight alone, in a pool of its own, so only the run that
 kills its worker again is recorded as an error and the sweep goes on.
+
+When the sweep itself stops (Ctrl-C, a SIGTERM the CLI turns into an exit, an exception), its runs in flight are
+killed and the queued ones dropped at once: they are re-run on resume, and a pool left to finish them would keep
+the CLI hung for a run's length per worker. A worker whose parent is gone (killed with SIGKILL) ends itself.
 """
 
 from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
+import time
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
@@ -75,7 +81,12 @@ class LocalBackend:
         """Run ``queue`` (consumed) in one spawned pool; yield results; return the runs that were in flight
         when a worker died (the pool is then unusable, and the rest of ``queue`` is left for the next)."""
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=min(workers, len(queue)), mp_context=context) as pool:
+        with ProcessPoolExecutor(
+            max_workers=min(workers, len(queue)),
+            mp_context=context,
+            initializer=exit_with_parent,
+            initargs=(os.getpid(),),
+        ) as pool:
             pending: dict[Future[RunResult], Task] = {}
             try:
                 # At most one task queued per worker beyond the running ones, so "running" in the store means
@@ -101,7 +112,31 @@ class LocalBackend:
                         # Every run in flight fails with the one that killed its worker; which one did is
                         # unknown, so each of them runs again alone.
                         return [*broken, *pending.values()]
-            finally:
-                for future in pending:
-                    future.cancel()
+            except BaseException:  # Ctrl-C, SystemExit, the caller closing this generator, an error above
+                stop_workers(pool)
+                raise
         return []
+
+
+def stop_workers(pool: ProcessPoolExecutor) -> None:
+    """End ``pool`` now: its workers (and the runs in flight) terminated, the queued runs failed with them.
+
+    Without this, leaving the pool waited for every run already handed to a worker, and the interpreter's exit
+    waited again for a pool that was only shut down."""
+    # no public handle before Python 3.14's terminate_workers(); read before shutdown(), which drops it
+    processes = list((getattr(pool, "_processes", None) or {}).values())
+    for process in processes:
+        process.terminate()
+    pool.shutdown(wait=False)  # not cancel_futures: the pool fails the futures of a broken pool itself
+
+
+def exit_with_parent(parent: int, every: float = 1.0) -> None:
+    """A worker's initializer: a daemon thread that ends this process once ``parent`` is no longer its parent
+    (the sweep was killed with SIGKILL, or died), instead of waiting on the pool's queue for good."""
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(every)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="keel-sweep-parent", daemon=True).start()
