@@ -61,11 +61,12 @@ def feed(det, observations):
 @st.composite
 def benign_limits(draw, max_steps):
     """The gradients' headroom (log2 of the largest scale that does not overflow) between 2⁶ and 2³⁰, drifting at
-    most 4 doublings over the run with per-step jitter under one doubling: the regime in which the scaler settles
-    (a headroom near 1 is the min-scale trouble itself)."""
+    most 4 doublings per 400 steps with per-step jitter under one doubling: the regime in which the scaler settles
+    (a headroom near 1 is the min-scale trouble itself; 4 doublings lost within a 50-step run is gradients growing
+    16x, the fall the detector is for: the slow property test found it)."""
     n = draw(st.integers(50, max_steps))
     start = draw(st.floats(10.0, 30.0))
-    drift = draw(st.floats(-4.0, 4.0)) / n
+    drift = draw(st.floats(-4.0, 4.0)) / max(n, 400)
     jitter = draw(st.lists(st.floats(0.0, 0.9), min_size=n, max_size=n))
     return [start + drift * t - j for t, j in enumerate(jitter)]
 
