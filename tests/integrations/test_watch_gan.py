@@ -273,3 +273,31 @@ def test_the_list_form_on_a_gan_is_refused_at_the_generators_first_backward_befo
         err_g.backward()
     assert all(torch.equal(p, b) for p, b in zip(net_g.parameters(), g_before, strict=True))
     assert [d.action for d in watch.guard.decisions] == [] and watch.guard.global_step == 1
+
+
+def test_a_model_under_a_reentrant_checkpoint_gets_its_loss_with_another_watch_open():
+    """torch.utils.checkpoint(use_reentrant=True) (older HF gradient_checkpointing, Megatron) recomputes its segment
+    in a backward of its own: the model's parameters are not in the loss's graph, and the graph walk gave the loss
+    to no watch (A's watch stored 0.0 at every step). Its gradients landing is what counts now."""
+    from torch.utils.checkpoint import checkpoint
+
+    torch.manual_seed(0)
+    body, other = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1)), nn.Linear(4, 1)
+    opt_a, opt_b = torch.optim.SGD(body.parameters(), lr=0.1), torch.optim.SGD(other.parameters(), lr=0.1)
+    watch_a = keel.watch(body, opt_a, policy="observe", detectors=adversarial_detectors())
+    watch_b = keel.watch(other, opt_b, policy="observe", detectors=adversarial_detectors())
+    losses = []
+    for _ in range(3):
+        x = torch.randn(16, 4, requires_grad=True)
+        loss_a = checkpoint(body, x, use_reentrant=True).pow(2).mean()
+        loss_a.backward()
+        opt_a.step()
+        opt_a.zero_grad()
+        (other(x.detach()).pow(2).mean() + 10).backward()
+        opt_b.step()
+        opt_b.zero_grad()
+        losses.append(loss_a.item())
+    assert watch_a.guard.recorder._losses.tolist() == losses
+    assert all(value >= 10 for value in watch_b.guard.recorder._losses.tolist())
+    watch_a.close()
+    watch_b.close()
