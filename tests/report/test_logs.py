@@ -142,6 +142,9 @@ _LOGS = {
     "negative and huge steps": lambda p: (p / "train.csv").write_text(
         "step,loss\n-5,1.0\n-1,2.0\n0,-inf\n2305843009213693951,1e308\n-3,4.0\n"
     ),
+    "a signal only in a stretch a restart replaced": lambda p: (p / "train.csv").write_text(
+        "step,loss,aux\n" + "".join(f"{s},2.0,{1.0 if s >= 5 else ''}\n" for s in range(10)) + "5,1.0,\n6,1.0,\n"
+    ),
     "same step again": lambda p: (p / "train.jsonl").write_text(
         '{"step": 0, "loss": 1.0}\n{"step": 1, "loss": 2.0}\n{"step": 1, "loss": 3.0}\n{"step": 2, "loss": NaN}\n'
     ),

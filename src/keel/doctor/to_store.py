@@ -88,7 +88,8 @@ def write_store(result: DoctorResult, timeline: Timeline, run_dir: str | Path, *
 def stored_series(timeline: Timeline) -> dict[str, tuple[np.ndarray, np.ndarray]]:
     """Each scalar signal's (steps, values) as the log's run store holds them, in step order: a restarted log as
     its store would be after a resume, the rows from each restart's step on those of the later stretch (what
-    `keel.store.RunWriter.drop_from` leaves). Per-parameter families are not stored.
+    `keel.store.RunWriter.drop_from` leaves). Per-parameter families are not stored, nor a signal none of whose
+    values is kept (logged only in a stretch a restart replaced, or never).
 
     Example:
         >>> from keel.doctor import build_timeline
@@ -102,7 +103,8 @@ def stored_series(timeline: Timeline) -> dict[str, tuple[np.ndarray, np.ndarray]
     series = {}
     for key, column in timeline.signals.items():
         rows = kept[column.rows]
-        series[key] = (timeline.steps[column.rows[rows]], column.values[rows])
+        if rows.any():  # a signal with no row kept is not in the store at all
+            series[key] = (timeline.steps[column.rows[rows]], column.values[rows])
     return series
 
 
