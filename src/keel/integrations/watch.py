@@ -22,7 +22,9 @@ runs at interpreter exit if the loop never calls it):
   ``model.eval()`` or under ``torch.no_grad()`` are not counted.
 - **clipping**: the loop's ``torch.nn.utils.clip_grad_norm_`` on the model's parameters clips as before; keel
   keeps the norm it returns — the norm *before* clipping — and detects on it (``Guard.step(grad_norm=)``), so
-  clipping does not hide a gradient spike. (A ``clip_grad_norm_`` imported by name before `watch` is not seen;
+  clipping does not hide a gradient spike. Clipping in torch's two parts (``get_total_norm``, then
+  ``clip_grads_with_norm_(params, max_norm, total_norm)``, as accelerate's ``clip_grad_norm_`` does) keeps
+  ``total_norm`` the same way. (A ``clip_grad_norm_`` imported by name before `watch` is not seen;
   keel then measures the clipped gradients.)
 - **learning rates** the loop writes into ``param_groups`` are used as written; the lr_backoff action's LR scale
   multiplies them for each update, so it survives the loop's writes.
@@ -128,6 +130,8 @@ class Watch:
         for loop_scheduler, gated in zip(self._schedulers, schedulers, strict=True):
             self._handoff.gate_scheduler(gated, loop_scheduler.loop_call)
         self._handoff.gate(torch.nn.utils, "clip_grad_norm_", self._clip)
+        if hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6
+            self._handoff.gate(torch.nn.utils, "clip_grads_with_norm_", self._clip_with_norm)
         self._handoff.gate(torch.Tensor, "backward", self._capture_backward)
         OWNERS.open(id(self), model.parameters())
         atexit.register(self._close_at_exit)
@@ -208,6 +212,23 @@ class Watch:
         if any(id(p) in self._watched for p in params):
             self._norm_before_clip = norm
         return norm
+
+    def _clip_with_norm(
+        self,
+        original: Any,
+        parameters: Tensor | Iterable[Tensor],
+        max_norm: float,
+        total_norm: Tensor,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        # torch's clipping in two parts, get_total_norm then this (accelerate's clip_grad_norm_ does so; torch's own
+        # clip_grad_norm_ calls a private copy, so a norm is not kept twice): total_norm is the norm before clipping
+        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        result = original(params, max_norm, total_norm, *args, **kwargs)
+        if isinstance(total_norm, Tensor) and any(id(p) in self._watched for p in params):
+            self._norm_before_clip = total_norm
+        return result
 
     # --- the update ---------------------------------------------------------------------------------
     def _optimizer_step(self, part: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
