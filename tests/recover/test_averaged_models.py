@@ -83,13 +83,14 @@ def test_a_rollback_restores_the_ema_to_the_average_of_the_restored_update(kind)
 
 
 def test_a_resumed_run_continues_the_ema_exactly(tmp_path):
-    def run(steps: int, *, resume: bool, stop: int | None = None) -> dict[str, torch.Tensor]:
+    def run(steps: int, *, resume: bool, stop: int | None = None, track: bool = True) -> dict[str, torch.Tensor]:
         model = _net()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
         ema, update_ema = _ema("timm", model)
         config = keel.RecoveryConfig(snapshot_every=3, disk_every=1)
         guard = keel.watch(model, opt, policy="recover", run_dir=tmp_path / "run", recovery=config, resume=resume)
-        guard.track(ema, name="ema")
+        if track:
+            guard.track(ema, name="ema")
         batches = make_batches(steps)
         for x, y in batches[guard.global_step : stop]:
             F.mse_loss(model(x), y).backward()
@@ -105,3 +106,7 @@ def test_a_resumed_run_continues_the_ema_exactly(tmp_path):
     resumed = run(10, resume=True)
     for key, value in whole.items():
         assert torch.equal(value, resumed[key]), key
+    (tmp_path / "run").rename(tmp_path / "resumed")
+    run(10, resume=False, stop=7)
+    with pytest.warns(keel.KeelWarning, match=r"holds the model average 'ema'.*guard.track\(ema, name='ema'\)"):
+        run(10, resume=True, track=False)

@@ -184,6 +184,7 @@ class Recovery:
         self._episode: tuple[int, str] | None = None
         self._unproven: tuple[int, int] | None = None
         self._resumed_tracked: list[str] | None = None  # data positions of the resumed snapshot, checked once
+        self._resumed_averaged: list[str] = []  # and its model averages (`TrainingState.averaged`)
         # The loop steps the scheduler itself (Guard(steps_scheduler=False), keel.watch): after the update keel
         # snapshots, per update or per epoch. The newest snapshot's scheduler state, and the LRs it wrote into the
         # optimizer's groups, are taken at keel's next call (`complete_snapshot`), and only then is it written to
@@ -431,11 +432,13 @@ class Recovery:
         for older in self.disk.load_older(self.config.keep_in_memory - 1):
             self.ring.add_older(older)
         self._resumed_tracked = sorted(snap.plain["tracked"])
+        self._resumed_averaged = sorted(snap.plain.get("averaged", {}))
         return snap
 
     def _check_tracked(self) -> None:
         """At the first step after a resume: warn about data positions the snapshot holds that nothing was
-        registered for with ``Guard.track`` (the data starts over), and registered ones it does not hold."""
+        registered for with ``Guard.track`` (the data starts over), and registered ones it does not hold; and about
+        model averages it holds that were not registered."""
         saved, registered = set(self._resumed_tracked or ()), set(self.state.tracked)
         self._resumed_tracked = None
         for name in sorted(saved - registered):
@@ -450,6 +453,14 @@ class Recovery:
             warnings.warn(
                 f"resume: guard.track(..., name={name!r}) registered a data position that is not in the "
                 "snapshot: it starts from its beginning",
+                KeelWarning,
+                stacklevel=4,
+            )
+        for name in sorted(set(self._resumed_averaged) - set(self.state.averaged)):
+            warnings.warn(
+                f"resume: the snapshot holds the model average {name!r} (an EMA of the weights), but it was not "
+                f"registered with guard.track(ema, name={name!r}) before the first step: the loop's average goes "
+                "on from what the loop built, not from where the run stopped",
                 KeelWarning,
                 stacklevel=4,
             )
