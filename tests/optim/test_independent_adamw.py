@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import numpy as np
 import pytest
 import torch
 
+from keel._core.errors import KeelWarning
 from keel.optim import IndependentAdamW
 
 
@@ -76,3 +78,33 @@ def test_groups_state_dict_and_validation() -> None:
     assert fresh.param_groups[2]["initial_lr"] == 7.0
     with pytest.raises(ValueError, match="IndependentAdamW.weight_decay="):
         IndependentAdamW([a], weight_decay=-1.0)
+
+
+def test_a_groups_own_weight_decay_is_its_lambda_and_zero_means_no_decay() -> None:
+    # nanoGPT's configure_optimizers groups, handed to the drop-in: the no-decay group was decayed by the
+    # constructor's λ, its 0.0 overwritten without a word (reviewer V3)
+    w, b = torch.nn.Parameter(torch.ones(4, 4)), torch.nn.Parameter(torch.ones(4))
+    opt = IndependentAdamW([{"params": [w], "weight_decay": 1e-3}, {"params": [b], "weight_decay": 0.0}], lr=1e-3)
+    for _ in range(100):
+        w.grad, b.grad = torch.zeros_like(w), torch.zeros_like(b)
+        opt.step()
+    assert b[0].item() == 1.0
+    assert w[0, 0].item() == pytest.approx((1 - 1e-3) ** 100, rel=1e-5)
+    assert [g["independent_weight_decay"] for g in opt.param_groups] == [1e-3, 0.0]
+    # independent_weight_decay in a group wins over its weight_decay; a group added later too
+    c = torch.nn.Parameter(torch.ones(2))
+    opt.add_param_group({"params": [c], "weight_decay": 0.5, "independent_weight_decay": 0.0})
+    assert opt.param_groups[-1]["independent_weight_decay"] == 0.0
+
+
+def test_lambda_above_one_percent_per_step_is_warned_once() -> None:
+    # AdamW's coupled weight_decay=0.1 passed as it is: 10 % of the weights gone every step
+    p = torch.nn.Parameter(torch.ones(2))
+    with pytest.warns(KeelWarning, match=r"weight_decay=0.1 shrinks the weights by 10% every step") as caught:
+        IndependentAdamW(
+            [{"params": [p], "weight_decay": 0.1}, {"params": [torch.nn.Parameter(torch.ones(1))]}], weight_decay=0.2
+        )
+    assert len([w for w in caught if issubclass(w.category, KeelWarning)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        IndependentAdamW([p], lr=6e-4, weight_decay=1e-4)

@@ -6,15 +6,19 @@ From "Small-scale proxies for large-scale Transformer training instabilities" (a
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any, overload
 
 import torch
 from torch import Tensor
 
+from keel._core.errors import KeelWarning
 from keel.optim._adam import fused_adamw_
 from keel.optim._helpers import check_betas, check_lr, check_range, moment_dtype, restore_state_dtypes
 from keel.optim._registry import optimizers
+
+LARGE_DECAY = 0.01  # λ above this per step is warned about: AdamW's coupled weight_decay passed as it is
 
 
 @optimizers.register("independent_adamw")
@@ -32,7 +36,11 @@ class IndependentAdamW(torch.optim.AdamW):
     set from ``lr`` at construction when no scheduler has set it yet.
 
     Each group holds λ as ``independent_weight_decay``; its ``weight_decay`` entry is derived from it and
-    overwritten at every step.
+    overwritten at every step. A group given with its own ``weight_decay`` (nanoGPT's ``configure_optimizers``:
+    ``{"weight_decay": 0.0}`` for biases and norm gains) has that λ; ``independent_weight_decay`` in a group wins.
+    λ is a decay *per step*: a λ above 0.01 (AdamW's coupled ``weight_decay=0.1`` passed as it is) is warned
+    about once, as it shrinks the weights by more than 1 % every step — AdamW's ``wd`` at peak LR η decays as
+    λ = η·wd.
 
     float16 parameters keep float32 moments and are updated through a float32 copy (torch's AdamW would keep
     float16 moments, where 1e-3·g² underflows and ε rounds to 0, so its first step makes NaN); their state then
@@ -75,13 +83,17 @@ class IndependentAdamW(torch.optim.AdamW):
         check_betas("IndependentAdamW", betas)
         check_range("IndependentAdamW", "eps", eps, 0.0, math.inf, high_open=True)
         check_range("IndependentAdamW", "weight_decay", weight_decay, 0.0, math.inf, high_open=True)
+        self._warned_large_decay = False
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0, **kwargs)
         self.defaults["independent_weight_decay"] = weight_decay
         for group in self.param_groups:
             self._prepare_group(group)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        # torch's AdamW fills missing keys from self.defaults, which already holds λ once __init__ is done.
+        # a group's own weight_decay is its λ; read before torch fills the missing keys from self.defaults (which
+        # holds weight_decay=0.0 for AdamW, and λ once __init__ is done)
+        if "weight_decay" in param_group and "independent_weight_decay" not in param_group:
+            param_group = {**param_group, "independent_weight_decay": param_group["weight_decay"]}
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         flags = [k for k in ("amsgrad", "maximize") if group.get(k)]
@@ -104,6 +116,16 @@ class IndependentAdamW(torch.optim.AdamW):
             math.inf,
             high_open=True,
         )
+        if group["independent_weight_decay"] > LARGE_DECAY and not self._warned_large_decay:
+            self._warned_large_decay = True
+            warnings.warn(
+                f"IndependentAdamW: weight_decay={group['independent_weight_decay']!r} shrinks the weights by "
+                f"{group['independent_weight_decay']:.0%} every step: λ is the decay per step at the schedule's "
+                "peak, not AdamW's coupled weight_decay (AdamW's wd at peak LR η decays as λ = η·wd, e.g. "
+                "6e-4 × 0.1 = 6e-5; Wortsman et al. use 1e-4)",
+                KeelWarning,
+                stacklevel=3,
+            )
         group.setdefault("initial_lr", group["lr"])
 
     @overload
