@@ -76,3 +76,38 @@ def test_transformer_encoder_layer_cannot_bypass_the_norms_in_inference() -> Non
     layer.eval()
     with torch.no_grad():  # the condition for the fused inference kernel, which would skip q_norm/k_norm
         torch.testing.assert_close(layer(x), expected, rtol=1e-5, atol=1e-6)
+
+
+def _encoder_with_qk_norm() -> nn.TransformerEncoder:
+    torch.manual_seed(0)
+    encoder = nn.TransformerEncoder(nn.TransformerEncoderLayer(16, 4, 32, batch_first=True), num_layers=2)
+    for layer in encoder.layers:
+        layer.self_attn = QKNormMultiheadAttention.from_module(layer.self_attn)
+        with torch.no_grad():  # norms away from their identity start, so that skipping them would show
+            layer.self_attn.q_norm.weight.uniform_(0.5, 2.0)
+    return encoder.eval()
+
+
+def test_a_transformer_encoder_in_eval_with_a_padding_mask_runs_its_nested_path_through_the_norms() -> None:
+    # nn.TransformerEncoder hands its layers nested (padding-free) sequences in eval under no_grad with a
+    # src_key_padding_mask; the attention crashed there ("NestedTensorImpl doesn't support sizes", reviewer V4,
+    # the PyTorch-tutorial classifier's evaluation loop)
+    encoder = _encoder_with_qk_norm()
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1))
+    padding = torch.zeros(3, 7, dtype=torch.bool)
+    padding[1, 4:] = True
+    padding[2, 6:] = True
+    with torch.no_grad():
+        nested = encoder(x, src_key_padding_mask=padding)
+        encoder.use_nested_tensor = False  # the padded path, which always took the norms
+        padded = encoder(x, src_key_padding_mask=padding)
+    kept = ~padding
+    torch.testing.assert_close(nested[kept], padded[kept], rtol=1e-5, atol=1e-5)
+    assert (nested[padding] == 0).all()  # the encoder pads its nested output with zeros
+
+
+def test_nested_input_other_than_self_attention_is_one_clear_error() -> None:
+    attn = QKNormMultiheadAttention(8, 2, batch_first=True)
+    q = torch.nested.nested_tensor([torch.randn(3, 8), torch.randn(5, 8)])
+    with pytest.raises(ValueError, match="nested query = key = value with batch_first=True"):
+        attn(q, q.clone(), q.clone())

@@ -141,6 +141,8 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
     ) -> tuple[Tensor, Tensor | None]:
         if is_causal and attn_mask is None:
             raise RuntimeError("Need attn_mask if specifying the is_causal hint (as nn.MultiheadAttention)")
+        if query.is_nested or key.is_nested or value.is_nested:
+            return self._forward_nested(query, key, value, need_weights, attn_mask, average_attn_weights)
         unbatched = query.dim() == 2
         if unbatched:
             query, key, value = query.unsqueeze(1), key.unsqueeze(1), value.unsqueeze(1)
@@ -177,6 +179,40 @@ class QKNormMultiheadAttention(nn.MultiheadAttention):
         if unbatched:
             out = out.squeeze(1)
         return out, weights
+
+    def _forward_nested(
+        self,
+        query: Tensor,
+        key: Tensor,
+        value: Tensor,
+        need_weights: bool,
+        attn_mask: Tensor | None,
+        average_attn_weights: bool,
+    ) -> tuple[Tensor, Tensor | None]:
+        """Self-attention over nested (padding-free) sequences, which ``nn.TransformerEncoder`` hands its layers in
+        eval under ``no_grad`` with a ``src_key_padding_mask``: padded, attended with the padding masked, and
+        nested again. (``nn.MultiheadAttention`` takes them in its fused kernel, which skips the norms.)"""
+        if not (query is key and key is value and self.batch_first):
+            raise ValueError(
+                "QKNormMultiheadAttention got nested tensors other than one batch_first self-attention input; "
+                "allowed: nested query = key = value with batch_first=True (nn.TransformerEncoder's inference "
+                "path), else padded tensors with key_padding_mask"
+            )
+        lengths = [t.shape[0] for t in query.unbind()]
+        padded = query.to_padded_tensor(0.0)
+        positions = torch.arange(padded.shape[1], device=padded.device)
+        padding = positions >= torch.tensor(lengths, device=padded.device).unsqueeze(1)  # (B, L) True = padding
+        out, weights = self(
+            padded,
+            padded,
+            padded,
+            key_padding_mask=padding,
+            need_weights=need_weights,
+            attn_mask=attn_mask,
+            average_attn_weights=average_attn_weights,
+        )
+        rows = [o[:n] for o, n in zip(out.unbind(), lengths, strict=True)]
+        return torch.nested.as_nested_tensor(rows, layout=query.layout), weights
 
 
 def _additive_mask(
