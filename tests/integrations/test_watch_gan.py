@@ -301,3 +301,13 @@ def test_a_model_under_a_reentrant_checkpoint_gets_its_loss_with_another_watch_o
     assert all(value >= 10 for value in watch_b.guard.recorder._losses.tolist())
     watch_a.close()
     watch_b.close()
+
+
+def test_the_gan_warning_names_the_loops_own_line():
+    """With two watches each ``backward()`` runs through two gates: the warning, at a fixed stack level, named a
+    line of keel's watch.py instead of the loop's."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _dcgan("observe")
+    [warning] = [w for w in caught if issubclass(w.category, KeelWarning)]
+    assert warning.filename == __file__

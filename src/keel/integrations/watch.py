@@ -47,6 +47,8 @@ import functools
 import sys
 import warnings
 from collections.abc import Iterable, Sequence
+from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -171,7 +173,7 @@ class Watch:
         if len(kept) < len(self._backwards) and self._default_detectors:
             # a loss that reached this model went to another model's update, and this model trains on its own
             # next one: the two are trained against each other (a GAN's errG reached D)
-            self._warn("adversarial", ADVERSARIAL, depth=1)
+            self._warn("adversarial", ADVERSARIAL)
         self._backwards = kept
         self._backwards.append((backward, loss.detach() / scale if scale is not None else loss.detach()))
 
@@ -321,11 +323,11 @@ class Watch:
             raise AttributeError(name)
         return getattr(self.guard, name)
 
-    def _warn(self, key: str, message: str, *, depth: int = 0) -> None:
-        """Warn once per key, at the loop's line (``depth``: the calls between the hooked one and this)."""
+    def _warn(self, key: str, message: str) -> None:
+        """Warn once per key, at the loop's line (`loop_stacklevel`)."""
         if key not in self._warned:
             self._warned.add(key)
-            warnings.warn(message, KeelWarning, stacklevel=4 + depth)
+            warnings.warn(message, KeelWarning, stacklevel=loop_stacklevel())
 
 
 def watch(
@@ -367,6 +369,20 @@ def watch(
         >>> guard.close()
     """
     return Watch(model, optimizer, scheduler, scaler=scaler, **guard_kwargs)
+
+
+def loop_stacklevel() -> int:
+    """The ``stacklevel`` that makes a warning raised in keel's hooks name the loop's line: the first frame outside
+    keel and torch (a hooked ``backward()`` runs through one gate per open watch, and ``scaler.step`` through
+    torch's GradScaler, so the depth varies)."""
+    frame: FrameType | None = sys._getframe(2)  # level 2: the frame of the function calling warnings.warn is 1
+    level = 2
+    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
+        frame, level = frame.f_back, level + 1
+    return level
+
+
+_INSIDE = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent))  # keel's and torch's files
 
 
 def _as_tuple(value: Any, name: str) -> tuple[Any, ...]:
