@@ -54,7 +54,7 @@ def _recipe_table(curves: Sequence[Curve], recipe: str) -> str:
         cells = (
             c.size,
             c.n_params,
-            f"{c.lr_sensitivity:.3f}",
+            "—" if c.best_loss >= c.init_loss else f"{c.lr_sensitivity:.3f}",  # every LR at ℓ₀: a flag, not 0
             ratio,
             f"{c.best_lr:.0e}",
             f"{c.best_loss:.3f}",

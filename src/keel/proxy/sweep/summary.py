@@ -57,6 +57,12 @@ class CurveSummary:
     errors: int
 
     @property
+    def all_at_init(self) -> bool:
+        """Whether every LR ended at or above ℓ₀ (diverged, or no better than the initial model): the curve's
+        LRS is then 0, a flag and not the best result (`keel.proxy.sweep.metrics`)."""
+        return self.sensitivity.best_loss >= self.sensitivity.init_loss
+
+    @property
     def has_router(self) -> bool:
         """Whether any run of the curve measured a router (an MoE model): the router table and plot show it."""
         return any(math.isfinite(v) for v in (*self.router_z, *self.load_imbalance, *self.dead_experts))
@@ -148,13 +154,21 @@ def scaling_views(
 
 
 def sensitivity_ratios(curves: Sequence[CurveSummary], reference: str = "baseline") -> dict[tuple[str, str], float]:
-    """LRS(reference) / LRS(recipe) per (recipe, size): how many times less LR-sensitive each recipe is."""
-    ref = {c.size: c.sensitivity.lr_sensitivity for c in curves if c.recipe == reference}
+    """LRS(reference) / LRS(recipe) per (recipe, size): how many times less LR-sensitive each recipe is.
+
+    Only curves that compare: none for a curve whose every LR ended at ℓ₀ (`CurveSummary.all_at_init`: its LRS 0
+    would read as infinitely stable) or the reference's such curve, and none over another LR grid than the
+    reference's (a recipe whose runs raised at some LRs has them left out of its curve, and the mean over the
+    LRs that remain is not the same quantity).
+    """
+    refs = {c.size: c for c in curves if c.recipe == reference}
     out = {}
     for c in curves:
-        if c.size in ref:
-            mine = c.sensitivity.lr_sensitivity
-            out[(c.recipe, c.size)] = ref[c.size] / mine if mine > 0 else math.inf
+        ref = refs.get(c.size)
+        if ref is None or ref.all_at_init or c.all_at_init or ref.sensitivity.lrs != c.sensitivity.lrs:
+            continue
+        mine = c.sensitivity.lr_sensitivity
+        out[(c.recipe, c.size)] = ref.sensitivity.lr_sensitivity / mine if mine > 0 else math.inf
     return out
 
 
@@ -172,6 +186,7 @@ def to_json(
             "size": c.size,
             "n_params": c.n_params,
             "lr_sensitivity": c.sensitivity.lr_sensitivity,
+            "all_at_init": c.all_at_init,
             "best_lr": c.sensitivity.best_lr,
             "best_loss": c.sensitivity.best_loss,
             "init_loss": c.sensitivity.init_loss,
@@ -230,7 +245,7 @@ def format_tables(curves: Sequence[CurveSummary], views: Sequence[ScalingView]) 
             ratio = ratios.get((c.recipe, c.size))
             logits = f"{_g(c.max_attn_logit[0])} → {_g(max(c.max_attn_logit, key=_key))}"
             lines.append(
-                f"  {c.size:<7}{c.n_params:>9}{s.lr_sensitivity:>8.3f}"
+                f"  {c.size:<7}{c.n_params:>9}{('—' if c.all_at_init else f'{s.lr_sensitivity:.3f}'):>8}"
                 f"{(f'{ratio:.1f}x' if ratio is not None else '—'):>9}{s.best_lr:>9.0e}{s.best_loss:>10.3f}"
                 f"{f'{s.lr_range[0]:.0e} … {s.lr_range[1]:.0e}':>22}{logits:>30}"
                 f"{c.diverged:>10}{c.errors:>8}"
