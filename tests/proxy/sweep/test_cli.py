@@ -53,6 +53,13 @@ def test_sweep_json_summary_and_resume(tmp_path, capsys):
     assert main(["sweep", "--out", str(out), "--summarize", "--json", "--no-plots"]) == 0
     assert json.loads(capsys.readouterr().out)["recipes"] == doc["recipes"]
 
+    # a sweep folder whose plots cannot be written (read-only, as a finished sweep copied from a cluster; here
+    # OUT/plots is a file): the summary is still printed, exit 0 (reviewer V7: exit 2 and no table)
+    (out / "plots").write_text("not a folder")
+    assert main(["sweep", "--out", str(out), "--summarize"]) == 0
+    text = capsys.readouterr().out
+    assert "baseline\n  size" in text and ("plots not written" in text or "plots skipped" in text)
+
 
 def test_quick_grid_is_what_help_says(capsys):
     with pytest.raises(SystemExit):

@@ -219,13 +219,13 @@ def main(args: argparse.Namespace) -> int:
         if isinstance(exc, KeelError):
             raise
         raise ValueError(f"{sweep_store_path(out)}: {exc}") from exc
-    if not args.no_plots and result.curves:
-        _write_plots(result, Path(args.plots) if args.plots else out / "plots", out, stream)
     if args.json:
         print(json.dumps(to_json(result.curves, result.scaling, result.rows), indent=2))
     else:
         print("\n" + format_tables(result.curves, result.scaling))
         print(f"\nsweep store: {sweep_store_path(out)}")
+    if not args.no_plots and result.curves:  # after the tables: a folder it cannot write loses only the PNGs
+        _write_plots(result, Path(args.plots) if args.plots else out / "plots", out, stream)
     return 0
 
 
@@ -303,5 +303,8 @@ def _write_plots(result: SweepResult, where: Path, out: Path, stream) -> None:  
         paths = write_plots(result.curves, result.scaling, where)
     except ImportError as exc:
         print(f"plots skipped: {exc}", file=stream)
+        return
+    except OSError as exc:  # a read-only sweep folder (--summarize of a finished sweep), a full disk
+        print(f"plots not written ({exc}); the tables are above, and keel report {out} draws them", file=stream)
         return
     print(f"plots: {', '.join(str(p) for p in paths)} (keel report {out} draws them from the store)", file=stream)
