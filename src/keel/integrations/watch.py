@@ -28,6 +28,9 @@ runs at interpreter exit if the loop never calls it):
   keel then measures the clipped gradients.)
 - **learning rates** the loop writes into ``param_groups`` are used as written; the lr_backoff action's LR scale
   multiplies them for each update, so it survives the loop's writes.
+- **a model EMA** the loop keeps (timm's ``ModelEmaV3``, ``torch.optim.swa_utils.AveragedModel``) is not found by
+  keel: register it, ``guard.track(model_ema, name="ema")``, and a rollback restores it with the model, a resume
+  continues it (`keel.Guard.track`).
 
 Gradient accumulation needs nothing: micro-batches add up until the loop's update call. Several optimizers (Muon
 for the matrices, AdamW for the rest) are given as a list: keel decides at the first one's ``step()`` and steps,
