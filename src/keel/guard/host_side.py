@@ -62,9 +62,11 @@ def _make_disabled(fn: Callable[..., Any], wrapper: Callable[..., Any], disabled
     """``torch.compiler.disable(fn)`` into ``disabled``, and the wrapper's own frame marked for dynamo to run as is."""
     if disabled:
         return
-    from torch._dynamo.eval_frame import skip_code  # noqa: PLC0415  (imported already: see the callers)
+    from torch._dynamo import eval_frame  # noqa: PLC0415  (imported already: see the callers)
 
-    skip_code(wrapper.__code__)
+    skip_code = getattr(eval_frame, "skip_code", None)  # torch >= 2.4 has it; without it dynamo traces the wrapper,
+    if skip_code is not None:  # whose call of the disabled function then breaks the graph: more breaks, same graphs
+        skip_code(wrapper.__code__)
     disabled.append(torch.compiler.disable(fn))
 
 
