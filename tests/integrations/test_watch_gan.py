@@ -311,3 +311,19 @@ def test_the_gan_warning_names_the_loops_own_line():
         _dcgan("observe")
     [warning] = [w for w in caught if issubclass(w.category, KeelWarning)]
     assert warning.filename == __file__
+
+
+def test_gradients_from_torch_autograd_backward_are_not_kept_past_the_update():
+    """torch.autograd.backward(loss) is not the hooked Tensor.backward: the parameters its gradients land in were
+    noted by the hooks and never read, one list entry per parameter per step for as long as the run went on."""
+    model_a, model_b = nn.Linear(4, 1), nn.Linear(4, 1)
+    opt_a = torch.optim.SGD(model_a.parameters(), lr=0.1)
+    watch_a = keel.watch(model_a, opt_a, policy="observe")
+    watch_b = keel.watch(model_b, torch.optim.SGD(model_b.parameters(), lr=0.1), policy="observe")
+    for _ in range(5):
+        torch.autograd.backward(model_a(torch.randn(8, 4)).pow(2).mean())
+        opt_a.step()
+        opt_a.zero_grad()
+    assert OWNERS._landed == []
+    watch_a.close()
+    watch_b.close()

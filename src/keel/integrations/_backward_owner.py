@@ -99,6 +99,13 @@ class BackwardOwners:
     def leave(self) -> None:
         self._in_flight = None
 
+    def drop_outside(self) -> None:
+        """Forget the gradients that landed outside a hooked ``backward()`` call (``torch.autograd.backward``):
+        nothing reads them, and a loop that only calls that would grow the list at every step. Called at each
+        update, when no backward is in flight."""
+        if self._in_flight is None:
+            self._landed.clear()
+
     def _hook_while_shared(self) -> None:
         """Hook every watched parameter that takes a gradient while two or more watches are open; none otherwise."""
         if len(self._keys) < 2:

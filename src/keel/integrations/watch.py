@@ -277,6 +277,7 @@ class Watch:
         return None if self._handoff.handled else original(*args, **kwargs)
 
     def _update(self) -> Decision:
+        OWNERS.drop_outside()
         loss, norm, self._norm_before_clip = self._step_loss(), self._norm_before_clip, None
         self._handoff.handled = True
         try:
