@@ -188,3 +188,32 @@ def test_disk_full_is_told_from_other_write_errors(error, full):
     from keel.recover.disk import disk_full
 
     assert disk_full(error) is full
+
+
+def test_snapshots_due_while_a_write_runs_are_written_after_it_the_newest_one(tmp_path, monkeypatch):
+    # a write still running dropped the snapshots due meanwhile, silently, and close() did not write the newest:
+    # a resume went back further than disk_every promised (reviewer V5)
+    import threading
+
+    import keel.recover.disk as disk_module
+
+    release, real = threading.Event(), disk_module.save_file
+
+    def slow(tensors, path):
+        assert release.wait(30)
+        real(tensors, path)
+
+    monkeypatch.setattr(disk_module, "save_file", slow)
+    state = _state()
+    disk = DiskSnapshots(tmp_path, keep=10)
+    first, second, third = (_snap(state, step) for step in (1, 2, 3))
+    assert disk.save_async(first) is True
+    assert disk.save_async(second) is False  # due while the first is written: waits
+    assert disk.save_async(third) is False  # newer: takes its place
+    release.set()
+    disk.wait()  # returns once the waiting one is written too
+    assert [p.name for p in disk.complete()] == ["step-000000001", "step-000000003"]
+    assert (disk.superseded, disk.evicted, disk.failures) == (1, 0, 0)
+    assert disk.save_async(_snap(state, 4)) is True  # idle again: starts at once
+    disk.wait()
+    assert disk.load_newest().step == 4

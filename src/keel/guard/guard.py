@@ -362,13 +362,19 @@ class Guard(DeferredSteps):
             raise ValueError(f"track({type(obj).__name__}): allowed: an object with state_dict() and load_state_dict()")
         if not isinstance(name, str) or not name:
             raise ValueError(f"track(name={name!r}); allowed: a non-empty str")
+        average = isinstance(obj, nn.Module)
         if self.global_step != self._start_step:
-            raise ValueError(
-                f"track({name!r}) after {self.global_step - self._start_step} step(s) of this Guard: "
-                "earlier snapshots lack the data position, and a resumed run's stored position "
-                "would rewind the data; allowed: track() before the first step()"
+            why = (
+                "earlier snapshots lack the model average, and a rollback to one of them would leave it as it is"
+                if average
+                else "earlier snapshots lack the data position, and a resumed run's stored position would rewind "
+                "the data"
             )
-        kind = "averaged" if isinstance(obj, nn.Module) else "tracked"
+            raise ValueError(
+                f"track({name!r}) after {self.global_step - self._start_step} step(s) of this Guard: {why}; "
+                "allowed: track() before the first step()"
+            )
+        kind = "averaged" if average else "tracked"
         getattr(self.state, kind)[name] = obj
         stored = self._resumed.plain.get(kind, {}) if self._resumed is not None else {}
         if name in stored:
@@ -809,10 +815,15 @@ class Guard(DeferredSteps):
         self.recorder.late(Observation(step=self._late_step, values=values, per_param=per_param))
 
     def _record_disk_snapshots(self) -> None:
-        written = self.recovery.disk.written if self.recovery is not None and self.recovery.disk is not None else []
+        disk = self.recovery.disk if self.recovery is not None else None
+        written = disk.written if disk is not None else []
         for step, path, checksum in written[self._snapshots_recorded :]:
             self.recorder.snapshot(step, path, checksum)
         self._snapshots_recorded = len(written)
+        if disk is not None and (disk.superseded or disk.evicted):  # writes slower than snapshots were due
+            self.recorder.meta(
+                {"disk_snapshots": {"written": len(written), "superseded": disk.superseded, "evicted": disk.evicted}}
+            )
 
 
 def _trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, nn.Parameter]]:

@@ -75,23 +75,42 @@ class DiskSnapshots:
         self.found = 0  # snapshot folders the last load_newest considered (its own run's and others')
         self._older: list[Path] = []  # the run's folders older than the one load_newest returned, oldest first
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()  # guards _writing and _pending between the loop's thread and the writer
+        self._writing = False
+        self._pending: Snapshot | None = None  # the newest snapshot due while a write ran: written next
+        self.superseded = 0  # due snapshots a newer one replaced while they waited for the running write
+        self.evicted = 0  # due snapshots the ring reused before the writer got to them
         self._warned = False
         self._checksums: dict[str, tuple[FixedTensor, str]] = {}  # key -> (the record it was computed for, CRC)
 
     def save_async(self, snap: Snapshot) -> bool:
-        """Start writing ``snap`` unless a write is still running; returns whether it started."""
-        if self._thread is not None and self._thread.is_alive():
-            return False
-        self._thread = threading.Thread(target=self._save_guarded, args=(snap,), name="keel-snapshot-disk", daemon=True)
+        """Write ``snap`` in the background: now, or when the running write ends (a newer due snapshot then takes
+        its place: the newest is the one a resume wants). Returns whether it started now."""
+        with self._lock:
+            if self._writing:
+                self.superseded += self._pending is not None
+                self._pending = snap
+                return False
+            self._writing = True
+        self._thread = threading.Thread(target=self._write_queue, args=(snap,), name="keel-snapshot-disk", daemon=True)
         self._thread.start()
         return True
 
     def wait(self) -> None:
+        """Return once every due snapshot is written (the one waiting for the running write included)."""
         if self._thread is not None:
             self._thread.join()
 
+    def _write_queue(self, snap: Snapshot | None) -> None:
+        while snap is not None:
+            self._save_guarded(snap)
+            with self._lock:
+                snap, self._pending = self._pending, None
+                self._writing = snap is not None
+
     def _save_guarded(self, snap: Snapshot) -> None:
         if not snap.in_use.acquire(blocking=False):
+            self.evicted += 1
             return  # already evicted from the ring: its buffers belong to a newer snapshot
         try:
             snap.ready.wait()
