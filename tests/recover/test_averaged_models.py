@@ -110,3 +110,16 @@ def test_a_resumed_run_continues_the_ema_exactly(tmp_path):
     run(10, resume=False, stop=7)
     with pytest.warns(keel.KeelWarning, match=r"holds the model average 'ema'.*guard.track\(ema, name='ema'\)"):
         run(10, resume=True, track=False)
+
+
+def test_an_ema_registered_after_the_first_step_is_refused_with_what_a_rollback_would_miss():
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = keel.Guard(model, opt, policy="recover")
+    x, y = make_batches(1)[0]
+    loss = F.mse_loss(model(x), y)
+    loss.backward()
+    guard.step(loss)
+    with pytest.raises(ValueError, match=r"track\('ema'\) after 1 step\(s\).*lack the model average"):
+        guard.track(_ema("timm", model)[0], name="ema")
+    guard.close()
