@@ -113,3 +113,27 @@ def test_tracked_by_a_guard_its_statistics_resume_with_the_run(tmp_path):
     start = min(after)
     assert start == 10 and after[start]["steps"] == before[start]["steps"]
     assert all(torch.equal(a, b) for a, b in zip(after[start]["ema"], before[start]["ema"], strict=True))
+
+
+@pytest.mark.parametrize("bad", [float("inf"), float("nan")])
+def test_a_non_finite_gradient_leaves_the_statistics_and_clipping_goes_on(bad: float) -> None:
+    # an fp16 AMP loop's overflow step (inf gradients, skipped by the GradScaler) made the running max inf (or NaN)
+    # and switched clipping off for the rest of the run (reviewer V16)
+    p = torch.nn.Parameter(torch.zeros(1000))
+    clipper, reference = AdaClip([p]), AdaClip([torch.nn.Parameter(torch.zeros(1000))])
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(30):
+        g = torch.randn(1000, generator=gen)
+        for c, q in ((clipper, p), (reference, reference.params[0])):
+            q.grad = g.clone()
+            c.clip_()
+    poisoned = torch.randn(1000, generator=gen)
+    poisoned[3] = bad
+    p.grad = poisoned
+    clipper.clip_()
+    assert clipper.state_dict()["steps"] == reference.state_dict()["steps"]  # the bad step did not count
+    torch.testing.assert_close(clipper.state_dict()["ema"][0], reference.state_dict()["ema"][0], rtol=0, atol=0)
+    spike = torch.randn(1000, generator=gen) * 1000
+    p.grad = spike.clone()
+    assert clipper.clip_().item() > 10  # the spike is seen and clipped
+    assert p.grad.abs().max().item() < spike.abs().max().item() / 10

@@ -98,7 +98,9 @@ class AdaClip:
     def clip_(self) -> Tensor:
         """Clip every gradient in place; returns the largest max|g| / M̂ (> 1: something was clipped).
 
-        Tensors without a gradient are skipped and their statistics do not advance.
+        Tensors without a gradient are skipped and their statistics do not advance. A gradient with an inf or NaN
+        (an fp16 overflow step the GradScaler will skip) leaves its tensor's running max as it was (off the CPU its
+        step count still advances: reading it back would cost a host sync), so clipping goes on after it.
         """
         with_grad = [(i, p.grad) for i, p in enumerate(self.params) if p.grad is not None]
         if not with_grad:
@@ -115,9 +117,15 @@ class AdaClip:
             ema = torch.stack([self._ema_of(i) for i in idx])
             steps = torch.tensor([float(self._steps[i]) for i in idx], device=maxima.device)
             new_ema, thresholds = ada_clip_thresholds(maxima, ema, steps, self.gamma)
+            # a non-finite gradient (an fp16 overflow the GradScaler then skips) leaves the statistics as they were:
+            # its inf or NaN in the running max switched clipping off for the rest of the run
+            finite = torch.isfinite(maxima)
+            new_ema = torch.where(finite, new_ema, ema)
             for k, i in enumerate(idx):
                 self._ema[i] = new_ema[k]
-            if on_cpu:  # host values are free: clip only the rows that hold a spike
+            if on_cpu:  # host values are free: the step count stays too, and only the rows that hold a spike clip
+                for k in (~finite).nonzero().flatten().tolist():
+                    self._steps[idx[k]] -= 1
                 for g, peak, thr in zip(dev_grads, maxima.tolist(), thresholds.tolist(), strict=True):
                     if peak > thr:
                         _clip_rows_(g, thr, peak)
