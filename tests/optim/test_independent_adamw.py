@@ -108,3 +108,27 @@ def test_lambda_above_one_percent_per_step_is_warned_once() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         IndependentAdamW([p], lr=6e-4, weight_decay=1e-4)
+
+
+@pytest.mark.parametrize("placeholder", [0.0, 1e-5])
+def test_a_loop_writing_an_lr_above_the_peak_is_warned_once(placeholder: float) -> None:
+    # built with a placeholder lr (0.0: warm-up from 0), the loop writing 6e-4 itself: the decay followed the
+    # placeholder (none at all for 0), silently (reviewer V17)
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = IndependentAdamW([p], lr=placeholder, weight_decay=1e-3)
+    with pytest.warns(KeelWarning, match=r"lr=0.0006 is above the group's peak LR initial_lr=") as caught:
+        for _ in range(3):
+            opt.param_groups[0]["lr"] = 6e-4
+            p.grad = torch.zeros(3)
+            opt.step()
+    assert len([w for w in caught if issubclass(w.category, KeelWarning)]) == 1
+    # built with the peak, the same loop is quiet and decays by λ per step at the peak
+    q = torch.nn.Parameter(torch.ones(3))
+    peak = IndependentAdamW([q], lr=6e-4, weight_decay=1e-3)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(3):
+            peak.param_groups[0]["lr"] = 6e-4
+            q.grad = torch.zeros(3)
+            peak.step()
+    assert q[0].item() == pytest.approx((1 - 1e-3) ** 3)

@@ -40,7 +40,8 @@ class IndependentAdamW(torch.optim.AdamW):
     ``{"weight_decay": 0.0}`` for biases and norm gains) has that λ; ``independent_weight_decay`` in a group wins.
     λ is a decay *per step*: a λ above 0.01 (AdamW's coupled ``weight_decay=0.1`` passed as it is) is warned
     about once, as it shrinks the weights by more than 1 % every step — AdamW's ``wd`` at peak LR η decays as
-    λ = η·wd.
+    λ = η·wd. A loop that writes ``param_group["lr"]`` itself (nanoGPT's ``get_lr``) builds it with ``lr=`` the
+    schedule's peak (or sets each group's ``initial_lr``); an LR above the peak is warned about once.
 
     float16 parameters keep float32 moments and are updated through a float32 copy (torch's AdamW would keep
     float16 moments, where 1e-3·g² underflows and ε rounds to 0, so its first step makes NaN); their state then
@@ -83,7 +84,7 @@ class IndependentAdamW(torch.optim.AdamW):
         check_betas("IndependentAdamW", betas)
         check_range("IndependentAdamW", "eps", eps, 0.0, math.inf, high_open=True)
         check_range("IndependentAdamW", "weight_decay", weight_decay, 0.0, math.inf, high_open=True)
-        self._warned_large_decay = False
+        self._warned_large_decay = self._warned_above_peak = False
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0, **kwargs)
         self.defaults["independent_weight_decay"] = weight_decay
         for group in self.param_groups:
@@ -142,6 +143,8 @@ class IndependentAdamW(torch.optim.AdamW):
                 loss = closure()
         for group in self.param_groups:
             peak = float(group["initial_lr"])
+            if float(group["lr"]) > peak and group["independent_weight_decay"] > 0:
+                self._warn_above_peak(float(group["lr"]), peak)
             group["weight_decay"] = group["independent_weight_decay"] / peak if peak > 0 else 0.0
         half = [
             (group, p, p.grad)
@@ -159,6 +162,21 @@ class IndependentAdamW(torch.optim.AdamW):
         for group, p, grad in half:
             self._step_float16(group, p, grad)
         return loss
+
+    def _warn_above_peak(self, lr: float, peak: float) -> None:
+        """Once: an LR above the group's peak (``initial_lr``), as a loop that writes ``param_group["lr"]`` itself
+        gives when the optimizer was built with a placeholder LR; the decay then follows the wrong peak (none at
+        all for a peak of 0)."""
+        if self._warned_above_peak:
+            return
+        self._warned_above_peak = True
+        warnings.warn(
+            f"IndependentAdamW: lr={lr:g} is above the group's peak LR initial_lr={peak:g}, by which the decay is "
+            "scaled (λ·lr/peak; none for a peak of 0): build it with lr= the schedule's peak, or set each group's "
+            "'initial_lr' to it, when the loop writes param_group['lr'] itself",
+            KeelWarning,
+            stacklevel=3,
+        )
 
     def _step_float16(self, group: dict[str, Any], p: Tensor, grad: Tensor) -> None:
         """AdamW's update of one float16 parameter with float32 moments (`moment_dtype`)."""
