@@ -116,7 +116,7 @@ def test_critical_above_agrees_with_the_first_steps_rule():
     assert [f.severity for f in det.update(Observation(step=11, values={"loss": limit * 1.001}))] == ["critical"]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(
     start=st.floats(1e-4, 1e4),
     steps=st.lists(st.floats(0.0, 0.5), min_size=1, max_size=120),
@@ -167,7 +167,7 @@ def test_a_level_shift_in_a_long_run_is_found_by_scan_as_by_update():
     assert _scan(values.tolist()) == found
 
 
-@settings(max_examples=25, deadline=None)
+@settings(max_examples=15, deadline=None)
 @given(
     seed=st.integers(0, 2**32 - 1),
     sigma=st.floats(0.05, 0.9),
