@@ -63,6 +63,7 @@ from keel.signals import (
 from keel.signals.attribution import Attribution
 from keel.signals.pack import HostValues
 from keel.signals.param_norm import parameter_norms
+from keel.store import StoreError
 
 PROBE_SETS = {"default": DEFAULT_PROBES, "transformer": TRANSFORMER_PROBES, "full": FULL_PROBES}
 
@@ -248,7 +249,11 @@ class Guard(DeferredSteps):
         self._last_call: float | None = None
         self._closed = False
         self._snapshots_recorded = 0
-        self.recorder = Recorder(self.run_dir.store_dir, log_every)
+        try:
+            self.recorder = Recorder(self.run_dir.store_dir, log_every)
+        except StoreError:  # a store a newer keel wrote: refused, and the run_dir is free again
+            self.run_dir.release()
+            raise
         self.evaluation = Evaluation(model, self.components, self.recorder)
         self.state.history["evaluation"] = self.evaluation  # phases and evals so far: a rollback keeps them
         writes_skips = policy != "observe" and self.run_dir.store_dir is not None  # observe changes no data

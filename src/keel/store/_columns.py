@@ -18,20 +18,11 @@ from operator import itemgetter
 from pathlib import Path
 from typing import Any, Literal
 
-from keel._core.errors import KeelError
-from keel.store.schema import connect_for_reading
+from keel.store.schema import StoreError, connect_for_reading
 
 Kind = Literal["int", "real", "text"]
 _ALLOWED = {"int": "an integer", "real": "a number", "text": "text"}
 _TYPES = {"int": frozenset({int}), "real": frozenset({int, float}), "text": frozenset({str})}
-
-
-class StoreError(KeelError, sqlite3.OperationalError):
-    """A store that cannot be read: not an SQLite file, or a table or a required column is missing.
-
-    Also an `sqlite3.OperationalError` (what SQLite raises for a missing table), so code that already handles
-    a broken SQLite file handles this one.
-    """
 
 
 @dataclass(frozen=True)

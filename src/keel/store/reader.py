@@ -9,6 +9,7 @@ raises one `StoreError`.
 from __future__ import annotations
 
 import math
+import warnings
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -16,10 +17,11 @@ from typing import Any
 import numpy as np
 
 from keel._core.decision import ACTIONS, Decision
+from keel._core.errors import KeelWarning
 from keel._core.example_ids import parse_ids
 from keel._core.finding import SEVERITIES, Finding, severity_rank
 from keel.store._columns import Column, StoreFile, describe, parse_json, read_meta
-from keel.store.schema import STORE_NAME, store_path
+from keel.store.schema import SCHEMA_VERSION, STORE_NAME, newer_version_note, store_path, stored_version
 
 SIGNALS = (Column("step", "int"), Column("value", "real", nullable=True))
 FINDINGS = (
@@ -66,11 +68,18 @@ class RunReader:
     Raises:
         FileNotFoundError: No store at that path.
         StoreError: The file is not SQLite; a method raises it when its table or a required column is missing.
+
+    Warns:
+        KeelWarning: A newer keel wrote the store; it is read as far as this keel knows its tables.
     """
 
     def __init__(self, run: str | Path) -> None:
         self.path = store_path(run)
         self._file = StoreFile(self.path, "run store")
+        version = stored_version(self._file.conn)
+        if version > SCHEMA_VERSION:
+            note = newer_version_note(self.path, version)
+            warnings.warn(f"{note}: read as far as this keel knows its tables", KeelWarning, stacklevel=2)
 
     @property
     def problems(self) -> list[str]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-SCHEMA_VERSION = 1
+from keel._core.errors import KeelError
+
+SCHEMA_VERSION = 1  # PRAGMA user_version of a run store: a store of a higher one was written by a newer keel
 STORE_SUFFIX = ".sqlite"  # what marks a path as a store file rather than the folder holding one
 STORE_NAME = "run.sqlite"
 
@@ -31,6 +33,15 @@ CREATE TABLE IF NOT EXISTS snapshots (
 """
 
 
+class StoreError(KeelError, sqlite3.OperationalError):
+    """A store that cannot be read: not an SQLite file, or a table or a required column is missing; or one
+    that cannot be written: a newer keel wrote it.
+
+    Also an `sqlite3.OperationalError` (what SQLite raises for a missing table), so code that already handles
+    a broken SQLite file handles this one.
+    """
+
+
 def store_path(run_dir: str | Path) -> Path:
     """``run_dir/run.sqlite``, or the path itself when it already names a ``.sqlite`` file."""
     path = Path(run_dir)
@@ -50,9 +61,28 @@ def store_folder(path: str | Path) -> Path:
     return path.parent if path.suffix == STORE_SUFFIX else path
 
 
+def stored_version(conn: sqlite3.Connection) -> int:
+    """The schema version a store was written with (0 for a new, empty file)."""
+    return int(conn.execute("PRAGMA user_version").fetchone()[0])
+
+
+def newer_version_note(path: Path, version: int) -> str:
+    """What a store of a ``version`` above `SCHEMA_VERSION` is, for the error or warning that names it."""
+    return f"{path}: written by a newer keel (store version {version}; this keel writes version {SCHEMA_VERSION})"
+
+
 def connect_for_writing(path: Path) -> sqlite3.Connection:
+    """A connection that writes the store at ``path``, creating it (and its folder) if missing.
+
+    Raises:
+        StoreError: A newer keel wrote the store; it is left as it is (neither written nor stamped older).
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    version = stored_version(conn)
+    if version > SCHEMA_VERSION:
+        conn.close()
+        raise StoreError(f"{newer_version_note(path, version)}: not written; allowed: upgrade keel to write it")
     conn.execute("PRAGMA journal_mode=WAL")
     # NORMAL in WAL mode: a committed transaction survives a process kill (only an OS crash or power loss
     # can lose the last transactions), at a fraction of FULL's fsync cost.
