@@ -18,6 +18,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from types import ModuleType
 
 from torch import nn
 
@@ -186,14 +187,18 @@ def resolve_recipe(recipe: str | Recipe) -> tuple[str, Recipe]:
     return attr, fn
 
 
+# The recipe files loaded in this process, by the module name they were loaded under: a local sweep's workers load
+# them again under the same names, so that a TrainConfig hook defined in one (lr_factor=...) reaches them by pickle.
+RECIPE_FILES: dict[str, tuple[Path, ModuleType]] = {}
+
+
 def _load_module(where: str) -> object:
     if where.endswith(".py"):
         path = Path(where)
-        spec = importlib.util.spec_from_file_location(f"keel_recipe_{path.stem}", path)
-        if spec is None or spec.loader is None or not path.is_file():
+        if not path.is_file():
             raise ValueError(f"recipe file {where!r} not found")
-        module = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(module)
+        module = load_recipe_file(f"keel_recipe_{path.stem}", path)
+        RECIPE_FILES[module.__name__] = (path.resolve(), module)
         return module
     try:
         return importlib.import_module(where)
@@ -210,3 +215,13 @@ def _load_module(where: str) -> object:
             raise ValueError(f"recipe module {where!r} cannot be imported: {retry}") from retry
     except ImportError as exc:
         raise ValueError(f"recipe module {where!r} cannot be imported: {exc}") from exc
+
+
+def load_recipe_file(name: str, path: Path) -> ModuleType:
+    """Execute the recipe file ``path`` as a module named ``name`` (not put in ``sys.modules``)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise ValueError(f"recipe file {str(path)!r} cannot be loaded as a Python module")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -20,16 +20,20 @@ the CLI hung for a run's length per worker. A worker whose parent is gone (kille
 
 from __future__ import annotations
 
+import contextlib
 import multiprocessing
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from pathlib import Path
 
 from keel.proxy.sweep.backends.base import Task, crashed
 from keel.proxy.sweep.grid import RunSpec
+from keel.proxy.sweep.recipes import RECIPE_FILES, load_recipe_file
 from keel.proxy.sweep.worker import RunResult, run_one
 
 
@@ -81,12 +85,15 @@ class LocalBackend:
         """Run ``queue`` (consumed) in one spawned pool; yield results; return the runs that were in flight
         when a worker died (the pool is then unusable, and the rest of ``queue`` is left for the next)."""
         context = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(
-            max_workers=min(workers, len(queue)),
-            mp_context=context,
-            initializer=exit_with_parent,
-            initargs=(os.getpid(),),
-        ) as pool:
+        with (
+            ProcessPoolExecutor(
+                max_workers=min(workers, len(queue)),
+                mp_context=context,
+                initializer=start_worker,
+                initargs=(os.getpid(), {name: path for name, (path, _) in RECIPE_FILES.items()}),
+            ) as pool,
+            recipe_files_importable(),
+        ):
             pending: dict[Future[RunResult], Task] = {}
             try:
                 # At most one task queued per worker beyond the running ones, so "running" in the store means
@@ -128,6 +135,29 @@ def stop_workers(pool: ProcessPoolExecutor) -> None:
     for process in processes:
         process.terminate()
     pool.shutdown(wait=False)  # not cancel_futures: the pool fails the futures of a broken pool itself
+
+
+def start_worker(parent: int, recipe_files: dict[str, Path]) -> None:
+    """A worker's initializer: end with the sweep (`exit_with_parent`), and load the recipe files the sweep loaded
+    under their names, so that a TrainConfig hook defined in one unpickles here (a PicklingError in every run
+    before)."""
+    exit_with_parent(parent)
+    for name, path in recipe_files.items():
+        sys.modules[name] = load_recipe_file(name, path)
+
+
+@contextlib.contextmanager
+def recipe_files_importable() -> Iterator[None]:
+    """The recipe files' modules in ``sys.modules`` while a pool runs: pickle ships their functions by name (the Ray
+    backend's cloudpickle ships them by value, which needs them out of it)."""
+    added = [name for name in RECIPE_FILES if name not in sys.modules]
+    for name in added:
+        sys.modules[name] = RECIPE_FILES[name][1]
+    try:
+        yield
+    finally:
+        for name in added:
+            sys.modules.pop(name, None)
 
 
 def exit_with_parent(parent: int, every: float = 1.0) -> None:
