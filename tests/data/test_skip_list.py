@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keel._core.example_ids import MAX_IDS
 from keel.data import skip_list as skip_list_module
 from keel.data.skip_list import MAX_FILE_BYTES, SKIP_LIST_NAME, SkipEntry, SkipList
 
@@ -183,3 +184,33 @@ def test_add_refuses_to_overwrite_a_file_that_became_hostile(tmp_path: Path) -> 
 def test_skip_entry_refuses_bad_fields_naming_them(changes: dict, field: str) -> None:
     with pytest.raises(ValueError, match=f"SkipEntry.{field}.*allowed"):
         entry(**changes)  # type: ignore[arg-type]
+
+
+def test_a_file_whose_entries_name_too_many_ids_in_all_is_refused_before_any_is_made(tmp_path: Path) -> None:
+    # each entry is within the per-text cap; together they are twice it (a 222-byte file that cost 24 s and 1.8 GB
+    # to read, and 100 such entries would not fit in memory: reviewer V10)
+    half = MAX_IDS
+    entries = [_good(ids=f"{k * half}-{(k + 1) * half - 1}") for k in range(2)]
+    path = tmp_path / SKIP_LIST_NAME
+    path.write_text(json.dumps({"keel_skip_list": 1, "entries": entries}))
+    with pytest.raises(ValueError, match=f"{path}: entries 0-1 name {2 * half} ids in all; allowed: at most {half}"):
+        SkipList(tmp_path)
+
+
+def test_the_total_counts_each_entrys_distinct_ids(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setattr(skip_list_module, "MAX_TOTAL_IDS", 6)
+    path = tmp_path / SKIP_LIST_NAME
+    path.write_text(json.dumps({"keel_skip_list": 1, "entries": [_good(ids="0-2,1-3"), _good(ids="10-11")]}))
+    assert SkipList(tmp_path).ids() == {0, 1, 2, 3, 10, 11}  # 4 + 2: at the cap, not past it
+
+
+def test_add_refuses_an_entry_that_would_take_the_file_past_the_total_and_leaves_it(
+    tmp_path: Path, monkeypatch
+) -> None:
+    monkeypatch.setattr(skip_list_module, "MAX_TOTAL_IDS", 5)
+    skips = SkipList(tmp_path)
+    skips.add(entry(ids=(1, 2, 3)))
+    before = skips.path.read_bytes()
+    with pytest.raises(ValueError, match=f"{skips.path}: entries 0-1 would name 6 ids in all; allowed: at most 5"):
+        skips.add(entry(ids=(7, 8, 9)))
+    assert skips.path.read_bytes() == before and [e.ids for e in skips.entries] == [(1, 2, 3)]

@@ -84,18 +84,42 @@ def parse_ids(text: str, *, limit: int = MAX_IDS) -> list[int]:
         >>> parse_ids("0-3,9")
         [0, 1, 2, 3, 9]
     """
+    merged = _merged_spans(text)
+    if _count(merged) > limit:  # counted before any id is made: "0-99999999999" must cost nothing
+        raise ValueError(f"example ids {text[:60]!r} name more than {limit} ids; allowed: at most {limit}")
+    return [i for lo, hi in merged for i in range(lo, hi + 1)]
+
+
+def count_ids(text: str) -> int:
+    """How many distinct ids `parse_ids` would make of ``text``, without making them (so the ids of many texts
+    can be counted together against one limit first).
+
+    Raises:
+        ValueError: ``text`` is not ids and ranges, as `parse_ids` says.
+
+    Example:
+        >>> count_ids("0-3,2-5,9"), count_ids("0-99999999999")
+        (7, 100000000000)
+    """
+    return _count(_merged_spans(text))
+
+
+def _merged_spans(text: str) -> list[list[int]]:
+    """The ``[lo, hi]`` ranges ``text`` names, ascending, overlapping and adjacent ones merged."""
     if not isinstance(text, str):
         raise ValueError(f"example ids {text!r:.80}; allowed: text such as '0-31,64'")
     spans = sorted(_span(part, text) for part in text.split(",")) if text else []
     merged: list[list[int]] = []
-    for lo, hi in spans:  # count the distinct ids before making any: "0-99999999999" must cost nothing
+    for lo, hi in spans:
         if merged and lo <= merged[-1][1] + 1:
             merged[-1][1] = max(merged[-1][1], hi)
         else:
             merged.append([lo, hi])
-    if sum(hi - lo + 1 for lo, hi in merged) > limit:
-        raise ValueError(f"example ids {text[:60]!r} name more than {limit} ids; allowed: at most {limit}")
-    return [i for lo, hi in merged for i in range(lo, hi + 1)]
+    return merged
+
+
+def _count(merged: list[list[int]]) -> int:
+    return sum(hi - lo + 1 for lo, hi in merged)
 
 
 def _span(part: str, text: str) -> tuple[int, int]:

@@ -21,13 +21,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
-from keel._core.example_ids import as_id_list, format_ids, parse_ids
+from keel._core.example_ids import MAX_IDS, as_id_list, count_ids, format_ids, parse_ids
 
 SKIP_LIST_NAME = "skip_list.json"
 FORMAT_VERSION = 1
 EntryKind = Literal["window", "examples"]
 ENTRY_KINDS: tuple[str, ...] = get_args(EntryKind)
 MAX_FILE_BYTES = 64 * 2**20  # a skip list is ids as ranges: anything larger is not one
+# the ids of all its entries (each entry's distinct ids, summed: what reading the file makes), so that a few bytes
+# of ranges ("0-9999999", "10000000-19999999", ...) cannot cost gigabytes; MAX_IDS already bounds each entry
+MAX_TOTAL_IDS = MAX_IDS
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,10 +116,14 @@ class SkipList:
         list was read are kept.
 
         Raises:
-            ValueError: The file is there but is not a keel skip list (it is left as it is).
+            ValueError: The file is there but is not a keel skip list, or the entry would take its ids past
+                `MAX_TOTAL_IDS` in all (the file is left as it is).
             OSError: The file could not be written.
         """
         entries = [*(read_entries(self.path) if self.path.exists() else []), entry]
+        total = sum(len(e.ids) for e in entries)
+        if total > MAX_TOTAL_IDS:
+            raise ValueError(_too_many(self.path, len(entries) - 1, total, "would name"))
         payload = {"keel_skip_list": FORMAT_VERSION, "entries": [e.to_json() for e in entries]}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".skip_list.", dir=self.path.parent)
@@ -151,7 +158,25 @@ def read_entries(path: Path) -> list[SkipEntry]:
     entries = data.get("entries")
     if not isinstance(entries, list):
         raise ValueError(f"{path}: 'entries' is {type(entries).__name__}; allowed: a list of entries")
+    _check_total(path, entries)
     return [_entry(path, n, raw) for n, raw in enumerate(entries)]
+
+
+def _check_total(path: Path, entries: list[object]) -> None:
+    """Count the entries' ids before any is made (an entry whose ids are not ids text counts none here:
+    `_entry` names what is wrong with it)."""
+    total = 0
+    for n, raw in enumerate(entries):
+        try:
+            total += count_ids(raw["ids"]) if isinstance(raw, dict) and "ids" in raw else 0
+        except ValueError:
+            continue
+        if total > MAX_TOTAL_IDS:
+            raise ValueError(_too_many(path, n, total, "name"))
+
+
+def _too_many(path: Path, last: int, total: int, verb: str) -> str:
+    return f"{path}: entries 0-{last} {verb} {total} ids in all; allowed: at most {MAX_TOTAL_IDS} in one skip list"
 
 
 def _entry(path: Path, n: int, raw: object) -> SkipEntry:
