@@ -177,3 +177,24 @@ def test_a_constant_unit_loss_scale_in_any_log_does_not_make_a_nan_a_scaler_over
     moving = tmp_path / "moving.csv"
     moving.write_text("\n".join(r.replace(",1.0", ",65536.0") for r in rows[:-1]) + "\n40,nan,32768.0\n")
     assert [f.kind for f in examine_log(str(moving)).findings if f.step == 40] == ["loss_scale_overflow"]
+
+
+def test_a_short_log_says_what_its_spike_detectors_can_still_flag(tmp_path, capsys):
+    # from the 5th value the spike detectors flag extreme jumps over the values so far (helper A's warm-up rule):
+    # "it needs 20 before it can flag anything" was no longer true
+    from keel.cli import main
+
+    p = tmp_path / "short.csv"
+    p.write_text("step,loss,grad_norm\n" + "".join(f"{s},{30 - s}.0,1.0\n" for s in range(1, 13)))
+    detectors = {d["kind"]: d for d in examine_log(p).summary["detectors"] if "kind" in d}
+    assert detectors["loss_spike"]["extreme_from_step"] == 6 and detectors["loss_spike"]["extreme_factor"] == 4.0
+    assert detectors["grad_spike"]["extreme_factor"] == 10.0 and "extreme_from_step" not in detectors["divergence"]
+    assert main(["doctor", str(p)]) == 0
+    out = capsys.readouterr().out
+    assert "short history for loss_spike on loss: 12 value(s): only jumps to 4x the median so far" in out
+    assert "not enough history for divergence on loss: 12 value(s), it needs 50" in out
+    p.write_text("step,loss\n1,3.0\n2,2.9\n3,2.8\n")  # under 5 values: nothing can be flagged yet
+    assert main(["doctor", str(p)]) == 0
+    assert "not enough history for loss_spike on loss: 3 value(s), it needs 20 before it can flag anything" in (
+        capsys.readouterr().out
+    )

@@ -115,8 +115,8 @@ class SpikeConfig:
             ``TAIL_SPAN`` steps (a heavy-tailed run's own noise).
         warmup_points: Accepted values after which, still short of ``min_history``, an extreme jump is flagged
             (log space only).
-        warmup_excess: Relative excess over the highest accepted value a step needs to be a spike before
-            ``min_history`` (3.0 = four times every value seen so far); ``critical`` as usual beyond that.
+        warmup_excess: Relative excess over the median of the values accepted so far that a step needs to be a
+            spike before ``min_history`` (3.0 = four times it); ``critical`` as usual beyond that.
         shift_span: Latest values whose median is the recent level of the level-shift test (0: no test); the test
             runs once at least as many older values are in the window (never with ``window < 2 * shift_span - 1``).
         shift_z: Standard errors of that median (of the window's robust scale) it must lie above the window's median.

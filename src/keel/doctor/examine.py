@@ -344,6 +344,11 @@ def _rank(key: str) -> int:
     return _PRIMARY.index(key) if key in _PRIMARY else len(_PRIMARY)
 
 
+def _log_space(det: SpikeDetector, values: np.ndarray) -> bool:
+    """Whether ``det`` judged ``values`` in log space (``log_scale=None``: while every value is positive)."""
+    return det.config.log_scale is True or (det.config.log_scale is None and bool((values > 0).all()))
+
+
 def _readiness(det: Detector, timeline: Timeline) -> dict[str, Any]:
     """When ``det`` first had enough history to flag anything in this log (None: never)."""
     info: dict[str, Any] = {"name": det.name}
@@ -371,4 +376,11 @@ def _readiness(det: Detector, timeline: Timeline) -> dict[str, Any]:
         observations=len(usable),
         armed_at_step=int(usable[armed_index]) if len(usable) > armed_index else None,
     )
+    if isinstance(det, SpikeDetector) and _log_space(det, values[usable_at]) and det.config.warmup_points < needed:
+        # before its baseline it flags only extreme jumps over the values so far (`SpikeDetector._warm_up`)
+        first = det.config.warmup_points
+        info.update(
+            extreme_from_step=int(usable[first]) if len(usable) > first else None,
+            extreme_factor=1.0 + max(det.config.warmup_excess, det.config.min_excess),
+        )
     return info

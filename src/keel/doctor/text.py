@@ -200,11 +200,14 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
         if "needs" in det and det["observations"] == 0:
             continue
         if "needs" in det and det.get("armed_at_step") is None:
-            lines.append(
-                f"not enough history for {det.get('kind', det['name'])} on {det['signal']}: "
-                f"{det['observations']} value(s), it needs {det['needs']} "
-                "before it can flag anything"
-            )
+            kind = f"{det.get('kind', det['name'])} on {det['signal']}: {det['observations']} value(s)"
+            if det.get("extreme_from_step") is not None:
+                lines.append(
+                    f"short history for {kind}: only jumps to {det['extreme_factor']:g}x the median so far are "
+                    f"flagged until it has {det['needs']}"
+                )
+            else:
+                lines.append(f"not enough history for {kind}, it needs {det['needs']} before it can flag anything")
     for note in s.get("notes", []):
         lines.append(f"note: {note}")
     if "stored_findings" in s:
