@@ -46,3 +46,20 @@ def test_scaler_overflow_is_info_until_it_repeats():
 def test_non_finite_parameters_are_critical_even_with_a_scaler():
     [f] = NonFiniteDetector().update(_obs(param=NAN, scale=1.0))
     assert f.kind == "non_finite" and f.severity == "critical" and "Parameters" in f.cause
+
+
+def test_non_finite_parameters_at_the_first_observation_blame_the_initialisation_not_an_update():
+    # a model NaN before training was told "an earlier update was applied with non-finite values" and to roll back
+    # (helper B, reviewer V8's case): there was no update, and no older snapshot
+    nan = float("nan")
+    first = NonFiniteDetector()
+    (finding,) = first.update(Observation(step=0, values={keys.LOSS: nan, keys.PARAM_NORM: nan}))
+    assert "before any update was applied" in finding.cause and "initialisation" in finding.advice
+    later = NonFiniteDetector()
+    later.update(Observation(step=0, values={keys.LOSS: 2.0, keys.PARAM_NORM: 10.0}))
+    (finding,) = later.update(Observation(step=1, values={keys.LOSS: nan, keys.PARAM_NORM: nan}))
+    assert "an earlier update was applied" in finding.cause and "Roll back" in finding.advice
+    resumed = NonFiniteDetector()
+    resumed.load_state_dict(later.state_dict())
+    (finding,) = resumed.update(Observation(step=2, values={keys.PARAM_NORM: nan}))
+    assert "an earlier update was applied" in finding.cause

@@ -48,8 +48,10 @@ class NonFiniteDetector:
     def __init__(self, config: NonFiniteConfig | None = None) -> None:
         self.config = config_from(self, NonFiniteConfig, config, {})
         self._overflows = 0
+        self._first = True  # no update was applied before the first observation: NaN parameters there came with them
 
     def update(self, obs: Observation) -> list[Finding]:
+        first, self._first = self._first, False
         bad = [
             key
             for key in (keys.LOSS, keys.GRAD_NORM, keys.PARAM_NORM)
@@ -89,7 +91,16 @@ class NonFiniteDetector:
                     )
                 ]
         where = ", ".join(culprits[:5]) + (" …" if len(culprits) > 5 else "") if culprits else "unknown"
-        if keys.PARAM_NORM in bad:
+        if keys.PARAM_NORM in bad and first:
+            cause = (
+                f"Parameters hold NaN/Inf ({where}) before any update was applied: the model's initialisation or the "
+                "checkpoint it was loaded from holds them."
+            )
+            advice = (
+                "Check the initialisation (a std of 0 or inf, a division in an init function) and the checkpoint "
+                "loaded; no snapshot older than the first step exists to roll back to."
+            )
+        elif keys.PARAM_NORM in bad:
             cause = f"Parameters hold NaN/Inf ({where}): an earlier update was applied with non-finite values."
             advice = "Roll back to the last finite snapshot (policy='recover') and lower the learning rate."
         elif scaler_overflow:
@@ -125,6 +136,7 @@ class NonFiniteDetector:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self._overflows = int(state["overflows"])
+        self._first = False  # a run in progress: its parameters come from its own updates
 
 
 def _non_finite_names(obs: Observation, family: str) -> list[str]:
