@@ -45,6 +45,7 @@ from keel.guard.resumed_scheduler import HeldScheduler
 from keel.guard.run_dir import RunDir
 from keel.guard.run_end import RunEnd
 from keel.guard.user_signals import split_signals
+from keel.optim._helpers import refuse_closure_only
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
 from keel.recover.replay import StepReplay
 from keel.recover.snapshot import Snapshot
@@ -837,6 +838,7 @@ def _trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) ->
         raise ValueError(f"model={type(model).__name__}; allowed: a torch.nn.Module")
     if not hasattr(optimizer, "step") or not hasattr(optimizer, "param_groups"):
         raise ValueError(f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
+    refuse_closure_only("keel.Guard", optimizer)  # Guard.step calls optimizer.step() with no closure
     layout = optimizer.state_dict() if callable(getattr(optimizer, "state_dict", None)) else None
     if not (isinstance(layout, dict) and "state" in layout and "param_groups" in layout):
         got = sorted(layout) if isinstance(layout, dict) else type(layout).__name__

@@ -17,6 +17,7 @@ from keel.optim._helpers import (
     check_range,
     grads_of,
     group_by_device_dtype,
+    refuse_closure_only,
     refuse_float16,
     unit_scales,
 )
@@ -104,7 +105,8 @@ class OrthoGrad(Optimizer):
     Gradients are projected in place: after ``step()`` ``p.grad`` holds g⊥.
 
     Args:
-        optimizer: The base optimizer (any ``torch.optim.Optimizer``).
+        optimizer: The base optimizer: any ``torch.optim.Optimizer`` whose ``step`` runs without a closure (not
+            ``torch.optim.LBFGS``, which re-evaluates the loss itself: those are refused with a ValueError).
         eps: Guard added to ‖w‖² and ‖g⊥‖ (1e-30 as in the reference).
 
     Example:
@@ -126,6 +128,7 @@ class OrthoGrad(Optimizer):
         if not isinstance(optimizer, Optimizer):
             raise TypeError(f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer instance")
         check_range("OrthoGrad", "eps", eps, 0.0, 1.0)
+        refuse_closure_only("OrthoGrad", optimizer)  # step() projects the gradients, then steps the base without one
         self.optimizer = optimizer
         self.eps = eps
         # Optimizer.__init__ sets up the hook dictionaries and step profiling; it re-adds the base's group
