@@ -164,7 +164,11 @@ class KeelCallback(TrainerCallback):
         # Built before the first forward, so the hook probes (activations, attention, router) see step 0's; whether
         # the model's output carries a loss is only known at the first update (`_first_update`).
         self.guard = self._build_guard()
-        self._schedule = ScheduleAfterRollbacks(self.guard, state, extend=self.extend_after_rollback, meta_key="hf")
+        self._schedule = (  # a caller with no TrainerState (state=None) has no run length to keep
+            ScheduleAfterRollbacks(self.guard, state, extend=self.extend_after_rollback, meta_key="hf")
+            if hasattr(state, "max_steps") and hasattr(state, "global_step")
+            else None
+        )
         resumed_at = getattr(state, "global_step", 0)  # resume_from_checkpoint: keel's steps are the Trainer's
         if resumed_at and not self.guard.global_step and not self.guard.resumed:
             self.guard.start_at(resumed_at)
