@@ -1,12 +1,12 @@
-"""⊥Grad around what it cannot serve gets one ValueError naming it and what is allowed, not torch's error from
-inside a step (reviewer V12, V13)."""
+"""⊥Grad around what it cannot serve, and keel's optimizers given tensors they cannot update, get one ValueError naming
+it and what is allowed, not torch's error from inside a kernel (reviewer V12, V13)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from keel.optim import OrthoGrad, create_optimizer
+from keel.optim import SPAM, OrthoGrad, StableSPAM, create_optimizer
 
 
 class _SharpnessAware(torch.optim.SGD):
@@ -37,3 +37,32 @@ def test_a_base_whose_closure_is_optional_is_accepted_and_steps_with_one() -> No
         return loss
 
     assert torch.isfinite(opt.step(closure))
+
+
+OPTIMIZERS = {
+    "OrthoGrad": lambda params: OrthoGrad(torch.optim.AdamW(params, lr=1e-2)),
+    "SPAM": lambda params: SPAM(params, lr=1e-2),
+    "StableSPAM": lambda params: StableSPAM(params, lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_sparse_gradient_gets_the_allowed_line(name: str) -> None:
+    embedding = torch.nn.Embedding(10, 4, sparse=True)  # what hands a sparse gradient to an optimizer
+    optimizer = OPTIMIZERS[name](embedding.parameters())
+    embedding(torch.tensor([1, 3])).sum().backward()
+    before = embedding.weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"{name}: a sparse gradient .*\(10, 4\).*allowed: dense gradients"):
+        optimizer.step()
+    assert torch.equal(embedding.weight, before)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_complex_parameter_gets_the_allowed_line(name: str) -> None:
+    weight = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.complex64))
+    optimizer = OPTIMIZERS[name]([weight])
+    weight.grad = torch.randn(3, 2, dtype=torch.complex64)
+    before = weight.detach().clone()
+    with pytest.raises(ValueError, match=rf"{name}: a torch.complex64 parameter .*allowed: real floating-point"):
+        optimizer.step()
+    assert torch.equal(weight, before)

@@ -204,14 +204,27 @@ def sqrt_into(sources: list[Tensor], scratch: Scratch, owners: Sequence[Tensor],
     return out
 
 
-def params_with_grad(group: dict) -> list[Tensor]:
-    """The group's parameters that received a gradient; sparse gradients are refused."""
+def params_with_grad(group: dict, owner: str) -> list[Tensor]:
+    """The group's parameters that received a gradient.
+
+    Raises:
+        ValueError: A sparse gradient or a complex parameter (keel's update rules are for dense, real tensors),
+            named with its shape; nothing is updated.
+    """
     out = []
     for p in group["params"]:
         if p.grad is None:
             continue
-        if p.grad.is_sparse:
-            raise RuntimeError("keel optimizers do not support sparse gradients; use torch.optim.SparseAdam")
+        if p.grad.layout != torch.strided:  # sparse COO (nn.Embedding(sparse=True)), CSR, ...
+            raise ValueError(
+                f"{owner}: a sparse gradient ({p.grad.layout}) for a parameter of shape {tuple(p.shape)}; allowed: "
+                "dense gradients (nn.Embedding(sparse=False); torch.optim.SparseAdam takes sparse ones)"
+            )
+        if p.is_complex():
+            raise ValueError(
+                f"{owner}: a {p.dtype} parameter of shape {tuple(p.shape)}; allowed: real floating-point "
+                "parameters (torch.view_as_real(p) is one; torch.optim.AdamW takes complex ones)"
+            )
         out.append(p)
     return out
 
@@ -236,8 +249,8 @@ def step_buckets(
     if closure is not None:
         with torch.enable_grad():
             loss = closure()
-    for group in optimizer.param_groups:
-        params = params_with_grad(group)
+    params_by_group = [params_with_grad(group, type(optimizer).__name__) for group in optimizer.param_groups]
+    for group, params in zip(optimizer.param_groups, params_by_group, strict=True):
         for indices in group_by_device_dtype(params).values():
             update([params[i] for i in indices], group)
     return loss

@@ -17,6 +17,7 @@ from keel.optim._helpers import (
     check_range,
     grads_of,
     group_by_device_dtype,
+    params_with_grad,
     refuse_closure_only,
     refuse_float16,
     unit_scales,
@@ -160,7 +161,7 @@ class OrthoGrad(Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        params = [p for group in self.param_groups for p in group["params"] if p.grad is not None]
+        params = [p for group in self.param_groups for p in params_with_grad(group, "OrthoGrad")]
         for indices in group_by_device_dtype(params).values():
             chosen = [params[i] for i in indices]
             orthogonalize_(chosen, grads_of(chosen), eps=self.eps)
