@@ -9,7 +9,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils import parametrize
 
-from keel.nn import SigmaReparam, SigmaReparamLinear
+from keel._core import KeelWarning
+from keel.nn import SigmaReparam, SigmaReparamLinear, stabilize
 
 
 def test_sigma_converges_to_the_top_singular_value_from_a_random_start() -> None:
@@ -184,3 +185,22 @@ def test_meta_weights_still_convert() -> None:
     reparam = SigmaReparam(meta)
     assert reparam.gamma is not None and reparam.gamma.device.type == "meta"
     assert reparam.right_inverse(meta) is meta
+
+
+@pytest.mark.parametrize(("in_features", "out_features"), [(0, 4), (4, 0), (0, 0)])
+def test_a_zero_size_layer_is_refused_at_construction_naming_its_sizes(in_features: int, out_features: int) -> None:
+    # an empty matrix has no spectral norm: its SVD raised IndexError from inside (reviewer V13)
+    sizes = rf"SigmaReparamLinear\(in_features={in_features}, out_features={out_features}\)"
+    with pytest.raises(ValueError, match=rf"{sizes}; allowed: both >= 1"):
+        SigmaReparamLinear(in_features, out_features)
+    with pytest.raises(ValueError, match=r"a dimension of size 0; allowed: .*no dimension of size 0"):
+        SigmaReparamLinear.from_linear(nn.Linear(in_features, out_features))
+
+
+def test_stabilize_leaves_a_zero_size_linear_alone_and_says_so() -> None:
+    model = nn.Sequential(nn.Linear(4, 0), nn.Linear(0, 3), nn.Linear(3, 2))
+    with pytest.warns(KeelWarning, match=r"sigma_reparam: left out 2 weights of size 0 \(0, 1\)"):
+        result = stabilize(model, ["sigma_reparam"])
+    assert result.by_stabilizer() == {"sigma_reparam": ["2"]}
+    assert not parametrize.is_parametrized(model[0]) and parametrize.is_parametrized(model[2])
+    assert model(torch.randn(5, 4)).shape == (5, 2)

@@ -83,6 +83,11 @@ class SigmaReparam(nn.Module):
         super().__init__()
         if weight.dim() < 2:
             raise ValueError(f"weight has shape {tuple(weight.shape)}; allowed: 2 or more dimensions")
+        if weight.numel() == 0:  # its SVD has no singular value: there is no σ to divide by
+            raise ValueError(
+                f"weight has shape {tuple(weight.shape)}, a dimension of size 0; allowed: a weight with no "
+                "dimension of size 0 (an empty matrix has no spectral norm)"
+            )
         self.stats_only = stats_only
         # The direction an all-zero weight is given by right_inverse (None once used, or when not needed).
         self._direction: Tensor | None = None
@@ -161,6 +166,11 @@ class SigmaReparamLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
+        if not (in_features >= 1 and out_features >= 1):  # before nn.Linear makes an empty weight
+            raise ValueError(
+                f"SigmaReparamLinear(in_features={in_features}, out_features={out_features}); allowed: both >= 1 "
+                "(an empty weight has no spectral norm: keep nn.Linear there)"
+            )
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.reparam = SigmaReparam(self.weight, stats_only=stats_only)
 

@@ -7,12 +7,14 @@ From Zhai et al. (2023), "Stabilizing Transformer Training by Preventing Attenti
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from dataclasses import dataclass, field
 from typing import ClassVar
 
 from torch import nn
 from torch.nn.utils import parametrize
 
+from keel._core import KeelWarning
 from keel.nn._surgery import adapter_factors, linear_features, shared_parameter_ids
 from keel.nn.sigma_reparam import SigmaReparam
 from keel.nn.stabilizers._base import Change, stabilizers
@@ -35,7 +37,8 @@ class SigmaReparamStabilizer:
     tied matrix would silently change the other. So are frozen weights (``requires_grad=False``, e.g. the base
     of a LoRA fine-tune), whose spectral norm cannot grow and which a trainable γ would partly unfreeze, and
     the factors of a peft adapter (``lora_A``/``lora_B``): B starts at zero, and σReparam is defined on a weight,
-    not on the factors of its update.
+    not on the factors of its update. A weight with a dimension of size 0 has no spectral norm: it is left out,
+    with one KeelWarning naming the modules.
 
     Attributes:
         stats_only: Track σ without reparametrising (a spectral-norm monitor).
@@ -60,7 +63,7 @@ class SigmaReparamStabilizer:
     def apply(self, model: nn.Module) -> list[Change]:
         shared = shared_parameter_ids(model)
         factors = adapter_factors(model)
-        changes = []
+        changes, empty = [], []
         for name, module in list(model.named_modules()):
             if id(module) in factors or any(fnmatch.fnmatchcase(name, pattern) for pattern in self.exclude):
                 continue
@@ -71,6 +74,9 @@ class SigmaReparamStabilizer:
                 if not isinstance(weight, nn.Parameter) or id(weight) in shared or weight.dim() < 2:
                     continue
                 if not weight.requires_grad:  # frozen (a LoRA base): it cannot grow, and a γ would unfreeze it
+                    continue
+                if weight.numel() == 0:  # a zero-size layer: an empty matrix has no σ (SigmaReparam refuses it)
+                    empty.append(name)
                     continue
                 reparam = SigmaReparam(weight, stats_only=self.stats_only)
                 reparam.train(module.training)
@@ -86,6 +92,13 @@ class SigmaReparamStabilizer:
                         new_parameters=tuple(reparam.parameters()),
                     )
                 )
+        if empty:
+            warnings.warn(
+                f"sigma_reparam: left out {len(empty)} weights of size 0 ({', '.join(empty[:5])}"
+                f"{', ...' if len(empty) > 5 else ''}): an empty matrix has no spectral norm",
+                KeelWarning,
+                stacklevel=3,
+            )
         return changes
 
     @staticmethod
