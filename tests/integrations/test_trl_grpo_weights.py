@@ -63,3 +63,16 @@ def test_the_weights_are_not_read_after_updates_unless_recover_can_act_on_them(t
     for policy in ("observe", "skip"):
         callback = guard_trainer(tiny.grpo_trainer(tmp_path / policy, steps=1), policy=policy)
         assert callback._weights is None
+
+
+@pytest.mark.slow  # ~1.7 s; the GRPO test above covers the mechanism in the default suite
+def test_rloo_built_like_grpo_is_rolled_back_the_same_way(tmp_path):
+    from tests.integrations.test_trl_rloo import rloo_trainer
+
+    trainer = rloo_trainer(tmp_path / "rloo")
+    trainer.add_callback(InfWeightAt(1))
+    recovery = RecoveryConfig(snapshot_every=1, quiet_steps=0)
+    callback = guard_trainer(trainer, policy="recover", recovery=recovery)
+    trainer.train()  # without the check, step 2 samples from the broken weights, as GRPO's did
+    assert [(d.step, d.action) for d in callback.guard.decisions] == [(2, "rollback")]
+    assert all(torch.isfinite(p).all() for p in trainer.model.parameters())
