@@ -18,7 +18,7 @@ from hypothesis import strategies as st
 
 import keel
 from keel._core import Observation
-from keel.detect.spike import SpikeDetector
+from keel.detect.spike import GRAD_NORM_DEFAULTS, SpikeConfig, SpikeDetector
 from keel.doctor import examine_log
 
 # HF run_clm (tiny GPT-2 from a config, AdamW 1e-3, cosine, warm-up 3), LR ×1000 from step 10: keel's store, steps 0-23
@@ -148,6 +148,19 @@ def test_the_level_shift_is_reported_once_until_the_level_comes_back():
     values[300:360] *= 10.0
     shifts = [f.step for f in _update(values.tolist()) if f.evidence.get("level_shift")]
     assert len(shifts) == 2 and 100 < shifts[0] < 115 and 300 < shifts[1] < 315
+
+
+def test_a_gradient_norm_that_rises_and_stays_up_is_no_level_shift_unless_asked():
+    # a healthy run's gradient norm rises on its own (pytorch/examples' vae, whose summed loss grows 150x in size:
+    # 4.7x at step 44; the end of an LLM run under a decaying LR): the norm's level-shift test is off by default
+    rng = np.random.default_rng(3)
+    values = np.exp(0.5 * rng.standard_normal(200)) * np.where(np.arange(200) < 40, 1.0, 6.0)
+    assert [f for f in _update(values.tolist(), "grad/norm") if f.evidence.get("level_shift")] == []
+    det = SpikeDetector(
+        SpikeConfig(signal="grad/norm", **(GRAD_NORM_DEFAULTS | {"shift_span": 9, "shift_excess": 3.0}))
+    )
+    shifts = [f for step, v in enumerate(values) for f in det.update(Observation(step=step, values={"grad/norm": v}))]
+    assert [f.step for f in shifts if f.evidence.get("level_shift")][:1] == [47]  # 3 steps after the 9-step median moved
 
 
 @pytest.mark.parametrize("seed", range(6))
