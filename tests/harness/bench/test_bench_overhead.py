@@ -118,5 +118,5 @@ def test_bad_precision_settings_are_one_clear_error(fields, message):
 def test_compile_with_ddp_is_one_clear_error():
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    with pytest.raises(ValueError, match="--compile and --autocast have no effect with --ddp"):
-        overhead_main(parser.parse_args(["--ddp", "2", "--compile"]))
+    with pytest.raises(ValueError, match=r"--compile has no effect with --ddp \(.*eager float32"):
+        overhead_main(parser.parse_args(["--ddp", "2", "--compile"]))  # named alone: only it was given

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+from collections.abc import Sequence
 
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "overhead": ("keel.harness.bench.overhead", "Guard's step-time cost against the bare loop"),
@@ -19,6 +20,26 @@ BENCHMARKS: dict[str, tuple[str, str]] = {
         "the HF and Lightning KeelCallback's step-time cost on a real Trainer, per policy",
     ),
 }
+
+
+def reject_unused(args: argparse.Namespace, flags: Sequence[str], why: str) -> None:
+    """Refuse the ``flags`` (argument names) that were given — not at their unset value: None, False or an empty
+    list (so an option whose default is a value, not None, cannot be checked) — since they have no effect ``why``
+    (``"with --ddp"``): one ValueError naming them all.
+
+    Example:
+        >>> reject_unused(argparse.Namespace(steps=3, only=None), ("steps", "only"), "without --probe-costs")
+        Traceback (most recent call last):
+        ValueError: --steps has no effect without --probe-costs; allowed: one or the other
+    """
+    given = [f"--{name.replace('_', '-')}" for name in flags if _given(getattr(args, name))]
+    if given:
+        verb = "has" if len(given) == 1 else "have"
+        raise ValueError(f"{', '.join(given)} {verb} no effect {why}; allowed: one or the other")
+
+
+def _given(value: object) -> bool:
+    return not (value is None or value is False or (isinstance(value, list) and not value))
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

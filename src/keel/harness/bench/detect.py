@@ -30,6 +30,7 @@ from keel.detect.lead_time import degradation_step, lead_steps
 from keel.guard.console import progress_bar, silenced
 from keel.harness.bench._component_costs import GROUPS, OPT_IN_PROBES, selected_rows
 from keel.harness.bench._progress import bench_progress
+from keel.harness.bench.cli import reject_unused
 from keel.harness.scenarios import create_scenario, list_scenarios
 
 
@@ -184,12 +185,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
 
 
-def _reject_unused(args: argparse.Namespace, flags: tuple[str, ...], why: str) -> None:
-    given = [f"--{name.replace('_', '-')}" for name in flags if getattr(args, name) is not None]
-    if given:
-        raise ValueError(f"{', '.join(given)} has no effect {why}; allowed: one or the other")
-
-
 def _row(s: ScenarioScore) -> str:
     def show(v: object) -> str:
         return "-" if v is None else str(v)
@@ -205,7 +200,7 @@ def _row(s: ScenarioScore) -> str:
 
 def main(args: argparse.Namespace) -> int:
     if args.probe_costs:
-        _reject_unused(args, ZOO_FLAGS, "with --probe-costs")
+        reject_unused(args, ZOO_FLAGS, "with --probe-costs")
         repeats = args.repeats or PROBE_COST_DEFAULTS["repeats"]
         with bench_progress(repeats, "keel bench detect --probe-costs", enabled=not args.json) as progress:
             with silenced():  # a healthy observing run's summary at close is not this benchmark's output
@@ -242,7 +237,7 @@ def main(args: argparse.Namespace) -> int:
                     f"{100 * s['amortized_fraction_of_bare']:+.1f}% of the bare step"
                 )
         return 0
-    _reject_unused(args, PROBE_COST_FLAGS, "without --probe-costs")
+    reject_unused(args, PROBE_COST_FLAGS, "without --probe-costs")
     if not args.json:
         print("keel bench detect: scenario zoo under Guard(policy='observe'), probes='transformer', default detectors")
     with progress_bar(

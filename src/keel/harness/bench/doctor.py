@@ -51,6 +51,7 @@ from keel.doctor import RawLog, examine, read_log
 from keel.doctor.table import LogTable
 from keel.doctor.timeline import build_timeline
 from keel.harness.bench import _doctor_legacy as legacy
+from keel.harness.bench.cli import reject_unused
 
 # The labelled logs are third-party runs that keel does not ship: `--data` names their folder, else this
 # environment variable, else keel's workspace folder beside the checkout (run from the checkout, as
@@ -358,7 +359,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--no-baseline", action="store_true", help="with --sizes: skip the old record-based reader (slow on big logs)"
     )
-    parser.add_argument("--repeats", type=positive_int, default=1, help="with --sizes: children per size (median)")
+    parser.add_argument(
+        "--repeats", type=positive_int, default=None, help="with --sizes: children per size, the median (default: 1)"
+    )
 
 
 def default_data() -> Path | None:
@@ -370,13 +373,15 @@ def default_data() -> Path | None:
 
 def main(args: argparse.Namespace) -> int:
     if getattr(args, "sizes", None):
-        rows = sweep(args.sizes, baseline=not args.no_baseline, repeats=args.repeats)
+        reject_unused(args, ("data",), "with --sizes (the sweep times generated CSVs)")
+        rows = sweep(args.sizes, baseline=not args.no_baseline, repeats=args.repeats or 1)
         if args.json:
             print(json.dumps(rows, indent=2))
         else:
             print(f"keel bench doctor --sizes: {os.cpu_count()} CPU(s), Python {sys.version.split()[0]}\n")
             print(format_sweep(rows))
         return 0
+    reject_unused(args, ("no_baseline", "repeats"), "without --sizes")
     data = args.data or default_data()
     if data is None:
         print(

@@ -38,6 +38,7 @@ from keel.guard import Guard
 from keel.guard.console import silenced
 from keel.harness.bench._compile_warmup import compile_warmup_steps, graphs_compiled
 from keel.harness.bench._progress import bench_progress
+from keel.harness.bench.cli import reject_unused
 from keel.harness.bench.loop import example_lm_losses, train_steps
 from keel.harness.bench.rl_signals import KINDS, SignalKind, rl_signal_source
 from keel.integrations.watch import Watch, watch
@@ -387,6 +388,22 @@ def _receive(conn: Connection, procs: Sequence[multiprocessing.process.BaseProce
     return message
 
 
+# what `keel bench overhead --ddp` does not read (keel.harness.bench.ddp), and what it times instead
+DDP_UNUSED = (
+    "watch",
+    "signals",
+    "batch_ids",
+    "policy",
+    "opposing_signals",
+    "source_drift",
+    "full_log_every",
+    "compile",
+    "autocast",
+    "rounds",
+)
+DDP_TIMES = "it times bare DDP against Guard.step(loss) with the default probes, eager float32, in one torchrun"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     defaults = OverheadConfig()
     parser.add_argument(
@@ -404,8 +421,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--rounds",
         type=positive_int,
-        default=defaults.rounds,
-        help="fresh processes per variant, one round after another (default: %(default)s)",
+        default=None,
+        help=f"fresh processes per variant, one round after another (default: {defaults.rounds}; not with --ddp)",
     )
     parser.add_argument(
         "--full-log-every",
@@ -440,14 +457,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--opposing-signals",
         type=positive_int,
-        default=0,
+        default=None,
         metavar="EVERY",
         help="also time the default probes plus OpposingSignalsProbe (32 held-out sequences) every EVERY steps",
     )
     parser.add_argument(
         "--source-drift",
         type=positive_int,
-        default=0,
+        default=None,
         metavar="EVERY",
         help="also time SourceDriftDetector on 3 sources from the loop's per-source losses (source_losses), and "
         "that plus SourceGradientsProbe every EVERY steps",
@@ -474,46 +491,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def main(args: argparse.Namespace) -> int:
     if args.ddp is not None:
-        if args.watch:
-            raise ValueError(
-                "--watch has no effect with --ddp (the DDP benchmark times Guard.step); allowed: one of them"
-            )
-        if args.signals:
-            raise ValueError(
-                "--signals has no effect with --ddp (the DDP benchmark has no RL loop); allowed: one of them"
-            )
-        if args.batch_ids:
-            raise ValueError(
-                "--batch-ids has no effect with --ddp (the DDP benchmark times Guard.step(loss)); allowed: one of them"
-            )
-        if args.compile or args.autocast:
-            raise ValueError(
-                "--compile and --autocast have no effect with --ddp (the DDP benchmark trains the eager float32 "
-                "proxy); allowed: one of them"
-            )
-        if args.full_log_every is not None:
-            raise ValueError(
-                "--full-log-every has no effect with --ddp (the DDP benchmark has no full-probe "
-                "variant); allowed: one of them"
-            )
+        reject_unused(args, DDP_UNUSED, f"with --ddp ({DDP_TIMES})")
         from keel.harness.bench.ddp import main as ddp_main
 
         return ddp_main(args)
-    full_log_every = OverheadConfig.full_log_every if args.full_log_every is None else args.full_log_every
+    defaults = OverheadConfig()
+    full_log_every = defaults.full_log_every if args.full_log_every is None else args.full_log_every
     config = OverheadConfig(
         size=args.size,
         batch_size=args.batch_size,
         seq_len=args.seq_len,
         steps=args.steps,
         repeats=args.repeats,
-        rounds=args.rounds,
+        rounds=defaults.rounds if args.rounds is None else args.rounds,
         full_log_every=full_log_every,
         policies=tuple(args.policy),
         watch=args.watch,
         signals=tuple(args.signals),
         batch_ids=args.batch_ids,
-        opposing_every=args.opposing_signals,
-        source_drift_every=args.source_drift,
+        opposing_every=args.opposing_signals or 0,
+        source_drift_every=args.source_drift or 0,
         device=args.device,
         compile=args.compile,
         autocast=args.autocast,

@@ -255,6 +255,11 @@ def _sizes(text: str) -> tuple[str, ...]:
             f"{show(text)}: unknown {', '.join(map(repr, unknown))}; allowed: a "
             f"comma-separated subset of {', '.join(SIZES)}"
         )
+    twice = sorted({s for s in sizes if sizes.count(s) > 1}, key=sizes.index)
+    if twice:
+        raise ArgumentValueError(
+            f"{show(text)}: {', '.join(twice)} given twice; allowed: each of {', '.join(SIZES)} at most once"
+        )
     return sizes
 
 
