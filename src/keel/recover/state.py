@@ -105,7 +105,8 @@ def tensor_sources(
 
 def model_parts(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """The live model's tensors by snapshot key (``model/<name>``, this rank's shards), in one walk of its
-    ``state_dict``: (the parameters the optimizer can change now, the fixed ones — `keel.recover.fixed` —, buffers)."""
+    ``state_dict``: (the parameters the optimizer can change now, the fixed ones — `keel.recover.fixed` —, buffers).
+    The trained ones include those the optimizer trains outside the model (`outside_parameters`)."""
     trained_now = trained_ids(state.optimizer)
     param_ids = {id(p) for p in state.model.parameters()}
     trained: dict[str, Tensor] = {}
@@ -114,7 +115,21 @@ def model_parts(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, Tens
     for name, t in state.model.state_dict(keep_vars=True).items():
         part = buffers if id(t) not in param_ids else trained if id(t) in trained_now else fixed
         part["model/" + name] = local_tensor(t.detach())
+    trained.update(outside_parameters(state, param_ids))
     return trained, fixed, buffers
+
+
+def outside_parameters(state: TrainingState, model_ids: Collection[int] | None = None) -> dict[str, Tensor]:
+    """Parameters the optimizer trains that are not the model's, by key ``optim_param/<group>/<position>``: a loss
+    module's own weights beside the model (arcface's margin head ``metric_fc``, a learnable temperature). Snapshots
+    hold and restore them with the model's; without, a rollback restored their momentum but not them."""
+    ids = model_ids if model_ids is not None else {id(p) for p in state.model.parameters()}
+    return {
+        f"optim_param/{g}/{i}": local_tensor(p.detach())
+        for g, group in enumerate(state.optimizer.param_groups)
+        for i, p in enumerate(group["params"])
+        if id(p) not in ids
+    }
 
 
 def fixed_parameters(state: TrainingState) -> dict[str, FixedTensor]:
@@ -206,6 +221,9 @@ def restore(
             if key not in tensors and key in fixed:
                 continue
             local_tensor(t).copy_(tensors[key])
+        for key, t in outside_parameters(state).items():
+            if key in tensors:  # (a snapshot written before keel held them has none)
+                t.copy_(tensors[key])
     optim_state = {
         "param_groups": copy.deepcopy(skeleton["param_groups"]),
         "state": {
