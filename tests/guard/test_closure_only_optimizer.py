@@ -33,3 +33,10 @@ def test_keel_watch_refuses_lbfgs_too_instead_of_watching_nothing(tmp_path) -> N
     model = torch.nn.Linear(4, 1)
     with pytest.raises(ValueError, match=r"LBFGS\.step needs a closure"):
         keel.watch(model, torch.optim.LBFGS(model.parameters(), lr=0.5), run_dir=str(tmp_path))
+
+
+def test_guard_refuses_lbfgs_as_a_part_of_keel_optimizers(tmp_path) -> None:
+    first, second = torch.nn.Linear(4, 4), torch.nn.Linear(4, 1)
+    parts = keel.Optimizers(torch.optim.SGD(first.parameters(), lr=0.1), torch.optim.LBFGS(second.parameters()))
+    with pytest.raises(ValueError, match=r"LBFGS\.step needs a closure"):
+        keel.Guard(torch.nn.Sequential(first, second), parts, run_dir=str(tmp_path))

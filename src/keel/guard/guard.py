@@ -38,6 +38,7 @@ from keel.guard.distributed import DistributedConfig, RankSync
 from keel.guard.environment import describe_environment
 from keel.guard.evaluation import EvalSpec, Evaluation, Goal
 from keel.guard.host_side import compile_ready, host_side
+from keel.guard.optimizers import Optimizers
 from keel.guard.options import check_arguments, check_loss, check_probes, check_run_dir
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
@@ -838,7 +839,8 @@ def _trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) ->
         raise ValueError(f"model={type(model).__name__}; allowed: a torch.nn.Module")
     if not hasattr(optimizer, "step") or not hasattr(optimizer, "param_groups"):
         raise ValueError(f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
-    refuse_closure_only("keel.Guard", optimizer)  # Guard.step calls optimizer.step() with no closure
+    for part in optimizer.optimizers if isinstance(optimizer, Optimizers) else (optimizer,):
+        refuse_closure_only("keel.Guard", part)  # Guard.step calls optimizer.step() with no closure
     layout = optimizer.state_dict() if callable(getattr(optimizer, "state_dict", None)) else None
     if not (isinstance(layout, dict) and "state" in layout and "param_groups" in layout):
         got = sorted(layout) if isinstance(layout, dict) else type(layout).__name__
