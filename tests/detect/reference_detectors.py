@@ -282,6 +282,10 @@ class ReferenceDivergence:
         n = min(len(self._values), self._size)
         if n < cfg.short or math.isnan(self._noise):
             return []
+        window = list(self._values)[-self._size :]
+        if min(window) < 0 < max(window):  # both signs in the window: a surrogate loss, not judged
+            self._run, self._pending, self._reported = 0, False, None
+            return []
         med = self._median(self._size)
         se, required, fast_required = self._margins(n)
         if n == self._size and med + se < self._best + self._best_se:

@@ -175,3 +175,19 @@ def test_a_short_window_under_four_still_grows_with_the_noise(short):
     det = DivergenceDetector(DivergenceConfig(short=short, window=31, min_history=short))
     _run(det, np.exp(_noise(rng, 300, 0.3, None)).tolist())
     assert det.state_dict()["size"] == 31  # ±30 % noise asks for the widest window allowed
+
+
+def test_a_loss_of_both_signs_in_its_window_is_not_judged_one_of_one_sign_is():
+    # a policy-gradient surrogate (REINFORCE's -log_prob * return: near 0 of either sign, growing in size as episodes
+    # lengthen): a healthy pytorch/examples reinforce.py run was rolled back three times, then aborted (helper D)
+    rng = np.random.default_rng(2)
+    surrogate = rng.standard_normal(400) * np.linspace(0.3, 3.0, 400)
+    det = DivergenceDetector()
+    assert [f for s, v in enumerate(surrogate) for f in det.update(Observation(step=s, values={"loss": v}))] == []
+    assert DivergenceDetector().scan(np.arange(400), surrogate) == []
+    # a loss that stays negative is still judged (a VAE's summed Gaussian NLL, -34000 at its best, climbing back)
+    vae = np.concatenate([np.full(120, -34000.0), np.full(40, -12000.0)]) + rng.standard_normal(160) * 50
+    det = DivergenceDetector()
+    found = [f for s, v in enumerate(vae) for f in det.update(Observation(step=s, values={"loss": v}))]
+    assert found and found[0].kind == "divergence" and 120 <= found[0].step < 140
+    assert DivergenceDetector().scan(np.arange(160), vae) == found

@@ -138,6 +138,14 @@ class DivergenceDetector:
         n = len(self._level)
         if n < cfg.short or math.isnan(self._noise):
             return []  # no best before the noise is known: an early median of a noisy run is a lucky one
+        if self._level.ranked(0) < 0 < self._level.ranked(n - 1):
+            # a loss of both signs within the window is a surrogate near 0 either way (a policy gradient's
+            # -log_prob * return, an adversarial loss), no measure of fit: no best level and no rise to judge (a
+            # healthy REINFORCE run was rolled back three times, then aborted, as its episodes lengthened)
+            self._episode.break_run()
+            self._pending = False
+            self._episode.close()
+            return []
         median = self._level.median()
         se, required, fast_required = self._margins(n)
         # The best is a median over the full window the noise asks for, and a more precise one wins a near tie
@@ -225,6 +233,8 @@ class DivergenceDetector:
         steps, values = steps[finite], values[finite]
         found: list[Finding] = []
         i, n, size = 0, len(values), SCAN_CHUNK
+        if (values < 0).any():  # windows of both signs are not judged: the bulk stretches do not know that rule
+            return [f for k in range(n) for f in self._update_at(steps, values, k)]
         while i < n:
             if not self._in_bulk():
                 found += self._update_at(steps, values, i)
