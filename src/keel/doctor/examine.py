@@ -376,7 +376,12 @@ def _readiness(det: Detector, timeline: Timeline) -> dict[str, Any]:
         observations=len(usable),
         armed_at_step=int(usable[armed_index]) if len(usable) > armed_index else None,
     )
-    if isinstance(det, SpikeDetector) and _log_space(det, values[usable_at]) and det.config.warmup_points < needed:
+    if (
+        isinstance(det, SpikeDetector)
+        and info["armed_at_step"] is None
+        and det.config.warmup_points < needed
+        and _log_space(det, values[usable_at])
+    ):
         # before its baseline it flags only extreme jumps over the values so far (`SpikeDetector._warm_up`)
         first = det.config.warmup_points
         info.update(

@@ -427,4 +427,16 @@ def _readiness(det: Detector, observations: Sequence[Observation]) -> dict[str, 
     info.update(
         needs=needed, observations=len(usable), armed_at_step=usable[armed_index] if len(usable) > armed_index else None
     )
+    values = [o.values[signal] for o in observations if math.isfinite(o.values.get(signal, math.nan))]
+    if (
+        isinstance(det, SpikeDetector)
+        and info["armed_at_step"] is None
+        and det.config.warmup_points < needed
+        and (det.config.log_scale is True or (det.config.log_scale is None and all(x > 0 for x in values)))
+    ):
+        first = det.config.warmup_points
+        info.update(
+            extreme_from_step=usable[first] if len(usable) > first else None,
+            extreme_factor=1.0 + max(det.config.warmup_excess, det.config.min_excess),
+        )
     return info
