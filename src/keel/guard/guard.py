@@ -30,6 +30,7 @@ from keel._core.decision import Decision
 from keel._core.errors import GuardClosed, KeelWarning, TrainingAborted
 from keel._core.finding import Finding
 from keel._core.observation import Observation
+from keel._core.validate import refuse_closure_only
 from keel.detect import Detector, default_detectors
 from keel.guard.components import Components
 from keel.guard.data_ledger import SPIKE_KINDS, DataLedger
@@ -46,7 +47,6 @@ from keel.guard.resumed_scheduler import HeldScheduler
 from keel.guard.run_dir import RunDir
 from keel.guard.run_end import RunEnd
 from keel.guard.user_signals import split_signals
-from keel.optim._helpers import refuse_closure_only
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
 from keel.recover.replay import StepReplay
 from keel.recover.snapshot import Snapshot

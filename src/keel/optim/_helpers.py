@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
@@ -18,24 +17,6 @@ def check_range(owner: str, name: str, value: float, low: float, high: float, *,
     if not ok:
         bracket = ")" if high_open else "]"
         raise ValueError(f"{owner}.{name}={value!r}; allowed: a number in [{low}, {high}{bracket}")
-
-
-def refuse_closure_only(owner: str, optimizer: object) -> None:
-    """Raise ValueError naming ``optimizer`` when its ``step`` cannot be called without arguments: a closure that
-    re-evaluates the loss is required (``torch.optim.LBFGS``, SAM-style optimizers), and ``owner`` steps it with
-    none. The class's ``step`` is read, not the instance's: an LR scheduler replaces that with a wrapper whose
-    signature is the unbound function's (``self`` required); a signature that cannot be read passes."""
-    try:
-        _, *parameters = inspect.signature(type(optimizer).step).parameters.values()  # type: ignore[attr-defined]
-    except (AttributeError, TypeError, ValueError):
-        return
-    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
-    if any(p.default is inspect.Parameter.empty and p.kind not in variadic for p in parameters):
-        name = type(optimizer).__name__
-        raise ValueError(
-            f"{owner}: {name}.step needs a closure (it re-evaluates the loss itself), which {owner} cannot "
-            "pass; allowed: an optimizer whose step() takes no arguments (torch.optim.SGD, AdamW, keel.optim's)"
-        )
 
 
 def check_betas(owner: str, betas: Sequence[float]) -> None:

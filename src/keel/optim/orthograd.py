@@ -12,13 +12,13 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from keel._core.validate import refuse_closure_only
 from keel.optim._helpers import (
     accumulation_dtype,
     check_range,
     grads_of,
     group_by_device_dtype,
     params_with_grad,
-    refuse_closure_only,
     refuse_float16,
     unit_scales,
 )

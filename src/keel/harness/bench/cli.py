@@ -32,7 +32,8 @@ def reject_unused(args: argparse.Namespace, flags: Sequence[str], why: str) -> N
         Traceback (most recent call last):
         ValueError: --steps has no effect without --probe-costs; allowed: one or the other
     """
-    given = [f"--{name.replace('_', '-')}" for name in flags if _given(getattr(args, name))]
+    # (a Namespace built by hand, as the tests do, may lack the flags: unset)
+    given = [f"--{name.replace('_', '-')}" for name in flags if _given(getattr(args, name, None))]
     if given:
         verb = "has" if len(given) == 1 else "have"
         raise ValueError(f"{', '.join(given)} {verb} no effect {why}; allowed: one or the other")
