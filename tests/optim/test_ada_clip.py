@@ -137,3 +137,12 @@ def test_a_non_finite_gradient_leaves_the_statistics_and_clipping_goes_on(bad: f
     p.grad = spike.clone()
     assert clipper.clip_().item() > 10  # the spike is seen and clipped
     assert p.grad.abs().max().item() < spike.abs().max().item() / 10
+
+
+def test_a_sparse_gradient_is_one_clear_error() -> None:
+    # nn.Embedding(sparse=True): torch's internal "Could not run 'aten::aminmax' ... SparseCPU" before (reviewer V13)
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    clipper = AdaClip(embedding.parameters())
+    embedding(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(ValueError, match="sparse"):
+        clipper.clip_()
