@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 
@@ -40,3 +41,12 @@ def test_demo_quick_writes_both_stores(tmp_path, capsys, monkeypatch):
         with RunReader(tmp_path / name) as r:
             assert r.meta()["status"] == "finished"
             assert len(r.signal("loss")[0]) == 20
+
+
+def test_a_stdout_that_cannot_encode_keels_symbols_prints_them_as_question_marks(tmp_path):
+    # PYTHONIOENCODING=ascii (a C locale), latin-1, a Windows cp1252 console or file: keel list/doctor/sweep raised
+    # UnicodeEncodeError on their ×, →, – and called it the user's bad input, exit 2 (reviewer V19)
+    env = dict(os.environ, PYTHONIOENCODING="ascii")
+    done = subprocess.run([sys.executable, "-m", "keel.cli", "list"], capture_output=True, env=env, timeout=120)
+    assert done.returncode == 0, done.stderr.decode("ascii", "replace")
+    assert b"?" in done.stdout and done.stdout.decode("ascii")  # all ASCII, the symbols replaced

@@ -89,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verb = next((a for a in argv if not a.startswith("-")), None)
     prog = f"keel {verb}" if verb in VERBS else "keel"
+    replace_unencodable()
     try:
         parser = build_parser(verb)
         args, unknown = parser.parse_known_args(argv)
@@ -120,6 +121,16 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         _say(f"{prog}: internal error: {type(exc).__name__}: {exc} (a keel bug; KEEL_DEBUG=1 shows the traceback)")
         return 1
+
+
+def replace_unencodable() -> None:
+    """Let stdout and stderr print what their encoding cannot (keel's ×, →, … on an ASCII or latin-1 locale, a
+    Windows cp1252 console or file) as ``?``: the tables and summaries raised UnicodeEncodeError there, which the CLI
+    then called the user's bad input."""
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)  # a TextIOWrapper; a test's capture may be anything
+        if reconfigure is not None and getattr(stream, "errors", "strict") == "strict":
+            reconfigure(errors="replace")
 
 
 def is_bad_input(exc: BaseException) -> bool:
