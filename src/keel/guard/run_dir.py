@@ -157,7 +157,7 @@ class RunDir:
         if sync is not None:
             problem, run_id, resumes = _agree(sync, problem, run_id, resumes, path)
         if problem is not None:
-            _unlock(locks)
+            unlock(locks)
             raise ValueError(problem)
         if overwrite or (held.store is not None and not held.a_run):
             _clear(path if rank == 0 else None, own, world=world if sync is not None else None)
@@ -176,7 +176,7 @@ class RunDir:
 
     def release(self) -> None:
         """Give up the lock (safe to call twice)."""
-        _unlock(self._locks)
+        unlock(self._locks)
 
 
 def new_run_id() -> str:
@@ -193,10 +193,21 @@ def valid_run_id(value: object) -> str | None:
 # --- the lock -------------------------------------------------------------------------------------------------
 def _lock(folder: Path, locks: list[IO[str]]) -> str | None:
     """Take ``folder/.keel.lock``; returns None, or why it could not be taken."""
+    return lock_folder(
+        folder,
+        locks,
+        in_use=f"run_dir {str(folder)!r} is in use by another open Guard",
+        allowed="close() that Guard first (its lock also goes when its process ends), or another run_dir",
+    )
+
+
+def lock_folder(folder: Path, locks: list[IO[str]], *, in_use: str, allowed: str, name: str = LOCK_NAME) -> str | None:
+    """Take an exclusive ``flock`` on ``folder/name`` (kept in ``locks`` until `unlock`), writing this process's id
+    into it; returns None, or ``in_use`` with who holds it and what is ``allowed``. The lock goes with the process."""
     if fcntl is None:  # pragma: no cover - Windows
         return None
     folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / LOCK_NAME, "a+")  # noqa: SIM115 - held until release
+    handle = open(folder / name, "a+")  # noqa: SIM115 - held until release
     try:
         fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -204,10 +215,7 @@ def _lock(folder: Path, locks: list[IO[str]]) -> str | None:
         holder = handle.read().strip()
         handle.close()
         who = "this process" if holder == str(os.getpid()) else f"process {holder}" if holder else "another process"
-        return (
-            f"run_dir {str(folder)!r} is in use by another open Guard ({who} holds {folder / LOCK_NAME}); "
-            "allowed: close() that Guard first (its lock also goes when its process ends), or another run_dir"
-        )
+        return f"{in_use} ({who} holds {folder / name}); allowed: {allowed}"
     handle.seek(0)
     handle.truncate()
     handle.write(str(os.getpid()))
@@ -216,7 +224,8 @@ def _lock(folder: Path, locks: list[IO[str]]) -> str | None:
     return None
 
 
-def _unlock(locks: list[IO[str]]) -> None:
+def unlock(locks: list[IO[str]]) -> None:
+    """Drop the locks `lock_folder` took."""
     while locks:
         locks.pop().close()  # closing the file drops the flock
 

@@ -185,3 +185,14 @@ def test_an_moe_run_records_the_routers_end_signals_and_a_dense_one_none(tmp_pat
     assert all(math.isnan(dense[k]) for k in ("router_z", "load_imbalance", "dead_experts"))
     moe_curve, dense_curve = result.curves
     assert moe_curve.has_router and not dense_curve.has_router
+
+
+def test_a_second_sweep_on_a_folder_in_use_is_refused(tmp_path, tiny_sweep):
+    # the same command started twice: both ran every run, deleted each other's live run folders and recorded end
+    # signals read from the other's half-written stores (reviewer V8)
+    from keel.proxy.sweep.runner import sweep_lock
+
+    with sweep_lock(tmp_path / "sweep"):
+        with pytest.raises(ValueError, match=r"is in use by another keel sweep .*allowed: wait for it to end"):
+            run_sweep(tiny_sweep(), tmp_path / "sweep", workers=1)
+    assert run_sweep(tiny_sweep(), tmp_path / "sweep", workers=1).rows  # free again once the first ends

@@ -12,14 +12,16 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from keel.guard.environment import describe_environment
+from keel.guard.run_dir import lock_folder, unlock
 from keel.proxy.sweep.backends import Backend, create_backend
 from keel.proxy.sweep.grid import RunSpec, SweepConfig, expand_grid
 from keel.proxy.sweep.scaling import ScalingView
@@ -27,6 +29,8 @@ from keel.proxy.sweep.store import SweepStore
 from keel.proxy.sweep.summary import CurveSummary, scaling_views, summarize, to_json
 from keel.proxy.sweep.worker import RunResult
 from keel.store.sweep_schema import SUMMARY_KEY
+
+SWEEP_LOCK = ".keel-sweep.lock"  # in the sweep folder while a sweep runs there
 
 
 @dataclass(frozen=True)
@@ -111,7 +115,7 @@ def run_sweep(
     engine = create_backend(backend, workers=workers, address=address) if isinstance(backend, str) else backend
     specs = expand_grid(config)
     result = SweepResult(sweep_dir=sweep_dir)
-    with SweepStore(sweep_dir) as store:
+    with sweep_lock(sweep_dir), SweepStore(sweep_dir) as store:
         if not store.meta():
             store.set_meta({"sweep": config.describe(), "created": time.time(), **describe_environment()})
         # Stored relative to the sweep directory, so a sweep can be moved or copied off a cluster whole.
@@ -130,6 +134,27 @@ def run_sweep(
         result.scaling = scaling_views(result.rows, result.curves, lr=scaling_lr, divergence_logit=divergence_logit)
         store_summary(store, result)
     return result
+
+
+@contextlib.contextmanager
+def sweep_lock(sweep_dir: Path) -> Iterator[None]:
+    """Hold ``sweep_dir`` for one sweep: a second ``keel sweep`` on it (the same command run twice, a resume while the
+    first still runs) is refused; both ran every run, deleted each other's live run folders and recorded end signals
+    read from the other's half-written stores."""
+    locks: list[IO[str]] = []
+    problem = lock_folder(
+        sweep_dir,
+        locks,
+        in_use=f"sweep folder {str(sweep_dir)!r} is in use by another keel sweep",
+        allowed="wait for it to end (a resume then runs what is left), or another --out",
+        name=SWEEP_LOCK,
+    )
+    if problem is not None:
+        raise ValueError(problem)
+    try:
+        yield
+    finally:
+        unlock(locks)
 
 
 def store_summary(store: SweepStore, result: SweepResult) -> None:
