@@ -165,13 +165,10 @@ def detect_format(path: Path) -> str:
     if any(sep in first for sep in (",", "\t", ";")):
         return "csv"
     raise LogReadError(
-        f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, "
-        f"{STATE_NAME}, TensorBoard event files, keel run stores, build-nanogpt/llm.c step lines, "
-        "modded-nanogpt 'step:N/TOTAL' lines, Megatron-LM 'iteration N/ TOTAL |' lines, "
-        "nanoGPT train.py output ('iter N: loss X'), fairseq/metaseq '| train_inner |' lines, torchtitan "
-        "'step: N  loss: X' lines, OLMo / OLMo-core '[step=N/MAX]' blocks of 'name=value' lines, "
-        "the HF Trainer's console output ({'loss': ..., 'epoch': ...} dicts), torchtune / NeMo Automodel "
-        "'step N | loss:X ...' lines, Composer '[batch=N/TOTAL]:' blocks of 'Train name: value' lines"
+        f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, {STATE_NAME}, TensorBoard "
+        "event files, keel run stores, or the console output of nanoGPT, build-nanogpt/llm.c, modded-nanogpt, "
+        "Megatron-LM, fairseq/metaseq, torchtitan, OLMo/OLMo-core, the HF Trainer, torchtune, NeMo Automodel or "
+        "Composer (their shapes: README, 'Examine a log you already have')"
     )
 
 
