@@ -132,3 +132,19 @@ def test_a_loop_writing_an_lr_above_the_peak_is_warned_once(placeholder: float) 
             q.grad = torch.zeros(3)
             peak.step()
     assert q[0].item() == pytest.approx((1 - 1e-3) ** 3)
+
+
+def test_a_torch_adamw_state_loads_and_keeps_this_optimizers_lambda_and_peak() -> None:
+    # a run switching from AdamW loads its checkpoint: the first step raised KeyError 'initial_lr' (reviewer V18)
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(4, 2), torch.nn.Linear(4, 2)
+    adamw = torch.optim.AdamW(a.parameters(), lr=1e-3, weight_decay=0.1)
+    a(torch.randn(8, 4)).square().mean().backward()
+    adamw.step()
+    mine = IndependentAdamW(b.parameters(), lr=2e-3, weight_decay=1e-4)
+    mine.load_state_dict(adamw.state_dict())
+    group = mine.param_groups[0]
+    assert group["independent_weight_decay"] == 1e-4 and group["initial_lr"] == 2e-3 and group["lr"] == 1e-3
+    b(torch.randn(8, 4)).square().mean().backward()
+    mine.step()  # the moments are AdamW's: continued, not restarted
+    assert int(mine.state[b.weight]["step"]) == 2

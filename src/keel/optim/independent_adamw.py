@@ -201,5 +201,11 @@ class IndependentAdamW(torch.optim.AdamW):
         )
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state; one saved by ``torch.optim.AdamW`` (a run switching to this optimizer) keeps each group's λ
+        and peak LR from this optimizer, as its groups hold neither (the first step raised KeyError 'initial_lr')."""
+        own = [{k: g[k] for k in ("independent_weight_decay", "initial_lr") if k in g} for g in self.param_groups]
         super().load_state_dict(state_dict)
+        for group, kept in zip(self.param_groups, own, strict=True):
+            for key, value in kept.items():
+                group.setdefault(key, value)
         restore_state_dtypes(self, state_dict)  # float16 parameters' float32 moments, exactly as saved
