@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import warnings
 
 import pytest
 import torch
@@ -239,3 +240,29 @@ def test_a_resumed_run_starts_with_no_disabled_components(tmp_path):
     guard.close()
     with RunReader(tmp_path) as run:
         assert run.meta()["disabled"] == []
+
+
+def test_tracking_a_data_position_whose_state_is_empty_warns_that_nothing_will_be_restored(tmp_path):
+    # guard.track(SkipListSampler(RandomSampler(...))) was accepted and its {} restored nothing: a resumed run
+    # started the data over without a word (reviewer V9)
+    from keel._core.errors import KeelWarning
+
+    class NoPosition:
+        def state_dict(self):
+            return {}
+
+        def load_state_dict(self, state):
+            pass
+
+    class Position(NoPosition):
+        def state_dict(self):
+            return {"offset": 3}
+
+    model = torch.nn.Linear(2, 1)
+    guard = keel.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.warns(KeelWarning, match=r"track\(NoPosition\): its state_dict\(\) is empty"):
+        guard.track(NoPosition())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        guard.track(Position(), name="other")
+    guard.close()

@@ -382,6 +382,14 @@ class Guard(DeferredSteps):
                 "allowed: track() before the first step()"
             )
         kind = "averaged" if average else "tracked"
+        if not average and _empty_state(obj):
+            warnings.warn(
+                f"guard.track({type(obj).__name__}): its state_dict() is empty, so a resume restores nothing for it "
+                "and the data starts over (a SkipListSampler over torch's RandomSampler holds no position); "
+                "allowed as it is, or track a sampler or loader that records its position",
+                KeelWarning,
+                stacklevel=2,
+            )
         getattr(self.state, kind)[name] = obj
         stored = self._resumed.plain.get(kind, {}) if self._resumed is not None else {}
         if name in stored:
@@ -831,6 +839,15 @@ class Guard(DeferredSteps):
             self.recorder.meta(
                 {"disk_snapshots": {"written": len(written), "superseded": disk.superseded, "evicted": disk.evicted}}
             )
+
+
+def _empty_state(obj: Stateful) -> bool:
+    """Whether ``obj.state_dict()`` is an empty mapping (a failing one is not judged here)."""
+    try:
+        state = obj.state_dict()
+    except Exception:
+        return False
+    return isinstance(state, Mapping) and not state
 
 
 def _trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[tuple[str, nn.Parameter]]:
