@@ -35,7 +35,7 @@ def test_a_sample_whose_confidence_did_not_change_is_kept():
 def test_rows_with_a_non_finite_logit_are_dropped_and_the_others_judged_as_usual():
     original = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
     adapted = torch.tensor([[2.0, 0.0], [math.nan, 0.0], [2.0, math.inf], [2.0, 0.0]])
-    original[3, 1] = -math.inf
+    original[3, 1] = math.inf  # (-inf is a masked class, judged: the test below)
     assert ConfidenceDropFilter()(adapted, original).tolist() == [True, False, False, False]
 
 
@@ -98,3 +98,23 @@ def test_a_larger_margin_never_keeps_more(batch, classes, margin, seed):
     loose = confidence_drop_mask(adapted, original, margin=margin)
     strict = confidence_drop_mask(adapted, original, margin=margin + 0.1)
     assert not (strict & ~loose).any()
+
+
+def test_a_class_masked_with_minus_inf_is_a_probability_of_zero_not_a_bad_row():
+    # a head restricted to a label subset masks the other classes with -inf: every sample was dropped (reviewer V20)
+    torch.manual_seed(0)
+    original = torch.randn(6, 5)
+    adapted = original + 0.5 * torch.randn(6, 5)
+    mask = torch.tensor([0.0, 0.0, 0.0, 0.0, float("-inf")])
+    assert torch.equal(
+        ConfidenceDropFilter()(adapted + mask, original + mask),
+        ConfidenceDropFilter()(adapted - 1e9 * (mask != 0), original - 1e9 * (mask != 0)),
+    )
+    nan_row, all_masked = original.clone(), original.clone()
+    nan_row[0, 1] = float("nan")
+    all_masked[1] = float("-inf")
+    kept = ConfidenceDropFilter()(adapted, nan_row)
+    assert not kept[0] and not ConfidenceDropFilter()(adapted, all_masked)[1]
+    plus_inf = original.clone()
+    plus_inf[2, 0] = float("inf")
+    assert not ConfidenceDropFilter()(adapted, plus_inf)[2]

@@ -13,8 +13,9 @@ the adaptation loss. keel's form, for logits of the same batch from the adapted 
 with p = softmax(adapted logits), p⁰ = softmax(original logits). Ties keep the sample (margin 0): at the first
 step the two models agree and every sample is kept. The predicted class is the original model's, as in a public
 reimplementation (ttavlm's ``OSTTA``, which also uses a margin, 0.05 for CLIP); the paper's wording ("confidence
-lower under the adapted model") fits both models' classes when they agree. A row with a non-finite logit in either
-model is dropped: nothing can be said of it.
+lower under the adapted model") fits both models' classes when they agree. A −inf logit is a masked-out class
+(probability 0: a head restricted to a label subset); a row with a NaN or +inf logit in either model, or with no
+finite one, is dropped: nothing can be said of it.
 
 Example:
     >>> import torch
@@ -102,7 +103,7 @@ def confidence_drop_mask(
     dtype = torch.promote_types(adapted_logits.dtype, torch.float32)
     with torch.no_grad():
         adapted, original = adapted_logits.detach().to(dtype), original_logits.detach().to(dtype)
-        finite = torch.isfinite(adapted).all(dim=1) & torch.isfinite(original).all(dim=1)
+        finite = _usable_rows(adapted) & _usable_rows(original)
         p_original = original.softmax(dim=1)
         confidence0, predicted = p_original.max(dim=1)
         confidence = adapted.softmax(dim=1).gather(1, predicted[:, None]).squeeze(1)
@@ -110,6 +111,11 @@ def confidence_drop_mask(
         if min_confidence is not None:
             keep &= confidence0 >= min_confidence
     return keep
+
+
+def _usable_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Rows whose softmax is defined: no NaN or +inf, and at least one finite logit (−inf masks a class)."""
+    return ~(torch.isnan(logits) | torch.isposinf(logits)).any(dim=1) & torch.isfinite(logits).any(dim=1)
 
 
 __all__ = ["ConfidenceDropFilter", "confidence_drop_mask"]
