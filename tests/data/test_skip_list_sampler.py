@@ -182,3 +182,14 @@ def test_the_random_order_of_the_kept_examples_is_the_wrapped_samplers_own(run_d
 def test_bad_kinds_and_check_every_are_refused_naming_them(tmp_path: Path, kwargs: dict, named: str) -> None:
     with pytest.raises(ValueError, match=f"{named}=.*allowed"):
         SkipListSampler(range(3), tmp_path, **kwargs)
+
+
+def test_a_batch_sampler_keeps_each_batchs_ids_that_are_not_skipped(tmp_path):
+    # passed as DataLoader(batch_sampler=...), as bucketing samplers are: "unhashable type: 'list'" mid-iteration
+    # before (reviewer V23)
+    from torch.utils.data import BatchSampler, SequentialSampler
+
+    SkipList(tmp_path).add(SkipEntry(kind="examples", first_step=1, last_step=1, ids=(3, 4, 5, 6, 7)))
+    sampler = SkipListSampler(BatchSampler(SequentialSampler(range(10)), 4, drop_last=False), tmp_path)
+    assert list(sampler) == [[0, 1, 2], [8, 9]]  # the batch 4-7 was emptied: left out
+    assert len(sampler) == 3  # the wrapped sampler's batches, at most

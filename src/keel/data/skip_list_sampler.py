@@ -1,7 +1,8 @@
 """SkipListSampler: any index sampler, less the examples a keel skip list names.
 
 Wrap the sampler a ``DataLoader`` uses (``RandomSampler``, ``SequentialSampler``, ``DistributedSampler``, a
-stateful one); pass ``run_dir`` (or the ``skip_list.json`` in it). The list is read again whenever the file
+stateful one) or its batch sampler (a ``BatchSampler``, a bucketing or length-grouped one: each batch keeps its ids
+that are not skipped, and a batch left empty is left out); pass ``run_dir`` (or the ``skip_list.json`` in it). The list is read again whenever the file
 changes — checked at the start of each epoch and every ``check_every`` indices — so examples a rollback or an
 attribution adds during training are left out from then on, and a resumed run never sees them.
 
@@ -21,6 +22,8 @@ import warnings
 from collections.abc import Iterable, Iterator, Sized
 from pathlib import Path
 from typing import Any
+
+from torch.utils.data import BatchSampler
 
 from keel._core.errors import KeelWarning
 from keel.data.skip_list import ENTRY_KINDS, SkipList
@@ -88,13 +91,17 @@ class SkipListSampler:
                 raise
             warnings.warn(f"{exc}; skipping the {len(self.skipped)} ids read before", KeelWarning, stacklevel=3)
 
-    def __iter__(self) -> Iterator[int]:
+    def __iter__(self) -> Iterator[Any]:
         self._refresh()
-        for n, index in enumerate(self.sampler, 1):
+        for n, item in enumerate(self.sampler, 1):
             if n % self.check_every == 0:
                 self._refresh()
-            if index not in self.skipped:
-                yield index
+            if isinstance(item, (list, tuple)):  # a batch sampler's batch (bucketing, length-grouped): its ids filtered
+                kept = [i for i in item if i not in self.skipped]
+                if kept:  # a batch the skip list emptied is left out
+                    yield kept
+            elif item not in self.skipped:
+                yield item
 
     def __len__(self) -> int:
         """The wrapped sampler's length less the skipped ids below it: exact for samplers that yield each index
@@ -103,6 +110,8 @@ class SkipListSampler:
         ``SubsetRandomSampler``), which cannot be counted without drawing its order."""
         if not isinstance(self.sampler, Sized):
             raise TypeError(f"{type(self.sampler).__name__} has no len(); neither has the SkipListSampler over it")
+        if isinstance(self.sampler, BatchSampler):  # batches: their count, at most (one emptied is left out)
+            return len(self.sampler)
         self._refresh()
         total = len(self.sampler)
         return total - sum(1 for i in self.skipped if i < total)
