@@ -196,3 +196,18 @@ def test_a_second_sweep_on_a_folder_in_use_is_refused(tmp_path, tiny_sweep):
         with pytest.raises(ValueError, match=r"is in use by another keel sweep .*allowed: wait for it to end"):
             run_sweep(tiny_sweep(), tmp_path / "sweep", workers=1)
     assert run_sweep(tiny_sweep(), tmp_path / "sweep", workers=1).rows  # free again once the first ends
+
+
+def test_errored_runs_are_run_again_only_when_asked(tmp_path, tiny_sweep):
+    # a resume counted errored runs (a worker that died, a recipe fixed since) as finished, with no way to retry them
+    # (reviewer V22)
+    from keel.proxy.sweep.store import SweepStore
+
+    config = tiny_sweep()
+    first = run_sweep(config, tmp_path / "sweep", workers=1)
+    run_id = first.rows[0]["run_id"]
+    with SweepStore(tmp_path / "sweep") as store:
+        store._conn.execute("UPDATE runs SET status = 'error' WHERE run_id = ?", (run_id,))
+    assert run_sweep(config, tmp_path / "sweep", workers=1).ran == []
+    again = run_sweep(config, tmp_path / "sweep", workers=1, retry_errors=True)
+    assert again.ran == [run_id] and {r["status"] for r in again.rows} <= {"done", "diverged"}

@@ -96,6 +96,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--address", help="Ray cluster address (e.g. auto); default: start Ray locally")
     parser.add_argument(
+        "--retry-errors",
+        action="store_true",
+        default=None,  # (None when not given: --summarize refuses a run option that was)
+        help="resuming: run again the runs that raised (a worker that died, a recipe fixed since)",
+    )
+    parser.add_argument(
         "--scaling-lr",
         type=positive_float,
         help="fixed LR of the scaling view (default: the baseline's best LR at the smallest size)",
@@ -134,6 +140,7 @@ RUN_OPTIONS = (
     "backend",
     "workers",
     "address",
+    "retry_errors",
 )
 
 
@@ -250,11 +257,14 @@ def _summarize_or_run(
                 workers=args.workers,
                 address=args.address,
                 progress=_printer(stream, bar),
+                retry_errors=bool(args.retry_errors),
                 **options,
             )
         if result.skipped:
+            errors = sum(r["status"] == "error" and r["run_id"] in result.skipped for r in result.rows)
+            again = f" ({errors} of them raised: --retry-errors runs them again)" if errors else ""
             print(
-                f"resumed: {len(result.skipped)} runs were already finished, {len(result.ran)} ran now",
+                f"resumed: {len(result.skipped)} runs were already finished{again}, {len(result.ran)} ran now",
                 file=stream,
             )
     return result

@@ -81,6 +81,7 @@ def run_sweep(
     progress: Callable[[RunEvent], None] | None = None,
     scaling_lr: float | None = None,
     divergence_logit: float | None = None,
+    retry_errors: bool = False,
 ) -> SweepResult:
     """Run (or resume) a sweep and summarise it.
 
@@ -95,6 +96,7 @@ def run_sweep(
         scaling_lr: The fixed LR of the scaling view (default: the baseline's best LR at the smallest size).
         divergence_logit: The max attention logit taken as divergence in the scaling view (default:
             calibrated on the sweep's baseline runs).
+        retry_errors: Run again the runs of a resumed sweep that raised (they count as finished otherwise).
 
     Returns:
         `SweepResult`.
@@ -120,7 +122,7 @@ def run_sweep(
             store.set_meta({"sweep": config.describe(), "created": time.time(), **describe_environment()})
         # Stored relative to the sweep directory, so a sweep can be moved or copied off a cluster whole.
         store.add_runs(specs, lambda run_id: run_dir_for(Path(), run_id))
-        todo = set(store.unfinished([s.run_id for s in specs]))
+        todo = set(store.unfinished([s.run_id for s in specs], errors=retry_errors))
         result.skipped = [s.run_id for s in specs if s.run_id not in todo]
         tasks = [(s, str(run_dir_for(sweep_dir.resolve(), s.run_id))) for s in specs if s.run_id in todo]
         for n, outcome in enumerate(engine.run(tasks, lambda s: store.mark_running(s.run_id)), start=1):

@@ -133,10 +133,12 @@ class SweepStore:
             )
         return len(new)
 
-    def unfinished(self, run_ids: list[str]) -> list[str]:
-        """The ids among ``run_ids`` not yet done, diverged or errored (pending, or running when killed)."""
+    def unfinished(self, run_ids: list[str], *, errors: bool = False) -> list[str]:
+        """The ids among ``run_ids`` not yet done, diverged or errored (pending, or running when killed); with
+        ``errors``, the errored ones too (a worker that died, a recipe fixed since)."""
         status = dict(self._conn.execute("SELECT run_id, status FROM runs").fetchall())
-        return [r for r in run_ids if status.get(r) in ("pending", "running")]
+        todo = ("pending", "running", "error") if errors else ("pending", "running")
+        return [r for r in run_ids if status.get(r) in todo]
 
     def mark_running(self, run_id: str) -> None:
         self._conn.execute(
