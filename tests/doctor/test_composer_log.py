@@ -14,7 +14,7 @@ from keel.doctor.log import LogReadError
 from tests.doctor.line_fuzz import assert_a_log_or_one_error
 
 BANNER = [
-    "2024-09-30 02:05:36,662: rank0[73][MainThread]: INFO: composer.trainer.trainer: Using precision Precision.AMP_FP16",
+    "2024-09-30 02:05:36,662: rank0[73][MainThread]: INFO: composer.trainer.trainer: Using precision AMP_FP16",
     "*" * 30,
     "Config:",
     "composer_version: 0.21.3",

@@ -2,9 +2,10 @@
 
 Wrap the sampler a ``DataLoader`` uses (``RandomSampler``, ``SequentialSampler``, ``DistributedSampler``, a
 stateful one) or its batch sampler (a ``BatchSampler``, a bucketing or length-grouped one: each batch keeps its ids
-that are not skipped, and a batch left empty is left out); pass ``run_dir`` (or the ``skip_list.json`` in it). The list is read again whenever the file
-changes — checked at the start of each epoch and every ``check_every`` indices — so examples a rollback or an
-attribution adds during training are left out from then on, and a resumed run never sees them.
+that are not skipped, and a batch left empty is left out); pass ``run_dir`` (or the ``skip_list.json`` in it). The
+list is read again whenever the file changes — checked at the start of each epoch and every ``check_every``
+indices — so examples a rollback or an attribution adds during training are left out from then on, and a resumed
+run never sees them.
 
 Example:
     >>> import tempfile
