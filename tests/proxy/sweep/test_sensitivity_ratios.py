@@ -67,3 +67,8 @@ def test_an_all_diverged_baseline_gives_no_ratio_to_anyone():
     rows = [r for r in _rows() if r["recipe"] != "baseline"]
     rows += [_row("baseline", lr, math.inf, status="diverged") for lr in LRS]
     assert sensitivity_ratios(summarize(rows)) == {}
+
+
+def test_a_curve_of_one_lr_gets_no_ratio_not_even_against_itself():
+    # a sweep killed after its first run: the baseline's one point showed "inf x" against itself (reviewer V6)
+    assert sensitivity_ratios(summarize([_row("baseline", 1e-2, 2.0)])) == {}

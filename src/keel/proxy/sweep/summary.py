@@ -159,13 +159,15 @@ def sensitivity_ratios(curves: Sequence[CurveSummary], reference: str = "baselin
     Only curves that compare: none for a curve whose every LR ended at ℓ₀ (`CurveSummary.all_at_init`: its LRS 0
     would read as infinitely stable) or the reference's such curve, and none over another LR grid than the
     reference's (a recipe whose runs raised at some LRs has them left out of its curve, and the mean over the
-    LRs that remain is not the same quantity).
+    LRs that remain is not the same quantity), nor for a curve of one LR (a sweep killed after its first run).
     """
     refs = {c.size: c for c in curves if c.recipe == reference}
     out = {}
     for c in curves:
         ref = refs.get(c.size)
         if ref is None or ref.all_at_init or c.all_at_init or ref.sensitivity.lrs != c.sensitivity.lrs:
+            continue
+        if len(c.sensitivity.lrs) < 2:  # one LR (a sweep killed early): its LRS is 0 by construction
             continue
         mine = c.sensitivity.lr_sensitivity
         out[(c.recipe, c.size)] = ref.sensitivity.lr_sensitivity / mine if mine > 0 else math.inf
