@@ -33,7 +33,8 @@ def hooked_recipe(tmp_path):
     path = tmp_path / "hooked.py"
     path.write_text(RECIPE)
     yield f"{path}:lr_spike"
-    RECIPE_FILES.pop("keel_recipe_hooked", None)
+    for name in [n for n in RECIPE_FILES if n.startswith("keel_recipe_hooked")]:
+        RECIPE_FILES.pop(name)
 
 
 def test_a_hook_from_a_recipe_file_pickles_in_the_sweep_and_loads_in_a_worker(hooked_recipe):
@@ -43,14 +44,15 @@ def test_a_hook_from_a_recipe_file_pickles_in_the_sweep_and_loads_in_a_worker(ho
         pickle.dumps(config)
     with recipe_files_importable():  # as the local backend's pool runs
         shipped = pickle.dumps(config)
-    assert "keel_recipe_hooked" not in sys.modules  # left as it was (the Ray backend ships by value)
+    assert not [n for n in sys.modules if n.startswith("keel_recipe_")]  # as it was (Ray's cloudpickle: by value)
     # a spawned worker: its initializer loads the file under the same name, then the task unpickles
     start_worker(os.getppid(), {name: path for name, (path, _) in RECIPE_FILES.items()})  # (its parent: this one's)
     try:
         received = pickle.loads(shipped)
         assert received.lr_factor(5) == 10.0 and received.lr_factor(4) == 1.0
     finally:
-        sys.modules.pop("keel_recipe_hooked", None)
+        for name in RECIPE_FILES:
+            sys.modules.pop(name, None)
 
 
 @pytest.mark.slow  # a real --workers 2 sweep (spawned workers import torch)
@@ -63,3 +65,21 @@ def test_a_hooked_file_recipe_sweeps_with_two_workers(hooked_recipe, tmp_path):
     )
     result = run_sweep(config, tmp_path / "sweep", workers=2)
     assert sorted(r["status"] for r in result.rows) == ["done", "done"], [r.get("error") for r in result.rows]
+
+
+def test_two_recipe_files_of_one_name_in_two_folders_are_two_modules(tmp_path):
+    # two hooked.py in two folders were one module name: the second replaced the first
+    # in a local sweep's workers (reviewer V14's leftover)
+    paths = []
+    for folder in ("one", "two"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "hooked.py").write_text(RECIPE)
+        paths.append(f"{tmp_path / folder / 'hooked.py'}:lr_spike")
+    try:
+        for recipe in paths:
+            resolve_recipe(recipe)
+        names = [n for n in RECIPE_FILES if n.startswith("keel_recipe_hooked")]
+        assert len(names) == 2
+    finally:
+        for name in [n for n in RECIPE_FILES if n.startswith("keel_recipe_hooked")]:
+            RECIPE_FILES.pop(name)

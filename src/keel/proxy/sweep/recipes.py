@@ -12,6 +12,7 @@ registry name equals the function's name instead of a file stem.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import importlib
 import importlib.util
 import os
@@ -197,7 +198,10 @@ def _load_module(where: str) -> object:
         path = Path(where)
         if not path.is_file():
             raise ValueError(f"recipe file {where!r} not found")
-        module = load_recipe_file(f"keel_recipe_{path.stem}", path)
+        # the file's own name and where it is: two hooked.py of two folders are two modules (their functions pickle
+        # by module name in a local sweep's workers)
+        where_hash = hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:8]
+        module = load_recipe_file(f"keel_recipe_{path.stem}_{where_hash}", path)
         RECIPE_FILES[module.__name__] = (path.resolve(), module)
         return module
     try:
