@@ -108,3 +108,23 @@ def test_probabilities_sum_to_one_and_never_point_ahead(n_tasks, per_task, fract
     assert all(p == 0.0 for p in probabilities[position // per_task + 1 :])
     weights = sampler.replay_weights(position)
     assert weights == sorted(weights)  # the more recently a task ended, the likelier its replay
+
+
+def test_a_resumed_stream_continues_where_the_position_was_kept():
+    # guard.track(PowerLawReplay(...)) was refused (no state_dict): a resumed continual run started the task
+    # stream over at task 0 (reviewer V9)
+    def sampler():
+        return PowerLawReplay([range(0, 5), range(5, 10), range(10, 15)], samples_per_task=6, replay_fraction=0.5)
+
+    whole = list(sampler())
+    first = sampler()
+    it = iter(first)
+    head = [next(it) for _ in range(8)]
+    state = first.state_dict()
+    assert state == {"position": 8} and head == whole[:8]
+    resumed = sampler()
+    resumed.load_state_dict(state)
+    assert list(resumed) == whole[8:]
+    assert list(resumed) == whole  # the next pass starts at the beginning
+    with pytest.raises(ValueError, match=r"allowed: \{'position': an int in \[0, 18\]\}"):
+        resumed.load_state_dict({"position": 19})

@@ -76,6 +76,19 @@ class PowerLawReplay:
         self.replay_fraction = float(replay_fraction)
         self.exponent = float(exponent)
         self.seed = seed
+        self.position = 0  # indices handed out in this pass over the stream (a DataLoader fetches a few ahead)
+        self._resume_at = 0
+
+    def state_dict(self) -> dict[str, int]:
+        """The position in the stream: ``guard.track(sampler)`` keeps it, so a resumed run continues the stream
+        (the same seed draws the same stream; the indices already handed out are drawn again and passed over)."""
+        return {"position": self.position}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        position = state.get("position") if isinstance(state, dict) else None
+        if isinstance(position, bool) or not isinstance(position, int) or not 0 <= position <= len(self):
+            raise ValueError(f"PowerLawReplay state {state!r}; allowed: {{'position': an int in [0, {len(self)}]}}")
+        self.position = self._resume_at = position
 
     def __len__(self) -> int:
         return len(self.tasks) * self.samples_per_task
@@ -107,6 +120,14 @@ class PowerLawReplay:
         return (weights / weights.sum()).tolist() if current else []
 
     def __iter__(self) -> Iterator[int]:
+        start, self._resume_at = self._resume_at, 0
+        self.position = start
+        for n, index in enumerate(self._stream()):
+            if n >= start:
+                self.position = n + 1
+                yield index
+
+    def _stream(self) -> Iterator[int]:
         rng = np.random.default_rng(self.seed)
         for current, own in enumerate(self.tasks):
             order, drawn = rng.permutation(own), 0
