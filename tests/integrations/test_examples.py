@@ -102,7 +102,8 @@ def test_the_nanogpt_style_example_runs_as_a_user_runs_it(tmp_path):
 @pytest.mark.slow  # a subprocess (~12 s of CPU); tests/guard/test_evaluation.py finds a scripted gap in-process
 def test_the_continual_eval_example_finds_the_stability_gap_after_the_switch(tmp_path):
     out = run_example("continual_eval.py", "--out", str(tmp_path))
-    assert "step 101: stability_gap warning: eval/a" in out and "continual/min_acc = " in out
+    # step 103: the second low eval in a row (the detector confirms with two since b69feaa; BENCHMARKS, issue 18)
+    assert "step 103: stability_gap warning: eval/a" in out and "continual/min_acc = " in out
     with RunReader(tmp_path) as store:
         gaps = [f for f in store.findings() if f.kind == "stability_gap"]
         assert gaps[0].evidence["switch_step"] == 100 and gaps[0].evidence["depth"] > 0.1
