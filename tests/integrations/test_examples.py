@@ -107,4 +107,6 @@ def test_the_continual_eval_example_finds_the_stability_gap_after_the_switch(tmp
     with RunReader(tmp_path) as store:
         gaps = [f for f in store.findings() if f.kind == "stability_gap"]
         assert gaps[0].evidence["switch_step"] == 100 and gaps[0].evidence["depth"] > 0.1
-        assert store.meta()["phases"] == [{"index": 0, "name": "a", "step": 0}, {"index": 1, "name": "b", "step": 100}]
+        phases = [{k: p[k] for k in ("index", "name", "step")} for p in store.meta()["phases"]]
+        assert phases == [{"index": 0, "name": "a", "step": 0}, {"index": 1, "name": "b", "step": 100}]
+        assert "spike(loss)" in store.meta()["phases"][1]["rebaselined"]  # Guard.phase's rebaseline, recorded
