@@ -160,3 +160,18 @@ def test_an_optimizer_watched_before_accelerate_prepares_it_is_still_watched():
         guard, _, params, _ = _accelerate_loop("skip", watch_before_prepare=True)
     _, _, bare_params, _ = _accelerate_loop(None)
     assert guard.global_step == 6 and all(torch.equal(a, b) for a, b in zip(params, bare_params, strict=True))
+
+
+def test_an_lr_scheduler_keel_was_not_given_is_warned_about_once():
+    # without it, a skipped update still advanced the schedule and a rollback did not restore it (an accelerate run
+    # kept decaying its LR from step 11 while its weights were step 0's: helper D's D3)
+    from keel._core.errors import KeelWarning
+
+    model = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.StepLR(opt, 1)
+    with pytest.warns(KeelWarning, match="LR scheduler keel was not given"):
+        keel.watch(model, opt).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KeelWarning)
+        keel.watch(model, opt, sched).close()

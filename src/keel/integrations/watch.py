@@ -123,6 +123,12 @@ class Watch:
         self._last_loss: Tensor | None = None
         self._norm_before_clip: Tensor | None = None
         self._warned: set[str] = set()
+        if not schedulers and any(_has_lr_scheduler(part) for part in self._parts):
+            self._warn(
+                "scheduler",
+                "keel.watch: the optimizer has an LR scheduler keel was not given: a skipped update still advances "
+                "it and a rollback does not restore it; allowed: keel.watch(model, optimizer, scheduler, ...)",
+            )
         self._closed = False
         self._handoff = Handoff()
         self._hook = model.register_forward_hook(ObserverHook(self._capture_output), with_kwargs=True)
@@ -332,6 +338,13 @@ class Watch:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, KeelWarning, stacklevel=loop_stacklevel())
+
+
+def _has_lr_scheduler(optimizer: Any) -> bool:
+    """Whether a torch LR scheduler was built on ``optimizer`` (it marks the optimizer's ``step``; accelerate's
+    prepared optimizer holds the marked one as ``.optimizer``)."""
+    inner = getattr(optimizer, "optimizer", optimizer)
+    return any(getattr(getattr(o, "step", None), "_wrapped_by_lr_sched", False) for o in (optimizer, inner))
 
 
 def watch(
