@@ -16,7 +16,9 @@ class BucketedOptimizer(Optimizer):
     """An optimizer whose ``step`` calls ``_update(params, group)`` once per parameter group and (device, dtype)
     bucket of parameters with a gradient (`step_buckets`), with a `Scratch` of reusable buffers, and whose
     ``load_state_dict`` keeps float32 moments and statistics exactly as saved (torch would cast them to each
-    parameter's dtype)."""
+    parameter's dtype). A subclass defines ``_update``, its update rule for one bucket."""
+
+    _update: Callable[[list[Tensor], dict[str, Any]], None]
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]) -> None:
         super().__init__(params, defaults)
@@ -36,6 +38,3 @@ class BucketedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         restore_state_dtypes(self, state_dict)
-
-    def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
-        raise NotImplementedError

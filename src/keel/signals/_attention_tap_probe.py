@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 from torch import nn
@@ -27,6 +28,8 @@ class AttentionTapProbe:
 
     name: str
     config: Any
+    read: Callable[[], Measurements]  # this step's values (what `measure` returns), without re-arming
+    _arm: Callable[[int], None]  # what the tap must reduce at the given step
 
     def __init__(self) -> None:
         self._model: nn.Module | None = None
@@ -55,13 +58,6 @@ class AttentionTapProbe:
 
     def after_step(self, ctx: StepContext) -> Measurements:
         return {}
-
-    def read(self) -> Measurements:
-        """This step's values (what `measure` returns), without re-arming."""
-        raise NotImplementedError
-
-    def _arm(self, step: int) -> None:
-        raise NotImplementedError
 
     def _tapped_sites(self) -> list[_attention_tap.SiteStats]:
         """The sites the tap measured this step ([] without a tap); raises the tap's own failure."""

@@ -82,6 +82,7 @@ class AttnEntropyProbe(AttentionTapProbe):
             request.entropy = request.fused = due(step, self.config.every)
 
     def read(self) -> Measurements:
+        """This step's values (what `measure` returns), without re-arming."""
         # (layer name, per-head entropy sums, per-head row counts) of the sites measured this step
         sites = [
             (s.name, s.entropy_sum, s.entropy_count)

@@ -92,6 +92,7 @@ class AttnLogitsProbe(AttentionTapProbe):
             request.fused = due(step, self.config.fused_every)
 
     def read(self) -> Measurements:
+        """This step's values (what `measure` returns), without re-arming."""
         sites = self._tapped_sites()
         if not sites:
             return {}
