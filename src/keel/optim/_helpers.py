@@ -192,22 +192,22 @@ def params_with_grad(group: dict, owner: str) -> list[Tensor]:
         ValueError: A sparse gradient or a complex parameter (keel's update rules are for dense, real tensors),
             named with its shape; nothing is updated.
     """
-    out = []
-    for p in group["params"]:
-        if p.grad is None:
-            continue
-        if p.grad.layout != torch.strided:  # sparse COO (nn.Embedding(sparse=True)), CSR, ...
-            raise ValueError(
-                f"{owner}: a sparse gradient ({p.grad.layout}) for a parameter of shape {tuple(p.shape)}; allowed: "
-                "dense gradients (nn.Embedding(sparse=False); torch.optim.SparseAdam takes sparse ones)"
-            )
-        if p.is_complex():
-            raise ValueError(
-                f"{owner}: a {p.dtype} parameter of shape {tuple(p.shape)}; allowed: real floating-point "
-                "parameters (torch.view_as_real(p) is one; torch.optim.AdamW takes complex ones)"
-            )
-        out.append(p)
-    return out
+    return [p for p in group["params"] if p.grad is not None and dense_real(owner, p)]
+
+
+def dense_real(owner: str, p: Tensor) -> bool:
+    """True for a parameter with a dense gradient and real values; else the one ValueError naming ``owner``."""
+    if p.grad is not None and p.grad.layout != torch.strided:  # sparse COO (nn.Embedding(sparse=True)), CSR, ...
+        raise ValueError(
+            f"{owner}: a sparse gradient ({p.grad.layout}) for a parameter of shape {tuple(p.shape)}; allowed: "
+            "dense gradients (nn.Embedding(sparse=False); torch.optim.SparseAdam takes sparse ones)"
+        )
+    if p.is_complex():
+        raise ValueError(
+            f"{owner}: a {p.dtype} parameter of shape {tuple(p.shape)}; allowed: real floating-point "
+            "parameters (torch.view_as_real(p) is one; torch.optim.AdamW takes complex ones)"
+        )
+    return True
 
 
 def grads_of(params: Sequence[Tensor]) -> list[Tensor]:

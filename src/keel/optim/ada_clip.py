@@ -13,7 +13,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
-from keel.optim._helpers import check_range, max_abs, params_with_grad
+from keel.optim._helpers import check_range, dense_real, max_abs
 from keel.optim._rows import as_rows, hot_rows, row_abs_max, scale_spikes
 
 
@@ -102,8 +102,8 @@ class AdaClip:
         (an fp16 overflow step the GradScaler will skip) leaves its tensor's running max as it was (off the CPU its
         step count still advances: reading it back would cost a host sync), so clipping goes on after it.
         """
-        params_with_grad({"params": self.params}, "AdaClip")  # a sparse gradient or complex parameter: one error
-        with_grad = [(i, p.grad) for i, p in enumerate(self.params) if p.grad is not None]
+        # (a sparse gradient or a complex parameter: one error, in the same pass)
+        with_grad = [(i, p.grad) for i, p in enumerate(self.params) if p.grad is not None and dense_real("AdaClip", p)]
         if not with_grad:
             return torch.zeros(())
         active, grads = [i for i, _ in with_grad], [g for _, g in with_grad]

@@ -143,8 +143,9 @@ class IndependentAdamW(torch.optim.AdamW):
                 loss = closure()
         for group in self.param_groups:
             peak = float(group["initial_lr"])
-            if float(group["lr"]) > peak and group["independent_weight_decay"] > 0:
-                self._warn_above_peak(float(group["lr"]), peak)
+            lr = group["lr"]  # (a tensor LR, capturable on a device, is not read back: no host sync per step)
+            if not isinstance(lr, Tensor) and lr > peak and group["independent_weight_decay"] > 0:
+                self._warn_above_peak(float(lr), peak)
             group["weight_decay"] = group["independent_weight_decay"] / peak if peak > 0 else 0.0
         half = [
             (group, p, p.grad)
