@@ -218,10 +218,9 @@ class Watch:
 
     # --- the loop's clipping ------------------------------------------------------------------------
     def _clip(self, original: Any, parameters: Tensor | Iterable[Tensor], *args: Any, **kwargs: Any) -> Any:
-        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        params = _as_list(parameters)
         norm = original(params, *args, **kwargs)
-        if any(id(p) in self._watched for p in params):
-            self._norm_before_clip = norm
+        self._keep_norm(params, norm)
         return norm
 
     def _clip_with_norm(
@@ -235,11 +234,15 @@ class Watch:
     ) -> Any:
         # torch's clipping in two parts, get_total_norm then this (accelerate's clip_grad_norm_ does so; torch's own
         # clip_grad_norm_ calls a private copy, so a norm is not kept twice): total_norm is the norm before clipping
-        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        params = _as_list(parameters)
         result = original(params, max_norm, total_norm, *args, **kwargs)
-        if isinstance(total_norm, Tensor) and any(id(p) in self._watched for p in params):
-            self._norm_before_clip = total_norm
+        self._keep_norm(params, total_norm)
         return result
+
+    def _keep_norm(self, params: list[Tensor], norm: Any) -> None:
+        """The norm before clipping, for the update, when the clipped parameters are this model's."""
+        if isinstance(norm, Tensor) and any(id(p) in self._watched for p in params):
+            self._norm_before_clip = norm
 
     # --- the update ---------------------------------------------------------------------------------
     def _optimizer_step(self, part: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
@@ -338,6 +341,11 @@ class Watch:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, KeelWarning, stacklevel=loop_stacklevel())
+
+
+def _as_list(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
+    """A clipping call's parameters as a list (a generator is read once, here)."""
+    return [parameters] if isinstance(parameters, Tensor) else list(parameters)
 
 
 def _has_lr_scheduler(optimizer: Any) -> bool:
