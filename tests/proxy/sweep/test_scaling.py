@@ -119,3 +119,13 @@ def test_the_scaling_lines_of_the_table_say_where_the_logit_would_reach_the_thre
     assert lines["flat"].endswith("; no growth: never reaches 1e+04 (given)")
     # 5 → 6.3 over a decade: ∝ N^0.1, reaching 1e4 only near 1e36 parameters, far beyond any real model
     assert "practically flat: reaches 1e+04 (given) only at ≈" in lines["creeps"]
+
+
+def test_without_a_threshold_the_scaling_line_says_how_to_give_one_not_nan():
+    from keel.proxy.sweep.summary import reach
+
+    rows = [_row(size, 1e-2, 2.4, logit, n) for size, n, logit in (("tiny", 1_000, 10.0), ("small", 10_000, 100.0))]
+    view = scaling_views(rows, summarize(rows), lr=1e-2, divergence_logit=None)[0]
+    assert math.isnan(view.divergence_logit)
+    said = reach(view)
+    assert said == "no divergence threshold: no run to calibrate it on degraded (give one with --divergence-logit)"
