@@ -39,7 +39,8 @@ chosen expert, so Σc = T·k):
 Routers are found by layout: a module named ``gate`` or ``router`` with a 2-D ``weight`` (E, d) whose parent has an
 ``experts`` child — Hugging Face Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE ``mlp.gate`` (a ``*TopKRouter`` returning
 ``(raw logits, top-k weights, top-k indices)``), Mixtral 4.x's ``block_sparse_moe.gate`` (an ``nn.Linear``
-returning the logits), keel's proxy MoE router. Qwen2-MoE's ``shared_expert_gate`` (E = 1) is not a router. Name
+returning the logits), keel's proxy MoE router — and the ``classifier`` of a weightless ``router`` beside ``experts``
+(Switch Transformers, NLLB-MoE: `classifier_routers`). Qwen2-MoE's ``shared_expert_gate`` (E = 1) is not a router. Name
 any other module with ``modules=[...]``: its output (or its output's first element) must be the raw logits
 ``(..., E)``; a third element of integer dtype is taken as the chosen experts, otherwise the top k of the logits
 (k from the config's ``top_k``, else a ``top_k`` / ``num_experts_per_tok`` attribute of the module or its parent).
@@ -54,6 +55,7 @@ References:
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +66,14 @@ from torch import Tensor, nn
 from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types, config_from
-from keel.losses._router_layout import declared_top_k, parent_module, routers_by_layout, split_router_output
+from keel.losses._router_layout import (
+    ROUTER_NAMES,
+    declared_top_k,
+    is_router,
+    parent_module,
+    routers_by_layout,
+    split_router_output,
+)
 from keel.signals._hooks import ObserverHook, compiling, hooks_active, named_modules_by_name
 from keel.signals.attn_logits import due
 from keel.signals.logit_stats import log_partition
@@ -133,19 +142,58 @@ class RouterSite:
     checked: bool = False
 
 
+_TOP_K_IN_CLASS_NAME = re.compile(r"Top(\d+)Router$")  # SwitchTransformersTop1Router, NllbMoeTop2Router
+
+
+def classifier_routers(model: nn.Module) -> list[tuple[str, nn.Module, int | None]]:
+    """The logit layers of T5X / fairseq-style routers, with their top-k, in registration order.
+
+    Hugging Face Switch Transformers and NLLB-MoE route through a ``router`` (beside ``experts``) that holds no
+    weight itself: its ``classifier`` child (``nn.Linear(d, E)``) makes the raw logits and the router returns
+    ``(dispatch mask, probabilities, logits)``. The classifier is the module to watch; k is the router's declared
+    ``top_k`` / ``num_experts_per_tok``, else the N of its class name ``...TopNRouter``, else None.
+
+    Example:
+        >>> classifier_routers(nn.Linear(2, 2))
+        []
+    """
+    table = dict(model.named_modules())
+    found = []
+    for name, module in table.items():
+        router_name, _, leaf = name.rpartition(".")
+        router = table.get(router_name) if router_name else None
+        if leaf != "classifier" or router is None or router_name.rpartition(".")[2] not in ROUTER_NAMES:
+            continue
+        block = parent_module(table, router_name)
+        if is_router(router, block) or not is_router(module, block):
+            continue  # a router with its own weight is found by layout; the classifier needs the block's experts
+        match = _TOP_K_IN_CLASS_NAME.search(type(router).__name__)
+        top_k = declared_top_k(router, block) or (int(match[1]) if match else None)
+        found.append((name, module, top_k))
+    return found
+
+
 def find_routers(model: nn.Module, names: list[str] | None = None, top_k: int | None = None) -> list[RouterSite]:
-    """The routers of ``model``: the named modules, or those found by layout, in registration order.
+    """The routers of ``model``: the named modules, or those found by layout (`routers_by_layout` and
+    `classifier_routers`), in registration order.
 
     Example:
         >>> find_routers(nn.Linear(2, 2))
         []
     """
     table = dict(model.named_modules())
-    found = named_modules_by_name(model, names) if names is not None else routers_by_layout(model)
+    found: list[tuple[str, nn.Module, int | None]]
+    if names is not None:
+        found = [(n, m, None) for n, m in named_modules_by_name(model, names)]
+    else:
+        order = {name: i for i, name in enumerate(table)}
+        found = [(n, m, None) for n, m in routers_by_layout(model)] + classifier_routers(model)
+        found.sort(key=lambda entry: order[entry[0]])
     sites = []
-    for name, module in found:
+    for name, module, layout_top_k in found:
         block = parent_module(table, name)
-        sites.append(RouterSite(name=name, module=module, block=block, top_k=top_k or declared_top_k(module, block)))
+        k = top_k or layout_top_k or declared_top_k(module, block)
+        sites.append(RouterSite(name=name, module=module, block=block, top_k=k))
     return sites
 
 
@@ -285,6 +333,12 @@ class RouterProbe:
             return
         try:  # a hook runs inside the user's forward: never break it; `read` reports the error
             logits, _, chosen = split_router_output(output)
+            if not logits.is_floating_point():
+                raise TypeError(
+                    f"{site.name} returns a {logits.dtype} integer tensor first (a dispatch mask?), not the raw "
+                    "logits; allowed: a module whose output, or its first element, is the logits (a Switch / NLLB-MoE "
+                    "router's `classifier`)"
+                )
             if not site.checked and site.sample is None and not compiling():
                 site.sample = logits.detach().reshape(-1, logits.shape[-1])[:8].float().clone()
             capacity = getattr(module, "capacity_factor", None)
