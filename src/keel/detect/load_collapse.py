@@ -25,8 +25,13 @@ measurement. Hence:
   it rises, the finding projects the step at which it would reach ``critical_share`` (``projected_critical_step``);
 - **critical**: such a share that is locked in — the gate entropy's median has fallen to ``entropy_floor`` or below:
   the router is sure of its unbalanced choice, its softmax saturated, so the balancing gradient no longer moves it
-  (no warm-up needed: a router at init is unbalanced but unsure) — or a share of ``critical_share`` or more after
-  the warm-up.
+  (no warm-up needed: a router at init is unbalanced but unsure). Nothing else: a full collapse with an unsure
+  router (entropy above the floor) stays a warning however long it lasts. Critical is what a policy acts on, and
+  ``policy="recover"`` rolls back and cuts the LR: that undoes a lock-in the LR caused, but a router that was
+  unbalanced from initialisation is unbalanced in every snapshot, and a lower LR only slows its re-balancing. A tiny
+  Hugging Face Mixtral / Qwen3-MoE on text with Hugging Face's default balancing weight (0.001) sits at share
+  0.9–0.95 with gate entropy 0.92–0.97 at a healthy loss; when that was critical after the warm-up, ``recover``
+  rolled it back to step 0 at step 99 and again at 199 (LR × 0.01) and its loss ended at 4.35 against 2.37.
 
 On the proxy's runs without the balancing loss (8 experts top-1, 4 top-2; 5 + 4 runs) the early rule names the
 collapse at steps 28–48 and 34–60, where the warm-up alone named it at 99–126 (BENCHMARKS.md, issue 19).
@@ -70,7 +75,7 @@ class LoadCollapseConfig:
         window: Measurements in the level (median) and the slope.
         warmup: Measurements before an unbalanced but unsure router (gate entropy above the floor) is judged.
         warn_share: Share of the way from balanced (1) to collapsed (E/k) that, held and not re-balancing, warns.
-        critical_share: Share that is critical on its own.
+        critical_share: Share of a full collapse (warns before the warm-up; the projected-critical step aims at it).
         entropy_floor: Gate entropy (÷ log E) at or below which an unbalanced router is locked in: critical.
         settling_entropy: Gate entropy at or below which a full collapse before the warm-up warns after ``patience``.
         early_patience: Consecutive full-collapse measurements that warn before the warm-up without a settling gate.
@@ -177,7 +182,7 @@ class LoadCollapseDetector:
         # before the warm-up only a full collapse counts: held long, or with the router settling into it
         settling = gate <= cfg.settling_entropy
         ready = self._episode.run >= (cfg.patience if locked or warmed or settling else cfg.early_patience)
-        critical = ready and (locked or (full and warmed))
+        critical = ready and locked  # a rollback can undo a lock-in, not a router unbalanced since its init
         severity = self._episode.escalate(critical=critical, warning=ready)
         if severity is None:
             return []
