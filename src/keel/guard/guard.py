@@ -47,6 +47,7 @@ from keel.guard.resumed_scheduler import HeldScheduler
 from keel.guard.run_dir import RunDir
 from keel.guard.run_end import RunEnd
 from keel.guard.user_signals import split_signals
+from keel.guard.weights_check import broken_update_finding, non_finite_parameters
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
 from keel.recover.replay import StepReplay
 from keel.recover.snapshot import Snapshot
@@ -93,7 +94,10 @@ class Guard(DeferredSteps):
             everything in memory. It holds one run: a folder that holds an earlier run is refused unless
             ``resume`` or ``overwrite`` says what to do with it, and it is locked while the Guard is open.
         policy: ``"observe"`` never changes training; ``"skip"`` skips harmful updates; ``"recover"`` also
-            rolls back to in-memory snapshots and applies the post-rollback actions.
+            rolls back to in-memory snapshots and applies the post-rollback actions, and checks the weights after
+            each applied update (one fused norm read, one host copy): an update that left NaN/Inf in them is rolled
+            back in the same `step`, before the loop's next forward samples from them (`keel.guard.weights_check`;
+            not with an enabled GradScaler, nor under ``sync="deferred"``).
         scaler: A ``torch.amp.GradScaler`` the loop uses; the loop calls ``scaler.scale(loss).backward()``
             and passes the unscaled ``loss`` to `step`.
         log_every: Cadence of the per-parameter signals (parameter norms, update ratios, per-tensor norms).
@@ -121,8 +125,9 @@ class Guard(DeferredSteps):
             run store, each rank keeps its snapshots under ``run_dir/rank-<r>``, and a `RankOutlierDetector`
             names a faulty rank. ``False`` keeps each rank on its own; a `DistributedConfig` tunes it.
         sync: ``"step"`` reads each step's signals to the host and decides before its update (one host sync per
-            step); ``"deferred"`` reads nothing before the update — the skip verdict is computed on the device
-            and applied through the optimizer's ``found_inf``, everything else is decided one step later. For
+            step; a second after the update under ``"recover"``, the weights check); ``"deferred"`` reads nothing
+            before the update — the skip verdict is computed on the device and applied through the optimizer's
+            ``found_inf``, everything else is decided one step later. For
             GPUs, where a sync per step stalls the launch queue; see `keel.guard.deferred` for what lags and
             why that is safe. Needs ``fused=True`` Adam/AdamW/SGD unless ``policy="observe"``.
         attribution: Attribute bad steps to the examples of their batch (`keel.Attribution`: a per-example loss
@@ -264,6 +269,10 @@ class Guard(DeferredSteps):
         self.data = DataLedger(
             self.run_dir.store_dir if writes_skips else None, attribution, keep_steps=reach, ranks=self.dist
         )
+        # after each applied update, under recover: the weights checked finite, a rollback at once when not; not with
+        # a GradScaler (the actuator's rollback closes the scaler's step, which its update has closed already)
+        scaling = scaler is not None and scaler.is_enabled()
+        self._checks_weights = policy == "recover" and sync == "step" and not scaling
         replays = rollbacks.replay and policy != "observe" and self.dist is None  # observe changes nothing
         self.replay = StepReplay(model, self._params, rollbacks.replay_rtol) if replays else None
         if self.replay is not None:
@@ -476,6 +485,8 @@ class Guard(DeferredSteps):
             self.components.fail("guard", step, exc, disable=False)  # each probe and detector is fenced on its own
         # keel's own clipping scales the gradients as they are now: after the loop's clipping, if it clipped
         decision = self.actuator.apply(decision, norm_now, self.escalation.rollbacks_in_window(step))
+        if decision.stepped and self._checks_weights:  # a rollback now, before the loop's next forward
+            decision = self.components.call("weights check", self._roll_back_broken_update, decision) or decision
         if decision.stepped and ctx is not None:
             self._after_step(ctx)
         self.components.call("skip list", self.data.record_skips, decision)
@@ -730,6 +741,17 @@ class Guard(DeferredSteps):
                 "corruption or a racy kernel); update skipped, nothing rolled back or added to the skip list"
             ),
         )
+
+    def _roll_back_broken_update(self, decision: Decision) -> Decision:
+        """The decision after checking the weights this applied update left: as it is when they are finite, else a
+        rollback (or the abort the escalation ladder turns it into), carried out now (`keel.guard.weights_check`)."""
+        params = [_local(p) for p in self._params] if self.dist is not None and self.dist.sharded else self._params
+        broken = non_finite_parameters(self._names, params, self.dist)
+        if not broken:
+            return decision
+        step = decision.step
+        rollback = self.escalation.decide(step, (*decision.findings, broken_update_finding(step, broken)))
+        return self.actuator.apply(rollback, math.nan, self.escalation.rollbacks_in_window(step))
 
     def _after_step(self, ctx: StepContext) -> None:
         self._late.update(self.components.after_step(ctx))

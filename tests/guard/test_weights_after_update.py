@@ -1,0 +1,107 @@
+"""Under ``recover``, an update that leaves NaN/Inf weights is rolled back inside the same ``Guard.step``, before the
+loop's next forward (`keel.guard.weights_check`).
+
+Outside-in: pytorch/examples' reinforcement_learning/reinforce.py (Policy 4-128-2 with dropout, Adam 1e-2, one update
+per episode, actions sampled from ``Categorical(probs)`` between updates). Before, an update that wrote an Inf weight
+made the next episode's ``Categorical`` raise ("Expected parameter probs … found invalid values") before keel's next
+step could roll back: the run failed (helper D's D7).
+"""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.distributions import Categorical
+
+import keel
+
+BROKEN_UPDATE = 6  # the update whose optimizer.step() leaves an Inf weight
+
+
+class Policy(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.affine1, self.dropout, self.affine2 = nn.Linear(4, 16), nn.Dropout(p=0.6), nn.Linear(16, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.softmax(self.affine2(F.relu(self.dropout(self.affine1(x)))), dim=1)
+
+
+def _reinforce(policy_name: str, *, broken: set[int], value: float = math.inf, episodes: int = 10, **kw):
+    """reinforce.py's loop on a random walk for states; the updates in ``broken`` overflow a weight inside
+    ``optimizer.step()`` (an optimizer step post-hook, as an overflowing update would). Returns the watch and the
+    finiteness of the weights the loop saw right after each ``optimizer.step()``."""
+    torch.manual_seed(0)
+    policy = Policy()
+    optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
+    update = 0
+
+    def overflow(*_: object) -> None:
+        if update in broken:
+            with torch.no_grad():
+                policy.affine1.weight[0, 0] = value
+
+    optimizer.register_step_post_hook(overflow)
+    guard = keel.watch(policy, optimizer, policy=policy_name, recovery=keel.RecoveryConfig(snapshot_every=2), **kw)
+    seen_finite = []
+    for _ in range(episodes):
+        log_probs, rewards = [], []
+        state = torch.zeros(1, 4)
+        for _ in range(8):
+            m = Categorical(policy(state))  # raises on NaN probabilities
+            action = m.sample()
+            log_probs.append(m.log_prob(action))
+            rewards.append(1.0)
+            state = state + 0.1 * torch.randn(1, 4)
+        returns = torch.tensor(rewards).cumsum(0).flip(0)
+        returns = (returns - returns.mean()) / (returns.std() + 1e-6)
+        optimizer.zero_grad()
+        torch.cat([-lp * r for lp, r in zip(log_probs, returns, strict=True)]).sum().backward()
+        optimizer.step()
+        seen_finite.append(all(bool(torch.isfinite(p).all()) for p in policy.parameters()))
+        update += 1
+    guard.close()
+    return guard, seen_finite
+
+
+@pytest.mark.parametrize("value", [math.inf, math.nan], ids=["inf", "nan"])
+def test_an_update_that_leaves_non_finite_weights_is_rolled_back_before_the_next_rollout(value):
+    guard, seen_finite = _reinforce("recover", broken={BROKEN_UPDATE}, value=value)
+    assert all(seen_finite)  # the loop never saw the broken weights: the next Categorical did not raise
+    (decision,) = guard.decisions
+    assert (decision.step, decision.action) == (BROKEN_UPDATE, "rollback")
+    assert decision.restored_step is not None and decision.restored_step <= BROKEN_UPDATE
+    (finding,) = decision.findings
+    assert (finding.kind, finding.severity, finding.signal) == ("non_finite", "critical", "param/norm")
+    assert finding.evidence["parameters"] == ["affine1.weight"] and finding.evidence["after_update"] is True
+    assert guard.global_step == 10
+
+
+def test_an_update_that_breaks_the_weights_every_time_ends_in_the_rollback_cap_not_a_loop():
+    with pytest.raises(keel.TrainingAborted, match="rollbacks within"):
+        _reinforce("recover", broken=set(range(BROKEN_UPDATE, 100)))
+
+
+@pytest.mark.parametrize("policy_name", ["observe", "skip"])
+def test_without_recover_the_weights_are_not_checked_after_the_update(policy_name):
+    with pytest.raises(ValueError, match="Categorical|probs"):  # as the bare loop: nothing rolls back
+        _reinforce(policy_name, broken={BROKEN_UPDATE})
+
+
+def test_finite_weights_whose_float32_norm_overflows_are_not_rolled_back():
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    with torch.no_grad():
+        model.bias.fill_(3e38)  # finite; its float32 norm squared is not
+    guard = keel.Guard(model, opt, policy="recover")
+    for _ in range(3):
+        model.weight.sum().backward()
+        assert guard.step(torch.tensor(1.0)).action == "ok"
+        opt.zero_grad()
+    guard.close()
+    assert guard.decisions == []
