@@ -21,6 +21,7 @@ from keel.doctor.jsonl_log import read_jsonl_log
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.megatron_log import FORMAT as MEGATRON
 from keel.doctor.megatron_log import looks_like_megatron, read_megatron_log
+from keel.doctor.mlflow_log import db_run_path, db_runs, is_mlflow_db, mlflow_runs, read_mlflow_log
 from keel.doctor.nanogpt_log import FORMAT as NANOGPT
 from keel.doctor.nanogpt_log import looks_like_nanogpt, read_nanogpt_log
 from keel.doctor.olmo_log import FORMAT as OLMO
@@ -35,6 +36,7 @@ from keel.doctor.store_log import SQLITE_MAGIC, is_sqlite, read_store_log
 from keel.doctor.tensorboard_log import EVENT_GLOB, is_event_file, read_tensorboard_log
 from keel.doctor.torchtitan_log import FORMAT as TORCHTITAN
 from keel.doctor.torchtitan_log import looks_like_torchtitan, read_torchtitan_log
+from keel.doctor.wandb_log import RUN_FILE_GLOB, is_wandb_file, read_wandb_log, wandb_runs
 from keel.store import STORE_NAME, find_runs
 
 READERS: dict[str, Callable[[Path], RawLog]] = {
@@ -43,6 +45,8 @@ READERS: dict[str, Callable[[Path], RawLog]] = {
     "tensorboard": read_tensorboard_log,
     "hf_trainer_state": read_trainer_state,
     "keel_store": read_store_log,
+    "wandb": read_wandb_log,
+    "mlflow": read_mlflow_log,
     STEP_LINES: read_step_lines_log,
     SPEEDRUN: read_speedrun_log,
     MEGATRON: read_megatron_log,
@@ -62,7 +66,9 @@ def read_log(path: str | Path, format: str | None = None) -> RawLog:
 
     Args:
         path: A CSV/TSV, JSONL or JSON file, a Trainer ``trainer_state.json`` (or its checkpoint folder), a
-            TensorBoard event file or folder, or a keel run store (its folder or ``run.sqlite``).
+            TensorBoard event file or folder, a keel run store (its folder or ``run.sqlite``), a W&B run (its
+            ``run-<id>.wandb`` or run folder), or an MLflow run (a file-store run folder, an ``mlflow.db`` or
+            ``mlflow.db/<run id>``).
         format: Force a reader (one of `FORMATS`) instead of detecting it.
 
     Returns:
@@ -84,6 +90,8 @@ def read_log(path: str | Path, format: str | None = None) -> RawLog:
     path = Path(path)
     if format is not None and format not in READERS:
         raise LogReadError(f"format={format!r}; allowed: {', '.join(FORMATS)}")
+    if format in (None, "mlflow") and db_run_path(path) is not None:
+        return read_mlflow_log(path)  # mlflow.db/<run id>: one run of a database, as find_logs names it
     if not path.exists():
         raise LogReadError(f"{path}: no such file or folder")
     if not (path.is_file() or path.is_dir()):
@@ -105,6 +113,10 @@ def detect_format(path: Path) -> str:
         # before TensorBoard: a run folder may hold event files exported from its store (RUN/export/tensorboard)
         if find_runs(path):
             return "keel_store"
+        if wandb_runs(path):  # before TensorBoard: W&B's history is whole, a synced TensorBoard copy may not be
+            return "wandb"
+        if mlflow_runs(path):
+            return "mlflow"
         if next(path.rglob(EVENT_GLOB), None) is not None:
             return "tensorboard"
         if find_step_lines(path) is not None:
@@ -113,11 +125,13 @@ def detect_format(path: Path) -> str:
         holds = f"; it holds {_listed(loose)}: give one of them itself" if loose else ""
         raise LogReadError(
             f"{path}: a folder with no training log in it; looked for {STORE_NAME} (also one or two "
-            f"levels down), {STATE_NAME} (also in checkpoint-*/), {EVENT_GLOB} and {'/'.join(LOG_NAMES)} step "
-            f"lines{holds}"
+            f"levels down), {STATE_NAME} (also in checkpoint-*/), W&B runs ({RUN_FILE_GLOB}), MLflow runs "
+            f"(meta.yaml and metrics/), {EVENT_GLOB} and {'/'.join(LOG_NAMES)} step lines{holds}"
         )
     if is_sqlite(path):
-        return "keel_store"
+        return "mlflow" if is_mlflow_db(path) else "keel_store"
+    if is_wandb_file(path):
+        return "wandb"
     if is_event_file(path):
         return "tensorboard"
     suffix = path.suffix.lower()
@@ -166,7 +180,8 @@ def detect_format(path: Path) -> str:
         return "csv"
     raise LogReadError(
         f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, {STATE_NAME}, TensorBoard "
-        "event files, keel run stores, or the console output of nanoGPT, build-nanogpt/llm.c, modded-nanogpt, "
+        "event files, keel run stores, W&B run files (.wandb), MLflow runs, or the console output of nanoGPT, "
+        "build-nanogpt/llm.c, modded-nanogpt, "
         "Megatron-LM, fairseq/metaseq, torchtitan, OLMo/OLMo-core, the HF Trainer, torchtune, NeMo Automodel or "
         "Composer (their shapes: README, 'Examine a log you already have')"
     )
@@ -188,8 +203,9 @@ def _line_formats_in(text: str) -> bool:
 
 def find_logs(path: str | Path, format: str | None = None) -> list[Path]:
     """The logs ``keel doctor PATH`` examines: ``PATH`` itself, or — for a folder with no log of its own that
-    holds several keel runs one or two levels down (``runs/A/keel``, ``runs/B/keel``), or several TensorBoard runs
-    (`tensorboard_runs`) — each of those runs.
+    holds several keel runs one or two levels down (``runs/A/keel``, ``runs/B/keel``), several W&B runs
+    (``wandb/run-*``), several MLflow runs (``mlruns/<experiment>/<run>``), or several TensorBoard runs
+    (`tensorboard_runs`) — each of those runs; for an MLflow database of several runs, ``mlflow.db/<run id>`` each.
 
     A folder holding one run is ``PATH`` itself: `read_log` reads that run and says so in a note.
 
@@ -207,17 +223,25 @@ def find_logs(path: str | Path, format: str | None = None) -> list[Path]:
         (['A/keel', 'B/keel'], True)
     """
     path = Path(path)
+    if format in (None, "mlflow") and path.is_file() and is_mlflow_db(path):
+        runs = db_runs(path)
+        return runs if len(runs) > 1 else [path]
     if (
-        format not in (None, "keel_store")
+        format not in (None, "keel_store", "wandb", "mlflow")
         or not path.is_dir()
         or (path / STORE_NAME).is_file()
         or find_trainer_state(path) is not None
     ):
         return [path]
-    runs = find_runs(path)
+    runs = find_runs(path) if format in (None, "keel_store") else []
     if len(runs) > 1:
         return runs
-    if not runs and format is None:
+    if runs:
+        return [path]
+    for kind, runs_of in (("wandb", wandb_runs), ("mlflow", mlflow_runs)):
+        if format in (None, kind) and (runs := runs_of(path)):
+            return runs if len(runs) > 1 else [path]
+    if format is None:
         boards = tensorboard_runs(path)
         if len(boards) > 1:
             return boards

@@ -160,3 +160,61 @@ class TableBuilder:
             for name in self._rows
         }
         return LogTable(np.frombuffer(self._steps, dtype=np.int64), columns)
+
+
+class Scalars:
+    """Scalars that arrive one value at a time, each with its write time and tag (TensorBoard's events, MLflow's
+    metric series), kept in arrays (a long run writes millions), then put together as records (`records`).
+
+    Example:
+        >>> s = Scalars()
+        >>> s.add(1.0, 0, 0, 0, "loss", 2.0); s.add(1.0, 1, 0, 0, "lr", 0.1); s.add(2.0, 0, 1, 1, "loss", 1.9)
+        >>> list(s.records())
+        [(0, {'loss': 2.0, 'lr': 0.1}), (1, {'loss': 1.9})]
+    """
+
+    def __init__(self) -> None:
+        self.wall, self.value = array("d"), array("d")
+        self.rank, self.order, self.steps, self.tag = array("q"), array("q"), array("q"), array("q")
+        self.tags: dict[str, int] = {}
+        self.skipped = self.malformed = 0
+
+    def add(self, wall: float, rank: int, order: int, step: int, tag: str, value: float) -> None:
+        """One value: its write time (NaN when unknown), its source's rank and order within that source (the tie
+        breaks), its step, tag and value."""
+        self.wall.append(wall)
+        self.rank.append(rank)
+        self.order.append(order)
+        self.steps.append(step)
+        self.tag.append(self.tags.setdefault(tag, len(self.tags)))
+        self.value.append(value)
+
+    def records(self, *, by_step: bool = False) -> LogTable:
+        """One record per run of same-step scalars in write order (wall time; an event without a usable wall
+        time, NaN, sorts last), a tag met again in the run starting a new record. ``by_step``: in step order
+        first, write order within a step (series written apart, with no order across them: MLflow's)."""
+        keys = [np.frombuffer(self.order, np.int64), np.frombuffer(self.rank, np.int64)]
+        keys.append(np.frombuffer(self.wall, np.float64))
+        if by_step:
+            keys.append(np.frombuffer(self.steps, np.int64))
+        order = np.lexsort(keys)
+        names = list(self.tags)
+        builder = TableBuilder()
+        last_step, current = None, {}
+        for start in range(0, len(order), 1 << 16):
+            block = order[start : start + (1 << 16)]
+            for step, tag, value in zip(
+                np.frombuffer(self.steps, np.int64)[block].tolist(),
+                np.frombuffer(self.tag, np.int64)[block].tolist(),
+                np.frombuffer(self.value, np.float64)[block].tolist(),
+                strict=True,
+            ):
+                name = names[tag]
+                if step == last_step and name not in current:
+                    current[name] = value
+                else:
+                    if last_step is not None:
+                        builder.add(last_step, current)
+                    last_step, current = step, {name: value}
+        builder.add(last_step, current)  # type: ignore[arg-type]
+        return builder.build()

@@ -17,11 +17,8 @@ from __future__ import annotations
 
 import os
 import struct
-from array import array
 from pathlib import Path
 from typing import TypeVar
-
-import numpy as np
 
 from keel.doctor._protobuf import (
     FIXED32,
@@ -36,7 +33,7 @@ from keel.doctor._protobuf import (
 )
 from keel.doctor._tfrecord import RecordError, iter_records
 from keel.doctor.log import LogReadError, RawLog
-from keel.doctor.table import MAX_STEP, LogTable, TableBuilder
+from keel.doctor.table import MAX_STEP, Scalars
 
 EVENT_GLOB = "events.out.tfevents.*"
 # TensorProto dtypes holding one number, and how to read their raw ``tensor_content``.
@@ -63,7 +60,7 @@ def read_tensorboard_log(path: str | Path) -> RawLog:
     # Tags are prefixed with the folder below the files' common folder: nothing for one folder, "train/"
     # and "validation/" for Keras' two.
     root = Path(os.path.commonpath([str(f.parent) for f in files]))
-    scalars = _Scalars()
+    scalars = Scalars()
     for rank, file in enumerate(files):
         prefix = "/".join(file.parent.relative_to(root).parts)
         data = file.read_bytes()
@@ -98,55 +95,6 @@ def read_tensorboard_log(path: str | Path) -> RawLog:
     if len(files) > 1:
         log.notes.append(f"read {len(files)} event files")
     return log
-
-
-class _Scalars:
-    """Every scalar of the event files, in arrays (a long run writes millions), then as records."""
-
-    def __init__(self) -> None:
-        self.wall, self.value = array("d"), array("d")
-        self.rank, self.order, self.steps, self.tag = array("q"), array("q"), array("q"), array("q")
-        self.tags: dict[str, int] = {}
-        self.skipped = self.malformed = 0
-
-    def add(self, wall: float, rank: int, order: int, step: int, tag: str, value: float) -> None:
-        self.wall.append(wall)
-        self.rank.append(rank)
-        self.order.append(order)
-        self.steps.append(step)
-        self.tag.append(self.tags.setdefault(tag, len(self.tags)))
-        self.value.append(value)
-
-    def records(self) -> LogTable:
-        """One record per run of same-step scalars in write order (wall time; an event without a usable wall
-        time, NaN, sorts last), a tag met again in the run starting a new record."""
-        order = np.lexsort(
-            (
-                np.frombuffer(self.order, np.int64),
-                np.frombuffer(self.rank, np.int64),
-                np.frombuffer(self.wall, np.float64),
-            )
-        )
-        names = list(self.tags)
-        builder = TableBuilder()
-        last_step, current = None, {}
-        for start in range(0, len(order), 1 << 16):
-            block = order[start : start + (1 << 16)]
-            for step, tag, value in zip(
-                np.frombuffer(self.steps, np.int64)[block].tolist(),
-                np.frombuffer(self.tag, np.int64)[block].tolist(),
-                np.frombuffer(self.value, np.float64)[block].tolist(),
-                strict=True,
-            ):
-                name = names[tag]
-                if step == last_step and name not in current:
-                    current[name] = value
-                else:
-                    if last_step is not None:
-                        builder.add(last_step, current)
-                    last_step, current = step, {name: value}
-        builder.add(last_step, current)  # type: ignore[arg-type]
-        return builder.build()
 
 
 def _scalars(payload: bytes) -> tuple[float, int, list[tuple[str, float]], int] | None:

@@ -1,0 +1,314 @@
+"""Weights & Biases runs: the transaction log ``run-<id>.wandb`` a run writes beside it (online, offline or synced),
+read without wandb or protobuf.
+
+Layout (wandb-core 0.31's writer; the same as the Python ``datastore.py`` of earlier releases): a 7-byte file header
+``":W&B" | uint16 0xBEE1 | uint8 version``, then LevelDB-log framing in 32 KiB blocks counted from the start of the
+file: each chunk is ``uint32 crc | uint16 length | uint8 type | data``, little-endian, with ``crc`` the zlib CRC-32
+of the type byte followed by the data; type 1 is a whole record, 2/3/4 the first, middle and last pieces of one that
+spans blocks, and a block's last 6 bytes or fewer are zero padding. Each record is a protobuf ``Record``
+(wandb/proto/wandb_internal.proto): ``Record{2 history: HistoryRecord, 17 run: RunRecord, 18 exit: RunExitRecord}``,
+``HistoryRecord{1 item: repeated HistoryItem, 2 step: HistoryStep{1 num: int64}}``, ``HistoryItem{1 key,
+2 nested_key: repeated string, 5 integer: sint64, 6 number: double, 16 value_json}``. Values are JSON:
+``"NaN"``, ``"Infinity"`` and ``"-Infinity"`` as ``json`` reads them; a dict (an image, a histogram) is skipped.
+
+Steps: W&B's own counter ``_step`` unless the run logs a step of its own (the HF Trainer's ``train/global_step``,
+one of `keel.doctor.columns.STEP_COLUMNS`): that one is the optimizer step, ``_step`` then just counts ``log`` calls.
+W&B's bookkeeping (``_runtime``, ``_timestamp``, ``_step``; a histogram's ``weights._type``) is not a column.
+
+A run killed while writing ends in a cut record or zeroed bytes: read up to there, with a note. A chunk whose
+checksum fails is skipped with the rest of its block (the next block starts a fresh chunk), as LevelDB's own
+reader does, and counted in a note; a file whose first chunk fails is not a W&B run file.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from keel.doctor._folders import runs_below, several_runs_error
+from keel.doctor._protobuf import FIXED64, LENGTH, VARINT, WireError, fields, signed64
+from keel.doctor.columns import find_step_column
+from keel.doctor.log import LogReadError, RawLog, parse_number, parse_step
+from keel.doctor.table import TableBuilder
+
+MAGIC = b":W&B"
+HEADER = struct.Struct("<4sHB")  # ident, magic 0xBEE1, version
+BLOCK = 32768
+CHUNK = struct.Struct("<IHB")  # crc, length, type
+FULL, FIRST, MIDDLE, LAST = 1, 2, 3, 4
+RUN_FILE_GLOB = "*.wandb"
+HISTORY, RUN, EXIT = 2, 17, 18
+_TYPE_CRC = {t: zlib.crc32(bytes([t])) for t in (FULL, FIRST, MIDDLE, LAST)}
+_OWN_STEP = "_step"
+
+
+def is_wandb_file(path: Path) -> bool:
+    """Whether ``path`` is a file that starts like a W&B transaction log."""
+    try:
+        with path.open("rb") as fh:
+            return fh.read(len(MAGIC)) == MAGIC
+    except OSError:
+        return False
+
+
+def run_file(folder: Path) -> Path | None:
+    """The ``*.wandb`` file directly in ``folder`` (a run folder); None when there is none."""
+    try:
+        return next((f for f in sorted(folder.glob(RUN_FILE_GLOB)) if f.is_file()), None)
+    except OSError:
+        return None
+
+
+def wandb_runs(folder: Path) -> list[Path]:
+    """The W&B run folders ``folder`` stands for: itself (``wandb/run-20250101_120000-abc123``), those of a ``wandb``
+    folder, or of a project folder holding ``wandb/``; ``wandb/latest-run`` (a link) is not a second run."""
+    return runs_below(folder, lambda p: run_file(p) is not None, depth=2)
+
+
+@dataclass
+class _Framing:
+    """What the framing of a run file left out."""
+
+    corrupt: int = 0  # chunks whose checksum failed (the rest of their block skipped)
+    orphans: int = 0  # pieces of a record whose first piece was lost
+    cut_at: int | None = None  # where a cut-off chunk starts (a run killed mid-write)
+
+
+def iter_records(data: bytes, framing: _Framing) -> Iterator[bytes]:
+    """The records of a run file's bytes (its header checked by the caller), in order.
+
+    A chunk cut off at the end ends the iteration (``framing.cut_at``); a zero chunk header skips to the next
+    block (padding, or space written ahead); a failed checksum skips the rest of the block (``framing.corrupt``).
+    """
+    pos, end = HEADER.size, len(data)
+    pieces: list[bytes] | None = None
+    while pos < end:
+        left = BLOCK - pos % BLOCK
+        if left < CHUNK.size:  # the block's tail is padding
+            pos += left
+            continue
+        if pos + CHUNK.size > end:
+            framing.cut_at = pos if any(data[pos:end]) else None
+            return
+        crc, length, kind = CHUNK.unpack_from(data, pos)
+        start = pos + CHUNK.size
+        if kind == 0 and length == 0 and crc == 0:
+            pos += left  # zeros: nothing more in this block
+            continue
+        if start + length > end:
+            framing.cut_at = pos
+            return
+        chunk = data[start : start + length]
+        if kind not in _TYPE_CRC or length > left - CHUNK.size or zlib.crc32(chunk, _TYPE_CRC[kind]) != crc:
+            if pos == HEADER.size:
+                raise LogReadError(f"bad checksum in its first record (byte {pos}): not a W&B run file, or corrupt")
+            framing.corrupt += 1
+            pieces = None
+            pos += left
+            continue
+        pos = start + length
+        if kind == FULL:
+            framing.orphans += pieces is not None
+            pieces = None
+            yield chunk
+        elif kind == FIRST:
+            framing.orphans += pieces is not None
+            pieces = [chunk]
+        elif pieces is None:
+            framing.orphans += 1
+        elif kind == MIDDLE:
+            pieces.append(chunk)
+        else:
+            yield b"".join((*pieces, chunk))
+            pieces = None
+
+
+@dataclass
+class _History:
+    """The history rows of a run, column by column, and what was left out."""
+
+    table: TableBuilder
+    step_column: str
+    text_columns: set[str]
+    media: int = 0  # values that are images, histograms, tables (JSON objects)
+    malformed: int = 0  # records that are framed correctly but are not a HistoryRecord
+    no_step: int = 0
+
+
+def read_wandb_log(path: str | Path) -> RawLog:
+    """Read a W&B run: its ``run-<id>.wandb`` file, its run folder, or a ``wandb`` folder holding one run.
+
+    Raises:
+        LogReadError: No run file, a folder of several runs (`keel.doctor.find_logs` lists them), a file that is
+            not a W&B transaction log, or a run with no history row.
+    """
+    path = Path(path)
+    file, notes = _locate(path)
+    data = file.read_bytes()
+    if len(data) < HEADER.size or not data.startswith(MAGIC):
+        raise LogReadError(f"{file}: not a W&B run file (it starts with {data[:7]!r}, not {MAGIC!r})")
+    framing = _Framing()
+    rows: list[tuple[int | None, dict[str, Any]]] = []
+    meta: dict[str, Any] = {}
+    malformed = 0
+    try:
+        for record in iter_records(data, framing):
+            try:
+                malformed += _read_record(record, rows, meta)
+            except (WireError, UnicodeDecodeError, struct.error):
+                malformed += 1
+    except LogReadError as exc:
+        raise LogReadError(f"{file}: {exc}") from None
+    if not rows:
+        raise LogReadError(f"{file}: the run logged no history (no wandb.log call reached the file)")
+    history = _history(rows)
+    if not len(history.table):
+        raise LogReadError(f"{file}: no history row has a step ({history.step_column})")
+    log = RawLog(source=str(path), format="wandb", step_column=history.step_column, notes=notes)
+    log.records = history.table.build()
+    log.text_columns = sorted(history.text_columns - set(log.records.columns))
+    log.meta.update(meta)
+    log.notes += _notes(file, framing, history, malformed + history.malformed, meta)
+    return log
+
+
+def _locate(path: Path) -> tuple[Path, list[str]]:
+    """The run file to read for ``path``, and a note when a folder stood for the one run below it."""
+    if not path.is_dir():
+        return path, []
+    runs = wandb_runs(path)
+    if not runs:
+        summary = (
+            " (files/wandb-summary.json holds only the last values, not the history)"
+            if (path / "files" / "wandb-summary.json").is_file()
+            else ""
+        )
+        raise LogReadError(f"{path}: no W&B run file ({RUN_FILE_GLOB}) here or in its run folders{summary}")
+    if len(runs) > 1:
+        raise LogReadError(several_runs_error(path, runs, "W&B"))
+    file = run_file(runs[0])
+    assert file is not None  # wandb_runs found it
+    note = [] if runs[0] == path else [f"{path} holds one W&B run, {runs[0].name}: examined that"]
+    return file, note
+
+
+def _read_record(record: bytes, rows: list[tuple[int | None, dict[str, Any]]], meta: dict[str, Any]) -> int:
+    """Add a history record's row to ``rows``, a run or exit record's facts to ``meta``; 1 for a history record
+    that is not one (a wrong wire type), else 0."""
+    for number, wire, _, data in fields(record):
+        if number == HISTORY:
+            if wire != LENGTH:
+                return 1
+            rows.append(_history_row(data))
+        elif number == RUN and wire == LENGTH:
+            meta.update(_run_facts(data))
+        elif number == EXIT and wire == LENGTH:
+            meta["exit_code"] = next((signed64(v) for n, w, v, _ in fields(data) if n == 1 and w == VARINT), 0)
+    return 0
+
+
+def _history_row(buf: bytes) -> tuple[int | None, dict[str, Any]]:
+    """(W&B's step, {key: value}) of one HistoryRecord; values as their JSON holds them."""
+    step, row = None, {}
+    for number, wire, _, data in fields(buf):
+        if number == 1 and wire == LENGTH:
+            key, value = _item(data)
+            row[key] = value
+        elif number == 2 and wire == LENGTH:
+            step = next((signed64(v) for n, w, v, _ in fields(data) if n == 1 and w == VARINT), 0)
+    return step, row
+
+
+def _item(buf: bytes) -> tuple[str, Any]:
+    key, nested, value = "", [], None
+    for number, wire, varint, data in fields(buf):
+        if number == 1 and wire == LENGTH:
+            key = data.decode()
+        elif number == 2 and wire == LENGTH:
+            nested.append(data.decode())
+        elif number == 16 and wire == LENGTH:
+            value = _json(data)
+        elif number == 6 and wire == FIXED64:
+            (value,) = struct.unpack("<d", data)
+        elif number == 5 and wire == VARINT:
+            value = (varint >> 1) ^ -(varint & 1)  # sint64
+    return key or ".".join(nested), value
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except (ValueError, RecursionError):  # not JSON (or not UTF-8, or nested past Python's limit): text, left out
+        return data.decode("utf-8", "replace")
+
+
+def _run_facts(buf: bytes) -> dict[str, Any]:
+    facts: dict[str, Any] = {}
+    for number, wire, varint, data in fields(buf):
+        if number == 1 and wire == LENGTH:
+            facts["run_id"] = data.decode("utf-8", "replace")
+        elif number == 14 and wire == VARINT and varint:
+            facts["starting_step"] = signed64(varint)
+        elif number == 18 and wire == VARINT and varint:
+            facts["resumed"] = True
+    return facts
+
+
+def _history(rows: list[tuple[int | None, dict[str, Any]]]) -> _History:
+    """The rows as a table: stepped by the run's own step column when it logs one, else by ``_step``."""
+    names = dict.fromkeys(name for _, row in rows for name in row if not name.startswith("_"))
+    own = find_step_column(names)
+    history = _History(TableBuilder(), own or _OWN_STEP, set())
+    for wandb_step, row in rows:
+        step = parse_step(row.get(own)) if own else parse_step(row.get(_OWN_STEP, wandb_step))
+        if step is None:
+            history.no_step += 1
+            continue
+        history.table.add(step, _numbers(row, own, history))  # the Trainer's eval row repeats a step: merged later
+    return history
+
+
+def _numbers(row: dict[str, Any], own: str | None, history: _History) -> dict[str, float]:
+    """The numbers of a history row, W&B's bookkeeping and the step aside; text and media counted in ``history``."""
+    values: dict[str, float] = {}
+    for name, raw in row.items():
+        if name.startswith("_") or "._" in name or name == own or raw is None:  # "weights._type" of a histogram
+            continue
+        number = parse_number(raw)
+        if number is not None:
+            values[name] = number
+        elif isinstance(raw, (dict, list)):
+            history.media += 1
+        else:
+            history.text_columns.add(name)
+    return values
+
+
+def _notes(file: Path, framing: _Framing, history: _History, malformed: int, meta: dict[str, Any]) -> list[str]:
+    notes = []
+    if framing.cut_at is not None:
+        notes.append(
+            f"{file.name} ends in a cut-off record at byte {framing.cut_at} (a run killed while writing): "
+            "read up to there"
+        )
+    if framing.corrupt or framing.orphans:
+        notes.append(
+            f"{framing.corrupt} chunk(s) with a bad checksum skipped with the rest of their block, "
+            f"{framing.orphans} piece(s) of records cut by them"
+        )
+    if malformed:
+        notes.append(f"{malformed} malformed record(s) skipped")
+    if history.no_step:
+        notes.append(f"{history.no_step} history row(s) without an integer {history.step_column} skipped")
+    if history.media:
+        notes.append(f"{history.media} value(s) that are lists or objects (media, histograms, tables) skipped")
+    if "exit_code" not in meta and framing.cut_at is None:
+        notes.append("the run has no exit record: it was killed or is still running")
+    if meta.get("resumed"):
+        notes.append(f"a resumed run (from step {meta.get('starting_step', 0)}): this file holds only its steps since")
+    return [note for note in notes if note]
