@@ -18,6 +18,7 @@ from keel.signals.weight_oscillation import (
     find_quantized_layers,
     new_state,
     torchao_codes,
+    torchao_int4_codes,
     track_oscillation_,
 )
 
@@ -149,6 +150,60 @@ def test_torchao_layout_codes_are_round_w_over_scale_plus_zero_point_clamped_per
     assert torchao_codes(weight, q).tolist() == [[0, -8, 7, 1]]
     q.enabled = False
     assert torchao_codes(weight, q) is None
+
+
+class FakeInt4WeightQuantizer(nn.Module):
+    """torchao's Int4WeightFakeQuantizer layout (``QATConfig(Int4WeightOnlyConfig(...))``): no stored scale, a config
+    with ``group_size`` and ``activation_dtype``, without torchao."""
+
+    def __init__(self, group_size: int, activation_dtype: torch.dtype = torch.bfloat16) -> None:
+        super().__init__()
+        self.enabled = True
+        self.config = type("Config", (), {"group_size": group_size, "activation_dtype": activation_dtype})()
+
+
+def test_torchao_int4_weight_only_layout_is_found_and_its_codes_are_asymmetric_min_max_per_group() -> None:
+    # one group of 4: min −1, max 2 → scale 3/15 = 0.2; (w − min)/scale = 0, 5, 7.5 → 8 (half to even), 15
+    weight = torch.tensor([[-1.0, 0.0, 0.5, 2.0]])
+    q = FakeInt4WeightQuantizer(group_size=4)
+    assert torchao_int4_codes(weight, q).tolist() == [[0, 5, 8, 15]]
+    layer = nn.Linear(4, 1)
+    layer.weight_fake_quantizer = q  # type: ignore[assignment]
+    assert [found.name for found in find_quantized_layers(nn.Sequential(layer))] == ["0"]
+    q.enabled = False
+    assert torchao_int4_codes(weight, q) is None
+    # the fp8-activation variant quantizes to float8 first: its codes are not computed here
+    assert torchao_int4_codes(weight, FakeInt4WeightQuantizer(4, activation_dtype=torch.float8_e4m3fn)) is None
+
+
+@pytest.mark.slow  # importing torchao takes seconds
+def test_torchao_int4_weight_only_qat_codes_reproduce_its_fake_quantized_weight() -> None:
+    torchao = pytest.importorskip("torchao")
+    from torchao.quantization import Int4WeightOnlyConfig
+    from torchao.quantization.qat import QATConfig
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 8))
+    torchao.quantization.quantize_(model, QATConfig(Int4WeightOnlyConfig(group_size=32), step="prepare"))
+    layers = find_quantized_layers(model)
+    assert [layer.name for layer in layers] == ["0", "2"]
+    for module in (model[0], model[2]):
+        w = module.weight.detach()
+        fq = module.weight_fake_quantizer(w).reshape(w.shape[0], -1, 32)  # torchao's own fake-quantized weight
+        groups = w.reshape(w.shape[0], -1, 32)
+        low, high = groups.amin(-1, keepdim=True), groups.amax(-1, keepdim=True)
+        scale = (high - low).clamp_min(1e-6) / 15
+        codes = torchao_int4_codes(module.weight, module.weight_fake_quantizer).reshape(groups.shape)
+        torch.testing.assert_close(codes.float() * scale + low, fq, rtol=0, atol=1e-6)
+    probe = WeightOscillationProbe(threshold=0.0)
+    opt = torch.optim.AdamW(model.parameters(), lr=0.05)
+    out = {}
+    for step in range(6):
+        model(torch.randn(16, 64)).square().mean().backward()
+        out = probe.measure(step_context(model, opt, step=step))
+        opt.step()
+        opt.zero_grad()
+    assert 0.0 < out[keys.QAT_OSCILLATION].item() <= 1.0
 
 
 @pytest.mark.slow  # importing torchao takes seconds

@@ -24,7 +24,11 @@ Layers found (by layout, not class):
 - torchao QAT modules (``FakeQuantizedLinear`` after ``quantize_(model, QATConfig(..., step="prepare"))``): a
   ``weight_fake_quantizer`` with ``scale`` and ``zero_point``; the code is torchao's own
   ``clamp(round(W·(1/scale)) + zero_point, quant_min, quant_max)`` per group (integer zero-point domain), from the
-  scale its last forward computed. A disabled quantizer or one that has not run a forward yet is skipped that step.
+  scale its last forward computed. A disabled quantizer or one that has not run a forward yet is skipped that step;
+- torchao's ``Int4WeightFakeQuantizer`` (``QATConfig(Int4WeightOnlyConfig(group_size=g), step="prepare")``), which
+  stores no scale: its asymmetric min-max codes 0..15 per group are recomputed from the weight
+  (`torchao_int4_codes`). Its float8-activation variant and torchao's ``Float8FakeQuantizer`` have no integer
+  codes here and are not tracked.
 
 The codes are read in `measure`, before the optimizer step: they are the codes the step's forward used (torchao's
 dynamic scale is the one that forward computed). Every step, because an oscillation with period 2 is invisible to a
@@ -126,6 +130,37 @@ def torchao_codes(weight: Tensor, quantizer: nn.Module) -> Tensor | None:
     return codes.reshape(weight.shape).to(torch.int8 if fits_int8 else torch.int16)
 
 
+INT4_LEVELS = 15  # torchao's Int4WeightFakeQuantizer (bf16 activations): codes 0..15, asymmetric min-max
+
+
+def torchao_int4_codes(weight: Tensor, quantizer: nn.Module) -> Tensor | None:
+    """The codes torchao's ``Int4WeightFakeQuantizer`` (``QATConfig(Int4WeightOnlyConfig(group_size=g))``) gives
+    ``weight``, or None.
+
+    That quantizer stores no scale: per group of g weights it takes scale = max(max − min, 1e-6)/15 and code =
+    clamp(round((W − min)/scale), 0, 15) from the weight itself (its ``_bf16_activations_forward``), so the codes
+    are recomputed here the same way. None when it is disabled, the weight is not 2-D with rows a multiple of g
+    wide, or it quantizes for float8 activations (the weight goes through a per-row float8 cast first).
+
+    Example:
+        >>> q = nn.Module()
+        >>> q.config = type("Int4WeightFakeQuantizeConfig", (), {"group_size": 2, "activation_dtype": torch.bfloat16})
+        >>> torchao_int4_codes(torch.tensor([[0.0, 1.0, -3.0, 0.0]]), q).tolist()
+        [[0, 15, 0, 15]]
+    """
+    config = getattr(quantizer, "config", None)
+    group = getattr(config, "group_size", None)
+    if not getattr(quantizer, "enabled", True) or getattr(config, "activation_dtype", None) != torch.bfloat16:
+        return None
+    if weight.dim() != 2 or not isinstance(group, int) or group < 1 or weight.shape[-1] % group:
+        return None
+    w = weight.detach().float().reshape(weight.shape[0], -1, group)
+    low = w.amin(-1, keepdim=True)
+    scale = (w.amax(-1, keepdim=True) - low).clamp_min(1e-6) / INT4_LEVELS
+    codes = torch.round((w - low) / scale).clamp(0, INT4_LEVELS)  # torchao's _Round is torch.round
+    return codes.reshape(weight.shape).to(torch.int8)
+
+
 def _qvalue_bounds(dtype: object) -> tuple[int, int] | None:
     """(quant_min, quant_max) of a torchao QAT dtype (``torch.int4``, ``torch.uint4``, torchao's ``INT4``, ...): b
     signed bits give [−2^(b−1), 2^(b−1) − 1], unsigned ones [0, 2^b − 1], as torchao's ``_DTYPE_TO_QVALUE_BOUNDS``
@@ -167,13 +202,18 @@ def find_quantized_layers(model: nn.Module) -> list[QuantizedLayer]:
         weight = getattr(module, "weight", None)
         if callable(method):
             found.append(QuantizedLayer(name, method))
-        elif isinstance(quantizer, nn.Module) and hasattr(quantizer, "scale") and isinstance(weight, Tensor):
-            found.append(QuantizedLayer(name, _torchao_reader(module, quantizer)))
+        elif isinstance(quantizer, nn.Module) and isinstance(weight, Tensor):
+            if hasattr(quantizer, "scale"):  # IntxFakeQuantizer: the scale of its last forward
+                found.append(QuantizedLayer(name, _torchao_reader(module, quantizer, torchao_codes)))
+            elif hasattr(getattr(quantizer, "config", None), "activation_dtype"):  # Int4WeightFakeQuantizer
+                found.append(QuantizedLayer(name, _torchao_reader(module, quantizer, torchao_int4_codes)))
     return found
 
 
-def _torchao_reader(module: nn.Module, quantizer: nn.Module) -> Callable[[], Tensor | None]:
-    return lambda: torchao_codes(module.weight, quantizer)  # type: ignore[arg-type]  # the weight read each step
+def _torchao_reader(
+    module: nn.Module, quantizer: nn.Module, codes: Callable[[Tensor, nn.Module], Tensor | None]
+) -> Callable[[], Tensor | None]:
+    return lambda: codes(module.weight, quantizer)  # type: ignore[arg-type]  # the weight read each step
 
 
 @dataclass(kw_only=True)
