@@ -129,3 +129,25 @@ def test_a_single_process_guard_step_reads_the_host_once_per_step():
         opt.zero_grad(set_to_none=True)
     guard.close()
     assert reads == [1] * 12  # the one packed copy, on log steps and in between
+
+
+@pytest.mark.distributed
+def test_keys_only_some_ranks_pack_stay_their_own_and_the_shared_ones_are_reduced(tmp_path):
+    torchrun(Path(__file__).with_name("layout_worker.py"), str(tmp_path))
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for rank, result in enumerate(ranks):
+        got = result["reduced"]
+        assert got["values"]["loss"] == 1.5 and got["again"]["loss"] == 1.5  # shared: the mean, in any order
+        assert got["per_param"]["grad/norm/"] == [["a", "b"], [1.5, 3.0]]
+        assert got["per_param"]["rank/loss/"] == [["0", "1"], [1.0, 2.0]]
+        assert got["late"]["update/norm"] == 3.0
+        [warning] = got["warnings"]  # once, naming this rank's own keys
+        if rank == 0:
+            assert got["values"]["tps"] == 1234.0 and got["per_param"]["own/"] == [["x"], [7.0]]
+            assert "attn/max_logit" not in got["values"] and "own/, tps" in warning
+        else:
+            assert got["values"]["attn/max_logit"] == 5.0 and "tps" not in got["values"]
+            assert "attn/max_logit but not every rank did" in warning
+    # a Guard whose loop gives signals= and grad_norm= on rank 0 only runs to the end on both ranks, in step
+    assert ranks[0]["guarded"]["actions"] == ranks[1]["guarded"]["actions"] == ["ok"] * 6
+    assert ranks[0]["guarded"]["params"] == ranks[1]["guarded"]["params"]

@@ -21,11 +21,20 @@ back as per-rank families (``rank/loss/<r>``, ``rank/grad/norm/<r>``, ``rank/gra
 Max and min cannot be summed, so those entries, and the per-rank numbers, travel in rank-owned slots of a
 zero-filled vector: one ``all_reduce(SUM)`` then acts as an all-gather (on gloo it is about 2.5× faster than
 ``all_gather_into_tensor``, measured on CPU), and adding zeros keeps every value exact.
+
+The vector's layout must be the same on every rank, or the collective fails (gloo aborts the process, NCCL hangs
+or mixes values). keel's own measurements are alike on every rank, but the loop's are not always: ``signals=``
+or ``grad_norm=`` given on rank 0 only (the usual ``if rank == 0:`` logging). So before it, the ranks compare a
+checksum of their layouts — two integers all-reduced on a gloo group of CPU tensors, no device sync. When the
+layouts differ, the ranks exchange them once, reduce the entries every rank has, keep the others as each rank's
+own values (not agreed: a decision on them may differ between ranks) and warn once naming them.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
+import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -34,6 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from keel._core import keys
+from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
 from keel.signals import Packed
 
@@ -159,6 +169,8 @@ class RankSync:
         self.world = dist.get_world_size(self.group)
         self.sharded = _is_sharded(model) if config.sharded is None else config.sharded
         self._plans: dict[Any, _Plan] = {}
+        self._layout_group = _host_group(self.group)
+        self._warned_unshared = False
         self.stats: _RankGradStats | None = None
         if config.rank_stats and isinstance(model, nn.parallel.DistributedDataParallel):
             stats = _RankGradStats(self.group)
@@ -209,12 +221,17 @@ class RankSync:
     def reduce(self, packed: Packed) -> Packed:
         """All-reduce one step's packed measurements; adds the per-rank families to the first group.
 
-        One collective, no host sync: the result stays on device until `unpack` copies it.
+        One collective, no host sync: the result stays on device until `unpack` copies it. Entries only some
+        ranks packed come back as this rank's own values (see the module's docstring).
         """
-        local = packed.tensor
         grad_stats = self.stats.take() if self.stats is not None else None
+        plan = self._plan(packed.layout, grad_stats is not None, packed.tensor.device)
+        if self._same_everywhere(plan.checksum):
+            return self._reduce(packed.tensor, plan, grad_stats)
+        return self._reduce_shared(packed, grad_stats)
+
+    def _reduce(self, local: Tensor, plan: _Plan, grad_stats: Tensor | None) -> Packed:
         device = local.device
-        plan = self._plan(packed.layout, grad_stats is not None, device)
         rank_values = [
             local[i] if i >= 0 else torch.full((), math.nan, dtype=torch.float64, device=device)
             for i in (plan.loss_index, plan.grad_norm_index)
@@ -243,6 +260,67 @@ class RankSync:
         head = out[: plan.first_group_end]
         tensor = torch.cat([head, *per_rank, out[plan.first_group_end :]])
         return Packed(tensor, plan.layout)
+
+    def _same_everywhere(self, checksum: int) -> bool:
+        """Whether every rank packed a layout with this checksum: max and min over ranks in one collective of two
+        integers, on the CPU (a host read, never a device sync)."""
+        both = torch.tensor([checksum, -checksum], dtype=torch.int64)
+        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._layout_group)
+        high, negative_low = both.tolist()
+        return bool(high == -negative_low)
+
+    def _reduce_shared(self, packed: Packed, grad_stats: Tensor | None) -> Packed:
+        """The rare step whose layouts differ between ranks: exchange them, reduce the entries every rank has
+        (in rank 0's order), and append this rank's others, unreduced, to their groups."""
+        layouts: list[Any] = [None] * self.world
+        dist.all_gather_object(layouts, _entries(packed.layout), group=self._layout_group)
+        everywhere = set.intersection(*(set(entries) for entries in layouts))
+        shared = [entry for entry in layouts[0] if entry in everywhere]
+        mine = _entries(packed.layout)
+        only_here = [entry for entry in mine if entry not in everywhere]
+        self._warn_unshared(only_here)
+        starts = _starts(packed.layout)
+        shared_layout = _layout_of(shared, packed.layout)
+        index = [i for entry in shared for i in range(starts[entry], starts[entry] + entry[3])]
+        local = packed.tensor
+        plan = self._plan(shared_layout, grad_stats is not None, local.device)
+        reduced = self._reduce(local[torch.tensor(index, dtype=torch.long, device=local.device)], plan, grad_stats)
+        # the result's groups, each followed by this rank's own entries of that group, picked from [reduced, local]
+        reduced_starts, offset = _starts(reduced.layout), reduced.tensor.numel()
+        picks: list[int] = []
+        layout: list[tuple[list[str], list[tuple[str, tuple[str, ...]]]]] = []
+        for g, (scalar_keys, families) in enumerate(reduced.layout):
+            extra = [entry for entry in only_here if entry[0] == g]
+            names = dict(packed.layout[g][1])
+            for family, group_picks in (
+                ([(g, "s", key, 1) for key in scalar_keys], [e for e in extra if e[1] == "s"]),
+                ([(g, "f", key, len(n)) for key, n in families], [e for e in extra if e[1] == "f"]),
+            ):
+                for entry in family:
+                    picks.extend(range(reduced_starts[entry], reduced_starts[entry] + entry[3]))
+                for entry in group_picks:
+                    picks.extend(range(offset + starts[entry], offset + starts[entry] + entry[3]))
+            layout.append(
+                (
+                    [*scalar_keys, *(e[2] for e in extra if e[1] == "s")],
+                    [*families, *((e[2], names[e[2]]) for e in extra if e[1] == "f")],
+                )
+            )
+        combined = torch.cat([reduced.tensor, local])
+        return Packed(combined[torch.tensor(picks, dtype=torch.long, device=local.device)], layout)
+
+    def _warn_unshared(self, only_here: list[tuple[int, str, str, int]]) -> None:
+        if self._warned_unshared or not only_here:
+            return
+        self._warned_unshared = True
+        names = ", ".join(sorted({entry[2] for entry in only_here}))
+        warnings.warn(
+            f"keel: rank {self.rank} measured {names} but not every rank did (e.g. signals= or grad_norm= given on "
+            "rank 0 only): those are this rank's own values, not agreed across ranks, so a decision on them may "
+            "differ between ranks; give the same keys on every rank",
+            KeelWarning,
+            stacklevel=4,
+        )
 
     def all_equal(self, value: int) -> bool:
         """Whether every rank passes the same integer (a collective: every rank must call it)."""
@@ -273,13 +351,55 @@ class RankSync:
 
     # ------------------------------------------------------------------------------------------------
     def _plan(self, layout: list, with_grad_stats: bool, device: torch.device) -> _Plan:
-        signature = (tuple((tuple(s), tuple((k, len(n)) for k, n in f)) for s, f in layout), with_grad_stats, device)
+        shape = tuple((tuple(s), tuple((k, len(n)) for k, n in f)) for s, f in layout)
+        signature = (shape, with_grad_stats, device)
         plan = self._plans.get(signature)
         if plan is None:
             if len(self._plans) > 64:  # layouts alternate between a few shapes; never grow without bound
                 self._plans.clear()
             plan = self._plans[signature] = _Plan(layout, self.sharded, self.world, with_grad_stats, device)
+            plan.checksum = zlib.crc32(repr((shape, with_grad_stats)).encode())  # alike in every process
         return plan
+
+
+def _host_group(group: Any) -> Any:
+    """A gloo group over the same ranks for host-side agreement (CPU tensors: no device sync): the group itself
+    when it is gloo; a new one over the whole world for the default group; the group itself otherwise (a subgroup
+    of another backend: ``new_group`` would have to be called by every rank of the world)."""
+    if dist.get_backend(group) == "gloo":
+        return group
+    if group is None or group is dist.group.WORLD:
+        return dist.new_group(backend="gloo")
+    return group
+
+
+def _entries(layout: list) -> list[tuple[int, str, str, int]]:
+    """The layout's entries in order: (group, "s" scalar or "f" family, key, values)."""
+    return [
+        entry
+        for g, (scalar_keys, families) in enumerate(layout)
+        for entry in [*((g, "s", key, 1) for key in scalar_keys), *((g, "f", key, len(n)) for key, n in families)]
+    ]
+
+
+def _starts(layout: list) -> dict[tuple[int, str, str, int], int]:
+    """Where each entry of the layout starts in its packed vector."""
+    starts, offset = {}, 0
+    for entry in _entries(layout):
+        starts[entry] = offset
+        offset += entry[3]
+    return starts
+
+
+def _layout_of(entries: list[tuple[int, str, str, int]], names_from: list) -> list:
+    """A layout of ``entries``, in their order, in the groups of ``names_from``, whose families' names it takes."""
+    return [
+        (
+            [e[2] for e in entries if e[0] == g and e[1] == "s"],
+            [(e[2], dict(families)[e[2]]) for e in entries if e[0] == g and e[1] == "f"],
+        )
+        for g, (_, families) in enumerate(names_from)
+    ]
 
 
 class _Plan:
@@ -287,6 +407,7 @@ class _Plan:
 
     def __init__(self, layout: list, sharded: bool, world: int, with_grad_stats: bool, device: torch.device) -> None:
         summed, squared, gathered, is_max = [], [], [], []
+        self.checksum = 0  # of the layout, set by RankSync._plan
         self.loss_index = self.grad_norm_index = -1
         offset = 0
         self.first_group_end = 0
