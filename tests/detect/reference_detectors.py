@@ -86,6 +86,10 @@ class ReferenceSpike:
         self._outliers = deque(maxlen=TAIL_KEPT)
         self._shifted = False
         self._shift_run = 0
+        self._shift_onset = -1
+        self._shift_lasted = 0
+        self._shift_base = (0.0, 0.0, 0)
+        self._steps = []  # the step of each accepted value (the level shift's onset is the oldest of its span)
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
@@ -108,7 +112,7 @@ class ReferenceSpike:
                 if z >= cfg.threshold and excess >= max(cfg.min_excess, cfg.warmup_excess):
                     return self._spike(obs.step, x, med, z, excess)
             self._end_episode(obs.step)
-            self._accepted.append(y)
+            self._accept(obs.step, y)
             return []
         med, scale = robust_location_scale(self._accepted)
         if self._log:  # a steep descent: its recent level and step noise (keel.detect.spike._baseline)
@@ -123,9 +127,18 @@ class ReferenceSpike:
         if z < cfg.threshold or excess < cfg.min_excess:
             self._end_episode(obs.step)
             found = self._level_shift(obs.step, x, y)
-            self._accepted.append(y)
+            self._accept(obs.step, y)
             return found
         return self._spike(obs.step, x, med, z, excess)
+
+    def _accept(self, step, y):
+        self._accepted.append(y)
+        self._steps.append(step)
+
+    def _bar(self, scale, older):  # the standard error of the two medians' difference, the rise a shift needs
+        cfg = self.config
+        se = math.hypot(*(median_standard_error(max(scale, cfg.scale_floor), n) for n in (cfg.shift_span, older)))
+        return se, max(math.log1p(cfg.shift_excess), cfg.shift_z * se)
 
     def _level_shift(self, step, x, y):  # median of the last shift_span values vs the window's older values
         cfg = self.config
@@ -136,26 +149,49 @@ class ReferenceSpike:
         recent = median(window[older:] + [y])
         med, scale = robust_location_scale(window[:older])
         rise = recent - med
-        se = math.hypot(*(median_standard_error(max(scale, cfg.scale_floor), n) for n in (cfg.shift_span, older)))
-        required = max(math.log1p(cfg.shift_excess), cfg.shift_z * se)
+        se, required = self._bar(scale, older)
         if self._shifted:
             self._shifted = rise >= required / 2
-            return []
+            if not self._shifted or not cfg.shift_lasting or self._shift_lasted < 0:
+                return []
+            # lasting: the recent median against the level before the shift, as it was at the warning
+            base, base_scale, base_older = self._shift_base
+            base_se, base_required = self._bar(base_scale, base_older)
+            self._shift_lasted = self._shift_lasted + 1 if recent - base >= base_required / 2 else 0
+            if self._shift_lasted < cfg.shift_lasting:
+                return []
+            self._shift_lasted = -1
+            return [
+                self._shift_finding(
+                    step, "critical", x, base, recent, (recent - base) / base_se, base_older, base_scale
+                )
+            ]
         self._shift_run = self._shift_run + 1 if rise >= required else 0
+        if self._shift_run == 1:  # the oldest step of this span; a span reaching before a rebase: this step
+            span_steps = self._steps[-(cfg.shift_span - 1) :] if cfg.shift_span > 1 else []
+            self._shift_onset = span_steps[0] if len(span_steps) == cfg.shift_span - 1 and span_steps else step
         if self._shift_run < cfg.patience:
             return []
-        self._shifted, self._shift_run = True, 0
+        self._shifted, self._shift_run, self._shift_lasted = True, 0, 0
+        self._shift_base = (med, scale, older)
+        return [self._shift_finding(step, "warning", x, med, recent, rise / se, older, scale)]
+
+    def _shift_finding(self, step, severity, x, med, recent, z, older, scale):
+        cfg = self.config
         baseline, level = math.exp(med), math.exp(recent)
         evidence = {
-            "z": round(rise / se, 2),
+            "z": round(z, 2),
             "ratio": round(level / baseline, 4),
             "level_shift": True,
             "recent_median": level,
             "span": cfg.shift_span,
             "noise": round(expm1(scale), 4),
+            "onset_step": self._shift_onset,
         }
-        cause, advice = _explain_shift(cfg, level / baseline, older, scale)
-        return [self._finding(step, "warning", x, baseline, evidence, cause, advice)]
+        if severity == "critical":
+            evidence["lasting"] = cfg.shift_lasting
+        cause, advice = _explain_shift(cfg, severity, level / baseline, older, scale, self._shift_onset)
+        return self._finding(step, severity, x, baseline, evidence, cause, advice)
 
     def _sustained(self, med):  # the excess of the median of the episode's last ``patience`` steps
         typical = median(self._episode[-self.config.patience :])
@@ -181,6 +217,7 @@ class ReferenceSpike:
         if run >= cfg.rebase_after:
             self._accepted.clear()
             self._accepted.extend(self._episode[-cfg.min_history :])
+            self._steps = []  # the episode's steps are not known to the window
             self._end_episode(step)
             evidence["rebased"] = True
             return [
@@ -244,6 +281,10 @@ class ReferenceSpike:
             "outliers": [list(o) for o in self._outliers],
             "shifted": self._shifted,
             "shift_run": self._shift_run,
+            "shift_onset": self._shift_onset,
+            "shift_lasted": self._shift_lasted,
+            "shift_base": list(self._shift_base),
+            "accepted_steps": self._steps[-(self.config.shift_span - 1) :] if self.config.shift_span > 1 else [],
         }
 
 

@@ -131,12 +131,14 @@ def test_property_a_series_that_never_rises_raises_nothing(start, steps, key):
 # --- a lasting level shift within the noise -------------------------------------------------------------------------
 
 
-def test_a_lasting_9x_rise_in_a_noisy_small_batch_run_is_a_warning():
+def test_a_lasting_9x_rise_in_a_noisy_small_batch_run_is_a_warning_then_critical():
     found = _update(TIMM_LOSS)
-    assert [(f.step, f.severity) for f in found] == [(43, "warning")]  # 8 steps after the LR ×100 at 35
+    # 8 steps after the LR ×100 at 35; critical 5 steps later, the level still there (test_lasting_level_shift.py)
+    assert [(f.step, f.severity) for f in found] == [(43, "warning"), (48, "critical")]
     shift = found[0]
     assert shift.evidence["level_shift"] is True and shift.evidence["z"] >= 5.0
     assert 5.0 < shift.evidence["ratio"] < 8.0  # the median of 35-43 over the median of steps 0-34
+    assert shift.evidence["onset_step"] == 33  # the oldest step of the first span that was a shift: before 35
     assert "within the run's noise" in shift.cause
     assert _scan(TIMM_LOSS) == found
 
@@ -146,8 +148,10 @@ def test_the_level_shift_is_reported_once_until_the_level_comes_back():
     values = np.exp(0.5 * rng.standard_normal(400))  # ±50 % per step: 10× is 4.6 robust z, never a spike
     values[100:160] *= 10.0  # a shift lasting 60 steps, then back; then again
     values[300:360] *= 10.0
-    shifts = [f.step for f in _update(values.tolist()) if f.evidence.get("level_shift")]
-    assert len(shifts) == 2 and 100 < shifts[0] < 115 and 300 < shifts[1] < 315
+    shifts = [(f.step, f.severity) for f in _update(values.tolist()) if f.evidence.get("level_shift")]
+    (w1, _), (c1, _), (w2, _), (c2, _) = shifts  # each: its warning, and critical 5 steps on (it lasted)
+    assert [severity for _, severity in shifts] == ["warning", "critical"] * 2
+    assert 100 < w1 < 115 and c1 == w1 + 5 and 300 < w2 < 315 and c2 == w2 + 5
 
 
 def test_a_gradient_norm_that_rises_and_stays_up_is_no_level_shift_unless_asked():
@@ -224,7 +228,8 @@ def test_doctor_on_a_24_step_log_finds_the_lr_blow_up_at_its_first_step(tmp_path
 
 def test_doctor_on_a_54_step_noisy_log_finds_the_lasting_rise(tmp_path):
     result = examine_log(_csv(tmp_path, TIMM_LOSS))
-    assert [(f.step, f.kind, f.severity) for f in result.at_least("warning")] == [(43, "loss_spike", "warning")]
+    found = [(f.step, f.kind, f.severity) for f in result.at_least("warning")]
+    assert found == [(43, "loss_spike", "warning"), (48, "loss_spike", "critical")]  # it lasted: the weights
 
 
 # --- end to end: a Guard on a tiny model whose LR is 1000× too high from step 5 -------------------------------------

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 from typing import Any
 
+from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel.detect.causes import cause_for
+
+# Findings a skipped update mends: the damage is confined to this step's gradients.
+SKIPPABLE_KINDS = frozenset({"non_finite", "loss_spike", "grad_spike"})
+
+
+def skip_mends(finding: Finding) -> bool:
+    """Whether leaving this step's update out mends what ``finding`` reports: not non-finite parameters, nor a level
+    shift (`keel.detect.spike`: each of its steps is within the run's noise, the damage is in the weights)."""
+    return (
+        finding.kind in SKIPPABLE_KINDS
+        and finding.signal != keys.PARAM_NORM
+        and finding.evidence.get("level_shift") is not True
+    )
 
 
 def explained_finding(

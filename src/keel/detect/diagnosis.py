@@ -24,10 +24,12 @@ degraded the cause was first seen (`keel.detect.lead_time`).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+from keel._core.decision import Decision
 from keel._core.finding import Finding, Severity, severity_rank
+from keel.detect._finding import skip_mends
 from keel.detect.causes import CAUSES, cause_for
 from keel.detect.lead_time import degradation_step, lead_steps
 
@@ -217,7 +219,7 @@ def diagnose(
                 critical_step=crit,
                 mechanism=cause.mechanism if cause else fs[0].cause,
                 evidence=evidence,
-                advice=cause.advice_dicts(severity)  # a warning that skipped nothing is not told to skip
+                advice=cause.advice_dicts(_advised_as(fs, severity))  # a warning that skipped nothing: not told to skip
                 if cause
                 else [{"rank": 1, "action": fs[0].advice, "how": "", "source": ""}],
                 consequences=explained.get(kind, {}),
@@ -226,6 +228,41 @@ def diagnose(
             )
         )
     return out
+
+
+def _advised_as(findings: list[Finding], severity: Severity) -> Severity:
+    """The severity whose advice fits ``findings`` (of one kind, worst ``severity``): a ``critical`` no skip is left to
+    mend gets a warning's advice — a lasting level shift (evidence ``level_shift``: no skip mends it), or a spike the
+    run skipped itself (``skipped_by``, `skipped_already`)."""
+    criticals = [f for f in findings if f.severity == "critical"]
+    if criticals and all(f.evidence.get("level_shift") is True or "skipped_by" in f.evidence for f in criticals):
+        return "warning"
+    return severity
+
+
+def skipped_already(findings: Sequence[Finding], decisions: Sequence[Decision]) -> list[Finding]:
+    """``findings`` with each ``critical`` one that a skip mends (a loss or gradient spike, non-finite gradients) at a
+    step the training code skipped itself (a ``skip`` `Decision` by ``"trainer"``: OLMo-core's SkipStepOptimizer, read
+    from its log) saying so: evidence ``skipped_by``, and advice that does not ask to skip it again. The severity stays:
+    it measures the jump, as for a spike keel skipped.
+
+    Example:
+        >>> spike = Finding(step=40, kind="loss_spike", severity="critical", signal="loss", advice="Skip this update.")
+        >>> [f.advice[:40] for f in skipped_already([spike], [Decision(step=40, action="skip", by="trainer")])]
+        ['None for this step: the trainer skipped ']
+    """
+    skipped = {d.step for d in decisions if d.action == "skip" and d.by == "trainer"}
+    return [_skipped(f) if f.severity == "critical" and f.step in skipped and skip_mends(f) else f for f in findings]
+
+
+def _skipped(finding: Finding) -> Finding:
+    return replace(
+        finding,
+        evidence={**finding.evidence, "skipped_by": "trainer"},
+        advice="None for this step: the trainer skipped this update itself (its log says so). If such steps recur, "
+        "clip gradients or use spike-aware clipping (Stable-SPAM AdaClip, Huang et al. 2025) and lower the learning "
+        "rate.",
+    )
 
 
 def format_diagnoses(diagnoses: Sequence[Diagnosis]) -> str:

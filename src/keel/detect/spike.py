@@ -122,6 +122,9 @@ class SpikeConfig:
         shift_z: Standard errors of that median (of the window's robust scale) it must lie above the window's median.
         shift_excess: Relative excess of that median over the window's median that a level shift also needs
             (1.0 = twice the median).
+        shift_lasting: Accepted values after the level-shift ``warning``, each still a full level shift, after which
+            it is ``critical`` (0: never): the damage is in the weights, and ``policy="recover"`` rolls back to before
+            the shift (`keel.recover.escalation`).
     """
 
     signal: str = keys.LOSS
@@ -143,6 +146,7 @@ class SpikeConfig:
     shift_span: int = 9
     shift_z: float = 5.0
     shift_excess: float = 1.0
+    shift_lasting: int = 5
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -155,7 +159,7 @@ class SpikeConfig:
                 else self.signal.replace("/", "_") + "_spike"
             )
         require_ints(self, "window", "min_history", "patience", "rebase_after", "warmup_points")
-        require_ints(self, "shift_span", minimum=0)
+        require_ints(self, "shift_span", "shift_lasting", minimum=0)
         if self.min_history > self.window:
             raise ValueError(f"SpikeConfig.min_history={self.min_history} > window={self.window}; allowed: <= window")
         require_positive(
@@ -246,6 +250,10 @@ class SpikeDetector:
         self._outliers: deque[tuple[int, float]] = deque(maxlen=TAIL_KEPT)  # (step, excess) of isolated outliers
         self._shifted = False  # a level shift was reported and the recent median has not come back down yet
         self._shift_run = 0  # consecutive accepted values at which the recent median was a level shift
+        self._shift_onset = -1  # the step the level shift under way began (the oldest step of its first span)
+        self._shift_lasted = 0  # accepted values since its warning, each still shifted (-1: its critical was sent)
+        self._shift_base = (0.0, 0.0, 0)  # the older values' median, robust scale and count at the warning
+        self._accepted_steps: deque[int] = deque(maxlen=max(config.shift_span - 1, 0))  # of the newest accepted values
 
     def update(self, obs: Observation) -> list[Finding]:
         cfg = self.config
@@ -266,7 +274,7 @@ class SpikeDetector:
         if z < cfg.threshold or excess < cfg.min_excess:
             self._end_episode(obs.step)
             shift = self._level_shift(obs.step, x, y)
-            self._accepted.push(y)
+            self._accept(obs.step, y)
             return shift
         return self._spike(obs.step, x, median, z, excess)
 
@@ -281,12 +289,17 @@ class SpikeDetector:
             if z >= cfg.threshold and excess >= max(cfg.min_excess, cfg.warmup_excess):
                 return self._spike(step, x, median, z, excess)
         self._end_episode(step)
-        self._accepted.push(y)
+        self._accept(step, y)
         return []
+
+    def _accept(self, step: int, y: float) -> None:
+        self._accepted.push(y)
+        self._accepted_steps.append(step)
 
     def _level_shift(self, step: int, x: float, y: float) -> list[Finding]:
         """Before accepting ``y``: a ``warning`` when the median of it and the ``shift_span`` − 1 values before it lies
-        far above the median of the window's older values (disjoint samples: the new level does not hide itself)."""
+        far above the median of the window's older values (disjoint samples: the new level does not hide itself), and
+        ``critical`` when it still does ``shift_lasting`` values after that warning."""
         cfg = self.config
         span = cfg.shift_span
         window = self._accepted.values
@@ -301,26 +314,64 @@ class SpikeDetector:
             return []
         median, scale = sorted_location_scale(sorted(itertools.islice(window, older)))
         rise = recent - median
-        standard_error = math.hypot(*(median_standard_error(max(scale, cfg.scale_floor), n) for n in (span, older)))
-        required = max(math.log1p(cfg.shift_excess), cfg.shift_z * standard_error)
+        standard_error, required = self._shift_bar(scale, older)
         if self._shifted:
             self._shifted = rise >= required / 2  # hysteresis: one warning per shift
-            return []
+            return self._lasting(step, x, recent) if self._shifted else []
         self._shift_run = self._shift_run + 1 if rise >= required else 0
+        if self._shift_run == 1:  # the shift began with the oldest value of this span
+            full = len(self._accepted_steps) == span - 1
+            self._shift_onset = self._accepted_steps[0] if full and span > 1 else step
         if self._shift_run < cfg.patience:
             return []
-        self._shifted, self._shift_run = True, 0
+        self._shifted, self._shift_run, self._shift_lasted = True, 0, 0
+        self._shift_base = (median, scale, older)
+        return [self._shift_finding(step, "warning", x, median, recent, rise / standard_error, older, scale)]
+
+    def _shift_bar(self, scale: float, older: int) -> tuple[float, float]:
+        """The standard error of the difference of the recent and the ``older`` values' medians (``scale``: the older
+        values' robust scale, log units), and the rise a level shift needs."""
+        cfg = self.config
+        standard_error = math.hypot(
+            *(median_standard_error(max(scale, cfg.scale_floor), n) for n in (cfg.shift_span, older))
+        )
+        return standard_error, max(math.log1p(cfg.shift_excess), cfg.shift_z * standard_error)
+
+    def _lasting(self, step: int, x: float, recent: float) -> list[Finding]:
+        """After the level-shift warning: ``critical`` once the recent median (``recent``) has stayed at least half
+        the rise a shift needs above the level before it (frozen at the warning: the window's older values take in
+        the new level as it lasts) at ``shift_lasting`` consecutive values."""
+        lasting = self.config.shift_lasting
+        if not lasting or self._shift_lasted < 0:  # off, or reported already
+            return []
+        median, scale, older = self._shift_base
+        standard_error, required = self._shift_bar(scale, older)
+        self._shift_lasted = self._shift_lasted + 1 if recent - median >= required / 2 else 0
+        if self._shift_lasted < lasting:
+            return []
+        self._shift_lasted = -1
+        z = (recent - median) / standard_error
+        return [self._shift_finding(step, "critical", x, median, recent, z, older, scale)]
+
+    def _shift_finding(
+        self, step: int, severity: Severity, x: float, median: float, recent: float, z: float, older: int, scale: float
+    ) -> Finding:
+        """The level shift's ``warning`` or ``critical``: the median of the recent values, ``recent``, over ``median``,
+        the older values' (log units; ``z``: the rise in standard errors, ``scale``: their robust scale)."""
         baseline, level = math.exp(median), math.exp(recent)
         evidence = {
-            "z": round(rise / standard_error, 2),
+            "z": round(z, 2),
             "ratio": round(level / baseline, 4),
             "level_shift": True,
             "recent_median": level,
-            "span": span,
+            "span": self.config.shift_span,
             "noise": round(relative_excess(scale), 4),
+            "onset_step": self._shift_onset,
         }
-        cause, advice = _explain_shift(cfg, level / baseline, older, scale)
-        return [self._finding(step, "warning", x, baseline, evidence, cause, advice)]
+        if severity == "critical":
+            evidence["lasting"] = self.config.shift_lasting
+        cause, advice = _explain_shift(self.config, severity, level / baseline, older, scale, self._shift_onset)
+        return self._finding(step, severity, x, baseline, evidence, cause, advice)
 
     def scan(self, steps: np.ndarray, values: np.ndarray) -> list[Finding]:
         """Judge a whole series at once: exactly what `update` gives, step by step, and the same state after.
@@ -474,6 +525,8 @@ class SpikeDetector:
             self._end_episode(int(steps.max()))  # the trims of each step, at once: they only depend on the latest
             kept = xs[-self.config.window :].tolist()  # the window keeps no more than that
             self._accepted.extend(map(math.log, kept) if self._log else kept)
+            if self._accepted_steps.maxlen:
+                self._accepted_steps.extend(steps[-self._accepted_steps.maxlen :].tolist())
 
     def _leave_log_space(self) -> None:
         """A value <= 0 arrived under ``log_scale=None``: keep the history, in linear units, from now on."""
@@ -502,6 +555,7 @@ class SpikeDetector:
         if run >= cfg.rebase_after:
             # The new level has lasted: accept it as the baseline and close the episode.
             self._accepted = self._window(self._episode[-cfg.min_history :])
+            self._accepted_steps.clear()  # (the episode's steps are not kept: a shift from here is dated by its step)
             self._end_episode(step)
             evidence["rebased"] = True
             return [
@@ -587,6 +641,10 @@ class SpikeDetector:
             "outliers": [list(o) for o in self._outliers],
             "shifted": self._shifted,
             "shift_run": self._shift_run,
+            "shift_onset": self._shift_onset,
+            "shift_lasted": self._shift_lasted,
+            "shift_base": list(self._shift_base),
+            "accepted_steps": list(self._accepted_steps),
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -600,17 +658,36 @@ class SpikeDetector:
         self._outliers = deque(((int(a), float(e)) for a, e in state.get("outliers", ())), maxlen=TAIL_KEPT)
         self._shifted = bool(state.get("shifted", False))
         self._shift_run = int(state.get("shift_run", 0))
+        self._shift_onset = int(state.get("shift_onset", -1))
+        self._shift_lasted = int(state.get("shift_lasted", 0))
+        median, scale, older = state.get("shift_base", (0.0, 0.0, 0))
+        self._shift_base = (float(median), float(scale), int(older))
+        steps = state.get("accepted_steps", ())
+        self._accepted_steps = deque(map(int, steps), maxlen=max(self.config.shift_span - 1, 0))
 
 
-def _explain_shift(cfg: SpikeConfig, ratio: float, older: int, scale: float) -> tuple[str, str]:
-    """Cause and advice for a level shift (``scale``: the older values' robust scale, log units)."""
+def _explain_shift(
+    cfg: SpikeConfig, severity: Severity, ratio: float, older: int, scale: float, onset: int
+) -> tuple[str, str]:
+    """Cause and advice for a level shift that began at step ``onset`` (``scale``: the older values' robust scale, log
+    units); ``critical``: it has lasted ``shift_lasting`` values past its warning."""
     what = "loss" if cfg.signal == keys.LOSS else cfg.signal
     cause = (
         f"The median {what} of the last {cfg.shift_span} steps is {ratio:.3g}× its median over the {older} before "
         f"them: each step is within the run's noise (±{relative_excess(scale):.0%} per step), the level is not — "
         "the model, not one batch, changed (an update that overshot, an LR jump)."
     )
-    return cause, _explain(cfg, "warning", ratio, cfg.shift_span)[1]
+    if severity != "critical":
+        return cause, _explain(cfg, "warning", ratio, cfg.shift_span)[1]
+    cause += (
+        f" It has stayed there {cfg.shift_lasting} steps past its warning (since step {onset}): the damage is in the "
+        "weights, which no skipped update mends — or the data changed for good (a new task or curriculum stage)."
+    )
+    advice = (
+        f"Roll back to a snapshot from before step {onset} (policy='recover'; once: a shift that comes back after "
+        "the rollback is the data, and the run carries on). If it recurs, lower the learning rate or lengthen warm-up."
+    )
+    return cause, advice
 
 
 def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int, seen: int = 0) -> tuple[str, str]:

@@ -10,7 +10,12 @@ Rungs, each recorded with its reason:
    were, so spikes on several batches in a row come from the weights (an update already made, an LR jump), which no
    skip mends (a one-off LR ×100 on a timm ResNet: ten skips, then the rollback, and the run ended worse than without
    keel; at the third, better). Once: spikes that go on with the restored weights are the data (a poisoned stretch
-   of batches), and are skipped up to ``max_consecutive_skips`` until an update is applied again;
+   of batches), and are skipped up to ``max_consecutive_skips`` until an update is applied again. A loss level shift
+   that lasts past its warning (`keel.detect.spike`: every step within the run's noise, the level not) rolls back to
+   before its onset — once: a lasting shift again within ``rollback_window`` steps of that rollback came back with
+   the restored weights, so it is the data (a new task, a curriculum stage, a harder stretch of the corpus) or a
+   learning rate too high for it, not the update the rollback undid; it is reported as a ``warning`` saying so and
+   the run carries on (rolling back again would replay the same shift until the rollback cap aborted a healthy run);
 3. **abort** when skips repeat under ``policy="skip"``, when the parameters are non-finite under ``policy="skip"``
    (no skip mends them), or rollbacks repeat ``max_rollbacks`` times within
    ``rollback_window`` steps (DeepSpeed added such a cap to its loss scaler after endless skip loops, PR #1958).
@@ -23,25 +28,30 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Literal
 
-from keel._core import keys
 from keel._core.decision import Decision
 from keel._core.finding import Finding
 from keel._core.validate import check_types, require_ints
+from keel.detect._finding import SKIPPABLE_KINDS as SKIPPABLE_KINDS  # (its home; keel.recover exports it)
+from keel.detect._finding import skip_mends
 
 Policy = Literal["observe", "skip", "recover"]
 POLICIES: tuple[Policy, ...] = ("observe", "skip", "recover")
 
-# Findings a skipped update fixes: the damage is confined to this step's gradients.
-SKIPPABLE_KINDS = frozenset({"non_finite", "loss_spike", "grad_spike"})
 SPIKES = frozenset({"loss_spike", "grad_spike"})
 
 
 def skippable(finding: Finding) -> bool:
-    """Whether skipping this step's update is enough (not when the parameters themselves are non-finite)."""
-    return finding.kind in SKIPPABLE_KINDS and finding.signal != keys.PARAM_NORM
+    """Whether skipping this step's update is enough (not when the parameters themselves are non-finite, nor for a
+    level shift: each of its steps is within the run's noise, the damage is in the weights)."""
+    return skip_mends(finding)
+
+
+def lasting_shift(finding: Finding) -> bool:
+    """Whether ``finding`` is a level shift that lasted past its warning (`keel.detect.spike`'s ``critical`` one)."""
+    return finding.severity == "critical" and finding.evidence.get("level_shift") is True
 
 
 @dataclass(kw_only=True)
@@ -82,6 +92,7 @@ class Escalation:
         self.weights_suspect = True
         self.skip_run_start = -1
         self.rollback_steps: list[int] = []
+        self.shift_rollback: int | None = None  # the step of the last rollback for a lasting level shift
 
     def decide(self, step: int, findings: Sequence[Finding]) -> Decision:
         found = tuple(findings)
@@ -93,15 +104,20 @@ class Escalation:
                 findings=found,
                 reason="GradScaler found non-finite gradients and skipped the update itself",
             )
+        recover = self.config.policy == "recover"
+        if recover:
+            found = self._shifts_came_back(step, found)
         critical = [f for f in found if f.severity == "critical"]
         if self.config.policy == "observe" or not critical:
             self.consecutive_skips = self.spiked_skips = 0
             self.weights_suspect = True
             return Decision(step=step, action="ok", findings=found)
-        recover = self.config.policy == "recover"
         needs_rollback = [f for f in critical if not skippable(f)]
         if needs_rollback and recover:
-            return self._rollback(step, found, _describe(needs_rollback), _onset(needs_rollback, step))
+            decision = self._rollback(step, found, _describe(needs_rollback), _onset(needs_rollback, step))
+            if decision.action == "rollback" and any(map(lasting_shift, needs_rollback)):
+                self.shift_rollback = step
+            return decision
         if broken := [f for f in needs_rollback if f.kind == "non_finite"]:  # training on would only spread NaN
             return Decision(
                 step=step,
@@ -135,6 +151,14 @@ class Escalation:
             return self._rollback(step, found, reason, self.skip_run_start)
         return Decision(step=step, action="skip", findings=found, reason=f"skipped update: {why}")
 
+    def _shifts_came_back(self, step: int, found: tuple[Finding, ...]) -> tuple[Finding, ...]:
+        """``found`` with each lasting level shift turned into a ``warning`` that says so when one was rolled back
+        within ``rollback_window`` steps: it came back with the restored weights (see the module docstring)."""
+        rolled_back = self.shift_rollback
+        if rolled_back is None or step - rolled_back >= self.config.rollback_window:
+            return found
+        return tuple(_came_back(f, rolled_back) if lasting_shift(f) else f for f in found)
+
     def rollbacks_in_window(self, step: int) -> int:
         return sum(1 for s in self.rollback_steps if step - s < self.config.rollback_window)
 
@@ -158,6 +182,7 @@ class Escalation:
             "weights_suspect": self.weights_suspect,
             "skip_run_start": self.skip_run_start,
             "rollback_steps": list(self.rollback_steps),
+            "shift_rollback": self.shift_rollback,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -166,6 +191,23 @@ class Escalation:
         self.weights_suspect = bool(state.get("weights_suspect", True))
         self.skip_run_start = int(state["skip_run_start"])
         self.rollback_steps = list(state["rollback_steps"])
+        shift_rollback = state.get("shift_rollback")  # (snapshots written before it was kept: None)
+        self.shift_rollback = None if shift_rollback is None else int(shift_rollback)
+
+
+def _came_back(finding: Finding, rolled_back: int) -> Finding:
+    """A lasting level shift seen again after the rollback at step ``rolled_back``: a ``warning`` that says why keel
+    does not roll back again."""
+    return replace(
+        finding,
+        severity="warning",
+        evidence={**finding.evidence, "came_back_after_rollback": rolled_back},
+        cause=f"{finding.cause} It came back after the rollback at step {rolled_back} for the same kind of shift: the "
+        "restored weights, trained on, rose again, so the data (a new task or curriculum stage) or a learning rate too "
+        "high for it raised the level, not the update that rollback undid; keel does not roll back again.",
+        advice="If the new data explains the level, nothing to do. Otherwise lower the learning rate or lengthen "
+        "warm-up.",
+    )
 
 
 def _describe(findings: list[Finding]) -> str:
