@@ -1,4 +1,5 @@
-"""Two ranks pack different layouts — the loop's own signals on one rank only — through RankSync and a Guard.
+"""Two ranks pack different layouts — the loop's own signals on one rank only — through RankSync and a Guard;
+then a Guard inside DDP's ``model.join()`` with uneven inputs.
 
 torchrun --nproc_per_node=2 tests/distributed/layout_worker.py OUT_DIR
 """
@@ -66,10 +67,27 @@ def guarded(rank: int, out: Path) -> dict:
     return {"actions": actions, "params": [p.detach().flatten().tolist() for p in model.parameters()]}
 
 
+def uneven(rank: int, out: Path) -> dict:
+    """V8 of session 13: rank 0 has 4 batches, rank 1 has 6; keel's collective killed both once rank 0 joined."""
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = keel.Guard(model, opt, run_dir=out / "uneven", overwrite=True)
+    with warnings.catch_warnings(record=True) as caught, model.join():
+        warnings.simplefilter("always")
+        for _ in range(4 if rank == 0 else 6):
+            F.mse_loss(model(torch.randn(8, 16)), torch.zeros(8, 4)).backward()
+            guard.step(torch.tensor(0.0) + 1)
+            opt.zero_grad()
+    guard.close()
+    said = [str(w.message) for w in caught if issubclass(w.category, keel.KeelWarning)]
+    return {"steps": guard.global_step, "warnings": said}
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), Path(sys.argv[1])
-    result = {"reduced": reduced(rank), "guarded": guarded(rank, out)}
+    result = {"reduced": reduced(rank), "guarded": guarded(rank, out), "uneven": uneven(rank, out)}
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()

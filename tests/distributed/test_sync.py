@@ -132,7 +132,7 @@ def test_a_single_process_guard_step_reads_the_host_once_per_step():
 
 
 @pytest.mark.distributed
-def test_keys_only_some_ranks_pack_stay_their_own_and_the_shared_ones_are_reduced(tmp_path):
+def test_keys_only_some_ranks_pack_stay_their_own_and_uneven_inputs_do_not_kill_the_job(tmp_path):
     torchrun(Path(__file__).with_name("layout_worker.py"), str(tmp_path))
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     for rank, result in enumerate(ranks):
@@ -151,3 +151,8 @@ def test_keys_only_some_ranks_pack_stay_their_own_and_the_shared_ones_are_reduce
     # a Guard whose loop gives signals= and grad_norm= on rank 0 only runs to the end on both ranks, in step
     assert ranks[0]["guarded"]["actions"] == ranks[1]["guarded"]["actions"] == ["ok"] * 6
     assert ranks[0]["guarded"]["params"] == ranks[1]["guarded"]["params"]
+    # inside DDP's model.join() with uneven inputs every rank finishes its own batches, told why keel does not agree
+    assert [r["uneven"]["steps"] for r in ranks] == [4, 6]
+    for r in ranks:
+        [said] = r["uneven"]["warnings"]
+        assert "inside DDP's model.join() (uneven inputs)" in said

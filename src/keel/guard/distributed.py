@@ -171,6 +171,8 @@ class RankSync:
         self._plans: dict[Any, _Plan] = {}
         self._layout_group = _host_group(self.group)
         self._warned_unshared = False
+        self._model = model
+        self._warned_uneven = False
         self.stats: _RankGradStats | None = None
         if config.rank_stats and isinstance(model, nn.parallel.DistributedDataParallel):
             stats = _RankGradStats(self.group)
@@ -225,6 +227,8 @@ class RankSync:
         ranks packed come back as this rank's own values (see the module's docstring).
         """
         grad_stats = self.stats.take() if self.stats is not None else None
+        if self._uneven_inputs():
+            return packed
         plan = self._plan(packed.layout, grad_stats is not None, packed.tensor.device)
         if self._same_everywhere(plan.checksum):
             return self._reduce(packed.tensor, plan, grad_stats)
@@ -322,6 +326,25 @@ class RankSync:
             stacklevel=4,
         )
 
+    def _uneven_inputs(self) -> bool:
+        """Whether the loop runs inside DDP's ``model.join()`` (uneven inputs): a rank that has run out of batches
+        shadows DDP's collectives but not keel's, so keel's would fail or mix values. Each rank then judges its own
+        values (warned once); the gradients DDP averages are alike on every rank, the losses are not."""
+        config = getattr(self._model, "_join_config", None)  # set anew by each Join: read it every time
+        if config is None or not config.enable:
+            return False
+        if not self._warned_uneven:
+            self._warned_uneven = True
+            warnings.warn(
+                "keel: inside DDP's model.join() (uneven inputs) keel does not all-reduce its signals: a rank that "
+                "has run out of batches would not answer the collective. Each rank decides on its own values until "
+                "the join ends; a skip or rollback decided on one rank's loss alone desynchronises the replicas, "
+                "so prefer even inputs (DistributedSampler(drop_last=True)) with policy='skip' or 'recover'",
+                KeelWarning,
+                stacklevel=4,
+            )
+        return True
+
     def all_equal(self, value: int) -> bool:
         """Whether every rank passes the same integer (a collective: every rank must call it)."""
         high, neg_low = self.all_max([value, -value])
@@ -333,13 +356,17 @@ class RankSync:
         For the rare steps that change data (an attributed spike, a rollback): each rank trained on its own batch,
         so the examples to skip are the union of what every rank holds.
         """
+        if self._uneven_inputs():
+            return sorted(set(ids))
         parts: list[list[int] | None] = [None] * self.world
         dist.all_gather_object(parts, list(ids), group=self.group)
         return sorted({i for part in parts for i in (part or ())})
 
     def all_max(self, values: list[float]) -> list[float]:
         """The element-wise maximum over ranks of ``values`` (a collective: every rank must call it, with a list
-        of the same length). Exact for integers below 2**53."""
+        of the same length). Exact for integers below 2**53. Inside DDP's ``model.join()``: this rank's own."""
+        if self._uneven_inputs():
+            return [float(v) for v in values]
         device = (
             torch.device("cuda", torch.cuda.current_device())
             if dist.get_backend(self.group) == "nccl"
