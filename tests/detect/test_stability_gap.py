@@ -85,6 +85,23 @@ def test_silent_across_a_switch_where_the_evals_only_fluctuate(seed):
     assert _feed(StabilityGapDetector(), series(seed, gap=0.0, noise=0.03)) == []
 
 
+def test_a_deep_gap_seen_by_one_eval_only_is_warned_at_the_next_eval():
+    # Avalanche-style evals every 10 iterations on 300 examples, class-incremental with replay
+    # (/tmp/h25E/continual_avalanche.py replay, seed 2): task exp0's accuracy 1.0, 1.0, 1.0 → 0.977, 0.533, 0.98, 1.0
+    # after the switch at step 192 — a stability gap 0.47 deep that one eval saw; confirm=2 missed it.
+    before = [Observation(step=9 + 10 * i, values={"eval/a": 1.0, keys.PHASE_INDEX: 0.0}) for i in range(19)]
+    after = [0.977, 0.533, 0.98, 1.0, 1.0]
+    obs = [*before, Observation(step=192, values={keys.PHASE_INDEX: 1.0})]
+    obs += [Observation(step=199 + 10 * i, values={"eval/a": a, keys.PHASE_INDEX: 1.0}) for i, a in enumerate(after)]
+    found = _feed(StabilityGapDetector(), obs)
+    assert [(f.severity, f.step) for f in found] == [("warning", 219), ("info", 229)]
+    ev = found[0].evidence
+    assert (ev["minimum"], ev["minimum_step"], ev["steps_after_switch"]) == (0.533, 209, 17)
+    # one eval 0.11 below (7 of 64 examples near 100 %: the dip that made a gap need two evals) stays silent
+    obs[-4] = Observation(step=209, values={"eval/a": 0.89, keys.PHASE_INDEX: 1.0})
+    assert _feed(StabilityGapDetector(), obs) == []
+
+
 def test_a_shallow_dip_within_the_noise_is_not_a_gap():
     assert _feed(StabilityGapDetector(), series(3, gap=0.03, noise=0.02)) == []
 
