@@ -20,6 +20,8 @@ from hypothesis import strategies as st
 
 from keel.cli import main
 from keel.doctor import LogReadError, detect_format, examine_log, find_logs, read_log
+from keel.doctor.mlflow_log import _rows_one_by_one, _series_by_line, _whole_rows, _whole_series
+from keel.doctor.table import Scalars
 from keel.doctor.wandb_log import _Framing, iter_records
 from tests.doctor.wire import (
     LENGTH,
@@ -504,3 +506,86 @@ def test_runs_written_now_by_wandb_and_mlflow_are_read(tmp_path):
         assert len(runs) == 2
         loss = _values(read_log(runs[0]), "train/loss")
         assert math.isnan(loss[40]) and loss[41] == math.inf
+
+
+# --- the array fast paths agree with the value-by-value ones -------------------------------------------------------
+
+
+def _loop_records(scalars: Scalars, by_step: bool) -> list:
+    """`Scalars.records` as the loop over every value computes it (the path taken when a tag repeats at a step)."""
+    keys = [np.frombuffer(scalars.order, np.int64), np.frombuffer(scalars.rank, np.int64)]
+    keys.append(np.frombuffer(scalars.wall, np.float64))
+    if by_step:
+        keys.append(np.frombuffer(scalars.steps, np.int64))
+    names, records, current, last = list(scalars.tags), [], {}, None
+    for i in np.lexsort(keys).tolist():
+        step, name, value = scalars.steps[i], names[scalars.tag[i]], scalars.value[i]
+        if step == last and name not in current:
+            current[name] = value
+        else:
+            if last is not None:
+                records.append((last, current))
+            last, current = step, {name: value}
+    return [*records, (last, current)]
+
+
+@FUZZ
+@given(
+    points=st.lists(
+        st.tuples(st.integers(0, 5), st.sampled_from(["a", "b", "c"]), st.integers(-3, 3), st.floats(-9, 9)),
+        min_size=1,
+        max_size=40,
+    ),
+    by_step=st.booleans(),
+)
+def test_scalars_records_built_with_arrays_equal_the_loop(points, by_step):
+    scalars = Scalars()
+    for order, (wall, tag, step, value) in enumerate(points):
+        scalars.add(float(wall), 0, order, step, tag, value)
+    assert list(scalars.records(by_step=by_step)) == _loop_records(scalars, by_step)
+
+
+@FUZZ
+@given(
+    points=st.lists(
+        st.tuples(st.integers(0, 2**45), st.floats(allow_nan=False) | st.just(math.nan), st.integers(-(2**52), 2**52)),
+        max_size=30,
+    )
+)
+def test_a_metric_file_parsed_whole_equals_it_parsed_line_by_line(points):
+    data = "".join(f"{t} {v!r} {s}\n" for t, v, s in points).encode()
+    whole = _whole_series(data)
+    assert whole is not None
+    by_line, malformed = _series_by_line(data)
+    assert malformed == 0
+    for a, b in zip(whole, by_line, strict=True):
+        assert np.array_equal(a, b, equal_nan=True)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ["1 2.0\n", "1 2.0 3\n1 2.0 3 4\n", "1 2.0 3", "1  2.0 3\n", "1\t2.0 3\n", "1 2.0 3\r\n", "1 x 3\n", "1 2 3.5\n"],
+)
+def test_a_metric_file_not_as_mlflow_writes_it_takes_the_line_by_line_path(text):
+    assert _whole_series(text.encode()) is None
+
+
+@FUZZ
+@given(
+    rows=st.lists(
+        st.tuples(
+            st.integers(0, 2**45),
+            st.integers(-(2**52), 2**52),
+            st.floats(allow_nan=False) | st.sampled_from([1.7976931348623157e308, -1.7976931348623157e308]),
+            st.integers(0, 1),
+        ),
+        max_size=30,
+    )
+)
+def test_database_rows_read_whole_equal_them_read_one_by_one(rows):
+    whole = _whole_rows(rows)
+    assert whole is not None
+    one_by_one, skipped = _rows_one_by_one(rows)
+    assert skipped == 0
+    for a, b in zip(whole, one_by_one, strict=True):
+        assert np.array_equal(a, b, equal_nan=True)

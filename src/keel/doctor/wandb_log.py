@@ -45,6 +45,8 @@ RUN_FILE_GLOB = "*.wandb"
 HISTORY, RUN, EXIT = 2, 17, 18
 _TYPE_CRC = {t: zlib.crc32(bytes([t])) for t in (FULL, FIRST, MIDDLE, LAST)}
 _OWN_STEP = "_step"
+_ITEM_TAG, _STEP_TAG = 0x0A, 0x12  # HistoryRecord fields 1 (item) and 2 (step), length-delimited
+_NESTED_KEY_TAG, _VALUE_JSON_TAG = 0x12, b"\x82\x01"  # HistoryItem fields 2 and 16, length-delimited
 
 
 def is_wandb_file(path: Path) -> bool:
@@ -213,18 +215,61 @@ def _read_record(record: bytes, rows: list[tuple[int | None, dict[str, Any]]], m
 
 
 def _history_row(buf: bytes) -> tuple[int | None, dict[str, Any]]:
-    """(W&B's step, {key: value}) of one HistoryRecord; values as their JSON holds them."""
+    """(W&B's step, {key: value}) of one HistoryRecord; values as their JSON holds them.
+
+    wandb writes each item and the step as a length-delimited field shorter than 128 bytes: those are walked here
+    byte by byte (a generic protobuf walk costs most of a large run's read); a row with anything else (a histogram,
+    a long key, a field another writer adds) is read by `_history_row_fields`.
+    """
+    step, row = None, {}
+    pos, end = 0, len(buf)
+    while pos < end:
+        tag = buf[pos]
+        if tag not in (_ITEM_TAG, _STEP_TAG) or pos + 1 >= end or buf[pos + 1] & 0x80:
+            return _history_row_fields(buf)
+        start = pos + 2
+        pos = start + buf[pos + 1]
+        if pos > end:
+            raise WireError("field runs past the end of the message")
+        if tag == _ITEM_TAG:
+            key, value = _item(buf[start:pos])
+            row[key] = value
+        else:
+            step = _step_num(buf[start:pos])
+    return step, row
+
+
+def _history_row_fields(buf: bytes) -> tuple[int | None, dict[str, Any]]:
     step, row = None, {}
     for number, wire, _, data in fields(buf):
         if number == 1 and wire == LENGTH:
             key, value = _item(data)
             row[key] = value
         elif number == 2 and wire == LENGTH:
-            step = next((signed64(v) for n, w, v, _ in fields(data) if n == 1 and w == VARINT), 0)
+            step = _step_num(data)
     return step, row
 
 
+def _step_num(buf: bytes) -> int:
+    return next((signed64(v) for n, w, v, _ in fields(buf) if n == 1 and w == VARINT), 0)
+
+
 def _item(buf: bytes) -> tuple[str, Any]:
+    """(key, value) of a HistoryItem: wandb 0.31's ``nested_key`` (one, short) then ``value_json`` (short) directly,
+    anything else through `_item_fields`."""
+    size = len(buf)
+    if size > 2 and buf[0] == _NESTED_KEY_TAG and buf[1] < 0x80:
+        key_end = 2 + buf[1]
+        if (
+            buf[key_end : key_end + 2] == _VALUE_JSON_TAG
+            and key_end + 2 < size
+            and key_end + 3 + buf[key_end + 2] == size
+        ):
+            return buf[2:key_end].decode(), _json(buf[key_end + 3 :])
+    return _item_fields(buf)
+
+
+def _item_fields(buf: bytes) -> tuple[str, Any]:
     key, nested, value = "", [], None
     for number, wire, varint, data in fields(buf):
         if number == 1 and wire == LENGTH:
@@ -241,6 +286,12 @@ def _item(buf: bytes) -> tuple[str, Any]:
 
 
 def _json(data: bytes) -> Any:
+    try:
+        number = float(data)  # most values are numbers ("NaN" and "Infinity" too): float is 5x faster than json
+        if not (number.is_integer() and abs(number) >= 2**53):  # a large integer (a step) keeps every digit
+            return number
+    except ValueError:
+        pass
     try:
         return json.loads(data)
     except (ValueError, RecursionError):  # not JSON (or not UTF-8, or nested past Python's limit): text, left out
@@ -279,7 +330,7 @@ def _numbers(row: dict[str, Any], own: str | None, history: _History) -> dict[st
     for name, raw in row.items():
         if name.startswith("_") or "._" in name or name == own or raw is None:  # "weights._type" of a histogram
             continue
-        number = parse_number(raw)
+        number = raw if type(raw) is float else parse_number(raw)  # most are floats already (`_json`)
         if number is not None:
             values[name] = number
         elif isinstance(raw, (dict, list)):
