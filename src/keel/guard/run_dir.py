@@ -152,6 +152,8 @@ class RunDir:
                     f"resume=True: run_dir {str(path)!r} holds {held.describe()}, so the run to continue is "
                     "unknown; allowed: overwrite=True to start a new run there, or another run_dir"
                 )
+            elif resume and rank == 0:
+                problem = _other_world(path, world if sync is not None else None)
         resumes = held.store.get("run_id") if resume and held.store is not None else None
         run_id = resumes or new_run_id()
         if sync is not None:
@@ -242,6 +244,38 @@ def _inspect(store_dir: Path | None, own: Path) -> Held:
         except (sqlite3.Error, OSError, ValueError, TypeError) as exc:
             held.unreadable = f"{type(exc).__name__}: {exc}"
     return held
+
+
+def _other_world(path: Path, world: int | None) -> str | None:
+    """Why a resume with ``world`` ranks (None: one process, no rank folders) cannot continue the snapshots in
+    ``path``: they were written by another number of ranks (each rank restores its own ``rank-<r>`` folder, so
+    a rank would start over or load another rank's state)."""
+    written = sorted(int(p.name[5:]) for p in path.glob("rank-*") if p.name[5:].isdigit() and _has_snapshots(p))
+    single = _has_snapshots(path)
+    if not written and not single:
+        return None  # nothing to continue from: the run starts over whatever the ranks
+    if written == (list(range(world)) if world is not None else []) and single == (world is None):
+        return None
+    was = " and ".join(
+        part
+        for part in (
+            f"one process ({SNAPSHOT_DIR}/)" if single else "",
+            f"{len(written)} ranks (rank-{written[0]}..rank-{written[-1]}/{SNAPSHOT_DIR})" if written else "",
+        )
+        if part
+    )
+    now = "one process" if world is None else f"{world} ranks"
+    return (
+        f"resume=True: run_dir {str(path)!r} holds snapshots written by {was}, and this run has {now}: each rank "
+        "continues from its own rank folder, so another number of ranks would start over or load another rank's "
+        "state; allowed: resume with the number of ranks the run had, or overwrite=True / another run_dir to "
+        "start a new run"
+    )
+
+
+def _has_snapshots(folder: Path) -> bool:
+    snapshots = folder / SNAPSHOT_DIR
+    return snapshots.is_dir() and any(is_snapshot_folder(p) for p in snapshots.iterdir())
 
 
 def _read_store(path: Path) -> dict[str, Any]:
