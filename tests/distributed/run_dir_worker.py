@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -22,6 +23,8 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from keel import Guard, RecoveryConfig
+
+STARTS: list[int] = []  # the step each train() began at (after a resume: the snapshot's)
 
 
 def train(run_dir: Path, steps: int, **kwargs) -> Guard:
@@ -37,6 +40,7 @@ def train(run_dir: Path, steps: int, **kwargs) -> Guard:
         **kwargs,
     )
     g = torch.Generator().manual_seed(dist.get_rank())
+    STARTS.append(guard.global_step)
     for _ in range(guard.global_step, steps):
         loss = F.mse_loss(model(torch.randn(8, 4, generator=g)), torch.randn(8, 2, generator=g))
         loss.backward()
@@ -72,6 +76,16 @@ def main() -> None:
     result["resumed_run_id"] = resumed.run_dir.run_id
     result["resumed_steps"] = resumed.global_step
     result["snapshots"] = sorted(p.name for p in (run_dir / f"rank-{rank}" / "snapshots").iterdir())
+    dist.barrier()
+    if rank == 1:  # the job stopped while rank 1 was still writing step 8: its folder is a temporary one
+        folder = run_dir / "rank-1" / "snapshots" / "step-000000008"
+        folder.rename(folder.with_name(".tmp-step-000000008"))
+    dist.barrier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(run_dir, 10, resume=True)
+    result["cut_resumed_from"] = STARTS[-1]
+    result["cut_warnings"] = [str(w.message) for w in caught if "not every rank does" in str(w.message)]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()

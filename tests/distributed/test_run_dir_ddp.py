@@ -23,3 +23,10 @@ def test_every_rank_refuses_a_folder_one_rank_finds_used_and_every_rank_resumes_
     for r in ranks:
         assert r["resumed_run_id"] == r["new_run_id"] and r["resumed_steps"] == 8
         assert r["snapshots"] == ["step-000000006", "step-000000008"]
+    # a write cut short on rank 1 (V3): every rank continues from step 6, the newest all hold; rank 0 says why
+    assert [r["cut_resumed_from"] for r in ranks] == [6, 6]
+    assert ranks[0]["cut_warnings"] == [
+        "resume: rank 0 holds a snapshot of step 8, but not every rank does (a write cut short when the job "
+        "stopped): every rank continues from the newest step all hold (6)"
+    ]
+    assert ranks[1]["cut_warnings"] == []

@@ -801,7 +801,9 @@ class Guard(DeferredSteps):
         run_dir released before the error is raised."""
         try:
             resumed = (
-                self.recovery.resume(self.run_dir.resumes, run_steps=self.run_dir.resumes_steps)
+                self.recovery.resume(
+                    self.run_dir.resumes, run_steps=self.run_dir.resumes_steps, at_most=self._newest_every_rank_holds()
+                )
                 if self.recovery is not None
                 else None
             )
@@ -826,6 +828,23 @@ class Guard(DeferredSteps):
             start = resumed.step if resumed is not None else 0  # no snapshot: the run starts over
             self.recorder.resumed(start, stored=self.run_dir.resumes_steps)
         return resumed
+
+    def _newest_every_rank_holds(self) -> int | None:
+        """Under torch.distributed, the newest snapshot step every rank has on disk: the ranks write their own
+        snapshots in the background, so a job killed mid-write can leave one rank a step ahead (None: one process;
+        -1 when some rank has none: every rank starts over). A rank that gives up a newer snapshot says so."""
+        if self.dist is None or self.recovery is None:
+            return None
+        mine = self.recovery.newest_on_disk()
+        agreed = int(-self.dist.all_max([-float(mine)])[0])
+        if mine > agreed:
+            warnings.warn(
+                f"resume: rank {self.dist.rank} holds a snapshot of step {mine}, but not every rank does (a write "
+                f"cut short when the job stopped): every rank continues from the newest step all hold ({agreed})",
+                KeelWarning,
+                stacklevel=4,
+            )
+        return agreed
 
     def _finish(self, status: str) -> None:
         if self._closed:

@@ -214,17 +214,18 @@ class DiskSnapshots:
         folders = [p for p in self.directory.iterdir() if is_snapshot_folder(p)]
         return sorted(folders, key=lambda p: snapshot_step(p) or 0)  # every snapshot folder has a step
 
-    def load_newest(self, of_run: str | None = None) -> Snapshot | None:
+    def load_newest(self, of_run: str | None = None, *, at_most: int | None = None) -> Snapshot | None:
         """The newest good snapshot. Each bad one is skipped with a `SnapshotCorrupt` naming its file and what is
         wrong; when there were snapshots but none is good, one more says that a resume starts from step 0.
 
         Args:
             of_run: Load only snapshots written by the run with this id (those of other runs are left alone, with
                 one warning); None accepts any. The chosen run's snapshots become this run's own, for retention.
+            at_most: Only snapshots of this step or earlier (the newest step every rank of a run holds).
         """
         foreign: list[Path] = []
         mine: list[Path] = []
-        folders = self.complete()
+        folders = [p for p in self.complete() if at_most is None or (snapshot_step(p) or 0) <= at_most]
         self.found = len(folders)
         for folder in folders:
             owner = _run_of(folder)

@@ -39,7 +39,7 @@ from keel._core.finding import Finding
 from keel._core.validate import check_types, require_ints, require_positive
 from keel.recover.actions import HISTORY_KEY, ActionState, apply_actions, choose_actions, current_lr_scale
 from keel.recover.compat import describe_differences, setup_differences
-from keel.recover.disk import SNAPSHOT_DIR, DiskSnapshots
+from keel.recover.disk import SNAPSHOT_DIR, DiskSnapshots, snapshot_step
 from keel.recover.fixed import fixed_differences, stale_reason
 from keel.recover.snapshot import Snapshot, SnapshotRing
 from keel.recover.state import TrainingState, capture_averaged, model_tensors, reseed, restore, trained_keys
@@ -390,7 +390,7 @@ class Recovery:
     def _rollback_point(self, onset: int) -> int:
         return max(0, onset - self.config.rollback_margin)
 
-    def resume(self, of_run: str | None = None, *, run_steps: int = 0) -> Snapshot | None:
+    def resume(self, of_run: str | None = None, *, run_steps: int = 0, at_most: int | None = None) -> Snapshot | None:
         """Restore everything, data position included, from the newest good disk snapshot of the run ``of_run``
         (None: of any run), and put it in the memory ring.
 
@@ -398,6 +398,7 @@ class Recovery:
             of_run: The id of the run being continued.
             run_steps: The steps that run recorded: when it left no snapshot at all, a warning says that it starts
                 again from step 0.
+            at_most: Only from a snapshot of this step or earlier (the newest step every rank holds).
 
         Raises:
             ValueError: The snapshot was taken with another setup (model parameters, optimizer class or groups,
@@ -405,7 +406,7 @@ class Recovery:
         """
         if self.disk is None:
             return None
-        snap = self.disk.load_newest(of_run)
+        snap = self.disk.load_newest(of_run, at_most=at_most)
         if snap is None:
             if run_steps > 0 and not self.disk.found:
                 warnings.warn(
@@ -434,6 +435,11 @@ class Recovery:
         self._resumed_tracked = sorted(snap.plain["tracked"])
         self._resumed_averaged = sorted(snap.plain.get("averaged", {}))
         return snap
+
+    def newest_on_disk(self) -> int:
+        """The step of the newest finished disk snapshot, good or not, of any run (-1: none; no disk tier)."""
+        folders = self.disk.complete() if self.disk is not None else []
+        return snapshot_step(folders[-1]) or 0 if folders else -1
 
     def _check_tracked(self) -> None:
         """At the first step after a resume: warn about data positions the snapshot holds that nothing was
