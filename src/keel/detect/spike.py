@@ -672,15 +672,16 @@ def _explain_shift(
     """Cause and advice for a level shift that began at step ``onset`` (``scale``: the older values' robust scale, log
     units); ``critical``: it has lasted ``shift_lasting`` values past its warning."""
     what = "loss" if cfg.signal == keys.LOSS else cfg.signal
-    cause = (
-        f"The median {what} of the last {cfg.shift_span} steps is {ratio:.3g}× its median over the {older} before "
-        f"them: each step is within the run's noise (±{relative_excess(scale):.0%} per step), the level is not — "
-        "the model, not one batch, changed (an update that overshot, an LR jump)."
-    )
+    noise = f"each step is within the run's noise (±{relative_excess(scale):.0%} per step), the level is not"
     if severity != "critical":
+        cause = (
+            f"The median {what} of the last {cfg.shift_span} steps is {ratio:.3g}× its median over the {older} before "
+            f"them: {noise} — the model, not one batch, changed (an update that overshot, an LR jump)."
+        )
         return cause, _explain(cfg, "warning", ratio, cfg.shift_span)[1]
-    cause += (
-        f" It has stayed there {cfg.shift_lasting} steps past its warning (since step {onset}): the damage is in the "
+    cause = (
+        f"The median {what} of the last {cfg.shift_span} steps is still {ratio:.3g}× its level before the shift began "
+        f"(step {onset}), {cfg.shift_lasting} steps past the level-shift warning: {noise}. The damage is in the "
         "weights, which no skipped update mends — or the data changed for good (a new task or curriculum stage)."
     )
     advice = (
