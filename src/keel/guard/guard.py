@@ -391,6 +391,13 @@ class Guard(DeferredSteps):
                 "allowed: track() before the first step()"
             )
         kind = "averaged" if average else "tracked"
+        registered = self.state.averaged.get(name, self.state.tracked.get(name))
+        if registered is not None and registered is not obj:
+            raise ValueError(
+                f"track({type(obj).__name__}, name={name!r}): {name!r} is registered already (for a "
+                f"{type(registered).__name__} object), and one would replace the other in every snapshot; allowed: "
+                f"a name of its own, e.g. guard.track(obj, name='{name}_2')"
+            )
         if not average and _empty_state(obj):
             warnings.warn(
                 f"guard.track({type(obj).__name__}): its state_dict() is empty, so a resume restores nothing for it "
