@@ -1,13 +1,17 @@
 """KeelCallback builds its Guard when the Trainer's training begins: the hook probes see the first forward (step 0),
-the "no loss in the model's output" path still warns and watches the gradients only, and a second
+a model output without a loss gives keel the loss the Trainer backpropagates (label smoothing, ``compute_loss_func``,
+a custom ``compute_loss``), a step with neither still warns and watches the gradients only, and a second
 ``trainer.train()`` with the same callback is refused up front, naming what to do, with nothing changed."""
 
 from __future__ import annotations
+
+import warnings
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from keel import KeelWarning
 from keel._core import keys
 from keel.store import RunReader
 
@@ -38,13 +42,17 @@ def _tiny():
     return model, torch.optim.SGD(model.parameters(), lr=0.01), torch.randint(0, 16, (2, 8))
 
 
-def _update(keel, model, optimizer, ids, *, labels=True):
-    """One update as the Trainer does it: forward, backward, the (gated) optimizer step."""
+def _update(keel, model, optimizer, ids, *, labels=True, backward=None):
+    """One update as the Trainer does it: forward, backward, the (gated) optimizer step. Returns the loss."""
     out = model(input_ids=ids, labels=ids if labels else None)
     loss = out.loss if labels else F.cross_entropy(out.logits[:, :-1].reshape(-1, 16), ids[:, 1:].reshape(-1))
-    loss.backward()
+    if backward is None:
+        loss.backward()  # looked up now: Tensor.backward is gated while training
+    else:
+        backward(loss)
     optimizer.step()
     optimizer.zero_grad()
+    return loss.item()
 
 
 def test_the_guard_exists_when_training_begins_and_its_hook_probes_see_the_first_forward(tmp_path):
@@ -59,13 +67,25 @@ def test_the_guard_exists_when_training_begins_and_its_hook_probes_see_the_first
         assert list(store.signal(keys.ACT_RMS)[0])[:1] == [0] and list(store.signal(keys.LOSS)[0]) == [0, 1]
 
 
-def test_without_a_loss_in_the_output_the_callback_warns_once_and_drops_the_loss_probe(tmp_path):
+def test_without_a_loss_in_the_output_keel_takes_the_loss_the_trainer_backpropagates(tmp_path):
     model, optimizer, ids = _tiny()
     keel = KeelCallback(run_dir=str(tmp_path))
     keel.on_train_begin(Args(), None, None, model=model, optimizer=optimizer)
-    with pytest.warns(UserWarning, match="saw no loss in the model's output") as caught:
-        for _ in range(2):
-            _update(keel, model, optimizer, ids, labels=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KeelWarning)  # was: "saw no loss in the model's output", gradients only
+        losses = [_update(keel, model, optimizer, ids, labels=False) for _ in range(2)]
+    keel.on_train_end(Args(), None, None)
+    with RunReader(tmp_path) as store:
+        assert list(store.signal(keys.LOSS)[1]) == pytest.approx(losses, rel=1e-6)
+
+
+def test_with_no_loss_in_the_output_nor_a_backward_of_one_the_callback_warns_once_and_drops_the_loss_probe(tmp_path):
+    model, optimizer, ids = _tiny()
+    keel = KeelCallback(run_dir=str(tmp_path))
+    keel.on_train_begin(Args(), None, None, model=model, optimizer=optimizer)
+    with pytest.warns(UserWarning, match="saw no loss in the model's output nor a backward") as caught:
+        for _ in range(2):  # torch.autograd.backward(loss): not Tensor.backward, which keel sees
+            _update(keel, model, optimizer, ids, labels=False, backward=torch.autograd.backward)
     keel.on_train_end(Args(), None, None)
     assert sum("saw no loss" in str(w.message) for w in caught) == 1
     with RunReader(tmp_path) as store:
@@ -112,17 +132,17 @@ class OwnLoss(Trainer):
 
 
 @pytest.mark.slow
-def test_without_a_loss_in_the_output_keel_warns_once_and_watches_the_gradients_only(tmp_path, monkeypatch):
+def test_with_a_compute_loss_outside_the_model_keel_records_the_loss_the_trainer_logs(tmp_path, monkeypatch):
     import tests.integrations.test_hf as hf_tests
 
     monkeypatch.setattr(hf_tests, "Trainer", OwnLoss)
     keel = KeelCallback(run_dir=str(tmp_path / "run"))
-    with pytest.warns(UserWarning, match="saw no loss in the model's output") as caught:
-        train(tmp_path, [keel], steps=2, accumulate=1)
-    assert sum("saw no loss" in str(w.message) for w in caught) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KeelWarning)  # was: "saw no loss", the gradients only
+        trainer = train(tmp_path, [keel], steps=2, accumulate=2)
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h and "train_runtime" not in h]
     with RunReader(tmp_path / "run") as store:
-        assert keys.LOSS not in store.signal_keys() and "loss" not in store.meta()["probes"]
-        assert list(store.signal(keys.GRAD_NORM)[0]) == [0, 1]
+        assert list(store.signal(keys.LOSS)[1]) == pytest.approx(logged, abs=1e-4)  # the Trainer logs 4 decimals
 
 
 @pytest.mark.slow

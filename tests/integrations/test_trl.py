@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from keel import KeelWarning
 from keel._core import keys
 from keel._core.finding import Finding
 from keel.detect import default_detectors
@@ -71,11 +72,15 @@ def test_reward_trainer_loss_and_statistics_reach_keel(tmp_path):
     assert callback.guard is not None and callback.guard.global_step == 3
 
 
-@pytest.mark.slow  # the DPO test above shows the same gap by default
-def test_todays_callback_sees_no_loss_from_a_reward_model(tmp_path):
-    old = tiny.reward_trainer(tmp_path / "old", steps=1, callbacks=[KeelCallback()])
-    with pytest.warns(UserWarning, match="saw no loss"):
+@pytest.mark.slow  # the DPO test above shows the default gap
+def test_the_plain_callback_takes_a_reward_models_loss_from_its_backward(tmp_path):
+    # a reward model's output has no loss: the plain KeelCallback warned "saw no loss" and watched the gradients only;
+    # it now takes the loss the Trainer backpropagates (guard_trainer adds TRL's statistics)
+    old = tiny.reward_trainer(tmp_path / "old", steps=2, callbacks=[KeelCallback(run_dir=str(tmp_path / "keel"))])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", KeelWarning)
         old.train()
+    assert recorded(tmp_path / "keel", keys.LOSS) == pytest.approx(logged(old, "loss"), abs=1e-4)
 
 
 @pytest.mark.slow  # ~3 s; the default check of the rule is the table below

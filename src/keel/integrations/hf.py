@@ -8,7 +8,10 @@ How it fits the Trainer's loop (transformers ≥ 4.40):
 
 - **loss**: taken from the model's output (``outputs.loss``) by a forward hook, micro-batch by micro-batch,
   before the Trainer's ``logging_nan_inf_filter`` (on by default) replaces a NaN or Inf loss in its logs by
-  the running average — keel still sees it. With a custom ``compute_loss``, pass the loss to `record_loss`.
+  the running average — keel still sees it. When the output has none — the Trainer computes the loss itself
+  under ``label_smoothing_factor`` (run_translation's and run_summarization's ``--label_smoothing_factor``) or
+  with ``compute_loss_func`` — keel takes the loss the Trainer backpropagates (the value it logs; divided by the
+  GradScaler's scale under fp16); `record_loss` takes precedence over it.
 - **update**: the Trainer's ``optimizer.step()`` goes to ``Guard.step``, which steps the wrapped torch
   optimizer (through accelerate's GradScaler under fp16), skips or rolls back, and steps the LR scheduler
   only after an applied update; the Trainer's own ``lr_scheduler.step()`` then does nothing
@@ -48,6 +51,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from keel._core import keys
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning
 from keel.guard import Guard
@@ -56,7 +60,7 @@ from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
 from keel.integrations._options import checked_extend_after_rollback, takes_over_clipping
-from keel.integrations._run_length import ScheduleAfterRollbacks
+from keel.integrations._run_length import ScheduleAfterRollbacks, say
 from keel.recover import Policy
 
 try:
@@ -119,6 +123,7 @@ class KeelCallback(TrainerCallback):
         self.guard: Guard | None = None
         self._handoff = Handoff()
         self._loss = StepLoss()
+        self._backward_loss = StepLoss()  # what the Trainer backpropagates: the loss when the output has none
         self._last_loss: Tensor | None = None
         self._hook: Any = None
         self._objects: dict[str, Any] = {}
@@ -132,6 +137,7 @@ class KeelCallback(TrainerCallback):
         self._shows_update_lr = False  # the scheduler's get_last_lr() is gated (`_learning_rate_of_the_update`)
         self._update_lr: list[float] | None = None  # the learning rates of the update in flight
         self._runs: list[str] = []  # the run_dirs of the train() calls so far
+        self._ctc_told = False  # said once per callback what an inf CTC loss means
 
     # --- the Trainer's events -----------------------------------------------------------------------
     def on_train_begin(
@@ -180,6 +186,7 @@ class KeelCallback(TrainerCallback):
             self.guard.phase(self._pending_phase)
             self._pending_phase = None
         self._hook = model.register_forward_hook(self._capture_loss, with_kwargs=True)
+        self._handoff.gate(torch.Tensor, "backward", self._capture_backward)
         self._handoff.gate(optimizer, "step", self._optimizer_step)
         self._accelerated = optimizer
         if lr_scheduler is not None and not step_needs_an_argument(lr_scheduler):
@@ -233,7 +240,8 @@ class KeelCallback(TrainerCallback):
 
     # --- the loss -----------------------------------------------------------------------------------
     def record_loss(self, loss: Tensor) -> None:
-        """Give keel one micro-batch's loss yourself (when ``compute_loss`` computes it outside the model)."""
+        """Give keel one micro-batch's loss yourself (when ``compute_loss`` computes it outside the model); the
+        step's loss is then the ones given, not the one the Trainer backpropagates."""
         self._loss.add(loss)
 
     def _capture_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
@@ -243,9 +251,19 @@ class KeelCallback(TrainerCallback):
         if isinstance(loss, Tensor):
             self._loss.add(loss, share=kwargs.get("num_items_in_batch") is not None)
 
+    def _capture_backward(self, original: Any, tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
+        """Keep each scalar the Trainer backpropagates, its share of the step's loss (``training_step`` divides it
+        by the accumulation steps unless it is already a share): the loss when the model's output has none."""
+        if tensor.ndim == 0 and tensor.is_floating_point() and tensor.grad_fn is not None:
+            scaler = self._objects.get("scaler")  # under fp16 accelerate backpropagates scaler.scale(loss)
+            scale = getattr(scaler, "_scale", None) if scaler is not None and scaler.is_enabled() else None
+            self._backward_loss.add(tensor.detach() / scale if scale is not None else tensor.detach(), share=True)
+        return original(tensor, *args, **kwargs)
+
     # --- the update ---------------------------------------------------------------------------------
     def _optimizer_step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
-        loss = self._loss.take()
+        loss, backpropagated = self._loss.take(), self._backward_loss.take()
+        loss = loss if loss is not None else backpropagated
         if self._first_step:
             self._first_step = False
             self._first_update(with_loss=loss is not None)
@@ -264,7 +282,16 @@ class KeelCallback(TrainerCallback):
             raise
         if decision.action == "rollback" and self._schedule is not None and self.guard is not None:
             self.guard.components.call("hf schedule", self._schedule.rolled_back, decision)
+        if not self._ctc_told and self.guard is not None:
+            self.guard.components.call("hf ctc", self._tell_impossible_alignment, decision)
         return None
+
+    def _tell_impossible_alignment(self, decision: Decision) -> None:
+        """Say once what an infinite CTC loss means (`_impossible_alignment`)."""
+        hint = _impossible_alignment(self._objects, decision)
+        if hint is not None and self.guard is not None:
+            self._ctc_told = True
+            say(self.guard, hint)
 
     def _scheduled_lr(self) -> list[float] | None:
         """The scheduler's learning rates for the update about to be made (None without a scheduler keel steps)."""
@@ -303,14 +330,15 @@ class KeelCallback(TrainerCallback):
         )
 
     def _first_update(self, *, with_loss: bool) -> None:
-        """At the first update: with no loss in the model's output and the probes left to keel, the loss probe
-        is dropped (it would record the placeholder) and the user told once; keel watches the gradients only."""
+        """At the first update: with no loss in the model's output nor a backward of one, and the probes left to
+        keel, the loss probe is dropped (it would record the placeholder) and the user told once; keel watches the
+        gradients only."""
         assert self.guard is not None
         if with_loss or "probes" in self.guard_kwargs:
             return
         self._warn(
-            "KeelCallback saw no loss in the model's output (a custom compute_loss?): keel watches the "
-            "gradients only. Call callback.record_loss(loss) in compute_loss to let it see the loss."
+            "KeelCallback saw no loss in the model's output nor a backward of one (a custom training_step?): keel "
+            "watches the gradients only. Call callback.record_loss(loss) each micro-batch to let it see the loss."
         )
         if any(p.name == "loss" for p in self.guard.probes):
             self.guard.remove_probe("loss")
@@ -353,6 +381,22 @@ class KeelCallback(TrainerCallback):
             self._args.max_grad_norm, self._clip = self._clip, None
         if self.guard is not None:  # records "finished", "aborted" or the failure; a second call does nothing
             self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
+
+
+def _impossible_alignment(objects: dict[str, Any], decision: Decision) -> str | None:
+    """What an infinite loss means on a CTC model that does not zero it (``ctc_zero_infinity=False``, the config's
+    default): a label sequence longer than the frames the model outputs for its audio, which no alignment fits. keel's
+    own advice for a non-finite loss (LR, fp16) does not apply; run_speech_recognition_ctc's flag does."""
+    config = getattr(objects.get("model"), "config", None)
+    if getattr(config, "ctc_zero_infinity", None) is not False:
+        return None
+    if not any(f.signal == keys.LOSS and f.value == math.inf for f in decision.findings):
+        return None
+    return (
+        f"step {decision.step}: the CTC loss is inf — a label sequence longer than the frames the model outputs for "
+        "its audio (an impossible alignment), not an unstable update. Set config.ctc_zero_infinity=True "
+        "(run_speech_recognition_ctc's --ctc_zero_infinity) or leave out examples whose labels outnumber their frames"
+    )
 
 
 def _output_loss(output: Any, kwargs: dict) -> Tensor | None:
