@@ -170,7 +170,7 @@ class Escalation:
                 action="abort",
                 findings=found,
                 reason=f"{self.config.max_rollbacks} rollbacks within {self.config.rollback_window} "
-                f"steps did not fix it; last trouble: {why}",
+                f"steps did not fix it; last trouble: {why}{_rises_by_design(found)}",
             )
         self.rollback_steps.append(step)
         return Decision(step=step, action="rollback", findings=found, onset=onset, reason=why)
@@ -224,3 +224,14 @@ def _onset(findings: list[Finding], step: int) -> int:
     """When the trouble began: the earliest ``onset_step`` the detectors give, else this step."""
     onsets = [int(f.evidence["onset_step"]) for f in findings if "onset_step" in f.evidence]
     return min(onsets, default=step)
+
+
+def _rises_by_design(found: tuple[Finding, ...]) -> str:
+    """For an abort on a loss's level that rollbacks and lower LRs did not bring down: the loss may rise by design.
+    (A DQN's TD loss rose back at once after each rollback with the LR ×0.1, ×0.01, ×0.001: reviewer V4.)"""
+    if not any(f.severity == "critical" and f.kind == "divergence" for f in found):
+        return ""
+    return (
+        ". If this loss rises by design while training works (a DQN's TD loss as its Q-values grow, a GAN's or a "
+        "policy gradient's), watch it with detectors=keel.integrations.watch.adversarial_detectors()"
+    )
