@@ -589,3 +589,13 @@ def test_database_rows_read_whole_equal_them_read_one_by_one(rows):
     assert skipped == 0
     for a, b in zip(whole, one_by_one, strict=True):
         assert np.array_equal(a, b, equal_nan=True)
+
+
+def test_a_run_wandb_marks_resumed_says_its_file_holds_only_the_steps_since(tmp_path):
+    """Online, wandb's RunRecord carries ``resumed`` and ``starting_step`` (offline runs leave them unset)."""
+    run = field(17, LENGTH, field(1, LENGTH, b"res01") + field(14, VARINT, 80) + field(18, VARINT, 1))
+    path = tmp_path / "run-res01.wandb"
+    path.write_bytes(wandb_file([run, *(wandb_history(s, {"loss": "1.0"}) for s in range(80, 90))]))
+    log = read_log(path)
+    assert log.meta == {"run_id": "res01", "starting_step": 80, "resumed": True}
+    assert any("a resumed run (from step 80)" in n for n in log.notes)

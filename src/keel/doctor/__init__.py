@@ -1,5 +1,6 @@
-"""Examine a training log you already have: CSV, JSONL, TensorBoard, Hugging Face ``trainer_state.json`` or a
-keel run store, read into `Observation`s and run through the same detectors a `Guard` uses live.
+"""Examine a training log you already have: CSV, JSONL, TensorBoard, Hugging Face ``trainer_state.json``, a W&B or
+MLflow run, a keel run store or a framework's console output, read into `Observation`s and run through the same
+detectors a `Guard` uses live.
 
     from keel.doctor import examine_log
     result = examine_log("runs/exp1/trainer_state.json")

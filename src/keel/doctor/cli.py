@@ -28,8 +28,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "path",
         metavar="PATH",
-        help="CSV/TSV, JSONL, trainer_state.json, TensorBoard event file or folder, "
-        "keel run store, or a folder of keel runs (each is examined)",
+        help="CSV/TSV, JSONL, trainer_state.json, TensorBoard event file or folder, W&B run (.wandb or its "
+        "folder), MLflow run (mlruns folder or mlflow.db), keel run store, or a folder of runs (each is examined)",
     )
     parser.add_argument("--json", action="store_true", help="print the result as JSON")
     parser.add_argument(
