@@ -108,20 +108,27 @@ def test_a_wandb_run_is_the_same_read_from_its_file_its_folder_or_a_wandb_folder
 
 
 def test_keel_doctor_on_a_wandb_folder_examines_each_run(capsys):
-    assert [p.name.rsplit("-", 1)[1] for p in find_logs(WANDB_RUNS)] == ["basic01", "res01", "res01", "kill01"]
-    with pytest.raises(LogReadError, match="a folder of 4 W&B runs"):
+    assert [p.name.rsplit("-", 1)[1] for p in find_logs(WANDB_RUNS)] == ["basic01", "res01", "kill01"]
+    with pytest.raises(LogReadError, match="a folder of 3 W&B runs"):
         read_log(WANDB_RUNS)
     code, out, _ = _doctor(capsys, WANDB_RUNS, "--all")
-    assert code == 0 and "4 runs in it" in out
-    assert out.count("(wandb, ") == 4
+    assert code == 0 and "3 runs in it" in out
+    assert out.count("(wandb, ") == 3
     assert "non_finite" in out  # basic01's NaN
 
 
-def test_a_resumed_wandb_run_reads_each_segment_with_its_own_steps():
-    first, second = read_log(_run("res01", 0)), read_log(_run("res01", 1))
-    assert first.records.steps.tolist() == list(range(100))
-    assert second.records.steps.tolist() == list(range(80, 150))
-    assert _values(second, "loss")[80] == pytest.approx(1.7)
+def test_a_resumed_wandb_run_is_read_with_its_later_folder_and_the_resume_is_a_restart():
+    """wandb.init(id="res01") logged 0..99; wandb.init(id="res01", resume="allow") a second folder with 80..149."""
+    first_file, second_file = read_log(_run_file("res01", 0)), read_log(_run_file("res01", 1))
+    assert first_file.records.steps.tolist() == list(range(100))  # a file is read alone
+    assert second_file.records.steps.tolist() == list(range(80, 150))
+    for folder in (_run("res01", 0), _run("res01", 1)):  # either folder stands for the whole run
+        log = read_log(folder)
+        assert log.records.steps.tolist() == list(range(100)) + list(range(80, 150))
+        assert any("was resumed: its 2 folders read in turn" in n for n in log.notes)
+    result = examine_log(_run("res01", 0))
+    assert result.summary["restarts"]["count"] == 1
+    assert (result.summary["first_step"], result.summary["last_step"]) == (0, 149)
 
 
 def test_a_wandb_run_killed_mid_run_is_read_to_its_last_whole_record_and_says_so(tmp_path):

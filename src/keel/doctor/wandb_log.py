@@ -23,6 +23,7 @@ reader does, and counted in a note; a file whose first chunk fails is not a W&B 
 from __future__ import annotations
 
 import json
+import re
 import struct
 import zlib
 from collections.abc import Iterator
@@ -45,6 +46,7 @@ RUN_FILE_GLOB = "*.wandb"
 HISTORY, RUN, EXIT = 2, 17, 18
 _TYPE_CRC = {t: zlib.crc32(bytes([t])) for t in (FULL, FIRST, MIDDLE, LAST)}
 _OWN_STEP = "_step"
+_RUN_FOLDER = re.compile(r"(?:offline-)?run-(\d{8}_\d{6})-(.+)")  # run-<start>-<id>, offline-run-<start>-<id>
 _ITEM_TAG, _STEP_TAG = 0x0A, 0x12  # HistoryRecord fields 1 (item) and 2 (step), length-delimited
 _NESTED_KEY_TAG, _VALUE_JSON_TAG = 0x12, b"\x82\x01"  # HistoryItem fields 2 and 16, length-delimited
 
@@ -68,8 +70,36 @@ def run_file(folder: Path) -> Path | None:
 
 def wandb_runs(folder: Path) -> list[Path]:
     """The W&B run folders ``folder`` stands for: itself (``wandb/run-20250101_120000-abc123``), those of a ``wandb``
-    folder, or of a project folder holding ``wandb/``; ``wandb/latest-run`` (a link) is not a second run."""
-    return runs_below(folder, lambda p: run_file(p) is not None, depth=2)
+    folder, or of a project folder holding ``wandb/``; ``wandb/latest-run`` (a link) is not a second run, nor is a
+    resumed run's later folder (the same run id, `run_segments`): a run is named by its first folder."""
+    first: dict[tuple[Path, str], Path] = {}
+    for run in sorted(runs_below(folder, lambda p: run_file(p) is not None, depth=2), key=_started):
+        first.setdefault((run.parent, _run_id(run)), run)
+    return sorted(first.values())
+
+
+def run_segments(folder: Path) -> list[Path]:
+    """The folders of the run in ``folder``, in the order they were started: a run resumed (``wandb.init(id=...,
+    resume=...)``) writes a new ``run-<date>_<time>-<id>`` folder beside the first, holding only its own steps."""
+    if _RUN_FOLDER.fullmatch(folder.name) is None:
+        return [folder]
+    run_id = _run_id(folder)
+    try:
+        beside = [p for p in folder.parent.iterdir() if _RUN_FOLDER.fullmatch(p.name) and _run_id(p) == run_id]
+    except OSError:
+        return [folder]
+    return sorted((p for p in beside if not p.is_symlink() and run_file(p) is not None), key=_started)
+
+
+def _run_id(folder: Path) -> str:
+    match = _RUN_FOLDER.fullmatch(folder.name)
+    return match.group(2) if match else folder.name
+
+
+def _started(folder: Path) -> str:
+    """The start time a run folder's name holds (``20250101_120000``), to order an offline and an online folder."""
+    match = _RUN_FOLDER.fullmatch(folder.name)
+    return match.group(1) if match else folder.name
 
 
 @dataclass
@@ -138,25 +168,44 @@ class _History:
     step_column: str
     text_columns: set[str]
     media: int = 0  # values that are images, histograms, tables (JSON objects)
-    malformed: int = 0  # records that are framed correctly but are not a HistoryRecord
     no_step: int = 0
 
 
 def read_wandb_log(path: str | Path) -> RawLog:
-    """Read a W&B run: its ``run-<id>.wandb`` file, its run folder, or a ``wandb`` folder holding one run.
+    """Read a W&B run: its ``run-<id>.wandb`` file, its run folder, or a ``wandb`` folder holding one run. A run
+    folder is read with the later folders of the same run id beside it (a resumed run, `run_segments`), one after
+    the other: the steps a resume goes over again are a restart, as in any log.
 
     Raises:
         LogReadError: No run file, a folder of several runs (`keel.doctor.find_logs` lists them), a file that is
             not a W&B transaction log, or a run with no history row.
     """
     path = Path(path)
-    file, notes = _locate(path)
+    files, notes = _locate(path)
+    rows: list[tuple[int | None, dict[str, Any]]] = []
+    meta: dict[str, Any] = {}
+    for file in files:
+        meta.pop("exit_code", None)  # the last file's exit record says how the run ended
+        notes += _read_file(file, rows, meta)
+    if not rows:
+        raise LogReadError(f"{files[-1]}: the run logged no history (no wandb.log call reached the file)")
+    history = _history(rows)
+    if not len(history.table):
+        raise LogReadError(f"{files[-1]}: no history row has a step ({history.step_column})")
+    log = RawLog(source=str(path), format="wandb", step_column=history.step_column, notes=notes)
+    log.records = history.table.build()
+    log.text_columns = sorted(history.text_columns - set(log.records.columns))
+    log.meta.update(meta)
+    log.notes += _notes(history, meta)
+    return log
+
+
+def _read_file(file: Path, rows: list[tuple[int | None, dict[str, Any]]], meta: dict[str, Any]) -> list[str]:
+    """Add one run file's history rows to ``rows`` and its run facts to ``meta``; notes on what it left out."""
     data = file.read_bytes()
     if len(data) < HEADER.size or not data.startswith(MAGIC):
         raise LogReadError(f"{file}: not a W&B run file (it starts with {data[:7]!r}, not {MAGIC!r})")
     framing = _Framing()
-    rows: list[tuple[int | None, dict[str, Any]]] = []
-    meta: dict[str, Any] = {}
     malformed = 0
     try:
         for record in iter_records(data, framing):
@@ -166,23 +215,14 @@ def read_wandb_log(path: str | Path) -> RawLog:
                 malformed += 1
     except LogReadError as exc:
         raise LogReadError(f"{file}: {exc}") from None
-    if not rows:
-        raise LogReadError(f"{file}: the run logged no history (no wandb.log call reached the file)")
-    history = _history(rows)
-    if not len(history.table):
-        raise LogReadError(f"{file}: no history row has a step ({history.step_column})")
-    log = RawLog(source=str(path), format="wandb", step_column=history.step_column, notes=notes)
-    log.records = history.table.build()
-    log.text_columns = sorted(history.text_columns - set(log.records.columns))
-    log.meta.update(meta)
-    log.notes += _notes(file, framing, history, malformed + history.malformed, meta)
-    return log
+    return _framing_notes(file, framing, malformed)
 
 
-def _locate(path: Path) -> tuple[Path, list[str]]:
-    """The run file to read for ``path``, and a note when a folder stood for the one run below it."""
+def _locate(path: Path) -> tuple[list[Path], list[str]]:
+    """The run files to read for ``path``, and notes when a folder stood for the one run below it or the run was
+    resumed in later folders."""
     if not path.is_dir():
-        return path, []
+        return [path], []
     runs = wandb_runs(path)
     if not runs:
         summary = (
@@ -193,10 +233,12 @@ def _locate(path: Path) -> tuple[Path, list[str]]:
         raise LogReadError(f"{path}: no W&B run file ({RUN_FILE_GLOB}) here or in its run folders{summary}")
     if len(runs) > 1:
         raise LogReadError(several_runs_error(path, runs, "W&B"))
-    file = run_file(runs[0])
-    assert file is not None  # wandb_runs found it
-    note = [] if runs[0] == path else [f"{path} holds one W&B run, {runs[0].name}: examined that"]
-    return file, note
+    notes = [] if runs[0] == path else [f"{path} holds one W&B run, {runs[0].name}: examined that"]
+    segments = run_segments(runs[0])
+    if len(segments) > 1:
+        names = ", ".join(p.name for p in segments)
+        notes.append(f"run {_run_id(runs[0])} was resumed: its {len(segments)} folders read in turn ({names})")
+    return [file for folder in segments if (file := run_file(folder)) is not None], notes
 
 
 def _read_record(record: bytes, rows: list[tuple[int | None, dict[str, Any]]], meta: dict[str, Any]) -> int:
@@ -340,7 +382,7 @@ def _numbers(row: dict[str, Any], own: str | None, history: _History) -> dict[st
     return values
 
 
-def _notes(file: Path, framing: _Framing, history: _History, malformed: int, meta: dict[str, Any]) -> list[str]:
+def _framing_notes(file: Path, framing: _Framing, malformed: int) -> list[str]:
     notes = []
     if framing.cut_at is not None:
         notes.append(
@@ -349,17 +391,22 @@ def _notes(file: Path, framing: _Framing, history: _History, malformed: int, met
         )
     if framing.corrupt or framing.orphans:
         notes.append(
-            f"{framing.corrupt} chunk(s) with a bad checksum skipped with the rest of their block, "
+            f"{file.name}: {framing.corrupt} chunk(s) with a bad checksum skipped with the rest of their block, "
             f"{framing.orphans} piece(s) of records cut by them"
         )
     if malformed:
-        notes.append(f"{malformed} malformed record(s) skipped")
+        notes.append(f"{file.name}: {malformed} malformed record(s) skipped")
+    return notes
+
+
+def _notes(history: _History, meta: dict[str, Any]) -> list[str]:
+    notes = []
     if history.no_step:
         notes.append(f"{history.no_step} history row(s) without an integer {history.step_column} skipped")
     if history.media:
         notes.append(f"{history.media} value(s) that are lists or objects (media, histograms, tables) skipped")
-    if "exit_code" not in meta and framing.cut_at is None:
+    if "exit_code" not in meta:
         notes.append("the run has no exit record: it was killed or is still running")
     if meta.get("resumed"):
         notes.append(f"a resumed run (from step {meta.get('starting_step', 0)}): this file holds only its steps since")
-    return [note for note in notes if note]
+    return notes
