@@ -4,7 +4,7 @@
 |----------------------------|---------------------|-------------------------------------------------------------------|
 | `moe/router_max_logit`     | every `every` steps | one fp32 cast, one max                                            |
 | `moe/router_z`             | as above            | one logsumexp                                                     |
-| `moe/gate_entropy`         | as above            | one softmax, one `entr` sum                                       |
+| `moe/gate_entropy`         | as above            | exp(x − logsumexp) (the z's logsumexp reused), one `entr` sum  |
 | `moe/load_imbalance`       | as above            | one `index_add_` of the top-k indices into E counters             |
 | `moe/load_cv`              | as above            | free (from the counters, once per step)                           |
 | `moe/dead_experts`         | as above            | free                                                              |
@@ -220,7 +220,8 @@ def router_sums(
     chosen = chosen.detach().reshape(n_tokens, k)
     counts = torch.zeros(n_experts, dtype=torch.float32, device=x.device)
     counts.index_add_(0, chosen.flatten().long(), torch.ones(chosen.numel(), dtype=torch.float32, device=x.device))
-    probs = torch.softmax(x, dim=-1)
+    lse = log_partition(x)
+    probs = (x - lse.unsqueeze(-1)).exp()  # the softmax from the log-partition the z-loss needs anyway
     entropy = torch.special.entr(probs).sum(-1)  # entr(0) = 0: a probability that underflowed adds nothing
     top = x.amax() if n_tokens else torch.full((), -math.inf, device=x.device)
     if capacity_factor is None or capacity_factor <= 0 or not n_tokens:
@@ -231,7 +232,7 @@ def router_sums(
     sums = torch.stack(
         [
             top,
-            log_partition(x).square().sum(),
+            lse.square().sum(),
             entropy.sum() / math.log(n_experts) if n_experts > 1 else torch.zeros((), device=x.device),
             torch.full((), float(n_tokens), device=x.device),
             dropped,
