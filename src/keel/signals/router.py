@@ -4,7 +4,7 @@
 |----------------------------|---------------------|-------------------------------------------------------------------|
 | `moe/router_max_logit`     | every `every` steps | one fp32 cast, one max                                            |
 | `moe/router_z`             | as above            | one logsumexp                                                     |
-| `moe/gate_entropy`         | as above            | exp(x − logsumexp) (the z's logsumexp reused), one `entr` sum  |
+| `moe/gate_entropy`         | as above            | exp(x − logsumexp), the z's logsumexp reused; one `entr` sum      |
 | `moe/load_imbalance`       | as above            | one `index_add_` of the top-k indices into E counters             |
 | `moe/load_cv`              | as above            | free (from the counters, once per step)                           |
 | `moe/dead_experts`         | as above            | free                                                              |
