@@ -173,6 +173,9 @@ def test_a_gap_still_open_at_the_next_switch_gets_no_recovery_record():
         ("z", math.nan),
         ("relative_floor", -1.0),
         ("recovered_share", 1.5),
+        ("single_eval_share", 0.0),
+        ("single_eval_share", -0.5),
+        ("single_eval_share", math.nan),
     ],
 )
 def test_bad_config_names_the_field(field, value):

@@ -185,6 +185,61 @@ class SharedExpertMoe(LinearGateMoe):
         self.shared_expert_gate = nn.Linear(8, 1, bias=False)
 
 
+class ClassifierRouter(nn.Module):
+    """Switch / NLLB-MoE's router: no weight of its own, a ``classifier`` nn.Linear(d, E) makes the logits."""
+
+    def __init__(self, d: int = 8, e: int = 4) -> None:
+        super().__init__()
+        self.classifier = nn.Linear(d, e, bias=False)
+
+
+def _classifier_block(router_name: str, router: nn.Module, experts: bool = True) -> nn.Module:
+    block = nn.Module()
+    block.add_module(router_name, router)
+    if experts:
+        block.experts = nn.ModuleList(nn.Linear(8, 8) for _ in range(4))
+    return block
+
+
+class SwitchTransformersTop1Router(ClassifierRouter):
+    pass
+
+
+class NllbMoeTop2Router(ClassifierRouter):
+    pass
+
+
+class DeclaredTopKRouter(ClassifierRouter):
+    top_k = 3
+
+
+def _with_weight(router: nn.Module) -> nn.Module:
+    router.weight = nn.Parameter(torch.zeros(4, 8))
+    return router
+
+
+def _one_expert(router: nn.Module) -> nn.Module:
+    router.classifier = nn.Linear(8, 1)
+    return router
+
+
+@pytest.mark.parametrize(
+    ("block", "expected"),
+    [
+        (_classifier_block("router", SwitchTransformersTop1Router()), [("router.classifier", 1)]),
+        (_classifier_block("router", NllbMoeTop2Router()), [("router.classifier", 2)]),
+        (_classifier_block("gate", DeclaredTopKRouter()), [("gate.classifier", 3)]),  # declared beats the class name
+        (_classifier_block("router", ClassifierRouter()), [("router.classifier", None)]),  # k unknown: warned
+        (_classifier_block("router", SwitchTransformersTop1Router(), experts=False), []),  # no experts beside it
+        (_classifier_block("dispatcher", SwitchTransformersTop1Router()), []),  # not named gate / router
+        (_classifier_block("router", _with_weight(ClassifierRouter())), [("router", None)]),  # found by its weight
+        (_classifier_block("router", _one_expert(ClassifierRouter())), []),  # E = 1: a scalar gate
+    ],
+)
+def test_classifier_routers_are_found_only_in_the_switch_layout(block, expected):
+    assert [(s.name, s.top_k) for s in find_routers(block)] == expected
+
+
 class Net(nn.Module):
     def __init__(self, block: type[nn.Module] = LinearGateMoe) -> None:
         super().__init__()
