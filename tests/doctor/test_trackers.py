@@ -606,3 +606,23 @@ def test_a_run_wandb_marks_resumed_says_its_file_holds_only_the_steps_since(tmp_
     log = read_log(path)
     assert log.meta == {"run_id": "res01", "starting_step": 80, "resumed": True}
     assert any("a resumed run (from step 80)" in n for n in log.notes)
+
+
+def test_a_run_folder_with_only_its_summary_says_the_summary_is_not_a_history(tmp_path, capsys):
+    run = tmp_path / "wandb" / "run-20250101_120000-abc"
+    (run / "files").mkdir(parents=True)
+    (run / "files" / "wandb-summary.json").write_text('{"loss": 1.2, "_step": 999}')
+    with pytest.raises(LogReadError, match="wandb-summary.json holds only the last values"):
+        read_log(run, format="wandb")
+
+
+def test_lightnings_wandb_logger_is_stepped_by_trainer_global_step(tmp_path):
+    """Lightning's WandbLogger logs ``trainer/global_step`` beside the metrics; W&B's ``_step`` counts log calls."""
+    rows = [
+        wandb_history(i, {"_step": str(i), "trainer/global_step": str(10 * i), "train_loss_step": "2.0"})
+        for i in range(5)
+    ]
+    path = tmp_path / "run-x.wandb"
+    path.write_bytes(wandb_file(rows))
+    log = read_log(path)
+    assert log.step_column == "trainer/global_step" and log.records.steps.tolist() == [0, 10, 20, 30, 40]
