@@ -626,3 +626,21 @@ def test_lightnings_wandb_logger_is_stepped_by_trainer_global_step(tmp_path):
     path.write_bytes(wandb_file(rows))
     log = read_log(path)
     assert log.step_column == "trainer/global_step" and log.records.steps.tolist() == [0, 10, 20, 30, 40]
+
+
+def test_deleted_mlflow_runs_are_not_read(tmp_path):
+    """``mlflow.delete_run`` marks a run deleted (file store: in its meta.yaml; database: ``lifecycle_stage``)."""
+    shutil.copytree(MLRUNS, tmp_path / "mlruns")
+    run = next(p for p in (tmp_path / "mlruns").glob("*/*") if (p / "metrics" / "loss").is_file())
+    meta = run / "meta.yaml"
+    meta.write_text(meta.read_text().replace("lifecycle_stage: active", "lifecycle_stage: deleted"))
+    assert find_logs(tmp_path / "mlruns") == [tmp_path / "mlruns"]  # one live run left: the folder stands for it
+    assert "train/loss" in read_log(tmp_path / "mlruns").records.columns
+    run_b = "0123456789abcdef0123456789abcdef"
+    db = _mlflow_db(
+        tmp_path,
+        f"INSERT INTO runs (run_uuid, name, status, start_time, lifecycle_stage, experiment_id) "
+        f"VALUES ('{run_b}', 'b', 'FINISHED', 1, 'deleted', 0);\n"
+        f"INSERT INTO metrics VALUES ('loss', 1.0, 1, '{run_b}', 0, 0);\n",
+    )
+    assert find_logs(db) == [db] and read_log(db).records.steps.tolist()[0] == 1  # the live HF run only

@@ -31,14 +31,23 @@ from keel.doctor.log import LogReadError, RawLog, parse_step
 from keel.doctor.store_log import is_sqlite
 from keel.doctor.table import Scalars
 
+_DELETED = b"lifecycle_stage: deleted"
 METRICS_COLUMNS = frozenset({"key", "value", "timestamp", "run_uuid", "step", "is_nan"})
 LARGEST = sys.float_info.max  # what MLflow's database stores for +inf
 TRAINER_SUMMARY = ("train_loss", "train_steps_per_second")  # with hf_log.SUMMARY_KEYS, logged once at the end
 
 
 def is_mlflow_run(folder: Path) -> bool:
-    """Whether ``folder`` is a file-store run: ``meta.yaml`` and a ``metrics`` folder."""
-    return (folder / "meta.yaml").is_file() and (folder / "metrics").is_dir()
+    """Whether ``folder`` is a live file-store run: ``meta.yaml`` and a ``metrics`` folder, and not deleted (MLflow
+    marks a deleted run ``lifecycle_stage: deleted`` in its ``meta.yaml`` until ``mlflow gc`` removes it)."""
+    meta = folder / "meta.yaml"
+    if not (meta.is_file() and (folder / "metrics").is_dir()):
+        return False
+    try:
+        with meta.open("rb") as fh:
+            return _DELETED not in fh.read(1 << 16).splitlines()
+    except OSError:
+        return False
 
 
 def mlflow_runs(folder: Path) -> list[Path]:
