@@ -38,33 +38,35 @@ def _reinforce(policy_name: str, *, broken: set[int], value: float = math.inf, e
     torch.manual_seed(0)
     policy = Policy()
     optimizer = torch.optim.Adam(policy.parameters(), lr=1e-2)
-    update = 0
+    updates: list[int] = []
 
     def overflow(*_: object) -> None:
-        if update in broken:
+        if len(updates) in broken:
             with torch.no_grad():
                 policy.affine1.weight[0, 0] = value
 
     optimizer.register_step_post_hook(overflow)
     guard = keel.watch(policy, optimizer, policy=policy_name, recovery=keel.RecoveryConfig(snapshot_every=2), **kw)
     seen_finite = []
-    for _ in range(episodes):
-        log_probs, rewards = [], []
-        state = torch.zeros(1, 4)
-        for _ in range(8):
-            m = Categorical(policy(state))  # raises on NaN probabilities
-            action = m.sample()
-            log_probs.append(m.log_prob(action))
-            rewards.append(1.0)
-            state = state + 0.1 * torch.randn(1, 4)
-        returns = torch.tensor(rewards).cumsum(0).flip(0)
-        returns = (returns - returns.mean()) / (returns.std() + 1e-6)
-        optimizer.zero_grad()
-        torch.cat([-lp * r for lp, r in zip(log_probs, returns, strict=True)]).sum().backward()
-        optimizer.step()
-        seen_finite.append(all(bool(torch.isfinite(p).all()) for p in policy.parameters()))
-        update += 1
-    guard.close()
+    try:
+        for _ in range(episodes):
+            log_probs, rewards = [], []
+            state = torch.zeros(1, 4)
+            for _ in range(8):
+                m = Categorical(policy(state))  # raises on NaN probabilities
+                action = m.sample()
+                log_probs.append(m.log_prob(action))
+                rewards.append(1.0)
+                state = state + 0.1 * torch.randn(1, 4)
+            returns = torch.tensor(rewards).cumsum(0).flip(0)
+            returns = (returns - returns.mean()) / (returns.std() + 1e-6)
+            optimizer.zero_grad()
+            torch.cat([-lp * r for lp, r in zip(log_probs, returns, strict=True)]).sum().backward()
+            optimizer.step()
+            seen_finite.append(all(bool(torch.isfinite(p).all()) for p in policy.parameters()))
+            updates.append(len(updates))
+    finally:
+        guard.close()  # a loop that raised leaves no watch open (keel's backward hooks) for the tests after it
     return guard, seen_finite
 
 

@@ -18,6 +18,7 @@ from torch import Tensor, nn
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect import Detector
+from keel.detect.scan import ReadsKeys
 from keel.signals import Measurements, PerParam, Probe, StepContext
 
 OnError = Callable[[str, int, BaseException, bool], None]
@@ -43,6 +44,7 @@ class Components:
         self.step = 0  # the step being worked on: errors raised from inside a snapshot are dated with it
         self._on_error = on_error
         self._reported: set[str] = set()
+        self._awake_by_layout: dict[tuple[tuple, ...], list[tuple[str, Detector]]] = {}
 
     def fail(self, component: str, step: int, exc: BaseException, *, disable: bool = True) -> None:
         """Report ``component``'s error once and (unless ``disable=False``) switch it off.
@@ -108,10 +110,26 @@ class Components:
 
     # --- detectors -----------------------------------------------------------------------------------
     def detect(self, obs: Observation) -> list[Finding]:
+        """Every enabled detector's findings on ``obs``, but for those that read none of its keys: a `ReadsKeys`
+        detector promises that such an observation changes nothing (as `keel doctor` relies on), and in a run with
+        the default probes most of the default detectors read signals it does not measure (attention, MoE, evals …),
+        so calling each of them every step was most of the Guard's fixed cost on a small model."""
         found: list[Finding] = []
-        for detector in self.detectors:
-            found.extend(self.call(detector_label(detector), _detected, detector, obs) or [])
+        for label, detector in self._awake(obs):
+            found.extend(self.call(label, _detected, detector, obs) or [])
         return found
+
+    def _awake(self, obs: Observation) -> list[tuple[str, Detector]]:
+        """The detectors (with their labels) that read a key ``obs`` holds, or that name none; cached by the
+        observation's keys, which repeat from step to step (and by the detectors: the list is public)."""
+        layout = (tuple(obs.values), tuple(obs.per_param), tuple(map(id, self.detectors)))
+        awake = self._awake_by_layout.get(layout)
+        if awake is None:
+            if len(self._awake_by_layout) >= 64:  # keys that keep changing (a loop's own signals): no unbounded cache
+                self._awake_by_layout.clear()
+            awake = [(detector_label(d), d) for d in self.detectors if _reads_any(d, layout[0], layout[1])]
+            self._awake_by_layout[layout] = awake
+        return awake
 
     def stateful(self, detector: Detector) -> FencedState:
         """``detector``'s state for snapshots, fenced: a failure disables the detector instead of the snapshot."""
@@ -140,6 +158,21 @@ class FencedState:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if state:  # {}: the detector was switched off when this snapshot was taken
             self.components.call(self.label, self.detector.load_state_dict, state)
+
+
+def _reads_any(detector: Detector, values: Sequence[str], families: Sequence[str]) -> bool:
+    """Whether ``detector`` may read a key among ``values`` and ``families`` (`keel.detect.scan.ReadsKeys`: value keys,
+    and families ending in "/" — a per-parameter family, or value keys under that prefix, as ``eval/<name>``); True
+    for a detector that does not say what it reads, or says it oddly."""
+    try:
+        reads = detector.reads if isinstance(detector, ReadsKeys) else None
+    except Exception:  # a property that raises: the detector's own update, behind its fence, tells
+        return True
+    if not isinstance(reads, (tuple, list)) or not all(isinstance(k, str) for k in reads):
+        return True
+    present = set(values) | set(families)
+    prefixes = [k for k in reads if k.endswith("/")]
+    return any(k in present for k in reads) or any(v.startswith(p) for p in prefixes for v in (*values, *families))
 
 
 def detector_label(detector: Detector) -> str:

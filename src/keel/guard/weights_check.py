@@ -15,6 +15,7 @@ device→host copy; under ``torch.distributed`` one all-reduce of a flag, so eve
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
@@ -36,8 +37,8 @@ def non_finite_parameters(names: Sequence[str], params: Sequence[Tensor], ranks:
     """
     if not params:
         return []
-    with torch.no_grad():
-        norms_finite = bool(torch.isfinite(per_tensor_norms(params)).all())
+    with torch.no_grad():  # norms >= 0: their sum is finite iff each is (NaN or Inf in any makes it NaN or Inf)
+        norms_finite = math.isfinite(per_tensor_norms(params).sum().item())
         broken = [] if norms_finite else [n for n, p in zip(names, params, strict=True) if not _finite(p)]
     if ranks is not None and ranks.all_max([float(bool(broken))])[0] > 0 and not broken:
         return ["another rank's parameters"]

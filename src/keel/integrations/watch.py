@@ -115,6 +115,7 @@ class Watch:
         self._default_detectors = guard_kwargs.get("detectors") is None
         self._answered: set[int] = set()  # the parts whose step() call of this update keel has already made
         self._stepped_part = ""  # the class of the optimizer whose step() call made the last update
+        self._scaler_checked = False  # the unseen-scaler check, made at the first update
         self._schedulers = [LoopScheduler(observe=self.guard.policy == "observe") for _ in schedulers]
         self._decided = 0  # the guard's decisions already counted for the schedulers
         self._watched = {id(p) for p in model.parameters()}
@@ -255,8 +256,9 @@ class Watch:
         if id(part) in self._answered:  # keel stepped (or skipped) every optimizer at this update's first call
             self._answered.discard(id(part))
             return None
-        if self._scaler is None and "unseen scaler" not in self._warned:
+        if self._scaler is None and not self._scaler_checked:  # a loop steps through a GradScaler always or never
             self._check_unseen_scaler()
+        self._scaler_checked = True
         self._answered = {id(p) for p in self._parts if p is not part}
         self._stepped_part = type(part).__name__
         self._update()

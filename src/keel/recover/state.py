@@ -90,7 +90,7 @@ def tensor_sources(
     trained, fixed, buffers = model_parts(state)
     params = {**trained, **fixed} if copy_fixed else trained
     optim = state.optimizer.state_dict()
-    skeleton: dict[str, Any] = {"param_groups": copy.deepcopy(optim["param_groups"]), "state": {}}
+    skeleton: dict[str, Any] = {"param_groups": plain_copy(optim["param_groups"]), "state": {}}
     for index, entry in optim["state"].items():
         skeleton["state"][index] = {}
         for key, value in entry.items():
@@ -99,7 +99,7 @@ def tensor_sources(
                 params[name] = local_tensor(value)
                 skeleton["state"][index][key] = name
             else:
-                skeleton["state"][index][key] = copy.deepcopy(value)
+                skeleton["state"][index][key] = plain_copy(value)
     return params, buffers, skeleton
 
 
@@ -180,11 +180,11 @@ def trained_keys(state: TrainingState) -> set[str]:
 def capture_plain(state: TrainingState) -> dict[str, Any]:
     """Deep copies of the small states, and every RNG the training loop may draw from."""
     plain: dict[str, Any] = {
-        "scheduler": copy.deepcopy(state.scheduler.state_dict()) if state.scheduler is not None else None,
-        "scaler": copy.deepcopy(state.scaler.state_dict()) if state.scaler is not None else None,
-        "components": {k: copy.deepcopy(c.state_dict()) for k, c in state.components.items()},
-        "history": {k: copy.deepcopy(h.state_dict()) for k, h in state.history.items()},
-        "tracked": {k: copy.deepcopy(t.state_dict()) for k, t in state.tracked.items()},
+        "scheduler": plain_copy(state.scheduler.state_dict()) if state.scheduler is not None else None,
+        "scaler": plain_copy(state.scaler.state_dict()) if state.scaler is not None else None,
+        "components": {k: plain_copy(c.state_dict()) for k, c in state.components.items()},
+        "history": {k: plain_copy(h.state_dict()) for k, h in state.history.items()},
+        "tracked": {k: plain_copy(t.state_dict()) for k, t in state.tracked.items()},
         "classes": classes_of(state),
         "rng": {
             "python": random.getstate(),
@@ -194,6 +194,34 @@ def capture_plain(state: TrainingState) -> dict[str, Any]:
         },
     }
     return plain
+
+
+_ATOMS = frozenset({float, int, str, bool, type(None)})  # immutable: shared by a copy as deepcopy shares them
+
+
+def plain_copy(value: Any) -> Any:
+    """A deep copy of a state made of dicts, lists and tuples of numbers and strings, as ``copy.deepcopy`` makes it
+    but without its per-element bookkeeping: a detector keeps lists of hundreds of floats (the divergence detector's
+    window), and ``deepcopy`` of them was most of a snapshot's time on a small model. Anything else (a tensor, an
+    array, a subclass of dict or list, an object) goes through ``copy.deepcopy``. A list held twice is copied twice
+    (not kept as one, as ``deepcopy`` would): snapshots are only read, and restored through ``deepcopy``.
+
+    Example:
+        >>> state = {"window": [1.0, 2.0], "best": (0.5, 3)}
+        >>> copied = plain_copy(state)
+        >>> copied == state and copied["window"] is not state["window"]
+        True
+    """
+    kind = type(value)
+    if kind in _ATOMS:
+        return value
+    if kind is list:
+        return value.copy() if set(map(type, value)) <= _ATOMS else [plain_copy(v) for v in value]
+    if kind is dict:
+        return {k: plain_copy(v) for k, v in value.items()}  # (keys are hashable: immutable, shared as by deepcopy)
+    if kind is tuple:
+        return value if set(map(type, value)) <= _ATOMS else tuple(plain_copy(v) for v in value)
+    return copy.deepcopy(value)
 
 
 def restore(
