@@ -161,8 +161,9 @@ def test_weights_knocked_off_are_rolled_back_once_and_the_run_ends_where_a_clean
     clean, _, _ = _noisy_run()
     bare, _, _ = _noisy_run(damage_at=60, policy="observe")
     losses, decisions, guard = _noisy_run(damage_at=60)
-    assert [(d.step, d.action, d.restored_step) for d in decisions if d.action != "ok"] == [(73, "rollback", 50)]
-    assert decisions[-1].step == 109 and decisions[73].onset == 58  # the shift's span began at 58: before 60
+    (rollback,) = [d for d in decisions if d.action != "ok"]  # 73 → 50 when measured (onset 58)
+    assert rollback.action == "rollback" and 60 < rollback.step < 80 and rollback.restored_step <= rollback.onset <= 60
+    assert decisions[-1].step == 109
     assert guard.recovery.lr_scale(len(decisions)) == 1.0  # the first rollback of its kind: no back-off
     tail = slice(-10, None)
     assert np.mean(losses[tail]) < 1.5 * np.mean(clean[tail]) and np.mean(bare[tail]) > 2.5 * np.mean(clean[tail])
@@ -171,8 +172,10 @@ def test_weights_knocked_off_are_rolled_back_once_and_the_run_ends_where_a_clean
 @pytest.mark.slow  # one Guard run of 160 steps: ~3 s on a loaded 2-core machine
 def test_a_new_task_that_raises_the_loss_for_good_is_rolled_back_at_most_once_and_the_run_goes_on():
     _, decisions, guard = _noisy_run(new_task_at=50, steps=160)
-    assert [(d.step, d.action, d.restored_step) for d in decisions if d.action != "ok"] == [(61, "rollback", 40)]
+    (rollback,) = [d for d in decisions if d.action != "ok"]  # 61 → 40 when measured; no second one, no abort
+    assert rollback.action == "rollback" and 50 < rollback.step < 70 and rollback.restored_step <= 50
     came_back = [f for d in decisions for f in d.findings if "came_back_after_rollback" in f.evidence]
-    assert [(f.step, f.severity, f.evidence["came_back_after_rollback"]) for f in came_back] == [(75, "warning", 61)]
-    assert not [f for d in decisions[62:] for f in d.findings if f.severity == "critical"]
+    assert [(f.severity, f.evidence["came_back_after_rollback"]) for f in came_back] == [("warning", rollback.step)]
+    assert rollback.step < came_back[0].step < rollback.step + 30  # the same shift, back with the restored weights
+    assert not [f for d in decisions[rollback.step + 1 :] for f in d.findings if f.severity == "critical"]
     assert guard.recovery.lr_scale(len(decisions)) == 1.0
