@@ -192,9 +192,45 @@ def test_an_unsure_full_collapse_is_never_critical_so_policy_recover_does_not_ro
         decisions.append(ladder.decide(s, step_findings).action)
     assert _brief(found) == [(58, "load_collapse", "warning")]
     assert set(decisions) == {"ok"}
-    det = LoadCollapseDetector()  # the same load once the router is sure of it: locked in, critical
-    found = [f for s in range(60) for f in det.update(_obs(s, imb=1.95, ent=0.2, e=4, k=2))]
-    assert _brief(found) == [(28, "load_collapse", "critical")]
+    det = LoadCollapseDetector()  # the same load once training made the router sure of it: locked in, critical
+    entropy = [0.97] * 10 + [0.2] * 50
+    found = [f for s, e in enumerate(entropy) for f in det.update(_obs(s, imb=1.95, ent=e, e=4, k=2))]
+    assert [f.severity for f in found] == ["critical"]
+
+
+def test_a_router_locked_in_from_its_initialisation_is_a_warning_a_rollback_cannot_unlock():
+    # Hugging Face's Switch Transformers init (router classifier std 1.0, hidden 32): gate entropy 0.01 from step 0,
+    # every token of a layer on one expert (/tmp/h25E/collapse.py switch:healthy:0: critical at 28 before). Every
+    # snapshot holds the same locked router, so policy="recover" would roll back to it until it aborts.
+    from keel.recover.escalation import Escalation, EscalationConfig
+
+    det, ladder = LoadCollapseDetector(), Escalation(EscalationConfig(policy="recover"))
+    found, actions = [], set()
+    for s in range(300):
+        step_findings = det.update(_obs(s, imb=4.0, ent=0.01, e=4, k=1))
+        found += step_findings
+        actions.add(ladder.decide(s, step_findings).action)
+    assert _brief(found) == [(28, "load_collapse", "warning")]
+    assert found[0].evidence["locked_since_start"] is True and actions == {"ok"}
+    # the same router, unsure for its first 30 measurements, then locked: that lock-in a rollback can undo
+    det = LoadCollapseDetector()
+    entropy = [0.97] * 30 + [0.01] * 100
+    found = [f for s, e in enumerate(entropy) for f in det.update(_obs(s, imb=4.0, ent=e, e=4, k=1))]
+    assert [f.severity for f in found] == ["warning", "critical"]
+    assert "locked_since_start" not in found[-1].evidence
+
+
+def test_a_locked_in_router_survives_a_snapshot_round_trip_with_its_history():
+    det = LoadCollapseDetector()
+    for s in range(10):
+        det.update(_obs(s, imb=4.0, ent=0.97, e=4, k=1))
+    restored = LoadCollapseDetector()
+    restored.load_state_dict(det.state_dict())
+    found = [f for s in range(10, 80) for f in restored.update(_obs(s, imb=4.0, ent=0.01, e=4, k=1))]
+    assert "critical" in [f.severity for f in found]  # it was unsure before the snapshot: a lock-in, critical
+    state = det.state_dict()
+    del state["unsure_seen"]  # a snapshot written before the key existed: taken as unsure (the old behaviour)
+    LoadCollapseDetector().load_state_dict(state)
 
 
 def test_dead_experts_reviving_after_the_start_are_silent_and_rising_ones_escalate():

@@ -25,7 +25,10 @@ measurement. Hence:
   it rises, the finding projects the step at which it would reach ``critical_share`` (``projected_critical_step``);
 - **critical**: such a share that is locked in — the gate entropy's median has fallen to ``entropy_floor`` or below:
   the router is sure of its unbalanced choice, its softmax saturated, so the balancing gradient no longer moves it
-  (no warm-up needed: a router at init is unbalanced but unsure). Nothing else: a full collapse with an unsure
+  (no warm-up needed: a router at init is unbalanced but unsure) after the gate was above that floor at some
+  measurement — a router locked from its first measurement (Hugging Face's Switch Transformers init, classifier std
+  1.0, gives gate entropy 0.01 at step 0) is the init's doing, every snapshot holds it, and it stays a warning with
+  ``locked_since_start`` in its evidence. Nothing else: a full collapse with an unsure
   router (entropy above the floor) stays a warning however long it lasts. Critical is what a policy acts on, and
   ``policy="recover"`` rolls back and cuts the LR: that undoes a lock-in the LR caused, but a router that was
   unbalanced from initialisation is unbalanced in every snapshot, and a lower LR only slows its re-balancing. A tiny
@@ -141,6 +144,7 @@ class LoadCollapseDetector:
         self._entropy = TrendWindow(self.config.window)
         self._seen = 0  # finite imbalance measurements so far (the warm-up counts them)
         self._ceiling = math.nan  # E/k as the probe last gave it
+        self._unsure_seen = False  # a gate entropy above the floor seen: a later lock-in happened in training
         self._episode = Episode()
 
     @property
@@ -158,8 +162,8 @@ class LoadCollapseDetector:
             return []
         self._seen += 1
         entropy = obs.values.get(keys.MOE_GATE_ENTROPY)
-        if entropy is not None:
-            self._entropy.add(obs.step, entropy)
+        if entropy is not None and self._entropy.add(obs.step, entropy):
+            self._unsure_seen = self._unsure_seen or entropy > self.config.entropy_floor
         experts, top_k = obs.values.get(keys.MOE_EXPERTS), obs.values.get(keys.MOE_TOP_K)
         if experts is not None and top_k is not None and top_k > 0 and math.isfinite(experts / top_k):
             self._ceiling = experts / top_k
@@ -182,7 +186,8 @@ class LoadCollapseDetector:
         # before the warm-up only a full collapse counts: held long, or with the router settling into it
         settling = gate <= cfg.settling_entropy
         ready = self._episode.run >= (cfg.patience if locked or warmed or settling else cfg.early_patience)
-        critical = ready and locked  # a rollback can undo a lock-in, not a router unbalanced since its init
+        # a rollback can undo a lock-in that training made, not a router unbalanced or locked since its init
+        critical = ready and locked and self._unsure_seen
         severity = self._episode.escalate(critical=critical, warning=ready)
         if severity is None:
             return []
@@ -204,6 +209,8 @@ class LoadCollapseDetector:
             evidence["ceiling_assumed"] = True  # the probe gave no moe/experts, moe/top_k
         if math.isfinite(gate):
             evidence["gate_entropy"] = round(gate, 4)
+        if gate <= cfg.entropy_floor and not self._unsure_seen:
+            evidence["locked_since_start"] = True  # e.g. a router initialised at too large a scale
         if slope > 0 and share < cfg.critical_share:
             project(evidence, obs.step, (cfg.critical_share - share) / slope)
         router = worst_member(obs, keys.MOE_LOAD_IMBALANCE_PER_LAYER)
@@ -238,6 +245,7 @@ class LoadCollapseDetector:
             "entropy": self._entropy.state_dict(),
             "seen": self._seen,
             "ceiling": self._ceiling,
+            "unsure_seen": self._unsure_seen,
             **self._episode.state_dict(),
         }
 
@@ -247,4 +255,5 @@ class LoadCollapseDetector:
         self._entropy.load_state_dict(state["entropy"])
         self._seen = int(state["seen"])
         self._ceiling = float(state["ceiling"])
+        self._unsure_seen = bool(state.get("unsure_seen", True))  # older snapshots: the old rule (lock-in critical)
         self._episode.load_state_dict(state)
