@@ -81,7 +81,10 @@ class PowerLawReplay:
 
     def state_dict(self) -> dict[str, int]:
         """The position in the stream: ``guard.track(sampler)`` keeps it, so a resumed run continues the stream
-        (the same seed draws the same stream; the indices already handed out are drawn again and passed over)."""
+        (the same seed draws the same stream; the indices already handed out are drawn again and passed over).
+
+        It counts the indices handed out: a ``DataLoader`` with workers fetches ``num_workers × prefetch_factor``
+        batches ahead of training, and a resume passes over those (use ``num_workers=0`` for an exact resume)."""
         return {"position": self.position}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
