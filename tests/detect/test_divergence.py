@@ -191,3 +191,17 @@ def test_a_loss_of_both_signs_in_its_window_is_not_judged_one_of_one_sign_is():
     found = [f for s, v in enumerate(vae) for f in det.update(Observation(step=s, values={"loss": v}))]
     assert found and found[0].kind == "divergence" and 120 <= found[0].step < 140
     assert DivergenceDetector().scan(np.arange(160), vae) == found
+
+
+def test_a_window_holding_a_negative_value_is_scanned_as_update_goes_when_the_next_piece_has_none():
+    # hypothesis' example (test_fast_paths): losses ~1e-3 with two small negative values at 177-178, the log read in
+    # two pieces cut at 179: scan's bulk path set a best level from the second piece alone (the negatives were only in
+    # the window, not in its input), which update never sets while its window holds both signs
+    values = 1e-3 * np.exp(0.3 * np.random.default_rng(0).standard_normal(330))
+    values[177:179] = [-3.4e-4, -4.4e-5]
+    whole = DivergenceDetector()
+    found = [f for s, v in enumerate(values) for f in whole.update(Observation(step=s, values={"loss": float(v)}))]
+    pieces = DivergenceDetector()
+    found_in_pieces = pieces.scan(np.arange(179), values[:179]) + pieces.scan(np.arange(179, 330), values[179:])
+    assert found_in_pieces == found
+    assert pieces.state_dict() == whole.state_dict()

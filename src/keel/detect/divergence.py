@@ -233,7 +233,8 @@ class DivergenceDetector:
         steps, values = steps[finite], values[finite]
         found: list[Finding] = []
         i, n, size = 0, len(values), SCAN_CHUNK
-        if (values < 0).any():  # windows of both signs are not judged: the bulk stretches do not know that rule
+        holds_negative = len(self._level) > 0 and self._level.ranked(0) < 0  # (a series scanned in pieces)
+        if holds_negative or (values < 0).any():  # windows of both signs are not judged: the bulk does not know it
             return [f for k in range(n) for f in self._update_at(steps, values, k)]
         while i < n:
             if not self._in_bulk():
