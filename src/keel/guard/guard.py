@@ -44,6 +44,7 @@ from keel.guard.options import check_arguments, check_loss, check_probes, check_
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
 from keel.guard.resumed_scheduler import HeldScheduler
+from keel.guard.resumed_settings import optimizer_settings, warn_replaced
 from keel.guard.run_dir import RunDir
 from keel.guard.run_end import RunEnd
 from keel.guard.user_signals import split_signals
@@ -806,6 +807,8 @@ class Guard(DeferredSteps):
         and drop the store's rows of the steps that will be done again. When it refuses — the setup differs from
         the snapshot's, the ranks found different snapshots — the Guard is closed, writing nothing, and the
         run_dir released before the error is raised."""
+        scheduled = self.state.scheduler is not None
+        settings = optimizer_settings(self.optimizer, scheduled=scheduled)
         try:
             resumed = (
                 self.recovery.resume(
@@ -831,6 +834,8 @@ class Guard(DeferredSteps):
                 self.recorder.writer.close()
             self.run_dir.release()
             raise
+        if resumed is not None:
+            warn_replaced(settings, optimizer_settings(self.optimizer, scheduled=scheduled))
         if self.recorder.writer is not None and (resumed is not None or self.run_dir.resumes_steps > 0):
             start = resumed.step if resumed is not None else 0  # no snapshot: the run starts over
             self.recorder.resumed(start, stored=self.run_dir.resumes_steps)
