@@ -458,3 +458,19 @@ def test_a_router_that_returns_probabilities_warns_once_and_raw_logits_do_not():
         raw.attach(nn.Sequential(nn.Linear(8, 4)))
         raw.sites[0].module(torch.randn(5, 8))
         raw.read()
+
+
+def test_routers_read_together_equal_each_read_alone_also_with_different_expert_counts():
+    from keel.signals.router import RouterSite, _signals_by_router
+
+    gen = torch.Generator().manual_seed(0)
+    sites = []
+    for i, experts in enumerate((4, 4, 8)):
+        site = RouterSite(name=str(i), module=nn.Identity(), block=None, top_k=2)
+        site.sums, site.counts, site.probs = router_sums(torch.randn(32, experts, generator=gen), top_k=2)
+        sites.append(site)
+    for group in (sites[:2], sites):  # one stacked pass (same E), and the per-router fallback (E = 4 and 8)
+        together = _signals_by_router(group)
+        alone = [router_signals(s.sums, s.counts, s.probs) for s in group]
+        for signal, values in together.items():
+            assert torch.equal(values, torch.stack([a[signal] for a in alone])), signal

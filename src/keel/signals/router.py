@@ -242,7 +242,10 @@ def router_sums(
 
 
 def router_signals(sums: Tensor, counts: Tensor, probs: Tensor) -> dict[str, Tensor]:
-    """The per-router signals from a step's accumulated `router_sums` (0-d float32 tensors, on device).
+    """The per-router signals from a step's accumulated `router_sums` (float32 tensors, on device).
+
+    ``sums`` (..., 5), ``counts`` and ``probs`` (..., E): one router, or several stacked along leading dimensions (the
+    probe reads all its routers in one pass), each signal then of the leading shape.
 
     Keys: ``max_logit``, ``z``, ``entropy``, ``imbalance``, ``cv``, ``dead``, ``dropped``, ``aux``, ``experts`` (E)
     and ``top_k`` (k). No tokens give NaN for every ratio (nothing measured is not balanced).
@@ -252,24 +255,34 @@ def router_signals(sums: Tensor, counts: Tensor, probs: Tensor) -> dict[str, Ten
         >>> round(s["entropy"].item(), 4), round(s["aux"].item(), 4), s["dead"].item()
         (1.0, 1.0, 1.0)
     """
-    top, z_sum, h_sum, n_tokens, dropped = sums.unbind()
-    n_experts = counts.numel()
-    assignments = counts.sum()
+    top, z_sum, h_sum, n_tokens, dropped = sums.unbind(-1)
+    n_experts = counts.shape[-1]
+    assignments = counts.sum(-1)
     mean = assignments / n_experts
-    f = counts / assignments  # f_i = c_i / (T·k)
-    p = probs / n_tokens  # P_i
+    f = counts / assignments.unsqueeze(-1)  # f_i = c_i / (T·k)
+    p = probs / n_tokens.unsqueeze(-1)  # P_i
     return {
         "max_logit": top,
         "z": z_sum / n_tokens,
         "entropy": h_sum / n_tokens,
-        "imbalance": counts.amax() / mean,
-        "cv": counts.std(correction=0) / mean,
-        "dead": (counts == 0).sum().float(),
+        "imbalance": counts.amax(-1) / mean,
+        "cv": counts.std(-1, correction=0) / mean,
+        "dead": (counts == 0).sum(-1).float(),
         "dropped": dropped / assignments,
-        "aux": n_experts * (f * p).sum(),
-        "experts": torch.full((), float(n_experts), device=counts.device),
+        "aux": n_experts * (f * p).sum(-1),
+        "experts": torch.full_like(top, float(n_experts)),
         "top_k": assignments / n_tokens,  # k: every token is counted once per chosen expert
     }
+
+
+def _signals_by_router(seen: list[RouterSite]) -> dict[str, Tensor]:
+    """Each signal as a (routers,) tensor: one `router_signals` pass over the stacked sums when the routers have
+    the same number of experts, else one per router."""
+    if len({s.counts.shape for s in seen}) == 1:  # type: ignore[union-attr]
+        stacked = (torch.stack([getattr(s, a) for s in seen]) for a in ("sums", "counts", "probs"))
+        return router_signals(*stacked)
+    per_site = [router_signals(s.sums, s.counts, s.probs) for s in seen]  # type: ignore[arg-type]
+    return {signal: torch.stack([d[signal] for d in per_site]) for signal in per_site[0]}
 
 
 # per-router signal → (per-layer family, extreme key, how the extreme is taken over routers)
@@ -364,18 +377,18 @@ class RouterProbe:
         """This step's values (what `measure` returns), then starts a new step."""
         seen = [s for s in self.sites if s.sums is not None]
         self._check_probabilities()
-        per_site = [router_signals(s.sums, s.counts, s.probs) for s in seen]  # type: ignore[arg-type]
+        by_router = _signals_by_router(seen) if seen else {}
         for s in self.sites:
             s.sums = s.counts = s.probs = None
         if self._error is not None:
             error, self._error = self._error, None
             raise RuntimeError(f"router hook failed: {error!r}") from error
-        if not per_site:
+        if not by_router:
             return {}
         names = tuple(s.name for s in seen)
         out: Measurements = {}
         for signal, (family, key, how) in _FAMILIES.items():
-            values = torch.stack([d[signal] for d in per_site])
+            values = by_router[signal]
             out[key] = _reduce(values, how)
             if family is not None:
                 out[family] = PerParam(names, values)
