@@ -460,6 +460,27 @@ def test_a_router_that_returns_probabilities_warns_once_and_raw_logits_do_not():
         raw.read()
 
 
+@settings(max_examples=8, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 9), st.integers(2, 6), st.integers(1, 3)), min_size=1, max_size=4),
+    st.integers(0, 2**16),
+)
+def test_routers_read_together_equal_each_read_alone_property(routers, seed):
+    # any number of routers (tokens 0..9: 0 gives the NaN ratios), any E, any k: one pass == one pass per router
+    from keel.signals.router import RouterSite, _signals_by_router
+
+    gen = torch.Generator().manual_seed(seed)
+    sites = []
+    for i, (tokens, experts, k) in enumerate(routers):
+        site = RouterSite(name=str(i), module=nn.Identity(), block=None, top_k=k)
+        site.sums, site.counts, site.probs = router_sums(torch.randn(tokens, experts, generator=gen), top_k=k)
+        sites.append(site)
+    together = _signals_by_router(sites)
+    for signal, values in together.items():
+        alone = torch.stack([router_signals(s.sums, s.counts, s.probs)[signal] for s in sites])
+        torch.testing.assert_close(values, alone, equal_nan=True, rtol=0, atol=0)
+
+
 def test_routers_read_together_equal_each_read_alone_also_with_different_expert_counts():
     from keel.signals.router import RouterSite, _signals_by_router
 
