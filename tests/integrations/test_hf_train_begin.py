@@ -161,3 +161,16 @@ def test_a_second_train_with_the_same_callback_is_refused_before_anything_change
     trainer.train()
     with RunReader(tmp_path / "second") as store:
         assert store.meta()["status"] == "finished" and list(store.signal(keys.LOSS)[0]) == [0, 1]
+
+
+def test_a_backward_of_a_non_scalar_is_not_taken_for_the_loss(tmp_path):
+    model, optimizer, ids = _tiny()
+    keel = KeelCallback(run_dir=str(tmp_path))
+    keel.on_train_begin(Args(), None, None, model=model, optimizer=optimizer)
+    with pytest.warns(UserWarning, match="saw no loss in the model's output nor a backward"):
+        logits = model(input_ids=ids).logits
+        logits.backward(torch.ones_like(logits))  # a vector-Jacobian product, not a loss
+        optimizer.step()
+    keel.on_train_end(Args(), None, None)
+    with RunReader(tmp_path) as store:
+        assert keys.LOSS not in store.signal_keys() and list(store.signal(keys.GRAD_NORM)[0]) == [0]

@@ -9,6 +9,8 @@ and its log reads ``loss 0.0`` from then on. keel skips that update and says wha
 from __future__ import annotations
 
 import logging
+import math
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,9 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import Trainer, TrainingArguments, Wav2Vec2Config, Wav2Vec2ForCTC  # noqa: E402
 
-from keel.integrations.hf import KeelCallback  # noqa: E402
+from keel._core.decision import Decision  # noqa: E402
+from keel._core.finding import Finding  # noqa: E402
+from keel.integrations.hf import KeelCallback, _impossible_alignment  # noqa: E402
 
 VOCAB, BATCH, STEPS = 16, 2, 4
 
@@ -123,3 +127,42 @@ def test_observe_is_bit_identical_to_the_trainer_alone(tmp_path):
     bare = _train(tmp_path / "bare", [], impossible=False)
     observed = _train(tmp_path / "observed", [KeelCallback(policy="observe")], impossible=False)
     assert all(torch.equal(a, b) for a, b in zip(bare.model.parameters(), observed.model.parameters(), strict=True))
+
+
+class _Config:
+    def __init__(self, **fields) -> None:
+        self.__dict__.update(fields)
+
+
+class _Model:
+    def __init__(self, config) -> None:
+        self.config = config
+
+
+def _decision(*findings: Finding) -> Decision:
+    return Decision(step=3, action="skip", findings=findings)
+
+
+INF_LOSS = Finding(step=3, kind="non_finite", severity="critical", signal="loss", value=math.inf)
+
+
+@pytest.mark.parametrize(
+    ("model", "decision", "hint"),
+    [
+        (_Model(_Config(ctc_zero_infinity=False)), _decision(INF_LOSS), True),
+        (_Model(_Config(ctc_zero_infinity=True)), _decision(INF_LOSS), False),  # the model zeroes them itself
+        (_Model(_Config()), _decision(INF_LOSS), False),  # not a CTC model
+        (_Model(_Config(ctc_zero_infinity=None)), _decision(INF_LOSS), False),
+        (_Model(None), _decision(INF_LOSS), False),  # no config at all
+        (None, _decision(INF_LOSS), False),
+        (_Model(_Config(ctc_zero_infinity=False)), _decision(), False),  # nothing found
+        (_Model(_Config(ctc_zero_infinity=False)), _decision(replace(INF_LOSS, value=math.nan)), False),  # NaN: no
+        (_Model(_Config(ctc_zero_infinity=False)), _decision(replace(INF_LOSS, value=-math.inf)), False),
+        (_Model(_Config(ctc_zero_infinity=False)), _decision(replace(INF_LOSS, signal="grad/norm")), False),
+    ],
+)
+def test_the_hint_is_for_an_inf_loss_of_a_ctc_model_that_does_not_zero_it(model, decision, hint):
+    said = _impossible_alignment({"model": model}, decision)
+    assert (said is not None) == hint
+    if hint:
+        assert said.startswith("step 3: the CTC loss is inf") and "--ctc_zero_infinity" in said
