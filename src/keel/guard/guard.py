@@ -32,6 +32,7 @@ from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import refuse_closure_only
 from keel.detect import Detector, default_detectors
+from keel.detect._finding import skip_mends
 from keel.guard.components import Components
 from keel.guard.data_ledger import SPIKE_KINDS, DataLedger
 from keel.guard.deferred import DeferredSteps
@@ -930,7 +931,9 @@ def _trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) ->
 
 
 def _replayable(finding: Finding) -> bool:
-    return finding.severity == "critical" and finding.kind in SPIKE_KINDS
+    """A critical one-step spike, which a replay can tell data from a transient fault: not a lasting level shift,
+    whose damage is in the weights (a replay would skip it as transient and no rollback would follow)."""
+    return finding.severity == "critical" and finding.kind in SPIKE_KINDS and skip_mends(finding)
 
 
 def _local(t: Tensor) -> Tensor:
