@@ -20,8 +20,10 @@ from hypothesis import strategies as st
 
 from keel.cli import main
 from keel.doctor import LogReadError, detect_format, examine_log, find_logs, read_log
+from keel.doctor._protobuf import WireError
 from keel.doctor.mlflow_log import _rows_one_by_one, _series_by_line, _whole_rows, _whole_series
 from keel.doctor.table import Scalars
+from keel.doctor.tensorboard_log import _scalars, _scalars_fields
 from keel.doctor.wandb_log import _Framing, iter_records
 from tests.doctor.wire import (
     LENGTH,
@@ -29,6 +31,7 @@ from tests.doctor.wire import (
     WANDB_BLOCK,
     WANDB_HEADER,
     field,
+    scalar_event,
     wandb_chunk,
     wandb_file,
     wandb_history,
@@ -644,3 +647,25 @@ def test_deleted_mlflow_runs_are_not_read(tmp_path):
         f"INSERT INTO metrics VALUES ('loss', 1.0, 1, '{run_b}', 0, 0);\n",
     )
     assert find_logs(db) == [db] and read_log(db).records.steps.tolist()[0] == 1  # the live HF run only
+
+
+@FUZZ
+@given(
+    step=st.integers(-(2**62), 2**62),
+    tag=st.text(max_size=140),
+    value=st.floats(width=32),
+    wall=st.floats(allow_nan=False) | st.just(0.0),
+    cut=st.integers(0, 400),
+)
+def test_an_add_scalar_event_read_at_fixed_offsets_equals_the_generic_field_walk(step, tag, value, wall, cut):
+    event = scalar_event(step, tag, value, wall)
+    for payload in (event, event[:cut], event + b"\x08\x01"):  # whole, cut short, a field after the summary
+        try:
+            expected = _scalars_fields(payload)
+        except (WireError, struct.error):
+            expected = "malformed"
+        try:
+            got = _scalars(payload)
+        except (WireError, struct.error):
+            got = "malformed"
+        assert repr(got) == repr(expected)  # repr: NaN equal to NaN

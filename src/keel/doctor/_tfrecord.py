@@ -55,11 +55,15 @@ def iter_records(data: bytes) -> Iterator[bytes]:
             at the end of the data (a file still being written) ends the iteration without an error.
     """
     pos, end = 0, len(data)
+    header_crcs: dict[bytes, int] = {}  # a scalar log's records have a few lengths: each header's CRC computed once
     while pos + 12 <= end:
         header = data[pos : pos + 8]
         (length,) = struct.unpack("<Q", header)
         (length_crc,) = struct.unpack("<I", data[pos + 8 : pos + 12])
-        if masked_crc32c(header) != length_crc:
+        expected = header_crcs.get(header)
+        if expected is None:
+            expected = header_crcs[header] = masked_crc32c(header)
+        if expected != length_crc:
             raise RecordError(f"bad record header at byte {pos}")
         start = pos + 12
         if start + length + 4 > end:
