@@ -123,3 +123,34 @@ def test_an_ema_registered_after_the_first_step_is_refused_with_what_a_rollback_
     with pytest.raises(ValueError, match=r"track\('ema'\) after 1 step\(s\).*lack the model average"):
         guard.track(_ema("timm", model)[0], name="ema")
     guard.close()
+
+
+def test_the_ema_copies_of_an_evicted_snapshot_are_reused_and_the_kept_snapshots_keep_their_own():
+    """A snapshot's EMA copies are written into the host tensors of the snapshot the ring evicted (a fresh host tensor
+    per EMA tensor per snapshot cost more than the copy: page faults), and no snapshot still kept shares them."""
+    model = _net()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    ema, update_ema = _ema("timm", model)
+    guard = keel.watch(model, opt, policy="recover", recovery=keel.RecoveryConfig(snapshot_every=1, keep_in_memory=2))
+    guard.track(ema, name="ema")
+    ring = guard.recovery.ring
+    ema_after: dict[int, dict[str, torch.Tensor]] = {}
+    pointers: set[int] = set()
+    for i, (x, y) in enumerate(make_batches(8)):
+        F.mse_loss(model(x), y).backward()
+        opt.step()
+        update_ema(model)
+        opt.zero_grad()
+        ema_after[i] = _weights(ema)
+        for snap in ring.snapshots:
+            pointers |= {t.data_ptr() for t in snap.plain.get("averaged", {}).get("ema", {}).values()}
+    guard.close()
+    kept = [s for s in ring.snapshots if "averaged" in s.plain]
+    assert len(kept) == 2
+    for snap in kept:  # the snapshot of step s holds the EMA as the loop left it after update s - 1
+        for key, value in snap.plain["averaged"]["ema"].items():
+            assert torch.equal(value, ema_after[snap.step - 1][key]), (snap.step, key)
+    ptrs = [{t.data_ptr() for t in s.plain["averaged"]["ema"].values() if t.numel()} for s in kept]
+    assert not ptrs[0] & ptrs[1]
+    n_tensors = sum(1 for t in ema.state_dict().values() if t.numel())
+    assert len(pointers) <= 3 * n_tensors  # three sets of host tensors at most (before: a fresh set per snapshot)

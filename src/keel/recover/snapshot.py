@@ -189,7 +189,9 @@ class SnapshotRing:
         for key in bulk:
             if key.startswith("model/"):
                 self.last_trained[key] = max(step, self.last_trained.get(key, step))
-        tensors = self._buffers_for({**bulk, **buffers})
+        tensors, evicted = self._buffers_for({**bulk, **buffers})
+        if evicted is not None and evicted.plain.get("averaged"):  # its EMA copies too are free now
+            state.spare_averaged = evicted.plain["averaged"]
         with torch.no_grad():
             for key, src in buffers.items():  # buffers may change in the next forward: copy now
                 tensors[key].copy_(src)
@@ -273,16 +275,20 @@ class SnapshotRing:
             self._worker.close()
             self._worker = None
 
-    def _buffers_for(self, sources: dict[str, Tensor]) -> dict[str, Tensor]:
-        """Host tensors shaped like ``sources``: the oldest slot's when it is about to be evicted and matches."""
+    def _buffers_for(self, sources: dict[str, Tensor]) -> tuple[dict[str, Tensor], Snapshot | None]:
+        """Host tensors shaped like ``sources``: the oldest slot's when it is about to be evicted and matches; and
+        that oldest snapshot when it is evicted for good (its host tensors free for reuse), else None."""
+        evicted = None
         if len(self.snapshots) >= self.capacity and not any(p is self.snapshots[0] for p in self.pinned):
             oldest = self.snapshots[0]
             # Not being written to disk right now; kept locked for good, as it is about to be evicted.
             if oldest.in_use.acquire(blocking=False):
+                evicted = oldest
                 old = oldest.tensors
                 if old.keys() == sources.keys() and all(
                     old[k].shape == s.shape and old[k].dtype == s.dtype for k, s in sources.items()
                 ):
-                    return dict(old)
+                    return dict(old), evicted
         pin = torch.cuda.is_available() and any(s.is_cuda for s in sources.values())
-        return {k: torch.empty(s.shape, dtype=s.dtype, device="cpu", pin_memory=pin) for k, s in sources.items()}
+        fresh = {k: torch.empty(s.shape, dtype=s.dtype, device="cpu", pin_memory=pin) for k, s in sources.items()}
+        return fresh, evicted
