@@ -71,9 +71,9 @@ def capture_averaged(state: TrainingState) -> dict[str, dict[str, Any]]:
     """Host copies of the model averages' ``state_dict`` by name (`TrainingState.averaged`), written into the host
     tensors of the snapshot the ring evicted last (`TrainingState.spare_averaged`) where they match: a fresh host
     tensor per EMA tensor per snapshot cost twice the copy itself in page faults (a 64 MB tensor: 102 ms fresh, 35 ms
-    into a reused one, on a 2-core VM). The copy is made by the training thread at keel's first call after the loop's update of the
-    average, not on the snapshot ring's background path, which would need a fence before the loop's next update of
-    it (the end of that call)."""
+    into a reused one, on a 2-core VM). The copy is made by the training thread at keel's first call after the loop's
+    update of the average, not on the snapshot ring's background path, which would need a fence before the loop's
+    next update of it (the end of that call)."""
     spare, state.spare_averaged = state.spare_averaged or {}, None
     with torch.no_grad():
         return {
