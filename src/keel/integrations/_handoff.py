@@ -20,6 +20,8 @@ callback wrapped the optimizer but never handed it back to the trainer, which le
 from __future__ import annotations
 
 import functools
+import inspect
+import types
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -37,23 +39,37 @@ class Handoff:
         self.acting = False
         self.handled = False
         self._patches: list[tuple[Any, str, Any, Any, bool]] = []
+        self._live: set[int] = set()  # ids of the gates not restored yet
 
     def gate(self, obj: Any, name: str, outside: Callable[..., Any]) -> None:
         """Replace ``obj.<name>`` so that a call from outside keel runs ``outside(original, *args, **kwargs)``.
 
-        Attributes of the original (e.g. ``torch.optim.lr_scheduler``'s ``_wrapped_by_lr_sched`` mark) are kept.
+        Attributes of the original (e.g. ``torch.optim.lr_scheduler``'s ``_wrapped_by_lr_sched`` mark) are kept. A
+        method of an instance (``optimizer.step``) is replaced by a method bound to it, as torch's LR schedulers
+        expect: one built after keel unwraps ``optimizer.step.__func__`` to count the calls (a plain function
+        raised AttributeError in the scheduler's constructor). A gate something else wrapped since passes every
+        call through once `restore` ran.
         """
         original = getattr(obj, name)
 
         @functools.wraps(original)
-        def gated(*args: Any, **kwargs: Any) -> Any:
-            if self.acting:
+        def gate_function(*args: Any, **kwargs: Any) -> Any:
+            if self.acting or id(gated) not in self._live:
                 return original(*args, **kwargs)
             return outside(original, *args, **kwargs)
 
+        gated: Any = gate_function
+        if inspect.ismethod(original) and original.__self__ is obj:
+
+            @functools.wraps(original)
+            def method(_bound_to: Any, *args: Any, **kwargs: Any) -> Any:
+                return gate_function(*args, **kwargs)
+
+            gated = types.MethodType(method, obj)
         had_own = name in vars(obj)
         setattr(obj, name, gated)
         self._patches.append((obj, name, original, gated, had_own))
+        self._live.add(id(gated))
 
     def gate_scheduler(self, scheduler: Any, outside: Callable[..., Any] | None = None) -> None:
         """By default the trainer's ``scheduler.step()`` is a no-op when keel handled the update (Guard owns it
@@ -100,3 +116,4 @@ class Handoff:
                 else:
                     delattr(obj, name)
         self._patches = []
+        self._live = set()
