@@ -5,6 +5,7 @@ probes never measure (attention, MoE, evals, …), a large share of keel.watch's
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -117,3 +118,13 @@ def test_in_a_guard_the_default_detectors_of_signals_not_measured_are_not_called
     guard.close()
     assert called["spike"] == 6 and called["divergence"] == 3 and called["non_finite"] == 3
     assert "attention_entropy_collapse" not in called and "dead_experts" not in called
+
+
+@pytest.mark.parametrize("reads", ["attn/entropy", [1, 2], None, ("attn/entropy", 3), 5], ids=repr)
+def test_a_detector_whose_reads_is_not_a_list_of_keys_is_called_every_step(reads):
+    odd = Counting(())
+    odd.reads = reads  # type: ignore[assignment]
+    components, errors = _components(odd)
+    for step in range(2):
+        components.detect(Observation(step=step, values={"loss": 1.0}))
+    assert odd.calls == 2 and errors == []
