@@ -190,6 +190,7 @@ class _FiniteWeights:
     def __init__(self, trainer: Any) -> None:
         self.trainer = trainer
         self.hold = False  # the next generation is held back (the weights are not finite)
+        self.told = False  # said so, until a rollback: the held step's update leaves them broken, as they were
         original = trainer._prepare_inputs
 
         @functools.wraps(original)
@@ -205,19 +206,23 @@ class _FiniteWeights:
     def after_update(self, guard: Any, decision: Decision, optimizer: torch.optim.Optimizer) -> None:
         """After ``decision``: drop a hold a rollback made moot; check the weights of an applied update."""
         if decision.action == "rollback":
-            self.hold = False
+            self.hold = self.told = False
         if not decision.stepped:
             return
         params = [p for group in optimizer.param_groups for p in group["params"] if p.requires_grad]
         if not params or _all_finite(params):
             return
         self.hold = True
+        if self.told:
+            return
+        self.told = True
         names = {id(p): n for n, p in self.trainer.model.named_parameters()}
         broken = [names.get(id(p), "?") for p in params if not bool(torch.isfinite(p).all())]
         shown = ", ".join(broken[:3]) + (f" and {len(broken) - 3} more" if len(broken) > 3 else "")
+        update = guard.global_step - 1  # under sync="deferred" `decision` is the update before this one
         say(
             guard,
-            f"step {decision.step}: the update left non-finite weights ({shown}); TRL's next generation would sample "
+            f"step {update}: the update left non-finite weights ({shown}); TRL's next generation would sample "
             "from them and raise, so the next step trains on the completions already buffered, and keel rolls back",
         )
 
