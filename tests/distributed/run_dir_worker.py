@@ -86,6 +86,18 @@ def main() -> None:
         train(run_dir, 10, resume=True)
     result["cut_resumed_from"] = STARTS[-1]
     result["cut_warnings"] = [str(w.message) for w in caught if "not every rank does" in str(w.message)]
+    dist.barrier()
+    if rank == 1:  # rank 1's newest snapshot (step 10) is damaged on disk: a flipped byte in its tensors
+        tensors = run_dir / "rank-1" / "snapshots" / "step-000000010" / "tensors.safetensors"
+        data = bytearray(tensors.read_bytes())
+        data[-1] ^= 0xFF
+        tensors.write_bytes(bytes(data))
+    dist.barrier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(run_dir, 12, resume=True)
+    result["corrupt_resumed_from"] = STARTS[-1]
+    result["corrupt_warnings"] = [str(w.message) for w in caught if "another rank could not" in str(w.message)]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()

@@ -30,3 +30,9 @@ def test_every_rank_refuses_a_folder_one_rank_finds_used_and_every_rank_resumes_
         "stopped): every rank continues from the newest step all hold (6)"
     ]
     assert ranks[1]["cut_warnings"] == []
+    # rank 1's newest snapshot damaged on disk (V14): rank 1 loads step 8, and rank 0 goes back to it too
+    assert [r["corrupt_resumed_from"] for r in ranks] == [8, 8]
+    assert ranks[0]["corrupt_warnings"] == [
+        "resume: rank 0 loaded the snapshot of step 10, but another rank could not (it was corrupt or missing "
+        "there): every rank continues from step 8"
+    ]

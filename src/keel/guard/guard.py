@@ -819,6 +819,7 @@ class Guard(DeferredSteps):
                 else None
             )
             if self.dist is not None:
+                resumed = self._loaded_by_every_rank(resumed)
                 step = resumed.step if resumed is not None else -1
                 if not self.dist.all_equal(step):
                     raise ValueError(
@@ -858,6 +859,25 @@ class Guard(DeferredSteps):
                 stacklevel=4,
             )
         return agreed
+
+    def _loaded_by_every_rank(self, resumed: Snapshot | None) -> Snapshot | None:
+        """After each rank loaded its newest good snapshot (of at most the agreed step), the oldest of those, which
+        every rank holds: a rank whose newest was corrupt loaded an older one. A rank ahead loads that one instead,
+        and says so. (When a rank loaded none, the others cannot start over: the all-equal check refuses.)"""
+        if self.dist is None or self.recovery is None:
+            return resumed
+        step = resumed.step if resumed is not None else -1
+        oldest = int(-self.dist.all_max([-float(step)])[0])
+        if step <= oldest or oldest < 0:
+            return resumed
+        warnings.warn(
+            f"resume: rank {self.dist.rank} loaded the snapshot of step {step}, but another rank could not (it was "
+            f"corrupt or missing there): every rank continues from step {oldest}",
+            KeelWarning,
+            stacklevel=5,
+        )
+        self.recovery.ring.drop_after(-1)  # the snapshot loaded first is not this run's past any more
+        return self.recovery.resume(self.run_dir.resumes, run_steps=self.run_dir.resumes_steps, at_most=oldest)
 
     def _finish(self, status: str) -> None:
         if self._closed:
