@@ -111,9 +111,10 @@ def test_a_nan_loss_is_skipped_and_training_goes_on():
 
 @pytest.mark.slow  # 60 steps of a small GPT
 @pytest.mark.xfail(
-    strict=True,
+    strict=False,  # passes with detect/spike.py as edited (uncommitted) at 11:15: a loss_spike warning at step 33
     reason="h25 C5 (detect/, not this helper's): 64 steps into a run the spike window still holds the first "
-    "descent, so one update at 100x the LR (loss 2.8 -> 6.2, back only ~15 steps later; grad norm 10x) raises nothing",
+    "descent, so one update at 100x the LR (loss 2.8 -> 6.2, back only ~15 steps later; grad norm 10x) raised nothing "
+    "at HEAD 10:40; drop this mark once the spike change that names it is committed",
 )
 def test_one_update_at_100x_the_lr_is_named():
     _, losses, guard = run("recover", iters=60, lr_times_100_at=30)
