@@ -107,3 +107,21 @@ def test_finite_weights_whose_float32_norm_overflows_are_not_rolled_back():
         opt.zero_grad()
     guard.close()
     assert guard.decisions == []
+
+
+def test_a_trainable_parameter_the_forward_never_uses_is_not_checked():
+    """A module defined but not called (its weights left as torch.empty made them, NaN here) gets no gradient, and
+    no update changes it: the check reads only the parameters that had one."""
+    torch.manual_seed(0)
+    model = nn.ModuleDict({"used": nn.Linear(4, 1), "unused": nn.Linear(4, 1)})
+    with torch.no_grad():
+        model["unused"].weight.fill_(math.nan)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = keel.Guard(model, opt, policy="recover")
+    for _ in range(3):
+        loss = model["used"](torch.randn(8, 4)).pow(2).mean()
+        loss.backward()
+        assert guard.step(loss).action == "ok"
+        opt.zero_grad()
+    guard.close()
+    assert guard.decisions == []

@@ -495,7 +495,7 @@ class Guard(DeferredSteps):
         # keel's own clipping scales the gradients as they are now: after the loop's clipping, if it clipped
         decision = self.actuator.apply(decision, norm_now, self.escalation.rollbacks_in_window(step))
         if decision.stepped and self._checks_weights:  # a rollback now, before the loop's next forward
-            decision = self.components.call("weights check", self._roll_back_broken_update, decision) or decision
+            decision = self.components.call("weights check", self._roll_back_broken_update, decision, ctx) or decision
         if decision.stepped and ctx is not None:
             self._after_step(ctx)
         self.components.call("skip list", self.data.record_skips, decision)
@@ -751,11 +751,17 @@ class Guard(DeferredSteps):
             ),
         )
 
-    def _roll_back_broken_update(self, decision: Decision) -> Decision:
+    def _roll_back_broken_update(self, decision: Decision, ctx: StepContext | None) -> Decision:
         """The decision after checking the weights this applied update left: as it is when they are finite, else a
-        rollback (or the abort the escalation ladder turns it into), carried out now (`keel.guard.weights_check`)."""
-        params = [_local(p) for p in self._params] if self.dist is not None and self.dist.sharded else self._params
-        broken = non_finite_parameters(self._names, params, self.dist)
+        rollback (or the abort the escalation ladder turns it into), carried out now (`keel.guard.weights_check`).
+        Only the parameters that had a gradient are read (``ctx``'s): the update changed no other, and a trainable
+        parameter the forward never uses may hold anything (``torch.empty``'s NaN) without harm."""
+        if ctx is not None:
+            names, params = ctx.names, ctx.params
+        else:  # keel's measuring failed this step; every rank still takes part in the check (a collective)
+            names = self._names
+            params = [_local(p) for p in self._params] if self.dist is not None and self.dist.sharded else self._params
+        broken = non_finite_parameters(names, params, self.dist)
         if not broken:
             return decision
         step = decision.step
