@@ -125,3 +125,32 @@ def test_a_trainable_parameter_the_forward_never_uses_is_not_checked():
         opt.zero_grad()
     guard.close()
     assert guard.decisions == []
+
+
+def test_with_an_enabled_grad_scaler_the_broken_update_is_rolled_back_at_the_next_step_as_before():
+    """The actuator's rollback closes the GradScaler's step, which its update has closed already: with an enabled
+    scaler the check is off, and the next step finds the parameters (no keel_error, no crash)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu")
+    updates: list[int] = []
+
+    def overflow(*_: object) -> None:
+        if len(updates) == 3:
+            with torch.no_grad():
+                model.weight[0, 0] = math.inf
+
+    opt.register_step_post_hook(overflow)
+    config = keel.RecoveryConfig(snapshot_every=1, quiet_steps=0)
+    guard = keel.Guard(model, opt, policy="recover", scaler=scaler, recovery=config)
+    actions = []
+    for _ in range(6):
+        loss = model(torch.randn(8, 4)).pow(2).mean()
+        scaler.scale(loss).backward()
+        actions.append(guard.step(loss).action)
+        opt.zero_grad()
+        updates.append(len(updates))
+    guard.close()
+    assert actions == ["ok", "ok", "ok", "ok", "rollback", "ok"]
+    assert [f.kind for f in guard.findings] == ["non_finite"]
