@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from keel.data.skip_list import SKIP_LIST_NAME
 from keel.guard.distributed import RankSync
 from keel.recover.disk import SNAPSHOT_DIR, is_snapshot_folder
 from keel.store.schema import STORE_NAME, connect_for_reading
@@ -145,7 +146,7 @@ class RunDir:
                 problem = (
                     f"run_dir {str(path)!r} holds a previous run: {held.describe()}; allowed: resume=True to "
                     "continue it, another run_dir, or overwrite=True to delete keel's files there "
-                    f"({STORE_NAME}, {SNAPSHOT_DIR}/, {EXPORT_DIR}/) and start a new run"
+                    f"({STORE_NAME}, {SNAPSHOT_DIR}/, {EXPORT_DIR}/, {SKIP_LIST_NAME}) and start a new run"
                 )
             elif resume and held.unreadable is not None:
                 problem = (
@@ -302,14 +303,14 @@ def _read_store(path: Path) -> dict[str, Any]:
 
 # --- clearing ---------------------------------------------------------------------------------------------------
 def _clear(store_dir: Path | None, own: Path, *, world: int | None) -> None:
-    """Delete keel's files of an earlier run: the store and exports (rank 0) and this rank's snapshots.
+    """Delete keel's files of an earlier run: the store, exports and skip list (rank 0) and this rank's snapshots.
 
     Rank 0 also deletes the snapshots of ranks that do not exist in this run (an earlier run had more ranks) and,
     in a single process, those of any earlier distributed run; every live rank deletes only its own.
     """
     if store_dir is not None:
-        for name in STORE_FILES:
-            _remove(store_dir / name)
+        for name in (*STORE_FILES, SKIP_LIST_NAME):  # (the skip list: a new run's sampler would pass over the
+            _remove(store_dir / name)  # old run's examples, and its entries would join the old ones)
         shutil.rmtree(store_dir / EXPORT_DIR, ignore_errors=True)
         shutil.rmtree(store_dir / SNAPSHOT_DIR, ignore_errors=True)
         for folder in store_dir.glob("rank-*"):
