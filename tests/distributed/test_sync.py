@@ -156,3 +156,18 @@ def test_keys_only_some_ranks_pack_stay_their_own_and_uneven_inputs_do_not_kill_
     for r in ranks:
         [said] = r["uneven"]["warnings"]
         assert "inside DDP's model.join() (uneven inputs)" in said
+
+
+def test_the_gloo_twin_of_a_non_gloo_world_is_made_once_for_every_guard(tmp_path):
+    import torch.distributed as dist
+
+    from keel.guard.distributed import _host_group
+
+    store = dist.FileStore(str(tmp_path / "store"), 1)
+    dist.init_process_group("cpu:gloo", store=store, rank=0, world_size=1)
+    try:
+        first, device = _host_group(dist.group.WORLD)  # "cpu:gloo" is not "gloo": a twin is made (V21: per Guard)
+        assert first is not dist.group.WORLD and device.type == "cpu"
+        assert all(_host_group(dist.group.WORLD)[0] is first for _ in range(5))
+    finally:
+        dist.destroy_process_group()

@@ -169,7 +169,7 @@ class RankSync:
         self.world = dist.get_world_size(self.group)
         self.sharded = _is_sharded(model) if config.sharded is None else config.sharded
         self._plans: dict[Any, _Plan] = {}
-        self._layout_group = _host_group(self.group)
+        self._layout_group, self._layout_device = _host_group(self.group)
         self._warned_unshared = False
         self._model = model
         self._warned_uneven = False
@@ -267,8 +267,8 @@ class RankSync:
 
     def _same_everywhere(self, checksum: int) -> bool:
         """Whether every rank packed a layout with this checksum: max and min over ranks in one collective of two
-        integers, on the CPU (a host read, never a device sync)."""
-        both = torch.tensor([checksum, -checksum], dtype=torch.int64)
+        integers, on the CPU (a host read, no device sync) unless the group is a subgroup of another backend."""
+        both = torch.tensor([checksum, -checksum], dtype=torch.int64, device=self._layout_device)
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._layout_group)
         high, negative_low = both.tolist()
         return bool(high == -negative_low)
@@ -389,15 +389,25 @@ class RankSync:
         return plan
 
 
-def _host_group(group: Any) -> Any:
-    """A gloo group over the same ranks for host-side agreement (CPU tensors: no device sync): the group itself
-    when it is gloo; a new one over the whole world for the default group; the group itself otherwise (a subgroup
-    of another backend: ``new_group`` would have to be called by every rank of the world)."""
+_GLOO_WORLDS: dict[Any, Any] = {}  # the default group → its gloo twin, made once per process group (not per Guard)
+
+
+def _host_group(group: Any) -> tuple[Any, torch.device]:
+    """A group over the same ranks for host-side agreement, and the device its tensors live on: the group itself
+    when it is gloo (CPU: no device sync); for the default group of another backend, a gloo group over the world,
+    made once and shared by every later Guard (one per Guard leaked its sockets: 300 descriptors after 60 Guards);
+    a subgroup of another backend itself, on its device (``new_group`` would have to be called by every rank of
+    the world; NCCL takes no CPU tensor)."""
     if dist.get_backend(group) == "gloo":
-        return group
+        return group, torch.device("cpu")
     if group is None or group is dist.group.WORLD:
-        return dist.new_group(backend="gloo")
-    return group
+        world = dist.group.WORLD
+        if world not in _GLOO_WORLDS:
+            _GLOO_WORLDS.clear()  # a world made again (destroy_process_group, init again): its twin is gone too
+            _GLOO_WORLDS[world] = dist.new_group(backend="gloo")
+        return _GLOO_WORLDS[world], torch.device("cpu")
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    return group, device
 
 
 def _entries(layout: list) -> list[tuple[int, str, str, int]]:
