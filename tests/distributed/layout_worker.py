@@ -84,10 +84,36 @@ def uneven(rank: int, out: Path) -> dict:
     return {"steps": guard.global_step, "warnings": said}
 
 
+def fsdp_clipped(rank: int) -> list:
+    """V19 of session 13: the loop's clip_grad_norm_ over FSDP2 parameters returns a DTensor; passed as grad_norm=
+    it made every guard.step fail, and a NaN gradient went into the weights."""
+    from torch.distributed.fsdp import fully_shard
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 4))
+    fully_shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = keel.Guard(model, opt, policy="skip")
+    actions = []
+    for step in range(6):
+        torch.manual_seed(10 * step + rank)
+        x = torch.randn(8, 16)
+        loss = F.mse_loss(model(x), x[:, :4])
+        loss.backward()
+        if rank == 1 and step == 3:
+            model[0].weight.grad.to_local()[0, 0] = float("nan")
+        norm = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        actions.append(guard.step(loss, grad_norm=norm).action)
+        opt.zero_grad()
+    guard.close()
+    return actions
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), Path(sys.argv[1])
     result = {"reduced": reduced(rank), "guarded": guarded(rank, out), "uneven": uneven(rank, out)}
+    result["fsdp_clipped"] = fsdp_clipped(rank)
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()
     dist.destroy_process_group()

@@ -152,6 +152,8 @@ def test_keys_only_some_ranks_pack_stay_their_own_and_uneven_inputs_do_not_kill_
     assert ranks[0]["guarded"]["actions"] == ranks[1]["guarded"]["actions"] == ["ok"] * 6
     assert ranks[0]["guarded"]["params"] == ranks[1]["guarded"]["params"]
     # inside DDP's model.join() with uneven inputs every rank finishes its own batches, told why keel does not agree
+    # FSDP2 with the loop's clipping: its DTensor norm is taken as its full value; the NaN gradient is skipped on both
+    assert ranks[0]["fsdp_clipped"] == ranks[1]["fsdp_clipped"] == ["ok"] * 3 + ["skip"] + ["ok"] * 2
     assert [r["uneven"]["steps"] for r in ranks] == [4, 6]
     for r in ranks:
         [said] = r["uneven"]["warnings"]

@@ -969,8 +969,14 @@ def _local(t: Tensor) -> Tensor:
 
 
 def _as_scalar(loss: Tensor | float, name: str = "loss") -> Tensor:
+    """The value as a plain 0-d tensor. A DTensor — what ``clip_grad_norm_`` returns over FSDP2's parameters — is
+    taken as its full value (a collective for a partial one: every rank passes its own), as keel packs it beside
+    plain tensors (a DTensor made every step fail, and keel guarded nothing)."""
     check_loss(loss, name)
-    return loss.detach().reshape(()) if isinstance(loss, Tensor) else torch.tensor(float(loss))
+    if not isinstance(loss, Tensor):
+        return torch.tensor(float(loss))
+    full = getattr(loss, "full_tensor", None)
+    return (full() if callable(full) else loss).detach().reshape(())
 
 
 def _build_probes(probes: str | Sequence[str | Probe]) -> list[Probe]:
