@@ -26,6 +26,7 @@ import numpy as np
 
 from keel._core import keys
 from keel._core.errors import KeelError
+from keel.doctor.mlflow_log import db_run_path
 from keel.report import charts as _charts
 from keel.report import overview as _overview
 from keel.report import sections as _sections
@@ -97,7 +98,7 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
         PosixPath('runs/demo/report.html')
     """
     paths = [run_dirs] if isinstance(run_dirs, (str, Path)) else list(run_dirs)
-    missing = [str(p) for p in paths if not Path(p).exists()]
+    missing = [str(p) for p in paths if not Path(p).exists() and db_run_path(Path(p)) is None]  # mlflow.db/<run>
     if missing:  # a typo must not quietly give a report with a run left out
         raise ReportError(f"{', '.join(missing)}: no such file or folder; allowed: {ALLOWED}")
     with tempfile.TemporaryDirectory(prefix="keel-report-") as scratch:  # the stores of logs, read whole below

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from keel.doctor import formats
-from keel.doctor.formats import tensorboard_runs
+from keel.doctor.mlflow_log import is_mlflow_db
 from keel.store import STORE_NAME, STORE_SUFFIX, SWEEP_STORE_NAME, find_runs
 from keel.store.schema import connect_for_reading
 
@@ -64,8 +64,10 @@ def expand(paths: list[str | Path]) -> list[Path]:
     for raw in paths:
         path = Path(raw)
         if path.is_dir() and not (path / STORE_NAME).is_file() and not (path / SWEEP_STORE_NAME).is_file():
-            boards = tensorboard_runs(path)  # several TensorBoard runs: each its own (read as one, they merge)
-            out += find_runs(path) or (boards if len(boards) > 1 else [path])
+            # keel runs one or two levels down; else several W&B, MLflow or TensorBoard runs, each its own
+            out += find_runs(path) or formats.find_logs(path)
+        elif is_mlflow_db(path):
+            out += formats.find_logs(path)  # mlflow.db/<run id> for each run of a database of several
         else:
             out.append(path)
     return out
@@ -81,6 +83,8 @@ def logs_left_out(paths: list[str | Path]) -> list[str]:
 def classify(path: Path) -> Source:
     """The kind of store at ``path`` (a folder holding ``run.sqlite``, or an SQLite file)."""
     file = path / STORE_NAME if path.is_dir() else path
+    if is_mlflow_db(file):  # an SQLite file, but a log: read by keel doctor's reader
+        return Source(path=path, kind=None, store=False, note=f"{path}: an MLflow database")
     if path.is_dir() and not file.is_file() and (path / SWEEP_STORE_NAME).is_file():
         file = path / SWEEP_STORE_NAME
     if not file.is_file():
