@@ -42,8 +42,8 @@ from keel._core.printable import one_line
 VERBS: dict[str, tuple[str, str]] = {
     "demo": ("keel.demo", "train an unstable proxy recipe bare, guarded, recovering and stabilized, side by side"),
     "bench": ("keel.harness.bench.cli", "measure keel's own cost against a baseline in the same process"),
-    "doctor": ("keel.doctor.cli", "examine an existing training log: CSV, JSONL, TensorBoard, HF, run store"),
-    "report": ("keel.report.cli", "write one self-contained HTML stability report from run stores"),
+    "doctor": ("keel.doctor.cli", "examine a training log: CSV, JSONL, TensorBoard, W&B, MLflow, HF, console logs"),
+    "report": ("keel.report.cli", "write one self-contained HTML stability report from run stores and logs"),
     "export": ("keel.store.exporters.cli", "write a run store as CSV, JSON lines, TensorBoard, W&B or MLflow"),
     "list": ("keel.catalog", "the index: every signal, detector, stabilizer, optimizer, loss, integration by domain"),
     "sweep": ("keel.proxy.sweep.cli", "LR-sensitivity sweeps of recipes on proxy models, locally or on Ray"),

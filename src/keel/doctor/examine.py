@@ -49,7 +49,7 @@ from keel.detect import (
     policy_detectors,
     preference_detectors,
 )
-from keel.detect.diagnosis import diagnose
+from keel.detect.diagnosis import diagnose, skipped_already
 from keel.doctor.blocks import Broken, Plan, advance, label
 from keel.doctor.formats import read_log
 from keel.doctor.log import RawLog
@@ -179,6 +179,7 @@ def examine_timeline(
             last = kept_steps[-1] if kept else None
     if log.format != "keel_store":  # a store's Guard skipped (or applied) such steps itself, and recorded why
         findings = skipped_overflows(findings, timeline)  # a log records no loss scale: keel.doctor.overflows
+        findings = skipped_already(findings, log.decisions)  # spikes at steps the trainer skipped itself (OLMo-core)
     summary = _summary(log, timeline, stride, restarts, findings, fresh())
     summary["notes"] += ([UNIT_LOSS_SCALE] if unit_scale else []) + broken.in_order()
     result = DoctorResult(
