@@ -6,7 +6,9 @@ from keel.guard.guard import _replayable
 
 
 def _spike(severity="critical", **evidence):
-    return Finding(step=9, kind="loss_spike", severity=severity, signal="loss", value=9.0, baseline=1.0, evidence=evidence)
+    return Finding(
+        step=9, kind="loss_spike", severity=severity, signal="loss", value=9.0, baseline=1.0, evidence=evidence
+    )
 
 
 def test_a_critical_one_step_spike_is_replayed_and_a_lasting_level_shift_is_not():
