@@ -123,6 +123,8 @@ class Watch:
         self._backwards: list[tuple[Backward, Tensor]] = []  # this update's backward losses, until another takes them
         self._last_loss: Tensor | None = None
         self._norm_before_clip: Tensor | None = None
+        self._clipped: set[int] = set()  # the parameters the loop's clipping calls of this update covered
+        self._clipped_norm_type: Any = None
         self._warned: set[str] = set()
         if not schedulers and any(_has_lr_scheduler(part) for part in self._parts):
             self._warn(
@@ -221,7 +223,7 @@ class Watch:
     def _clip(self, original: Any, parameters: Tensor | Iterable[Tensor], *args: Any, **kwargs: Any) -> Any:
         params = _as_list(parameters)
         norm = original(params, *args, **kwargs)
-        self._keep_norm(params, norm)
+        self._keep_norm(params, norm, kwargs.get("norm_type", args[1] if len(args) > 1 else 2.0))
         return norm
 
     def _clip_with_norm(
@@ -240,10 +242,21 @@ class Watch:
         self._keep_norm(params, total_norm)
         return result
 
-    def _keep_norm(self, params: list[Tensor], norm: Any) -> None:
-        """The norm before clipping, for the update, when the clipped parameters are this model's."""
-        if isinstance(norm, Tensor) and any(id(p) in self._watched for p in params):
-            self._norm_before_clip = norm
+    def _keep_norm(self, params: list[Tensor], norm: Any, norm_type: Any = 2.0) -> None:
+        """The norm before clipping, for the update, when the clipped parameters are this model's. A loop that clips
+        parts of the model apart (an encoder and a decoder, a call each) gets their norm together, as one call over
+        both would give it: judged on the last part alone, a spike in the first was hidden. A second call over
+        parameters clipped already sees clipped gradients: the first call's norm stays."""
+        if not (isinstance(norm, Tensor) and any(id(p) in self._watched for p in params)):
+            return
+        ids = {id(p) for p in params}
+        kept, kept_type = self._norm_before_clip, self._clipped_norm_type
+        if kept is None or kept_type != norm_type:
+            self._norm_before_clip, self._clipped, self._clipped_norm_type = norm, ids, norm_type
+        elif not ids & self._clipped:
+            pair = torch.stack([kept.detach().float(), norm.detach().to(kept.device).float()])
+            self._norm_before_clip = torch.linalg.vector_norm(pair, ord=float(norm_type))
+            self._clipped |= ids
 
     # --- the update ---------------------------------------------------------------------------------
     def _optimizer_step(self, part: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
@@ -290,6 +303,7 @@ class Watch:
     def _update(self) -> Decision:
         OWNERS.drop_outside()
         loss, norm, self._norm_before_clip = self._step_loss(), self._norm_before_clip, None
+        self._clipped_norm_type = None  # the next update's clipping starts afresh
         self._handoff.handled = True
         try:
             with self._handoff.acting_for_keel():
