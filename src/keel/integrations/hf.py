@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 from typing import Any
 
 import torch
@@ -156,6 +157,7 @@ class KeelCallback(TrainerCallback):
                 "allowed: DDP, FSDP or a single process"
             )
         assert model is not None and optimizer is not None
+        _close_interrupted(self)
         self._check_new_run()
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
         self._objects = {
@@ -176,10 +178,13 @@ class KeelCallback(TrainerCallback):
             else None
         )
         resumed_at = getattr(state, "global_step", 0)  # resume_from_checkpoint: keel's steps are the Trainer's
+        if resumed_at and self.guard.resumed:
+            self._refuse_two_resumes(resumed_at)
         if resumed_at and not self.guard.global_step and not self.guard.resumed:
             self.guard.start_at(resumed_at)
         self._runs.append(str(self.run_dir))
         self._training = True
+        _OPEN.add(self)
         if self._clip is not None:
             args.max_grad_norm = 0.0
         if self._pending_phase is not None:
@@ -370,7 +375,21 @@ class KeelCallback(TrainerCallback):
             self._warned = True
             warnings.warn(message, KeelWarning, stacklevel=3)
 
+    def _refuse_two_resumes(self, trainer_step: int) -> None:
+        """The Trainer resumed from its checkpoint and keel from its snapshot: keel's restore would replace the
+        checkpoint's state (a 40-step run made 45 updates, batches trained twice, keel's steps 5 ahead)."""
+        assert self.guard is not None
+        keel_step = self.guard.global_step
+        self._finish()
+        raise ValueError(
+            f"KeelCallback(resume=True) with trainer.train(resume_from_checkpoint=...): the Trainer resumed from "
+            f"its checkpoint at step {trainer_step} and keel from its snapshot at step {keel_step}, and keel's "
+            "restore would replace the checkpoint's state; allowed: one of them — resume_from_checkpoint with a "
+            "new run_dir (or overwrite=True), or keel's resume=True without resume_from_checkpoint"
+        )
+
     def _finish(self, exc: BaseException | None = None) -> None:
+        _OPEN.discard(self)
         self._training = False
         self._shows_update_lr, self._update_lr = False, None
         self._handoff.restore()
@@ -381,6 +400,23 @@ class KeelCallback(TrainerCallback):
             self._args.max_grad_norm, self._clip = self._clip, None
         if self.guard is not None:  # records "finished", "aborted" or the failure; a second call does nothing
             self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
+
+
+_OPEN: weakref.WeakSet[KeelCallback] = weakref.WeakSet()  # callbacks between on_train_begin and their end
+
+
+def _close_interrupted(starting: KeelCallback) -> None:
+    """Close the Guard of every callback whose ``train()`` ended without ``on_train_end`` — an exception, Ctrl-C in a
+    notebook: the Trainer has no event for it — before another ``train()`` in this process begins. Left open, its
+    run_dir stayed locked, its store "running", and ``Tensor.backward``/``optimizer.step`` gated (reviewer V18)."""
+    for callback in list(_OPEN):
+        warnings.warn(
+            f"KeelCallback: the train() with run_dir={str(callback.run_dir)!r} ended without on_train_end (an "
+            "exception or an interrupt); its Guard is closed now, before this train() begins",
+            KeelWarning,
+            stacklevel=4,
+        )
+        callback._finish(RuntimeError("train() ended without on_train_end (an exception or an interrupt)"))
 
 
 def _impossible_alignment(objects: dict[str, Any], decision: Decision) -> str | None:
