@@ -370,7 +370,8 @@ class Guard(DeferredSteps):
 
         Snapshots record it and ``resume=True`` restores it. A data position is not restored by a rollback:
         training goes on with fresh data, so the window that went wrong is not replayed. An ``nn.Module`` — timm's
-        ``ModelEmaV2``/``ModelEmaV3``, ``torch.optim.swa_utils.AveragedModel`` — is restored by a rollback too, to
+        ``ModelEmaV2``/``ModelEmaV3``, ``torch.optim.swa_utils.AveragedModel``, and diffusers' ``EMAModel`` (not a
+        module: known by its ``shadow_params``) — is restored by a rollback too, to
         the average of the update the restored model came from (a rollback otherwise leaves the EMA holding the
         damaged trajectory): ``guard.track(model_ema, name="ema")``. The loop's own update of it after
         ``optimizer.step()`` is taken into the snapshot at keel's next call. Call before the first step; when
@@ -380,7 +381,7 @@ class Guard(DeferredSteps):
             raise ValueError(f"track({type(obj).__name__}): allowed: an object with state_dict() and load_state_dict()")
         if not isinstance(name, str) or not name:
             raise ValueError(f"track(name={name!r}); allowed: a non-empty str")
-        average = isinstance(obj, nn.Module)
+        average = isinstance(obj, nn.Module) or hasattr(obj, "shadow_params")  # diffusers' EMAModel: not a Module
         if self.global_step != self._start_step:
             why = (
                 "earlier snapshots lack the model average, and a rollback to one of them would leave it as it is"

@@ -49,10 +49,10 @@ class TrainingState:
         tracked: The data position: objects with ``state_dict``/``load_state_dict`` registered by the user
             (a sampler, a stateful loader). Restored on resume, not on rollback, which moves on to fresh data.
         averaged: Averages of the model's weights the loop keeps beside it, by name (a model EMA: timm's
-            ``ModelEmaV3``, ``torch.optim.swa_utils.AveragedModel``): restored on rollback and on resume. The loop
-            updates them after ``optimizer.step()``, so a snapshot takes them at keel's next call
-            (`capture_averaged`, called by `keel.recover.Recovery.complete_snapshot`): the average of the update
-            the snapshot's model came from.
+            ``ModelEmaV3``, ``torch.optim.swa_utils.AveragedModel``, diffusers' ``EMAModel``): restored on rollback
+            and on resume. The loop updates them after ``optimizer.step()``, so a snapshot takes them at keel's
+            next call (`capture_averaged`, called by `keel.recover.Recovery.complete_snapshot`): the average of the
+            update the snapshot's model came from.
     """
 
     model: nn.Module
@@ -62,7 +62,7 @@ class TrainingState:
     components: dict[str, Stateful] = field(default_factory=dict)
     history: dict[str, Stateful] = field(default_factory=dict)
     tracked: dict[str, Stateful] = field(default_factory=dict)
-    averaged: dict[str, nn.Module] = field(default_factory=dict)
+    averaged: dict[str, Any] = field(default_factory=dict)  # an nn.Module, or one with shadow_params (diffusers)
     # the host tensors of the averages of a snapshot the ring has evicted for good, for the next capture to reuse
     spare_averaged: dict[str, dict[str, Any]] | None = field(default=None, repr=False)
 
@@ -83,7 +83,11 @@ def capture_averaged(state: TrainingState) -> dict[str, dict[str, Any]]:
 
 
 def _host_copy(value: Any, spare: Any) -> Any:
-    """``value`` copied to the host: into ``spare`` when it is a host tensor of its shape and dtype."""
+    """``value`` copied to the host: into ``spare`` when it is a host tensor of its shape and dtype. A list of
+    tensors (diffusers' ``EMAModel``'s ``shadow_params``) element by element."""
+    if isinstance(value, (list, tuple)) and value and all(isinstance(v, Tensor) for v in value):
+        spares = spare if isinstance(spare, list) and len(spare) == len(value) else [None] * len(value)
+        return [_host_copy(v, s) for v, s in zip(value, spares, strict=True)]
     if not isinstance(value, Tensor):
         return copy.deepcopy(value)
     if (
@@ -95,6 +99,29 @@ def _host_copy(value: Any, spare: Any) -> Any:
     ):
         return spare.copy_(value.detach())
     return value.detach().to("cpu", copy=True)
+
+
+def _load_average(average: Any, saved: dict[str, Any]) -> None:
+    """Load a snapshot's copy into a model average. An ``nn.Module``'s ``load_state_dict`` copies into its own
+    tensors; an average that adopts what it is given (diffusers' ``EMAModel`` takes the ``shadow_params`` list) gets
+    its live tensors back, the saved values copied into them: it stays on its device, and never shares the
+    snapshot's tensors (its next update would change the snapshot)."""
+    if isinstance(average, nn.Module):
+        average.load_state_dict(saved)
+        return
+    live = average.state_dict()
+    merged: dict[str, Any] = {}
+    with torch.no_grad():
+        for name, value in saved.items():
+            now = live.get(name)
+            if isinstance(value, Tensor) and isinstance(now, Tensor) and now.shape == value.shape:
+                merged[name] = now.copy_(value)
+            elif isinstance(value, list) and isinstance(now, list) and len(now) == len(value):
+                pairs = zip(now, value, strict=True)
+                merged[name] = [n.copy_(v) if isinstance(n, Tensor) else copy.deepcopy(v) for n, v in pairs]
+            else:
+                merged[name] = copy.deepcopy(value)
+    average.load_state_dict(merged)
 
 
 def tensor_sources(
@@ -292,9 +319,9 @@ def restore(
     for key, component in state.components.items():
         if key in plain["components"]:
             component.load_state_dict(copy.deepcopy(plain["components"][key]))
-    for key, average in state.averaged.items():  # (load_state_dict copies into the module's own tensors)
+    for key, average in state.averaged.items():
         if key in plain.get("averaged", {}):
-            average.load_state_dict(plain["averaged"][key])
+            _load_average(average, plain["averaged"][key])
     if resume:
         for key, part in state.history.items():
             if key in plain["history"]:
