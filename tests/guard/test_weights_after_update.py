@@ -154,3 +154,12 @@ def test_with_an_enabled_grad_scaler_the_broken_update_is_rolled_back_at_the_nex
     guard.close()
     assert actions == ["ok", "ok", "ok", "ok", "rollback", "ok"]
     assert [f.kind for f in guard.findings] == ["non_finite"]
+
+
+def test_the_snapshot_of_the_broken_update_s_own_step_is_restored_and_a_broken_first_update_too():
+    """The state the broken update started from is finite: its snapshot is the one to restore (an older one was, and an
+    update at step 0 that broke the weights aborted the run, no older snapshot being kept: helpers B and C)."""
+    guard, _ = _reinforce("recover", broken={BROKEN_UPDATE})
+    assert [(d.step, d.restored_step) for d in guard.decisions] == [(BROKEN_UPDATE, BROKEN_UPDATE)]
+    guard, seen_finite = _reinforce("recover", broken={0})
+    assert [(d.step, d.action, d.restored_step) for d in guard.decisions] == [(0, "rollback", 0)] and all(seen_finite)

@@ -507,11 +507,14 @@ class Recovery:
 
 
 def _non_finite_parameters(findings: tuple[Finding, ...]) -> tuple[int, str] | None:
-    """The step at which non-finite parameters were found among ``findings``, and their names; None when none."""
+    """The step whose starting state held the non-finite parameters found among ``findings``, and their names; None
+    when none. Read at step k, that is k; found right after update k (`keel.guard.weights_check`), it is the state
+    step k + 1 starts from (the finding's ``onset_step``): the snapshot of step k is still good, and restoring an
+    older one undid an update for nothing (an update at step 0 aborted the run, no older snapshot being kept)."""
     for f in findings:
         if f.kind == "non_finite" and f.signal == keys.PARAM_NORM:
             names = f.evidence.get("parameters")
-            return f.step, ", ".join(map(str, names)) if isinstance(names, list) and names else "not named"
+            return _onset_of(f), ", ".join(map(str, names)) if isinstance(names, list) and names else "not named"
     return None
 
 
