@@ -30,6 +30,7 @@ from keel.doctor.hf_log import SUMMARY_KEYS
 from keel.doctor.log import LogReadError, RawLog, parse_step
 from keel.doctor.store_log import is_sqlite
 from keel.doctor.table import Scalars
+from keel.store.schema import connect_for_reading
 
 _DELETED = b"lifecycle_stage: deleted"
 METRICS_COLUMNS = frozenset({"key", "value", "timestamp", "run_uuid", "step", "is_nan"})
@@ -296,8 +297,10 @@ def _drop_trainer_summary(log: RawLog) -> None:
 
 
 def _connect(path: Path) -> sqlite3.Connection:
-    """A read-only connection: reading must never create, lock for writing or migrate the user's database."""
-    return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True)
+    """A read-only connection that leaves the folder as it was: reading must never create, lock for writing or
+    migrate the user's database, nor leave ``-shm``/``-wal`` files beside it (a ``mode=ro`` connection to a WAL
+    database does: `keel report` left them in keel run folders, whose store it asked whether it was MLflow's)."""
+    return connect_for_reading(path)
 
 
 def _columns(db: sqlite3.Connection, table: str) -> set[str]:
