@@ -43,8 +43,10 @@ class HeldScheduler:
         return self._holding
 
     def release(self) -> int:
-        """Let calls through from now on; returns how many were held."""
-        self._holding = False
+        """Let calls through from now on, the schedulers' own ``step`` back in place; returns how many were held.
+        (Left in a scheduler's ``__dict__``, which torch's ``state_dict`` returns, the gate made every disk snapshot
+        after a resume fail: "cannot store function at /p/scheduler/step".)"""
+        self.close()
         return self.held
 
     def close(self) -> None:
