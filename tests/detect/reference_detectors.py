@@ -24,6 +24,7 @@ from keel.detect.divergence import NOISE_EVERY, NOISE_SPAN, WINDOW_GROWTH, Diver
 from keel.detect.spike import (
     DESCENT,
     GRAD_NORM_DEFAULTS,
+    NOISE_NOW,
     RECENT,
     TAIL_KEPT,
     TAIL_SPAN,
@@ -118,9 +119,10 @@ class ReferenceSpike:
         if self._log:  # a steep descent: its recent level and step noise (keel.detect.spike._baseline)
             recent = median(list(self._accepted)[-RECENT:])
             window = list(self._accepted)
-            noise = step_noise([b - a for a, b in zip(window, window[1:], strict=False)])
+            differences = [b - a for a, b in zip(window, window[1:], strict=False)]
+            noise = step_noise(differences)
             if med - recent >= DESCENT * scale and scale >= TREND_SPREAD * noise:
-                med, scale = recent, noise
+                med, scale = recent, max(noise, step_noise(differences[-NOISE_NOW:]))
         floor = cfg.scale_floor if self._log else cfg.scale_floor * abs(med) + 1e-12
         z = (y - med) / max(scale, floor)
         excess = expm1(y - med) if self._log else (y - med) / (abs(med) + 1e-12)

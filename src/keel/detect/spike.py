@@ -48,7 +48,14 @@ such a descent (in log space: the median of its last ``RECENT`` values at least 
 window's median, and the window's spread at least ``TREND_SPREAD`` times its step-to-step noise, `robust.step_noise`,
 which a trend hardly moves), a step is judged against that recent level and the step noise instead: a detrended
 baseline that lags the descent by a few steps, so it errs high (towards silence). A rising window never qualifies
-(sustained rises are the divergence detector's).
+(sustained rises are the divergence detector's). The window need not be all descent: a run's first fast fall followed
+by its plateau (minGPT's loss 5.7 → 2.8 in 20 steps, then flat; its gradient norm likewise) has a spread 2.1–2.5× its
+step noise, and judged by that spread an LR ×100 for one update on the plateau (loss 2.2×, gradient norm 10×) was
+3.1–3.7 robust z, no finding at all (h25 C5); against the plateau's level and step noise it is 9–10. An iid window of
+64 values never reaches twice its step noise (at most 1.8× in 20,000 Gaussian or t₃ windows; about 1 in 1,000 of
+20 values does, and is then judged against the same noise, measured differently). The step noise is the larger of
+the window's and its last ``NOISE_NOW`` differences': a window whose first steps were noiseless (a DPO loss at exactly
+ln 2 before the policy moves) would otherwise understate the noise the run has now.
 """
 
 from __future__ import annotations
@@ -210,7 +217,10 @@ TAIL_KEPT = 16  # isolated outliers remembered (the largest recent one is what c
 LOG_ERROR = 1e-12  # NumPy's log against math.log, relative: a few ulp in fact; the screen widens its bounds by it
 RECENT = 8  # accepted values whose median is the level of a steep descent (it lags the descent by ~4 steps)
 DESCENT = 0.5  # robust scales of the window the recent level must lie below its median: a descent, not noise
-TREND_SPREAD = 3.0  # the window's spread over its step noise from which the spread is the trend's, not noise
+TREND_SPREAD = 2.0  # the window's spread over its step noise from which the spread is the trend's (iid: ~1)
+# Differences whose step noise is the noise now: a DPO loss starts at exactly ln 2 (policy = reference) and only grows
+# its ±50 % noise as it trains, so the whole window's step noise understates it (a 2.4× step was 9 z, 3.8 against this).
+NOISE_NOW = 16
 
 
 @DETECTORS.register("spike")
@@ -504,7 +514,8 @@ class SpikeDetector:
 
     def _baseline(self, plain: tuple[float, float]) -> tuple[float, float]:
         """The (location, scale) a value is judged against: the window's median and MAD (``plain``), or during a steep
-        descent (log space) the median of its last ``RECENT`` values and its step noise."""
+        descent (log space) the median of its last ``RECENT`` values and its step noise — or that of its last
+        ``NOISE_NOW`` differences where larger (noise that grew as the run went on)."""
         median, scale = plain
         if not self._log:
             return median, scale
@@ -512,8 +523,11 @@ class SpikeDetector:
         recent = median_of(window[-RECENT:])
         if median - recent < DESCENT * scale:
             return median, scale
-        noise = step_noise([b - a for a, b in zip(window, window[1:], strict=False)])
-        return (recent, noise) if scale >= TREND_SPREAD * noise else (median, scale)
+        differences = [b - a for a, b in zip(window, window[1:], strict=False)]
+        noise = step_noise(differences)
+        if scale < TREND_SPREAD * noise:
+            return median, scale
+        return recent, max(noise, step_noise(differences[-NOISE_NOW:]))
 
     def _update_at(self, steps: np.ndarray, values: np.ndarray, i: int) -> list[Finding]:
         x = float(values[i])
