@@ -50,3 +50,21 @@ def test_a_gate_on_a_class_or_module_stays_a_plain_function():
     assert Box().value() == 11 and box.value() == 111
     handoff.restore()
     assert Box().value() == 1 and box.value() == 1
+
+
+def test_two_handoffs_restored_in_the_order_they_gated_leave_the_original_behind():
+    """A GAN's two watches closed D first, then G: G's restore put D's gate back in Tensor.backward for good."""
+
+    class Box:
+        def value(self):
+            return 1
+
+    original = Box.value
+    first, second = Handoff(), Handoff()
+    first.gate(Box, "value", lambda o, *a: o(*a) + 10)
+    second.gate(Box, "value", lambda o, *a: o(*a) + 100)
+    assert Box().value() == 111
+    first.restore()  # not on top: left in place, passing calls through
+    assert Box().value() == 101
+    second.restore()
+    assert Box.value is original and Box().value() == 1

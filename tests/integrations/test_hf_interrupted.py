@@ -17,8 +17,6 @@ from transformers import TrainerCallback  # noqa: E402
 from keel.integrations.hf import KeelCallback  # noqa: E402
 from tests.integrations.test_hf import train  # noqa: E402
 
-ORIGINAL_BACKWARD = torch.Tensor.backward
-
 
 class Interrupt(TrainerCallback):
     """Ctrl-C in a notebook at a given step."""
@@ -35,11 +33,12 @@ def test_an_interrupted_train_is_closed_before_the_next_one_and_its_run_dir_can_
     first = KeelCallback(run_dir=str(tmp_path / "a"), policy="skip")
     with pytest.raises(KeyboardInterrupt):
         train(tmp_path, [Interrupt(3), first])
-    assert torch.Tensor.backward is not ORIGINAL_BACKWARD  # still gated: the Trainer said nothing
+    gate = torch.Tensor.backward
+    assert first._handoff._patches and not first.guard._closed  # still gated and open: the Trainer said nothing
     again = KeelCallback(run_dir=str(tmp_path / "a"), policy="skip", overwrite=True)  # the cell run again
     with pytest.warns(KeelWarning, match=r"ended without on_train_end .* its Guard is closed now"):
         train(tmp_path, [again], steps=4)
-    assert torch.Tensor.backward is ORIGINAL_BACKWARD and first.guard._closed
+    assert torch.Tensor.backward is not gate and not first._handoff._patches and first.guard._closed
     with RunReader(tmp_path / "a") as store:
         assert store.meta()["status"] == "finished" and store.meta()["steps"] == 4
 
@@ -60,6 +59,6 @@ def test_the_trainer_and_keel_resuming_at_once_is_refused_naming_both_steps(tmp_
         train(
             tmp_path, [both], steps=8, save_strategy="steps", save_steps=4, resume=str(tmp_path / "hf" / "checkpoint-4")
         )
-    assert torch.Tensor.backward is ORIGINAL_BACKWARD
+    assert not both._handoff._patches and both.guard._closed  # nothing left gated, the Guard closed
     model = torch.nn.Linear(2, 2)
     keel.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "k", overwrite=True).close()

@@ -59,6 +59,7 @@ class Handoff:
             return outside(original, *args, **kwargs)
 
         gated: Any = gate_function
+        gate_function._keel_gate_dead = lambda: id(gated) not in self._live  # type: ignore[attr-defined]
         if inspect.ismethod(original) and original.__self__ is obj:
 
             @functools.wraps(original)
@@ -109,11 +110,20 @@ class Handoff:
 
     def restore(self) -> None:
         """Put the original methods back (only where nobody patched on top of keel since)."""
+        self._live = set()
         for obj, name, original, gated, had_own in reversed(self._patches):
             if getattr(obj, name, None) is gated:
                 if had_own:
-                    setattr(obj, name, original)
+                    setattr(obj, name, _past_closed_gates(original))
                 else:
                     delattr(obj, name)
         self._patches = []
-        self._live = set()
+
+
+def _past_closed_gates(original: Any) -> Any:
+    """``original`` without the gates of Handoffs restored since, which it may wrap: two watches closed in the order
+    they were made (a GAN's D, then G) left D's gate under G's in ``Tensor.backward``, where G's restore put it back
+    for the rest of the process (passing calls through, but one call deeper on every backward)."""
+    while getattr(original, "_keel_gate_dead", lambda: False)():
+        original = original.__wrapped__
+    return original
