@@ -68,3 +68,19 @@ def test_two_handoffs_restored_in_the_order_they_gated_leave_the_original_behind
     assert Box().value() == 101
     second.restore()
     assert Box.value is original and Box().value() == 1
+
+
+def test_a_scheduler_built_after_watch_and_not_given_to_it_is_warned_about_at_the_first_update():
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watch = keel.watch(model, optimizer, policy="skip")
+        torch.optim.lr_scheduler.StepLR(optimizer, step_size=1)
+        for _ in range(2):
+            F.mse_loss(model(torch.randn(8, 4)), torch.zeros(8, 1)).backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    watch.close()
+    said = [str(w.message) for w in caught if "LR scheduler keel was not given" in str(w.message)]
+    assert len(said) == 1  # once, at the first update (the watch line came before the scheduler)

@@ -126,12 +126,7 @@ class Watch:
         self._clipped: set[int] = set()  # the parameters the loop's clipping calls of this update covered
         self._clipped_norm_type: Any = None
         self._warned: set[str] = set()
-        if not schedulers and any(_has_lr_scheduler(part) for part in self._parts):
-            self._warn(
-                "scheduler",
-                "keel.watch: the optimizer has an LR scheduler keel was not given: a skipped update still advances "
-                "it and a rollback does not restore it; allowed: keel.watch(model, optimizer, scheduler, ...)",
-            )
+        self._check_unseen_scheduler()
         self._closed = False
         self._handoff = Handoff()
         self._hook = model.register_forward_hook(ObserverHook(self._capture_output), with_kwargs=True)
@@ -271,11 +266,23 @@ class Watch:
             return None
         if self._scaler is None and not self._scaler_checked:  # a loop steps through a GradScaler always or never
             self._check_unseen_scaler()
+        if not self._scaler_checked:  # a scheduler built after this watch (the line after it) marks step since
+            self._check_unseen_scheduler()
         self._scaler_checked = True
         self._answered = {id(p) for p in self._parts if p is not part}
         self._stepped_part = type(part).__name__
         self._update()
         return None
+
+    def _check_unseen_scheduler(self) -> None:
+        """Warn once when an LR scheduler keel was not given is built on the optimizer (before this watch, or after
+        it: torch marks the optimizer's ``step`` either way; checked here and again at the first update)."""
+        if not self._schedulers and any(_has_lr_scheduler(part) for part in self._parts):
+            self._warn(
+                "scheduler",
+                "keel.watch: the optimizer has an LR scheduler keel was not given: a skipped update still advances "
+                "it and a rollback does not restore it; allowed: keel.watch(model, optimizer, scheduler, ...)",
+            )
 
     def _check_unseen_scaler(self) -> None:
         """Warn once when an enabled GradScaler keel was not given makes the loop's ``optimizer.step()`` call
