@@ -242,9 +242,9 @@ class Watch:
         parts of the model apart (an encoder and a decoder, a call each) gets their norm together, as one call over
         both would give it: judged on the last part alone, a spike in the first was hidden. A second call over
         parameters clipped already sees clipped gradients: the first call's norm stays."""
-        if not (isinstance(norm, Tensor) and any(id(p) in self._watched for p in params)):
-            return
         ids = {id(p) for p in params}
+        if not isinstance(norm, Tensor) or ids.isdisjoint(self._watched):
+            return
         kept, kept_type = self._norm_before_clip, self._clipped_norm_type
         if kept is None or kept_type != norm_type:
             self._norm_before_clip, self._clipped, self._clipped_norm_type = norm, ids, norm_type
