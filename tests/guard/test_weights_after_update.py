@@ -90,7 +90,9 @@ def test_an_update_that_breaks_the_weights_every_time_ends_in_the_rollback_cap_n
 
 @pytest.mark.parametrize("policy_name", ["observe", "skip"])
 def test_without_recover_the_weights_are_not_checked_after_the_update(policy_name):
-    with pytest.raises(ValueError, match="Categorical|probs"):  # as the bare loop: nothing rolls back
+    # as the bare loop: nothing rolls back (Categorical validates its probs, or torch.multinomial raises when
+    # distribution validation is off in this process, as code run earlier in an xdist worker can leave it)
+    with pytest.raises((ValueError, RuntimeError), match="Categorical|probs|probability tensor"):
         _reinforce(policy_name, broken={BROKEN_UPDATE})
 
 
