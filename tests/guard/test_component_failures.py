@@ -177,3 +177,35 @@ def test_disabled_components_are_recorded_in_the_store(tmp_path):
         assert run.meta()["disabled"] == ["custom"]
         steps, loss = run.signal("loss")
         assert len(steps) == 16
+
+
+def test_a_guard_step_failing_on_every_step_is_counted_in_the_summary_and_the_store(tmp_path, caplog):
+    """One keel_error finding says the first failure; the run's end says how many steps went unguarded."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    guard = Guard(model, opt, policy="skip", run_dir=str(tmp_path))
+
+    def broken(step, findings):  # a keel bug in the decision: the step's checks fail, the loop goes on
+        raise RuntimeError("a bug in the decision")
+
+    guard.escalation.decide = broken
+    with caplog.at_level("INFO", logger="keel"):
+        for x, y in make_batches(7):
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad(set_to_none=True)
+        guard.close()
+    assert [f.signal for f in _errors(guard)] == ["guard"]
+    assert guard.components.failures == {"guard": 7}
+    assert "keel error: guard failed on 7 steps; those steps went on unguarded" in caplog.text
+    with RunReader(tmp_path) as run:
+        assert run.meta()["keel_errors"] == {"guard": 7}
+
+
+def test_a_run_without_keel_errors_says_none_in_its_summary(caplog):
+    with caplog.at_level("INFO", logger="keel"):
+        _, guard = _run()
+    assert guard.components.failures == {}
+    assert "keel error" not in caplog.text

@@ -9,6 +9,7 @@ or loaded back: snapshots go on without it.
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -36,6 +37,8 @@ class Components:
     Attributes:
         disabled: The components switched off so far, in order (probe names, ``detector:<name>``, or the
             Guard's own parts such as ``recorder`` and ``snapshots``).
+        failures: How many times each component that is tried again (``disable=False``) failed, the first
+            included: one ``keel_error`` finding says the first, the run's summary says how many there were.
     """
 
     def __init__(self, probes: Sequence[Probe], detectors: Sequence[Detector], on_error: OnError) -> None:
@@ -44,6 +47,7 @@ class Components:
         self.step = 0  # the step being worked on: errors raised from inside a snapshot are dated with it
         self._on_error = on_error
         self._reported: set[str] = set()
+        self.failures: Counter[str] = Counter()
         self._awake_by_layout: dict[tuple[tuple, ...], list[tuple[str, Detector]]] = {}
 
     def fail(self, component: str, step: int, exc: BaseException, *, disable: bool = True) -> None:
@@ -52,6 +56,8 @@ class Components:
         ``disable=False`` is for failures no single component can be blamed for: they are reported once and
         the work is tried again on the next step.
         """
+        if not disable:
+            self.failures[component] += 1
         if component in self._reported:
             return
         self._reported.add(component)

@@ -36,7 +36,7 @@ import contextvars
 import logging
 import sys
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -170,6 +170,7 @@ class Console:
         decisions: Sequence[Decision],
         diagnoses: Sequence[Diagnosis],
         run_dir: str | None,
+        failures: Mapping[str, int] | None = None,
     ) -> None:
         """The run's summary, one INFO block (pending rate-limit notes first)."""
         if self.quiet:
@@ -187,6 +188,7 @@ class Console:
                     diagnoses=diagnoses,
                     run_dir=run_dir,
                     hidden=self.hidden_total,
+                    failures=failures,
                 ),
             )
 

@@ -902,7 +902,7 @@ class Guard(DeferredSteps):
         if self.recovery is not None:
             self.recovery.close()
             self.components.call("snapshots", self._record_disk_snapshots)
-        self.recorder.close(status, self.global_step)
+        self.recorder.close(status, self.global_step, self.components.failures)
         self.run_dir.release()
 
     def _record_late(self) -> None:

@@ -12,7 +12,7 @@ import time
 import traceback
 import warnings
 from array import array
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from keel._core.decision import Decision
@@ -186,8 +186,11 @@ class Recorder:
         whole = self._losses_whole and len(self._losses) > 0
         return diagnose(self.findings, losses=self._losses.tolist() if whole else None)
 
-    def close(self, status: str, steps: int) -> None:
+    def close(self, status: str, steps: int, failures: Mapping[str, int] | None = None) -> None:
         """Name the run's causes, say the summary on the console, and flush and close the store.
+
+        ``failures``: the steps each part of keel that is tried again on every step failed on
+        (`Components.failures`): said in the summary and kept in the store's meta as ``keel_errors``.
 
         After a signal, a run that ends by anything but keel's own ``"aborted"`` (the KeyboardInterrupt of a
         SIGINT, an exit, a loop that stopped early at its own SIGTERM handler's word and closed) is ``interrupted
@@ -213,9 +216,12 @@ class Recorder:
             decisions=self.decisions,
             diagnoses=self.diagnoses,
             run_dir=self.run_dir,
+            failures=failures,
         )
         if self.writer is not None:
             self.writer.set_meta({"diagnosis": [d.to_dict() for d in self.diagnoses]})
+            if failures:
+                self.writer.set_meta({"keel_errors": dict(failures)})
             self.writer.set_meta(
                 {"status": status, "steps": steps, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
             )

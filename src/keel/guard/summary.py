@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from keel._core.decision import Decision
@@ -28,8 +28,13 @@ def format_summary(
     diagnoses: Sequence[Diagnosis],
     run_dir: str | None,
     hidden: int = 0,
+    failures: Mapping[str, int] | None = None,
 ) -> str:
-    """The close summary: counts by kind and severity, what keel did, the named cause, the store and the report."""
+    """The close summary: counts by kind and severity, what keel did, the named cause, the store and the report.
+
+    ``failures``: how many steps each of keel's own parts that is tried again on the next step (``guard``: the
+    whole step's checks) failed on; its ``keel_error`` finding said only the first, and those steps went unguarded.
+    """
     lines = [f"run {one_line(status, 200)} after {steps} steps" + (f" (policy {policy})" if policy else "")]
     kinds: dict[str, Counter[str]] = {}
     for f in findings:
@@ -52,6 +57,12 @@ def format_summary(
         top = d.advice[0]["action"] if d.advice else ""
         advice = f"; advice: {one_line(advice_in_force(str(top), policy), 200)}" if top else ""
         lines.append(f"  cause {i}: {one_line(str(d.title), 100)} ({d.when()}){advice}")
+    for component, times in sorted((failures or {}).items()):
+        lines.append(
+            f"  keel error: {one_line(component, 60)} failed on {times} {plural(times, 'step')}; "
+            f"{'that step' if times == 1 else 'those steps'} went on unguarded, as the bare loop would "
+            "(the keel_error finding has the first traceback)"
+        )
     if hidden:
         lines.append(f"  {hidden} {plural(hidden, 'line')} not shown on the console (rate limit)")
     if run_dir is not None:
