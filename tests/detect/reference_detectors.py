@@ -7,8 +7,9 @@ that shares none of their data structures. Five changes, all fixes made together
 hostile log or setting made the originals raise or hang): ``exp(x) − 1`` that overflows is ∞, a log-ratio
 whose quotient underflows is a difference of logs, a spike over a baseline of exactly 0 has the ratio ∞ in its
 text (it divided by zero), a noise so large that the window it needs overflows asks for the widest window, and
-the divergence window ladder grows from a ``short`` under 4 (it looped forever). Cause and advice texts are the
-detectors' own (only the numbers in them are checked here).
+the divergence window ladder grows from a ``short`` under 4 (it looped forever). Later, a spike's evidence writes a
+robust z that overflows (a value 10^300 over a linear median of 10^-300) as None, not ∞, as the detector does.
+Cause and advice texts are the detectors' own (only the numbers in them are checked here).
 """
 
 from __future__ import annotations
@@ -209,7 +210,7 @@ class ReferenceSpike:
         ratio = x / baseline if baseline else math.inf  # a baseline of exactly 0 (a linear loss sitting at 0)
         seen = len(self._accepted) if len(self._accepted) < cfg.min_history else 0
         evidence = {
-            "z": round(z, 2),
+            "z": round(z, 2) if math.isfinite(z) else None,
             "ratio": round(ratio, 4) if baseline else None,
             "onset_step": self._onset,
             "consecutive": run,
