@@ -173,6 +173,10 @@ class RankSync:
         self._warned_unshared = False
         self._model = model
         self._warned_uneven = False
+        self._join = _JoinState()
+        self._warned_joined = False
+        self._closed = False
+        self._join_hook: _JoinHookSlot | None = None
         self.stats: _RankGradStats | None = None
         if config.rank_stats and isinstance(model, nn.parallel.DistributedDataParallel):
             stats = _RankGradStats(self.group)
@@ -181,6 +185,8 @@ class RankSync:
                 self.stats = stats
             except RuntimeError:  # the user registered their own hook (DDP allows one): do without
                 self.stats = None
+        if isinstance(model, nn.parallel.DistributedDataParallel):
+            self._join_hook = _JoinHookSlot(model, self)
 
     @classmethod
     def create(cls, model: nn.Module, config: DistributedConfig | bool | None) -> RankSync | None:
@@ -227,10 +233,14 @@ class RankSync:
         ranks packed come back as this rank's own values (see the module's docstring).
         """
         grad_stats = self.stats.take() if self.stats is not None else None
-        if self._uneven_inputs():
+        joining = self._join_mode()
+        if joining == "own":
             return packed
         plan = self._plan(packed.layout, grad_stats is not None, packed.tensor.device)
-        if self._same_everywhere(plan.checksum):
+        same = self._same_everywhere(plan.checksum, joining == "agreed")
+        if same is None:
+            return packed
+        if same:
             return self._reduce(packed.tensor, plan, grad_stats)
         return self._reduce_shared(packed, grad_stats)
 
@@ -265,13 +275,60 @@ class RankSync:
         tensor = torch.cat([head, *per_rank, out[plan.first_group_end :]])
         return Packed(tensor, plan.layout)
 
-    def _same_everywhere(self, checksum: int) -> bool:
+    def _same_everywhere(self, checksum: int, joining: bool = False) -> bool | None:
         """Whether every rank packed a layout with this checksum: max and min over ranks in one collective of two
-        integers, on the CPU (a host read, no device sync) unless the group is a subgroup of another backend."""
-        both = torch.tensor([checksum, -checksum], dtype=torch.int64, device=self._layout_device)
+        integers, on the CPU (a host read, no device sync) unless the group is a subgroup of another backend.
+
+        Inside DDP's join (``joining``) a third integer says whether a rank has run out of batches: such a rank's
+        join hook answers this collective with neutral values (`_shadow_step`). None then, and from here to the
+        join's end every rank decides on its own values (no rank's keel collectives are answered any more)."""
+        values = [checksum, -checksum, _ACTIVE] if joining else [checksum, -checksum]
+        both = torch.tensor(values, dtype=torch.int64, device=self._layout_device)
         dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._layout_group)
-        high, negative_low = both.tolist()
+        high, negative_low, *joined = both.tolist()
+        if joined and joined[0] == _JOINED:
+            self._join.someone_joined = True
+            self._warn_joined()
+            return None
         return bool(high == -negative_low)
+
+    def _shadow_step(self) -> None:
+        """On a rank that has run out of batches inside DDP's join, once: answer the other ranks' next layout check
+        (their next step's first collective) with neutral values and the "joined" flag; they then stop all-reducing
+        keel's values until the join ends, so this rank answers nothing more."""
+        if self.stats is not None:
+            self.stats.take()  # DDP's hook shadowed the backward with zero gradients: nothing of this rank's own
+        if self._join.someone_joined or self._closed:
+            return
+        self._join.someone_joined = True
+        neutral = torch.tensor([_NEUTRAL, _NEUTRAL, _JOINED], dtype=torch.int64, device=self._layout_device)
+        dist.all_reduce(neutral, op=dist.ReduceOp.MAX, group=self._layout_group)
+
+    def _join_ended(self) -> None:
+        """Every rank has left the join: keel agrees on every step again."""
+        if self.stats is not None:
+            self.stats.take()
+        self._join = _JoinState(ended=getattr(self._model, "_join_config", None))
+
+    def _warn_joined(self) -> None:
+        if self._warned_joined:
+            return
+        self._warned_joined = True
+        warnings.warn(
+            f"keel: rank {self.rank}: another rank ran out of batches inside DDP's join: from here until the join "
+            "ends each rank decides on its own values, not agreed "
+            "across ranks, so a skip or rollback decided on one rank's values alone desynchronises the replicas "
+            "(DDP's join then gives every rank the last joiner's weights); DistributedSampler(drop_last=True) keeps "
+            "the ranks' batches even",
+            KeelWarning,
+            stacklevel=5,
+        )
+
+    def close(self) -> None:
+        """Stop shadowing keel's collectives in DDP's joins (the Guard is closed: the loop makes none any more)."""
+        self._closed = True
+        if self._join_hook is not None:
+            self._join_hook.remove()
 
     def _reduce_shared(self, packed: Packed, grad_stats: Tensor | None) -> Packed:
         """The rare step whose layouts differ between ranks: exchange them, reduce the entries every rank has
@@ -326,24 +383,31 @@ class RankSync:
             stacklevel=4,
         )
 
-    def _uneven_inputs(self) -> bool:
-        """Whether the loop runs inside DDP's ``model.join()`` (uneven inputs): a rank that has run out of batches
-        shadows DDP's collectives but not keel's, so keel's would fail or mix values. Each rank then judges its own
-        values (warned once); the gradients DDP averages are alike on every rank, the losses are not."""
+    def _join_mode(self) -> Literal["none", "agreed", "own"]:
+        """Whether the loop runs inside DDP's join context (``model.join()`` or ``Join([model, ...])``) and how keel
+        decides there: "none" outside one; "agreed" while no rank has run out of batches (this RankSync's join
+        hook answers keel's collectives on a rank that has: `_shadow_step`); "own", each rank on its own values,
+        once one has, or when the join began before this RankSync existed (its hook is not in that join)."""
         config = getattr(self._model, "_join_config", None)  # set anew by each Join: read it every time
-        if config is None or not config.enable:
-            return False
+        if config is None or not config.enable or config is self._join.ended:
+            return "none"
+        if self._join.shadowed:
+            return "own" if self._join.someone_joined else "agreed"
         if not self._warned_uneven:
             self._warned_uneven = True
             warnings.warn(
-                "keel: inside DDP's model.join() (uneven inputs) keel does not all-reduce its signals: a rank that "
-                "has run out of batches would not answer the collective. Each rank decides on its own values until "
-                "the join ends; a skip or rollback decided on one rank's loss alone desynchronises the replicas, "
-                "so prefer even inputs (DistributedSampler(drop_last=True)) with policy='skip' or 'recover'",
+                "keel: the Guard was made inside DDP's join (uneven inputs), so no rank that runs out of batches "
+                "answers keel's collective: keel does not all-reduce its signals until the join ends and each rank "
+                "decides on its own values; a skip or rollback decided on one rank's loss alone desynchronises the "
+                "replicas. Make the Guard before `with model.join():`",
                 KeelWarning,
                 stacklevel=4,
             )
-        return True
+        return "own"
+
+    def _own_values_only(self) -> bool:
+        """Whether a collective now would go unanswered (a rank has run out of batches inside DDP's join)."""
+        return self._join_mode() == "own"
 
     def all_equal(self, value: int) -> bool:
         """Whether every rank passes the same integer (a collective: every rank must call it)."""
@@ -356,7 +420,7 @@ class RankSync:
         For the rare steps that change data (an attributed spike, a rollback): each rank trained on its own batch,
         so the examples to skip are the union of what every rank holds.
         """
-        if self._uneven_inputs():
+        if self._own_values_only():
             return sorted(set(ids))
         parts: list[list[int] | None] = [None] * self.world
         dist.all_gather_object(parts, list(ids), group=self.group)
@@ -364,8 +428,9 @@ class RankSync:
 
     def all_max(self, values: list[float]) -> list[float]:
         """The element-wise maximum over ranks of ``values`` (a collective: every rank must call it, with a list
-        of the same length). Exact for integers below 2**53. Inside DDP's ``model.join()``: this rank's own."""
-        if self._uneven_inputs():
+        of the same length). Exact for integers below 2**53. Once a rank has run out of batches inside DDP's join:
+        this rank's own."""
+        if self._own_values_only():
             return [float(v) for v in values]
         device = (
             torch.device("cuda", torch.cuda.current_device())
@@ -387,6 +452,63 @@ class RankSync:
             plan = self._plans[signature] = _Plan(layout, self.sharded, self.world, with_grad_stats, device)
             plan.checksum = zlib.crc32(repr((shape, with_grad_stats)).encode())  # alike in every process
         return plan
+
+
+_ACTIVE, _JOINED = -1, 0  # the join flag of `_same_everywhere` (a MAX): any rank's 0 says one has run out of batches
+_NEUTRAL = -(2**62)  # a joined rank's layout checksum entries: below every rank's, so the MAX is the others'
+
+
+@dataclass
+class _JoinState:
+    """Where a RankSync stands in DDP's current join context."""
+
+    shadowed: bool = False  # this join holds the RankSync's hook (the join began after the RankSync was made)
+    someone_joined: bool = False  # a rank has run out of batches: keel's collectives go unanswered until the end
+    ended: Any = None  # the join config of the last join that ended (it stays on the model after the join)
+
+
+class _ShadowingJoinHook:  # a torch JoinHook by its methods (its module needs torch.distributed)
+    """DDP's own join hook, then keel's: on a rank that has run out of batches, after DDP has shadowed an iteration
+    whose gradients the other ranks synchronise (they step, so their Guard checks its layout), `_shadow_step`."""
+
+    def __init__(self, ddp_hook: Any, ddp: nn.parallel.DistributedDataParallel, sync: RankSync) -> None:
+        self.ddp_hook, self.ddp, self.sync = ddp_hook, ddp, sync
+
+    def main_hook(self) -> None:
+        self.ddp_hook.main_hook()
+        if self.ddp.require_forward_param_sync:  # DDP's hook sets it: the other ranks' backward synchronised
+            self.sync._shadow_step()
+
+    def post_hook(self, is_last_joiner: bool) -> None:
+        self.ddp_hook.post_hook(is_last_joiner)
+        self.sync._join_ended()
+
+
+class _JoinHookSlot:
+    """keel's wrapper of a DDP model's ``join_hook``, which ``model.join()`` and ``Join([model, ...])`` call for the
+    hook they run on a rank that has run out of batches: DDP's, with keel's shadow after it (`_ShadowingJoinHook`).
+    Set on the model instance; `remove` puts back what was there (or, under a later Guard's, passes through)."""
+
+    def __init__(self, model: nn.parallel.DistributedDataParallel, sync: RankSync) -> None:
+        self.model, self.sync, self.active = model, sync, True
+        self.before = model.__dict__.get("join_hook")  # a former Guard's slot, or None (DDP's own method)
+        self.inner = model.join_hook
+        model.join_hook = self  # type: ignore[method-assign]
+
+    def __call__(self, **kwargs: Any) -> Any:
+        hook = self.inner(**kwargs)
+        if not self.active:
+            return hook
+        self.sync._join = _JoinState(shadowed=True)
+        return _ShadowingJoinHook(hook, self.model, self.sync)
+
+    def remove(self) -> None:
+        self.active = False
+        if self.model.__dict__.get("join_hook") is self:
+            if self.before is None:
+                del self.model.__dict__["join_hook"]
+            else:
+                self.model.join_hook = self.before  # type: ignore[method-assign]
 
 
 _GLOO_WORLDS: dict[Any, Any] = {}  # the default group → its gloo twin, made once per process group (not per Guard)

@@ -904,6 +904,8 @@ class Guard(DeferredSteps):
             self.components.call("snapshots", self._record_disk_snapshots)
         self.recorder.close(status, self.global_step, self.components.failures)
         self.run_dir.release()
+        if self.dist is not None:
+            self.dist.close()  # a DDP join made later gets DDP's own join hook, without keel's shadow
 
     def _record_late(self) -> None:
         values, per_param = unpack(pack(self._late))[0]
