@@ -82,6 +82,23 @@ def phase_at(phases: Sequence[tuple[int, str]], step: int) -> str | None:
     return phases[i][1] if i >= 0 else None
 
 
+def trained_before(phases: Sequence[tuple[int, str | None]], task: str, step: int) -> bool:
+    """Whether ``task`` was trained before the phase running at ``step``: it names an earlier phase, or an earlier
+    phase is unnamed (``None``: the steps before the first declared phase) and no phase names ``task``, so those
+    steps may have trained it. ``phases`` are ``(first step, name)`` in order.
+
+    Example:
+        >>> phases = [(0, "a"), (30, "b")]
+        >>> trained_before(phases, "a", 35), trained_before(phases, "b", 35), trained_before(phases, "c", 35)
+        (True, False, False)
+        >>> trained_before([(0, None), (30, "b")], "c", 35)  # the unnamed first steps may have trained c
+        True
+    """
+    current = bisect.bisect_right([s for s, _ in phases], step) - 1
+    earlier = {name for _, name in phases[: max(current, 0)]}
+    return task in earlier or (None in earlier and all(name != task for _, name in phases))
+
+
 def largest_drop(values: Sequence[float], window: int) -> float:
     """max over i < j with j − i < ``window`` of values[i] − values[j]; 0 when there is no such pair or no drop.
 
@@ -183,4 +200,4 @@ def _mean(values: Sequence[float]) -> float:
     return math.fsum(values) / len(values)
 
 
-__all__ = ["WINDOWS", "TaskEval", "continual_metrics", "largest_drop", "phase_at"]
+__all__ = ["WINDOWS", "TaskEval", "continual_metrics", "largest_drop", "phase_at", "trained_before"]

@@ -23,6 +23,12 @@ the depth by default as a gap often recovers only part of the way) and ``recover
 task kept losing) — so the warning comes early and the recovery is a later record, both in the store. A gap that has
 not recovered by the next switch gets no recovery record.
 
+Only tasks trained before the switch are judged: the Guard tells the detector each eval's task (``task=``) and the
+phases so far (`note_phases`), and a key whose task was not trained in an earlier phase — the task the switch starts,
+or one still to come, whose eval may sit above chance and fall (domain-incremental) — is not armed
+(`keel.detect.continual_metrics.trained_before`, the continual metrics' notion of a seen task). A key with no task
+(a log read by `keel doctor`, an eval not tied to a task) is judged at every switch.
+
 Goals: an eval the Guard records says whether higher or lower is better (`note_eval`); in a log read by
 `keel doctor` a key whose last part names a loss or a perplexity (``loss``, ``ppl``, ``perplexity``) is taken as
 lower-is-better. Silent without a switch (a plain fine-tune), without evals, and for a key with fewer than
@@ -46,6 +52,7 @@ from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types, config_from, require_ints, require_positive
 from keel.detect._finding import explained_finding
+from keel.detect.continual_metrics import trained_before
 from keel.detect.detector import DETECTORS
 from keel.detect.robust import median, step_noise
 
@@ -114,10 +121,20 @@ class StabilityGapDetector:
         self._switch: dict[str, Any] = {}  # the last switch: step, from, to
         self._history: dict[str, list[float]] = {}  # per key, its qualities in the current phase (last `window`+1)
         self._gaps: dict[str, dict[str, Any]] = {}  # per key armed at the last switch: baseline and gap so far
+        self.tasks: dict[str, str] = {}  # eval key → the task (phase name) it measures, when tied to one
+        self.phases: list[tuple[int, str | None]] = []  # (first step, name; None: unnamed), as the Guard declared
 
-    def note_eval(self, key: str, goal: Literal["max", "min"] | None) -> None:
-        """Tell the detector an eval key's goal (``None``: do not watch it, e.g. a dict eval's other metrics)."""
+    def note_eval(self, key: str, goal: Literal["max", "min"] | None, task: str | None = None) -> None:
+        """Tell the detector an eval key's goal (``None``: do not watch it, e.g. a dict eval's other metrics) and
+        the task it measures (``None``: none; the key is judged at every switch)."""
         self.goals[key] = goal
+        if task is not None:
+            self.tasks[key] = task
+
+    def note_phases(self, phases: list[tuple[int, str | None]]) -> None:
+        """Tell the detector the phases so far, ``(first step, name)`` in order (``None``: the unnamed steps
+        before the first declared phase), so that it judges only the evals of tasks trained before a switch."""
+        self.phases = [(int(step), name) for step, name in phases]
 
     def update(self, obs: Observation) -> list[Finding]:
         phase = obs.values.get(keys.PHASE_INDEX)
@@ -149,7 +166,7 @@ class StabilityGapDetector:
         self._switch = {"step": step, "from": int(before), "to": int(after)}
         self._gaps = {}
         for key, history in self._history.items():
-            if len(history) < cfg.baseline_points + 1:
+            if len(history) < cfg.baseline_points + 1 or not self._trained(key, step):
                 continue
             level = median(history[-cfg.baseline_points :])
             diffs = [b - a for a, b in zip(history[:-1], history[1:], strict=True)]
@@ -163,6 +180,12 @@ class StabilityGapDetector:
                 "deep_run": 0,  # evals in a row below the level by z noise units
             }
         self._history = {}
+
+    def _trained(self, key: str, step: int) -> bool:
+        """Whether ``key``'s task was trained before the phase running at ``step`` (True for a key with no task,
+        or when no phases were noted)."""
+        task = self.tasks.get(key)
+        return task is None or not self.phases or trained_before(self.phases, task, step)
 
     def _judge(self, step: int, key: str, quality: float, goal: str) -> Finding | None:
         gap = self._gaps.get(key)
@@ -262,6 +285,8 @@ class StabilityGapDetector:
             "switch": dict(self._switch),
             "history": {k: list(v) for k, v in self._history.items()},
             "gaps": {k: dict(v) for k, v in self._gaps.items()},
+            "tasks": dict(self.tasks),
+            "phases": [list(p) for p in self.phases],
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -271,6 +296,8 @@ class StabilityGapDetector:
         self._switch = dict(state["switch"])
         self._history = {k: list(v) for k, v in state["history"].items()}
         self._gaps = {k: dict(v) for k, v in state["gaps"].items()}
+        self.tasks = dict(state.get("tasks", {}))  # snapshots written before tasks were noted: none
+        self.phases = [(int(step), name) for step, name in state.get("phases", [])]
 
 
 def _guess_goal(key: str) -> Literal["max", "min"]:

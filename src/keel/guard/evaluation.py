@@ -173,9 +173,19 @@ class Evaluation:
         index = known.get(name, len(known))
         rebaselined = self._rebaseline() if self.phases else ()
         self.phases.append(Phase(index=index, name=name, step=step, rebaselined=rebaselined))
+        self._note_phases()
         self._announce = index
         self._write_meta()
         return index
+
+    def _note_phases(self) -> None:
+        """Tell the detectors that take them (`note_phases`: the stability gap, which judges only the tasks
+        trained before a switch) the phases so far; the implicit first phase names no task."""
+        phases = [(p.step, None if p.name == START_PHASE and p.index == 0 else p.name) for p in self.phases]
+        for detector in self.components.detectors:
+            note = getattr(detector, "note_phases", None)
+            if note is not None:
+                self.components.call(detector_label(detector), note, phases)
 
     def _rebaseline(self) -> tuple[str, ...]:
         """Start new baselines for the one-signal detectors of the loss and gradient norm: the new phase's data has
@@ -297,7 +307,9 @@ class Evaluation:
             if note is not None:  # the goal of each key: the headline's is the eval's, the other metrics unwatched
                 for result in results:
                     for key in result.values:
-                        self.components.call(label, note, key, result.spec.goal if key == result.headline else None)
+                        watched = key == result.headline
+                        goal, task = (result.spec.goal, result.spec.task) if watched else (None, None)
+                        self.components.call(label, note, key, goal, task)
             found.extend(self.components.call(label, _detected, detector, obs) or [])
         return found
 
@@ -344,6 +356,7 @@ class Evaluation:
             )
             return
         self.phases, self.tracks, self._announce = phases, tracks, announce
+        self._note_phases()
         self.restore_problem = None
 
     def _load_listeners(self, states: Any) -> None:
