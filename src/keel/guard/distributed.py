@@ -62,7 +62,9 @@ class DistributedConfig:
         rank_stats: Register a DDP communication hook that measures each rank's gradient before averaging
             (its norm and its cosine to the other ranks' mean), for `RankOutlierDetector`. Costs one copy
             of each gradient bucket per step; only for a ``DistributedDataParallel`` model.
-        process_group: The group to reduce over; ``None`` is the default (world) group.
+        process_group: The group to reduce over; ``None`` is the default (world) group. A subgroup of the job
+            (the data-parallel group of a 2-D job) keeps its run in ``run_dir/group-<g>``, ``g`` the job-wide rank
+            of the group's rank 0, so every group's Guard can be given the job's one run_dir.
     """
 
     sharded: bool | None = None
@@ -159,6 +161,8 @@ class RankSync:
     Attributes:
         rank: This process's rank in the group.
         world: Number of ranks.
+        leader: The job-wide rank of the group's rank 0 when the group is a subgroup of the job (a data-parallel
+            group of a 2-D job), else None.
         sharded: Whether norms combine as √Σ norm² (FSDP) rather than as a mean (DDP).
     """
 
@@ -167,6 +171,7 @@ class RankSync:
         self.group = config.process_group
         self.rank = dist.get_rank(self.group)
         self.world = dist.get_world_size(self.group)
+        self.leader = dist.get_global_rank(self.group, 0) if self.world < dist.get_world_size() else None
         self.sharded = _is_sharded(model) if config.sharded is None else config.sharded
         self._plans: dict[Any, _Plan] = {}
         self._layout_group, self._layout_device = _host_group(self.group)

@@ -1,7 +1,8 @@
 """Claiming a run_dir for one `Guard`: a lock while it is open, one run per folder, and the run's identity.
 
 A run_dir holds one run: its store (``run.sqlite``, written by rank 0) and its disk snapshots (``snapshots/``, or
-``rank-<r>/snapshots`` under torchrun). A folder that already holds a run is opened by an explicit choice:
+``rank-<r>/snapshots`` under torchrun). Under a process group that is a subgroup of the job, each group's run is in
+``run_dir/group-<g>`` (`_group_folder`). A folder that already holds a run is opened by an explicit choice:
 continue that run (``resume=True``), start a new one in its place (``overwrite=True``: keel's files there are
 deleted first), or use another folder. Mixing two runs in one folder is what once let a resumed run load the
 weights of an older run whose snapshots had higher step numbers.
@@ -134,7 +135,7 @@ class RunDir:
             if overwrite:
                 raise ValueError("overwrite=True needs run_dir; allowed: the run_dir to start over in")
             return cls(None, store_dir=None, snapshot_dir=None, run_id=new_run_id(), resumes=None, locks=[])
-        path = Path(run_dir)
+        path = _group_folder(Path(run_dir), sync)
         rank, world = (sync.rank, sync.world) if sync is not None else (0, 1)
         own = path / f"rank-{rank}" if sync is not None else path
         locks: list[IO[str]] = []
@@ -191,6 +192,17 @@ def valid_run_id(value: object) -> str | None:
     if isinstance(value, str) and len(value) == 2 * _ID_BYTES and all(c in "0123456789abcdef" for c in value):
         return value
     return None
+
+
+def _group_folder(run_dir: Path, sync: RankSync | None) -> Path:
+    """Where this rank's group keeps its run: ``run_dir`` itself, or ``run_dir/group-<g>`` under a process group
+    that is a subgroup of the job (``DistributedConfig(process_group=)``, the data-parallel group of a 2-D job), ``g``
+    the job-wide rank of the group's rank 0. Every group's Guard writes its own store and rank folders (numbered
+    within the group), so groups sharing the job's one run_dir collided there: one group failed, blaming "another
+    open Guard", or a group that started later found the other's store and refused it as a previous run."""
+    if sync is None or sync.leader is None:
+        return run_dir
+    return run_dir / f"group-{sync.leader}"
 
 
 # --- the lock -------------------------------------------------------------------------------------------------
