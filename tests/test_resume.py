@@ -20,7 +20,7 @@ from tests.conftest import TinyNet, make_batches
 
 def _run(run_dir, model=None, make_opt=None, make_sched=None, steps=6):
     torch.manual_seed(0)
-    model = model or TinyNet()
+    model = model if model is not None else TinyNet()
     opt = (make_opt or (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2)))(model)
     sched = make_sched(opt) if make_sched is not None else None
     guard = Guard(
@@ -42,7 +42,7 @@ def _run(run_dir, model=None, make_opt=None, make_sched=None, steps=6):
 
 def _resume(run_dir, model=None, make_opt=None, make_sched=None):
     torch.manual_seed(1)
-    model = model or TinyNet()
+    model = model if model is not None else TinyNet()
     opt = (make_opt or (lambda m: torch.optim.AdamW(m.parameters(), lr=1e-2)))(model)
     sched = make_sched(opt) if make_sched is not None else None
     return Guard(model, opt, sched, run_dir=str(run_dir), policy="recover", resume=True), model, opt
@@ -327,3 +327,49 @@ def test_a_resumed_ring_holds_the_runs_older_disk_snapshots_too(tmp_path):
     ring, decisions = train(True, 26)
     assert ring == [10, 15, 20]  # it held [20] alone: the rollback at 23 aborted (reviewer V1)
     assert decisions[23].action == "rollback" and decisions[23].restored_step == 10
+
+
+@pytest.mark.parametrize("compiled_first", [True, False], ids=["compiled-then-eager", "eager-then-compiled"])
+def test_resume_after_switching_torch_compile_finds_the_same_weights(tmp_path, compiled_first):
+    """torch.compile's wrapper names every tensor ``_orig_mod.<name>``; the weights are the same (reviewer V7): a
+    run resumed with compile switched off to debug (or on) loads what resuming the same setup loads."""
+
+    def wrap(net, compiled):
+        return torch.compile(net, backend="eager") if compiled else net
+
+    _run(tmp_path, model=wrap(TinyNet(), compiled_first))
+    loaded = {}
+    for compiled in (compiled_first, not compiled_first):  # the same setup first: the reference
+        net = TinyNet()
+        guard, _, opt = _resume(tmp_path, model=wrap(net, compiled))
+        loaded[compiled] = (guard.global_step, {k: v.clone() for k, v in net.state_dict().items()}, opt.state_dict())
+        guard.close()
+    (step_same, weights_same, optim_same), (step_other, weights_other, optim_other) = (
+        loaded[compiled_first],
+        loaded[not compiled_first],
+    )
+    assert step_other == step_same > 0
+    assert weights_other.keys() == weights_same.keys()
+    assert all(torch.equal(weights_other[k], weights_same[k]) for k in weights_same)
+    moments = [(s["exp_avg"], s["exp_avg_sq"]) for s in optim_same["state"].values()]
+    assert moments and all(
+        torch.equal(a, b)
+        for (pair_same, pair_other) in zip(
+            moments, [(s["exp_avg"], s["exp_avg_sq"]) for s in optim_other["state"].values()], strict=True
+        )
+        for a, b in zip(pair_same, pair_other, strict=True)
+    )
+
+
+def test_a_renamed_submodule_is_still_refused_with_compile_on(tmp_path):
+    class Renamed(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.head = TinyNet()
+
+        def forward(self, x):
+            return self.head(x)
+
+    _run(tmp_path, model=torch.compile(TinyNet(), backend="eager"))
+    message = _refused(tmp_path, model=torch.compile(Renamed(), backend="eager"))
+    assert "another setup" in message and "head." in message and "_orig_mod" not in message

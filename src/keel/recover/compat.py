@@ -13,7 +13,7 @@ from torch import Tensor
 
 from keel.recover.fixed import placeholders
 from keel.recover.snapshot import Snapshot
-from keel.recover.state import TrainingState, classes_of, local_tensor
+from keel.recover.state import TrainingState, classes_of, local_tensor, model_key
 
 MAX_SHOWN = 5  # differences named in one error; the rest are counted
 MAX_NAMES = 6  # parameter names listed in one difference
@@ -44,7 +44,9 @@ def describe_differences(differences: list[str]) -> str:
 
 def _model_differences(tensors: dict[str, Tensor], state: TrainingState) -> list[str]:
     saved = {k.removeprefix("model/"): t for k, t in tensors.items() if k.startswith("model/")}
-    live = {k: local_tensor(t) for k, t in state.model.state_dict(keep_vars=True).items()}
+    live = {
+        model_key(k).removeprefix("model/"): local_tensor(t) for k, t in state.model.state_dict(keep_vars=True).items()
+    }
     differences = []
     for names, where in (
         (sorted(saved.keys() - live.keys()), "in the snapshot, not in the model"),

@@ -38,6 +38,7 @@ from torch import Tensor
 from keel.recover.actions import HISTORY_KEY, LEGACY_HISTORY_KEY
 from keel.recover.fixed import CHECKSUM, FixedTensor
 from keel.recover.snapshot import Snapshot
+from keel.recover.state import without_compile_prefix
 
 TENSORS, META = "tensors.safetensors", "meta.json"
 MAX_STEP = 2**63 - 1  # the run store keeps steps as SQLite integers
@@ -110,7 +111,8 @@ def read_snapshot(folder: str | Path) -> Snapshot:
     _check_skeleton(skeleton, tensors)
     _check_plain(plain)
     _upgrade_history(plain)
-    fixed = _fixed(meta.get("fixed"), tensors)
+    fixed = without_compile_prefix(_fixed(meta.get("fixed"), tensors))
+    tensors = without_compile_prefix(tensors)
     snap = Snapshot(
         step=meta["step"], tensors=tensors, skeleton=skeleton, plain=plain, created=meta["created"], fixed=fixed
     )

@@ -151,6 +151,22 @@ def tensor_sources(
     return params, buffers, skeleton
 
 
+COMPILED = "_orig_mod."  # torch.compile's wrapper (of the model or of a submodule) names its module's tensors so
+
+
+def model_key(name: str) -> str:
+    """The snapshot key of the model's tensor ``name``: ``model/<name>`` without torch.compile's ``_orig_mod.``.
+    A compiled model holds the same tensors under that prefix, so a run resumed with compile switched off to debug
+    (or on) finds its weights; a model renamed in any other way is still another setup."""
+    return "model/" + name.replace(COMPILED, "")
+
+
+def without_compile_prefix(tensors: dict[str, Any]) -> dict[str, Any]:
+    """A snapshot's tensors (or fixed parameters) by `model_key`: those written before keel dropped the prefix
+    carry it."""
+    return {key.replace(COMPILED, "") if key.startswith("model/") else key: t for key, t in tensors.items()}
+
+
 def model_parts(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
     """The live model's tensors by snapshot key (``model/<name>``, this rank's shards), in one walk of its
     ``state_dict``: (the parameters the optimizer can change now, the fixed ones — `keel.recover.fixed` —, buffers).
@@ -162,7 +178,7 @@ def model_parts(state: TrainingState) -> tuple[dict[str, Tensor], dict[str, Tens
     buffers: dict[str, Tensor] = {}
     for name, t in state.model.state_dict(keep_vars=True).items():
         part = buffers if id(t) not in param_ids else trained if id(t) in trained_now else fixed
-        part["model/" + name] = local_tensor(t.detach())
+        part[model_key(name)] = local_tensor(t.detach())
     trained.update(outside_parameters(state, param_ids))
     return trained, fixed, buffers
 
@@ -293,7 +309,7 @@ def restore(
     """
     with torch.no_grad():
         for name, t in state.model.state_dict(keep_vars=True).items():
-            key = "model/" + name
+            key = model_key(name)
             if key not in tensors and key in fixed:
                 continue
             local_tensor(t).copy_(tensors[key])
