@@ -5,11 +5,13 @@ of those layers may import this one.
 A router, by layout: a module named ``gate`` or ``router`` with a 2-D ``weight`` (E ≥ 2, d) whose parent has an
 ``experts`` child — Hugging Face Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE ``mlp.gate``, Mixtral 4.x's
 ``block_sparse_moe.gate``, keel's proxy MoE router. Qwen2-MoE's (1, d) ``shared_expert_gate`` scales, it routes
-nothing.
+nothing. Hugging Face Switch Transformers and NLLB-MoE keep the logits in the ``classifier`` child of a weightless
+``router`` (`classifier_routers`).
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import Tensor, nn
@@ -59,6 +61,50 @@ def routers_by_layout(model: nn.Module) -> list[tuple[str, nn.Module]]:
         for n, m in table.items()
         if n.rpartition(".")[2] in ROUTER_NAMES and is_router(m, parent_module(table, n))
     ]
+
+
+_TOP_K_IN_CLASS_NAME = re.compile(r"Top(\d+)Router$")  # SwitchTransformersTop1Router, NllbMoeTop2Router
+
+
+def classifier_routers(model: nn.Module) -> list[tuple[str, nn.Module, int | None]]:
+    """The logit layers of T5X / fairseq-style routers, with their top-k, in registration order.
+
+    Hugging Face Switch Transformers and NLLB-MoE route through a ``router`` (beside ``experts``) that holds no
+    weight itself: its ``classifier`` child (``nn.Linear(d, E)``) makes the raw logits and the router returns
+    ``(dispatch mask, probabilities, logits)``. The classifier is the module to watch; k is the router's declared
+    ``top_k`` / ``num_experts_per_tok``, else the N of its class name ``...TopNRouter``, else None.
+
+    Example:
+        >>> classifier_routers(nn.Linear(2, 2))
+        []
+    """
+    table = dict(model.named_modules())
+    found = []
+    for name, module in table.items():
+        router_name, _, leaf = name.rpartition(".")
+        router = table.get(router_name) if router_name else None
+        if leaf != "classifier" or router is None or router_name.rpartition(".")[2] not in ROUTER_NAMES:
+            continue
+        block = parent_module(table, router_name)
+        if is_router(router, block) or not is_router(module, block):
+            continue  # a router with its own weight is found by layout; the classifier needs the block's experts
+        match = _TOP_K_IN_CLASS_NAME.search(type(router).__name__)
+        top_k = declared_top_k(router, block) or (int(match[1]) if match else None)
+        found.append((name, module, top_k))
+    return found
+
+
+def routers_with_classifiers(model: nn.Module) -> list[tuple[str, nn.Module, int | None]]:
+    """Every router of ``model`` with its top-k where the layout gives it: `routers_by_layout` (top-k None: the
+    module or its block declares it, `declared_top_k`) and `classifier_routers`, in registration order.
+
+    Example:
+        >>> routers_with_classifiers(nn.Linear(2, 2))
+        []
+    """
+    order = {name: i for i, (name, _) in enumerate(model.named_modules())}
+    found = [(n, m, None) for n, m in routers_by_layout(model)] + classifier_routers(model)
+    return sorted(found, key=lambda entry: order[entry[0]])
 
 
 def split_router_output(output: Any) -> tuple[Tensor, Tensor | None, Tensor | None]:

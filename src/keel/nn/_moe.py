@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import nn
 
-from keel.losses._router_layout import declared_top_k, parent_module, routers_by_layout
+from keel.losses._router_layout import declared_top_k, parent_module, routers_by_layout, routers_with_classifiers
 
 
 @dataclass(frozen=True)
@@ -21,24 +21,34 @@ class RouterSite:
     top_k: int | None
 
 
-def find_routers(model: nn.Module, names: list[str] | None, owner: str) -> list[RouterSite]:
+def find_routers(
+    model: nn.Module, names: list[str] | None, owner: str, *, classifiers: bool = False
+) -> list[RouterSite]:
     """The routers of ``model``: the named modules, else those found by layout, in registration order.
+
+    ``classifiers=True`` also finds the logit layers of Switch Transformers / NLLB-MoE routers
+    (`keel.losses._router_layout.classifier_routers`): what a loss on the logits needs. Their parent is the router,
+    not the MoE block, so the stabilizers that change a block's or a router's output leave them out.
 
     Raises:
         ValueError: a name in ``names`` is not a submodule of the model (``owner`` names the option).
     """
     table = dict(model.named_modules())
+    found: list[tuple[str, nn.Module, int | None]]
     if names is not None:
         missing = [n for n in names if n not in table]
         if missing:
             raise ValueError(f"{owner}={names!r}: {missing[0]!r} is not a submodule; allowed: names of router modules")
-        found = [(n, table[n]) for n in names]
+        found = [(n, table[n], None) for n in names]
+    elif classifiers:
+        found = routers_with_classifiers(model)
     else:
-        found = routers_by_layout(model)
+        found = [(n, m, None) for n, m in routers_by_layout(model)]
     sites = []
-    for name, module in found:
+    for name, module, layout_top_k in found:
         block = parent_module(table, name)
-        sites.append(RouterSite(name=name, module=module, block=block, top_k=declared_top_k(module, block)))
+        top_k = layout_top_k or declared_top_k(module, block)
+        sites.append(RouterSite(name=name, module=module, block=block, top_k=top_k))
     return sites
 
 

@@ -26,17 +26,20 @@ class RouterHookWarning(KeelWarning):
 
 
 class AuxLossAutoScaler(torch.autograd.Function):
-    """Identity on ``carrier`` in forward; in backward, also sends ``scale`` into ``aux_loss``'s graph.
+    """A copy of ``carrier`` in forward; in backward, also sends ``scale`` into ``aux_loss``'s graph.
 
     ``d(aux_loss)/dθ · scale`` is what a ``(loss + aux_loss·scale).backward()`` would have added to θ's gradient,
-    as long as ``carrier`` takes part in the loss.
+    as long as ``carrier`` takes part in the loss. A copy, not a view (Megatron returns the input as-is): the model
+    may change the tensor in place — NLLB-MoE's router adds Gumbel noise to its logits with ``+=`` when
+    ``second_expert_policy="sampling"`` — which autograd refuses on a custom Function's view, and which would also
+    change the logits the aux loss saved for its backward. The carrier is a router's (T, E) logits or (T, k) weights.
     """
 
     @staticmethod
     def forward(ctx: Any, carrier: Tensor, aux_loss: Tensor, scale: float) -> Tensor:
         ctx.save_for_backward(aux_loss)
         ctx.scale = scale
-        return carrier.view_as(carrier)
+        return carrier.clone()
 
     @staticmethod
     def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, Tensor, None]:

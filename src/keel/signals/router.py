@@ -55,7 +55,6 @@ References:
 from __future__ import annotations
 
 import math
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -67,11 +66,9 @@ from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types, config_from
 from keel.losses._router_layout import (
-    ROUTER_NAMES,
     declared_top_k,
-    is_router,
     parent_module,
-    routers_by_layout,
+    routers_with_classifiers,
     split_router_output,
 )
 from keel.signals._hooks import ObserverHook, compiling, hooks_active, named_modules_by_name
@@ -142,40 +139,9 @@ class RouterSite:
     checked: bool = False
 
 
-_TOP_K_IN_CLASS_NAME = re.compile(r"Top(\d+)Router$")  # SwitchTransformersTop1Router, NllbMoeTop2Router
-
-
-def classifier_routers(model: nn.Module) -> list[tuple[str, nn.Module, int | None]]:
-    """The logit layers of T5X / fairseq-style routers, with their top-k, in registration order.
-
-    Hugging Face Switch Transformers and NLLB-MoE route through a ``router`` (beside ``experts``) that holds no
-    weight itself: its ``classifier`` child (``nn.Linear(d, E)``) makes the raw logits and the router returns
-    ``(dispatch mask, probabilities, logits)``. The classifier is the module to watch; k is the router's declared
-    ``top_k`` / ``num_experts_per_tok``, else the N of its class name ``...TopNRouter``, else None.
-
-    Example:
-        >>> classifier_routers(nn.Linear(2, 2))
-        []
-    """
-    table = dict(model.named_modules())
-    found = []
-    for name, module in table.items():
-        router_name, _, leaf = name.rpartition(".")
-        router = table.get(router_name) if router_name else None
-        if leaf != "classifier" or router is None or router_name.rpartition(".")[2] not in ROUTER_NAMES:
-            continue
-        block = parent_module(table, router_name)
-        if is_router(router, block) or not is_router(module, block):
-            continue  # a router with its own weight is found by layout; the classifier needs the block's experts
-        match = _TOP_K_IN_CLASS_NAME.search(type(router).__name__)
-        top_k = declared_top_k(router, block) or (int(match[1]) if match else None)
-        found.append((name, module, top_k))
-    return found
-
-
 def find_routers(model: nn.Module, names: list[str] | None = None, top_k: int | None = None) -> list[RouterSite]:
-    """The routers of ``model``: the named modules, or those found by layout (`routers_by_layout` and
-    `classifier_routers`), in registration order.
+    """The routers of ``model``: the named modules, or those found by layout (`routers_with_classifiers`), in
+    registration order.
 
     Example:
         >>> find_routers(nn.Linear(2, 2))
@@ -186,9 +152,7 @@ def find_routers(model: nn.Module, names: list[str] | None = None, top_k: int | 
     if names is not None:
         found = [(n, m, None) for n, m in named_modules_by_name(model, names)]
     else:
-        order = {name: i for i, name in enumerate(table)}
-        found = [(n, m, None) for n, m in routers_by_layout(model)] + classifier_routers(model)
-        found.sort(key=lambda entry: order[entry[0]])
+        found = routers_with_classifiers(model)
     sites = []
     for name, module, layout_top_k in found:
         block = parent_module(table, name)

@@ -15,7 +15,7 @@ def attach_router_loss(
     """Put a `RouterAuxLossHook` of ``kind`` on every router of ``model`` (one `Change` each); a router that has
     one of that kind already is reported, not hooked twice."""
     changes = []
-    for site in find_routers(model, routers, f"{stabilizer}.routers"):
+    for site in find_routers(model, routers, f"{stabilizer}.routers", classifiers=True):
         present = [h for h in hooks_of(site.module, RouterAuxLossHook) if h.kind == kind]
         if present:
             changes.append(

@@ -23,7 +23,8 @@ class RouterZLossStabilizer:
 
     Routers are found by layout: a ``gate`` / ``router`` module with a 2-D weight (E ≥ 2, d) beside an ``experts``
     child (Hugging Face Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE ``mlp.gate``, Mixtral 4.x ``block_sparse_moe.gate``,
-    keel's proxy MoE), or named in ``routers``. A `keel.nn.RouterAuxLossHook` on each injects the loss's gradient in
+    keel's proxy MoE), the ``classifier`` of a weightless ``router`` beside ``experts`` (Switch Transformers,
+    NLLB-MoE), or named in ``routers``. A `keel.nn.RouterAuxLossHook` on each injects the loss's gradient in
     backward through the routing weights (Megatron's ``MoEAuxLossAutoScaler``), so the model's function and the
     loop's loss are unchanged; ``hook.last`` holds the unscaled z of the latest forward. Under gradient
     accumulation or a ``GradScaler`` call `keel.nn.set_router_loss_scale` with the loop's loss factor.
