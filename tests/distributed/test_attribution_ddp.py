@@ -38,3 +38,15 @@ def test_a_rollback_lists_every_ranks_ids_of_the_window_it_discards(tmp_path):
     expected = sorted(r * 10000 + s * 8 + j for r in range(2) for s in range(restored, step + 1) for j in range(8))
     assert ranks[0]["rollback_skip_listed"] == expected
     assert ranks[0]["rollback_params_equal"]
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="needs src/keel/guard/data_ledger.py to pass spike_floor to rank_offenders (patch in h26-A-findings, V13)",
+)
+def test_a_healthy_ranks_most_extreme_example_is_not_skip_listed_with_another_ranks_corrupt_one(tmp_path):
+    torchrun(Path(__file__).with_name("attribution_healthy_worker.py"), str(tmp_path), nproc=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert ranks[0]["decisions"] == ranks[1]["decisions"] == [[30, "skip"]]
+    assert ranks[0]["healthy_outliers"]  # rank 0's batch alone has an example above z 6 ...
+    assert ranks[0]["skip_listed"] == [981]  # ... but only rank 1's corrupt example carries the spike

@@ -12,27 +12,34 @@ before that step's update, so a healthy step costs nothing. Two measurements of 
   gradients are returned, never written into ``.grad``.
 
 `rank_offenders` ranks the examples by their excess over the batch median, in units of the batch's robust spread
-(1.4826 × MAD), and marks the outliers (a non-finite value is always one). The idea of attributing a spike to its
-examples is PaLM's observation (Chowdhery et al. 2022, §5.1) that spikes come from particular batches in a
-particular state; the ranking is keel's.
+(1.4826 × MAD), and marks the outliers (a non-finite value is always one). A batch of squared errors has a heavy
+right tail, so a healthy batch nearly always holds an example above the z threshold: on a step whose loss spiked,
+an outlier must also carry a share of the spike (`spike_floor`) — under torch.distributed a healthy rank's most
+extreme example, six orders of magnitude below another rank's corrupt one, was skip-listed with it.
+
+The idea of attributing a spike to its examples is PaLM's observation (Chowdhery et al. 2022, §5.1) that spikes
+come from particular batches in a particular state; the ranking is keel's.
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
+from keel._core import keys
+from keel._core.finding import Finding
 from keel._core.validate import check_types, require_ints, require_positive
 from keel.signals._hooks import quiet
 
 ExampleLossFn = Callable[[nn.Module, Any], Tensor]
 MAD_TO_SIGMA = 1.4826  # the MAD of a normal sample times this is its standard deviation
+CARRIED_SHARE = 0.01  # on a loss spike, an outlier example carries at least this share of the step's excess
 
 
 @dataclass(kw_only=True)
@@ -83,11 +90,14 @@ class Offender:
         return {"id": self.id, "value": self.value, "z": self.z, "outlier": self.outlier}
 
 
-def rank_offenders(values: Sequence[float], ids: Sequence[int], *, top_k: int, z: float) -> list[Offender]:
+def rank_offenders(
+    values: Sequence[float], ids: Sequence[int], *, top_k: int, z: float, floor: float | None = None
+) -> list[Offender]:
     """The ``top_k`` examples with the highest excess over the median, non-finite ones first.
 
     The spread is 1.4826 × MAD; when more than half the batch has the same value the MAD is 0, and the mean
-    absolute deviation stands in (a batch where every example agrees has no outlier: z 0).
+    absolute deviation stands in (a batch where every example agrees has no outlier: z 0). With a ``floor``
+    (`spike_floor`), an example below it is no outlier, whatever its z.
 
     Example:
         >>> [o.id for o in rank_offenders([1.0, 1.1, 0.9, 9.0, 1.0], [10, 11, 12, 13, 14], top_k=2, z=6)]
@@ -108,8 +118,35 @@ def rank_offenders(values: Sequence[float], ids: Sequence[int], *, top_k: int, z
             return math.inf
         return 0.0 if not spread > 0 else (value - median) / spread
 
+    def outlier(value: float) -> bool:
+        return score(value) > z and (floor is None or not value < floor)  # NaN: always one
+
     ranked = sorted(zip(ids, values, strict=True), key=lambda pair: -score(pair[1]))[:top_k]
-    return [Offender(id=i, value=v, z=score(v), outlier=score(v) > z) for i, v in ranked]
+    return [Offender(id=i, value=v, z=score(v), outlier=outlier(v)) for i, v in ranked]
+
+
+def spike_floor(findings: Iterable[Finding], *, examples: int, share: float = CARRIED_SHARE) -> float | None:
+    """The loss an example must reach to carry ``share`` of the step's loss spike; None when no finding is about a
+    loss above its baseline (no floor: a gradient-norm spike is not in the losses' units).
+
+    The step's loss is the mean over ``examples`` examples (the batch, times the ranks under torch.distributed,
+    whose losses are averaged), so an example of loss ``l`` lifts it by about ``(l - baseline) / examples``; it
+    carries ``share`` of the spike's excess when ``l >= baseline + share * examples * (value - baseline)``.
+
+    Example:
+        >>> spike = Finding(step=30, kind="loss_spike", severity="critical", signal="loss", value=3.1e4, baseline=0.03)
+        >>> round(spike_floor([spike], examples=32))  # a corrupt example (loss 1e6) is above; a healthy 0.05 is not
+        9920
+    """
+    spikes = [
+        f
+        for f in findings
+        if f.signal == keys.LOSS and math.isfinite(f.value) and math.isfinite(f.baseline) and f.value > f.baseline
+    ]
+    if not spikes:
+        return None
+    largest = max(spikes, key=lambda f: f.value - f.baseline)
+    return largest.baseline + share * examples * (largest.value - largest.baseline)
 
 
 def _median(values: Sequence[float]) -> float:
