@@ -6,6 +6,8 @@ Each rank trains a DDP copy of a small MLP on its own data shard (gloo on CPU, N
 ``--inject-nan STEP`` puts a NaN into rank 1's gradient after DDP's all-reduce — only rank 1 sees it, yet
 every rank skips that update. ``--bad-shard-from STEP`` gives rank 1 wrong targets from then on: every rank
 skips the poisoned updates, then rolls back, and keel's per-rank detector names rank 1 as the source.
+``--uneven N`` gives rank 1 N more batches than the others, the loop inside DDP's ``model.join()`` (uneven
+inputs): keel agrees across ranks until a rank runs out of batches, then each rank decides on its own values.
 Rank 0 writes the run store to ``--out``; each rank keeps its disk snapshots in ``--out/rank-<r>/snapshots``.
 """
 
@@ -28,6 +30,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--inject-nan", type=int, default=None, metavar="STEP")
     parser.add_argument("--bad-shard-from", type=int, default=None, metavar="STEP")
+    parser.add_argument("--uneven", type=int, default=0, metavar="N", help="rank 1 gets N more batches (model.join)")
     parser.add_argument("--out", default="runs/ddp")
     args = parser.parse_args()
 
@@ -54,20 +57,22 @@ def main() -> None:
         overwrite=True,
         recovery=keel.RecoveryConfig(snapshot_every=25, disk_every=2),
     )
-    try:
-        for step in range(args.steps):
-            x = torch.randn(64, 16, device=device, generator=data)
-            y = torch.tanh(x @ teacher)
-            if rank == 1 and args.bad_shard_from is not None and step >= args.bad_shard_from:
-                y = 3 * torch.randn(y.shape, device=device, generator=data)  # rank 1's shard went bad
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            if rank == 1 and step == args.inject_nan:
-                model.module[0].weight.grad[0, 0] = float("nan")
-            decision = guard.step(loss)
-            if rank == 0 and decision.action != "ok":
-                print(f"step {step}: every rank {decision.action}s — {decision.reason}", flush=True)
-            optimizer.zero_grad(set_to_none=True)
+    steps = args.steps + (args.uneven if rank == 1 else 0)
+    try:  # the Guard is made before the join, so a rank that has run out of batches answers keel's collective
+        with model.join(enable=args.uneven > 0):
+            for step in range(steps):
+                x = torch.randn(64, 16, device=device, generator=data)
+                y = torch.tanh(x @ teacher)
+                if rank == 1 and args.bad_shard_from is not None and step >= args.bad_shard_from:
+                    y = 3 * torch.randn(y.shape, device=device, generator=data)  # rank 1's shard went bad
+                loss = F.mse_loss(model(x), y)
+                loss.backward()
+                if rank == 1 and step == args.inject_nan:
+                    model.module[0].weight.grad[0, 0] = float("nan")
+                decision = guard.step(loss)
+                if rank == 0 and decision.action != "ok":
+                    print(f"step {step}: every rank {decision.action}s — {decision.reason}", flush=True)
+                optimizer.zero_grad(set_to_none=True)
     except keel.TrainingAborted as stop:  # every rank stops at the same step: their decisions are the same
         if rank == 0:
             print(f"aborted on every rank: {stop}")

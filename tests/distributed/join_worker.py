@@ -9,6 +9,7 @@ Scenarios, each rank writing its actions and weight checksums as JSON:
   collective too); a NaN on rank 1 at step 2, before rank 0 runs out, is skipped by both; rank 1 goes on alone.
 - ``generic``: ``torch.distributed.algorithms.join.Join([model])`` (the generic context manager) with even batches.
 - ``again``: two joins in a row, then a step outside any join: keel agrees in each.
+- ``inside``: the Guard made inside the join (its hook is not in that join), uneven batches: no hang; told why.
 """
 
 from __future__ import annotations
@@ -78,6 +79,21 @@ def again(rank: int, out: Path) -> dict:
     return {"actions": actions, "final": checksum(model), "hook_left": "join_hook" in vars(model)}
 
 
+def inside(rank: int, out: Path) -> dict:
+    torch.manual_seed(0)
+    model = nn.parallel.DistributedDataParallel(nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with warnings.catch_warnings(record=True) as caught, model.join():
+        warnings.simplefilter("always")
+        with keel.Guard(model, opt, run_dir=out / "inside", overwrite=True) as guard:
+            for _ in range(3 if rank == 0 else 5):
+                F.mse_loss(model(torch.randn(8, 16)), torch.zeros(8, 4)).backward()
+                guard.step(torch.tensor(1.0))
+                opt.zero_grad()
+    said = [str(w.message) for w in caught if issubclass(w.category, keel.KeelWarning)]
+    return {"steps": guard.global_step, "warnings": said}
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), Path(sys.argv[1])
@@ -86,6 +102,7 @@ def main() -> None:
         "uneven": train(rank, out, 4 if rank == 0 else 7, policy="recover"),
         "generic": train(rank, out, 6, generic=True),
         "again": again(rank, out),
+        "inside": inside(rank, out),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()

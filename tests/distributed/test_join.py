@@ -10,7 +10,7 @@ import pytest
 
 from tests.distributed.launch import torchrun
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # one torchrun start, four scenarios: ~15 s on 2 cores
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # one torchrun start, five scenarios: ~15 s on 2 cores
 
 
 @pytest.fixture(scope="module")
@@ -44,3 +44,10 @@ def test_joins_in_a_row_and_steps_after_them_still_agree_and_close_removes_keels
     assert zero["actions"] == one["actions"] == ["ok", "skip", "ok", "ok", "ok", "skip", "skip"]
     assert zero["final"] == one["final"]
     assert not zero["hook_left"] and not one["hook_left"]
+
+
+def test_a_guard_made_inside_the_join_decides_on_each_ranks_own_values_and_says_where_to_make_it(ranks):
+    assert [r["inside"]["steps"] for r in ranks] == [3, 5]
+    for r in ranks:
+        [said] = r["inside"]["warnings"]
+        assert "Make the Guard before `with model.join():`" in said

@@ -326,7 +326,7 @@ class RankSync:
             "(DDP's join then gives every rank the last joiner's weights); DistributedSampler(drop_last=True) keeps "
             "the ranks' batches even",
             KeelWarning,
-            stacklevel=5,
+            stacklevel=7,  # the loop's guard.step: _same_everywhere, reduce, _to_host, _observe, step
         )
 
     def close(self) -> None:
@@ -406,7 +406,7 @@ class RankSync:
                 "decides on its own values; a skip or rollback decided on one rank's loss alone desynchronises the "
                 "replicas. Make the Guard before `with model.join():`",
                 KeelWarning,
-                stacklevel=4,
+                stacklevel=6,  # the loop's guard.step: reduce, _to_host, _observe, step
             )
         return "own"
 
