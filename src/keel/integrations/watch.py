@@ -15,11 +15,12 @@ runs at interpreter exit if the loop never calls it):
   as ``ReduceLROnPlateau``); only the call that follows an update keel did not apply is withheld
   (`keel.integrations._loop_scheduler`). keel's snapshots hold and restore its state.
 - **the loss**, in this order: what the loop gave `Watch.record` for the step; else the loss in the model's
-  output while training (``output.loss``, ``output["loss"]``, or the one scalar in a returned tuple, as
-  nanoGPT's ``logits, loss = model(x, y)``), the mean over the step's micro-batches; else the scalar tensors
-  the loop called ``backward()`` on, summed over the micro-batches and divided by the GradScaler's scale (a
-  loop that divides by its accumulation steps before ``backward`` then gives the mean). Forwards in
-  ``model.eval()`` or under ``torch.no_grad()`` are not counted.
+  output while training (``output.loss``, ``output["loss"]``, the one scalar in a returned tuple, as nanoGPT's
+  ``logits, loss = model(x, y)``, or a bare scalar the loop calls ``backward()`` on as it is, as modded-nanogpt's
+  ``model(x, y).backward()``), the mean over the step's micro-batches; else the scalar tensors the loop called
+  ``backward()`` on, summed over the micro-batches and divided by the GradScaler's scale (a loop that divides by
+  its accumulation steps before ``backward`` then gives the mean). Forwards in ``model.eval()`` or under
+  ``torch.no_grad()`` are not counted.
 - **clipping**: the loop's ``torch.nn.utils.clip_grad_norm_`` on the model's parameters clips as before; keel
   keeps the norm it returns — the norm *before* clipping — and detects on it (``Guard.step(grad_norm=)``), so
   clipping does not hide a gradient spike. Clipping in torch's two parts (``get_total_norm``, then
@@ -49,6 +50,7 @@ import atexit
 import functools
 import sys
 import warnings
+import weakref
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from types import FrameType
@@ -119,7 +121,13 @@ class Watch:
         self._schedulers = [LoopScheduler(observe=self.guard.policy == "observe") for _ in schedulers]
         self._decided = 0  # the guard's decisions already counted for the schedulers
         self._watched = {id(p) for p in model.parameters()}
+        self._trained = [p for p in model.parameters() if p.requires_grad]
+        self._backwards_seen, self._step_called = (
+            0,
+            False,
+        )  # a loop that never calls the optimizer's step: _check_stepped
         self._recorded, self._from_output, self._from_backward = StepLoss(), StepLoss(), StepLoss()
+        self._bare_outputs = _BareOutputs()  # the model's scalar outputs, until the loop calls backward() on one
         self._backwards: list[tuple[Backward, Tensor]] = []  # this update's backward losses, until another takes them
         self._last_loss: Tensor | None = None
         self._norm_before_clip: Tensor | None = None
@@ -155,14 +163,20 @@ class Watch:
             loss = output_loss(output)
             if loss is not None:
                 self._from_output.add(loss)
+            elif _is_scalar_loss(output):  # the model's loss, if the loop calls backward() on this very tensor
+                self._bare_outputs.note(output)
 
     def _capture_backward(self, original: Any, tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
         if self._answered:  # refused before it runs: the later optimizers' step() calls are still to come
             error = ValueError(BACKWARD_BETWEEN.format(n=len(self._parts), stepped=self._stepped_part))
             self._finish(error)
             raise error
-        if not (tensor.ndim == 0 and tensor.is_floating_point() and tensor.grad_fn is not None):
+        if not _is_scalar_loss(tensor):
             return original(tensor, *args, **kwargs)
+        if self._bare_outputs.take(tensor):  # `loss = model(x, y); loss.backward()`: the model's loss, undivided
+            self._from_output.add(tensor)
+        if not self._step_called:
+            self._check_stepped(dropped=True)
         backward, first = OWNERS.enter(tensor)
         try:
             result = original(tensor, *args, **kwargs)
@@ -183,6 +197,7 @@ class Watch:
             self._warn("adversarial", ADVERSARIAL)
         self._backwards = kept
         self._backwards.append((backward, loss.detach() / scale if scale is not None else loss.detach()))
+        self._backwards_seen += 1
 
     def _loss_scale(self) -> Tensor | None:
         """The factor the GradScaler put on the losses that backward sees; None when none is scaling."""
@@ -255,6 +270,7 @@ class Watch:
 
     # --- the update ---------------------------------------------------------------------------------
     def _optimizer_step(self, part: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
+        self._step_called = True  # the loop steps the optimizer (also where keel passes the call through)
         if any(a is not None for a in (*args, *kwargs.values())):  # a closure (LBFGS): keel cannot run it
             self._warn("closure", "keel.watch: optimizer.step(closure) is passed through unwatched")
             return original(*args, **kwargs)  # (accelerate's wrapper calls the watched one with closure=None)
@@ -273,6 +289,16 @@ class Watch:
         self._stepped_part = type(part).__name__
         self._update()
         return None
+
+    def _check_stepped(self, *, dropped: bool) -> None:
+        """Warn once when the loop trains the model without the optimizer's ``step()``: at a backward, when the
+        gradients of an earlier one were dropped (``zero_grad``) with no update since (``dropped``), or at the end,
+        when backwards ran and no update came. Called until the first update only."""
+        if not self._backwards_seen:
+            return
+        if dropped and not (self._backwards and self._trained and all(p.grad is None for p in self._trained)):
+            return
+        self._warn("never stepped", NEVER_STEPPED)
 
     def _check_unseen_scheduler(self) -> None:
         """Warn once when an LR scheduler keel was not given is built on the optimizer (before this watch, or after
@@ -309,6 +335,8 @@ class Watch:
 
     def _update(self) -> Decision:
         OWNERS.drop_outside()
+        self._bare_outputs.clear()
+        self._step_called = True
         loss, norm, self._norm_before_clip = self._step_loss(), self._norm_before_clip, None
         self._clipped_norm_type = None  # the next update's clipping starts afresh
         self._handoff.handled = True
@@ -347,6 +375,8 @@ class Watch:
             return
         self._closed = True
         atexit.unregister(self._close_at_exit)
+        if not self._step_called and exc is None:
+            self._check_stepped(dropped=False)
         OWNERS.close(id(self))
         if self._own_scaler is not None:
             _HOOKED_SCALERS.discard(id(self._own_scaler))
@@ -364,6 +394,36 @@ class Watch:
         if key not in self._warned:
             self._warned.add(key)
             warnings.warn(message, KeelWarning, stacklevel=loop_stacklevel())
+
+
+def _is_scalar_loss(value: Any) -> bool:
+    """A 0-d floating tensor in an autograd graph: what a loop calls ``backward()`` on."""
+    return isinstance(value, Tensor) and value.ndim == 0 and value.is_floating_point() and value.grad_fn is not None
+
+
+class _BareOutputs:
+    """The 0-d tensors the model returned bare (``loss = model(x, y)``, nanochat's and modded-nanogpt's GPT), held by
+    weak reference. A bare tensor is not taken as the loss when the model returns it (a value head's prediction for
+    one state is one too); it is when the loop calls ``backward()`` on that very tensor: then it is the model's loss,
+    as the loop's own log shows it. Taken from the backward instead, the step's loss was the sum of its micro-batches'
+    where the loop divides the gradients, not the losses, by its accumulation steps (modded-nanogpt's
+    ``p.grad /= train_accumulation_steps``): 4x the loop's loss with 4 micro-batches."""
+
+    def __init__(self) -> None:
+        self._held: dict[int, weakref.ref[Tensor]] = {}
+
+    def note(self, output: Tensor) -> None:
+        if len(self._held) >= 16:  # forwards whose output never reached a backward (their tensors are gone)
+            self._held = {key: ref for key, ref in self._held.items() if ref() is not None}
+        self._held[id(output)] = weakref.ref(output)
+
+    def take(self, tensor: Tensor) -> bool:
+        """Whether ``tensor`` is one of the held outputs (then no longer held)."""
+        ref = self._held.pop(id(tensor), None)
+        return ref is not None and ref() is tensor
+
+    def clear(self) -> None:
+        self._held.clear()
 
 
 def _as_list(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
@@ -450,6 +510,15 @@ UNSEEN_SCALER = (
     "keel.watch: the loop steps the optimizer through a GradScaler keel was not given (scaler.step(optimizer)): the "
     "loss keel sees is the scaled one (× the scale, which doubles as the scaler grows: taken for loss spikes) and the "
     "scaler's own overflow skips are not recorded; pass it: keel.watch(model, optimizer, scaler=scaler)"
+)
+
+NEVER_STEPPED = (
+    "keel.watch: the loop ran backward() on the model and never called step() of the optimizer keel was given (the "
+    "gradients were dropped, or the run ended, with no update): the loop updates the parameters some other way, as "
+    "pytorch/examples' word_language_model does by hand (p.data.add_(p.grad, alpha=-lr)), and keel judges nothing: no "
+    "skip, no rollback, no record. Allowed: let the optimizer make the update, opt.step() where the loop updated by "
+    "hand (torch.optim.SGD(model.parameters(), lr=lr) makes the same update), and write a new LR into "
+    "opt.param_groups"
 )
 
 BACKWARD_BETWEEN = (
