@@ -40,10 +40,6 @@ def test_a_rollback_lists_every_ranks_ids_of_the_window_it_discards(tmp_path):
     assert ranks[0]["rollback_params_equal"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs src/keel/guard/data_ledger.py to pass spike_floor to rank_offenders (patch in h26-A-findings, V13)",
-)
 def test_a_healthy_ranks_most_extreme_example_is_not_skip_listed_with_another_ranks_corrupt_one(tmp_path):
     torchrun(Path(__file__).with_name("attribution_healthy_worker.py"), str(tmp_path), nproc=2)
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]

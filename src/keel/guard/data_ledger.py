@@ -32,7 +32,14 @@ from keel._core.example_ids import as_id_list
 from keel._core.finding import Finding
 from keel.data.skip_list import EntryKind, SkipEntry, SkipList
 from keel.guard.distributed import RankSync
-from keel.signals.attribution import Attribution, batch_size, example_grad_norms, example_losses, rank_offenders
+from keel.signals.attribution import (
+    Attribution,
+    batch_size,
+    example_grad_norms,
+    example_losses,
+    rank_offenders,
+    spike_floor,
+)
 
 SPIKE_KINDS = frozenset({"loss_spike", "grad_spike", "non_finite"})  # attributed at any severity, info included
 MIN_RECENT_STEPS = 1024  # steps whose ids stay in memory at least (8 bytes an id), for the windows rollbacks discard
@@ -79,18 +86,20 @@ class DataLedger:
         """The findings, the ones that warrant it with the batch's top offenders in their evidence."""
         if self.attribution is None or self.batch is None or not any(map(_warrants, findings)):
             return findings
-        offenders = self._offenders(model)
+        offenders = self._offenders(model, findings)
         return tuple(
             dataclasses.replace(f, evidence={**f.evidence, **offenders}) if _warrants(f) else f for f in findings
         )
 
-    def _offenders(self, model: nn.Module) -> dict[str, Any]:
+    def _offenders(self, model: nn.Module, findings: tuple[Finding, ...]) -> dict[str, Any]:
         assert self.attribution is not None
         size = batch_size(self.batch)
         ids = self.ids if self.ids is not None and len(self.ids) == size else list(range(size))
         config = self.attribution
         losses = example_losses(model, config.loss_fn, self.batch).tolist()
-        ranked = rank_offenders(losses, ids, top_k=len(ids), z=config.z)  # every outlier, not only the top k
+        # on a loss spike an outlier must carry a share of it (a healthy rank's heavy tail does not)
+        floor = spike_floor(findings, examples=size * (self.ranks.world if self.ranks is not None else 1))
+        ranked = rank_offenders(losses, ids, top_k=len(ids), z=config.z, floor=floor)  # every outlier, not top k
         found: dict[str, Any] = {
             "offenders": [o.to_json() for o in ranked[: config.top_k]],
             "outliers": [o.id for o in ranked if o.outlier],
