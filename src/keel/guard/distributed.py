@@ -28,6 +28,13 @@ or ``grad_norm=`` given on rank 0 only (the usual ``if rank == 0:`` logging). So
 checksum of their layouts — two integers all-reduced on a gloo group of CPU tensors, no device sync. When the
 layouts differ, the ranks exchange them once, reduce the entries every rank has, keep the others as each rank's
 own values (not agreed: a decision on them may differ between ranks) and warn once naming them.
+
+Inside DDP's join context (``with model.join():``, or ``Join([model, ...])``, for uneven inputs) a rank that has run
+out of batches answers only the collectives of the join hooks. RankSync puts its own hook after DDP's (by wrapping
+the model's ``join_hook``): while every rank has batches, keel all-reduces as everywhere else; the first time a rank
+has run out, its hook answers the others' layout check once with neutral values and a "joined" flag, and from then to
+the join's end each rank decides on its own values (warned once). A Guard made inside the join is not in its hooks:
+each rank then decides on its own values for the whole join.
 """
 
 from __future__ import annotations
@@ -309,6 +316,10 @@ class RankSync:
         neutral = torch.tensor([_NEUTRAL, _NEUTRAL, _JOINED], dtype=torch.int64, device=self._layout_device)
         dist.all_reduce(neutral, op=dist.ReduceOp.MAX, group=self._layout_group)
 
+    def _join_began(self) -> None:
+        """A join context was made with this RankSync's hook in it (every rank makes it): agree until one runs out."""
+        self._join = _JoinState(shadowed=True)
+
     def _join_ended(self) -> None:
         """Every rank has left the join: keel agrees on every step again."""
         if self.stats is not None:
@@ -504,7 +515,7 @@ class _JoinHookSlot:
         hook = self.inner(**kwargs)
         if not self.active:
             return hook
-        self.sync._join = _JoinState(shadowed=True)
+        self.sync._join_began()
         return _ShadowingJoinHook(hook, self.model, self.sync)
 
     def remove(self) -> None:
