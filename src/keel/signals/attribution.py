@@ -104,6 +104,8 @@ def rank_offenders(
         [13, 11]
         >>> rank_offenders([1.0, 1.1, 0.9, 9.0, 1.0], [10, 11, 12, 13, 14], top_k=1, z=6)[0].outlier
         True
+        >>> rank_offenders([1.0, 1.1, 0.9, 9.0, 1.0], [10, 11, 12, 13, 14], top_k=1, z=6, floor=50.0)[0].outlier
+        False
     """
     if len(values) != len(ids):
         raise ValueError(f"{len(values)} values for {len(ids)} example ids; allowed: one value per example")
