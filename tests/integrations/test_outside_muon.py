@@ -192,3 +192,106 @@ def test_the_adam_eps_probe_reads_the_adamw_part_and_leaves_muons_matrices_out(t
         "adam/eps_dominated/wte.weight",
         "adam/eps_dominated/lm_head.weight",
     }
+
+
+@pytest.mark.slow
+def test_a_resume_continues_the_muon_run_bit_identically(tmp_path):
+    """A run stopped after step 5 and resumed from its disk snapshot of step 4 ends where the uninterrupted run
+    does: the weights, Muon's momentum buffers and AdamW's moments (the loop's data replayed to the snapshot)."""
+    recovery = keel.RecoveryConfig(snapshot_every=2, disk_every=1)
+
+    def stopped_and_resumed() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        torch.manual_seed(0)
+        model = GPT()
+        optimizers = _optimizers(model)
+        batches = _batches(8, 1)
+        for resume, stop in ((False, 5), (True, 8)):
+            with keel.watch(
+                model, optimizers, policy="recover", run_dir=tmp_path / "a", resume=resume, recovery=recovery
+            ) as watch:
+                for step in range(watch.global_step, stop):
+                    x, y = batches[step]
+                    model(x, y).backward()
+                    for opt in optimizers:
+                        opt.step()
+                    model.zero_grad(set_to_none=True)
+        return [p.detach().clone() for p in model.parameters()], _states(optimizers)
+
+    torch.manual_seed(0)
+    model = GPT()
+    optimizers = _optimizers(model)
+    with keel.watch(model, optimizers, policy="recover", run_dir=tmp_path / "b", recovery=recovery):
+        for x, y in _batches(8, 1):
+            model(x, y).backward()
+            for opt in optimizers:
+                opt.step()
+            model.zero_grad(set_to_none=True)
+    params, states = stopped_and_resumed()
+    assert _equal(params, [p.detach() for p in model.parameters()]) and _equal(states, _states(optimizers))
+
+
+class MuonAdamW(torch.optim.Optimizer):
+    """nanochat's one optimizer in its shape (nanochat/optim.py, simplified math): ``kind``-tagged groups, AdamW's
+    ``state["step"]`` a Python int, Muon's momentum stacked over its group and kept in the first parameter's state,
+    ``step()`` with no closure argument."""
+
+    def __init__(self, groups: list[dict]) -> None:
+        super().__init__(groups, defaults={})
+
+    @torch.no_grad()
+    def step(self) -> None:  # type: ignore[override]
+        for group in self.param_groups:
+            if group["kind"] == "adamw":
+                for p in group["params"]:
+                    state = self.state[p]
+                    if not state:
+                        state.update(step=0, exp_avg=torch.zeros_like(p), exp_avg_sq=torch.zeros_like(p))
+                    state["step"] += 1
+                    state["exp_avg"].lerp_(p.grad, 0.2)
+                    state["exp_avg_sq"].lerp_(p.grad.square(), 0.05)
+                    p.add_(state["exp_avg"] / (state["exp_avg_sq"].sqrt() + group["eps"]), alpha=-group["lr"])
+            else:
+                params = group["params"]
+                state = self.state[params[0]]
+                if "momentum_buffer" not in state:
+                    state["momentum_buffer"] = torch.zeros(len(params), *params[0].shape)
+                grads = torch.stack([p.grad for p in params])
+                state["momentum_buffer"].lerp_(grads, 1 - group["momentum"])
+                update = grads.lerp_(state["momentum_buffer"], group["momentum"])
+                update = update / (update.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+                torch._foreach_sub_(params, list((group["lr"] * update).unbind(0)))
+
+
+def _nanochat_optimizer(model: GPT) -> MuonAdamW:
+    shapes: dict[tuple[int, ...], list[nn.Parameter]] = {}
+    for p in model.blocks.parameters():
+        shapes.setdefault(tuple(p.shape), []).append(p)
+    return MuonAdamW(
+        [{"kind": "adamw", "params": [model.wte.weight, model.lm_head.weight], "lr": 0.01, "eps": 1e-10}]
+        + [{"kind": "muon", "params": ps, "lr": 0.02, "momentum": 0.95} for ps in shapes.values()]
+    )
+
+
+def _nanochat_loop(policy: str | None, nan_at: int = -1):
+    torch.manual_seed(0)
+    model = GPT()
+    opt = _nanochat_optimizer(model)
+    watch = keel.watch(model, opt, policy=policy) if policy else None
+    try:
+        for step, (x, y) in enumerate(_batches(6, 1)):
+            (model(x, y) * (float("nan") if step == nan_at else 1.0)).backward()
+            opt.step()
+            model.zero_grad(set_to_none=True)
+    finally:
+        if watch is not None:
+            watch.close()
+    return watch, [p.detach().clone() for p in model.parameters()]
+
+
+def test_nanochats_one_muon_adamw_optimizer_is_watched_as_it_is():
+    _, bare = _nanochat_loop(None)
+    _, observed = _nanochat_loop("observe")
+    assert _equal(bare, observed)
+    watch, params = _nanochat_loop("skip", nan_at=3)
+    assert [(d.step, d.action) for d in watch.decisions if not d.stepped] == [(3, "skip")]
+    assert all(p.isfinite().all() for p in params)
