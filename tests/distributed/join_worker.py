@@ -8,12 +8,14 @@ Scenarios, each rank writing its actions and weight checksums as JSON:
 - ``uneven``: rank 0 has 4 batches, rank 1 has 7, policy "recover" (whose weights check after each update is a
   collective too); a NaN on rank 1 at step 2, before rank 0 runs out, is skipped by both; rank 1 goes on alone.
 - ``generic``: ``torch.distributed.algorithms.join.Join([model])`` (the generic context manager) with even batches.
-- ``again``: two joins in a row, then a step outside any join: keel agrees in each.
+- ``again``: two joins in a row, then a step outside any join: keel agrees in each; a deep copy of the model gets
+  DDP's own join hook.
 - ``inside``: the Guard made inside the join (its hook is not in that join), uneven batches: no hang; told why.
 """
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import sys
@@ -61,6 +63,8 @@ def again(rank: int, out: Path) -> dict:
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     actions = []
     with keel.Guard(model, opt, run_dir=out / "again", overwrite=True, policy="skip") as guard:
+        twin = copy.deepcopy(model)  # an EMA copy, the timm way: it must not carry keel's hook into its joins
+        twins_hook = vars(twin).get("join_hook")
         for epoch in range(2):
             with model.join():
                 for step in range(3):
@@ -76,7 +80,12 @@ def again(rank: int, out: Path) -> dict:
         if rank == 1:
             model.module.weight.grad[0, 0] = float("inf")
         actions.append(guard.step(loss).action)
-    return {"actions": actions, "final": checksum(model), "hook_left": "join_hook" in vars(model)}
+    return {
+        "actions": actions,
+        "final": checksum(model),
+        "hook_left": "join_hook" in vars(model),
+        "twins_hook_is_ddps": twins_hook is None or getattr(twins_hook, "__self__", None) is twin,
+    }
 
 
 def inside(rank: int, out: Path) -> dict:

@@ -44,6 +44,7 @@ def test_joins_in_a_row_and_steps_after_them_still_agree_and_close_removes_keels
     assert zero["actions"] == one["actions"] == ["ok", "skip", "ok", "ok", "ok", "skip", "skip"]
     assert zero["final"] == one["final"]
     assert not zero["hook_left"] and not one["hook_left"]
+    assert zero["twins_hook_is_ddps"] and one["twins_hook_is_ddps"]
 
 
 def test_a_guard_made_inside_the_join_decides_on_each_ranks_own_values_and_says_where_to_make_it(ranks):

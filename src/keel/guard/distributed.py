@@ -518,6 +518,11 @@ class _JoinHookSlot:
         self.sync._join_began()
         return _ShadowingJoinHook(hook, self.model, self.sync)
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        """A copy of the model (``copy.deepcopy`` for an EMA, ``torch.save``) gets DDP's own join hook, not keel's
+        (which would shadow this Guard's collectives in the copy's joins)."""
+        return (_ddp_join_hook, (self.model,))
+
     def remove(self) -> None:
         self.active = False
         if self.model.__dict__.get("join_hook") is self:
@@ -525,6 +530,11 @@ class _JoinHookSlot:
                 del self.model.__dict__["join_hook"]
             else:
                 self.model.join_hook = self.before  # type: ignore[method-assign]
+
+
+def _ddp_join_hook(model: nn.parallel.DistributedDataParallel) -> Any:
+    """DDP's own ``join_hook``, bound to ``model`` (what a copy of a model keel wrapped holds)."""
+    return nn.parallel.DistributedDataParallel.join_hook.__get__(model)
 
 
 _GLOO_WORLDS: dict[Any, Any] = {}  # the default group → its gloo twin, made once per process group (not per Guard)
