@@ -10,6 +10,7 @@ Scenarios, each rank writing its actions and weight checksums as JSON:
 - ``generic``: ``torch.distributed.algorithms.join.Join([model])`` (the generic context manager) with even batches.
 - ``again``: two joins in a row, then a step outside any join: keel agrees in each; a deep copy of the model gets
   DDP's own join hook.
+- ``retried``: a Guard refused at construction, then one made again: the second's join agrees, no hang.
 - ``inside``: the Guard made inside the join (its hook is not in that join), uneven batches: no hang; told why.
 """
 
@@ -103,6 +104,32 @@ def inside(rank: int, out: Path) -> dict:
     return {"steps": guard.global_step, "warnings": said}
 
 
+def retried(rank: int, out: Path) -> dict:
+    """A Guard refused at construction (its run_dir in use), then one made again: only the second shadows."""
+    torch.manual_seed(0)
+    held_model = nn.parallel.DistributedDataParallel(nn.Linear(2, 2))
+    holder = keel.Guard(held_model, torch.optim.SGD(held_model.parameters(), lr=0.1), run_dir=out / "held")
+    model = nn.parallel.DistributedDataParallel(nn.Linear(16, 4))
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    try:
+        keel.Guard(model, opt, run_dir=out / "held", policy="skip")
+        refused = False
+    except ValueError:
+        refused = True
+    holder.close()
+    actions = []
+    with keel.Guard(model, opt, run_dir=out / "retried", policy="skip") as guard, model.join():
+        for step in range(4 if rank == 0 else 6):
+            torch.manual_seed(100 * step + rank)
+            loss = F.mse_loss(model(torch.randn(8, 16)), torch.zeros(8, 4))
+            loss.backward()
+            if rank == 1 and step == 2:
+                model.module.weight.grad[0, 0] = float("nan")
+            actions.append(guard.step(loss).action)
+            opt.zero_grad()
+    return {"refused": refused, "actions": actions, "hook_left": "join_hook" in vars(model)}
+
+
 def main() -> None:
     dist.init_process_group("gloo")
     rank, out = dist.get_rank(), Path(sys.argv[1])
@@ -112,6 +139,7 @@ def main() -> None:
         "generic": train(rank, out, 6, generic=True),
         "again": again(rank, out),
         "inside": inside(rank, out),
+        "retried": retried(rank, out),
     }
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     dist.barrier()

@@ -10,7 +10,7 @@ import pytest
 
 from tests.distributed.launch import torchrun
 
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # one torchrun start, five scenarios: ~15 s on 2 cores
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]  # one torchrun start, six scenarios: ~15 s on 2 cores
 
 
 @pytest.fixture(scope="module")
@@ -52,3 +52,10 @@ def test_a_guard_made_inside_the_join_decides_on_each_ranks_own_values_and_says_
     for r in ranks:
         [said] = r["inside"]["warnings"]
         assert "Make the Guard before `with model.join():`" in said
+
+
+def test_a_guard_refused_at_construction_leaves_no_shadow_in_the_next_guards_join(ranks):
+    zero, one = ranks[0]["retried"], ranks[1]["retried"]
+    assert zero["refused"] and one["refused"]
+    assert zero["actions"] == one["actions"][:4] == ["ok", "ok", "skip", "ok"] and len(one["actions"]) == 6
+    assert not zero["hook_left"] and not one["hook_left"]

@@ -41,6 +41,7 @@ from __future__ import annotations
 
 import math
 import warnings
+import weakref
 import zlib
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -506,17 +507,22 @@ class _JoinHookSlot:
     Set on the model instance; `remove` puts back what was there (or, under a later Guard's, passes through)."""
 
     def __init__(self, model: nn.parallel.DistributedDataParallel, sync: RankSync) -> None:
-        self.model, self.sync, self.active = model, sync, True
+        # the RankSync weakly: a Guard whose construction failed (a run_dir in use) or that was dropped unclosed
+        # leaves no shadow behind once collected (the others' loops no longer make its collectives)
+        self.model, self.sync, self.active = model, weakref.ref(sync), True
         self.before = model.__dict__.get("join_hook")  # a former Guard's slot, or None (DDP's own method)
+        if isinstance(self.before, _JoinHookSlot):
+            self.before.active = False  # one Guard shadows per model: the newest (an older one is closed or failed)
         self.inner = model.join_hook
         model.join_hook = self  # type: ignore[method-assign]
 
     def __call__(self, **kwargs: Any) -> Any:
         hook = self.inner(**kwargs)
-        if not self.active:
+        sync = self.sync()
+        if not self.active or sync is None:
             return hook
-        self.sync._join_began()
-        return _ShadowingJoinHook(hook, self.model, self.sync)
+        sync._join_began()
+        return _ShadowingJoinHook(hook, self.model, sync)
 
     def __reduce__(self) -> tuple[Any, ...]:
         """A copy of the model (``copy.deepcopy`` for an EMA, ``torch.save``) gets DDP's own join hook, not keel's
@@ -525,11 +531,15 @@ class _JoinHookSlot:
 
     def remove(self) -> None:
         self.active = False
-        if self.model.__dict__.get("join_hook") is self:
-            if self.before is None:
-                del self.model.__dict__["join_hook"]
-            else:
-                self.model.join_hook = self.before  # type: ignore[method-assign]
+        if self.model.__dict__.get("join_hook") is not self:
+            return  # a later Guard's slot is in front: it passes through this one
+        before = self.before
+        while isinstance(before, _JoinHookSlot) and not before.active:
+            before = before.before
+        if before is None:
+            del self.model.__dict__["join_hook"]
+        else:
+            self.model.join_hook = before  # type: ignore[method-assign]
 
 
 def _ddp_join_hook(model: nn.parallel.DistributedDataParallel) -> Any:
