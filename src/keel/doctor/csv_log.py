@@ -163,6 +163,7 @@ class _State:
         if not rows:
             return
         width = self.width
+        as_read = rows  # a row is blank if every cell is, those past the header's width too
         if set(map(len, rows)) != {width}:  # ragged rows: missing cells are empty, extra ones ignored
             rows = [row[:width] if len(row) > width else row + [""] * (width - len(row)) for row in rows]
         columns = list(zip(*rows, strict=True))
@@ -170,7 +171,7 @@ class _State:
         valid = np.isfinite(steps) & (steps == np.floor(steps)) & (np.abs(steps) < MAX_STEP)
         blank = 0
         if not valid.all():
-            blank = sum(not any(cell.strip() for cell in rows[i]) for i in np.flatnonzero(~valid).tolist())
+            blank = sum(not any(cell.strip() for cell in as_read[i]) for i in np.flatnonzero(~valid).tolist())
             self.no_step += int((~valid).sum()) - blank
         self.body += len(rows) - blank
         row_ids = np.cumsum(valid) - 1 + self.records  # the table row of each valid row
