@@ -113,3 +113,31 @@ def test_kill_9_keeps_every_committed_row(tmp_path):
         assert len(r.signal("grad/norm")[0]) == len(steps)  # both keys of a step land together
         assert r.meta()["status"] == "running"
         assert r._file.conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def _signal_rows(run_dir):
+    """The signals table as stored: rowid order, each value's SQLite type, values by repr (NaN, -0.0 told apart)."""
+    conn = sqlite3.connect(run_dir / "run.sqlite")
+    try:
+        sql = "SELECT rowid, step, key, value, typeof(step), typeof(value) FROM signals ORDER BY rowid"
+        return [(*row[:3], repr(row[3]), *row[4:]) for row in conn.execute(sql)]
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("length", [0, 1, 199, 200, 201, 450])
+def test_a_series_is_stored_as_its_rows_added_one_by_one(tmp_path, length):
+    # add_series inserts many rows per statement (a log written whole); the table must hold exactly what adding
+    # each (step, value) as its own row holds: same rows, same order, same types (NULL for NaN, -0.0, ±inf, big steps).
+    steps = [-(2**61) + 1, 2**61 - 1, *range(length - 2)][:length]
+    specials = [math.nan, math.inf, -math.inf, -0.0, 0.0, 1e-310, 0.1, 2.0**60]
+    values = [specials[i % len(specials)] if i % 3 == 0 else 1.0 + i / 7 for i in range(length)]
+    with RunWriter(tmp_path / "series") as w:
+        w.add_series("loss", steps, values)
+        w.add_series("grad/norm", steps[::-1], values)
+    with RunWriter(tmp_path / "rows") as w:
+        for key, key_steps in (("loss", steps), ("grad/norm", steps[::-1])):
+            for step, value in zip(key_steps, values, strict=True):
+                w.add_signals(step, {key: value})
+    assert _signal_rows(tmp_path / "series") == _signal_rows(tmp_path / "rows")
+    assert len(_signal_rows(tmp_path / "series")) == 2 * length

@@ -9,7 +9,7 @@ is warned about once, rows are dropped, and `errors` counts them.
 
 from __future__ import annotations
 
-import itertools
+import functools
 import json
 import math
 import queue
@@ -32,8 +32,20 @@ from keel.store.schema import connect_for_writing, store_path
 _STOP = object()
 
 
+# `RunWriter.add_series` inserts this many rows per statement: SQLite's per-statement work (Python binding one
+# row's tuple, stepping and resetting the statement) was most of writing a log's 5 M values row by row (9 s of CPU
+# for a 100k-step x 50-column log, 3x this way). 200 rows are 401 parameters: under SQLite's oldest limit (999).
+SERIES_ROWS_PER_INSERT = 200
+
+
 def _real(value: float) -> float | None:
     return None if value is None or math.isnan(value) else float(value)
+
+
+@functools.lru_cache(maxsize=8)
+def _series_insert(rows: int) -> str:
+    """The statement that inserts ``rows`` rows of one signal: its key once, then (step, value) pairs, in order."""
+    return "INSERT INTO signals SELECT column1, ?, column2 FROM (VALUES " + ", ".join(["(?, ?)"] * rows) + ")"
 
 
 class RunWriter:
@@ -68,16 +80,25 @@ class RunWriter:
 
     def add_series(self, key: str, steps: Iterable[int], values: Iterable[float]) -> None:
         """One signal's values at many steps, enqueued as one batch (a log written whole: `keel.doctor.to_store`).
-        The rows are made column by column: a NaN is NULL, as in `add_signals`."""
+        The rows are made column by column, `SERIES_ROWS_PER_INSERT` to a statement: a NaN is NULL, as in
+        `add_signals`, and the table holds what adding each (step, value) with `add_signals` would, in order."""
         step_array = np.asarray(steps if isinstance(steps, np.ndarray) else list(steps), dtype=np.int64)
         value_array = np.asarray(values if isinstance(values, np.ndarray) else list(values), dtype=np.float64)
         if step_array.shape != value_array.shape or step_array.ndim != 1:
             raise ValueError(f"add_series({key!r}): {step_array.shape} steps and {value_array.shape} values")
-        cells: list[float | None] = value_array.tolist()
-        for index in np.flatnonzero(np.isnan(value_array)).tolist():
-            cells[index] = None
-        rows = list(zip(step_array.tolist(), itertools.repeat(key, len(cells)), cells, strict=True))
-        self._queue.put(("INSERT INTO signals VALUES (?, ?, ?)", rows))
+        rows = np.empty((len(value_array), 2), dtype=object)  # Python ints and floats, as SQLite binds them
+        rows[:, 0] = step_array
+        rows[:, 1] = value_array
+        rows[np.isnan(value_array), 1] = None
+        per = SERIES_ROWS_PER_INSERT
+        whole = len(rows) - len(rows) % per
+        if whole:
+            statements = np.empty((whole // per, 1 + 2 * per), dtype=object)  # the key, then the pairs
+            statements[:, 0] = key
+            statements[:, 1:] = rows[:whole].reshape(-1, 2 * per)
+            self._queue.put((_series_insert(per), statements.tolist()))
+        if whole < len(rows):
+            self._queue.put((_series_insert(len(rows) - whole), [[key, *rows[whole:].ravel().tolist()]]))
 
     def add_findings(self, findings: Iterable[Finding]) -> None:
         rows = [
