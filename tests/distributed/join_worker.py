@@ -30,6 +30,7 @@ from torch import nn
 from torch.distributed.algorithms.join import Join
 
 import keel
+from keel.store import RunReader
 
 
 def checksum(model: nn.Module) -> str:
@@ -127,7 +128,18 @@ def retried(rank: int, out: Path) -> dict:
                 model.module.weight.grad[0, 0] = float("nan")
             actions.append(guard.step(loss).action)
             opt.zero_grad()
-    return {"refused": refused, "actions": actions, "hook_left": "join_hook" in vars(model)}
+    return {
+        "refused": refused,
+        "actions": actions,
+        "hook_left": "join_hook" in vars(model),
+        "rank_stats": guard.dist.describe()["rank_stats"],  # keel's comm hook, left by the refused Guard, taken over
+        "cos_steps": _steps_of(out / "retried", "rank/grad/cos/1") if rank == 0 else None,
+    }
+
+
+def _steps_of(run_dir: Path, key: str) -> list[int]:
+    with RunReader(run_dir) as store:
+        return store.signal(key)[0].tolist()
 
 
 def main() -> None:

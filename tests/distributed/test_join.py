@@ -59,3 +59,5 @@ def test_a_guard_refused_at_construction_leaves_no_shadow_in_the_next_guards_joi
     assert zero["refused"] and one["refused"]
     assert zero["actions"] == one["actions"][:4] == ["ok", "ok", "skip", "ok"] and len(one["actions"]) == 6
     assert not zero["hook_left"] and not one["hook_left"]
+    assert zero["rank_stats"] and one["rank_stats"]  # the refused Guard's comm hook is the new Guard's
+    assert zero["cos_steps"] and zero["cos_steps"][0] == 0  # each rank's gradient cosine, from the first step

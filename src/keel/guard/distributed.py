@@ -156,6 +156,25 @@ def _comm_hook(stats, bucket):  # no annotations: DDP rejects any but its own cl
     return default_hooks.allreduce_hook(stats.group, bucket).then(record)
 
 
+def _take_comm_hook(model: nn.parallel.DistributedDataParallel, group: Any) -> _RankGradStats | None:
+    """keel's communication hook on ``model``: registered now, or the one an earlier Guard on it registered (DDP
+    takes one hook per model and never lets it go: a closed or refused Guard's stays), whose statistics this Guard
+    takes over; None when the loop registered its own (do without)."""
+    registered = getattr(model, "_comm_hooks", [])
+    if not registered:
+        stats = _RankGradStats(group)
+        try:
+            model.register_comm_hook(stats, _comm_hook)
+            return stats
+        except RuntimeError:  # a hook DDP does not list (a builtin one): the loop's
+            return None
+    hook, state = registered[-1]
+    if hook is _comm_hook and isinstance(state, _RankGradStats) and state.group == group:
+        state.take()  # what the earlier Guard's last steps left
+        return state
+    return None
+
+
 def _is_sharded(model: nn.Module) -> bool:
     return any(hasattr(p, "to_local") for p in model.parameters())
 
@@ -192,12 +211,7 @@ class RankSync:
         self._join_hook: _JoinHookSlot | None = None
         self.stats: _RankGradStats | None = None
         if config.rank_stats and isinstance(model, nn.parallel.DistributedDataParallel):
-            stats = _RankGradStats(self.group)
-            try:
-                model.register_comm_hook(stats, _comm_hook)
-                self.stats = stats
-            except RuntimeError:  # the user registered their own hook (DDP allows one): do without
-                self.stats = None
+            self.stats = _take_comm_hook(model, self.group)
         if isinstance(model, nn.parallel.DistributedDataParallel):
             self._join_hook = _JoinHookSlot(model, self)
 
