@@ -21,12 +21,12 @@ escalation window backs off whatever the steps before looked like.
 A rollback for a router alone — every critical finding a router's (``load_collapse``, ``router_logit_growth``,
 ``dead_experts``) — cuts only the LR of the optimizer's param groups that hold router parameters alone when their LR
 is above every other group's (`router_param_groups`, `router_lr_cuts`): the router's LR is the odd one out, and
-cutting the whole model's slows everything else for nothing. Each such cut is ``lr_backoff`` but never below the
-highest other LR; a router in line with the rest and in trouble again gets the whole model's cut, as does a router
-sharing its group. Measured on a tiny Hugging Face Mixtral (/work/notes/h26-D-figures.md): with the router's group
-at 100× the LR, the whole model's cut (× 0.1, then × 0.01) ended the run at loss 3.83 where the run left alone ended
-at 2.38; with a whole-model LR of 0.1, which locks the same router, the whole model's cut mended it (2.88 → 2.37)
-and a router-only cut did not (2.87).
+cutting the whole model's slows everything else for nothing. Each such cut is ``lr_backoff``, or down to the highest
+other LR when that is lower; a router no longer above the rest and in trouble again gets the whole model's cut, as
+does a router sharing its group. Measured on tiny Hugging Face Mixtral / Qwen3-MoE (/work/notes/h26-D-figures.md):
+with the router's group at 100× the LR, the whole model's cuts ended the runs at loss 3.83 / 4.30 where the runs
+left alone ended at 2.38 / 2.28; the router's cut, 2.40 / 2.33. With a whole-model LR of 0.1, which locks the same
+router, the whole model's cut mended it (2.88 → 2.37) and a router-only cut did not (2.87).
 
 The LR scale is applied around ``optimizer.step()`` only, so a scheduler (chainable or not) never sees it.
 With ``cooldown_steps`` it ramps linearly back to 1 over that many steps; by default it stays, as OPT-175B's
@@ -129,15 +129,17 @@ def router_lr_cuts(
     state: ActionState, optimizer: torch.optim.Optimizer, router_groups: Sequence[int], lr_backoff: float
 ) -> dict[int, float]:
     """Group → factor for the router groups whose LR (with the cuts in force) is above every other group's: the
-    router's LR is the odd one out. Each is cut by ``lr_backoff``, but never below the highest other LR — once
-    there, a router in trouble again points at the whole model's LR. Empty when no router group is above the rest.
+    router's LR is the odd one out. Each is cut by ``lr_backoff``, or further, down to the highest other LR, in one
+    rollback (a router at 100× the rest's LR cut by 0.1 locked again, and its second rollback went back 100 steps).
+    Once a router group is no longer above the rest, its trouble points at the whole model's LR. Empty when no
+    router group is above the rest.
     """
     lrs = [float(g["lr"]) * state.group_lr_scale.get(i, 1.0) for i, g in enumerate(optimizer.param_groups)]
     rest = [lr for i, lr in enumerate(lrs) if i not in router_groups and optimizer.param_groups[i]["params"]]
     if not rest:
         return {}
     top = max(rest) * (1 + 1e-9)  # a router cut down to the rest's LR is at it, whatever the rounding
-    return {i: max(lr_backoff, top / lrs[i]) for i in router_groups if lrs[i] > top}
+    return {i: min(lr_backoff, top / lrs[i]) for i in router_groups if lrs[i] > top}
 
 
 def apply_actions(
