@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from keel.signals._hooks import ObserverHook, compiling, find_attention_modules, hooks_active, named_modules_by_name
+from keel.signals._hooks import ObserverHook, compiling, find_attention_modules, named_modules_by_name, observing
 from keel.signals.attention_stats import attention_entropy_sums, attention_max_logit, sdpa_logits
 
 TAP_NAME = "logits_tap"  # an attention module may expose its masked logits through a child of this name
@@ -128,7 +128,7 @@ class AttentionTap:
 
     # --- hooks --------------------------------------------------------------------------------------------
     def _enter(self, site: SiteStats, module: nn.Module) -> None:
-        if not module.training or not hooks_active() or self.error is not None or compiling():
+        if not observing(module) or self.error is not None or compiling():
             return
         if self._stale:
             self._reset()
@@ -140,7 +140,7 @@ class AttentionTap:
         self._stack.append((site, mode))
 
     def _tapped(self, site: SiteStats, logits: Any) -> None:
-        if not site.module.training or not hooks_active() or self.error is not None:
+        if not observing(site.module) or self.error is not None:
             return
         if self._stale:
             self._reset()

@@ -2,8 +2,11 @@
 object a copy of the model carries inert.
 
 Activation probes reduce inside forward hooks and keep no tensors. Forwards that are not training steps
-(evaluation in ``model.eval()``, the extra forward of the sharpness probe) must not leak into a step's
-values: hooks skip modules in eval mode, and `quiet` pauses all keel hooks for a block of code.
+(evaluation in ``model.eval()``, an RL loop's rollouts and old/reference log-probs under ``torch.no_grad()`` with
+the model left in train mode, the extra forward of the sharpness probe) must not leak into a step's values: hooks
+observe only a module in train mode under autograd (`observing`), as keel's loss capture does, and `quiet` pauses
+all keel hooks for a block of code. (Reentrant activation checkpointing runs each block's first forward under
+no_grad and its recompute with autograd: the hooks see each block once, at the recompute.)
 
 Under ``torch.compile`` the hooks of a compiled model are traced into its graph. What a hook does there must
 be traceable (no host reads, no storage addresses, no tensor hooks that change Python state: each would break
@@ -49,6 +52,12 @@ def quiet() -> Iterator[None]:
 def hooks_active() -> bool:
     """False inside `quiet`."""
     return getattr(_state, "depth", 0) == 0
+
+
+def observing(module: nn.Module) -> bool:
+    """Whether a hook on ``module`` measures this forward: a training forward (train mode, autograd on, outside
+    `quiet`). A forward under ``torch.no_grad()`` or ``inference_mode`` trains nothing, even in train mode."""
+    return module.training and torch.is_grad_enabled() and hooks_active()
 
 
 class ObserverHook:

@@ -38,9 +38,9 @@ from keel.signals._hooks import (
     ObserverHook,
     add_count,
     find_blocks,
-    hooks_active,
     looks_like_sequence_model,
     named_modules_by_name,
+    observing,
 )
 from keel.signals.attn_logits import due
 from keel.signals.norms import accumulation_dtype
@@ -133,7 +133,7 @@ class ActivationRmsProbe:
         self._handles = []
 
     def _hook(self, index: int, module: nn.Module, output: Any) -> None:
-        if not (self._armed and module.training and hooks_active()):
+        if not (self._armed and observing(module)):
             return
         x = (
             output

@@ -64,7 +64,7 @@ from torch import Tensor, nn
 from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types, config_from
-from keel.signals._hooks import find_blocks, find_output_head, hooks_active, looks_like_sequence_model
+from keel.signals._hooks import find_blocks, find_output_head, looks_like_sequence_model, observing
 from keel.signals.attn_logits import due
 from keel.signals.probe import Measurements, PerParam, StepContext
 from keel.signals.registry import PROBES
@@ -245,7 +245,7 @@ class NumericsProbe:
         self._handles = []
 
     def _hook(self, index: int, module: nn.Module, value: Any, fp8: torch.dtype | None) -> None:
-        if not (self._armed and module.training and hooks_active()):
+        if not (self._armed and observing(module)):
             return
         x = _first_tensor(value)
         if x is None or not (x.is_floating_point() or x.is_complex()):

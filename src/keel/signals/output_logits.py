@@ -61,8 +61,8 @@ from keel.signals._hooks import (
     add_count,
     compiling,
     find_output_head,
-    hooks_active,
     named_modules_by_name,
+    observing,
 )
 from keel.signals._softmax_head import CHECKING, SoftmaxHeadCheck, shifts_labels, trusted_head
 from keel.signals.attn_logits import due
@@ -209,7 +209,7 @@ class OutputLogitsProbe:
         if check is not None and compiling() and not check.settled:  # cannot be traced: see the module docstring
             self._compiled_unchecked = True  # tested first: reading the cadence would compile a 2nd graph for nothing
             return
-        if check is None or check.rejected or not (self._armed and module.training and hooks_active()):
+        if check is None or check.rejected or not (self._armed and observing(module)):
             return
         try:  # a hook runs inside the user's forward: never break it; `read` reports the error
             logits = _first_tensor(output)
@@ -239,7 +239,7 @@ class OutputLogitsProbe:
             self._error = exc
 
     def _model_hook(self, module: nn.Module, args: tuple, output: Any) -> None:
-        if self._check is not None and module.training and hooks_active():
+        if self._check is not None and observing(module):
             try:
                 self._check.saw_model_output(output)
             except Exception as exc:

@@ -71,7 +71,7 @@ from keel.losses._router_layout import (
     routers_with_classifiers,
     split_router_output,
 )
-from keel.signals._hooks import ObserverHook, compiling, hooks_active, named_modules_by_name
+from keel.signals._hooks import ObserverHook, compiling, named_modules_by_name, observing
 from keel.signals.attn_logits import due
 from keel.signals.logit_stats import log_partition
 from keel.signals.probe import Measurements, PerParam, StepContext
@@ -307,7 +307,7 @@ class RouterProbe:
         self._handles = []
 
     def _hook(self, site: RouterSite, module: nn.Module, output: Any) -> None:
-        if not (self._armed and module.training and hooks_active()):
+        if not (self._armed and observing(module)):
             return
         try:  # a hook runs inside the user's forward: never break it; `read` reports the error
             logits, _, chosen = split_router_output(output)
