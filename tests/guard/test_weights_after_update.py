@@ -165,3 +165,28 @@ def test_the_snapshot_of_the_broken_update_s_own_step_is_restored_and_a_broken_f
     assert [(d.step, d.restored_step) for d in guard.decisions] == [(BROKEN_UPDATE, BROKEN_UPDATE)]
     guard, seen_finite = _reinforce("recover", broken={0})
     assert [(d.step, d.action, d.restored_step) for d in guard.decisions] == [(0, "rollback", 0)] and all(seen_finite)
+
+
+def test_weights_the_loop_wrote_before_the_update_are_not_said_to_begin_after_it():
+    """An Inf written into a weight by the loop between backward and ``guard.step`` (a renorm of a zero row, an adapter
+    merge) is found right after the update; the rollback said 'trouble began at step N+1' at step N and blamed the
+    update alone (reviewer h26 V2)."""
+    torch.manual_seed(0)
+    model = nn.Linear(4, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    guard = keel.Guard(model, opt, policy="recover", recovery=keel.RecoveryConfig(snapshot_every=1))
+    for step in range(6):
+        loss = model(torch.randn(8, 4)).square().mean()
+        loss.backward()
+        if step == 4:
+            with torch.no_grad():
+                model.weight[0, 0] = math.inf  # after backward: loss and gradients stay finite
+        guard.step(loss)
+        opt.zero_grad()
+    guard.close()
+    (rollback,) = guard.decisions
+    assert (rollback.step, rollback.action, rollback.restored_step) == (4, "rollback", 4)
+    assert "trouble found right after the update of step 4" in rollback.reason
+    assert "trouble began at step 5" not in rollback.reason
+    (finding,) = [f for f in rollback.findings if f.evidence.get("after_update")]
+    assert "or the loop wrote them" in finding.cause and torch.isfinite(model.weight).all()

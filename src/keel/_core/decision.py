@@ -41,6 +41,18 @@ class Decision:
         if self.action not in ACTIONS:
             raise ValueError(f"Decision.action={self.action!r}; allowed: {', '.join(ACTIONS)}")
 
+    def began(self) -> str:
+        """When a rollback's trouble began, in words: an onset after the decision's own step is weights found broken
+        right after that step's update (the state the next step would start from).
+
+        Example:
+            >>> Decision(step=4, action="rollback", onset=5).began(), Decision(step=9, onset=7).began()
+            ('trouble found right after the update of step 4', 'trouble began at step 7')
+        """
+        if self.onset is not None and self.onset > self.step:
+            return f"trouble found right after the update of step {self.step}"
+        return f"trouble began at step {self.onset if self.onset is not None else self.step}"
+
     @property
     def stepped(self) -> bool:
         """True when the optimizer's update was applied at this step."""

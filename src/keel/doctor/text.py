@@ -159,7 +159,7 @@ def _decision_lines(decisions: list[Decision], s: dict[str, Any], width: int) ->
     for d in acts[:MAX_ROWS]:
         if d.action == "rollback":
             trigger = d.reason.partition("Trigger: ")[2] or d.reason
-            began = f" (trouble began at step {d.onset})" if d.onset is not None else ""
+            began = f" ({d.began()})" if d.onset is not None else ""
             lines += wrap.wrap(
                 f"rollback at step {d.step} to the snapshot of step {d.restored_step}{began}; "
                 f"actions: {', '.join(actions_of(d)) or 'none'}; trigger: {trigger}"
@@ -208,6 +208,15 @@ def _summary_lines(s: dict[str, Any]) -> list[str]:
                 )
             else:
                 lines.append(f"not enough history for {kind}, it needs {det['needs']} before it can flag anything")
+    if s.get("phases"):
+        lines.append(
+            "phases (the loss and grad-norm baselines restart at each switch, as the Guard's did): "
+            + "; ".join(
+                f"{p['index']} {p['name']!r} from step {p['step']}"
+                + (f" (stability gap: {', '.join(p['stability_gaps'])})" if p["stability_gaps"] else "")
+                for p in s["phases"]
+            )
+        )
     for note in s.get("notes", []):
         lines.append(f"note: {note}")
     if "stored_findings" in s:

@@ -64,13 +64,15 @@ def broken_update_finding(step: int, broken: list[str]) -> Finding:
             "onset_step": step + 1,
         },
         cause=(
-            f"The update of step {step} left NaN/Inf in parameters ({where}): its gradients and loss were finite, the "
-            "update overflowed (an LR far too high for this step, an optimizer state that blew up, a weight written in "
-            "the optimizer's step)."
+            f"NaN/Inf in parameters ({where}) right after the update of step {step}, whose loss and gradients were "
+            "finite: the update overflowed (an LR far too high for this step, an optimizer state that blew up), or the "
+            "loop wrote them since the last check (an in-place weight write such as a renorm of a zero row, an adapter "
+            "merge, a checkpoint or callback that loaded bad values)."
         ),
         advice=(
             "keel rolled back before the loop's next forward (a rollout or generation from these weights would raise "
-            "or sample garbage); lower the learning rate, and look at the optimizer's state for the named parameters."
+            "or sample garbage). If the loop writes into these parameters between steps, check that write; else lower "
+            "the learning rate and look at the optimizer's state for the named parameters."
         ),
     )
 

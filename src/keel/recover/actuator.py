@@ -160,11 +160,11 @@ class Actuator:
         actions = ", ".join(result.actions) or "none needed"
         passed = f" ({'; '.join(result.passed_over)})" if result.passed_over else ""  # newer ones it could not use
         onset_from = f": {result.onset_from}" if result.onset_from else ""  # not the critical finding's own onset
+        began = replace(decision, onset=result.onset).began()
         return replace(
             decision,
             onset=result.onset,
             restored_step=result.snapshot.step,
-            reason=f"rolled back to the snapshot of step {result.snapshot.step}{passed} (trouble began at step "
-            f"{result.onset}{onset_from}); steps {result.snapshot.step}–{decision.step} are not replayed; "
-            f"actions: {actions}. Trigger: {decision.reason}",
+            reason=f"rolled back to the snapshot of step {result.snapshot.step}{passed} ({began}{onset_from}); steps "
+            f"{result.snapshot.step}–{decision.step} are not replayed; actions: {actions}. Trigger: {decision.reason}",
         )
