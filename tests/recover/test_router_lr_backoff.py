@@ -17,6 +17,7 @@ from torch import nn
 from keel import Guard, RecoveryConfig
 from keel._core import keys
 from keel._core.finding import Finding
+from keel.recover import DiskSnapshots, SnapshotRing, TrainingState, restore
 from keel.recover.actions import (
     ActionState,
     apply_actions,
@@ -167,3 +168,23 @@ def test_under_recover_the_rollback_for_a_locked_router_cuts_only_the_routers_gr
 
 def test_under_recover_a_router_sharing_its_group_gets_the_whole_models_cut():
     assert _lrs_after_rollback(own_group=False) == [pytest.approx(1e-3)]
+
+
+def test_a_router_groups_cut_survives_a_disk_snapshot_and_a_resume(tmp_path):
+    def state() -> TrainingState:
+        torch.manual_seed(0)
+        model = TinyMoE()
+        training = TrainingState(model=model, optimizer=_optimizer(model, own_group=True))
+        training.history["actions"] = ActionState()
+        return training
+
+    saved = state()
+    saved.history["actions"].group_lr_scale = {1: 0.01}
+    ring = SnapshotRing()
+    snap = ring.take(8, saved)
+    ring.fence()
+    DiskSnapshots(tmp_path).save(snap)
+    fresh = state()
+    loaded = DiskSnapshots(tmp_path).load_newest()
+    restore(fresh, loaded.tensors, loaded.skeleton, loaded.plain, resume=True)
+    assert fresh.history["actions"].group_lr_scale == {1: 0.01}
