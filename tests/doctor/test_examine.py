@@ -7,6 +7,7 @@ import pytest
 
 from keel._core import Observation
 from keel.detect import DivergenceDetector, SpikeDetector, default_detectors
+from keel.detect.divergence import DivergenceConfig
 from keel.doctor import RawLog, examine, examine_log
 
 
@@ -65,7 +66,7 @@ def test_sparse_log_scales_only_the_divergence_warm_up():
     assert readiness["loss_spike"]["needs"] == 20  # a sample count: unchanged
     divergence = [f for f in result.findings if f.kind == "divergence"]
     assert [f.severity for f in divergence] == ["warning", "critical"]
-    unscaled = DivergenceDetector()
+    unscaled = DivergenceDetector(DivergenceConfig(min_history=50))  # (the default was 50 steps until h26 G)
     assert [
         f for s, v in zip(steps, losses, strict=True) for f in unscaled.update(Observation(step=s, values={"loss": v}))
     ] == []
@@ -192,7 +193,7 @@ def test_a_short_log_says_what_its_spike_detectors_can_still_flag(tmp_path, caps
     assert main(["doctor", str(p)]) == 0
     out = capsys.readouterr().out
     assert "short history for loss_spike on loss: 12 value(s): only jumps to 4x the median so far" in out
-    assert "not enough history for divergence on loss: 12 value(s), it needs 50" in out
+    assert "not enough history for divergence on loss: 12 value(s), it needs 20" in out
     p.write_text("step,loss\n1,3.0\n2,2.9\n3,2.8\n")  # under 5 values: nothing can be flagged yet
     assert main(["doctor", str(p)]) == 0
     assert "not enough history for loss_spike on loss: 3 value(s), it needs 20 before it can flag anything" in (

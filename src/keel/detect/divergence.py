@@ -59,7 +59,12 @@ class DivergenceConfig:
         signal: The signal key watched (a loss: lower is better).
         short: Fewest values in the rolling median: a quiet run's window.
         window: Most values in the rolling median: a noisy run's window (its detection delay is about half).
-        min_history: Steps before anything is flagged (the loss falls fast early on).
+        min_history: Steps before anything is flagged (the loss falls fast early on). 20, as many as the spike
+            detector's baseline needs: the best level is a median over the window the measured noise asks for, so a
+            fast early fall sets no lucky best, and iid noise around 2,400 healthy run starts (a 2-20x fall with
+            time constant 5-40 steps, Gaussian or t3 noise of 2-30 %) raised nothing at 20 either. At 50 an LR x100
+            for one update 20-30 steps into a minGPT-shaped run (the loss 1.4-1.7x its level for 8-12 steps, each
+            about 4 step-noise z: no spike) was back down before the detector could say anything.
         warn_excess: Relative rise over the best median that counts (0.25 = 25 % above the best).
         critical_excess: Relative rise that makes the finding critical (1.0 = twice the best).
         patience: Consecutive steps above the threshold before a finding.
@@ -70,7 +75,7 @@ class DivergenceConfig:
     signal: str = keys.LOSS
     short: int = 9
     window: int = 255
-    min_history: int = 50
+    min_history: int = 20
     warn_excess: float = 0.25
     critical_excess: float = 1.0
     patience: int = 10
