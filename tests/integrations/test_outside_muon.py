@@ -295,3 +295,39 @@ def test_nanochats_one_muon_adamw_optimizer_is_watched_as_it_is():
     watch, params = _nanochat_loop("skip", nan_at=3)
     assert [(d.step, d.action) for d in watch.decisions if not d.stepped] == [(3, "skip")]
     assert all(p.isfinite().all() for p in params)
+
+
+def _per_optimizer_ready_loop(policy: str | None, *, schedulers: bool = False, steps: int = 5):
+    """modded-nanogpt's distributed step without DDP: one async all-reduce per gradient, grouped per optimizer, and
+    ``for opt in optimizers: collect_all(opt2futures[opt]).wait(); opt.step()`` — each optimizer's gradients are
+    ready only just before its own step(). Here the 'reduce' of each part is done just before its step() (the
+    gradients halved, as a mean over two ranks of which the other's are zero), with a scheduler each in zip."""
+    torch.manual_seed(0)
+    model = GPT()
+    optimizers = _optimizers(model)
+    scheds = [torch.optim.lr_scheduler.LambdaLR(o, lambda s: 1.0 - s / 10) for o in optimizers] if schedulers else []
+    watch = keel.watch(model, optimizers, scheds or None, policy=policy) if policy else None
+    try:
+        for x, y in _batches(steps, 1):
+            model(x, y).backward()
+            for i, opt in enumerate(optimizers):
+                for group in opt.param_groups:
+                    for p in group["params"]:
+                        p.grad.mul_(0.5)  # this part's reduce, waited just before its step()
+                opt.step()
+                if scheds:
+                    scheds[i].step()
+            model.zero_grad(set_to_none=True)
+    finally:
+        if watch is not None:
+            watch.close()
+    return watch, [p.detach().clone() for p in model.parameters()], _states(optimizers)
+
+
+@pytest.mark.parametrize("schedulers", [False, True])
+def test_each_optimizer_steps_on_the_gradients_the_loop_readied_for_it(schedulers):
+    # keel stepped Muon at AdamW's step() call, before the loop had reduced Muon's gradients: under torchrun the
+    # ranks' weights drifted apart under observe (/tmp/h26F/dist_futures.py: max difference 0.05 after 10 steps)
+    _, bare, bare_states = _per_optimizer_ready_loop(None, schedulers=schedulers)
+    _, observed, observed_states = _per_optimizer_ready_loop("observe", schedulers=schedulers)
+    assert _equal(bare, observed) and _equal(bare_states, observed_states)

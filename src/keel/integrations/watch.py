@@ -34,8 +34,10 @@ runs at interpreter exit if the loop never calls it):
   continues it (`keel.Guard.track`).
 
 Gradient accumulation needs nothing: micro-batches add up until the loop's update call. Several optimizers (Muon
-for the matrices, AdamW for the rest) are given as a list: keel decides at the first one's ``step()`` and steps,
-skips or restores them all there; the others' calls of that update do nothing. A loop with a backward per
+for the matrices, AdamW for the rest) are given as a list: the earlier ones' ``step()`` calls of an update wait, and
+keel decides at the last one's and steps, skips or restores them all there, once the loop has readied each one's
+gradients (modded-nanogpt waits for each optimizer's gradient all-reduce just before its ``step()``); a scheduler
+call between them is made after that update. A loop with a backward per
 optimizer (a GAN: D's backward and step, then G's) takes one watch per model and optimizer, ``keel.watch(netD,
 optD)`` and ``keel.watch(netG, optG)``: each backward's loss goes to the first of them to update after it among
 those whose model it reached (`keel.integrations._backward_owner`), so a NaN in G's loss skips G's update, not D's.
@@ -115,8 +117,9 @@ class Watch:
         self._scaler = scaler  # the scale of the losses backward sees
         self._own_scaler = own_scaler
         self._default_detectors = guard_kwargs.get("detectors") is None
-        self._answered: set[int] = set()  # the parts whose step() call of this update keel has already made
-        self._stepped_part = ""  # the class of the optimizer whose step() call made the last update
+        self._called: set[int] = set()  # the parts whose step() the loop has called for the update to come
+        self._called_part = ""  # the class of the optimizer whose step() the loop called last
+        self._held_calls: list[tuple[LoopScheduler, Any, tuple, dict]] = []  # scheduler calls until that update
         self._scaler_checked = False  # the unseen-scaler check, made at the first update
         self._schedulers = [LoopScheduler(observe=self.guard.policy == "observe") for _ in schedulers]
         self._decided = 0  # the guard's decisions already counted for the schedulers
@@ -145,7 +148,7 @@ class Watch:
             self._handoff.gate(own_scaler, "update", self._after_update)
             _HOOKED_SCALERS.add(id(own_scaler))
         for loop_scheduler, gated in zip(self._schedulers, schedulers, strict=True):
-            self._handoff.gate_scheduler(gated, loop_scheduler.loop_call)
+            self._handoff.gate_scheduler(gated, functools.partial(self._scheduler_call, loop_scheduler))
         self._handoff.gate(torch.nn.utils, "clip_grad_norm_", self._clip)
         if hasattr(torch.nn.utils, "clip_grads_with_norm_"):  # torch >= 2.6
             self._handoff.gate(torch.nn.utils, "clip_grads_with_norm_", self._clip_with_norm)
@@ -167,8 +170,8 @@ class Watch:
                 self._bare_outputs.note(output)
 
     def _capture_backward(self, original: Any, tensor: Tensor, *args: Any, **kwargs: Any) -> Any:
-        if self._answered:  # refused before it runs: the later optimizers' step() calls are still to come
-            error = ValueError(BACKWARD_BETWEEN.format(n=len(self._parts), stepped=self._stepped_part))
+        if self._called:  # refused before it runs: the other optimizers' step() calls are still to come
+            error = ValueError(BACKWARD_BETWEEN.format(n=len(self._parts), stepped=self._called_part))
             self._finish(error)
             raise error
         if not _is_scalar_loss(tensor):
@@ -277,18 +280,33 @@ class Watch:
         gradients = getattr(part, "gradient_state", None)  # accelerate's AcceleratedOptimizer
         if gradients is not None and not getattr(gradients, "sync_gradients", True):
             return original()  # a micro-batch inside accumulate(): accelerate's step does nothing there
-        if id(part) in self._answered:  # keel stepped (or skipped) every optimizer at this update's first call
-            self._answered.discard(id(part))
-            return None
         if self._scaler is None and not self._scaler_checked:  # a loop steps through a GradScaler always or never
             self._check_unseen_scaler()
         if not self._scaler_checked:  # a scheduler built after this watch (the line after it) marks step since
             self._check_unseen_scheduler()
         self._scaler_checked = True
-        self._answered = {id(p) for p in self._parts if p is not part}
-        self._stepped_part = type(part).__name__
+        self._called.add(id(part))
+        self._called_part = type(part).__name__
+        if len(self._called) < len(self._parts):
+            return None  # keel updates them all at the last one's call: the loop readies each one's gradients first
+        self._called.clear()
         self._update()
+        for loop_scheduler, original, args, kwargs in self._take_held_calls():
+            loop_scheduler.loop_call(original, *args, **kwargs)
         return None
+
+    def _scheduler_call(self, loop_scheduler: LoopScheduler, original: Any, *args: Any, **kwargs: Any) -> Any:
+        """The loop's ``scheduler.step()``: between the optimizers' step() calls of one update (modded-nanogpt's
+        ``for opt, sched in zip(optimizers, schedulers): opt.step(); sched.step()``) it is held until keel has made
+        that update, so the update runs at the LR the loop set for it; else as `LoopScheduler.loop_call` says."""
+        if self._called:
+            self._held_calls.append((loop_scheduler, original, args, kwargs))
+            return None
+        return loop_scheduler.loop_call(original, *args, **kwargs)
+
+    def _take_held_calls(self) -> list[tuple[LoopScheduler, Any, tuple, dict]]:
+        held, self._held_calls = self._held_calls, []
+        return held
 
     def _check_stepped(self, *, dropped: bool) -> None:
         """Warn once when the loop trains the model without the optimizer's ``step()``: at a backward, when the
@@ -451,10 +469,10 @@ def watch(
     Args:
         model: The model being trained (DDP- or ``torch.compile``-wrapped as the loop calls it).
         optimizer: The optimizer the loop steps, or a list of them (Muon + AdamW): keel decides once per update,
-            at the first of their ``step()`` calls, and steps, skips or restores them all (`keel.Optimizers`);
+            at the last of their ``step()`` calls, and steps, skips or restores them all (`keel.Optimizers`);
             the loop steps every one of them at each update, after one backward (a backward between their calls
-            is refused with a ValueError before it runs, and the watch closed: keel stepped them all already; a
-            GAN's loop takes one watch per model and optimizer).
+            is refused with a ValueError before it runs, and the watch closed; a GAN's loop takes one watch per
+            model and optimizer).
         scheduler: The loop's LR scheduler (or a list, one per optimizer), if it has one: snapshots hold its
             state; the loop keeps stepping it (per update, per epoch or with a metric), and its call after an
             update keel skipped is withheld.
@@ -524,11 +542,10 @@ NEVER_STEPPED = (
 BACKWARD_BETWEEN = (
     "keel.watch with {n} optimizers: a backward() ran between their step() calls of one update (after "
     "{stepped}.step(), before the others'). keel decides once per update and steps every optimizer of the list at "
-    "the first one's step(): the later ones would step on the gradients from before this backward, and a GAN's loop "
-    "then fails in autograd ('modified by an inplace operation'). keel closed this watch and this backward did not "
-    "run. Allowed: one backward, then each optimizer's step() (Muon + AdamW); a loop with a backward per optimizer (a "
-    "GAN: D's backward and step, then G's) takes one keel.watch per model and optimizer: keel.watch(netD, "
-    "optimizerD); keel.watch(netG, optimizerG)"
+    "the last one's step(): the earlier ones would step on this backward's gradients, not on those they were called "
+    "for. keel closed this watch and this backward did not run. Allowed: one backward, then each optimizer's step() "
+    "(Muon + AdamW); a loop with a backward per optimizer (a GAN: D's backward and step, then G's) takes one "
+    "keel.watch per model and optimizer: keel.watch(netD, optimizerD); keel.watch(netG, optimizerG)"
 )
 
 ADVERSARIAL = (
