@@ -106,6 +106,14 @@ def test_a_z_that_overflows_is_a_spike_with_no_z_in_its_evidence_in_both(name, s
     assert [(f.severity, f.evidence["z"]) for f in found] == [("critical", None)]
 
 
+def test_a_window_of_one_value_is_judged_against_the_scale_floor_as_the_reference_does():
+    # one value has no step-to-step difference: its step noise is NaN, and update took it as the scale of a "descent"
+    # (z NaN: a 12.5x jump was an info with no z); the reference, and now update, keep the window's median and floor
+    pair = lambda fast: (SpikeDetector if fast else ReferenceSpike)(SpikeConfig(window=1, min_history=1))  # noqa: E731
+    found = check(pair, [2.0, 2.0, 2.3, 2.0, 25.0], [], "loss")
+    assert [(f.step, f.severity, f.evidence["z"]) for f in found] == [(2, "info", 13.98), (4, "critical", 252.57)]
+
+
 @settings(max_examples=60, deadline=None)
 @given(name=st.sampled_from(sorted(DIVERGENCES)), data=st.data())
 def test_property_divergence_update_equals_the_sorting_reference(name, data):

@@ -525,7 +525,7 @@ class SpikeDetector:
             return median, scale
         differences = [b - a for a, b in zip(window, window[1:], strict=False)]
         noise = step_noise(differences)
-        if scale < TREND_SPREAD * noise:
+        if not scale >= TREND_SPREAD * noise:  # (NaN: one value, no difference to measure noise by)
             return median, scale
         return recent, max(noise, step_noise(differences[-NOISE_NOW:]))
 
