@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 
 import pytest
 import torch
@@ -44,6 +45,15 @@ def test_tensor_and_number_signals_are_stored_under_their_keys_step_by_step(tmp_
     assert list(reward) == [0.0, 0.5, 1.0, 1.5, 2.0]
 
 
+@pytest.mark.parametrize(
+    "value, stored", [(10**400, math.inf), (-(10**400), -math.inf), (Fraction(10**400, 3), math.inf)]
+)
+def test_a_number_beyond_float_range_is_recorded_as_an_infinity_not_an_overflow_error(value, stored):
+    """``float(10**400)`` raises OverflowError; it escaped the one-clear-error rule (reviewer h26 V8)."""
+    _, on_host = split_signals({"reward/mean": value}, torch.device("cpu"))
+    assert on_host == {"reward/mean": stored}
+
+
 def test_non_finite_signal_values_are_recorded_not_refused(tmp_path):
     reader = _loop(tmp_path, 2, lambda i: {"reward/mean": math.nan, "grpo/kl": torch.tensor(math.inf)})
     with reader:
@@ -83,6 +93,7 @@ HOSTILE = [
     ({"reward/mean": None}, "allowed: a 0-d tensor or a real number"),
     ({"reward/mean": True}, "allowed: a 0-d tensor or a real number"),
     ([("reward/mean", 1.0)], "allowed: a dict"),
+    ({"reward/mean": torch.tensor(1.0, device="meta")}, "meta device"),
 ]
 
 

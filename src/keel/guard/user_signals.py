@@ -8,6 +8,7 @@ join the host values, and detectors, the store and the report read them by key.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from numbers import Real
 
@@ -51,6 +52,11 @@ def split_signals(signals: Mapping[str, object] | None, device: torch.device) ->
                 f"your own ('dpo/', 'grpo/', 'reward/'); reserved: {', '.join(_RESERVED + _RESERVED_PREFIXES)}"
             )
         if isinstance(value, Tensor):
+            if value.is_meta:  # no data to read: a value computed on a model built on the meta device
+                raise ValueError(
+                    f"signals[{key!r}] is a tensor on the meta device (it holds no value); allowed: a real tensor "
+                    "or number, computed on the device the model trains on"
+                )
             if value.numel() != 1 or value.is_complex() or value.dtype == torch.bool:
                 raise ValueError(
                     f"signals[{key!r}] is a {value.dtype} tensor of shape {tuple(value.shape)}; allowed: one real "
@@ -58,13 +64,21 @@ def split_signals(signals: Mapping[str, object] | None, device: torch.device) ->
                 )
             on_device[key] = value.detach().reshape(()).to(device, non_blocking=True)
         elif isinstance(value, Real) and not isinstance(value, bool):
-            on_host[key] = float(value)
+            on_host[key] = _as_float(value)
         else:
             raise ValueError(
                 f"signals[{key!r}] = {_short(value)} ({type(value).__name__}); allowed: a 0-d tensor or a real "
                 "number (NaN and Inf are values, and are recorded as such)"
             )
     return on_device, on_host
+
+
+def _as_float(value: Real) -> float:
+    """``value`` as a float; an int or fraction beyond float range is ±Inf, a value like any other (``10**400``)."""
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf  # type: ignore[operator]  # (Real declares no comparison)
 
 
 def _reserved(key: str) -> bool:
