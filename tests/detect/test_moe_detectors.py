@@ -220,6 +220,24 @@ def test_a_router_locked_in_from_its_initialisation_is_a_warning_a_rollback_cann
     assert "locked_since_start" not in found[-1].evidence
 
 
+def test_a_router_locked_from_init_that_a_z_loss_is_unlocking_stays_a_warning():
+    # Recorded: HF Switch Transformers (router locked by its init, gate entropy 0.1 at step 0) under keel's
+    # router_z_loss + load_balancing: the entropy climbs to ~0.27, one measurement (step 85) at 0.32, imbalance and
+    # z falling (tests/detect/data/switch_router_unlocking.json). That one measurement above the floor made it
+    # critical at step 100 before — a rollback would undo the stabilizers' progress. The unsure router a lock-in
+    # needs is judged on the entropy's median, as the lock-in itself is.
+    run = json.loads((Path(__file__).parent / "data" / "switch_router_unlocking.json").read_text())
+    det = LoadCollapseDetector()
+    series = zip(run["imbalance"], run["gate_entropy"], strict=True)
+    found = [
+        f
+        for s, (imb, ent) in enumerate(series)
+        for f in det.update(_obs(s, imb=imb, ent=ent, e=run["experts"], k=run["top_k"]))
+    ]
+    assert _brief(found) == [(28, "load_collapse", "warning")]
+    assert found[0].evidence["locked_since_start"] is True
+
+
 def test_a_locked_in_router_survives_a_snapshot_round_trip_with_its_history():
     det = LoadCollapseDetector()
     for s in range(10):

@@ -25,11 +25,13 @@ measurement. Hence:
   it rises, the finding projects the step at which it would reach ``critical_share`` (``projected_critical_step``);
 - **critical**: such a share that is locked in — the gate entropy's median has fallen to ``entropy_floor`` or below:
   the router is sure of its unbalanced choice, its softmax saturated, so the balancing gradient no longer moves it
-  (no warm-up needed: a router at init is unbalanced but unsure) after the gate was above that floor at some
-  measurement — a router locked from its first measurement (Hugging Face's Switch Transformers init, classifier std
-  1.0, gives gate entropy 0.01 at step 0) is the init's doing, every snapshot holds it, and it stays a warning with
-  ``locked_since_start`` in its evidence. Nothing else: a full collapse with an unsure
-  router (entropy above the floor) stays a warning however long it lasts. Critical is what a policy acts on, and
+  (no warm-up needed: a router at init is unbalanced but unsure) after the gate's median was above that floor at
+  some measurement — a router locked from its first measurement (Hugging Face's Switch Transformers init,
+  classifier std 1.0, gives gate entropy 0.01 at step 0) is the init's doing, every snapshot holds it, and it stays
+  a warning with ``locked_since_start`` in its evidence, also while it unlocks (Switch's router under keel's
+  ``router_z_loss`` climbed from 0.1 to ~0.27, one measurement at 0.32, which alone made it critical before session
+  14). Nothing else: a full collapse with an unsure router (entropy above the floor) stays a warning however long it
+  lasts. Critical is what a policy acts on, and
   ``policy="recover"`` rolls back and cuts the LR: that undoes a lock-in the LR caused, but a router that was
   unbalanced from initialisation is unbalanced in every snapshot, and a lower LR only slows its re-balancing. A tiny
   Hugging Face Mixtral / Qwen3-MoE on text with Hugging Face's default balancing weight (0.001) sits at share
@@ -163,7 +165,8 @@ class LoadCollapseDetector:
         self._seen += 1
         entropy = obs.values.get(keys.MOE_GATE_ENTROPY)
         if entropy is not None and self._entropy.add(obs.step, entropy):
-            self._unsure_seen = self._unsure_seen or entropy > self.config.entropy_floor
+            # unsure as the lock-in is judged: on the median (one noisy measurement is not a state)
+            self._unsure_seen = self._unsure_seen or self._entropy.median() > self.config.entropy_floor
         experts, top_k = obs.values.get(keys.MOE_EXPERTS), obs.values.get(keys.MOE_TOP_K)
         if experts is not None and top_k is not None and top_k > 0 and math.isfinite(experts / top_k):
             self._ceiling = experts / top_k
