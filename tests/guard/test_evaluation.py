@@ -366,3 +366,21 @@ def test_a_declared_phase_switch_starts_new_loss_baselines_so_recover_does_not_r
     with RunReader(tmp_path / "declared") as reader:
         (start, switch) = reader.meta()["phases"]
     assert switch["step"] == 40 and switch["rebaselined"] == REBASELINED
+
+
+def test_an_eval_metric_that_turns_non_finite_is_a_warning_said_once_per_turn():
+    """An fp16 eval that overflows or an empty eval set gave NaN/Inf and no finding: the eval detectors skip such a
+    value, and the run read as healthy (reviewer h26 V9)."""
+    model = nn.Linear(2, 1)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    accuracies = [0.5, math.nan, math.nan, 0.6, math.inf, 0.7]
+    with Guard(model, opt) as guard:
+        for accuracy in accuracies:
+            loss = model(torch.ones(4, 2)).square().mean()
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad()
+            guard.record_eval({"acc": accuracy, "loss": 1.0}, name="val")
+    said = [(f.step, f.kind, f.severity, f.signal) for f in guard.findings if f.evidence.get("eval") == "val"]
+    assert said == [(1, "non_finite", "warning", "eval/val/acc"), (4, "non_finite", "warning", "eval/val/acc")]
+    assert not guard.decisions  # evals never decide a step

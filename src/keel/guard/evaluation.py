@@ -27,6 +27,7 @@ data has its own loss level (the phase's meta entry lists them as ``rebaselined`
 from __future__ import annotations
 
 import copy
+import math
 import random
 import warnings
 from collections.abc import Callable, Mapping
@@ -150,6 +151,7 @@ class Evaluation:
         self._announce: int | None = None  # the phase index to record at the next step, if it changes there
         self._restored = False  # load_state_dict was called (a resume found this state in the snapshot)
         self.restore_problem: str | None = None  # why the snapshot's evaluation state was not loaded, if it was not
+        self._non_finite: set[str] = set()  # the evals whose headline metric is NaN/Inf now (said when it turned)
 
     # --- registering -------------------------------------------------------------------------------------
     def add(self, spec: EvalSpec) -> None:
@@ -288,9 +290,35 @@ class Evaluation:
         if any(r.spec.task is not None for r in results):
             phases = [(p.step, p.name) for p in self.phases]
             values.update(self.components.call("continual metrics", continual_metrics, self.tracks, phases) or {})
-        found = self._detect(step, values, results)
+        found = self._non_finite_evals(step, results) + self._detect(step, values, results)
         self.components.call("recorder", self.recorder.evaluation, Observation(step=step, values=values), found)
         return values
+
+    def _non_finite_evals(self, step: int, results: list[EvalResult]) -> list[Finding]:
+        """A warning when an eval's headline metric turns NaN or Inf (an fp16 eval that overflowed, an eval set that
+        came out empty): the detectors that follow evals skip such a value, so the run read as healthy. Said again
+        only after the metric was finite once more. A warning, not critical: the training signals decide."""
+        found = []
+        for result in results:
+            value = result.values[result.headline]
+            if math.isfinite(value):
+                self._non_finite.discard(result.spec.name)
+            elif result.spec.name not in self._non_finite:
+                self._non_finite.add(result.spec.name)
+                found.append(
+                    Finding(
+                        step=step,
+                        kind="non_finite",
+                        severity="warning",
+                        signal=result.headline,
+                        value=value,
+                        evidence={"eval": result.spec.name, "non_finite": [result.headline]},
+                        cause=f"The eval {result.spec.name!r} gave {value} for {result.headline} at step {step}.",
+                        advice="Check the eval: an empty eval set, a division by zero in the metric, or a model "
+                        "whose eval forward overflows in low precision (run the eval in float32).",
+                    )
+                )
+        return found
 
     def _detect(self, step: int, values: dict[str, float], results: list[EvalResult]) -> list[Finding]:
         """Feed the round to the detectors that read evals, with the phase index of ``step`` (0 before any phase:
