@@ -28,6 +28,9 @@ SPIKES = {
     "linear": lambda cls: cls(SpikeConfig(signal="grad/norm", log_scale=False)),
     "small": lambda cls: cls(SpikeConfig(window=8, min_history=3, patience=2, rebase_after=6, threshold=3.0)),
     "odd": lambda cls: cls(SpikeConfig(window=9, min_history=9, rebase_after=4, critical_excess=0.3)),
+    # windows of one and two values: no difference, or one, to measure the step noise by (a NaN scale, 256b0ac)
+    "one": lambda cls: cls(SpikeConfig(window=1, min_history=1, rebase_after=3)),
+    "two": lambda cls: cls(SpikeConfig(signal="grad/norm", window=2, min_history=1, patience=1, log_scale=True)),
 }
 DIVERGENCES = {
     "default": lambda cls: cls(),
