@@ -331,3 +331,29 @@ def test_each_optimizer_steps_on_the_gradients_the_loop_readied_for_it(scheduler
     _, bare, bare_states = _per_optimizer_ready_loop(None, schedulers=schedulers)
     _, observed, observed_states = _per_optimizer_ready_loop("observe", schedulers=schedulers)
     assert _equal(bare, observed) and _equal(bare_states, observed_states)
+
+
+def test_a_loop_that_zeroes_each_optimizers_gradients_after_its_step_trains_every_part():
+    """``for opt in optimizers: opt.step(); opt.zero_grad(set_to_none=True)``: keel makes the update at the last
+    optimizer's call, so the first one's zero_grad() is held until then (else AdamW would step on no gradients)."""
+
+    def loop(policy: str | None) -> list[torch.Tensor]:
+        torch.manual_seed(0)
+        model = GPT()
+        optimizers = _optimizers(model)
+        watch = keel.watch(model, optimizers, policy=policy) if policy else None
+        try:
+            for x, y in _batches(4, 1):
+                model(x, y).backward()
+                for opt in optimizers:
+                    opt.step()
+                    opt.zero_grad(set_to_none=True)
+        finally:
+            if watch is not None:
+                watch.close()
+        return [p.detach().clone() for p in model.parameters()]
+
+    initial = [p.detach().clone() for p in (torch.manual_seed(0), GPT())[1].parameters()]
+    bare, observed = loop(None), loop("observe")
+    assert not torch.equal(bare[0], initial[0])  # the embedding (AdamW's) trained
+    assert _equal(bare, observed)

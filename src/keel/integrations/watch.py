@@ -53,7 +53,7 @@ import functools
 import sys
 import warnings
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -119,7 +119,7 @@ class Watch:
         self._default_detectors = guard_kwargs.get("detectors") is None
         self._called: set[int] = set()  # the parts whose step() the loop has called for the update to come
         self._called_part = ""  # the class of the optimizer whose step() the loop called last
-        self._held_calls: list[tuple[LoopScheduler, Any, tuple, dict]] = []  # scheduler calls until that update
+        self._held_calls: list[Callable[[], Any]] = []  # the loop's calls between them, made after that update
         self._scaler_checked = False  # the unseen-scaler check, made at the first update
         self._schedulers = [LoopScheduler(observe=self.guard.policy == "observe") for _ in schedulers]
         self._decided = 0  # the guard's decisions already counted for the schedulers
@@ -143,6 +143,8 @@ class Watch:
         self._hook = model.register_forward_hook(ObserverHook(self._capture_output), with_kwargs=True)
         for part in self._parts:
             self._handoff.gate(part, "step", functools.partial(self._optimizer_step, part))
+            if len(self._parts) > 1:  # `for opt in optimizers: opt.step(); opt.zero_grad()`: see _held_zero_grad
+                self._handoff.gate(part, "zero_grad", functools.partial(self._held_zero_grad, part))
         if own_scaler is not None:
             self._handoff.gate(own_scaler, "step", self._scaler_step)
             self._handoff.gate(own_scaler, "update", self._after_update)
@@ -291,8 +293,9 @@ class Watch:
             return None  # keel updates them all at the last one's call: the loop readies each one's gradients first
         self._called.clear()
         self._update()
-        for loop_scheduler, original, args, kwargs in self._take_held_calls():
-            loop_scheduler.loop_call(original, *args, **kwargs)
+        held, self._held_calls = self._held_calls, []
+        for call in held:
+            call()
         return None
 
     def _scheduler_call(self, loop_scheduler: LoopScheduler, original: Any, *args: Any, **kwargs: Any) -> Any:
@@ -300,13 +303,18 @@ class Watch:
         ``for opt, sched in zip(optimizers, schedulers): opt.step(); sched.step()``) it is held until keel has made
         that update, so the update runs at the LR the loop set for it; else as `LoopScheduler.loop_call` says."""
         if self._called:
-            self._held_calls.append((loop_scheduler, original, args, kwargs))
+            self._held_calls.append(functools.partial(loop_scheduler.loop_call, original, *args, **kwargs))
             return None
         return loop_scheduler.loop_call(original, *args, **kwargs)
 
-    def _take_held_calls(self) -> list[tuple[LoopScheduler, Any, tuple, dict]]:
-        held, self._held_calls = self._held_calls, []
-        return held
+    def _held_zero_grad(self, part: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
+        """A part's ``zero_grad()`` right after its ``step()`` (``for opt in optimizers: opt.step();
+        opt.zero_grad()``), before the others' calls: held until keel has made the update, which would else step
+        that part on no gradients."""
+        if id(part) in self._called:
+            self._held_calls.append(functools.partial(original, *args, **kwargs))
+            return None
+        return original(*args, **kwargs)
 
     def _check_stepped(self, *, dropped: bool) -> None:
         """Warn once when the loop trains the model without the optimizer's ``step()``: at a backward, when the
