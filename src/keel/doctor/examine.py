@@ -54,6 +54,7 @@ from keel.doctor.blocks import Broken, Plan, advance, label
 from keel.doctor.formats import read_log
 from keel.doctor.log import RawLog
 from keel.doctor.overflows import skipped_overflows
+from keel.doctor.phases import Declared, note_declared, rebaseline
 from keel.doctor.result import DoctorResult
 from keel.doctor.timeline import UNIT_LOSS_SCALE, Timeline, build_timeline, drop_unit_loss_scale
 
@@ -105,14 +106,18 @@ def examine_timeline(
     unit_scale = not log.keyed and drop_unit_loss_scale(timeline)  # a keel store's amp/scale is a real GradScaler's
     stride = _stride(timeline.steps)
     make = detectors or _defaults_for(timeline)
+    declared = log.declared
 
     def fresh() -> list[Detector]:
-        return scale_for_stride(list(make()), stride)
+        made = scale_for_stride(list(make()), stride)
+        note_declared(made, declared)
+        return made
 
     dets = fresh()
     plan = Plan(dets, timeline)
     steps = timeline.steps
     n = len(steps)
+    crossings = _crossings(steps, declared)  # observations that come after a phase switch the one before did not
     # The current segment's history, steps strictly increasing: observation numbers and their steps (the
     # observations themselves are made again when a rewind replays them).
     kept, kept_steps = array("q"), array("q")
@@ -135,7 +140,11 @@ def examine_timeline(
         position = start
         for first, stop in _runs(kept[start:]):
             while first < stop:  # replay quietly: these findings were reported the first time
-                end = min(stop, first + checkpoints[-1][0] + CHECKPOINT_EVERY - position)
+                end = min(stop, first + checkpoints[-1][0] + CHECKPOINT_EVERY - position, _next(crossings, first))
+                if declared is not None and declared.crossed(
+                    kept_steps[position - 1] if position else None, int(steps[first])
+                ):
+                    rebaseline(rewound, broken, int(steps[first]))
                 advance(rewound, plan, first, end, broken)
                 position += end - first
                 first = end
@@ -143,11 +152,12 @@ def examine_timeline(
                     checkpoints.append((position, _states(rewound, broken)))
         return rewound
 
-    # Where a stretch must end: before a step not above the one before it (perhaps a restart), and after a
-    # step the Guard rolled back at.
+    # Where a stretch must end: before a step not above the one before it (perhaps a restart), after a step the
+    # Guard rolled back at, and before the first step of a declared phase (the baselines restart there).
     rollbacks = log.rollbacks
     rolled_back = np.fromiter(rollbacks, dtype=np.int64, count=len(rollbacks))
     cuts = np.union1d(np.flatnonzero(steps[1:] <= steps[:-1]) + 1, np.flatnonzero(np.isin(steps, rolled_back)) + 1)
+    cuts = np.union1d(cuts, crossings)
     cuts = np.append(cuts[cuts < n], n)
     last = None  # the step of the newest kept observation
     index = 0
@@ -156,6 +166,8 @@ def examine_timeline(
         if last is not None and step <= last:
             restarts.append({"step": step, "after_step": last})
             dets = rewind(step)
+        if declared is not None and declared.crossed(kept_steps[-1] if kept else None, step):
+            rebaseline(dets, broken, step)  # a task switch: the loss and grad-norm baselines start afresh, as live
         stop = min(
             int(cuts[np.searchsorted(cuts, index, side="right")]),
             index + checkpoints[-1][0] + CHECKPOINT_EVERY - len(kept),
@@ -186,6 +198,21 @@ def examine_timeline(
         source=log.source, format=log.format, findings=findings, summary=summary, decisions=list(log.decisions)
     )
     return result, timeline
+
+
+def _crossings(steps: np.ndarray, declared: Declared | None) -> np.ndarray:
+    """The observations whose step is past a declared phase switch that the observation before's step is not
+    (steps increasing between them)."""
+    if declared is None or len(steps) < 2:
+        return np.zeros(0, dtype=np.int64)
+    passed = np.searchsorted(np.asarray(declared.switches, dtype=np.int64), steps, side="right")
+    return np.flatnonzero((passed[1:] > passed[:-1]) & (steps[1:] > steps[:-1])) + 1
+
+
+def _next(indices: np.ndarray, after: int) -> int:
+    """The first of ``indices`` (increasing) above ``after``; a number past any observation when there is none."""
+    at = int(np.searchsorted(indices, after, side="right"))
+    return int(indices[at]) if at < len(indices) else np.iinfo(np.int64).max
 
 
 def _defaults_for(timeline: Timeline) -> Callable[[], list[Detector]]:
@@ -329,6 +356,8 @@ def _summary(
     summary["diagnosis"] = [d.to_dict() for d in diagnose(findings)]
     if log.meta:
         summary["meta"] = log.meta
+    if log.declared is not None:
+        summary["phases"] = log.declared.summary(findings)
     if log.format == "keel_store":
         stored = Counter(f.severity for f in log.stored_findings)
         summary["stored_findings"] = {s: stored.get(s, 0) for s in SEVERITIES}

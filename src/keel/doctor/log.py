@@ -9,12 +9,15 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from keel._core.decision import Decision
 from keel._core.errors import KeelError
 from keel._core.finding import Finding
 from keel.doctor.table import MAX_STEP, LogTable
+
+if TYPE_CHECKING:
+    from keel.doctor.phases import Declared
 
 
 class LogReadError(KeelError):
@@ -51,6 +54,7 @@ class RawLog:
         rollbacks: Step → the step whose starting state a Guard restored after it (keel run stores).
         decisions: Every decision the run recorded that was not a plain ``ok`` — skips, rollbacks with their
             actions, aborts (keel run stores).
+        declared: The phases and evals the run declared (`keel.doctor.phases`; keel run stores with phases).
     """
 
     source: str
@@ -64,6 +68,7 @@ class RawLog:
     meta: dict[str, Any] = field(default_factory=dict)
     rollbacks: dict[int, int] = field(default_factory=dict)
     decisions: list[Decision] = field(default_factory=list)
+    declared: Declared | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.records, LogTable):

@@ -2,7 +2,8 @@
 
 The signals are read back as records, one per step, with their keel keys; the detectors then run on them
 exactly as on any other log, and the findings the Guard stored are kept alongside for comparison, with its
-decisions (skips, rollbacks and the actions they applied, aborts).
+decisions (skips, rollbacks and the actions they applied, aborts) and the phases and evals it declared
+(`keel.doctor.phases`: the baselines restart at a task switch, as they did live).
 
 A store is untrusted input: `RunReader` leaves out rows whose values have the wrong type and says so
 (`RunReader.problems`, passed on as notes); the metadata shown here is checked on this side too — a recorded
@@ -18,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.phases import read_declared
 from keel.doctor.table import MAX_STEP, Column, LogTable
 from keel.store import RunReader, find_runs, store_path
 
@@ -81,6 +83,7 @@ def read_store_log(path: str | Path) -> RawLog:
     if not len(log.records):
         raise LogReadError(f"{file}: the run store holds no signals yet")
     log.meta = _meta(meta, log.notes)
+    log.declared = read_declared(meta, list(log.records.columns), log.notes)
     return log
 
 
