@@ -13,7 +13,9 @@ track the RMS of this unscaled update (≈ 0.2–1 when healthy) and fix the col
 had a gradient — unused embedding rows — and are left out: they are dead, not ε-dominated). Reads
 ``exp_avg``/``exp_avg_sq`` of ``torch.optim.Adam``/``AdamW`` (and optimizers with the same state names and a
 numeric ``eps``: NAdam, RAdam, keel's SPAM and Stable-SPAM, ⊥Grad around any of them); others (SGD, Adagrad,
-Adafactor) give no values. Complex parameters count per real component. The moments read before
+Adafactor) give no values. With Muon for the matrices and AdamW for the rest (``keel.watch(model, [adamw, muon])``,
+nanochat's ``MuonAdamW`` groups) the values are the AdamW part's: Muon keeps no ``exp_avg_sq`` and its groups no
+``betas``. Complex parameters count per real component. The moments read before
 ``optimizer.step()`` are those of the previous update.
 
 References:
