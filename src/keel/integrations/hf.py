@@ -37,7 +37,9 @@ How it fits the Trainer's loop (transformers ≥ 4.40):
   whose data ends first (an epoch-bounded run) is told at the end how far short its schedule stopped.
 - **when**: the `Guard` is built at ``on_train_begin``, before the first forward, so the hook probes (activation
   RMS, attention, router) see step 0. Each ``train()`` is one keel run: a second ``train()`` with the same
-  callback into the same ``run_dir`` is refused up front (`KeelCallback.run_dir`).
+  callback into the same ``run_dir`` is refused up front (`KeelCallback.run_dir`). ``auto_find_batch_size``'s retry
+  after an out-of-memory (the Trainer runs its loop again, with a smaller batch, inside the same ``train()``) is the
+  same run: keel closes the aborted attempt and starts over in the same ``run_dir``, and says so.
 
 DeepSpeed is not supported (its engine owns the step).
 """
@@ -138,6 +140,7 @@ class KeelCallback(TrainerCallback):
         self._shows_update_lr = False  # the scheduler's get_last_lr() is gated (`_learning_rate_of_the_update`)
         self._update_lr: list[float] | None = None  # the learning rates of the update in flight
         self._runs: list[str] = []  # the run_dirs of the train() calls so far
+        self._batch_size: int | None = None  # the Trainer's batch size at the last on_train_begin
         self._ctc_told = False  # said once per callback what an inf CTC loss means
 
     # --- the Trainer's events -----------------------------------------------------------------------
@@ -157,6 +160,7 @@ class KeelCallback(TrainerCallback):
                 "allowed: DDP, FSDP or a single process"
             )
         assert model is not None and optimizer is not None
+        restarted = self._restarted_after_out_of_memory(args, state)
         _close_interrupted(self)
         self._check_new_run()
         inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's AcceleratedOptimizer wraps the torch one
@@ -171,7 +175,10 @@ class KeelCallback(TrainerCallback):
         self._clip = clip if clip is not None and clip > 0 else None
         # Built before the first forward, so the hook probes (activations, attention, router) see step 0's; whether
         # the model's output carries a loss is only known at the first update (`_first_update`).
-        self.guard = self._build_guard()
+        self.guard = self._build_guard(restarted=restarted is not None)
+        if restarted is not None:
+            say(self.guard, restarted)
+        self._batch_size = getattr(state, "train_batch_size", None)
         self._schedule = (  # a caller with no TrainerState (state=None) has no run length to keep
             ScheduleAfterRollbacks(self.guard, state, extend=self.extend_after_rollback, meta_key="hf")
             if hasattr(state, "max_steps") and hasattr(state, "global_step")
@@ -334,6 +341,25 @@ class KeelCallback(TrainerCallback):
             "(replace that run) or resume=True (continue it from its disk snapshots)"
         )
 
+    def _restarted_after_out_of_memory(self, args: Any, state: Any) -> str | None:
+        """With ``auto_find_batch_size`` the Trainer runs its loop again, with a smaller batch, after an out-of-memory:
+        a second ``on_train_begin`` in the same ``train()``, this callback's attempt never ended. Its Guard is closed
+        quietly and the run starts over in the same run_dir (what is said about it returned); None for any other
+        begin (a new ``train()``, or one after an interrupt, keeps the batch size)."""
+        batch = getattr(state, "train_batch_size", None)
+        if not (getattr(args, "auto_find_batch_size", False) and self in _OPEN and self._batch_size and batch):
+            return None
+        if batch >= self._batch_size:
+            return None
+        _OPEN.discard(self)
+        self._finish(RuntimeError(f"the Trainer restarted its loop with batch size {batch} after an out-of-memory"))
+        if self._runs and self._runs[-1] == str(self.run_dir):
+            self._runs.pop()  # the same run, started over
+        return (
+            f"the Trainer restarted its loop with batch size {batch} after an out-of-memory (auto_find_batch_size): "
+            "keel starts its run over"
+        )
+
     def _first_update(self, *, with_loss: bool) -> None:
         """At the first update: with no loss in the model's output nor a backward of one, and the probes left to
         keel, the loss probe is dropped (it would record the placeholder) and the user told once; keel watches the
@@ -348,8 +374,10 @@ class KeelCallback(TrainerCallback):
         if any(p.name == "loss" for p in self.guard.probes):
             self.guard.remove_probe("loss")
 
-    def _build_guard(self) -> Guard:
+    def _build_guard(self, *, restarted: bool = False) -> Guard:
         kwargs = dict(self.guard_kwargs)
+        if restarted and self.run_dir is not None and not kwargs.get("resume"):
+            kwargs["overwrite"] = True  # the aborted attempt's store, replaced by the same run started over
         o = self._objects
         config = kwargs.pop("config", None) or {"trainer": "transformers.Trainer", "args": _json_args(self._args)}
         return Guard(
