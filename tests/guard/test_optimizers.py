@@ -3,6 +3,9 @@ and restored as one — by Guard.step and by keel.watch on the loop's own calls.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import nn
@@ -224,3 +227,26 @@ def test_a_backward_between_the_optimizers_calls_of_one_update_is_refused_before
     assert [torch.equal(p.grad, g) for p, g in zip(model.parameters(), grads, strict=True)] == [True] * len(grads)
     assert "step" not in vars(adamw) and "step" not in vars(body)  # the watch closed: the originals are back
     assert torch.Tensor.backward is backward and guard.guard._closed
+
+
+def test_a_zero_redundancy_optimizer_is_refused_with_one_clear_error(tmp_path):
+    """Its state_dict() needs a collective consolidate_state_dict() first: keel's construction raised torch's
+    'Optimizer state has not been consolidated' from deep inside (helper A, h26)."""
+    script = tmp_path / "zero.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        "from torch.distributed.optim import ZeroRedundancyOptimizer\n"
+        "import keel\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path}/rendezvous', rank=0, world_size=1)\n"
+        "model = torch.nn.Linear(4, 2)\n"
+        "opt = ZeroRedundancyOptimizer(model.parameters(), torch.optim.Adam, lr=0.01)\n"
+        "try:\n"
+        "    keel.Guard(model, opt)\n"
+        "except ValueError as exc:\n"
+        "    print('REFUSED', exc)\n"
+        "dist.destroy_process_group()\n"
+    )
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "REFUSED optimizer=ZeroRedundancyOptimizer: its state_dict() raised RuntimeError" in done.stdout
+    assert "ZeroRedundancyOptimizer is not supported" in done.stdout

@@ -941,7 +941,15 @@ def _trainable_parameters(model: nn.Module, optimizer: torch.optim.Optimizer) ->
         raise ValueError(f"optimizer={type(optimizer).__name__}; allowed: a torch.optim.Optimizer")
     for part in optimizer.optimizers if isinstance(optimizer, Optimizers) else (optimizer,):
         refuse_closure_only("keel.Guard", part)  # Guard.step calls optimizer.step() with no closure
-    layout = optimizer.state_dict() if callable(getattr(optimizer, "state_dict", None)) else None
+    try:
+        layout = optimizer.state_dict() if callable(getattr(optimizer, "state_dict", None)) else None
+    except Exception as exc:  # ZeroRedundancyOptimizer's needs a collective consolidate_state_dict() first
+        raise ValueError(
+            f"optimizer={type(optimizer).__name__}: its state_dict() raised {type(exc).__name__}: {exc}; allowed: an "
+            "optimizer whose state_dict() works on every rank at any step, as torch.optim's do (keel snapshots and "
+            "checks it; ZeroRedundancyOptimizer is not supported: under DDP give keel a torch.optim optimizer, or "
+            "shard with FSDP2's fully_shard)"
+        ) from None
     if not (isinstance(layout, dict) and "state" in layout and "param_groups" in layout):
         got = sorted(layout) if isinstance(layout, dict) else type(layout).__name__
         raise ValueError(
