@@ -8,10 +8,12 @@ real Guard; the others write stores with the meta the Guard writes (checked agai
 
 import numpy as np
 import pytest
+from hypothesis import example, given, settings
+from hypothesis import strategies as st
 
 from keel.cli import main
 from keel.doctor import RawLog, examine, examine_log
-from keel.doctor.phases import START_PHASE, Declared
+from keel.doctor.phases import START_PHASE, Declared, read_declared
 from keel.store import RunReader, RunWriter
 
 PHASES = [{"index": 0, "name": "A", "step": 0}, {"index": 1, "name": "B", "step": 80, "rebaselined": ["spike(loss)"]}]
@@ -139,3 +141,36 @@ def test_keel_doctor_on_a_class_incremental_guard_store_finds_what_the_guard_fou
     assert result.summary["phases"][1] == {"index": 1, "name": "B", "step": 150, "stability_gaps": ["eval/A"]}
     assert main(["doctor", str(tmp_path / "run")]) == 0
     assert "1 'B' from step 150 (stability gap: eval/A)" in capsys.readouterr().out
+
+
+JSON = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=6), inner, max_size=4),
+    max_leaves=12,
+)
+PHASE_ENTRY = st.fixed_dictionaries(
+    {
+        "index": st.integers(-2, 3) | JSON,
+        "name": st.sampled_from(["A", "B", "start"]) | JSON,
+        "step": st.integers(-(2**70), 2**70) | JSON,
+    }
+)
+
+
+@settings(max_examples=30, deadline=None)
+@example(phases=[{"index": 0, "name": "A", "step": 0}, {"index": 1, "name": "B", "step": 2**70}], evals={})
+@given(phases=st.lists(PHASE_ENTRY, max_size=4) | JSON, evals=st.dictionaries(st.text(max_size=4), JSON) | JSON)
+def test_any_phases_and_evals_meta_is_read_or_noted_never_raised(phases, evals):
+    notes = []
+    declared = read_declared({"phases": phases, "evals": evals}, ["loss", "eval/A"], notes)
+    if declared is not None:
+        steps = [0, 5, 2**61 - 1]
+        examine(
+            RawLog(
+                source="x",
+                format="keel_store",
+                keyed=True,
+                records=[(s, {"loss": 1.0}) for s in steps],
+                declared=declared,
+            )
+        )

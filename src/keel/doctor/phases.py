@@ -28,6 +28,7 @@ from keel._core.finding import Finding
 from keel.detect import Detector
 from keel.detect.stability_gap import KIND as STABILITY_GAP
 from keel.doctor.blocks import Broken, label
+from keel.doctor.table import MAX_STEP
 
 START_PHASE = "start"  # `keel.guard.evaluation.START_PHASE`: the unnamed steps before a first phase after step 0
 GOALS = ("max", "min")
@@ -104,8 +105,8 @@ def _phases(raw: Any) -> list[tuple[int, str | None]] | None:
         if not isinstance(entry, dict):
             return None
         index, name, step = entry.get("index"), entry.get("name"), entry.get("step")
-        if type(index) is not int or type(step) is not int or not isinstance(name, str) or step < 0:
-            return None
+        if type(index) is not int or type(step) is not int or not isinstance(name, str) or not 0 <= step < MAX_STEP:
+            return None  # a step as the store's steps are kept: int64, under 2**61
         if phases and step <= phases[-1][0]:
             return None
         phases.append((step, None if name == START_PHASE and index == 0 else name))
