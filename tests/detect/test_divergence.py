@@ -142,6 +142,14 @@ def test_property_a_level_shift_of_k_noise_units_is_found(seed, scale, df, k):
         assert any(f.severity == "critical" and f.step - 400 <= 200 for f in found)
 
 
+@pytest.mark.xfail(strict=True, reason="h26 G5: a rare false alarm on flat iid t5 noise (0 in 2,700 runs of 400 steps)")
+def test_the_known_iid_draw_that_warns_before_any_shift():
+    # the level-shift property at 2,000 examples drew this: the best (0.84, set at step 18) lies ~6.5 of its standard
+    # errors below the process's medians (0.95-1.0), and a run of high values at 138-147 warns; pinned so a fix shows
+    values = np.exp(_noise(np.random.default_rng(31992278), 400, 0.125, 5))
+    assert _run(DivergenceDetector(), values.tolist()) == []
+
+
 def test_a_blow_up_in_a_noisy_run_does_not_wait_for_the_wide_median():
     rng = np.random.default_rng(1)
     values = np.exp(_noise(rng, 700, 0.3, None))
