@@ -310,3 +310,44 @@ def test_the_trl_dpo_example_skips_the_poisoned_step_and_prints_the_dpo_signals(
         steps, losses = run.signal(keys.LOSS)
         assert steps.tolist() == list(range(5)) and losses[0] == pytest.approx(math.log(2)) and math.isnan(losses[3])
         assert run.meta()[META_KEY]["trainer"] == "DPOTrainer"
+
+
+class _BreakWeightsAt(TrainerCallback):
+    """Writes a NaN into the policy at ``step``; keeps the reference model's parameters at each step's begin and at
+    its end before TRL's sync of the reference (this callback is listed before the trainer adds its own)."""
+
+    def __init__(self, step: int) -> None:
+        self.step, self.trainer, self.at_begin, self.at_end = step, None, {}, {}
+
+    def _reference(self):
+        return [p.detach().clone() for p in self.trainer.ref_model.parameters()]
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self.at_begin[state.global_step] = self._reference()
+        if state.global_step == self.step:
+            with torch.no_grad():
+                list(model.parameters())[-2].view(-1)[0] = math.nan
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.at_end[state.global_step - 1] = self._reference()
+
+
+def test_tr_dpo_s_reference_model_is_rolled_back_with_the_policy(tmp_path):
+    """TR-DPO (``sync_ref_model``) mixes the reference toward the policy every ``ref_model_sync_steps``; a rollback
+    restored the policy and left the reference holding the updates it undid (reviewer h26 V11)."""
+    breaker = _BreakWeightsAt(5)
+    trainer = tiny.dpo_trainer(
+        tmp_path / "out",
+        steps=8,
+        callbacks=[breaker],
+        sync_ref_model=True,
+        ref_model_sync_steps=1,
+        ref_model_mixup_alpha=0.5,
+    )
+    breaker.trainer = trainer
+    callback = guard_trainer(trainer, policy="recover", recovery=RecoveryConfig(snapshot_every=2))
+    trainer.train()
+    (rollback,) = [d for d in callback.guard.decisions if d.action == "rollback"]
+    expected = breaker.at_begin[rollback.restored_step]
+    assert not all(torch.equal(a, b) for a, b in zip(expected, breaker.at_begin[rollback.step], strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(expected, breaker.at_end[rollback.step], strict=True))

@@ -53,6 +53,7 @@ from torch import Tensor, nn
 from keel._core import keys
 from keel._core.decision import Decision
 from keel.detect import Detector, default_detectors, policy_detectors, preference_detectors
+from keel.guard import Guard
 from keel.integrations._run_length import say
 from keel.integrations._trl_statistics import NewStatistics
 from keel.recover import Policy
@@ -136,6 +137,17 @@ class KeelTRLCallback(KeelCallback):
         self._weights: _FiniteWeights | None = None
         if isinstance(trainer, POLICY_GRADIENT) and policy == "recover":
             self._weights = _FiniteWeights(trainer)
+
+    def _build_guard(self, *, restarted: bool = False) -> Guard:
+        """The Guard, holding the reference model too when the trainer updates it during training: TR-DPO's
+        ``sync_ref_model`` mixes it toward the policy every ``ref_model_sync_steps``, so a rollback that restored
+        the policy alone left the reference holding the updates it undid (reviewer h26 V11). One copy of the
+        reference more per snapshot."""
+        guard = super()._build_guard(restarted=restarted)
+        reference = getattr(self.trainer, "ref_model", None)
+        if getattr(self.trainer.args, "sync_ref_model", False) and isinstance(reference, nn.Module):
+            guard.track(reference, name="ref_model")
+        return guard
 
     def _capture_loss(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
         """Nothing: under TRL the model's output loss is not the objective; `record_trainer_loss` is."""
