@@ -157,11 +157,6 @@ def _lrs_after_rollback(own_group: bool) -> list[float]:
     return seen[-1]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the actuator applies one LR scale to every group until the lead applies /work/notes/h26-D-e2-wiring.patch "
-    "(recovery.py passes router_param_groups to apply_actions; actuator._lr_scaled uses group_lr_scales)",
-)
 def test_under_recover_the_rollback_for_a_locked_router_cuts_only_the_routers_group():
     assert _lrs_after_rollback(own_group=True) == [pytest.approx(1e-2), pytest.approx(1e-2)]  # router 1.0 × 0.01
 

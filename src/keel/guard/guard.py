@@ -707,8 +707,8 @@ class Guard(DeferredSteps):
 
     def _host_values(self, step: int, step_time: float) -> dict[str, float]:
         """The values the host knows without measuring: learning rates (LR back-off applied), step time."""
-        scale = self.actuator.lr_scale(step)
-        lrs = [float(g["lr"]) * scale for g in self.optimizer.param_groups]
+        scales = self.actuator.lr_scales(step)
+        lrs = [float(g["lr"]) * s for g, s in zip(self.optimizer.param_groups, scales, strict=True)]
         values = {keys.LR: lrs[0]}
         values.update({f"{keys.LR}/{i}": lr for i, lr in enumerate(lrs[1:], 1) if lr != lrs[0]})
         if math.isfinite(step_time):

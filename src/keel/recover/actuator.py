@@ -73,6 +73,12 @@ class Actuator:
     def lr_scale(self, step: int) -> float:
         return self.recovery.lr_scale(step) if self.recovery is not None else 1.0
 
+    def lr_scales(self, step: int) -> list[float]:
+        """Each param group's LR scale (the model's, times a router group's own back-off)."""
+        if self.recovery is None:
+            return [1.0] * len(self.state.optimizer.param_groups)
+        return self.recovery.lr_scales(step)
+
     def after_step(self, steps_done: int) -> None:
         """Take a snapshot if one is due (the state now is the start of step ``steps_done``)."""
         if self.recovery is not None:
@@ -109,17 +115,18 @@ class Actuator:
 
     @contextlib.contextmanager
     def _lr_scaled(self, step: int) -> Iterator[None]:
-        """The optimizer's learning rates times the LR scale of the actions in force, for one step."""
-        scale = self.lr_scale(step)
+        """The optimizer's learning rates times the LR scales of the actions in force, for one step."""
+        scales = self.lr_scales(step)
         groups = self.state.optimizer.param_groups
         saved = [g["lr"] for g in groups]
-        if scale != 1.0:
-            for g in groups:
+        scaled = any(s != 1.0 for s in scales)
+        if scaled:
+            for g, scale in zip(groups, scales, strict=True):
                 g["lr"] = g["lr"] * scale
         try:
             yield
         finally:
-            if scale != 1.0:
+            if scaled:
                 for g, lr in zip(groups, saved, strict=True):
                     g["lr"] = lr
 

@@ -40,7 +40,16 @@ from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.finding import Finding
 from keel._core.validate import check_types, require_ints, require_positive
-from keel.recover.actions import HISTORY_KEY, ActionState, apply_actions, choose_actions, current_lr_scale
+from keel.recover.actions import (
+    HISTORY_KEY,
+    ActionState,
+    apply_actions,
+    choose_actions,
+    current_lr_scale,
+    group_lr_scales,
+    router_caused,
+    router_param_groups,
+)
 from keel.recover.compat import describe_differences, setup_differences
 from keel.recover.disk import SNAPSHOT_DIR, DiskSnapshots, snapshot_step
 from keel.recover.fixed import fixed_differences, stale_reason
@@ -289,7 +298,8 @@ class Recovery:
                 raise RecoveryExhausted("no snapshot can restore the state: " + "; ".join(passed_over))
             return None
         actions = choose_actions(findings, rollbacks_in_window, calm_before=self._calm_before(step))
-        scale = self.lr_scale(step)
+        router_groups = router_param_groups(self.state.model, self.state.optimizer) if router_caused(findings) else ()
+        scale = min(self.lr_scales(step)[i] for i in router_groups) if router_groups else self.lr_scale(step)
         if "lr_backoff" in actions and scale * self.config.lr_backoff < self.config.min_lr_scale:
             raise RecoveryExhausted(
                 f"the LR is already scaled by {scale:.3g} after {self.rollbacks} rollback(s); "
@@ -307,6 +317,7 @@ class Recovery:
             lr_backoff=self.config.lr_backoff,
             cooldown_steps=self.config.cooldown_steps,
             findings=findings,
+            router_groups=router_groups,
         )
         self._last_trouble = step
         self._episode, self._unproven = None, (step, snap.step)
@@ -477,6 +488,11 @@ class Recovery:
     # --- actions in force ---------------------------------------------------------------------------
     def lr_scale(self, step: int) -> float:
         return current_lr_scale(self.actions, step, self.config.cooldown_steps)
+
+    def lr_scales(self, step: int) -> list[float]:
+        """Each param group's LR scale at ``step`` (a router group may have its own: `keel.recover.actions`)."""
+        groups = len(self.state.optimizer.param_groups)
+        return group_lr_scales(self.actions, step, self.config.cooldown_steps, groups)
 
     def state_dict(self) -> dict[str, Any]:
         return {
