@@ -306,7 +306,10 @@ class Guard(DeferredSteps):
         probe and detector; the detectors' baselines join the state a snapshot holds."""
         self.detectors = list(detectors) if detectors is not None else default_detectors()
         if self.dist is not None and detectors is None:
-            self.detectors.append(RankOutlierDetector(RankOutlierConfig(replicated=not self.dist.sharded)))
+            # replicas: DDP averages the gradients in backward, so the ones keel measures must agree; a model whose
+            # optimizer averages them inside step() (nanochat's) shows each rank's own, which differ by design
+            replicated = isinstance(self.model, nn.parallel.DistributedDataParallel) and not self.dist.sharded
+            self.detectors.append(RankOutlierDetector(RankOutlierConfig(replicated=replicated)))
         self.components = Components(self.probes, self.detectors, self._record_error)
         self.state.components.update(
             {f"detector/{i}/{d.name}": self.components.stateful(d) for i, d in enumerate(self.detectors)}
