@@ -7,6 +7,11 @@ rollback undid: a cosine's or a linear decay's annealing lost, and nobody told (
 updates (both trainers read it at every step: the HF Trainer's ``DefaultFlowCallback``, Lightning's epoch loop) and
 says so on the ``keel`` logger; a run that ends first (its data, its epochs) is told at the end how short its schedule
 stopped. The numbers are kept in the run's meta entry (``hf`` or ``lightning``).
+
+A trainer resumed from its own checkpoint recomputes ``max_steps`` from its arguments: the extension is lost with it
+(reviewer V's V4: a linear schedule ended at 1.1e-3 instead of 0, 3 updates short). Each adapter keeps
+`ScheduleAfterRollbacks.extended_by` in the checkpoint (the HF ``TrainerState``, Lightning's callback state) and gives
+it back to `ScheduleAfterRollbacks.resumed` when the resumed run starts.
 """
 
 from __future__ import annotations
@@ -47,6 +52,7 @@ class ScheduleAfterRollbacks:
         self.guard, self.run, self.extend, self.meta_key = guard, run, extend, meta_key
         self.planned = run.max_steps
         self.undone = 0  # updates undone by rollbacks so far
+        self.extended_by = 0  # what ``max_steps`` was raised by, before a resume included: what a checkpoint keeps
         self.rollbacks: list[dict[str, int]] = []
 
     def rolled_back(self, decision: Decision) -> None:
@@ -64,6 +70,7 @@ class ScheduleAfterRollbacks:
         elif self.extend:
             before = self.run.max_steps
             self.run.max_steps = before + undone
+            self.extended_by += undone
             said += (
                 f"the Trainer's max_steps {before} → {self.run.max_steps}, so the run still makes its planned "
                 "updates and its LR schedule reaches its end"
@@ -73,19 +80,49 @@ class ScheduleAfterRollbacks:
         say(self.guard, said)
         self.guard.recorder.meta({self.meta_key: self._meta()})
 
-    def at_the_end(self) -> None:
-        """When training ends: say it if the run stopped before its extended ``max_steps`` (its data or its epochs
-        ran out first)."""
+    def resumed(self, extended_by: int) -> None:
+        """At a resume from the trainer's checkpoint (``run.global_step`` > 0): raise ``max_steps`` again by what
+        rollbacks before the checkpoint extended it (the trainer recomputed it from its arguments), and say so."""
+        if not (isinstance(extended_by, int) and extended_by > 0 and self.extend and self.planned > 0):
+            return
+        before = self.run.max_steps
+        self.run.max_steps = before + extended_by
+        self.undone += extended_by
+        self.extended_by += extended_by
+        say(
+            self.guard,
+            f"resumed at step {self.run.global_step} from a checkpoint of a run that rollbacks had extended by "
+            f"{plural(extended_by, 'update', count=True)}: the Trainer's max_steps {before} → {self.run.max_steps} "
+            "again, so its LR schedule reaches its end",
+        )
+        self.guard.recorder.meta({self.meta_key: self._meta()})
+
+    def at_the_end(self, stopped: bool = False) -> None:
+        """When training ends: say it if the run ended before its extended ``max_steps`` — ``stopped``: the loop or a
+        callback asked for it (early stopping, a time budget); otherwise its data or its epochs ran out first."""
         if not (self.extend and self.undone and self.planned > 0):
             return
         short = self.run.max_steps - self.run.global_step
-        if short > 0:
+        if short <= 0:
+            return
+        extended = (
+            f"extended after {plural(len(self.rollbacks), 'rollback', count=True)}"
+            if self.rollbacks
+            else "extended after rollbacks before the checkpoint it resumed from"
+        )
+        if stopped:
+            say(
+                self.guard,
+                f"training was stopped at step {self.run.global_step} (the loop or a callback asked for it), before "
+                f"max_steps {self.run.max_steps} ({extended}): the LR schedule is {plural(short, 'step', count=True)} "
+                "short of its end; a resume from a checkpoint saved after the rollback extends max_steps again",
+            )
+        else:
             say(
                 self.guard,
                 f"the Trainer stopped at step {self.run.global_step}, before max_steps {self.run.max_steps} (its data "
-                f"or its epochs ran out; extended after {plural(len(self.rollbacks), 'rollback', count=True)}): the "
-                f"LR schedule ended {plural(short, 'step', count=True)} short of its end. Set max_steps with data to "
-                "spare (or more epochs) to let it finish",
+                f"or its epochs ran out; {extended}): the LR schedule ended {plural(short, 'step', count=True)} short "
+                "of its end. Set max_steps with data to spare (or more epochs) to let it finish",
             )
 
     def _meta(self) -> dict[str, Any]:

@@ -19,7 +19,8 @@ How it fits the Trainer's loop (transformers ≥ 4.40):
   as without keel (the scheduler's ``get_last_lr()`` answers with it until the step ends).
 - **clipping**: keel measures gradients before clipping, so a gradient spike is still visible. Under
   ``"skip"`` and ``"recover"`` it takes over ``max_grad_norm`` for the run (the formula of
-  ``clip_grad_norm_``, equal up to rounding of the coefficient) and sets the Trainer's to 0 meanwhile; under
+  ``clip_grad_norm_``, equal up to rounding of the coefficient) and sets the Trainer's to 0 during each update (the
+  user's value between updates, where the Trainer saves its checkpoints' ``training_args.bin``); under
   ``"observe"`` the Trainer clips as usual, training stays bit-identical, and keel sees clipped gradients.
   The Trainer computes the gradient norm itself even at ``max_grad_norm=0`` and its ``clip_grad_norm_(…, inf)``
   turns every gradient into NaN when one is: keel then names all parameters, and still skips the step.
@@ -34,7 +35,9 @@ How it fits the Trainer's loop (transformers ≥ 4.40):
 - **a rollback** restores the scheduler with the model while the Trainer's step count goes on: the Trainer would stop
   at ``max_steps`` with the LR schedule short of its end by the updates undone (its annealing lost). keel raises the
   Trainer's ``state.max_steps`` by them and says so (``extend_after_rollback``, `keel.integrations._run_length`); a run
-  whose data ends first (an epoch-bounded run) is told at the end how far short its schedule stopped.
+  whose data ends first (an epoch-bounded run) is told at the end how far short its schedule stopped, and one that a
+  callback stopped (early stopping, a time budget) is told that. The extension is kept in every checkpoint's
+  ``trainer_state.json`` (``stateful_callbacks["keel"]``) and applied again when a ``train()`` resumes from it.
 - **when**: the `Guard` is built at ``on_train_begin``, before the first forward, so the hook probes (activation
   RMS, attention, router) see step 0. Each ``train()`` is one keel run: a second ``train()`` with the same
   callback into the same ``run_dir`` is refused up front (`KeelCallback.run_dir`). ``auto_find_batch_size``'s retry
@@ -185,6 +188,8 @@ class KeelCallback(TrainerCallback):
             else None
         )
         resumed_at = getattr(state, "global_step", 0)  # resume_from_checkpoint: keel's steps are the Trainer's
+        if resumed_at and self._schedule is not None:
+            self.guard.components.call("hf schedule", self._extend_as_the_checkpoint_did, state)
         if resumed_at and self.guard.resumed:
             self._refuse_two_resumes(resumed_at)
         if resumed_at and not self.guard.global_step and not self.guard.resumed:
@@ -209,12 +214,21 @@ class KeelCallback(TrainerCallback):
         # A metric-stepped scheduler (lr_scheduler_type="reduce_lr_on_plateau") stays the Trainer's: it steps it with
         # the evaluation's metric, never per update; keel only snapshots and restores it (steps_scheduler=False).
 
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._clip is not None:
+            args.max_grad_norm = 0.0  # keel clips this update (`on_step_end` gave the value back meanwhile)
+
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._update_lr = None  # the Trainer has read the update's learning rate and made its scheduler call
+        if self._clip is not None:
+            # The user's value between updates, where the Trainer saves its checkpoints (training_args.bin said the
+            # run was trained without clipping: reviewer V's V7); set to 0 again when the next update begins.
+            args.max_grad_norm = self._clip
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         if self._schedule is not None and self.guard is not None:
-            self.guard.components.call("hf schedule", self._schedule.at_the_end)
+            stopped = bool(getattr(control, "should_training_stop", False))  # a callback's, or max_steps reached
+            self.guard.components.call("hf schedule", self._schedule.at_the_end, stopped)
         self._finish()
 
     def on_evaluate(
@@ -294,9 +308,30 @@ class KeelCallback(TrainerCallback):
             raise
         if decision.action == "rollback" and self._schedule is not None and self.guard is not None:
             self.guard.components.call("hf schedule", self._schedule.rolled_back, decision)
+            self.guard.components.call("hf schedule", self._keep_the_extension)
         if not self._ctc_told and self.guard is not None:
             self.guard.components.call("hf ctc", self._tell_impossible_alignment, decision)
         return None
+
+    def _keep_the_extension(self) -> None:
+        """Keep what rollbacks raised ``max_steps`` by in the TrainerState's ``stateful_callbacks`` (saved in every
+        checkpoint's ``trainer_state.json``), under ``"keel"``: a resumed ``train()`` recomputes ``max_steps`` from
+        its arguments and would stop short (reviewer V's V4). Not as an ``ExportableState``: the Trainer's restore of
+        those (``restore_callback_states_from_checkpoint``) replaces the user's callback by one built from JSON."""
+        assert self._schedule is not None
+        kept = getattr(self._schedule.run, "stateful_callbacks", None)
+        if isinstance(kept, dict) and self._schedule.extended_by:
+            kept[_CHECKPOINT_KEY] = {"extended_by": self._schedule.extended_by}
+
+    def _extend_as_the_checkpoint_did(self, state: Any) -> None:
+        """A ``train()`` resumed from a checkpoint: raise ``max_steps`` again by what the checkpoint's run had
+        extended it by (`_keep_the_extension`)."""
+        assert self._schedule is not None
+        kept = getattr(state, "stateful_callbacks", None)
+        entry = kept.get(_CHECKPOINT_KEY) if isinstance(kept, dict) else None
+        if isinstance(entry, dict):
+            self._schedule.resumed(entry.get("extended_by", 0))
+            self._keep_the_extension()
 
     def _tell_impossible_alignment(self, decision: Decision) -> None:
         """Say once what an infinite CTC loss means (`_impossible_alignment`)."""
@@ -430,6 +465,7 @@ class KeelCallback(TrainerCallback):
             self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
 
 
+_CHECKPOINT_KEY = "keel"  # keel's entry in a checkpoint's trainer_state.json "stateful_callbacks"
 _OPEN: weakref.WeakSet[KeelCallback] = weakref.WeakSet()  # callbacks between on_train_begin and their end
 
 
