@@ -19,6 +19,7 @@ from torch import nn
 import keel
 from keel.guard.distributed import DistributedConfig, RankSync
 from keel.signals import PerParam, pack, unpack
+from tests.distributed.agreement_worker import Collectives
 
 
 def measurements(rank: int) -> dict:
@@ -37,7 +38,14 @@ def reduced(rank: int) -> dict:
         first = unpack(sync.reduce(pack(measurements(rank), {"update/norm": torch.tensor(2.0 * (rank + 1))})))
         again = unpack(sync.reduce(pack(measurements(rank), {})))
     (values, per_param), (late, _) = first
+    healthy, collectives = [], []
+    for step in range(3):  # every rank packs the same keys: after the first step, one collective per step
+        with Collectives() as calls:
+            healthy.append(sync.to_host(pack({"loss": torch.tensor(1.0 + rank + step)}, {}))[0][0]["loss"])
+        collectives.append(calls.count)
     return {
+        "healthy": healthy,
+        "healthy_collectives": collectives,
         "values": values,
         "per_param": per_param,
         "late": late,

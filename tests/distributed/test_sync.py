@@ -142,6 +142,8 @@ def test_keys_only_some_ranks_pack_stay_their_own_and_uneven_inputs_do_not_kill_
         assert got["per_param"]["rank/loss/"] == [["0", "1"], [1.0, 2.0]]
         assert got["late"]["update/norm"] == 3.0
         [warning] = got["warnings"]  # once, naming this rank's own keys
+        # same keys on every rank: the layout check and the values, then the values alone (test_agreement.py: more)
+        assert got["healthy"] == [1.5, 2.5, 3.5] and got["healthy_collectives"] == [2, 1, 1]
         if rank == 0:
             assert got["values"]["tps"] == 1234.0 and got["per_param"]["own/"] == [["x"], [7.0]]
             assert "attn/max_logit" not in got["values"] and "own/, tps" in warning

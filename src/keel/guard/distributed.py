@@ -29,6 +29,15 @@ checksum of their layouts — two integers all-reduced on a gloo group of CPU te
 layouts differ, the ranks exchange them once, reduce the entries every rank has, keep the others as each rank's
 own values (not agreed: a decision on them may differ between ranks) and warn once naming them.
 
+That check is a second blocking round trip per step (a TCP one on a multi-node NCCL job), so a `Guard` reads its
+values with `RankSync.to_host`, which skips it on a healthy step: once every rank has packed a layout on one step
+(an *agreed* layout, the last few kept), the next steps send the values in the widest agreed layout's buffer with
+one count per agreed layout appended, one ``all_reduce`` for both. A rank whose layout is none of them sends zeros
+of the same size, so the collective never mismatches; when the counts (every rank reads the same) say the ranks
+did not all pack the same agreed layout, every rank redoes the step with the check, as above, on its own packed
+values. The first step, a new layout (a probe's first cadence step, a key one rank adds) and any step inside DDP's
+join take the check.
+
 Inside DDP's join context (``with model.join():``, or ``Join([model, ...])``, for uneven inputs) a rank that has run
 out of batches answers only the collectives of the join hooks. RankSync puts its own hook after DDP's (by wrapping
 the model's ``join_hook``): while every rank has batches, keel all-reduces as everywhere else; the first time a rank
@@ -53,7 +62,8 @@ from torch import Tensor, nn
 from keel._core import keys
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
-from keel.signals import Packed
+from keel.signals import Packed, unpack
+from keel.signals.pack import HostValues
 
 Rule = Literal["mean", "norm", "max", "min"]
 
@@ -201,6 +211,9 @@ class RankSync:
         self.leader = dist.get_global_rank(self.group, 0) if self.world < dist.get_world_size() else None
         self.sharded = _is_sharded(model) if config.sharded is None else config.sharded
         self._plans: dict[Any, _Plan] = {}
+        self._agreed: list[int] = []  # checksums of layouts every rank packed on one step (`_agree`), oldest first
+        self._agreed_sizes: dict[int, int] = {}
+        self._agreed_width = 0
         self._layout_group, self._layout_device = _host_group(self.group)
         self._warned_unshared = False
         self._model = model
@@ -256,22 +269,86 @@ class RankSync:
     def reduce(self, packed: Packed) -> Packed:
         """All-reduce one step's packed measurements; adds the per-rank families to the first group.
 
-        One collective, no host sync: the result stays on device until `unpack` copies it. Entries only some
-        ranks packed come back as this rank's own values (see the module's docstring).
+        No host sync but the layout check's (on the CPU): the result stays on device until `unpack` copies it.
+        Entries only some ranks packed come back as this rank's own values (see the module's docstring).
         """
         grad_stats = self.stats.take() if self.stats is not None else None
         joining = self._join_mode()
         if joining == "own":
             return packed
+        return self._reduce_checked(packed, grad_stats, joining == "agreed")
+
+    def to_host(self, packed: Packed) -> list[HostValues]:
+        """`reduce`, then `unpack`: on a step whose layout every rank packed on an earlier step too (a healthy
+        step), in ONE collective and one host copy (`_reduce_agreed`); else as `reduce` (a layout check first).
+
+        The values are `reduce`'s, whichever path ran.
+        """
+        joining = self._join_mode()
+        grad_stats = self.stats.take() if self.stats is not None else None
+        if joining == "own":
+            return unpack(packed)
+        if joining == "none" and self._agreed:
+            values = self._reduce_agreed(packed, grad_stats)
+            if values is not None:
+                return values
+        return unpack(self._reduce_checked(packed, grad_stats, joining == "agreed"))
+
+    def _reduce_checked(self, packed: Packed, grad_stats: Tensor | None, joining: bool) -> Packed:
+        """Check that every rank packed the same layout (a collective of two integers), then reduce; a layout
+        found alike everywhere joins the agreed ones (`_agree`)."""
         plan = self._plan(packed.layout, grad_stats is not None, packed.tensor.device)
-        same = self._same_everywhere(plan.checksum, joining == "agreed")
+        same = self._same_everywhere(plan.checksum, joining)
         if same is None:
             return packed
         if same:
+            self._agree(plan)
             return self._reduce(packed.tensor, plan, grad_stats)
         return self._reduce_shared(packed, grad_stats)
 
-    def _reduce(self, local: Tensor, plan: _Plan, grad_stats: Tensor | None) -> Packed:
+    def _agree(self, plan: _Plan) -> None:
+        """Remember a layout every rank packed. Every rank calls this on the same steps with the same layouts, so
+        every rank's list is the same, in the same order; a few layouts alternate (a probe's cadence), so several
+        are kept, the oldest dropped first."""
+        if plan.checksum in self._agreed:
+            return
+        if len(self._agreed) == _AGREED_LAYOUTS:
+            del self._agreed_sizes[self._agreed.pop(0)]
+        self._agreed.append(plan.checksum)
+        self._agreed_sizes[plan.checksum] = plan.size
+        self._agreed_width = max(self._agreed_sizes[c] for c in self._agreed)
+
+    def _reduce_agreed(self, packed: Packed, grad_stats: Tensor | None) -> list[HostValues] | None:
+        """The values of `_reduce`, read to the host, in one collective without a layout check — or None when not
+        every rank packed the same agreed layout (every rank then gets None: they all read the same counts).
+
+        The buffer is the widest agreed layout's, and one count per agreed layout plus one for "none of them": a rank
+        fills its layout's values (zeros if it packed none of them) and adds 1 to its layout's count. Its size is the
+        same on every rank whatever they packed, so the collective never mismatches; the counts say whether every
+        rank filled the same layout (its count is the world size)."""
+        local = packed.tensor
+        plan = self._plan(packed.layout, grad_stats is not None, local.device)
+        slot = self._agreed.index(plan.checksum) if plan.checksum in self._agreed else len(self._agreed)
+        width = self._agreed_width
+        size = width + len(self._agreed) + 1
+        if slot < len(self._agreed):
+            buffer = self._fill(local, plan, grad_stats, size)
+        else:
+            buffer = torch.zeros(size, dtype=torch.float64, device=local.device)
+        buffer[width + slot] = 1.0
+        dist.all_reduce(buffer, group=self.group)
+        if slot == len(self._agreed):
+            return None  # this rank's layout is new: not every rank's is the agreed one, whatever the counts say
+        reduced = self._combine(buffer[: plan.size], local, plan, grad_stats)
+        counted = Packed(
+            torch.cat([reduced.tensor, buffer[width + slot : width + slot + 1]]), [*reduced.layout, *_COUNT]
+        )
+        *values, (agreement, _) = unpack(counted)  # the values and this layout's rank count, in one copy
+        return values if agreement[_AGREEMENT] == self.world else None
+
+    def _fill(self, local: Tensor, plan: _Plan, grad_stats: Tensor | None, size: int) -> Tensor:
+        """A zero buffer of ``size`` whose first ``plan.size`` entries carry this rank's part of `_reduce`'s sum:
+        the summed entries (squared for a √Σ norm²), then this rank's slot of gathered and per-rank values."""
         device = local.device
         rank_values = [
             local[i] if i >= 0 else torch.full((), math.nan, dtype=torch.float64, device=device)
@@ -281,13 +358,22 @@ class RankSync:
             rank_values.extend(grad_stats.to(device=device, dtype=torch.float64).unbind())
         own = torch.cat([local[plan.gathered], torch.stack(rank_values)])
         n_sum, n_own = len(plan.summed), own.numel()
-        buffer = torch.zeros(n_sum + self.world * n_own, dtype=torch.float64, device=device)
+        buffer = torch.zeros(size, dtype=torch.float64, device=device)
         summed = local[plan.summed]
         buffer[:n_sum] = torch.where(plan.squared, summed * summed, summed)
         buffer[n_sum + self.rank * n_own : n_sum + (self.rank + 1) * n_own] = own
+        return buffer
+
+    def _reduce(self, local: Tensor, plan: _Plan, grad_stats: Tensor | None) -> Packed:
+        buffer = self._fill(local, plan, grad_stats, plan.size)
         dist.all_reduce(buffer, group=self.group)
+        return self._combine(buffer, local, plan, grad_stats)
+
+    def _combine(self, buffer: Tensor, local: Tensor, plan: _Plan, grad_stats: Tensor | None) -> Packed:
+        """The reduced packed vector, with the per-rank families, from the all-reduced buffer of `_fill`."""
+        n_sum = len(plan.summed)
         total = buffer[:n_sum]
-        by_rank = buffer[n_sum:].view(self.world, n_own)  # [rank, gathered entries then per-rank values]
+        by_rank = buffer[n_sum:].view(self.world, -1)  # [rank, gathered entries then per-rank values]
         out = local.clone()
         out[plan.summed] = torch.where(plan.squared, total.sqrt(), total / self.world)
         k = len(plan.gathered)
@@ -352,7 +438,7 @@ class RankSync:
             "(DDP's join then gives every rank the last joiner's weights); DistributedSampler(drop_last=True) keeps "
             "the ranks' batches even",
             KeelWarning,
-            stacklevel=7,  # the loop's guard.step: _same_everywhere, reduce, _to_host, _observe, step
+            stacklevel=10,  # the loop (see _warn_unshared)
         )
 
     def close(self) -> None:
@@ -411,7 +497,9 @@ class RankSync:
             "rank 0 only): those are this rank's own values, not agreed across ranks, so a decision on them may "
             "differ between ranks; give the same keys on every rank",
             KeelWarning,
-            stacklevel=4,
+            # the loop's line: _reduce_shared, _reduce_checked, to_host, _to_host, _observe, step, then host_side's
+            # wrappers (torch.compiler.disable's too: DDP imports torch._dynamo)
+            stacklevel=10,
         )
 
     def _join_mode(self) -> Literal["none", "agreed", "own"]:
@@ -432,7 +520,7 @@ class RankSync:
                 "decides on its own values; a skip or rollback decided on one rank's loss alone desynchronises the "
                 "replicas. Make the Guard before `with model.join():`",
                 KeelWarning,
-                stacklevel=6,  # the loop's guard.step: reduce, _to_host, _observe, step
+                stacklevel=8,  # the loop (see _warn_unshared): to_host, _to_host, _observe, step, …
             )
         return "own"
 
@@ -485,6 +573,9 @@ class RankSync:
         return plan
 
 
+_AGREED_LAYOUTS = 8  # agreed layouts `_reduce_agreed` takes without a layout check: a few alternate, none grows
+_AGREEMENT = "agreed_ranks"  # the rank count `_reduce_agreed` reads with the values, in a group of its own
+_COUNT: list[tuple[list[str], list[tuple[str, tuple[str, ...]]]]] = [([_AGREEMENT], [])]
 _ACTIVE, _JOINED = -1, 0  # the join flag of `_same_everywhere` (a MAX): any rank's 0 says one has run out of batches
 _NEUTRAL = -(2**62)  # a joined rank's layout checksum entries: below every rank's, so the MAX is the others'
 
@@ -638,6 +729,8 @@ class _Plan:
                 offset += n
             if g == 0:
                 self.first_group_end = offset
+        # `_reduce`'s buffer: the summed entries, then per rank its gathered entries, loss, gradient norm (and stats)
+        self.size = len(summed) + world * (len(gathered) + 2 + (3 if with_grad_stats else 0))
         # Built once per layout, on the measurements' device, so indexing never copies from the host.
         self.summed = torch.tensor(summed, dtype=torch.long, device=device)
         self.squared = torch.tensor(squared, dtype=torch.bool, device=device)

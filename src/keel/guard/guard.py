@@ -684,9 +684,8 @@ class Guard(DeferredSteps):
                 flags = [f.to(self.scaler._scale.device) for f in found_inf.values()]
                 measured[keys.AMP_OVERFLOW] = (torch.stack(flags).sum() > 0).float()
         packed = pack(measured, self._late)
-        if self.dist is not None:
-            packed = self.dist.reduce(packed)  # every rank now decides on the same values
-        now, late = unpack(packed)
+        # every rank now decides on the same values (on a healthy step in one collective, the host copy's)
+        now, late = unpack(packed) if self.dist is None else self.dist.to_host(packed)
         if self._late:
             self.recorder.late(Observation(step=self._late_step, values=late[0], per_param=late[1]))
             self._late = {}
@@ -702,9 +701,7 @@ class Guard(DeferredSteps):
         if keys.PARAM_NORM in values or all(math.isfinite(values.get(k, 0.0)) for k in (keys.LOSS, keys.GRAD_NORM)):
             return
         packed = pack(parameter_norms(names, params), {})
-        if self.dist is not None:
-            packed = self.dist.reduce(packed)
-        (checked, checked_per_param), _ = unpack(packed)
+        (checked, checked_per_param), _ = unpack(packed) if self.dist is None else self.dist.to_host(packed)
         values[keys.PARAM_NORM] = checked[keys.PARAM_NORM]
         per_param[keys.PARAM_NORM_PER_PARAM] = checked_per_param[keys.PARAM_NORM_PER_PARAM]
 
