@@ -15,7 +15,8 @@ How it fits Lightning's automatic optimization (Lightning ≥ 2.0):
   own call does nothing (`keel.integrations._handoff`). Epoch-interval schedulers stay Lightning's.
 - **a rollback** restores the scheduler with the model while ``global_step`` goes on: keel raises ``max_steps`` by
   the updates undone, so the LR schedule reaches its end, and says so (``extend_after_rollback``,
-  `keel.integrations._run_length`).
+  `keel.integrations._run_length`). The extension is kept in the callback's state in every checkpoint and applied
+  again by a ``fit(ckpt_path=...)`` from it.
 - **clipping**: with ``gradient_clip_val`` (norm algorithm) keel measures gradients before clipping and clips
   itself with the same value; under ``"observe"`` Lightning clips as usual (bit-identical training).
 - **DDP**: the strategy's DDP module goes to `Guard`, so signals are all-reduced and each rank's own
@@ -26,7 +27,8 @@ How it fits Lightning's automatic optimization (Lightning ≥ 2.0):
   The sanity check's validation is not part of the run.
 
 A ``training_step`` that returns ``None`` is Lightning's own skip: keel leaves that step to Lightning. Manual
-optimization is not supported (the module calls its optimizers itself).
+optimization is refused (the module calls its optimizers itself): a ``keel.watch`` per model and optimizer, made in the
+module's ``on_train_start``, guards it (`MANUAL_OPTIMIZATION` says how).
 """
 
 from __future__ import annotations
@@ -94,14 +96,12 @@ class KeelCallback(Callback):
         self._clip: float | None = None
         self._trainer: Any = None
         self._metrics_before: dict[str, Any] = {}  # callback_metrics when validation started
+        self._extended_before = 0  # what a checkpoint's run had extended max_steps by (`load_state_dict`)
 
     # --- Lightning's events -------------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if not pl_module.automatic_optimization:
-            raise ValueError(
-                "KeelCallback with automatic_optimization=False: not supported (the module steps its "
-                "optimizers itself); allowed: automatic optimization"
-            )
+            raise ValueError(MANUAL_OPTIMIZATION)
         if len(trainer.optimizers) != 1:
             raise ValueError(f"KeelCallback with {len(trainer.optimizers)} optimizers; allowed: exactly one")
         optimizer = trainer.optimizers[0]
@@ -134,6 +134,9 @@ class KeelCallback(Callback):
         self._schedule = ScheduleAfterRollbacks(
             self.guard, _LightningRun(trainer), extend=self.extend_after_rollback, meta_key="lightning"
         )
+        if trainer.global_step and self._extended_before:  # ckpt_path: the checkpoint's run had been extended
+            self.guard.components.call("lightning schedule", self._schedule.resumed, self._extended_before)
+        self._extended_before = 0
         if self._scaler is not None:  # the plugin runs the closure, then scaler.step(optimizer), scaler.update()
             self._handoff.gate(self._scaler, "step", self._scaler_step)
             self._handoff.gate(self._scaler, "update", self._scaler_update)
@@ -167,8 +170,20 @@ class KeelCallback(Callback):
 
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self._schedule is not None and self.guard is not None:
-            self.guard.components.call("lightning schedule", self._schedule.at_the_end)
+            stopped = bool(trainer.should_stop)  # a callback's (EarlyStopping, a time budget), not max_steps'
+            self.guard.components.call("lightning schedule", self._schedule.at_the_end, stopped)
         self._finish(None)
+
+    def state_dict(self) -> dict[str, Any]:
+        """What rollbacks raised ``max_steps`` by, kept in the trainer's checkpoints: a ``fit(ckpt_path=...)`` starts
+        from the trainer's own ``max_steps`` and would stop short of the schedule's end (reviewer V's V4)."""
+        extended = self._schedule.extended_by if self._schedule is not None else self._extended_before
+        return {"extended_by": extended}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restored from a checkpoint before training starts; applied again in ``on_train_start``."""
+        extended = state_dict.get("extended_by", 0)
+        self._extended_before = extended if isinstance(extended, int) and extended > 0 else 0
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._finish(exception)
@@ -222,6 +237,17 @@ class KeelCallback(Callback):
             self._trainer.gradient_clip_val, self._clip = self._clip, None
         if self.guard is not None:  # records "finished", "aborted" or the failure; a second call does nothing
             self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
+
+
+MANUAL_OPTIMIZATION = (
+    "KeelCallback with automatic_optimization=False: not supported (the module steps its optimizers itself, one "
+    "update per optimizer, and KeelCallback guards one); allowed: automatic optimization, or, keeping the module as "
+    "it is, no KeelCallback and a keel.watch per model and optimizer made in the module's on_train_start — a GAN: "
+    "opt_g, opt_d = self.optimizers(); self.watches = [keel.watch(self.D, opt_d.optimizer, policy=..., "
+    "detectors=adversarial_detectors()), keel.watch(self.G, opt_g.optimizer, policy=..., "
+    "detectors=adversarial_detectors())] (from keel.integrations.watch import adversarial_detectors: an adversarial "
+    "loss is no measure of fit), and w.close() for each in on_train_end"
+)
 
 
 class _LightningRun:
