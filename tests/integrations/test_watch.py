@@ -322,7 +322,7 @@ def test_an_abort_propagates_from_the_loops_update_call_and_unhooks_everything()
     assert guard.decisions[-1].action == "abort"
 
 
-def test_a_closure_step_or_another_optimizers_scaler_step_pass_through_unwatched():
+def test_a_closure_step_is_watched_and_another_optimizers_scaler_step_passes_through():
     model = nn.Linear(4, 1)
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     other = torch.optim.SGD(nn.Linear(4, 1).parameters(), lr=0.1)
@@ -336,10 +336,33 @@ def test_a_closure_step_or_another_optimizers_scaler_step_pass_through_unwatched
             loss.backward()
             return loss
 
-        with pytest.warns(KeelWarning, match="closure"):
-            opt.step(closure)
+        before = model.weight.detach().clone()
+        expected = F.mse_loss(model(x), y).item()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", KeelWarning)
+            loss = opt.step(closure)  # evaluated once, as SGD does; before, passed through unwatched
+        assert guard.global_step == 1 and not torch.equal(model.weight, before)
+        assert loss.item() == expected  # step() returns the closure's loss, as torch's optimizers do
         scaler.step(other)
+        assert guard.global_step == 1
+
+
+def test_a_step_call_with_arguments_besides_a_closure_passes_through_unwatched():
+    model = nn.Linear(4, 1)
+    opt = _SGDWithGradScale(model.parameters(), lr=0.1)
+    with keel.watch(model, opt) as guard:
+        x, y = _data(1)[0]
+        F.mse_loss(model(x), y).backward()
+        with pytest.warns(KeelWarning, match="besides a closure"):
+            opt.step(None, 2.0)
         assert guard.global_step == 0
+
+
+class _SGDWithGradScale(torch.optim.SGD):
+    """An optimizer whose step() takes one more argument (apex's and some fused optimizers' shape)."""
+
+    def step(self, closure=None, grad_scale=None):
+        return super().step(closure)
 
 
 def test_watch_refuses_bad_arguments_with_the_guards_one_clear_error():

@@ -8,9 +8,11 @@ writes and ``zero_grad``. What keel hooks, on the loop's own objects (`Watch.clo
 runs at interpreter exit if the loop never calls it):
 
 - **the update**: ``optimizer.step()`` and ``scaler.step(optimizer)`` go to `Guard.step`, which steps, skips
-  or rolls back. The loop's ``scaler.update()`` that follows does nothing: keel did it — the hand-off of the
-  trainer adapters (`keel.integrations._handoff`). Under accelerate's ``accumulate()`` the calls between two
-  gradient synchronisations are accelerate's no-ops and pass through: one keel step per synchronised update.
+  or rolls back; ``optimizer.step(closure)`` (Lightning's optimizer wrapper always gives one) first evaluates the
+  closure once, as ``torch.optim.SGD`` does, and returns its result. The loop's ``scaler.update()`` that follows
+  does nothing: keel did it — the hand-off of the trainer adapters (`keel.integrations._handoff`). Under
+  accelerate's ``accumulate()`` the calls between two gradient synchronisations are accelerate's no-ops and pass
+  through: one keel step per synchronised update.
 - **the scheduler** stays the loop's, stepped where the loop steps it (per update, per epoch, or with a metric
   as ``ReduceLROnPlateau``); only the call that follows an update keel did not apply is withheld
   (`keel.integrations._loop_scheduler`). keel's snapshots hold and restore its state.
@@ -125,10 +127,8 @@ class Watch:
         self._decided = 0  # the guard's decisions already counted for the schedulers
         self._watched = {id(p) for p in model.parameters()}
         self._trained = [p for p in model.parameters() if p.requires_grad]
-        self._backwards_seen, self._step_called = (
-            0,
-            False,
-        )  # a loop that never calls the optimizer's step: _check_stepped
+        # a loop that never calls the optimizer's step: _check_stepped
+        self._backwards_seen, self._drops, self._step_called = 0, 0, False
         self._recorded, self._from_output, self._from_backward = StepLoss(), StepLoss(), StepLoss()
         self._bare_outputs = _BareOutputs()  # the model's scalar outputs, until the loop calls backward() on one
         self._backwards: list[tuple[Backward, Tensor]] = []  # this update's backward losses, until another takes them
@@ -276,12 +276,19 @@ class Watch:
     # --- the update ---------------------------------------------------------------------------------
     def _optimizer_step(self, part: Any, original: Any, *args: Any, **kwargs: Any) -> Any:
         self._step_called = True  # the loop steps the optimizer (also where keel passes the call through)
-        if any(a is not None for a in (*args, *kwargs.values())):  # a closure (LBFGS): keel cannot run it
-            self._warn("closure", "keel.watch: optimizer.step(closure) is passed through unwatched")
-            return original(*args, **kwargs)  # (accelerate's wrapper calls the watched one with closure=None)
+        closure, others = _closure_of(args, kwargs)  # (accelerate's wrapper calls the watched one with closure=None)
+        if others or (closure is not None and hasattr(part, "base_optimizer")):
+            text = SAM_STYLE if hasattr(part, "base_optimizer") else PASSED_THROUGH
+            self._warn("closure", text.format(name=type(part).__name__))
+            return original(*args, **kwargs)
+        result = None
+        if closure is not None:  # Lightning's LightningOptimizer.step() always gives one (its precision plugin's)
+            with torch.enable_grad():  # evaluated once, as torch's single-evaluation optimizers (SGD, AdamW) do
+                result = closure()
         gradients = getattr(part, "gradient_state", None)  # accelerate's AcceleratedOptimizer
         if gradients is not None and not getattr(gradients, "sync_gradients", True):
-            return original()  # a micro-batch inside accumulate(): accelerate's step does nothing there
+            original()  # a micro-batch inside accumulate(): accelerate's step does nothing there
+            return result
         if self._scaler is None and not self._scaler_checked:  # a loop steps through a GradScaler always or never
             self._check_unseen_scaler()
         if not self._scaler_checked:  # a scheduler built after this watch (the line after it) marks step since
@@ -290,13 +297,13 @@ class Watch:
         self._called.add(id(part))
         self._called_part = type(part).__name__
         if len(self._called) < len(self._parts):
-            return None  # keel updates them all at the last one's call: the loop readies each one's gradients first
+            return result  # keel updates them all at the last one's call: the loop readies each one's gradients first
         self._called.clear()
         self._update()
         held, self._held_calls = self._held_calls, []
         for call in held:
             call()
-        return None
+        return result
 
     def _scheduler_call(self, loop_scheduler: LoopScheduler, original: Any, *args: Any, **kwargs: Any) -> Any:
         """The loop's ``scheduler.step()``: between the optimizers' step() calls of one update (modded-nanogpt's
@@ -318,13 +325,20 @@ class Watch:
 
     def _check_stepped(self, *, dropped: bool) -> None:
         """Warn once when the loop trains the model without the optimizer's ``step()``: at a backward, when the
-        gradients of an earlier one were dropped (``zero_grad``) with no update since (``dropped``), or at the end,
-        when backwards ran and no update came. Called until the first update only."""
+        gradients of earlier ones were dropped (``zero_grad``) twice with no update since (``dropped``), or at the
+        end, when backwards ran and no update came. One drop is not enough: SAM's ``first_step(zero_grad=True)``
+        drops the first of the two backwards of each update. Called until the first update only."""
         if not self._backwards_seen:
             return
-        if dropped and not (self._backwards and self._trained and all(p.grad is None for p in self._trained)):
-            return
-        self._warn("never stepped", NEVER_STEPPED)
+        if dropped:
+            if not (self._backwards and self._trained and all(p.grad is None for p in self._trained)):
+                return
+            self._drops += 1
+            if self._drops < 2:
+                return
+        sam_style = any(hasattr(part, "base_optimizer") for part in self._parts)
+        text = SAM_STYLE if sam_style else NEVER_STEPPED
+        self._warn("never stepped", text.format(name=type(self._parts[0]).__name__))
 
     def _check_unseen_scheduler(self) -> None:
         """Warn once when an LR scheduler keel was not given is built on the optimizer (before this watch, or after
@@ -452,6 +466,16 @@ class _BareOutputs:
         self._held.clear()
 
 
+def _closure_of(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, bool]:
+    """The closure an ``optimizer.step(...)`` call was given (None: none), and whether it was given anything else."""
+    if "closure" in kwargs:
+        closure, positional = kwargs["closure"], args
+    else:
+        closure, positional = (args[0], args[1:]) if args else (None, ())
+    rest = (v for k, v in kwargs.items() if k != "closure")
+    return closure, any(a is not None for a in (*positional, *rest))
+
+
 def _as_list(parameters: Tensor | Iterable[Tensor]) -> list[Tensor]:
     """A clipping call's parameters as a list (a generator is read once, here)."""
     return [parameters] if isinstance(parameters, Tensor) else list(parameters)
@@ -536,6 +560,18 @@ UNSEEN_SCALER = (
     "keel.watch: the loop steps the optimizer through a GradScaler keel was not given (scaler.step(optimizer)): the "
     "loss keel sees is the scaled one (× the scale, which doubles as the scaler grows: taken for loss spikes) and the "
     "scaler's own overflow skips are not recorded; pass it: keel.watch(model, optimizer, scaler=scaler)"
+)
+
+PASSED_THROUGH = (
+    "keel.watch: {name}.step() was given arguments besides a closure: the call is passed through unwatched, and keel "
+    "judges nothing there (keel evaluates a closure once, as torch.optim.SGD and AdamW do, then makes its update); "
+    "allowed: optimizer.step() or optimizer.step(closure)"
+)
+
+SAM_STYLE = (
+    "keel.watch: {name} keeps a base optimizer that makes the update (optimizer.base_optimizer: SAM, ASAM, GSAM "
+    "step it after their second backward), so keel, given {name}, judges nothing: no skip, no rollback, no record. "
+    "Allowed: keel.watch(model, optimizer.base_optimizer)"
 )
 
 NEVER_STEPPED = (
