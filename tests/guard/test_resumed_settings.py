@@ -13,10 +13,14 @@ from keel import Guard, KeelWarning, RecoveryConfig
 from keel.guard.resumed_settings import optimizer_settings, warn_replaced
 
 
-def _run(run_dir, steps, *, resume=False, scheduled=False, **adamw):
+def _run(run_dir, steps, *, resume=False, scheduled=False, loop_sets=None, **adamw):
+    """``loop_sets(group, step)``: what the loop writes into each param group before each update (nanochat's LR
+    multiplier and Muon momentum warm-up)."""
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     opt = torch.optim.AdamW(model.parameters(), **{"lr": 1e-2, **adamw})
+    for group in opt.param_groups if loop_sets is not None else ():
+        group.setdefault("initial_lr", group["lr"])  # nanochat keeps each group's peak LR so
     sched = torch.optim.lr_scheduler.StepLR(opt, 5) if scheduled else None
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -28,12 +32,15 @@ def _run(run_dir, steps, *, resume=False, scheduled=False, **adamw):
             resume=resume,
             recovery=RecoveryConfig(snapshot_every=5, disk_every=1),
         )
-    for _ in range(guard.global_step, steps):
-        loss = model(torch.randn(8, 4)).pow(2).mean()
-        loss.backward()
-        guard.step(loss)
-        opt.zero_grad()
-    guard.close()
+        for step in range(guard.global_step, steps):
+            loss = model(torch.randn(8, 4)).pow(2).mean()
+            loss.backward()
+            for group in opt.param_groups:
+                if loop_sets is not None:
+                    loop_sets(group, step)
+            guard.step(loss)
+            opt.zero_grad()
+        guard.close()
     return [
         str(w.message) for w in caught if issubclass(w.category, KeelWarning) and "optimizer settings" in str(w.message)
     ]
@@ -60,3 +67,28 @@ def test_settings_compare_nan_tensors_and_tuples_by_value(value):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         warn_replaced(before, before)  # the same values: no warning
+
+
+def _nanochat_schedule(group, step):
+    """nanochat's base_train.py: ``group["lr"] = group["initial_lr"] * lrm`` (a warmdown over the last steps) and a
+    momentum warm-up (its Muon momentum; AdamW's beta1 here) written at every step."""
+    group["lr"] = group["initial_lr"] * (1.0 if step < 6 else (20 - step) / 14)
+    group["betas"] = (0.85 + 0.1 * min(step / 20, 1), 0.999)
+
+
+def test_a_loop_that_writes_its_settings_every_step_is_not_told_they_were_replaced(tmp_path):
+    # helper F's F3 (session 14): nanochat / modded-nanogpt resumed were told "the snapshot's optimizer settings
+    # replace those this run was built with: group 0 betas (0.95, 0.999) → (0.9, 0.999) … set them after the Guard
+    # is built", which the loop does: it writes its own before the next update (the resumed run is bit-identical)
+    assert _run(tmp_path, 10, loop_sets=_nanochat_schedule) == []
+    assert _run(tmp_path, 14, resume=True, loop_sets=_nanochat_schedule) == []
+
+
+def test_only_the_settings_the_loop_left_at_the_snapshots_value_are_named(tmp_path):
+    def lr_only(group, step):
+        group["lr"] = group["initial_lr"] * (1.0 if step < 6 else 0.5)
+
+    _run(tmp_path, 10, loop_sets=lr_only)
+    [said] = _run(tmp_path, 12, resume=True, loop_sets=lr_only, lr=1e-3, betas=(0.8, 0.9))
+    assert "group 0 initial_lr 0.001 → 0.01; group 0 betas (0.8, 0.9) → (0.9, 0.999)" in said  # the loop's lr
+    assert " lr " not in said.replace("initial_lr", "")  # derives from the snapshot's initial_lr: named, lr is not

@@ -45,7 +45,7 @@ from keel.guard.options import check_arguments, check_loss, check_probes, check_
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
 from keel.guard.resumed_scheduler import HeldScheduler
-from keel.guard.resumed_settings import optimizer_settings, warn_replaced
+from keel.guard.resumed_settings import ResumedSettings, optimizer_settings
 from keel.guard.run_dir import RunDir
 from keel.guard.run_end import RunEnd
 from keel.guard.user_signals import split_signals
@@ -280,6 +280,7 @@ class Guard(DeferredSteps):
         if self.replay is not None:
             self.replay.mark_step_start()
         self.components.attach(model)
+        self._resumed_settings: ResumedSettings | None = None  # judged at the first update (its loop sets its own)
         self._resumed = self._resume() if resume else None  # before the store's meta changes: it may refuse
         self.recorder.meta(self._describe_run(policy, seed, config))
         self._held_scheduler: HeldScheduler | None = None
@@ -364,6 +365,8 @@ class Guard(DeferredSteps):
             why = "resumed the run from its snapshot" if self._resumed is not None else "has stepped already"
             raise ValueError(f"start_at({step}): this Guard {why}; allowed: before the first step of a new run")
         self.global_step = self._start_step = self.components.step = step
+        if self.recovery is not None:
+            self.recovery.first_step = step
         self.recorder.meta({"first_step": step})
         return self
 
@@ -467,6 +470,9 @@ class Guard(DeferredSteps):
             )
         if self.recovery is not None:  # the loop's scheduler calls since the last snapshot are in it now
             self.components.call("snapshots", self.recovery.complete_snapshot)
+        if self._resumed_settings is not None:  # the loop has written its own settings for this update by now
+            resumed_settings, self._resumed_settings = self._resumed_settings, None
+            self.components.call("resume", resumed_settings.warn_left)
         if self._first_snapshot_due:
             self._first_snapshot_due = False
             self.components.call("snapshots", self._take_first_snapshot)
@@ -844,7 +850,7 @@ class Guard(DeferredSteps):
             self.run_dir.release()
             raise
         if resumed is not None:
-            warn_replaced(settings, optimizer_settings(self.optimizer, scheduled=scheduled))
+            self._resumed_settings = ResumedSettings(self.optimizer, settings, scheduled=scheduled)
         if self.recorder.writer is not None and (resumed is not None or self.run_dir.resumes_steps > 0):
             start = resumed.step if resumed is not None else 0  # no snapshot: the run starts over
             self.recorder.resumed(start, stored=self.run_dir.resumes_steps)

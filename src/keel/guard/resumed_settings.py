@@ -1,6 +1,7 @@
 """A resume loads the optimizer's settings from the snapshot, as ``optimizer.load_state_dict`` does: an LR or betas the
 loop changed on purpose for the continued run ("resume with a lower LR after the divergence") are replaced, inside
-``Guard(...)``, where the loop cannot see it happen. `warn_replaced` names each one that changed, and which won."""
+``Guard(...)``, where the loop cannot see it happen. `ResumedSettings` names, at the first update after the resume,
+each one that changed and that the loop has not set again since, and which won."""
 
 from __future__ import annotations
 
@@ -39,6 +40,31 @@ def optimizer_settings(optimizer: Any, *, scheduled: bool) -> list[dict[str, Any
     return groups
 
 
+class ResumedSettings:
+    """The optimizer settings a resume loaded from the snapshot, judged at the first update after it (`warn_left`):
+    a loop that writes its own LR or momentum into ``param_groups`` before every update (nanochat's
+    ``group["lr"] = group["initial_lr"] * lrm`` and Muon momentum warm-up, modded-nanogpt's) has replaced the
+    snapshot's by then (told at the resume, it was asked to do what it does)."""
+
+    def __init__(self, optimizer: Any, built: list[dict[str, Any]], *, scheduled: bool) -> None:
+        self._optimizer, self._built = optimizer, built
+        self._restored = optimizer_settings(optimizer, scheduled=scheduled)
+        # the very objects: a loop's write puts a new one there, also where its value is the snapshot's (a step
+        # schedule's flat part)
+        groups = zip(optimizer.param_groups, self._restored, strict=True)
+        self._objects = [{key: group[key] for key in restored} for group, restored in groups]
+
+    def warn_left(self) -> None:
+        """Warn once about the settings the loop left as the snapshot's where they differ from those it was built
+        with: not written since the resume (the same object, with the same value: a tensor is written in place)."""
+        now = self._optimizer.param_groups
+        left = [
+            {k: v for k, v in restored.items() if k in group and group[k] is objects[k] and _same(_plain(group[k]), v)}
+            for group, restored, objects in zip(now, self._restored, self._objects, strict=False)
+        ]
+        warn_replaced(self._built, left)
+
+
 def warn_replaced(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> None:
     """One warning naming the settings the snapshot replaced (none: nothing said)."""
     changes = [
@@ -48,12 +74,14 @@ def warn_replaced(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> 
         if key in new and not _same(old[key], new[key])
     ]
     if changes:
+        from keel.integrations.watch import loop_stacklevel  # (keel.integrations imports the Guard)
+
         warnings.warn(
             "resume: the snapshot's optimizer settings replace those this run was built with: "
             f"{'; '.join(changes[:8])}{' …' if len(changes) > 8 else ''}. To continue with new ones, set them after "
             "the Guard is built (optimizer.param_groups[i][...] = ..., or the scheduler's base_lrs)",
             KeelWarning,
-            stacklevel=4,
+            stacklevel=loop_stacklevel(),
         )
 
 
