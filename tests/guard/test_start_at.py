@@ -1,11 +1,13 @@
 """`Guard.start_at`: a run a trainer continues from its own checkpoint, in a new run folder, numbered from the
 trainer's step."""
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from keel import Guard, RecoveryConfig
+from keel import Finding, Guard, RecoveryConfig
 from keel.store import RunReader
 from tests.conftest import TinyNet, make_batches
 
@@ -70,3 +72,47 @@ def test_resumed_says_whether_the_guard_continued_a_run(tmp_path):
     again, _, _ = _guard(tmp_path, policy="recover", resume=True)
     assert again.resumed and again.global_step == 0  # a snapshot of step 0: a trainer must not renumber it
     again.close()
+
+
+class _CriticalAtFirstStep:
+    """A critical finding (a KL blow-up's shape) at the run's first step, with its onset there."""
+
+    name = "critical_at_first_step"
+
+    def __init__(self) -> None:
+        self.first = None
+
+    def update(self, obs):
+        self.first = obs.step if self.first is None else self.first
+        if obs.step != self.first:
+            return []
+        return [
+            Finding(
+                step=obs.step,
+                kind="kl_blowup",
+                severity="critical",
+                signal="rl/kl",
+                value=math.nan,
+                evidence={"onset_step": obs.step},
+            )
+        ]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+@pytest.mark.parametrize("first", [0, 100])
+def test_trouble_at_the_first_step_rolls_back_to_the_starting_state_whatever_the_first_step(tmp_path, first):
+    """A run numbered from start_at(N) (a trainer resumed from its own checkpoint) aborted 'no snapshot from before
+    step N' for trouble whose onset is its first step, where a run from 0 rolls back (reviewer h26 V14)."""
+    guard, model, opt = _guard(
+        tmp_path, policy="recover", recovery=RecoveryConfig(snapshot_every=2), detectors=[_CriticalAtFirstStep()]
+    )
+    guard.start_at(first)
+    _steps(guard, model, opt, 3)
+    guard.close()
+    rollback = guard.decisions[0]
+    assert (rollback.step, rollback.action, rollback.restored_step) == (first, "rollback", first)

@@ -187,6 +187,9 @@ class Recovery:
             else None
         )
         self.rollbacks = 0
+        # the step of the state the run started from (`Guard.start_at`: a trainer's own checkpoint): no snapshot
+        # of keel's precedes it, so a rollback for trouble there restores it (margin or not)
+        self.first_step = 0
         self._last_snapshot = -math.inf
         self._last_trouble = -math.inf
         self._last_warning = -math.inf
@@ -402,7 +405,7 @@ class Recovery:
         return None, passed_over
 
     def _rollback_point(self, onset: int) -> int:
-        return max(0, onset - self.config.rollback_margin)
+        return max(self.first_step, onset - self.config.rollback_margin)
 
     def resume(self, of_run: str | None = None, *, run_steps: int = 0, at_most: int | None = None) -> Snapshot | None:
         """Restore everything, data position included, from the newest good disk snapshot of the run ``of_run``
@@ -503,6 +506,7 @@ class Recovery:
             "last_warning": self._last_warning,
             "episode": self._episode,
             "unproven": self._unproven,
+            "first_step": self.first_step,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -514,6 +518,7 @@ class Recovery:
         episode, unproven = state.get("episode"), state.get("unproven")
         self._episode = (int(episode[0]), str(episode[1])) if episode is not None else None
         self._unproven = (int(unproven[0]), int(unproven[1])) if unproven is not None else None
+        self.first_step = int(state.get("first_step", 0))  # (a snapshot from before keel kept it: a run from 0)
 
     def close(self) -> None:
         self.complete_snapshot()
