@@ -60,7 +60,7 @@ from torch import Tensor, nn
 from keel._core import keys
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning
-from keel.guard import Guard
+from keel.guard import Guard, console
 from keel.guard.options import step_needs_an_argument
 from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
@@ -386,8 +386,8 @@ class KeelCallback(TrainerCallback):
             return None
         if batch >= self._batch_size:
             return None
-        _OPEN.discard(self)
-        self._finish(RuntimeError(f"the Trainer restarted its loop with batch size {batch} after an out-of-memory"))
+        with console.silenced():  # no "run failed" summary: the run goes on
+            self._finish(RuntimeError(f"the Trainer restarted its loop with batch size {batch} after an out-of-memory"))
         if self._runs and self._runs[-1] == str(self.run_dir):
             self._runs.pop()  # the same run, started over
         return (
