@@ -63,3 +63,31 @@ def test_the_trainers_out_of_memory_retry_is_the_same_run(tmp_path, caplog, run_
         with RunReader(tmp_path / run_dir) as store:
             assert store.meta()["status"] == "finished" and store.meta()["steps"] == 2
             assert store.signal("loss")[0].tolist() == [0, 1]
+
+
+class OutOfMemoryAfterTheLoss(TrainerCallback):
+    """The first training step fails after the model's forward returned its loss (where a backward runs out)."""
+
+    def __init__(self) -> None:
+        self.raised, self.hook = False, None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        def fail_once(module, inputs, output):
+            if not self.raised and module.training:
+                self.raised = True
+                raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 1 TiB.")
+
+        if self.hook is None:  # after KeelCallback's loss hook: keel has taken this forward's loss
+            self.hook = model.register_forward_hook(fail_once)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.hook.remove()
+
+
+@pytest.mark.slow
+def test_the_aborted_attempts_loss_is_not_counted_in_the_restarted_first_step(tmp_path):
+    keel = KeelCallback(policy="skip", run_dir=str(tmp_path / "run"))
+    trainer = train(tmp_path, [keel, OutOfMemoryAfterTheLoss()], steps=2, accumulate=1, auto_find_batch_size=True)
+    logged = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    with RunReader(tmp_path / "run") as store:
+        assert store.signal("loss")[1].tolist() == pytest.approx(logged, rel=1e-5)

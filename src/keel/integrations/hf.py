@@ -174,6 +174,7 @@ class KeelCallback(TrainerCallback):
             "scaler": getattr(optimizer, "scaler", None),
         }
         self._args, self._first_step = args, True
+        self._loss.take(), self._backward_loss.take()  # an aborted attempt's (an out-of-memory in its backward)
         clip = float(args.max_grad_norm) if self.take_over_clipping and args.max_grad_norm else None
         self._clip = clip if clip is not None and clip > 0 else None
         # Built before the first forward, so the hook probes (activations, attention, router) see step 0's; whether
