@@ -167,7 +167,7 @@ class _State:
         if set(map(len, rows)) != {width}:  # ragged rows: missing cells are empty, extra ones ignored
             rows = [row[:width] if len(row) > width else row + [""] * (width - len(row)) for row in rows]
         columns = list(zip(*rows, strict=True))
-        steps = _floats(columns[self.step_index])[0]
+        steps = _floats(columns[self.step_index], strip=False)[0]  # `parse_step` reads the cell as it is
         valid = np.isfinite(steps) & (steps == np.floor(steps)) & (np.abs(steps) < MAX_STEP)
         blank = 0
         if not valid.all():
@@ -187,7 +187,7 @@ class _State:
             col.values.frombytes(values[keep].tobytes())
 
 
-def _floats(cells: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _floats(cells: tuple[str, ...], *, strip: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(values, which cells are numbers, which are text) of a column's cells; NaN where not a number.
 
     ``float(cell)`` is `parse_number` for a cell: it ignores surrounding whitespace and reads ``nan``/``inf``.
@@ -214,22 +214,30 @@ def _floats(cells: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]
     if len(distinct) * 4 <= n:  # a text column of a few values ("warmup", "main"): each parsed once
         where = {cell: i for i, cell in enumerate(distinct)}
         which: np.ndarray | None = np.fromiter(map(where.__getitem__, cells), dtype=np.int64, count=n)
-        parsed = [_cell(cell) for cell in distinct]
+        parsed = [_cell(cell, strip) for cell in distinct]
     else:
         which = None
-        parsed = [_cell(cell) for cell in cells]
+        parsed = [_cell(cell, strip) for cell in cells]
     values_, numeric, text = (np.array(column) for column in zip(*parsed, strict=True))
     if which is None:
         return values_.astype(np.float64), numeric.astype(bool), text.astype(bool)
     return values_.astype(np.float64)[which], numeric.astype(bool)[which], text.astype(bool)[which]
 
 
-def _cell(cell: str) -> tuple[float, bool, bool]:
-    """(value, is a number, is text) of one cell."""
+def _cell(cell: str, strip: bool = True) -> tuple[float, bool, bool]:
+    """(value, is a number, is text) of one cell, read as `parse_number` reads it (``strip``: the cell stripped
+    first — ``str.strip`` also removes the separators ``\\x1c``–``\\x1f``, which ``float`` keeps) or as `parse_step`
+    does (``float`` of the cell as it is)."""
     try:
         return float(cell), True, False
     except ValueError:
-        return math.nan, False, bool(cell.strip())
+        text = cell.strip()
+        if strip and text != cell:
+            try:
+                return float(text), True, False
+            except ValueError:
+                pass
+        return math.nan, False, bool(text)
 
 
 def _finish(path: Path, state: _State, step_column: str, renamed: list[str], skipped: list[str]) -> RawLog:
