@@ -15,7 +15,20 @@ import numpy as np
 
 from keel._core.observation import Observation
 from keel.detect.scan import ReadsKeys
-from tests.detect import rl_series
+
+# the detectors' own test series, imported with this module: a test module first imported inside a running
+# hypothesis test applies its @given there, which hypothesis refuses (nested_given) when that file was not collected
+from tests.detect import (
+    rl_series,
+    test_eps_dominance,
+    test_lora_blowup,
+    test_loss_scale_thrash,
+    test_moe_detectors,
+    test_opposing_signals,
+    test_qat_oscillation,
+    test_source_drift,
+    test_stability_gap,
+)
 
 BLOCKS = ("blocks.0", "blocks.1", "blocks.2")
 PARAMS = ("blocks.0.weight", "blocks.1.weight", "head.weight")
@@ -161,59 +174,43 @@ def _lr_jump_margins() -> list[Observation]:
 
 def _opposition(spike_at: int | None = None) -> list[Observation]:
     """Loss every step, opposition every 5 steps, sharpness every 20; with ``spike_at`` both spike there."""
-    from tests.detect.test_opposing_signals import series  # noqa: PLC0415  (the detector's own test series)
-
-    return series(seed=3, spike_at=spike_at)
+    return test_opposing_signals.series(seed=3, spike_at=spike_at)
 
 
 def _sources(bad: int | None = None) -> list[Observation]:
     """Three sources' loss, gradient norm and cosine every 10 steps (the loss also as the loop's step losses); with
     ``bad``, that source drifts from the 60th."""
-    from tests.detect.test_source_drift import series  # noqa: PLC0415  (the detector's own test series)
-
-    return series(seed=1, bad=bad, bad_from=60, jump=12.0, step_losses=True)
+    return test_source_drift.series(seed=1, bad=bad, bad_from=60, jump=12.0, step_losses=True)
 
 
 def _evals(gap: float = 0.0) -> list[Observation]:
     """Evals every 10 steps with the phase index, a switch at step 200; with ``gap``, task a's eval collapses there."""
-    from tests.detect.test_stability_gap import series  # noqa: PLC0415  (the detector's own test series)
-
-    return series(seed=0, gap=gap)
+    return test_stability_gap.series(seed=0, gap=gap)
 
 
 def _lora_ratio(race_from: int | None = None) -> list[Observation]:
-    from tests.detect.test_lora_blowup import series  # noqa: PLC0415  (the detector's own test series)
-
-    return series(race_from=race_from)
+    return test_lora_blowup.series(race_from=race_from)
 
 
 def _qat_share(oscillate_from: int | None = None) -> list[Observation]:
-    from tests.detect.test_qat_oscillation import series  # noqa: PLC0415  (the detector's own test series)
-
-    return series(oscillate_from=oscillate_from)
+    return test_qat_oscillation.series(oscillate_from=oscillate_from)
 
 
 def _adam_eps(collapse: bool = False) -> list[Observation]:
     """The Adam ε probe's values every 50 steps (share, update RMS, per parameter); with ``collapse``, ε takes over."""
-    from tests.detect.test_eps_dominance import trace  # noqa: PLC0415  (the detector's own test series)
-
     points = [(0.0, 0.25)] * 6 + ([(0.95, 0.03)] * 4 if collapse else [(0.001, 0.22)] * 4)
-    return trace(points, per_param=(PARAMS, [0.0, 0.0, 0.01]))
+    return test_eps_dominance.trace(points, per_param=(PARAMS, [0.0, 0.0, 0.01]))
 
 
 def _loss_scale(thrash: bool = False) -> list[Observation]:
     """A GradScaler's scale and overflow flags: the initial search, then its sawtooth; with ``thrash``, backoffs in
     a row from step 150."""
-    from tests.detect.test_loss_scale_thrash import scaler_trace  # noqa: PLC0415  (the detector's own test series)
-
     overs = [s < 4 or (s % 50 == 49) or (thrash and s >= 150) for s in range(200)]
-    return scaler_trace(overs, growth_interval=40)
+    return test_loss_scale_thrash.scaler_trace(overs, growth_interval=40)
 
 
 def _moe(name: str) -> list[Observation]:
-    from tests.detect.test_moe_detectors import recorded  # noqa: PLC0415  (the detectors' own recorded proxy runs)
-
-    return recorded(name, 150)
+    return test_moe_detectors.recorded(name, 150)
 
 
 DRIVES: dict[str, Drive] = {
