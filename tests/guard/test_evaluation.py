@@ -384,3 +384,42 @@ def test_an_eval_metric_that_turns_non_finite_is_a_warning_said_once_per_turn():
     said = [(f.step, f.kind, f.severity, f.signal) for f in guard.findings if f.evidence.get("eval") == "val"]
     assert said == [(1, "non_finite", "warning", "eval/val/acc"), (4, "non_finite", "warning", "eval/val/acc")]
     assert not guard.decisions  # evals never decide a step
+
+
+@pytest.mark.parametrize("sync", ["step", "deferred"])
+def test_a_rollback_to_before_a_task_switch_restarts_the_loss_baselines_as_the_switch_did(tmp_path, sync):
+    """A rollback to a snapshot from before phase('B') restored task A's loss baselines while training went on with
+    task B's data: B's higher loss read as spikes, a critical and a second rollback (helper C's C4)."""
+    from keel import RecoveryConfig
+    from keel.harness.scenarios._continual import (
+        MEMORY,
+        TASKS,
+        ContinualConfig,
+        GaussianClasses,
+        _batch,
+        build_classifier,
+    )
+
+    torch.manual_seed(0)
+    cfg = ContinualConfig(steps=230, switch_step=150, eval_every=4, eval_examples=200)
+    data, model = GaussianClasses(0, 1.0), build_classifier(0)
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, fused=sync == "deferred")
+    memory = data.sample(TASKS["A"], MEMORY)
+    guard = Guard(
+        model, opt, policy="recover", seed=0, sync=sync, max_consecutive_skips=2,
+        recovery=RecoveryConfig(snapshot_every=20),
+    )  # fmt: skip
+    guard.phase("A")
+    for step in range(cfg.steps):
+        if step == cfg.switch_step:
+            guard.phase("B")
+        x, y = _batch(cfg, data, memory, step)
+        loss = torch.nn.functional.cross_entropy(model(x), y) * (math.nan if 156 <= step < 161 else 1.0)
+        loss.backward()
+        guard.step(loss)
+        opt.zero_grad(set_to_none=True)
+    guard.close()
+    rollbacks = [(d.step, d.restored_step) for d in guard.decisions if d.action == "rollback"]
+    assert len(rollbacks) == 1 and rollbacks[0][1] < cfg.switch_step  # the NaN burst's, past the switch
+    late = [(f.step, f.kind, f.severity) for f in guard.findings if f.step > 161 and f.kind == "loss_spike"]
+    assert [f for f in late if f[2] != "info"] == []

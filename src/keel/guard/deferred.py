@@ -153,6 +153,8 @@ class DeferredSteps:
         g: Any = self
         if decision.action == "rollback":
             decision = g.actuator.apply(decision, math.nan, g.escalation.rollbacks_in_window(decision.step))
+        if decision.action == "rollback" and decision.restored_step is not None:
+            g.evaluation.after_rollback(decision.restored_step)
         self._record(obs, decision)
         g.global_step += 1
         g.components.step = g.global_step

@@ -180,6 +180,14 @@ class Evaluation:
         self._write_meta()
         return index
 
+    def after_rollback(self, restored_step: int) -> None:
+        """A rollback restored the detectors' states of ``restored_step``: when that is before the current phase's
+        switch, their loss and gradient-norm baselines are the phase before's again, while training goes on with
+        this phase's data, so they are started anew as the switch did (the new task's loss was judged against the
+        old one's: a false critical and a needless second rollback, helper C's C4)."""
+        if self.phases and restored_step < self.phases[-1].step:
+            self._rebaseline()
+
     def _note_phases(self) -> None:
         """Tell the detectors that take them (`note_phases`: the stability gap, which judges only the tasks
         trained before a switch) the phases so far; the implicit first phase names no task."""

@@ -506,6 +506,8 @@ class Guard(DeferredSteps):
         decision = self.actuator.apply(decision, norm_now, self.escalation.rollbacks_in_window(step))
         if decision.stepped and self._checks_weights:  # a rollback now, before the loop's next forward
             decision = self.components.call("weights check", self._roll_back_broken_update, decision, ctx) or decision
+        if decision.action == "rollback" and decision.restored_step is not None:
+            self.evaluation.after_rollback(decision.restored_step)
         if decision.stepped and ctx is not None:
             self._after_step(ctx)
         self.components.call("skip list", self.data.record_skips, decision)
