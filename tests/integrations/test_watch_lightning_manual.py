@@ -80,7 +80,10 @@ def _fit(policy: str | None, nan_at: int = -1) -> _GAN:
         enable_progress_bar=False,
         enable_model_summary=False,
     )
-    trainer.fit(gan, data)
+    try:
+        trainer.fit(gan, data)
+    finally:  # a fit that failed never reached on_train_end: no gate is left on torch
+        gan.on_train_end()
     return gan
 
 
