@@ -52,10 +52,11 @@ def fit(
     scheduler: str = "step",
     accumulate: int = 2,
     ckpt_path: str | None = None,
+    module_class: type[Regression] | None = None,
     **trainer_kwargs,
 ):
     torch.manual_seed(0)
-    module = Regression(faults, scheduler)
+    module = (module_class or Regression)(faults, scheduler)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(16 * STEPS * accumulate, 8, generator=g)
     data = DataLoader(TensorDataset(x, torch.tanh(x[:, :4])), batch_size=16, shuffle=False)

@@ -18,7 +18,10 @@ How it fits Lightning's automatic optimization (Lightning ≥ 2.0):
   `keel.integrations._run_length`). The extension is kept in the callback's state in every checkpoint and applied
   again by a ``fit(ckpt_path=...)`` from it.
 - **clipping**: with ``gradient_clip_val`` (norm algorithm) keel measures gradients before clipping and clips
-  itself with the same value; under ``"observe"`` Lightning clips as usual (bit-identical training).
+  itself with the same value; under ``"observe"`` Lightning clips as usual (bit-identical training). A module that
+  overrides ``configure_gradient_clipping`` (Lightning's hook: clip from some epoch on, per parameter group …)
+  keeps its clipping and the ``gradient_clip_val`` it is given; keel detects on the norm the hook's
+  ``torch.nn.utils.clip_grad_norm_`` returns (the norm before clipping), else on the gradients as the hook left them.
 - **DDP**: the strategy's DDP module goes to `Guard`, so signals are all-reduced and each rank's own
   gradient is measured (`keel.guard.distributed`).
 - **validation**: what the validation loop logged (the ``trainer.callback_metrics`` it set) goes to
@@ -36,6 +39,7 @@ from __future__ import annotations
 import warnings
 from typing import Any
 
+import torch
 from torch import Tensor
 
 from keel._core.errors import KeelWarning
@@ -49,9 +53,11 @@ from keel.recover import Policy
 
 try:
     from lightning.pytorch import Callback
+    from lightning.pytorch.utilities.model_helpers import is_overridden
 except ImportError:  # the standalone `pytorch_lightning` package has the same API
     try:
         from pytorch_lightning import Callback  # type: ignore[no-redef,assignment]
+        from pytorch_lightning.utilities.model_helpers import is_overridden  # type: ignore[no-redef]
     except ImportError as exc:  # pragma: no cover - exercised only without the extra
         raise ImportError("keel.integrations.lightning needs Lightning: pip install 'keel[lightning]'") from exc
 
@@ -94,6 +100,7 @@ class KeelCallback(Callback):
         self._loss = StepLoss()
         self._scaler: Any = None
         self._clip: float | None = None
+        self._norm_before_clip: Tensor | None = None  # what the module's clipping hook's clip_grad_norm_ returned
         self._trainer: Any = None
         self._metrics_before: dict[str, Any] = {}  # callback_metrics when validation started
         self._extended_before = 0  # what a checkpoint's run had extended max_steps by (`load_state_dict`)
@@ -108,9 +115,7 @@ class KeelCallback(Callback):
         scheduler = self._own_scheduler(trainer)
         self._scaler = getattr(trainer.precision_plugin, "scaler", None)
         self._trainer = trainer
-        algorithm = trainer.gradient_clip_algorithm  # None means Lightning's default, the norm
-        if self.take_over_clipping and trainer.gradient_clip_val and (algorithm is None or algorithm == "norm"):
-            self._clip, trainer.gradient_clip_val = float(trainer.gradient_clip_val), None
+        self._take_over_clipping(trainer, pl_module)
         kwargs = dict(self.guard_kwargs)
         config = kwargs.pop("config", None) or {
             "trainer": "lightning.Trainer",
@@ -144,6 +149,26 @@ class KeelCallback(Callback):
             self._handoff.gate(optimizer, "step", self._optimizer_step)
         if scheduler is not None:
             self._handoff.gate_scheduler(scheduler)
+
+    def _take_over_clipping(self, trainer: Any, pl_module: Any) -> None:
+        """Clip in keel with ``gradient_clip_val`` (norm algorithm), unless the module clips in its own
+        ``configure_gradient_clipping``: that hook keeps the value, and keel keeps the norm it clips with."""
+        if is_overridden("configure_gradient_clipping", pl_module):  # reviewer V's V13: it got None, keel clipped
+            self._handoff.gate(torch.nn.utils, "clip_grad_norm_", self._hooks_clipping)
+            return
+        algorithm = trainer.gradient_clip_algorithm  # None means Lightning's default, the norm
+        if self.take_over_clipping and trainer.gradient_clip_val and (algorithm is None or algorithm == "norm"):
+            self._clip, trainer.gradient_clip_val = float(trainer.gradient_clip_val), None
+
+    def _hooks_clipping(self, original: Any, parameters: Any, *args: Any, **kwargs: Any) -> Any:
+        """The hook's ``clip_grad_norm_``: its norm is the update's when it clipped every trainable parameter at once
+        (a call per parameter group gives each group's norm: keel then measures the clipped gradients itself)."""
+        params = [parameters] if isinstance(parameters, Tensor) else list(parameters)
+        norm = original(params, *args, **kwargs)
+        trainable = {id(p) for p in self._trainer.lightning_module.parameters() if p.requires_grad}
+        if self._norm_before_clip is None and isinstance(norm, Tensor) and trainable <= {id(p) for p in params}:
+            self._norm_before_clip = norm  # a second call sees clipped gradients: the first call's norm stays
+        return norm
 
     def on_before_backward(self, trainer: Any, pl_module: Any, loss: Tensor) -> None:
         scale = getattr(self._scaler, "_scale", None) if self._scaler is not None else None
@@ -192,14 +217,14 @@ class KeelCallback(Callback):
     def _optimizer_step(self, original: Any, closure: Any = None, **kwargs: Any) -> Any:
         result = closure() if closure is not None else None  # forward, backward, on_before_optimizer_step
         if len(self._loss) == 0:  # training_step returned None: Lightning's own skip, as without keel
-            self._handoff.handled = False
+            self._handoff.handled, self._norm_before_clip = False, None
             return original(closure=lambda: result, **kwargs)
         self._guard_step()
         return result
 
     def _scaler_step(self, original: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         if len(self._loss) == 0:
-            self._handoff.handled = False
+            self._handoff.handled, self._norm_before_clip = False, None
             return original(optimizer, *args, **kwargs)
         self._guard_step()
         return None
@@ -208,11 +233,11 @@ class KeelCallback(Callback):
         return None if self._handoff.handled else original(*args, **kwargs)
 
     def _guard_step(self) -> None:
-        loss = self._loss.take()
+        loss, norm, self._norm_before_clip = self._loss.take(), self._norm_before_clip, None
         assert self.guard is not None and loss is not None
         self._handoff.handled = True
         with self._handoff.acting_for_keel():
-            decision = self.guard.step(loss)
+            decision = self.guard.step(loss, grad_norm=norm)
         if decision.action == "rollback" and self._schedule is not None:
             self.guard.components.call("lightning schedule", self._schedule.rolled_back, decision)
 
