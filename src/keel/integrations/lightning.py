@@ -7,7 +7,8 @@ How it fits Lightning's automatic optimization (Lightning ≥ 2.0):
 
 - **loss**: each micro-batch's loss from ``on_before_backward`` (already divided by
   ``accumulate_grad_batches``, so their sum is the step's mean loss; under ``16-mixed`` divided back by the
-  GradScaler's scale, on device).
+  GradScaler's scale, on device). The short window Lightning steps at an epoch's end (k < N micro-batches, each
+  divided by N all the same) is scaled by N/k: its mean loss too.
 - **update**: the optimizer's ``step(closure)`` that Lightning's precision plugin calls first runs the closure
   (forward, backward, ``on_before_optimizer_step``), then goes to ``Guard.step``; under ``16-mixed`` the
   plugin's ``scaler.step`` goes to ``Guard.step`` and its ``scaler.update`` does nothing (`Guard` updated the
@@ -233,7 +234,7 @@ class KeelCallback(Callback):
         return None if self._handoff.handled else original(*args, **kwargs)
 
     def _guard_step(self) -> None:
-        loss, norm, self._norm_before_clip = self._loss.take(), self._norm_before_clip, None
+        loss, norm, self._norm_before_clip = self._window_mean(), self._norm_before_clip, None
         assert self.guard is not None and loss is not None
         self._handoff.handled = True
         with self._handoff.acting_for_keel():
@@ -242,6 +243,13 @@ class KeelCallback(Callback):
             self.guard.components.call("lightning schedule", self._schedule.rolled_back, decision)
 
     # --- helpers ------------------------------------------------------------------------------------
+    def _window_mean(self) -> Tensor | None:
+        """The step's mean loss: Lightning divides each micro-batch's loss by ``accumulate_grad_batches`` also in the
+        short window at an epoch's end (reviewer V's V12: recorded at k/N of its loss)."""
+        seen, planned = len(self._loss), int(self._trainer.accumulate_grad_batches)
+        loss = self._loss.take()
+        return loss * (planned / seen) if loss is not None and 0 < seen < planned else loss
+
     def _own_scheduler(self, trainer: Any) -> Any:
         """The step-interval scheduler Guard steps (after applied updates only); others stay Lightning's."""
         configs = trainer.lr_scheduler_configs
