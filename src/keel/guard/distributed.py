@@ -60,6 +60,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from keel._core import keys
+from keel._core.caller import loop_stacklevel
 from keel._core.errors import KeelWarning
 from keel._core.validate import check_types
 from keel.signals import Packed, unpack
@@ -438,7 +439,7 @@ class RankSync:
             "(DDP's join then gives every rank the last joiner's weights); DistributedSampler(drop_last=True) keeps "
             "the ranks' batches even",
             KeelWarning,
-            stacklevel=10,  # the loop (see _warn_unshared)
+            stacklevel=loop_stacklevel(),
         )
 
     def close(self) -> None:
@@ -497,9 +498,7 @@ class RankSync:
             "rank 0 only): those are this rank's own values, not agreed across ranks, so a decision on them may "
             "differ between ranks; give the same keys on every rank",
             KeelWarning,
-            # the loop's line: _reduce_shared, _reduce_checked, to_host, _to_host, _observe, step, then host_side's
-            # wrappers (torch.compiler.disable's too: DDP imports torch._dynamo)
-            stacklevel=10,
+            stacklevel=loop_stacklevel(),
         )
 
     def _join_mode(self) -> Literal["none", "agreed", "own"]:
@@ -520,7 +519,7 @@ class RankSync:
                 "decides on its own values; a skip or rollback decided on one rank's loss alone desynchronises the "
                 "replicas. Make the Guard before `with model.join():`",
                 KeelWarning,
-                stacklevel=8,  # the loop (see _warn_unshared): to_host, _to_host, _observe, step, …
+                stacklevel=loop_stacklevel(),
             )
         return "own"
 

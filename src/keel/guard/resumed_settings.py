@@ -11,6 +11,7 @@ from typing import Any
 
 from torch import Tensor
 
+from keel._core.caller import loop_stacklevel
 from keel._core.errors import KeelWarning
 
 # The settings a loop sets on purpose. ``lr`` moves with a scheduler (its peak is ``initial_lr``); IndependentAdamW
@@ -74,8 +75,6 @@ def warn_replaced(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> 
         if key in new and not _same(old[key], new[key])
     ]
     if changes:
-        from keel.integrations.watch import loop_stacklevel  # (keel.integrations imports the Guard)
-
         warnings.warn(
             "resume: the snapshot's optimizer settings replace those this run was built with: "
             f"{'; '.join(changes[:8])}{' …' if len(changes) > 8 else ''}. To continue with new ones, set them after "

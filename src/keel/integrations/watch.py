@@ -56,14 +56,13 @@ import sys
 import warnings
 import weakref
 from collections.abc import Callable, Iterable, Sequence
-from pathlib import Path
-from types import FrameType
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from keel._core import keys
+from keel._core.caller import loop_stacklevel
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning, TrainingAborted
 from keel.detect import DivergenceDetector, SpikeDetector, default_detectors
@@ -527,20 +526,6 @@ def watch(
         >>> guard.close()
     """
     return Watch(model, optimizer, scheduler, scaler=scaler, **guard_kwargs)
-
-
-def loop_stacklevel() -> int:
-    """The ``stacklevel`` that makes a warning raised in keel's hooks name the loop's line: the first frame outside
-    keel and torch (a hooked ``backward()`` runs through one gate per open watch, and ``scaler.step`` through
-    torch's GradScaler, so the depth varies)."""
-    frame: FrameType | None = sys._getframe(2)  # level 2: the frame of the function calling warnings.warn is 1
-    level = 2
-    while frame is not None and frame.f_code.co_filename.startswith(_INSIDE):
-        frame, level = frame.f_back, level + 1
-    return level
-
-
-_INSIDE = (str(Path(__file__).parents[1]), str(Path(torch.__file__).parent))  # keel's and torch's files
 
 
 def _as_tuple(value: Any, name: str) -> tuple[Any, ...]:
