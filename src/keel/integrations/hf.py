@@ -208,7 +208,7 @@ class KeelCallback(TrainerCallback):
         self._handoff.gate(optimizer, "step", self._optimizer_step)
         self._accelerated = optimizer
         if lr_scheduler is not None and not step_needs_an_argument(lr_scheduler):
-            self._handoff.gate_scheduler(lr_scheduler)
+            self._handoff.gate_scheduler(lr_scheduler, self._trainers_scheduler_step)
             self._shows_update_lr = callable(getattr(lr_scheduler, "get_last_lr", None))
             if self._shows_update_lr:
                 self._handoff.gate(lr_scheduler, "get_last_lr", self._learning_rate_of_the_update)
@@ -220,7 +220,6 @@ class KeelCallback(TrainerCallback):
             args.max_grad_norm = 0.0  # keel clips this update (`on_step_end` gave the value back meanwhile)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        self._update_lr = None  # the Trainer has read the update's learning rate and made its scheduler call
         if self._clip is not None:
             # The user's value between updates, where the Trainer saves its checkpoints (training_args.bin said the
             # run was trained without clipping: reviewer V's V7); set to 0 again when the next update begins.
@@ -350,6 +349,14 @@ class KeelCallback(TrainerCallback):
                 return list(self._objects["scheduler"].get_last_lr())
         except Exception:  # keel's bookkeeping never stops training: the Trainer then reads the scheduler as it is
             return None
+
+    def _trainers_scheduler_step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's ``lr_scheduler.step()``, after it read the update's learning rate for its log: from here on
+        ``get_last_lr()`` answers the scheduler as it is, as without keel, also to callbacks listed before
+        KeelCallback (reviewer V's V10: cleared at KeelCallback's ``on_step_end``, they read the finished update's).
+        The call itself does nothing when `Guard` stepped the scheduler for this update."""
+        self._update_lr = None
+        return None if self._handoff.handled else original(*args, **kwargs)
 
     def _learning_rate_of_the_update(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         """The scheduler's ``get_last_lr()`` as the Trainer reads it for its log, between ``optimizer.step()`` and
