@@ -14,6 +14,7 @@ pytest.importorskip("lightning")
 from keel.integrations.lightning import KeelCallback  # noqa: E402
 from tests.integrations.test_lightning import STEPS, Regression, fit  # noqa: E402
 
+CLIP_GRAD_NORM = torch.nn.utils.clip_grad_norm_
 CLIP = 0.05  # below every step's gradient norm in this run
 
 
@@ -45,6 +46,7 @@ def test_a_module_clipping_in_its_hook_trains_as_without_keel(module_class):
     assert keel.guard.global_step == STEPS and keel.guard.decisions == []
     assert all(torch.equal(a, b) for a, b in zip(bare, guarded, strict=True))
     assert trainer.gradient_clip_val == CLIP
+    assert torch.nn.utils.clip_grad_norm_ is CLIP_GRAD_NORM  # keel's gate on it is gone after fit
 
 
 def test_keel_detects_on_the_norm_before_the_hooks_clipping(tmp_path):
