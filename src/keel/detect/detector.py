@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from keel._core import keys
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.registry import Registry
@@ -36,3 +37,10 @@ def create_detector(name: str, **kwargs: object) -> Detector:
 
 def list_detectors() -> list[str]:
     return DETECTORS.names()
+
+
+def restarts_at_switch(detector: Detector) -> bool:
+    """Whether a phase switch (a new task, a new data mix) starts ``detector`` afresh: a one-signal detector of the
+    loss or the gradient norm (spikes, divergence), whose baseline is the old phase's level. The live Guard
+    (`keel.guard.evaluation`) and `keel doctor` on a store's declared phases both follow this rule."""
+    return getattr(getattr(detector, "config", None), "signal", None) in (keys.LOSS, keys.GRAD_NORM)

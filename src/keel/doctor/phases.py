@@ -26,6 +26,7 @@ from typing import Any
 from keel._core import keys
 from keel._core.finding import Finding
 from keel.detect import Detector
+from keel.detect.detector import restarts_at_switch
 from keel.detect.stability_gap import KIND as STABILITY_GAP
 from keel.doctor.blocks import Broken, label
 from keel.doctor.table import MAX_STEP
@@ -145,17 +146,11 @@ def note_declared(detectors: Sequence[Detector], declared: Declared | None) -> N
                 note_eval(key, goal, task)
 
 
-def rebaselines(detector: Detector) -> bool:
-    """Whether the Guard starts ``detector`` afresh at a switch: a one-signal detector of the loss or the gradient
-    norm (spikes, divergence)."""
-    return getattr(getattr(detector, "config", None), "signal", None) in (keys.LOSS, keys.GRAD_NORM)
-
-
 def rebaseline(detectors: Sequence[Detector], broken: Broken, step: int) -> None:
-    """Put each working detector that `rebaselines` back to the state of a fresh one with its config, before the
+    """Put each working detector that `restarts_at_switch` back to the state of a fresh one with its config, before the
     observation at ``step``; one whose state cannot be set is switched off, as any detector that raises."""
     for i, detector in enumerate(detectors):
-        if i in broken or not rebaselines(detector):
+        if i in broken or not restarts_at_switch(detector):
             continue
         try:
             fresh: Any = type(detector)(detector.config)  # type: ignore[attr-defined,call-arg]

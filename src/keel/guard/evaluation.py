@@ -44,6 +44,7 @@ from keel._core.errors import KeelWarning
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect.continual_metrics import TaskEval, continual_metrics
+from keel.detect.detector import restarts_at_switch
 from keel.detect.eval_stability import EvalStability
 from keel.detect.scan import ReadsKeys
 from keel.guard.components import Components, checked_findings, detector_label
@@ -204,10 +205,9 @@ class Evaluation:
         of a fresh one with its config; the names are kept in the phase's meta entry."""
         done = []
         for detector in self.components.detectors:
-            config = getattr(detector, "config", None)
-            signal = getattr(config, "signal", None)
-            if signal not in (keys.LOSS, keys.GRAD_NORM):
+            if not restarts_at_switch(detector):
                 continue  # only the one-signal baselines (spikes, divergence); e.g. the non-finite check needs none
+            config, signal = detector.config, detector.config.signal  # type: ignore[attr-defined]
             label = detector_label(detector)
             fresh = self.components.call(label, lambda d=detector, c=config: type(d)(c).state_dict())
             if fresh is not None:
