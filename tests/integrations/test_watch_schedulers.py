@@ -112,6 +112,9 @@ ACCUM = 4
 
 def _accelerate_loop(policy: str | None, run_dir=None, steps: int = 6, watch_before_prepare: bool = False):
     accelerate = pytest.importorskip("accelerate")
+    # accelerate's GradientState is one per process: an HF Trainer test in this worker that ended mid-epoch (an abort,
+    # an out-of-memory retry) leaves its dataloader active and at its end, and then every micro-batch syncs
+    accelerate.state.GradientState._reset_state()
     torch.manual_seed(0)
     accelerator = accelerate.Accelerator(gradient_accumulation_steps=ACCUM, cpu=True)
     model = nn.Linear(4, 1)
