@@ -23,7 +23,7 @@ def _gone(pid: int) -> bool:
     """Whether ``pid`` has exited (a zombie not yet reaped counts as exited)."""
     try:
         state = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
+    except (FileNotFoundError, ProcessLookupError):  # gone, or going while its /proc entry is read (ESRCH)
         return True
     return "State:\tZ" in state
 
