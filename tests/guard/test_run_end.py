@@ -302,6 +302,16 @@ def test_a_guard_opened_over_a_framework_handler_that_chains_to_keels_records_on
 def test_a_forked_child_passes_a_signal_on_without_recording_into_its_parents_guard(tmp_path):
     """A forked child inherits keel's handler and the open Guard, not its writer thread: recording there waited out
     the 10 s flush before the child could die (review of session 10)."""
+    # the handler keel's chains to is the default one, as in a plain script: a SIGTERM handler another test in this
+    # process left (a framework's, which only sets a flag) made the child live on in pause() until the test timed out
+    previous = signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    try:
+        _forked_child_dies_by_sigterm(tmp_path)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _forked_child_dies_by_sigterm(tmp_path):
     guard, _, _ = _guard(tmp_path)
     marker = tmp_path / "recorded_in_child"
     guard._end.on_signal = lambda name: marker.write_text(name)  # what the child must not do
