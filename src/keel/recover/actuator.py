@@ -70,9 +70,6 @@ class Actuator:
         if self.state.scheduler is not None and self.steps_scheduler and (stepped or self.observe):
             self.state.scheduler.step()
 
-    def lr_scale(self, step: int) -> float:
-        return self.recovery.lr_scale(step) if self.recovery is not None else 1.0
-
     def lr_scales(self, step: int) -> list[float]:
         """Each param group's LR scale (the model's, times a router group's own back-off)."""
         if self.recovery is None:
