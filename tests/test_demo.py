@@ -64,3 +64,26 @@ def test_quick_demo_stabilized_arm_trains_as_well_as_the_safe_lr_reference(tmp_p
     assert stabilized["val_loss"] < bare["val_loss"] - 0.2
     html = (tmp_path / "report.html").read_text()
     assert all(name in html for name in result)
+
+
+def test_the_summary_lists_a_rollback_after_the_findings_of_its_step_and_before_later_ones() -> None:
+    # `keel demo` printed every finding first and the rollbacks after them: a warning at step 33 came before the
+    # step-20 rollback that preceded it.
+    from keel._core.decision import Decision
+    from keel._core.finding import Finding
+    from keel.demo import print_summary
+    from keel.proxy.trainer import ProxyRun
+
+    arm = next(a for a in demo_runs(quick=True) if a.name == "recovering")
+    run = ProxyRun(config=arm.config, policy="recover")
+    run.findings = [
+        Finding(step=5, kind="attention_logit_growth", severity="warning", signal="attn/max_logit", value=15.5),
+        Finding(step=20, kind="attention_logit_growth", severity="critical", signal="attn/max_logit", value=1226),
+        Finding(step=33, kind="attention_logit_growth", severity="warning", signal="attn/max_logit", value=6.7),
+    ]
+    run.decisions = [Decision(step=20, action="rollback", reason="rolled back to the snapshot of step 0")]
+    out = io.StringIO()
+    print_summary({arm.name: run}, [arm], out)
+    lines = [line.split() for line in out.getvalue().splitlines() if line.strip().startswith("step ")]
+    expected = [("5", "warning"), ("20", "critical"), ("20", "ROLLBACK:"), ("33", "warning")]
+    assert [(w[1], w[2]) for w in lines] == expected

@@ -132,12 +132,13 @@ def print_summary(results: dict[str, ProxyRun], arms: list[DemoRun], stream=sys.
         if not serious and not acted:
             continue
         print(f"\n{arm.name} ({arm.note}):", file=stream)
-        for f in serious[:6]:  # causes and advice are the diagnosis's, printed once below
-            print(f"  step {f.step:>5}  {f.severity:<8} {f.kind} ({f.signal} = {f.value:.4g})", file=stream)
+        # causes and advice are the diagnosis's, printed once below; a decision follows the findings of its step
+        events = [(f.step, 0, f"{f.severity:<8} {f.kind} ({f.signal} = {f.value:.4g})") for f in serious[:6]]
+        events += [(d.step, 1, f"{d.action.upper()}: {d.reason}") for d in acted[:4]]
+        for step, _, text in sorted(events, key=lambda e: e[:2]):
+            print(f"  step {step:>5}  {text}", file=stream)
         if len(serious) > 6:
             print(f"  … and {len(serious) - 6} more findings (see the run store)", file=stream)
-        for d in acted[:4]:
-            print(f"  step {d.step:>5}  {d.action.upper()}: {d.reason}", file=stream)
 
 
 def print_diagnosis(bare: ProxyRun, stabilized: ProxyRun, stream=sys.stdout) -> None:
