@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
 
 from keel.nn import PowerNorm
+from tests.integrations.test_compile import GraphCounter
 
 
 class PowerNormReference:
@@ -188,3 +191,30 @@ def test_zero_infinite_and_nan_inputs_give_what_float64_gives_and_padding_stays_
     assert torch.equal(torch.isnan(pn.running_phi), torch.isnan(psi))  # the infinite channels only, as in float64
     zeros = torch.zeros(2, 3, C, dtype=dtype)
     assert torch.equal(PowerNorm(C).to(dtype)(zeros), zeros)
+
+
+@pytest.mark.parametrize("reference_backward", [False, True])
+def test_a_compiled_power_norm_is_one_graph_through_and_past_warm_up(reference_backward):
+    """Before, the step count was a host int and the warm-up passed ψ² as two arguments of one autograd.Function:
+    a graph break at every training forward and a recompilation at each (10 graphs in 12 forwards), and
+    ``fullgraph=True`` raised "duplicate tensor input"."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = torch.nn.Sequential(
+        torch.nn.Linear(8, 8),
+        PowerNorm(8, warmup_iters=3, reference_backward=reference_backward),
+        torch.nn.Linear(8, 1),
+    )
+    compiled_model = copy.deepcopy(eager)
+    backend = GraphCounter()
+    forward = torch.compile(compiled_model, backend=backend, fullgraph=True)
+    for _ in range(6):  # forwards 1-3 in warm-up (batch ψ²), 4-6 past it (running φ)
+        x = torch.randn(4, 5, 8)
+        eager(x).square().mean().backward()
+        forward(x).square().mean().backward()
+    assert backend.compiled == 1
+    assert int(compiled_model[1].iters) == 6
+    for name, value in eager.state_dict().items():
+        assert torch.equal(value, compiled_model.state_dict()[name]), name
+    for a, b in zip(eager.parameters(), compiled_model.parameters(), strict=True):
+        assert torch.equal(a.grad, b.grad)

@@ -153,7 +153,6 @@ class PowerNorm(nn.Module):
         self.register_buffer("running_phi", torch.ones(num_features))
         self.register_buffer("ema_gz", torch.zeros(num_features))
         self.register_buffer("iters", torch.zeros((), dtype=torch.long))
-        self._host_iters: int | None = None  # mirrors `iters` so that no forward needs a device sync
 
     def _apply(self, fn: Any, recurse: bool = True) -> PowerNorm:
         """As ``nn.Module._apply``, except that a cast to float16/bfloat16 leaves φ and Γ float32 (on the new
@@ -165,10 +164,6 @@ class PowerNorm(nn.Module):
             if old is not None and new is not None and new.dtype in _HALF and old.dtype not in _HALF:
                 self._buffers[name] = old.to(new.device)
         return self
-
-    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        super()._load_from_state_dict(*args, **kwargs)
-        self._host_iters = None
 
     def forward(self, x: Tensor, pad_mask: Tensor | None = None) -> Tensor:
         """Normalise ``x`` (..., C); ``pad_mask`` (...) is True at padded tokens, which get no statistics."""
@@ -191,18 +186,26 @@ class PowerNorm(nn.Module):
         valid = None if pad_mask is None else (~pad_mask).unsqueeze(-1)  # (..., 1)
         with torch.no_grad():
             batch_sq = _valid_mean(x.detach().square(), valid)  # ψ², (C,)
-            if self._host_iters is None:  # once after construction or loading: one host read
-                self._host_iters = int(self.iters.item())
-            self._host_iters += 1
-            step = self._host_iters
-            self.iters.fill_(step)
-            warm = step <= self.warmup_iters
-            used = batch_sq if warm else self.running_phi.clone()
-            divisor = batch_sq if (warm or self.reference_backward) else used
-            if step < self.warmup_iters:
-                self.running_phi.mul_((step - 1) / step).add_(batch_sq / step)
-            self.running_phi.mul_(self.alpha_fwd).add_((1.0 - self.alpha_fwd) * batch_sq)
+            self.iters.add_(1)
+            used, divisor = self._update_statistics(batch_sq, self.iters.to(torch.float64))
         return _PowerFunction.apply(x, weight, bias, valid, used, self.ema_gz, self.alpha_bkw, divisor, self.eps)
+
+    def _update_statistics(self, batch_sq: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
+        """Advance φ with this batch's ψ² at the 1-based training forward ``step`` (a 0-d float64 tensor); returns the
+        statistic the forward divides by and the one the backward divides by.
+
+        Everything is tensor arithmetic on the device: no host read, and no Python number that changes from one
+        forward to the next, which ``torch.compile`` would bake into the graph (a recompile per training step, and
+        the warm-up's two tensors in one slot broke the graph: ``autograd.Function.apply: duplicate tensor input``).
+        """
+        warm = step <= self.warmup_iters
+        used = torch.where(warm, batch_sq, self.running_phi)
+        divisor = batch_sq.clone() if self.reference_backward else torch.where(warm, batch_sq, self.running_phi)
+        # warm-up: φ is the cumulative average of ψ² (then the EMA step below); float64 ratios, as Python's were
+        averaged = self.running_phi * ((step - 1) / step) + batch_sq / step
+        self.running_phi.copy_(torch.where(step < self.warmup_iters, averaged, self.running_phi))
+        self.running_phi.mul_(self.alpha_fwd).add_((1.0 - self.alpha_fwd) * batch_sq)
+        return used, divisor
 
     def extra_repr(self) -> str:
         return (
