@@ -211,3 +211,24 @@ def test_errored_runs_are_run_again_only_when_asked(tmp_path, tiny_sweep):
     assert run_sweep(config, tmp_path / "sweep", workers=1).ran == []
     again = run_sweep(config, tmp_path / "sweep", workers=1, retry_errors=True)
     assert again.ran == [run_id] and {r["status"] for r in again.rows} <= {"done", "diverged"}
+
+
+def test_a_sweep_with_other_run_settings_is_not_added_to_a_sweep_folder(tmp_path, tiny_sweep):
+    # Reviewer W (session 15, W1): `keel sweep --recipes baseline --steps 60 --out D`, then `keel sweep --recipes
+    # qk_norm_z_loss --steps 5 --out D` added the 5-step runs to D's table beside the 60-step ones, rc 0:
+    # qk_norm_z_loss read "0.1x vs base", and D's stored grid still named the baseline alone.
+    run_sweep(tiny_sweep(recipes=["baseline"], lrs=[1e-2]), tmp_path, workers=1)
+    other = tiny_sweep(recipes=["qk_norm_z_loss"], lrs=[1e-2], steps=2)
+    refusal = r"train with steps=4, .*asks for steps=2: .*allowed: the same run settings.*or another --out"
+    with pytest.raises(ValueError, match=refusal):
+        run_sweep(other, tmp_path, workers=1)
+    assert [r["run_id"] for r in load_sweep(tmp_path).rows] == ["baseline/tiny/lr=0.01/seed=0"]
+
+
+def test_a_sweep_with_the_same_run_settings_adds_its_grid_points_to_the_folder(tmp_path, tiny_sweep):
+    run_sweep(tiny_sweep(recipes=["baseline"], lrs=[1e-2]), tmp_path, workers=1)
+    result = run_sweep(tiny_sweep(recipes=["qk_norm"], lrs=[3e-2]), tmp_path, workers=1)
+    assert len(result.rows) == 2 and result.ran == ["qk_norm/tiny/lr=0.03/seed=0"]
+    with SweepStore(tmp_path, readonly=True) as store:
+        grid = store.meta()["sweep"]
+    assert grid["recipes"] == ["baseline", "qk_norm"] and grid["lrs"] == [1e-2, 3e-2]  # what the folder holds

@@ -13,6 +13,7 @@ References:
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -118,8 +119,11 @@ def run_sweep(
     specs = expand_grid(config)
     result = SweepResult(sweep_dir=sweep_dir)
     with sweep_lock(sweep_dir), SweepStore(sweep_dir) as store:
-        if not store.meta():
+        stored = store.meta().get("sweep")
+        if stored is None:
             store.set_meta({"sweep": config.describe(), "created": time.time(), **describe_environment()})
+        else:  # a resume, or more grid points for the sweep the folder holds
+            store.set_meta({"sweep": joined_grid(stored, config.describe(), sweep_dir)})
         # Stored relative to the sweep directory, so a sweep can be moved or copied off a cluster whole.
         store.add_runs(specs, lambda run_id: run_dir_for(Path(), run_id))
         todo = set(store.unfinished([s.run_id for s in specs], errors=retry_errors))
@@ -157,6 +161,36 @@ def sweep_lock(sweep_dir: Path) -> Iterator[None]:
         yield
     finally:
         unlock(locks)
+
+
+GRID_LISTS = ("recipes", "lrs", "sizes", "seeds")  # what may grow; the runs' shared settings may not
+
+
+def joined_grid(stored: dict[str, Any], asked: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
+    """The grid of the sweep in ``sweep_dir`` once ``asked`` (a `SweepConfig.describe`) adds its points to the stored
+    one: each list joined, first-seen order.
+
+    Raises:
+        ValueError: ``asked`` trains its runs with other shared settings (``--steps``, ``--batch-size``,
+            ``--final-lr`` …) than the stored sweep: its runs were added to the folder's table and compared with
+            runs trained otherwise, as one sweep (a 5-step recipe "10x more LR-sensitive" than a 60-step baseline).
+    """
+    asked = json.loads(json.dumps(asked, default=str))  # as the store holds it: tuples as lists
+    stored_base, asked_base = dict(stored.get("base") or {}), dict(asked.get("base") or {})
+    stored_base["final_lr"], asked_base["final_lr"] = stored.get("final_lr"), asked.get("final_lr")
+    differ = sorted(k for k in stored_base.keys() | asked_base.keys() if stored_base.get(k) != asked_base.get(k))
+    if differ:
+        there = ", ".join(f"{k}={stored_base.get(k)!r}" for k in differ)
+        here = ", ".join(f"{k}={asked_base.get(k)!r}" for k in differ)
+        raise ValueError(
+            f"sweep folder {str(sweep_dir)!r} holds a sweep whose runs train with {there}, and this sweep asks for "
+            f"{here}: its runs would be compared with those as one sweep; allowed: the same run settings (to "
+            "resume it, or to add recipes, LRs, sizes or seeds), or another --out"
+        )
+    joined = dict(stored)
+    for name in GRID_LISTS:
+        joined[name] = list(dict.fromkeys([*stored.get(name, []), *asked.get(name, [])]))
+    return joined
 
 
 def store_summary(store: SweepStore, result: SweepResult) -> None:
