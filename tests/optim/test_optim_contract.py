@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from keel.optim import create_optimizer, list_optimizers
+from tests.integrations.test_compile import GraphCounter
 
 # Per-optimizer keyword arguments for the contract (a new optimizer without an entry fails here).
 SETTINGS: dict[str, dict] = {
@@ -96,3 +97,35 @@ def test_rejects_negative_lr(name: str) -> None:
 def test_unknown_name_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="stable_spam"):
         create_optimizer("adam2", [torch.nn.Parameter(torch.zeros(1))])
+
+
+# orthograd and independent_adamw trace torch's AdamW step: 3-5 s each on CPU.
+COMPILED_STEP = [
+    n if n in ("spam", "stable_spam") else pytest.param(n, marks=pytest.mark.slow) for n in sorted(SETTINGS)
+]
+
+
+@pytest.mark.parametrize("name", COMPILED_STEP)
+def test_a_step_inside_a_compiled_function_updates_as_in_eager_mode(name: str) -> None:
+    """PyTorch's compiled-optimizer recipe, ``torch.compile(lambda: opt.step())``. SPAM's and Stable-SPAM's step
+    runs eagerly there (their update is planned on the host): before, the CPU path raised inside functionalization
+    (the fused AdamW kernel) and the foreach path recompiled at every step."""
+    torch._dynamo.reset()
+    model, x, y = _problem()
+    compiled_model = copy.deepcopy(model)
+    eager_opt = create_optimizer(name, model.parameters(), **SETTINGS[name])
+    compiled_opt = create_optimizer(name, compiled_model.parameters(), **SETTINGS[name])
+    backend = GraphCounter()
+    compiled_step = torch.compile(lambda: compiled_opt.step(), backend=backend)
+    for _ in range(3):
+        for m in (model, compiled_model):
+            (m(x) - y).square().mean().backward()
+        eager_opt.step()
+        compiled_step()
+        eager_opt.zero_grad()
+        compiled_opt.zero_grad()
+    for a, b in zip(model.parameters(), compiled_model.parameters(), strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-6)  # torch's AdamW traced: its own rounding
+    if name in ("spam", "stable_spam"):
+        assert backend.compiled == 0
+        assert all(torch.equal(a, b) for a, b in zip(model.parameters(), compiled_model.parameters(), strict=True))

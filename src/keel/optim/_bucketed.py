@@ -30,9 +30,15 @@ class BucketedOptimizer(Optimizer):
     @overload
     def step(self, closure: Callable[[], float]) -> float: ...
 
+    @torch._disable_dynamo
     @torch.no_grad()
     def step(self, closure: Callable[[], float] | None = None) -> float | None:
-        """Apply one update to every parameter that has a gradient; returns the closure's loss if given."""
+        """Apply one update to every parameter that has a gradient; returns the closure's loss if given.
+
+        Runs eagerly inside a ``torch.compile``'d function (one graph break there, as at ``zero_grad``): the update
+        is planned on the host from Python step counts, which dynamo would recompile at every step, and the CPU path's
+        fused AdamW kernel failed functionalization ("mutating a non-functional tensor with a functional tensor").
+        """
         return step_buckets(self, closure, self._update)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
