@@ -157,3 +157,23 @@ def test_the_guard_s_named_cause_leads_the_run_s_diagnosis(tmp_path):
     ) in card  # store text escaped, as everywhere
     assert "<li><b>Softmax collapse</b> — first seen at step 9</li>" in card
     assert page.index("card named") < page.index("loss spike")  # the cause first, then the findings' cards
+
+
+def test_a_report_that_cannot_be_written_whole_leaves_the_old_one_and_names_the_file(runs, tmp_path):
+    # Reviewer W (session 15): on a full disk `keel report … -o x.html` left a truncated x.html (a report that had
+    # been there was lost) and said only "[Errno 28] No space left on device". The file-size limit below makes
+    # the OS refuse the write past 64 kB (EFBIG) as a full disk refuses it (ENOSPC); the page is ~4 MB.
+    out = tmp_path / "report.html"
+    out.write_text("the report of yesterday")
+    limit = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); "
+        "from keel.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", limit, "report", str(runs / "bare"), "-o", str(out)], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1, proc.stderr
+    assert proc.stderr.startswith(f"keel report: error: {out}: File too large")
+    assert out.read_text() == "the report of yesterday"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["report.html"]  # no partial file left

@@ -115,9 +115,30 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     for run, label in zip(runs, run_labels([Path(os.path.abspath(p)) for p in run_paths]), strict=True):
         run.name = label
     out = Path(out_path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(build_page(runs, notes, sweeps=sweeps), encoding="utf-8")
+    write_whole(out, build_page(runs, notes, sweeps=sweeps))
     return out
+
+
+def write_whole(out: Path, text: str) -> None:
+    """Write ``text`` to ``out`` (its folder created) whole or not at all: through a file beside it, renamed over
+    ``out`` once written; on a full disk a truncated page had replaced the report that was there.
+
+    Raises:
+        OSError: The page could not be written, naming ``out`` (the write's own error names no file); ``out`` is
+            as it was and no partial file is left.
+    """
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.parent / f".{out.name}.{os.getpid()}.partial"  # open() as a plain file: the umask's mode, as before
+    try:
+        with partial.open("w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(partial, out)
+    except OSError as exc:
+        Path(partial).unlink(missing_ok=True)
+        raise OSError(exc.errno, exc.strerror, str(out)) from exc
+    except BaseException:
+        Path(partial).unlink(missing_ok=True)
+        raise
 
 
 def _load(sources: list[Source]) -> tuple[list[RunData], list[Path], list[SweepData], list[str]]:
