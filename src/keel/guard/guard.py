@@ -52,6 +52,7 @@ from keel.guard.user_signals import split_signals
 from keel.guard.weights_check import broken_update_finding, non_finite_parameters
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
 from keel.recover.replay import StepReplay
+from keel.recover.running_stats import RunningStats
 from keel.recover.snapshot import Snapshot
 from keel.recover.state import StartBuffers, Stateful
 from keel.signals import (
@@ -275,6 +276,8 @@ class Guard(DeferredSteps):
         # a GradScaler (the actuator's rollback closes the scaler's step, which its update has closed already)
         scaling = scaler is not None and scaler.is_enabled()
         self._checks_weights = policy == "recover" and sync == "step" and not scaling
+        acts = policy != "observe" and sync == "step"  # (deferred: the host learns of a skip one step late)
+        self._running_stats = RunningStats.of(model) if acts else None
         replays = rollbacks.replay and policy != "observe" and self.dist is None  # observe changes nothing
         self.replay = StepReplay(model, self._params, rollbacks.replay_rtol) if replays else None
         if self.replay is not None:
@@ -506,6 +509,8 @@ class Guard(DeferredSteps):
         decision = self.actuator.apply(decision, norm_now, self.escalation.rollbacks_in_window(step))
         if decision.stepped and self._checks_weights:  # a rollback now, before the loop's next forward
             decision = self.components.call("weights check", self._roll_back_broken_update, decision, ctx) or decision
+        if self._running_stats is not None:  # a skipped update's forward leaves no trace in BatchNorm's statistics
+            self.components.call("running statistics", self._keep_running_stats, decision)
         if decision.action == "rollback" and decision.restored_step is not None:
             self.evaluation.after_rollback(decision.restored_step)
         if decision.stepped and ctx is not None:
@@ -776,6 +781,14 @@ class Guard(DeferredSteps):
         step = decision.step
         rollback = self.escalation.decide(step, (*decision.findings, broken_update_finding(step, broken)))
         return self.actuator.apply(rollback, math.nan, self.escalation.rollbacks_in_window(step))
+
+    def _keep_running_stats(self, decision: Decision) -> None:
+        """Hold the running statistics after an applied update or a rollback; put them back after a skip."""
+        assert self._running_stats is not None
+        if decision.stepped or decision.action == "rollback":
+            self._running_stats.save()
+        else:
+            self._running_stats.restore()
 
     def _after_step(self, ctx: StepContext) -> None:
         self._late.update(self.components.after_step(ctx))
