@@ -45,7 +45,16 @@ class Inject(TrainerCallback):
         self._hook.remove()
 
 
-def train(tmp_path, callbacks, *, steps: int = STEPS, accumulate: int = 2, resume: str | None = None, **args_kwargs):
+def train(
+    tmp_path,
+    callbacks,
+    *,
+    steps: int = STEPS,
+    accumulate: int = 2,
+    resume: str | None = None,
+    trainer_class: type[Trainer] = Trainer,
+    **args_kwargs,
+):
     torch.manual_seed(0)
     model = GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=2))
     ids = torch.randint(0, 64, (256, 16), generator=torch.Generator().manual_seed(0))
@@ -66,7 +75,7 @@ def train(tmp_path, callbacks, *, steps: int = STEPS, accumulate: int = 2, resum
         disable_tqdm=True,
         **{"save_strategy": "no", **args_kwargs},
     )
-    trainer = Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks)
+    trainer = trainer_class(model=model, args=args, train_dataset=data, callbacks=callbacks)
     trainer.train(resume_from_checkpoint=resume)
     return trainer
 

@@ -23,7 +23,10 @@ How it fits the Trainer's loop (transformers ≥ 4.40):
   user's value between updates, where the Trainer saves its checkpoints' ``training_args.bin``); under
   ``"observe"`` the Trainer clips as usual, training stays bit-identical, and keel sees clipped gradients.
   The Trainer computes the gradient norm itself even at ``max_grad_norm=0`` and its ``clip_grad_norm_(…, inf)``
-  turns every gradient into NaN when one is: keel then names all parameters, and still skips the step.
+  turns every gradient into NaN when one is: keel then names all parameters, and still skips the step. A Trainer
+  subclass that overrides ``_clip_grad_norm`` keeps its clipping and ``max_grad_norm`` (keel setting it to 0 would
+  bypass the override: callbacks are not given the Trainer, keel finds it on the event's call stack), is told so
+  once, and keel detects on the norm the override returns (the norm before clipping), in every policy.
 - **gradient accumulation, bf16/fp16 autocast, schedulers**: as the Trainer does them.
 - **evaluation**: the Trainer's eval metrics (``on_evaluate``, e.g. ``eval_strategy="steps"``) go to
   `Guard.record_eval` at the last update: ``eval/eval/<metric>`` (``eval/<name>/<metric>`` for each dataset of a
@@ -37,7 +40,9 @@ How it fits the Trainer's loop (transformers ≥ 4.40):
   Trainer's ``state.max_steps`` by them and says so (``extend_after_rollback``, `keel.integrations._run_length`); a run
   whose data ends first (an epoch-bounded run) is told at the end how far short its schedule stopped, and one that a
   callback stopped (early stopping, a time budget) is told that. The extension is kept in every checkpoint's
-  ``trainer_state.json`` (``stateful_callbacks["keel"]``) and applied again when a ``train()`` resumes from it.
+  ``trainer_state.json`` (``stateful_callbacks["keel"]``) and applied again when a ``train()`` resumes from it,
+  with keel's actions in force (the LR back-off, the tightened clip) and its escalation counts
+  (`keel.integrations._carried`): the resumed run trains at the LR the uninterrupted one would, and says so.
 - **when**: the `Guard` is built at ``on_train_begin``, before the first forward, so the hook probes (activation
   RMS, attention, router) see step 0. Each ``train()`` is one keel run: a second ``train()`` with the same
   callback into the same ``run_dir`` is refused up front (`KeelCallback.run_dir`). ``auto_find_batch_size``'s retry
@@ -49,6 +54,7 @@ DeepSpeed is not supported (its engine owns the step).
 
 from __future__ import annotations
 
+import inspect
 import math
 import warnings
 import weakref
@@ -61,7 +67,8 @@ from keel._core import keys
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning
 from keel.guard import Guard, console
-from keel.guard.options import step_needs_an_argument
+from keel.guard.options import check_loss, step_needs_an_argument
+from keel.integrations._carried import kept_history, restore_history
 from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
@@ -145,6 +152,8 @@ class KeelCallback(TrainerCallback):
         self._runs: list[str] = []  # the run_dirs of the train() calls so far
         self._batch_size: int | None = None  # the Trainer's batch size at the last on_train_begin
         self._ctc_told = False  # said once per callback what an inf CTC loss means
+        self._norm_before_clip: Tensor | float | None = None  # what an overridden _clip_grad_norm returned
+        self._fresh_history: dict[str, Any] = {}  # keel's history as the run began (`_keep_in_the_checkpoint`)
 
     # --- the Trainer's events -----------------------------------------------------------------------
     def on_train_begin(
@@ -175,26 +184,31 @@ class KeelCallback(TrainerCallback):
         }
         self._args, self._first_step = args, True
         self._loss.take(), self._backward_loss.take()  # an aborted attempt's (an out-of-memory in its backward)
-        clip = float(args.max_grad_norm) if self.take_over_clipping and args.max_grad_norm else None
+        trainer = getattr(self, "trainer", None) or _trainer_calling(self)
+        overrides = _overrides_clipping(trainer) if args.max_grad_norm and args.max_grad_norm > 0 else None
+        clip = float(args.max_grad_norm) if self.take_over_clipping and args.max_grad_norm and not overrides else None
         self._clip = clip if clip is not None and clip > 0 else None
         # Built before the first forward, so the hook probes (activations, attention, router) see step 0's; whether
         # the model's output carries a loss is only known at the first update (`_first_update`).
         self.guard = self._build_guard(restarted=restarted is not None)
         if restarted is not None:
             say(self.guard, restarted)
+        if overrides is not None:
+            self._leave_clipping_to(trainer, overrides)
         self._batch_size = getattr(state, "train_batch_size", None)
         self._schedule = (  # a caller with no TrainerState (state=None) has no run length to keep
             ScheduleAfterRollbacks(self.guard, state, extend=self.extend_after_rollback, meta_key="hf")
             if hasattr(state, "max_steps") and hasattr(state, "global_step")
             else None
         )
+        self._fresh_history = kept_history(self.guard)
         resumed_at = getattr(state, "global_step", 0)  # resume_from_checkpoint: keel's steps are the Trainer's
-        if resumed_at and self._schedule is not None:
-            self.guard.components.call("hf schedule", self._extend_as_the_checkpoint_did, state)
         if resumed_at and self.guard.resumed:
             self._refuse_two_resumes(resumed_at)
         if resumed_at and not self.guard.global_step and not self.guard.resumed:
             self.guard.start_at(resumed_at)
+        if resumed_at and self._schedule is not None:
+            self.guard.components.call("hf schedule", self._carry_from_the_checkpoint, state)
         self._runs.append(str(self.run_dir))
         self._training = True
         _OPEN.add(self)
@@ -220,6 +234,8 @@ class KeelCallback(TrainerCallback):
             args.max_grad_norm = 0.0  # keel clips this update (`on_step_end` gave the value back meanwhile)
 
     def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        if self._schedule is not None and self.guard is not None:  # before the Trainer saves a checkpoint
+            self.guard.components.call("hf checkpoint", self._keep_in_the_checkpoint)
         if self._clip is not None:
             # The user's value between updates, where the Trainer saves its checkpoints (training_args.bin said the
             # run was trained without clipping: reviewer V's V7); set to 0 again when the next update begins.
@@ -289,6 +305,7 @@ class KeelCallback(TrainerCallback):
     # --- the update ---------------------------------------------------------------------------------
     def _optimizer_step(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         loss, backpropagated = self._loss.take(), self._backward_loss.take()
+        norm, self._norm_before_clip = self._norm_before_clip, None
         loss = loss if loss is not None else backpropagated
         if self._first_step:
             self._first_step = False
@@ -302,36 +319,70 @@ class KeelCallback(TrainerCallback):
         self._accelerated._opt_called = True
         try:
             with self._handoff.acting_for_keel():
-                decision = self._step_guard(loss)
+                decision = self._step_guard(loss, norm)
         except BaseException as exc:  # TrainingAborted (or the user's own optimizer error) ends Trainer.train()
             self._finish(exc)
             raise
         if decision.action == "rollback" and self._schedule is not None and self.guard is not None:
             self.guard.components.call("hf schedule", self._schedule.rolled_back, decision)
-            self.guard.components.call("hf schedule", self._keep_the_extension)
         if not self._ctc_told and self.guard is not None:
             self.guard.components.call("hf ctc", self._tell_impossible_alignment, decision)
         return None
 
-    def _keep_the_extension(self) -> None:
-        """Keep what rollbacks raised ``max_steps`` by in the TrainerState's ``stateful_callbacks`` (saved in every
-        checkpoint's ``trainer_state.json``), under ``"keel"``: a resumed ``train()`` recomputes ``max_steps`` from
-        its arguments and would stop short (reviewer V's V4). Not as an ``ExportableState``: the Trainer's restore of
-        those (``restore_callback_states_from_checkpoint``) replaces the user's callback by one built from JSON."""
-        assert self._schedule is not None
-        kept = getattr(self._schedule.run, "stateful_callbacks", None)
-        if isinstance(kept, dict) and self._schedule.extended_by:
-            kept[_CHECKPOINT_KEY] = {"extended_by": self._schedule.extended_by}
+    def _leave_clipping_to(self, trainer: Any, name: str) -> None:
+        """The Trainer's class overrides ``_clip_grad_norm``: it keeps clipping (keel setting ``max_grad_norm`` to 0
+        would bypass it), and keel takes the norm it returns, the norm before clipping, for its detectors."""
+        assert self.guard is not None
+        self._handoff.gate(trainer, "_clip_grad_norm", self._trainers_clipping)
+        if self.take_over_clipping:
+            say(
+                self.guard,
+                f"{name} overrides the Trainer's _clip_grad_norm: it keeps clipping (max_grad_norm="
+                f"{self._args.max_grad_norm}), keel does not clip in its place, and detects on the norm it returns "
+                "(before clipping)",
+            )
 
-    def _extend_as_the_checkpoint_did(self, state: Any) -> None:
+    def _trainers_clipping(self, original: Any, *args: Any, **kwargs: Any) -> Any:
+        """The Trainer's (overridden) ``_clip_grad_norm``: its return value is the update's norm before clipping (what
+        the Trainer logs as ``grad_norm``), when it is one real number."""
+        norm = original(*args, **kwargs)
+        try:
+            check_loss(norm, "grad_norm")
+        except ValueError:
+            norm = None  # keel then measures the gradients as the override left them
+        self._norm_before_clip = norm
+        return norm
+
+    def _keep_in_the_checkpoint(self) -> None:
+        """Keep what rollbacks raised ``max_steps`` by, and keel's history a resume needs (`keel.integrations._carried`:
+        the LR back-off and clip in force, the escalation's counts), in the TrainerState's ``stateful_callbacks``
+        under ``"keel"``, saved in every checkpoint's ``trainer_state.json``: a resumed ``train()`` recomputes
+        ``max_steps`` from its arguments and would stop short (reviewer V's V4), and its new Guard would train at the
+        full LR again. Nothing is kept while the run is as a fresh one. Not as an ``ExportableState``: the Trainer's
+        restore of those (``restore_callback_states_from_checkpoint``) replaces the user's callback by one built from
+        JSON."""
+        assert self._schedule is not None and self.guard is not None
+        kept = getattr(self._schedule.run, "stateful_callbacks", None)
+        if not isinstance(kept, dict):
+            return
+        history = kept_history(self.guard)
+        if self._schedule.extended_by or history != self._fresh_history:
+            kept[_CHECKPOINT_KEY] = {"extended_by": self._schedule.extended_by, "history": history}
+        else:
+            kept.pop(_CHECKPOINT_KEY, None)
+
+    def _carry_from_the_checkpoint(self, state: Any) -> None:
         """A ``train()`` resumed from a checkpoint: raise ``max_steps`` again by what the checkpoint's run had
-        extended it by (`_keep_the_extension`)."""
-        assert self._schedule is not None
+        extended it by, and put keel's history back (`_keep_in_the_checkpoint`), each said."""
+        assert self._schedule is not None and self.guard is not None
         kept = getattr(state, "stateful_callbacks", None)
         entry = kept.get(_CHECKPOINT_KEY) if isinstance(kept, dict) else None
         if isinstance(entry, dict):
             self._schedule.resumed(entry.get("extended_by", 0))
-            self._keep_the_extension()
+            if "history" in entry and not self.guard.resumed:
+                history, step = entry["history"], state.global_step
+                self.guard.components.call("hf resume", restore_history, self.guard, history, step)
+            self._keep_in_the_checkpoint()
 
     def _tell_impossible_alignment(self, decision: Decision) -> None:
         """Say once what an infinite CTC loss means (`_impossible_alignment`)."""
@@ -364,10 +415,11 @@ class KeelCallback(TrainerCallback):
         already stepped the scheduler to the next update's (the log showed each step's LR one step early)."""
         return list(self._update_lr) if self._update_lr is not None else original(*args, **kwargs)
 
-    def _step_guard(self, loss: Tensor) -> Decision:
-        """``Guard.step`` for this update; the TRL adapter adds the trainer's statistics and its rollback hook."""
+    def _step_guard(self, loss: Tensor, grad_norm: Tensor | float | None = None) -> Decision:
+        """``Guard.step`` for this update (``grad_norm``: what an overridden ``_clip_grad_norm`` returned); the TRL
+        adapter adds the trainer's statistics and its rollback hook."""
         assert self.guard is not None
-        return self.guard.step(loss)
+        return self.guard.step(loss, grad_norm=grad_norm)
 
     def _check_new_run(self) -> None:
         """Refuse a second ``train()`` into the run_dir of the first one, before anything is changed: each
@@ -489,6 +541,33 @@ def _close_interrupted(starting: KeelCallback) -> None:
             stacklevel=4,
         )
         callback._finish(RuntimeError("train() ended without on_train_end (an exception or an interrupt)"))
+
+
+def _trainer_calling(callback: KeelCallback) -> Any:
+    """The Trainer whose callback handler holds ``callback``, found on the call stack of the event being delivered
+    (the Trainer does not pass itself to its callbacks); None when the event came from elsewhere."""
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if any(c is callback for c in getattr(getattr(owner, "callback_handler", None), "callbacks", ())):
+                return owner
+            frame = frame.f_back
+        return None
+    finally:
+        del frame
+
+
+def _overrides_clipping(trainer: Any) -> str | None:
+    """The name of ``trainer``'s class when it overrides the Trainer's ``_clip_grad_norm`` (on the class or the
+    instance), else None (also for a transformers whose Trainer clips inline, without that method)."""
+    from transformers import Trainer
+
+    base = getattr(Trainer, "_clip_grad_norm", None)
+    own = getattr(trainer, "_clip_grad_norm", None)
+    if trainer is None or base is None or own is None or getattr(own, "__func__", own) is base:
+        return None
+    return type(trainer).__name__
 
 
 def _impossible_alignment(objects: dict[str, Any], decision: Decision) -> str | None:

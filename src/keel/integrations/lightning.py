@@ -17,7 +17,8 @@ How it fits Lightning's automatic optimization (Lightning ≥ 2.0):
 - **a rollback** restores the scheduler with the model while ``global_step`` goes on: keel raises ``max_steps`` by
   the updates undone, so the LR schedule reaches its end, and says so (``extend_after_rollback``,
   `keel.integrations._run_length`). The extension is kept in the callback's state in every checkpoint and applied
-  again by a ``fit(ckpt_path=...)`` from it.
+  again by a ``fit(ckpt_path=...)`` from it, with keel's actions in force (the LR back-off, the tightened clip) and
+  its escalation counts (`keel.integrations._carried`), said on the console.
 - **clipping**: with ``gradient_clip_val`` (norm algorithm) keel measures gradients before clipping and clips
   itself with the same value; under ``"observe"`` Lightning clips as usual (bit-identical training). A module that
   overrides ``configure_gradient_clipping`` (Lightning's hook: clip from some epoch on, per parameter group …)
@@ -45,6 +46,7 @@ from torch import Tensor
 
 from keel._core.errors import KeelWarning
 from keel.guard import Guard
+from keel.integrations._carried import kept_history, restore_history
 from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
@@ -105,6 +107,7 @@ class KeelCallback(Callback):
         self._trainer: Any = None
         self._metrics_before: dict[str, Any] = {}  # callback_metrics when validation started
         self._extended_before = 0  # what a checkpoint's run had extended max_steps by (`load_state_dict`)
+        self._history_before: dict[str, Any] | None = None  # and keel's history it kept (`keel.integrations._carried`)
 
     # --- Lightning's events -------------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -142,7 +145,10 @@ class KeelCallback(Callback):
         )
         if trainer.global_step and self._extended_before:  # ckpt_path: the checkpoint's run had been extended
             self.guard.components.call("lightning schedule", self._schedule.resumed, self._extended_before)
-        self._extended_before = 0
+        if trainer.global_step and self._history_before is not None and not self.guard.resumed:
+            history, step = self._history_before, trainer.global_step  # ckpt_path: keel's LR back-off, clip, ladder
+            self.guard.components.call("lightning resume", restore_history, self.guard, history, step)
+        self._extended_before, self._history_before = 0, None
         if self._scaler is not None:  # the plugin runs the closure, then scaler.step(optimizer), scaler.update()
             self._handoff.gate(self._scaler, "step", self._scaler_step)
             self._handoff.gate(self._scaler, "update", self._scaler_update)
@@ -201,15 +207,20 @@ class KeelCallback(Callback):
         self._finish(None)
 
     def state_dict(self) -> dict[str, Any]:
-        """What rollbacks raised ``max_steps`` by, kept in the trainer's checkpoints: a ``fit(ckpt_path=...)`` starts
-        from the trainer's own ``max_steps`` and would stop short of the schedule's end (reviewer V's V4)."""
-        extended = self._schedule.extended_by if self._schedule is not None else self._extended_before
-        return {"extended_by": extended}
+        """What rollbacks raised ``max_steps`` by, and keel's history a resume needs (the LR back-off and clip in
+        force, the escalation's counts: `keel.integrations._carried`), kept in the trainer's checkpoints: a
+        ``fit(ckpt_path=...)`` starts from the trainer's own ``max_steps`` and would stop short of the schedule's end
+        (reviewer V's V4), and its new Guard would train at the full LR again."""
+        if self._schedule is None or self.guard is None:
+            return {"extended_by": self._extended_before, "history": self._history_before}
+        history = self.guard.components.call("lightning checkpoint", kept_history, self.guard)
+        return {"extended_by": self._schedule.extended_by, "history": history}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restored from a checkpoint before training starts; applied again in ``on_train_start``."""
-        extended = state_dict.get("extended_by", 0)
+        extended, history = state_dict.get("extended_by", 0), state_dict.get("history")
         self._extended_before = extended if isinstance(extended, int) and extended > 0 else 0
+        self._history_before = history if isinstance(history, dict) else None
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._finish(exception)

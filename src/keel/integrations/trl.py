@@ -157,7 +157,7 @@ class KeelTRLCallback(KeelCallback):
         total, which the Trainer then logs summed)."""
         self._loss.add(loss, share=share)
 
-    def _step_guard(self, loss: Tensor) -> Decision:
+    def _step_guard(self, loss: Tensor, grad_norm: Tensor | float | None = None) -> Decision:
         guard = self.guard
         assert guard is not None
         signals: dict[str, float] = {}
@@ -173,7 +173,7 @@ class KeelTRLCallback(KeelCallback):
                 self._meta_written = True
         except Exception as exc:  # keel's bookkeeping never stops training: this step goes on without them
             guard.components.fail("trl", guard.global_step, exc, disable=False)
-        decision = guard.step(loss, signals=signals)
+        decision = guard.step(loss, grad_norm=grad_norm, signals=signals)
         if decision.action == "rollback" and "buffer_dropped_at" in self._meta:
             self.trainer._buffered_inputs = None  # its completions came from the weights just rolled back
             self._meta["buffer_dropped_at"].append(decision.step)

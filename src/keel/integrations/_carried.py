@@ -1,0 +1,101 @@
+"""keel's own settings that a trainer's checkpoint carries (the Hugging Face and Lightning callbacks).
+
+A rollback backs the learning rate off (``lr_backoff``), tightens the gradient clip (``tighten_clipping``) or cuts a
+router group's LR; the escalation ladder counts the rollbacks and skips. Both are the run's history
+(`keel.recover.TrainingState.history`), which keel's own ``resume=True`` restores from its snapshot. A resume from the
+*trainer's* checkpoint (``resume_from_checkpoint``, ``ckpt_path``) starts a new keel run whose history begins empty:
+after a rollback that cut the LR ×0.1 and clipped at 0.6, the resumed run trained at the full LR with the user's clip
+of 1.0 again, and nothing said (session 14's closing note). Each adapter keeps `kept_history` in the checkpoint beside
+the ``max_steps`` extension (`keel.integrations._run_length`) and gives it to `restore_history` when the resumed run
+starts; what is in force again is said on the ``keel`` logger, as the extension is.
+
+Carried (`CARRIED`): the actions in force (``actions``) and the escalation ladder (``escalation``): a resumed run backs
+off, clips and escalates as the uninterrupted one would. Not carried: the recovery's own counters (its snapshot
+schedule and first step belong to keel's snapshots, which the new run does not have) and the phases and evals so far
+(``evaluation``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from keel.guard import Guard
+from keel.guard.summary import plural
+from keel.integrations._run_length import say
+from keel.recover.actions import HISTORY_KEY as ACTIONS
+from keel.recover.state import plain_copy
+
+CARRIED = (ACTIONS, "escalation")
+
+
+def kept_history(guard: Guard) -> dict[str, Any]:
+    """The parts of ``guard``'s history a trainer's checkpoint carries, as plain (JSON-able) data."""
+    history = guard.state.history
+    return {key: plain_copy(history[key].state_dict()) for key in CARRIED if key in history}
+
+
+def restore_history(guard: Guard, kept: object, step: int) -> None:
+    """At a resume from the trainer's checkpoint, at step ``step``: load what `kept_history` kept into ``guard``'s
+    history and say what is in force again (nothing when the checkpoint's run had changed nothing). A part this run
+    has no place for (its policy takes no actions) is said to be left out.
+
+    Raises:
+        ValueError: ``kept`` is not what `kept_history` returns (a hand-edited checkpoint); the history is left as
+            it was.
+    """
+    if not isinstance(kept, dict):
+        raise ValueError(f"keel's entry in the checkpoint: history={kept!r}; allowed: a dict of {CARRIED}")
+    history = guard.state.history
+    for key in CARRIED:
+        if key in kept and key in history:
+            _load(history[key], kept[key])
+    said = _in_force(guard, step) + _left_out(guard, kept)
+    if said:
+        say(guard, f"resumed at step {step} from a checkpoint saved after keel's rollbacks: {'; '.join(said)}")
+
+
+def _load(part: Any, state: Any) -> None:
+    """``part.load_state_dict(state)``, all or nothing."""
+    before = part.state_dict()
+    try:
+        part.load_state_dict(plain_copy(state))
+    except Exception as exc:
+        part.load_state_dict(before)
+        raise ValueError(f"keel's entry in the checkpoint: {state!r} ({type(exc).__name__}: {exc})") from None
+
+
+def _in_force(guard: Guard, step: int) -> list[str]:
+    """What keel's actions change in this run from ``step`` on, in words (empty: nothing)."""
+    actions = guard.state.history.get(ACTIONS)
+    if actions is None:
+        return []
+    scales = guard.actuator.lr_scales(step)
+    said = []
+    if any(s != 1.0 for s in scales):
+        lr = f"{scales[0]:.3g}" if len(set(scales)) == 1 else f"[{', '.join(f'{s:.3g}' for s in scales)}] by group"
+        said.append(f"the LR × {lr}")
+    limit = getattr(actions, "max_grad_norm", None)
+    if limit is not None:
+        said.append(f"the gradient clipped at {limit:.3g}")
+    if not said:
+        return []
+    said = [f"keel's actions are in force again (kept in the checkpoint): {', '.join(said)}"]
+    rollbacks = len(getattr(guard.state.history.get("escalation"), "rollback_steps", ()))
+    if rollbacks:
+        said.append(f"the escalation counts {plural(rollbacks, 'earlier rollback', count=True)}")
+    return said
+
+
+def _left_out(guard: Guard, kept: dict[str, Any]) -> list[str]:
+    """The checkpoint's actions this run cannot apply (its policy has no recovery), in words."""
+    actions = kept.get(ACTIONS)
+    if ACTIONS in guard.state.history or not isinstance(actions, dict):
+        return []
+    changed = actions.get("lr_scale", 1.0) != 1.0 or actions.get("max_grad_norm") is not None
+    changed = changed or bool(actions.get("group_lr_scale"))
+    if not changed:
+        return []
+    return [
+        f"the checkpoint's run had backed off the LR or tightened the clip (keel's actions {actions}), which policy "
+        f"{guard.policy!r} does not apply: this run trains at the schedule's LR and the Trainer's clip"
+    ]

@@ -1,0 +1,131 @@
+"""A rollback backs keel's LR off and tightens its clip; a resume from the trainer's own checkpoint saved after it (the
+HF Trainer's ``resume_from_checkpoint``, Lightning's ``ckpt_path``, each with a new KeelCallback, the docs' route)
+started a new keel run with none of it: LR ×1 and the user's clip again, and nothing said (session 14's closing note:
+the run went back to full LR, ×10 what the uninterrupted run trained at). Both callbacks keep keel's actions and its
+escalation ladder in the checkpoint and put them back, said, when the resumed run starts."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import pytest
+import torch
+
+from keel import RecoveryConfig
+from keel._core import keys
+from keel._core.finding import Finding
+
+ROLLBACK_AT, SAVE_AT, STEPS = 5, 8, 10
+
+
+class TroubleAt:
+    """A detector finding a divergence and a gradient spike at one step: the rollback backs the LR off and tightens
+    the clip (``lr_backoff``, ``tighten_clipping``)."""
+
+    name = "trouble_at"
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def update(self, obs):
+        if obs.step != self.step:
+            return []
+        spike = Finding(step=obs.step, kind="grad_spike", severity="critical", signal=keys.GRAD_NORM, baseline=0.3)
+        return [Finding(step=obs.step, kind="divergence", severity="critical", signal=keys.LOSS), spike]
+
+    def state_dict(self):
+        return {}
+
+    def load_state_dict(self, state):
+        pass
+
+
+def _in_force(guard, step: int) -> tuple[list[float], float | None, list[int]]:
+    return guard.actuator.lr_scales(step), guard.state.history["actions"].max_grad_norm, guard.escalation.rollback_steps
+
+
+def _said(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if "keel's actions" in r.getMessage()]
+
+
+SAID = (
+    f"resumed at step {SAVE_AT} from a checkpoint saved after keel's rollbacks: keel's actions are in force again "
+    f"(kept in the checkpoint): the LR × 0.1, the gradient clipped at 0.6; the escalation counts 1 earlier rollback"
+)
+
+
+def test_hf_a_resume_after_a_rollback_trains_at_keels_lr_and_clip_as_the_uninterrupted_run(tmp_path, caplog):
+    pytest.importorskip("transformers")
+    from keel.integrations.hf import KeelCallback
+    from tests.integrations.test_hf import train
+    from tests.integrations.test_trainer_resume_extension import StopAt
+
+    def recover(**kwargs):
+        return KeelCallback(policy="recover", recovery=RecoveryConfig(snapshot_every=2, quiet_steps=1), **kwargs)
+
+    first = recover(detectors=[TroubleAt(ROLLBACK_AT)])
+    kw = {"steps": STEPS, "accumulate": 1}
+    train(tmp_path, [first, StopAt(SAVE_AT)], save_strategy="steps", save_steps=SAVE_AT, **kw)
+    assert _in_force(first.guard, SAVE_AT) == ([0.1, 0.1], 0.6, [ROLLBACK_AT])
+    checkpoint = tmp_path / "hf" / f"checkpoint-{SAVE_AT}"
+    kept = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["keel"]
+    assert kept["history"]["actions"]["lr_scale"] == 0.1
+
+    resumed = recover()
+    with caplog.at_level(logging.WARNING, logger="keel"):
+        trainer = train(tmp_path, [resumed], resume=str(checkpoint), **kw)
+    assert _in_force(resumed.guard, SAVE_AT) == ([0.1, 0.1], 0.6, [ROLLBACK_AT])  # before: [1.0, 1.0], 1.0's clip, []
+    assert _said(caplog) == [SAID]
+    uninterrupted = train(tmp_path / "whole", [recover(detectors=[TroubleAt(ROLLBACK_AT)])], **kw)
+    for a, b in zip(trainer.model.parameters(), uninterrupted.model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_hf_a_checkpoint_of_a_run_keel_changed_nothing_in_carries_no_keel_entry(tmp_path, caplog):
+    pytest.importorskip("transformers")
+    from keel.integrations.hf import KeelCallback
+    from tests.integrations.test_hf import train
+
+    train(tmp_path, [KeelCallback(policy="recover")], steps=2, accumulate=1, save_strategy="steps", save_steps=2)
+    state = json.loads((tmp_path / "hf" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert "keel" not in state["stateful_callbacks"]
+    with caplog.at_level(logging.WARNING, logger="keel"):
+        checkpoint = str(tmp_path / "hf" / "checkpoint-2")
+        train(tmp_path, [KeelCallback(policy="recover")], steps=3, accumulate=1, resume=checkpoint)
+    assert not [r for r in caplog.records if "resumed at step" in r.getMessage()]
+
+
+def test_lightning_a_resume_after_a_rollback_keeps_keels_lr_and_clip(tmp_path, caplog):
+    pytest.importorskip("lightning")
+    from keel.integrations.lightning import KeelCallback
+    from tests.integrations.test_lightning import fit
+    from tests.integrations.test_trainer_lightning_resume_extension import SaveAndStopAt
+
+    def recover(**kwargs):
+        return KeelCallback(policy="recover", recovery=RecoveryConfig(snapshot_every=1, quiet_steps=0), **kwargs)
+
+    first = recover(detectors=[TroubleAt(ROLLBACK_AT)])
+    fit([first, SaveAndStopAt(SAVE_AT, tmp_path / "at8.ckpt")], gradient_clip_val=1.0)
+    assert _in_force(first.guard, SAVE_AT) == ([0.1], 0.6, [ROLLBACK_AT])
+    resumed = recover()
+    with caplog.at_level(logging.WARNING, logger="keel"):
+        fit([resumed], ckpt_path=str(tmp_path / "at8.ckpt"), gradient_clip_val=1.0)
+    assert _in_force(resumed.guard, SAVE_AT) == ([0.1], 0.6, [ROLLBACK_AT])  # before: [1.0], 1.0's clip, []
+    assert _said(caplog) == [SAID]
+
+
+def test_lightning_a_resume_under_skip_says_the_checkpoints_actions_are_not_applied(tmp_path, caplog):
+    pytest.importorskip("lightning")
+    from keel.integrations.lightning import KeelCallback
+    from tests.integrations.test_lightning import fit
+    from tests.integrations.test_trainer_lightning_resume_extension import SaveAndStopAt
+
+    first = KeelCallback(
+        policy="recover", recovery=RecoveryConfig(snapshot_every=1, quiet_steps=0), detectors=[TroubleAt(ROLLBACK_AT)]
+    )
+    fit([first, SaveAndStopAt(SAVE_AT, tmp_path / "at8.ckpt")])
+    with caplog.at_level(logging.WARNING, logger="keel"):
+        fit([KeelCallback(policy="skip")], ckpt_path=str(tmp_path / "at8.ckpt"))
+    said = [r.getMessage() for r in caplog.records if "does not apply" in r.getMessage()]
+    assert len(said) == 1 and "policy 'skip'" in said[0] and "'lr_scale': 0.1" in said[0]
