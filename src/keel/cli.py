@@ -24,6 +24,8 @@ Errors: every verb answers with at most one line on stderr, never a traceback (`
   Exit status 1 is also a verb's own "found something" answer (``keel doctor --fail-on``, a failing
   ``keel bench detect`` scenario).
 - **Interrupted, exit status 130** (Ctrl-C), ``keel VERB: interrupted``.
+- A `KeelWarning` (a store written by a newer keel, a run that could not be read whole) is one line,
+  ``keel VERB: warning: MESSAGE``, not Python's two (keel's source file and line).
 - ``keel`` with no verb prints the help and exits 2; ``--help`` exits 0.
 """
 
@@ -34,8 +36,11 @@ import importlib
 import os
 import sqlite3
 import sys
+import warnings
+from collections.abc import Callable
+from typing import Any
 
-from keel._core.errors import KeelError, TrainingAborted
+from keel._core.errors import KeelError, KeelWarning, TrainingAborted
 from keel._core.printable import one_line
 
 # verb → (module, one-line help). A verb with sub-verbs (bench) dispatches inside its module.
@@ -100,7 +105,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb is None:
             parser.print_help()
             return 2
-        return int(importlib.import_module(args._module).main(args) or 0)
+        with warnings.catch_warnings():  # restores showwarning: main() also runs inside other programs and tests
+            if not _debug():
+                warnings.showwarning = _warning_line(prog, warnings.showwarning)
+            return int(importlib.import_module(args._module).main(args) or 0)
     except UsageError as exc:
         _say(str(exc))
         return 2
@@ -149,6 +157,19 @@ def describe(exc: BaseException) -> str:
         where = f"{exc.filename} → {exc.filename2}" if exc.filename2 is not None else f"{exc.filename}"
         return f"{where}: {exc.strerror}"
     return str(exc) or type(exc).__name__
+
+
+def _warning_line(prog: str, show: Callable[..., None]) -> Callable[..., None]:
+    """A `warnings.showwarning` that says a `KeelWarning` as ``PROG: warning: MESSAGE`` and hands others to
+    ``show``."""
+
+    def showwarning(message: Warning | str, category: type[Warning], *rest: Any, **kwargs: Any) -> None:
+        if issubclass(category, KeelWarning):
+            _say(f"{prog}: warning: {message}")
+        else:
+            show(message, category, *rest, **kwargs)
+
+    return showwarning
 
 
 def _say(message: str) -> None:

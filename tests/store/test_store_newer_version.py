@@ -76,3 +76,20 @@ def test_resuming_a_newer_store_is_refused_and_does_not_restamp_it(tmp_path):
         with pytest.raises(StoreError, match="written by a newer keel"):
             keel.Guard(model, optimizer, run_dir=str(tmp_path / "run"), policy="recover", resume=True)
     assert _version(tmp_path / "run") == NEWER
+
+
+def test_the_cli_says_the_newer_store_warning_as_one_line(tmp_path):
+    # Reviewer W (session 15): `keel doctor` / `report` / `export` on such a store printed Python's two-line warning
+    # ("/…/keel/doctor/store_log.py:64: KeelWarning: …" and the source line `with RunReader(file) as run:`).
+    import subprocess
+    import sys
+
+    _newer_store(tmp_path / "run")
+    proc = subprocess.run(
+        [sys.executable, "-m", "keel.cli", "doctor", str(tmp_path / "run")], capture_output=True, text=True
+    )
+    assert proc.returncode == 0
+    assert proc.stderr.splitlines() == [
+        f"keel doctor: warning: {tmp_path / 'run' / 'run.sqlite'}: written by a newer keel (store version {NEWER}; "
+        f"this keel writes version {SCHEMA_VERSION}): read as far as this keel knows its tables"
+    ]
