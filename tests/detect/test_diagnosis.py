@@ -111,3 +111,9 @@ def test_the_non_finite_advice_rolls_back_non_finite_weights_rather_than_only_sk
 
     first = cause_for("non_finite").advice_for("critical")[0].action
     assert "roll back" in first and "weights" in first and "policy='recover'" in first
+
+
+def test_a_lead_time_of_one_step_is_said_in_the_singular():
+    for degraded, said in ((9, "1 step later"), (7, "1 step earlier")):
+        (d,) = diagnose([f(8, "attention_logit_growth")], losses=[3.0] * degraded + [9.0] * 40)
+        assert d.when() == f"first seen at step 8; the loss degraded at step {degraded}, {said}"

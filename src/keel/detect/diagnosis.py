@@ -84,8 +84,9 @@ class Diagnosis:
         if self.critical_step is not None and self.critical_step != self.first_step:
             when += f", critical at step {self.critical_step}"
         if self.lead_steps is not None and self.degraded_step is not None:
-            when += f"; the loss degraded at step {self.degraded_step}, " + (
-                f"{self.lead_steps} steps later" if self.lead_steps >= 0 else f"{-self.lead_steps} steps earlier"
+            lead = abs(self.lead_steps)
+            when += f"; the loss degraded at step {self.degraded_step}, {lead} step{'' if lead == 1 else 's'} " + (
+                "later" if self.lead_steps >= 0 else "earlier"
             )
         return when
 

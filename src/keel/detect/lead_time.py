@@ -3,8 +3,9 @@
 "Degraded" is judged after the fact, on the whole loss curve:
 
 - the first non-finite loss; or
-- the first single-step spike: a loss ``spike`` above the median of the ``window // 2`` steps before it
-  (a poisoned batch, an LR jump: the damage is one step, which smoothing would hide) — with a reference
+- the first single-step spike: a loss ``spike`` above the median of the ``window // 2`` steps before it, and
+  ``SPIKE_Z`` robust standard deviations of those steps above it (a poisoned batch, an LR jump: the damage is one
+  step, which smoothing would hide; a noisy loss's one-batch outlier is not one) — with a reference
   run, only where the loss is also ``rel`` above the reference's at that step (a hard batch both runs see
   is the data, not a degradation); or
 - with a reference run (the same recipe with the fix applied, same data order), the first step from
@@ -33,6 +34,8 @@ from numpy.lib.stride_tricks import sliding_window_view
 
 CHUNK = 65536  # rows of a sliding-window view reduced at once: bounded memory for million-step runs
 HOLD = 3  # steps in a row a degradation's first step must be worse for, without a reference run
+SPIKE_Z = 6.0  # a one-step spike also rises this many robust standard deviations of the steps before it
+MAD_TO_SIGMA = 1.4826  # a normal distribution's standard deviation per median absolute deviation
 
 
 def running_median(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
@@ -110,6 +113,13 @@ def degradation_step(
     if n > back:
         before = _windowed(x, back, n - back, np.median)  # before[i] = median(x[i : i + back]), for t = i + back
         spikes[back:] = x[back:] >= (1 + spike) * before
+        # and far outside the noise of those steps: a noisy loss's one-batch outliers are no spike (the few
+        # candidates only: a million steps' spread would cost more than the rest of this function)
+        at = np.flatnonzero(spikes[back:])
+        if at.size:
+            rows = sliding_window_view(x, back)[at]  # the `back` steps before each candidate
+            spread = np.median(np.abs(rows - before[at, None]), axis=1)
+            spikes[back + at] = x[back + at] - before[at] >= SPIKE_Z * MAD_TO_SIGMA * spread
         if raw_ref is not None:  # a hard batch the reference run also found hard is the data
             spikes &= ~(x < (1 + rel) * raw_ref)
     spikes[:start] = False
