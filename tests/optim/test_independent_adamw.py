@@ -148,3 +148,14 @@ def test_a_torch_adamw_state_loads_and_keeps_this_optimizers_lambda_and_peak() -
     b(torch.randn(8, 4)).square().mean().backward()
     mine.step()  # the moments are AdamW's: continued, not restarted
     assert int(mine.state[b.weight]["step"]) == 2
+
+
+def test_a_deepcopied_optimizer_still_warns_once_about_an_lr_above_its_peak() -> None:
+    """The once-only flags were instance attributes that ``Optimizer.__getstate__`` drops: the copy raised
+    AttributeError '_warned_above_peak' at the first step whose LR was above the peak."""
+    p = torch.nn.Parameter(torch.ones(3))
+    copied = copy.deepcopy(IndependentAdamW([p], lr=1e-3, weight_decay=1e-4))
+    copied.param_groups[0]["lr"] = 1e-2
+    copied.param_groups[0]["params"][0].grad = torch.ones(3)
+    with pytest.warns(KeelWarning, match="above the group's peak"):
+        copied.step()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import pickle
 
 import pytest
 import torch
@@ -129,3 +130,43 @@ def test_a_step_inside_a_compiled_function_updates_as_in_eager_mode(name: str) -
     if name in ("spam", "stable_spam"):
         assert backend.compiled == 0
         assert all(torch.equal(a, b) for a, b in zip(model.parameters(), compiled_model.parameters(), strict=True))
+
+
+def _train(model, opt, x, y, steps: int) -> None:
+    for _ in range(steps):
+        opt.zero_grad()
+        (model(x) - y).square().mean().backward()
+        opt.step()
+
+
+@pytest.mark.parametrize("copier", ["deepcopy", "pickle"])
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_a_copied_or_unpickled_optimizer_continues_as_the_original(name: str, copier: str) -> None:
+    """``Optimizer.__getstate__`` keeps defaults, state and groups only: a copy of SPAM/StableSPAM had no scratch
+    buffers and one of OrthoGrad no base optimizer (AttributeError at the first step)."""
+    model, x, y = _problem()
+    opt = create_optimizer(name, model.parameters(), **SETTINGS[name])
+    _train(model, opt, x, y, 3)
+    copy_model, copy_opt = (
+        copy.deepcopy((model, opt)) if copier == "deepcopy" else pickle.loads(pickle.dumps((model, opt)))
+    )
+    _train(model, opt, x, y, 4)
+    _train(copy_model, copy_opt, x, y, 4)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), copy_model.parameters(), strict=True))
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_the_state_dict_of_torch_adamw_loads_and_its_moments_carry_on(name: str) -> None:
+    """Switching a run from torch's AdamW: SPAM/StableSPAM raised KeyError ('threshold', 'norm_step') at the first
+    step, the groups and states lacking their own settings and statistics."""
+    model, x, y = _problem()
+    adamw = torch.optim.AdamW(model.parameters(), lr=SETTINGS[name]["lr"])
+    _train(model, adamw, x, y, 5)
+    opt = create_optimizer(name, model.parameters(), **SETTINGS[name])
+    opt.load_state_dict(adamw.state_dict())
+    moments = [adamw.state[p]["exp_avg"].clone() for p in model.parameters()]
+    _train(model, opt, x, y, 3)
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    for p, before in zip(model.parameters(), moments, strict=True):
+        assert opt.state[p]["exp_avg"].shape == before.shape and not torch.equal(opt.state[p]["exp_avg"], before)
+        assert int(opt.state[p]["step"]) == 8  # AdamW's 5, then 3 more: the count came along

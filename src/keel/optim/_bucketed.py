@@ -44,3 +44,15 @@ class BucketedOptimizer(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         super().load_state_dict(state_dict)
         restore_state_dtypes(self, state_dict)
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Unpickling, ``copy.deepcopy`` and ``load_state_dict`` come through here (torch's idiom). The scratch
+        buffers, which ``Optimizer.__getstate__`` leaves out, start empty (before: AttributeError '_scratch' at the
+        copy's first step); a group saved without one of this optimizer's settings (``torch.optim.AdamW``'s state
+        dict has no ``threshold``) takes the default (before: KeyError at the next step)."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in self.defaults.items():
+                group.setdefault(key, value)
+        if "_scratch" not in self.__dict__:  # load_state_dict keeps its buffers
+            self._scratch = Scratch()

@@ -71,6 +71,11 @@ class IndependentAdamW(torch.optim.AdamW):
         decoupled form it modifies.
     """
 
+    # Each warning once per optimizer. Class-level defaults, so that a deepcopied or unpickled optimizer, which
+    # ``Optimizer.__getstate__`` rebuilds from defaults, state and groups only, still has them.
+    _warned_large_decay = False
+    _warned_above_peak = False
+
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
@@ -84,7 +89,6 @@ class IndependentAdamW(torch.optim.AdamW):
         check_betas("IndependentAdamW", betas)
         check_range("IndependentAdamW", "eps", eps, 0.0, math.inf, high_open=True)
         check_range("IndependentAdamW", "weight_decay", weight_decay, 0.0, math.inf, high_open=True)
-        self._warned_large_decay = self._warned_above_peak = False
         super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=0.0, **kwargs)
         self.defaults["independent_weight_decay"] = weight_decay
         for group in self.param_groups:

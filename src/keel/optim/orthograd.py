@@ -178,6 +178,16 @@ class OrthoGrad(Optimizer):
         self.optimizer.load_state_dict(state_dict)
         self._share()
 
+    def __getstate__(self) -> dict[str, Any]:
+        """The base optimizer and eps too (``Optimizer.__getstate__`` keeps defaults, state and groups only, so a
+        deepcopied or unpickled wrapper had no ``optimizer``: AttributeError at its first step)."""
+        return {**super().__getstate__(), "optimizer": self.optimizer, "eps": self.eps, "_initializing": False}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "optimizer" in state:  # unpickled or copied, not load_state_dict (which shares again itself)
+            self._share()
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group to the base optimizer (with its defaults and checks); the wrapper sees it too."""
         if self._initializing:  # Optimizer.__init__ re-adding the base's existing groups

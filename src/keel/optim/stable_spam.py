@@ -25,6 +25,7 @@ from keel.optim._registry import optimizers
 from keel.optim._stable_spam_kernels import StableSpamPlan, foreach_update, tensor_major_update
 
 _STATS = ("clip_ema", "norm_ema", "norm_rms_ema")
+_STATE_KEYS = ("step", "norm_step", "exp_avg", "exp_avg_sq", *_STATS)
 
 
 def momentum_decay_scale(step: int, *, decay_steps: int | None, decay_min: float) -> float:
@@ -159,19 +160,27 @@ class StableSPAM(BucketedOptimizer):
         super().__init__(params, defaults)
 
     def _init_state(self, p: Tensor) -> dict[str, Any]:
+        """``p``'s state, with every missing entry started: all of them at the first step; Stable-SPAM's own ones
+        (t, AdaClip's and AdaGN's statistics) when Adam's came from ``torch.optim.AdamW``'s state dict (before:
+        KeyError 'norm_step'), whose moments and count are kept."""
         state = self.state[p]
-        if not state:
-            state["step"] = torch.tensor(0.0)  # Adam's bias-correction count k (reset by MoRet)
-            state["norm_step"] = torch.tensor(0.0)  # t, never reset
-            dtype = moment_dtype(p.dtype)
-            state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
-            for key in _STATS:
-                state[key] = torch.zeros((), dtype=torch.float32, device=p.device)
-        else:
+        if "norm_sq_ema" in state:  # a state saved by an older keel held v_n itself, which overflows float32
+            state["norm_rms_ema"] = state.pop("norm_sq_ema").clamp_min(0.0).sqrt()
+        if all(key in state for key in _STATE_KEYS):  # every step but the first: nothing to start
             upcast_moments(p, state)
-            if "norm_sq_ema" in state:  # a state saved by an older keel held v_n itself, which overflows float32
-                state["norm_rms_ema"] = state.pop("norm_sq_ema").clamp_min(0.0).sqrt()
+            return state
+        dtype = moment_dtype(p.dtype)
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)  # Adam's bias-correction count k (reset by MoRet)
+        if "norm_step" not in state:
+            state["norm_step"] = torch.tensor(0.0)  # t, never reset
+        for key in ("exp_avg", "exp_avg_sq"):
+            if key not in state:
+                state[key] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+        for key in _STATS:
+            if key not in state:
+                state[key] = torch.zeros((), dtype=torch.float32, device=p.device)
+        upcast_moments(p, state)
         return state
 
     def _update(self, params: list[Tensor], group: dict[str, Any]) -> None:
