@@ -126,3 +126,30 @@ def test_the_real_demo_report_renders(tmp_path, monkeypatch):
     page = write_report([tmp_path / "demo"], tmp_path / "report.html")
     _check(page, tmp_path)
     screenshot(page, ARTIFACTS / "report-demo.png", tmp_path / "profile-shot")
+
+
+def _y_ticks(dom: str, title: str) -> list[float]:
+    """The y-axis tick labels of the chart titled ``title``, as numbers."""
+    import re
+
+    chunk = next(c for c in dom.split('<div class="chart ') if f">{title}<" in c)
+    labels = re.findall(r'class="ytick"><text [^>]*data-unformatted="([^"]*)"', chunk)
+    numbers = []
+    for label in labels:  # "0.5", "\u22120.5", or exponentformat "power": "1.5×10&lt;sup&gt;-4&lt;/sup&gt;", "10&lt;sup&gt;…"
+        label = label.replace("\u2212", "-").replace("&lt;", "<").replace("&gt;", ">")
+        power = re.fullmatch(r"(?:(.*)×)?10<sup>(.*)</sup>", label)
+        numbers.append(float(power.group(1) or 1) * 10 ** float(power.group(2)) if power else float(label))
+    return numbers
+
+
+def test_a_constant_learning_rate_is_drawn_at_its_value(tmp_path):
+    # Reviewer W (session 15): a run without an LR schedule (lr 3e-4 at every step) drew its LR chart from -0.5 to 1,
+    # the line on the tick labelled 0: plotly's autorange of a constant series is the value +- 1.
+    from keel.store import RunWriter
+
+    with RunWriter(tmp_path / "run") as writer:
+        for step in range(50):
+            writer.add_signals(step, {"loss": 3.0 - step / 100, "lr": 3e-4})
+    page = write_report([tmp_path / "run"], tmp_path / "r.html")
+    ticks = _y_ticks(_check(page, tmp_path)["dom"], "learning rate (lr)")
+    assert ticks and min(ticks) > 0 and min(ticks) <= 3e-4 <= max(ticks) and max(ticks) < 1e-3, ticks

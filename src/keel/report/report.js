@@ -191,9 +191,27 @@
     return {points: t.x.length, first: t.x[0], last: t.x[t.x.length - 1], max: Math.max.apply(null, ys)};
   }
 
+  // A series with one value everywhere (an LR without a schedule): plotly's autorange is the value +- 1, which
+  // drew lr 3e-4 on the tick labelled 0 of a -0.5 … 1 axis. Such a chart's y range is the value +- half of it
+  // instead (a double-click resets to it: it is the layout's own range).
+  function constantSpan(chart) {
+    var lo = Infinity, hi = -Infinity;
+    data.runs.forEach(function (run, r) {
+      chart.keys.concat(chart.layers).forEach(function (key) {
+        var s = get(r, key);
+        if (!s) return;
+        for (var i = 0; i < s.y.length; i++) {
+          if (isFinite(s.y[i])) { lo = Math.min(lo, s.y[i]); hi = Math.max(hi, s.y[i]); }
+        }
+      });
+    });
+    return lo === hi && lo !== 0 ? [lo - Math.abs(lo) / 2, hi + Math.abs(hi) / 2] : null;
+  }
+
   var pending = data.charts.map(function (chart) {
     var div = document.getElementById(chart.id);
     var marks = markTraces(chart);
+    var span = chart.log_y ? null : constantSpan(chart);
     var layout = {title: {text: esc(chart.title), x: 0.01, font: {size: 14}}, height: 320,
                   margin: {l: 64, r: 20, t: 36, b: 64}, hovermode: "closest", shapes: marks.shapes,
                   xaxis: {zeroline: false, range: data.xrange.slice(),
@@ -202,6 +220,7 @@
                   legend: {orientation: "h", x: 0, y: -0.2, yanchor: "top", font: {size: 10}},
                   paper_bgcolor: "#fff",
                   plot_bgcolor: "#fafafa"};
+    if (span) layout.yaxis.range = span;
     return Plotly.newPlot(div, lineTraces(chart).concat(marks.traces), layout,
                           {displaylogo: false, responsive: true}).then(function () {
       divs.push(div);
