@@ -135,7 +135,7 @@ def _y_ticks(dom: str, title: str) -> list[float]:
     chunk = next(c for c in dom.split('<div class="chart ') if f">{title}<" in c)
     labels = re.findall(r'class="ytick"><text [^>]*data-unformatted="([^"]*)"', chunk)
     numbers = []
-    for label in labels:  # "0.5", "\u22120.5", or exponentformat "power": "1.5×10&lt;sup&gt;-4&lt;/sup&gt;", "10&lt;sup&gt;…"
+    for label in labels:  # "0.5", "\u22120.5", or exponentformat "power": "1.5×10&lt;sup&gt;-4&lt;/sup&gt;"
         label = label.replace("\u2212", "-").replace("&lt;", "<").replace("&gt;", ">")
         power = re.fullmatch(r"(?:(.*)×)?10<sup>(.*)</sup>", label)
         numbers.append(float(power.group(1) or 1) * 10 ** float(power.group(2)) if power else float(label))
