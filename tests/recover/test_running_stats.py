@@ -104,8 +104,8 @@ def test_statistics_are_found_in_every_layer_that_tracks_them_and_only_there() -
     )
     stats = RunningStats.of(model)
     assert stats is not None
-    assert [(id(m), n) for m, n in stats.owners] == [
-        (id(model[i]), n) for i in (0, 2) for n in ("running_mean", "running_var", "num_batches_tracked")
+    assert [(id(b), n) for b, n in stats.owners] == [
+        (id(model[i]._buffers), n) for i in (0, 2) for n in ("running_mean", "running_var", "num_batches_tracked")
     ]
     assert RunningStats.of(nn.Sequential(nn.Linear(3, 3), nn.LayerNorm(3))) is None
 
@@ -120,7 +120,7 @@ def test_buffers_replaced_after_the_guard_was_built_are_followed_not_overwritten
     held = model[0].running_mean.clone()
     model(torch.randn(4, 3) + 5)
     assert stats.restore() and torch.equal(model[0].running_mean, held)
-    model.double()  # new tensors of another dtype: the held float32 copies no longer fit them
+    model.double()  # new tensors (of another dtype): the copies held are of the old ones
     assert stats.restore() is False
     stats.save()
     model(torch.randn(4, 3, dtype=torch.float64))
