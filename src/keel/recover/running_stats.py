@@ -7,9 +7,10 @@ statistics the training loss goes on looking healthy while every eval-mode forwa
 under ``policy="skip"``: one NaN image, one skip, eval loss NaN to the end of the run). So under ``skip`` and
 ``recover`` keel copies these buffers after each applied update and puts them back when an update is not applied
 — keel's skip, or a GradScaler's overflow skip — so that a skipped step leaves the model as it found it. A rollback
-restores them with the snapshot. Cost: one fused copy of the statistics per update (ResNet-50: 53 layers, 45k values, ~0.1 ms of CPU);
-none for a model without such layers. ``observe`` never touches them. Under ``Guard(sync="deferred")`` the skip is
-decided on the device and the statistics are not restored (the host learns of the skip one step late).
+restores them with the snapshot. Cost: one fused copy of the statistics per update (ResNet-50's 53 layers, 45k
+values: ~0.1 ms of CPU); none for a model without such layers. ``observe`` never touches them. Under
+``Guard(sync="deferred")`` the skip is decided on the device and the statistics are not restored (the host learns
+of the skip one step late).
 """
 
 from __future__ import annotations
