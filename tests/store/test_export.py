@@ -266,3 +266,32 @@ def test_csv_export_defuses_spreadsheet_formulas_from_store_text(tmp_path):
         [found] = list(csv.DictReader(f))
     assert found["cause"] == "'=cmd|' /C calc'!A0" and found["advice"] == "'@SUM(A1)"
     assert found["value"] == "-1.5", "numbers stay numbers"
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "tensorboard"])
+def test_an_export_that_cannot_be_written_whole_leaves_the_last_one_and_names_the_folder(tmp_path, fmt):
+    # Reviewer W (session 15): on a full disk `keel export RUN --format jsonl` left a truncated signals.jsonl over the
+    # last export and said only "[Errno 28] No space left on device". The file-size limit below makes the OS refuse
+    # the write past 64 kB (EFBIG), as a full disk refuses it (ENOSPC).
+    from keel.store import RunWriter
+
+    run = tmp_path / "run"
+    with RunWriter(run) as writer:
+        for step in range(4000):
+            writer.add_signals(step, {"loss": 2.0 + step * 1e-3, "grad/norm": 1.0 + step * 1e-4})
+    out = tmp_path / "exported"
+    export_run(run, fmt, out)
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    limit = (
+        "import resource, signal, sys; signal.signal(signal.SIGXFSZ, signal.SIG_IGN); "
+        "resource.setrlimit(resource.RLIMIT_FSIZE, (65536, 65536)); "
+        "from keel.cli import main; sys.exit(main(sys.argv[1:]))"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", limit, "export", str(run), "--format", fmt, "--out", str(out)],
+        capture_output=True,
+        text=True,
+    )
+    assert proc.returncode == 2 and proc.stderr.startswith(f"keel export: error: {out}: File too large"), proc.stderr
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "run"]  # no partial folder left

@@ -11,6 +11,9 @@ its step, the findings and decisions, and the run's metadata.
 from __future__ import annotations
 
 import importlib
+import os
+import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -65,7 +68,37 @@ def export_run(
     table = RunTable.read(run, keys)
     run_dir = store_folder(run)
     target = Path(out) if out is not None else run_dir / "export" / fmt
-    return importlib.import_module(f"keel.store.exporters.{fmt}").export(table, target, **options)
+    exporter = importlib.import_module(f"keel.store.exporters.{fmt}").export
+    if fmt not in FILE_FORMATS:  # a W&B or MLflow run: their libraries own the files
+        return exporter(table, target, **options)
+    return _whole(target, lambda into: exporter(table, into, **options))
+
+
+FILE_FORMATS = ("csv", "jsonl", "tensorboard")  # the exporters that write plain files into ``out``
+
+
+def _whole(target: Path, write: Callable[[Path], list[Path]]) -> list[Path]:
+    """Run ``write`` into a folder beside ``target``, then move what it wrote into ``target``: all of it or nothing.
+
+    On a full disk a truncated signals file had replaced the last export, and the error named no file.
+
+    Raises:
+        OSError: The export could not be written, naming ``target``; ``target`` is as it was and the partial
+            folder is removed.
+    """
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.parent / f".{target.name}.{os.getpid()}.partial"
+    shutil.rmtree(partial, ignore_errors=True)  # one a killed export of this process id left
+    try:
+        written = write(partial)
+        target.mkdir(parents=True, exist_ok=True)
+        for path in written:
+            os.replace(path, target / path.name)
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror, str(target)) from exc
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return [target / path.name for path in written]
 
 
 __all__ = ["EXPORTERS", "RunTable", "export_run", "list_exporters"]

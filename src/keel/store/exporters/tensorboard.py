@@ -5,7 +5,10 @@ TensorFlow and not torch: events are written with TensorBoard's own protobufs.
 
 from __future__ import annotations
 
+import itertools
 import json
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -15,40 +18,56 @@ FINDINGS_TAG, DECISIONS_TAG, META_TAG = "keel/findings", "keel/decisions", "keel
 
 
 def export(table: RunTable, out: Path) -> list[Path]:
-    """Write one event file into ``out`` (created); returns its path."""
+    """Write one event file into ``out`` (created); returns its path.
+
+    Written in this thread, record by record (TensorBoard's framing, `RecordWriter`): TensorBoard's own
+    `EventFileWriter` writes from a thread of its own, whose failure (a full disk) printed a traceback besides the
+    error raised here.
+    """
     try:
-        from tensorboard.compat.proto.event_pb2 import Event
+        from tensorboard.compat.proto.event_pb2 import Event, SourceMetadata
         from tensorboard.compat.proto.summary_pb2 import Summary
-        from tensorboard.summary.writer.event_file_writer import EventFileWriter
+        from tensorboard.summary.writer.record_writer import RecordWriter
     except ImportError as exc:
         raise ImportError(
             "keel export --format tensorboard needs tensorboard: pip install 'keel[tensorboard]'"
         ) from exc
     out.mkdir(parents=True, exist_ok=True)
-    before = set(out.glob("events.out.tfevents.*"))
-    writer = EventFileWriter(str(out))
     wall = time.time()
-    writer.add_event(
-        Event(
-            wall_time=wall,
-            step=0,
-            summary=Summary(value=[_text(META_TAG, json.dumps(table.meta, indent=1, default=str))]),
-        )
-    )
-    for step, values in table.rows:
-        writer.add_event(
+    path = _new_event_file(out, wall)
+    with path.open("xb") as handle:
+        writer = RecordWriter(handle)
+
+        def add(event: Event) -> None:
+            writer.write(event.SerializeToString())
+
+        add(Event(wall_time=wall, file_version="brain.Event:2", source_metadata=SourceMetadata(writer="keel")))
+        add(
             Event(
                 wall_time=wall,
-                step=step,
-                summary=Summary(value=[Summary.Value(tag=key, simple_value=value) for key, value in values.items()]),
+                step=0,
+                summary=Summary(value=[_text(META_TAG, json.dumps(table.meta, indent=1, default=str))]),
             )
         )
-    for tag, records in ((FINDINGS_TAG, table.finding_records()), (DECISIONS_TAG, table.decision_records())):
-        for step in sorted({r["step"] for r in records}):
-            text = json.dumps([r for r in records if r["step"] == step], indent=1)
-            writer.add_event(Event(wall_time=wall, step=step, summary=Summary(value=[_text(tag, text)])))
-    writer.close()
-    return sorted(set(out.glob("events.out.tfevents.*")) - before)
+        for step, values in table.rows:
+            add(
+                Event(
+                    wall_time=wall,
+                    step=step,
+                    summary=Summary(value=[Summary.Value(tag=k, simple_value=v) for k, v in values.items()]),
+                )
+            )
+        for tag, records in ((FINDINGS_TAG, table.finding_records()), (DECISIONS_TAG, table.decision_records())):
+            for step in sorted({r["step"] for r in records}):
+                text = json.dumps([r for r in records if r["step"] == step], indent=1)
+                add(Event(wall_time=wall, step=step, summary=Summary(value=[_text(tag, text)])))
+    return [path]
+
+
+def _new_event_file(out: Path, wall: float) -> Path:
+    """A name TensorBoard reads as an event file (``events.out.tfevents.TIME.HOST.PID.N``) not yet in ``out``."""
+    stem = f"events.out.tfevents.{int(wall):010d}.{socket.gethostname()}.{os.getpid()}"
+    return next(out / f"{stem}.{n}" for n in itertools.count() if not (out / f"{stem}.{n}").exists())
 
 
 def _text(tag: str, text: str):  # type: ignore[no-untyped-def]
