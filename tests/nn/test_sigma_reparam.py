@@ -191,7 +191,7 @@ def test_meta_weights_still_convert() -> None:
 def test_a_zero_size_layer_is_refused_at_construction_naming_its_sizes(in_features: int, out_features: int) -> None:
     # an empty matrix has no spectral norm: its SVD raised IndexError from inside (reviewer V13)
     sizes = rf"SigmaReparamLinear\(in_features={in_features}, out_features={out_features}\)"
-    with pytest.raises(ValueError, match=rf"{sizes}; allowed: both >= 1"):
+    with pytest.raises(ValueError, match=rf"{sizes}; allowed: two ints >= 1"):
         SigmaReparamLinear(in_features, out_features)
     with pytest.raises(ValueError, match=r"a dimension of size 0; allowed: .*no dimension of size 0"):
         SigmaReparamLinear.from_linear(nn.Linear(in_features, out_features))

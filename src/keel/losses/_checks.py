@@ -15,10 +15,19 @@ from torch import Tensor
 AGGREGATIONS = ("token", "sequence")
 
 
+def is_int(value: object) -> bool:
+    """An int, not a bool (``True`` is an int to Python; as a size or a count it is a mistake)."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """A finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def check_number(name: str, value: object, *, low: float, high: float = math.inf, low_open: bool = False) -> float:
     """Return ``value`` as a float, or raise ValueError unless it is a finite number in the interval."""
-    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-    ok = ok and (value > low if low_open else value >= low) and value <= high  # type: ignore[operator]
+    ok = is_number(value) and (value > low if low_open else value >= low) and value <= high  # type: ignore[operator]
     if not ok:
         left = "(" if low_open else "["
         right = "]" if math.isfinite(high) else ")"

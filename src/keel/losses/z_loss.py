@@ -6,11 +6,11 @@ instabilities" (Wortsman et al. 2023, arXiv 2309.14322), where it removes output
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx, once_differentiable
+
+from keel.losses._checks import is_number
 
 DEFAULT_COEFFICIENT = 1e-4
 
@@ -147,5 +147,5 @@ def z_loss(logits: Tensor, *, coefficient: float = DEFAULT_COEFFICIENT, mask: Te
 
 def check_coefficient(coefficient: object, name: str = "coefficient") -> None:
     """Raise ValueError naming ``name`` unless ``coefficient`` is a finite number >= 0 (the z-loss weight)."""
-    if not (isinstance(coefficient, (int, float)) and math.isfinite(coefficient) and coefficient >= 0):
+    if not (is_number(coefficient) and coefficient >= 0):  # type: ignore[operator]
         raise ValueError(f"{name}={coefficient!r}; allowed: a finite number >= 0")

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from keel.losses._checks import check_number
 from keel.losses._router_layout import split_router_output
 
 SCHEDULES = ("exp", "linear")
@@ -39,6 +40,32 @@ TAU_MIN = 0.5
 # GUMBEL_THRESHOLD: 0.001 at the commit the seed catalog read (d1e49d2); 0.02 in another stored version (09f0d09).
 THRESHOLD = 0.001
 UPDATE_BUFFER = "dense_to_sparse_update"  # the update count, a buffer on each gated router
+
+
+def check_schedule_options(
+    owner: str,
+    *,
+    hard_step: object,
+    decay_steps: object,
+    tau_max: object,
+    tau_min: object,
+    schedule: object,
+    threshold: object,
+) -> None:
+    """Raise one ValueError naming ``owner.<option>``, its value and what is allowed, for the gate's schedule options
+    (``decay_steps=None`` is let through: the stabilizer derives it from ``hard_step``)."""
+    for name, value, low in (("hard_step", hard_step, 0), ("decay_steps", decay_steps, 1)):
+        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+        if not ok and (value is not None or name == "hard_step"):
+            required = " (required: the official default -1 turns the gate hard at update 0)"
+            raise ValueError(
+                f"{owner}.{name}={value!r}; allowed: an int >= {low}{required if name == 'hard_step' else ''}"
+            )
+    tau_min = check_number(f"{owner}.tau_min", tau_min, low=0.0, low_open=True)
+    check_number(f"{owner}.tau_max", tau_max, low=tau_min)
+    check_number(f"{owner}.threshold", threshold, low=0.0, high=1.0)
+    if schedule not in SCHEDULES:
+        raise ValueError(f"{owner}.schedule={schedule!r}; allowed: {', '.join(SCHEDULES)}")
 
 
 class DenseToSparseSchedule:
@@ -75,6 +102,19 @@ class DenseToSparseSchedule:
         threshold: float = THRESHOLD,
         update: int = -1,
     ) -> None:
+        check_schedule_options(
+            "DenseToSparseSchedule",
+            hard_step=hard_step,
+            decay_steps=decay_steps,
+            tau_max=tau_max,
+            tau_min=tau_min,
+            schedule=schedule,
+            threshold=threshold,
+        )
+        if decay_steps is None:  # let through above for the stabilizer only
+            raise ValueError("DenseToSparseSchedule.decay_steps=None; allowed: an int >= 1")
+        if not isinstance(update, int) or isinstance(update, bool) or update < -1:
+            raise ValueError(f"DenseToSparseSchedule.update={update!r}; allowed: an int >= -1 (-1: before the first)")
         self.hard_step, self.decay_steps = hard_step, decay_steps
         self.tau_max, self.tau_min, self.schedule, self.threshold = tau_max, tau_min, schedule, threshold
         self._routers: list[nn.Module] = []

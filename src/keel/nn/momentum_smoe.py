@@ -21,9 +21,17 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from keel.losses._checks import check_number
+
 # Every script of the official code (scripts/smoe-mom-{s,m,l}.sh) uses these.
 MOMENTUM = 0.7
 STEP_SIZE = 1.0
+
+
+def check_momentum_options(owner: str, momentum: object, step_size: object) -> None:
+    """Raise one ValueError naming ``owner.<option>`` unless μ is in [0, 1] and γ > 0 (finite numbers)."""
+    check_number(f"{owner}.momentum", momentum, low=0.0, high=1.0)
+    check_number(f"{owner}.step_size", step_size, low=0.0, low_open=True)
 
 
 class MomentumState:
@@ -49,6 +57,7 @@ class MomentumResidualHook:
     """
 
     def __init__(self, state: MomentumState, momentum: float = MOMENTUM, step_size: float = STEP_SIZE) -> None:
+        check_momentum_options("MomentumResidualHook", momentum, step_size)
         self.state, self.momentum, self.step_size = state, float(momentum), float(step_size)
 
     def __call__(self, module: nn.Module, args: Any, output: Any) -> Any:

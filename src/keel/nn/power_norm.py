@@ -6,11 +6,12 @@ arXiv 2003.07845).
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
 from torch import Tensor, nn
+
+from keel.losses._checks import is_int, is_number
 
 _GROUP_EPS = 1e-5  # the official GroupScaling1D's fixed eps
 _HALF = (torch.float16, torch.bfloat16)  # normalised in float32: x² of |x| > 256 overflows float16
@@ -134,17 +135,20 @@ class PowerNorm(nn.Module):
         reference_backward: bool = False,
     ) -> None:
         super().__init__()
-        if not isinstance(num_features, int) or num_features < 1:
+        if not is_int(num_features) or num_features < 1:
             raise ValueError(f"PowerNorm.num_features={num_features!r}; allowed: a positive int")
         for name, value in (("alpha_fwd", alpha_fwd), ("alpha_bkw", alpha_bkw)):
-            if not (isinstance(value, (int, float)) and 0 <= value <= 1):
+            if not (is_number(value) and 0 <= value <= 1):
                 raise ValueError(f"PowerNorm.{name}={value!r}; allowed: a number in [0, 1]")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        if not (is_number(eps) and eps > 0):
             raise ValueError(f"PowerNorm.eps={eps!r}; allowed: a finite number > 0")
-        if not isinstance(warmup_iters, int) or warmup_iters < 0:
+        if not is_int(warmup_iters) or warmup_iters < 0:
             raise ValueError(f"PowerNorm.warmup_iters={warmup_iters!r}; allowed: an int >= 0")
-        if groups is not None and (not isinstance(groups, int) or groups < 1 or num_features % groups):
+        if groups is not None and (not is_int(groups) or groups < 1 or num_features % groups):
             raise ValueError(f"PowerNorm.groups={groups!r}; allowed: None or a positive divisor of {num_features}")
+        for name, flag in (("affine", affine), ("reference_backward", reference_backward)):
+            if not isinstance(flag, bool):
+                raise ValueError(f"PowerNorm.{name}={flag!r}; allowed: True or False")
         self.num_features, self.eps = num_features, float(eps)
         self.alpha_fwd, self.alpha_bkw = float(alpha_fwd), float(alpha_bkw)
         self.warmup_iters, self.groups, self.reference_backward = warmup_iters, groups, reference_backward

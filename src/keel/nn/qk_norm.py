@@ -7,11 +7,11 @@ Wortsman et al. (2023), "Small-scale proxies for large-scale Transformer trainin
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from keel.losses._checks import is_int, is_number
 
 QK_NORM_KINDS = ("layer", "rms")
 
@@ -56,11 +56,11 @@ class QKNorm(nn.Module):
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
-        if not isinstance(head_dim, int) or head_dim < 1:
+        if not is_int(head_dim) or head_dim < 1:
             raise ValueError(f"QKNorm.head_dim={head_dim!r}; allowed: a positive int")
         if kind not in QK_NORM_KINDS:
             raise ValueError(f"QKNorm.kind={kind!r}; allowed: {', '.join(QK_NORM_KINDS)}")
-        if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps > 0):
+        if not (is_number(eps) and eps > 0):
             raise ValueError(f"QKNorm.eps={eps!r}; allowed: a finite number > 0")
         self.head_dim, self.kind, self.eps = head_dim, kind, float(eps)
         self.weight = nn.Parameter(torch.ones(head_dim, device=device, dtype=dtype)) if affine else None

@@ -6,10 +6,10 @@ Long Skip Connection" (NeurIPS 2023, arXiv 2310.13545).
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor, nn
+
+from keel.losses._checks import is_int, is_number
 
 CALIBRATION_LAYOUTS = ("tokens", "channels")
 
@@ -24,9 +24,9 @@ def scale_long_factors(num_skips: int, kappa: float) -> list[float]:
         >>> scale_long_factors(3, 0.5)
         [0.25, 0.5, 1.0]
     """
-    if not isinstance(num_skips, int) or num_skips < 1:
+    if not is_int(num_skips) or num_skips < 1:
         raise ValueError(f"num_skips={num_skips!r}; allowed: a positive int")
-    if not (isinstance(kappa, (int, float)) and math.isfinite(kappa) and 0 < kappa <= 1):
+    if not (is_number(kappa) and 0 < kappa <= 1):
         raise ValueError(f"kappa={kappa!r}; allowed: a number in (0, 1]")
     return [float(kappa) ** (num_skips - 1 - i) for i in range(num_skips)]
 
@@ -52,8 +52,8 @@ class LongSkipScaling(nn.Module):
 
     def __init__(self, num_skips: int, *, kappa: float = 0.5) -> None:
         super().__init__()
-        self.kappa = float(kappa)
         self.register_buffer("factors", torch.tensor(scale_long_factors(num_skips, kappa)), persistent=False)
+        self.kappa = float(kappa)  # checked by scale_long_factors (float("x") raised first)
 
     def forward(self, skip: Tensor, index: int) -> Tensor:
         if not 0 <= index < self.factors.numel():
@@ -85,9 +85,9 @@ class LongSkipCalibration(nn.Module):
 
     def __init__(self, size: int, *, reduction: int = 16, layout: str = "tokens", bias: bool = True) -> None:
         super().__init__()
-        if not isinstance(size, int) or size < 1:
+        if not is_int(size) or size < 1:
             raise ValueError(f"LongSkipCalibration.size={size!r}; allowed: a positive int")
-        if not isinstance(reduction, int) or reduction < 1:
+        if not is_int(reduction) or reduction < 1:
             raise ValueError(f"LongSkipCalibration.reduction={reduction!r}; allowed: a positive int")
         if layout not in CALIBRATION_LAYOUTS:
             raise ValueError(f"LongSkipCalibration.layout={layout!r}; allowed: {', '.join(CALIBRATION_LAYOUTS)}")

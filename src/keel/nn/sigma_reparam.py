@@ -10,6 +10,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from keel.losses._checks import is_int
+
 
 def as_matrix(weight: Tensor) -> Tensor:
     """The weight as the matrix whose spectral norm is meant: conv kernels flatten to (out, in·kh·kw)."""
@@ -166,10 +168,10 @@ class SigmaReparamLinear(nn.Linear):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        if not (in_features >= 1 and out_features >= 1):  # before nn.Linear makes an empty weight
+        if not (is_int(in_features) and is_int(out_features) and in_features >= 1 and out_features >= 1):
             raise ValueError(
-                f"SigmaReparamLinear(in_features={in_features}, out_features={out_features}); allowed: both >= 1 "
-                "(an empty weight has no spectral norm: keep nn.Linear there)"
+                f"SigmaReparamLinear(in_features={in_features!r}, out_features={out_features!r}); allowed: two "
+                "ints >= 1 (an empty weight has no spectral norm: keep nn.Linear there)"
             )
         super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
         self.reparam = SigmaReparam(self.weight, stats_only=stats_only)

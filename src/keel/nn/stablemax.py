@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from keel.losses._checks import is_int
+
 
 class StableMax(nn.Module):
     """``s(x_i) / Σ_j s(x_j)`` along ``dim``, with s(x) = x + 1 (x ≥ 0) and 1/(1 − x) (x < 0).
@@ -34,6 +36,10 @@ class StableMax(nn.Module):
 
     def __init__(self, dim: int = -1, *, log: bool = False) -> None:
         super().__init__()
+        if not is_int(dim):
+            raise ValueError(f"StableMax.dim={dim!r}; allowed: an int (the axis to normalise over)")
+        if not isinstance(log, bool):
+            raise ValueError(f"StableMax.log={log!r}; allowed: True or False")
         self.dim, self.log = dim, log
 
     def forward(self, x: Tensor) -> Tensor:

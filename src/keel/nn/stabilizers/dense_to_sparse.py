@@ -7,15 +7,14 @@ from typing import ClassVar
 
 from torch import nn
 
-from keel.losses._checks import check_number
 from keel.nn._moe import find_routers, hooks_of
 from keel.nn.dense_to_sparse_gate import (
-    SCHEDULES,
     TAU_MAX,
     TAU_MIN,
     THRESHOLD,
     DenseToSparseHook,
     DenseToSparseSchedule,
+    check_schedule_options,
 )
 from keel.nn.stabilizers._base import Change, stabilizers
 from keel.nn.stabilizers._router_loss import check_router_options
@@ -63,19 +62,15 @@ class DenseToSparseStabilizer:
 
     def __post_init__(self) -> None:
         owner = "DenseToSparseStabilizer"
-        for name, low in (("hard_step", 0), ("decay_steps", 1)):
-            value = getattr(self, name)
-            ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
-            if not ok and (value is not None or name == "hard_step"):
-                required = " (required: the official default -1 turns the gate hard at update 0)"
-                raise ValueError(
-                    f"{owner}.{name}={value!r}; allowed: an int >= {low}{required if name == 'hard_step' else ''}"
-                )
-        check_number(f"{owner}.tau_min", self.tau_min, low=0.0, low_open=True)
-        check_number(f"{owner}.tau_max", self.tau_max, low=self.tau_min)
-        check_number(f"{owner}.threshold", self.threshold, low=0.0, high=1.0)
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"{owner}.schedule={self.schedule!r}; allowed: {', '.join(SCHEDULES)}")
+        check_schedule_options(
+            owner,
+            hard_step=self.hard_step,
+            decay_steps=self.decay_steps,
+            tau_max=self.tau_max,
+            tau_min=self.tau_min,
+            schedule=self.schedule,
+            threshold=self.threshold,
+        )
         check_router_options(owner, self.routers, None)
 
     def apply(self, model: nn.Module) -> list[Change]:

@@ -7,9 +7,8 @@ from typing import ClassVar
 
 from torch import nn
 
-from keel.losses._checks import check_number
 from keel.nn._moe import find_routers, hooks_of
-from keel.nn.momentum_smoe import MOMENTUM, STEP_SIZE, MomentumResidualHook, MomentumState
+from keel.nn.momentum_smoe import MOMENTUM, STEP_SIZE, MomentumResidualHook, MomentumState, check_momentum_options
 from keel.nn.stabilizers._base import Change, stabilizers
 from keel.nn.stabilizers._router_loss import check_router_options
 
@@ -43,8 +42,7 @@ class MomentumSMoEStabilizer:
     routers: list[str] | None = None
 
     def __post_init__(self) -> None:
-        check_number("MomentumSMoEStabilizer.momentum", self.momentum, low=0.0, high=1.0)
-        check_number("MomentumSMoEStabilizer.step_size", self.step_size, low=0.0, low_open=True)
+        check_momentum_options("MomentumSMoEStabilizer", self.momentum, self.step_size)
         check_router_options("MomentumSMoEStabilizer", self.routers, None)
 
     def apply(self, model: nn.Module) -> list[Change]:
