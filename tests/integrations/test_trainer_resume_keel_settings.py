@@ -15,6 +15,7 @@ import torch
 from keel import RecoveryConfig
 from keel._core import keys
 from keel._core.finding import Finding
+from keel.detect import default_detectors
 
 ROLLBACK_AT, SAVE_AT, STEPS = 5, 8, 10
 
@@ -43,6 +44,11 @@ class TroubleAt:
 
 def _in_force(guard, step: int) -> tuple[list[float], float | None, list[int]]:
     return guard.actuator.lr_scales(step), guard.state.history["actions"].max_grad_norm, guard.escalation.rollback_steps
+
+
+def _same(a, b) -> bool:
+    """Equal as plain data, NaN equal to NaN (a detector keeps NaN for "no value yet")."""
+    return json.dumps(a, sort_keys=True) == json.dumps(b, sort_keys=True)
 
 
 def _said(caplog) -> list[str]:
@@ -82,22 +88,36 @@ def test_hf_a_resume_after_a_rollback_trains_at_keels_lr_and_clip_as_the_uninter
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
-def test_hf_a_checkpoint_of_a_run_keel_changed_nothing_in_carries_no_keel_entry(tmp_path, caplog):
+def test_hf_a_resume_starts_from_the_detectors_baselines_and_says_nothing_when_keel_changed_nothing(tmp_path, caplog):
+    """The detectors' baselines travel too: a resumed run started them afresh on whatever level the checkpoint had (a
+    run damaged before it was never found diverging: a run_clm-shaped run killed and resumed ended at loss 14,
+    silently)."""
     pytest.importorskip("transformers")
+    from transformers import TrainerCallback
+
+    from keel.integrations._carried import kept_baselines
     from keel.integrations.hf import KeelCallback
     from tests.integrations.test_hf import train
 
-    train(tmp_path, [KeelCallback(policy="recover")], steps=2, accumulate=1, save_strategy="steps", save_steps=2)
-    state = json.loads((tmp_path / "hf" / "checkpoint-2" / "trainer_state.json").read_text())
-    assert "keel" not in state["stateful_callbacks"]
+    train(tmp_path, [KeelCallback(policy="recover")], steps=6, accumulate=1, save_strategy="steps", save_steps=6)
+    checkpoint = tmp_path / "hf" / "checkpoint-6"
+    kept = json.loads((checkpoint / "trainer_state.json").read_text())["stateful_callbacks"]["keel"]
+    resumed, started_with = KeelCallback(policy="recover"), []
+
+    class AtTheStart(TrainerCallback):  # listed after KeelCallback: its Guard is built
+        def on_train_begin(self, args, state, control, **kwargs):
+            started_with.append(kept_baselines(resumed.guard))
+
     with caplog.at_level(logging.WARNING, logger="keel"):
-        checkpoint = str(tmp_path / "hf" / "checkpoint-2")
-        train(tmp_path, [KeelCallback(policy="recover")], steps=3, accumulate=1, resume=checkpoint)
+        train(tmp_path, [resumed, AtTheStart()], steps=7, accumulate=1, resume=str(checkpoint))
+    assert _same(started_with, [kept["baselines"]])  # before: each detector's fresh state
+    assert any(kept["baselines"][k] for k in kept["baselines"])  # (the detectors had seen 6 steps)
     assert not [r for r in caplog.records if "resumed at step" in r.getMessage()]
 
 
 def test_lightning_a_resume_after_a_rollback_keeps_keels_lr_and_clip(tmp_path, caplog):
-    pytest.importorskip("lightning")
+    L = pytest.importorskip("lightning")
+    from keel.integrations._carried import kept_baselines
     from keel.integrations.lightning import KeelCallback
     from tests.integrations.test_lightning import fit
     from tests.integrations.test_trainer_lightning_resume_extension import SaveAndStopAt
@@ -105,14 +125,25 @@ def test_lightning_a_resume_after_a_rollback_keeps_keels_lr_and_clip(tmp_path, c
     def recover(**kwargs):
         return KeelCallback(policy="recover", recovery=RecoveryConfig(snapshot_every=1, quiet_steps=0), **kwargs)
 
-    first = recover(detectors=[TroubleAt(ROLLBACK_AT)])
+    def detectors():  # the same in both runs: each detector's baselines go to its counterpart
+        return [*default_detectors(), TroubleAt(ROLLBACK_AT)]
+
+    first = recover(detectors=detectors())
     fit([first, SaveAndStopAt(SAVE_AT, tmp_path / "at8.ckpt")], gradient_clip_val=1.0)
     assert _in_force(first.guard, SAVE_AT) == ([0.1], 0.6, [ROLLBACK_AT])
-    resumed = recover()
+    resumed, started_with = recover(detectors=detectors()), []
+
+    class AtTheStart(L.Callback):  # listed after KeelCallback: its Guard is built
+        def on_train_start(self, trainer, module):
+            started_with.append(kept_baselines(resumed.guard))
+
     with caplog.at_level(logging.WARNING, logger="keel"):
-        fit([resumed], ckpt_path=str(tmp_path / "at8.ckpt"), gradient_clip_val=1.0)
+        fit([resumed, AtTheStart()], ckpt_path=str(tmp_path / "at8.ckpt"), gradient_clip_val=1.0)
     assert _in_force(resumed.guard, SAVE_AT) == ([0.1], 0.6, [ROLLBACK_AT])  # before: [1.0], 1.0's clip, []
     assert _said(caplog) == [SAID]
+    saved = torch.load(tmp_path / "at8.ckpt", weights_only=False)["callbacks"]
+    [kept] = [state for name, state in saved.items() if name.startswith("KeelCallback")]
+    assert _same(started_with, [kept["baselines"]]) and kept["baselines"]  # before: the detectors' fresh state
 
 
 def test_lightning_a_resume_under_skip_says_the_checkpoints_actions_are_not_applied(tmp_path, caplog):

@@ -13,6 +13,11 @@ Carried (`CARRIED`): the actions in force (``actions``) and the escalation ladde
 off, clips and escalates as the uninterrupted one would. Not carried: the recovery's own counters (its snapshot
 schedule and first step belong to keel's snapshots, which the new run does not have) and the phases and evals so far
 (``evaluation``).
+
+The detectors' baselines are carried too (`kept_baselines`, `restore_baselines`), as a snapshot holds them: a run
+killed after an update that damaged it (an LR surge at update 13 of a run_clm-shaped run, loss 3.7 → 16) and resumed
+from the checkpoint of update 15 started its detectors afresh on the damaged level, so the divergence the uninterrupted
+run rolled back at update 28 (ending at loss 3.7) was never seen: the resumed run ended at loss 14, silently.
 """
 
 from __future__ import annotations
@@ -32,6 +37,25 @@ def kept_history(guard: Guard) -> dict[str, Any]:
     """The parts of ``guard``'s history a trainer's checkpoint carries, as plain (JSON-able) data."""
     history = guard.state.history
     return {key: plain_copy(history[key].state_dict()) for key in CARRIED if key in history}
+
+
+def kept_baselines(guard: Guard) -> dict[str, Any]:
+    """The detectors' baselines (`keel.recover.TrainingState.components`), as plain data, by their snapshot key."""
+    return {key: plain_copy(part.state_dict()) for key, part in guard.state.components.items()}
+
+
+def restore_baselines(guard: Guard, kept: object) -> None:
+    """Load what `kept_baselines` kept into the detectors with the same key (the same detector at the same place);
+    a detector whose ``load_state_dict`` refuses it is switched off and recorded, as after a snapshot's restore.
+
+    Raises:
+        ValueError: ``kept`` is not a dict.
+    """
+    if not isinstance(kept, dict):
+        raise ValueError(f"keel's entry in the checkpoint: baselines={kept!r}; allowed: a dict detector key → state")
+    for key, part in guard.state.components.items():
+        if key in kept:
+            part.load_state_dict(plain_copy(kept[key]))
 
 
 def restore_history(guard: Guard, kept: object, step: int) -> None:

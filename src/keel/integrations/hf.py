@@ -68,7 +68,7 @@ from keel._core.decision import Decision
 from keel._core.errors import KeelWarning
 from keel.guard import Guard, console
 from keel.guard.options import check_loss, step_needs_an_argument
-from keel.integrations._carried import kept_history, restore_history
+from keel.integrations._carried import kept_baselines, kept_history, restore_baselines, restore_history
 from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
@@ -153,7 +153,6 @@ class KeelCallback(TrainerCallback):
         self._batch_size: int | None = None  # the Trainer's batch size at the last on_train_begin
         self._ctc_told = False  # said once per callback what an inf CTC loss means
         self._norm_before_clip: Tensor | float | None = None  # what an overridden _clip_grad_norm returned
-        self._fresh_history: dict[str, Any] = {}  # keel's history as the run began (`_keep_in_the_checkpoint`)
 
     # --- the Trainer's events -----------------------------------------------------------------------
     def on_train_begin(
@@ -201,7 +200,6 @@ class KeelCallback(TrainerCallback):
             if hasattr(state, "max_steps") and hasattr(state, "global_step")
             else None
         )
-        self._fresh_history = kept_history(self.guard)
         resumed_at = getattr(state, "global_step", 0)  # resume_from_checkpoint: keel's steps are the Trainer's
         if resumed_at and self.guard.resumed:
             self._refuse_two_resumes(resumed_at)
@@ -354,26 +352,26 @@ class KeelCallback(TrainerCallback):
         return norm
 
     def _keep_in_the_checkpoint(self) -> None:
-        """Keep what rollbacks raised ``max_steps`` by, and keel's history a resume needs (`keel.integrations._carried`:
-        the LR back-off and clip in force, the escalation's counts), in the TrainerState's ``stateful_callbacks``
-        under ``"keel"``, saved in every checkpoint's ``trainer_state.json``: a resumed ``train()`` recomputes
-        ``max_steps`` from its arguments and would stop short (reviewer V's V4), and its new Guard would train at the
-        full LR again. Nothing is kept while the run is as a fresh one. Not as an ``ExportableState``: the Trainer's
-        restore of those (``restore_callback_states_from_checkpoint``) replaces the user's callback by one built from
-        JSON."""
+        """Keep what rollbacks raised ``max_steps`` by, keel's history a resume needs and the detectors' baselines
+        (`keel.integrations._carried`: the LR back-off and clip in force, the escalation's counts) in the
+        TrainerState's ``stateful_callbacks`` under ``"keel"``, saved in every checkpoint's ``trainer_state.json``: a
+        resumed ``train()`` recomputes ``max_steps`` from its arguments and would stop short (reviewer V's V4), and its
+        new Guard would train at the full LR again, its detectors blind to damage done before the checkpoint. Not as
+        an ``ExportableState``: the Trainer's restore of those (``restore_callback_states_from_checkpoint``) replaces
+        the user's callback by one built from JSON."""
         assert self._schedule is not None and self.guard is not None
         kept = getattr(self._schedule.run, "stateful_callbacks", None)
-        if not isinstance(kept, dict):
-            return
-        history = kept_history(self.guard)
-        if self._schedule.extended_by or history != self._fresh_history:
-            kept[_CHECKPOINT_KEY] = {"extended_by": self._schedule.extended_by, "history": history}
-        else:
-            kept.pop(_CHECKPOINT_KEY, None)
+        if isinstance(kept, dict):
+            kept[_CHECKPOINT_KEY] = {
+                "extended_by": self._schedule.extended_by,
+                "history": kept_history(self.guard),
+                "baselines": kept_baselines(self.guard),
+            }
 
     def _carry_from_the_checkpoint(self, state: Any) -> None:
         """A ``train()`` resumed from a checkpoint: raise ``max_steps`` again by what the checkpoint's run had
-        extended it by, and put keel's history back (`_keep_in_the_checkpoint`), each said."""
+        extended it by, and put keel's history and its detectors' baselines back (`_keep_in_the_checkpoint`); the
+        extension and the actions in force are said."""
         assert self._schedule is not None and self.guard is not None
         kept = getattr(state, "stateful_callbacks", None)
         entry = kept.get(_CHECKPOINT_KEY) if isinstance(kept, dict) else None
@@ -382,6 +380,8 @@ class KeelCallback(TrainerCallback):
             if "history" in entry and not self.guard.resumed:
                 history, step = entry["history"], state.global_step
                 self.guard.components.call("hf resume", restore_history, self.guard, history, step)
+            if "baselines" in entry and not self.guard.resumed:
+                self.guard.components.call("hf resume baselines", restore_baselines, self.guard, entry["baselines"])
             self._keep_in_the_checkpoint()
 
     def _tell_impossible_alignment(self, decision: Decision) -> None:

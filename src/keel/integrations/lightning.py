@@ -46,7 +46,7 @@ from torch import Tensor
 
 from keel._core.errors import KeelWarning
 from keel.guard import Guard
-from keel.integrations._carried import kept_history, restore_history
+from keel.integrations._carried import kept_baselines, kept_history, restore_baselines, restore_history
 from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
@@ -108,6 +108,7 @@ class KeelCallback(Callback):
         self._metrics_before: dict[str, Any] = {}  # callback_metrics when validation started
         self._extended_before = 0  # what a checkpoint's run had extended max_steps by (`load_state_dict`)
         self._history_before: dict[str, Any] | None = None  # and keel's history it kept (`keel.integrations._carried`)
+        self._baselines_before: dict[str, Any] | None = None  # and the detectors' baselines
 
     # --- Lightning's events -------------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -148,7 +149,10 @@ class KeelCallback(Callback):
         if trainer.global_step and self._history_before is not None and not self.guard.resumed:
             history, step = self._history_before, trainer.global_step  # ckpt_path: keel's LR back-off, clip, ladder
             self.guard.components.call("lightning resume", restore_history, self.guard, history, step)
-        self._extended_before, self._history_before = 0, None
+        if trainer.global_step and self._baselines_before is not None and not self.guard.resumed:
+            baselines = self._baselines_before
+            self.guard.components.call("lightning resume baselines", restore_baselines, self.guard, baselines)
+        self._extended_before, self._history_before, self._baselines_before = 0, None, None
         if self._scaler is not None:  # the plugin runs the closure, then scaler.step(optimizer), scaler.update()
             self._handoff.gate(self._scaler, "step", self._scaler_step)
             self._handoff.gate(self._scaler, "update", self._scaler_update)
@@ -207,20 +211,27 @@ class KeelCallback(Callback):
         self._finish(None)
 
     def state_dict(self) -> dict[str, Any]:
-        """What rollbacks raised ``max_steps`` by, and keel's history a resume needs (the LR back-off and clip in
-        force, the escalation's counts: `keel.integrations._carried`), kept in the trainer's checkpoints: a
-        ``fit(ckpt_path=...)`` starts from the trainer's own ``max_steps`` and would stop short of the schedule's end
-        (reviewer V's V4), and its new Guard would train at the full LR again."""
+        """What rollbacks raised ``max_steps`` by, keel's history a resume needs (the LR back-off and clip in force,
+        the escalation's counts) and the detectors' baselines (`keel.integrations._carried`), kept in the trainer's
+        checkpoints: a ``fit(ckpt_path=...)`` starts from the trainer's own ``max_steps`` and would stop short of the
+        schedule's end (reviewer V's V4), and its new Guard would train at the full LR again, its detectors blind to
+        damage done before the checkpoint."""
         if self._schedule is None or self.guard is None:
-            return {"extended_by": self._extended_before, "history": self._history_before}
+            return {
+                "extended_by": self._extended_before,
+                "history": self._history_before,
+                "baselines": self._baselines_before,
+            }
         history = self.guard.components.call("lightning checkpoint", kept_history, self.guard)
-        return {"extended_by": self._schedule.extended_by, "history": history}
+        baselines = self.guard.components.call("lightning checkpoint", kept_baselines, self.guard)
+        return {"extended_by": self._schedule.extended_by, "history": history, "baselines": baselines}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restored from a checkpoint before training starts; applied again in ``on_train_start``."""
-        extended, history = state_dict.get("extended_by", 0), state_dict.get("history")
+        extended, history, baselines = (state_dict.get(k) for k in ("extended_by", "history", "baselines"))
         self._extended_before = extended if isinstance(extended, int) and extended > 0 else 0
         self._history_before = history if isinstance(history, dict) else None
+        self._baselines_before = baselines if isinstance(baselines, dict) else None
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._finish(exception)
