@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from keel.optim import AdaClip
+from tests.integrations.test_compile import GraphCounter
 
 
 class AdaClipReference:
@@ -146,3 +147,24 @@ def test_a_sparse_gradient_is_one_clear_error() -> None:
     embedding(torch.tensor([1, 2])).sum().backward()
     with pytest.raises(ValueError, match="sparse"):
         clipper.clip_()
+
+
+def test_clip_called_inside_a_compiled_function_runs_eagerly_without_recompiling() -> None:
+    """The step counts are host ints: dynamo recompiled clip_ at every step (20 graphs in 8 steps)."""
+    torch._dynamo.reset()
+    gen = torch.Generator().manual_seed(0)
+    eager_params = [
+        torch.nn.Parameter(torch.randn(6, 4, generator=gen)),
+        torch.nn.Parameter(torch.randn(4, generator=gen)),
+    ]
+    compiled_params = [torch.nn.Parameter(p.detach().clone()) for p in eager_params]
+    eager, compiled = AdaClip(eager_params), AdaClip(compiled_params)
+    backend = GraphCounter()
+    clip = torch.compile(lambda: compiled.clip_(), backend=backend)
+    for step in range(6):
+        for p, q in zip(eager_params, compiled_params, strict=True):
+            p.grad = torch.randn(p.shape, generator=gen) * (100.0 if step == 4 else 1.0)  # a spike at step 4
+            q.grad = p.grad.clone()
+        assert torch.equal(eager.clip_(), clip())
+        assert all(torch.equal(p.grad, q.grad) for p, q in zip(eager_params, compiled_params, strict=True))
+    assert backend.compiled == 0

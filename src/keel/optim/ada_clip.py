@@ -94,9 +94,14 @@ class AdaClip:
         self._steps: list[int] = [0] * len(self.params)
         self._ema: list[Tensor | None] = [None] * len(self.params)
 
+    @torch._disable_dynamo
     @torch.no_grad()
     def clip_(self) -> Tensor:
         """Clip every gradient in place; returns the largest max|g| / M̂ (> 1: something was clipped).
+
+        Runs eagerly inside a ``torch.compile``'d function (one graph break): the step counts are host ints, which
+        dynamo recompiled for at every step (20 graphs in 8 steps, called alone or from a compiled
+        ``optimizer.step()`` through `attach`'s hook).
 
         Tensors without a gradient are skipped and their statistics do not advance. A gradient with an inf or NaN
         (an fp16 overflow step the GradScaler will skip) leaves its tensor's running max as it was (off the CPU its
