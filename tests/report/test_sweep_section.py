@@ -254,3 +254,18 @@ def test_a_router_value_that_is_null_at_one_lr_is_a_dash_and_a_gap(tmp_path):
 def _with(summary: dict, entry: dict) -> dict:
     summary["recipes"][0] |= entry
     return summary
+
+
+def test_a_curve_whose_every_run_diverged_names_no_best_lr_lr_range_or_lrs(tmp_path):
+    # Reviewer W (session 15): such a curve's row read "best lr 1e-03", "lr range 1e-03 … 1e-01" and its legend
+    # "LRS 0.000" beside the table's "—".
+    summary = sweep_summary()
+    curve = next(c for c in summary["recipes"] if (c["name"], c["size"]) == ("qk_norm", "tiny"))
+    curve.update(best_loss=5.6, losses=[5.6] * len(curve["losses"]), lr_sensitivity=0.0, sensitivity_vs_baseline=None)
+    make_sweep_store(tmp_path / "sweep", summary=summary)
+    page = write_report([tmp_path / "sweep"], tmp_path / "r.html").read_text()
+    table = page[page.index("<h3>qk_norm</h3>") :]
+    cells = re.findall(r"<td>([^<]*)</td>", table[table.index("<td>tiny</td>") :])[:7]
+    assert cells[2:] == ["—", "—", "—", "5.600", "—"], cells  # LRS, vs base, best lr, best loss, lr range
+    legend = json.dumps("tiny  LRS —")[1:-1]
+    assert legend in page or "tiny  LRS —" in page

@@ -51,20 +51,26 @@ def _recipe_table(curves: Sequence[Curve], recipe: str) -> str:
         logits = [v for v in c.max_attn_logit if v is not None]
         span = f"{_g(c.max_attn_logit[0])} → {_g(max(logits) if logits else None)}" if c.max_attn_logit else "—"
         ratio = "—" if c.vs_baseline is None else f"{c.vs_baseline:.1f}x"
+        at_init = _all_at_init(c)  # every LR at ℓ₀: LRS 0 is a flag, and no LR is best or near the best
         cells = (
             c.size,
             c.n_params,
-            "—" if c.best_loss >= c.init_loss else f"{c.lr_sensitivity:.3f}",  # every LR at ℓ₀: a flag, not 0
+            "—" if at_init else f"{c.lr_sensitivity:.3f}",
             ratio,
-            f"{c.best_lr:.0e}",
+            "—" if at_init else f"{c.best_lr:.0e}",
             f"{c.best_loss:.3f}",
-            f"{c.lr_range[0]:.0e} … {c.lr_range[1]:.0e}",
+            "—" if at_init else f"{c.lr_range[0]:.0e} … {c.lr_range[1]:.0e}",
             span,
             c.diverged,
             c.errors,
         )
         rows.append("<tr>" + "".join(f"<td>{esc(v)}</td>" for v in cells) + "</tr>")
     return f"<h3>{esc(recipe)}</h3><table class='sweep num'>{head}{''.join(rows)}</table>"
+
+
+def _all_at_init(curve: Curve) -> bool:
+    """Whether every LR of ``curve`` ended at or above ℓ₀ (the sweep's `CurveSummary.all_at_init`)."""
+    return curve.best_loss >= curve.init_loss
 
 
 def _router_table(curves: Sequence[Curve]) -> str:
@@ -153,7 +159,8 @@ def _figures(sweep: SweepData, prefix: str) -> list[dict[str, Any]]:
         mine = [c for c in curves if c.recipe == recipe]
         traces = []
         for c in mine:
-            traces.append(_trace(f"{c.size}  LRS {c.lr_sensitivity:.3f}", c.lrs, c.losses, color[c.size]))
+            sensitivity = "—" if _all_at_init(c) else f"{c.lr_sensitivity:.3f}"
+            traces.append(_trace(f"{c.size}  LRS {sensitivity}", c.lrs, c.losses, color[c.size]))
             traces.append(
                 _trace(
                     f"{c.size} ℓ₀ (diverged runs)",

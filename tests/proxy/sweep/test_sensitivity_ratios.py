@@ -72,3 +72,12 @@ def test_an_all_diverged_baseline_gives_no_ratio_to_anyone():
 def test_a_curve_of_one_lr_gets_no_ratio_not_even_against_itself():
     # a sweep killed after its first run: the baseline's one point showed "inf x" against itself (reviewer V6)
     assert sensitivity_ratios(summarize([_row("baseline", 1e-2, 2.0)])) == {}
+
+
+def test_a_curve_whose_every_run_diverged_names_no_best_lr_or_lr_range():
+    # Reviewer W (session 15): `keel sweep --lrs 1e2 1e4` (every run diverged) printed "best lr 1e+02" and
+    # "lr range 1e+02 … 1e+04" for the recipe: every LR "within 0.1 nats of the best", the best being ℓ₀.
+    text = format_tables(summarize(_rows()), [])
+    huge = next(line for line in text.splitlines() if line.strip().startswith("tiny") and "3" in line.split()[-2])
+    size, params, lrs, vs_base, best_lr, best_loss, lr_range, *_ = huge.split()
+    assert (lrs, vs_base, best_lr, lr_range) == ("—", "—", "—", "—") and float(best_loss) == INIT

@@ -246,10 +246,14 @@ def format_tables(curves: Sequence[CurveSummary], views: Sequence[ScalingView]) 
             s = c.sensitivity
             ratio = ratios.get((c.recipe, c.size))
             logits = f"{_g(c.max_attn_logit[0])} → {_g(max(c.max_attn_logit, key=_key))}"
+            # every LR at ℓ₀: no LR is best, and none is "near the best" (the LRS of 0 is a flag, not a result)
+            best_lr, lr_range = (
+                ("—", "—") if c.all_at_init else (f"{s.best_lr:.0e}", f"{s.lr_range[0]:.0e} … {s.lr_range[1]:.0e}")
+            )
             lines.append(
                 f"  {c.size:<7}{c.n_params:>9}{('—' if c.all_at_init else f'{s.lr_sensitivity:.3f}'):>8}"
-                f"{(f'{ratio:.1f}x' if ratio is not None else '—'):>9}{s.best_lr:>9.0e}{s.best_loss:>10.3f}"
-                f"{f'{s.lr_range[0]:.0e} … {s.lr_range[1]:.0e}':>22}{logits:>30}"
+                f"{(f'{ratio:.1f}x' if ratio is not None else '—'):>9}{best_lr:>9}{s.best_loss:>10.3f}"
+                f"{lr_range:>22}{logits:>30}"
                 f"{c.diverged:>10}{c.errors:>8}"
             )
     lines += _router_table(curves)
