@@ -106,12 +106,21 @@ def test_a_loss_at_or_below_zero_is_dated_by_a_non_finite_value_only():
 def test_a_noisy_batchs_one_step_outlier_is_not_a_spike_but_a_jump_far_beyond_the_noise_is():
     # Reviewer W's W2 (a small-batch regression MLP, ±49 % loss noise per step, LR ×300 at step 200): a 1.6×
     # batch at step 39 was dated "degraded", 161 steps before the LR surge that did the damage.
-    for seed in (1, 2):
+    for seed in range(4):
         rng = np.random.default_rng(seed)
-        losses = 3.5 * np.exp(rng.normal(0, 0.15, 300))  # ±15 % per batch (with more, the `rise` rule is noise-blind)
+        losses = 3.5 * np.exp(rng.normal(0, 0.35, 300))  # ±35 % per batch
         losses[39] = 1.6 * np.median(losses[29:39])  # 1.6x the median before it: the old rule's spike
         losses[200:] *= 40.0  # the real damage: forty times the level, far outside the noise
-        assert degradation_step(list(losses)) == 200
+        assert degradation_step(list(losses)) in (199, 200)  # (199: a centred median's step, when as bad by chance)
     quiet = np.full(60, 2.0)
     quiet[30] = 3.1  # a noise-free loss: any 1.5x step is a spike (its spread is 0)
     assert degradation_step(list(quiet)) == 30
+
+
+def test_a_very_noisy_healthy_curve_is_never_dated_degraded():
+    # Before, the lowest running median so far (a low draw) and one-batch outliers on a linear scale dated every one
+    # of these healthy runs "degraded" within its first 50 steps.
+    t = np.arange(400)
+    for seed in range(8):
+        noise = np.random.default_rng(100 + seed).normal(0, 0.5, t.size)
+        assert degradation_step(list((2.4 + 3.0 * np.exp(-t / 30)) * np.exp(noise))) is None

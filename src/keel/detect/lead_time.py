@@ -4,7 +4,8 @@
 
 - the first non-finite loss; or
 - the first single-step spike: a loss ``spike`` above the median of the ``window // 2`` steps before it, and
-  ``SPIKE_Z`` robust standard deviations of those steps above it (a poisoned batch, an LR jump: the damage is one
+  ``SPIKE_Z`` robust standard deviations above it in log space (the larger of those steps' spread and the run's
+  step-to-step noise) (a poisoned batch, an LR jump: the damage is one
   step, which smoothing would hide; a noisy loss's one-batch outlier is not one) — with a reference
   run, only where the loss is also ``rel`` above the reference's at that step (a hard batch both runs see
   is the data, not a degradation); or
@@ -36,6 +37,7 @@ CHUNK = 65536  # rows of a sliding-window view reduced at once: bounded memory f
 HOLD = 3  # steps in a row a degradation's first step must be worse for, without a reference run
 SPIKE_Z = 6.0  # a one-step spike also rises this many robust standard deviations of the steps before it
 MAD_TO_SIGMA = 1.4826  # a normal distribution's standard deviation per median absolute deviation
+SMOOTHED_Z = 4.0  # a lasting rise also clears this many standard errors of the running median, without a reference
 
 
 def running_median(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
@@ -117,9 +119,14 @@ def degradation_step(
         # candidates only: a million steps' spread would cost more than the rest of this function)
         at = np.flatnonzero(spikes[back:])
         if at.size:
-            rows = sliding_window_view(x, back)[at]  # the `back` steps before each candidate
-            spread = np.median(np.abs(rows - before[at, None]), axis=1)
-            spikes[back + at] = x[back + at] - before[at] >= SPIKE_Z * MAD_TO_SIGMA * spread
+            # in log space, where a loss's batch noise is about symmetric (a linear scale's long right tail made
+            # one batch in a few hundred of a ±50 % noisy loss a "spike")
+            with np.errstate(divide="ignore", invalid="ignore"):
+                logs, centre = np.log(x), np.log(before[at])
+            rows = sliding_window_view(logs, back)[at]  # the `back` steps before each candidate
+            local = MAD_TO_SIGMA * np.median(np.abs(rows - centre[:, None]), axis=1)
+            noise = np.maximum(local, _step_noise(logs))  # ten values' spread alone is often small by chance
+            spikes[back + at] = logs[back + at] - centre >= SPIKE_Z * noise
         if raw_ref is not None:  # a hard batch the reference run also found hard is the data
             spikes &= ~(x < (1 + rel) * raw_ref)
     spikes[:start] = False
@@ -134,7 +141,10 @@ def degradation_step(
         raw_worse = x >= (1 + rel) * raw_ref
     else:
         best = np.fmin.accumulate(np.where(np.isfinite(run), run, np.inf))
-        floor = (1 + rise) * np.concatenate([[np.inf], best[:-1]])
+        # the lowest running median so far is itself a low draw of a noisy loss: the rise must also clear the
+        # running median's own noise (`SMOOTHED_Z` of its standard errors) to count
+        margin = SMOOTHED_Z * _smoothed_noise(x, window)
+        floor = np.concatenate([[np.inf], np.maximum((1 + rise) * best[:-1], best[:-1] + margin)])
         worse = run >= floor
         raw_worse = x >= floor
     # worse on all of [t, min(n, t + sustain)): no "not worse" step in that range (prefix counts)
@@ -156,6 +166,20 @@ def degradation_step(
             found = _first_lasting(raw_worse, ok, found, window)
     candidates = [s for s in (first_bad, first_spike, found) if s is not None]
     return min(candidates) if candidates else None
+
+
+def _step_noise(x: np.ndarray) -> float:
+    """The loss's step-to-step noise σ over the whole run: robust, from the differences of consecutive finite steps,
+    which a trend or a level shift barely moves (Var(a − b) = 2σ²)."""
+    finite = x[np.isfinite(x)]
+    if len(finite) < 3:
+        return 0.0
+    return MAD_TO_SIGMA * float(np.median(np.abs(np.diff(finite)))) / math.sqrt(2)
+
+
+def _smoothed_noise(x: np.ndarray, window: int) -> float:
+    """The standard error of a ``window``-step running median of ``x``: σ × 1.2533 / √window."""
+    return 1.2533 * _step_noise(x) / math.sqrt(2 * (window // 2) + 1)
 
 
 def _positive(values: np.ndarray) -> bool:
