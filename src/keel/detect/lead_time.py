@@ -3,17 +3,17 @@
 "Degraded" is judged after the fact, on the whole loss curve:
 
 - the first non-finite loss; or
-- the first single-step spike: a loss ``spike`` above the median of the ``window // 2`` steps before it, and
+- the first single-step spike: a loss ``spike`` above the median of the ``window // 2`` steps before it and
   ``SPIKE_Z`` robust standard deviations above it in log space (the larger of those steps' spread and the run's
-  step-to-step noise) (a poisoned batch, an LR jump: the damage is one
-  step, which smoothing would hide; a noisy loss's one-batch outlier is not one) — with a reference
-  run, only where the loss is also ``rel`` above the reference's at that step (a hard batch both runs see
-  is the data, not a degradation); or
+  step-to-step noise): a poisoned batch, an LR jump, damage of one step, which smoothing would hide — a noisy
+  loss's one-batch outlier is not one; with a reference run, only where the loss is also ``rel`` above the
+  reference's at that step (a hard batch both runs see is the data, not a degradation); or
 - with a reference run (the same recipe with the fix applied, same data order), the first step from
   which the run's smoothed loss stays ``rel`` above the reference's for ``sustain`` steps, and whose own
   loss is ``rel`` above the reference's on the same batch: the loss is worse than it would have been; or
-- without one, the first step from which the smoothed loss stays ``rise`` above its best level so far for
-  ``sustain`` steps (a spike or divergence that lasts).
+- without one, the first step from which the smoothed loss stays ``rise`` above its best level so far, and
+  ``SMOOTHED_Z`` standard errors of the running median above it (the best so far is a low draw of a noisy
+  loss), for ``sustain`` steps (a spike or divergence that lasts).
 
 Smoothing is a centred running median of ``window`` steps, robust to single-batch noise; the step found
 must itself be worse, and without a reference it must be the first of ``HOLD`` worse steps in a row (looked for
