@@ -128,4 +128,7 @@ def test_without_a_threshold_the_scaling_line_says_how_to_give_one_not_nan():
     view = scaling_views(rows, summarize(rows), lr=1e-2, divergence_logit=None)[0]
     assert math.isnan(view.divergence_logit)
     said = reach(view)
-    assert said == "no divergence threshold: no run to calibrate it on degraded (give one with --divergence-logit)"
+    assert said == (
+        "no divergence threshold: no run above its curve's best LR ended worse than the best, to calibrate one "
+        "on (give one with --divergence-logit)"
+    )  # reviewer W (session 15): read "no run to calibrate it on degraded"

@@ -293,7 +293,10 @@ def reach(view: ScalingView) -> str:
     """Where the view's logit fit reaches its divergence threshold, in words (the table's and the report's)."""
     predicted = view.predicted_divergence_params
     if math.isnan(view.divergence_logit):
-        return "no divergence threshold: no run to calibrate it on degraded (give one with --divergence-logit)"
+        return (
+            "no divergence threshold: no run above its curve's best LR ended worse than the best, to calibrate one "
+            "on (give one with --divergence-logit)"
+        )
     target = f"{_g(view.divergence_logit)} ({view.threshold_source})"
     if predicted == math.inf:
         return f"no growth: never reaches {target}"
