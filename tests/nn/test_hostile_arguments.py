@@ -19,6 +19,7 @@ from keel.nn import (
     SigmaReparamLinear,
     StableMax,
     ZLossHook,
+    create_stabilizer,
 )
 
 SCHEDULE = dict(hard_step=10, decay_steps=5)
@@ -89,3 +90,10 @@ def test_the_ordinary_arguments_still_build() -> None:
     LongSkipScaling(3, kappa=1)
     MomentumResidualHook(MomentumState(), momentum=0, step_size=2)
     DenseToSparseSchedule(hard_step=0, decay_steps=1, tau_max=1, tau_min=0.5, schedule="linear", threshold=0, update=-1)
+
+
+@pytest.mark.parametrize(("name", "options"), [("qk_norm", dict(eps=True)), ("scale_long", dict(kappa=True))])
+def test_a_stabilizer_refuses_a_bool_number_when_created(name, options) -> None:
+    """``create_stabilizer("qk_norm", eps=True)`` was accepted and failed only inside `stabilize` (QKNorm's check)."""
+    with pytest.raises(ValueError, match=rf"{next(iter(options))}=True; allowed"):
+        create_stabilizer(name, **options)

@@ -5,13 +5,13 @@ From Dehghani et al. (2023, arXiv 2302.05442) and Wortsman et al. (2023, arXiv 2
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from keel.losses._checks import is_number
 from keel.nn._surgery import (
     base_layer,
     first_parameter,
@@ -101,7 +101,7 @@ class QKNormStabilizer:
     def __post_init__(self) -> None:
         if self.norm not in QK_NORM_KINDS:
             raise ValueError(f"QKNormStabilizer.norm={self.norm!r}; allowed: {', '.join(QK_NORM_KINDS)}")
-        if not (isinstance(self.eps, (int, float)) and math.isfinite(self.eps) and self.eps > 0):
+        if not (is_number(self.eps) and self.eps > 0):
             raise ValueError(f"QKNormStabilizer.eps={self.eps!r}; allowed: a finite number > 0")
         if self.bias is not None and not isinstance(self.bias, bool):
             raise ValueError(f"QKNormStabilizer.bias={self.bias!r}; allowed: True, False or None")

@@ -6,12 +6,12 @@ From Huang et al. (2023), "ScaleLong" (NeurIPS 2023, arXiv 2310.13545).
 from __future__ import annotations
 
 import inspect
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from torch import nn
 
+from keel.losses._checks import is_int, is_number
 from keel.nn._surgery import first_parameter, has_bias, linear_features
 from keel.nn.scale_long import LongSkipCalibration, scale_long_factors
 from keel.nn.stabilizers._base import Change, stabilizers
@@ -39,7 +39,7 @@ class SkipScaleHook:
 
 
 def _positive_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
+    return is_int(value) and value >= 1  # type: ignore[operator]
 
 
 def _skip_position(block: nn.Module) -> int | None:
@@ -85,7 +85,7 @@ class ScaleLongStabilizer:
     bias: bool | None = None
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.kappa, (int, float)) and math.isfinite(self.kappa) and 0 < self.kappa <= 1):
+        if not (is_number(self.kappa) and 0 < self.kappa <= 1):
             raise ValueError(f"ScaleLongStabilizer.kappa={self.kappa!r}; allowed: a number in (0, 1]")
         if self.mode not in SCALE_LONG_MODES:
             raise ValueError(f"ScaleLongStabilizer.mode={self.mode!r}; allowed: {', '.join(SCALE_LONG_MODES)}")
