@@ -38,6 +38,7 @@ from keel.doctor.torchtitan_log import FORMAT as TORCHTITAN
 from keel.doctor.torchtitan_log import looks_like_torchtitan, read_torchtitan_log
 from keel.doctor.wandb_log import RUN_FILE_GLOB, is_wandb_file, read_wandb_log, wandb_runs
 from keel.store import STORE_NAME, find_runs
+from keel.store.sweep_schema import sweep_given_as_run
 
 READERS: dict[str, Callable[[Path], RawLog]] = {
     "csv": read_csv_log,
@@ -121,6 +122,9 @@ def detect_format(path: Path) -> str:
             return "tensorboard"
         if find_step_lines(path) is not None:
             return STEP_LINES
+        sweep = sweep_given_as_run(path)
+        if sweep is not None:
+            raise LogReadError(sweep)
         loose = files_named_like_logs(path)
         holds = f"; it holds {_listed(loose)}: give one of them itself" if loose else ""
         raise LogReadError(

@@ -21,7 +21,15 @@ from keel._core.errors import KeelWarning
 from keel._core.example_ids import parse_ids
 from keel._core.finding import SEVERITIES, Finding, severity_rank
 from keel.store._columns import Column, StoreFile, describe, parse_json, read_meta
-from keel.store.schema import SCHEMA_VERSION, STORE_NAME, newer_version_note, store_path, stored_version
+from keel.store.schema import (
+    SCHEMA_VERSION,
+    STORE_NAME,
+    StoreError,
+    newer_version_note,
+    store_path,
+    stored_version,
+)
+from keel.store.sweep_schema import SWEEP_STORE_NAME, sweep_given_as_run
 
 SIGNALS = (Column("step", "int"), Column("value", "real", nullable=True))
 FINDINGS = (
@@ -67,7 +75,8 @@ class RunReader:
 
     Raises:
         FileNotFoundError: No store at that path.
-        StoreError: The file is not SQLite; a method raises it when its table or a required column is missing.
+        StoreError: The file is not SQLite, or ``run`` is a sweep (its folder or its sweep.sqlite); a method raises
+            it when its table or a required column is missing.
 
     Warns:
         KeelWarning: A newer keel wrote the store; it is read as far as this keel knows its tables.
@@ -75,6 +84,9 @@ class RunReader:
 
     def __init__(self, run: str | Path) -> None:
         self.path = store_path(run)
+        sweep = None if self.path.is_file() and self.path.name != SWEEP_STORE_NAME else sweep_given_as_run(Path(run))
+        if sweep is not None:
+            raise StoreError(sweep)
         self._file = StoreFile(self.path, "run store")
         version = stored_version(self._file.conn)
         if version > SCHEMA_VERSION:

@@ -57,3 +57,15 @@ def sweep_store_path(sweep: str | Path) -> Path:
     """``sweep_dir/sweep.sqlite``, or the path itself when it already names a ``.sqlite`` file."""
     path = Path(sweep)
     return path if path.suffix == STORE_SUFFIX else path / SWEEP_STORE_NAME
+
+
+def sweep_given_as_run(path: Path) -> str | None:
+    """What to say when ``path``, given where a run store is read (``keel doctor``, ``keel export``), is a sweep's
+    folder or its ``sweep.sqlite``; None when it is neither."""
+    folder = path.parent if path.name == SWEEP_STORE_NAME else path
+    if not (folder / SWEEP_STORE_NAME).is_file():
+        return None
+    return (
+        f"{folder}: a keel sweep, not a run; allowed: keel report {folder} (its tables and figures), or one of its "
+        f"runs ({folder / 'runs'}/<recipe>/<size>/lr=<lr>/seed=<seed>)"
+    )
