@@ -87,12 +87,18 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.slow  # a real `keel sweep --workers 2` (spawned workers import torch): ~20 s
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc")
-@pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
-def test_a_signalled_sweep_exits_soon_and_leaves_no_worker(tmp_path, sig, code):
+@pytest.mark.parametrize(
+    "sig, code, said",
+    [(signal.SIGTERM, 143, "keel sweep: terminated (SIGTERM); the same command resumes it"), (signal.SIGINT, 130, "")],
+)
+def test_a_signalled_sweep_exits_soon_and_leaves_no_worker(tmp_path, sig, code, said):
     out = tmp_path / "sweep"
     cmd = [sys.executable, "-m", "keel.cli", "sweep", "--recipes", "baseline", "--sizes", "tiny", "--workers", "2"]
     cmd += ["--eval-batches", "1", "--no-plots", "--lrs", "1e-3", "1e-2", "3e-2", "--steps", "5000", "--out", str(out)]
-    driver = subprocess.Popen(cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL)
+    err = tmp_path / "stderr"
+    driver = subprocess.Popen(
+        cmd, env=dict(os.environ, OMP_NUM_THREADS="1"), stdout=subprocess.DEVNULL, stderr=err.open("w")
+    )
     try:
         # both workers started and running a run: the run stores exist
         assert _wait_until(lambda: len(list(out.glob("runs/*/*/*/*/run.sqlite"))) >= 2, timeout=120)
@@ -101,6 +107,8 @@ def test_a_signalled_sweep_exits_soon_and_leaves_no_worker(tmp_path, sig, code):
         driver.send_signal(sig)  # the driver alone, as `kill PID` or a job scheduler does
         assert driver.wait(timeout=60) == code
         assert _wait_until(lambda: all(_gone(w) for w in workers)), "a worker outlived the sweep"
+        # SIGTERM ended the sweep without a word (reviewer W, session 15); Ctrl-C's line comes from keel.cli
+        assert said in err.read_text()
     finally:
         if driver.poll() is None:
             driver.kill()

@@ -279,6 +279,8 @@ def sigterm_as_exit() -> Iterator[None]:
         return
 
     def exit_on_sigterm(signum: int, frame: object) -> None:
+        # said, as Ctrl-C's "interrupted" is: a job's log ended with the header line and nothing after it
+        print("keel sweep: terminated (SIGTERM); the same command resumes it", file=sys.stderr, flush=True)
         raise SystemExit(128 + signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
