@@ -203,3 +203,27 @@ def test_unit_scaling_pass_changes_no_bit(dtype: torch.dtype, monkeypatch: pytes
     orthogonalize_(ws, gs)
     for a, b in zip(gs, skipped, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_a_gradient_parallel_to_its_weights_projects_to_zero_not_to_rescaled_rounding_noise(dtype) -> None:
+    # Reviewer X's X6: for a 1-element parameter g is parallel to w, so g⊥ is rounding residue, which the rescale
+    # ‖g‖/‖g⊥‖ blew up to the full gradient (0.123 → ±0.123, the sign flipping when w moved by one ulp; as the
+    # official orthograd.py does). Exactly, g⊥ = 0.
+    for w0 in (0.3, 0.3 + 2**-25, 1.7, -0.9):
+        w, g = torch.tensor([w0], dtype=dtype), torch.tensor([0.123], dtype=dtype)
+        orthogonalize_([w], [g])
+        assert g.item() == 0.0
+    w = torch.randn(64, generator=torch.Generator().manual_seed(0)).to(dtype)
+    g = 2 * w  # parallel, 64 entries
+    orthogonalize_([w], [g])
+    assert torch.count_nonzero(g) == 0
+    # a gradient with an orthogonal part above rounding keeps its projection (float64 reference)
+    noise = torch.randn(64, generator=torch.Generator().manual_seed(1)).double()
+    w64 = w.double()
+    noise -= (noise @ w64) / (w64 @ w64) * w64
+    g = (2 * w64 + 0.05 * noise * (2 * w64).norm() / noise.norm()).to(dtype)
+    expected = torch.from_numpy(_project64(w.double().numpy(), g.double().numpy()))
+    orthogonalize_([w], [g])
+    tolerance = max(64 * torch.finfo(dtype).eps, 1e-5) * expected.norm().item()
+    assert torch.allclose(g.double(), expected, rtol=0, atol=tolerance)

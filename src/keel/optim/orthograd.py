@@ -5,6 +5,8 @@ From Prieto et al. (2025), "Grokking at the edge of numerical stability" (arXiv 
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any, overload
 
@@ -30,6 +32,7 @@ _TINY = 1e-30  # the reference's guard; representable in fp32 and bf16
 # the float32 accumulator) and float64 are left as they are, saving that pass.
 _SCALED_DTYPES = (torch.float32, torch.bfloat16)
 _SAFE_NORM = 2.0**64  # below it, w·g and ‖g⊥‖ cannot overflow float32 for any ‖w‖ < 2^63
+_PARALLEL = 4.0  # ‖g⊥‖ ≤ this·√n·ε·‖g‖ (or the gradient dtype's ε): g is parallel to w up to rounding
 _OVERFLOWED_SCALE = 2.0**-80  # ‖g‖ = inf in float32: 2^-80·g has entries ≤ 2^48, Σ of 2^30 squares ≤ 2^126
 
 
@@ -46,6 +49,12 @@ def orthogonalize_(params: Sequence[Tensor], grads: Sequence[Tensor], *, eps: fl
     not finite (‖w‖ ≳ 1e19) leaves that gradient unprojected. In bfloat16 and float16 the coefficient is
     applied in two parts (c rounded to the dtype, then the remainder), so a gradient nearly parallel to w keeps
     no parallel component from rounding c.
+
+    A gradient parallel to its weights up to rounding (‖g⊥‖ ≤ max(ε_g, 4√n·ε_acc)·‖g‖; always so for a
+    1-element parameter, a bias of one output or a learned temperature) gives g⊥ = 0, the exact value: such a
+    parameter does not train under ⊥Grad. The reference rescales the rounding residue to ‖g‖ instead, an update of
+    full size whose sign flips when w moves by one ulp; keel departs from it here (put scalars you want trained in
+    another optimizer).
     """
     if not params:
         return
@@ -67,7 +76,23 @@ def orthogonalize_(params: Sequence[Tensor], grads: Sequence[Tensor], *, eps: fl
     # ‖ĝ‖ = ‖g‖·scale (exact) unless ‖g‖ overflowed; then from ĝ = ĝ⊥ + c·w with ĝ⊥ ⊥ w.
     scaled_norm = torch.where(torch.isfinite(g_norm), g_norm * scales, torch.hypot(perp_norm, coeffs.abs() * w_norm))
     factors = (scaled_norm / (perp_norm + eps) / scales).clamp(max=torch.finfo(acc).max)
+    # a gradient parallel to its weights (every 1-element parameter's) leaves only rounding residue, which the
+    # rescale would blow up to the gradient's full size with a sign set by the last bit: g⊥ = 0, the exact value
+    factors = torch.where(perp_norm <= _parallel_below(params, acc) * scaled_norm, 0.0, factors)
     torch._foreach_mul_(grads, [f.to(g.dtype) for f, g in zip(factors.unbind(), grads, strict=True)])
+
+
+def _parallel_below(params: Sequence[Tensor], acc: torch.dtype) -> Tensor:
+    """Per tensor, the ‖g⊥‖/‖g‖ below which g is parallel to w up to rounding: the gradient dtype's own ε, or the
+    error of an n-term dot product in the accumulation dtype (``_PARALLEL``·√n·ε), whichever is larger."""
+    return _parallel_limits(tuple(p.numel() for p in params), params[0].dtype, acc, params[0].device)
+
+
+@functools.lru_cache(maxsize=64)
+def _parallel_limits(numels: tuple[int, ...], dtype: torch.dtype, acc: torch.dtype, device: torch.device) -> Tensor:
+    # made once per parameter layout: a tensor built from host numbers each step would be a host→device copy
+    eps_grad, eps_acc = torch.finfo(dtype).eps, torch.finfo(acc).eps
+    return torch.tensor([max(eps_grad, _PARALLEL * math.sqrt(n) * eps_acc) for n in numels], dtype=acc, device=device)
 
 
 def _may_overflow(norms: Tensor) -> bool:
