@@ -8,6 +8,7 @@ import json
 import math
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -295,3 +296,20 @@ def test_an_export_that_cannot_be_written_whole_leaves_the_last_one_and_names_th
     assert proc.returncode == 2 and proc.stderr.startswith(f"keel export: error: {out}: File too large"), proc.stderr
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["exported", "run"]  # no partial folder left
+
+
+def test_a_second_tensorboard_export_replaces_the_first(run_dir, tmp_path):
+    # Reviewer W (session 15): exporting again into the same folder added a second event file beside the first, so
+    # TensorBoard and `keel doctor` read the run twice (800 records for 400 steps, a "restart" at step 0, every
+    # finding doubled). csv and jsonl replace their files; the event file now does too.
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    first = export_run(run_dir, "tensorboard", tmp_path)
+    time.sleep(1.1)  # another second: the file was named by the time of its export (and the process id)
+    second = export_run(run_dir, "tensorboard", tmp_path)
+    assert first == second and sorted(p.name for p in tmp_path.iterdir()) == [second[0].name]
+    acc = EventAccumulator(str(tmp_path), size_guidance={"scalars": 0})
+    acc.Reload()
+    steps = [e.step for e in acc.Scalars("loss")]
+    assert steps == sorted(set(steps)) and len(steps) == len(store_contents(run_dir)[0]["loss"])

@@ -5,16 +5,17 @@ TensorFlow and not torch: events are written with TensorBoard's own protobufs.
 
 from __future__ import annotations
 
-import itertools
 import json
-import os
-import socket
 import time
 from pathlib import Path
 
 from keel.store.exporters._table import RunTable
 
 FINDINGS_TAG, DECISIONS_TAG, META_TAG = "keel/findings", "keel/decisions", "keel/meta"
+# One name for every export (TensorBoard reads any file named *tfevents*): an export into a folder that holds an
+# earlier one replaces it. Named by time, host and process id, a second export was a second file beside the first,
+# and TensorBoard and `keel doctor` read the run twice (every step and finding doubled, a "restart" at step 0).
+EVENT_FILE = "events.out.tfevents.keel"
 
 
 def export(table: RunTable, out: Path) -> list[Path]:
@@ -34,8 +35,8 @@ def export(table: RunTable, out: Path) -> list[Path]:
         ) from exc
     out.mkdir(parents=True, exist_ok=True)
     wall = time.time()
-    path = _new_event_file(out, wall)
-    with path.open("xb") as handle:
+    path = out / EVENT_FILE
+    with path.open("wb") as handle:
         writer = RecordWriter(handle)
 
         def add(event: Event) -> None:
@@ -62,12 +63,6 @@ def export(table: RunTable, out: Path) -> list[Path]:
                 text = json.dumps([r for r in records if r["step"] == step], indent=1)
                 add(Event(wall_time=wall, step=step, summary=Summary(value=[_text(tag, text)])))
     return [path]
-
-
-def _new_event_file(out: Path, wall: float) -> Path:
-    """A name TensorBoard reads as an event file (``events.out.tfevents.TIME.HOST.PID.N``) not yet in ``out``."""
-    stem = f"events.out.tfevents.{int(wall):010d}.{socket.gethostname()}.{os.getpid()}"
-    return next(out / f"{stem}.{n}" for n in itertools.count() if not (out / f"{stem}.{n}").exists())
 
 
 def _text(tag: str, text: str):  # type: ignore[no-untyped-def]
