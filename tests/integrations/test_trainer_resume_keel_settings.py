@@ -160,3 +160,62 @@ def test_lightning_a_resume_under_skip_says_the_checkpoints_actions_are_not_appl
         fit([KeelCallback(policy="skip")], ckpt_path=str(tmp_path / "at8.ckpt"))
     said = [r.getMessage() for r in caplog.records if "does not apply" in r.getMessage()]
     assert len(said) == 1 and "policy 'skip'" in said[0] and "'lr_scale': 0.1" in said[0]
+
+
+def test_hf_an_abort_in_a_resumed_run_names_the_trainers_earlier_checkpoints(tmp_path, caplog):
+    """A run resumed from a checkpoint saved after an update that damaged it (before keel's rollback) aborts: keel's
+    snapshots begin at that checkpoint. A run_clm-shaped run killed two updates after an LR surge aborted twice on
+    relaunch, with nothing said of the checkpoint before the damaged one."""
+    pytest.importorskip("transformers")
+    from keel import TrainingAborted
+    from keel.integrations.hf import KeelCallback
+    from tests.integrations.test_hf import train
+    from tests.integrations.test_trl import CriticalAt
+
+    kw = {"steps": 12, "accumulate": 1, "save_strategy": "steps", "save_steps": 4}
+    train(tmp_path, [KeelCallback(policy="recover")], **kw)
+    resumed = KeelCallback(policy="recover", detectors=[CriticalAt(*range(8, 40))])  # never healthy again
+    with caplog.at_level(logging.WARNING, logger="keel"), pytest.raises(TrainingAborted):
+        train(tmp_path, [resumed], resume=str(tmp_path / "hf" / "checkpoint-8"), **kw)
+    said = [r.getMessage() for r in caplog.records if "earlier one" in r.getMessage()]
+    assert said == [
+        "this run started from the trainer's checkpoint at step 8, where keel's snapshots begin: if the trouble began "
+        "before that checkpoint was saved, resume from an earlier one (newest first: checkpoint-4) with a new run_dir"
+    ]
+
+
+def test_lightning_an_abort_in_a_resumed_run_names_the_earlier_checkpoints(tmp_path, caplog):
+    L = pytest.importorskip("lightning")
+    from lightning.pytorch.callbacks import ModelCheckpoint
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from keel import TrainingAborted
+    from keel.integrations.lightning import KeelCallback
+    from tests.integrations.test_lightning import Regression
+    from tests.integrations.test_trl import CriticalAt
+
+    def fit(keel, ckpt_path=None):
+        torch.manual_seed(0)
+        x = torch.randn(16 * 12, 8, generator=torch.Generator().manual_seed(0))
+        saves = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=4, save_top_k=-1)
+        trainer = L.Trainer(
+            max_steps=12,
+            accelerator="cpu",
+            logger=False,
+            enable_progress_bar=False,
+            enable_model_summary=False,
+            callbacks=[keel, saves],
+        )
+        data = DataLoader(TensorDataset(x, torch.tanh(x[:, :4])), batch_size=16)
+        trainer.fit(Regression(), data, ckpt_path=ckpt_path)
+
+    fit(KeelCallback(policy="recover"))
+    resumed = KeelCallback(policy="recover", detectors=[CriticalAt(*range(8, 40))])
+    with caplog.at_level(logging.WARNING, logger="keel"), pytest.raises(TrainingAborted):
+        fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=8.ckpt"))
+    said = [r.getMessage() for r in caplog.records if "earlier one" in r.getMessage()]
+    assert said == [
+        "this run started from the trainer's checkpoint at step 8, where keel's snapshots begin: if the trouble began "
+        "before that checkpoint was saved, resume from an earlier one (newest first: epoch=0-step=4.ckpt) with a new "
+        "run_dir"
+    ]

@@ -65,10 +65,16 @@ from torch import Tensor, nn
 
 from keel._core import keys
 from keel._core.decision import Decision
-from keel._core.errors import KeelWarning
+from keel._core.errors import KeelWarning, TrainingAborted
 from keel.guard import Guard, console
 from keel.guard.options import check_loss, step_needs_an_argument
-from keel.integrations._carried import kept_baselines, kept_history, restore_baselines, restore_history
+from keel.integrations._carried import (
+    earlier_checkpoints_advice,
+    kept_baselines,
+    kept_history,
+    restore_baselines,
+    restore_history,
+)
 from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
@@ -319,6 +325,11 @@ class KeelCallback(TrainerCallback):
             with self._handoff.acting_for_keel():
                 decision = self._step_guard(loss, norm)
         except BaseException as exc:  # TrainingAborted (or the user's own optimizer error) ends Trainer.train()
+            if isinstance(exc, TrainingAborted) and self.guard is not None:
+                folder = getattr(self._args, "output_dir", None)
+                self.guard.components.call(
+                    "hf resume", earlier_checkpoints_advice, self.guard, folder, _CHECKPOINT_NAME
+                )
             self._finish(exc)
             raise
         if decision.action == "rollback" and self._schedule is not None and self.guard is not None:
@@ -525,6 +536,7 @@ class KeelCallback(TrainerCallback):
             self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
 
 
+_CHECKPOINT_NAME = r"^checkpoint-(\d+)$"  # the Trainer's checkpoint folders, their step as group 1
 _CHECKPOINT_KEY = "keel"  # keel's entry in a checkpoint's trainer_state.json "stateful_callbacks"
 _OPEN: weakref.WeakSet[KeelCallback] = weakref.WeakSet()  # callbacks between on_train_begin and their end
 

@@ -44,9 +44,15 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from keel._core.errors import KeelWarning
+from keel._core.errors import KeelWarning, TrainingAborted
 from keel.guard import Guard
-from keel.integrations._carried import kept_baselines, kept_history, restore_baselines, restore_history
+from keel.integrations._carried import (
+    earlier_checkpoints_advice,
+    kept_baselines,
+    kept_history,
+    restore_baselines,
+    restore_history,
+)
 from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
@@ -234,6 +240,11 @@ class KeelCallback(Callback):
         self._baselines_before = baselines if isinstance(baselines, dict) else None
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        if isinstance(exception, TrainingAborted) and self.guard is not None:
+            folder = getattr(trainer.checkpoint_callback, "dirpath", None)
+            self.guard.components.call(
+                "lightning resume", earlier_checkpoints_advice, self.guard, folder, _CHECKPOINT_NAME
+            )
         self._finish(exception)
 
     # --- the update ---------------------------------------------------------------------------------
@@ -294,6 +305,7 @@ class KeelCallback(Callback):
             self.guard.__exit__(type(exc) if exc is not None else None, exc, None)
 
 
+_CHECKPOINT_NAME = r"step=(\d+)"  # ModelCheckpoint's default file names (epoch=0-step=10.ckpt), their step as group 1
 MANUAL_OPTIMIZATION = (
     "KeelCallback with automatic_optimization=False: not supported (the module steps its optimizers itself, one "
     "update per optimizer, and KeelCallback guards one); allowed: automatic optimization, or, keeping the module as "
