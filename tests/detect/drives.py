@@ -23,6 +23,7 @@ from tests.detect import (
     test_eps_dominance,
     test_lora_blowup,
     test_loss_scale_thrash,
+    test_lr_surge,
     test_moe_detectors,
     test_opposing_signals,
     test_qat_oscillation,
@@ -209,6 +210,14 @@ def _loss_scale(thrash: bool = False) -> list[Observation]:
     return test_loss_scale_thrash.scaler_trace(overs, growth_interval=40)
 
 
+def _lr_schedule(surge_at: int | None = None) -> list[Observation]:
+    """litgpt's warm-up + cosine learning rates over 120 steps; with ``surge_at``, that one update at 100x."""
+    lrs = test_lr_surge.litgpt_lrs(steps=120)
+    if surge_at is not None:
+        lrs[surge_at] *= 100
+    return test_lr_surge.observations(lrs)
+
+
 def _moe(name: str) -> list[Observation]:
     return test_moe_detectors.recorded(name, 150)
 
@@ -244,6 +253,7 @@ DRIVES: dict[str, Drive] = {
     ),
     "eps_dominance": Drive(healthy=_adam_eps, trigger=lambda: _adam_eps(collapse=True)),
     "loss_scale_thrash": Drive(healthy=_loss_scale, trigger=lambda: _loss_scale(thrash=True)),
+    "lr_surge": Drive(healthy=_lr_schedule, trigger=lambda: _lr_schedule(surge_at=60)),
     "source_drift": Drive(healthy=_sources, trigger=lambda: _sources(bad=2)),
     "opposing_signals": Drive(healthy=_opposition, trigger=lambda: _opposition(spike_at=200)),
     # preference and policy-gradient RL (tests/detect/rl_series.py): 120 steps each, every key the detector reads

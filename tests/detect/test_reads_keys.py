@@ -17,7 +17,7 @@ from keel.detect.scan import ReadsKeys
 
 DECLARING = [d for d in default_detectors() if isinstance(d, ReadsKeys)]
 MEMBERS = ("blocks.0", "blocks.1", "head.weight")
-OTHER_KEYS = ("lr", "epoch", "tokens", "val/loss", "time/step")  # keys no detector of the default set reads
+OTHER_KEYS = ("epoch", "tokens", "val/loss", "time/step")  # keys no detector of the default set reads
 NUMBERS = st.one_of(
     st.floats(min_value=-5, max_value=80), st.sampled_from([0.0, 1.0, math.nan, math.inf, -math.inf, 0.99, 0.5])
 )
@@ -50,6 +50,7 @@ def test_the_predictive_and_non_finite_detectors_declare_their_keys():
         "edge_of_stability",
         "eps_dominance",
         "loss_scale_thrash",
+        "lr_surge",
         "qat_oscillation",
         "activation_growth",
         "lora_blowup",

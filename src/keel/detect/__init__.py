@@ -19,6 +19,7 @@ from keel.detect.length_explosion import LengthExplosionConfig, LengthExplosionD
 from keel.detect.likelihood_displacement import LikelihoodDisplacementConfig, LikelihoodDisplacementDetector
 from keel.detect.lora_blowup import LoraBlowupConfig, LoraBlowupDetector
 from keel.detect.loss_scale_thrash import LossScaleThrashConfig, LossScaleThrashDetector
+from keel.detect.lr_surge import LrSurgeConfig, LrSurgeDetector
 from keel.detect.non_finite import NonFiniteConfig, NonFiniteDetector
 from keel.detect.non_finite_origin import NonFiniteOriginDetector
 from keel.detect.opposing_signals import OpposingSignalsDetector, OpposingSignalsDetectorConfig
@@ -68,6 +69,8 @@ __all__ = [
     "LoraBlowupDetector",
     "LossScaleThrashConfig",
     "LossScaleThrashDetector",
+    "LrSurgeConfig",
+    "LrSurgeDetector",
     "NonFiniteConfig",
     "NonFiniteDetector",
     "NonFiniteOriginDetector",
@@ -111,7 +114,8 @@ def default_detectors() -> list[Detector]:
     """The detectors a `Guard` runs unless told otherwise.
 
     Loss and gradient spikes, divergence, non-finite values and where they were born, a GradScaler's loss-scale
-    thrash; and the predictive
+    thrash, an update whose learning rate surges far above any the run had used (`LrSurgeDetector`); and the
+    predictive
     ones: attention-logit growth, attention-entropy collapse, output-logit drift, softmax collapse, the
     edge of stability and activation growth towards the precision's max; a LoRA adapter's blow-up; the stability
     gap after a phase switch (`Guard.phase`, evals); a mixture-of-experts router's logit growth, load collapse and
@@ -127,6 +131,7 @@ def default_detectors() -> list[Detector]:
         NonFiniteDetector(),
         NonFiniteOriginDetector(),
         LossScaleThrashDetector(),
+        LrSurgeDetector(),
         AttentionLogitGrowthDetector(),
         AttentionEntropyCollapseDetector(),
         OutputLogitDriftDetector(),

@@ -8,8 +8,9 @@ from keel._core import keys
 from keel._core.finding import Finding, Severity
 from keel.detect.causes import cause_for
 
-# Findings a skipped update mends: the damage is confined to this step's gradients.
-SKIPPABLE_KINDS = frozenset({"non_finite", "loss_spike", "grad_spike"})
+# Findings a skipped update mends: the damage is confined to this step's gradients, or (an LR surge) to the update
+# about to be applied with them.
+SKIPPABLE_KINDS = frozenset({"non_finite", "loss_spike", "grad_spike", "lr_surge"})
 
 
 def skip_mends(finding: Finding) -> bool:

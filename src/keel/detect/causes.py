@@ -294,6 +294,30 @@ CAUSES: dict[str, Cause] = {
             ),
         ),
         Cause(
+            kind="lr_surge",
+            title="learning-rate surge",
+            mechanism="The learning rate of this update is far above any the run had used: a schedule or LR formula "
+            "that returns a wrong value for a step moves the weights tens of times as far as the updates around it, "
+            "and the loss jumps or stays raised for many steps after.",
+            advice=(
+                Advice(
+                    action="skip the update (policy='skip' or 'recover'): it is left out before it is applied",
+                    source="nanochat/minGPT/litgpt loops with one update at 100x the learning rate (keel h26 F4)",
+                ),
+                Advice(
+                    action="check the schedule or LR formula at this step (a warm-up or decay factor, a resumed "
+                    "scheduler's state, a group's LR written by hand)",
+                    source="torch.optim.lr_scheduler",
+                ),
+            ),
+            warning_advice=(
+                Advice(
+                    action="if the raised learning rate is meant, nothing to do; else check the schedule or LR formula",
+                    source="torch.optim.lr_scheduler",
+                ),
+            ),
+        ),
+        Cause(
             kind="divergence",
             title="divergence",
             mechanism="The loss rose well above its best level and stays there.",
