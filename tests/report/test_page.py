@@ -177,3 +177,18 @@ def test_a_report_that_cannot_be_written_whole_leaves_the_old_one_and_names_the_
     assert proc.stderr.startswith(f"keel report: error: {out}: File too large")
     assert out.read_text() == "the report of yesterday"
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["report.html"]  # no partial file left
+
+
+@pytest.mark.parametrize("target", ["store", "log"])
+def test_the_report_never_writes_over_a_store_or_a_log_it_reads(runs, tmp_path, target):
+    # Reviewer W (session 15): `keel report RUN -o RUN/run.sqlite` and `keel report train.csv -o train.csv` replaced
+    # the run store / the training log with the HTML page, exit status 0.
+    log = tmp_path / "train.csv"
+    log.write_text("step,loss\n" + "".join(f"{s},{3 - s / 100}\n" for s in range(40)))
+    store = tmp_path / "run" / "run.sqlite"
+    make_run_store(store.parent, steps=40, spike_at=None, skip_at=None)
+    given, out = (store.parent, store) if target == "store" else (log, log)
+    before = out.read_bytes()
+    with pytest.raises(ReportError, match=rf"{out}: .*the report would replace it; allowed: another file"):
+        write_report([given], out)
+    assert out.read_bytes() == before

@@ -27,6 +27,7 @@ import numpy as np
 from keel._core import keys
 from keel._core.errors import KeelError
 from keel.doctor.mlflow_log import db_run_path
+from keel.doctor.store_log import is_sqlite
 from keel.report import charts as _charts
 from keel.report import overview as _overview
 from keel.report import sections as _sections
@@ -101,6 +102,9 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     missing = [str(p) for p in paths if not Path(p).exists() and db_run_path(Path(p)) is None]  # mlflow.db/<run>
     if missing:  # a typo must not quietly give a report with a run left out
         raise ReportError(f"{', '.join(missing)}: no such file or folder; allowed: {ALLOWED}")
+    overwritten = _read_by_the_report(Path(out_path), paths)
+    if overwritten is not None:
+        raise ReportError(f"{out_path}: {overwritten}: the report would replace it; allowed: another file (*.html)")
     with tempfile.TemporaryDirectory(prefix="keel-report-") as scratch:  # the stores of logs, read whole below
         sources = logs_as_runs([classify(path) for path in _distinct(expand(paths))], Path(scratch))
         empty = [source.note for source in sources if not source.store]
@@ -117,6 +121,19 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     out = Path(out_path)
     write_whole(out, build_page(runs, notes, sweeps=sweeps))
     return out
+
+
+def _read_by_the_report(out: Path, paths: list[str | Path]) -> str | None:
+    """What ``out`` is when writing the page there would destroy what reports are made from (``keel report RUN -o
+    RUN/run.sqlite``, ``keel report train.csv -o train.csv`` replaced the store or the log with the page); None when
+    it is a new file or another one."""
+    if not out.is_file():
+        return None
+    if is_sqlite(out):
+        return "an SQLite file (a run or sweep store, an MLflow database)"
+    if any(out.resolve() == Path(p).resolve() for p in paths):
+        return "a log this report reads"
+    return None
 
 
 def write_whole(out: Path, text: str) -> None:
