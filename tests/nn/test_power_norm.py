@@ -194,10 +194,10 @@ def test_zero_infinite_and_nan_inputs_give_what_float64_gives_and_padding_stays_
 
 
 @pytest.mark.parametrize("reference_backward", [False, True])
-def test_a_compiled_power_norm_is_one_graph_through_and_past_warm_up(reference_backward):
-    """Before, the step count was a host int and the warm-up passed ψ² as two arguments of one autograd.Function:
-    a graph break at every training forward and a recompilation at each (10 graphs in 12 forwards), and
-    ``fullgraph=True`` raised "duplicate tensor input"."""
+def test_a_compiled_power_norm_does_not_recompile_through_and_past_warm_up(reference_backward):
+    """Before, the step count was a host int: a recompilation at every training forward (10 graphs in 12 forwards,
+    then eager for good past the recompile limit). The approximate backward runs eagerly (one graph break): traced,
+    inductor got it wrong after warm-up (/tmp/h27X/c12_powernorm_inductor.py)."""
     torch._dynamo.reset()
     torch.manual_seed(0)
     eager = torch.nn.Sequential(
@@ -207,12 +207,15 @@ def test_a_compiled_power_norm_is_one_graph_through_and_past_warm_up(reference_b
     )
     compiled_model = copy.deepcopy(eager)
     backend = GraphCounter()
-    forward = torch.compile(compiled_model, backend=backend, fullgraph=True)
+    forward = torch.compile(compiled_model, backend=backend)
+    compiled = []
     for _ in range(6):  # forwards 1-3 in warm-up (batch ψ²), 4-6 past it (running φ)
-        x = torch.randn(4, 5, 8)
+        x = torch.randn(4, 8)
         eager(x).square().mean().backward()
+        before = backend.compiled
         forward(x).square().mean().backward()
-    assert backend.compiled == 1
+        compiled.append(backend.compiled - before)
+    assert compiled[1:] == [0] * 5, compiled
     assert int(compiled_model[1].iters) == 6
     for name, value in eager.state_dict().items():
         assert torch.equal(value, compiled_model.state_dict()[name]), name

@@ -65,6 +65,14 @@ class _PowerFunction(torch.autograd.Function):
         return grad_x, grad_weight, grad_bias, None, None, None, None, None, None
 
 
+@torch._disable_dynamo
+def _apply_power_function(*args: Any) -> Tensor:
+    """`_PowerFunction` run eagerly, also inside a ``torch.compile``'d model (one graph break there): traced, its
+    backward — which updates the running Γ in place — came out wrong under inductor (a 2-D input's gradient 17 %
+    off from the first step after warm-up, /tmp/h27X/c12_powernorm_inductor.py), while ``aot_eager`` was exact."""
+    return _PowerFunction.apply(*args)
+
+
 def _valid_mean(values: Tensor, valid: Tensor | None) -> Tensor:
     """Per-channel mean of ``values`` (..., C) over the tokens where ``valid`` (..., 1) is True (all when None): a
     padded token's value, even NaN or ±Inf, is left out (a product with 0 would keep NaN)."""
@@ -192,7 +200,7 @@ class PowerNorm(nn.Module):
             batch_sq = _valid_mean(x.detach().square(), valid)  # ψ², (C,)
             self.iters.add_(1)
             used, divisor = self._update_statistics(batch_sq, self.iters.to(torch.float64))
-        return _PowerFunction.apply(x, weight, bias, valid, used, self.ema_gz, self.alpha_bkw, divisor, self.eps)
+        return _apply_power_function(x, weight, bias, valid, used, self.ema_gz, self.alpha_bkw, divisor, self.eps)
 
     def _update_statistics(self, batch_sq: Tensor, step: Tensor) -> tuple[Tensor, Tensor]:
         """Advance φ with this batch's ψ² at the 1-based training forward ``step`` (a 0-d float64 tensor); returns the
