@@ -78,3 +78,11 @@ def test_the_trainers_own_clip_grad_norm_is_still_taken_over(tmp_path):
 
     _run(tmp_path, [KeelCallback(policy="skip")], trainer_class=Counts)
     assert seen == [0.0] * STEPS  # keel clips: the Trainer's setting is 0 during each update
+
+
+def test_observe_with_an_overridden_clip_stays_bit_identical_and_says_nothing(tmp_path, caplog):
+    _, bare, _ = _run(tmp_path / "bare", [])
+    with caplog.at_level(logging.WARNING, logger="keel"):
+        _, observed, calls = _run(tmp_path / "keel", [KeelCallback(policy="observe")])
+    assert calls == list(range(STEPS)) and all(torch.equal(a, b) for a, b in zip(bare, observed, strict=True))
+    assert not [r for r in caplog.records if "_clip_grad_norm" in r.getMessage()]  # keel never took clipping over
