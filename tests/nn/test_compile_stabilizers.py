@@ -83,3 +83,25 @@ def test_one_graph_over_training_steps_and_eager_results(build, shape) -> None:
         assert (a.grad is None and b.grad is None) or torch.equal(a.grad, b.grad), name
     for (name, a), b in zip(eager.named_buffers(), compiled_module.buffers(), strict=True):
         assert torch.equal(a, b), name
+
+
+def test_stabilize_after_the_model_was_compiled_and_run_recompiles_once() -> None:
+    """The graph compiled before `stabilize` fails its guards; the stabilized model is compiled once and matches
+    eager mode (σReparam applied at the same step)."""
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    eager = nn.Sequential(nn.Linear(16, 32), nn.GELU(), nn.Linear(32, 16))
+    model = copy.deepcopy(eager)
+    backend = GraphCounter()
+    compiled = torch.compile(model, backend=backend)
+    compiled_per_step = []
+    for step in range(4):
+        if step == 2:
+            kn.stabilize(eager, ["sigma_reparam"])
+            kn.stabilize(model, ["sigma_reparam"])
+        x = torch.randn(4, 16)
+        before = backend.compiled
+        y = compiled(x)
+        compiled_per_step.append(backend.compiled - before)
+        assert torch.equal(y, eager(x))
+    assert compiled_per_step == [1, 0, 1, 0]
