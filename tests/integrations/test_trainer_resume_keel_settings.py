@@ -219,3 +219,26 @@ def test_lightning_an_abort_in_a_resumed_run_names_the_earlier_checkpoints(tmp_p
         "before that checkpoint was saved, resume from an earlier one (newest first: epoch=0-step=4.ckpt) with a new "
         "run_dir"
     ]
+
+
+def test_hf_the_trainers_logged_learning_rate_is_the_one_keels_back_off_applied(tmp_path, monkeypatch):
+    """After a rollback that backed the LR off ×0.1 the Trainer logged the scheduler's LR, 10× the one the updates
+    were made with (0.00225 logged, 0.000225 applied): its log (TensorBoard, W&B) hid keel's back-off."""
+    pytest.importorskip("transformers")
+    from keel.integrations.hf import KeelCallback
+    from tests.integrations.test_hf import train
+
+    applied, step = [], torch.optim.AdamW.step
+
+    def recorded(self, *args, **kwargs):
+        applied.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", recorded)
+    recovery = RecoveryConfig(snapshot_every=2, quiet_steps=1)
+    keel = KeelCallback(policy="recover", recovery=recovery, detectors=[TroubleAt(ROLLBACK_AT)])
+    trainer = train(tmp_path, [keel], steps=STEPS, accumulate=1)
+    logged = [h["learning_rate"] for h in trainer.state.log_history if "learning_rate" in h]
+    del logged[ROLLBACK_AT]  # the update rolled back: not made
+    assert logged == pytest.approx(applied, rel=1e-6)  # before: ×10 from the rollback on
+    assert applied[ROLLBACK_AT] < logged[ROLLBACK_AT - 1] / 5  # (the back-off is in force after the rollback)

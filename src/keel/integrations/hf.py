@@ -16,7 +16,7 @@ How it fits the Trainer's loop (transformers ≥ 4.40):
   optimizer (through accelerate's GradScaler under fp16), skips or rolls back, and steps the LR scheduler
   only after an applied update; the Trainer's own ``lr_scheduler.step()`` then does nothing
   (`keel.integrations._handoff`). The learning rate the Trainer logs, read between the two calls, is the update's,
-  as without keel (the scheduler's ``get_last_lr()`` answers with it until the step ends).
+  as without keel (the scheduler's ``get_last_lr()`` answers with it until the step ends), keel's LR back-off included.
 - **clipping**: keel measures gradients before clipping, so a gradient spike is still visible. Under
   ``"skip"`` and ``"recover"`` it takes over ``max_grad_norm`` for the run (the formula of
   ``clip_grad_norm_``, equal up to rounding of the coefficient) and sets the Trainer's to 0 during each update (the
@@ -403,12 +403,16 @@ class KeelCallback(TrainerCallback):
             say(self.guard, hint)
 
     def _scheduled_lr(self) -> list[float] | None:
-        """The scheduler's learning rates for the update about to be made (None without a scheduler keel steps)."""
-        if not self._shows_update_lr:
+        """The learning rates of the update about to be made (None without a scheduler keel steps): the scheduler's,
+        times keel's LR back-off in force (the Trainer logged the scheduler's alone, 10× the LR applied after a
+        rollback's ×0.1)."""
+        if not self._shows_update_lr or self.guard is None:
             return None
         try:
             with self._handoff.acting_for_keel():
-                return list(self._objects["scheduler"].get_last_lr())
+                lrs = list(self._objects["scheduler"].get_last_lr())
+            scales = self.guard.actuator.lr_scales(self.guard.global_step)
+            return [lr * s for lr, s in zip(lrs, scales, strict=True)] if len(scales) == len(lrs) else lrs
         except Exception:  # keel's bookkeeping never stops training: the Trainer then reads the scheduler as it is
             return None
 
