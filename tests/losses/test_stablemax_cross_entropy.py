@@ -132,3 +132,31 @@ def test_cross_entropy_of_a_target_logit_at_the_float32_limit_is_finite(dtype: t
     assert x.grad is not None and torch.isfinite(x.grad).all()
     rtol = 1e-5 if dtype == torch.float32 else 8e-3  # the gradient is rounded to bf16
     torch.testing.assert_close(x.grad.double(), x64.grad, rtol=rtol, atol=1e-12)
+
+
+def test_targets_of_minus_100_are_ignored_as_by_f_cross_entropy_even_over_nan_logits() -> None:
+    """Hugging Face labels padding and prompt tokens -100 (F.cross_entropy's ignore_index): before, the gather
+    raised "index -100 is out of bounds" (on CUDA, a device-side assert)."""
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5, generator=gen)
+    target = torch.tensor([1, -100, 4, 0, -100, 2])
+    kept = target != -100
+    logits[1] = float("nan")  # a fully masked attention row's logits
+    logits.requires_grad_()
+    loss = stablemax_cross_entropy(logits, target)
+    expected = stablemax_cross_entropy(logits.detach()[kept], target[kept])
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)  # the sum runs over zeros too
+    loss.backward()
+    assert torch.isfinite(logits.grad).all() and not logits.grad[~kept].any()
+    per_token = stablemax_cross_entropy(logits.detach(), target, reduction="none")
+    assert per_token.shape == (6,) and not per_token[~kept].any()
+    torch.testing.assert_close(per_token.sum(), stablemax_cross_entropy(logits.detach(), target, reduction="sum"))
+    everything = torch.full((6,), 7)
+    assert stablemax_cross_entropy(logits.detach(), everything, ignore_index=7).item() == 0.0
+
+
+@pytest.mark.parametrize("target", [torch.full((3,), 1.7), torch.ones(3, dtype=torch.bool)])
+def test_a_target_that_is_not_integer_is_refused(target) -> None:
+    """A float target was truncated to a class index by .long() (1.7 -> class 1), silently."""
+    with pytest.raises(ValueError, match=r"target.dtype=torch\.\w+; allowed: an integer dtype"):
+        stablemax_cross_entropy(torch.randn(3, 4), target)

@@ -8,6 +8,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from keel.losses._checks import is_int
+
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -56,7 +58,12 @@ def log_stablemax(logits: Tensor, dim: int = -1) -> Tensor:
     return out.scatter(dim, top, -torch.log1p(rest / s.gather(dim, top)))
 
 
-def stablemax_cross_entropy(logits: Tensor, target: Tensor, *, reduction: str = "mean") -> Tensor:
+IGNORE_INDEX = -100  # F.cross_entropy's default, and Hugging Face's label for padding and prompt tokens
+
+
+def stablemax_cross_entropy(
+    logits: Tensor, target: Tensor, *, reduction: str = "mean", ignore_index: int = IGNORE_INDEX
+) -> Tensor:
     """Cross-entropy with StableMax in place of softmax: −log StableMax(x)_y.
 
     Use it as the output loss when float32 softmax cross-entropy stops learning because the softmax has
@@ -72,13 +79,18 @@ def stablemax_cross_entropy(logits: Tensor, target: Tensor, *, reduction: str = 
     Args:
         logits: ``(N, C)`` or ``(..., C)`` scores; half precision is computed in float32.
         target: ``(N,)`` or ``(...)`` integer class indices.
-        reduction: ``"mean"``, ``"sum"`` or ``"none"``.
+        reduction: ``"mean"`` (over the tokens not ignored), ``"sum"`` or ``"none"``.
+        ignore_index: Targets with this value count for nothing, in value and gradient, whatever their logits
+            (as ``F.cross_entropy``: -100, Hugging Face's label for padding). A batch with every target ignored
+            gives 0 (``F.cross_entropy`` gives NaN for ``"mean"``).
 
     Returns:
-        The loss (0-d, or shaped like ``target`` for ``"none"``), float32 (float64 for float64 logits).
+        The loss (0-d, or shaped like ``target`` for ``"none"``, 0 at ignored targets), float32 (float64 for
+        float64 logits).
 
     Raises:
-        ValueError: unknown ``reduction`` or mismatched shapes.
+        ValueError: unknown ``reduction``, mismatched shapes, a target that is not of an integer dtype (a float
+            target was truncated to a class index) or an ``ignore_index`` that is not an int.
 
     Example:
         >>> logits = torch.tensor([[100.0, 0.0, -100.0]])
@@ -96,9 +108,16 @@ def stablemax_cross_entropy(logits: Tensor, target: Tensor, *, reduction: str = 
         raise ValueError(
             f"target.shape={tuple(target.shape)}; allowed: the logits' leading shape {tuple(logits.shape[:-1])}"
         )
-    x = _upcast(logits)
+    if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+        raise ValueError(f"target.dtype={target.dtype}; allowed: an integer dtype (class indices)")
+    if not is_int(ignore_index):
+        raise ValueError(f"ignore_index={ignore_index!r}; allowed: an int (F.cross_entropy's -100 by default)")
+    ignored = target == ignore_index
+    # An ignored token's logits (a padded position's may be NaN) are replaced, so nothing of them reaches the loss
+    # or, through 0·NaN, the gradient; its target becomes class 0 for the gather.
+    x = torch.where(ignored.unsqueeze(-1), 0.0, _upcast(logits))
     s = stablemax_s(x)
-    index = target.long().unsqueeze(-1)
+    index = torch.where(ignored, 0, target.long()).unsqueeze(-1)
     x_target = x.gather(-1, index).squeeze(-1)
     s_target = s.gather(-1, index).squeeze(-1)
     # Summing the other terms directly (not Σ s − s_y) avoids cancellation when the target dominates.
@@ -112,8 +131,9 @@ def stablemax_cross_entropy(logits: Tensor, target: Tensor, *, reduction: str = 
         torch.log(torch.where(overflowed, s_other, 1.0)) - _log_s(torch.where(overflowed, x_target, 0.0)),
         torch.log1p(ratio),
     )
+    loss = torch.where(ignored, 0.0, loss)
     if reduction == "mean":
-        return loss.mean()
+        return loss.sum() / (~ignored).sum().clamp_min(1)
     if reduction == "sum":
         return loss.sum()
     return loss
