@@ -204,3 +204,19 @@ def test_a_peft_llama_from_config_trains_under_allora_with_scaling_one_and_no_dr
         losses.append(loss.item())
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
     assert layer.lora_B["default"].weight.abs().max() > 0
+
+
+def test_a_sparse_gradient_or_a_complex_parameter_is_refused_before_any_gradient_is_scaled() -> None:
+    """Before: torch's "reshape is not implemented for sparse tensors", and a complex LoRA factor got coefficients
+    from its real part alone (a UserWarning from inside, the imaginary part discarded)."""
+    embedding = torch.nn.Embedding(10, 4, sparse=True)
+    embedding(torch.tensor([1, 2])).sum().backward()
+    dense = torch.nn.Parameter(torch.ones(3, 2))
+    dense.grad = torch.ones(3, 2)
+    with pytest.raises(ValueError, match=r"ALLoRA: a sparse gradient .* shape \(10, 4\); allowed: dense gradients"):
+        ALLoRA([dense, embedding.weight]).scale_()
+    assert torch.equal(dense.grad, torch.ones(3, 2))  # nothing scaled
+    factor = torch.nn.Parameter(torch.randn(3, 2, dtype=torch.complex64))
+    factor.grad = torch.ones(3, 2, dtype=torch.complex64)
+    with pytest.raises(ValueError, match=r"ALLoRA: a torch.complex64 parameter .*; allowed: real floating-point"):
+        ALLoRA([factor]).scale_()

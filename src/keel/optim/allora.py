@@ -17,6 +17,7 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from keel._core.errors import KeelWarning
+from keel.optim._helpers import params_with_grad
 
 GRANULARITIES = ("row", "matrix")
 
@@ -147,10 +148,15 @@ class ALLoRA:
 
     @torch.no_grad()
     def scale_(self) -> None:
-        """Multiply every gradient in place by its ALLoRA coefficients; parameters without a gradient are skipped."""
-        for p in self.params:
-            if p.grad is not None:
-                allora_scale_(p.grad, p, eta=self.eta, granularity=self.granularity)
+        """Multiply every gradient in place by its ALLoRA coefficients; parameters without a gradient are skipped.
+
+        Raises:
+            ValueError: A sparse gradient or a complex parameter (before, torch's "reshape is not implemented for
+                sparse tensors", and a complex parameter's coefficients silently from its real part), named with its
+                shape; no gradient is scaled then.
+        """
+        for p in params_with_grad({"params": self.params}, "ALLoRA"):
+            allora_scale_(p.grad, p, eta=self.eta, granularity=self.granularity)  # type: ignore[arg-type]
 
     def attach(self, optimizer: Optimizer) -> RemovableHandle:
         """Run `scale_` before every ``optimizer.step()`` (a step pre-hook); returns the hook's handle.
