@@ -61,6 +61,7 @@ def test_an_overridden_clip_grad_norm_is_called_and_training_is_the_bare_trainer
     assert max(clipped) == pytest.approx(CLIP, rel=1e-3)
 
 
+@pytest.mark.slow  # ~1.5 s each: the first test backs the override by default
 def test_a_nan_loss_under_an_overridden_clip_is_still_skipped(tmp_path):
     keel = KeelCallback(policy="skip")
     _, weights, calls = _run(tmp_path, [Inject({2: "loss"}), keel])
@@ -68,6 +69,7 @@ def test_a_nan_loss_under_an_overridden_clip_is_still_skipped(tmp_path):
     assert [d.action for d in keel.guard.decisions] == ["skip"] and all(w.isfinite().all() for w in weights)
 
 
+@pytest.mark.slow
 def test_the_trainers_own_clip_grad_norm_is_still_taken_over(tmp_path):
     seen = []
 
@@ -80,6 +82,7 @@ def test_the_trainers_own_clip_grad_norm_is_still_taken_over(tmp_path):
     assert seen == [0.0] * STEPS  # keel clips: the Trainer's setting is 0 during each update
 
 
+@pytest.mark.slow
 def test_observe_with_an_overridden_clip_stays_bit_identical_and_says_nothing(tmp_path, caplog):
     _, bare, _ = _run(tmp_path / "bare", [])
     with caplog.at_level(logging.WARNING, logger="keel"):

@@ -88,6 +88,7 @@ def test_hf_a_resume_after_a_rollback_trains_at_keels_lr_and_clip_as_the_uninter
         torch.testing.assert_close(a, b, rtol=0, atol=0)
 
 
+@pytest.mark.slow  # ~2 s (two Trainer runs); the Lightning resume test backs the baselines by default
 def test_hf_a_resume_starts_from_the_detectors_baselines_and_says_nothing_when_keel_changed_nothing(tmp_path, caplog):
     """The detectors' baselines travel too: a resumed run started them afresh on whatever level the checkpoint had (a
     run damaged before it was never found diverging: a run_clm-shaped run killed and resumed ended at loss 14,
@@ -162,6 +163,7 @@ def test_lightning_a_resume_under_skip_says_the_checkpoints_actions_are_not_appl
     assert len(said) == 1 and "policy 'skip'" in said[0] and "'lr_scale': 0.1" in said[0]
 
 
+@pytest.mark.slow  # ~3 s (two Trainer runs); the Lightning abort test backs the advice by default
 def test_hf_an_abort_in_a_resumed_run_names_the_trainers_earlier_checkpoints(tmp_path, caplog):
     """A run resumed from a checkpoint saved after an update that damaged it (before keel's rollback) aborts: keel's
     snapshots begin at that checkpoint. A run_clm-shaped run killed two updates after an LR surge aborted twice on
@@ -221,6 +223,7 @@ def test_lightning_an_abort_in_a_resumed_run_names_the_earlier_checkpoints(tmp_p
     ]
 
 
+@pytest.mark.slow  # ~2 s (a 10-update Trainer run)
 def test_hf_the_trainers_logged_learning_rate_is_the_one_keels_back_off_applied(tmp_path, monkeypatch):
     """After a rollback that backed the LR off ×0.1 the Trainer logged the scheduler's LR, 10× the one the updates
     were made with (0.00225 logged, 0.000225 applied): its log (TensorBoard, W&B) hid keel's back-off."""
