@@ -86,6 +86,7 @@ _INDEX: dict[tuple[str, str], tuple[str, str]] = {
     ("detector", "activation_growth"): ("low precision", causes.MICIKEVICIUS),
     ("detector", "eps_dominance"): ("low precision", causes.WORTSMAN),
     ("detector", "loss_scale_thrash"): ("low precision", causes.MICIKEVICIUS),
+    ("detector", "lr_surge"): ("core", causes.WORTSMAN),
     ("detector", "load_collapse"): ("mixture of experts", causes.SWITCH),
     ("detector", "dead_experts"): ("mixture of experts", causes.AUX_FREE),
     ("detector", "opposing_signals"): ("data attribution", causes.ROSENBERG),

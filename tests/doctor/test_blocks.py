@@ -216,10 +216,10 @@ def test_each_default_detector_takes_a_fast_path():
     dets = default_detectors()
     plan = Plan(dets, build_timeline(log))
     assert all(isinstance(d, SignalScan | ReadsKeys) for d in dets)
-    # the rest idle on a log without their keys: loss-scale thrash (no scaler), ε-dominance and QAT oscillation
-    # (opt-in probes), activation growth, lora_blowup and stability_gap (no adapters, evals or phases), the three MoE
-    # detectors (no router)
-    assert plan.modes == ["scan"] * 3 + ["rest"] * 2 + ["idle"] * 14
+    # the rest idle on a log without their keys: loss-scale thrash (no scaler), the LR surge (no lr), ε-dominance and
+    # QAT oscillation (opt-in probes), activation growth, lora_blowup and stability_gap (no adapters, evals or
+    # phases), the three MoE detectors (no router)
+    assert plan.modes == ["scan"] * 3 + ["rest"] * 2 + ["idle"] * 15
 
 
 @pytest.mark.parametrize(

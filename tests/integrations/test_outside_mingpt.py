@@ -111,12 +111,27 @@ def test_a_nan_loss_is_skipped_and_training_goes_on():
 
 @pytest.mark.slow  # 60 steps of a small GPT
 def test_one_update_at_100x_the_lr_is_named():
-    # the loss goes 2.6 -> 5.6 and stays 5.3-5.8 for 7 steps (1.65x its level before, about 4 step-noise z each: no
-    # spike, under the level shift's 2x), back down by step 50: the divergence detector names it once it may judge
-    # the first 50 steps (min_history 20, was 50: no finding at all, h25 C5)
-    _, losses, guard = run("recover", iters=60, lr_times_100_at=30)
+    # observe applies it: the loss goes 2.6 -> 5.6 and stays 5.3-5.8 for 7 steps (1.65x its level before, about 4
+    # step-noise z each: no spike, under the level shift's 2x), back down by step 50. keel names the update's LR at
+    # its own step (keel.detect.lr_surge: 100x the highest the run had used), and the divergence detector the rise
+    # once it may judge the first 50 steps (min_history 20, was 50: no finding at all, h25 C5)
+    _, losses, guard = run("observe", iters=60, lr_times_100_at=30)
     assert max(losses[31:36]) > 1.8 * losses[30]  # the update did damage the model
     assert guard is not None
     assert [(f.step, f.kind, f.severity) for f in guard.findings if f.severity != "info"] == [
-        (44, "divergence", "warning")
+        (30, "lr_surge", "critical"),
+        (44, "divergence", "warning"),
     ]
+
+
+@pytest.mark.slow  # 2 x 60 steps of a small GPT
+def test_one_update_at_100x_the_lr_is_skipped_before_it_does_harm():
+    _, clean, _ = run(None, iters=60)
+    _, losses, guard = run("recover", iters=60, lr_times_100_at=30)
+    assert guard is not None
+    assert [(d.step, d.action) for d in guard.decisions] == [(30, "skip")]  # skipped, nothing to roll back
+    assert [(f.step, f.kind, f.severity) for f in guard.findings if f.severity != "info"] == [
+        (30, "lr_surge", "critical")
+    ]
+    # one update fewer than the bare run without the fault: the next ten losses within 5 % of it (observe: +80 %)
+    assert max(abs(a - b) / b for a, b in zip(losses[31:41], clean[31:41], strict=True)) < 0.05
