@@ -232,3 +232,13 @@ def test_a_sweep_with_the_same_run_settings_adds_its_grid_points_to_the_folder(t
     with SweepStore(tmp_path, readonly=True) as store:
         grid = store.meta()["sweep"]
     assert grid["recipes"] == ["baseline", "qk_norm"] and grid["lrs"] == [1e-2, 3e-2]  # what the folder holds
+
+
+def test_a_refused_resume_leaves_the_stored_grid_as_it_was(tmp_path, tiny_sweep):
+    run_sweep(tiny_sweep(recipes=["baseline"], lrs=[1e-2]), tmp_path, workers=1)
+    with sqlite3.connect(tmp_path / "sweep.sqlite") as conn:  # the run as another version of its recipe made it
+        conn.execute("UPDATE runs SET config = '{}'")
+    with pytest.raises(ValueError, match="allowed: the same settings to resume"):
+        run_sweep(tiny_sweep(recipes=["baseline"], lrs=[1e-2, 3e-2]), tmp_path, workers=1)
+    with SweepStore(tmp_path, readonly=True) as store:
+        assert store.meta()["sweep"]["lrs"] == [1e-2]

@@ -120,12 +120,12 @@ def run_sweep(
     result = SweepResult(sweep_dir=sweep_dir)
     with sweep_lock(sweep_dir), SweepStore(sweep_dir) as store:
         stored = store.meta().get("sweep")
-        if stored is None:
-            store.set_meta({"sweep": config.describe(), "created": time.time(), **describe_environment()})
-        else:  # a resume, or more grid points for the sweep the folder holds
-            store.set_meta({"sweep": joined_grid(stored, config.describe(), sweep_dir)})
+        # a resume, or more grid points for the sweep the folder holds: its grid grows once its runs are accepted
+        grid = config.describe() if stored is None else joined_grid(stored, config.describe(), sweep_dir)
         # Stored relative to the sweep directory, so a sweep can be moved or copied off a cluster whole.
         store.add_runs(specs, lambda run_id: run_dir_for(Path(), run_id))
+        first = {"created": time.time(), **describe_environment()} if stored is None else {}
+        store.set_meta({"sweep": grid, **first})
         todo = set(store.unfinished([s.run_id for s in specs], errors=retry_errors))
         result.skipped = [s.run_id for s in specs if s.run_id not in todo]
         tasks = [(s, str(run_dir_for(sweep_dir.resolve(), s.run_id))) for s in specs if s.run_id in todo]
