@@ -192,3 +192,15 @@ def test_the_report_never_writes_over_a_store_or_a_log_it_reads(runs, tmp_path, 
     with pytest.raises(ReportError, match=rf"{out}: .*the report would replace it; allowed: another file"):
         write_report([given], out)
     assert out.read_bytes() == before
+
+
+def test_a_report_path_that_is_a_symlink_updates_the_file_it_points_to(runs, tmp_path):
+    # eec622a writes through a file beside the report and renames it over: a link (report.html -> a served folder)
+    # must stay a link, and the file it points to get the page, as a plain write did.
+    served = tmp_path / "www" / "report.html"
+    served.parent.mkdir()
+    served.write_text("old")
+    link = tmp_path / "report.html"
+    link.symlink_to(served)
+    write_report([runs / "bare"], link)
+    assert link.is_symlink() and served.read_text().startswith("<!DOCTYPE html>")

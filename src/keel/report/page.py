@@ -144,6 +144,8 @@ def write_whole(out: Path, text: str) -> None:
         OSError: The page could not be written, naming ``out`` (the write's own error names no file); ``out`` is
             as it was and no partial file is left.
     """
+    if out.is_symlink():  # a link stays a link: the file it points to gets the page, as a plain write gave it
+        out = out.resolve()
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.parent / f".{out.name}.{os.getpid()}.partial"  # open() as a plain file: the umask's mode, as before
     try:
