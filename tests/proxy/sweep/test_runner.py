@@ -227,11 +227,11 @@ def test_a_sweep_with_other_run_settings_is_not_added_to_a_sweep_folder(tmp_path
 
 def test_a_sweep_with_the_same_run_settings_adds_its_grid_points_to_the_folder(tmp_path, tiny_sweep):
     run_sweep(tiny_sweep(recipes=["baseline"], lrs=[1e-2]), tmp_path, workers=1)
-    result = run_sweep(tiny_sweep(recipes=["qk_norm"], lrs=[3e-2]), tmp_path, workers=1)
-    assert len(result.rows) == 2 and result.ran == ["qk_norm/tiny/lr=0.03/seed=0"]
+    result = run_sweep(tiny_sweep(recipes=["qk_norm"], lrs=[3e-3]), tmp_path, workers=1)
+    assert len(result.rows) == 2 and result.ran == ["qk_norm/tiny/lr=0.003/seed=0"]
     with SweepStore(tmp_path, readonly=True) as store:
         grid = store.meta()["sweep"]
-    assert grid["recipes"] == ["baseline", "qk_norm"] and grid["lrs"] == [1e-2, 3e-2]  # what the folder holds
+    assert grid["recipes"] == ["baseline", "qk_norm"] and grid["lrs"] == [3e-3, 1e-2]  # what the folder holds
 
 
 def test_a_refused_resume_leaves_the_stored_grid_as_it_was(tmp_path, tiny_sweep):

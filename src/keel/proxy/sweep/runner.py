@@ -168,7 +168,7 @@ GRID_LISTS = ("recipes", "lrs", "sizes", "seeds")  # what may grow; the runs' sh
 
 def joined_grid(stored: dict[str, Any], asked: dict[str, Any], sweep_dir: Path) -> dict[str, Any]:
     """The grid of the sweep in ``sweep_dir`` once ``asked`` (a `SweepConfig.describe`) adds its points to the stored
-    one: each list joined, first-seen order.
+    one: each list joined (LRs and seeds in increasing order, recipes and sizes as first seen).
 
     Raises:
         ValueError: ``asked`` trains its runs with other shared settings (``--steps``, ``--batch-size``,
@@ -189,7 +189,8 @@ def joined_grid(stored: dict[str, Any], asked: dict[str, Any], sweep_dir: Path) 
         )
     joined = dict(stored)
     for name in GRID_LISTS:
-        joined[name] = list(dict.fromkeys([*stored.get(name, []), *asked.get(name, [])]))
+        values = list(dict.fromkeys([*stored.get(name, []), *asked.get(name, [])]))
+        joined[name] = sorted(values) if name in ("lrs", "seeds") else values  # numbers in order, names as first seen
     return joined
 
 
