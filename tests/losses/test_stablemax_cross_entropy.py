@@ -6,6 +6,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
 
 from keel.losses import log_stablemax, stablemax, stablemax_cross_entropy, stablemax_s
 
@@ -160,3 +163,23 @@ def test_a_target_that_is_not_integer_is_refused(target) -> None:
     """A float target was truncated to a class index by .long() (1.7 -> class 1), silently."""
     with pytest.raises(ValueError, match=r"target.dtype=torch\.\w+; allowed: an integer dtype"):
         stablemax_cross_entropy(torch.randn(3, 4), target)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    logits=arrays(np.float32, st.tuples(st.integers(1, 6), st.integers(2, 5)), elements=st.floats(-50, 50, width=32)),
+    data=st.data(),
+)
+def test_ignoring_a_token_is_leaving_it_out(logits, data) -> None:
+    """The loss over a batch with ignored targets is the loss over the kept tokens alone, and the ignored tokens'
+    logits get an exactly-zero gradient."""
+    n, c = logits.shape
+    target = torch.tensor(data.draw(st.lists(st.integers(0, c - 1), min_size=n, max_size=n)))
+    ignored = torch.tensor(data.draw(st.lists(st.booleans(), min_size=n, max_size=n)))
+    x = torch.from_numpy(logits).requires_grad_()
+    loss = stablemax_cross_entropy(x, torch.where(ignored, -100, target))
+    kept = ~ignored
+    expected = stablemax_cross_entropy(x.detach()[kept], target[kept]) if kept.any() else torch.tensor(0.0)
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    loss.backward()
+    assert not x.grad[ignored].any()
