@@ -179,10 +179,11 @@ def test_hf_an_abort_in_a_resumed_run_names_the_trainers_earlier_checkpoints(tmp
     resumed = KeelCallback(policy="recover", detectors=[CriticalAt(*range(8, 40))])  # never healthy again
     with caplog.at_level(logging.WARNING, logger="keel"), pytest.raises(TrainingAborted):
         train(tmp_path, [resumed], resume=str(tmp_path / "hf" / "checkpoint-8"), **kw)
-    said = [r.getMessage() for r in caplog.records if "earlier one" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "earlier checkpoint" in r.getMessage()]
     assert said == [
-        "this run started from the trainer's checkpoint at step 8, where keel's snapshots begin: if the trouble began "
-        "before that checkpoint was saved, resume from an earlier one (newest first: checkpoint-4) with a new run_dir"
+        "this run started from the trainer's checkpoint at step 8, and keel cannot go back before it: if the trouble "
+        "began before that checkpoint was saved, resume from an earlier checkpoint (one of them, newest first: "
+        "checkpoint-4) with a new run_dir"
     ]
 
 
@@ -215,11 +216,11 @@ def test_lightning_an_abort_in_a_resumed_run_names_the_earlier_checkpoints(tmp_p
     resumed = KeelCallback(policy="recover", detectors=[CriticalAt(*range(8, 40))])
     with caplog.at_level(logging.WARNING, logger="keel"), pytest.raises(TrainingAborted):
         fit(resumed, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=8.ckpt"))
-    said = [r.getMessage() for r in caplog.records if "earlier one" in r.getMessage()]
+    said = [r.getMessage() for r in caplog.records if "earlier checkpoint" in r.getMessage()]
     assert said == [
-        "this run started from the trainer's checkpoint at step 8, where keel's snapshots begin: if the trouble began "
-        "before that checkpoint was saved, resume from an earlier one (newest first: epoch=0-step=4.ckpt) with a new "
-        "run_dir"
+        "this run started from the trainer's checkpoint at step 8, and keel cannot go back before it: if the trouble "
+        "began before that checkpoint was saved, resume from an earlier checkpoint (one of them, newest first: "
+        "epoch=0-step=4.ckpt) with a new run_dir"
     ]
 
 

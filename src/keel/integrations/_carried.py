@@ -127,24 +127,24 @@ def _left_out(guard: Guard, kept: dict[str, Any]) -> list[str]:
     ]
 
 
-def earlier_checkpoints_advice(guard: Guard, folder: object, pattern: str) -> None:
+def earlier_checkpoints_advice(guard: Guard, start: int, folder: object, pattern: str) -> None:
     """When a run resumed from the trainer's checkpoint aborts, say which of the trainer's checkpoints are older than
     the one it started from: keel's snapshots begin there, so trouble that began before it (an update that damaged the
     run before the checkpoint was saved, with keel's rollback after it) cannot be undone in this run — a
     run_clm-shaped run killed two updates after an LR surge and relaunched aborted twice from the damaged checkpoint,
-    with nothing said of the one before it. ``pattern``: a regex whose group 1 is a checkpoint's step in its name
-    (``checkpoint-(\\d+)``, Lightning's ``step=(\\d+)``)."""
-    start = guard.recovery.first_step if guard.recovery is not None else 0
+    with nothing said of the one before it. ``start``: the step the run started from (0: not a resume, nothing
+    said); ``folder``: where the trainer keeps its checkpoints; ``pattern``: a regex whose group 1 is a checkpoint's
+    step in its name (``checkpoint-(\\d+)``, Lightning's ``step=(\\d+)``)."""
     if not start:
         return
     older = []
     if isinstance(folder, (str, Path)) and Path(folder).is_dir():
         found = ((m, p.name) for p in Path(folder).iterdir() if (m := re.search(pattern, p.name)))
         older = [name for step, name in sorted((int(m.group(1)), name) for m, name in found) if step < start]
-    which = ", ".join(older[::-1][:3]) if older else f"none is left in {folder}" if folder else "if one is kept"
+    which = f"one of them, newest first: {', '.join(older[::-1][:3])}" if older else "one if any is kept"
     say(
         guard,
-        f"this run started from the trainer's checkpoint at step {start}, where keel's snapshots begin: if the "
-        f"trouble began before that checkpoint was saved, resume from an earlier one (newest first: {which}) with a "
-        "new run_dir",
+        f"this run started from the trainer's checkpoint at step {start}, and keel cannot go back before it: if the "
+        f"trouble began before that checkpoint was saved, resume from an earlier checkpoint ({which}) with a new "
+        "run_dir",
     )

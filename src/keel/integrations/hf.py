@@ -158,6 +158,7 @@ class KeelCallback(TrainerCallback):
         self._runs: list[str] = []  # the run_dirs of the train() calls so far
         self._batch_size: int | None = None  # the Trainer's batch size at the last on_train_begin
         self._ctc_told = False  # said once per callback what an inf CTC loss means
+        self._started_at = 0  # the Trainer's step this run started from (resume_from_checkpoint), else 0
         self._norm_before_clip: Tensor | float | None = None  # what an overridden _clip_grad_norm returned
 
     # --- the Trainer's events -----------------------------------------------------------------------
@@ -209,8 +210,10 @@ class KeelCallback(TrainerCallback):
         resumed_at = getattr(state, "global_step", 0)  # resume_from_checkpoint: keel's steps are the Trainer's
         if resumed_at and self.guard.resumed:
             self._refuse_two_resumes(resumed_at)
+        self._started_at = 0
         if resumed_at and not self.guard.global_step and not self.guard.resumed:
             self.guard.start_at(resumed_at)
+            self._started_at = resumed_at
         if resumed_at and self._schedule is not None:
             self.guard.components.call("hf schedule", self._carry_from_the_checkpoint, state)
         self._runs.append(str(self.run_dir))
@@ -328,7 +331,7 @@ class KeelCallback(TrainerCallback):
             if isinstance(exc, TrainingAborted) and self.guard is not None:
                 folder = getattr(self._args, "output_dir", None)
                 self.guard.components.call(
-                    "hf resume", earlier_checkpoints_advice, self.guard, folder, _CHECKPOINT_NAME
+                    "hf resume", earlier_checkpoints_advice, self.guard, self._started_at, folder, _CHECKPOINT_NAME
                 )
             self._finish(exc)
             raise

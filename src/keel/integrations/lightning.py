@@ -115,6 +115,7 @@ class KeelCallback(Callback):
         self._extended_before = 0  # what a checkpoint's run had extended max_steps by (`load_state_dict`)
         self._history_before: dict[str, Any] | None = None  # and keel's history it kept (`keel.integrations._carried`)
         self._baselines_before: dict[str, Any] | None = None  # and the detectors' baselines
+        self._started_at = 0  # the trainer's step this run started from (ckpt_path), else 0
 
     # --- Lightning's events -------------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -145,8 +146,10 @@ class KeelCallback(Callback):
             config=config,
             **kwargs,
         )
+        self._started_at = 0
         if trainer.global_step and not self.guard.global_step and not self.guard.resumed:
             self.guard.start_at(trainer.global_step)  # ckpt_path: keel's steps are the trainer's
+            self._started_at = trainer.global_step
         self._schedule = ScheduleAfterRollbacks(
             self.guard, _LightningRun(trainer), extend=self.extend_after_rollback, meta_key="lightning"
         )
@@ -243,7 +246,7 @@ class KeelCallback(Callback):
         if isinstance(exception, TrainingAborted) and self.guard is not None:
             folder = getattr(trainer.checkpoint_callback, "dirpath", None)
             self.guard.components.call(
-                "lightning resume", earlier_checkpoints_advice, self.guard, folder, _CHECKPOINT_NAME
+                "lightning resume", earlier_checkpoints_advice, self.guard, self._started_at, folder, _CHECKPOINT_NAME
             )
         self._finish(exception)
 
