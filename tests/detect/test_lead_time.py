@@ -124,3 +124,15 @@ def test_a_very_noisy_healthy_curve_is_never_dated_degraded():
     for seed in range(8):
         noise = np.random.default_rng(100 + seed).normal(0, 0.5, t.size)
         assert degradation_step(list((2.4 + 3.0 * np.exp(-t / 30)) * np.exp(noise))) is None
+
+
+def test_a_late_blow_up_does_not_hide_an_earlier_rise_behind_its_noise():
+    # The noise allowance is the run's noise before each step: a loss that rises 1.3x at 300 and then thrashes
+    # wildly from 400 to the end of a long run is dated at 300, as it is without the thrashing (with the whole run's
+    # noise, the thrashing made the 1.3x rise look like noise and dated the run at the thrashing).
+    rng = np.random.default_rng(4)
+    quiet = 2.0 * np.exp(rng.normal(0, 0.05, 2000))
+    quiet[300:] *= 1.3
+    wild = quiet.copy()
+    wild[400:] *= np.exp(rng.normal(0, 1.0, 1600))
+    assert degradation_step(list(quiet)) == degradation_step(list(wild)) == 300

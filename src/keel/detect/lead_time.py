@@ -15,6 +15,9 @@
   ``SMOOTHED_Z`` standard errors of the running median above it (the best so far is a low draw of a noisy
   loss), for ``sustain`` steps (a spike or divergence that lasts).
 
+The noise both rules allow for is the run's own step-to-step noise as it was in the ~1,000 steps before each step
+(`_step_noise`): a run that blows up late must not raise the bar for its earlier steps.
+
 Smoothing is a centred running median of ``window`` steps, robust to single-batch noise; the step found
 must itself be worse, and without a reference it must be the first of ``HOLD`` worse steps in a row (looked for
 over the next ``window // 2`` steps): on a noisy loss a step just before a change is worse by chance, and its
@@ -37,7 +40,9 @@ CHUNK = 65536  # rows of a sliding-window view reduced at once: bounded memory f
 HOLD = 3  # steps in a row a degradation's first step must be worse for, without a reference run
 SPIKE_Z = 6.0  # a one-step spike also rises this many robust standard deviations of the steps before it
 MAD_TO_SIGMA = 1.4826  # a normal distribution's standard deviation per median absolute deviation
-SMOOTHED_Z = 4.0  # a lasting rise also clears this many standard errors of the running median, without a reference
+NOISE_BLOCK = 64  # steps per block of the trailing noise estimate (`_step_noise`)
+NOISE_BLOCKS = 16  # blocks it takes the median over: the ~1,000 steps before a step
+SMOOTHED_Z = 6.0  # a lasting rise also clears this many standard errors of the running median, without a reference
 
 
 def running_median(values: Sequence[float] | np.ndarray, window: int) -> np.ndarray:
@@ -125,7 +130,7 @@ def degradation_step(
                 logs, centre = np.log(x), np.log(before[at])
             rows = sliding_window_view(logs, back)[at]  # the `back` steps before each candidate
             local = MAD_TO_SIGMA * np.median(np.abs(rows - centre[:, None]), axis=1)
-            noise = np.maximum(local, _step_noise(logs))  # ten values' spread alone is often small by chance
+            noise = np.maximum(local, _step_noise(logs)[back + at])  # ten values' spread is often small by chance
             spikes[back + at] = logs[back + at] - centre >= SPIKE_Z * noise
         if raw_ref is not None:  # a hard batch the reference run also found hard is the data
             spikes &= ~(x < (1 + rel) * raw_ref)
@@ -144,7 +149,7 @@ def degradation_step(
         # the lowest running median so far is itself a low draw of a noisy loss: the rise must also clear the
         # running median's own noise (`SMOOTHED_Z` of its standard errors) to count
         margin = SMOOTHED_Z * _smoothed_noise(x, window)
-        floor = np.concatenate([[np.inf], np.maximum((1 + rise) * best[:-1], best[:-1] + margin)])
+        floor = np.concatenate([[np.inf], np.maximum((1 + rise) * best[:-1], best[:-1] + margin[1:])])
         worse = run >= floor
         raw_worse = x >= floor
     # worse on all of [t, min(n, t + sustain)): no "not worse" step in that range (prefix counts)
@@ -168,17 +173,28 @@ def degradation_step(
     return min(candidates) if candidates else None
 
 
-def _step_noise(x: np.ndarray) -> float:
-    """The loss's step-to-step noise σ over the whole run: robust, from the differences of consecutive finite steps,
-    which a trend or a level shift barely moves (Var(a − b) = 2σ²)."""
-    finite = x[np.isfinite(x)]
-    if len(finite) < 3:
-        return 0.0
-    return MAD_TO_SIGMA * float(np.median(np.abs(np.diff(finite)))) / math.sqrt(2)
+def _step_noise(x: np.ndarray) -> np.ndarray:
+    """Each step's σ of step-to-step noise, as the run had it before that step: robust, from the differences of
+    consecutive steps (Var(a − b) = 2σ²; a trend or a level shift barely moves their median), by blocks of
+    ``NOISE_BLOCK`` steps, the median of the ``NOISE_BLOCKS`` blocks before the step's own (its own block in the
+    first). Trailing, not the whole run's: a run that blows up late has far larger differences there, which must not
+    raise the bar for its earlier steps."""
+    n = len(x)
+    diffs = np.abs(np.diff(x))
+    diffs = np.concatenate([diffs, np.full(-len(diffs) % NOISE_BLOCK, np.nan)])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # all-NaN blocks (non-finite stretches) give NaN
+        per_block = np.nanmedian(diffs.reshape(-1, NOISE_BLOCK), axis=1)
+        blocks = len(per_block)
+        padded = np.concatenate([np.full(NOISE_BLOCKS - 1, np.nan), per_block])
+        trailing = _windowed(padded, NOISE_BLOCKS, blocks, np.nanmedian)  # blocks k−NOISE_BLOCKS+1 … k
+    before = np.concatenate([trailing[:1], trailing[:-1]])  # the blocks before block k (block 0: its own)
+    sigma = MAD_TO_SIGMA * np.repeat(before, NOISE_BLOCK)[:n] / math.sqrt(2)
+    return np.where(np.isfinite(sigma), sigma, 0.0)
 
 
-def _smoothed_noise(x: np.ndarray, window: int) -> float:
-    """The standard error of a ``window``-step running median of ``x``: σ × 1.2533 / √window."""
+def _smoothed_noise(x: np.ndarray, window: int) -> np.ndarray:
+    """The standard error of a ``window``-step running median of ``x`` at each step: σ × 1.2533 / √window."""
     return 1.2533 * _step_noise(x) / math.sqrt(2 * (window // 2) + 1)
 
 
