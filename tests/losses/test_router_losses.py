@@ -129,3 +129,14 @@ def test_load_balancing_loss_lies_between_zero_and_e_over_k_and_ignores_expert_o
     permuted = load_balancing_loss(logits[:, perm], inverse[chosen], coefficient=1.0).item()
     assert permuted == pytest.approx(value, rel=1e-9, abs=1e-12)
     assert router_z_loss(logits, coefficient=1.0).item() >= 0.0
+
+
+def test_tokens_per_expert_counts_as_bincount_and_compiles_without_a_break() -> None:
+    """Boolean indexing and bincount gave two graph breaks per MoE layer under torch.compile (data-dependent
+    shapes); the counts are unchanged, dropped-token sentinels (-1, E) still left out."""
+    chosen = torch.tensor([[0, 3], [3, 4], [-1, 1], [3, 0]])  # E = 4: 4 and -1 are sentinels
+    expected = torch.bincount(torch.tensor([0, 3, 3, 1, 3, 0]), minlength=4).float()
+    assert torch.equal(tokens_per_expert(chosen, 4), expected)
+    for fn, args in ((tokens_per_expert, (chosen, 4)), (load_balancing_loss, (torch.randn(4, 4), chosen))):
+        torch._dynamo.reset()
+        assert torch._dynamo.explain(fn)(*args).graph_break_count == 0, fn.__name__

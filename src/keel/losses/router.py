@@ -58,10 +58,15 @@ def tokens_per_expert(chosen: Tensor, num_experts: int) -> Tensor:
     """How many token assignments each expert received: ``(E,)`` float32 counts of the indices in ``chosen``.
 
     Indices outside ``[0, E)`` (a dropped-token sentinel such as Hugging Face's ``E``) are not counted.
+
+    Counted by a 1-D ``scatter_add_`` into ``E`` slots: every shape is known before the data, so ``torch.compile``
+    traces it without a break (boolean indexing and ``bincount`` made two per MoE layer), and it is deterministic
+    on CUDA under ``torch.use_deterministic_algorithms``.
     """
     flat = chosen.reshape(-1).long()
-    flat = flat[(flat >= 0) & (flat < num_experts)]
-    return torch.bincount(flat, minlength=num_experts).float()
+    valid = (flat >= 0) & (flat < num_experts)
+    counts = torch.zeros(num_experts, dtype=torch.long, device=flat.device)
+    return counts.scatter_add_(0, torch.where(valid, flat, 0), valid.long()).float()
 
 
 def load_balancing_loss(logits: Tensor, chosen: Tensor, *, coefficient: float = LOAD_BALANCING_COEFFICIENT) -> Tensor:
