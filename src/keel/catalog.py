@@ -20,10 +20,14 @@ from typing import Any
 
 from keel._core.registry import Registry
 from keel.detect import causes
+
+# Registered here until keel.signals and keel.detect import them (/work/notes/h27-B-wiring.patch removes these).
+from keel.detect import norm_stats_jump as _norm_stats_jump  # noqa: E402,F401
 from keel.detect.detector import DETECTORS
 from keel.nn.fake_quant import QUANTIZERS
 from keel.nn.stabilizers import stabilizers
 from keel.optim._registry import optimizers
+from keel.signals import norm_stats as _norm_stats  # noqa: E402,F401
 from keel.signals.registry import DEFAULT_PROBES, PROBES
 
 # The order `keel list` prints them in.
@@ -63,8 +67,10 @@ _INDEX: dict[tuple[str, str], tuple[str, str]] = {
     ("signal", "lora"): ("fine-tuning and continual learning", "Hu et al. 2021, LoRA, arXiv 2106.09685"),
     ("signal", "router"): ("mixture of experts", "Zoph et al. 2022, ST-MoE, arXiv 2202.08906"),
     ("signal", "weight_oscillation"): ("low precision", causes.OFQ),
+    ("signal", "norm_stats"): ("core", "Ioffe and Szegedy 2015, Batch Normalization, arXiv 1502.03167"),
     ("detector", "spike"): ("core", causes.PALM),
     ("detector", "divergence"): ("core", causes.WORTSMAN),
+    ("detector", "norm_stats_jump"): ("core", "Ioffe and Szegedy 2015, Batch Normalization, arXiv 1502.03167"),
     ("detector", "non_finite"): ("core", causes.MICIKEVICIUS),
     ("detector", "non_finite_origin"): ("core", causes.MICIKEVICIUS),
     ("detector", "edge_of_stability"): ("core", causes.COHEN_ADAPTIVE),

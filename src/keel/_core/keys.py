@@ -50,6 +50,10 @@ ACT_MAX_ABS = "act/max_abs"
 ACT_MAX_ABS_PER_BLOCK = "act/max_abs/"
 ACT_FORMAT_MAX = "act/format_max"  # largest finite value of the format block outputs are held in (autocast's, under it)
 
+# Normalization layers' running statistics (signals/norm_stats.py)
+NORM_RUNNING_VAR_JUMP = "norm/running_var_jump"  # max over layers of ‖running_var‖ / its value after the last update
+NORM_RUNNING_VAR_JUMP_PER_LAYER = "norm/running_var_jump/"
+
 # Adam's ε (signals/adam_eps.py)
 ADAM_UPDATE_RMS = "adam/update_rms"
 ADAM_EPS_DOMINATED = "adam/eps_dominated"

@@ -294,6 +294,32 @@ CAUSES: dict[str, Cause] = {
             ),
         ),
         Cause(
+            kind="norm_stats_jump",
+            title="normalization statistics poisoned by one batch",
+            mechanism="A BatchNorm layer in train mode normalizes with each batch's own statistics, so a finite batch "
+            "far outside the data's scale leaves the loss and the gradient norm looking normal, but its variance is "
+            "folded into the layer's running statistics, and every eval-mode forward after it normalizes with them "
+            "until the moving average forgets the batch (at momentum 0.1, ~20 steps per factor of 10).",
+            advice=(
+                Advice(
+                    action="skip the update (policy='skip' or 'recover'): the update and the batch's statistics are "
+                    "left out",
+                    source="a CIFAR-style ResNet with one batch of pixels x1e4 (keel h27 B)",
+                ),
+                Advice(
+                    action="check the data pipeline: a batch far outside the data's scale (a missing /255 or "
+                    "normalization, a corrupt file, a wrong dtype cast)",
+                    source="torch.nn.BatchNorm2d (running statistics updated in the train-mode forward)",
+                ),
+            ),
+            warning_advice=(
+                Advice(
+                    action="check the data pipeline at this step: a batch well outside the data's scale",
+                    source="torch.nn.BatchNorm2d (running statistics updated in the train-mode forward)",
+                ),
+            ),
+        ),
+        Cause(
             kind="lr_surge",
             title="learning-rate surge",
             mechanism="The learning rate of this update is far above any the run had used: a schedule or LR formula "
