@@ -109,14 +109,24 @@ def test_healthy_schedules_are_quiet(name):
     assert feed(LrSurgeDetector(), observations(lrs)) == []
 
 
-def test_a_raise_the_loop_keeps_costs_one_step_then_is_the_new_reference():
+def test_a_raise_the_loop_keeps_costs_three_steps_then_is_the_new_reference():
     lrs = [1e-4] * 20 + [1e-2] * 20 + [1e-2 * 40] + [1e-2] * 10
     found = feed(LrSurgeDetector(), observations(lrs))
     assert [(f.step, f.severity, f.evidence["kept"]) for f in found] == [
         (20, "critical", False),
-        (21, "warning", True),
+        (21, "critical", False),
+        (22, "critical", False),
+        (23, "warning", True),
         (40, "critical", False),  # judged against the kept 1e-2 from then on
     ]
+
+
+def test_a_surge_of_two_updates_is_refused_at_both():
+    # helper H's H5: an HF Trainer run at LR x265 for updates 12 and 13; the second was taken as the loop's own
+    # and applied (loss 3.7 -> 16)
+    lrs = [1e-4] * 12 + [2.65e-2] * 2 + [1e-4] * 10
+    found = feed(LrSurgeDetector(), observations(lrs))
+    assert [(f.step, f.severity) for f in found] == [(12, "critical"), (13, "critical")]
 
 
 def test_a_sparse_log_is_not_judged_between_its_points():

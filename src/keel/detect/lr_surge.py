@@ -23,9 +23,11 @@ keel's own LR back-off and its ramp back, a group added or unfrozen later (its f
 reference). A constant warm-up that jumps ×10 at its end (He et al. 2016's ResNet-110: 0.01, then 0.1; torch's
 ``SequentialLR`` example with ``ConstantLR(factor=0.1)``) is under the default factor of 30.
 
-A loop that means to raise its learning rate that far gets one update skipped and a critical finding; when the next
-step keeps the raised learning rate, it is taken as the loop's own choice — a ``warning``, and the new reference —
-so a deliberate raise costs one update, never a run of skips. (A scheduler that made the surge and that keel does
+A loop that means to raise its learning rate that far gets ``KEPT_AFTER`` (3) updates skipped, each a critical
+finding; when the step after them still has the raised learning rate, it is taken as the loop's own choice — a
+``warning``, and the new reference — so a deliberate raise costs three updates, never a run of skips, while a surge
+that lasts two updates (a schedule bug: an HF Trainer run whose LR was ×265 for updates 12 and 13 had its loss go
+3.7 → 16 when the second was applied) is skipped whole. (A scheduler that made the surge and that keel does
 not step after a skipped update keeps its learning rate, so it too is taken at the next step: the loss and
 gradient detectors judge that update.) Only consecutive steps are judged: on a log read every ``n`` steps
 (`keel doctor`), the learning rates in between are unknown and a warm-up can rise far between two logged ones.
@@ -48,6 +50,7 @@ from keel.detect._finding import explained_finding
 from keel.detect.detector import DETECTORS
 
 KIND = "lr_surge"
+KEPT_AFTER = 3  # steps in a row a surge is refused before it is taken as the loop's own learning rate
 GROUP_PREFIX = keys.LR + "/"  # ``lr/<i>``: group i's learning rate, recorded where it differs from group 0's
 
 
@@ -105,7 +108,7 @@ class LrSurgeDetector:
         self.config = config_from(self, LrSurgeConfig, config, fields)
         self._highest: dict[str, float] = {}  # by key: the highest learning rate taken so far (> 0)
         self._taken: dict[str, int] = {}  # by key: how many learning rates > 0 were taken (counted up to 2)
-        self._refused: dict[str, float] = {}  # by key: the surging learning rate of the last step judged
+        self._refused: dict[str, int] = {}  # by key: steps in a row, up to the last judged, that surged (refused)
         self._last_step: int | None = None
 
     def update(self, obs: Observation) -> list[Finding]:
@@ -120,10 +123,11 @@ class LrSurgeDetector:
                 continue  # 0: a frozen group or a warm-up's start, no reference; NaN/Inf: the non-finite detector's
             highest, taken = self._highest.get(key, 0.0), self._taken.get(key, 0)
             if judged and taken >= 2 and lr > self.config.factor * highest:
-                kept = key in refused_before  # the second step in a row: the loop's own choice
+                refused = refused_before.get(key, 0)
+                kept = refused >= KEPT_AFTER  # still there after that many skipped steps: the loop's own choice
                 surges.append((key, lr, highest, kept))
                 if not kept:
-                    self._refused[key] = lr
+                    self._refused[key] = refused + 1
                     continue
             self._highest[key], self._taken[key] = max(lr, highest), min(taken + 1, 2)
         return [self._finding(obs.step, surges)] if surges else []
@@ -143,7 +147,8 @@ class LrSurgeDetector:
         else:
             text = (
                 f"The learning rate ({key}) is {lr:.3g}, {ratio:.3g}x the highest this run had used before "
-                f"({highest:.3g}), for a second step in a row: keel takes it as the loop's own and judges from it on."
+                f"({highest:.3g}), for {KEPT_AFTER + 1} steps in a row: keel takes it as the loop's own and judges "
+                "from it on."
             )
         return explained_finding(
             step=step,
@@ -174,5 +179,5 @@ class LrSurgeDetector:
         self.config = LrSurgeConfig(**state["config"])
         self._highest = {str(k): float(v) for k, v in state["highest"].items()}
         self._taken = {str(k): int(v) for k, v in state["taken"].items()}
-        self._refused = {str(k): float(v) for k, v in state["refused"].items()}
+        self._refused = {str(k): int(v) for k, v in state["refused"].items()}  # (before KEPT_AFTER: 1 per key)
         self._last_step = None if state["last_step"] is None else int(state["last_step"])
