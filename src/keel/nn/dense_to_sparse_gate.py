@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
-from keel.losses._checks import check_number
+from keel.losses._checks import check_number, is_int
 from keel.losses._router_layout import split_router_output
 
 SCHEDULES = ("exp", "linear")
@@ -55,7 +55,7 @@ def check_schedule_options(
     """Raise one ValueError naming ``owner.<option>``, its value and what is allowed, for the gate's schedule options
     (``decay_steps=None`` is let through: the stabilizer derives it from ``hard_step``)."""
     for name, value, low in (("hard_step", hard_step, 0), ("decay_steps", decay_steps, 1)):
-        ok = isinstance(value, int) and not isinstance(value, bool) and value >= low
+        ok = is_int(value) and value >= low  # type: ignore[operator]
         if not ok and (value is not None or name == "hard_step"):
             required = " (required: the official default -1 turns the gate hard at update 0)"
             raise ValueError(
@@ -113,7 +113,7 @@ class DenseToSparseSchedule:
         )
         if decay_steps is None:  # let through above for the stabilizer only
             raise ValueError("DenseToSparseSchedule.decay_steps=None; allowed: an int >= 1")
-        if not isinstance(update, int) or isinstance(update, bool) or update < -1:
+        if not is_int(update) or update < -1:
             raise ValueError(f"DenseToSparseSchedule.update={update!r}; allowed: an int >= -1 (-1: before the first)")
         self.hard_step, self.decay_steps = hard_step, decay_steps
         self.tau_max, self.tau_min, self.schedule, self.threshold = tau_max, tau_min, schedule, threshold
