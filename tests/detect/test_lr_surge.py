@@ -14,6 +14,7 @@ import pytest
 import torch
 from torch import nn
 
+import keel
 from keel._core import Observation, keys
 from keel.detect import default_detectors
 from keel.detect.lr_surge import LrSurgeConfig, LrSurgeDetector
@@ -201,3 +202,27 @@ def test_observe_names_it_and_applies_it():
     guard, before, after, action = _loop("observe")
     assert action == "ok" and not all(torch.equal(a, b) for a, b in zip(before, after, strict=True))
     assert (8, "lr_surge", "critical") in [(f.step, f.kind, f.severity) for f in guard.findings]
+
+
+def test_a_skipped_surge_puts_none_of_its_batch_on_the_skip_list(tmp_path):
+    """The LR is at fault, not the data: with an Attribution, the surging step's batch's ordinary outliers (heavy-
+    tailed targets) went to the skip list as "lr_surge at step 8: the batch's outliers" (5 ids)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 16), nn.Tanh(), nn.Linear(16, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    x_all = torch.randn(384, 4)
+    y_all = torch.randn(384, 1) * torch.distributions.StudentT(2.0).sample((384, 1)).abs()
+    attribution = keel.Attribution(loss_fn=lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(dim=1))
+    with Guard(model, opt, policy="recover", run_dir=str(tmp_path), attribution=attribution) as guard:
+        for step in range(12):
+            ids = torch.arange(step * 32, step * 32 + 32)
+            for group in opt.param_groups:
+                group["lr"] = 1e-2 * (100 if step == 8 else 1)
+            x, y = x_all[ids], y_all[ids]
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            decision = guard.step(loss, batch_ids=ids, batch=(x, y))
+            if step == 8:
+                assert decision.action == "skip" and [f.kind for f in decision.findings] == ["lr_surge"]
+    assert not (tmp_path / "skip_list.json").exists()

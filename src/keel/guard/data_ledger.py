@@ -42,6 +42,7 @@ from keel.signals.attribution import (
 )
 
 SPIKE_KINDS = frozenset({"loss_spike", "grad_spike", "non_finite"})  # attributed at any severity, info included
+NOT_THE_BATCH = frozenset({"lr_surge"})  # critical findings whose cause is not in the batch: never attributed
 MIN_RECENT_STEPS = 1024  # steps whose ids stay in memory at least (8 bytes an id), for the windows rollbacks discard
 
 
@@ -183,5 +184,6 @@ def _transient(finding: Finding) -> bool:
 def _warrants(finding: Finding) -> bool:
     # Every spike, info ones too: a batch with a few poisoned examples spikes the gradient norm by an order of
     # magnitude, which the spike detectors rate info (one step, no alarm) unless it reaches their critical ratio —
-    # `keel bench data`'s poisoned batches reached 16.5x, the critical ratio is 20x.
-    return finding.severity == "critical" or finding.kind in SPIKE_KINDS
+    # `keel bench data`'s poisoned batches reached 16.5x, the critical ratio is 20x. Not an LR surge: the learning
+    # rate, not the batch, is at fault (its batch's ordinary outliers went to the skip list).
+    return finding.kind not in NOT_THE_BATCH and (finding.severity == "critical" or finding.kind in SPIKE_KINDS)
