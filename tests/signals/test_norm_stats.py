@@ -9,6 +9,7 @@ replaced by ``model.to``).
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import nn
 
@@ -124,3 +125,14 @@ def test_a_layer_still_at_its_initial_variance_is_not_judged_on_its_first_batch(
     out = probe.measure(step_context(model, opt))
     assert float(out[keys.NORM_RUNNING_VAR_JUMP_PER_LAYER].values[1]) == 1.0
     assert _jump(out) < 2.0
+
+
+def test_half_precision_statistics_are_measured_without_overflow() -> None:
+    model = nn.Sequential(nn.BatchNorm1d(64)).half()  # a norm of 64 values of 3e4 is past float16's 65504
+    probe, opt = _probe(model)
+    ctx = step_context(model, opt)
+    model[0].running_var.fill_(3e4)  # (set by hand: what a forward on unnormalized half inputs leaves)
+    probe.measure(ctx)
+    probe.after_step(ctx)
+    model[0].running_var.fill_(3.3e4)
+    assert _jump(probe.measure(ctx)) == pytest.approx(1.1, rel=1e-3)

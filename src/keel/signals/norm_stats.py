@@ -100,11 +100,11 @@ class NormStatsProbe:
         if len(live) < len(found):
             return {}  # a lazy layer before its first forward: nothing to compare yet
         with torch.no_grad():
-            norms = torch.stack(torch._foreach_norm(live)).float()
+            norms = _norms(live)
             self._pending = (norms, live)
             if self._held is None or not _same(live, self._held_of):
                 # the first step, or new buffers (model.to, a lazy layer's first forward): the reference only
-                self._untouched = torch.stack(torch._foreach_norm([torch.ones_like(t) for t in live])).float()
+                self._untouched = _norms([torch.ones_like(t) for t in live])
                 return {}
             # a layer still at its initial variance (1) when its first batch comes (a branch trained later, a model
             # in eval mode for its first steps) moves to the data's variance: that is not a jump
@@ -120,6 +120,13 @@ class NormStatsProbe:
             self._held, self._held_of = self._pending
             self._pending = None
         return {}
+
+
+def _norms(tensors: list[Tensor]) -> Tensor:
+    """The 2-norm of each tensor, float32, in one fused pass; accumulated in float32 at least (a half buffer's norm
+    overflows from ~65504 on) and in float64 when a buffer is float64 (it cannot be narrowed in the kernel)."""
+    wide = torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=wide)).float()
 
 
 def _same(a: list[Tensor], b: list[Tensor]) -> bool:
