@@ -28,6 +28,7 @@ import keel.harness.bench.doctor
 import keel.harness.bench.integrations
 import keel.harness.bench.optim
 import keel.harness.bench.overhead
+import keel.harness.bench.running_stats
 import keel.harness.bench.snapshot
 import keel.proxy.sweep.cli
 from keel.cli import main
@@ -49,6 +50,7 @@ WORK = [
     (keel.harness.bench.overhead, "bench_overhead"),
     (keel.harness.bench.ddp, "bench_ddp_overhead"),
     (keel.harness.bench.snapshot, "bench_snapshot"),
+    (keel.harness.bench.running_stats, "copy_costs"),
     (keel.harness.bench.optim, "bench_optim"),
     (keel.harness.bench.detect, "bench_detect"),
     (keel.harness.bench.detect, "probe_costs"),
@@ -183,6 +185,10 @@ CASES = [
     c("bench", "overhead", "--ddp", "2", "--full-log-every", "1"),
     c("bench", "overhead", "--ddp", "999", "--device", "cuda"),
     c("bench", "overhead", "--json", "--steps", "-5"),
+    c("bench", "running-stats", "--repeats", "0"),
+    c("bench", "running-stats", "--repeats", HUGE),
+    c("bench", "running-stats", "--steps", "-5"),
+    c("bench", "running-stats", "--steps", "1.5"),
     c("bench", "snapshot", "--repeats", "0"),
     c("bench", "snapshot", "--repeats", HUGE),
     c("bench", "snapshot", "--sizes", "1G"),

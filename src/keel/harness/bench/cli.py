@@ -9,6 +9,10 @@ from collections.abc import Sequence
 BENCHMARKS: dict[str, tuple[str, str]] = {
     "overhead": ("keel.harness.bench.overhead", "Guard's step-time cost against the bare loop"),
     "snapshot": ("keel.harness.bench.snapshot", "training time blocked per in-memory snapshot vs torch.save"),
+    "running-stats": (
+        "keel.harness.bench.running_stats",
+        "keeping BatchNorm's running statistics across skipped updates: the copy, and a CNN step under skip",
+    ),
     "optim": ("keel.harness.bench.optim", "keel optimizers' step time vs torch AdamW(foreach)"),
     "detect": ("keel.harness.bench.detect", "the scenario zoo: right kind detected, lead time, false alarms"),
     "doctor": ("keel.harness.bench.doctor", "keel doctor on the real training logs in shared/data/realruns"),
