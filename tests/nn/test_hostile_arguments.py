@@ -41,6 +41,7 @@ CASES = [
     (StableMax, dict(dim=True), "dim"),
     (StableMax, dict(log="no"), "log"),
     (LongSkipScaling, dict(num_skips=True), "num_skips"),
+    (LongSkipScaling, dict(num_skips=10**30), "num_skips"),  # built a list of 10**30 factors forever
     (LongSkipScaling, dict(num_skips=3, kappa="x"), "kappa"),
     (LongSkipScaling, dict(num_skips=3, kappa=None), "kappa"),
     (LongSkipCalibration, dict(size=16, reduction=True), "reduction"),

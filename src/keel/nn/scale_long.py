@@ -12,6 +12,7 @@ from torch import Tensor, nn
 from keel.losses._checks import is_int, is_number
 
 CALIBRATION_LAYOUTS = ("tokens", "channels")
+MAX_SKIPS = 4096  # long skips of one U-Net (a U-ViT has depth/2): more is a mistake, and 10**30 built a list forever
 
 
 def scale_long_factors(num_skips: int, kappa: float) -> list[float]:
@@ -24,8 +25,8 @@ def scale_long_factors(num_skips: int, kappa: float) -> list[float]:
         >>> scale_long_factors(3, 0.5)
         [0.25, 0.5, 1.0]
     """
-    if not is_int(num_skips) or num_skips < 1:
-        raise ValueError(f"num_skips={num_skips!r}; allowed: a positive int")
+    if not is_int(num_skips) or not 1 <= num_skips <= MAX_SKIPS:
+        raise ValueError(f"num_skips={num_skips!r}; allowed: an int from 1 to {MAX_SKIPS}")
     if not (is_number(kappa) and 0 < kappa <= 1):
         raise ValueError(f"kappa={kappa!r}; allowed: a number in (0, 1]")
     return [float(kappa) ** (num_skips - 1 - i) for i in range(num_skips)]
