@@ -165,3 +165,12 @@ def test_state_round_trips_and_bad_settings_are_refused() -> None:
     for bad in ({"warning": 1.0}, {"warning": 10.0, "critical": 5.0}, {"accept_after": 1}, {"critical": math.inf}):
         with pytest.raises(ValueError, match="NormStatsJumpConfig"):
             NormStatsJumpConfig(**bad)
+
+
+@pytest.mark.skipif("norm_stats_jump" not in SKIPPABLE_KINDS, reason="needs the wiring patch (SKIPPABLE_KINDS)")
+def test_a_lasting_change_of_the_data_scale_costs_two_skipped_updates_not_the_run(tmp_path) -> None:
+    batches = _batches()
+    rescaled = [*batches[:BAD], *((x * 100, y) for x, y in batches[BAD:])]  # from BAD on, every batch x100
+    _, decisions, findings = _train(rescaled, "skip", tmp_path)
+    assert decisions == [(BAD, "skip"), (BAD + 1, "skip")]  # the statistics put back each time: it jumps again
+    assert _jumps(findings) == [(BAD, "critical"), (BAD + 1, "critical"), (BAD + 2, "warning")]  # then taken
