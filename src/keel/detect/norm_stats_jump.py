@@ -10,7 +10,7 @@ and gradient detectors found nothing. Critical from ``critical`` (20) on: a find
 (`keel.detect._finding.SKIPPABLE_KINDS`): under ``skip`` and ``recover`` the update is not applied and the
 statistics are put back (`keel.recover.running_stats`).
 
-Thresholds, from measurements (/work/notes/h27-B-figures.md): healthy runs at BatchNorm's default momentum (0.1) —
+Thresholds, from measurements (keel h27 B): healthy runs at BatchNorm's default momentum (0.1) —
 CNNs and MLPs at three learning rates, batch sizes 2 to 32, inputs left unnormalized (pixels 0–255) from the first
 step, eval-mode steps between — stay at or below 3.6; the probe takes its reference after the first batch, so a
 layer's move from its initial variance to the data's is never judged. One batch of inputs ×10 reads 10.5 (a CNN,
