@@ -20,14 +20,10 @@ from typing import Any
 
 from keel._core.registry import Registry
 from keel.detect import causes
-
-# Registered here until keel.signals and keel.detect import them (/work/notes/h27-B-wiring.patch removes these).
-from keel.detect import norm_stats_jump as _norm_stats_jump  # noqa: E402,F401
 from keel.detect.detector import DETECTORS
 from keel.nn.fake_quant import QUANTIZERS
 from keel.nn.stabilizers import stabilizers
 from keel.optim._registry import optimizers
-from keel.signals import norm_stats as _norm_stats  # noqa: E402,F401
 from keel.signals.registry import DEFAULT_PROBES, PROBES
 
 # The order `keel list` prints them in.

@@ -218,6 +218,15 @@ def _lr_schedule(surge_at: int | None = None) -> list[Observation]:
     return test_lr_surge.observations(lrs)
 
 
+def _running_var_jumps(corrupt_at: int | None = None) -> list[Observation]:
+    """A BatchNorm CNN's step-to-step running-variance ratios (0.93..1.07 on a CIFAR-style loop), no value at the
+    first step (the probe's reference); with ``corrupt_at``, one batch of pixels x1e4 there."""
+    values = _noise(150, 21, 0.02)
+    if corrupt_at is not None:
+        values[corrupt_at] = 9.6e6
+    return _scalar("norm/running_var_jump", values[1:], start=1)
+
+
 def _moe(name: str) -> list[Observation]:
     return test_moe_detectors.recorded(name, 150)
 
@@ -254,6 +263,7 @@ DRIVES: dict[str, Drive] = {
     "eps_dominance": Drive(healthy=_adam_eps, trigger=lambda: _adam_eps(collapse=True)),
     "loss_scale_thrash": Drive(healthy=_loss_scale, trigger=lambda: _loss_scale(thrash=True)),
     "lr_surge": Drive(healthy=_lr_schedule, trigger=lambda: _lr_schedule(surge_at=60)),
+    "norm_stats_jump": Drive(healthy=_running_var_jumps, trigger=lambda: _running_var_jumps(corrupt_at=100)),
     "source_drift": Drive(healthy=_sources, trigger=lambda: _sources(bad=2)),
     "opposing_signals": Drive(healthy=_opposition, trigger=lambda: _opposition(spike_at=200)),
     # preference and policy-gradient RL (tests/detect/rl_series.py): 120 steps each, every key the detector reads

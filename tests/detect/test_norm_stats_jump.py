@@ -19,7 +19,6 @@ import keel
 import keel.signals.norm_stats  # noqa: F401  (registers the probe)
 from keel._core import Observation, keys
 from keel.detect import default_detectors
-from keel.detect._finding import SKIPPABLE_KINDS
 from keel.detect.norm_stats_jump import NormStatsJumpConfig, NormStatsJumpDetector
 from keel.signals.registry import DEFAULT_PROBES
 
@@ -104,7 +103,6 @@ def test_observe_finds_a_corrupt_batch_the_loss_and_gradient_detectors_miss(tmp_
     assert decisions == []
 
 
-@pytest.mark.skipif("norm_stats_jump" not in SKIPPABLE_KINDS, reason="needs the wiring patch (SKIPPABLE_KINDS)")
 def test_skip_leaves_the_model_as_if_the_loop_had_never_drawn_the_batch(tmp_path) -> None:
     batches = _batches()
     guarded, decisions, _ = _train(_corrupt(batches, 1e4), "skip", tmp_path)
@@ -167,7 +165,6 @@ def test_state_round_trips_and_bad_settings_are_refused() -> None:
             NormStatsJumpConfig(**bad)
 
 
-@pytest.mark.skipif("norm_stats_jump" not in SKIPPABLE_KINDS, reason="needs the wiring patch (SKIPPABLE_KINDS)")
 def test_a_lasting_change_of_the_data_scale_costs_two_skipped_updates_not_the_run(tmp_path) -> None:
     batches = _batches()
     rescaled = [*batches[:BAD], *((x * 100, y) for x, y in batches[BAD:])]  # from BAD on, every batch x100

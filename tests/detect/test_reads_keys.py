@@ -51,6 +51,7 @@ def test_the_predictive_and_non_finite_detectors_declare_their_keys():
         "eps_dominance",
         "loss_scale_thrash",
         "lr_surge",
+        "norm_stats_jump",
         "qat_oscillation",
         "activation_growth",
         "lora_blowup",

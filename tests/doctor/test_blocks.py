@@ -218,8 +218,8 @@ def test_each_default_detector_takes_a_fast_path():
     assert all(isinstance(d, SignalScan | ReadsKeys) for d in dets)
     # the rest idle on a log without their keys: loss-scale thrash (no scaler), the LR surge (no lr), ε-dominance and
     # QAT oscillation (opt-in probes), activation growth, lora_blowup and stability_gap (no adapters, evals or
-    # phases), the three MoE detectors (no router)
-    assert plan.modes == ["scan"] * 3 + ["rest"] * 2 + ["idle"] * 15
+    # phases), the normalization-statistics jump (no BatchNorm), the three MoE detectors (no router)
+    assert plan.modes == ["scan"] * 3 + ["rest"] * 2 + ["idle"] * 16
 
 
 @pytest.mark.parametrize(

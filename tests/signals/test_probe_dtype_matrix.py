@@ -21,6 +21,7 @@ from keel.optim import SPAM
 from keel.proxy import MoeConfig, create_proxy_model
 from keel.signals import create_probe, list_probes
 from keel.signals.sharpness import SharpnessProbe
+from tests.signals.test_probe_host_copies import TokenBatchNorm
 
 DTYPES = [torch.float64, torch.float32, torch.bfloat16, torch.float16]
 STEPS = 3
@@ -59,6 +60,9 @@ def measure(name: str, dtype: torch.dtype) -> tuple[dict[str, float], list]:
         model = apply_lora(model, rank=4, alpha=8.0, bits=None, seed=0)
     if name == "weight_oscillation":  # fake-quantized layers to track: OFQ's 3-bit StatsQ grid
         model = fake_quantize(model, "statsq", bits=3)
+    if name == "norm_stats":  # running statistics to measure: a BatchNorm over every token's features per block
+        for block in model.blocks:
+            block.ln_2 = TokenBatchNorm(model.config.d_model)
     model = model.to(dtype)
     tokens = torch.randint(0, 256, (4, 17), generator=torch.Generator().manual_seed(1))
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from keel.harness.scenarios._finetune import apply_lora
@@ -21,6 +22,17 @@ from tests.signals.contexts import step_context
 from tests.signals.test_router_probe import LinearGateMoe
 
 _COPIES = (torch.ops.aten._to_copy, torch.ops.aten.copy_)
+
+
+class TokenBatchNorm(nn.Module):
+    """BatchNorm1d over every token's features: running statistics for the norm_stats probe to read."""
+
+    def __init__(self, width: int) -> None:
+        super().__init__()
+        self.bn = nn.BatchNorm1d(width)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.bn(x.flatten(0, -2)).view_as(x)
 
 
 class HostToDevice(TorchDispatchMode):
@@ -47,6 +59,9 @@ def _two_steps(name: str | None) -> tuple[list[str], list[str]]:
     if name == "router":  # routers to measure, in a layout that runs on meta (the proxy MoE's dispatch needs nonzero)
         for block in model.blocks:
             block.mlp = LinearGateMoe(model.config.d_model)
+    if name == "norm_stats":  # running statistics to measure
+        for block in model.blocks:
+            block.ln_2 = TokenBatchNorm(model.config.d_model)
     model = model.to("meta")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     for p in model.parameters():

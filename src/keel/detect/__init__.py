@@ -22,6 +22,7 @@ from keel.detect.loss_scale_thrash import LossScaleThrashConfig, LossScaleThrash
 from keel.detect.lr_surge import LrSurgeConfig, LrSurgeDetector
 from keel.detect.non_finite import NonFiniteConfig, NonFiniteDetector
 from keel.detect.non_finite_origin import NonFiniteOriginDetector
+from keel.detect.norm_stats_jump import NormStatsJumpConfig, NormStatsJumpDetector
 from keel.detect.opposing_signals import OpposingSignalsDetector, OpposingSignalsDetectorConfig
 from keel.detect.output_logit_drift import OutputLogitDriftConfig, OutputLogitDriftDetector
 from keel.detect.policy_entropy_collapse import PolicyEntropyCollapseConfig, PolicyEntropyCollapseDetector
@@ -74,6 +75,8 @@ __all__ = [
     "NonFiniteConfig",
     "NonFiniteDetector",
     "NonFiniteOriginDetector",
+    "NormStatsJumpConfig",
+    "NormStatsJumpDetector",
     "OpposingSignalsDetector",
     "OpposingSignalsDetectorConfig",
     "OutputLogitDriftConfig",
@@ -132,6 +135,7 @@ def default_detectors() -> list[Detector]:
         NonFiniteOriginDetector(),
         LossScaleThrashDetector(),
         LrSurgeDetector(),
+        NormStatsJumpDetector(),
         AttentionLogitGrowthDetector(),
         AttentionEntropyCollapseDetector(),
         OutputLogitDriftDetector(),

@@ -9,8 +9,9 @@ from keel._core.finding import Finding, Severity
 from keel.detect.causes import cause_for
 
 # Findings a skipped update mends: the damage is confined to this step's gradients, or (an LR surge) to the update
-# about to be applied with them.
-SKIPPABLE_KINDS = frozenset({"non_finite", "loss_spike", "grad_spike", "lr_surge"})
+# about to be applied with them; (a normalization-statistics jump) to the running statistics this step's forward
+# changed, which a skip puts back (keel.recover.running_stats).
+SKIPPABLE_KINDS = frozenset({"non_finite", "loss_spike", "grad_spike", "lr_surge", "norm_stats_jump"})
 
 
 def skip_mends(finding: Finding) -> bool:

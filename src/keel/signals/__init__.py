@@ -12,6 +12,7 @@ from keel.signals import (  # noqa: F401  (register built-ins)
     grad_weight_cos,
     lora,
     loss,
+    norm_stats,
     numerics,
     opposing_signals,
     output_logits,
@@ -31,6 +32,7 @@ from keel.signals.attn_logits import AttnLogitsConfig, AttnLogitsProbe
 from keel.signals.grad_weight_cos import GradWeightCosConfig, GradWeightCosProbe, grad_weight_cosines
 from keel.signals.logit_stats import log_partition, softmax_collapse_fraction, zero_loss_fraction
 from keel.signals.lora import LoraProbe, LoraProbeConfig, find_adapters, lora_norms
+from keel.signals.norm_stats import NormStatsProbe, tracking_norm_layers
 from keel.signals.norms import global_norm, per_tensor_norms, update_ratios
 from keel.signals.numerics import NumericsConfig, NumericsProbe, numerics_stats
 from keel.signals.opposing_signals import OpposingSignalsConfig, OpposingSignalsProbe, opposing_groups, opposing_stats
@@ -68,6 +70,7 @@ __all__ = [
     "GradWeightCosProbe",
     "Measurements",
     "NoAttentionFoundWarning",
+    "NormStatsProbe",
     "NumericsConfig",
     "NumericsProbe",
     "OpposingSignalsConfig",
@@ -119,6 +122,7 @@ __all__ = [
     "sdpa_logits",
     "softmax_collapse_fraction",
     "top_eigenvalue",
+    "tracking_norm_layers",
     "unpack",
     "update_ratios",
     "zero_loss_fraction",

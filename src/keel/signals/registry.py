@@ -14,7 +14,9 @@ PROBES: Registry[Probe] = Registry("probe")
 # trainer, the demo and the scenario zoo use them.
 # The LoRA probe finds no adapter in a model without one and then measures nothing; so does the router probe
 # without an MoE router (on the small MoE proxy it costs ~2 % of a step: BENCHMARKS.md, docs/moe.md).
-DEFAULT_PROBES: tuple[str, ...] = ("loss", "grad_norm", "param_norm", "lora", "router")
+# The normalization-statistics probe finds no BatchNorm in most transformers and measures nothing; on a CNN with
+# BatchNorm it costs one fused norm over the running variances (a CIFAR-style CNN: step-time ratio 1.002, in the noise).
+DEFAULT_PROBES: tuple[str, ...] = ("loss", "grad_norm", "param_norm", "lora", "router", "norm_stats")
 TRANSFORMER_PROBES: tuple[str, ...] = (
     *DEFAULT_PROBES,
     "attn_logits",
