@@ -150,6 +150,14 @@ def test_the_known_iid_draw_that_warns_before_any_shift():
     assert _run(DivergenceDetector(), values.tolist()) == []
 
 
+@pytest.mark.xfail(strict=True, reason="h27: the property below drew a second rare false alarm (flat iid t3 noise)")
+def test_a_second_known_iid_draw_that_warns_before_any_shift():
+    # session 15's local runs of the property (not derandomized) drew this: a warning at step 376 of 377 (median 1.04,
+    # best 0.83); the same class as h26 G5, pinned so that a fix shows
+    values = np.exp(_noise(np.random.default_rng(173155), 377, 0.15234375, 3))
+    assert _run(DivergenceDetector(), values.tolist()) == []
+
+
 def test_a_blow_up_in_a_noisy_run_does_not_wait_for_the_wide_median():
     rng = np.random.default_rng(1)
     values = np.exp(_noise(rng, 700, 0.3, None))
