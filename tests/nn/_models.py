@@ -68,3 +68,16 @@ def lm_loss(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
     """Next-token cross-entropy of ``model`` on ``ids`` (B, T)."""
     logits = model(ids)
     return F.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten())
+
+
+class SelfAttention(nn.Module):
+    """keel's QK-norm multi-head attention as a one-input module (the compile and low-precision tests' case)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from keel.nn import QKNormMultiheadAttention
+
+        self.attn = QKNormMultiheadAttention(16, 2, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.attn(x, x, x, need_weights=False)[0]

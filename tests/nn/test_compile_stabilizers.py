@@ -14,6 +14,7 @@ from torch import nn
 import keel.losses as kl
 import keel.nn as kn
 from tests.integrations.test_compile import GraphCounter
+from tests.nn._models import SelfAttention
 
 
 class _Call(nn.Module):
@@ -33,21 +34,12 @@ def _stabilized_mlp() -> nn.Module:
     return model
 
 
-class _Attention(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = kn.QKNormMultiheadAttention(16, 2, batch_first=True)
-
-    def forward(self, x):
-        return self.attn(x, x, x, need_weights=False)[0]
-
-
 CASES = [
     pytest.param(lambda: kn.QKNorm(16, kind="rms"), (2, 3, 5, 16), id="qk_norm"),
     pytest.param(lambda: kn.SigmaReparamLinear(16, 8), (4, 16), id="sigma_reparam_linear"),
     pytest.param(_stabilized_mlp, (4, 16), id="stabilize_sigma_reparam"),
     pytest.param(lambda: kn.StableMax(log=True), (4, 10), id="stablemax_log"),
-    pytest.param(_Attention, (2, 5, 16), id="qk_norm_attention"),
+    pytest.param(SelfAttention, (2, 5, 16), id="qk_norm_attention"),
     pytest.param(
         lambda: kn.fake_quantize(nn.Sequential(nn.Linear(16, 8)), "statsq", exclude=()),
         (4, 16),

@@ -11,18 +11,10 @@ import torch
 from torch import nn
 
 import keel.nn as kn
+from tests.nn._models import SelfAttention
 
 EPS = {torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 ULPS = 4.0  # measured worst: 2.1 (QKNormMultiheadAttention under autocast)
-
-
-class _Attention(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.attn = kn.QKNormMultiheadAttention(16, 2, batch_first=True)
-
-    def forward(self, x):
-        return self.attn(x, x, x, need_weights=False)[0]
 
 
 MODULES = {
@@ -31,7 +23,7 @@ MODULES = {
     "sigma_reparam": (lambda: kn.SigmaReparamLinear(16, 8), (4, 16)),
     "stablemax": (lambda: kn.StableMax(), (4, 10)),
     "stablemax_log": (lambda: kn.StableMax(log=True), (4, 10)),
-    "qk_norm_attention": (_Attention, (2, 5, 16)),
+    "qk_norm_attention": (SelfAttention, (2, 5, 16)),
     "statsq": (lambda: kn.fake_quantize(nn.Sequential(nn.Linear(16, 8)), "statsq", exclude=()), (4, 16)),
     "power_norm": (lambda: kn.PowerNorm(16, warmup_iters=4), (4, 6, 16)),
 }
