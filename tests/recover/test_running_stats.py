@@ -125,3 +125,23 @@ def test_buffers_replaced_after_the_guard_was_built_are_followed_not_overwritten
     stats.save()
     model(torch.randn(4, 3, dtype=torch.float64))
     assert stats.restore() and model[0].running_mean.dtype == torch.float64
+
+
+def test_after_a_rollback_the_statistics_are_finite_and_no_jump_is_seen(tmp_path) -> None:
+    # the loop breaks a weight after an update: the next forward makes every running statistic NaN, the step rolls
+    # back to a snapshot; the statistics restored with it are the norm_stats probe's reference from then on
+    model = _cnn()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    batches = _batches() * 4
+    with keel.Guard(model, opt, policy="recover", run_dir=str(tmp_path / "rb")) as guard:
+        for step, (x, y) in enumerate(batches):
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            guard.step(loss)
+            opt.zero_grad(set_to_none=True)
+            if step == 12:
+                with torch.no_grad():
+                    model[0].weight[0, 0, 0, 0] = math.nan
+    assert [d.action for d in guard.decisions] == ["rollback"]
+    assert all(torch.isfinite(b).all() for b in model.buffers())
+    assert [f for f in guard.findings if f.kind == "norm_stats_jump"] == []
