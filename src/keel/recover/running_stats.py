@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import torch
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parameter import UninitializedBuffer
+
+from keel.signals.norm_stats import same_tensors, tracking_norm_layers
 
 STATISTICS = ("running_mean", "running_var", "num_batches_tracked")
 
@@ -41,11 +42,10 @@ class RunningStats:
     def of(cls, model: nn.Module) -> RunningStats | None:
         """The running statistics of every BatchNorm/InstanceNorm layer that tracks them; None when there is none."""
         owners: list[tuple[dict[str, Tensor | None], str]] = [
-            (module._buffers, name)
-            for module in model.modules()
-            if isinstance(module, _NormBase) and module.track_running_stats
+            (buffers, name)
+            for _, buffers in tracking_norm_layers(model)
             for name in STATISTICS
-            if isinstance(module._buffers.get(name), Tensor)
+            if isinstance(buffers.get(name), Tensor)
         ]
         return cls(owners) if owners else None
 
@@ -57,7 +57,7 @@ class RunningStats:
         """Hold the statistics as they are now (after an applied update)."""
         live = self.live()
         with torch.no_grad():
-            if self.saved is not None and _same(live, self._saved_from):
+            if self.saved is not None and same_tensors(live, self._saved_from):
                 torch._foreach_copy_(self.saved, live)
             elif any(isinstance(t, UninitializedBuffer) for t in live):
                 self.saved, self._saved_from = None, []  # a lazy layer before its first forward: nothing to hold
@@ -68,12 +68,8 @@ class RunningStats:
         """Put back the statistics last held (a skipped update's forward had changed them); False when nothing is
         held for the buffers there are now."""
         live = self.live()
-        if self.saved is None or not _same(live, self._saved_from):
+        if self.saved is None or not same_tensors(live, self._saved_from):
             return False
         with torch.no_grad():
             torch._foreach_copy_(live, self.saved)
         return True
-
-
-def _same(a: list[Tensor], b: list[Tensor]) -> bool:
-    return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))

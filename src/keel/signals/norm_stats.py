@@ -102,7 +102,7 @@ class NormStatsProbe:
         with torch.no_grad():
             norms = _norms(live)
             self._pending = (norms, live)
-            if self._held is None or not _same(live, self._held_of):
+            if self._held is None or not same_tensors(live, self._held_of):
                 # the first step, or new buffers (model.to, a lazy layer's first forward): the reference only
                 self._untouched = _norms([torch.ones_like(t) for t in live])
                 return {}
@@ -129,5 +129,7 @@ def _norms(tensors: list[Tensor]) -> Tensor:
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=wide)).float()
 
 
-def _same(a: list[Tensor], b: list[Tensor]) -> bool:
+def same_tensors(a: list[Tensor], b: list[Tensor]) -> bool:
+    """Whether ``a`` and ``b`` are the very same tensors, in order (``model.to`` and a lazy layer's first forward
+    replace a module's buffers: values measured on the old ones say nothing of the new)."""
     return len(a) == len(b) and all(x is y for x, y in zip(a, b, strict=True))
