@@ -30,7 +30,7 @@ from keel.guard import Guard
 from keel.guard.summary import plural
 from keel.integrations._run_length import say
 from keel.recover.actions import HISTORY_KEY as ACTIONS
-from keel.recover.state import plain_copy
+from keel.recover.state import load_states, plain_copy, plain_states
 
 CARRIED = (ACTIONS, "escalation")
 
@@ -38,26 +38,24 @@ CARRIED = (ACTIONS, "escalation")
 def kept_history(guard: Guard) -> dict[str, Any]:
     """The parts of ``guard``'s history a trainer's checkpoint carries, as plain (JSON-able) data."""
     history = guard.state.history
-    return {key: plain_copy(history[key].state_dict()) for key in CARRIED if key in history}
+    return plain_states({key: history[key] for key in CARRIED if key in history})
 
 
 def kept_baselines(guard: Guard) -> dict[str, Any]:
     """The detectors' baselines (`keel.recover.TrainingState.components`), as plain data, by their snapshot key."""
-    return {key: plain_copy(part.state_dict()) for key, part in guard.state.components.items()}
+    return plain_states(guard.state.components)
 
 
 def restore_baselines(guard: Guard, kept: object) -> None:
-    """Load what `kept_baselines` kept into the detectors with the same key (the same detector at the same place);
-    a detector whose ``load_state_dict`` refuses it is switched off and recorded, as after a snapshot's restore.
+    """Load what `kept_baselines` kept into the detectors with the same key (the same detector at the same place), as a
+    snapshot's restore does (a ``load_state_dict`` that refuses raises: the adapter's ``components.call`` records it).
 
     Raises:
         ValueError: ``kept`` is not a dict.
     """
     if not isinstance(kept, dict):
         raise ValueError(f"keel's entry in the checkpoint: baselines={kept!r}; allowed: a dict detector key → state")
-    for key, part in guard.state.components.items():
-        if key in kept:
-            part.load_state_dict(plain_copy(kept[key]))
+    load_states(guard.state.components, kept)
 
 
 def restore_history(guard: Guard, kept: object, step: int) -> None:

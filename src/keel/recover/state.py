@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import copy
 import random
-from collections.abc import Collection
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -246,9 +246,9 @@ def capture_plain(state: TrainingState) -> dict[str, Any]:
     plain: dict[str, Any] = {
         "scheduler": plain_copy(state.scheduler.state_dict()) if state.scheduler is not None else None,
         "scaler": plain_copy(state.scaler.state_dict()) if state.scaler is not None else None,
-        "components": {k: plain_copy(c.state_dict()) for k, c in state.components.items()},
-        "history": {k: plain_copy(h.state_dict()) for k, h in state.history.items()},
-        "tracked": {k: plain_copy(t.state_dict()) for k, t in state.tracked.items()},
+        "components": plain_states(state.components),
+        "history": plain_states(state.history),
+        "tracked": plain_states(state.tracked),
         "classes": classes_of(state),
         "rng": {
             "python": random.getstate(),
@@ -261,6 +261,19 @@ def capture_plain(state: TrainingState) -> dict[str, Any]:
 
 
 _ATOMS = frozenset({float, int, str, bool, type(None)})  # immutable: shared by a copy as deepcopy shares them
+
+
+def plain_states(parts: Mapping[str, Stateful]) -> dict[str, Any]:
+    """Each part's ``state_dict()`` as a plain copy (`plain_copy`), by its key."""
+    return {key: plain_copy(part.state_dict()) for key, part in parts.items()}
+
+
+def load_states(parts: Mapping[str, Stateful], states: Mapping[str, Any]) -> None:
+    """Load into each part the state kept under its key, as a deep copy (``states`` stays as it was: a snapshot is
+    restored more than once); a part with no state kept is left as it is."""
+    for key, part in parts.items():
+        if key in states:
+            part.load_state_dict(copy.deepcopy(states[key]))
 
 
 def plain_copy(value: Any) -> Any:
@@ -332,19 +345,13 @@ def restore(
         state.scheduler.load_state_dict(copy.deepcopy(plain["scheduler"]))
     if state.scaler is not None and plain["scaler"] is not None:
         state.scaler.load_state_dict(copy.deepcopy(plain["scaler"]))
-    for key, component in state.components.items():
-        if key in plain["components"]:
-            component.load_state_dict(copy.deepcopy(plain["components"][key]))
+    load_states(state.components, plain["components"])
     for key, average in state.averaged.items():
         if key in plain.get("averaged", {}):
             _load_average(average, plain["averaged"][key])
     if resume:
-        for key, part in state.history.items():
-            if key in plain["history"]:
-                part.load_state_dict(copy.deepcopy(plain["history"][key]))
-        for key, tracked in state.tracked.items():
-            if key in plain["tracked"]:
-                tracked.load_state_dict(copy.deepcopy(plain["tracked"][key]))
+        load_states(state.history, plain["history"])
+        load_states(state.tracked, plain["tracked"])
     rng = plain["rng"]
     random.setstate(rng["python"])
     np.random.set_state(rng["numpy"])
