@@ -246,3 +246,23 @@ def test_hf_the_trainers_logged_learning_rate_is_the_one_keels_back_off_applied(
     del logged[ROLLBACK_AT]  # the update rolled back: not made
     assert logged == pytest.approx(applied, rel=1e-6)  # before: ×10 from the rollback on
     assert applied[ROLLBACK_AT] < logged[ROLLBACK_AT - 1] / 5  # (the back-off is in force after the rollback)
+
+
+def test_hf_keels_entry_is_written_for_each_checkpoint_and_only_then(tmp_path, monkeypatch):
+    # the detectors' state was copied into the TrainerState at every step (~0.24 ms) though only a save reads it; an
+    # epoch checkpoint (saved after on_epoch_end) still gets the entry
+    pytest.importorskip("transformers")
+    import keel.integrations.hf as hf
+    from keel.integrations.hf import KeelCallback
+    from tests.integrations.test_hf import train
+
+    kept = []
+    copy_baselines = hf.kept_baselines
+    monkeypatch.setattr(hf, "kept_baselines", lambda guard: kept.append(guard.global_step) or copy_baselines(guard))
+    # 256 examples, batch 4, 16 micro-batches per update: 4 updates an epoch
+    train(tmp_path, [KeelCallback(policy="recover")], steps=6, accumulate=16, save_strategy="epoch")
+    saved = sorted(int(p.name.split("-")[1]) for p in (tmp_path / "hf").glob("checkpoint-*"))
+    assert saved and len(kept) == len(saved) < 6
+    for step in saved:
+        state = json.loads((tmp_path / "hf" / f"checkpoint-{step}" / "trainer_state.json").read_text())
+        assert "baselines" in state["stateful_callbacks"]["keel"]
