@@ -11,6 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from keel._core import files as files_module
 from keel._core.example_ids import MAX_IDS
 from keel.data import skip_list as skip_list_module
 from keel.data.skip_list import MAX_FILE_BYTES, SKIP_LIST_NAME, SkipEntry, SkipList
@@ -141,11 +142,10 @@ def test_add_leaves_no_partial_file_and_no_entry_when_writing_fails(tmp_path: Pa
     skips.add(entry(ids=(1,)))
     before = skips.path.read_bytes()
 
-    def half_then_fail(payload: object, handle, **kwargs: object) -> None:
-        handle.write('{"keel_skip_list": 1, "entr')
+    def disk_full(fd: int) -> None:  # the new list is written to its partial file, and then the disk is full
         raise OSError("disk full")
 
-    monkeypatch.setattr(skip_list_module.json, "dump", half_then_fail)
+    monkeypatch.setattr(files_module.os, "fsync", disk_full)
     with pytest.raises(OSError, match="disk full"):
         skips.add(entry(ids=(2,)))
     monkeypatch.undo()

@@ -14,14 +14,13 @@ examples, which survive a change of batch size or data order)::
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast, get_args
 
 from keel._core.example_ids import MAX_IDS, as_id_list, count_ids, format_ids, parse_ids
+from keel._core.files import write_whole
 
 SKIP_LIST_NAME = "skip_list.json"
 FORMAT_VERSION = 1
@@ -125,17 +124,7 @@ class SkipList:
         if total > MAX_TOTAL_IDS:
             raise ValueError(_too_many(self.path, len(entries) - 1, total, "would name"))
         payload = {"keel_skip_list": FORMAT_VERSION, "entries": [e.to_json() for e in entries]}
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".skip_list.", dir=self.path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as handle:
-                json.dump(payload, handle, indent=1)
-                handle.flush()
-                os.fsync(handle.fileno())  # the rename must not land before the data (a crash would leave 0 bytes)
-            os.replace(tmp, self.path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        write_whole(self.path, json.dumps(payload, indent=1))
         self.entries = entries
 
 

@@ -26,6 +26,7 @@ import numpy as np
 
 from keel._core import keys
 from keel._core.errors import KeelError
+from keel._core.files import write_whole
 from keel.doctor.mlflow_log import db_run_path
 from keel.doctor.store_log import is_sqlite
 from keel.report import charts as _charts
@@ -134,30 +135,6 @@ def _read_by_the_report(out: Path, paths: list[str | Path]) -> str | None:
     if any(out.resolve() == Path(p).resolve() for p in paths):
         return "a log this report reads"
     return None
-
-
-def write_whole(out: Path, text: str) -> None:
-    """Write ``text`` to ``out`` (its folder created) whole or not at all: through a file beside it, renamed over
-    ``out`` once written; on a full disk a truncated page had replaced the report that was there.
-
-    Raises:
-        OSError: The page could not be written, naming ``out`` (the write's own error names no file); ``out`` is
-            as it was and no partial file is left.
-    """
-    if out.is_symlink():  # a link stays a link: the file it points to gets the page, as a plain write gave it
-        out = out.resolve()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    partial = out.parent / f".{out.name}.{os.getpid()}.partial"  # open() as a plain file: the umask's mode, as before
-    try:
-        with partial.open("w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(partial, out)
-    except OSError as exc:
-        Path(partial).unlink(missing_ok=True)
-        raise OSError(exc.errno, exc.strerror, str(out)) from exc
-    except BaseException:
-        Path(partial).unlink(missing_ok=True)
-        raise
 
 
 def _load(sources: list[Source]) -> tuple[list[RunData], list[Path], list[SweepData], list[str]]:

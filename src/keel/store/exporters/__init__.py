@@ -95,7 +95,7 @@ def _whole(target: Path, write: Callable[[Path], list[Path]]) -> list[Path]:
         for path in written:
             os.replace(path, target / path.name)
     except OSError as exc:
-        raise OSError(exc.errno, exc.strerror, str(target)) from exc
+        raise OSError(exc.errno, exc.strerror or str(exc), str(target)) from exc
     finally:
         shutil.rmtree(partial, ignore_errors=True)
     return [target / path.name for path in written]
