@@ -6,6 +6,11 @@ after lower-casing and turning every run of non-alphanumerics into ``_`` (Tensor
 becomes ``train_loss``). A column already named by its keel key (``grad/norm``, from keel's own exports)
 keeps it. Every other column keeps its own name, so nothing is dropped.
 
+verl's PPO/GRPO metrics keep their own names too, but for those with a keel key: ``actor/pg_loss`` is ``loss``,
+``actor/grad_norm`` and ``actor/lr`` are ``grad/norm`` and ``lr``, ``actor/entropy``, ``actor/kl_loss``,
+``critic/score/mean`` and ``response_length/{mean,max,clip_ratio}`` are the ``rl/…`` keys — in any log of a verl
+run (its console, W&B, TensorBoard or MLflow).
+
 TRL's statistics (`keys.TRL_ALIASES`: ``rewards/margins`` → ``pref/margin``, ``entropy`` → ``rl/entropy``, …, also
 with a ``train/`` prefix) are mapped in a log that has one of TRL's own ``x/y`` names (``rewards/margins``,
 ``clip_ratio/low_mean``, ``completions/mean_length``), or TRL 0.14–0.16's GRPO trio ``reward``, ``reward_std``,
@@ -38,6 +43,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "train_crossentropyloss",  # OLMo's train/CrossEntropyLoss
         "train_ce_loss",  # OLMo-core's train/CE loss
         "loss_train_total",  # Composer's loss/train/total
+        "actor_pg_loss",  # verl's PPO/GRPO policy loss, actor/pg_loss (TRL's GRPO logs its own as loss)
     ),
     keys.GRAD_NORM: (
         "grad_norm",
@@ -51,6 +57,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "grad_norm_global",
         "optim_total_grad_norm",  # OLMo's optim/total_grad_norm, OLMo-core's optim/total grad norm
         "l2_norm_grad_global",  # Composer's OptimizerMonitor: l2_norm/grad/global
+        "actor_grad_norm",  # verl's actor/grad_norm, OpenRLHF's actor_grad_norm
     ),
     keys.LR: (
         "lr",
@@ -68,6 +75,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "lr_adamw_group0",
         "lr_adam_group0",
         "lr_sgd_group0",
+        "actor_lr",  # verl's actor/lr
     ),
     keys.AMP_SCALE: ("loss_scale", "amp_scale", "grad_scale", "loss_scaler", "scaler_scale"),
     keys.STEP_TIME: ("step_time", "step_time_s", "time_per_step", "time_per_step_s", "iteration_time_s", "iter_time_s"),
@@ -81,6 +89,13 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "validation_epoch_loss",
         "val_epoch_loss",
     ),
+    # verl's PPO/GRPO metrics (verl/trainer/ppo/metric_utils.py, workers/actor/dp_actor.py): names no other tool uses
+    keys.RL_ENTROPY: ("actor_entropy",),
+    keys.RL_KL: ("actor_kl_loss",),  # the KL to the reference policy (use_kl_loss; low_var_kl, a clamped k3)
+    keys.RL_REWARD_MEAN: ("critic_score_mean",),  # the reward function's score (critic/rewards adds the KL penalty)
+    keys.RL_LENGTH_MEAN: ("response_length_mean",),
+    keys.RL_LENGTH_MAX: ("response_length_max",),
+    keys.RL_TRUNCATED: ("response_length_clip_ratio",),  # the fraction of responses at the length limit
 }
 
 # Columns that hold the optimizer step, in order of preference.

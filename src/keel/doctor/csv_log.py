@@ -1,5 +1,8 @@
 """CSV (or TSV) logs: a header row with a step column, then one row per logged step.
 
+With no step column, an ``epoch`` column is the step (Keras' ``CSVLogger`` writes ``epoch,<metrics in name order>``,
+one row per epoch: ``keras/src/callbacks/csv_logger.py``), and a note says the steps are epochs.
+
 Numeric columns become signals; a column whose non-empty cells are mostly text (a date, a run name) is
 left out and listed. In a numeric column an empty cell means "not logged at this step", ``nan``/``inf``
 are kept as written (a NaN loss is a finding), and a stray text cell is treated as empty and counted.
@@ -17,6 +20,7 @@ from __future__ import annotations
 import csv
 import itertools
 import math
+import re
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -26,10 +30,12 @@ from typing import Any, TextIO
 import numpy as np
 
 from keel.doctor._text import check_text_head, open_text, undecodable
-from keel.doctor.columns import STEP_COLUMNS, find_step_column
+from keel.doctor.columns import STEP_COLUMNS, find_step_column, normalize
 from keel.doctor.log import LogReadError, RawLog
 from keel.doctor.table import MAX_STEP, Column, LogTable
 
+EPOCH = "epoch"  # the step column of a log that has no other (Keras' CSVLogger writes "epoch" and its metrics)
+EPOCHS_NOTE = "no step column: the steps are epochs (column 'epoch', as Keras' CSVLogger writes one row per epoch)"
 MAX_COLUMNS = 100_000  # more columns than any training log has; a header with more is not one
 # Rows parsed before they are turned into columns: at most 4096 (rows that die young are cheap for Python's
 # garbage collector; 100k-row blocks made reading a million rows twice as slow) and at most 2**18 cells
@@ -80,22 +86,82 @@ class _Numbers:
 def _read(path: Path, fh: TextIO) -> RawLog:
     reader = csv.reader(fh, _dialect(fh))
     header = _header(path, reader)
-    step_column = find_step_column(header)
+    export = wandb_export(header)
+    step_column = find_step_column(header) or _epoch_column(header) or (header[0] if export else None)
     if step_column is None:
         raise LogReadError(
             f"{path}: no step column among {', '.join(header[:12]) or '(none)'}; "
-            f"allowed names: {', '.join(STEP_COLUMNS)}"
+            f"allowed names: {', '.join(STEP_COLUMNS)} (or {EPOCH} alone)"
         )
     step_index = header.index(step_column)
-    names, renamed = _unique_names(header)
-    numbers = {i: _Numbers(name) for i, name in enumerate(names) if i != step_index and name}
+    names, renamed = _unique_names(export.names or header)
+    if export:
+        renamed.append(export.note)
+    numbers = {i: _Numbers(name) for i, name in enumerate(names) if i != step_index and name and i not in export.bounds}
     state = _State(width=len(header), step_index=step_index, numbers=numbers)
     skipped: list[str] = []  # rows the csv module could not read
     rows = _readable_rows(reader, skipped)
     chunk_rows = max(1, min(_CHUNK_ROWS, _CHUNK_CELLS // len(header)))
     while chunk := list(itertools.islice(rows, chunk_rows)):
         state.add(chunk)
-    return _finish(path, state, step_column, renamed, skipped)
+    log = _finish(path, state, step_column, renamed, skipped)
+    if normalize(step_column) == EPOCH:
+        log.notes.append(EPOCHS_NOTE)
+    return log
+
+
+@dataclass
+class WandbExport:
+    """How to read the CSV of a W&B chart's "Export panel data" (see `wandb_export`)."""
+
+    names: list[str] = field(default_factory=list)  # the columns' names, each run's series under its metric's name
+    bounds: frozenset[int] = frozenset()  # the ``__MIN``/``__MAX`` columns, left out
+    note: str = ""
+
+    def __bool__(self) -> bool:
+        return bool(self.names)
+
+
+_RUN_SERIES = re.compile(r"(.{1,500}?) - (.{1,500})")
+_BOUNDS = ("__MIN", "__MAX")
+
+
+def wandb_export(header: list[str]) -> WandbExport:
+    """The W&B web UI's chart export, read as one run's log; empty (false) for any other header.
+
+    W&B writes the chart's x axis first (``Step``, or the axis' own name), then three columns per run and metric:
+    ``<run name> - <metric>``, ``<run name> - <metric>__MIN`` and ``__MAX`` (the same value unless the chart
+    groups or buckets points; wandb/wandb#5349, #6474). Of one run, the series keep the metric's name (``train/loss``
+    is then the loss) and the bounds are left out; several runs' series keep their full names (a note says so:
+    export one run's chart to examine it), as does a metric whose name another column already has.
+    """
+    names = header[:]
+    bounds = frozenset(i for i, name in enumerate(names) if i and name.endswith(_BOUNDS))
+    series = {i: _RUN_SERIES.fullmatch(name) for i, name in enumerate(names) if i and i not in bounds and name}
+    if not series or not all(series.values()) or not all(names[1:]):
+        return WandbExport()
+    if sorted(names[i] for i in bounds) != sorted(names[j] + end for j in series for end in _BOUNDS):
+        return WandbExport()  # not each series with its two bounds: not W&B's shape
+    runs = sorted({m.group(1) for m in series.values() if m})
+    note = f"a W&B chart export: its {len(bounds)} __MIN/__MAX columns left out"
+    if len(runs) > 1:
+        shown = ", ".join(map(repr, runs[:3])) + (" …" if len(runs) > 3 else "")
+        return WandbExport(
+            names,
+            bounds,
+            f"{note}; it holds {len(runs)} runs ({shown}), read side by side under "
+            "their full names: export one run's chart to examine that run",
+        )
+    taken = set(names)
+    for i, m in series.items():
+        if m and m.group(2) not in taken:
+            names[i] = m.group(2)
+    return WandbExport(names, bounds, f"{note}; the run {runs[0]!r}: its series under their metrics' names")
+
+
+def _epoch_column(header: list[str]) -> str | None:
+    """The ``epoch`` column of a log with no step column (Keras' ``CSVLogger``: one row per epoch), or None."""
+    return next((name for name in header if normalize(name) == EPOCH), None)
 
 
 def _readable_rows(reader: Any, skipped: list[str]) -> Iterator[list[str]]:

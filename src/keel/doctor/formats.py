@@ -19,6 +19,8 @@ from keel.doctor.hf_console_log import looks_like_hf_console, read_hf_console_lo
 from keel.doctor.hf_log import STATE_NAME, find_trainer_state, read_trainer_state
 from keel.doctor.jsonl_log import read_jsonl_log
 from keel.doctor.log import LogReadError, RawLog
+from keel.doctor.maxtext_log import FORMAT as MAXTEXT
+from keel.doctor.maxtext_log import looks_like_maxtext, read_maxtext_log
 from keel.doctor.megatron_log import FORMAT as MEGATRON
 from keel.doctor.megatron_log import looks_like_megatron, read_megatron_log
 from keel.doctor.mlflow_log import db_run_path, db_runs, is_mlflow_db, mlflow_runs, read_mlflow_log
@@ -36,6 +38,8 @@ from keel.doctor.store_log import SQLITE_MAGIC, is_sqlite, read_store_log
 from keel.doctor.tensorboard_log import EVENT_GLOB, is_event_file, read_tensorboard_log
 from keel.doctor.torchtitan_log import FORMAT as TORCHTITAN
 from keel.doctor.torchtitan_log import looks_like_torchtitan, read_torchtitan_log
+from keel.doctor.verl_log import FORMAT as VERL
+from keel.doctor.verl_log import looks_like_verl, read_verl_log
 from keel.doctor.wandb_log import RUN_FILE_GLOB, is_wandb_file, read_wandb_log, wandb_runs
 from keel.store import STORE_NAME, find_runs
 from keel.store.sweep_schema import sweep_given_as_run
@@ -58,6 +62,8 @@ READERS: dict[str, Callable[[Path], RawLog]] = {
     HF_CONSOLE: read_hf_console_log,
     STEP_FIELDS: read_step_fields_log,
     COMPOSER: read_composer_log,
+    VERL: read_verl_log,
+    MAXTEXT: read_maxtext_log,
 }
 FORMATS: tuple[str, ...] = tuple(READERS)
 
@@ -180,14 +186,18 @@ def detect_format(path: Path) -> str:
         return COMPOSER
     if looks_like_step_fields(text):  # before CSV: a torchtune grad norm prints as "tensor(0.9, device='cuda:0')"
         return STEP_FIELDS
+    if looks_like_verl(text):  # before CSV: Hydra's config dump before the step lines has commas
+        return VERL
+    if looks_like_maxtext(text):  # before CSV: its step lines are ', '-separated
+        return MAXTEXT
     if any(sep in first for sep in (",", "\t", ";")):
         return "csv"
     raise LogReadError(
         f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, {STATE_NAME}, TensorBoard "
         "event files, keel run stores, W&B run files (.wandb), MLflow runs, or the console output of nanoGPT, "
         "build-nanogpt/llm.c, modded-nanogpt, "
-        "Megatron-LM, fairseq/metaseq, torchtitan, OLMo/OLMo-core, the HF Trainer, torchtune, NeMo Automodel or "
-        "Composer (their shapes: README, 'Examine a log you already have')"
+        "Megatron-LM/nanotron, fairseq/metaseq, torchtitan, OLMo/OLMo-core, the HF Trainer, torchtune, NeMo Automodel, "
+        "Composer, verl or MaxText (their shapes: README, 'Examine a log you already have')"
     )
 
 
@@ -201,6 +211,8 @@ def _line_formats_in(text: str) -> bool:
         looks_like_speedrun,
         looks_like_step_fields,
         looks_like_composer,
+        looks_like_verl,
+        looks_like_maxtext,
     )
     return any(looks(text) for looks in line_formats)
 

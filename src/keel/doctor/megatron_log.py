@@ -14,7 +14,17 @@ in a note. An ``iteration`` line whose step or fields do not parse is one error 
 Names are normalized as `keel.doctor.columns.normalize` does (``lm loss`` → ``lm_loss``, which maps to ``loss``;
 ``grad norm``, ``learning rate``, ``loss scale`` map to their keys); the validation ``lm loss value`` is
 ``val_loss``. A ``loss scale`` of 1.0 at every iteration (bf16) is left out by `keel.doctor.examine`, as in any log:
-no scaler skips a NaN there. A value written as ``this/average`` (``13100.0/13240.9``, ROCm builds) keeps the first
+no scaler skips a NaN there.
+
+nanotron (``src/nanotron/logging.py``, ``LoggerWriter.add_scalars_from_list``) prints the same shape with colons,
+after its ``MM/DD HH:MM:SS [INFO|DP=0|PP=0|TP=0]: `` header (in ANSI colours)::
+
+    iteration: 10 / 100 | consumed_tokens: 1.31M | elapsed_time_per_iteration_ms: 1.2K | lm_loss: 10.5 | lr: 0.0003 |
+    model_tflops_per_gpu: 120 | grad_norm: 1.23
+
+(one line; no ``|`` at the end), each value in its ``human_format``: 3 significant digits, and a suffix K, M, G,
+T, P, E for thousands, millions … (``1.2K`` is read as 1200, so a gradient norm spike to 1,500 stays a number).
+A value written as ``this/average`` (``13100.0/13240.9``, ROCm builds) keeps the first
 number; a value with a unit (``153.81GB/...``) stays text and is reported as a text column, not guessed at.
 """
 
@@ -30,12 +40,15 @@ from keel.doctor.log import LogReadError, RawLog, malformed_line
 from keel.doctor.step_lines_log import NUMBER
 
 FORMAT = "megatron"
-_CANDIDATE = re.compile(r"\biteration\s+[^\s/|]+\s*/\s*[^\s|]+\s*\|")  # classes that cannot overlap: linear
-_LINE = re.compile(r"\biteration\s+(\d+)\s*/\s*(\d+)\s*\|(.*)")
+_CANDIDATE = re.compile(r"\biteration:?\s+[^\s/|]+\s*/\s*[^\s|]+\s*\|")  # classes that cannot overlap: linear
+_LINE = re.compile(r"\biteration:?\s+(\d+)\s*/\s*(\d+)\s*\|(.*)")
 _VALIDATION = re.compile(r"\bvalidation loss at (?:the end of training for val data|iteration (\d+))\s*\|(.*)")
 _LETTER = re.compile(r"[A-Za-z]")
 _SPLIT_VALUE = re.compile(rf"({NUMBER})\s*/\s*{NUMBER}", re.IGNORECASE)
-_SEARCH = re.compile(r"\biteration\s+\d+\s*/\s*\d+\s*\|[^|:\n]*:[^|\n]*\|")
+_SEARCH = re.compile(r"\biteration:?\s+\d+\s*/\s*\d+\s*\|[^|:\n]*:[^|\n]*\|")
+# nanotron's human_format: a value of 1,000 or more is written with a suffix ("1.2K", "3.1M"), 3 digits kept
+_SUFFIXED = re.compile(rf"({NUMBER})([KMGTPE])")
+SUFFIXES = {letter: 1000.0 ** (i + 1) for i, letter in enumerate("KMGTPE")}
 VAL_NAMES = {"lm_loss_value": "val_loss", "lm_loss_ppl": "val_ppl"}
 
 
@@ -85,7 +98,7 @@ def read_megatron_log(path: str | Path) -> RawLog:
             continue
         add_entry(entries, step, fields)  # a validation line joins the iteration just logged
     if not entries:
-        raise LogReadError(f"{path}: no ' iteration N/ TOTAL | name: value |' line (Megatron-LM)")
+        raise LogReadError(f"{path}: no ' iteration N/ TOTAL | name: value |' line (Megatron-LM, nanotron)")
     log = records_from_objects(path, entries, fmt=FORMAT)
     text.note(log.notes)
     if other_lines:
@@ -106,6 +119,8 @@ def _fields(text: str) -> dict[str, str] | None:
         value = value.strip()
         if split := _SPLIT_VALUE.fullmatch(value):
             value = split.group(1)
+        elif suffixed := _SUFFIXED.fullmatch(value):
+            value = str(float(suffixed.group(1)) * SUFFIXES[suffixed.group(2)])
         fields[normalize(name)] = value
     return fields
 
