@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
 from pathlib import Path
@@ -23,6 +23,7 @@ from keel.store.schema import StoreError, connect_for_reading
 Kind = Literal["int", "real", "text"]
 _ALLOWED = {"int": "an integer", "real": "a number", "text": "text"}
 _TYPES = {"int": frozenset({int}), "real": frozenset({int, float}), "text": frozenset({str})}
+STREAM_CHUNK = 1000  # rows `StoreFile.stream` fetches at a time
 
 
 @dataclass(frozen=True)
@@ -145,10 +146,30 @@ class StoreFile:
         Raises:
             StoreError: The table, or a column that is not nullable, is missing.
         """
-        present = self._require(table, [c.name for c in columns if not c.nullable])
-        select = ", ".join(f'"{c.name}"' if c.name in present else "NULL" for c in columns)
-        query = f'SELECT {select} FROM "{table}" WHERE ({where}) ORDER BY {order}'
-        data = self.conn.execute(query, tuple(params)).fetchall()
+        data = self.conn.execute(self._select(table, columns, where, order), tuple(params)).fetchall()
+        return self._fitting(table, columns, data)
+
+    def stream(
+        self,
+        table: str,
+        columns: Sequence[Column],
+        *,
+        where: str = "1",
+        params: Sequence[Any] = (),
+        order: str = "rowid",
+    ) -> Iterator[tuple[Any, ...]]:
+        """`rows`, read `STREAM_CHUNK` rows at a time: a table of millions of rows is never held whole. The rows
+        left out are counted as they are read (`problems` is complete when the last row has been read).
+
+        Raises:
+            StoreError: The table, or a column that is not nullable, is missing (when the first row is asked for).
+        """
+        cursor = self.conn.execute(self._select(table, columns, where, order), tuple(params))
+        while data := cursor.fetchmany(STREAM_CHUNK):
+            yield from self._fitting(table, columns, data)
+
+    def _fitting(self, table: str, columns: Sequence[Column], data: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+        """The rows of ``data`` whose every value fits its column; the others counted."""
         # A column at a time, the set of types it holds (C loops; a long signal costs no Python per value);
         # row by row only when some value does not fit.
         if all(set(map(type, map(itemgetter(i), data))) <= c.types for i, c in enumerate(columns)):
@@ -161,6 +182,12 @@ class StoreFile:
             else:
                 self.drop(table, problem)
         return good
+
+    def _select(self, table: str, columns: Sequence[Column], where: str, order: str) -> str:
+        """The query of ``columns`` (NULL for a nullable one the table lacks) meeting ``where``, in ``order``."""
+        present = self._require(table, [c.name for c in columns if not c.nullable])
+        select = ", ".join(f'"{c.name}"' if c.name in present else "NULL" for c in columns)
+        return f'SELECT {select} FROM "{table}" WHERE ({where}) ORDER BY {order}'
 
     def _require(self, table: str, names: Sequence[str]) -> set[str]:
         present = self.columns(table)

@@ -8,8 +8,10 @@ raises one `StoreError`.
 
 from __future__ import annotations
 
+import itertools
 import math
 import warnings
+from collections.abc import Collection, Iterator
 from operator import itemgetter
 from pathlib import Path
 from typing import Any
@@ -32,6 +34,8 @@ from keel.store.schema import (
 from keel.store.sweep_schema import SWEEP_STORE_NAME, sweep_given_as_run
 
 SIGNALS = (Column("step", "int"), Column("value", "real", nullable=True))
+SIGNAL_ROWS = (Column("step", "int"), Column("key", "text"), Column("value", "real", nullable=True))
+MAX_SQL_VARIABLES = 999  # the fewest ``?`` one statement takes (SQLite before 3.32); more keys are chosen in Python
 FINDINGS = (
     Column("step", "int"),
     Column("kind", "text"),
@@ -126,6 +130,39 @@ class RunReader:
         steps = np.fromiter(map(itemgetter(0), data), dtype=np.int64, count=len(data))
         values = np.array(list(map(itemgetter(1), data)), dtype=np.float64).reshape(-1)  # NULL (a NaN) → nan
         return steps, values
+
+    def signal_rows(self, keys: Collection[str] | None = None) -> Iterator[tuple[int, dict[str, float]]]:
+        """``(step, {key: value})`` per step that logged any of ``keys`` (default: all), in step order, read as
+        they come: memory stays that of one step, however long the run.
+
+        A step's values are in key order (`signal_keys`'), NaN where a value was NaN; a key logged twice at one
+        step (a resumed run re-logs the steps after its snapshot) keeps the later value. The same values as
+        `signal` of each key.
+
+        Raises:
+            StoreError: The store has no signals table (when the first row is asked for).
+        """
+        if keys is not None and not keys:
+            return
+        params: tuple[str, ...] = () if keys is None or len(keys) > MAX_SQL_VARIABLES else tuple(keys)
+        where = f"key IN ({', '.join('?' * len(params))})" if params else "1"
+        data = self._file.stream("signals", SIGNAL_ROWS, where=where, params=params, order="step, key, rowid")
+        if keys is not None and not params:
+            wanted = frozenset(keys)
+            data = (row for row in data if row[1] in wanted)
+        for step, group in itertools.groupby(data, itemgetter(0)):
+            yield step, {key: math.nan if value is None else float(value) for _, key, value in group}
+
+    def step_span(self, keys: Collection[str]) -> tuple[int, int] | None:
+        """The first and the last step at which any of ``keys`` was logged (None when none was), each from the
+        ``(key, step)`` index: a look-up per key, not a pass over the table (for a progress bar's length)."""
+        ends = []
+        for key in keys:
+            for end in ("min", "max"):
+                found = self._file.conn.execute(f"SELECT {end}(step) FROM signals WHERE key = ?", (key,)).fetchone()
+                if isinstance(found[0], int):
+                    ends.append(found[0])
+        return (min(ends), max(ends)) if ends else None
 
     def findings(self, min_severity: str | None = None) -> list[Finding]:
         found = []

@@ -10,6 +10,7 @@ its step, the findings and decisions, and the run's metadata.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import os
 import shutil
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from keel.store.exporters._progress import step_progress
 from keel.store.exporters._table import RunTable
 from keel.store.schema import store_folder
 
@@ -35,7 +37,13 @@ def list_exporters() -> list[str]:
 
 
 def export_run(
-    run: str | Path, fmt: str, out: str | Path | None = None, *, keys: list[str] | None = None, **options: Any
+    run: str | Path,
+    fmt: str,
+    out: str | Path | None = None,
+    *,
+    keys: list[str] | None = None,
+    progress: bool = False,
+    **options: Any,
 ) -> list[Path]:
     """Export one run store.
 
@@ -44,6 +52,7 @@ def export_run(
         fmt: One of `list_exporters`.
         out: Where to write; default ``<run dir>/export/<fmt>``.
         keys: Glob patterns of the signals to export (``["loss", "grad/norm*"]``); default all.
+        progress: Show a progress bar over the run's steps on stderr when stderr is a terminal (`keel export`).
         **options: Format options: ``project``/``mode`` (wandb), ``experiment``/``tracking_uri`` (mlflow).
 
     Returns:
@@ -69,9 +78,11 @@ def export_run(
     run_dir = store_folder(run)
     target = Path(out) if out is not None else run_dir / "export" / fmt
     exporter = importlib.import_module(f"keel.store.exporters.{fmt}").export
-    if fmt not in FILE_FORMATS:  # a W&B or MLflow run: their libraries own the files
-        return exporter(table, target, **options)
-    return _whole(target, lambda into: exporter(table, into, **options))
+    with step_progress(table.rows.span, f"keel export {fmt}", enabled=progress) as reached:
+        table = dataclasses.replace(table, rows=dataclasses.replace(table.rows, on_step=reached))
+        if fmt not in FILE_FORMATS:  # a W&B or MLflow run: their libraries own the files
+            return exporter(table, target, **options)
+        return _whole(target, lambda into: exporter(table, into, **options))
 
 
 FILE_FORMATS = ("csv", "jsonl", "tensorboard")  # the exporters that write plain files into ``out``

@@ -1,14 +1,18 @@
-"""RunTable: a run store read once into what every exporter writes — signals by step, findings, decisions, meta."""
+"""RunTable: what every exporter writes — signals by step (read from the store as they are written out), findings,
+decisions, meta."""
 
 from __future__ import annotations
 
 import fnmatch
 import math
+import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from keel._core.decision import Decision
+from keel._core.errors import KeelWarning
 from keel._core.finding import Finding
 from keel.store.reader import RunReader
 
@@ -22,6 +26,8 @@ class RunTable:
         keys: Signal keys, sorted.
         rows: ``(step, {key: value})`` per step that logged anything, in step order; NaN stays NaN. A key
             logged twice at one step (a resumed run re-logs the steps after its snapshot) keeps the later value.
+            Read from the store each time it is iterated, a step at a time (`StepRows`): a run of a million
+            steps is never held whole.
         findings: Every finding.
         decisions: Every decision that was not a plain ``"ok"``.
         meta: The run's metadata (config, seed, versions, status …).
@@ -29,7 +35,7 @@ class RunTable:
 
     name: str
     keys: list[str]
-    rows: list[tuple[int, dict[str, float]]]
+    rows: StepRows
     findings: list[Finding] = field(default_factory=list)
     decisions: list[Decision] = field(default_factory=list)
     meta: dict[str, Any] = field(default_factory=dict)
@@ -43,16 +49,11 @@ class RunTable:
         """
         with RunReader(run) as reader:
             names = [k for k in reader.signal_keys() if keys is None or any(fnmatch.fnmatchcase(k, p) for p in keys)]
-            by_step: dict[int, dict[str, float]] = {}
-            for key in names:
-                steps, values = reader.signal(key)
-                for step, value in zip(steps.tolist(), values.tolist(), strict=True):
-                    by_step.setdefault(step, {})[key] = value
             path = reader.path
             return cls(
                 name=path.parent.name,
                 keys=names,
-                rows=sorted(by_step.items()),
+                rows=StepRows(path, names, reader.step_span(names)),
                 findings=reader.findings(),
                 decisions=reader.decisions(),
                 meta=reader.meta(),
@@ -75,6 +76,43 @@ class RunTable:
             }
             for d in self.decisions
         ]
+
+
+@dataclass(frozen=True)
+class StepRows:
+    """A run's signals by step, read from its store each time they are iterated (`RunReader.signal_rows`).
+
+    Attributes:
+        path: The store file.
+        keys: The signals read.
+        span: The first and the last step logged (None when nothing was), for a progress bar.
+        on_step: Called with a step every `PROGRESS_EVERY` steps read and with the last one (a progress bar's
+            callback), or None.
+    """
+
+    path: Path
+    keys: list[str]
+    span: tuple[int, int] | None
+    on_step: Callable[[int], None] | None = None
+
+    def __iter__(self) -> Iterator[tuple[int, dict[str, float]]]:
+        with warnings.catch_warnings():  # a store a newer keel wrote was warned about when it was read
+            warnings.simplefilter("ignore", KeelWarning)
+            reader = RunReader(self.path)
+        with reader:
+            if self.on_step is None:
+                yield from reader.signal_rows(self.keys)
+                return
+            step = None
+            for i, (step, values) in enumerate(reader.signal_rows(self.keys)):
+                if i % PROGRESS_EVERY == 0:
+                    self.on_step(step)
+                yield step, values
+            if step is not None:
+                self.on_step(step)
+
+
+PROGRESS_EVERY = 1000  # steps between two calls of `StepRows.on_step`
 
 
 def _plain(value: Any) -> Any:

@@ -41,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="MLflow tracking URI (default: sqlite:///OUT/mlflow.db; 'file:DIR' for a file store)",
     )
     parser.add_argument("--json", action="store_true", help="print the written paths as JSON")
+    parser.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress bar (shown on stderr while the run's steps are written, only when stderr is a terminal)",
+    )
 
 
 # The options only one format reads: given with another format they would be silently ignored.
@@ -58,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     elif args.fmt == "mlflow":
         options = {"experiment": args.experiment or "keel", "tracking_uri": args.tracking_uri}
     keys = _patterns(args.run, args.keys) if args.keys is not None else None
-    paths = export_run(args.run, args.fmt, args.out, keys=keys, **options)
+    paths = export_run(args.run, args.fmt, args.out, keys=keys, progress=not args.quiet, **options)
     if args.json:
         print(json.dumps([str(p) for p in paths]))
     else:

@@ -9,6 +9,7 @@ keeps its ``file:`` store in maintenance mode and refuses it unless ``MLFLOW_ALL
 
 from __future__ import annotations
 
+import itertools
 import json
 import time
 from pathlib import Path
@@ -54,7 +55,6 @@ def export(table: RunTable, out: Path, *, experiment: str = "keel", tracking_uri
     try:
         now = int(time.time() * 1000)
         names = metric_names(table.keys)
-        metrics = [Metric(names[key], value, now, step) for step, values in table.rows for key, value in values.items()]
         params = [Param(k[:250], str(v)[:6000]) for k, v in _flatten(table.meta.get("config") or {}).items()]
         tags = [
             RunTag("keel.status", str(table.meta.get("status"))),
@@ -65,8 +65,9 @@ def export(table: RunTable, out: Path, *, experiment: str = "keel", tracking_uri
         client.log_batch(run_id, params=params[:100], tags=tags)
         for i in range(100, len(params), 100):
             client.log_batch(run_id, params=params[i : i + 100])
-        for i in range(0, len(metrics), BATCH):
-            client.log_batch(run_id, metrics=metrics[i : i + BATCH])
+        metrics = (Metric(names[key], value, now, step) for step, values in table.rows for key, value in values.items())
+        while batch := list(itertools.islice(metrics, BATCH)):
+            client.log_batch(run_id, metrics=batch)
         client.log_text(run_id, json.dumps(table.finding_records(), indent=1), "keel/findings.json")
         client.log_text(run_id, json.dumps(table.decision_records(), indent=1), "keel/decisions.json")
         client.log_text(run_id, json.dumps(table.meta, indent=1, default=str), "keel/meta.json")

@@ -31,9 +31,10 @@ def export(
     os.environ.setdefault("WANDB_SILENT", "true")
     run = wandb.init(mode=mode, dir=str(out), project=project, name=table.name, config=config, reinit="create_new")
     try:
+        last = 0  # the findings and decisions tables are logged at the last step
         for step, values in table.rows:
-            run.log(dict(values), step=step)
-        last = table.rows[-1][0] if table.rows else 0
+            run.log(values, step=step)
+            last = step
         columns, rows = _table(
             table.finding_records(), ("step", "kind", "severity", "signal", "value", "baseline", "cause", "advice")
         )
