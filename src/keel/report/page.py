@@ -13,11 +13,12 @@ from __future__ import annotations
 
 import base64
 import html
+import itertools
 import json
 import os
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -40,6 +41,7 @@ from keel.report.sources import Source, classify, expand, logs_left_out
 from keel.report.sweep_data import SweepData, load_sweep_data
 from keel.report.sweep_section import sweep_section
 from keel.store import STORE_NAME, StoreError, store_path
+from keel.store.exporters._progress import step_progress
 
 PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 # The head script runs before anything else, so errors of plotly.js and of the page script are counted
@@ -76,7 +78,7 @@ def plotly_js() -> tuple[str, str]:
     return source, version
 
 
-def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) -> Path:
+def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path, *, progress: bool = False) -> Path:
     """Write one self-contained HTML report of the given runs and sweeps.
 
     Args:
@@ -87,6 +89,8 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
             skipped with a note. A run given twice is shown once. Runs are labelled by the shortest end of their
             path that is unique among them (`keel.report.run_labels`): ``A/keel`` and ``B/keel``, or ``keel`` alone.
         out_path: The HTML file to write (its folder is created).
+        progress: Show a progress bar over the stores and logs read on stderr, when stderr is a terminal
+            (`keel report`).
 
     Returns:
         The path written.
@@ -106,12 +110,22 @@ def write_report(run_dirs: list[str | Path] | str | Path, out_path: str | Path) 
     overwritten = _read_by_the_report(Path(out_path), paths)
     if overwritten is not None:
         raise ReportError(f"{out_path}: {overwritten}: the report would replace it; allowed: another file (*.html)")
-    with tempfile.TemporaryDirectory(prefix="keel-report-") as scratch:  # the stores of logs, read whole below
-        sources = logs_as_runs([classify(path) for path in _distinct(expand(paths))], Path(scratch))
+    classified = [classify(path) for path in _distinct(expand(paths))]
+    files = len(classified) + sum(not source.store for source in classified)  # a log is read, then its store
+    with (
+        tempfile.TemporaryDirectory(prefix="keel-report-") as scratch,  # the stores of logs, read whole below
+        step_progress((0, files), "keel report", enabled=progress, unit="file") as reached,
+    ):
+        done = itertools.count(1)
+
+        def advance() -> None:
+            reached(next(done))
+
+        sources = logs_as_runs(classified, Path(scratch), on_read=advance)
         empty = [source.note for source in sources if not source.store]
         if empty:  # a typo'd or empty folder must not quietly give a report with a run left out either
             raise ReportError("; ".join(empty) + "; allowed: " + ALLOWED)
-        runs, run_paths, sweeps, notes = _load(sources)
+        runs, run_paths, sweeps, notes = _load(sources, on_read=advance)
     notes += logs_left_out(paths)
     if not runs and not sweeps:
         raise ReportError(
@@ -137,9 +151,12 @@ def _read_by_the_report(out: Path, paths: list[str | Path]) -> str | None:
     return None
 
 
-def _load(sources: list[Source]) -> tuple[list[RunData], list[Path], list[SweepData], list[str]]:
+def _load(
+    sources: list[Source], *, on_read: Callable[[], None] = lambda: None
+) -> tuple[list[RunData], list[Path], list[SweepData], list[str]]:
     """The runs and sweeps of ``sources``, what each run is labelled by (its folder, a store file not named
-    run.sqlite, or the log it was written from), and a note for each source that could not be read."""
+    run.sqlite, or the log it was written from), and a note for each source that could not be read; ``on_read``
+    is called after each source (a progress bar's callback)."""
     notes: list[str] = []
     runs: list[RunData] = []
     run_paths: list[Path] = []
@@ -159,6 +176,7 @@ def _load(sources: list[Source]) -> tuple[list[RunData], list[Path], list[SweepD
                 sweeps.append(load_sweep_data(path))
         except (StoreError, FileNotFoundError) as exc:  # classified a moment ago, unreadable now: a note
             notes.append(str(exc))
+        on_read()
     return runs, run_paths, sweeps, notes
 
 
