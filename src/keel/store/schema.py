@@ -5,6 +5,7 @@ SQLite stores a NaN REAL as NULL; readers turn NULL values back into NaN.
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from pathlib import Path
 
@@ -74,22 +75,44 @@ def newer_version_note(path: Path, version: int) -> str:
 def connect_for_writing(path: Path) -> sqlite3.Connection:
     """A connection that writes the store at ``path``, creating it (and its folder) if missing.
 
+    A store that already has this keel's tables is not written here: a run killed on a disk that is full by the
+    time it restarts opens its store and resumes (its rows are then dropped with a warning until there is room,
+    as for any failed write), where stamping the version again stopped the resume with "database or disk is full".
+
     Raises:
-        StoreError: A newer keel wrote the store; it is left as it is (neither written nor stamped older).
+        StoreError: A newer keel wrote the store (it is left as it is: neither written nor stamped older); or
+            the store cannot be opened for writing (a full disk, an I/O error): the message names the file.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-    version = stored_version(conn)
-    if version > SCHEMA_VERSION:
+    try:
+        version = stored_version(conn)
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{newer_version_note(path, version)}: not written; allowed: upgrade keel to write it")
+        conn.execute("PRAGMA journal_mode=WAL")  # (a store in WAL mode already: nothing written)
+        # NORMAL in WAL mode: a committed transaction survives a process kill (only an OS crash or power loss
+        # can lose the last transactions), at a fraction of FULL's fsync cost.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        if version < SCHEMA_VERSION or _missing_objects(conn):
+            conn.executescript(DDL)
+            conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    except BaseException as exc:
         conn.close()
-        raise StoreError(f"{newer_version_note(path, version)}: not written; allowed: upgrade keel to write it")
-    conn.execute("PRAGMA journal_mode=WAL")
-    # NORMAL in WAL mode: a committed transaction survives a process kill (only an OS crash or power loss
-    # can lose the last transactions), at a fraction of FULL's fsync cost.
-    conn.execute("PRAGMA synchronous=NORMAL")
-    conn.executescript(DDL)
-    conn.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        if isinstance(exc, sqlite3.Error) and not isinstance(exc, StoreError):
+            raise StoreError(
+                f"{path}: cannot be opened for writing ({exc}); allowed: a store on a disk with room"
+            ) from exc
+        raise
     return conn
+
+
+_DDL_OBJECTS = frozenset(re.findall(r"CREATE (?:TABLE|INDEX) IF NOT EXISTS (\w+)", DDL))
+
+
+def _missing_objects(conn: sqlite3.Connection) -> bool:
+    """Whether a table or index of `DDL` is missing (a store from a keel before it was added); a read only."""
+    names = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type IN ('table', 'index')")}
+    return not _DDL_OBJECTS <= names
 
 
 def connect_for_reading(path: Path) -> sqlite3.Connection:
