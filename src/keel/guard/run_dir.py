@@ -33,7 +33,7 @@ from typing import IO, Any
 
 from keel.data.skip_list import SKIP_LIST_NAME
 from keel.guard.distributed import RankSync
-from keel.recover.disk import SNAPSHOT_DIR, is_snapshot_folder
+from keel.recover.disk import PARTIAL_PREFIX, SNAPSHOT_DIR, is_snapshot_folder
 from keel.store.schema import STORE_NAME, connect_for_reading
 
 try:
@@ -341,11 +341,11 @@ def _remove(path: Path) -> None:
 
 
 def _clear_partial_writes(own: Path) -> None:
-    """Delete the temporary folders of snapshot writes a killed process left behind (each can be as large as a
-    whole snapshot). Safe: this rank holds the lock, so no live writer owns them."""
+    """Delete the temporary folders of snapshot writes and deletions a killed process left behind (each can be as
+    large as a whole snapshot). Safe: this rank holds the lock, so no live writer owns them."""
     snapshots = own / SNAPSHOT_DIR
     if snapshots.is_dir():
-        for tmp in snapshots.glob(".tmp-step-*"):
+        for tmp in snapshots.glob(f"{PARTIAL_PREFIX}*"):
             shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -22,6 +22,7 @@ import os
 import shutil
 import threading
 import warnings
+from collections.abc import Callable
 from pathlib import Path
 
 from safetensors.torch import save_file
@@ -42,6 +43,7 @@ from keel.recover.fixed import CHECKSUM, FixedTensor, checksum
 from keel.recover.snapshot import Snapshot
 
 SNAPSHOT_DIR = "snapshots"  # the disk tier's folder inside a run_dir (or a rank's folder of it)
+PARTIAL_PREFIX = ".tmp-step-"  # a snapshot folder being written or deleted; what a killed process left is deleted
 
 
 class SnapshotCorrupt(KeelWarning):
@@ -61,14 +63,26 @@ class DiskSnapshots:
         directory: Where the ``step-<N>`` folders go.
         keep: Complete snapshots of this run kept on disk; its older ones are deleted after a newer one is in place.
         run_id: The run's id, written into each snapshot.
+        before_publish: Called in the writer's thread when a snapshot is complete, before it is renamed into
+            place: the run store's ``flush``, so that a process killed at any moment leaves a store holding every
+            step before its newest disk snapshot (the store commits every 0.5 s and a snapshot is written at once:
+            a resume from it left the steps in between out of the store for good).
     """
 
-    def __init__(self, directory: str | Path, keep: int = 2, *, run_id: str | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        keep: int = 2,
+        *,
+        run_id: str | None = None,
+        before_publish: Callable[[], object] | None = None,
+    ) -> None:
         if not isinstance(keep, int) or keep < 1:
             raise ValueError(f"keep={keep!r}; allowed: an int >= 1")
         self.directory = Path(directory)
         self.keep = keep
         self.run_id = run_id
+        self.before_publish = before_publish
         self.failures = 0
         self.written: list[tuple[int, str, str]] = []  # (step, path, checksum) of completed writes
         self._own: list[Path] = []  # this run's snapshot folders, oldest write first: the only ones retention deletes
@@ -140,12 +154,12 @@ class DiskSnapshots:
         except Exception as exc:
             if not disk_full(exc) or len(self._own) < 2:
                 raise
-            shutil.rmtree(self._own.pop(0), ignore_errors=True)
+            remove_snapshot(self._own.pop(0))
             return self._write(snap)
 
     def _write(self, snap: Snapshot) -> Path:
         final = self.directory / f"step-{snap.step:09d}"
-        tmp = self.directory / f".tmp-step-{snap.step:09d}-{os.getpid()}"
+        tmp = self.directory / f"{PARTIAL_PREFIX}{snap.step:09d}-{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
@@ -165,7 +179,9 @@ class DiskSnapshots:
                 json.dump(meta, f)
                 f.flush()
                 os.fsync(f.fileno())
-            shutil.rmtree(final, ignore_errors=True)
+            if self.before_publish is not None:
+                self.before_publish()
+            remove_snapshot(final)
             os.rename(tmp, final)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -173,7 +189,7 @@ class DiskSnapshots:
         self.written.append((snap.step, str(final), meta["sha256"]))
         self._own = [p for p in self._own if p != final] + [final]
         for old in self._own[: -self.keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_snapshot(old)
         del self._own[: -self.keep]
         return final
 
@@ -204,7 +220,7 @@ class DiskSnapshots:
         that was abandoned; a resume must not land there). Waits for a write in flight first."""
         self.wait()
         for folder in [p for p in self._own if (snapshot_step(p) or 0) > step]:
-            shutil.rmtree(folder, ignore_errors=True)
+            remove_snapshot(folder)
             self._own.remove(folder)
 
     def complete(self) -> list[Path]:
@@ -277,6 +293,20 @@ class DiskSnapshots:
             SnapshotInvalid: It is damaged or not keel's; the message names the file and the reason.
         """
         return read_snapshot(folder)
+
+
+def remove_snapshot(folder: Path) -> None:
+    """Delete a snapshot folder so that a process killed meanwhile leaves no half of it under its name (a
+    ``step-<N>`` folder without its ``meta.json`` was warned about as damaged at every resume after): it is renamed
+    to a temporary name first, which the next claim of the run_dir deletes as it does a killed write's folder."""
+    gone = folder.with_name(f"{PARTIAL_PREFIX}{folder.name.removeprefix('step-')}-{os.getpid()}-gone")
+    try:
+        os.rename(folder, gone)
+    except FileNotFoundError:
+        return
+    except OSError:  # the temporary name is taken (a folder a killed process of the same id left): delete in place
+        gone = folder
+    shutil.rmtree(gone, ignore_errors=True)
 
 
 _UNREADABLE = object()
