@@ -10,6 +10,9 @@ from __future__ import annotations
 import contextlib
 import sys
 from collections.abc import Callable, Iterator
+from typing import TextIO
+
+UNIT_SCALE_FROM = 10_000  # a bar this long counts in k and M
 
 
 @contextlib.contextmanager
@@ -33,7 +36,7 @@ def step_progress(
         total=last - first,
         desc=desc,
         unit=unit,
-        unit_scale=True,
+        unit_scale=last - first >= UNIT_SCALE_FROM,  # 523k/1.00M steps; 2/3 runs (not 2.00/3.00)
         file=sys.stderr,
         leave=False,
         dynamic_ncols=True,
@@ -48,3 +51,11 @@ def step_progress(
                 done = step
 
         yield reached
+
+
+def print_above_progress(text: str, *, file: TextIO | None = None) -> None:
+    """Print ``text`` to stdout (or ``file``) with a progress bar on the terminal cleared first and drawn again
+    after: a verb's output lines and its bar never break each other."""
+    from tqdm import tqdm
+
+    tqdm.write(text, file=file if file is not None else sys.stdout)
