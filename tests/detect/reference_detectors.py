@@ -304,6 +304,7 @@ class ReferenceDivergence:
         self._best = math.inf
         self._best_step = -1
         self._best_se = 0.0
+        self._first = []  # the run's first `short` values: where it began
         self._run = 0  # consecutive steps past the threshold
         self._pending = False  # a rise is open: past the threshold, not yet back below its half
         self._reported = None
@@ -320,6 +321,8 @@ class ReferenceDivergence:
             self._diffs.append(_relative_change(self._values[-1], x))
         self._values.append(x)
         self._seen += 1
+        if len(self._first) < cfg.short:
+            self._first.append(x)
         if len(self._diffs) >= cfg.short and (self._seen % NOISE_EVERY == 0 or math.isnan(self._noise)):
             self._noise = step_noise(self._diffs)
             self._resize(self._window_for(self._noise))
@@ -350,7 +353,10 @@ class ReferenceDivergence:
         self._run += 1
         if self._run < cfg.patience:
             return []
-        severity = "critical" if rise >= math.log1p(cfg.critical_excess) else "warning"
+        start = median(self._first)
+        fell = _rise(start, self._best)  # from the start to the best: a real fall clears the same margin as a rise
+        back_at_start = fell >= required and rise >= fell
+        severity = "critical" if rise >= math.log1p(cfg.critical_excess) or back_at_start else "warning"
         if self._reported == severity or self._reported == "critical":
             return []
         self._reported = severity
@@ -364,6 +370,7 @@ class ReferenceDivergence:
             "window": n,
             "noise": round(self._noise, 4),
             "required_excess": round(expm1(required), 4),
+            **({"start": round(start, 6)} if back_at_start and rise < math.log1p(cfg.critical_excess) else {}),
         }
         noisy = (
             f" (the loss swings ±{expm1(self._noise):.0%} per step; the median of {n} steps is judged against that)"
@@ -372,7 +379,13 @@ class ReferenceDivergence:
         )
         cause = (
             f"The loss's running median has stayed {1 + excess:.3g}× its best level (step "
-            f"{self._best_step}) for {self._run} steps{noisy}: training is diverging, not spiking."
+            f"{self._best_step}) for {self._run} steps{noisy}"
+            + (
+                f", back at the level of the run's first {cfg.short} steps ({start:.4g}): what it had learned is lost"
+                if back_at_start and rise < math.log1p(cfg.critical_excess)
+                else ""
+            )
+            + ": training is diverging, not spiking."
         )
         advice = (
             "Roll back to a snapshot before the onset and continue with a lower learning rate "
@@ -433,6 +446,7 @@ class ReferenceDivergence:
             "best": self._best,
             "best_step": self._best_step,
             "best_se": self._best_se,
+            "start": median(self._first) if len(self._first) == self.config.short else math.nan,
             "run": self._run,
             "pending": self._pending,
             "reported": self._reported,

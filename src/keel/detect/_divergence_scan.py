@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 
-from keel.detect._change import moved_best, relative_changes, rises
+from keel.detect._change import moved_best, relative_changes, rise, rises
 from keel.detect.robust import median_standard_error, rolling_median, rolling_step_noise, row_medians
 
 if TYPE_CHECKING:
@@ -168,12 +168,14 @@ def certain_length(
     seen: int,
     best: float,
     best_se: float,
+    began: float,
     run: int,
     reported: str | None,
 ) -> Stretch:
     """How many steps of ``chunk[start:stop]`` have a certain outcome from the detector's state, and their effect.
 
-    ``seen``, ``best``, ``best_se``, ``run`` and ``reported`` are the detector's, before step ``start``.
+    ``seen``, ``best``, ``best_se``, ``began`` (its level over the run's first steps), ``run`` and ``reported`` are
+    the detector's, before step ``start``.
     """
     m = stop - start
     medians, se = chunk.medians[start:stop], chunk.se[start:stop]
@@ -196,7 +198,7 @@ def certain_length(
             level = moved_best(level, float(chunk.previous[start + hi]), float(medians[hi]))
         lo = hi
     uncertain, past = _judgements(
-        config, chunk, start, stop, best_at, best_se_at, seen + 1 + np.arange(m), run, reported
+        config, chunk, start, stop, best_at, best_se_at, began, seen + 1 + np.arange(m), run, reported
     )
     length = int(np.argmax(uncertain)) if uncertain.any() else m
     if length == 0:
@@ -211,6 +213,22 @@ def certain_length(
     )
 
 
+def critical_rise(config: DivergenceConfig, began: float, best: float, required: float) -> float:
+    """The rise that makes a divergence critical: ``critical_excess`` over the best, or the rise back to where the
+    run began (``began``) when that is less and the fall from there to the best was itself past ``required``."""
+    doubled = math.log1p(config.critical_excess)
+    back = rise(began, best)  # NaN before the start is known: not less
+    return back if required <= back < doubled else doubled
+
+
+@np.errstate(over="ignore", invalid="ignore")
+def critical_rises(config: DivergenceConfig, began: float, best: np.ndarray, required: np.ndarray) -> np.ndarray:
+    """`critical_rise` element-wise (screening: within a few ulp of it)."""
+    doubled = math.log1p(config.critical_excess)
+    back = rises(np.full(len(best), began), best)
+    return np.where((required <= back) & (back < doubled), back, doubled)
+
+
 @np.errstate(over="ignore", invalid="ignore")
 def _judgements(
     cfg: DivergenceConfig,
@@ -219,6 +237,7 @@ def _judgements(
     stop: int,
     best: np.ndarray,
     best_se: np.ndarray,
+    began: float,
     seen_at: np.ndarray,
     run: int,
     reported: str | None,
@@ -246,7 +265,7 @@ def _judgements(
     # an episode: a step clearly past the threshold extends the run; the rest (a step below it, which ends the run
     # of consecutive steps or the episode, an uncertain side, a possible finding) goes to update
     past = over > tol
-    critical = rise - math.log1p(cfg.critical_excess)
+    critical = rise - critical_rises(cfg, began, best, required)
     uncertain = (seen_at < cfg.min_history) | ~past | torn | (past & ~(np.abs(critical) > tol))
     if reported != "critical":
         reportable = (critical > tol) if reported == "warning" else np.ones(len(best), dtype=bool)
