@@ -10,6 +10,8 @@ run or the page that shows it. A file that is not SQLite, or lacks a table or a 
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import sqlite3
 from collections.abc import Iterator, Sequence
@@ -162,11 +164,11 @@ class StoreFile:
         left out are counted as they are read (`problems` is complete when the last row has been read).
 
         Raises:
-            StoreError: The table, or a column that is not nullable, is missing (when the first row is asked for).
+            StoreError: The table, or a column that is not nullable, is missing.
         """
         cursor = self.conn.execute(self._select(table, columns, where, order), tuple(params))
-        while data := cursor.fetchmany(STREAM_CHUNK):
-            yield from self._fitting(table, columns, data)
+        chunks = iter(functools.partial(cursor.fetchmany, STREAM_CHUNK), [])
+        return itertools.chain.from_iterable(self._fitting(table, columns, data) for data in chunks)
 
     def _fitting(self, table: str, columns: Sequence[Column], data: list[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
         """The rows of ``data`` whose every value fits its column; the others counted."""
