@@ -31,6 +31,8 @@ SAMPLES = {
     "maxtext": ("maxtext", {keys.LOSS, keys.STEP_TIME}, SPIKE_STEP - 1),  # MaxText counts from step 0
     "keras_csvlogger": ("csv", {keys.LOSS, keys.LR, keys.VAL_LOSS}, SPIKE_STEP - 1),  # epochs from 0
     "wandb_chart_export": ("csv", {keys.LOSS}, SPIKE_STEP),
+    "openrlhf_sft": ("tqdm", {keys.LOSS, keys.GRAD_NORM, keys.LR}, SPIKE_STEP),  # its 2nd epoch continues the count
+    "lightning_console": ("tqdm", {keys.LOSS}, 141),  # a real Lightning run; 4 epochs of 40 steps
 }
 
 
@@ -157,7 +159,7 @@ VALUES = st.one_of(
 )
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=40, deadline=None)
 @given(metrics=st.dictionaries(NAMES, VALUES, min_size=1, max_size=8), step=st.integers(0, 10**6))
 def test_what_verl_prints_is_read_back(tmp_path_factory, metrics, step):
     # verl's concat_dict_to_str, as its source writes it: "step:N" and "name:pprint.pformat(value)" joined by " - "
@@ -178,3 +180,65 @@ def test_verl_detection_is_not_fooled_by_prose():
     assert not looks_like_verl("In this step: - we check the config\n")
     assert not looks_like_verl("step:1/100 train_loss:2.0\n")  # modded-nanogpt's shape
     assert re.search("step:1 -", "x step:1 - a:1") and looks_like_verl("x step:1 - a:1\n")
+
+
+@pytest.mark.parametrize(("stem", "step", "before"), [("lightning_console", 141, 140), ("openrlhf_sft", 40, 39)])
+def test_each_count_gets_its_own_steps_values_whichever_order_the_loop_draws_them(stem, step, before):
+    # Lightning updates the bar, then sets the step's postfix; OpenRLHF sets it, then updates: the spike's value must
+    # be at its own count in both (read the other way round, it lands one count early or late)
+    records = dict(read_log(_sample(stem, "spiky")).records)
+    loss = next(name for name in records[step] if "loss" in name)
+    assert records[step][loss] > 2.5 * records[before][loss]
+    assert records[step + 1][loss] < records[step][loss] / 2
+
+
+def test_tqdm_redraws_of_one_count_are_one_record_and_a_restart_stays_one(tmp_path):
+    p = tmp_path / "train.log"
+    bar = "train: {pct}%|##| {n}/4 [00:01<00:03, 1.00it/s, loss={loss}]"
+    redraws = [(1, 2.5), (1, 2.5), (2, 2.4), (3, 2.3), (1, 2.6), (2, 2.5)]  # a redraw, then a resume from the start
+    p.write_text("\r".join(bar.format(pct=25 * n, n=n, loss=loss) for n, loss in redraws) + "\n")
+    log = read_log(p)
+    assert log.format == "tqdm"
+    assert [(s, v["loss"]) for s, v in log.records] == [(1, 2.5), (2, 2.4), (3, 2.3), (1, 2.6), (2, 2.5)]
+    assert examine_log(p).summary["restarts"]  # not an epoch: the bar had not reached its total
+
+
+def test_tqdm_only_the_training_bar_is_read(tmp_path):
+    p = tmp_path / "train.log"
+    lines = [f"Train step of epoch 0: 50%|#| {n}/10 [00:0{n}<00:05, 1.00s/it, loss={3 - n / 10}]" for n in (1, 2, 3)]
+    lines.insert(2, "Eval stage of steps 2: 100%|#| 5/5 [00:01<00:00, eval_loss=9.9]")
+    p.write_text("\n".join(lines) + "\n")
+    log = read_log(p)
+    assert [s for s, _ in log.records] == [1, 2, 3] and all("eval_loss" not in v for _, v in log.records)
+    assert any("1 redraws of other progress bars" in note for note in log.notes)
+
+
+@pytest.mark.parametrize(
+    "segment",
+    [
+        "x" * 100_000 + "1/2 [a=1]",
+        "[" * 50_000 + "]",
+        "1/2 [" + "=" * 50_000 + "]",
+        "9" * 50_000 + "it [a=1]",
+        "1/2 [=1]",
+    ],
+    ids=["long-head", "brackets", "equals", "digits", "no-name"],
+)
+def test_hostile_tqdm_segments_give_records_or_one_clear_error(tmp_path, segment):
+    p = tmp_path / "train.log"
+    p.write_text("train: 1/2 [00:01<00:01, loss=2.0]\r" + segment + "\n")
+    log = read_log(p, "tqdm")
+    assert all(isinstance(v, float) for _, values in log.records for v in values.values())
+
+
+def test_a_bracketed_text_log_of_an_unknown_tool_is_not_called_bad_json(tmp_path):
+    p = tmp_path / "train.log"  # DeepSpeed's engine lines: no loss, and no reader for them
+    p.write_text(
+        "[2024-05-01 12:00:01,000] [INFO] [logging.py:96:log_dist] [Rank 0] step=10, skipped=0, lr=[0.0003], "
+        "mom=[(0.9, 0.999)]\n"
+    )
+    with pytest.raises(LogReadError, match="unknown log format"):
+        read_log(p)
+    json_array = tmp_path / "log.json"
+    json_array.write_text('[{"step": 1, "loss": 2.0}]\n')
+    assert detect_format(json_array) == "jsonl"

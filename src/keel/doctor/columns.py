@@ -43,6 +43,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "train_crossentropyloss",  # OLMo's train/CrossEntropyLoss
         "train_ce_loss",  # OLMo-core's train/CE loss
         "loss_train_total",  # Composer's loss/train/total
+        "gpt_loss",  # OpenRLHF's SFT trainer
         "actor_pg_loss",  # verl's PPO/GRPO policy loss, actor/pg_loss (TRL's GRPO logs its own as loss)
     ),
     keys.GRAD_NORM: (

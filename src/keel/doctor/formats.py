@@ -3,6 +3,7 @@ which logs a folder stands for (`find_logs`: a folder of keel runs stands for ea
 
 from __future__ import annotations
 
+import re
 import stat
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,8 @@ from keel.doctor.store_log import SQLITE_MAGIC, is_sqlite, read_store_log
 from keel.doctor.tensorboard_log import EVENT_GLOB, is_event_file, read_tensorboard_log
 from keel.doctor.torchtitan_log import FORMAT as TORCHTITAN
 from keel.doctor.torchtitan_log import looks_like_torchtitan, read_torchtitan_log
+from keel.doctor.tqdm_log import FORMAT as TQDM
+from keel.doctor.tqdm_log import looks_like_tqdm_postfix, read_tqdm_log
 from keel.doctor.verl_log import FORMAT as VERL
 from keel.doctor.verl_log import looks_like_verl, read_verl_log
 from keel.doctor.wandb_log import RUN_FILE_GLOB, is_wandb_file, read_wandb_log, wandb_runs
@@ -64,6 +67,7 @@ READERS: dict[str, Callable[[Path], RawLog]] = {
     COMPOSER: read_composer_log,
     VERL: read_verl_log,
     MAXTEXT: read_maxtext_log,
+    TQDM: read_tqdm_log,
 }
 FORMATS: tuple[str, ...] = tuple(READERS)
 
@@ -169,9 +173,10 @@ def detect_format(path: Path) -> str:
         if path.name == STATE_NAME or '"log_history"' in text:
             return "hf_trainer_state"
         return "jsonl"
-    if stripped.startswith("[") and not _line_formats_in(text):  # "[timestamp] iteration ...", "[W socket.cpp...]"
-        return "jsonl"
     first = stripped.partition("\n")[0]
+    bracketed = _BRACKETED_TEXT.match(first) is not None  # "[2024-05-01 12:00:00,000] [INFO] ...": a text log
+    if stripped.startswith("[") and not bracketed and not _line_formats_in(text):  # "[timestamp] iteration ..."
+        return "jsonl"
     if looks_like_step_lines(first):  # before CSV: build-nanogpt may separate its three fields by tabs
         return STEP_LINES
     if looks_like_speedrun(text):  # before CSV: the script's source comes first, and code has commas
@@ -190,15 +195,23 @@ def detect_format(path: Path) -> str:
         return VERL
     if looks_like_maxtext(text):  # before CSV: its step lines are ', '-separated
         return MAXTEXT
-    if any(sep in first for sep in (",", "\t", ";")):
+    if looks_like_tqdm_postfix(text):  # before CSV: a bar's postfix has commas
+        return TQDM
+    if not bracketed and any(sep in first for sep in (",", "\t", ";")):
         return "csv"
     raise LogReadError(
         f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, {STATE_NAME}, TensorBoard "
         "event files, keel run stores, W&B run files (.wandb), MLflow runs, or the console output of nanoGPT, "
         "build-nanogpt/llm.c, modded-nanogpt, "
-        "Megatron-LM/nanotron, fairseq/metaseq, torchtitan, OLMo/OLMo-core, the HF Trainer, torchtune, NeMo Automodel, "
-        "Composer, verl or MaxText (their shapes: README, 'Examine a log you already have')"
+        "Megatron-LM/nanotron, fairseq/metaseq, torchtitan, OLMo/OLMo-core, the HF Trainer, torchtune, "
+        "NeMo Automodel, Composer, verl, MaxText, or tqdm bars with a name=value postfix (their shapes: README, "
+        "'Examine a log you already have')"
     )
+
+
+# a line that opens with a bracketed tag of words (a timestamp, a level, a rank) and goes on in text: no JSON value
+# and no CSV header starts so
+_BRACKETED_TEXT = re.compile(r"\[[^\[\]{}\"\n]{1,200}\][ \t]{0,5}[\[\w(]")
 
 
 def _line_formats_in(text: str) -> bool:
@@ -213,6 +226,7 @@ def _line_formats_in(text: str) -> bool:
         looks_like_composer,
         looks_like_verl,
         looks_like_maxtext,
+        looks_like_tqdm_postfix,
     )
     return any(looks(text) for looks in line_formats)
 

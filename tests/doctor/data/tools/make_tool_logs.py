@@ -6,6 +6,7 @@ keel's writers: a healthy run, and the same run with one bad update (loss and gr
 
 from __future__ import annotations
 
+import io
 import math
 import random
 from pathlib import Path
@@ -136,7 +137,28 @@ def wandb_chart(spike: bool) -> str:
     return "\n".join(lines) + "\n"
 
 
+def openrlhf_sft(spike: bool) -> str:
+    """openrlhf/trainer/sft_trainer.py: step_bar = tqdm(range(steps), desc=f"Train step of epoch {epoch}"), then per
+    step step_bar.set_postfix(logs_dict) ({"gpt_loss", "lr", "grad_norm", "ppl"}) and step_bar.update() — drawn by
+    tqdm itself (each redraw after a "\r" in a file; mininterval=0: a training step takes longer than tqdm's 0.1 s).
+    Two epochs of 25 steps; DeepSpeed's start-up line first."""
+    from tqdm import tqdm  # noqa: PLC0415  (only this writer needs it)
+
+    out = io.StringIO()
+    out.write("[2025-11-03 10:00:00,000] [INFO] [real_accelerator.py:203:get_accelerator] Setting ds_accelerator\n")
+    curve = _curve(17, spike)
+    per_epoch = STEPS // 2
+    for epoch in range(2):
+        bar = tqdm(range(per_epoch), desc=f"Train step of epoch {epoch}", file=out, mininterval=0, ncols=140)
+        for _step, loss, grad, lr in curve[epoch * per_epoch : (epoch + 1) * per_epoch]:
+            bar.set_postfix({"gpt_loss": loss, "lr": lr, "grad_norm": grad, "ppl": math.exp(min(loss, 20.0))})
+            bar.update()
+        bar.close()
+    return out.getvalue()
+
+
 WRITERS = {
+    "openrlhf_sft_{}.log": openrlhf_sft,
     "verl_ppo_{}.log": verl_ppo,
     "verl_sft_{}.log": verl_sft,
     "nanotron_{}.log": nanotron,
