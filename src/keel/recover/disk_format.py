@@ -189,9 +189,11 @@ def _read_tensors(path: Path, expected: str) -> dict[str, Tensor]:
     digest = file_sha256(path)
     if digest != expected:
         declared = _declared_size(path)
-        if declared is not None and info.st_size < declared:
+        if declared is not None and info.st_size < declared[0]:
+            size, whole = declared
             raise SnapshotInvalid(
-                f"the tensor file {path.name} is truncated ({info.st_size} of {declared} bytes): checksum mismatch"
+                f"the tensor file {path.name} is truncated ({info.st_size} of {'' if whole else 'at least '}{size} "
+                "bytes): checksum mismatch"
             )
         raise SnapshotInvalid(
             f"the tensor file {path.name} was changed after it was written: checksum mismatch "
@@ -203,23 +205,24 @@ def _read_tensors(path: Path, expected: str) -> dict[str, Tensor]:
         raise SnapshotInvalid(f"the tensor file {path.name} cannot be read ({type(exc).__name__}: {exc})") from None
 
 
-def _declared_size(path: Path) -> int | None:
-    """The size a safetensors file declares in its header (8-byte length, then JSON with the data offsets); when
-    the header itself is cut off, the size of the header. None when it declares nothing usable."""
+def _declared_size(path: Path) -> tuple[int, bool] | None:
+    """The size a safetensors file declares in its header (8-byte length, then JSON with the data offsets), and
+    True; when the header itself is cut off, the size up to the header's end, and False (the whole file is larger:
+    "8 of 216 bytes" named the header's size as the file's). None when it declares nothing usable."""
     try:
         with open(path, "rb") as f:
             head = f.read(8)
             if len(head) < 8:
-                return 8
+                return 8, False
             (length,) = struct.unpack("<Q", head)
             if length > 100 << 20:
                 return None
             raw = f.read(length)
             if len(raw) < length:
-                return 8 + length
+                return 8 + length, False
             header = json.loads(raw)
         ends = [v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"]
-        return 8 + length + max(ends, default=0)
+        return 8 + length + max(ends, default=0), True
     except Exception:  # a damaged header: no size to compare with
         return None
 
