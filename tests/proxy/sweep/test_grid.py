@@ -2,6 +2,8 @@ import json
 import sys
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from keel.proxy.sweep import SweepConfig, default_lrs, expand_grid, list_recipes, quick_config, resolve_recipe
 from keel.proxy.trainer import TrainConfig
@@ -82,6 +84,14 @@ def test_bad_recipe_names_raise_before_anything_runs(recipe, match):
         ("lrs", [1e-3, -1.0], r"SweepConfig.lrs contains \[-1.0\]"),
         ("sizes", ["huge"], r"SweepConfig.sizes contains \['huge'\]; allowed: tiny"),
         ("base", {"steps": 10}, r"SweepConfig.base=\{'steps': 10\}; allowed: a keel.proxy.trainer.TrainConfig"),
+        # one run id twice: run_sweep failed with sqlite3.IntegrityError 'UNIQUE constraint failed: runs.run_id'
+        ("lrs", [1e-2, 3e-2, 1e-2], r"SweepConfig.lrs=\[0.01, 0.03, 0.01\] names the run lr=0.01 twice"),
+        ("lrs", [1e-3, 0.0010000001], r"names the run lr=0.001 twice; allowed: each value once"),
+        ("sizes", ["tiny", "tiny"], r"SweepConfig.sizes=\['tiny', 'tiny'\] names the run tiny twice"),
+        ("seeds", [0, 1, 0], r"SweepConfig.seeds=\[0, 1, 0\] names the run seed=0 twice"),
+        # the sweep store keeps seeds as SQLite integers: 2**63 failed with OverflowError after the grid was built
+        ("seeds", [0, 2**63], r"seeds contains \[9223372036854775808\]; allowed: ints from 0 to 2\*\*63 - 1"),
+        ("seeds", [-1], r"SweepConfig.seeds contains \[-1\]; allowed: ints from 0"),
     ],
 )
 def test_bad_config_values(field, value, match):
@@ -100,6 +110,24 @@ def test_bad_config_values(field, value, match):
 def test_bad_run_settings_are_the_train_configs_to_refuse(field, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{field: value})
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    lrs=st.lists(st.floats(1e-12, 1e3), min_size=1, max_size=6),
+    seeds=st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=3),
+    sizes=st.lists(st.sampled_from(["tiny", "small", "medium"]), min_size=1, max_size=3),
+)
+def test_an_accepted_grid_names_each_run_once(lrs, seeds, sizes):
+    # Attack: every grid SweepConfig accepts expands to distinct run ids (the sweep store's key); one it
+    # refuses says which value repeats.
+    try:
+        config = SweepConfig(recipes=["baseline"], lrs=lrs, seeds=seeds, sizes=sizes)
+    except ValueError as exc:
+        assert "twice; allowed: each value once" in str(exc)
+        return
+    ids = [spec.run_id for spec in expand_grid(config)]
+    assert len(ids) == len(set(ids)) == len(lrs) * len(seeds) * len(sizes)
 
 
 def test_duplicate_recipe_names_raise():

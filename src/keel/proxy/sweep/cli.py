@@ -38,7 +38,7 @@ from keel._core.errors import KeelError
 from keel.guard.console import progress_bar
 from keel.proxy.model import list_proxy_sizes
 from keel.proxy.sweep.backends import BACKENDS
-from keel.proxy.sweep.grid import SweepConfig, quick_config, run_id
+from keel.proxy.sweep.grid import RUN_ID_KEYS, SweepConfig, quick_config, repeated
 from keel.proxy.sweep.recipes import list_recipes, resolve_recipe
 from keel.proxy.sweep.runner import RunEvent, SweepResult, load_sweep, run_sweep
 from keel.proxy.sweep.summary import format_tables, to_json
@@ -162,15 +162,10 @@ def _recipe_name(recipe: str) -> str:
 def _reject_repeats(args: argparse.Namespace) -> None:
     # Each grid point is one run id in the sweep store; a value given twice (or two LRs equal in the id's
     # %g form, 1e-3 and 0.0010000001) would name the same run twice.
-    keys: dict[str, Callable[[Any], str]] = {
-        "recipes": _recipe_name,
-        "lrs": lambda lr: run_id("", "", lr, 0),
-        "sizes": str,
-        "seeds": str,
-    }
+    keys: dict[str, Callable[[Any], str]] = {"recipes": _recipe_name, **RUN_ID_KEYS}
     for name, key in keys.items():
         values = getattr(args, name)
-        if values is not None and len({key(v) for v in values}) < len(values):
+        if values is not None and repeated(values, key) is not None:
             shown = " ".join(map(str, values))
             raise ValueError(f"--{name} {shown} names the same run twice; allowed: each value once")
 

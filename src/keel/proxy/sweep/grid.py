@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
+from keel._core.argtypes import INT64_MAX
 from keel._core.validate import check_types
 from keel.proxy.model import list_proxy_sizes
 from keel.proxy.sweep.recipes import DEFAULT_RECIPES, Recipe, resolve_recipe
@@ -97,6 +99,14 @@ class SweepConfig:
         bad_lrs = [lr for lr in self.lrs if not (isinstance(lr, (int, float)) and 0 < lr < math.inf)]
         if bad_lrs:
             raise ValueError(f"SweepConfig.lrs contains {bad_lrs}; allowed: finite numbers > 0")
+        out_of_range = [seed for seed in self.seeds if not 0 <= seed <= INT64_MAX]
+        if out_of_range:  # the sweep store keeps seeds as SQLite integers: 2**63 failed there, after the grid was built
+            raise ValueError(f"SweepConfig.seeds contains {out_of_range}; allowed: ints from 0 to 2**63 - 1")
+        for name, key in RUN_ID_KEYS.items():
+            twice = repeated(getattr(self, name), key)
+            if twice is not None:
+                shown = list(getattr(self, name))
+                raise ValueError(f"SweepConfig.{name}={shown} names the run {twice} twice; allowed: each value once")
         unknown = [s for s in self.sizes if s not in list_proxy_sizes()]
         if unknown:
             raise ValueError(f"SweepConfig.sizes contains {unknown}; allowed: {', '.join(list_proxy_sizes())}")
@@ -163,6 +173,26 @@ class RunSpec:
 
 def run_id(recipe: str, size: str, lr: float, seed: int) -> str:
     return f"{recipe}/{size}/lr={lr:g}/seed={seed}"
+
+
+# How each grid list's values appear in a run id (`run_id`). Two values with the same key name one run twice (the
+# same value given twice, or LRs equal in %g's six digits: 1e-3 and 0.0010000001), and the sweep store keeps one row
+# per run id: run_sweep failed with sqlite3.IntegrityError.
+RUN_ID_KEYS: dict[str, Callable[[Any], str]] = {
+    "lrs": lambda lr: f"lr={lr:g}",
+    "sizes": str,
+    "seeds": lambda seed: f"seed={seed}",
+}
+
+
+def repeated(values: Iterable[Any], key: Callable[[Any], str]) -> str | None:
+    """The first ``key(value)`` that two of ``values`` share, or ``None``."""
+    seen: set[str] = set()
+    for value in values:
+        if key(value) in seen:
+            return key(value)
+        seen.add(key(value))
+    return None
 
 
 def expand_grid(config: SweepConfig) -> list[RunSpec]:
