@@ -87,7 +87,8 @@ def _read(path: Path, fh: TextIO) -> RawLog:
     reader = csv.reader(fh, _dialect(fh))
     header = _header(path, reader)
     export = wandb_export(header)
-    step_column = find_step_column(header) or _epoch_column(header) or (header[0] if export else None)
+    history = wandb_history_step(header)
+    step_column = history or find_step_column(header) or _epoch_column(header) or (header[0] if export else None)
     if step_column is None:
         raise LogReadError(
             f"{path}: no step column among {', '.join(header[:12]) or '(none)'}; "
@@ -97,7 +98,8 @@ def _read(path: Path, fh: TextIO) -> RawLog:
     names, renamed = _unique_names(export.names or header)
     if export:
         renamed.append(export.note)
-    numbers = {i: _Numbers(name) for i, name in enumerate(names) if i != step_index and name and i not in export.bounds}
+    left_out = export.bounds | ({i for i, name in enumerate(names) if name in WANDB_BOOKKEEPING} if history else set())
+    numbers = {i: _Numbers(name) for i, name in enumerate(names) if i != step_index and name and i not in left_out}
     state = _State(width=len(header), step_index=step_index, numbers=numbers)
     skipped: list[str] = []  # rows the csv module could not read
     rows = _readable_rows(reader, skipped)
@@ -107,7 +109,24 @@ def _read(path: Path, fh: TextIO) -> RawLog:
     log = _finish(path, state, step_column, renamed, skipped)
     if normalize(step_column) == EPOCH:
         log.notes.append(EPOCHS_NOTE)
+    if history:
+        own = " (the run's own; W&B's _step counts its log calls)" if step_column != "_step" else ""
+        log.notes.append(f"a W&B history export: the steps are {step_column!r}{own}; _runtime, _timestamp left out")
     return log
+
+
+WANDB_BOOKKEEPING = frozenset({"_step", "_runtime", "_timestamp"})
+
+
+def wandb_history_step(header: list[str]) -> str | None:
+    """The step column of a W&B run history saved as CSV (``wandb.Api().run(...).history().to_csv()``, or the
+    ``scan_history`` rows written out): the run's own step column when it logs one (the HF Trainer's
+    ``train/global_step``), as `keel.doctor.wandb_log` reads the run itself, else ``_step``; None for a header
+    without W&B's ``_step`` and ``_runtime`` or ``_timestamp``."""
+    names = set(header)
+    if "_step" not in names or not names & {"_runtime", "_timestamp"}:
+        return None
+    return find_step_column([name for name in header if not name.startswith("_")]) or "_step"
 
 
 @dataclass
@@ -323,7 +342,14 @@ def _finish(path: Path, state: _State, step_column: str, renamed: list[str], ski
                 rows=np.frombuffer(col.rows, dtype=np.int64), values=np.frombuffer(col.values, dtype=np.float64)
             )
             text_cells += col.text_with_step
-    log.records = LogTable(np.frombuffer(state.steps, dtype=np.int64), columns)
+    steps = np.frombuffer(state.steps, dtype=np.int64)
+    placeholders = drop_nan_placeholders(steps, columns)
+    log.records = LogTable(steps, columns)
+    if placeholders:
+        log.notes.append(
+            f"{placeholders} pair(s) of rows of one step wrote NaN for what the other row logged (a train row and an "
+            "eval row, NaN for 'not logged', as pandas' na_rep='NaN'): those NaN cells read as not logged"
+        )
     if state.no_step:
         log.notes.append(f"{state.no_step} row(s) without an integer step were skipped")
     if text_cells:
@@ -336,6 +362,52 @@ def _finish(path: Path, state: _State, step_column: str, renamed: list[str], ski
             + (" …" if len(skipped) > 5 else "")
         )
     return log
+
+
+def drop_nan_placeholders(steps: np.ndarray, columns: dict[str, Column]) -> int:
+    """Leave out the NaN cells that stand for "not logged" in ``columns`` (in place); how many row pairs had them.
+
+    Two consecutive rows of one step are such a pair when each has NaN in a column where the other has a number,
+    and no column holds two different numbers (a train row and an eval row; equal numbers, an ``epoch``, may be in
+    both). The NaN of such a column is left out of the row that has it; a column NaN in both keeps the first row's
+    (a NaN that is real still shows). A run resumed at the step it crashed at is no such pair: its second row has a
+    number wherever the first has one (the learning rate), and no NaN of its own.
+    """
+    first = np.flatnonzero(steps[1:] == steps[:-1])
+    if not len(first) or not columns:
+        return 0
+    second = first + 1
+    cells = {name: (_cells(col, first), _cells(col, second)) for name, col in columns.items()}
+    differ = np.zeros(len(first), dtype=bool)
+    first_gap = np.zeros(len(first), dtype=bool)  # the first row has NaN where the second has a number
+    second_gap = np.zeros(len(first), dtype=bool)
+    for (a, a_nan), (b, b_nan) in cells.values():
+        a_num, b_num = ~np.isnan(a), ~np.isnan(b)  # absent cells are NaN in `a`/`b` but not in `a_nan`/`b_nan`
+        differ |= a_num & b_num & (a != b)
+        first_gap |= a_nan & b_num
+        second_gap |= b_nan & a_num
+    pairs = first_gap & second_gap & ~differ
+    if not pairs.any():
+        return 0
+    for name, ((_a, a_nan), (b, b_nan)) in cells.items():
+        drop = np.concatenate([first[pairs & a_nan & ~np.isnan(b)], second[pairs & b_nan]])
+        if len(drop):
+            col = columns[name]
+            keep = ~np.isin(col.rows, drop)
+            columns[name] = Column(rows=col.rows[keep], values=col.values[keep])
+    return int(pairs.sum())
+
+
+def _cells(col: Column, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The column's value at each of ``rows`` (NaN where the row has no cell), and which rows have a NaN cell."""
+    values = np.full(len(rows), np.nan)
+    logged_nan = np.zeros(len(rows), dtype=bool)
+    if len(col.rows):
+        at = np.minimum(np.searchsorted(col.rows, rows), len(col.rows) - 1)
+        hit = col.rows[at] == rows
+        values[hit] = col.values[at[hit]]
+        logged_nan[hit] = np.isnan(col.values[at[hit]])
+    return values, logged_nan
 
 
 def _dialect(fh: TextIO) -> type[csv.Dialect] | csv.Dialect:
