@@ -354,8 +354,8 @@ class ReferenceDivergence:
         if self._run < cfg.patience:
             return []
         start = median(self._first)
-        fell = _rise(start, self._best)  # from the start to the best: a real fall clears the same margin as a rise
-        back_at_start = fell >= required and rise >= fell
+        fell = _rise(start, self._best)  # from the start (a median of `short`) to the best: past the short margin
+        back_at_start = fell >= fast_required and rise >= fell
         severity = "critical" if rise >= math.log1p(cfg.critical_excess) or back_at_start else "warning"
         if self._reported == severity or self._reported == "critical":
             return []

@@ -213,20 +213,21 @@ def certain_length(
     )
 
 
-def critical_rise(config: DivergenceConfig, began: float, best: float, required: float) -> float:
+def critical_rise(config: DivergenceConfig, began: float, best: float, fall_required: float) -> float:
     """The rise that makes a divergence critical: ``critical_excess`` over the best, or the rise back to where the
-    run began (``began``) when that is less and the fall from there to the best was itself past ``required``."""
+    run began (``began``, a median of ``short`` values) when that is less and the fall from there to the best was
+    itself past ``fall_required`` (the margin of a median of ``short`` values over the best)."""
     doubled = math.log1p(config.critical_excess)
     back = rise(began, best)  # NaN before the start is known: not less
-    return back if required <= back < doubled else doubled
+    return back if fall_required <= back < doubled else doubled
 
 
 @np.errstate(over="ignore", invalid="ignore")
-def critical_rises(config: DivergenceConfig, began: float, best: np.ndarray, required: np.ndarray) -> np.ndarray:
+def critical_rises(config: DivergenceConfig, began: float, best: np.ndarray, fall_required: np.ndarray) -> np.ndarray:
     """`critical_rise` element-wise (screening: within a few ulp of it)."""
     doubled = math.log1p(config.critical_excess)
     back = rises(np.full(len(best), began), best)
-    return np.where((required <= back) & (back < doubled), back, doubled)
+    return np.where((fall_required <= back) & (back < doubled), back, doubled)
 
 
 @np.errstate(over="ignore", invalid="ignore")
@@ -251,10 +252,12 @@ def _judgements(
     tol = SLACK * (1 + np.abs(rise) + np.abs(required))
     two = chunk.size[start:stop] > cfg.short  # where the fast view (the last `short` values) is judged too
     torn = np.zeros(len(best), dtype=bool)
+    fall_required = required  # the margin of a median of `short` values: the wide one's where that is `short`
     if two.any():
         fast_rise = rises(chunk.fast[start:stop], best)
         fast_required = np.maximum(warn, cfg.noise_margin * np.hypot(chunk.fast_se[start:stop], best_se))
         fast_over = np.where(two, fast_rise - fast_required, -math.inf)
+        fall_required = np.where(two, fast_required, required)
         tol = tol + np.where(two, SLACK * (np.abs(fast_rise) + np.abs(fast_required)), 0.0)
         chosen = fast_over > over  # update judges by the view furthest past its threshold
         torn = two & ~(np.abs(fast_over - over) > tol)
@@ -265,7 +268,7 @@ def _judgements(
     # an episode: a step clearly past the threshold extends the run; the rest (a step below it, which ends the run
     # of consecutive steps or the episode, an uncertain side, a possible finding) goes to update
     past = over > tol
-    critical = rise - critical_rises(cfg, began, best, required)
+    critical = rise - critical_rises(cfg, began, best, fall_required)
     uncertain = (seen_at < cfg.min_history) | ~past | torn | (past & ~(np.abs(critical) > tol))
     if reported != "critical":
         reportable = (critical > tol) if reported == "warning" else np.ones(len(best), dtype=bool)

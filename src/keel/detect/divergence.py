@@ -23,7 +23,8 @@ noise estimate is frozen while a rise is pending, so a divergence does not widen
 
 A rise is ``critical`` at twice the best level, or earlier once the median is back at the level of the run's first
 ``short`` steps — everything the run had learned is gone — when the fall from there to the best was itself a real
-one (past the same margin a rise must clear). keel's own overhead benchmark loop (a byte-level proxy at a constant
+one (``warn_excess`` and ``noise_margin`` standard errors of the difference between that median of ``short`` values
+and the best). keel's own overhead benchmark loop (a byte-level proxy at a constant
 AdamW LR of 1e-3, unclipped) fell from 5.6 to 2.9 and climbed back to 5.7–6.4, above the uniform-guess loss ln 256,
 and was only ever a warning: 2× its best was never held by the wide median its noise asked for.
 """
@@ -187,7 +188,8 @@ class DivergenceDetector:
         run = self._episode.run
         if run < cfg.patience:
             return []
-        severity = self._episode.escalate(critical=up >= self._critical_rise(required), warning=True)
+        # the fall from the start (a median of `short` values, as the fast view's) must clear the fast view's margin
+        severity = self._episode.escalate(critical=up >= self._critical_rise(fast_required), warning=True)
         if severity is None:
             return []
         back_at_start = up < math.log1p(cfg.critical_excess) and severity == "critical"
@@ -237,9 +239,9 @@ class DivergenceDetector:
             )
         ]
 
-    def _critical_rise(self, required: float) -> float:
+    def _critical_rise(self, fall_required: float) -> float:
         """The rise that is critical: ``critical_excess``, or less where it brings the loss back to its start."""
-        return critical_rise(self.config, self._start, self._best, required)
+        return critical_rise(self.config, self._start, self._best, fall_required)
 
     def scan(self, steps: np.ndarray, values: np.ndarray) -> list[Finding]:
         """Judge a whole series at once: exactly what `update` gives, step by step, and the same state after.
