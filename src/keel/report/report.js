@@ -208,11 +208,26 @@
     return lo === hi && lo !== 0 ? [lo - Math.abs(lo) / 2, hi + Math.abs(hi) / 2] : null;
   }
 
+  // The legend sits under the plot, in rows; a chart of many runs (50 runs, 40 sweep runs) keeps its plot area
+  // by growing with its legend's rows past the first two (it kept 320 px, and 40 names left the plot ~90 px).
+  var LEGEND_ROW = 19, CHART_HEIGHT = 320, MAX_GROWTH = 380;
+  function chartHeight(traces, width) {
+    var names = traces.filter(function (t) { return t.showlegend !== false && t.name; })
+                      .map(function (t) { return t.name; });
+    if (!names.length) return CHART_HEIGHT;
+    var longest = Math.max.apply(null, names.map(function (n) { return n.length; }));
+    var perRow = Math.max(1, Math.floor((width - 84) / (44 + 6 * longest)));  // swatch + text at 10 px
+    var rows = Math.ceil(names.length / perRow);
+    return CHART_HEIGHT + Math.min(MAX_GROWTH, Math.max(0, rows - 2) * LEGEND_ROW);
+  }
+
   var pending = data.charts.map(function (chart) {
     var div = document.getElementById(chart.id);
     var marks = markTraces(chart);
+    var lines = lineTraces(chart);
     var span = chart.log_y ? null : constantSpan(chart);
-    var layout = {title: {text: esc(chart.title), x: 0.01, font: {size: 14}}, height: 320,
+    var layout = {title: {text: esc(chart.title), x: 0.01, font: {size: 14}},
+                  height: chartHeight(lines, div.clientWidth || 1200),
                   margin: {l: 64, r: 20, t: 36, b: 64}, hovermode: "closest", shapes: marks.shapes,
                   xaxis: {zeroline: false, range: data.xrange.slice(),
                           title: {text: "step", standoff: 4, font: {size: 11}}},
@@ -221,7 +236,7 @@
                   paper_bgcolor: "#fff",
                   plot_bgcolor: "#fafafa"};
     if (span) layout.yaxis.range = span;
-    return Plotly.newPlot(div, lineTraces(chart).concat(marks.traces), layout,
+    return Plotly.newPlot(div, lines.concat(marks.traces), layout,
                           {displaylogo: false, responsive: true}).then(function () {
       divs.push(div);
       div.setAttribute("data-rendered", "1");
@@ -264,6 +279,13 @@
     return top ? {bottom: Math.round(top.getBoundingClientRect().bottom + window.scrollY),
                   height: window.innerHeight} : null;
   }
+  // The height of each chart's plot area (px, without title and legend): the browser test checks none collapses.
+  function plotHeights() {
+    return divs.map(function (div) {
+      var bg = div.querySelector(".bglayer rect, .draglayer .nsewdrag");
+      return bg ? Math.round(bg.getBoundingClientRect().height) : null;
+    });
+  }
   function publish() {
     var charts = data.charts.length + (data.figures || []).length;
     document.body.setAttribute("data-keel-charts", String(charts));
@@ -273,7 +295,7 @@
     if (out) {
       out.textContent = JSON.stringify({charts: charts, rendered: state.rendered,
                                         errors: state.errors, range: requestedRange(), view: firstView(),
-                                        first_screen: firstScreen(),
+                                        first_screen: firstScreen(), plot_heights: plotHeights(),
                                         drawn_ms: Math.round(performance.now())});
     }
   }
