@@ -16,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from keel._core import keys
-from keel.doctor import LogReadError, detect_format, examine_log, read_log
+from keel.doctor import LogReadError, detect_format, examine_log, map_columns, read_log
 from keel.doctor.csv_log import EPOCHS_NOTE, wandb_export
 from keel.doctor.verl_log import read_verl_log
 
@@ -242,3 +242,22 @@ def test_a_bracketed_text_log_of_an_unknown_tool_is_not_called_bad_json(tmp_path
     json_array = tmp_path / "log.json"
     json_array.write_text('[{"step": 1, "loss": 2.0}]\n')
     assert detect_format(json_array) == "jsonl"
+
+
+def test_openrlhf_names_map_to_keel_keys():
+    # openrlhf/trainer/ray/ppo_actor.py: status {"policy_loss", "actor_lr", ...} logged as train/<name> to W&B and
+    # TensorBoard (ppo_utils/loggers.py), and as act_loss / act_lr in the progress bar
+    for names in (["train/policy_loss", "train/actor_lr"], ["act_loss", "act_lr"], ["policy_loss", "actor_lr"]):
+        assert set(map_columns(names).values()) == {keys.LOSS, keys.LR}, names
+
+
+def test_a_resumed_lightning_run_in_the_same_file_restarts_at_its_epochs_steps(tmp_path):
+    # epochs 0 and 1 of 4 steps, epoch 2 killed at count 2; the run resumed from the end of epoch 0 (tee -a)
+    bar = "Epoch {e}: {pct}%|#| {n}/4 [00:01<00:01, 1.00it/s, v_num=0, train_loss={loss}]"
+    drawn = [(0, n) for n in (1, 2, 3, 4)] + [(1, n) for n in (1, 2, 3, 4)] + [(2, 1), (2, 2)]
+    drawn += [(1, n) for n in (1, 2, 3, 4)] + [(2, n) for n in (1, 2, 3, 4)]
+    p = tmp_path / "train.log"
+    p.write_text("\r".join(bar.format(e=e, pct=25 * n, n=n, loss=2 - 0.01 * i) for i, (e, n) in enumerate(drawn)))
+    steps = [s for s, _ in read_log(p).records]
+    assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 11, 12]
+    assert examine_log(p).summary["restarts"]["count"] == 1

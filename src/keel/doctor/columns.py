@@ -44,6 +44,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "train_ce_loss",  # OLMo-core's train/CE loss
         "loss_train_total",  # Composer's loss/train/total
         "gpt_loss",  # OpenRLHF's SFT trainer
+        "policy_loss",  # OpenRLHF's PPO actor (train/policy_loss in its W&B and TensorBoard logs; act_loss in its bar)
+        "train_policy_loss",
+        "act_loss",
         "actor_pg_loss",  # verl's PPO/GRPO policy loss, actor/pg_loss (TRL's GRPO logs its own as loss)
     ),
     keys.GRAD_NORM: (
@@ -59,6 +62,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "optim_total_grad_norm",  # OLMo's optim/total_grad_norm, OLMo-core's optim/total grad norm
         "l2_norm_grad_global",  # Composer's OptimizerMonitor: l2_norm/grad/global
         "actor_grad_norm",  # verl's actor/grad_norm, OpenRLHF's actor_grad_norm
+        "train_actor_grad_norm",
     ),
     keys.LR: (
         "lr",
@@ -76,7 +80,9 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "lr_adamw_group0",
         "lr_adam_group0",
         "lr_sgd_group0",
-        "actor_lr",  # verl's actor/lr
+        "actor_lr",  # verl's actor/lr, OpenRLHF's actor_lr (train/actor_lr; act_lr in its progress bar)
+        "train_actor_lr",
+        "act_lr",
     ),
     keys.AMP_SCALE: ("loss_scale", "amp_scale", "grad_scale", "loss_scaler", "scaler_scale"),
     keys.STEP_TIME: ("step_time", "step_time_s", "time_per_step", "time_per_step_s", "iteration_time_s", "iter_time_s"),

@@ -172,6 +172,7 @@ def records_from_objects(
     text_fields: set[str] = set()
     number_fields: set[str] = set()
     step_columns: set[str] = set()
+    step_column_of: dict[tuple[str, ...], str | None] = {}
     for item in objects:
         if not isinstance(item, dict):
             not_objects += 1
@@ -180,7 +181,10 @@ def records_from_objects(
         flat = dict(pairs)
         if len(flat) < len(pairs):  # {"train/loss": 1, "train": {"loss": 2}}
             repeats.repeated([name for name, _ in pairs])
-        step_column = find_step_column(flat)
+        names = tuple(flat)
+        if names not in step_column_of:  # objects of a log mostly share their names: each set looked up once
+            step_column_of[names] = find_step_column(names)
+        step_column = step_column_of[names]
         step = parse_step(flat[step_column]) if step_column is not None else None
         if step is None:
             no_step += 1

@@ -73,9 +73,10 @@ def read_tqdm_log(path: str | Path) -> RawLog:
             redraws.append(redraw)
     if not redraws:
         raise LogReadError(f"{path}: no tqdm progress bar with a 'name=value' postfix")
-    kinds = Counter(_DIGITS.sub("#", r.bar) for r in redraws)
+    kind_of = {bar: _DIGITS.sub("#", bar) for bar in {r.bar for r in redraws}}  # "Epoch 3" is an "Epoch #" bar
+    kinds = Counter(kind_of[r.bar] for r in redraws)
     main = kinds.most_common(1)[0][0]
-    log = records_from_objects(path, _entries([r for r in redraws if _DIGITS.sub("#", r.bar) == main]), fmt=FORMAT)
+    log = records_from_objects(path, _entries([r for r in redraws if kind_of[r.bar] == main]), fmt=FORMAT)
     left_out = sum(kinds.values()) - kinds[main]
     log.notes.append(f"the steps are the counts of the progress bar {main.strip() or '(no description)'!r}")
     if left_out:
@@ -116,22 +117,30 @@ def _redraw(segment: str) -> _Redraw | None:
 
 
 def _entries(redraws: list[_Redraw]) -> list[dict[str, float | str]]:
-    """One entry per count (count 0, before any update, left out); a finished bar drawn anew continues the count.
+    """One entry per count (count 0, before any update, left out); a finished bar drawn anew, or another bar,
+    continues the count.
 
-    A count is drawn twice: by ``update`` and by ``set_postfix``. Lightning updates, then sets the step's values
-    (``29/40 …loss=0.019``, ``29/40 …loss=0.0201``: the last drawing of a count is its step's); OpenRLHF sets them,
-    then updates (``0/100 …loss=2.5``, ``1/100 …loss=2.5``, ``1/100 …loss=2.4``: the first is). The second shows
-    itself by a postfix already at count 0 of the first bar.
+    A bar cut short (a killed run) followed by a bar drawn before (the resumed run's epoch) starts again at that
+    bar's steps: the doctor lists the restart. A count is drawn twice: by ``update`` and by ``set_postfix``.
+    Lightning updates, then sets the step's values (``29/40 …loss=0.019``, ``29/40 …loss=0.0201``: the last drawing
+    of a count is its step's); OpenRLHF sets them, then updates (``0/100 …loss=2.5``, ``1/100 …loss=2.5``,
+    ``1/100 …loss=2.4``: the first is). The second shows itself by a postfix already at count 0 of the first bar.
     """
     entries: list[dict[str, float | str]] = []
     set_before_update = redraws[0].n == 0
     offset = 0
+    started: dict[str, int] = {}  # each bar's first offset: a resumed run drawing it again starts there
     last: _Redraw | None = None
     for redraw in redraws:
-        if last is not None and redraw.n < last.n:
-            finished = last.total is not None and last.n >= last.total
-            if finished or redraw.bar != last.bar:  # the next epoch or round; a restart keeps its count
-                offset += last.total if last.total is not None else last.n
+        if last is not None and (redraw.n < last.n or redraw.bar != last.bar):
+            if last.total is not None and last.n >= last.total:  # finished: the next epoch or round
+                offset += last.total
+            elif redraw.bar in started and redraw.bar != last.bar:  # cut short, then an earlier bar: a resume
+                offset = started[redraw.bar]
+            elif redraw.bar != last.bar:
+                offset += last.n
+            # the same bar starting over before its total: a restart at its own counts
+        started.setdefault(redraw.bar, offset)
         same_count = last is not None and redraw.n == last.n and redraw.bar == last.bar
         last = redraw
         if redraw.n == 0 or (same_count and set_before_update):
