@@ -297,12 +297,15 @@ class _DivergesAt23:
         pass
 
 
-def test_a_resumed_ring_holds_the_runs_older_disk_snapshots_too(tmp_path):
+@pytest.mark.parametrize("keep_on_disk", [3, None], ids=["keep_on_disk=3", "default"])
+def test_a_resumed_ring_holds_the_runs_older_disk_snapshots_too(tmp_path, keep_on_disk):
+    # default (None): enough disk snapshots to fill the memory ring (4 at disk_every=1); it kept 2 — the snapshots
+    # of 15 and 20 —, so a preemptible job killed inside the trouble's window aborted at 23 on every restart (h28 R1)
     def train(resume, stop):
         torch.manual_seed(0)
         model = TinyNet()
         opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        config = RecoveryConfig(snapshot_every=5, quiet_steps=1, disk_every=1, keep_on_disk=3)
+        config = RecoveryConfig(snapshot_every=5, quiet_steps=1, disk_every=1, keep_on_disk=keep_on_disk)
         guard = Guard(
             model,
             opt,
@@ -323,9 +326,9 @@ def test_a_resumed_ring_holds_the_runs_older_disk_snapshots_too(tmp_path):
         guard.close()
         return ring, decisions
 
-    train(False, 21)  # stopped after step 20: its disk holds the snapshots of 10, 15 and 20
+    train(False, 21)  # stopped after step 20: its disk holds the snapshots of 10, 15 and 20 (and 5 by default)
     ring, decisions = train(True, 26)
-    assert ring == [10, 15, 20]  # it held [20] alone: the rollback at 23 aborted (reviewer V1)
+    assert ring == ([10, 15, 20] if keep_on_disk == 3 else [5, 10, 15, 20])  # [20] alone aborted at 23 (V1)
     assert decisions[23].action == "rollback" and decisions[23].restored_step == 10
 
 

@@ -207,7 +207,11 @@ def test_when_no_snapshot_is_usable_the_resume_says_it_starts_from_step_0(tmp_pa
     model = TinyNet()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     guard = Guard(
-        model, opt, run_dir=str(tmp_path), policy="recover", recovery=RecoveryConfig(snapshot_every=2, disk_every=1)
+        model,
+        opt,
+        run_dir=str(tmp_path),
+        policy="recover",
+        recovery=RecoveryConfig(snapshot_every=2, disk_every=1, keep_on_disk=2),
     )
     for x, y in make_batches(6):
         loss = F.mse_loss(model(x), y)

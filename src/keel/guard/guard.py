@@ -261,9 +261,13 @@ class Guard(DeferredSteps):
         self._snapshots_recorded = 0
         try:
             self.recorder = Recorder(self.run_dir.store_dir, log_every)
-        except StoreError:  # a store a newer keel wrote: refused, and the run_dir is free again
+        except StoreError:  # a store a newer keel wrote, or one a full disk cannot open: refused, the run_dir freed
             self.run_dir.release()
             raise
+        if self.recovery is not None and self.recovery.disk is not None and self.recorder.writer is not None:
+            # a disk snapshot appears only once the store holds every step before it: a process killed at any
+            # moment leaves nothing a resume must call lost (the store commits every 0.5 s, a snapshot at once)
+            self.recovery.disk.before_publish = self.recorder.writer.flush
         self.evaluation = Evaluation(model, self.components, self.recorder)
         self.state.history["evaluation"] = self.evaluation  # phases and evals so far: a rollback keeps them
         writes_skips = policy != "observe" and self.run_dir.store_dir is not None  # observe changes no data

@@ -67,7 +67,8 @@ class RecoveryConfig:
         keep_in_memory: Snapshots in the memory ring (at least 2: a ring of one holds only the newest).
         keep_pinned: Snapshots from before a warning's onset kept beyond the ring (the newest pins win).
         disk_every: Write every n-th memory snapshot to disk (``run_dir/snapshots``); ``None`` for memory only.
-        keep_on_disk: Disk snapshots kept.
+        keep_on_disk: Disk snapshots kept; None (the default): as many as a resumed run needs to roll back as far as
+            the memory ring reaches, ``ceil(keep_in_memory / disk_every)`` and at least 2 (`disk_keep`).
         quiet_steps: No snapshot within this many steps of a skip or a critical finding.
         rollback_margin: Roll back to a snapshot at least this many steps before the onset.
         lr_backoff: LR factor of the ``lr_backoff`` action (compounds over repeated rollbacks).
@@ -95,7 +96,7 @@ class RecoveryConfig:
     keep_in_memory: int = 4
     keep_pinned: int = 2
     disk_every: int | None = None
-    keep_on_disk: int = 2
+    keep_on_disk: int | None = None
     quiet_steps: int = 5
     rollback_margin: int = 1
     lr_backoff: float = 0.1
@@ -114,7 +115,6 @@ class RecoveryConfig:
             self,
             "snapshot_every",
             "snapshot_every_on_warning",
-            "keep_on_disk",
             "max_rollbacks",
             "rollback_window",
         )
@@ -125,6 +125,8 @@ class RecoveryConfig:
         require_positive(self, "replay_rtol")
         if self.disk_every is not None:
             require_ints(self, "disk_every")
+        if self.keep_on_disk is not None:
+            require_ints(self, "keep_on_disk")
         if self.cooldown_steps is not None:
             require_ints(self, "cooldown_steps")
         if (
@@ -143,6 +145,14 @@ class RecoveryConfig:
             raise ValueError(
                 f"RecoveryConfig.min_lr_scale={self.min_lr_scale!r}; allowed: a number with 0 < min_lr_scale <= 1"
             )
+
+    def disk_keep(self) -> int:
+        """The disk snapshots kept: ``keep_on_disk``, or (None) enough that a resume fills the memory ring with the
+        run's older snapshots as the uninterrupted run held them: a resumed run killed inside a trouble's window
+        rolls back as far as that run would, instead of aborting on every restart."""
+        if self.keep_on_disk is not None:
+            return self.keep_on_disk
+        return max(2, -(-self.keep_in_memory // (self.disk_every or 1)))
 
 
 class RecoveryExhausted(Exception):
@@ -182,7 +192,7 @@ class Recovery:
         # with a run_dir the disk tier always exists, so a resume reads the snapshots there even when this run
         # writes none (``disk_every=None``)
         self.disk = (
-            DiskSnapshots(Path(run_dir) / SNAPSHOT_DIR, config.keep_on_disk, run_id=run_id)
+            DiskSnapshots(Path(run_dir) / SNAPSHOT_DIR, config.disk_keep(), run_id=run_id)
             if run_dir is not None
             else None
         )
