@@ -1,11 +1,15 @@
 """The backends' own logic, fast: the Ray backend driven through an in-process stand-in for ``ray`` (the real
 Ray instance is in test_ray.py, slow), and backend selection."""
 
+import re
+import socket
 import sys
 
 import pytest
 
-from keel.proxy.sweep import LocalBackend, RayBackend, create_backend, run_sweep
+from keel.cli import main
+from keel.proxy.sweep import LocalBackend, RayBackend, create_backend, expand_grid, run_sweep
+from keel.proxy.sweep.worker import RunResult
 from tests.proxy.sweep.conftest import RESULT_KEYS as KEYS
 
 
@@ -26,14 +30,22 @@ class FakeRay:
     in completion order, which is not submission order); a task of the recipe ``crashes`` fails in get() the
     way a task whose worker died does."""
 
-    def __init__(self):
+    def __init__(self, cpus=2, train=True):
         self.initialized, self.init_options, self.remote_options, self.calls = False, None, None, []
+        self.train = train  # False: a task returns a done RunResult without training (dispatch tests)
+        self.cpus, self.unfinished, self.most_unfinished, self.shutdowns = cpus, 0, 0, 0
 
     def is_initialized(self):
         return self.initialized
 
     def init(self, **options):
         self.initialized, self.init_options = True, options
+
+    def shutdown(self):
+        self.initialized, self.shutdowns = False, self.shutdowns + 1
+
+    def cluster_resources(self):
+        return {"CPU": float(self.cpus)}
 
     def remote(self, **options):
         self.remote_options = options
@@ -45,8 +57,12 @@ class FakeRay:
                 @staticmethod
                 def remote(spec, run_dir, **kwargs):
                     fake.calls.append((spec.run_id, kwargs))
+                    fake.unfinished += 1
+                    fake.most_unfinished = max(fake.most_unfinished, fake.unfinished)
                     if spec.recipe == "crashes":
                         return _Ref(lambda: (_ for _ in ()).throw(RuntimeError("worker died")))
+                    if not fake.train:
+                        return _Ref(lambda: RunResult(run_id=spec.run_id, status="done"))
                     return _Ref(lambda: fn(spec, run_dir, **kwargs))
 
             return Remote
@@ -56,6 +72,7 @@ class FakeRay:
     def wait(self, refs, num_returns=1):
         ref = refs[-1]
         ref.run()
+        self.unfinished -= 1
         return [ref], refs[:-1]
 
     def get(self, ref):
@@ -83,7 +100,9 @@ def test_ray_backend_ships_each_run_as_one_task_with_the_local_metrics(tmp_path,
         "log_to_driver": False,
         "num_cpus": 2,
     }
-    assert fake.remote_options == {"num_cpus": 1, "max_retries": 0}
+    # max_retries=1: a run whose worker died runs once more, as the local backend re-runs it (was 0: an error at once)
+    assert fake.remote_options == {"num_cpus": 1, "max_retries": 1}
+    assert fake.shutdowns == 1  # the Ray instance it started ends with the sweep
     assert len(fake.calls) == 3 and all(kwargs == {"threads": 1} for _, kwargs in fake.calls)
     assert remote.ran != local.ran and sorted(remote.ran) == sorted(local.ran)  # completion order differs
     by_id = {r["run_id"]: r for r in local.rows}
@@ -106,3 +125,73 @@ def test_create_backend_by_name():
         create_backend("dask")
     with pytest.raises(ValueError, match="workers=0; allowed: an int >= 1"):
         LocalBackend(workers=0)
+
+
+@pytest.mark.parametrize("cpus, num_cpus, most", [(2, None, 2), (3, None, 3), (0, None, 1), (8, 2, 2)])
+def test_ray_backend_hands_ray_only_the_runs_it_can_start(tmp_path, tiny_sweep, monkeypatch, cpus, num_cpus, most):
+    # Every run was submitted (and marked running in the store) at once: 4 of 6 runs read "running" while 2 ran,
+    # and a killed sweep's resume counted an attempt for each run that never started (/tmp/h28S/s7_sigint.out).
+    fake = FakeRay(cpus=cpus, train=False)
+    fake.initialized = True  # a Ray connection the caller made: neither started nor shut down here
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    specs = expand_grid(tiny_sweep(recipes=["baseline"], lrs=[1e-2, 2e-2, 3e-2, 4e-2, 5e-2, 6e-2]))
+    unfinished_at_start = []
+
+    def on_start(spec):
+        unfinished_at_start.append(fake.unfinished)
+
+    results = list(RayBackend(num_cpus=num_cpus).run([(spec, str(tmp_path)) for spec in specs], on_start))
+    assert sorted(r.run_id for r in results) == sorted(s.run_id for s in specs)
+    assert max(unfinished_at_start) == most - 1 and fake.most_unfinished == most
+    assert fake.init_options is None and fake.shutdowns == 0
+
+
+def test_ray_backend_without_ray_is_one_error_before_the_sweep_store(tmp_path, monkeypatch, capsys):
+    # A Ray that fails to import (here: a shadow `ray` raising a bare ImportError, as a broken install's C extension
+    # does) was "internal error … (a keel bug)", exit 1, after the sweep store had been written.
+    shadow = tmp_path / "shadow" / "ray"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text("raise ImportError('libray.so: cannot open shared object file')\n")
+    monkeypatch.syspath_prepend(str(shadow.parent))
+    monkeypatch.delitem(sys.modules, "ray", raising=False)
+    out = tmp_path / "sweep"
+    argv = ["sweep", "--recipes", "baseline", "--sizes", "tiny", "--lrs", "1e-2", "--steps", "1", "--no-plots"]
+    assert main([*argv, "--backend", "ray", "--out", str(out)]) == 2
+    assert "keel sweep: error: the Ray sweep backend needs Ray: pip install 'keel[ray]'" in capsys.readouterr().err
+    assert not out.exists()
+    with pytest.raises(ImportError, match="needs Ray") as caught:
+        RayBackend()
+    assert caught.value.name == "ray"
+
+
+def _closed_port():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("how", ["address", "RAY_ADDRESS", "record"])
+def test_a_ray_cluster_that_does_not_answer_is_one_error_at_once(tmp_path, monkeypatch, how):
+    # A dead address hung the sweep for ~14 minutes of Ray's retries (/tmp/h28S/s5_bad_address.out: still trying
+    # after 300 s), and so did plain --backend ray once a `ray start` cluster had died without `ray stop`
+    # (/tmp/h28S/s6_stale_cluster.out): Ray's record of it, /tmp/ray/ray_current_cluster, outlives it.
+    ray = pytest.importorskip("ray")
+    if ray.is_initialized():
+        pytest.skip("this process is connected to Ray already")
+    dead = f"127.0.0.1:{_closed_port()}"
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))  # Ray's record of the last cluster is read from here
+    address = None
+    if how == "address":
+        address = dead
+    elif how == "RAY_ADDRESS":
+        monkeypatch.setenv("RAY_ADDRESS", dead)
+    else:
+        (tmp_path / "ray").mkdir()
+        (tmp_path / "ray" / "ray_current_cluster").write_text(dead)
+    source = {"address": f"the address given ({dead})", "RAY_ADDRESS": "RAY_ADDRESS", "record": "Ray's record"}[how]
+    with pytest.raises(
+        ConnectionError, match=rf"no Ray cluster answers at \S+:{dead.split(':')[1]}, from {re.escape(source)}"
+    ):
+        next(RayBackend(address=address, num_cpus=2).run([], lambda spec: None))
+    assert not ray.is_initialized()

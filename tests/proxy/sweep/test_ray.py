@@ -5,6 +5,7 @@ on a loaded 2-core machine."""
 import pytest
 
 from keel.proxy.sweep import RayBackend, run_sweep
+from tests.proxy.sweep._dies import kills_its_first_worker, kills_its_worker
 from tests.proxy.sweep.conftest import RESULT_KEYS as KEYS
 
 ray = pytest.importorskip("ray")
@@ -18,7 +19,7 @@ def test_ray_backend_gives_the_local_backends_metrics(tmp_path, tiny_sweep):
     config = tiny_sweep(recipes=["baseline", "qk_norm_z_loss", broken], lrs=[1e-2, 3e-2])
     local = run_sweep(config, tmp_path / "local", backend="local", workers=2)
     in_process = run_sweep(config, tmp_path / "in_process", backend="local", workers=1)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # not a cluster found
     try:
         remote = run_sweep(config, tmp_path / "ray", backend=RayBackend())
     finally:
@@ -30,3 +31,24 @@ def test_ray_backend_gives_the_local_backends_metrics(tmp_path, tiny_sweep):
     assert by_id["baseline/tiny/lr=0.01/seed=0"]["val_loss"] != by_id["qk_norm_z_loss/tiny/lr=0.01/seed=0"]["val_loss"]
     assert [c.sensitivity for c in remote.curves] == [c.sensitivity for c in local.curves]
     assert {r["status"] for r in remote.rows} == {"done", "error"}
+
+
+@pytest.mark.slow
+def test_a_run_whose_ray_worker_dies_runs_once_more(tmp_path, tiny_sweep):
+    # A worker lost once (SIGKILL mid-run, /tmp/h28S/s2_kill_worker.out) was recorded as an error at once, where the
+    # local backend re-runs such a run; now Ray runs it once more, and only a run that kills its worker twice is
+    # an error. The runs beside them are unaffected.
+    config = tiny_sweep(
+        recipes=["baseline", kills_its_first_worker(str(tmp_path / "died-once")), kills_its_worker], lrs=[1e-2]
+    )
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # not a cluster found
+    try:
+        remote = run_sweep(config, tmp_path / "ray", backend=RayBackend())
+    finally:
+        ray.shutdown()
+    rows = {r["recipe"]: r for r in remote.rows}
+    assert rows["baseline"]["status"] == "done" and (tmp_path / "died-once").exists()
+    assert rows["kills_its_first_worker"]["status"] == "done"
+    assert rows["kills_its_first_worker"]["val_loss"] == rows["baseline"]["val_loss"]  # the same training
+    assert rows["kills_its_worker"]["status"] == "error" and "worker failed" in rows["kills_its_worker"]["error"]
+    assert [r["attempts"] for r in remote.rows] == [1, 1, 1]

@@ -92,9 +92,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--workers",
         type=positive_int,
-        help="local worker processes, or CPUs of a local Ray instance (default: every available core)",
+        help="local worker processes (default: every available core); with --backend ray the most runs at once "
+        "(default: the cluster's CPUs) and the CPUs of a Ray instance keel starts",
     )
-    parser.add_argument("--address", help="Ray cluster address (e.g. auto); default: start Ray locally")
+    parser.add_argument(
+        "--address",
+        help="Ray cluster address (auto, HOST:6379, ray://HOST:10001, local: a new instance here); default: the "
+        "cluster Ray finds on this machine, else a new instance",
+    )
     parser.add_argument(
         "--retry-errors",
         action="store_true",

@@ -90,8 +90,8 @@ def run_sweep(
         config: The grid and the training settings its runs share (``config.base``).
         sweep_dir: The sweep's directory; an existing sweep there is resumed.
         backend: ``"local"`` (process pool), ``"ray"`` or a `Backend` object.
-        workers: Local worker processes (default: every available core), or the CPUs of a Ray instance
-            started on this machine.
+        workers: Local worker processes (default: every available core); for Ray, the most runs at once (default:
+            the cluster's CPUs) and the CPUs of a Ray instance it starts.
         address: Ray cluster address (``--backend ray`` only).
         progress: Called with a `RunEvent` after each run finishes.
         scaling_lr: The fixed LR of the scaling view (default: the baseline's best LR at the smallest size).
