@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import codecs
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TextIO
@@ -53,6 +54,21 @@ def open_text(path: Path, newline: str | None = None) -> TextIO:
     return path.open(encoding="utf-8-sig", errors=CUT_CHARACTER, newline=newline)
 
 
+# A terminal escape: CSI (colours "\x1b[32m", cursor moves "\x1b[A", "\x1b[2K"), OSC (a window title, up to BEL or
+# ST) or a two-character one. Bounded: linear on any text.
+ANSI_ESCAPE = re.compile(r"\x1b(?:\[[0-?]{0,32}[ -/]{0,4}[@-~]|\][^\x07\x1b]{0,4096}(?:\x07|\x1b\\)?|[@-Z\\-_])")
+
+
+def strip_ansi(text: str) -> str:
+    """``text`` without terminal escapes (a colouring log handler's, tqdm's cursor moves): never a log's data."""
+    return ANSI_ESCAPE.sub("", text) if "\x1b" in text else text
+
+
+def read_console(path: Path) -> str:
+    """`read_text` of a console log, terminal escapes left out (`strip_ansi`)."""
+    return strip_ansi(read_text(path))
+
+
 def read_text(path: Path) -> str:
     """The file's text (UTF-8, a BOM ignored; a character cut off at the end, as a killed run leaves it, left out);
     `LogReadError` when it is empty or not text."""
@@ -94,8 +110,8 @@ class TextLines:
 
 
 def read_lines(path: Path, *, at_newlines_only: bool = False) -> TextLines:
-    """`read_text`'s lines (``str.splitlines``, or split at ``\\n`` alone: the Trainer's console keeps tqdm's
+    """`read_console`'s lines (``str.splitlines``, or split at ``\\n`` alone: the Trainer's console keeps tqdm's
     ``\\r`` redraws inside a line) and whether the last one is unterminated."""
-    text = read_text(path)
+    text = read_console(path)
     lines = text.split("\n") if at_newlines_only else text.splitlines()
     return TextLines(lines=lines, unterminated=bool(text) and text[-1] not in "\r\n")

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from keel._core.printable import printable
-from keel.doctor._text import read_text
+from keel.doctor._text import read_console
 from keel.doctor.composer_log import FORMAT as COMPOSER
 from keel.doctor.composer_log import looks_like_composer, read_composer_log
 from keel.doctor.csv_log import read_csv_log
@@ -159,7 +159,7 @@ def detect_format(path: Path) -> str:
         raise LogReadError(f"{path}: the file is empty")
     if head.startswith(SQLITE_MAGIC[:6]):
         return "keel_store"
-    text = read_text(path)  # raises for binary data
+    text = read_console(path)  # raises for binary data; terminal colours left out
     stripped = text.lstrip()
     # before JSON: torchrun's "[rank0]:" starts a torchtitan line, a bare "[step=1/100]" an OLMo header, and the
     # Trainer prints "{'loss': ...}" dicts (Python's quotes, not JSON's)

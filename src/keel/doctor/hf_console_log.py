@@ -42,7 +42,6 @@ _LAUNCHER = r"(?:\d{1,6}: ?|\[(?:rank|default)\d{1,6}\]: ?)"
 # (or right after a progress bar's "]": buffered stdout glues the dict onto the bar before it)
 _SEARCH = re.compile(rf"(?:^|\r|(?:it/s|s/it)\])[ \t]{{0,8}}{_LAUNCHER}?\{{'[^\n\r]{{0,4000}}?'epoch': ", re.MULTILINE)
 _LAUNCHER_PREFIX = re.compile(_LAUNCHER + r"(?=\{')")
-_ESCAPE = re.compile(r"\x1b\[[0-9;?]{0,20}[A-Za-z]")  # tqdm moves the cursor up ("\x1b[A") around a nested bar
 _BAR = re.compile(r"\|[ \t]{0,10}(\d{1,12})/(\d{1,12})[ \t]{0,3}\[")
 # Python's repr of a float that literal_eval does not read, and a tensor's repr: as strings / their number
 _BARE_FLOAT = re.compile(r"(?<=: )(-?(?:nan|inf))(?=[,}])")
@@ -130,9 +129,8 @@ def read_hf_console_log(path: str | Path) -> RawLog:
 
 
 def _segments(line: str) -> Iterator[str]:
-    """A line's ``\\r``-separated pieces, cursor codes and a launcher's prefix skipped; a dict glued to the bar before
-    it (stdout's buffer flushed right after stderr's bar) is a piece of its own."""
-    line = _ESCAPE.sub("", line) if "\x1b" in line else line
+    """A line's ``\\r``-separated pieces (tqdm's cursor codes are gone: `read_lines`), a launcher's prefix skipped; a
+    dict glued to the bar before it (stdout's buffer flushed right after stderr's bar) is a piece of its own."""
     for part in line.split("\r"):
         part = part.strip()
         if launcher := _LAUNCHER_PREFIX.match(part):

@@ -28,10 +28,9 @@ from pathlib import Path
 
 from keel._core import keys
 from keel._core.decision import Actor, Decision
-from keel.doctor._text import read_lines
+from keel.doctor._text import read_lines, strip_ansi
 from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog, malformed_line, parse_number
-from keel.doctor.torchtitan_log import ANSI
 
 FORMAT = "olmo"
 # the header's bracket is at the end of its line; bounded so that a long line is matched in linear time
@@ -54,7 +53,7 @@ def looks_like_olmo(text: str) -> bool:
     """Whether ``text`` holds a ``[step=N/MAX]`` header followed by an indented ``name=value`` line."""
     if "[step=" not in text:  # a fast answer for the JSON and CSV logs that detection tries this on
         return False
-    return _SEARCH.search(ANSI.sub("", text) if "\x1b" in text else text) is not None
+    return _SEARCH.search(strip_ansi(text)) is not None
 
 
 def read_olmo_log(path: str | Path) -> RawLog:
@@ -78,7 +77,6 @@ def read_olmo_log(path: str | Path) -> RawLog:
     other_lines = 0
     text = read_lines(path)
     for number, line in enumerate(text.lines, start=1):
-        line = ANSI.sub("", line) if "\x1b" in line else line  # a colouring log handler's codes
         if line[:1] in (" ", "\t") and line.strip():
             metric = _metric(line)
             if in_step and metric is None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from keel.doctor._text import read_lines
+from keel.doctor._text import read_lines, strip_ansi
 from keel.doctor.jsonl_log import records_from_objects
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 
@@ -41,7 +41,7 @@ def find_step_lines(folder: Path) -> Path | None:
         if candidate.is_file():
             with candidate.open("rb") as fh:
                 head = fh.read(4096).decode("utf-8", "replace").lstrip()
-            if looks_like_step_lines(head.partition("\n")[0]):
+            if looks_like_step_lines(strip_ansi(head).partition("\n")[0]):
                 return candidate
     return None
 

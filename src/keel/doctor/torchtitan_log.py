@@ -24,12 +24,11 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from keel.doctor._text import read_lines
+from keel.doctor._text import read_lines, strip_ansi
 from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 
 FORMAT = "torchtitan"
-ANSI = re.compile(r"\x1b\[[0-9;]{0,20}m")
 _NUMBER = r"[-+]?(?:\d[\d,]{0,30}(?:\.\d{0,30})?(?:[eE][-+]?\d{1,4})?|\.\d{1,30}|nan|inf)"
 # every quantifier bounded: a 100,000-character line is read in linear time
 _CANDIDATE = re.compile(r"(?:^|(?<=[\s\]:-]))(validate )?step:[ \t]{1,20}(\d{1,18})[ \t]{1,20}(?=loss:)")
@@ -46,7 +45,7 @@ def looks_like_torchtitan(text: str) -> bool:
     """Whether ``text`` holds a torchtitan ``step: N  loss: X`` line (colour codes and all)."""
     if "step:" not in text:  # a fast answer for the JSON and CSV logs that detection tries this on
         return False
-    return _SEARCH.search(ANSI.sub("", text) if "\x1b" in text else text) is not None
+    return _SEARCH.search(strip_ansi(text)) is not None
 
 
 def read_torchtitan_log(path: str | Path) -> RawLog:
@@ -70,8 +69,7 @@ def read_torchtitan_log(path: str | Path) -> RawLog:
     last_kept: dict[str, tuple[int, float | str | None]] = {}  # "step"/"validate" → (step, loss) of its last line
     other_lines = other_ranks = copies = 0
     text = read_lines(path)
-    for number, raw in enumerate(text.lines, start=1):
-        line = ANSI.sub("", raw) if "\x1b" in raw else raw
+    for number, line in enumerate(text.lines, start=1):  # colours are gone: `read_lines` leaves escapes out
         m = _CANDIDATE.search(line)
         if m is None:
             other_lines += bool(line.strip())

@@ -12,7 +12,8 @@ Each count with a ``name=value`` postfix is a record (the loop's own steps: micr
 a count drawn twice, the drawing that holds that step's values is kept (`_entries`). Only the bar drawn most often
 with a postfix is read (a run's evaluation bar is another: left out, counted in a note). A bar that reached its
 total and starts again (the next epoch, the next PPO round) continues the count; one that starts again before
-reaching it is a restart, as in any log. ANSI escapes are left out; every other line is left out and counted.
+reaching it is a restart, as in any log. Terminal escapes are left out (`keel.doctor._text.strip_ansi`); every
+other line is left out and counted.
 """
 
 from __future__ import annotations
@@ -22,10 +23,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from keel.doctor._text import read_text
+from keel.doctor._text import read_console
 from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog
-from keel.doctor.verl_log import ESCAPE
 
 FORMAT = "tqdm"
 _TAIL = 4000  # characters at the end of a segment looked at: a bar is short, a hostile line is not
@@ -65,7 +65,7 @@ def read_tqdm_log(path: str | Path) -> RawLog:
     path = Path(path)
     redraws: list[_Redraw] = []
     other = 0
-    for segment in _segments(read_text(path)):
+    for segment in _segments(read_console(path)):
         redraw = _redraw(segment)
         if redraw is None:
             other += bool(segment.strip())
@@ -87,11 +87,9 @@ def read_tqdm_log(path: str | Path) -> RawLog:
 
 
 def _segments(text: str, limit: int | None = None) -> list[str]:
-    """The text's lines and ``\\r``-separated redraws, ANSI escapes left out (the first ``limit`` of them)."""
+    """The text's lines and ``\r``-separated redraws (the first ``limit`` of them)."""
     parts = re.split(r"[\r\n]", text, maxsplit=limit or 0)
-    if limit is not None:
-        parts = parts[:limit]
-    return [ESCAPE.sub("", part) if "\x1b" in part else part for part in parts]
+    return parts[:limit] if limit is not None else parts
 
 
 def _redraw(segment: str) -> _Redraw | None:

@@ -27,7 +27,6 @@ from keel.doctor.jsonl_log import add_entry, records_from_objects
 from keel.doctor.log import LogReadError, RawLog
 
 FORMAT = "verl"
-ESCAPE = re.compile(r"\x1b\[[0-9;?]{0,20}[A-Za-z]")  # a terminal colour or cursor escape
 _STEP = re.compile(r"(?:^|(?<=[\s)\]>]))step:(\d{1,18}) - ")
 # a step line anywhere (ANSI codes or Ray's actor tag before it); bounded: linear on any text
 _SEARCH = re.compile(r"(?:^|[\s)\]>m])step:\d{1,18} - [^\s:]{1,200}:[-+.\w(]", re.MULTILINE)
@@ -57,8 +56,7 @@ def read_verl_log(path: str | Path) -> RawLog:
     path = Path(path)
     entries: list[dict[str, float | str]] = []
     other_lines = unread = 0
-    for raw in read_lines(path).lines:
-        line = ESCAPE.sub("", raw) if "\x1b" in raw else raw
+    for line in read_lines(path).lines:  # terminal colours left out
         m = _STEP.search(line)
         if m is None:
             other_lines += bool(line.strip())
