@@ -105,6 +105,17 @@ def test_a_wandb_export_of_several_runs_keeps_their_names(tmp_path):
     assert any("2 runs" in note for note in log.notes)
 
 
+def test_a_wandb_export_of_aggregated_points_keeps_its_bounds_and_says_so(tmp_path):
+    # a grouped or bucketed chart: each point the mean of several runs or steps, __MIN/__MAX their range
+    p = tmp_path / "chart.csv"
+    rows = [f'"{50 * b + 49}","{2.0 + 0.01 * b}","{1.9 + 0.01 * b}","{2.1 + 0.01 * b}"' for b in range(30)]
+    p.write_text('"Step","run - train/loss","run - train/loss__MIN","run - train/loss__MAX"\n' + "\n".join(rows) + "\n")
+    log = read_log(p)
+    assert set(dict(log.records)[49]) == {"train/loss", "train/loss__MIN", "train/loss__MAX"}
+    assert any("aggregates" in note and "differ at 30 point" in note for note in log.notes)
+    assert not any("aggregates" in note for note in read_log(_sample("wandb_chart_export", "healthy")).notes)
+
+
 @pytest.mark.parametrize(
     "header",
     [

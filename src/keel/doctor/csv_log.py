@@ -98,7 +98,7 @@ def _read(path: Path, fh: TextIO) -> RawLog:
     names, renamed = _unique_names(export.names or header)
     if export:
         renamed.append(export.note)
-    left_out = export.bounds | ({i for i, name in enumerate(names) if name in WANDB_BOOKKEEPING} if history else set())
+    left_out = {i for i, name in enumerate(names) if name in WANDB_BOOKKEEPING} if history else set()
     numbers = {i: _Numbers(name) for i, name in enumerate(names) if i != step_index and name and i not in left_out}
     state = _State(width=len(header), step_index=step_index, numbers=numbers)
     skipped: list[str] = []  # rows the csv module could not read
@@ -107,6 +107,8 @@ def _read(path: Path, fh: TextIO) -> RawLog:
     while chunk := list(itertools.islice(rows, chunk_rows)):
         state.add(chunk)
     log = _finish(path, state, step_column, renamed, skipped)
+    if export:
+        log.notes.append(_bounds_read(log.records))
     if normalize(step_column) == EPOCH:
         log.notes.append(EPOCHS_NOTE)
     if history:
@@ -134,7 +136,7 @@ class WandbExport:
     """How to read the CSV of a W&B chart's "Export panel data" (see `wandb_export`)."""
 
     names: list[str] = field(default_factory=list)  # the columns' names, each run's series under its metric's name
-    bounds: frozenset[int] = frozenset()  # the ``__MIN``/``__MAX`` columns, left out
+    bounds: frozenset[int] = frozenset()  # the ``__MIN``/``__MAX`` columns
     note: str = ""
 
     def __bool__(self) -> bool:
@@ -150,9 +152,10 @@ def wandb_export(header: list[str]) -> WandbExport:
 
     W&B writes the chart's x axis first (``Step``, or the axis' own name), then three columns per run and metric:
     ``<run name> - <metric>``, ``<run name> - <metric>__MIN`` and ``__MAX`` (the same value unless the chart
-    groups or buckets points; wandb/wandb#5349, #6474). Of one run, the series keep the metric's name (``train/loss``
-    is then the loss) and the bounds are left out; several runs' series keep their full names (a note says so:
-    export one run's chart to examine it), as does a metric whose name another column already has.
+    groups runs or buckets steps; wandb/wandb#5349, #6474). Of one run, the series keep the metric's name
+    (``train/loss`` is then the loss, ``train/loss__MAX`` its bound); several runs' series keep their full names (a
+    note says so: export one run's chart to examine it), as does a metric whose name another column already has.
+    The bounds are left out where they equal the series (`_bounds_read`).
     """
     names = header[:]
     bounds = frozenset(i for i, name in enumerate(names) if i and name.endswith(_BOUNDS))
@@ -162,7 +165,7 @@ def wandb_export(header: list[str]) -> WandbExport:
     if sorted(names[i] for i in bounds) != sorted(names[j] + end for j in series for end in _BOUNDS):
         return WandbExport()  # not each series with its two bounds: not W&B's shape
     runs = sorted({m.group(1) for m in series.values() if m})
-    note = f"a W&B chart export: its {len(bounds)} __MIN/__MAX columns left out"
+    note = "a W&B chart export"
     if len(runs) > 1:
         shown = ", ".join(map(repr, runs[:3])) + (" …" if len(runs) > 3 else "")
         return WandbExport(
@@ -175,7 +178,31 @@ def wandb_export(header: list[str]) -> WandbExport:
     for i, m in series.items():
         if m and m.group(2) not in taken:
             names[i] = m.group(2)
+            for j in bounds:
+                if names[j].startswith(header[i]) and names[j][len(header[i]) :] in _BOUNDS:
+                    names[j] = m.group(2) + names[j][len(header[i]) :]
     return WandbExport(names, bounds, f"{note}; the run {runs[0]!r}: its series under their metrics' names")
+
+
+def _bounds_read(table: LogTable) -> str:
+    """Leave a chart export's ``__MIN``/``__MAX`` columns out of ``table`` when each equals its bound at every step
+    (one run, no buckets), or keep them; the note that says which."""
+    bounds = [name for name in table.columns if name.endswith(_BOUNDS)]
+    apart = 0
+    for name in bounds:
+        if name.endswith("__MIN") and (high := table.columns.get(name[: -len("__MIN")] + "__MAX")) is not None:
+            low = table.columns[name]
+            _, at_low, at_high = np.intersect1d(low.rows, high.rows, return_indices=True)
+            apart += int(np.sum(low.values[at_low] != high.values[at_high]))
+    if not apart:
+        for name in bounds:
+            del table.columns[name]
+        return f"its {len(bounds)} __MIN/__MAX columns equal the series at every step and are left out"
+    return (
+        f"its __MIN/__MAX differ at {apart} point(s): the series are aggregates (a group of runs' mean, or steps "
+        "bucketed by the chart), so one run's or one step's spike is averaged in; the bounds are kept as signals — "
+        "read the run itself (its wandb/run-… folder) for every step"
+    )
 
 
 def _epoch_column(header: list[str]) -> str | None:
