@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from keel import Finding, Guard, RecoveryConfig
+from keel.data.skip_list import SkipList
 from keel.store import RunReader
 from tests.conftest import TinyNet, make_batches
 
@@ -376,3 +377,36 @@ def test_a_renamed_submodule_is_still_refused_with_compile_on(tmp_path):
     _run(tmp_path, model=torch.compile(TinyNet(), backend="eager"))
     message = _refused(tmp_path, model=torch.compile(Renamed(), backend="eager"))
     assert "another setup" in message and "head." in message and "_orig_mod" not in message
+
+
+def test_a_rollback_after_a_resume_lists_the_ids_of_the_steps_before_the_resume(tmp_path):
+    # resumed at 20, the rollback at 23 goes back to the snapshot of 10: the skip list's window entry names every id
+    # of steps 10-23, as the uninterrupted run's; it named those of 20-23 only, the earlier ones being in the memory of
+    # the killed process alone (h28 R6)
+    def train(resume, stop):
+        torch.manual_seed(0)
+        model = TinyNet()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        config = RecoveryConfig(snapshot_every=5, quiet_steps=1, disk_every=1)
+        guard = Guard(
+            model,
+            opt,
+            run_dir=str(tmp_path),
+            policy="recover",
+            resume=resume,
+            detectors=[_DivergesAt23()],
+            recovery=config,
+        )
+        for step, (x, y) in list(enumerate(make_batches(30)))[guard.global_step : stop]:
+            loss = F.mse_loss(model(x), y)
+            loss.backward()
+            decision = guard.step(loss, batch_ids=range(100 * step, 100 * step + 4))
+            opt.zero_grad(set_to_none=True)
+            guard.recovery.disk.wait()
+        guard.close()
+        return decision
+
+    train(False, 21)
+    assert train(True, 24).restored_step == 10
+    window = SkipList(tmp_path).ids()
+    assert window == {100 * s + i for s in range(10, 24) for i in range(4)}

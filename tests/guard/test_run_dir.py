@@ -145,7 +145,8 @@ SCRIPT = textwrap.dedent("""
     batches = ProxyBatches(batch_size=4, seq_len=16, seed=seed)
     try:
         guard = Guard(model, opt, run_dir=run_dir, policy="recover", resume=mode == "resume",
-                      overwrite=mode == "overwrite", recovery=RecoveryConfig(snapshot_every=10, disk_every=1))
+                      overwrite=mode == "overwrite", recovery=RecoveryConfig(snapshot_every=10, disk_every=1,
+                                                                        keep_on_disk=2))
     except ValueError as exc:
         print("refused:", exc, flush=True)
         sys.exit(3)

@@ -40,6 +40,7 @@ from keel.signals.attribution import (
     rank_offenders,
     spike_floor,
 )
+from keel.store.reader import RunReader
 
 SPIKE_KINDS = frozenset({"loss_spike", "grad_spike", "non_finite"})  # attributed at any severity, info included
 NOT_THE_BATCH = frozenset({"lr_surge"})  # critical findings whose cause is not in the batch: never attributed
@@ -71,6 +72,16 @@ class DataLedger:
         self.recent: deque[tuple[int, array[int]]] = deque(maxlen=max(keep_steps, MIN_RECENT_STEPS))
         self.ids: list[int] | None = None  # this step's
         self.batch: Any = None  # this step's, by reference
+
+    def recall(self, store: str | Path, before: int) -> None:
+        """At a resume from the snapshot of step ``before``: the ids of the steps before it that a rollback can still
+        reach, from the run store (the process that trained them is gone, and its memory with it). A rollback after
+        a resume to a snapshot from before it listed only the ids this process had seen: the skip list of a resumed
+        run left out the steps 68–79 that the uninterrupted run's held (h28 R6)."""
+        span = range(max(0, before - (self.recent.maxlen or 0)), before)
+        with RunReader(store) as reader:
+            kept = reader.batches(span)
+        self.recent.extend((step, array("q", ids)) for step, ids in sorted(kept.items()))
 
     def note(self, step: int, batch_ids: Any, batch: Any) -> None:
         """This step's ids and batch (either may be None). Raises ValueError for ids that are not example ids."""

@@ -873,6 +873,8 @@ class Guard(DeferredSteps):
         if self.recorder.writer is not None and (resumed is not None or self.run_dir.resumes_steps > 0):
             start = resumed.step if resumed is not None else 0  # no snapshot: the run starts over
             self.recorder.resumed(start, stored=self.run_dir.resumes_steps)
+            if start and self.run_dir.store_dir is not None:
+                self.components.call("data ledger", self.data.recall, self.run_dir.store_dir, start)
         return resumed
 
     def _newest_every_rank_holds(self) -> int | None:

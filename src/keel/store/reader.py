@@ -216,15 +216,18 @@ class RunReader:
             out.append(Decision(step=step, action=action, reason=reason, by=actor, onset=onset, restored_step=restored))
         return out
 
-    def batches(self) -> dict[int, list[int]]:
-        """The example ids of each step's batch, by step (steps whose loop gave ``batch_ids``); a store written
-        before keel kept them, or by a loop that gave none, has none. Rows whose ids do not parse, or past
-        `MAX_BATCH_IDS` ids in all (a crafted store must not exhaust memory), are left out and counted."""
+    def batches(self, steps: range | None = None) -> dict[int, list[int]]:
+        """The example ids of each step's batch, by step (steps whose loop gave ``batch_ids``; only those in
+        ``steps`` when given); a store written before keel kept them, or by a loop that gave none, has none. Rows
+        whose ids do not parse, or past `MAX_BATCH_IDS` ids in all (a crafted store must not exhaust memory), are
+        left out and counted."""
         if "ids" not in self._file.columns("batches"):
             return {}
         out: dict[int, list[int]] = {}
         budget = MAX_BATCH_IDS
-        for step, text in self._file.rows("batches", BATCHES, order="step, rowid"):
+        span = "1" if steps is None else "step >= ? AND step < ?"
+        params = () if steps is None else (steps.start, steps.stop)
+        for step, text in self._file.rows("batches", BATCHES, where=span, params=params, order="step, rowid"):
             try:
                 ids = parse_ids(text, limit=budget)
             except ValueError as exc:
