@@ -22,6 +22,7 @@ from keel.doctor.formats import FORMATS, find_logs, logs_left_out
 from keel.doctor.log import LogReadError
 from keel.doctor.result import DoctorResult
 from keel.doctor.text import format_result
+from keel.store.exporters._progress import print_above_progress, step_progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -40,6 +41,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--format", choices=FORMATS, default=None, help="force a reader instead of detecting it")
     parser.add_argument("--all", action="store_true", help="list info findings in the table too")
+    parser.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress bar (shown on stderr over a folder's runs, only when stderr is a terminal)",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -52,14 +59,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"keel doctor: {printable(args.path)}: {len(paths)} runs in it: {names}")
     results: list[DoctorResult] = []
     errors: list[str] = []
-    for path in paths:
-        error = _examine(path, args.format, results)
-        if error is not None:
-            print(f"keel doctor: error: {error}", file=sys.stderr)
-            errors.append(error)
-        elif not args.json:
-            text = format_result(results[-1], min_severity="info" if args.all else "warning")
-            print(f"\n{text}" if several else text)
+    with step_progress((0, len(paths)), "keel doctor", enabled=several and not args.quiet, unit="run") as reached:
+        for done, path in enumerate(paths, 1):
+            error = _examine(path, args.format, results)
+            if error is not None:
+                print_above_progress(f"keel doctor: error: {error}", file=sys.stderr)
+                errors.append(error)
+            elif not args.json:
+                text = format_result(results[-1], min_severity="info" if args.all else "warning")
+                print_above_progress(f"\n{text}" if several else text)
+            reached(done)
     if args.json and (results or several):
         doc = (
             {"source": args.path, "runs": [r.to_dict() for r in results], "errors": errors}
