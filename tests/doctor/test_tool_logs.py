@@ -12,13 +12,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from keel._core import keys
 from keel.doctor import LogReadError, detect_format, examine_log, map_columns, read_log
 from keel.doctor.csv_log import EPOCHS_NOTE, wandb_export
 from keel.doctor.verl_log import read_verl_log
+from tests.doctor.line_fuzz import assert_a_log_or_one_error
 
 TOOLS = Path(__file__).parent / "data" / "tools"
 SPIKE_STEP = 40
@@ -272,3 +273,55 @@ def test_a_resumed_lightning_run_in_the_same_file_restarts_at_its_epochs_steps(t
     steps = [s for s, _ in read_log(p).records]
     assert steps == [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 5, 6, 7, 8, 9, 10, 11, 12]
     assert examine_log(p).summary["restarts"]["count"] == 1
+
+
+# --- generated lines: a log or one clear error, for each new line reader ---------------------------------------
+
+FUZZ = settings(
+    max_examples=30, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+NUMBERS = st.one_of(
+    st.floats(allow_nan=True), st.just("nan"), st.just("1E+999"), st.just("np.float64(0.5)"), st.just("1.5K")
+)
+LINES = {
+    "verl": st.one_of(
+        st.text(alphabet="step:- /_.0123456789anpflot()", max_size=50),
+        st.builds(
+            lambda s, v, g: f"step:{s} - actor/pg_loss:{v} - actor/grad_norm:{g}",
+            st.integers(-5, 10**7),
+            NUMBERS,
+            NUMBERS,
+        ),
+    ),
+    "maxtext": st.one_of(
+        st.text(alphabet="completed step:, 0123456789.los", max_size=50),
+        st.builds(lambda s, v: f"completed step: {s}, seconds: 5.6, loss: {v}", st.integers(0, 10**7), NUMBERS),
+    ),
+    "tqdm": st.one_of(
+        st.text(alphabet="Epoch 0123456789%|#/[]<>:,=. itslo\r", max_size=60),
+        st.builds(
+            lambda e, n, t, v: f"Epoch {e}: {n}%|#| {n}/{t} [00:01<00:02, 1.00it/s, loss={v}]",
+            st.integers(0, 3),
+            st.integers(0, 50),
+            st.integers(0, 50),
+            NUMBERS,
+        ),
+    ),
+    "megatron": st.builds(  # nanotron's shape
+        lambda s, t, v, g: f"iteration: {s} / {t} | lm_loss: {v} | grad_norm: {g}",
+        st.integers(0, 10**7),
+        st.integers(0, 10**7),
+        NUMBERS,
+        NUMBERS,
+    ),
+}
+
+
+@pytest.mark.parametrize("fmt", sorted(LINES))
+def test_any_generated_lines_give_a_log_or_one_error(tmp_path_factory, fmt):
+    @FUZZ
+    @given(lines=st.lists(LINES[fmt], max_size=10))
+    def check(lines):
+        assert_a_log_or_one_error(tmp_path_factory.mktemp(fmt), lines, fmt)
+
+    check()
