@@ -107,3 +107,28 @@ def test_a_snapshot_is_published_only_after_the_rows_before_it_are_committed(tmp
         ring.fence()
         disk.save(snap)
     assert seen == [([0, 1, 2], False)]  # committed, and the snapshot not yet in place
+
+
+KILLED_WHILE_WRITING_THE_SKIP_LIST = textwrap.dedent("""
+    import os, signal, sys
+    from keel.data.skip_list import SkipEntry, SkipList
+
+    def kill_before_the_rename(event, args):  # the partial file is written whole by then
+        if event == "os.rename" and str(args[0]).endswith(".partial"):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    sys.addaudithook(kill_before_the_rename)
+    SkipList(sys.argv[1]).add(SkipEntry(kind="examples", first_step=3, last_step=3, ids=(7,), reason="spike"))
+""")
+
+
+@pytest.mark.slow  # a subprocess that imports torch
+def test_the_partial_skip_list_a_killed_write_left_is_deleted_by_the_next_claim(tmp_path):
+    done = subprocess.run(
+        [sys.executable, "-c", KILLED_WHILE_WRITING_THE_SKIP_LIST, str(tmp_path)], capture_output=True, timeout=120
+    )
+    assert done.returncode == -signal.SIGKILL, done.stderr
+    [partial] = [p.name for p in tmp_path.iterdir() if p.name.endswith(".partial")]
+    assert partial.startswith(".skip_list.json.")
+    RunDir.claim(str(tmp_path), resume=True, overwrite=False).release()
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".keel.lock"]

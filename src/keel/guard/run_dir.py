@@ -165,8 +165,7 @@ class RunDir:
             raise ValueError(problem)
         if overwrite or (held.store is not None and not held.a_run):
             _clear(path if rank == 0 else None, own, world=world if sync is not None else None)
-        else:
-            _clear_partial_writes(own)
+        _clear_partial_writes(path if rank == 0 else None, own)
         steps = held.store["steps"] if resume and held.store is not None else 0
         return cls(
             path,
@@ -340,13 +339,18 @@ def _remove(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _clear_partial_writes(own: Path) -> None:
-    """Delete the temporary folders of snapshot writes and deletions a killed process left behind (each can be as
-    large as a whole snapshot). Safe: this rank holds the lock, so no live writer owns them."""
+def _clear_partial_writes(store_dir: Path | None, own: Path) -> None:
+    """Delete what the writes of a killed process left behind: the temporary folders of snapshot writes and
+    deletions (each can be as large as a whole snapshot) and, on rank 0, the skip list's partial file
+    (`keel._core.files.write_whole` names it ``.skip_list.json.<pid>.partial``; one was left at every kill during a
+    write). Safe: this rank holds the lock, so no live writer owns them."""
     snapshots = own / SNAPSHOT_DIR
     if snapshots.is_dir():
         for tmp in snapshots.glob(f"{PARTIAL_PREFIX}*"):
             shutil.rmtree(tmp, ignore_errors=True)
+    if store_dir is not None:
+        for partial in store_dir.glob(f".{SKIP_LIST_NAME}.*.partial"):
+            partial.unlink(missing_ok=True)
 
 
 # --- ranks agree ------------------------------------------------------------------------------------------------
