@@ -7,7 +7,7 @@ import pty
 import sys
 import termios
 
-from keel.store.exporters._progress import print_above_progress, step_progress
+from keel._core.progress import print_above_progress, step_progress
 
 
 def test_lines_printed_during_a_bar_go_to_stdout_whole_and_the_bar_counts_plain_units(monkeypatch, capsys):

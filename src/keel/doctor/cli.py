@@ -17,12 +17,12 @@ import sys
 from pathlib import Path
 
 from keel._core.printable import printable
+from keel._core.progress import print_above_progress, step_progress
 from keel.doctor.examine import examine_log
 from keel.doctor.formats import FORMATS, find_logs, logs_left_out
 from keel.doctor.log import LogReadError
 from keel.doctor.result import DoctorResult
 from keel.doctor.text import format_result
-from keel.store.exporters._progress import print_above_progress, step_progress
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

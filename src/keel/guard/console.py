@@ -45,6 +45,7 @@ import torch
 from keel._core.decision import Decision
 from keel._core.finding import Finding
 from keel._core.printable import one_line
+from keel._core.progress import progress_bar as plain_progress_bar
 from keel.detect.diagnosis import Diagnosis
 from keel.guard.summary import LEVELS, advice_in_force, format_summary, plural
 
@@ -313,30 +314,17 @@ def silenced() -> Iterator[None]:
 
 @contextlib.contextmanager
 def progress_bar(total: int | None, desc: str, *, enabled: bool = True, unit: str = "it") -> Iterator[Any]:
-    """A tqdm progress bar for long work: on stderr, only when stderr is a terminal (and ``enabled``), gone when done.
-
-    keel's own console handler writes through the bar while it runs (``tqdm.write``), so a log line never breaks it.
+    """`keel._core.progress.progress_bar`, with keel's own console handler writing through the bar while it runs
+    (``tqdm.write``), so a log line never breaks it.
 
     Example:
         >>> with progress_bar(3, "repeats", enabled=False) as bar:
         ...     for _ in range(3):
         ...         bar.update()
     """
-    from tqdm import tqdm  # imported here: a training loop never needs it
-    from tqdm.contrib.logging import logging_redirect_tqdm
+    from tqdm.contrib.logging import logging_redirect_tqdm  # imported here: a training loop never needs it
 
     ensure_handler()
     redirect = logging_redirect_tqdm(loggers=[logger]) if _own_handler() is not None else contextlib.nullcontext()
-    with (
-        redirect,
-        tqdm(
-            total=total,
-            desc=desc,
-            unit=unit,
-            file=sys.stderr,
-            leave=False,
-            dynamic_ncols=True,
-            disable=None if enabled else True,
-        ) as bar,
-    ):
+    with redirect, plain_progress_bar(total, desc, enabled=enabled, unit=unit) as bar:
         yield bar

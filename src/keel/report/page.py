@@ -29,6 +29,7 @@ import numpy as np
 from keel._core import keys
 from keel._core.errors import KeelError
 from keel._core.files import write_whole
+from keel._core.progress import step_progress
 from keel.doctor.mlflow_log import db_run_path
 from keel.doctor.store_log import is_sqlite
 from keel.report import charts as _charts
@@ -42,7 +43,6 @@ from keel.report.sources import Source, classify, expand, logs_left_out
 from keel.report.sweep_data import SweepData, load_sweep_data
 from keel.report.sweep_section import sweep_section
 from keel.store import STORE_NAME, StoreError, store_path
-from keel.store.exporters._progress import step_progress
 
 PALETTE = ("#1f77b4", "#2ca02c", "#9467bd", "#17becf", "#8c564b", "#e377c2", "#7f7f7f", "#bcbd22")
 # Hues (degrees) a run may be drawn in once the palette is too short: red, orange and amber are the marks'

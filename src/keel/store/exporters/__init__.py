@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from keel.store.exporters._progress import step_progress
+from keel._core.progress import step_progress
 from keel.store.exporters._table import RunTable
 from keel.store.schema import store_folder
 
