@@ -2,6 +2,12 @@
 starts on this machine. Slow: Ray's start-up and each spawned worker's torch import take most of a minute
 on a loaded 2-core machine."""
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import pytest
 
 from keel.proxy.sweep import RayBackend, run_sweep
@@ -52,3 +58,25 @@ def test_a_run_whose_ray_worker_dies_runs_once_more(tmp_path, tiny_sweep):
     assert rows["kills_its_first_worker"]["val_loss"] == rows["baseline"]["val_loss"]  # the same training
     assert rows["kills_its_worker"]["status"] == "error" and "worker failed" in rows["kills_its_worker"]["error"]
     assert [r["attempts"] for r in remote.rows] == [1, 1, 1]
+
+
+@pytest.mark.slow
+def test_sigterm_ends_a_ray_sweep_as_keel_sweep_says(tmp_path):
+    # ray.init replaced the CLI's SIGTERM handler: `kill PID` on a Ray sweep was a C++ stack dump and exit -6
+    # (SIGABRT), not "keel sweep: terminated (SIGTERM); the same command resumes it" and 143 (/tmp/h28S/s12_*.out).
+    command = [sys.executable, "-m", "keel.cli", "sweep", "--recipes", "baseline", "--sizes", "tiny", "--lrs", "1e-2"]
+    command += ["--steps", "2000", "--batch-size", "2", "--seq-len", "8", "--eval-batches", "1", "--no-plots"]
+    command += ["--backend", "ray", "--address", "local", "--workers", "1", "--out", str(tmp_path / "sweep")]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    sweep = subprocess.Popen(command, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        for line in sweep.stderr:  # Ray's own "Started a local Ray instance." line, then the run starts
+            if "Started a local Ray instance" in line:
+                break
+        time.sleep(2)
+        sweep.send_signal(signal.SIGTERM)
+        said = sweep.stderr.read()
+        assert sweep.wait(timeout=120) == 128 + signal.SIGTERM
+    finally:
+        sweep.kill()
+    assert "keel sweep: terminated (SIGTERM); the same command resumes it" in said and "SIGTERM received" not in said

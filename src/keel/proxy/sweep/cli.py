@@ -278,14 +278,21 @@ def sigterm_as_exit() -> Iterator[None]:
         yield
         return
 
+    received = threading.Event()
+
     def exit_on_sigterm(signum: int, frame: object) -> None:
         # said, as Ctrl-C's "interrupted" is: a job's log ended with the header line and nothing after it
         print("keel sweep: terminated (SIGTERM); the same command resumes it", file=sys.stderr, flush=True)
+        received.set()
         raise SystemExit(128 + signal.SIGTERM)
 
     previous = signal.signal(signal.SIGTERM, exit_on_sigterm)
     try:
         yield
+    except SystemExit:
+        if received.is_set():  # raised inside ray.wait, the exit comes out as Ray's SystemExit(1)
+            raise SystemExit(128 + signal.SIGTERM) from None
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 

@@ -19,8 +19,11 @@ References:
 
 from __future__ import annotations
 
+import contextlib
 import os
+import signal
 import socket
+import threading
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -88,7 +91,8 @@ class RayBackend:
         if cluster is None and self.address in STARTS_HERE and self.num_cpus is not None:
             # only for a new instance: Ray refuses num_cpus when it joins a cluster (`ray start` running here)
             options["num_cpus"] = self.num_cpus
-        ray.init(**options)
+        with sigterm_kept():
+            ray.init(**options)
         return True
 
     def _dispatch(self, ray: Any, tasks: list[Task], on_start: Callable[[RunSpec], None]) -> Iterator[RunResult]:
@@ -119,6 +123,22 @@ class RayBackend:
         if self.num_cpus is not None:
             return self.num_cpus
         return max(1, int(ray.cluster_resources().get("CPU", 0)))
+
+
+@contextlib.contextmanager
+def sigterm_kept() -> Iterator[None]:
+    """Keep this process's SIGTERM handling across ``ray.init``, which replaces it: after it, ``kill PID`` on a Ray
+    sweep was a C++ stack dump and SIGABRT (exit -6) instead of keel sweep's "terminated (SIGTERM)" exit, which
+    stops its runs and says that the same command resumes them."""
+    if threading.current_thread() is not threading.main_thread():  # only the main thread may set handlers
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    try:
+        yield
+    finally:
+        if previous is not None:  # None: a handler not installed from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, previous)
 
 
 def existing_cluster(ray: Any, address: str | None) -> str | None:
