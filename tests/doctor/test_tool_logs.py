@@ -5,6 +5,7 @@ column", Keras "no step column among epoch, ...", and the W&B export was read wi
 log": its columns are ``<run> - train/loss``).
 """
 
+import json
 import math
 import pprint
 import re
@@ -254,6 +255,31 @@ def test_a_bracketed_text_log_of_an_unknown_tool_is_not_called_bad_json(tmp_path
     json_array = tmp_path / "log.json"
     json_array.write_text('[{"step": 1, "loss": 2.0}]\n')
     assert detect_format(json_array) == "jsonl"
+
+
+def test_a_maxtext_metrics_file_is_read_under_keel_keys(tmp_path):
+    # MaxText's metric_logger.write_metrics_locally: json.dumps of {each scalar: float, "step": float(step), "run_name"}
+    p = tmp_path / "metrics.txt"
+    rows = []
+    for step in range(40):
+        loss = 11.0 - 0.1 * step + (20.0 if step == 30 else 0.0)
+        scalars = {
+            "learning/loss": loss,
+            "learning/grad_norm": 1.0,
+            "learning/raw_grad_norm": 5.0 + (200.0 if step == 30 else 0.0),
+            "learning/current_learning_rate": 1e-4,
+            "perf/step_time_seconds": 5.6,
+        }
+        rows.append(json.dumps({**scalars, "step": float(step), "run_name": "demo"}))
+    p.write_text("\n".join(rows) + "\n")
+    result = examine_log(p)
+    signals = result.summary["signals"]
+    assert signals[keys.LOSS]["column"] == "learning/loss"
+    assert signals[keys.LR]["column"] == "learning/current_learning_rate"
+    assert signals[keys.GRAD_NORM]["column"] == "learning/raw_grad_norm"  # before clipping, as the Guard reads it
+    assert keys.STEP_TIME in signals
+    found = {(f.kind, f.step) for f in result.at_least("critical")}
+    assert {("loss_spike", 30), ("grad_spike", 30)} <= found
 
 
 def test_openrlhf_names_map_to_keel_keys():

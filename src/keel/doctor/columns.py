@@ -47,6 +47,7 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "policy_loss",  # OpenRLHF's PPO actor (train/policy_loss in its W&B and TensorBoard logs; act_loss in its bar)
         "train_policy_loss",
         "act_loss",
+        "learning_loss",  # MaxText's learning/loss (TensorBoard, its metrics_file JSON lines)
         "actor_pg_loss",  # verl's PPO/GRPO policy loss, actor/pg_loss (TRL's GRPO logs its own as loss)
     ),
     keys.GRAD_NORM: (
@@ -62,6 +63,8 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "optim_total_grad_norm",  # OLMo's optim/total_grad_norm, OLMo-core's optim/total grad norm
         "l2_norm_grad_global",  # Composer's OptimizerMonitor: l2_norm/grad/global
         "actor_grad_norm",  # verl's actor/grad_norm, OpenRLHF's actor_grad_norm
+        "learning_raw_grad_norm",  # MaxText: learning/raw_grad_norm before clipping, learning/grad_norm after
+        "learning_grad_norm",
         "train_actor_grad_norm",
     ),
     keys.LR: (
@@ -80,12 +83,21 @@ ALIASES: dict[str, tuple[str, ...]] = {
         "lr_adamw_group0",
         "lr_adam_group0",
         "lr_sgd_group0",
+        "learning_current_learning_rate",  # MaxText's learning/current_learning_rate
         "actor_lr",  # verl's actor/lr, OpenRLHF's actor_lr (train/actor_lr; act_lr in its progress bar)
         "train_actor_lr",
         "act_lr",
     ),
     keys.AMP_SCALE: ("loss_scale", "amp_scale", "grad_scale", "loss_scaler", "scaler_scale"),
-    keys.STEP_TIME: ("step_time", "step_time_s", "time_per_step", "time_per_step_s", "iteration_time_s", "iter_time_s"),
+    keys.STEP_TIME: (
+        "step_time",
+        "step_time_s",
+        "time_per_step",
+        "time_per_step_s",
+        "iteration_time_s",
+        "iter_time_s",
+        "perf_step_time_seconds",  # MaxText's perf/step_time_seconds
+    ),
     keys.VAL_LOSS: (
         "val_loss",
         "eval_loss",
