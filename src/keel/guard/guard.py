@@ -54,7 +54,7 @@ from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recover
 from keel.recover.replay import StepReplay
 from keel.recover.running_stats import RunningStats
 from keel.recover.snapshot import Snapshot
-from keel.recover.state import StartBuffers, Stateful
+from keel.recover.state import StartState, Stateful
 from keel.signals import (
     DEFAULT_PROBES,
     FULL_PROBES,
@@ -301,8 +301,8 @@ class Guard(DeferredSteps):
         # high from the start) can only be undone by starting over with the actions. It is taken at the first step,
         # not here: a checkpoint loaded (or an init run) after the Guard's line is the state step 0 trains from.
         self._first_snapshot_due = self.recovery is not None
-        # its buffers though are those from before the step's forward (BatchNorm's statistics), held here
-        self._start_buffers = StartBuffers.of(self.state) if self._first_snapshot_due else None
+        # its buffers, RNG and data positions though are those from before the step's forward, held here
+        self._start = StartState.of(self.state) if self._first_snapshot_due else None
         self._end = (
             RunEnd(on_signal=lambda name: self.recorder.signal(name, self.global_step), on_exit=self._finish)
             if flush_on_exit and self.run_dir.path is not None
@@ -423,6 +423,8 @@ class Guard(DeferredSteps):
                 stacklevel=2,
             )
         getattr(self.state, kind)[name] = obj
+        if not average and self._start is not None:  # the first snapshot holds the position before the first batch
+            self.components.call(f"track {name}", self._start.track, name, obj)
         stored = self._resumed.plain.get(kind, {}) if self._resumed is not None else {}
         if name in stored:
             obj.load_state_dict(copy.deepcopy(stored[name]))
@@ -806,11 +808,11 @@ class Guard(DeferredSteps):
 
     def _take_first_snapshot(self) -> None:
         assert self.recovery is not None
-        if self._start_buffers is not None:
-            self.recovery.ring.start_buffers = self._start_buffers.still_the_start(self.state)
-            self._start_buffers = None
+        if self._start is not None:
+            self.recovery.ring.start = self._start.still_the_start(self.state)
+            self._start = None
         self.actuator.after_step(self.global_step)
-        self.recovery.ring.start_buffers = None  # (no snapshot was due: a resumed run's was taken at its resume)
+        self.recovery.ring.start = None  # (no snapshot was due: a resumed run's was taken at its resume)
         self.recovery.complete_snapshot()  # no scheduler call of the loop is pending
 
     def _snapshot(self, step: int, decision: Decision) -> None:

@@ -48,7 +48,7 @@ import torch
 from torch import Tensor
 
 from keel.recover.fixed import FixedTensor
-from keel.recover.state import TrainingState, capture_plain, fixed_parameters, tensor_sources
+from keel.recover.state import StartState, TrainingState, capture_plain, fixed_parameters, tensor_sources
 
 SERIAL_ELEMENTS = 16_384  # below at::internal::GRAIN_SIZE (32,768): ATen's parallel_for runs such a copy serially
 # A state smaller than this is copied by the training thread at once: handing it to the copy thread (a queue put, the
@@ -171,9 +171,9 @@ class SnapshotRing:
         if not isinstance(copy_fixed, bool):
             raise ValueError(f"copy_fixed={copy_fixed!r}; allowed: True or False")
         self.copy_fixed = copy_fixed  # copy the parameters training cannot change too (keel.recover.fixed)
-        # the model's buffers held from before the first forward (`Guard`): the next `take` copies them instead of
-        # the live ones, which that forward has moved on (BatchNorm's running statistics)
-        self.start_buffers: dict[str, Tensor] | None = None
+        # the state held from the Guard's line (`StartState`: buffers, RNG, data positions): the next `take` holds it
+        # instead of the live one, which the first step's forward has moved on
+        self.start: StartState | None = None
         self.last_trained: dict[str, int] = {}  # key -> newest snapshot step that found the parameter trained
         self.capacity, self.max_pinned = capacity, max_pinned
         self.background = spare_cores() if background is None else background
@@ -189,9 +189,9 @@ class SnapshotRing:
         start = time.perf_counter()
         self.fence()
         bulk, buffers, skeleton = tensor_sources(state, copy_fixed=self.copy_fixed)
-        if self.start_buffers is not None:  # once: the buffers as they were before the first forward
-            buffers = {key: self.start_buffers.get(key, live) for key, live in buffers.items()}
-            self.start_buffers = None
+        first, self.start = self.start, None  # once: the state as it was before the first forward
+        if first is not None:
+            buffers = {key: first.buffers.get(key, live) for key, live in buffers.items()}
         fixed = {} if self.copy_fixed else fixed_parameters(state)
         for key in bulk:
             if key.startswith("model/"):
@@ -202,7 +202,11 @@ class SnapshotRing:
         with torch.no_grad():
             for key, src in buffers.items():  # buffers may change in the next forward: copy now
                 tensors[key].copy_(src)
-        snap = Snapshot(step=step, tensors=tensors, skeleton=skeleton, plain=capture_plain(state), fixed=fixed)
+        plain = capture_plain(state)
+        if first is not None:
+            plain["rng"] = first.rng
+            plain["tracked"] = {**plain["tracked"], **{k: v for k, v in first.tracked.items() if k in plain["tracked"]}}
+        snap = Snapshot(step=step, tensors=tensors, skeleton=skeleton, plain=plain, fixed=fixed)
         dsts, srcs = [tensors[k] for k in bulk], list(bulk.values())
         if any(s.is_cuda for s in srcs):
             stream = torch.cuda.Stream()

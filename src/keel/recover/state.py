@@ -203,27 +203,34 @@ def fixed_parameters(state: TrainingState) -> dict[str, FixedTensor]:
 
 
 @dataclass
-class StartBuffers:
-    """The model's buffers when the `Guard` was built (before the first forward), and its parameters' version
-    counters then: the snapshot of the first step, taken after that step's forward, holds these buffers if no
-    parameter was written since (a checkpoint loaded after the Guard's line brings buffers of its own: then the
-    buffers are taken as they are at the first step, one forward on)."""
+class StartState:
+    """What the first snapshot holds from the `Guard`'s line rather than from the first step, which is taken after that
+    step's forward: the model's buffers (BatchNorm's running statistics, which that forward moved), every RNG (which
+    the forward drew dropout masks from) and the data position of each object tracked before the first step (which
+    had handed out the first batch). A resume from that snapshot then redoes step 0 as the run did it: resumed, the
+    first step's loss differed in the 4th digit, and every later step with it (h28 R5). Kept only while no parameter
+    was written since (a checkpoint loaded after the Guard's line brings a start of its own: then the state is taken
+    as it is at the first step, one forward on)."""
 
     buffers: dict[str, Tensor]
     versions: list[int]
+    rng: dict[str, Any]
+    tracked: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, state: TrainingState) -> StartBuffers | None:
-        """The buffers now (copies) and the parameters' versions; None for a model without buffers."""
+    def of(cls, state: TrainingState) -> StartState:
+        """The buffers (copies), the parameters' versions and the RNG states now."""
         trained, fixed, buffers = model_parts(state)
-        if not buffers:
-            return None
-        return cls({k: b.clone() for k, b in buffers.items()}, _versions({**trained, **fixed}))
+        return cls({k: b.clone() for k, b in buffers.items()}, _versions({**trained, **fixed}), capture_rng())
 
-    def still_the_start(self, state: TrainingState) -> dict[str, Tensor] | None:
-        """The buffers held, if no parameter was written since they were (else None)."""
+    def track(self, name: str, obj: Stateful) -> None:
+        """``obj``'s state now: the data position before the first batch."""
+        self.tracked[name] = plain_copy(obj.state_dict())
+
+    def still_the_start(self, state: TrainingState) -> StartState | None:
+        """This start, if no parameter was written since it was held (else None)."""
         trained, fixed, _ = model_parts(state)
-        return self.buffers if _versions({**trained, **fixed}) == self.versions else None
+        return self if _versions({**trained, **fixed}) == self.versions else None
 
 
 def _versions(tensors: dict[str, Tensor]) -> list[int]:
@@ -250,14 +257,19 @@ def capture_plain(state: TrainingState) -> dict[str, Any]:
         "history": plain_states(state.history),
         "tracked": plain_states(state.tracked),
         "classes": classes_of(state),
-        "rng": {
-            "python": random.getstate(),
-            "numpy": np.random.get_state(),
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        },
+        "rng": capture_rng(),
     }
     return plain
+
+
+def capture_rng() -> dict[str, Any]:
+    """Every RNG the training loop may draw from (Python's, NumPy's global, torch's CPU and CUDA generators)."""
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
 
 
 _ATOMS = frozenset({float, int, str, bool, type(None)})  # immutable: shared by a copy as deepcopy shares them
