@@ -52,6 +52,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import gc
 import sys
 import warnings
 import weakref
@@ -60,6 +61,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.nn.parameter import is_lazy
 
 from keel._core import keys
 from keel._core.caller import loop_stacklevel
@@ -125,6 +127,7 @@ class Watch:
         self._schedulers = [LoopScheduler(observe=self.guard.policy == "observe") for _ in schedulers]
         self._decided = 0  # the guard's decisions already counted for the schedulers
         self._watched = {id(p) for p in model.parameters()}
+        self._model_shapes = [p.shape for p in model.parameters()]  # to know a copy of it (`_non_finite_copy`)
         self._trained = [p for p in model.parameters() if p.requires_grad]
         # a loop that never calls the optimizer's step: _check_stepped
         self._backwards_seen, self._drops, self._step_called = 0, 0, False
@@ -390,7 +393,21 @@ class Watch:
             not_applied = sum(not d.stepped for d in decisions[self._decided :])
             for loop_scheduler in self._schedulers:
                 loop_scheduler.after_update(not_applied)
+            rolled_back = any(d.action == "rollback" for d in decisions[self._decided :])
+            if rolled_back and "unrestored copy" not in self._warned:
+                self.guard.components.call("unrestored copies", self._check_unrestored_copies)
             self._decided = len(decisions)
+
+    def _check_unrestored_copies(self) -> None:
+        """After a rollback, name a copy of the model's weights that the loop keeps and keel was not given, when it
+        holds NaN/Inf: DiT's ``ema = deepcopy(model)``, made before `watch`, averaged the broken update, and the
+        rollback left it so for good (an EMA is restored only when registered with `Guard.track`; one registered is
+        restored by now). A finite copy — a frozen reference model, an EMA the damage did not reach — is not named: it
+        may be meant to stay."""
+        copy = _non_finite_copy(self._model_shapes, self._watched)
+        if copy is not None:
+            step = self.guard.decisions[-1].step
+            self._warn("unrestored copy", UNRESTORED_COPY.format(name=type(copy).__name__, step=step))
 
     # --- the end ------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -463,6 +480,23 @@ class _BareOutputs:
 
     def clear(self) -> None:
         self._held.clear()
+
+
+def _non_finite_copy(shapes: list[torch.Size], watched: set[int]) -> nn.Module | None:
+    """A live module with the watched model's parameter shapes, in order, none of them the model's own tensors, that
+    holds a NaN/Inf: a copy of the model's weights the loop keeps (an EMA) gone bad. A walk over the objects the
+    garbage collector tracks: made once, at a rollback, never on a step."""
+    for obj in gc.get_objects():
+        if not isinstance(obj, nn.Module):
+            continue
+        params = list(obj.parameters())
+        if len(params) != len(shapes) or any(id(p) in watched or is_lazy(p) for p in params):
+            continue
+        if [p.shape for p in params] != shapes:
+            continue
+        if not all(bool(torch.isfinite(p).all()) for p in params):
+            return obj
+    return None
 
 
 def _closure_of(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, bool]:
@@ -575,6 +609,13 @@ BACKWARD_BETWEEN = (
     "for. keel closed this watch and this backward did not run. Allowed: one backward, then each optimizer's step() "
     "(Muon + AdamW); a loop with a backward per optimizer (a GAN: D's backward and step, then G's) takes one "
     "keel.watch per model and optimizer: keel.watch(netD, optimizerD); keel.watch(netG, optimizerG)"
+)
+
+UNRESTORED_COPY = (
+    "keel.watch: the rollback at step {step} restored the model, but a copy of its weights the loop keeps (a {name} "
+    "with the model's parameter shapes: a model EMA, as DiT's ema = deepcopy(model)) holds NaN/Inf and keel was not "
+    "given it, so it stays so: whatever the loop samples, evaluates or saves from it is lost. Register it before the "
+    "first step, guard.track(ema, name='ema'), and a rollback restores it with the model"
 )
 
 ADVERSARIAL = (
