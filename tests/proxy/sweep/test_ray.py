@@ -2,10 +2,12 @@
 starts on this machine. Slow: Ray's start-up and each spawned worker's torch import take most of a minute
 on a loaded 2-core machine."""
 
+import dataclasses
 import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -44,9 +46,12 @@ def test_a_run_whose_ray_worker_dies_runs_once_more(tmp_path, tiny_sweep):
     # A worker lost once (SIGKILL mid-run, /tmp/h28S/s2_kill_worker.out) was recorded as an error at once, where the
     # local backend re-runs such a run; now Ray runs it once more, and only a run that kills its worker twice is
     # an error. The runs beside them are unaffected.
-    config = tiny_sweep(
-        recipes=["baseline", kills_its_first_worker(str(tmp_path / "died-once")), kills_its_worker], lrs=[1e-2]
-    )
+    def unshippable(base):  # a hook closing over a lock: Ray cannot serialize the run (the sweep ended, exit 1)
+        lock = threading.Lock()
+        return dataclasses.replace(base, lr_factor=lambda step: 1.0 if lock else 0.0)
+
+    died_once = kills_its_first_worker(str(tmp_path / "died-once"))
+    config = tiny_sweep(recipes=["baseline", died_once, kills_its_worker, unshippable], lrs=[1e-2])
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # not a cluster found
     try:
         remote = run_sweep(config, tmp_path / "ray", backend=RayBackend())
@@ -57,7 +62,8 @@ def test_a_run_whose_ray_worker_dies_runs_once_more(tmp_path, tiny_sweep):
     assert rows["kills_its_first_worker"]["status"] == "done"
     assert rows["kills_its_first_worker"]["val_loss"] == rows["baseline"]["val_loss"]  # the same training
     assert rows["kills_its_worker"]["status"] == "error" and "worker failed" in rows["kills_its_worker"]["error"]
-    assert [r["attempts"] for r in remote.rows] == [1, 1, 1]
+    assert rows["unshippable"]["status"] == "error" and "Could not serialize" in rows["unshippable"]["error"]
+    assert [r["attempts"] for r in remote.rows] == [1, 1, 1, 1]
 
 
 @pytest.mark.slow

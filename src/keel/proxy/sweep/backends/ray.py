@@ -105,8 +105,13 @@ class RayBackend:
                 room = self.in_flight(ray) - len(pending)
                 for spec, run_dir in queue[: max(room, 0)]:
                     on_start(spec)
-                    pending[remote.remote(spec, run_dir, threads=1)] = spec
+                    try:
+                        pending[remote.remote(spec, run_dir, threads=1)] = spec
+                    except Exception as exc:  # not serializable (a hook closing over a lock): this run's error alone
+                        yield crashed(spec, exc)
                 del queue[: max(room, 0)]
+                if not pending:
+                    continue
                 done, _ = ray.wait(list(pending), num_returns=1)
                 spec = pending.pop(done[0])
                 try:
