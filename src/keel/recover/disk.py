@@ -134,8 +134,9 @@ class DiskSnapshots:
             if not self._warned:
                 self._warned = True
                 warnings.warn(
-                    f"keel could not write a snapshot to {self.directory} ({type(exc).__name__}: "
-                    f"{exc}); training goes on with in-memory snapshots only",
+                    f"keel could not write a snapshot (of step {snap.step}) to {self.directory} "
+                    f"({type(exc).__name__}: {exc}); training goes on, that one is in memory only and each "
+                    "later one is tried on disk again (this warning is not repeated)",
                     KeelWarning,
                     stacklevel=1,
                 )
