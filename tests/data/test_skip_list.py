@@ -41,7 +41,8 @@ def test_entries_round_trip_through_the_file(
         skips.add(e)
     again = SkipList(run_dir)
     assert again.entries == skips.entries
-    assert [e.ids for e in again.entries] == [tuple(sorted(set(e.ids))) for e in entries]
+    distinct = list(dict.fromkeys(entries))  # an entry added again is not written twice
+    assert [e.ids for e in again.entries] == [tuple(sorted(set(e.ids))) for e in distinct]
     assert again.ids() == frozenset(i for e in entries for i in e.ids)
     assert again.ids(["window"]) == frozenset(i for e in entries if e.kind == "window" for i in e.ids)
 

@@ -112,14 +112,20 @@ class SkipList:
         sees half, and a failed write leaves the file and `entries` as they were).
 
         The file is read again first, so entries another writer (a hand edit, another process) added since this
-        list was read are kept.
+        list was read are kept; an entry equal to one the file holds already is not written twice (a run killed
+        after its rollback was written here, but before a snapshot after it was on disk, does that rollback again
+        when resumed: each such kill added the same window once more).
 
         Raises:
             ValueError: The file is there but is not a keel skip list, or the entry would take its ids past
                 `MAX_TOTAL_IDS` in all (the file is left as it is).
             OSError: The file could not be written.
         """
-        entries = [*(read_entries(self.path) if self.path.exists() else []), entry]
+        held = read_entries(self.path) if self.path.exists() else []
+        if entry in held:
+            self.entries = held
+            return
+        entries = [*held, entry]
         total = sum(len(e.ids) for e in entries)
         if total > MAX_TOTAL_IDS:
             raise ValueError(_too_many(self.path, len(entries) - 1, total, "would name"))
