@@ -4,6 +4,8 @@ of the process; the second let keel's snapshot silently replace the Trainer's ch
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 import torch
 
@@ -62,3 +64,29 @@ def test_the_trainer_and_keel_resuming_at_once_is_refused_naming_both_steps(tmp_
     assert not both._handoff._patches and both.guard._closed  # nothing left gated, the Guard closed
     model = torch.nn.Linear(2, 2)
     keel.Guard(model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=tmp_path / "k", overwrite=True).close()
+
+
+def test_a_first_train_whose_keel_run_resumed_past_step_0_says_the_trainer_starts_over(tmp_path, caplog):
+    # the same command after a kill, with KeelCallback(resume=True) and no resume_from_checkpoint: keel restored its
+    # snapshot of step 6, the Trainer started at 0 and trained max_steps again on top of it (helper R's R10: 85
+    # updates stored for a 60-step run, batches 0-24 twice, the schedule past its end), and nothing was said
+    snapshots = RecoveryConfig(snapshot_every=2, disk_every=1)
+    train(tmp_path, [KeelCallback(run_dir=str(tmp_path / "k"), recovery=snapshots)], steps=6)
+    again = KeelCallback(run_dir=str(tmp_path / "k"), recovery=snapshots, resume=True)
+    with caplog.at_level(logging.WARNING, logger="keel"):
+        train(tmp_path, [again], steps=4)
+    said = [r.getMessage() for r in caplog.records if "the Trainer starts at step 0" in r.getMessage()]
+    assert len(said) == 1 and "resumed its run at step 6" in said[0] and "its 4 steps again" in said[0]
+    assert "resume_from_checkpoint" in said[0]
+
+
+def test_a_second_train_with_the_same_resuming_callback_says_nothing_of_it(tmp_path, caplog):
+    # the documented use of resume=True: a second train() with the same callback continues keel's run on purpose
+    both = KeelCallback(
+        run_dir=str(tmp_path / "k"), recovery=RecoveryConfig(snapshot_every=2, disk_every=1), resume=True
+    )
+    with caplog.at_level(logging.WARNING, logger="keel"):
+        train(tmp_path, [both], steps=4)
+        train(tmp_path, [both], steps=4)
+    assert not [r for r in caplog.records if "the Trainer starts at step 0" in r.getMessage()]
+    assert both.guard.global_step == 8

@@ -210,6 +210,8 @@ class KeelCallback(TrainerCallback):
         resumed_at = getattr(state, "global_step", 0)  # resume_from_checkpoint: keel's steps are the Trainer's
         if resumed_at and self.guard.resumed:
             self._refuse_two_resumes(resumed_at)
+        if not resumed_at and self.guard.global_step and not self._runs:
+            say(self.guard, _trainer_starts_over(self.guard.global_step, getattr(state, "max_steps", None)))
         self._started_at = 0
         if resumed_at and not self.guard.global_step and not self.guard.resumed:
             self.guard.start_at(resumed_at)
@@ -584,6 +586,18 @@ def _trainer_calling(callback: KeelCallback) -> Any:
         return None
     finally:
         del frame
+
+
+def _trainer_starts_over(step: int, max_steps: object) -> str:
+    """What a first ``train()`` whose keel run resumed past step 0 does: the Trainer itself starts at step 0."""
+    planned = f"its {max_steps} steps" if isinstance(max_steps, int) and max_steps > 0 else "its whole schedule"
+    return (
+        f"keel resumed its run at step {step} from its snapshots (resume=True), but the Trainer starts at step 0: it "
+        f"trains {planned} again on top of that state, from its first batch and with its LR schedule restarted. To "
+        "continue a killed run, resume the Trainer from its own checkpoint (trainer.train(resume_from_checkpoint=...)) "
+        "with a KeelCallback that does not resume (a new run_dir): keel's actions and baselines travel in the "
+        "checkpoint"
+    )
 
 
 def _overrides_clipping(trainer: Any) -> str | None:
