@@ -181,7 +181,7 @@ def _closed_port():
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("how", ["address", "RAY_ADDRESS", "record"])
+@pytest.mark.parametrize("how", ["address", "RAY_ADDRESS", "RAY_ADDRESS ray://", "record"])
 def test_a_ray_cluster_that_does_not_answer_is_one_error_at_once(tmp_path, monkeypatch, how):
     # A dead address hung the sweep for ~14 minutes of Ray's retries (/tmp/h28S/s5_bad_address.out: still trying
     # after 300 s), and so did plain --backend ray once a `ray start` cluster had died without `ray stop`
@@ -195,12 +195,12 @@ def test_a_ray_cluster_that_does_not_answer_is_one_error_at_once(tmp_path, monke
     address = None
     if how == "address":
         address = dead
-    elif how == "RAY_ADDRESS":
-        monkeypatch.setenv("RAY_ADDRESS", dead)
+    elif how.startswith("RAY_ADDRESS"):  # a Ray Client address there is Ray Client's, not "Invalid address format"
+        monkeypatch.setenv("RAY_ADDRESS", "ray://" + dead if "ray://" in how else dead)
     else:
         (tmp_path / "ray").mkdir()
         (tmp_path / "ray" / "ray_current_cluster").write_text(dead)
-    source = {"address": f"the address given ({dead})", "RAY_ADDRESS": "RAY_ADDRESS", "record": "Ray's record"}[how]
+    source = {"address": f"the address given ({dead})", "record": "Ray's record"}.get(how, "RAY_ADDRESS")
     with pytest.raises(
         ConnectionError, match=rf"no Ray cluster answers at \S+:{dead.split(':')[1]}, from {re.escape(source)}"
     ):

@@ -154,8 +154,9 @@ def existing_cluster(ray: Any, address: str | None) -> str | None:
     Raises:
         ValueError: An address Ray cannot parse. ConnectionError: ``"auto"`` and no cluster on this machine.
     """
-    if address is not None and address.startswith("ray://"):
-        return address.removeprefix("ray://")
+    given = (os.environ.get("RAY_ADDRESS") or address) if address in (None, "auto") else address
+    if given is not None and given.startswith("ray://"):  # Ray Client (ray.init reads RAY_ADDRESS the same way)
+        return given.removeprefix("ray://")
     services = getattr(getattr(ray, "_private", None), "services", None)
     resolve = getattr(services, "canonicalize_bootstrap_address", None)
     return None if resolve is None else resolve(address)
