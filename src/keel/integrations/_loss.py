@@ -26,13 +26,17 @@ class StepLoss:
 
     def __init__(self) -> None:
         self._losses: list[Tensor] = []
+        self._counts: list[Tensor | None] = []
         self._shares = False
 
-    def add(self, loss: Tensor, *, share: bool = False) -> None:
+    def add(self, loss: Tensor, *, share: bool = False, count: Tensor | None = None) -> None:
         """Add one micro-batch's loss; ``share=True`` when it is that micro-batch's share of the step's total
-        (already divided by the step's token count, as HF models do given ``num_items_in_batch``)."""
+        (already divided by the step's token count, as HF models do given ``num_items_in_batch``). ``count``: the
+        integer the loop multiplied its loss by (torchtune's ``loss * current_num_tokens``): when every share has
+        one, the step's loss is the count-weighted mean, ``sum(loss * count) / sum(count)``, as torchtune logs it."""
         if loss.numel() == 1:
             self._losses.append(loss.detach().reshape(()).float())
+            self._counts.append(None if count is None else count.detach().reshape(()).float())
             self._shares = self._shares or share
 
     def take(self) -> Tensor | None:
@@ -41,7 +45,11 @@ class StepLoss:
             return None
         stacked = torch.stack(self._losses)
         loss = stacked.sum() if self._shares else stacked.mean()
-        self._losses, self._shares = [], False
+        counts = [c for c in self._counts if c is not None]
+        if self._shares and len(counts) == len(self._losses):
+            total = torch.stack(counts).sum().to(loss.device)
+            loss = torch.where(total > 0, loss / total.clamp(min=1), loss)  # all counts 0: the sum, not 0/0
+        self._losses, self._counts, self._shares = [], [], False
         return loss
 
     def __len__(self) -> int:

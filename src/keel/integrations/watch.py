@@ -133,7 +133,9 @@ class Watch:
         self._backwards_seen, self._drops, self._step_called = 0, 0, False
         self._recorded, self._from_output, self._from_backward = StepLoss(), StepLoss(), StepLoss()
         self._bare_outputs = _BareOutputs()  # the model's scalar outputs, until the loop calls backward() on one
-        self._backwards: list[tuple[Backward, Tensor]] = []  # this update's backward losses, until another takes them
+        self._backwards: list[
+            tuple[Backward, Tensor, Tensor | None]
+        ] = []  # this update's backward losses, until another takes them
         self._last_loss: Tensor | None = None
         self._norm_before_clip: Tensor | None = None
         self._clipped: set[int] = set()  # the parameters the loop's clipping calls of this update covered
@@ -184,18 +186,20 @@ class Watch:
             self._from_output.add(tensor)
         if not self._step_called:
             self._check_stepped(dropped=True)
+        count = _count_factor(tensor)  # (read before the backward frees what the graph saved)
         backward, first = OWNERS.enter(tensor)
         try:
             result = original(tensor, *args, **kwargs)
             if id(self) in OWNERS.settle(backward):  # (the models it reached are known once it has run)
-                self._owe(backward, tensor)
+                self._owe(backward, tensor, count)
             return result
         finally:
             if first:
                 OWNERS.leave()
 
-    def _owe(self, backward: Backward, loss: Tensor) -> None:
-        """Keep a backward's loss that reached this model, until an update takes it."""
+    def _owe(self, backward: Backward, loss: Tensor, count: Tensor | None = None) -> None:
+        """Keep a backward's loss that reached this model (and the count it was multiplied by, see `_count_factor`),
+        until an update takes it."""
         scale = self._loss_scale()
         kept = [owed for owed in self._backwards if not owed[0].taken]  # another watch's now: a newer one came
         if len(kept) < len(self._backwards) and self._default_detectors:
@@ -203,7 +207,7 @@ class Watch:
             # next one: the two are trained against each other (a GAN's errG reached D)
             self._warn("adversarial", ADVERSARIAL)
         self._backwards = kept
-        self._backwards.append((backward, loss.detach() / scale if scale is not None else loss.detach()))
+        self._backwards.append((backward, loss.detach() / scale if scale is not None else loss.detach(), count))
         self._backwards_seen += 1
 
     def _loss_scale(self) -> Tensor | None:
@@ -217,9 +221,9 @@ class Watch:
         newer backward reached this model, they are this update's too: one loss of two models trained together
         (an encoder and a decoder, one optimizer each)."""
         untaken = [owed for owed in self._backwards if not owed[0].taken]
-        for backward, loss in untaken or self._backwards:
+        for backward, loss, count in untaken or self._backwards:
             backward.taken = True
-            self._from_backward.add(loss, share=True)
+            self._from_backward.add(loss, share=True, count=count)
         self._backwards = []
         return self._from_backward.take()
 
@@ -482,6 +486,47 @@ class _BareOutputs:
         self._held.clear()
 
 
+def _of_parameters_alone(value: Tensor, most: int = 3) -> bool:
+    """Whether ``value`` was computed from leaf parameters alone in at most ``most`` autograd steps: a learnt
+    temperature a model returns, as open_clip's CLIP returns ``image_features, text_features, self.logit_scale.exp()``
+    (its default, ``output_dict=False``). Taken for the loss (the one scalar of the tuple), it made keel judge the
+    temperature: a healthy run's rise 14.3 → 18.2 as CLIP learns was a divergence warning, and the loss was not seen.
+    A loss depends on the batch: through more steps, or through an input that takes no gradient (a None edge)."""
+    if value.grad_fn is None:
+        return value.requires_grad  # a parameter returned as it is
+    pending, steps = [value.grad_fn], 0
+    while pending:
+        fn = pending.pop()
+        if type(fn).__name__ == "AccumulateGrad":
+            continue
+        steps += 1
+        edges = [edge for edge, _ in fn.next_functions]
+        known = [edge for edge in edges if edge is not None]
+        if steps > most or len(known) < len(edges):
+            return False
+        pending.extend(known)
+    return True
+
+
+def _count_factor(loss: Tensor) -> Tensor | None:
+    """The integer ``loss`` is the product by, when the loop weights each micro-batch's mean loss by its count before
+    ``backward()`` and divides the gradients by the step's total later: torchtune's recipes, ``current_loss =
+    loss_step(batch) * current_num_tokens``, ``current_loss.backward()``, then ``scale_grads(model, 1 / num_tokens)``.
+    Summed as they are, those products are the loss times the step's token count, which moves with the batch's
+    padding: a step of garbage labels (the per-token loss 2.3 → 6.0) read 417 → 1060 beside healthy steps of 370–661,
+    and no detector named it. A 0-d integer tensor is a count, never a learnt weight; None otherwise (also a product by
+    a float, as the GradScaler's)."""
+    fn = loss.grad_fn
+    if fn is None or type(fn).__name__ != "MulBackward0":
+        return None
+    for saved in ("_saved_other", "_saved_self"):  # the factor that takes no gradient is the one saved
+        factor = getattr(fn, saved, None)
+        if isinstance(factor, Tensor) and factor.numel() == 1 and not factor.is_floating_point():
+            if not factor.is_complex() and factor.dtype != torch.bool:
+                return factor
+    return None
+
+
 def _non_finite_copy(shapes: list[torch.Size], watched: set[int]) -> nn.Module | None:
     """A live module with the watched model's parameter shapes, in order, none of them the model's own tensors, that
     holds a NaN/Inf: a copy of the model's weights the loop keeps (an EMA) gone bad. A walk over the objects the
@@ -651,13 +696,16 @@ def grad_scaler_of(scaler: Any) -> Any:
 
 def output_loss(output: Any) -> Tensor | None:
     """The loss in a model's output: ``output.loss``, ``output["loss"]``, or the one 0-d floating tensor of a
-    tuple or list (``logits, loss = model(x, y)``); None when there is none or more than one."""
+    tuple or list (``logits, loss = model(x, y)``) that is not a function of the parameters alone (open_clip's
+    ``image_features, text_features, logit_scale.exp()``: `_of_parameters_alone`); None when there is none or more
+    than one."""
     if isinstance(output, Tensor):
         return None
     if hasattr(output, "keys") and hasattr(output, "get"):
         loss = output.get("loss")
     elif isinstance(output, tuple | list):
         scalars = [x for x in output if isinstance(x, Tensor) and x.ndim == 0 and x.is_floating_point()]
+        scalars = [x for x in scalars if not _of_parameters_alone(x)]
         loss = scalars[0] if len(scalars) == 1 else None
     else:
         loss = getattr(output, "loss", None)
