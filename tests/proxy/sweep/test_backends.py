@@ -1,7 +1,9 @@
 """The backends' own logic, fast: the Ray backend driven through an in-process stand-in for ``ray`` (the real
 Ray instance is in test_ray.py, slow), and backend selection."""
 
+import os
 import re
+import signal
 import socket
 import sys
 
@@ -40,6 +42,8 @@ class FakeRay:
 
     def init(self, **options):
         self.initialized, self.init_options = True, options
+        os.environ["PYTHONBREAKPOINT"] = "ray.util.rpdb._driver_set_trace"  # as ray.init does, with SIGTERM too
+        signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))
 
     def shutdown(self):
         self.initialized, self.shutdowns = False, self.shutdowns + 1
@@ -97,6 +101,8 @@ def unshippable(base):
 def test_ray_backend_ships_each_run_as_one_task_with_the_local_metrics(tmp_path, tiny_sweep, monkeypatch):
     fake = FakeRay()
     monkeypatch.setitem(sys.modules, "ray", fake)
+    monkeypatch.delenv("PYTHONBREAKPOINT", raising=False)
+    handler = signal.getsignal(signal.SIGTERM)
     # unshippable: Ray cannot serialize its run; the whole sweep ended "internal error: TypeError" (exit 1), where
     # the local backend records that run's error and goes on (/tmp/h28S/s15_unpicklable.out)
     config = tiny_sweep(recipes=["baseline", "qk_norm_z_loss", crashes, unshippable], lrs=[3e-2], steps=2)
@@ -111,6 +117,9 @@ def test_ray_backend_ships_each_run_as_one_task_with_the_local_metrics(tmp_path,
     # max_retries=1: a run whose worker died runs once more, as the local backend re-runs it (was 0: an error at once)
     assert fake.remote_options == {"num_cpus": 1, "max_retries": 1}
     assert fake.shutdowns == 1  # the Ray instance it started ends with the sweep
+    # and what ray.init changed in this process is put back: breakpoint() went to Ray's debugger after the sweep,
+    # and `kill PID` was Ray's C++ stack dump and SIGABRT instead of keel sweep's "terminated (SIGTERM)"
+    assert "PYTHONBREAKPOINT" not in os.environ and signal.getsignal(signal.SIGTERM) is handler
     assert len(fake.calls) == 4 and all(kwargs == {"threads": 1} for _, kwargs in fake.calls)
     assert remote.ran != local.ran and sorted(remote.ran) == sorted(local.ran)  # completion order differs
     by_id = {r["run_id"]: r for r in local.rows}

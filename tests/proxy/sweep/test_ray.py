@@ -19,19 +19,31 @@ from tests.proxy.sweep.conftest import RESULT_KEYS as KEYS
 ray = pytest.importorskip("ray")
 
 
+@pytest.fixture
+def local_ray():
+    """A Ray instance of 2 CPUs in this process for one test (address="local": never a cluster Ray finds, such as a
+    dead one's record), then this process as it was: ray.init sets SIGTERM's handler and environment variables
+    (PYTHONBREAKPOINT, RAY_AUTH_MODE, ...) that ray.shutdown leaves."""
+    environ, handler = set(os.environ), signal.getsignal(signal.SIGTERM)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield
+    finally:
+        ray.shutdown()
+        signal.signal(signal.SIGTERM, handler)
+        for name in set(os.environ) - environ:
+            del os.environ[name]
+
+
 @pytest.mark.slow
-def test_ray_backend_gives_the_local_backends_metrics(tmp_path, tiny_sweep):
+def test_ray_backend_gives_the_local_backends_metrics(tmp_path, tiny_sweep, local_ray):
     def broken(base):
         raise ValueError("recipe fails")
 
     config = tiny_sweep(recipes=["baseline", "qk_norm_z_loss", broken], lrs=[1e-2, 3e-2])
     local = run_sweep(config, tmp_path / "local", backend="local", workers=2)
     in_process = run_sweep(config, tmp_path / "in_process", backend="local", workers=1)
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # not a cluster found
-    try:
-        remote = run_sweep(config, tmp_path / "ray", backend=RayBackend())
-    finally:
-        ray.shutdown()
+    remote = run_sweep(config, tmp_path / "ray", backend=RayBackend())  # on the local_ray instance
     assert sorted(remote.ran) == sorted(local.ran) and len(remote.ran) == 6
     by_id = {r["run_id"]: r for r in local.rows}
     for row in [*remote.rows, *in_process.rows]:  # bit-identical: one torch thread per run everywhere
@@ -42,7 +54,7 @@ def test_ray_backend_gives_the_local_backends_metrics(tmp_path, tiny_sweep):
 
 
 @pytest.mark.slow
-def test_a_run_whose_ray_worker_dies_runs_once_more(tmp_path, tiny_sweep):
+def test_a_run_whose_ray_worker_dies_runs_once_more(tmp_path, tiny_sweep, local_ray):
     # A worker lost once (SIGKILL mid-run, /tmp/h28S/s2_kill_worker.out) was recorded as an error at once, where the
     # local backend re-runs such a run; now Ray runs it once more, and only a run that kills its worker twice is
     # an error. The runs beside them are unaffected.
@@ -52,11 +64,7 @@ def test_a_run_whose_ray_worker_dies_runs_once_more(tmp_path, tiny_sweep):
 
     died_once = kills_its_first_worker(str(tmp_path / "died-once"))
     config = tiny_sweep(recipes=["baseline", died_once, kills_its_worker, unshippable], lrs=[1e-2])
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)  # not a cluster found
-    try:
-        remote = run_sweep(config, tmp_path / "ray", backend=RayBackend())
-    finally:
-        ray.shutdown()
+    remote = run_sweep(config, tmp_path / "ray", backend=RayBackend())  # on the local_ray instance
     rows = {r["recipe"]: r for r in remote.rows}
     assert rows["baseline"]["status"] == "done" and (tmp_path / "died-once").exists()
     assert rows["kills_its_first_worker"]["status"] == "done"

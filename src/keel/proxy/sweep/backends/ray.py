@@ -73,17 +73,18 @@ class RayBackend:
 
     def run(self, tasks: list[Task], on_start: Callable[[RunSpec], None]) -> Iterator[RunResult]:
         ray = _import_ray()
-        started = self._connect(ray)
-        try:
+        with self._session(ray):
             yield from self._dispatch(ray, tasks, on_start)
-        finally:
-            if started:  # leave Ray as this sweep found it: no Ray instance (or connection) outlives run_sweep
-                ray.shutdown()
 
-    def _connect(self, ray: Any) -> bool:
-        """``ray.init`` unless this process is connected already; return whether it was called."""
+    @contextlib.contextmanager
+    def _session(self, ray: Any) -> Iterator[None]:
+        """Connected to Ray while the sweep runs: ``ray.init`` unless this process is connected already, and then
+        Ray left as the sweep found it: shut down (a Ray instance it started outlived run_sweep in a notebook), and
+        the environment variables ray.init set removed (``PYTHONBREAKPOINT=ray.util.rpdb._driver_set_trace`` sent
+        every later ``breakpoint()`` to Ray's debugger; ``RAY_AUTH_MODE``, ...)."""
         if ray.is_initialized():
-            return False
+            yield
+            return
         cluster = existing_cluster(ray, self.address)
         if cluster is not None:
             check_reachable(cluster, self.address)
@@ -91,9 +92,15 @@ class RayBackend:
         if cluster is None and self.address in STARTS_HERE and self.num_cpus is not None:
             # only for a new instance: Ray refuses num_cpus when it joins a cluster (`ray start` running here)
             options["num_cpus"] = self.num_cpus
+        environ = set(os.environ)
         with sigterm_kept():
             ray.init(**options)
-        return True
+        try:
+            yield
+        finally:
+            ray.shutdown()
+            for name in set(os.environ) - environ:
+                os.environ.pop(name, None)
 
     def _dispatch(self, ray: Any, tasks: list[Task], on_start: Callable[[RunSpec], None]) -> Iterator[RunResult]:
         # max_retries=1: Ray runs a task whose worker died once more (an application error is never retried, and
