@@ -24,9 +24,9 @@ noise estimate is frozen while a rise is pending, so a divergence does not widen
 A rise is ``critical`` at twice the best level, or earlier once the median is back at the level of the run's first
 ``short`` steps — everything the run had learned is gone — when the fall from there to the best was itself a real
 one (``warn_excess`` and ``noise_margin`` standard errors of the difference between that median of ``short`` values
-and the best). keel's own overhead benchmark loop (a byte-level proxy at a constant
-AdamW LR of 1e-3, unclipped) fell from 5.6 to 2.9 and climbed back to 5.7–6.4, above the uniform-guess loss ln 256,
-and was only ever a warning: 2× its best was never held by the wide median its noise asked for.
+and the best). keel's own overhead benchmark loop (a byte-level proxy at a constant AdamW LR of 1e-3, unclipped) fell
+from 5.6 to 2.9 and climbed back to 5.7–6.4, above the uniform-guess loss ln 256, and was only ever a warning: 2× its
+best was never held by the wide median its noise asked for.
 """
 
 from __future__ import annotations
