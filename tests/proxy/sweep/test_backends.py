@@ -8,9 +8,12 @@ import socket
 import sys
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from keel.cli import main
 from keel.proxy.sweep import LocalBackend, RayBackend, create_backend, expand_grid, run_sweep
+from keel.proxy.sweep.grid import RunSpec
 from keel.proxy.sweep.worker import RunResult
 from tests.proxy.sweep.conftest import RESULT_KEYS as KEYS
 
@@ -35,6 +38,7 @@ class FakeRay:
     def __init__(self, cpus=2, train=True):
         self.initialized, self.init_options, self.remote_options, self.calls = False, None, None, []
         self.train = train  # False: a task returns a done RunResult without training (dispatch tests)
+        self.pick = lambda n: n - 1  # which unfinished task finishes next: the newest
         self.cpus, self.unfinished, self.most_unfinished, self.shutdowns = cpus, 0, 0, 0
 
     def is_initialized(self):
@@ -76,7 +80,7 @@ class FakeRay:
         return wrap
 
     def wait(self, refs, num_returns=1):
-        ref = refs[-1]
+        ref = refs[self.pick(len(refs))]
         ref.run()
         self.unfinished -= 1
         return [ref], refs[:-1]
@@ -164,6 +168,27 @@ def test_ray_backend_hands_ray_only_the_runs_it_can_start(tmp_path, tiny_sweep, 
     assert sorted(r.run_id for r in results) == sorted(s.run_id for s in specs)
     assert max(unfinished_at_start) == most - 1 and fake.most_unfinished == most
     assert fake.init_options is None and fake.shutdowns == 0
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    cpus=st.integers(0, 6),
+    num_cpus=st.none() | st.integers(1, 6),
+    n_tasks=st.integers(0, 12),
+    order=st.randoms(use_true_random=False),
+)
+def test_ray_backend_dispatch_in_any_completion_order(tmp_path, monkeypatch, cpus, num_cpus, n_tasks, order):
+    # Attack the dispatch window: whatever order Ray finishes tasks in, every run is started once and yields once,
+    # and no more runs are unfinished in Ray than the window allows.
+    fake = FakeRay(cpus=cpus, train=False)
+    fake.initialized = True
+    fake.pick = lambda n: order.randrange(n)
+    monkeypatch.setitem(sys.modules, "ray", fake)
+    specs = [RunSpec(run_id=f"r{i}", recipe="r", size="tiny", lr=1.0, seed=i, config=None) for i in range(n_tasks)]
+    started = []
+    results = list(RayBackend(num_cpus=num_cpus).run([(s, str(tmp_path)) for s in specs], lambda s: started.append(s)))
+    assert sorted(r.run_id for r in results) == sorted(s.run_id for s in started) == sorted(s.run_id for s in specs)
+    assert fake.most_unfinished <= (num_cpus or max(1, cpus)) and fake.unfinished == 0
 
 
 def test_ray_backend_without_ray_is_one_error_before_the_sweep_store(tmp_path, monkeypatch, capsys):
