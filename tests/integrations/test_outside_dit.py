@@ -200,3 +200,22 @@ def test_a_rollback_names_no_copy_that_is_registered_or_finite(track: bool):
     assert guard is not None and [d.action for d in guard.decisions] == ["rollback"]
     assert _finite(model) and _finite(ema)
     assert not [w for w in caught if issubclass(w.category, KeelWarning) and "guard.track" in str(w.message)]
+
+
+def test_a_rollback_does_not_name_an_earlier_runs_model_left_nan_in_the_process():
+    """Found on a sweep in one process: the previous trial's NaN model (trained, so its parameters take gradients) and
+    a frozen NaN copy no longer referenced were named as the loop's EMA. Neither is."""
+    earlier = TinyDiT()  # a previous trial's model, still referenced, NaN
+    with torch.no_grad():
+        earlier.final_linear.weight.fill_(float("nan"))
+    gone = TinyDiT()  # a previous trial's EMA, frozen, NaN, in a reference cycle, no longer referenced
+    requires_grad(gone, False)
+    with torch.no_grad():
+        gone.final_linear.weight.fill_(float("nan"))
+    gone.itself = [gone]  # type: ignore[assignment]
+    del gone
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        _train("recover", nan_weight_after=4)
+    assert not [w for w in caught if issubclass(w.category, KeelWarning) and "guard.track" in str(w.message)]
+    assert not _finite(earlier)

@@ -528,14 +528,18 @@ def _count_factor(loss: Tensor) -> Tensor | None:
 
 
 def _non_finite_copy(shapes: list[torch.Size], watched: set[int]) -> nn.Module | None:
-    """A live module with the watched model's parameter shapes, in order, none of them the model's own tensors, that
-    holds a NaN/Inf: a copy of the model's weights the loop keeps (an EMA) gone bad. A walk over the objects the
-    garbage collector tracks: made once, at a rollback, never on a step."""
+    """A live module with the watched model's parameter shapes, in order, none of them the model's own tensors nor
+    one that takes a gradient, that holds a NaN/Inf: a frozen copy of the model's weights the loop keeps and updates
+    itself (an EMA: DiT's ``requires_grad(ema, False)``, timm's ``ModelEmaV3``) gone bad. A model of an earlier run in
+    the same process (a sweep's previous trial, left NaN) trains its parameters and is not named; one no longer
+    referenced is collected first. A walk over the objects the garbage collector tracks: made once, at a rollback,
+    never on a step."""
+    gc.collect()
     for obj in gc.get_objects():
-        if not isinstance(obj, nn.Module):
+        if not issubclass(type(obj), nn.Module):  # not isinstance: it reads __class__, which some objects warn on
             continue
         params = list(obj.parameters())
-        if len(params) != len(shapes) or any(id(p) in watched or is_lazy(p) for p in params):
+        if len(params) != len(shapes) or any(id(p) in watched or is_lazy(p) or p.requires_grad for p in params):
             continue
         if [p.shape for p in params] != shapes:
             continue
