@@ -530,9 +530,10 @@ def _count_factor(loss: Tensor) -> Tensor | None:
 def _non_finite_copy(shapes: list[torch.Size], watched: set[int]) -> nn.Module | None:
     """A live module with the watched model's parameter shapes, in order, none of them the model's own tensors nor
     one that takes a gradient, that holds a NaN/Inf: a frozen copy of the model's weights the loop keeps and updates
-    itself (an EMA: DiT's ``requires_grad(ema, False)``, timm's ``ModelEmaV3``) gone bad. A model of an earlier run in
-    the same process (a sweep's previous trial, left NaN) trains its parameters and is not named; one no longer
-    referenced is collected first. A walk over the objects the garbage collector tracks: made once, at a rollback,
+    itself (an EMA frozen as DiT's ``requires_grad(ema, False)``) gone bad. A model of an earlier run in the same
+    process (a sweep's previous trial, left NaN) trains its parameters and is not named; one no longer referenced is
+    collected first. (timm's ``ModelEmaV2``/``V3`` and torch's ``AveragedModel`` leave their copy's ``requires_grad``
+    on: not named either.) A walk over the objects the garbage collector tracks: made once, at a rollback,
     never on a step."""
     gc.collect()
     for obj in gc.get_objects():
