@@ -240,3 +240,7 @@ def test_a_ray_cluster_that_does_not_answer_is_one_error_at_once(tmp_path, monke
     ):
         next(RayBackend(address=address, num_cpus=2).run([], lambda spec: None))
     assert not ray.is_initialized()
+    # through the CLI: one line, exit 2, and no sweep store left behind (it held the grid, refusing other settings)
+    argv = ["sweep", "--recipes", "baseline", "--sizes", "tiny", "--lrs", "1e-2", "--no-plots", "--backend", "ray"]
+    assert main([*argv, *(["--address", address] if address else []), "--out", str(tmp_path / "sweep")]) == 2
+    assert not (tmp_path / "sweep").exists()

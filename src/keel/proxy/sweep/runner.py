@@ -116,6 +116,9 @@ def run_sweep(
     """
     sweep_dir = Path(sweep_dir)
     engine = create_backend(backend, workers=workers, address=address) if isinstance(backend, str) else backend
+    check = getattr(engine, "check", None)
+    if callable(check):  # a backend that cannot run (a Ray cluster that does not answer) says so before the store
+        check()
     specs = expand_grid(config)
     result = SweepResult(sweep_dir=sweep_dir)
     with sweep_lock(sweep_dir), SweepStore(sweep_dir) as store:

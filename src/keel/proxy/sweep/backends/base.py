@@ -13,7 +13,11 @@ Task = tuple[RunSpec, str]
 
 
 class Backend(Protocol):
-    """Runs sweep tasks and yields their results as they finish."""
+    """Runs sweep tasks and yields their results as they finish.
+
+    A backend may also have ``check() -> None``, which raises what would stop it from running (the Ray backend: a
+    cluster that does not answer); `run_sweep` calls it before it writes the sweep store.
+    """
 
     name: str
 

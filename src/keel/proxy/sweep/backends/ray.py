@@ -71,6 +71,20 @@ class RayBackend:
         _import_ray()
         self.address, self.num_cpus = address, num_cpus
 
+    def check(self) -> None:
+        """Raise now what connecting would (a cluster that does not answer, ``"auto"`` with no cluster): run_sweep
+        calls it before it writes the sweep store, which a failed connection left behind with its grid."""
+        ray = _import_ray()
+        if not ray.is_initialized():
+            self._cluster(ray)
+
+    def _cluster(self, ray: Any) -> str | None:
+        """The running cluster ``ray.init`` will join (checked to answer), or ``None`` where it starts one."""
+        cluster = existing_cluster(ray, self.address)
+        if cluster is not None:
+            check_reachable(cluster, self.address)
+        return cluster
+
     def run(self, tasks: list[Task], on_start: Callable[[RunSpec], None]) -> Iterator[RunResult]:
         ray = _import_ray()
         with self._session(ray):
@@ -85,9 +99,7 @@ class RayBackend:
         if ray.is_initialized():
             yield
             return
-        cluster = existing_cluster(ray, self.address)
-        if cluster is not None:
-            check_reachable(cluster, self.address)
+        cluster = self._cluster(ray)
         options: dict[str, Any] = {"address": self.address, "include_dashboard": False, "log_to_driver": False}
         if cluster is None and self.address in STARTS_HERE and self.num_cpus is not None:
             # only for a new instance: Ray refuses num_cpus when it joins a cluster (`ray start` running here)
