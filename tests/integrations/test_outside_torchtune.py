@@ -81,14 +81,17 @@ def _batches(garbage_step: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
     return batches
 
 
-def _train(policy: str | None, *, garbage_step: int = -1, weighted: bool = True):
-    """``weighted=False``: the recipe's earlier form, ``loss = loss / gradient_accumulation_steps``."""
+def _train(policy: str | None, *, garbage_step: int = -1, weighted: bool = True, lr_x100_at: int = -1):
+    """``weighted=False``: the recipe's earlier form, ``loss = loss / gradient_accumulation_steps``. ``lr_x100_at``:
+    the schedule returns 100x its value at that one step (a warm-up formula with a bad factor)."""
     torch.manual_seed(0)
     model = TinyDecoder()
     for name, p in model.named_parameters():  # set_trainable_params(model, get_adapter_params(model))
         p.requires_grad = "lora_" in name
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=3e-2, weight_decay=0.01)
-    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5))  # warm-up
+    lr_scheduler = torch.optim.lr_scheduler.LambdaLR(  # warm-up
+        optimizer, lambda s: min(1.0, (s + 1) / 5) * (100 if s == lr_x100_at else 1)
+    )
     guard = None
     if policy is not None:
         recovery = RecoveryConfig(snapshot_every=4, quiet_steps=0)
@@ -192,3 +195,14 @@ def test_a_step_whose_counts_are_all_zero_is_the_sum_not_zero_over_zero():
     meter.add(torch.tensor(6.0), share=True, count=torch.tensor(2))
     meter.add(torch.tensor(4.0), share=True)  # one share without a count: the plain sum, as before
     assert meter.take() == 10.0
+
+
+def test_a_schedule_at_100x_for_one_step_costs_one_skipped_update():
+    """h28 V: the skipped update's scheduler call was withheld, so the LambdaLR kept its x100 value: refused three
+    times, then taken as the loop's own and applied (the bare run's damage, three updates later), and skip aborted at
+    the 11th skip in a row (60-step run). A skip for an LR surge lets the call through: the schedule's next value
+    replaces the surged one."""
+    _, clean, _ = _train(None)
+    model, logged, guard = _train("skip", lr_x100_at=20)
+    assert guard is not None and [(d.step, d.action) for d in guard.decisions] == [(20, "skip")]
+    assert logged[-1] == pytest.approx(clean[-1], rel=0.1)
