@@ -45,7 +45,8 @@ slow drift never.
 A steep descent (the first steps of a run: a linear regression's loss falling 45× in 40 steps) spreads the window
 over its own trend, and a window's median and MAD then hide even a 1,500× jump (3.8 robust z). While the window is
 such a descent (in log space: the median of its last ``RECENT`` values at least ``DESCENT`` robust scales below the
-window's median, and the window's spread at least ``TREND_SPREAD`` times its step-to-step noise, `robust.step_noise`,
+window's median — or its older half's, which still lies in a fall the plateau after it has outnumbered —, and the
+window's spread at least ``TREND_SPREAD`` times its step-to-step noise, `robust.step_noise`,
 which a trend hardly moves), a step is judged against that recent level and the step noise instead: a detrended
 baseline that lags the descent by a few steps, so it errs high (towards silence). A rising window never qualifies
 (sustained rises are the divergence detector's). The window need not be all descent: a run's first fast fall followed
@@ -521,7 +522,11 @@ class SpikeDetector:
             return median, scale
         window = list(self._accepted.values)  # oldest first
         recent = median_of(window[-RECENT:])
-        if median - recent < DESCENT * scale:
+        # the window's median, or its older half's: a fast fall and then a plateau (the run's first steps) leaves
+        # the median on the plateau, but its older half in the fall — whose spread still hides a spike on the plateau
+        # (h28 Y, L2: a real Lightning run's loss x23 at step 61, after a fall of 5 -> 0.1 in 20 steps: no finding)
+        above = max(median, median_of(window[: len(window) // 2])) if len(window) >= 2 * RECENT else median
+        if above - recent < DESCENT * scale:
             return median, scale
         differences = [b - a for a, b in zip(window, window[1:], strict=False)]
         noise = step_noise(differences)
