@@ -112,11 +112,11 @@ def _latents() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [(prototypes[y] + 0.3 * torch.randn(BATCH, CHANNELS, SIZE, SIZE, generator=g), y) for y in labels]
 
 
-def _train(policy: str | None, *, track: bool = True, averages: bool = True, nan_latent_at=-1, nan_weight_after=-1):
+def _train(policy: str | None, *, track=True, averages=True, frozen=True, nan_latent_at=-1, nan_weight_after=-1):
     torch.manual_seed(0)
     model = TinyDiT()
     ema = deepcopy(model)  # Create an EMA of the model for use after training
-    requires_grad(ema, False)
+    requires_grad(ema, not frozen)  # (not frozen: as timm's ModelEmaV3 and AveragedModel leave their copy)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0)
     guard = None
     if policy is not None:
@@ -177,13 +177,14 @@ def test_a_nan_latent_is_skipped_and_neither_the_weights_nor_the_ema_take_it():
     assert _finite(model) and _finite(ema)
 
 
-def test_a_rollback_names_the_unregistered_ema_it_left_holding_nan():
+@pytest.mark.parametrize("frozen", [True, False], ids=["frozen-as-dit", "requires-grad-as-timm"])
+def test_a_rollback_names_the_unregistered_ema_it_left_holding_nan(frozen: bool):
     """h28 V: DiT's EMA (a deepcopy made before keel.watch, frozen) not given to guard.track: the rollback restored
     the model and said "actions: none needed" while the EMA — what DiT samples and evaluates with — held NaN for
     good, and nothing said so."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        model, ema, guard = _train("recover", track=False, nan_weight_after=4)
+        model, ema, guard = _train("recover", track=False, frozen=frozen, nan_weight_after=4)
     assert guard is not None and [d.action for d in guard.decisions] == ["rollback"]
     assert _finite(model) and not _finite(ema)  # keel does not restore what it was not given ...
     named = [str(w.message) for w in caught if issubclass(w.category, KeelWarning) and "guard.track" in str(w.message)]
@@ -202,20 +203,20 @@ def test_a_rollback_names_no_copy_that_is_registered_or_finite(track: bool):
     assert not [w for w in caught if issubclass(w.category, KeelWarning) and "guard.track" in str(w.message)]
 
 
-def test_a_rollback_does_not_name_an_earlier_runs_model_left_nan_in_the_process():
-    """Found on a sweep in one process: the previous trial's NaN model (trained, so its parameters take gradients) and
-    a frozen NaN copy no longer referenced were named as the loop's EMA. Neither is."""
-    earlier = TinyDiT()  # a previous trial's model, still referenced, NaN
-    with torch.no_grad():
-        earlier.final_linear.weight.fill_(float("nan"))
-    gone = TinyDiT()  # a previous trial's EMA, frozen, NaN, in a reference cycle, no longer referenced
-    requires_grad(gone, False)
-    with torch.no_grad():
-        gone.final_linear.weight.fill_(float("nan"))
-    gone.itself = [gone]  # type: ignore[assignment]
+def test_a_rollback_does_not_name_an_earlier_runs_model_or_ema_left_nan_in_the_process():
+    """Found on a sweep in one process: the previous trial's NaN model, its NaN EMA (still referenced: the loop's
+    variables) and a NaN copy no longer referenced were named as this run's EMA. None is: the loop does not update
+    them."""
+    earlier_model, earlier_ema = TinyDiT(), TinyDiT()
+    requires_grad(earlier_ema, False)
+    gone = TinyDiT()
+    gone.itself = [gone]  # type: ignore[assignment]  # a reference cycle: only the collector frees it
+    for left in (earlier_model, earlier_ema, gone):
+        with torch.no_grad():
+            left.final_linear.weight.fill_(float("nan"))
     del gone
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         _train("recover", nan_weight_after=4)
     assert not [w for w in caught if issubclass(w.category, KeelWarning) and "guard.track" in str(w.message)]
-    assert not _finite(earlier)
+    assert not _finite(earlier_model) and not _finite(earlier_ema)

@@ -127,7 +127,10 @@ class Watch:
         self._schedulers = [LoopScheduler(observe=self.guard.policy == "observe") for _ in schedulers]
         self._decided = 0  # the guard's decisions already counted for the schedulers
         self._watched = {id(p) for p in model.parameters()}
-        self._model_shapes = [p.shape for p in model.parameters()]  # to know a copy of it (`_non_finite_copy`)
+        self._model_shapes = [p.shape for p in model.parameters()]  # to know a copy of it (`_non_finite_copies`)
+        # NaN copies of the model found at a rollback, with their parameters' versions then: named at the next update
+        # if the loop has written them since (`_name_an_updated_suspect`)
+        self._suspects: list[tuple[weakref.ref[nn.Module], int, int]] = []
         self._trained = [p for p in model.parameters() if p.requires_grad]
         # a loop that never calls the optimizer's step: _check_stepped
         self._backwards_seen, self._drops, self._step_called = 0, 0, False
@@ -397,6 +400,8 @@ class Watch:
             not_applied = sum(not d.stepped and not _skipped_for_the_lr(d) for d in decisions[self._decided :])
             for loop_scheduler in self._schedulers:
                 loop_scheduler.after_update(not_applied)
+            if self._suspects:
+                self.guard.components.call("unrestored copies", self._name_an_updated_suspect)
             rolled_back = any(d.action == "rollback" for d in decisions[self._decided :])
             if rolled_back and "unrestored copy" not in self._warned:
                 self.guard.components.call("unrestored copies", self._check_unrestored_copies)
@@ -408,10 +413,20 @@ class Watch:
         rollback left it so for good (an EMA is restored only when registered with `Guard.track`; one registered is
         restored by now). A finite copy — a frozen reference model, an EMA the damage did not reach — is not named: it
         may be meant to stay."""
-        copy = _non_finite_copy(self._model_shapes, self._watched)
-        if copy is not None:
-            step = self.guard.decisions[-1].step
-            self._warn("unrestored copy", UNRESTORED_COPY.format(name=type(copy).__name__, step=step))
+        step = self.guard.decisions[-1].step
+        copies = _non_finite_copies(self._model_shapes, self._watched)
+        self._suspects = [(weakref.ref(copy), _version_of(copy), step) for copy in copies]
+
+    def _name_an_updated_suspect(self) -> None:
+        """At the update after a rollback: name the first NaN copy the loop has written since (the version counters
+        of its parameters moved: an EMA the loop updates), not one that lies untouched (a model or EMA of an earlier
+        run in the same process, still referenced)."""
+        suspects, self._suspects = self._suspects, []
+        for ref, version, step in suspects:
+            copy = ref()
+            if copy is not None and _version_of(copy) != version:
+                self._warn("unrestored copy", UNRESTORED_COPY.format(name=type(copy).__name__, step=step))
+                return
 
     # --- the end ------------------------------------------------------------------------------------
     def close(self) -> None:
@@ -539,26 +554,30 @@ def _count_factor(loss: Tensor) -> Tensor | None:
     return None
 
 
-def _non_finite_copy(shapes: list[torch.Size], watched: set[int]) -> nn.Module | None:
-    """A live module with the watched model's parameter shapes, in order, none of them the model's own tensors nor
-    one that takes a gradient, that holds a NaN/Inf: a frozen copy of the model's weights the loop keeps and updates
-    itself (an EMA frozen as DiT's ``requires_grad(ema, False)``) gone bad. A model of an earlier run in the same
-    process (a sweep's previous trial, left NaN) trains its parameters and is not named; one no longer referenced is
-    collected first. (timm's ``ModelEmaV2``/``V3`` and torch's ``AveragedModel`` leave their copy's ``requires_grad``
-    on: not named either.) A walk over the objects the garbage collector tracks: made once, at a rollback,
-    never on a step."""
+def _version_of(module: nn.Module) -> int:
+    """The sum of its parameters' version counters: every in-place write (``mul_``, ``lerp_``, ``copy_``) moves it."""
+    return sum(p._version for p in module.parameters())
+
+
+def _non_finite_copies(shapes: list[torch.Size], watched: set[int]) -> list[nn.Module]:
+    """The live modules with the watched model's parameter shapes, in order, none of them the model's own tensors, that
+    hold a NaN/Inf: copies of the model's weights gone bad — an EMA the loop keeps (DiT's ``deepcopy(model)``, timm's
+    ``ModelEmaV3``, ``AveragedModel``), or a model of an earlier run in the same process; `_name_an_updated_suspect`
+    tells them apart at the next update. One no longer referenced is collected first. A walk over the objects the
+    garbage collector tracks: made once, at a rollback, never on a step."""
     gc.collect()
+    copies = []
     for obj in gc.get_objects():
         if not issubclass(type(obj), nn.Module):  # not isinstance: it reads __class__, which some objects warn on
             continue
         params = list(obj.parameters())
-        if len(params) != len(shapes) or any(id(p) in watched or is_lazy(p) or p.requires_grad for p in params):
+        if len(params) != len(shapes) or any(id(p) in watched or is_lazy(p) for p in params):
             continue
         if [p.shape for p in params] != shapes:
             continue
         if not all(bool(torch.isfinite(p).all()) for p in params):
-            return obj
-    return None
+            copies.append(obj)
+    return copies
 
 
 def _closure_of(args: tuple, kwargs: dict[str, Any]) -> tuple[Any, bool]:
