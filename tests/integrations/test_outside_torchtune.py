@@ -22,6 +22,8 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import keel
@@ -206,3 +208,26 @@ def test_a_schedule_at_100x_for_one_step_costs_one_skipped_update():
     model, logged, guard = _train("skip", lr_x100_at=20)
     assert guard is not None and [(d.step, d.action) for d in guard.decisions] == [(20, "skip")]
     assert logged[-1] == pytest.approx(clean[-1], rel=0.1)
+
+
+@given(
+    shares=st.lists(
+        st.tuples(st.floats(0, 50, allow_nan=False), st.integers(0, 4096)),
+        min_size=1,
+        max_size=8,
+    )
+)
+@settings(max_examples=60, deadline=None)
+def test_the_steps_loss_is_the_count_weighted_mean_of_its_micro_batches(shares: list[tuple[float, int]]):
+    """What torchtune logs, ``running_loss / num_tokens``, for any per-token losses and token counts; the plain sum
+    when every count is 0 (never 0/0)."""
+    from keel.integrations._loss import StepLoss
+
+    meter = StepLoss()
+    for loss, count in shares:
+        meter.add(torch.tensor(loss * count, dtype=torch.float64).float(), share=True, count=torch.tensor(count))
+    taken = meter.take()
+    assert taken is not None and torch.isfinite(taken)
+    total = sum(count for _, count in shares)
+    expected = sum(loss * count for loss, count in shares) / total if total else 0.0
+    assert float(taken) == pytest.approx(expected, rel=1e-5, abs=1e-4)
