@@ -679,7 +679,8 @@ class Guard(DeferredSteps):
         if self._norm_before_clip is not None:
             if keys.GRAD_NORM in measured:
                 measured[keys.GRAD_CLIPPED_NORM] = measured[keys.GRAD_NORM]
-            measured[keys.GRAD_NORM] = self._norm_before_clip.detach().to(ctx.params[0].device, torch.float32)
+            # on the loss's device, as every measurement (a step with no gradient has no parameter to take it from)
+            measured[keys.GRAD_NORM] = self._norm_before_clip.detach().to(ctx.loss.device, torch.float32)
         measured.update(self._signals[0])
         return measured
 
