@@ -122,7 +122,9 @@ class ReferenceSpike:
             window = list(self._accepted)
             differences = [b - a for a, b in zip(window, window[1:], strict=False)]
             noise = step_noise(differences)
-            if med - recent >= DESCENT * scale and scale >= TREND_SPREAD * noise:
+            # the window's median, or its older half's (a fall that the plateau after it outnumbers)
+            older = median(window[: len(window) // 2]) if len(window) >= 2 * RECENT else med
+            if max(med, older) - recent >= DESCENT * scale and scale >= TREND_SPREAD * noise:
                 med, scale = recent, max(noise, step_noise(differences[-NOISE_NOW:]))
         floor = cfg.scale_floor if self._log else cfg.scale_floor * abs(med) + 1e-12
         z = (y - med) / max(scale, floor)

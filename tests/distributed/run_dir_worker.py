@@ -36,7 +36,7 @@ def train(run_dir: Path, steps: int, **kwargs) -> Guard:
         opt,
         run_dir=str(run_dir),
         policy="recover",
-        recovery=RecoveryConfig(snapshot_every=2, disk_every=1),
+        recovery=RecoveryConfig(snapshot_every=2, disk_every=1, keep_on_disk=2),
         **kwargs,
     )
     g = torch.Generator().manual_seed(dist.get_rank())
