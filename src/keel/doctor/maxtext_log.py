@@ -19,9 +19,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from keel.doctor._text import read_lines
-from keel.doctor.jsonl_log import add_entry, records_from_objects
-from keel.doctor.log import LogReadError, RawLog
+from keel.doctor._line_records import read_line_records
+from keel.doctor.log import RawLog
 
 FORMAT = "maxtext"
 _LINE = re.compile(r"(?:^|(?<=[\s\]:]))completed step: (\d{1,18}), ")
@@ -47,27 +46,24 @@ def read_maxtext_log(path: str | Path) -> RawLog:
         >>> list(read_maxtext_log(p).records)
         [(3, {'step_time_s': 5.402, 'TFLOP/s/device': 141.542, 'loss': 11.379})]
     """
-    path = Path(path)
-    entries: list[dict[str, float | str]] = []
-    other_lines = unread = 0
-    for line in read_lines(path).lines:
-        m = _LINE.search(line)
-        if m is None:
-            other_lines += bool(line.strip())
+    return read_line_records(
+        Path(path),
+        _LINE,
+        _fields,
+        fmt=FORMAT,
+        line="'completed step: N, name: value, ...' line (MaxText)",
+        field="'name: value'",
+    )
+
+
+def _fields(text: str) -> tuple[dict[str, float | str], int]:
+    """The ``name: value`` fields of a step line's rest (``seconds`` renamed), and how many parts were not one."""
+    fields: dict[str, float | str] = {}
+    unread = 0
+    for part in text.rstrip().split(", "):
+        name, colon, value = part.partition(": ")
+        if not colon or not name.strip():
+            unread += 1
             continue
-        fields: dict[str, float | str] = {}
-        for part in line[m.end() :].rstrip().split(", "):
-            name, colon, value = part.partition(": ")
-            if not colon or not name.strip():
-                unread += 1
-                continue
-            fields[RENAMED.get(name.strip(), name.strip())] = value.strip()
-        add_entry(entries, int(m.group(1)), fields)
-    if not entries:
-        raise LogReadError(f"{path}: no 'completed step: N, name: value, ...' line (MaxText)")
-    log = records_from_objects(path, entries, fmt=FORMAT)
-    if unread:
-        log.notes.append(f"{unread} fields of step lines that are not 'name: value' left out")
-    if other_lines:
-        log.notes.append(f"{other_lines} lines that are not step lines left out")
-    return log
+        fields[RENAMED.get(name.strip(), name.strip())] = value.strip()
+    return fields, unread

@@ -22,9 +22,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
-from keel.doctor._text import read_lines
-from keel.doctor.jsonl_log import add_entry, records_from_objects
-from keel.doctor.log import LogReadError, RawLog
+from keel.doctor._line_records import read_line_records
+from keel.doctor.log import RawLog
 
 FORMAT = "verl"
 _STEP = re.compile(r"(?:^|(?<=[\s)\]>]))step:(\d{1,18}) - ")
@@ -53,25 +52,14 @@ def read_verl_log(path: str | Path) -> RawLog:
         >>> list(read_verl_log(p).records)
         [(1, {'actor/pg_loss': -0.01, 'actor/lr': 1e-06})]
     """
-    path = Path(path)
-    entries: list[dict[str, float | str]] = []
-    other_lines = unread = 0
-    for line in read_lines(path).lines:  # terminal colours left out
-        m = _STEP.search(line)
-        if m is None:
-            other_lines += bool(line.strip())
-            continue
-        fields, left_out = _fields(line[m.end() :])
-        unread += left_out
-        add_entry(entries, int(m.group(1)), fields)
-    if not entries:
-        raise LogReadError(f"{path}: no 'step:N - name:value - ...' line (verl's console logger)")
-    log = records_from_objects(path, entries, fmt=FORMAT)
-    if unread:
-        log.notes.append(f"{unread} fields of step lines that are not 'name:value' left out")
-    if other_lines:
-        log.notes.append(f"{other_lines} lines that are not step lines left out")
-    return log
+    return read_line_records(
+        Path(path),
+        _STEP,
+        _fields,
+        fmt=FORMAT,
+        line="'step:N - name:value - ...' line (verl's console logger)",
+        field="'name:value'",
+    )
 
 
 def _fields(text: str) -> tuple[dict[str, float | str], int]:
