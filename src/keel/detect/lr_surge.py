@@ -27,9 +27,11 @@ A loop that means to raise its learning rate that far gets ``KEPT_AFTER`` (3) up
 finding; when the step after them still has the raised learning rate, it is taken as the loop's own choice — a
 ``warning``, and the new reference — so a deliberate raise costs three updates, never a run of skips, while a surge
 that lasts two updates (a schedule bug: an HF Trainer run whose LR was ×265 for updates 12 and 13 had its loss go
-3.7 → 16 when the second was applied) is skipped whole. (A scheduler that made the surge and that keel does
-not step after a skipped update keeps its learning rate, so it too is taken at the next step: the loss and
-gradient detectors judge that update.) Only consecutive steps are judged: on a log read every ``n`` steps
+3.7 → 16 when the second was applied) is skipped whole. A scheduler keel steps (`Guard(scheduler=...)`, the HF and
+Lightning callbacks) or whose call `keel.watch` withholds after a skipped update is stepped after a skip for a surge
+all the same (`skipped_for_a_surge`): the schedule's next value replaces a surge it made, one skipped update —
+withheld, the surged value stayed, was refused three times and then taken (torchtune's LambdaLR at ×100 for one
+step: the bare run's damage, three updates late). Only consecutive steps are judged: on a log read every ``n`` steps
 (`keel doctor`), the learning rates in between are unknown and a warm-up can rise far between two logged ones.
 
 Limits: an update blow-up that the learning rate does not show (an optimizer state gone bad, an update rule that
@@ -43,6 +45,7 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 from keel._core import keys
+from keel._core.decision import Decision
 from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel._core.validate import check_types, config_from
@@ -181,3 +184,12 @@ class LrSurgeDetector:
         self._taken = {str(k): int(v) for k, v in state["taken"].items()}
         self._refused = {str(k): int(v) for k, v in state["refused"].items()}  # (before KEPT_AFTER: 1 per key)
         self._last_step = None if state["last_step"] is None else int(state["last_step"])
+
+
+def skipped_for_a_surge(decision: Decision) -> bool:
+    """Whether ``decision`` skipped its update for an LR surge: the scheduler is stepped after it all the same (keel's
+    own, the loop's under `keel.watch`), so that a surge the schedule made is replaced by its next value; the
+    schedule is then one step ahead of the updates applied."""
+    return decision.action == "skip" and any(
+        f.kind == "lr_surge" and f.severity == "critical" for f in decision.findings
+    )

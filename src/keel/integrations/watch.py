@@ -69,6 +69,7 @@ from keel._core.decision import Decision
 from keel._core.errors import KeelWarning, TrainingAborted
 from keel.detect import DivergenceDetector, SpikeDetector, default_detectors
 from keel.detect.detector import Detector
+from keel.detect.lr_surge import skipped_for_a_surge
 from keel.guard import Guard, Optimizers, Schedulers
 from keel.integrations._backward_owner import OWNERS, Backward
 from keel.integrations._handoff import Handoff
@@ -397,7 +398,7 @@ class Watch:
             raise
         finally:
             decisions = self.guard.decisions
-            not_applied = sum(not d.stepped and not _skipped_for_the_lr(d) for d in decisions[self._decided :])
+            not_applied = sum(not d.stepped and not skipped_for_a_surge(d) for d in decisions[self._decided :])
             for loop_scheduler in self._schedulers:
                 loop_scheduler.after_update(not_applied)
             if self._suspects:
@@ -521,18 +522,6 @@ def _of_parameters_alone(value: Tensor, most: int = 3) -> bool:
             return False
         pending.extend(known)
     return True
-
-
-def _skipped_for_the_lr(decision: Decision) -> bool:
-    """A skip for an LR surge (`keel.detect.lr_surge`): the loop's scheduler call after it goes through, not withheld.
-    The surge is the schedule's value at that step (a warm-up formula with a bad factor) or a write the schedule
-    overwrites at its next call; withheld, the call left the surged LR in place, so it was refused three times and
-    then taken as the loop's own and applied (torchtune's LambdaLR at x100 for one step: the bare run's damage, three
-    updates late, and an abort after 11 skips in a row). Let through, the schedule's next value replaces it: one
-    skipped update, and the schedule is one step ahead of the updates applied."""
-    return decision.action == "skip" and any(
-        f.kind == "lr_surge" and f.severity == "critical" for f in decision.findings
-    )
 
 
 def _count_factor(loss: Tensor) -> Tensor | None:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from keel._core.decision import Decision
+from keel.detect.lr_surge import skipped_for_a_surge
 from keel.recover.gate import step_gated
 from keel.recover.recovery import Recovery, RecoveryExhausted
 from keel.recover.state import TrainingState
@@ -60,8 +61,11 @@ class Actuator:
         if decision.stepped or decision.by == "scaler":  # on overflow the scaler skips the update itself
             self._step(decision.step, decision.stepped, grad_norm)
             self.step_scheduler(decision.stepped)
-        elif self.scaler is not None:
-            self.scaler.update()  # required before the next unscale_()
+        else:
+            if self.scaler is not None:
+                self.scaler.update()  # required before the next unscale_()
+            if skipped_for_a_surge(decision):  # the schedule's next value replaces a surge it made
+                self.step_scheduler(True)
         return decision
 
     def step_scheduler(self, stepped: bool) -> None:
