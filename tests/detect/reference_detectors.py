@@ -249,7 +249,9 @@ class ReferenceSpike:
             severity = "info"
         else:
             return []
-        return [self._finding(step, severity, x, baseline, evidence, *_explain(cfg, severity, ratio, run, seen))]
+        signed = (x, baseline) if baseline <= 0 or x <= 0 else None  # said as values: no ratio of either sign
+        cause, advice = _explain(cfg, severity, ratio, run, seen, signed)
+        return [self._finding(step, severity, x, baseline, evidence, cause, advice)]
 
     def _finding(self, step, severity, x, baseline, evidence, cause, advice):
         return Finding(

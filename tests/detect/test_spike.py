@@ -339,3 +339,14 @@ def test_the_descent_screen_answers_a_few_quiet_values_after_a_full_window(m):
         window, np.log(np.full(m, 1e-3)), recent=8, threshold=6.0, min_excess=0.1, scale_floor=0.01
     )
     assert quiet.tolist() == [False] * m
+
+
+def test_a_spike_of_a_loss_near_zero_of_either_sign_is_said_in_values_not_a_ratio():
+    # verl's pg_loss, TRL GRPO's loss: "jumped to -101x its recent median" said nothing (helper Y's L1)
+    rng = np.random.default_rng(0)
+    values = list(0.01 * rng.standard_normal(80) - 0.015)
+    values[60] = 1.5
+    det = SpikeDetector(signal="loss")
+    found = [f for s, v in enumerate(values) for f in det.update(Observation(step=s, values={"loss": v}))]
+    assert [f.step for f in found] == [60] and found[0].severity == "critical"
+    assert "×" not in found[0].cause and "1.5 (its recent median: -0.01" in found[0].cause

@@ -602,7 +602,9 @@ class SpikeDetector:
         else:
             return []
         seen = len(self._accepted) if warm_up else 0
-        return [self._finding(step, severity, x, baseline, evidence, *_explain(cfg, severity, ratio, run, seen))]
+        signed = None if baseline > 0 and x > 0 else (x, baseline)  # a ratio says nothing of a loss of either sign
+        explained = _explain(cfg, severity, ratio, run, seen, signed)
+        return [self._finding(step, severity, x, baseline, evidence, *explained)]
 
     def _sustained(self, median: float) -> float:
         """The relative excess over ``median`` (the baseline, which no spike step moves) of the median of the
@@ -710,13 +712,23 @@ def _explain_shift(
     return cause, advice
 
 
-def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int, seen: int = 0) -> tuple[str, str]:
-    """Cause and advice for a spike finding (``seen``: the values before it, in the first steps; 0 after them)."""
+def _explain(
+    cfg: SpikeConfig,
+    severity: Severity,
+    ratio: float,
+    run: int,
+    seen: int = 0,
+    signed: tuple[float, float] | None = None,
+) -> tuple[str, str]:
+    """Cause and advice for a spike finding (``seen``: the values before it, in the first steps; 0 after them;
+    ``signed``: the value and its baseline where one is not positive — a policy-gradient loss near 0 of either sign —,
+    said as values: "-101× its recent median" said nothing (helper Y's L1, verl's pg_loss))."""
     what = "loss" if cfg.signal == keys.LOSS else cfg.signal
     against = f"the median of its first {seen} values" if seen else "its recent median"
+    size = f"{ratio:.3g}× {against}" if signed is None else f"{signed[0]:.4g} ({against}: {signed[1]:.4g})"
     if severity == "critical":
         cause = (
-            f"The {what} jumped to {ratio:.3g}× {against} in one step: the update computed from "
+            f"The {what} jumped to {size} in one step: the update computed from "
             "this batch is likely harmful (a corrupt or extreme batch, or the optimizer overshooting)."
         )
         if seen:
@@ -727,8 +739,9 @@ def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int, seen:
             "2025) and lower the learning rate."
         )
     elif severity == "warning":
+        stayed = f"at {size}" if signed else f"{ratio:.3g}× above {against}"
         cause = (
-            f"The {what} has stayed {ratio:.3g}× above {against} for {run} steps: the model, not "
+            f"The {what} has stayed {stayed} for {run} steps: the model, not "
             "one batch, changed — or the data did (a corpus read in order, a new data source or task)."
         )
         advice = (
@@ -738,7 +751,7 @@ def _explain(cfg: SpikeConfig, severity: Severity, ratio: float, run: int, seen:
             "data being read (unshuffled data), this is the data: nothing to change."
         )
     else:
-        cause = f"One step's {what} was {ratio:.3g}× {against}: most likely an outlier batch."
+        cause = f"One step's {what} was {size}: most likely an outlier batch."
         advice = (
             "Nothing for an isolated outlier. If they recur, inspect the batches at these steps "
             "(Chowdhery et al. 2022 found spikes tied to specific batches)."
