@@ -60,12 +60,10 @@ class Actuator:
             return self._rollback(decision, rollbacks_in_window)
         if decision.stepped or decision.by == "scaler":  # on overflow the scaler skips the update itself
             self._step(decision.step, decision.stepped, grad_norm)
-            self.step_scheduler(decision.stepped)
-        else:
-            if self.scaler is not None:
-                self.scaler.update()  # required before the next unscale_()
-            if skipped_for_a_surge(decision):  # the schedule's next value replaces a surge it made
-                self.step_scheduler(True)
+        elif self.scaler is not None:
+            self.scaler.update()  # required before the next unscale_()
+        # after a skip for an LR surge too: the schedule's next value replaces a surge it made
+        self.step_scheduler(decision.stepped or skipped_for_a_surge(decision))
         return decision
 
     def step_scheduler(self, stepped: bool) -> None:
