@@ -298,37 +298,36 @@ class _DivergesAt23:
         pass
 
 
+def _diverging_at_23(tmp_path, config, *, resume, stop, batch_ids=False):
+    """TinyNet under recover with `_DivergesAt23`, in ``tmp_path``, to step ``stop`` (from the resumed step when
+    ``resume``), each disk snapshot waited for; batch ``s`` holds the ids ``100 s … 100 s + 3`` when ``batch_ids``.
+    Returns the memory ring's steps when the Guard was built, and the decisions by step."""
+    torch.manual_seed(0)
+    model = TinyNet()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    guard = Guard(
+        model, opt, run_dir=str(tmp_path), policy="recover", resume=resume, detectors=[_DivergesAt23()], recovery=config
+    )
+    ring = [snap.step for snap in guard.recovery.ring.snapshots]
+    decisions = {}
+    for step, (x, y) in list(enumerate(make_batches(30)))[guard.global_step : stop]:
+        loss = F.mse_loss(model(x), y)
+        loss.backward()
+        ids = range(100 * step, 100 * step + 4) if batch_ids else None
+        decisions[step] = guard.step(loss, batch_ids=ids)
+        opt.zero_grad(set_to_none=True)
+        guard.recovery.disk.wait()
+    guard.close()
+    return ring, decisions
+
+
 @pytest.mark.parametrize("keep_on_disk", [3, None], ids=["keep_on_disk=3", "default"])
 def test_a_resumed_ring_holds_the_runs_older_disk_snapshots_too(tmp_path, keep_on_disk):
     # default (None): enough disk snapshots to fill the memory ring (4 at disk_every=1); it kept 2 — the snapshots
     # of 15 and 20 —, so a preemptible job killed inside the trouble's window aborted at 23 on every restart (h28 R1)
-    def train(resume, stop):
-        torch.manual_seed(0)
-        model = TinyNet()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        config = RecoveryConfig(snapshot_every=5, quiet_steps=1, disk_every=1, keep_on_disk=keep_on_disk)
-        guard = Guard(
-            model,
-            opt,
-            run_dir=str(tmp_path),
-            policy="recover",
-            resume=resume,
-            detectors=[_DivergesAt23()],
-            recovery=config,
-        )
-        ring = [snap.step for snap in guard.recovery.ring.snapshots]
-        decisions = {}
-        for step, (x, y) in list(enumerate(make_batches(30)))[guard.global_step : stop]:
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            decisions[step] = guard.step(loss)
-            opt.zero_grad(set_to_none=True)
-            guard.recovery.disk.wait()
-        guard.close()
-        return ring, decisions
-
-    train(False, 21)  # stopped after step 20: its disk holds the snapshots of 10, 15 and 20 (and 5 by default)
-    ring, decisions = train(True, 26)
+    config = RecoveryConfig(snapshot_every=5, quiet_steps=1, disk_every=1, keep_on_disk=keep_on_disk)
+    _diverging_at_23(tmp_path, config, resume=False, stop=21)  # its disk: the snapshots of 10, 15, 20 (and 5)
+    ring, decisions = _diverging_at_23(tmp_path, config, resume=True, stop=26)
     assert ring == ([10, 15, 20] if keep_on_disk == 3 else [5, 10, 15, 20])  # [20] alone aborted at 23 (V1)
     assert decisions[23].action == "rollback" and decisions[23].restored_step == 10
 
@@ -383,31 +382,10 @@ def test_a_rollback_after_a_resume_lists_the_ids_of_the_steps_before_the_resume(
     # resumed at 20, the rollback at 23 goes back to the snapshot of 10: the skip list's window entry names every id
     # of steps 10-23, as the uninterrupted run's; it named those of 20-23 only, the earlier ones being in the memory of
     # the killed process alone (h28 R6)
-    def train(resume, stop):
-        torch.manual_seed(0)
-        model = TinyNet()
-        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
-        config = RecoveryConfig(snapshot_every=5, quiet_steps=1, disk_every=1)
-        guard = Guard(
-            model,
-            opt,
-            run_dir=str(tmp_path),
-            policy="recover",
-            resume=resume,
-            detectors=[_DivergesAt23()],
-            recovery=config,
-        )
-        for step, (x, y) in list(enumerate(make_batches(30)))[guard.global_step : stop]:
-            loss = F.mse_loss(model(x), y)
-            loss.backward()
-            decision = guard.step(loss, batch_ids=range(100 * step, 100 * step + 4))
-            opt.zero_grad(set_to_none=True)
-            guard.recovery.disk.wait()
-        guard.close()
-        return decision
-
-    train(False, 21)
-    assert train(True, 24).restored_step == 10
+    config = RecoveryConfig(snapshot_every=5, quiet_steps=1, disk_every=1)
+    _diverging_at_23(tmp_path, config, resume=False, stop=21, batch_ids=True)
+    _, decisions = _diverging_at_23(tmp_path, config, resume=True, stop=24, batch_ids=True)
+    assert decisions[23].restored_step == 10
     window = SkipList(tmp_path).ids()
     assert window == {100 * s + i for s in range(10, 24) for i in range(4)}
 
