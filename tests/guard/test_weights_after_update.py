@@ -167,6 +167,28 @@ def test_the_snapshot_of_the_broken_update_s_own_step_is_restored_and_a_broken_f
     assert [(d.step, d.action, d.restored_step) for d in guard.decisions] == [(0, "rollback", 0)] and all(seen_finite)
 
 
+@pytest.mark.parametrize("bad", [math.inf, -math.inf, math.nan], ids=["inf", "-inf", "nan"])
+def test_a_broken_weight_of_a_wide_layer_is_found_by_its_sum(bad):
+    """Weights large on average are read by a plain sum per tensor (`keel.signals.norms.finiteness_witness`): a -Inf,
+    which a max would miss, is found too, and only the broken tensor is named."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(256, 256), nn.Linear(256, 256))
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    opt.register_step_post_hook(lambda *_: model[1].weight.data.view(-1)[-1].fill_(bad) if len(actions) == 3 else None)
+    guard = keel.Guard(model, opt, policy="recover", recovery=keel.RecoveryConfig(snapshot_every=1))
+    actions: list[str] = []
+    for _ in range(5):
+        loss = model(torch.randn(4, 256)).square().mean()
+        loss.backward()
+        actions.append(guard.step(loss).action)
+        opt.zero_grad()
+    guard.close()
+    assert actions == ["ok", "ok", "ok", "rollback", "ok"]
+    (finding,) = [f for f in guard.decisions[0].findings if f.evidence.get("after_update")]
+    assert finding.evidence["parameters"] == ["1.weight"]
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
 def test_weights_the_loop_wrote_before_the_update_are_not_said_to_begin_after_it():
     """An Inf written into a weight by the loop between backward and ``guard.step`` (a renorm of a zero row, an adapter
     merge) is found right after the update; the rollback said 'trouble began at step N+1' at step N and blamed the

@@ -4,10 +4,11 @@ keel finds non-finite parameters at its *next* step, from that step's non-finite
 back then. Between the two, the loop runs on the broken weights, and some loops raise there before keel's next step:
 a REINFORCE rollout's ``Categorical(probs)`` refuses NaN probabilities (pytorch/examples' reinforce.py, an update that
 leaves an Inf weight: "Expected parameter probs … found invalid values"), TRL's generation its ``multinomial``, a VAE's
-BCE its NaN input. So after an applied update the trainable parameters' norms are taken in one fused
-``torch._foreach_norm`` read and brought to the host once; when one is not finite, the parameters holding NaN/Inf
-are named (``torch.isfinite`` on each, on that rare step only: a finite parameter whose float32 norm overflows is not
-one of them) and `Guard.step` rolls back inside the same call, so the loop's next forward sees the restored weights.
+BCE its NaN input. So after an applied update the trainable parameters are read once into one value that is not
+finite when any of them holds NaN/Inf (`keel.signals.norms.finiteness_witness`), brought to the host once; when it is
+not finite, the parameters holding NaN/Inf are named (``torch.isfinite`` on each, on that rare step only: finite
+parameters whose float32 sum overflowed are not among them) and `Guard.step` rolls back inside the same call, so the
+loop's next forward sees the restored weights.
 
 Cost: one read of the parameters per update (a fraction of what the optimizer's own step reads and writes) and one
 device→host copy; under ``torch.distributed`` one all-reduce of a flag, so every rank rolls back together.
@@ -24,7 +25,7 @@ from torch import Tensor
 from keel._core import keys
 from keel._core.finding import Finding
 from keel.guard.distributed import RankSync
-from keel.signals.norms import per_tensor_norms
+from keel.signals.norms import finiteness_witness
 
 MAX_NAMED = 20  # parameters named in the finding; ``count`` covers the rest (the non-finite detector's limit)
 
@@ -37,9 +38,9 @@ def non_finite_parameters(names: Sequence[str], params: Sequence[Tensor], ranks:
     """
     if not params:
         return []
-    with torch.no_grad():  # norms >= 0: their sum is finite iff each is (NaN or Inf in any makes it NaN or Inf)
-        norms_finite = math.isfinite(per_tensor_norms(params).sum().item())
-        broken = [] if norms_finite else [n for n, p in zip(names, params, strict=True) if not _finite(p)]
+    with torch.no_grad():  # a finite total: every element is; a non-finite one is checked parameter by parameter
+        all_finite = math.isfinite(finiteness_witness(params).item())
+        broken = [] if all_finite else [n for n, p in zip(names, params, strict=True) if not _finite(p)]
     if ranks is not None and ranks.all_max([float(bool(broken))])[0] > 0 and not broken:
         return ["another rank's parameters"]
     return broken
