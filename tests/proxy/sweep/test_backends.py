@@ -6,13 +6,16 @@ import re
 import signal
 import socket
 import sys
+import warnings
 
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from keel._core.errors import KeelWarning
 from keel.cli import main
 from keel.proxy.sweep import LocalBackend, RayBackend, create_backend, expand_grid, run_sweep
+from keel.proxy.sweep.backends.local import available_cores
 from keel.proxy.sweep.grid import RunSpec
 from keel.proxy.sweep.worker import RunResult
 from tests.proxy.sweep.conftest import RESULT_KEYS as KEYS
@@ -141,14 +144,39 @@ def test_ray_backend_ships_each_run_as_one_task_with_the_local_metrics(tmp_path,
 
 
 def test_create_backend_by_name():
-    local = create_backend("local", workers=3)
-    assert isinstance(local, LocalBackend) and local.workers == 3
+    local = create_backend("local", workers=available_cores())
+    assert isinstance(local, LocalBackend) and local.workers == available_cores()
     ray_backend = create_backend("ray", address="auto", workers=4)
     assert isinstance(ray_backend, RayBackend) and (ray_backend.address, ray_backend.num_cpus) == ("auto", 4)
     with pytest.raises(ValueError, match="unknown sweep backend 'dask'; allowed: local, ray"):
         create_backend("dask")
     with pytest.raises(ValueError, match="workers=0; allowed: an int >= 1"):
         LocalBackend(workers=0)
+
+
+def test_more_local_workers_than_cores_is_said_once_and_allowed():
+    cores = available_cores()
+    with pytest.warns(KeelWarning, match=rf"workers={cores + 1} is more than the {cores} cores .* allowed without"):
+        assert LocalBackend(workers=cores + 1).workers == cores + 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert LocalBackend(workers=cores).workers == LocalBackend().workers == cores
+
+
+@pytest.mark.slow  # two spawned workers import torch (~10 s)
+def test_the_local_pool_marks_no_more_runs_running_than_it_has_workers(tmp_path, tiny_sweep):
+    # with one run queued per worker beyond the running ones, 4 of 6 runs read "running" while 2 ran (closing16)
+    specs = expand_grid(tiny_sweep(lrs=[1e-3, 3e-3, 1e-2], seeds=[0, 1]))
+    tasks = [(spec, str(tmp_path / str(i))) for i, spec in enumerate(specs)]
+    started, in_flight = [], []
+    backend = LocalBackend(workers=2)
+    results = backend.run(tasks, lambda spec: (started.append(spec.run_id), in_flight.append(len(started) - done)))
+    done = 0
+    for result in results:
+        assert result.status == "done"
+        done += 1
+    assert sorted(started) == sorted(s.run_id for s in specs) and done == len(specs)
+    assert max(in_flight) == 2  # never a third "running" run while two ran
 
 
 @pytest.mark.parametrize("cpus, num_cpus, most", [(2, None, 2), (3, None, 3), (0, None, 1), (8, 2, 2)])

@@ -26,11 +26,13 @@ import os
 import sys
 import threading
 import time
+import warnings
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
+from keel._core.errors import KeelWarning
 from keel.proxy.sweep.backends.base import Task, crashed
 from keel.proxy.sweep.grid import RunSpec
 from keel.proxy.sweep.recipes import RECIPE_FILES, load_recipe_file
@@ -54,6 +56,10 @@ class LocalBackend:
 
     Raises:
         ValueError: ``workers`` < 1.
+
+    Warns:
+        KeelWarning: ``workers`` above the cores this process may use (the runs then share them: each is slower,
+            its numbers the same).
     """
 
     name = "local"
@@ -63,7 +69,16 @@ class LocalBackend:
             raise ValueError(f"workers={workers!r}; allowed: an int >= 1 or None (every core)")
         if not isinstance(threads_per_run, int) or threads_per_run < 1:
             raise ValueError(f"threads_per_run={threads_per_run!r}; allowed: an int >= 1")
-        self.workers = workers or available_cores()
+        cores = available_cores()
+        if workers is not None and workers > cores:
+            warnings.warn(
+                f"workers={workers} is more than the {cores} cores this process may use: the runs share them, each "
+                "slower (their numbers are the same: one thread per run); allowed without this note: up to "
+                f"{cores}",
+                KeelWarning,
+                stacklevel=2,
+            )
+        self.workers = workers or cores
         self.threads = threads_per_run
 
     def run(self, tasks: list[Task], on_start: Callable[[RunSpec], None]) -> Iterator[RunResult]:
@@ -96,10 +111,11 @@ class LocalBackend:
         ):
             pending: dict[Future[RunResult], Task] = {}
             try:
-                # At most one task queued per worker beyond the running ones, so "running" in the store means
-                # dispatched now, not waiting behind the whole grid.
+                # No more tasks handed to the pool than it has workers, so a run marked "running" in the store is
+                # running (one queued per worker beyond them showed twice the runs running; a worker that ends a
+                # run waits only for this loop to hand it the next: milliseconds, against a run's seconds)
                 while queue or pending:
-                    while queue and len(pending) < 2 * workers:
+                    while queue and len(pending) < workers:
                         task = queue.pop(0)
                         on_start(task[0])
                         pending[pool.submit(run_one, *task, threads=self.threads)] = task
