@@ -46,6 +46,9 @@ those whose model it reached (`keel.integrations._backward_owner`), so a NaN in 
 A GAN's losses rise and fall by design: give both watches ``detectors=adversarial_detectors()`` (no loss spike or
 divergence detector; on the dcgan shape the defaults rolled a clean run's generator back); keel warns once otherwise.
 An AMP GAN's one GradScaler is given to both watches: the first steps and updates it, the other unscales its losses.
+A Lightning Fabric loop (``model, opt = fabric.setup(model, opt)``, ``fabric.backward(loss)``, ``opt.step()``) takes
+``keel.watch(model, opt)`` on what ``fabric.setup`` returned: keel hooks the optimizer Fabric wraps, where the update
+arrives with the gradients unscaled under ``16-mixed``, and takes Fabric's GradScaler (`fabric_wrapped`).
 """
 
 from __future__ import annotations
@@ -103,8 +106,9 @@ class Watch:
                 "opt = torch.optim.SGD(model.parameters(), lr=lr): call opt.step() there, and write a new LR into "
                 "opt.param_groups"
             )
-        self._parts = _as_tuple(optimizer, "optimizer")
-        scaler = grad_scaler_of(scaler)
+        given = _as_tuple(optimizer, "optimizer")
+        self._parts = tuple(fabric_wrapped(part) for part in given)
+        scaler = grad_scaler_of(scaler if scaler is not None else fabric_scaler_of(given))
         schedulers = _as_tuple(scheduler, "scheduler")
         if len(self._parts) > 1 and scaler is not None:
             raise ValueError(
@@ -607,7 +611,8 @@ def watch(
             at the last of their ``step()`` calls, and steps, skips or restores them all (`keel.Optimizers`);
             the loop steps every one of them at each update, after one backward (a backward between their calls
             is refused with a ValueError before it runs, and the watch closed; a GAN's loop takes one watch per
-            model and optimizer).
+            model and optimizer). The optimizer Lightning Fabric's ``fabric.setup`` returned is taken as the one it
+            wraps (`fabric_wrapped`), and its ``16-mixed`` GradScaler as ``scaler`` unless one is given.
         scheduler: The loop's LR scheduler (or a list, one per optimizer), if it has one: snapshots hold its
             state; the loop keeps stepping it (per update, per epoch or with a metric), and its call after an
             update keel skipped is withheld.
@@ -717,6 +722,34 @@ def grad_scaler_of(scaler: Any) -> Any:
     if not isinstance(scaler, torch.amp.GradScaler) and isinstance(inner, torch.amp.GradScaler):
         return inner
     return scaler
+
+
+def fabric_wrapped(optimizer: Any) -> Any:
+    """The optimizer a Lightning Fabric optimizer wraps (``model, opt = fabric.setup(model, opt)``), else ``optimizer``.
+
+    Fabric's ``opt.step()`` goes through its precision plugin, which under ``16-mixed`` runs its GradScaler's ``step``
+    (unscale, inf check, the inner optimizer's ``step()``) and ``update``. keel hooks the wrapped optimizer's
+    ``step()``, where the loop's update arrives with the gradients unscaled (hooked on Fabric's, keel judged the
+    scaled gradients, x the loss scale, and, given the scaler, stepped it around Fabric's own step and update:
+    "No inf checks were recorded prior to update"). Not under DeepSpeed, whose engine makes the update."""
+    if not any(cls.__name__ == "_FabricOptimizer" for cls in type(optimizer).__mro__):
+        return optimizer
+    strategy = getattr(optimizer, "_strategy", None)
+    inner = getattr(optimizer, "optimizer", None)
+    deepspeed = hasattr(strategy, "model")  # as Fabric's own step() tells DeepSpeed's strategy apart
+    return inner if isinstance(inner, torch.optim.Optimizer) and not deepspeed else optimizer
+
+
+def fabric_scaler_of(optimizers: Sequence[Any]) -> torch.amp.GradScaler | None:
+    """The GradScaler of the Fabric precision plugin that steps ``optimizers`` (``16-mixed`` on a GPU), if any: the
+    scale of the losses ``fabric.backward`` differentiates, and the scaler whose step and update the loop's
+    ``opt.step()`` runs. None for other optimizers and precisions."""
+    for optimizer in optimizers:
+        if fabric_wrapped(optimizer) is not optimizer:
+            scaler = getattr(getattr(optimizer._strategy, "precision", None), "scaler", None)
+            if isinstance(scaler, torch.amp.GradScaler):
+                return scaler
+    return None
 
 
 def output_loss(output: Any) -> Tensor | None:
