@@ -132,7 +132,7 @@ class Watch:
         self._schedulers = [LoopScheduler(observe=self.guard.policy == "observe") for _ in schedulers]
         self._decided = 0  # the guard's decisions already counted for the schedulers
         self._watched = {id(p) for p in model.parameters()}
-        self._model_shapes = [p.shape for p in model.parameters()]  # to know a copy of it (`_non_finite_copies`)
+        self._copy_shapes = _copy_shapes(model)  # to know a copy of it (`_non_finite_copies`)
         # NaN copies of the model found at a rollback, with their parameters' versions then: named at the next update
         # if the loop has written them since (`_name_an_updated_suspect`)
         self._suspects: list[tuple[weakref.ref[nn.Module], int, int]] = []
@@ -419,17 +419,20 @@ class Watch:
         restored by now). A finite copy — a frozen reference model, an EMA the damage did not reach — is not named: it
         may be meant to stay."""
         step = self.guard.decisions[-1].step
-        copies = _non_finite_copies(self._model_shapes, self._watched)
+        copies = _non_finite_copies(self._copy_shapes, self._watched)
         self._suspects = [(weakref.ref(copy), _version_of(copy), step) for copy in copies]
 
     def _name_an_updated_suspect(self) -> None:
         """At the update after a rollback: name the first NaN copy the loop has written since (the version counters
-        of its parameters moved: an EMA the loop updates), not one that lies untouched (a model or EMA of an earlier
-        run in the same process, still referenced)."""
+        of its parameters moved: an EMA the loop updates) or, when this update's loss is non-finite with the restored
+        weights, that the loop computes its loss with (a target network, which CleanRL's loops write through
+        ``.data``: no version counter moves); not one that lies untouched (a model or EMA of an earlier run in the
+        same process, still referenced)."""
         suspects, self._suspects = self._suspects, []
+        used = _loss_not_finite(self.guard.decisions[-1])
         for ref, version, step in suspects:
             copy = ref()
-            if copy is not None and _version_of(copy) != version:
+            if copy is not None and (used or _version_of(copy) != version):
                 self._warn("unrestored copy", UNRESTORED_COPY.format(name=type(copy).__name__, step=step))
                 return
 
@@ -552,11 +555,26 @@ def _version_of(module: nn.Module) -> int:
     return sum(p._version for p in module.parameters())
 
 
-def _non_finite_copies(shapes: list[torch.Size], watched: set[int]) -> list[nn.Module]:
-    """The live modules with the watched model's parameter shapes, in order, none of them the model's own tensors, that
-    hold a NaN/Inf: copies of the model's weights gone bad — an EMA the loop keeps (DiT's ``deepcopy(model)``, timm's
-    ``ModelEmaV3``, ``AveragedModel``), or a model of an earlier run in the same process; `_name_an_updated_suspect`
-    tells them apart at the next update. One no longer referenced is collected first. A walk over the objects the
+def _copy_shapes(model: nn.Module) -> list[list[torch.Size]]:
+    """The parameter shapes, in order, of the modules whose copies the loop may keep: the model, and each member of a
+    model that is a list or dict of networks (SAC's two critics, one optimizer, watched as ``nn.ModuleList([qf1,
+    qf2])``, each with a target network of its own)."""
+    parts = list(model.children()) if isinstance(model, nn.ModuleList | nn.ModuleDict) else []
+    shapes = [[p.shape for p in module.parameters()] for module in (model, *parts)]
+    return [s for i, s in enumerate(shapes) if s and s not in shapes[:i]]
+
+
+def _loss_not_finite(decision: Decision) -> bool:
+    """Whether ``decision`` found the step's loss NaN/Inf."""
+    return any(f.kind == "non_finite" and f.signal == keys.LOSS for f in decision.findings)
+
+
+def _non_finite_copies(shapes: list[list[torch.Size]], watched: set[int]) -> list[nn.Module]:
+    """The live modules with the parameter shapes of the watched model or of a member of it (`_copy_shapes`), in
+    order, none of them the model's own tensors, that hold a NaN/Inf: copies of the model's weights gone bad — an EMA
+    the loop keeps (DiT's ``deepcopy(model)``, timm's ``ModelEmaV3``, ``AveragedModel``), a target network (DQN's,
+    SAC's, TD3's), or a model of an earlier run in the same process; `_name_an_updated_suspect` tells them apart at
+    the next update. One no longer referenced is collected first. A walk over the objects the
     garbage collector tracks: made once, at a rollback, never on a step."""
     gc.collect()
     copies = []
@@ -564,9 +582,9 @@ def _non_finite_copies(shapes: list[torch.Size], watched: set[int]) -> list[nn.M
         if not issubclass(type(obj), nn.Module):  # not isinstance: it reads __class__, which some objects warn on
             continue
         params = list(obj.parameters())
-        if len(params) != len(shapes) or any(id(p) in watched or is_lazy(p) for p in params):
+        if not any(len(params) == len(s) for s in shapes) or any(id(p) in watched or is_lazy(p) for p in params):
             continue
-        if [p.shape for p in params] != shapes:
+        if [p.shape for p in params] not in shapes:
             continue
         if not all(bool(torch.isfinite(p).all()) for p in params):
             copies.append(obj)
@@ -688,9 +706,11 @@ BACKWARD_BETWEEN = (
 
 UNRESTORED_COPY = (
     "keel.watch: the rollback at step {step} restored the model, but a copy of its weights the loop keeps (a {name} "
-    "with the model's parameter shapes: a model EMA, as DiT's ema = deepcopy(model)) holds NaN/Inf and keel was not "
-    "given it, so it stays so: whatever the loop samples, evaluates or saves from it is lost. Register it before the "
-    "first step, guard.track(ema, name='ema'), and a rollback restores it with the model"
+    "with the model's parameter shapes: a model EMA, as DiT's ema = deepcopy(model), or a target network, as DQN's, "
+    "SAC's and TD3's) holds NaN/Inf and keel was not given it, so it stays so: whatever the loop samples, evaluates "
+    "or saves from it is lost, and TD targets computed with it are NaN. Register it before the first step, "
+    "guard.track(ema, name='ema') or guard.track(target_network, name='target'), and a rollback restores it with "
+    "the model"
 )
 
 ADVERSARIAL = (
