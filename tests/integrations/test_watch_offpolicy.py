@@ -159,3 +159,25 @@ def test_the_target_networks_of_a_critic_pair_watched_as_one_module(track: bool)
 )
 def test_the_shapes_a_copy_is_known_by(model: nn.Module, expected: list) -> None:
     assert [[tuple(s) for s in shapes] for shapes in _copy_shapes(model)] == expected
+
+
+def test_an_actor_and_its_critic_with_the_default_detectors_are_told_once_to_take_the_adversarial_ones():
+    """TD3's loop: the critic's TD loss, then the actor's loss through the critic, ``-qf1(s, actor(s)).mean()``. With
+    the defaults, clean CleanRL-shaped TD3 and SAC runs under recover were aborted (the critic's TD loss rises as
+    the values are learnt; SAC's actor loss changes sign)."""
+    torch.manual_seed(0)
+    actor, critic = nn.Sequential(nn.Linear(2, 1), nn.Tanh()), _Critic()
+    a_opt, q_opt = torch.optim.Adam(actor.parameters()), torch.optim.Adam(critic.parameters())
+    s, a, y = torch.randn(16, 2), torch.rand(16, 1), torch.rand(16)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with watch(critic, q_opt), watch(actor, a_opt):
+            for _ in range(3):
+                q_opt.zero_grad()
+                nn.functional.mse_loss(critic(s, a).view(-1), y).backward()
+                q_opt.step()
+                a_opt.zero_grad()
+                (-critic(s, actor(s)).mean()).backward()
+                a_opt.step()
+    told = [str(w.message) for w in caught if issubclass(w.category, KeelWarning) and "adversarial" in str(w.message)]
+    assert len(told) == 1 and "actor and its critic" in told[0] and "adversarial_detectors()" in told[0]

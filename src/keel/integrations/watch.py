@@ -715,9 +715,11 @@ UNRESTORED_COPY = (
 
 ADVERSARIAL = (
     "keel.watch: a loss that reached the models of two watches went to one's update while the other trained on a "
-    "loss of its own: models trained against each other (a GAN). Their "
-    "losses rise and fall by design, and keel's loss spike and divergence detectors take that for instability (on "
-    "pytorch/examples' dcgan shape a clean run's generator was rolled back). Give both watches "
+    "loss of its own: models trained against each other (a GAN), or an actor and its critic (SAC, TD3, DDPG: the "
+    "actor's loss runs through the critic). Their losses rise and fall by design, and keel's loss spike and "
+    "divergence detectors take that for instability (on pytorch/examples' dcgan shape a clean run's generator was "
+    "rolled back; on CleanRL's sac_continuous_action and td3_continuous_action shapes a clean run was aborted). "
+    "Give both watches "
     "detectors=adversarial_detectors() (from keel.integrations.watch import adversarial_detectors): non-finite "
     "values and gradient spikes are still caught"
 )
