@@ -10,6 +10,7 @@ import pytest
 import torch
 from torch import nn
 
+import keel
 from keel import KeelWarning
 from keel.integrations.watch import fabric_scaler_of, fabric_wrapped, watch
 from keel.store import RunReader
@@ -124,3 +125,21 @@ def test_a_fabric_optimizer_is_taken_as_the_one_it_wraps() -> None:
     assert fabric_wrapped(opt) is inner
     assert fabric_scaler_of([opt]) is fabric._precision.scaler
     assert fabric_scaler_of([inner]) is None  # the raw optimizer names no plugin: the loop passes scaler= itself
+
+
+@pytest.mark.xfail(strict=True, reason="Guard takes Fabric's optimizer as it is: notes/h29-B-guard-fabric.patch")
+def test_guard_max_grad_norm_clips_the_unscaled_gradients_of_a_fp16_fabric_loop(tmp_path) -> None:
+    """keel.Guard (not watch) on fabric.setup's objects, the loop's ``fabric.backward(loss); guard.step(loss)``: keel
+    measured and clipped the scaled gradients (x1024), so max_grad_norm=1.0 made SGD's updates 1/1024 as large."""
+    fabric = _fabric(fp16=True)
+    torch.manual_seed(0)
+    plain = nn.Linear(4, 1)
+    model, opt = fabric.setup(plain, torch.optim.SGD(plain.parameters(), lr=0.01))
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    with keel.Guard(model, opt, policy="skip", run_dir=tmp_path / "run", max_grad_norm=10.0) as guard:
+        for _ in range(3):
+            loss = nn.functional.mse_loss(model(x), y)
+            fabric.backward(loss)
+            guard.step(loss)
+            opt.zero_grad()
+    assert RunReader(tmp_path / "run").signal("grad/norm")[1] == pytest.approx(_unscaled_norms(tmp_path)[:3], rel=1e-3)
