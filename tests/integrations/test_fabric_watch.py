@@ -143,3 +143,13 @@ def test_guard_max_grad_norm_clips_the_unscaled_gradients_of_a_fp16_fabric_loop(
             guard.step(loss)
             opt.zero_grad()
     assert RunReader(tmp_path / "run").signal("grad/norm")[1] == pytest.approx(_unscaled_norms(tmp_path)[:3], rel=1e-3)
+
+
+def test_a_watch_on_the_optimizer_before_fabric_setup_is_told_to_take_what_setup_returned(tmp_path) -> None:
+    fabric = _fabric(fp16=True)
+    plain = nn.Linear(4, 1)
+    inner = torch.optim.SGD(plain.parameters(), lr=0.01)
+    with pytest.warns(KeelWarning, match="fabric.setup returned"), watch(plain, inner, run_dir=tmp_path / "run"):
+        model, opt = fabric.setup(plain, inner)
+        fabric.backward(nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)))
+        opt.step()

@@ -671,7 +671,9 @@ _HOOKED_SCALERS: set[int] = set()  # the GradScalers an open watch steps and upd
 UNSEEN_SCALER = (
     "keel.watch: the loop steps the optimizer through a GradScaler keel was not given (scaler.step(optimizer)): the "
     "loss keel sees is the scaled one (× the scale, which doubles as the scaler grows: taken for loss spikes) and the "
-    "scaler's own overflow skips are not recorded; pass it: keel.watch(model, optimizer, scaler=scaler)"
+    "scaler's own overflow skips are not recorded; pass it: keel.watch(model, optimizer, scaler=scaler). Under "
+    "Lightning Fabric's 16-mixed, give keel.watch the model and optimizer fabric.setup returned: it takes Fabric's "
+    "scaler"
 )
 
 PASSED_THROUGH = (
