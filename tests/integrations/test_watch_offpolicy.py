@@ -181,3 +181,14 @@ def test_an_actor_and_its_critic_with_the_default_detectors_are_told_once_to_tak
                 a_opt.step()
     told = [str(w.message) for w in caught if issubclass(w.category, KeelWarning) and "adversarial" in str(w.message)]
     assert len(told) == 1 and "actor and its critic" in told[0] and "adversarial_detectors()" in told[0]
+
+
+@pytest.mark.slow  # two subprocesses of ~6 s; the tests above make the same claims in-process
+def test_the_dqn_example_runs_as_a_user_runs_it(tmp_path):
+    from tests.integrations.test_examples import run_example
+
+    out = run_example("dqn_offpolicy.py", "--steps", "2000", "--nan-weight", "1200", "--out", str(tmp_path / "a"))
+    assert "rollback" in out and "abort" not in out and "target network finite: True" in out
+    out = run_example("dqn_offpolicy.py", "--steps", "2000", "--nan-weight", "1200", "--no-track", "--out",
+                      str(tmp_path / "b"))  # fmt: skip
+    assert "aborted" in out and "target network finite: False" in out
