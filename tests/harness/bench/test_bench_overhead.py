@@ -68,6 +68,9 @@ def test_an_unknown_policy_is_one_clear_error(policies):
 def test_watch_adds_its_variant_whose_loop_stays_bare():
     assert OverheadConfig().variants().keys() == {"bare", "default", "full", "bare, second process"}
     assert OverheadConfig(watch=True).variants()["watch, policy=skip"] == {"policy": "skip", "keel.watch": True}
+    # every configuration shipped is timed: keel.watch under recover too (its snapshots and weights check)
+    watched = [k for k in OverheadConfig(watch=True, policies=("recover", "skip")).variants() if k.startswith("watch")]
+    assert watched == ["watch, policy=skip", "watch, policy=recover"]
 
 
 def test_watch_with_ddp_is_one_clear_error():

@@ -74,7 +74,8 @@ class OverheadConfig:
         full_log_every: ``log_every`` of the full-probe variant.
         policies: Also time `Guard(policy=p)` with the default probes for each of these.
         watch: Also time ``keel.watch(model, optimizer, policy="skip")`` on the loop as it is (its
-            ``optimizer.step()`` hooked, the loss taken from the backward).
+            ``optimizer.step()`` hooked, the loss taken from the backward), and ``keel.watch`` under each other
+            policy of ``policies``.
         signals: Also time `Guard` with an RL loop's ``signals=`` dict and detectors, per kind (``pref``, ``rl``:
             `keel.harness.bench.rl_signals`).
         batch_ids: Also time `Guard` with ``guard.step(loss, batch_ids=ids, batch=(x, y))`` and a `keel.Attribution`
@@ -140,7 +141,8 @@ class OverheadConfig:
         }
         variants.update({f"policy={p}": {"policy": p} for p in self.policies})
         if self.watch:
-            variants["watch, policy=skip"] = {"policy": "skip", WATCH: True}
+            for p in dict.fromkeys(("skip", *self.policies)):
+                variants[f"watch, policy={p}"] = {"policy": p, WATCH: True}
         variants.update({f"signals={kind}": {SIGNALS: kind} for kind in self.signals})
         if self.batch_ids:
             variants["batch ids, attribution"] = {BATCH_IDS: True}
@@ -441,7 +443,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="also time Guard(policy=...) with the default probes for each (observe, skip, recover)",
     )
     parser.add_argument(
-        "--watch", action="store_true", help="also time keel.watch(model, optimizer, policy='skip') on the bare loop"
+        "--watch",
+        action="store_true",
+        help="also time keel.watch(model, optimizer, policy=P) on the bare loop, for skip and each --policy",
     )
     parser.add_argument(
         "--signals",
