@@ -12,7 +12,7 @@ from torch import nn
 
 import keel
 from keel import KeelWarning
-from keel.integrations.watch import fabric_scaler_of, fabric_wrapped, watch
+from keel.integrations.watch import adversarial_detectors, fabric_scaler_of, fabric_wrapped, watch
 from keel.store import RunReader
 
 pytest.importorskip("lightning")
@@ -153,3 +153,34 @@ def test_a_watch_on_the_optimizer_before_fabric_setup_is_told_to_take_what_setup
         model, opt = fabric.setup(plain, inner)
         fabric.backward(nn.functional.mse_loss(model(torch.randn(8, 4)), torch.randn(8, 1)))
         opt.step()
+
+
+def test_a_gan_under_fabric_16_mixed_a_nan_in_g_is_not_taken_for_ds_loss(tmp_path) -> None:
+    """Two models, two optimizers, Fabric's one GradScaler (a GAN: D's backward and step, then G's). The scaler skips
+    G's update on G's NaN loss itself, so G's watch never sees it; G's loss, which ran through D too, went to D's next
+    update: keel recorded D's loss NaN there and D's applied update as the scaler's skip."""
+    fabric = _fabric(fp16=True)
+    torch.manual_seed(0)
+    g_net, d_net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2)), nn.Linear(2, 1)
+    g_net, opt_g = fabric.setup(g_net, torch.optim.Adam(g_net.parameters(), lr=1e-3))
+    d_net, opt_d = fabric.setup(d_net, torch.optim.Adam(d_net.parameters(), lr=1e-3))
+    bce = nn.BCEWithLogitsLoss()
+    kw = {"policy": "skip", "detectors": adversarial_detectors()}
+    d_moved = []
+    with watch(d_net, opt_d, run_dir=tmp_path / "d", **kw) as on_d, watch(g_net, opt_g, run_dir=tmp_path / "g", **kw):
+        for step in range(8):
+            fake = g_net(torch.randn(16, 4))
+            real = torch.randn(16, 2) + 3
+            err_d = bce(d_net(real), torch.ones(16, 1)) + bce(d_net(fake.detach()), torch.zeros(16, 1))
+            before = d_net.weight.detach().clone()
+            opt_d.zero_grad()
+            fabric.backward(err_d)
+            opt_d.step()
+            d_moved.append(not torch.equal(before, d_net.weight))
+            err_g = bce(d_net(fake), torch.ones(16, 1)) * (float("nan") if step == 5 else 1.0)
+            opt_g.zero_grad()
+            fabric.backward(err_g)
+            opt_g.step()
+    assert all(d_moved)
+    assert on_d.decisions == []  # every update of D was applied, and recorded so
+    assert all(torch.isfinite(torch.tensor(RunReader(tmp_path / "d").signal("loss")[1])))

@@ -154,6 +154,7 @@ class Watch:
         self._handoff = Handoff()
         self._hook = model.register_forward_hook(ObserverHook(self._capture_output), with_kwargs=True)
         for part in self._parts:
+            _WATCH_OF_OPTIMIZER[id(part)] = self
             self._handoff.gate(part, "step", functools.partial(self._optimizer_step, part))
             if len(self._parts) > 1:  # `for opt in optimizers: opt.step(); opt.zero_grad()`: see _held_zero_grad
                 self._handoff.gate(part, "zero_grad", functools.partial(self._held_zero_grad, part))
@@ -379,9 +380,24 @@ class Watch:
 
     def _scaler_step(self, original: Any, optimizer: Any, *args: Any, **kwargs: Any) -> Any:
         if optimizer is not self._parts[0] or args or kwargs:
-            return original(optimizer, *args, **kwargs)
+            result = original(optimizer, *args, **kwargs)
+            other = _WATCH_OF_OPTIMIZER.get(id(optimizer))
+            if other is not None and other is not self and _scaler_skipped(self._scaler, optimizer):
+                other._drop_the_losses_of_a_skipped_update()
+            return result
         self._update()
         return None
+
+    def _drop_the_losses_of_a_skipped_update(self) -> None:
+        """The shared GradScaler skipped this watch's update itself (an overflow in a GAN's G): its ``step()`` was
+        never called, so this update's losses are dropped here. Kept, a loss that ran through the other model too
+        (G's, through D) went to that model's next update: its NaN was recorded as D's loss, and D's applied update
+        as the scaler's skip. (This watch records nothing for the update the scaler skipped.)"""
+        for backward, _, _ in self._backwards:
+            backward.taken = True
+        self._backwards = []
+        self._recorded.take()
+        self._from_output.take()
 
     def _after_update(self, original: Any, *args: Any, **kwargs: Any) -> Any:
         # keel already updated the scaler after its step (or its skip, or its rollback)
@@ -461,6 +477,9 @@ class Watch:
         if not self._step_called and exc is None:
             self._check_stepped(dropped=False)
         OWNERS.close(id(self))
+        for part in self._parts:
+            if _WATCH_OF_OPTIMIZER.get(id(part)) is self:
+                del _WATCH_OF_OPTIMIZER[id(part)]
         if self._own_scaler is not None:
             _HOOKED_SCALERS.discard(id(self._own_scaler))
         self._handoff.restore()
@@ -667,6 +686,16 @@ def _as_tuple(value: Any, name: str) -> tuple[Any, ...]:
 
 
 _HOOKED_SCALERS: set[int] = set()  # the GradScalers an open watch steps and updates (one watch each)
+_WATCH_OF_OPTIMIZER: weakref.WeakValueDictionary[int, Watch] = weakref.WeakValueDictionary()  # open watches' parts
+
+
+def _scaler_skipped(scaler: Any, optimizer: Any) -> bool:
+    """Whether the GradScaler's ``step(optimizer)`` just found inf/NaN gradients and so skipped the update (read from
+    its per-optimizer flags, which its step read on the host already)."""
+    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
+    flags = state.get("found_inf_per_device") or {}
+    return any(bool(flag.item()) for flag in flags.values())
+
 
 UNSEEN_SCALER = (
     "keel.watch: the loop steps the optimizer through a GradScaler keel was not given (scaler.step(optimizer)): the "
