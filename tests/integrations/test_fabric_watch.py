@@ -12,7 +12,7 @@ from torch import nn
 
 import keel
 from keel import KeelWarning
-from keel.integrations.watch import adversarial_detectors, fabric_scaler_of, fabric_wrapped, watch
+from keel.integrations.watch import _scaler_skipped, adversarial_detectors, fabric_scaler_of, fabric_wrapped, watch
 from keel.store import RunReader
 
 pytest.importorskip("lightning")
@@ -184,3 +184,34 @@ def test_a_gan_under_fabric_16_mixed_a_nan_in_g_is_not_taken_for_ds_loss(tmp_pat
     assert all(d_moved)
     assert on_d.decisions == []  # every update of D was applied, and recorded so
     assert all(torch.isfinite(torch.tensor(RunReader(tmp_path / "d").signal("loss")[1])))
+
+
+class _StatelessScaler:
+    """A scaler that only looks like torch's: no per-optimizer states."""
+
+
+@pytest.mark.parametrize(
+    ("scaler", "skipped"),
+    [
+        (None, False),
+        (_StatelessScaler(), False),
+        (_AnswersEverything(), False),
+        ("states", False),
+        (torch.amp.GradScaler("cpu"), False),  # never stepped
+    ],
+    ids=["none", "stateless", "proxy", "str", "fresh"],
+)
+def test_a_scaler_skip_is_read_only_from_a_grad_scalers_own_flags(scaler, skipped: bool) -> None:
+    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    assert _scaler_skipped(scaler, optimizer) is skipped
+
+
+@pytest.mark.parametrize("grad", [float("nan"), float("inf"), 1.0], ids=["nan", "inf", "finite"])
+def test_a_scaler_skip_is_what_the_grad_scalers_step_found(grad: float) -> None:
+    param = nn.Parameter(torch.zeros(1))
+    optimizer, scaler = torch.optim.SGD([param], lr=0.1), torch.amp.GradScaler("cpu")
+    param.grad = torch.full((1,), grad)
+    scaler.scale(torch.ones(()))  # (the scale a step needs)
+    scaler.step(optimizer)
+    assert _scaler_skipped(scaler, optimizer) is (grad != 1.0)
+    assert torch.equal(param.detach(), torch.zeros(1)) is (grad != 1.0)

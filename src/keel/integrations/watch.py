@@ -692,9 +692,10 @@ _WATCH_OF_OPTIMIZER: weakref.WeakValueDictionary[int, Watch] = weakref.WeakValue
 def _scaler_skipped(scaler: Any, optimizer: Any) -> bool:
     """Whether the GradScaler's ``step(optimizer)`` just found inf/NaN gradients and so skipped the update (read from
     its per-optimizer flags, which its step read on the host already)."""
-    state = getattr(scaler, "_per_optimizer_states", {}).get(id(optimizer), {})
-    flags = state.get("found_inf_per_device") or {}
-    return any(bool(flag.item()) for flag in flags.values())
+    states = getattr(scaler, "_per_optimizer_states", None)
+    state = states.get(id(optimizer)) if isinstance(states, dict) else None
+    flags = state.get("found_inf_per_device") if isinstance(state, dict) else None
+    return isinstance(flags, dict) and any(isinstance(f, Tensor) and bool(f.item()) for f in flags.values())
 
 
 UNSEEN_SCALER = (
