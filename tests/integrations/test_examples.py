@@ -72,6 +72,7 @@ def test_every_example_is_one_the_docs_name():
     names = [
         "continual_eval.py",
         "data_attribution.py",
+        "dqn_offpolicy.py",
         "hf_trainer.py",
         "nanogpt_style.py",
         "plain_loop.py",
