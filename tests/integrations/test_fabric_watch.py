@@ -215,3 +215,10 @@ def test_a_scaler_skip_is_what_the_grad_scalers_step_found(grad: float) -> None:
     scaler.step(optimizer)
     assert _scaler_skipped(scaler, optimizer) is (grad != 1.0)
     assert torch.equal(param.detach(), torch.zeros(1)) is (grad != 1.0)
+
+
+def test_a_look_alike_fabric_optimizer_without_a_strategy_gives_no_scaler() -> None:
+    inner = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=0.1)
+    look_alike = type("_FabricOptimizer", (), {"optimizer": inner})()
+    assert fabric_wrapped(look_alike) is inner
+    assert fabric_scaler_of([look_alike]) is None

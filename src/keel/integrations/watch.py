@@ -800,7 +800,7 @@ def fabric_scaler_of(optimizers: Sequence[Any]) -> torch.amp.GradScaler | None:
     ``opt.step()`` runs. None for other optimizers and precisions."""
     for optimizer in optimizers:
         if fabric_wrapped(optimizer) is not optimizer:
-            scaler = getattr(getattr(optimizer._strategy, "precision", None), "scaler", None)
+            scaler = getattr(getattr(getattr(optimizer, "_strategy", None), "precision", None), "scaler", None)
             if isinstance(scaler, torch.amp.GradScaler):
                 return scaler
     return None
