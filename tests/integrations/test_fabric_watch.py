@@ -12,7 +12,8 @@ from torch import nn
 
 import keel
 from keel import KeelWarning
-from keel.integrations.watch import _scaler_skipped, adversarial_detectors, fabric_scaler_of, fabric_wrapped, watch
+from keel.guard.fabric import fabric_scaler_of, fabric_wrapped
+from keel.integrations.watch import _scaler_skipped, adversarial_detectors, watch
 from keel.store import RunReader
 
 pytest.importorskip("lightning")
@@ -127,7 +128,6 @@ def test_a_fabric_optimizer_is_taken_as_the_one_it_wraps() -> None:
     assert fabric_scaler_of([inner]) is None  # the raw optimizer names no plugin: the loop passes scaler= itself
 
 
-@pytest.mark.xfail(strict=True, reason="Guard takes Fabric's optimizer as it is: notes/h29-B-guard-fabric.patch")
 def test_guard_max_grad_norm_clips_the_unscaled_gradients_of_a_fp16_fabric_loop(tmp_path) -> None:
     """keel.Guard (not watch) on fabric.setup's objects, the loop's ``fabric.backward(loss); guard.step(loss)``: keel
     measured and clipped the scaled gradients (x1024), so max_grad_norm=1.0 made SGD's updates 1/1024 as large."""

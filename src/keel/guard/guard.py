@@ -39,6 +39,7 @@ from keel.guard.deferred import DeferredSteps
 from keel.guard.distributed import DistributedConfig, RankSync
 from keel.guard.environment import describe_environment
 from keel.guard.evaluation import EvalSpec, Evaluation, Goal
+from keel.guard.fabric import fabric_scaler_of, fabric_wrapped
 from keel.guard.host_side import compile_ready, host_side
 from keel.guard.optimizers import Optimizers
 from keel.guard.options import check_arguments, check_loss, check_probes, check_run_dir
@@ -184,6 +185,11 @@ class Guard(DeferredSteps):
         flush_on_exit: bool = True,
         steps_scheduler: bool = True,
     ) -> None:
+        # Lightning Fabric's optimizer (fabric.setup's) is taken as the one it wraps, with its 16-mixed GradScaler,
+        # which scaled the loss in fabric.backward: on the wrapper keel measured and clipped the scaled gradients
+        # (max_grad_norm=1.0 made SGD's updates 1/1024 as large)
+        scaler = scaler if scaler is not None else fabric_scaler_of([optimizer])
+        optimizer = fabric_wrapped(optimizer)
         self.named = _trainable_parameters(model, optimizer)
         self._names, self._params = tuple(n for n, _ in self.named), [p for _, p in self.named]
         check_arguments(

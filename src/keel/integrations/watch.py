@@ -48,7 +48,7 @@ divergence detector; on the dcgan shape the defaults rolled a clean run's genera
 An AMP GAN's one GradScaler is given to both watches: the first steps and updates it, the other unscales its losses.
 A Lightning Fabric loop (``model, opt = fabric.setup(model, opt)``, ``fabric.backward(loss)``, ``opt.step()``) takes
 ``keel.watch(model, opt)`` on what ``fabric.setup`` returned: keel hooks the optimizer Fabric wraps, where the update
-arrives with the gradients unscaled under ``16-mixed``, and takes Fabric's GradScaler (`fabric_wrapped`).
+arrives with the gradients unscaled under ``16-mixed``, and takes Fabric's GradScaler (`keel.guard.fabric`).
 """
 
 from __future__ import annotations
@@ -74,6 +74,7 @@ from keel.detect import DivergenceDetector, SpikeDetector, default_detectors
 from keel.detect.detector import Detector
 from keel.detect.lr_surge import skipped_for_a_surge
 from keel.guard import Guard, Optimizers, Schedulers
+from keel.guard.fabric import fabric_scaler_of, fabric_wrapped
 from keel.integrations._backward_owner import OWNERS, Backward
 from keel.integrations._handoff import Handoff
 from keel.integrations._loop_scheduler import LoopScheduler
@@ -649,7 +650,7 @@ def watch(
             the loop steps every one of them at each update, after one backward (a backward between their calls
             is refused with a ValueError before it runs, and the watch closed; a GAN's loop takes one watch per
             model and optimizer). The optimizer Lightning Fabric's ``fabric.setup`` returned is taken as the one it
-            wraps (`fabric_wrapped`), and its ``16-mixed`` GradScaler as ``scaler`` unless one is given.
+            wraps (`keel.guard.fabric`), and its ``16-mixed`` GradScaler as ``scaler`` unless one is given.
         scheduler: The loop's LR scheduler (or a list, one per optimizer), if it has one: snapshots hold its
             state; the loop keeps stepping it (per update, per epoch or with a metric), and its call after an
             update keel skipped is withheld.
@@ -776,34 +777,6 @@ def grad_scaler_of(scaler: Any) -> Any:
     if not isinstance(scaler, torch.amp.GradScaler) and isinstance(inner, torch.amp.GradScaler):
         return inner
     return scaler
-
-
-def fabric_wrapped(optimizer: Any) -> Any:
-    """The optimizer a Lightning Fabric optimizer wraps (``model, opt = fabric.setup(model, opt)``), else ``optimizer``.
-
-    Fabric's ``opt.step()`` goes through its precision plugin, which under ``16-mixed`` runs its GradScaler's ``step``
-    (unscale, inf check, the inner optimizer's ``step()``) and ``update``. keel hooks the wrapped optimizer's
-    ``step()``, where the loop's update arrives with the gradients unscaled (hooked on Fabric's, keel judged the
-    scaled gradients, x the loss scale, and, given the scaler, stepped it around Fabric's own step and update:
-    "No inf checks were recorded prior to update"). Not under DeepSpeed, whose engine makes the update."""
-    if not any(cls.__name__ == "_FabricOptimizer" for cls in type(optimizer).__mro__):
-        return optimizer
-    strategy = getattr(optimizer, "_strategy", None)
-    inner = getattr(optimizer, "optimizer", None)
-    deepspeed = hasattr(strategy, "model")  # as Fabric's own step() tells DeepSpeed's strategy apart
-    return inner if isinstance(inner, torch.optim.Optimizer) and not deepspeed else optimizer
-
-
-def fabric_scaler_of(optimizers: Sequence[Any]) -> torch.amp.GradScaler | None:
-    """The GradScaler of the Fabric precision plugin that steps ``optimizers`` (``16-mixed`` on a GPU), if any: the
-    scale of the losses ``fabric.backward`` differentiates, and the scaler whose step and update the loop's
-    ``opt.step()`` runs. None for other optimizers and precisions."""
-    for optimizer in optimizers:
-        if fabric_wrapped(optimizer) is not optimizer:
-            scaler = getattr(getattr(getattr(optimizer, "_strategy", None), "precision", None), "scaler", None)
-            if isinstance(scaler, torch.amp.GradScaler):
-                return scaler
-    return None
 
 
 def output_loss(output: Any) -> Tensor | None:
