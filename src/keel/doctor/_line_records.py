@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from keel.doctor._text import read_lines
-from keel.doctor.jsonl_log import add_entry, records_from_objects
+from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog
 
 Fields = Callable[[str], tuple[dict[str, float | str], int]]  # a line's rest -> (its fields, parts not a field)
@@ -31,7 +31,7 @@ def read_line_records(path: Path, step: re.Pattern[str], fields: Fields, *, fmt:
     Raises:
         LogReadError: No step line.
     """
-    entries: list[dict[str, float | str]] = []
+    entries = Entries()
     other_lines = unread = 0
     for text in read_lines(path).lines:
         m = step.search(text)
@@ -43,7 +43,7 @@ def read_line_records(path: Path, step: re.Pattern[str], fields: Fields, *, fmt:
         add_entry(entries, int(m.group(1)), found)
     if not entries:
         raise LogReadError(f"{path}: no {line}")
-    log = records_from_objects(path, entries, fmt=fmt)
+    log = entries.log(path, fmt=fmt)
     if unread:
         log.notes.append(f"{unread} fields of step lines that are not {field} left out")
     if other_lines:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import codecs
 import re
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -84,34 +84,119 @@ CUT_LINE_NOTE = (
 )
 
 
-@dataclass
+BLOCK_BYTES = 1 << 20  # a streamed log is decoded this much at a time
+HEAD_TEXT_BYTES = 4 << 20  # format detection looks at this much of a log first (a Megatron banner is ~50 KB)
+_LINE_BREAKS = "\n\r\x0b\x0c\x1c\x1d\x1e\x85\u2028\u2029"  # where str.splitlines splits
+
+
+def read_head(path: Path) -> tuple[str, bool]:
+    """`read_console` of the file's first `HEAD_TEXT_BYTES`, cut after its last whole line, and whether that is the
+    whole file: format detection needs the head of a gigabyte console log, not all of it."""
+    check_text_head(path)
+    with path.open("rb") as fh:
+        head = fh.read(HEAD_TEXT_BYTES)
+        whole = not fh.read(1)
+    if not whole:
+        head = head[: head.rfind(b"\n") + 1] or head  # one line longer than the head: its start
+    try:
+        return strip_ansi(head.decode("utf-8-sig", errors=CUT_CHARACTER)), whole
+    except UnicodeDecodeError as exc:
+        raise LogReadError(f"{path}: not UTF-8 text (undecodable byte at offset {exc.start})") from None
+
+
 class TextLines:
-    """A text log's lines, and whether its last one is unterminated (no newline after it).
+    """A text log's lines, streamed from the file a block at a time (memory grows with the longest line, not with
+    the file), and whether its last one is unterminated (no newline after it).
+
+    ``lines`` iterates once over the lines `read_console` would give, split as ``str.splitlines`` splits (or at
+    ``\\n`` alone: the Trainer's console keeps tqdm's ``\\r`` redraws inside a line), each line's terminal escapes
+    left out. An empty or binary file, or an undecodable byte, is a `LogReadError` while iterating.
 
     A line reader that meets a line it cannot parse asks `cut_off` first: the file's last line, unterminated, is
     one a run was still writing when the log was read (or was killed in the middle of) — left out with a note
     (`note`), not an error for the whole log. Any other malformed line stays the reader's error.
     """
 
-    lines: list[str]
-    unterminated: bool
-    left_out: bool = False
+    def __init__(self, path: Path, *, at_newlines_only: bool = False, block_bytes: int | None = None) -> None:
+        self.path = path
+        self.unterminated = False
+        self.left_out = False
+        self._last_number: int | None = None  # the last line's number, once it has been read
+        self._at_newlines_only = at_newlines_only
+        self._block_bytes = block_bytes or BLOCK_BYTES
+        self.lines: Iterator[str] = self._lines()
 
     def cut_off(self, number: int) -> bool:
         """Whether line ``number`` (from 1) is the cut last line; it is then counted as left out."""
-        if self.unterminated and number == len(self.lines):
+        if self.unterminated and number == self._last_number:
             self.left_out = True
-        return self.left_out and number == len(self.lines)
+        return self.left_out and number == self._last_number
 
     def note(self, notes: list[str]) -> None:
         """Add `CUT_LINE_NOTE` to ``notes`` when the cut last line was left out."""
         if self.left_out:
             notes.append(CUT_LINE_NOTE)
 
+    def _lines(self) -> Iterator[str]:
+        number = 0
+        for line, last in self._raw_lines():
+            number += 1
+            if last:
+                self._last_number = number
+            yield strip_ansi(line)
 
-def read_lines(path: Path, *, at_newlines_only: bool = False) -> TextLines:
-    """`read_console`'s lines (``str.splitlines``, or split at ``\\n`` alone: the Trainer's console keeps tqdm's
-    ``\\r`` redraws inside a line) and whether the last one is unterminated."""
-    text = read_console(path)
-    lines = text.split("\n") if at_newlines_only else text.splitlines()
-    return TextLines(lines=lines, unterminated=bool(text) and text[-1] not in "\r\n")
+    def _raw_lines(self) -> Iterator[tuple[str, bool]]:
+        """(line, whether it is the file's last) — the last one is known only at the end of the file."""
+        newline_only = self._at_newlines_only
+        breaks = "\n" if newline_only else _LINE_BREAKS
+        partial: list[str] = []  # the pieces of a line that runs on past a block
+        last_char = ""
+        for text in self._blocks():
+            last_char = text[-1]
+            pieces = text.split("\n") if newline_only else text.splitlines(keepends=True)
+            tail = pieces.pop()
+            if not newline_only and tail[-1] in breaks:  # the block ended with a line break: the line is whole
+                pieces.append(tail)
+                tail = ""
+            for piece in pieces:
+                line = piece if newline_only else piece[:-2] if piece.endswith("\r\n") else piece[:-1]
+                if partial:
+                    line = "".join(partial) + line
+                    partial.clear()
+                yield line, False
+            if tail:
+                partial.append(tail)
+        if newline_only:
+            self.unterminated = last_char not in "\r\n"
+            yield "".join(partial), True
+        elif partial:
+            self.unterminated = True
+            yield "".join(partial), True
+
+    def _blocks(self) -> Iterator[str]:
+        """The file decoded a block at a time; a ``\\r`` that ends a block waits for the next (it may be a CRLF's)."""
+        check_text_head(self.path)
+        decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=CUT_CHARACTER)
+        offset = 0
+        held = ""
+        with self.path.open("rb") as fh:
+            while True:
+                block = fh.read(self._block_bytes)
+                try:
+                    text = held + decoder.decode(block, final=not block)
+                except UnicodeDecodeError as exc:
+                    at = offset + exc.start - len(decoder.getstate()[0]) + len(block) - len(exc.object)
+                    raise LogReadError(f"{self.path}: not UTF-8 text (undecodable byte at offset {at})") from None
+                offset += len(block)
+                held = ""
+                if block and text.endswith("\r"):
+                    text, held = text[:-1], "\r"
+                if text:
+                    yield text
+                if not block:
+                    return
+
+
+def read_lines(path: Path, *, at_newlines_only: bool = False, block_bytes: int | None = None) -> TextLines:
+    """A `TextLines` that streams ``path``'s lines (``str.splitlines``, or split at ``\\n`` alone)."""
+    return TextLines(path, at_newlines_only=at_newlines_only, block_bytes=block_bytes)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from keel._core import keys
 from keel.doctor._text import read_console
-from keel.doctor.jsonl_log import add_entry, records_from_objects
+from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog, parse_number, parse_step
 
 FORMAT = "composer"
@@ -63,7 +63,7 @@ def read_composer_log(path: str | Path) -> RawLog:
         [(1, {'loss/train/total': 10.9736})]
     """
     path = Path(path)
-    entries: list[dict[str, float | str]] = []
+    entries = Entries()
     block: dict[str, float | str] | None = None
     unit = header_step = None
     numbered = other_lines = text_values = 0
@@ -107,7 +107,7 @@ def read_composer_log(path: str | Path) -> RawLog:
     close()
     if not entries:
         raise LogReadError(f"{path}: no '[batch=N/TOTAL]:' block of 'Train name: value' lines (Composer)")
-    log = records_from_objects(path, entries, fmt=FORMAT)
+    log = entries.log(path, fmt=FORMAT)
     if numbered:
         log.notes.append(
             f"{numbered} blocks without time/batch under a duration not in batches: numbered in order from the one "

@@ -29,7 +29,7 @@ from typing import Any
 
 from keel.doctor._text import read_lines
 from keel.doctor.columns import normalize
-from keel.doctor.jsonl_log import add_entry, records_from_objects
+from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 
 FORMAT = "fairseq"
@@ -61,7 +61,7 @@ def read_fairseq_log(path: str | Path) -> RawLog:
         [(10, {'loss': 9.5, 'gnorm': 4.2})]
     """
     path = Path(path)
-    entries: list[dict[str, Any]] = []
+    entries = Entries()
     last_step: int | None = None
     overflows = other_lines = 0
     text = read_lines(path)
@@ -94,7 +94,7 @@ def read_fairseq_log(path: str | Path) -> RawLog:
         add_entry(entries, step, fields)
     if last_step is None:
         raise LogReadError(f"{path}: no '| train_inner |' line (fairseq / metaseq, --log-format json or simple)")
-    log = records_from_objects(path, entries, fmt=FORMAT)
+    log = entries.log(path, fmt=FORMAT)
     text.note(log.notes)
     if overflows:
         log.notes.append(

@@ -9,7 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from keel._core.printable import printable
-from keel.doctor._text import read_console
+from keel.doctor._text import read_console, read_head
 from keel.doctor.composer_log import FORMAT as COMPOSER
 from keel.doctor.composer_log import looks_like_composer, read_composer_log
 from keel.doctor.csv_log import read_csv_log
@@ -154,12 +154,22 @@ def detect_format(path: Path) -> str:
     if suffix in (".jsonl", ".ndjson"):
         return "jsonl"
     with path.open("rb") as fh:
-        head = fh.read(4096)
-    if not head.strip():
+        start = fh.read(4096)
+    if not start.strip():
         raise LogReadError(f"{path}: the file is empty")
-    if head.startswith(SQLITE_MAGIC[:6]):
+    if start.startswith(SQLITE_MAGIC[:6]):
         return "keel_store"
-    text = read_console(path)  # raises for binary data; terminal colours left out
+    head, whole = read_head(path)  # raises for binary data; terminal colours left out
+    try:
+        return _detect_text(path, head)
+    except LogReadError:
+        if whole:
+            raise
+    return _detect_text(path, read_console(path))  # a log whose first step line comes after megabytes of banner
+
+
+def _detect_text(path: Path, text: str) -> str:
+    """The reader for a text log from ``text`` (its head, or all of it); `LogReadError` when none fits."""
     stripped = text.lstrip()
     # before JSON: torchrun's "[rank0]:" starts a torchtitan line, a bare "[step=1/100]" an OLMo header, and the
     # Trainer prints "{'loss': ...}" dicts (Python's quotes, not JSON's)

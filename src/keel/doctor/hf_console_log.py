@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.doctor._text import read_lines
-from keel.doctor.jsonl_log import add_entry, records_from_objects
+from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 
 FORMAT = "hf_console"
@@ -111,11 +111,11 @@ def read_hf_console_log(path: str | Path) -> RawLog:
             f"{path}: no Trainer log dict ('{{'loss': ..., 'epoch': ...}}' lines, the HF Trainer's console)"
         )
     steps, note = _own_steps(training) or _steps(bar_counts)
-    entries: list[dict[str, Any]] = []
+    entries = Entries()
     for step, dicts in zip(steps, training, strict=True):
         for logs in dicts:
             add_entry(entries, step, logs)  # an evaluation joins the training entry before it
-    log = records_from_objects(path, entries, fmt=FORMAT)
+    log = entries.log(path, fmt=FORMAT)
     text.note(log.notes)
     log.notes.append(note)
     if summaries:

@@ -149,7 +149,11 @@ class RepeatedKeys:
 
 
 def add_entry(
-    entries: list[dict[str, Any]], step: int, fields: dict[str, Any], *, shared: AbstractSet[str] = frozenset()
+    entries: list[dict[str, Any]] | Entries,
+    step: int,
+    fields: dict[str, Any],
+    *,
+    shared: AbstractSet[str] = frozenset(),
 ) -> None:
     """Append ``{"step": step, **fields}``, or merge it into the last entry when that is of the same step and no name
     but the ``shared`` ones is in both (an evaluation line beside the training line of one iteration); a repeated
@@ -165,54 +169,100 @@ def records_from_objects(
     path: Path, objects: Iterable[Any], *, fmt: str, repeats: RepeatedKeys | None = None
 ) -> RawLog:
     """A `RawLog` from log objects (JSON lines, a JSON list, a Trainer's ``log_history``)."""
-    log = RawLog(source=str(path), format=fmt)
-    table = TableBuilder()
-    repeats = repeats or RepeatedKeys()
-    not_objects = no_step = 0
-    text_fields: set[str] = set()
-    number_fields: set[str] = set()
-    step_columns: set[str] = set()
-    step_column_of: dict[tuple[str, ...], str | None] = {}
+    records = ObjectRecords(repeats)
     for item in objects:
+        records.add(item)
+    return records.log(path, fmt=fmt)
+
+
+class ObjectRecords:
+    """Log objects read into a table one at a time (`records_from_objects`): what is kept of each is its numbers."""
+
+    def __init__(self, repeats: RepeatedKeys | None = None) -> None:
+        self._table = TableBuilder()
+        self._repeats = repeats or RepeatedKeys()
+        self._not_objects = self._no_step = 0
+        self._text_fields: set[str] = set()
+        self._number_fields: set[str] = set()
+        self._step_columns: set[str] = set()
+        self._step_column_of: dict[tuple[str, ...], str | None] = {}
+
+    def add(self, item: Any) -> None:
+        """Add one log object: its step and its numbers (text values name a text column; others are counted)."""
         if not isinstance(item, dict):
-            not_objects += 1
-            continue
+            self._not_objects += 1
+            return
         pairs = list(_flatten(item))
         flat = dict(pairs)
         if len(flat) < len(pairs):  # {"train/loss": 1, "train": {"loss": 2}}
-            repeats.repeated([name for name, _ in pairs])
+            self._repeats.repeated([name for name, _ in pairs])
         names = tuple(flat)
-        if names not in step_column_of:  # objects of a log mostly share their names: each set looked up once
-            step_column_of[names] = find_step_column(names)
-        step_column = step_column_of[names]
+        if names not in self._step_column_of:  # objects of a log mostly share their names: each set looked up once
+            self._step_column_of[names] = find_step_column(names)
+        step_column = self._step_column_of[names]
         step = parse_step(flat[step_column]) if step_column is not None else None
         if step is None:
-            no_step += 1
-            continue
-        step_columns.add(step_column)  # type: ignore[arg-type]
+            self._no_step += 1
+            return
+        self._step_columns.add(step_column)  # type: ignore[arg-type]
         values: dict[str, float] = {}
         for name, raw in flat.items():
             if name == step_column or raw is None:
                 continue
             value = parse_number(raw)
             if value is None:
-                text_fields.add(name)
+                self._text_fields.add(name)
             else:
-                number_fields.add(name)
+                self._number_fields.add(name)
                 values[name] = value
-        table.add(step, values)
-    if not len(table):
-        raise LogReadError(f"{path}: no log object has a step field; allowed names: {', '.join(STEP_COLUMNS)}")
-    log.records = table.build()
-    log.step_column = ", ".join(sorted(step_columns))
-    log.text_columns = sorted(text_fields - number_fields)
-    if not_objects:
-        log.notes.append(f"{not_objects} entr(ies) that are not JSON objects were skipped")
-    if no_step:
-        log.notes.append(f"{no_step} object(s) without an integer step were skipped")
-    if note := repeats.note():
-        log.notes.append(note)
-    return log
+        self._table.add(step, values)
+
+    def log(self, path: Path, *, fmt: str) -> RawLog:
+        """The `RawLog` of the objects added; `LogReadError` when none had a step."""
+        if not len(self._table):
+            raise LogReadError(f"{path}: no log object has a step field; allowed names: {', '.join(STEP_COLUMNS)}")
+        log = RawLog(source=str(path), format=fmt, records=self._table.build())
+        log.step_column = ", ".join(sorted(self._step_columns))
+        log.text_columns = sorted(self._text_fields - self._number_fields)
+        if self._not_objects:
+            log.notes.append(f"{self._not_objects} entr(ies) that are not JSON objects were skipped")
+        if self._no_step:
+            log.notes.append(f"{self._no_step} object(s) without an integer step were skipped")
+        if note := self._repeats.note():
+            log.notes.append(note)
+        return log
+
+
+class Entries:
+    """A line log's entries (``{"step": N, name: value, ...}``), each read into an `ObjectRecords` once the next one
+    starts: a reader holds one entry's fields, not every step's (a 2-month run's console has millions of steps).
+
+    `add_entry` merges into the last one (``entries[-1]``) or appends as it does to a list.
+    """
+
+    def __init__(self) -> None:
+        self._records = ObjectRecords()
+        self._last: dict[str, Any] | None = None
+
+    def __bool__(self) -> bool:
+        return self._last is not None
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        if index != -1 or self._last is None:
+            raise IndexError("only the last entry is kept")
+        return self._last
+
+    def append(self, entry: dict[str, Any]) -> None:
+        if self._last is not None:
+            self._records.add(self._last)
+        self._last = entry
+
+    def log(self, path: Path, *, fmt: str) -> RawLog:
+        """The `RawLog` of every entry (`ObjectRecords.log`)."""
+        if self._last is not None:
+            self._records.add(self._last)
+            self._last = None
+        return self._records.log(path, fmt=fmt)
 
 
 def _flatten(item: dict[str, Any]) -> Iterator[tuple[str, Any]]:

@@ -35,7 +35,7 @@ from pathlib import Path
 
 from keel.doctor._text import read_lines
 from keel.doctor.columns import normalize
-from keel.doctor.jsonl_log import add_entry, records_from_objects
+from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 from keel.doctor.step_lines_log import NUMBER
 
@@ -72,7 +72,7 @@ def read_megatron_log(path: str | Path) -> RawLog:
         [(10, {'lm_loss': 9.5, 'grad_norm': 4.2})]
     """
     path = Path(path)
-    entries: list[dict[str, float | str]] = []
+    entries = Entries()
     last_step: int | None = None
     other_lines = 0
     text = read_lines(path)
@@ -99,7 +99,7 @@ def read_megatron_log(path: str | Path) -> RawLog:
         add_entry(entries, step, fields)  # a validation line joins the iteration just logged
     if not entries:
         raise LogReadError(f"{path}: no ' iteration N/ TOTAL | name: value |' line (Megatron-LM, nanotron)")
-    log = records_from_objects(path, entries, fmt=FORMAT)
+    log = entries.log(path, fmt=FORMAT)
     text.note(log.notes)
     if other_lines:
         log.notes.append(f"{other_lines} lines that are not iteration or validation lines left out")

@@ -19,7 +19,7 @@ import re
 from pathlib import Path
 
 from keel.doctor._text import read_lines
-from keel.doctor.jsonl_log import add_entry, records_from_objects
+from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 from keel.doctor.step_lines_log import NAME_VALUE, with_unit
 
@@ -49,7 +49,7 @@ def read_speedrun_log(path: str | Path) -> RawLog:
         [(0, {'val_loss': 10.9, 'train_time_ms': 0.0}), (1, {'train_loss': 10.8})]
     """
     path = Path(path)
-    entries: list[dict[str, float | str]] = []
+    entries = Entries()
     clocks: set[str] = set()  # names with a time unit: written on the train and the val line of a step alike
     other_lines = 0
     text = read_lines(path)
@@ -66,7 +66,7 @@ def read_speedrun_log(path: str | Path) -> RawLog:
         add_entry(entries, step, values, shared=clocks)
     if not entries:
         raise LogReadError(f"{path}: no 'step:N/TOTAL name:value' line at the start of a line (modded-nanogpt)")
-    log = records_from_objects(path, entries, fmt=FORMAT)
+    log = entries.log(path, fmt=FORMAT)
     text.note(log.notes)
     if other_lines:
         log.notes.append(f"{other_lines} lines that are not step lines (the script's source, nvidia-smi) left out")

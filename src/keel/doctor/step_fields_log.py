@@ -23,7 +23,7 @@ import re
 from pathlib import Path
 
 from keel.doctor._text import read_console
-from keel.doctor.jsonl_log import add_entry, records_from_objects
+from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog
 
 FORMAT = "step_fields"
@@ -66,7 +66,7 @@ def read_step_fields_log(path: str | Path) -> RawLog:
         [(1, {'loss': 2.0853, 'lr': 2e-05, 'grad_norm': 0.95})]
     """
     path = Path(path)
-    entries: list[dict[str, float | str]] = []
+    entries = Entries()
     last: tuple[int, dict[str, str]] | None = None
     other_lines = copies = left_out = 0
     for raw in read_console(path).splitlines():
@@ -84,7 +84,7 @@ def read_step_fields_log(path: str | Path) -> RawLog:
         add_entry(entries, step, dict(fields))
     if not entries:
         raise LogReadError(f"{path}: no 'step N | name:value ...' line (torchtune, NeMo Automodel)")
-    log = records_from_objects(path, entries, fmt=FORMAT)
+    log = entries.log(path, fmt=FORMAT)
     if copies:
         log.notes.append(f"{copies} step lines that repeat the line before (other ranks) left out")
     if left_out:

@@ -25,7 +25,7 @@ import re
 from pathlib import Path
 
 from keel.doctor._text import read_lines, strip_ansi
-from keel.doctor.jsonl_log import add_entry, records_from_objects
+from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 
 FORMAT = "torchtitan"
@@ -64,7 +64,7 @@ def read_torchtitan_log(path: str | Path) -> RawLog:
         [(10, {'loss': 7.8562, 'tps': 8123.0, 'mfu_percent': 12.5})]
     """
     path = Path(path)
-    entries: list[dict[str, float | str]] = []
+    entries = Entries()
     rank: str | None = None
     last_kept: dict[str, tuple[int, float | str | None]] = {}  # "step"/"validate" → (step, loss) of its last line
     other_lines = other_ranks = copies = 0
@@ -96,7 +96,7 @@ def read_torchtitan_log(path: str | Path) -> RawLog:
         add_entry(entries, step, fields)  # a validate line joins the step line of its step
     if not entries:
         raise LogReadError(f"{path}: no 'step: N  loss: X' line (torchtitan)")
-    log = records_from_objects(path, entries, fmt=FORMAT)
+    log = entries.log(path, fmt=FORMAT)
     text.note(log.notes)
     if other_ranks:
         log.notes.append(f"{other_ranks} step lines of other ranks than [rank{rank}] left out (the same global loss)")
