@@ -24,7 +24,7 @@ import re
 from pathlib import Path
 
 from keel._core import keys
-from keel.doctor._text import read_console
+from keel.doctor._text import read_lines
 from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog, parse_number, parse_step
 
@@ -86,7 +86,7 @@ def read_composer_log(path: str | Path) -> RawLog:
             numbered += 1
         add_entry(entries, int(step), block)  # type: ignore[arg-type]
 
-    for raw in read_console(path).splitlines():
+    for raw in read_lines(path).lines:
         line = raw.rstrip()
         if m := _HEADER.fullmatch(line):
             close()

@@ -16,7 +16,7 @@ import re
 from pathlib import Path
 
 from keel.doctor._text import read_lines
-from keel.doctor.jsonl_log import add_entry, records_from_objects
+from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 from keel.doctor.step_lines_log import NUMBER
 
@@ -50,7 +50,8 @@ def read_nanogpt_log(path: str | Path) -> RawLog:
         [(0, {'loss': 4.2649, 'time_ms': 88.01, 'mfu_percent': 4.23})]
     """
     path = Path(path)
-    entries: list[dict[str, float | str]] = []
+    entries = Entries()
+    has_loss = False
     other_lines = 0
     text = read_lines(path)
     for number, line in enumerate(text.lines, start=1):
@@ -70,9 +71,10 @@ def read_nanogpt_log(path: str | Path) -> RawLog:
             )
         step = int(m.group(2))
         add_entry(entries, step, fields)  # "step N:" evaluation, then "iter N:" of the same iteration
-    if not any("loss" in e for e in entries):
+        has_loss = has_loss or "loss" in fields
+    if not has_loss:
         raise LogReadError(f"{path}: no 'iter N: loss X' line at the start of a line (nanoGPT train.py)")
-    log = records_from_objects(path, entries, fmt=FORMAT)
+    log = entries.log(path, fmt=FORMAT)
     text.note(log.notes)
     if other_lines:
         log.notes.append(f"{other_lines} lines that are not iter or step lines (the banner, checkpoints) left out")

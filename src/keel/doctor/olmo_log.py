@@ -29,8 +29,9 @@ from pathlib import Path
 from keel._core import keys
 from keel._core.decision import Actor, Decision
 from keel.doctor._text import read_lines, strip_ansi
-from keel.doctor.jsonl_log import add_entry, records_from_objects
-from keel.doctor.log import LogReadError, RawLog, malformed_line, parse_number
+from keel.doctor.jsonl_log import Entries, add_entry
+from keel.doctor.log import LogReadError, RawLog, malformed_line
+from keel.doctor.table import LogTable
 
 FORMAT = "olmo"
 # the header's bracket is at the end of its line; bounded so that a long line is matched in linear time
@@ -71,7 +72,7 @@ def read_olmo_log(path: str | Path) -> RawLog:
         [(1, {'train/CrossEntropyLoss': 11.05, 'train/Perplexity': 63532.0})]
     """
     path = Path(path)
-    entries: list[dict[str, float | str]] = []
+    entries = Entries()
     step: int | None = None  # the step logged last
     in_step = False  # reading the block under a [step=N/MAX] header (else an evaluation's, or none)
     other_lines = 0
@@ -99,9 +100,9 @@ def read_olmo_log(path: str | Path) -> RawLog:
             other_lines += 1
     if not entries:
         raise LogReadError(f"{path}: no '[step=N/MAX]' line followed by indented 'name=value' lines (OLMo)")
-    log = records_from_objects(path, entries, fmt=FORMAT)
+    log = entries.log(path, fmt=FORMAT)
     text.note(log.notes)
-    log.decisions = _trainer_skips(entries)
+    log.decisions = _trainer_skips(log.records)
     if other_lines:
         log.notes.append(
             f"{other_lines} lines that are not step headers nor name=value lines (the banner, evaluation headers) "
@@ -110,17 +111,17 @@ def read_olmo_log(path: str | Path) -> RawLog:
     return log
 
 
-def _trainer_skips(entries: list[dict[str, float | str]]) -> list[Decision]:
+def _trainer_skips(records: LogTable) -> list[Decision]:
     """A ``skip`` decision by the trainer at each step whose ``optim/step skipped`` is above 0 and at most 1 (the
     share of the step's updates left out); another value (NaN, negative, text) is no skip."""
-    skips = []
-    for entry in entries:
-        value = parse_number(entry.get(SKIPPED))
-        if value is not None and 0 < value <= 1:
-            skips.append(
-                Decision(step=int(entry["step"]), action="skip", by=TRAINER, reason=SKIP_REASON.format(value=value))
-            )
-    return skips
+    column = records.columns.get(SKIPPED)
+    if column is None:
+        return []
+    skipped = (column.values > 0) & (column.values <= 1)
+    return [
+        Decision(step=int(records.steps[row]), action="skip", by=TRAINER, reason=SKIP_REASON.format(value=value))
+        for row, value in zip(column.rows[skipped].tolist(), column.values[skipped].tolist(), strict=True)
+    ]
 
 
 def _header(line: str) -> int | None:

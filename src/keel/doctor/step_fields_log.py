@@ -22,7 +22,7 @@ import itertools
 import re
 from pathlib import Path
 
-from keel.doctor._text import read_console
+from keel.doctor._text import read_lines
 from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog
 
@@ -69,7 +69,7 @@ def read_step_fields_log(path: str | Path) -> RawLog:
     entries = Entries()
     last: tuple[int, dict[str, str]] | None = None
     other_lines = copies = left_out = 0
-    for raw in read_console(path).splitlines():
+    for raw in read_lines(path).lines:
         m = _STEP.search(raw)
         fields, unread = _fields(raw[m.end() :]) if m is not None else ({}, 0)
         if m is None or not fields:
