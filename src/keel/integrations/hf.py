@@ -58,6 +58,7 @@ import inspect
 import math
 import warnings
 import weakref
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -68,6 +69,7 @@ from keel._core.decision import Decision
 from keel._core.errors import KeelWarning, TrainingAborted
 from keel.guard import Guard, console
 from keel.guard.options import check_loss, step_needs_an_argument
+from keel.guard.run_dir import valid_run_id
 from keel.integrations._carried import (
     earlier_checkpoints_advice,
     kept_baselines,
@@ -81,6 +83,8 @@ from keel.integrations._loss import StepLoss
 from keel.integrations._options import checked_extend_after_rollback, takes_over_clipping
 from keel.integrations._run_length import ScheduleAfterRollbacks, say
 from keel.recover import Policy
+from keel.store.reader import RunReader
+from keel.store.schema import STORE_NAME
 
 try:
     from transformers import TrainerCallback
@@ -196,7 +200,10 @@ class KeelCallback(TrainerCallback):
         self._clip = clip if clip is not None and clip > 0 else None
         # Built before the first forward, so the hook probes (activations, attention, router) see step 0's; whether
         # the model's output carries a loss is only known at the first update (`_first_update`).
-        self.guard = self._build_guard(restarted=restarted is not None)
+        continues = None if restarted is not None else self._continues_the_run(args, state)
+        self.guard = self._build_guard(restarted=restarted is not None, continue_at=continues)
+        if continues is not None:
+            say(self.guard, _continued(self.guard.run_dir.run_id, str(self.run_dir), continues))
         if restarted is not None:
             say(self.guard, restarted)
         if overrides is not None:
@@ -212,7 +219,7 @@ class KeelCallback(TrainerCallback):
             self._refuse_two_resumes(resumed_at)
         if not resumed_at and self.guard.global_step and not self._runs:
             say(self.guard, _trainer_starts_over(self.guard.global_step, getattr(state, "max_steps", None)))
-        self._started_at = 0
+        self._started_at = continues or 0
         if resumed_at and not self.guard.global_step and not self.guard.resumed:
             self.guard.start_at(resumed_at)
             self._started_at = resumed_at
@@ -255,8 +262,16 @@ class KeelCallback(TrainerCallback):
     def _before_a_save(self, control: Any) -> None:
         """Keep keel's entry in the TrainerState when the Trainer saves a checkpoint next (``control.should_save``,
         which its DefaultFlowCallback, listed before every user callback, has set by now): copying the detectors'
-        state on every step cost ~0.24 ms a step for nothing."""
-        if self._schedule is not None and self.guard is not None and getattr(control, "should_save", True):
+        state on every step cost ~0.24 ms a step for nothing. The store is flushed first: a checkpoint must not cover
+        steps the store has not committed (it commits every 0.5 s), or a run killed after the save resumed past
+        rows it had lost for good — a run killed in its first half second resumed into an empty store, which keel
+        then replaced by a new run."""
+        if self.guard is None or not getattr(control, "should_save", True):
+            return
+        writer = self.guard.recorder.writer
+        if writer is not None:
+            self.guard.components.call("hf checkpoint", writer.flush)
+        if self._schedule is not None:
             self.guard.components.call("hf checkpoint", self._keep_in_the_checkpoint)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -388,6 +403,7 @@ class KeelCallback(TrainerCallback):
         kept = getattr(self._schedule.run, "stateful_callbacks", None)
         if isinstance(kept, dict):
             kept[_CHECKPOINT_KEY] = {
+                "run_id": self.guard.run_dir.run_id,  # a resume from this checkpoint continues this run's store
                 "extended_by": self._schedule.extended_by,
                 "history": kept_history(self.guard),
                 "baselines": kept_baselines(self.guard),
@@ -498,10 +514,51 @@ class KeelCallback(TrainerCallback):
         if any(p.name == "loss" for p in self.guard.probes):
             self.guard.remove_probe("loss")
 
-    def _build_guard(self, *, restarted: bool = False) -> Guard:
+    def _continues_the_run(self, args: Any, state: Any) -> int | None:
+        """The step this ``train()``'s keel run continues the run in run_dir from, rather than refusing it as "a
+        previous run" — or deleting it under ``overwrite=True``, which left a preempted job's store holding its
+        last segment only (reviewer R's R8); None: no continuation (``resume=True`` keeps its meaning,
+        `_refuse_two_resumes`).
+
+        - The Trainer resumed from a checkpoint at step K whose keel entry (``trainer_state.json``) names the run id
+          of the store in run_dir: K (the store drops its rows from K on: the Trainer does those steps again).
+        - The Trainer starts at step 0 and the store is an unfinished run of this ``output_dir`` (a job killed before
+          its first checkpoint, started again with the same command): 0 (its rows are all dropped, its id kept).
+
+        Raises:
+            ValueError: The checkpoint was written by a keel run and the store in run_dir holds another one.
+        """
+        if self.run_dir is None or self.guard_kwargs.get("resume") or not _takes_continue_at():
+            return None
+        held = _run_in(str(self.run_dir))
+        if held is None:
+            return None  # no run there (a new one: start_at), or one keel cannot read (the Guard's claim says so)
+        step = getattr(state, "global_step", 0)
+        if not step:
+            folder = getattr(args, "output_dir", None)
+            same_job = folder is not None and _job_folder(held) == folder
+            return 0 if same_job and held.get("status") != "finished" else None
+        kept = getattr(state, "stateful_callbacks", None)
+        entry = kept.get(_CHECKPOINT_KEY) if isinstance(kept, dict) else None
+        written_by = valid_run_id(entry.get("run_id")) if isinstance(entry, dict) else None
+        if written_by is None:
+            return None  # an older keel's checkpoint, or a foreign entry: the Guard's claim refuses the run as before
+        if written_by != held["run_id"]:
+            raise ValueError(
+                f"KeelCallback: trainer.train(resume_from_checkpoint=...) resumed at step {step} from a checkpoint "
+                f"of keel run {written_by}, but run_dir={str(self.run_dir)!r} holds keel run {held['run_id']}; "
+                "allowed: the run_dir of the run that wrote the checkpoint (keel continues it there), or a new "
+                "run_dir (a new keel run from this step)"
+            )
+        return int(step)
+
+    def _build_guard(self, *, restarted: bool = False, continue_at: int | None = None) -> Guard:
         kwargs = dict(self.guard_kwargs)
         if restarted and self.run_dir is not None and not kwargs.get("resume"):
             kwargs["overwrite"] = True  # the aborted attempt's store, replaced by the same run started over
+        if continue_at is not None:
+            kwargs.pop("overwrite", None)  # the checkpoint is this run's: its history is kept, not deleted
+            kwargs["continue_at"] = continue_at
         o = self._objects
         config = kwargs.pop("config", None) or {"trainer": "transformers.Trainer", "args": _json_args(self._args)}
         return Guard(
@@ -571,6 +628,45 @@ def _close_interrupted(starting: KeelCallback) -> None:
             stacklevel=4,
         )
         callback._finish(RuntimeError("train() ended without on_train_end (an exception or an interrupt)"))
+
+
+def _takes_continue_at() -> bool:
+    """Whether this keel's `Guard` can continue a run from a state the loop restored (its ``continue_at``)."""
+    return "continue_at" in inspect.signature(Guard.__init__).parameters
+
+
+def _run_in(run_dir: str) -> dict[str, Any] | None:
+    """The meta of the run store in ``run_dir`` (read-only) when it names a run id; None without a store, or one keel
+    cannot read (the Guard's claim then says what is wrong with it)."""
+    if not (Path(run_dir) / STORE_NAME).is_file():
+        return None
+    try:
+        with RunReader(run_dir) as reader:
+            meta = reader.meta()
+    except Exception:  # a damaged or foreign store: refused by the Guard's claim, with its own message
+        return None
+    return meta if valid_run_id(meta.get("run_id")) is not None else None
+
+
+def _job_folder(meta: dict[str, Any]) -> str | None:
+    """The Trainer's ``output_dir`` a run store's run was trained with (its config, `_json_args`), if it says."""
+    config = meta.get("config")
+    args = config.get("args") if isinstance(config, dict) else None
+    folder = args.get("output_dir") if isinstance(args, dict) else None
+    return folder if isinstance(folder, str) else None
+
+
+def _continued(run_id: str, run_dir: str, step: int) -> str:
+    """The one line said when a ``train()`` continues the keel run in its run_dir (`_continues_the_run`)."""
+    if not step:
+        return (
+            f"keel run {run_id[:8]} in {run_dir} was this output_dir's, stopped before its first checkpoint; the "
+            "Trainer starts over at step 0, and so does that run (its rows are replaced)"
+        )
+    return (
+        f"the Trainer resumed from its checkpoint at step {step}, written by keel run {run_id[:8]}: keel continues "
+        f"that run in {run_dir} (its rows of steps {step} on are dropped: the Trainer does them again)"
+    )
 
 
 def _trainer_calling(callback: KeelCallback) -> Any:
