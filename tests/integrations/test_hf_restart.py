@@ -24,13 +24,14 @@ from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 import keel  # noqa: E402
 from keel._core import keys  # noqa: E402
-from keel.integrations.hf import KeelCallback, _takes_continue_at  # noqa: E402
+from keel.integrations._carried import takes_continue_at  # noqa: E402
+from keel.integrations.hf import KeelCallback  # noqa: E402
 from keel.store import RunReader  # noqa: E402
 from tests.integrations.test_hf import train  # noqa: E402
 
 STEPS, SAVE = 12, 4
 needs_continue_at = pytest.mark.xfail(
-    not _takes_continue_at(),
+    not takes_continue_at(),
     strict=True,
     reason="Guard(continue_at=) is /work/notes/h29-C-continue-at.patch (guard.py, options.py, recover/disk.py)",
 )
@@ -118,7 +119,7 @@ def test_a_job_killed_between_two_checkpoints_and_run_again_keeps_one_store_with
     assert _same_weights(job, whole)
     said = (job / "console.log").read_text()
     assert said.count(f"keel continues that run in {job / 'keel'}") == 1
-    assert f"the Trainer resumed from its checkpoint at step 4, written by keel run {first_id[:8]}" in said
+    assert f"the trainer resumed from its checkpoint at step 4, written by keel run {first_id[:8]}" in said
 
 
 def _a_store(run_dir, *, output_dir: str = "elsewhere", fails: bool = False) -> str:

@@ -22,15 +22,19 @@ run rolled back at update 28 (ending at loss 3.7) was never seen: the resumed ru
 
 from __future__ import annotations
 
+import inspect
 import re
 from pathlib import Path
 from typing import Any
 
 from keel.guard import Guard
+from keel.guard.run_dir import valid_run_id
 from keel.guard.summary import plural
 from keel.integrations._run_length import say
 from keel.recover.actions import HISTORY_KEY as ACTIONS
 from keel.recover.state import load_states, plain_copy, plain_states
+from keel.store.reader import RunReader
+from keel.store.schema import STORE_NAME
 
 CARRIED = (ACTIONS, "escalation")
 
@@ -146,3 +150,82 @@ def earlier_checkpoints_advice(guard: Guard, start: int, folder: object, pattern
         f"trouble began before that checkpoint was saved, resume from an earlier checkpoint ({which}) with a new "
         "run_dir",
     )
+
+
+def takes_continue_at() -> bool:
+    """Whether this keel's `Guard` can continue a run from a state the loop restored (its ``continue_at``)."""
+    return "continue_at" in inspect.signature(Guard.__init__).parameters
+
+
+def continued_step(
+    run_dir: str | None, *, step: int, written_by: object, job_folder: object, resume: bool, resumed_by: str
+) -> int | None:
+    """The step a trainer's run continues the keel run in ``run_dir`` from (`Guard`'s ``continue_at``), rather than
+    refusing it as "a previous run" — or deleting it under ``overwrite=True``, which left a preempted job's store
+    holding its last segment only (reviewer R's R8); None: no continuation (``resume``: keel's own resume keeps its
+    meaning).
+
+    - The trainer resumed from its checkpoint at ``step`` > 0, whose keel entry names (``written_by``) the run id of
+      the store in ``run_dir``: ``step`` (the store drops its rows from there on: the trainer does them again).
+    - The trainer starts at step 0 and the store holds an unfinished run of the same ``job_folder`` (the trainer's
+      output folder, in the run's config): a job killed before its first checkpoint, started again with the same
+      command: 0 (its rows are all dropped, its id kept).
+
+    Raises:
+        ValueError: The checkpoint was written by a keel run and the store in ``run_dir`` holds another one.
+    """
+    if run_dir is None or resume or not takes_continue_at():
+        return None
+    held = _run_in(str(run_dir))
+    if held is None:
+        return None  # no run there (a new one: start_at), or one keel cannot read (the Guard's claim says so)
+    if not step:
+        same_job = isinstance(job_folder, str) and _job_folder(held) == job_folder
+        return 0 if same_job and held.get("status") != "finished" else None
+    checkpoint_run = valid_run_id(written_by)
+    if checkpoint_run is None:
+        return None  # an older keel's checkpoint, or a foreign entry: the Guard's claim refuses the run as before
+    if checkpoint_run != held["run_id"]:
+        raise ValueError(
+            f"KeelCallback: {resumed_by} resumed at step {step} from a checkpoint of keel run {checkpoint_run}, but "
+            f"run_dir={str(run_dir)!r} holds keel run {held['run_id']}; allowed: the run_dir of the run that wrote "
+            "the checkpoint (keel continues it there), or a new run_dir (a new keel run from this step)"
+        )
+    return int(step)
+
+
+def continued_line(run_id: str, run_dir: str, step: int) -> str:
+    """The one line said when a trainer's run continues the keel run in its run_dir (`continued_step`)."""
+    if not step:
+        return (
+            f"keel run {run_id[:8]} in {run_dir} was this job's, stopped before its first checkpoint; the trainer "
+            "starts over at step 0, and so does that run (its rows are replaced)"
+        )
+    return (
+        f"the trainer resumed from its checkpoint at step {step}, written by keel run {run_id[:8]}: keel continues "
+        f"that run in {run_dir} (its rows of steps {step} on are dropped: the trainer does them again)"
+    )
+
+
+def _run_in(run_dir: str) -> dict[str, Any] | None:
+    """The meta of the run store in ``run_dir`` (read-only) when it names a run id; None without a store, or one keel
+    cannot read (the Guard's claim then says what is wrong with it)."""
+    if not (Path(run_dir) / STORE_NAME).is_file():
+        return None
+    try:
+        with RunReader(run_dir) as reader:
+            meta = reader.meta()
+    except Exception:  # a damaged or foreign store: refused by the Guard's claim, with its own message
+        return None
+    return meta if valid_run_id(meta.get("run_id")) is not None else None
+
+
+def _job_folder(meta: dict[str, Any]) -> str | None:
+    """The trainer's output folder a run store's run was trained with, from its config (the HF callback's
+    ``args.output_dir``, the Lightning callback's ``default_root_dir``); None when it does not say."""
+    config = meta.get("config")
+    if not isinstance(config, dict):
+        return None
+    args = config.get("args")
+    folder = args.get("output_dir") if isinstance(args, dict) else config.get("default_root_dir")
+    return folder if isinstance(folder, str) else None

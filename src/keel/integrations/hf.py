@@ -58,7 +58,6 @@ import inspect
 import math
 import warnings
 import weakref
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -69,13 +68,15 @@ from keel._core.decision import Decision
 from keel._core.errors import KeelWarning, TrainingAborted
 from keel.guard import Guard, console
 from keel.guard.options import check_loss, step_needs_an_argument
-from keel.guard.run_dir import valid_run_id
 from keel.integrations._carried import (
+    continued_line,
+    continued_step,
     earlier_checkpoints_advice,
     kept_baselines,
     kept_history,
     restore_baselines,
     restore_history,
+    takes_continue_at,
 )
 from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
@@ -83,8 +84,6 @@ from keel.integrations._loss import StepLoss
 from keel.integrations._options import checked_extend_after_rollback, takes_over_clipping
 from keel.integrations._run_length import ScheduleAfterRollbacks, say
 from keel.recover import Policy
-from keel.store.reader import RunReader
-from keel.store.schema import STORE_NAME
 
 try:
     from transformers import TrainerCallback
@@ -203,7 +202,7 @@ class KeelCallback(TrainerCallback):
         continues = None if restarted is not None else self._continues_the_run(args, state)
         self.guard = self._build_guard(restarted=restarted is not None, continue_at=continues)
         if continues is not None:
-            say(self.guard, _continued(self.guard.run_dir.run_id, str(self.run_dir), continues))
+            say(self.guard, continued_line(self.guard.run_dir.run_id, str(self.run_dir), continues))
         if restarted is not None:
             say(self.guard, restarted)
         if overrides is not None:
@@ -528,29 +527,16 @@ class KeelCallback(TrainerCallback):
         Raises:
             ValueError: The checkpoint was written by a keel run and the store in run_dir holds another one.
         """
-        if self.run_dir is None or self.guard_kwargs.get("resume") or not _takes_continue_at():
-            return None
-        held = _run_in(str(self.run_dir))
-        if held is None:
-            return None  # no run there (a new one: start_at), or one keel cannot read (the Guard's claim says so)
-        step = getattr(state, "global_step", 0)
-        if not step:
-            folder = getattr(args, "output_dir", None)
-            same_job = folder is not None and _job_folder(held) == folder
-            return 0 if same_job and held.get("status") != "finished" else None
         kept = getattr(state, "stateful_callbacks", None)
         entry = kept.get(_CHECKPOINT_KEY) if isinstance(kept, dict) else None
-        written_by = valid_run_id(entry.get("run_id")) if isinstance(entry, dict) else None
-        if written_by is None:
-            return None  # an older keel's checkpoint, or a foreign entry: the Guard's claim refuses the run as before
-        if written_by != held["run_id"]:
-            raise ValueError(
-                f"KeelCallback: trainer.train(resume_from_checkpoint=...) resumed at step {step} from a checkpoint "
-                f"of keel run {written_by}, but run_dir={str(self.run_dir)!r} holds keel run {held['run_id']}; "
-                "allowed: the run_dir of the run that wrote the checkpoint (keel continues it there), or a new "
-                "run_dir (a new keel run from this step)"
-            )
-        return int(step)
+        return continued_step(
+            self.run_dir,
+            step=getattr(state, "global_step", 0),
+            written_by=entry.get("run_id") if isinstance(entry, dict) else None,
+            job_folder=getattr(args, "output_dir", None),
+            resume=bool(self.guard_kwargs.get("resume")),
+            resumed_by="trainer.train(resume_from_checkpoint=...)",
+        )
 
     def _build_guard(self, *, restarted: bool = False, continue_at: int | None = None) -> Guard:
         kwargs = dict(self.guard_kwargs)
@@ -596,7 +582,7 @@ class KeelCallback(TrainerCallback):
             "restore would replace the checkpoint's state; allowed: one of them — resume_from_checkpoint "
             + (
                 "without resume=True (keel continues its run in this run_dir from the checkpoint's step)"
-                if _takes_continue_at()
+                if takes_continue_at()
                 else "with a new run_dir (or overwrite=True)"
             )
             + ", or keel's resume=True without resume_from_checkpoint"
@@ -635,45 +621,6 @@ def _close_interrupted(starting: KeelCallback) -> None:
         callback._finish(RuntimeError("train() ended without on_train_end (an exception or an interrupt)"))
 
 
-def _takes_continue_at() -> bool:
-    """Whether this keel's `Guard` can continue a run from a state the loop restored (its ``continue_at``)."""
-    return "continue_at" in inspect.signature(Guard.__init__).parameters
-
-
-def _run_in(run_dir: str) -> dict[str, Any] | None:
-    """The meta of the run store in ``run_dir`` (read-only) when it names a run id; None without a store, or one keel
-    cannot read (the Guard's claim then says what is wrong with it)."""
-    if not (Path(run_dir) / STORE_NAME).is_file():
-        return None
-    try:
-        with RunReader(run_dir) as reader:
-            meta = reader.meta()
-    except Exception:  # a damaged or foreign store: refused by the Guard's claim, with its own message
-        return None
-    return meta if valid_run_id(meta.get("run_id")) is not None else None
-
-
-def _job_folder(meta: dict[str, Any]) -> str | None:
-    """The Trainer's ``output_dir`` a run store's run was trained with (its config, `_json_args`), if it says."""
-    config = meta.get("config")
-    args = config.get("args") if isinstance(config, dict) else None
-    folder = args.get("output_dir") if isinstance(args, dict) else None
-    return folder if isinstance(folder, str) else None
-
-
-def _continued(run_id: str, run_dir: str, step: int) -> str:
-    """The one line said when a ``train()`` continues the keel run in its run_dir (`_continues_the_run`)."""
-    if not step:
-        return (
-            f"keel run {run_id[:8]} in {run_dir} was this output_dir's, stopped before its first checkpoint; the "
-            "Trainer starts over at step 0, and so does that run (its rows are replaced)"
-        )
-    return (
-        f"the Trainer resumed from its checkpoint at step {step}, written by keel run {run_id[:8]}: keel continues "
-        f"that run in {run_dir} (its rows of steps {step} on are dropped: the Trainer does them again)"
-    )
-
-
 def _trainer_calling(callback: KeelCallback) -> Any:
     """The Trainer whose callback handler holds ``callback``, found on the call stack of the event being delivered
     (the Trainer does not pass itself to its callbacks); None when the event came from elsewhere."""
@@ -698,7 +645,7 @@ def _trainer_starts_over(step: int, max_steps: object) -> str:
         "continue a killed run, resume the Trainer from its own checkpoint (trainer.train(resume_from_checkpoint=...)) "
         + (
             "with this run_dir and without resume=True: keel continues its run there from the checkpoint's step"
-            if _takes_continue_at()
+            if takes_continue_at()
             else "with a KeelCallback that does not resume (a new run_dir)"
         )
         + ": keel's actions and baselines travel in the checkpoint"

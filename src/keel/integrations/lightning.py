@@ -47,6 +47,8 @@ from torch import Tensor
 from keel._core.errors import KeelWarning, TrainingAborted
 from keel.guard import Guard
 from keel.integrations._carried import (
+    continued_line,
+    continued_step,
     earlier_checkpoints_advice,
     kept_baselines,
     kept_history,
@@ -57,7 +59,7 @@ from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
 from keel.integrations._loss import StepLoss
 from keel.integrations._options import checked_extend_after_rollback, takes_over_clipping
-from keel.integrations._run_length import ScheduleAfterRollbacks
+from keel.integrations._run_length import ScheduleAfterRollbacks, say
 from keel.recover import Policy
 
 try:
@@ -116,6 +118,7 @@ class KeelCallback(Callback):
         self._history_before: dict[str, Any] | None = None  # and keel's history it kept (`keel.integrations._carried`)
         self._baselines_before: dict[str, Any] | None = None  # and the detectors' baselines
         self._started_at = 0  # the trainer's step this run started from (ckpt_path), else 0
+        self._run_id_before: object = None  # the keel run that wrote the checkpoint (`load_state_dict`)
 
     # --- Lightning's events -------------------------------------------------------------------------
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
@@ -134,7 +137,19 @@ class KeelCallback(Callback):
             "accumulate_grad_batches": trainer.accumulate_grad_batches,
             "precision": str(trainer.precision),
             "max_steps": trainer.max_steps,
+            "default_root_dir": str(trainer.default_root_dir),  # the job's folder (`continued_step`)
         }
+        continues = continued_step(
+            self.run_dir,
+            step=trainer.global_step,
+            written_by=self._run_id_before,
+            job_folder=str(trainer.default_root_dir),
+            resume=bool(kwargs.get("resume")),
+            resumed_by="trainer.fit(ckpt_path=...)",
+        )
+        if continues is not None:
+            kwargs.pop("overwrite", None)  # the checkpoint is this run's: its history is kept, not deleted
+            kwargs["continue_at"] = continues
         self.guard = Guard(
             trainer.strategy.model,
             optimizer,
@@ -146,7 +161,9 @@ class KeelCallback(Callback):
             config=config,
             **kwargs,
         )
-        self._started_at = 0
+        if continues is not None:
+            say(self.guard, continued_line(self.guard.run_dir.run_id, str(self.run_dir), continues))
+        self._started_at = continues or 0
         if trainer.global_step and not self.guard.global_step and not self.guard.resumed:
             self.guard.start_at(trainer.global_step)  # ckpt_path: keel's steps are the trainer's
             self._started_at = trainer.global_step
@@ -162,6 +179,7 @@ class KeelCallback(Callback):
             baselines = self._baselines_before
             self.guard.components.call("lightning resume baselines", restore_baselines, self.guard, baselines)
         self._extended_before, self._history_before, self._baselines_before = 0, None, None
+        self._run_id_before = None
         if self._scaler is not None:  # the plugin runs the closure, then scaler.step(optimizer), scaler.update()
             self._handoff.gate(self._scaler, "step", self._scaler_step)
             self._handoff.gate(self._scaler, "update", self._scaler_update)
@@ -230,10 +248,19 @@ class KeelCallback(Callback):
                 "extended_by": self._extended_before,
                 "history": self._history_before,
                 "baselines": self._baselines_before,
+                "run_id": self._run_id_before,
             }
+        writer = self.guard.recorder.writer
+        if writer is not None:  # a checkpoint must not cover steps the store has not committed (`continued_step`)
+            self.guard.components.call("lightning checkpoint", writer.flush)
         history = self.guard.components.call("lightning checkpoint", kept_history, self.guard)
         baselines = self.guard.components.call("lightning checkpoint", kept_baselines, self.guard)
-        return {"extended_by": self._schedule.extended_by, "history": history, "baselines": baselines}
+        return {
+            "extended_by": self._schedule.extended_by,
+            "history": history,
+            "baselines": baselines,
+            "run_id": self.guard.run_dir.run_id,  # a fit(ckpt_path=) from this checkpoint continues this run's store
+        }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restored from a checkpoint before training starts; applied again in ``on_train_start``."""
@@ -241,6 +268,7 @@ class KeelCallback(Callback):
         self._extended_before = extended if isinstance(extended, int) and extended > 0 else 0
         self._history_before = history if isinstance(history, dict) else None
         self._baselines_before = baselines if isinstance(baselines, dict) else None
+        self._run_id_before = state_dict.get("run_id")
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         if isinstance(exception, TrainingAborted) and self.guard is not None:
