@@ -108,6 +108,7 @@ def _same_weights(a, b) -> bool:
 def test_a_job_killed_between_two_checkpoints_and_run_again_keeps_one_store_with_every_step_once(tmp_path):
     job, whole = tmp_path / "job", tmp_path / "whole"
     assert _run(job, kill_at=6) == signal.SIGKILL  # checkpoint-4 on disk; steps 4, 5 done and lost with the process
+    assert _loss_steps(job / "keel")[:4] == [0, 1, 2, 3]  # flushed before the save: the checkpoint's steps are stored
     with RunReader(job / "keel") as store:
         first_id = store.meta()["run_id"]
     assert _run(job) == 0
