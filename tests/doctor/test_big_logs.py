@@ -61,10 +61,10 @@ def test_a_console_reader_keeps_its_steps_numbers_not_their_fields(tmp_path, sma
     # was: every step's fields as a dict of strings until the end of the file (547 MB to read a 100 MB Megatron log
     # of 330k steps; 139 MB for all of `keel doctor` now)
     path = tmp_path / "stdout.log"
-    path.write_text("".join(STEP.format(s=s, loss=3.0 - 1e-5 * s) for s in range(1, 10_001)))
+    path.write_text("".join(STEP.format(s=s, loss=3.0 - 1e-5 * s) for s in range(1, 4_001)))
     holder: list = []
-    assert _peak_mb(lambda: holder.append(read_log(path))) < 2.5
-    assert len(holder[0].records) == 10_000 and holder[0].format == "megatron"
+    assert _peak_mb(lambda: holder.append(read_log(path))) < 1.5
+    assert len(holder[0].records) == 4_000 and holder[0].format == "megatron"
 
 
 def test_format_detection_reads_the_head_of_a_big_log(tmp_path, small_blocks):
@@ -137,3 +137,52 @@ def test_an_undecodable_byte_is_one_error_that_names_where(tmp_path):
     _write(path, b"step 1 loss 2.0\n" * 10 + b"\xff\xfe step 2\n")
     with pytest.raises(LogReadError, match="not UTF-8 text .*offset 160"):
         list(read_lines(path, block_bytes=7).lines)
+
+
+@pytest.mark.parametrize(
+    ("name", "text"),
+    [
+        ("stdout.log", "".join(STEP.format(s=s, loss=2.0) for s in range(1, 3000))),
+        ("log.csv", "step,loss\n" + "".join(f"{s},2.0\n" for s in range(20_000))),
+        ("log.jsonl", "".join(f'{{"step": {s}, "loss": 2.0}}\n' for s in range(10_000))),
+    ],
+)
+def test_the_streaming_readers_report_how_far_they_have_read(tmp_path, small_blocks, name, text):
+    from keel.doctor._text import reading_reported
+
+    path = tmp_path / name
+    path.write_text(text)
+    offsets: list[int] = []
+    with reading_reported(offsets.append):
+        read_log(path)
+    assert len(offsets) > 2 and offsets[-1] == path.stat().st_size  # a block at a time, up to the end
+    assert read_log(path) is not None  # nothing listens outside the block
+
+
+def test_keel_doctor_draws_a_bar_over_one_big_logs_bytes_on_a_terminal(tmp_path, monkeypatch):
+    # was: one big log showed nothing until its result (the bar was only over a folder's runs)
+    import fcntl
+    import os
+    import select
+    import struct
+    import sys
+    import termios
+
+    from keel.doctor import cli
+
+    path = tmp_path / "stdout.log"
+    _megatron_log(path, noise_mb=1)
+    monkeypatch.setattr(cli, "BIG_LOG_BYTES", 100_000)
+    leader, follower = os.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws nothing 0 wide
+    terminal = os.fdopen(follower, "w")
+    try:
+        monkeypatch.setattr(sys, "stderr", terminal)
+        assert cli._examine(path, None, [], progress=True) is None
+        terminal.flush()
+        ready, _, _ = select.select([leader], [], [], 5.0)
+        drawn = os.read(leader, 1 << 16).decode(errors="replace") if ready else ""
+    finally:
+        terminal.close()
+        os.close(leader)
+    assert "keel doctor stdout.log" in drawn and "1.00M" in drawn  # the file's bytes, not its steps

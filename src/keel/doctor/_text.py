@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import codecs
+import contextlib
+import io
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from contextvars import ContextVar
 from pathlib import Path
-from typing import TextIO
+from typing import Any, TextIO
 
 from keel.doctor.log import LogReadError
 
@@ -50,8 +53,53 @@ def undecodable(path: Path, fh: TextIO) -> LogReadError:
 
 def open_text(path: Path, newline: str | None = None) -> TextIO:
     """``path`` opened for streaming as text (UTF-8, a BOM ignored, a character cut off at the end left out; newlines
-    as `open` takes them): readers catch `UnicodeDecodeError` and raise `undecodable`."""
-    return path.open(encoding="utf-8-sig", errors=CUT_CHARACTER, newline=newline)
+    as `open` takes them; how far it is read told to `reading_reported`'s callback): readers catch
+    `UnicodeDecodeError` and raise `undecodable`."""
+    return io.TextIOWrapper(_open_binary(path), encoding="utf-8-sig", errors=CUT_CHARACTER, newline=newline)
+
+
+# where a streaming reader tells how far into its file it has read (`reading_reported`); None: nobody listens
+_REPORT_POSITION: ContextVar[Callable[[int], None] | None] = ContextVar("keel_doctor_report_position", default=None)
+
+
+@contextlib.contextmanager
+def reading_reported(reached: Callable[[int], None]) -> Iterator[None]:
+    """Within it, the streaming readers (console logs, CSV, JSON lines) call ``reached(offset)`` with the byte
+    offset they have read up to, a block at a time: `keel doctor`'s progress bar over one big log.
+
+    Example:
+        >>> import tempfile, pathlib
+        >>> p = pathlib.Path(tempfile.mkdtemp()) / "log.txt"
+        >>> _ = p.write_text("iter 1: loss 2.0\\n")
+        >>> offsets = []
+        >>> with reading_reported(offsets.append):
+        ...     lines = list(read_lines(p).lines)
+        >>> offsets[-1] == p.stat().st_size
+        True
+    """
+    token = _REPORT_POSITION.set(reached)
+    try:
+        yield
+    finally:
+        _REPORT_POSITION.reset(token)
+
+
+class _ReportedFile(io.FileIO):
+    """A file that tells `reading_reported`'s callback its position after each read."""
+
+    def __init__(self, path: Path, reached: Callable[[int], None]) -> None:
+        super().__init__(path, "rb")
+        self._reached = reached
+
+    def readinto(self, buffer: Any) -> int | None:
+        count = super().readinto(buffer)
+        self._reached(self.tell())
+        return count
+
+
+def _open_binary(path: Path) -> io.BufferedReader:
+    reached = _REPORT_POSITION.get()
+    return io.BufferedReader(_ReportedFile(path, reached) if reached is not None else io.FileIO(path, "rb"))
 
 
 # A terminal escape: CSI (colours "\x1b[32m", cursor moves "\x1b[A", "\x1b[2K"), OSC (a window title, up to BEL or
@@ -179,7 +227,7 @@ class TextLines:
         decoder = codecs.getincrementaldecoder("utf-8-sig")(errors=CUT_CHARACTER)
         offset = 0
         held = ""
-        with self.path.open("rb") as fh:
+        with _open_binary(self.path) as fh:
             while True:
                 block = fh.read(self._block_bytes)
                 try:

@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import stat
 import sys
 from pathlib import Path
 
 from keel._core.printable import printable
 from keel._core.progress import print_above_progress, step_progress
+from keel.doctor._text import reading_reported
 from keel.doctor.examine import examine_log
 from keel.doctor.formats import FORMATS, find_logs, logs_left_out
 from keel.doctor.log import LogReadError
@@ -45,7 +47,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--quiet",
         "-q",
         action="store_true",
-        help="no progress bar (shown on stderr over a folder's runs, only when stderr is a terminal)",
+        help="no progress bar (shown on stderr over a folder's runs, or over the bytes of one log of 8 MB or more, "
+        "only when stderr is a terminal)",
     )
 
 
@@ -61,7 +64,7 @@ def main(args: argparse.Namespace) -> int:
     errors: list[str] = []
     with step_progress((0, len(paths)), "keel doctor", enabled=several and not args.quiet, unit="run") as reached:
         for done, path in enumerate(paths, 1):
-            error = _examine(path, args.format, results)
+            error = _examine(path, args.format, results, progress=not several and not args.quiet)
             if error is not None:
                 print_above_progress(f"keel doctor: error: {error}", file=sys.stderr)
                 errors.append(error)
@@ -83,13 +86,35 @@ def main(args: argparse.Namespace) -> int:
     return 0
 
 
-def _examine(path: str | Path, format: str | None, results: list[DoctorResult]) -> str | None:
-    """Examine one log into ``results``; the one-line error when it cannot be read."""
+BIG_LOG_BYTES = 8_000_000  # one log this big shows a bar over its bytes while it is read (about a second or more)
+
+
+def _examine(
+    path: str | Path, format: str | None, results: list[DoctorResult], *, progress: bool = False
+) -> str | None:
+    """Examine one log into ``results`` (with ``progress``, a bar over a big file's bytes while it is read); the
+    one-line error when it cannot be read."""
+    size = _file_size(path) if progress else 0
     try:
-        results.append(examine_log(path, format=format))
+        with (
+            step_progress(
+                (0, size), f"keel doctor {printable(Path(path).name)}", enabled=size >= BIG_LOG_BYTES, unit="B"
+            ) as reached,
+            reading_reported(reached),
+        ):
+            results.append(examine_log(path, format=format))
     except LogReadError as exc:
         return printable(str(exc))
     except (ValueError, OverflowError, RecursionError, MemoryError, UnicodeError) as exc:
         # Garbage that slipped past a reader's checks: still one line, still exit 2.
         return printable(f"{path}: could not be read as a training log ({type(exc).__name__}: {exc})")
     return None
+
+
+def _file_size(path: str | Path) -> int:
+    """The size of a regular file; 0 for a folder or anything that cannot be looked at (its reader says why)."""
+    try:
+        status = Path(path).stat()
+    except (OSError, ValueError):
+        return 0
+    return status.st_size if stat.S_ISREG(status.st_mode) else 0
