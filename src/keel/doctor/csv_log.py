@@ -352,6 +352,39 @@ def _cell(cell: str, strip: bool = True) -> tuple[float, bool, bool]:
         return math.nan, False, bool(text)
 
 
+def _without_nan_padding(column: Column, steps: np.ndarray) -> tuple[Column, int]:
+    """``column`` without the NaN cells that pad it between its logged steps, and how many there were.
+
+    A CSV written with ``na_rep="NaN"`` (pandas ``to_csv`` of a history whose columns are logged at different
+    cadences) has NaN, not an empty cell, where a column was not logged. A column whose finite values lie on a
+    lattice of steps — every k ≥ 2 steps from the first, at least 3 of them — has its NaN cells off that lattice
+    read as not logged. A NaN on the lattice is the run's own (kept), and so is every NaN of a column logged every
+    step; ±inf is never padding.
+    """
+    nan = np.isnan(column.values)
+    if not nan.any():
+        return column, 0
+    logged = steps[column.rows[~nan]]
+    if len(logged) < 3:
+        return column, 0
+    every = int(np.gcd.reduce(np.abs(np.diff(logged))))
+    if every < 2:
+        return column, 0
+    padding = nan & ((steps[column.rows] - logged[0]) % every != 0)
+    if not padding.any():
+        return column, 0
+    kept = ~padding
+    return Column(rows=column.rows[kept], values=column.values[kept]), int(padding.sum())
+
+
+def _padding_note(padding: dict[str, int]) -> str:
+    names = ", ".join(list(padding)[:6]) + (" …" if len(padding) > 6 else "")
+    return (
+        f"{sum(padding.values())} NaN cell(s) between the logged steps of columns logged every few steps ({names}) "
+        "read as not logged (a CSV written with na_rep='NaN'); a NaN at a logged step is kept"
+    )
+
+
 def _finish(path: Path, state: _State, step_column: str, renamed: list[str], skipped: list[str]) -> RawLog:
     lost = f" ({len(skipped)} unreadable row(s), first at {skipped[0]})" if skipped else ""
     if not state.body:
@@ -369,7 +402,12 @@ def _finish(path: Path, state: _State, step_column: str, renamed: list[str], ski
                 rows=np.frombuffer(col.rows, dtype=np.int64), values=np.frombuffer(col.values, dtype=np.float64)
             )
             text_cells += col.text_with_step
-    log.records = LogTable(np.frombuffer(state.steps, dtype=np.int64), columns)
+    steps = np.frombuffer(state.steps, dtype=np.int64)
+    padded = {name: _without_nan_padding(column, steps) for name, column in columns.items()}
+    columns = {name: column for name, (column, _) in padded.items()}
+    if padding := {name: count for name, (_, count) in padded.items() if count}:
+        log.notes.append(_padding_note(padding))
+    log.records = LogTable(steps, columns)
     if state.no_step:
         log.notes.append(f"{state.no_step} row(s) without an integer step were skipped")
     if text_cells:
