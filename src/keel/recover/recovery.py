@@ -262,13 +262,17 @@ class Recovery:
     def writes_disk(self) -> bool:
         return self.disk is not None and self.config.disk_every is not None
 
-    def _take(self, steps_done: int, *, to_disk: bool) -> Snapshot:
+    def _take(self, steps_done: int, *, to_disk: bool, after_recorded: bool = False) -> Snapshot:
         # The schedule is updated before the capture, so each snapshot records the schedule as it stands after
         # it was taken: a run resumed from it snapshots exactly as the uninterrupted run did.
+        # ``after_recorded``: taken inside a step (a rollback's), before the run store was given that step's rows:
+        # written at keel's next call, so the store flushed before it is published holds them (written at once, a
+        # kill right after the rollback lost the rollback's decision from the store while the resume went on
+        # from the restored state).
         self._last_snapshot = steps_done
         self._taken += 1
         snap = self.ring.take(steps_done, self.state)
-        if self._loop_scheduler_pending or self.state.averaged:
+        if self._loop_scheduler_pending or self.state.averaged or after_recorded:
             self.complete_snapshot()  # (a rollback's snapshot follows the step's own at once)
             self._awaiting = (snap, to_disk)
         elif to_disk:
@@ -338,7 +342,7 @@ class Recovery:
             # The disk snapshots newer than the restored one belong to the timeline just abandoned: a run killed
             # now must not resume into it. The restored state, actions applied, is the new timeline's start.
             self.disk.drop_after(snap.step)  # type: ignore[union-attr]
-            self._take(step + 1, to_disk=True)
+            self._take(step + 1, to_disk=True, after_recorded=True)
         return RollbackResult(snapshot=snap, actions=done, passed_over=passed_over, onset=onset, onset_from=onset_from)
 
     def _target(
