@@ -225,3 +225,45 @@ def test_four_kills_at_and_between_checkpoints_leave_the_uninterrupted_runs_hist
     report = tmp_path / "report.html"
     assert main(["report", str(job / "keel"), "-o", str(report), "--quiet"]) == 0
     assert run_id in report.read_text()
+
+
+def _guarded_steps(run_dir, steps: int, **kwargs) -> keel.Guard:
+    """``steps`` updates of a tiny model under a Guard writing disk snapshots every step into ``run_dir``; closed."""
+    model = torch.nn.Linear(2, 1)
+    recovery = keel.RecoveryConfig(snapshot_every=1, disk_every=1, keep_on_disk=10)
+    guard = keel.Guard(
+        model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=str(run_dir), recovery=recovery, **kwargs
+    )
+    with guard:
+        for _ in range(steps):
+            model(torch.ones(1, 2)).sum().backward()
+            guard.step(torch.tensor(1.0))
+    return guard
+
+
+@needs_continue_at
+def test_guard_continue_at_keeps_the_run_id_drops_later_rows_and_snapshots_and_loads_none(tmp_path):
+    first = _guarded_steps(tmp_path / "run", 6)
+    before = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
+    held = _guarded_steps(tmp_path / "run", 0, continue_at=3)  # the loop restored step 3's state, and stopped at once
+    kept = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
+    assert kept == [name for name in before if int(name.split("-")[1]) <= 3] and kept  # the future past 3 deleted
+    assert _loss_steps(tmp_path / "run") == [0, 1, 2]
+    after = _guarded_steps(tmp_path / "run", 2, continue_at=3)
+    assert held.run_dir.run_id == after.run_dir.run_id == first.run_dir.run_id and not after.resumed
+    assert _loss_steps(tmp_path / "run") == [0, 1, 2, 3, 4]  # 0-2 of the first process, 3-4 of the last
+    with RunReader(tmp_path / "run") as store:
+        assert store.meta()["resumed_from"] == 3 and store.meta()["status"] == "finished"
+
+
+@needs_continue_at
+@pytest.mark.parametrize(
+    ("value", "others"),
+    [(True, {}), (-1, {}), (2**62, {}), ("3", {}), (3.0, {}), (3, {"resume": True}), (3, {"overwrite": True})],
+)
+def test_guard_continue_at_refuses_what_is_not_a_step_or_is_combined_with_resume_or_overwrite(tmp_path, value, others):
+    model = torch.nn.Linear(2, 1)
+    with pytest.raises(ValueError, match=r"continue_at=.*allowed"):
+        keel.Guard(
+            model, torch.optim.SGD(model.parameters(), lr=0.1), run_dir=str(tmp_path), continue_at=value, **others
+        )
