@@ -209,3 +209,26 @@ def test_a_run_without_keel_errors_says_none_in_its_summary(caplog):
         _, guard = _run()
     assert guard.components.failures == {}
     assert "keel error" not in caplog.text
+
+
+GLOO_RESET = "[gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:41502: Connection reset by peer"
+
+
+@pytest.mark.parametrize(
+    "exc, lost",
+    [
+        (RuntimeError(GLOO_RESET), True),  # a survivor's all-reduce when its peer was SIGKILLed (helper A's F3)
+        (RuntimeError("NCCL error: remote process exited, Connection closed by peer"), True),
+        (torch.distributed.DistNetworkError("the store's socket closed"), True),
+        (RuntimeError("gloo: size mismatch in all_reduce"), False),  # keel's own misuse is still a keel bug
+        (ValueError("Connection reset by peer"), False),
+        (RuntimeError(""), False),
+    ],
+)
+def test_a_rank_lost_mid_collective_is_not_called_a_keel_bug(exc, lost):
+    from keel.guard.recorder import PEER_LOST, Recorder, a_peer_was_lost
+
+    assert a_peer_was_lost(exc) is lost
+    finding = Recorder(None, log_every=1).error("guard", 25, exc, disabled=False)
+    assert (finding.advice == PEER_LOST) is lost
+    assert ("keel bug" in finding.advice) is not lost

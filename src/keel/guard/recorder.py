@@ -15,6 +15,8 @@ from array import array
 from collections.abc import Callable, Mapping
 from typing import Any
 
+import torch.distributed
+
 from keel._core.decision import Decision
 from keel._core.errors import KeelWarning
 from keel._core.finding import Finding
@@ -26,6 +28,25 @@ from keel.store import RunWriter
 
 # Within a preemption's grace period (SLURM's KillWait and Kubernetes' default are 30 s); a flush takes milliseconds.
 FLUSH_ON_SIGNAL_S = 10.0
+
+
+# a collective's error when the rank at the other end is gone (gloo's and NCCL's words for a dropped connection)
+_PEER_LOST_WORDS = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused")
+PEER_LOST = (
+    "Another rank stopped (its process died, or the process group broke) while this one was in a collective: nothing "
+    "here is keel's to fix, and the loop's own next collective fails too. torchrun --max-restarts (or the job's "
+    "scheduler) starts the job again; Guard(resume=True) continues it from the newest disk snapshot every rank holds."
+)
+
+
+def a_peer_was_lost(exc: BaseException) -> bool:
+    """Whether ``exc`` is a collective that failed because another rank went away (torch's network error, or gloo's
+    and NCCL's words for a dropped connection), not keel's own error."""
+    network_error = getattr(torch.distributed, "DistNetworkError", None)
+    if network_error is not None and isinstance(exc, network_error):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(words in text for words in _PEER_LOST_WORDS)
 
 
 class Recorder:
@@ -126,8 +147,10 @@ class Recorder:
                 "traceback": "".join(traceback.format_exception(type(exc), exc, exc.__traceback__, limit=8)),
             },
             cause=f"keel's {component} raised {type(exc).__name__}: {exc}. {what}",
-            advice="Training continues. If the component is keel's own, please report this as a keel bug with the "
-            "traceback; if it is yours, fix it and restart.",
+            advice=PEER_LOST
+            if a_peer_was_lost(exc)
+            else "Training continues. If the component is keel's own, please "
+            "report this as a keel bug with the traceback; if it is yours, fix it and restart.",
         )
         self.findings.append(finding)
         if self.writer is not None:
