@@ -13,6 +13,8 @@ from keel.doctor._text import read_console, read_head
 from keel.doctor.composer_log import FORMAT as COMPOSER
 from keel.doctor.composer_log import looks_like_composer, read_composer_log
 from keel.doctor.csv_log import read_csv_log
+from keel.doctor.deepspeed_log import FORMAT as DEEPSPEED
+from keel.doctor.deepspeed_log import looks_like_deepspeed, read_deepspeed_log
 from keel.doctor.fairseq_log import FORMAT as FAIRSEQ
 from keel.doctor.fairseq_log import looks_like_fairseq, read_fairseq_log
 from keel.doctor.hf_console_log import FORMAT as HF_CONSOLE
@@ -68,6 +70,7 @@ READERS: dict[str, Callable[[Path], RawLog]] = {
     VERL: read_verl_log,
     MAXTEXT: read_maxtext_log,
     TQDM: read_tqdm_log,
+    DEEPSPEED: read_deepspeed_log,
 }
 FORMATS: tuple[str, ...] = tuple(READERS)
 
@@ -193,6 +196,8 @@ def _detect_text(path: Path, text: str) -> str:
         return SPEEDRUN
     if looks_like_megatron(text):  # before CSV: a banner (arguments, commas and all) comes first
         return MEGATRON
+    if looks_like_deepspeed(text):  # after Megatron (Megatron-DeepSpeed prints both); before CSV: 'lr=[a, b]'
+        return DEEPSPEED
     if looks_like_fairseq(text):  # before CSV: its JSON and 'name=value,' lines have commas
         return FAIRSEQ
     if looks_like_nanogpt(text):  # before CSV: its banner's first line has a comma ("16,384")
@@ -212,8 +217,8 @@ def _detect_text(path: Path, text: str) -> str:
     raise LogReadError(
         f"{path}: unknown log format; allowed: CSV/TSV with a header, JSON lines, {STATE_NAME}, TensorBoard "
         "event files, keel run stores, W&B run files (.wandb), MLflow runs, or the console output of nanoGPT, "
-        "build-nanogpt/llm.c, modded-nanogpt, "
-        "Megatron-LM/nanotron, fairseq/metaseq, torchtitan, OLMo/OLMo-core, the HF Trainer, torchtune, "
+        "build-nanogpt/llm.c, modded-nanogpt, Megatron-LM/nanotron, DeepSpeed's pipeline engine, "
+        "fairseq/metaseq, torchtitan, OLMo/OLMo-core, the HF Trainer, torchtune, "
         "NeMo Automodel, Composer, verl, MaxText, or tqdm bars with a name=value postfix (their shapes: README, "
         "'Examine a log you already have')"
     )
@@ -229,6 +234,7 @@ def _line_formats_in(text: str) -> bool:
     warning first does not make it JSON."""
     line_formats = (
         looks_like_megatron,
+        looks_like_deepspeed,
         looks_like_fairseq,
         looks_like_nanogpt,
         looks_like_speedrun,
