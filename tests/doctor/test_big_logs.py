@@ -159,8 +159,10 @@ def test_the_streaming_readers_report_how_far_they_have_read(tmp_path, small_blo
     assert read_log(path) is not None  # nothing listens outside the block
 
 
-def test_keel_doctor_draws_a_bar_over_one_big_logs_bytes_on_a_terminal(tmp_path, monkeypatch):
-    # was: one big log showed nothing until its result (the bar was only over a folder's runs)
+@pytest.mark.parametrize(("rows", "columns"), [(24, 120), (0, 0)])
+def test_keel_doctor_draws_a_bar_over_one_big_logs_bytes_on_a_terminal(tmp_path, monkeypatch, rows, columns):
+    # was: one big log showed nothing until its result (the bar was only over a folder's runs); and on a terminal
+    # that reports 0 rows (a pty nobody sized: `script`, some CI runners) tqdm drew nothing
     import fcntl
     import os
     import select
@@ -174,7 +176,7 @@ def test_keel_doctor_draws_a_bar_over_one_big_logs_bytes_on_a_terminal(tmp_path,
     _megatron_log(path, noise_mb=1)
     monkeypatch.setattr(cli, "BIG_LOG_BYTES", 100_000)
     leader, follower = os.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))  # tqdm draws nothing 0 wide
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", rows, columns, 0, 0))
     terminal = os.fdopen(follower, "w")
     try:
         monkeypatch.setattr(sys, "stderr", terminal)

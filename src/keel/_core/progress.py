@@ -8,6 +8,7 @@ through it) — so they look and behave alike and never write into a verb's outp
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 from collections.abc import Callable, Iterator
 from typing import Any, TextIO
@@ -26,6 +27,8 @@ def progress_bar(total: int | None, desc: str, *, enabled: bool = True, unit: st
     """
     from tqdm import tqdm  # imported here: a training loop, or a store read by code, never needs it
 
+    # a pty nobody sized (`script`, some CI runners) reports 0 rows and columns: tqdm hid the bar below row 0
+    unsized = _terminal_size(sys.stderr) == 0
     with tqdm(
         total=total,
         desc=desc,
@@ -33,10 +36,24 @@ def progress_bar(total: int | None, desc: str, *, enabled: bool = True, unit: st
         unit_scale=total is not None and total >= UNIT_SCALE_FROM,  # 523k/1.00M steps; 2/3 runs (not 2.00/3.00)
         file=sys.stderr,
         leave=False,
-        dynamic_ncols=True,
+        dynamic_ncols=not unsized,
+        ncols=UNSIZED_COLUMNS if unsized else None,
+        nrows=UNSIZED_ROWS if unsized else None,
         disable=None if enabled else True,
     ) as bar:
         yield bar
+
+
+UNSIZED_COLUMNS, UNSIZED_ROWS = 80, 24  # the bar's terminal when it reports 0 rows or columns
+
+
+def _terminal_size(stream: TextIO) -> int | None:
+    """The smaller of the rows and columns of the terminal ``stream`` writes to; None when it cannot tell."""
+    try:
+        size = os.get_terminal_size(stream.fileno())
+    except (AttributeError, OSError, ValueError):
+        return None
+    return min(size.columns, size.lines)
 
 
 @contextlib.contextmanager
