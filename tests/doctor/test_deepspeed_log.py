@@ -43,7 +43,8 @@ def test_deepspeeds_pipeline_engine_lines_are_read(tmp_path):
     log = read_log(path)
     assert len(log.records) == 300
     assert log.records[0] == (1, {"loss": 3.002, "iter_time_s": 1.202, "samples_sec": 26.614})
-    assert any("not step lines" in note for note in log.notes)  # the engine's and the scaler's lines
+    assert any("301 lines that are not step lines" in note for note in log.notes)  # the banner, the engine
+    assert any(note.startswith("1 loss-scaler overflow") for note in log.notes)  # the scaler's, on their own
 
 
 def test_a_loss_spike_in_deepspeeds_log_is_found(tmp_path):

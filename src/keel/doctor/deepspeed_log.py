@@ -8,7 +8,9 @@ DeepSpeed's ``PipelineEngine.train_batch`` (``deepspeed/runtime/pipe/engine.py``
 (newer releases put each additional loss, ``name: value``, before ``iter time``; forks print
 ``step:  2499 /  5000 loss: ...`` and an ``eta:``). Whatever comes before ``steps:`` on a line (a launcher's rank
 tag, ``[^^]``) is left out. Every other line is left out and counted in a note: the engine's own ``[Rank 0]
-step=N, skipped=K, lr=[...]`` (no loss in it), and its loss scaler's ``Overflow detected. Skipping step.``
+step=N, skipped=K, lr=[...]`` (no loss in it); its loss scaler's ``Overflow detected. Skipping step.`` lines
+are counted in a note of their own (which steps they skipped is not told: the ``steps:`` lines are every
+``steps_per_print``).
 A Megatron-DeepSpeed log holds Megatron's ``iteration`` lines too: it is read as Megatron's
 (`keel.doctor.megatron_log`), which it is detected as first.
 """
@@ -27,6 +29,9 @@ _HEAD = r"steps?:[ \t]{0,40}(\d{1,18})(?:[ \t]{0,40}/[ \t]{0,40}\d{1,18})?[ \t]{
 _STEP = re.compile(rf"(?:^|(?<=[\s\]>])){_HEAD}(?=loss:)")
 _SEARCH = re.compile(rf"(?:^|[\s\]>]){_HEAD}loss:[ \t]{{0,40}}[-+.\w]", re.MULTILINE)  # bounded: linear
 # "name: value" with spaces and units in the name ("iter time (s)", "samples/sec"); bounded: linear on any text
+# the loss scaler's "Overflow detected. Skipping step." / older "[deepspeed] OVERFLOW! Rank 0 Skipping step."
+_OVERFLOW = re.compile(r"(?:Overflow detected|OVERFLOW!)[^\n]{0,40}?Skipping step", re.IGNORECASE)
+OVERFLOW_NOTE = "{count} loss-scaler overflow lines (fp16 steps DeepSpeed skipped; its 'steps:' count goes on) left out"
 _FIELD = re.compile(r"([A-Za-z][A-Za-z0-9_ ()/.-]{0,60}?):[ \t]{0,40}(\S{1,100})")
 
 
@@ -55,6 +60,7 @@ def read_deepspeed_log(path: str | Path) -> RawLog:
         fmt=FORMAT,
         line="'steps: N loss: X ...' line (DeepSpeed's pipeline engine)",
         field="'name: value'",
+        counted=(_OVERFLOW, OVERFLOW_NOTE),
     )
 
 
