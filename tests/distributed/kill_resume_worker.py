@@ -1,4 +1,4 @@
-"""One rank of a 2-rank job (DDP or FSDP2 ``fully_shard``, gloo, CPU) that one rank SIGKILLs; the same command resumes.
+"""One rank of a job (DDP or FSDP2 ``fully_shard``, gloo, CPU) that one rank SIGKILLs; the same command resumes.
 
     torchrun --nproc_per_node=2 tests/distributed/kill_resume_worker.py OUT ddp|fsdp STEPS KILL_RANK KILL_AT
 
