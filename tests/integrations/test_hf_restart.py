@@ -24,17 +24,11 @@ from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 
 import keel  # noqa: E402
 from keel._core import keys  # noqa: E402
-from keel.integrations._carried import takes_continue_at  # noqa: E402
 from keel.integrations.hf import KeelCallback  # noqa: E402
 from keel.store import RunReader  # noqa: E402
 from tests.integrations.test_hf import train  # noqa: E402
 
 STEPS, SAVE = 12, 4
-needs_continue_at = pytest.mark.xfail(
-    not takes_continue_at(),
-    strict=True,
-    reason="Guard(continue_at=) is /work/notes/h29-C-continue-at.patch (guard.py, options.py, recover/disk.py)",
-)
 
 
 class Preempt(TrainerCallback):
@@ -104,7 +98,6 @@ def _same_weights(a, b) -> bool:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-@needs_continue_at
 def test_a_job_killed_between_two_checkpoints_and_run_again_keeps_one_store_with_every_step_once(tmp_path):
     job, whole = tmp_path / "job", tmp_path / "whole"
     assert _run(job, kill_at=6) == signal.SIGKILL  # checkpoint-4 on disk; steps 4, 5 done and lost with the process
@@ -136,7 +129,6 @@ def _a_store(run_dir, *, output_dir: str = "elsewhere", fails: bool = False) -> 
     return guard.run_dir.run_id
 
 
-@needs_continue_at
 def test_a_job_stopped_before_its_first_checkpoint_starts_its_own_run_over_and_nobody_elses(tmp_path):
     """The same command after a kill before the first checkpoint: the Trainer starts at 0 with nothing to resume, and
     keel's unfinished run of the same output_dir starts over in place (it was refused as "a previous run" before,
@@ -157,7 +149,6 @@ def _resumed_state(step: int, entry: object) -> SimpleNamespace:
     return SimpleNamespace(global_step=step, stateful_callbacks={"keel": entry})
 
 
-@needs_continue_at
 def test_a_checkpoint_of_another_keel_run_is_refused_naming_both_runs(tmp_path):
     held = _a_store(tmp_path / "keel")
     other = "ab" * 16
@@ -206,7 +197,6 @@ def test_no_continuation_without_a_store_at_step_0_or_under_keels_own_resume(tmp
 
 @pytest.mark.slow
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-@needs_continue_at
 def test_four_kills_at_and_between_checkpoints_leave_the_uninterrupted_runs_history_and_weights(tmp_path):
     job, whole = tmp_path / "job", tmp_path / "whole"
     for kill_at in (2, 4, 7, 8):  # before the first checkpoint, at one, between two, at the next
@@ -241,7 +231,6 @@ def _guarded_steps(run_dir, steps: int, **kwargs) -> keel.Guard:
     return guard
 
 
-@needs_continue_at
 def test_guard_continue_at_keeps_the_run_id_drops_later_rows_and_snapshots_and_loads_none(tmp_path):
     first = _guarded_steps(tmp_path / "run", 6)
     before = sorted(p.name for p in (tmp_path / "run" / "snapshots").iterdir())
@@ -256,7 +245,6 @@ def test_guard_continue_at_keeps_the_run_id_drops_later_rows_and_snapshots_and_l
         assert store.meta()["resumed_from"] == 3 and store.meta()["status"] == "finished"
 
 
-@needs_continue_at
 @pytest.mark.parametrize(
     ("value", "others"),
     [(True, {}), (-1, {}), (2**62, {}), ("3", {}), (3.0, {}), (3, {"resume": True}), (3, {"overwrite": True})],

@@ -17,7 +17,6 @@ import torch
 L = pytest.importorskip("lightning")
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
-from keel.integrations._carried import takes_continue_at  # noqa: E402
 from keel.integrations.lightning import KeelCallback  # noqa: E402
 from keel.store import RunReader  # noqa: E402
 from tests.integrations.test_hf_restart import _loss_steps  # noqa: E402
@@ -80,11 +79,6 @@ def _run(out, kill_at: int | None = None, *, with_keel: bool = True) -> int:
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
-@pytest.mark.xfail(
-    not takes_continue_at(),
-    strict=True,
-    reason="Guard(continue_at=) is /work/notes/h29-C-continue-at.patch (guard.py, options.py, recover/disk.py)",
-)
 def test_a_lightning_job_killed_between_checkpoints_and_run_again_keeps_one_store_and_the_weights(tmp_path):
     """Lightning's own restart is not bit-identical to the uninterrupted run here, keel or not (max |Δw| 3.8e-3 on
     this CPU): the weights are compared with the same job killed and restarted without keel."""

@@ -122,6 +122,11 @@ class Guard(DeferredSteps):
             that holds no run yet starts a new one.
         overwrite: Start a new run in a ``run_dir`` that holds an earlier one, deleting keel's files there
             first (``run.sqlite``, ``snapshots/``, ``rank-<r>/snapshots/``, ``export/``).
+        continue_at: The loop restored the state of this step itself (a trainer's own checkpoint: the HF Trainer's
+            ``resume_from_checkpoint``, Lightning's ``ckpt_path``): continue the run ``run_dir`` holds from there —
+            its run id kept, its store's rows of this step on dropped (the loop does them again), its disk
+            snapshots past it deleted, none loaded; `global_step` starts here. A ``run_dir`` that holds no run
+            starts a new one at this step (as `start_at`). Not with ``resume`` or ``overwrite``.
         config: The run's own configuration, stored with the run (JSON-able).
         seed: The run's seed, stored with the run.
         distributed: Under ``torch.distributed`` with several ranks (``None``: detected), signals are
@@ -177,6 +182,7 @@ class Guard(DeferredSteps):
         recovery: RecoveryConfig | None = None,
         resume: bool = False,
         overwrite: bool = False,
+        continue_at: int | None = None,
         config: dict[str, Any] | None = None,
         seed: int | None = None,
         distributed: DistributedConfig | bool | None = None,
@@ -206,6 +212,7 @@ class Guard(DeferredSteps):
                 recovery=recovery,
                 resume=resume,
                 overwrite=overwrite,
+                continue_at=continue_at,
                 config=config,
                 seed=seed,
                 distributed=distributed,
@@ -235,7 +242,8 @@ class Guard(DeferredSteps):
         run_dir = check_run_dir(run_dir)  # last of the checks: it creates the folder
         self.dist = RankSync.create(model, distributed)  # None in a single process: nothing changes there
         # Locked until close. Rank 0 writes the store; snapshots are per rank (run_dir/rank-<r>).
-        self.run_dir = RunDir.claim(run_dir, resume=resume, overwrite=overwrite, sync=self.dist)
+        continues = continue_at is not None
+        self.run_dir = RunDir.claim(run_dir, resume=resume or continues, overwrite=overwrite, sync=self.dist)
         self.state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, scaler=scaler)
         self.state.history["escalation"] = self.escalation  # survives rollbacks: it counts them
         self._set_up_components(detectors)
@@ -295,6 +303,8 @@ class Guard(DeferredSteps):
         self.components.attach(model)
         self._resumed_settings: ResumedSettings | None = None  # judged at the first update (its loop sets its own)
         self._resumed = self._resume() if resume else None  # before the store's meta changes: it may refuse
+        if continue_at is not None:
+            self._continue_at(continue_at)
         self.recorder.meta(self._describe_run(policy, seed, config))
         self._held_scheduler: HeldScheduler | None = None
         if self._resumed is not None:
@@ -303,6 +313,8 @@ class Guard(DeferredSteps):
             if not steps_scheduler and scheduler is not None:
                 self._held_scheduler = HeldScheduler(scheduler)
         self._start_step = self.global_step
+        if continue_at is not None and self.recovery is not None:
+            self.recovery.first_step = continue_at
         # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR far too
         # high from the start) can only be undone by starting over with the actions. It is taken at the first step,
         # not here: a checkpoint loaded (or an init run) after the Guard's line is the state step 0 trains from.
@@ -885,6 +897,19 @@ class Guard(DeferredSteps):
             if start and self.run_dir.store_dir is not None:
                 self.components.call("data ledger", self.data.recall, self.run_dir.store_dir, start)
         return resumed
+
+    def _continue_at(self, step: int) -> None:
+        """``continue_at``: the loop restored the state of ``step`` itself (a trainer's own checkpoint) and the run in
+        run_dir goes on from there: the store's rows of the steps done again are dropped, its disk snapshots past
+        ``step`` (a future the loop does again) deleted and no snapshot is loaded; the skip list is kept (a rollback
+        done again adds no second entry)."""
+        self.global_step = self.components.step = step
+        if self.recovery is not None and self.recovery.disk is not None:
+            self.recovery.disk.keep_until(step, self.run_dir.resumes)
+        if self.recorder.writer is not None and self.run_dir.resumes_steps > 0:
+            self.recorder.resumed(step, stored=self.run_dir.resumes_steps, source="the loop's own checkpoint")
+            if step and self.run_dir.store_dir is not None:
+                self.components.call("data ledger", self.data.recall, self.run_dir.store_dir, step)
 
     def _newest_every_rank_holds(self) -> int | None:
         """Under torch.distributed, the newest snapshot step every rank has on disk: the ranks write their own

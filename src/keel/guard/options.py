@@ -147,6 +147,18 @@ def _check_overwrite(overwrite: object, args: Mapping[str, Any]) -> None:
         raise ValueError(f"overwrite={overwrite!r}; allowed: True or False")
 
 
+def _check_continue_at(continue_at: object, args: Mapping[str, Any]) -> None:
+    if continue_at is None:
+        return
+    if isinstance(continue_at, bool) or not isinstance(continue_at, int) or not 0 <= continue_at < 2**62:
+        raise ValueError(f"continue_at={continue_at!r}; allowed: None or an int from 0 to 2**62 - 1")
+    if args.get("resume") or args.get("overwrite"):
+        raise ValueError(
+            f"continue_at={continue_at} with resume=True or overwrite=True; allowed: one of them (continue_at goes on "
+            "from a state the loop restored itself, resume from keel's snapshot, overwrite starts a new run)"
+        )
+
+
 def _check_seed(seed: object, args: Mapping[str, Any]) -> None:
     if seed is not None and not _is_int(seed):
         raise ValueError(f"seed={seed!r}; allowed: None or an int")
@@ -235,6 +247,7 @@ _CHECKS = {
     "recovery": _check_recovery,
     "resume": _check_resume,
     "overwrite": _check_overwrite,
+    "continue_at": _check_continue_at,
     "config": _check_config,
     "seed": _check_seed,
     "distributed": _check_distributed,

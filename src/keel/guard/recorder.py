@@ -173,10 +173,11 @@ class Recorder:
         if self.writer is not None:
             self.writer.add_snapshot(step, path, checksum)
 
-    def resumed(self, start: int, *, stored: int) -> None:
-        """A resume from the snapshot of step ``start``: drop the store's rows of the steps done again, and say
-        which steps stay missing when the store holds fewer (``stored``) — a SIGKILL loses the rows of up to its
-        last ``flush_interval`` while a disk snapshot of one of those steps is already written."""
+    def resumed(self, start: int, *, stored: int, source: str = "resume=True: the newest disk snapshot") -> None:
+        """A resume from the state of step ``start`` (``source``: keel's snapshot, or a trainer's checkpoint): drop
+        the store's rows of the steps done again, and say which steps stay missing when the store holds fewer
+        (``stored``) — a SIGKILL loses the rows of up to its last ``flush_interval`` while a disk snapshot of one of
+        those steps is already written."""
         assert self.writer is not None
         self.writer.drop_from(start)
         self.meta({"resumed_from": start})
@@ -184,9 +185,9 @@ class Recorder:
             missing = [stored, start - 1]
             self.meta({"missing_steps": missing})
             warnings.warn(
-                f"resume=True: the run store holds {stored} steps and the newest disk snapshot is of step {start}: "
+                f"{source} is of step {start} and the run store holds {stored} steps: "
                 f"the rows of steps {stored}–{start - 1} were lost when the process was killed before they were "
-                "written (SIGKILL, the OOM killer); training continues from the snapshot, those rows stay missing "
+                "written (SIGKILL, the OOM killer); training continues from that state, those rows stay missing "
                 "(meta missing_steps)",
                 KeelWarning,
                 stacklevel=4,

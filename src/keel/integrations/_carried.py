@@ -22,7 +22,6 @@ run rolled back at update 28 (ending at loss 3.7) was never seen: the resumed ru
 
 from __future__ import annotations
 
-import inspect
 import re
 from pathlib import Path
 from typing import Any
@@ -152,11 +151,6 @@ def earlier_checkpoints_advice(guard: Guard, start: int, folder: object, pattern
     )
 
 
-def takes_continue_at() -> bool:
-    """Whether this keel's `Guard` can continue a run from a state the loop restored (its ``continue_at``)."""
-    return "continue_at" in inspect.signature(Guard.__init__).parameters
-
-
 def continued_step(
     run_dir: str | None, *, step: int, written_by: object, job_folder: object, resume: bool, resumed_by: str
 ) -> int | None:
@@ -174,7 +168,7 @@ def continued_step(
     Raises:
         ValueError: The checkpoint was written by a keel run and the store in ``run_dir`` holds another one.
     """
-    if run_dir is None or resume or not takes_continue_at():
+    if run_dir is None or resume:
         return None
     held = _run_in(str(run_dir))
     if held is None:

@@ -76,7 +76,6 @@ from keel.integrations._carried import (
     kept_history,
     restore_baselines,
     restore_history,
-    takes_continue_at,
 )
 from keel.integrations._eval import eval_metrics
 from keel.integrations._handoff import Handoff
@@ -580,12 +579,8 @@ class KeelCallback(TrainerCallback):
             f"KeelCallback(resume=True) with trainer.train(resume_from_checkpoint=...): the Trainer resumed from "
             f"its checkpoint at step {trainer_step} and keel from its snapshot at step {keel_step}, and keel's "
             "restore would replace the checkpoint's state; allowed: one of them — resume_from_checkpoint "
-            + (
-                "without resume=True (keel continues its run in this run_dir from the checkpoint's step)"
-                if takes_continue_at()
-                else "with a new run_dir (or overwrite=True)"
-            )
-            + ", or keel's resume=True without resume_from_checkpoint"
+            "without resume=True (keel continues its run in this run_dir from the checkpoint's step), or keel's "
+            "resume=True without resume_from_checkpoint"
         )
 
     def _finish(self, exc: BaseException | None = None) -> None:
@@ -643,12 +638,8 @@ def _trainer_starts_over(step: int, max_steps: object) -> str:
         f"keel resumed its run at step {step} from its snapshots (resume=True), but the Trainer starts at step 0: it "
         f"trains {planned} again on top of that state, from its first batch and with its LR schedule restarted. To "
         "continue a killed run, resume the Trainer from its own checkpoint (trainer.train(resume_from_checkpoint=...)) "
-        + (
-            "with this run_dir and without resume=True: keel continues its run there from the checkpoint's step"
-            if takes_continue_at()
-            else "with a KeelCallback that does not resume (a new run_dir)"
-        )
-        + ": keel's actions and baselines travel in the checkpoint"
+        "with this run_dir and without resume=True: keel continues its run there from the checkpoint's step: keel's "
+        "actions and baselines travel in the checkpoint"
     )
 
 

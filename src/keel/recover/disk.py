@@ -224,6 +224,19 @@ class DiskSnapshots:
             remove_snapshot(folder)
             self._own.remove(folder)
 
+    def keep_until(self, step: int, of_run: str | None) -> None:
+        """A run continued at ``step`` from a state the loop restored (`Guard`'s ``continue_at``): the run
+        ``of_run``'s snapshots past ``step`` are deleted (a future the loop does again: a resume must not land
+        there), its earlier ones become this run's own for retention; another run's are left alone."""
+        for folder in self.complete():
+            owner = _run_of(folder)
+            if of_run is not None and owner is not _UNREADABLE and owner != of_run:
+                continue
+            if (snapshot_step(folder) or 0) > step:
+                remove_snapshot(folder)
+            elif folder not in self._own:
+                self._own.append(folder)
+
     def complete(self) -> list[Path]:
         """Finished snapshot folders of every run, in step order (temporary folders of killed writes are ignored)."""
         if not self.directory.is_dir():
