@@ -9,10 +9,8 @@ two short trainings, not two interpreter starts."""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
-import traceback
 from types import SimpleNamespace
 
 import pytest
@@ -26,6 +24,7 @@ import keel  # noqa: E402
 from keel._core import keys  # noqa: E402
 from keel.integrations.hf import KeelCallback  # noqa: E402
 from keel.store import RunReader  # noqa: E402
+from tests.integrations._forked import run_forked  # noqa: E402
 from tests.integrations.test_hf import train  # noqa: E402
 
 STEPS, SAVE = 12, 4
@@ -65,21 +64,7 @@ def _job(out, kill_at: int | None) -> None:
 
 def _run(out, kill_at: int | None = None) -> int:
     """Run the job in a forked child; its wait status's signal (SIGKILL: preempted), or 0 when it finished."""
-    pid = os.fork()
-    if pid == 0:  # the child never returns into pytest
-        code = 0
-        try:
-            out.mkdir(exist_ok=True)  # keel's console lines, for the test to read (the child's logging is its own)
-            logging.getLogger("keel").addHandler(logging.FileHandler(out / "console.log"))
-            _job(out, kill_at)
-        except BaseException:
-            (out / "error.txt").write_text(traceback.format_exc())
-            code = 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert not (out / "error.txt").exists(), (out / "error.txt").read_text()
-    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return run_forked(out, lambda: _job(out, kill_at))
 
 
 def _loss_steps(run_dir) -> list[int]:

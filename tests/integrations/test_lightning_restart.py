@@ -6,10 +6,8 @@ SIGKILLs itself (`tests.integrations.test_hf_restart`)."""
 
 from __future__ import annotations
 
-import logging
 import os
 import signal
-import traceback
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 from keel.integrations.lightning import KeelCallback  # noqa: E402
 from keel.store import RunReader  # noqa: E402
+from tests.integrations._forked import run_forked  # noqa: E402
 from tests.integrations.test_hf_restart import _loss_steps  # noqa: E402
 from tests.integrations.test_lightning import Regression  # noqa: E402
 
@@ -61,21 +60,7 @@ def _job(out, kill_at: int | None, with_keel: bool) -> None:
 
 def _run(out, kill_at: int | None = None, *, with_keel: bool = True) -> int:
     """The job in a forked child; the signal that ended it (SIGKILL: preempted), or its exit code."""
-    out.mkdir(exist_ok=True)
-    pid = os.fork()
-    if pid == 0:
-        code = 0
-        try:
-            logging.getLogger("keel").addHandler(logging.FileHandler(out / "console.log"))
-            _job(out, kill_at, with_keel)
-        except BaseException:
-            (out / "error.txt").write_text(traceback.format_exc())
-            code = 1
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert not (out / "error.txt").exists(), (out / "error.txt").read_text()
-    return os.WTERMSIG(status) if os.WIFSIGNALED(status) else os.WEXITSTATUS(status)
+    return run_forked(out, lambda: _job(out, kill_at, with_keel))
 
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="needs os.fork")
