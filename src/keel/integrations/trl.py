@@ -138,12 +138,12 @@ class KeelTRLCallback(KeelCallback):
         if isinstance(trainer, POLICY_GRADIENT) and policy == "recover":
             self._weights = _FiniteWeights(trainer)
 
-    def _build_guard(self, *, restarted: bool = False) -> Guard:
+    def _build_guard(self, *, restarted: bool = False, continue_at: int | None = None) -> Guard:
         """The Guard, holding the reference model too when the trainer updates it during training: TR-DPO's
         ``sync_ref_model`` mixes it toward the policy every ``ref_model_sync_steps``, so a rollback that restored
         the policy alone left the reference holding the updates it undid (reviewer h26 V11). One copy of the
         reference more per snapshot."""
-        guard = super()._build_guard(restarted=restarted)
+        guard = super()._build_guard(restarted=restarted, continue_at=continue_at)
         reference = getattr(self.trainer, "ref_model", None)
         if getattr(self.trainer.args, "sync_ref_model", False) and isinstance(reference, nn.Module):
             guard.track(reference, name="ref_model")
