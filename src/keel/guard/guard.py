@@ -42,7 +42,7 @@ from keel.guard.evaluation import EvalSpec, Evaluation, Goal
 from keel.guard.fabric import fabric_scaler_of, fabric_wrapped
 from keel.guard.host_side import compile_ready, host_side
 from keel.guard.optimizers import Optimizers
-from keel.guard.options import check_arguments, check_loss, check_probes, check_run_dir
+from keel.guard.options import check_arguments, check_loss, check_probes, check_run_dir, is_step
 from keel.guard.rank_outlier import RankOutlierConfig, RankOutlierDetector
 from keel.guard.recorder import Recorder
 from keel.guard.resumed_scheduler import HeldScheduler
@@ -313,8 +313,6 @@ class Guard(DeferredSteps):
             if not steps_scheduler and scheduler is not None:
                 self._held_scheduler = HeldScheduler(scheduler)
         self._start_step = self.global_step
-        if continue_at is not None and self.recovery is not None:
-            self.recovery.first_step = continue_at
         # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR far too
         # high from the start) can only be undone by starting over with the actions. It is taken at the first step,
         # not here: a checkpoint loaded (or an init run) after the Guard's line is the state step 0 trains from.
@@ -384,7 +382,7 @@ class Guard(DeferredSteps):
         Raises:
             ValueError: ``step`` is not an int >= 0, the Guard has stepped, or it resumed a run.
         """
-        if not isinstance(step, int) or isinstance(step, bool) or not 0 <= step < 2**62:
+        if not is_step(step):
             raise ValueError(f"start_at(step={step!r}); allowed: an int from 0 to 2**62 - 1")
         if self._resumed is not None or self.global_step != self._start_step:
             why = "resumed the run from its snapshot" if self._resumed is not None else "has stepped already"
@@ -901,11 +899,13 @@ class Guard(DeferredSteps):
     def _continue_at(self, step: int) -> None:
         """``continue_at``: the loop restored the state of ``step`` itself (a trainer's own checkpoint) and the run in
         run_dir goes on from there: the store's rows of the steps done again are dropped, its disk snapshots past
-        ``step`` (a future the loop does again) deleted and no snapshot is loaded; the skip list is kept (a rollback
-        done again adds no second entry)."""
+        ``step`` (a future the loop does again) deleted, no snapshot is loaded and no rollback reaches before ``step``;
+        the skip list is kept (a rollback done again adds no second entry)."""
         self.global_step = self.components.step = step
-        if self.recovery is not None and self.recovery.disk is not None:
-            self.recovery.disk.keep_until(step, self.run_dir.resumes)
+        if self.recovery is not None:
+            self.recovery.first_step = step  # no rollback reaches before the state the loop restored
+            if self.recovery.disk is not None:
+                self.recovery.disk.keep_until(step, self.run_dir.resumes)
         if self.recorder.writer is not None and self.run_dir.resumes_steps > 0:
             self.recorder.resumed(step, stored=self.run_dir.resumes_steps, source="the loop's own checkpoint")
             if step and self.run_dir.store_dir is not None:

@@ -150,7 +150,7 @@ def _check_overwrite(overwrite: object, args: Mapping[str, Any]) -> None:
 def _check_continue_at(continue_at: object, args: Mapping[str, Any]) -> None:
     if continue_at is None:
         return
-    if isinstance(continue_at, bool) or not isinstance(continue_at, int) or not 0 <= continue_at < 2**62:
+    if not is_step(continue_at):
         raise ValueError(f"continue_at={continue_at!r}; allowed: None or an int from 0 to 2**62 - 1")
     if args.get("resume") or args.get("overwrite"):
         raise ValueError(
@@ -317,6 +317,11 @@ def check_loss(loss: object, name: str = "loss") -> None:
 
 def _has_methods(obj: object, names: Sequence[str]) -> bool:
     return all(callable(getattr(obj, name, None)) for name in names)
+
+
+def is_step(value: object) -> bool:
+    """Whether ``value`` is a step number a run can start from: an int (not a bool) from 0 to 2**62 - 1."""
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 2**62
 
 
 def _is_int(value: object) -> bool:

@@ -638,8 +638,8 @@ def _trainer_starts_over(step: int, max_steps: object) -> str:
         f"keel resumed its run at step {step} from its snapshots (resume=True), but the Trainer starts at step 0: it "
         f"trains {planned} again on top of that state, from its first batch and with its LR schedule restarted. To "
         "continue a killed run, resume the Trainer from its own checkpoint (trainer.train(resume_from_checkpoint=...)) "
-        "with this run_dir and without resume=True: keel continues its run there from the checkpoint's step: keel's "
-        "actions and baselines travel in the checkpoint"
+        "with this run_dir and without resume=True: keel continues its run there from the checkpoint's step (keel's "
+        "actions and baselines travel in the checkpoint)"
     )
 
 
