@@ -188,3 +188,4 @@ def test_keel_doctor_draws_a_bar_over_one_big_logs_bytes_on_a_terminal(tmp_path,
         terminal.close()
         os.close(leader)
     assert "keel doctor stdout.log" in drawn and "1.00M" in drawn  # the file's bytes, not its steps
+    assert "keel doctor stdout.log: detectors" in drawn  # then the detectors' pass (was: the bytes bar at 100 %)

@@ -27,6 +27,7 @@ from keel._core.finding import Finding
 from keel._core.observation import Observation
 from keel.detect import Detector
 from keel.detect.scan import ReadsKeys, SignalScan
+from keel.doctor.table import Column
 from keel.doctor.timeline import Timeline
 
 SCAN, REST, SPARSE, EVERY, IDLE = "scan", "rest", "sparse", "every", "idle"
@@ -67,10 +68,8 @@ class Plan:
                 if col is None:
                     self.modes.append(IDLE)  # all NaN: a scan changes nothing
                     continue
-                values = np.full(n, np.nan)
-                values[col.rows] = col.values
                 self.modes.append(SCAN)
-                self.series[i] = values
+                self.series[i] = _series(col, n)
             elif isinstance(det, ReadsKeys):
                 logged, non_finite = _rows_of(timeline, det.reads)
                 rests = det.rests_when_finite is True
@@ -78,6 +77,18 @@ class Plan:
                 self.rows[i] = non_finite if rests else logged
             else:
                 self.modes.append(EVERY)
+
+
+def _series(col: Column, count: int) -> np.ndarray:
+    """A signal's values by observation, NaN where not logged; a signal logged at every observation is read from
+    its column as it is (read-only), not copied for each detector that scans it."""
+    if len(col.rows) == count:
+        values = col.values.view()
+        values.flags.writeable = False
+        return values
+    values = np.full(count, np.nan)
+    values[col.rows] = col.values
+    return values
 
 
 def advance(detectors: list[Detector], plan: Plan, first: int, stop: int, broken: Broken) -> list[Finding]:

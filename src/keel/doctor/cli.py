@@ -12,16 +12,18 @@ log cannot be read (one ``keel doctor: error: …`` line on stderr per log, neve
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import stat
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from keel._core.printable import printable
 from keel._core.progress import print_above_progress, step_progress
 from keel.doctor._text import reading_reported
-from keel.doctor.examine import examine_log
-from keel.doctor.formats import FORMATS, find_logs, logs_left_out
+from keel.doctor.examine import examine
+from keel.doctor.formats import FORMATS, find_logs, logs_left_out, read_log
 from keel.doctor.log import LogReadError
 from keel.doctor.result import DoctorResult
 from keel.doctor.text import format_result
@@ -95,20 +97,34 @@ def _examine(
     """Examine one log into ``results`` (with ``progress``, a bar over a big file's bytes while it is read); the
     one-line error when it cannot be read."""
     size = _file_size(path) if progress else 0
+    desc, big = f"keel doctor {printable(Path(path).name)}", size >= BIG_LOG_BYTES
     try:
-        with (
-            step_progress(
-                (0, size), f"keel doctor {printable(Path(path).name)}", enabled=size >= BIG_LOG_BYTES, unit="B"
-            ) as reached,
-            reading_reported(reached),
-        ):
-            results.append(examine_log(path, format=format))
+        with step_progress((0, size), desc, enabled=big, unit="B") as reached, reading_reported(reached):
+            log = read_log(path, format)
+        with _bar_over_observations(f"{desc}: detectors", enabled=big) as examined:
+            results.append(examine(log, progress=examined))
     except LogReadError as exc:
         return printable(str(exc))
     except (ValueError, OverflowError, RecursionError, MemoryError, UnicodeError) as exc:
         # Garbage that slipped past a reader's checks: still one line, still exit 2.
         return printable(f"{path}: could not be read as a training log ({type(exc).__name__}: {exc})")
     return None
+
+
+@contextlib.contextmanager
+def _bar_over_observations(desc: str, *, enabled: bool) -> Iterator[Callable[[int, int], None]]:
+    """`examine`'s ``progress(done, total)``, drawn as a bar over the observations once the total is known: after a
+    big log's bytes are read, its detectors' pass shows as well (it was a bar standing at 100 %)."""
+    with contextlib.ExitStack() as stack:
+        reached: Callable[[int], None] | None = None
+
+        def examined(done: int, total: int) -> None:
+            nonlocal reached
+            if reached is None:
+                reached = stack.enter_context(step_progress((0, total), desc, enabled=enabled))
+            reached(done)
+
+        yield examined
 
 
 def _file_size(path: str | Path) -> int:

@@ -20,6 +20,7 @@ trainer's, while elsewhere such generic names keep their own.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable
 
@@ -140,7 +141,18 @@ def normalize(name: str) -> str:
         >>> normalize("Grad-Norm"), normalize("lm loss"), normalize("train/loss"), normalize("_step")
         ('grad_norm', 'lm_loss', 'train_loss', 'step')
     """
+    # a console log names its few fields again on every line: short names are remembered (a bounded cache)
+    return _normalize_short(name) if len(name) <= MAX_REMEMBERED_NAME else _normalize(name)
+
+
+MAX_REMEMBERED_NAME = 256
+
+
+def _normalize(name: str) -> str:
     return re.sub(r"[^0-9a-z]+", "_", name.strip().lower()).strip("_")
+
+
+_normalize_short = functools.lru_cache(maxsize=4096)(_normalize)
 
 
 # TRL's statistic names, normalized, bare or with the "train/" prefix loggers add → keel key; and the ones that

@@ -92,13 +92,25 @@ def examine_log(
     return examine(read_log(path, format), detectors=detectors)
 
 
-def examine(log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None = None) -> DoctorResult:
-    """Run detectors over an already read `RawLog` (see `examine_log`)."""
-    return examine_timeline(log, detectors=detectors)[0]
+def examine(
+    log: RawLog,
+    *,
+    detectors: Callable[[], Sequence[Detector]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
+) -> DoctorResult:
+    """Run detectors over an already read `RawLog` (see `examine_log`).
+
+    ``progress(done, total)`` is told how many of the log's observations the detectors have read, a stretch (at
+    most `CHECKPOINT_EVERY`) at a time, ending with ``(total, total)``: `keel doctor`'s bar over a big log.
+    """
+    return examine_timeline(log, detectors=detectors, progress=progress)[0]
 
 
 def examine_timeline(
-    log: RawLog, *, detectors: Callable[[], Sequence[Detector]] | None = None
+    log: RawLog,
+    *,
+    detectors: Callable[[], Sequence[Detector]] | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> tuple[DoctorResult, Timeline]:
     """`examine`, and the `Timeline` the detectors read (the log's observations, as `keel.doctor.to_store` writes
     them)."""
@@ -181,6 +193,8 @@ def examine_timeline(
         kept_steps.extend(steps[index:stop].tolist())
         last = int(steps[stop - 1])
         index = stop
+        if progress is not None:
+            progress(index, n)
         if len(kept) - checkpoints[-1][0] >= CHECKPOINT_EVERY:
             checkpoints.append((len(kept), _states(dets, broken)))
             _thin(checkpoints)

@@ -117,9 +117,9 @@ def _fields(text: str) -> dict[str, str] | None:
         if not colon or _LETTER.search(name) is None:
             return None
         value = value.strip()
-        if split := _SPLIT_VALUE.fullmatch(value):
+        if "/" in value and (split := _SPLIT_VALUE.fullmatch(value)):
             value = split.group(1)
-        elif suffixed := _SUFFIXED.fullmatch(value):
+        elif value[-1:] in SUFFIXES and (suffixed := _SUFFIXED.fullmatch(value)):
             value = str(float(suffixed.group(1)) * SUFFIXES[suffixed.group(2)])
         fields[normalize(name)] = value
     return fields

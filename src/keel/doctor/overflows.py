@@ -13,7 +13,6 @@ no loss logged after it has nothing to show it was skipped and stays critical.
 
 from __future__ import annotations
 
-import math
 from dataclasses import replace
 
 import numpy as np
@@ -32,21 +31,18 @@ def skipped_overflows(findings: list[Finding], timeline: Timeline) -> list[Findi
     if loss is None or grad is None:
         return findings
     n = len(timeline)
-    losses = np.full(n, np.nan)
-    losses[loss.rows] = loss.values
-    has_loss = np.zeros(n, dtype=bool)
-    has_loss[loss.rows] = True
+    finite_loss = np.zeros(n, dtype=bool)
+    finite_loss[loss.rows] = np.isfinite(loss.values)
     grad_bad = np.zeros(n, dtype=bool)
     grad_bad[grad.rows] = ~np.isfinite(grad.values)
-    limit = NonFiniteConfig().max_overflows
-    skipped: dict[int, int] = {}  # step → overflows in a row, for each non-finite gradient shown skipped
-    run = 0
-    for i in range(n):
-        overflow = bool(grad_bad[i]) and has_loss[i] and math.isfinite(losses[i])
-        run = run + 1 if overflow else 0
-        after = i + 1 < n and has_loss[i + 1] and math.isfinite(losses[i + 1])
-        if overflow and after and run < limit:
-            skipped[int(timeline.steps[i])] = run
+    overflow = grad_bad & finite_loss
+    # overflows in a row up to each observation: its distance from the last observation that was not one
+    index = np.arange(n)
+    run = index - np.maximum.accumulate(np.where(overflow, -1, index))
+    after = np.append(finite_loss[1:], False)  # the next observation's loss is finite
+    shown = np.flatnonzero(overflow & after & (run < NonFiniteConfig().max_overflows))
+    # step → overflows in a row, for each non-finite gradient shown skipped (a restarted step: its last)
+    skipped = dict(zip(timeline.steps[shown].tolist(), run[shown].tolist(), strict=True))
     return [_as_overflow(f, skipped[f.step]) if _is_grad_nan(f) and f.step in skipped else f for f in findings]
 
 

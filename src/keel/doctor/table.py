@@ -50,7 +50,7 @@ class LogTable(Sequence[tuple[int, dict[str, float]]]):
 
     def __init__(self, steps: np.ndarray | None = None, columns: Mapping[str, Column] | None = None) -> None:
         self.steps = np.zeros(0, dtype=np.int64) if steps is None else np.asarray(steps, dtype=np.int64)
-        self.columns: dict[str, Column] = dict(columns or {})
+        self.columns: dict[str, Column] = _share_full_rows(len(self.steps), dict(columns or {}))
 
     @classmethod
     def from_records(cls, records: Iterable[tuple[int, Mapping[str, float]]]) -> LogTable:
@@ -133,7 +133,8 @@ class TableBuilder:
 
     def __init__(self) -> None:
         self._steps = array("q")
-        self._rows: dict[str, array] = {}
+        # a column's row numbers, None while it has logged every record so far (rows 0, 1, 2 …: not stored)
+        self._rows: dict[str, array | None] = {}
         self._values: dict[str, array] = {}
 
     def __len__(self) -> int:
@@ -144,21 +145,25 @@ class TableBuilder:
         row = len(self._steps)
         self._steps.append(step)
         for name, value in values.items():
-            rows = self._rows.get(name)
-            if rows is None:
-                rows = self._rows[name] = array("q")
-                self._values[name] = array("d")
-            rows.append(row)
-            self._values[name].append(value)
+            logged = self._values.get(name)
+            if logged is None:
+                logged = self._values[name] = array("d")
+                self._rows[name] = None if row == 0 else array("q")
+            rows = self._rows[name]
+            if rows is None and len(logged) < row:  # its first gap: from here on its rows are kept
+                rows = self._rows[name] = array("q", range(len(logged)))
+            if rows is not None:
+                rows.append(row)
+            logged.append(value)
 
     def build(self) -> LogTable:
-        columns = {
-            name: Column(
-                rows=np.frombuffer(self._rows[name], dtype=np.int64),
-                values=np.frombuffer(self._values[name], dtype=np.float64),
+        columns = {}
+        for name, logged in self._values.items():
+            rows = self._rows[name]
+            columns[name] = Column(
+                rows=np.arange(len(logged), dtype=np.int64) if rows is None else np.frombuffer(rows, dtype=np.int64),
+                values=np.frombuffer(logged, dtype=np.float64),
             )
-            for name in self._rows
-        }
         return LogTable(np.frombuffer(self._steps, dtype=np.int64), columns)
 
 
@@ -246,6 +251,21 @@ class Scalars:
             picked = by_tag[first[i] : first[i] + counts[i]]
             columns[names[int(tag_ids[i])]] = Column(rows=rows[picked], values=values[picked])
         return LogTable(steps[new_record], columns)
+
+
+def _share_full_rows(count: int, columns: dict[str, Column]) -> dict[str, Column]:
+    """``columns`` with every column that logged all ``count`` records given one shared, read-only ``rows`` (0 …
+    count - 1): a dense log's row numbers are held once, not once per column (8 bytes per value each)."""
+    shared = None
+    for name, col in columns.items():
+        rows = col.rows
+        # rows increase, so count of them from 0 to count - 1 are all of them
+        if len(rows) == count and count and rows[0] == 0 and rows[-1] == count - 1 and rows is not shared:
+            if shared is None:
+                shared = np.arange(count, dtype=np.int64)
+                shared.flags.writeable = False
+            columns[name] = Column(rows=shared, values=col.values)
+    return columns
 
 
 def _pairs_repeat(steps: np.ndarray, tags: np.ndarray) -> bool:

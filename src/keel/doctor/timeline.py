@@ -170,7 +170,7 @@ def build_timeline(log: RawLog) -> Timeline:
     families = _families(mapping.values())
     starts, merged, orders = _merge(table, mapping)
     timeline = Timeline(
-        steps=table.steps[starts],
+        steps=table.steps if merged == 0 else table.steps[starts],
         columns={key: name for name, key in mapping.items() if key != name},
         families=sorted(families),
         merged=merged,
