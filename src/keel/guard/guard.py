@@ -50,7 +50,7 @@ from keel.guard.resumed_settings import ResumedSettings, optimizer_settings
 from keel.guard.run_dir import RunDir
 from keel.guard.run_end import RunEnd
 from keel.guard.user_signals import split_signals
-from keel.guard.weights_check import broken_update_finding, non_finite_parameters
+from keel.guard.weights_check import broken_update_finding, non_finite_parameters, update_proven_finite
 from keel.recover import Actuator, Escalation, EscalationConfig, Policy, Recovery, RecoveryConfig, TrainingState
 from keel.recover.replay import StepReplay
 from keel.recover.running_stats import RunningStats
@@ -294,6 +294,9 @@ class Guard(DeferredSteps):
         # a GradScaler (the actuator's rollback closes the scaler's step, which its update has closed already)
         scaling = scaler is not None and scaler.is_enabled()
         self._checks_weights = policy == "recover" and sync == "step" and not scaling
+        self._checks_every_update = rollbacks.check_weights == "every_update"
+        self._weights_read = False  # the first update's weights are read whatever the optimizer (its state may be
+        # loaded from elsewhere)
         acts = policy != "observe" and sync == "step"  # (deferred: the host learns of a skip one step late)
         self._running_stats = RunningStats.of(model) if acts else None
         replays = rollbacks.replay and policy != "observe" and self.dist is None  # observe changes nothing
@@ -529,7 +532,8 @@ class Guard(DeferredSteps):
             self.components.fail("guard", step, exc, disable=False)  # each probe and detector is fenced on its own
         # keel's own clipping scales the gradients as they are now: after the loop's clipping, if it clipped
         decision = self.actuator.apply(decision, norm_now, self.escalation.rollbacks_in_window(step))
-        if decision.stepped and self._checks_weights:  # a rollback now, before the loop's next forward
+        if decision.stepped and self._checks_weights and self._update_unproven(decision, norm_now, ctx):
+            # a rollback now, before the loop's next forward
             decision = self.components.call("weights check", self._roll_back_broken_update, decision, ctx) or decision
         if self._running_stats is not None:  # a skipped update's forward leaves no trace in BatchNorm's statistics
             self.components.call("running statistics", self._keep_running_stats, decision)
@@ -788,6 +792,17 @@ class Guard(DeferredSteps):
             ),
         )
 
+    def _update_unproven(self, decision: Decision, grad_norm: float, ctx: StepContext | None) -> bool:
+        """Whether the weights this applied update left are read (`keel.guard.weights_check`): always with
+        ``check_weights="every_update"``, under ``torch.distributed``, for the first update and when a snapshot
+        follows it; else when `update_proven_finite` cannot vouch for it from this step's finite gradient norm."""
+        if self._checks_every_update or self.dist is not None or not self._weights_read or self.recovery is None:
+            return True
+        if ctx is None or not math.isfinite(grad_norm) or self.recovery.due_after(decision.step, decision.findings):
+            return True
+        dtypes = {p.dtype for p in ctx.params}
+        return not update_proven_finite(self.optimizer, dtypes, self.actuator.lr_scales(decision.step))
+
     def _roll_back_broken_update(self, decision: Decision, ctx: StepContext | None) -> Decision:
         """The decision after checking the weights this applied update left: as it is when they are finite, else a
         rollback (or the abort the escalation ladder turns it into), carried out now (`keel.guard.weights_check`).
@@ -798,6 +813,7 @@ class Guard(DeferredSteps):
         else:  # keel's measuring failed this step; every rank still takes part in the check (a collective)
             names = self._names
             params = [_local(p) for p in self._params] if self.dist is not None and self.dist.sharded else self._params
+        self._weights_read = True
         broken = non_finite_parameters(names, params, self.dist)
         if not broken:
             return decision

@@ -32,7 +32,7 @@ import warnings
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -89,6 +89,13 @@ class RecoveryConfig:
         copy_fixed: Snapshots copy every parameter, also those the optimizer cannot change (a LoRA fine-tune's
             frozen base), which by default are only recorded (`keel.recover.fixed`). For code that writes frozen
             weights during training through ``p.data`` (peft's ``merge_adapter``), which a rollback cannot see.
+        check_weights: Which applied updates the Guard reads the weights after (``policy="recover"``, to roll back
+            before the loop's next forward when one left NaN/Inf; `keel.guard.weights_check`): ``"unproven"``, those
+            whose finite result keel cannot prove (any but torch.optim's Adam, AdamW and SGD from finite gradients
+            with sane settings and no step hooks; float16 weights; under ``torch.distributed``), the first one, and
+            each one a snapshot follows; ``"every_update"``, all of them (one more read of the weights a step), for
+            a loop that writes weights between its backward and the update and samples from them before keel's
+            next step.
     """
 
     snapshot_every: int = 25
@@ -108,6 +115,7 @@ class RecoveryConfig:
     replay: bool = False
     replay_rtol: float = 0.1
     copy_fixed: bool = False
+    check_weights: Literal["unproven", "every_update"] = "unproven"
 
     def __post_init__(self) -> None:
         check_types(self)
@@ -248,15 +256,25 @@ class Recovery:
 
     def after_step(self, steps_done: int) -> Snapshot | None:
         """Take a snapshot of the state at the start of step ``steps_done`` if one is due."""
-        interval = (
-            self.config.snapshot_every_on_warning
-            if steps_done - self._last_warning <= self.config.snapshot_every
-            else self.config.snapshot_every
-        )
-        if steps_done - self._last_snapshot < interval or steps_done - self._last_trouble <= self.config.quiet_steps:
+        if not self._due(steps_done, self._last_warning, self._last_trouble):
             return None
         to_disk = self.writes_disk and (self._taken + 1) % self.config.disk_every == 0  # type: ignore[operator]
         return self._take(steps_done, to_disk=to_disk)
+
+    def due_after(self, step: int, findings: tuple[Finding, ...]) -> bool:
+        """Whether the applied update of ``step`` will be snapshotted: `after_step` (``step + 1``) takes one once
+        `note` has seen ``findings`` (a warning shortens the interval, a critical finding holds snapshots back)."""
+        warned = any(f.severity == "warning" for f in findings)
+        critical = any(f.severity == "critical" for f in findings)
+        return self._due(step + 1, step if warned else self._last_warning, step if critical else self._last_trouble)
+
+    def _due(self, steps_done: int, last_warning: float, last_trouble: float) -> bool:
+        interval = (
+            self.config.snapshot_every_on_warning
+            if steps_done - last_warning <= self.config.snapshot_every
+            else self.config.snapshot_every
+        )
+        return steps_done - self._last_snapshot >= interval and steps_done - last_trouble > self.config.quiet_steps
 
     @property
     def writes_disk(self) -> bool:

@@ -43,11 +43,14 @@ from keel.harness.bench.loop import example_lm_losses, train_steps
 from keel.harness.bench.rl_signals import KINDS, SignalKind, rl_signal_source
 from keel.integrations.watch import Watch, watch
 from keel.proxy import ProxyBatches, create_proxy_model, list_proxy_sizes
+from keel.recover.recovery import RecoveryConfig
 from keel.signals import DEFAULT_PROBES, OpposingSignalsProbe, SourceGradientsProbe, source_losses
 from keel.signals.attribution import Attribution
 
 Policy = Literal["observe", "skip", "recover"]
 WATCH = "keel.watch"  # the variant's marker among its Guard arguments
+EVERY_UPDATE = "check_weights=every_update"
+EVERY_UPDATE_CONFIG = RecoveryConfig(check_weights="every_update")
 SIGNALS = (
     "keel.signals"  # the marker of an RL loop's variant: its kind of signals= dict (keel.harness.bench.rl_signals)
 )
@@ -72,7 +75,8 @@ class OverheadConfig:
             of all rounds): a process's own speed differs from another's by up to ~10 % on a small machine.
         warmup: Untimed steps per variant first.
         full_log_every: ``log_every`` of the full-probe variant.
-        policies: Also time `Guard(policy=p)` with the default probes for each of these.
+        policies: Also time `Guard(policy=p)` with the default probes for each of these; with ``recover``, also
+            ``RecoveryConfig(check_weights="every_update")`` (the weights read after every update).
         watch: Also time ``keel.watch(model, optimizer, policy="skip")`` on the loop as it is (its
             ``optimizer.step()`` hooked, the loss taken from the backward), and ``keel.watch`` under each other
             policy of ``policies``.
@@ -140,6 +144,8 @@ class OverheadConfig:
             "full": {"policy": "observe", "probes": "full", "log_every": self.full_log_every},
         }
         variants.update({f"policy={p}": {"policy": p} for p in self.policies})
+        if "recover" in self.policies:  # the weights read after every update, not only the unproven ones
+            variants[f"policy=recover, {EVERY_UPDATE}"] = {"policy": "recover", "recovery": EVERY_UPDATE_CONFIG}
         if self.watch:
             for p in dict.fromkeys(("skip", *self.policies)):
                 variants[f"watch, policy={p}"] = {"policy": p, WATCH: True}
@@ -533,16 +539,16 @@ def main(args: argparse.Namespace) -> int:
         f"{config.rounds} rounds x {config.repeats} repeats x {config.steps} steps, one process per variant and "
         f"round, interleaved"
     )
-    print(f"  {'variant':22s}{'ms/step':>9s}{'ratio':>9s}{'steady':>9s}{'cpu':>9s}")
-    print(f"  {'bare loop':22s}{ms['bare']:9.2f}")
     labels = {"default": "Guard default", "full": f"observe, full probes/{config.full_log_every}"}
+    labels |= {name: labels.get(name, "Guard " + name) for name in ratio}
+    width = max(22, *(len(label) + 1 for label in labels.values()))
+    print(f"  {'variant':{width}s}{'ms/step':>9s}{'ratio':>9s}{'steady':>9s}{'cpu':>9s}")
+    print(f"  {'bare loop':{width}s}{ms['bare']:9.2f}")
     for name in ratio:
         cpu = result["ratio_cpu"][name]
-        print(
-            f"  {labels.get(name, 'Guard ' + name):22s}{ms[name]:9.2f}{ratio[name]:9.4f}{steady[name]:9.4f}{cpu:9.4f}"
-        )
+        print(f"  {labels[name]:{width}s}{ms[name]:9.2f}{ratio[name]:9.4f}{steady[name]:9.4f}{cpu:9.4f}")
     control = f"{result['control']:9.4f}{'':9s}{result['control_cpu']:9.4f}"
-    print(f"  {'control: bare again':22s}{'':9s}{control}   (the method's own noise: ideally 1)")
+    print(f"  {'control: bare again':{width}s}{'':9s}{control}   (the method's own noise: ideally 1)")
     for name, snap in result["snapshots"].items():
         print(f"  {name}: {snap['snapshots']} snapshots in the ring, {snap['blocked_ms_total']:.1f} ms blocked in all")
     if config.compile:  # each variant warmed one whole period of its probes' cadences first (_compile_warmup)
