@@ -1,0 +1,202 @@
+"""keel around optimizers whose state is not Adam's: SOAP, Shampoo, Muon, Lion, Prodigy, schedule-free AdamW,
+Adafactor, LAMB, D-Adaptation (PyPI's ``pytorch_optimizer``) and torch's own Muon and Adafactor.
+
+Outside-in: each is built as its documentation shows it (pytorch_optimizer's Muon with ``use_muon`` groups, torch's
+Muon on the matrices beside an AdamW, schedule-free AdamW switched to ``train()``), and a loop of the plain shape
+injects what keel exists for — a NaN gradient, an Inf written into a weight between steps. What must hold for every
+one: a skip leaves the weights and the whole optimizer state bit-identical (the state compared field by field, also
+inside the objects ScalableShampoo keeps), a rollback restores them bit-exact to a copy the loop took at the
+restored step, a disk resume loads that copy into fresh objects, and keel records no error of its own.
+
+The tests that need ``pytorch_optimizer`` skip without it (it is in the ``dev`` extra).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import keel
+
+NAN_GRADIENT_AT, INF_WEIGHT_AT, STEPS = 4, 9, 12  # snapshots every 3 steps: the rollback restores step 6
+
+
+def _model() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.ReLU(), nn.Linear(16, 1))
+
+
+def _matrices_and_rest(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    return [p for p in model.parameters() if p.ndim == 2], [p for p in model.parameters() if p.ndim != 2]
+
+
+def _po() -> Any:
+    return pytest.importorskip("pytorch_optimizer")
+
+
+def _po_muon(model: nn.Module) -> torch.optim.Optimizer:
+    mats, rest = _matrices_and_rest(model)
+    return _po().Muon([{"params": mats, "use_muon": True}, {"params": rest, "use_muon": False}], lr=0.02)
+
+
+def _torch_muon_and_adamw(model: nn.Module) -> torch.optim.Optimizer:
+    mats, rest = _matrices_and_rest(model)
+    muon = torch.optim.Muon(mats, lr=0.02, adjust_lr_fn="match_rms_adamw")
+    return keel.Optimizers(muon, torch.optim.AdamW(rest, lr=1e-3))
+
+
+def _schedule_free(model: nn.Module) -> torch.optim.Optimizer:
+    optimizer = _po().ScheduleFreeAdamW(model.parameters(), lr=2.5e-3)
+    optimizer.train()
+    return optimizer
+
+
+OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "SOAP": lambda m: _po().SOAP(m.parameters(), lr=3e-3, precondition_frequency=2),
+    "ScheduleFreeAdamW": _schedule_free,
+    "Muon(pytorch_optimizer)": _po_muon,
+    "torch Muon + AdamW": _torch_muon_and_adamw,
+    "torch Adafactor": lambda m: torch.optim.Adafactor(m.parameters(), lr=1e-2),
+    "Shampoo": lambda m: _po().Shampoo(m.parameters(), lr=1e-2, preconditioning_compute_steps=2),
+    "ScalableShampoo": lambda m: _po().ScalableShampoo(
+        m.parameters(), lr=1e-3, start_preconditioning_step=3, preconditioning_compute_steps=2
+    ),
+    "Lion": lambda m: _po().Lion(m.parameters(), lr=1e-4),
+    "Prodigy": lambda m: _po().Prodigy(m.parameters(), lr=1.0),
+    "AdaFactor(pytorch_optimizer)": lambda m: _po().AdaFactor(m.parameters(), lr=1e-3),
+    "Lamb": lambda m: _po().Lamb(m.parameters(), lr=1e-3),
+    "DAdaptAdam": lambda m: _po().DAdaptAdam(m.parameters(), lr=0.1),
+}
+DEFAULT_SUITE = {"SOAP", "ScheduleFreeAdamW", "Muon(pytorch_optimizer)", "torch Muon + AdamW"}
+# the rest run under -m slow; ScalableShampoo's state holds Python objects, which keel does not write to disk
+NO_DISK = {"ScalableShampoo"}
+
+
+def _batch(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + i)
+    x = torch.randn(32, 8, generator=g)
+    return x, x[:, :1] * 2 - x[:, 1:2]
+
+
+def _held(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[list[torch.Tensor], dict[str, Any]]:
+    """The weights and the optimizer's whole state_dict, copied."""
+    return [p.detach().clone() for p in model.parameters()], copy.deepcopy(optimizer.state_dict())
+
+
+def _differences(a: Any, b: Any, path: str = "") -> list[str]:
+    """Where two states differ, bit for bit (NaN equals NaN; tensors by their bytes, objects by their fields)."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        both = isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+        if not both or (a.shape, a.dtype) != (b.shape, b.dtype):
+            return [f"{path}: {a!r:.60} vs {b!r:.60}"]
+        bits = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+        return [] if torch.equal(a.contiguous().view(bits), b.contiguous().view(bits)) else [f"{path}: tensor"]
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = [f"{path}: keys {sorted(map(str, a.keys() ^ b.keys()))}"] if a.keys() != b.keys() else []
+        return keys + [d for k in a.keys() & b.keys() for d in _differences(a[k], b[k], f"{path}/{k}")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} vs {len(b)} items"]
+        return [d for i, (x, y) in enumerate(zip(a, b, strict=True)) for d in _differences(x, y, f"{path}/{i}")]
+    if isinstance(a, float) and isinstance(b, float) and math.isnan(a) and math.isnan(b):
+        return []
+    if type(a) is type(b) and hasattr(a, "__dict__") and not isinstance(a, type):
+        return _differences(vars(a), vars(b), f"{path}.{type(a).__name__}")
+    return [] if a == b else [f"{path}: {a!r:.60} vs {b!r:.60}"]
+
+
+def _run(
+    model: nn.Module, optimizer: torch.optim.Optimizer, guard: keel.Guard
+) -> tuple[list[str], dict[int, tuple[list[torch.Tensor], dict[str, Any]]]]:
+    """Train ``STEPS`` steps with a NaN gradient and an Inf weight injected: (where the skip and the rollback left
+    the weights or the optimizer state other than the loop's copy — empty when bit-exact, the loop's copies by step
+    (the state after that many updates))."""
+    problems: list[str] = []
+    copies, actions = {}, []
+    for i in range(STEPS):
+        x, y = _batch(i)
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if i == NAN_GRADIENT_AT:
+            next(model.parameters()).grad[0, 0] = float("nan")
+        if i == INF_WEIGHT_AT:
+            with torch.no_grad():
+                list(model.parameters())[2][0, 0] = float("inf")  # written between steps, by the loop
+        step = guard.global_step
+        copies[step] = _held(model, optimizer)
+        decision = guard.step(loss)
+        optimizer.zero_grad(set_to_none=True)
+        actions.append(decision.action)
+        if decision.action == "skip":
+            problems += _differences(copies[step], _held(model, optimizer), f"skip {i}")
+        if decision.action == "rollback":
+            problems += _differences(copies[decision.restored_step], _held(model, optimizer), f"rollback {i}")
+    expected = ["skip" if i == NAN_GRADIENT_AT else "rollback" if i == INF_WEIGHT_AT else "ok" for i in range(STEPS)]
+    assert actions == expected
+    assert not [f for f in guard.findings if f.kind == "keel_error"]
+    return problems, copies
+
+
+def _params(names: set[str]) -> list[Any]:
+    marks = {name: () if name in names else (pytest.mark.slow,) for name in OPTIMIZERS}
+    return [pytest.param(name, id=name, marks=marks[name]) for name in OPTIMIZERS]
+
+
+@pytest.mark.parametrize("name", _params(DEFAULT_SUITE))
+def test_skip_rollback_and_resume_are_bit_exact(name: str, tmp_path: Path) -> None:
+    config = keel.RecoveryConfig(snapshot_every=3, disk_every=1, quiet_steps=0)
+    model = _model()
+    optimizer = OPTIMIZERS[name](model)
+    with keel.Guard(model, optimizer, run_dir=str(tmp_path), policy="recover", recovery=config) as guard:
+        problems, copies = _run(model, optimizer, guard)
+    assert problems == []
+
+    fresh_model = _model()
+    with torch.no_grad():
+        for p in fresh_model.parameters():
+            p.add_(1.0)  # not the run's weights: the resume must bring them
+    fresh = OPTIMIZERS[name](fresh_model)
+    with keel.Guard(fresh_model, fresh, run_dir=str(tmp_path), policy="recover", resume=True, recovery=config) as g:
+        resumed_at = g.global_step
+    if name in NO_DISK:  # its state holds objects keel does not pickle: only the empty step-0 state is on disk
+        assert resumed_at == 0
+        return
+    newest = max(int(d.name.removeprefix("step-")) for d in (tmp_path / "snapshots").iterdir())
+    assert resumed_at == newest > INF_WEIGHT_AT  # the newest disk snapshot, taken after the rollback
+    assert _differences(copies[resumed_at], _held(fresh_model, fresh), "resume") == []
+
+
+@pytest.mark.parametrize("name", _params({"torch Muon + AdamW"}))
+def test_keel_watch_skips_and_rolls_back_bit_exact_when_the_loop_steps(name: str, tmp_path: Path) -> None:
+    model = _model()
+    optimizer = OPTIMIZERS[name](model)
+    parts = list(optimizer.optimizers) if isinstance(optimizer, keel.Optimizers) else optimizer
+    config = keel.RecoveryConfig(snapshot_every=3, quiet_steps=0)
+    copies, problems = {}, []
+    with keel.watch(model, parts, run_dir=str(tmp_path), policy="recover", recovery=config) as guard:
+        for i in range(STEPS):
+            x, y = _batch(i)
+            nn.functional.mse_loss(model(x), y).backward()
+            if i == NAN_GRADIENT_AT:
+                next(model.parameters()).grad[0, 0] = float("nan")
+            if i == INF_WEIGHT_AT:
+                with torch.no_grad():
+                    list(model.parameters())[2][0, 0] = float("inf")
+            step, seen = guard.global_step, len(guard.decisions)
+            copies[step] = _held(model, optimizer)
+            for part in parts if isinstance(parts, list) else [parts]:
+                part.step()
+            optimizer.zero_grad(set_to_none=True)
+            for decision in guard.decisions[seen:]:
+                restored = step if decision.action == "skip" else decision.restored_step
+                problems += _differences(copies[restored], _held(model, optimizer), f"{decision.action} {i}")
+        assert [d.action for d in guard.decisions] == ["skip", "rollback"]
+        assert not [f for f in guard.findings if f.kind == "keel_error"]
+    assert problems == []
