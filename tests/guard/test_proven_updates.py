@@ -22,6 +22,7 @@ import keel.guard.guard as guard_module
 from keel.guard.weights_check import MAX_LR, MIN_EPS, update_proven_finite
 from keel.recover.recovery import Recovery
 from keel.signals.norms import global_norm, per_tensor_norms
+from tests.guard.test_deferred import HostReads
 
 F32 = {torch.float32}
 
@@ -245,3 +246,30 @@ def test_every_snapshot_after_an_update_follows_a_read_of_its_weights(spikes):
     after_updates = [s for s in taken if s > 0]  # (the first one holds the state the loop began with)
     assert after_updates, "no snapshot was taken after an update"
     assert {s - 1 for s in after_updates} <= set(read_at)
+
+
+def test_a_healthy_recover_step_reads_to_the_host_as_often_as_skip_between_snapshots(monkeypatch):
+    """Issue 13's count of host syncs on the step path: the weights check was a second device→host read on every
+    step under ``recover``; an update proven finite needs none, so between snapshots recover reads what skip does."""
+    per_policy = {}
+    for policy in ("skip", "recover"):
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        recovery = keel.RecoveryConfig(snapshot_every=5) if policy == "recover" else None
+        guard = keel.Guard(model, opt, policy=policy, recovery=recovery)
+        reads = HostReads(monkeypatch)
+        counts = []
+        for _ in range(12):
+            loss = model(torch.randn(8, 4)).square().mean()
+            loss.backward()
+            before = reads.count
+            guard.step(loss)
+            counts.append(reads.count - before)
+            opt.zero_grad()
+        monkeypatch.undo()
+        guard.close()
+        per_policy[policy] = counts
+    skip, recover = per_policy["skip"], per_policy["recover"]
+    read_after = {0, 4, 9}  # the first update and those snapshots follow: one read more each
+    assert [r - s for r, s in zip(recover, skip, strict=True)] == [int(i in read_after) for i in range(12)]
