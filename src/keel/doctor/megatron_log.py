@@ -30,11 +30,12 @@ number; a value with a unit (``153.81GB/...``) stays text and is reported as a t
 
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
 from keel.doctor._text import read_lines
-from keel.doctor.columns import normalize
+from keel.doctor.columns import MAX_REMEMBERED_NAME, normalize
 from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 from keel.doctor.step_lines_log import NUMBER
@@ -114,15 +115,29 @@ def _fields(text: str) -> dict[str, str] | None:
         # partition, not one regex for name and value: two quantifiers over the same characters backtrack
         # quadratically on a long field without a colon
         name, colon, value = piece.partition(":")
-        if not colon or _LETTER.search(name) is None:
+        key = _key(name) if colon else None
+        if key is None:
             return None
         value = value.strip()
         if "/" in value and (split := _SPLIT_VALUE.fullmatch(value)):
             value = split.group(1)
         elif value[-1:] in SUFFIXES and (suffixed := _SUFFIXED.fullmatch(value)):
             value = str(float(suffixed.group(1)) * SUFFIXES[suffixed.group(2)])
-        fields[normalize(name)] = value
+        fields[key] = value
     return fields
+
+
+def _key(name: str) -> str | None:
+    """A field's name normalized, None when it has no letter (``12 | 3: x``: no field); each name is looked at once
+    (a console repeats its names on every line), up to a bounded number of them."""
+    if len(name) > MAX_REMEMBERED_NAME:
+        return normalize(name) if _LETTER.search(name) else None
+    return _short_key(name)
+
+
+@functools.lru_cache(maxsize=4096)
+def _short_key(name: str) -> str | None:
+    return normalize(name) if _LETTER.search(name) else None
 
 
 def _malformed(path: Path, number: int, line: str) -> LogReadError:
