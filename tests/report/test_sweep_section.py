@@ -3,6 +3,7 @@ found next to it (issue 12, item 9); a store it cannot fully read gives a note, 
 
 from __future__ import annotations
 
+import html
 import json
 import math
 import re
@@ -53,7 +54,11 @@ def test_a_sweep_folder_is_drawn_from_its_store_and_an_html_file_there_is_ignore
         "max attention logit vs size at lr 0.001",
         "gradient norm vs size at lr 0.001",
     ]
-    assert all(f"<div class='chart fig' id='{f['id']}'></div>" in section for f in figures)
+    assert all(  # named for a screen reader: the figure's SVG is hidden from it
+        f"<div class='chart fig' id='{f['id']}' role='figure' aria-label='chart: {html.escape(f['title'])}'></div>"
+        in section
+        for f in figures
+    )
     loss = figures[0]["traces"]
     assert [(t["name"], t["x"], t["y"]) for t in loss if t["legend"]] == [
         ("tiny  LRS 0.230", [1e-3, 1e-1], [2.47, 2.93]),

@@ -15,18 +15,24 @@ from keel.report.run_data import RunData
 from keel.report.sections import diagnosis_cards, esc, problems, runs_table
 
 MARKS_LEGEND = (
-    "Drag to zoom (all charts follow), double-click to reset. Lines show each bucket's minimum and "
+    "Drag to zoom (all charts follow), double-click to reset; from the keyboard, Tab to a chart's toolbar and "
+    "press Enter on zoom in, zoom out or reset. Each chart's numbers and marks are in the table folded under it. "
+    "Lines show each bucket's minimum and "
     "maximum, so one-step spikes stay visible at any zoom. Marks: grey ○ info, orange ▲ warning, red × "
     "critical, | skipped step, dashed line and band: rollback (band = the steps undone), ▽ snapshot."
 )
 
+# A heading, not a bold paragraph: a screen reader's list of headings goes from the title to the named cause.
+NAMED_HEADING = "<h2 class='named'>named cause</h2>"
 
-def overview(runs: list[RunData], colors: list[str], loss_chart_id: str | None) -> str:
-    """The first screen: the runs table beside the named causes, what could not be read, then the loss chart."""
+
+def overview(runs: list[RunData], colors: list[str], loss_chart: str | None) -> str:
+    """The first screen: the runs table beside the named causes, what could not be read, then the loss chart
+    (its element and numbers, `keel.report.chart_text.chart_block`) and what its marks mean."""
     unreadable = "".join(problems([f"{run.name}: {p}" for p in run.problems]) for run in runs)
     chart = (
-        f"<div class='chart' id='{loss_chart_id}'></div><p class='muted'>{esc(MARKS_LEGEND)}</p>"
-        if loss_chart_id is not None
+        f"{loss_chart}<p class='muted'>{esc(MARKS_LEGEND)}</p>"
+        if loss_chart is not None
         else "<p class='muted'>these runs have no signals yet.</p>"
     )
     return (
@@ -56,7 +62,7 @@ def named_causes(runs: list[RunData], colors: list[str]) -> str:
         for entry in entries:
             shared.setdefault(entry, []).append(i)
     if not shared:
-        return "<div class='card named'><p><b>named cause</b></p><p>none: no warnings or criticals.</p></div>"
+        return f"<div class='card named'>{NAMED_HEADING}<p>none: no warnings or criticals.</p></div>"
     several = len(runs) > 1
     items = "".join(
         f"<li><b>{esc(title)}</b> — {esc(when)}"
@@ -69,7 +75,7 @@ def named_causes(runs: list[RunData], colors: list[str]) -> str:
         f"{'their' if len(who) > 1 else 'its'} worst findings are listed</p>"
         for why, who in missing.items()
     )
-    return f"<div class='card named'><p><b>named cause</b></p><ol class='causes'>{items}</ol>{notes}</div>"
+    return f"<div class='card named'>{NAMED_HEADING}<ol class='causes'>{items}</ol>{notes}</div>"
 
 
 def shared_cards(runs: list[RunData], colors: list[str]) -> str:

@@ -35,6 +35,7 @@ from keel.doctor.store_log import is_sqlite
 from keel.report import charts as _charts
 from keel.report import overview as _overview
 from keel.report import sections as _sections
+from keel.report.chart_text import chart_block
 from keel.report.downsample import downsample_minmax
 from keel.report.eval_stability_section import eval_stability_section
 from keel.report.labels import run_labels
@@ -222,6 +223,7 @@ def build_page(runs: list[RunData], notes: list[str] | None = None, *, sweeps: S
         notes.append(
             f"{len(left_out)} more signals have no chart (the page keeps {_charts.MAX_CHARTS}): " + ", ".join(left_out)
         )
+    marks = _charts.marks(runs, charts)
     payload = {
         "runs": [{"name": r.name, "color": c} for r, c in zip(runs, colors, strict=True)],
         "charts": [
@@ -230,7 +232,7 @@ def build_page(runs: list[RunData], notes: list[str] | None = None, *, sweeps: S
         ],
         "series": _series(runs, charts),
         "xrange": _step_range(runs),
-        "marks": _charts.marks(runs, charts),
+        "marks": marks,
         "figures": [figure for _, figures in sections for figure in figures],
     }
     js, version = plotly_js()
@@ -246,7 +248,7 @@ def build_page(runs: list[RunData], notes: list[str] | None = None, *, sweeps: S
         f"{time.strftime('%Y-%m-%d %H:%M:%S')} · keel {html.escape(_keel_version())}</div>",
         "<div class='notes'>" + "".join(f"<p>{html.escape(n)}</p>" for n in notes) + "</div>",
         # A sweep given alone: its section is the page.
-        *(_run_parts(runs, colors, charts, extra) if runs else extra),
+        *(_run_parts(runs, colors, charts, marks, extra) if runs else extra),
         f"<footer>Self-contained: plotly.js {html.escape(version)} is inlined; the page needs no network.</footer>",
         "</main>",
         "<pre id='keel-status'></pre>",
@@ -262,19 +264,29 @@ def build_page(runs: list[RunData], notes: list[str] | None = None, *, sweeps: S
     )
 
 
-def _run_parts(runs: list[RunData], colors: list[str], charts: list[_charts.Chart], extra: list[str]) -> list[str]:
+def _run_parts(
+    runs: list[RunData],
+    colors: list[str],
+    charts: list[_charts.Chart],
+    marks: dict[str, list[dict[str, Any]]],
+    extra: list[str],
+) -> list[str]:
     # The first screen: runs compared, named causes, the loss chart with its marks (keel.report.overview).
     loss = next((c for c in charts if keys.LOSS in c.keys), charts[0] if charts else None)
     rl = [c for c in charts if c is not loss and _charts.is_preference_rl(c)]
     timelines = [c for c in charts if c is not loss and not _charts.is_preference_rl(c)]
+
+    def block(chart: _charts.Chart) -> str:
+        return chart_block(chart, runs, marks[chart.id])
+
     return [
-        _overview.overview(runs, colors, loss.id if loss is not None else None),
+        _overview.overview(runs, colors, block(loss) if loss is not None else None),
         "<h2>Diagnosis</h2>",
         _overview.shared_cards(runs, colors),
         "<h2>Timelines</h2>" if timelines else "",
-        *[f"<div class='chart' id='{c.id}'></div>" for c in timelines],
+        *[block(c) for c in timelines],
         "<h2>Preference and RL signals</h2>" if rl else "",
-        *[f"<div class='chart' id='{c.id}'></div>" for c in rl],
+        *[block(c) for c in rl],
         eval_stability_section(runs),
         *extra,
         "<h2>Runs</h2>",

@@ -148,6 +148,17 @@
     return {traces: traces, shapes: shapes};
   }
 
+  // plotly's toolbar: "Share chart..." (on by default in plotly.js 4) uploads the chart's data to Plotly Cloud, a
+  // page that promises to need no network must not offer it; box and lasso select do nothing on this page. What
+  // stays (download, zoom, pan, zoom in/out, autoscale, reset) is reachable with Tab and pressed with Enter.
+  var CONFIG = {displaylogo: false, responsive: true, showSendToCloud: false,
+                modeBarButtonsToRemove: ["select2d", "lasso2d"]};
+  // A chart's SVG is a pile of tick labels to a screen reader: its text equivalent is the chart's name
+  // (aria-label) and the table of its numbers under it (keel.report.chart_text); the toolbar stays reachable.
+  function drawn(div) {
+    div.querySelectorAll("svg.main-svg").forEach(function (svg) { svg.setAttribute("aria-hidden", "true"); });
+  }
+
   var divs = [], syncing = false;
   function resample(div, lo, hi) {
     var xs = [], ys = [], modes = [], idx = [];
@@ -236,8 +247,8 @@
                   paper_bgcolor: "#fff",
                   plot_bgcolor: "#fafafa"};
     if (span) layout.yaxis.range = span;
-    return Plotly.newPlot(div, lines.concat(marks.traces), layout,
-                          {displaylogo: false, responsive: true}).then(function () {
+    return Plotly.newPlot(div, lines.concat(marks.traces), layout, CONFIG).then(function () {
+      drawn(div);
       divs.push(div);
       div.setAttribute("data-rendered", "1");
       state.rendered += 1;
@@ -263,7 +274,8 @@
                   xaxis: axis(fig.log_x, fig.x_title), yaxis: axis(fig.log_y, fig.y_title),
                   legend: {font: {size: 10}}, paper_bgcolor: "#fff", plot_bgcolor: "#fafafa"};
     if (fig.y_range) layout.yaxis.range = fig.y_range;
-    return Plotly.newPlot(div, traces, layout, {displaylogo: false, responsive: true}).then(function () {
+    return Plotly.newPlot(div, traces, layout, CONFIG).then(function () {
+      drawn(div);
       div.setAttribute("data-rendered", "1");
       state.rendered += 1;
     });
@@ -273,6 +285,25 @@
     return range ? applyRange(range[0], range[1], null) : null;
   }).then(function () { state.done = true; publish(); },
           function (e) { state.errors.push("render: " + e); publish(); });
+  // Printed (or saved as PDF), a chart kept its screen width (~1230 px) and the page cut it at the paper's edge:
+  // the last steps and half the legend were lost. For the print, every chart and figure is drawn at a width that
+  // fits A4 and Letter, and the folded tables (decisions, snapshots, metadata, a chart's numbers) are opened;
+  // afterwards both are put back.
+  var PRINT_WIDTH = 640, opened = [];
+  function allCharts() { return Array.prototype.slice.call(document.querySelectorAll(".chart[data-rendered]")); }
+  window.addEventListener("beforeprint", function () {
+    state.printed = (state.printed || 0) + 1;
+    opened = Array.prototype.filter.call(document.querySelectorAll("details:not([open])"), function (d) {
+      d.open = true;
+      return true;
+    });
+    allCharts().forEach(function (div) { Plotly.relayout(div, {width: PRINT_WIDTH}); });
+  });
+  window.addEventListener("afterprint", function () {
+    opened.forEach(function (d) { d.open = false; });
+    opened = [];
+    allCharts().forEach(function (div) { Plotly.relayout(div, {width: div.clientWidth, autosize: true}); });
+  });
   // Where the first screen's content ends (runs, named cause, loss chart): the browser test checks it fits.
   function firstScreen() {
     var top = document.getElementById("overview");

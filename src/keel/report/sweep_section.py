@@ -34,7 +34,12 @@ def sweep_section(sweep: SweepData, index: int) -> tuple[str, list[dict[str, Any
         *[_recipe_table(sweep.curves, recipe) for recipe in _ordered(c.recipe for c in sweep.curves)],
         _router_table(sweep.curves),
         _scaling_table(sweep.scaling),
-        "<div class='figs'>" + "".join(f"<div class='chart fig' id='{f['id']}'></div>" for f in figures) + "</div>",
+        "<div class='figs'>"
+        + "".join(
+            f"<div class='chart fig' id='{f['id']}' role='figure' aria-label='chart: {esc(f['title'])}'></div>"
+            for f in figures
+        )
+        + "</div>",
         _runs_table(sweep.rows),
         "</section>",
     ]
