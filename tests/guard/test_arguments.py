@@ -76,6 +76,10 @@ def test_bad_arguments_name_the_argument_and_the_allowed(kwargs, match):
         ("lr_backoff", math.nan),
         ("lr_backoff", "0.1"),
         ("disk_every", 1.5),
+        ("check_weights", "always"),
+        ("check_weights", None),
+        ("check_weights", True),
+        ("check_weights", "Every_Update"),
     ],
 )
 def test_recovery_config_rejects_bad_values(field, value):
