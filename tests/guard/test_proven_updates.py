@@ -12,14 +12,14 @@ import math
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch import nn
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 import keel
 import keel.guard.guard as guard_module
-from keel.guard.weights_check import MAX_LR, MIN_EPS, update_proven_finite
+from keel.guard.weights_check import MAX_LR, MIN_BETA2, MIN_EPS, update_proven_finite
 from keel.recover.recovery import Recovery
 from keel.signals.norms import global_norm, per_tensor_norms
 from tests.guard.test_deferred import HostReads
@@ -59,6 +59,8 @@ TABLE = [
     ("eps under it", lambda: _adamw(eps=MIN_EPS / 10), F32, [1.0], False),
     ("eps 0", lambda: _adamw(eps=0.0), F32, [1.0], False),
     ("beta1 squared above beta2", lambda: _adamw(betas=(0.95, 0.9)), F32, [1.0], False),
+    ("beta2 0", lambda: _adamw(betas=(0.0, 0.0)), F32, [1.0], False),
+    ("beta2 at its bound", lambda: _adamw(betas=(0.0, MIN_BETA2)), F32, [1.0], True),
     ("decay 1, LR 1", lambda: _adamw(lr=1.0, weight_decay=1.0), F32, [1.0], True),
     ("decay times LR above 1", lambda: _adamw(lr=2.0, weight_decay=1.0), F32, [1.0], False),
     ("decay above 1", lambda: _sgd(lr=1e-3, weight_decay=2.0), F32, [1.0], False),
@@ -123,7 +125,7 @@ def _settings(draw):
         nesterov = momentum > 0 and draw(st.booleans())
         return kind, {**common, "momentum": momentum, "nesterov": nesterov}
     beta1 = draw(st.sampled_from([0.0, 0.5, 0.9, 0.99]))
-    beta2 = max(beta1 * beta1, draw(st.sampled_from([0.0, 0.5, 0.95, 0.999, 1 - 1e-7])))
+    beta2 = max(beta1 * beta1, MIN_BETA2, draw(st.sampled_from([0.0, 0.5, 0.95, 0.999, 1 - 1e-7])))
     eps = 10.0 ** draw(st.integers(int(math.log10(MIN_EPS)), 0))
     return kind, {**common, "betas": (beta1, beta2), "eps": eps, "amsgrad": draw(st.booleans())}
 
@@ -132,6 +134,23 @@ OPTIMIZERS = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW, "sgd": torch
 
 
 @settings(max_examples=300, deadline=None)
+@example(  # h30-A's F6: v = Inf from the square of g + λθ, then β₂ = 0 made it NaN (β₂ ≥ MIN_BETA2 now)
+    setup=(
+        "adam",
+        {
+            "lr": 1.0,
+            "weight_decay": 0.01,
+            "foreach": False,
+            "maximize": False,
+            "betas": (0.0, MIN_BETA2),
+            "eps": 1.0,
+            "amsgrad": False,
+        },
+    ),
+    weights=[1.0, 1.0, 1.0, 1e22],
+    grads=[[1.0, 1.0, 1.0, 1.0], [1.0, 1.0, 1.0, 0.0], [1.0, 1.0, 1.0, 0.0]],
+    dtype=torch.float32,
+)
 @given(
     setup=_settings(),
     weights=st.lists(st.builds(_magnitude, st.integers(-45, 30), st.booleans()), min_size=4, max_size=4),
@@ -273,3 +292,23 @@ def test_a_healthy_recover_step_reads_to_the_host_as_often_as_skip_between_snaps
     skip, recover = per_policy["skip"], per_policy["recover"]
     read_after = {0, 4, 9}  # the first update and those snapshots follow: one read more each
     assert [r - s for r, s in zip(recover, skip, strict=True)] == [int(i in read_after) for i in range(12)]
+
+
+def test_an_update_at_the_inf_lr_of_a_scheduler_the_guard_steps_is_read_and_rolled_back(tmp_path):
+    # The Guard steps its scheduler inside the update's call; the proof read the groups after that, so it judged the
+    # next step's LR (finite again) and vouched for an update made at lr=inf: NaN weights reached the next forward
+    # (h30-A F5: a LambdaLR that returns inf for one step).
+    torch.manual_seed(0)
+    model = nn.Linear(4, 1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    surge_at = 6
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: math.inf if s == surge_at else 1.0)
+    actions = []
+    with keel.Guard(model, optimizer, scheduler, run_dir=str(tmp_path), policy="recover") as guard:
+        for _ in range(surge_at + 1):
+            loss = model(torch.randn(8, 4)).square().mean()
+            loss.backward()
+            actions.append(guard.step(loss).action)
+            optimizer.zero_grad()
+            assert all(torch.isfinite(p).all() for p in model.parameters())  # the loop never sees them broken
+    assert actions == ["ok"] * surge_at + ["rollback"]

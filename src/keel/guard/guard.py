@@ -530,9 +530,11 @@ class Guard(DeferredSteps):
         except Exception as exc:  # keel must never stop training: record, then step as the bare loop would
             obs, decision, norm_now = Observation(step=step), Decision(step=step, action="ok"), math.nan
             self.components.fail("guard", step, exc, disable=False)  # each probe and detector is fenced on its own
+        # judged on the optimizer's settings as this update uses them: a scheduler keel steps moves them on in apply
+        unproven = self._checks_weights and self._update_unproven(decision, norm_now, ctx)
         # keel's own clipping scales the gradients as they are now: after the loop's clipping, if it clipped
         decision = self.actuator.apply(decision, norm_now, self.escalation.rollbacks_in_window(step))
-        if decision.stepped and self._checks_weights and self._update_unproven(decision, norm_now, ctx):
+        if decision.stepped and unproven:
             # a rollback now, before the loop's next forward
             decision = self.components.call("weights check", self._roll_back_broken_update, decision, ctx) or decision
         if self._running_stats is not None:  # a skipped update's forward leaves no trace in BatchNorm's statistics

@@ -48,6 +48,7 @@ PROVEN_DTYPES = frozenset({torch.float32, torch.float64, torch.bfloat16})
 MAX_LR = 1e6  # bounds of the proof, far outside any recipe
 MIN_EPS = 1e-30
 MAX_MOMENTUM = 0.999
+MIN_BETA2 = 1e-3  # v may hold Inf (the square of g + λθ, Adam's coupled decay, past float32): β₂·Inf must stay Inf
 
 
 def non_finite_parameters(names: Sequence[str], params: Sequence[Tensor], ranks: RankSync | None) -> list[str]:
@@ -74,7 +75,9 @@ def update_proven_finite(
 
     Adam/AdamW: m and v are running averages of finite values, so finite; with β₁² ≤ β₂, Cauchy–Schwarz keeps
     |m̂|/√v̂ below (1-β₁)/√(1-β₂) times the square root of the step count (a constant when β₁² < β₂), and where v
-    has underflowed to 0 so has m, to below 3e-23, so |m̂|/(√v̂ + ε) ≤ 3e-23/ε; with lr ≤ 1e6, ε ≥ 1e-30,
+    has underflowed to 0 so has m, to below 3e-23, so |m̂|/(√v̂ + ε) ≤ 3e-23/ε. Where v is Inf (Adam's coupled decay
+    squares g + λθ, which a large weight takes past float32) the ratio is 0 as long as β₂ > 0 keeps β₂·Inf from
+    being NaN, hence β₂ ≥ 1e-3. So with lr ≤ 1e6, ε ≥ 1e-30,
     0 ≤ λ ≤ 1 and lr·λ ≤ 1, lr times that, plus the decay lr·λ·θ, is far inside float32's range. SGD: the momentum
     buffer is at most max|g + λθ|·(1-dampening)/(1-μ), so with μ ≤ 0.999, lr·(g + λθ + μ·buffer) is too. Left
     out on purpose: weights above about 1e33 (with SGD's momentum a step may multiply one by up to 1000): their
@@ -104,7 +107,7 @@ def _group_bounded(group: dict, lr: float, sgd: bool) -> bool:
         return 0.0 <= momentum <= MAX_MOMENTUM and 0.0 <= dampening <= 1.0
     beta1, beta2 = (float(b) for b in group["betas"])
     eps = float(group["eps"])
-    return 0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0 and beta1 * beta1 <= beta2 and MIN_EPS <= eps < math.inf
+    return 0.0 <= beta1 < 1.0 and MIN_BETA2 <= beta2 < 1.0 and beta1 * beta1 <= beta2 and MIN_EPS <= eps < math.inf
 
 
 def _has_step_hooks(optimizer: torch.optim.Optimizer) -> bool:
