@@ -21,6 +21,8 @@ from typing import Any
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from torch import nn
 
 import keel
@@ -200,3 +202,107 @@ def test_keel_watch_skips_and_rolls_back_bit_exact_when_the_loop_steps(name: str
         assert [d.action for d in guard.decisions] == ["skip", "rollback"]
         assert not [f for f in guard.findings if f.kind == "keel_error"]
     assert problems == []
+
+
+# --- schedule-free: the parameters move between steps (optimizer.eval() / optimizer.train()) ------------------------
+def _schedule_free_makers() -> dict[str, Callable[[nn.Module], Any]]:
+    schedulefree = pytest.importorskip("schedulefree")
+    return {
+        "AdamWScheduleFree": lambda m: schedulefree.AdamWScheduleFree(m.parameters(), lr=2.5e-3),
+        "ScheduleFreeWrapper(SGD)": lambda m: schedulefree.ScheduleFreeWrapper(
+            torch.optim.SGD(m.parameters(), lr=0.05), momentum=0.9
+        ),
+        "pytorch_optimizer ScheduleFreeAdamW": lambda m: _po().ScheduleFreeAdamW(m.parameters(), lr=2.5e-3),
+    }
+
+
+def _readme_loop(make: Callable[[nn.Module], Any], run_dir: Path | None, steps: int, *, resume: bool = False):
+    """schedule_free's README shape: ``optimizer.train()`` at the top of training (here after the Guard's line, so
+    after a resume), ``optimizer.eval()`` at the end; ``run_dir=None``: the bare loop."""
+    model = _model()
+    optimizer = make(model)
+    config = keel.RecoveryConfig(snapshot_every=5, disk_every=1)
+    guard = (
+        None if run_dir is None else keel.Guard(model, optimizer, run_dir=str(run_dir), resume=resume, recovery=config)
+    )
+    try:
+        optimizer.train()
+        for i in range(guard.global_step if guard else 0, steps):
+            x, y = _batch(i)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            guard.step(loss) if guard else optimizer.step()
+            optimizer.zero_grad()
+    finally:
+        if guard is not None:
+            guard.close()
+    optimizer.eval()
+    return model
+
+
+@pytest.mark.parametrize(
+    "name", ["AdamWScheduleFree", "ScheduleFreeWrapper(SGD)", "pytorch_optimizer ScheduleFreeAdamW"]
+)
+def test_a_schedule_free_run_resumed_from_disk_ends_on_the_uninterrupted_runs_weights(name: str, tmp_path: Path):
+    # ScheduleFreeWrapper keeps its mode on the object, outside its state_dict: resumed into a new wrapper (eval
+    # mode) the loop's optimizer.train() moved the restored training point y as if it were the average x, and the
+    # run went on from other weights (h30-A F7); the snapshot now holds the mode and the resume gives it back
+    make = _schedule_free_makers()[name]
+    _readme_loop(make, tmp_path, 12)
+    resumed = _readme_loop(make, tmp_path, 20, resume=True)
+    bare = _readme_loop(make, None, 20)
+    assert _differences([p.detach() for p in resumed.parameters()], [p.detach() for p in bare.parameters()]) == []
+
+
+def test_which_optimizers_move_their_parameters_outside_step() -> None:
+    from keel.recover.state import swaps_weights
+
+    makers = _schedule_free_makers()
+    model = _model()
+    adamw = torch.optim.AdamW(model.parameters())
+    assert [swaps_weights(make(model)) for make in makers.values()] == [True] * len(makers)
+    assert not swaps_weights(adamw)
+    assert swaps_weights(keel.Optimizers(adamw, makers["AdamWScheduleFree"](nn.Linear(2, 2))))
+    assert not swaps_weights(keel.Optimizers(adamw, torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)))
+
+
+@pytest.mark.parametrize(
+    ("modes", "expected"),
+    [
+        (None, False),  # a snapshot from before keel held the mode: the wrapper's stays
+        ([], False),
+        ([True], True),
+        ([True, False], True),  # more than there are parts: the extra one is ignored
+        (["yes"], False),  # not a bool (a hand-edited meta.json): ignored
+        ([1], False),
+        ([None], False),
+    ],
+)
+def test_a_snapshots_object_mode_is_given_back_only_as_a_bool(modes: Any, expected: bool) -> None:
+    from keel.recover.state import object_modes, set_object_modes
+
+    wrapper = _schedule_free_makers()["ScheduleFreeWrapper(SGD)"](_model())
+    assert object_modes(wrapper) == [False]
+    set_object_modes(wrapper, modes)
+    assert wrapper.train_mode is expected
+    adamw = torch.optim.AdamW(_model().parameters())
+    assert object_modes(adamw) is None
+    set_object_modes(adamw, [True])
+    assert not hasattr(adamw, "train_mode")  # an optimizer without a mode gets none
+
+
+_GROUP = st.dictionaries(
+    st.sampled_from(["lr", "train_mode", "betas", "k"]), st.one_of(st.booleans(), st.floats(allow_nan=False))
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(groups=st.lists(_GROUP, max_size=4), taken=st.lists(_GROUP, max_size=4))
+def test_a_completed_snapshot_keeps_the_mode_its_parameters_were_copied_in(groups, taken) -> None:
+    from keel.recover.state import groups_in_mode_of
+
+    merged = groups_in_mode_of(copy.deepcopy(groups), taken)
+    assert len(merged) == len(groups)  # every group read now, none dropped or added
+    for i, (group, now) in enumerate(zip(merged, groups, strict=True)):
+        mode_taken = i < len(taken) and "train_mode" in taken[i] and "train_mode" in now
+        assert group == ({**now, "train_mode": taken[i]["train_mode"]} if mode_taken else now)
