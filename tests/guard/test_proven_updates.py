@@ -312,3 +312,16 @@ def test_an_update_at_the_inf_lr_of_a_scheduler_the_guard_steps_is_read_and_roll
             optimizer.zero_grad()
             assert all(torch.isfinite(p).all() for p in model.parameters())  # the loop never sees them broken
     assert actions == ["ok"] * surge_at + ["rollback"]
+
+
+def test_a_proof_that_raises_is_recorded_once_and_every_update_is_read_from_then_on(monkeypatch):
+    """keel's own failure never stops the run: the proof is switched off and the weights check stays on."""
+
+    def broken(*_):
+        raise KeyError("eps")
+
+    monkeypatch.setattr(guard_module, "update_proven_finite", broken)
+    guard, read_at = _train(lambda p: torch.optim.AdamW(p, lr=1e-3))
+    assert read_at == list(range(12)) and guard.global_step == 12
+    (error,) = [f for f in guard.findings if f.kind == "keel_error"]
+    assert "weights proof" in error.cause and "KeyError" in error.cause

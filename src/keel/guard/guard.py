@@ -530,11 +530,14 @@ class Guard(DeferredSteps):
         except Exception as exc:  # keel must never stop training: record, then step as the bare loop would
             obs, decision, norm_now = Observation(step=step), Decision(step=step, action="ok"), math.nan
             self.components.fail("guard", step, exc, disable=False)  # each probe and detector is fenced on its own
-        # judged on the optimizer's settings as this update uses them: a scheduler keel steps moves them on in apply
-        unproven = self._checks_weights and self._update_unproven(decision, norm_now, ctx)
+        # judged on the optimizer's settings as this update uses them: a scheduler keel steps moves them on in apply;
+        # a proof that raises is switched off (None): every update is read from then on
+        reads_weights = self._checks_weights and not self.components.call(
+            "weights proof", self._update_proven, decision, norm_now, ctx
+        )
         # keel's own clipping scales the gradients as they are now: after the loop's clipping, if it clipped
         decision = self.actuator.apply(decision, norm_now, self.escalation.rollbacks_in_window(step))
-        if decision.stepped and unproven:
+        if decision.stepped and reads_weights:
             # a rollback now, before the loop's next forward
             decision = self.components.call("weights check", self._roll_back_broken_update, decision, ctx) or decision
         if self._running_stats is not None:  # a skipped update's forward leaves no trace in BatchNorm's statistics
@@ -794,16 +797,16 @@ class Guard(DeferredSteps):
             ),
         )
 
-    def _update_unproven(self, decision: Decision, grad_norm: float, ctx: StepContext | None) -> bool:
-        """Whether the weights this applied update left are read (`keel.guard.weights_check`): always with
-        ``check_weights="every_update"``, under ``torch.distributed``, for the first update and when a snapshot
-        follows it; else when `update_proven_finite` cannot vouch for it from this step's finite gradient norm."""
+    def _update_proven(self, decision: Decision, grad_norm: float, ctx: StepContext | None) -> bool:
+        """Whether the weights this update leaves need no read (`keel.guard.weights_check`): never with
+        ``check_weights="every_update"``, under ``torch.distributed``, for the first update or one a snapshot follows;
+        else when `update_proven_finite` vouches for it, from this step's finite gradient norm."""
         if self._checks_every_update or self.dist is not None or not self._weights_read or self.recovery is None:
-            return True
+            return False
         if ctx is None or not math.isfinite(grad_norm) or self.recovery.due_after(decision.step, decision.findings):
-            return True
+            return False
         dtypes = {p.dtype for p in ctx.params}
-        return not update_proven_finite(self.optimizer, dtypes, self.actuator.lr_scales(decision.step))
+        return update_proven_finite(self.optimizer, dtypes, self.actuator.lr_scales(decision.step))
 
     def _roll_back_broken_update(self, decision: Decision, ctx: StepContext | None) -> Decision:
         """The decision after checking the weights this applied update left: as it is when they are finite, else a
