@@ -172,3 +172,14 @@ def test_the_named_cause_is_a_heading(tmp_path):
     make_run_store(tmp_path / "a")
     page = write_report([tmp_path / "a"], tmp_path / "report.html").read_text()
     assert "<h2 class='named'>named cause</h2>" in page and "<p><b>named cause</b></p>" not in page
+
+
+def test_the_first_tab_stops_link_to_every_section_of_the_page(tmp_path):
+    make_run_store(tmp_path / "a")
+    page = write_report([tmp_path / "a"], tmp_path / "report.html").read_text()
+    tree = _Tree(page)
+    links = [attrs["href"] for tag, attrs in tree.elements if tag == "a"]
+    ids = {attrs.get("id") for _, attrs in tree.elements}
+    assert links == ["#diagnosis", "#timelines", "#runs", "#decisions"] and all(link[1:] in ids for link in links)
+    first_control = next(tag for tag, attrs in tree.elements if tag in ("a", "summary", "button"))
+    assert first_control == "a"  # before every chart's numbers and the runs' folded tables

@@ -51,9 +51,13 @@ def _x_range(browser: Browser, chart: str) -> list[float]:
 def test_the_keyboard_zooms_every_chart_and_opens_the_numbers_a_hover_label_shows(browser):
     buttons = browser.js("return [...document.querySelectorAll('#chart-0 .modebar-btn')].map(b => b.dataset.title)")
     assert buttons == TOOLBAR  # no "Share chart..." (an upload to Plotly Cloud), no box/lasso select
-    browser.press("tab")
+    links = browser.js("return [...document.querySelectorAll('nav.jump a')].map(a => a.getAttribute('href'))")
+    browser.press("tab")  # the first tab stop: the section links, shown while focused
+    link = browser.focused()
+    assert link["tag"] == "A" and link["visible"] and links[0] == "#diagnosis"
+    browser.press(*["tab"] * len(links))
     first = browser.focused()
-    assert (first["chart"], first["title"]) == ("chart-0", TOOLBAR[0])
+    assert (first["chart"], first["title"]) == ("chart-0", TOOLBAR[0]) and first["visible"]
     assert first["outline"] != "none" and first["outline_px"] >= 2  # a focus ring one can see
     before = _x_range(browser, "chart-1")
     browser.press(*["tab"] * TOOLBAR.index("Zoom in"))
@@ -66,6 +70,11 @@ def test_the_keyboard_zooms_every_chart_and_opens_the_numbers_a_hover_label_show
     browser.press(*["tab"] * (len(TOOLBAR) - TOOLBAR.index("Zoom in")), "enter")
     opened = browser.js("var d = document.activeElement.closest('details'); return d && d.open && d.innerText")
     assert opened and "critical finding" in opened and "loss_spike" in opened and "skipped step" in opened
+    browser.js("document.querySelector('nav.jump a[href=\"#runs\"]').focus()")
+    browser.press("enter")
+    browser.wait_for("return location.hash === '#runs'", timeout=10)
+    top, height = browser.js("return [document.getElementById('runs').getBoundingClientRect().top, innerHeight]")
+    assert 0 <= top < height / 2, (top, height)  # the runs' section scrolled into view
 
 
 def test_printing_draws_each_chart_within_the_paper_and_prints_the_folded_tables(browser):

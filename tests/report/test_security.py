@@ -62,6 +62,8 @@ KEEL_TAGS = {
     "footer",
     "section",
     "br",
+    "nav",  # the section links: in-page only (checked below)
+    "a",
 }
 
 
@@ -82,6 +84,14 @@ class _Elements(HTMLParser):
     def handlers(self) -> list[str]:
         return [f"<{tag} {name}>" for tag, attrs in self.elements for name in attrs if name.startswith("on")]
 
+    def outside_links(self) -> list[str]:
+        """Links that leave the page (keel's own are to its sections, ``#runs``)."""
+        return [
+            str(attrs.get("href"))
+            for tag, attrs in self.elements
+            if tag == "a" and not (attrs.get("href") or "").startswith("#")
+        ]
+
     def script_urls(self) -> list[str]:
         return [
             f"<{tag} {name}={value}>"
@@ -101,6 +111,7 @@ def test_a_crafted_store_s_markup_reaches_the_page_only_as_text(tmp_path):
     page = write_report([run, sweep], tmp_path / "report.html").read_text()
     parsed = _Elements(page)
     assert parsed.tags() <= KEEL_TAGS and parsed.handlers() == [] and parsed.script_urls() == []
+    assert parsed.outside_links() == []
     assert page.count("<script") == 4  # the error hook, the data, plotly, the page's script
     assert "data-pwned" not in re.sub(r"setAttribute\(`data-pwned`", "", page.replace("&#x60;", "`"))
     for where in (
@@ -315,6 +326,7 @@ def test_no_field_puts_an_unescaped_lt_into_the_page(texts, ints, reals):
     assert "<x-" not in page
     parsed = _Elements(page)
     assert parsed.tags() <= KEEL_TAGS and parsed.handlers() == [] and parsed.script_urls() == []
+    assert parsed.outside_links() == []
 
 
 # ---- stores the report cannot read: one clear error or a note, never a traceback ------------------------------
@@ -445,3 +457,4 @@ def test_any_crafted_run_and_sweep_store_gives_a_page_of_keel_markup_only(tmp_pa
         page = write_report([run, sweep], root / "report.html").read_text()
     parsed = _Elements(page)
     assert parsed.tags() <= KEEL_TAGS and parsed.handlers() == [] and parsed.script_urls() == []
+    assert parsed.outside_links() == []

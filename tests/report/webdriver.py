@@ -127,9 +127,12 @@ class Browser:
         self._do("POST", "/actions", {"actions": [{"type": "key", "id": "keyboard", "actions": actions}]})
 
     def focused(self) -> dict[str, Any]:
-        """The focused element: its tag, title (a toolbar button's), chart, and the outline drawn around it."""
+        """The focused element: its tag, title (a toolbar button's), chart, the outline drawn around it, and whether
+        it is inside the window."""
         return self.js(
-            "var e = document.activeElement, s = getComputedStyle(e), c = e.closest('.chart');"
+            "var e = document.activeElement, s = getComputedStyle(e), c = e.closest('.chart'),"
+            " r = e.getBoundingClientRect();"
             "return {tag: e.tagName, title: e.getAttribute('data-title'), chart: c && c.id,"
-            " outline: s.outlineStyle, outline_px: parseFloat(s.outlineWidth)};"
+            " outline: s.outlineStyle, outline_px: parseFloat(s.outlineWidth),"
+            " visible: r.width > 0 && r.left >= 0 && r.top >= 0 && r.bottom <= innerHeight};"
         )
