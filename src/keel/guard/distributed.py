@@ -44,15 +44,24 @@ the model's ``join_hook``): while every rank has batches, keel all-reduces as ev
 has run out, its hook answers the others' layout check once with neutral values and a "joined" flag, and from then to
 the join's end each rank decides on its own values (warned once). A Guard made inside the join is not in its hooks:
 each rank then decides on its own values for the whole join.
+
+A rank that hangs or is late (a stuck dataloader, a rank-0-only eval, a slow file system) makes the others wait in
+the next collective, DDP's or keel's, until the process group's timeout; keel's waits are never longer than the loop's:
+its gloo twin of an NCCL world takes the world's timeout (also one set later, as torchtitan does after its first step),
+and after one of keel's collectives has failed no other is made (`RankSync._collective`): each step then goes on
+unguarded, as the bare loop would, and each rank says so once.
 """
 
 from __future__ import annotations
 
 import math
+import time
 import warnings
 import weakref
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any, Literal
 
 import torch
@@ -227,6 +236,7 @@ class RankSync:
         self._warned_joined = False
         self._closed = False
         self._join_hook: _JoinHookSlot | None = None
+        self._failed: str | None = None  # the error of keel's collective that failed (`_collective`), if one did
         self.stats: _RankGradStats | None = None
         if config.rank_stats and isinstance(model, nn.parallel.DistributedDataParallel):
             self.stats = _take_comm_hook(model, self.group)
@@ -341,7 +351,7 @@ class RankSync:
         else:
             buffer = torch.zeros(size, dtype=torch.float64, device=local.device)
         buffer[width + slot] = 1.0
-        dist.all_reduce(buffer, group=self.group)
+        self._collective(dist.all_reduce, buffer, group=self.group)
         if slot == len(self._agreed):
             return None  # this rank's layout is new: not every rank's is the agreed one, whatever the counts say
         reduced = self._combine(buffer[: plan.size], local, plan, grad_stats)
@@ -371,7 +381,7 @@ class RankSync:
 
     def _reduce(self, local: Tensor, plan: _Plan, grad_stats: Tensor | None) -> Packed:
         buffer = self._fill(local, plan, grad_stats, plan.size)
-        dist.all_reduce(buffer, group=self.group)
+        self._collective(dist.all_reduce, buffer, group=self.group)
         return self._combine(buffer, local, plan, grad_stats)
 
     def _combine(self, buffer: Tensor, local: Tensor, plan: _Plan, grad_stats: Tensor | None) -> Packed:
@@ -401,8 +411,9 @@ class RankSync:
         join hook answers this collective with neutral values (`_shadow_step`). None then, and from here to the
         join's end every rank decides on its own values (no rank's keel collectives are answered any more)."""
         values = [checksum, -checksum, _ACTIVE] if joining else [checksum, -checksum]
+        _follow_timeout(self._layout_group, self.group)
         both = torch.tensor(values, dtype=torch.int64, device=self._layout_device)
-        dist.all_reduce(both, op=dist.ReduceOp.MAX, group=self._layout_group)
+        self._collective(dist.all_reduce, both, op=dist.ReduceOp.MAX, group=self._layout_group)
         high, negative_low, *joined = both.tolist()
         if joined and joined[0] == _JOINED:
             self._join.someone_joined = True
@@ -456,7 +467,8 @@ class RankSync:
         """The rare step whose layouts differ between ranks: exchange them, reduce the entries every rank has
         (in rank 0's order), and append this rank's others, unreduced, to their groups."""
         layouts: list[Any] = [None] * self.world
-        dist.all_gather_object(layouts, _entries(packed.layout), group=self._layout_group)
+        _follow_timeout(self._layout_group, self.group)
+        self._collective(dist.all_gather_object, layouts, _entries(packed.layout), group=self._layout_group)
         everywhere = set.intersection(*(set(entries) for entries in layouts))
         shared = [entry for entry in layouts[0] if entry in everywhere]
         mine = _entries(packed.layout)
@@ -527,6 +539,29 @@ class RankSync:
             )
         return "own"
 
+    def _collective(self, call: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """``call(*args, **kwargs)``, one of keel's collectives. One that raises — a rank late past the group's
+        timeout (hung, or too slow once), or gone — leaves keel's group broken (gloo closes its pairs, NCCL aborts):
+        every later one raises at once instead, without waiting on the group again (keel's checks and the weights
+        check then fail on every rank alike, and each step goes on unguarded, as the bare loop would), so keel never
+        adds a second timeout (its gloo twin's, then the world's) to the one the loop waits. Warned once, per rank."""
+        if self._failed is not None:
+            raise RuntimeError(f"keel's collectives stopped after one failed ({self._failed}): none is made any more")
+        start = time.monotonic()
+        try:
+            return call(*args, **kwargs)
+        except Exception as exc:
+            self._failed = f"{type(exc).__name__}: {str(exc)[:160]}"
+            warnings.warn(
+                f"keel: rank {self.rank}: keel's {call.__name__} failed after {time.monotonic() - start:.1f} s "
+                f"({self._failed}): another rank is late past the process group's timeout (hung or too slow) or has "
+                "stopped; keel makes no more collectives in this run, so it no longer checks the steps "
+                "(each goes on as the bare loop would)",
+                KeelWarning,
+                stacklevel=loop_stacklevel(),
+            )
+            raise
+
     def _own_values_only(self) -> bool:
         """Whether a collective now would go unanswered (a rank has run out of batches inside DDP's join)."""
         return self._join_mode() == "own"
@@ -545,7 +580,7 @@ class RankSync:
         if self._own_values_only():
             return sorted(set(ids))
         parts: list[list[int] | None] = [None] * self.world
-        dist.all_gather_object(parts, list(ids), group=self.group)
+        self._collective(dist.all_gather_object, parts, list(ids), group=self.group)
         return sorted({i for part in parts for i in (part or ())})
 
     def all_max(self, values: list[float]) -> list[float]:
@@ -560,7 +595,7 @@ class RankSync:
             else torch.device("cpu")
         )
         t = torch.tensor(values, dtype=torch.float64, device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.group)
+        self._collective(dist.all_reduce, t, op=dist.ReduceOp.MAX, group=self.group)
         return t.tolist()
 
     # ------------------------------------------------------------------------------------------------
@@ -670,10 +705,46 @@ def _host_group(group: Any) -> tuple[Any, torch.device]:
         world = dist.group.WORLD
         if world not in _GLOO_WORLDS:
             _GLOO_WORLDS.clear()  # a world made again (destroy_process_group, init again): its twin is gone too
-            _GLOO_WORLDS[world] = dist.new_group(backend="gloo")
+            # as long as the world's own collectives wait on a hung rank (gloo's default, 30 min, outlasted a
+            # shorter NCCL timeout and cut a longer one short)
+            _GLOO_WORLDS[world] = dist.new_group(backend="gloo", timeout=_timeout_of(world))
         return _GLOO_WORLDS[world], torch.device("cpu")
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
     return group, device
+
+
+def _timeout_of(group: Any) -> timedelta | None:
+    """How long a collective of ``group`` waits for a late rank (the timeout given to ``init_process_group``, or set
+    since with ``_set_pg_timeout``): the longest of its backends' (NCCL for CUDA tensors, gloo for CPU ones); None
+    where no backend says (another vendor's)."""
+    group = dist.group.WORLD if group is None else group
+    found = []
+    for device in getattr(group, "_device_types", ()):
+        try:
+            timeout = group._get_backend(device).options._timeout
+        except Exception:  # a backend without torch's options
+            continue
+        if isinstance(timeout, timedelta):
+            found.append(timeout)
+    return max(found, default=None)
+
+
+def _follow_timeout(host_group: Any, group: Any) -> None:
+    """Before a wait on keel's gloo twin of ``group`` (`_host_group`): give the twin ``group``'s timeout when the loop
+    changed it since (torchtitan's ``set_pg_timeouts`` after its first step). Nothing for a group that is its own
+    host group."""
+    if host_group is group:
+        return
+    timeout = _timeout_of(group)
+    if timeout is None:
+        return
+    try:
+        from torch.distributed.distributed_c10d import _set_pg_timeout  # private: imported where it is used
+
+        if _timeout_of(host_group) != timeout:
+            _set_pg_timeout(timeout, host_group)
+    except Exception:  # torch's private setter moved or refused: the twin keeps the timeout it was made with
+        return
 
 
 def _entries(layout: list) -> list[tuple[int, str, str, int]]:
