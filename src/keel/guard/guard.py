@@ -20,6 +20,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
+from operator import attrgetter
 from typing import Any, Literal
 
 import torch
@@ -73,6 +74,8 @@ from keel.signals.param_norm import parameter_norms
 from keel.store import StoreError
 
 PROBE_SETS = {"default": DEFAULT_PROBES, "transformer": TRANSFORMER_PROBES, "full": FULL_PROBES}
+
+_DTYPE = attrgetter("dtype")
 
 
 class Guard(DeferredSteps):
@@ -805,7 +808,7 @@ class Guard(DeferredSteps):
             return False
         if ctx is None or not math.isfinite(grad_norm) or self.recovery.due_after(decision.step, decision.findings):
             return False
-        dtypes = {p.dtype for p in ctx.params}
+        dtypes = set(map(_DTYPE, ctx.params))
         return update_proven_finite(self.optimizer, dtypes, self.actuator.lr_scales(decision.step))
 
     def _roll_back_broken_update(self, decision: Decision, ctx: StepContext | None) -> Decision:
