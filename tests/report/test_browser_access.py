@@ -33,6 +33,8 @@ def page(tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("access")
     make_run_store(root / "runs" / "guarded", policy="skip", seed=0)
     make_run_store(root / "runs" / "recovering", policy="recover", seed=1, rollback=(100, 160))
+    # A name without spaces, as a log's file name is (keel report bigscience_….csv): made a 1000 px window scroll.
+    make_run_store(root / "runs" / "bigscience_tr8_104b_exp12_spike_8740_divergence_9027", policy="observe", seed=2)
     return write_report([root / "runs"], root / "report.html")
 
 
@@ -98,6 +100,7 @@ def test_a_400_px_window_scrolls_no_page_sideways_and_high_contrast_keeps_the_ru
         "Emulation.setDeviceMetricsOverride", {"width": 400, "height": 900, "deviceScaleFactor": 1, "mobile": False}
     )
     browser.open(page)
+    browser.js("document.querySelectorAll('details').forEach(d => { d.open = true; })")
     widths = browser.js(
         "return {page: document.scrollingElement.scrollWidth, window: document.documentElement.clientWidth,"
         " charts: [...document.querySelectorAll('.chart')].map(c => c.getBoundingClientRect().right)}"
