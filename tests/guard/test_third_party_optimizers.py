@@ -306,3 +306,67 @@ def test_a_completed_snapshot_keeps_the_mode_its_parameters_were_copied_in(group
     for i, (group, now) in enumerate(zip(merged, groups, strict=True)):
         mode_taken = i < len(taken) and "train_mode" in taken[i] and "train_mode" in now
         assert group == ({**now, "train_mode": taken[i]["train_mode"]} if mode_taken else now)
+
+
+# --- resuming a Muon + AdamW run: the parts of keel.Optimizers are part of the setup -------------------------------
+def _muon_recipe(model: nn.Module, order: str = "muon,adamw", muon: type | None = None) -> keel.Optimizers:
+    mats, rest = _matrices_and_rest(model)
+    first = (muon or torch.optim.Muon)(mats, lr=0.02)
+    parts = {"muon": first, "adamw": torch.optim.AdamW(rest, lr=1e-3)}
+    return keel.Optimizers(*(parts[name] for name in order.split(",")))
+
+
+def _train(model: nn.Module, optimizer: Any, run_dir: Path, *, resume: bool) -> int:
+    config = keel.RecoveryConfig(snapshot_every=3, disk_every=1)
+    with keel.Guard(model, optimizer, run_dir=str(run_dir), policy="recover", resume=resume, recovery=config) as g:
+        for i in range(g.global_step, g.global_step + 4):
+            x, y = _batch(i)
+            loss = nn.functional.mse_loss(model(x), y)
+            loss.backward()
+            g.step(loss)
+            optimizer.zero_grad()
+        return g.global_step
+
+
+@pytest.mark.parametrize(
+    ("order", "muon", "named"),
+    [
+        ("adamw,muon", None, "Optimizers(torch.optim.adamw.AdamW, torch.optim.Muon) now"),
+        ("muon,adamw", torch.optim.SGD, "Optimizers(torch.optim.sgd.SGD, torch.optim.adamw.AdamW) now"),
+    ],
+)
+def test_a_muon_recipe_resumed_with_its_parts_in_another_order_or_class_is_refused(order, muon, named, tmp_path):
+    # Optimizers' state_dict numbers the parameters on across its parts; the snapshot recorded only the class
+    # "Optimizers", so the resume loaded AdamW's state into Muon and its first step raised KeyError: 'step'
+    # (SGD for Muon: KeyError: 'dampening') from deep inside torch (h30-A F8)
+    _train(_model(), _muon_recipe(_model()), tmp_path, resume=False)
+    model = _model()
+    with pytest.raises(ValueError, match="another setup") as refused:
+        _train(model, _muon_recipe(model, order, muon), tmp_path, resume=True)
+    assert "Optimizers(torch.optim.Muon, torch.optim.adamw.AdamW) in the snapshot" in str(refused.value)
+    assert named in str(refused.value)
+    model = _model()
+    assert _train(model, _muon_recipe(model), tmp_path, resume=True) > 4  # the same parts resume
+
+
+@pytest.mark.parametrize(
+    ("saved", "now", "fits"),
+    [
+        ("keel.guard.optimizers.Optimizers", "keel.guard.optimizers.Optimizers(a.A, b.B)", True),  # older keel
+        ("keel.guard.optimizers.Optimizers(a.A, b.B)", "keel.guard.optimizers.Optimizers(a.A, b.B)", True),
+        ("keel.guard.optimizers.Optimizers(b.B, a.A)", "keel.guard.optimizers.Optimizers(a.A, b.B)", False),
+        ("keel.guard.optimizers.Optimizers(a.A, b.B)", "keel.guard.optimizers.Optimizers", False),
+        ("keel.guard.optimizers.Schedulers", "keel.guard.optimizers.Schedulers(a.A)", True),
+        ("torch.optim.adamw.AdamW", "torch.optim.adamw.AdamW(x)", False),  # the older form of a group only
+        ("keel.guard.optimizers.Optimizers", "keel.guard.optimizers.OptimizersX(a.A)", False),
+        (None, "torch.optim.adamw.AdamW", False),
+        (None, None, True),
+        (3, "3(x)", False),  # a hand-edited meta.json
+        ("", "(x)", False),
+        (["keel.guard.optimizers.Optimizers"], "keel.guard.optimizers.Optimizers(a.A)", False),
+    ],
+)
+def test_which_recorded_optimizer_classes_fit(saved: Any, now: Any, fits: bool) -> None:
+    from keel.recover.compat import _same_class
+
+    assert _same_class(saved, now) is fits

@@ -17,6 +17,7 @@ from keel.recover.state import TrainingState, classes_of, local_tensor, model_ke
 
 MAX_SHOWN = 5  # differences named in one error; the rest are counted
 MAX_NAMES = 6  # parameter names listed in one difference
+_GROUPS = ("keel.guard.optimizers.Optimizers", "keel.guard.optimizers.Schedulers")  # named with their parts since h30
 
 
 def setup_differences(snap: Snapshot, state: TrainingState) -> list[str]:
@@ -26,13 +27,21 @@ def setup_differences(snap: Snapshot, state: TrainingState) -> list[str]:
     now = classes_of(state)
     if isinstance(saved, dict):  # snapshots from before keel recorded the classes have none to compare
         for role in ("optimizer", "scheduler"):
-            if saved.get(role) != now[role]:
+            if not _same_class(saved.get(role), now[role]):
                 differences.append(f"{role}: {saved.get(role) or 'none'} in the snapshot, {now[role] or 'none'} now")
     saved_groups = [len(g["params"]) for g in snap.skeleton["param_groups"]]
     groups = [len(g["params"]) for g in state.optimizer.param_groups]
     if saved_groups != groups:
         differences.append(f"optimizer parameter groups: sizes {saved_groups} in the snapshot, {groups} now")
     return differences
+
+
+def _same_class(saved: object, now: str | None) -> bool:
+    """Whether the class a snapshot records is ``now``'s; one written before keel named a `keel.Optimizers`' parts
+    (``…Optimizers`` alone) fits any parts."""
+    if saved == now:
+        return True
+    return saved in _GROUPS and now is not None and now.startswith(f"{saved}(")
 
 
 def describe_differences(differences: list[str]) -> str:

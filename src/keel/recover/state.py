@@ -378,11 +378,22 @@ def restore(
 
 def classes_of(state: TrainingState) -> dict[str, str | None]:
     """The optimizer, scheduler and scaler classes as ``module.QualName`` (None where there is none): stored with
-    each snapshot, so a resume can tell another setup from the one the run was started with."""
+    each snapshot, so a resume can tell another setup from the one the run was started with. A `keel.Optimizers`
+    (or `keel.Schedulers`) is named with its parts in order, ``keel.guard.optimizers.Optimizers(torch.optim.muon.Muon,
+    torch.optim.adamw.AdamW)``: its state_dict numbers the parameters on across the parts, so parts in another order
+    or of another class load each other's state and the first step fails deep inside torch (``KeyError: 'step'``)."""
     return {
-        role: None if obj is None else f"{type(obj).__module__}.{type(obj).__qualname__}"
+        role: None if obj is None else _class_name(obj)
         for role, obj in (("optimizer", state.optimizer), ("scheduler", state.scheduler), ("scaler", state.scaler))
     }
+
+
+def _class_name(obj: Any) -> str:
+    name = f"{type(obj).__module__}.{type(obj).__qualname__}"
+    parts = getattr(obj, "optimizers", None) or getattr(obj, "schedulers", None)
+    if type(obj).__module__ == "keel.guard.optimizers" and isinstance(parts, tuple):
+        return f"{name}({', '.join(_class_name(part) for part in parts)})"
+    return name
 
 
 def local_tensor(t: Tensor) -> Tensor:
