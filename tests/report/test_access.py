@@ -183,3 +183,21 @@ def test_the_first_tab_stops_link_to_every_section_of_the_page(tmp_path):
     assert links == ["#diagnosis", "#timelines", "#runs", "#decisions"] and all(link[1:] in ids for link in links)
     first_control = next(tag for tag, attrs in tree.elements if tag in ("a", "summary", "button"))
     assert first_control == "a"  # before every chart's numbers and the runs' folded tables
+
+
+def test_long_tables_repeat_their_header_row_on_each_printed_page(tmp_path):
+    make_run_store(tmp_path / "a", rollback=(100, 160))
+    page = write_report([tmp_path / "a"], tmp_path / "report.html").read_text()
+    elements = _Tree(page).elements
+    after_table = {
+        attrs.get("class") or "snapshots": elements[i + 1][0]
+        for i, (tag, attrs) in enumerate(elements)
+        if tag == "table"
+    }
+    assert {name: after_table[name] for name in ("runs", "decisions", "snapshots", "signals", "marks")} == {
+        "runs": "thead",
+        "decisions": "thead",
+        "snapshots": "thead",
+        "signals": "caption",  # then its thead
+        "marks": "caption",
+    }

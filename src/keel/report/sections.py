@@ -1,5 +1,7 @@
 """The page's HTML sections other than the charts: runs table, diagnosis cards, decisions, snapshots, notes.
 
+Tables put their header row in <thead>: printed, a 200-row decisions table repeats it on every page.
+
 `keel.report.overview` puts the runs table and the named causes on the first screen and groups the cards.
 
 Every value that comes from a store goes through `esc`, numbers too: a store is untrusted input (a run's config
@@ -50,7 +52,7 @@ def runs_table(runs: list[RunData], colors: list[str]) -> str:
             f"<td>{counts['critical']} / {counts['warning']} / {counts['info']}</td>"
             f"<td>{actions['skip']}</td><td>{actions['rollback']}</td></tr>"
         )
-    return f"<table class='runs'>{head}{''.join(rows)}</table>"
+    return f"<table class='runs'><thead>{head}</thead><tbody>{''.join(rows)}</tbody></table>"
 
 
 def metadata(run: RunData) -> str:
@@ -134,7 +136,10 @@ def decisions_table(run: RunData) -> str:
     extra = len(run.decisions) - MAX_ROWS
     more = f"<p class='muted'>… and {extra} more.</p>" if extra > 0 else ""
     summary = ", ".join(f"{n} {esc(a)}" for a, n in counts.items())
-    return f"<details><summary>{summary}</summary><table class='decisions'>{head}{rows}</table>{more}</details>"
+    return (
+        f"<details><summary>{summary}</summary><table class='decisions'><thead>{head}</thead><tbody>{rows}</tbody>"
+        f"</table>{more}</details>"
+    )
 
 
 def snapshots_table(run: RunData) -> str:
@@ -146,7 +151,10 @@ def snapshots_table(run: RunData) -> str:
         f"<td><code>{esc(str(s['checksum'])[:16])}</code></td></tr>"
         for s in run.snapshots[:MAX_ROWS]
     )
-    return f"<details><summary>{len(run.snapshots)} snapshot(s)</summary><table>{head}{rows}</table></details>"
+    return (
+        f"<details><summary>{len(run.snapshots)} snapshot(s)</summary><table><thead>{head}</thead>"
+        f"<tbody>{rows}</tbody></table></details>"
+    )
 
 
 def _advice_item(advice: dict[str, Any]) -> str:
