@@ -157,20 +157,25 @@ class TextLines:
     the file), and whether its last one is unterminated (no newline after it).
 
     ``lines`` iterates once over the lines `read_console` would give, split as ``str.splitlines`` splits (or at
-    ``\\n`` alone: the Trainer's console keeps tqdm's ``\\r`` redraws inside a line), each line's terminal escapes
-    left out. An empty or binary file, or an undecodable byte, is a `LogReadError` while iterating.
+    ``\\n`` alone: the Trainer's console keeps tqdm's ``\\r`` redraws inside a line; or at ``\\r`` and ``\\n``, each
+    one a break, as ``re.split(r"[\\r\\n]")``: a tqdm bar's redraws, one line of a console that never printed a
+    newline), each line's terminal escapes left out. An empty or binary file, or an undecodable byte, is a
+    `LogReadError` while iterating.
 
     A line reader that meets a line it cannot parse asks `cut_off` first: the file's last line, unterminated, is
     one a run was still writing when the log was read (or was killed in the middle of) — left out with a note
     (`note`), not an error for the whole log. Any other malformed line stays the reader's error.
     """
 
-    def __init__(self, path: Path, *, at_newlines_only: bool = False, block_bytes: int | None = None) -> None:
+    def __init__(
+        self, path: Path, *, at_newlines_only: bool = False, at_returns: bool = False, block_bytes: int | None = None
+    ) -> None:
         self.path = path
         self.unterminated = False
         self.left_out = False
         self._last_number: int | None = None  # the last line's number, once it has been read
         self._at_newlines_only = at_newlines_only
+        self._at_returns = at_returns
         self._block_bytes = block_bytes or BLOCK_BYTES
         self.lines: Iterator[str] = self._lines()
 
@@ -195,13 +200,16 @@ class TextLines:
 
     def _raw_lines(self) -> Iterator[tuple[str, bool]]:
         """(line, whether it is the file's last) — the last one is known only at the end of the file."""
-        newline_only = self._at_newlines_only
+        newline_only = self._at_newlines_only or self._at_returns  # every piece is a line, the last one too
         breaks = "\n" if newline_only else _LINE_BREAKS
         partial: list[str] = []  # the pieces of a line that runs on past a block
         last_char = ""
         for text in self._blocks():
             last_char = text[-1]
-            pieces = text.split("\n") if newline_only else text.splitlines(keepends=True)
+            if self._at_returns:
+                pieces = _RETURNS.split(text)
+            else:
+                pieces = text.split("\n") if newline_only else text.splitlines(keepends=True)
             tail = pieces.pop()
             if not newline_only and tail[-1] in breaks:  # the block ended with a line break: the line is whole
                 pieces.append(tail)
@@ -245,6 +253,12 @@ class TextLines:
                     return
 
 
-def read_lines(path: Path, *, at_newlines_only: bool = False, block_bytes: int | None = None) -> TextLines:
-    """A `TextLines` that streams ``path``'s lines (``str.splitlines``, or split at ``\\n`` alone)."""
-    return TextLines(path, at_newlines_only=at_newlines_only, block_bytes=block_bytes)
+_RETURNS = re.compile(r"[\r\n]")
+
+
+def read_lines(
+    path: Path, *, at_newlines_only: bool = False, at_returns: bool = False, block_bytes: int | None = None
+) -> TextLines:
+    """A `TextLines` that streams ``path``'s lines (``str.splitlines``, split at ``\\n`` alone, or at each ``\\r`` and
+    ``\\n``)."""
+    return TextLines(path, at_newlines_only=at_newlines_only, at_returns=at_returns, block_bytes=block_bytes)

@@ -252,6 +252,10 @@ class Entries:
             raise IndexError("only the last entry is kept")
         return self._last
 
+    def __setitem__(self, index: int, entry: dict[str, Any]) -> None:
+        self[index]  # noqa: B018 - the same IndexError as reading it: only the last entry can be replaced
+        self._last = entry
+
     def append(self, entry: dict[str, Any]) -> None:
         if self._last is not None:
             self._records.add(self._last)

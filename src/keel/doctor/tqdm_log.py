@@ -19,12 +19,11 @@ other line is left out and counted.
 from __future__ import annotations
 
 import re
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
-from keel.doctor._text import read_console
-from keel.doctor.jsonl_log import add_entry, records_from_objects
+from keel.doctor._text import read_lines
+from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog
 
 FORMAT = "tqdm"
@@ -49,7 +48,9 @@ def looks_like_tqdm_postfix(text: str) -> bool:
 
 
 def read_tqdm_log(path: str | Path) -> RawLog:
-    """Read a console log of tqdm bars with a postfix.
+    """Read a console log of tqdm bars with a postfix, streamed: its redraws are split at each ``\\r`` and ``\\n``
+    as they are read (a console of one line that never printed a newline too), and each kind of bar's steps go
+    into a table of their own as they come, so memory grows with the steps kept, not with the file.
 
     Raises:
         LogReadError: No tqdm redraw with a ``name=value`` postfix.
@@ -63,21 +64,23 @@ def read_tqdm_log(path: str | Path) -> RawLog:
         [(1, {'loss': 2.5}), (2, {'loss': 2.41})]
     """
     path = Path(path)
-    redraws: list[_Redraw] = []
+    bars: dict[str, _Counts] = {}  # kind of bar ("Epoch #") -> its steps, in the order first drawn
+    kind_of: dict[str, str] = {}
     other = 0
-    for segment in _segments(read_console(path)):
+    for segment in read_lines(path, at_returns=True).lines:
         redraw = _redraw(segment)
         if redraw is None:
             other += bool(segment.strip())
-        else:
-            redraws.append(redraw)
-    if not redraws:
+            continue
+        kind = kind_of.get(redraw.bar)
+        if kind is None:
+            kind = kind_of[redraw.bar] = _DIGITS.sub("#", redraw.bar)  # "Epoch 3" is an "Epoch #" bar
+        bars.setdefault(kind, _Counts()).add(redraw)
+    if not bars:
         raise LogReadError(f"{path}: no tqdm progress bar with a 'name=value' postfix")
-    kind_of = {bar: _DIGITS.sub("#", bar) for bar in {r.bar for r in redraws}}  # "Epoch 3" is an "Epoch #" bar
-    kinds = Counter(kind_of[r.bar] for r in redraws)
-    main = kinds.most_common(1)[0][0]
-    log = records_from_objects(path, _entries([r for r in redraws if kind_of[r.bar] == main]), fmt=FORMAT)
-    left_out = sum(kinds.values()) - kinds[main]
+    main = max(bars, key=lambda kind: bars[kind].redraws)  # the first of the most drawn
+    log = bars[main].entries.log(path, fmt=FORMAT)
+    left_out = sum(bar.redraws for bar in bars.values()) - bars[main].redraws
     log.notes.append(f"the steps are the counts of the progress bar {main.strip() or '(no description)'!r}")
     if left_out:
         log.notes.append(f"{left_out} redraws of other progress bars (an evaluation's) left out")
@@ -114,9 +117,9 @@ def _redraw(segment: str) -> _Redraw | None:
     return _Redraw(bar=bar, n=int(m.group(1)), total=total, fields=fields)
 
 
-def _entries(redraws: list[_Redraw]) -> list[dict[str, float | str]]:
-    """One entry per count (count 0, before any update, left out); a finished bar drawn anew, or another bar,
-    continues the count.
+class _Counts:
+    """One kind of bar's redraws turned into entries as they come: one entry per count (count 0, before any update,
+    left out); a finished bar drawn anew, or another bar, continues the count.
 
     A bar cut short (a killed run) followed by a bar drawn before (the resumed run's epoch) starts again at that
     bar's steps: the doctor lists the restart. A count is drawn twice: by ``update`` and by ``set_postfix``.
@@ -124,28 +127,35 @@ def _entries(redraws: list[_Redraw]) -> list[dict[str, float | str]]:
     of a count is its step's); OpenRLHF sets them, then updates (``0/100 …loss=2.5``, ``1/100 …loss=2.5``,
     ``1/100 …loss=2.4``: the first is). The second shows itself by a postfix already at count 0 of the first bar.
     """
-    entries: list[dict[str, float | str]] = []
-    set_before_update = redraws[0].n == 0
-    offset = 0
-    started: dict[str, int] = {}  # each bar's first offset: a resumed run drawing it again starts there
-    last: _Redraw | None = None
-    for redraw in redraws:
+
+    def __init__(self) -> None:
+        self.entries = Entries()
+        self.redraws = 0
+        self._set_before_update: bool | None = None
+        self._offset = 0
+        self._started: dict[str, int] = {}  # each bar's first offset: a resumed run drawing it again starts there
+        self._last: _Redraw | None = None
+
+    def add(self, redraw: _Redraw) -> None:
+        self.redraws += 1
+        if self._set_before_update is None:
+            self._set_before_update = redraw.n == 0
+        last = self._last
         if last is not None and (redraw.n < last.n or redraw.bar != last.bar):
             if last.total is not None and last.n >= last.total:  # finished: the next epoch or round
-                offset += last.total
-            elif redraw.bar in started and redraw.bar != last.bar:  # cut short, then an earlier bar: a resume
-                offset = started[redraw.bar]
+                self._offset += last.total
+            elif redraw.bar in self._started and redraw.bar != last.bar:  # cut short, then an earlier bar: a resume
+                self._offset = self._started[redraw.bar]
             elif redraw.bar != last.bar:
-                offset += last.n
+                self._offset += last.n
             # the same bar starting over before its total: a restart at its own counts
-        started.setdefault(redraw.bar, offset)
+        self._started.setdefault(redraw.bar, self._offset)
         same_count = last is not None and redraw.n == last.n and redraw.bar == last.bar
-        last = redraw
-        if redraw.n == 0 or (same_count and set_before_update):
-            continue
-        step = offset + redraw.n
-        if same_count and entries and entries[-1]["step"] == step:
-            entries[-1] = {"step": step, **redraw.fields}
+        self._last = redraw
+        if redraw.n == 0 or (same_count and self._set_before_update):
+            return
+        step = self._offset + redraw.n
+        if same_count and self.entries and self.entries[-1]["step"] == step:
+            self.entries[-1] = {"step": step, **redraw.fields}
         else:
-            add_entry(entries, step, dict(redraw.fields))
-    return entries
+            add_entry(self.entries, step, dict(redraw.fields))
