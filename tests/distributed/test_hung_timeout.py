@@ -9,6 +9,11 @@ makes its twin as it does for ``"nccl"`` or ``"cpu:gloo,cuda:nccl"``."""
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import time
 from datetime import timedelta
 from pathlib import Path
 
@@ -18,7 +23,8 @@ import torch.distributed as dist
 from torch.distributed.distributed_c10d import _set_pg_timeout
 
 from keel.guard import distributed as keel_dist
-from tests.distributed.launch import torchrun
+from keel.store import RunReader
+from tests.distributed.launch import ROOT, torchrun
 
 CPU = torch.device("cpu")
 
@@ -65,6 +71,55 @@ def test_a_group_without_a_readable_timeout_leaves_the_twin_as_it_is(world):
     assert timeout_of(twin) == timedelta(seconds=17)
 
 
+class Backend:
+    """A group's backend as `_timeout_of` reads it: ``options._timeout``, or whatever a vendor's holds."""
+
+    def __init__(self, options):
+        self.options = options
+
+
+class Group:
+    """A process group as `_timeout_of` reads it: one backend per device type."""
+
+    def __init__(self, *backends, devices=None):
+        self._device_types = devices if devices is not None else [torch.device("cpu", i) for i in range(len(backends))]
+        self.backends = dict(zip(self._device_types, backends, strict=False))
+
+    def _get_backend(self, device):
+        if device not in self.backends:
+            raise RuntimeError(f"no backend for {device}")
+        return self.backends[device]
+
+
+class Options:
+    def __init__(self, timeout):
+        self._timeout = timeout
+
+
+class Raising:
+    @property
+    def _timeout(self):
+        raise RuntimeError("not bound for this backend")
+
+
+@pytest.mark.parametrize(
+    ("group", "expected"),
+    [
+        (Group(Backend(Options(timedelta(seconds=5)))), timedelta(seconds=5)),
+        (Group(Backend(Options(timedelta(seconds=5))), Backend(Options(timedelta(minutes=9)))), timedelta(minutes=9)),
+        (Group(Backend(Options(timedelta(seconds=5))), Backend(Raising())), timedelta(seconds=5)),  # the one it reads
+        (Group(Backend(None)), None),  # no options
+        (Group(Backend(Options(300))), None),  # not a timedelta: not trusted
+        (Group(Backend(Raising())), None),
+        (Group(devices=[torch.device("cpu")]), None),  # a device whose backend cannot be had
+        (Group(), None),  # no devices
+        (object(), None),  # not a process group at all
+    ],
+)
+def test_a_timeout_that_cannot_be_read_is_none_never_an_error(group, expected):
+    assert keel_dist._timeout_of(group) == expected
+
+
 WORKER = Path(__file__).with_name("hung_worker.py")
 
 
@@ -89,3 +144,30 @@ def test_after_one_collective_failed_keel_waits_on_no_other(tmp_path, late_at, b
             assert seen["loop_error"] and len(seen["step_seconds"]) == late_at + 1, seen
         else:  # only keel's twin broke: the loop trains on, unguarded, keel waiting on nothing
             assert seen["loop_error"] is None and len(seen["step_seconds"]) == 6, seen
+
+
+@pytest.mark.slow  # a torchrun job (~15 s on the 2-core CI machine)
+@pytest.mark.distributed
+def test_sigterm_ends_a_rank_waiting_in_keels_collective_and_its_store_says_where(tmp_path):
+    """torchrun's SIGTERM (a scheduler's cancel, or torchrun's own when another rank failed) while rank 0 waits in
+    keel's all-reduce for a hung rank 1 (process group timeout 10 min): rank 0's handler runs there, the store says
+    where the run stopped, and the job ends (as bare DDP's), not at the timeout nor at torchrun's SIGKILL 30 s later."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), str(ROOT)]), OMP_NUM_THREADS="1")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--standalone", str(WORKER)]
+    job = subprocess.Popen([*cmd, str(tmp_path), "600", "3600", "2", "gloo"], env=env, cwd=ROOT, text=True,
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while not (tmp_path / "late").exists() and job.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert (tmp_path / "late").exists(), job.communicate(timeout=5)[0][-3000:]
+        time.sleep(2)  # rank 0 reaches keel's all-reduce of step 2 within milliseconds
+        job.send_signal(signal.SIGTERM)
+        output = job.communicate(timeout=25)[0]  # torchrun's SIGKILL of a rank that ignored SIGTERM comes at 30 s
+    finally:
+        if job.poll() is None:
+            job.kill()
+            job.communicate()
+    assert job.returncode != 0
+    with RunReader(tmp_path / "run") as store:
+        assert store.meta()["status"] == "interrupted by SIGTERM after 2 steps", output[-3000:]
