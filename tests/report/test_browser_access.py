@@ -53,6 +53,8 @@ def _x_range(browser: Browser, chart: str) -> list[float]:
 def test_the_keyboard_zooms_every_chart_and_opens_the_numbers_a_hover_label_shows(browser):
     buttons = browser.js("return [...document.querySelectorAll('#chart-0 .modebar-btn')].map(b => b.dataset.title)")
     assert buttons == TOOLBAR  # no "Share chart..." (an upload to Plotly Cloud), no box/lasso select
+    # A chart's SVG (tick labels, legend) is hidden from a screen reader: its name and numbers stand for it.
+    assert browser.js("return document.querySelectorAll('.chart svg.main-svg:not([aria-hidden=true])').length") == 0
     links = browser.js("return [...document.querySelectorAll('nav.jump a')].map(a => a.getAttribute('href'))")
     browser.press("tab")  # the first tab stop: the section links, shown while focused
     link = browser.focused()
