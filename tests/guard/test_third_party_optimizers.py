@@ -76,8 +76,8 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "Lamb": lambda m: _po().Lamb(m.parameters(), lr=1e-3),
     "DAdaptAdam": lambda m: _po().DAdaptAdam(m.parameters(), lr=0.1),
 }
-DEFAULT_SUITE = {"SOAP", "ScheduleFreeAdamW", "Muon(pytorch_optimizer)", "torch Muon + AdamW"}
-# the rest run under -m slow; ScalableShampoo's state holds Python objects, which keel does not write to disk
+DEFAULT_SUITE = {"torch Muon + AdamW", "torch Adafactor"}
+# the rest run under -m slow (importing pytorch_optimizer takes ~2 s: it imports transformers); ScalableShampoo's state holds Python objects, which keel does not write to disk
 NO_DISK = {"ScalableShampoo"}
 
 
@@ -241,7 +241,12 @@ def _readme_loop(make: Callable[[nn.Module], Any], run_dir: Path | None, steps: 
 
 
 @pytest.mark.parametrize(
-    "name", ["AdamWScheduleFree", "ScheduleFreeWrapper(SGD)", "pytorch_optimizer ScheduleFreeAdamW"]
+    "name",
+    [
+        "AdamWScheduleFree",
+        "ScheduleFreeWrapper(SGD)",
+        pytest.param("pytorch_optimizer ScheduleFreeAdamW", marks=pytest.mark.slow),
+    ],
 )
 def test_a_schedule_free_run_resumed_from_disk_ends_on_the_uninterrupted_runs_weights(name: str, tmp_path: Path):
     # ScheduleFreeWrapper keeps its mode on the object, outside its state_dict: resumed into a new wrapper (eval
@@ -260,7 +265,8 @@ def test_which_optimizers_move_their_parameters_outside_step() -> None:
     makers = _schedule_free_makers()
     model = _model()
     adamw = torch.optim.AdamW(model.parameters())
-    assert [swaps_weights(make(model)) for make in makers.values()] == [True] * len(makers)
+    assert swaps_weights(makers["AdamWScheduleFree"](model))
+    assert swaps_weights(makers["ScheduleFreeWrapper(SGD)"](model))  # (pytorch_optimizer's: its resume test, slow)
     assert not swaps_weights(adamw)
     assert swaps_weights(keel.Optimizers(adamw, makers["AdamWScheduleFree"](nn.Linear(2, 2))))
     assert not swaps_weights(keel.Optimizers(adamw, torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1)))
@@ -370,3 +376,61 @@ def test_which_recorded_optimizer_classes_fit(saved: Any, now: Any, fits: bool) 
     from keel.recover.compat import _same_class
 
     assert _same_class(saved, now) is fits
+
+
+def test_a_snapshot_completed_after_the_loops_optimizer_eval_holds_the_training_mode(tmp_path: Path) -> None:
+    # keel.watch with the loop's warm-up scheduler completes each snapshot at keel's next call, re-reading the groups
+    # for the scheduler's call: at close() after the README's final optimizer.eval() that read train_mode=False,
+    # beside parameters copied in training mode; resumed, optimizer.train() did nothing and the run went on from
+    # other weights (h30-A F1)
+    schedulefree = pytest.importorskip("schedulefree")
+
+    def loop(run_dir: Path | None, steps: int, resume: bool = False) -> nn.Module:
+        model = _model()
+        optimizer = schedulefree.AdamWScheduleFree(model.parameters(), lr=2.5e-3)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 5))
+        config = keel.RecoveryConfig(snapshot_every=5, disk_every=1)
+        guard = None
+        if run_dir is not None:
+            guard = keel.watch(model, optimizer, scheduler, run_dir=str(run_dir), resume=resume, recovery=config)
+        optimizer.train()
+        for i in range(guard.global_step if guard else 0, steps):
+            x, y = _batch(i)
+            nn.functional.mse_loss(model(x), y).backward()
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad()
+        optimizer.eval()  # evaluate (and save), as the README does, then the run ends
+        if guard is not None:
+            guard.close()
+        return model
+
+    loop(tmp_path, 10)
+    resumed, bare = loop(tmp_path, 15, resume=True), loop(None, 15)
+    assert _differences([p.detach() for p in resumed.parameters()], [p.detach() for p in bare.parameters()]) == []
+
+
+def test_a_schedule_free_snapshot_is_copied_before_keel_returns(tmp_path: Path) -> None:
+    # the ring copies in the background until the next optimizer.step(); the loop's optimizer.eval() moves the
+    # parameters before that, and the copy took some tensors at y, some at x, one torn (h30-A F2, 1 run in 3)
+    schedulefree = pytest.importorskip("schedulefree")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 1024), nn.ReLU(), nn.Linear(1024, 1))  # above the ring's inline size
+    optimizer = schedulefree.AdamWScheduleFree(model.parameters(), lr=1e-3)
+    optimizer.train()
+    config = keel.RecoveryConfig(snapshot_every=2, copy_in_background=True)
+    with keel.Guard(model, optimizer, run_dir=str(tmp_path), policy="recover", recovery=config) as guard:
+        taken = 0
+        for _ in range(6):
+            loss = model(torch.randn(16, 64)).square().mean()
+            loss.backward()
+            guard.step(loss)
+            optimizer.zero_grad()
+            newest = guard.recovery.ring.snapshots[-1]
+            if newest.step != guard.global_step:
+                continue  # no snapshot after this update
+            taken += 1
+            assert newest.ready.is_set()  # complete before the loop can call optimizer.eval()
+            held = {k: t for k, t in newest.tensors.items() if k.startswith("model/")}
+            assert all(torch.equal(held[f"model/{n}"], p) for n, p in model.named_parameters())
+        assert taken >= 2

@@ -54,7 +54,16 @@ from keel.recover.compat import describe_differences, setup_differences
 from keel.recover.disk import SNAPSHOT_DIR, DiskSnapshots, snapshot_step
 from keel.recover.fixed import fixed_differences, stale_reason
 from keel.recover.snapshot import Snapshot, SnapshotRing
-from keel.recover.state import TrainingState, capture_averaged, model_tensors, reseed, restore, trained_keys
+from keel.recover.state import (
+    TrainingState,
+    capture_averaged,
+    groups_in_mode_of,
+    model_tensors,
+    reseed,
+    restore,
+    swaps_weights,
+    trained_keys,
+)
 
 
 @dataclass(kw_only=True)
@@ -197,6 +206,9 @@ class Recovery:
         self.ring = SnapshotRing(
             config.keep_in_memory, config.keep_pinned, config.copy_in_background, copy_fixed=config.copy_fixed
         )
+        # a schedule-free optimizer's eval()/train() move the parameters between steps, where the ring's background
+        # copy assumes none changes before the next optimizer.step(): its snapshots are finished before keel returns
+        self._copied_at_once = swaps_weights(state.optimizer)
         # with a run_dir the disk tier always exists, so a resume reads the snapshots there even when this run
         # writes none (``disk_every=None``)
         self.disk = (
@@ -290,6 +302,8 @@ class Recovery:
         self._last_snapshot = steps_done
         self._taken += 1
         snap = self.ring.take(steps_done, self.state)
+        if self._copied_at_once:
+            self.ring.fence()
         if self._loop_scheduler_pending or self.state.averaged or after_recorded:
             self.complete_snapshot()  # (a rollback's snapshot follows the step's own at once)
             self._awaiting = (snap, to_disk)
@@ -311,7 +325,8 @@ class Recovery:
         self._awaiting = None
         if self._loop_scheduler_pending:
             snap.plain["scheduler"] = copy.deepcopy(self.state.scheduler.state_dict())  # type: ignore[union-attr]
-            snap.skeleton["param_groups"] = copy.deepcopy(self.state.optimizer.state_dict()["param_groups"])
+            groups = copy.deepcopy(self.state.optimizer.state_dict()["param_groups"])
+            snap.skeleton["param_groups"] = groups_in_mode_of(groups, snap.skeleton["param_groups"])
         if self.state.averaged:
             snap.plain["averaged"] = capture_averaged(self.state)
         if to_disk:
