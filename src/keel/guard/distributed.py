@@ -427,7 +427,7 @@ class RankSync:
         keel's values until the join ends, so this rank answers nothing more."""
         if self.stats is not None:
             self.stats.take()  # DDP's hook shadowed the backward with zero gradients: nothing of this rank's own
-        if self._join.someone_joined or self._closed:
+        if self._join.someone_joined or self._closed or self._failed is not None:  # no collective answers it
             return
         self._join.someone_joined = True
         neutral = torch.tensor([_NEUTRAL, _NEUTRAL, _JOINED], dtype=torch.int64, device=self._layout_device)
