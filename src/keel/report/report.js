@@ -292,11 +292,8 @@
   var PRINT_WIDTH = 640, opened = [];
   function allCharts() { return Array.prototype.slice.call(document.querySelectorAll(".chart[data-rendered]")); }
   window.addEventListener("beforeprint", function () {
-    state.printed = (state.printed || 0) + 1;
-    opened = Array.prototype.filter.call(document.querySelectorAll("details:not([open])"), function (d) {
-      d.open = true;
-      return true;
-    });
+    opened = Array.prototype.slice.call(document.querySelectorAll("details:not([open])"));
+    opened.forEach(function (d) { d.open = true; });
     allCharts().forEach(function (div) { Plotly.relayout(div, {width: PRINT_WIDTH}); });
   });
   window.addEventListener("afterprint", function () {
