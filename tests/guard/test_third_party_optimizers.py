@@ -77,7 +77,8 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "DAdaptAdam": lambda m: _po().DAdaptAdam(m.parameters(), lr=0.1),
 }
 DEFAULT_SUITE = {"torch Muon + AdamW", "torch Adafactor"}
-# the rest run under -m slow (importing pytorch_optimizer takes ~2 s: it imports transformers); ScalableShampoo's state holds Python objects, which keel does not write to disk
+# the rest run under -m slow (importing pytorch_optimizer takes ~2 s: it imports transformers)
+# ScalableShampoo's state holds Python objects, which keel does not write to disk
 NO_DISK = {"ScalableShampoo"}
 
 
