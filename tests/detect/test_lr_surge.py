@@ -150,7 +150,38 @@ def test_each_group_is_judged_against_its_own_highest():
 def test_zero_and_non_finite_learning_rates_set_no_reference():
     lrs = [0.0, 0.0, 1e-5, 2e-5, math.nan, 3e-5, 3e-5 * 100]
     found = feed(LrSurgeDetector(), observations(lrs))
-    assert [(f.step, f.severity) for f in found] == [(6, "critical")]
+    assert [(f.step, f.severity) for f in found] == [(4, "critical"), (6, "critical")]
+
+
+@pytest.mark.parametrize("bad", [math.inf, math.nan])
+@pytest.mark.parametrize("at", [0, 1, 6])  # before any reference, on the second LR, after a warm-up
+def test_a_non_finite_learning_rate_is_a_surge_that_is_never_taken(bad, at):
+    # the non-finite detector reads the loss, gradients and weights, not the LR: an update at lr=inf (a LambdaLR that
+    # divided by zero) was applied, its weights NaN (h30-A F3); it is refused however long it lasts
+    lrs = [1e-3 * min(s + 1, 4) / 4 for s in range(12)]
+    lrs[at : at + 5] = [bad] * 5
+    found = feed(LrSurgeDetector(), observations(lrs))
+    assert [(f.step, f.severity) for f in found] == [(s, "critical") for s in range(at, at + 5)]
+    assert "writes NaN/Inf into the weights" in found[0].cause
+
+
+def test_the_guard_skips_an_update_at_an_inf_lr_of_its_scheduler_and_trains_on():
+    # Guard(scheduler=...) steps the scheduler after the skipped surge, so its next (finite) LR replaces it: before,
+    # the update was applied (skip: aborted at the next step; recover: rolled back until the ladder aborted)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 1))
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: math.inf if s == 6 else 1.0)
+    x, y = torch.randn(32, 4), torch.randn(32, 1)
+    with Guard(model, opt, sched, policy="skip", probes=["loss", "grad_norm"]) as guard:
+        actions = []
+        for _ in range(10):
+            loss = nn.functional.mse_loss(model(x), y)
+            opt.zero_grad()
+            loss.backward()
+            actions.append(guard.step(loss).action)
+    assert actions == ["ok"] * 6 + ["skip"] + ["ok"] * 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
 
 
 def test_the_factor_is_checked():

@@ -34,6 +34,12 @@ withheld, the surged value stayed, was refused three times and then taken (torch
 step: the bare run's damage, three updates late). Only consecutive steps are judged: on a log read every ``n`` steps
 (`keel doctor`), the learning rates in between are unknown and a warm-up can rise far between two logged ones.
 
+A learning rate of NaN or +Inf (a schedule that divided by zero or overflowed) is a surge at any step, the first
+included, and is never taken as the loop's own: an update at it writes NaN/Inf into every weight it touches, and the
+non-finite detector reads the loss, gradients and weights, not the learning rate — before, such an update was applied
+(h30-A F3). In `keel doctor` a log whose ``lr`` column holds a literal ``nan`` is named so too (an empty cell is no
+value).
+
 Limits: an update blow-up that the learning rate does not show (an optimizer state gone bad, an update rule that
 scales itself) is not seen here; a surge under ``factor`` (a one-step ×10) is not judged.
 """
@@ -122,8 +128,11 @@ class LrSurgeDetector:
         refused_before, self._refused = self._refused, {}
         surges = []  # (key, lr, highest, kept)
         for key, lr in learning_rates(obs.values).items():
+            if math.isnan(lr) or lr == math.inf:  # an update at it writes NaN/Inf into the weights: never taken
+                surges.append((key, lr, self._highest.get(key, 0.0), False))
+                continue
             if not (math.isfinite(lr) and lr > 0):
-                continue  # 0: a frozen group or a warm-up's start, no reference; NaN/Inf: the non-finite detector's
+                continue  # 0: a frozen group or a warm-up's start, no reference
             highest, taken = self._highest.get(key, 0.0), self._taken.get(key, 0)
             if judged and taken >= 2 and lr > self.config.factor * highest:
                 refused = refused_before.get(key, 0)
@@ -139,9 +148,15 @@ class LrSurgeDetector:
         """One finding for the step: critical when a group's surge is new, a warning when every one was kept; named
         after the group with the largest ratio, every surging group in the evidence."""
         new = [s for s in surges if not s[3]]
-        key, lr, highest, _ = max(new or surges, key=lambda s: s[1] / s[2])
-        ratio = lr / highest
-        if new:
+        broken = [s for s in new if not math.isfinite(s[1])]
+        key, lr, highest, _ = broken[0] if broken else max(new or surges, key=lambda s: s[1] / s[2])
+        ratio = lr / highest if highest > 0 else math.inf
+        if broken:
+            text = (
+                f"The learning rate ({key}) is {lr}: an update at it writes NaN/Inf into the weights (a schedule that "
+                "divided by zero or overflowed, an LR formula fed a NaN)."
+            )
+        elif new:
             text = (
                 f"The learning rate ({key}) is {lr:.3g}, {ratio:.3g}x the highest this run had used ({highest:.3g}), "
                 f"more than {self.config.factor:g}x: one update at that rate moves the weights about {ratio:.3g}x as "
@@ -163,7 +178,7 @@ class LrSurgeDetector:
             evidence={
                 "ratio": round(ratio, 6),
                 "factor": self.config.factor,
-                "groups": {k: round(v / h, 6) for k, v, h, _ in surges},
+                "groups": {k: round(v / h, 6) if h > 0 else math.inf for k, v, h, _ in surges},
                 "kept": not new,
             },
             text=text,
