@@ -220,6 +220,11 @@ GLOO_RESET = "[gloo/transport/tcp/pair.cc:534] Read error [127.0.0.1]:41502: Con
         (RuntimeError(GLOO_RESET), True),  # a survivor's all-reduce when its peer was SIGKILLed (helper A's F3)
         (RuntimeError("NCCL error: remote process exited, Connection closed by peer"), True),
         (torch.distributed.DistNetworkError("the store's socket closed"), True),
+        # a rank late past the timeout (session 18, helper B: the advice said "report this as a keel bug")
+        (RuntimeError("[gloo/transport/tcp/unbound_buffer.cc:78] Timed out waiting 15000ms for recv operation"), True),
+        (RuntimeError("Application timeout caused pair closure"), True),
+        (RuntimeError("[Rank 1] Watchdog caught collective operation timeout: WorkNCCL(OpType=ALLREDUCE)"), True),
+        (RuntimeError("keel's collectives stopped after one failed (RuntimeError: ...): none is made any more"), True),
         (RuntimeError("gloo: size mismatch in all_reduce"), False),  # keel's own misuse is still a keel bug
         (ValueError("Connection reset by peer"), False),
         (RuntimeError(""), False),

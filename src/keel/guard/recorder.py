@@ -30,12 +30,24 @@ from keel.store import RunWriter
 FLUSH_ON_SIGNAL_S = 10.0
 
 
-# a collective's error when the rank at the other end is gone (gloo's and NCCL's words for a dropped connection)
-_PEER_LOST_WORDS = ("connection reset by peer", "connection closed by peer", "broken pipe", "connection refused")
+# a collective's error when the rank at the other end is gone (gloo's and NCCL's words for a dropped connection), or
+# did not come before the process group's timeout (gloo's and NCCL's words; keel's own after one such failure)
+_PEER_LOST_WORDS = (
+    "connection reset by peer",
+    "connection closed by peer",
+    "broken pipe",
+    "connection refused",
+    "timed out waiting",  # gloo: "Timed out waiting 1800000ms for recv operation to complete"
+    "application timeout caused pair closure",  # gloo, on the late rank's side
+    "watchdog caught collective operation timeout",  # NCCL
+    "keel's collectives stopped after one failed",  # keel.guard.distributed, after the first of these
+)
 PEER_LOST = (
-    "Another rank stopped (its process died, or the process group broke) while this one was in a collective: nothing "
-    "here is keel's to fix, and the loop's own next collective fails too. torchrun --max-restarts (or the job's "
-    "scheduler) starts the job again; Guard(resume=True) continues it from the newest disk snapshot every rank holds."
+    "Another rank stopped, or did not reach this collective before the process group's timeout (hung, or too slow: "
+    "a stuck dataloader, a rank-only eval or checkpoint, a slow file system), while this one waited in it: nothing "
+    "here is keel's to fix, and the loop's own next collective fails too. Look at the other ranks' logs for where "
+    "they stopped. torchrun --max-restarts (or the job's scheduler) starts the job again; Guard(resume=True) "
+    "continues it from the newest disk snapshot every rank holds."
 )
 
 
