@@ -102,7 +102,8 @@ class Guard(DeferredSteps):
             ``resume`` or ``overwrite`` says what to do with it, and it is locked while the Guard is open.
         policy: ``"observe"`` never changes training; ``"skip"`` skips harmful updates; ``"recover"`` also
             rolls back to in-memory snapshots and applies the post-rollback actions, and checks the weights after
-            each applied update (one fused norm read, one host copy): an update that left NaN/Inf in them is rolled
+            an applied update keel cannot prove finite, the first one and each one a snapshot follows (one read,
+            one host copy; ``RecoveryConfig(check_weights=...)``): an update that left NaN/Inf in them is rolled
             back in the same `step`, before the loop's next forward samples from them (`keel.guard.weights_check`;
             not with an enabled GradScaler, nor under ``sync="deferred"``).
         scaler: A ``torch.amp.GradScaler`` the loop uses; the loop calls ``scaler.scale(loss).backward()``
@@ -137,7 +138,8 @@ class Guard(DeferredSteps):
             run store, each rank keeps its snapshots under ``run_dir/rank-<r>``, and a `RankOutlierDetector`
             names a faulty rank. ``False`` keeps each rank on its own; a `DistributedConfig` tunes it.
         sync: ``"step"`` reads each step's signals to the host and decides before its update (one host sync per
-            step; a second after the update under ``"recover"``, the weights check); ``"deferred"`` reads nothing
+            step; under ``"recover"`` a second after an update keel cannot prove finite, the weights check:
+            `RecoveryConfig` ``check_weights``); ``"deferred"`` reads nothing
             before the update — the skip verdict is computed on the device and applied through the optimizer's
             ``found_inf``, everything else is decided one step later. For
             GPUs, where a sync per step stalls the launch queue; see `keel.guard.deferred` for what lags and
