@@ -201,3 +201,16 @@ def test_long_tables_repeat_their_header_row_on_each_printed_page(tmp_path):
         "signals": "caption",  # then its thead
         "marks": "caption",
     }
+
+
+def test_a_family_s_row_gives_the_range_of_its_members_last_values():
+    steps = np.arange(5)
+    members = {
+        "attn/max_logit/blocks.0": np.array([1, 2, 9, 4, 5.0]),
+        "attn/max_logit/blocks.1": np.array([3, 2, 1, 1, math.nan]),
+    }
+    run = RunData(name="r", path=Path("r"), series={key: (steps, v) for key, v in members.items()})
+    chart = Chart(id="chart-0", base="attn/max_logit", title="attn/max_logit", keys=[], layers=sorted(members))
+    cells = _Tree(chart_block(chart, [run], [])).cells
+    # run, signal, steps, last (blocks.1's last finite is 1: was 5, the last member's value alone), lowest, highest
+    assert cells[:7] == ["r", "attn/max_logit/* (2 members)", "0–4", "1 … 5", "1", "9", "1"]

@@ -50,22 +50,40 @@ def numbers(chart: Chart, runs: list[RunData], marks: list[dict[str, Any]], summ
 
 
 def _layers_row(run: RunData, chart: Chart) -> str:
+    """One row for a family's per-layer members: their steps, lowest, highest and non-finite count over all of
+    them; "last" is the range of the members' last values (one member's last value would stand for none)."""
     members = [run.series[key] for key in chart.layers if key in run.series]
     steps = np.concatenate([s for s, _ in members])
-    values = np.concatenate([v for _, v in members])
-    order = np.argsort(steps, kind="stable")
-    return _row(run.name, f"{chart.base}/* ({len(members)} members)", steps[order], values[order])
+    lasts = [_last_finite(v) for _, v in members]
+    known = [x for x in lasts if x is not None]
+    last = f"{_num(min(known))} … {_num(max(known))}" if known else "–"
+    return _row(
+        run.name,
+        f"{chart.base}/* ({len(members)} members)",
+        np.sort(steps),
+        np.concatenate([v for _, v in members]),
+        last=last,
+    )
 
 
-def _row(name: str, signal: str, steps: np.ndarray, values: np.ndarray) -> str:
+def _row(name: str, signal: str, steps: np.ndarray, values: np.ndarray, *, last: str | None = None) -> str:
     values = np.asarray(values, dtype=np.float64)
     finite = values[np.isfinite(values)]
     span = f"{int(steps[0])}–{int(steps[-1])}" if len(steps) else "–"
-    last, low, high = (_num(finite[-1]), _num(finite.min()), _num(finite.max())) if finite.size else ("–", "–", "–")
+    low, high = (_num(finite.min()), _num(finite.max())) if finite.size else ("–", "–")
+    if last is None:
+        final = _last_finite(values)
+        last = "–" if final is None else _num(final)
     return (
         f"<tr><td>{esc(name)}</td><td>{esc(signal)}</td><td>{span}</td><td>{last}</td><td>{low}</td>"
         f"<td>{high}</td><td>{int(values.size - finite.size)}</td></tr>"
     )
+
+
+def _last_finite(values: np.ndarray) -> float | None:
+    finite = np.asarray(values, dtype=np.float64)
+    finite = finite[np.isfinite(finite)]
+    return float(finite[-1]) if finite.size else None
 
 
 def _marks_table(runs: list[RunData], marks: list[dict[str, Any]]) -> str:
