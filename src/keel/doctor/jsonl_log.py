@@ -10,6 +10,7 @@ file) is read the same way. The lines are streamed; a line nested too deeply to 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Iterable, Iterator
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
@@ -65,6 +66,79 @@ def _first_char(fh: TextIO) -> str:
 
 
 def _read_array(path: Path, repeats: RepeatedKeys) -> RawLog:
+    """A file holding one JSON array of log objects, streamed: each item is decoded and put into the table as the file
+    is read (memory grows with the table, not with the file). A file that is not valid JSON is read whole again, for
+    the error ``json.loads`` gives (where and why)."""
+    records = ObjectRecords(repeats)
+    try:
+        for item in _array_items(path, repeats):
+            records.add(item)
+    except ValueError:
+        return _read_array_whole(path, RepeatedKeys())
+    return records.log(path, fmt="jsonl")
+
+
+_WHITESPACE = re.compile(r"[ \t\n\r]*")  # JSON's white space
+_AFTER_ITEM = frozenset(" \t\n\r,]")  # what may follow an item of a valid array
+ARRAY_BLOCK_CHARS = 1 << 20  # a streamed JSON array is read this much at a time (more while one item runs on)
+
+
+def _array_items(path: Path, repeats: RepeatedKeys) -> Iterator[Any]:
+    """The items of the JSON array a file holds, decoded one at a time (`load_json`'s decoder); ValueError when the
+    file is not one valid JSON array (the caller reads it whole for the error)."""
+    decoder = json.JSONDecoder(object_pairs_hook=repeats)
+    with open_text(path) as fh:
+        buffer, pos, block, ended = "", 0, ARRAY_BLOCK_CHARS, False
+
+        def more() -> bool:
+            """Drop what was read, add the next block; False at the end of the file."""
+            nonlocal buffer, pos, ended
+            chunk = fh.read(block)
+            buffer, pos, ended = buffer[pos:] + chunk, 0, not chunk
+            return bool(chunk)
+
+        def next_char() -> str:
+            """The next character that is not white space ("" at the end), not consumed."""
+            nonlocal pos
+            while True:
+                pos = _WHITESPACE.match(buffer, pos).end()  # type: ignore[union-attr]
+                if pos < len(buffer) or not more():
+                    return buffer[pos : pos + 1]
+
+        if next_char() != "[":
+            raise ValueError("not an array")
+        pos += 1
+        if next_char() == "]":
+            pos += 1
+        else:
+            while True:
+                next_char()
+                while True:  # an item that runs on past the buffer (or a number that may) waits for more
+                    try:
+                        item, end = decoder.raw_decode(buffer, pos)
+                    except json.JSONDecodeError:
+                        item, end = None, -1
+                    except RecursionError:
+                        raise ValueError("nested too deeply") from None
+                    if end >= 0 and (ended or (end < len(buffer) and buffer[end] in _AFTER_ITEM)):
+                        break  # "1" of "1.5" cut after the "1" is not an item yet
+                    if not more() and end < 0:
+                        raise ValueError("not valid JSON")
+                    block = min(block * 2, 1 << 28)  # a long item: fewer, larger reads (linear, not quadratic)
+                pos = end
+                yield item
+                block = ARRAY_BLOCK_CHARS
+                separator = next_char()
+                pos += 1
+                if separator == "]":
+                    break
+                if separator != ",":
+                    raise ValueError("not valid JSON")
+        if next_char() != "":
+            raise ValueError("extra data")
+
+
+def _read_array_whole(path: Path, repeats: RepeatedKeys) -> RawLog:
     try:
         items = load_json(read_text(path).lstrip(), repeats)
     except ValueError as exc:
