@@ -435,3 +435,32 @@ def test_a_schedule_free_snapshot_is_copied_before_keel_returns(tmp_path: Path) 
             held = {k: t for k, t in newest.tensors.items() if k.startswith("model/")}
             assert all(torch.equal(held[f"model/{n}"], p) for n, p in model.named_parameters())
         assert taken >= 2
+
+
+class _ModeLike:
+    """Optimizer-likes with train()/eval() methods, as a loop may pass (a model-like mix-up, a wrapper)."""
+
+    def __init__(self, **attrs: Any) -> None:
+        self.__dict__.update(attrs)
+
+    def train(self) -> None: ...
+
+    def eval(self) -> None: ...
+
+
+@pytest.mark.parametrize(
+    ("obj", "swaps"),
+    [
+        (_ModeLike(), False),  # no groups at all
+        (_ModeLike(param_groups=[{"lr": 0.1}]), False),
+        (_ModeLike(param_groups=[{"lr": 0.1, "train_mode": True}]), True),
+        (_ModeLike(param_groups=[["train_mode"]]), False),  # a group that is not a dict
+        (_ModeLike(train_mode=False), True),  # the mode on the object (ScheduleFreeWrapper)
+        (_ModeLike(train_mode="yes"), False),
+        (nn.Linear(2, 2), False),  # a module: train()/eval(), a bool `training`, no train_mode
+    ],
+)
+def test_which_objects_count_as_schedule_free(obj: Any, swaps: bool) -> None:
+    from keel.recover.state import swaps_weights
+
+    assert swaps_weights(obj) is swaps

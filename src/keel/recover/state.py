@@ -450,7 +450,10 @@ def swaps_weights(optimizer: Any) -> bool:
     return any(
         callable(getattr(part, "train", None))
         and callable(getattr(part, "eval", None))
-        and (isinstance(getattr(part, MODE, None), bool) or any(MODE in g for g in part.param_groups))
+        and (
+            isinstance(getattr(part, MODE, None), bool)
+            or any(isinstance(g, dict) and MODE in g for g in getattr(part, "param_groups", ()))
+        )
         for part in _parts(optimizer)
     )
 
