@@ -75,6 +75,7 @@ OPTIMIZERS: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "AdaFactor(pytorch_optimizer)": lambda m: _po().AdaFactor(m.parameters(), lr=1e-3),
     "Lamb": lambda m: _po().Lamb(m.parameters(), lr=1e-3),
     "DAdaptAdam": lambda m: _po().DAdaptAdam(m.parameters(), lr=0.1),
+    "Kron": lambda m: _po().Kron(m.parameters(), lr=1e-3),  # precondition_dtype (a torch.dtype) in its groups
 }
 DEFAULT_SUITE = {"torch Muon + AdamW", "torch Adafactor"}
 # the rest run under -m slow (importing pytorch_optimizer takes ~2 s: it imports transformers)

@@ -21,7 +21,7 @@ from hypothesis import strategies as st
 
 from keel import Guard, RecoveryConfig
 from keel.recover import DiskSnapshots, SnapshotCorrupt, SnapshotRing, TrainingState
-from keel.recover.disk_format import SnapshotInvalid, meta_checksum
+from keel.recover.disk_format import SnapshotInvalid, decode, encode, meta_checksum
 from tests.conftest import TinyNet, make_batches
 
 
@@ -264,9 +264,9 @@ def _mutate(data, meta):
     action = data.draw(st.sampled_from(["replace", "delete", "add"]))
     if parent is None or action == "add":
         target = node if isinstance(node, dict) else meta
-        target[data.draw(st.sampled_from(["__tensor__", "__dict__", "__tuple__", "__ndarray__", "dtype", "x"]))] = (
-            data.draw(JSON_VALUES)
-        )
+        tags = ["__tensor__", "__dict__", "__tuple__", "__ndarray__", "__dtype__", "dtype", "x"]
+        tag = data.draw(st.sampled_from(tags))
+        target[tag] = data.draw(JSON_VALUES)
     elif action == "delete":
         del parent[key]
     else:
@@ -304,3 +304,21 @@ def test_a_mutated_meta_json_loads_or_is_refused_cleanly_and_never_unpickles(no_
             assert str(exc) and "Traceback" not in str(exc)
         else:
             assert snap.step == 7
+
+
+@pytest.mark.parametrize(
+    "dtype", [torch.float32, torch.bfloat16, torch.float, torch.int8, torch.bool, torch.float8_e4m3fn]
+)
+def test_a_torch_dtype_in_a_param_group_round_trips(dtype):
+    # pytorch_optimizer's Kron keeps precondition_dtype=torch.float32 in each group: encode refused it ("cannot store
+    # dtype … without pickling"), so no snapshot of such a run reached the disk and resume=True began at step 0
+    tensors: dict = {}
+    group = {"lr": 1e-3, "precondition_dtype": dtype, "params": [0, 1]}
+    stored = json.loads(json.dumps(encode(group, tensors, "/s/param_groups/0")))
+    assert decode(stored, tensors, "the optimizer state") == group and not tensors
+
+
+@pytest.mark.parametrize("body", ["nope", "__class__", "cuda", "Tensor", "torch.float32", "", 3, None, ["float32"], {}])
+def test_a_dtype_torch_does_not_have_is_refused_naming_it(body):
+    with pytest.raises(SnapshotInvalid, match=r"hold a dtype .* that torch does not have"):
+        decode({"__dtype__": body}, {}, "the optimizer state")

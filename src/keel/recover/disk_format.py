@@ -9,7 +9,8 @@ A snapshot folder holds ``tensors.safetensors`` (every tensor) and ``meta.json``
 ``skeleton`` (the optimizer's ``state_dict`` with tensors replaced by their keys) and ``plain`` (scheduler, scaler,
 component, history, data and RNG states) are plain data in a tagged JSON form — ``{"__tensor__": key}`` for a
 tensor of the safetensors file, ``{"__tuple__": […]}``, ``{"__dict__": [[key, value], …]}`` and
-``{"__ndarray__": […], "dtype": "uint32"}`` — so loading reads JSON and safetensors only and never unpickles.
+``{"__ndarray__": […], "dtype": "uint32"}``, ``{"__dtype__": "float32"}`` for a torch dtype (a param group's
+setting) — so loading reads JSON and safetensors only and never unpickles.
 ``fixed`` lists the parameters left out because training cannot change them (`keel.recover.fixed`); a snapshot
 written before keel left any out has no ``fixed`` and holds every parameter.
 
@@ -45,6 +46,8 @@ MAX_STEP = 2**63 - 1  # the run store keeps steps as SQLite integers
 MAX_META_BYTES = 1 << 30  # a real meta.json is kilobytes to megabytes
 MAX_DIMS = 64  # the most dimensions a torch tensor has
 _HEX = frozenset("0123456789abcdef")
+# torch's dtypes by name, read from the module's own namespace (no attribute lookup: torch imports lazily on some)
+_DTYPES = {str(v).removeprefix("torch."): v for v in vars(torch).values() if isinstance(v, torch.dtype)}
 _ARRAY_KINDS = frozenset("biuf")  # numeric NumPy arrays only: an object array is a door to arbitrary objects
 
 
@@ -59,6 +62,8 @@ def encode(value: Any, tensors: dict[str, Tensor], path: str) -> Any:
         key = f"plain{path}"
         tensors[key] = value.detach().cpu().contiguous()
         return {"__tensor__": key}
+    if isinstance(value, torch.dtype):  # a setting in a param group (pytorch_optimizer's Kron: precondition_dtype)
+        return {"__dtype__": str(value).removeprefix("torch.")}
     if isinstance(value, np.ndarray):
         return {"__ndarray__": value.tolist(), "dtype": str(value.dtype)}
     if isinstance(value, np.generic):
@@ -233,7 +238,7 @@ def decode(value: Any, tensors: dict[str, Tensor], what: str) -> Any:
         return [decode(v, tensors, what) for v in value]
     if not isinstance(value, dict):
         return value
-    tags = [k for k in ("__tensor__", "__ndarray__", "__tuple__", "__dict__") if k in value]
+    tags = [k for k in ("__tensor__", "__ndarray__", "__tuple__", "__dict__", "__dtype__") if k in value]
     if len(tags) != 1:
         raise SnapshotInvalid(f"meta.json: {what} hold an object keel does not write ({_short(value)})")
     tag, body = tags[0], value[tags[0]]
@@ -245,6 +250,8 @@ def decode(value: Any, tensors: dict[str, Tensor], what: str) -> Any:
         return tensors[body]
     if tag == "__ndarray__":
         return _array(body, value.get("dtype"), what)
+    if tag == "__dtype__":
+        return _dtype(body, what)
     if tag == "__tuple__":
         if not isinstance(body, list):
             raise SnapshotInvalid(f"meta.json: {what} hold a tuple that is not a list ({_short(body)})")
@@ -257,6 +264,14 @@ def decode(value: Any, tensors: dict[str, Tensor], what: str) -> Any:
             f"meta.json: {what} hold a dict that is not a list of [key, value] pairs ({_short(body)})"
         )
     return {k: decode(v, tensors, what) for k, v in body}
+
+
+def _dtype(body: Any, what: str) -> torch.dtype:
+    """A torch dtype by its name (``"float32"``), looked up among torch's dtypes only (`_DTYPES`)."""
+    dtype = _DTYPES.get(body) if isinstance(body, str) else None
+    if dtype is None:
+        raise SnapshotInvalid(f"meta.json: {what} hold a dtype {_short(body)} that torch does not have")
+    return dtype
 
 
 def _array(body: Any, dtype: Any, what: str) -> np.ndarray:
