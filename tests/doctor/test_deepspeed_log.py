@@ -153,9 +153,9 @@ def test_the_loss_scalers_overflows_are_counted_at_the_step_they_came_in_with_th
 
 
 def test_hysteresis_keeps_the_scale():
-    from keel.doctor.deepspeed_log import _Overflows
+    from keel.doctor.deepspeed_log import ScalerOverflows
 
-    scaler = _Overflows()
+    scaler = ScalerOverflows()
     scaler.add(SCALER[1])
     assert scaler.since_last_step() == {"loss_scale_overflows": 1, "loss_scale_after_overflow": "2147483648"}
     assert scaler.since_last_step() == {}

@@ -333,3 +333,23 @@ def test_any_bar_counts_after_the_dicts_give_a_log_with_every_dict(tmp_path, bar
     p = tmp_path / "train.log"
     p.write_text("".join(_with_bar(n + 1, _dict(n + 1, 2.0 + i), total + 1) for i, (n, total) in enumerate(bars)))
     assert len(read_log(p, format="hf_console").records) == len(bars)
+
+
+def test_deepspeeds_overflow_lines_in_a_trainers_console_get_a_note_of_their_own(tmp_path):
+    # the shape of transformers' DeepSpeed docs (fp16 under the Trainer's DeepSpeed integration): the scaler's lines
+    # between the bar's redraws; they were counted with every other line left out
+    overflow = " [deepscale] OVERFLOW! Rank 0 Skipping step. Attempted loss scale: {a}, reducing to {b}\n"
+    p = tmp_path / "train.log"
+    p.write_text(
+        overflow.format(a=262144, b=262144)
+        + _bar(1, 200)
+        + "\n"
+        + overflow.format(a=262144, b="131072.0")
+        + _with_bar(10, _dict(10, 2.5))
+        + _with_bar(20, _dict(20, 2.25))
+    )
+    log = read_log(p)
+    assert log.format == "hf_console" and [s for s, _ in log.records] == [10, 20]
+    note = "2 loss-scaler overflow line(s) (fp16 steps DeepSpeed skipped; its step count goes on): the loss scale went "
+    assert note + "from 262144 to 131072.0 left out" in log.notes
+    assert not any(n.startswith("2 lines that are not Trainer log dicts") for n in log.notes)

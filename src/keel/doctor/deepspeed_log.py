@@ -79,7 +79,7 @@ def read_deepspeed_log(path: str | Path) -> RawLog:
     """
     path = Path(path)
     entries = Entries()
-    scaler = _Overflows()
+    scaler = ScalerOverflows()
     other_lines = step_lines = 0
     for line in read_lines(path).lines:
         if m := _STEP.search(line):
@@ -88,7 +88,7 @@ def read_deepspeed_log(path: str | Path) -> RawLog:
         elif m := _REPORT.search(line):
             step, fields = int(m.group(1)), _report(m)
         else:
-            if _OVERFLOW.search(line):
+            if is_overflow_line(line):
                 scaler.add(line)
             else:
                 other_lines += bool(line.strip())
@@ -101,7 +101,7 @@ def read_deepspeed_log(path: str | Path) -> RawLog:
         )
     log = entries.log(path, fmt=FORMAT)
     if note := scaler.note():
-        log.notes.append(note)
+        log.notes.append(f"{note}; counted at the next step line as loss_scale_overflows")
     if other_lines:
         log.notes.append(f"{other_lines} lines that are not step lines left out")
     return log
@@ -120,8 +120,9 @@ def _report(m: re.Match[str]) -> dict[str, str]:
     return {"skipped_steps": m.group(2), **{("lr" if i == 0 else f"lr/{i}"): rate for i, rate in enumerate(rates)}}
 
 
-class _Overflows:
-    """The loss scaler's overflow lines: how many since the last step line, and the scale they left."""
+class ScalerOverflows:
+    """DeepSpeed's loss-scaler overflow lines (`is_overflow_line`): how many since the last step line, the scale
+    they left, and a note on all of them (also for another reader's console that holds them: the HF Trainer's)."""
 
     def __init__(self) -> None:
         self.count = self.pending = 0
@@ -148,10 +149,15 @@ class _Overflows:
         return fields
 
     def note(self) -> str | None:
+        """How many overflow lines there were and the scale's first and last value (None without any)."""
         if not self.count:
             return None
         scale = f": the loss scale went from {self.first} to {self.last}" if self.first is not None else ""
         return (
-            f"{self.count} loss-scaler overflow line(s) (fp16 steps DeepSpeed skipped; its step count goes on){scale}; "
-            "counted at the next step line as loss_scale_overflows"
+            f"{self.count} loss-scaler overflow line(s) (fp16 steps DeepSpeed skipped; its step count goes on){scale}"
         )
+
+
+def is_overflow_line(line: str) -> bool:
+    """Whether ``line`` is DeepSpeed's loss scaler (or fp16 optimizer) skipping a step for an overflow."""
+    return _OVERFLOW.search(line) is not None

@@ -10,7 +10,10 @@ bar redraws around it) or, with ``disable_tqdm``, on a line of its own::
 ``nan`` or ``'nan'``; a value logged as a tensor prints ``tensor(1.23, device='cuda:0')``). A launcher's ``0: `` or
 ``[rank0]:`` before a dict is skipped. A dict with ``eval_*`` names (and no loss) is an evaluation (``eval_loss`` is
 the validation loss): its ``eval_*`` values join the training entry printed before it. The final
-``{'train_runtime': ...}`` summary is left out, counted in a note.
+``{'train_runtime': ...}`` summary is left out, counted in a note; so are DeepSpeed's loss-scaler overflow lines
+(``[deepscale] OVERFLOW! Rank 0 Skipping step. Attempted loss scale: 262144, reducing to 131072.0``, a fp16 run under
+the Trainer's DeepSpeed integration), in a note of their own that says how the scale went
+(`keel.doctor.deepspeed_log.ScalerOverflows`).
 
 These lines carry no step. When every training dict is followed by the progress bar's redraw (``12/200 [...]``),
 as in a terminal capture or ``2>&1`` into a file, and those counts are evenly spaced (every ``logging_steps``), they
@@ -31,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from keel.doctor._text import read_lines
+from keel.doctor.deepspeed_log import ScalerOverflows, is_overflow_line
 from keel.doctor.jsonl_log import Entries, add_entry
 from keel.doctor.log import LogReadError, RawLog, malformed_line
 
@@ -78,12 +82,15 @@ def read_hf_console_log(path: str | Path) -> RawLog:
     bar_counts: list[tuple[int, int] | None] = []  # the bar's (count, total) redrawn right after each training dict
     awaiting_bar = False
     summaries = other_lines = 0
+    scaler = ScalerOverflows()  # DeepSpeed's (fp16 under the Trainer's DeepSpeed integration)
     text = read_lines(path, at_newlines_only=True)
     for number, line in enumerate(text.lines, start=1):
         for segment in _segments(line):
             if not segment.startswith(_DICT_START):
                 bar = _BAR.search(segment)
-                if bar is None:
+                if bar is None and is_overflow_line(segment):
+                    scaler.add(segment)
+                elif bar is None:
                     other_lines += 1
                 elif awaiting_bar:
                     bar_counts[-1] = (int(bar.group(1)), int(bar.group(2)))
@@ -120,6 +127,8 @@ def read_hf_console_log(path: str | Path) -> RawLog:
     log.notes.append(note)
     if summaries:
         log.notes.append(f"{summaries} end-of-training summary dict(s) ('train_runtime', ...) left out")
+    if overflows := scaler.note():
+        log.notes.append(f"{overflows} left out")
     if other_lines:
         log.notes.append(
             f"{other_lines} lines that are not Trainer log dicts nor progress bars (or an evaluation before the first "
