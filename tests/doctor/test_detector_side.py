@@ -53,6 +53,14 @@ def test_a_scanned_signal_logged_at_every_step_is_not_copied_per_detector():
     assert len(scanned) >= 2 and all(not series.flags.writeable for series in scanned)
 
 
+def test_a_detector_reading_one_dense_key_reads_its_rows_not_a_copy():
+    # was: a bool mask and its flatnonzero per detector (8 bytes per step for lr_surge on a dense log)
+    timeline = build_timeline(_dense_log(3000))
+    plan = Plan(default_detectors(), timeline)
+    lr_rows = timeline.signals[keys.LR].rows
+    assert any(rows is lr_rows for rows in plan.rows.values())
+
+
 def test_a_sparse_column_keeps_its_own_row_numbers():
     records = [(s, {"loss": 2.0, **({"eval_loss": 2.5} if s % 10 == 0 else {})}) for s in range(100)]
     log = RawLog(source="x", format="jsonl", records=records)

@@ -186,6 +186,9 @@ def _rows_of(timeline: Timeline, reads: Sequence[str]) -> tuple[np.ndarray, np.n
     columns += [col for key in reads if key.endswith("/") for _, col in timeline.members.get(key, ())]
     # a family of plain value keys (eval/<name>…) is read through its members' own columns
     columns += [col for key in reads if key.endswith("/") for k, col in timeline.signals.items() if k.startswith(key)]
+    if len(columns) == 1:  # its rows as they are (a dense log's: the table's one shared array), not a copy
+        col = columns[0]
+        return col.rows, col.rows[~np.isfinite(col.values)]
     logged, non_finite = np.zeros(len(timeline), dtype=bool), np.zeros(len(timeline), dtype=bool)
     for col in columns:
         logged[col.rows] = True
