@@ -98,8 +98,9 @@ def test_a_model_non_finite_before_training_aborts_at_step_0_naming_it_with_no_r
 def test_with_no_rollback_margin_a_non_finite_parameter_is_not_restored_from_the_state_it_was_found_in(where):
     """A snapshot of step k is the state the parameters are read from at step k: with rollback_margin=0, non-finite
     parameters found at step 4 (written by the loop after step 3) were "rolled back" to the snapshot of step 4, NaN
-    included. An update that writes them itself (update 3 with a NaN LR) is rolled back at step 3 already, by the
-    check after the update (`keel.guard.weights_check`), to a snapshot from before it."""
+    included. An update that writes them itself (update 3 with a NaN weight decay) is rolled back at step 3 already,
+    by the check after the update (`keel.guard.weights_check`), to a snapshot from before it. (A NaN learning rate
+    is an lr_surge: skipped before it is applied.)"""
     torch.manual_seed(0)
     model = create_proxy_model("tiny", seq_len=8)
     opt = torch.optim.SGD(model.parameters(), lr=1e-3)
@@ -111,7 +112,7 @@ def test_with_no_rollback_margin_a_non_finite_parameter_is_not_restored_from_the
         x = torch.randint(0, 256, (2, 9), generator=g)
         loss = F.cross_entropy(model(x[:, :-1]).flatten(0, 1), x[:, 1:].flatten())
         loss.backward()
-        opt.param_groups[0]["lr"] = math.nan if step == 3 and where == "update" else 1e-3  # NaN into every weight
+        opt.param_groups[0]["weight_decay"] = math.nan if step == 3 and where == "update" else 0.0  # NaN everywhere
         decisions.append(guard.step(loss))
         opt.zero_grad(set_to_none=True)
         if step == 3 and where == "loop":

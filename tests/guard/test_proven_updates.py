@@ -294,24 +294,39 @@ def test_a_healthy_recover_step_reads_to_the_host_as_often_as_skip_between_snaps
     assert [r - s for r, s in zip(recover, skip, strict=True)] == [int(i in read_after) for i in range(12)]
 
 
-def test_an_update_at_the_inf_lr_of_a_scheduler_the_guard_steps_is_read_and_rolled_back(tmp_path):
+class _DecayGlitch(torch.optim.lr_scheduler.LambdaLR):
+    """A scheduler that also writes each group's weight decay: NaN for the update of step ``at`` only (no detector
+    reads the weight decay; a NaN or Inf learning rate is an lr_surge, skipped before it is applied)."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, at: int) -> None:
+        self.at = at
+        super().__init__(optimizer, lambda _: 1.0)
+
+    def step(self, epoch=None) -> None:
+        super().step(epoch)
+        for group in self.optimizer.param_groups:
+            group["weight_decay"] = math.nan if self.last_epoch == self.at else 0.01
+
+
+def test_an_update_at_the_settings_a_scheduler_the_guard_steps_wrote_is_judged_on_them_and_rolled_back(tmp_path):
     # The Guard steps its scheduler inside the update's call; the proof read the groups after that, so it judged the
-    # next step's LR (finite again) and vouched for an update made at lr=inf: NaN weights reached the next forward
-    # (h30-A F5: a LambdaLR that returns inf for one step).
+    # next update's settings (finite again) and vouched for an update made with NaN in them: NaN weights reached the
+    # next forward (h30-A F5, found with a LambdaLR returning inf for one step).
     torch.manual_seed(0)
     model = nn.Linear(4, 1)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    surge_at = 6
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: math.inf if s == surge_at else 1.0)
+    glitch_at = 6
     actions = []
-    with keel.Guard(model, optimizer, scheduler, run_dir=str(tmp_path), policy="recover") as guard:
-        for _ in range(surge_at + 1):
+    with keel.Guard(
+        model, optimizer, _DecayGlitch(optimizer, glitch_at), run_dir=str(tmp_path), policy="recover"
+    ) as guard:
+        for _ in range(glitch_at + 1):
             loss = model(torch.randn(8, 4)).square().mean()
             loss.backward()
             actions.append(guard.step(loss).action)
             optimizer.zero_grad()
             assert all(torch.isfinite(p).all() for p in model.parameters())  # the loop never sees them broken
-    assert actions == ["ok"] * surge_at + ["rollback"]
+    assert actions == ["ok"] * glitch_at + ["rollback"]
 
 
 def test_a_proof_that_raises_is_recorded_once_and_every_update_is_read_from_then_on(monkeypatch):

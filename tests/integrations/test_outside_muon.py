@@ -95,7 +95,7 @@ def _loop(
     accum: int = 2,
     shape: str = "nanochat",
     nan_at: int = -1,
-    muon_lr_nan_at: int = -1,
+    muon_momentum_nan_at: int = -1,
     **watch_kwargs,
 ):
     """nanochat: ``(loss / accum).backward()``; modded-nanogpt: ``loss.backward()`` then ``p.grad /= accum``."""
@@ -127,8 +127,10 @@ def _loop(
                     group["lr"] = group["initial_lr"] * scale
             for group in optimizers[1].param_groups:
                 group["momentum"] = 0.85 + 0.1 * min(step / 4, 1)
-                if step == muon_lr_nan_at:
-                    group["lr"] = float("nan")  # Muon's update turns its matrices NaN; AdamW's part stays finite
+                if step == muon_momentum_nan_at:
+                    # Muon's update turns its matrices NaN; AdamW's part stays finite (a NaN LR would be an lr_surge,
+                    # skipped before it is applied; no detector reads the momentum)
+                    group["momentum"] = float("nan")
             for opt in optimizers:
                 opt.step()
             model.zero_grad(set_to_none=True)
@@ -160,14 +162,14 @@ def test_a_nan_micro_batch_holds_back_muon_and_adamw_alike():
 
 def test_a_nan_muon_update_is_rolled_back_with_both_optimizers_states_and_aborts_under_skip():
     watch, history, _, (adamw, muon) = _loop(
-        "recover", muon_lr_nan_at=3, recovery=keel.RecoveryConfig(snapshot_every=2, quiet_steps=0)
+        "recover", muon_momentum_nan_at=3, recovery=keel.RecoveryConfig(snapshot_every=2, quiet_steps=0)
     )
     assert [(d.step, d.action) for d in watch.decisions if not d.stepped] == [(3, "rollback")]
     assert all(p.isfinite().all() for p in history[-1][0])
     assert all(s["momentum_buffer"].isfinite().all() for s in muon.state.values())
     assert all(s["exp_avg"].isfinite().all() and s["exp_avg_sq"].isfinite().all() for s in adamw.state.values())
     with pytest.raises(TrainingAborted, match="a skip cannot mend non-finite parameters"):
-        _loop("skip", muon_lr_nan_at=3)
+        _loop("skip", muon_momentum_nan_at=3)
 
 
 @pytest.mark.parametrize("shape", ["nanochat", "modded-nanogpt"])
