@@ -280,3 +280,31 @@ def test_the_lightning_callback_keeps_every_snapshot_finite(tmp_path, monkeypatc
     assert watched.reads[:3] == READS[check][:3]
     assert [(d.step, d.action) for d in callback.guard.decisions] == [(ROLLED_BACK_AT[check], "rollback")]
     assert watched.broken_snapshots == [] and _broken_on_disk(tmp_path) == [] and _finite(module)
+
+
+@pytest.mark.parametrize(("check", "rolled_back_at"), [("unproven", WRITE_AT + 1), ("every_update", WRITE_AT)])
+def test_a_nan_in_a_used_weight_reaches_one_forward_and_the_rollback_restores_batchnorm_and_the_tracked_ema(
+    check, rolled_back_at
+):
+    """The weight is used: under ``"unproven"`` the next forward runs on it (BatchNorm's running statistics and the
+    loop's EMA take the NaN in), its loss is non-finite, and the rollback restores the weights, the statistics and
+    the EMA given to ``guard.track``; ``"every_update"`` rolls back before that forward."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2, momentum=0.9)
+    ema = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(0.9))
+    with keel.Guard(model, opt, policy="recover", recovery=_recovery(check)) as guard:
+        guard.track(ema, name="ema")
+        for step in range(STEPS):
+            x = torch.randn(16, 4, generator=torch.Generator().manual_seed(step))
+            loss = model(x).square().mean()
+            loss.backward()
+            if step == WRITE_AT:
+                with torch.no_grad():
+                    model[0].weight[3, 0] = math.nan  # feeds BatchNorm's channel 3
+            guard.step(loss)
+            opt.zero_grad()
+            ema.update_parameters(model)
+    assert [(d.step, d.action, d.restored_step) for d in guard.decisions] == [(rolled_back_at, "rollback", 5)]
+    stats = (model[1].running_mean, model[1].running_var)
+    assert _finite(model) and _finite(ema) and all(bool(torch.isfinite(s).all()) for s in stats)
