@@ -535,10 +535,12 @@ class Guard(DeferredSteps):
         except Exception as exc:  # keel must never stop training: record, then step as the bare loop would
             obs, decision, norm_now = Observation(step=step), Decision(step=step, action="ok"), math.nan
             self.components.fail("guard", step, exc, disable=False)  # each probe and detector is fenced on its own
-        # judged on the optimizer's settings as this update uses them: a scheduler keel steps moves them on in apply;
-        # a proof that raises is switched off (None): every update is read from then on
+        # The proof judges the optimizer's settings as this update uses them (a scheduler keel steps moves them on in
+        # apply), from keel's own gradient norm (the loop's grad_norm alone may be of a part: a clip over the head
+        # only); a proof that raises is switched off (None), and every update is read from then on.
+        measured = norm_now if self._norm_before_clip is None or keys.GRAD_CLIPPED_NORM in obs.values else math.nan
         reads_weights = self._checks_weights and not self.components.call(
-            "weights proof", self._update_proven, decision, norm_now, ctx
+            "weights proof", self._update_proven, decision, measured, ctx
         )
         # keel's own clipping scales the gradients as they are now: after the loop's clipping, if it clipped
         decision = self.actuator.apply(decision, norm_now, self.escalation.rollbacks_in_window(step))
@@ -548,6 +550,9 @@ class Guard(DeferredSteps):
         if self._running_stats is not None:  # a skipped update's forward leaves no trace in BatchNorm's statistics
             self.components.call("running statistics", self._keep_running_stats, decision)
         if decision.action == "rollback" and decision.restored_step is not None:
+            # the restored weights are read after the next update, as the first update's: a snapshot copied beside
+            # the loop may hold a NaN the loop wrote after the read before it; found, an older one is restored
+            self._weights_read = False
             self.evaluation.after_rollback(decision.restored_step)
         if decision.stepped and ctx is not None:
             self._after_step(ctx)
