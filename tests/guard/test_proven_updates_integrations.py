@@ -26,8 +26,9 @@ from keel.recover.snapshot import SnapshotRing
 WRITE_AT = 6  # the loop writes the NaN after this step's backward
 STEPS = 14
 SNAPSHOT_EVERY = 5
-# unproven: read after the first update and before the snapshots of steps 5 and 10; every_update: after all of them
-READS = {"unproven": [0, 4, 9], "every_update": list(range(STEPS))}
+# unproven: read after the first update, before the snapshots of steps 5 and 10, and after the first update from the
+# snapshot the rollback at 9 restored; every_update: after all of them
+READS = {"unproven": [0, 4, 9, 10], "every_update": list(range(STEPS))}
 # unproven finds the NaN before the snapshot of step 10's start (after update 9), every_update right after update 6
 ROLLED_BACK_AT = {"unproven": 9, "every_update": WRITE_AT}
 
@@ -158,9 +159,9 @@ def _tensor_lr(model: nn.Module, opt: torch.optim.Optimizer) -> None:
 # (what changes at step 3, the optimizer, the steps whose weights "unproven" reads)
 MID_RUN = [
     ("model.half()", _halve, lambda p: torch.optim.SGD(p, lr=1e-2), [0, *range(3, STEPS)]),
-    ("add_param_group", _add_group, lambda p: torch.optim.AdamW(p, lr=1e-2), [0, 4, 9]),
-    ("a tensor LR", _tensor_lr, lambda p: torch.optim.AdamW(p, lr=1e-2), [0, 4, 9]),
-    ("fused AdamW", lambda *_: None, lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True), [0, 4, 9]),
+    ("add_param_group", _add_group, lambda p: torch.optim.AdamW(p, lr=1e-2), READS["unproven"]),
+    ("a tensor LR", _tensor_lr, lambda p: torch.optim.AdamW(p, lr=1e-2), READS["unproven"]),
+    ("fused AdamW", lambda *_: None, lambda p: torch.optim.AdamW(p, lr=1e-2, fused=True), READS["unproven"]),
 ]
 
 
@@ -308,3 +309,68 @@ def test_a_nan_in_a_used_weight_reaches_one_forward_and_the_rollback_restores_ba
     assert [(d.step, d.action, d.restored_step) for d in guard.decisions] == [(rolled_back_at, "rollback", 5)]
     stats = (model[1].running_mean, model[1].running_var)
     assert _finite(model) and _finite(ema) and all(bool(torch.isfinite(s).all()) for s in stats)
+
+
+def _run_with_a_snapshot_holding_the_loops_nan(check: str, *, rows: int = 10, real_race: bool = False) -> keel.Guard:
+    """The loop writes NaN into an unused row right after step 4's ``guard.step`` returned, while the snapshot taken
+    in that call (of step 5's start) is copied beside it: the copy holds the NaN (h30-E F1). ``real_race``: a real
+    background copy of a 64 MB table; else the copy is finished and then given the loop's write, as that copy was."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(rows, 4), nn.Flatten(), nn.Linear(8, 1))
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    guard = keel.Guard(model, opt, policy="recover", recovery=_recovery(check))
+    guard.recovery.ring.background = real_race or guard.recovery.ring.background
+    with guard:
+        for step in range(30):
+            loss = model(_ids(step)).square().mean()
+            loss.backward()
+            guard.step(loss)
+            if step == 4:
+                with torch.no_grad():
+                    model[0].weight[rows - 1] = math.nan
+                if not real_race:
+                    guard.recovery.ring.fence()
+                    guard.recovery.ring.snapshots[-1].tensors["model/0.weight"][rows - 1] = math.nan
+            opt.zero_grad()
+    return guard
+
+
+@pytest.mark.parametrize("check", ["unproven", "every_update"])
+def test_weights_restored_from_a_snapshot_that_holds_the_loops_nan_are_read_and_an_older_one_restored(check):
+    """The weights are read after the first update from a restored snapshot, as after the run's first: one that holds
+    NaN is found there and passed over for an older one. Before, under ``"unproven"``, the next update was proven,
+    the NaN stayed until the next snapshot's read, an update had run on the restored state by then, and the same
+    snapshot was restored again: three rollbacks to step 5, LR × 0.01, abort."""
+    guard = _run_with_a_snapshot_holding_the_loops_nan(check)
+    restored = [d.restored_step for d in guard.decisions if d.action == "rollback"]
+    assert restored == [5, 0] and guard.global_step == 30
+    assert _finite(guard.model)
+
+
+@pytest.mark.slow
+def test_a_real_background_copy_that_races_the_loops_write_is_not_restored_for_good():
+    guard = _run_with_a_snapshot_holding_the_loops_nan("unproven", rows=4_000_000, real_race=True)
+    assert guard.global_step == 30 and _finite(guard.model)
+
+
+@pytest.mark.parametrize("check", ["unproven", "every_update"])
+def test_the_loops_grad_norm_of_a_part_of_the_gradients_proves_nothing(monkeypatch, check):
+    """``probes`` without keel's gradient norm, and the loop passing the norm its clipping returned for the head only:
+    a NaN gradient elsewhere is applied (keel cannot see it), and AdamW writes NaN into that weight. The proof took the
+    loop's finite number for the gradients' and vouched: the NaN stayed in the weights until the read before the next
+    snapshot (rolled back at step 9, every_update at 6); now the update is read, as under every_update."""
+    watched = Watched(monkeypatch)
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with keel.Guard(model, opt, policy="recover", probes=["loss"], recovery=_recovery(check)) as guard:
+        for step in range(STEPS):
+            loss = model(_ids(step)).square().mean()
+            loss.backward()
+            if step == WRITE_AT:
+                model[0].weight.grad[9, 0] = math.nan  # a row no batch uses: the loss stays finite
+            head_norm = torch.nn.utils.clip_grad_norm_(model[2].parameters(), 1.0)
+            watched.step = guard.global_step
+            guard.step(loss, grad_norm=head_norm)
+            opt.zero_grad()
+    assert [(d.step, d.action) for d in guard.decisions] == [(WRITE_AT, "rollback")]
+    assert watched.broken_snapshots == [] and _finite(model)
