@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import bisect
 import math
-from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import replace
@@ -132,7 +131,7 @@ def examine_timeline(
     crossings = _crossings(steps, declared)  # observations that come after a phase switch the one before did not
     # The current segment's history, steps strictly increasing: observation numbers and their steps (the
     # observations themselves are made again when a rewind replays them).
-    kept, kept_steps = array("q"), array("q")
+    kept = History(steps)
     broken = Broken()  # detectors that raised (by position): switched off for the rest of the log
     checkpoints: list[tuple[int, list[dict[str, Any] | None]]] = [(0, _states(dets, broken))]
     findings: list[Finding] = []
@@ -140,7 +139,7 @@ def examine_timeline(
 
     def rewind(to_step: int) -> list[Detector]:
         """Detectors as they were at the start of ``to_step``; the history from there on is dropped."""
-        keep = bisect.bisect_left(kept_steps, to_step)
+        keep = kept.bisect_left(to_step)
         while checkpoints[-1][0] > keep:
             checkpoints.pop()
         start, states = checkpoints[-1]
@@ -148,13 +147,13 @@ def examine_timeline(
         for det, state in zip(rewound, states, strict=True):
             if state is not None:
                 det.load_state_dict(state)
-        del kept[keep:], kept_steps[keep:]
+        kept.truncate(keep)
         position = start
-        for first, stop in _runs(kept[start:]):
+        for first, stop in kept.runs_from(start):
             while first < stop:  # replay quietly: these findings were reported the first time
                 end = min(stop, first + checkpoints[-1][0] + CHECKPOINT_EVERY - position, _next(crossings, first))
                 if declared is not None and declared.crossed(
-                    kept_steps[position - 1] if position else None, int(steps[first])
+                    kept.step_at(position - 1) if position else None, int(steps[first])
                 ):
                     rebaseline(rewound, broken, int(steps[first]))
                 advance(rewound, plan, first, end, broken)
@@ -178,7 +177,7 @@ def examine_timeline(
         if last is not None and step <= last:
             restarts.append({"step": step, "after_step": last})
             dets = rewind(step)
-        if declared is not None and declared.crossed(kept_steps[-1] if kept else None, step):
+        if declared is not None and declared.crossed(kept.last_step(), step):
             rebaseline(dets, broken, step)  # a task switch: the loss and grad-norm baselines start afresh, as live
         stop = min(
             int(cuts[np.searchsorted(cuts, index, side="right")]),
@@ -189,8 +188,7 @@ def examine_timeline(
             if restarts:
                 found = [replace(f, evidence={**f.evidence, "segment": len(restarts)}) for f in found]
             findings += found
-        kept.extend(range(index, stop))
-        kept_steps.extend(steps[index:stop].tolist())
+        kept.extend(index, stop)
         last = int(steps[stop - 1])
         index = stop
         if progress is not None:
@@ -202,7 +200,7 @@ def examine_timeline(
             # The Guard rolled back here: its detectors went back to their state at the start of the
             # restored step, and the run went on with the next step number.
             dets = rewind(rollbacks[last])
-            last = kept_steps[-1] if kept else None
+            last = kept.last_step()
     if log.format != "keel_store":  # a store's Guard skipped (or applied) such steps itself, and recorded why
         findings = skipped_overflows(findings, timeline)  # a log records no loss scale: keel.doctor.overflows
         findings = skipped_already(findings, log.decisions)  # spikes at steps the trainer skipped itself (OLMo-core)
@@ -242,16 +240,78 @@ def _defaults_for(timeline: Timeline) -> Callable[[], list[Detector]]:
     return lambda: [*default_detectors(), *(d for preset in presets for d in preset())]
 
 
-def _runs(indices: array) -> Iterator[tuple[int, int]]:
-    """[first, stop) of each run of consecutive numbers in ``indices`` (increasing)."""
-    if not len(indices):
-        return
-    ids = np.frombuffer(indices, dtype=np.int64)
-    breaks = np.flatnonzero(np.diff(ids) != 1) + 1
-    starts = [0, *breaks.tolist()]
-    ends = [*breaks.tolist(), len(ids)]
-    for a, b in zip(starts, ends, strict=True):
-        yield int(ids[a]), int(ids[b - 1]) + 1
+class History:
+    """The current segment's observations, in order (positions 0 … len - 1), as runs of consecutive observation
+    numbers: a log without restarts is one run, not 16 bytes per observation (its number and step). Their steps
+    increase strictly.
+
+    Example:
+        >>> h = History(np.array([10, 20, 30, 40, 15, 25], dtype=np.int64))
+        >>> h.extend(0, 2); h.extend(2, 3); h.truncate(1); h.extend(4, 6)  # 10, then the restart at 15, 25
+        >>> len(h), h.last_step(), h.bisect_left(20), list(h.runs_from(0))
+        (3, 25, 2, [(0, 1), (4, 6)])
+    """
+
+    def __init__(self, steps: np.ndarray) -> None:
+        self.steps = steps
+        self._firsts: list[int] = []  # each run's first observation
+        self._stops: list[int] = []  # and the observation after its last
+        self._ends: list[int] = []  # the position after each run (cumulative lengths)
+
+    def __len__(self) -> int:
+        return self._ends[-1] if self._ends else 0
+
+    def extend(self, first: int, stop: int) -> None:
+        """Observations [first, stop) kept after the others."""
+        if first >= stop:
+            return
+        if self._stops and self._stops[-1] == first:
+            self._stops[-1] = stop
+            self._ends[-1] += stop - first
+        else:
+            self._firsts.append(first)
+            self._stops.append(stop)
+            self._ends.append(len(self) + stop - first)
+
+    def step_at(self, position: int) -> int:
+        """The step of the observation at ``position``."""
+        run = bisect.bisect_right(self._ends, position)
+        start = self._ends[run] - (self._stops[run] - self._firsts[run])
+        return int(self.steps[self._firsts[run] + position - start])
+
+    def last_step(self) -> int | None:
+        """The step of the newest observation (None when there is none)."""
+        return int(self.steps[self._stops[-1] - 1]) if self._stops else None
+
+    def bisect_left(self, step: int) -> int:
+        """How many observations have a step below ``step``."""
+        run = bisect.bisect_left(range(len(self._stops)), step, key=lambda r: int(self.steps[self._stops[r] - 1]))
+        if run == len(self._stops):
+            return len(self)
+        first, stop = self._firsts[run], self._stops[run]
+        start = self._ends[run] - (stop - first)
+        return start + int(np.searchsorted(self.steps[first:stop], step, side="left"))
+
+    def truncate(self, keep: int) -> None:
+        """Keep the first ``keep`` observations only."""
+        run = bisect.bisect_left(self._ends, keep)  # the run holding position keep - 1 (or none is cut)
+        if run == len(self._ends):
+            return
+        start = self._ends[run] - (self._stops[run] - self._firsts[run])
+        del self._firsts[run + 1 :], self._stops[run + 1 :], self._ends[run + 1 :]
+        if keep == start:
+            del self._firsts[run], self._stops[run], self._ends[run]
+        else:
+            self._stops[run] = self._firsts[run] + keep - start
+            self._ends[run] = keep
+
+    def runs_from(self, position: int) -> Iterator[tuple[int, int]]:
+        """[first, stop) of each run of the observations from ``position`` on."""
+        start = 0
+        for first, stop, end in zip(self._firsts, self._stops, self._ends, strict=True):
+            if end > position:
+                yield first + max(0, position - start), stop
+            start = end
 
 
 def _thin(checkpoints: list[tuple[int, list[dict[str, Any] | None]]]) -> None:
