@@ -35,14 +35,16 @@ def skipped_overflows(findings: list[Finding], timeline: Timeline) -> list[Findi
     finite_loss[loss.rows] = np.isfinite(loss.values)
     grad_bad = np.zeros(n, dtype=bool)
     grad_bad[grad.rows] = ~np.isfinite(grad.values)
-    overflow = grad_bad & finite_loss
-    # overflows in a row up to each observation: its distance from the last observation that was not one
-    index = np.arange(n)
-    run = index - np.maximum.accumulate(np.where(overflow, -1, index))
-    after = np.append(finite_loss[1:], False)  # the next observation's loss is finite
-    shown = np.flatnonzero(overflow & after & (run < NonFiniteConfig().max_overflows))
+    at = np.flatnonzero(grad_bad & finite_loss)  # the overflows: few, so what follows is per overflow, not per step
+    # overflows in a row up to each: its distance from the first of its run of consecutive observations
+    starts_run = np.r_[True, np.diff(at) != 1] if len(at) else np.zeros(0, dtype=bool)
+    run = at - np.maximum.accumulate(np.where(starts_run, at, 0)) + 1
+    after = np.zeros(len(at), dtype=bool)  # the next observation's loss is finite
+    inside = at + 1 < n
+    after[inside] = finite_loss[at[inside] + 1]
+    shown = (after & (run < NonFiniteConfig().max_overflows)).nonzero()[0]
     # step → overflows in a row, for each non-finite gradient shown skipped (a restarted step: its last)
-    skipped = dict(zip(timeline.steps[shown].tolist(), run[shown].tolist(), strict=True))
+    skipped = dict(zip(timeline.steps[at[shown]].tolist(), run[shown].tolist(), strict=True))
     return [_as_overflow(f, skipped[f.step]) if _is_grad_nan(f) and f.step in skipped else f for f in findings]
 
 
