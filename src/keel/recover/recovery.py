@@ -87,7 +87,9 @@ class RecoveryConfig:
         cooldown_steps: Steps over which the LR scale ramps back to 1; ``None`` keeps it.
         copy_in_background: CPU snapshots copied by a worker thread while the next step runs (True), or by the
             training thread at once (False); ``None`` chooses the thread when the process has a core that
-            torch's threads do not take (`keel.recover.snapshot`). CUDA snapshots always use a side stream.
+            torch's threads do not take (`keel.recover.snapshot`). CUDA snapshots always use a side stream. A loop
+            that writes the weights between its steps (WGAN's weight clipping, a max-norm constraint) should set False
+            on a CPU: a copy still running then may take some tensors before that write and some after it.
         max_rollbacks: Rollbacks within ``rollback_window`` steps after which the run aborts (the escalation
             ladder's cap, `keel.recover.escalation`).
         rollback_window: The window, in steps, of that cap.
