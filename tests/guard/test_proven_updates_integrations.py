@@ -189,6 +189,32 @@ def test_what_the_loop_changes_mid_run_is_judged_at_each_update(monkeypatch, cha
     assert watched.broken_snapshots == [] and _finite(model)
 
 
+@pytest.mark.parametrize("check", ["unproven", "every_update"])
+def test_an_optimizer_state_the_loop_loads_mid_run_makes_the_next_update_read(monkeypatch, check):
+    """The loop loads an optimizer checkpoint mid-run ("back to the best checkpoint") whose Adam state holds a NaN in
+    a row no batch uses: AdamW, proven, writes NaN from finite gradients on finite weights. The update after the load
+    is read, as the first one is: rolled back at that step (before: at the next snapshot's read, step 9). keel's
+    hook on the optimizer is gone after close."""
+    watched = Watched(monkeypatch)
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    with keel.Guard(model, opt, policy="recover", recovery=_recovery(check)) as guard:
+        for step in range(STEPS):
+            if step == WRITE_AT:
+                checkpoint = opt.state_dict()
+                checkpoint["state"][0]["exp_avg_sq"] = checkpoint["state"][0]["exp_avg_sq"].clone()
+                checkpoint["state"][0]["exp_avg_sq"][9, 0] = math.nan
+                opt.load_state_dict(checkpoint)
+            loss = model(_ids(step)).square().mean()
+            loss.backward()
+            watched.step = guard.global_step
+            guard.step(loss)
+            opt.zero_grad()
+    assert [(d.step, d.action) for d in guard.decisions] == [(WRITE_AT, "rollback")]
+    assert watched.broken_snapshots == [] and _finite(model)
+    assert not opt._optimizer_load_state_dict_post_hooks
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("check", ["unproven", "every_update"])
 def test_the_hf_trainer_callback_proves_the_inner_adamw_and_keeps_every_snapshot_finite(tmp_path, monkeypatch, check):

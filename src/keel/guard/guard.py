@@ -302,6 +302,7 @@ class Guard(DeferredSteps):
         self._checks_every_update = rollbacks.check_weights == "every_update"
         self._weights_read = False  # the first update's weights are read whatever the optimizer (its state may be
         # loaded from elsewhere)
+        self._load_hooks: list[Any] = []  # (`_state_loaded`'s handles, registered once the Guard is made)
         acts = policy != "observe" and sync == "step"  # (deferred: the host learns of a skip one step late)
         self._running_stats = RunningStats.of(model) if acts else None
         replays = rollbacks.replay and policy != "observe" and self.dist is None  # observe changes nothing
@@ -321,6 +322,8 @@ class Guard(DeferredSteps):
             if not steps_scheduler and scheduler is not None:
                 self._held_scheduler = HeldScheduler(scheduler)
         self._start_step = self.global_step
+        # an optimizer state loaded from elsewhere (the loop's checkpoint) makes the next update unproven: read it
+        self._load_hooks = _on_state_loaded(optimizer, self._state_loaded) if self._checks_weights else []
         # The starting state is the snapshot of last resort: trouble that begins in the first steps (an LR far too
         # high from the start) can only be undone by starting over with the actions. It is taken at the first step,
         # not here: a checkpoint loaded (or an init run) after the Guard's line is the state step 0 trains from.
@@ -836,6 +839,13 @@ class Guard(DeferredSteps):
         rollback = self.escalation.decide(step, (*decision.findings, broken_update_finding(step, broken)))
         return self.actuator.apply(rollback, math.nan, self.escalation.rollbacks_in_window(step))
 
+    def _state_loaded(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimizer's state was loaded (``load_state_dict``: the loop's checkpoint, keel's rollback): the weights
+        are read after the next update, as after the first. The proof's moments are running averages of gradients
+        keel measured finite; a loaded state may hold anything (a NaN in Adam's ``exp_avg_sq`` makes AdamW write NaN
+        from finite gradients)."""
+        self._weights_read = False
+
     def _keep_running_stats(self, decision: Decision) -> None:
         """Hold the running statistics after an applied update or a rollback; put them back after a skip."""
         assert self._running_stats is not None
@@ -989,6 +999,8 @@ class Guard(DeferredSteps):
         if self._end is not None:
             self._end.close()
         self.components.detach(self.global_step)
+        for handle in self._load_hooks:
+            handle.remove()
         if self._late:
             self.components.call("recorder", self._record_late)
         if self.recovery is not None:
@@ -1014,6 +1026,17 @@ class Guard(DeferredSteps):
             self.recorder.meta(
                 {"disk_snapshots": {"written": len(written), "superseded": disk.superseded, "evicted": disk.evicted}}
             )
+
+
+def _on_state_loaded(optimizer: Any, hook: Callable[[Any], None]) -> list[Any]:
+    """``hook`` registered as a ``load_state_dict`` post-hook of ``optimizer``, or of each part of a `keel.Optimizers`
+    (its own ``load_state_dict`` loads theirs); the handles. None where an optimizer takes no such hook."""
+    parts = optimizer.optimizers if isinstance(optimizer, Optimizers) else (optimizer,)
+    return [
+        part.register_load_state_dict_post_hook(hook)
+        for part in parts
+        if isinstance(getattr(part, "_optimizer_load_state_dict_post_hooks", None), dict)
+    ]
 
 
 def _empty_state(obj: Stateful) -> bool:
