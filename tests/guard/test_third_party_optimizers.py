@@ -262,7 +262,7 @@ def test_a_schedule_free_run_resumed_from_disk_ends_on_the_uninterrupted_runs_we
 
 
 def test_which_optimizers_move_their_parameters_outside_step() -> None:
-    from keel.recover.state import swaps_weights
+    from keel.recover.schedule_free import swaps_weights
 
     makers = _schedule_free_makers()
     model = _model()
@@ -287,7 +287,7 @@ def test_which_optimizers_move_their_parameters_outside_step() -> None:
     ],
 )
 def test_a_snapshots_object_mode_is_given_back_only_as_a_bool(modes: Any, expected: bool) -> None:
-    from keel.recover.state import object_modes, set_object_modes
+    from keel.recover.schedule_free import object_modes, set_object_modes
 
     wrapper = _schedule_free_makers()["ScheduleFreeWrapper(SGD)"](_model())
     assert object_modes(wrapper) == [False]
@@ -307,7 +307,7 @@ _GROUP = st.dictionaries(
 @settings(max_examples=60, deadline=None)
 @given(groups=st.lists(_GROUP, max_size=4), taken=st.lists(_GROUP, max_size=4))
 def test_a_completed_snapshot_keeps_the_mode_its_parameters_were_copied_in(groups, taken) -> None:
-    from keel.recover.state import groups_in_mode_of
+    from keel.recover.schedule_free import groups_in_mode_of
 
     merged = groups_in_mode_of(copy.deepcopy(groups), taken)
     assert len(merged) == len(groups)  # every group read now, none dropped or added
@@ -462,6 +462,6 @@ class _ModeLike:
     ],
 )
 def test_which_objects_count_as_schedule_free(obj: Any, swaps: bool) -> None:
-    from keel.recover.state import swaps_weights
+    from keel.recover.schedule_free import swaps_weights
 
     assert swaps_weights(obj) is swaps

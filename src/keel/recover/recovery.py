@@ -53,17 +53,9 @@ from keel.recover.actions import (
 from keel.recover.compat import describe_differences, setup_differences
 from keel.recover.disk import SNAPSHOT_DIR, DiskSnapshots, snapshot_step
 from keel.recover.fixed import fixed_differences, stale_reason
+from keel.recover.schedule_free import groups_in_mode_of, swaps_weights
 from keel.recover.snapshot import Snapshot, SnapshotRing
-from keel.recover.state import (
-    TrainingState,
-    capture_averaged,
-    groups_in_mode_of,
-    model_tensors,
-    reseed,
-    restore,
-    swaps_weights,
-    trained_keys,
-)
+from keel.recover.state import TrainingState, capture_averaged, model_tensors, reseed, restore, trained_keys
 
 
 @dataclass(kw_only=True)
