@@ -9,6 +9,7 @@ torch.optim code path (for-loop and foreach, amsgrad, maximize, nesterov).
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -340,3 +341,18 @@ def test_a_proof_that_raises_is_recorded_once_and_every_update_is_read_from_then
     assert read_at == list(range(12)) and guard.global_step == 12
     (error,) = [f for f in guard.findings if f.kind == "keel_error"]
     assert "weights proof" in error.cause and "KeyError" in error.cause
+
+
+@pytest.mark.parametrize("setting", ["deferred", "scaler"])
+def test_every_update_where_no_update_is_read_is_said_at_construction(setting):
+    """``check_weights="every_update"`` asks for a read that ``sync="deferred"`` and an enabled GradScaler never make
+    (helper E's F3): one KeelWarning naming both; the default setting says nothing."""
+    model = nn.Linear(4, 1)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=True)
+    kwargs = {"sync": "deferred"} if setting == "deferred" else {"scaler": torch.amp.GradScaler("cpu")}
+    every = keel.RecoveryConfig(check_weights="every_update")
+    with pytest.warns(keel.KeelWarning, match="check_weights='every_update'.*no update's weights are read"):
+        keel.Guard(model, opt, policy="recover", recovery=every, **kwargs).close()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", keel.KeelWarning)
+        keel.Guard(model, opt, policy="recover", **kwargs).close()

@@ -300,6 +300,15 @@ class Guard(DeferredSteps):
         scaling = scaler is not None and scaler.is_enabled()
         self._checks_weights = policy == "recover" and sync == "step" and not scaling
         self._checks_every_update = rollbacks.check_weights == "every_update"
+        if policy == "recover" and self._checks_every_update and not self._checks_weights:
+            where = "sync='deferred'" if sync != "step" else "an enabled GradScaler"
+            warnings.warn(
+                f"RecoveryConfig(check_weights='every_update') with {where}: no update's weights are read there (the "
+                "check is off; keel finds non-finite weights at the next step); allowed as it is, or sync='step' "
+                "without a GradScaler for the read",
+                KeelWarning,
+                stacklevel=2,
+            )
         self._weights_read = False  # the first update's weights are read whatever the optimizer (its state may be
         # loaded from elsewhere)
         self._load_hooks: list[Any] = []  # (`_state_loaded`'s handles, registered once the Guard is made)
