@@ -167,7 +167,7 @@ def test_examine_tells_the_end_of_a_tiny_log_too(steps):
 )
 def test_the_segment_history_as_runs_is_the_history_as_arrays(ops):
     # was: array('q') of every kept observation and of its step (16 B per observation, 53 MB at 3.3M steps)
-    from keel.doctor.examine import History
+    from keel.doctor._history import History
 
     steps = np.arange(0, 3000, 3, dtype=np.int64)  # increasing: any kept observations in order have increasing steps
     history, kept = History(steps), []
